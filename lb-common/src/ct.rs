@@ -1,0 +1,133 @@
+//! Connection-tracking rules shared by the kernel (which applies them per packet) and userspace
+//! (whose garbage collector applies the same expiry rules when it sweeps the map).
+
+use crate::{CtEntry, DpConfig, IPPROTO_TCP};
+
+/// Entry keyed client -> service; `nat_*` is the backend.
+pub const DIR_FORWARD: u8 = 1;
+/// Entry keyed backend -> client; `nat_*` is the service address the client used.
+pub const DIR_REPLY: u8 = 2;
+
+/// Open flow (TCP: no FIN/RST seen yet; UDP: always).
+pub const STATE_OPEN: u8 = 1;
+/// A FIN or RST was seen in either direction: the entry lingers for `tcp_closing_ns`.
+pub const STATE_CLOSING: u8 = 2;
+
+/// `last_seen_ns` is rewritten at most this often, so an established flow does not dirty its
+/// cache line on every packet.
+pub const TOUCH_INTERVAL_NS: u64 = 1_000_000_000;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// The state an entry moves to after a packet with `tcp_flags` (0 for UDP).
+#[inline(always)]
+pub const fn next_state(current: u8, proto: u8, tcp_flags: u8) -> u8 {
+    if proto == IPPROTO_TCP && tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        STATE_CLOSING
+    } else {
+        current
+    }
+}
+
+/// A bare SYN (no ACK): the start of a new connection attempt, or a retransmission of one.
+#[inline(always)]
+pub const fn is_bare_syn(proto: u8, tcp_flags: u8) -> bool {
+    proto == IPPROTO_TCP && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
+/// Whether a forward entry may no longer be used for a packet arriving at `now_ns`.
+///
+/// A bare SYN hitting a closing entry starts a new connection on a reused source port, so the
+/// entry is treated as gone even inside the linger period. A retransmitted SYN on an open entry
+/// keeps the flow (and so its backend).
+#[inline(always)]
+pub const fn forward_expired(
+    entry: &CtEntry,
+    proto: u8,
+    tcp_flags: u8,
+    now_ns: u64,
+    cfg: &DpConfig,
+) -> bool {
+    if entry.state == STATE_CLOSING && is_bare_syn(proto, tcp_flags) {
+        return true;
+    }
+    idle_expired(entry, proto, now_ns, cfg)
+}
+
+/// Whether an entry has been idle longer than its timeout (the rule the userspace GC applies to
+/// both directions).
+#[inline(always)]
+pub const fn idle_expired(entry: &CtEntry, proto: u8, now_ns: u64, cfg: &DpConfig) -> bool {
+    let idle = now_ns.saturating_sub(entry.last_seen_ns);
+    let timeout = if entry.state == STATE_CLOSING {
+        cfg.tcp_closing_ns
+    } else if proto == IPPROTO_TCP {
+        cfg.tcp_idle_ns
+    } else {
+        cfg.udp_idle_ns
+    };
+    idle > timeout
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::IPPROTO_UDP;
+
+    const CFG: DpConfig = DpConfig {
+        maglev_size: 7,
+        max_services: 1,
+        hash_seed: 0,
+        flags: 0,
+        tcp_closing_ns: 10,
+        tcp_idle_ns: 1000,
+        udp_idle_ns: 100,
+    };
+
+    fn entry(state: u8, last: u64) -> CtEntry {
+        CtEntry {
+            nat_addr: 1,
+            nat_port: 2,
+            dir: DIR_FORWARD,
+            state,
+            backend_id: 0,
+            service_id: 0,
+            last_seen_ns: last,
+        }
+    }
+
+    #[test]
+    fn fin_and_rst_close_tcp_only() {
+        assert_eq!(next_state(STATE_OPEN, IPPROTO_TCP, TCP_FIN | TCP_ACK), STATE_CLOSING);
+        assert_eq!(next_state(STATE_OPEN, IPPROTO_TCP, TCP_RST), STATE_CLOSING);
+        assert_eq!(next_state(STATE_OPEN, IPPROTO_TCP, TCP_ACK), STATE_OPEN);
+        assert_eq!(next_state(STATE_CLOSING, IPPROTO_TCP, TCP_ACK), STATE_CLOSING);
+        // The flags byte of a UDP packet is payload, never a FIN.
+        assert_eq!(next_state(STATE_OPEN, IPPROTO_UDP, TCP_FIN), STATE_OPEN);
+    }
+
+    #[test]
+    fn retransmitted_syn_keeps_open_flow_but_not_closed_one() {
+        let open = entry(STATE_OPEN, 0);
+        assert!(!forward_expired(&open, IPPROTO_TCP, TCP_SYN, 5, &CFG));
+        let closing = entry(STATE_CLOSING, 0);
+        assert!(forward_expired(&closing, IPPROTO_TCP, TCP_SYN, 5, &CFG));
+        // A SYN-ACK is not a new connection.
+        assert!(!forward_expired(&closing, IPPROTO_TCP, TCP_SYN | TCP_ACK, 5, &CFG));
+    }
+
+    #[test]
+    fn timeouts_per_state_and_protocol() {
+        assert!(!idle_expired(&entry(STATE_CLOSING, 100), IPPROTO_TCP, 110, &CFG));
+        assert!(idle_expired(&entry(STATE_CLOSING, 100), IPPROTO_TCP, 111, &CFG));
+        assert!(!idle_expired(&entry(STATE_OPEN, 100), IPPROTO_TCP, 1100, &CFG));
+        assert!(idle_expired(&entry(STATE_OPEN, 100), IPPROTO_TCP, 1101, &CFG));
+        assert!(!idle_expired(&entry(STATE_OPEN, 100), IPPROTO_UDP, 200, &CFG));
+        assert!(idle_expired(&entry(STATE_OPEN, 100), IPPROTO_UDP, 201, &CFG));
+        // A clock read before the entry's stamp (another CPU refreshed it) is not idle.
+        assert!(!idle_expired(&entry(STATE_OPEN, 500), IPPROTO_UDP, 10, &CFG));
+    }
+}

@@ -1,0 +1,233 @@
+//! Types and pure logic shared by berth's eBPF programs (`lb-ebpf`) and its userspace daemon
+//! (`lb-userspace`).
+//!
+//! Every type that crosses the kernel/user boundary is defined here exactly once: `#[repr(C)]`,
+//! `Copy`, integer fields only, explicit padding, and a compile-time size check, so that a map key
+//! never carries uninitialised padding bytes (which would make lookups miss).
+//!
+//! Byte order: addresses and ports in keys and values are kept in *network byte order*, exactly as
+//! they sit in the packet. Userspace converts with [`ipv4_to_wire`] and [`port_to_wire`].
+#![no_std]
+
+pub mod ct;
+pub mod hash;
+pub mod reason;
+
+pub use reason::Reason;
+
+/// Name of the TC ingress program in the object file.
+pub const PROG_TC_INGRESS: &str = "berth_tc_ingress";
+
+/// Service table: [`ServiceKey`] -> [`ServiceValue`].
+pub const MAP_SERVICES: &str = "SERVICES";
+/// Backend array: backend id -> [`Backend`].
+pub const MAP_BACKENDS: &str = "BACKENDS";
+/// Maglev lookup tables, one row of `maglev_size` backend ids per service id.
+pub const MAP_MAGLEV: &str = "MAGLEV";
+/// Connection tracking LRU hash: [`FlowKey`] -> [`CtEntry`].
+pub const MAP_CONNTRACK: &str = "CONNTRACK";
+/// Per-CPU counters per service id ([`Counters`]).
+pub const MAP_SERVICE_STATS: &str = "SERVICE_STATS";
+/// Per-CPU counters per backend id ([`Counters`]).
+pub const MAP_BACKEND_STATS: &str = "BACKEND_STATS";
+/// Per-CPU packet counters per [`Reason`].
+pub const MAP_REASON_STATS: &str = "REASON_STATS";
+/// Name of the read-only global holding the [`DpConfig`].
+pub const GLOBAL_CONFIG: &str = "BERTH_CONFIG";
+
+/// Default map sizes (all configurable at load time).
+pub const DEFAULT_MAX_SERVICES: u32 = 64;
+pub const DEFAULT_MAX_BACKENDS: u32 = 4096;
+pub const DEFAULT_MAGLEV_SIZE: u32 = 65_537;
+pub const DEFAULT_CONNTRACK_SIZE: u32 = 262_144;
+
+/// IP protocol numbers berth balances.
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// [`DpConfig::flags`]: after translation, route the packet with `bpf_fib_lookup` and redirect it
+/// straight to the egress device (bypassing netfilter's FORWARD chain). Without it the translated
+/// packet is handed back to the kernel stack.
+pub const CFG_F_REDIRECT: u32 = 1 << 0;
+
+/// Runtime configuration of the dataplane, written into a read-only global at load time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DpConfig {
+    /// Number of slots in each service's Maglev row (a prime).
+    pub maglev_size: u32,
+    /// Number of Maglev rows (service ids are `0..max_services`).
+    pub max_services: u32,
+    /// Seed mixed into the flow hash.
+    pub hash_seed: u32,
+    /// `CFG_F_*` bits.
+    pub flags: u32,
+    /// How long a TCP entry lives after a FIN or RST was seen.
+    pub tcp_closing_ns: u64,
+    /// How long an idle, open TCP entry lives.
+    pub tcp_idle_ns: u64,
+    /// How long an idle UDP entry lives.
+    pub udp_idle_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<DpConfig>() == 40);
+
+impl DpConfig {
+    /// A zeroed config; the dataplane treats `maglev_size == 0` as "not configured" and passes
+    /// everything.
+    pub const fn zeroed() -> Self {
+        Self {
+            maglev_size: 0,
+            max_services: 0,
+            hash_seed: 0,
+            flags: 0,
+            tcp_closing_ns: 0,
+            tcp_idle_ns: 0,
+            udp_idle_ns: 0,
+        }
+    }
+}
+
+/// Key of the service table. `addr == 0` means "any local address of this host".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub addr: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
+
+impl ServiceKey {
+    pub const fn new(addr: u32, port: u16, proto: u8) -> Self {
+        Self {
+            addr,
+            port,
+            proto,
+            _pad: 0,
+        }
+    }
+}
+
+/// Value of the service table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceValue {
+    /// Row of the Maglev table and index of the service counters; `< max_services`.
+    pub id: u32,
+    /// Reserved, zero.
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 8);
+
+/// A backend slot. `addr == 0` marks an empty slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Backend {
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<Backend>() == 8);
+
+/// Conntrack key: the 5-tuple exactly as it appears in the packet being looked up.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
+
+impl FlowKey {
+    pub const fn new(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> Self {
+        Self {
+            saddr,
+            daddr,
+            sport,
+            dport,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+
+    /// The key of the same flow seen from the other direction.
+    pub const fn reversed(&self) -> Self {
+        Self::new(self.daddr, self.saddr, self.dport, self.sport, self.proto)
+    }
+}
+
+/// Conntrack value.
+///
+/// A balanced flow has two entries: the forward one keyed by client -> service, whose `nat_*` is
+/// the backend to rewrite the destination to, and the reply one keyed by backend -> client, whose
+/// `nat_*` is the service address to rewrite the source back to. Both carry the backend id so the
+/// pair can be found and purged together.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtEntry {
+    pub nat_addr: u32,
+    pub nat_port: u16,
+    /// [`ct::DIR_FORWARD`] or [`ct::DIR_REPLY`].
+    pub dir: u8,
+    /// One of the `ct::STATE_*` values.
+    pub state: u8,
+    pub backend_id: u32,
+    pub service_id: u32,
+    /// `bpf_ktime_get_coarse_ns` of the last packet (refreshed at most once per
+    /// [`ct::TOUCH_INTERVAL_NS`]).
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 24);
+
+/// Per-service and per-backend counters (per CPU; userspace sums them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+const _: () = assert!(core::mem::size_of::<Counters>() == 24);
+
+/// Converts an IPv4 address's octets to the in-map representation (network byte order).
+#[inline(always)]
+pub const fn ipv4_to_wire(octets: [u8; 4]) -> u32 {
+    u32::from_ne_bytes(octets)
+}
+
+/// Converts the in-map representation back to octets.
+#[inline(always)]
+pub const fn ipv4_from_wire(addr: u32) -> [u8; 4] {
+    addr.to_ne_bytes()
+}
+
+/// Converts a host-order port to the in-map representation (network byte order).
+#[inline(always)]
+pub const fn port_to_wire(port: u16) -> u16 {
+    port.to_be()
+}
+
+/// Converts the in-map representation back to a host-order port.
+#[inline(always)]
+pub const fn port_from_wire(port: u16) -> u16 {
+    u16::from_be(port)
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY (for every impl below): each type is `#[repr(C)]`, `Copy`, made only of integers
+    // with explicit padding fields, and its size is asserted at compile time, so any bit pattern
+    // is valid and no byte is uninitialised.
+    unsafe impl aya::Pod for super::DpConfig {}
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::ServiceValue {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::CtEntry {}
+    unsafe impl aya::Pod for super::Counters {}
+}

@@ -1,0 +1,142 @@
+//! Why the dataplane did what it did with a packet. Every exit of the program increments exactly
+//! one `Exit*` counter; `Event*` counters record notable things on the way (not exits).
+//!
+//! The action policy (README.md, "Action policy") in one place:
+//! - not ours (other EtherTypes, IPv6, other IP protocols, no service, no flow): pass untouched;
+//! - IPv4 fragments: pass untouched (no ports to balance on; see README);
+//! - malformed or truncated headers the kernel would reject anyway: drop;
+//! - a service with no backend: drop;
+//! - a helper failing while rewriting (internal error): drop and count as an abort.
+
+/// Counter index in the `REASON_STATS` per-CPU array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Not IPv4 or IPv6 (ARP, LLDP, ...): pass.
+    PassNotIp = 0,
+    /// IPv6: pass (balancing IPv6 is not implemented yet).
+    PassIpv6,
+    /// IPv4 but neither TCP nor UDP: pass.
+    PassNotTcpUdp,
+    /// IPv4 fragment: pass.
+    PassFragment,
+    /// TCP/UDP that matches neither a flow nor a service: pass.
+    PassNoService,
+    /// Translated, handed to the kernel stack (redirect disabled, or the route is local).
+    PassTranslatedToStack,
+    /// Translated, but the FIB could not route it (no route, forwarding disabled): handed to the
+    /// stack, which will answer or drop as it would for any packet.
+    PassFibFailed,
+    /// Frame shorter than an Ethernet header: drop.
+    DropEthTruncated,
+    /// IPv4 header truncated, bad version/IHL, or total length inconsistent: drop.
+    DropIpMalformed,
+    /// TCP/UDP header truncated or TCP data offset invalid: drop.
+    DropL4Malformed,
+    /// A service matched but its Maglev slot has no backend: drop.
+    DropNoBackend,
+    /// A packet-rewrite helper failed: drop.
+    AbortRewrite,
+    /// An array map lookup that cannot fail did fail: drop.
+    AbortMap,
+    /// Client -> backend, translated and redirected to the egress device.
+    FwdRedirect,
+    /// Client -> backend, translated and redirected with kernel neighbour resolution.
+    FwdRedirectNeigh,
+    /// Backend -> client, translated and redirected to the egress device.
+    ReplyRedirect,
+    /// Backend -> client, translated and redirected with kernel neighbour resolution.
+    ReplyRedirectNeigh,
+    // ---- events (not exits) ----
+    /// The IPv4 header carried options (handled; counted for visibility).
+    EventIpOptions,
+    /// Inserting a conntrack entry failed; the packet was still balanced statelessly.
+    EventCtInsertFailed,
+    /// A forward entry had expired (idle timeout, or a SYN reusing a closed flow's tuple).
+    EventCtExpired,
+    /// A new flow was created for a packet that was not a bare SYN (mid-stream pickup).
+    EventCtMidstreamPickup,
+    /// A flow was marked closing (FIN or RST seen).
+    EventCtClosing,
+}
+
+impl Reason {
+    /// Number of counters.
+    pub const COUNT: u32 = Reason::EventCtClosing as u32 + 1;
+    /// First index that is an event rather than an exit.
+    pub const FIRST_EVENT: u32 = Reason::EventIpOptions as u32;
+
+    /// All reasons in index order.
+    pub const ALL: [Reason; Self::COUNT as usize] = [
+        Reason::PassNotIp,
+        Reason::PassIpv6,
+        Reason::PassNotTcpUdp,
+        Reason::PassFragment,
+        Reason::PassNoService,
+        Reason::PassTranslatedToStack,
+        Reason::PassFibFailed,
+        Reason::DropEthTruncated,
+        Reason::DropIpMalformed,
+        Reason::DropL4Malformed,
+        Reason::DropNoBackend,
+        Reason::AbortRewrite,
+        Reason::AbortMap,
+        Reason::FwdRedirect,
+        Reason::FwdRedirectNeigh,
+        Reason::ReplyRedirect,
+        Reason::ReplyRedirectNeigh,
+        Reason::EventIpOptions,
+        Reason::EventCtInsertFailed,
+        Reason::EventCtExpired,
+        Reason::EventCtMidstreamPickup,
+        Reason::EventCtClosing,
+    ];
+
+    /// Stable snake_case name used in logs, `berth status` and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::PassNotIp => "pass_not_ip",
+            Reason::PassIpv6 => "pass_ipv6",
+            Reason::PassNotTcpUdp => "pass_not_tcp_udp",
+            Reason::PassFragment => "pass_fragment",
+            Reason::PassNoService => "pass_no_service",
+            Reason::PassTranslatedToStack => "pass_translated_to_stack",
+            Reason::PassFibFailed => "pass_fib_failed",
+            Reason::DropEthTruncated => "drop_eth_truncated",
+            Reason::DropIpMalformed => "drop_ip_malformed",
+            Reason::DropL4Malformed => "drop_l4_malformed",
+            Reason::DropNoBackend => "drop_no_backend",
+            Reason::AbortRewrite => "abort_rewrite",
+            Reason::AbortMap => "abort_map",
+            Reason::FwdRedirect => "fwd_redirect",
+            Reason::FwdRedirectNeigh => "fwd_redirect_neigh",
+            Reason::ReplyRedirect => "reply_redirect",
+            Reason::ReplyRedirectNeigh => "reply_redirect_neigh",
+            Reason::EventIpOptions => "event_ip_options",
+            Reason::EventCtInsertFailed => "event_ct_insert_failed",
+            Reason::EventCtExpired => "event_ct_expired",
+            Reason::EventCtMidstreamPickup => "event_ct_midstream_pickup",
+            Reason::EventCtClosing => "event_ct_closing",
+        }
+    }
+
+    /// Whether this counter records an exit of the program (as opposed to an event).
+    pub const fn is_exit(self) -> bool {
+        (self as u32) < Self::FIRST_EVENT
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_is_in_index_order_and_names_are_unique() {
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+            for other in &Reason::ALL[i + 1..] {
+                assert_ne!(r.name(), other.name());
+            }
+        }
+    }
+}
