@@ -1,8 +1,228 @@
+//! berth's TC ingress program: Maglev-hashed DNAT of client -> service packets to a backend,
+//! with LRU connection tracking, and the reverse translation of backend -> client replies.
+//!
+//! One conntrack lookup keyed by the packet's own 5-tuple serves both directions: a forward
+//! entry (client -> service) says which backend to rewrite to, a reply entry (backend -> client)
+//! says which service address to rewrite the source back to. New flows go through the service
+//! table and the service's Maglev row. Every exit is counted by reason (see lb-common's
+//! `reason` module for the action policy).
 #![no_std]
 #![no_main]
-use aya_ebpf::{macros::classifier, programs::TcContext};
+
+mod maps;
+mod nat;
+mod parse;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::generated::bpf_ktime_get_coarse_ns,
+    macros::classifier,
+    programs::TcContext,
+};
+use lb_common::{
+    CFG_F_REDIRECT, CtEntry, DpConfig, FlowKey, Reason, ServiceKey, ServiceValue,
+    ct::{self, DIR_FORWARD, DIR_REPLY, STATE_OPEN},
+    hash::flow_hash,
+};
+
+use crate::{
+    maps::{BACKENDS, CONNTRACK, MAGLEV, SERVICES, account, count},
+    nat::{Side, is_local, rewrite, route},
+    parse::{Flow, Parsed, parse},
+};
+
+/// Written by userspace at load time (`EbpfLoader::override_global`).
+#[unsafe(no_mangle)]
+static BERTH_CONFIG: DpConfig = DpConfig::zeroed();
+
+#[inline(always)]
+fn config() -> DpConfig {
+    // SAFETY: a read of a static; volatile so the compiler does not fold the zeroed initial
+    // value that userspace overrides before loading.
+    unsafe { core::ptr::read_volatile(&BERTH_CONFIG) }
+}
+
 #[classifier]
-pub fn berth_tc_ingress(_ctx: TcContext) -> i32 { 0 }
+pub fn berth_tc_ingress(ctx: TcContext) -> i32 {
+    let (action, reason) = process(&ctx);
+    count(reason);
+    action
+}
+
+#[inline(always)]
+fn exit(reason: Reason) -> (i32, Reason) {
+    let act = match reason {
+        Reason::DropEthTruncated
+        | Reason::DropIpMalformed
+        | Reason::DropL4Malformed
+        | Reason::DropNoBackend
+        | Reason::AbortRewrite
+        | Reason::AbortMap => TC_ACT_SHOT,
+        _ => TC_ACT_OK,
+    };
+    (act as i32, reason)
+}
+
+#[inline(always)]
+fn process(ctx: &TcContext) -> (i32, Reason) {
+    let flow = match parse(ctx) {
+        Parsed::Flow(f) => f,
+        Parsed::Exit(r) => return exit(r),
+    };
+    let cfg = config();
+    if cfg.maglev_size == 0 {
+        return exit(Reason::PassNoService);
+    }
+    let key = FlowKey::new(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let bytes = u64::from(ctx.len());
+
+    if let Some(e) = CONNTRACK.get_ptr_mut(&key) {
+        // SAFETY: a value pointer returned by the map lookup stays valid for this run (RCU).
+        // Other CPUs may update the same entry; the fields we race on (state, last_seen_ns) are
+        // plain integers where either write is acceptable.
+        let e = unsafe { &mut *e };
+        if e.dir == DIR_REPLY {
+            return established(ctx, &flow, e, now, bytes, &cfg, Side::Src);
+        }
+        if !ct::forward_expired(e, flow.proto, flow.tcp_flags, now, &cfg) {
+            return established(ctx, &flow, e, now, bytes, &cfg, Side::Dst);
+        }
+        count(Reason::EventCtExpired);
+    }
+    new_flow(ctx, &flow, &key, now, bytes, &cfg)
+}
+
+/// The key of the other entry of the pair `e` belongs to.
+#[inline(always)]
+fn paired_key(flow: &Flow, e: &CtEntry) -> FlowKey {
+    if e.dir == DIR_FORWARD {
+        // Forward: client -> service; the reply entry is backend -> client.
+        FlowKey::new(e.nat_addr, flow.saddr, e.nat_port, flow.sport, flow.proto)
+    } else {
+        // Reply: backend -> client; the forward entry is client -> service.
+        FlowKey::new(flow.daddr, e.nat_addr, flow.dport, e.nat_port, flow.proto)
+    }
+}
+
+#[inline(always)]
+fn established(
+    ctx: &TcContext,
+    flow: &Flow,
+    e: &mut CtEntry,
+    now: u64,
+    bytes: u64,
+    cfg: &DpConfig,
+    side: Side,
+) -> (i32, Reason) {
+    let state = ct::next_state(e.state, flow.proto, flow.tcp_flags);
+    if state != e.state {
+        e.state = state;
+        e.last_seen_ns = now;
+        count(Reason::EventCtClosing);
+        if let Some(other) = CONNTRACK.get_ptr_mut(&paired_key(flow, e)) {
+            // SAFETY: as for the entry in `process`.
+            unsafe {
+                (*other).state = state;
+                (*other).last_seen_ns = now;
+            }
+        }
+    } else if now.wrapping_sub(e.last_seen_ns) > ct::TOUCH_INTERVAL_NS {
+        e.last_seen_ns = now;
+    }
+    account(e.service_id, e.backend_id, bytes, false);
+    let (addr, port) = (e.nat_addr, e.nat_port);
+    if rewrite(ctx, flow, side, addr, port).is_err() {
+        return exit(Reason::AbortRewrite);
+    }
+    let tuple = match side {
+        Side::Dst => (flow.saddr, addr, flow.sport, port),
+        Side::Src => (addr, flow.daddr, port, flow.dport),
+    };
+    route(ctx, flow, tuple, side == Side::Src, cfg.flags & CFG_F_REDIRECT != 0)
+}
+
+#[inline(always)]
+fn lookup_service(ctx: &TcContext, flow: &Flow) -> Option<ServiceValue> {
+    if let Some(v) = SERVICES.get_ptr(&ServiceKey::new(flow.daddr, flow.dport, flow.proto)) {
+        // SAFETY: valid map value pointer; `ServiceValue` is `Copy`.
+        return Some(unsafe { *v });
+    }
+    let v = SERVICES.get_ptr(&ServiceKey::new(0, flow.dport, flow.proto))?;
+    // SAFETY: as above.
+    let v = unsafe { *v };
+    if is_local(ctx, flow) { Some(v) } else { None }
+}
+
+#[inline(always)]
+fn new_flow(
+    ctx: &TcContext,
+    flow: &Flow,
+    key: &FlowKey,
+    now: u64,
+    bytes: u64,
+    cfg: &DpConfig,
+) -> (i32, Reason) {
+    let Some(svc) = lookup_service(ctx, flow) else {
+        return exit(Reason::PassNoService);
+    };
+    if svc.id >= cfg.max_services {
+        return exit(Reason::AbortMap);
+    }
+    let m = cfg.maglev_size;
+    let slot = svc.id * m + flow_hash(key, cfg.hash_seed) % m;
+    let Some(&backend_id) = MAGLEV.get(slot) else {
+        return exit(Reason::AbortMap);
+    };
+    let Some(&backend) = BACKENDS.get(backend_id) else {
+        return exit(Reason::AbortMap);
+    };
+    if backend.addr == 0 {
+        return exit(Reason::DropNoBackend);
+    }
+
+    let state = ct::next_state(STATE_OPEN, flow.proto, flow.tcp_flags);
+    let fwd = CtEntry {
+        nat_addr: backend.addr,
+        nat_port: backend.port,
+        dir: DIR_FORWARD,
+        state,
+        backend_id,
+        service_id: svc.id,
+        last_seen_ns: now,
+    };
+    let rev = CtEntry {
+        nat_addr: flow.daddr,
+        nat_port: flow.dport,
+        dir: DIR_REPLY,
+        ..fwd
+    };
+    let rev_key = FlowKey::new(backend.addr, flow.saddr, backend.port, flow.sport, flow.proto);
+    if CONNTRACK.insert(&rev_key, &rev, 0).is_err() || CONNTRACK.insert(key, &fwd, 0).is_err() {
+        // The packet is still balanced: the Maglev pick is a pure function of the tuple.
+        count(Reason::EventCtInsertFailed);
+    }
+    if flow.proto == lb_common::IPPROTO_TCP && !ct::is_bare_syn(flow.proto, flow.tcp_flags) {
+        count(Reason::EventCtMidstreamPickup);
+    }
+    account(svc.id, backend_id, bytes, true);
+
+    if rewrite(ctx, flow, Side::Dst, backend.addr, backend.port).is_err() {
+        return exit(Reason::AbortRewrite);
+    }
+    route(
+        ctx,
+        flow,
+        (flow.saddr, backend.addr, flow.sport, backend.port),
+        false,
+        cfg.flags & CFG_F_REDIRECT != 0,
+    )
+}
+
 #[cfg(not(test))]
 #[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! { loop {} }
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // SAFETY: the verifier rejects any program that could reach a panic; this is never called.
+    unsafe { core::hint::unreachable_unchecked() }
+}

@@ -1,1 +1,10 @@
+//! berth's userspace: configuration, the Maglev builder, the dataplane handle (loading and
+//! attaching the eBPF programs, typed map access) and the reconciler that owns the maps.
+
+pub mod config;
+pub mod dataplane;
+pub mod maglev;
+pub mod reconciler;
+
+/// The eBPF object built from `lb-ebpf` by this crate's build script.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));

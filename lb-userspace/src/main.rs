@@ -1,1 +1,249 @@
-fn main() { println!("{}", lb_userspace::EBPF_OBJECT.len()); }
+//! `berth`: the daemon and its CLI.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use lb_userspace::{
+    config::{Config, ConfigError, Service},
+    dataplane::{Dataplane, DataplaneOptions, monotonic_ns},
+    reconciler::Reconciler,
+};
+use log::{error, info, warn};
+use tokio::signal::unix::{SignalKind, signal};
+
+/// Exit code for a bad configuration or command line (sysexits EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(name = "berth", version, about = "Kernel-accelerated L4 load balancer for Docker hosts")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load the dataplane, attach it and serve the configured services until SIGTERM/SIGINT.
+    /// SIGHUP re-reads the config file.
+    Run {
+        /// TOML config file.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Interface to attach to (repeatable); replaces `dataplane.interfaces`. Default: the
+        /// interface of the default route.
+        #[arg(long = "iface", short = 'i')]
+        ifaces: Vec<String>,
+    },
+    /// Validate a config file and print what it would serve.
+    CheckConfig { file: PathBuf },
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_target(false)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { file } => check_config(&file),
+        Command::Run { config, ifaces } => {
+            // Everything that can be wrong with the input is found before the kernel is touched.
+            let (cfg, services) = match &config {
+                Some(path) => match read_config(path) {
+                    Ok(v) => v,
+                    Err(e) => return config_failure(path, &e),
+                },
+                None => (Config::default(), Vec::new()),
+            };
+            let ifaces = if !ifaces.is_empty() {
+                ifaces
+            } else if !cfg.dataplane.interfaces.is_empty() {
+                cfg.dataplane.interfaces.clone()
+            } else {
+                match default_route_iface() {
+                    Ok(i) => vec![i],
+                    Err(e) => {
+                        error!("{e:#}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            };
+            if let Err(e) = preflight(&ifaces, cfg.dataplane.redirect) {
+                error!("{e:#}");
+                return ExitCode::FAILURE;
+            }
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    error!("starting the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(run(config, cfg, services, ifaces)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    error!("{e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn read_config(path: &PathBuf) -> Result<(Config, Vec<Service>), ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        field: path.display().to_string(),
+        message: format!("cannot read: {e}"),
+    })?;
+    Config::load(&text)
+}
+
+fn config_failure(path: &std::path::Path, e: &ConfigError) -> ExitCode {
+    eprintln!("berth: invalid config {}: {e}", path.display());
+    ExitCode::from(EXIT_CONFIG)
+}
+
+fn check_config(path: &PathBuf) -> ExitCode {
+    match read_config(path) {
+        Ok((cfg, services)) => {
+            println!("{}: ok, {} services", path.display(), services.len());
+            for s in &services {
+                println!("  {} {} {} -> {} backends", s.name, s.protocol, s.listen, s.backends.len());
+            }
+            if !cfg.dataplane.interfaces.is_empty() {
+                println!("  interfaces: {}", cfg.dataplane.interfaces.join(", "));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => config_failure(path, &e),
+    }
+}
+
+/// The interface of the IPv4 default route (from /proc/net/route).
+fn default_route_iface() -> anyhow::Result<String> {
+    let routes = std::fs::read_to_string("/proc/net/route").context("reading /proc/net/route")?;
+    for line in routes.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() > 7 && f[1] == "00000000" && f[7] == "00000000" {
+            return Ok(f[0].to_owned());
+        }
+    }
+    bail!("no IPv4 default route: name the interface(s) with --iface or dataplane.interfaces")
+}
+
+/// Checks that every interface exists and, when berth routes packets itself, that IPv4
+/// forwarding is on for it (the kernel's FIB lookup refuses to route otherwise).
+fn preflight(ifaces: &[String], redirect: bool) -> anyhow::Result<()> {
+    for iface in ifaces {
+        let dir = PathBuf::from("/proc/sys/net/ipv4/conf").join(iface);
+        if !dir.exists() {
+            bail!("interface {iface:?} does not exist (or has no IPv4 configuration)");
+        }
+        if redirect {
+            let fwd = std::fs::read_to_string(dir.join("forwarding"))
+                .with_context(|| format!("reading IPv4 forwarding setting of {iface}"))?;
+            if fwd.trim() != "1" {
+                bail!(
+                    "IPv4 forwarding is off on {iface}: berth forwards translated packets to \
+                     backends and needs it (`sysctl -w net.ipv4.conf.all.forwarding=1`; Docker \
+                     hosts have it on), or set dataplane.redirect = false"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn run(
+    path: Option<PathBuf>,
+    cfg: Config,
+    services: Vec<Service>,
+    ifaces: Vec<String>,
+) -> anyhow::Result<()> {
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+
+    let options = DataplaneOptions::from_config(&cfg.dataplane);
+    let mut dp = Dataplane::load(options).context("loading the dataplane")?;
+    for iface in &ifaces {
+        dp.attach(iface)
+            .with_context(|| format!("attaching to {iface}"))?;
+    }
+    let mut rec = Reconciler::new(dp);
+    let mut desired = services;
+    let mut pending = apply(&mut rec, &desired);
+    let backends: usize = desired.iter().map(|s| s.backends.len()).sum();
+    info!(
+        "berth ready: attached to {}; {} services, {backends} backends; maglev M={}, conntrack {}",
+        ifaces.join(", "),
+        desired.len(),
+        options.maglev_size,
+        options.conntrack_size
+    );
+
+    let mut retry = tokio::time::interval(Duration::from_secs(1));
+    let mut gc = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
+            _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
+            _ = sighup.recv() => {
+                let Some(path) = &path else {
+                    warn!("SIGHUP: no config file to reload");
+                    continue;
+                };
+                match read_config(path) {
+                    Err(e) => error!(
+                        "config reload failed, keeping the running config: {}: {e}",
+                        path.display()
+                    ),
+                    Ok((new_cfg, new_services)) => {
+                        let mut running = cfg.dataplane.clone();
+                        running.interfaces.clone_from(&new_cfg.dataplane.interfaces);
+                        if new_cfg.dataplane != running {
+                            warn!("config reload: [dataplane] changes take effect on restart only");
+                        }
+                        desired = new_services;
+                        pending = apply(&mut rec, &desired);
+                        info!("config reloaded: {} services", desired.len());
+                    }
+                }
+            }
+            _ = retry.tick(), if pending => {
+                pending = apply(&mut rec, &desired);
+            }
+            _ = gc.tick() => {
+                match rec.dataplane_mut().conntrack_gc(monotonic_ns()) {
+                    Ok(0) => {}
+                    Ok(n) => log::debug!("conntrack gc: removed {n} expired entries"),
+                    Err(e) => warn!("conntrack gc: {e}"),
+                }
+            }
+        }
+    }
+
+    let dp = rec.into_dataplane();
+    if let Ok(counters) = dp.reason_counters() {
+        let line: Vec<String> = counters
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(r, n)| format!("{}={n}", r.name()))
+            .collect();
+        info!("counters: {}", if line.is_empty() { "none".into() } else { line.join(" ") });
+    }
+    drop(dp);
+    info!("berth stopped: detached from {}", ifaces.join(", "));
+    Ok(())
+}
+
+/// Applies `desired`; on failure logs it and returns true so the caller retries.
+fn apply(rec: &mut Reconciler, desired: &[Service]) -> bool {
+    match rec.apply(desired) {
+        Ok(_) => false,
+        Err(e) => {
+            error!("applying services failed, retrying in 1 s: {e:#}");
+            true
+        }
+    }
+}

@@ -1,0 +1,69 @@
+//! The dataplane's maps. Sizes here are defaults; userspace sets the real ones at load time
+//! (`EbpfLoader::map_max_entries`), and names are the `MAP_*` constants of lb-common.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    Backend, Counters, CtEntry, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAGLEV_SIZE, DEFAULT_MAX_BACKENDS,
+    DEFAULT_MAX_SERVICES, FlowKey, Reason, ServiceKey, ServiceValue,
+};
+
+#[map]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
+/// Backend id -> backend. Id 0 is never assigned, so an all-zero Maglev slot means "no backend".
+#[map]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+/// `max_services` rows of `maglev_size` backend ids.
+#[map]
+pub static MAGLEV: Array<u32> = Array::with_max_entries(DEFAULT_MAX_SERVICES * DEFAULT_MAGLEV_SIZE, 0);
+
+#[map]
+pub static CONNTRACK: LruHashMap<FlowKey, CtEntry> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
+
+#[map]
+pub static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
+#[map]
+pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+#[map]
+pub static REASON_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
+
+/// Counts one occurrence of `reason` on this CPU.
+#[inline(always)]
+pub fn count(reason: Reason) {
+    if let Some(c) = REASON_STATS.get_ptr_mut(reason as u32) {
+        // SAFETY: per-CPU slot, only this program on this CPU writes it, and preemption is off
+        // while a TC program runs.
+        unsafe { *c += 1 };
+    }
+}
+
+/// Adds one packet of `bytes` (and a new flow if `new_flow`) to a service's and a backend's
+/// counters.
+#[inline(always)]
+pub fn account(service_id: u32, backend_id: u32, bytes: u64, new_flow: bool) {
+    let n = u64::from(new_flow);
+    if let Some(c) = SERVICE_STATS.get_ptr_mut(service_id) {
+        // SAFETY: per-CPU slot, see `count`.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+            (*c).new_flows += n;
+        }
+    }
+    if let Some(c) = BACKEND_STATS.get_ptr_mut(backend_id) {
+        // SAFETY: per-CPU slot, see `count`.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+            (*c).new_flows += n;
+        }
+    }
+}

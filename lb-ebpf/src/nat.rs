@@ -1,0 +1,172 @@
+//! Address/port rewriting with checksum fix-ups, and routing of the rewritten packet.
+//!
+//! Checksums are fixed with the kernel's `bpf_l3_csum_replace`/`bpf_l4_csum_replace` rather than
+//! by hand: packets from a local sender or a veth arrive with `CHECKSUM_PARTIAL`, where the L4
+//! field holds only the pseudo-header sum and must be updated differently (the helpers know the
+//! skb's `ip_summed`; a program does not). `BPF_F_MARK_MANGLED_0` keeps a zero UDP checksum zero.
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_NOT_FWDED,
+        BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, __sk_buff, bpf_fib_lookup,
+    },
+    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    programs::TcContext,
+};
+use lb_common::{IPPROTO_TCP, Reason};
+
+use crate::parse::{ETH_HLEN, Flow, ptr_at};
+
+const AF_INET: u8 = 2;
+
+/// Which end of the packet to rewrite.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// Client -> service becomes client -> backend.
+    Dst,
+    /// Backend -> client becomes service -> client.
+    Src,
+}
+
+/// Rewrites the address and port on `side`, fixing the IPv4 and L4 checksums.
+#[inline(always)]
+pub fn rewrite(ctx: &TcContext, flow: &Flow, side: Side, addr: u32, port: u16) -> Result<(), ()> {
+    let (addr_off, port_off, old_addr, old_port) = match side {
+        Side::Dst => (ETH_HLEN + 16, flow.l4_off + 2, flow.daddr, flow.dport),
+        Side::Src => (ETH_HLEN + 12, flow.l4_off, flow.saddr, flow.sport),
+    };
+    let (csum_off, mangled0) = if flow.proto == IPPROTO_TCP {
+        (flow.l4_off + 16, 0)
+    } else {
+        (flow.l4_off + 6, u64::from(BPF_F_MARK_MANGLED_0))
+    };
+
+    // Direct writes first: the checksum helpers below invalidate packet pointers.
+    let a = ptr_at::<u32>(ctx, addr_off).ok_or(())?;
+    let p = ptr_at::<u16>(ctx, port_off).ok_or(())?;
+    // SAFETY: `ptr_at` checked both fields lie inside the packet; TC programs may write packet
+    // data directly (the verifier un-clones the skb head first).
+    unsafe {
+        a.write_unaligned(addr);
+        p.write_unaligned(port);
+    }
+
+    if old_addr != addr {
+        ctx.l4_csum_replace(
+            csum_off,
+            u64::from(old_addr),
+            u64::from(addr),
+            u64::from(BPF_F_PSEUDO_HDR) | mangled0 | 4,
+        )
+        .map_err(|_| ())?;
+        ctx.l3_csum_replace(ETH_HLEN + 10, u64::from(old_addr), u64::from(addr), 4)
+            .map_err(|_| ())?;
+    }
+    if old_port != port {
+        ctx.l4_csum_replace(csum_off, u64::from(old_port), u64::from(port), mangled0 | 2)
+            .map_err(|_| ())?;
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn ingress_ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: `as_ptr` is the program's `__sk_buff` context, valid for the whole run.
+    unsafe { (*(ctx.as_ptr() as *const __sk_buff)).ifindex }
+}
+
+#[inline(always)]
+fn fib_params(ctx: &TcContext, flow: &Flow, saddr: u32, daddr: u32, sport: u16, dport: u16) -> bpf_fib_lookup {
+    // SAFETY: `bpf_fib_lookup` is a plain C struct of integers and unions of integers; all-zero is
+    // a valid (empty) value.
+    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    p.family = AF_INET;
+    p.l4_protocol = flow.proto;
+    p.sport = sport;
+    p.dport = dport;
+    p.__bindgen_anon_1.tot_len = flow.tot_len;
+    p.__bindgen_anon_2.tos = flow.tos;
+    p.__bindgen_anon_3.ipv4_src = saddr;
+    p.__bindgen_anon_4.ipv4_dst = daddr;
+    p.ifindex = ingress_ifindex(ctx);
+    p
+}
+
+/// Whether `daddr` is an address of this host, as seen by the FIB from the ingress device
+/// (the "any local address" services). Multicast and broadcast never count.
+#[inline(always)]
+pub fn is_local(ctx: &TcContext, flow: &Flow) -> bool {
+    let first = flow.daddr.to_ne_bytes()[0];
+    if first >= 224 {
+        return false;
+    }
+    let mut p = fib_params(ctx, flow, flow.saddr, flow.daddr, flow.sport, flow.dport);
+    // SAFETY: `p` is a valid, writable `bpf_fib_lookup` of the size we pass.
+    let rc = unsafe {
+        fib_lookup(
+            ctx.as_ptr(),
+            &mut p,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    rc == i64::from(BPF_FIB_LKUP_RET_NOT_FWDED)
+}
+
+/// Sends a rewritten packet on its way: straight to the egress device when the FIB knows the
+/// route (bypassing netfilter, whose FORWARD policy on Docker hosts is DROP), else back to the
+/// stack. Returns the TC action and the exit reason to count.
+#[inline(always)]
+pub fn route(
+    ctx: &TcContext,
+    flow: &Flow,
+    tuple: (u32, u32, u16, u16),
+    reply: bool,
+    redirect: bool,
+) -> (i32, Reason) {
+    if !redirect {
+        return (TC_ACT_OK as i32, Reason::PassTranslatedToStack);
+    }
+    let (saddr, daddr, sport, dport) = tuple;
+    let mut p = fib_params(ctx, flow, saddr, daddr, sport, dport);
+    // SAFETY: `p` is a valid, writable `bpf_fib_lookup` of the size we pass.
+    let rc = unsafe {
+        fib_lookup(
+            ctx.as_ptr(),
+            &mut p,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    if rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
+        let Some(eth) = ptr_at::<[u8; 12]>(ctx, 0) else {
+            return (aya_ebpf::bindings::TC_ACT_SHOT as i32, Reason::AbortRewrite);
+        };
+        // SAFETY: the 12 MAC bytes are inside the packet (checked by `ptr_at`); the union
+        // member read is the one the kernel fills on success.
+        unsafe {
+            let macs = &p.__bindgen_anon_6.__bindgen_anon_2;
+            let eth = &mut *eth;
+            eth[..6].copy_from_slice(&macs.dmac);
+            eth[6..].copy_from_slice(&macs.smac);
+        }
+        // SAFETY: plain helper call with an interface index.
+        let act = unsafe { bpf_redirect(p.ifindex, 0) } as i32;
+        let reason = if reply { Reason::ReplyRedirect } else { Reason::FwdRedirect };
+        (act, reason)
+    } else if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
+        // SAFETY: a null `params` asks the kernel to resolve the next hop itself.
+        let act = unsafe { bpf_redirect_neigh(p.ifindex, core::ptr::null_mut(), 0, 0) } as i32;
+        let reason = if reply {
+            Reason::ReplyRedirectNeigh
+        } else {
+            Reason::FwdRedirectNeigh
+        };
+        (act, reason)
+    } else if rc == i64::from(BPF_FIB_LKUP_RET_NOT_FWDED) {
+        (TC_ACT_OK as i32, Reason::PassTranslatedToStack)
+    } else {
+        (TC_ACT_OK as i32, Reason::PassFibFailed)
+    }
+}

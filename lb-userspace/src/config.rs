@@ -1,0 +1,432 @@
+//! The TOML configuration: parsing is a pure function of the text, and `validate` names the
+//! offending field of anything it rejects.
+//!
+//! ```toml
+//! [dataplane]
+//! interfaces = ["eth0", "docker0"]
+//! maglev_table_size = 65537
+//!
+//! [[service]]
+//! name = "web"
+//! listen = "0.0.0.0:8080"      # 0.0.0.0 = any address of this host
+//! protocol = "tcp"
+//! backends = ["172.17.0.2:8000", { address = "172.17.0.3:8000", weight = 2 }]
+//! ```
+
+use std::{collections::BTreeSet, fmt, net::SocketAddrV4, str::FromStr};
+
+use serde::{Deserialize, Deserializer, de};
+
+use crate::maglev;
+
+/// A configuration problem: which field, and what is wrong with it.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{field}: {message}")]
+pub struct ConfigError {
+    pub field: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub dataplane: DataplaneConfig,
+    #[serde(rename = "service")]
+    pub services: Vec<ServiceConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataplaneConfig {
+    /// Interfaces to attach to (the host's uplink, and the bridges backends sit behind).
+    /// `--iface` on the command line replaces this list; empty means the default route's
+    /// interface.
+    pub interfaces: Vec<String>,
+    /// Slots per service in the Maglev table: a prime, ideally >= 100 x the backends per service.
+    pub maglev_table_size: u32,
+    pub max_services: u32,
+    pub max_backends: u32,
+    /// Capacity of the LRU connection-tracking map (entries; each flow takes two).
+    pub conntrack_size: u32,
+    /// How long a TCP flow's entries linger after a FIN or RST.
+    pub tcp_closing_timeout_secs: u64,
+    /// How long an idle TCP flow is remembered.
+    pub tcp_idle_timeout_secs: u64,
+    /// How long an idle UDP flow is remembered.
+    pub udp_idle_timeout_secs: u64,
+    /// Seed of the flow hash; random per start when absent.
+    pub hash_seed: Option<u32>,
+    /// Route translated packets in the program and redirect them to the egress device
+    /// (required for backends behind Docker's FORWARD DROP); `false` hands them to the stack.
+    pub redirect: bool,
+}
+
+impl Default for DataplaneConfig {
+    fn default() -> Self {
+        Self {
+            interfaces: Vec::new(),
+            maglev_table_size: lb_common::DEFAULT_MAGLEV_SIZE,
+            max_services: lb_common::DEFAULT_MAX_SERVICES,
+            max_backends: lb_common::DEFAULT_MAX_BACKENDS,
+            conntrack_size: lb_common::DEFAULT_CONNTRACK_SIZE,
+            tcp_closing_timeout_secs: 10,
+            tcp_idle_timeout_secs: 3600,
+            udp_idle_timeout_secs: 60,
+            hash_seed: None,
+            redirect: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn ip_proto(self) -> u8 {
+        match self {
+            Protocol::Tcp => lb_common::IPPROTO_TCP,
+            Protocol::Udp => lb_common::IPPROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub name: String,
+    /// `ADDR:PORT`; `0.0.0.0` means any local address of this host.
+    pub listen: String,
+    #[serde(default = "default_protocol")]
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub backends: Vec<BackendConfig>,
+}
+
+fn default_protocol() -> Protocol {
+    Protocol::Tcp
+}
+
+/// A backend, written either as `"ip:port"` or as `{ address = "ip:port", weight = N }`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendConfig {
+    pub address: String,
+    pub weight: u32,
+}
+
+impl<'de> Deserialize<'de> for BackendConfig {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Table {
+            address: String,
+            #[serde(default = "one")]
+            weight: u32,
+        }
+        fn one() -> u32 {
+            1
+        }
+        struct V;
+        impl<'de> de::Visitor<'de> for V {
+            type Value = BackendConfig;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(r#""ip:port" or { address = "ip:port", weight = N }"#)
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Self::Value, E> {
+                Ok(BackendConfig {
+                    address: s.to_owned(),
+                    weight: 1,
+                })
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                let t = Table::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(BackendConfig {
+                    address: t.address,
+                    weight: t.weight,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Largest weight accepted (keeps the Maglev credit arithmetic far from overflow).
+pub const MAX_WEIGHT: u32 = 10_000;
+
+/// A validated service, ready for the reconciler.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    pub listen: SocketAddrV4,
+    pub protocol: Protocol,
+    pub backends: Vec<(SocketAddrV4, u32)>,
+}
+
+impl Config {
+    /// Parses TOML text (no validation beyond the types).
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            let span = e
+                .span()
+                .map(|s| {
+                    let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
+                    format!("line {line}")
+                })
+                .unwrap_or_else(|| "config".into());
+            ConfigError::new(span, e.message().trim().to_owned())
+        })
+    }
+
+    /// Parses and validates, returning the services in a form the reconciler takes.
+    pub fn load(text: &str) -> Result<(Self, Vec<Service>), ConfigError> {
+        let cfg = Self::parse(text)?;
+        let services = cfg.validate()?;
+        Ok((cfg, services))
+    }
+
+    /// Checks every field; the error names the first bad one.
+    pub fn validate(&self) -> Result<Vec<Service>, ConfigError> {
+        let d = &self.dataplane;
+        let m = d.maglev_table_size;
+        if !maglev::is_prime(m) || !(7..=1_048_573).contains(&m) {
+            return Err(ConfigError::new(
+                "dataplane.maglev_table_size",
+                format!("{m} must be a prime between 7 and 1048573 (e.g. 251, 4099, 65537)"),
+            ));
+        }
+        if !(1..=4096).contains(&d.max_services) {
+            return Err(ConfigError::new("dataplane.max_services", "must be between 1 and 4096"));
+        }
+        let slots = u64::from(d.max_services) * u64::from(m);
+        if slots > 64 * 1024 * 1024 {
+            return Err(ConfigError::new(
+                "dataplane.max_services",
+                format!(
+                    "max_services x maglev_table_size = {slots} slots is more than 67108864 \
+                     (256 MiB of table); lower one of them"
+                ),
+            ));
+        }
+        if !(2..=1_048_576).contains(&d.max_backends) {
+            return Err(ConfigError::new("dataplane.max_backends", "must be between 2 and 1048576"));
+        }
+        if !(1024..=(1 << 26)).contains(&d.conntrack_size) {
+            return Err(ConfigError::new(
+                "dataplane.conntrack_size",
+                "must be between 1024 and 67108864 entries",
+            ));
+        }
+        for (name, v) in [
+            ("dataplane.tcp_closing_timeout_secs", d.tcp_closing_timeout_secs),
+            ("dataplane.tcp_idle_timeout_secs", d.tcp_idle_timeout_secs),
+            ("dataplane.udp_idle_timeout_secs", d.udp_idle_timeout_secs),
+        ] {
+            if v == 0 || v > 7 * 24 * 3600 {
+                return Err(ConfigError::new(name, "must be between 1 and 604800 seconds"));
+            }
+        }
+        for (i, iface) in d.interfaces.iter().enumerate() {
+            if iface.is_empty() || iface.len() > 15 || iface.contains(['/', ' ', '\0']) {
+                return Err(ConfigError::new(
+                    format!("dataplane.interfaces[{i}]"),
+                    format!("{iface:?} is not a valid interface name"),
+                ));
+            }
+        }
+
+        if self.services.len() > d.max_services as usize {
+            return Err(ConfigError::new(
+                "service",
+                format!(
+                    "{} services configured but dataplane.max_services is {}",
+                    self.services.len(),
+                    d.max_services
+                ),
+            ));
+        }
+        let mut names = BTreeSet::new();
+        let mut listens = BTreeSet::new();
+        let mut out = Vec::with_capacity(self.services.len());
+        let mut total_backends = 0usize;
+        for (i, s) in self.services.iter().enumerate() {
+            let at = |f: &str| format!("service[{i}].{f}");
+            if s.name.is_empty()
+                || s.name.len() > 64
+                || !s.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return Err(ConfigError::new(
+                    at("name"),
+                    format!("{:?} must be 1-64 characters of [A-Za-z0-9-_.]", s.name),
+                ));
+            }
+            if !names.insert(s.name.clone()) {
+                return Err(ConfigError::new(at("name"), format!("duplicate service name {:?}", s.name)));
+            }
+            let listen = SocketAddrV4::from_str(&s.listen).map_err(|_| {
+                ConfigError::new(at("listen"), format!("{:?} is not an IPv4 ADDR:PORT", s.listen))
+            })?;
+            if listen.port() == 0 {
+                return Err(ConfigError::new(at("listen"), "port 0 cannot be served"));
+            }
+            if listen.ip().is_multicast() || listen.ip().is_broadcast() {
+                return Err(ConfigError::new(at("listen"), "multicast/broadcast addresses cannot be served"));
+            }
+            if !listens.insert((listen, s.protocol)) {
+                return Err(ConfigError::new(
+                    at("listen"),
+                    format!("{} {} is already served by another service", s.protocol, listen),
+                ));
+            }
+            let mut seen = BTreeSet::new();
+            let mut backends = Vec::with_capacity(s.backends.len());
+            for (j, b) in s.backends.iter().enumerate() {
+                let addr = SocketAddrV4::from_str(&b.address).map_err(|_| {
+                    ConfigError::new(
+                        at(&format!("backends[{j}]")),
+                        format!("{:?} is not an IPv4 ADDR:PORT", b.address),
+                    )
+                })?;
+                if addr.ip().is_unspecified() || addr.port() == 0 || addr.ip().is_multicast() || addr.ip().is_broadcast() {
+                    return Err(ConfigError::new(
+                        at(&format!("backends[{j}]")),
+                        format!("{addr} is not a usable unicast address and port"),
+                    ));
+                }
+                if b.weight > MAX_WEIGHT {
+                    return Err(ConfigError::new(
+                        at(&format!("backends[{j}].weight")),
+                        format!("{} is above the maximum weight {MAX_WEIGHT}", b.weight),
+                    ));
+                }
+                if !seen.insert(addr) {
+                    return Err(ConfigError::new(at(&format!("backends[{j}]")), format!("duplicate backend {addr}")));
+                }
+                backends.push((addr, b.weight));
+            }
+            if backends.len() as u64 >= u64::from(m) {
+                return Err(ConfigError::new(
+                    at("backends"),
+                    format!("{} backends need a maglev_table_size above that (is {m})", backends.len()),
+                ));
+            }
+            total_backends += backends.len();
+            out.push(Service {
+                name: s.name.clone(),
+                listen,
+                protocol: s.protocol,
+                backends,
+            });
+        }
+        if total_backends >= d.max_backends as usize {
+            return Err(ConfigError::new(
+                "dataplane.max_backends",
+                format!("{total_backends} backends configured; raise max_backends above that"),
+            ));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> ConfigError {
+        Config::load(text).expect_err("config should be rejected")
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let (cfg, services) = Config::load(
+            r#"
+            [dataplane]
+            interfaces = ["eth0", "docker0"]
+            maglev_table_size = 4099
+            [[service]]
+            name = "web"
+            listen = "0.0.0.0:8080"
+            protocol = "tcp"
+            backends = ["10.0.0.2:8000", { address = "10.0.0.3:8000", weight = 2 }]
+            [[service]]
+            name = "dns"
+            listen = "10.99.0.1:53"
+            protocol = "udp"
+            backends = [{ address = "10.0.0.4:53" }]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.dataplane.interfaces, ["eth0", "docker0"]);
+        assert_eq!(services.len(), 2);
+        assert_eq!(services[0].backends[1], ("10.0.0.3:8000".parse().unwrap(), 2));
+        assert_eq!(services[1].backends[0].1, 1);
+        assert_eq!(services[1].protocol, Protocol::Udp);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let base = "[[service]]\nname = \"web\"\nlisten = \"0.0.0.0:8080\"\n";
+        assert_eq!(err(&format!("{base}backends = [\"10.0.0.1\"]\n")).field, "service[0].backends[0]");
+        assert_eq!(
+            err(&format!("{base}backends = [{{ address = \"10.0.0.1:80\", weight = 99999 }}]\n")).field,
+            "service[0].backends[0].weight"
+        );
+        assert_eq!(err("[[service]]\nname = \"w\"\nlisten = \"nope\"\n").field, "service[0].listen");
+        assert_eq!(err("[dataplane]\nmaglev_table_size = 65536\n").field, "dataplane.maglev_table_size");
+        assert_eq!(err("[dataplane]\nconntrack_size = 5\n").field, "dataplane.conntrack_size");
+        assert_eq!(
+            err(&format!("{base}[[service]]\nname = \"web\"\nlisten = \"0.0.0.0:9\"\n")).field,
+            "service[1].name"
+        );
+        assert_eq!(
+            err(&format!("{base}[[service]]\nname = \"w2\"\nlisten = \"0.0.0.0:8080\"\n")).field,
+            "service[1].listen"
+        );
+        // Same port over UDP is a different service.
+        assert!(Config::load(&format!("{base}[[service]]\nname = \"u\"\nlisten = \"0.0.0.0:8080\"\nprotocol = \"udp\"\n")).is_ok());
+        assert_eq!(
+            err(&format!("{base}backends = [\"10.0.0.1:80\", \"10.0.0.1:80\"]\n")).field,
+            "service[0].backends[1]"
+        );
+    }
+
+    #[test]
+    fn unknown_fields_and_wrong_types_are_rejected_with_location() {
+        let e = err("[dataplane]\nmaglev_tabel_size = 7\n");
+        assert!(e.message.contains("maglev_tabel_size"), "{e}");
+        assert_eq!(e.field, "line 2");
+        let e = err("[[service]]\nname = \"w\"\nlisten = \"0.0.0.0:80\"\nprotocol = \"sctp\"\n");
+        assert!(e.message.contains("sctp"), "{e}");
+        let e = err("[dataplane]\nmax_services = \"many\"\n");
+        assert!(e.message.contains("integer") || e.message.contains("invalid type"), "{e}");
+        let e = err("[[service]]\nname = \"w\"\nlisten = \"0.0.0.0:80\"\nbackends = [{ addr = \"1.2.3.4:5\" }]\n");
+        assert!(e.message.contains("addr"), "{e}");
+    }
+
+    #[test]
+    fn empty_config_is_valid() {
+        let (cfg, services) = Config::load("").unwrap();
+        assert!(services.is_empty());
+        assert_eq!(cfg.dataplane, DataplaneConfig::default());
+    }
+}

@@ -1,0 +1,347 @@
+//! The reconciler: the only writer of the dataplane's maps. It takes the desired set of services
+//! (from the config file today, from Docker discovery next) and makes the kernel match it,
+//! writing only what changed, Maglev slots included.
+//!
+//! What is recorded as applied changes only after the kernel accepted the write, so a failed
+//! update is reported to the caller and the next `apply` of the same desired state picks up
+//! exactly where the failure left off.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    net::SocketAddrV4,
+};
+
+use lb_common::{Backend, ServiceKey, ServiceValue, ipv4_to_wire, port_to_wire};
+use log::info;
+
+use crate::{
+    config::{Protocol, Service},
+    dataplane::{Dataplane, DataplaneError},
+    maglev,
+};
+
+/// Hands out ids, reusing released ones as late as possible (oldest first, and only once the
+/// fresh ones ran out) so counters of a departed backend are not confused with a new one's.
+#[derive(Debug)]
+struct IdPool {
+    next: u32,
+    end: u32,
+    free: VecDeque<u32>,
+}
+
+impl IdPool {
+    fn new(start: u32, end: u32) -> Self {
+        Self {
+            next: start,
+            end,
+            free: VecDeque::new(),
+        }
+    }
+
+    fn alloc(&mut self) -> Option<u32> {
+        if self.next < self.end {
+            self.next += 1;
+            Some(self.next - 1)
+        } else {
+            self.free.pop_front()
+        }
+    }
+
+    fn release(&mut self, id: u32) {
+        self.free.push_back(id);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("no free {what} id (raise dataplane.{limit})")]
+    OutOfIds { what: &'static str, limit: &'static str },
+    #[error("service {service}: kernel map update failed")]
+    Map {
+        service: String,
+        #[source]
+        source: DataplaneError,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct AppliedBackend {
+    id: u32,
+    weight: u32,
+}
+
+#[derive(Debug)]
+struct AppliedService {
+    id: u32,
+    key: ServiceKey,
+    listen: SocketAddrV4,
+    protocol: Protocol,
+    /// Whether the service key is in the kernel's service table.
+    installed: bool,
+    backends: BTreeMap<SocketAddrV4, AppliedBackend>,
+    /// Backend ids removed from the set but possibly still in the kernel's table.
+    retired: Vec<u32>,
+    /// The Maglev row as the kernel holds it (backend ids; 0 = no backend).
+    table: Vec<u32>,
+    /// Whether `table` is what the current backend set should produce.
+    table_synced: bool,
+}
+
+/// A summary of one service after an apply, for logs and `status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceState {
+    pub name: String,
+    pub id: u32,
+    pub listen: SocketAddrV4,
+    pub protocol: Protocol,
+    /// (address, backend id, weight)
+    pub backends: Vec<(SocketAddrV4, u32, u32)>,
+}
+
+pub struct Reconciler {
+    dp: Dataplane,
+    services: BTreeMap<String, AppliedService>,
+    service_ids: IdPool,
+    backend_ids: IdPool,
+}
+
+fn service_key(listen: SocketAddrV4, protocol: Protocol) -> ServiceKey {
+    ServiceKey::new(
+        ipv4_to_wire(listen.ip().octets()),
+        port_to_wire(listen.port()),
+        protocol.ip_proto(),
+    )
+}
+
+fn member_id(addr: SocketAddrV4) -> u64 {
+    (u64::from(u32::from(*addr.ip())) << 16) | u64::from(addr.port())
+}
+
+impl Reconciler {
+    pub fn new(dp: Dataplane) -> Self {
+        let o = *dp.options();
+        Self {
+            dp,
+            services: BTreeMap::new(),
+            service_ids: IdPool::new(0, o.max_services),
+            // Backend id 0 is reserved: an all-zero Maglev slot means "no backend".
+            backend_ids: IdPool::new(1, o.max_backends),
+        }
+    }
+
+    pub fn dataplane(&self) -> &Dataplane {
+        &self.dp
+    }
+
+    pub fn dataplane_mut(&mut self) -> &mut Dataplane {
+        &mut self.dp
+    }
+
+    pub fn into_dataplane(self) -> Dataplane {
+        self.dp
+    }
+
+    /// The services as applied.
+    pub fn state(&self) -> Vec<ServiceState> {
+        self.services
+            .iter()
+            .map(|(name, s)| ServiceState {
+                name: name.clone(),
+                id: s.id,
+                listen: s.listen,
+                protocol: s.protocol,
+                backends: s.backends.iter().map(|(a, b)| (*a, b.id, b.weight)).collect(),
+            })
+            .collect()
+    }
+
+    /// Makes the kernel serve exactly `desired`. Returns the number of map writes done. On error
+    /// the kernel holds a consistent prefix of the change; call again to finish it.
+    pub fn apply(&mut self, desired: &[Service]) -> Result<usize, ReconcileError> {
+        let mut writes = 0;
+
+        // Services gone, or whose address/protocol changed (re-created below).
+        let stale: Vec<String> = self
+            .services
+            .iter()
+            .filter(|(name, a)| {
+                !desired
+                    .iter()
+                    .any(|d| &d.name == *name && d.listen == a.listen && d.protocol == a.protocol)
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in stale {
+            writes += self.remove_service(&name)?;
+        }
+
+        for svc in desired {
+            writes += self.apply_service(svc)?;
+        }
+        Ok(writes)
+    }
+
+    fn remove_service(&mut self, name: &str) -> Result<usize, ReconcileError> {
+        let map_err = |source| ReconcileError::Map {
+            service: name.to_owned(),
+            source,
+        };
+        let mut writes = 0;
+        let a = self.services.get_mut(name).expect("caller found it");
+        if a.installed {
+            self.dp.remove_service(&a.key).map_err(map_err)?;
+            a.installed = false;
+            writes += 1;
+        }
+        for slot in 0..a.table.len() {
+            if a.table[slot] != 0 {
+                self.dp.set_maglev_slot(a.id, slot as u32, 0).map_err(map_err)?;
+                a.table[slot] = 0;
+                writes += 1;
+            }
+        }
+        let a = self.services.remove(name).expect("present");
+        for b in a.backends.values() {
+            self.backend_ids.release(b.id);
+        }
+        for id in a.retired {
+            self.backend_ids.release(id);
+        }
+        self.service_ids.release(a.id);
+        info!("service {name}: removed ({} {})", a.protocol, a.listen);
+        Ok(writes)
+    }
+
+    fn apply_service(&mut self, svc: &Service) -> Result<usize, ReconcileError> {
+        let map_err = |source| ReconcileError::Map {
+            service: svc.name.clone(),
+            source,
+        };
+        let m = self.dp.options().maglev_size;
+        let mut writes = 0;
+
+        if !self.services.contains_key(&svc.name) {
+            let id = self.service_ids.alloc().ok_or(ReconcileError::OutOfIds {
+                what: "service",
+                limit: "max_services",
+            })?;
+            if let Err(source) = self.dp.reset_service_counters(id) {
+                self.service_ids.release(id);
+                return Err(map_err(source));
+            }
+            self.services.insert(
+                svc.name.clone(),
+                AppliedService {
+                    id,
+                    key: service_key(svc.listen, svc.protocol),
+                    listen: svc.listen,
+                    protocol: svc.protocol,
+                    installed: false,
+                    backends: BTreeMap::new(),
+                    retired: Vec::new(),
+                    table: vec![0; m as usize],
+                    table_synced: false,
+                },
+            );
+            info!("service {}: added ({} {})", svc.name, svc.protocol, svc.listen);
+        }
+        let a = self.services.get_mut(&svc.name).expect("just ensured");
+
+        // Backends that left: out of the set now, their ids retire once the table is rewritten.
+        let gone: Vec<SocketAddrV4> = a
+            .backends
+            .keys()
+            .filter(|addr| !svc.backends.iter().any(|(d, _)| d == *addr))
+            .copied()
+            .collect();
+        for addr in gone {
+            let b = a.backends.remove(&addr).expect("listed");
+            a.retired.push(b.id);
+            a.table_synced = false;
+            info!("service {}: backend {addr} removed (config)", svc.name);
+        }
+        // New backends and weight changes. The backend slot is written before any table slot
+        // points at it.
+        for &(addr, weight) in &svc.backends {
+            match a.backends.get_mut(&addr) {
+                Some(b) if b.weight == weight => {}
+                Some(b) => {
+                    info!("service {}: backend {addr} weight {} -> {weight}", svc.name, b.weight);
+                    b.weight = weight;
+                    a.table_synced = false;
+                }
+                None => {
+                    let id = self.backend_ids.alloc().ok_or(ReconcileError::OutOfIds {
+                        what: "backend",
+                        limit: "max_backends",
+                    })?;
+                    let backend = Backend {
+                        addr: ipv4_to_wire(addr.ip().octets()),
+                        port: port_to_wire(addr.port()),
+                        _pad: 0,
+                    };
+                    let written = self
+                        .dp
+                        .reset_backend_counters(id)
+                        .and_then(|()| self.dp.set_backend(id, backend));
+                    if let Err(source) = written {
+                        self.backend_ids.release(id);
+                        return Err(map_err(source));
+                    }
+                    writes += 1;
+                    a.backends.insert(addr, AppliedBackend { id, weight });
+                    a.table_synced = false;
+                    info!("service {}: backend {addr} added (config, weight {weight})", svc.name);
+                }
+            }
+        }
+
+        if !a.table_synced {
+            let members: Vec<(maglev::Member, u32)> = a
+                .backends
+                .iter()
+                .map(|(addr, b)| {
+                    (
+                        maglev::Member {
+                            id: member_id(*addr),
+                            weight: b.weight,
+                        },
+                        b.id,
+                    )
+                })
+                .collect();
+            let only: Vec<maglev::Member> = members.iter().map(|(mm, _)| *mm).collect();
+            let want = maglev::build(&only, m);
+            let mut changed = 0;
+            for (slot, &ix) in want.iter().enumerate() {
+                let id = if ix == maglev::EMPTY { 0 } else { members[ix].1 };
+                if a.table[slot] != id {
+                    self.dp.set_maglev_slot(a.id, slot as u32, id).map_err(map_err)?;
+                    a.table[slot] = id;
+                    changed += 1;
+                }
+            }
+            writes += changed;
+            a.table_synced = true;
+            for id in a.retired.drain(..) {
+                self.backend_ids.release(id);
+            }
+            if changed > 0 {
+                info!(
+                    "service {}: maglev table updated, {changed} of {m} slots changed, {} backends",
+                    svc.name,
+                    a.backends.len()
+                );
+            }
+        }
+
+        if !a.installed {
+            self.dp
+                .set_service(a.key, ServiceValue { id: a.id, flags: 0 })
+                .map_err(map_err)?;
+            a.installed = true;
+            writes += 1;
+        }
+        Ok(writes)
+    }
+}
