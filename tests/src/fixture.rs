@@ -1,0 +1,256 @@
+//! Harness for packet fixtures run through `BPF_PROG_TEST_RUN`.
+//!
+//! Each case runs on its own thread that has `unshare`d into a fresh network namespace, set up so
+//! the program's FIB lookups have deterministic answers: one veth `fx0` (peer `fx1`) carrying the
+//! client network 10.10.0.1/24 (this "host"'s address) and a route to the backend network
+//! 10.20.0.0/24, with permanent neighbour entries for the client and the backends (so the MAC
+//! rewrite can be checked). The namespace disappears with the thread, even when the case panics.
+//! Every case loads a fresh dataplane (fresh maps).
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    process::Command,
+};
+
+use aya::programs::{TestRun, TestRunOptions};
+use lb_common::{CtEntry, FlowKey, Reason, ipv4_to_wire, port_to_wire};
+use lb_userspace::{
+    config::{Protocol, Service},
+    dataplane::{Dataplane, DataplaneOptions},
+    reconciler::Reconciler,
+};
+
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+pub const TC_ACT_REDIRECT: u32 = 7;
+
+pub const HOST: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 1);
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 2);
+pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0a, 0x02];
+pub const BACKEND_MAC_BASE: [u8; 6] = [0x02, 0, 0, 0, 0x14, 0];
+/// Backends 10.20.0.11..=10.20.0.19 have neighbour entries; 10.20.0.50 deliberately has none.
+pub const UNRESOLVED_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 50);
+
+pub fn backend(n: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 20, 0, 10 + n)
+}
+
+pub fn backend_mac(addr: Ipv4Addr) -> [u8; 6] {
+    let mut m = BACKEND_MAC_BASE;
+    m[5] = addr.octets()[3];
+    m
+}
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("running {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs `f` on a thread inside a fresh, configured network namespace and propagates its panic.
+pub fn in_fixture_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        // SAFETY: unshare only affects the calling thread's namespaces.
+        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+        // Child processes forked from this thread inherit its namespace.
+        sh(&["ip", "link", "set", "lo", "up"]);
+        sh(&["ip", "link", "add", "fx0", "type", "veth", "peer", "name", "fx1"]);
+        sh(&["ip", "link", "set", "fx0", "up"]);
+        sh(&["ip", "link", "set", "fx1", "up"]);
+        sh(&["ip", "addr", "add", "10.10.0.1/24", "dev", "fx0"]);
+        sh(&["ip", "route", "add", "10.20.0.0/24", "dev", "fx0"]);
+        sh(&["ip", "route", "add", "unreachable", "192.0.2.0/24"]);
+        sh(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        let mac = |m: [u8; 6]| {
+            m.iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":")
+        };
+        sh(&[
+            "ip", "neigh", "add", &CLIENT.to_string(), "lladdr", &mac(CLIENT_MAC), "dev", "fx0", "nud",
+            "permanent",
+        ]);
+        for n in 1..=9 {
+            let b = backend(n);
+            sh(&[
+                "ip", "neigh", "add", &b.to_string(), "lladdr", &mac(backend_mac(b)), "dev", "fx0",
+                "nud", "permanent",
+            ]);
+        }
+        f()
+    })
+    .join()
+    .unwrap_or_else(|p| std::panic::resume_unwind(p))
+}
+
+/// The MAC address of `fx0` in the current namespace.
+pub fn fx0_mac() -> [u8; 6] {
+    // Not /sys/class/net: sysfs shows the namespace of whoever mounted it, not this thread's.
+    let out = Command::new("ip")
+        .args(["-o", "link", "show", "fx0"])
+        .output()
+        .expect("ip link show fx0");
+    let s = String::from_utf8_lossy(&out.stdout);
+    let mac = s
+        .split("link/ether ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no MAC in {s:?}"));
+    let v: Vec<u8> = mac
+        .split(':')
+        .map(|h| u8::from_str_radix(h, 16).expect("hex"))
+        .collect();
+    v.try_into().expect("6 bytes")
+}
+
+pub fn ifindex(name: &str) -> u32 {
+    let c = std::ffi::CString::new(name).expect("no NUL");
+    // SAFETY: valid C string.
+    unsafe { libc::if_nametoindex(c.as_ptr()) }
+}
+
+/// Default options for fixtures: small tables, fixed seed.
+pub fn options() -> DataplaneOptions {
+    DataplaneOptions {
+        maglev_size: 251,
+        max_services: 8,
+        max_backends: 64,
+        conntrack_size: 4096,
+        hash_seed: 0x1234_5678,
+        ..DataplaneOptions::default()
+    }
+}
+
+pub fn svc(name: &str, listen: &str, protocol: Protocol, backends: &[(Ipv4Addr, u16, u32)]) -> Service {
+    Service {
+        name: name.into(),
+        listen: listen.parse().expect("listen"),
+        protocol,
+        backends: backends
+            .iter()
+            .map(|&(a, p, w)| (SocketAddrV4::new(a, p), w))
+            .collect(),
+    }
+}
+
+/// A loaded dataplane with services applied through the real reconciler.
+pub struct Fixture {
+    pub rec: Reconciler,
+    pub services: Vec<Service>,
+    ifindex: u32,
+}
+
+/// The result of one run of the program.
+#[derive(Debug)]
+pub struct Run {
+    pub action: u32,
+    pub out: Vec<u8>,
+    /// Reason counters that changed during the run, as (name, delta).
+    pub reasons: Vec<(&'static str, u64)>,
+}
+
+impl Run {
+    pub fn counted(&self, r: Reason) -> u64 {
+        self.reasons
+            .iter()
+            .find(|(n, _)| *n == r.name())
+            .map_or(0, |(_, d)| *d)
+    }
+
+    /// The exit reasons counted (exactly one per run).
+    pub fn exits(&self) -> Vec<&'static str> {
+        self.reasons
+            .iter()
+            .filter(|(n, _)| Reason::ALL.iter().any(|r| r.name() == *n && r.is_exit()))
+            .map(|(n, _)| *n)
+            .collect()
+    }
+}
+
+impl Fixture {
+    pub fn new(options: DataplaneOptions, services: Vec<Service>) -> Self {
+        let dp = Dataplane::load(options).expect("load dataplane");
+        let mut rec = Reconciler::new(dp);
+        rec.apply(&services).expect("apply services");
+        Self {
+            rec,
+            services,
+            ifindex: ifindex("fx0"),
+        }
+    }
+
+    pub fn dp(&self) -> &Dataplane {
+        self.rec.dataplane()
+    }
+
+    pub fn apply(&mut self, services: Vec<Service>) {
+        self.rec.apply(&services).expect("apply services");
+        self.services = services;
+    }
+
+    fn reasons(&self) -> Vec<u64> {
+        self.dp()
+            .reason_counters()
+            .expect("reason counters")
+            .into_iter()
+            .map(|(_, n)| n)
+            .collect()
+    }
+
+    /// Runs the program once on `pkt` as if it arrived on `fx0`.
+    pub fn run(&self, pkt: &[u8]) -> Run {
+        let before = self.reasons();
+        let mut out = vec![0u8; pkt.len() + 256];
+        // struct __sk_buff up to and including `ifindex` (offset 40).
+        let mut ctx = [0u8; 44];
+        ctx[40..44].copy_from_slice(&self.ifindex.to_ne_bytes());
+        let res = self
+            .dp()
+            .program()
+            .test_run(TestRunOptions {
+                data_in: Some(pkt),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..TestRunOptions::default()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        out.truncate(res.data_size_out as usize);
+        let after = self.reasons();
+        let reasons = Reason::ALL
+            .iter()
+            .zip(before.iter().zip(&after))
+            .filter(|(_, (b, a))| a != b)
+            .map(|(r, (b, a))| (r.name(), a - b))
+            .collect();
+        let run = Run {
+            action: res.return_value,
+            out,
+            reasons,
+        };
+        assert_eq!(run.exits().len(), 1, "every run counts exactly one exit: {run:?}");
+        run
+    }
+
+    pub fn ct(&self, key: &FlowKey) -> Option<CtEntry> {
+        self.dp().conntrack_get(key)
+    }
+}
+
+pub fn flow_key(src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> FlowKey {
+    FlowKey::new(
+        ipv4_to_wire(src.ip().octets()),
+        ipv4_to_wire(dst.ip().octets()),
+        port_to_wire(src.port()),
+        port_to_wire(dst.port()),
+        proto,
+    )
+}

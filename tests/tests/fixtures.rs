@@ -1,0 +1,640 @@
+//! Packet fixtures: each case loads a fresh dataplane, installs services through the real
+//! reconciler, runs the TC program on a packet with BPF_PROG_TEST_RUN, and checks the action, the
+//! output packet (addresses, ports, MACs, payload, and both checksums recomputed from scratch),
+//! the exit counter, and the conntrack state.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use berth_tests::{
+    fixture::*,
+    wire::{self, Ipv4Packet, L4, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN},
+};
+use lb_common::{CtEntry, IPPROTO_TCP, IPPROTO_UDP, Reason, ct};
+use lb_userspace::config::Protocol;
+
+fn sa(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(ip, port)
+}
+
+fn client(port: u16) -> SocketAddrV4 {
+    sa(CLIENT, port)
+}
+
+/// A web service on the VIP and on any local address, three equal backends on :8000, plus a UDP
+/// service on :5353.
+fn standard() -> Fixture {
+    let be = [(backend(1), 8000, 1), (backend(2), 8000, 1), (backend(3), 8000, 1)];
+    Fixture::new(
+        options(),
+        vec![
+            svc("vip", "10.99.0.1:80", Protocol::Tcp, &be),
+            svc("any", "0.0.0.0:8080", Protocol::Tcp, &be),
+            svc("dns", "0.0.0.0:5353", Protocol::Udp, &[(backend(4), 53, 1), (backend(5), 53, 1)]),
+        ],
+    )
+}
+
+fn assert_untouched(run: &Run, input: &[u8], reason: Reason) {
+    assert_eq!(run.action, TC_ACT_OK, "{run:?}");
+    assert_eq!(run.out, input, "packet must pass unmodified");
+    assert_eq!(run.exits(), [reason.name()], "{run:?}");
+}
+
+fn assert_dropped(run: &Run, reason: Reason) {
+    assert_eq!(run.action, TC_ACT_SHOT, "{run:?}");
+    assert_eq!(run.exits(), [reason.name()], "{run:?}");
+}
+
+/// Checks a forward translation: destination rewritten to one of `backends`, source kept,
+/// MACs set from the FIB, payload intact, checksums right. Returns the backend chosen.
+fn assert_dnat(run: &Run, input: &[u8], backends: &[SocketAddrV4]) -> SocketAddrV4 {
+    assert_eq!(run.action, TC_ACT_REDIRECT, "{run:?}");
+    assert_eq!(run.exits(), [Reason::FwdRedirect.name()], "{run:?}");
+    wire::verify_checksums(&run.out).unwrap_or_else(|e| panic!("rewritten packet: {e}"));
+    let i = wire::parse(input);
+    let o = wire::parse(&run.out);
+    assert!(backends.contains(&o.dst), "dst {} not a backend {backends:?}", o.dst);
+    assert_eq!(o.src, i.src, "source must be kept");
+    assert_eq!(o.payload, i.payload);
+    assert_eq!(o.tcp_flags, i.tcp_flags);
+    assert_eq!(o.ttl, i.ttl);
+    assert_eq!(o.dst_mac, backend_mac(*o.dst.ip()), "destination MAC from the FIB");
+    assert_eq!(o.src_mac, fx0_mac(), "source MAC of the egress device");
+    assert_eq!(run.out.len(), input.len());
+    o.dst
+}
+
+fn b8000(n: u8) -> SocketAddrV4 {
+    sa(backend(n), 8000)
+}
+
+fn web_backends() -> Vec<SocketAddrV4> {
+    vec![b8000(1), b8000(2), b8000(3)]
+}
+
+#[test]
+fn tcp_syn_to_vip_is_translated_and_tracked() {
+    in_fixture_netns(|| {
+        let f = standard();
+        let pkt = Ipv4Packet::tcp(client(40000), sa(VIP, 80), TCP_SYN).build();
+        let run = f.run(&pkt);
+        let be = assert_dnat(&run, &pkt, &web_backends());
+        // Both conntrack entries exist and point the right way.
+        let fwd = f
+            .ct(&flow_key(client(40000), sa(VIP, 80), IPPROTO_TCP))
+            .expect("forward entry");
+        assert_eq!(fwd.dir, ct::DIR_FORWARD);
+        assert_eq!(fwd.state, ct::STATE_OPEN);
+        assert_eq!(fwd.nat_addr, lb_common::ipv4_to_wire(be.ip().octets()));
+        let rev = f.ct(&flow_key(be, client(40000), IPPROTO_TCP)).expect("reply entry");
+        assert_eq!(rev.dir, ct::DIR_REPLY);
+        assert_eq!(rev.nat_addr, lb_common::ipv4_to_wire(VIP.octets()));
+        assert_eq!(rev.nat_port, lb_common::port_to_wire(80));
+        // Counters: one new flow on the service and on the backend.
+        let sc = f.dp().service_counters(fwd.service_id).unwrap();
+        assert_eq!((sc.packets, sc.new_flows, sc.bytes), (1, 1, pkt.len() as u64));
+        let bc = f.dp().backend_counters(fwd.backend_id).unwrap();
+        assert_eq!((bc.packets, bc.new_flows), (1, 1));
+    });
+}
+
+#[test]
+fn tcp_syn_to_local_address_hits_any_address_service() {
+    in_fixture_netns(|| {
+        let f = standard();
+        let pkt = Ipv4Packet::tcp(client(40001), sa(HOST, 8080), TCP_SYN).build();
+        assert_dnat(&f.run(&pkt), &pkt, &web_backends());
+    });
+}
+
+#[test]
+fn any_address_service_ignores_addresses_not_of_this_host() {
+    in_fixture_netns(|| {
+        let f = standard();
+        // 10.10.0.77 is on the connected subnet but not an address of this host: forwarded
+        // traffic to another machine's :8080 is not ours.
+        let pkt = Ipv4Packet::tcp(client(40002), sa(Ipv4Addr::new(10, 10, 0, 77), 8080), TCP_SYN).build();
+        assert_untouched(&f.run(&pkt), &pkt, Reason::PassNoService);
+    });
+}
+
+#[test]
+fn udp_to_service_is_translated_with_valid_checksum() {
+    in_fixture_netns(|| {
+        let f = standard();
+        let pkt = Ipv4Packet::udp(client(5000), sa(HOST, 5353), b"query").build();
+        let run = f.run(&pkt);
+        assert_dnat(&run, &pkt, &[sa(backend(4), 53), sa(backend(5), 53)]);
+        assert_ne!(wire::parse(&run.out).l4_csum, 0);
+    });
+}
+
+#[test]
+fn udp_zero_checksum_stays_zero() {
+    in_fixture_netns(|| {
+        let f = standard();
+        let mut p = Ipv4Packet::udp(client(5001), sa(HOST, 5353), b"query");
+        p.l4 = L4::Udp {
+            payload: b"query".to_vec(),
+            zero_csum: true,
+        };
+        let pkt = p.build();
+        let run = f.run(&pkt);
+        assert_dnat(&run, &pkt, &[sa(backend(4), 53), sa(backend(5), 53)]);
+        assert_eq!(wire::parse(&run.out).l4_csum, 0, "a zero UDP checksum must stay zero");
+    });
+}
+
+#[test]
+fn established_flow_uses_its_conntrack_entry() {
+    in_fixture_netns(|| {
+        let mut f = standard();
+        let pkt = Ipv4Packet::tcp(client(40003), sa(VIP, 80), TCP_SYN).build();
+        let first = assert_dnat(&f.run(&pkt), &pkt, &web_backends());
+        // Point the flow's entry at another backend by hand: the next packet must follow the
+        // entry, not the Maglev table.
+        let other = web_backends().into_iter().find(|b| *b != first).unwrap();
+        let key = flow_key(client(40003), sa(VIP, 80), IPPROTO_TCP);
+        let mut e = f.ct(&key).unwrap();
+        e.nat_addr = lb_common::ipv4_to_wire(other.ip().octets());
+        f.rec.dataplane_mut().conntrack_insert(key, e).unwrap();
+        let ack = Ipv4Packet::tcp(client(40003), sa(VIP, 80), TCP_ACK).build();
+        let run = f.run(&ack);
+        assert_eq!(assert_dnat(&run, &ack, &web_backends()), other);
+        assert_eq!(run.counted(Reason::EventCtMidstreamPickup), 0);
+        let sc = f.dp().service_counters(e.service_id).unwrap();
+        assert_eq!((sc.packets, sc.new_flows), (2, 1), "a hit is not a new flow");
+    });
+}
+
+#[test]
+fn flow_keeps_its_backend_after_the_backend_leaves_the_table() {
+    in_fixture_netns(|| {
+        let mut f = standard();
+        let syn = Ipv4Packet::tcp(client(40004), sa(VIP, 80), TCP_SYN).build();
+        let chosen = assert_dnat(&f.run(&syn), &syn, &web_backends());
+        // Remove the chosen backend from every service.
+        let mut services = f.services.clone();
+        for s in &mut services {
+            s.backends.retain(|(a, _)| *a != chosen);
+        }
+        f.apply(services);
+        let ack = Ipv4Packet::tcp(client(40004), sa(VIP, 80), TCP_ACK | TCP_PSH)
+            .with_payload(b"GET / HTTP/1.0\r\n\r\n")
+            .build();
+        assert_eq!(assert_dnat(&f.run(&ack), &ack, &web_backends()), chosen, "established flow moved");
+        // New flows avoid the departed backend.
+        let rest: Vec<_> = web_backends().into_iter().filter(|b| *b != chosen).collect();
+        for port in 41000..41100 {
+            let p = Ipv4Packet::tcp(client(port), sa(VIP, 80), TCP_SYN).build();
+            assert_dnat(&f.run(&p), &p, &rest);
+        }
+    });
+}
+
+#[test]
+fn retransmitted_syn_does_not_pick_a_new_backend() {
+    in_fixture_netns(|| {
+        let mut f = standard();
+        let syn = Ipv4Packet::tcp(client(40005), sa(VIP, 80), TCP_SYN).build();
+        let chosen = assert_dnat(&f.run(&syn), &syn, &web_backends());
+        // Change the set so Maglev would likely send this tuple elsewhere: only one *other*
+        // backend plus a new one remain in the table.
+        let others: Vec<_> = web_backends().into_iter().filter(|b| *b != chosen).collect();
+        let mut services = f.services.clone();
+        services[0].backends = vec![(others[0], 1), (b8000(6), 1)];
+        f.apply(services);
+        let run = f.run(&syn);
+        assert_eq!(
+            assert_dnat(&run, &syn, &[chosen, others[0], b8000(6)]),
+            chosen,
+            "a retransmitted SYN must stay on its backend"
+        );
+        assert_eq!(run.counted(Reason::EventCtExpired), 0);
+    });
+}
+
+#[test]
+fn reply_is_translated_back_to_the_service_address() {
+    in_fixture_netns(|| {
+        let f = standard();
+        let syn = Ipv4Packet::tcp(client(40006), sa(VIP, 80), TCP_SYN).build();
+        let be = assert_dnat(&f.run(&syn), &syn, &web_backends());
+        let mut synack = Ipv4Packet::tcp(be, client(40006), TCP_SYN | TCP_ACK).with_payload(b"hi");
+        synack.src_mac = backend_mac(*be.ip());
+        let pkt = synack.build();
+        let run = f.run(&pkt);
+        assert_eq!(run.action, TC_ACT_REDIRECT, "{run:?}");
+        assert_eq!(run.exits(), [Reason::ReplyRedirect.name()]);
+        wire::verify_checksums(&run.out).unwrap();
+        let o = wire::parse(&run.out);
+        assert_eq!(o.src, sa(VIP, 80), "client must only ever see the service address");
+        assert_eq!(o.dst, client(40006));
+        assert_eq!(o.payload, b"hi");
+        assert_eq!(o.dst_mac, CLIENT_MAC);
+        assert_eq!(o.src_mac, fx0_mac());
+    });
+}
+
+#[test]
+fn reply_of_any_address_service_carries_the_address_the_client_used() {
+    in_fixture_netns(|| {
+        let f = standard();
+        let syn = Ipv4Packet::tcp(client(40007), sa(HOST, 8080), TCP_SYN).build();
+        let be = assert_dnat(&f.run(&syn), &syn, &web_backends());
+        let pkt = Ipv4Packet::tcp(be, client(40007), TCP_SYN | TCP_ACK).build();
+        let run = f.run(&pkt);
+        wire::verify_checksums(&run.out).unwrap();
+        assert_eq!(wire::parse(&run.out).src, sa(HOST, 8080));
+    });
+}
+
+#[test]
+fn udp_reply_is_translated() {
+    in_fixture_netns(|| {
+        let f = standard();
+        let q = Ipv4Packet::udp(client(5002), sa(HOST, 5353), b"q").build();
+        let be = assert_dnat(&f.run(&q), &q, &[sa(backend(4), 53), sa(backend(5), 53)]);
+        let r = Ipv4Packet::udp(be, client(5002), b"answer").build();
+        let run = f.run(&r);
+        assert_eq!(run.exits(), [Reason::ReplyRedirect.name()]);
+        wire::verify_checksums(&run.out).unwrap();
+        let o = wire::parse(&run.out);
+        assert_eq!((o.src, o.dst, o.payload.as_slice()), (sa(HOST, 5353), client(5002), &b"answer"[..]));
+    });
+}
+
+#[test]
+fn backend_traffic_without_a_flow_passes() {
+    in_fixture_netns(|| {
+        let f = standard();
+        let pkt = Ipv4Packet::tcp(b8000(1), client(40008), TCP_SYN | TCP_ACK).build();
+        assert_untouched(&f.run(&pkt), &pkt, Reason::PassNoService);
+    });
+}
+
+#[test]
+fn other_ports_and_addresses_pass_untouched() {
+    in_fixture_netns(|| {
+        let f = standard();
+        for dst in [
+            sa(HOST, 22),
+            sa(VIP, 81),
+            sa(Ipv4Addr::new(10, 99, 0, 2), 80),
+            sa(backend(1), 8000),
+        ] {
+            let pkt = Ipv4Packet::tcp(client(40009), dst, TCP_SYN).build();
+            assert_untouched(&f.run(&pkt), &pkt, Reason::PassNoService);
+        }
+        assert!(f.dp().conntrack_entries().is_empty(), "no state for traffic that is not ours");
+    });
+}
+
+#[test]
+fn protocol_must_match_the_service() {
+    in_fixture_netns(|| {
+        let f = standard();
+        let udp_to_tcp = Ipv4Packet::udp(client(5003), sa(HOST, 8080), b"x").build();
+        assert_untouched(&f.run(&udp_to_tcp), &udp_to_tcp, Reason::PassNoService);
+        let tcp_to_udp = Ipv4Packet::tcp(client(5003), sa(HOST, 5353), TCP_SYN).build();
+        assert_untouched(&f.run(&tcp_to_udp), &tcp_to_udp, Reason::PassNoService);
+    });
+}
+
+#[test]
+fn ipv6_and_arp_pass_untouched() {
+    in_fixture_netns(|| {
+        let f = standard();
+        let v6 = wire::ipv6_tcp(8080);
+        assert_untouched(&f.run(&v6), &v6, Reason::PassIpv6);
+        let arp = wire::arp_request(CLIENT, HOST);
+        assert_untouched(&f.run(&arp), &arp, Reason::PassNotIp);
+    });
+}
+
+#[test]
+fn icmp_passes_untouched() {
+    in_fixture_netns(|| {
+        let f = standard();
+        let mut pkt = Ipv4Packet::udp(client(0), sa(HOST, 0), b"pingpingping").build();
+        pkt[14 + 9] = 1; // protocol ICMP (checksums irrelevant: must not be touched)
+        assert_untouched(&f.run(&pkt), &pkt, Reason::PassNotTcpUdp);
+    });
+}
+
+#[test]
+fn shortest_frames_are_handled() {
+    in_fixture_netns(|| {
+        // BPF_PROG_TEST_RUN refuses frames under 14 bytes, and IPv4 frames shorter than a full
+        // IPv4 header, so the shortest inputs the program can be handed are these.
+        let f = standard();
+        let lldp = wire::ethernet([2; 6], [4; 6], 0x88cc);
+        assert_untouched(&f.run(&lldp), &lldp, Reason::PassNotIp);
+        // A bare IPv4 header announcing TCP with no TCP header at all.
+        let mut bare = Ipv4Packet::tcp(client(40010), sa(VIP, 80), TCP_SYN).build();
+        bare.truncate(14 + 20);
+        bare[16..18].copy_from_slice(&20u16.to_be_bytes());
+        assert_dropped(&f.run(&bare), Reason::DropL4Malformed);
+        assert!(f.dp().conntrack_entries().is_empty());
+    });
+}
+
+#[test]
+fn truncated_or_malformed_ip_headers_are_dropped() {
+    in_fixture_netns(|| {
+        let f = standard();
+        let good = Ipv4Packet::tcp(client(40010), sa(VIP, 80), TCP_SYN).build();
+        // IHL announces 60 bytes of header but the frame ends first.
+        let mut v = good.clone();
+        v[14] = 0x4f;
+        assert_dropped(&f.run(&v), Reason::DropIpMalformed);
+        // Version 6 in an IPv4 EtherType.
+        let mut v = good.clone();
+        v[14] = 0x65;
+        assert_dropped(&f.run(&v), Reason::DropIpMalformed);
+        // IHL < 5.
+        let mut v = good.clone();
+        v[14] = 0x44;
+        assert_dropped(&f.run(&v), Reason::DropIpMalformed);
+        // Total length beyond the frame.
+        let mut v = good.clone();
+        v[16..18].copy_from_slice(&200u16.to_be_bytes());
+        assert_dropped(&f.run(&v), Reason::DropIpMalformed);
+        // Total length shorter than the header.
+        let mut v = good.clone();
+        v[16..18].copy_from_slice(&10u16.to_be_bytes());
+        assert_dropped(&f.run(&v), Reason::DropIpMalformed);
+        assert!(f.dp().conntrack_entries().is_empty());
+    });
+}
+
+#[test]
+fn truncated_or_malformed_l4_headers_are_dropped() {
+    in_fixture_netns(|| {
+        let f = standard();
+        let tcp = Ipv4Packet::tcp(client(40011), sa(VIP, 80), TCP_SYN).build();
+        // TCP header cut at 10 bytes (IP total length adjusted so the IP header is valid).
+        let mut cut = tcp[..14 + 20 + 10].to_vec();
+        cut[16..18].copy_from_slice(&30u16.to_be_bytes());
+        assert_dropped(&f.run(&cut), Reason::DropL4Malformed);
+        // Data offset < 5.
+        let mut v = tcp.clone();
+        v[14 + 20 + 12] = 0x40;
+        assert_dropped(&f.run(&v), Reason::DropL4Malformed);
+        // Data offset past the IP payload.
+        let mut v = tcp.clone();
+        v[14 + 20 + 12] = 0xf0;
+        assert_dropped(&f.run(&v), Reason::DropL4Malformed);
+        // UDP header cut at 4 bytes.
+        let udp = Ipv4Packet::udp(client(5004), sa(HOST, 5353), b"abc").build();
+        let mut cut = udp[..14 + 20 + 4].to_vec();
+        cut[16..18].copy_from_slice(&24u16.to_be_bytes());
+        assert_dropped(&f.run(&cut), Reason::DropL4Malformed);
+        // UDP length field larger than the IP payload.
+        let mut v = udp.clone();
+        v[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&100u16.to_be_bytes());
+        assert_dropped(&f.run(&v), Reason::DropL4Malformed);
+        assert!(f.dp().conntrack_entries().is_empty());
+    });
+}
+
+#[test]
+fn ip_options_are_handled_and_counted() {
+    in_fixture_netns(|| {
+        let f = standard();
+        let mut p = Ipv4Packet::tcp(client(40012), sa(VIP, 80), TCP_SYN).with_payload(b"data");
+        // Record Route (7), length 11, pointer 4, two empty slots; padded by the builder.
+        p.options = vec![7, 11, 4, 0, 0, 0, 0, 0, 0, 0, 0];
+        let pkt = p.build();
+        let run = f.run(&pkt);
+        assert_dnat(&run, &pkt, &web_backends());
+        assert_eq!(run.counted(Reason::EventIpOptions), 1);
+        assert_eq!(wire::parse(&run.out).ihl, 32);
+        assert_eq!(&run.out[14 + 20..14 + 32], &pkt[14 + 20..14 + 32], "options preserved");
+    });
+}
+
+#[test]
+fn fragments_pass_untouched() {
+    in_fixture_netns(|| {
+        let f = standard();
+        let mut first = Ipv4Packet::udp(client(5005), sa(HOST, 5353), &[7u8; 64]);
+        first.frag = 0x2000; // MF, offset 0
+        let pkt = first.build();
+        assert_untouched(&f.run(&pkt), &pkt, Reason::PassFragment);
+        let mut later = Ipv4Packet::udp(client(5005), sa(HOST, 5353), &[7u8; 64]);
+        later.frag = 0x0008; // offset 64 bytes, last fragment
+        let pkt = later.build();
+        assert_untouched(&f.run(&pkt), &pkt, Reason::PassFragment);
+        assert!(f.dp().conntrack_entries().is_empty());
+    });
+}
+
+#[test]
+fn service_without_backends_drops() {
+    in_fixture_netns(|| {
+        let f = Fixture::new(options(), vec![svc("empty", "10.99.0.1:80", Protocol::Tcp, &[])]);
+        let pkt = Ipv4Packet::tcp(client(40013), sa(VIP, 80), TCP_SYN).build();
+        assert_dropped(&f.run(&pkt), Reason::DropNoBackend);
+    });
+}
+
+#[test]
+fn fin_closes_both_entries_and_a_later_syn_starts_a_new_flow() {
+    in_fixture_netns(|| {
+        let f = standard();
+        let tuple = (client(40014), sa(VIP, 80));
+        let syn = Ipv4Packet::tcp(tuple.0, tuple.1, TCP_SYN).build();
+        let be = assert_dnat(&f.run(&syn), &syn, &web_backends());
+        let fin = Ipv4Packet::tcp(tuple.0, tuple.1, TCP_FIN | TCP_ACK).build();
+        let run = f.run(&fin);
+        assert_dnat(&run, &fin, &web_backends());
+        assert_eq!(run.counted(Reason::EventCtClosing), 1);
+        let fwd = f.ct(&flow_key(tuple.0, tuple.1, IPPROTO_TCP)).unwrap();
+        let rev = f.ct(&flow_key(be, tuple.0, IPPROTO_TCP)).unwrap();
+        assert_eq!((fwd.state, rev.state), (ct::STATE_CLOSING, ct::STATE_CLOSING));
+        // The backend's FIN-ACK and the last ACK still translate during the linger.
+        let finack = Ipv4Packet::tcp(be, tuple.0, TCP_FIN | TCP_ACK).build();
+        assert_eq!(f.run(&finack).exits(), [Reason::ReplyRedirect.name()]);
+        let ack = Ipv4Packet::tcp(tuple.0, tuple.1, TCP_ACK).build();
+        let run = f.run(&ack);
+        assert_dnat(&run, &ack, &web_backends());
+        assert_eq!(run.counted(Reason::EventCtExpired), 0);
+        // A new connection on the same tuple replaces the closed flow.
+        let run = f.run(&syn);
+        assert_dnat(&run, &syn, &web_backends());
+        assert_eq!(run.counted(Reason::EventCtExpired), 1);
+        assert_eq!(f.ct(&flow_key(tuple.0, tuple.1, IPPROTO_TCP)).unwrap().state, ct::STATE_OPEN);
+    });
+}
+
+#[test]
+fn rst_closes_the_flow() {
+    in_fixture_netns(|| {
+        let f = standard();
+        let syn = Ipv4Packet::tcp(client(40015), sa(VIP, 80), TCP_SYN).build();
+        let be = assert_dnat(&f.run(&syn), &syn, &web_backends());
+        // RST from the backend side.
+        let rst = Ipv4Packet::tcp(be, client(40015), TCP_RST | TCP_ACK).build();
+        let run = f.run(&rst);
+        assert_eq!(run.counted(Reason::EventCtClosing), 1);
+        wire::verify_checksums(&run.out).unwrap();
+        let fwd = f.ct(&flow_key(client(40015), sa(VIP, 80), IPPROTO_TCP)).unwrap();
+        assert_eq!(fwd.state, ct::STATE_CLOSING, "RST in either direction closes both entries");
+    });
+}
+
+#[test]
+fn idle_udp_entry_expires_and_the_flow_is_rebalanced() {
+    in_fixture_netns(|| {
+        let mut f = standard();
+        let q = Ipv4Packet::udp(client(5006), sa(HOST, 5353), b"q").build();
+        assert_dnat(&f.run(&q), &q, &[sa(backend(4), 53), sa(backend(5), 53)]);
+        // Age the entry past the UDP idle timeout (60 s by default).
+        let key = flow_key(client(5006), sa(HOST, 5353), IPPROTO_UDP);
+        let mut e: CtEntry = f.ct(&key).unwrap();
+        e.last_seen_ns = e.last_seen_ns.saturating_sub(61_000_000_000);
+        f.rec.dataplane_mut().conntrack_insert(key, e).unwrap();
+        let run = f.run(&q);
+        assert_eq!(run.counted(Reason::EventCtExpired), 1);
+        let sc = f.dp().service_counters(e.service_id).unwrap();
+        assert_eq!(sc.new_flows, 2);
+    });
+}
+
+#[test]
+fn tcp_packet_without_entry_is_picked_up_mid_stream_consistently() {
+    in_fixture_netns(|| {
+        let f = standard();
+        let ack = Ipv4Packet::tcp(client(40016), sa(VIP, 80), TCP_ACK).build();
+        let run = f.run(&ack);
+        let be = assert_dnat(&run, &ack, &web_backends());
+        assert_eq!(run.counted(Reason::EventCtMidstreamPickup), 1);
+        // Same pick as a fresh dataplane with the same seed and set would make: Maglev is a pure
+        // function of the tuple.
+        let f2 = standard();
+        assert_eq!(assert_dnat(&f2.run(&ack), &ack, &web_backends()), be);
+    });
+}
+
+#[test]
+fn full_conntrack_still_balances_every_flow_consistently() {
+    in_fixture_netns(|| {
+        let mut o = options();
+        o.conntrack_size = 1024;
+        let f = Fixture::new(o, standard().services.clone());
+        let mut first = Vec::new();
+        // 3000 flows x 2 entries into a 1024-entry LRU: most entries are evicted.
+        for port in 0..3000u16 {
+            let p = Ipv4Packet::tcp(client(10_000 + port), sa(VIP, 80), TCP_SYN).build();
+            first.push(assert_dnat(&f.run(&p), &p, &web_backends()));
+        }
+        let n = f.dp().conntrack_entries().len();
+        println!("conntrack after 3000 flows: {n} entries (capacity 1024)");
+        assert!(n <= 1024, "LRU map above its capacity: {n}");
+        // Evicted flows come back to the same backend (Maglev pick), picked up mid-stream.
+        let mut pickups = 0;
+        for (i, port) in (0..3000u16).step_by(50).enumerate() {
+            let p = Ipv4Packet::tcp(client(10_000 + port), sa(VIP, 80), TCP_ACK).build();
+            let run = f.run(&p);
+            assert_eq!(assert_dnat(&run, &p, &web_backends()), first[i * 50]);
+            pickups += run.counted(Reason::EventCtMidstreamPickup);
+        }
+        assert!(pickups > 0, "expected evicted flows to be picked up again");
+    });
+}
+
+#[test]
+fn unresolved_neighbour_uses_kernel_neighbour_redirect() {
+    in_fixture_netns(|| {
+        let f = Fixture::new(
+            options(),
+            vec![svc("v", "10.99.0.1:80", Protocol::Tcp, &[(UNRESOLVED_BACKEND, 8000, 1)])],
+        );
+        let pkt = Ipv4Packet::tcp(client(40017), sa(VIP, 80), TCP_SYN).build();
+        let run = f.run(&pkt);
+        assert_eq!(run.action, TC_ACT_REDIRECT, "{run:?}");
+        assert_eq!(run.exits(), [Reason::FwdRedirectNeigh.name()]);
+        wire::verify_checksums(&run.out).unwrap();
+        assert_eq!(wire::parse(&run.out).dst, sa(UNRESOLVED_BACKEND, 8000));
+    });
+}
+
+#[test]
+fn without_redirect_translated_packets_go_to_the_stack() {
+    in_fixture_netns(|| {
+        let mut o = options();
+        o.redirect = false;
+        let f = Fixture::new(o, standard().services.clone());
+        let pkt = Ipv4Packet::tcp(client(40018), sa(VIP, 80), TCP_SYN).build();
+        let run = f.run(&pkt);
+        assert_eq!(run.action, TC_ACT_OK);
+        assert_eq!(run.exits(), [Reason::PassTranslatedToStack.name()]);
+        wire::verify_checksums(&run.out).unwrap();
+        assert!(web_backends().contains(&wire::parse(&run.out).dst));
+    });
+}
+
+#[test]
+fn backend_route_missing_hands_packet_to_the_stack() {
+    in_fixture_netns(|| {
+        // 192.0.2.0/24 (TEST-NET-1) has an `unreachable` route in the fixture namespace.
+        let f = Fixture::new(
+            options(),
+            vec![svc("v", "10.99.0.1:80", Protocol::Tcp, &[(Ipv4Addr::new(192, 0, 2, 10), 80, 1)])],
+        );
+        let pkt = Ipv4Packet::tcp(client(40019), sa(VIP, 80), TCP_SYN).build();
+        let run = f.run(&pkt);
+        assert_eq!(run.action, TC_ACT_OK);
+        assert_eq!(run.exits(), [Reason::PassFibFailed.name()]);
+        wire::verify_checksums(&run.out).unwrap();
+    });
+}
+
+#[test]
+fn new_flows_follow_the_weights() {
+    in_fixture_netns(|| {
+        let mut o = options();
+        o.maglev_size = 4099;
+        let f = Fixture::new(
+            o,
+            vec![svc(
+                "w",
+                "10.99.0.1:80",
+                Protocol::Tcp,
+                &[(backend(1), 8000, 1), (backend(2), 8000, 3)],
+            )],
+        );
+        let mut counts = [0u32; 2];
+        let n = 4000u16;
+        for port in 0..n {
+            let p = Ipv4Packet::tcp(client(20_000 + port), sa(VIP, 80), TCP_SYN).build();
+            let be = assert_dnat(&f.run(&p), &p, &[b8000(1), b8000(2)]);
+            counts[usize::from(be == b8000(2))] += 1;
+        }
+        let share = f64::from(counts[1]) / f64::from(n);
+        println!("weights 1:3 over {n} flows: {counts:?} (share of weight-3 backend {share:.3})");
+        assert!((share - 0.75).abs() < 0.03, "share {share}");
+    });
+}
+
+#[test]
+fn every_rewritten_packet_of_a_whole_exchange_has_valid_checksums() {
+    in_fixture_netns(|| {
+        let f = standard();
+        // A full little TCP exchange with payloads of odd and even lengths.
+        let c = client(40020);
+        let s = sa(HOST, 8080);
+        let syn = Ipv4Packet::tcp(c, s, TCP_SYN).build();
+        let be = assert_dnat(&f.run(&syn), &syn, &web_backends());
+        for (i, len) in [0usize, 1, 2, 3, 100, 1001, 1400].into_iter().enumerate() {
+            let data: Vec<u8> = (0..len).map(|x| (x * 7 + i) as u8).collect();
+            let fwd = Ipv4Packet::tcp(c, s, TCP_ACK | TCP_PSH).with_payload(&data).build();
+            assert_dnat(&f.run(&fwd), &fwd, &web_backends());
+            let back = Ipv4Packet::tcp(be, c, TCP_ACK | TCP_PSH).with_payload(&data).build();
+            let run = f.run(&back);
+            wire::verify_checksums(&run.out).unwrap_or_else(|e| panic!("reply len {len}: {e}"));
+            assert_eq!(wire::parse(&run.out).src, s);
+        }
+    });
+}
