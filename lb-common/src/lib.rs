@@ -9,6 +9,7 @@
 //! they sit in the packet. Userspace converts with [`ipv4_to_wire`] and [`port_to_wire`].
 #![no_std]
 
+pub mod csum;
 pub mod ct;
 pub mod hash;
 pub mod reason;
@@ -17,6 +18,8 @@ pub use reason::Reason;
 
 /// Name of the TC ingress program in the object file.
 pub const PROG_TC_INGRESS: &str = "berth_tc_ingress";
+/// A classifier that returns TC_ACT_OK and nothing else (benchmark floor; never attached).
+pub const PROG_TC_NOOP: &str = "berth_tc_noop";
 
 /// Service table: [`ServiceKey`] -> [`ServiceValue`].
 pub const MAP_SERVICES: &str = "SERVICES";
@@ -181,8 +184,14 @@ pub struct CtEntry {
     /// `bpf_ktime_get_coarse_ns` of the last packet (refreshed at most once per
     /// [`ct::TOUCH_INTERVAL_NS`]).
     pub last_seen_ns: u64,
+    /// Cached route of this direction after translation: egress interface (0 = none cached,
+    /// look it up), and the MACs to write. Refreshed with `last_seen_ns`, so at most
+    /// [`ct::TOUCH_INTERVAL_NS`] stale.
+    pub route_ifindex: u32,
+    pub route_dmac: [u8; 6],
+    pub route_smac: [u8; 6],
 }
-const _: () = assert!(core::mem::size_of::<CtEntry>() == 24);
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 40);
 
 /// Per-service and per-backend counters (per CPU; userspace sums them).
 #[repr(C)]

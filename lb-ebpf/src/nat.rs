@@ -14,7 +14,7 @@ use aya_ebpf::{
     helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
-use lb_common::{IPPROTO_TCP, Reason};
+use lb_common::{IPPROTO_TCP, Reason, csum::replace4};
 
 use crate::parse::{ETH_HLEN, Flow, ptr_at};
 
@@ -42,14 +42,17 @@ pub fn rewrite(ctx: &TcContext, flow: &Flow, side: Side, addr: u32, port: u16) -
         (flow.l4_off + 6, u64::from(BPF_F_MARK_MANGLED_0))
     };
 
-    // Direct writes first: the checksum helpers below invalidate packet pointers.
+    // Direct writes first: the checksum helpers below invalidate packet pointers. The IPv4
+    // header checksum is always complete (never CHECKSUM_PARTIAL), so it is updated by hand.
     let a = ptr_at::<u32>(ctx, addr_off).ok_or(())?;
     let p = ptr_at::<u16>(ctx, port_off).ok_or(())?;
-    // SAFETY: `ptr_at` checked both fields lie inside the packet; TC programs may write packet
-    // data directly (the verifier un-clones the skb head first).
+    let ipc = ptr_at::<u16>(ctx, ETH_HLEN + 10).ok_or(())?;
+    // SAFETY: `ptr_at` checked all three fields lie inside the packet; TC programs may write
+    // packet data directly (the verifier un-clones the skb head first).
     unsafe {
         a.write_unaligned(addr);
         p.write_unaligned(port);
+        ipc.write_unaligned(replace4(ipc.read_unaligned(), old_addr, addr));
     }
 
     if old_addr != addr {
@@ -60,8 +63,6 @@ pub fn rewrite(ctx: &TcContext, flow: &Flow, side: Side, addr: u32, port: u16) -
             u64::from(BPF_F_PSEUDO_HDR) | mangled0 | 4,
         )
         .map_err(|_| ())?;
-        ctx.l3_csum_replace(ETH_HLEN + 10, u64::from(old_addr), u64::from(addr), 4)
-            .map_err(|_| ())?;
     }
     if old_port != port {
         ctx.l4_csum_replace(csum_off, u64::from(old_port), u64::from(port), mangled0 | 2)
@@ -114,9 +115,43 @@ pub fn is_local(ctx: &TcContext, flow: &Flow) -> bool {
     rc == i64::from(BPF_FIB_LKUP_RET_NOT_FWDED)
 }
 
+/// A route worth caching in a conntrack entry: egress device and the MACs to write.
+#[derive(Clone, Copy)]
+pub struct Route {
+    pub ifindex: u32,
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+}
+
+#[inline(always)]
+fn reasons(reply: bool) -> (Reason, Reason) {
+    if reply {
+        (Reason::ReplyRedirect, Reason::ReplyRedirectNeigh)
+    } else {
+        (Reason::FwdRedirect, Reason::FwdRedirectNeigh)
+    }
+}
+
+/// Redirects along a known route: writes the MACs and hands the packet to the egress device.
+#[inline(always)]
+pub fn redirect_cached(ctx: &TcContext, route: &Route, reply: bool) -> (i32, Reason) {
+    let Some(eth) = ptr_at::<[u8; 12]>(ctx, 0) else {
+        return (aya_ebpf::bindings::TC_ACT_SHOT as i32, Reason::AbortRewrite);
+    };
+    // SAFETY: the 12 MAC bytes are inside the packet (checked by `ptr_at`).
+    unsafe {
+        let eth = &mut *eth;
+        eth[..6].copy_from_slice(&route.dmac);
+        eth[6..].copy_from_slice(&route.smac);
+    }
+    // SAFETY: plain helper call with an interface index.
+    let act = unsafe { bpf_redirect(route.ifindex, 0) } as i32;
+    (act, reasons(reply).0)
+}
+
 /// Sends a rewritten packet on its way: straight to the egress device when the FIB knows the
 /// route (bypassing netfilter, whose FORWARD policy on Docker hosts is DROP), else back to the
-/// stack. Returns the TC action and the exit reason to count.
+/// stack. Returns the TC action, the exit reason to count, and the route if it can be cached.
 #[inline(always)]
 pub fn route(
     ctx: &TcContext,
@@ -124,9 +159,9 @@ pub fn route(
     tuple: (u32, u32, u16, u16),
     reply: bool,
     redirect: bool,
-) -> (i32, Reason) {
+) -> (i32, Reason, Option<Route>) {
     if !redirect {
-        return (TC_ACT_OK as i32, Reason::PassTranslatedToStack);
+        return (TC_ACT_OK as i32, Reason::PassTranslatedToStack, None);
     }
     let (saddr, daddr, sport, dport) = tuple;
     let mut p = fib_params(ctx, flow, saddr, daddr, sport, dport);
@@ -140,33 +175,22 @@ pub fn route(
         )
     };
     if rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
-        let Some(eth) = ptr_at::<[u8; 12]>(ctx, 0) else {
-            return (aya_ebpf::bindings::TC_ACT_SHOT as i32, Reason::AbortRewrite);
+        // SAFETY: on success the kernel filled the MAC member of this union.
+        let macs = unsafe { p.__bindgen_anon_6.__bindgen_anon_2 };
+        let r = Route {
+            ifindex: p.ifindex,
+            dmac: macs.dmac,
+            smac: macs.smac,
         };
-        // SAFETY: the 12 MAC bytes are inside the packet (checked by `ptr_at`); the union
-        // member read is the one the kernel fills on success.
-        unsafe {
-            let macs = &p.__bindgen_anon_6.__bindgen_anon_2;
-            let eth = &mut *eth;
-            eth[..6].copy_from_slice(&macs.dmac);
-            eth[6..].copy_from_slice(&macs.smac);
-        }
-        // SAFETY: plain helper call with an interface index.
-        let act = unsafe { bpf_redirect(p.ifindex, 0) } as i32;
-        let reason = if reply { Reason::ReplyRedirect } else { Reason::FwdRedirect };
-        (act, reason)
+        let (act, reason) = redirect_cached(ctx, &r, reply);
+        (act, reason, Some(r))
     } else if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
         // SAFETY: a null `params` asks the kernel to resolve the next hop itself.
         let act = unsafe { bpf_redirect_neigh(p.ifindex, core::ptr::null_mut(), 0, 0) } as i32;
-        let reason = if reply {
-            Reason::ReplyRedirectNeigh
-        } else {
-            Reason::FwdRedirectNeigh
-        };
-        (act, reason)
+        (act, reasons(reply).1, None)
     } else if rc == i64::from(BPF_FIB_LKUP_RET_NOT_FWDED) {
-        (TC_ACT_OK as i32, Reason::PassTranslatedToStack)
+        (TC_ACT_OK as i32, Reason::PassTranslatedToStack, None)
     } else {
-        (TC_ACT_OK as i32, Reason::PassFibFailed)
+        (TC_ACT_OK as i32, Reason::PassFibFailed, None)
     }
 }

@@ -198,6 +198,21 @@ impl Dataplane {
             .expect("program checked at load")
     }
 
+    /// Loads the do-nothing classifier (benchmark floor) and returns it.
+    pub fn noop_program(&mut self) -> Result<&SchedClassifier> {
+        let name = lb_common::PROG_TC_NOOP;
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DataplaneError::MissingProgram { name })?
+            .try_into()
+            .map_err(|source| DataplaneError::Program { name, source })?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|source| DataplaneError::Program { name, source })?;
+        }
+        Ok(prog)
+    }
+
     /// Attaches the TC ingress program to `iface` (TCX on kernels >= 6.6, clsact otherwise).
     pub fn attach(&mut self, iface: &str) -> Result<()> {
         let name = CString::new(iface).map_err(|_| DataplaneError::UnknownInterface {

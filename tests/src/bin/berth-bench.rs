@@ -1,0 +1,301 @@
+//! `cargo xtask bench`: dataplane micro-benchmarks through BPF_PROG_TEST_RUN.
+//!
+//! Each path is measured as the kernel-reported average per run over `repeat` runs (default
+//! 1,000,000), and the median of `rounds` such measurements (default 5) is printed, beside a
+//! do-nothing classifier measured the same way (the test-run floor).
+//!
+//! A TC test run reuses one skb across repeats, so the program sees its own rewrite on the next
+//! run. The set-ups are built so every repeat still takes the path being measured:
+//! - established hit / reply: paired conntrack entries make the packet alternate between the
+//!   service tuple and the backend tuple, each a hit with a full rewrite;
+//! - new flow: a ring of 4096 services, each balancing to the next one's address and port, with a
+//!   conntrack map far smaller than the ring, so every run misses (the entry was evicted), looks
+//!   the service up, picks from Maglev, inserts two entries and rewrites.
+//!
+//! Each path's counters are checked afterwards to prove the runs took the intended path.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Instant,
+};
+
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use berth_tests::{
+    fixture::{CLIENT, Fixture, HOST, VIP, backend, flow_key, ifindex, in_fixture_netns, options, svc},
+    wire::{Ipv4Packet, TCP_ACK, TCP_SYN},
+};
+use lb_common::{CtEntry, IPPROTO_TCP, Reason, ct, ipv4_to_wire, port_to_wire};
+use lb_userspace::{
+    config::Protocol,
+    dataplane::{DataplaneOptions, monotonic_ns},
+    maglev,
+};
+
+#[derive(Clone, Copy)]
+struct Args {
+    repeat: u32,
+    rounds: usize,
+    /// Conntrack size of the new-flow set-up (must stay well under 2 x 4096 so every run misses).
+    new_flow_ct: u32,
+    /// Measure translation without routing (redirect off).
+    no_redirect: bool,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        repeat: 1_000_000,
+        rounds: 5,
+        new_flow_ct: 1024,
+        no_redirect: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut val = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--repeat" => a.repeat = val().parse().expect("--repeat N"),
+            "--rounds" => a.rounds = val().parse().expect("--rounds N"),
+            "--no-redirect" => a.no_redirect = true,
+            "--new-flow-ct" => a.new_flow_ct = val().parse().expect("--new-flow-ct N"),
+            other => panic!("unknown argument {other}; use --repeat N --rounds N --new-flow-ct N"),
+        }
+    }
+    assert!(a.rounds >= 1 && a.repeat >= 1);
+    a
+}
+
+fn ctx_for(ifindex: u32) -> [u8; 44] {
+    let mut ctx = [0u8; 44];
+    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx
+}
+
+/// Median over `rounds` of the kernel's average ns per run.
+fn measure(prog: &SchedClassifier, pkt: &[u8], a: &Args) -> f64 {
+    let ctx = ctx_for(ifindex("fx0"));
+    let mut out = vec![0u8; pkt.len() + 256];
+    let mut v: Vec<f64> = (0..a.rounds)
+        .map(|_| {
+            let r = prog
+                .test_run(TestRunOptions {
+                    data_in: Some(pkt),
+                    data_out: Some(&mut out),
+                    ctx_in: Some(&ctx),
+                    repeat: a.repeat,
+                    ..TestRunOptions::default()
+                })
+                .expect("BPF_PROG_TEST_RUN");
+            r.duration.as_nanos() as f64
+        })
+        .collect();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn reason(f: &Fixture, r: Reason) -> u64 {
+    f.dp()
+        .reason_counters()
+        .expect("counters")
+        .into_iter()
+        .find(|(x, _)| *x == r)
+        .map_or(0, |(_, n)| n)
+}
+
+fn entry(dir: u8, nat: SocketAddrV4, now: u64) -> CtEntry {
+    CtEntry {
+        nat_addr: ipv4_to_wire(nat.ip().octets()),
+        nat_port: port_to_wire(nat.port()),
+        dir,
+        state: ct::STATE_OPEN,
+        backend_id: 1,
+        service_id: 0,
+        last_seen_ns: now,
+        route_ifindex: 0,
+        route_dmac: [0; 6],
+        route_smac: [0; 6],
+    }
+}
+
+struct Row {
+    path: &'static str,
+    ns: f64,
+    target: Option<f64>,
+    check: String,
+}
+
+fn main() {
+    let a = args();
+    let total = u64::from(a.repeat) * a.rounds as u64;
+    let rows = in_fixture_netns(move || {
+        let mut rows = Vec::new();
+        // Replies to the VIP side of the alternating set-ups need a route too.
+        let out = std::process::Command::new("ip")
+            .args(["route", "add", "10.99.0.0/24", "via", &backend(1).to_string(), "dev", "fx0"])
+            .output()
+            .expect("ip route");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let redirect = !a.no_redirect;
+        let client = SocketAddrV4::new(CLIENT, 40000);
+        let vip = SocketAddrV4::new(VIP, 80);
+        let be = SocketAddrV4::new(backend(1), 8000);
+        let services = vec![
+            svc("vip", "10.99.0.1:80", Protocol::Tcp, &[(backend(1), 8000, 1), (backend(2), 8000, 1)]),
+            svc("any", "0.0.0.0:8080", Protocol::Tcp, &[(backend(1), 8000, 1)]),
+        ];
+
+        // Floor and non-service packet.
+        {
+            let mut f = Fixture::new(options(), services.clone());
+            let ssh = Ipv4Packet::tcp(client, SocketAddrV4::new(HOST, 22), TCP_SYN).build();
+            let ns = measure(f.dp().program(), &ssh, &a);
+            let passed = reason(&f, Reason::PassNoService);
+            let noop = f.rec.dataplane_mut().noop_program().expect("noop program");
+            let floor = measure(noop, &ssh, &a);
+            rows.push(Row {
+                path: "floor: do-nothing classifier",
+                ns: floor,
+                target: None,
+                check: "-".into(),
+            });
+            rows.push(Row {
+                path: "non-service packet (TCP to :22)",
+                ns,
+                target: None,
+                check: format!("pass_no_service {passed}/{total}"),
+            });
+        }
+
+        // Established hit.
+        {
+            let mut f = Fixture::new(DataplaneOptions { redirect, ..options() }, services.clone());
+            let now = monotonic_ns();
+            let dp = f.rec.dataplane_mut();
+            dp.conntrack_insert(flow_key(client, vip, IPPROTO_TCP), entry(ct::DIR_FORWARD, be, now))
+                .unwrap();
+            dp.conntrack_insert(flow_key(client, be, IPPROTO_TCP), entry(ct::DIR_FORWARD, vip, now))
+                .unwrap();
+            let pkt = Ipv4Packet::tcp(client, vip, TCP_ACK).with_payload(&[0u8; 64]).build();
+            let ns = measure(f.dp().program(), &pkt, &a);
+            let hits = reason(&f, Reason::FwdRedirect);
+            rows.push(Row {
+                path: "established-flow hit (client -> backend)",
+                ns,
+                target: Some(60.0),
+                check: format!("fwd_redirect {hits}/{total}"),
+            });
+        }
+
+        // Reply.
+        {
+            let mut f = Fixture::new(DataplaneOptions { redirect, ..options() }, services.clone());
+            let now = monotonic_ns();
+            let dp = f.rec.dataplane_mut();
+            dp.conntrack_insert(flow_key(be, client, IPPROTO_TCP), entry(ct::DIR_REPLY, vip, now))
+                .unwrap();
+            dp.conntrack_insert(flow_key(vip, client, IPPROTO_TCP), entry(ct::DIR_REPLY, be, now))
+                .unwrap();
+            let pkt = Ipv4Packet::tcp(be, client, TCP_ACK).with_payload(&[0u8; 64]).build();
+            let ns = measure(f.dp().program(), &pkt, &a);
+            let hits = reason(&f, Reason::ReplyRedirect);
+            rows.push(Row {
+                path: "reply (backend -> client)",
+                ns,
+                target: Some(60.0),
+                check: format!("reply_redirect {hits}/{total}"),
+            });
+        }
+
+        // New flow: a ring of services.
+        {
+            let ring = 4096u32;
+            let o = DataplaneOptions {
+                maglev_size: 7,
+                max_services: ring,
+                max_backends: ring * 2,
+                conntrack_size: a.new_flow_ct,
+                ..options()
+            };
+            let addr = |i: u32| {
+                let i = i % ring;
+                SocketAddrV4::new(Ipv4Addr::new(10, 100, (i / 256) as u8, (i % 256) as u8), 80 + (i % 2) as u16)
+            };
+            let ring_services: Vec<_> = (0..ring)
+                .map(|i| {
+                    let next = addr(i + 1);
+                    svc(&format!("r{i}"), &addr(i).to_string(), Protocol::Tcp, &[(*next.ip(), next.port(), 1)])
+                })
+                .collect();
+            let out = std::process::Command::new("ip")
+                .args(["route", "add", "10.100.0.0/16", "via", &backend(1).to_string(), "dev", "fx0"])
+                .output()
+                .expect("ip route");
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let f = Fixture::new(o, ring_services);
+            let pkt = Ipv4Packet::tcp(client, addr(0), TCP_SYN).build();
+            let ns = measure(f.dp().program(), &pkt, &a);
+            let new_flows: u64 = (0..ring).map(|i| f.dp().service_counters(i).unwrap().new_flows).sum();
+            let redirected = reason(&f, Reason::FwdRedirect);
+            let failed = reason(&f, Reason::EventCtInsertFailed);
+            rows.push(Row {
+                path: "new flow (ct miss + service + maglev + 2 inserts)",
+                ns,
+                target: Some(120.0),
+                check: format!("new flows {new_flows}/{total}, redirected {redirected}, insert failures {failed}"),
+            });
+        }
+        rows
+    });
+
+    // Maglev build time (userspace).
+    let members: Vec<maglev::Member> = (0..1000u64)
+        .map(|i| maglev::Member { id: (0x0a00_0000 + i) << 16 | 8000, weight: 1 })
+        .collect();
+    let mut times: Vec<f64> = (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            std::hint::black_box(maglev::build(&members, 65_537));
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    let maglev_ms = times[2];
+
+    let floor = rows[0].ns;
+    println!();
+    println!(
+        "berth dataplane micro-benchmarks: BPF_PROG_TEST_RUN, TC program, median of {} x {} runs",
+        a.rounds, a.repeat
+    );
+    println!();
+    println!("| path | ns/packet | minus floor | target | path check |");
+    println!("|---|---:|---:|---:|---|");
+    for r in &rows {
+        let target = r.target.map_or("-".to_string(), |t| {
+            format!("< {t:.0} ({})", if r.ns < t { "met" } else { "MISSED" })
+        });
+        println!("| {} | {:.1} | {:.1} | {} | {} |", r.path, r.ns, r.ns - floor, target, r.check);
+    }
+    println!();
+    println!("maglev table build, M=65537, 1000 backends: {maglev_ms:.1} ms (median of 5)");
+
+    let json_rows: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            format!(
+                "{{\"path\":\"{}\",\"ns_per_packet\":{:.2},\"target_ns\":{}}}",
+                r.path,
+                r.ns,
+                r.target.map_or("null".into(), |t| format!("{t}"))
+            )
+        })
+        .collect();
+    let json = format!(
+        "{{\"repeat\":{},\"rounds\":{},\"paths\":[{}],\"maglev_build_ms_m65537_n1000\":{maglev_ms:.2}}}\n",
+        a.repeat,
+        a.rounds,
+        json_rows.join(",")
+    );
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    if std::fs::create_dir_all(&dir).is_ok() && std::fs::write(dir.join("dataplane.json"), &json).is_ok() {
+        println!("written: target/bench/dataplane.json");
+    }
+}
