@@ -157,6 +157,7 @@ fn established_flow_uses_its_conntrack_entry() {
         let key = flow_key(client(40003), sa(VIP, 80), IPPROTO_TCP);
         let mut e = f.ct(&key).unwrap();
         e.nat_addr = lb_common::ipv4_to_wire(other.ip().octets());
+        e.route_ifindex = 0; // the cached route was the first backend's
         f.rec.dataplane_mut().conntrack_insert(key, e).unwrap();
         let ack = Ipv4Packet::tcp(client(40003), sa(VIP, 80), TCP_ACK).build();
         let run = f.run(&ack);
