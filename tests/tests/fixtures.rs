@@ -639,3 +639,38 @@ fn every_rewritten_packet_of_a_whole_exchange_has_valid_checksums() {
         }
     });
 }
+
+#[test]
+fn cached_route_is_used_and_refreshed_each_second() {
+    in_fixture_netns(|| {
+        let mut f = Fixture::new(
+            options(),
+            vec![svc("v", "10.99.0.1:80", Protocol::Tcp, &[(backend(1), 8000, 1)])],
+        );
+        let syn = Ipv4Packet::tcp(client(40021), sa(VIP, 80), TCP_SYN).build();
+        assert_dnat(&f.run(&syn), &syn, &[b8000(1)]);
+        let key = flow_key(client(40021), sa(VIP, 80), IPPROTO_TCP);
+        let e = f.ct(&key).unwrap();
+        assert_eq!(e.route_ifindex, ifindex("fx0"), "new flow caches its route");
+        assert_eq!(e.route_dmac, backend_mac(backend(1)));
+        // The backend's MAC changes (e.g. a container re-created with the same address).
+        let new_mac = [0x02, 0, 0, 0, 0x99, 0x01];
+        let out = std::process::Command::new("ip")
+            .args(["neigh", "replace", &backend(1).to_string(), "lladdr", "02:00:00:00:99:01", "dev", "fx0", "nud", "permanent"])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        // Within the touch interval the cached MAC is used ...
+        let ack = Ipv4Packet::tcp(client(40021), sa(VIP, 80), TCP_ACK).build();
+        let run = f.run(&ack);
+        assert_eq!(wire::parse(&run.out).dst_mac, backend_mac(backend(1)));
+        // ... and once the entry is due for its touch, the route is looked up again.
+        let mut e = f.ct(&key).unwrap();
+        e.last_seen_ns = e.last_seen_ns.saturating_sub(2 * ct::TOUCH_INTERVAL_NS);
+        f.rec.dataplane_mut().conntrack_insert(key, e).unwrap();
+        let run = f.run(&ack);
+        wire::verify_checksums(&run.out).unwrap();
+        assert_eq!(wire::parse(&run.out).dst_mac, new_mac);
+        assert_eq!(f.ct(&key).unwrap().route_dmac, new_mac);
+    });
+}
