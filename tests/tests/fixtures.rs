@@ -674,3 +674,30 @@ fn cached_route_is_used_and_refreshed_each_second() {
         assert_eq!(f.ct(&key).unwrap().route_dmac, new_mac);
     });
 }
+
+#[test]
+fn reconciler_writes_only_the_slots_that_changed() {
+    in_fixture_netns(|| {
+        let mut o = options();
+        o.maglev_size = 4099;
+        let be: Vec<_> = (1..=5).map(|n| (backend(n), 8000, 1)).collect();
+        let s = |b: &[(Ipv4Addr, u16, u32)]| vec![svc("v", "10.99.0.1:80", Protocol::Tcp, b)];
+        let mut f = Fixture::new(o, s(&be));
+        let row = |f: &Fixture| -> Vec<u32> { (0..4099).map(|i| f.dp().maglev_slot(0, i).unwrap()).collect() };
+        let before = row(&f);
+        assert!(before.iter().all(|&id| id != 0), "every slot filled");
+        // Removing one of five backends: its slots and a few others move, the rest stay.
+        let writes = f.rec.apply(&s(&be[..4])).unwrap();
+        let after = row(&f);
+        let changed = before.iter().zip(&after).filter(|(a, b)| a != b).count();
+        println!("removed 1 of 5 backends: {changed} of 4099 slots changed, {writes} map writes");
+        assert_eq!(writes, changed, "one write per changed slot and nothing else");
+        assert!(changed >= 4099 / 5 && changed < 4099 * 3 / 10, "{changed}");
+        // Applying the same state again writes nothing.
+        assert_eq!(f.rec.apply(&s(&be[..4])).unwrap(), 0);
+        // Removing the service clears its row and its key.
+        f.rec.apply(&[]).unwrap();
+        assert!(row(&f).iter().all(|&id| id == 0));
+        assert!(f.dp().services().is_empty());
+    });
+}
