@@ -48,6 +48,11 @@ pub enum DataplaneError {
     },
     #[error("no network interface named {iface:?}")]
     UnknownInterface { iface: String },
+    #[error(
+        "a berth program (id {prog_id}) is already attached to {iface}: is another berth running? \
+         Stop it first (a second one would translate packets twice)"
+    )]
+    AlreadyAttached { iface: String, prog_id: u32 },
 }
 
 type Result<T> = std::result::Result<T, DataplaneError>;
@@ -229,7 +234,20 @@ impl Dataplane {
             .program_mut(PROG_TC_INGRESS)
             .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
             .expect("program checked at load");
-        if aya::util::KernelVersion::current().is_ok_and(|v| v < aya::util::KernelVersion::new(6, 6, 0)) {
+        let tcx = aya::util::KernelVersion::current()
+            .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0));
+        if tcx {
+            // Kernel program names keep 15 characters.
+            let prefix = &PROG_TC_INGRESS.as_bytes()[..15];
+            if let Ok((_, progs)) = SchedClassifier::query_tcx(&name, TcAttachType::Ingress) {
+                if let Some(p) = progs.iter().find(|p| p.name().starts_with(prefix)) {
+                    return Err(DataplaneError::AlreadyAttached {
+                        iface: iface.to_owned(),
+                        prog_id: p.id(),
+                    });
+                }
+            }
+        } else {
             // Older kernels attach through a clsact qdisc; it may already exist.
             let _ = aya::programs::tc::qdisc_add_clsact(&name);
         }

@@ -77,3 +77,53 @@ fn check_config_prints_what_would_be_served() {
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(s.contains("web tcp 0.0.0.0:8080 -> 2 backends"), "{s}");
 }
+
+/// A network namespace deleted on drop, with the processes started in it killed first.
+struct Ns(String, Vec<std::process::Child>);
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        for c in &mut self.1 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+#[test]
+fn second_berth_on_the_same_interface_is_refused() {
+    let name = format!("btcli{}", std::process::id());
+    let _ = Command::new("ip")
+        .args(["netns", "del", &name])
+        .stderr(std::process::Stdio::null())
+        .status();
+    assert!(Command::new("ip").args(["netns", "add", &name]).status().unwrap().success());
+    let mut ns = Ns(name.clone(), Vec::new());
+    let cfg = write("one.toml", "[dataplane]\nredirect = false\n[[service]]\nname = \"w\"\nlisten = \"127.0.0.1:80\"\n");
+    let log = std::env::temp_dir().join(format!("berth-cli-{}/first.log", std::process::id()));
+    let first = Command::new("ip")
+        .args(["netns", "exec", &name])
+        .arg(berth())
+        .args(["run", "--iface", "lo", "--config"])
+        .arg(&cfg)
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    ns.1.push(first);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("berth ready") {
+        assert!(std::time::Instant::now() < deadline, "first berth not ready: {}", std::fs::read_to_string(&log).unwrap_or_default());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let second = Command::new("ip")
+        .args(["netns", "exec", &name])
+        .arg(berth())
+        .args(["run", "--iface", "lo", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("already attached to lo"), "{stderr}");
+}
