@@ -5,11 +5,19 @@ use std::path::PathBuf;
 
 fn main() -> anyhow::Result<()> {
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
-    let root = manifest_dir.parent().expect("lb-userspace sits inside the workspace");
+    let root = manifest_dir
+        .parent()
+        .expect("lb-userspace sits inside the workspace");
     let ebpf_dir = root.join("lb-ebpf");
     let pinned = std::fs::read_to_string(root.join("rust-toolchain-version"))?;
-    println!("cargo::rerun-if-changed={}", root.join("rust-toolchain-version").display());
-    println!("cargo::rerun-if-changed={}", root.join("lb-common/src").display());
+    println!(
+        "cargo::rerun-if-changed={}",
+        root.join("rust-toolchain-version").display()
+    );
+    println!(
+        "cargo::rerun-if-changed={}",
+        root.join("lb-common/src").display()
+    );
     // The eBPF crate needs `-Z build-std=core`; on a stable toolchain that takes RUSTC_BOOTSTRAP,
     // set here for the nested build only (exporting it globally would rebuild every dependency).
     // SAFETY: build scripts are single-threaded at this point.

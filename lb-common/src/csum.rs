@@ -37,7 +37,9 @@ mod tests {
     #[test]
     fn matches_recomputation() {
         // An IPv4 header as 16-bit words, checksum word (index 5) zero; address at words 8-9.
-        let mut h: [u16; 10] = [0x4500, 0x0073, 0, 0x4000, 0x4011, 0, 0xc0a8, 0x0001, 0xc0a8, 0x00c7];
+        let mut h: [u16; 10] = [
+            0x4500, 0x0073, 0, 0x4000, 0x4011, 0, 0xc0a8, 0x0001, 0xc0a8, 0x00c7,
+        ];
         let c = full(&h);
         assert_eq!(c, 0xb861);
         let mut x = 0x1234_5678u32;

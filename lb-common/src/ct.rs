@@ -104,10 +104,16 @@ mod tests {
 
     #[test]
     fn fin_and_rst_close_tcp_only() {
-        assert_eq!(next_state(STATE_OPEN, IPPROTO_TCP, TCP_FIN | TCP_ACK), STATE_CLOSING);
+        assert_eq!(
+            next_state(STATE_OPEN, IPPROTO_TCP, TCP_FIN | TCP_ACK),
+            STATE_CLOSING
+        );
         assert_eq!(next_state(STATE_OPEN, IPPROTO_TCP, TCP_RST), STATE_CLOSING);
         assert_eq!(next_state(STATE_OPEN, IPPROTO_TCP, TCP_ACK), STATE_OPEN);
-        assert_eq!(next_state(STATE_CLOSING, IPPROTO_TCP, TCP_ACK), STATE_CLOSING);
+        assert_eq!(
+            next_state(STATE_CLOSING, IPPROTO_TCP, TCP_ACK),
+            STATE_CLOSING
+        );
         // The flags byte of a UDP packet is payload, never a FIN.
         assert_eq!(next_state(STATE_OPEN, IPPROTO_UDP, TCP_FIN), STATE_OPEN);
     }
@@ -119,18 +125,59 @@ mod tests {
         let closing = entry(STATE_CLOSING, 0);
         assert!(forward_expired(&closing, IPPROTO_TCP, TCP_SYN, 5, &CFG));
         // A SYN-ACK is not a new connection.
-        assert!(!forward_expired(&closing, IPPROTO_TCP, TCP_SYN | TCP_ACK, 5, &CFG));
+        assert!(!forward_expired(
+            &closing,
+            IPPROTO_TCP,
+            TCP_SYN | TCP_ACK,
+            5,
+            &CFG
+        ));
     }
 
     #[test]
     fn timeouts_per_state_and_protocol() {
-        assert!(!idle_expired(&entry(STATE_CLOSING, 100), IPPROTO_TCP, 110, &CFG));
-        assert!(idle_expired(&entry(STATE_CLOSING, 100), IPPROTO_TCP, 111, &CFG));
-        assert!(!idle_expired(&entry(STATE_OPEN, 100), IPPROTO_TCP, 1100, &CFG));
-        assert!(idle_expired(&entry(STATE_OPEN, 100), IPPROTO_TCP, 1101, &CFG));
-        assert!(!idle_expired(&entry(STATE_OPEN, 100), IPPROTO_UDP, 200, &CFG));
-        assert!(idle_expired(&entry(STATE_OPEN, 100), IPPROTO_UDP, 201, &CFG));
+        assert!(!idle_expired(
+            &entry(STATE_CLOSING, 100),
+            IPPROTO_TCP,
+            110,
+            &CFG
+        ));
+        assert!(idle_expired(
+            &entry(STATE_CLOSING, 100),
+            IPPROTO_TCP,
+            111,
+            &CFG
+        ));
+        assert!(!idle_expired(
+            &entry(STATE_OPEN, 100),
+            IPPROTO_TCP,
+            1100,
+            &CFG
+        ));
+        assert!(idle_expired(
+            &entry(STATE_OPEN, 100),
+            IPPROTO_TCP,
+            1101,
+            &CFG
+        ));
+        assert!(!idle_expired(
+            &entry(STATE_OPEN, 100),
+            IPPROTO_UDP,
+            200,
+            &CFG
+        ));
+        assert!(idle_expired(
+            &entry(STATE_OPEN, 100),
+            IPPROTO_UDP,
+            201,
+            &CFG
+        ));
         // A clock read before the entry's stamp (another CPU refreshed it) is not idle.
-        assert!(!idle_expired(&entry(STATE_OPEN, 500), IPPROTO_UDP, 10, &CFG));
+        assert!(!idle_expired(
+            &entry(STATE_OPEN, 500),
+            IPPROTO_UDP,
+            10,
+            &CFG
+        ));
     }
 }

@@ -247,7 +247,13 @@ fn new_flow(
         route_ifindex: 0,
         ..fwd
     };
-    let rev_key = FlowKey::new(backend.addr, flow.saddr, backend.port, flow.sport, flow.proto);
+    let rev_key = FlowKey::new(
+        backend.addr,
+        flow.saddr,
+        backend.port,
+        flow.sport,
+        flow.proto,
+    );
     if CONNTRACK.insert(&rev_key, &rev, 0).is_err() || CONNTRACK.insert(key, &fwd, 0).is_err() {
         // The packet is still balanced: the Maglev pick is a pure function of the tuple.
         count(Reason::EventCtInsertFailed);

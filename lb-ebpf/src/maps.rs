@@ -20,17 +20,20 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKEN
 
 /// `max_services` rows of `maglev_size` backend ids.
 #[map]
-pub static MAGLEV: Array<u32> = Array::with_max_entries(DEFAULT_MAX_SERVICES * DEFAULT_MAGLEV_SIZE, 0);
+pub static MAGLEV: Array<u32> =
+    Array::with_max_entries(DEFAULT_MAX_SERVICES * DEFAULT_MAGLEV_SIZE, 0);
 
 #[map]
 pub static CONNTRACK: LruHashMap<FlowKey, CtEntry> =
     LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
 
 #[map]
-pub static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+pub static SERVICE_STATS: PerCpuArray<Counters> =
+    PerCpuArray::with_max_entries(DEFAULT_MAX_SERVICES, 0);
 
 #[map]
-pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+pub static BACKEND_STATS: PerCpuArray<Counters> =
+    PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
 #[map]
 pub static REASON_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::COUNT, 0);

@@ -8,8 +8,8 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_NOT_FWDED,
-        BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, __sk_buff, bpf_fib_lookup,
+        __sk_buff, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, bpf_fib_lookup,
     },
     helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
@@ -78,7 +78,14 @@ fn ingress_ifindex(ctx: &TcContext) -> u32 {
 }
 
 #[inline(always)]
-fn fib_params(ctx: &TcContext, flow: &Flow, saddr: u32, daddr: u32, sport: u16, dport: u16) -> bpf_fib_lookup {
+fn fib_params(
+    ctx: &TcContext,
+    flow: &Flow,
+    saddr: u32,
+    daddr: u32,
+    sport: u16,
+    dport: u16,
+) -> bpf_fib_lookup {
     // SAFETY: `bpf_fib_lookup` is a plain C struct of integers and unions of integers; all-zero is
     // a valid (empty) value.
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };

@@ -216,7 +216,10 @@ impl Config {
             ));
         }
         if !(1..=4096).contains(&d.max_services) {
-            return Err(ConfigError::new("dataplane.max_services", "must be between 1 and 4096"));
+            return Err(ConfigError::new(
+                "dataplane.max_services",
+                "must be between 1 and 4096",
+            ));
         }
         let slots = u64::from(d.max_services) * u64::from(m);
         if slots > 64 * 1024 * 1024 {
@@ -229,7 +232,10 @@ impl Config {
             ));
         }
         if !(2..=1_048_576).contains(&d.max_backends) {
-            return Err(ConfigError::new("dataplane.max_backends", "must be between 2 and 1048576"));
+            return Err(ConfigError::new(
+                "dataplane.max_backends",
+                "must be between 2 and 1048576",
+            ));
         }
         if !(1024..=(1 << 26)).contains(&d.conntrack_size) {
             return Err(ConfigError::new(
@@ -238,12 +244,18 @@ impl Config {
             ));
         }
         for (name, v) in [
-            ("dataplane.tcp_closing_timeout_secs", d.tcp_closing_timeout_secs),
+            (
+                "dataplane.tcp_closing_timeout_secs",
+                d.tcp_closing_timeout_secs,
+            ),
             ("dataplane.tcp_idle_timeout_secs", d.tcp_idle_timeout_secs),
             ("dataplane.udp_idle_timeout_secs", d.udp_idle_timeout_secs),
         ] {
             if v == 0 || v > 7 * 24 * 3600 {
-                return Err(ConfigError::new(name, "must be between 1 and 604800 seconds"));
+                return Err(ConfigError::new(
+                    name,
+                    "must be between 1 and 604800 seconds",
+                ));
             }
         }
         for (i, iface) in d.interfaces.iter().enumerate() {
@@ -273,7 +285,10 @@ impl Config {
             let at = |f: &str| format!("service[{i}].{f}");
             if s.name.is_empty()
                 || s.name.len() > 64
-                || !s.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                || !s
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
             {
                 return Err(ConfigError::new(
                     at("name"),
@@ -281,21 +296,33 @@ impl Config {
                 ));
             }
             if !names.insert(s.name.clone()) {
-                return Err(ConfigError::new(at("name"), format!("duplicate service name {:?}", s.name)));
+                return Err(ConfigError::new(
+                    at("name"),
+                    format!("duplicate service name {:?}", s.name),
+                ));
             }
             let listen = SocketAddrV4::from_str(&s.listen).map_err(|_| {
-                ConfigError::new(at("listen"), format!("{:?} is not an IPv4 ADDR:PORT", s.listen))
+                ConfigError::new(
+                    at("listen"),
+                    format!("{:?} is not an IPv4 ADDR:PORT", s.listen),
+                )
             })?;
             if listen.port() == 0 {
                 return Err(ConfigError::new(at("listen"), "port 0 cannot be served"));
             }
             if listen.ip().is_multicast() || listen.ip().is_broadcast() {
-                return Err(ConfigError::new(at("listen"), "multicast/broadcast addresses cannot be served"));
+                return Err(ConfigError::new(
+                    at("listen"),
+                    "multicast/broadcast addresses cannot be served",
+                ));
             }
             if !listens.insert((listen, s.protocol)) {
                 return Err(ConfigError::new(
                     at("listen"),
-                    format!("{} {} is already served by another service", s.protocol, listen),
+                    format!(
+                        "{} {} is already served by another service",
+                        s.protocol, listen
+                    ),
                 ));
             }
             let mut seen = BTreeSet::new();
@@ -307,7 +334,11 @@ impl Config {
                         format!("{:?} is not an IPv4 ADDR:PORT", b.address),
                     )
                 })?;
-                if addr.ip().is_unspecified() || addr.port() == 0 || addr.ip().is_multicast() || addr.ip().is_broadcast() {
+                if addr.ip().is_unspecified()
+                    || addr.port() == 0
+                    || addr.ip().is_multicast()
+                    || addr.ip().is_broadcast()
+                {
                     return Err(ConfigError::new(
                         at(&format!("backends[{j}]")),
                         format!("{addr} is not a usable unicast address and port"),
@@ -320,14 +351,20 @@ impl Config {
                     ));
                 }
                 if !seen.insert(addr) {
-                    return Err(ConfigError::new(at(&format!("backends[{j}]")), format!("duplicate backend {addr}")));
+                    return Err(ConfigError::new(
+                        at(&format!("backends[{j}]")),
+                        format!("duplicate backend {addr}"),
+                    ));
                 }
                 backends.push((addr, b.weight));
             }
             if backends.len() as u64 >= u64::from(m) {
                 return Err(ConfigError::new(
                     at("backends"),
-                    format!("{} backends need a maglev_table_size above that (is {m})", backends.len()),
+                    format!(
+                        "{} backends need a maglev_table_size above that (is {m})",
+                        backends.len()
+                    ),
                 ));
             }
             total_backends += backends.len();
@@ -378,7 +415,10 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.dataplane.interfaces, ["eth0", "docker0"]);
         assert_eq!(services.len(), 2);
-        assert_eq!(services[0].backends[1], ("10.0.0.3:8000".parse().unwrap(), 2));
+        assert_eq!(
+            services[0].backends[1],
+            ("10.0.0.3:8000".parse().unwrap(), 2)
+        );
         assert_eq!(services[1].backends[0].1, 1);
         assert_eq!(services[1].protocol, Protocol::Udp);
     }
@@ -386,26 +426,55 @@ mod tests {
     #[test]
     fn errors_name_the_field() {
         let base = "[[service]]\nname = \"web\"\nlisten = \"0.0.0.0:8080\"\n";
-        assert_eq!(err(&format!("{base}backends = [\"10.0.0.1\"]\n")).field, "service[0].backends[0]");
         assert_eq!(
-            err(&format!("{base}backends = [{{ address = \"10.0.0.1:80\", weight = 99999 }}]\n")).field,
+            err(&format!("{base}backends = [\"10.0.0.1\"]\n")).field,
+            "service[0].backends[0]"
+        );
+        assert_eq!(
+            err(&format!(
+                "{base}backends = [{{ address = \"10.0.0.1:80\", weight = 99999 }}]\n"
+            ))
+            .field,
             "service[0].backends[0].weight"
         );
-        assert_eq!(err("[[service]]\nname = \"w\"\nlisten = \"nope\"\n").field, "service[0].listen");
-        assert_eq!(err("[dataplane]\nmaglev_table_size = 65536\n").field, "dataplane.maglev_table_size");
-        assert_eq!(err("[dataplane]\nconntrack_size = 5\n").field, "dataplane.conntrack_size");
         assert_eq!(
-            err(&format!("{base}[[service]]\nname = \"web\"\nlisten = \"0.0.0.0:9\"\n")).field,
+            err("[[service]]\nname = \"w\"\nlisten = \"nope\"\n").field,
+            "service[0].listen"
+        );
+        assert_eq!(
+            err("[dataplane]\nmaglev_table_size = 65536\n").field,
+            "dataplane.maglev_table_size"
+        );
+        assert_eq!(
+            err("[dataplane]\nconntrack_size = 5\n").field,
+            "dataplane.conntrack_size"
+        );
+        assert_eq!(
+            err(&format!(
+                "{base}[[service]]\nname = \"web\"\nlisten = \"0.0.0.0:9\"\n"
+            ))
+            .field,
             "service[1].name"
         );
         assert_eq!(
-            err(&format!("{base}[[service]]\nname = \"w2\"\nlisten = \"0.0.0.0:8080\"\n")).field,
+            err(&format!(
+                "{base}[[service]]\nname = \"w2\"\nlisten = \"0.0.0.0:8080\"\n"
+            ))
+            .field,
             "service[1].listen"
         );
         // Same port over UDP is a different service.
-        assert!(Config::load(&format!("{base}[[service]]\nname = \"u\"\nlisten = \"0.0.0.0:8080\"\nprotocol = \"udp\"\n")).is_ok());
+        assert!(
+            Config::load(&format!(
+                "{base}[[service]]\nname = \"u\"\nlisten = \"0.0.0.0:8080\"\nprotocol = \"udp\"\n"
+            ))
+            .is_ok()
+        );
         assert_eq!(
-            err(&format!("{base}backends = [\"10.0.0.1:80\", \"10.0.0.1:80\"]\n")).field,
+            err(&format!(
+                "{base}backends = [\"10.0.0.1:80\", \"10.0.0.1:80\"]\n"
+            ))
+            .field,
             "service[0].backends[1]"
         );
     }
@@ -418,8 +487,13 @@ mod tests {
         let e = err("[[service]]\nname = \"w\"\nlisten = \"0.0.0.0:80\"\nprotocol = \"sctp\"\n");
         assert!(e.message.contains("sctp"), "{e}");
         let e = err("[dataplane]\nmax_services = \"many\"\n");
-        assert!(e.message.contains("integer") || e.message.contains("invalid type"), "{e}");
-        let e = err("[[service]]\nname = \"w\"\nlisten = \"0.0.0.0:80\"\nbackends = [{ addr = \"1.2.3.4:5\" }]\n");
+        assert!(
+            e.message.contains("integer") || e.message.contains("invalid type"),
+            "{e}"
+        );
+        let e = err(
+            "[[service]]\nname = \"w\"\nlisten = \"0.0.0.0:80\"\nbackends = [{ addr = \"1.2.3.4:5\" }]\n",
+        );
         assert!(e.message.contains("addr"), "{e}");
     }
 

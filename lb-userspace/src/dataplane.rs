@@ -167,7 +167,9 @@ impl Dataplane {
             .map_err(|source| DataplaneError::Load { source })?;
         let prog: &mut SchedClassifier = ebpf
             .program_mut(PROG_TC_INGRESS)
-            .ok_or(DataplaneError::MissingProgram { name: PROG_TC_INGRESS })?
+            .ok_or(DataplaneError::MissingProgram {
+                name: PROG_TC_INGRESS,
+            })?
             .try_into()
             .map_err(|source| DataplaneError::Program {
                 name: PROG_TC_INGRESS,
@@ -213,7 +215,8 @@ impl Dataplane {
             .try_into()
             .map_err(|source| DataplaneError::Program { name, source })?;
         if prog.fd().is_err() {
-            prog.load().map_err(|source| DataplaneError::Program { name, source })?;
+            prog.load()
+                .map_err(|source| DataplaneError::Program { name, source })?;
         }
         Ok(prog)
     }
@@ -267,7 +270,9 @@ impl Dataplane {
     // ---- services and backends ----
 
     pub fn set_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<()> {
-        self.services.insert(&key, &value, 0).map_err(map_err(MAP_SERVICES))
+        self.services
+            .insert(&key, &value, 0)
+            .map_err(map_err(MAP_SERVICES))
     }
 
     pub fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
@@ -282,7 +287,9 @@ impl Dataplane {
     }
 
     pub fn set_backend(&mut self, id: u32, backend: Backend) -> Result<()> {
-        self.backends.set(id, &backend, 0).map_err(map_err(MAP_BACKENDS))
+        self.backends
+            .set(id, &backend, 0)
+            .map_err(map_err(MAP_BACKENDS))
     }
 
     pub fn backend(&self, id: u32) -> Result<Backend> {
@@ -292,7 +299,9 @@ impl Dataplane {
     /// Writes one slot of a service's Maglev row.
     pub fn set_maglev_slot(&mut self, service_id: u32, slot: u32, backend_id: u32) -> Result<()> {
         let index = service_id * self.options.maglev_size + slot;
-        self.maglev.set(index, &backend_id, 0).map_err(map_err(MAP_MAGLEV))
+        self.maglev
+            .set(index, &backend_id, 0)
+            .map_err(map_err(MAP_MAGLEV))
     }
 
     pub fn maglev_slot(&self, service_id: u32, slot: u32) -> Result<u32> {
@@ -311,7 +320,9 @@ impl Dataplane {
     }
 
     pub fn conntrack_insert(&mut self, key: FlowKey, entry: CtEntry) -> Result<()> {
-        self.conntrack.insert(&key, &entry, 0).map_err(map_err(MAP_CONNTRACK))
+        self.conntrack
+            .insert(&key, &entry, 0)
+            .map_err(map_err(MAP_CONNTRACK))
     }
 
     pub fn conntrack_remove(&mut self, key: &FlowKey) -> Result<()> {
@@ -362,7 +373,12 @@ impl Dataplane {
     pub fn reason_counters(&self) -> Result<Vec<(Reason, u64)>> {
         Reason::ALL
             .iter()
-            .map(|&r| Ok((r, Self::sum(&self.reason_stats, r as u32, MAP_REASON_STATS, |a, b| a + b)?)))
+            .map(|&r| {
+                Ok((
+                    r,
+                    Self::sum(&self.reason_stats, r as u32, MAP_REASON_STATS, |a, b| a + b)?,
+                ))
+            })
             .collect()
     }
 
@@ -371,22 +387,28 @@ impl Dataplane {
             name: MAP_SERVICE_STATS,
             source: MapError::IoError(e),
         })?;
-        PerCpuValues::try_from(vec![Counters::default(); cpus.get() as usize]).map_err(|e| DataplaneError::Map {
-            name: MAP_SERVICE_STATS,
-            source: MapError::IoError(e),
+        PerCpuValues::try_from(vec![Counters::default(); cpus.get() as usize]).map_err(|e| {
+            DataplaneError::Map {
+                name: MAP_SERVICE_STATS,
+                source: MapError::IoError(e),
+            }
         })
     }
 
     /// Zeroes a service id's counters (before the id is given to a new service).
     pub fn reset_service_counters(&mut self, id: u32) -> Result<()> {
         let zero = Self::zeroed_per_cpu()?;
-        self.service_stats.set(id, zero, 0).map_err(map_err(MAP_SERVICE_STATS))
+        self.service_stats
+            .set(id, zero, 0)
+            .map_err(map_err(MAP_SERVICE_STATS))
     }
 
     /// Zeroes a backend id's counters (before the id is given to a new backend).
     pub fn reset_backend_counters(&mut self, id: u32) -> Result<()> {
         let zero = Self::zeroed_per_cpu()?;
-        self.backend_stats.set(id, zero, 0).map_err(map_err(MAP_BACKEND_STATS))
+        self.backend_stats
+            .set(id, zero, 0)
+            .map_err(map_err(MAP_BACKEND_STATS))
     }
 }
 

@@ -51,7 +51,9 @@ pub fn build(members: &[Member], m: u32) -> Vec<usize> {
     let mut table = vec![EMPTY; m as usize];
 
     // Stable order: by identity, so the result depends on the set only.
-    let mut order: Vec<usize> = (0..members.len()).filter(|&i| members[i].weight > 0).collect();
+    let mut order: Vec<usize> = (0..members.len())
+        .filter(|&i| members[i].weight > 0)
+        .collect();
     order.sort_by_key(|&i| members[i].id);
     if order.is_empty() {
         return table;
@@ -124,7 +126,9 @@ mod tests {
         for &s in table {
             c[s] += 1;
         }
-        c.into_iter().map(|x| x as f64 / table.len() as f64).collect()
+        c.into_iter()
+            .map(|x| x as f64 / table.len() as f64)
+            .collect()
     }
 
     #[test]
@@ -186,8 +190,13 @@ mod tests {
             let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count();
             let frac = moved as f64 / f64::from(m);
             let ideal = k as f64 / n as f64;
-            println!("maglev M={m} N={n}: removed k={k}: moved {frac:.4} of slots (ideal k/N = {ideal:.4})");
-            assert!(frac >= ideal - 1e-9, "fewer than the removed backends' slots moved");
+            println!(
+                "maglev M={m} N={n}: removed k={k}: moved {frac:.4} of slots (ideal k/N = {ideal:.4})"
+            );
+            assert!(
+                frac >= ideal - 1e-9,
+                "fewer than the removed backends' slots moved"
+            );
             assert!(frac <= ideal * 1.5 + 0.01, "moved {frac} for ideal {ideal}");
         }
     }

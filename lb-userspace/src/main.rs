@@ -16,7 +16,11 @@ use tokio::signal::unix::{SignalKind, signal};
 const EXIT_CONFIG: u8 = 64;
 
 #[derive(Parser)]
-#[command(name = "berth", version, about = "Kernel-accelerated L4 load balancer for Docker hosts")]
+#[command(
+    name = "berth",
+    version,
+    about = "Kernel-accelerated L4 load balancer for Docker hosts"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -72,7 +76,10 @@ fn main() -> ExitCode {
                 error!("{e:#}");
                 return ExitCode::FAILURE;
             }
-            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     error!("starting the runtime: {e}");
@@ -108,7 +115,13 @@ fn check_config(path: &PathBuf) -> ExitCode {
         Ok((cfg, services)) => {
             println!("{}: ok, {} services", path.display(), services.len());
             for s in &services {
-                println!("  {} {} {} -> {} backends", s.name, s.protocol, s.listen, s.backends.len());
+                println!(
+                    "  {} {} {} -> {} backends",
+                    s.name,
+                    s.protocol,
+                    s.listen,
+                    s.backends.len()
+                );
             }
             if !cfg.dataplane.interfaces.is_empty() {
                 println!("  interfaces: {}", cfg.dataplane.interfaces.join(", "));
@@ -232,7 +245,14 @@ async fn run(
             .filter(|(_, n)| *n > 0)
             .map(|(r, n)| format!("{}={n}", r.name()))
             .collect();
-        info!("counters: {}", if line.is_empty() { "none".into() } else { line.join(" ") });
+        info!(
+            "counters: {}",
+            if line.is_empty() {
+                "none".into()
+            } else {
+                line.join(" ")
+            }
+        );
     }
     drop(dp);
     info!("berth stopped: detached from {}", ifaces.join(", "));

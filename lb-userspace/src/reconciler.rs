@@ -55,7 +55,10 @@ impl IdPool {
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
     #[error("no free {what} id (raise dataplane.{limit})")]
-    OutOfIds { what: &'static str, limit: &'static str },
+    OutOfIds {
+        what: &'static str,
+        limit: &'static str,
+    },
     #[error("service {service}: kernel map update failed")]
     Map {
         service: String,
@@ -150,7 +153,11 @@ impl Reconciler {
                 id: s.id,
                 listen: s.listen,
                 protocol: s.protocol,
-                backends: s.backends.iter().map(|(a, b)| (*a, b.id, b.weight)).collect(),
+                backends: s
+                    .backends
+                    .iter()
+                    .map(|(a, b)| (*a, b.id, b.weight))
+                    .collect(),
             })
             .collect()
     }
@@ -195,7 +202,9 @@ impl Reconciler {
         }
         for slot in 0..a.table.len() {
             if a.table[slot] != 0 {
-                self.dp.set_maglev_slot(a.id, slot as u32, 0).map_err(map_err)?;
+                self.dp
+                    .set_maglev_slot(a.id, slot as u32, 0)
+                    .map_err(map_err)?;
                 a.table[slot] = 0;
                 writes += 1;
             }
@@ -243,7 +252,10 @@ impl Reconciler {
                     table_synced: false,
                 },
             );
-            info!("service {}: added ({} {})", svc.name, svc.protocol, svc.listen);
+            info!(
+                "service {}: added ({} {})",
+                svc.name, svc.protocol, svc.listen
+            );
         }
         let a = self.services.get_mut(&svc.name).expect("just ensured");
 
@@ -266,7 +278,10 @@ impl Reconciler {
             match a.backends.get_mut(&addr) {
                 Some(b) if b.weight == weight => {}
                 Some(b) => {
-                    info!("service {}: backend {addr} weight {} -> {weight}", svc.name, b.weight);
+                    info!(
+                        "service {}: backend {addr} weight {} -> {weight}",
+                        svc.name, b.weight
+                    );
                     b.weight = weight;
                     a.table_synced = false;
                 }
@@ -291,7 +306,10 @@ impl Reconciler {
                     writes += 1;
                     a.backends.insert(addr, AppliedBackend { id, weight });
                     a.table_synced = false;
-                    info!("service {}: backend {addr} added (config, weight {weight})", svc.name);
+                    info!(
+                        "service {}: backend {addr} added (config, weight {weight})",
+                        svc.name
+                    );
                 }
             }
         }
@@ -314,9 +332,15 @@ impl Reconciler {
             let want = maglev::build(&only, m);
             let mut changed = 0;
             for (slot, &ix) in want.iter().enumerate() {
-                let id = if ix == maglev::EMPTY { 0 } else { members[ix].1 };
+                let id = if ix == maglev::EMPTY {
+                    0
+                } else {
+                    members[ix].1
+                };
                 if a.table[slot] != id {
-                    self.dp.set_maglev_slot(a.id, slot as u32, id).map_err(map_err)?;
+                    self.dp
+                        .set_maglev_slot(a.id, slot as u32, id)
+                        .map_err(map_err)?;
                     a.table[slot] = id;
                     changed += 1;
                 }

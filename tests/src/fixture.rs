@@ -59,10 +59,17 @@ pub fn in_fixture_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'stati
     std::thread::spawn(move || {
         // SAFETY: unshare only affects the calling thread's namespaces.
         let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+        assert_eq!(
+            rc,
+            0,
+            "unshare(CLONE_NEWNET): {}",
+            std::io::Error::last_os_error()
+        );
         // Child processes forked from this thread inherit its namespace.
         sh(&["ip", "link", "set", "lo", "up"]);
-        sh(&["ip", "link", "add", "fx0", "type", "veth", "peer", "name", "fx1"]);
+        sh(&[
+            "ip", "link", "add", "fx0", "type", "veth", "peer", "name", "fx1",
+        ]);
         sh(&["ip", "link", "set", "fx0", "up"]);
         sh(&["ip", "link", "set", "fx1", "up"]);
         sh(&["ip", "addr", "add", "10.10.0.1/24", "dev", "fx0"]);
@@ -76,14 +83,30 @@ pub fn in_fixture_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'stati
                 .join(":")
         };
         sh(&[
-            "ip", "neigh", "add", &CLIENT.to_string(), "lladdr", &mac(CLIENT_MAC), "dev", "fx0", "nud",
+            "ip",
+            "neigh",
+            "add",
+            &CLIENT.to_string(),
+            "lladdr",
+            &mac(CLIENT_MAC),
+            "dev",
+            "fx0",
+            "nud",
             "permanent",
         ]);
         for n in 1..=9 {
             let b = backend(n);
             sh(&[
-                "ip", "neigh", "add", &b.to_string(), "lladdr", &mac(backend_mac(b)), "dev", "fx0",
-                "nud", "permanent",
+                "ip",
+                "neigh",
+                "add",
+                &b.to_string(),
+                "lladdr",
+                &mac(backend_mac(b)),
+                "dev",
+                "fx0",
+                "nud",
+                "permanent",
             ]);
         }
         f()
@@ -130,7 +153,12 @@ pub fn options() -> DataplaneOptions {
     }
 }
 
-pub fn svc(name: &str, listen: &str, protocol: Protocol, backends: &[(Ipv4Addr, u16, u32)]) -> Service {
+pub fn svc(
+    name: &str,
+    listen: &str,
+    protocol: Protocol,
+    backends: &[(Ipv4Addr, u16, u32)],
+) -> Service {
     Service {
         name: name.into(),
         listen: listen.parse().expect("listen"),
@@ -236,7 +264,11 @@ impl Fixture {
             out,
             reasons,
         };
-        assert_eq!(run.exits().len(), 1, "every run counts exactly one exit: {run:?}");
+        assert_eq!(
+            run.exits().len(),
+            1,
+            "every run counts exactly one exit: {run:?}"
+        );
         run
     }
 

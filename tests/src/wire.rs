@@ -48,7 +48,12 @@ pub fn l4_checksum(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, segment: &[u8]) -> u
 
 #[derive(Clone, Debug)]
 pub enum L4 {
-    Tcp { flags: u8, seq: u32, ack: u32, payload: Vec<u8> },
+    Tcp {
+        flags: u8,
+        seq: u32,
+        ack: u32,
+        payload: Vec<u8>,
+    },
     /// `zero_csum`: send with checksum 0 ("no checksum", legal for UDP over IPv4).
     Udp { payload: Vec<u8>, zero_csum: bool },
 }
@@ -114,7 +119,12 @@ impl Ipv4Packet {
         }
         let ihl = 20 + opts.len();
         let (proto, mut seg) = match &self.l4 {
-            L4::Tcp { flags, seq, ack, payload } => {
+            L4::Tcp {
+                flags,
+                seq,
+                ack,
+                payload,
+            } => {
                 let mut t = Vec::with_capacity(20 + payload.len());
                 t.extend_from_slice(&self.src.port().to_be_bytes());
                 t.extend_from_slice(&self.dst.port().to_be_bytes());
@@ -140,7 +150,9 @@ impl Ipv4Packet {
         let csum = l4_checksum(*self.src.ip(), *self.dst.ip(), proto, &seg);
         match &self.l4 {
             L4::Tcp { .. } => seg[16..18].copy_from_slice(&csum.to_be_bytes()),
-            L4::Udp { zero_csum: true, .. } => {}
+            L4::Udp {
+                zero_csum: true, ..
+            } => {}
             L4::Udp { .. } => {
                 let c = if csum == 0 { 0xffff } else { csum };
                 seg[6..8].copy_from_slice(&c.to_be_bytes());
@@ -185,7 +197,9 @@ pub fn ipv6_tcp(dport: u16) -> Vec<u8> {
     p.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
     p.extend_from_slice(&40000u16.to_be_bytes());
     p.extend_from_slice(&dport.to_be_bytes());
-    p.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, TCP_SYN, 0xff, 0xff, 0, 0, 0, 0]);
+    p.extend_from_slice(&[
+        0, 0, 0, 1, 0, 0, 0, 0, 0x50, TCP_SYN, 0xff, 0xff, 0, 0, 0, 0,
+    ]);
     p
 }
 
@@ -230,7 +244,11 @@ pub fn parse(p: &[u8]) -> Parsed {
     let dport = u16::from_be_bytes([l4[2], l4[3]]);
     let (tcp_flags, l4_csum, payload) = if proto == 6 {
         let doff = usize::from(l4[12] >> 4) * 4;
-        (l4[13], u16::from_be_bytes([l4[16], l4[17]]), l4[doff..].to_vec())
+        (
+            l4[13],
+            u16::from_be_bytes([l4[16], l4[17]]),
+            l4[doff..].to_vec(),
+        )
     } else {
         (0, u16::from_be_bytes([l4[6], l4[7]]), l4[8..].to_vec())
     };
@@ -258,7 +276,10 @@ pub fn verify_checksums(p: &[u8]) -> Result<(), String> {
     let ihl = usize::from(ip[0] & 0xf) * 4;
     let tot = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
     if ihl < 20 || tot < ihl || tot > ip.len() {
-        return Err(format!("bad IPv4 lengths ihl={ihl} tot={tot} have={}", ip.len()));
+        return Err(format!(
+            "bad IPv4 lengths ihl={ihl} tot={tot} have={}",
+            ip.len()
+        ));
     }
     let mut hdr = ip[..ihl].to_vec();
     let got = u16::from_be_bytes([hdr[10], hdr[11]]);
@@ -266,7 +287,9 @@ pub fn verify_checksums(p: &[u8]) -> Result<(), String> {
     hdr[11] = 0;
     let want = checksum(&hdr);
     if got != want {
-        return Err(format!("IPv4 header checksum {got:#06x}, computed {want:#06x}"));
+        return Err(format!(
+            "IPv4 header checksum {got:#06x}, computed {want:#06x}"
+        ));
     }
     let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
     let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
@@ -288,7 +311,9 @@ pub fn verify_checksums(p: &[u8]) -> Result<(), String> {
         want = 0xffff;
     }
     if got != want {
-        return Err(format!("L4 (proto {proto}) checksum {got:#06x}, computed {want:#06x}"));
+        return Err(format!(
+            "L4 (proto {proto}) checksum {got:#06x}, computed {want:#06x}"
+        ));
     }
     Ok(())
 }
@@ -300,15 +325,18 @@ mod tests {
     #[test]
     fn rfc1071_example() {
         // RFC 1071 section 3 example words: 0001 f203 f4f5 f6f7 -> sum ddf2, checksum 220d.
-        assert_eq!(checksum(&[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]), 0x220d);
+        assert_eq!(
+            checksum(&[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]),
+            0x220d
+        );
     }
 
     #[test]
     fn known_ipv4_header() {
         // A widely used worked example: 4500 0073 0000 4000 4011 [b861] c0a8 0001 c0a8 00c7.
         let h = [
-            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, 0xc0, 0xa8, 0x00,
-            0x01, 0xc0, 0xa8, 0x00, 0xc7,
+            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, 0xc0, 0xa8,
+            0x00, 0x01, 0xc0, 0xa8, 0x00, 0xc7,
         ];
         assert_eq!(checksum(&h), 0xb861);
     }
@@ -334,6 +362,9 @@ mod tests {
             }
         }
         let parsed = parse(&Ipv4Packet::udp(a, b, b"x").build());
-        assert_eq!((parsed.src, parsed.dst, parsed.payload), (a, b, b"x".to_vec()));
+        assert_eq!(
+            (parsed.src, parsed.dst, parsed.payload),
+            (a, b, b"x".to_vec())
+        );
     }
 }

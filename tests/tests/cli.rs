@@ -8,7 +8,10 @@ fn berth() -> PathBuf {
         return p.into();
     }
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/berth");
-    assert!(p.exists(), "berth binary not built: run `cargo build -p lb-userspace` or `cargo xtask test`");
+    assert!(
+        p.exists(),
+        "berth binary not built: run `cargo build -p lb-userspace` or `cargo xtask test`"
+    );
     p
 }
 
@@ -22,30 +25,65 @@ fn write(name: &str, text: &str) -> PathBuf {
 
 /// Names of loaded BPF programs (to prove a refused config loaded nothing).
 fn loaded_berth_programs() -> usize {
-    let out = Command::new("bpftool").args(["prog", "show"]).output().expect("bpftool");
-    String::from_utf8_lossy(&out.stdout).matches("berth_tc_ingre").count()
+    let out = Command::new("bpftool")
+        .args(["prog", "show"])
+        .output()
+        .expect("bpftool");
+    String::from_utf8_lossy(&out.stdout)
+        .matches("berth_tc_ingre")
+        .count()
 }
 
 #[test]
 fn bad_config_names_the_field_and_exits_64_without_loading_anything() {
     let cases = [
-        ("weight.toml", "[[service]]\nname = \"w\"\nlisten = \"0.0.0.0:80\"\nbackends = [{ address = \"10.0.0.1:80\", weight = -1 }]\n", "line 4"),
-        ("listen.toml", "[[service]]\nname = \"w\"\nlisten = \"0.0.0.0\"\n", "service[0].listen"),
-        ("prime.toml", "[dataplane]\nmaglev_table_size = 1000\n", "dataplane.maglev_table_size"),
+        (
+            "weight.toml",
+            "[[service]]\nname = \"w\"\nlisten = \"0.0.0.0:80\"\nbackends = [{ address = \"10.0.0.1:80\", weight = -1 }]\n",
+            "line 4",
+        ),
+        (
+            "listen.toml",
+            "[[service]]\nname = \"w\"\nlisten = \"0.0.0.0\"\n",
+            "service[0].listen",
+        ),
+        (
+            "prime.toml",
+            "[dataplane]\nmaglev_table_size = 1000\n",
+            "dataplane.maglev_table_size",
+        ),
         ("unknown.toml", "[dataplane]\nturbo = true\n", "turbo"),
-        ("dup.toml", "[[service]]\nname = \"a\"\nlisten = \"0.0.0.0:80\"\n[[service]]\nname = \"b\"\nlisten = \"0.0.0.0:80\"\n", "service[1].listen"),
+        (
+            "dup.toml",
+            "[[service]]\nname = \"a\"\nlisten = \"0.0.0.0:80\"\n[[service]]\nname = \"b\"\nlisten = \"0.0.0.0:80\"\n",
+            "service[1].listen",
+        ),
     ];
     let before = loaded_berth_programs();
     for (file, text, field) in cases {
         let path = write(file, text);
-        for args in [vec!["run", "--iface", "lo", "--config"], vec!["check-config"]] {
-            let out = Command::new(berth()).args(&args).arg(&path).output().expect("run berth");
+        for args in [
+            vec!["run", "--iface", "lo", "--config"],
+            vec!["check-config"],
+        ] {
+            let out = Command::new(berth())
+                .args(&args)
+                .arg(&path)
+                .output()
+                .expect("run berth");
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert_eq!(out.status.code(), Some(64), "{file} {args:?}: {stderr}");
-            assert!(stderr.contains(field), "{file}: error must name {field:?}: {stderr}");
+            assert!(
+                stderr.contains(field),
+                "{file}: error must name {field:?}: {stderr}"
+            );
         }
     }
-    assert_eq!(loaded_berth_programs(), before, "a refused config must not load programs");
+    assert_eq!(
+        loaded_berth_programs(),
+        before,
+        "a refused config must not load programs"
+    );
 }
 
 #[test]
@@ -56,14 +94,20 @@ fn missing_config_file_and_interface_are_reported() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/berth.toml"));
-    let ok = write("ok.toml", "[[service]]\nname = \"w\"\nlisten = \"0.0.0.0:80\"\n");
+    let ok = write(
+        "ok.toml",
+        "[[service]]\nname = \"w\"\nlisten = \"0.0.0.0:80\"\n",
+    );
     let out = Command::new(berth())
         .args(["run", "--iface", "nosuchif0", "--config"])
         .arg(&ok)
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("nosuchif0"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nosuchif0"),
+        "{out:?}"
+    );
 }
 
 #[test]
@@ -72,7 +116,11 @@ fn check_config_prints_what_would_be_served() {
         "good.toml",
         "[[service]]\nname = \"web\"\nlisten = \"0.0.0.0:8080\"\nbackends = [\"10.0.0.2:8000\", { address = \"10.0.0.3:8000\", weight = 2 }]\n",
     );
-    let out = Command::new(berth()).arg("check-config").arg(&p).output().unwrap();
+    let out = Command::new(berth())
+        .arg("check-config")
+        .arg(&p)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{out:?}");
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(s.contains("web tcp 0.0.0.0:8080 -> 2 backends"), "{s}");
@@ -98,9 +146,18 @@ fn second_berth_on_the_same_interface_is_refused() {
         .args(["netns", "del", &name])
         .stderr(std::process::Stdio::null())
         .status();
-    assert!(Command::new("ip").args(["netns", "add", &name]).status().unwrap().success());
+    assert!(
+        Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .unwrap()
+            .success()
+    );
     let mut ns = Ns(name.clone(), Vec::new());
-    let cfg = write("one.toml", "[dataplane]\nredirect = false\n[[service]]\nname = \"w\"\nlisten = \"127.0.0.1:80\"\n");
+    let cfg = write(
+        "one.toml",
+        "[dataplane]\nredirect = false\n[[service]]\nname = \"w\"\nlisten = \"127.0.0.1:80\"\n",
+    );
     let log = std::env::temp_dir().join(format!("berth-cli-{}/first.log", std::process::id()));
     let first = Command::new("ip")
         .args(["netns", "exec", &name])
@@ -112,8 +169,15 @@ fn second_berth_on_the_same_interface_is_refused() {
         .unwrap();
     ns.1.push(first);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !std::fs::read_to_string(&log).unwrap_or_default().contains("berth ready") {
-        assert!(std::time::Instant::now() < deadline, "first berth not ready: {}", std::fs::read_to_string(&log).unwrap_or_default());
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("berth ready")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "first berth not ready: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let second = Command::new("ip")

@@ -23,13 +23,22 @@ fn client(port: u16) -> SocketAddrV4 {
 /// A web service on the VIP and on any local address, three equal backends on :8000, plus a UDP
 /// service on :5353.
 fn standard() -> Fixture {
-    let be = [(backend(1), 8000, 1), (backend(2), 8000, 1), (backend(3), 8000, 1)];
+    let be = [
+        (backend(1), 8000, 1),
+        (backend(2), 8000, 1),
+        (backend(3), 8000, 1),
+    ];
     Fixture::new(
         options(),
         vec![
             svc("vip", "10.99.0.1:80", Protocol::Tcp, &be),
             svc("any", "0.0.0.0:8080", Protocol::Tcp, &be),
-            svc("dns", "0.0.0.0:5353", Protocol::Udp, &[(backend(4), 53, 1), (backend(5), 53, 1)]),
+            svc(
+                "dns",
+                "0.0.0.0:5353",
+                Protocol::Udp,
+                &[(backend(4), 53, 1), (backend(5), 53, 1)],
+            ),
         ],
     )
 }
@@ -53,12 +62,20 @@ fn assert_dnat(run: &Run, input: &[u8], backends: &[SocketAddrV4]) -> SocketAddr
     wire::verify_checksums(&run.out).unwrap_or_else(|e| panic!("rewritten packet: {e}"));
     let i = wire::parse(input);
     let o = wire::parse(&run.out);
-    assert!(backends.contains(&o.dst), "dst {} not a backend {backends:?}", o.dst);
+    assert!(
+        backends.contains(&o.dst),
+        "dst {} not a backend {backends:?}",
+        o.dst
+    );
     assert_eq!(o.src, i.src, "source must be kept");
     assert_eq!(o.payload, i.payload);
     assert_eq!(o.tcp_flags, i.tcp_flags);
     assert_eq!(o.ttl, i.ttl);
-    assert_eq!(o.dst_mac, backend_mac(*o.dst.ip()), "destination MAC from the FIB");
+    assert_eq!(
+        o.dst_mac,
+        backend_mac(*o.dst.ip()),
+        "destination MAC from the FIB"
+    );
     assert_eq!(o.src_mac, fx0_mac(), "source MAC of the egress device");
     assert_eq!(run.out.len(), input.len());
     o.dst
@@ -86,13 +103,18 @@ fn tcp_syn_to_vip_is_translated_and_tracked() {
         assert_eq!(fwd.dir, ct::DIR_FORWARD);
         assert_eq!(fwd.state, ct::STATE_OPEN);
         assert_eq!(fwd.nat_addr, lb_common::ipv4_to_wire(be.ip().octets()));
-        let rev = f.ct(&flow_key(be, client(40000), IPPROTO_TCP)).expect("reply entry");
+        let rev = f
+            .ct(&flow_key(be, client(40000), IPPROTO_TCP))
+            .expect("reply entry");
         assert_eq!(rev.dir, ct::DIR_REPLY);
         assert_eq!(rev.nat_addr, lb_common::ipv4_to_wire(VIP.octets()));
         assert_eq!(rev.nat_port, lb_common::port_to_wire(80));
         // Counters: one new flow on the service and on the backend.
         let sc = f.dp().service_counters(fwd.service_id).unwrap();
-        assert_eq!((sc.packets, sc.new_flows, sc.bytes), (1, 1, pkt.len() as u64));
+        assert_eq!(
+            (sc.packets, sc.new_flows, sc.bytes),
+            (1, 1, pkt.len() as u64)
+        );
         let bc = f.dp().backend_counters(fwd.backend_id).unwrap();
         assert_eq!((bc.packets, bc.new_flows), (1, 1));
     });
@@ -113,7 +135,12 @@ fn any_address_service_ignores_addresses_not_of_this_host() {
         let f = standard();
         // 10.10.0.77 is on the connected subnet but not an address of this host: forwarded
         // traffic to another machine's :8080 is not ours.
-        let pkt = Ipv4Packet::tcp(client(40002), sa(Ipv4Addr::new(10, 10, 0, 77), 8080), TCP_SYN).build();
+        let pkt = Ipv4Packet::tcp(
+            client(40002),
+            sa(Ipv4Addr::new(10, 10, 0, 77), 8080),
+            TCP_SYN,
+        )
+        .build();
         assert_untouched(&f.run(&pkt), &pkt, Reason::PassNoService);
     });
 }
@@ -141,7 +168,11 @@ fn udp_zero_checksum_stays_zero() {
         let pkt = p.build();
         let run = f.run(&pkt);
         assert_dnat(&run, &pkt, &[sa(backend(4), 53), sa(backend(5), 53)]);
-        assert_eq!(wire::parse(&run.out).l4_csum, 0, "a zero UDP checksum must stay zero");
+        assert_eq!(
+            wire::parse(&run.out).l4_csum,
+            0,
+            "a zero UDP checksum must stay zero"
+        );
     });
 }
 
@@ -164,7 +195,11 @@ fn established_flow_uses_its_conntrack_entry() {
         assert_eq!(assert_dnat(&run, &ack, &web_backends()), other);
         assert_eq!(run.counted(Reason::EventCtMidstreamPickup), 0);
         let sc = f.dp().service_counters(e.service_id).unwrap();
-        assert_eq!((sc.packets, sc.new_flows), (2, 1), "a hit is not a new flow");
+        assert_eq!(
+            (sc.packets, sc.new_flows),
+            (2, 1),
+            "a hit is not a new flow"
+        );
     });
 }
 
@@ -183,9 +218,16 @@ fn flow_keeps_its_backend_after_the_backend_leaves_the_table() {
         let ack = Ipv4Packet::tcp(client(40004), sa(VIP, 80), TCP_ACK | TCP_PSH)
             .with_payload(b"GET / HTTP/1.0\r\n\r\n")
             .build();
-        assert_eq!(assert_dnat(&f.run(&ack), &ack, &web_backends()), chosen, "established flow moved");
+        assert_eq!(
+            assert_dnat(&f.run(&ack), &ack, &web_backends()),
+            chosen,
+            "established flow moved"
+        );
         // New flows avoid the departed backend.
-        let rest: Vec<_> = web_backends().into_iter().filter(|b| *b != chosen).collect();
+        let rest: Vec<_> = web_backends()
+            .into_iter()
+            .filter(|b| *b != chosen)
+            .collect();
         for port in 41000..41100 {
             let p = Ipv4Packet::tcp(client(port), sa(VIP, 80), TCP_SYN).build();
             assert_dnat(&f.run(&p), &p, &rest);
@@ -201,7 +243,10 @@ fn retransmitted_syn_does_not_pick_a_new_backend() {
         let chosen = assert_dnat(&f.run(&syn), &syn, &web_backends());
         // Change the set so Maglev would likely send this tuple elsewhere: only one *other*
         // backend plus a new one remain in the table.
-        let others: Vec<_> = web_backends().into_iter().filter(|b| *b != chosen).collect();
+        let others: Vec<_> = web_backends()
+            .into_iter()
+            .filter(|b| *b != chosen)
+            .collect();
         let mut services = f.services.clone();
         services[0].backends = vec![(others[0], 1), (b8000(6), 1)];
         f.apply(services);
@@ -229,7 +274,11 @@ fn reply_is_translated_back_to_the_service_address() {
         assert_eq!(run.exits(), [Reason::ReplyRedirect.name()]);
         wire::verify_checksums(&run.out).unwrap();
         let o = wire::parse(&run.out);
-        assert_eq!(o.src, sa(VIP, 80), "client must only ever see the service address");
+        assert_eq!(
+            o.src,
+            sa(VIP, 80),
+            "client must only ever see the service address"
+        );
         assert_eq!(o.dst, client(40006));
         assert_eq!(o.payload, b"hi");
         assert_eq!(o.dst_mac, CLIENT_MAC);
@@ -261,7 +310,10 @@ fn udp_reply_is_translated() {
         assert_eq!(run.exits(), [Reason::ReplyRedirect.name()]);
         wire::verify_checksums(&run.out).unwrap();
         let o = wire::parse(&run.out);
-        assert_eq!((o.src, o.dst, o.payload.as_slice()), (sa(HOST, 5353), client(5002), &b"answer"[..]));
+        assert_eq!(
+            (o.src, o.dst, o.payload.as_slice()),
+            (sa(HOST, 5353), client(5002), &b"answer"[..])
+        );
     });
 }
 
@@ -287,7 +339,10 @@ fn other_ports_and_addresses_pass_untouched() {
             let pkt = Ipv4Packet::tcp(client(40009), dst, TCP_SYN).build();
             assert_untouched(&f.run(&pkt), &pkt, Reason::PassNoService);
         }
-        assert!(f.dp().conntrack_entries().is_empty(), "no state for traffic that is not ours");
+        assert!(
+            f.dp().conntrack_entries().is_empty(),
+            "no state for traffic that is not ours"
+        );
     });
 }
 
@@ -411,7 +466,11 @@ fn ip_options_are_handled_and_counted() {
         assert_dnat(&run, &pkt, &web_backends());
         assert_eq!(run.counted(Reason::EventIpOptions), 1);
         assert_eq!(wire::parse(&run.out).ihl, 32);
-        assert_eq!(&run.out[14 + 20..14 + 32], &pkt[14 + 20..14 + 32], "options preserved");
+        assert_eq!(
+            &run.out[14 + 20..14 + 32],
+            &pkt[14 + 20..14 + 32],
+            "options preserved"
+        );
     });
 }
 
@@ -434,7 +493,10 @@ fn fragments_pass_untouched() {
 #[test]
 fn service_without_backends_drops() {
     in_fixture_netns(|| {
-        let f = Fixture::new(options(), vec![svc("empty", "10.99.0.1:80", Protocol::Tcp, &[])]);
+        let f = Fixture::new(
+            options(),
+            vec![svc("empty", "10.99.0.1:80", Protocol::Tcp, &[])],
+        );
         let pkt = Ipv4Packet::tcp(client(40013), sa(VIP, 80), TCP_SYN).build();
         assert_dropped(&f.run(&pkt), Reason::DropNoBackend);
     });
@@ -453,7 +515,10 @@ fn fin_closes_both_entries_and_a_later_syn_starts_a_new_flow() {
         assert_eq!(run.counted(Reason::EventCtClosing), 1);
         let fwd = f.ct(&flow_key(tuple.0, tuple.1, IPPROTO_TCP)).unwrap();
         let rev = f.ct(&flow_key(be, tuple.0, IPPROTO_TCP)).unwrap();
-        assert_eq!((fwd.state, rev.state), (ct::STATE_CLOSING, ct::STATE_CLOSING));
+        assert_eq!(
+            (fwd.state, rev.state),
+            (ct::STATE_CLOSING, ct::STATE_CLOSING)
+        );
         // The backend's FIN-ACK and the last ACK still translate during the linger.
         let finack = Ipv4Packet::tcp(be, tuple.0, TCP_FIN | TCP_ACK).build();
         assert_eq!(f.run(&finack).exits(), [Reason::ReplyRedirect.name()]);
@@ -465,7 +530,12 @@ fn fin_closes_both_entries_and_a_later_syn_starts_a_new_flow() {
         let run = f.run(&syn);
         assert_dnat(&run, &syn, &web_backends());
         assert_eq!(run.counted(Reason::EventCtExpired), 1);
-        assert_eq!(f.ct(&flow_key(tuple.0, tuple.1, IPPROTO_TCP)).unwrap().state, ct::STATE_OPEN);
+        assert_eq!(
+            f.ct(&flow_key(tuple.0, tuple.1, IPPROTO_TCP))
+                .unwrap()
+                .state,
+            ct::STATE_OPEN
+        );
     });
 }
 
@@ -480,8 +550,14 @@ fn rst_closes_the_flow() {
         let run = f.run(&rst);
         assert_eq!(run.counted(Reason::EventCtClosing), 1);
         wire::verify_checksums(&run.out).unwrap();
-        let fwd = f.ct(&flow_key(client(40015), sa(VIP, 80), IPPROTO_TCP)).unwrap();
-        assert_eq!(fwd.state, ct::STATE_CLOSING, "RST in either direction closes both entries");
+        let fwd = f
+            .ct(&flow_key(client(40015), sa(VIP, 80), IPPROTO_TCP))
+            .unwrap();
+        assert_eq!(
+            fwd.state,
+            ct::STATE_CLOSING,
+            "RST in either direction closes both entries"
+        );
     });
 }
 
@@ -550,7 +626,12 @@ fn unresolved_neighbour_uses_kernel_neighbour_redirect() {
     in_fixture_netns(|| {
         let f = Fixture::new(
             options(),
-            vec![svc("v", "10.99.0.1:80", Protocol::Tcp, &[(UNRESOLVED_BACKEND, 8000, 1)])],
+            vec![svc(
+                "v",
+                "10.99.0.1:80",
+                Protocol::Tcp,
+                &[(UNRESOLVED_BACKEND, 8000, 1)],
+            )],
         );
         let pkt = Ipv4Packet::tcp(client(40017), sa(VIP, 80), TCP_SYN).build();
         let run = f.run(&pkt);
@@ -582,7 +663,12 @@ fn backend_route_missing_hands_packet_to_the_stack() {
         // 192.0.2.0/24 (TEST-NET-1) has an `unreachable` route in the fixture namespace.
         let f = Fixture::new(
             options(),
-            vec![svc("v", "10.99.0.1:80", Protocol::Tcp, &[(Ipv4Addr::new(192, 0, 2, 10), 80, 1)])],
+            vec![svc(
+                "v",
+                "10.99.0.1:80",
+                Protocol::Tcp,
+                &[(Ipv4Addr::new(192, 0, 2, 10), 80, 1)],
+            )],
         );
         let pkt = Ipv4Packet::tcp(client(40019), sa(VIP, 80), TCP_SYN).build();
         let run = f.run(&pkt);
@@ -630,9 +716,13 @@ fn every_rewritten_packet_of_a_whole_exchange_has_valid_checksums() {
         let be = assert_dnat(&f.run(&syn), &syn, &web_backends());
         for (i, len) in [0usize, 1, 2, 3, 100, 1001, 1400].into_iter().enumerate() {
             let data: Vec<u8> = (0..len).map(|x| (x * 7 + i) as u8).collect();
-            let fwd = Ipv4Packet::tcp(c, s, TCP_ACK | TCP_PSH).with_payload(&data).build();
+            let fwd = Ipv4Packet::tcp(c, s, TCP_ACK | TCP_PSH)
+                .with_payload(&data)
+                .build();
             assert_dnat(&f.run(&fwd), &fwd, &web_backends());
-            let back = Ipv4Packet::tcp(be, c, TCP_ACK | TCP_PSH).with_payload(&data).build();
+            let back = Ipv4Packet::tcp(be, c, TCP_ACK | TCP_PSH)
+                .with_payload(&data)
+                .build();
             let run = f.run(&back);
             wire::verify_checksums(&run.out).unwrap_or_else(|e| panic!("reply len {len}: {e}"));
             assert_eq!(wire::parse(&run.out).src, s);
@@ -645,7 +735,12 @@ fn cached_route_is_used_and_refreshed_each_second() {
     in_fixture_netns(|| {
         let mut f = Fixture::new(
             options(),
-            vec![svc("v", "10.99.0.1:80", Protocol::Tcp, &[(backend(1), 8000, 1)])],
+            vec![svc(
+                "v",
+                "10.99.0.1:80",
+                Protocol::Tcp,
+                &[(backend(1), 8000, 1)],
+            )],
         );
         let syn = Ipv4Packet::tcp(client(40021), sa(VIP, 80), TCP_SYN).build();
         assert_dnat(&f.run(&syn), &syn, &[b8000(1)]);
@@ -656,7 +751,17 @@ fn cached_route_is_used_and_refreshed_each_second() {
         // The backend's MAC changes (e.g. a container re-created with the same address).
         let new_mac = [0x02, 0, 0, 0, 0x99, 0x01];
         let out = std::process::Command::new("ip")
-            .args(["neigh", "replace", &backend(1).to_string(), "lladdr", "02:00:00:00:99:01", "dev", "fx0", "nud", "permanent"])
+            .args([
+                "neigh",
+                "replace",
+                &backend(1).to_string(),
+                "lladdr",
+                "02:00:00:00:99:01",
+                "dev",
+                "fx0",
+                "nud",
+                "permanent",
+            ])
             .output()
             .unwrap();
         assert!(out.status.success());
@@ -683,7 +788,11 @@ fn reconciler_writes_only_the_slots_that_changed() {
         let be: Vec<_> = (1..=5).map(|n| (backend(n), 8000, 1)).collect();
         let s = |b: &[(Ipv4Addr, u16, u32)]| vec![svc("v", "10.99.0.1:80", Protocol::Tcp, b)];
         let mut f = Fixture::new(o, s(&be));
-        let row = |f: &Fixture| -> Vec<u32> { (0..4099).map(|i| f.dp().maglev_slot(0, i).unwrap()).collect() };
+        let row = |f: &Fixture| -> Vec<u32> {
+            (0..4099)
+                .map(|i| f.dp().maglev_slot(0, i).unwrap())
+                .collect()
+        };
         let before = row(&f);
         assert!(before.iter().all(|&id| id != 0), "every slot filled");
         // Removing one of five backends: its slots and a few others move, the rest stay.
@@ -691,7 +800,10 @@ fn reconciler_writes_only_the_slots_that_changed() {
         let after = row(&f);
         let changed = before.iter().zip(&after).filter(|(a, b)| a != b).count();
         println!("removed 1 of 5 backends: {changed} of 4099 slots changed, {writes} map writes");
-        assert_eq!(writes, changed, "one write per changed slot and nothing else");
+        assert_eq!(
+            writes, changed,
+            "one write per changed slot and nothing else"
+        );
         assert!(changed >= 4099 / 5 && changed < 4099 * 3 / 10, "{changed}");
         // Applying the same state again writes nothing.
         assert_eq!(f.rec.apply(&s(&be[..4])).unwrap(), 0);

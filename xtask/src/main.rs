@@ -1,1 +1,166 @@
-fn main() {}
+//! `cargo xtask`: the project's commands. Built by whatever toolchain is the machine's default;
+//! it installs the pinned one (file `rust-toolchain-version`) and runs everything else with it.
+//!
+//! - `setup`: install what is missing (toolchain + rust-src, bpf-linker against the toolchain's
+//!   LLVM, Debian packages), idempotently; a second run only checks.
+//! - `build [--release]`, `run [-- ARGS]`, `test [ARGS]`, `bench [ARGS]`, `soak`, `docker-up`.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+    time::Instant,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+fn usage() -> &'static str {
+    "usage: cargo xtask <setup|build [--release]|run [-- berth args]|test [cargo test args]|bench [args]|soak|docker-up>"
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root (parent of xtask's manifest directory).
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits in the workspace")
+        .to_path_buf()
+}
+
+/// The pinned toolchain, e.g. "1.99.1".
+pub fn toolchain() -> Result<String> {
+    let p = root().join("rust-toolchain-version");
+    let v = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+    Ok(v.trim().to_owned())
+}
+
+/// `cargo +<pinned>` in the workspace root, with ~/.cargo/bin on PATH (bpf-linker lives there).
+fn cargo(tc: &str) -> Command {
+    let mut c = Command::new("cargo");
+    c.arg(format!("+{tc}")).current_dir(root());
+    c.env("PATH", setup::path_with_cargo_bin());
+    // Set by the outer `cargo xtask` (default toolchain); must not leak into the pinned build.
+    for k in [
+        "RUSTUP_TOOLCHAIN",
+        "RUSTC",
+        "RUSTDOC",
+        "CARGO",
+        "RUSTC_WRAPPER",
+    ] {
+        c.env_remove(k);
+    }
+    c
+}
+
+fn status(mut c: Command) -> Result<()> {
+    let shown = format!("{c:?}");
+    let st = c.status().with_context(|| format!("starting {shown}"))?;
+    if !st.success() {
+        bail!("{shown} failed ({st})");
+    }
+    Ok(())
+}
+
+fn run(args: &[String]) -> Result<()> {
+    let Some(cmd) = args.first() else {
+        bail!("{}", usage());
+    };
+    let rest = &args[1..];
+    match cmd.as_str() {
+        "setup" => setup::ensure_all().map(|_| ()),
+        "docker-up" => setup::ensure_docker(),
+        "build" => {
+            let tc = setup::ensure_all()?;
+            let mut c = cargo(&tc);
+            c.args(["build", "-p", "lb-userspace"]).args(rest);
+            status(c)
+        }
+        "run" => {
+            let tc = setup::ensure_all()?;
+            let mut c = cargo(&tc);
+            c.args(["build", "--release", "-p", "lb-userspace"]);
+            status(c)?;
+            let bin = root().join("target/release/berth");
+            let mut berth_args: Vec<String> =
+                rest.iter().skip_while(|a| *a == "--").cloned().collect();
+            if berth_args.is_empty() {
+                berth_args.push("run".into());
+                if Path::new("berth.toml").exists() {
+                    berth_args.extend(["--config".into(), "berth.toml".into()]);
+                }
+            }
+            eprintln!("xtask: exec {} {}", bin.display(), berth_args.join(" "));
+            use std::os::unix::process::CommandExt as _;
+            let err = Command::new(&bin).args(&berth_args).exec();
+            Err(err).with_context(|| format!("exec {}", bin.display()))
+        }
+        "test" => {
+            let started = Instant::now();
+            let tc = setup::ensure_all()?;
+            // The integration tests spawn the daemon binary.
+            let mut c = cargo(&tc);
+            c.args(["build", "-p", "lb-userspace"]);
+            status(c)?;
+            let mut c = cargo(&tc);
+            c.args(["test", "--workspace", "--exclude", "lb-ebpf"])
+                .args(rest)
+                .args(["--", "--test-threads=1"])
+                .env("BERTH_BIN", root().join("target/debug/berth"));
+            let result = status(c);
+            eprintln!(
+                "xtask: test finished in {:.0} s",
+                started.elapsed().as_secs_f64()
+            );
+            result
+        }
+        "bench" => {
+            let tc = setup::ensure_all()?;
+            let mut c = cargo(&tc);
+            c.args([
+                "run",
+                "--release",
+                "-p",
+                "berth-tests",
+                "--bin",
+                "berth-bench",
+                "--",
+            ])
+            .args(rest);
+            status(c)
+        }
+        "soak" => {
+            let tc = setup::ensure_all()?;
+            let mut c = cargo(&tc);
+            c.args([
+                "test",
+                "--release",
+                "-p",
+                "berth-tests",
+                "--",
+                "--ignored",
+                "--test-threads=1",
+            ])
+            .env("BERTH_BIN", root().join("target/release/berth"));
+            let mut b = cargo(&tc);
+            b.args(["build", "--release", "-p", "lb-userspace"]);
+            status(b)?;
+            status(c)
+        }
+        "-h" | "--help" | "help" => {
+            println!("{}", usage());
+            Ok(())
+        }
+        other => bail!("unknown command {other:?}\n{}", usage()),
+    }
+}

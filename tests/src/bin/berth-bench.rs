@@ -21,7 +21,9 @@ use std::{
 
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use berth_tests::{
-    fixture::{CLIENT, Fixture, HOST, VIP, backend, flow_key, ifindex, in_fixture_netns, options, svc},
+    fixture::{
+        CLIENT, Fixture, HOST, VIP, backend, flow_key, ifindex, in_fixture_netns, options, svc,
+    },
     wire::{Ipv4Packet, TCP_ACK, TCP_SYN},
 };
 use lb_common::{CtEntry, IPPROTO_TCP, Reason, ct, ipv4_to_wire, port_to_wire};
@@ -129,17 +131,39 @@ fn main() {
         let mut rows = Vec::new();
         // Replies to the VIP side of the alternating set-ups need a route too.
         let out = std::process::Command::new("ip")
-            .args(["route", "add", "10.99.0.0/24", "via", &backend(1).to_string(), "dev", "fx0"])
+            .args([
+                "route",
+                "add",
+                "10.99.0.0/24",
+                "via",
+                &backend(1).to_string(),
+                "dev",
+                "fx0",
+            ])
             .output()
             .expect("ip route");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let redirect = !a.no_redirect;
         let client = SocketAddrV4::new(CLIENT, 40000);
         let vip = SocketAddrV4::new(VIP, 80);
         let be = SocketAddrV4::new(backend(1), 8000);
         let services = vec![
-            svc("vip", "10.99.0.1:80", Protocol::Tcp, &[(backend(1), 8000, 1), (backend(2), 8000, 1)]),
-            svc("any", "0.0.0.0:8080", Protocol::Tcp, &[(backend(1), 8000, 1)]),
+            svc(
+                "vip",
+                "10.99.0.1:80",
+                Protocol::Tcp,
+                &[(backend(1), 8000, 1), (backend(2), 8000, 1)],
+            ),
+            svc(
+                "any",
+                "0.0.0.0:8080",
+                Protocol::Tcp,
+                &[(backend(1), 8000, 1)],
+            ),
         ];
 
         // Floor and non-service packet.
@@ -166,14 +190,28 @@ fn main() {
 
         // Established hit.
         {
-            let mut f = Fixture::new(DataplaneOptions { redirect, ..options() }, services.clone());
+            let mut f = Fixture::new(
+                DataplaneOptions {
+                    redirect,
+                    ..options()
+                },
+                services.clone(),
+            );
             let now = monotonic_ns();
             let dp = f.rec.dataplane_mut();
-            dp.conntrack_insert(flow_key(client, vip, IPPROTO_TCP), entry(ct::DIR_FORWARD, be, now))
-                .unwrap();
-            dp.conntrack_insert(flow_key(client, be, IPPROTO_TCP), entry(ct::DIR_FORWARD, vip, now))
-                .unwrap();
-            let pkt = Ipv4Packet::tcp(client, vip, TCP_ACK).with_payload(&[0u8; 64]).build();
+            dp.conntrack_insert(
+                flow_key(client, vip, IPPROTO_TCP),
+                entry(ct::DIR_FORWARD, be, now),
+            )
+            .unwrap();
+            dp.conntrack_insert(
+                flow_key(client, be, IPPROTO_TCP),
+                entry(ct::DIR_FORWARD, vip, now),
+            )
+            .unwrap();
+            let pkt = Ipv4Packet::tcp(client, vip, TCP_ACK)
+                .with_payload(&[0u8; 64])
+                .build();
             let ns = measure(f.dp().program(), &pkt, &a);
             let hits = reason(&f, Reason::FwdRedirect);
             rows.push(Row {
@@ -186,14 +224,28 @@ fn main() {
 
         // Reply.
         {
-            let mut f = Fixture::new(DataplaneOptions { redirect, ..options() }, services.clone());
+            let mut f = Fixture::new(
+                DataplaneOptions {
+                    redirect,
+                    ..options()
+                },
+                services.clone(),
+            );
             let now = monotonic_ns();
             let dp = f.rec.dataplane_mut();
-            dp.conntrack_insert(flow_key(be, client, IPPROTO_TCP), entry(ct::DIR_REPLY, vip, now))
-                .unwrap();
-            dp.conntrack_insert(flow_key(vip, client, IPPROTO_TCP), entry(ct::DIR_REPLY, be, now))
-                .unwrap();
-            let pkt = Ipv4Packet::tcp(be, client, TCP_ACK).with_payload(&[0u8; 64]).build();
+            dp.conntrack_insert(
+                flow_key(be, client, IPPROTO_TCP),
+                entry(ct::DIR_REPLY, vip, now),
+            )
+            .unwrap();
+            dp.conntrack_insert(
+                flow_key(vip, client, IPPROTO_TCP),
+                entry(ct::DIR_REPLY, be, now),
+            )
+            .unwrap();
+            let pkt = Ipv4Packet::tcp(be, client, TCP_ACK)
+                .with_payload(&[0u8; 64])
+                .build();
             let ns = measure(f.dp().program(), &pkt, &a);
             let hits = reason(&f, Reason::ReplyRedirect);
             rows.push(Row {
@@ -216,23 +268,45 @@ fn main() {
             };
             let addr = |i: u32| {
                 let i = i % ring;
-                SocketAddrV4::new(Ipv4Addr::new(10, 100, (i / 256) as u8, (i % 256) as u8), 80 + (i % 2) as u16)
+                SocketAddrV4::new(
+                    Ipv4Addr::new(10, 100, (i / 256) as u8, (i % 256) as u8),
+                    80 + (i % 2) as u16,
+                )
             };
             let ring_services: Vec<_> = (0..ring)
                 .map(|i| {
                     let next = addr(i + 1);
-                    svc(&format!("r{i}"), &addr(i).to_string(), Protocol::Tcp, &[(*next.ip(), next.port(), 1)])
+                    svc(
+                        &format!("r{i}"),
+                        &addr(i).to_string(),
+                        Protocol::Tcp,
+                        &[(*next.ip(), next.port(), 1)],
+                    )
                 })
                 .collect();
             let out = std::process::Command::new("ip")
-                .args(["route", "add", "10.100.0.0/16", "via", &backend(1).to_string(), "dev", "fx0"])
+                .args([
+                    "route",
+                    "add",
+                    "10.100.0.0/16",
+                    "via",
+                    &backend(1).to_string(),
+                    "dev",
+                    "fx0",
+                ])
                 .output()
                 .expect("ip route");
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             let f = Fixture::new(o, ring_services);
             let pkt = Ipv4Packet::tcp(client, addr(0), TCP_SYN).build();
             let ns = measure(f.dp().program(), &pkt, &a);
-            let new_flows: u64 = (0..ring).map(|i| f.dp().service_counters(i).unwrap().new_flows).sum();
+            let new_flows: u64 = (0..ring)
+                .map(|i| f.dp().service_counters(i).unwrap().new_flows)
+                .sum();
             let redirected = reason(&f, Reason::FwdRedirect);
             let failed = reason(&f, Reason::EventCtInsertFailed);
             rows.push(Row {
@@ -247,7 +321,10 @@ fn main() {
 
     // Maglev build time (userspace).
     let members: Vec<maglev::Member> = (0..1000u64)
-        .map(|i| maglev::Member { id: (0x0a00_0000 + i) << 16 | 8000, weight: 1 })
+        .map(|i| maglev::Member {
+            id: (0x0a00_0000 + i) << 16 | 8000,
+            weight: 1,
+        })
         .collect();
     let mut times: Vec<f64> = (0..5)
         .map(|_| {
@@ -272,7 +349,14 @@ fn main() {
         let target = r.target.map_or("-".to_string(), |t| {
             format!("< {t:.0} ({})", if r.ns < t { "met" } else { "MISSED" })
         });
-        println!("| {} | {:.1} | {:.1} | {} | {} |", r.path, r.ns, r.ns - floor, target, r.check);
+        println!(
+            "| {} | {:.1} | {:.1} | {} | {} |",
+            r.path,
+            r.ns,
+            r.ns - floor,
+            target,
+            r.check
+        );
     }
     println!();
     println!("maglev table build, M=65537, 1000 backends: {maglev_ms:.1} ms (median of 5)");
@@ -295,7 +379,9 @@ fn main() {
         json_rows.join(",")
     );
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-    if std::fs::create_dir_all(&dir).is_ok() && std::fs::write(dir.join("dataplane.json"), &json).is_ok() {
+    if std::fs::create_dir_all(&dir).is_ok()
+        && std::fs::write(dir.join("dataplane.json"), &json).is_ok()
+    {
         println!("written: target/bench/dataplane.json");
     }
 }
