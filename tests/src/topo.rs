@@ -1,0 +1,420 @@
+//! End-to-end test topologies: network namespaces joined by veth pairs (and bridges), real TCP
+//! and UDP servers inside them, and the real `berth` daemon running in the namespace that plays
+//! the host. Everything is removed on drop, including after a panic; leftovers of a crashed run
+//! (same name prefix) are removed before a topology is built.
+//!
+//! Traffic only ever goes between namespaces created here.
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd as _,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+/// Prefix of every namespace and interface the e2e tests create.
+pub const PREFIX: &str = "bte";
+
+/// Runs a command, panicking with its stderr on failure.
+pub fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("running {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn sh_quiet(args: &[&str]) {
+    let _ = Command::new(args[0])
+        .args(&args[1..])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Removes namespaces and root-namespace links left by a crashed run.
+pub fn remove_leftovers() {
+    let list = sh("ip netns list".split(' ').collect::<Vec<_>>().as_slice());
+    for line in list.lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        if name.starts_with(PREFIX) {
+            kill_all_in(name);
+            sh_quiet(&["ip", "netns", "del", name]);
+        }
+    }
+    let links = sh(&["ip", "-o", "link", "show"]);
+    for line in links.lines() {
+        if let Some(name) = line
+            .split(": ")
+            .nth(1)
+            .map(|n| n.split('@').next().unwrap_or(n))
+        {
+            if name.starts_with(PREFIX) {
+                sh_quiet(&["ip", "link", "del", name]);
+            }
+        }
+    }
+}
+
+fn kill_all_in(ns: &str) {
+    if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            sh_quiet(&["kill", "-9", pid]);
+        }
+    }
+}
+
+/// A network namespace, deleted (after killing what runs in it) on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(short: &str) -> Self {
+        let name = format!("{PREFIX}-{short}");
+        sh_quiet(&["ip", "netns", "del", &name]);
+        sh(&["ip", "netns", "add", &name]);
+        let ns = Self { name };
+        ns.exec(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Runs a command inside the namespace.
+    pub fn exec(&self, args: &[&str]) -> String {
+        let mut full = vec!["ip", "netns", "exec", &self.name];
+        full.extend_from_slice(args);
+        sh(&full)
+    }
+
+    /// Runs `f` on a thread that has entered this namespace (sockets it creates live here).
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = PathBuf::from("/run/netns").join(&self.name);
+        std::thread::spawn(move || {
+            enter(&path);
+            f()
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        kill_all_in(&self.name);
+        sh_quiet(&["ip", "netns", "del", &self.name]);
+    }
+}
+
+fn enter(path: &PathBuf) {
+    let f = std::fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    // SAFETY: setns on a valid namespace fd affects only the calling thread.
+    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(
+        rc,
+        0,
+        "setns {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Creates a veth pair directly inside two namespaces (the root namespace never holds a test
+/// interface), both ends up.
+pub fn veth(a_ns: &Netns, a: &str, b_ns: &Netns, b: &str) {
+    sh(&[
+        "ip", "link", "add", a, "netns", &a_ns.name, "type", "veth", "peer", "name", b, "netns",
+        &b_ns.name,
+    ]);
+    a_ns.exec(&["ip", "link", "set", a, "up"]);
+    b_ns.exec(&["ip", "link", "set", b, "up"]);
+}
+
+/// TCP and UDP servers answering `Hello from {name}: {request}` on one address, stopped on drop.
+pub struct Servers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Servers {
+    pub fn start(ns: &Netns, name: &str, addr: SocketAddrV4, udp: bool) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let path = PathBuf::from("/run/netns").join(&ns.name);
+        let mut threads = Vec::new();
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let (stop, name, path, tx) = (stop.clone(), name.to_owned(), path.clone(), tx.clone());
+            threads.push(std::thread::spawn(move || {
+                enter(&path);
+                let l = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+                l.set_nonblocking(true).expect("nonblocking");
+                tx.send(()).expect("ready");
+                while !stop.load(Ordering::Relaxed) {
+                    match l.accept() {
+                        Ok((s, _)) => {
+                            let name = name.clone();
+                            std::thread::spawn(move || serve_tcp(s, &name));
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(2));
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                    }
+                }
+            }));
+        }
+        if udp {
+            let (stop, name, tx) = (stop.clone(), name.to_owned(), tx.clone());
+            threads.push(std::thread::spawn(move || {
+                enter(&path);
+                let s = UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind udp {addr}: {e}"));
+                s.set_read_timeout(Some(Duration::from_millis(20)))
+                    .expect("timeout");
+                tx.send(()).expect("ready");
+                let mut buf = [0u8; 2048];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((n, from)) = s.recv_from(&mut buf) {
+                        let mut reply = format!("Hello from {name}: ").into_bytes();
+                        reply.extend_from_slice(&buf[..n]);
+                        let _ = s.send_to(&reply, from);
+                    }
+                }
+            }));
+        }
+        for _ in 0..threads.len() {
+            rx.recv_timeout(Duration::from_secs(5))
+                .expect("server ready");
+        }
+        Self { stop, threads }
+    }
+}
+
+/// Answers each line with `Hello from {name}: {line}`; the line `peer?` is answered with the
+/// address the connection came from (to check what the backend sees).
+fn serve_tcp(s: TcpStream, name: &str) {
+    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+    let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let mut w = match s.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match r.read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                let answer = if line.trim_end() == "peer?" {
+                    format!("Hello from {name}: peer {peer}\n")
+                } else {
+                    format!("Hello from {name}: {line}")
+                };
+                if w.write_all(answer.as_bytes()).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One TCP connection, one line, one answer line (runs in the calling thread's namespace).
+pub fn tcp_request(addr: SocketAddrV4, line: &str) -> Result<String, String> {
+    let mut s = TcpStream::connect_timeout(&SocketAddr::V4(addr), Duration::from_secs(2))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(format!("{line}\n").as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
+    let mut r = BufReader::new(s);
+    let mut out = String::new();
+    r.read_line(&mut out)
+        .map_err(|e| format!("read from {addr}: {e}"))?;
+    Ok(out.trim_end().to_owned())
+}
+
+/// A long-lived TCP connection (in the calling thread's namespace).
+pub struct Session {
+    w: TcpStream,
+    r: BufReader<TcpStream>,
+}
+
+impl Session {
+    pub fn connect(addr: SocketAddrV4) -> Result<Self, String> {
+        let s = TcpStream::connect_timeout(&SocketAddr::V4(addr), Duration::from_secs(2))
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))
+            .map_err(|e| e.to_string())?;
+        let w = s.try_clone().map_err(|e| e.to_string())?;
+        Ok(Self {
+            w,
+            r: BufReader::new(s),
+        })
+    }
+
+    pub fn request(&mut self, line: &str) -> Result<String, String> {
+        self.w
+            .write_all(format!("{line}\n").as_bytes())
+            .map_err(|e| format!("write: {e}"))?;
+        let mut out = String::new();
+        match self.r.read_line(&mut out) {
+            Ok(0) => Err("connection closed".into()),
+            Ok(_) => Ok(out.trim_end().to_owned()),
+            Err(e) => Err(format!("read: {e}")),
+        }
+    }
+}
+
+/// One datagram over a *connected* UDP socket: the kernel drops any answer whose source is not
+/// `addr`, so an answer proves the reply was translated back to the service address.
+pub fn udp_request(addr: SocketAddrV4, payload: &str) -> Result<String, String> {
+    let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+    s.connect(addr).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(1)))
+        .map_err(|e| e.to_string())?;
+    s.send(payload.as_bytes())
+        .map_err(|e| format!("send: {e}"))?;
+    let mut buf = [0u8; 2048];
+    let n = s
+        .recv(&mut buf)
+        .map_err(|e| format!("recv from {addr}: {e}"))?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// The backend name in an answer `Hello from NAME: ...`.
+pub fn responder(answer: &str) -> Option<&str> {
+    answer.strip_prefix("Hello from ")?.split(':').next()
+}
+
+/// The berth daemon running in a namespace; SIGTERMed (then killed) on drop, its log printed if
+/// the test is failing.
+pub struct Berth {
+    child: Option<Child>,
+    pub log: PathBuf,
+    pub config: PathBuf,
+}
+
+pub fn berth_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("BERTH_BIN") {
+        return p.into();
+    }
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/berth");
+    assert!(
+        p.exists(),
+        "berth not built: run `cargo build -p lb-userspace` or `cargo xtask test`"
+    );
+    p
+}
+
+impl Berth {
+    pub fn start(ns: &Netns, config: &str, ifaces: &[&str]) -> Self {
+        let dir = std::env::temp_dir().join(format!("berth-e2e-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let config_path = dir.join(format!("{}.toml", ns.name));
+        std::fs::write(&config_path, config).expect("write config");
+        let log = dir.join(format!("{}.log", ns.name));
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &ns.name])
+            .arg(berth_bin())
+            .arg("run")
+            .arg("--config")
+            .arg(&config_path);
+        for i in ifaces {
+            cmd.args(["--iface", i]);
+        }
+        let child = cmd
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn berth");
+        let b = Self {
+            child: Some(child),
+            log,
+            config: config_path,
+        };
+        b.wait_for("berth ready", 1);
+        b
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle` at least `times` times.
+    pub fn wait_for(&self, needle: &str, times: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.log_text().matches(needle).count() < times {
+            assert!(
+                Instant::now() < deadline,
+                "berth never logged {needle:?}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    /// Rewrites the config file and sends SIGHUP; waits for the reload to be applied.
+    pub fn reload(&self, config: &str) {
+        let before = self.log_text().matches("config reloaded").count();
+        std::fs::write(&self.config, config).expect("write config");
+        // SAFETY: plain signal to our own child.
+        unsafe { libc::kill(self.pid(), libc::SIGHUP) };
+        self.wait_for("config reloaded", before + 1);
+    }
+
+    /// SIGTERM and wait; returns the exit status and how long it took.
+    pub fn stop(&mut self) -> (std::process::ExitStatus, Duration) {
+        let mut child = self.child.take().expect("running");
+        let t = Instant::now();
+        // SAFETY: plain signal to our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        loop {
+            if let Some(st) = child.try_wait().expect("wait") {
+                return (st, t.elapsed());
+            }
+            if t.elapsed() > Duration::from_secs(10) {
+                let _ = child.kill();
+                return (child.wait().expect("wait"), t.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Berth {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.stop();
+        }
+        if std::thread::panicking() {
+            let mut s = String::new();
+            let _ = std::fs::File::open(&self.log).and_then(|mut f| f.read_to_string(&mut s));
+            eprintln!("---- berth log ----\n{s}-------------------");
+        }
+    }
+}

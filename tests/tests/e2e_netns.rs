@@ -1,0 +1,427 @@
+//! End to end: the real `berth` daemon in a namespace playing the host, real TCP/UDP servers in
+//! backend namespaces, real connections from a client namespace, in two topologies:
+//!
+//! - one-armed ("same network"): client, host and backends on one switch (a bridge in its own
+//!   namespace); the host has a single interface, packets leave the way they came;
+//! - bridged ("Docker-like"): backends behind a bridge on the host, with Docker's iptables rules
+//!   (FORWARD policy DROP, MASQUERADE of the bridge's subnet); berth attached to the uplink and
+//!   to the bridge.
+
+use std::{collections::BTreeMap, net::SocketAddrV4, time::Duration};
+
+use berth_tests::topo::{
+    Berth, Netns, Servers, Session, remove_leftovers, responder, tcp_request, udp_request, veth,
+};
+
+fn sa(s: &str) -> SocketAddrV4 {
+    s.parse().expect("socket address")
+}
+
+struct Topo {
+    // Drop order: servers and berth (held by tests) first, then namespaces.
+    _servers: Vec<Servers>,
+    lb: Netns,
+    client: Netns,
+    _backends: Vec<Netns>,
+    _switch: Option<Netns>,
+}
+
+/// Client 10.10.0.2, host 10.10.0.1 + 10.20.0.1 on one interface `eth0`, backends
+/// 10.20.0.11-13 (names b1-b3) serving TCP+UDP on :8000, all on one switch.
+fn one_armed() -> Topo {
+    remove_leftovers();
+    let sw = Netns::new("sw");
+    let lb = Netns::new("lb");
+    let client = Netns::new("cl");
+    sw.exec(&["ip", "link", "add", "sw0", "type", "bridge"]);
+    sw.exec(&["ip", "link", "set", "sw0", "up"]);
+    veth(&lb, "eth0", &sw, "p-lb");
+    veth(&client, "eth0", &sw, "p-cl");
+    for p in ["p-lb", "p-cl"] {
+        sw.exec(&["ip", "link", "set", p, "master", "sw0"]);
+    }
+    lb.exec(&["ip", "addr", "add", "10.10.0.1/24", "dev", "eth0"]);
+    lb.exec(&["ip", "addr", "add", "10.20.0.1/24", "dev", "eth0"]);
+    lb.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    client.exec(&["ip", "addr", "add", "10.10.0.2/24", "dev", "eth0"]);
+    client.exec(&["ip", "route", "add", "default", "via", "10.10.0.1"]);
+    let mut servers = Vec::new();
+    let mut backends = Vec::new();
+    for n in 1..=3 {
+        let b = Netns::new(&format!("b{n}"));
+        veth(&b, "eth0", &sw, &format!("p-b{n}"));
+        sw.exec(&["ip", "link", "set", &format!("p-b{n}"), "master", "sw0"]);
+        b.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("10.20.0.1{n}/24"),
+            "dev",
+            "eth0",
+        ]);
+        b.exec(&["ip", "route", "add", "default", "via", "10.20.0.1"]);
+        servers.push(Servers::start(
+            &b,
+            &format!("b{n}"),
+            sa(&format!("10.20.0.1{n}:8000")),
+            true,
+        ));
+        backends.push(b);
+    }
+    // "ssh-like" non-service servers on the host and on b1.
+    servers.push(Servers::start(&lb, "lb-ssh", sa("10.10.0.1:2222"), false));
+    servers.push(Servers::start(
+        &backends[0],
+        "b1-ssh",
+        sa("10.20.0.11:2222"),
+        false,
+    ));
+    Topo {
+        _servers: servers,
+        lb,
+        client,
+        _backends: backends,
+        _switch: Some(sw),
+    }
+}
+
+/// Client 10.30.0.2 -- eth0 10.30.0.1 [host] br0 172.18.0.1/16 -- backends 172.18.0.11-13,
+/// with Docker's iptables rules on the host.
+fn bridged() -> Topo {
+    remove_leftovers();
+    let lb = Netns::new("lb");
+    let client = Netns::new("cl");
+    veth(&lb, "eth0", &client, "eth0");
+    lb.exec(&["ip", "addr", "add", "10.30.0.1/24", "dev", "eth0"]);
+    client.exec(&["ip", "addr", "add", "10.30.0.2/24", "dev", "eth0"]);
+    client.exec(&["ip", "route", "add", "default", "via", "10.30.0.1"]);
+    lb.exec(&["ip", "link", "add", "br0", "type", "bridge"]);
+    lb.exec(&["ip", "addr", "add", "172.18.0.1/16", "dev", "br0"]);
+    lb.exec(&["ip", "link", "set", "br0", "up"]);
+    lb.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    for rule in [
+        "-P FORWARD DROP",
+        "-A FORWARD -o br0 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+        "-A FORWARD -i br0 ! -o br0 -j ACCEPT",
+        "-A FORWARD -i br0 -o br0 -j ACCEPT",
+        "-t nat -A POSTROUTING -s 172.18.0.0/16 ! -o br0 -j MASQUERADE",
+    ] {
+        let mut args = vec!["iptables"];
+        args.extend(rule.split(' '));
+        lb.exec(&args);
+    }
+    let mut servers = Vec::new();
+    let mut backends = Vec::new();
+    for n in 1..=3 {
+        let b = Netns::new(&format!("b{n}"));
+        veth(&b, "eth0", &lb, &format!("veth-b{n}"));
+        lb.exec(&["ip", "link", "set", &format!("veth-b{n}"), "master", "br0"]);
+        b.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("172.18.0.1{n}/16"),
+            "dev",
+            "eth0",
+        ]);
+        b.exec(&["ip", "route", "add", "default", "via", "172.18.0.1"]);
+        servers.push(Servers::start(
+            &b,
+            &format!("b{n}"),
+            sa(&format!("172.18.0.1{n}:8000")),
+            true,
+        ));
+        backends.push(b);
+    }
+    Topo {
+        _servers: servers,
+        lb,
+        client,
+        _backends: backends,
+        _switch: None,
+    }
+}
+
+/// Sends `n` one-request TCP connections from the client namespace; returns answers per backend
+/// and checks every answer is exactly `Hello from <backend>: <line sent>`.
+fn spread_tcp(client: &Netns, to: SocketAddrV4, n: usize) -> BTreeMap<String, usize> {
+    client.run(move || {
+        let mut counts = BTreeMap::new();
+        for i in 0..n {
+            let line = format!("req-{i}");
+            let answer =
+                tcp_request(to, &line).unwrap_or_else(|e| panic!("request {i} to {to}: {e}"));
+            let who = responder(&answer)
+                .unwrap_or_else(|| panic!("bad answer {answer:?}"))
+                .to_owned();
+            assert_eq!(answer, format!("Hello from {who}: {line}"), "request {i}");
+            *counts.entry(who).or_insert(0) += 1;
+        }
+        counts
+    })
+}
+
+fn spread_udp(client: &Netns, to: SocketAddrV4, n: usize) -> BTreeMap<String, usize> {
+    client.run(move || {
+        let mut counts = BTreeMap::new();
+        for i in 0..n {
+            let payload = format!("dgram-{i}");
+            let answer =
+                udp_request(to, &payload).unwrap_or_else(|e| panic!("datagram {i} to {to}: {e}"));
+            let who = responder(&answer)
+                .unwrap_or_else(|| panic!("bad answer {answer:?}"))
+                .to_owned();
+            assert_eq!(
+                answer,
+                format!("Hello from {who}: {payload}"),
+                "datagram {i}"
+            );
+            *counts.entry(who).or_insert(0) += 1;
+        }
+        counts
+    })
+}
+
+/// Checks each backend's share against its weight within `tol` (absolute).
+fn assert_shares(what: &str, counts: &BTreeMap<String, usize>, weights: &[(&str, u32)], tol: f64) {
+    let total: usize = counts.values().sum();
+    let wsum: u32 = weights.iter().map(|(_, w)| w).sum();
+    println!("{what}: {total} answers: {counts:?} (weights {weights:?}, tolerance {tol})");
+    for (name, w) in weights {
+        let got = *counts.get(*name).unwrap_or(&0) as f64 / total as f64;
+        let want = f64::from(*w) / f64::from(wsum);
+        assert!(
+            (got - want).abs() <= tol,
+            "{what}: {name} share {got:.3}, expected {want:.3} +- {tol}"
+        );
+    }
+    assert!(
+        counts.keys().all(|k| weights.iter().any(|(n, _)| n == k)),
+        "unexpected responder: {counts:?}"
+    );
+}
+
+const ONE_ARMED_CONFIG: &str = r#"
+[dataplane]
+maglev_table_size = 65537
+[[service]]
+name = "web"
+listen = "0.0.0.0:8080"
+backends = [
+  { address = "10.20.0.11:8000", weight = 1 },
+  { address = "10.20.0.12:8000", weight = 2 },
+  { address = "10.20.0.13:8000", weight = 3 },
+]
+[[service]]
+name = "vip"
+listen = "10.99.0.1:80"
+backends = ["10.20.0.11:8000", "10.20.0.12:8000", "10.20.0.13:8000"]
+[[service]]
+name = "udp"
+listen = "0.0.0.0:8080"
+protocol = "udp"
+backends = ["10.20.0.11:8000", "10.20.0.12:8000", "10.20.0.13:8000"]
+"#;
+
+#[test]
+fn one_armed_tcp_follows_weights_and_every_answer_is_right() {
+    let t = one_armed();
+    let _berth = Berth::start(&t.lb, ONE_ARMED_CONFIG, &["eth0"]);
+    let counts = spread_tcp(&t.client, sa("10.10.0.1:8080"), 1000);
+    assert_shares(
+        "one-armed tcp 1:2:3",
+        &counts,
+        &[("b1", 1), ("b2", 2), ("b3", 3)],
+        0.07,
+    );
+}
+
+#[test]
+fn one_armed_udp_and_vip_services() {
+    let t = one_armed();
+    let _berth = Berth::start(&t.lb, ONE_ARMED_CONFIG, &["eth0"]);
+    let counts = spread_udp(&t.client, sa("10.10.0.1:8080"), 600);
+    assert_shares(
+        "one-armed udp",
+        &counts,
+        &[("b1", 1), ("b2", 1), ("b3", 1)],
+        0.08,
+    );
+    let counts = spread_tcp(&t.client, sa("10.99.0.1:80"), 100);
+    assert_shares(
+        "one-armed vip",
+        &counts,
+        &[("b1", 1), ("b2", 1), ("b3", 1)],
+        0.15,
+    );
+}
+
+#[test]
+fn one_armed_non_service_traffic_is_unaffected() {
+    let t = one_armed();
+    let _berth = Berth::start(&t.lb, ONE_ARMED_CONFIG, &["eth0"]);
+    t.client.run(|| {
+        for i in 0..20 {
+            assert_eq!(
+                tcp_request(sa("10.10.0.1:2222"), &format!("s{i}")).unwrap(),
+                format!("Hello from lb-ssh: s{i}")
+            );
+            // Routed through the host to b1's own port: not a service, forwarded by the kernel.
+            assert_eq!(
+                tcp_request(sa("10.20.0.11:2222"), &format!("t{i}")).unwrap(),
+                format!("Hello from b1-ssh: t{i}")
+            );
+            // A backend reached directly on its service port is not translated either.
+            assert_eq!(
+                tcp_request(sa("10.20.0.12:8000"), "direct").unwrap(),
+                "Hello from b2: direct"
+            );
+        }
+    });
+}
+
+#[test]
+fn removing_a_backend_keeps_established_flows_and_steers_new_ones_away() {
+    let t = one_armed();
+    let berth = Berth::start(&t.lb, ONE_ARMED_CONFIG, &["eth0"]);
+    let (tx_go, rx_go) = std::sync::mpsc::channel::<()>();
+    let (tx_first, rx_first) = std::sync::mpsc::channel::<Vec<String>>();
+    let (tx_after, rx_after) = std::sync::mpsc::channel::<Vec<String>>();
+    // Sessions live on one client thread across the reload.
+    std::thread::scope(|scope| {
+        let handle = scope.spawn(|| {
+            t.client.run(move || {
+                let mut sessions: Vec<Session> = (0..30)
+                    .map(|_| Session::connect(sa("10.10.0.1:8080")).expect("connect"))
+                    .collect();
+                let first: Vec<String> = sessions
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(i, s)| {
+                        responder(&s.request(&format!("a{i}")).expect("first"))
+                            .unwrap()
+                            .to_owned()
+                    })
+                    .collect();
+                tx_first.send(first).unwrap();
+                rx_go.recv().unwrap();
+                let after: Vec<String> = sessions
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(i, s)| {
+                        let a = s
+                            .request(&format!("b{i}"))
+                            .unwrap_or_else(|e| panic!("session {i} after removal: {e}"));
+                        responder(&a).unwrap().to_owned()
+                    })
+                    .collect();
+                tx_after.send(after).unwrap();
+            })
+        });
+        let first = rx_first
+            .recv_timeout(Duration::from_secs(30))
+            .expect("sessions opened");
+        let on_b3 = first.iter().filter(|b| *b == "b3").count();
+        println!("30 sessions before removal: {on_b3} on b3");
+        assert!(
+            on_b3 > 0,
+            "with weight 3 of 6, some sessions must land on b3"
+        );
+        berth.reload(
+            &ONE_ARMED_CONFIG.replace("  { address = \"10.20.0.13:8000\", weight = 3 },\n", ""),
+        );
+        tx_go.send(()).unwrap();
+        let after = rx_after
+            .recv_timeout(Duration::from_secs(30))
+            .expect("sessions answered");
+        assert_eq!(
+            first, after,
+            "every established session stays on its backend (b3's included)"
+        );
+        handle.join().expect("client thread");
+    });
+    let counts = spread_tcp(&t.client, sa("10.10.0.1:8080"), 300);
+    assert!(
+        !counts.contains_key("b3"),
+        "new connections reached the removed backend: {counts:?}"
+    );
+    assert_shares("after removing b3", &counts, &[("b1", 1), ("b2", 2)], 0.1);
+}
+
+const BRIDGED_CONFIG: &str = r#"
+[[service]]
+name = "web"
+listen = "0.0.0.0:8080"
+backends = ["172.18.0.11:8000", "172.18.0.12:8000", "172.18.0.13:8000"]
+[[service]]
+name = "udp"
+listen = "0.0.0.0:8080"
+protocol = "udp"
+backends = ["172.18.0.11:8000", "172.18.0.12:8000", "172.18.0.13:8000"]
+"#;
+
+#[test]
+fn bridged_docker_like_host_balances_through_forward_drop() {
+    let t = bridged();
+    // Without berth, Docker's FORWARD DROP really blocks the client from the backends.
+    let blocked = t
+        .client
+        .run(|| tcp_request(sa("172.18.0.11:8000"), "direct"));
+    assert!(blocked.is_err(), "FORWARD DROP not in force: {blocked:?}");
+    let _berth = Berth::start(&t.lb, BRIDGED_CONFIG, &["eth0", "br0"]);
+    let counts = spread_tcp(&t.client, sa("10.30.0.1:8080"), 1000);
+    assert_shares(
+        "bridged tcp equal",
+        &counts,
+        &[("b1", 1), ("b2", 1), ("b3", 1)],
+        0.07,
+    );
+    let counts = spread_udp(&t.client, sa("10.30.0.1:8080"), 600);
+    assert_shares(
+        "bridged udp",
+        &counts,
+        &[("b1", 1), ("b2", 1), ("b3", 1)],
+        0.08,
+    );
+    // Backends see the client's own address (DNAT only: nothing masquerades the way in), while
+    // the client only ever sees the service address (its connected sockets prove that).
+    let peer = t
+        .client
+        .run(|| tcp_request(sa("10.30.0.1:8080"), "peer?").unwrap());
+    assert!(peer.contains(": peer 10.30.0.2:"), "{peer}");
+}
+
+#[test]
+fn sigterm_detaches_and_a_new_berth_can_attach() {
+    let t = bridged();
+    let mut berth = Berth::start(&t.lb, BRIDGED_CONFIG, &["eth0", "br0"]);
+    assert_eq!(
+        spread_tcp(&t.client, sa("10.30.0.1:8080"), 30)
+            .values()
+            .sum::<usize>(),
+        30
+    );
+    let (status, took) = berth.stop();
+    println!("berth stopped with {status} in {took:?}");
+    assert!(status.success(), "{status}: {}", berth.log_text());
+    assert!(took < Duration::from_secs(5));
+    assert!(
+        berth
+            .log_text()
+            .contains("berth stopped: detached from eth0, br0")
+    );
+    // Detached: the service port is no longer balanced (nothing listens on the host itself) ...
+    let after = t.client.run(|| tcp_request(sa("10.30.0.1:8080"), "x"));
+    assert!(
+        after.is_err(),
+        "still answered after berth stopped: {after:?}"
+    );
+    // ... and a new berth can attach to the same interfaces (none of ours is left there).
+    let _again = Berth::start(&t.lb, BRIDGED_CONFIG, &["eth0", "br0"]);
+    assert_eq!(
+        spread_tcp(&t.client, sa("10.30.0.1:8080"), 30)
+            .values()
+            .sum::<usize>(),
+        30
+    );
+}
