@@ -229,14 +229,20 @@ pub const fn port_from_wire(port: u16) -> u16 {
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY (for every impl below): each type is `#[repr(C)]`, `Copy`, made only of integers
-    // with explicit padding fields, and its size is asserted at compile time, so any bit pattern
-    // is valid and no byte is uninitialised.
-    unsafe impl aya::Pod for super::DpConfig {}
-    unsafe impl aya::Pod for super::ServiceKey {}
-    unsafe impl aya::Pod for super::ServiceValue {}
-    unsafe impl aya::Pod for super::Backend {}
-    unsafe impl aya::Pod for super::FlowKey {}
-    unsafe impl aya::Pod for super::CtEntry {}
-    unsafe impl aya::Pod for super::Counters {}
+    macro_rules! pod {
+        ($($t:ty),*) => {$(
+            // SAFETY: `#[repr(C)]`, `Copy`, integers only with explicit padding fields, and the
+            // size is asserted at compile time: every bit pattern is valid, no byte uninitialised.
+            unsafe impl aya::Pod for $t {}
+        )*};
+    }
+    pod!(
+        super::DpConfig,
+        super::ServiceKey,
+        super::ServiceValue,
+        super::Backend,
+        super::FlowKey,
+        super::CtEntry,
+        super::Counters
+    );
 }

@@ -242,13 +242,13 @@ impl Dataplane {
         if tcx {
             // Kernel program names keep 15 characters.
             let prefix = &PROG_TC_INGRESS.as_bytes()[..15];
-            if let Ok((_, progs)) = SchedClassifier::query_tcx(&name, TcAttachType::Ingress) {
-                if let Some(p) = progs.iter().find(|p| p.name().starts_with(prefix)) {
-                    return Err(DataplaneError::AlreadyAttached {
-                        iface: iface.to_owned(),
-                        prog_id: p.id(),
-                    });
-                }
+            if let Ok((_, progs)) = SchedClassifier::query_tcx(&name, TcAttachType::Ingress)
+                && let Some(p) = progs.iter().find(|p| p.name().starts_with(prefix))
+            {
+                return Err(DataplaneError::AlreadyAttached {
+                    iface: iface.to_owned(),
+                    prog_id: p.id(),
+                });
             }
         } else {
             // Older kernels attach through a clsact qdisc; it may already exist.

@@ -63,7 +63,7 @@ pub enum ReconcileError {
     Map {
         service: String,
         #[source]
-        source: DataplaneError,
+        source: Box<DataplaneError>,
     },
 }
 
@@ -191,7 +191,7 @@ impl Reconciler {
     fn remove_service(&mut self, name: &str) -> Result<usize, ReconcileError> {
         let map_err = |source| ReconcileError::Map {
             service: name.to_owned(),
-            source,
+            source: Box::new(source),
         };
         let mut writes = 0;
         let a = self.services.get_mut(name).expect("caller found it");
@@ -224,7 +224,7 @@ impl Reconciler {
     fn apply_service(&mut self, svc: &Service) -> Result<usize, ReconcileError> {
         let map_err = |source| ReconcileError::Map {
             service: svc.name.clone(),
-            source,
+            source: Box::new(source),
         };
         let m = self.dp.options().maglev_size;
         let mut writes = 0;

@@ -60,10 +60,9 @@ pub fn remove_leftovers() {
             .split(": ")
             .nth(1)
             .map(|n| n.split('@').next().unwrap_or(n))
+            && name.starts_with(PREFIX)
         {
-            if name.starts_with(PREFIX) {
-                sh_quiet(&["ip", "link", "del", name]);
-            }
+            sh_quiet(&["ip", "link", "del", name]);
         }
     }
 }

@@ -15,11 +15,11 @@ pub const TCP_ACK: u8 = 0x10;
 
 /// The one's-complement sum of 16-bit big-endian words (odd length padded with zero).
 fn sum16(data: &[u8], mut acc: u32) -> u32 {
-    let mut chunks = data.chunks_exact(2);
-    for c in &mut chunks {
-        acc += u32::from(u16::from_be_bytes([c[0], c[1]]));
+    let (words, rest) = data.as_chunks::<2>();
+    for w in words {
+        acc += u32::from(u16::from_be_bytes(*w));
     }
-    if let [last] = chunks.remainder() {
+    if let [last] = rest {
         acc += u32::from(*last) << 8;
     }
     acc
@@ -114,7 +114,7 @@ impl Ipv4Packet {
 
     pub fn build(&self) -> Vec<u8> {
         let mut opts = self.options.clone();
-        while opts.len() % 4 != 0 {
+        while !opts.len().is_multiple_of(4) {
             opts.push(0); // end-of-options padding
         }
         let ihl = 20 + opts.len();

@@ -16,7 +16,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 fn usage() -> &'static str {
-    "usage: cargo xtask <setup|build [--release]|run [-- berth args]|test [cargo test args]|bench [args]|soak|docker-up>"
+    "usage: cargo xtask <setup|build [--release]|run [berth run flags | berth subcommand]|test [cargo test args]|bench [args]|soak|docker-up>"
 }
 
 fn main() -> ExitCode {
