@@ -33,6 +33,28 @@ pub const MAP_CONNTRACK: &str = "CONNTRACK";
 pub const MAP_SERVICE_STATS: &str = "SERVICE_STATS";
 /// Per-CPU counters per backend id ([`Counters`]).
 pub const MAP_BACKEND_STATS: &str = "BACKEND_STATS";
+/// Port filter: host-order port -> `PORT_F_*` bits. Lets packets that cannot be ours skip every
+/// hash lookup.
+pub const MAP_PORTS: &str = "PORTS";
+/// Some TCP service listens on this port.
+pub const PORT_F_TCP_SERVICE: u8 = 1 << 0;
+/// Some UDP service listens on this port.
+pub const PORT_F_UDP_SERVICE: u8 = 1 << 1;
+/// Some TCP backend listens on this port (its replies come from it).
+pub const PORT_F_TCP_BACKEND: u8 = 1 << 2;
+/// Some UDP backend listens on this port.
+pub const PORT_F_UDP_BACKEND: u8 = 1 << 3;
+
+/// The `PORT_F_*` bits for a service port (`backend == false`) or backend port of `proto`.
+pub const fn port_flag(proto: u8, backend: bool) -> u8 {
+    match (proto == IPPROTO_TCP, backend) {
+        (true, false) => PORT_F_TCP_SERVICE,
+        (false, false) => PORT_F_UDP_SERVICE,
+        (true, true) => PORT_F_TCP_BACKEND,
+        (false, true) => PORT_F_UDP_BACKEND,
+    }
+}
+
 /// Per-CPU packet counters per [`Reason`].
 pub const MAP_REASON_STATS: &str = "REASON_STATS";
 /// Name of the read-only global holding the [`DpConfig`].

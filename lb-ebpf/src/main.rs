@@ -23,10 +23,11 @@ use lb_common::{
     CFG_F_REDIRECT, CtEntry, DpConfig, FlowKey, Reason, ServiceKey, ServiceValue,
     ct::{self, DIR_FORWARD, DIR_REPLY, STATE_OPEN},
     hash::flow_hash,
+    port_flag,
 };
 
 use crate::{
-    maps::{BACKENDS, CONNTRACK, MAGLEV, SERVICES, account, count},
+    maps::{BACKENDS, CONNTRACK, MAGLEV, PORTS, SERVICES, account, count},
     nat::{Route, Side, is_local, redirect_cached, rewrite, route},
     parse::{Flow, Parsed, parse},
 };
@@ -76,6 +77,13 @@ fn process(ctx: &TcContext) -> (i32, Reason) {
         Parsed::Flow(f) => f,
         Parsed::Exit(r) => return exit(r),
     };
+    // A packet is possibly ours only if some service listens on its destination port (client ->
+    // service) or some backend on its source port (a reply); everything else leaves here,
+    // without a hash lookup.
+    let service_port = port_flags(u16::from_be(flow.dport)) & port_flag(flow.proto, false) != 0;
+    if !service_port && port_flags(u16::from_be(flow.sport)) & port_flag(flow.proto, true) == 0 {
+        return exit(Reason::PassNoService);
+    }
     let cfg = config();
     if cfg.maglev_size == 0 {
         return exit(Reason::PassNoService);
@@ -98,7 +106,15 @@ fn process(ctx: &TcContext) -> (i32, Reason) {
         }
         count(Reason::EventCtExpired);
     }
+    if !service_port {
+        return exit(Reason::PassNoService);
+    }
     new_flow(ctx, &flow, &key, now, bytes, &cfg)
+}
+
+#[inline(always)]
+fn port_flags(port: u16) -> u8 {
+    PORTS.get(u32::from(port)).copied().unwrap_or(0)
 }
 
 /// The key of the other entry of the pair `e` belongs to.

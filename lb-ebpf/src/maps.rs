@@ -27,6 +27,11 @@ pub static MAGLEV: Array<u32> =
 pub static CONNTRACK: LruHashMap<FlowKey, CtEntry> =
     LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
 
+/// Host-order port -> `PORT_F_*`. Bits are only ever set while berth runs (a port that stops
+/// being used merely costs the lookups it would have skipped).
+#[map]
+pub static PORTS: Array<u8> = Array::with_max_entries(65_536, 0);
+
 #[map]
 pub static SERVICE_STATS: PerCpuArray<Counters> =
     PerCpuArray::with_max_entries(DEFAULT_MAX_SERVICES, 0);

@@ -133,6 +133,7 @@ pub struct Dataplane {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: Array<MapData, Backend>,
     maglev: Array<MapData, u32>,
+    ports: Array<MapData, u8>,
     conntrack: HashMap<MapData, FlowKey, CtEntry>,
     service_stats: PerCpuArray<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, Counters>,
@@ -183,6 +184,7 @@ impl Dataplane {
             services: take!(ebpf, MAP_SERVICES),
             backends: take!(ebpf, MAP_BACKENDS),
             maglev: take!(ebpf, MAP_MAGLEV),
+            ports: take!(ebpf, lb_common::MAP_PORTS),
             conntrack: take!(ebpf, MAP_CONNTRACK),
             service_stats: take!(ebpf, MAP_SERVICE_STATS),
             backend_stats: take!(ebpf, MAP_BACKEND_STATS),
@@ -307,6 +309,18 @@ impl Dataplane {
     pub fn maglev_slot(&self, service_id: u32, slot: u32) -> Result<u32> {
         let index = service_id * self.options.maglev_size + slot;
         self.maglev.get(&index, 0).map_err(map_err(MAP_MAGLEV))
+    }
+
+    /// Adds `PORT_F_*` bits to a (host-order) port's filter entry.
+    pub fn add_port_flags(&mut self, port: u16, flags: u8) -> Result<()> {
+        let name = lb_common::MAP_PORTS;
+        let cur = self.ports.get(&u32::from(port), 0).map_err(map_err(name))?;
+        if cur & flags != flags {
+            self.ports
+                .set(u32::from(port), &(cur | flags), 0)
+                .map_err(map_err(name))?;
+        }
+        Ok(())
     }
 
     // ---- conntrack ----

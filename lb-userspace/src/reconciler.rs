@@ -295,9 +295,11 @@ impl Reconciler {
                         port: port_to_wire(addr.port()),
                         _pad: 0,
                     };
+                    let flag = lb_common::port_flag(svc.protocol.ip_proto(), true);
                     let written = self
                         .dp
-                        .reset_backend_counters(id)
+                        .add_port_flags(addr.port(), flag)
+                        .and_then(|()| self.dp.reset_backend_counters(id))
                         .and_then(|()| self.dp.set_backend(id, backend));
                     if let Err(source) = written {
                         self.backend_ids.release(id);
@@ -360,6 +362,10 @@ impl Reconciler {
         }
 
         if !a.installed {
+            let proto = a.protocol.ip_proto();
+            self.dp
+                .add_port_flags(a.listen.port(), lb_common::port_flag(proto, false))
+                .map_err(map_err)?;
             self.dp
                 .set_service(a.key, ServiceValue { id: a.id, flags: 0 })
                 .map_err(map_err)?;

@@ -94,9 +94,11 @@ fn run(args: &[String]) -> Result<()> {
             let bin = root().join("target/release/berth");
             let mut berth_args: Vec<String> =
                 rest.iter().skip_while(|a| *a == "--").cloned().collect();
-            if berth_args.is_empty() {
-                berth_args.push("run".into());
-                if Path::new("berth.toml").exists() {
+            // `cargo xtask run [--config F] [--iface I]...` means `berth run ...`; a berth
+            // subcommand (e.g. `check-config F`) is passed through as is.
+            if berth_args.first().is_none_or(|a| a.starts_with('-')) {
+                berth_args.insert(0, "run".into());
+                if berth_args.len() == 1 && Path::new("berth.toml").exists() {
                     berth_args.extend(["--config".into(), "berth.toml".into()]);
                 }
             }
