@@ -29,6 +29,8 @@ pub const MAP_BACKENDS: &str = "BACKENDS";
 pub const MAP_MAGLEV: &str = "MAGLEV";
 /// Connection tracking LRU hash: [`FlowKey`] -> [`CtEntry`].
 pub const MAP_CONNTRACK: &str = "CONNTRACK";
+/// Route cache per backend id ([`BackendRoute`]): new flows to a backend reuse it.
+pub const MAP_BACKEND_ROUTES: &str = "BACKEND_ROUTES";
 /// Per-CPU counters per service id ([`Counters`]).
 pub const MAP_SERVICE_STATS: &str = "SERVICE_STATS";
 /// Per-CPU counters per backend id ([`Counters`]).
@@ -215,6 +217,19 @@ pub struct CtEntry {
 }
 const _: () = assert!(core::mem::size_of::<CtEntry>() == 40);
 
+/// The route towards a backend as last looked up, shared by that backend's new flows.
+/// `ifindex == 0` means "not cached"; userspace clears the slot when it reuses the backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct BackendRoute {
+    pub ifindex: u32,
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+    /// When it was looked up (`bpf_ktime_get_coarse_ns`); reused for [`ct::TOUCH_INTERVAL_NS`].
+    pub stamp_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<BackendRoute>() == 24);
+
 /// Per-service and per-backend counters (per CPU; userspace sums them).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -265,6 +280,7 @@ mod pod {
         super::Backend,
         super::FlowKey,
         super::CtEntry,
-        super::Counters
+        super::Counters,
+        super::BackendRoute
     );
 }

@@ -27,7 +27,7 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{BACKENDS, CONNTRACK, MAGLEV, PORTS, SERVICES, account, count},
+    maps::{BACKEND_ROUTES, BACKENDS, CONNTRACK, MAGLEV, PORTS, SERVICES, account, count},
     nat::{Route, Side, is_local, redirect_cached, rewrite, route},
     parse::{Flow, Parsed, parse},
 };
@@ -110,6 +110,49 @@ fn process(ctx: &TcContext) -> (i32, Reason) {
         return exit(Reason::PassNoService);
     }
     new_flow(ctx, &flow, &key, now, bytes, &cfg)
+}
+
+/// Routes a new flow's first packet, reusing the backend's cached route while it is fresh (the
+/// FIB lookup is the most expensive step of a new flow). The cache ignores the client address:
+/// source-based policy routing towards backends is not supported.
+#[inline(always)]
+fn route_to_backend(
+    ctx: &TcContext,
+    flow: &Flow,
+    backend_id: u32,
+    backend: &lb_common::Backend,
+    now: u64,
+    cfg: &DpConfig,
+) -> (i32, Reason, Option<Route>) {
+    let redirect = cfg.flags & CFG_F_REDIRECT != 0;
+    let tuple = (flow.saddr, backend.addr, flow.sport, backend.port);
+    let Some(cached) = BACKEND_ROUTES.get_ptr_mut(backend_id) else {
+        return route(ctx, flow, tuple, false, redirect);
+    };
+    // SAFETY: a value pointer of an array map is valid for the run; racing writers on other CPUs
+    // store the same kind of data, and a torn MAC is corrected at the next refresh.
+    let cached = unsafe { &mut *cached };
+    if redirect && cached.ifindex != 0 && now.wrapping_sub(cached.stamp_ns) <= ct::TOUCH_INTERVAL_NS
+    {
+        let r = Route {
+            ifindex: cached.ifindex,
+            dmac: cached.dmac,
+            smac: cached.smac,
+        };
+        let (act, reason) = redirect_cached(ctx, &r, false);
+        return (act, reason, Some(r));
+    }
+    let (act, reason, r) = route(ctx, flow, tuple, false, redirect);
+    match r {
+        Some(r) => {
+            cached.ifindex = r.ifindex;
+            cached.dmac = r.dmac;
+            cached.smac = r.smac;
+            cached.stamp_ns = now;
+        }
+        None => cached.ifindex = 0,
+    }
+    (act, reason, r)
 }
 
 #[inline(always)]
@@ -229,13 +272,7 @@ fn new_flow(
     if rewrite(ctx, flow, Side::Dst, backend.addr, backend.port).is_err() {
         return exit(Reason::AbortRewrite);
     }
-    let (act, reason, cache) = route(
-        ctx,
-        flow,
-        (flow.saddr, backend.addr, flow.sport, backend.port),
-        false,
-        cfg.flags & CFG_F_REDIRECT != 0,
-    );
+    let (act, reason, cache) = route_to_backend(ctx, flow, backend_id, &backend, now, cfg);
     let route = cache.unwrap_or(Route {
         ifindex: 0,
         dmac: [0; 6],

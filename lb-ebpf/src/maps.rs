@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, Counters, CtEntry, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAGLEV_SIZE, DEFAULT_MAX_BACKENDS,
-    DEFAULT_MAX_SERVICES, FlowKey, Reason, ServiceKey, ServiceValue,
+    Backend, BackendRoute, Counters, CtEntry, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAGLEV_SIZE,
+    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, FlowKey, Reason, ServiceKey, ServiceValue,
 };
 
 #[map]
@@ -19,6 +19,9 @@ pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
 /// `max_services` rows of `maglev_size` backend ids.
+#[map]
+pub static BACKEND_ROUTES: Array<BackendRoute> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
 #[map]
 pub static MAGLEV: Array<u32> =
     Array::with_max_entries(DEFAULT_MAX_SERVICES * DEFAULT_MAGLEV_SIZE, 0);

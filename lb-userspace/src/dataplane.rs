@@ -132,6 +132,7 @@ pub struct Dataplane {
     // Field order matters for drop: maps and links go with `ebpf`.
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: Array<MapData, Backend>,
+    backend_routes: Array<MapData, lb_common::BackendRoute>,
     maglev: Array<MapData, u32>,
     ports: Array<MapData, u8>,
     conntrack: HashMap<MapData, FlowKey, CtEntry>,
@@ -162,6 +163,7 @@ impl Dataplane {
             .map_max_entries(MAP_SERVICE_STATS, options.max_services)
             .map_max_entries(MAP_BACKENDS, options.max_backends)
             .map_max_entries(MAP_BACKEND_STATS, options.max_backends)
+            .map_max_entries(lb_common::MAP_BACKEND_ROUTES, options.max_backends)
             .map_max_entries(MAP_MAGLEV, options.max_services * options.maglev_size)
             .map_max_entries(MAP_CONNTRACK, options.conntrack_size)
             .load(crate::EBPF_OBJECT)
@@ -183,6 +185,7 @@ impl Dataplane {
         Ok(Self {
             services: take!(ebpf, MAP_SERVICES),
             backends: take!(ebpf, MAP_BACKENDS),
+            backend_routes: take!(ebpf, lb_common::MAP_BACKEND_ROUTES),
             maglev: take!(ebpf, MAP_MAGLEV),
             ports: take!(ebpf, lb_common::MAP_PORTS),
             conntrack: take!(ebpf, MAP_CONNTRACK),
@@ -288,10 +291,21 @@ impl Dataplane {
         self.services.iter().filter_map(|r| r.ok()).collect()
     }
 
+    /// Writes a backend slot, dropping any route cached for the slot's previous occupant.
     pub fn set_backend(&mut self, id: u32, backend: Backend) -> Result<()> {
+        self.backend_routes
+            .set(id, &lb_common::BackendRoute::default(), 0)
+            .map_err(map_err(lb_common::MAP_BACKEND_ROUTES))?;
         self.backends
             .set(id, &backend, 0)
             .map_err(map_err(MAP_BACKENDS))
+    }
+
+    /// The route cached for a backend id.
+    pub fn backend_route(&self, id: u32) -> Result<lb_common::BackendRoute> {
+        self.backend_routes
+            .get(&id, 0)
+            .map_err(map_err(lb_common::MAP_BACKEND_ROUTES))
     }
 
     pub fn backend(&self, id: u32) -> Result<Backend> {

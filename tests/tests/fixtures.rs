@@ -813,3 +813,45 @@ fn reconciler_writes_only_the_slots_that_changed() {
         assert!(f.dp().services().is_empty());
     });
 }
+
+#[test]
+fn new_flows_reuse_the_backend_route_and_a_reused_backend_id_starts_clean() {
+    in_fixture_netns(|| {
+        let mut f = Fixture::new(
+            options(),
+            vec![svc(
+                "v",
+                "10.99.0.1:80",
+                Protocol::Tcp,
+                &[(backend(1), 8000, 1)],
+            )],
+        );
+        let syn = Ipv4Packet::tcp(client(40030), sa(VIP, 80), TCP_SYN).build();
+        assert_dnat(&f.run(&syn), &syn, &[b8000(1)]);
+        let id = f
+            .ct(&flow_key(client(40030), sa(VIP, 80), IPPROTO_TCP))
+            .unwrap()
+            .backend_id;
+        let r = f.dp().backend_route(id).unwrap();
+        assert_eq!(
+            (r.ifindex, r.dmac),
+            (ifindex("fx0"), backend_mac(backend(1)))
+        );
+        // A second flow uses the cached route (same MACs), as a FIB lookup would.
+        let syn2 = Ipv4Packet::tcp(client(40031), sa(VIP, 80), TCP_SYN).build();
+        assert_dnat(&f.run(&syn2), &syn2, &[b8000(1)]);
+        // Writing the slot for another backend drops the cached route.
+        f.rec
+            .dataplane_mut()
+            .set_backend(
+                id,
+                lb_common::Backend {
+                    addr: 1,
+                    port: 1,
+                    _pad: 0,
+                },
+            )
+            .unwrap();
+        assert_eq!(f.dp().backend_route(id).unwrap().ifindex, 0);
+    });
+}
