@@ -96,9 +96,7 @@ mod tests {
             backend_id: 0,
             service_id: 0,
             last_seen_ns: last,
-            route_ifindex: 0,
-            route_dmac: [0; 6],
-            route_smac: [0; 6],
+            route: crate::Route::NONE,
         }
     }
 

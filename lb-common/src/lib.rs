@@ -208,23 +208,37 @@ pub struct CtEntry {
     /// `bpf_ktime_get_coarse_ns` of the last packet (refreshed at most once per
     /// [`ct::TOUCH_INTERVAL_NS`]).
     pub last_seen_ns: u64,
-    /// Cached route of this direction after translation: egress interface (0 = none cached,
-    /// look it up), and the MACs to write. Refreshed with `last_seen_ns`, so at most
-    /// [`ct::TOUCH_INTERVAL_NS`] stale.
-    pub route_ifindex: u32,
-    pub route_dmac: [u8; 6],
-    pub route_smac: [u8; 6],
+    /// Cached route of this direction after translation; refreshed with `last_seen_ns`, so at
+    /// most [`ct::TOUCH_INTERVAL_NS`] stale.
+    pub route: Route,
 }
 const _: () = assert!(core::mem::size_of::<CtEntry>() == 40);
 
-/// The route towards a backend as last looked up, shared by that backend's new flows.
-/// `ifindex == 0` means "not cached"; userspace clears the slot when it reuses the backend id.
+/// A route as the FIB gave it: egress interface and the MACs to write. `ifindex == 0` means
+/// "none cached: look it up".
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct BackendRoute {
+pub struct Route {
     pub ifindex: u32,
     pub dmac: [u8; 6],
     pub smac: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<Route>() == 16);
+
+impl Route {
+    pub const NONE: Route = Route {
+        ifindex: 0,
+        dmac: [0; 6],
+        smac: [0; 6],
+    };
+}
+
+/// The route towards a backend as last looked up, shared by that backend's new flows.
+/// Userspace clears the slot when it reuses the backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct BackendRoute {
+    pub route: Route,
     /// When it was looked up (`bpf_ktime_get_coarse_ns`); reused for [`ct::TOUCH_INTERVAL_NS`].
     pub stamp_ns: u64,
 }

@@ -20,7 +20,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    CFG_F_REDIRECT, CtEntry, DpConfig, FlowKey, Reason, ServiceKey, ServiceValue,
+    CFG_F_REDIRECT, CtEntry, DpConfig, FlowKey, Reason, Route, ServiceKey, ServiceValue,
     ct::{self, DIR_FORWARD, DIR_REPLY, STATE_OPEN},
     hash::flow_hash,
     port_flag,
@@ -28,7 +28,7 @@ use lb_common::{
 
 use crate::{
     maps::{BACKEND_ROUTES, BACKENDS, CONNTRACK, MAGLEV, PORTS, SERVICES, account, count},
-    nat::{Route, Side, is_local, redirect_cached, rewrite, route},
+    nat::{Side, is_local, redirect_cached, rewrite, route},
     parse::{Flow, Parsed, parse},
 };
 
@@ -123,7 +123,7 @@ fn route_to_backend(
     backend: &lb_common::Backend,
     now: u64,
     cfg: &DpConfig,
-) -> (i32, Reason, Option<Route>) {
+) -> (i32, Reason, Route) {
     let redirect = cfg.flags & CFG_F_REDIRECT != 0;
     let tuple = (flow.saddr, backend.addr, flow.sport, backend.port);
     let Some(cached) = BACKEND_ROUTES.get_ptr_mut(backend_id) else {
@@ -132,26 +132,14 @@ fn route_to_backend(
     // SAFETY: a value pointer of an array map is valid for the run; racing writers on other CPUs
     // store the same kind of data, and a torn MAC is corrected at the next refresh.
     let cached = unsafe { &mut *cached };
-    if redirect && cached.ifindex != 0 && now.wrapping_sub(cached.stamp_ns) <= ct::TOUCH_INTERVAL_NS
-    {
-        let r = Route {
-            ifindex: cached.ifindex,
-            dmac: cached.dmac,
-            smac: cached.smac,
-        };
-        let (act, reason) = redirect_cached(ctx, &r, false);
-        return (act, reason, Some(r));
+    let fresh = now.wrapping_sub(cached.stamp_ns) <= ct::TOUCH_INTERVAL_NS;
+    if redirect && cached.route.ifindex != 0 && fresh {
+        let (act, reason) = redirect_cached(ctx, &cached.route, false);
+        return (act, reason, cached.route);
     }
     let (act, reason, r) = route(ctx, flow, tuple, false, redirect);
-    match r {
-        Some(r) => {
-            cached.ifindex = r.ifindex;
-            cached.dmac = r.dmac;
-            cached.smac = r.smac;
-            cached.stamp_ns = now;
-        }
-        None => cached.ifindex = 0,
-    }
+    cached.route = r;
+    cached.stamp_ns = now;
     (act, reason, r)
 }
 
@@ -206,27 +194,15 @@ fn established(
     let reply = side == Side::Src;
     let redirect = cfg.flags & CFG_F_REDIRECT != 0;
     // The cached route is used until the entry's once-a-second touch, which looks it up again.
-    if redirect && e.route_ifindex != 0 && !touch {
-        let cached = Route {
-            ifindex: e.route_ifindex,
-            dmac: e.route_dmac,
-            smac: e.route_smac,
-        };
-        return redirect_cached(ctx, &cached, reply);
+    if redirect && e.route.ifindex != 0 && !touch {
+        return redirect_cached(ctx, &e.route, reply);
     }
     let tuple = match side {
         Side::Dst => (flow.saddr, addr, flow.sport, port),
         Side::Src => (addr, flow.daddr, port, flow.dport),
     };
-    let (act, reason, cache) = route(ctx, flow, tuple, reply, redirect);
-    match cache {
-        Some(r) => {
-            e.route_ifindex = r.ifindex;
-            e.route_dmac = r.dmac;
-            e.route_smac = r.smac;
-        }
-        None => e.route_ifindex = 0,
-    }
+    let (act, reason, r) = route(ctx, flow, tuple, reply, redirect);
+    e.route = r;
     (act, reason)
 }
 
@@ -272,12 +248,7 @@ fn new_flow(
     if rewrite(ctx, flow, Side::Dst, backend.addr, backend.port).is_err() {
         return exit(Reason::AbortRewrite);
     }
-    let (act, reason, cache) = route_to_backend(ctx, flow, backend_id, &backend, now, cfg);
-    let route = cache.unwrap_or(Route {
-        ifindex: 0,
-        dmac: [0; 6],
-        smac: [0; 6],
-    });
+    let (act, reason, route) = route_to_backend(ctx, flow, backend_id, &backend, now, cfg);
 
     let state = ct::next_state(STATE_OPEN, flow.proto, flow.tcp_flags);
     let fwd = CtEntry {
@@ -288,16 +259,14 @@ fn new_flow(
         backend_id,
         service_id: svc.id,
         last_seen_ns: now,
-        route_ifindex: route.ifindex,
-        route_dmac: route.dmac,
-        route_smac: route.smac,
+        route,
     };
     // The reply direction's route is learnt from its first packet.
     let rev = CtEntry {
         nat_addr: flow.daddr,
         nat_port: flow.dport,
         dir: DIR_REPLY,
-        route_ifindex: 0,
+        route: Route::NONE,
         ..fwd
     };
     let rev_key = FlowKey::new(

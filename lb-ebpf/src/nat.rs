@@ -14,7 +14,7 @@ use aya_ebpf::{
     helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
-use lb_common::{IPPROTO_TCP, Reason, csum::replace4};
+use lb_common::{IPPROTO_TCP, Reason, Route, csum::replace4};
 
 use crate::parse::{ETH_HLEN, Flow, ptr_at};
 
@@ -122,14 +122,6 @@ pub fn is_local(ctx: &TcContext, flow: &Flow) -> bool {
     rc == i64::from(BPF_FIB_LKUP_RET_NOT_FWDED)
 }
 
-/// A route worth caching in a conntrack entry: egress device and the MACs to write.
-#[derive(Clone, Copy)]
-pub struct Route {
-    pub ifindex: u32,
-    pub dmac: [u8; 6],
-    pub smac: [u8; 6],
-}
-
 #[inline(always)]
 fn reasons(reply: bool) -> (Reason, Reason) {
     if reply {
@@ -158,7 +150,8 @@ pub fn redirect_cached(ctx: &TcContext, route: &Route, reply: bool) -> (i32, Rea
 
 /// Sends a rewritten packet on its way: straight to the egress device when the FIB knows the
 /// route (bypassing netfilter, whose FORWARD policy on Docker hosts is DROP), else back to the
-/// stack. Returns the TC action, the exit reason to count, and the route if it can be cached.
+/// stack. Returns the TC action, the exit reason to count, and the route to cache
+/// (`Route::NONE` when there is nothing to cache).
 #[inline(always)]
 pub fn route(
     ctx: &TcContext,
@@ -166,9 +159,9 @@ pub fn route(
     tuple: (u32, u32, u16, u16),
     reply: bool,
     redirect: bool,
-) -> (i32, Reason, Option<Route>) {
+) -> (i32, Reason, Route) {
     if !redirect {
-        return (TC_ACT_OK as i32, Reason::PassTranslatedToStack, None);
+        return (TC_ACT_OK as i32, Reason::PassTranslatedToStack, Route::NONE);
     }
     let (saddr, daddr, sport, dport) = tuple;
     let mut p = fib_params(ctx, flow, saddr, daddr, sport, dport);
@@ -190,14 +183,14 @@ pub fn route(
             smac: macs.smac,
         };
         let (act, reason) = redirect_cached(ctx, &r, reply);
-        (act, reason, Some(r))
+        (act, reason, r)
     } else if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
         // SAFETY: a null `params` asks the kernel to resolve the next hop itself.
         let act = unsafe { bpf_redirect_neigh(p.ifindex, core::ptr::null_mut(), 0, 0) } as i32;
-        (act, reasons(reply).1, None)
+        (act, reasons(reply).1, Route::NONE)
     } else if rc == i64::from(BPF_FIB_LKUP_RET_NOT_FWDED) {
-        (TC_ACT_OK as i32, Reason::PassTranslatedToStack, None)
+        (TC_ACT_OK as i32, Reason::PassTranslatedToStack, Route::NONE)
     } else {
-        (TC_ACT_OK as i32, Reason::PassFibFailed, None)
+        (TC_ACT_OK as i32, Reason::PassFibFailed, Route::NONE)
     }
 }

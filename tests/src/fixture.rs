@@ -12,6 +12,7 @@ use std::{
     process::Command,
 };
 
+use crate::topo::sh;
 use aya::programs::{TestRun, TestRunOptions};
 use lb_common::{CtEntry, FlowKey, Reason, ipv4_to_wire, port_to_wire};
 use lb_userspace::{
@@ -40,18 +41,6 @@ pub fn backend_mac(addr: Ipv4Addr) -> [u8; 6] {
     let mut m = BACKEND_MAC_BASE;
     m[5] = addr.octets()[3];
     m
-}
-
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("running {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Runs `f` on a thread inside a fresh, configured network namespace and propagates its panic.

@@ -7,11 +7,8 @@ pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;
 pub const ETH_P_ARP: u16 = 0x0806;
 
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
+pub use lb_common::ct::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 pub const TCP_PSH: u8 = 0x08;
-pub const TCP_ACK: u8 = 0x10;
 
 /// The one's-complement sum of 16-bit big-endian words (odd length padded with zero).
 fn sum16(data: &[u8], mut acc: u32) -> u32 {

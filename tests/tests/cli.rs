@@ -4,15 +4,7 @@
 use std::{path::PathBuf, process::Command};
 
 fn berth() -> PathBuf {
-    if let Some(p) = std::env::var_os("BERTH_BIN") {
-        return p.into();
-    }
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/berth");
-    assert!(
-        p.exists(),
-        "berth binary not built: run `cargo build -p lb-userspace` or `cargo xtask test`"
-    );
-    p
+    berth_tests::topo::berth_bin()
 }
 
 fn write(name: &str, text: &str) -> PathBuf {

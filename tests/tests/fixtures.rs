@@ -43,6 +43,19 @@ fn standard() -> Fixture {
     )
 }
 
+/// One TCP service on the VIP with backend 1 only.
+fn one_backend_vip() -> Fixture {
+    Fixture::new(
+        options(),
+        vec![svc(
+            "v",
+            "10.99.0.1:80",
+            Protocol::Tcp,
+            &[(backend(1), 8000, 1)],
+        )],
+    )
+}
+
 fn assert_untouched(run: &Run, input: &[u8], reason: Reason) {
     assert_eq!(run.action, TC_ACT_OK, "{run:?}");
     assert_eq!(run.out, input, "packet must pass unmodified");
@@ -188,7 +201,7 @@ fn established_flow_uses_its_conntrack_entry() {
         let key = flow_key(client(40003), sa(VIP, 80), IPPROTO_TCP);
         let mut e = f.ct(&key).unwrap();
         e.nat_addr = lb_common::ipv4_to_wire(other.ip().octets());
-        e.route_ifindex = 0; // the cached route was the first backend's
+        e.route = lb_common::Route::NONE; // the cached route was the first backend's
         f.rec.dataplane_mut().conntrack_insert(key, e).unwrap();
         let ack = Ipv4Packet::tcp(client(40003), sa(VIP, 80), TCP_ACK).build();
         let run = f.run(&ack);
@@ -733,21 +746,13 @@ fn every_rewritten_packet_of_a_whole_exchange_has_valid_checksums() {
 #[test]
 fn cached_route_is_used_and_refreshed_each_second() {
     in_fixture_netns(|| {
-        let mut f = Fixture::new(
-            options(),
-            vec![svc(
-                "v",
-                "10.99.0.1:80",
-                Protocol::Tcp,
-                &[(backend(1), 8000, 1)],
-            )],
-        );
+        let mut f = one_backend_vip();
         let syn = Ipv4Packet::tcp(client(40021), sa(VIP, 80), TCP_SYN).build();
         assert_dnat(&f.run(&syn), &syn, &[b8000(1)]);
         let key = flow_key(client(40021), sa(VIP, 80), IPPROTO_TCP);
         let e = f.ct(&key).unwrap();
-        assert_eq!(e.route_ifindex, ifindex("fx0"), "new flow caches its route");
-        assert_eq!(e.route_dmac, backend_mac(backend(1)));
+        assert_eq!(e.route.ifindex, ifindex("fx0"), "new flow caches its route");
+        assert_eq!(e.route.dmac, backend_mac(backend(1)));
         // The backend's MAC changes (e.g. a container re-created with the same address).
         let new_mac = [0x02, 0, 0, 0, 0x99, 0x01];
         let out = std::process::Command::new("ip")
@@ -776,7 +781,7 @@ fn cached_route_is_used_and_refreshed_each_second() {
         let run = f.run(&ack);
         wire::verify_checksums(&run.out).unwrap();
         assert_eq!(wire::parse(&run.out).dst_mac, new_mac);
-        assert_eq!(f.ct(&key).unwrap().route_dmac, new_mac);
+        assert_eq!(f.ct(&key).unwrap().route.dmac, new_mac);
     });
 }
 
@@ -817,15 +822,7 @@ fn reconciler_writes_only_the_slots_that_changed() {
 #[test]
 fn new_flows_reuse_the_backend_route_and_a_reused_backend_id_starts_clean() {
     in_fixture_netns(|| {
-        let mut f = Fixture::new(
-            options(),
-            vec![svc(
-                "v",
-                "10.99.0.1:80",
-                Protocol::Tcp,
-                &[(backend(1), 8000, 1)],
-            )],
-        );
+        let mut f = one_backend_vip();
         let syn = Ipv4Packet::tcp(client(40030), sa(VIP, 80), TCP_SYN).build();
         assert_dnat(&f.run(&syn), &syn, &[b8000(1)]);
         let id = f
@@ -834,7 +831,7 @@ fn new_flows_reuse_the_backend_route_and_a_reused_backend_id_starts_clean() {
             .backend_id;
         let r = f.dp().backend_route(id).unwrap();
         assert_eq!(
-            (r.ifindex, r.dmac),
+            (r.route.ifindex, r.route.dmac),
             (ifindex("fx0"), backend_mac(backend(1)))
         );
         // A second flow uses the cached route (same MACs), as a FIB lookup would.
@@ -852,6 +849,6 @@ fn new_flows_reuse_the_backend_route_and_a_reused_backend_id_starts_clean() {
                 },
             )
             .unwrap();
-        assert_eq!(f.dp().backend_route(id).unwrap().ifindex, 0);
+        assert_eq!(f.dp().backend_route(id).unwrap().route.ifindex, 0);
     });
 }

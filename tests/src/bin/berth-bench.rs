@@ -24,6 +24,7 @@ use berth_tests::{
     fixture::{
         CLIENT, Fixture, HOST, VIP, backend, flow_key, ifindex, in_fixture_netns, options, svc,
     },
+    topo::sh,
     wire::{Ipv4Packet, TCP_ACK, TCP_SYN},
 };
 use lb_common::{CtEntry, IPPROTO_TCP, Reason, ct, ipv4_to_wire, port_to_wire};
@@ -93,7 +94,7 @@ fn measure(prog: &SchedClassifier, pkt: &[u8], a: &Args) -> f64 {
     v[v.len() / 2]
 }
 
-fn reason(f: &Fixture, r: Reason) -> u64 {
+fn reason_count(f: &Fixture, r: Reason) -> u64 {
     f.dp()
         .reason_counters()
         .expect("counters")
@@ -111,9 +112,58 @@ fn entry(dir: u8, nat: SocketAddrV4, now: u64) -> CtEntry {
         backend_id: 1,
         service_id: 0,
         last_seen_ns: now,
-        route_ifindex: 0,
-        route_dmac: [0; 6],
-        route_smac: [0; 6],
+        route: lb_common::Route::NONE,
+    }
+}
+
+/// Measures conntrack hits in direction `dir` for the packet `src -> dst`: one entry rewrites
+/// it to `nat` (the destination for forward entries, the source for reply entries) and a second
+/// entry rewrites it back, so every repeat of the test run is a hit with a full rewrite.
+fn measure_hits(
+    a: &Args,
+    services: &[lb_userspace::config::Service],
+    redirect: bool,
+    dir: u8,
+    (src, dst, nat): (SocketAddrV4, SocketAddrV4, SocketAddrV4),
+    path: &'static str,
+) -> Row {
+    let mut f = Fixture::new(
+        DataplaneOptions {
+            redirect,
+            ..options()
+        },
+        services.to_vec(),
+    );
+    let now = monotonic_ns();
+    let (first, back, reason) = if dir == ct::DIR_FORWARD {
+        ((src, dst), (src, nat), Reason::FwdRedirect)
+    } else {
+        ((src, dst), (nat, dst), Reason::ReplyRedirect)
+    };
+    let restore = if dir == ct::DIR_FORWARD { dst } else { src };
+    let dp = f.rec.dataplane_mut();
+    dp.conntrack_insert(
+        flow_key(first.0, first.1, IPPROTO_TCP),
+        entry(dir, nat, now),
+    )
+    .unwrap();
+    dp.conntrack_insert(
+        flow_key(back.0, back.1, IPPROTO_TCP),
+        entry(dir, restore, now),
+    )
+    .unwrap();
+    let pkt = Ipv4Packet::tcp(src, dst, TCP_ACK)
+        .with_payload(&[0u8; 64])
+        .build();
+    let ns = measure(f.dp().program(), &pkt, a);
+    let total = u64::from(a.repeat) * a.rounds as u64;
+    let hits = reason_count(&f, reason);
+    Row {
+        path,
+        ns,
+        target: Some(60.0),
+        check: format!("{} {hits}/{total}", reason.name()),
+        on_path: hits as f64 / total as f64,
     }
 }
 
@@ -132,23 +182,16 @@ fn main() {
     let rows = in_fixture_netns(move || {
         let mut rows = Vec::new();
         // Replies to the VIP side of the alternating set-ups need a route too.
-        let out = std::process::Command::new("ip")
-            .args([
-                "route",
-                "add",
-                "10.99.0.0/24",
-                "via",
-                &backend(1).to_string(),
-                "dev",
-                "fx0",
-            ])
-            .output()
-            .expect("ip route");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        sh(&[
+            "ip",
+            "route",
+            "add",
+            "10.99.0.0/24",
+            "via",
+            &backend(1).to_string(),
+            "dev",
+            "fx0",
+        ]);
         let redirect = !a.no_redirect;
         let client = SocketAddrV4::new(CLIENT, 40000);
         let vip = SocketAddrV4::new(VIP, 80);
@@ -182,7 +225,7 @@ fn main() {
             let mut f = Fixture::new(options(), services.clone());
             let ssh = Ipv4Packet::tcp(client, SocketAddrV4::new(HOST, 22), TCP_SYN).build();
             let ns = measure(f.dp().program(), &ssh, &a);
-            let passed = reason(&f, Reason::PassNoService);
+            let passed = reason_count(&f, Reason::PassNoService);
             let noop = f.rec.dataplane_mut().noop_program().expect("noop program");
             let floor = measure(noop, &ssh, &a);
             rows.push(Row {
@@ -201,78 +244,25 @@ fn main() {
             });
         }
 
-        // Established hit.
-        {
-            let mut f = Fixture::new(
-                DataplaneOptions {
-                    redirect,
-                    ..options()
-                },
-                services.clone(),
-            );
-            let now = monotonic_ns();
-            let dp = f.rec.dataplane_mut();
-            dp.conntrack_insert(
-                flow_key(client, vip, IPPROTO_TCP),
-                entry(ct::DIR_FORWARD, vip2, now),
-            )
-            .unwrap();
-            dp.conntrack_insert(
-                flow_key(client, vip2, IPPROTO_TCP),
-                entry(ct::DIR_FORWARD, vip, now),
-            )
-            .unwrap();
-            let pkt = Ipv4Packet::tcp(client, vip, TCP_ACK)
-                .with_payload(&[0u8; 64])
-                .build();
-            let ns = measure(f.dp().program(), &pkt, &a);
-            let hits = reason(&f, Reason::FwdRedirect);
-
-            rows.push(Row {
-                path: "established-flow hit (client -> backend)",
-                ns,
-                target: Some(60.0),
-                check: format!("fwd_redirect {hits}/{total}"),
-                on_path: hits as f64 / total as f64,
-            });
-        }
-
-        // Reply.
-        {
-            let mut f = Fixture::new(
-                DataplaneOptions {
-                    redirect,
-                    ..options()
-                },
-                services.clone(),
-            );
-            let now = monotonic_ns();
-            let dp = f.rec.dataplane_mut();
-            // Backend ports 8000 and 80 both pass the port filter.
-            let be80 = SocketAddrV4::new(backend(2), 80);
-            dp.conntrack_insert(
-                flow_key(be, client, IPPROTO_TCP),
-                entry(ct::DIR_REPLY, be80, now),
-            )
-            .unwrap();
-            dp.conntrack_insert(
-                flow_key(be80, client, IPPROTO_TCP),
-                entry(ct::DIR_REPLY, be, now),
-            )
-            .unwrap();
-            let pkt = Ipv4Packet::tcp(be, client, TCP_ACK)
-                .with_payload(&[0u8; 64])
-                .build();
-            let ns = measure(f.dp().program(), &pkt, &a);
-            let hits = reason(&f, Reason::ReplyRedirect);
-            rows.push(Row {
-                path: "reply (backend -> client)",
-                ns,
-                target: Some(60.0),
-                check: format!("reply_redirect {hits}/{total}"),
-                on_path: hits as f64 / total as f64,
-            });
-        }
+        // Established hit and reply: the packet bounces between two tuples, both hits.
+        rows.push(measure_hits(
+            &a,
+            &services,
+            redirect,
+            ct::DIR_FORWARD,
+            (client, vip, vip2),
+            "established-flow hit (client -> backend)",
+        ));
+        // Backend ports 8000 and 80 both pass the port filter.
+        let be80 = SocketAddrV4::new(backend(2), 80);
+        rows.push(measure_hits(
+            &a,
+            &services,
+            redirect,
+            ct::DIR_REPLY,
+            (be, client, be80),
+            "reply (backend -> client)",
+        ));
 
         // New flow: a ring of services.
         {
@@ -302,31 +292,24 @@ fn main() {
                     )
                 })
                 .collect();
-            let out = std::process::Command::new("ip")
-                .args([
-                    "route",
-                    "add",
-                    "10.100.0.0/16",
-                    "via",
-                    &backend(1).to_string(),
-                    "dev",
-                    "fx0",
-                ])
-                .output()
-                .expect("ip route");
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            sh(&[
+                "ip",
+                "route",
+                "add",
+                "10.100.0.0/16",
+                "via",
+                &backend(1).to_string(),
+                "dev",
+                "fx0",
+            ]);
             let f = Fixture::new(o, ring_services);
             let pkt = Ipv4Packet::tcp(client, addr(0), TCP_SYN).build();
             let ns = measure(f.dp().program(), &pkt, &a);
             let new_flows: u64 = (0..ring)
                 .map(|i| f.dp().service_counters(i).unwrap().new_flows)
                 .sum();
-            let redirected = reason(&f, Reason::FwdRedirect);
-            let failed = reason(&f, Reason::EventCtInsertFailed);
+            let redirected = reason_count(&f, Reason::FwdRedirect);
+            let failed = reason_count(&f, Reason::EventCtInsertFailed);
             rows.push(Row {
                 path: "new flow (ct miss + service + maglev + 2 inserts)",
                 ns,
