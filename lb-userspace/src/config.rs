@@ -17,7 +17,7 @@ use std::{collections::BTreeSet, fmt, net::SocketAddrV4, str::FromStr};
 
 use serde::{Deserialize, Deserializer, de};
 
-use crate::maglev;
+use crate::{health::HealthConfig, maglev};
 
 /// A configuration problem: which field, and what is wrong with it.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -122,6 +122,8 @@ pub struct ServiceConfig {
     pub protocol: Protocol,
     #[serde(default)]
     pub backends: Vec<BackendConfig>,
+    /// Active health check of the backends (none: every backend is taken as healthy).
+    pub health: Option<HealthConfig>,
 }
 
 fn default_protocol() -> Protocol {
@@ -181,6 +183,7 @@ pub struct Service {
     pub listen: SocketAddrV4,
     pub protocol: Protocol,
     pub backends: Vec<(SocketAddrV4, u32)>,
+    pub health: Option<HealthConfig>,
 }
 
 impl Config {
@@ -367,12 +370,22 @@ impl Config {
                     ),
                 ));
             }
+            if let Some(h) = &s.health {
+                h.validate(&at("health"))?;
+                if s.protocol == Protocol::Udp {
+                    return Err(ConfigError::new(
+                        at("health"),
+                        "health checks are TCP or HTTP; a UDP service cannot have one",
+                    ));
+                }
+            }
             total_backends += backends.len();
             out.push(Service {
                 name: s.name.clone(),
                 listen,
                 protocol: s.protocol,
                 backends,
+                health: s.health.clone(),
             });
         }
         if total_backends >= d.max_backends as usize {

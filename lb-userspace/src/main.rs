@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use lb_userspace::{
     config::{Config, ConfigError, Service},
     dataplane::{Dataplane, DataplaneOptions, monotonic_ns},
+    health::{NetChecker, Supervisor},
     reconciler::Reconciler,
 };
 use log::{error, info, warn};
@@ -185,7 +186,10 @@ async fn run(
     }
     let mut rec = Reconciler::new(dp);
     let mut desired = services;
-    let mut pending = apply(&mut rec, &desired);
+    let (health_tx, mut health_rx) = tokio::sync::mpsc::channel(256);
+    let mut health = Supervisor::new(NetChecker, health_tx);
+    health.sync(&desired);
+    let mut pending = apply(&mut rec, &health.filter(&desired), "config");
     let backends: usize = desired.iter().map(|s| s.backends.len()).sum();
     info!(
         "berth ready: attached to {}; {} services, {backends} backends; maglev M={}, conntrack {}",
@@ -220,13 +224,24 @@ async fn run(
                             warn!("config reload: [dataplane] changes take effect on restart only");
                         }
                         desired = new_services;
-                        pending = apply(&mut rec, &desired);
+                        health.sync(&desired);
+                        pending = apply(&mut rec, &health.filter(&desired), "config reload");
                         info!("config reloaded: {} services", desired.len());
                     }
                 }
             }
+            Some(change) = health_rx.recv() => {
+                if !health.record(&change) {
+                    continue; // a check stopped by a reload
+                }
+                let why = match &change.reason {
+                    None => "health check passing".to_owned(),
+                    Some(r) => format!("health check failing: {r}"),
+                };
+                pending = apply(&mut rec, &health.filter(&desired), &why);
+            }
             _ = retry.tick(), if pending => {
-                pending = apply(&mut rec, &desired);
+                pending = apply(&mut rec, &health.filter(&desired), "retry");
             }
             _ = gc.tick() => {
                 match rec.dataplane_mut().conntrack_gc(monotonic_ns()) {
@@ -238,6 +253,7 @@ async fn run(
         }
     }
 
+    health.stop();
     let dp = rec.into_dataplane();
     if let Ok(counters) = dp.reason_counters() {
         let line: Vec<String> = counters
@@ -260,8 +276,8 @@ async fn run(
 }
 
 /// Applies `desired`; on failure logs it and returns true so the caller retries.
-fn apply(rec: &mut Reconciler, desired: &[Service]) -> bool {
-    match rec.apply(desired) {
+fn apply(rec: &mut Reconciler, desired: &[Service], why: &str) -> bool {
+    match rec.apply(desired, why) {
         Ok(_) => false,
         Err(e) => {
             error!("applying services failed, retrying in 1 s: {e:#}");

@@ -162,9 +162,10 @@ impl Reconciler {
             .collect()
     }
 
-    /// Makes the kernel serve exactly `desired`. Returns the number of map writes done. On error
-    /// the kernel holds a consistent prefix of the change; call again to finish it.
-    pub fn apply(&mut self, desired: &[Service]) -> Result<usize, ReconcileError> {
+    /// Makes the kernel serve exactly `desired`. `why` (e.g. "config", "health check: refused")
+    /// ends each change's log line. Returns the number of map writes done. On error the kernel
+    /// holds a consistent prefix of the change; call again to finish it.
+    pub fn apply(&mut self, desired: &[Service], why: &str) -> Result<usize, ReconcileError> {
         let mut writes = 0;
 
         // Services gone, or whose address/protocol changed (re-created below).
@@ -179,16 +180,16 @@ impl Reconciler {
             .map(|(n, _)| n.clone())
             .collect();
         for name in stale {
-            writes += self.remove_service(&name)?;
+            writes += self.remove_service(&name, why)?;
         }
 
         for svc in desired {
-            writes += self.apply_service(svc)?;
+            writes += self.apply_service(svc, why)?;
         }
         Ok(writes)
     }
 
-    fn remove_service(&mut self, name: &str) -> Result<usize, ReconcileError> {
+    fn remove_service(&mut self, name: &str, why: &str) -> Result<usize, ReconcileError> {
         let map_err = |source| ReconcileError::Map {
             service: name.to_owned(),
             source: Box::new(source),
@@ -217,11 +218,14 @@ impl Reconciler {
             self.backend_ids.release(id);
         }
         self.service_ids.release(a.id);
-        info!("service {name}: removed ({} {})", a.protocol, a.listen);
+        info!(
+            "service {name}: removed ({} {}) ({why})",
+            a.protocol, a.listen
+        );
         Ok(writes)
     }
 
-    fn apply_service(&mut self, svc: &Service) -> Result<usize, ReconcileError> {
+    fn apply_service(&mut self, svc: &Service, why: &str) -> Result<usize, ReconcileError> {
         let map_err = |source| ReconcileError::Map {
             service: svc.name.clone(),
             source: Box::new(source),
@@ -253,7 +257,7 @@ impl Reconciler {
                 },
             );
             info!(
-                "service {}: added ({} {})",
+                "service {}: added ({} {}) ({why})",
                 svc.name, svc.protocol, svc.listen
             );
         }
@@ -270,7 +274,7 @@ impl Reconciler {
             let b = a.backends.remove(&addr).expect("listed");
             a.retired.push(b.id);
             a.table_synced = false;
-            info!("service {}: backend {addr} removed (config)", svc.name);
+            info!("service {}: backend {addr} removed ({why})", svc.name);
         }
         // New backends and weight changes. The backend slot is written before any table slot
         // points at it.
@@ -279,7 +283,7 @@ impl Reconciler {
                 Some(b) if b.weight == weight => {}
                 Some(b) => {
                     info!(
-                        "service {}: backend {addr} weight {} -> {weight}",
+                        "service {}: backend {addr} weight {} -> {weight} ({why})",
                         svc.name, b.weight
                     );
                     b.weight = weight;
@@ -309,7 +313,7 @@ impl Reconciler {
                     a.backends.insert(addr, AppliedBackend { id, weight });
                     a.table_synced = false;
                     info!(
-                        "service {}: backend {addr} added (config, weight {weight})",
+                        "service {}: backend {addr} added (weight {weight}) ({why})",
                         svc.name
                     );
                 }

@@ -156,6 +156,7 @@ pub fn svc(
             .iter()
             .map(|&(a, p, w)| (SocketAddrV4::new(a, p), w))
             .collect(),
+        health: None,
     }
 }
 
@@ -197,7 +198,7 @@ impl Fixture {
     pub fn new(options: DataplaneOptions, services: Vec<Service>) -> Self {
         let dp = Dataplane::load(options).expect("load dataplane");
         let mut rec = Reconciler::new(dp);
-        rec.apply(&services).expect("apply services");
+        rec.apply(&services, "fixture").expect("apply services");
         Self {
             rec,
             services,
@@ -210,7 +211,9 @@ impl Fixture {
     }
 
     pub fn apply(&mut self, services: Vec<Service>) {
-        self.rec.apply(&services).expect("apply services");
+        self.rec
+            .apply(&services, "fixture")
+            .expect("apply services");
         self.services = services;
     }
 

@@ -97,15 +97,24 @@ impl Netns {
         sh(&full)
     }
 
-    /// Runs `f` on a thread that has entered this namespace (sockets it creates live here).
+    /// Runs `f` on a thread that has entered this namespace (sockets it creates live here)
+    /// and waits for it, propagating its panic.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        self.spawn(f)
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    }
+
+    /// Starts `f` on a thread that has entered this namespace.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> JoinHandle<T> {
         let path = PathBuf::from("/run/netns").join(&self.name);
         std::thread::spawn(move || {
             enter(&path);
             f()
         })
-        .join()
-        .unwrap_or_else(|p| std::panic::resume_unwind(p))
     }
 }
 
@@ -200,7 +209,8 @@ impl Servers {
 }
 
 /// Answers each line with `Hello from {name}: {line}`; the line `peer?` is answered with the
-/// address the connection came from (to check what the backend sees).
+/// address the connection came from (to check what the backend sees); a `GET` request line gets
+/// an HTTP/1.0 response `200 OK` with body `Hello from {name}` (for HTTP health checks).
 fn serve_tcp(s: TcpStream, name: &str) {
     let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
     let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
@@ -214,6 +224,22 @@ fn serve_tcp(s: TcpStream, name: &str) {
         line.clear();
         match r.read_line(&mut line) {
             Ok(0) | Err(_) => return,
+            Ok(_) if line.starts_with("GET ") => {
+                // Skip the headers, answer, close.
+                let mut h = String::new();
+                while r.read_line(&mut h).is_ok_and(|n| n > 0) && !h.trim_end().is_empty() {
+                    h.clear();
+                }
+                let body = format!("Hello from {name}\n");
+                let _ = w.write_all(
+                    format!(
+                        "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .as_bytes(),
+                );
+                return;
+            }
             Ok(_) => {
                 let answer = if line.trim_end() == "peer?" {
                     format!("Hello from {name}: peer {peer}\n")

@@ -18,11 +18,12 @@ fn sa(s: &str) -> SocketAddrV4 {
 }
 
 struct Topo {
-    // Drop order: servers and berth (held by tests) first, then namespaces.
-    _servers: Vec<Servers>,
+    // Drop order: servers and berth (held by tests) first, then namespaces. The first three
+    // are b1-b3's :8000 servers.
+    servers: Vec<Servers>,
     lb: Netns,
     client: Netns,
-    _backends: Vec<Netns>,
+    backends: Vec<Netns>,
     _switch: Option<Netns>,
 }
 
@@ -77,10 +78,10 @@ fn one_armed() -> Topo {
         false,
     ));
     Topo {
-        _servers: servers,
+        servers,
         lb,
         client,
-        _backends: backends,
+        backends,
         _switch: Some(sw),
     }
 }
@@ -134,10 +135,10 @@ fn bridged() -> Topo {
         backends.push(b);
     }
     Topo {
-        _servers: servers,
+        servers,
         lb,
         client,
-        _backends: backends,
+        backends,
         _switch: None,
     }
 }
@@ -424,4 +425,105 @@ fn sigterm_detaches_and_a_new_berth_can_attach() {
             .sum::<usize>(),
         30
     );
+}
+
+const HEALTH_CONFIG: &str = r#"
+[[service]]
+name = "web"
+listen = "0.0.0.0:8080"
+backends = ["10.20.0.11:8000", "10.20.0.12:8000", "10.20.0.13:8000"]
+[service.health]
+type = "http"
+path = "/"
+expect_string = "Hello"
+interval_ms = 200
+timeout_ms = 150
+rise = 2
+fall = 2
+"#;
+
+/// Requests in a loop from the client namespace until `stop`; returns (time, answer or error).
+fn load_loop(
+    client: &Netns,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Vec<(std::time::Instant, Result<String, String>)>> {
+    client.spawn(move || {
+        let mut out = Vec::new();
+        let mut i = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let r = tcp_request(sa("10.10.0.1:8080"), &format!("r{i}"));
+            out.push((std::time::Instant::now(), r));
+            i += 1;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        out
+    })
+}
+
+#[test]
+fn failing_backend_leaves_after_fall_checks_and_returns_after_rise() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+    let mut t = one_armed();
+    let berth = Berth::start(&t.lb, HEALTH_CONFIG, &["eth0"]);
+    // Backends enter after their first passing checks (rise = 2 at 200 ms).
+    for n in 1..=3 {
+        berth.wait_for(
+            &format!("backend 10.20.0.1{n}:8000 added (weight 1) (health check passing)"),
+            1,
+        );
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = load_loop(&t.client, stop.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    // b3's server goes away: connections to it are refused until the checks remove it.
+    let killed_at = std::time::Instant::now();
+    drop(t.servers.remove(2));
+    berth.wait_for(
+        "backend 10.20.0.13:8000 removed (health check failing: connection refused)",
+        1,
+    );
+    let removed_after = killed_at.elapsed();
+    std::thread::sleep(Duration::from_millis(1000));
+    // b3 comes back and rejoins after `rise` passing checks.
+    let back = Servers::start(&t.backends[2], "b3", sa("10.20.0.13:8000"), true);
+    berth.wait_for(
+        "backend 10.20.0.13:8000 added (weight 1) (health check passing)",
+        2,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let results = load.join().expect("load loop");
+    drop(back);
+
+    let window = Duration::from_millis(2 * 200 + 150 + 300); // fall x interval + timeout + slack
+    let failed: Vec<_> = results.iter().filter(|(_, r)| r.is_err()).collect();
+    let late: Vec<_> = failed
+        .iter()
+        .filter(|(at, _)| at.saturating_duration_since(killed_at) > removed_after.max(window))
+        .collect();
+    let b3_after_return = results
+        .iter()
+        .rev()
+        .take(50)
+        .filter(|(_, r)| r.as_deref().is_ok_and(|a| a.starts_with("Hello from b3:")))
+        .count();
+    println!(
+        "health: {} requests, {} failed (all within {:?} of the kill; removal after {removed_after:?}), \
+         b3 answered {b3_after_return} of the last 50 after returning",
+        results.len(),
+        failed.len(),
+        removed_after.max(window),
+    );
+    assert!(
+        late.is_empty(),
+        "failures after the health-check window: {late:?}"
+    );
+    assert!(
+        removed_after <= window,
+        "removal took {removed_after:?}, window {window:?}"
+    );
+    assert!(b3_after_return > 0, "b3 got no traffic after it came back");
 }

@@ -801,7 +801,7 @@ fn reconciler_writes_only_the_slots_that_changed() {
         let before = row(&f);
         assert!(before.iter().all(|&id| id != 0), "every slot filled");
         // Removing one of five backends: its slots and a few others move, the rest stay.
-        let writes = f.rec.apply(&s(&be[..4])).unwrap();
+        let writes = f.rec.apply(&s(&be[..4]), "test").unwrap();
         let after = row(&f);
         let changed = before.iter().zip(&after).filter(|(a, b)| a != b).count();
         println!("removed 1 of 5 backends: {changed} of 4099 slots changed, {writes} map writes");
@@ -811,9 +811,9 @@ fn reconciler_writes_only_the_slots_that_changed() {
         );
         assert!((4099 / 5..4099 * 3 / 10).contains(&changed), "{changed}");
         // Applying the same state again writes nothing.
-        assert_eq!(f.rec.apply(&s(&be[..4])).unwrap(), 0);
+        assert_eq!(f.rec.apply(&s(&be[..4]), "test").unwrap(), 0);
         // Removing the service clears its row and its key.
-        f.rec.apply(&[]).unwrap();
+        f.rec.apply(&[], "test").unwrap();
         assert!(row(&f).iter().all(|&id| id == 0));
         assert!(f.dp().services().is_empty());
     });
