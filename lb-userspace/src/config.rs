@@ -40,6 +40,7 @@ impl ConfigError {
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub dataplane: DataplaneConfig,
+    pub docker: DockerConfig,
     #[serde(rename = "service")]
     pub services: Vec<ServiceConfig>,
 }
@@ -87,6 +88,45 @@ impl Default for DataplaneConfig {
     }
 }
 
+/// Docker discovery.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DockerConfig {
+    /// Watch Docker at all (default: when any service has a `docker` selector, or when berth runs
+    /// without a config file).
+    pub enabled: Option<bool>,
+    pub socket: String,
+    /// Let containers create services through their `berth.*` labels (default: only when berth
+    /// runs without a config file). A container can then take any free port on this host:
+    /// enable it only where whoever starts containers may do that.
+    pub label_services: Option<bool>,
+}
+
+impl Default for DockerConfig {
+    fn default() -> Self {
+        Self {
+            enabled: None,
+            socket: "/var/run/docker.sock".into(),
+            label_services: None,
+        }
+    }
+}
+
+/// Which containers back a configured service, and on which port.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DockerSelector {
+    /// Image the container runs (`name` also matches `name:tag`).
+    pub image: Option<String>,
+    /// Labels the container must carry, all of them.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// The container port to send traffic to (need not be published).
+    pub port: u16,
+    /// Docker network whose address to use (default: the container's first network by name).
+    pub network: Option<String>,
+}
+
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
@@ -124,6 +164,8 @@ pub struct ServiceConfig {
     pub backends: Vec<BackendConfig>,
     /// Active health check of the backends (none: every backend is taken as healthy).
     pub health: Option<HealthConfig>,
+    /// Containers that back this service, in addition to `backends`.
+    pub docker: Option<DockerSelector>,
 }
 
 fn default_protocol() -> Protocol {
@@ -187,6 +229,14 @@ pub struct Service {
 }
 
 impl Config {
+    /// The Docker selectors by service name.
+    pub fn selectors(&self) -> std::collections::HashMap<String, DockerSelector> {
+        self.services
+            .iter()
+            .filter_map(|s| Some((s.name.clone(), s.docker.clone()?)))
+            .collect()
+    }
+
     /// Parses TOML text (no validation beyond the types).
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         toml::from_str(text).map_err(|e| {
@@ -369,6 +419,20 @@ impl Config {
                         backends.len()
                     ),
                 ));
+            }
+            if let Some(d) = &s.docker {
+                if d.port == 0 {
+                    return Err(ConfigError::new(
+                        at("docker.port"),
+                        "port 0 cannot be served",
+                    ));
+                }
+                if d.image.is_none() && d.labels.is_empty() {
+                    return Err(ConfigError::new(
+                        at("docker"),
+                        "name an image and/or labels, or every container would match",
+                    ));
+                }
             }
             if let Some(h) = &s.health {
                 h.validate(&at("health"))?;

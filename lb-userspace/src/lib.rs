@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod dataplane;
+pub mod discovery;
 pub mod health;
 pub mod maglev;
 pub mod reconciler;

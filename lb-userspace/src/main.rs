@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use lb_userspace::{
     config::{Config, ConfigError, Service},
     dataplane::{Dataplane, DataplaneOptions, monotonic_ns},
+    discovery,
     health::{NetChecker, Supervisor},
     reconciler::Reconciler,
 };
@@ -66,6 +67,14 @@ fn main() -> ExitCode {
                 cfg.dataplane.interfaces.clone()
             } else {
                 match default_route_iface() {
+                    // With Docker discovery, containers on the default bridge are reached
+                    // through docker0: attach there too (other networks: name them).
+                    Ok(i)
+                        if docker_enabled(&cfg, config.is_some())
+                            && std::path::Path::new("/sys/class/net/docker0").exists() =>
+                    {
+                        vec![i, "docker0".to_owned()]
+                    }
                     Ok(i) => vec![i],
                     Err(e) => {
                         error!("{e:#}");
@@ -133,6 +142,14 @@ fn check_config(path: &PathBuf) -> ExitCode {
     }
 }
 
+/// Whether to watch Docker: as configured, else when a service selects containers or berth runs
+/// without a config file (label-driven services).
+fn docker_enabled(cfg: &Config, has_file: bool) -> bool {
+    cfg.docker
+        .enabled
+        .unwrap_or(!has_file || cfg.services.iter().any(|s| s.docker.is_some()))
+}
+
 /// The interface of the IPv4 default route (from /proc/net/route).
 fn default_route_iface() -> anyhow::Result<String> {
     let routes = std::fs::read_to_string("/proc/net/route").context("reading /proc/net/route")?;
@@ -185,11 +202,34 @@ async fn run(
             .with_context(|| format!("attaching to {iface}"))?;
     }
     let mut rec = Reconciler::new(dp);
-    let mut desired = services;
+    let has_file = path.is_some();
+    let mut cfg = cfg;
+    let mut configured = services;
+    let mut containers = std::collections::BTreeMap::new();
+    let mut reported = std::collections::HashSet::new();
+    let mut desired = configured.clone();
     let (health_tx, mut health_rx) = tokio::sync::mpsc::channel(256);
     let mut health = Supervisor::new(NetChecker, health_tx);
     health.sync(&desired);
     let mut pending = apply(&mut rec, &health.filter(&desired), "config");
+
+    let (docker_tx, mut docker_rx) = tokio::sync::mpsc::channel(1024);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    if docker_enabled(&cfg, has_file) {
+        let label_services = cfg.docker.label_services.unwrap_or(!has_file);
+        info!(
+            "docker discovery on {} (label services {})",
+            cfg.docker.socket,
+            if label_services { "on" } else { "off" }
+        );
+        tokio::spawn(discovery::run(
+            cfg.docker.socket.clone(),
+            docker_tx,
+            stop_rx,
+        ));
+    } else {
+        drop(docker_tx);
+    }
     let backends: usize = desired.iter().map(|s| s.backends.len()).sum();
     info!(
         "berth ready: attached to {}; {} services, {backends} backends; maglev M={}, conntrack {}",
@@ -220,15 +260,46 @@ async fn run(
                     Ok((new_cfg, new_services)) => {
                         let mut running = cfg.dataplane.clone();
                         running.interfaces.clone_from(&new_cfg.dataplane.interfaces);
-                        if new_cfg.dataplane != running {
-                            warn!("config reload: [dataplane] changes take effect on restart only");
+                        if new_cfg.dataplane != running || new_cfg.docker != cfg.docker {
+                            warn!(
+                                "config reload: [dataplane] and [docker] changes take effect on \
+                                 restart only"
+                            );
                         }
-                        desired = new_services;
+                        let docker = cfg.docker.clone();
+                        cfg = new_cfg;
+                        cfg.docker = docker;
+                        configured = new_services;
+                        desired = with_containers(&cfg, &configured, &containers, has_file, &mut reported);
                         health.sync(&desired);
                         pending = apply(&mut rec, &health.filter(&desired), "config reload");
                         info!("config reloaded: {} services", desired.len());
                     }
                 }
+            }
+            Some(event) = docker_rx.recv() => {
+                let why = match &event {
+                    discovery::Event::Snapshot(all) => {
+                        containers = all.iter().map(|c| (c.id.clone(), c.clone())).collect();
+                        "docker: resync".to_owned()
+                    }
+                    discovery::Event::Upsert(c) => {
+                        let why = format!(
+                            "docker: container {} {}",
+                            c.name,
+                            if c.serving() { "serving" } else if c.running { "unhealthy" } else { "stopped" }
+                        );
+                        containers.insert(c.id.clone(), c.clone());
+                        why
+                    }
+                    discovery::Event::Remove(id) => {
+                        let name = containers.remove(id).map_or_else(|| id.clone(), |c| c.name);
+                        format!("docker: container {name} gone")
+                    }
+                };
+                desired = with_containers(&cfg, &configured, &containers, has_file, &mut reported);
+                health.sync(&desired);
+                pending = apply(&mut rec, &health.filter(&desired), &why);
             }
             Some(change) = health_rx.recv() => {
                 if !health.record(&change) {
@@ -254,6 +325,7 @@ async fn run(
     }
 
     health.stop();
+    let _ = stop_tx.send(true);
     let dp = rec.into_dataplane();
     if let Ok(counters) = dp.reason_counters() {
         let line: Vec<String> = counters
@@ -273,6 +345,26 @@ async fn run(
     drop(dp);
     info!("berth stopped: detached from {}", ifaces.join(", "));
     Ok(())
+}
+
+/// The configured services plus what the containers add; problems with containers (bad labels,
+/// no address) are logged once each.
+fn with_containers(
+    cfg: &Config,
+    configured: &[Service],
+    containers: &std::collections::BTreeMap<String, discovery::ContainerInfo>,
+    has_file: bool,
+    reported: &mut std::collections::HashSet<String>,
+) -> Vec<Service> {
+    let label_services = cfg.docker.label_services.unwrap_or(!has_file);
+    let (services, problems) =
+        discovery::services(configured, &cfg.selectors(), containers, label_services);
+    for p in problems {
+        if reported.insert(p.clone()) {
+            warn!("{p}");
+        }
+    }
+    services
 }
 
 /// Applies `desired`; on failure logs it and returns true so the caller retries.

@@ -352,18 +352,26 @@ pub fn berth_bin() -> PathBuf {
 }
 
 impl Berth {
+    /// Starts berth inside `ns`.
     pub fn start(ns: &Netns, config: &str, ifaces: &[&str]) -> Self {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &ns.name]).arg(berth_bin());
+        Self::spawn(cmd, &ns.name, config, ifaces)
+    }
+
+    /// Starts berth in the root namespace (where Docker's networks are). Only ever with
+    /// interfaces the test created.
+    pub fn start_root(tag: &str, config: &str, ifaces: &[&str]) -> Self {
+        Self::spawn(Command::new(berth_bin()), tag, config, ifaces)
+    }
+
+    fn spawn(mut cmd: Command, tag: &str, config: &str, ifaces: &[&str]) -> Self {
         let dir = std::env::temp_dir().join(format!("berth-e2e-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
-        let config_path = dir.join(format!("{}.toml", ns.name));
+        let config_path = dir.join(format!("{tag}.toml"));
         std::fs::write(&config_path, config).expect("write config");
-        let log = dir.join(format!("{}.log", ns.name));
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &ns.name])
-            .arg(berth_bin())
-            .arg("run")
-            .arg("--config")
-            .arg(&config_path);
+        let log = dir.join(format!("{tag}.log"));
+        cmd.arg("run").arg("--config").arg(&config_path);
         for i in ifaces {
             cmd.args(["--iface", i]);
         }
@@ -442,4 +450,28 @@ impl Drop for Berth {
             eprintln!("---- berth log ----\n{s}-------------------");
         }
     }
+}
+
+/// An HTTP/1.0 GET of `/` (in the calling thread's namespace): (status, body).
+pub fn http_get(addr: SocketAddrV4) -> Result<(u16, String), String> {
+    let mut s = TcpStream::connect_timeout(&SocketAddr::V4(addr), Duration::from_secs(2))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)
+        .map_err(|e| format!("read from {addr}: {e}"))?;
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("not HTTP: {resp:?}"))?;
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .trim()
+        .to_owned();
+    Ok((status, body))
 }

@@ -88,6 +88,8 @@ fn run(args: &[String]) -> Result<()> {
         }
         "run" => {
             let tc = setup::ensure_all()?;
+            // Without a config file berth serves containers by their labels.
+            setup::ensure_docker()?;
             let mut c = cargo(&tc);
             c.args(["build", "--release", "-p", "lb-userspace"]);
             status(c)?;
@@ -110,15 +112,39 @@ fn run(args: &[String]) -> Result<()> {
         "test" => {
             let started = Instant::now();
             let tc = setup::ensure_all()?;
-            // The integration tests spawn the daemon binary.
+            setup::ensure_docker()?;
+            setup::ensure_musl_target(&tc)?;
+            // The integration tests spawn the daemon binary, and build the test image from the
+            // static `hello` server.
             let mut c = cargo(&tc);
             c.args(["build", "-p", "lb-userspace"]);
             status(c)?;
             let mut c = cargo(&tc);
-            c.args(["test", "--workspace", "--exclude", "lb-ebpf"])
-                .args(rest)
-                .args(["--", "--test-threads=1"])
-                .env("BERTH_BIN", root().join("target/debug/berth"));
+            c.args([
+                "build",
+                "--release",
+                "-p",
+                "berth-hello",
+                "--target",
+                setup::MUSL,
+            ]);
+            status(c)?;
+            let mut c = cargo(&tc);
+            c.args([
+                "test",
+                "--workspace",
+                "--exclude",
+                "lb-ebpf",
+                "--exclude",
+                "berth-hello",
+            ])
+            .args(rest)
+            .args(["--", "--test-threads=1"])
+            .env("BERTH_BIN", root().join("target/debug/berth"))
+            .env(
+                "BERTH_HELLO_BIN",
+                root().join(format!("target/{}/release/hello", setup::MUSL)),
+            );
             let result = status(c);
             eprintln!(
                 "xtask: test finished in {:.0} s",

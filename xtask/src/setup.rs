@@ -93,6 +93,27 @@ unsafe extern "C" {
     fn libc_geteuid() -> u32;
 }
 
+/// Target of the static test-image binary.
+pub const MUSL: &str = "x86_64-unknown-linux-musl";
+
+/// The musl standard library for the pinned toolchain (the test image is FROM scratch).
+pub fn ensure_musl_target(tc: &str) -> Result<()> {
+    let installed = output(
+        "rustup",
+        &[&format!("+{tc}"), "target", "list", "--installed"],
+    )?;
+    if installed.lines().any(|l| l.trim() == MUSL) {
+        done(&format!("rust target {MUSL}"), None);
+        return Ok(());
+    }
+    let t = Instant::now();
+    let mut c = Command::new("rustup");
+    c.args(["target", "add", MUSL, "--toolchain", tc]);
+    run_logged("adding the musl target", c)?;
+    done(&format!("rust target {MUSL}"), Some(t));
+    Ok(())
+}
+
 fn ensure_toolchain(tc: &str) -> Result<()> {
     let installed = output("rustup", &["toolchain", "list"])?;
     let have_tc = installed.lines().any(|l| l.starts_with(&format!("{tc}-")));

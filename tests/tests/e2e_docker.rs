@@ -1,0 +1,309 @@
+//! End to end with a real Docker Engine and real containers of the project's own image (a
+//! static `hello` HTTP server answering `Hello from <hostname>`, with an exec-form HEALTHCHECK).
+//!
+//! berth runs in the root namespace, where Docker's networks live, but attaches only to
+//! interfaces this test creates: a Docker network's bridge (`bte-dock0`) and a veth (`bte-dh0`)
+//! whose peer sits in a client namespace and plays the host's uplink. All traffic goes from that
+//! namespace to the containers the test started.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddrV4,
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use berth_tests::topo::{Berth, Netns, http_get, remove_leftovers, sh};
+
+const NETWORK: &str = "berth-test-net";
+const BRIDGE: &str = "bte-dock0";
+const UPLINK: &str = "bte-dh0";
+const IMAGE: &str = "berth-test/hello";
+const LABEL: &str = "berth-test=1";
+
+fn docker(args: &[&str]) -> String {
+    let mut full = vec!["docker"];
+    full.extend_from_slice(args);
+    sh(&full).trim().to_owned()
+}
+
+fn docker_quiet(args: &[&str]) {
+    let _ = Command::new("docker").args(args).output();
+}
+
+fn remove_docker_leftovers() {
+    let ids = Command::new("docker")
+        .args(["ps", "-aq", "--filter", &format!("label={LABEL}")])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    for id in ids.split_whitespace() {
+        docker_quiet(&["rm", "-f", id]);
+    }
+    docker_quiet(&["network", "rm", NETWORK]);
+}
+
+/// Builds the test image from the static binary (cheap when Docker's cache has it).
+fn build_image() {
+    let bin = std::env::var_os("BERTH_HELLO_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/x86_64-unknown-linux-musl/release/hello")
+        });
+    assert!(
+        bin.exists(),
+        "{} missing: run through `cargo xtask test`",
+        bin.display()
+    );
+    let dir = std::env::temp_dir().join(format!("berth-image-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(&bin, dir.join("hello")).unwrap();
+    std::fs::write(
+        dir.join("Dockerfile"),
+        "FROM scratch\nCOPY hello /hello\nEXPOSE 8000\n\
+         HEALTHCHECK --interval=1s --timeout=1s --retries=2 CMD [\"/hello\", \"get\", \"127.0.0.1:8000\"]\n\
+         ENTRYPOINT [\"/hello\", \"serve\", \"8000\"]\n",
+    )
+    .unwrap();
+    docker(&["build", "-q", "-t", IMAGE, dir.to_str().unwrap()]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The Docker network, the client namespace and the uplink veth; removed on drop.
+struct Setup {
+    client: Netns,
+}
+
+impl Setup {
+    fn new() -> Self {
+        remove_leftovers();
+        remove_docker_leftovers();
+        build_image();
+        docker(&[
+            "network",
+            "create",
+            "--driver",
+            "bridge",
+            "--opt",
+            &format!("com.docker.network.bridge.name={BRIDGE}"),
+            "--subnet",
+            "172.31.250.0/24",
+            "--label",
+            LABEL,
+            NETWORK,
+        ]);
+        let client = Netns::new("dcl");
+        sh(&[
+            "ip",
+            "link",
+            "add",
+            UPLINK,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &client.name,
+        ]);
+        sh(&["ip", "addr", "add", "10.41.0.1/24", "dev", UPLINK]);
+        sh(&["ip", "link", "set", UPLINK, "up"]);
+        client.exec(&["ip", "link", "set", "eth0", "up"]);
+        client.exec(&["ip", "addr", "add", "10.41.0.2/24", "dev", "eth0"]);
+        client.exec(&["ip", "route", "add", "default", "via", "10.41.0.1"]);
+        Self { client }
+    }
+
+    /// `docker run -d` of the test image; returns (container name, hostname).
+    fn run(&self, name: &str, extra: &[&str]) -> (String, String) {
+        let mut args = vec![
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--label",
+            LABEL,
+            "--network",
+            NETWORK,
+        ];
+        args.extend_from_slice(extra);
+        args.push(IMAGE);
+        let id = docker(&args);
+        (name.to_owned(), id[..12].to_owned())
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        remove_docker_leftovers();
+        let _ = Command::new("ip").args(["link", "del", UPLINK]).output();
+    }
+}
+
+const SERVICE: SocketAddrV4 = SocketAddrV4::new(std::net::Ipv4Addr::new(10, 41, 0, 1), 8080);
+
+/// Who answers `n` requests (hostname -> count); panics on any failure.
+fn spread(client: &Netns, n: usize) -> BTreeMap<String, usize> {
+    client.run(move || {
+        let mut m = BTreeMap::new();
+        for i in 0..n {
+            let (status, body) = http_get(SERVICE).unwrap_or_else(|e| panic!("request {i}: {e}"));
+            assert_eq!(status, 200, "request {i}: {body}");
+            let who = body
+                .strip_prefix("Hello from ")
+                .unwrap_or_else(|| panic!("{body:?}"))
+                .to_owned();
+            *m.entry(who).or_insert(0) += 1;
+        }
+        m
+    })
+}
+
+/// Requests in a loop until `stop`: (when, Ok(hostname) or Err(what failed)).
+fn load_loop(
+    client: &Netns,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Vec<(Instant, Result<String, String>)>> {
+    client.spawn(move || {
+        let mut out = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            let r = match http_get(SERVICE) {
+                Ok((200, body)) => Ok(body.trim_start_matches("Hello from ").to_owned()),
+                Ok((s, body)) => Err(format!("status {s}: {body}")),
+                Err(e) => Err(e),
+            };
+            out.push((Instant::now(), r));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        out
+    })
+}
+
+const CONFIG: &str = r#"
+[docker]
+label_services = false
+[[service]]
+name = "nodeapp"
+listen = "0.0.0.0:8080"
+[service.docker]
+image = "berth-test/hello"
+port = 8000
+"#;
+
+#[test]
+fn containers_join_and_leave_the_pool_by_themselves() {
+    let setup = Setup::new();
+    let (_, h1) = setup.run("bt-c1", &["-p", "8000"]);
+    let (_, h2) = setup.run("bt-c2", &["-p", "8000"]);
+    let berth = Berth::start_root("docker", CONFIG, &[UPLINK, BRIDGE]);
+    berth.wait_for("(docker: resync)", 2);
+
+    // Both containers answer, through Docker's FORWARD DROP, without the published ports.
+    let m = spread(&setup.client, 100);
+    println!("two containers: {m:?}");
+    assert_eq!(m.keys().cloned().collect::<Vec<_>>(), {
+        let mut v = vec![h1.clone(), h2.clone()];
+        v.sort();
+        v
+    });
+
+    // A third container, no published port, joins within a second of its start.
+    let started = Instant::now();
+    let (_, h3) = setup.run("bt-c3", &[]);
+    let joined = setup.client.run({
+        let h3 = h3.clone();
+        move || loop {
+            if let Ok((200, body)) = http_get(SERVICE)
+                && body == format!("Hello from {h3}")
+            {
+                return started.elapsed();
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "third container never served"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
+    println!("third container served {joined:?} after `docker run` returned");
+    assert!(joined < Duration::from_secs(1), "took {joined:?}");
+
+    // `docker stop` under load: no failed request, and no answer from it once stopped.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = load_loop(&setup.client, stop.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    docker(&["stop", "bt-c1"]);
+    let stopped = Instant::now();
+    std::thread::sleep(Duration::from_millis(700));
+    stop.store(true, Ordering::Relaxed);
+    let results = load.join().unwrap();
+    let failed: Vec<_> = results.iter().filter(|(_, r)| r.is_err()).collect();
+    let from_stopped = results
+        .iter()
+        .filter(|(at, r)| *at > stopped && r.as_deref() == Ok(h1.as_str()))
+        .count();
+    println!(
+        "docker stop under load: {} requests, {} failed",
+        results.len(),
+        failed.len()
+    );
+    assert!(failed.is_empty(), "failed requests: {failed:?}");
+    assert_eq!(from_stopped, 0, "the stopped container still got requests");
+
+    // A container whose own HEALTHCHECK fails (server answers 500) leaves the pool.
+    docker(&["exec", "bt-c2", "/hello", "sick", "500"]);
+    let sick = Instant::now();
+    let left = setup.client.run({
+        let h2 = h2.clone();
+        move || {
+            let mut clean = 0;
+            loop {
+                match http_get(SERVICE) {
+                    Ok((200, b)) if b != format!("Hello from {h2}") => clean += 1,
+                    _ => clean = 0,
+                }
+                if clean >= 30 {
+                    return sick.elapsed();
+                }
+                assert!(
+                    sick.elapsed() < Duration::from_secs(10),
+                    "sick container kept traffic"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    });
+    println!(
+        "unhealthy container out of the pool {left:?} after it started failing (Docker: interval 1 s, retries 2)"
+    );
+    let m = spread(&setup.client, 50);
+    assert_eq!(m.keys().cloned().collect::<Vec<_>>(), vec![h3.clone()]);
+
+    // Healthy again: back in the pool.
+    docker(&["exec", "bt-c2", "/hello", "sick", "no"]);
+    let back = setup.client.run({
+        let h2 = h2.clone();
+        move || {
+            let t = Instant::now();
+            loop {
+                if let Ok((200, b)) = http_get(SERVICE)
+                    && b == format!("Hello from {h2}")
+                {
+                    return t.elapsed();
+                }
+                assert!(
+                    t.elapsed() < Duration::from_secs(10),
+                    "recovered container never came back"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    });
+    println!("recovered container back in the pool after {back:?}");
+    drop(berth);
+}
