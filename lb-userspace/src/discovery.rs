@@ -379,7 +379,7 @@ fn is_stop_signal(signal: Option<&String>) -> bool {
     )
 }
 
-/// Runs discovery until `stop`, reconnecting with backoff (100 ms doubling to 5 s).
+/// Runs discovery until `stop`, reconnecting with backoff (100 ms doubling to 2 s).
 pub async fn run(socket: String, tx: mpsc::Sender<Event>, mut stop: watch::Receiver<bool>) {
     let mut backoff = Duration::from_millis(100);
     let mut last_error = String::new();
@@ -404,7 +404,7 @@ pub async fn run(socket: String, tx: mpsc::Sender<Event>, mut stop: watch::Recei
             _ = tokio::time::sleep(backoff) => {}
             _ = stop.changed() => return,
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        backoff = (backoff * 2).min(Duration::from_secs(2));
     }
 }
 

@@ -372,6 +372,11 @@ impl<C: Checker> Supervisor<C> {
         }
     }
 
+    /// A backend's health: None when it has no check.
+    pub fn state(&self, service: &str, backend: SocketAddrV4) -> Option<bool> {
+        self.healthy.get(&(service.to_owned(), backend)).copied()
+    }
+
     /// `services` without the backends whose check says unhealthy.
     pub fn filter(&self, services: &[crate::config::Service]) -> Vec<crate::config::Service> {
         services

@@ -10,6 +10,7 @@ use lb_userspace::{
     discovery,
     health::{NetChecker, Supervisor},
     reconciler::Reconciler,
+    status,
 };
 use log::{error, info, warn};
 use tokio::signal::unix::{SignalKind, signal};
@@ -40,9 +41,20 @@ enum Command {
         /// interface of the default route.
         #[arg(long = "iface", short = 'i')]
         ifaces: Vec<String>,
+        /// Admin socket `berth status` talks to (root only).
+        #[arg(long, default_value = status::DEFAULT_SOCKET)]
+        admin_socket: PathBuf,
     },
     /// Validate a config file and print what it would serve.
     CheckConfig { file: PathBuf },
+    /// Show what the running daemon serves: services, backends, health, flows, packets.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = status::DEFAULT_SOCKET)]
+        admin_socket: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -52,7 +64,25 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig { file } => check_config(&file),
-        Command::Run { config, ifaces } => {
+        Command::Status { json, admin_socket } => match status::query(&admin_socket) {
+            Ok(s) if json => {
+                println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+                ExitCode::SUCCESS
+            }
+            Ok(s) => {
+                print!("{}", status::render(&s));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("berth status: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run {
+            config,
+            ifaces,
+            admin_socket,
+        } => {
             // Everything that can be wrong with the input is found before the kernel is touched.
             let (cfg, services) = match &config {
                 Some(path) => match read_config(path) {
@@ -96,7 +126,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(run(config, cfg, services, ifaces)) {
+            match rt.block_on(run(config, cfg, services, ifaces, admin_socket)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     error!("{e:#}");
@@ -190,6 +220,7 @@ async fn run(
     cfg: Config,
     services: Vec<Service>,
     ifaces: Vec<String>,
+    admin_socket: PathBuf,
 ) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -202,6 +233,8 @@ async fn run(
             .with_context(|| format!("attaching to {iface}"))?;
     }
     let mut rec = Reconciler::new(dp);
+    let admin = status::bind(&admin_socket)
+        .with_context(|| format!("admin socket {}", admin_socket.display()))?;
     let has_file = path.is_some();
     let mut cfg = cfg;
     let mut configured = services;
@@ -301,6 +334,23 @@ async fn run(
                 health.sync(&desired);
                 pending = apply(&mut rec, &health.filter(&desired), &why);
             }
+            Ok((mut conn, _)) = admin.accept() => {
+                let s = build_status(&rec, &health, &desired, &containers);
+                let body = serde_json::to_vec(&s).unwrap_or_default();
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+                    // Read the request line first: closing with unread input would reset the
+                    // connection before the client reads the answer.
+                    let answer = async {
+                        let (r, mut w) = conn.split();
+                        let mut line = String::new();
+                        tokio::io::BufReader::new(r).read_line(&mut line).await?;
+                        w.write_all(&body).await?;
+                        w.shutdown().await
+                    };
+                    let _ = tokio::time::timeout(Duration::from_secs(5), answer).await;
+                });
+            }
             Some(change) = health_rx.recv() => {
                 if !health.record(&change) {
                     continue; // a check stopped by a reload
@@ -326,6 +376,7 @@ async fn run(
 
     health.stop();
     let _ = stop_tx.send(true);
+    let _ = std::fs::remove_file(&admin_socket);
     let dp = rec.into_dataplane();
     if let Ok(counters) = dp.reason_counters() {
         let line: Vec<String> = counters
@@ -365,6 +416,87 @@ fn with_containers(
         }
     }
     services
+}
+
+/// What `berth status` shows: every configured or discovered backend, in the pool or not.
+fn build_status(
+    rec: &Reconciler,
+    health: &Supervisor<NetChecker>,
+    desired: &[Service],
+    containers: &std::collections::BTreeMap<String, discovery::ContainerInfo>,
+) -> status::Status {
+    use std::collections::HashMap;
+    let dp = rec.dataplane();
+    // Open flows per backend address, from the forward conntrack entries.
+    let mut flows: HashMap<(u32, u16), u64> = HashMap::new();
+    for (_, e) in dp.conntrack_entries() {
+        if e.dir == lb_common::ct::DIR_FORWARD && e.state == lb_common::ct::STATE_OPEN {
+            *flows.entry((e.nat_addr, e.nat_port)).or_default() += 1;
+        }
+    }
+    let applied: HashMap<String, _> = rec
+        .state()
+        .into_iter()
+        .map(|s| (s.name.clone(), s))
+        .collect();
+    let container_of = |addr: &std::net::SocketAddrV4| {
+        containers
+            .values()
+            .find(|c| c.networks.values().any(|ip| ip == addr.ip()))
+            .map(|c| c.name.clone())
+    };
+    let services = desired
+        .iter()
+        .map(|s| {
+            let pool = applied.get(&s.name);
+            let backends = s
+                .backends
+                .iter()
+                .map(|(addr, weight)| {
+                    let id =
+                        pool.and_then(|p| p.backends.iter().find(|b| b.0 == *addr).map(|b| b.1));
+                    let c = id
+                        .and_then(|id| dp.backend_counters(id).ok())
+                        .unwrap_or_default();
+                    let key = (
+                        lb_common::ipv4_to_wire(addr.ip().octets()),
+                        lb_common::port_to_wire(addr.port()),
+                    );
+                    status::BackendStatus {
+                        address: addr.to_string(),
+                        container: container_of(addr),
+                        health: match health.state(&s.name, *addr) {
+                            None => "unchecked",
+                            Some(true) => "healthy",
+                            Some(false) => "unhealthy",
+                        }
+                        .into(),
+                        weight: *weight,
+                        in_pool: id.is_some(),
+                        active_flows: flows.get(&key).copied().unwrap_or(0),
+                        packets: c.packets,
+                        bytes: c.bytes,
+                        new_flows: c.new_flows,
+                    }
+                })
+                .collect();
+            status::ServiceStatus {
+                name: s.name.clone(),
+                listen: s.listen.to_string(),
+                protocol: s.protocol.to_string(),
+                backends,
+            }
+        })
+        .collect();
+    let counters = dp
+        .reason_counters()
+        .map(|v| {
+            v.into_iter()
+                .map(|(r, n)| (r.name().to_owned(), n))
+                .collect()
+        })
+        .unwrap_or_default();
+    status::Status { services, counters }
 }
 
 /// Applies `desired`; on failure logs it and returns true so the caller retries.

@@ -226,6 +226,22 @@ impl Reconciler {
     }
 
     fn apply_service(&mut self, svc: &Service, why: &str) -> Result<usize, ReconcileError> {
+        // Changes are logged once they are in the kernel (a "removed" line means no new flows),
+        // and also when a later write fails (they are in the kernel all the same).
+        let mut notes = Vec::new();
+        let result = self.apply_service_inner(svc, why, &mut notes);
+        for n in notes {
+            info!("{n}");
+        }
+        result
+    }
+
+    fn apply_service_inner(
+        &mut self,
+        svc: &Service,
+        why: &str,
+        notes: &mut Vec<String>,
+    ) -> Result<usize, ReconcileError> {
         let map_err = |source| ReconcileError::Map {
             service: svc.name.clone(),
             source: Box::new(source),
@@ -256,10 +272,10 @@ impl Reconciler {
                     table_synced: false,
                 },
             );
-            info!(
+            notes.push(format!(
                 "service {}: added ({} {}) ({why})",
                 svc.name, svc.protocol, svc.listen
-            );
+            ));
         }
         let a = self.services.get_mut(&svc.name).expect("just ensured");
 
@@ -274,7 +290,10 @@ impl Reconciler {
             let b = a.backends.remove(&addr).expect("listed");
             a.retired.push(b.id);
             a.table_synced = false;
-            info!("service {}: backend {addr} removed ({why})", svc.name);
+            notes.push(format!(
+                "service {}: backend {addr} removed ({why})",
+                svc.name
+            ));
         }
         // New backends and weight changes. The backend slot is written before any table slot
         // points at it.
@@ -282,10 +301,10 @@ impl Reconciler {
             match a.backends.get_mut(&addr) {
                 Some(b) if b.weight == weight => {}
                 Some(b) => {
-                    info!(
+                    notes.push(format!(
                         "service {}: backend {addr} weight {} -> {weight} ({why})",
                         svc.name, b.weight
-                    );
+                    ));
                     b.weight = weight;
                     a.table_synced = false;
                 }
@@ -312,10 +331,10 @@ impl Reconciler {
                     writes += 1;
                     a.backends.insert(addr, AppliedBackend { id, weight });
                     a.table_synced = false;
-                    info!(
+                    notes.push(format!(
                         "service {}: backend {addr} added (weight {weight}) ({why})",
                         svc.name
-                    );
+                    ));
                 }
             }
         }
@@ -357,11 +376,11 @@ impl Reconciler {
                 self.backend_ids.release(id);
             }
             if changed > 0 {
-                info!(
+                notes.push(format!(
                     "service {}: maglev table updated, {changed} of {m} slots changed, {} backends",
                     svc.name,
                     a.backends.len()
-                );
+                ));
             }
         }
 

@@ -337,6 +337,8 @@ pub struct Berth {
     child: Option<Child>,
     pub log: PathBuf,
     pub config: PathBuf,
+    /// Its admin socket (`berth status --admin-socket`).
+    pub admin: PathBuf,
 }
 
 pub fn berth_bin() -> PathBuf {
@@ -371,7 +373,12 @@ impl Berth {
         let config_path = dir.join(format!("{tag}.toml"));
         std::fs::write(&config_path, config).expect("write config");
         let log = dir.join(format!("{tag}.log"));
-        cmd.arg("run").arg("--config").arg(&config_path);
+        let admin = dir.join(format!("{tag}.sock"));
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--admin-socket")
+            .arg(&admin);
         for i in ifaces {
             cmd.args(["--iface", i]);
         }
@@ -385,9 +392,25 @@ impl Berth {
             child: Some(child),
             log,
             config: config_path,
+            admin,
         };
         b.wait_for("berth ready", 1);
         b
+    }
+
+    /// `berth status --json` against this daemon.
+    pub fn status(&self) -> lb_userspace::status::Status {
+        let out = Command::new(berth_bin())
+            .args(["status", "--json", "--admin-socket"])
+            .arg(&self.admin)
+            .output()
+            .expect("berth status");
+        assert!(
+            out.status.success(),
+            "berth status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status JSON")
     }
 
     pub fn log_text(&self) -> String {

@@ -305,5 +305,194 @@ fn containers_join_and_leave_the_pool_by_themselves() {
         }
     });
     println!("recovered container back in the pool after {back:?}");
+
+    // `berth status` shows the service, its containers, their health and traffic.
+    let st = berth.status();
+    let svc = &st.services[0];
+    assert_eq!(
+        (svc.name.as_str(), svc.listen.as_str()),
+        ("nodeapp", "0.0.0.0:8080")
+    );
+    let names: Vec<_> = svc
+        .backends
+        .iter()
+        .filter_map(|b| b.container.clone())
+        .collect();
+    assert!(
+        names.contains(&"bt-c2".to_owned()) && names.contains(&"bt-c3".to_owned()),
+        "{svc:?}"
+    );
+    assert!(
+        svc.backends.iter().all(|b| b.in_pool && b.packets > 0),
+        "{svc:?}"
+    );
     drop(berth);
+}
+
+/// Whether dockerd answers.
+fn docker_up() -> bool {
+    Command::new("docker")
+        .args(["version", "--format", "{{.Server.Version}}"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Starts dockerd the way `cargo xtask docker-up` does, and waits for it.
+#[expect(
+    clippy::zombie_processes,
+    reason = "dockerd is started detached on purpose: it must outlive the test"
+)]
+fn start_dockerd() {
+    if docker_up() {
+        return;
+    }
+    for f in [
+        "/var/run/docker.pid",
+        "/var/run/docker/containerd/containerd.pid",
+    ] {
+        let _ = std::fs::remove_file(f);
+    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open("/var/log/berth-dockerd.log")
+        .unwrap();
+    Command::new("setsid")
+        .arg("dockerd")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("start dockerd");
+    let t = Instant::now();
+    while !docker_up() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "dockerd did not come back"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Stops dockerd (SIGTERM, as an operator's restart does) and waits until it is gone.
+fn stop_dockerd() {
+    let pid: i32 = std::fs::read_to_string("/var/run/docker.pid")
+        .expect("dockerd pid file")
+        .trim()
+        .parse()
+        .expect("pid");
+    // SAFETY: a signal to the daemon's pid.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let t = Instant::now();
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "dockerd did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Makes sure dockerd runs again even if the test fails half-way.
+struct DockerdBack;
+
+impl Drop for DockerdBack {
+    fn drop(&mut self) {
+        start_dockerd();
+    }
+}
+
+#[test]
+fn dockerd_restart_is_survived_and_resynced() {
+    let setup = Setup::new();
+    let _back = DockerdBack;
+    let (_, h1) = setup.run("bt-r1", &["--restart", "always"]);
+    let (_, h2) = setup.run("bt-r2", &["--restart", "always"]);
+    let mut berth = Berth::start_root("docker-restart", CONFIG, &[UPLINK, BRIDGE]);
+    berth.wait_for("(docker: resync)", 2);
+    assert_eq!(spread(&setup.client, 40).len(), 2);
+
+    let t = Instant::now();
+    stop_dockerd();
+    berth.wait_for("reconnecting (and resyncing) with backoff", 1);
+    start_dockerd();
+    // A second session with a fresh listing, without a restart of berth.
+    berth.wait_for("docker: connected", 2);
+    println!("berth reconnected {:?} after the stop began", t.elapsed());
+    // The containers come back (restart policy), possibly on new addresses; berth must find
+    // them again through a fresh listing.
+    let served = setup.client.run({
+        let (h1, h2) = (h1.clone(), h2.clone());
+        move || {
+            let mut seen = std::collections::BTreeSet::new();
+            loop {
+                if let Ok((200, b)) = http_get(SERVICE) {
+                    seen.insert(b.trim_start_matches("Hello from ").to_owned());
+                }
+                if seen.contains(&h1) && seen.contains(&h2) {
+                    return t.elapsed();
+                }
+                assert!(
+                    t.elapsed() < Duration::from_secs(60),
+                    "not resynced: saw {seen:?}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    });
+    println!("dockerd restarted: both containers served again {served:?} after the stop began");
+    let (status, _) = berth.stop();
+    assert!(
+        status.success(),
+        "berth did not survive the dockerd restart: {}",
+        berth.log_text()
+    );
+}
+
+const HEALTH_CONFIG: &str = r#"
+[docker]
+label_services = false
+[[service]]
+name = "nodeapp"
+listen = "0.0.0.0:8080"
+[service.docker]
+image = "berth-test/hello"
+port = 8000
+[service.health]
+type = "http"
+expect_string = "Hello"
+interval_ms = 200
+timeout_ms = 150
+rise = 1
+fall = 2
+"#;
+
+#[test]
+fn hung_container_leaves_after_fall_times_interval_of_berths_own_check() {
+    let setup = Setup::new();
+    let (_, h1) = setup.run("bt-h1", &[]);
+    let (_, h2) = setup.run("bt-h2", &[]);
+    let berth = Berth::start_root("docker-health", HEALTH_CONFIG, &[UPLINK, BRIDGE]);
+    // New backends enter after their first passing check (rise = 1).
+    berth.wait_for("(health check passing)", 2);
+    assert_eq!(spread(&setup.client, 40).len(), 2);
+
+    docker(&["exec", "bt-h1", "/hello", "sick", "hang"]);
+    let hung = Instant::now();
+    berth.wait_for("removed (health check failing: timed out)", 1);
+    let removed = hung.elapsed();
+    println!(
+        "hung container removed {removed:?} after it stopped answering (interval 200 ms, timeout 150 ms, fall 2)"
+    );
+    assert!(
+        removed < Duration::from_millis(2 * 200 + 150 + 400),
+        "{removed:?}"
+    );
+    let m = spread(&setup.client, 40);
+    assert_eq!(m.keys().cloned().collect::<Vec<_>>(), vec![h2.clone()]);
+
+    docker(&["exec", "bt-h1", "/hello", "sick", "no"]);
+    berth.wait_for("(health check passing)", 3);
+    let m = spread(&setup.client, 60);
+    assert!(m.contains_key(&h1), "recovered container not back: {m:?}");
 }
