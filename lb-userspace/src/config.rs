@@ -64,6 +64,9 @@ pub struct DataplaneConfig {
     pub tcp_idle_timeout_secs: u64,
     /// How long an idle UDP flow is remembered.
     pub udp_idle_timeout_secs: u64,
+    /// How long flows pinned to a backend that left may go on before their conntrack entries
+    /// are purged (a backend that comes back meanwhile keeps them).
+    pub drain_timeout_secs: u64,
     /// Seed of the flow hash; random per start when absent.
     pub hash_seed: Option<u32>,
     /// Route translated packets in the program and redirect them to the egress device
@@ -82,6 +85,7 @@ impl Default for DataplaneConfig {
             tcp_closing_timeout_secs: 10,
             tcp_idle_timeout_secs: 3600,
             udp_idle_timeout_secs: 60,
+            drain_timeout_secs: 30,
             hash_seed: None,
             redirect: true,
         }
@@ -303,6 +307,7 @@ impl Config {
             ),
             ("dataplane.tcp_idle_timeout_secs", d.tcp_idle_timeout_secs),
             ("dataplane.udp_idle_timeout_secs", d.udp_idle_timeout_secs),
+            ("dataplane.drain_timeout_secs", d.drain_timeout_secs),
         ] {
             if v == 0 || v > 7 * 24 * 3600 {
                 return Err(ConfigError::new(

@@ -361,8 +361,14 @@ async fn run(
                 };
                 pending = apply(&mut rec, &health.filter(&desired), &why);
             }
-            _ = retry.tick(), if pending => {
-                pending = apply(&mut rec, &health.filter(&desired), "retry");
+            _ = retry.tick() => {
+                if pending {
+                    pending = apply(&mut rec, &health.filter(&desired), "retry");
+                }
+                let drain = Duration::from_secs(cfg.dataplane.drain_timeout_secs);
+                if let Err(e) = rec.purge_drained(std::time::Instant::now(), drain) {
+                    warn!("purging drained backends, retrying in 1 s: {e:#}");
+                }
             }
             _ = gc.tick() => {
                 match rec.dataplane_mut().conntrack_gc(monotonic_ns()) {

@@ -106,6 +106,9 @@ pub struct Reconciler {
     services: BTreeMap<String, AppliedService>,
     service_ids: IdPool,
     backend_ids: IdPool,
+    /// Backends that left, with when they left: their pinned flows drain until the drain
+    /// timeout, then their conntrack entries are purged.
+    draining: BTreeMap<(u8, SocketAddrV4), std::time::Instant>,
 }
 
 fn service_key(listen: SocketAddrV4, protocol: Protocol) -> ServiceKey {
@@ -129,6 +132,7 @@ impl Reconciler {
             service_ids: IdPool::new(0, o.max_services),
             // Backend id 0 is reserved: an all-zero Maglev slot means "no backend".
             backend_ids: IdPool::new(1, o.max_backends),
+            draining: BTreeMap::new(),
         }
     }
 
@@ -160,6 +164,61 @@ impl Reconciler {
                     .collect(),
             })
             .collect()
+    }
+
+    /// Purges the conntrack entries of backends that left more than `drain` before `now` and
+    /// have not come back (to any service); returns (backend, entries purged) for each.
+    pub fn purge_drained(
+        &mut self,
+        now: std::time::Instant,
+        drain: std::time::Duration,
+    ) -> Result<Vec<(SocketAddrV4, usize)>, ReconcileError> {
+        let in_use = |s: &BTreeMap<String, AppliedService>, proto: u8, addr: &SocketAddrV4| {
+            s.values()
+                .any(|a| a.protocol.ip_proto() == proto && a.backends.contains_key(addr))
+        };
+        let due: Vec<(u8, SocketAddrV4)> = self
+            .draining
+            .iter()
+            .filter(|(_, left)| now.saturating_duration_since(**left) >= drain)
+            .map(|(k, _)| *k)
+            .collect();
+        let mut purged = Vec::new();
+        for (proto, addr) in due {
+            if in_use(&self.services, proto, &addr) {
+                self.draining.remove(&(proto, addr));
+                continue; // it came back: its flows are welcome
+            }
+            let wire = (ipv4_to_wire(addr.ip().octets()), port_to_wire(addr.port()));
+            let doomed: Vec<lb_common::FlowKey> = self
+                .dp
+                .conntrack_entries()
+                .into_iter()
+                .filter(|(k, e)| {
+                    k.proto == proto
+                        && ((e.dir == lb_common::ct::DIR_FORWARD
+                            && (e.nat_addr, e.nat_port) == wire)
+                            || (e.dir == lb_common::ct::DIR_REPLY && (k.saddr, k.sport) == wire))
+                })
+                .map(|(k, _)| k)
+                .collect();
+            for k in &doomed {
+                self.dp
+                    .conntrack_remove(k)
+                    .map_err(|source| ReconcileError::Map {
+                        service: format!("(drained backend {addr})"),
+                        source: Box::new(source),
+                    })?;
+            }
+            // Only now: a failed removal above leaves it draining, to be retried.
+            self.draining.remove(&(proto, addr));
+            info!(
+                "backend {addr}: drain timeout over, purged {} conntrack entries",
+                doomed.len()
+            );
+            purged.push((addr, doomed.len()));
+        }
+        Ok(purged)
     }
 
     /// Makes the kernel serve exactly `desired`. `why` (e.g. "config", "health check: refused")
@@ -211,6 +270,10 @@ impl Reconciler {
             }
         }
         let a = self.services.remove(name).expect("present");
+        for addr in a.backends.keys() {
+            self.draining
+                .insert((a.protocol.ip_proto(), *addr), std::time::Instant::now());
+        }
         for b in a.backends.values() {
             self.backend_ids.release(b.id);
         }
@@ -289,6 +352,8 @@ impl Reconciler {
         for addr in gone {
             let b = a.backends.remove(&addr).expect("listed");
             a.retired.push(b.id);
+            self.draining
+                .insert((a.protocol.ip_proto(), addr), std::time::Instant::now());
             a.table_synced = false;
             notes.push(format!(
                 "service {}: backend {addr} removed ({why})",

@@ -852,3 +852,55 @@ fn new_flows_reuse_the_backend_route_and_a_reused_backend_id_starts_clean() {
         assert_eq!(f.dp().backend_route(id).unwrap().route.ifindex, 0);
     });
 }
+
+#[test]
+fn departed_backend_drains_then_its_flows_are_purged_unless_it_returns() {
+    in_fixture_netns(|| {
+        let mut f = standard();
+        let syn = Ipv4Packet::tcp(client(40040), sa(VIP, 80), TCP_SYN).build();
+        let chosen = assert_dnat(&f.run(&syn), &syn, &web_backends());
+        let without = |f: &Fixture| {
+            let mut s = f.services.clone();
+            for svc in &mut s {
+                svc.backends.retain(|(a, _)| *a != chosen);
+            }
+            s
+        };
+        let with_all = f.services.clone();
+        f.apply(without(&f));
+        let ack = Ipv4Packet::tcp(client(40040), sa(VIP, 80), TCP_ACK).build();
+        // Draining: still pinned.
+        assert_eq!(assert_dnat(&f.run(&ack), &ack, &web_backends()), chosen);
+        let drain = std::time::Duration::from_secs(30);
+        let now = std::time::Instant::now();
+        assert!(
+            f.rec.purge_drained(now, drain).unwrap().is_empty(),
+            "not due yet"
+        );
+        let purged = f.rec.purge_drained(now + drain, drain).unwrap();
+        assert_eq!(purged, vec![(chosen, 2)], "both entries of the flow");
+        // Purged: the next packet is picked up again, by a backend still in the table.
+        let run = f.run(&ack);
+        let now_on = assert_dnat(&run, &ack, &web_backends());
+        assert_ne!(now_on, chosen);
+        assert_eq!(run.counted(Reason::EventCtMidstreamPickup), 1);
+
+        // A backend that comes back before its drain is over keeps its flows.
+        let syn2 = Ipv4Packet::tcp(client(40041), sa(VIP, 80), TCP_SYN).build();
+        let b2 = assert_dnat(&f.run(&syn2), &syn2, &web_backends());
+        let mut s = with_all.clone();
+        for svc in &mut s {
+            svc.backends.retain(|(a, _)| *a != b2);
+        }
+        f.apply(s);
+        f.apply(with_all);
+        assert!(
+            f.rec
+                .purge_drained(std::time::Instant::now() + drain, drain)
+                .unwrap()
+                .is_empty()
+        );
+        let ack2 = Ipv4Packet::tcp(client(40041), sa(VIP, 80), TCP_ACK).build();
+        assert_eq!(assert_dnat(&f.run(&ack2), &ack2, &web_backends()), b2);
+    });
+}
