@@ -79,6 +79,35 @@ pub enum Event {
     Remove(String),
 }
 
+/// The TCP ports some process on this host listens on and the UDP ports bound, from
+/// /proc/net/{tcp,tcp6,udp,udp6} (of the namespace berth runs in).
+pub fn host_ports() -> std::collections::HashSet<(Protocol, u16)> {
+    let mut out = std::collections::HashSet::new();
+    for (file, proto, state) in [
+        ("/proc/net/tcp", Protocol::Tcp, "0A"),
+        ("/proc/net/tcp6", Protocol::Tcp, "0A"),
+        ("/proc/net/udp", Protocol::Udp, "07"),
+        ("/proc/net/udp6", Protocol::Udp, "07"),
+    ] {
+        let Ok(text) = std::fs::read_to_string(file) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() > 3
+                && f[3] == state
+                && let Some(port) = f[1]
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| u16::from_str_radix(p, 16).ok())
+            {
+                out.insert((proto, port));
+            }
+        }
+    }
+    out
+}
+
 /// Labels of the label-driven services.
 pub const LABEL_PORT: &str = "berth.port";
 pub const LABEL_TARGET_PORT: &str = "berth.target-port";
@@ -166,6 +195,7 @@ pub fn services(
     selectors: &HashMap<String, DockerSelector>,
     containers: &BTreeMap<String, ContainerInfo>,
     label_services: bool,
+    host_ports: &std::collections::HashSet<(Protocol, u16)>,
 ) -> (Vec<Service>, Vec<String>) {
     let mut problems = Vec::new();
     let mut out: Vec<Service> = configured.to_vec();
@@ -210,6 +240,14 @@ pub fn services(
                 continue;
             };
             let listen = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, ls.port);
+            // A label must not capture traffic for a port the host itself serves (e.g. 22).
+            if host_ports.contains(&(ls.protocol, ls.port)) {
+                problems.push(format!(
+                    "container {}: {} port {} is in use by a process on this host; labels cannot take it",
+                    c.name, ls.protocol, ls.port
+                ));
+                continue;
+            }
             if out
                 .iter()
                 .any(|s| s.listen.port() == ls.port && s.protocol == ls.protocol)
@@ -535,7 +573,11 @@ mod tests {
         .into_iter()
         .map(|c| (c.id.clone(), c))
         .collect();
-        let (svcs, problems) = services(&configured, &selectors, &containers, true);
+        let host: std::collections::HashSet<_> = [(Protocol::Tcp, 22)].into_iter().collect();
+        let mut containers = containers;
+        let ssh = c("ssh", "x", &[("berth.port", "22")], [10, 0, 0, 11]);
+        containers.insert(ssh.id.clone(), ssh);
+        let (svcs, problems) = services(&configured, &selectors, &containers, true, &host);
         let web = &svcs[0];
         assert_eq!(
             web.backends,
@@ -553,7 +595,12 @@ mod tests {
             .find(|s| s.name == "tcp-9090")
             .expect("label service");
         assert_eq!(lab.backends, vec![("10.0.0.5:80".parse().unwrap(), 1)]);
-        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("container ssh") && p.contains("in use by a process"))
+        );
         assert!(
             problems
                 .iter()
@@ -565,7 +612,7 @@ mod tests {
                 .any(|p| p.contains("container steal") && p.contains("configured service"))
         );
         // Without label services, labels are ignored.
-        let (svcs, problems) = services(&configured, &selectors, &containers, false);
+        let (svcs, problems) = services(&configured, &selectors, &containers, false, &host);
         assert_eq!(svcs.len(), 1);
         assert!(problems.is_empty());
     }

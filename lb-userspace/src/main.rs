@@ -414,8 +414,13 @@ fn with_containers(
     reported: &mut std::collections::HashSet<String>,
 ) -> Vec<Service> {
     let label_services = cfg.docker.label_services.unwrap_or(!has_file);
-    let (services, problems) =
-        discovery::services(configured, &cfg.selectors(), containers, label_services);
+    let (services, problems) = discovery::services(
+        configured,
+        &cfg.selectors(),
+        containers,
+        label_services,
+        &discovery::host_ports(),
+    );
     for p in problems {
         if reported.insert(p.clone()) {
             warn!("{p}");

@@ -358,27 +358,33 @@ impl Berth {
     pub fn start(ns: &Netns, config: &str, ifaces: &[&str]) -> Self {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &ns.name]).arg(berth_bin());
-        Self::spawn(cmd, &ns.name, config, ifaces)
+        Self::spawn(cmd, &ns.name, Some(config), ifaces)
     }
 
     /// Starts berth in the root namespace (where Docker's networks are). Only ever with
     /// interfaces the test created.
     pub fn start_root(tag: &str, config: &str, ifaces: &[&str]) -> Self {
-        Self::spawn(Command::new(berth_bin()), tag, config, ifaces)
+        Self::spawn(Command::new(berth_bin()), tag, Some(config), ifaces)
     }
 
-    fn spawn(mut cmd: Command, tag: &str, config: &str, ifaces: &[&str]) -> Self {
+    /// Starts berth in the root namespace without a config file (label-driven services).
+    pub fn start_root_without_config(tag: &str, ifaces: &[&str]) -> Self {
+        Self::spawn(Command::new(berth_bin()), tag, None, ifaces)
+    }
+
+    fn spawn(mut cmd: Command, tag: &str, config: Option<&str>, ifaces: &[&str]) -> Self {
         let dir = std::env::temp_dir().join(format!("berth-e2e-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let config_path = dir.join(format!("{tag}.toml"));
-        std::fs::write(&config_path, config).expect("write config");
+        if let Some(config) = config {
+            std::fs::write(&config_path, config).expect("write config");
+        }
         let log = dir.join(format!("{tag}.log"));
         let admin = dir.join(format!("{tag}.sock"));
-        cmd.arg("run")
-            .arg("--config")
-            .arg(&config_path)
-            .arg("--admin-socket")
-            .arg(&admin);
+        cmd.arg("run").arg("--admin-socket").arg(&admin);
+        if config.is_some() {
+            cmd.arg("--config").arg(&config_path);
+        }
         for i in ifaces {
             cmd.args(["--iface", i]);
         }

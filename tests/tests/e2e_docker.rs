@@ -496,3 +496,42 @@ fn hung_container_leaves_after_fall_times_interval_of_berths_own_check() {
     let m = spread(&setup.client, 60);
     assert!(m.contains_key(&h1), "recovered container not back: {m:?}");
 }
+
+#[test]
+fn without_a_config_file_containers_are_served_by_their_labels() {
+    let setup = Setup::new();
+    let labels = [
+        "--label",
+        "berth.port=8080",
+        "--label",
+        "berth.target-port=8000",
+    ];
+    let (_, h1) = setup.run("bt-l1", &labels);
+    let (_, h2) = setup.run("bt-l2", &labels);
+    // A label asking for a port a host process listens on is refused: take one that is.
+    let host_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = host_port.local_addr().unwrap().port().to_string();
+    let (_, _h3) = setup.run(
+        "bt-l3",
+        &[
+            "--label",
+            &format!("berth.port={taken}"),
+            "--label",
+            "berth.target-port=8000",
+        ],
+    );
+    let berth = Berth::start_root_without_config("docker-labels", &[UPLINK, BRIDGE]);
+    berth.wait_for("(docker: resync)", 2);
+    let m = spread(&setup.client, 60);
+    println!("label service tcp-8080: {m:?}");
+    let mut want = vec![h1, h2];
+    want.sort();
+    assert_eq!(m.keys().cloned().collect::<Vec<_>>(), want);
+    berth.wait_for(
+        &format!("container bt-l3: tcp port {taken} is in use by a process on this host"),
+        1,
+    );
+    let st = berth.status();
+    assert_eq!(st.services.len(), 1, "{st:?}");
+    assert_eq!(st.services[0].name, "tcp-8080");
+}
