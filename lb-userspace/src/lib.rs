@@ -8,6 +8,7 @@ pub mod health;
 pub mod maglev;
 pub mod reconciler;
 pub mod status;
+pub mod synapse;
 
 /// The eBPF object built from `lb-ebpf` by this crate's build script.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));

@@ -37,6 +37,9 @@ enum Command {
         /// TOML config file.
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// An Airbnb Synapse config (JSON) to serve instead, mapped onto berth services.
+        #[arg(long, conflicts_with = "config")]
+        synapse_config: Option<PathBuf>,
         /// Interface to attach to (repeatable); replaces `dataplane.interfaces`. Default: the
         /// interface of the default route.
         #[arg(long = "iface", short = 'i')]
@@ -46,7 +49,12 @@ enum Command {
         admin_socket: PathBuf,
     },
     /// Validate a config file and print what it would serve.
-    CheckConfig { file: PathBuf },
+    CheckConfig {
+        file: PathBuf,
+        /// The file is a Synapse config (JSON).
+        #[arg(long)]
+        synapse: bool,
+    },
     /// Show what the running daemon serves: services, backends, health, flows, packets.
     Status {
         /// Print JSON instead of a table.
@@ -63,7 +71,10 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::CheckConfig { file } => check_config(&file),
+        Command::CheckConfig { file, synapse } => check_config(&Source {
+            path: file,
+            synapse,
+        }),
         Command::Status { json, admin_socket } => match status::query(&admin_socket) {
             Ok(s) if json => {
                 println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
@@ -80,14 +91,26 @@ fn main() -> ExitCode {
         },
         Command::Run {
             config,
+            synapse_config,
             ifaces,
             admin_socket,
         } => {
+            let config = match (config, synapse_config) {
+                (Some(path), _) => Some(Source {
+                    path,
+                    synapse: false,
+                }),
+                (None, Some(path)) => Some(Source {
+                    path,
+                    synapse: true,
+                }),
+                (None, None) => None,
+            };
             // Everything that can be wrong with the input is found before the kernel is touched.
             let (cfg, services) = match &config {
-                Some(path) => match read_config(path) {
+                Some(src) => match read_config(src) {
                     Ok(v) => v,
-                    Err(e) => return config_failure(path, &e),
+                    Err(e) => return config_failure(&src.path, &e),
                 },
                 None => (Config::default(), Vec::new()),
             };
@@ -137,12 +160,27 @@ fn main() -> ExitCode {
     }
 }
 
-fn read_config(path: &PathBuf) -> Result<(Config, Vec<Service>), ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        field: path.display().to_string(),
+/// Where the configuration comes from: berth's TOML, or a Synapse JSON config.
+#[derive(Debug, Clone)]
+struct Source {
+    path: PathBuf,
+    synapse: bool,
+}
+
+fn read_config(src: &Source) -> Result<(Config, Vec<Service>), ConfigError> {
+    let text = std::fs::read_to_string(&src.path).map_err(|e| ConfigError {
+        field: src.path.display().to_string(),
         message: format!("cannot read: {e}"),
     })?;
-    Config::load(&text)
+    if !src.synapse {
+        return Config::load(&text);
+    }
+    let imported = lb_userspace::synapse::import(&text)?;
+    for w in &imported.warnings {
+        warn!("synapse config: {w}");
+    }
+    let services = imported.config.validate()?;
+    Ok((imported.config, services))
 }
 
 fn config_failure(path: &std::path::Path, e: &ConfigError) -> ExitCode {
@@ -150,8 +188,9 @@ fn config_failure(path: &std::path::Path, e: &ConfigError) -> ExitCode {
     ExitCode::from(EXIT_CONFIG)
 }
 
-fn check_config(path: &PathBuf) -> ExitCode {
-    match read_config(path) {
+fn check_config(src: &Source) -> ExitCode {
+    let path = &src.path;
+    match read_config(src) {
         Ok((cfg, services)) => {
             println!("{}: ok, {} services", path.display(), services.len());
             for s in &services {
@@ -162,6 +201,17 @@ fn check_config(path: &PathBuf) -> ExitCode {
                     s.listen,
                     s.backends.len()
                 );
+            }
+            for s in &cfg.services {
+                if let Some(d) = &s.docker {
+                    println!(
+                        "  {}: containers of image {} (labels {:?}) on port {}",
+                        s.name,
+                        d.image.as_deref().unwrap_or("any"),
+                        d.labels,
+                        d.port
+                    );
+                }
             }
             if !cfg.dataplane.interfaces.is_empty() {
                 println!("  interfaces: {}", cfg.dataplane.interfaces.join(", "));
@@ -216,7 +266,7 @@ fn preflight(ifaces: &[String], redirect: bool) -> anyhow::Result<()> {
 }
 
 async fn run(
-    path: Option<PathBuf>,
+    path: Option<Source>,
     cfg: Config,
     services: Vec<Service>,
     ifaces: Vec<String>,
@@ -288,7 +338,7 @@ async fn run(
                 match read_config(path) {
                     Err(e) => error!(
                         "config reload failed, keeping the running config: {}: {e}",
-                        path.display()
+                        path.path.display()
                     ),
                     Ok((new_cfg, new_services)) => {
                         let mut running = cfg.dataplane.clone();

@@ -367,12 +367,29 @@ impl Berth {
         Self::spawn(Command::new(berth_bin()), tag, Some(config), ifaces)
     }
 
+    /// Starts berth in the root namespace with a Synapse JSON config (`--synapse-config`).
+    pub fn start_root_synapse(tag: &str, json: &str, ifaces: &[&str]) -> Self {
+        let dir = std::env::temp_dir().join(format!("berth-e2e-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join(format!("{tag}.synapse.json"));
+        std::fs::write(&path, json).expect("write synapse config");
+        let mut cmd = Command::new(berth_bin());
+        cmd.arg("run").arg("--synapse-config").arg(&path);
+        Self::spawn_with(cmd, tag, None, ifaces)
+    }
+
     /// Starts berth in the root namespace without a config file (label-driven services).
     pub fn start_root_without_config(tag: &str, ifaces: &[&str]) -> Self {
         Self::spawn(Command::new(berth_bin()), tag, None, ifaces)
     }
 
     fn spawn(mut cmd: Command, tag: &str, config: Option<&str>, ifaces: &[&str]) -> Self {
+        cmd.arg("run");
+        Self::spawn_with(cmd, tag, config, ifaces)
+    }
+
+    /// `cmd` already holds `berth run` and any source flag.
+    fn spawn_with(mut cmd: Command, tag: &str, config: Option<&str>, ifaces: &[&str]) -> Self {
         let dir = std::env::temp_dir().join(format!("berth-e2e-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let config_path = dir.join(format!("{tag}.toml"));
@@ -381,7 +398,7 @@ impl Berth {
         }
         let log = dir.join(format!("{tag}.log"));
         let admin = dir.join(format!("{tag}.sock"));
-        cmd.arg("run").arg("--admin-socket").arg(&admin);
+        cmd.arg("--admin-socket").arg(&admin);
         if config.is_some() {
             cmd.arg("--config").arg(&config_path);
         }

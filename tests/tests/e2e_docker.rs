@@ -535,3 +535,52 @@ fn without_a_config_file_containers_are_served_by_their_labels() {
     assert_eq!(st.services.len(), 1, "{st:?}");
     assert_eq!(st.services[0].name, "tcp-8080");
 }
+
+/// The seed's Synapse config, image name adjusted to the test image and checks made faster.
+const SYNAPSE: &str = r#"{
+  "services": {
+    "nodeapp": {
+      "discovery": {
+        "method": "docker",
+        "servers": [{"name": "localhost", "host": "localhost"}],
+        "container_port": 8000,
+        "image_name": "berth-test/hello"
+      },
+      "haproxy": {
+        "port": 8080,
+        "server_options": "check inter 200ms rise 1 fall 2",
+        "listen": ["mode http", "option httpchk /", "http-check expect string Hello"]
+      }
+    }
+  },
+  "haproxy": {
+    "reload_command": "service haproxy reload",
+    "config_file_path": "/etc/haproxy/haproxy.cfg",
+    "global": ["daemon"],
+    "defaults": ["timeout connect 5000ms"]
+  }
+}"#;
+
+#[test]
+fn synapse_config_gives_the_same_behaviour() {
+    let setup = Setup::new();
+    let (_, h1) = setup.run("bt-s1", &["-p", "8000"]);
+    let (_, h2) = setup.run("bt-s2", &["-p", "8000"]);
+    let berth = Berth::start_root_synapse("synapse", SYNAPSE, &[UPLINK, BRIDGE]);
+    berth.wait_for("synapse config: the top-level haproxy section", 1);
+    berth.wait_for("(health check passing)", 2);
+    let m = spread(&setup.client, 60);
+    let mut want = vec![h1.clone(), h2.clone()];
+    want.sort();
+    assert_eq!(m.keys().cloned().collect::<Vec<_>>(), want);
+    // The httpchk/expect lines became berth's HTTP check: a hung container leaves.
+    docker(&["exec", "bt-s1", "/hello", "sick", "hang"]);
+    berth.wait_for("removed (health check failing: timed out)", 1);
+    assert_eq!(
+        spread(&setup.client, 30)
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>(),
+        vec![h2]
+    );
+}
