@@ -115,6 +115,14 @@ pub const LABEL_PROTOCOL: &str = "berth.protocol";
 pub const LABEL_WEIGHT: &str = "berth.weight";
 pub const LABEL_SERVICE: &str = "berth.service";
 pub const LABEL_NETWORK: &str = "berth.network";
+/// `tcp` or `http`: berth checks the container itself (see [`crate::health`]).
+pub const LABEL_HEALTH: &str = "berth.health";
+pub const LABEL_HEALTH_PATH: &str = "berth.health.path";
+pub const LABEL_HEALTH_EXPECT_STATUS: &str = "berth.health.expect-status";
+pub const LABEL_HEALTH_EXPECT_STRING: &str = "berth.health.expect-string";
+pub const LABEL_HEALTH_INTERVAL: &str = "berth.health.interval-ms";
+pub const LABEL_HEALTH_RISE: &str = "berth.health.rise";
+pub const LABEL_HEALTH_FALL: &str = "berth.health.fall";
 
 /// A container's label-driven service request, or why its labels were refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,6 +133,7 @@ pub struct LabelService {
     pub protocol: Protocol,
     pub weight: u32,
     pub network: Option<String>,
+    pub health: Option<crate::health::HealthConfig>,
 }
 
 /// Reads the `berth.*` labels. `Ok(None)`: the container does not ask for a service.
@@ -183,7 +192,61 @@ pub fn parse_labels(labels: &BTreeMap<String, String>) -> Result<Option<LabelSer
         protocol,
         weight,
         network: labels.get(LABEL_NETWORK).cloned(),
+        health: parse_health_labels(labels)?,
     }))
+}
+
+/// The `berth.health*` labels as a health check (None without `berth.health`).
+fn parse_health_labels(
+    labels: &BTreeMap<String, String>,
+) -> Result<Option<crate::health::HealthConfig>, String> {
+    use crate::health::{CheckKind, HealthConfig};
+    let kind = match labels.get(LABEL_HEALTH).map(|s| s.trim()) {
+        None => return Ok(None),
+        Some("tcp") => CheckKind::Tcp,
+        Some("http") => CheckKind::Http,
+        Some(v) => return Err(format!("label {LABEL_HEALTH}={v:?} is not tcp or http")),
+    };
+    fn num<T: std::str::FromStr>(
+        labels: &BTreeMap<String, String>,
+        key: &str,
+    ) -> Result<Option<T>, String> {
+        labels
+            .get(key)
+            .map(|v| {
+                v.trim()
+                    .parse::<T>()
+                    .map_err(|_| format!("label {key}={v:?} is not a number"))
+            })
+            .transpose()
+    }
+    let interval_ms = num(labels, LABEL_HEALTH_INTERVAL)?.unwrap_or(2000);
+    let h = HealthConfig {
+        kind,
+        path: labels
+            .get(LABEL_HEALTH_PATH)
+            .cloned()
+            .unwrap_or_else(|| "/".into()),
+        expect_status: num(labels, LABEL_HEALTH_EXPECT_STATUS)?,
+        expect_string: labels.get(LABEL_HEALTH_EXPECT_STRING).cloned(),
+        interval_ms,
+        timeout_ms: interval_ms.min(1000),
+        rise: num(labels, LABEL_HEALTH_RISE)?.unwrap_or(2),
+        fall: num(labels, LABEL_HEALTH_FALL)?.unwrap_or(3),
+        start_healthy: false,
+    };
+    h.validate("labels").map_err(|e| {
+        let label = match e.field.as_str() {
+            "labels.path" => LABEL_HEALTH_PATH,
+            "labels.expect_status" => LABEL_HEALTH_EXPECT_STATUS,
+            "labels.interval_ms" | "labels.timeout_ms" => LABEL_HEALTH_INTERVAL,
+            "labels.rise" => LABEL_HEALTH_RISE,
+            "labels.fall" => LABEL_HEALTH_FALL,
+            _ => LABEL_HEALTH,
+        };
+        format!("label {label}: {}", e.message)
+    })?;
+    Ok(Some(h))
 }
 
 /// Services for the containers: the configured `services` get the backends their Docker
@@ -265,8 +328,15 @@ pub fn services(
                     listen,
                     protocol: ls.protocol,
                     backends: Vec::new(),
-                    health: None,
+                    health: ls.health.clone(),
                 });
+            if entry.health != ls.health {
+                problems.push(format!(
+                    "container {}: its berth.health labels differ from the rest of service {}; \
+                     the first container's check applies",
+                    c.name, ls.service
+                ));
+            }
             if entry.listen != listen || entry.protocol != ls.protocol {
                 problems.push(format!(
                     "container {}: service {} is already on {} {}; not served",
@@ -516,6 +586,44 @@ mod tests {
         let e =
             parse_labels(&labels(&[("berth.port", "80"), ("berth.service", "a b")])).unwrap_err();
         assert!(e.contains("berth.service"), "{e}");
+        // Health labels.
+        let ls = parse_labels(&labels(&[
+            ("berth.port", "80"),
+            ("berth.health", "http"),
+            ("berth.health.path", "/ping"),
+            ("berth.health.expect-string", "Hello"),
+            ("berth.health.interval-ms", "500"),
+            ("berth.health.fall", "2"),
+        ]))
+        .unwrap()
+        .unwrap();
+        let h = ls.health.unwrap();
+        assert_eq!(
+            (
+                h.path.as_str(),
+                h.expect_string.as_deref(),
+                h.interval_ms,
+                h.fall,
+                h.rise
+            ),
+            ("/ping", Some("Hello"), 500, 2, 2)
+        );
+        for (k, v, needle) in [
+            ("berth.health", "icmp", "berth.health="),
+            ("berth.health.rise", "0", "berth.health.rise"),
+            (
+                "berth.health.interval-ms",
+                "soon",
+                "berth.health.interval-ms",
+            ),
+            ("berth.health.path", "ping", "berth.health.path"),
+        ] {
+            let mut l: BTreeMap<String, String> =
+                labels(&[("berth.port", "80"), ("berth.health", "http")]);
+            l.insert(k.into(), v.into());
+            let e = parse_labels(&l).unwrap_err();
+            assert!(e.contains(needle), "{k}={v}: {e}");
+        }
     }
 
     #[test]

@@ -505,6 +505,12 @@ fn without_a_config_file_containers_are_served_by_their_labels() {
         "berth.port=8080",
         "--label",
         "berth.target-port=8000",
+        "--label",
+        "berth.health=http",
+        "--label",
+        "berth.health.expect-string=Hello",
+        "--label",
+        "berth.health.interval-ms=200",
     ];
     let (_, h1) = setup.run("bt-l1", &labels);
     let (_, h2) = setup.run("bt-l2", &labels);
@@ -521,7 +527,8 @@ fn without_a_config_file_containers_are_served_by_their_labels() {
         ],
     );
     let berth = Berth::start_root_without_config("docker-labels", &[UPLINK, BRIDGE]);
-    berth.wait_for("(docker: resync)", 2);
+    // Health-checked by berth through their labels: they enter after passing checks.
+    berth.wait_for("(health check passing)", 2);
     let m = spread(&setup.client, 60);
     println!("label service tcp-8080: {m:?}");
     let mut want = vec![h1, h2];
