@@ -495,6 +495,27 @@ fn hung_container_leaves_after_fall_times_interval_of_berths_own_check() {
     berth.wait_for("(health check passing)", 3);
     let m = spread(&setup.client, 60);
     assert!(m.contains_key(&h1), "recovered container not back: {m:?}");
+
+    // Answering 500 instead: out after fall x interval too, with the status as the reason.
+    docker(&["exec", "bt-h1", "/hello", "sick", "500"]);
+    let failing = Instant::now();
+    berth.wait_for(
+        "removed (health check failing: unexpected HTTP status 500)",
+        1,
+    );
+    let removed = failing.elapsed();
+    println!("container answering 500 removed {removed:?} after it started failing");
+    assert!(
+        removed < Duration::from_millis(2 * 200 + 400),
+        "{removed:?}"
+    );
+    assert_eq!(
+        spread(&setup.client, 30)
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>(),
+        vec![h2]
+    );
 }
 
 #[test]
