@@ -41,6 +41,7 @@ impl ConfigError {
 pub struct Config {
     pub dataplane: DataplaneConfig,
     pub docker: DockerConfig,
+    pub metrics: MetricsConfig,
     #[serde(rename = "service")]
     pub services: Vec<ServiceConfig>,
 }
@@ -88,6 +89,24 @@ impl Default for DataplaneConfig {
             drain_timeout_secs: 30,
             hash_seed: None,
             redirect: true,
+        }
+    }
+}
+
+/// The Prometheus endpoint.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    pub enabled: bool,
+    /// Address to serve `/metrics` on; loopback unless you mean it.
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: "127.0.0.1:9477".into(),
         }
     }
 }
@@ -315,6 +334,12 @@ impl Config {
                     "must be between 1 and 604800 seconds",
                 ));
             }
+        }
+        if self.metrics.enabled && self.metrics.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ConfigError::new(
+                "metrics.listen",
+                format!("{:?} is not an ADDR:PORT", self.metrics.listen),
+            ));
         }
         for (i, iface) in d.interfaces.iter().enumerate() {
             if iface.is_empty() || iface.len() > 15 || iface.contains(['/', ' ', '\0']) {

@@ -75,8 +75,9 @@ impl ContainerInfo {
 pub enum Event {
     /// Everything running now; replaces all earlier knowledge.
     Snapshot(Vec<ContainerInfo>),
-    Upsert(ContainerInfo),
-    Remove(String),
+    /// A container changed; with the event's Docker timestamp (ns since the epoch).
+    Upsert(ContainerInfo, Option<i64>),
+    Remove(String, Option<i64>),
 }
 
 /// The TCP ports some process on this host listens on and the UDP ports bound, from
@@ -467,10 +468,10 @@ async fn session(socket: &str, tx: &mpsc::Sender<Event>) -> Result<(), String> {
             // flows now, while the container still finishes what it has.
             Some(mut info) if action == "kill" && is_stop_signal(attrs.get("signal")) => {
                 info.running = false;
-                Event::Upsert(info)
+                Event::Upsert(info, ev.time_nano)
             }
-            Some(info) => Event::Upsert(info),
-            None => Event::Remove(id),
+            Some(info) => Event::Upsert(info, ev.time_nano),
+            None => Event::Remove(id, ev.time_nano),
         };
         tx.send(update)
             .await

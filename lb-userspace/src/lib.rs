@@ -6,6 +6,7 @@ pub mod dataplane;
 pub mod discovery;
 pub mod health;
 pub mod maglev;
+pub mod metrics;
 pub mod reconciler;
 pub mod status;
 pub mod synapse;

@@ -285,6 +285,17 @@ async fn run(
     let mut rec = Reconciler::new(dp);
     let admin = status::bind(&admin_socket)
         .with_context(|| format!("admin socket {}", admin_socket.display()))?;
+    let metrics_listener = if cfg.metrics.enabled {
+        let l = tokio::net::TcpListener::bind(&cfg.metrics.listen)
+            .await
+            .with_context(|| format!("metrics endpoint {}", cfg.metrics.listen))?;
+        info!("metrics on http://{}/metrics", cfg.metrics.listen);
+        Some(l)
+    } else {
+        None
+    };
+    let mut docker_events = 0u64;
+    let mut discovery_lag: Option<f64> = None;
     let has_file = path.is_some();
     let mut cfg = cfg;
     let mut configured = services;
@@ -366,7 +377,7 @@ async fn run(
                         containers = all.iter().map(|c| (c.id.clone(), c.clone())).collect();
                         "docker: resync".to_owned()
                     }
-                    discovery::Event::Upsert(c) => {
+                    discovery::Event::Upsert(c, _) => {
                         let why = format!(
                             "docker: container {} {}",
                             c.name,
@@ -375,7 +386,7 @@ async fn run(
                         containers.insert(c.id.clone(), c.clone());
                         why
                     }
-                    discovery::Event::Remove(id) => {
+                    discovery::Event::Remove(id, _) => {
                         let name = containers.remove(id).map_or_else(|| id.clone(), |c| c.name);
                         format!("docker: container {name} gone")
                     }
@@ -383,6 +394,45 @@ async fn run(
                 desired = with_containers(&cfg, &configured, &containers, has_file, &mut reported);
                 health.sync(&desired);
                 pending = apply(&mut rec, &health.filter(&desired), &why);
+                if let discovery::Event::Upsert(_, Some(t)) | discovery::Event::Remove(_, Some(t)) = event {
+                    docker_events += 1;
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_nanos() as i64)
+                        .unwrap_or(t);
+                    discovery_lag = Some((now - t).max(0) as f64 / 1e9);
+                }
+            }
+            Ok((mut conn, _)) = async {
+                match &metrics_listener {
+                    Some(l) => l.accept().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let s = build_status(&rec, &health, &desired, &containers);
+                let extra = lb_userspace::metrics::Extra {
+                    conntrack_entries: rec.dataplane().conntrack_entries().len() as u64,
+                    conntrack_capacity: u64::from(rec.dataplane().options().conntrack_size),
+                    docker_events,
+                    discovery_lag_seconds: discovery_lag,
+                };
+                let body = lb_userspace::metrics::render(&s, &extra);
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                    let answer = async {
+                        // The request is not looked at beyond reading it: every path is /metrics.
+                        let mut buf = [0u8; 2048];
+                        let _ = conn.read(&mut buf).await?;
+                        let head = format!(
+                            "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n",
+                            body.len()
+                        );
+                        conn.write_all(head.as_bytes()).await?;
+                        conn.write_all(body.as_bytes()).await?;
+                        conn.shutdown().await
+                    };
+                    let _ = tokio::time::timeout(Duration::from_secs(5), answer).await;
+                });
             }
             Ok((mut conn, _)) = admin.accept() => {
                 let s = build_status(&rec, &health, &desired, &containers);

@@ -527,3 +527,49 @@ fn failing_backend_leaves_after_fall_checks_and_returns_after_rise() {
     );
     assert!(b3_after_return > 0, "b3 got no traffic after it came back");
 }
+
+/// The value of the metric line starting with `prefix` (name and labels).
+fn metric(page: &str, prefix: &str) -> f64 {
+    page.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no metric {prefix:?} in\n{page}"))
+}
+
+#[test]
+fn metrics_match_the_traffic_sent() {
+    let t = one_armed();
+    let config = format!("{ONE_ARMED_CONFIG}\n[metrics]\nlisten = \"127.0.0.1:9477\"\n").replace(
+        "[dataplane]\nmaglev_table_size = 65537",
+        "[dataplane]\nmaglev_table_size = 65537\nconntrack_size = 65536",
+    );
+    let _berth = Berth::start(&t.lb, &config, &["eth0"]);
+    let sent = 200;
+    let counts = spread_tcp(&t.client, sa("10.10.0.1:8080"), sent);
+    let page =
+        t.lb.run(|| berth_tests::topo::http_get(sa("127.0.0.1:9477")).expect("scrape"));
+    assert_eq!(page.0, 200);
+    let page = page.1;
+    let web = r#"{service="web",listen="0.0.0.0:8080",protocol="tcp"}"#;
+    let flows = metric(&page, &format!("berth_service_new_flows_total{web}"));
+    let packets = metric(&page, &format!("berth_service_packets_total{web}"));
+    println!("metrics after {sent} connections: new flows {flows}, packets {packets}");
+    assert_eq!(flows as usize, sent, "one new flow per connection");
+    // Each connection: SYN, ACK, request, FIN, ACK one way; SYN-ACK, answer, FIN(-ACK) back.
+    assert!(packets as usize >= sent * 6, "packets {packets}");
+    for (n, (name, c)) in counts.iter().enumerate() {
+        let line = format!(
+            r#"berth_backend_new_flows_total{{service="web",backend="10.20.0.1{}:8000",container=""}}"#,
+            &name[1..]
+        );
+        assert_eq!(metric(&page, &line) as usize, *c, "backend {n} {name}");
+    }
+    assert_eq!(metric(&page, "berth_conntrack_capacity"), 65536.0);
+    assert!(
+        metric(
+            &page,
+            r#"berth_packets_total{action="fwd",reason="redirect"}"#
+        ) >= (sent * 4) as f64
+    );
+}
