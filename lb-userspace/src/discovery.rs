@@ -38,6 +38,8 @@ pub struct ContainerInfo {
     pub health: Option<String>,
     /// Network name -> IPv4 address, for the networks the container is attached to.
     pub networks: BTreeMap<String, Ipv4Addr>,
+    /// Network name -> the host bridge interface behind it (bridge-driver networks only).
+    pub bridges: BTreeMap<String, String>,
 }
 
 impl ContainerInfo {
@@ -386,18 +388,59 @@ fn info_from(resp: bollard::models::ContainerInspectResponse) -> Option<Containe
         running: state.running.unwrap_or(false) && !state.paused.unwrap_or(false),
         health,
         networks,
+        bridges: BTreeMap::new(),
     })
+}
+
+/// The host interface of a bridge-driver network (`docker0` for the default one, the
+/// `com.docker.network.bridge.name` option if set, else `br-<id prefix>`); None for others.
+async fn bridge_of(docker: &Docker, network: &str) -> Option<String> {
+    let n = docker
+        .inspect_network(
+            network,
+            None::<bollard::query_parameters::InspectNetworkOptions>,
+        )
+        .await
+        .ok()?;
+    if n.driver.as_deref() != Some("bridge") {
+        return None;
+    }
+    if let Some(name) = n
+        .options
+        .as_ref()
+        .and_then(|o| o.get("com.docker.network.bridge.name"))
+    {
+        return Some(name.clone());
+    }
+    if n.name.as_deref() == Some("bridge") {
+        return Some("docker0".into());
+    }
+    n.id.map(|id| format!("br-{}", &id[..id.len().min(12)]))
 }
 
 async fn inspect(
     docker: &Docker,
     id: &str,
+    bridges: &mut HashMap<String, Option<String>>,
 ) -> Result<Option<ContainerInfo>, bollard::errors::Error> {
     match docker
         .inspect_container(id, None::<InspectContainerOptions>)
         .await
     {
-        Ok(r) => Ok(info_from(r)),
+        Ok(r) => {
+            let Some(mut info) = info_from(r) else {
+                return Ok(None);
+            };
+            for net in info.networks.keys() {
+                if !bridges.contains_key(net) {
+                    bridges.insert(net.clone(), bridge_of(docker, net).await);
+                }
+                if let Some(Some(br)) = bridges.get(net) {
+                    info.bridges.insert(net.clone(), br.clone());
+                }
+            }
+            Ok(Some(info))
+        }
         Err(bollard::errors::Error::DockerResponseServerError {
             status_code: 404, ..
         }) => Ok(None),
@@ -432,9 +475,11 @@ async fn session(socket: &str, tx: &mpsc::Sender<Event>) -> Result<(), String> {
         .await
         .map_err(|e| format!("listing containers: {e}"))?;
     let mut snapshot = Vec::new();
+    // Network -> bridge interface, looked up once per session.
+    let mut bridges = HashMap::new();
     for c in listed {
         if let Some(id) = c.id
-            && let Some(info) = inspect(&docker, &id)
+            && let Some(info) = inspect(&docker, &id, &mut bridges)
                 .await
                 .map_err(|e| format!("inspecting {id}: {e}"))?
         {
@@ -460,7 +505,7 @@ async fn session(socket: &str, tx: &mpsc::Sender<Event>) -> Result<(), String> {
             _ => actor.id,
         };
         let Some(id) = id else { continue };
-        let update = match inspect(&docker, &id)
+        let update = match inspect(&docker, &id, &mut bridges)
             .await
             .map_err(|e| format!("inspecting {id}: {e}"))?
         {
@@ -478,6 +523,26 @@ async fn session(socket: &str, tx: &mpsc::Sender<Event>) -> Result<(), String> {
             .map_err(|_| "daemon gone".to_owned())?;
     }
     Err("event stream ended".into())
+}
+
+/// The host bridges behind the containers that back `services` (to attach the program to, so
+/// their replies are translated).
+pub fn backend_bridges(
+    services: &[Service],
+    containers: &BTreeMap<String, ContainerInfo>,
+) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for c in containers.values().filter(|c| c.serving()) {
+        for (net, ip) in &c.networks {
+            let backs = services
+                .iter()
+                .any(|s| s.backends.iter().any(|(a, _)| a.ip() == ip));
+            if backs && let Some(br) = c.bridges.get(net) {
+                out.insert(br.clone());
+            }
+        }
+    }
+    out
 }
 
 /// Whether a `kill` event's signal ends the container (TERM, INT, KILL; by number or name).
@@ -533,6 +598,9 @@ mod tests {
             running: true,
             health: None,
             networks: [("bridge".to_owned(), Ipv4Addr::from(ip))]
+                .into_iter()
+                .collect(),
+            bridges: [("bridge".to_owned(), "docker0".to_owned())]
                 .into_iter()
                 .collect(),
         }
@@ -721,6 +789,12 @@ mod tests {
                 .any(|p| p.contains("container steal") && p.contains("configured service"))
         );
         // Without label services, labels are ignored.
+        assert_eq!(
+            backend_bridges(&svcs, &containers)
+                .into_iter()
+                .collect::<Vec<_>>(),
+            vec!["docker0".to_owned()]
+        );
         let (svcs, problems) = services(&configured, &selectors, &containers, false, &host);
         assert_eq!(svcs.len(), 1);
         assert!(problems.is_empty());

@@ -295,6 +295,8 @@ async fn run(
         None
     };
     let mut docker_events = 0u64;
+    // Bridges tried and failed (reported once).
+    let mut unattachable = std::collections::HashSet::new();
     let mut discovery_lag: Option<f64> = None;
     let has_file = path.is_some();
     let mut cfg = cfg;
@@ -394,6 +396,23 @@ async fn run(
                 desired = with_containers(&cfg, &configured, &containers, has_file, &mut reported);
                 health.sync(&desired);
                 pending = apply(&mut rec, &health.filter(&desired), &why);
+                // Replies from containers arrive on their network's bridge: attach there too.
+                for br in discovery::backend_bridges(&desired, &containers) {
+                    if rec.dataplane().attached().contains(&br) || !unattachable.insert(br.clone()) {
+                        continue;
+                    }
+                    let attached = preflight(std::slice::from_ref(&br), cfg.dataplane.redirect)
+                        .and_then(|()| rec.dataplane_mut().attach(&br).map_err(anyhow::Error::from));
+                    match attached {
+                        Ok(()) => {
+                            unattachable.remove(&br);
+                            info!("attached to {br} (bridge of a Docker network with backends)");
+                        }
+                        Err(e) => warn!(
+                            "cannot attach to {br}: {e:#}; replies of the containers behind it will not be translated"
+                        ),
+                    }
+                }
                 if let discovery::Event::Upsert(_, Some(t)) | discovery::Event::Remove(_, Some(t)) = event {
                     docker_events += 1;
                     let now = std::time::SystemTime::now()

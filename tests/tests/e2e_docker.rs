@@ -547,7 +547,12 @@ fn without_a_config_file_containers_are_served_by_their_labels() {
             "berth.target-port=8000",
         ],
     );
-    let berth = Berth::start_root_without_config("docker-labels", &[UPLINK, BRIDGE]);
+    // Only the uplink is named: berth attaches to the containers' bridge by itself.
+    let berth = Berth::start_root_without_config("docker-labels", &[UPLINK]);
+    berth.wait_for(
+        &format!("attached to {BRIDGE} (bridge of a Docker network with backends)"),
+        1,
+    );
     // Health-checked by berth through their labels: they enter after passing checks.
     berth.wait_for("(health check passing)", 2);
     let m = spread(&setup.client, 60);
