@@ -164,6 +164,26 @@ fn spread(client: &Netns, n: usize) -> BTreeMap<String, usize> {
     })
 }
 
+/// Requests every 10 ms until the container with hostname `host` answers; returns the time since
+/// `since` (panics after `limit`).
+fn served_by(client: &Netns, host: &str, since: Instant, limit: Duration) -> Duration {
+    let want = format!("Hello from {host}");
+    client.run(move || {
+        loop {
+            if let Ok((200, body)) = http_get(SERVICE)
+                && body == want
+            {
+                return since.elapsed();
+            }
+            assert!(
+                since.elapsed() < limit,
+                "{want:?} never answered within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    })
+}
+
 /// Requests in a loop until `stop`: (when, Ok(hostname) or Err(what failed)).
 fn load_loop(
     client: &Netns,
@@ -215,22 +235,8 @@ fn containers_join_and_leave_the_pool_by_themselves() {
     // A third container, no published port, joins within a second of its start.
     let started = Instant::now();
     let (_, h3) = setup.run("bt-c3", &[]);
-    let joined = setup.client.run({
-        let h3 = h3.clone();
-        move || loop {
-            if let Ok((200, body)) = http_get(SERVICE)
-                && body == format!("Hello from {h3}")
-            {
-                return started.elapsed();
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(5),
-                "third container never served"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    });
-    println!("third container served {joined:?} after `docker run` returned");
+    let joined = served_by(&setup.client, &h3, started, Duration::from_secs(5));
+    println!("third container served {joined:?} after `docker run` was called");
     assert!(joined < Duration::from_secs(1), "took {joined:?}");
 
     // `docker stop` under load: no failed request, and no answer from it once stopped.
@@ -286,24 +292,7 @@ fn containers_join_and_leave_the_pool_by_themselves() {
 
     // Healthy again: back in the pool.
     docker(&["exec", "bt-c2", "/hello", "sick", "no"]);
-    let back = setup.client.run({
-        let h2 = h2.clone();
-        move || {
-            let t = Instant::now();
-            loop {
-                if let Ok((200, b)) = http_get(SERVICE)
-                    && b == format!("Hello from {h2}")
-                {
-                    return t.elapsed();
-                }
-                assert!(
-                    t.elapsed() < Duration::from_secs(10),
-                    "recovered container never came back"
-                );
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-    });
+    let back = served_by(&setup.client, &h2, Instant::now(), Duration::from_secs(10));
     println!("recovered container back in the pool after {back:?}");
 
     // `berth status` shows the service, its containers, their health and traffic.
