@@ -181,11 +181,6 @@ impl FlowKey {
             _pad: [0; 3],
         }
     }
-
-    /// The key of the same flow seen from the other direction.
-    pub const fn reversed(&self) -> Self {
-        Self::new(self.daddr, self.saddr, self.dport, self.sport, self.proto)
-    }
 }
 
 /// Conntrack value.
@@ -260,22 +255,10 @@ pub const fn ipv4_to_wire(octets: [u8; 4]) -> u32 {
     u32::from_ne_bytes(octets)
 }
 
-/// Converts the in-map representation back to octets.
-#[inline(always)]
-pub const fn ipv4_from_wire(addr: u32) -> [u8; 4] {
-    addr.to_ne_bytes()
-}
-
 /// Converts a host-order port to the in-map representation (network byte order).
 #[inline(always)]
 pub const fn port_to_wire(port: u16) -> u16 {
     port.to_be()
-}
-
-/// Converts the in-map representation back to a host-order port.
-#[inline(always)]
-pub const fn port_from_wire(port: u16) -> u16 {
-    u16::from_be(port)
 }
 
 #[cfg(feature = "user")]

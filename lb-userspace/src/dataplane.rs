@@ -61,6 +61,14 @@ fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
     move |source| DataplaneError::Map { name, source }
 }
 
+/// A removal of a key that is already gone is a success.
+fn absent_is_fine(r: std::result::Result<(), MapError>, name: &'static str) -> Result<()> {
+    match r {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(e) => Err(map_err(name)(e)),
+    }
+}
+
 /// Load-time settings of the dataplane.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DataplaneOptions {
@@ -281,10 +289,7 @@ impl Dataplane {
     }
 
     pub fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
-        match self.services.remove(key) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(map_err(MAP_SERVICES)(e)),
-        }
+        absent_is_fine(self.services.remove(key), MAP_SERVICES)
     }
 
     pub fn services(&self) -> Vec<(ServiceKey, ServiceValue)> {
@@ -306,10 +311,6 @@ impl Dataplane {
         self.backend_routes
             .get(&id, 0)
             .map_err(map_err(lb_common::MAP_BACKEND_ROUTES))
-    }
-
-    pub fn backend(&self, id: u32) -> Result<Backend> {
-        self.backends.get(&id, 0).map_err(map_err(MAP_BACKENDS))
     }
 
     /// Writes one slot of a service's Maglev row.
@@ -354,10 +355,7 @@ impl Dataplane {
     }
 
     pub fn conntrack_remove(&mut self, key: &FlowKey) -> Result<()> {
-        match self.conntrack.remove(key) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(map_err(MAP_CONNTRACK)(e)),
-        }
+        absent_is_fine(self.conntrack.remove(key), MAP_CONNTRACK)
     }
 
     /// Removes entries idle past their timeout (the same rule the program applies), returning

@@ -326,7 +326,8 @@ fn docker_up() -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-/// Starts dockerd the way `cargo xtask docker-up` does, and waits for it.
+/// Starts dockerd the way `cargo xtask docker-up` does (xtask is a binary crate a test cannot
+/// call into), and waits for it.
 #[expect(
     clippy::zombie_processes,
     reason = "dockerd is started detached on purpose: it must outlive the test"
@@ -438,30 +439,27 @@ fn dockerd_restart_is_survived_and_resynced() {
     );
 }
 
-const HEALTH_CONFIG: &str = r#"
-[docker]
-label_services = false
-[[service]]
-name = "nodeapp"
-listen = "0.0.0.0:8080"
-[service.docker]
-image = "berth-test/hello"
-port = 8000
-[service.health]
+/// `CONFIG` with berth's own fast HTTP check.
+fn health_config() -> String {
+    format!(
+        "{CONFIG}{}",
+        r#"[service.health]
 type = "http"
 expect_string = "Hello"
 interval_ms = 200
 timeout_ms = 150
 rise = 1
 fall = 2
-"#;
+"#
+    )
+}
 
 #[test]
 fn hung_container_leaves_after_fall_times_interval_of_berths_own_check() {
     let setup = Setup::new();
     let (_, h1) = setup.run("bt-h1", &[]);
     let (_, h2) = setup.run("bt-h2", &[]);
-    let berth = Berth::start_root("docker-health", HEALTH_CONFIG, &[UPLINK, BRIDGE]);
+    let berth = Berth::start_root("docker-health", &health_config(), &[UPLINK, BRIDGE]);
     // New backends enter after their first passing check (rise = 1).
     berth.wait_for("(health check passing)", 2);
     assert_eq!(spread(&setup.client, 40).len(), 2);
