@@ -328,10 +328,6 @@ fn docker_up() -> bool {
 
 /// Starts dockerd the way `cargo xtask docker-up` does (xtask is a binary crate a test cannot
 /// call into), and waits for it.
-#[expect(
-    clippy::zombie_processes,
-    reason = "dockerd is started detached on purpose: it must outlive the test"
-)]
 fn start_dockerd() {
     if docker_up() {
         return;
@@ -347,13 +343,15 @@ fn start_dockerd() {
         .append(true)
         .open("/var/log/berth-dockerd.log")
         .unwrap();
-    Command::new("setsid")
-        .arg("dockerd")
+    // Forked away from the test (reparented to init), as `cargo xtask docker-up` does.
+    let status = Command::new("setsid")
+        .args(["--fork", "dockerd"])
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)
-        .spawn()
+        .status()
         .expect("start dockerd");
+    assert!(status.success(), "setsid --fork dockerd: {status}");
     let t = Instant::now();
     while !docker_up() {
         assert!(
@@ -374,7 +372,12 @@ fn stop_dockerd() {
     // SAFETY: a signal to the daemon's pid.
     unsafe { libc::kill(pid, libc::SIGTERM) };
     let t = Instant::now();
-    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+    // A zombie counts as gone: dockerd may be the child of a process that does not reap
+    // it (an older `cargo xtask` that spawned it without `--fork`).
+    while std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+    }) {
         assert!(
             t.elapsed() < Duration::from_secs(60),
             "dockerd did not stop"

@@ -314,13 +314,19 @@ pub fn ensure_docker() -> Result<()> {
     }
     let log =
         std::fs::File::create("/var/log/berth-dockerd.log").context("creating dockerd log")?;
-    Command::new("setsid")
-        .arg("dockerd")
+    // `setsid --fork` detaches dockerd from this process: it is reparented to init, so
+    // a later stop of dockerd (as the Docker tests do) does not leave a zombie child of
+    // a still running `cargo xtask test` behind its pid.
+    let status = Command::new("setsid")
+        .args(["--fork", "dockerd"])
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
-        .spawn()
+        .status()
         .context("starting dockerd")?;
+    if !status.success() {
+        bail!("setsid --fork dockerd failed: {status}");
+    }
     let deadline = Instant::now() + Duration::from_secs(30);
     while !docker_ping() {
         if Instant::now() > deadline {
