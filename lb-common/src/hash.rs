@@ -36,6 +36,16 @@ pub const fn flow_hash(key: &FlowKey, seed: u32) -> u32 {
     finalize(h ^ 13)
 }
 
+/// Hashes a socket cookie with `seed`: the socket hooks' Maglev index, so every datagram of one
+/// socket goes to the same backend while the backend set stays the same.
+#[inline(always)]
+pub const fn cookie_hash(cookie: u64, seed: u32) -> u32 {
+    let mut h = seed ^ 0x5bd1_e995;
+    h = mix(h, cookie as u32);
+    h = mix(h, (cookie >> 32) as u32);
+    finalize(h ^ 8)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

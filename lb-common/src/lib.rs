@@ -20,6 +20,24 @@ pub use reason::Reason;
 pub const PROG_TC_INGRESS: &str = "berth_tc_ingress";
 /// A classifier that returns TC_ACT_OK and nothing else (benchmark floor; never attached).
 pub const PROG_TC_NOOP: &str = "berth_tc_noop";
+/// Socket-level balancing for clients on the host (cgroup sock_addr hooks).
+pub const PROG_SOCK_CONNECT4: &str = "berth_connect4";
+pub const PROG_SOCK_SENDMSG4: &str = "berth_sendmsg4";
+pub const PROG_SOCK_RECVMSG4: &str = "berth_recvmsg4";
+pub const PROG_SOCK_GETPEERNAME4: &str = "berth_getpeername4";
+
+/// Version of the pinned layout (maps, their key and value types, their meaning). Pins live
+/// under `<pin path>/v<PIN_LAYOUT>/`; a berth finding another version there refuses to adopt it.
+/// Bump it with every change to a map's type, key, value or the meaning of a field.
+pub const PIN_LAYOUT: u32 = 1;
+
+/// Addresses of this host (network byte order -> 1), kept current by userspace: what "any
+/// address of this host" means for wildcard services at the socket hooks.
+pub const MAP_LOCAL_ADDRS: &str = "LOCAL_ADDRS";
+/// Reverse translation for balanced sockets: [`SockRevKey`] -> [`SockRevValue`].
+pub const MAP_SOCK_REVNAT: &str = "SOCK_REVNAT";
+/// Capacity of [`MAP_SOCK_REVNAT`].
+pub const DEFAULT_SOCK_REVNAT_SIZE: u32 = 65_536;
 
 /// Service table: [`ServiceKey`] -> [`ServiceValue`].
 pub const MAP_SERVICES: &str = "SERVICES";
@@ -95,8 +113,11 @@ pub struct DpConfig {
     pub tcp_idle_ns: u64,
     /// How long an idle UDP entry lives.
     pub udp_idle_ns: u64,
+    /// `SO_NETNS_COOKIE` of the host's network namespace: the socket hooks treat loopback
+    /// addresses as "this host" only for sockets in it (a container's 127.0.0.1 is its own).
+    pub host_netns_cookie: u64,
 }
-const _: () = assert!(core::mem::size_of::<DpConfig>() == 40);
+const _: () = assert!(core::mem::size_of::<DpConfig>() == 48);
 
 impl DpConfig {
     /// A zeroed config; the dataplane treats `maglev_size == 0` as "not configured" and passes
@@ -110,6 +131,7 @@ impl DpConfig {
             tcp_closing_ns: 0,
             tcp_idle_ns: 0,
             udp_idle_ns: 0,
+            host_netns_cookie: 0,
         }
     }
 }
@@ -239,6 +261,28 @@ pub struct BackendRoute {
 }
 const _: () = assert!(core::mem::size_of::<BackendRoute>() == 24);
 
+/// Key of the socket reverse-translation map: a socket and the backend it was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockRevKey {
+    /// `bpf_get_socket_cookie` of the socket.
+    pub cookie: u64,
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<SockRevKey>() == 16);
+
+/// The service address a socket asked for, to show it instead of the backend's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockRevValue {
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<SockRevValue>() == 8);
+
 /// Per-service and per-backend counters (per CPU; userspace sums them).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -278,6 +322,8 @@ mod pod {
         super::FlowKey,
         super::CtEntry,
         super::Counters,
-        super::BackendRoute
+        super::BackendRoute,
+        super::SockRevKey,
+        super::SockRevValue
     );
 }

@@ -58,11 +58,21 @@ pub enum Reason {
     EventCtMidstreamPickup,
     /// A flow was marked closing (FIN or RST seen).
     EventCtClosing,
+    /// Socket hook: a host socket's connect/sendmsg to a service was sent to a backend.
+    EventSockTranslated,
+    /// Socket hook: a service matched but its Maglev slot has no backend (left untouched: the
+    /// connect reaches the service address itself and fails as it would without berth).
+    EventSockNoBackend,
+    /// Socket hook: recvmsg/getpeername showed the service address instead of the backend's.
+    EventSockReverse,
+    /// Socket hook: recording the reverse translation failed (the app may see the backend's
+    /// address as its peer).
+    EventSockRevnatFailed,
 }
 
 impl Reason {
     /// Number of counters.
-    pub const COUNT: u32 = Reason::EventCtClosing as u32 + 1;
+    pub const COUNT: u32 = Reason::EventSockRevnatFailed as u32 + 1;
     /// First index that is an event rather than an exit.
     pub const FIRST_EVENT: u32 = Reason::EventIpOptions as u32;
 
@@ -90,6 +100,10 @@ impl Reason {
         Reason::EventCtExpired,
         Reason::EventCtMidstreamPickup,
         Reason::EventCtClosing,
+        Reason::EventSockTranslated,
+        Reason::EventSockNoBackend,
+        Reason::EventSockReverse,
+        Reason::EventSockRevnatFailed,
     ];
 
     /// Stable snake_case name used in logs, `berth status` and metrics.
@@ -117,6 +131,10 @@ impl Reason {
             Reason::EventCtExpired => "event_ct_expired",
             Reason::EventCtMidstreamPickup => "event_ct_midstream_pickup",
             Reason::EventCtClosing => "event_ct_closing",
+            Reason::EventSockTranslated => "event_sock_translated",
+            Reason::EventSockNoBackend => "event_sock_no_backend",
+            Reason::EventSockReverse => "event_sock_reverse",
+            Reason::EventSockRevnatFailed => "event_sock_revnat_failed",
         }
     }
 

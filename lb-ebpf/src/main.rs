@@ -12,6 +12,7 @@
 mod maps;
 mod nat;
 mod parse;
+mod sock;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
@@ -37,7 +38,7 @@ use crate::{
 static BERTH_CONFIG: DpConfig = DpConfig::zeroed();
 
 #[inline(always)]
-fn config() -> DpConfig {
+pub(crate) fn config() -> DpConfig {
     // SAFETY: a read of a static; volatile so the compiler does not fold the zeroed initial
     // value that userspace overrides before loading.
     unsafe { core::ptr::read_volatile(&BERTH_CONFIG) }
@@ -144,7 +145,7 @@ fn route_to_backend(
 }
 
 #[inline(always)]
-fn port_flags(port: u16) -> u8 {
+pub(crate) fn port_flags(port: u16) -> u8 {
     PORTS.get(u32::from(port)).copied().unwrap_or(0)
 }
 

@@ -7,7 +7,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, BackendRoute, Counters, CtEntry, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAGLEV_SIZE,
-    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, FlowKey, Reason, ServiceKey, ServiceValue,
+    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, DEFAULT_SOCK_REVNAT_SIZE, FlowKey, Reason,
+    ServiceKey, ServiceValue, SockRevKey, SockRevValue,
 };
 
 #[map]
@@ -35,6 +36,15 @@ pub static CONNTRACK: LruHashMap<FlowKey, CtEntry> =
 #[map]
 pub static PORTS: Array<u8> = Array::with_max_entries(65_536, 0);
 
+/// This host's addresses (network byte order) -> 1, loopback excluded.
+#[map]
+pub static LOCAL_ADDRS: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
+
+/// A balanced socket and its backend -> the service address it asked for.
+#[map]
+pub static SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> =
+    LruHashMap::with_max_entries(DEFAULT_SOCK_REVNAT_SIZE, 0);
+
 #[map]
 pub static SERVICE_STATS: PerCpuArray<Counters> =
     PerCpuArray::with_max_entries(DEFAULT_MAX_SERVICES, 0);
@@ -50,8 +60,8 @@ pub static REASON_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason
 #[inline(always)]
 pub fn count(reason: Reason) {
     if let Some(c) = REASON_STATS.get_ptr_mut(reason as u32) {
-        // SAFETY: per-CPU slot, only this program on this CPU writes it, and preemption is off
-        // while a TC program runs.
+        // SAFETY: per-CPU slot of a valid map value. A socket hook interrupted on its CPU by
+        // the TC program may lose one increment (a counter, never state).
         unsafe { *c += 1 };
     }
 }

@@ -73,6 +73,15 @@ pub struct DataplaneConfig {
     /// Route translated packets in the program and redirect them to the egress device
     /// (required for backends behind Docker's FORWARD DROP); `false` hands them to the stack.
     pub redirect: bool,
+    /// bpffs directory where maps and attachments are pinned, so the dataplane outlives the
+    /// daemon and a restarted berth adopts it (`berth down` removes it).
+    pub pin_path: String,
+    /// cgroup v2 directory the socket programs (clients on this host) attach to: "auto" is the
+    /// root of the cgroup v2 hierarchy (every process of the host), "none" turns them off.
+    pub cgroup: String,
+    /// Detach everything and remove the pins when the daemon stops (SIGTERM/SIGINT), instead of
+    /// leaving the dataplane serving for the next berth.
+    pub detach_on_exit: bool,
 }
 
 impl Default for DataplaneConfig {
@@ -89,6 +98,9 @@ impl Default for DataplaneConfig {
             drain_timeout_secs: 30,
             hash_seed: None,
             redirect: true,
+            pin_path: crate::dataplane::DEFAULT_PIN_PATH.into(),
+            cgroup: "auto".into(),
+            detach_on_exit: false,
         }
     }
 }
@@ -334,6 +346,25 @@ impl Config {
                     "must be between 1 and 604800 seconds",
                 ));
             }
+        }
+        if !d.pin_path.starts_with('/') || d.pin_path.trim_end_matches('/').is_empty() {
+            return Err(ConfigError::new(
+                "dataplane.pin_path",
+                format!(
+                    "{:?} must be an absolute directory below a BPF filesystem (e.g. {})",
+                    d.pin_path,
+                    crate::dataplane::DEFAULT_PIN_PATH
+                ),
+            ));
+        }
+        if !matches!(d.cgroup.as_str(), "auto" | "none") && !d.cgroup.starts_with('/') {
+            return Err(ConfigError::new(
+                "dataplane.cgroup",
+                format!(
+                    "{:?} must be \"auto\", \"none\" or an absolute cgroup v2 directory",
+                    d.cgroup
+                ),
+            ));
         }
         if self.metrics.enabled && self.metrics.listen.parse::<std::net::SocketAddr>().is_err() {
             return Err(ConfigError::new(

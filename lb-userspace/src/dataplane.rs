@@ -1,13 +1,29 @@
 //! The handle on berth's kernel side: loads the eBPF object with the configured map sizes and
-//! runtime settings, attaches the TC ingress program to interfaces, and offers typed access to
-//! the maps. Dropping it detaches everything it attached.
+//! runtime settings, attaches the TC ingress program to interfaces and the socket programs to a
+//! cgroup, and offers typed access to the maps.
+//!
+//! Loaded with a pin path (the daemon), maps and attachments are pinned in bpffs under
+//! `<pin path>/v<PIN_LAYOUT>/` and outlive the process: a berth that exits leaves the dataplane
+//! serving, the next one adopts the maps as they are and swaps its programs in atomically
+//! (`BPF_LINK_UPDATE`), and `berth down` ([`down`]) removes it all. Loaded without one (tests,
+//! benchmarks), dropping it detaches everything it attached.
 
-use std::{ffi::CString, time::Duration};
+use std::{
+    ffi::CString,
+    fs::File,
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues},
-    programs::{ProgramError, SchedClassifier, tc::TcAttachType},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachType},
+    },
 };
 use lb_common::{
     Backend, CFG_F_REDIRECT, Counters, CtEntry, DpConfig, FlowKey, MAP_BACKEND_STATS, MAP_BACKENDS,
@@ -49,10 +65,60 @@ pub enum DataplaneError {
     #[error("no network interface named {iface:?}")]
     UnknownInterface { iface: String },
     #[error(
-        "a berth program (id {prog_id}) is already attached to {iface}: is another berth running? \
-         Stop it first (a second one would translate packets twice)"
+        "a berth program (id {prog_id}) is already attached to {iface}, and not through the pins \
+         under {pins}: is another berth running with another pin path? Stop it first (a second \
+         one would translate packets twice)"
     )]
-    AlreadyAttached { iface: String, prog_id: u32 },
+    AlreadyAttached {
+        iface: String,
+        prog_id: u32,
+        pins: String,
+    },
+    #[error(
+        "the pinned dataplane under {root} has layout {found}, this berth uses v{want}: it cannot \
+         be adopted without misreading it. Reset it with `berth down --pin-path {root}` (this \
+         detaches berth and drops established flows), or run the berth version that made it",
+        want = lb_common::PIN_LAYOUT
+    )]
+    IncompatibleLayout { root: String, found: String },
+    #[error(
+        "the pinned dataplane under {root} does not match this configuration: map {map} has \
+         {property} {actual}, the configuration needs {expected}. Keep the old setting, or reset \
+         with `berth down --pin-path {root}` (this detaches berth and drops established flows)"
+    )]
+    PinnedMismatch {
+        root: String,
+        map: String,
+        property: &'static str,
+        expected: u64,
+        actual: u64,
+    },
+    #[error(
+        "pin path {path} is not on a BPF filesystem (mount one with `mount -t bpf bpf \
+         /sys/fs/bpf`, or choose another --pin-path)"
+    )]
+    NotBpffs { path: String },
+    #[error("another berth is running with pin path {path}; stop it first")]
+    Locked { path: String },
+    #[error("{what} {path}")]
+    Pin {
+        what: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("pinned link {path}")]
+    Link {
+        path: String,
+        #[source]
+        source: LinkError,
+    },
+    #[error("attaching the socket programs to cgroup {path}")]
+    Cgroup {
+        path: String,
+        #[source]
+        source: ProgramError,
+    },
 }
 
 type Result<T> = std::result::Result<T, DataplaneError>;
@@ -109,6 +175,7 @@ impl DataplaneOptions {
             tcp_closing_ns: self.tcp_closing.as_nanos() as u64,
             tcp_idle_ns: self.tcp_idle.as_nanos() as u64,
             udp_idle_ns: self.udp_idle.as_nanos() as u64,
+            host_netns_cookie: netns_cookie(),
         }
     }
 }
@@ -135,6 +202,220 @@ fn random_u32() -> u32 {
     }
 }
 
+/// `SO_NETNS_COOKIE` of this process's network namespace (0 if the kernel cannot tell, which
+/// no namespace has: loopback then never counts as local at the socket hooks).
+pub fn netns_cookie() -> u64 {
+    // SAFETY: a plain socket; getsockopt writes at most `len` bytes into `cookie`; the fd is
+    // closed before returning.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return 0;
+        }
+        let mut cookie = 0u64;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        let r = libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        );
+        libc::close(fd);
+        if r == 0 { cookie } else { 0 }
+    }
+}
+
+/// Every map of the object; all are pinned (the read-only config global is not a map of ours).
+const MAPS: [&str; 11] = [
+    MAP_SERVICES,
+    MAP_BACKENDS,
+    lb_common::MAP_BACKEND_ROUTES,
+    MAP_MAGLEV,
+    MAP_CONNTRACK,
+    lb_common::MAP_PORTS,
+    MAP_SERVICE_STATS,
+    MAP_BACKEND_STATS,
+    MAP_REASON_STATS,
+    lb_common::MAP_LOCAL_ADDRS,
+    lb_common::MAP_SOCK_REVNAT,
+];
+
+/// The socket programs, in attach order.
+const SOCK_PROGS: [&str; 4] = [
+    lb_common::PROG_SOCK_CONNECT4,
+    lb_common::PROG_SOCK_SENDMSG4,
+    lb_common::PROG_SOCK_RECVMSG4,
+    lb_common::PROG_SOCK_GETPEERNAME4,
+];
+
+/// Where berth pins its dataplane by default.
+pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/berth";
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// The pinned state's directories, and the lock that makes one daemon its only user.
+struct Pins {
+    root: PathBuf,
+    links: PathBuf,
+    _lock: File,
+}
+
+fn pin_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> DataplaneError {
+    let path = path.display().to_string();
+    move |source| DataplaneError::Pin { what, path, source }
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: `c` is NUL-terminated; statfs writes into the zeroed struct we own.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
+    }
+}
+
+/// Mounts a BPF filesystem on /sys/fs/bpf when `root` lies below it and none is mounted there
+/// (as on hosts without systemd); any other place must already be one.
+fn ensure_bpffs(root: &Path) -> Result<()> {
+    let base = Path::new("/sys/fs/bpf");
+    if !root.starts_with(base) || is_bpffs(base) || !base.is_dir() {
+        return Ok(());
+    }
+    // SAFETY: constant NUL-terminated strings.
+    let r = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            c"/sys/fs/bpf".as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            c"mode=0700".as_ptr().cast(),
+        )
+    };
+    if r != 0 {
+        return Err(DataplaneError::Pin {
+            what: "mounting a BPF filesystem on",
+            path: base.display().to_string(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    log::info!("mounted a BPF filesystem on /sys/fs/bpf");
+    Ok(())
+}
+
+/// Opens `root` (creating it) and takes its exclusive lock without waiting.
+fn lock_root(root: &Path) -> Result<File> {
+    std::fs::create_dir_all(root).map_err(pin_err("creating pin directory", root))?;
+    let f = File::open(root).map_err(pin_err("opening pin directory", root))?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(DataplaneError::Locked {
+            path: root.display().to_string(),
+        });
+    }
+    Ok(f)
+}
+
+/// Layout directories (`v<N>`) found under `root`.
+fn layouts(root: &Path) -> Vec<String> {
+    std::fs::read_dir(root)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with('v'))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// What `berth down` removed.
+#[derive(Debug, Default)]
+pub struct DownReport {
+    pub links: Vec<String>,
+    pub maps: usize,
+}
+
+/// Detaches a pinned dataplane and removes its pins (any layout version): unpinning a link
+/// nobody else holds detaches it, unpinning a map frees it. Refused while a berth runs on it.
+pub fn down(root: &Path) -> Result<DownReport> {
+    let mut report = DownReport::default();
+    if !root.exists() {
+        return Ok(report);
+    }
+    let lock = lock_root(root)?;
+    for layout in layouts(root) {
+        let dir = root.join(&layout);
+        for (sub, links) in [("links", true), ("maps", false)] {
+            let d = dir.join(sub);
+            let Ok(entries) = std::fs::read_dir(&d) else {
+                continue;
+            };
+            for e in entries.filter_map(|e| e.ok()) {
+                std::fs::remove_file(e.path()).map_err(pin_err("removing pin", &e.path()))?;
+                if links {
+                    report
+                        .links
+                        .push(e.file_name().to_string_lossy().into_owned());
+                } else {
+                    report.maps += 1;
+                }
+            }
+            std::fs::remove_dir(&d).map_err(pin_err("removing pin directory", &d))?;
+        }
+        std::fs::remove_dir(&dir).map_err(pin_err("removing pin directory", &dir))?;
+    }
+    drop(lock);
+    std::fs::remove_dir(root).map_err(pin_err("removing pin directory", root))?;
+    Ok(report)
+}
+
+/// This host's IPv4 addresses (network byte order), loopback excluded: what the socket hooks
+/// take for "an address of this host" besides loopback.
+pub fn host_ipv4_addrs() -> std::collections::BTreeSet<u32> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we walk read-only and free once.
+    unsafe {
+        if libc::getifaddrs(&mut head) != 0 {
+            return out;
+        }
+        let mut cur = head;
+        while !cur.is_null() {
+            let a = (*cur).ifa_addr;
+            if !a.is_null() && i32::from((*a).sa_family) == libc::AF_INET {
+                let sin = &*a.cast::<libc::sockaddr_in>();
+                let addr = sin.sin_addr.s_addr;
+                if u32::from_be(addr) >> 24 != 127 {
+                    out.insert(addr);
+                }
+            }
+            cur = (*cur).ifa_next;
+        }
+        libc::freeifaddrs(head);
+    }
+    out
+}
+
+/// The mount point of the cgroup v2 hierarchy (from /proc/self/mountinfo).
+pub fn cgroup2_root() -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        if right.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        left.split_whitespace().nth(4).map(PathBuf::from)
+    })
+}
+
+fn ifindex(iface: &str) -> Option<u32> {
+    let name = CString::new(iface).ok()?;
+    // SAFETY: `name` is a valid NUL-terminated string.
+    let i = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (i != 0).then_some(i)
+}
+
 /// The loaded programs and maps.
 pub struct Dataplane {
     // Field order matters for drop: maps and links go with `ebpf`.
@@ -147,9 +428,14 @@ pub struct Dataplane {
     service_stats: PerCpuArray<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, Counters>,
     reason_stats: PerCpuArray<MapData, u64>,
+    local_addrs: HashMap<MapData, u32, u8>,
     options: DataplaneOptions,
     attached: Vec<String>,
+    cgroup: Option<PathBuf>,
+    adopted: bool,
+    // Dropped after the maps and programs: the lock is released last.
     ebpf: Ebpf,
+    pins: Option<Pins>,
 }
 
 macro_rules! take {
@@ -162,10 +448,84 @@ macro_rules! take {
 }
 
 impl Dataplane {
-    /// Loads the object into the kernel (nothing is attached yet).
+    /// Loads the object into the kernel with maps of its own (nothing is attached yet; nothing
+    /// outlives the handle).
     pub fn load(options: DataplaneOptions) -> Result<Self> {
+        Self::load_with(options, None)
+    }
+
+    /// Loads the object with its maps pinned under `root`: adopting the maps pinned there by an
+    /// earlier berth (their contents are kept), or creating and pinning them.
+    pub fn load_pinned(options: DataplaneOptions, root: &Path) -> Result<Self> {
+        let rootname = root.display().to_string();
+        ensure_bpffs(root)?;
+        std::fs::create_dir_all(root).map_err(pin_err("creating pin directory", root))?;
+        if !is_bpffs(root) {
+            return Err(DataplaneError::NotBpffs { path: rootname });
+        }
+        let lock = lock_root(root)?;
+        let want = format!("v{}", lb_common::PIN_LAYOUT);
+        if let Some(found) = layouts(root).into_iter().find(|l| *l != want) {
+            return Err(DataplaneError::IncompatibleLayout {
+                root: rootname,
+                found,
+            });
+        }
+        let dir = root.join(&want);
+        let (maps, links) = (dir.join("maps"), dir.join("links"));
+        for d in [&maps, &links] {
+            std::fs::create_dir_all(d).map_err(pin_err("creating pin directory", d))?;
+        }
+        let adopted = maps.join(MAP_SERVICES).exists();
+        let loaded = Self::load_with(options, Some(&maps));
+        if loaded.is_err() && !adopted {
+            // Nothing was serving: leave nothing behind.
+            drop(lock);
+            let _ = down(root);
+            return Err(loaded.err().expect("checked"));
+        }
+        let mut dp = loaded.map_err(|e| match e {
+            DataplaneError::Load {
+                source:
+                    aya::EbpfError::MapError(MapError::IncompatiblePinnedMap {
+                        name,
+                        property,
+                        expected,
+                        actual,
+                    }),
+            } => DataplaneError::PinnedMismatch {
+                root: rootname.clone(),
+                map: name,
+                property,
+                expected,
+                actual,
+            },
+            e => e,
+        })?;
+        dp.adopted = adopted;
+        dp.pins = Some(Pins {
+            root: root.to_owned(),
+            links,
+            _lock: lock,
+        });
+        Ok(dp)
+    }
+
+    /// Whether the maps were adopted from an earlier berth (their contents are live state).
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    fn load_with(options: DataplaneOptions, pin_dir: Option<&Path>) -> Result<Self> {
         let cfg = options.dp_config();
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        let pin_paths: Vec<(&str, PathBuf)> = pin_dir
+            .map(|d| MAPS.iter().map(|m| (*m, d.join(m))).collect())
+            .unwrap_or_default();
+        for (name, path) in &pin_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
             .override_global(lb_common::GLOBAL_CONFIG, &cfg, true)
             .map_max_entries(MAP_SERVICES, options.max_services)
             .map_max_entries(MAP_SERVICE_STATS, options.max_services)
@@ -190,6 +550,15 @@ impl Dataplane {
             name: PROG_TC_INGRESS,
             source,
         })?;
+        for name in SOCK_PROGS {
+            let prog: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or(DataplaneError::MissingProgram { name })?
+                .try_into()
+                .map_err(|source| DataplaneError::Program { name, source })?;
+            prog.load()
+                .map_err(|source| DataplaneError::Program { name, source })?;
+        }
         Ok(Self {
             services: take!(ebpf, MAP_SERVICES),
             backends: take!(ebpf, MAP_BACKENDS),
@@ -200,10 +569,48 @@ impl Dataplane {
             service_stats: take!(ebpf, MAP_SERVICE_STATS),
             backend_stats: take!(ebpf, MAP_BACKEND_STATS),
             reason_stats: take!(ebpf, MAP_REASON_STATS),
+            local_addrs: take!(ebpf, lb_common::MAP_LOCAL_ADDRS),
             options,
             attached: Vec::new(),
+            cgroup: None,
+            adopted: false,
             ebpf,
+            pins: None,
         })
+    }
+
+    /// The pin root, when pinned.
+    pub fn pin_root(&self) -> Option<&Path> {
+        self.pins.as_ref().map(|p| p.root.as_path())
+    }
+
+    /// Interfaces attached through link pins of an earlier berth, other than `except`, whose
+    /// interface still exists (pins of vanished interfaces are removed).
+    pub fn pinned_interfaces(&self) -> Vec<String> {
+        let Some(pins) = &self.pins else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let Ok(entries) = std::fs::read_dir(&pins.links) else {
+            return out;
+        };
+        for e in entries.filter_map(|e| e.ok()) {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some((index, iface)) = name
+                .strip_prefix("tc-")
+                .and_then(|r| r.split_once('-'))
+                .and_then(|(i, n)| Some((i.parse::<u32>().ok()?, n.to_owned())))
+            else {
+                continue;
+            };
+            if ifindex(&iface) == Some(index) {
+                out.push(iface);
+            } else {
+                // The interface is gone (the kernel detached the link): drop the stale pin.
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        out
     }
 
     pub fn options(&self) -> &DataplaneOptions {
@@ -235,45 +642,194 @@ impl Dataplane {
     }
 
     /// Attaches the TC ingress program to `iface` (TCX on kernels >= 6.6, clsact otherwise).
-    pub fn attach(&mut self, iface: &str) -> Result<()> {
-        let name = CString::new(iface).map_err(|_| DataplaneError::UnknownInterface {
+    /// Pinned, an attachment pinned by an earlier berth is taken over (its program swapped for
+    /// ours in one step, no packet unprocessed) and a new one is pinned. Returns whether an
+    /// earlier attachment was taken over.
+    pub fn attach(&mut self, iface: &str) -> Result<bool> {
+        let unknown = || DataplaneError::UnknownInterface {
             iface: iface.to_owned(),
-        })?;
-        // SAFETY: `name` is a valid NUL-terminated string.
-        if unsafe { libc::if_nametoindex(name.as_ptr()) } == 0 {
-            return Err(DataplaneError::UnknownInterface {
-                iface: iface.to_owned(),
-            });
-        }
+        };
+        let name = CString::new(iface).map_err(|_| unknown())?;
+        let index = ifindex(iface).ok_or_else(unknown)?;
+        let attach_err = |source| DataplaneError::Attach {
+            iface: iface.to_owned(),
+            source,
+        };
+        let tcx = aya::util::KernelVersion::current()
+            .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0));
+        let pin = self
+            .pins
+            .as_ref()
+            .filter(|_| tcx)
+            .map(|p| p.links.join(format!("tc-{index}-{iface}")));
+        let pinned = match &pin {
+            Some(path) if path.exists() => Some(FdLink::from(PinnedLink::from_pin(path).map_err(
+                |source| DataplaneError::Link {
+                    path: path.display().to_string(),
+                    source,
+                },
+            )?)),
+            _ => None,
+        };
+        let pinned_prog = pinned
+            .as_ref()
+            .and_then(|l| l.info().ok())
+            .map(|i| i.program_id());
         let prog: &mut SchedClassifier = self
             .ebpf
             .program_mut(PROG_TC_INGRESS)
             .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
             .expect("program checked at load");
-        let tcx = aya::util::KernelVersion::current()
-            .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0));
         if tcx {
             // Kernel program names keep 15 characters.
             let prefix = &PROG_TC_INGRESS.as_bytes()[..15];
             if let Ok((_, progs)) = SchedClassifier::query_tcx(&name, TcAttachType::Ingress)
-                && let Some(p) = progs.iter().find(|p| p.name().starts_with(prefix))
+                && let Some(p) = progs
+                    .iter()
+                    .find(|p| p.name().starts_with(prefix) && Some(p.id()) != pinned_prog)
             {
                 return Err(DataplaneError::AlreadyAttached {
                     iface: iface.to_owned(),
                     prog_id: p.id(),
+                    pins: self
+                        .pins
+                        .as_ref()
+                        .map_or("(none)".into(), |p| p.root.display().to_string()),
                 });
             }
         } else {
             // Older kernels attach through a clsact qdisc; it may already exist.
             let _ = aya::programs::tc::qdisc_add_clsact(&name);
         }
-        prog.attach(&name, TcAttachType::Ingress)
-            .map_err(|source| DataplaneError::Attach {
-                iface: iface.to_owned(),
-                source,
-            })?;
+        let took_over = pinned.is_some();
+        match (pinned, pin) {
+            (Some(pinned), Some(path)) => {
+                let link = SchedClassifierLink::try_from(pinned).map_err(|source| {
+                    DataplaneError::Link {
+                        path: path.display().to_string(),
+                        source,
+                    }
+                })?;
+                prog.attach_to_link(link).map_err(attach_err)?;
+            }
+            (None, Some(path)) => {
+                let id = prog
+                    .attach(&name, TcAttachType::Ingress)
+                    .map_err(attach_err)?;
+                let link = prog.take_link(id).map_err(attach_err)?;
+                let fd = FdLink::try_from(link).map_err(|source| DataplaneError::Link {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                fd.pin(&path).map_err(|e| DataplaneError::Pin {
+                    what: "pinning link",
+                    path: path.display().to_string(),
+                    source: std::io::Error::other(e),
+                })?;
+            }
+            _ => {
+                prog.attach(&name, TcAttachType::Ingress)
+                    .map_err(attach_err)?;
+            }
+        }
         self.attached.push(iface.to_owned());
+        Ok(took_over)
+    }
+
+    /// Attaches the socket programs (connect4, sendmsg4, recvmsg4, getpeername4) to the cgroup v2
+    /// directory `path`: every socket of its processes and descendants is balanced. Pinned,
+    /// attachments of an earlier berth to the same cgroup are taken over, and those to another
+    /// cgroup removed.
+    pub fn attach_cgroup(&mut self, path: &Path) -> Result<()> {
+        use std::os::unix::fs::MetadataExt as _;
+        let cg_err = |source| DataplaneError::Cgroup {
+            path: path.display().to_string(),
+            source,
+        };
+        let file = File::open(path).map_err(pin_err("opening cgroup", path))?;
+        let ino = file
+            .metadata()
+            .map_err(pin_err("opening cgroup", path))?
+            .ino();
+        if let Some(pins) = &self.pins
+            && let Ok(entries) = std::fs::read_dir(&pins.links)
+        {
+            let mine = format!("cg-{ino}-");
+            for e in entries.filter_map(|e| e.ok()) {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if n.starts_with("cg-") && !n.starts_with(&mine) {
+                    std::fs::remove_file(e.path()).map_err(pin_err("removing pin", &e.path()))?;
+                }
+            }
+        }
+        for name in SOCK_PROGS {
+            let pin = self
+                .pins
+                .as_ref()
+                .map(|p| p.links.join(format!("cg-{ino}-{name}")));
+            let prog: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .and_then(|p| <&mut CgroupSockAddr>::try_from(p).ok())
+                .expect("program checked at load");
+            let link_err = |path: &Path| {
+                let path = path.display().to_string();
+                move |source| DataplaneError::Link { path, source }
+            };
+            match pin {
+                Some(path) if path.exists() => {
+                    let pinned = PinnedLink::from_pin(&path).map_err(link_err(&path))?;
+                    let link = aya::programs::cgroup_sock_addr::CgroupSockAddrLink::try_from(
+                        FdLink::from(pinned),
+                    )
+                    .map_err(link_err(&path))?;
+                    prog.attach_to_link(link).map_err(cg_err)?;
+                }
+                Some(path) => {
+                    // Through a bpf_link (kernels >= 5.7) the flags must be 0 ("Single"); links
+                    // always coexist with other programs on the cgroup.
+                    let id = prog
+                        .attach(&file, CgroupAttachMode::Single)
+                        .map_err(cg_err)?;
+                    let link = prog.take_link(id).map_err(cg_err)?;
+                    let fd = FdLink::try_from(link).map_err(link_err(&path))?;
+                    fd.pin(&path).map_err(|e| DataplaneError::Pin {
+                        what: "pinning link",
+                        path: path.display().to_string(),
+                        source: std::io::Error::other(e),
+                    })?;
+                }
+                None => {
+                    prog.attach(&file, CgroupAttachMode::Single)
+                        .map_err(cg_err)?;
+                }
+            }
+        }
+        self.cgroup = Some(path.to_owned());
         Ok(())
+    }
+
+    /// The cgroup the socket programs are attached to.
+    pub fn cgroup(&self) -> Option<&Path> {
+        self.cgroup.as_deref()
+    }
+
+    /// Makes the local-address set (network byte order, loopback excluded) exactly `addrs`;
+    /// returns the number of writes.
+    pub fn sync_local_addrs(&mut self, addrs: &std::collections::BTreeSet<u32>) -> Result<usize> {
+        let name = lb_common::MAP_LOCAL_ADDRS;
+        let have: std::collections::BTreeSet<u32> =
+            self.local_addrs.keys().filter_map(|k| k.ok()).collect();
+        let mut writes = 0;
+        for a in have.difference(addrs) {
+            absent_is_fine(self.local_addrs.remove(a), name)?;
+            writes += 1;
+        }
+        for a in addrs.difference(&have) {
+            self.local_addrs.insert(a, &1, 0).map_err(map_err(name))?;
+            writes += 1;
+        }
+        Ok(writes)
     }
 
     pub fn attached(&self) -> &[String] {
@@ -304,6 +860,11 @@ impl Dataplane {
         self.backends
             .set(id, &backend, 0)
             .map_err(map_err(MAP_BACKENDS))
+    }
+
+    /// A backend slot as the kernel holds it.
+    pub fn backend(&self, id: u32) -> Result<Backend> {
+        self.backends.get(&id, 0).map_err(map_err(MAP_BACKENDS))
     }
 
     /// The route cached for a backend id.

@@ -309,6 +309,9 @@ pub struct Supervisor<C: Checker> {
         (HealthConfig, tokio::sync::watch::Sender<bool>),
     >,
     healthy: std::collections::HashMap<(String, SocketAddrV4), bool>,
+    /// (service address, protocol, backend) whose check starts from healthy whatever the
+    /// config says: backends adopted from a running dataplane.
+    presumed: std::collections::HashSet<(SocketAddrV4, crate::config::Protocol, SocketAddrV4)>,
 }
 
 impl<C: Checker> Supervisor<C> {
@@ -318,17 +321,31 @@ impl<C: Checker> Supervisor<C> {
             tx,
             tasks: Default::default(),
             healthy: Default::default(),
+            presumed: Default::default(),
         }
+    }
+
+    /// Backends whose checks, when they start, start from healthy (they were serving a moment
+    /// ago, under an earlier berth): a restart does not take them out until a check fails.
+    pub fn presume_healthy(
+        &mut self,
+        backends: impl IntoIterator<Item = (SocketAddrV4, crate::config::Protocol, SocketAddrV4)>,
+    ) {
+        self.presumed.extend(backends);
     }
 
     /// Starts checks for new backends (or changed check settings) and stops those of backends
     /// that are gone. Must run inside a tokio runtime.
     pub fn sync(&mut self, services: &[crate::config::Service]) {
         let mut wanted = std::collections::HashMap::new();
+        let mut start_healthy = std::collections::HashSet::new();
         for s in services {
             if let Some(h) = &s.health {
                 for (addr, _) in &s.backends {
                     wanted.insert((s.name.clone(), *addr), h.clone());
+                    if self.presumed.remove(&(s.listen, s.protocol, *addr)) {
+                        start_healthy.insert((s.name.clone(), *addr));
+                    }
                 }
             }
         }
@@ -345,12 +362,14 @@ impl<C: Checker> Supervisor<C> {
                 continue;
             }
             let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-            self.healthy.insert(key.clone(), cfg.start_healthy);
+            let mut task_cfg = cfg.clone();
+            task_cfg.start_healthy |= start_healthy.contains(&key);
+            self.healthy.insert(key.clone(), task_cfg.start_healthy);
             tokio::spawn(watch(
                 self.checker.clone(),
                 key.0.clone(),
                 key.1,
-                cfg.clone(),
+                task_cfg,
                 self.tx.clone(),
                 stop_rx,
             ));

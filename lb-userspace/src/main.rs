@@ -47,6 +47,23 @@ enum Command {
         /// Admin socket `berth status` talks to (root only).
         #[arg(long, default_value = status::DEFAULT_SOCKET)]
         admin_socket: PathBuf,
+        /// bpffs directory to pin the dataplane under; replaces `dataplane.pin_path`.
+        #[arg(long)]
+        pin_path: Option<PathBuf>,
+        /// cgroup v2 directory for the socket programs ("auto", "none" or a path); replaces
+        /// `dataplane.cgroup`.
+        #[arg(long)]
+        cgroup: Option<String>,
+        /// Detach and unpin everything on SIGTERM/SIGINT (default: leave the dataplane serving
+        /// for the next berth).
+        #[arg(long)]
+        detach_on_exit: bool,
+    },
+    /// Detach a pinned dataplane left by a stopped berth and remove its pins (established flows
+    /// through it are dropped).
+    Down {
+        #[arg(long, default_value = lb_userspace::dataplane::DEFAULT_PIN_PATH)]
+        pin_path: PathBuf,
     },
     /// Validate a config file and print what it would serve.
     CheckConfig {
@@ -89,11 +106,34 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Down { pin_path } => match lb_userspace::dataplane::down(&pin_path) {
+            Ok(r) if r.links.is_empty() && r.maps == 0 => {
+                println!("berth down: nothing pinned under {}", pin_path.display());
+                ExitCode::SUCCESS
+            }
+            Ok(r) => {
+                println!(
+                    "berth down: detached {} ({}), removed {} maps under {}",
+                    r.links.len(),
+                    r.links.join(", "),
+                    r.maps,
+                    pin_path.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("berth down: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Run {
             config,
             synapse_config,
             ifaces,
             admin_socket,
+            pin_path,
+            cgroup,
+            detach_on_exit,
         } => {
             let config = match (config, synapse_config) {
                 (Some(path), _) => Some(Source {
@@ -107,13 +147,24 @@ fn main() -> ExitCode {
                 (None, None) => None,
             };
             // Everything that can be wrong with the input is found before the kernel is touched.
-            let (cfg, services) = match &config {
+            let (mut cfg, services) = match &config {
                 Some(src) => match read_config(src) {
                     Ok(v) => v,
                     Err(e) => return config_failure(&src.path, &e),
                 },
                 None => (Config::default(), Vec::new()),
             };
+            if let Some(p) = pin_path {
+                cfg.dataplane.pin_path = p.display().to_string();
+            }
+            if let Some(c) = cgroup {
+                cfg.dataplane.cgroup = c;
+            }
+            cfg.dataplane.detach_on_exit |= detach_on_exit;
+            if let Err(e) = cfg.validate() {
+                eprintln!("berth: invalid command line: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
             let ifaces = if !ifaces.is_empty() {
                 ifaces
             } else if !cfg.dataplane.interfaces.is_empty() {
@@ -272,17 +323,107 @@ async fn run(
     ifaces: Vec<String>,
     admin_socket: PathBuf,
 ) -> anyhow::Result<()> {
+    let options = DataplaneOptions::from_config(&cfg.dataplane);
+    let pin_root = PathBuf::from(&cfg.dataplane.pin_path);
+    let mut dp = Dataplane::load_pinned(options, &pin_root).context("loading the dataplane")?;
+    let adopted = dp.adopted();
+    if adopted {
+        info!(
+            "adopting the dataplane pinned under {} (it kept serving while no berth ran)",
+            pin_root.display()
+        );
+    }
+    let ifaces = match attach_all(&mut dp, &cfg, ifaces) {
+        Ok(i) => i,
+        Err(e) => {
+            drop(dp);
+            if !adopted {
+                // Nothing was serving before: leave nothing attached.
+                let _ = lb_userspace::dataplane::down(&pin_root);
+            }
+            return Err(e);
+        }
+    };
+    let rec = if adopted {
+        Reconciler::adopt(dp).context("reading the pinned dataplane")?
+    } else {
+        Reconciler::new(dp)
+    };
+    run_loop(
+        path,
+        cfg,
+        services,
+        ifaces,
+        admin_socket,
+        rec,
+        adopted,
+        pin_root,
+    )
+    .await
+}
+
+/// Attaches to `ifaces`, takes over what an earlier berth left attached, and attaches the socket
+/// programs; returns every interface attached.
+fn attach_all(
+    dp: &mut Dataplane,
+    cfg: &Config,
+    ifaces: Vec<String>,
+) -> anyhow::Result<Vec<String>> {
+    let mut ifaces = ifaces;
+    for iface in &ifaces {
+        if dp
+            .attach(iface)
+            .with_context(|| format!("attaching to {iface}"))?
+        {
+            info!("{iface}: took over the attachment of the earlier berth");
+        }
+    }
+    // What an earlier berth attached (bridges found through Docker, say) stays attached: its
+    // flows' replies come through there.
+    for iface in dp.pinned_interfaces() {
+        if !ifaces.contains(&iface) {
+            dp.attach(&iface)
+                .with_context(|| format!("taking over the pinned attachment to {iface}"))?;
+            info!("{iface}: took over the attachment of the earlier berth");
+            ifaces.push(iface);
+        }
+    }
+    let cgroup = match cfg.dataplane.cgroup.as_str() {
+        "none" => None,
+        "auto" => Some(lb_userspace::dataplane::cgroup2_root().context(
+            "no cgroup v2 hierarchy is mounted: mount one, or set dataplane.cgroup = \"none\" \
+             (clients on this host are then not balanced)",
+        )?),
+        p => Some(PathBuf::from(p)),
+    };
+    if let Some(cg) = &cgroup {
+        dp.attach_cgroup(cg)
+            .with_context(|| format!("balancing the sockets of cgroup {}", cg.display()))?;
+    }
+    if let Err(e) = dp.sync_local_addrs(&lb_userspace::dataplane::host_ipv4_addrs()) {
+        warn!("recording this host's addresses, retrying in 1 s: {e}");
+    }
+    Ok(ifaces)
+}
+
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the daemon's state, handed over once"
+)]
+async fn run_loop(
+    path: Option<Source>,
+    cfg: Config,
+    services: Vec<Service>,
+    ifaces: Vec<String>,
+    admin_socket: PathBuf,
+    mut rec: Reconciler,
+    adopted: bool,
+    pin_root: PathBuf,
+) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
-
-    let options = DataplaneOptions::from_config(&cfg.dataplane);
-    let mut dp = Dataplane::load(options).context("loading the dataplane")?;
-    for iface in &ifaces {
-        dp.attach(iface)
-            .with_context(|| format!("attaching to {iface}"))?;
-    }
-    let mut rec = Reconciler::new(dp);
+    let options = *rec.dataplane().options();
     let admin = status::bind(&admin_socket)
         .with_context(|| format!("admin socket {}", admin_socket.display()))?;
     let metrics_listener = if cfg.metrics.enabled {
@@ -306,12 +447,24 @@ async fn run(
     let mut desired = configured.clone();
     let (health_tx, mut health_rx) = tokio::sync::mpsc::channel(256);
     let mut health = Supervisor::new(NetChecker, health_tx);
+    health.presume_healthy(rec.pinned_backends());
     health.sync(&desired);
-    let mut pending = apply(&mut rec, &health.filter(&desired), "config");
+    // An adopted dataplane keeps serving what it has until Docker's first listing says which
+    // containers are still there: applying the config alone would drop every container backend
+    // for that moment.
+    let docker_on = docker_enabled(&cfg, has_file);
+    let mut holding = adopted && docker_on;
+    let started = std::time::Instant::now();
+    let mut pending = if holding {
+        info!("keeping the pinned services as they are until Docker's first listing");
+        true
+    } else {
+        apply(&mut rec, &health.filter(&desired), "config")
+    };
 
     let (docker_tx, mut docker_rx) = tokio::sync::mpsc::channel(1024);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    if docker_enabled(&cfg, has_file) {
+    if docker_on {
         let label_services = cfg.docker.label_services.unwrap_or(!has_file);
         info!(
             "docker discovery on {} (label services {})",
@@ -336,6 +489,7 @@ async fn run(
     );
 
     let mut retry = tokio::time::interval(Duration::from_secs(1));
+    let mut warned_hold = false;
     // The sweep walks the whole map with two syscalls per entry, so it runs rarely: the program
     // already ignores expired entries and the LRU reclaims space when the map is full.
     let mut gc = tokio::time::interval(Duration::from_secs(30));
@@ -368,7 +522,8 @@ async fn run(
                         configured = new_services;
                         desired = with_containers(&cfg, &configured, &containers, has_file, &mut reported);
                         health.sync(&desired);
-                        pending = apply(&mut rec, &health.filter(&desired), "config reload");
+                        pending = holding
+                            || apply(&mut rec, &health.filter(&desired), "config reload");
                         info!("config reloaded: {} services", desired.len());
                     }
                 }
@@ -377,6 +532,7 @@ async fn run(
                 let why = match &event {
                     discovery::Event::Snapshot(all) => {
                         containers = all.iter().map(|c| (c.id.clone(), c.clone())).collect();
+                        holding = false;
                         "docker: resync".to_owned()
                     }
                     discovery::Event::Upsert(c, _) => {
@@ -395,7 +551,7 @@ async fn run(
                 };
                 desired = with_containers(&cfg, &configured, &containers, has_file, &mut reported);
                 health.sync(&desired);
-                pending = apply(&mut rec, &health.filter(&desired), &why);
+                pending = holding || apply(&mut rec, &health.filter(&desired), &why);
                 // Replies from containers arrive on their network's bridge: attach there too.
                 for br in discovery::backend_bridges(&desired, &containers) {
                     if rec.dataplane().attached().contains(&br) || !unattachable.insert(br.clone()) {
@@ -404,7 +560,7 @@ async fn run(
                     let attached = preflight(std::slice::from_ref(&br), cfg.dataplane.redirect)
                         .and_then(|()| rec.dataplane_mut().attach(&br).map_err(anyhow::Error::from));
                     match attached {
-                        Ok(()) => {
+                        Ok(_) => {
                             unattachable.remove(&br);
                             info!("attached to {br} (bridge of a Docker network with backends)");
                         }
@@ -478,11 +634,17 @@ async fn run(
                     None => "health check passing".to_owned(),
                     Some(r) => format!("health check failing: {r}"),
                 };
-                pending = apply(&mut rec, &health.filter(&desired), &why);
+                pending = holding || apply(&mut rec, &health.filter(&desired), &why);
             }
             _ = retry.tick() => {
-                if pending {
+                if holding && started.elapsed() > Duration::from_secs(10) && !std::mem::replace(&mut warned_hold, true) {
+                    warn!("Docker has not answered for 10 s: the pinned services keep serving as they were until it does");
+                }
+                if pending && !holding {
                     pending = apply(&mut rec, &health.filter(&desired), "retry");
+                }
+                if let Err(e) = rec.dataplane_mut().sync_local_addrs(&lb_userspace::dataplane::host_ipv4_addrs()) {
+                    warn!("recording this host's addresses, retrying in 1 s: {e}");
                 }
                 let drain = Duration::from_secs(cfg.dataplane.drain_timeout_secs);
                 if let Err(e) = rec.purge_drained(std::time::Instant::now(), drain) {
@@ -519,7 +681,24 @@ async fn run(
         );
     }
     drop(dp);
-    info!("berth stopped: detached from {}", ifaces.join(", "));
+    if cfg.dataplane.detach_on_exit {
+        let r = lb_userspace::dataplane::down(&pin_root)
+            .with_context(|| format!("detaching and unpinning {}", pin_root.display()))?;
+        info!(
+            "berth stopped: detached from {} ({} links, {} maps unpinned)",
+            ifaces.join(", "),
+            r.links.len(),
+            r.maps
+        );
+    } else {
+        info!(
+            "berth stopped: the dataplane keeps serving on {} (pinned under {}; `berth down \
+             --pin-path {}` detaches it)",
+            ifaces.join(", "),
+            pin_root.display(),
+            pin_root.display()
+        );
+    }
     Ok(())
 }
 

@@ -38,6 +38,16 @@ impl IdPool {
         }
     }
 
+    /// A pool in which `used` are taken (state adopted from the kernel).
+    fn with_used(start: u32, end: u32, used: &std::collections::BTreeSet<u32>) -> Self {
+        let next = used.last().map_or(start, |m| (m + 1).max(start));
+        Self {
+            next,
+            end,
+            free: (start..next).filter(|i| !used.contains(i)).collect(),
+        }
+    }
+
     fn alloc(&mut self) -> Option<u32> {
         if self.next < self.end {
             self.next += 1;
@@ -88,6 +98,9 @@ struct AppliedService {
     table: Vec<u32>,
     /// Whether `table` is what the current backend set should produce.
     table_synced: bool,
+    /// Adopted from the pinned dataplane and not yet claimed by a desired service (its name is
+    /// a placeholder; its backends' weights are unknown).
+    pinned: bool,
 }
 
 /// A summary of one service after an apply, for logs and `status`.
@@ -134,6 +147,77 @@ impl Reconciler {
             backend_ids: IdPool::new(1, o.max_backends),
             draining: BTreeMap::new(),
         }
+    }
+
+    /// A reconciler that starts from what the kernel's maps hold (a dataplane adopted from an
+    /// earlier berth): services, their Maglev rows and backends become applied state, so the
+    /// first `apply` writes only what differs, and established flows never see a gap. Pinned
+    /// services no desired service claims (by address, port and protocol) are removed by the
+    /// first `apply`.
+    pub fn adopt(dp: Dataplane) -> Result<Self, DataplaneError> {
+        let mut rec = Self::new(dp);
+        let m = rec.dp.options().maglev_size;
+        let mut used_services = std::collections::BTreeSet::new();
+        let mut used_backends = std::collections::BTreeSet::new();
+        for (key, value) in rec.dp.services() {
+            let protocol = match key.proto {
+                lb_common::IPPROTO_TCP => Protocol::Tcp,
+                lb_common::IPPROTO_UDP => Protocol::Udp,
+                _ => continue,
+            };
+            let listen = SocketAddrV4::new(
+                std::net::Ipv4Addr::from(u32::from_be(key.addr)),
+                u16::from_be(key.port),
+            );
+            let table = (0..m)
+                .map(|slot| rec.dp.maglev_slot(value.id, slot))
+                .collect::<Result<Vec<u32>, _>>()?;
+            let mut backends = BTreeMap::new();
+            for &id in table.iter().filter(|id| **id != 0) {
+                if used_backends.insert(id) {
+                    let b = rec.dp.backend(id)?;
+                    let addr = SocketAddrV4::new(
+                        std::net::Ipv4Addr::from(u32::from_be(b.addr)),
+                        u16::from_be(b.port),
+                    );
+                    backends.insert(addr, AppliedBackend { id, weight: 0 });
+                }
+            }
+            used_services.insert(value.id);
+            info!(
+                "adopted from the pinned dataplane: {protocol} {listen} with {} backends",
+                backends.len()
+            );
+            rec.services.insert(
+                format!("(pinned) {protocol} {listen}"),
+                AppliedService {
+                    id: value.id,
+                    key,
+                    listen,
+                    protocol,
+                    installed: true,
+                    backends,
+                    retired: Vec::new(),
+                    table,
+                    table_synced: false,
+                    pinned: true,
+                },
+            );
+        }
+        let o = *rec.dp.options();
+        rec.service_ids = IdPool::with_used(0, o.max_services, &used_services);
+        rec.backend_ids = IdPool::with_used(1, o.max_backends, &used_backends);
+        Ok(rec)
+    }
+
+    /// (service address, protocol, backend) of every adopted backend not yet claimed: they
+    /// were serving a moment ago, so their health checks may start from healthy.
+    pub fn pinned_backends(&self) -> Vec<(SocketAddrV4, Protocol, SocketAddrV4)> {
+        self.services
+            .values()
+            .filter(|a| a.pinned)
+            .flat_map(|a| a.backends.keys().map(|b| (a.listen, a.protocol, *b)))
+            .collect()
     }
 
     pub fn dataplane(&self) -> &Dataplane {
@@ -226,6 +310,37 @@ impl Reconciler {
     /// holds a consistent prefix of the change; call again to finish it.
     pub fn apply(&mut self, desired: &[Service], why: &str) -> Result<usize, ReconcileError> {
         let mut writes = 0;
+
+        // Pinned services are claimed by the desired service with their address and protocol.
+        for svc in desired {
+            if self.services.contains_key(&svc.name) {
+                continue;
+            }
+            let key = service_key(svc.listen, svc.protocol);
+            let Some(placeholder) = self
+                .services
+                .iter()
+                .find(|(_, a)| a.pinned && a.key == key)
+                .map(|(n, _)| n.clone())
+            else {
+                continue;
+            };
+            let mut a = self.services.remove(&placeholder).expect("found");
+            a.pinned = false;
+            for (addr, b) in &mut a.backends {
+                if let Some((_, w)) = svc.backends.iter().find(|(d, _)| d == addr) {
+                    b.weight = *w;
+                }
+            }
+            info!(
+                "service {}: taken over from the pinned dataplane ({} {}, {} backends) ({why})",
+                svc.name,
+                a.protocol,
+                a.listen,
+                a.backends.len()
+            );
+            self.services.insert(svc.name.clone(), a);
+        }
 
         // Services gone, or whose address/protocol changed (re-created below).
         let stale: Vec<String> = self
@@ -333,6 +448,7 @@ impl Reconciler {
                     retired: Vec::new(),
                     table: vec![0; m as usize],
                     table_synced: false,
+                    pinned: false,
                 },
             );
             notes.push(format!(

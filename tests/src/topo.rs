@@ -65,6 +65,20 @@ pub fn remove_leftovers() {
             sh_quiet(&["ip", "link", "del", name]);
         }
     }
+    if let Ok(pins) = std::fs::read_dir("/sys/fs/bpf") {
+        for p in pins.filter_map(|e| e.ok()) {
+            if p.file_name().to_string_lossy().starts_with(PREFIX) {
+                let _ = berth_down(&p.path());
+            }
+        }
+    }
+    if let Ok(cgroups) = std::fs::read_dir(cgroup2_root()) {
+        for c in cgroups.filter_map(|e| e.ok()) {
+            if c.file_name().to_string_lossy().starts_with(PREFIX) {
+                remove_cgroup(&c.path());
+            }
+        }
+    }
 }
 
 fn kill_all_in(ns: &str) {
@@ -97,6 +111,12 @@ impl Netns {
         sh(&full)
     }
 
+    /// A command that runs `program` in this network namespace only (unlike `ip netns exec`, it
+    /// keeps the host's mounts: /sys/fs/bpf, cgroups).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        netns_command(&self.name, program)
+    }
+
     /// Runs `f` on a thread that has entered this namespace (sockets it creates live here)
     /// and waits for it, propagating its panic.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
@@ -123,6 +143,23 @@ impl Drop for Netns {
         kill_all_in(&self.name);
         sh_quiet(&["ip", "netns", "del", &self.name]);
     }
+}
+
+fn netns_command(ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    use std::os::unix::process::CommandExt as _;
+    let mut cmd = Command::new(program);
+    let f = std::fs::File::open(PathBuf::from("/run/netns").join(ns)).expect("netns");
+    // SAFETY: setns(2) on a descriptor opened before the fork is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    cmd
 }
 
 fn enter(path: &PathBuf) {
@@ -331,14 +368,99 @@ pub fn responder(answer: &str) -> Option<&str> {
     answer.strip_prefix("Hello from ")?.split(':').next()
 }
 
-/// The berth daemon running in a namespace; SIGTERMed (then killed) on drop, its log printed if
-/// the test is failing.
+/// A child cgroup (v2) for a test's client processes: berth's socket programs attach here, never
+/// to the root. Removed (with any children Docker left) on drop.
+pub struct TestCgroup {
+    pub path: PathBuf,
+}
+
+/// The mount point of the cgroup v2 hierarchy.
+pub fn cgroup2_root() -> PathBuf {
+    lb_userspace::dataplane::cgroup2_root().expect("a cgroup v2 hierarchy is mounted")
+}
+
+impl TestCgroup {
+    pub fn new(tag: &str) -> Self {
+        let path = cgroup2_root().join(format!("{PREFIX}-{tag}"));
+        remove_cgroup(&path);
+        std::fs::create_dir_all(&path)
+            .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", path.display()));
+        Self { path }
+    }
+
+    /// The path as Docker's `--cgroup-parent` wants it (relative to the hierarchy's root).
+    pub fn docker_parent(&self) -> String {
+        format!("/{}", self.path.file_name().unwrap().to_string_lossy())
+    }
+
+    /// `cmd` with its process moved into this cgroup before it runs.
+    pub fn command(&self, cmd: &mut Command) {
+        use std::os::unix::process::CommandExt as _;
+        let procs = std::fs::OpenOptions::new()
+            .write(true)
+            .open(self.path.join("cgroup.procs"))
+            .expect("cgroup.procs");
+        // SAFETY: the closure only calls write(2) on a descriptor opened before the fork
+        // (async-signal-safe); "0" moves the writing process itself.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) == 1 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    }
+}
+
+/// Removes a cgroup directory and its children (depth first), killing what is left in them.
+fn remove_cgroup(path: &std::path::Path) {
+    if !path.exists() {
+        return;
+    }
+    if let Ok(entries) = std::fs::read_dir(path) {
+        for e in entries.filter_map(|e| e.ok()) {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup(&e.path());
+            }
+        }
+    }
+    let _ = std::fs::write(path.join("cgroup.kill"), "1");
+    for _ in 0..50 {
+        if std::fs::remove_dir(path).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        remove_cgroup(&self.path);
+    }
+}
+
+/// Where a test's berth pins its dataplane.
+pub fn test_pin_path(tag: &str) -> PathBuf {
+    PathBuf::from(format!("/sys/fs/bpf/{PREFIX}-{tag}"))
+}
+
+/// The berth daemon running in a namespace (or the root one), with its own pin path and a child
+/// cgroup for its socket programs. SIGTERMed (then killed) on drop, then `berth down` removes
+/// what it left attached; its log is printed if the test is failing.
 pub struct Berth {
     child: Option<Child>,
     pub log: PathBuf,
     pub config: PathBuf,
     /// Its admin socket (`berth status --admin-socket`).
     pub admin: PathBuf,
+    pub pin_path: PathBuf,
+    /// The cgroup its socket programs are attached to.
+    pub cgroup: TestCgroup,
+    netns: Option<String>,
+    args: Vec<std::ffi::OsString>,
+    starts: usize,
 }
 
 pub fn berth_bin() -> PathBuf {
@@ -353,18 +475,41 @@ pub fn berth_bin() -> PathBuf {
     p
 }
 
+/// `berth down --pin-path`: (exit status, stdout + stderr).
+pub fn berth_down(pin_path: &std::path::Path) -> (std::process::ExitStatus, String) {
+    let out = Command::new(berth_bin())
+        .arg("down")
+        .arg("--pin-path")
+        .arg(pin_path)
+        .output()
+        .expect("berth down");
+    (
+        out.status,
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
 impl Berth {
-    /// Starts berth inside `ns`.
+    /// Starts berth inside `ns` (entering only its network namespace: bpffs and cgroups are the
+    /// host's, as for a berth on a host).
     pub fn start(ns: &Netns, config: &str, ifaces: &[&str]) -> Self {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &ns.name]).arg(berth_bin());
-        Self::spawn(cmd, &ns.name, Some(config), ifaces)
+        Self::spawn(
+            Some(&ns.name),
+            &ns.name,
+            vec!["run".into()],
+            Some(config),
+            ifaces,
+        )
     }
 
     /// Starts berth in the root namespace (where Docker's networks are). Only ever with
     /// interfaces the test created.
     pub fn start_root(tag: &str, config: &str, ifaces: &[&str]) -> Self {
-        Self::spawn(Command::new(berth_bin()), tag, Some(config), ifaces)
+        Self::spawn(None, tag, vec!["run".into()], Some(config), ifaces)
     }
 
     /// Starts berth in the root namespace with a Synapse JSON config (`--synapse-config`).
@@ -373,23 +518,22 @@ impl Berth {
         std::fs::create_dir_all(&dir).expect("temp dir");
         let path = dir.join(format!("{tag}.synapse.json"));
         std::fs::write(&path, json).expect("write synapse config");
-        let mut cmd = Command::new(berth_bin());
-        cmd.arg("run").arg("--synapse-config").arg(&path);
-        Self::spawn_with(cmd, tag, None, ifaces)
+        let args = vec!["run".into(), "--synapse-config".into(), path.into()];
+        Self::spawn(None, tag, args, None, ifaces)
     }
 
     /// Starts berth in the root namespace without a config file (label-driven services).
     pub fn start_root_without_config(tag: &str, ifaces: &[&str]) -> Self {
-        Self::spawn(Command::new(berth_bin()), tag, None, ifaces)
+        Self::spawn(None, tag, vec!["run".into()], None, ifaces)
     }
 
-    fn spawn(mut cmd: Command, tag: &str, config: Option<&str>, ifaces: &[&str]) -> Self {
-        cmd.arg("run");
-        Self::spawn_with(cmd, tag, config, ifaces)
-    }
-
-    /// `cmd` already holds `berth run` and any source flag.
-    fn spawn_with(mut cmd: Command, tag: &str, config: Option<&str>, ifaces: &[&str]) -> Self {
+    fn spawn(
+        netns: Option<&str>,
+        tag: &str,
+        mut args: Vec<std::ffi::OsString>,
+        config: Option<&str>,
+        ifaces: &[&str],
+    ) -> Self {
         let dir = std::env::temp_dir().join(format!("berth-e2e-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let config_path = dir.join(format!("{tag}.toml"));
@@ -397,28 +541,59 @@ impl Berth {
             std::fs::write(&config_path, config).expect("write config");
         }
         let log = dir.join(format!("{tag}.log"));
+        let _ = std::fs::remove_file(&log);
         let admin = dir.join(format!("{tag}.sock"));
-        cmd.arg("--admin-socket").arg(&admin);
+        let pin_path = test_pin_path(tag);
+        // Leftovers of a crashed run.
+        let _ = berth_down(&pin_path);
+        let cgroup = TestCgroup::new(tag);
+        args.extend(["--admin-socket".into(), admin.clone().into()]);
+        args.extend(["--pin-path".into(), pin_path.clone().into()]);
+        args.extend(["--cgroup".into(), cgroup.path.clone().into()]);
         if config.is_some() {
-            cmd.arg("--config").arg(&config_path);
+            args.extend(["--config".into(), config_path.clone().into()]);
         }
         for i in ifaces {
-            cmd.args(["--iface", i]);
+            args.extend(["--iface".into(), (*i).into()]);
         }
-        let child = cmd
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("spawn berth");
-        let b = Self {
-            child: Some(child),
+        let mut b = Self {
+            child: None,
             log,
             config: config_path,
             admin,
+            pin_path,
+            cgroup,
+            netns: netns.map(str::to_owned),
+            args,
+            starts: 0,
         };
-        b.wait_for("berth ready", 1);
+        b.respawn();
         b
+    }
+
+    /// Starts the daemon again with the same arguments (after `stop` or `kill`), appending to
+    /// the same log, and waits until it is ready.
+    pub fn respawn(&mut self) {
+        assert!(self.child.is_none(), "berth is still running");
+        let mut cmd = match &self.netns {
+            Some(ns) => netns_command(ns, berth_bin()),
+            None => Command::new(berth_bin()),
+        };
+        cmd.args(&self.args);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let child = cmd
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn berth");
+        self.child = Some(child);
+        self.starts += 1;
+        self.wait_for("berth ready", self.starts);
     }
 
     /// `berth status --json` against this daemon.
@@ -466,12 +641,22 @@ impl Berth {
         self.wait_for("config reloaded", before + 1);
     }
 
-    /// SIGTERM and wait; returns the exit status and how long it took.
+    /// SIGTERM and wait; returns the exit status and how long it took. The dataplane stays
+    /// (pinned) unless berth was told to detach on exit.
     pub fn stop(&mut self) -> (std::process::ExitStatus, Duration) {
+        self.signal_and_wait(libc::SIGTERM)
+    }
+
+    /// SIGKILL and wait.
+    pub fn kill(&mut self) -> std::process::ExitStatus {
+        self.signal_and_wait(libc::SIGKILL).0
+    }
+
+    fn signal_and_wait(&mut self, sig: i32) -> (std::process::ExitStatus, Duration) {
         let mut child = self.child.take().expect("running");
         let t = Instant::now();
         // SAFETY: plain signal to our own child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        unsafe { libc::kill(child.id() as i32, sig) };
         loop {
             if let Some(st) = child.try_wait().expect("wait") {
                 return (st, t.elapsed());
@@ -483,6 +668,11 @@ impl Berth {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
+
+    /// `berth down` for this daemon's pin path.
+    pub fn down(&self) -> (std::process::ExitStatus, String) {
+        berth_down(&self.pin_path)
+    }
 }
 
 impl Drop for Berth {
@@ -490,6 +680,7 @@ impl Drop for Berth {
         if self.child.is_some() {
             let _ = self.stop();
         }
+        let _ = self.down();
         if std::thread::panicking() {
             let mut s = String::new();
             let _ = std::fs::File::open(&self.log).and_then(|mut f| f.read_to_string(&mut s));

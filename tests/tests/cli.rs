@@ -55,7 +55,7 @@ fn bad_config_names_the_field_and_exits_64_without_loading_anything() {
     for (file, text, field) in cases {
         let path = write(file, text);
         for args in [
-            vec!["run", "--iface", "lo", "--config"],
+            vec!["run", "--iface", "lo", "--cgroup", "none", "--config"],
             vec!["check-config"],
         ] {
             let out = Command::new(berth())
@@ -154,7 +154,7 @@ fn second_berth_on_the_same_interface_is_refused() {
     let first = Command::new("ip")
         .args(["netns", "exec", &name])
         .arg(berth())
-        .args(["run", "--iface", "lo", "--admin-socket"])
+        .args(["run", "--iface", "lo", "--cgroup", "none", "--admin-socket"])
         .arg(log.with_extension("sock"))
         .arg("--config")
         .arg(&cfg)
@@ -177,7 +177,7 @@ fn second_berth_on_the_same_interface_is_refused() {
     let second = Command::new("ip")
         .args(["netns", "exec", &name])
         .arg(berth())
-        .args(["run", "--iface", "lo", "--admin-socket"])
+        .args(["run", "--iface", "lo", "--cgroup", "none", "--admin-socket"])
         .arg(log.with_extension("2.sock"))
         .arg("--config")
         .arg(&cfg)

@@ -10,7 +10,8 @@
 use std::{collections::BTreeMap, net::SocketAddrV4, time::Duration};
 
 use berth_tests::topo::{
-    Berth, Netns, Servers, Session, remove_leftovers, responder, tcp_request, udp_request, veth,
+    Berth, Netns, Servers, Session, berth_bin, remove_leftovers, responder, tcp_request,
+    udp_request, veth,
 };
 
 fn sa(s: &str) -> SocketAddrV4 {
@@ -393,15 +394,23 @@ fn bridged_docker_like_host_balances_through_forward_drop() {
 }
 
 #[test]
-fn sigterm_detaches_and_a_new_berth_can_attach() {
+fn sigterm_leaves_the_dataplane_serving_and_the_next_berth_takes_it_over() {
     let t = bridged();
+    let svc = sa("10.30.0.1:8080");
     let mut berth = Berth::start(&t.lb, BRIDGED_CONFIG, &["eth0", "br0"]);
-    assert_eq!(
-        spread_tcp(&t.client, sa("10.30.0.1:8080"), 30)
-            .values()
-            .sum::<usize>(),
-        30
-    );
+    assert_eq!(spread_tcp(&t.client, svc, 30).values().sum::<usize>(), 30);
+    // An established connection that must live through both the stop and the take-over.
+    let mut session = t
+        .client
+        .run(move || Session::connect(svc).expect("connect"));
+    let mut ask = move |what: &str| {
+        let answer = session
+            .request(what)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        responder(&answer).map(str::to_owned).expect("an answer")
+    };
+    let first = ask("before");
+
     let (status, took) = berth.stop();
     println!("berth stopped with {status} in {took:?}");
     assert!(status.success(), "{status}: {}", berth.log_text());
@@ -409,22 +418,106 @@ fn sigterm_detaches_and_a_new_berth_can_attach() {
     assert!(
         berth
             .log_text()
-            .contains("berth stopped: detached from eth0, br0")
+            .contains("the dataplane keeps serving on eth0, br0")
     );
-    // Detached: the service port is no longer balanced (nothing listens on the host itself) ...
-    let after = t.client.run(|| tcp_request(sa("10.30.0.1:8080"), "x"));
+    // No daemon: the pinned dataplane still balances new connections and carries the old one.
+    let counts = spread_tcp(&t.client, svc, 60);
+    assert_eq!(counts.values().sum::<usize>(), 60, "{counts:?}");
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    assert_eq!(ask("while stopped"), first);
+
+    // The next berth adopts it: same backends, no Maglev slot rewritten, same flows.
+    let tables = berth.log_text().matches("maglev table updated").count();
+    berth.respawn();
+    let log = berth.log_text();
+    assert!(log.contains("eth0: took over the attachment"), "{log}");
     assert!(
-        after.is_err(),
-        "still answered after berth stopped: {after:?}"
+        log.contains("service web: taken over from the pinned dataplane"),
+        "{log}"
     );
-    // ... and a new berth can attach to the same interfaces (none of ours is left there).
-    let _again = Berth::start(&t.lb, BRIDGED_CONFIG, &["eth0", "br0"]);
-    assert_eq!(
-        spread_tcp(&t.client, sa("10.30.0.1:8080"), 30)
-            .values()
-            .sum::<usize>(),
-        30
+    assert_eq!(log.matches("maglev table updated").count(), tables, "{log}");
+    assert_eq!(ask("after take-over"), first);
+    assert_eq!(spread_tcp(&t.client, svc, 30).values().sum::<usize>(), 30);
+
+    // `berth down` is refused while a berth runs on the pins, and detaches everything after.
+    let (refused, out) = berth.down();
+    assert!(
+        !refused.success() && out.contains("another berth is running"),
+        "{out}"
     );
+    let (status, _) = berth.stop();
+    assert!(status.success());
+    let (downed, out) = berth.down();
+    assert!(downed.success(), "{out}");
+    println!("{out}");
+    assert!(
+        out.contains("tc-") && out.contains("eth0") && out.contains("br0"),
+        "{out}"
+    );
+    assert!(!berth.pin_path.exists());
+    let after = t.client.run(move || tcp_request(svc, "x"));
+    assert!(after.is_err(), "still answered after berth down: {after:?}");
+}
+
+#[test]
+fn a_pinned_dataplane_berth_cannot_read_is_refused_with_the_reset_command() {
+    let t = one_armed();
+    let mut berth = Berth::start(&t.lb, ONE_ARMED_CONFIG, &["eth0"]);
+    berth.stop();
+    let pins = berth.pin_path.clone();
+    let run = |config: &str| {
+        let path = berth.config.with_extension("other.toml");
+        std::fs::write(&path, config).unwrap();
+        let out =
+            t.lb.command(berth_bin())
+                .args([
+                    "run",
+                    "--iface",
+                    "eth0",
+                    "--cgroup",
+                    "none",
+                    "--admin-socket",
+                ])
+                .arg(berth.admin.with_extension("other"))
+                .arg("--pin-path")
+                .arg(&pins)
+                .arg("--config")
+                .arg(&path)
+                .output()
+                .unwrap();
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // Other map sizes than the pinned maps have: named, with the reset command.
+    let (status, err) = run(&ONE_ARMED_CONFIG.replace(
+        "maglev_table_size = 65537",
+        "maglev_table_size = 65537\nconntrack_size = 4096",
+    ));
+    println!("{err}");
+    assert!(!status.success());
+    assert!(err.contains("map CONNTRACK has max_entries"), "{err}");
+    assert!(
+        err.contains(&format!("berth down --pin-path {}", pins.display())),
+        "{err}"
+    );
+    // Another layout version: never read.
+    std::fs::create_dir(pins.join("v0")).unwrap();
+    let (status, err) = run(ONE_ARMED_CONFIG);
+    println!("{err}");
+    assert!(!status.success());
+    assert!(err.contains("has layout v0, this berth uses v1"), "{err}");
+    assert!(
+        err.contains(&format!("berth down --pin-path {}", pins.display())),
+        "{err}"
+    );
+    // The refusals changed nothing: the pinned dataplane still serves.
+    let counts = spread_tcp(&t.client, sa("10.10.0.1:8080"), 30);
+    assert_eq!(counts.values().sum::<usize>(), 30, "{counts:?}");
+    let (downed, out) = berth.down();
+    assert!(downed.success(), "{out}");
+    assert!(!pins.exists());
 }
 
 const HEALTH_CONFIG: &str = r#"

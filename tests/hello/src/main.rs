@@ -1,13 +1,18 @@
 //! The test backend: `hello serve [PORT]` answers every HTTP request with
 //! `Hello from <hostname>` (status from the file /sick-status if present, e.g. `500`; a file
-//! /sick-hang makes it accept and never answer), and exits on SIGTERM. `hello get ADDR` is the
-//! image's HEALTHCHECK: exit 0 if ADDR answers 200.
+//! /sick-hang makes it accept and never answer), every UDP datagram to the same port with the
+//! same text, and exits on SIGTERM. `hello get ADDR` is the image's HEALTHCHECK: exit 0 if ADDR
+//! answers 200.
+//!
+//! `hello client tcp|udp|udp-connected ADDR N` is the test client for clients on the host and in
+//! containers: N requests, one per connection (or socket), each printed as
+//! `<answer> peer=<address the socket says it talked to>` or `ERR <error>`.
 //!
 //! The marker files at / (a FROM-scratch image has no /tmp) are how tests make a container sick (`docker exec ... hello sick 500`).
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
-    net::{TcpListener, TcpStream},
+    net::{TcpListener, TcpStream, UdpSocket},
     sync::atomic::{AtomicBool, Ordering},
     time::Duration,
 };
@@ -38,6 +43,14 @@ fn serve(port: u16) {
     let l = TcpListener::bind(("0.0.0.0", port)).expect("bind");
     l.set_nonblocking(true).expect("nonblocking");
     let name = hostname();
+    let u = UdpSocket::bind(("0.0.0.0", port)).expect("bind udp");
+    let udp_name = name.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while let Ok((_, from)) = u.recv_from(&mut buf) {
+            let _ = u.send_to(format!("Hello from {udp_name}\n").as_bytes(), from);
+        }
+    });
     // After SIGTERM keep serving for a grace period, as a well-behaved service does, so the
     // balancer (told by Docker's kill event) can stop sending new connections first.
     let mut stop_at: Option<std::time::Instant> = None;
@@ -102,9 +115,67 @@ fn get(addr: &str) -> i32 {
     i32::from(!resp.starts_with("HTTP/1.0 200"))
 }
 
+/// One request of `hello client`: the answer's first line and the peer the socket reports.
+fn client_once(kind: &str, addr: &str) -> Result<(String, String), String> {
+    let timeout = Some(Duration::from_secs(2));
+    let (answer, peer) = match kind {
+        "tcp" => {
+            let mut s = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+            let peer = s.peer_addr().map_err(|e| format!("getpeername: {e}"))?;
+            s.set_read_timeout(timeout).map_err(|e| e.to_string())?;
+            s.write_all(b"GET / HTTP/1.0\r\n\r\n")
+                .map_err(|e| format!("write: {e}"))?;
+            let mut resp = String::new();
+            s.read_to_string(&mut resp)
+                .map_err(|e| format!("read: {e}"))?;
+            let body = resp
+                .split_once("\r\n\r\n")
+                .map_or("", |(_, b)| b)
+                .to_owned();
+            (body, peer)
+        }
+        "udp" => {
+            let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| format!("bind: {e}"))?;
+            s.set_read_timeout(timeout).map_err(|e| e.to_string())?;
+            s.send_to(b"hello?", addr)
+                .map_err(|e| format!("sendto: {e}"))?;
+            let mut buf = [0u8; 1500];
+            let (n, from) = s
+                .recv_from(&mut buf)
+                .map_err(|e| format!("recvfrom: {e}"))?;
+            (String::from_utf8_lossy(&buf[..n]).into_owned(), from)
+        }
+        "udp-connected" => {
+            let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| format!("bind: {e}"))?;
+            s.set_read_timeout(timeout).map_err(|e| e.to_string())?;
+            s.connect(addr).map_err(|e| format!("connect: {e}"))?;
+            s.send(b"hello?").map_err(|e| format!("send: {e}"))?;
+            let mut buf = [0u8; 1500];
+            let n = s.recv(&mut buf).map_err(|e| format!("recv: {e}"))?;
+            let peer = s.peer_addr().map_err(|e| format!("getpeername: {e}"))?;
+            (String::from_utf8_lossy(&buf[..n]).into_owned(), peer)
+        }
+        other => return Err(format!("unknown client kind {other:?}")),
+    };
+    Ok((answer.trim().to_owned(), peer.to_string()))
+}
+
+fn client(args: &[String]) {
+    let kind = args.first().map_or("tcp", String::as_str);
+    let addr = args.get(1).map_or("127.0.0.1:8080", String::as_str);
+    let n: usize = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(1);
+    for _ in 0..n {
+        match client_once(kind, addr) {
+            Ok((answer, peer)) => println!("{answer} peer={peer}"),
+            Err(e) => println!("ERR {e}"),
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
+        Some("client") => client(&args[2..]),
         Some("get") => {
             std::process::exit(get(args.get(2).map_or("127.0.0.1:8000", String::as_str)))
         }
