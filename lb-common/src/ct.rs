@@ -85,6 +85,7 @@ mod tests {
         tcp_closing_ns: 10,
         tcp_idle_ns: 1000,
         udp_idle_ns: 100,
+        host_netns_cookie: 0,
     };
 
     fn entry(state: u8, last: u64) -> CtEntry {

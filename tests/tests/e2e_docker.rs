@@ -23,6 +23,7 @@ const NETWORK: &str = "berth-test-net";
 const BRIDGE: &str = "bte-dock0";
 const UPLINK: &str = "bte-dh0";
 const IMAGE: &str = "berth-test/hello";
+const CLIENT_IMAGE: &str = "berth-test/client";
 const LABEL: &str = "berth-test=1";
 
 fn docker(args: &[&str]) -> String {
@@ -47,8 +48,8 @@ fn remove_docker_leftovers() {
     docker_quiet(&["network", "rm", NETWORK]);
 }
 
-/// Builds the test image from the static binary (cheap when Docker's cache has it).
-fn build_image() {
+/// The static `hello` binary (server of the image, and the test's client).
+fn hello_bin() -> std::path::PathBuf {
     let bin = std::env::var_os("BERTH_HELLO_BIN")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| {
@@ -60,6 +61,12 @@ fn build_image() {
         "{} missing: run through `cargo xtask test`",
         bin.display()
     );
+    bin
+}
+
+/// Builds the test image from the static binary (cheap when Docker's cache has it).
+fn build_image() {
+    let bin = hello_bin();
     let dir = std::env::temp_dir().join(format!("berth-image-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::copy(&bin, dir.join("hello")).unwrap();
@@ -606,4 +613,223 @@ fn synapse_config_gives_the_same_behaviour() {
             .collect::<Vec<_>>(),
         vec![h2]
     );
+}
+
+/// Parses `hello client` output: (hostname, peer) per request; panics on any failed request.
+fn client_results(out: &str) -> Vec<(String, String)> {
+    out.lines()
+        .map(|l| {
+            assert!(!l.starts_with("ERR"), "client request failed: {l}\n{out}");
+            let (answer, peer) = l.rsplit_once(" peer=").unwrap_or_else(|| panic!("{l:?}"));
+            let who = answer
+                .strip_prefix("Hello from ")
+                .unwrap_or_else(|| panic!("{l:?}"));
+            (who.to_owned(), peer.to_owned())
+        })
+        .collect()
+}
+
+/// `hello client KIND ADDR N` on the host (root namespace), inside `berth`'s test cgroup.
+fn host_client(berth: &Berth, kind: &str, addr: &str, n: usize) -> Vec<(String, String)> {
+    let mut cmd = Command::new(hello_bin());
+    cmd.args(["client", kind, addr, &n.to_string()]);
+    berth.cgroup.command(&mut cmd);
+    let out = cmd.output().expect("hello client");
+    client_results(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// `hello client KIND ADDR N` in a container of the test network, inside `berth`'s test cgroup.
+/// The image is tagged under another name so the client is not taken for a backend.
+fn container_client(berth: &Berth, kind: &str, addr: &str, n: usize) -> Vec<(String, String)> {
+    let parent = berth.cgroup.docker_parent();
+    let n = n.to_string();
+    docker(&["tag", IMAGE, CLIENT_IMAGE]);
+    let out = docker(&[
+        "run",
+        "--rm",
+        "--label",
+        LABEL,
+        "--network",
+        NETWORK,
+        "--cgroup-parent",
+        &parent,
+        "--entrypoint",
+        "/hello",
+        CLIENT_IMAGE,
+        "client",
+        kind,
+        addr,
+        &n,
+    ]);
+    client_results(&out)
+}
+
+/// Who answered, and every peer address the client saw.
+fn tally(results: &[(String, String)]) -> (BTreeMap<String, usize>, Vec<String>) {
+    let mut who = BTreeMap::new();
+    let mut peers: Vec<String> = Vec::new();
+    for (w, p) in results {
+        *who.entry(w.clone()).or_insert(0) += 1;
+        if !peers.contains(p) {
+            peers.push(p.clone());
+        }
+    }
+    (who, peers)
+}
+
+const SOCKET_CONFIG: &str = r#"
+[docker]
+label_services = false
+[[service]]
+name = "nodeapp"
+listen = "0.0.0.0:8080"
+[service.docker]
+image = "berth-test/hello"
+port = 8000
+[[service]]
+name = "nodeapp-udp"
+listen = "0.0.0.0:8080"
+protocol = "udp"
+[service.docker]
+image = "berth-test/hello"
+port = 8000
+"#;
+
+/// The host's address on the test network's bridge (the containers' gateway).
+const GATEWAY: &str = "172.31.250.1:8080";
+
+#[test]
+fn clients_on_the_host_and_in_containers_are_balanced_by_the_socket_programs() {
+    let setup = Setup::new();
+    let (_, h1) = setup.run("bt-s1", &[]);
+    let (_, h2) = setup.run("bt-s2", &[]);
+    let both = {
+        let mut v = vec![h1.clone(), h2.clone()];
+        v.sort();
+        v
+    };
+    let berth = Berth::start_root("docker-sock", SOCKET_CONFIG, &[UPLINK, BRIDGE]);
+    berth.wait_for("(docker: resync)", 4);
+
+    // Nothing listens on the host's port 8080: outside berth's cgroup a connect is refused.
+    let mut plain = Command::new(hello_bin());
+    let out = plain
+        .args(["client", "tcp", "127.0.0.1:8080", "1"])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(out.starts_with("ERR connect"), "{out}");
+
+    // From the host: loopback and the host's own addresses, TCP, UDP and connected UDP. Every
+    // answer comes from a container, and the client only ever sees the address it asked for.
+    for (kind, addr) in [
+        ("tcp", "127.0.0.1:8080"),
+        ("tcp", "10.41.0.1:8080"),
+        ("tcp", GATEWAY),
+        ("udp", "127.0.0.1:8080"),
+        ("udp-connected", "10.41.0.1:8080"),
+    ] {
+        let (who, peers) = tally(&host_client(&berth, kind, addr, 40));
+        println!("host {kind} {addr}: {who:?}, peers {peers:?}");
+        assert_eq!(
+            who.keys().cloned().collect::<Vec<_>>(),
+            both,
+            "{kind} {addr}"
+        );
+        assert_eq!(peers, vec![addr.to_owned()], "{kind} {addr}");
+    }
+    // From a container, to the host's address on its network.
+    for kind in ["tcp", "udp"] {
+        let (who, peers) = tally(&container_client(&berth, kind, GATEWAY, 40));
+        println!("container {kind} {GATEWAY}: {who:?}, peers {peers:?}");
+        assert_eq!(
+            who.keys().cloned().collect::<Vec<_>>(),
+            both,
+            "container {kind}"
+        );
+        assert_eq!(peers, vec![GATEWAY.to_owned()], "container {kind}");
+    }
+
+    // A backend that leaves gets no new connection, from the host or from a container.
+    docker(&["stop", "bt-s1"]);
+    berth.wait_for("removed (docker: container bt-s1", 2);
+    for (kind, addr) in [("tcp", "127.0.0.1:8080"), ("udp", "127.0.0.1:8080")] {
+        let (who, _) = tally(&host_client(&berth, kind, addr, 20));
+        assert_eq!(
+            who.keys().cloned().collect::<Vec<_>>(),
+            vec![h2.clone()],
+            "{kind}"
+        );
+    }
+    let (who, _) = tally(&container_client(&berth, "tcp", GATEWAY, 20));
+    assert_eq!(who.keys().cloned().collect::<Vec<_>>(), vec![h2.clone()]);
+    let counters = berth.status().counters;
+    println!("socket counters: {counters:?}");
+}
+
+#[test]
+fn sigkill_under_load_loses_no_connection_and_fails_no_request() {
+    use std::io::{Read as _, Write as _};
+    let setup = Setup::new();
+    let (_, h1) = setup.run("bt-k1", &[]);
+    let (_, h2) = setup.run("bt-k2", &[]);
+    let mut berth = Berth::start_root("docker-kill", CONFIG, &[UPLINK, BRIDGE]);
+    berth.wait_for("(docker: resync)", 2);
+    assert_eq!(spread(&setup.client, 20).len(), 2);
+
+    // A connection established before the kill, finished after the restart.
+    let mut open = setup.client.run(|| {
+        let mut s = std::net::TcpStream::connect(SERVICE).expect("connect");
+        s.write_all(b"GET / HTTP/1.0\r\n").expect("write");
+        s
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = load_loop(&setup.client, stop.clone());
+    std::thread::sleep(Duration::from_millis(500));
+    let status = berth.kill();
+    let killed = Instant::now();
+    println!("berth: {status}");
+    std::thread::sleep(Duration::from_millis(1500));
+    let tables = berth.log_text().matches("maglev table updated").count();
+    let restarted = Instant::now();
+    berth.respawn();
+    berth.wait_for("docker: connected", 2);
+    println!(
+        "restarted berth ready {:?} after the restart began",
+        restarted.elapsed()
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    stop.store(true, Ordering::Relaxed);
+    let results = load.join().unwrap();
+
+    open.write_all(b"\r\n").expect("finish the request");
+    let mut resp = String::new();
+    open.read_to_string(&mut resp).expect("read");
+    assert!(resp.starts_with("HTTP/1.0 200"), "{resp}");
+    let failed: Vec<_> = results.iter().filter(|(_, r)| r.is_err()).collect();
+    let while_dead = results
+        .iter()
+        .filter(|(at, _)| *at > killed && *at < restarted)
+        .count();
+    let who: std::collections::BTreeSet<_> = results
+        .iter()
+        .filter_map(|(_, r)| r.as_ref().ok())
+        .collect();
+    println!(
+        "SIGKILL under load: {} requests ({} while no berth ran), {} failed; the connection \
+         opened before the kill was answered after the restart",
+        results.len(),
+        while_dead,
+        failed.len()
+    );
+    assert!(failed.is_empty(), "failed requests: {failed:?}");
+    assert!(while_dead > 20, "the load loop barely ran: {while_dead}");
+    assert!(who.contains(&h1) && who.contains(&h2), "{who:?}");
+    let log = berth.log_text();
+    assert!(
+        log.contains("service nodeapp: taken over from the pinned dataplane"),
+        "{log}"
+    );
+    // Adopted as it was: the first listing matched, not one Maglev slot was rewritten.
+    assert_eq!(log.matches("maglev table updated").count(), tables, "{log}");
 }
