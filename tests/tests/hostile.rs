@@ -1,0 +1,488 @@
+//! Hostile input to the real TC program through BPF_PROG_TEST_RUN: a million random and mutated
+//! packets, and a conntrack flood. Each test prints what it measured. Longer variants run under
+//! `cargo xtask soak`.
+//!
+//! What must hold:
+//! - every run ends in exactly one counted exit, and no hostile packet makes the program abort
+//!   (`abort_*` stay zero);
+//! - every packet the program rewrote, from an input whose checksums were right, leaves with right
+//!   checksums (recomputed from scratch);
+//! - the maps stay consistent: every conntrack entry names a live backend and service, and a
+//!   forward entry's translation is its backend's address;
+//! - under a flood of new flows the conntrack map never grows past its size, and established
+//!   flows keep their backends.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Instant,
+};
+
+use aya::programs::{TestRun, TestRunOptions};
+use berth_tests::{
+    fixture::*,
+    wire::{self, Ipv4Packet, L4, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN},
+};
+use lb_common::{Reason, ct};
+use lb_userspace::{config::Protocol, dataplane::DataplaneOptions};
+
+/// xorshift64*: reproducible from the printed seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn byte(&mut self) -> u8 {
+        self.next() as u8
+    }
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+fn seed() -> u64 {
+    std::env::var("BERTH_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+                | 1
+        })
+}
+
+fn sa(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(ip, port)
+}
+
+fn backends() -> Vec<(Ipv4Addr, u16, u32)> {
+    vec![
+        (backend(1), 8000, 1),
+        (backend(2), 8000, 2),
+        (backend(3), 8000, 1),
+    ]
+}
+
+fn services() -> Vec<lb_userspace::config::Service> {
+    vec![
+        svc("vip", "10.99.0.1:80", Protocol::Tcp, &backends()),
+        svc("any", "0.0.0.0:8080", Protocol::Tcp, &backends()),
+        svc(
+            "dns",
+            "0.0.0.0:5353",
+            Protocol::Udp,
+            &[(backend(4), 53, 1), (backend(5), 53, 1)],
+        ),
+    ]
+}
+
+/// The program run once on `pkt` as if it arrived on fx0: Some((action, output)), or None when
+/// the kernel refused the input itself (frames shorter than Ethernet or than an IPv4 header).
+struct Runner<'a> {
+    fx: &'a Fixture,
+    ctx: [u8; 44],
+    out: Vec<u8>,
+}
+
+impl<'a> Runner<'a> {
+    fn new(fx: &'a Fixture) -> Self {
+        let mut ctx = [0u8; 44];
+        ctx[40..44].copy_from_slice(&ifindex("fx0").to_ne_bytes());
+        Self {
+            fx,
+            ctx,
+            out: vec![0; 2048],
+        }
+    }
+
+    fn run(&mut self, pkt: &[u8]) -> Option<(u32, &[u8])> {
+        let res = self
+            .fx
+            .dp()
+            .program()
+            .test_run(TestRunOptions {
+                data_in: Some(pkt),
+                data_out: Some(&mut self.out),
+                ctx_in: Some(&self.ctx),
+                ..TestRunOptions::default()
+            })
+            .ok()?;
+        Some((res.return_value, &self.out[..res.data_size_out as usize]))
+    }
+}
+
+fn reason_totals(fx: &Fixture) -> BTreeMap<&'static str, u64> {
+    fx.dp()
+        .reason_counters()
+        .expect("reason counters")
+        .into_iter()
+        .map(|(r, n)| (r.name(), n))
+        .collect()
+}
+
+fn exits(totals: &BTreeMap<&'static str, u64>) -> u64 {
+    Reason::ALL
+        .iter()
+        .filter(|r| r.is_exit())
+        .map(|r| totals[r.name()])
+        .sum()
+}
+
+/// Every conntrack entry names a live backend and a valid service, and a forward entry
+/// translates to its backend's address (a reply entry comes from it).
+fn assert_maps_consistent(fx: &Fixture, o: &DataplaneOptions) -> usize {
+    let entries = fx.dp().conntrack_entries();
+    for (k, e) in &entries {
+        assert!(e.service_id < o.max_services, "{k:?} {e:?}");
+        assert!(
+            e.backend_id != 0 && e.backend_id < o.max_backends,
+            "{k:?} {e:?}"
+        );
+        let b = fx.dp().backend(e.backend_id).expect("backend slot");
+        assert_ne!(
+            b.addr, 0,
+            "entry points at an empty backend slot: {k:?} {e:?}"
+        );
+        match e.dir {
+            ct::DIR_FORWARD => assert_eq!((e.nat_addr, e.nat_port), (b.addr, b.port), "{k:?}"),
+            ct::DIR_REPLY => assert_eq!((k.saddr, k.sport), (b.addr, b.port), "{k:?}"),
+            d => panic!("entry with direction {d}: {k:?} {e:?}"),
+        }
+    }
+    entries.len()
+}
+
+/// A valid frame the dataplane has an opinion about.
+fn base_packet(rng: &mut Rng) -> Vec<u8> {
+    let client = if rng.chance(70) {
+        Ipv4Addr::new(10, 10, 0, 2 + rng.below(200) as u8)
+    } else {
+        Ipv4Addr::from(rng.next() as u32)
+    };
+    let sport = 1024 + rng.below(60_000) as u16;
+    let flags = match rng.below(7) {
+        0 | 1 => TCP_SYN,
+        2 => TCP_ACK,
+        3 => TCP_ACK | TCP_PSH,
+        4 => TCP_FIN | TCP_ACK,
+        5 => TCP_RST,
+        _ => rng.byte(),
+    };
+    let payload: Vec<u8> = (0..rng.below(64)).map(|_| rng.byte()).collect();
+    let mut p = match rng.below(6) {
+        0 => Ipv4Packet::tcp(sa(client, sport), sa(VIP, 80), flags),
+        1 => Ipv4Packet::tcp(sa(client, sport), sa(HOST, 8080), flags),
+        2 => Ipv4Packet::udp(sa(client, sport), sa(HOST, 5353), &payload),
+        3 => Ipv4Packet::tcp(
+            sa(backend(1 + rng.below(3) as u8), 8000),
+            sa(client, sport),
+            flags,
+        ),
+        4 => Ipv4Packet::udp(sa(backend(4), 53), sa(client, sport), &payload),
+        _ => Ipv4Packet::tcp(
+            sa(client, sport),
+            sa(Ipv4Addr::from(rng.next() as u32), rng.byte().into()),
+            flags,
+        ),
+    };
+    p = p.with_payload(&payload);
+    if rng.chance(10) {
+        p.options = (0..1 + rng.below(40)).map(|_| rng.byte()).collect();
+    }
+    if rng.chance(5) {
+        p.frag = rng.next() as u16;
+    }
+    if let L4::Udp { zero_csum, .. } = &mut p.l4 {
+        *zero_csum = rng.chance(10);
+    }
+    p.build()
+}
+
+/// An ICMP destination-unreachable quoting a service flow.
+fn icmp_error(rng: &mut Rng) -> Vec<u8> {
+    let quoted = Ipv4Packet::tcp(sa(CLIENT, 40_000), sa(VIP, 80), TCP_SYN).build();
+    let mut icmp = vec![3, rng.below(16) as u8, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&quoted[14..14 + 28]);
+    let c = wire::checksum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut ip = vec![0x45, 0, 0, 0, 0, 1, 0, 0, 64, 1, 0, 0];
+    ip.extend_from_slice(&[10, 20, 0, 1]);
+    ip.extend_from_slice(&CLIENT.octets());
+    let tot = (ip.len() + icmp.len()) as u16;
+    ip[2..4].copy_from_slice(&tot.to_be_bytes());
+    let c = wire::checksum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut f = wire::ethernet(fx0_mac(), CLIENT_MAC, 0x0800);
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&icmp);
+    f
+}
+
+/// One hostile frame: valid, mutated, with random header fields, truncated, or random bytes.
+fn hostile(rng: &mut Rng, icmp: &[u8]) -> Vec<u8> {
+    let mut p = base_packet(rng);
+    match rng.below(10) {
+        0 | 1 => {} // valid
+        2 | 3 => {
+            for _ in 0..1 + rng.below(4) {
+                let i = rng.below(p.len() as u64) as usize;
+                p[i] = rng.byte();
+            }
+        }
+        4 => {
+            // Random values in the fields the parser trusts least.
+            match rng.below(6) {
+                0 => p[14] = 0x40 | (rng.byte() & 0x0f), // IHL
+                1 => p[16..18].copy_from_slice(&(rng.next() as u16).to_be_bytes()), // total length
+                2 => p[20..22].copy_from_slice(&(rng.next() as u16).to_be_bytes()), // fragment
+                3 => p[23] = rng.byte(),                 // protocol
+                4 => p[14] = rng.byte(),                 // version + IHL
+                _ => {
+                    let ihl = usize::from(p[14] & 0x0f) * 4;
+                    if p.len() > 14 + ihl + 13 {
+                        p[14 + ihl + 12] = rng.byte(); // TCP data offset
+                        p[14 + ihl + 4] = rng.byte(); // UDP length, high byte
+                    }
+                }
+            }
+            if rng.chance(50) {
+                // Fix the header checksum so the mutation gets past a checksum-minded parser.
+                let ihl = (usize::from(p[14] & 0x0f) * 4).clamp(20, p.len() - 14);
+                p[24] = 0;
+                p[25] = 0;
+                let c = wire::checksum(&p[14..14 + ihl]);
+                p[24..26].copy_from_slice(&c.to_be_bytes());
+            }
+        }
+        5 | 6 => p.truncate(rng.below(p.len() as u64 + 1) as usize),
+        7 => {
+            let n = rng.below(200) as usize;
+            p = (0..n).map(|_| rng.byte()).collect();
+            if p.len() >= 15 && rng.chance(70) {
+                p[12] = 0x08;
+                p[13] = 0x00;
+                p[14] = 0x45;
+            }
+        }
+        8 => p = icmp.to_vec(),
+        _ => {
+            // Bad L4 checksum on an otherwise valid packet.
+            let last = p.len() - 1;
+            p[last] ^= 0x5a;
+        }
+    }
+    p
+}
+
+#[derive(Default)]
+struct Stats {
+    runs: u64,
+    refused: u64,
+    rewritten: u64,
+    checked: u64,
+}
+
+/// Runs `n` hostile packets (plus every truncation of a few valid ones) and checks every run.
+fn hostile_packets(n: u64) {
+    let seed = seed();
+    println!("seed {seed} (set BERTH_FUZZ_SEED to replay)");
+    in_fixture_netns(move || {
+        let o = options();
+        let fx = Fixture::new(o, services());
+        let mut rng = Rng(seed);
+        let icmp = icmp_error(&mut rng);
+        let mut runner = Runner::new(&fx);
+        let mut s = Stats::default();
+        let t = Instant::now();
+
+        let check = |pkt: &[u8], runner: &mut Runner, s: &mut Stats| {
+            let Some((action, out)) = runner.run(pkt) else {
+                s.refused += 1;
+                return;
+            };
+            s.runs += 1;
+            assert!(
+                [TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT].contains(&action),
+                "action {action} for {pkt:02x?}"
+            );
+            if out != pkt && action != TC_ACT_SHOT {
+                s.rewritten += 1;
+                if wire::verify_checksums(pkt).is_ok() {
+                    s.checked += 1;
+                    if let Err(e) = wire::verify_checksums(out) {
+                        panic!(
+                            "rewritten packet has a wrong checksum: {e}\nin  {pkt:02x?}\nout {out:02x?}"
+                        );
+                    }
+                }
+            }
+        };
+
+        // Every truncation of a few valid frames, and of one with IP options.
+        let mut with_opts = Ipv4Packet::tcp(sa(CLIENT, 40_001), sa(VIP, 80), TCP_SYN);
+        with_opts.options = vec![0x94, 4, 0, 0, 1, 1, 1, 0];
+        let bases = [
+            Ipv4Packet::tcp(sa(CLIENT, 40_000), sa(VIP, 80), TCP_SYN).build(),
+            Ipv4Packet::udp(sa(CLIENT, 40_000), sa(HOST, 5353), b"query").build(),
+            Ipv4Packet::tcp(sa(backend(1), 8000), sa(CLIENT, 40_000), TCP_ACK).build(),
+            with_opts.build(),
+            icmp.clone(),
+        ];
+        for b in &bases {
+            for len in 0..=b.len() {
+                check(&b[..len], &mut runner, &mut s);
+            }
+        }
+        while s.runs + s.refused < n {
+            let p = hostile(&mut rng, &icmp);
+            check(&p, &mut runner, &mut s);
+        }
+        let Stats {
+            runs,
+            refused,
+            rewritten,
+            checked,
+        } = s;
+        let took = t.elapsed();
+        let totals = reason_totals(&fx);
+        let entries = assert_maps_consistent(&fx, &o);
+        println!(
+            "{} packets in {took:.1?}: {runs} run, {refused} refused by the kernel before the \
+             program (too short), {rewritten} rewritten ({checked} from valid input, all with \
+             right checksums); {entries} conntrack entries, all consistent",
+            runs + refused
+        );
+        let nonzero: Vec<String> = totals
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(r, n)| format!("{r}={n}"))
+            .collect();
+        println!("counters: {}", nonzero.join(" "));
+        assert_eq!(exits(&totals), runs, "every run counts exactly one exit");
+        assert_eq!(totals["abort_rewrite"], 0);
+        assert_eq!(totals["abort_map"], 0);
+        assert!(checked > n / 10, "too few checked rewrites: {checked}");
+        assert!(
+            refused < n / 5,
+            "most input never reached the program: {refused}"
+        );
+    });
+}
+
+#[test]
+fn a_million_hostile_packets_never_abort_corrupt_or_confuse_the_maps() {
+    hostile_packets(1_000_000);
+}
+
+#[test]
+#[ignore = "soak: cargo xtask soak"]
+fn soak_ten_million_hostile_packets() {
+    hostile_packets(10_000_000);
+}
+
+/// Floods a service with `flood` SYNs from random sources while `long` established flows send a
+/// packet every `every` flood packets; halfway through, a fourth backend joins (so a flow whose
+/// entry the flood evicted could land elsewhere).
+fn conntrack_flood(flood: u64, long: usize, every: u64) {
+    let seed = seed();
+    println!("seed {seed}");
+    in_fixture_netns(move || {
+        let o = DataplaneOptions {
+            conntrack_size: 8192,
+            ..options()
+        };
+        let mut fx = Fixture::new(o, services());
+        let mut rng = Rng(seed);
+        let mut runner = Runner::new(&fx);
+        // The long-lived flows: established, with their backend remembered.
+        let flows: Vec<SocketAddrV4> = (0..long).map(|i| sa(CLIENT, 20_000 + i as u16)).collect();
+        let mut pinned = Vec::new();
+        for c in &flows {
+            let syn = Ipv4Packet::tcp(*c, sa(VIP, 80), TCP_SYN).build();
+            let (action, out) = runner.run(&syn).expect("run");
+            assert_eq!(action, TC_ACT_REDIRECT);
+            pinned.push(wire::parse(out).dst);
+        }
+        let keys: Vec<_> = flows
+            .iter()
+            .map(|c| flow_key(*c, sa(VIP, 80), lb_common::IPPROTO_TCP))
+            .collect();
+        let (mut evicted, mut moved, mut max_entries) = (0u64, 0u64, 0usize);
+        let t = Instant::now();
+        for i in 0..flood {
+            let src = sa(
+                Ipv4Addr::from(0x0b00_0000 | (rng.next() as u32 & 0x00ff_ffff)),
+                1024 + rng.below(60_000) as u16,
+            );
+            let syn = Ipv4Packet::tcp(src, sa(VIP, 80), TCP_SYN).build();
+            runner.run(&syn).expect("run");
+            if (i + 1) % every == 0 {
+                for (j, c) in flows.iter().enumerate() {
+                    if fx.dp().conntrack_get(&keys[j]).is_none() {
+                        evicted += 1;
+                    }
+                    let ack = Ipv4Packet::tcp(*c, sa(VIP, 80), TCP_ACK | TCP_PSH)
+                        .with_payload(b"still here")
+                        .build();
+                    let (action, out) = runner.run(&ack).expect("run");
+                    assert_eq!(action, TC_ACT_REDIRECT);
+                    wire::verify_checksums(out).expect("checksums");
+                    if wire::parse(out).dst != pinned[j] {
+                        moved += 1;
+                    }
+                }
+            }
+            if (i + 1) % (flood / 4).max(1) == 0 {
+                max_entries = max_entries.max(fx.dp().conntrack_entries().len());
+            }
+            if i + 1 == flood / 2 {
+                let mut more = services();
+                let mut b = backends();
+                b.push((backend(6), 8000, 1));
+                more[0] = svc("vip", "10.99.0.1:80", Protocol::Tcp, &b);
+                drop(runner);
+                fx.apply(more);
+                runner = Runner::new(&fx);
+            }
+        }
+        let took = t.elapsed();
+        let totals = reason_totals(&fx);
+        let entries = assert_maps_consistent(&fx, &o);
+        println!(
+            "flood of {flood} new flows in {took:.1?} ({:.0} flows/s) against a conntrack of {} \
+             entries: at most {max_entries} entries seen, {entries} at the end; {long} established \
+             flows checked every {every} flood packets: {evicted} times an established flow's \
+             entry had been evicted (picked up again mid-stream: {} pickups), {moved} answers \
+             from another backend",
+            flood as f64 / took.as_secs_f64(),
+            o.conntrack_size,
+            totals["event_ct_midstream_pickup"]
+        );
+        assert!(max_entries <= o.conntrack_size as usize && entries <= o.conntrack_size as usize);
+        assert_eq!(
+            moved, 0,
+            "established flows changed backend under the flood"
+        );
+        assert_eq!(totals["abort_rewrite"] + totals["abort_map"], 0);
+    });
+}
+
+#[test]
+fn a_conntrack_flood_stays_within_the_map_and_established_flows_keep_their_backends() {
+    conntrack_flood(2_000_000, 64, 1_000);
+}
+
+#[test]
+#[ignore = "soak: cargo xtask soak"]
+fn soak_conntrack_flood_of_twenty_million_flows() {
+    conntrack_flood(20_000_000, 256, 50_000);
+}
