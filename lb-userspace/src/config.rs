@@ -13,7 +13,7 @@
 //! backends = ["172.17.0.2:8000", { address = "172.17.0.3:8000", weight = 2 }]
 //! ```
 
-use std::{collections::BTreeSet, fmt, net::SocketAddrV4, str::FromStr};
+use std::{collections::{BTreeMap, BTreeSet}, fmt, net::SocketAddrV4, str::FromStr};
 
 use serde::{Deserialize, Deserializer, de};
 
@@ -263,6 +263,43 @@ pub struct Service {
     pub health: Option<HealthConfig>,
 }
 
+/// Names the field at byte `at` of a TOML text, e.g. `dataplane.max_services (line 2)` or
+/// `service[1].listen (line 9)`, from the table headers above it and the key on its line.
+fn field_at(text: &str, at: usize) -> String {
+    let line_no = text[..at].matches('\n').count() + 1;
+    let mut table = String::new();
+    let mut arrays: BTreeMap<String, usize> = BTreeMap::new();
+    for l in text.lines().take(line_no) {
+        let l = l.trim();
+        if let Some(name) = l.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
+            let name = name.trim().to_owned();
+            let n = arrays.entry(name.clone()).and_modify(|n| *n += 1).or_insert(0);
+            table = format!("{name}[{n}]");
+        } else if let Some(name) = l.strip_prefix('[').and_then(|r| r.split(']').next()) {
+            let name = name.trim();
+            // `[service.health]` belongs to the latest `[[service]]`.
+            table = match name.split_once('.') {
+                Some((parent, child)) if arrays.contains_key(parent) => {
+                    format!("{parent}[{}].{child}", arrays[parent])
+                }
+                _ => name.to_owned(),
+            };
+        }
+    }
+    let key = text
+        .lines()
+        .nth(line_no - 1)
+        .and_then(|l| l.split_once('='))
+        .map(|(k, _)| k.trim().trim_matches('"').to_owned())
+        .filter(|k| !k.is_empty() && !k.starts_with('['));
+    match (table.is_empty(), key) {
+        (_, None) if table.is_empty() => format!("line {line_no}"),
+        (_, None) => format!("{table} (line {line_no})"),
+        (true, Some(k)) => format!("{k} (line {line_no})"),
+        (false, Some(k)) => format!("{table}.{k} (line {line_no})"),
+    }
+}
+
 impl Config {
     /// The Docker selectors by service name.
     pub fn selectors(&self) -> std::collections::HashMap<String, DockerSelector> {
@@ -277,10 +314,7 @@ impl Config {
         toml::from_str(text).map_err(|e| {
             let span = e
                 .span()
-                .map(|s| {
-                    let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
-                    format!("line {line}")
-                })
+                .map(|s| field_at(text, s.start.min(text.len())))
                 .unwrap_or_else(|| "config".into());
             ConfigError::new(span, e.message().trim().to_owned())
         })
@@ -621,10 +655,12 @@ mod tests {
     fn unknown_fields_and_wrong_types_are_rejected_with_location() {
         let e = err("[dataplane]\nmaglev_tabel_size = 7\n");
         assert!(e.message.contains("maglev_tabel_size"), "{e}");
-        assert_eq!(e.field, "line 2");
+        assert_eq!(e.field, "dataplane.maglev_tabel_size (line 2)");
         let e = err("[[service]]\nname = \"w\"\nlisten = \"0.0.0.0:80\"\nprotocol = \"sctp\"\n");
         assert!(e.message.contains("sctp"), "{e}");
+        assert_eq!(e.field, "service[0].protocol (line 4)");
         let e = err("[dataplane]\nmax_services = \"many\"\n");
+        assert_eq!(e.field, "dataplane.max_services (line 2)");
         assert!(
             e.message.contains("integer") || e.message.contains("invalid type"),
             "{e}"

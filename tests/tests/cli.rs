@@ -32,7 +32,42 @@ fn bad_config_names_the_field_and_exits_64_without_loading_anything() {
         (
             "weight.toml",
             "[[service]]\nname = \"w\"\nlisten = \"0.0.0.0:80\"\nbackends = [{ address = \"10.0.0.1:80\", weight = -1 }]\n",
-            "line 4",
+            "service[0].backends (line 4)",
+        ),
+        (
+            "type.toml",
+            "[dataplane]\nmax_services = \"lots\"\n",
+            "dataplane.max_services (line 2)",
+        ),
+        (
+            "health-type.toml",
+            "[[service]]\nname = \"a\"\nlisten = \"0.0.0.0:80\"\n[service.health]\ninterval_ms = \"fast\"\n",
+            "service[0].health.interval_ms (line 5)",
+        ),
+        (
+            "tiny-ct.toml",
+            "[dataplane]\nconntrack_size = 1\n",
+            "dataplane.conntrack_size",
+        ),
+        (
+            "huge-table.toml",
+            "[dataplane]\nmax_services = 4096\nmaglev_table_size = 1048573\n",
+            "dataplane.max_services",
+        ),
+        (
+            "port.toml",
+            "[[service]]\nname = \"a\"\nlisten = \"0.0.0.0:80\"\nbackends = [\"10.0.0.1:99999\"]\n",
+            "service[0].backends[0]",
+        ),
+        (
+            "pin.toml",
+            "[dataplane]\npin_path = \"relative\"\n",
+            "dataplane.pin_path",
+        ),
+        (
+            "cgroup.toml",
+            "[dataplane]\ncgroup = \"root\"\n",
+            "dataplane.cgroup",
         ),
         (
             "listen.toml",
