@@ -666,3 +666,74 @@ fn metrics_match_the_traffic_sent() {
         ) >= (sent * 4) as f64
     );
 }
+
+/// A stand-in Docker API on a Unix socket that answers every request with `answer` (an HTTP 500,
+/// or bytes that are not HTTP at all), counting requests. The real API is exercised by the
+/// Docker tests; this one is broken on purpose.
+fn broken_docker_api(
+    path: &std::path::Path,
+    answer: &'static [u8],
+) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    use std::io::{Read as _, Write as _};
+    let _ = std::fs::remove_file(path);
+    let l = std::os::unix::net::UnixListener::bind(path).expect("bind fake docker socket");
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = seen.clone();
+    std::thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut buf = [0u8; 4096];
+            let _ = c.read(&mut buf);
+            let _ = c.write_all(answer);
+        }
+    });
+    seen
+}
+
+#[test]
+fn a_docker_api_that_fails_is_named_retried_and_never_stops_the_configured_services() {
+    for (what, answer) in [
+        (
+            "HTTP 500",
+            &b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\nContent-Length: 27\r\n\r\n{\"message\":\"engine broke\"}\n"[..],
+        ),
+        ("garbage", &b"\x00\x01garbage, not HTTP\r\n\r\n"[..]),
+    ] {
+        let t = one_armed();
+        let sock = std::env::temp_dir().join(format!("bte-fake-docker-{}.sock", std::process::id()));
+        let requests = broken_docker_api(&sock, answer);
+        let config = format!(
+            "[docker]\nenabled = true\nsocket = \"{}\"\n{ONE_ARMED_CONFIG}",
+            sock.display()
+        );
+        let berth = Berth::start(&t.lb, &config, &["eth0"]);
+        // Reported once, naming the socket, and retried with backoff (100 ms doubling to 2 s).
+        berth.wait_for("reconnecting (and resyncing) with backoff", 1);
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while requests.load(std::sync::atomic::Ordering::Relaxed) < 5 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no retries: {}",
+                berth.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let log = berth.log_text();
+        let first = log
+            .lines()
+            .find(|l| l.contains("reconnecting"))
+            .unwrap_or_default()
+            .to_owned();
+        println!("docker API answering {what}: retried, reported as: {first}");
+        assert!(first.contains(&sock.display().to_string()), "{first}");
+        // ... while the configured services keep being served.
+        let counts = spread_tcp(&t.client, sa("10.10.0.1:8080"), 60);
+        assert_eq!(counts.values().sum::<usize>(), 60, "{counts:?}");
+        assert!(
+            !log.contains("panicked") && !log.contains("removed"),
+            "{log}"
+        );
+        drop(berth);
+        let _ = std::fs::remove_file(&sock);
+    }
+}
