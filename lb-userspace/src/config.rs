@@ -652,6 +652,16 @@ mod tests {
     }
 
     #[test]
+    fn metrics_listen_on_loopback_unless_configured() {
+        let (cfg, _) = Config::load("").unwrap();
+        let addr: std::net::SocketAddr = cfg.metrics.listen.parse().unwrap();
+        assert!(addr.ip().is_loopback(), "{addr}");
+        assert!(cfg.metrics.enabled);
+        let (cfg, _) = Config::load("[metrics]\nenabled = false\n").unwrap();
+        assert!(!cfg.metrics.enabled);
+    }
+
+    #[test]
     fn unknown_fields_and_wrong_types_are_rejected_with_location() {
         let e = err("[dataplane]\nmaglev_tabel_size = 7\n");
         assert!(e.message.contains("maglev_tabel_size"), "{e}");

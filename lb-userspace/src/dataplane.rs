@@ -304,9 +304,12 @@ fn ensure_bpffs(root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Opens `root` (creating it) and takes its exclusive lock without waiting.
+/// Opens `root` (creating it, root-only) and takes its exclusive lock without waiting.
 fn lock_root(root: &Path) -> Result<File> {
+    use std::os::unix::fs::PermissionsExt as _;
     std::fs::create_dir_all(root).map_err(pin_err("creating pin directory", root))?;
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
+        .map_err(pin_err("restricting pin directory", root))?;
     let f = File::open(root).map_err(pin_err("opening pin directory", root))?;
     // SAFETY: flock on a descriptor we own.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
