@@ -249,12 +249,14 @@ fn one_armed_udp_and_vip_services() {
         &[("b1", 1), ("b2", 1), ("b3", 1)],
         0.08,
     );
-    let counts = spread_tcp(&t.client, sa("10.99.0.1:80"), 100);
+    // 300 draws: a share's standard deviation is 2.7 points, the tolerance 3.7 of them (100
+    // draws with 0.15 failed once in a few hundred runs).
+    let counts = spread_tcp(&t.client, sa("10.99.0.1:80"), 300);
     assert_shares(
         "one-armed vip",
         &counts,
         &[("b1", 1), ("b2", 1), ("b3", 1)],
-        0.15,
+        0.1,
     );
 }
 
