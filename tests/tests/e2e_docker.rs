@@ -339,11 +339,23 @@ fn start_dockerd() {
     if docker_up() {
         return;
     }
+    // Only stale pid files, as `cargo xtask docker-up` does.
     for f in [
         "/var/run/docker.pid",
         "/var/run/docker/containerd/containerd.pid",
     ] {
-        let _ = std::fs::remove_file(f);
+        let alive = std::fs::read_to_string(f)
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok())
+            // A zombie is not alive: it only waits to be reaped.
+            .and_then(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
+            .is_some_and(|s| {
+                s.rsplit_once(") ")
+                    .is_some_and(|(_, r)| !r.starts_with('Z'))
+            });
+        if !alive {
+            let _ = std::fs::remove_file(f);
+        }
     }
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -371,13 +383,18 @@ fn start_dockerd() {
 
 /// Stops dockerd (SIGTERM, as an operator's restart does) and waits until it is gone.
 fn stop_dockerd() {
+    signal_dockerd(libc::SIGTERM);
+}
+
+/// Sends `sig` to dockerd and waits until it is gone.
+fn signal_dockerd(sig: i32) {
     let pid: i32 = std::fs::read_to_string("/var/run/docker.pid")
         .expect("dockerd pid file")
         .trim()
         .parse()
         .expect("pid");
     // SAFETY: a signal to the daemon's pid.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
+    unsafe { libc::kill(pid, sig) };
     let t = Instant::now();
     // A zombie counts as gone: dockerd may be the child of a process that does not reap
     // it (an older `cargo xtask` that spawned it without `--fork`).
@@ -441,6 +458,52 @@ fn dockerd_restart_is_survived_and_resynced() {
         }
     });
     println!("dockerd restarted: both containers served again {served:?} after the stop began");
+
+    // dockerd killed (SIGKILL) under a load loop. Without live-restore the restarted dockerd
+    // restarts every container, so requests fail until they are back: berth must then serve
+    // them again by itself, and nothing may fail after that.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = load_loop(&setup.client, stop.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    signal_dockerd(libc::SIGKILL);
+    start_dockerd();
+    let back = setup.client.run({
+        let (h1, h2) = (h1.clone(), h2.clone());
+        move || {
+            let mut seen = std::collections::BTreeSet::new();
+            while !(seen.contains(&h1) && seen.contains(&h2)) {
+                if let Ok((200, b)) = http_get(SERVICE) {
+                    seen.insert(b.trim_start_matches("Hello from ").to_owned());
+                }
+                assert!(t.elapsed() < Duration::from_secs(60), "not back: {seen:?}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Instant::now()
+        }
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, Ordering::Relaxed);
+    let results = load.join().unwrap();
+    let failed_in = results
+        .iter()
+        .filter(|(at, r)| *at <= back && r.is_err())
+        .count();
+    let after: Vec<_> = results
+        .iter()
+        .filter(|(at, r)| *at > back && r.is_err())
+        .collect();
+    println!(
+        "dockerd killed under load: both containers served again {:?} after the kill; {} \
+         requests, {failed_in} failed while the containers restarted, {} after",
+        back - t,
+        results.len(),
+        after.len()
+    );
+    assert!(
+        after.is_empty(),
+        "failed after the containers were back: {after:?}"
+    );
     let (status, _) = berth.stop();
     assert!(
         status.success(),

@@ -305,12 +305,24 @@ pub fn ensure_docker() -> Result<()> {
         return Ok(());
     }
     let t = Instant::now();
-    // Stale pid files from a killed daemon block a restart.
+    // Stale pid files from a killed daemon block a restart; a live containerd left by a killed
+    // dockerd is kept (dockerd takes it over through its pid file).
     for f in [
         "/var/run/docker.pid",
         "/var/run/docker/containerd/containerd.pid",
     ] {
-        let _ = std::fs::remove_file(f);
+        let alive = std::fs::read_to_string(f)
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok())
+            // A zombie is not alive: it only waits to be reaped.
+            .and_then(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
+            .is_some_and(|s| {
+                s.rsplit_once(") ")
+                    .is_some_and(|(_, r)| !r.starts_with('Z'))
+            });
+        if !alive {
+            let _ = std::fs::remove_file(f);
+        }
     }
     let log =
         std::fs::File::create("/var/log/berth-dockerd.log").context("creating dockerd log")?;
