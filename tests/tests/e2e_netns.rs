@@ -675,6 +675,7 @@ fn metrics_match_the_traffic_sent() {
 fn broken_docker_api(
     path: &std::path::Path,
     answer: &'static [u8],
+    delay: Duration,
 ) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
     use std::io::{Read as _, Write as _};
     let _ = std::fs::remove_file(path);
@@ -686,6 +687,7 @@ fn broken_docker_api(
             count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let mut buf = [0u8; 4096];
             let _ = c.read(&mut buf);
+            std::thread::sleep(delay);
             let _ = c.write_all(answer);
         }
     });
@@ -694,16 +696,20 @@ fn broken_docker_api(
 
 #[test]
 fn a_docker_api_that_fails_is_named_retried_and_never_stops_the_configured_services() {
-    for (what, answer) in [
+    let http500 = &b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\nContent-Length: 27\r\n\r\n{\"message\":\"engine broke\"}\n"[..];
+    for (what, answer, delay) in [
+        ("HTTP 500", http500, Duration::ZERO),
         (
-            "HTTP 500",
-            &b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\nContent-Length: 27\r\n\r\n{\"message\":\"engine broke\"}\n"[..],
+            "garbage",
+            &b"\x00\x01garbage, not HTTP\r\n\r\n"[..],
+            Duration::ZERO,
         ),
-        ("garbage", &b"\x00\x01garbage, not HTTP\r\n\r\n"[..]),
+        ("HTTP 500 after 1 s", http500, Duration::from_secs(1)),
     ] {
         let t = one_armed();
-        let sock = std::env::temp_dir().join(format!("bte-fake-docker-{}.sock", std::process::id()));
-        let requests = broken_docker_api(&sock, answer);
+        let sock =
+            std::env::temp_dir().join(format!("bte-fake-docker-{}.sock", std::process::id()));
+        let requests = broken_docker_api(&sock, answer, delay);
         let config = format!(
             "[docker]\nenabled = true\nsocket = \"{}\"\n{ONE_ARMED_CONFIG}",
             sock.display()
