@@ -5,6 +5,7 @@
 //!   LLVM, Debian packages), idempotently; a second run only checks.
 //! - `build [--release]`, `run [-- ARGS]`, `test [ARGS]`, `bench [ARGS]`, `soak`, `docker-up`.
 
+mod bench;
 mod setup;
 
 use std::{
@@ -153,7 +154,46 @@ fn run(args: &[String]) -> Result<()> {
             result
         }
         "bench" => {
+            // `bench [--micro-only | --load-only] [berth-bench flags] [-- berth-loadbench flags]`:
+            // the BPF_PROG_TEST_RUN micro-benchmarks, then the macro benchmark against peers.
+            let (micro_only, load_only, rest) = match rest.first().map(String::as_str) {
+                Some("--micro-only") => (true, false, &rest[1..]),
+                Some("--load-only") => (false, true, &rest[1..]),
+                _ => (false, false, rest),
+            };
+            let (micro_args, load_args) = if load_only {
+                (
+                    &[][..],
+                    rest.strip_prefix(&["--".to_owned()][..]).unwrap_or(rest),
+                )
+            } else {
+                match rest.iter().position(|a| a == "--") {
+                    Some(i) => (&rest[..i], &rest[i + 1..]),
+                    None => (rest, &[][..]),
+                }
+            };
             let tc = setup::ensure_all()?;
+            if !load_only {
+                let mut c = cargo(&tc);
+                c.args([
+                    "run",
+                    "--release",
+                    "-p",
+                    "berth-tests",
+                    "--bin",
+                    "berth-bench",
+                    "--",
+                ])
+                .args(micro_args);
+                status(c)?;
+            }
+            if micro_only {
+                return Ok(());
+            }
+            bench::ensure_tools()?;
+            let mut b = cargo(&tc);
+            b.args(["build", "--release", "-p", "lb-userspace"]);
+            status(b)?;
             let mut c = cargo(&tc);
             c.args([
                 "run",
@@ -161,10 +201,11 @@ fn run(args: &[String]) -> Result<()> {
                 "-p",
                 "berth-tests",
                 "--bin",
-                "berth-bench",
+                "berth-loadbench",
                 "--",
             ])
-            .args(rest);
+            .args(load_args)
+            .env("BERTH_BIN", root().join("target/release/berth"));
             status(c)
         }
         "soak" => {
