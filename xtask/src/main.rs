@@ -206,7 +206,35 @@ fn run(args: &[String]) -> Result<()> {
             ])
             .args(load_args)
             .env("BERTH_BIN", root().join("target/release/berth"));
-            status(c)
+            status(c)?;
+            // Discovery reaction: a real dockerd and containers of the test image.
+            setup::ensure_docker()?;
+            setup::ensure_musl_target(&tc)?;
+            let mut h = cargo(&tc);
+            h.args([
+                "build",
+                "--release",
+                "-p",
+                "berth-hello",
+                "--target",
+                setup::MUSL,
+            ]);
+            status(h)?;
+            let mut d = cargo(&tc);
+            d.args([
+                "run",
+                "--release",
+                "-p",
+                "berth-tests",
+                "--bin",
+                "berth-discobench",
+            ])
+            .env("BERTH_BIN", root().join("target/release/berth"))
+            .env(
+                "BERTH_HELLO_BIN",
+                root().join(format!("target/{}/release/hello", setup::MUSL)),
+            );
+            status(d)
         }
         "soak" => {
             let tc = setup::ensure_all()?;
