@@ -12,8 +12,9 @@
 //!
 //! Contenders, all with the same backends, clients and CPU pinning (wrk and both nginx pinned
 //! with sched_setaffinity, as taskset does):
-//! - `direct`: wrk talks to backend 1 itself, routed through bb-lb by plain IPv4 forwarding (the
-//!   ceiling: same hops, no balancing);
+//! - `direct`: one wrk per backend, each with half the connections, routed through bb-lb by plain
+//!   IPv4 forwarding (the ceiling: same hops, both backends loaded, no balancer); rates are
+//!   added, the worse p99 and the mean p50 kept;
 //! - `berth`: `berth run` in bb-lb on all three of its veths (TC ingress, redirect mode), no
 //!   socket programs (`--cgroup none`);
 //! - `nftables`: kube-proxy-style kernel NAT, table `ip bb_nat` in bb-lb: prerouting
@@ -144,7 +145,7 @@ fn args() -> Args {
     let n = cores();
     let mut a = Args {
         duration: 5,
-        rounds: 3,
+        rounds: 5,
         connections: 32,
         contenders: Contender::ALL.to_vec(),
         wrk_cpu: 0,
@@ -180,7 +181,7 @@ fn args() -> Args {
             }
             "-h" | "--help" => {
                 println!(
-                    "berth-loadbench [--duration SECONDS (5)] [--rounds N (3)] [--connections N (32)] \
+                    "berth-loadbench [--duration SECONDS (5)] [--rounds N (5)] [--connections N (32)] \
                      [--contenders direct,berth,nftables,haproxy] [--wrk-cpu N (0)] [--nginx-cpu N (1)]"
                 );
                 std::process::exit(0);
@@ -842,41 +843,73 @@ fn parse_wrk(out: &str) -> Result<Run, String> {
 }
 
 fn measure(c: Contender, w: Workload, running: &Running, a: &Args) -> Run {
-    let url = format!("http://{}/", c.target());
+    // The ceiling loads both backends like the balancers do: one wrk per backend with half the
+    // connections each (same CPU), rates added, the worse p99 and the mean p50 kept. One
+    // backend alone would leave the second nginx idle, and both share a CPU.
+    let targets: Vec<String> = if c == Contender::Direct {
+        BACKENDS.iter().map(|b| format!("{b}:{BE_PORT}")).collect()
+    } else {
+        vec![c.target()]
+    };
     let duration = format!("{}s", a.duration);
-    let conns = a.connections.to_string();
-    let mut cmd = ns_command(NS_CLIENT, "wrk", Some(a.wrk_cpu));
-    cmd.args([
-        "-t1",
-        "-c",
-        &conns,
-        "-d",
-        &duration,
-        "--timeout",
-        "2s",
-        "--latency",
-    ]);
-    if w == Workload::NewConn {
-        cmd.args(["-H", "Connection: close"]);
-    }
-    cmd.arg(&url);
+    let conns = (a.connections / targets.len() as u32).max(1).to_string();
     let logs0 = [access_log_requests(0), access_log_requests(1)];
     let pid = running.user_pid();
     let p0 = pid.map(proc_ticks).unwrap_or_default();
     let k0 = kernel_ticks();
-    let out = cmd.output().expect("running wrk");
+    let children: Vec<Child> = targets
+        .iter()
+        .map(|t| {
+            let mut cmd = ns_command(NS_CLIENT, "wrk", Some(a.wrk_cpu));
+            cmd.args([
+                "-t1",
+                "-c",
+                &conns,
+                "-d",
+                &duration,
+                "--timeout",
+                "2s",
+                "--latency",
+            ]);
+            if w == Workload::NewConn {
+                cmd.args(["-H", "Connection: close"]);
+            }
+            cmd.arg(format!("http://{t}/"))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("running wrk")
+        })
+        .collect();
+    let outs: Vec<std::process::Output> = children
+        .into_iter()
+        .map(|ch| ch.wait_with_output().expect("wrk"))
+        .collect();
     let k1 = kernel_ticks();
     let p1 = pid.map(proc_ticks).unwrap_or_default();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut r = parse_wrk(&text).unwrap_or_else(|e| {
-        panic!(
-            "{} {}: wrk ({}): {e}\n{}",
-            c.name(),
-            w.name(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
+    let parsed: Vec<Run> = outs
+        .iter()
+        .map(|out| {
+            parse_wrk(&String::from_utf8_lossy(&out.stdout)).unwrap_or_else(|e| {
+                panic!(
+                    "{} {}: wrk ({}): {e}\n{}",
+                    c.name(),
+                    w.name(),
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })
+        })
+        .collect();
+    let mut r = parsed[0].clone();
+    for p in &parsed[1..] {
+        r.rps += p.rps;
+        r.requests += p.requests;
+        r.p50_ms = (r.p50_ms + p.p50_ms) / 2.0;
+        r.p99_ms = r.p99_ms.max(p.p99_ms);
+        r.socket_errors += p.socket_errors;
+        r.non_2xx += p.non_2xx;
+    }
     let hz = clock_ticks();
     r.proc_user_s = p1.0.saturating_sub(p0.0) as f64 / hz;
     r.proc_sys_s = p1.1.saturating_sub(p0.1) as f64 / hz;
