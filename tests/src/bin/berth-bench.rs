@@ -350,7 +350,10 @@ fn main() {
         let backends: Vec<(std::net::Ipv4Addr, u16, u32)> = (0..1000u32)
             .map(|i| (std::net::Ipv4Addr::from(0x0a40_0000 + i), 8000, 1))
             .collect();
-        let mut f = Fixture::new(o, vec![svc("big", "10.99.0.1:80", Protocol::Tcp, &backends)]);
+        let mut f = Fixture::new(
+            o,
+            vec![svc("big", "10.99.0.1:80", Protocol::Tcp, &backends)],
+        );
         let mut samples = Vec::new();
         for i in 0..5 {
             let mut less = backends.clone();
