@@ -28,8 +28,10 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{BACKEND_ROUTES, BACKENDS, CONNTRACK, MAGLEV, PORTS, SERVICES, account, count},
-    nat::{Side, is_local, redirect_cached, rewrite, route},
+    maps::{
+        BACKEND_ROUTES, BACKENDS, CONNTRACK, LOCAL_ADDRS, MAGLEV, PORTS, SERVICES, account, count,
+    },
+    nat::{Side, redirect_cached, rewrite, route},
     parse::{Flow, Parsed, parse},
 };
 
@@ -208,7 +210,7 @@ fn established(
 }
 
 #[inline(always)]
-fn lookup_service(ctx: &TcContext, flow: &Flow) -> Option<ServiceValue> {
+fn lookup_service(flow: &Flow) -> Option<ServiceValue> {
     if let Some(v) = SERVICES.get_ptr(&ServiceKey::new(flow.daddr, flow.dport, flow.proto)) {
         // SAFETY: valid map value pointer; `ServiceValue` is `Copy`.
         return Some(unsafe { *v });
@@ -216,7 +218,12 @@ fn lookup_service(ctx: &TcContext, flow: &Flow) -> Option<ServiceValue> {
     let v = SERVICES.get_ptr(&ServiceKey::new(0, flow.dport, flow.proto))?;
     // SAFETY: as above.
     let v = unsafe { *v };
-    if is_local(ctx, flow) { Some(v) } else { None }
+    // "Any address of this host": the addresses userspace keeps in LOCAL_ADDRS.
+    if LOCAL_ADDRS.get_ptr(&flow.daddr).is_some() {
+        Some(v)
+    } else {
+        None
+    }
 }
 
 #[inline(always)]
@@ -228,7 +235,7 @@ fn new_flow(
     bytes: u64,
     cfg: &DpConfig,
 ) -> (i32, Reason) {
-    let Some(svc) = lookup_service(ctx, flow) else {
+    let Some(svc) = lookup_service(flow) else {
         return exit(Reason::PassNoService);
     };
     if svc.id >= cfg.max_services {

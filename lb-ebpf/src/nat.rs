@@ -101,27 +101,6 @@ fn fib_params(
     p
 }
 
-/// Whether `daddr` is an address of this host, as seen by the FIB from the ingress device
-/// (the "any local address" services). Multicast and broadcast never count.
-#[inline(always)]
-pub fn is_local(ctx: &TcContext, flow: &Flow) -> bool {
-    let first = flow.daddr.to_ne_bytes()[0];
-    if first >= 224 {
-        return false;
-    }
-    let mut p = fib_params(ctx, flow, flow.saddr, flow.daddr, flow.sport, flow.dport);
-    // SAFETY: `p` is a valid, writable `bpf_fib_lookup` of the size we pass.
-    let rc = unsafe {
-        fib_lookup(
-            ctx.as_ptr(),
-            &mut p,
-            core::mem::size_of::<bpf_fib_lookup>() as i32,
-            0,
-        )
-    };
-    rc == i64::from(BPF_FIB_LKUP_RET_NOT_FWDED)
-}
-
 #[inline(always)]
 fn reasons(reply: bool) -> (Reason, Reason) {
     if reply {

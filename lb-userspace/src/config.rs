@@ -13,7 +13,12 @@
 //! backends = ["172.17.0.2:8000", { address = "172.17.0.3:8000", weight = 2 }]
 //! ```
 
-use std::{collections::{BTreeMap, BTreeSet}, fmt, net::SocketAddrV4, str::FromStr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::SocketAddrV4,
+    str::FromStr,
+};
 
 use serde::{Deserialize, Deserializer, de};
 
@@ -273,7 +278,10 @@ fn field_at(text: &str, at: usize) -> String {
         let l = l.trim();
         if let Some(name) = l.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
             let name = name.trim().to_owned();
-            let n = arrays.entry(name.clone()).and_modify(|n| *n += 1).or_insert(0);
+            let n = arrays
+                .entry(name.clone())
+                .and_modify(|n| *n += 1)
+                .or_insert(0);
             table = format!("{name}[{n}]");
         } else if let Some(name) = l.strip_prefix('[').and_then(|r| r.split(']').next()) {
             let name = name.trim();

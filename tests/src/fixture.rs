@@ -196,7 +196,10 @@ impl Run {
 
 impl Fixture {
     pub fn new(options: DataplaneOptions, services: Vec<Service>) -> Self {
-        let dp = Dataplane::load(options).expect("load dataplane");
+        let mut dp = Dataplane::load(options).expect("load dataplane");
+        // The fixture namespace's own addresses, as the daemon records them.
+        dp.sync_local_addrs(&lb_userspace::dataplane::host_ipv4_addrs())
+            .expect("local addresses");
         let mut rec = Reconciler::new(dp);
         rec.apply(&services, "fixture").expect("apply services");
         Self {

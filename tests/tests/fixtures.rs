@@ -155,6 +155,24 @@ fn any_address_service_ignores_addresses_not_of_this_host() {
         )
         .build();
         assert_untouched(&f.run(&pkt), &pkt, Reason::PassNoService);
+        // Nor is a destination the host has no route for (192.0.2.0/24 is `unreachable` here):
+        // only the addresses recorded in LOCAL_ADDRS count.
+        let pkt = Ipv4Packet::tcp(
+            client(40003),
+            sa(Ipv4Addr::new(192, 0, 2, 1), 8080),
+            TCP_SYN,
+        )
+        .build();
+        assert_untouched(&f.run(&pkt), &pkt, Reason::PassNoService);
+        // And an address the host gains counts once recorded.
+        let extra = sa(Ipv4Addr::new(10, 10, 0, 99), 8080);
+        let pkt = Ipv4Packet::tcp(client(40004), extra, TCP_SYN).build();
+        assert_untouched(&f.run(&pkt), &pkt, Reason::PassNoService);
+        let mut f = f;
+        let mut addrs = lb_userspace::dataplane::host_ipv4_addrs();
+        addrs.insert(lb_common::ipv4_to_wire(extra.ip().octets()));
+        f.rec.dataplane_mut().sync_local_addrs(&addrs).unwrap();
+        assert_dnat(&f.run(&pkt), &pkt, &web_backends());
     });
 }
 
