@@ -11,7 +11,7 @@
 use std::{
     ffi::CString,
     fs::File,
-    os::fd::AsRawFd as _,
+    os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -432,6 +432,8 @@ pub struct Dataplane {
     backend_stats: PerCpuArray<MapData, Counters>,
     reason_stats: PerCpuArray<MapData, u64>,
     local_addrs: HashMap<MapData, u32, u8>,
+    /// A second descriptor of the conntrack map, for [`Dataplane::conntrack_reader`].
+    conntrack_fd: std::os::fd::OwnedFd,
     options: DataplaneOptions,
     attached: Vec<String>,
     cgroup: Option<PathBuf>,
@@ -562,7 +564,19 @@ impl Dataplane {
             prog.load()
                 .map_err(|source| DataplaneError::Program { name, source })?;
         }
+        let conntrack_fd = ebpf
+            .map(MAP_CONNTRACK)
+            .and_then(|m| match m {
+                aya::maps::Map::LruHashMap(md) | aya::maps::Map::HashMap(md) => {
+                    md.fd().as_fd().try_clone_to_owned().ok()
+                }
+                _ => None,
+            })
+            .ok_or(DataplaneError::MissingMap {
+                name: MAP_CONNTRACK,
+            })?;
         Ok(Self {
+            conntrack_fd,
             services: take!(ebpf, MAP_SERVICES),
             backends: take!(ebpf, MAP_BACKENDS),
             backend_routes: take!(ebpf, lb_common::MAP_BACKEND_ROUTES),
@@ -904,6 +918,22 @@ impl Dataplane {
 
     // ---- conntrack ----
 
+    /// An independent handle on the conntrack map, to walk it off the daemon's event loop (a
+    /// full walk costs two syscalls per entry).
+    pub fn conntrack_reader(&self) -> Result<ConntrackReader> {
+        let fd = self
+            .conntrack_fd
+            .try_clone()
+            .map_err(|e| map_err(MAP_CONNTRACK)(MapError::IoError(e)))?;
+        let md = MapData::from_fd(fd).map_err(map_err(MAP_CONNTRACK))?;
+        let map =
+            HashMap::try_from(aya::maps::Map::LruHashMap(md)).map_err(map_err(MAP_CONNTRACK))?;
+        Ok(ConntrackReader {
+            map,
+            cfg: self.options.dp_config(),
+        })
+    }
+
     pub fn conntrack_entries(&self) -> Vec<(FlowKey, CtEntry)> {
         self.conntrack.iter().filter_map(|r| r.ok()).collect()
     }
@@ -999,6 +1029,32 @@ impl Dataplane {
         self.backend_stats
             .set(id, zero, 0)
             .map_err(map_err(MAP_BACKEND_STATS))
+    }
+}
+
+/// The conntrack map through its own descriptor (`Send`: for `spawn_blocking`).
+pub struct ConntrackReader {
+    map: HashMap<MapData, FlowKey, CtEntry>,
+    cfg: DpConfig,
+}
+
+impl ConntrackReader {
+    pub fn entries(&self) -> Vec<(FlowKey, CtEntry)> {
+        self.map.iter().filter_map(|r| r.ok()).collect()
+    }
+
+    /// Removes entries idle past their timeout, as [`Dataplane::conntrack_gc`].
+    pub fn gc(&mut self, now_ns: u64) -> Result<usize> {
+        let stale: Vec<FlowKey> = self
+            .entries()
+            .into_iter()
+            .filter(|(k, e)| lb_common::ct::idle_expired(e, k.proto, now_ns, &self.cfg))
+            .map(|(k, _)| k)
+            .collect();
+        for k in &stale {
+            absent_is_fine(self.map.remove(k), MAP_CONNTRACK)?;
+        }
+        Ok(stale.len())
     }
 }
 

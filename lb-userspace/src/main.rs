@@ -584,16 +584,21 @@ async fn run_loop(
                     None => std::future::pending().await,
                 }
             } => {
-                let s = build_status(&rec, &health, &desired, &containers);
-                let extra = lb_userspace::metrics::Extra {
-                    conntrack_entries: rec.dataplane().conntrack_entries().len() as u64,
-                    conntrack_capacity: u64::from(rec.dataplane().options().conntrack_size),
-                    docker_events,
-                    discovery_lag_seconds: discovery_lag,
-                };
-                let body = lb_userspace::metrics::render(&s, &extra);
+                let mut s = build_status(&rec, &health, &desired, &containers);
+                let reader = rec.dataplane().conntrack_reader();
+                let capacity = u64::from(rec.dataplane().options().conntrack_size);
                 tokio::spawn(async move {
                     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                    // The conntrack walk runs off the event loop.
+                    let entries = walk_conntrack(reader).await;
+                    fill_active_flows(&mut s, &entries);
+                    let extra = lb_userspace::metrics::Extra {
+                        conntrack_entries: entries.len() as u64,
+                        conntrack_capacity: capacity,
+                        docker_events,
+                        discovery_lag_seconds: discovery_lag,
+                    };
+                    let body = lb_userspace::metrics::render(&s, &extra);
                     let answer = async {
                         // The request is not looked at beyond reading it: every path is /metrics.
                         let mut buf = [0u8; 2048];
@@ -610,10 +615,13 @@ async fn run_loop(
                 });
             }
             Ok((mut conn, _)) = admin.accept() => {
-                let s = build_status(&rec, &health, &desired, &containers);
-                let body = serde_json::to_vec(&s).unwrap_or_default();
+                let mut s = build_status(&rec, &health, &desired, &containers);
+                let reader = rec.dataplane().conntrack_reader();
                 tokio::spawn(async move {
                     use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+                    let entries = walk_conntrack(reader).await;
+                    fill_active_flows(&mut s, &entries);
+                    let body = serde_json::to_vec(&s).unwrap_or_default();
                     // Read the request line first: closing with unread input would reset the
                     // connection before the client reads the answer.
                     let answer = async {
@@ -652,9 +660,15 @@ async fn run_loop(
                 }
             }
             _ = gc.tick() => {
-                match rec.dataplane_mut().conntrack_gc(monotonic_ns()) {
-                    Ok(0) => {}
-                    Ok(n) => log::debug!("conntrack gc: removed {n} expired entries"),
+                // Off the event loop: a full walk costs two syscalls per entry.
+                match rec.dataplane().conntrack_reader() {
+                    Ok(mut r) => {
+                        tokio::task::spawn_blocking(move || match r.gc(monotonic_ns()) {
+                            Ok(0) => {}
+                            Ok(n) => log::debug!("conntrack gc: removed {n} expired entries"),
+                            Err(e) => warn!("conntrack gc: {e}"),
+                        });
+                    }
                     Err(e) => warn!("conntrack gc: {e}"),
                 }
             }
@@ -736,13 +750,6 @@ fn build_status(
 ) -> status::Status {
     use std::collections::HashMap;
     let dp = rec.dataplane();
-    // Open flows per backend address, from the forward conntrack entries.
-    let mut flows: HashMap<(u32, u16), u64> = HashMap::new();
-    for (_, e) in dp.conntrack_entries() {
-        if e.dir == lb_common::ct::DIR_FORWARD && e.state == lb_common::ct::STATE_OPEN {
-            *flows.entry((e.nat_addr, e.nat_port)).or_default() += 1;
-        }
-    }
     let applied: HashMap<String, _> = rec
         .state()
         .into_iter()
@@ -767,10 +774,6 @@ fn build_status(
                     let c = id
                         .and_then(|id| dp.backend_counters(id).ok())
                         .unwrap_or_default();
-                    let key = (
-                        lb_common::ipv4_to_wire(addr.ip().octets()),
-                        lb_common::port_to_wire(addr.port()),
-                    );
                     status::BackendStatus {
                         address: addr.to_string(),
                         container: container_of(addr),
@@ -782,7 +785,8 @@ fn build_status(
                         .into(),
                         weight: *weight,
                         in_pool: id.is_some(),
-                        active_flows: flows.get(&key).copied().unwrap_or(0),
+                        // Filled in by `fill_active_flows`, off the event loop.
+                        active_flows: 0,
                         packets: c.packets,
                         bytes: c.bytes,
                         new_flows: c.new_flows,
@@ -806,6 +810,43 @@ fn build_status(
         })
         .unwrap_or_default();
     status::Status { services, counters }
+}
+
+/// Every conntrack entry, read on a blocking thread (empty, with a warning, if that fails).
+async fn walk_conntrack(
+    reader: Result<
+        lb_userspace::dataplane::ConntrackReader,
+        lb_userspace::dataplane::DataplaneError,
+    >,
+) -> Vec<(lb_common::FlowKey, lb_common::CtEntry)> {
+    match reader {
+        Ok(r) => tokio::task::spawn_blocking(move || r.entries())
+            .await
+            .unwrap_or_default(),
+        Err(e) => {
+            warn!("reading conntrack: {e}");
+            Vec::new()
+        }
+    }
+}
+
+/// Sets each backend's active flows: its open forward conntrack entries.
+fn fill_active_flows(s: &mut status::Status, entries: &[(lb_common::FlowKey, lb_common::CtEntry)]) {
+    let mut flows: std::collections::HashMap<(u32, u16), u64> = Default::default();
+    for (_, e) in entries {
+        if e.dir == lb_common::ct::DIR_FORWARD && e.state == lb_common::ct::STATE_OPEN {
+            *flows.entry((e.nat_addr, e.nat_port)).or_default() += 1;
+        }
+    }
+    for b in s.services.iter_mut().flat_map(|s| s.backends.iter_mut()) {
+        if let Ok(addr) = b.address.parse::<std::net::SocketAddrV4>() {
+            let key = (
+                lb_common::ipv4_to_wire(addr.ip().octets()),
+                lb_common::port_to_wire(addr.port()),
+            );
+            b.active_flows = flows.get(&key).copied().unwrap_or(0);
+        }
+    }
 }
 
 /// Applies `desired`; on failure logs it and returns true so the caller retries.

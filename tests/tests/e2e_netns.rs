@@ -639,9 +639,18 @@ fn metrics_match_the_traffic_sent() {
         "[dataplane]\nmaglev_table_size = 65537",
         "[dataplane]\nmaglev_table_size = 65537\nconntrack_size = 65536",
     );
-    let _berth = Berth::start(&t.lb, &config, &["eth0"]);
+    let berth = Berth::start(&t.lb, &config, &["eth0"]);
     let sent = 200;
     let counts = spread_tcp(&t.client, sa("10.10.0.1:8080"), sent);
+    // Five connections that stay open: the only active flows (the 200 above are closed).
+    let mut sessions: Vec<Session> = t.client.run(|| {
+        (0..5)
+            .map(|_| Session::connect(sa("10.10.0.1:8080")).expect("connect"))
+            .collect()
+    });
+    for s in &mut sessions {
+        s.request("hello").expect("answer");
+    }
     let page =
         t.lb.run(|| berth_tests::topo::http_get(sa("127.0.0.1:9477")).expect("scrape"));
     assert_eq!(page.0, 200);
@@ -650,7 +659,7 @@ fn metrics_match_the_traffic_sent() {
     let flows = metric(&page, &format!("berth_service_new_flows_total{web}"));
     let packets = metric(&page, &format!("berth_service_packets_total{web}"));
     println!("metrics after {sent} connections: new flows {flows}, packets {packets}");
-    assert_eq!(flows as usize, sent, "one new flow per connection");
+    assert_eq!(flows as usize, sent + 5, "one new flow per connection");
     // Each connection: SYN, ACK, request, FIN, ACK one way; SYN-ACK, answer, FIN(-ACK) back.
     assert!(packets as usize >= sent * 6, "packets {packets}");
     for (n, (name, c)) in counts.iter().enumerate() {
@@ -658,9 +667,36 @@ fn metrics_match_the_traffic_sent() {
             r#"berth_backend_new_flows_total{{service="web",backend="10.20.0.1{}:8000",container=""}}"#,
             &name[1..]
         );
-        assert_eq!(metric(&page, &line) as usize, *c, "backend {n} {name}");
+        // Plus any of the five sessions that went to it.
+        let got = metric(&page, &line) as usize;
+        assert!(
+            (*c..=*c + 5).contains(&got),
+            "backend {n} {name}: {got} vs {c}"
+        );
     }
     assert_eq!(metric(&page, "berth_conntrack_capacity"), 65536.0);
+    let active: f64 = page
+        .lines()
+        .filter(|l| l.starts_with(r#"berth_backend_active_flows{service="web""#))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    let entries = metric(&page, "berth_conntrack_entries");
+    println!("active flows {active}, conntrack entries {entries}");
+    assert_eq!(active, 5.0, "{page}");
+    // Two entries per flow; the closed ones linger (closing timeout) until swept.
+    assert!(
+        (10.0..=(2 * (sent + 5)) as f64).contains(&entries),
+        "{entries}"
+    );
+    let st = berth.status();
+    let web_active: u64 = st
+        .services
+        .iter()
+        .filter(|s| s.name == "web")
+        .flat_map(|s| s.backends.iter().map(|b| b.active_flows))
+        .sum();
+    assert_eq!(web_active, 5);
+    drop(sessions);
     assert!(
         metric(
             &page,
