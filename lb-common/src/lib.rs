@@ -47,6 +47,10 @@ pub const MAP_BACKENDS: &str = "BACKENDS";
 pub const MAP_MAGLEV: &str = "MAGLEV";
 /// Connection tracking LRU hash: [`FlowKey`] -> [`CtEntry`].
 pub const MAP_CONNTRACK: &str = "CONNTRACK";
+/// Conntrack for flows not yet confirmed (a TCP flow that has only sent a SYN): same types as
+/// [`MAP_CONNTRACK`]. A flow moves to the main map with its client's first packet after the SYN,
+/// so a flood of SYNs that never complete churns only this map, never the established flows.
+pub const MAP_CT_NEW: &str = "CT_NEW";
 /// Route cache per backend id ([`BackendRoute`]): new flows to a backend reuse it.
 pub const MAP_BACKEND_ROUTES: &str = "BACKEND_ROUTES";
 /// Per-CPU counters per service id ([`Counters`]).

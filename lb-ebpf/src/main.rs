@@ -18,6 +18,7 @@ use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     helpers::generated::bpf_ktime_get_coarse_ns,
     macros::classifier,
+    maps::LruHashMap,
     programs::TcContext,
 };
 use lb_common::{
@@ -29,7 +30,8 @@ use lb_common::{
 
 use crate::{
     maps::{
-        BACKEND_ROUTES, BACKENDS, CONNTRACK, LOCAL_ADDRS, MAGLEV, PORTS, SERVICES, account, count,
+        BACKEND_ROUTES, BACKENDS, CONNTRACK, CT_NEW, LOCAL_ADDRS, MAGLEV, PORTS, SERVICES, account,
+        count,
     },
     nat::{Side, redirect_cached, rewrite, route},
     parse::{Flow, Parsed, parse},
@@ -102,12 +104,55 @@ fn process(ctx: &TcContext) -> (i32, Reason) {
         // plain integers where either write is acceptable.
         let e = unsafe { &mut *e };
         if e.dir == DIR_REPLY {
-            return established(ctx, &flow, e, now, bytes, &cfg, Side::Src);
+            return established(ctx, &flow, e, now, bytes, &cfg, Side::Src, &CONNTRACK);
         }
         if !ct::forward_expired(e, flow.proto, flow.tcp_flags, now, &cfg) {
-            return established(ctx, &flow, e, now, bytes, &cfg, Side::Dst);
+            return established(ctx, &flow, e, now, bytes, &cfg, Side::Dst, &CONNTRACK);
         }
         count(Reason::EventCtExpired);
+        if ct::is_bare_syn(flow.proto, flow.tcp_flags) {
+            // The new connection starts unconfirmed: the closed flow's entries must not shadow
+            // it from the main map.
+            let rkey = paired_key(&flow, e);
+            let _ = CONNTRACK.remove(&rkey);
+            let _ = CONNTRACK.remove(&key);
+        }
+    } else if let Some(e) = CT_NEW.get_ptr_mut(&key) {
+        // SAFETY: as above.
+        let e = unsafe { &mut *e };
+        if e.dir == DIR_REPLY {
+            return established(ctx, &flow, e, now, bytes, &cfg, Side::Src, &CT_NEW);
+        }
+        if !ct::forward_expired(e, flow.proto, flow.tcp_flags, now, &cfg) {
+            if ct::is_bare_syn(flow.proto, flow.tcp_flags) {
+                // A retransmitted SYN: still unconfirmed.
+                return established(ctx, &flow, e, now, bytes, &cfg, Side::Dst, &CT_NEW);
+            }
+            // The client's first packet after its SYN: the flow is confirmed and both of its
+            // entries move to the main map, out of reach of SYN floods.
+            let fwd = *e;
+            let rkey = paired_key(&flow, &fwd);
+            let rev = CT_NEW.get_ptr(&rkey).map(|r| {
+                // SAFETY: valid map value pointer; `CtEntry` is `Copy`.
+                unsafe { *r }
+            });
+            let moved = CONNTRACK.insert(&key, &fwd, 0).is_ok()
+                && rev.is_none_or(|r| CONNTRACK.insert(&rkey, &r, 0).is_ok());
+            if !moved {
+                count(Reason::EventCtInsertFailed);
+                return established(ctx, &flow, e, now, bytes, &cfg, Side::Dst, &CT_NEW);
+            }
+            let _ = CT_NEW.remove(&key);
+            let _ = CT_NEW.remove(&rkey);
+            if let Some(m) = CONNTRACK.get_ptr_mut(&key) {
+                // SAFETY: as above.
+                let m = unsafe { &mut *m };
+                return established(ctx, &flow, m, now, bytes, &cfg, Side::Dst, &CONNTRACK);
+            }
+            // Evicted at once by a concurrent insert: the Maglev pick below is the same.
+        } else {
+            count(Reason::EventCtExpired);
+        }
     }
     if !service_port {
         return exit(Reason::PassNoService);
@@ -164,6 +209,7 @@ fn paired_key(flow: &Flow, e: &CtEntry) -> FlowKey {
 }
 
 #[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "inlined into the hot path")]
 fn established(
     ctx: &TcContext,
     flow: &Flow,
@@ -172,6 +218,7 @@ fn established(
     bytes: u64,
     cfg: &DpConfig,
     side: Side,
+    table: &LruHashMap<FlowKey, CtEntry>,
 ) -> (i32, Reason) {
     let touch = now.wrapping_sub(e.last_seen_ns) > ct::TOUCH_INTERVAL_NS;
     let state = ct::next_state(e.state, flow.proto, flow.tcp_flags);
@@ -179,7 +226,7 @@ fn established(
         e.state = state;
         e.last_seen_ns = now;
         count(Reason::EventCtClosing);
-        if let Some(other) = CONNTRACK.get_ptr_mut(&paired_key(flow, e)) {
+        if let Some(other) = table.get_ptr_mut(&paired_key(flow, e)) {
             // SAFETY: as for the entry in `process`.
             unsafe {
                 (*other).state = state;
@@ -284,7 +331,13 @@ fn new_flow(
         flow.sport,
         flow.proto,
     );
-    if CONNTRACK.insert(&rev_key, &rev, 0).is_err() || CONNTRACK.insert(key, &fwd, 0).is_err() {
+    // A bare SYN starts unconfirmed (CT_NEW); anything else picked up mid-stream is established.
+    let table = if ct::is_bare_syn(flow.proto, flow.tcp_flags) {
+        &CT_NEW
+    } else {
+        &CONNTRACK
+    };
+    if table.insert(&rev_key, &rev, 0).is_err() || table.insert(key, &fwd, 0).is_err() {
         // The packet is still balanced: the Maglev pick is a pure function of the tuple.
         count(Reason::EventCtInsertFailed);
     }

@@ -31,6 +31,11 @@ pub static MAGLEV: Array<u32> =
 pub static CONNTRACK: LruHashMap<FlowKey, CtEntry> =
     LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
 
+/// Flows that have only sent a SYN (see lb-common's `MAP_CT_NEW`); userspace sizes it.
+#[map]
+pub static CT_NEW: LruHashMap<FlowKey, CtEntry> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE / 4, 0);
+
 /// Host-order port -> `PORT_F_*`. Bits are only ever set while berth runs (a port that stops
 /// being used merely costs the lookups it would have skipped).
 #[map]

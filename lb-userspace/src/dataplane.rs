@@ -83,12 +83,14 @@ pub enum DataplaneError {
     IncompatibleLayout { root: String, found: String },
     #[error(
         "the pinned dataplane under {root} does not match this configuration: map {map} has \
-         {property} {actual}, the configuration needs {expected}. Keep the old setting, or reset \
-         with `berth down --pin-path {root}` (this detaches berth and drops established flows)"
+         {property} {actual}, the configuration needs {expected} (set by {setting}). Keep the \
+         old setting, or reset with `berth down --pin-path {root}` (this detaches berth and \
+         drops established flows)"
     )]
     PinnedMismatch {
         root: String,
         map: String,
+        setting: &'static str,
         property: &'static str,
         expected: u64,
         actual: u64,
@@ -131,6 +133,7 @@ fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
 fn absent_is_fine(r: std::result::Result<(), MapError>, name: &'static str) -> Result<()> {
     match r {
         Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         Err(e) => Err(map_err(name)(e)),
     }
 }
@@ -163,6 +166,11 @@ impl DataplaneOptions {
             tcp_idle: Duration::from_secs(d.tcp_idle_timeout_secs),
             udp_idle: Duration::from_secs(d.udp_idle_timeout_secs),
         }
+    }
+
+    /// Capacity of the unconfirmed-flow map: a quarter of the main one, at least 1024.
+    pub fn ct_new_size(&self) -> u32 {
+        (self.conntrack_size / 4).max(1024)
     }
 
     /// The global the program reads.
@@ -227,12 +235,13 @@ pub fn netns_cookie() -> u64 {
 }
 
 /// Every map of the object; all are pinned (the read-only config global is not a map of ours).
-const MAPS: [&str; 11] = [
+const MAPS: [&str; 12] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     lb_common::MAP_BACKEND_ROUTES,
     MAP_MAGLEV,
     MAP_CONNTRACK,
+    lb_common::MAP_CT_NEW,
     lb_common::MAP_PORTS,
     MAP_SERVICE_STATS,
     MAP_BACKEND_STATS,
@@ -432,8 +441,10 @@ pub struct Dataplane {
     backend_stats: PerCpuArray<MapData, Counters>,
     reason_stats: PerCpuArray<MapData, u64>,
     local_addrs: HashMap<MapData, u32, u8>,
-    /// A second descriptor of the conntrack map, for [`Dataplane::conntrack_reader`].
-    conntrack_fd: std::os::fd::OwnedFd,
+    /// Flows that have only sent a SYN.
+    ct_new: HashMap<MapData, FlowKey, CtEntry>,
+    /// Second descriptors of the two conntrack maps, for [`Dataplane::conntrack_reader`].
+    conntrack_fds: [std::os::fd::OwnedFd; 2],
     options: DataplaneOptions,
     attached: Vec<String>,
     cgroup: Option<PathBuf>,
@@ -500,6 +511,15 @@ impl Dataplane {
                     }),
             } => DataplaneError::PinnedMismatch {
                 root: rootname.clone(),
+                setting: match name.as_str() {
+                    MAP_CONNTRACK | lb_common::MAP_CT_NEW => "dataplane.conntrack_size",
+                    MAP_MAGLEV => "dataplane.maglev_table_size x dataplane.max_services",
+                    MAP_SERVICES | MAP_SERVICE_STATS => "dataplane.max_services",
+                    MAP_BACKENDS | MAP_BACKEND_STATS | lb_common::MAP_BACKEND_ROUTES => {
+                        "dataplane.max_backends"
+                    }
+                    _ => "this berth version",
+                },
                 map: name,
                 property,
                 expected,
@@ -539,6 +559,7 @@ impl Dataplane {
             .map_max_entries(lb_common::MAP_BACKEND_ROUTES, options.max_backends)
             .map_max_entries(MAP_MAGLEV, options.max_services * options.maglev_size)
             .map_max_entries(MAP_CONNTRACK, options.conntrack_size)
+            .map_max_entries(lb_common::MAP_CT_NEW, options.ct_new_size())
             .load(crate::EBPF_OBJECT)
             .map_err(|source| DataplaneError::Load { source })?;
         let prog: &mut SchedClassifier = ebpf
@@ -564,19 +585,18 @@ impl Dataplane {
             prog.load()
                 .map_err(|source| DataplaneError::Program { name, source })?;
         }
-        let conntrack_fd = ebpf
-            .map(MAP_CONNTRACK)
-            .and_then(|m| match m {
-                aya::maps::Map::LruHashMap(md) | aya::maps::Map::HashMap(md) => {
-                    md.fd().as_fd().try_clone_to_owned().ok()
-                }
-                _ => None,
-            })
-            .ok_or(DataplaneError::MissingMap {
-                name: MAP_CONNTRACK,
-            })?;
+        let dup = |name: &'static str| {
+            ebpf.map(name)
+                .and_then(|m| match m {
+                    aya::maps::Map::LruHashMap(md) => md.fd().as_fd().try_clone_to_owned().ok(),
+                    _ => None,
+                })
+                .ok_or(DataplaneError::MissingMap { name })
+        };
+        let conntrack_fds = [dup(MAP_CONNTRACK)?, dup(lb_common::MAP_CT_NEW)?];
         Ok(Self {
-            conntrack_fd,
+            conntrack_fds,
+            ct_new: take!(ebpf, lb_common::MAP_CT_NEW),
             services: take!(ebpf, MAP_SERVICES),
             backends: take!(ebpf, MAP_BACKENDS),
             backend_routes: take!(ebpf, lb_common::MAP_BACKEND_ROUTES),
@@ -921,25 +941,42 @@ impl Dataplane {
     /// An independent handle on the conntrack map, to walk it off the daemon's event loop (a
     /// full walk costs two syscalls per entry).
     pub fn conntrack_reader(&self) -> Result<ConntrackReader> {
-        let fd = self
-            .conntrack_fd
-            .try_clone()
-            .map_err(|e| map_err(MAP_CONNTRACK)(MapError::IoError(e)))?;
-        let md = MapData::from_fd(fd).map_err(map_err(MAP_CONNTRACK))?;
-        let map =
-            HashMap::try_from(aya::maps::Map::LruHashMap(md)).map_err(map_err(MAP_CONNTRACK))?;
+        let mut maps = Vec::new();
+        for fd in &self.conntrack_fds {
+            let fd = fd
+                .try_clone()
+                .map_err(|e| map_err(MAP_CONNTRACK)(MapError::IoError(e)))?;
+            let md = MapData::from_fd(fd).map_err(map_err(MAP_CONNTRACK))?;
+            maps.push(
+                HashMap::try_from(aya::maps::Map::LruHashMap(md))
+                    .map_err(map_err(MAP_CONNTRACK))?,
+            );
+        }
         Ok(ConntrackReader {
-            map,
+            maps,
             cfg: self.options.dp_config(),
         })
     }
 
+    /// Every conntrack entry: established flows, then unconfirmed ones.
     pub fn conntrack_entries(&self) -> Vec<(FlowKey, CtEntry)> {
-        self.conntrack.iter().filter_map(|r| r.ok()).collect()
+        self.conntrack
+            .iter()
+            .chain(self.ct_new.iter())
+            .filter_map(|r| r.ok())
+            .collect()
+    }
+
+    /// Entries of flows that have only sent a SYN.
+    pub fn unconfirmed_entries(&self) -> Vec<(FlowKey, CtEntry)> {
+        self.ct_new.iter().filter_map(|r| r.ok()).collect()
     }
 
     pub fn conntrack_get(&self, key: &FlowKey) -> Option<CtEntry> {
-        self.conntrack.get(key, 0).ok()
+        self.conntrack
+            .get(key, 0)
+            .ok()
+            .or_else(|| self.ct_new.get(key, 0).ok())
     }
 
     pub fn conntrack_insert(&mut self, key: FlowKey, entry: CtEntry) -> Result<()> {
@@ -949,7 +986,8 @@ impl Dataplane {
     }
 
     pub fn conntrack_remove(&mut self, key: &FlowKey) -> Result<()> {
-        absent_is_fine(self.conntrack.remove(key), MAP_CONNTRACK)
+        absent_is_fine(self.conntrack.remove(key), MAP_CONNTRACK)?;
+        absent_is_fine(self.ct_new.remove(key), lb_common::MAP_CT_NEW)
     }
 
     /// Removes entries idle past their timeout (the same rule the program applies), returning
@@ -957,9 +995,8 @@ impl Dataplane {
     pub fn conntrack_gc(&mut self, now_ns: u64) -> Result<usize> {
         let cfg = self.options.dp_config();
         let stale: Vec<FlowKey> = self
-            .conntrack
-            .iter()
-            .filter_map(|r| r.ok())
+            .conntrack_entries()
+            .into_iter()
             .filter(|(k, e)| lb_common::ct::idle_expired(e, k.proto, now_ns, &cfg))
             .map(|(k, _)| k)
             .collect();
@@ -1034,13 +1071,17 @@ impl Dataplane {
 
 /// The conntrack map through its own descriptor (`Send`: for `spawn_blocking`).
 pub struct ConntrackReader {
-    map: HashMap<MapData, FlowKey, CtEntry>,
+    /// The main map and the unconfirmed-flow map.
+    maps: Vec<HashMap<MapData, FlowKey, CtEntry>>,
     cfg: DpConfig,
 }
 
 impl ConntrackReader {
     pub fn entries(&self) -> Vec<(FlowKey, CtEntry)> {
-        self.map.iter().filter_map(|r| r.ok()).collect()
+        self.maps
+            .iter()
+            .flat_map(|m| m.iter().filter_map(|r| r.ok()))
+            .collect()
     }
 
     /// Removes entries idle past their timeout, as [`Dataplane::conntrack_gc`].
@@ -1052,7 +1093,9 @@ impl ConntrackReader {
             .map(|(k, _)| k)
             .collect();
         for k in &stale {
-            absent_is_fine(self.map.remove(k), MAP_CONNTRACK)?;
+            for m in &mut self.maps {
+                absent_is_fine(m.remove(k), MAP_CONNTRACK)?;
+            }
         }
         Ok(stale.len())
     }

@@ -499,7 +499,10 @@ fn a_pinned_dataplane_berth_cannot_read_is_refused_with_the_reset_command() {
     ));
     println!("{err}");
     assert!(!status.success());
-    assert!(err.contains("map CONNTRACK has max_entries"), "{err}");
+    assert!(
+        err.contains("has max_entries") && err.contains("(set by dataplane.conntrack_size)"),
+        "{err}"
+    );
     assert!(
         err.contains(&format!("berth down --pin-path {}", pins.display())),
         "{err}"

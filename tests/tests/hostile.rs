@@ -407,10 +407,13 @@ fn conntrack_flood(flood: u64, long: usize, every: u64) {
         let flows: Vec<SocketAddrV4> = (0..long).map(|i| sa(CLIENT, 20_000 + i as u16)).collect();
         let mut pinned = Vec::new();
         for c in &flows {
+            // Established: the SYN, then the client's ACK confirms the flow.
             let syn = Ipv4Packet::tcp(*c, sa(VIP, 80), TCP_SYN).build();
             let (action, out) = runner.run(&syn).expect("run");
             assert_eq!(action, TC_ACT_REDIRECT);
             pinned.push(wire::parse(out).dst);
+            let ack = Ipv4Packet::tcp(*c, sa(VIP, 80), TCP_ACK).build();
+            assert_eq!(runner.run(&ack).expect("run").0, TC_ACT_REDIRECT);
         }
         let keys: Vec<_> = flows
             .iter()
@@ -459,15 +462,20 @@ fn conntrack_flood(flood: u64, long: usize, every: u64) {
         let entries = assert_maps_consistent(&fx, &o);
         println!(
             "flood of {flood} new flows in {took:.1?} ({:.0} flows/s) against a conntrack of {} \
-             entries: at most {max_entries} entries seen, {entries} at the end; {long} established \
+             entries (+{} for unconfirmed flows): at most {max_entries} entries seen, {entries} at the end; {long} established \
              flows checked every {every} flood packets: {evicted} times an established flow's \
              entry had been evicted (picked up again mid-stream: {} pickups), {moved} answers \
              from another backend",
             flood as f64 / took.as_secs_f64(),
             o.conntrack_size,
+            o.ct_new_size(),
             totals["event_ct_midstream_pickup"]
         );
-        assert!(max_entries <= o.conntrack_size as usize && entries <= o.conntrack_size as usize);
+        let cap = (o.conntrack_size + o.ct_new_size()) as usize;
+        assert!(
+            max_entries <= cap && entries <= cap,
+            "{max_entries} {entries} > {cap}"
+        );
         assert_eq!(
             moved, 0,
             "established flows changed backend under the flood"
