@@ -323,6 +323,19 @@ async fn run(
     ifaces: Vec<String>,
     admin_socket: PathBuf,
 ) -> anyhow::Result<()> {
+    // The sockets first: a port or path in use fails here, before the kernel is touched.
+    let admin = status::bind(&admin_socket)
+        .with_context(|| format!("admin socket {}", admin_socket.display()))?;
+    let _socket_file = RemoveOnDrop(admin_socket.clone());
+    let metrics_listener = if cfg.metrics.enabled {
+        let l = tokio::net::TcpListener::bind(&cfg.metrics.listen)
+            .await
+            .with_context(|| format!("metrics endpoint {}", cfg.metrics.listen))?;
+        info!("metrics on http://{}/metrics", cfg.metrics.listen);
+        Some(l)
+    } else {
+        None
+    };
     let options = DataplaneOptions::from_config(&cfg.dataplane);
     let pin_root = PathBuf::from(&cfg.dataplane.pin_path);
     let mut dp = Dataplane::load_pinned(options, &pin_root).context("loading the dataplane")?;
@@ -355,11 +368,21 @@ async fn run(
         services,
         ifaces,
         admin_socket,
+        (admin, metrics_listener),
         rec,
         adopted,
         pin_root,
     )
     .await
+}
+
+/// Removes the admin socket's file when the daemon ends, however it ends.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// Attaches to `ifaces`, takes over what an earlier berth left attached, and attaches the socket
@@ -416,6 +439,7 @@ async fn run_loop(
     services: Vec<Service>,
     ifaces: Vec<String>,
     admin_socket: PathBuf,
+    listeners: (tokio::net::UnixListener, Option<tokio::net::TcpListener>),
     mut rec: Reconciler,
     adopted: bool,
     pin_root: PathBuf,
@@ -424,17 +448,7 @@ async fn run_loop(
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     let options = *rec.dataplane().options();
-    let admin = status::bind(&admin_socket)
-        .with_context(|| format!("admin socket {}", admin_socket.display()))?;
-    let metrics_listener = if cfg.metrics.enabled {
-        let l = tokio::net::TcpListener::bind(&cfg.metrics.listen)
-            .await
-            .with_context(|| format!("metrics endpoint {}", cfg.metrics.listen))?;
-        info!("metrics on http://{}/metrics", cfg.metrics.listen);
-        Some(l)
-    } else {
-        None
-    };
+    let (admin, metrics_listener) = listeners;
     let mut docker_events = 0u64;
     // Bridges tried and failed (reported once).
     let mut unattachable = std::collections::HashSet::new();

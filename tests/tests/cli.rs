@@ -183,7 +183,9 @@ fn second_berth_on_the_same_interface_is_refused() {
     let mut ns = Ns(name.clone(), Vec::new());
     let cfg = write(
         "one.toml",
-        "[dataplane]\nredirect = false\n[[service]]\nname = \"w\"\nlisten = \"127.0.0.1:80\"\n",
+        // Metrics off: both daemons share the namespace's loopback, and the interface is the
+        // point here.
+        "[dataplane]\nredirect = false\n[metrics]\nenabled = false\n[[service]]\nname = \"w\"\nlisten = \"127.0.0.1:80\"\n",
     );
     let log = std::env::temp_dir().join(format!("berth-cli-{}/first.log", std::process::id()));
     let first = Command::new("ip")
