@@ -114,9 +114,12 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Listings of the running test containers: (when, Unix ns; container ids).
+type Listings = Arc<Mutex<Vec<(i128, BTreeSet<String>)>>>;
+
 /// A listing of the running test containers every `POLL`, as (when, ids), like Synapse's
 /// watcher polling the Docker API.
-fn poller(stop: Arc<AtomicBool>, log: Arc<Mutex<Vec<(i128, BTreeSet<String>)>>>) {
+fn poller(stop: Arc<AtomicBool>, log: Listings) {
     while !stop.load(Ordering::Relaxed) {
         let out = Command::new("docker")
             .args([
