@@ -22,6 +22,15 @@ pub const fn replace4(check: u16, from: u32, to: u32) -> u16 {
     !fold(sum)
 }
 
+/// The checksum field after a 16-bit field covered by it changed from `from` to `to`.
+#[inline(always)]
+pub const fn replace2(check: u16, from: u16, to: u16) -> u16 {
+    let mut sum = (!check) as u32;
+    sum += (!from) as u32;
+    sum += to as u32;
+    !fold(sum)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -51,6 +60,24 @@ mod tests {
             h[9] = x as u16;
             let want = full(&h);
             assert_eq!(replace4(before, from, x), want, "from {from:#x} to {x:#x}");
+        }
+    }
+
+    #[test]
+    fn ttl_decrement_matches_recomputation() {
+        let mut h: [u16; 10] = [
+            0x4500, 0x0073, 0, 0x4000, 0x4011, 0, 0xc0a8, 0x0001, 0xc0a8, 0x00c7,
+        ];
+        for _ in 0..63 {
+            let before = full(&h);
+            let old = h[4];
+            h[4] -= 0x0100; // TTL is the high byte of the word (network order)
+            assert_eq!(
+                replace2(before, old, h[4]),
+                full(&h),
+                "ttl {:#x}",
+                h[4] >> 8
+            );
         }
     }
 

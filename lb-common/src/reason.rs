@@ -27,6 +27,9 @@ pub enum Reason {
     /// Translated, but the FIB could not route it (no route, forwarding disabled): handed to the
     /// stack, which will answer or drop as it would for any packet.
     PassFibFailed,
+    /// Translated, but its TTL would expire on this hop: handed to the stack, which drops it and
+    /// answers with ICMP time exceeded, as any router would.
+    PassTtlExpired,
     /// Frame shorter than an Ethernet header: drop.
     DropEthTruncated,
     /// IPv4 header truncated, bad version/IHL, or total length inconsistent: drop.
@@ -85,6 +88,7 @@ impl Reason {
         Reason::PassNoService,
         Reason::PassTranslatedToStack,
         Reason::PassFibFailed,
+        Reason::PassTtlExpired,
         Reason::DropEthTruncated,
         Reason::DropIpMalformed,
         Reason::DropL4Malformed,
@@ -116,6 +120,7 @@ impl Reason {
             Reason::PassNoService => "pass_no_service",
             Reason::PassTranslatedToStack => "pass_translated_to_stack",
             Reason::PassFibFailed => "pass_fib_failed",
+            Reason::PassTtlExpired => "pass_ttl_expired",
             Reason::DropEthTruncated => "drop_eth_truncated",
             Reason::DropIpMalformed => "drop_ip_malformed",
             Reason::DropL4Malformed => "drop_l4_malformed",

@@ -14,7 +14,10 @@ use aya_ebpf::{
     helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
-use lb_common::{IPPROTO_TCP, Reason, Route, csum::replace4};
+use lb_common::{
+    IPPROTO_TCP, Reason, Route,
+    csum::{replace2, replace4},
+};
 
 use crate::parse::{ETH_HLEN, Flow, ptr_at};
 
@@ -110,9 +113,38 @@ fn reasons(reply: bool) -> (Reason, Reason) {
     }
 }
 
+/// Decrements the TTL of a packet berth forwards itself (the stack's forwarding would have),
+/// fixing the IPv4 header checksum. `Ok(false)`: the TTL would expire here, so the packet must
+/// go to the stack instead (which drops it and sends ICMP time exceeded).
+#[inline(always)]
+fn hop(ctx: &TcContext) -> Result<bool, ()> {
+    let word = ptr_at::<u16>(ctx, ETH_HLEN + 8).ok_or(())?;
+    let ipc = ptr_at::<u16>(ctx, ETH_HLEN + 10).ok_or(())?;
+    // SAFETY: `ptr_at` checked both fields lie inside the packet; TC programs may write packet
+    // data directly.
+    unsafe {
+        let old = word.read_unaligned();
+        // TTL is the first byte of the (TTL, protocol) word, in packet order.
+        let mut b = old.to_ne_bytes();
+        if b[0] <= 1 {
+            return Ok(false);
+        }
+        b[0] -= 1;
+        let new = u16::from_ne_bytes(b);
+        word.write_unaligned(new);
+        ipc.write_unaligned(replace2(ipc.read_unaligned(), old, new));
+    }
+    Ok(true)
+}
+
 /// Redirects along a known route: writes the MACs and hands the packet to the egress device.
 #[inline(always)]
 pub fn redirect_cached(ctx: &TcContext, route: &Route, reply: bool) -> (i32, Reason) {
+    match hop(ctx) {
+        Ok(true) => {}
+        Ok(false) => return (TC_ACT_OK as i32, Reason::PassTtlExpired),
+        Err(()) => return (aya_ebpf::bindings::TC_ACT_SHOT as i32, Reason::AbortRewrite),
+    }
     let Some(eth) = ptr_at::<[u8; 12]>(ctx, 0) else {
         return (aya_ebpf::bindings::TC_ACT_SHOT as i32, Reason::AbortRewrite);
     };
@@ -164,6 +196,17 @@ pub fn route(
         let (act, reason) = redirect_cached(ctx, &r, reply);
         (act, reason, r)
     } else if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
+        match hop(ctx) {
+            Ok(true) => {}
+            Ok(false) => return (TC_ACT_OK as i32, Reason::PassTtlExpired, Route::NONE),
+            Err(()) => {
+                return (
+                    aya_ebpf::bindings::TC_ACT_SHOT as i32,
+                    Reason::AbortRewrite,
+                    Route::NONE,
+                );
+            }
+        }
         // SAFETY: a null `params` asks the kernel to resolve the next hop itself.
         let act = unsafe { bpf_redirect_neigh(p.ifindex, core::ptr::null_mut(), 0, 0) } as i32;
         (act, reasons(reply).1, Route::NONE)

@@ -83,7 +83,8 @@ fn assert_dnat(run: &Run, input: &[u8], backends: &[SocketAddrV4]) -> SocketAddr
     assert_eq!(o.src, i.src, "source must be kept");
     assert_eq!(o.payload, i.payload);
     assert_eq!(o.tcp_flags, i.tcp_flags);
-    assert_eq!(o.ttl, i.ttl);
+    // Forwarded by berth: one hop, as the stack's forwarding would count it.
+    assert_eq!(o.ttl, i.ttl - 1);
     assert_eq!(
         o.dst_mac,
         backend_mac(*o.dst.ip()),
@@ -172,6 +173,30 @@ fn any_address_service_ignores_addresses_not_of_this_host() {
         let mut addrs = lb_userspace::dataplane::host_ipv4_addrs();
         addrs.insert(lb_common::ipv4_to_wire(extra.ip().octets()));
         f.rec.dataplane_mut().sync_local_addrs(&addrs).unwrap();
+        assert_dnat(&f.run(&pkt), &pkt, &web_backends());
+    });
+}
+
+#[test]
+fn a_packet_whose_ttl_would_expire_goes_to_the_stack() {
+    in_fixture_netns(|| {
+        let f = standard();
+        let mut p = Ipv4Packet::tcp(client(40005), sa(VIP, 80), TCP_SYN);
+        p.ttl = 1;
+        let pkt = p.build();
+        let run = f.run(&pkt);
+        // Translated (the flow exists), but not forwarded by berth: the stack drops it and
+        // answers with ICMP time exceeded, as for any router.
+        assert_eq!(run.action, TC_ACT_OK, "{run:?}");
+        assert_eq!(run.exits(), [Reason::PassTtlExpired.name()]);
+        let o = wire::parse(&run.out);
+        assert_eq!(o.ttl, 1);
+        assert!(web_backends().contains(&o.dst), "{o:?}");
+        wire::verify_checksums(&run.out).expect("checksums");
+        // With TTL 2 it is forwarded with TTL 1.
+        let mut p = Ipv4Packet::tcp(client(40006), sa(VIP, 80), TCP_SYN);
+        p.ttl = 2;
+        let pkt = p.build();
         assert_dnat(&f.run(&pkt), &pkt, &web_backends());
     });
 }
