@@ -98,6 +98,8 @@ pub const IPPROTO_UDP: u8 = 17;
 /// straight to the egress device (bypassing netfilter's FORWARD chain). Without it the translated
 /// packet is handed back to the kernel stack.
 pub const CFG_F_REDIRECT: u32 = 1 << 0;
+/// [`DpConfig::flags`]: leave the TTL of redirected packets as it is (a transparent hop).
+pub const CFG_F_KEEP_TTL: u32 = 1 << 1;
 
 /// Runtime configuration of the dataplane, written into a read-only global at load time.
 #[repr(C)]

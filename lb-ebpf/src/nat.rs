@@ -118,6 +118,9 @@ fn reasons(reply: bool) -> (Reason, Reason) {
 /// go to the stack instead (which drops it and sends ICMP time exceeded).
 #[inline(always)]
 fn hop(ctx: &TcContext) -> Result<bool, ()> {
+    if crate::config().flags & lb_common::CFG_F_KEEP_TTL != 0 {
+        return Ok(true);
+    }
     let word = ptr_at::<u16>(ctx, ETH_HLEN + 8).ok_or(())?;
     let ipc = ptr_at::<u16>(ctx, ETH_HLEN + 10).ok_or(())?;
     // SAFETY: `ptr_at` checked both fields lie inside the packet; TC programs may write packet

@@ -78,6 +78,9 @@ pub struct DataplaneConfig {
     /// Route translated packets in the program and redirect them to the egress device
     /// (required for backends behind Docker's FORWARD DROP); `false` hands them to the stack.
     pub redirect: bool,
+    /// Decrement the TTL of packets berth forwards itself, as a router does (`false`: a
+    /// transparent hop).
+    pub decrement_ttl: bool,
     /// bpffs directory where maps and attachments are pinned, so the dataplane outlives the
     /// daemon and a restarted berth adopts it (`berth down` removes it).
     pub pin_path: String,
@@ -103,6 +106,7 @@ impl Default for DataplaneConfig {
             drain_timeout_secs: 30,
             hash_seed: None,
             redirect: true,
+            decrement_ttl: true,
             pin_path: crate::dataplane::DEFAULT_PIN_PATH.into(),
             cgroup: "auto".into(),
             detach_on_exit: false,

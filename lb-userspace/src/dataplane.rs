@@ -147,6 +147,8 @@ pub struct DataplaneOptions {
     pub conntrack_size: u32,
     pub hash_seed: u32,
     pub redirect: bool,
+    /// Decrement the TTL of packets the program forwards itself.
+    pub decrement_ttl: bool,
     pub tcp_closing: Duration,
     pub tcp_idle: Duration,
     pub udp_idle: Duration,
@@ -162,6 +164,7 @@ impl DataplaneOptions {
             conntrack_size: d.conntrack_size,
             hash_seed: d.hash_seed.unwrap_or_else(random_u32),
             redirect: d.redirect,
+            decrement_ttl: d.decrement_ttl,
             tcp_closing: Duration::from_secs(d.tcp_closing_timeout_secs),
             tcp_idle: Duration::from_secs(d.tcp_idle_timeout_secs),
             udp_idle: Duration::from_secs(d.udp_idle_timeout_secs),
@@ -179,7 +182,12 @@ impl DataplaneOptions {
             maglev_size: self.maglev_size,
             max_services: self.max_services,
             hash_seed: self.hash_seed,
-            flags: if self.redirect { CFG_F_REDIRECT } else { 0 },
+            flags: if self.redirect { CFG_F_REDIRECT } else { 0 }
+                | if self.decrement_ttl {
+                    0
+                } else {
+                    lb_common::CFG_F_KEEP_TTL
+                },
             tcp_closing_ns: self.tcp_closing.as_nanos() as u64,
             tcp_idle_ns: self.tcp_idle.as_nanos() as u64,
             udp_idle_ns: self.udp_idle.as_nanos() as u64,
