@@ -429,6 +429,11 @@ impl Topology {
         }
         for ns in NS_BE {
             ns_sh(ns, &["sysctl", "-qw", "net.core.somaxconn=4096"]);
+            // nginx closes first after `Connection: close`, so TIME_WAIT piles up on the
+            // backends, and a client port reused within its 60 s meets an old socket there
+            // (an ACK instead of a SYN-ACK, a reset, a 1 s SYN retry): the rates then depended
+            // on how many runs came before. Keep no TIME_WAIT sockets on the backends.
+            ns_sh(ns, &["sysctl", "-qw", "net.ipv4.tcp_max_tw_buckets=0"]);
         }
         ns_sh(NS_LB, &["sysctl", "-qw", "net.core.somaxconn=4096"]);
         t
