@@ -15,6 +15,10 @@
 //! - `direct`: one wrk per backend, each with half the connections, routed through bb-lb by plain
 //!   IPv4 forwarding (the ceiling: same hops, both backends loaded, no balancer); rates are
 //!   added, the worse p99 and the mean p50 kept;
+//! - `direct1` (only when asked for with `--contenders`): wrk to backend 1 alone, all connections,
+//!   the literal "one backend, no balancer" ceiling. Only one nginx is busy then, alone on its
+//!   CPU, so its p99 lacks the few ms of scheduling delay that two busy nginx sharing a CPU add
+//!   to every contender that spreads the load (`direct` included);
 //! - `berth`: `berth run` in bb-lb on all three of its veths (TC ingress, redirect mode), no
 //!   socket programs (`--cgroup none`);
 //! - `nftables`: kube-proxy-style kernel NAT, table `ip bb_nat` in bb-lb: prerouting
@@ -72,6 +76,7 @@ static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 enum Contender {
+    Direct1,
     Direct,
     Berth,
     Nftables,
@@ -79,7 +84,16 @@ enum Contender {
 }
 
 impl Contender {
-    const ALL: [Contender; 4] = [
+    const ALL: [Contender; 5] = [
+        Contender::Direct1,
+        Contender::Direct,
+        Contender::Berth,
+        Contender::Nftables,
+        Contender::Haproxy,
+    ];
+
+    /// What runs without `--contenders`.
+    const DEFAULT: [Contender; 4] = [
         Contender::Direct,
         Contender::Berth,
         Contender::Nftables,
@@ -88,6 +102,7 @@ impl Contender {
 
     fn name(self) -> &'static str {
         match self {
+            Contender::Direct1 => "direct1",
             Contender::Direct => "direct",
             Contender::Berth => "berth",
             Contender::Nftables => "nftables",
@@ -95,11 +110,12 @@ impl Contender {
         }
     }
 
-    /// Where wrk connects.
-    fn target(self) -> String {
+    /// Where the clients connect (one wrk per address).
+    fn endpoints(self) -> Vec<String> {
         match self {
-            Contender::Direct => format!("{}:{BE_PORT}", BACKENDS[0]),
-            _ => format!("{VIP}:{SVC_PORT}"),
+            Contender::Direct1 => vec![format!("{}:{BE_PORT}", BACKENDS[0])],
+            Contender::Direct => BACKENDS.iter().map(|b| format!("{b}:{BE_PORT}")).collect(),
+            _ => vec![format!("{VIP}:{SVC_PORT}")],
         }
     }
 }
@@ -147,7 +163,7 @@ fn args() -> Args {
         duration: 5,
         rounds: 5,
         connections: 32,
-        contenders: Contender::ALL.to_vec(),
+        contenders: Contender::DEFAULT.to_vec(),
         wrk_cpu: 0,
         nginx_cpu: if n > 1 { 1 } else { 0 },
     };
@@ -182,7 +198,7 @@ fn args() -> Args {
             "-h" | "--help" => {
                 println!(
                     "berth-loadbench [--duration SECONDS (5)] [--rounds N (5)] [--connections N (32)] \
-                     [--contenders direct,berth,nftables,haproxy] [--wrk-cpu N (0)] [--nginx-cpu N (1)]"
+                     [--contenders direct,berth,nftables,haproxy (also: direct1)] [--wrk-cpu N (0)] [--nginx-cpu N (1)]"
                 );
                 std::process::exit(0);
             }
@@ -605,7 +621,7 @@ impl Drop for NftTable {
 
 fn start(c: Contender) -> Running {
     match c {
-        Contender::Direct => Running::Direct,
+        Contender::Direct | Contender::Direct1 => Running::Direct,
         Contender::Berth => Running::Berth(start_berth()),
         Contender::Nftables => {
             let rules = format!(
@@ -718,10 +734,13 @@ fn check(c: Contender) -> Result<BTreeMap<String, u32>, String> {
         let _ = TcpStream::connect_timeout(&addr, Duration::from_secs(1));
     });
     let mut seen = BTreeMap::new();
-    for _ in 0..16 {
-        *seen.entry(one_request(&c.target())?).or_insert(0) += 1;
+    let endpoints = c.endpoints();
+    for i in 0..16 {
+        *seen
+            .entry(one_request(&endpoints[i % endpoints.len()])?)
+            .or_insert(0) += 1;
     }
-    let want = if c == Contender::Direct { 1 } else { 2 };
+    let want = if c == Contender::Direct1 { 1 } else { 2 };
     if seen.len() != want {
         return Err(format!(
             "{}: 16 new connections reached {seen:?}, expected {want} backend(s)",
@@ -850,12 +869,8 @@ fn parse_wrk(out: &str) -> Result<Run, String> {
 fn measure(c: Contender, w: Workload, running: &Running, a: &Args) -> Run {
     // The ceiling loads both backends like the balancers do: one wrk per backend with half the
     // connections each (same CPU), rates added, the worse p99 and the mean p50 kept. One
-    // backend alone would leave the second nginx idle, and both share a CPU.
-    let targets: Vec<String> = if c == Contender::Direct {
-        BACKENDS.iter().map(|b| format!("{b}:{BE_PORT}")).collect()
-    } else {
-        vec![c.target()]
-    };
+    // backend alone (direct1) leaves the second nginx idle, while both share a CPU.
+    let targets = c.endpoints();
     let duration = format!("{}s", a.duration);
     let conns = (a.connections / targets.len() as u32).max(1).to_string();
     let logs0 = [access_log_requests(0), access_log_requests(1)];
@@ -1008,15 +1023,20 @@ fn targets(res: &Results, present: &[Contender]) -> Vec<Target> {
         }
     };
     ratio_min(KeepAlive, Metric::Rate, Direct, 0.95, "keep-alive req/s");
+    ratio_min(KeepAlive, Metric::Rate, Direct1, 0.95, "keep-alive req/s");
     ratio_min(KeepAlive, Metric::Rate, Haproxy, 1.5, "keep-alive req/s");
     ratio_min(NewConn, Metric::Rate, Direct, 0.9, "new conn/s");
+    ratio_min(NewConn, Metric::Rate, Direct1, 0.9, "new conn/s");
     ratio_min(NewConn, Metric::Rate, Haproxy, 2.0, "new conn/s");
     ratio_min(NewConn, Metric::Rate, Nftables, 1.1, "new conn/s");
-    if has(Direct) {
+    for d in [Direct, Direct1] {
+        if !has(d) {
+            continue;
+        }
         for w in Workload::ALL {
-            let v = med(res, Berth, w, Metric::P99) / med(res, Direct, w, Metric::P99);
+            let v = med(res, Berth, w, Metric::P99) / med(res, d, w, Metric::P99);
             t.push(Target {
-                text: format!("{} p99 berth <= 1.1x direct", w.name()),
+                text: format!("{} p99 berth <= 1.1x {}", w.name(), d.name()),
                 value: v,
                 pass: v <= 1.1,
             });
@@ -1026,7 +1046,7 @@ fn targets(res: &Results, present: &[Contender]) -> Vec<Target> {
         // Lowest among the balancers (direct balances nothing).
         let others: Vec<f64> = present
             .iter()
-            .filter(|c| !matches!(c, Berth | Direct))
+            .filter(|c| !matches!(c, Berth | Direct | Direct1))
             .map(|c| med(res, *c, w, Metric::Cpu))
             .collect();
         if others.is_empty() {
@@ -1173,6 +1193,8 @@ fn report(res: &Results, a: &Args, present: &[Contender], started: Instant) {
             "wrk": format!("wrk -t1 -c{} -d{}s --timeout 2s --latency [-H 'Connection: close']", a.connections, a.duration),
             "cpu": "machine-wide (system + softirq) jiffies delta from /proc/stat over the wrk run, nothing subtracted; \
                     plus HAProxy's utime from /proc/PID/stat (its stime is already in the machine's system time)",
+            "direct": "one wrk per backend, half the connections each, same CPU, routed through bb-lb (no balancer); rates added, worse p99, mean p50",
+            "direct1": "one wrk to backend 1 alone (only with --contenders)",
             "nftables": "dnat to jhash ip saddr . tcp sport mod 2 map (per flow), no masquerade",
             "haproxy": "mode tcp, balance roundrobin, nbthread 1, unpinned",
             "median": "per figure over rounds; contenders interleaved, order rotated each round",
