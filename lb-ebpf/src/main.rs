@@ -41,6 +41,14 @@ use crate::{
 #[unsafe(no_mangle)]
 static BERTH_CONFIG: DpConfig = DpConfig::zeroed();
 
+/// Only the `CFG_F_*` bits of the config: for per-packet checks that need nothing else (the
+/// whole config is a 48-byte volatile copy).
+#[inline(always)]
+pub(crate) fn config_flags() -> u32 {
+    // SAFETY: as in `config`.
+    unsafe { core::ptr::read_volatile(&BERTH_CONFIG.flags) }
+}
+
 #[inline(always)]
 pub(crate) fn config() -> DpConfig {
     // SAFETY: a read of a static; volatile so the compiler does not fold the zeroed initial

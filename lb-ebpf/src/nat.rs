@@ -118,7 +118,7 @@ fn reasons(reply: bool) -> (Reason, Reason) {
 /// go to the stack instead (which drops it and sends ICMP time exceeded).
 #[inline(always)]
 fn hop(ctx: &TcContext) -> Result<bool, ()> {
-    if crate::config().flags & lb_common::CFG_F_KEEP_TTL != 0 {
+    if crate::config_flags() & lb_common::CFG_F_KEEP_TTL != 0 {
         return Ok(true);
     }
     let word = ptr_at::<u16>(ctx, ETH_HLEN + 8).ok_or(())?;

@@ -449,6 +449,8 @@ pub struct Dataplane {
     backend_stats: PerCpuArray<MapData, Counters>,
     reason_stats: PerCpuArray<MapData, u64>,
     local_addrs: HashMap<MapData, u32, u8>,
+    /// What `sync_local_addrs` last made the map hold (None: not known yet, e.g. adopted).
+    local_addrs_written: Option<std::collections::BTreeSet<u32>>,
     /// Flows that have only sent a SYN.
     ct_new: HashMap<MapData, FlowKey, CtEntry>,
     /// Second descriptors of the two conntrack maps, for [`Dataplane::conntrack_reader`].
@@ -615,6 +617,7 @@ impl Dataplane {
             backend_stats: take!(ebpf, MAP_BACKEND_STATS),
             reason_stats: take!(ebpf, MAP_REASON_STATS),
             local_addrs: take!(ebpf, lb_common::MAP_LOCAL_ADDRS),
+            local_addrs_written: None,
             options,
             attached: Vec::new(),
             cgroup: None,
@@ -863,6 +866,9 @@ impl Dataplane {
     /// returns the number of writes.
     pub fn sync_local_addrs(&mut self, addrs: &std::collections::BTreeSet<u32>) -> Result<usize> {
         let name = lb_common::MAP_LOCAL_ADDRS;
+        if self.local_addrs_written.as_ref() == Some(addrs) {
+            return Ok(0); // the usual case, every second: no map access at all
+        }
         let have: std::collections::BTreeSet<u32> =
             self.local_addrs.keys().filter_map(|k| k.ok()).collect();
         let mut writes = 0;
@@ -874,6 +880,7 @@ impl Dataplane {
             self.local_addrs.insert(a, &1, 0).map_err(map_err(name))?;
             writes += 1;
         }
+        self.local_addrs_written = Some(addrs.clone());
         Ok(writes)
     }
 
@@ -998,22 +1005,6 @@ impl Dataplane {
         absent_is_fine(self.ct_new.remove(key), lb_common::MAP_CT_NEW)
     }
 
-    /// Removes entries idle past their timeout (the same rule the program applies), returning
-    /// how many were removed. `now_ns` is CLOCK_MONOTONIC, the clock of `bpf_ktime_get_coarse_ns`.
-    pub fn conntrack_gc(&mut self, now_ns: u64) -> Result<usize> {
-        let cfg = self.options.dp_config();
-        let stale: Vec<FlowKey> = self
-            .conntrack_entries()
-            .into_iter()
-            .filter(|(k, e)| lb_common::ct::idle_expired(e, k.proto, now_ns, &cfg))
-            .map(|(k, _)| k)
-            .collect();
-        for k in &stale {
-            self.conntrack_remove(k)?;
-        }
-        Ok(stale.len())
-    }
-
     // ---- counters ----
 
     fn sum<T: Copy + Default + aya::Pod>(
@@ -1092,7 +1083,8 @@ impl ConntrackReader {
             .collect()
     }
 
-    /// Removes entries idle past their timeout, as [`Dataplane::conntrack_gc`].
+    /// Removes entries idle past their timeout (the rule the program applies), returning how
+    /// many were removed. `now_ns` is CLOCK_MONOTONIC, the clock of `bpf_ktime_get_coarse_ns`.
     pub fn gc(&mut self, now_ns: u64) -> Result<usize> {
         let stale: Vec<FlowKey> = self
             .entries()

@@ -64,6 +64,20 @@ fn cargo(tc: &str) -> Command {
     c
 }
 
+/// The static `hello` test backend (musl, release): the Docker tests' and benchmarks' image.
+fn build_hello(tc: &str) -> Result<()> {
+    let mut c = cargo(tc);
+    c.args([
+        "build",
+        "--release",
+        "-p",
+        "berth-hello",
+        "--target",
+        setup::MUSL,
+    ]);
+    status(c)
+}
+
 fn status(mut c: Command) -> Result<()> {
     let shown = format!("{c:?}");
     let st = c.status().with_context(|| format!("starting {shown}"))?;
@@ -120,16 +134,7 @@ fn run(args: &[String]) -> Result<()> {
             let mut c = cargo(&tc);
             c.args(["build", "-p", "lb-userspace"]);
             status(c)?;
-            let mut c = cargo(&tc);
-            c.args([
-                "build",
-                "--release",
-                "-p",
-                "berth-hello",
-                "--target",
-                setup::MUSL,
-            ]);
-            status(c)?;
+            build_hello(&tc)?;
             let mut c = cargo(&tc);
             c.args([
                 "test",
@@ -210,16 +215,7 @@ fn run(args: &[String]) -> Result<()> {
             // Discovery reaction: a real dockerd and containers of the test image.
             setup::ensure_docker()?;
             setup::ensure_musl_target(&tc)?;
-            let mut h = cargo(&tc);
-            h.args([
-                "build",
-                "--release",
-                "-p",
-                "berth-hello",
-                "--target",
-                setup::MUSL,
-            ]);
-            status(h)?;
+            build_hello(&tc)?;
             let mut d = cargo(&tc);
             d.args([
                 "run",
