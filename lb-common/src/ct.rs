@@ -13,6 +13,17 @@ pub const STATE_OPEN: u8 = 1;
 /// A FIN or RST was seen in either direction: the entry lingers for `tcp_closing_ns`.
 pub const STATE_CLOSING: u8 = 2;
 
+/// [`CtEntry::flags`]: `backend_ack` holds an acknowledgment number the backend sent.
+pub const CT_F_ACK_KNOWN: u8 = 1 << 0;
+
+/// How far past the backend's last acknowledgment a client's FIN or RST may start and still
+/// close the flow: the largest window a TCP receiver can offer without window scaling. A blind
+/// attacker hits it with one packet in 65,536; a legitimate FIN or RST starts at the client's
+/// next sequence number, which lies within what the backend has acknowledged plus what is in
+/// flight. One the check refuses is still forwarded (the backend judges it too); the flow then
+/// ends by its idle timeout instead of the closing linger.
+pub const CLOSE_WINDOW: u32 = 65_535;
+
 /// `last_seen_ns` is rewritten at most this often, so an established flow does not dirty its
 /// cache line on every packet.
 pub const TOUCH_INTERVAL_NS: u64 = 1_000_000_000;
@@ -32,19 +43,41 @@ pub const fn next_state(current: u8, proto: u8, tcp_flags: u8) -> u8 {
     }
 }
 
+/// A TCP segment carrying FIN or RST.
+#[inline(always)]
+pub const fn closes(proto: u8, tcp_flags: u8) -> bool {
+    proto == IPPROTO_TCP && tcp_flags & (TCP_FIN | TCP_RST) != 0
+}
+
+/// Whether a client-side FIN or RST with sequence number `seq` may close the flow whose reply
+/// entry is `rev`: it must start within [`CLOSE_WINDOW`] of what the backend acknowledged. With
+/// no acknowledgment seen yet (the backend has not answered), there is no established
+/// connection to protect.
+#[inline(always)]
+pub const fn close_in_window(rev: &CtEntry, seq: u32) -> bool {
+    rev.flags & CT_F_ACK_KNOWN == 0 || seq.wrapping_sub(rev.backend_ack) <= CLOSE_WINDOW
+}
+
+/// Serial-number order (RFC 1982): whether `a` comes after `b`.
+#[inline(always)]
+pub const fn seq_after(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) > 0
+}
+
 /// A bare SYN (no ACK): the start of a new connection attempt, or a retransmission of one.
 #[inline(always)]
 pub const fn is_bare_syn(proto: u8, tcp_flags: u8) -> bool {
     proto == IPPROTO_TCP && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
-/// Whether a forward entry may no longer be used for a packet arriving at `now_ns`.
+/// Whether an entry (either half) may no longer be used for a packet with `tcp_flags` arriving
+/// at `now_ns`, or be kept against a new flow that needs its key.
 ///
-/// A bare SYN hitting a closing entry starts a new connection on a reused source port, so the
+/// A bare SYN meeting a closing entry starts a new connection on a reused source port, so the
 /// entry is treated as gone even inside the linger period. A retransmitted SYN on an open entry
 /// keeps the flow (and so its backend).
 #[inline(always)]
-pub const fn forward_expired(
+pub const fn expired(
     entry: &CtEntry,
     proto: u8,
     tcp_flags: u8,
@@ -58,7 +91,7 @@ pub const fn forward_expired(
 }
 
 /// Whether an entry has been idle longer than its timeout (the rule the userspace GC applies to
-/// both directions).
+/// both halves, which are refreshed together).
 #[inline(always)]
 pub const fn idle_expired(entry: &CtEntry, proto: u8, now_ns: u64, cfg: &DpConfig) -> bool {
     let idle = now_ns.saturating_sub(entry.last_seen_ns);
@@ -98,6 +131,10 @@ mod tests {
             service_id: 0,
             last_seen_ns: last,
             route: crate::Route::NONE,
+            backend_ack: 0,
+            in_ifindex: 0,
+            flags: 0,
+            _pad: [0; 7],
         }
     }
 
@@ -120,17 +157,55 @@ mod tests {
     #[test]
     fn retransmitted_syn_keeps_open_flow_but_not_closed_one() {
         let open = entry(STATE_OPEN, 0);
-        assert!(!forward_expired(&open, IPPROTO_TCP, TCP_SYN, 5, &CFG));
+        assert!(!expired(&open, IPPROTO_TCP, TCP_SYN, 5, &CFG));
         let closing = entry(STATE_CLOSING, 0);
-        assert!(forward_expired(&closing, IPPROTO_TCP, TCP_SYN, 5, &CFG));
+        assert!(expired(&closing, IPPROTO_TCP, TCP_SYN, 5, &CFG));
         // A SYN-ACK is not a new connection.
-        assert!(!forward_expired(
-            &closing,
-            IPPROTO_TCP,
-            TCP_SYN | TCP_ACK,
-            5,
-            &CFG
-        ));
+        assert!(!expired(&closing, IPPROTO_TCP, TCP_SYN | TCP_ACK, 5, &CFG));
+    }
+
+    #[test]
+    fn close_counts_only_near_the_backends_acknowledgment() {
+        let mut rev = entry(STATE_OPEN, 0);
+        rev.dir = DIR_REPLY;
+        // Nothing acknowledged yet: no established connection to protect.
+        assert!(close_in_window(&rev, 12345));
+        rev.flags |= CT_F_ACK_KNOWN;
+        rev.backend_ack = 1011;
+        assert!(close_in_window(&rev, 1011));
+        assert!(close_in_window(&rev, 1011 + CLOSE_WINDOW));
+        assert!(!close_in_window(&rev, 1012 + CLOSE_WINDOW));
+        assert!(
+            !close_in_window(&rev, 1010),
+            "behind what the backend already has"
+        );
+        assert!(!close_in_window(&rev, 7_000_000));
+        // Across the wrap of the sequence space.
+        rev.backend_ack = u32::MAX - 10;
+        assert!(close_in_window(&rev, 5));
+        assert!(!close_in_window(&rev, u32::MAX - 11));
+        // A blind guess hits the window once in 65,536 tries.
+        let hits = (0..1u64 << 20)
+            .filter(|i| close_in_window(&rev, (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32))
+            .count();
+        assert!(hits < 40, "{hits} of 2^20 random sequence numbers accepted");
+    }
+
+    #[test]
+    fn serial_number_order() {
+        assert!(seq_after(2, 1));
+        assert!(!seq_after(1, 2));
+        assert!(!seq_after(5, 5));
+        assert!(seq_after(3, u32::MAX - 3));
+        assert!(!seq_after(u32::MAX - 3, 3));
+    }
+
+    #[test]
+    fn only_tcp_fin_and_rst_close() {
+        assert!(closes(IPPROTO_TCP, TCP_FIN | TCP_ACK));
+        assert!(closes(IPPROTO_TCP, TCP_RST));
+        assert!(!closes(IPPROTO_TCP, TCP_ACK | TCP_SYN));
+        assert!(!closes(IPPROTO_UDP, TCP_RST));
     }
 
     #[test]

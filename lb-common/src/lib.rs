@@ -29,7 +29,7 @@ pub const PROG_SOCK_GETPEERNAME4: &str = "berth_getpeername4";
 /// Version of the pinned layout (maps, their key and value types, their meaning). Pins live
 /// under `<pin path>/v<PIN_LAYOUT>/`; a berth finding another version there refuses to adopt it.
 /// Bump it with every change to a map's type, key, value or the meaning of a field.
-pub const PIN_LAYOUT: u32 = 1;
+pub const PIN_LAYOUT: u32 = 2;
 
 /// Addresses of this host (network byte order -> 1), kept current by userspace: what "any
 /// address of this host" means for wildcard services at the socket hooks.
@@ -216,7 +216,8 @@ impl FlowKey {
 /// A balanced flow has two entries: the forward one keyed by client -> service, whose `nat_*` is
 /// the backend to rewrite the destination to, and the reply one keyed by backend -> client, whose
 /// `nat_*` is the service address to rewrite the source back to. Both carry the backend id so the
-/// pair can be found and purged together.
+/// pair can be found and purged together. Every packet looks up both halves: a missing half is
+/// rebuilt from the other, a half whose partner points elsewhere is stale (see `ct`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CtEntry {
@@ -228,14 +229,25 @@ pub struct CtEntry {
     pub state: u8,
     pub backend_id: u32,
     pub service_id: u32,
-    /// `bpf_ktime_get_coarse_ns` of the last packet (refreshed at most once per
-    /// [`ct::TOUCH_INTERVAL_NS`]).
+    /// `bpf_ktime_get_coarse_ns` of the last packet of the flow in either direction (both halves
+    /// are refreshed together, at most once per [`ct::TOUCH_INTERVAL_NS`]).
     pub last_seen_ns: u64,
     /// Cached route of this direction after translation; refreshed with `last_seen_ns`, so at
     /// most [`ct::TOUCH_INTERVAL_NS`] stale.
     pub route: Route,
+    /// Reply entries of TCP flows: the latest acknowledgment number the backend sent (the
+    /// client's next byte it expects), valid when `flags` has [`ct::CT_F_ACK_KNOWN`]. A FIN or
+    /// RST from the client side counts only near it (the backend side cannot be forged: see
+    /// `in_ifindex`).
+    pub backend_ack: u32,
+    /// Reply entries: the interface the backend's packets must arrive on (0: not known, as when
+    /// the FIB has no forwarding route to it; not checked).
+    pub in_ifindex: u32,
+    /// `ct::CT_F_*` bits.
+    pub flags: u8,
+    pub _pad: [u8; 7],
 }
-const _: () = assert!(core::mem::size_of::<CtEntry>() == 40);
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 56);
 
 /// A route as the FIB gave it: egress interface and the MACs to write. `ifindex == 0` means
 /// "none cached: look it up".

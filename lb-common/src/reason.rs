@@ -6,6 +6,10 @@
 //! - IPv4 fragments: pass untouched (no ports to balance on; see README);
 //! - malformed or truncated headers the kernel would reject anyway: drop;
 //! - a service with no backend: drop;
+//! - a new flow whose reply key a live flow of another service holds: drop (the backend could
+//!   not tell the two apart);
+//! - a reply (or an ICMP error from a backend) arriving on an interface its backend does not
+//!   live behind: pass untranslated (the stack's own rules apply to it);
 //! - a helper failing while rewriting (internal error): drop and count as an abort.
 
 /// Counter index in the `REASON_STATS` per-CPU array.
@@ -30,6 +34,9 @@ pub enum Reason {
     /// Translated, but its TTL would expire on this hop: handed to the stack, which drops it and
     /// answers with ICMP time exceeded, as any router would.
     PassTtlExpired,
+    /// A backend's packet for a flow arrived on an interface that backend does not live behind
+    /// (forged, or asymmetric routing): pass untranslated, no state change.
+    PassReplyWrongIface,
     /// Frame shorter than an Ethernet header: drop.
     DropEthTruncated,
     /// IPv4 header truncated, bad version/IHL, or total length inconsistent: drop.
@@ -38,6 +45,10 @@ pub enum Reason {
     DropL4Malformed,
     /// A service matched but its Maglev slot has no backend: drop.
     DropNoBackend,
+    /// A new flow would need the reply key (backend -> client address and port) that a live
+    /// flow to another service holds: drop. (A client using one source port for two services on
+    /// the same backend at once; the backend could not tell the two apart either.)
+    DropFlowConflict,
     /// A packet-rewrite helper failed: drop.
     AbortRewrite,
     /// An array map lookup that cannot fail did fail: drop.
@@ -61,6 +72,13 @@ pub enum Reason {
     EventCtMidstreamPickup,
     /// A flow was marked closing (FIN or RST seen).
     EventCtClosing,
+    /// A FIN or RST from the client side outside the window the backend acknowledged: the packet
+    /// was forwarded, the flow stays open.
+    EventCtCloseIgnored,
+    /// One half of a flow's entry pair was missing (evicted) and was rebuilt from the other.
+    EventCtRebuilt,
+    /// An ICMP error quoting a balanced flow was translated (and forwarded like the flow).
+    EventIcmpTranslated,
     /// Socket hook: a host socket's connect/sendmsg to a service was sent to a backend.
     EventSockTranslated,
     /// Socket hook: a service matched but its Maglev slot has no backend (left untouched: the
@@ -89,10 +107,12 @@ impl Reason {
         Reason::PassTranslatedToStack,
         Reason::PassFibFailed,
         Reason::PassTtlExpired,
+        Reason::PassReplyWrongIface,
         Reason::DropEthTruncated,
         Reason::DropIpMalformed,
         Reason::DropL4Malformed,
         Reason::DropNoBackend,
+        Reason::DropFlowConflict,
         Reason::AbortRewrite,
         Reason::AbortMap,
         Reason::FwdRedirect,
@@ -104,6 +124,9 @@ impl Reason {
         Reason::EventCtExpired,
         Reason::EventCtMidstreamPickup,
         Reason::EventCtClosing,
+        Reason::EventCtCloseIgnored,
+        Reason::EventCtRebuilt,
+        Reason::EventIcmpTranslated,
         Reason::EventSockTranslated,
         Reason::EventSockNoBackend,
         Reason::EventSockReverse,
@@ -121,10 +144,12 @@ impl Reason {
             Reason::PassTranslatedToStack => "pass_translated_to_stack",
             Reason::PassFibFailed => "pass_fib_failed",
             Reason::PassTtlExpired => "pass_ttl_expired",
+            Reason::PassReplyWrongIface => "pass_reply_wrong_iface",
             Reason::DropEthTruncated => "drop_eth_truncated",
             Reason::DropIpMalformed => "drop_ip_malformed",
             Reason::DropL4Malformed => "drop_l4_malformed",
             Reason::DropNoBackend => "drop_no_backend",
+            Reason::DropFlowConflict => "drop_flow_conflict",
             Reason::AbortRewrite => "abort_rewrite",
             Reason::AbortMap => "abort_map",
             Reason::FwdRedirect => "fwd_redirect",
@@ -136,11 +161,29 @@ impl Reason {
             Reason::EventCtExpired => "event_ct_expired",
             Reason::EventCtMidstreamPickup => "event_ct_midstream_pickup",
             Reason::EventCtClosing => "event_ct_closing",
+            Reason::EventCtCloseIgnored => "event_ct_close_ignored",
+            Reason::EventCtRebuilt => "event_ct_rebuilt",
+            Reason::EventIcmpTranslated => "event_icmp_translated",
             Reason::EventSockTranslated => "event_sock_translated",
             Reason::EventSockNoBackend => "event_sock_no_backend",
             Reason::EventSockReverse => "event_sock_reverse",
             Reason::EventSockRevnatFailed => "event_sock_revnat_failed",
         }
+    }
+
+    /// Whether this exit drops the packet (every other exit passes or redirects it): the action
+    /// policy, applied by the program's `exit`.
+    pub const fn is_drop(self) -> bool {
+        matches!(
+            self,
+            Reason::DropEthTruncated
+                | Reason::DropIpMalformed
+                | Reason::DropL4Malformed
+                | Reason::DropNoBackend
+                | Reason::DropFlowConflict
+                | Reason::AbortRewrite
+                | Reason::AbortMap
+        )
     }
 
     /// Whether this counter records an exit of the program (as opposed to an event).
@@ -152,6 +195,16 @@ impl Reason {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn drops_are_exactly_the_drop_and_abort_exits() {
+        for r in Reason::ALL {
+            let name = r.name();
+            let by_name = name.starts_with("drop_") || name.starts_with("abort_");
+            assert_eq!(r.is_drop(), by_name, "{name}");
+            assert!(!r.is_drop() || r.is_exit(), "{name}");
+        }
+    }
 
     #[test]
     fn all_is_in_index_order_and_names_are_unique() {

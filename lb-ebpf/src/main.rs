@@ -22,19 +22,20 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    CFG_F_REDIRECT, CtEntry, DpConfig, FlowKey, Reason, Route, ServiceKey, ServiceValue,
-    ct::{self, DIR_FORWARD, DIR_REPLY, STATE_OPEN},
+    CFG_F_KEEP_TTL, CFG_F_REDIRECT, CtEntry, DpConfig, FlowKey, Reason, Route, ServiceKey,
+    ServiceValue,
+    ct::{self, DIR_FORWARD, DIR_REPLY, STATE_CLOSING, STATE_OPEN},
     hash::flow_hash,
     port_flag,
 };
 
 use crate::{
     maps::{
-        BACKEND_ROUTES, BACKENDS, CONNTRACK, CT_NEW, LOCAL_ADDRS, MAGLEV, PORTS, SERVICES, account,
-        count,
+        BACKEND_ROUTES, BACKENDS, CONNTRACK, CT_NEW, LOCAL_ADDRS, MAGLEV, PORTS, SCRATCH, SERVICES,
+        account, count,
     },
-    nat::{Side, redirect_cached, rewrite, route},
-    parse::{Flow, Parsed, parse},
+    nat::{Side, fib, ingress_ifindex, redirect_cached, rewrite, rewrite_icmp, route, send},
+    parse::{Flow, IcmpQuote, Parsed, parse},
 };
 
 /// Written by userspace at load time (`EbpfLoader::override_global`).
@@ -70,26 +71,82 @@ pub fn berth_tc_noop(_ctx: TcContext) -> i32 {
     TC_ACT_OK as i32
 }
 
+/// A verdict packed into one register, for the BPF subprograms below (a BPF function returns one
+/// 64-bit value): the TC action in the high half, the exit reason in the low half.
+#[inline(always)]
+fn pack((act, reason): (i32, Reason)) -> u64 {
+    (u64::from(act as u32) << 32) | u64::from(reason as u32)
+}
+
+#[inline(always)]
+fn unpack(v: u64) -> (i32, Reason) {
+    let i = v as u32;
+    // The low half is always a `Reason` written by `pack`; `AbortMap` guards the index anyway.
+    let reason = if i < Reason::COUNT {
+        Reason::ALL[i as usize]
+    } else {
+        Reason::AbortMap
+    };
+    ((v >> 32) as u32 as i32, reason)
+}
+
 #[inline(always)]
 fn exit(reason: Reason) -> (i32, Reason) {
-    let act = match reason {
-        Reason::DropEthTruncated
-        | Reason::DropIpMalformed
-        | Reason::DropL4Malformed
-        | Reason::DropNoBackend
-        | Reason::AbortRewrite
-        | Reason::AbortMap => TC_ACT_SHOT,
-        _ => TC_ACT_OK,
+    let act = if reason.is_drop() {
+        TC_ACT_SHOT
+    } else {
+        TC_ACT_OK
     };
     (act as i32, reason)
 }
 
+type Table = LruHashMap<FlowKey, CtEntry>;
+
+/// What every step of a packet's handling needs, built once in `process` in the per-CPU
+/// `SCRATCH` slot and passed by reference to the BPF subprograms (a BPF function takes at most
+/// five arguments, and the frames of a call chain share one 512-byte stack).
+pub struct Pkt {
+    flow: Flow,
+    quote: IcmpQuote,
+    key: FlowKey,
+    now: u64,
+    bytes: u64,
+    cfg: DpConfig,
+}
+
+/// The conntrack map a flow's pair does not live in.
+#[inline(always)]
+fn other(table: &'static Table) -> &'static Table {
+    if core::ptr::eq(table, &CONNTRACK) {
+        &CT_NEW
+    } else {
+        &CONNTRACK
+    }
+}
+
+/// Whether berth must not forward this packet because its TTL would expire on this hop. It is
+/// then handed to the stack *untranslated*, so the ICMP time exceeded the stack sends quotes the
+/// service address, never the backend's. Without redirect the stack forwards (and decrements)
+/// every translated packet; with redirect berth does, unless told to keep the TTL.
+#[inline(always)]
+fn ttl_expires(ttl: u8, cfg: &DpConfig) -> bool {
+    ttl <= 1 && (cfg.flags & CFG_F_REDIRECT == 0 || cfg.flags & CFG_F_KEEP_TTL == 0)
+}
+
 #[inline(always)]
 fn process(ctx: &TcContext) -> (i32, Reason) {
-    let flow = match parse(ctx) {
-        Parsed::Flow(f) => f,
-        Parsed::Exit(r) => return exit(r),
+    let Some(p) = SCRATCH.get_ptr_mut(0) else {
+        return exit(Reason::AbortMap);
     };
+    // SAFETY: this CPU's slot of a per-CPU array, valid for the run; nothing else on this CPU
+    // uses it while the program runs (see `SCRATCH`).
+    let p = unsafe { &mut *p };
+    match parse(ctx, &mut p.flow, &mut p.quote) {
+        Parsed::Flow => {}
+        Parsed::IcmpError => return unpack(icmp_error(ctx, p)),
+        Parsed::Exit(r) => return exit(r),
+    }
+    let flow = &p.flow;
     // A packet is possibly ours only if some service listens on its destination port (client ->
     // service) or some backend on its source port (a reply); everything else leaves here,
     // without a hash lookup.
@@ -97,80 +154,122 @@ fn process(ctx: &TcContext) -> (i32, Reason) {
     if !service_port && port_flags(u16::from_be(flow.sport)) & port_flag(flow.proto, true) == 0 {
         return exit(Reason::PassNoService);
     }
-    let cfg = config();
-    if cfg.maglev_size == 0 {
+    p.cfg = config();
+    if p.cfg.maglev_size == 0 {
         return exit(Reason::PassNoService);
     }
-    let key = FlowKey::new(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
+    if ttl_expires(p.flow.ttl, &p.cfg) {
+        return exit(Reason::PassTtlExpired);
+    }
+    p.key = FlowKey::new(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
     // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let bytes = u64::from(ctx.len());
+    p.now = unsafe { bpf_ktime_get_coarse_ns() };
+    p.bytes = u64::from(ctx.len());
+    let p = &*p;
+    let (flow, key, cfg, now) = (&p.flow, &p.key, &p.cfg, p.now);
 
-    if let Some(e) = CONNTRACK.get_ptr_mut(&key) {
-        // SAFETY: a value pointer returned by the map lookup stays valid for this run (RCU).
-        // Other CPUs may update the same entry; the fields we race on (state, last_seen_ns) are
-        // plain integers where either write is acceptable.
-        let e = unsafe { &mut *e };
-        if e.dir == DIR_REPLY {
-            return established(ctx, &flow, e, now, bytes, &cfg, Side::Src, &CONNTRACK);
-        }
-        if !ct::forward_expired(e, flow.proto, flow.tcp_flags, now, &cfg) {
-            return established(ctx, &flow, e, now, bytes, &cfg, Side::Dst, &CONNTRACK);
-        }
-        count(Reason::EventCtExpired);
-        if ct::is_bare_syn(flow.proto, flow.tcp_flags) {
-            // The new connection starts unconfirmed: the closed flow's entries must not shadow
-            // it from the main map.
-            let rkey = paired_key(&flow, e);
-            let _ = CONNTRACK.remove(&rkey);
-            let _ = CONNTRACK.remove(&key);
-        }
+    let (e, table): (*mut CtEntry, &'static Table) = if let Some(e) = CONNTRACK.get_ptr_mut(&key) {
+        (e, &CONNTRACK)
     } else if let Some(e) = CT_NEW.get_ptr_mut(&key) {
-        // SAFETY: as above.
+        (e, &CT_NEW)
+    } else {
+        (core::ptr::null_mut(), &CONNTRACK)
+    };
+    if !e.is_null() {
+        // SAFETY: a value pointer returned by the map lookup stays valid for this run (RCU).
+        // Other CPUs may update the same entry; the fields we race on (state, last_seen_ns,
+        // backend_ack) are plain integers where either write is acceptable.
         let e = unsafe { &mut *e };
         if e.dir == DIR_REPLY {
-            return established(ctx, &flow, e, now, bytes, &cfg, Side::Src, &CT_NEW);
+            return unpack(reply(ctx, p, e, table));
         }
-        if !ct::forward_expired(e, flow.proto, flow.tcp_flags, now, &cfg) {
-            if ct::is_bare_syn(flow.proto, flow.tcp_flags) {
-                // A retransmitted SYN: still unconfirmed.
-                return established(ctx, &flow, e, now, bytes, &cfg, Side::Dst, &CT_NEW);
-            }
-            // The client's first packet after its SYN: the flow is confirmed and both of its
-            // entries move to the main map, out of reach of SYN floods.
-            let fwd = *e;
-            let rkey = paired_key(&flow, &fwd);
-            let rev = CT_NEW.get_ptr(&rkey).map(|r| {
-                // SAFETY: valid map value pointer; `CtEntry` is `Copy`.
-                unsafe { *r }
-            });
-            let moved = CONNTRACK.insert(&key, &fwd, 0).is_ok()
-                && rev.is_none_or(|r| CONNTRACK.insert(&rkey, &r, 0).is_ok());
-            if !moved {
+        if ct::expired(e, flow.proto, flow.tcp_flags, now, cfg) {
+            // Idle past its timeout, or a bare SYN reusing a closed flow's tuple: the flow is
+            // over, both halves go, and this packet starts anew.
+            count(Reason::EventCtExpired);
+            let rkey = reply_key(flow, e);
+            remove_reply_of(table, &rkey, flow);
+            let _ = table.remove(key);
+        } else if core::ptr::eq(table, &CT_NEW) && !ct::is_bare_syn(flow.proto, flow.tcp_flags) {
+            // The client's first packet after its SYN: the flow is confirmed and its pair moves
+            // to the main map, out of reach of SYN floods.
+            if !confirm(flow, key, e) {
                 count(Reason::EventCtInsertFailed);
-                return established(ctx, &flow, e, now, bytes, &cfg, Side::Dst, &CT_NEW);
+                return unpack(forward(ctx, p, e, &CT_NEW));
             }
-            let _ = CT_NEW.remove(&key);
-            let _ = CT_NEW.remove(&rkey);
-            if let Some(m) = CONNTRACK.get_ptr_mut(&key) {
+            if let Some(m) = CONNTRACK.get_ptr_mut(key) {
                 // SAFETY: as above.
                 let m = unsafe { &mut *m };
-                return established(ctx, &flow, m, now, bytes, &cfg, Side::Dst, &CONNTRACK);
+                return unpack(forward(ctx, p, m, &CONNTRACK));
             }
-            // Evicted at once by a concurrent insert: the Maglev pick below is the same.
+            // Evicted at once by a concurrent insert: handled as a new flow (the same Maglev
+            // pick while the backend set is unchanged).
         } else {
-            count(Reason::EventCtExpired);
+            return unpack(forward(ctx, p, e, table));
         }
     }
     if !service_port {
         return exit(Reason::PassNoService);
     }
-    new_flow(ctx, &flow, &key, now, bytes, &cfg)
+    unpack(new_flow(ctx, p))
+}
+
+/// Moves a confirmed flow's pair (forward entry `e` at `key`, and its reply half if present)
+/// from CT_NEW to the main map. A BPF subprogram (own stack frame).
+#[inline(never)]
+fn confirm(flow: &Flow, key: &FlowKey, e: &CtEntry) -> bool {
+    let fwd = *e;
+    let rkey = reply_key(flow, &fwd);
+    let rev = CT_NEW
+        .get_ptr(&rkey)
+        // SAFETY: valid map value pointer; `CtEntry` is `Copy`.
+        .map(|r| unsafe { *r })
+        .filter(|r| names_service(r, flow));
+    let moved = CONNTRACK.insert(key, &fwd, 0).is_ok()
+        && rev.is_none_or(|r| CONNTRACK.insert(&rkey, &r, 0).is_ok());
+    if !moved {
+        return false;
+    }
+    let _ = CT_NEW.remove(key);
+    if rev.is_some() {
+        let _ = CT_NEW.remove(&rkey);
+    }
+    true
+}
+
+/// Inserts into `table` at `key` the missing half of the flow whose other half is `from`, as
+/// seen by this packet: a reply half for a forward entry (translating back to the service this
+/// client -> service packet is for), or a forward half for a reply entry (sending to the backend
+/// this backend -> client packet came from). A BPF subprogram (own stack frame).
+#[inline(never)]
+fn rebuild(table: &Table, key: &FlowKey, from: &CtEntry, flow: &Flow, now: u64) -> bool {
+    let (nat_addr, nat_port, dir) = if from.dir == DIR_FORWARD {
+        (flow.daddr, flow.dport, DIR_REPLY)
+    } else {
+        (flow.saddr, flow.sport, DIR_FORWARD)
+    };
+    let half = CtEntry {
+        nat_addr,
+        nat_port,
+        dir,
+        route: Route::NONE,
+        backend_ack: 0,
+        flags: 0,
+        last_seen_ns: now,
+        ..*from
+    };
+    count(Reason::EventCtRebuilt);
+    if table.insert(key, &half, 0).is_err() {
+        count(Reason::EventCtInsertFailed);
+        return false;
+    }
+    true
 }
 
 /// Routes a new flow's first packet, reusing the backend's cached route while it is fresh (the
 /// FIB lookup is the most expensive step of a new flow). The cache ignores the client address:
-/// source-based policy routing towards backends is not supported.
+/// source-based policy routing towards backends is not supported. Also returns the interface
+/// the backend lives behind (0 if unknown), which its replies must arrive on.
 #[inline(always)]
 fn route_to_backend(
     ctx: &TcContext,
@@ -179,24 +278,33 @@ fn route_to_backend(
     backend: &lb_common::Backend,
     now: u64,
     cfg: &DpConfig,
-) -> (i32, Reason, Route) {
+) -> (i32, Reason, Route, u32) {
     let redirect = cfg.flags & CFG_F_REDIRECT != 0;
     let tuple = (flow.saddr, backend.addr, flow.sport, backend.port);
     let Some(cached) = BACKEND_ROUTES.get_ptr_mut(backend_id) else {
-        return route(ctx, flow, tuple, false, redirect);
+        let f = fib(ctx, flow, tuple);
+        let (act, reason) = send(ctx, &f, false, redirect);
+        return (act, reason, f.route, f.ifindex);
     };
     // SAFETY: a value pointer of an array map is valid for the run; racing writers on other CPUs
     // store the same kind of data, and a torn MAC is corrected at the next refresh.
     let cached = unsafe { &mut *cached };
     let fresh = now.wrapping_sub(cached.stamp_ns) <= ct::TOUCH_INTERVAL_NS;
-    if redirect && cached.route.ifindex != 0 && fresh {
-        let (act, reason) = redirect_cached(ctx, &cached.route, false);
-        return (act, reason, cached.route);
+    if cached.route.ifindex != 0 && fresh {
+        let (act, reason) = if redirect {
+            redirect_cached(ctx, &cached.route, false)
+        } else {
+            (TC_ACT_OK as i32, Reason::PassTranslatedToStack)
+        };
+        return (act, reason, cached.route, cached.route.ifindex);
     }
-    let (act, reason, r) = route(ctx, flow, tuple, false, redirect);
-    cached.route = r;
+    // Looked up even without redirect: the backend's interface guards its replies.
+    let f = fib(ctx, flow, tuple);
+    cached.route = f.route;
     cached.stamp_ns = now;
-    (act, reason, r)
+    let (act, reason) = send(ctx, &f, false, redirect);
+    let route = if redirect { f.route } else { Route::NONE };
+    (act, reason, route, f.ifindex)
 }
 
 #[inline(always)]
@@ -204,64 +312,270 @@ pub(crate) fn port_flags(port: u16) -> u8 {
     PORTS.get(u32::from(port)).copied().unwrap_or(0)
 }
 
-/// The key of the other entry of the pair `e` belongs to.
+/// The key of the reply half of the flow whose forward entry `fwd` this client -> service
+/// packet hit: backend -> client.
 #[inline(always)]
-fn paired_key(flow: &Flow, e: &CtEntry) -> FlowKey {
-    if e.dir == DIR_FORWARD {
-        // Forward: client -> service; the reply entry is backend -> client.
-        FlowKey::new(e.nat_addr, flow.saddr, e.nat_port, flow.sport, flow.proto)
-    } else {
-        // Reply: backend -> client; the forward entry is client -> service.
-        FlowKey::new(flow.daddr, e.nat_addr, flow.dport, e.nat_port, flow.proto)
+fn reply_key(flow: &Flow, fwd: &CtEntry) -> FlowKey {
+    FlowKey::new(
+        fwd.nat_addr,
+        flow.saddr,
+        fwd.nat_port,
+        flow.sport,
+        flow.proto,
+    )
+}
+
+/// Whether reply entry `r` translates back to the service this client -> service packet is for
+/// (so it is this flow's reply half).
+#[inline(always)]
+fn names_service(r: &CtEntry, flow: &Flow) -> bool {
+    r.dir == DIR_REPLY && r.nat_addr == flow.daddr && r.nat_port == flow.dport
+}
+
+/// The key of the forward half of the flow whose reply entry `r` is keyed `rkey`: client ->
+/// service.
+#[inline(always)]
+fn forward_key_of(rkey: &FlowKey, r: &CtEntry) -> FlowKey {
+    FlowKey::new(rkey.daddr, r.nat_addr, rkey.dport, r.nat_port, rkey.proto)
+}
+
+/// Whether forward entry `f` sends to the backend of reply key `rkey`.
+#[inline(always)]
+fn points_at(f: &CtEntry, rkey: &FlowKey) -> bool {
+    f.dir == DIR_FORWARD && f.nat_addr == rkey.saddr && f.nat_port == rkey.sport
+}
+
+/// Removes the reply half at `rkey` if it belongs to this client -> service packet's flow.
+#[inline(always)]
+fn remove_reply_of(table: &Table, rkey: &FlowKey, flow: &Flow) {
+    if let Some(r) = table.get_ptr(rkey) {
+        // SAFETY: valid map value pointer; `CtEntry` is `Copy`.
+        if names_service(unsafe { &*r }, flow) {
+            let _ = table.remove(rkey);
+        }
     }
 }
 
+/// Makes reply key `rkey` of `table` free for a new flow (the packet with `tcp_flags`), unless
+/// a live flow holds it. An entry there is live if it has not expired by the conntrack rules
+/// and its forward half exists and still sends to this backend; anything else (a closed flow's
+/// leftover, an orphan whose forward half was evicted or moved on) is removed with its forward
+/// half. Returns false if a live flow holds the key: the new flow must not take it. A BPF
+/// subprogram (own stack frame).
+#[inline(never)]
+fn claim(table: &Table, rkey: &FlowKey, tcp_flags: u8, now: u64, cfg: &DpConfig) -> bool {
+    let Some(r) = table.get_ptr(rkey) else {
+        return true;
+    };
+    // SAFETY: valid map value pointer; `CtEntry` is `Copy`.
+    let r = unsafe { *r };
+    if r.dir != DIR_REPLY {
+        // Some flow's forward entry: never overwritten.
+        return false;
+    }
+    let fkey = forward_key_of(rkey, &r);
+    // SAFETY: as above.
+    let f = table.get_ptr(&fkey).map(|f| unsafe { *f });
+    let partner = f.is_some_and(|f| points_at(&f, rkey));
+    if partner && !ct::expired(&r, rkey.proto, tcp_flags, now, cfg) {
+        return false;
+    }
+    if partner {
+        let _ = table.remove(&fkey);
+    }
+    let _ = table.remove(rkey);
+    true
+}
+
+/// Stamps both halves of a flow with `now` (they expire together).
 #[inline(always)]
-#[expect(clippy::too_many_arguments, reason = "inlined into the hot path")]
-fn established(
+fn touch(a: &mut CtEntry, b: Option<*mut CtEntry>, now: u64) {
+    a.last_seen_ns = now;
+    if let Some(b) = b {
+        // SAFETY: a valid map value pointer (see `process`).
+        unsafe { (*b).last_seen_ns = now };
+    }
+}
+
+/// A packet client -> service of a tracked flow (forward entry `e` in `table`). A BPF
+/// subprogram returning a [`pack`]ed verdict.
+#[inline(never)]
+fn forward(ctx: &TcContext, p: &Pkt, e: &mut CtEntry, table: &'static Table) -> u64 {
+    pack(forward_inner(ctx, p, e, table))
+}
+
+#[inline(always)]
+fn forward_inner(
     ctx: &TcContext,
-    flow: &Flow,
+    p: &Pkt,
     e: &mut CtEntry,
-    now: u64,
-    bytes: u64,
-    cfg: &DpConfig,
-    side: Side,
-    table: &LruHashMap<FlowKey, CtEntry>,
+    table: &'static Table,
 ) -> (i32, Reason) {
-    let touch = now.wrapping_sub(e.last_seen_ns) > ct::TOUCH_INTERVAL_NS;
-    let state = ct::next_state(e.state, flow.proto, flow.tcp_flags);
-    if state != e.state {
-        e.state = state;
-        e.last_seen_ns = now;
-        count(Reason::EventCtClosing);
-        if let Some(other) = table.get_ptr_mut(&paired_key(flow, e)) {
-            // SAFETY: as for the entry in `process`.
-            unsafe {
-                (*other).state = state;
-                (*other).last_seen_ns = now;
-            }
+    let (flow, key, now, bytes, cfg) = (&p.flow, &p.key, p.now, p.bytes, &p.cfg);
+    // The reply half, looked up with every packet: that keeps it as recent as this half in the
+    // LRU, and a half evicted anyway is rebuilt here before the backend answers.
+    let rkey = reply_key(flow, e);
+    let mut rev = table.get_ptr_mut(&rkey);
+    // SAFETY: valid map value pointer.
+    if let Some(r) = rev
+        && !names_service(unsafe { &*r }, flow)
+    {
+        // Another flow holds the key (this flow's half was evicted and the key taken). If that
+        // flow is live it keeps it and this one is over.
+        if !claim(table, &rkey, flow.tcp_flags, now, cfg) {
+            let _ = table.remove(key);
+            return exit(Reason::DropFlowConflict);
         }
-    } else if touch {
-        e.last_seen_ns = now;
+        rev = None;
+    }
+    if rev.is_none() {
+        if !claim(other(table), &rkey, flow.tcp_flags, now, cfg) {
+            let _ = table.remove(key);
+            return exit(Reason::DropFlowConflict);
+        }
+        rebuild(table, &rkey, e, flow, now);
+        rev = table.get_ptr_mut(&rkey);
+    }
+
+    if ct::closes(flow.proto, flow.tcp_flags) && e.state != STATE_CLOSING {
+        // SAFETY: valid map value pointer.
+        let in_window = rev.is_none_or(|r| ct::close_in_window(unsafe { &*r }, flow.seq));
+        if in_window {
+            e.state = STATE_CLOSING;
+            if let Some(r) = rev {
+                // SAFETY: valid map value pointer.
+                unsafe { (*r).state = STATE_CLOSING };
+            }
+            touch(e, rev, now);
+            count(Reason::EventCtClosing);
+        } else {
+            count(Reason::EventCtCloseIgnored);
+        }
+    }
+    let stale = now.wrapping_sub(e.last_seen_ns) > ct::TOUCH_INTERVAL_NS;
+    if stale {
+        touch(e, rev, now);
     }
     account(e.service_id, e.backend_id, bytes, false);
     let (addr, port) = (e.nat_addr, e.nat_port);
-    if rewrite(ctx, flow, side, addr, port).is_err() {
+    if rewrite(ctx, flow, Side::Dst, addr, port).is_err() {
         return exit(Reason::AbortRewrite);
     }
-    let reply = side == Side::Src;
+    finish(
+        ctx,
+        flow,
+        e,
+        (flow.saddr, addr, flow.sport, port),
+        false,
+        stale,
+        cfg,
+    )
+}
+
+/// Sends a translated packet of a tracked flow, along the entry's cached route until its
+/// once-a-second refresh (`stale`), which looks the route up again.
+#[inline(always)]
+fn finish(
+    ctx: &TcContext,
+    flow: &Flow,
+    e: &mut CtEntry,
+    tuple: (u32, u32, u16, u16),
+    reply: bool,
+    stale: bool,
+    cfg: &DpConfig,
+) -> (i32, Reason) {
     let redirect = cfg.flags & CFG_F_REDIRECT != 0;
-    // The cached route is used until the entry's once-a-second touch, which looks it up again.
-    if redirect && e.route.ifindex != 0 && !touch {
+    if redirect && e.route.ifindex != 0 && !stale {
         return redirect_cached(ctx, &e.route, reply);
     }
-    let tuple = match side {
-        Side::Dst => (flow.saddr, addr, flow.sport, port),
-        Side::Src => (addr, flow.daddr, port, flow.dport),
-    };
     let (act, reason, r) = route(ctx, flow, tuple, reply, redirect);
     e.route = r;
     (act, reason)
+}
+
+/// A packet backend -> client of a tracked flow (reply entry `e`, keyed by the packet's tuple,
+/// in `table`). A BPF subprogram returning a [`pack`]ed verdict.
+#[inline(never)]
+fn reply(ctx: &TcContext, p: &Pkt, e: &mut CtEntry, table: &'static Table) -> u64 {
+    pack(reply_inner(ctx, p, e, table))
+}
+
+#[inline(always)]
+fn reply_inner(ctx: &TcContext, p: &Pkt, e: &mut CtEntry, table: &'static Table) -> (i32, Reason) {
+    let (flow, key, now, bytes, cfg) = (&p.flow, &p.key, p.now, p.bytes, &p.cfg);
+    // Only from where the backend lives: a "reply" forged elsewhere (the uplink) must neither
+    // be translated towards the client nor move the flow's state.
+    if e.in_ifindex != 0 && e.in_ifindex != ingress_ifindex(ctx) {
+        return exit(Reason::PassReplyWrongIface);
+    }
+    let fkey = forward_key_of(key, e);
+    if ct::expired(e, flow.proto, flow.tcp_flags, now, cfg) {
+        count(Reason::EventCtExpired);
+        if let Some(f) = table.get_ptr(&fkey) {
+            // SAFETY: valid map value pointer.
+            if points_at(unsafe { &*f }, key) {
+                let _ = table.remove(&fkey);
+            }
+        }
+        let _ = table.remove(key);
+        return exit(Reason::PassNoService);
+    }
+    let mut fwd = table.get_ptr_mut(&fkey);
+    if let Some(f) = fwd {
+        // SAFETY: valid map value pointer.
+        if !points_at(unsafe { &*f }, key) {
+            // The client's flow to this service goes to another backend now: this half is a
+            // leftover.
+            count(Reason::EventCtExpired);
+            let _ = table.remove(key);
+            return exit(Reason::PassNoService);
+        }
+    } else {
+        // The forward half was evicted: rebuilt from this one, unless the client has started
+        // a newer flow on the tuple meanwhile (then this half is a leftover).
+        if other(table).get_ptr(&fkey).is_some() {
+            count(Reason::EventCtExpired);
+            let _ = table.remove(key);
+            return exit(Reason::PassNoService);
+        }
+        rebuild(table, &fkey, e, flow, now);
+        fwd = table.get_ptr_mut(&fkey);
+    }
+
+    if flow.proto == lb_common::IPPROTO_TCP && flow.tcp_flags & ct::TCP_ACK != 0 {
+        if e.flags & ct::CT_F_ACK_KNOWN == 0 || ct::seq_after(flow.ack, e.backend_ack) {
+            e.backend_ack = flow.ack;
+            e.flags |= ct::CT_F_ACK_KNOWN;
+        }
+    }
+    // The backend's side cannot be forged (see above): its FIN or RST closes the flow.
+    if ct::closes(flow.proto, flow.tcp_flags) && e.state != STATE_CLOSING {
+        e.state = STATE_CLOSING;
+        if let Some(f) = fwd {
+            // SAFETY: valid map value pointer.
+            unsafe { (*f).state = STATE_CLOSING };
+        }
+        touch(e, fwd, now);
+        count(Reason::EventCtClosing);
+    }
+    let stale = now.wrapping_sub(e.last_seen_ns) > ct::TOUCH_INTERVAL_NS;
+    if stale {
+        touch(e, fwd, now);
+    }
+    account(e.service_id, e.backend_id, bytes, false);
+    let (addr, port) = (e.nat_addr, e.nat_port);
+    if rewrite(ctx, flow, Side::Src, addr, port).is_err() {
+        return exit(Reason::AbortRewrite);
+    }
+    finish(
+        ctx,
+        flow,
+        e,
+        (addr, flow.daddr, port, flow.dport),
+        true,
+        stale,
+        cfg,
+    )
 }
 
 #[inline(always)]
@@ -281,15 +595,16 @@ fn lookup_service(flow: &Flow) -> Option<ServiceValue> {
     }
 }
 
+/// A packet client -> service with no flow: picks the backend, claims the reply key, translates
+/// and records the pair. A BPF subprogram (own stack frame), returning a [`pack`]ed verdict.
+#[inline(never)]
+fn new_flow(ctx: &TcContext, p: &Pkt) -> u64 {
+    pack(new_flow_inner(ctx, p))
+}
+
 #[inline(always)]
-fn new_flow(
-    ctx: &TcContext,
-    flow: &Flow,
-    key: &FlowKey,
-    now: u64,
-    bytes: u64,
-    cfg: &DpConfig,
-) -> (i32, Reason) {
+fn new_flow_inner(ctx: &TcContext, p: &Pkt) -> (i32, Reason) {
+    let (flow, key, now, bytes, cfg) = (&p.flow, &p.key, p.now, p.bytes, &p.cfg);
     let Some(svc) = lookup_service(flow) else {
         return exit(Reason::PassNoService);
     };
@@ -307,14 +622,34 @@ fn new_flow(
     if backend.addr == 0 {
         return exit(Reason::DropNoBackend);
     }
+    // The reply key must be free in both maps: a live flow of another service on this backend
+    // from the same client address and port keeps it (never overwritten: the backend could not
+    // tell the two flows apart, and a spoofed packet must not take a victim's replies).
+    let rev_key = FlowKey::new(
+        backend.addr,
+        flow.saddr,
+        backend.port,
+        flow.sport,
+        flow.proto,
+    );
+    if !claim(&CONNTRACK, &rev_key, flow.tcp_flags, now, cfg)
+        || !claim(&CT_NEW, &rev_key, flow.tcp_flags, now, cfg)
+    {
+        return exit(Reason::DropFlowConflict);
+    }
 
     if rewrite(ctx, flow, Side::Dst, backend.addr, backend.port).is_err() {
         return exit(Reason::AbortRewrite);
     }
-    let (act, reason, route) = route_to_backend(ctx, flow, backend_id, &backend, now, cfg);
+    let (act, reason, route, in_ifindex) =
+        route_to_backend(ctx, flow, backend_id, &backend, now, cfg);
 
-    let state = ct::next_state(STATE_OPEN, flow.proto, flow.tcp_flags);
-    let fwd = CtEntry {
+    let state = if ct::closes(flow.proto, flow.tcp_flags) {
+        STATE_CLOSING
+    } else {
+        STATE_OPEN
+    };
+    let mut half = CtEntry {
         nat_addr: backend.addr,
         nat_port: backend.port,
         dir: DIR_FORWARD,
@@ -323,29 +658,24 @@ fn new_flow(
         service_id: svc.id,
         last_seen_ns: now,
         route,
+        backend_ack: 0,
+        in_ifindex,
+        flags: 0,
+        _pad: [0; 7],
     };
-    // The reply direction's route is learnt from its first packet.
-    let rev = CtEntry {
-        nat_addr: flow.daddr,
-        nat_port: flow.dport,
-        dir: DIR_REPLY,
-        route: Route::NONE,
-        ..fwd
-    };
-    let rev_key = FlowKey::new(
-        backend.addr,
-        flow.saddr,
-        backend.port,
-        flow.sport,
-        flow.proto,
-    );
     // A bare SYN starts unconfirmed (CT_NEW); anything else picked up mid-stream is established.
     let table = if ct::is_bare_syn(flow.proto, flow.tcp_flags) {
         &CT_NEW
     } else {
         &CONNTRACK
     };
-    if table.insert(&rev_key, &rev, 0).is_err() || table.insert(key, &fwd, 0).is_err() {
+    let fwd_ok = table.insert(key, &half, 0).is_ok();
+    // The reply half, built in place; its route is learnt from its first packet.
+    half.nat_addr = flow.daddr;
+    half.nat_port = flow.dport;
+    half.dir = DIR_REPLY;
+    half.route = Route::NONE;
+    if !fwd_ok || table.insert(&rev_key, &half, 0).is_err() {
         // The packet is still balanced: the Maglev pick is a pure function of the tuple.
         count(Reason::EventCtInsertFailed);
     }
@@ -353,6 +683,106 @@ fn new_flow(
         count(Reason::EventCtMidstreamPickup);
     }
     account(svc.id, backend_id, bytes, true);
+    (act, reason)
+}
+
+/// An ICMP error quoting a packet of a balanced flow, translated like the flow so that each
+/// end sees only the addresses it knows:
+/// - from the client's side (a router there: "fragmentation needed", "time exceeded") about a
+///   reply berth sent as service -> client: to the backend, quoting backend -> client, so Path
+///   MTU discovery works for the backend;
+/// - from the backend's side (port unreachable, ...) about a packet berth sent as client ->
+///   backend: to the client, quoting client -> service, the backend's address gone from both
+///   headers.
+///
+/// The quoted packet's reverse is the tuple of the flow's entry for the direction the error
+/// travels, so one lookup finds it. A BPF subprogram returning a [`pack`]ed verdict.
+#[inline(never)]
+fn icmp_error(ctx: &TcContext, p: &mut Pkt) -> u64 {
+    pack(icmp_error_inner(ctx, p))
+}
+
+#[inline(always)]
+fn icmp_error_inner(ctx: &TcContext, p: &mut Pkt) -> (i32, Reason) {
+    let e = &p.quote;
+    let q = &e.inner;
+    // The quoted packet left as service -> client (source is a service port) or as client ->
+    // backend (destination is a backend port).
+    if port_flags(u16::from_be(q.sport)) & port_flag(q.proto, false) == 0
+        && port_flags(u16::from_be(q.dport)) & port_flag(q.proto, true) == 0
+    {
+        return exit(Reason::PassNotTcpUdp);
+    }
+    p.cfg = config();
+    let cfg = &p.cfg;
+    if cfg.maglev_size == 0 {
+        return exit(Reason::PassNotTcpUdp);
+    }
+    let key = FlowKey::new(q.daddr, q.saddr, q.dport, q.sport, q.proto);
+    let Some(ent) = CONNTRACK.get_ptr(&key).or_else(|| CT_NEW.get_ptr(&key)) else {
+        return exit(Reason::PassNotTcpUdp);
+    };
+    // SAFETY: valid map value pointer; `CtEntry` is `Copy`.
+    let ent = unsafe { *ent };
+    let o = &p.flow;
+    let reply = ent.dir == DIR_REPLY;
+    if reply {
+        // About client -> backend, sent to the client: from the backend's side only.
+        if ent.in_ifindex != 0 && ent.in_ifindex != ingress_ifindex(ctx) {
+            return exit(Reason::PassReplyWrongIface);
+        }
+        if o.daddr != q.saddr {
+            return exit(Reason::PassNotTcpUdp);
+        }
+    } else if o.daddr != q.saddr {
+        // About service -> client, so addressed to the service.
+        return exit(Reason::PassNotTcpUdp);
+    }
+    if ttl_expires(o.ttl, cfg) {
+        return exit(Reason::PassTtlExpired);
+    }
+    let done = if reply {
+        // The quoted destination (the backend) becomes the service; so does the outer source
+        // if the backend itself sent the error (a router's own address is kept).
+        let src = if o.saddr == q.daddr {
+            ent.nat_addr
+        } else {
+            o.saddr
+        };
+        rewrite_icmp(
+            ctx,
+            o,
+            e,
+            Side::Dst,
+            ent.nat_addr,
+            ent.nat_port,
+            Side::Src,
+            src,
+        )
+    } else {
+        // The quoted source (the service) and the outer destination become the backend.
+        rewrite_icmp(
+            ctx,
+            o,
+            e,
+            Side::Src,
+            ent.nat_addr,
+            ent.nat_port,
+            Side::Dst,
+            ent.nat_addr,
+        )
+    };
+    if done.is_err() {
+        return exit(Reason::AbortRewrite);
+    }
+    count(Reason::EventIcmpTranslated);
+    let tuple = if reply {
+        (o.saddr, o.daddr, 0, 0)
+    } else {
+        (o.saddr, ent.nat_addr, 0, 0)
+    };
+    let redirect = cfg.flags & CFG_F_REDIRECT != 0;
+    let (act, reason, _) = route(ctx, o, tuple, reply, redirect);
     (act, reason)
 }
 

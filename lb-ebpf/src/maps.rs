@@ -58,6 +58,12 @@ pub static SERVICE_STATS: PerCpuArray<Counters> =
 pub static BACKEND_STATS: PerCpuArray<Counters> =
     PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
+/// Per-CPU scratch space for one packet's state ([`crate::Pkt`]): too large for the 512-byte
+/// BPF stack of the call chain. A TC program runs to completion on its CPU (softirq, no
+/// preemption), and nothing else uses this slot.
+#[map]
+pub static SCRATCH: PerCpuArray<crate::Pkt> = PerCpuArray::with_max_entries(1, 0);
+
 #[map]
 pub static REASON_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
 

@@ -19,7 +19,7 @@ use lb_common::{
     csum::{replace2, replace4},
 };
 
-use crate::parse::{ETH_HLEN, Flow, ptr_at};
+use crate::parse::{ETH_HLEN, Flow, IcmpQuote, ptr_at};
 
 const AF_INET: u8 = 2;
 
@@ -35,14 +35,15 @@ pub enum Side {
 /// Rewrites the address and port on `side`, fixing the IPv4 and L4 checksums.
 #[inline(always)]
 pub fn rewrite(ctx: &TcContext, flow: &Flow, side: Side, addr: u32, port: u16) -> Result<(), ()> {
+    let l4 = flow.l4();
     let (addr_off, port_off, old_addr, old_port) = match side {
-        Side::Dst => (ETH_HLEN + 16, flow.l4_off + 2, flow.daddr, flow.dport),
-        Side::Src => (ETH_HLEN + 12, flow.l4_off, flow.saddr, flow.sport),
+        Side::Dst => (ETH_HLEN + 16, l4 + 2, flow.daddr, flow.dport),
+        Side::Src => (ETH_HLEN + 12, l4, flow.saddr, flow.sport),
     };
     let (csum_off, mangled0) = if flow.proto == IPPROTO_TCP {
-        (flow.l4_off + 16, 0)
+        (l4 + 16, 0)
     } else {
-        (flow.l4_off + 6, u64::from(BPF_F_MARK_MANGLED_0))
+        (l4 + 6, u64::from(BPF_F_MARK_MANGLED_0))
     };
 
     // Direct writes first: the checksum helpers below invalidate packet pointers. The IPv4
@@ -74,8 +75,91 @@ pub fn rewrite(ctx: &TcContext, flow: &Flow, side: Side, addr: u32, port: u16) -
     Ok(())
 }
 
+/// Rewrites an ICMP error quoting a balanced flow: the quoted packet's address and port on
+/// `inner` become `addr:port`, and the outer address on `outer` becomes `outer_addr`. Every
+/// checksum is updated incrementally: the outer and quoted IPv4 headers', the quoted L4 one when
+/// the quote holds it (it covers data not quoted, so it cannot be recomputed), and the ICMP
+/// one over all of it. All fields are written directly: each checksum update compensates its
+/// own change, so a `CHECKSUM_COMPLETE` sum of the whole packet stays right.
 #[inline(always)]
-fn ingress_ifindex(ctx: &TcContext) -> u32 {
+#[expect(
+    clippy::too_many_arguments,
+    reason = "inlined; the two sides of one rewrite"
+)]
+pub fn rewrite_icmp(
+    ctx: &TcContext,
+    o: &Flow,
+    e: &IcmpQuote,
+    inner: Side,
+    addr: u32,
+    port: u16,
+    outer: Side,
+    outer_addr: u32,
+) -> Result<(), ()> {
+    let (icmp_off, inner_off, inner_l4_off) = e.offsets();
+    let (a_off, p_off, old_a, old_p) = match inner {
+        Side::Src => (inner_off + 12, inner_l4_off, e.inner.saddr, e.inner.sport),
+        Side::Dst => (
+            inner_off + 16,
+            inner_l4_off + 2,
+            e.inner.daddr,
+            e.inner.dport,
+        ),
+    };
+    let (oa_off, old_o) = match outer {
+        Side::Src => (ETH_HLEN + 12, o.saddr),
+        Side::Dst => (ETH_HLEN + 16, o.daddr),
+    };
+    let udp = e.inner.proto != IPPROTO_TCP;
+    let l4c_off = inner_l4_off + if udp { 6 } else { 16 };
+    let a = ptr_at::<u32>(ctx, a_off).ok_or(())?;
+    let p = ptr_at::<u16>(ctx, p_off).ok_or(())?;
+    let ic = ptr_at::<u16>(ctx, inner_off + 10).ok_or(())?;
+    let icmpc = ptr_at::<u16>(ctx, icmp_off + 2).ok_or(())?;
+    let oa = ptr_at::<u32>(ctx, oa_off).ok_or(())?;
+    let oc = ptr_at::<u16>(ctx, ETH_HLEN + 10).ok_or(())?;
+    // The quoted L4 checksum only if it lies inside the ICMP message (not in frame padding).
+    let l4c = if l4c_off + 2 <= ETH_HLEN + usize::from(o.tot_len) {
+        ptr_at::<u16>(ctx, l4c_off)
+    } else {
+        None
+    };
+    // SAFETY: `ptr_at` checked every field lies inside the packet; TC programs may write packet
+    // data directly; no helper runs between the checks and the writes.
+    unsafe {
+        let mut icmp = icmpc.read_unaligned();
+        a.write_unaligned(addr);
+        icmp = replace4(icmp, old_a, addr);
+        let old_ic = ic.read_unaligned();
+        let new_ic = replace4(old_ic, old_a, addr);
+        ic.write_unaligned(new_ic);
+        icmp = replace2(icmp, old_ic, new_ic);
+        p.write_unaligned(port);
+        icmp = replace2(icmp, old_p, port);
+        if let Some(c) = l4c {
+            let old = c.read_unaligned();
+            // A zero UDP checksum means "none" and stays so.
+            if !(udp && old == 0) {
+                let mut new = replace2(replace4(old, old_a, addr), old_p, port);
+                if udp && new == 0 {
+                    new = 0xffff;
+                }
+                c.write_unaligned(new);
+                icmp = replace2(icmp, old, new);
+            }
+        }
+        icmpc.write_unaligned(icmp);
+        if outer_addr != old_o {
+            oa.write_unaligned(outer_addr);
+            oc.write_unaligned(replace4(oc.read_unaligned(), old_o, outer_addr));
+        }
+    }
+    Ok(())
+}
+
+/// The interface a packet arrived on.
+#[inline(always)]
+pub fn ingress_ifindex(ctx: &TcContext) -> u32 {
     // SAFETY: `as_ptr` is the program's `__sk_buff` context, valid for the whole run.
     unsafe { (*(ctx.as_ptr() as *const __sk_buff)).ifindex }
 }
@@ -162,21 +246,37 @@ pub fn redirect_cached(ctx: &TcContext, route: &Route, reply: bool) -> (i32, Rea
     (act, reasons(reply).0)
 }
 
-/// Sends a rewritten packet on its way: straight to the egress device when the FIB knows the
-/// route (bypassing netfilter, whose FORWARD policy on Docker hosts is DROP), else back to the
-/// stack. Returns the TC action, the exit reason to count, and the route to cache
-/// (`Route::NONE` when there is nothing to cache).
+/// What the FIB said about a translated packet's next hop.
+pub struct Fib {
+    rc: i64,
+    /// The route to cache (`Route::NONE` unless the lookup gave MACs).
+    pub route: Route,
+    /// The egress interface, when the FIB knows one (0 when the destination is local or
+    /// unroutable).
+    pub ifindex: u32,
+}
+
+/// Looks up the next hop of a translated packet with `tuple` (saddr, daddr, sport, dport).
 #[inline(always)]
-pub fn route(
-    ctx: &TcContext,
-    flow: &Flow,
-    tuple: (u32, u32, u16, u16),
-    reply: bool,
-    redirect: bool,
-) -> (i32, Reason, Route) {
-    if !redirect {
-        return (TC_ACT_OK as i32, Reason::PassTranslatedToStack, Route::NONE);
-    }
+pub fn fib(ctx: &TcContext, flow: &Flow, tuple: (u32, u32, u16, u16)) -> Fib {
+    let mut f = Fib {
+        rc: 0,
+        route: Route::NONE,
+        ifindex: 0,
+    };
+    fib_into(ctx, flow, &tuple, &mut f);
+    f
+}
+
+/// [`fib`] as a BPF subprogram: the lookup's 64-byte parameter block lives in its own stack
+/// frame instead of in every inlined copy.
+#[inline(never)]
+fn fib_into(ctx: &TcContext, flow: &Flow, tuple: &(u32, u32, u16, u16), out: &mut Fib) {
+    *out = fib_lookup_now(ctx, flow, *tuple);
+}
+
+#[inline(always)]
+fn fib_lookup_now(ctx: &TcContext, flow: &Flow, tuple: (u32, u32, u16, u16)) -> Fib {
     let (saddr, daddr, sport, dport) = tuple;
     let mut p = fib_params(ctx, flow, saddr, daddr, sport, dport);
     // SAFETY: `p` is a valid, writable `bpf_fib_lookup` of the size we pass.
@@ -191,31 +291,71 @@ pub fn route(
     if rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
         // SAFETY: on success the kernel filled the MAC member of this union.
         let macs = unsafe { p.__bindgen_anon_6.__bindgen_anon_2 };
-        let r = Route {
+        let route = Route {
             ifindex: p.ifindex,
             dmac: macs.dmac,
             smac: macs.smac,
         };
-        let (act, reason) = redirect_cached(ctx, &r, reply);
-        (act, reason, r)
+        Fib {
+            rc,
+            route,
+            ifindex: p.ifindex,
+        }
     } else if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
+        Fib {
+            rc,
+            route: Route::NONE,
+            ifindex: p.ifindex,
+        }
+    } else {
+        Fib {
+            rc,
+            route: Route::NONE,
+            ifindex: 0,
+        }
+    }
+}
+
+/// Sends a rewritten packet on its way as the FIB said: straight to the egress device when it
+/// knows the route (bypassing netfilter, whose FORWARD policy on Docker hosts is DROP), else
+/// back to the stack.
+#[inline(always)]
+pub fn send(ctx: &TcContext, f: &Fib, reply: bool, redirect: bool) -> (i32, Reason) {
+    if !redirect {
+        return (TC_ACT_OK as i32, Reason::PassTranslatedToStack);
+    }
+    if f.rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
+        redirect_cached(ctx, &f.route, reply)
+    } else if f.rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
         match hop(ctx) {
             Ok(true) => {}
-            Ok(false) => return (TC_ACT_OK as i32, Reason::PassTtlExpired, Route::NONE),
-            Err(()) => {
-                return (
-                    aya_ebpf::bindings::TC_ACT_SHOT as i32,
-                    Reason::AbortRewrite,
-                    Route::NONE,
-                );
-            }
+            Ok(false) => return (TC_ACT_OK as i32, Reason::PassTtlExpired),
+            Err(()) => return (aya_ebpf::bindings::TC_ACT_SHOT as i32, Reason::AbortRewrite),
         }
         // SAFETY: a null `params` asks the kernel to resolve the next hop itself.
-        let act = unsafe { bpf_redirect_neigh(p.ifindex, core::ptr::null_mut(), 0, 0) } as i32;
-        (act, reasons(reply).1, Route::NONE)
-    } else if rc == i64::from(BPF_FIB_LKUP_RET_NOT_FWDED) {
-        (TC_ACT_OK as i32, Reason::PassTranslatedToStack, Route::NONE)
+        let act = unsafe { bpf_redirect_neigh(f.ifindex, core::ptr::null_mut(), 0, 0) } as i32;
+        (act, reasons(reply).1)
+    } else if f.rc == i64::from(BPF_FIB_LKUP_RET_NOT_FWDED) {
+        (TC_ACT_OK as i32, Reason::PassTranslatedToStack)
     } else {
-        (TC_ACT_OK as i32, Reason::PassFibFailed, Route::NONE)
+        (TC_ACT_OK as i32, Reason::PassFibFailed)
     }
+}
+
+/// Looks up and sends a rewritten packet (see [`fib`] and [`send`]). Returns the TC action, the
+/// exit reason to count, and the route to cache (`Route::NONE` when there is nothing to cache).
+#[inline(always)]
+pub fn route(
+    ctx: &TcContext,
+    flow: &Flow,
+    tuple: (u32, u32, u16, u16),
+    reply: bool,
+    redirect: bool,
+) -> (i32, Reason, Route) {
+    if !redirect {
+        return (TC_ACT_OK as i32, Reason::PassTranslatedToStack, Route::NONE);
+    }
+    let f = fib(ctx, flow, tuple);
+    let (act, reason) = send(ctx, &f, reply, true);
+    (act, reason, f.route)
 }

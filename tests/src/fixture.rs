@@ -4,7 +4,9 @@
 //! the program's FIB lookups have deterministic answers: one veth `fx0` (peer `fx1`) carrying the
 //! client network 10.10.0.1/24 (this "host"'s address) and a route to the backend network
 //! 10.20.0.0/24, with permanent neighbour entries for the client and the backends (so the MAC
-//! rewrite can be checked). The namespace disappears with the thread, even when the case panics.
+//! rewrite can be checked), and a second veth `fx2` (peer `fx3`, 10.30.0.1/24) behind which no
+//! backend lives (a second uplink, for packets arriving where they should not). The namespace
+//! disappears with the thread, even when the case panics.
 //! Every case loads a fresh dataplane (fresh maps).
 
 use std::{
@@ -12,7 +14,7 @@ use std::{
     process::Command,
 };
 
-use crate::topo::sh;
+use crate::{topo::sh, wire};
 use aya::programs::{TestRun, TestRunOptions};
 use lb_common::{CtEntry, FlowKey, Reason, ipv4_to_wire, port_to_wire};
 use lb_userspace::{
@@ -63,6 +65,12 @@ pub fn in_fixture_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'stati
         sh(&["ip", "link", "set", "fx1", "up"]);
         sh(&["ip", "addr", "add", "10.10.0.1/24", "dev", "fx0"]);
         sh(&["ip", "route", "add", "10.20.0.0/24", "dev", "fx0"]);
+        sh(&[
+            "ip", "link", "add", "fx2", "type", "veth", "peer", "name", "fx3",
+        ]);
+        sh(&["ip", "link", "set", "fx2", "up"]);
+        sh(&["ip", "link", "set", "fx3", "up"]);
+        sh(&["ip", "addr", "add", "10.30.0.1/24", "dev", "fx2"]);
         sh(&["ip", "route", "add", "unreachable", "192.0.2.0/24"]);
         sh(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
         let mac = |m: [u8; 6]| {
@@ -231,11 +239,22 @@ impl Fixture {
 
     /// Runs the program once on `pkt` as if it arrived on `fx0`.
     pub fn run(&self, pkt: &[u8]) -> Run {
+        self.run_at(pkt, self.ifindex)
+    }
+
+    /// Runs the program once on `pkt` as if it arrived on interface `iface`.
+    pub fn run_on(&self, pkt: &[u8], iface: &str) -> Run {
+        let i = ifindex(iface);
+        assert_ne!(i, 0, "no interface {iface}");
+        self.run_at(pkt, i)
+    }
+
+    fn run_at(&self, pkt: &[u8], ifindex: u32) -> Run {
         let before = self.reasons();
         let mut out = vec![0u8; pkt.len() + 256];
         // struct __sk_buff up to and including `ifindex` (offset 40).
         let mut ctx = [0u8; 44];
-        ctx[40..44].copy_from_slice(&self.ifindex.to_ne_bytes());
+        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
         let res = self
             .dp()
             .program()
@@ -280,4 +299,97 @@ pub fn flow_key(src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> FlowKey {
         port_to_wire(dst.port()),
         proto,
     )
+}
+
+// ---- shared set-ups and assertions of the fixture suites ----
+
+pub fn sa(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(ip, port)
+}
+
+pub fn client(port: u16) -> SocketAddrV4 {
+    sa(CLIENT, port)
+}
+
+/// A web service on the VIP and on any local address, three equal backends on :8000, plus a UDP
+/// service on :5353.
+pub fn standard() -> Fixture {
+    let be = [
+        (backend(1), 8000, 1),
+        (backend(2), 8000, 1),
+        (backend(3), 8000, 1),
+    ];
+    Fixture::new(
+        options(),
+        vec![
+            svc("vip", "10.99.0.1:80", Protocol::Tcp, &be),
+            svc("any", "0.0.0.0:8080", Protocol::Tcp, &be),
+            svc(
+                "dns",
+                "0.0.0.0:5353",
+                Protocol::Udp,
+                &[(backend(4), 53, 1), (backend(5), 53, 1)],
+            ),
+        ],
+    )
+}
+
+/// One TCP service on the VIP with backend 1 only.
+pub fn one_backend_vip() -> Fixture {
+    Fixture::new(
+        options(),
+        vec![svc(
+            "v",
+            "10.99.0.1:80",
+            Protocol::Tcp,
+            &[(backend(1), 8000, 1)],
+        )],
+    )
+}
+
+pub fn assert_untouched(run: &Run, input: &[u8], reason: Reason) {
+    assert_eq!(run.action, TC_ACT_OK, "{run:?}");
+    assert_eq!(run.out, input, "packet must pass unmodified");
+    assert_eq!(run.exits(), [reason.name()], "{run:?}");
+}
+
+pub fn assert_dropped(run: &Run, reason: Reason) {
+    assert_eq!(run.action, TC_ACT_SHOT, "{run:?}");
+    assert_eq!(run.exits(), [reason.name()], "{run:?}");
+}
+
+/// Checks a forward translation: destination rewritten to one of `backends`, source kept,
+/// MACs set from the FIB, payload intact, checksums right. Returns the backend chosen.
+pub fn assert_dnat(run: &Run, input: &[u8], backends: &[SocketAddrV4]) -> SocketAddrV4 {
+    assert_eq!(run.action, TC_ACT_REDIRECT, "{run:?}");
+    assert_eq!(run.exits(), [Reason::FwdRedirect.name()], "{run:?}");
+    wire::verify_checksums(&run.out).unwrap_or_else(|e| panic!("rewritten packet: {e}"));
+    let i = wire::parse(input);
+    let o = wire::parse(&run.out);
+    assert!(
+        backends.contains(&o.dst),
+        "dst {} not a backend {backends:?}",
+        o.dst
+    );
+    assert_eq!(o.src, i.src, "source must be kept");
+    assert_eq!(o.payload, i.payload);
+    assert_eq!(o.tcp_flags, i.tcp_flags);
+    // Forwarded by berth: one hop, as the stack's forwarding would count it.
+    assert_eq!(o.ttl, i.ttl - 1);
+    assert_eq!(
+        o.dst_mac,
+        backend_mac(*o.dst.ip()),
+        "destination MAC from the FIB"
+    );
+    assert_eq!(o.src_mac, fx0_mac(), "source MAC of the egress device");
+    assert_eq!(run.out.len(), input.len());
+    o.dst
+}
+
+pub fn b8000(n: u8) -> SocketAddrV4 {
+    sa(backend(n), 8000)
+}
+
+pub fn web_backends() -> Vec<SocketAddrV4> {
+    vec![b8000(1), b8000(2), b8000(3)]
 }

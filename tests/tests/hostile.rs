@@ -494,3 +494,331 @@ fn a_conntrack_flood_stays_within_the_map_and_established_flows_keep_their_backe
 fn soak_conntrack_flood_of_twenty_million_flows() {
     conntrack_flood(20_000_000, 256, 50_000);
 }
+
+/// One legitimate flow of the flood test: a TCP session or a UDP request/response exchange.
+struct Legit {
+    client: SocketAddrV4,
+    service: SocketAddrV4,
+    tcp: bool,
+    backend: SocketAddrV4,
+    /// Next sequence numbers of the client and of the backend (TCP).
+    cseq: u32,
+    bseq: u32,
+}
+
+/// Every packet the program translated towards a client carries no backend address, in its
+/// own header or, for an ICMP error, in the packet it quotes.
+fn assert_no_backend_towards_client(action: u32, input: &[u8], out: &[u8]) {
+    if action == TC_ACT_OK && out == input {
+        return; // untouched: not translated by berth
+    }
+    if out.len() < 34 || u16::from_be_bytes([out[12], out[13]]) != wire::ETH_P_IP {
+        return;
+    }
+    let ip = &out[14..];
+    let is_backend = |a: Ipv4Addr| a.octets()[..3] == [10, 20, 0];
+    let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+    if is_backend(dst) {
+        return; // towards a backend
+    }
+    let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+    assert!(
+        !is_backend(src),
+        "a backend address leaves towards {dst}: {out:02x?}"
+    );
+    if ip[9] == 1 {
+        let e = wire::parse_icmp_error(out);
+        assert!(
+            !is_backend(*e.inner_src.ip()) && !is_backend(*e.inner_dst.ip()),
+            "an ICMP error towards {dst} quotes a backend: {e:?}"
+        );
+    }
+}
+
+/// A flood of UDP flows and of completed TCP handshakes from random sources, plus spoofed
+/// packets (blind RSTs, and the legitimate clients' tuples sent to the other service on the same
+/// backends), overflowing a small conntrack again and again, while legitimate flows of every
+/// kind keep talking: TCP sessions to two services sharing backends, and UDP request/response.
+/// Every legitimate exchange must succeed, from the service address the client used, during
+/// the flood and after it (then also with the backend speaking first), and nothing translated
+/// may carry a backend address towards a client, ICMP errors' quotes included.
+fn legit_flows_through_a_flood(rounds: u64, per_round: u64) {
+    let seed = seed();
+    println!("seed {seed}");
+    in_fixture_netns(move || {
+        let o = DataplaneOptions {
+            conntrack_size: 1024,
+            ..options()
+        };
+        let fx = Fixture::new(o.clone(), services());
+        let mut rng = Rng(seed);
+        let mut runner = Runner::new(&fx);
+        let mut failures = Vec::new();
+        let mut run = |runner: &mut Runner, pkt: &[u8]| -> (u32, Vec<u8>) {
+            let (a, out) = runner.run(pkt).expect("run");
+            assert_no_backend_towards_client(a, pkt, out);
+            (a, out.to_vec())
+        };
+        // The legitimate flows.
+        let mut legit = Vec::new();
+        for i in 0..12u16 {
+            let service = if i % 2 == 0 {
+                sa(VIP, 80)
+            } else {
+                sa(HOST, 8080)
+            };
+            let client = sa(CLIENT, 30_000 + i);
+            let (a, out) = run(
+                &mut runner,
+                &Ipv4Packet::tcp(client, service, TCP_SYN).build(),
+            );
+            assert_eq!(a, TC_ACT_REDIRECT);
+            let backend = wire::parse(&out).dst;
+            let mut l = Legit {
+                client,
+                service,
+                tcp: true,
+                backend,
+                cseq: 1001,
+                bseq: 5001,
+            };
+            let mut synack = Ipv4Packet::tcp(backend, client, TCP_SYN | TCP_ACK);
+            synack.l4 = L4::Tcp {
+                flags: TCP_SYN | TCP_ACK,
+                seq: 5000,
+                ack: 1001,
+                payload: vec![],
+            };
+            synack.src_mac = backend_mac(*backend.ip());
+            assert_eq!(run(&mut runner, &synack.build()).0, TC_ACT_REDIRECT);
+            l.cseq = 1001;
+            legit.push(l);
+        }
+        for i in 0..12u16 {
+            let client = sa(CLIENT, 31_000 + i);
+            let service = sa(HOST, 5353);
+            let (a, out) = run(
+                &mut runner,
+                &Ipv4Packet::udp(client, service, b"hello").build(),
+            );
+            assert_eq!(a, TC_ACT_REDIRECT);
+            let backend = wire::parse(&out).dst;
+            legit.push(Legit {
+                client,
+                service,
+                tcp: false,
+                backend,
+                cseq: 0,
+                bseq: 0,
+            });
+        }
+        // One exchange of a legitimate flow; `backend_first`: the backend speaks first.
+        let mut exchange = |runner: &mut Runner, l: &mut Legit, backend_first: bool, icmp: bool| {
+            let mut errs = Vec::new();
+            let fwd = |l: &mut Legit| {
+                if l.tcp {
+                    let mut p = Ipv4Packet::tcp(l.client, l.service, TCP_ACK | TCP_PSH);
+                    p.l4 = L4::Tcp {
+                        flags: TCP_ACK | TCP_PSH,
+                        seq: l.cseq,
+                        ack: l.bseq,
+                        payload: b"ping".to_vec(),
+                    };
+                    l.cseq += 4;
+                    p.build()
+                } else {
+                    Ipv4Packet::udp(l.client, l.service, b"ping").build()
+                }
+            };
+            let back = |l: &mut Legit| {
+                let mut p = if l.tcp {
+                    let mut p = Ipv4Packet::tcp(l.backend, l.client, TCP_ACK | TCP_PSH);
+                    p.l4 = L4::Tcp {
+                        flags: TCP_ACK | TCP_PSH,
+                        seq: l.bseq,
+                        ack: l.cseq,
+                        payload: b"pong".to_vec(),
+                    };
+                    l.bseq += 4;
+                    p
+                } else {
+                    Ipv4Packet::udp(l.backend, l.client, b"pong")
+                };
+                p.src_mac = backend_mac(*l.backend.ip());
+                p.build()
+            };
+            let mut check_fwd = |l: &mut Legit, errs: &mut Vec<String>| {
+                let pkt = fwd(l);
+                let (a, out) = run(runner, &pkt);
+                if a != TC_ACT_REDIRECT || wire::parse(&out).dst != l.backend {
+                    errs.push(format!(
+                        "{} -> {}: to {:?} (action {a})",
+                        l.client,
+                        l.service,
+                        wire::parse(&out).dst
+                    ));
+                }
+                out
+            };
+            let mut fwd_out = None;
+            if !backend_first {
+                fwd_out = Some(check_fwd(l, &mut errs));
+            }
+            let pkt = back(l);
+            let (a, out) = run(runner, &pkt);
+            let o = wire::parse(&out);
+            if a != TC_ACT_REDIRECT || o.src != l.service || o.dst != l.client {
+                errs.push(format!(
+                    "{} <- {}: from {} (action {a})",
+                    l.client, l.backend, o.src
+                ));
+            } else if let Err(e) = wire::verify_checksums(&out) {
+                errs.push(format!("reply checksum: {e}"));
+            }
+            if backend_first {
+                fwd_out = Some(check_fwd(l, &mut errs));
+            }
+            if icmp
+                && !l.tcp
+                && let Some(sent) = fwd_out
+            {
+                // The backend's port unreachable about what berth sent it.
+                let mut e = wire::icmp_error(*l.backend.ip(), *l.client.ip(), 3, 3, 0, &sent, 16);
+                e[6..12].copy_from_slice(&backend_mac(*l.backend.ip()));
+                let (a, out) = run(runner, &e);
+                let q = (a == TC_ACT_REDIRECT).then(|| wire::parse_icmp_error(&out));
+                if q.as_ref()
+                    .is_none_or(|q| q.inner_dst != l.service || q.src != *l.service.ip())
+                {
+                    errs.push(format!(
+                        "icmp error about {} -> {}: {q:?}",
+                        l.client, l.service
+                    ));
+                }
+            }
+            errs
+        };
+        let flood_src = |rng: &mut Rng| {
+            sa(
+                Ipv4Addr::from(0x0b00_0000 | (rng.next() as u32 & 0x00ff_ffff)),
+                1024 + rng.below(60_000) as u16,
+            )
+        };
+        let t = Instant::now();
+        let mut flood_packets = 0u64;
+        for round in 0..rounds {
+            for _ in 0..per_round {
+                let src = flood_src(&mut rng);
+                match rng.below(10) {
+                    0..=3 => {
+                        let p = Ipv4Packet::udp(src, sa(HOST, 5353), b"flood").build();
+                        run(&mut runner, &p);
+                        flood_packets += 1;
+                    }
+                    4..=7 => {
+                        // A completed handshake: SYN, the backend's SYN-ACK, the ACK.
+                        let service = if rng.chance(50) {
+                            sa(VIP, 80)
+                        } else {
+                            sa(HOST, 8080)
+                        };
+                        let (a, out) =
+                            run(&mut runner, &Ipv4Packet::tcp(src, service, TCP_SYN).build());
+                        flood_packets += 1;
+                        if a == TC_ACT_REDIRECT {
+                            let be = wire::parse(&out).dst;
+                            let mut sa_ = Ipv4Packet::tcp(be, src, TCP_SYN | TCP_ACK);
+                            sa_.src_mac = backend_mac(*be.ip());
+                            run(&mut runner, &sa_.build());
+                            run(&mut runner, &Ipv4Packet::tcp(src, service, TCP_ACK).build());
+                            flood_packets += 2;
+                        }
+                    }
+                    8 => {
+                        // A legitimate client's tuple, to the other service on the same backends.
+                        let l = &legit[rng.below(12) as usize];
+                        let other = if l.service.port() == 80 {
+                            sa(HOST, 8080)
+                        } else {
+                            sa(VIP, 80)
+                        };
+                        let flags = [TCP_ACK, TCP_SYN, TCP_ACK | TCP_PSH][rng.below(3) as usize];
+                        run(
+                            &mut runner,
+                            &Ipv4Packet::tcp(l.client, other, flags).build(),
+                        );
+                        flood_packets += 1;
+                    }
+                    _ => {
+                        // A blind RST or FIN on a legitimate session.
+                        let l = &legit[rng.below(12) as usize];
+                        let flags = if rng.chance(50) {
+                            TCP_RST
+                        } else {
+                            TCP_FIN | TCP_ACK
+                        };
+                        let mut p = Ipv4Packet::tcp(l.client, l.service, flags);
+                        p.l4 = L4::Tcp {
+                            flags,
+                            seq: rng.next() as u32,
+                            ack: 0,
+                            payload: vec![],
+                        };
+                        run(&mut runner, &p.build());
+                        flood_packets += 1;
+                    }
+                }
+            }
+            for l in &mut legit {
+                for e in exchange(&mut runner, l, false, round % 4 == 0) {
+                    failures.push(format!("round {round}: {e}"));
+                }
+            }
+        }
+        let took = t.elapsed();
+        // The flood is over: every flow answers, whoever speaks first.
+        let mut after = Vec::new();
+        for l in &mut legit {
+            after.extend(exchange(&mut runner, l, false, true));
+            after.extend(exchange(&mut runner, l, true, false));
+        }
+        drop(runner);
+        let totals = reason_totals(&fx);
+        let entries = assert_maps_consistent(&fx, &o);
+        println!(
+            "{flood_packets} flood packets in {took:.1?} against a conntrack of {} entries (+{} \
+             unconfirmed), {} legitimate flows exchanging every {per_round} flood events: \
+             {} failures during the flood, {} after it; halves rebuilt {}, mid-stream pickups \
+             {}, conflicting flows refused {}, FIN/RST outside the window ignored {}, ICMP errors \
+             translated {}; {entries} entries at the end",
+            o.conntrack_size,
+            o.ct_new_size(),
+            legit.len(),
+            failures.len(),
+            after.len(),
+            totals["event_ct_rebuilt"],
+            totals["event_ct_midstream_pickup"],
+            totals["drop_flow_conflict"],
+            totals["event_ct_close_ignored"],
+            totals["event_icmp_translated"],
+        );
+        assert!(after.is_empty(), "after the flood: {after:#?}");
+        assert!(failures.is_empty(), "during the flood: {failures:#?}");
+        assert!(
+            totals["event_ct_rebuilt"] + totals["event_ct_midstream_pickup"] > 0,
+            "the flood never evicted a legitimate flow's entry: not a test"
+        );
+        assert_eq!(totals["abort_rewrite"] + totals["abort_map"], 0);
+    });
+}
+
+#[test]
+fn legitimate_flows_of_every_kind_survive_a_flood_of_udp_flows_and_completed_handshakes() {
+    legit_flows_through_a_flood(40, 600);
+}
+
+#[test]
+#[ignore = "soak: cargo xtask soak"]
+fn soak_legitimate_flows_through_a_long_flood() {
+    legit_flows_through_a_flood(400, 6000);
+}

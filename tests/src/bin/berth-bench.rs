@@ -113,6 +113,10 @@ fn entry(dir: u8, nat: SocketAddrV4, now: u64) -> CtEntry {
         service_id: 0,
         last_seen_ns: now,
         route: lb_common::Route::NONE,
+        backend_ack: 0,
+        in_ifindex: 0,
+        flags: 0,
+        _pad: [0; 7],
     }
 }
 

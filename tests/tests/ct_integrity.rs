@@ -1,0 +1,376 @@
+//! Conntrack integrity under attack and eviction (issue 9): packet fixtures through
+//! BPF_PROG_TEST_RUN, each from fresh maps, for the ways a flow's translation could be hijacked,
+//! stranded or leaked: a missing half of a flow's entry pair, two services sharing a backend,
+//! a closed flow's leftovers, FIN/RST out of the window, replies arriving where their backend
+//! does not live, TTL expiry, and ICMP errors quoting a balanced flow.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use berth_tests::{
+    fixture::*,
+    wire::{self, Ipv4Packet, L4, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN},
+};
+use lb_common::{IPPROTO_TCP, IPPROTO_UDP, Reason, ct};
+use lb_userspace::config::Protocol;
+
+/// A TCP segment with explicit sequence and acknowledgment numbers.
+fn tcp(src: SocketAddrV4, dst: SocketAddrV4, flags: u8, seq: u32, ack: u32) -> Ipv4Packet {
+    let mut p = Ipv4Packet::tcp(src, dst, flags);
+    p.l4 = L4::Tcp {
+        flags,
+        seq,
+        ack,
+        payload: Vec::new(),
+    };
+    p
+}
+
+/// A packet from backend `be`, with its MAC.
+fn from_backend(mut p: Ipv4Packet) -> Vec<u8> {
+    p.src_mac = backend_mac(*p.src.ip());
+    p.build()
+}
+
+/// Checks a reply translation: source rewritten to `service`, sent to `to`, checksums right.
+fn assert_reply(run: &Run, service: SocketAddrV4, to: SocketAddrV4) {
+    assert_eq!(run.action, TC_ACT_REDIRECT, "{run:?}");
+    assert_eq!(run.exits(), [Reason::ReplyRedirect.name()], "{run:?}");
+    wire::verify_checksums(&run.out).unwrap_or_else(|e| panic!("rewritten reply: {e}"));
+    let o = wire::parse(&run.out);
+    assert_eq!(o.src, service, "the client must see the service it used");
+    assert_eq!(o.dst, to);
+}
+
+/// Two services on one backend: the VIP on :80 and any host address on :8080.
+fn shared_backend() -> Fixture {
+    let be = [(backend(1), 8000, 1)];
+    Fixture::new(
+        options(),
+        vec![
+            svc("vip", "10.99.0.1:80", Protocol::Tcp, &be),
+            svc("any", "0.0.0.0:8080", Protocol::Tcp, &be),
+        ],
+    )
+}
+
+/// A completed handshake client -> service (client ISN 1000, backend ISN 5000); returns the
+/// backend chosen.
+fn handshake(f: &Fixture, c: SocketAddrV4, service: SocketAddrV4) -> SocketAddrV4 {
+    let syn = tcp(c, service, TCP_SYN, 1000, 0).build();
+    let be = assert_dnat(&f.run(&syn), &syn, &web_backends());
+    let synack = from_backend(tcp(be, c, TCP_SYN | TCP_ACK, 5000, 1001));
+    assert_reply(&f.run(&synack), service, c);
+    let ack = tcp(c, service, TCP_ACK, 1001, 5001).build();
+    assert_eq!(assert_dnat(&f.run(&ack), &ack, &[be]), be);
+    be
+}
+
+// ---- 1. a flow has both halves of its entry pair or neither ----
+
+#[test]
+fn udp_flow_whose_reply_entry_was_evicted_is_repaired_by_its_next_request() {
+    in_fixture_netns(|| {
+        let mut f = standard();
+        let service = sa(HOST, 5353);
+        let req = Ipv4Packet::udp(client(50000), service, b"q1").build();
+        let dns = [sa(backend(4), 53), sa(backend(5), 53)];
+        let be = assert_dnat(&f.run(&req), &req, &dns);
+        // A flood evicts the reply entry; the client keeps its forward entry fresh.
+        let rkey = flow_key(be, client(50000), IPPROTO_UDP);
+        f.rec.dataplane_mut().conntrack_remove(&rkey).unwrap();
+        let run = f.run(&req);
+        assert_eq!(assert_dnat(&run, &req, &dns), be);
+        assert_eq!(run.counted(Reason::EventCtRebuilt), 1, "{run:?}");
+        let answer = from_backend(Ipv4Packet::udp(be, client(50000), b"a1"));
+        assert_reply(&f.run(&answer), service, client(50000));
+        assert!(f.ct(&rkey).is_some(), "the reply half is back");
+    });
+}
+
+#[test]
+fn tcp_flow_whose_reply_entry_was_evicted_is_repaired_by_its_next_packet() {
+    in_fixture_netns(|| {
+        let mut f = standard();
+        let c = client(40010);
+        let be = handshake(&f, c, sa(VIP, 80));
+        f.rec
+            .dataplane_mut()
+            .conntrack_remove(&flow_key(be, c, IPPROTO_TCP))
+            .unwrap();
+        let data = tcp(c, sa(VIP, 80), TCP_ACK | TCP_PSH, 1001, 5001)
+            .with_payload(b"GET /")
+            .build();
+        assert_eq!(assert_dnat(&f.run(&data), &data, &[be]), be);
+        let answer = from_backend(tcp(be, c, TCP_ACK | TCP_PSH, 5001, 1006).with_payload(b"200"));
+        assert_reply(&f.run(&answer), sa(VIP, 80), c);
+    });
+}
+
+#[test]
+fn tcp_flow_whose_forward_entry_was_evicted_is_repaired_by_the_backends_next_packet() {
+    in_fixture_netns(|| {
+        let mut f = standard();
+        let c = client(40011);
+        let be = handshake(&f, c, sa(VIP, 80));
+        let fkey = flow_key(c, sa(VIP, 80), IPPROTO_TCP);
+        f.rec.dataplane_mut().conntrack_remove(&fkey).unwrap();
+        // The backend pushes data first: translated, and the forward half is rebuilt from the
+        // reply half.
+        let push = from_backend(tcp(be, c, TCP_ACK | TCP_PSH, 5001, 1001).with_payload(b"tick"));
+        let run = f.run(&push);
+        assert_reply(&run, sa(VIP, 80), c);
+        assert_eq!(run.counted(Reason::EventCtRebuilt), 1, "{run:?}");
+        let fwd = f.ct(&fkey).expect("forward half rebuilt");
+        assert_eq!(fwd.dir, ct::DIR_FORWARD);
+        assert_eq!(fwd.nat_addr, lb_common::ipv4_to_wire(be.ip().octets()));
+        // So the flow keeps its backend even after the backend set changed.
+        let mut services = f.services.clone();
+        for s in &mut services {
+            s.backends.retain(|(a, _)| *a != be);
+        }
+        f.apply(services);
+        let ack = tcp(c, sa(VIP, 80), TCP_ACK, 1001, 5005).build();
+        assert_eq!(assert_dnat(&f.run(&ack), &ack, &web_backends()), be);
+    });
+}
+
+// ---- 2. a new flow never overwrites another flow's live entry ----
+
+#[test]
+fn a_spoofed_packet_to_a_second_service_cannot_take_a_live_flows_reply_entry() {
+    in_fixture_netns(|| {
+        let f = shared_backend();
+        let victim = client(40100);
+        let be = handshake(&f, victim, sa(VIP, 80));
+        // The attacker sends as the victim to the other service on the same backend: the reply
+        // key (backend -> victim) is taken by a live flow, so the new flow is refused.
+        for flags in [TCP_ACK, TCP_SYN, TCP_ACK | TCP_PSH] {
+            let spoof = tcp(victim, sa(HOST, 8080), flags, 77, 88).build();
+            assert_dropped(&f.run(&spoof), Reason::DropFlowConflict);
+        }
+        assert!(
+            f.ct(&flow_key(victim, sa(HOST, 8080), IPPROTO_TCP))
+                .is_none(),
+            "the refused flow leaves no entry"
+        );
+        // The victim's session is untouched.
+        let answer =
+            from_backend(tcp(be, victim, TCP_ACK | TCP_PSH, 5001, 1001).with_payload(b"x"));
+        assert_reply(&f.run(&answer), sa(VIP, 80), victim);
+        let more = tcp(victim, sa(VIP, 80), TCP_ACK, 1001, 5002).build();
+        assert_eq!(assert_dnat(&f.run(&more), &more, &[be]), be);
+    });
+}
+
+// ---- 3. a closed flow's reply entry expires by the same rules as its forward entry ----
+
+#[test]
+fn a_closed_flows_reply_entry_does_not_catch_the_next_connection_to_another_service() {
+    in_fixture_netns(|| {
+        let f = shared_backend();
+        let c = client(40200);
+        let be = handshake(&f, c, sa(VIP, 80));
+        // Connection A closes (client FIN, backend FIN).
+        let fin = tcp(c, sa(VIP, 80), TCP_FIN | TCP_ACK, 1001, 5001).build();
+        assert_dnat(&f.run(&fin), &fin, &[be]);
+        let bfin = from_backend(tcp(be, c, TCP_FIN | TCP_ACK, 5001, 1002));
+        assert_reply(&f.run(&bfin), sa(VIP, 80), c);
+        // Connection B from the same port to the other service, inside A's linger period.
+        let syn = tcp(c, sa(HOST, 8080), TCP_SYN, 90_000, 0).build();
+        assert_eq!(assert_dnat(&f.run(&syn), &syn, &[be]), be);
+        let synack = from_backend(tcp(be, c, TCP_SYN | TCP_ACK, 70_000, 90_001));
+        assert_reply(&f.run(&synack), sa(HOST, 8080), c);
+        // A's leftovers are gone: its forward half would otherwise rebuild the reply half.
+        assert!(f.ct(&flow_key(c, sa(VIP, 80), IPPROTO_TCP)).is_none());
+    });
+}
+
+// ---- 4. FIN and RST count only inside the window ----
+
+#[test]
+fn rst_or_fin_outside_the_window_keep_a_draining_flow_on_its_backend() {
+    in_fixture_netns(|| {
+        let mut f = standard();
+        let c = client(40300);
+        let be = handshake(&f, c, sa(VIP, 80));
+        // Some data, acknowledged by the backend up to 1011.
+        let data = tcp(c, sa(VIP, 80), TCP_ACK | TCP_PSH, 1001, 5001)
+            .with_payload(b"0123456789")
+            .build();
+        assert_dnat(&f.run(&data), &data, &[be]);
+        let ack = from_backend(tcp(be, c, TCP_ACK, 5001, 1011));
+        assert_reply(&f.run(&ack), sa(VIP, 80), c);
+        // The backend leaves (draining: established flows stay).
+        let mut services = f.services.clone();
+        for s in &mut services {
+            s.backends.retain(|(a, _)| *a != be);
+        }
+        f.apply(services);
+        let fkey = flow_key(c, sa(VIP, 80), IPPROTO_TCP);
+        // Blind RST and FIN with sequence numbers outside the window: forwarded (the backend's
+        // stack judges them too) but they do not close the flow.
+        for (flags, seq) in [(TCP_RST, 7_000_000), (TCP_FIN | TCP_ACK, 3_000_000_000)] {
+            let spoof = tcp(c, sa(VIP, 80), flags, seq, 0).build();
+            let run = f.run(&spoof);
+            assert_eq!(assert_dnat(&run, &spoof, &[be]), be);
+            assert_eq!(run.counted(Reason::EventCtCloseIgnored), 1, "{run:?}");
+            assert_eq!(f.ct(&fkey).unwrap().state, ct::STATE_OPEN);
+        }
+        // So a bare SYN on the tuple is a retransmission, not a new connection: same backend.
+        let syn = tcp(c, sa(VIP, 80), TCP_SYN, 123_456, 0).build();
+        assert_eq!(assert_dnat(&f.run(&syn), &syn, &[be]), be);
+        // A RST at the backend's acknowledged position closes the flow...
+        let rst = tcp(c, sa(VIP, 80), TCP_RST, 1011, 0).build();
+        let run = f.run(&rst);
+        assert_dnat(&run, &rst, &[be]);
+        assert_eq!(run.counted(Reason::EventCtClosing), 1, "{run:?}");
+        assert_eq!(f.ct(&fkey).unwrap().state, ct::STATE_CLOSING);
+        // ...and a new connection on the tuple goes to a backend still in the table.
+        let rest: Vec<_> = web_backends().into_iter().filter(|b| *b != be).collect();
+        let syn = tcp(c, sa(VIP, 80), TCP_SYN, 200_000, 0).build();
+        assert_dnat(&f.run(&syn), &syn, &rest);
+    });
+}
+
+// ---- 5. replies only from where their backend lives ----
+
+#[test]
+fn a_reply_arriving_where_its_backend_does_not_live_is_not_translated() {
+    in_fixture_netns(|| {
+        let f = standard();
+        let c = client(40400);
+        let syn = tcp(c, sa(VIP, 80), TCP_SYN, 1000, 0).build();
+        let be = assert_dnat(&f.run(&syn), &syn, &web_backends());
+        // A forged "backend reply" on the second uplink (no backend lives behind fx2).
+        let fake = from_backend(tcp(be, c, TCP_SYN | TCP_ACK | TCP_RST, 1, 1001));
+        let run = f.run_on(&fake, "fx2");
+        assert_untouched(&run, &fake, Reason::PassReplyWrongIface);
+        let fkey = flow_key(c, sa(VIP, 80), IPPROTO_TCP);
+        assert_eq!(
+            f.ct(&fkey).unwrap().state,
+            ct::STATE_OPEN,
+            "no state change"
+        );
+        // The real one, behind fx0, is translated.
+        let synack = from_backend(tcp(be, c, TCP_SYN | TCP_ACK, 5000, 1001));
+        assert_reply(&f.run(&synack), sa(VIP, 80), c);
+    });
+}
+
+// ---- 6. the backend's address never reaches the client ----
+
+#[test]
+fn a_packet_whose_ttl_would_expire_is_handed_to_the_stack_untranslated() {
+    in_fixture_netns(|| {
+        let f = standard();
+        let c = client(40500);
+        let mut p = tcp(c, sa(VIP, 80), TCP_SYN, 1000, 0);
+        p.ttl = 1;
+        let pkt = p.build();
+        // The stack answers with ICMP time exceeded quoting what it got: the service address.
+        assert_untouched(&f.run(&pkt), &pkt, Reason::PassTtlExpired);
+        assert!(f.ct(&flow_key(c, sa(VIP, 80), IPPROTO_TCP)).is_none());
+        // An established flow's packet likewise.
+        let be = handshake(&f, client(40501), sa(VIP, 80));
+        let mut p = tcp(client(40501), sa(VIP, 80), TCP_ACK, 1001, 5001);
+        p.ttl = 1;
+        let pkt = p.build();
+        assert_untouched(&f.run(&pkt), &pkt, Reason::PassTtlExpired);
+        // And a reply with TTL 1 (its ICMP goes back to the backend, untranslated).
+        let mut r = tcp(be, client(40501), TCP_ACK, 5001, 1001);
+        r.ttl = 1;
+        r.src_mac = backend_mac(*be.ip());
+        let pkt = r.build();
+        assert_untouched(&f.run(&pkt), &pkt, Reason::PassTtlExpired);
+    });
+}
+
+#[test]
+fn fragmentation_needed_from_the_client_side_reaches_the_backend() {
+    in_fixture_netns(|| {
+        let f = standard();
+        let c = client(40600);
+        let be = handshake(&f, c, sa(VIP, 80));
+        // The backend's large segment, as it left berth (translated)...
+        let big = from_backend(tcp(be, c, TCP_ACK | TCP_PSH, 5001, 1001).with_payload(&[7; 1400]));
+        let run = f.run(&big);
+        assert_reply(&run, sa(VIP, 80), c);
+        // ...meets a router with MTU 1280 on the client's side, which answers the service.
+        let router = Ipv4Addr::new(10, 10, 0, 254);
+        for quote in [8, 64] {
+            let icmp = wire::icmp_error(
+                router,
+                VIP,
+                wire::ICMP_DEST_UNREACH,
+                wire::ICMP_FRAG_NEEDED,
+                1280,
+                &run.out,
+                quote,
+            );
+            let out = f.run(&icmp);
+            assert_eq!(out.action, TC_ACT_REDIRECT, "{out:?}");
+            assert_eq!(out.exits(), [Reason::FwdRedirect.name()], "{out:?}");
+            assert_eq!(out.counted(Reason::EventIcmpTranslated), 1, "{out:?}");
+            wire::verify_icmp_checksums(&out.out).unwrap_or_else(|e| panic!("{e}"));
+            assert!(wire::icmp_inner_l4_consistent(&icmp, &out.out));
+            let e = wire::parse_icmp_error(&out.out);
+            assert_eq!((e.src, e.dst), (router, *be.ip()), "to the backend");
+            assert_eq!((e.inner_src, e.inner_dst), (be, c), "quoting what it sent");
+            assert_eq!((e.icmp_type, e.code, e.rest), (3, 4, 1280));
+            assert_eq!(e.ttl, 63);
+        }
+    });
+}
+
+#[test]
+fn icmp_errors_from_a_backend_reach_the_client_with_the_service_address() {
+    in_fixture_netns(|| {
+        let f = standard();
+        let c = client(50600);
+        let service = sa(HOST, 5353);
+        let req = Ipv4Packet::udp(c, service, b"query").build();
+        let dns = [sa(backend(4), 53), sa(backend(5), 53)];
+        let run = f.run(&req);
+        let be = assert_dnat(&run, &req, &dns);
+        // The backend's port is closed: it answers port unreachable quoting the translated
+        // request.
+        let mut icmp = wire::icmp_error(
+            *be.ip(),
+            *c.ip(),
+            wire::ICMP_DEST_UNREACH,
+            wire::ICMP_PORT_UNREACH,
+            0,
+            &run.out,
+            64,
+        );
+        icmp[6..12].copy_from_slice(&backend_mac(*be.ip()));
+        let out = f.run(&icmp);
+        assert_eq!(out.action, TC_ACT_REDIRECT, "{out:?}");
+        assert_eq!(out.exits(), [Reason::ReplyRedirect.name()], "{out:?}");
+        assert_eq!(out.counted(Reason::EventIcmpTranslated), 1, "{out:?}");
+        wire::verify_icmp_checksums(&out.out).unwrap_or_else(|e| panic!("{e}"));
+        assert!(wire::icmp_inner_l4_consistent(&icmp, &out.out));
+        let e = wire::parse_icmp_error(&out.out);
+        assert_eq!((e.src, e.dst), (HOST, *c.ip()), "from the service address");
+        assert_eq!(
+            (e.inner_src, e.inner_dst),
+            (c, service),
+            "quoting what the client sent"
+        );
+        // The same error arriving where the backend does not live is not translated.
+        let out = f.run_on(&icmp, "fx2");
+        assert_untouched(&out, &icmp, Reason::PassReplyWrongIface);
+        // An error quoting no flow passes untouched.
+        let other = Ipv4Packet::udp(c, sa(backend(4), 9999), b"x").build();
+        let stray = wire::icmp_error(
+            *be.ip(),
+            *c.ip(),
+            wire::ICMP_DEST_UNREACH,
+            wire::ICMP_PORT_UNREACH,
+            0,
+            &other,
+            8,
+        );
+        assert_untouched(&f.run(&stray), &stray, Reason::PassNotTcpUdp);
+    });
+}
