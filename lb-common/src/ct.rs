@@ -49,12 +49,14 @@ pub const fn closes(proto: u8, tcp_flags: u8) -> bool {
     proto == IPPROTO_TCP && tcp_flags & (TCP_FIN | TCP_RST) != 0
 }
 
-/// Whether a client-side FIN or RST with sequence number `seq` may close the flow whose reply
-/// entry is `rev`: it must start within [`CLOSE_WINDOW`] of what the backend acknowledged. With
-/// no acknowledgment seen yet (the backend has not answered), there is no established
-/// connection to protect.
+/// Whether a client-side segment with sequence number `seq` lies in the window of the backend's
+/// connection whose reply entry is `rev`: it must start within [`CLOSE_WINDOW`] of what the
+/// backend acknowledged. With no acknowledgment seen yet (the backend has not answered), there
+/// is no established connection to protect. A FIN or RST closes the flow only in the window,
+/// and only a segment in the window may take a live flow's reply key over (after a flood
+/// evicted the flow's own entries, its client proves itself this way; a blind spoofer cannot).
 #[inline(always)]
-pub const fn close_in_window(rev: &CtEntry, seq: u32) -> bool {
+pub const fn in_window(rev: &CtEntry, seq: u32) -> bool {
     rev.flags & CT_F_ACK_KNOWN == 0 || seq.wrapping_sub(rev.backend_ack) <= CLOSE_WINDOW
 }
 
@@ -165,28 +167,28 @@ mod tests {
     }
 
     #[test]
-    fn close_counts_only_near_the_backends_acknowledgment() {
+    fn the_window_is_near_the_backends_acknowledgment() {
         let mut rev = entry(STATE_OPEN, 0);
         rev.dir = DIR_REPLY;
         // Nothing acknowledged yet: no established connection to protect.
-        assert!(close_in_window(&rev, 12345));
+        assert!(in_window(&rev, 12345));
         rev.flags |= CT_F_ACK_KNOWN;
         rev.backend_ack = 1011;
-        assert!(close_in_window(&rev, 1011));
-        assert!(close_in_window(&rev, 1011 + CLOSE_WINDOW));
-        assert!(!close_in_window(&rev, 1012 + CLOSE_WINDOW));
+        assert!(in_window(&rev, 1011));
+        assert!(in_window(&rev, 1011 + CLOSE_WINDOW));
+        assert!(!in_window(&rev, 1012 + CLOSE_WINDOW));
         assert!(
-            !close_in_window(&rev, 1010),
+            !in_window(&rev, 1010),
             "behind what the backend already has"
         );
-        assert!(!close_in_window(&rev, 7_000_000));
+        assert!(!in_window(&rev, 7_000_000));
         // Across the wrap of the sequence space.
         rev.backend_ack = u32::MAX - 10;
-        assert!(close_in_window(&rev, 5));
-        assert!(!close_in_window(&rev, u32::MAX - 11));
+        assert!(in_window(&rev, 5));
+        assert!(!in_window(&rev, u32::MAX - 11));
         // A blind guess hits the window once in 65,536 tries.
         let hits = (0..1u64 << 20)
-            .filter(|i| close_in_window(&rev, (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32))
+            .filter(|i| in_window(&rev, (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32))
             .count();
         assert!(hits < 40, "{hits} of 2^20 random sequence numbers accepted");
     }

@@ -356,14 +356,16 @@ fn remove_reply_of(table: &Table, rkey: &FlowKey, flow: &Flow) {
     }
 }
 
-/// Makes reply key `rkey` of `table` free for a new flow (the packet with `tcp_flags`), unless
-/// a live flow holds it. An entry there is live if it has not expired by the conntrack rules
-/// and its forward half exists and still sends to this backend; anything else (a closed flow's
-/// leftover, an orphan whose forward half was evicted or moved on) is removed with its forward
-/// half. Returns false if a live flow holds the key: the new flow must not take it. A BPF
-/// subprogram (own stack frame).
+/// Makes reply key `rkey` of `table` free for this packet's new flow, unless a live flow holds
+/// it. An entry there is live if it has not expired by the conntrack rules and its forward half
+/// exists and still sends to this backend; anything else (a closed flow's leftover, an orphan
+/// whose forward half was evicted or moved on) is removed with its forward half. A live flow
+/// keeps its key against everything but a TCP segment (not a bare SYN) in the window its
+/// backend acknowledged: the backend sees one connection per key, and such a segment comes from
+/// its actual peer (whose own entries a flood evicted), not from a blind spoofer. Returns false
+/// if the new flow must not take the key. A BPF subprogram (own stack frame).
 #[inline(never)]
-fn claim(table: &Table, rkey: &FlowKey, tcp_flags: u8, now: u64, cfg: &DpConfig) -> bool {
+fn claim(table: &Table, rkey: &FlowKey, flow: &Flow, now: u64, cfg: &DpConfig) -> bool {
     let Some(r) = table.get_ptr(rkey) else {
         return true;
     };
@@ -377,7 +379,12 @@ fn claim(table: &Table, rkey: &FlowKey, tcp_flags: u8, now: u64, cfg: &DpConfig)
     // SAFETY: as above.
     let f = table.get_ptr(&fkey).map(|f| unsafe { *f });
     let partner = f.is_some_and(|f| points_at(&f, rkey));
-    if partner && !ct::expired(&r, rkey.proto, tcp_flags, now, cfg) {
+    if partner
+        && !ct::expired(&r, rkey.proto, flow.tcp_flags, now, cfg)
+        && (flow.proto != lb_common::IPPROTO_TCP
+            || ct::is_bare_syn(flow.proto, flow.tcp_flags)
+            || !ct::in_window(&r, flow.seq))
+    {
         return false;
     }
     if partner {
@@ -422,14 +429,14 @@ fn forward_inner(
     {
         // Another flow holds the key (this flow's half was evicted and the key taken). If that
         // flow is live it keeps it and this one is over.
-        if !claim(table, &rkey, flow.tcp_flags, now, cfg) {
+        if !claim(table, &rkey, flow, now, cfg) {
             let _ = table.remove(key);
             return exit(Reason::DropFlowConflict);
         }
         rev = None;
     }
     if rev.is_none() {
-        if !claim(other(table), &rkey, flow.tcp_flags, now, cfg) {
+        if !claim(other(table), &rkey, flow, now, cfg) {
             let _ = table.remove(key);
             return exit(Reason::DropFlowConflict);
         }
@@ -439,7 +446,7 @@ fn forward_inner(
 
     if ct::closes(flow.proto, flow.tcp_flags) && e.state != STATE_CLOSING {
         // SAFETY: valid map value pointer.
-        let in_window = rev.is_none_or(|r| ct::close_in_window(unsafe { &*r }, flow.seq));
+        let in_window = rev.is_none_or(|r| ct::in_window(unsafe { &*r }, flow.seq));
         if in_window {
             e.state = STATE_CLOSING;
             if let Some(r) = rev {
@@ -632,9 +639,7 @@ fn new_flow_inner(ctx: &TcContext, p: &Pkt) -> (i32, Reason) {
         flow.sport,
         flow.proto,
     );
-    if !claim(&CONNTRACK, &rev_key, flow.tcp_flags, now, cfg)
-        || !claim(&CT_NEW, &rev_key, flow.tcp_flags, now, cfg)
-    {
+    if !claim(&CONNTRACK, &rev_key, flow, now, cfg) || !claim(&CT_NEW, &rev_key, flow, now, cfg) {
         return exit(Reason::DropFlowConflict);
     }
 

@@ -162,6 +162,41 @@ fn a_spoofed_packet_to_a_second_service_cannot_take_a_live_flows_reply_entry() {
     });
 }
 
+#[test]
+fn a_flow_whose_entries_were_evicted_takes_its_key_back_from_a_spoofer() {
+    in_fixture_netns(|| {
+        let mut f = shared_backend();
+        let victim = client(40110);
+        let be = handshake(&f, victim, sa(VIP, 80));
+        // A flood evicts both halves of the victim's flow; the spoofer gets in first.
+        let dp = f.rec.dataplane_mut();
+        dp.conntrack_remove(&flow_key(victim, sa(VIP, 80), IPPROTO_TCP))
+            .unwrap();
+        dp.conntrack_remove(&flow_key(be, victim, IPPROTO_TCP))
+            .unwrap();
+        let spoof = tcp(victim, sa(HOST, 8080), TCP_ACK, 77, 88).build();
+        assert_eq!(assert_dnat(&f.run(&spoof), &spoof, &[be]), be);
+        // The victim's next segment is where its backend expects it: the key is the victim's
+        // again (the spoofer's entry had no answer from the backend to hold it with).
+        let data = tcp(victim, sa(VIP, 80), TCP_ACK | TCP_PSH, 1001, 5001)
+            .with_payload(b"GET /")
+            .build();
+        assert_eq!(assert_dnat(&f.run(&data), &data, &[be]), be);
+        assert!(
+            f.ct(&flow_key(victim, sa(HOST, 8080), IPPROTO_TCP))
+                .is_none()
+        );
+        let answer =
+            from_backend(tcp(be, victim, TCP_ACK | TCP_PSH, 5001, 1006).with_payload(b"200"));
+        assert_reply(&f.run(&answer), sa(VIP, 80), victim);
+        // Now answered, the flow keeps its key against the next blind try.
+        let spoof = tcp(victim, sa(HOST, 8080), TCP_ACK, 999_999, 88).build();
+        assert_dropped(&f.run(&spoof), Reason::DropFlowConflict);
+        let answer = from_backend(tcp(be, victim, TCP_ACK, 5004, 1006));
+        assert_reply(&f.run(&answer), sa(VIP, 80), victim);
+    });
+}
+
 // ---- 3. a closed flow's reply entry expires by the same rules as its forward entry ----
 
 #[test]

@@ -535,6 +535,102 @@ fn assert_no_backend_towards_client(action: u32, input: &[u8], out: &[u8]) {
     }
 }
 
+/// Runs `pkt`, checking that nothing translated carries a backend address towards a client.
+fn run(runner: &mut Runner, pkt: &[u8]) -> (u32, Vec<u8>) {
+    let (a, out) = runner.run(pkt).expect("run");
+    assert_no_backend_towards_client(a, pkt, out);
+    (a, out.to_vec())
+}
+
+/// The client's next packet of a legitimate flow.
+fn legit_forward(l: &mut Legit) -> Vec<u8> {
+    if l.tcp {
+        let mut p = Ipv4Packet::tcp(l.client, l.service, TCP_ACK | TCP_PSH);
+        p.l4 = L4::Tcp {
+            flags: TCP_ACK | TCP_PSH,
+            seq: l.cseq,
+            ack: l.bseq,
+            payload: b"ping".to_vec(),
+        };
+        l.cseq += 4;
+        p.build()
+    } else {
+        Ipv4Packet::udp(l.client, l.service, b"ping").build()
+    }
+}
+
+/// The backend's next packet of a legitimate flow.
+fn legit_back(l: &mut Legit) -> Vec<u8> {
+    let mut p = if l.tcp {
+        let mut p = Ipv4Packet::tcp(l.backend, l.client, TCP_ACK | TCP_PSH);
+        p.l4 = L4::Tcp {
+            flags: TCP_ACK | TCP_PSH,
+            seq: l.bseq,
+            ack: l.cseq,
+            payload: b"pong".to_vec(),
+        };
+        l.bseq += 4;
+        p
+    } else {
+        Ipv4Packet::udp(l.backend, l.client, b"pong")
+    };
+    p.src_mac = backend_mac(*l.backend.ip());
+    p.build()
+}
+
+/// One exchange of a legitimate flow (`backend_first`: the backend speaks first; `icmp`: the
+/// backend also answers the client's packet with port unreachable, UDP only). Returns what
+/// went wrong.
+fn exchange(runner: &mut Runner, l: &mut Legit, backend_first: bool, icmp: bool) -> Vec<String> {
+    let mut errs = Vec::new();
+    let check_fwd = |runner: &mut Runner, l: &mut Legit, errs: &mut Vec<String>| {
+        let (a, out) = run(runner, &legit_forward(l));
+        let to = wire::parse(&out).dst;
+        if a != TC_ACT_REDIRECT || to != l.backend {
+            errs.push(format!(
+                "{} -> {}: to {to} (action {a})",
+                l.client, l.service
+            ));
+        }
+        out
+    };
+    let mut sent = None;
+    if !backend_first {
+        sent = Some(check_fwd(runner, l, &mut errs));
+    }
+    let (a, out) = run(runner, &legit_back(l));
+    let o = wire::parse(&out);
+    if a != TC_ACT_REDIRECT || o.src != l.service || o.dst != l.client {
+        errs.push(format!(
+            "{} <- {}: from {} (action {a})",
+            l.client, l.backend, o.src
+        ));
+    } else if let Err(e) = wire::verify_checksums(&out) {
+        errs.push(format!("reply checksum: {e}"));
+    }
+    if backend_first {
+        sent = Some(check_fwd(runner, l, &mut errs));
+    }
+    if icmp
+        && !l.tcp
+        && let Some(sent) = sent
+    {
+        let mut e = wire::icmp_error(*l.backend.ip(), *l.client.ip(), 3, 3, 0, &sent, 16);
+        e[6..12].copy_from_slice(&backend_mac(*l.backend.ip()));
+        let (a, out) = run(runner, &e);
+        let q = (a == TC_ACT_REDIRECT).then(|| wire::parse_icmp_error(&out));
+        if q.as_ref()
+            .is_none_or(|q| q.inner_dst != l.service || q.src != *l.service.ip())
+        {
+            errs.push(format!(
+                "icmp error about {} -> {}: {q:?}",
+                l.client, l.service
+            ));
+        }
+    }
+    errs
+}
+
 /// A flood of UDP flows and of completed TCP handshakes from random sources, plus spoofed
 /// packets (blind RSTs, and the legitimate clients' tuples sent to the other service on the same
 /// backends), overflowing a small conntrack again and again, while legitimate flows of every
@@ -554,11 +650,6 @@ fn legit_flows_through_a_flood(rounds: u64, per_round: u64) {
         let mut rng = Rng(seed);
         let mut runner = Runner::new(&fx);
         let mut failures = Vec::new();
-        let mut run = |runner: &mut Runner, pkt: &[u8]| -> (u32, Vec<u8>) {
-            let (a, out) = runner.run(pkt).expect("run");
-            assert_no_backend_towards_client(a, pkt, out);
-            (a, out.to_vec())
-        };
         // The legitimate flows.
         let mut legit = Vec::new();
         for i in 0..12u16 {
@@ -612,92 +703,6 @@ fn legit_flows_through_a_flood(rounds: u64, per_round: u64) {
                 bseq: 0,
             });
         }
-        // One exchange of a legitimate flow; `backend_first`: the backend speaks first.
-        let mut exchange = |runner: &mut Runner, l: &mut Legit, backend_first: bool, icmp: bool| {
-            let mut errs = Vec::new();
-            let fwd = |l: &mut Legit| {
-                if l.tcp {
-                    let mut p = Ipv4Packet::tcp(l.client, l.service, TCP_ACK | TCP_PSH);
-                    p.l4 = L4::Tcp {
-                        flags: TCP_ACK | TCP_PSH,
-                        seq: l.cseq,
-                        ack: l.bseq,
-                        payload: b"ping".to_vec(),
-                    };
-                    l.cseq += 4;
-                    p.build()
-                } else {
-                    Ipv4Packet::udp(l.client, l.service, b"ping").build()
-                }
-            };
-            let back = |l: &mut Legit| {
-                let mut p = if l.tcp {
-                    let mut p = Ipv4Packet::tcp(l.backend, l.client, TCP_ACK | TCP_PSH);
-                    p.l4 = L4::Tcp {
-                        flags: TCP_ACK | TCP_PSH,
-                        seq: l.bseq,
-                        ack: l.cseq,
-                        payload: b"pong".to_vec(),
-                    };
-                    l.bseq += 4;
-                    p
-                } else {
-                    Ipv4Packet::udp(l.backend, l.client, b"pong")
-                };
-                p.src_mac = backend_mac(*l.backend.ip());
-                p.build()
-            };
-            let mut check_fwd = |l: &mut Legit, errs: &mut Vec<String>| {
-                let pkt = fwd(l);
-                let (a, out) = run(runner, &pkt);
-                if a != TC_ACT_REDIRECT || wire::parse(&out).dst != l.backend {
-                    errs.push(format!(
-                        "{} -> {}: to {:?} (action {a})",
-                        l.client,
-                        l.service,
-                        wire::parse(&out).dst
-                    ));
-                }
-                out
-            };
-            let mut fwd_out = None;
-            if !backend_first {
-                fwd_out = Some(check_fwd(l, &mut errs));
-            }
-            let pkt = back(l);
-            let (a, out) = run(runner, &pkt);
-            let o = wire::parse(&out);
-            if a != TC_ACT_REDIRECT || o.src != l.service || o.dst != l.client {
-                errs.push(format!(
-                    "{} <- {}: from {} (action {a})",
-                    l.client, l.backend, o.src
-                ));
-            } else if let Err(e) = wire::verify_checksums(&out) {
-                errs.push(format!("reply checksum: {e}"));
-            }
-            if backend_first {
-                fwd_out = Some(check_fwd(l, &mut errs));
-            }
-            if icmp
-                && !l.tcp
-                && let Some(sent) = fwd_out
-            {
-                // The backend's port unreachable about what berth sent it.
-                let mut e = wire::icmp_error(*l.backend.ip(), *l.client.ip(), 3, 3, 0, &sent, 16);
-                e[6..12].copy_from_slice(&backend_mac(*l.backend.ip()));
-                let (a, out) = run(runner, &e);
-                let q = (a == TC_ACT_REDIRECT).then(|| wire::parse_icmp_error(&out));
-                if q.as_ref()
-                    .is_none_or(|q| q.inner_dst != l.service || q.src != *l.service.ip())
-                {
-                    errs.push(format!(
-                        "icmp error about {} -> {}: {q:?}",
-                        l.client, l.service
-                    ));
-                }
-            }
-            errs
-        };
         let flood_src = |rng: &mut Rng| {
             sa(
                 Ipv4Addr::from(0x0b00_0000 | (rng.next() as u32 & 0x00ff_ffff)),
