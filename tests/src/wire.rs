@@ -295,6 +295,25 @@ pub fn parse_icmp_error(p: &[u8]) -> IcmpError {
     }
 }
 
+/// The ICMP checksum of a message, and for an error quoting a whole IPv4 header, that header's.
+fn verify_icmp(icmp: &[u8]) -> Result<(), String> {
+    if icmp.len() < 8 {
+        return Err(format!("ICMP message of {} bytes", icmp.len()));
+    }
+    if checksum(icmp) != 0 {
+        return Err("ICMP checksum".into());
+    }
+    if matches!(icmp[0], 3 | 11 | 12) && icmp.len() >= 8 + 20 {
+        let inner = &icmp[8..];
+        let iihl = usize::from(inner[0] & 0xf) * 4;
+        if inner[0] >> 4 == 4 && iihl >= 20 && inner.len() >= iihl && checksum(&inner[..iihl]) != 0
+        {
+            return Err("quoted IPv4 header checksum".into());
+        }
+    }
+    Ok(())
+}
+
 /// Checks an ICMP error frame's checksums from scratch: the outer IPv4 header, the ICMP message,
 /// and the quoted IPv4 header. (The quoted L4 checksum covers data that was not quoted, so it
 /// cannot be recomputed; [`icmp_inner_l4_consistent`] checks it against the original instead.)
@@ -435,6 +454,7 @@ pub fn verify_checksums(p: &[u8]) -> Result<(), String> {
     let off = match proto {
         6 => 16,
         17 => 6,
+        1 => return verify_icmp(&seg),
         _ => return Ok(()),
     };
     let got = u16::from_be_bytes([seg[off], seg[off + 1]]);

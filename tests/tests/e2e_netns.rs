@@ -512,7 +512,13 @@ fn a_pinned_dataplane_berth_cannot_read_is_refused_with_the_reset_command() {
     let (status, err) = run(ONE_ARMED_CONFIG);
     println!("{err}");
     assert!(!status.success());
-    assert!(err.contains("has layout v0, this berth uses v1"), "{err}");
+    assert!(
+        err.contains(&format!(
+            "has layout v0, this berth uses v{}",
+            lb_common::PIN_LAYOUT
+        )),
+        "{err}"
+    );
     assert!(
         err.contains(&format!("berth down --pin-path {}", pins.display())),
         "{err}"

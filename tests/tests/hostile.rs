@@ -330,20 +330,32 @@ fn hostile_packets(n: u64) {
         // Every truncation of a few valid frames, and of one with IP options.
         let mut with_opts = Ipv4Packet::tcp(sa(CLIENT, 40_001), sa(VIP, 80), TCP_SYN);
         with_opts.options = vec![0x94, 4, 0, 0, 1, 1, 1, 0];
-        let bases = [
-            Ipv4Packet::tcp(sa(CLIENT, 40_000), sa(VIP, 80), TCP_SYN).build(),
+        let syn = Ipv4Packet::tcp(sa(CLIENT, 40_000), sa(VIP, 80), TCP_SYN).build();
+        let mut bases = vec![
+            syn.clone(),
             Ipv4Packet::udp(sa(CLIENT, 40_000), sa(HOST, 5353), b"query").build(),
             Ipv4Packet::tcp(sa(backend(1), 8000), sa(CLIENT, 40_000), TCP_ACK).build(),
             with_opts.build(),
             icmp.clone(),
         ];
+        // ICMP errors quoting the flow the SYN above starts, from either side: translated.
+        check(&syn, &mut runner, &mut s);
+        let router = Ipv4Addr::new(10, 10, 0, 254);
+        let reply = Ipv4Packet::tcp(sa(VIP, 80), sa(CLIENT, 40_000), TCP_SYN | TCP_ACK).build();
+        bases.push(wire::icmp_error(router, VIP, 3, 4, 1280, &reply, 8));
+        for (b, _, _) in backends() {
+            let sent = Ipv4Packet::tcp(sa(CLIENT, 40_000), sa(b, 8000), TCP_SYN).build();
+            bases.push(wire::icmp_error(b, CLIENT, 3, 3, 0, &sent, 28));
+        }
         for b in &bases {
             for len in 0..=b.len() {
                 check(&b[..len], &mut runner, &mut s);
             }
         }
+        let quoting: Vec<Vec<u8>> = bases[4..].to_vec();
         while s.runs + s.refused < n {
-            let p = hostile(&mut rng, &icmp);
+            let icmp = &quoting[rng.below(quoting.len() as u64) as usize];
+            let p = hostile(&mut rng, icmp);
             check(&p, &mut runner, &mut s);
         }
         let Stats {
