@@ -790,3 +790,79 @@ fn a_docker_api_that_fails_is_named_retried_and_never_stops_the_configured_servi
         let _ = std::fs::remove_file(&sock);
     }
 }
+
+/// Path MTU discovery through berth, with real packets: a router on the client's side has a
+/// 1280-byte link towards the client, whose own interface (and so its MSS) says 1500. The
+/// backend's full-size segments reach that router, which answers "fragmentation needed" to the
+/// address they came from: the service's. berth must translate that error to the backend
+/// (quoting backend -> client), or the backend never learns the path MTU and the transfer
+/// black-holes.
+#[test]
+fn path_mtu_discovery_works_through_berth() {
+    remove_leftovers();
+    let lb = Netns::new("lb");
+    let rt = Netns::new("rt");
+    let client = Netns::new("cl");
+    let b = Netns::new("b1");
+    veth(&lb, "eth0", &rt, "eth0");
+    veth(&rt, "eth1", &client, "eth0");
+    veth(&lb, "eth1", &b, "eth0");
+    lb.exec(&["ip", "addr", "add", "10.10.0.1/24", "dev", "eth0"]);
+    lb.exec(&["ip", "addr", "add", "10.20.0.1/24", "dev", "eth1"]);
+    lb.exec(&["ip", "route", "add", "10.30.0.0/24", "via", "10.10.0.254"]);
+    lb.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    rt.exec(&["ip", "addr", "add", "10.10.0.254/24", "dev", "eth0"]);
+    rt.exec(&["ip", "addr", "add", "10.30.0.1/24", "dev", "eth1"]);
+    rt.exec(&["ip", "link", "set", "eth1", "mtu", "1280"]);
+    rt.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    client.exec(&["ip", "addr", "add", "10.30.0.2/24", "dev", "eth0"]);
+    client.exec(&["ip", "route", "add", "default", "via", "10.30.0.1"]);
+    b.exec(&["ip", "addr", "add", "10.20.0.11/24", "dev", "eth0"]);
+    b.exec(&["ip", "route", "add", "default", "via", "10.20.0.1"]);
+
+    const SIZE: usize = 256 * 1024;
+    let body: Vec<u8> = (0..SIZE).map(|i| (i % 251) as u8).collect();
+    let expected = body.clone();
+    let server = b.spawn(move || {
+        let l = std::net::TcpListener::bind("10.20.0.11:8000").expect("bind");
+        let (mut s, _) = l.accept().expect("accept");
+        use std::io::Write as _;
+        let _ = s.write_all(&body);
+    });
+    let berth = Berth::start(
+        &lb,
+        "[[service]]\nname = \"big\"\nlisten = \"10.10.0.1:8080\"\nbackends = [\"10.20.0.11:8000\"]\n",
+        &["eth0", "eth1"],
+    );
+    let got = client.run(|| {
+        use std::io::Read as _;
+        let mut s = std::net::TcpStream::connect_timeout(
+            &"10.10.0.1:8080".parse().unwrap(),
+            Duration::from_secs(5),
+        )
+        .map_err(|e| format!("connect: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = Vec::new();
+        match s.read_to_end(&mut buf) {
+            Ok(_) => Ok(buf),
+            Err(e) => Err(format!("after {} bytes: {e}", buf.len())),
+        }
+    });
+    let translated = berth
+        .status()
+        .counters
+        .iter()
+        .find(|(n, _)| n == "event_icmp_translated")
+        .map_or(0, |(_, v)| *v);
+    let got = got.unwrap_or_else(|e| {
+        panic!("transfer through a 1280-byte hop failed ({translated} ICMP errors translated): {e}")
+    });
+    assert_eq!(got.len(), SIZE);
+    assert!(got == expected, "payload corrupted");
+    assert!(
+        translated >= 1,
+        "the router's 'fragmentation needed' was never translated"
+    );
+    let _ = server.join();
+    println!("{SIZE} bytes through a 1280-byte hop; {translated} ICMP errors translated");
+}
