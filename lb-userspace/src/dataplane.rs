@@ -321,12 +321,22 @@ fn ensure_bpffs(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Creates `dir` (and missing parents) root-only, and makes an existing one root-only too: an
+/// earlier berth created the layout directories 0755, and every pin directory is berth's own.
+fn private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(pin_err("creating pin directory", dir))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(pin_err("restricting pin directory", dir))
+}
+
 /// Opens `root` (creating it, root-only) and takes its exclusive lock without waiting.
 fn lock_root(root: &Path) -> Result<File> {
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::create_dir_all(root).map_err(pin_err("creating pin directory", root))?;
-    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
-        .map_err(pin_err("restricting pin directory", root))?;
+    private_dir(root)?;
     let f = File::open(root).map_err(pin_err("opening pin directory", root))?;
     // SAFETY: flock on a descriptor we own.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
@@ -362,6 +372,12 @@ pub fn down(root: &Path) -> Result<DownReport> {
     let mut report = DownReport::default();
     if !root.exists() {
         return Ok(report);
+    }
+    if !is_bpffs(root) {
+        // Never lock (and make root-only) a directory that cannot hold pins.
+        return Err(DataplaneError::NotBpffs {
+            path: root.display().to_string(),
+        });
     }
     let lock = lock_root(root)?;
     for layout in layouts(root) {
@@ -485,6 +501,8 @@ impl Dataplane {
     pub fn load_pinned(options: DataplaneOptions, root: &Path) -> Result<Self> {
         let rootname = root.display().to_string();
         ensure_bpffs(root)?;
+        // Made root-only only once known to be on bpffs (lock_root): any other directory is
+        // refused untouched.
         std::fs::create_dir_all(root).map_err(pin_err("creating pin directory", root))?;
         if !is_bpffs(root) {
             return Err(DataplaneError::NotBpffs { path: rootname });
@@ -499,8 +517,8 @@ impl Dataplane {
         }
         let dir = root.join(&want);
         let (maps, links) = (dir.join("maps"), dir.join("links"));
-        for d in [&maps, &links] {
-            std::fs::create_dir_all(d).map_err(pin_err("creating pin directory", d))?;
+        for d in [&dir, &maps, &links] {
+            private_dir(d)?;
         }
         let adopted = maps.join(MAP_SERVICES).exists();
         let loaded = Self::load_with(options, Some(&maps));

@@ -764,10 +764,13 @@ fn build_status(
 ) -> status::Status {
     use std::collections::HashMap;
     let dp = rec.dataplane();
-    let applied: HashMap<String, _> = rec
+    // By address and protocol, not by name: after a restart the adopted services carry
+    // placeholder names until the first apply claims them (which waits for Docker's first
+    // listing), and their counters are the pinned totals all the same.
+    let applied: HashMap<_, _> = rec
         .state()
         .into_iter()
-        .map(|s| (s.name.clone(), s))
+        .map(|s| ((s.listen, s.protocol), s))
         .collect();
     let container_of = |addr: &std::net::SocketAddrV4| {
         containers
@@ -778,7 +781,7 @@ fn build_status(
     let services = desired
         .iter()
         .map(|s| {
-            let pool = applied.get(&s.name);
+            let pool = applied.get(&(s.listen, s.protocol));
             let backends = s
                 .backends
                 .iter()

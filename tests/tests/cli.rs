@@ -224,3 +224,21 @@ fn second_berth_on_the_same_interface_is_refused() {
     assert_eq!(second.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("already attached to lo"), "{stderr}");
 }
+
+#[test]
+fn down_leaves_a_directory_that_is_not_bpffs_untouched() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = std::env::temp_dir().join(format!("berth-cli-{}/not-bpffs", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = Command::new(berth())
+        .args(["down", "--pin-path"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("is not on a BPF filesystem"), "{stderr}");
+    let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o755, "berth down changed {}", dir.display());
+}

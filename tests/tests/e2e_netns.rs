@@ -784,3 +784,88 @@ fn a_docker_api_that_fails_is_named_retried_and_never_stops_the_configured_servi
         let _ = std::fs::remove_file(&sock);
     }
 }
+
+/// (packets, new flows) of every backend of service `name`, by address.
+fn backend_totals(st: &lb_userspace::status::Status, name: &str) -> BTreeMap<String, (u64, u64)> {
+    st.services
+        .iter()
+        .filter(|s| s.name == name)
+        .flat_map(|s| s.backends.iter())
+        .map(|b| (b.address.clone(), (b.packets, b.new_flows)))
+        .collect()
+}
+
+/// After a restart berth holds the pinned services as they are until Docker's first listing; a
+/// Docker that never answers makes that hold last. `berth status` shows the kernel's totals (and
+/// pool) all the same, not zeros.
+#[test]
+fn status_shows_the_pinned_totals_after_a_restart() {
+    let t = one_armed();
+    let sock = std::env::temp_dir().join(format!("bte-hold-docker-{}.sock", std::process::id()));
+    let http500 = &b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 2\r\n\r\n{}"[..];
+    let _requests = broken_docker_api(&sock, http500, Duration::ZERO);
+    let config = format!(
+        "[docker]\nenabled = true\nsocket = \"{}\"\n{ONE_ARMED_CONFIG}",
+        sock.display()
+    );
+    let mut berth = Berth::start(&t.lb, &config, &["eth0"]);
+    let svc = sa("10.10.0.1:8080");
+    assert_eq!(spread_tcp(&t.client, svc, 60).values().sum::<usize>(), 60);
+    let before = backend_totals(&berth.status(), "web");
+    let flows: u64 = before.values().map(|v| v.1).sum();
+    assert_eq!(flows, 60, "{before:?}");
+    let (status, _) = berth.stop();
+    assert!(status.success());
+    berth.respawn();
+    berth.wait_for("keeping the pinned services as they are", 1);
+    let st = berth.status();
+    let after = backend_totals(&st, "web");
+    println!("before the restart {before:?}, after (held) {after:?}");
+    // Nothing was sent meanwhile: the kernel's totals, as they were, and still in the pool.
+    assert_eq!(after, before, "{}", berth.log_text());
+    assert!(
+        st.services
+            .iter()
+            .filter(|s| s.name == "web")
+            .flat_map(|s| s.backends.iter())
+            .all(|b| b.in_pool),
+        "{st:?}"
+    );
+    assert_eq!(spread_tcp(&t.client, svc, 30).values().sum::<usize>(), 30);
+    let flows: u64 = backend_totals(&berth.status(), "web")
+        .values()
+        .map(|v| v.1)
+        .sum();
+    assert_eq!(flows, 90);
+    drop(berth);
+    let _ = std::fs::remove_file(&sock);
+}
+
+#[test]
+fn every_pin_directory_and_pin_is_root_only() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let t = one_armed();
+    let berth = Berth::start(&t.lb, ONE_ARMED_CONFIG, &["eth0"]);
+    let mode = |p: &std::path::Path| {
+        std::fs::metadata(p)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    let layout = berth.pin_path.join("v1");
+    for dir in [
+        berth.pin_path.clone(),
+        layout.clone(),
+        layout.join("maps"),
+        layout.join("links"),
+    ] {
+        assert_eq!(mode(&dir), 0o700, "{} is {:o}", dir.display(), mode(&dir));
+        for e in std::fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()) {
+            if e.file_type().unwrap().is_file() {
+                let m = mode(&e.path());
+                assert_eq!(m, 0o600, "{} is {m:o}", e.path().display());
+            }
+        }
+    }
+}
