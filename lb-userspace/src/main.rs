@@ -628,25 +628,15 @@ async fn run_loop(
                     let _ = tokio::time::timeout(Duration::from_secs(5), answer).await;
                 });
             }
-            Ok((mut conn, _)) = admin.accept() => {
+            Ok((conn, _)) = admin.accept() => {
                 let mut s = build_status(&rec, &health, &desired, &containers);
                 let reader = rec.dataplane().conntrack_reader();
-                tokio::spawn(async move {
-                    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+                // The conntrack walk runs off the event loop, and only for a valid request.
+                tokio::spawn(status::answer(conn, async move {
                     let entries = walk_conntrack(reader).await;
                     fill_active_flows(&mut s, &entries);
-                    let body = serde_json::to_vec(&s).unwrap_or_default();
-                    // Read the request line first: closing with unread input would reset the
-                    // connection before the client reads the answer.
-                    let answer = async {
-                        let (r, mut w) = conn.split();
-                        let mut line = String::new();
-                        tokio::io::BufReader::new(r).read_line(&mut line).await?;
-                        w.write_all(&body).await?;
-                        w.shutdown().await
-                    };
-                    let _ = tokio::time::timeout(Duration::from_secs(5), answer).await;
-                });
+                    s
+                }));
             }
             Some(change) = health_rx.recv() => {
                 if !health.record(&change) {
