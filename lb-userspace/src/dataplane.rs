@@ -293,12 +293,25 @@ fn is_bpffs(path: &Path) -> bool {
     }
 }
 
+/// Whether this process's mount namespace differs from PID 1's (false when that cannot be
+/// told).
+fn private_mount_ns() -> bool {
+    match (
+        std::fs::read_link("/proc/self/ns/mnt"),
+        std::fs::read_link("/proc/1/ns/mnt"),
+    ) {
+        (Ok(a), Ok(b)) => a != b,
+        _ => false,
+    }
+}
+
 /// Mounts a BPF filesystem on /sys/fs/bpf when `root` lies below it and none is mounted there
-/// (as on hosts without systemd); any other place must already be one.
-fn ensure_bpffs(root: &Path) -> Result<()> {
+/// (as on hosts without systemd, or under `ip netns exec`); any other place must already be
+/// one. Returns whether it mounted one.
+fn ensure_bpffs(root: &Path) -> Result<bool> {
     let base = Path::new("/sys/fs/bpf");
     if !root.starts_with(base) || is_bpffs(base) || !base.is_dir() {
-        return Ok(());
+        return Ok(false);
     }
     // SAFETY: constant NUL-terminated strings.
     let r = unsafe {
@@ -318,7 +331,7 @@ fn ensure_bpffs(root: &Path) -> Result<()> {
         });
     }
     log::info!("mounted a BPF filesystem on /sys/fs/bpf");
-    Ok(())
+    Ok(true)
 }
 
 /// Creates `dir` (and missing parents) root-only, and makes an existing one root-only too: an
@@ -332,6 +345,25 @@ fn private_dir(dir: &Path) -> Result<()> {
         .map_err(pin_err("creating pin directory", dir))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .map_err(pin_err("restricting pin directory", dir))
+}
+
+/// Whether the BPF filesystem holding `root` is mounted in PID 1's mount namespace too: if not,
+/// it exists only in this process's (private) mount namespace and is unmounted, pins and all,
+/// when the last process there exits. That is what happens under `ip netns exec`, which gives
+/// the command a mount namespace of its own with a fresh /sys, where berth then mounts a bpffs
+/// nobody else sees. `None` when PID 1's mounts cannot be read.
+pub fn bpffs_shared_with_init(root: &Path) -> Option<bool> {
+    use std::os::unix::fs::MetadataExt as _;
+    let dev = std::fs::metadata(root).ok()?.dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let init = std::fs::read_to_string("/proc/1/mountinfo").ok()?;
+    Some(init.lines().any(|l| {
+        // "36 35 0:62 / /sys/fs/bpf rw,relatime - bpf bpf rw,mode=700": major:minor, and the
+        // filesystem type after the " - " separator.
+        let (left, right) = l.split_once(" - ").unwrap_or((l, ""));
+        right.split_whitespace().next() == Some("bpf")
+            && left.split_whitespace().nth(2) == Some(&format!("{major}:{minor}"))
+    }))
 }
 
 /// Opens `root` (creating it, root-only) and takes its exclusive lock without waiting.
@@ -475,6 +507,8 @@ pub struct Dataplane {
     attached: Vec<String>,
     cgroup: Option<PathBuf>,
     adopted: bool,
+    /// Whether the pins outlive this process (see [`bpffs_shared_with_init`]).
+    pins_outlive: bool,
     // Dropped after the maps and programs: the lock is released last.
     ebpf: Ebpf,
     pins: Option<Pins>,
@@ -500,7 +534,7 @@ impl Dataplane {
     /// earlier berth (their contents are kept), or creating and pinning them.
     pub fn load_pinned(options: DataplaneOptions, root: &Path) -> Result<Self> {
         let rootname = root.display().to_string();
-        ensure_bpffs(root)?;
+        let mounted = ensure_bpffs(root)?;
         // Made root-only only once known to be on bpffs (lock_root): any other directory is
         // refused untouched.
         std::fs::create_dir_all(root).map_err(pin_err("creating pin directory", root))?;
@@ -556,6 +590,9 @@ impl Dataplane {
             e => e,
         })?;
         dp.adopted = adopted;
+        // Unknown (PID 1's mounts unreadable) counts as shared unless berth mounted the bpffs
+        // itself in a mount namespace that is not PID 1's.
+        dp.pins_outlive = bpffs_shared_with_init(root).unwrap_or(!(mounted && private_mount_ns()));
         dp.pins = Some(Pins {
             root: root.to_owned(),
             links,
@@ -567,6 +604,12 @@ impl Dataplane {
     /// Whether the maps were adopted from an earlier berth (their contents are live state).
     pub fn adopted(&self) -> bool {
         self.adopted
+    }
+
+    /// Whether the pinned dataplane outlives this process (false when unpinned, or pinned in a
+    /// BPF filesystem only this process's mount namespace has).
+    pub fn pins_outlive_process(&self) -> bool {
+        self.pins.is_some() && self.pins_outlive
     }
 
     fn load_with(options: DataplaneOptions, pin_dir: Option<&Path>) -> Result<Self> {
@@ -640,6 +683,7 @@ impl Dataplane {
             attached: Vec::new(),
             cgroup: None,
             adopted: false,
+            pins_outlive: false,
             ebpf,
             pins: None,
         })

@@ -340,6 +340,16 @@ async fn run(
     let pin_root = PathBuf::from(&cfg.dataplane.pin_path);
     let mut dp = Dataplane::load_pinned(options, &pin_root).context("loading the dataplane")?;
     let adopted = dp.adopted();
+    if !dp.pins_outlive_process() {
+        warn!(
+            "pin path {} is on a BPF filesystem only this process's mount namespace has (as \
+             under `ip netns exec`, which gives berth its own /sys): the pins will not outlive \
+             this process, and the dataplane stops when the last process of this mount \
+             namespace (usually berth) exits. To keep it serving across restarts, run berth in \
+             the host's mount namespace (e.g. `nsenter --net=/run/netns/NAME berth run ...`)",
+            pin_root.display()
+        );
+    }
     if adopted {
         info!(
             "adopting the dataplane pinned under {} (it kept serving while no berth ran)",
@@ -698,6 +708,7 @@ async fn run_loop(
             }
         );
     }
+    let pins_outlive = dp.pins_outlive_process();
     drop(dp);
     if cfg.dataplane.detach_on_exit {
         let r = lb_userspace::dataplane::down(&pin_root)
@@ -707,6 +718,13 @@ async fn run_loop(
             ifaces.join(", "),
             r.links.len(),
             r.maps
+        );
+    } else if !pins_outlive {
+        warn!(
+            "berth stopped: the dataplane on {} goes with this mount namespace (its pins under \
+             {} were private to it)",
+            ifaces.join(", "),
+            pin_root.display()
         );
     } else {
         info!(

@@ -869,3 +869,78 @@ fn every_pin_directory_and_pin_is_root_only() {
         }
     }
 }
+
+/// `ip netns exec` gives berth a mount namespace of its own with a fresh /sys, where berth mounts
+/// a BPF filesystem nobody else sees: the pins die with that namespace. berth says so at start,
+/// never claims at exit that the dataplane keeps serving, and indeed it does not.
+#[test]
+fn under_ip_netns_exec_berth_warns_that_the_pins_die_with_it() {
+    let t = one_armed();
+    let dir = std::env::temp_dir().join(format!("berth-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("netns-exec.toml");
+    std::fs::write(&config, ONE_ARMED_CONFIG).unwrap();
+    let log = dir.join("netns-exec.log");
+    // Only ever inside the private mount namespace: the host's /sys/fs/bpf never sees it.
+    let pins = berth_tests::topo::test_pin_path("netns-exec");
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", &t.lb.name])
+        .arg(berth_bin())
+        .args([
+            "run",
+            "--iface",
+            "eth0",
+            "--cgroup",
+            "none",
+            "--admin-socket",
+        ])
+        .arg(dir.join("netns-exec.sock"))
+        .arg("--pin-path")
+        .arg(&pins)
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !text().contains("berth ready") {
+        assert!(
+            std::time::Instant::now() < deadline && child.try_wait().unwrap().is_none(),
+            "berth not ready:\n{}",
+            text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let svc = sa("10.10.0.1:8080");
+    assert_eq!(spread_tcp(&t.client, svc, 30).values().sum::<usize>(), 30);
+    assert!(!pins.exists(), "the pins showed up in the host's bpffs");
+    // SAFETY: plain signal to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    let log = text();
+    println!("{log}");
+    assert!(status.success(), "{status}");
+    assert!(
+        log.contains("the pins will not outlive this process"),
+        "no warning at start:\n{log}"
+    );
+    assert!(
+        !log.contains("keeps serving") && !log.contains("(pinned under"),
+        "a false claim:\n{log}"
+    );
+    assert!(log.contains("goes with this mount namespace"), "{log}");
+    // And true: once berth is gone, so is the dataplane.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if t.client.run(move || tcp_request(svc, "x")).is_err() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still balanced after berth exited"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
