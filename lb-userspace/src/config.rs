@@ -193,6 +193,9 @@ pub struct MetricsConfig {
     pub enabled: bool,
     /// Address to serve `/metrics` on; loopback unless you mean it.
     pub listen: String,
+    /// Seconds a metrics page is served from its snapshot before a scrape takes a new one (each
+    /// walks the whole conntrack map): about the scrape interval.
+    pub refresh_interval_secs: u64,
 }
 
 impl Default for MetricsConfig {
@@ -200,6 +203,7 @@ impl Default for MetricsConfig {
         Self {
             enabled: true,
             listen: "127.0.0.1:9477".into(),
+            refresh_interval_secs: 5,
         }
     }
 }
@@ -490,6 +494,15 @@ impl Config {
                 format!("{:?} is not an ADDR:PORT", self.metrics.listen),
             ));
         }
+        if !(1..=3600).contains(&self.metrics.refresh_interval_secs) {
+            return Err(ConfigError::new(
+                "metrics.refresh_interval_secs",
+                format!(
+                    "{} must be between 1 and 3600 seconds",
+                    self.metrics.refresh_interval_secs
+                ),
+            ));
+        }
         for (i, iface) in d.interfaces.iter().enumerate() {
             if iface.is_empty() || iface.len() > 15 || iface.contains(['/', ' ', '\0']) {
                 return Err(ConfigError::new(
@@ -743,6 +756,13 @@ mod tests {
         assert!(cfg.metrics.enabled);
         let (cfg, _) = Config::load("[metrics]\nenabled = false\n").unwrap();
         assert!(!cfg.metrics.enabled);
+        assert_eq!(cfg.metrics.refresh_interval_secs, 5);
+        for bad in ["0", "3601"] {
+            assert_eq!(
+                err(&format!("[metrics]\nrefresh_interval_secs = {bad}\n")).field,
+                "metrics.refresh_interval_secs"
+            );
+        }
     }
 
     #[test]

@@ -1037,6 +1037,7 @@ impl Dataplane {
 
     /// Every conntrack entry: established flows, then unconfirmed ones.
     pub fn conntrack_entries(&self) -> Vec<(FlowKey, CtEntry)> {
+        count_walk();
         self.conntrack
             .iter()
             .chain(self.ct_new.iter())
@@ -1130,6 +1131,19 @@ impl Dataplane {
     }
 }
 
+/// Full walks of the conntrack maps since the process started (each costs two syscalls per
+/// entry): what the metrics cache and the sweep's interval keep rare.
+static CONNTRACK_WALKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many full conntrack walks this process has made.
+pub fn conntrack_walks() -> u64 {
+    CONNTRACK_WALKS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn count_walk() {
+    CONNTRACK_WALKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// The conntrack map through its own descriptor (`Send`: for `spawn_blocking`).
 pub struct ConntrackReader {
     /// The main map and the unconfirmed-flow map.
@@ -1139,6 +1153,7 @@ pub struct ConntrackReader {
 
 impl ConntrackReader {
     pub fn entries(&self) -> Vec<(FlowKey, CtEntry)> {
+        count_walk();
         self.maps
             .iter()
             .flat_map(|m| m.iter().filter_map(|r| r.ok()))

@@ -488,6 +488,34 @@ async fn run_loop(
 
     let (docker_tx, mut docker_rx) = tokio::sync::mpsc::channel(1024);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // The metrics task asks this loop for a snapshot's inputs when its page is stale.
+    let (metrics_tx, mut metrics_rx) =
+        tokio::sync::mpsc::channel::<tokio::sync::oneshot::Sender<MetricsInputs>>(1);
+    if let Some(listener) = metrics_listener {
+        let cache = lb_userspace::metrics::Cache::new(
+            Duration::from_secs(cfg.metrics.refresh_interval_secs),
+            Box::new(move || {
+                let ask = metrics_tx.clone();
+                Box::pin(async move {
+                    let (reply, answer) = tokio::sync::oneshot::channel();
+                    if ask.send(reply).await.is_err() {
+                        return String::new(); // shutting down
+                    }
+                    match answer.await {
+                        Ok(inputs) => inputs.render().await,
+                        Err(_) => String::new(),
+                    }
+                })
+            }),
+        );
+        tokio::spawn(lb_userspace::metrics::serve(
+            listener,
+            std::sync::Arc::new(cache),
+            stop_rx.clone(),
+        ));
+    } else {
+        drop(metrics_tx);
+    }
     if docker_on {
         let label_services = cfg.docker.label_services.unwrap_or(!has_file);
         info!(
@@ -602,40 +630,17 @@ async fn run_loop(
                     discovery_lag = Some((now - t).max(0) as f64 / 1e9);
                 }
             }
-            Ok((mut conn, _)) = async {
-                match &metrics_listener {
-                    Some(l) => l.accept().await,
-                    None => std::future::pending().await,
-                }
-            } => {
-                let mut s = build_status(&rec, &health, &desired, &containers);
-                let reader = rec.dataplane().conntrack_reader();
-                let capacity = u64::from(rec.dataplane().options().conntrack_size);
-                tokio::spawn(async move {
-                    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-                    // The conntrack walk runs off the event loop.
-                    let entries = walk_conntrack(reader).await;
-                    fill_active_flows(&mut s, &entries);
-                    let extra = lb_userspace::metrics::Extra {
-                        conntrack_entries: entries.len() as u64,
-                        conntrack_capacity: capacity,
+            Some(reply) = metrics_rx.recv() => {
+                // Cheap map reads here; the conntrack walk runs in the metrics task.
+                let _ = reply.send(MetricsInputs {
+                    status: build_status(&rec, &health, &desired, &containers),
+                    reader: rec.dataplane().conntrack_reader(),
+                    extra: lb_userspace::metrics::Extra {
+                        conntrack_capacity: u64::from(options.conntrack_size),
                         docker_events,
                         discovery_lag_seconds: discovery_lag,
-                    };
-                    let body = lb_userspace::metrics::render(&s, &extra);
-                    let answer = async {
-                        // The request is not looked at beyond reading it: every path is /metrics.
-                        let mut buf = [0u8; 2048];
-                        let _ = conn.read(&mut buf).await?;
-                        let head = format!(
-                            "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n",
-                            body.len()
-                        );
-                        conn.write_all(head.as_bytes()).await?;
-                        conn.write_all(body.as_bytes()).await?;
-                        conn.shutdown().await
-                    };
-                    let _ = tokio::time::timeout(Duration::from_secs(5), answer).await;
+                        ..Default::default()
+                    },
                 });
             }
             Ok((conn, _)) = admin.accept() => {
@@ -835,6 +840,25 @@ fn build_status(
         })
         .unwrap_or_default();
     status::Status { services, counters }
+}
+
+/// What a metrics page is made of, taken on the event loop.
+struct MetricsInputs {
+    status: status::Status,
+    reader:
+        Result<lb_userspace::dataplane::ConntrackReader, lb_userspace::dataplane::DataplaneError>,
+    extra: lb_userspace::metrics::Extra,
+}
+
+impl MetricsInputs {
+    /// Walks conntrack (on a blocking thread) and renders the page.
+    async fn render(mut self) -> String {
+        let entries = walk_conntrack(self.reader).await;
+        fill_active_flows(&mut self.status, &entries);
+        self.extra.conntrack_entries = entries.len() as u64;
+        self.extra.conntrack_walks = lb_userspace::dataplane::conntrack_walks();
+        lb_userspace::metrics::render(&self.status, &self.extra)
+    }
 }
 
 /// Every conntrack entry, read on a blocking thread (empty, with a warning, if that fails).

@@ -1,8 +1,24 @@
 //! Prometheus text exposition of what `berth status` shows, plus the dataplane's exit and event
-//! counters and conntrack occupancy. Served over plain HTTP on `[metrics] listen` (loopback by
+//! counters and conntrack occupancy. Served over HTTP (hyper) on `[metrics] listen` (loopback by
 //! default), rendered from a [`Status`](crate::status::Status) so both views agree.
+//!
+//! A page costs a walk of the whole conntrack map (two syscalls per entry), so pages come from a
+//! [`Cache`]: a scrape takes a new snapshot only when the last one is older than
+//! `[metrics] refresh_interval_secs`, and concurrent scrapes wait for the same one. A connection
+//! costs nothing until it has sent a request; connections are bounded in number and time.
 
-use std::fmt::Write as _;
+use std::{
+    convert::Infallible,
+    fmt::Write as _,
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, header};
 
 use crate::status::Status;
 
@@ -11,9 +27,121 @@ use crate::status::Status;
 pub struct Extra {
     pub conntrack_entries: u64,
     pub conntrack_capacity: u64,
+    /// Full conntrack walks the daemon has made (metrics, `berth status`, the sweep).
+    pub conntrack_walks: u64,
     pub docker_events: u64,
     /// Seconds from the last Docker event's timestamp to its change being applied.
     pub discovery_lag_seconds: Option<f64>,
+}
+
+/// Makes a fresh page (the daemon's: a status snapshot, a conntrack walk, [`render`]).
+pub type Renderer = Box<dyn Fn() -> Pin<Box<dyn Future<Output = String> + Send>> + Send + Sync>;
+
+/// The last page and when it was made; a page older than the refresh interval is made anew by
+/// the first scrape that wants it, while the others wait for it (one walk, however many ask).
+pub struct Cache {
+    refresh: Duration,
+    render: Renderer,
+    page: tokio::sync::Mutex<Option<(Instant, Bytes)>>,
+}
+
+impl Cache {
+    pub fn new(refresh: Duration, render: Renderer) -> Self {
+        Self {
+            refresh,
+            render,
+            page: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// The current page: the cached one if younger than the refresh interval.
+    pub async fn page(&self) -> Bytes {
+        let mut page = self.page.lock().await;
+        if let Some((at, body)) = &*page
+            && at.elapsed() < self.refresh
+        {
+            return body.clone();
+        }
+        let body = Bytes::from((self.render)().await);
+        *page = Some((Instant::now(), body.clone()));
+        body
+    }
+}
+
+/// Connections served at once; more wait in the listen backlog.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Time a connection has to send a request's head.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a connection (keep-alive included) is kept.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
+/// Serves the metrics page on `listener` until `stop` turns true.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    cache: Arc<Cache>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.changed() => return,
+            permit = permits.clone().acquire_owned() => {
+                let permit = permit.expect("the semaphore is never closed");
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    a = listener.accept() => a.map(|(conn, _)| (conn, permit)),
+                }
+            }
+        };
+        let (conn, permit) = match accepted {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of descriptors, say: retry shortly rather than spin.
+                log::warn!("metrics endpoint: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let cache = cache.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let service = hyper::service::service_fn(move |req| {
+                let cache = cache.clone();
+                async move { Ok::<_, Infallible>(respond(&cache, &req).await) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(conn), service);
+            let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
+        });
+    }
+}
+
+async fn respond(cache: &Cache, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let reply = |status: StatusCode, body: Bytes| {
+        let mut r = Response::new(Full::new(body));
+        *r.status_mut() = status;
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        r
+    };
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut r = reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            Bytes::from_static(b"GET /metrics\n"),
+        );
+        r.headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    // `/` too: the page has always been served there.
+    if !matches!(req.uri().path(), "/" | "/metrics") {
+        return reply(StatusCode::NOT_FOUND, Bytes::from_static(b"GET /metrics\n"));
+    }
+    reply(StatusCode::OK, cache.page().await)
 }
 
 fn escape(v: &str) -> String {
@@ -165,6 +293,12 @@ pub fn render(s: &Status, x: &Extra) -> String {
         vec![(String::new(), x.conntrack_capacity.to_string())],
     );
     family(
+        "berth_conntrack_walks_total",
+        "counter",
+        "Full walks of the conntrack map (metrics refreshes, berth status, the sweep).",
+        vec![(String::new(), x.conntrack_walks.to_string())],
+    );
+    family(
         "berth_docker_events_total",
         "counter",
         "Docker container and network events handled.",
@@ -185,6 +319,91 @@ pub fn render(s: &Status, x: &Extra) -> String {
 mod tests {
     use super::*;
     use crate::status::{BackendStatus, ServiceStatus};
+
+    /// A cache whose renderer counts its calls (and takes a while, like a walk).
+    fn counting_cache(refresh: Duration) -> (Arc<Cache>, Arc<std::sync::atomic::AtomicUsize>) {
+        let renders = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let n = renders.clone();
+        let cache = Cache::new(
+            refresh,
+            Box::new(move || {
+                let n = n.clone();
+                Box::pin(async move {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    let i = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                    format!("page {i}\n")
+                })
+            }),
+        );
+        (Arc::new(cache), renders)
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn concurrent_scrapes_share_one_render_per_interval() {
+        runtime().block_on(async {
+            let (cache, renders) = counting_cache(Duration::from_millis(300));
+            let pages = futures_util::future::join_all((0..50).map(|_| {
+                let c = cache.clone();
+                async move { c.page().await }
+            }))
+            .await;
+            assert!(pages.iter().all(|p| p == &pages[0]));
+            assert_eq!(renders.load(std::sync::atomic::Ordering::SeqCst), 1);
+            tokio::time::sleep(Duration::from_millis(350)).await;
+            assert_eq!(cache.page().await, Bytes::from("page 2\n"));
+        });
+    }
+
+    /// One HTTP/1.0 request on a fresh connection: the whole answer.
+    async fn get(addr: std::net::SocketAddr, request: &str) -> String {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[test]
+    fn connections_without_a_request_render_nothing() {
+        runtime().block_on(async {
+            let (cache, renders) = counting_cache(Duration::from_secs(60));
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            let server = tokio::spawn(serve(l, cache, stop_rx));
+            for _ in 0..300 {
+                drop(tokio::net::TcpStream::connect(addr).await.unwrap());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert_eq!(renders.load(std::sync::atomic::Ordering::SeqCst), 0);
+            let answer = get(addr, "GET /metrics HTTP/1.0\r\n\r\n").await;
+            assert!(answer.starts_with("HTTP/1.0 200 OK\r\n"), "{answer}");
+            assert!(answer.contains("text/plain; version=0.0.4"), "{answer}");
+            assert!(answer.ends_with("\r\n\r\npage 1\n"), "{answer}");
+            let answer = get(
+                addr,
+                "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            )
+            .await;
+            assert!(answer.ends_with("page 1\n"), "{answer}");
+            let answer = get(addr, "GET /nope HTTP/1.0\r\n\r\n").await;
+            assert!(answer.starts_with("HTTP/1.0 404"), "{answer}");
+            let answer = get(addr, "POST /metrics HTTP/1.0\r\n\r\n").await;
+            assert!(answer.starts_with("HTTP/1.0 405"), "{answer}");
+            assert_eq!(renders.load(std::sync::atomic::Ordering::SeqCst), 1);
+            stop_tx.send(true).unwrap();
+            server.await.unwrap();
+        });
+    }
 
     #[test]
     fn exposition_format() {
@@ -215,6 +434,7 @@ mod tests {
             &Extra {
                 conntrack_entries: 4,
                 conntrack_capacity: 1024,
+                conntrack_walks: 3,
                 docker_events: 7,
                 discovery_lag_seconds: Some(0.002),
             },
@@ -227,6 +447,7 @@ mod tests {
             r#"berth_packets_total{action="pass",reason="no_service"} 5"#,
             r#"berth_dataplane_events_total{event="ct_closing"} 1"#,
             "berth_conntrack_capacity 1024",
+            "berth_conntrack_walks_total 3",
             "berth_discovery_lag_seconds 0.002000",
         ] {
             assert!(m.lines().any(|l| l == line), "missing {line:?} in\n{m}");

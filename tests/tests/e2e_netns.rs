@@ -944,3 +944,92 @@ fn under_ip_netns_exec_berth_warns_that_the_pins_die_with_it() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// utime + stime of a process, in seconds, and its peak resident memory in MiB.
+fn cpu_and_peak_rss(pid: i32) -> (f64, f64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // Fields after the command name (which may hold spaces): utime and stime are 14th and 15th.
+    let after = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = after.split(' ').collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let cpu = (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / hz;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let hwm = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<f64>().ok())
+        .unwrap_or(0.0);
+    (cpu, hwm / 1024.0)
+}
+
+/// Connections to the metrics port that never send a request cost no conntrack walk, and real
+/// scrapes share one walk per refresh interval, while still showing current figures.
+#[test]
+fn metrics_connections_do_not_each_walk_conntrack() {
+    let t = one_armed();
+    let berth = Berth::start(&t.lb, ONE_ARMED_CONFIG, &["eth0"]);
+    let svc = sa("10.10.0.1:8080");
+    let metrics = sa("127.0.0.1:9477");
+    // 2000 conntrack entries (closed flows linger until the sweep).
+    assert_eq!(
+        spread_tcp(&t.client, svc, 1000).values().sum::<usize>(),
+        1000
+    );
+    let (cpu0, _) = cpu_and_peak_rss(berth.pid());
+    let conns = 500;
+    t.lb.run(move || {
+        for _ in 0..conns {
+            drop(std::net::TcpStream::connect(metrics).expect("connect to metrics"));
+        }
+    });
+    // Let the daemon finish whatever those connections made it do.
+    std::thread::sleep(Duration::from_secs(2));
+    let (cpu1, rss) = cpu_and_peak_rss(berth.pid());
+    println!(
+        "{conns} connect-then-close connections to the metrics port: berth CPU {:.2} s, peak RSS {rss:.1} MiB",
+        cpu1 - cpu0
+    );
+    let scrape = || {
+        let (status, page) =
+            t.lb.run(move || berth_tests::topo::http_get(metrics).expect("scrape"));
+        assert_eq!(status, 200, "{page}");
+        page
+    };
+    let web = r#"{service="web",listen="0.0.0.0:8080",protocol="tcp"}"#;
+    let page = scrape();
+    assert_eq!(
+        metric(&page, &format!("berth_service_new_flows_total{web}")),
+        1000.0
+    );
+    let walks = metric(&page, "berth_conntrack_walks_total");
+    // The sweep at start, and this scrape's refresh.
+    assert!(walks <= 2.0, "{walks} conntrack walks");
+    // Many scrapes at once within the refresh interval: one snapshot, no further walk.
+    let pages: Vec<String> = (0..8)
+        .map(|_| {
+            t.lb.spawn(move || {
+                (0..10)
+                    .map(|_| berth_tests::topo::http_get(metrics).expect("scrape").1)
+                    .collect::<Vec<_>>()
+            })
+        })
+        .flat_map(|h| h.join().expect("scraper"))
+        .collect();
+    assert!(pages.iter().all(|p| *p == page), "a scrape differed");
+    // After the interval (default 5 s) a scrape shows what happened meanwhile.
+    assert_eq!(spread_tcp(&t.client, svc, 30).values().sum::<usize>(), 30);
+    std::thread::sleep(Duration::from_millis(5200));
+    let page = scrape();
+    assert_eq!(
+        metric(&page, &format!("berth_service_new_flows_total{web}")),
+        1030.0
+    );
+    let walks = metric(&page, "berth_conntrack_walks_total");
+    assert!(walks <= 3.0, "{walks} conntrack walks");
+    let (cpu2, rss) = cpu_and_peak_rss(berth.pid());
+    println!(
+        "after 82 scrapes: berth CPU {:.2} s in all since the flood, peak RSS {rss:.1} MiB, {walks} walks",
+        cpu2 - cpu0
+    );
+}
