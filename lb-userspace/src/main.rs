@@ -857,7 +857,7 @@ impl MetricsInputs {
         fill_active_flows(&mut self.status, &entries);
         self.extra.conntrack_entries = entries.len() as u64;
         self.extra.conntrack_walks = lb_userspace::dataplane::conntrack_walks();
-        lb_userspace::metrics::render(&self.status, &self.extra)
+        lb_userspace::metrics::render(self.status, self.extra)
     }
 }
 

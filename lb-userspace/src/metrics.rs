@@ -9,7 +9,6 @@
 
 use std::{
     convert::Infallible,
-    fmt::Write as _,
     future::Future,
     pin::Pin,
     sync::Arc,
@@ -19,6 +18,12 @@ use std::{
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, header};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric, prometheus_text},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+    registry::Registry,
+};
 
 use crate::status::Status;
 
@@ -124,7 +129,7 @@ async fn respond(cache: &Cache, req: &Request<Incoming>) -> Response<Full<Bytes>
         *r.status_mut() = status;
         r.headers_mut().insert(
             header::CONTENT_TYPE,
-            header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            header::HeaderValue::from_static(prometheus_text::CONTENT_TYPE),
         );
         r
     };
@@ -144,174 +149,204 @@ async fn respond(cache: &Cache, req: &Request<Incoming>) -> Response<Full<Bytes>
     reply(StatusCode::OK, cache.page().await)
 }
 
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// A snapshot, encoded by prometheus-client in the Prometheus text format (0.0.4): counters get
+/// their `_total` suffix from the encoder, label values their escaping, and families keep the
+/// order of `berth status` (services, then their backends).
+#[derive(Debug)]
+struct Snapshot {
+    status: Status,
+    extra: Extra,
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+/// One family: its descriptor (written even without samples: the HELP and TYPE lines say what
+/// berth exports), then a sample per label set, or one unlabelled sample.
+fn family<M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    rows: impl IntoIterator<Item = (Labels, M)>,
+) -> std::fmt::Result {
+    let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
+    for (labels, value) in rows {
+        if labels.is_empty() {
+            return value.encode(metric);
+        }
+        value.encode(metric.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn counter(v: u64) -> ConstCounter<u64> {
+    ConstCounter::new(v)
+}
+
+fn gauge(v: u64) -> ConstGauge<u64> {
+    ConstGauge::new(v)
+}
+
+impl Collector for Snapshot {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        let (s, x) = (&self.status, &self.extra);
+        let backends: Vec<(Labels, &crate::status::BackendStatus)> = s
+            .services
+            .iter()
+            .flat_map(|svc| {
+                svc.backends.iter().map(move |b| {
+                    let labels = vec![
+                        ("service", svc.name.clone()),
+                        ("backend", b.address.clone()),
+                        ("container", b.container.clone().unwrap_or_default()),
+                    ];
+                    (labels, b)
+                })
+            })
+            .collect();
+        let per_backend = |f: fn(&crate::status::BackendStatus) -> u64| {
+            backends.iter().map(move |(l, b)| (l.clone(), f(b)))
+        };
+        for (name, help, f) in [
+            (
+                "berth_backend_packets",
+                "Packets translated for a backend (both directions).",
+                (|b| b.packets) as fn(&crate::status::BackendStatus) -> u64,
+            ),
+            (
+                "berth_backend_bytes",
+                "Bytes translated for a backend (both directions).",
+                |b| b.bytes,
+            ),
+            (
+                "berth_backend_new_flows",
+                "New flows balanced to a backend.",
+                |b| b.new_flows,
+            ),
+        ] {
+            let rows = per_backend(f).map(|(l, v)| (l, counter(v)));
+            family(&mut e, name, help, MetricType::Counter, rows)?;
+        }
+        for (name, help, f) in [
+            (
+                "berth_backend_active_flows",
+                "Open flows pinned to a backend.",
+                (|b| b.active_flows) as fn(&crate::status::BackendStatus) -> u64,
+            ),
+            (
+                "berth_backend_healthy",
+                "1 if the backend passes its health check (or has none), else 0.",
+                |b| u64::from(b.health != "unhealthy"),
+            ),
+            (
+                "berth_backend_in_pool",
+                "1 if the backend takes new flows.",
+                |b| u64::from(b.in_pool),
+            ),
+        ] {
+            let rows = per_backend(f).map(|(l, v)| (l, gauge(v)));
+            family(&mut e, name, help, MetricType::Gauge, rows)?;
+        }
+        let per_service = |f: fn(&crate::status::BackendStatus) -> u64| {
+            s.services.iter().map(move |svc| {
+                let labels = vec![
+                    ("service", svc.name.clone()),
+                    ("listen", svc.listen.clone()),
+                    ("protocol", svc.protocol.clone()),
+                ];
+                (labels, counter(svc.backends.iter().map(f).sum()))
+            })
+        };
+        for (name, help, f) in [
+            (
+                "berth_service_packets",
+                "Packets translated for a service's backends.",
+                (|b| b.packets) as fn(&crate::status::BackendStatus) -> u64,
+            ),
+            (
+                "berth_service_new_flows",
+                "New flows balanced by a service.",
+                |b| b.new_flows,
+            ),
+        ] {
+            family(&mut e, name, help, MetricType::Counter, per_service(f))?;
+        }
+        let (exits, events): (Vec<_>, Vec<_>) = s
+            .counters
+            .iter()
+            .partition(|(n, _)| !n.starts_with("event_"));
+        family(
+            &mut e,
+            "berth_packets",
+            "Packets by the program's exit: action and reason (see README, action policy).",
+            MetricType::Counter,
+            exits.iter().map(|(n, v)| {
+                let (action, reason) = n.split_once('_').unwrap_or((n.as_str(), ""));
+                (
+                    vec![("action", action.to_owned()), ("reason", reason.to_owned())],
+                    counter(*v),
+                )
+            }),
+        )?;
+        family(
+            &mut e,
+            "berth_dataplane_events",
+            "Notable dataplane events (not exits).",
+            MetricType::Counter,
+            events.iter().map(|(n, v)| {
+                let event = n.trim_start_matches("event_").to_owned();
+                (vec![("event", event)], counter(*v))
+            }),
+        )?;
+        let one = |v| [(Labels::new(), gauge(v))];
+        family(
+            &mut e,
+            "berth_conntrack_entries",
+            "Conntrack entries in use (two per flow).",
+            MetricType::Gauge,
+            one(x.conntrack_entries),
+        )?;
+        family(
+            &mut e,
+            "berth_conntrack_capacity",
+            "Conntrack map size.",
+            MetricType::Gauge,
+            one(x.conntrack_capacity),
+        )?;
+        family(
+            &mut e,
+            "berth_conntrack_walks",
+            "Full walks of the conntrack map (metrics refreshes, berth status, the sweep).",
+            MetricType::Counter,
+            [(Labels::new(), counter(x.conntrack_walks))],
+        )?;
+        family(
+            &mut e,
+            "berth_docker_events",
+            "Docker container and network events handled.",
+            MetricType::Counter,
+            [(Labels::new(), counter(x.docker_events))],
+        )?;
+        if let Some(lag) = x.discovery_lag_seconds {
+            family(
+                &mut e,
+                "berth_discovery_lag_seconds",
+                "From the last Docker event's timestamp to its change being in the kernel.",
+                MetricType::Gauge,
+                [(Labels::new(), ConstGauge::new(lag))],
+            )?;
+        }
+        Ok(())
+    }
 }
 
 /// The metrics page.
-pub fn render(s: &Status, x: &Extra) -> String {
+pub fn render(status: Status, extra: Extra) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Snapshot { status, extra }));
     let mut out = String::new();
-    let mut family = |name: &str, kind: &str, help: &str, rows: Vec<(String, String)>| {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} {kind}");
-        for (labels, value) in rows {
-            if labels.is_empty() {
-                let _ = writeln!(out, "{name} {value}");
-            } else {
-                let _ = writeln!(out, "{name}{{{labels}}} {value}");
-            }
-        }
-    };
-    let backend_rows =
-        |f: &dyn Fn(&crate::status::BackendStatus) -> String| -> Vec<(String, String)> {
-            s.services
-                .iter()
-                .flat_map(|svc| {
-                    svc.backends.iter().map(move |b| {
-                        (
-                            format!(
-                                "service=\"{}\",backend=\"{}\",container=\"{}\"",
-                                escape(&svc.name),
-                                escape(&b.address),
-                                escape(b.container.as_deref().unwrap_or(""))
-                            ),
-                            f(b),
-                        )
-                    })
-                })
-                .collect()
-        };
-    family(
-        "berth_backend_packets_total",
-        "counter",
-        "Packets translated for a backend (both directions).",
-        backend_rows(&|b| b.packets.to_string()),
-    );
-    family(
-        "berth_backend_bytes_total",
-        "counter",
-        "Bytes translated for a backend (both directions).",
-        backend_rows(&|b| b.bytes.to_string()),
-    );
-    family(
-        "berth_backend_new_flows_total",
-        "counter",
-        "New flows balanced to a backend.",
-        backend_rows(&|b| b.new_flows.to_string()),
-    );
-    family(
-        "berth_backend_active_flows",
-        "gauge",
-        "Open flows pinned to a backend.",
-        backend_rows(&|b| b.active_flows.to_string()),
-    );
-    family(
-        "berth_backend_healthy",
-        "gauge",
-        "1 if the backend passes its health check (or has none), else 0.",
-        backend_rows(&|b| u8::from(b.health != "unhealthy").to_string()),
-    );
-    family(
-        "berth_backend_in_pool",
-        "gauge",
-        "1 if the backend takes new flows.",
-        backend_rows(&|b| u8::from(b.in_pool).to_string()),
-    );
-    let service_rows = |f: &dyn Fn(&crate::status::ServiceStatus) -> u64| -> Vec<(String, String)> {
-        s.services
-            .iter()
-            .map(|svc| {
-                (
-                    format!(
-                        "service=\"{}\",listen=\"{}\",protocol=\"{}\"",
-                        escape(&svc.name),
-                        svc.listen,
-                        svc.protocol
-                    ),
-                    f(svc).to_string(),
-                )
-            })
-            .collect()
-    };
-    family(
-        "berth_service_packets_total",
-        "counter",
-        "Packets translated for a service's backends.",
-        service_rows(&|svc| svc.backends.iter().map(|b| b.packets).sum()),
-    );
-    family(
-        "berth_service_new_flows_total",
-        "counter",
-        "New flows balanced by a service.",
-        service_rows(&|svc| svc.backends.iter().map(|b| b.new_flows).sum()),
-    );
-    let (exits, events): (Vec<_>, Vec<_>) = s
-        .counters
-        .iter()
-        .partition(|(n, _)| !n.starts_with("event_"));
-    family(
-        "berth_packets_total",
-        "counter",
-        "Packets by the program's exit: action and reason (see README, action policy).",
-        exits
-            .iter()
-            .map(|(n, v)| {
-                let (action, reason) = n.split_once('_').unwrap_or((n.as_str(), ""));
-                (
-                    format!("action=\"{action}\",reason=\"{reason}\""),
-                    v.to_string(),
-                )
-            })
-            .collect(),
-    );
-    family(
-        "berth_dataplane_events_total",
-        "counter",
-        "Notable dataplane events (not exits).",
-        events
-            .iter()
-            .map(|(n, v)| {
-                (
-                    format!("event=\"{}\"", n.trim_start_matches("event_")),
-                    v.to_string(),
-                )
-            })
-            .collect(),
-    );
-    family(
-        "berth_conntrack_entries",
-        "gauge",
-        "Conntrack entries in use (two per flow).",
-        vec![(String::new(), x.conntrack_entries.to_string())],
-    );
-    family(
-        "berth_conntrack_capacity",
-        "gauge",
-        "Conntrack map size.",
-        vec![(String::new(), x.conntrack_capacity.to_string())],
-    );
-    family(
-        "berth_conntrack_walks_total",
-        "counter",
-        "Full walks of the conntrack map (metrics refreshes, berth status, the sweep).",
-        vec![(String::new(), x.conntrack_walks.to_string())],
-    );
-    family(
-        "berth_docker_events_total",
-        "counter",
-        "Docker container and network events handled.",
-        vec![(String::new(), x.docker_events.to_string())],
-    );
-    if let Some(lag) = x.discovery_lag_seconds {
-        family(
-            "berth_discovery_lag_seconds",
-            "gauge",
-            "From the last Docker event's timestamp to its change being in the kernel.",
-            vec![(String::new(), format!("{lag:.6}"))],
-        );
-    }
+    // Writing into a String cannot fail.
+    let _ = prometheus_text::encode(&mut out, &registry);
     out
 }
 
@@ -430,8 +465,8 @@ mod tests {
             ],
         };
         let m = render(
-            &s,
-            &Extra {
+            s,
+            Extra {
                 conntrack_entries: 4,
                 conntrack_capacity: 1024,
                 conntrack_walks: 3,
@@ -448,7 +483,7 @@ mod tests {
             r#"berth_dataplane_events_total{event="ct_closing"} 1"#,
             "berth_conntrack_capacity 1024",
             "berth_conntrack_walks_total 3",
-            "berth_discovery_lag_seconds 0.002000",
+            "berth_discovery_lag_seconds 0.002",
         ] {
             assert!(m.lines().any(|l| l == line), "missing {line:?} in\n{m}");
         }
