@@ -24,12 +24,84 @@ use serde::{Deserialize, Deserializer, de};
 
 use crate::{health::HealthConfig, maglev};
 
-/// A configuration problem: which field, and what is wrong with it.
+/// A configuration problem: which field, and what is wrong with it. Shown with long values cut
+/// (see [`clip_values`]): a 50 MB value is echoed as its first characters and its length.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("{field}: {message}")]
+#[error("{}: {}", clip_values(field), clip_values(message))]
 pub struct ConfigError {
     pub field: String,
     pub message: String,
+}
+
+/// Characters of a value an error message shows.
+const SHOWN_CHARS: usize = 80;
+
+/// `text` with every value longer than [`SHOWN_CHARS`] cut to that many characters, an
+/// ellipsis and its length in bytes: a quoted value (`"..."`, with escapes, or `` `...` ``, as
+/// the TOML parser quotes keys) or else a run of non-blank characters. Messages quote the
+/// values they echo, and a file may put anything in them.
+pub fn clip_values(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.len() <= SHOWN_CHARS {
+        return text.into();
+    }
+    fn push_clipped(out: &mut String, v: &str) -> bool {
+        match v.char_indices().nth(SHOWN_CHARS) {
+            None => {
+                out.push_str(v);
+                false
+            }
+            Some((cut, _)) => {
+                out.push_str(&v[..cut]);
+                out.push('…');
+                true
+            }
+        }
+    }
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        let (token, len) = match c {
+            '"' | '`' => {
+                let body = &rest[1..];
+                let mut escaped = false;
+                let end = body
+                    .char_indices()
+                    .find(|&(_, ch)| {
+                        let close = ch == c && !escaped;
+                        escaped = c == '"' && ch == '\\' && !escaped;
+                        close
+                    })
+                    .map_or(body.len(), |(i, _)| i);
+                out.push(c);
+                let cut = push_clipped(&mut out, &body[..end]);
+                let closed = end < body.len();
+                if closed {
+                    out.push(c);
+                }
+                if cut {
+                    out.push_str(&format!(" ({} bytes)", end));
+                }
+                (None, 1 + end + usize::from(closed))
+            }
+            c if c.is_whitespace() => {
+                out.push(c);
+                (None, c.len_utf8())
+            }
+            _ => {
+                let end = rest
+                    .find(|ch: char| ch.is_whitespace() || ch == '"' || ch == '`')
+                    .unwrap_or(rest.len());
+                (Some(&rest[..end]), end)
+            }
+        };
+        if let Some(run) = token
+            && push_clipped(&mut out, run)
+        {
+            out.push_str(&format!(" ({} bytes)", run.len()));
+        }
+        rest = &rest[len..];
+    }
+    out.into()
 }
 
 impl ConfigError {
@@ -121,6 +193,9 @@ pub struct MetricsConfig {
     pub enabled: bool,
     /// Address to serve `/metrics` on; loopback unless you mean it.
     pub listen: String,
+    /// Seconds a metrics page is served from its snapshot before a scrape takes a new one (each
+    /// walks the whole conntrack map): about the scrape interval.
+    pub refresh_interval_secs: u64,
 }
 
 impl Default for MetricsConfig {
@@ -128,6 +203,7 @@ impl Default for MetricsConfig {
         Self {
             enabled: true,
             listen: "127.0.0.1:9477".into(),
+            refresh_interval_secs: 5,
         }
     }
 }
@@ -418,6 +494,15 @@ impl Config {
                 format!("{:?} is not an ADDR:PORT", self.metrics.listen),
             ));
         }
+        if !(1..=3600).contains(&self.metrics.refresh_interval_secs) {
+            return Err(ConfigError::new(
+                "metrics.refresh_interval_secs",
+                format!(
+                    "{} must be between 1 and 3600 seconds",
+                    self.metrics.refresh_interval_secs
+                ),
+            ));
+        }
         for (i, iface) in d.interfaces.iter().enumerate() {
             if iface.is_empty() || iface.len() > 15 || iface.contains(['/', ' ', '\0']) {
                 return Err(ConfigError::new(
@@ -671,6 +756,13 @@ mod tests {
         assert!(cfg.metrics.enabled);
         let (cfg, _) = Config::load("[metrics]\nenabled = false\n").unwrap();
         assert!(!cfg.metrics.enabled);
+        assert_eq!(cfg.metrics.refresh_interval_secs, 5);
+        for bad in ["0", "3601"] {
+            assert_eq!(
+                err(&format!("[metrics]\nrefresh_interval_secs = {bad}\n")).field,
+                "metrics.refresh_interval_secs"
+            );
+        }
     }
 
     #[test]
@@ -691,6 +783,37 @@ mod tests {
             "[[service]]\nname = \"w\"\nlisten = \"0.0.0.0:80\"\nbackends = [{ addr = \"1.2.3.4:5\" }]\n",
         );
         assert!(e.message.contains("addr"), "{e}");
+    }
+
+    #[test]
+    fn long_values_are_cut_in_messages() {
+        let long = "x".repeat(1000);
+        let e = err(&format!("[[service]]\nname = \"w\"\nlisten = \"{long}\"\n"));
+        let shown = e.to_string();
+        assert_eq!(
+            shown,
+            format!(
+                "service[0].listen: \"{}…\" (1000 bytes) is not an IPv4 ADDR:PORT",
+                "x".repeat(80)
+            )
+        );
+        // Escaped quotes stay inside the value; short values and text are untouched.
+        let quoted = format!("{:?} and \"short\"", format!("a\"{long}"));
+        let c = clip_values(&quoted);
+        assert!(c.ends_with("…\" (1003 bytes) and \"short\""), "{c}");
+        assert!(c.starts_with("\"a\\\"x"), "{c}");
+        let key = format!("dataplane.{long} (line 2)");
+        assert_eq!(
+            clip_values(&key),
+            format!("dataplane.{}… (1010 bytes) (line 2)", "x".repeat(70))
+        );
+        assert_eq!(
+            clip_values("unknown field `turbo`"),
+            "unknown field `turbo`"
+        );
+        // Multi-byte characters are cut on a character boundary.
+        let wide = "é".repeat(100);
+        assert!(clip_values(&format!("`{wide}`")).contains("(200 bytes)"));
     }
 
     #[test]

@@ -293,12 +293,25 @@ fn is_bpffs(path: &Path) -> bool {
     }
 }
 
+/// Whether this process's mount namespace differs from PID 1's (false when that cannot be
+/// told).
+fn private_mount_ns() -> bool {
+    match (
+        std::fs::read_link("/proc/self/ns/mnt"),
+        std::fs::read_link("/proc/1/ns/mnt"),
+    ) {
+        (Ok(a), Ok(b)) => a != b,
+        _ => false,
+    }
+}
+
 /// Mounts a BPF filesystem on /sys/fs/bpf when `root` lies below it and none is mounted there
-/// (as on hosts without systemd); any other place must already be one.
-fn ensure_bpffs(root: &Path) -> Result<()> {
+/// (as on hosts without systemd, or under `ip netns exec`); any other place must already be
+/// one. Returns whether it mounted one.
+fn ensure_bpffs(root: &Path) -> Result<bool> {
     let base = Path::new("/sys/fs/bpf");
     if !root.starts_with(base) || is_bpffs(base) || !base.is_dir() {
-        return Ok(());
+        return Ok(false);
     }
     // SAFETY: constant NUL-terminated strings.
     let r = unsafe {
@@ -318,15 +331,44 @@ fn ensure_bpffs(root: &Path) -> Result<()> {
         });
     }
     log::info!("mounted a BPF filesystem on /sys/fs/bpf");
-    Ok(())
+    Ok(true)
+}
+
+/// Creates `dir` (and missing parents) root-only, and makes an existing one root-only too: an
+/// earlier berth created the layout directories 0755, and every pin directory is berth's own.
+fn private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(pin_err("creating pin directory", dir))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(pin_err("restricting pin directory", dir))
+}
+
+/// Whether the BPF filesystem holding `root` is mounted in PID 1's mount namespace too: if not,
+/// it exists only in this process's (private) mount namespace and is unmounted, pins and all,
+/// when the last process there exits. That is what happens under `ip netns exec`, which gives
+/// the command a mount namespace of its own with a fresh /sys, where berth then mounts a bpffs
+/// nobody else sees. `None` when PID 1's mounts cannot be read.
+pub fn bpffs_shared_with_init(root: &Path) -> Option<bool> {
+    use std::os::unix::fs::MetadataExt as _;
+    let dev = std::fs::metadata(root).ok()?.dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let init = std::fs::read_to_string("/proc/1/mountinfo").ok()?;
+    Some(init.lines().any(|l| {
+        // "36 35 0:62 / /sys/fs/bpf rw,relatime - bpf bpf rw,mode=700": major:minor, and the
+        // filesystem type after the " - " separator.
+        let (left, right) = l.split_once(" - ").unwrap_or((l, ""));
+        right.split_whitespace().next() == Some("bpf")
+            && left.split_whitespace().nth(2) == Some(&format!("{major}:{minor}"))
+    }))
 }
 
 /// Opens `root` (creating it, root-only) and takes its exclusive lock without waiting.
 fn lock_root(root: &Path) -> Result<File> {
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::create_dir_all(root).map_err(pin_err("creating pin directory", root))?;
-    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
-        .map_err(pin_err("restricting pin directory", root))?;
+    private_dir(root)?;
     let f = File::open(root).map_err(pin_err("opening pin directory", root))?;
     // SAFETY: flock on a descriptor we own.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
@@ -362,6 +404,12 @@ pub fn down(root: &Path) -> Result<DownReport> {
     let mut report = DownReport::default();
     if !root.exists() {
         return Ok(report);
+    }
+    if !is_bpffs(root) {
+        // Never lock (and make root-only) a directory that cannot hold pins.
+        return Err(DataplaneError::NotBpffs {
+            path: root.display().to_string(),
+        });
     }
     let lock = lock_root(root)?;
     for layout in layouts(root) {
@@ -459,6 +507,8 @@ pub struct Dataplane {
     attached: Vec<String>,
     cgroup: Option<PathBuf>,
     adopted: bool,
+    /// Whether the pins outlive this process (see [`bpffs_shared_with_init`]).
+    pins_outlive: bool,
     // Dropped after the maps and programs: the lock is released last.
     ebpf: Ebpf,
     pins: Option<Pins>,
@@ -484,7 +534,9 @@ impl Dataplane {
     /// earlier berth (their contents are kept), or creating and pinning them.
     pub fn load_pinned(options: DataplaneOptions, root: &Path) -> Result<Self> {
         let rootname = root.display().to_string();
-        ensure_bpffs(root)?;
+        let mounted = ensure_bpffs(root)?;
+        // Made root-only only once known to be on bpffs (lock_root): any other directory is
+        // refused untouched.
         std::fs::create_dir_all(root).map_err(pin_err("creating pin directory", root))?;
         if !is_bpffs(root) {
             return Err(DataplaneError::NotBpffs { path: rootname });
@@ -499,8 +551,8 @@ impl Dataplane {
         }
         let dir = root.join(&want);
         let (maps, links) = (dir.join("maps"), dir.join("links"));
-        for d in [&maps, &links] {
-            std::fs::create_dir_all(d).map_err(pin_err("creating pin directory", d))?;
+        for d in [&dir, &maps, &links] {
+            private_dir(d)?;
         }
         let adopted = maps.join(MAP_SERVICES).exists();
         let loaded = Self::load_with(options, Some(&maps));
@@ -538,6 +590,9 @@ impl Dataplane {
             e => e,
         })?;
         dp.adopted = adopted;
+        // Unknown (PID 1's mounts unreadable) counts as shared unless berth mounted the bpffs
+        // itself in a mount namespace that is not PID 1's.
+        dp.pins_outlive = bpffs_shared_with_init(root).unwrap_or(!(mounted && private_mount_ns()));
         dp.pins = Some(Pins {
             root: root.to_owned(),
             links,
@@ -549,6 +604,12 @@ impl Dataplane {
     /// Whether the maps were adopted from an earlier berth (their contents are live state).
     pub fn adopted(&self) -> bool {
         self.adopted
+    }
+
+    /// Whether the pinned dataplane outlives this process (false when unpinned, or pinned in a
+    /// BPF filesystem only this process's mount namespace has).
+    pub fn pins_outlive_process(&self) -> bool {
+        self.pins.is_some() && self.pins_outlive
     }
 
     fn load_with(options: DataplaneOptions, pin_dir: Option<&Path>) -> Result<Self> {
@@ -622,6 +683,7 @@ impl Dataplane {
             attached: Vec::new(),
             cgroup: None,
             adopted: false,
+            pins_outlive: false,
             ebpf,
             pins: None,
         })
@@ -975,6 +1037,7 @@ impl Dataplane {
 
     /// Every conntrack entry: established flows, then unconfirmed ones.
     pub fn conntrack_entries(&self) -> Vec<(FlowKey, CtEntry)> {
+        count_walk();
         self.conntrack
             .iter()
             .chain(self.ct_new.iter())
@@ -1068,6 +1131,19 @@ impl Dataplane {
     }
 }
 
+/// Full walks of the conntrack maps since the process started (each costs two syscalls per
+/// entry): what the metrics cache and the sweep's interval keep rare.
+static CONNTRACK_WALKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many full conntrack walks this process has made.
+pub fn conntrack_walks() -> u64 {
+    CONNTRACK_WALKS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn count_walk() {
+    CONNTRACK_WALKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// The conntrack map through its own descriptor (`Send`: for `spawn_blocking`).
 pub struct ConntrackReader {
     /// The main map and the unconfirmed-flow map.
@@ -1077,6 +1153,7 @@ pub struct ConntrackReader {
 
 impl ConntrackReader {
     pub fn entries(&self) -> Vec<(FlowKey, CtEntry)> {
+        count_walk();
         self.maps
             .iter()
             .flat_map(|m| m.iter().filter_map(|r| r.ok()))

@@ -340,6 +340,16 @@ async fn run(
     let pin_root = PathBuf::from(&cfg.dataplane.pin_path);
     let mut dp = Dataplane::load_pinned(options, &pin_root).context("loading the dataplane")?;
     let adopted = dp.adopted();
+    if !dp.pins_outlive_process() {
+        warn!(
+            "pin path {} is on a BPF filesystem only this process's mount namespace has (as \
+             under `ip netns exec`, which gives berth its own /sys): the pins will not outlive \
+             this process, and the dataplane stops when the last process of this mount \
+             namespace (usually berth) exits. To keep it serving across restarts, run berth in \
+             the host's mount namespace (e.g. `nsenter --net=/run/netns/NAME berth run ...`)",
+            pin_root.display()
+        );
+    }
     if adopted {
         info!(
             "adopting the dataplane pinned under {} (it kept serving while no berth ran)",
@@ -478,6 +488,34 @@ async fn run_loop(
 
     let (docker_tx, mut docker_rx) = tokio::sync::mpsc::channel(1024);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // The metrics task asks this loop for a snapshot's inputs when its page is stale.
+    let (metrics_tx, mut metrics_rx) =
+        tokio::sync::mpsc::channel::<tokio::sync::oneshot::Sender<MetricsInputs>>(1);
+    if let Some(listener) = metrics_listener {
+        let cache = lb_userspace::metrics::Cache::new(
+            Duration::from_secs(cfg.metrics.refresh_interval_secs),
+            Box::new(move || {
+                let ask = metrics_tx.clone();
+                Box::pin(async move {
+                    let (reply, answer) = tokio::sync::oneshot::channel();
+                    if ask.send(reply).await.is_err() {
+                        return String::new(); // shutting down
+                    }
+                    match answer.await {
+                        Ok(inputs) => inputs.render().await,
+                        Err(_) => String::new(),
+                    }
+                })
+            }),
+        );
+        tokio::spawn(lb_userspace::metrics::serve(
+            listener,
+            std::sync::Arc::new(cache),
+            stop_rx.clone(),
+        ));
+    } else {
+        drop(metrics_tx);
+    }
     if docker_on {
         let label_services = cfg.docker.label_services.unwrap_or(!has_file);
         info!(
@@ -592,61 +630,28 @@ async fn run_loop(
                     discovery_lag = Some((now - t).max(0) as f64 / 1e9);
                 }
             }
-            Ok((mut conn, _)) = async {
-                match &metrics_listener {
-                    Some(l) => l.accept().await,
-                    None => std::future::pending().await,
-                }
-            } => {
-                let mut s = build_status(&rec, &health, &desired, &containers);
-                let reader = rec.dataplane().conntrack_reader();
-                let capacity = u64::from(rec.dataplane().options().conntrack_size);
-                tokio::spawn(async move {
-                    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-                    // The conntrack walk runs off the event loop.
-                    let entries = walk_conntrack(reader).await;
-                    fill_active_flows(&mut s, &entries);
-                    let extra = lb_userspace::metrics::Extra {
-                        conntrack_entries: entries.len() as u64,
-                        conntrack_capacity: capacity,
+            Some(reply) = metrics_rx.recv() => {
+                // Cheap map reads here; the conntrack walk runs in the metrics task.
+                let _ = reply.send(MetricsInputs {
+                    status: build_status(&rec, &health, &desired, &containers),
+                    reader: rec.dataplane().conntrack_reader(),
+                    extra: lb_userspace::metrics::Extra {
+                        conntrack_capacity: u64::from(options.conntrack_size),
                         docker_events,
                         discovery_lag_seconds: discovery_lag,
-                    };
-                    let body = lb_userspace::metrics::render(&s, &extra);
-                    let answer = async {
-                        // The request is not looked at beyond reading it: every path is /metrics.
-                        let mut buf = [0u8; 2048];
-                        let _ = conn.read(&mut buf).await?;
-                        let head = format!(
-                            "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n",
-                            body.len()
-                        );
-                        conn.write_all(head.as_bytes()).await?;
-                        conn.write_all(body.as_bytes()).await?;
-                        conn.shutdown().await
-                    };
-                    let _ = tokio::time::timeout(Duration::from_secs(5), answer).await;
+                        ..Default::default()
+                    },
                 });
             }
-            Ok((mut conn, _)) = admin.accept() => {
+            Ok((conn, _)) = admin.accept() => {
                 let mut s = build_status(&rec, &health, &desired, &containers);
                 let reader = rec.dataplane().conntrack_reader();
-                tokio::spawn(async move {
-                    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+                // The conntrack walk runs off the event loop, and only for a valid request.
+                tokio::spawn(status::answer(conn, async move {
                     let entries = walk_conntrack(reader).await;
                     fill_active_flows(&mut s, &entries);
-                    let body = serde_json::to_vec(&s).unwrap_or_default();
-                    // Read the request line first: closing with unread input would reset the
-                    // connection before the client reads the answer.
-                    let answer = async {
-                        let (r, mut w) = conn.split();
-                        let mut line = String::new();
-                        tokio::io::BufReader::new(r).read_line(&mut line).await?;
-                        w.write_all(&body).await?;
-                        w.shutdown().await
-                    };
-                    let _ = tokio::time::timeout(Duration::from_secs(5), answer).await;
-                });
+                    s
+                }));
             }
             Some(change) = health_rx.recv() => {
                 if !health.record(&change) {
@@ -708,6 +713,7 @@ async fn run_loop(
             }
         );
     }
+    let pins_outlive = dp.pins_outlive_process();
     drop(dp);
     if cfg.dataplane.detach_on_exit {
         let r = lb_userspace::dataplane::down(&pin_root)
@@ -717,6 +723,13 @@ async fn run_loop(
             ifaces.join(", "),
             r.links.len(),
             r.maps
+        );
+    } else if !pins_outlive {
+        warn!(
+            "berth stopped: the dataplane on {} goes with this mount namespace (its pins under \
+             {} were private to it)",
+            ifaces.join(", "),
+            pin_root.display()
         );
     } else {
         info!(
@@ -764,10 +777,13 @@ fn build_status(
 ) -> status::Status {
     use std::collections::HashMap;
     let dp = rec.dataplane();
-    let applied: HashMap<String, _> = rec
+    // By address and protocol, not by name: after a restart the adopted services carry
+    // placeholder names until the first apply claims them (which waits for Docker's first
+    // listing), and their counters are the pinned totals all the same.
+    let applied: HashMap<_, _> = rec
         .state()
         .into_iter()
-        .map(|s| (s.name.clone(), s))
+        .map(|s| ((s.listen, s.protocol), s))
         .collect();
     let container_of = |addr: &std::net::SocketAddrV4| {
         containers
@@ -778,7 +794,7 @@ fn build_status(
     let services = desired
         .iter()
         .map(|s| {
-            let pool = applied.get(&s.name);
+            let pool = applied.get(&(s.listen, s.protocol));
             let backends = s
                 .backends
                 .iter()
@@ -824,6 +840,25 @@ fn build_status(
         })
         .unwrap_or_default();
     status::Status { services, counters }
+}
+
+/// What a metrics page is made of, taken on the event loop.
+struct MetricsInputs {
+    status: status::Status,
+    reader:
+        Result<lb_userspace::dataplane::ConntrackReader, lb_userspace::dataplane::DataplaneError>,
+    extra: lb_userspace::metrics::Extra,
+}
+
+impl MetricsInputs {
+    /// Walks conntrack (on a blocking thread) and renders the page.
+    async fn render(mut self) -> String {
+        let entries = walk_conntrack(self.reader).await;
+        fill_active_flows(&mut self.status, &entries);
+        self.extra.conntrack_entries = entries.len() as u64;
+        self.extra.conntrack_walks = lb_userspace::dataplane::conntrack_walks();
+        lb_userspace::metrics::render(self.status, self.extra)
+    }
 }
 
 /// Every conntrack entry, read on a blocking thread (empty, with a warning, if that fails).

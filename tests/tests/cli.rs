@@ -224,3 +224,65 @@ fn second_berth_on_the_same_interface_is_refused() {
     assert_eq!(second.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("already attached to lo"), "{stderr}");
 }
+
+#[test]
+fn down_leaves_a_directory_that_is_not_bpffs_untouched() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = std::env::temp_dir().join(format!("berth-cli-{}/not-bpffs", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = Command::new(berth())
+        .args(["down", "--pin-path"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("is not on a BPF filesystem"), "{stderr}");
+    let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o755, "berth down changed {}", dir.display());
+}
+
+#[test]
+fn a_huge_field_value_is_not_echoed_whole() {
+    let huge = "a".repeat(2 << 20);
+    for (file, text, field) in [
+        (
+            "huge-listen.toml",
+            format!("[[service]]\nname = \"w\"\nlisten = \"{huge}\"\n"),
+            "service[0].listen",
+        ),
+        (
+            "huge-type.toml",
+            format!("[dataplane]\nmax_services = \"{huge}\"\n"),
+            "dataplane.max_services (line 2)",
+        ),
+        (
+            "huge-key.toml",
+            format!("[dataplane]\n{huge} = 1\n"),
+            "dataplane.aaaa",
+        ),
+    ] {
+        let path = write(file, &text);
+        let out = Command::new(berth())
+            .arg("check-config")
+            .arg(&path)
+            .output()
+            .expect("run berth");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{file}");
+        assert!(
+            stderr.len() < 1024,
+            "{file}: {} bytes of error: {}...",
+            stderr.len(),
+            &stderr[..300.min(stderr.len())]
+        );
+        println!("{file}: {stderr}");
+        assert!(stderr.contains(field), "{file}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{}…", "a".repeat(20)))
+                && stderr.contains(&format!("({} bytes)", huge.len())),
+            "{file}: the value is shown cut, with its length: {stderr}"
+        );
+    }
+}

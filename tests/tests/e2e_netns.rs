@@ -866,3 +866,252 @@ fn path_mtu_discovery_works_through_berth() {
     let _ = server.join();
     println!("{SIZE} bytes through a 1280-byte hop; {translated} ICMP errors translated");
 }
+
+/// (packets, new flows) of every backend of service `name`, by address.
+fn backend_totals(st: &lb_userspace::status::Status, name: &str) -> BTreeMap<String, (u64, u64)> {
+    st.services
+        .iter()
+        .filter(|s| s.name == name)
+        .flat_map(|s| s.backends.iter())
+        .map(|b| (b.address.clone(), (b.packets, b.new_flows)))
+        .collect()
+}
+
+/// After a restart berth holds the pinned services as they are until Docker's first listing; a
+/// Docker that never answers makes that hold last. `berth status` shows the kernel's totals (and
+/// pool) all the same, not zeros.
+#[test]
+fn status_shows_the_pinned_totals_after_a_restart() {
+    let t = one_armed();
+    let sock = std::env::temp_dir().join(format!("bte-hold-docker-{}.sock", std::process::id()));
+    let http500 = &b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 2\r\n\r\n{}"[..];
+    let _requests = broken_docker_api(&sock, http500, Duration::ZERO);
+    let config = format!(
+        "[docker]\nenabled = true\nsocket = \"{}\"\n{ONE_ARMED_CONFIG}",
+        sock.display()
+    );
+    let mut berth = Berth::start(&t.lb, &config, &["eth0"]);
+    let svc = sa("10.10.0.1:8080");
+    assert_eq!(spread_tcp(&t.client, svc, 60).values().sum::<usize>(), 60);
+    let before = backend_totals(&berth.status(), "web");
+    let flows: u64 = before.values().map(|v| v.1).sum();
+    assert_eq!(flows, 60, "{before:?}");
+    let (status, _) = berth.stop();
+    assert!(status.success());
+    berth.respawn();
+    berth.wait_for("keeping the pinned services as they are", 1);
+    let st = berth.status();
+    let after = backend_totals(&st, "web");
+    println!("before the restart {before:?}, after (held) {after:?}");
+    // Nothing was sent meanwhile: the kernel's totals, as they were, and still in the pool.
+    assert_eq!(after, before, "{}", berth.log_text());
+    assert!(
+        st.services
+            .iter()
+            .filter(|s| s.name == "web")
+            .flat_map(|s| s.backends.iter())
+            .all(|b| b.in_pool),
+        "{st:?}"
+    );
+    assert_eq!(spread_tcp(&t.client, svc, 30).values().sum::<usize>(), 30);
+    let flows: u64 = backend_totals(&berth.status(), "web")
+        .values()
+        .map(|v| v.1)
+        .sum();
+    assert_eq!(flows, 90);
+    drop(berth);
+    let _ = std::fs::remove_file(&sock);
+}
+
+#[test]
+fn every_pin_directory_and_pin_is_root_only() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let t = one_armed();
+    let berth = Berth::start(&t.lb, ONE_ARMED_CONFIG, &["eth0"]);
+    let mode = |p: &std::path::Path| {
+        std::fs::metadata(p)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    let layout = berth.pin_path.join(format!("v{}", lb_common::PIN_LAYOUT));
+    for dir in [
+        berth.pin_path.clone(),
+        layout.clone(),
+        layout.join("maps"),
+        layout.join("links"),
+    ] {
+        assert_eq!(mode(&dir), 0o700, "{} is {:o}", dir.display(), mode(&dir));
+        for e in std::fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()) {
+            if e.file_type().unwrap().is_file() {
+                let m = mode(&e.path());
+                assert_eq!(m, 0o600, "{} is {m:o}", e.path().display());
+            }
+        }
+    }
+}
+
+/// `ip netns exec` gives berth a mount namespace of its own with a fresh /sys, where berth mounts
+/// a BPF filesystem nobody else sees: the pins die with that namespace. berth says so at start,
+/// never claims at exit that the dataplane keeps serving, and indeed it does not.
+#[test]
+fn under_ip_netns_exec_berth_warns_that_the_pins_die_with_it() {
+    let t = one_armed();
+    let dir = std::env::temp_dir().join(format!("berth-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("netns-exec.toml");
+    std::fs::write(&config, ONE_ARMED_CONFIG).unwrap();
+    let log = dir.join("netns-exec.log");
+    // Only ever inside the private mount namespace: the host's /sys/fs/bpf never sees it.
+    let pins = berth_tests::topo::test_pin_path("netns-exec");
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", &t.lb.name])
+        .arg(berth_bin())
+        .args([
+            "run",
+            "--iface",
+            "eth0",
+            "--cgroup",
+            "none",
+            "--admin-socket",
+        ])
+        .arg(dir.join("netns-exec.sock"))
+        .arg("--pin-path")
+        .arg(&pins)
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !text().contains("berth ready") {
+        assert!(
+            std::time::Instant::now() < deadline && child.try_wait().unwrap().is_none(),
+            "berth not ready:\n{}",
+            text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let svc = sa("10.10.0.1:8080");
+    assert_eq!(spread_tcp(&t.client, svc, 30).values().sum::<usize>(), 30);
+    assert!(!pins.exists(), "the pins showed up in the host's bpffs");
+    // SAFETY: plain signal to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    let log = text();
+    println!("{log}");
+    assert!(status.success(), "{status}");
+    assert!(
+        log.contains("the pins will not outlive this process"),
+        "no warning at start:\n{log}"
+    );
+    assert!(
+        !log.contains("keeps serving") && !log.contains("(pinned under"),
+        "a false claim:\n{log}"
+    );
+    assert!(log.contains("goes with this mount namespace"), "{log}");
+    // And true: once berth is gone, so is the dataplane.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if t.client.run(move || tcp_request(svc, "x")).is_err() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still balanced after berth exited"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// utime + stime of a process, in seconds, and its peak resident memory in MiB.
+fn cpu_and_peak_rss(pid: i32) -> (f64, f64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // Fields after the command name (which may hold spaces): utime and stime are 14th and 15th.
+    let after = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = after.split(' ').collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let cpu = (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / hz;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let hwm = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<f64>().ok())
+        .unwrap_or(0.0);
+    (cpu, hwm / 1024.0)
+}
+
+/// Connections to the metrics port that never send a request cost no conntrack walk, and real
+/// scrapes share one walk per refresh interval, while still showing current figures.
+#[test]
+fn metrics_connections_do_not_each_walk_conntrack() {
+    let t = one_armed();
+    let berth = Berth::start(&t.lb, ONE_ARMED_CONFIG, &["eth0"]);
+    let svc = sa("10.10.0.1:8080");
+    let metrics = sa("127.0.0.1:9477");
+    // 2000 conntrack entries (closed flows linger until the sweep).
+    assert_eq!(
+        spread_tcp(&t.client, svc, 1000).values().sum::<usize>(),
+        1000
+    );
+    let (cpu0, _) = cpu_and_peak_rss(berth.pid());
+    let conns = 500;
+    t.lb.run(move || {
+        for _ in 0..conns {
+            drop(std::net::TcpStream::connect(metrics).expect("connect to metrics"));
+        }
+    });
+    // Let the daemon finish whatever those connections made it do.
+    std::thread::sleep(Duration::from_secs(2));
+    let (cpu1, rss) = cpu_and_peak_rss(berth.pid());
+    println!(
+        "{conns} connect-then-close connections to the metrics port: berth CPU {:.2} s, peak RSS {rss:.1} MiB",
+        cpu1 - cpu0
+    );
+    let scrape = || {
+        let (status, page) =
+            t.lb.run(move || berth_tests::topo::http_get(metrics).expect("scrape"));
+        assert_eq!(status, 200, "{page}");
+        page
+    };
+    let web = r#"{service="web",listen="0.0.0.0:8080",protocol="tcp"}"#;
+    let page = scrape();
+    assert_eq!(
+        metric(&page, &format!("berth_service_new_flows_total{web}")),
+        1000.0
+    );
+    let walks = metric(&page, "berth_conntrack_walks_total");
+    // The sweep at start, and this scrape's refresh.
+    assert!(walks <= 2.0, "{walks} conntrack walks");
+    // Many scrapes at once within the refresh interval: one snapshot, no further walk.
+    let pages: Vec<String> = (0..8)
+        .map(|_| {
+            t.lb.spawn(move || {
+                (0..10)
+                    .map(|_| berth_tests::topo::http_get(metrics).expect("scrape").1)
+                    .collect::<Vec<_>>()
+            })
+        })
+        .flat_map(|h| h.join().expect("scraper"))
+        .collect();
+    assert!(pages.iter().all(|p| *p == page), "a scrape differed");
+    // After the interval (default 5 s) a scrape shows what happened meanwhile.
+    assert_eq!(spread_tcp(&t.client, svc, 30).values().sum::<usize>(), 30);
+    std::thread::sleep(Duration::from_millis(5200));
+    let page = scrape();
+    assert_eq!(
+        metric(&page, &format!("berth_service_new_flows_total{web}")),
+        1030.0
+    );
+    let walks = metric(&page, "berth_conntrack_walks_total");
+    assert!(walks <= 3.0, "{walks} conntrack walks");
+    let (cpu2, rss) = cpu_and_peak_rss(berth.pid());
+    println!(
+        "after 82 scrapes: berth CPU {:.2} s in all since the flood, peak RSS {rss:.1} MiB, {walks} walks",
+        cpu2 - cpu0
+    );
+}
