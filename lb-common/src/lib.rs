@@ -2,8 +2,9 @@
 //! (`lb-userspace`).
 //!
 //! Every type that crosses the kernel/user boundary is defined here exactly once: `#[repr(C)]`,
-//! `Copy`, integer fields only, explicit padding, and a compile-time size check, so that a map key
-//! never carries uninitialised padding bytes (which would make lookups miss).
+//! `Copy`, integer fields only, explicit padding, a compile-time size check, and derived
+//! `bytemuck::Pod` (whose derive refuses any padding byte), so that a map key never carries
+//! uninitialised padding bytes (which would make lookups miss).
 //!
 //! Byte order: addresses and ports in keys and values are kept in *network byte order*, exactly as
 //! they sit in the packet. Userspace converts with [`ipv4_to_wire`] and [`port_to_wire`].
@@ -103,7 +104,7 @@ pub const CFG_F_KEEP_TTL: u32 = 1 << 1;
 
 /// Runtime configuration of the dataplane, written into a read-only global at load time.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct DpConfig {
     /// Number of slots in each service's Maglev row (a prime).
     pub maglev_size: u32,
@@ -144,7 +145,9 @@ impl DpConfig {
 
 /// Key of the service table. `addr == 0` means "any local address of this host".
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, bytemuck::Pod, bytemuck::Zeroable,
+)]
 pub struct ServiceKey {
     pub addr: u32,
     pub port: u16,
@@ -166,7 +169,7 @@ impl ServiceKey {
 
 /// Value of the service table.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct ServiceValue {
     /// Row of the Maglev table and index of the service counters; `< max_services`.
     pub id: u32,
@@ -177,7 +180,7 @@ const _: () = assert!(core::mem::size_of::<ServiceValue>() == 8);
 
 /// A backend slot. `addr == 0` marks an empty slot.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct Backend {
     pub addr: u32,
     pub port: u16,
@@ -187,7 +190,7 @@ const _: () = assert!(core::mem::size_of::<Backend>() == 8);
 
 /// Conntrack key: the 5-tuple exactly as it appears in the packet being looked up.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct FlowKey {
     pub saddr: u32,
     pub daddr: u32,
@@ -219,7 +222,7 @@ impl FlowKey {
 /// pair can be found and purged together. Every packet looks up both halves: a missing half is
 /// rebuilt from the other, a half whose partner points elsewhere is stale (see `ct`).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct CtEntry {
     pub nat_addr: u32,
     pub nat_port: u16,
@@ -252,7 +255,7 @@ const _: () = assert!(core::mem::size_of::<CtEntry>() == 56);
 /// A route as the FIB gave it: egress interface and the MACs to write. `ifindex == 0` means
 /// "none cached: look it up".
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct Route {
     pub ifindex: u32,
     pub dmac: [u8; 6],
@@ -271,7 +274,7 @@ impl Route {
 /// The route towards a backend as last looked up, shared by that backend's new flows.
 /// Userspace clears the slot when it reuses the backend id.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct BackendRoute {
     pub route: Route,
     /// When it was looked up (`bpf_ktime_get_coarse_ns`); reused for [`ct::TOUCH_INTERVAL_NS`].
@@ -281,7 +284,7 @@ const _: () = assert!(core::mem::size_of::<BackendRoute>() == 24);
 
 /// Key of the socket reverse-translation map: a socket and the backend it was sent to.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct SockRevKey {
     /// `bpf_get_socket_cookie` of the socket.
     pub cookie: u64,
@@ -293,7 +296,7 @@ const _: () = assert!(core::mem::size_of::<SockRevKey>() == 16);
 
 /// The service address a socket asked for, to show it instead of the backend's.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct SockRevValue {
     pub addr: u32,
     pub port: u16,
@@ -303,7 +306,7 @@ const _: () = assert!(core::mem::size_of::<SockRevValue>() == 8);
 
 /// Per-service and per-backend counters (per CPU; userspace sums them).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct Counters {
     pub packets: u64,
     pub bytes: u64,
@@ -327,9 +330,10 @@ pub const fn port_to_wire(port: u16) -> u16 {
 mod pod {
     macro_rules! pod {
         ($($t:ty),*) => {$(
-            // SAFETY: `#[repr(C)]`, `Copy`, integers only with explicit padding fields, and the
-            // size is asserted at compile time: every bit pattern is valid, no byte uninitialised.
-            unsafe impl aya::Pod for $t {}
+            // SAFETY: `bytemuck::Pod` is derived for the type, which checks at compile time that
+            // it is `#[repr(C)]`, `Copy`, made of `Pod` fields only and free of padding bytes:
+            // exactly what `aya::Pod` asks (any bit pattern valid, no byte uninitialised).
+            unsafe impl aya::Pod for $t where $t: bytemuck::Pod {}
         )*};
     }
     pod!(
@@ -344,4 +348,31 @@ mod pod {
         super::SockRevKey,
         super::SockRevValue
     );
+}
+
+#[cfg(test)]
+mod layout_tests {
+    use super::*;
+
+    #[test]
+    fn a_flow_key_is_the_bytes_the_kernel_hashes() {
+        let k = FlowKey::new(
+            ipv4_to_wire([10, 0, 0, 1]),
+            ipv4_to_wire([10, 0, 0, 2]),
+            port_to_wire(40000),
+            port_to_wire(80),
+            IPPROTO_TCP,
+        );
+        let mut want = [0u8; 16];
+        want[..4].copy_from_slice(&[10, 0, 0, 1]);
+        want[4..8].copy_from_slice(&[10, 0, 0, 2]);
+        want[8..10].copy_from_slice(&40000u16.to_be_bytes());
+        want[10..12].copy_from_slice(&80u16.to_be_bytes());
+        want[12] = IPPROTO_TCP;
+        assert_eq!(bytemuck::bytes_of(&k), want);
+        assert_eq!(
+            bytemuck::bytes_of(&<CtEntry as bytemuck::Zeroable>::zeroed()),
+            [0u8; 56]
+        );
+    }
 }
