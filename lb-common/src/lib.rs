@@ -101,6 +101,9 @@ pub const IPPROTO_UDP: u8 = 17;
 pub const CFG_F_REDIRECT: u32 = 1 << 0;
 /// [`DpConfig::flags`]: leave the TTL of redirected packets as it is (a transparent hop).
 pub const CFG_F_KEEP_TTL: u32 = 1 << 1;
+/// [`DpConfig::flags`]: drop a TCP segment for a service with no backend instead of answering
+/// it with a RST.
+pub const CFG_F_DROP_NO_BACKEND: u32 = 1 << 2;
 
 /// Runtime configuration of the dataplane, written into a read-only global at load time.
 #[repr(C)]

@@ -5,7 +5,8 @@
 //! - not ours (other EtherTypes, IPv6, other IP protocols, no service, no flow): pass untouched;
 //! - IPv4 fragments: pass untouched (no ports to balance on; see README);
 //! - malformed or truncated headers the kernel would reject anyway: drop;
-//! - a service with no backend: drop;
+//! - a service with no backend: a TCP segment without payload is answered with a RST, anything
+//!   else dropped (or everything dropped, if so configured);
 //! - a new flow whose reply key a live flow of another service holds: drop (the backend could
 //!   not tell the two apart);
 //! - a reply (or an ICMP error from a backend) arriving on an interface its backend does not
@@ -61,6 +62,9 @@ pub enum Reason {
     ReplyRedirect,
     /// Backend -> client, translated and redirected with kernel neighbour resolution.
     ReplyRedirectNeigh,
+    /// A TCP segment for a service with no backend, answered with a RST out of the interface it
+    /// came in on (the client fails at once, as with nothing listening).
+    RejectNoBackend,
     // ---- events (not exits) ----
     /// The IPv4 header carried options (handled; counted for visibility).
     EventIpOptions,
@@ -119,6 +123,7 @@ impl Reason {
         Reason::FwdRedirectNeigh,
         Reason::ReplyRedirect,
         Reason::ReplyRedirectNeigh,
+        Reason::RejectNoBackend,
         Reason::EventIpOptions,
         Reason::EventCtInsertFailed,
         Reason::EventCtExpired,
@@ -156,6 +161,7 @@ impl Reason {
             Reason::FwdRedirectNeigh => "fwd_redirect_neigh",
             Reason::ReplyRedirect => "reply_redirect",
             Reason::ReplyRedirectNeigh => "reply_redirect_neigh",
+            Reason::RejectNoBackend => "reject_no_backend",
             Reason::EventIpOptions => "event_ip_options",
             Reason::EventCtInsertFailed => "event_ct_insert_failed",
             Reason::EventCtExpired => "event_ct_expired",

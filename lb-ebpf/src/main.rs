@@ -12,6 +12,7 @@
 mod maps;
 mod nat;
 mod parse;
+mod reject;
 mod sock;
 
 use aya_ebpf::{
@@ -22,8 +23,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    CFG_F_KEEP_TTL, CFG_F_REDIRECT, CtEntry, DpConfig, FlowKey, Reason, Route, ServiceKey,
-    ServiceValue,
+    CFG_F_DROP_NO_BACKEND, CFG_F_KEEP_TTL, CFG_F_REDIRECT, CtEntry, DpConfig, FlowKey, Reason,
+    Route, ServiceKey, ServiceValue,
     ct::{self, DIR_FORWARD, DIR_REPLY, STATE_CLOSING, STATE_OPEN},
     hash::flow_hash,
     port_flag,
@@ -211,7 +212,11 @@ fn process(ctx: &TcContext) -> (i32, Reason) {
     if !service_port {
         return exit(Reason::PassNoService);
     }
-    unpack(new_flow(ctx, p))
+    let verdict = unpack(new_flow(ctx, p));
+    if verdict.1 == Reason::RejectNoBackend {
+        return unpack(reject::tcp_reset(ctx, &p.flow));
+    }
+    verdict
 }
 
 /// Moves a confirmed flow's pair (forward entry `e` at `key`, and its reply half if present)
@@ -627,6 +632,10 @@ fn new_flow_inner(ctx: &TcContext, p: &Pkt) -> (i32, Reason) {
         return exit(Reason::AbortMap);
     };
     if backend.addr == 0 {
+        if flow.proto == lb_common::IPPROTO_TCP && cfg.flags & CFG_F_DROP_NO_BACKEND == 0 {
+            // Answered by `process`, outside this frame (the stack of the call chain is shared).
+            return (TC_ACT_SHOT as i32, Reason::RejectNoBackend);
+        }
         return exit(Reason::DropNoBackend);
     }
     // The reply key must be free in both maps: a live flow of another service on this backend

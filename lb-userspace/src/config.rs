@@ -153,6 +153,9 @@ pub struct DataplaneConfig {
     /// Decrement the TTL of packets berth forwards itself, as a router does (`false`: a
     /// transparent hop).
     pub decrement_ttl: bool,
+    /// Answer a TCP connection to a service with no backend with a RST, so the client fails at
+    /// once (`false`: drop it; the client waits for its connect timeout).
+    pub reject_without_backend: bool,
     /// bpffs directory where maps and attachments are pinned, so the dataplane outlives the
     /// daemon and a restarted berth adopts it (`berth down` removes it).
     pub pin_path: String,
@@ -179,6 +182,7 @@ impl Default for DataplaneConfig {
             hash_seed: None,
             redirect: true,
             decrement_ttl: true,
+            reject_without_backend: true,
             pin_path: crate::dataplane::DEFAULT_PIN_PATH.into(),
             cgroup: "auto".into(),
             detach_on_exit: false,

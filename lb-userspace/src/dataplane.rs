@@ -149,6 +149,8 @@ pub struct DataplaneOptions {
     pub redirect: bool,
     /// Decrement the TTL of packets the program forwards itself.
     pub decrement_ttl: bool,
+    /// Answer TCP to a service with no backend with a RST (else drop it).
+    pub reject_no_backend: bool,
     pub tcp_closing: Duration,
     pub tcp_idle: Duration,
     pub udp_idle: Duration,
@@ -165,6 +167,7 @@ impl DataplaneOptions {
             hash_seed: d.hash_seed.unwrap_or_else(random_u32),
             redirect: d.redirect,
             decrement_ttl: d.decrement_ttl,
+            reject_no_backend: d.reject_without_backend,
             tcp_closing: Duration::from_secs(d.tcp_closing_timeout_secs),
             tcp_idle: Duration::from_secs(d.tcp_idle_timeout_secs),
             udp_idle: Duration::from_secs(d.udp_idle_timeout_secs),
@@ -187,6 +190,11 @@ impl DataplaneOptions {
                     0
                 } else {
                     lb_common::CFG_F_KEEP_TTL
+                }
+                | if self.reject_no_backend {
+                    0
+                } else {
+                    lb_common::CFG_F_DROP_NO_BACKEND
                 },
             tcp_closing_ns: self.tcp_closing.as_nanos() as u64,
             tcp_idle_ns: self.tcp_idle.as_nanos() as u64,

@@ -68,6 +68,8 @@ pub struct Ipv4Packet {
     pub frag: u16,
     /// IP options, padded to a multiple of 4 bytes by the builder.
     pub options: Vec<u8>,
+    /// TCP options (ignored for UDP), padded to a multiple of 4 bytes by the builder.
+    pub tcp_options: Vec<u8>,
     pub l4: L4,
 }
 
@@ -82,6 +84,7 @@ impl Ipv4Packet {
             id: 0x1234,
             frag: 0x4000,
             options: Vec::new(),
+            tcp_options: Vec::new(),
             l4: L4::Tcp {
                 flags,
                 seq: 1000,
@@ -122,15 +125,20 @@ impl Ipv4Packet {
                 ack,
                 payload,
             } => {
-                let mut t = Vec::with_capacity(20 + payload.len());
+                let mut topts = self.tcp_options.clone();
+                while !topts.len().is_multiple_of(4) {
+                    topts.push(0); // end-of-options padding
+                }
+                let mut t = Vec::with_capacity(20 + topts.len() + payload.len());
                 t.extend_from_slice(&self.src.port().to_be_bytes());
                 t.extend_from_slice(&self.dst.port().to_be_bytes());
                 t.extend_from_slice(&seq.to_be_bytes());
                 t.extend_from_slice(&ack.to_be_bytes());
-                t.push(5 << 4);
+                t.push(((20 + topts.len()) / 4 << 4) as u8);
                 t.push(*flags);
                 t.extend_from_slice(&64240u16.to_be_bytes());
                 t.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent
+                t.extend_from_slice(&topts);
                 t.extend_from_slice(payload);
                 (6u8, t)
             }
@@ -381,6 +389,9 @@ pub struct Parsed {
     pub ttl: u8,
     pub ihl: usize,
     pub tcp_flags: u8,
+    /// TCP sequence and acknowledgment numbers (0 for UDP).
+    pub seq: u32,
+    pub ack: u32,
     pub l4_csum: u16,
     pub payload: Vec<u8>,
 }
@@ -408,6 +419,14 @@ pub fn parse(p: &[u8]) -> Parsed {
     } else {
         (0, u16::from_be_bytes([l4[6], l4[7]]), l4[8..].to_vec())
     };
+    let (seq, ack) = if proto == 6 {
+        (
+            u32::from_be_bytes([l4[4], l4[5], l4[6], l4[7]]),
+            u32::from_be_bytes([l4[8], l4[9], l4[10], l4[11]]),
+        )
+    } else {
+        (0, 0)
+    };
     Parsed {
         dst_mac: p[0..6].try_into().expect("6"),
         src_mac: p[6..12].try_into().expect("6"),
@@ -417,6 +436,8 @@ pub fn parse(p: &[u8]) -> Parsed {
         ttl: ip[8],
         ihl,
         tcp_flags,
+        seq,
+        ack,
         l4_csum,
         payload,
     }

@@ -1115,3 +1115,40 @@ fn metrics_connections_do_not_each_walk_conntrack() {
         cpu2 - cpu0
     );
 }
+
+/// A connection to a service whose pool is empty is refused at once (a RST from the service
+/// address, as with nothing listening), not left to time out; with `reject_without_backend =
+/// false` it is dropped as before.
+#[test]
+fn an_empty_pool_refuses_connections_at_once() {
+    let t = one_armed();
+    let config = "[[service]]\nname = \"empty\"\nlisten = \"10.10.0.1:9090\"\nbackends = []\n";
+    let connect = |t: &Topo| {
+        t.client.run(|| {
+            let started = std::time::Instant::now();
+            let r = std::net::TcpStream::connect_timeout(
+                &"10.10.0.1:9090".parse().unwrap(),
+                Duration::from_secs(3),
+            );
+            (r.map(|_| ()).map_err(|e| e.kind()), started.elapsed())
+        })
+    };
+    let berth = Berth::start(&t.lb, config, &["eth0"]);
+    for _ in 0..5 {
+        let (r, took) = connect(&t);
+        assert_eq!(r, Err(std::io::ErrorKind::ConnectionRefused), "{took:?}");
+        assert!(
+            took < Duration::from_millis(500),
+            "refused only after {took:?}"
+        );
+    }
+    drop(berth);
+    let berth = Berth::start(
+        &t.lb,
+        &format!("[dataplane]\nreject_without_backend = false\n{config}"),
+        &["eth0"],
+    );
+    let (r, took) = connect(&t);
+    assert_eq!(r, Err(std::io::ErrorKind::TimedOut), "{took:?}");
+    drop(berth);
+}

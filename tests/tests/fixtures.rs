@@ -444,14 +444,72 @@ fn fragments_pass_untouched() {
 }
 
 #[test]
-fn service_without_backends_drops() {
+fn service_without_backends_refuses_tcp_with_a_rst() {
     in_fixture_netns(|| {
-        let f = Fixture::new(
-            options(),
-            vec![svc("empty", "10.99.0.1:80", Protocol::Tcp, &[])],
+        let services = vec![
+            svc("empty", "10.99.0.1:80", Protocol::Tcp, &[]),
+            svc("empty-udp", "0.0.0.0:5353", Protocol::Udp, &[]),
+        ];
+        let f = Fixture::new(options(), services.clone());
+        // A SYN with options (MSS, SACK permitted, window scale): RST+ACK back to the client,
+        // acknowledging the SYN, from the service address, as a host with nothing listening.
+        let mut p = Ipv4Packet::tcp(client(40013), sa(VIP, 80), TCP_SYN);
+        p.l4 = L4::Tcp {
+            flags: TCP_SYN,
+            seq: 7000,
+            ack: 0,
+            payload: vec![],
+        };
+        p.tcp_options = vec![2, 4, 0x05, 0xb4, 4, 2, 1, 3, 3, 7];
+        let syn = p.build();
+        let run = f.run(&syn);
+        assert_eq!(run.action, TC_ACT_REDIRECT, "{run:?}");
+        assert_eq!(run.exits(), [Reason::RejectNoBackend.name()], "{run:?}");
+        wire::verify_checksums(&run.out).unwrap_or_else(|e| panic!("RST: {e}"));
+        assert_eq!(run.out.len(), 14 + 20 + 20);
+        let o = wire::parse(&run.out);
+        assert_eq!((o.src, o.dst), (sa(VIP, 80), client(40013)));
+        assert_eq!((o.tcp_flags, o.seq, o.ack), (TCP_RST | TCP_ACK, 0, 7001));
+        assert_eq!((o.src_mac, o.dst_mac), (p.dst_mac, p.src_mac));
+        assert_eq!(o.ttl, 64);
+        assert!(o.payload.is_empty());
+        assert!(
+            f.ct(&flow_key(client(40013), sa(VIP, 80), IPPROTO_TCP))
+                .is_none()
         );
-        let pkt = Ipv4Packet::tcp(client(40013), sa(VIP, 80), TCP_SYN).build();
-        assert_dropped(&f.run(&pkt), Reason::DropNoBackend);
+        // A bare ACK: RST with the sequence number it acknowledged.
+        let mut p = Ipv4Packet::tcp(client(40014), sa(VIP, 80), TCP_ACK);
+        p.l4 = L4::Tcp {
+            flags: TCP_ACK,
+            seq: 11,
+            ack: 99_000,
+            payload: vec![],
+        };
+        let ack = p.build();
+        let run = f.run(&ack);
+        assert_eq!(run.exits(), [Reason::RejectNoBackend.name()], "{run:?}");
+        wire::verify_checksums(&run.out).unwrap_or_else(|e| panic!("RST: {e}"));
+        let o = wire::parse(&run.out);
+        assert_eq!((o.tcp_flags, o.seq), (TCP_RST, 99_000));
+        // Never a RST for a RST; segments with payload, and UDP, are dropped.
+        for pkt in [
+            Ipv4Packet::tcp(client(40015), sa(VIP, 80), TCP_RST).build(),
+            Ipv4Packet::tcp(client(40016), sa(VIP, 80), TCP_ACK | TCP_PSH)
+                .with_payload(b"GET /")
+                .build(),
+            Ipv4Packet::udp(client(40017), sa(HOST, 5353), b"q").build(),
+        ] {
+            assert_dropped(&f.run(&pkt), Reason::DropNoBackend);
+        }
+        // Configured to drop: the SYN is dropped.
+        let f = Fixture::new(
+            lb_userspace::dataplane::DataplaneOptions {
+                reject_no_backend: false,
+                ..options()
+            },
+            services,
+        );
+        assert_dropped(&f.run(&syn), Reason::DropNoBackend);
     });
 }
 
