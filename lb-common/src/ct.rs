@@ -33,16 +33,6 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
-/// The state an entry moves to after a packet with `tcp_flags` (0 for UDP).
-#[inline(always)]
-pub const fn next_state(current: u8, proto: u8, tcp_flags: u8) -> u8 {
-    if proto == IPPROTO_TCP && tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-        STATE_CLOSING
-    } else {
-        current
-    }
-}
-
 /// A TCP segment carrying FIN or RST.
 #[inline(always)]
 pub const fn closes(proto: u8, tcp_flags: u8) -> bool {
@@ -138,22 +128,6 @@ mod tests {
             flags: 0,
             _pad: [0; 7],
         }
-    }
-
-    #[test]
-    fn fin_and_rst_close_tcp_only() {
-        assert_eq!(
-            next_state(STATE_OPEN, IPPROTO_TCP, TCP_FIN | TCP_ACK),
-            STATE_CLOSING
-        );
-        assert_eq!(next_state(STATE_OPEN, IPPROTO_TCP, TCP_RST), STATE_CLOSING);
-        assert_eq!(next_state(STATE_OPEN, IPPROTO_TCP, TCP_ACK), STATE_OPEN);
-        assert_eq!(
-            next_state(STATE_CLOSING, IPPROTO_TCP, TCP_ACK),
-            STATE_CLOSING
-        );
-        // The flags byte of a UDP packet is payload, never a FIN.
-        assert_eq!(next_state(STATE_OPEN, IPPROTO_UDP, TCP_FIN), STATE_OPEN);
     }
 
     #[test]

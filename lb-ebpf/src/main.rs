@@ -423,7 +423,7 @@ fn forward_inner(
     e: &mut CtEntry,
     table: &'static Table,
 ) -> (i32, Reason) {
-    let (flow, key, now, bytes, cfg) = (&p.flow, &p.key, p.now, p.bytes, &p.cfg);
+    let (flow, key, now, cfg) = (&p.flow, &p.key, p.now, &p.cfg);
     // The reply half, looked up with every packet: that keeps it as recent as this half in the
     // LRU, and a half evicted anyway is rebuilt here before the backend answers.
     let rkey = reply_key(flow, e);
@@ -451,37 +451,53 @@ fn forward_inner(
 
     if ct::closes(flow.proto, flow.tcp_flags) && e.state != STATE_CLOSING {
         // SAFETY: valid map value pointer.
-        let in_window = rev.is_none_or(|r| ct::in_window(unsafe { &*r }, flow.seq));
-        if in_window {
-            e.state = STATE_CLOSING;
-            if let Some(r) = rev {
-                // SAFETY: valid map value pointer.
-                unsafe { (*r).state = STATE_CLOSING };
-            }
-            touch(e, rev, now);
-            count(Reason::EventCtClosing);
+        if rev.is_none_or(|r| ct::in_window(unsafe { &*r }, flow.seq)) {
+            close(e, rev, now);
         } else {
             count(Reason::EventCtCloseIgnored);
         }
     }
+    translate(ctx, p, e, rev, Side::Dst)
+}
+
+/// Marks a flow closing: both halves, stamped.
+#[inline(always)]
+fn close(e: &mut CtEntry, other: Option<*mut CtEntry>, now: u64) {
+    e.state = STATE_CLOSING;
+    if let Some(o) = other {
+        // SAFETY: a valid map value pointer (see `process`).
+        unsafe { (*o).state = STATE_CLOSING };
+    }
+    touch(e, other, now);
+    count(Reason::EventCtClosing);
+}
+
+/// The common end of a tracked flow's packet, either way: refreshes both halves once a
+/// second, counts, rewrites the `side` the entry translates, and sends it along the entry's
+/// cached route.
+#[inline(always)]
+fn translate(
+    ctx: &TcContext,
+    p: &Pkt,
+    e: &mut CtEntry,
+    other: Option<*mut CtEntry>,
+    side: Side,
+) -> (i32, Reason) {
+    let (flow, now) = (&p.flow, p.now);
     let stale = now.wrapping_sub(e.last_seen_ns) > ct::TOUCH_INTERVAL_NS;
     if stale {
-        touch(e, rev, now);
+        touch(e, other, now);
     }
-    account(e.service_id, e.backend_id, bytes, false);
+    account(e.service_id, e.backend_id, p.bytes, false);
     let (addr, port) = (e.nat_addr, e.nat_port);
-    if rewrite(ctx, flow, Side::Dst, addr, port).is_err() {
+    if rewrite(ctx, flow, side, addr, port).is_err() {
         return exit(Reason::AbortRewrite);
     }
-    finish(
-        ctx,
-        flow,
-        e,
-        (flow.saddr, addr, flow.sport, port),
-        false,
-        stale,
-        cfg,
-    )
+    let (tuple, reply) = match side {
+        Side::Dst => ((flow.saddr, addr, flow.sport, port), false),
+        Side::Src => ((addr, flow.daddr, port, flow.dport), true),
+    };
+    finish(ctx, flow, e, tuple, reply, stale, &p.cfg)
 }
 
 /// Sends a translated packet of a tracked flow, along the entry's cached route until its
@@ -514,7 +530,7 @@ fn reply(ctx: &TcContext, p: &Pkt, e: &mut CtEntry, table: &'static Table) -> u6
 
 #[inline(always)]
 fn reply_inner(ctx: &TcContext, p: &Pkt, e: &mut CtEntry, table: &'static Table) -> (i32, Reason) {
-    let (flow, key, now, bytes, cfg) = (&p.flow, &p.key, p.now, p.bytes, &p.cfg);
+    let (flow, key, now, cfg) = (&p.flow, &p.key, p.now, &p.cfg);
     // Only from where the backend lives: a "reply" forged elsewhere (the uplink) must neither
     // be translated towards the client nor move the flow's state.
     if e.in_ifindex != 0 && e.in_ifindex != ingress_ifindex(ctx) {
@@ -562,32 +578,9 @@ fn reply_inner(ctx: &TcContext, p: &Pkt, e: &mut CtEntry, table: &'static Table)
     }
     // The backend's side cannot be forged (see above): its FIN or RST closes the flow.
     if ct::closes(flow.proto, flow.tcp_flags) && e.state != STATE_CLOSING {
-        e.state = STATE_CLOSING;
-        if let Some(f) = fwd {
-            // SAFETY: valid map value pointer.
-            unsafe { (*f).state = STATE_CLOSING };
-        }
-        touch(e, fwd, now);
-        count(Reason::EventCtClosing);
+        close(e, fwd, now);
     }
-    let stale = now.wrapping_sub(e.last_seen_ns) > ct::TOUCH_INTERVAL_NS;
-    if stale {
-        touch(e, fwd, now);
-    }
-    account(e.service_id, e.backend_id, bytes, false);
-    let (addr, port) = (e.nat_addr, e.nat_port);
-    if rewrite(ctx, flow, Side::Src, addr, port).is_err() {
-        return exit(Reason::AbortRewrite);
-    }
-    finish(
-        ctx,
-        flow,
-        e,
-        (addr, flow.daddr, port, flow.dport),
-        true,
-        stale,
-        cfg,
-    )
+    translate(ctx, p, e, fwd, Side::Src)
 }
 
 #[inline(always)]
