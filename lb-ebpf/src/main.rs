@@ -214,7 +214,7 @@ fn process(ctx: &TcContext) -> (i32, Reason) {
     }
     let verdict = unpack(new_flow(ctx, p));
     if verdict.1 == Reason::RejectNoBackend {
-        return unpack(reject::tcp_reset(ctx, &p.flow));
+        return unpack(reject::refuse(ctx, &p.flow));
     }
     verdict
 }
@@ -625,7 +625,7 @@ fn new_flow_inner(ctx: &TcContext, p: &Pkt) -> (i32, Reason) {
         return exit(Reason::AbortMap);
     };
     if backend.addr == 0 {
-        if flow.proto == lb_common::IPPROTO_TCP && cfg.flags & CFG_F_DROP_NO_BACKEND == 0 {
+        if cfg.flags & CFG_F_DROP_NO_BACKEND == 0 {
             // Answered by `process`, outside this frame (the stack of the call chain is shared).
             return (TC_ACT_SHOT as i32, Reason::RejectNoBackend);
         }

@@ -1,12 +1,17 @@
-//! Refusing a connection to a service with no backend: the TCP segment is turned into the RST a
-//! host with nothing listening would send, and bounced back out of the interface it came in on,
-//! so clients fail at once instead of waiting for their connect timeout (HAProxy refuses at once
-//! too). Only segments without payload are answered (a SYN above all; never a RST), and only
-//! with a plain 20-byte IPv4 header; anything else is dropped as before.
+//! Refusing traffic to a service with no backend as a host with nothing listening would, so
+//! clients fail at once instead of waiting for their timeouts (HAProxy refuses at once too): a
+//! TCP segment is turned into a RST, a UDP datagram into an ICMP port unreachable quoting it,
+//! and either is bounced back out of the interface it came in on. Only TCP segments without
+//! payload are answered (a SYN above all; never a RST), and only packets with a plain 20-byte
+//! IPv4 header; anything else is dropped as before.
 
-use aya_ebpf::{bindings::BPF_F_PSEUDO_HDR, helpers::generated::bpf_redirect, programs::TcContext};
+use aya_ebpf::{
+    bindings::{BPF_F_PSEUDO_HDR, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
+    helpers::generated::bpf_redirect,
+    programs::TcContext,
+};
 use lb_common::{
-    Reason,
+    IPPROTO_TCP, Reason,
     csum::replace2,
     ct::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
@@ -41,11 +46,87 @@ fn sum_words(bytes: &[u8; 20]) -> u64 {
     s
 }
 
-/// Answers `flow` (a TCP segment to a service with no backend) with a RST, or drops it. A BPF
-/// subprogram (own stack frame), returning a packed verdict.
+/// Answers `flow` (to a service with no backend): a TCP segment with a RST, a UDP datagram
+/// with an ICMP port unreachable, or drops it. A BPF subprogram (own stack frame), returning a
+/// packed verdict.
 #[inline(never)]
-pub fn tcp_reset(ctx: &TcContext, flow: &Flow) -> u64 {
-    crate::pack(tcp_reset_inner(ctx, flow))
+pub fn refuse(ctx: &TcContext, flow: &Flow) -> u64 {
+    crate::pack(if flow.proto == IPPROTO_TCP {
+        tcp_reset_inner(ctx, flow)
+    } else {
+        udp_unreachable(ctx, flow)
+    })
+}
+
+/// Length of the ICMP error frame: Ethernet, IPv4, ICMP header, the quoted IPv4 header and the
+/// quoted 8 bytes of UDP header.
+const ICMP_LEN: usize = ETH_HLEN + 20 + 8 + 20 + 8;
+/// Room the ICMP error needs in front of the datagram's own IPv4 header.
+const ICMP_ROOM: usize = 20 + 8;
+
+/// Turns a UDP datagram into the ICMP port unreachable a host with nothing on the port sends:
+/// 28 bytes of room after the Ethernet header for the new IPv4 and ICMP headers, the datagram's
+/// own headers left in place as the quote, the rest cut off. The checksums of the new headers
+/// are complete ones (ICMP is never offloaded).
+#[inline(always)]
+fn udp_unreachable(ctx: &TcContext, flow: &Flow) -> (i32, Reason) {
+    let drop = crate::exit(Reason::DropNoBackend);
+    if flow.l4() != ETH_HLEN + 20 {
+        return drop;
+    }
+    let Some(eth) = ptr_at::<[u8; 12]>(ctx, 0) else {
+        return drop;
+    };
+    // SAFETY: the MACs are inside the packet (checked by `ptr_at`).
+    let macs = unsafe { *eth };
+    if ctx
+        .adjust_room(ICMP_ROOM as i32, BPF_ADJ_ROOM_MAC, 0)
+        .is_err()
+    {
+        return drop;
+    }
+    if (ctx.len() as usize) > ICMP_LEN && ctx.change_tail(ICMP_LEN as u32, 0).is_err() {
+        return crate::exit(Reason::AbortRewrite);
+    }
+    let (Some(eth), Some(hdrs)) = (
+        ptr_at::<[u8; 12]>(ctx, 0),
+        ptr_at::<[u8; 56]>(ctx, ETH_HLEN),
+    ) else {
+        return crate::exit(Reason::AbortRewrite);
+    };
+    // SAFETY: `ptr_at` checked the MACs and the 56 bytes of headers (new IPv4 + ICMP, quoted
+    // IPv4 + UDP) lie inside the packet; no helper runs between the checks and the writes.
+    unsafe {
+        let eth = &mut *eth;
+        eth[..6].copy_from_slice(&macs[6..]);
+        eth[6..].copy_from_slice(&macs[..6]);
+        let h = &mut *hdrs;
+        // From the service address (the quote's destination) to the client (its source).
+        let (to, from) = ([h[40], h[41], h[42], h[43]], [h[44], h[45], h[46], h[47]]);
+        h[..20].copy_from_slice(&[
+            0x45, 0, 0, 56, 0, 0, 0, 0, RST_TTL, 1, 0, 0, from[0], from[1], from[2], from[3],
+            to[0], to[1], to[2], to[3],
+        ]);
+        let mut s = 0u64;
+        let mut i = 0;
+        while i < 20 {
+            s += u64::from(u16::from_ne_bytes([h[i], h[i + 1]]));
+            i += 2;
+        }
+        h[10..12].copy_from_slice(&(!fold(s)).to_ne_bytes());
+        // Destination unreachable, port unreachable.
+        h[20..28].copy_from_slice(&[3, 3, 0, 0, 0, 0, 0, 0]);
+        let mut s = 0u64;
+        let mut i = 20;
+        while i < 56 {
+            s += u64::from(u16::from_ne_bytes([h[i], h[i + 1]]));
+            i += 2;
+        }
+        h[22..24].copy_from_slice(&(!fold(s)).to_ne_bytes());
+    }
+    // SAFETY: plain helper call with an interface index: out of the interface it came in on.
+    let act = unsafe { bpf_redirect(ingress_ifindex(ctx), 0) } as i32;
+    (act, Reason::RejectNoBackend)
 }
 
 #[inline(always)]

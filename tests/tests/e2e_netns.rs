@@ -1117,12 +1117,25 @@ fn metrics_connections_do_not_each_walk_conntrack() {
 }
 
 /// A connection to a service whose pool is empty is refused at once (a RST from the service
-/// address, as with nothing listening), not left to time out; with `reject_without_backend =
-/// false` it is dropped as before.
+/// address, as with nothing listening), not left to time out, and a UDP request gets port
+/// unreachable (a connected socket sees ECONNREFUSED); with `reject_without_backend = false`
+/// they are dropped as before.
 #[test]
 fn an_empty_pool_refuses_connections_at_once() {
     let t = one_armed();
-    let config = "[[service]]\nname = \"empty\"\nlisten = \"10.10.0.1:9090\"\nbackends = []\n";
+    let config = "[[service]]\nname = \"empty\"\nlisten = \"10.10.0.1:9090\"\nbackends = []\n\
+                  [[service]]\nname = \"empty-udp\"\nlisten = \"10.10.0.1:9091\"\n\
+                  protocol = \"udp\"\nbackends = []\n";
+    let udp = |t: &Topo| {
+        t.client.run(|| {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            s.connect("10.10.0.1:9091").unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            s.send(b"anyone?").unwrap();
+            let mut buf = [0u8; 64];
+            s.recv(&mut buf).map(|_| ()).map_err(|e| e.kind())
+        })
+    };
     let connect = |t: &Topo| {
         t.client.run(|| {
             let started = std::time::Instant::now();
@@ -1150,5 +1163,12 @@ fn an_empty_pool_refuses_connections_at_once() {
     );
     let (r, took) = connect(&t);
     assert_eq!(r, Err(std::io::ErrorKind::TimedOut), "{took:?}");
+    assert!(
+        matches!(
+            udp(&t),
+            Err(std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
+        ),
+        "a dropped datagram gets no answer"
+    );
     drop(berth);
 }

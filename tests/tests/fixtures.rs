@@ -444,7 +444,7 @@ fn fragments_pass_untouched() {
 }
 
 #[test]
-fn service_without_backends_refuses_tcp_with_a_rst() {
+fn service_without_backends_refuses_with_a_rst_or_port_unreachable() {
     in_fixture_netns(|| {
         let services = vec![
             svc("empty", "10.99.0.1:80", Protocol::Tcp, &[]),
@@ -491,15 +491,36 @@ fn service_without_backends_refuses_tcp_with_a_rst() {
         wire::verify_checksums(&run.out).unwrap_or_else(|e| panic!("RST: {e}"));
         let o = wire::parse(&run.out);
         assert_eq!((o.tcp_flags, o.seq), (TCP_RST, 99_000));
-        // Never a RST for a RST; segments with payload, and UDP, are dropped.
+        // Never a RST for a RST; segments with payload are dropped.
         for pkt in [
             Ipv4Packet::tcp(client(40015), sa(VIP, 80), TCP_RST).build(),
             Ipv4Packet::tcp(client(40016), sa(VIP, 80), TCP_ACK | TCP_PSH)
                 .with_payload(b"GET /")
                 .build(),
-            Ipv4Packet::udp(client(40017), sa(HOST, 5353), b"q").build(),
         ] {
             assert_dropped(&f.run(&pkt), Reason::DropNoBackend);
+        }
+        // A UDP datagram: ICMP port unreachable from the service address, quoting it.
+        for payload in [&b""[..], b"query", &[7u8; 1200]] {
+            let dgram = Ipv4Packet::udp(client(40017), sa(HOST, 5353), payload).build();
+            let run = f.run(&dgram);
+            assert_eq!(run.action, TC_ACT_REDIRECT, "{run:?}");
+            assert_eq!(run.exits(), [Reason::RejectNoBackend.name()], "{run:?}");
+            assert_eq!(run.out.len(), 14 + 20 + 8 + 28);
+            wire::verify_icmp_checksums(&run.out).unwrap_or_else(|e| panic!("ICMP: {e}"));
+            let e = wire::parse_icmp_error(&run.out);
+            assert_eq!((e.src, e.dst, e.ttl), (HOST, CLIENT, 64));
+            assert_eq!((e.icmp_type, e.code), (3, 3));
+            assert_eq!((e.inner_src, e.inner_dst), (client(40017), sa(HOST, 5353)));
+            assert_eq!(
+                run.out[42..70],
+                dgram[14..42],
+                "the datagram's headers, quoted as sent"
+            );
+            assert_eq!(
+                (&run.out[..6], &run.out[6..12]),
+                (&dgram[6..12], &dgram[..6])
+            );
         }
         // Configured to drop: the SYN is dropped.
         let f = Fixture::new(
