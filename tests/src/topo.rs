@@ -22,18 +22,26 @@ use std::{
 /// Prefix of every namespace and interface the e2e tests create.
 pub const PREFIX: &str = "bte";
 
-/// Runs a command, panicking with its stderr on failure.
-pub fn sh(args: &[&str]) -> String {
+/// Runs a command; Err(what failed, with its stderr) on failure.
+pub fn try_sh(args: &[&str]) -> Result<String, String> {
     let out = Command::new(args[0])
         .args(&args[1..])
         .output()
-        .unwrap_or_else(|e| panic!("running {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+        .map_err(|e| format!("running {args:?}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "{args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Runs a command, panicking with its stderr on failure.
+pub fn sh(args: &[&str]) -> String {
+    try_sh(args).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn sh_quiet(args: &[&str]) {
@@ -81,10 +89,38 @@ pub fn remove_leftovers() {
     }
 }
 
-fn kill_all_in(ns: &str) {
-    if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
-        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-            sh_quiet(&["kill", "-9", pid]);
+/// Sends `sig` to `pid` (a process the tests or benchmarks started, or a daemon they manage).
+pub fn signal(pid: i32, sig: i32) {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe { libc::kill(pid, sig) };
+}
+
+/// Whether `pid` runs. A zombie still has a /proc entry but only waits to be reaped: not alive.
+pub fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(") ")
+            .is_some_and(|(_, r)| !r.starts_with('Z'))
+    })
+}
+
+/// Kills every process left in namespace `ns`: SIGTERM, up to 3 s to exit, then SIGKILL.
+pub fn kill_all_in(ns: &str) {
+    let pids = |s: String| -> Vec<i32> {
+        s.split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    };
+    for sig in [libc::SIGTERM, libc::SIGKILL] {
+        let list = pids(try_sh(&["ip", "netns", "pids", ns]).unwrap_or_default());
+        if list.is_empty() {
+            return;
+        }
+        for p in &list {
+            signal(*p, sig);
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline && list.iter().any(|p| alive(*p)) {
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
@@ -114,15 +150,13 @@ impl Netns {
     /// A command that runs `program` in this network namespace only (unlike `ip netns exec`, it
     /// keeps the host's mounts: /sys/fs/bpf, cgroups).
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        netns_command(&self.name, program)
+        ns_command(&self.name, program)
     }
 
     /// Runs `f` on a thread that has entered this namespace (sockets it creates live here)
     /// and waits for it, propagating its panic.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        self.spawn(f)
-            .join()
-            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        in_netns(&self.name, f)
     }
 
     /// Starts `f` on a thread that has entered this namespace.
@@ -130,11 +164,7 @@ impl Netns {
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> JoinHandle<T> {
-        let path = PathBuf::from("/run/netns").join(&self.name);
-        std::thread::spawn(move || {
-            enter(&path);
-            f()
-        })
+        spawn_in_netns(&self.name, f)
     }
 }
 
@@ -145,10 +175,13 @@ impl Drop for Netns {
     }
 }
 
-fn netns_command(ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+/// A command that runs `program` in network namespace `ns` only: setns(2) on the network
+/// namespace, so the mounts (bpffs, cgroups) stay the host's, which `ip netns exec` would not keep.
+pub fn ns_command(ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
     use std::os::unix::process::CommandExt as _;
     let mut cmd = Command::new(program);
-    let f = std::fs::File::open(PathBuf::from("/run/netns").join(ns)).expect("netns");
+    let f = std::fs::File::open(PathBuf::from("/run/netns").join(ns))
+        .unwrap_or_else(|e| panic!("opening netns {ns}: {e}"));
     // SAFETY: setns(2) on a descriptor opened before the fork is async-signal-safe.
     unsafe {
         cmd.pre_exec(move || {
@@ -160,6 +193,59 @@ fn netns_command(ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
         });
     }
     cmd
+}
+
+/// Pins `cmd`'s process to one CPU before it runs (sched_setaffinity(2), as taskset does).
+pub fn on_cpu(cmd: &mut Command, cpu: usize) {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: the closure only calls sched_setaffinity(2) with a set built on its stack
+    // (async-signal-safe).
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+}
+
+/// A command run to completion in network namespace `ns` (see `ns_command`), panicking with its
+/// stderr on failure.
+pub fn ns_sh(ns: &str, args: &[&str]) -> String {
+    let out = ns_command(ns, args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("running {args:?} in {ns}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} in {ns} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `f` on a thread that has entered network namespace `ns` (setns affects the calling
+/// thread only: sockets it creates live there) and waits for it, propagating its panic.
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    spawn_in_netns(ns, f)
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+}
+
+/// Starts `f` on a thread that has entered network namespace `ns`.
+pub fn spawn_in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> JoinHandle<T> {
+    let path = PathBuf::from("/run/netns").join(ns);
+    std::thread::spawn(move || {
+        enter(&path);
+        f()
+    })
 }
 
 fn enter(path: &PathBuf) {
@@ -463,14 +549,26 @@ pub struct Berth {
     starts: usize,
 }
 
+/// The berth binary: `$BERTH_BIN` (as `cargo xtask test` and `bench` set it), else the
+/// workspace's build of the same profile as this crate (debug for the tests, release for the
+/// benchmarks, which `cargo xtask bench` runs with `--release`).
 pub fn berth_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("BERTH_BIN") {
         return p.into();
     }
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/berth");
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target")
+        .join(profile)
+        .join("berth");
     assert!(
         p.exists(),
-        "berth not built: run `cargo build -p lb-userspace` or `cargo xtask test`"
+        "{} not built: run `cargo xtask test` (or `bench`), or set BERTH_BIN",
+        p.display()
     );
     p
 }
@@ -576,7 +674,7 @@ impl Berth {
     pub fn respawn(&mut self) {
         assert!(self.child.is_none(), "berth is still running");
         let mut cmd = match &self.netns {
-            Some(ns) => netns_command(ns, berth_bin()),
+            Some(ns) => ns_command(ns, berth_bin()),
             None => Command::new(berth_bin()),
         };
         cmd.args(&self.args);
@@ -636,8 +734,7 @@ impl Berth {
     pub fn reload(&self, config: &str) {
         let before = self.log_text().matches("config reloaded").count();
         std::fs::write(&self.config, config).expect("write config");
-        // SAFETY: plain signal to our own child.
-        unsafe { libc::kill(self.pid(), libc::SIGHUP) };
+        signal(self.pid(), libc::SIGHUP);
         self.wait_for("config reloaded", before + 1);
     }
 
@@ -655,8 +752,7 @@ impl Berth {
     fn signal_and_wait(&mut self, sig: i32) -> (std::process::ExitStatus, Duration) {
         let mut child = self.child.take().expect("running");
         let t = Instant::now();
-        // SAFETY: plain signal to our own child.
-        unsafe { libc::kill(child.id() as i32, sig) };
+        signal(child.id() as i32, sig);
         loop {
             if let Some(st) = child.try_wait().expect("wait") {
                 return (st, t.elapsed());
