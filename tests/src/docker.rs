@@ -20,7 +20,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::topo::{Netns, alive, http_get, sh, signal};
+use crate::{
+    netns::{Netns, alive, remove_leftovers, sh, signal},
+    servers::http_get,
+};
 
 /// `docker ARGS`, trimmed stdout; panics with stderr on failure.
 pub fn docker(args: &[&str]) -> String {
@@ -407,9 +410,9 @@ impl Drop for Lab {
 
 impl Lab {
     /// The Docker e2e tests' lab (`TEST`), after removing what any crashed test run left
-    /// (`topo::remove_leftovers`).
+    /// (`netns::remove_leftovers`).
     pub fn for_tests() -> Self {
-        crate::topo::remove_leftovers();
+        remove_leftovers();
         Self::new(&TEST)
     }
 }

@@ -11,8 +11,8 @@
 use std::{collections::BTreeMap, process::Command};
 
 use berth_tests::{
+    daemon::Berth,
     docker::{Lab, TEST, TEST_CLIENT_IMAGE, docker, hello_bin},
-    topo::Berth,
 };
 
 /// Parses `hello client` output: (hostname, peer) per request; panics on any failed request.

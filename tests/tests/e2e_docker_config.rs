@@ -9,8 +9,8 @@
 //! exec-form HEALTHCHECK).
 
 use berth_tests::{
+    daemon::Berth,
     docker::{Lab, TEST, docker},
-    topo::Berth,
 };
 
 #[test]

@@ -19,8 +19,10 @@ use std::{
 };
 
 use berth_tests::{
+    daemon::Berth,
     docker::{Lab, TEST, TEST_CLIENT_IMAGE, docker},
-    topo::{Berth, http_get, sh},
+    netns::sh,
+    servers::http_get,
 };
 
 #[test]

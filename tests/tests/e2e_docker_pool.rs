@@ -17,8 +17,9 @@ use std::{
 };
 
 use berth_tests::{
+    daemon::Berth,
     docker::{Lab, TEST, docker},
-    topo::{Berth, http_get},
+    servers::http_get,
 };
 
 #[test]

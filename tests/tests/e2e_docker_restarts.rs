@@ -17,8 +17,9 @@ use std::{
 };
 
 use berth_tests::{
+    daemon::Berth,
     docker::{DockerdBack, Lab, TEST, signal_dockerd, start_dockerd, stop_dockerd},
-    topo::{Berth, http_get},
+    servers::http_get,
 };
 
 #[test]

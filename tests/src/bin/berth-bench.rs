@@ -24,8 +24,8 @@ use berth_tests::{
     fixture::{
         CLIENT, Fixture, HOST, VIP, backend, flow_key, ifindex, in_fixture_netns, options, svc,
     },
+    netns::sh,
     stats::median,
-    topo::sh,
     wire::{Ipv4Packet, TCP_ACK, TCP_SYN},
 };
 use lb_common::{CtEntry, IPPROTO_TCP, Reason, ct, ipv4_to_wire, port_to_wire};

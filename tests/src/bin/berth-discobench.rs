@@ -25,9 +25,10 @@ use std::{
 };
 
 use berth_tests::{
+    daemon::Berth,
     docker::{Lab, Layout, docker},
+    servers::http_get,
     stats::median,
-    topo::{Berth, http_get},
 };
 
 /// The benchmark's lab: its own network, bridge, uplink, image (no HEALTHCHECK: its exec events

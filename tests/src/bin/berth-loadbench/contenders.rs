@@ -9,7 +9,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use berth_tests::topo::{berth_bin, http_get, in_netns, ns_command, ns_sh};
+use berth_tests::{
+    daemon::berth_bin,
+    netns::{in_netns, ns_command, ns_sh},
+    servers::http_get,
+};
 
 use crate::topology::{
     ADMIN_SOCKET, BACKENDS, BE_PORT, CLIENT_IP, LB_IFACES, NS_CLIENT, NS_LB, PIN_PATH, Proc,

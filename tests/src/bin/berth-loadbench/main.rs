@@ -57,7 +57,7 @@ use std::{
     time::Instant,
 };
 
-use berth_tests::topo::{berth_bin, try_sh};
+use berth_tests::{daemon::berth_bin, netns::try_sh};
 
 use crate::{
     contenders::{Contender, Running, check, start},

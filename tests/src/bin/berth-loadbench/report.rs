@@ -7,7 +7,7 @@ use std::{
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
-use berth_tests::{stats::median, topo::try_sh};
+use berth_tests::{netns::try_sh, stats::median};
 use serde_json::{Value, json};
 
 use crate::{

@@ -9,8 +9,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use berth_tests::topo::{
-    self, berth_bin, in_netns, kill_all_in, ns_command, ns_sh, on_cpu, sh, signal, try_sh,
+use berth_tests::{
+    daemon::{self, berth_bin},
+    netns::{in_netns, kill_all_in, ns_command, ns_sh, on_cpu, sh, signal, try_sh},
 };
 
 pub const NS_CLIENT: &str = "bb-client";
@@ -39,7 +40,7 @@ pub fn berth_pins() -> bool {
 
 pub fn berth_down() {
     if berth_pins() && Path::new(PIN_PATH).exists() {
-        let _ = topo::berth_down(Path::new(PIN_PATH));
+        let _ = daemon::berth_down(Path::new(PIN_PATH));
     }
 }
 

@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use berth_tests::topo::{ns_command, on_cpu};
+use berth_tests::netns::{ns_command, on_cpu};
 use serde_json::{Value, json};
 
 use crate::{
