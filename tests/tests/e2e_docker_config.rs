@@ -33,7 +33,7 @@ fn without_a_config_file_containers_are_served_by_their_labels() {
     // A label asking for a port a host process listens on is refused: take one that is.
     let host_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let taken = host_port.local_addr().unwrap().port().to_string();
-    let _h3 = lab.run(
+    lab.run(
         "bt-l3",
         &[
             "--label",
