@@ -1,7 +1,14 @@
 //! Test support for berth: packet building and checking (`wire`), the BPF_PROG_TEST_RUN fixture
-//! harness (`fixture`), and end-to-end namespace topologies with real servers and the real daemon
-//! (`topo`).
+//! harness (`fixture`), network namespaces and the commands run in them (`netns`, shared with the
+//! benchmarks), servers and clients (`servers`), the berth daemon as the tests run it (`daemon`),
+//! the Docker Engine and its test lab (`docker`), and the benchmarks' statistics (`stats`).
+//! `topo` gathers `netns`, `servers` and `daemon` under the path the older tests import.
 
+pub mod daemon;
+pub mod docker;
 pub mod fixture;
+pub mod netns;
+pub mod servers;
+pub mod stats;
 pub mod topo;
 pub mod wire;

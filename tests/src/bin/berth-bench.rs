@@ -24,7 +24,8 @@ use berth_tests::{
     fixture::{
         CLIENT, Fixture, HOST, VIP, backend, flow_key, ifindex, in_fixture_netns, options, svc,
     },
-    topo::sh,
+    netns::sh,
+    stats::median,
     wire::{Ipv4Packet, TCP_ACK, TCP_SYN},
 };
 use lb_common::{CtEntry, IPPROTO_TCP, Reason, ct, ipv4_to_wire, port_to_wire};
@@ -76,7 +77,7 @@ fn ctx_for(ifindex: u32) -> [u8; 44] {
 fn measure(prog: &SchedClassifier, pkt: &[u8], a: &Args) -> f64 {
     let ctx = ctx_for(ifindex("fx0"));
     let mut out = vec![0u8; pkt.len() + 256];
-    let mut v: Vec<f64> = (0..a.rounds)
+    let v: Vec<f64> = (0..a.rounds)
         .map(|_| {
             let r = prog
                 .test_run(TestRunOptions {
@@ -90,8 +91,7 @@ fn measure(prog: &SchedClassifier, pkt: &[u8], a: &Args) -> f64 {
             r.duration.as_nanos() as f64
         })
         .collect();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    median(&v)
 }
 
 fn reason_count(f: &Fixture, r: Reason) -> u64 {
@@ -337,15 +337,14 @@ fn main() {
             weight: 1,
         })
         .collect();
-    let mut times: Vec<f64> = (0..5)
+    let times: Vec<f64> = (0..5)
         .map(|_| {
             let t = Instant::now();
             std::hint::black_box(maglev::build(&members, 65_537));
             t.elapsed().as_secs_f64() * 1e3
         })
         .collect();
-    times.sort_by(f64::total_cmp);
-    let maglev_ms = times[2];
+    let maglev_ms = median(&times);
 
     // One backend change through the real reconciler into the kernel's maps (M=65537, 1000
     // backends): the Maglev rebuild plus the writes of the slots that changed.
@@ -375,6 +374,8 @@ fn main() {
                 f.services = s;
             }
         }
+        // The upper middle sample rather than `stats::median`: its writes are reported with
+        // its time, so it must be one sample.
         samples.sort_by(|a, b| a.0.total_cmp(&b.0));
         samples[samples.len() / 2]
     });

@@ -24,56 +24,28 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use berth_tests::topo::{Berth, Netns, http_get, sh};
+use berth_tests::{
+    daemon::Berth,
+    docker::{Lab, Layout, docker},
+    servers::http_get,
+    stats::median,
+};
 
-const NETWORK: &str = "berth-bench-net";
-const BRIDGE: &str = "bte-bdock0";
-const UPLINK: &str = "bte-bdh0";
-const IMAGE: &str = "berth-bench/hello";
-const LABEL: &str = "berth-bench=1";
-const SERVICE: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 42, 0, 1), 8080);
+/// The benchmark's lab: its own network, bridge, uplink, image (no HEALTHCHECK: its exec events
+/// would only add noise) and label, beside the tests' ones.
+const LAYOUT: Layout = Layout {
+    network: "berth-bench-net",
+    bridge: "bte-bdock0",
+    subnet: "172.31.249.0/24",
+    uplink: "bte-bdh0",
+    client_ns: "bcl",
+    service: SocketAddrV4::new(Ipv4Addr::new(10, 42, 0, 1), 8080),
+    client: Ipv4Addr::new(10, 42, 0, 2),
+    image: "berth-bench/hello",
+    label: "berth-bench=1",
+    healthcheck: false,
+};
 const POLL: Duration = Duration::from_secs(15);
-
-const CONFIG: &str = r#"
-[metrics]
-enabled = false
-[docker]
-label_services = false
-[[service]]
-name = "nodeapp"
-listen = "0.0.0.0:8080"
-[service.docker]
-image = "berth-bench/hello"
-port = 8000
-"#;
-
-fn docker(args: &[&str]) -> String {
-    let mut full = vec!["docker"];
-    full.extend_from_slice(args);
-    sh(&full).trim().to_owned()
-}
-
-fn cleanup() {
-    let ids = Command::new("docker")
-        .args(["ps", "-aq", "--filter", &format!("label={LABEL}")])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
-    for id in ids.split_whitespace() {
-        let _ = Command::new("docker").args(["rm", "-f", id]).output();
-    }
-    let _ = Command::new("docker")
-        .args(["network", "rm", NETWORK])
-        .output();
-    let _ = Command::new("ip").args(["link", "del", UPLINK]).output();
-}
-
-struct Cleanup;
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        cleanup();
-    }
-}
 
 fn now_ns() -> i128 {
     SystemTime::now()
@@ -106,14 +78,6 @@ fn parse_rfc3339(s: &str) -> i128 {
     i128::from(secs) * 1_000_000_000 + frac[..9].parse::<i128>().unwrap()
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v[v.len() / 2]
-}
-
 /// Listings of the running test containers: (when, Unix ns; container ids).
 type Listings = Arc<Mutex<Vec<(i128, BTreeSet<String>)>>>;
 
@@ -127,7 +91,7 @@ fn poller(stop: Arc<AtomicBool>, log: Listings) {
                 "-q",
                 "--no-trunc",
                 "--filter",
-                &format!("label={LABEL}"),
+                &format!("label={}", LAYOUT.label),
             ])
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
@@ -147,67 +111,11 @@ fn main() {
         .nth(1)
         .and_then(|n| n.parse().ok())
         .unwrap_or(10);
-    cleanup();
-    let _cleanup = Cleanup;
-    let hello = std::env::var_os("BERTH_HELLO_BIN")
-        .expect("BERTH_HELLO_BIN (run through cargo xtask bench)");
-    let dir = std::env::temp_dir().join(format!("berth-bench-image-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::copy(&hello, dir.join("hello")).unwrap();
-    std::fs::write(
-        dir.join("Dockerfile"),
-        "FROM scratch\nCOPY hello /hello\nEXPOSE 8000\nENTRYPOINT [\"/hello\", \"serve\", \"8000\"]\n",
-    )
-    .unwrap();
-    docker(&["build", "-q", "-t", IMAGE, dir.to_str().unwrap()]);
-    let _ = std::fs::remove_dir_all(&dir);
-    docker(&[
-        "network",
-        "create",
-        "--driver",
-        "bridge",
-        "--opt",
-        &format!("com.docker.network.bridge.name={BRIDGE}"),
-        "--subnet",
-        "172.31.249.0/24",
-        "--label",
-        LABEL,
-        NETWORK,
-    ]);
-    let client = Netns::new("bcl");
-    sh(&[
-        "ip",
-        "link",
-        "add",
-        UPLINK,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        &client.name,
-    ]);
-    sh(&["ip", "addr", "add", "10.42.0.1/24", "dev", UPLINK]);
-    sh(&["ip", "link", "set", UPLINK, "up"]);
-    client.exec(&["ip", "link", "set", "eth0", "up"]);
-    client.exec(&["ip", "addr", "add", "10.42.0.2/24", "dev", "eth0"]);
-    client.exec(&["ip", "route", "add", "default", "via", "10.42.0.1"]);
-    let run = |name: &str| {
-        docker(&[
-            "run",
-            "-d",
-            "--name",
-            name,
-            "--label",
-            LABEL,
-            "--network",
-            NETWORK,
-            IMAGE,
-        ])
-    };
+    let lab = Lab::new(&LAYOUT);
+    let run = |name: &str| lab.run(name, &[]).id;
     run("bb-base");
-    let berth = Berth::start_root("bench-disco", CONFIG, &[UPLINK, BRIDGE]);
+    let config = format!("[metrics]\nenabled = false\n{}", LAYOUT.config());
+    let berth = Berth::start_root("bench-disco", &config, &[LAYOUT.uplink, LAYOUT.bridge]);
     berth.wait_for("(docker: resync)", 1);
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -223,11 +131,11 @@ fn main() {
         let id = run(&name);
         let host = id[..12].to_owned();
         let started = parse_rfc3339(&docker(&["inspect", "-f", "{{.State.StartedAt}}", &name]));
-        let served = client.run(move || {
+        let served = lab.client.run(move || {
             let want = format!("Hello from {host}");
             let t = Instant::now();
             loop {
-                if let Ok((200, b)) = http_get(SERVICE)
+                if let Ok((200, b)) = http_get(LAYOUT.service)
                     && b == want
                 {
                     return now_ns();
@@ -300,7 +208,7 @@ fn main() {
         }
         let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
         let hi = v.iter().copied().fold(0.0, f64::max);
-        format!("{:.0} ({lo:.0}-{hi:.0})", median(v.to_vec()))
+        format!("{:.0} ({lo:.0}-{hi:.0})", median(v))
     };
     println!(
         "| container started -> first request served | {} | {} |",
@@ -325,10 +233,10 @@ fn main() {
         "poll_15s_start_to_listed_ms": poll_start,
         "poll_15s_stop_to_unlisted_ms": poll_stop,
         "median": {
-            "berth_start_to_served_ms": median(berth_start.clone()),
-            "berth_stop_to_removed_ms": median(berth_stop.clone()),
-            "poll_15s_start_to_listed_ms": median(poll_start.clone()),
-            "poll_15s_stop_to_unlisted_ms": median(poll_stop.clone()),
+            "berth_start_to_served_ms": median(&berth_start),
+            "berth_stop_to_removed_ms": median(&berth_stop),
+            "poll_15s_start_to_listed_ms": median(&poll_start),
+            "poll_15s_stop_to_unlisted_ms": median(&poll_stop),
         }
     });
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");

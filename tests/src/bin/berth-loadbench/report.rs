@@ -1,0 +1,283 @@
+//! The report: every figure's median over rounds beside its ratio to berth's, the targets, a
+//! markdown table on stdout and the JSON files in target/bench.
+
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    time::{Instant, SystemTime, UNIX_EPOCH},
+};
+
+use berth_tests::{netns::try_sh, stats::median};
+use serde_json::{Value, json};
+
+use crate::{
+    Args,
+    contenders::Contender,
+    cores,
+    wrk::{Run, Workload},
+};
+
+pub type Results = BTreeMap<(Contender, Workload), Vec<Run>>;
+
+#[derive(Clone, Copy)]
+pub enum Metric {
+    Rate,
+    P50,
+    P99,
+    Cpu,
+}
+
+impl Metric {
+    pub fn of(self, r: &Run) -> f64 {
+        match self {
+            Metric::Rate => r.rps,
+            Metric::P50 => r.p50_ms,
+            Metric::P99 => r.p99_ms,
+            Metric::Cpu => r.cpu_per_100k,
+        }
+    }
+}
+
+pub fn med(res: &Results, c: Contender, w: Workload, m: Metric) -> f64 {
+    median(
+        &res.get(&(c, w))
+            .map(|v| v.iter().map(|r| m.of(r)).collect::<Vec<_>>())
+            .unwrap_or_default(),
+    )
+}
+
+pub fn fmt_num(v: f64, m: Metric) -> String {
+    if v.is_nan() {
+        return "-".into();
+    }
+    match m {
+        Metric::Rate => format!("{v:.0}"),
+        Metric::P50 | Metric::P99 => format!("{v:.2}"),
+        Metric::Cpu => format!("{v:.3}"),
+    }
+}
+
+pub struct Target {
+    pub text: String,
+    pub value: f64,
+    pub pass: bool,
+}
+
+pub fn targets(res: &Results, present: &[Contender]) -> Vec<Target> {
+    use Contender::*;
+    use Workload::*;
+    let mut t = Vec::new();
+    let has = |c| present.contains(&c);
+    let mut ratio_min = |w: Workload, m: Metric, other: Contender, min: f64, label: &str| {
+        if has(other) {
+            let v = med(res, Berth, w, m) / med(res, other, w, m);
+            t.push(Target {
+                text: format!("{label} berth >= {min}x {}", other.name()),
+                value: v,
+                pass: v >= min,
+            });
+        }
+    };
+    ratio_min(KeepAlive, Metric::Rate, Direct, 0.95, "keep-alive req/s");
+    ratio_min(KeepAlive, Metric::Rate, Direct1, 0.95, "keep-alive req/s");
+    ratio_min(KeepAlive, Metric::Rate, Haproxy, 1.5, "keep-alive req/s");
+    ratio_min(NewConn, Metric::Rate, Direct, 0.9, "new conn/s");
+    ratio_min(NewConn, Metric::Rate, Direct1, 0.9, "new conn/s");
+    ratio_min(NewConn, Metric::Rate, Haproxy, 2.0, "new conn/s");
+    ratio_min(NewConn, Metric::Rate, Nftables, 1.1, "new conn/s");
+    for d in [Direct, Direct1] {
+        if !has(d) {
+            continue;
+        }
+        for w in Workload::ALL {
+            let v = med(res, Berth, w, Metric::P99) / med(res, d, w, Metric::P99);
+            t.push(Target {
+                text: format!("{} p99 berth <= 1.1x {}", w.name(), d.name()),
+                value: v,
+                pass: v <= 1.1,
+            });
+        }
+    }
+    for w in Workload::ALL {
+        // Lowest among the balancers (direct balances nothing).
+        let others: Vec<f64> = present
+            .iter()
+            .filter(|c| !matches!(c, Berth | Direct | Direct1))
+            .map(|c| med(res, *c, w, Metric::Cpu))
+            .collect();
+        if others.is_empty() {
+            continue;
+        }
+        let best_other = others.iter().copied().fold(f64::INFINITY, f64::min);
+        let v = med(res, Berth, w, Metric::Cpu) / best_other;
+        t.push(Target {
+            text: format!("{} CPU/100k berth lowest of the balancers", w.name()),
+            value: v,
+            pass: v < 1.0,
+        });
+    }
+    t
+}
+
+pub fn first_line_value(path: &str, key: &str) -> String {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_once(':'))
+        .map_or_else(|| "unknown".into(), |(_, v)| v.trim().to_owned())
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` of a unix time (civil-from-days, proleptic Gregorian).
+pub fn utc(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+pub fn report(res: &Results, a: &Args, present: &[Contender], started: Instant) {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let kernel = try_sh(&["uname", "-r"])
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let cpu = first_line_value("/proc/cpuinfo", "model name");
+    let n = cores();
+    let mut md = String::new();
+    md += &format!(
+        "\n## berth-loadbench {} ({} rounds x {} s per run, median; kernel {kernel}, {cpu}, {n} cores)\n\n",
+        utc(now),
+        a.rounds,
+        a.duration
+    );
+    md += "Each cell: median (ratio to berth). Errors: wrk socket errors + non-2xx, summed over rounds. \
+           be1/be2: share of the requests each backend logged, over all rounds.\n\n";
+    md += "| workload | contender | rate /s | p50 ms | p99 ms | CPU s/100k req | errors | be1/be2 % |\n";
+    md += "|---|---|---|---|---|---|---|---|\n";
+    for w in Workload::ALL {
+        for &c in present {
+            let runs = res.get(&(c, w)).cloned().unwrap_or_default();
+            let cell = |m: Metric| {
+                let v = med(res, c, w, m);
+                let b = med(res, Contender::Berth, w, m);
+                format!("{} ({:.2}x)", fmt_num(v, m), v / b)
+            };
+            let errors: u64 = runs.iter().map(Run::errors).sum();
+            let split = runs
+                .iter()
+                .fold([0u64; 2], |s, r| [s[0] + r.split[0], s[1] + r.split[1]]);
+            let total = (split[0] + split[1]).max(1) as f64;
+            md += &format!(
+                "| {} ({}) | {} | {} | {} | {} | {} | {errors} | {:.0}/{:.0} |\n",
+                w.name(),
+                w.unit(),
+                c.name(),
+                cell(Metric::Rate),
+                cell(Metric::P50),
+                cell(Metric::P99),
+                cell(Metric::Cpu),
+                100.0 * split[0] as f64 / total,
+                100.0 * split[1] as f64 / total,
+            );
+        }
+    }
+    let ts = targets(res, present);
+    md += "\n| target | measured | result |\n|---|---|---|\n";
+    for t in &ts {
+        md += &format!(
+            "| {} | {:.2}x | {} |\n",
+            t.text,
+            t.value,
+            if t.pass { "pass" } else { "miss" }
+        );
+    }
+    md += &format!(
+        "\nTotal {:.0} s. CPU = machine-wide system + softirq seconds over the run (+ HAProxy's user time), \
+         per 100k requests.\n",
+        started.elapsed().as_secs_f64()
+    );
+    print!("{md}");
+
+    let mut contenders = serde_json::Map::new();
+    for &c in present {
+        let mut per = serde_json::Map::new();
+        for w in Workload::ALL {
+            let runs = res.get(&(c, w)).cloned().unwrap_or_default();
+            per.insert(
+                w.name().into(),
+                json!({
+                    "median": {
+                        "rps": med(res, c, w, Metric::Rate),
+                        "p50_ms": med(res, c, w, Metric::P50),
+                        "p99_ms": med(res, c, w, Metric::P99),
+                        "cpu_s_per_100k": med(res, c, w, Metric::Cpu),
+                    },
+                    "runs": runs.iter().map(Run::json).collect::<Vec<_>>(),
+                }),
+            );
+        }
+        contenders.insert(c.name().into(), Value::Object(per));
+    }
+    let doc = json!({
+        "date": utc(now),
+        "unix_time": now,
+        "kernel": kernel,
+        "cpu_model": cpu,
+        "cores": n,
+        "duration_s": a.duration,
+        "rounds": a.rounds,
+        "connections": a.connections,
+        "wrk_cpu": a.wrk_cpu,
+        "nginx_cpu": a.nginx_cpu,
+        "method": {
+            "wrk": format!("wrk -t1 -c{} -d{}s --timeout 2s --latency [-H 'Connection: close']", a.connections, a.duration),
+            "cpu": "machine-wide (system + softirq) jiffies delta from /proc/stat over the wrk run, nothing subtracted; \
+                    plus HAProxy's utime from /proc/PID/stat (its stime is already in the machine's system time)",
+            "direct": "one wrk per backend, half the connections each, same CPU, routed through bb-lb (no balancer); rates added, worse p99, mean p50",
+            "direct1": "one wrk to backend 1 alone (only with --contenders)",
+            "nftables": "dnat to jhash ip saddr . tcp sport mod 2 map (per flow), no masquerade",
+            "haproxy": "mode tcp, balance roundrobin, nbthread 1, unpinned",
+            "median": "per figure over rounds; contenders interleaved, order rotated each round",
+        },
+        "contenders": contenders,
+        "targets": ts.iter().map(|t| json!({"target": t.text, "value": t.value, "pass": t.pass})).collect::<Vec<_>>(),
+    });
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the workspace")
+        .join("target/bench");
+    std::fs::create_dir_all(&dir).expect("target/bench");
+    let text = serde_json::to_string_pretty(&doc).expect("json");
+    let file = dir.join(format!("loadbench-{now}.json"));
+    std::fs::write(&file, &text).expect("write json");
+    std::fs::write(dir.join("latest.json"), &text).expect("write latest.json");
+    eprintln!("loadbench: wrote {}", file.display());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_dates() {
+        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(utc(1_700_000_000), "2023-11-14T22:13:20Z");
+    }
+}
