@@ -524,3 +524,130 @@ fn berth_in_a_container_serves_the_release_story_and_its_pins_outlive_it() {
     let r = w.client.run(|| http_get(SERVICE));
     assert!(r.is_err(), "served after berth down: {r:?}");
 }
+
+/// Compose project name of the example's test run (its network is `bteproj_default`).
+const PROJECT: &str = "bteproj";
+
+/// `docker-compose -p PROJECT -f dist/docker-compose.yml -f OVERRIDE ARGS`, with the image under
+/// test; panics with compose's output on failure.
+fn compose(override_file: &Path, args: &[&str]) -> String {
+    let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../dist/docker-compose.yml");
+    let out = Command::new("docker-compose")
+        .args(["--no-ansi", "-p", PROJECT, "-f"])
+        .arg(&example)
+        .arg("-f")
+        .arg(override_file)
+        .args(args)
+        .env("BERTH_IMAGE", berth_image())
+        .output()
+        .expect("docker-compose (Debian's package; `cargo xtask test` installs it)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "docker-compose {args:?}: {text}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Takes the Compose project down however the test ends.
+struct ComposeDown(PathBuf);
+
+impl Drop for ComposeDown {
+    fn drop(&mut self) {
+        let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../dist/docker-compose.yml");
+        let _ = Command::new("docker-compose")
+            .args(["--no-ansi", "-p", PROJECT, "-f"])
+            .arg(&example)
+            .arg("-f")
+            .arg(&self.0)
+            .args(["down", "--timeout", "5"])
+            .env("BERTH_IMAGE", berth_image())
+            .output();
+        docker_quiet(&["network", "rm", &format!("{PROJECT}_default")]);
+    }
+}
+
+/// The hostnames (short IDs) of the project's `web` containers.
+fn web_hosts(override_file: &Path) -> Vec<String> {
+    sorted(
+        compose(override_file, &["ps", "-q", "web"])
+            .split_whitespace()
+            .map(|id| id[..12].to_owned())
+            .collect(),
+    )
+}
+
+#[test]
+fn compose_example_scaled_to_three_serves_all_three() {
+    let w = World::new("cmp", None);
+    // The example unchanged but for what makes it this test's: the image under test, the
+    // test's pin path, cgroup, uplink and admin socket, the backends' image and port, and a
+    // bridge of the test's own for the project's network.
+    let override_file = w.etc.join("docker-compose.test.yml");
+    std::fs::write(
+        &override_file,
+        format!(
+            r#"version: "2.4"
+services:
+  berth:
+    image: ${{BERTH_IMAGE}}
+    command: ["run", "--pin-path", "{pin}", "--cgroup", "{cgroup}", "--iface", "{UPLINK}",
+              "--admin-socket", "/etc/berth/admin.sock"]
+    labels: {{ berth-test-ctr: "1" }}
+    volumes: ["{etc}:/etc/berth"]
+  web:
+    image: {HELLO_IMAGE}
+    labels: {{ berth.target-port: "8000", berth-test-ctr: "1" }}
+networks:
+  default:
+    driver_opts: {{ com.docker.network.bridge.name: bte-cmp0 }}
+    ipam: {{ config: [{{ subnet: 172.31.252.0/24 }}] }}
+"#,
+            pin = w.pin_path.display(),
+            cgroup = w.cgroup.path.display(),
+            etc = w.etc.display(),
+        ),
+    )
+    .unwrap();
+    let version = Command::new("docker-compose")
+        .arg("version")
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_owned()
+        })
+        .unwrap_or_default();
+    println!("{version}");
+    let _down = ComposeDown(override_file.clone());
+
+    let t = Instant::now();
+    compose(&override_file, &["up", "-d", "--scale", "web=3"]);
+    let up = t.elapsed();
+    let berth = BerthContainer(format!("{PROJECT}_berth_1"));
+    berth.wait_for("berth ready", 1);
+    let hosts = web_hosts(&override_file);
+    assert_eq!(hosts.len(), 3, "{hosts:?}");
+    let all = all_answer(&w.client, &hosts, t, Duration::from_secs(15));
+    println!(
+        "docker-compose up --scale web=3 took {up:?}; all three answered {all:?} after it was called"
+    );
+    let m = spread(&w.client, 150);
+    println!("three web containers: {m:?}");
+    assert_eq!(m.keys().cloned().collect::<Vec<_>>(), hosts);
+    assert!(
+        berth.logs().contains("bte-cmp0"),
+        "berth attached to the project's bridge:\n{}",
+        berth.logs()
+    );
+
+    // Scaled down to one: the two stopped leave the pool, traffic keeps flowing.
+    compose(&override_file, &["up", "-d", "--scale", "web=1"]);
+    let left = web_hosts(&override_file);
+    assert_eq!(left.len(), 1, "{left:?}");
+    let m = spread(&w.client, 30);
+    assert_eq!(m.keys().cloned().collect::<Vec<_>>(), left);
+}
