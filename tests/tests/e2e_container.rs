@@ -98,6 +98,8 @@ struct World {
     etc: PathBuf,
     pin_path: PathBuf,
     cgroup: TestCgroup,
+    /// The uplink, and the network's bridge when there is one.
+    ifaces: Vec<&'static str>,
 }
 
 impl World {
@@ -149,6 +151,11 @@ impl World {
             etc,
             pin_path,
             cgroup: TestCgroup::new(tag),
+            ifaces: if subnet.is_some() {
+                vec![UPLINK, BRIDGE]
+            } else {
+                vec![UPLINK]
+            },
         }
     }
 
@@ -214,8 +221,8 @@ impl World {
         a.extend(["--pin-path".into(), self.pin_path.display().to_string()]);
         a.extend(["--cgroup".into(), self.cgroup.path.display().to_string()]);
         a.extend(["--admin-socket".into(), "/etc/berth/admin.sock".into()]);
-        for i in [UPLINK, BRIDGE] {
-            a.extend(["--iface".into(), i.into()]);
+        for i in &self.ifaces {
+            a.extend(["--iface".into(), (*i).into()]);
         }
         a
     }
@@ -650,4 +657,176 @@ networks:
     assert_eq!(left.len(), 1, "{left:?}");
     let m = spread(&w.client, 30);
     assert_eq!(m.keys().cloned().collect::<Vec<_>>(), left);
+}
+
+/// The capability test's config: one static backend, no Docker, no metrics port.
+const STATIC_CONFIG: &str = r#"
+[docker]
+enabled = false
+[metrics]
+enabled = false
+[[service]]
+name = "a"
+listen = "0.0.0.0:8080"
+backends = ["10.42.0.2:8000"]
+"#;
+
+/// Waits until `log()` shows "berth ready" (true) or `exited()` (false); at most 10 s.
+fn ready_or_exited(log: impl Fn() -> String, mut exited: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if log().contains("berth ready") {
+            return true;
+        }
+        if exited() {
+            return log().contains("berth ready");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "neither ready nor exited:\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One berth container with `caps` and the README's flags minus `without` (flag, value) pairs:
+/// (whether it got ready, its log). Removed afterwards, with whatever it pinned.
+fn try_container(w: &World, caps: &[&str], without: &[(&str, &str)]) -> (bool, String) {
+    let name = "bte-berth-caps";
+    let mut flags = w.berth_flags(name, caps);
+    for (flag, value) in without {
+        let i = flags
+            .windows(2)
+            .position(|p| p[0] == *flag && p[1] == *value)
+            .unwrap_or_else(|| panic!("no {flag} {value} in {flags:?}"));
+        flags.drain(i..i + 2);
+    }
+    let mut args = vec!["run".to_owned()];
+    args.extend(flags);
+    args.push(berth_image());
+    args.extend(w.berth_args());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    docker(&args);
+    let c = BerthContainer(name.to_owned());
+    let ready = ready_or_exited(
+        || c.logs(),
+        || docker(&["inspect", "-f", "{{.State.Running}}", name]) != "true",
+    );
+    let log = c.logs();
+    docker(&["rm", "-f", name]);
+    let _ = berth_down(&w.pin_path);
+    (ready, log)
+}
+
+/// The host binary run with exactly `caps` (as systemd's CapabilityBoundingSet gives a root
+/// service), pinning under `pin_path`: (whether it got ready, its log). Stopped afterwards;
+/// its pins are left to the caller.
+fn try_host(w: &World, caps: &[&str], pin_path: &Path, tag: &str) -> (bool, String) {
+    let log_path = w.etc.join(format!("{tag}.log"));
+    let mut bounding = "-all".to_owned();
+    for c in caps {
+        bounding.push_str(&format!(",+{}", c.to_lowercase()));
+    }
+    let mut child = Command::new("setpriv")
+        .args(["--bounding-set", &bounding, "--inh-caps", "-all"])
+        .arg(berth_tests::topo::berth_bin())
+        .arg("run")
+        .arg("--config")
+        .arg(w.etc.join("berth.toml"))
+        .arg("--pin-path")
+        .arg(pin_path)
+        .args(["--cgroup", "none", "--iface", UPLINK, "--admin-socket"])
+        .arg(w.etc.join(format!("{tag}.sock")))
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .expect("setpriv (util-linux)");
+    let ready = ready_or_exited(
+        || std::fs::read_to_string(&log_path).unwrap_or_default(),
+        || !matches!(child.try_wait(), Ok(None)),
+    );
+    // SAFETY: plain signal to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    (
+        ready,
+        std::fs::read_to_string(&log_path).unwrap_or_default(),
+    )
+}
+
+fn last_line(log: &str) -> &str {
+    log.lines().last().unwrap_or("")
+}
+
+#[test]
+fn the_named_capabilities_and_mounts_are_each_needed() {
+    let w = World::new("caps", None);
+    std::fs::write(w.etc.join("berth.toml"), STATIC_CONFIG).unwrap();
+
+    // In Docker (its default capabilities and seccomp profile): the README's set works;
+    // without CAP_SYS_ADMIN (which stands for CAP_BPF and CAP_PERFMON on Engine 20.10) the
+    // maps cannot be created.
+    let (ready, log) = try_container(&w, &CAPS, &[]);
+    assert!(ready, "{log}");
+    for caps in [&["NET_ADMIN"][..], &[]] {
+        let (ready, log) = try_container(&w, caps, &[]);
+        println!("container with {caps:?}: {}", last_line(&log));
+        assert!(!ready && log.contains("Operation not permitted"), "{log}");
+    }
+    let (ready, log) = try_container(&w, &["SYS_ADMIN"], &[]);
+    println!(
+        "container with [\"SYS_ADMIN\"] only: {}",
+        if ready { "ready" } else { last_line(&log) }
+    );
+    // Without the cgroup v2 mount the socket programs have nowhere to attach.
+    let cg = cgroup2_root().display().to_string();
+    let (ready, log) = try_container(&w, &CAPS, &[("-v", &format!("{cg}:{cg}"))]);
+    println!("container without the cgroup mount: {}", last_line(&log));
+    assert!(!ready && log.contains("opening cgroup"), "{log}");
+    // Without the bpffs mount berth mounts a BPF filesystem of its own, which dies with the
+    // container; with the host's PID namespace it can tell (PID 1's mounts) and warns.
+    const DIES: &str = "will not outlive";
+    let (ready, log) = try_container(&w, &CAPS, &[("-v", "/sys/fs/bpf:/sys/fs/bpf")]);
+    assert!(ready && log.contains(DIES), "{log}");
+    let (ready, log) = try_container(
+        &w,
+        &CAPS,
+        &[("-v", "/sys/fs/bpf:/sys/fs/bpf"), ("--pid", "host")],
+    );
+    assert!(ready && !log.contains(DIES), "{log}");
+    println!("without the bpffs mount: warned with --pid host, silent without it");
+
+    // Outside Docker, as the systemd unit runs it (a root service with a bounding set):
+    // CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN load and attach everything, and none of them can
+    // go (CAP_SYS_ADMIN stands in for each, so it is left out here).
+    const LOAD: [&str; 3] = ["BPF", "PERFMON", "NET_ADMIN"];
+    let (ready, log) = try_host(&w, &LOAD, &w.pin_path, "unit");
+    let _ = berth_down(&w.pin_path);
+    assert!(ready, "{log}");
+    for missing in LOAD {
+        let caps: Vec<&str> = LOAD.iter().copied().filter(|c| *c != missing).collect();
+        let (ready, log) = try_host(&w, &caps, &w.pin_path, "unit");
+        let _ = berth_down(&w.pin_path);
+        println!("host without CAP_{missing}: {}", last_line(&log));
+        assert!(!ready, "CAP_{missing} is not needed after all:\n{log}");
+    }
+    const UNIT: [&str; 4] = ["BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN"];
+    // CAP_SYS_ADMIN is what lets berth see whose program is attached to an interface
+    // (BPF_PROG_GET_FD_BY_ID): a second berth on the same interface is refused with it.
+    let first = berth_tests::topo::Berth::start_root("caps1", STATIC_CONFIG, &[UPLINK]);
+    let second = test_pin_path("caps2");
+    let (ready, log) = try_host(&w, &UNIT, &second, "second");
+    let _ = berth_down(&second);
+    assert!(!ready && log.contains("already attached"), "{log}");
+    let (ready, log) = try_host(&w, &LOAD, &second, "second");
+    let _ = berth_down(&second);
+    println!(
+        "a second berth on the same interface without CAP_SYS_ADMIN: {}",
+        if ready {
+            "NOT refused (the attached program cannot be identified)"
+        } else {
+            last_line(&log)
+        }
+    );
+    drop(first);
 }
