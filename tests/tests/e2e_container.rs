@@ -388,6 +388,25 @@ port = 8000
 fn berth_in_a_container_serves_the_release_story_and_its_pins_outlive_it() {
     let w = World::new("ctr", Some("172.31.251.0/24"));
     std::fs::write(w.etc.join("berth.toml"), CONFIG).unwrap();
+    // The image is this checkout's berth (a stale image would test old code).
+    let image_version = docker(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        &berth_image(),
+        "--version",
+    ]);
+    let host_version = sh(&[
+        berth_tests::topo::berth_bin().to_str().unwrap(),
+        "--version",
+    ]);
+    assert_eq!(
+        image_version,
+        host_version.trim(),
+        "image {}",
+        berth_image()
+    );
     let h1 = w.backend("bt-ctr-1");
     let h2 = w.backend("bt-ctr-2");
 
