@@ -21,7 +21,8 @@ const EXIT_CONFIG: u8 = 64;
 #[derive(Parser)]
 #[command(
     name = "berth",
-    version,
+    // `berth --version`: "berth 0.1.0 (git <rev>)"; the revision comes from build.rs.
+    version = concat!(env!("CARGO_PKG_VERSION"), " (git ", env!("BERTH_GIT_REV"), ")"),
     about = "Kernel-accelerated L4 load balancer for Docker hosts"
 )]
 struct Cli {
@@ -80,6 +81,8 @@ enum Command {
         #[arg(long, default_value = status::DEFAULT_SOCKET)]
         admin_socket: PathBuf,
     },
+    /// Print a shell completion script (e.g. `berth completions bash > /etc/bash_completion.d/berth`).
+    Completions { shell: clap_complete::Shell },
 }
 
 fn main() -> ExitCode {
@@ -88,6 +91,11 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     match cli.command {
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "berth", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
         Command::CheckConfig { file, synapse } => check_config(&Source {
             path: file,
             synapse,

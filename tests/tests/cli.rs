@@ -286,3 +286,140 @@ fn a_huge_field_value_is_not_echoed_whole() {
         );
     }
 }
+
+/// `berth ARGS`: (exit status, stdout, stderr).
+fn berth_output(args: &[&str]) -> (std::process::ExitStatus, String, String) {
+    let out = Command::new(berth())
+        .args(args)
+        .output()
+        .expect("run berth");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn version_names_the_git_revision_it_was_built_from() {
+    let (st, out, err) = berth_output(&["--version"]);
+    assert!(st.success(), "{err}");
+    // The checkout the tests run in is the one berth was built from (`cargo xtask test` builds
+    // both); outside a git checkout the build script writes "unknown".
+    let rev = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map_or_else(
+            || "unknown".to_owned(),
+            |o| String::from_utf8_lossy(&o.stdout).trim().to_owned(),
+        );
+    assert_eq!(
+        out.trim(),
+        format!("berth {} (git {rev})", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn completions_load_in_bash_and_complete_subcommands_and_flags() {
+    for (shell, marker) in [
+        ("bash", "complete -F _berth"),
+        ("zsh", "#compdef berth"),
+        ("fish", "complete -c berth"),
+    ] {
+        let (st, out, err) = berth_output(&["completions", shell]);
+        assert!(st.success(), "{shell}: {err}");
+        assert!(out.contains(marker), "{shell}: no {marker:?}");
+        for word in ["check-config", "status", "down", "completions", "pin-path"] {
+            assert!(out.contains(word), "{shell}: {word} missing");
+        }
+    }
+    let (st, _, err) = berth_output(&["completions", "tcsh"]);
+    assert!(!st.success(), "an unknown shell is refused");
+    assert!(err.contains("possible values"), "{err}");
+    // bash sources the script, and its function completes a subcommand and a flag of `run`.
+    let script = write("berth.bash", &berth_output(&["completions", "bash"]).1);
+    for (words, cword, want) in [
+        ("berth ch", 1, "check-config"),
+        ("berth run --pin", 2, "--pin-path"),
+    ] {
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "source {}; COMP_WORDS=({words}); COMP_CWORD={cword}; \
+                 _berth berth \"${{COMP_WORDS[$COMP_CWORD]}}\" \"${{COMP_WORDS[$COMP_CWORD-1]}}\"; \
+                 echo \"${{COMPREPLY[@]}}\"",
+                script.display()
+            ))
+            .output()
+            .expect("bash");
+        let got = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(got.trim(), want, "completing {words:?}: {got:?}");
+    }
+}
+
+/// The unit file in the repository (dist/berth.service).
+fn unit_file() -> (PathBuf, String) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../dist/berth.service");
+    let text = std::fs::read_to_string(&path).expect("dist/berth.service");
+    (path, text)
+}
+
+#[test]
+fn systemd_unit_verifies_and_starts_berth_with_flags_it_accepts() {
+    let (_, unit) = unit_file();
+    let value = |key: &str| {
+        unit.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("no {key}= in the unit"))
+            .to_owned()
+    };
+    let exec = value("ExecStart");
+    let argv: Vec<&str> = exec.split_whitespace().collect();
+    // Where the image and the README install it.
+    assert_eq!(argv[0], "/usr/local/bin/berth", "{exec}");
+    assert_eq!(argv[1], "run", "{exec}");
+    // Every flag is one `berth run` accepts: clap refuses an unknown one before `--help`.
+    let (st, out, err) = berth_output(&[&argv[1..], &["--help"]].concat());
+    assert!(
+        st.success(),
+        "`berth {}` refused: {err}",
+        argv[1..].join(" ")
+    );
+    for flag in argv[2..].iter().filter(|a| a.starts_with("--")) {
+        assert!(out.contains(flag), "{flag} not in `berth run --help`");
+    }
+    assert_eq!(
+        value("RestartPreventExitStatus"),
+        "64",
+        "bad config: no restart loop"
+    );
+    assert_eq!(
+        value("KillSignal"),
+        "SIGTERM",
+        "leaves the pinned dataplane serving"
+    );
+    assert_eq!(
+        value("CapabilityBoundingSet"),
+        "CAP_BPF CAP_PERFMON CAP_NET_ADMIN CAP_SYS_ADMIN",
+        "the set the README names"
+    );
+    // systemd's own check, on a copy whose ExecStart points at the binary under test (this
+    // machine has none at /usr/local/bin). It exits 0 on warnings too: those must not appear.
+    let copy = write(
+        "berth.service",
+        &unit.replace("/usr/local/bin/berth", &berth().display().to_string()),
+    );
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&copy)
+        .output()
+        .expect("systemd-analyze (Debian's systemd package)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && err.trim().is_empty(),
+        "systemd-analyze verify: {err}"
+    );
+}

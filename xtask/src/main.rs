@@ -4,8 +4,10 @@
 //! - `setup`: install what is missing (toolchain + rust-src, bpf-linker against the toolchain's
 //!   LLVM, Debian packages), idempotently; a second run only checks.
 //! - `build [--release]`, `run [-- ARGS]`, `test [ARGS]`, `bench [ARGS]`, `soak`, `docker-up`.
+//! - `image`: berth as a container image (static binary FROM scratch).
 
 mod bench;
+mod image;
 mod setup;
 
 use std::{
@@ -17,7 +19,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 fn usage() -> &'static str {
-    "usage: cargo xtask <setup|build [--release]|run [berth run flags | berth subcommand]|test [cargo test args]|bench [args]|soak|docker-up>"
+    "usage: cargo xtask <setup|build [--release]|run [berth run flags | berth subcommand]|test [cargo test args]|bench [args]|soak|docker-up|image>"
 }
 
 fn main() -> ExitCode {
@@ -95,6 +97,13 @@ fn run(args: &[String]) -> Result<()> {
     match cmd.as_str() {
         "setup" => setup::ensure_all().map(|_| ()),
         "docker-up" => setup::ensure_docker(),
+        "image" => {
+            if let Some(other) = rest.first() {
+                bail!("image: unknown argument {other:?}\n{}", usage());
+            }
+            let tc = setup::ensure_all()?;
+            image::build(&tc).map(|_| ())
+        }
         "build" => {
             let tc = setup::ensure_all()?;
             let mut c = cargo(&tc);
@@ -135,6 +144,9 @@ fn run(args: &[String]) -> Result<()> {
             c.args(["build", "-p", "lb-userspace"]);
             status(c)?;
             build_hello(&tc)?;
+            // The container tests run berth as operators do: from its image.
+            let berth_image = image::build(&tc)?.remove(0);
+            setup::ensure_compose()?;
             let mut c = cargo(&tc);
             c.args([
                 "test",
@@ -150,7 +162,8 @@ fn run(args: &[String]) -> Result<()> {
             .env(
                 "BERTH_HELLO_BIN",
                 root().join(format!("target/{}/release/hello", setup::MUSL)),
-            );
+            )
+            .env("BERTH_IMAGE", berth_image);
             let result = status(c);
             eprintln!(
                 "xtask: test finished in {:.0} s",

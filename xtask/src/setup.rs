@@ -1,6 +1,6 @@
 //! Idempotent installation of everything the project needs, checking before installing:
 //! the pinned Rust toolchain with `rust-src`, bpf-linker built against that toolchain's own LLVM,
-//! the Debian packages the tests use, and (on request) Docker Engine.
+//! the Debian packages the tests use, and (on request) Docker Engine and docker-compose.
 
 use std::{
     io::{Read as _, Write as _},
@@ -269,6 +269,18 @@ fn ensure_packages() -> Result<()> {
     let t = Instant::now();
     apt_install(&missing)?;
     done(&format!("packages {}", missing.join(" ")), Some(t));
+    Ok(())
+}
+
+/// Debian's `docker-compose` (the v1 Python tool) for the Compose example's test.
+pub fn ensure_compose() -> Result<()> {
+    if package_installed("docker-compose") {
+        done("docker-compose", None);
+        return Ok(());
+    }
+    let t = Instant::now();
+    apt_install(&["docker-compose"])?;
+    done("docker-compose", Some(t));
     Ok(())
 }
 
