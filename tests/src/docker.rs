@@ -385,21 +385,30 @@ impl Lab {
         &self,
         stop: Arc<AtomicBool>,
     ) -> JoinHandle<Vec<(Instant, Result<String, String>)>> {
-        let service = self.layout.service;
-        self.client.spawn(move || {
-            let mut out = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                let r = match http_get(service) {
-                    Ok((200, body)) => Ok(body.trim_start_matches("Hello from ").to_owned()),
-                    Ok((s, body)) => Err(format!("status {s}: {body}")),
-                    Err(e) => Err(e),
-                };
-                out.push((Instant::now(), r));
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            out
-        })
+        load_loop(&self.client, self.layout.service, stop)
     }
+}
+
+/// Requests from `client` to `service` every 5 ms until `stop`: (when, Ok(hostname) or
+/// Err(what failed)).
+pub fn load_loop(
+    client: &Netns,
+    service: SocketAddrV4,
+    stop: Arc<AtomicBool>,
+) -> JoinHandle<Vec<(Instant, Result<String, String>)>> {
+    client.spawn(move || {
+        let mut out = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            let r = match http_get(service) {
+                Ok((200, body)) => Ok(body.trim_start_matches("Hello from ").to_owned()),
+                Ok((s, body)) => Err(format!("status {s}: {body}")),
+                Err(e) => Err(e),
+            };
+            out.push((Instant::now(), r));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        out
+    })
 }
 
 impl Drop for Lab {

@@ -19,8 +19,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use berth_tests::topo::{
-    Netns, TestCgroup, berth_down, cgroup2_root, http_get, remove_leftovers, sh, test_pin_path,
+use berth_tests::{
+    docker::{build_hello_image, docker, docker_quiet, hello_bin, load_loop},
+    topo::{
+        Netns, TestCgroup, berth_down, cgroup2_root, http_get, remove_leftovers, sh, test_pin_path,
+    },
 };
 
 /// Label of everything this file starts in Docker (removed before and after each test).
@@ -41,16 +44,6 @@ fn berth_image() -> String {
         .expect("BERTH_IMAGE unset: run through `cargo xtask test` (it builds berth's image)")
 }
 
-fn docker(args: &[&str]) -> String {
-    let mut full = vec!["docker"];
-    full.extend_from_slice(args);
-    sh(&full).trim().to_owned()
-}
-
-fn docker_quiet(args: &[&str]) {
-    let _ = Command::new("docker").args(args).output();
-}
-
 fn remove_docker_leftovers() {
     let ids = Command::new("docker")
         .args(["ps", "-aq", "--filter", &format!("label={LABEL}")])
@@ -61,32 +54,6 @@ fn remove_docker_leftovers() {
         docker_quiet(&["rm", "-f", id]);
     }
     docker_quiet(&["network", "rm", NETWORK]);
-}
-
-/// The static `hello` binary: the backends' server, and the client on the host.
-fn hello_bin() -> PathBuf {
-    let bin = PathBuf::from(
-        std::env::var_os("BERTH_HELLO_BIN")
-            .expect("BERTH_HELLO_BIN unset: run through `cargo xtask test`"),
-    );
-    assert!(bin.exists(), "{} missing", bin.display());
-    bin
-}
-
-/// The backends' image from the static `hello` binary (cheap when Docker's cache has it).
-fn build_hello_image() {
-    let dir = std::env::temp_dir().join(format!("berth-ctr-hello-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::copy(hello_bin(), dir.join("hello")).unwrap();
-    std::fs::write(
-        dir.join("Dockerfile"),
-        "FROM scratch\nCOPY hello /hello\nEXPOSE 8000\n\
-         HEALTHCHECK --interval=1s --timeout=1s --retries=2 CMD [\"/hello\", \"get\", \"127.0.0.1:8000\"]\n\
-         ENTRYPOINT [\"/hello\", \"serve\", \"8000\"]\n",
-    )
-    .unwrap();
-    docker(&["build", "-q", "-t", HELLO_IMAGE, dir.to_str().unwrap()]);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The test's world: a Docker network with a bridge of its own, a client namespace behind a
@@ -106,7 +73,7 @@ impl World {
     fn new(tag: &str, subnet: Option<&str>) -> Self {
         remove_leftovers();
         remove_docker_leftovers();
-        build_hello_image();
+        build_hello_image(HELLO_IMAGE, true);
         if let Some(subnet) = subnet {
             docker(&[
                 "network",
@@ -346,26 +313,6 @@ fn all_answer(client: &Netns, want: &[String], since: Instant, limit: Duration) 
     })
 }
 
-/// Requests in a loop until `stop`: (when, Ok(hostname) or Err(what failed)).
-fn load_loop(
-    client: &Netns,
-    stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<Vec<(Instant, Result<String, String>)>> {
-    client.spawn(move || {
-        let mut out = Vec::new();
-        while !stop.load(Ordering::Relaxed) {
-            let r = match http_get(SERVICE) {
-                Ok((200, body)) => Ok(body.trim_start_matches("Hello from ").to_owned()),
-                Ok((s, body)) => Err(format!("status {s}: {body}")),
-                Err(e) => Err(e),
-            };
-            out.push((Instant::now(), r));
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        out
-    })
-}
-
 fn sorted(mut v: Vec<String>) -> Vec<String> {
     v.sort();
     v
@@ -442,7 +389,7 @@ fn berth_in_a_container_serves_the_release_story_and_its_pins_outlive_it() {
 
     // One stops under load: traffic keeps flowing, none to it afterwards.
     let stop = Arc::new(AtomicBool::new(false));
-    let load = load_loop(&w.client, stop.clone());
+    let load = load_loop(&w.client, SERVICE, stop.clone());
     std::thread::sleep(Duration::from_millis(300));
     docker(&["stop", "bt-ctr-1"]);
     let stopped = Instant::now();
@@ -500,7 +447,7 @@ fn berth_in_a_container_serves_the_release_story_and_its_pins_outlive_it() {
     // The pins outlive the container: stop it under load, start a new one, which adopts the
     // dataplane; not one request fails on the way.
     let stop = Arc::new(AtomicBool::new(false));
-    let load = load_loop(&w.client, stop.clone());
+    let load = load_loop(&w.client, SERVICE, stop.clone());
     std::thread::sleep(Duration::from_millis(300));
     let (took, code) = berth.stop();
     println!("berth container stopped in {took:?} (exit code {code})");
