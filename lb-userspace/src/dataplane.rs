@@ -266,8 +266,7 @@ const SOCK_PROGS: [&str; 4] = [
     lb_common::PROG_SOCK_GETPEERNAME4,
 ];
 
-/// Where berth pins its dataplane by default.
-pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/berth";
+pub use crate::config::DEFAULT_PIN_PATH;
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// The pinned state's directories, and the lock that makes one daemon its only user.

@@ -9,7 +9,8 @@ pub mod maglev;
 pub mod metrics;
 pub mod reconciler;
 pub mod status;
-pub mod synapse;
+
+pub use config::synapse;
 
 /// The eBPF object built from `lb-ebpf` by this crate's build script.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));

@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use lb_userspace::{
-    config::{Config, ConfigError, Service},
+    config::{Cgroup, Config, ConfigError, Service},
     dataplane::{Dataplane, DataplaneOptions, monotonic_ns},
     discovery,
     health::{NetChecker, Supervisor},
@@ -421,13 +421,13 @@ fn attach_all(
             ifaces.push(iface);
         }
     }
-    let cgroup = match cfg.dataplane.cgroup.as_str() {
-        "none" => None,
-        "auto" => Some(lb_userspace::dataplane::cgroup2_root().context(
+    let cgroup = match cfg.dataplane.cgroup_target() {
+        Cgroup::None => None,
+        Cgroup::Auto => Some(lb_userspace::dataplane::cgroup2_root().context(
             "no cgroup v2 hierarchy is mounted: mount one, or set dataplane.cgroup = \"none\" \
              (clients on this host are then not balanced)",
         )?),
-        p => Some(PathBuf::from(p)),
+        Cgroup::Path(p) => Some(p),
     };
     if let Some(cg) = &cgroup {
         dp.attach_cgroup(cg)

@@ -17,12 +17,60 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::SocketAddrV4,
+    path::PathBuf,
     str::FromStr,
 };
 
 use serde::{Deserialize, Deserializer, de};
 
-use crate::{health::HealthConfig, maglev};
+mod health;
+pub mod synapse;
+
+pub use health::{CheckKind, HealthConfig};
+
+/// Where berth pins its dataplane unless told otherwise (`dataplane.pin_path`, `--pin-path`).
+pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/berth";
+
+/// Whether `n` is prime (trial division; table sizes are small). The Maglev table size must be.
+pub fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    if n.is_multiple_of(2) {
+        return n == 2;
+    }
+    let mut d = 3u32;
+    while u64::from(d) * u64::from(d) <= u64::from(n) {
+        if n.is_multiple_of(d) {
+            return false;
+        }
+        d += 2;
+    }
+    true
+}
+
+/// Which cgroup v2 directory the socket programs attach to (`dataplane.cgroup`, `--cgroup`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cgroup {
+    /// The root of the cgroup v2 hierarchy: every process of the host.
+    Auto,
+    /// No socket programs (clients on this host are not balanced).
+    None,
+    /// Only the processes of this directory (absolute).
+    Path(PathBuf),
+}
+
+impl Cgroup {
+    /// Reads `"auto"`, `"none"` or an absolute directory; `None` for anything else.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "auto" => Some(Self::Auto),
+            "none" => Some(Self::None),
+            p if p.starts_with('/') => Some(Self::Path(PathBuf::from(p))),
+            _ => None,
+        }
+    }
+}
 
 /// A configuration problem: which field, and what is wrong with it. Shown with long values cut
 /// (see [`clip_values`]): a 50 MB value is echoed as its first characters and its length.
@@ -164,6 +212,13 @@ pub struct DataplaneConfig {
     pub detach_on_exit: bool,
 }
 
+impl DataplaneConfig {
+    /// `cgroup` as what it means (validated configs always parse).
+    pub fn cgroup_target(&self) -> Cgroup {
+        Cgroup::parse(&self.cgroup).unwrap_or(Cgroup::Auto)
+    }
+}
+
 impl Default for DataplaneConfig {
     fn default() -> Self {
         Self {
@@ -179,7 +234,7 @@ impl Default for DataplaneConfig {
             hash_seed: None,
             redirect: true,
             decrement_ttl: true,
-            pin_path: crate::dataplane::DEFAULT_PIN_PATH.into(),
+            pin_path: DEFAULT_PIN_PATH.into(),
             cgroup: "auto".into(),
             detach_on_exit: false,
         }
@@ -419,7 +474,7 @@ impl Config {
     pub fn validate(&self) -> Result<Vec<Service>, ConfigError> {
         let d = &self.dataplane;
         let m = d.maglev_table_size;
-        if !maglev::is_prime(m) || !(7..=1_048_573).contains(&m) {
+        if !is_prime(m) || !(7..=1_048_573).contains(&m) {
             return Err(ConfigError::new(
                 "dataplane.maglev_table_size",
                 format!("{m} must be a prime between 7 and 1048573 (e.g. 251, 4099, 65537)"),
@@ -474,12 +529,11 @@ impl Config {
                 "dataplane.pin_path",
                 format!(
                     "{:?} must be an absolute directory below a BPF filesystem (e.g. {})",
-                    d.pin_path,
-                    crate::dataplane::DEFAULT_PIN_PATH
+                    d.pin_path, DEFAULT_PIN_PATH
                 ),
             ));
         }
-        if !matches!(d.cgroup.as_str(), "auto" | "none") && !d.cgroup.starts_with('/') {
+        if Cgroup::parse(&d.cgroup).is_none() {
             return Err(ConfigError::new(
                 "dataplane.cgroup",
                 format!(
@@ -657,6 +711,19 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cgroup_setting_reads_as_its_meaning() {
+        assert_eq!(Cgroup::parse("auto"), Some(Cgroup::Auto));
+        assert_eq!(Cgroup::parse("none"), Some(Cgroup::None));
+        assert_eq!(
+            Cgroup::parse("/sys/fs/cgroup/x"),
+            Some(Cgroup::Path("/sys/fs/cgroup/x".into()))
+        );
+        assert_eq!(Cgroup::parse("relative/dir"), None);
+        assert_eq!(Cgroup::parse("Auto"), None);
+        assert_eq!(DataplaneConfig::default().cgroup_target(), Cgroup::Auto);
+    }
 
     fn err(text: &str) -> ConfigError {
         Config::load(text).expect_err("config should be rejected")
