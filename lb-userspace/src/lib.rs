@@ -1,15 +1,15 @@
 //! berth's userspace: configuration, the Maglev builder, the dataplane handle (loading and
 //! attaching the eBPF programs, typed map access) and the reconciler that owns the maps.
 
+pub mod api;
 pub mod config;
 pub mod dataplane;
 pub mod discovery;
 pub mod health;
 pub mod maglev;
-pub mod metrics;
 pub mod reconciler;
-pub mod status;
 
+pub use api::{metrics, status};
 pub use config::synapse;
 
 /// The eBPF object built from `lb-ebpf` by this crate's build script.

@@ -5,6 +5,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use lb_userspace::{
+    api::admin,
     config::{Cgroup, Config, ConfigError, Service},
     dataplane::{Dataplane, DataplaneOptions, monotonic_ns},
     discovery,
@@ -45,7 +46,7 @@ enum Command {
         #[arg(long = "iface", short = 'i')]
         ifaces: Vec<String>,
         /// Admin socket `berth status` talks to (root only).
-        #[arg(long, default_value = status::DEFAULT_SOCKET)]
+        #[arg(long, default_value = admin::DEFAULT_SOCKET)]
         admin_socket: PathBuf,
         /// bpffs directory to pin the dataplane under; replaces `dataplane.pin_path`.
         #[arg(long)]
@@ -77,7 +78,7 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
-        #[arg(long, default_value = status::DEFAULT_SOCKET)]
+        #[arg(long, default_value = admin::DEFAULT_SOCKET)]
         admin_socket: PathBuf,
     },
 }
@@ -92,7 +93,7 @@ fn main() -> ExitCode {
             path: file,
             synapse,
         }),
-        Command::Status { json, admin_socket } => match status::query(&admin_socket) {
+        Command::Status { json, admin_socket } => match admin::query(&admin_socket) {
             Ok(s) if json => {
                 println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
                 ExitCode::SUCCESS
@@ -324,7 +325,7 @@ async fn run(
     admin_socket: PathBuf,
 ) -> anyhow::Result<()> {
     // The sockets first: a port or path in use fails here, before the kernel is touched.
-    let admin = status::bind(&admin_socket)
+    let admin = admin::bind(&admin_socket)
         .with_context(|| format!("admin socket {}", admin_socket.display()))?;
     let _socket_file = RemoveOnDrop(admin_socket.clone());
     let metrics_listener = if cfg.metrics.enabled {
@@ -647,7 +648,7 @@ async fn run_loop(
                 let mut s = build_status(&rec, &health, &desired, &containers);
                 let reader = rec.dataplane().conntrack_reader();
                 // The conntrack walk runs off the event loop, and only for a valid request.
-                tokio::spawn(status::answer(conn, async move {
+                tokio::spawn(admin::answer(conn, async move {
                     let entries = walk_conntrack(reader).await;
                     fill_active_flows(&mut s, &entries);
                     s
