@@ -45,6 +45,10 @@ pub enum Command {
         /// for the next berth).
         #[arg(long)]
         detach_on_exit: bool,
+        /// Log lines as text, or as one JSON object per line (for log shippers). `RUST_LOG`
+        /// filters either (default: info).
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
     },
     /// Detach a pinned dataplane left by a stopped berth and remove its pins (established flows
     /// through it are dropped).
@@ -67,4 +71,13 @@ pub enum Command {
         #[arg(long, default_value = admin::DEFAULT_SOCKET)]
         admin_socket: PathBuf,
     },
+}
+
+/// How log lines are written (to stderr).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// `TIME LEVEL span{fields}: message`, for people.
+    Text,
+    /// One JSON object per line with the span's fields, for log shippers.
+    Json,
 }

@@ -18,8 +18,8 @@ use bollard::{
     query_parameters::{EventsOptions, InspectContainerOptions, ListContainersOptions},
 };
 use futures_util::StreamExt as _;
-use log::{info, warn};
 use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
 
 use crate::config::{DockerSelector, Protocol, Service};
 

@@ -3,25 +3,26 @@
 
 mod cli;
 
-use std::{path::Path, process::ExitCode};
+use std::{io::IsTerminal as _, path::Path, process::ExitCode};
 
 use clap::Parser as _;
-use cli::{Cli, Command};
+use cli::{Cli, Command, LogFormat};
 use lb_userspace::{
     api::{admin, status},
     config::{Config, ConfigError},
     daemon::{self, Format, Source, host},
 };
-use log::error;
+use tracing::error;
 
 /// Exit code for a bad configuration or command line (sysexits EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_target(false)
-        .init();
     let cli = Cli::parse();
+    init_logging(match &cli.command {
+        Command::Run { log_format, .. } => *log_format,
+        _ => LogFormat::Text,
+    });
     match cli.command {
         Command::CheckConfig { file, synapse } => check_config(&Source {
             path: file,
@@ -73,6 +74,7 @@ fn main() -> ExitCode {
             pin_path,
             cgroup,
             detach_on_exit,
+            log_format: _,
         } => {
             let source = match (config, synapse_config) {
                 (Some(path), _) => Some(Source {
@@ -154,6 +156,24 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default: info), as text or JSON.
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    match format {
+        LogFormat::Text => fmt.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => fmt
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
     }
 }
 

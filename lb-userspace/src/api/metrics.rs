@@ -102,7 +102,7 @@ pub async fn serve(
             Ok(c) => c,
             Err(e) => {
                 // Out of descriptors, say: retry shortly rather than spin.
-                log::warn!("metrics endpoint: accept: {e}");
+                tracing::warn!("metrics endpoint: accept: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }

@@ -14,8 +14,8 @@ mod state;
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
-use log::{info, warn};
 use tokio::signal::unix::{SignalKind, signal};
+use tracing::{Instrument as _, info, info_span, warn};
 
 use crate::{
     api::admin,
@@ -258,11 +258,11 @@ async fn event_loop(
             cfg.docker.socket,
             if label_services { "on" } else { "off" }
         );
-        tokio::spawn(crate::discovery::run(
-            cfg.docker.socket.clone(),
-            docker_tx,
-            stop_rx,
-        ));
+        // The engine's span: every line of its watcher names the socket it talks to.
+        let engine = info_span!("engine", kind = "docker", socket = %cfg.docker.socket);
+        tokio::spawn(
+            crate::discovery::run(cfg.docker.socket.clone(), docker_tx, stop_rx).instrument(engine),
+        );
     } else {
         drop(docker_tx);
     }

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use log::warn;
+use tracing::warn;
 
 use crate::{
     api::status,

@@ -8,8 +8,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use log::{debug, error, info, warn};
 use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, error, info, info_span, warn};
 
 use super::{
     Source,
@@ -122,6 +122,7 @@ impl Daemon {
 
     /// SIGHUP: re-reads the config file; an invalid one is reported and the running one kept.
     pub(super) fn on_reload(&mut self) {
+        let _reload = info_span!("reload").entered();
         let Some(source) = &self.source else {
             warn!("SIGHUP: no config file to reload");
             return;
@@ -150,6 +151,12 @@ impl Daemon {
 
     /// A container changed (or Docker's full listing arrived).
     pub(super) fn on_docker(&mut self, event: Event) {
+        let _container = match &event {
+            Event::Snapshot(all) => info_span!("docker", containers = all.len()),
+            Event::Upsert(c, _) => info_span!("docker", container = %c.name, id = %c.id),
+            Event::Remove(id, _) => info_span!("docker", %id),
+        }
+        .entered();
         let why = desired::record(&mut self.containers, &event);
         if matches!(event, Event::Snapshot(_)) {
             self.hold.release();
@@ -169,6 +176,13 @@ impl Daemon {
 
     /// A backend's health flipped.
     pub(super) fn on_health(&mut self, change: &HealthChange) {
+        let _backend = info_span!(
+            "health",
+            service = %change.service,
+            backend = %change.backend,
+            healthy = change.healthy
+        )
+        .entered();
         if !self.health.record(change) {
             return; // a check stopped by a reload
         }

@@ -68,7 +68,7 @@ pub(super) fn ensure_bpffs(root: &Path) -> Result<bool> {
             source: std::io::Error::last_os_error(),
         });
     }
-    log::info!("mounted a BPF filesystem on /sys/fs/bpf");
+    tracing::info!("mounted a BPF filesystem on /sys/fs/bpf");
     Ok(true)
 }
 
