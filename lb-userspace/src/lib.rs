@@ -1,5 +1,7 @@
-//! berth's userspace: configuration, the Maglev builder, the dataplane handle (loading and
-//! attaching the eBPF programs, typed map access) and the reconciler that owns the maps.
+//! berth's userspace: the config (pure parsing), discovery (Docker), health checks, the
+//! dataplane handle (loading, pinning and attaching the eBPF programs, typed map access), the
+//! reconciler (the one writer of the maps), the daemon's event loop and its API (admin socket,
+//! status, metrics). ARCHITECTURE.md at the repository root maps them.
 
 pub mod api;
 pub mod config;

@@ -3,14 +3,18 @@
 
 mod cli;
 
-use std::{io::IsTerminal as _, path::Path, process::ExitCode};
+use std::{
+    io::IsTerminal as _,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
 use clap::Parser as _;
 use cli::{Cli, Command, LogFormat};
 use lb_userspace::{
     api::{admin, status},
-    config::{Config, ConfigError},
-    daemon::{self, Format, Source, host},
+    config::ConfigError,
+    daemon::{self, Format, Source},
 };
 use tracing::error;
 
@@ -32,40 +36,8 @@ fn main() -> ExitCode {
                 Format::Berth
             },
         }),
-        Command::Status { json, admin_socket } => match admin::query(&admin_socket) {
-            Ok(s) if json => {
-                println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
-                ExitCode::SUCCESS
-            }
-            Ok(s) => {
-                print!("{}", status::render(&s));
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("berth status: {e}");
-                ExitCode::FAILURE
-            }
-        },
-        Command::Down { pin_path } => match lb_userspace::dataplane::down(&pin_path) {
-            Ok(r) if r.links.is_empty() && r.maps == 0 => {
-                println!("berth down: nothing pinned under {}", pin_path.display());
-                ExitCode::SUCCESS
-            }
-            Ok(r) => {
-                println!(
-                    "berth down: detached {} ({}), removed {} maps under {}",
-                    r.links.len(),
-                    r.links.join(", "),
-                    r.maps,
-                    pin_path.display()
-                );
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("berth down: {e}");
-                ExitCode::FAILURE
-            }
-        },
+        Command::Status { json, admin_socket } => show_status(&admin_socket, json),
+        Command::Down { pin_path } => down(&pin_path),
         Command::Run {
             config,
             synapse_config,
@@ -87,74 +59,89 @@ fn main() -> ExitCode {
                 }),
                 (None, None) => None,
             };
-            // Everything that can be wrong with the input is found before the kernel is touched.
-            let (mut cfg, services) = match &source {
-                Some(src) => match daemon::read_config(src) {
-                    Ok(v) => v,
-                    Err(e) => return config_failure(&src.path, &e),
-                },
-                None => (Config::default(), Vec::new()),
-            };
-            if let Some(p) = pin_path {
-                cfg.dataplane.pin_path = p.display().to_string();
-            }
-            if let Some(c) = cgroup {
-                cfg.dataplane.cgroup = c;
-            }
-            cfg.dataplane.detach_on_exit |= detach_on_exit;
-            if let Err(e) = cfg.validate() {
-                eprintln!("berth: invalid command line: {e}");
-                return ExitCode::from(EXIT_CONFIG);
-            }
-            let ifaces = if !ifaces.is_empty() {
-                ifaces
-            } else if !cfg.dataplane.interfaces.is_empty() {
-                cfg.dataplane.interfaces.clone()
-            } else {
-                match host::default_route_iface() {
-                    // With Docker discovery, containers on the default bridge are reached
-                    // through docker0: attach there too (other networks: name them).
-                    Ok(i)
-                        if daemon::docker_enabled(&cfg, source.is_some())
-                            && Path::new("/sys/class/net/docker0").exists() =>
-                    {
-                        vec![i, "docker0".to_owned()]
-                    }
-                    Ok(i) => vec![i],
-                    Err(e) => {
-                        error!("{e:#}");
-                        return ExitCode::FAILURE;
-                    }
-                }
-            };
-            if let Err(e) = host::preflight(&ifaces, cfg.dataplane.redirect) {
-                error!("{e:#}");
-                return ExitCode::FAILURE;
-            }
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    error!("starting the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            let run = daemon::Run {
-                source,
-                cfg,
-                services,
+            let overrides = daemon::Overrides {
                 ifaces,
-                admin_socket,
+                pin_path,
+                cgroup,
+                detach_on_exit,
             };
-            match rt.block_on(daemon::run(run)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    error!("{e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+            run(source, overrides, admin_socket)
+        }
+    }
+}
+
+/// `berth run`: everything that can be wrong with the input is found before the kernel is
+/// touched (exit 64 for the config or command line), then the daemon runs until a signal.
+fn run(source: Option<Source>, overrides: daemon::Overrides, admin_socket: PathBuf) -> ExitCode {
+    let run = match daemon::prepare(source, overrides, admin_socket) {
+        Ok(run) => run,
+        Err(daemon::Refused::Config(path, e)) => return config_failure(&path, &e),
+        Err(daemon::Refused::CommandLine(e)) => {
+            eprintln!("berth: invalid command line: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        Err(daemon::Refused::Host(e)) => {
+            error!("{e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!("starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(daemon::run(run)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `berth status`: asks the daemon over its admin socket.
+fn show_status(admin_socket: &Path, json: bool) -> ExitCode {
+    match admin::query(admin_socket) {
+        Ok(s) if json => {
+            println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Ok(s) => {
+            print!("{}", status::render(&s));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("berth status: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `berth down`: detaches a pinned dataplane and removes its pins.
+fn down(pin_path: &Path) -> ExitCode {
+    match lb_userspace::dataplane::down(pin_path) {
+        Ok(r) if r.links.is_empty() && r.maps == 0 => {
+            println!("berth down: nothing pinned under {}", pin_path.display());
+            ExitCode::SUCCESS
+        }
+        Ok(r) => {
+            println!(
+                "berth down: detached {} ({}), removed {} maps under {}",
+                r.links.len(),
+                r.links.join(", "),
+                r.maps,
+                pin_path.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("berth down: {e}");
+            ExitCode::FAILURE
         }
     }
 }

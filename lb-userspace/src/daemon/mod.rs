@@ -76,6 +76,75 @@ pub struct Run {
     pub admin_socket: PathBuf,
 }
 
+/// What the command line says over the config file.
+pub struct Overrides {
+    /// `--iface` (repeatable): replaces `dataplane.interfaces`.
+    pub ifaces: Vec<String>,
+    /// `--pin-path`: replaces `dataplane.pin_path`.
+    pub pin_path: Option<PathBuf>,
+    /// `--cgroup`: replaces `dataplane.cgroup`.
+    pub cgroup: Option<String>,
+    /// `--detach-on-exit`: sets `dataplane.detach_on_exit`.
+    pub detach_on_exit: bool,
+}
+
+/// Why `berth run` refuses to start (before anything touched the kernel).
+#[derive(Debug)]
+pub enum Refused {
+    /// The config file is unreadable or invalid (exit 64).
+    Config(PathBuf, ConfigError),
+    /// A command-line value is invalid (exit 64).
+    CommandLine(ConfigError),
+    /// The host is not fit: no default route, a missing interface, forwarding off.
+    Host(anyhow::Error),
+}
+
+/// Reads and validates the config, applies the command line over it and picks the interfaces:
+/// the named ones, else `dataplane.interfaces`, else the default route's (and docker0 with
+/// Docker discovery), each checked by [`host::preflight`].
+pub fn prepare(
+    source: Option<Source>,
+    overrides: Overrides,
+    admin_socket: PathBuf,
+) -> Result<Run, Refused> {
+    let (mut cfg, services) = match &source {
+        Some(src) => read_config(src).map_err(|e| Refused::Config(src.path.clone(), e))?,
+        None => (Config::default(), Vec::new()),
+    };
+    if let Some(p) = overrides.pin_path {
+        cfg.dataplane.pin_path = p.display().to_string();
+    }
+    if let Some(c) = overrides.cgroup {
+        cfg.dataplane.cgroup = c;
+    }
+    cfg.dataplane.detach_on_exit |= overrides.detach_on_exit;
+    cfg.validate().map_err(Refused::CommandLine)?;
+    let ifaces = if !overrides.ifaces.is_empty() {
+        overrides.ifaces
+    } else if !cfg.dataplane.interfaces.is_empty() {
+        cfg.dataplane.interfaces.clone()
+    } else {
+        let i = host::default_route_iface().map_err(Refused::Host)?;
+        // With Docker discovery, containers on the default bridge are reached through docker0:
+        // attach there too (other networks: name them).
+        if docker_enabled(&cfg, source.is_some())
+            && std::path::Path::new("/sys/class/net/docker0").exists()
+        {
+            vec![i, "docker0".to_owned()]
+        } else {
+            vec![i]
+        }
+    };
+    host::preflight(&ifaces, cfg.dataplane.redirect).map_err(Refused::Host)?;
+    Ok(Run {
+        source,
+        cfg,
+        services,
+        ifaces,
+        admin_socket,
+    })
+}
+
 /// Runs the daemon until SIGTERM/SIGINT.
 pub async fn run(args: Run) -> anyhow::Result<()> {
     let Run {
@@ -340,4 +409,67 @@ fn leave(
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn overrides(ifaces: &[&str]) -> Overrides {
+        Overrides {
+            ifaces: ifaces.iter().map(|s| (*s).to_owned()).collect(),
+            pin_path: None,
+            cgroup: None,
+            detach_on_exit: false,
+        }
+    }
+
+    #[test]
+    fn refusals_name_their_kind_before_the_kernel_is_touched() {
+        let missing = Source {
+            path: "/nonexistent/berth.toml".into(),
+            format: Format::Berth,
+        };
+        let r = prepare(Some(missing), overrides(&["lo"]), "/x.sock".into());
+        assert!(
+            matches!(&r, Err(Refused::Config(p, _)) if p.ends_with("berth.toml")),
+            "{:?}",
+            r.err()
+        );
+        let mut o = overrides(&["lo"]);
+        o.cgroup = Some("relative/dir".into());
+        let r = prepare(None, o, "/x.sock".into());
+        assert!(
+            matches!(&r, Err(Refused::CommandLine(e)) if e.field == "dataplane.cgroup"),
+            "{:?}",
+            r.err()
+        );
+        let r = prepare(None, overrides(&["nosuchif0"]), "/x.sock".into());
+        assert!(
+            matches!(&r, Err(Refused::Host(e)) if e.to_string().contains("nosuchif0")),
+            "{:?}",
+            r.err()
+        );
+    }
+
+    #[test]
+    fn the_command_line_goes_over_the_config() {
+        let mut o = overrides(&["lo"]);
+        o.pin_path = Some("/sys/fs/bpf/elsewhere".into());
+        o.cgroup = Some("none".into());
+        o.detach_on_exit = true;
+        // Whether `lo` forwards IPv4 depends on the host running the test: the forwarding check
+        // may refuse it, but the command line itself must pass.
+        match prepare(None, o, "/x.sock".into()) {
+            Ok(run) => {
+                assert_eq!(run.cfg.dataplane.pin_path, "/sys/fs/bpf/elsewhere");
+                assert_eq!(run.cfg.dataplane.cgroup_target(), Cgroup::None);
+                assert!(run.cfg.dataplane.detach_on_exit);
+                assert_eq!(run.ifaces, ["lo"]);
+                assert!(run.source.is_none() && run.services.is_empty());
+            }
+            Err(Refused::Host(e)) => assert!(e.to_string().contains("forwarding"), "{e:#}"),
+            Err(e) => panic!("{e:?}"),
+        }
+    }
 }
