@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use lb_userspace::api::admin;
+use lb_userspace::{api::admin, logging::LogFormat};
 
 #[derive(Parser)]
 #[command(
@@ -71,13 +71,4 @@ pub enum Command {
         #[arg(long, default_value = admin::DEFAULT_SOCKET)]
         admin_socket: PathBuf,
     },
-}
-
-/// How log lines are written (to stderr).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    /// `TIME LEVEL span{fields}: message`, for people.
-    Text,
-    /// One JSON object per line with the span's fields, for log shippers.
-    Json,
 }

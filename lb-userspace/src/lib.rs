@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod discovery;
 pub mod health;
+pub mod logging;
 pub mod maglev;
 pub mod reconciler;
 

@@ -4,13 +4,13 @@
 mod cli;
 
 use std::{
-    io::IsTerminal as _,
     path::{Path, PathBuf},
     process::ExitCode,
 };
 
 use clap::Parser as _;
-use cli::{Cli, Command, LogFormat};
+use cli::{Cli, Command};
+use lb_userspace::logging::LogFormat;
 use lb_userspace::{
     api::{admin, status},
     config::ConfigError,
@@ -23,7 +23,7 @@ const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(match &cli.command {
+    lb_userspace::logging::init(match &cli.command {
         Command::Run { log_format, .. } => *log_format,
         _ => LogFormat::Text,
     });
@@ -143,24 +143,6 @@ fn down(pin_path: &Path) -> ExitCode {
             eprintln!("berth down: {e}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// Logs to stderr, filtered by `RUST_LOG` (default: info), as text or JSON.
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let fmt = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false);
-    match format {
-        LogFormat::Text => fmt.with_ansi(std::io::stderr().is_terminal()).init(),
-        LogFormat::Json => fmt
-            .json()
-            .with_current_span(true)
-            .with_span_list(true)
-            .init(),
     }
 }
 

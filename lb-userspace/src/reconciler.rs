@@ -600,6 +600,6 @@ impl Reconciler {
 
 /// The span a service's change lines are logged in, so each carries the service's name,
 /// address and protocol as fields (`--log-format json`).
-fn service_span(name: &str, protocol: Protocol, listen: SocketAddrV4) -> tracing::Span {
-    info_span!("service", name = %name, %listen, %protocol)
+pub(crate) fn service_span(name: &str, protocol: Protocol, listen: SocketAddrV4) -> tracing::Span {
+    info_span!("service", service = %name, %listen, %protocol)
 }
