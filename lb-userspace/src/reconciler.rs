@@ -1,5 +1,6 @@
-//! The reconciler: the only writer of the dataplane's maps. It takes the desired set of services
-//! (from the config file today, from Docker discovery next) and makes the kernel match it,
+//! The reconciler: the only writer of the dataplane's service, backend and Maglev maps (their
+//! writers on `Dataplane` are `pub(crate)`). It takes the desired set of services (the config
+//! file's plus what discovery adds, minus unhealthy backends) and makes the kernel match it,
 //! writing only what changed, Maglev slots included.
 //!
 //! What is recorded as applied changes only after the kernel accepted the write, so a failed

@@ -108,14 +108,15 @@ impl Dataplane {
             .collect()
     }
 
-    fn zeroed_per_cpu() -> Result<PerCpuValues<Counters>> {
+    /// Zeroed counters for every CPU, for a write to the per-CPU map `name` (named in errors).
+    fn zeroed_per_cpu(name: &'static str) -> Result<PerCpuValues<Counters>> {
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Map {
-            name: MAP_SERVICE_STATS,
+            name,
             source: MapError::IoError(e),
         })?;
         PerCpuValues::try_from(vec![Counters::default(); cpus.get() as usize]).map_err(|e| {
             DataplaneError::Map {
-                name: MAP_SERVICE_STATS,
+                name,
                 source: MapError::IoError(e),
             }
         })
@@ -123,7 +124,7 @@ impl Dataplane {
 
     /// Zeroes a service id's counters (before the id is given to a new service).
     pub(crate) fn reset_service_counters(&mut self, id: u32) -> Result<()> {
-        let zero = Self::zeroed_per_cpu()?;
+        let zero = Self::zeroed_per_cpu(MAP_SERVICE_STATS)?;
         self.service_stats
             .set(id, zero, 0)
             .map_err(map_err(MAP_SERVICE_STATS))
@@ -131,7 +132,7 @@ impl Dataplane {
 
     /// Zeroes a backend id's counters (before the id is given to a new backend).
     pub(crate) fn reset_backend_counters(&mut self, id: u32) -> Result<()> {
-        let zero = Self::zeroed_per_cpu()?;
+        let zero = Self::zeroed_per_cpu(MAP_BACKEND_STATS)?;
         self.backend_stats
             .set(id, zero, 0)
             .map_err(map_err(MAP_BACKEND_STATS))
