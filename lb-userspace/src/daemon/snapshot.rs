@@ -141,3 +141,77 @@ pub(super) fn fill_active_flows(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use lb_common::{CtEntry, FlowKey, Route, ct};
+
+    use super::*;
+
+    fn entry(backend: &str, dir: u8, state: u8) -> (FlowKey, CtEntry) {
+        let b: std::net::SocketAddrV4 = backend.parse().unwrap();
+        let e = CtEntry {
+            nat_addr: lb_common::ipv4_to_wire(b.ip().octets()),
+            nat_port: lb_common::port_to_wire(b.port()),
+            dir,
+            state,
+            backend_id: 1,
+            service_id: 1,
+            last_seen_ns: 0,
+            route: Route::NONE,
+            backend_ack: 0,
+            in_ifindex: 0,
+            flags: 0,
+            _pad: [0; 7],
+        };
+        (FlowKey::new(1, 2, 3, 4, 6), e)
+    }
+
+    fn backend(address: &str) -> status::BackendStatus {
+        status::BackendStatus {
+            address: address.into(),
+            container: None,
+            health: "unchecked".into(),
+            weight: 1,
+            in_pool: true,
+            active_flows: 99,
+            packets: 0,
+            bytes: 0,
+            new_flows: 0,
+        }
+    }
+
+    #[test]
+    fn active_flows_are_open_forward_entries_per_backend() {
+        let mut s = status::Status {
+            services: vec![status::ServiceStatus {
+                name: "web".into(),
+                listen: "0.0.0.0:8080".into(),
+                protocol: "tcp".into(),
+                backends: vec![
+                    backend("10.0.0.1:80"),
+                    backend("10.0.0.2:80"),
+                    backend("10.0.0.3:80"),
+                ],
+            }],
+            counters: vec![],
+        };
+        let entries = [
+            entry("10.0.0.1:80", ct::DIR_FORWARD, ct::STATE_OPEN),
+            entry("10.0.0.1:80", ct::DIR_FORWARD, ct::STATE_OPEN),
+            // A flow's reply half and a closing flow are not counted.
+            entry("10.0.0.1:80", ct::DIR_REPLY, ct::STATE_OPEN),
+            entry("10.0.0.2:80", ct::DIR_FORWARD, ct::STATE_CLOSING),
+            entry("10.0.0.2:80", ct::DIR_FORWARD, ct::STATE_OPEN),
+            // Same address, other port: another backend.
+            entry("10.0.0.3:81", ct::DIR_FORWARD, ct::STATE_OPEN),
+        ];
+        fill_active_flows(&mut s, &entries);
+        let flows: Vec<u64> = s.services[0]
+            .backends
+            .iter()
+            .map(|b| b.active_flows)
+            .collect();
+        assert_eq!(flows, [2, 1, 0]);
+    }
+}
