@@ -1,6 +1,6 @@
 //! Prometheus text exposition of what `berth status` shows, plus the dataplane's exit and event
 //! counters and conntrack occupancy. Served over HTTP (hyper) on `[metrics] listen` (loopback by
-//! default), rendered from a [`Status`](crate::api::status::Status) so both views agree.
+//! default), rendered from a [`Status`] so both views agree.
 //!
 //! A page costs a walk of the whole conntrack map (two syscalls per entry), so pages come from a
 //! [`Cache`]: a scrape takes a new snapshot only when the last one is older than

@@ -15,7 +15,7 @@ pub struct ConfigError {
 /// Characters of a value an error message shows.
 const SHOWN_CHARS: usize = 80;
 
-/// `text` with every value longer than [`SHOWN_CHARS`] cut to that many characters, an
+/// `text` with every value longer than `SHOWN_CHARS` (80) cut to that many characters, an
 /// ellipsis and its length in bytes: a quoted value (`"..."`, with escapes, or `` `...` ``, as
 /// the TOML parser quotes keys) or else a run of non-blank characters. Messages quote the
 /// values they echo, and a file may put anything in them.

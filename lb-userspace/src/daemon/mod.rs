@@ -1,5 +1,5 @@
 //! `berth run`: binds the sockets, loads and attaches the dataplane, then runs the event loop
-//! ([`state::Daemon`], one method per event) until SIGTERM/SIGINT, and says what it leaves
+//! (`state::Daemon`, one method per event) until SIGTERM/SIGINT, and says what it leaves
 //! behind.
 //!
 //! Everything that can be wrong with the input is found before the kernel is touched: the
