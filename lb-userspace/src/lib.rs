@@ -1,15 +1,20 @@
-//! berth's userspace: configuration, the Maglev builder, the dataplane handle (loading and
-//! attaching the eBPF programs, typed map access) and the reconciler that owns the maps.
+//! berth's userspace: the config (pure parsing), discovery (Docker), health checks, the
+//! dataplane handle (loading, pinning and attaching the eBPF programs, typed map access), the
+//! reconciler (the one writer of the maps), the daemon's event loop and its API (admin socket,
+//! status, metrics). ARCHITECTURE.md at the repository root maps them.
 
+pub mod api;
 pub mod config;
+pub mod daemon;
 pub mod dataplane;
 pub mod discovery;
 pub mod health;
+pub mod logging;
 pub mod maglev;
-pub mod metrics;
 pub mod reconciler;
-pub mod status;
-pub mod synapse;
+
+pub use api::{metrics, status};
+pub use config::synapse;
 
 /// The eBPF object built from `lb-ebpf` by this crate's build script.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));

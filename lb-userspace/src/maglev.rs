@@ -25,23 +25,7 @@ fn splitmix64(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
-/// Whether `n` is prime (trial division; table sizes are small).
-pub fn is_prime(n: u32) -> bool {
-    if n < 2 {
-        return false;
-    }
-    if n.is_multiple_of(2) {
-        return n == 2;
-    }
-    let mut d = 3u32;
-    while u64::from(d) * u64::from(d) <= u64::from(n) {
-        if n.is_multiple_of(d) {
-            return false;
-        }
-        d += 2;
-    }
-    true
-}
+pub use crate::config::is_prime;
 
 /// Builds a table of `m` slots (`m` prime). Each slot holds an index into `members`, or
 /// [`EMPTY`].

@@ -1,5 +1,6 @@
-//! The reconciler: the only writer of the dataplane's maps. It takes the desired set of services
-//! (from the config file today, from Docker discovery next) and makes the kernel match it,
+//! The reconciler: the only writer of the dataplane's service, backend and Maglev maps (their
+//! writers on `Dataplane` are `pub(crate)`). It takes the desired set of services (the config
+//! file's plus what discovery adds, minus unhealthy backends) and makes the kernel match it,
 //! writing only what changed, Maglev slots included.
 //!
 //! What is recorded as applied changes only after the kernel accepted the write, so a failed
@@ -12,7 +13,7 @@ use std::{
 };
 
 use lb_common::{Backend, ServiceKey, ServiceValue, ipv4_to_wire, port_to_wire};
-use log::info;
+use tracing::{info, info_span};
 
 use crate::{
     config::{Protocol, Service},
@@ -184,6 +185,7 @@ impl Reconciler {
                 }
             }
             used_services.insert(value.id);
+            let _service = service_span("(pinned)", protocol, listen).entered();
             info!(
                 "adopted from the pinned dataplane: {protocol} {listen} with {} backends",
                 backends.len()
@@ -296,6 +298,7 @@ impl Reconciler {
             }
             // Only now: a failed removal above leaves it draining, to be retried.
             self.draining.remove(&(proto, addr));
+            let _backend = info_span!("backend", %addr).entered();
             info!(
                 "backend {addr}: drain timeout over, purged {} conntrack entries",
                 doomed.len()
@@ -396,6 +399,7 @@ impl Reconciler {
             self.backend_ids.release(id);
         }
         self.service_ids.release(a.id);
+        let _service = service_span(name, a.protocol, a.listen).entered();
         info!(
             "service {name}: removed ({} {}) ({why})",
             a.protocol, a.listen
@@ -408,7 +412,9 @@ impl Reconciler {
         // and also when a later write fails (they are in the kernel all the same).
         let mut notes = Vec::new();
         let result = self.apply_service_inner(svc, why, &mut notes);
-        for n in notes {
+        let _service = service_span(&svc.name, svc.protocol, svc.listen).entered();
+        for (backend, n) in notes {
+            let _backend = backend.map(|addr| info_span!("backend", %addr).entered());
             info!("{n}");
         }
         result
@@ -418,7 +424,7 @@ impl Reconciler {
         &mut self,
         svc: &Service,
         why: &str,
-        notes: &mut Vec<String>,
+        notes: &mut Vec<(Option<SocketAddrV4>, String)>,
     ) -> Result<usize, ReconcileError> {
         let map_err = |source| ReconcileError::Map {
             service: svc.name.clone(),
@@ -451,9 +457,12 @@ impl Reconciler {
                     pinned: false,
                 },
             );
-            notes.push(format!(
-                "service {}: added ({} {}) ({why})",
-                svc.name, svc.protocol, svc.listen
+            notes.push((
+                None,
+                format!(
+                    "service {}: added ({} {}) ({why})",
+                    svc.name, svc.protocol, svc.listen
+                ),
             ));
         }
         let a = self.services.get_mut(&svc.name).expect("just ensured");
@@ -471,9 +480,9 @@ impl Reconciler {
             self.draining
                 .insert((a.protocol.ip_proto(), addr), std::time::Instant::now());
             a.table_synced = false;
-            notes.push(format!(
-                "service {}: backend {addr} removed ({why})",
-                svc.name
+            notes.push((
+                Some(addr),
+                format!("service {}: backend {addr} removed ({why})", svc.name),
             ));
         }
         // New backends and weight changes. The backend slot is written before any table slot
@@ -482,9 +491,12 @@ impl Reconciler {
             match a.backends.get_mut(&addr) {
                 Some(b) if b.weight == weight => {}
                 Some(b) => {
-                    notes.push(format!(
-                        "service {}: backend {addr} weight {} -> {weight} ({why})",
-                        svc.name, b.weight
+                    notes.push((
+                        Some(addr),
+                        format!(
+                            "service {}: backend {addr} weight {} -> {weight} ({why})",
+                            svc.name, b.weight
+                        ),
                     ));
                     b.weight = weight;
                     a.table_synced = false;
@@ -512,9 +524,12 @@ impl Reconciler {
                     writes += 1;
                     a.backends.insert(addr, AppliedBackend { id, weight });
                     a.table_synced = false;
-                    notes.push(format!(
-                        "service {}: backend {addr} added (weight {weight}) ({why})",
-                        svc.name
+                    notes.push((
+                        Some(addr),
+                        format!(
+                            "service {}: backend {addr} added (weight {weight}) ({why})",
+                            svc.name
+                        ),
                     ));
                 }
             }
@@ -557,10 +572,14 @@ impl Reconciler {
                 self.backend_ids.release(id);
             }
             if changed > 0 {
-                notes.push(format!(
-                    "service {}: maglev table updated, {changed} of {m} slots changed, {} backends",
-                    svc.name,
-                    a.backends.len()
+                notes.push((
+                    None,
+                    format!(
+                        "service {}: maglev table updated, {changed} of {m} slots changed, {} \
+                         backends",
+                        svc.name,
+                        a.backends.len()
+                    ),
                 ));
             }
         }
@@ -578,4 +597,10 @@ impl Reconciler {
         }
         Ok(writes)
     }
+}
+
+/// The span a service's change lines are logged in, so each carries the service's name,
+/// address and protocol as fields (`--log-format json`).
+pub(crate) fn service_span(name: &str, protocol: Protocol, listen: SocketAddrV4) -> tracing::Span {
+    info_span!("service", service = %name, %listen, %protocol)
 }

@@ -1,6 +1,6 @@
 //! Prometheus text exposition of what `berth status` shows, plus the dataplane's exit and event
 //! counters and conntrack occupancy. Served over HTTP (hyper) on `[metrics] listen` (loopback by
-//! default), rendered from a [`Status`](crate::status::Status) so both views agree.
+//! default), rendered from a [`Status`] so both views agree.
 //!
 //! A page costs a walk of the whole conntrack map (two syscalls per entry), so pages come from a
 //! [`Cache`]: a scrape takes a new snapshot only when the last one is older than
@@ -25,7 +25,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::status::Status;
+use crate::api::status::Status;
 
 /// Extra figures the status document does not carry.
 #[derive(Debug, Clone, Copy, Default)]
@@ -102,7 +102,7 @@ pub async fn serve(
             Ok(c) => c,
             Err(e) => {
                 // Out of descriptors, say: retry shortly rather than spin.
-                log::warn!("metrics endpoint: accept: {e}");
+                tracing::warn!("metrics endpoint: accept: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
@@ -193,7 +193,7 @@ fn gauge(v: u64) -> ConstGauge<u64> {
 impl Collector for Snapshot {
     fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
         let (s, x) = (&self.status, &self.extra);
-        let backends: Vec<(Labels, &crate::status::BackendStatus)> = s
+        let backends: Vec<(Labels, &crate::api::status::BackendStatus)> = s
             .services
             .iter()
             .flat_map(|svc| {
@@ -207,14 +207,14 @@ impl Collector for Snapshot {
                 })
             })
             .collect();
-        let per_backend = |f: fn(&crate::status::BackendStatus) -> u64| {
+        let per_backend = |f: fn(&crate::api::status::BackendStatus) -> u64| {
             backends.iter().map(move |(l, b)| (l.clone(), f(b)))
         };
         for (name, help, f) in [
             (
                 "berth_backend_packets",
                 "Packets translated for a backend (both directions).",
-                (|b| b.packets) as fn(&crate::status::BackendStatus) -> u64,
+                (|b| b.packets) as fn(&crate::api::status::BackendStatus) -> u64,
             ),
             (
                 "berth_backend_bytes",
@@ -234,7 +234,7 @@ impl Collector for Snapshot {
             (
                 "berth_backend_active_flows",
                 "Open flows pinned to a backend.",
-                (|b| b.active_flows) as fn(&crate::status::BackendStatus) -> u64,
+                (|b| b.active_flows) as fn(&crate::api::status::BackendStatus) -> u64,
             ),
             (
                 "berth_backend_healthy",
@@ -250,7 +250,7 @@ impl Collector for Snapshot {
             let rows = per_backend(f).map(|(l, v)| (l, gauge(v)));
             family(&mut e, name, help, MetricType::Gauge, rows)?;
         }
-        let per_service = |f: fn(&crate::status::BackendStatus) -> u64| {
+        let per_service = |f: fn(&crate::api::status::BackendStatus) -> u64| {
             s.services.iter().map(move |svc| {
                 let labels = vec![
                     ("service", svc.name.clone()),
@@ -264,7 +264,7 @@ impl Collector for Snapshot {
             (
                 "berth_service_packets",
                 "Packets translated for a service's backends.",
-                (|b| b.packets) as fn(&crate::status::BackendStatus) -> u64,
+                (|b| b.packets) as fn(&crate::api::status::BackendStatus) -> u64,
             ),
             (
                 "berth_service_new_flows",
@@ -356,7 +356,7 @@ pub fn render(status: Status, extra: Extra) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::status::{BackendStatus, ServiceStatus};
+    use crate::api::status::{BackendStatus, ServiceStatus};
 
     /// A cache whose renderer counts its calls (and takes a while, like a walk).
     fn counting_cache(refresh: Duration) -> (Arc<Cache>, Arc<std::sync::atomic::AtomicUsize>) {

@@ -12,9 +12,9 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
-use crate::{
-    config::{BackendConfig, Config, ConfigError, DockerSelector, Protocol, ServiceConfig},
-    health::{CheckKind, HealthConfig},
+use super::{
+    BackendConfig, CheckKind, Config, ConfigError, DockerSelector, HealthConfig, Protocol,
+    ServiceConfig,
 };
 
 /// The result of an import: a berth config and what could not be carried over.

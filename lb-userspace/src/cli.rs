@@ -1,0 +1,77 @@
+//! The command line: `berth run | down | check-config | status | completions`.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use lb_userspace::{api::admin, logging::LogFormat};
+
+#[derive(Parser)]
+#[command(
+    name = "berth",
+    // `berth --version`: "berth 0.1.0 (git <rev>)"; the revision comes from build.rs.
+    version = concat!(env!("CARGO_PKG_VERSION"), " (git ", env!("BERTH_GIT_REV"), ")"),
+    about = "Kernel-accelerated L4 load balancer for Docker hosts"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Load the dataplane, attach it and serve the configured services until SIGTERM/SIGINT.
+    /// SIGHUP re-reads the config file.
+    Run {
+        /// TOML config file.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// An Airbnb Synapse config (JSON) to serve instead, mapped onto berth services.
+        #[arg(long, conflicts_with = "config")]
+        synapse_config: Option<PathBuf>,
+        /// Interface to attach to (repeatable); replaces `dataplane.interfaces`. Default: the
+        /// interface of the default route.
+        #[arg(long = "iface", short = 'i')]
+        ifaces: Vec<String>,
+        /// Admin socket `berth status` talks to (root only).
+        #[arg(long, default_value = admin::DEFAULT_SOCKET)]
+        admin_socket: PathBuf,
+        /// bpffs directory to pin the dataplane under; replaces `dataplane.pin_path`.
+        #[arg(long)]
+        pin_path: Option<PathBuf>,
+        /// cgroup v2 directory for the socket programs ("auto", "none" or a path); replaces
+        /// `dataplane.cgroup`.
+        #[arg(long)]
+        cgroup: Option<String>,
+        /// Detach and unpin everything on SIGTERM/SIGINT (default: leave the dataplane serving
+        /// for the next berth).
+        #[arg(long)]
+        detach_on_exit: bool,
+        /// Log lines as text, or as one JSON object per line (for log shippers). `RUST_LOG`
+        /// filters either (default: info).
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
+    },
+    /// Detach a pinned dataplane left by a stopped berth and remove its pins (established flows
+    /// through it are dropped).
+    Down {
+        #[arg(long, default_value = lb_userspace::dataplane::DEFAULT_PIN_PATH)]
+        pin_path: PathBuf,
+    },
+    /// Validate a config file and print what it would serve.
+    CheckConfig {
+        file: PathBuf,
+        /// The file is a Synapse config (JSON).
+        #[arg(long)]
+        synapse: bool,
+    },
+    /// Show what the running daemon serves: services, backends, health, flows, packets.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = admin::DEFAULT_SOCKET)]
+        admin_socket: PathBuf,
+    },
+    /// Print a shell completion script (e.g. `berth completions bash > /etc/bash_completion.d/berth`).
+    Completions { shell: clap_complete::Shell },
+}

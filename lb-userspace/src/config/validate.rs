@@ -1,0 +1,269 @@
+//! Loading and validation: TOML text -> [`Config`] -> the services to serve, each rejection
+//! naming its field.
+
+use super::*;
+
+impl Config {
+    /// The Docker selectors by service name.
+    pub fn selectors(&self) -> std::collections::HashMap<String, DockerSelector> {
+        self.services
+            .iter()
+            .filter_map(|s| Some((s.name.clone(), s.docker.clone()?)))
+            .collect()
+    }
+
+    /// Parses TOML text (no validation beyond the types).
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            let span = e
+                .span()
+                .map(|s| field_at(text, s.start.min(text.len())))
+                .unwrap_or_else(|| "config".into());
+            ConfigError::new(span, e.message().trim().to_owned())
+        })
+    }
+
+    /// Parses and validates, returning the services in a form the reconciler takes.
+    pub fn load(text: &str) -> Result<(Self, Vec<Service>), ConfigError> {
+        let cfg = Self::parse(text)?;
+        let services = cfg.validate()?;
+        Ok((cfg, services))
+    }
+
+    /// Checks every field; the error names the first bad one.
+    pub fn validate(&self) -> Result<Vec<Service>, ConfigError> {
+        let d = &self.dataplane;
+        let m = d.maglev_table_size;
+        if !is_prime(m) || !(7..=1_048_573).contains(&m) {
+            return Err(ConfigError::new(
+                "dataplane.maglev_table_size",
+                format!("{m} must be a prime between 7 and 1048573 (e.g. 251, 4099, 65537)"),
+            ));
+        }
+        if !(1..=4096).contains(&d.max_services) {
+            return Err(ConfigError::new(
+                "dataplane.max_services",
+                "must be between 1 and 4096",
+            ));
+        }
+        let slots = u64::from(d.max_services) * u64::from(m);
+        if slots > 64 * 1024 * 1024 {
+            return Err(ConfigError::new(
+                "dataplane.max_services",
+                format!(
+                    "max_services x maglev_table_size = {slots} slots is more than 67108864 \
+                     (256 MiB of table); lower one of them"
+                ),
+            ));
+        }
+        if !(2..=1_048_576).contains(&d.max_backends) {
+            return Err(ConfigError::new(
+                "dataplane.max_backends",
+                "must be between 2 and 1048576",
+            ));
+        }
+        if !(1024..=(1 << 26)).contains(&d.conntrack_size) {
+            return Err(ConfigError::new(
+                "dataplane.conntrack_size",
+                "must be between 1024 and 67108864 entries",
+            ));
+        }
+        for (name, v) in [
+            (
+                "dataplane.tcp_closing_timeout_secs",
+                d.tcp_closing_timeout_secs,
+            ),
+            ("dataplane.tcp_idle_timeout_secs", d.tcp_idle_timeout_secs),
+            ("dataplane.udp_idle_timeout_secs", d.udp_idle_timeout_secs),
+            ("dataplane.drain_timeout_secs", d.drain_timeout_secs),
+        ] {
+            if v == 0 || v > 7 * 24 * 3600 {
+                return Err(ConfigError::new(
+                    name,
+                    "must be between 1 and 604800 seconds",
+                ));
+            }
+        }
+        if !d.pin_path.starts_with('/') || d.pin_path.trim_end_matches('/').is_empty() {
+            return Err(ConfigError::new(
+                "dataplane.pin_path",
+                format!(
+                    "{:?} must be an absolute directory below a BPF filesystem (e.g. {})",
+                    d.pin_path, DEFAULT_PIN_PATH
+                ),
+            ));
+        }
+        if Cgroup::parse(&d.cgroup).is_none() {
+            return Err(ConfigError::new(
+                "dataplane.cgroup",
+                format!(
+                    "{:?} must be \"auto\", \"none\" or an absolute cgroup v2 directory",
+                    d.cgroup
+                ),
+            ));
+        }
+        if self.metrics.enabled && self.metrics.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ConfigError::new(
+                "metrics.listen",
+                format!("{:?} is not an ADDR:PORT", self.metrics.listen),
+            ));
+        }
+        if !(1..=3600).contains(&self.metrics.refresh_interval_secs) {
+            return Err(ConfigError::new(
+                "metrics.refresh_interval_secs",
+                format!(
+                    "{} must be between 1 and 3600 seconds",
+                    self.metrics.refresh_interval_secs
+                ),
+            ));
+        }
+        for (i, iface) in d.interfaces.iter().enumerate() {
+            if iface.is_empty() || iface.len() > 15 || iface.contains(['/', ' ', '\0']) {
+                return Err(ConfigError::new(
+                    format!("dataplane.interfaces[{i}]"),
+                    format!("{iface:?} is not a valid interface name"),
+                ));
+            }
+        }
+
+        if self.services.len() > d.max_services as usize {
+            return Err(ConfigError::new(
+                "service",
+                format!(
+                    "{} services configured but dataplane.max_services is {}",
+                    self.services.len(),
+                    d.max_services
+                ),
+            ));
+        }
+        let mut names = BTreeSet::new();
+        let mut listens = BTreeSet::new();
+        let mut out = Vec::with_capacity(self.services.len());
+        let mut total_backends = 0usize;
+        for (i, s) in self.services.iter().enumerate() {
+            let at = |f: &str| format!("service[{i}].{f}");
+            if s.name.is_empty()
+                || s.name.len() > 64
+                || !s
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return Err(ConfigError::new(
+                    at("name"),
+                    format!("{:?} must be 1-64 characters of [A-Za-z0-9-_.]", s.name),
+                ));
+            }
+            if !names.insert(s.name.clone()) {
+                return Err(ConfigError::new(
+                    at("name"),
+                    format!("duplicate service name {:?}", s.name),
+                ));
+            }
+            let listen = SocketAddrV4::from_str(&s.listen).map_err(|_| {
+                ConfigError::new(
+                    at("listen"),
+                    format!("{:?} is not an IPv4 ADDR:PORT", s.listen),
+                )
+            })?;
+            if listen.port() == 0 {
+                return Err(ConfigError::new(at("listen"), "port 0 cannot be served"));
+            }
+            if listen.ip().is_multicast() || listen.ip().is_broadcast() {
+                return Err(ConfigError::new(
+                    at("listen"),
+                    "multicast/broadcast addresses cannot be served",
+                ));
+            }
+            if !listens.insert((listen, s.protocol)) {
+                return Err(ConfigError::new(
+                    at("listen"),
+                    format!(
+                        "{} {} is already served by another service",
+                        s.protocol, listen
+                    ),
+                ));
+            }
+            let mut seen = BTreeSet::new();
+            let mut backends = Vec::with_capacity(s.backends.len());
+            for (j, b) in s.backends.iter().enumerate() {
+                let addr = SocketAddrV4::from_str(&b.address).map_err(|_| {
+                    ConfigError::new(
+                        at(&format!("backends[{j}]")),
+                        format!("{:?} is not an IPv4 ADDR:PORT", b.address),
+                    )
+                })?;
+                if addr.ip().is_unspecified()
+                    || addr.port() == 0
+                    || addr.ip().is_multicast()
+                    || addr.ip().is_broadcast()
+                {
+                    return Err(ConfigError::new(
+                        at(&format!("backends[{j}]")),
+                        format!("{addr} is not a usable unicast address and port"),
+                    ));
+                }
+                if b.weight > MAX_WEIGHT {
+                    return Err(ConfigError::new(
+                        at(&format!("backends[{j}].weight")),
+                        format!("{} is above the maximum weight {MAX_WEIGHT}", b.weight),
+                    ));
+                }
+                if !seen.insert(addr) {
+                    return Err(ConfigError::new(
+                        at(&format!("backends[{j}]")),
+                        format!("duplicate backend {addr}"),
+                    ));
+                }
+                backends.push((addr, b.weight));
+            }
+            if backends.len() as u64 >= u64::from(m) {
+                return Err(ConfigError::new(
+                    at("backends"),
+                    format!(
+                        "{} backends need a maglev_table_size above that (is {m})",
+                        backends.len()
+                    ),
+                ));
+            }
+            if let Some(d) = &s.docker {
+                if d.port == 0 {
+                    return Err(ConfigError::new(
+                        at("docker.port"),
+                        "port 0 cannot be served",
+                    ));
+                }
+                if d.image.is_none() && d.labels.is_empty() {
+                    return Err(ConfigError::new(
+                        at("docker"),
+                        "name an image and/or labels, or every container would match",
+                    ));
+                }
+            }
+            if let Some(h) = &s.health {
+                h.validate(&at("health"))?;
+                if s.protocol == Protocol::Udp {
+                    return Err(ConfigError::new(
+                        at("health"),
+                        "health checks are TCP or HTTP; a UDP service cannot have one",
+                    ));
+                }
+            }
+            total_backends += backends.len();
+            out.push(Service {
+                name: s.name.clone(),
+                listen,
+                protocol: s.protocol,
+                backends,
+                health: s.health.clone(),
+            });
+        }
+        if total_backends >= d.max_backends as usize {
+            return Err(ConfigError::new(
+                "dataplane.max_backends",
+                format!("{total_backends} backends configured; raise max_backends above that"),
+            ));
+        }
+        Ok(out)
+    }
+}

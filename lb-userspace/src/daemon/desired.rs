@@ -1,0 +1,358 @@
+//! What the maps should hold, as pure functions of what the daemon knows, and the policy that
+//! decides when it is written.
+//!
+//! Desired services = the configured ones + what running containers add (by selector or by
+//! label) - backends the health checks took out (that last step is
+//! [`Supervisor::filter`](crate::health::Supervisor::filter), applied on the way to the
+//! reconciler). The [`Hold`] keeps an adopted dataplane as it is until Docker's first listing,
+//! and remembers a failed write so the 1 s tick retries it.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    time::{Duration, Instant},
+};
+
+use crate::{
+    config::{Config, Protocol, Service},
+    discovery::{self, ContainerInfo, Event},
+};
+
+/// How long an adopted dataplane is held before berth warns that Docker has not answered.
+pub const HOLD_WARNING_AFTER: Duration = Duration::from_secs(10);
+
+/// The configured services plus what the containers add, and the problems found with
+/// containers (bad labels, no address, a port that is taken). `has_file`: label services are on
+/// by default only without a config file.
+pub fn services(
+    cfg: &Config,
+    configured: &[Service],
+    containers: &BTreeMap<String, ContainerInfo>,
+    has_file: bool,
+    host_ports: &HashSet<(Protocol, u16)>,
+) -> (Vec<Service>, Vec<String>) {
+    let label_services = cfg.docker.label_services.unwrap_or(!has_file);
+    discovery::services(
+        configured,
+        &cfg.selectors(),
+        containers,
+        label_services,
+        host_ports,
+    )
+}
+
+/// Updates the known containers with `event` and says what changed, as the reason the
+/// reconciler logs with its writes.
+pub fn record(containers: &mut BTreeMap<String, ContainerInfo>, event: &Event) -> String {
+    match event {
+        Event::Snapshot(all) => {
+            *containers = all.iter().map(|c| (c.id.clone(), c.clone())).collect();
+            "docker: resync".to_owned()
+        }
+        Event::Upsert(c, _) => {
+            let why = format!(
+                "docker: container {} {}",
+                c.name,
+                if c.serving() {
+                    "serving"
+                } else if c.running {
+                    "unhealthy"
+                } else {
+                    "stopped"
+                }
+            );
+            containers.insert(c.id.clone(), c.clone());
+            why
+        }
+        Event::Remove(id, _) => {
+            let name = containers.remove(id).map_or_else(|| id.clone(), |c| c.name);
+            format!("docker: container {name} gone")
+        }
+    }
+}
+
+/// Seconds from a Docker event's timestamp (ns since the epoch) to `now_ns`; never negative.
+pub fn lag_seconds(event_ns: i64, now_ns: i64) -> f64 {
+    (now_ns - event_ns).max(0) as f64 / 1e9
+}
+
+/// A reloaded config as it takes effect: `[docker]` stays as it was (the watcher runs with
+/// it). The flag says whether `[dataplane]` or `[docker]` changed, which takes a restart
+/// (`interfaces` aside: bridges are attached as they are found anyway).
+pub fn reloaded(running: &Config, new: Config) -> (Config, bool) {
+    let mut dataplane = running.dataplane.clone();
+    dataplane.interfaces.clone_from(&new.dataplane.interfaces);
+    let needs_restart = new.dataplane != dataplane || new.docker != running.docker;
+    let mut cfg = new;
+    cfg.docker = running.docker.clone();
+    (cfg, needs_restart)
+}
+
+/// When desired services are written: held while an adopted dataplane waits for Docker's first
+/// listing (applying the config alone would drop every container backend for that moment), and
+/// pending after a write that failed, until the tick retries it.
+#[derive(Debug)]
+pub struct Hold {
+    holding: bool,
+    pending: bool,
+    since: Instant,
+    warned: bool,
+}
+
+/// What the 1 s tick must do.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Tick {
+    /// Warn (once) that Docker has not answered while the pinned services are held.
+    pub warn_hold: bool,
+    /// Write the desired services again: the last write failed.
+    pub retry: bool,
+}
+
+impl Hold {
+    /// An adopted dataplane with Docker discovery on is held; anything else is written at once.
+    pub fn new(adopted: bool, docker_on: bool, now: Instant) -> Self {
+        Self {
+            holding: adopted && docker_on,
+            pending: false,
+            since: now,
+            warned: false,
+        }
+    }
+
+    /// Whether the pinned services are kept as they are.
+    pub fn holding(&self) -> bool {
+        self.holding
+    }
+
+    /// Whether a write is owed (held, or failed).
+    pub fn pending(&self) -> bool {
+        self.pending
+    }
+
+    /// Docker's first listing arrived: the held services may be written.
+    pub fn release(&mut self) {
+        self.holding = false;
+    }
+
+    /// Records a change of the desired services: `write` is called unless held, and returns
+    /// whether the write failed.
+    pub fn settle(&mut self, write: impl FnOnce() -> bool) {
+        self.pending = self.holding || write();
+    }
+
+    /// What the tick at `now` must do.
+    pub fn tick(&mut self, now: Instant) -> Tick {
+        let warn_hold = self.holding
+            && now.duration_since(self.since) > HOLD_WARNING_AFTER
+            && !std::mem::replace(&mut self.warned, true);
+        Tick {
+            warn_hold,
+            retry: self.pending && !self.holding,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, SocketAddrV4};
+
+    use super::*;
+
+    fn container(id: &str, running: bool, health: Option<&str>) -> ContainerInfo {
+        ContainerInfo {
+            id: id.into(),
+            name: format!("app-{id}"),
+            image: "local/app".into(),
+            labels: [("berth.port", "8080"), ("berth.target-port", "8000")]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+            running,
+            health: health.map(Into::into),
+            networks: [(
+                "bridge".to_owned(),
+                Ipv4Addr::new(172, 17, 0, id.len() as u8 + 1),
+            )]
+            .into_iter()
+            .collect(),
+            bridges: BTreeMap::new(),
+        }
+    }
+
+    fn configured() -> Vec<Service> {
+        vec![Service {
+            name: "db".into(),
+            listen: "10.0.0.1:5432".parse().unwrap(),
+            protocol: Protocol::Tcp,
+            backends: vec![("10.0.1.1:5432".parse().unwrap(), 1)],
+            health: None,
+        }]
+    }
+
+    #[test]
+    fn desired_is_configured_plus_serving_containers() {
+        let mut known = BTreeMap::new();
+        record(
+            &mut known,
+            &Event::Snapshot(vec![
+                container("a", true, Some("healthy")),
+                container("bb", true, Some("unhealthy")),
+                container("ccc", false, None),
+            ]),
+        );
+        let no_ports = HashSet::new();
+        let (s, problems) = services(&Config::default(), &configured(), &known, false, &no_ports);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(s.len(), 2, "{s:?}");
+        assert_eq!(s[0], configured()[0]);
+        let web = &s[1];
+        assert_eq!(web.listen, "0.0.0.0:8080".parse().unwrap());
+        // Only the running container Docker does not call unhealthy serves.
+        assert_eq!(
+            web.backends,
+            vec![(SocketAddrV4::new(Ipv4Addr::new(172, 17, 0, 2), 8000), 1)]
+        );
+        // With a config file, labels make no services unless turned on.
+        let (s, _) = services(&Config::default(), &configured(), &known, true, &no_ports);
+        assert_eq!(s, configured());
+    }
+
+    #[test]
+    fn a_label_cannot_take_a_port_the_host_listens_on() {
+        let mut known = BTreeMap::new();
+        record(&mut known, &Event::Upsert(container("a", true, None), None));
+        let taken = HashSet::from([(Protocol::Tcp, 8080)]);
+        let (s, problems) = services(&Config::default(), &[], &known, false, &taken);
+        assert!(s.is_empty(), "{s:?}");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+    }
+
+    #[test]
+    fn events_update_the_containers_and_name_the_change() {
+        let mut known = BTreeMap::new();
+        let up = |c| Event::Upsert(c, Some(1));
+        assert_eq!(
+            record(&mut known, &up(container("a", true, Some("starting")))),
+            "docker: container app-a serving"
+        );
+        assert_eq!(
+            record(&mut known, &up(container("a", true, Some("unhealthy")))),
+            "docker: container app-a unhealthy"
+        );
+        assert_eq!(
+            record(&mut known, &up(container("a", false, None))),
+            "docker: container app-a stopped"
+        );
+        assert_eq!(known.len(), 1);
+        assert_eq!(
+            record(&mut known, &Event::Remove("a".into(), None)),
+            "docker: container app-a gone"
+        );
+        assert!(known.is_empty());
+        // One never seen is named by its id.
+        assert_eq!(
+            record(&mut known, &Event::Remove("f00".into(), None)),
+            "docker: container f00 gone"
+        );
+        record(&mut known, &up(container("a", true, None)));
+        assert_eq!(
+            record(
+                &mut known,
+                &Event::Snapshot(vec![container("b", true, None)])
+            ),
+            "docker: resync"
+        );
+        assert_eq!(known.keys().collect::<Vec<_>>(), ["b"]);
+    }
+
+    #[test]
+    fn lag_is_never_negative() {
+        assert_eq!(lag_seconds(1_000_000_000, 3_500_000_000), 2.5);
+        assert_eq!(lag_seconds(5, 1), 0.0);
+    }
+
+    #[test]
+    fn reload_keeps_docker_and_flags_restart_only_changes() {
+        let running = Config::default();
+        let mut new = Config::default();
+        new.dataplane.interfaces = vec!["eth1".into()];
+        new.docker.socket = "/elsewhere.sock".into();
+        let (cfg, restart) = reloaded(&running, new.clone());
+        assert!(restart, "a [docker] change needs a restart");
+        assert_eq!(cfg.docker, running.docker);
+        assert_eq!(cfg.dataplane.interfaces, ["eth1"]);
+        new.docker = running.docker.clone();
+        assert!(!reloaded(&running, new.clone()).1, "interfaces alone");
+        new.dataplane.drain_timeout_secs += 1;
+        let (cfg, restart) = reloaded(&running, new);
+        assert!(restart);
+        // The new value is taken all the same (the drain runs on the loop).
+        assert_eq!(
+            cfg.dataplane.drain_timeout_secs,
+            running.dataplane.drain_timeout_secs + 1
+        );
+    }
+
+    #[test]
+    fn a_fresh_dataplane_is_written_at_once() {
+        let t0 = Instant::now();
+        for (adopted, docker_on) in [(false, true), (false, false), (true, false)] {
+            let mut h = Hold::new(adopted, docker_on, t0);
+            let mut wrote = false;
+            h.settle(|| {
+                wrote = true;
+                false
+            });
+            assert!(wrote && !h.pending());
+            assert_eq!(
+                h.tick(t0 + Duration::from_secs(60)),
+                Tick {
+                    warn_hold: false,
+                    retry: false
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn an_adopted_dataplane_is_held_until_dockers_first_listing() {
+        let t0 = Instant::now();
+        let mut h = Hold::new(true, true, t0);
+        assert!(h.holding());
+        h.settle(|| panic!("written while held"));
+        assert!(h.pending());
+        let quiet = Tick {
+            warn_hold: false,
+            retry: false,
+        };
+        assert_eq!(h.tick(t0 + Duration::from_secs(5)), quiet);
+        // Docker silent past 10 s: one warning, never a retry while held.
+        let warn = Tick {
+            warn_hold: true,
+            retry: false,
+        };
+        assert_eq!(h.tick(t0 + Duration::from_secs(11)), warn);
+        assert_eq!(h.tick(t0 + Duration::from_secs(12)), quiet);
+        // The listing releases it; the write that follows goes through.
+        h.release();
+        let mut wrote = false;
+        h.settle(|| {
+            wrote = true;
+            false
+        });
+        assert!(wrote && !h.holding() && !h.pending());
+    }
+
+    #[test]
+    fn a_failed_write_is_retried_by_the_tick_until_it_succeeds() {
+        let t0 = Instant::now();
+        let mut h = Hold::new(false, true, t0);
+        h.settle(|| true);
+        assert!(h.pending());
+        let t = h.tick(t0 + Duration::from_secs(1));
+        assert!(t.retry && !t.warn_hold);
+        h.settle(|| true);
+        assert!(h.tick(t0 + Duration::from_secs(2)).retry);
+        h.settle(|| false);
+        assert!(!h.tick(t0 + Duration::from_secs(3)).retry);
+    }
+}

@@ -1,0 +1,41 @@
+//! Host probes `berth run` makes before it touches the kernel: the default route's interface,
+//! and whether an interface exists and forwards IPv4.
+
+use std::path::PathBuf;
+
+use anyhow::{Context as _, bail};
+
+/// The interface of the IPv4 default route (from /proc/net/route).
+pub fn default_route_iface() -> anyhow::Result<String> {
+    let routes = std::fs::read_to_string("/proc/net/route").context("reading /proc/net/route")?;
+    for line in routes.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() > 7 && f[1] == "00000000" && f[7] == "00000000" {
+            return Ok(f[0].to_owned());
+        }
+    }
+    bail!("no IPv4 default route: name the interface(s) with --iface or dataplane.interfaces")
+}
+
+/// Checks that every interface exists and, when berth routes packets itself, that IPv4
+/// forwarding is on for it (the kernel's FIB lookup refuses to route otherwise).
+pub fn preflight(ifaces: &[String], redirect: bool) -> anyhow::Result<()> {
+    for iface in ifaces {
+        let dir = PathBuf::from("/proc/sys/net/ipv4/conf").join(iface);
+        if !dir.exists() {
+            bail!("interface {iface:?} does not exist (or has no IPv4 configuration)");
+        }
+        if redirect {
+            let fwd = std::fs::read_to_string(dir.join("forwarding"))
+                .with_context(|| format!("reading IPv4 forwarding setting of {iface}"))?;
+            if fwd.trim() != "1" {
+                bail!(
+                    "IPv4 forwarding is off on {iface}: berth forwards translated packets to \
+                     backends and needs it (`sysctl -w net.ipv4.conf.all.forwarding=1`; Docker \
+                     hosts have it on), or set dataplane.redirect = false"
+                );
+            }
+        }
+    }
+    Ok(())
+}

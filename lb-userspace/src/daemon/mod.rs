@@ -1,0 +1,475 @@
+//! `berth run`: binds the sockets, loads and attaches the dataplane, then runs the event loop
+//! (`state::Daemon`, one method per event) until SIGTERM/SIGINT, and says what it leaves
+//! behind.
+//!
+//! Everything that can be wrong with the input is found before the kernel is touched: the
+//! config is read and validated by the caller ([`read_config`]), the interfaces checked by
+//! [`host::preflight`], the sockets bound before the dataplane is loaded.
+
+pub mod desired;
+pub mod host;
+mod snapshot;
+mod state;
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{Instrument as _, info, info_span, warn};
+
+use crate::{
+    api::admin,
+    config::{Cgroup, Config, ConfigError, Service},
+    dataplane::{Dataplane, DataplaneOptions},
+    reconciler::Reconciler,
+};
+
+/// Which format a config file is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// berth's TOML.
+    Berth,
+    /// An Airbnb Synapse JSON config, imported onto berth services.
+    Synapse,
+}
+
+/// Where the configuration comes from.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub path: PathBuf,
+    pub format: Format,
+}
+
+/// Reads and validates `src` (Synapse imports log what could not be carried over).
+pub fn read_config(src: &Source) -> Result<(Config, Vec<Service>), ConfigError> {
+    let text = std::fs::read_to_string(&src.path).map_err(|e| ConfigError {
+        field: src.path.display().to_string(),
+        message: format!("cannot read: {e}"),
+    })?;
+    match src.format {
+        Format::Berth => Config::load(&text),
+        Format::Synapse => {
+            let imported = crate::config::synapse::import(&text)?;
+            for w in &imported.warnings {
+                warn!("synapse config: {w}");
+            }
+            let services = imported.config.validate()?;
+            Ok((imported.config, services))
+        }
+    }
+}
+
+/// Whether to watch Docker: as configured, else when a service selects containers or berth runs
+/// without a config file (label-driven services).
+pub fn docker_enabled(cfg: &Config, has_file: bool) -> bool {
+    cfg.docker
+        .enabled
+        .unwrap_or(!has_file || cfg.services.iter().any(|s| s.docker.is_some()))
+}
+
+/// What `berth run` was given, validated.
+pub struct Run {
+    pub source: Option<Source>,
+    pub cfg: Config,
+    pub services: Vec<Service>,
+    pub ifaces: Vec<String>,
+    pub admin_socket: PathBuf,
+}
+
+/// What the command line says over the config file.
+pub struct Overrides {
+    /// `--iface` (repeatable): replaces `dataplane.interfaces`.
+    pub ifaces: Vec<String>,
+    /// `--pin-path`: replaces `dataplane.pin_path`.
+    pub pin_path: Option<PathBuf>,
+    /// `--cgroup`: replaces `dataplane.cgroup`.
+    pub cgroup: Option<String>,
+    /// `--detach-on-exit`: sets `dataplane.detach_on_exit`.
+    pub detach_on_exit: bool,
+}
+
+/// Why `berth run` refuses to start (before anything touched the kernel).
+#[derive(Debug)]
+pub enum Refused {
+    /// The config file is unreadable or invalid (exit 64).
+    Config(PathBuf, ConfigError),
+    /// A command-line value is invalid (exit 64).
+    CommandLine(ConfigError),
+    /// The host is not fit: no default route, a missing interface, forwarding off.
+    Host(anyhow::Error),
+}
+
+/// Reads and validates the config, applies the command line over it and picks the interfaces:
+/// the named ones, else `dataplane.interfaces`, else the default route's (and docker0 with
+/// Docker discovery), each checked by [`host::preflight`].
+pub fn prepare(
+    source: Option<Source>,
+    overrides: Overrides,
+    admin_socket: PathBuf,
+) -> Result<Run, Refused> {
+    let (mut cfg, services) = match &source {
+        Some(src) => read_config(src).map_err(|e| Refused::Config(src.path.clone(), e))?,
+        None => (Config::default(), Vec::new()),
+    };
+    if let Some(p) = overrides.pin_path {
+        cfg.dataplane.pin_path = p.display().to_string();
+    }
+    if let Some(c) = overrides.cgroup {
+        cfg.dataplane.cgroup = c;
+    }
+    cfg.dataplane.detach_on_exit |= overrides.detach_on_exit;
+    cfg.validate().map_err(Refused::CommandLine)?;
+    let ifaces = if !overrides.ifaces.is_empty() {
+        overrides.ifaces
+    } else if !cfg.dataplane.interfaces.is_empty() {
+        cfg.dataplane.interfaces.clone()
+    } else {
+        let i = host::default_route_iface().map_err(Refused::Host)?;
+        // With Docker discovery, containers on the default bridge are reached through docker0:
+        // attach there too (other networks: name them).
+        if docker_enabled(&cfg, source.is_some())
+            && std::path::Path::new("/sys/class/net/docker0").exists()
+        {
+            vec![i, "docker0".to_owned()]
+        } else {
+            vec![i]
+        }
+    };
+    host::preflight(&ifaces, cfg.dataplane.redirect).map_err(Refused::Host)?;
+    Ok(Run {
+        source,
+        cfg,
+        services,
+        ifaces,
+        admin_socket,
+    })
+}
+
+/// Runs the daemon until SIGTERM/SIGINT.
+pub async fn run(args: Run) -> anyhow::Result<()> {
+    let Run {
+        source,
+        cfg,
+        services,
+        ifaces,
+        admin_socket,
+    } = args;
+    // The sockets first: a port or path in use fails here, before the kernel is touched.
+    let admin = admin::bind(&admin_socket)
+        .with_context(|| format!("admin socket {}", admin_socket.display()))?;
+    let _socket_file = RemoveOnDrop(admin_socket.clone());
+    let metrics_listener = if cfg.metrics.enabled {
+        let l = tokio::net::TcpListener::bind(&cfg.metrics.listen)
+            .await
+            .with_context(|| format!("metrics endpoint {}", cfg.metrics.listen))?;
+        info!("metrics on http://{}/metrics", cfg.metrics.listen);
+        Some(l)
+    } else {
+        None
+    };
+    let options = DataplaneOptions::from_config(&cfg.dataplane);
+    let pin_root = PathBuf::from(&cfg.dataplane.pin_path);
+    let mut dp = Dataplane::load_pinned(options, &pin_root).context("loading the dataplane")?;
+    let adopted = dp.adopted();
+    if !dp.pins_outlive_process() {
+        warn!(
+            "pin path {} is on a BPF filesystem only this process's mount namespace has (as \
+             under `ip netns exec`, which gives berth its own /sys): the pins will not outlive \
+             this process, and the dataplane stops when the last process of this mount \
+             namespace (usually berth) exits. To keep it serving across restarts, run berth in \
+             the host's mount namespace (e.g. `nsenter --net=/run/netns/NAME berth run ...`)",
+            pin_root.display()
+        );
+    }
+    if adopted {
+        info!(
+            "adopting the dataplane pinned under {} (it kept serving while no berth ran)",
+            pin_root.display()
+        );
+    }
+    let ifaces = match attach_all(&mut dp, &cfg, ifaces) {
+        Ok(i) => i,
+        Err(e) => {
+            drop(dp);
+            if !adopted {
+                // Nothing was serving before: leave nothing attached.
+                let _ = crate::dataplane::down(&pin_root);
+            }
+            return Err(e);
+        }
+    };
+    let rec = if adopted {
+        Reconciler::adopt(dp).context("reading the pinned dataplane")?
+    } else {
+        Reconciler::new(dp)
+    };
+    let (dp, cfg) = event_loop(
+        state::Start {
+            source,
+            cfg,
+            services,
+            rec,
+            adopted,
+        },
+        admin,
+        metrics_listener,
+        &ifaces,
+    )
+    .await?;
+    let _ = std::fs::remove_file(&admin_socket);
+    // The config as last reloaded decides, as it does for everything read at exit.
+    leave(dp, cfg.dataplane.detach_on_exit, &ifaces, &pin_root)
+}
+
+/// Removes the admin socket's file when the daemon ends, however it ends.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Attaches to `ifaces`, takes over what an earlier berth left attached, and attaches the socket
+/// programs; returns every interface attached.
+fn attach_all(
+    dp: &mut Dataplane,
+    cfg: &Config,
+    ifaces: Vec<String>,
+) -> anyhow::Result<Vec<String>> {
+    let mut ifaces = ifaces;
+    for iface in &ifaces {
+        if dp
+            .attach(iface)
+            .with_context(|| format!("attaching to {iface}"))?
+        {
+            info!("{iface}: took over the attachment of the earlier berth");
+        }
+    }
+    // What an earlier berth attached (bridges found through Docker, say) stays attached: its
+    // flows' replies come through there.
+    for iface in dp.pinned_interfaces() {
+        if !ifaces.contains(&iface) {
+            dp.attach(&iface)
+                .with_context(|| format!("taking over the pinned attachment to {iface}"))?;
+            info!("{iface}: took over the attachment of the earlier berth");
+            ifaces.push(iface);
+        }
+    }
+    let cgroup = match cfg.dataplane.cgroup_target() {
+        Cgroup::None => None,
+        Cgroup::Auto => Some(crate::dataplane::cgroup2_root().context(
+            "no cgroup v2 hierarchy is mounted: mount one, or set dataplane.cgroup = \"none\" \
+             (clients on this host are then not balanced)",
+        )?),
+        Cgroup::Path(p) => Some(p),
+    };
+    if let Some(cg) = &cgroup {
+        dp.attach_cgroup(cg)
+            .with_context(|| format!("balancing the sockets of cgroup {}", cg.display()))?;
+    }
+    if let Err(e) = dp.sync_local_addrs(&crate::dataplane::host_ipv4_addrs()) {
+        warn!("recording this host's addresses, retrying in 1 s: {e}");
+    }
+    Ok(ifaces)
+}
+
+/// Spawns discovery, health checks and the metrics endpoint under one stop signal, and turns
+/// every event into a call on [`state::Daemon`] until SIGTERM/SIGINT. Returns the dataplane and
+/// the config as last reloaded.
+async fn event_loop(
+    start: state::Start,
+    admin: tokio::net::UnixListener,
+    metrics_listener: Option<tokio::net::TcpListener>,
+    ifaces: &[String],
+) -> anyhow::Result<(Dataplane, Config)> {
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+    let (health_tx, mut health_rx) = tokio::sync::mpsc::channel(256);
+    let mut d = state::Daemon::new(start, health_tx);
+
+    let (docker_tx, mut docker_rx) = tokio::sync::mpsc::channel(1024);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // The metrics task asks this loop for a snapshot's inputs when its page is stale.
+    let (metrics_tx, mut metrics_rx) =
+        tokio::sync::mpsc::channel::<tokio::sync::oneshot::Sender<snapshot::MetricsInputs>>(1);
+    if let Some(listener) = metrics_listener {
+        let cache = crate::api::metrics::Cache::new(
+            Duration::from_secs(d.cfg().metrics.refresh_interval_secs),
+            Box::new(move || {
+                let ask = metrics_tx.clone();
+                Box::pin(async move {
+                    let (reply, answer) = tokio::sync::oneshot::channel();
+                    if ask.send(reply).await.is_err() {
+                        return String::new(); // shutting down
+                    }
+                    match answer.await {
+                        Ok(inputs) => inputs.render().await,
+                        Err(_) => String::new(),
+                    }
+                })
+            }),
+        );
+        tokio::spawn(crate::api::metrics::serve(
+            listener,
+            std::sync::Arc::new(cache),
+            stop_rx.clone(),
+        ));
+    } else {
+        drop(metrics_tx);
+    }
+    if d.docker_on() {
+        let cfg = d.cfg();
+        let label_services = cfg.docker.label_services.unwrap_or(!d.has_file());
+        info!(
+            "docker discovery on {} (label services {})",
+            cfg.docker.socket,
+            if label_services { "on" } else { "off" }
+        );
+        // The engine's span: every line of its watcher names the socket it talks to.
+        let engine = info_span!("engine", kind = "docker", socket = %cfg.docker.socket);
+        tokio::spawn(
+            crate::discovery::run(cfg.docker.socket.clone(), docker_tx, stop_rx).instrument(engine),
+        );
+    } else {
+        drop(docker_tx);
+    }
+    d.ready(ifaces);
+
+    let mut retry = tokio::time::interval(Duration::from_secs(1));
+    // The sweep walks the whole map with two syscalls per entry, so it runs rarely: the program
+    // already ignores expired entries and the LRU reclaims space when the map is full.
+    let mut gc = tokio::time::interval(Duration::from_secs(30));
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
+            _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
+            _ = sighup.recv() => d.on_reload(),
+            Some(event) = docker_rx.recv() => d.on_docker(event),
+            Some(reply) = metrics_rx.recv() => d.on_metrics(reply),
+            Ok((conn, _)) = admin.accept() => d.on_admin(conn),
+            Some(change) = health_rx.recv() => d.on_health(&change),
+            _ = retry.tick() => d.on_tick(std::time::Instant::now()),
+            _ = gc.tick() => d.on_gc(),
+        }
+    }
+    let stopped = d.stop();
+    let _ = stop_tx.send(true);
+    Ok(stopped)
+}
+
+/// Logs the counters, then detaches (`detach_on_exit`) or says what keeps serving.
+fn leave(
+    dp: Dataplane,
+    detach_on_exit: bool,
+    ifaces: &[String],
+    pin_root: &std::path::Path,
+) -> anyhow::Result<()> {
+    if let Ok(counters) = dp.reason_counters() {
+        let line: Vec<String> = counters
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(r, n)| format!("{}={n}", r.name()))
+            .collect();
+        info!(
+            "counters: {}",
+            if line.is_empty() {
+                "none".into()
+            } else {
+                line.join(" ")
+            }
+        );
+    }
+    let pins_outlive = dp.pins_outlive_process();
+    drop(dp);
+    if detach_on_exit {
+        let r = crate::dataplane::down(pin_root)
+            .with_context(|| format!("detaching and unpinning {}", pin_root.display()))?;
+        info!(
+            "berth stopped: detached from {} ({} links, {} maps unpinned)",
+            ifaces.join(", "),
+            r.links.len(),
+            r.maps
+        );
+    } else if !pins_outlive {
+        warn!(
+            "berth stopped: the dataplane on {} goes with this mount namespace (its pins under \
+             {} were private to it)",
+            ifaces.join(", "),
+            pin_root.display()
+        );
+    } else {
+        info!(
+            "berth stopped: the dataplane keeps serving on {} (pinned under {}; `berth down \
+             --pin-path {}` detaches it)",
+            ifaces.join(", "),
+            pin_root.display(),
+            pin_root.display()
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn overrides(ifaces: &[&str]) -> Overrides {
+        Overrides {
+            ifaces: ifaces.iter().map(|s| (*s).to_owned()).collect(),
+            pin_path: None,
+            cgroup: None,
+            detach_on_exit: false,
+        }
+    }
+
+    #[test]
+    fn refusals_name_their_kind_before_the_kernel_is_touched() {
+        let missing = Source {
+            path: "/nonexistent/berth.toml".into(),
+            format: Format::Berth,
+        };
+        let r = prepare(Some(missing), overrides(&["lo"]), "/x.sock".into());
+        assert!(
+            matches!(&r, Err(Refused::Config(p, _)) if p.ends_with("berth.toml")),
+            "{:?}",
+            r.err()
+        );
+        let mut o = overrides(&["lo"]);
+        o.cgroup = Some("relative/dir".into());
+        let r = prepare(None, o, "/x.sock".into());
+        assert!(
+            matches!(&r, Err(Refused::CommandLine(e)) if e.field == "dataplane.cgroup"),
+            "{:?}",
+            r.err()
+        );
+        let r = prepare(None, overrides(&["nosuchif0"]), "/x.sock".into());
+        assert!(
+            matches!(&r, Err(Refused::Host(e)) if e.to_string().contains("nosuchif0")),
+            "{:?}",
+            r.err()
+        );
+    }
+
+    #[test]
+    fn the_command_line_goes_over_the_config() {
+        let mut o = overrides(&["lo"]);
+        o.pin_path = Some("/sys/fs/bpf/elsewhere".into());
+        o.cgroup = Some("none".into());
+        o.detach_on_exit = true;
+        // Whether `lo` forwards IPv4 depends on the host running the test: the forwarding check
+        // may refuse it, but the command line itself must pass.
+        match prepare(None, o, "/x.sock".into()) {
+            Ok(run) => {
+                assert_eq!(run.cfg.dataplane.pin_path, "/sys/fs/bpf/elsewhere");
+                assert_eq!(run.cfg.dataplane.cgroup_target(), Cgroup::None);
+                assert!(run.cfg.dataplane.detach_on_exit);
+                assert_eq!(run.ifaces, ["lo"]);
+                assert!(run.source.is_none() && run.services.is_empty());
+            }
+            Err(Refused::Host(e)) => assert!(e.to_string().contains("forwarding"), "{e:#}"),
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! What `berth status` and a metrics page are made of: cheap map reads taken on the event loop
+//! ([`build_status`]), and the conntrack walk done off it.
+
+use std::collections::{BTreeMap, HashMap};
+
+use tracing::warn;
+
+use crate::{
+    api::status,
+    config::Service,
+    dataplane::{ConntrackReader, DataplaneError},
+    discovery::ContainerInfo,
+    health::{NetChecker, Supervisor},
+    reconciler::Reconciler,
+};
+
+/// What `berth status` shows: every configured or discovered backend, in the pool or not.
+pub(super) fn build_status(
+    rec: &Reconciler,
+    health: &Supervisor<NetChecker>,
+    desired: &[Service],
+    containers: &BTreeMap<String, ContainerInfo>,
+) -> status::Status {
+    let dp = rec.dataplane();
+    // By address and protocol, not by name: after a restart the adopted services carry
+    // placeholder names until the first apply claims them (which waits for Docker's first
+    // listing), and their counters are the pinned totals all the same.
+    let applied: HashMap<_, _> = rec
+        .state()
+        .into_iter()
+        .map(|s| ((s.listen, s.protocol), s))
+        .collect();
+    let container_of = |addr: &std::net::SocketAddrV4| {
+        containers
+            .values()
+            .find(|c| c.networks.values().any(|ip| ip == addr.ip()))
+            .map(|c| c.name.clone())
+    };
+    let services = desired
+        .iter()
+        .map(|s| {
+            let pool = applied.get(&(s.listen, s.protocol));
+            let backends = s
+                .backends
+                .iter()
+                .map(|(addr, weight)| {
+                    let id =
+                        pool.and_then(|p| p.backends.iter().find(|b| b.0 == *addr).map(|b| b.1));
+                    let c = id
+                        .and_then(|id| dp.backend_counters(id).ok())
+                        .unwrap_or_default();
+                    status::BackendStatus {
+                        address: addr.to_string(),
+                        container: container_of(addr),
+                        health: match health.state(&s.name, *addr) {
+                            None => "unchecked",
+                            Some(true) => "healthy",
+                            Some(false) => "unhealthy",
+                        }
+                        .into(),
+                        weight: *weight,
+                        in_pool: id.is_some(),
+                        // Filled in by `fill_active_flows`, off the event loop.
+                        active_flows: 0,
+                        packets: c.packets,
+                        bytes: c.bytes,
+                        new_flows: c.new_flows,
+                    }
+                })
+                .collect();
+            status::ServiceStatus {
+                name: s.name.clone(),
+                listen: s.listen.to_string(),
+                protocol: s.protocol.to_string(),
+                backends,
+            }
+        })
+        .collect();
+    let counters = dp
+        .reason_counters()
+        .map(|v| {
+            v.into_iter()
+                .map(|(r, n)| (r.name().to_owned(), n))
+                .collect()
+        })
+        .unwrap_or_default();
+    status::Status { services, counters }
+}
+
+/// What a metrics page is made of, taken on the event loop.
+pub(super) struct MetricsInputs {
+    pub(super) status: status::Status,
+    pub(super) reader: Result<ConntrackReader, DataplaneError>,
+    pub(super) extra: crate::api::metrics::Extra,
+}
+
+impl MetricsInputs {
+    /// Walks conntrack (on a blocking thread) and renders the page.
+    pub(super) async fn render(mut self) -> String {
+        let entries = walk_conntrack(self.reader).await;
+        fill_active_flows(&mut self.status, &entries);
+        self.extra.conntrack_entries = entries.len() as u64;
+        self.extra.conntrack_walks = crate::dataplane::conntrack_walks();
+        crate::api::metrics::render(self.status, self.extra)
+    }
+}
+
+/// Every conntrack entry, read on a blocking thread (empty, with a warning, if that fails).
+pub(super) async fn walk_conntrack(
+    reader: Result<ConntrackReader, DataplaneError>,
+) -> Vec<(lb_common::FlowKey, lb_common::CtEntry)> {
+    match reader {
+        Ok(r) => tokio::task::spawn_blocking(move || r.entries())
+            .await
+            .unwrap_or_default(),
+        Err(e) => {
+            warn!("reading conntrack: {e}");
+            Vec::new()
+        }
+    }
+}
+
+/// Sets each backend's active flows: its open forward conntrack entries.
+pub(super) fn fill_active_flows(
+    s: &mut status::Status,
+    entries: &[(lb_common::FlowKey, lb_common::CtEntry)],
+) {
+    let mut flows: HashMap<(u32, u16), u64> = HashMap::new();
+    for (_, e) in entries {
+        if e.dir == lb_common::ct::DIR_FORWARD && e.state == lb_common::ct::STATE_OPEN {
+            *flows.entry((e.nat_addr, e.nat_port)).or_default() += 1;
+        }
+    }
+    for b in s.services.iter_mut().flat_map(|s| s.backends.iter_mut()) {
+        if let Ok(addr) = b.address.parse::<std::net::SocketAddrV4>() {
+            let key = (
+                lb_common::ipv4_to_wire(addr.ip().octets()),
+                lb_common::port_to_wire(addr.port()),
+            );
+            b.active_flows = flows.get(&key).copied().unwrap_or(0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lb_common::{CtEntry, FlowKey, Route, ct};
+
+    use super::*;
+
+    fn entry(backend: &str, dir: u8, state: u8) -> (FlowKey, CtEntry) {
+        let b: std::net::SocketAddrV4 = backend.parse().unwrap();
+        let e = CtEntry {
+            nat_addr: lb_common::ipv4_to_wire(b.ip().octets()),
+            nat_port: lb_common::port_to_wire(b.port()),
+            dir,
+            state,
+            backend_id: 1,
+            service_id: 1,
+            last_seen_ns: 0,
+            route: Route::NONE,
+            backend_ack: 0,
+            in_ifindex: 0,
+            flags: 0,
+            _pad: [0; 7],
+        };
+        (FlowKey::new(1, 2, 3, 4, 6), e)
+    }
+
+    fn backend(address: &str) -> status::BackendStatus {
+        status::BackendStatus {
+            address: address.into(),
+            container: None,
+            health: "unchecked".into(),
+            weight: 1,
+            in_pool: true,
+            active_flows: 99,
+            packets: 0,
+            bytes: 0,
+            new_flows: 0,
+        }
+    }
+
+    #[test]
+    fn active_flows_are_open_forward_entries_per_backend() {
+        let mut s = status::Status {
+            services: vec![status::ServiceStatus {
+                name: "web".into(),
+                listen: "0.0.0.0:8080".into(),
+                protocol: "tcp".into(),
+                backends: vec![
+                    backend("10.0.0.1:80"),
+                    backend("10.0.0.2:80"),
+                    backend("10.0.0.3:80"),
+                ],
+            }],
+            counters: vec![],
+        };
+        let entries = [
+            entry("10.0.0.1:80", ct::DIR_FORWARD, ct::STATE_OPEN),
+            entry("10.0.0.1:80", ct::DIR_FORWARD, ct::STATE_OPEN),
+            // A flow's reply half and a closing flow are not counted.
+            entry("10.0.0.1:80", ct::DIR_REPLY, ct::STATE_OPEN),
+            entry("10.0.0.2:80", ct::DIR_FORWARD, ct::STATE_CLOSING),
+            entry("10.0.0.2:80", ct::DIR_FORWARD, ct::STATE_OPEN),
+            // Same address, other port: another backend.
+            entry("10.0.0.3:81", ct::DIR_FORWARD, ct::STATE_OPEN),
+        ];
+        fill_active_flows(&mut s, &entries);
+        let flows: Vec<u64> = s.services[0]
+            .backends
+            .iter()
+            .map(|b| b.active_flows)
+            .collect();
+        assert_eq!(flows, [2, 1, 0]);
+    }
+}

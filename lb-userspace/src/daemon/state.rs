@@ -1,0 +1,334 @@
+//! The daemon's state between events, and one method per event: a reload (SIGHUP), a Docker
+//! event, a health change, the 1 s tick, the 30 s conntrack sweep, a status or metrics request.
+//! Each handler updates what the daemon knows and, when the desired services change, hands
+//! them to the reconciler, the one writer of the maps.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    time::{Duration, Instant},
+};
+
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, error, info, info_span, warn};
+
+use super::{
+    Source,
+    desired::{self, Hold},
+    host::preflight,
+    read_config,
+    snapshot::{self, MetricsInputs},
+};
+use crate::{
+    api::{admin, metrics::Extra, status::Status},
+    config::{Config, Service},
+    dataplane::{Dataplane, host_ipv4_addrs, monotonic_ns},
+    discovery::{self, ContainerInfo, Event},
+    health::{HealthChange, NetChecker, Supervisor},
+    reconciler::Reconciler,
+};
+
+/// What the daemon starts from: the validated config and the (possibly adopted) dataplane.
+pub(super) struct Start {
+    pub(super) source: Option<Source>,
+    pub(super) cfg: Config,
+    pub(super) services: Vec<Service>,
+    pub(super) rec: Reconciler,
+    pub(super) adopted: bool,
+}
+
+/// Everything the event loop knows between events.
+pub(super) struct Daemon {
+    source: Option<Source>,
+    cfg: Config,
+    /// The services of the config file.
+    configured: Vec<Service>,
+    /// Running containers by id, as Docker last described them.
+    containers: BTreeMap<String, ContainerInfo>,
+    /// Configured + discovered services, before the health filter.
+    desired: Vec<Service>,
+    /// Container problems already warned about (each is logged once).
+    reported: HashSet<String>,
+    health: Supervisor<NetChecker>,
+    rec: Reconciler,
+    hold: Hold,
+    docker_on: bool,
+    /// Bridges tried and failed (reported once).
+    unattachable: HashSet<String>,
+    docker_events: u64,
+    discovery_lag: Option<f64>,
+}
+
+impl Daemon {
+    /// Starts the health checks and writes the configured services (unless an adopted
+    /// dataplane is held for Docker's first listing).
+    pub(super) fn new(start: Start, health_tx: mpsc::Sender<HealthChange>) -> Self {
+        let Start {
+            source,
+            cfg,
+            services,
+            rec,
+            adopted,
+        } = start;
+        let docker_on = super::docker_enabled(&cfg, source.is_some());
+        let mut health = Supervisor::new(NetChecker, health_tx);
+        health.presume_healthy(rec.pinned_backends());
+        let mut d = Self {
+            source,
+            cfg,
+            desired: services.clone(),
+            configured: services,
+            containers: BTreeMap::new(),
+            reported: HashSet::new(),
+            health,
+            rec,
+            hold: Hold::new(adopted, docker_on, Instant::now()),
+            docker_on,
+            unattachable: HashSet::new(),
+            docker_events: 0,
+            discovery_lag: None,
+        };
+        d.health.sync(&d.desired);
+        if d.hold.holding() {
+            info!("keeping the pinned services as they are until Docker's first listing");
+        }
+        d.apply("config");
+        d
+    }
+
+    pub(super) fn cfg(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub(super) fn docker_on(&self) -> bool {
+        self.docker_on
+    }
+
+    pub(super) fn has_file(&self) -> bool {
+        self.source.is_some()
+    }
+
+    /// Logs the line that says berth serves (tests and operators wait for it).
+    pub(super) fn ready(&self, ifaces: &[String]) {
+        let options = self.rec.dataplane().options();
+        let backends: usize = self.desired.iter().map(|s| s.backends.len()).sum();
+        info!(
+            "berth ready: attached to {}; {} services, {backends} backends; maglev M={}, conntrack {}",
+            ifaces.join(", "),
+            self.desired.len(),
+            options.maglev_size,
+            options.conntrack_size
+        );
+    }
+
+    /// SIGHUP: re-reads the config file; an invalid one is reported and the running one kept.
+    pub(super) fn on_reload(&mut self) {
+        let _reload = info_span!("reload").entered();
+        let Some(source) = &self.source else {
+            warn!("SIGHUP: no config file to reload");
+            return;
+        };
+        match read_config(source) {
+            Err(e) => error!(
+                "config reload failed, keeping the running config: {}: {e}",
+                source.path.display()
+            ),
+            Ok((new_cfg, new_services)) => {
+                let (cfg, needs_restart) = desired::reloaded(&self.cfg, new_cfg);
+                if needs_restart {
+                    warn!(
+                        "config reload: [dataplane] and [docker] changes take effect on restart \
+                         only"
+                    );
+                }
+                self.cfg = cfg;
+                self.configured = new_services;
+                self.refresh();
+                self.apply("config reload");
+                info!("config reloaded: {} services", self.desired.len());
+            }
+        }
+    }
+
+    /// A container changed (or Docker's full listing arrived).
+    pub(super) fn on_docker(&mut self, event: Event) {
+        let _container = match &event {
+            Event::Snapshot(all) => info_span!("docker", containers = all.len()),
+            Event::Upsert(c, _) => info_span!("docker", container = %c.name, id = %c.id),
+            Event::Remove(id, _) => info_span!("docker", %id),
+        }
+        .entered();
+        let why = desired::record(&mut self.containers, &event);
+        if matches!(event, Event::Snapshot(_)) {
+            self.hold.release();
+        }
+        self.refresh();
+        self.apply(&why);
+        self.attach_bridges();
+        if let Event::Upsert(_, Some(t)) | Event::Remove(_, Some(t)) = event {
+            self.docker_events += 1;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as i64)
+                .unwrap_or(t);
+            self.discovery_lag = Some(desired::lag_seconds(t, now));
+        }
+    }
+
+    /// A backend's health flipped.
+    pub(super) fn on_health(&mut self, change: &HealthChange) {
+        let _backend = info_span!(
+            "health",
+            service = %change.service,
+            backend = %change.backend,
+            healthy = change.healthy
+        )
+        .entered();
+        if !self.health.record(change) {
+            return; // a check stopped by a reload
+        }
+        let why = match &change.reason {
+            None => "health check passing".to_owned(),
+            Some(r) => format!("health check failing: {r}"),
+        };
+        self.apply(&why);
+    }
+
+    /// Every second: the hold warning, a retry of a failed write, this host's addresses, and
+    /// the purge of drained backends' flows.
+    pub(super) fn on_tick(&mut self, now: Instant) {
+        let tick = self.hold.tick(now);
+        if tick.warn_hold {
+            warn!(
+                "Docker has not answered for 10 s: the pinned services keep serving as they were \
+                 until it does"
+            );
+        }
+        if tick.retry {
+            self.apply("retry");
+        }
+        if let Err(e) = self
+            .rec
+            .dataplane_mut()
+            .sync_local_addrs(&host_ipv4_addrs())
+        {
+            warn!("recording this host's addresses, retrying in 1 s: {e}");
+        }
+        let drain = Duration::from_secs(self.cfg.dataplane.drain_timeout_secs);
+        if let Err(e) = self.rec.purge_drained(now, drain) {
+            warn!("purging drained backends, retrying in 1 s: {e:#}");
+        }
+    }
+
+    /// Every 30 s: sweeps expired conntrack entries, off the event loop (a full walk costs two
+    /// syscalls per entry).
+    pub(super) fn on_gc(&self) {
+        match self.rec.dataplane().conntrack_reader() {
+            Ok(mut r) => {
+                tokio::task::spawn_blocking(move || match r.gc(monotonic_ns()) {
+                    Ok(0) => {}
+                    Ok(n) => debug!("conntrack gc: removed {n} expired entries"),
+                    Err(e) => warn!("conntrack gc: {e}"),
+                });
+            }
+            Err(e) => warn!("conntrack gc: {e}"),
+        }
+    }
+
+    /// `berth status`: the cheap map reads here, the conntrack walk off the loop, and only for a
+    /// valid request.
+    pub(super) fn on_admin(&self, conn: tokio::net::UnixStream) {
+        let mut s = self.status();
+        let reader = self.rec.dataplane().conntrack_reader();
+        tokio::spawn(admin::answer(conn, async move {
+            let entries = snapshot::walk_conntrack(reader).await;
+            snapshot::fill_active_flows(&mut s, &entries);
+            s
+        }));
+    }
+
+    /// The metrics task's page is stale: hand it what a new one is made of (the conntrack walk
+    /// runs in that task).
+    pub(super) fn on_metrics(&self, reply: oneshot::Sender<MetricsInputs>) {
+        let _ = reply.send(MetricsInputs {
+            status: self.status(),
+            reader: self.rec.dataplane().conntrack_reader(),
+            extra: Extra {
+                conntrack_capacity: u64::from(self.rec.dataplane().options().conntrack_size),
+                docker_events: self.docker_events,
+                discovery_lag_seconds: self.discovery_lag,
+                ..Default::default()
+            },
+        });
+    }
+
+    /// Stops the health checks and gives back the dataplane and the config as last reloaded.
+    pub(super) fn stop(mut self) -> (Dataplane, Config) {
+        self.health.stop();
+        (self.rec.into_dataplane(), self.cfg)
+    }
+
+    fn status(&self) -> Status {
+        snapshot::build_status(&self.rec, &self.health, &self.desired, &self.containers)
+    }
+
+    /// Recomputes the desired services from the config and the containers, and points the
+    /// health checks at their backends.
+    fn refresh(&mut self) {
+        let (services, problems) = desired::services(
+            &self.cfg,
+            &self.configured,
+            &self.containers,
+            self.has_file(),
+            &discovery::host_ports(),
+        );
+        for p in problems {
+            if self.reported.insert(p.clone()) {
+                warn!("{p}");
+            }
+        }
+        self.desired = services;
+        self.health.sync(&self.desired);
+    }
+
+    /// Hands the healthy part of the desired services to the reconciler, unless held; a failed
+    /// write is logged and retried by the tick.
+    fn apply(&mut self, why: &str) {
+        let (rec, health, desired) = (&mut self.rec, &self.health, &self.desired);
+        self.hold
+            .settle(|| match rec.apply(&health.filter(desired), why) {
+                Ok(_) => false,
+                Err(e) => {
+                    error!("applying services failed, retrying in 1 s: {e:#}");
+                    true
+                }
+            });
+    }
+
+    /// Replies from containers arrive on their network's bridge: attach there too.
+    fn attach_bridges(&mut self) {
+        for br in discovery::backend_bridges(&self.desired, &self.containers) {
+            if self.rec.dataplane().attached().contains(&br)
+                || !self.unattachable.insert(br.clone())
+            {
+                continue;
+            }
+            let attached = preflight(std::slice::from_ref(&br), self.cfg.dataplane.redirect)
+                .and_then(|()| {
+                    self.rec
+                        .dataplane_mut()
+                        .attach(&br)
+                        .map_err(anyhow::Error::from)
+                });
+            match attached {
+                Ok(_) => {
+                    self.unattachable.remove(&br);
+                    info!("attached to {br} (bridge of a Docker network with backends)");
+                }
+                Err(e) => warn!(
+                    "cannot attach to {br}: {e:#}; replies of the containers behind it will not \
+                     be translated"
+                ),
+            }
+        }
+    }
+}

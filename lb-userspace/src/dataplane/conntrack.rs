@@ -1,0 +1,104 @@
+//! Reading the conntrack maps: in place, or through a second descriptor off the event loop
+//! ([`ConntrackReader`]), and the sweep of expired entries.
+
+use super::*;
+
+impl Dataplane {
+    // ---- conntrack ----
+
+    /// An independent handle on the conntrack map, to walk it off the daemon's event loop (a
+    /// full walk costs two syscalls per entry).
+    pub fn conntrack_reader(&self) -> Result<ConntrackReader> {
+        let mut maps = Vec::new();
+        for fd in &self.conntrack_fds {
+            let fd = fd
+                .try_clone()
+                .map_err(|e| map_err(MAP_CONNTRACK)(MapError::IoError(e)))?;
+            let md = MapData::from_fd(fd).map_err(map_err(MAP_CONNTRACK))?;
+            maps.push(
+                HashMap::try_from(aya::maps::Map::LruHashMap(md))
+                    .map_err(map_err(MAP_CONNTRACK))?,
+            );
+        }
+        Ok(ConntrackReader {
+            maps,
+            cfg: self.options.dp_config(),
+        })
+    }
+
+    /// Every conntrack entry: established flows, then unconfirmed ones.
+    pub fn conntrack_entries(&self) -> Vec<(FlowKey, CtEntry)> {
+        count_walk();
+        self.conntrack
+            .iter()
+            .chain(self.ct_new.iter())
+            .filter_map(|r| r.ok())
+            .collect()
+    }
+
+    pub fn conntrack_get(&self, key: &FlowKey) -> Option<CtEntry> {
+        self.conntrack
+            .get(key, 0)
+            .ok()
+            .or_else(|| self.ct_new.get(key, 0).ok())
+    }
+
+    pub fn conntrack_insert(&mut self, key: FlowKey, entry: CtEntry) -> Result<()> {
+        self.conntrack
+            .insert(&key, &entry, 0)
+            .map_err(map_err(MAP_CONNTRACK))
+    }
+
+    pub fn conntrack_remove(&mut self, key: &FlowKey) -> Result<()> {
+        absent_is_fine(self.conntrack.remove(key), MAP_CONNTRACK)?;
+        absent_is_fine(self.ct_new.remove(key), lb_common::MAP_CT_NEW)
+    }
+}
+
+/// Full walks of the conntrack maps since the process started (each costs two syscalls per
+/// entry): what the metrics cache and the sweep's interval keep rare.
+pub(super) static CONNTRACK_WALKS: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(0);
+
+/// How many full conntrack walks this process has made.
+pub fn conntrack_walks() -> u64 {
+    CONNTRACK_WALKS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+pub(super) fn count_walk() {
+    CONNTRACK_WALKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The conntrack map through its own descriptor (`Send`: for `spawn_blocking`).
+pub struct ConntrackReader {
+    /// The main map and the unconfirmed-flow map.
+    maps: Vec<HashMap<MapData, FlowKey, CtEntry>>,
+    cfg: DpConfig,
+}
+
+impl ConntrackReader {
+    pub fn entries(&self) -> Vec<(FlowKey, CtEntry)> {
+        count_walk();
+        self.maps
+            .iter()
+            .flat_map(|m| m.iter().filter_map(|r| r.ok()))
+            .collect()
+    }
+
+    /// Removes entries idle past their timeout (the rule the program applies), returning how
+    /// many were removed. `now_ns` is CLOCK_MONOTONIC, the clock of `bpf_ktime_get_coarse_ns`.
+    pub fn gc(&mut self, now_ns: u64) -> Result<usize> {
+        let stale: Vec<FlowKey> = self
+            .entries()
+            .into_iter()
+            .filter(|(k, e)| lb_common::ct::idle_expired(e, k.proto, now_ns, &self.cfg))
+            .map(|(k, _)| k)
+            .collect();
+        for k in &stale {
+            for m in &mut self.maps {
+                absent_is_fine(m.remove(k), MAP_CONNTRACK)?;
+            }
+        }
+        Ok(stale.len())
+    }
+}

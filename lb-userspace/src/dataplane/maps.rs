@@ -1,0 +1,148 @@
+//! Typed reads and writes of the service, backend, Maglev and port maps, and the counters.
+//! Writers are `pub(crate)` where nothing outside needs them: the reconciler is their one caller.
+
+use super::*;
+
+impl Dataplane {
+    // ---- services and backends ----
+
+    pub(crate) fn set_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<()> {
+        self.services
+            .insert(&key, &value, 0)
+            .map_err(map_err(MAP_SERVICES))
+    }
+
+    pub(crate) fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
+        absent_is_fine(self.services.remove(key), MAP_SERVICES)
+    }
+
+    pub fn services(&self) -> Vec<(ServiceKey, ServiceValue)> {
+        self.services.iter().filter_map(|r| r.ok()).collect()
+    }
+
+    /// Writes a backend slot, dropping any route cached for the slot's previous occupant.
+    ///
+    /// Public only for the fixture that proves the cached route is dropped; the reconciler is
+    /// the one writer of the maps (the other writers are `pub(crate)`).
+    pub fn set_backend(&mut self, id: u32, backend: Backend) -> Result<()> {
+        self.backend_routes
+            .set(id, &lb_common::BackendRoute::default(), 0)
+            .map_err(map_err(lb_common::MAP_BACKEND_ROUTES))?;
+        self.backends
+            .set(id, &backend, 0)
+            .map_err(map_err(MAP_BACKENDS))
+    }
+
+    /// A backend slot as the kernel holds it.
+    pub fn backend(&self, id: u32) -> Result<Backend> {
+        self.backends.get(&id, 0).map_err(map_err(MAP_BACKENDS))
+    }
+
+    /// The route cached for a backend id.
+    pub fn backend_route(&self, id: u32) -> Result<lb_common::BackendRoute> {
+        self.backend_routes
+            .get(&id, 0)
+            .map_err(map_err(lb_common::MAP_BACKEND_ROUTES))
+    }
+
+    /// Writes one slot of a service's Maglev row.
+    pub(crate) fn set_maglev_slot(
+        &mut self,
+        service_id: u32,
+        slot: u32,
+        backend_id: u32,
+    ) -> Result<()> {
+        let index = service_id * self.options.maglev_size + slot;
+        self.maglev
+            .set(index, &backend_id, 0)
+            .map_err(map_err(MAP_MAGLEV))
+    }
+
+    pub fn maglev_slot(&self, service_id: u32, slot: u32) -> Result<u32> {
+        let index = service_id * self.options.maglev_size + slot;
+        self.maglev.get(&index, 0).map_err(map_err(MAP_MAGLEV))
+    }
+
+    /// Adds `PORT_F_*` bits to a (host-order) port's filter entry.
+    pub(crate) fn add_port_flags(&mut self, port: u16, flags: u8) -> Result<()> {
+        let name = lb_common::MAP_PORTS;
+        let cur = self.ports.get(&u32::from(port), 0).map_err(map_err(name))?;
+        if cur & flags != flags {
+            self.ports
+                .set(u32::from(port), &(cur | flags), 0)
+                .map_err(map_err(name))?;
+        }
+        Ok(())
+    }
+
+    // ---- counters ----
+
+    fn sum<T: Copy + Default + aya::Pod>(
+        map: &PerCpuArray<MapData, T>,
+        index: u32,
+        name: &'static str,
+        add: impl Fn(T, T) -> T,
+    ) -> Result<T> {
+        let values = map.get(&index, 0).map_err(map_err(name))?;
+        Ok(values.iter().fold(T::default(), |acc, v| add(acc, *v)))
+    }
+
+    pub fn service_counters(&self, id: u32) -> Result<Counters> {
+        Self::sum(&self.service_stats, id, MAP_SERVICE_STATS, add_counters)
+    }
+
+    pub fn backend_counters(&self, id: u32) -> Result<Counters> {
+        Self::sum(&self.backend_stats, id, MAP_BACKEND_STATS, add_counters)
+    }
+
+    /// All reason counters, summed over CPUs, in `Reason::ALL` order.
+    pub fn reason_counters(&self) -> Result<Vec<(Reason, u64)>> {
+        Reason::ALL
+            .iter()
+            .map(|&r| {
+                Ok((
+                    r,
+                    Self::sum(&self.reason_stats, r as u32, MAP_REASON_STATS, |a, b| a + b)?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Zeroed counters for every CPU, for a write to the per-CPU map `name` (named in errors).
+    fn zeroed_per_cpu(name: &'static str) -> Result<PerCpuValues<Counters>> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Map {
+            name,
+            source: MapError::IoError(e),
+        })?;
+        PerCpuValues::try_from(vec![Counters::default(); cpus.get() as usize]).map_err(|e| {
+            DataplaneError::Map {
+                name,
+                source: MapError::IoError(e),
+            }
+        })
+    }
+
+    /// Zeroes a service id's counters (before the id is given to a new service).
+    pub(crate) fn reset_service_counters(&mut self, id: u32) -> Result<()> {
+        let zero = Self::zeroed_per_cpu(MAP_SERVICE_STATS)?;
+        self.service_stats
+            .set(id, zero, 0)
+            .map_err(map_err(MAP_SERVICE_STATS))
+    }
+
+    /// Zeroes a backend id's counters (before the id is given to a new backend).
+    pub(crate) fn reset_backend_counters(&mut self, id: u32) -> Result<()> {
+        let zero = Self::zeroed_per_cpu(MAP_BACKEND_STATS)?;
+        self.backend_stats
+            .set(id, zero, 0)
+            .map_err(map_err(MAP_BACKEND_STATS))
+    }
+}
+
+pub(super) fn add_counters(a: Counters, b: Counters) -> Counters {
+    Counters {
+        packets: a.packets + b.packets,
+        bytes: a.bytes + b.bytes,
+        new_flows: a.new_flows + b.new_flows,
+    }
+}

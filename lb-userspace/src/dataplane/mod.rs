@@ -1,0 +1,423 @@
+//! The handle on berth's kernel side: loads the eBPF object with the configured map sizes and
+//! runtime settings, attaches the TC ingress program to interfaces and the socket programs to a
+//! cgroup, and offers typed access to the maps.
+//!
+//! Loaded with a pin path (the daemon), maps and attachments are pinned in bpffs under
+//! `<pin path>/v<PIN_LAYOUT>/` and outlive the process: a berth that exits leaves the dataplane
+//! serving, the next one adopts the maps as they are and swaps its programs in atomically
+//! (`BPF_LINK_UPDATE`), and `berth down` ([`down`]) removes it all. Loaded without one (tests,
+//! benchmarks), dropping it detaches everything it attached.
+
+use std::{
+    ffi::CString,
+    fs::File,
+    os::fd::{AsFd as _, AsRawFd as _},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachType},
+    },
+};
+use lb_common::{
+    Backend, CFG_F_REDIRECT, Counters, CtEntry, DpConfig, FlowKey, MAP_BACKEND_STATS, MAP_BACKENDS,
+    MAP_CONNTRACK, MAP_MAGLEV, MAP_REASON_STATS, MAP_SERVICE_STATS, MAP_SERVICES, PROG_TC_INGRESS,
+    Reason, ServiceKey, ServiceValue,
+};
+
+use crate::config::DataplaneConfig;
+
+mod attach;
+mod conntrack;
+mod error;
+mod host;
+mod maps;
+mod pins;
+
+pub use conntrack::{ConntrackReader, conntrack_walks};
+pub use error::DataplaneError;
+use error::*;
+use host::*;
+pub use host::{cgroup2_root, host_ipv4_addrs, monotonic_ns, netns_cookie};
+use pins::*;
+pub use pins::{DownReport, bpffs_shared_with_init, down};
+
+pub use crate::config::DEFAULT_PIN_PATH;
+
+/// Load-time settings of the dataplane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataplaneOptions {
+    pub maglev_size: u32,
+    pub max_services: u32,
+    pub max_backends: u32,
+    pub conntrack_size: u32,
+    pub hash_seed: u32,
+    pub redirect: bool,
+    /// Decrement the TTL of packets the program forwards itself.
+    pub decrement_ttl: bool,
+    /// Answer traffic to a service with no backend with a RST or port unreachable (else drop).
+    pub reject_no_backend: bool,
+    pub tcp_closing: Duration,
+    pub tcp_idle: Duration,
+    pub udp_idle: Duration,
+}
+
+impl DataplaneOptions {
+    /// Options from a validated config section; a missing seed is drawn at random.
+    pub fn from_config(d: &DataplaneConfig) -> Self {
+        Self {
+            maglev_size: d.maglev_table_size,
+            max_services: d.max_services,
+            max_backends: d.max_backends,
+            conntrack_size: d.conntrack_size,
+            hash_seed: d.hash_seed.unwrap_or_else(random_u32),
+            redirect: d.redirect,
+            decrement_ttl: d.decrement_ttl,
+            reject_no_backend: d.reject_without_backend,
+            tcp_closing: Duration::from_secs(d.tcp_closing_timeout_secs),
+            tcp_idle: Duration::from_secs(d.tcp_idle_timeout_secs),
+            udp_idle: Duration::from_secs(d.udp_idle_timeout_secs),
+        }
+    }
+
+    /// Capacity of the unconfirmed-flow map: a quarter of the main one, at least 1024.
+    pub fn ct_new_size(&self) -> u32 {
+        (self.conntrack_size / 4).max(1024)
+    }
+
+    /// The global the program reads.
+    pub fn dp_config(&self) -> DpConfig {
+        DpConfig {
+            maglev_size: self.maglev_size,
+            max_services: self.max_services,
+            hash_seed: self.hash_seed,
+            flags: if self.redirect { CFG_F_REDIRECT } else { 0 }
+                | if self.decrement_ttl {
+                    0
+                } else {
+                    lb_common::CFG_F_KEEP_TTL
+                }
+                | if self.reject_no_backend {
+                    0
+                } else {
+                    lb_common::CFG_F_DROP_NO_BACKEND
+                },
+            tcp_closing_ns: self.tcp_closing.as_nanos() as u64,
+            tcp_idle_ns: self.tcp_idle.as_nanos() as u64,
+            udp_idle_ns: self.udp_idle.as_nanos() as u64,
+            host_netns_cookie: netns_cookie(),
+        }
+    }
+}
+
+impl Default for DataplaneOptions {
+    fn default() -> Self {
+        let mut o = Self::from_config(&DataplaneConfig::default());
+        o.hash_seed = 0;
+        o
+    }
+}
+
+fn random_u32() -> u32 {
+    let mut b = [0u8; 4];
+    // SAFETY: getrandom writes at most `b.len()` bytes into the buffer we own.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n == 4 {
+        u32::from_ne_bytes(b)
+    } else {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos() ^ d.as_secs() as u32)
+            .unwrap_or(0x5eed)
+    }
+}
+
+/// Every map of the object; all are pinned (the read-only config global is not a map of ours).
+const MAPS: [&str; 12] = [
+    MAP_SERVICES,
+    MAP_BACKENDS,
+    lb_common::MAP_BACKEND_ROUTES,
+    MAP_MAGLEV,
+    MAP_CONNTRACK,
+    lb_common::MAP_CT_NEW,
+    lb_common::MAP_PORTS,
+    MAP_SERVICE_STATS,
+    MAP_BACKEND_STATS,
+    MAP_REASON_STATS,
+    lb_common::MAP_LOCAL_ADDRS,
+    lb_common::MAP_SOCK_REVNAT,
+];
+
+/// The socket programs, in attach order.
+const SOCK_PROGS: [&str; 4] = [
+    lb_common::PROG_SOCK_CONNECT4,
+    lb_common::PROG_SOCK_SENDMSG4,
+    lb_common::PROG_SOCK_RECVMSG4,
+    lb_common::PROG_SOCK_GETPEERNAME4,
+];
+
+/// The loaded programs and maps.
+pub struct Dataplane {
+    // Field order matters for drop: maps and links go with `ebpf`.
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: Array<MapData, Backend>,
+    backend_routes: Array<MapData, lb_common::BackendRoute>,
+    maglev: Array<MapData, u32>,
+    ports: Array<MapData, u8>,
+    conntrack: HashMap<MapData, FlowKey, CtEntry>,
+    service_stats: PerCpuArray<MapData, Counters>,
+    backend_stats: PerCpuArray<MapData, Counters>,
+    reason_stats: PerCpuArray<MapData, u64>,
+    local_addrs: HashMap<MapData, u32, u8>,
+    /// What `sync_local_addrs` last made the map hold (None: not known yet, e.g. adopted).
+    local_addrs_written: Option<std::collections::BTreeSet<u32>>,
+    /// Flows that have only sent a SYN.
+    ct_new: HashMap<MapData, FlowKey, CtEntry>,
+    /// Second descriptors of the two conntrack maps, for [`Dataplane::conntrack_reader`].
+    conntrack_fds: [std::os::fd::OwnedFd; 2],
+    options: DataplaneOptions,
+    attached: Vec<String>,
+    adopted: bool,
+    /// Whether the pins outlive this process (see [`bpffs_shared_with_init`]).
+    pins_outlive: bool,
+    // Dropped after the maps and programs: the lock is released last.
+    ebpf: Ebpf,
+    pins: Option<Pins>,
+}
+
+macro_rules! take {
+    ($ebpf:expr, $name:expr) => {{
+        let map = $ebpf
+            .take_map($name)
+            .ok_or(DataplaneError::MissingMap { name: $name })?;
+        map.try_into().map_err(map_err($name))?
+    }};
+}
+
+impl Dataplane {
+    /// Loads the object into the kernel with maps of its own (nothing is attached yet; nothing
+    /// outlives the handle).
+    pub fn load(options: DataplaneOptions) -> Result<Self> {
+        Self::load_with(options, None)
+    }
+
+    /// Loads the object with its maps pinned under `root`: adopting the maps pinned there by an
+    /// earlier berth (their contents are kept), or creating and pinning them.
+    pub fn load_pinned(options: DataplaneOptions, root: &Path) -> Result<Self> {
+        let rootname = root.display().to_string();
+        let mounted = ensure_bpffs(root)?;
+        // Made root-only only once known to be on bpffs (lock_root): any other directory is
+        // refused untouched.
+        std::fs::create_dir_all(root).map_err(pin_err("creating pin directory", root))?;
+        if !is_bpffs(root) {
+            return Err(DataplaneError::NotBpffs { path: rootname });
+        }
+        let lock = lock_root(root)?;
+        let want = format!("v{}", lb_common::PIN_LAYOUT);
+        if let Some(found) = layouts(root).into_iter().find(|l| *l != want) {
+            return Err(DataplaneError::IncompatibleLayout {
+                root: rootname,
+                found,
+            });
+        }
+        let dir = root.join(&want);
+        let (maps, links) = (dir.join("maps"), dir.join("links"));
+        for d in [&dir, &maps, &links] {
+            private_dir(d)?;
+        }
+        let adopted = maps.join(MAP_SERVICES).exists();
+        let loaded = Self::load_with(options, Some(&maps));
+        if loaded.is_err() && !adopted {
+            // Nothing was serving: leave nothing behind.
+            drop(lock);
+            let _ = down(root);
+            return Err(loaded.err().expect("checked"));
+        }
+        let mut dp = loaded.map_err(|e| match e {
+            DataplaneError::Load {
+                source:
+                    aya::EbpfError::MapError(MapError::IncompatiblePinnedMap {
+                        name,
+                        property,
+                        expected,
+                        actual,
+                    }),
+            } => DataplaneError::PinnedMismatch {
+                root: rootname.clone(),
+                setting: match name.as_str() {
+                    MAP_CONNTRACK | lb_common::MAP_CT_NEW => "dataplane.conntrack_size",
+                    MAP_MAGLEV => "dataplane.maglev_table_size x dataplane.max_services",
+                    MAP_SERVICES | MAP_SERVICE_STATS => "dataplane.max_services",
+                    MAP_BACKENDS | MAP_BACKEND_STATS | lb_common::MAP_BACKEND_ROUTES => {
+                        "dataplane.max_backends"
+                    }
+                    _ => "this berth version",
+                },
+                map: name,
+                property,
+                expected,
+                actual,
+            },
+            e => e,
+        })?;
+        dp.adopted = adopted;
+        // Unknown (PID 1's mounts unreadable) counts as shared unless berth mounted the bpffs
+        // itself in a mount namespace that is not PID 1's.
+        dp.pins_outlive = bpffs_shared_with_init(root).unwrap_or(!(mounted && private_mount_ns()));
+        dp.pins = Some(Pins {
+            root: root.to_owned(),
+            links,
+            _lock: lock,
+        });
+        Ok(dp)
+    }
+
+    /// Whether the maps were adopted from an earlier berth (their contents are live state).
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// Whether the pinned dataplane outlives this process (false when unpinned, or pinned in a
+    /// BPF filesystem only this process's mount namespace has).
+    pub fn pins_outlive_process(&self) -> bool {
+        self.pins.is_some() && self.pins_outlive
+    }
+
+    fn load_with(options: DataplaneOptions, pin_dir: Option<&Path>) -> Result<Self> {
+        let cfg = options.dp_config();
+        let mut loader = EbpfLoader::new();
+        let pin_paths: Vec<(&str, PathBuf)> = pin_dir
+            .map(|d| MAPS.iter().map(|m| (*m, d.join(m))).collect())
+            .unwrap_or_default();
+        for (name, path) in &pin_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
+            .override_global(lb_common::GLOBAL_CONFIG, &cfg, true)
+            .map_max_entries(MAP_SERVICES, options.max_services)
+            .map_max_entries(MAP_SERVICE_STATS, options.max_services)
+            .map_max_entries(MAP_BACKENDS, options.max_backends)
+            .map_max_entries(MAP_BACKEND_STATS, options.max_backends)
+            .map_max_entries(lb_common::MAP_BACKEND_ROUTES, options.max_backends)
+            .map_max_entries(MAP_MAGLEV, options.max_services * options.maglev_size)
+            .map_max_entries(MAP_CONNTRACK, options.conntrack_size)
+            .map_max_entries(lb_common::MAP_CT_NEW, options.ct_new_size())
+            .load(crate::EBPF_OBJECT)
+            .map_err(|source| DataplaneError::Load { source })?;
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(PROG_TC_INGRESS)
+            .ok_or(DataplaneError::MissingProgram {
+                name: PROG_TC_INGRESS,
+            })?
+            .try_into()
+            .map_err(|source| DataplaneError::Program {
+                name: PROG_TC_INGRESS,
+                source,
+            })?;
+        prog.load().map_err(|source| DataplaneError::Program {
+            name: PROG_TC_INGRESS,
+            source,
+        })?;
+        for name in SOCK_PROGS {
+            let prog: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or(DataplaneError::MissingProgram { name })?
+                .try_into()
+                .map_err(|source| DataplaneError::Program { name, source })?;
+            prog.load()
+                .map_err(|source| DataplaneError::Program { name, source })?;
+        }
+        let dup = |name: &'static str| {
+            ebpf.map(name)
+                .and_then(|m| match m {
+                    aya::maps::Map::LruHashMap(md) => md.fd().as_fd().try_clone_to_owned().ok(),
+                    _ => None,
+                })
+                .ok_or(DataplaneError::MissingMap { name })
+        };
+        let conntrack_fds = [dup(MAP_CONNTRACK)?, dup(lb_common::MAP_CT_NEW)?];
+        Ok(Self {
+            conntrack_fds,
+            ct_new: take!(ebpf, lb_common::MAP_CT_NEW),
+            services: take!(ebpf, MAP_SERVICES),
+            backends: take!(ebpf, MAP_BACKENDS),
+            backend_routes: take!(ebpf, lb_common::MAP_BACKEND_ROUTES),
+            maglev: take!(ebpf, MAP_MAGLEV),
+            ports: take!(ebpf, lb_common::MAP_PORTS),
+            conntrack: take!(ebpf, MAP_CONNTRACK),
+            service_stats: take!(ebpf, MAP_SERVICE_STATS),
+            backend_stats: take!(ebpf, MAP_BACKEND_STATS),
+            reason_stats: take!(ebpf, MAP_REASON_STATS),
+            local_addrs: take!(ebpf, lb_common::MAP_LOCAL_ADDRS),
+            local_addrs_written: None,
+            options,
+            attached: Vec::new(),
+            adopted: false,
+            pins_outlive: false,
+            ebpf,
+            pins: None,
+        })
+    }
+
+    /// Interfaces attached through link pins of an earlier berth whose interface still exists (pins of vanished interfaces are removed).
+    pub fn pinned_interfaces(&self) -> Vec<String> {
+        let Some(pins) = &self.pins else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let Ok(entries) = std::fs::read_dir(&pins.links) else {
+            return out;
+        };
+        for e in entries.filter_map(|e| e.ok()) {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some((index, iface)) = name
+                .strip_prefix("tc-")
+                .and_then(|r| r.split_once('-'))
+                .and_then(|(i, n)| Some((i.parse::<u32>().ok()?, n.to_owned())))
+            else {
+                continue;
+            };
+            if ifindex(&iface) == Some(index) {
+                out.push(iface);
+            } else {
+                // The interface is gone (the kernel detached the link): drop the stale pin.
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        out
+    }
+
+    pub fn options(&self) -> &DataplaneOptions {
+        &self.options
+    }
+
+    /// The TC ingress program (for `BPF_PROG_TEST_RUN` in tests and benchmarks).
+    pub fn program(&self) -> &SchedClassifier {
+        self.ebpf
+            .program(PROG_TC_INGRESS)
+            .and_then(|p| <&SchedClassifier>::try_from(p).ok())
+            .expect("program checked at load")
+    }
+
+    /// Loads the do-nothing classifier (benchmark floor) and returns it.
+    pub fn noop_program(&mut self) -> Result<&SchedClassifier> {
+        let name = lb_common::PROG_TC_NOOP;
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DataplaneError::MissingProgram { name })?
+            .try_into()
+            .map_err(|source| DataplaneError::Program { name, source })?;
+        if prog.fd().is_err() {
+            prog.load()
+                .map_err(|source| DataplaneError::Program { name, source })?;
+        }
+        Ok(prog)
+    }
+}
