@@ -787,15 +787,21 @@ fn the_named_capabilities_and_mounts_are_each_needed() {
     let (ready, log) = try_host(&w, &UNIT, &second, "second");
     let _ = berth_down(&second);
     assert!(!ready && log.contains("already attached"), "{log}");
+    // Without it the attached program cannot be identified: berth must say so, not pass
+    // silently.
     let (ready, log) = try_host(&w, &LOAD, &second, "second");
     let _ = berth_down(&second);
     println!(
         "a second berth on the same interface without CAP_SYS_ADMIN: {}",
         if ready {
-            "NOT refused (the attached program cannot be identified)"
+            "not refused, warned"
         } else {
             last_line(&log)
         }
+    );
+    assert!(
+        !ready || log.contains("another berth attached there would not be detected"),
+        "neither refused nor warned:\n{log}"
     );
     drop(first);
 }

@@ -46,10 +46,21 @@ impl Dataplane {
         if tcx {
             // Kernel program names keep 15 characters.
             let prefix = &PROG_TC_INGRESS.as_bytes()[..15];
-            if let Ok((_, progs)) = SchedClassifier::query_tcx(&name, TcAttachType::Ingress)
-                && let Some(p) = progs
-                    .iter()
-                    .find(|p| p.name().starts_with(prefix) && Some(p.id()) != pinned_prog)
+            // Reading another program's name needs CAP_SYS_ADMIN: without it the query fails,
+            // and a second berth on this interface could not be told apart, so say so.
+            let attached = match SchedClassifier::query_tcx(&name, TcAttachType::Ingress) {
+                Ok((_, progs)) => progs,
+                Err(e) => {
+                    tracing::warn!(
+                        "cannot list the programs attached to {iface} ({e}): another berth \
+                         attached there would not be detected (berth needs CAP_SYS_ADMIN for it)"
+                    );
+                    Vec::new()
+                }
+            };
+            if let Some(p) = attached
+                .iter()
+                .find(|p| p.name().starts_with(prefix) && Some(p.id()) != pinned_prog)
             {
                 return Err(DataplaneError::AlreadyAttached {
                     iface: iface.to_owned(),
