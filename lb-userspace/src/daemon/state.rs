@@ -332,3 +332,159 @@ impl Daemon {
         }
     }
 }
+
+/// The handlers against a real dataplane: loaded into the kernel (root), attached nowhere, fed
+/// one event at a time; what each handler decided is read back from the maps the program would
+/// use.
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeMap, net::Ipv4Addr};
+
+    use super::*;
+    use crate::{
+        daemon::Format,
+        dataplane::{Dataplane, DataplaneOptions},
+    };
+    use lb_common::{ipv4_to_wire, port_to_wire};
+
+    const ONE_SERVICE: &str = "[[service]]\nname = \"web\"\nlisten = \"10.99.0.1:80\"\n\
+                               docker = { image = \"web\", port = 8000 }\n";
+
+    fn daemon(dir: &std::path::Path, text: &str) -> Daemon {
+        let path = dir.join("berth.toml");
+        std::fs::write(&path, text).unwrap();
+        let (cfg, services) = Config::load(text).expect("valid config");
+        let dp = Dataplane::load(DataplaneOptions {
+            maglev_size: 251,
+            max_services: 8,
+            max_backends: 64,
+            conntrack_size: 1024,
+            ..DataplaneOptions::default()
+        })
+        .expect("load the dataplane (needs root and BPF)");
+        let (tx, _rx) = mpsc::channel(16);
+        let start = Start {
+            source: Some(Source {
+                path,
+                format: Format::Berth,
+            }),
+            cfg,
+            services,
+            rec: Reconciler::new(dp),
+            adopted: false,
+        };
+        Daemon::new(start, tx)
+    }
+
+    /// The backends in service `listen`'s Maglev row, as (address, port).
+    fn pool(d: &Daemon, addr: [u8; 4], port: u16) -> Vec<(Ipv4Addr, u16)> {
+        let dp = d.rec.dataplane();
+        let Some((_, v)) = dp
+            .services()
+            .into_iter()
+            .find(|(k, _)| k.addr == ipv4_to_wire(addr) && k.port == port_to_wire(port))
+        else {
+            return Vec::new();
+        };
+        let mut seen: Vec<(Ipv4Addr, u16)> = (0..251)
+            .map(|s| dp.maglev_slot(v.id, s).unwrap())
+            .filter(|&id| id != 0)
+            .map(|id| dp.backend(id).unwrap())
+            .map(|b| (Ipv4Addr::from(b.addr.to_ne_bytes()), u16::from_be(b.port)))
+            .collect();
+        seen.sort();
+        seen.dedup();
+        seen
+    }
+
+    fn container(id: &str, image: &str, ip: [u8; 4]) -> ContainerInfo {
+        ContainerInfo {
+            id: id.into(),
+            name: format!("n-{id}"),
+            image: image.into(),
+            labels: BTreeMap::new(),
+            running: true,
+            health: None,
+            networks: BTreeMap::from([("bridge".to_owned(), Ipv4Addr::from(ip))]),
+            bridges: BTreeMap::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn docker_events_reach_the_maps_one_handler_call_at_a_time() {
+        let dir = tempdir("docker");
+        let mut d = daemon(&dir, ONE_SERVICE);
+        assert_eq!(pool(&d, [10, 99, 0, 1], 80), []);
+        d.on_docker(Event::Upsert(container("c1", "web", [172, 17, 0, 5]), None));
+        assert_eq!(
+            pool(&d, [10, 99, 0, 1], 80),
+            [([172, 17, 0, 5].into(), 8000)]
+        );
+        // Another image's container is not a backend; a second one of ours joins.
+        d.on_docker(Event::Upsert(container("c2", "db", [172, 17, 0, 6]), None));
+        d.on_docker(Event::Upsert(container("c3", "web", [172, 17, 0, 7]), None));
+        assert_eq!(
+            pool(&d, [10, 99, 0, 1], 80),
+            [
+                ([172, 17, 0, 5].into(), 8000),
+                ([172, 17, 0, 7].into(), 8000)
+            ]
+        );
+        // Unhealthy by its own HEALTHCHECK, then gone: out of the table.
+        let mut sick = container("c1", "web", [172, 17, 0, 5]);
+        sick.health = Some("unhealthy".into());
+        d.on_docker(Event::Upsert(sick, None));
+        assert_eq!(
+            pool(&d, [10, 99, 0, 1], 80),
+            [([172, 17, 0, 7].into(), 8000)]
+        );
+        d.on_docker(Event::Remove("c3".into(), None));
+        assert_eq!(pool(&d, [10, 99, 0, 1], 80), []);
+        // A full listing replaces what the daemon knew.
+        d.on_docker(Event::Snapshot(vec![container(
+            "c9",
+            "web",
+            [172, 17, 0, 9],
+        )]));
+        assert_eq!(
+            pool(&d, [10, 99, 0, 1], 80),
+            [([172, 17, 0, 9].into(), 8000)]
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_reload_applies_a_valid_file_and_keeps_the_running_config_on_a_bad_one() {
+        let dir = tempdir("reload");
+        let mut d = daemon(&dir, ONE_SERVICE);
+        d.on_docker(Event::Upsert(container("c1", "web", [172, 17, 0, 5]), None));
+        let path = dir.join("berth.toml");
+        std::fs::write(
+            &path,
+            format!("{ONE_SERVICE}[[service]]\nname = \"api\"\nlisten = \"10.99.0.2:81\"\nbackends = [\"10.20.0.11:8000\"]\n"),
+        )
+        .unwrap();
+        d.on_reload();
+        assert_eq!(
+            pool(&d, [10, 99, 0, 2], 81),
+            [([10, 20, 0, 11].into(), 8000)]
+        );
+        assert_eq!(
+            pool(&d, [10, 99, 0, 1], 80),
+            [([172, 17, 0, 5].into(), 8000)]
+        );
+        std::fs::write(&path, "[[service]]\nname = 5\n").unwrap();
+        d.on_reload();
+        assert_eq!(
+            pool(&d, [10, 99, 0, 2], 81),
+            [([10, 20, 0, 11].into(), 8000)]
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn tempdir(tag: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("berth-state-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+}
