@@ -74,9 +74,13 @@ pub struct Run {
     pub services: Vec<Service>,
     pub ifaces: Vec<String>,
     pub admin_socket: PathBuf,
+    /// The command line, applied again to every reloaded config.
+    pub overrides: Overrides,
 }
 
-/// What the command line says over the config file.
+/// What the command line says over the config file: applied to the file as read at start and
+/// again at every reload (flags win over the file, always).
+#[derive(Debug, Clone, Default)]
 pub struct Overrides {
     /// `--iface` (repeatable): replaces `dataplane.interfaces`.
     pub ifaces: Vec<String>,
@@ -86,6 +90,19 @@ pub struct Overrides {
     pub cgroup: Option<String>,
     /// `--detach-on-exit`: sets `dataplane.detach_on_exit`.
     pub detach_on_exit: bool,
+}
+
+impl Overrides {
+    /// Writes the command line's values over `cfg`'s.
+    pub fn apply(&self, cfg: &mut Config) {
+        if let Some(p) = &self.pin_path {
+            cfg.dataplane.pin_path = p.display().to_string();
+        }
+        if let Some(c) = &self.cgroup {
+            cfg.dataplane.cgroup.clone_from(c);
+        }
+        cfg.dataplane.detach_on_exit |= self.detach_on_exit;
+    }
 }
 
 /// Why `berth run` refuses to start (before anything touched the kernel).
@@ -111,16 +128,10 @@ pub fn prepare(
         Some(src) => read_config(src).map_err(|e| Refused::Config(src.path.clone(), e))?,
         None => (Config::default(), Vec::new()),
     };
-    if let Some(p) = overrides.pin_path {
-        cfg.dataplane.pin_path = p.display().to_string();
-    }
-    if let Some(c) = overrides.cgroup {
-        cfg.dataplane.cgroup = c;
-    }
-    cfg.dataplane.detach_on_exit |= overrides.detach_on_exit;
+    overrides.apply(&mut cfg);
     cfg.validate().map_err(Refused::CommandLine)?;
     let ifaces = if !overrides.ifaces.is_empty() {
-        overrides.ifaces
+        overrides.ifaces.clone()
     } else if !cfg.dataplane.interfaces.is_empty() {
         cfg.dataplane.interfaces.clone()
     } else {
@@ -142,6 +153,7 @@ pub fn prepare(
         services,
         ifaces,
         admin_socket,
+        overrides,
     })
 }
 
@@ -153,6 +165,7 @@ pub async fn run(args: Run) -> anyhow::Result<()> {
         services,
         ifaces,
         admin_socket,
+        overrides,
     } = args;
     // The sockets first: a port or path in use fails here, before the kernel is touched.
     let admin = admin::bind(&admin_socket)
@@ -210,6 +223,7 @@ pub async fn run(args: Run) -> anyhow::Result<()> {
             services,
             rec,
             adopted,
+            overrides,
         },
         admin,
         metrics_listener,
@@ -345,7 +359,9 @@ async fn event_loop(
         tokio::select! {
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
-            _ = sighup.recv() => d.on_reload(),
+            _ = sighup.recv() => {
+                d.on_reload();
+            }
             Some(event) = docker_rx.recv() => d.on_docker(event),
             Some(reply) = metrics_rx.recv() => d.on_metrics(reply),
             Ok((conn, _)) = admin.accept() => d.on_admin(conn),

@@ -27,6 +27,16 @@ use crate::{
     reconciler::Reconciler,
 };
 
+/// What a reload did.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Reloaded {
+    /// The new file is in force; `needs_restart`: some `[dataplane]`/`[docker]` change waits for
+    /// a restart (and was said in the log).
+    Applied { needs_restart: bool },
+    /// No file, or an invalid one: the running config stays.
+    Kept,
+}
+
 /// What the daemon starts from: the validated config and the (possibly adopted) dataplane.
 pub(super) struct Start {
     pub(super) source: Option<Source>,
@@ -34,11 +44,14 @@ pub(super) struct Start {
     pub(super) services: Vec<Service>,
     pub(super) rec: Reconciler,
     pub(super) adopted: bool,
+    /// The command line, written over every reloaded config.
+    pub(super) overrides: super::Overrides,
 }
 
 /// Everything the event loop knows between events.
 pub(super) struct Daemon {
     source: Option<Source>,
+    overrides: super::Overrides,
     cfg: Config,
     /// The services of the config file.
     configured: Vec<Service>,
@@ -68,12 +81,14 @@ impl Daemon {
             services,
             rec,
             adopted,
+            overrides,
         } = start;
         let docker_on = super::docker_enabled(&cfg, source.is_some());
         let mut health = Supervisor::new(NetChecker, health_tx);
         health.presume_healthy(rec.pinned_backends());
         let mut d = Self {
             source,
+            overrides,
             cfg,
             desired: services.clone(),
             configured: services,
@@ -121,18 +136,24 @@ impl Daemon {
     }
 
     /// SIGHUP: re-reads the config file; an invalid one is reported and the running one kept.
-    pub(super) fn on_reload(&mut self) {
+    /// Returns what happened: applied (and whether some of it waits for a restart), or kept.
+    pub(super) fn on_reload(&mut self) -> Reloaded {
         let _reload = info_span!("reload").entered();
         let Some(source) = &self.source else {
             warn!("SIGHUP: no config file to reload");
-            return;
+            return Reloaded::Kept;
         };
         match read_config(source) {
-            Err(e) => error!(
-                "config reload failed, keeping the running config: {}: {e}",
-                source.path.display()
-            ),
-            Ok((new_cfg, new_services)) => {
+            Err(e) => {
+                error!(
+                    "config reload failed, keeping the running config: {}: {e}",
+                    source.path.display()
+                );
+                Reloaded::Kept
+            }
+            Ok((mut new_cfg, new_services)) => {
+                // Flags win over the file, at every reload as at start.
+                self.overrides.apply(&mut new_cfg);
                 let (cfg, needs_restart) = desired::reloaded(&self.cfg, new_cfg);
                 if needs_restart {
                     warn!(
@@ -145,6 +166,7 @@ impl Daemon {
                 self.refresh();
                 self.apply("config reload");
                 info!("config reloaded: {} services", self.desired.len());
+                Reloaded::Applied { needs_restart }
             }
         }
     }
@@ -353,7 +375,13 @@ mod tests {
     fn daemon(dir: &std::path::Path, text: &str) -> Daemon {
         let path = dir.join("berth.toml");
         std::fs::write(&path, text).unwrap();
-        let (cfg, services) = Config::load(text).expect("valid config");
+        let (mut cfg, services) = Config::load(text).expect("valid config");
+        let overrides = super::super::Overrides {
+            pin_path: Some("/sys/fs/bpf/bte-state-test".into()),
+            detach_on_exit: true,
+            ..Default::default()
+        };
+        overrides.apply(&mut cfg);
         let dp = Dataplane::load(DataplaneOptions {
             maglev_size: 251,
             max_services: 8,
@@ -372,6 +400,7 @@ mod tests {
             services,
             rec: Reconciler::new(dp),
             adopted: false,
+            overrides,
         };
         Daemon::new(start, tx)
     }
@@ -474,10 +503,45 @@ mod tests {
             [([172, 17, 0, 5].into(), 8000)]
         );
         std::fs::write(&path, "[[service]]\nname = 5\n").unwrap();
-        d.on_reload();
+        assert_eq!(d.on_reload(), Reloaded::Kept);
         assert_eq!(
             pool(&d, [10, 99, 0, 2], 81),
             [([10, 20, 0, 11].into(), 8000)]
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn flags_win_over_the_file_at_every_reload() {
+        let dir = tempdir("flags");
+        let mut d = daemon(&dir, ONE_SERVICE);
+        // An unchanged file: nothing waits for a restart (it used to say so at every reload when
+        // --pin-path or --cgroup was given).
+        assert_eq!(
+            d.on_reload(),
+            Reloaded::Applied {
+                needs_restart: false
+            }
+        );
+        // The file says other values for what the command line set (--pin-path,
+        // --detach-on-exit): the flags stay, so nothing "needs a restart" either.
+        std::fs::write(
+            dir.join("berth.toml"),
+            format!(
+                "[dataplane]\npin_path = \"/sys/fs/bpf/other\"\ndetach_on_exit = false\n{ONE_SERVICE}"
+            ),
+        )
+        .unwrap();
+        assert_eq!(
+            d.on_reload(),
+            Reloaded::Applied {
+                needs_restart: false
+            }
+        );
+        assert_eq!(d.cfg().dataplane.pin_path, "/sys/fs/bpf/bte-state-test");
+        assert!(
+            d.cfg().dataplane.detach_on_exit,
+            "--detach-on-exit forgotten"
         );
         let _ = std::fs::remove_dir_all(&dir);
     }
