@@ -46,6 +46,13 @@ pub enum Command {
         /// for the next berth).
         #[arg(long)]
         detach_on_exit: bool,
+        /// Address to serve `/metrics` on; replaces `metrics.listen` (in every mode: a Synapse
+        /// config has no `[metrics]` of its own).
+        #[arg(long, value_name = "ADDR:PORT")]
+        metrics_listen: Option<String>,
+        /// Serve no metrics; replaces `metrics.enabled`.
+        #[arg(long, conflicts_with = "metrics_listen")]
+        no_metrics: bool,
         /// Log lines as text, or as one JSON object per line (for log shippers). `RUST_LOG`
         /// filters either (default: info).
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]

@@ -51,6 +51,8 @@ fn main() -> ExitCode {
             pin_path,
             cgroup,
             detach_on_exit,
+            metrics_listen,
+            no_metrics,
             log_format: _,
         } => {
             let source = match (config, synapse_config) {
@@ -69,6 +71,8 @@ fn main() -> ExitCode {
                 pin_path,
                 cgroup,
                 detach_on_exit,
+                metrics_listen,
+                no_metrics,
             };
             run(source, overrides, admin_socket)
         }

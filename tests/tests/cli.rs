@@ -423,3 +423,74 @@ fn systemd_unit_verifies_and_starts_berth_with_flags_it_accepts() {
         "systemd-analyze verify: {err}"
     );
 }
+
+/// Synapse mode has no `[metrics]` of its own: with berth's default metrics port taken it could
+/// not start at all; `--metrics-listen` moves the port in every mode.
+#[test]
+fn synapse_mode_moves_the_metrics_port_with_a_flag() {
+    use berth_tests::topo::{Netns, test_pin_path};
+    let ns = Netns::new("clim");
+    let _squatter = ns.run(|| std::net::TcpListener::bind("127.0.0.1:9477").expect("bind 9477"));
+    let synapse = write(
+        "metrics.synapse.json",
+        r#"{"services": {"web": {"discovery": {"method": "docker", "container_port": 8000,
+            "image_name": "berth-test/none"}, "haproxy": {"port": 8080}}}}"#,
+    );
+    let pins = test_pin_path("clim");
+    let start = |extra: &[&str], tag: &str| {
+        let log = write(&format!("{tag}.log"), "");
+        let child = ns
+            .command(berth())
+            .args([
+                "run",
+                "--iface",
+                "lo",
+                "--cgroup",
+                "none",
+                "--detach-on-exit",
+            ])
+            .arg("--synapse-config")
+            .arg(&synapse)
+            .arg("--pin-path")
+            .arg(&pins)
+            .arg("--admin-socket")
+            .arg(log.with_extension("sock"))
+            .args(extra)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        (child, log)
+    };
+    // Without the flag: refused, naming the port in use, before the kernel is touched.
+    let (mut child, log) = start(&[], "nometrics");
+    let status = child.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!status.success(), "{text}");
+    assert!(text.contains("127.0.0.1:9477"), "{text}");
+    assert!(!pins.exists(), "refused, yet pinned");
+    // With it: serves, metrics on the port asked for.
+    let (mut child, log) = start(&["--metrics-listen", "127.0.0.1:19477"], "metrics");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("berth ready")
+    {
+        assert!(
+            std::time::Instant::now() < deadline && child.try_wait().unwrap().is_none(),
+            "berth not ready: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let page = ns
+        .command("curl")
+        .args(["-sf", "http://127.0.0.1:19477/metrics"])
+        .output()
+        .unwrap();
+    let page = String::from_utf8_lossy(&page.stdout);
+    assert!(page.contains("berth_"), "{page}");
+    // SAFETY: a plain signal to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    assert!(!pins.exists(), "--detach-on-exit left pins");
+}

@@ -90,6 +90,10 @@ pub struct Overrides {
     pub cgroup: Option<String>,
     /// `--detach-on-exit`: sets `dataplane.detach_on_exit`.
     pub detach_on_exit: bool,
+    /// `--metrics-listen`: replaces `metrics.listen` (and turns metrics on).
+    pub metrics_listen: Option<String>,
+    /// `--no-metrics`: turns metrics off.
+    pub no_metrics: bool,
 }
 
 impl Overrides {
@@ -102,6 +106,13 @@ impl Overrides {
             cfg.dataplane.cgroup.clone_from(c);
         }
         cfg.dataplane.detach_on_exit |= self.detach_on_exit;
+        if let Some(l) = &self.metrics_listen {
+            cfg.metrics.listen.clone_from(l);
+            cfg.metrics.enabled = true;
+        }
+        if self.no_metrics {
+            cfg.metrics.enabled = false;
+        }
     }
 }
 
@@ -437,6 +448,8 @@ mod tests {
             pin_path: None,
             cgroup: None,
             detach_on_exit: false,
+            metrics_listen: None,
+            no_metrics: false,
         }
     }
 
@@ -460,6 +473,14 @@ mod tests {
             "{:?}",
             r.err()
         );
+        let mut o = overrides(&["lo"]);
+        o.metrics_listen = Some("localhost".into());
+        let r = prepare(None, o, "/x.sock".into());
+        assert!(
+            matches!(&r, Err(Refused::CommandLine(e)) if e.field == "metrics.listen"),
+            "{:?}",
+            r.err()
+        );
         let r = prepare(None, overrides(&["nosuchif0"]), "/x.sock".into());
         assert!(
             matches!(&r, Err(Refused::Host(e)) if e.to_string().contains("nosuchif0")),
@@ -474,6 +495,7 @@ mod tests {
         o.pin_path = Some("/sys/fs/bpf/elsewhere".into());
         o.cgroup = Some("none".into());
         o.detach_on_exit = true;
+        o.metrics_listen = Some("127.0.0.1:19477".into());
         // Whether `lo` forwards IPv4 depends on the host running the test: the forwarding check
         // may refuse it, but the command line itself must pass.
         match prepare(None, o, "/x.sock".into()) {
@@ -481,6 +503,7 @@ mod tests {
                 assert_eq!(run.cfg.dataplane.pin_path, "/sys/fs/bpf/elsewhere");
                 assert_eq!(run.cfg.dataplane.cgroup_target(), Cgroup::None);
                 assert!(run.cfg.dataplane.detach_on_exit);
+                assert_eq!(run.cfg.metrics.listen, "127.0.0.1:19477");
                 assert_eq!(run.ifaces, ["lo"]);
                 assert!(run.source.is_none() && run.services.is_empty());
             }
