@@ -230,6 +230,7 @@ pub fn import(text: &str) -> Result<Imported, ConfigError> {
             start_healthy: false,
         };
         let mut check = false;
+        let mut no_check = false;
         if let Some(opts) = hap.get("server_options").and_then(Value::as_str) {
             let mut it = opts.split_whitespace();
             while let Some(tok) = it.next() {
@@ -240,6 +241,8 @@ pub fn import(text: &str) -> Result<Imported, ConfigError> {
                 };
                 match tok {
                     "check" => check = true,
+                    // HAProxy's way to say "no checks", whatever else is described.
+                    "no-check" => no_check = true,
                     "inter" => {
                         let v = num("inter")?;
                         health.interval_ms = haproxy_ms(&v).ok_or_else(|| {
@@ -321,11 +324,29 @@ pub fn import(text: &str) -> Result<Imported, ConfigError> {
                 ));
             }
         }
-        if !check && health.kind == CheckKind::Http {
+        // An HTTP check described (httpchk, expect) but no `check` on a server line: HAProxy would
+        // not check, yet berth has no server lines to put `check` on, so the intent is clear.
+        // It runs the check with HAProxy's defaults unless told `no-check`.
+        if !check && !no_check && health.kind == CheckKind::Http {
+            check = true;
             warnings.push(format!(
-                "{}: an HTTP check is described but server_options has no `check`; like HAProxy, berth does not check",
-                at("haproxy")
+                "{}: the HTTP check described (GET {}{}) runs although server_options has no \
+                 `check` (HAProxy would not run it), every {} ms, rise {}, fall {}; \
+                 `no-check` in server_options turns it off",
+                at("haproxy"),
+                health.path,
+                health
+                    .expect_string
+                    .as_ref()
+                    .map(|s| format!(", expecting {s:?}"))
+                    .unwrap_or_default(),
+                health.interval_ms,
+                health.rise,
+                health.fall,
             ));
+        }
+        if no_check {
+            check = false;
         }
         config.services.push(ServiceConfig {
             name: name.clone(),
@@ -427,5 +448,45 @@ mod tests {
         assert_eq!(haproxy_ms("2s"), Some(2000));
         assert_eq!(haproxy_ms("500ms"), Some(500));
         assert_eq!(haproxy_ms("1500"), Some(1500));
+    }
+
+    #[test]
+    fn a_described_http_check_runs_without_check_unless_no_check() {
+        let tutorial = r#"{"services": {"nodeapp": {
+            "discovery": {"method": "docker", "container_port": 8000, "image_name": "local/nodeapp"},
+            "haproxy": {"port": 8080, "server_options": "",
+                        "listen": ["mode http", "option httpchk /", "http-check expect string Hello"]}}}}"#;
+        let imp = import(tutorial).unwrap();
+        let h = imp.config.services[0]
+            .health
+            .as_ref()
+            .expect("the described check runs");
+        assert_eq!(h.kind, CheckKind::Http);
+        assert_eq!(
+            (h.path.as_str(), h.expect_string.as_deref()),
+            ("/", Some("Hello"))
+        );
+        assert_eq!(
+            (h.interval_ms, h.rise, h.fall),
+            (2000, 2, 3),
+            "HAProxy's defaults"
+        );
+        let notices: Vec<_> = imp
+            .warnings
+            .iter()
+            .filter(|w| w.contains("runs although"))
+            .collect();
+        assert_eq!(notices.len(), 1, "{:?}", imp.warnings);
+        assert!(notices[0].contains("no-check"), "{notices:?}");
+        // Turned off on purpose: no check, no notice.
+        let off = tutorial.replace(r#""server_options": """#, r#""server_options": "no-check""#);
+        let imp = import(&off).unwrap();
+        assert!(imp.config.services[0].health.is_none());
+        assert!(!imp.warnings.iter().any(|w| w.contains("runs although")));
+        // A plain TCP service (nothing described) stays unchecked.
+        let tcp = r#"{"services": {"db": {
+            "discovery": {"method": "docker", "container_port": 5432, "image_name": "db"},
+            "haproxy": {"port": 5432}}}}"#;
+        assert!(import(tcp).unwrap().config.services[0].health.is_none());
     }
 }
