@@ -32,8 +32,8 @@ pub enum Command {
         /// interface of the default route.
         #[arg(long = "iface", short = 'i')]
         ifaces: Vec<String>,
-        /// Admin socket `berth status` talks to (root only).
-        #[arg(long, default_value = admin::DEFAULT_SOCKET)]
+        /// Admin socket `berth status` talks to (root only); also from `BERTH_ADMIN_SOCKET`.
+        #[arg(long, env = "BERTH_ADMIN_SOCKET", default_value = admin::DEFAULT_SOCKET)]
         admin_socket: PathBuf,
         /// bpffs directory to pin the dataplane under; replaces `dataplane.pin_path`.
         #[arg(long)]
@@ -76,7 +76,9 @@ pub enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
-        #[arg(long, default_value = admin::DEFAULT_SOCKET)]
+        /// The admin socket of the daemon to ask (the one it was started with); also from
+        /// `BERTH_ADMIN_SOCKET`.
+        #[arg(long, env = "BERTH_ADMIN_SOCKET", default_value = admin::DEFAULT_SOCKET)]
         admin_socket: PathBuf,
     },
     /// Print a shell completion script (e.g. `berth completions bash > /etc/bash_completion.d/berth`).

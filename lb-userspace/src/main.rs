@@ -126,6 +126,13 @@ fn show_status(admin_socket: &Path, json: bool) -> ExitCode {
         }
         Err(e) => {
             eprintln!("berth status: {e}");
+            if !admin_socket.exists() {
+                eprintln!(
+                    "berth status: no socket at {}: a berth started with --admin-socket PATH is \
+                     asked with `berth status --admin-socket PATH` (or BERTH_ADMIN_SOCKET=PATH)",
+                    admin_socket.display()
+                );
+            }
             ExitCode::FAILURE
         }
     }

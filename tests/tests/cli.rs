@@ -494,3 +494,47 @@ fn synapse_mode_moves_the_metrics_port_with_a_flag() {
     assert!(child.wait().unwrap().success());
     assert!(!pins.exists(), "--detach-on-exit left pins");
 }
+
+/// A Synapse (JSON) file given where berth's TOML is expected is named as such, with the flag
+/// to use, instead of "line 1: invalid key"; and `berth status` says how to reach a daemon
+/// started with another admin socket (the flag or BERTH_ADMIN_SOCKET).
+#[test]
+fn json_without_the_synapse_flag_and_a_missing_admin_socket_say_what_to_do() {
+    let json = write(
+        "looks.json",
+        r#"{"services": {"web": {"discovery": {"method": "docker", "container_port": 8000,
+            "image_name": "x"}, "haproxy": {"port": 8080}}}}"#,
+    );
+    let out = Command::new(berth())
+        .args(["check-config"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("check-config --synapse"), "{err}");
+    let ok = Command::new(berth())
+        .args(["check-config", "--synapse"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+
+    let sock = write("nobody.sock", "").with_extension("absent");
+    let out = Command::new(berth())
+        .args(["status"])
+        .env("BERTH_ADMIN_SOCKET", &sock)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&sock.display().to_string()),
+        "the socket tried: {err}"
+    );
+    assert!(err.contains("--admin-socket PATH"), "{err}");
+}

@@ -56,6 +56,8 @@ pub fn record(containers: &mut BTreeMap<String, ContainerInfo>, event: &Event) -
                     "serving"
                 } else if c.running {
                     "unhealthy"
+                } else if c.paused {
+                    "paused"
                 } else {
                     "stopped"
                 }
@@ -159,6 +161,7 @@ mod tests {
 
     fn container(id: &str, running: bool, health: Option<&str>) -> ContainerInfo {
         ContainerInfo {
+            paused: false,
             id: id.into(),
             name: format!("app-{id}"),
             image: "local/app".into(),
@@ -237,6 +240,12 @@ mod tests {
         assert_eq!(
             record(&mut known, &up(container("a", true, Some("unhealthy")))),
             "docker: container app-a unhealthy"
+        );
+        let mut paused = container("a", false, None);
+        paused.paused = true;
+        assert_eq!(
+            record(&mut known, &up(paused)),
+            "docker: container app-a paused"
         );
         assert_eq!(
             record(&mut known, &up(container("a", false, None))),

@@ -47,6 +47,14 @@ pub fn read_config(src: &Source) -> Result<(Config, Vec<Service>), ConfigError> 
         message: format!("cannot read: {e}"),
     })?;
     match src.format {
+        // JSON where berth's TOML was expected: most likely a Synapse config without its flag
+        // (the TOML parser would only say "line 1: invalid key").
+        Format::Berth if text.trim_start().starts_with('{') => Err(ConfigError {
+            field: src.path.display().to_string(),
+            message: "this is JSON, not berth's TOML: a Synapse config? use `berth run \
+                      --synapse-config FILE` or `berth check-config --synapse FILE`"
+                .into(),
+        }),
         Format::Berth => Config::load(&text),
         Format::Synapse => {
             let imported = crate::config::synapse::import(&text)?;

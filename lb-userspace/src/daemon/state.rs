@@ -428,6 +428,7 @@ mod tests {
 
     fn container(id: &str, image: &str, ip: [u8; 4]) -> ContainerInfo {
         ContainerInfo {
+            paused: false,
             id: id.into(),
             name: format!("n-{id}"),
             image: image.into(),

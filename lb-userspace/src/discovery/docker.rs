@@ -44,6 +44,7 @@ fn info_from(resp: bollard::models::ContainerInspectResponse) -> Option<Containe
         image: config.image.unwrap_or_default(),
         labels: config.labels.unwrap_or_default().into_iter().collect(),
         running: state.running.unwrap_or(false) && !state.paused.unwrap_or(false),
+        paused: state.paused.unwrap_or(false),
         health,
         networks,
         bridges: BTreeMap::new(),

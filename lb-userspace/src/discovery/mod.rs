@@ -30,6 +30,8 @@ pub struct ContainerInfo {
     pub labels: BTreeMap<String, String>,
     /// Running and not paused.
     pub running: bool,
+    /// Paused (`docker pause`): not running for berth's purposes, but not stopped either.
+    pub paused: bool,
     /// Docker's own HEALTHCHECK verdict, if the image has one: "starting", "healthy", "unhealthy".
     pub health: Option<String>,
     /// Network name -> IPv4 address, for the networks the container is attached to.
@@ -116,6 +118,7 @@ mod tests {
 
     fn c(name: &str, image: &str, labels: &[(&str, &str)], ip: [u8; 4]) -> ContainerInfo {
         ContainerInfo {
+            paused: false,
             id: format!("id-{name}"),
             name: name.into(),
             image: image.into(),
