@@ -134,7 +134,7 @@ impl Ipv4Packet {
                 t.extend_from_slice(&self.dst.port().to_be_bytes());
                 t.extend_from_slice(&seq.to_be_bytes());
                 t.extend_from_slice(&ack.to_be_bytes());
-                t.push(((20 + topts.len()) / 4 << 4) as u8);
+                t.push((((20 + topts.len()) / 4) << 4) as u8);
                 t.push(*flags);
                 t.extend_from_slice(&64240u16.to_be_bytes());
                 t.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent

@@ -658,7 +658,7 @@ fn legit_flows_through_a_flood(rounds: u64, per_round: u64) {
             conntrack_size: 1024,
             ..options()
         };
-        let fx = Fixture::new(o.clone(), services());
+        let fx = Fixture::new(o, services());
         let mut rng = Rng(seed);
         let mut runner = Runner::new(&fx);
         let mut failures = Vec::new();
