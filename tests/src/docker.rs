@@ -389,6 +389,32 @@ impl Lab {
     }
 }
 
+/// `docker stop` of `container` (whose hostname answers as `hostname`) while `client` sends
+/// requests to `service` every 5 ms: no request may fail, and none may be answered by it once
+/// stopped. Prints what it saw.
+pub fn stop_under_load(client: &Netns, service: SocketAddrV4, container: &str, hostname: &str) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = load_loop(client, service, stop.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    docker(&["stop", container]);
+    let stopped = Instant::now();
+    std::thread::sleep(Duration::from_millis(700));
+    stop.store(true, Ordering::Relaxed);
+    let results = load.join().expect("load loop");
+    let failed: Vec<_> = results.iter().filter(|(_, r)| r.is_err()).collect();
+    let from_stopped = results
+        .iter()
+        .filter(|(at, r)| *at > stopped && r.as_deref() == Ok(hostname))
+        .count();
+    println!(
+        "docker stop under load: {} requests, {} failed",
+        results.len(),
+        failed.len()
+    );
+    assert!(failed.is_empty(), "failed requests: {failed:?}");
+    assert_eq!(from_stopped, 0, "the stopped container still got requests");
+}
+
 /// Requests from `client` to `service` every 5 ms until `stop`: (when, Ok(hostname) or
 /// Err(what failed)).
 pub fn load_loop(

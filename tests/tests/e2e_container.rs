@@ -20,7 +20,7 @@ use std::{
 };
 
 use berth_tests::{
-    docker::{build_hello_image, docker, docker_quiet, hello_bin, load_loop},
+    docker::{build_hello_image, docker, docker_quiet, hello_bin, load_loop, stop_under_load},
     topo::{
         Netns, TestCgroup, berth_down, cgroup2_root, http_get, remove_leftovers, sh, test_pin_path,
     },
@@ -388,26 +388,7 @@ fn berth_in_a_container_serves_the_release_story_and_its_pins_outlive_it() {
     assert!(joined < Duration::from_secs(2), "took {joined:?}");
 
     // One stops under load: traffic keeps flowing, none to it afterwards.
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = load_loop(&w.client, SERVICE, stop.clone());
-    std::thread::sleep(Duration::from_millis(300));
-    docker(&["stop", "bt-ctr-1"]);
-    let stopped = Instant::now();
-    std::thread::sleep(Duration::from_millis(700));
-    stop.store(true, Ordering::Relaxed);
-    let results = load.join().unwrap();
-    let failed: Vec<_> = results.iter().filter(|(_, r)| r.is_err()).collect();
-    let from_stopped = results
-        .iter()
-        .filter(|(at, r)| *at > stopped && r.as_deref() == Ok(h1.as_str()))
-        .count();
-    println!(
-        "docker stop under load: {} requests, {} failed",
-        results.len(),
-        failed.len()
-    );
-    assert!(failed.is_empty(), "failed requests: {failed:?}");
-    assert_eq!(from_stopped, 0, "the stopped container still got requests");
+    stop_under_load(&w.client, SERVICE, "bt-ctr-1", &h1);
     let m = spread(&w.client, 50);
     assert_eq!(
         m.keys().cloned().collect::<Vec<_>>(),

@@ -8,17 +8,11 @@
 //! project's own image (a static `hello` HTTP server answering `Hello from <hostname>`, with an
 //! exec-form HEALTHCHECK).
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use berth_tests::{
     daemon::Berth,
-    docker::{Lab, TEST, docker},
+    docker::{Lab, TEST, docker, stop_under_load},
     servers::http_get,
 };
 
@@ -47,26 +41,7 @@ fn containers_join_and_leave_the_pool_by_themselves() {
     assert!(joined < Duration::from_secs(1), "took {joined:?}");
 
     // `docker stop` under load: no failed request, and no answer from it once stopped.
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = lab.load_loop(stop.clone());
-    std::thread::sleep(Duration::from_millis(300));
-    docker(&["stop", "bt-c1"]);
-    let stopped = Instant::now();
-    std::thread::sleep(Duration::from_millis(700));
-    stop.store(true, Ordering::Relaxed);
-    let results = load.join().unwrap();
-    let failed: Vec<_> = results.iter().filter(|(_, r)| r.is_err()).collect();
-    let from_stopped = results
-        .iter()
-        .filter(|(at, r)| *at > stopped && r.as_deref() == Ok(h1.as_str()))
-        .count();
-    println!(
-        "docker stop under load: {} requests, {} failed",
-        results.len(),
-        failed.len()
-    );
-    assert!(failed.is_empty(), "failed requests: {failed:?}");
-    assert_eq!(from_stopped, 0, "the stopped container still got requests");
+    stop_under_load(&lab.client, lab.layout.service, "bt-c1", &h1);
 
     // A container whose own HEALTHCHECK fails (server answers 500) leaves the pool.
     docker(&["exec", "bt-c2", "/hello", "sick", "500"]);
