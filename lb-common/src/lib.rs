@@ -170,13 +170,17 @@ impl ServiceKey {
     }
 }
 
+/// [`ServiceValue::flags`]: the service has no backend at all (not merely an empty slot of a
+/// row being rewritten): its clients are refused at once (unless configured to drop).
+pub const SVC_F_EMPTY: u32 = 1 << 0;
+
 /// Value of the service table.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct ServiceValue {
     /// Row of the Maglev table and index of the service counters; `< max_services`.
     pub id: u32,
-    /// Reserved, zero.
+    /// `SVC_F_*` bits.
     pub flags: u32,
 }
 const _: () = assert!(core::mem::size_of::<ServiceValue>() == 8);

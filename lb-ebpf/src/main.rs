@@ -625,7 +625,7 @@ fn new_flow_inner(ctx: &TcContext, p: &Pkt) -> (i32, Reason) {
         return exit(Reason::AbortMap);
     };
     if backend.addr == 0 {
-        if cfg.flags & CFG_F_DROP_NO_BACKEND == 0 {
+        if cfg.flags & CFG_F_DROP_NO_BACKEND == 0 && svc.flags & lb_common::SVC_F_EMPTY != 0 {
             // Answered by `process`, outside this frame (the stack of the call chain is shared).
             return (TC_ACT_SHOT as i32, Reason::RejectNoBackend);
         }

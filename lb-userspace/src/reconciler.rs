@@ -102,6 +102,8 @@ struct AppliedService {
     /// Adopted from the pinned dataplane and not yet claimed by a desired service (its name is
     /// a placeholder; its backends' weights are unknown).
     pinned: bool,
+    /// The `ServiceValue::flags` the kernel holds ([`lb_common::SVC_F_EMPTY`]).
+    flags: u32,
 }
 
 /// A summary of one service after an apply, for logs and `status`.
@@ -203,6 +205,7 @@ impl Reconciler {
                     table,
                     table_synced: false,
                     pinned: true,
+                    flags: value.flags,
                 },
             );
         }
@@ -455,6 +458,7 @@ impl Reconciler {
                     table: vec![0; m as usize],
                     table_synced: false,
                     pinned: false,
+                    flags: 0,
                 },
             );
             notes.push((
@@ -535,6 +539,24 @@ impl Reconciler {
             }
         }
 
+        // A pool known to be empty is marked in the service's entry, so the program refuses its
+        // clients at once; an empty slot of a row being rewritten (one slot at a time) is not
+        // refused, only dropped, and the client's retry finds it filled. The mark goes before a
+        // row fills and comes after it empties.
+        let empty = !a.backends.values().any(|b| b.weight > 0);
+        if a.installed && !empty && a.flags & lb_common::SVC_F_EMPTY != 0 {
+            a.flags &= !lb_common::SVC_F_EMPTY;
+            self.dp
+                .set_service(
+                    a.key,
+                    ServiceValue {
+                        id: a.id,
+                        flags: a.flags,
+                    },
+                )
+                .map_err(map_err)?;
+            writes += 1;
+        }
         if !a.table_synced {
             let members: Vec<(maglev::Member, u32)> = a
                 .backends
@@ -584,13 +606,24 @@ impl Reconciler {
             }
         }
 
-        if !a.installed {
-            let proto = a.protocol.ip_proto();
+        if !a.installed || (empty && a.flags & lb_common::SVC_F_EMPTY == 0) {
+            if empty {
+                a.flags |= lb_common::SVC_F_EMPTY;
+            }
+            if !a.installed {
+                let proto = a.protocol.ip_proto();
+                self.dp
+                    .add_port_flags(a.listen.port(), lb_common::port_flag(proto, false))
+                    .map_err(map_err)?;
+            }
             self.dp
-                .add_port_flags(a.listen.port(), lb_common::port_flag(proto, false))
-                .map_err(map_err)?;
-            self.dp
-                .set_service(a.key, ServiceValue { id: a.id, flags: 0 })
+                .set_service(
+                    a.key,
+                    ServiceValue {
+                        id: a.id,
+                        flags: a.flags,
+                    },
+                )
                 .map_err(map_err)?;
             a.installed = true;
             writes += 1;

@@ -522,6 +522,35 @@ fn service_without_backends_refuses_with_a_rst_or_port_unreachable() {
                 (&dgram[6..12], &dgram[..6])
             );
         }
+        // A pool that empties later is refused too; one that fills is served.
+        let mut f = f;
+        let mut filled = services.clone();
+        filled[0].backends = vec![(b8000(1), 1)];
+        f.apply(filled);
+        let fresh = Ipv4Packet::tcp(client(40020), sa(VIP, 80), TCP_SYN).build();
+        assert_dnat(&f.run(&fresh), &fresh, &[b8000(1)]);
+        f.apply(services.clone());
+        let again = Ipv4Packet::tcp(client(40021), sa(VIP, 80), TCP_SYN).build();
+        assert_eq!(f.run(&again).exits(), [Reason::RejectNoBackend.name()]);
+        // An empty slot of a pool that is not empty (a row being rewritten one slot at a time,
+        // or its backend entry not written yet) is dropped, not refused: the client's SYN retry
+        // finds the row complete.
+        let mut filled = services.clone();
+        filled[0].backends = vec![(b8000(1), 1)];
+        f.apply(filled);
+        let (_, v) = f
+            .dp()
+            .services()
+            .into_iter()
+            .find(|(k, _)| k.port == lb_common::port_to_wire(80))
+            .unwrap();
+        let id = f.dp().maglev_slot(v.id, 0).unwrap();
+        f.rec
+            .dataplane_mut()
+            .set_backend(id, lb_common::Backend::default())
+            .unwrap();
+        let mid = Ipv4Packet::tcp(client(40022), sa(VIP, 80), TCP_SYN).build();
+        assert_dropped(&f.run(&mid), Reason::DropNoBackend);
         // Configured to drop: the SYN is dropped.
         let f = Fixture::new(
             lb_userspace::dataplane::DataplaneOptions {
