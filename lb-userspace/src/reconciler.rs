@@ -84,6 +84,16 @@ struct AppliedBackend {
     weight: u32,
 }
 
+impl AppliedService {
+    /// The service's entry as the kernel should hold it.
+    fn value(&self) -> ServiceValue {
+        ServiceValue {
+            id: self.id,
+            flags: self.flags,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct AppliedService {
     id: u32,
@@ -546,15 +556,7 @@ impl Reconciler {
         let empty = !a.backends.values().any(|b| b.weight > 0);
         if a.installed && !empty && a.flags & lb_common::SVC_F_EMPTY != 0 {
             a.flags &= !lb_common::SVC_F_EMPTY;
-            self.dp
-                .set_service(
-                    a.key,
-                    ServiceValue {
-                        id: a.id,
-                        flags: a.flags,
-                    },
-                )
-                .map_err(map_err)?;
+            self.dp.set_service(a.key, a.value()).map_err(map_err)?;
             writes += 1;
         }
         if !a.table_synced {
@@ -616,15 +618,7 @@ impl Reconciler {
                     .add_port_flags(a.listen.port(), lb_common::port_flag(proto, false))
                     .map_err(map_err)?;
             }
-            self.dp
-                .set_service(
-                    a.key,
-                    ServiceValue {
-                        id: a.id,
-                        flags: a.flags,
-                    },
-                )
-                .map_err(map_err)?;
+            self.dp.set_service(a.key, a.value()).map_err(map_err)?;
             a.installed = true;
             writes += 1;
         }
