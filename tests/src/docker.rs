@@ -280,40 +280,12 @@ impl Lab {
             layout.label,
             layout.network,
         ]);
-        let client = Netns::new(layout.client_ns);
-        let host = format!("{}/24", layout.service.ip());
-        sh(&[
-            "ip",
-            "link",
-            "add",
+        let client = client_behind_uplink(
+            layout.client_ns,
             layout.uplink,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &client.name,
-        ]);
-        sh(&["ip", "addr", "add", &host, "dev", layout.uplink]);
-        sh(&["ip", "link", "set", layout.uplink, "up"]);
-        client.exec(&["ip", "link", "set", "eth0", "up"]);
-        client.exec(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("{}/24", layout.client),
-            "dev",
-            "eth0",
-        ]);
-        client.exec(&[
-            "ip",
-            "route",
-            "add",
-            "default",
-            "via",
-            &layout.service.ip().to_string(),
-        ]);
+            *layout.service.ip(),
+            layout.client,
+        );
         Self { client, layout }
     }
 
@@ -387,6 +359,22 @@ impl Lab {
     ) -> JoinHandle<Vec<(Instant, Result<String, String>)>> {
         load_loop(&self.client, self.layout.service, stop)
     }
+}
+
+/// A client namespace `ns` whose `eth0` is the peer of `uplink`, a veth in the root namespace
+/// playing the host's uplink: the host is `host`/24 on it, the client `client`/24 with its
+/// default route through the host.
+pub fn client_behind_uplink(ns: &str, uplink: &str, host: Ipv4Addr, client: Ipv4Addr) -> Netns {
+    let c = Netns::new(ns);
+    sh(&[
+        "ip", "link", "add", uplink, "type", "veth", "peer", "name", "eth0", "netns", &c.name,
+    ]);
+    sh(&["ip", "addr", "add", &format!("{host}/24"), "dev", uplink]);
+    sh(&["ip", "link", "set", uplink, "up"]);
+    c.exec(&["ip", "link", "set", "eth0", "up"]);
+    c.exec(&["ip", "addr", "add", &format!("{client}/24"), "dev", "eth0"]);
+    c.exec(&["ip", "route", "add", "default", "via", &host.to_string()]);
+    c
 }
 
 /// `docker stop` of `container` (whose hostname answers as `hostname`) while `client` sends

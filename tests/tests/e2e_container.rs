@@ -20,7 +20,10 @@ use std::{
 };
 
 use berth_tests::{
-    docker::{build_hello_image, docker, docker_quiet, hello_bin, load_loop, stop_under_load},
+    docker::{
+        build_hello_image, client_behind_uplink, docker, docker_quiet, hello_bin, load_loop,
+        stop_under_load,
+    },
     topo::{
         Netns, TestCgroup, berth_down, cgroup2_root, http_get, remove_leftovers, sh, test_pin_path,
     },
@@ -89,25 +92,12 @@ impl World {
                 NETWORK,
             ]);
         }
-        let client = Netns::new("ccl");
-        sh(&[
-            "ip",
-            "link",
-            "add",
+        let client = client_behind_uplink(
+            "ccl",
             UPLINK,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &client.name,
-        ]);
-        sh(&["ip", "addr", "add", "10.42.0.1/24", "dev", UPLINK]);
-        sh(&["ip", "link", "set", UPLINK, "up"]);
-        client.exec(&["ip", "link", "set", "eth0", "up"]);
-        client.exec(&["ip", "addr", "add", "10.42.0.2/24", "dev", "eth0"]);
-        client.exec(&["ip", "route", "add", "default", "via", "10.42.0.1"]);
+            Ipv4Addr::new(10, 42, 0, 1),
+            Ipv4Addr::new(10, 42, 0, 2),
+        );
         let etc = std::env::temp_dir().join(format!("berth-ctr-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&etc);
         std::fs::create_dir_all(&etc).unwrap();
