@@ -344,8 +344,8 @@ impl Reconciler {
             let mut a = self.services.remove(&placeholder).expect("found");
             a.pinned = false;
             for (addr, b) in &mut a.backends {
-                if let Some((_, w)) = svc.backends.iter().find(|(d, _)| d == addr) {
-                    b.weight = *w;
+                if let Some(d) = svc.backends.iter().find(|d| d.addr == *addr) {
+                    b.weight = d.weight;
                 }
             }
             info!(
@@ -485,7 +485,7 @@ impl Reconciler {
         let gone: Vec<SocketAddrV4> = a
             .backends
             .keys()
-            .filter(|addr| !svc.backends.iter().any(|(d, _)| d == *addr))
+            .filter(|addr| !svc.backends.iter().any(|d| d.addr == **addr))
             .copied()
             .collect();
         for addr in gone {
@@ -501,7 +501,7 @@ impl Reconciler {
         }
         // New backends and weight changes. The backend slot is written before any table slot
         // points at it.
-        for &(addr, weight) in &svc.backends {
+        for &crate::config::BackendSpec { addr, weight, .. } in &svc.backends {
             match a.backends.get_mut(&addr) {
                 Some(b) if b.weight == weight => {}
                 Some(b) => {

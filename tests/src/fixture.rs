@@ -18,7 +18,7 @@ use crate::{topo::sh, wire};
 use aya::programs::{TestRun, TestRunOptions};
 use lb_common::{CtEntry, FlowKey, Reason, ipv4_to_wire, port_to_wire};
 use lb_userspace::{
-    config::{Protocol, Service},
+    config::{BackendSpec, Protocol, Service},
     dataplane::{Dataplane, DataplaneOptions},
     reconciler::Reconciler,
 };
@@ -162,9 +162,10 @@ pub fn svc(
         protocol,
         backends: backends
             .iter()
-            .map(|&(a, p, w)| (SocketAddrV4::new(a, p), w))
+            .map(|&(a, p, w)| BackendSpec::dnat(SocketAddrV4::new(a, p), w))
             .collect(),
         health: None,
+        mode: None,
     }
 }
 

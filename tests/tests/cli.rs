@@ -60,6 +60,21 @@ fn bad_config_names_the_field_and_exits_64_without_loading_anything() {
             "service[0].backends[0]",
         ),
         (
+            "mode.toml",
+            "[[service]]\nname = \"w\"\nlisten = \"0.0.0.0:80\"\nmode = \"nat\"\n",
+            "service[0].mode (line 4)",
+        ),
+        (
+            "snat-ports.toml",
+            "[dataplane]\nsnat_ports = \"65000-64000\"\n",
+            "dataplane.snat_ports (line 2)",
+        ),
+        (
+            "snat-address.toml",
+            "[dataplane]\nsnat_address = \"0.0.0.0\"\n",
+            "dataplane.snat_address",
+        ),
+        (
             "pin.toml",
             "[dataplane]\npin_path = \"relative\"\n",
             "dataplane.pin_path",

@@ -10,7 +10,7 @@ use berth_tests::{
     wire::{self, Ipv4Packet, L4, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN},
 };
 use lb_common::{CtEntry, IPPROTO_TCP, IPPROTO_UDP, Reason, ct};
-use lb_userspace::config::Protocol;
+use lb_userspace::config::{BackendSpec, Protocol};
 
 #[test]
 fn tcp_syn_to_vip_is_translated_and_tracked() {
@@ -165,7 +165,7 @@ fn flow_keeps_its_backend_after_the_backend_leaves_the_table() {
         // Remove the chosen backend from every service.
         let mut services = f.services.clone();
         for s in &mut services {
-            s.backends.retain(|(a, _)| *a != chosen);
+            s.backends.retain(|b| b.addr != chosen);
         }
         f.apply(services);
         let ack = Ipv4Packet::tcp(client(40004), sa(VIP, 80), TCP_ACK | TCP_PSH)
@@ -201,7 +201,10 @@ fn retransmitted_syn_does_not_pick_a_new_backend() {
             .filter(|b| *b != chosen)
             .collect();
         let mut services = f.services.clone();
-        services[0].backends = vec![(others[0], 1), (b8000(6), 1)];
+        services[0].backends = vec![
+            BackendSpec::dnat(others[0], 1),
+            BackendSpec::dnat(b8000(6), 1),
+        ];
         f.apply(services);
         let run = f.run(&syn);
         assert_eq!(
@@ -525,7 +528,7 @@ fn service_without_backends_refuses_with_a_rst_or_port_unreachable() {
         // A pool that empties later is refused too; one that fills is served.
         let mut f = f;
         let mut filled = services.clone();
-        filled[0].backends = vec![(b8000(1), 1)];
+        filled[0].backends = vec![BackendSpec::dnat(b8000(1), 1)];
         f.apply(filled);
         let fresh = Ipv4Packet::tcp(client(40020), sa(VIP, 80), TCP_SYN).build();
         assert_dnat(&f.run(&fresh), &fresh, &[b8000(1)]);
@@ -536,7 +539,7 @@ fn service_without_backends_refuses_with_a_rst_or_port_unreachable() {
         // or its backend entry not written yet) is dropped, not refused: the client's SYN retry
         // finds the row complete.
         let mut filled = services.clone();
-        filled[0].backends = vec![(b8000(1), 1)];
+        filled[0].backends = vec![BackendSpec::dnat(b8000(1), 1)];
         f.apply(filled);
         let (_, v) = f
             .dp()
@@ -910,7 +913,7 @@ fn departed_backend_drains_then_its_flows_are_purged_unless_it_returns() {
         let without = |f: &Fixture| {
             let mut s = f.services.clone();
             for svc in &mut s {
-                svc.backends.retain(|(a, _)| *a != chosen);
+                svc.backends.retain(|b| b.addr != chosen);
             }
             s
         };
@@ -938,7 +941,7 @@ fn departed_backend_drains_then_its_flows_are_purged_unless_it_returns() {
         let b2 = assert_dnat(&f.run(&syn2), &syn2, &web_backends());
         let mut s = with_all.clone();
         for svc in &mut s {
-            svc.backends.retain(|(a, _)| *a != b2);
+            svc.backends.retain(|b| b.addr != b2);
         }
         f.apply(s);
         f.apply(with_all);

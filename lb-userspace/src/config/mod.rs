@@ -13,7 +13,13 @@
 //! backends = ["172.17.0.2:8000", { address = "172.17.0.3:8000", weight = 2 }]
 //! ```
 
-use std::{collections::BTreeSet, fmt, net::SocketAddrV4, path::PathBuf, str::FromStr};
+use std::{
+    collections::BTreeSet,
+    fmt,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    str::FromStr,
+};
 
 use serde::{Deserialize, Deserializer, de};
 
@@ -123,6 +129,12 @@ pub struct DataplaneConfig {
     /// Detach everything and remove the pins when the daemon stops (SIGTERM/SIGINT), instead of
     /// leaving the dataplane serving for the next berth.
     pub detach_on_exit: bool,
+    /// Source address of full-NAT flows (`None`: the address the kernel would use as source
+    /// toward each backend).
+    pub snat_address: Option<Ipv4Addr>,
+    /// Source ports of full-NAT flows; outside the host's `ip_local_port_range`, or the host's
+    /// own connections and berth's flows may pick the same port toward a backend.
+    pub snat_ports: PortRange,
 }
 
 impl DataplaneConfig {
@@ -151,7 +163,70 @@ impl Default for DataplaneConfig {
             pin_path: DEFAULT_PIN_PATH.into(),
             cgroup: "auto".into(),
             detach_on_exit: false,
+            snat_address: None,
+            snat_ports: PortRange::DEFAULT_SNAT,
         }
+    }
+}
+
+/// An inclusive range of ports, written `"FIRST-LAST"` (`dataplane.snat_ports`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl PortRange {
+    /// Above Linux's default `ip_local_port_range` (32768-60999).
+    pub const DEFAULT_SNAT: PortRange = PortRange {
+        first: 61000,
+        last: 65535,
+    };
+
+    /// How many ports the range holds.
+    pub fn len(&self) -> u32 {
+        u32::from(self.last) - u32::from(self.first) + 1
+    }
+
+    /// Never true for a parsed range; for clippy's `len_without_is_empty`.
+    pub fn is_empty(&self) -> bool {
+        self.last < self.first
+    }
+
+    /// Whether the two ranges share a port.
+    pub fn overlaps(&self, other: &PortRange) -> bool {
+        self.first <= other.last && other.first <= self.last
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
+    }
+}
+
+impl FromStr for PortRange {
+    type Err = String;
+
+    /// `"FIRST-LAST"` with 1 <= FIRST <= LAST <= 65535 (a single port is `"N-N"`).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("{s:?} is not a port range FIRST-LAST (e.g. \"61000-65535\")");
+        let (a, b) = s.split_once('-').ok_or_else(bad)?;
+        let first: u16 = a.trim().parse().map_err(|_| bad())?;
+        let last: u16 = b.trim().parse().map_err(|_| bad())?;
+        if first == 0 || last < first {
+            return Err(format!(
+                "{s:?}: the first port must be between 1 and the last one"
+            ));
+        }
+        Ok(PortRange { first, last })
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(de::Error::custom)
     }
 }
 
@@ -255,6 +330,9 @@ pub struct ServiceConfig {
     pub health: Option<HealthConfig>,
     /// Containers that back this service, in addition to `backends`.
     pub docker: Option<DockerSelector>,
+    /// How all of this service's backends are reached (absent: static backends and containers
+    /// on this host by DNAT, containers on other Docker hosts by full NAT).
+    pub mode: Option<Nat>,
 }
 
 fn default_protocol() -> Protocol {
@@ -307,14 +385,67 @@ impl<'de> Deserialize<'de> for BackendConfig {
 /// Largest weight accepted (keeps the Maglev credit arithmetic far from overflow).
 pub const MAX_WEIGHT: u32 = 10_000;
 
+/// How packets of a flow reach a backend.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Nat {
+    /// Destination NAT only: the backend sees the client's address, so its replies must come
+    /// back through berth (it is on this host, or berth is its gateway).
+    #[serde(rename = "dnat")]
+    Dnat,
+    /// Source and destination NAT: the backend sees berth's address (`dataplane.snat_address`
+    /// and a port of `dataplane.snat_ports`) and replies to it, wherever it is.
+    #[serde(rename = "fullnat")]
+    Full,
+}
+
+impl fmt::Display for Nat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Nat::Dnat => "dnat",
+            Nat::Full => "fullnat",
+        })
+    }
+}
+
+/// One backend of a validated service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BackendSpec {
+    pub addr: SocketAddrV4,
+    /// Maglev weight (0: no new flows).
+    pub weight: u32,
+    pub nat: Nat,
+}
+
+impl BackendSpec {
+    /// A backend reached by DNAT (today's default for static backends and local containers).
+    pub fn dnat(addr: SocketAddrV4, weight: u32) -> Self {
+        Self {
+            addr,
+            weight,
+            nat: Nat::Dnat,
+        }
+    }
+}
+
 /// A validated service, ready for the reconciler.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Service {
     pub name: String,
     pub listen: SocketAddrV4,
     pub protocol: Protocol,
-    pub backends: Vec<(SocketAddrV4, u32)>,
+    /// One entry per address.
+    pub backends: Vec<BackendSpec>,
     pub health: Option<HealthConfig>,
+    /// The configured `mode`, which discovery applies to the backends it adds (`None`: each
+    /// source's default).
+    pub mode: Option<Nat>,
+}
+
+impl Service {
+    /// How a backend of this service is reached, given the default of where it comes from.
+    pub fn nat_or(&self, default: Nat) -> Nat {
+        self.mode.unwrap_or(default)
+    }
 }
 
 #[cfg(test)]
@@ -362,9 +493,9 @@ mod tests {
         assert_eq!(services.len(), 2);
         assert_eq!(
             services[0].backends[1],
-            ("10.0.0.3:8000".parse().unwrap(), 2)
+            BackendSpec::dnat("10.0.0.3:8000".parse().unwrap(), 2)
         );
-        assert_eq!(services[1].backends[0].1, 1);
+        assert_eq!(services[1].backends[0].weight, 1);
         assert_eq!(services[1].protocol, Protocol::Udp);
     }
 
@@ -421,6 +552,69 @@ mod tests {
             ))
             .field,
             "service[0].backends[1]"
+        );
+    }
+
+    #[test]
+    fn nat_settings_parse_and_name_their_field() {
+        let (cfg, services) = Config::load(
+            r#"
+            [dataplane]
+            snat_address = "192.0.2.7"
+            snat_ports = "50000-50009"
+            [[service]]
+            name = "web"
+            listen = "0.0.0.0:8080"
+            mode = "fullnat"
+            backends = ["10.0.0.2:8000", { address = "10.0.0.3:8000", weight = 2 }]
+            [[service]]
+            name = "db"
+            listen = "0.0.0.0:5432"
+            backends = ["10.0.0.4:5432"]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.dataplane.snat_address,
+            Some(Ipv4Addr::new(192, 0, 2, 7))
+        );
+        assert_eq!(cfg.dataplane.snat_ports.len(), 10);
+        assert_eq!(services[0].mode, Some(Nat::Full));
+        assert!(services[0].backends.iter().all(|b| b.nat == Nat::Full));
+        assert_eq!(services[1].mode, None);
+        assert_eq!(services[1].backends[0].nat, Nat::Dnat);
+        // Defaults: no fixed address, ports above Linux's default ip_local_port_range.
+        let d = DataplaneConfig::default();
+        assert_eq!(d.snat_address, None);
+        assert_eq!(d.snat_ports.to_string(), "61000-65535");
+        assert!(!d.snat_ports.overlaps(&PortRange {
+            first: 32768,
+            last: 60999
+        }));
+
+        let base = "[[service]]\nname = \"w\"\nlisten = \"0.0.0.0:80\"\n";
+        let e = err(&format!("{base}mode = \"snat\"\n"));
+        assert_eq!(e.field, "service[0].mode (line 4)");
+        assert!(
+            e.message.contains("dnat") && e.message.contains("fullnat"),
+            "{e}"
+        );
+        for bad in ["61000", "0-10", "200-100", "1-65536", "a-b", ""] {
+            let e = err(&format!("[dataplane]\nsnat_ports = \"{bad}\"\n"));
+            assert_eq!(e.field, "dataplane.snat_ports (line 2)", "{bad}: {e}");
+        }
+        let e = err("[dataplane]\nsnat_ports = 61000\n");
+        assert_eq!(e.field, "dataplane.snat_ports (line 2)");
+        let e = err("[dataplane]\nsnat_address = \"10.0.0\"\n");
+        assert_eq!(e.field, "dataplane.snat_address (line 2)");
+        for bad in ["0.0.0.0", "127.0.0.1", "224.0.0.1", "255.255.255.255"] {
+            let e = err(&format!("[dataplane]\nsnat_address = \"{bad}\"\n"));
+            assert_eq!(e.field, "dataplane.snat_address", "{bad}: {e}");
+        }
+        assert_eq!(
+            "7-7".parse::<PortRange>().map(|r| r.len()),
+            Ok(1),
+            "a single port is a range"
         );
     }
 

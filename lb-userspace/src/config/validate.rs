@@ -117,6 +117,14 @@ impl Config {
                 ),
             ));
         }
+        if let Some(a) = d.snat_address
+            && (a.is_unspecified() || a.is_multicast() || a.is_broadcast() || a.is_loopback())
+        {
+            return Err(ConfigError::new(
+                "dataplane.snat_address",
+                format!("{a} cannot be the source of packets to other hosts"),
+            ));
+        }
         for (i, iface) in d.interfaces.iter().enumerate() {
             if iface.is_empty() || iface.len() > 15 || iface.contains(['/', ' ', '\0']) {
                 return Err(ConfigError::new(
@@ -215,7 +223,11 @@ impl Config {
                         format!("duplicate backend {addr}"),
                     ));
                 }
-                backends.push((addr, b.weight));
+                backends.push(BackendSpec {
+                    addr,
+                    weight: b.weight,
+                    nat: s.mode.unwrap_or(Nat::Dnat),
+                });
             }
             if backends.len() as u64 >= u64::from(m) {
                 return Err(ConfigError::new(
@@ -256,6 +268,7 @@ impl Config {
                 protocol: s.protocol,
                 backends,
                 health: s.health.clone(),
+                mode: s.mode,
             });
         }
         if total_backends >= d.max_backends as usize {

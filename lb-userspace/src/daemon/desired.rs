@@ -158,6 +158,7 @@ mod tests {
     use std::net::{Ipv4Addr, SocketAddrV4};
 
     use super::*;
+    use crate::config::BackendSpec;
 
     fn container(id: &str, running: bool, health: Option<&str>) -> ContainerInfo {
         ContainerInfo {
@@ -186,8 +187,9 @@ mod tests {
             name: "db".into(),
             listen: "10.0.0.1:5432".parse().unwrap(),
             protocol: Protocol::Tcp,
-            backends: vec![("10.0.1.1:5432".parse().unwrap(), 1)],
+            backends: vec![BackendSpec::dnat("10.0.1.1:5432".parse().unwrap(), 1)],
             health: None,
+            mode: None,
         }]
     }
 
@@ -212,7 +214,10 @@ mod tests {
         // Only the running container Docker does not call unhealthy serves.
         assert_eq!(
             web.backends,
-            vec![(SocketAddrV4::new(Ipv4Addr::new(172, 17, 0, 2), 8000), 1)]
+            vec![BackendSpec::dnat(
+                SocketAddrV4::new(Ipv4Addr::new(172, 17, 0, 2), 8000),
+                1
+            )]
         );
         // With a config file, labels make no services unless turned on.
         let (s, _) = services(&Config::default(), &configured(), &known, true, &no_ports);

@@ -199,6 +199,16 @@ pub async fn run(args: Run) -> anyhow::Result<()> {
     } else {
         None
     };
+    let snat = cfg.dataplane.snat_ports;
+    if let Some(local) = host::local_port_range()
+        && local.overlaps(&snat)
+    {
+        warn!(
+            "dataplane.snat_ports {snat} overlaps this host's ip_local_port_range {local}: a \
+             connection of the host's own and a full-NAT flow may pick the same source port \
+             toward a backend (move one of them apart)"
+        );
+    }
     let options = DataplaneOptions::from_config(&cfg.dataplane);
     let pin_root = PathBuf::from(&cfg.dataplane.pin_path);
     let mut dp = Dataplane::load_pinned(options, &pin_root).context("loading the dataplane")?;

@@ -43,7 +43,7 @@ pub(super) fn build_status(
             let backends = s
                 .backends
                 .iter()
-                .map(|(addr, weight)| {
+                .map(|crate::config::BackendSpec { addr, weight, .. }| {
                     let id =
                         pool.and_then(|p| p.backends.iter().find(|b| b.0 == *addr).map(|b| b.1));
                     let c = id

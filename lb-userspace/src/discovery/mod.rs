@@ -114,7 +114,7 @@ mod tests {
     use std::collections::HashMap;
 
     use super::{docker::is_stop_signal, *};
-    use crate::config::{DockerSelector, Service};
+    use crate::config::{BackendSpec, DockerSelector, Nat, Service};
 
     fn c(name: &str, image: &str, labels: &[(&str, &str)], ip: [u8; 4]) -> ContainerInfo {
         ContainerInfo {
@@ -244,6 +244,7 @@ mod tests {
             protocol: Protocol::Tcp,
             backends: vec![],
             health: None,
+            mode: None,
         }];
         let selectors: HashMap<_, _> = [(
             "web".to_owned(),
@@ -290,9 +291,9 @@ mod tests {
         assert_eq!(
             web.backends,
             vec![
-                ("10.0.0.2:8000".parse().unwrap(), 1),
-                ("10.0.0.3:8000".parse().unwrap(), 1),
-                ("10.0.0.10:8000".parse().unwrap(), 1)
+                BackendSpec::dnat("10.0.0.2:8000".parse().unwrap(), 1),
+                BackendSpec::dnat("10.0.0.3:8000".parse().unwrap(), 1),
+                BackendSpec::dnat("10.0.0.10:8000".parse().unwrap(), 1)
             ],
             "running and starting containers serve; unhealthy and stopped ones do not"
         );
@@ -302,7 +303,10 @@ mod tests {
             .iter()
             .find(|s| s.name == "tcp-9090")
             .expect("label service");
-        assert_eq!(lab.backends, vec![("10.0.0.5:80".parse().unwrap(), 1)]);
+        assert_eq!(
+            lab.backends,
+            vec![BackendSpec::dnat("10.0.0.5:80".parse().unwrap(), 1)]
+        );
         assert_eq!(problems.len(), 3, "{problems:?}");
         assert!(
             problems
@@ -329,5 +333,11 @@ mod tests {
         let (svcs, problems) = services(&configured, &selectors, &containers, false, &host);
         assert_eq!(svcs.len(), 1);
         assert!(problems.is_empty());
+        // A service's `mode` applies to the containers it selects too.
+        let mut full = configured.clone();
+        full[0].mode = Some(Nat::Full);
+        let (svcs, _) = services(&full, &selectors, &containers, false, &host);
+        assert_eq!(svcs[0].backends.len(), 3);
+        assert!(svcs[0].backends.iter().all(|b| b.nat == Nat::Full));
     }
 }

@@ -7,7 +7,7 @@ use std::{
 };
 
 use super::{ContainerInfo, parse_labels};
-use crate::config::{DockerSelector, Protocol, Service};
+use crate::config::{BackendSpec, DockerSelector, Nat, Protocol, Service};
 
 /// Services for the containers: the configured `services` get the backends their Docker
 /// selector matches added to their static ones, and (when `label_services` is on) containers
@@ -33,7 +33,12 @@ pub fn services(
                 continue;
             }
             match c.address(sel.network.as_deref()) {
-                Some(ip) => svc.backends.push((SocketAddrV4::new(ip, sel.port), 1)),
+                // A container on this host: reached directly at its own address.
+                Some(ip) => svc.backends.push(BackendSpec {
+                    addr: SocketAddrV4::new(ip, sel.port),
+                    weight: 1,
+                    nat: svc.nat_or(Nat::Dnat),
+                }),
                 None => problems.push(format!(
                     "container {}: no IPv4 address on {}",
                     c.name,
@@ -42,7 +47,7 @@ pub fn services(
             }
         }
         svc.backends.sort();
-        svc.backends.dedup_by_key(|(a, _)| *a);
+        svc.backends.dedup_by_key(|b| b.addr);
     }
     if label_services {
         let mut by_name: BTreeMap<String, Service> = BTreeMap::new();
@@ -89,6 +94,7 @@ pub fn services(
                     protocol: ls.protocol,
                     backends: Vec::new(),
                     health: ls.health.clone(),
+                    mode: None,
                 });
             if entry.health != ls.health {
                 problems.push(format!(
@@ -104,13 +110,14 @@ pub fn services(
                 ));
                 continue;
             }
-            entry
-                .backends
-                .push((SocketAddrV4::new(ip, ls.target_port), ls.weight));
+            entry.backends.push(BackendSpec::dnat(
+                SocketAddrV4::new(ip, ls.target_port),
+                ls.weight,
+            ));
         }
         for (_, mut s) in by_name {
             s.backends.sort();
-            s.backends.dedup_by_key(|(a, _)| *a);
+            s.backends.dedup_by_key(|b| b.addr);
             out.push(s);
         }
     }
@@ -128,7 +135,7 @@ pub fn backend_bridges(
         for (net, ip) in &c.networks {
             let backs = services
                 .iter()
-                .any(|s| s.backends.iter().any(|(a, _)| a.ip() == ip));
+                .any(|s| s.backends.iter().any(|b| b.addr.ip() == ip));
             if backs && let Some(br) = c.bridges.get(net) {
                 out.insert(br.clone());
             }

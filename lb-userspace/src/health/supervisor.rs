@@ -125,10 +125,10 @@ impl<C: Checker> Supervisor<C> {
         let mut start_healthy = std::collections::HashSet::new();
         for s in services {
             if let Some(h) = &s.health {
-                for (addr, _) in &s.backends {
-                    wanted.insert((s.name.clone(), *addr), h.clone());
-                    if self.presumed.remove(&(s.listen, s.protocol, *addr)) {
-                        start_healthy.insert((s.name.clone(), *addr));
+                for b in &s.backends {
+                    wanted.insert((s.name.clone(), b.addr), h.clone());
+                    if self.presumed.remove(&(s.listen, s.protocol, b.addr)) {
+                        start_healthy.insert((s.name.clone(), b.addr));
                     }
                 }
             }
@@ -187,9 +187,9 @@ impl<C: Checker> Supervisor<C> {
             .map(|s| {
                 let mut s = s.clone();
                 let name = s.name.clone();
-                s.backends.retain(|(addr, _)| {
+                s.backends.retain(|b| {
                     self.healthy
-                        .get(&(name.clone(), *addr))
+                        .get(&(name.clone(), b.addr))
                         .copied()
                         .unwrap_or(true)
                 });
