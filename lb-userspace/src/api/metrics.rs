@@ -453,6 +453,7 @@ mod tests {
                     health: "unhealthy".into(),
                     weight: 1,
                     in_pool: false,
+                    nat: "dnat".into(),
                     active_flows: 2,
                     packets: 10,
                     bytes: 700,

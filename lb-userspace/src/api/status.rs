@@ -28,6 +28,10 @@ pub struct BackendStatus {
     pub weight: u32,
     /// Whether it is in the Maglev table (takes new flows).
     pub in_pool: bool,
+    /// How new flows reach it: "dnat", or "fullnat" and the source address they get (once in
+    /// the kernel: "fullnat 10.0.0.1").
+    #[serde(default)]
+    pub nat: String,
     /// Open conntrack flows pinned to it.
     pub active_flows: u64,
     pub packets: u64,
@@ -46,6 +50,7 @@ pub fn render(s: &Status) -> String {
             "CONTAINER",
             "HEALTH",
             "POOL",
+            "NAT",
             "WEIGHT",
             "FLOWS",
             "PACKETS",
@@ -65,6 +70,7 @@ pub fn render(s: &Status) -> String {
                 "-".into(),
                 "-".into(),
                 "-".into(),
+                "-".into(),
             ]);
         }
         for b in &svc.backends {
@@ -76,13 +82,14 @@ pub fn render(s: &Status) -> String {
                 b.container.clone().unwrap_or_else(|| "-".into()),
                 b.health.clone(),
                 if b.in_pool { "in" } else { "out" }.into(),
+                b.nat.clone(),
                 b.weight.to_string(),
                 b.active_flows.to_string(),
                 b.packets.to_string(),
             ]);
         }
     }
-    let widths: Vec<usize> = (0..10)
+    let widths: Vec<usize> = (0..11)
         .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
@@ -115,6 +122,7 @@ mod tests {
                     health: "healthy".into(),
                     weight: 1,
                     in_pool: true,
+                    nat: "fullnat 10.0.0.1".into(),
                     active_flows: 3,
                     packets: 120,
                     bytes: 9000,
@@ -133,6 +141,7 @@ mod tests {
             "app-1",
             "healthy",
             "in",
+            "fullnat 10.0.0.1",
             "3",
             "120",
         ] {

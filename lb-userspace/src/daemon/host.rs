@@ -17,6 +17,39 @@ pub fn default_route_iface() -> anyhow::Result<String> {
     bail!("no IPv4 default route: name the interface(s) with --iface or dataplane.interfaces")
 }
 
+/// The interface of the route the kernel's main table gives toward `to` (longest prefix, then
+/// lowest metric; from /proc/net/route). Policy routing is not followed.
+pub fn route_interface(to: std::net::Ipv4Addr) -> Option<String> {
+    let routes = std::fs::read_to_string("/proc/net/route").ok()?;
+    route_interface_in(&routes, to)
+}
+
+/// [`route_interface`] over the text of /proc/net/route (addresses and masks are hex of the
+/// in-memory, network-order words).
+fn route_interface_in(routes: &str, to: std::net::Ipv4Addr) -> Option<String> {
+    const RTF_UP: u32 = 0x1;
+    let to = u32::from_ne_bytes(to.octets());
+    let hex = |s: &str| u32::from_str_radix(s, 16).ok();
+    routes
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() < 8 {
+                return None;
+            }
+            let (dest, flags, metric, mask) = (
+                hex(f[1])?,
+                hex(f[3])?,
+                f[6].parse::<u32>().ok()?,
+                hex(f[7])?,
+            );
+            (flags & RTF_UP != 0 && to & mask == dest).then(|| (mask.count_ones(), metric, f[0]))
+        })
+        .max_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)))
+        .map(|(_, _, iface)| iface.to_owned())
+}
+
 /// The host's `ip_local_port_range` (the source ports its own connections take), when readable.
 pub fn local_port_range() -> Option<crate::config::PortRange> {
     let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
@@ -56,6 +89,28 @@ pub fn preflight(ifaces: &[String], redirect: bool) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_route_toward_an_address_is_the_longest_prefix_then_the_lowest_metric() {
+        let routes = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+            eth0\t00000000\t0100000A\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+            eth0\t0000000A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+            eth1\t0000320A\t0200000A\t0003\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+            eth2\t0000320A\t00000000\t0001\t0\t0\t5\t00FFFFFF\t0\t0\t0\n\
+            down0\t0B00320A\t00000000\t0000\t0\t0\t0\tFFFFFFFF\t0\t0\t0\n";
+        let at = |a: [u8; 4]| route_interface_in(routes, std::net::Ipv4Addr::from(a));
+        assert_eq!(
+            at([10, 50, 0, 11]).as_deref(),
+            Some("eth1"),
+            "/24, metric 0 over 5"
+        );
+        assert_eq!(at([10, 0, 0, 7]).as_deref(), Some("eth0"), "on-link /24");
+        assert_eq!(at([192, 0, 2, 1]).as_deref(), Some("eth0"), "default route");
+        assert_eq!(
+            route_interface_in("Iface\n", std::net::Ipv4Addr::new(1, 2, 3, 4)),
+            None
+        );
+    }
 
     #[test]
     fn the_local_port_range_reads_as_the_kernel_writes_it() {

@@ -43,9 +43,11 @@ pub(super) fn build_status(
             let backends = s
                 .backends
                 .iter()
-                .map(|crate::config::BackendSpec { addr, weight, .. }| {
+                .map(|crate::config::BackendSpec { addr, weight, nat }| {
                     let id =
                         pool.and_then(|p| p.backends.iter().find(|b| b.0 == *addr).map(|b| b.1));
+                    let snat =
+                        pool.and_then(|p| p.full_nat.iter().find(|b| b.0 == *addr).map(|b| b.1));
                     let c = id
                         .and_then(|id| dp.backend_counters(id).ok())
                         .unwrap_or_default();
@@ -60,6 +62,11 @@ pub(super) fn build_status(
                         .into(),
                         weight: *weight,
                         in_pool: id.is_some(),
+                        nat: match (nat, snat) {
+                            (_, Some(from)) => format!("fullnat {from}"),
+                            (crate::config::Nat::Full, None) => "fullnat".into(),
+                            (crate::config::Nat::Dnat, None) => "dnat".into(),
+                        },
                         // Filled in by `fill_active_flows`, off the event loop.
                         active_flows: 0,
                         packets: c.packets,
@@ -176,6 +183,7 @@ mod tests {
             health: "unchecked".into(),
             weight: 1,
             in_pool: true,
+            nat: "dnat".into(),
             active_flows: 99,
             packets: 0,
             bytes: 0,

@@ -20,7 +20,7 @@ use super::{
 };
 use crate::{
     api::{admin, metrics::Extra, status::Status},
-    config::{Config, Service},
+    config::{Config, Nat, Service},
     dataplane::{Dataplane, host_ipv4_addrs, monotonic_ns},
     discovery::{self, ContainerInfo, Event},
     health::{HealthChange, NetChecker, Supervisor},
@@ -185,7 +185,6 @@ impl Daemon {
         }
         self.refresh();
         self.apply(&why);
-        self.attach_bridges();
         if let Event::Upsert(_, Some(t)) | Event::Remove(_, Some(t)) = event {
             self.docker_events += 1;
             let now = std::time::SystemTime::now()
@@ -313,7 +312,8 @@ impl Daemon {
     }
 
     /// Hands the healthy part of the desired services to the reconciler, unless held; a failed
-    /// write is logged and retried by the tick.
+    /// write is logged and retried by the tick. Then attaches where the backends' replies
+    /// arrive.
     fn apply(&mut self, why: &str) {
         let (rec, health, desired) = (&mut self.rec, &self.health, &self.desired);
         self.hold
@@ -324,31 +324,56 @@ impl Daemon {
                     true
                 }
             });
+        self.attach_backend_interfaces();
     }
 
-    /// Replies from containers arrive on their network's bridge: attach there too.
-    fn attach_bridges(&mut self) {
-        for br in discovery::backend_bridges(&self.desired, &self.containers) {
-            if self.rec.dataplane().attached().contains(&br)
-                || !self.unattachable.insert(br.clone())
+    /// Attaches the program where backends' replies arrive, so they are translated: the bridge
+    /// of each Docker network with backends, and the interface of the route toward each
+    /// full-NAT backend (its replies come back to this host's address the way its packets
+    /// left). Each failure is reported once.
+    fn attach_backend_interfaces(&mut self) {
+        let mut wanted: BTreeMap<String, &str> =
+            discovery::backend_bridges(&self.desired, &self.containers)
+                .into_iter()
+                .map(|br| (br, "bridge of a Docker network with backends"))
+                .collect();
+        let full_nat: std::collections::BTreeSet<std::net::Ipv4Addr> = self
+            .desired
+            .iter()
+            .flat_map(|s| s.backends.iter())
+            .filter(|b| b.nat == Nat::Full)
+            .map(|b| *b.addr.ip())
+            .collect();
+        for ip in full_nat {
+            match super::host::route_interface(ip) {
+                // Loopback: the backend is this host, nothing to translate on the way back.
+                Some(i) if i != "lo" => {
+                    wanted.entry(i).or_insert("route to full-NAT backends");
+                }
+                _ => {}
+            }
+        }
+        for (iface, why) in wanted {
+            if self.rec.dataplane().attached().contains(&iface)
+                || !self.unattachable.insert(iface.clone())
             {
                 continue;
             }
-            let attached = preflight(std::slice::from_ref(&br), self.cfg.dataplane.redirect)
+            let attached = preflight(std::slice::from_ref(&iface), self.cfg.dataplane.redirect)
                 .and_then(|()| {
                     self.rec
                         .dataplane_mut()
-                        .attach(&br)
+                        .attach(&iface)
                         .map_err(anyhow::Error::from)
                 });
             match attached {
                 Ok(_) => {
-                    self.unattachable.remove(&br);
-                    info!("attached to {br} (bridge of a Docker network with backends)");
+                    self.unattachable.remove(&iface);
+                    info!("attached to {iface} ({why})");
                 }
                 Err(e) => warn!(
-                    "cannot attach to {br}: {e:#}; replies of the containers behind it will not \
-                     be translated"
+                    "cannot attach to {iface} ({why}): {e:#}; replies of the backends behind it \
+                     will not be translated"
                 ),
             }
         }

@@ -7,10 +7,13 @@
 //! A TC test run reuses one skb across repeats, so the program sees its own rewrite on the next
 //! run. The set-ups are built so every repeat still takes the path being measured:
 //! - established hit / reply: paired conntrack entries make the packet alternate between the
-//!   service tuple and the backend tuple, each a hit with a full rewrite;
+//!   service tuple and the backend tuple, each a hit with a full rewrite (full NAT: of both
+//!   ends; the other half of each flow is rebuilt by the first run, so every run looks it up
+//!   as a real flow's packet does);
 //! - new flow: a ring of 4096 services, each balancing to the next one's address and port, with a
 //!   conntrack map far smaller than the ring, so every run misses (the entry was evicted), looks
-//!   the service up, picks from Maglev, inserts two entries and rewrites.
+//!   the service up, picks from Maglev, inserts two entries and rewrites (full NAT: takes a
+//!   source port too).
 //!
 //! Each path's counters are checked afterwards to prove the runs took the intended path.
 
@@ -23,6 +26,7 @@ use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use berth_tests::{
     fixture::{
         CLIENT, Fixture, HOST, VIP, backend, flow_key, ifindex, in_fixture_netns, options, svc,
+        with_nat,
     },
     netns::sh,
     stats::median,
@@ -30,7 +34,7 @@ use berth_tests::{
 };
 use lb_common::{CtEntry, IPPROTO_TCP, Reason, ct, ipv4_to_wire, port_to_wire};
 use lb_userspace::{
-    config::Protocol,
+    config::{Nat, Protocol},
     dataplane::{DataplaneOptions, monotonic_ns},
     maglev,
 };
@@ -103,7 +107,15 @@ fn reason_count(f: &Fixture, r: Reason) -> u64 {
         .map_or(0, |(_, n)| n)
 }
 
-fn entry(dir: u8, nat: SocketAddrV4, now: u64) -> CtEntry {
+/// A conntrack entry translating to `nat`, and for full NAT the other end to `fnat`.
+fn entry(dir: u8, nat: SocketAddrV4, fnat: Option<SocketAddrV4>, now: u64) -> CtEntry {
+    let (fnat_addr, fnat_port, flags) = fnat.map_or((0, 0, 0), |f| {
+        (
+            ipv4_to_wire(f.ip().octets()),
+            port_to_wire(f.port()),
+            ct::CT_F_FULLNAT,
+        )
+    });
     CtEntry {
         nat_addr: ipv4_to_wire(nat.ip().octets()),
         nat_port: port_to_wire(nat.port()),
@@ -115,23 +127,29 @@ fn entry(dir: u8, nat: SocketAddrV4, now: u64) -> CtEntry {
         route: lb_common::Route::NONE,
         backend_ack: 0,
         in_ifindex: 0,
-        fnat_addr: 0,
-        fnat_port: 0,
-        flags: 0,
+        fnat_addr,
+        fnat_port,
+        flags,
         _pad: 0,
     }
 }
 
 /// Measures conntrack hits in direction `dir` for the packet `src -> dst`: one entry rewrites
 /// it to `nat` (the destination for forward entries, the source for reply entries) and a second
-/// entry rewrites it back, so every repeat of the test run is a hit with a full rewrite.
+/// entry rewrites it back, so every repeat of the test run is a hit with a full rewrite. With
+/// `fnat`, full-NAT entries rewrite the other end to it and back as well.
 fn measure_hits(
     a: &Args,
     services: &[lb_userspace::config::Service],
     redirect: bool,
     dir: u8,
-    (src, dst, nat): (SocketAddrV4, SocketAddrV4, SocketAddrV4),
-    path: &'static str,
+    (src, dst, nat, fnat): (
+        SocketAddrV4,
+        SocketAddrV4,
+        SocketAddrV4,
+        Option<SocketAddrV4>,
+    ),
+    (path, target): (&'static str, f64),
 ) -> Row {
     // A test run reuses its packet, so a decremented TTL would run out after 63 repeats: the
     // hops measured here keep it (the decrement costs a byte write and a checksum update).
@@ -144,21 +162,21 @@ fn measure_hits(
         services.to_vec(),
     );
     let now = monotonic_ns();
-    let (first, back, reason) = if dir == ct::DIR_FORWARD {
-        ((src, dst), (src, nat), Reason::FwdRedirect)
+    // Forward entries rewrite the destination (and for full NAT the source), reply entries the
+    // source (and the destination).
+    let (back, reason, restore, restore_f) = if dir == ct::DIR_FORWARD {
+        let back = (fnat.unwrap_or(src), nat);
+        (back, Reason::FwdRedirect, dst, fnat.map(|_| src))
     } else {
-        ((src, dst), (nat, dst), Reason::ReplyRedirect)
+        let back = (nat, fnat.unwrap_or(dst));
+        (back, Reason::ReplyRedirect, src, fnat.map(|_| dst))
     };
-    let restore = if dir == ct::DIR_FORWARD { dst } else { src };
     let dp = f.rec.dataplane_mut();
-    dp.conntrack_insert(
-        flow_key(first.0, first.1, IPPROTO_TCP),
-        entry(dir, nat, now),
-    )
-    .unwrap();
+    dp.conntrack_insert(flow_key(src, dst, IPPROTO_TCP), entry(dir, nat, fnat, now))
+        .unwrap();
     dp.conntrack_insert(
         flow_key(back.0, back.1, IPPROTO_TCP),
-        entry(dir, restore, now),
+        entry(dir, restore, restore_f, now),
     )
     .unwrap();
     let pkt = Ipv4Packet::tcp(src, dst, TCP_ACK)
@@ -170,7 +188,7 @@ fn measure_hits(
     Row {
         path,
         ns,
-        target: Some(60.0),
+        target: Some(target),
         check: format!("{} {hits}/{total}", reason.name()),
         on_path: hits as f64 / total as f64,
     }
@@ -259,8 +277,8 @@ fn main() {
             &services,
             redirect,
             ct::DIR_FORWARD,
-            (client, vip, vip2),
-            "established-flow hit (client -> backend)",
+            (client, vip, vip2, None),
+            ("established-flow hit (client -> backend)", 60.0),
         ));
         // Backend ports 8000 and 80 both pass the port filter.
         let be80 = SocketAddrV4::new(backend(2), 80);
@@ -269,12 +287,31 @@ fn main() {
             &services,
             redirect,
             ct::DIR_REPLY,
-            (be, client, be80),
-            "reply (backend -> client)",
+            (be, client, be80, None),
+            ("reply (backend -> client)", 60.0),
+        ));
+        // Full NAT: the other end goes to another port of the client (it has a neighbour
+        // entry, so the redirect is the plain one) and back. Targets: issue 14's.
+        let other_end = SocketAddrV4::new(CLIENT, 61000);
+        rows.push(measure_hits(
+            &a,
+            &services,
+            redirect,
+            ct::DIR_FORWARD,
+            (client, vip, vip2, Some(other_end)),
+            ("full NAT: established-flow hit", 110.0),
+        ));
+        rows.push(measure_hits(
+            &a,
+            &services,
+            redirect,
+            ct::DIR_REPLY,
+            (be, other_end, be80, Some(client)),
+            ("full NAT: reply", 110.0),
         ));
 
-        // New flow: a ring of services.
-        {
+        // New flow: a ring of services, DNAT then full NAT.
+        for nat in [Nat::Dnat, Nat::Full] {
             let ring = 4096u32;
             let o = DataplaneOptions {
                 maglev_size: 7,
@@ -303,10 +340,11 @@ fn main() {
                     )
                 })
                 .collect();
+            let ring_services = with_nat(ring_services, nat);
             sh(&[
                 "ip",
                 "route",
-                "add",
+                "replace",
                 "10.100.0.0/16",
                 "via",
                 &backend(1).to_string(),
@@ -321,11 +359,21 @@ fn main() {
                 .sum();
             let redirected = reason_count(&f, Reason::FwdRedirect);
             let failed = reason_count(&f, Reason::EventCtInsertFailed);
+            let exhausted = reason_count(&f, Reason::DropSnatExhausted);
             rows.push(Row {
-                path: "new flow (ct miss + service + maglev + 2 inserts)",
+                path: match nat {
+                    Nat::Dnat => "new flow (ct miss + service + maglev + 2 inserts)",
+                    Nat::Full => "full NAT: new flow (+ source port)",
+                },
                 ns,
-                target: Some(120.0),
-                check: format!("new flows {new_flows}/{total}, redirected {redirected}, insert failures {failed}"),
+                target: Some(match nat {
+                    Nat::Dnat => 120.0,
+                    Nat::Full => 350.0,
+                }),
+                check: format!(
+                    "new flows {new_flows}/{total}, redirected {redirected}, insert failures \
+                     {failed}, ports exhausted {exhausted}"
+                ),
                 on_path: new_flows as f64 / total as f64,
             });
         }
