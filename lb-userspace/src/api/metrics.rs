@@ -463,6 +463,8 @@ mod tests {
             counters: vec![
                 ("pass_no_service".into(), 5),
                 ("event_ct_closing".into(), 1),
+                ("drop_snat_exhausted".into(), 2),
+                ("event_snat_port_taken".into(), 9),
             ],
         };
         let m = render(
@@ -482,6 +484,8 @@ mod tests {
             r#"berth_service_new_flows_total{service="web",listen="0.0.0.0:8080",protocol="tcp"} 3"#,
             r#"berth_packets_total{action="pass",reason="no_service"} 5"#,
             r#"berth_dataplane_events_total{event="ct_closing"} 1"#,
+            r#"berth_packets_total{action="drop",reason="snat_exhausted"} 2"#,
+            r#"berth_dataplane_events_total{event="snat_port_taken"} 9"#,
             "berth_conntrack_capacity 1024",
             "berth_conntrack_walks_total 3",
             "berth_discovery_lag_seconds 0.002",
