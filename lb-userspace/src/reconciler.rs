@@ -590,11 +590,18 @@ impl Reconciler {
                     a.table_synced = false;
                     notes.push((
                         Some(addr),
-                        format!(
-                            "service {}: backend {addr} added (weight {weight}, {}) ({why})",
-                            svc.name,
-                            nat_note(snat)
-                        ),
+                        if snat == 0 {
+                            format!(
+                                "service {}: backend {addr} added (weight {weight}) ({why})",
+                                svc.name
+                            )
+                        } else {
+                            format!(
+                                "service {}: backend {addr} added (weight {weight}, {}) ({why})",
+                                svc.name,
+                                nat_note(snat)
+                            )
+                        },
                     ));
                 }
             }
