@@ -147,6 +147,7 @@ fn run(args: &[String]) -> Result<()> {
             // The container tests run berth as operators do: from its image.
             let berth_image = image::build(&tc)?.remove(0);
             setup::ensure_compose()?;
+            setup::ensure_etcd()?;
             let mut c = cargo(&tc);
             c.args([
                 "test",
@@ -225,8 +226,10 @@ fn run(args: &[String]) -> Result<()> {
             .args(load_args)
             .env("BERTH_BIN", root().join("target/release/berth"));
             status(c)?;
-            // Discovery reaction: a real dockerd and containers of the test image.
+            // Discovery reaction: a real dockerd and containers of the test image (and etcd for
+            // the `berth publish` path).
             setup::ensure_docker()?;
+            setup::ensure_etcd()?;
             setup::ensure_musl_target(&tc)?;
             build_hello(&tc)?;
             let mut d = cargo(&tc);

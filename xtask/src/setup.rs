@@ -13,8 +13,22 @@ use anyhow::{Context as _, Result, bail};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const PACKAGES: &[&str] = &[
-    "iproute2", "iptables", "nftables", "bpftool", "tcpdump", "procps",
+    "iproute2",
+    "iptables",
+    "nftables",
+    "bpftool",
+    "tcpdump",
+    "procps",
+    // etcd-client's build script compiles etcd's gRPC API with `protoc`, which needs the
+    // well-known types (google/protobuf/*.proto) of libprotobuf-dev.
+    "protobuf-compiler",
+    "libprotobuf-dev",
+    // ring (TLS to etcd) compiles C: the static image's build needs a musl C compiler.
+    "musl-tools",
 ];
+
+/// etcd (server and `etcdctl`) for the tests and benchmarks of etcd discovery.
+const ETCD_PACKAGES: &[&str] = &["etcd-server", "etcd-client"];
 
 fn cargo_bin() -> PathBuf {
     std::env::var_os("CARGO_HOME")
@@ -269,6 +283,24 @@ fn ensure_packages() -> Result<()> {
     let t = Instant::now();
     apt_install(&missing)?;
     done(&format!("packages {}", missing.join(" ")), Some(t));
+    Ok(())
+}
+
+/// Debian's etcd 3.4 (`etcd` and `etcdctl`) for the etcd tests; each test starts its own member
+/// with its data in a temporary directory, so nothing is started here.
+pub fn ensure_etcd() -> Result<()> {
+    let missing: Vec<&str> = ETCD_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !package_installed(p))
+        .collect();
+    if missing.is_empty() {
+        done("etcd-server etcd-client", None);
+        return Ok(());
+    }
+    let t = Instant::now();
+    apt_install(&missing)?;
+    done(&missing.join(" "), Some(t));
     Ok(())
 }
 

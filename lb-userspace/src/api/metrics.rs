@@ -330,6 +330,37 @@ impl Collector for Snapshot {
             MetricType::Counter,
             [(Labels::new(), counter(x.docker_events))],
         )?;
+        if let Some(etcd) = &self.status.etcd {
+            family(
+                &mut e,
+                "berth_etcd_up",
+                "1 while every etcd prefix is read and watched; 0 while etcd is unreachable \
+                 (the last known backends keep serving).",
+                MetricType::Gauge,
+                one(u64::from(etcd.connected)),
+            )?;
+            family(
+                &mut e,
+                "berth_etcd_events",
+                "Puts and deletes received through the etcd watches.",
+                MetricType::Counter,
+                [(Labels::new(), counter(etcd.events))],
+            )?;
+            family(
+                &mut e,
+                "berth_etcd_resyncs",
+                "Full reads of the etcd prefixes (at start, after each reconnect or compaction).",
+                MetricType::Counter,
+                [(Labels::new(), counter(etcd.resyncs))],
+            )?;
+            family(
+                &mut e,
+                "berth_etcd_keys",
+                "Keys known under the watched etcd prefixes.",
+                MetricType::Gauge,
+                one(etcd.keys as u64),
+            )?;
+        }
         if let Some(lag) = x.discovery_lag_seconds {
             family(
                 &mut e,
@@ -463,6 +494,16 @@ mod tests {
                 ("pass_no_service".into(), 5),
                 ("event_ct_closing".into(), 1),
             ],
+            etcd: Some(crate::api::status::EtcdStatus {
+                endpoints: vec!["http://127.0.0.1:2379".into()],
+                connected: false,
+                error: Some("connection refused".into()),
+                down_for_secs: Some(3.0),
+                keys: 2,
+                revision: 17,
+                events: 5,
+                resyncs: 1,
+            }),
         };
         let m = render(
             s,
@@ -484,6 +525,10 @@ mod tests {
             "berth_conntrack_capacity 1024",
             "berth_conntrack_walks_total 3",
             "berth_discovery_lag_seconds 0.002",
+            "berth_etcd_up 0",
+            "berth_etcd_events_total 5",
+            "berth_etcd_resyncs_total 1",
+            "berth_etcd_keys 2",
         ] {
             assert!(m.lines().any(|l| l == line), "missing {line:?} in\n{m}");
         }

@@ -8,6 +8,29 @@ pub struct Status {
     pub services: Vec<ServiceStatus>,
     /// Exit and event counters by name.
     pub counters: Vec<(String, u64)>,
+    /// The etcd source, when services take backends from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etcd: Option<EtcdStatus>,
+}
+
+/// Whether etcd is reachable, and what berth last read from it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EtcdStatus {
+    pub endpoints: Vec<String>,
+    /// Every prefix read and watched (false: unreachable, the last known backends serve).
+    pub connected: bool,
+    /// Why it is unreachable.
+    pub error: Option<String>,
+    /// Seconds since it became unreachable.
+    pub down_for_secs: Option<f64>,
+    /// Keys known under the watched prefixes.
+    pub keys: usize,
+    /// The latest etcd revision seen.
+    pub revision: i64,
+    /// Puts and deletes received through the watches.
+    pub events: u64,
+    /// Full reads of the prefixes (the first one, and one per reconnect or compaction).
+    pub resyncs: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -86,6 +109,25 @@ pub fn render(s: &Status) -> String {
         .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
+    if let Some(e) = &s.etcd {
+        if e.connected {
+            out.push_str(&format!(
+                "etcd: connected to {} ({} keys, revision {})\n",
+                e.endpoints.join(", "),
+                e.keys,
+                e.revision
+            ));
+        } else {
+            out.push_str(&format!(
+                "etcd: UNREACHABLE ({}) for {:.0} s at {}; serving the {} keys last read, \
+                 retrying\n",
+                e.error.as_deref().unwrap_or("not connected yet"),
+                e.down_for_secs.unwrap_or(0.0),
+                e.endpoints.join(", "),
+                e.keys
+            ));
+        }
+    }
     for r in rows {
         let line: Vec<String> = r
             .iter()
@@ -122,6 +164,7 @@ mod tests {
                 }],
             }],
             counters: vec![],
+            etcd: None,
         };
         let t = render(&s);
         assert!(t.lines().next().unwrap().starts_with("SERVICE"));

@@ -18,12 +18,14 @@ use std::{collections::BTreeSet, fmt, net::SocketAddrV4, path::PathBuf, str::Fro
 use serde::{Deserialize, Deserializer, de};
 
 mod error;
+mod etcd;
 mod health;
 pub mod synapse;
 mod validate;
 
 use error::field_at;
 pub use error::{ConfigError, clip_values};
+pub use etcd::{EtcdConfig, EtcdSelector, PublishConfig, PublishService};
 pub use health::{CheckKind, HealthConfig};
 
 /// Where berth pins its dataplane unless told otherwise (`dataplane.pin_path`, `--pin-path`).
@@ -76,6 +78,10 @@ pub struct Config {
     pub dataplane: DataplaneConfig,
     pub docker: DockerConfig,
     pub metrics: MetricsConfig,
+    /// The etcd cluster services with an `etcd` selector (and `berth publish`) talk to.
+    pub etcd: EtcdConfig,
+    /// What `berth publish` announces in etcd (ignored by `berth run`).
+    pub publish: PublishConfig,
     #[serde(rename = "service")]
     pub services: Vec<ServiceConfig>,
 }
@@ -255,6 +261,8 @@ pub struct ServiceConfig {
     pub health: Option<HealthConfig>,
     /// Containers that back this service, in addition to `backends`.
     pub docker: Option<DockerSelector>,
+    /// Backends registered in etcd under a key prefix, in addition to the others.
+    pub etcd: Option<EtcdSelector>,
 }
 
 fn default_protocol() -> Protocol {
@@ -422,6 +430,70 @@ mod tests {
             .field,
             "service[0].backends[1]"
         );
+    }
+
+    #[test]
+    fn etcd_settings_are_checked_field_by_field() {
+        let svc = "[[service]]\nname = \"web\"\nlisten = \"10.99.0.1:80\"\n";
+        let (cfg, _) = Config::load(&format!(
+            "[etcd]\nendpoints = [\"https://10.0.0.1:2379\", \"https://10.0.0.2:2379\"]\n\
+             ca_file = \"/etc/berth/ca.pem\"\nusername = \"berth\"\npassword = \"x\"\n\
+             {svc}etcd = {{ prefix = \"/berth/services/web/\" }}\n"
+        ))
+        .unwrap();
+        assert!(cfg.etcd_enabled());
+        assert_eq!(cfg.etcd_selectors()["web"], "/berth/services/web/");
+        assert!(!Config::load("").unwrap().0.etcd_enabled());
+        for (text, field) in [
+            ("[etcd]\nendpoints = []\n", "etcd.endpoints"),
+            (
+                "[etcd]\nendpoints = [\"10.0.0.1:2379\"]\n",
+                "etcd.endpoints[0]",
+            ),
+            (
+                "[etcd]\nendpoints = [\"grpc://10.0.0.1:2379\"]\n",
+                "etcd.endpoints[0]",
+            ),
+            (
+                "[etcd]\nendpoints = [\"http://10.0.0.1\"]\n",
+                "etcd.endpoints[0]",
+            ),
+            (
+                "[etcd]\nendpoints = [\"https://a:1\", \"http://10.0.0.1:2379\"]\n",
+                "etcd.endpoints[1]",
+            ),
+            ("[etcd]\nca_file = \"/ca.pem\"\n", "etcd.endpoints[0]"),
+            (
+                "[etcd]\nendpoints = [\"https://a:1\"]\ncert_file = \"/c.pem\"\n",
+                "etcd.key_file",
+            ),
+            (
+                "[etcd]\nendpoints = [\"https://a:1\"]\nca_file = \"ca.pem\"\n",
+                "etcd.ca_file",
+            ),
+            ("[etcd]\nusername = \"berth\"\n", "etcd.password"),
+            ("[etcd]\npassword = \"x\"\n", "etcd.username"),
+            ("[etcd]\ntimeout_ms = 5\n", "etcd.timeout_ms"),
+            ("[etcd]\nendpiont = 5\n", "etcd.endpiont (line 2)"),
+            ("[publish]\nttl_secs = 1\n", "publish.ttl_secs"),
+            ("[publish]\naddress = \"0.0.0.0\"\n", "publish.address"),
+            (
+                "[[publish.service]]\nprefix = \"/web\"\nimage = \"x\"\nport = 80\n",
+                "publish.service[0].prefix",
+            ),
+            (
+                "[[publish.service]]\nprefix = \"/web/\"\nport = 80\n",
+                "publish.service[0].image",
+            ),
+        ] {
+            assert_eq!(err(text).field, field, "{text}");
+        }
+        for prefix in ["", "/berth/services/web"] {
+            assert_eq!(
+                err(&format!("{svc}etcd = {{ prefix = \"{prefix}\" }}\n")).field,
+                "service[0].etcd.prefix"
+            );
+        }
     }
 
     #[test]

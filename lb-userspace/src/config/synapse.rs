@@ -355,6 +355,7 @@ pub fn import(text: &str) -> Result<Imported, ConfigError> {
             backends,
             health: check.then_some(health),
             docker,
+            etcd: None,
         });
     }
     Ok(Imported { config, warnings })

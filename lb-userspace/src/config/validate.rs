@@ -12,6 +12,19 @@ impl Config {
             .collect()
     }
 
+    /// The etcd key prefixes by service name.
+    pub fn etcd_selectors(&self) -> std::collections::HashMap<String, String> {
+        self.services
+            .iter()
+            .filter_map(|s| Some((s.name.clone(), s.etcd.as_ref()?.prefix.clone())))
+            .collect()
+    }
+
+    /// Whether any service takes backends from etcd.
+    pub fn etcd_enabled(&self) -> bool {
+        self.services.iter().any(|s| s.etcd.is_some())
+    }
+
     /// Parses TOML text (no validation beyond the types).
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         toml::from_str(text).map_err(|e| {
@@ -117,6 +130,8 @@ impl Config {
                 ),
             ));
         }
+        self.etcd.validate()?;
+        self.publish.validate()?;
         for (i, iface) in d.interfaces.iter().enumerate() {
             if iface.is_empty() || iface.len() > 15 || iface.contains(['/', ' ', '\0']) {
                 return Err(ConfigError::new(
@@ -239,6 +254,9 @@ impl Config {
                         "name an image and/or labels, or every container would match",
                     ));
                 }
+            }
+            if let Some(e) = &s.etcd {
+                etcd::validate_prefix(&at("etcd.prefix"), &e.prefix)?;
             }
             if let Some(h) = &s.health {
                 h.validate(&at("health"))?;

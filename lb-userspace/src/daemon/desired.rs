@@ -83,9 +83,11 @@ pub fn lag_seconds(event_ns: i64, now_ns: i64) -> f64 {
 pub fn reloaded(running: &Config, new: Config) -> (Config, bool) {
     let mut dataplane = running.dataplane.clone();
     dataplane.interfaces.clone_from(&new.dataplane.interfaces);
-    let needs_restart = new.dataplane != dataplane || new.docker != running.docker;
+    let needs_restart =
+        new.dataplane != dataplane || new.docker != running.docker || new.etcd != running.etcd;
     let mut cfg = new;
     cfg.docker = running.docker.clone();
+    cfg.etcd = running.etcd.clone();
     (cfg, needs_restart)
 }
 

@@ -84,6 +84,8 @@ pub struct Run {
     pub admin_socket: PathBuf,
     /// The command line, applied again to every reloaded config.
     pub overrides: Overrides,
+    /// How to reach etcd, when a service takes backends from it (its files already read).
+    pub etcd: Option<crate::discovery::etcd::Connect>,
 }
 
 /// What the command line says over the config file: applied to the file as read at start and
@@ -149,6 +151,13 @@ pub fn prepare(
     };
     overrides.apply(&mut cfg);
     cfg.validate().map_err(Refused::CommandLine)?;
+    let etcd = match (&source, cfg.etcd_enabled()) {
+        (Some(src), true) => Some(
+            crate::discovery::etcd::Connect::from_config(&cfg.etcd)
+                .map_err(|e| Refused::Config(src.path.clone(), e))?,
+        ),
+        _ => None,
+    };
     let ifaces = if !overrides.ifaces.is_empty() {
         overrides.ifaces.clone()
     } else if !cfg.dataplane.interfaces.is_empty() {
@@ -173,6 +182,7 @@ pub fn prepare(
         ifaces,
         admin_socket,
         overrides,
+        etcd,
     })
 }
 
@@ -185,6 +195,7 @@ pub async fn run(args: Run) -> anyhow::Result<()> {
         ifaces,
         admin_socket,
         overrides,
+        etcd,
     } = args;
     // The sockets first: a port or path in use fails here, before the kernel is touched.
     let admin = admin::bind(&admin_socket)
@@ -247,6 +258,7 @@ pub async fn run(args: Run) -> anyhow::Result<()> {
         admin,
         metrics_listener,
         &ifaces,
+        etcd,
     )
     .await?;
     let _ = std::fs::remove_file(&admin_socket);
@@ -315,6 +327,7 @@ async fn event_loop(
     admin: tokio::net::UnixListener,
     metrics_listener: Option<tokio::net::TcpListener>,
     ifaces: &[String],
+    etcd: Option<crate::discovery::etcd::Connect>,
 ) -> anyhow::Result<(Dataplane, Config)> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -352,6 +365,23 @@ async fn event_loop(
     } else {
         drop(metrics_tx);
     }
+    let (etcd_tx, mut etcd_rx) = tokio::sync::mpsc::channel(1024);
+    if let Some(connect) = etcd {
+        let (prefixes_tx, prefixes_rx) = tokio::sync::watch::channel(d.etcd_prefixes());
+        info!(
+            "etcd discovery from {} ({} prefixes)",
+            connect.endpoints.join(", "),
+            prefixes_rx.borrow().len()
+        );
+        d.watch_etcd(prefixes_tx, connect.endpoints.clone());
+        let span = info_span!("etcd", endpoints = %connect.endpoints.join(","));
+        tokio::spawn(
+            crate::discovery::etcd::run(connect, prefixes_rx, etcd_tx, stop_rx.clone())
+                .instrument(span),
+        );
+    } else {
+        drop(etcd_tx);
+    }
     if d.docker_on() {
         let cfg = d.cfg();
         let label_services = cfg.docker.label_services.unwrap_or(!d.has_file());
@@ -382,6 +412,7 @@ async fn event_loop(
                 d.on_reload();
             }
             Some(event) = docker_rx.recv() => d.on_docker(event),
+            Some(update) = etcd_rx.recv() => d.on_etcd(update),
             Some(reply) = metrics_rx.recv() => d.on_metrics(reply),
             Ok((conn, _)) = admin.accept() => d.on_admin(conn),
             Some(change) = health_rx.recv() => d.on_health(&change),

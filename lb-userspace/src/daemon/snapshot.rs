@@ -84,7 +84,11 @@ pub(super) fn build_status(
                 .collect()
         })
         .unwrap_or_default();
-    status::Status { services, counters }
+    status::Status {
+        services,
+        counters,
+        etcd: None,
+    }
 }
 
 /// What a metrics page is made of, taken on the event loop.
@@ -195,6 +199,7 @@ mod tests {
                 ],
             }],
             counters: vec![],
+            etcd: None,
         };
         let entries = [
             entry("10.0.0.1:80", ct::DIR_FORWARD, ct::STATE_OPEN),

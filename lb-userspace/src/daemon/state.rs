@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, error, info, info_span, warn};
 
 use super::{
@@ -22,7 +22,10 @@ use crate::{
     api::{admin, metrics::Extra, status::Status},
     config::{Config, Service},
     dataplane::{Dataplane, host_ipv4_addrs, monotonic_ns},
-    discovery::{self, ContainerInfo, Event},
+    discovery::{
+        self, ContainerInfo, Event,
+        etcd::{self, Update},
+    },
     health::{HealthChange, NetChecker, Supervisor},
     reconciler::Reconciler,
 };
@@ -69,6 +72,26 @@ pub(super) struct Daemon {
     unattachable: HashSet<String>,
     docker_events: u64,
     discovery_lag: Option<f64>,
+    /// What etcd holds under the watched prefixes (kept as it was while etcd is unreachable).
+    etcd_known: etcd::Known,
+    /// The etcd source, when it runs.
+    etcd: Option<EtcdSource>,
+    /// Sources an adopted dataplane waits for before it is written: (Docker, etcd).
+    awaiting: (bool, bool),
+}
+
+/// The etcd source as the daemon follows it.
+struct EtcdSource {
+    endpoints: Vec<String>,
+    /// The prefixes the source watches (a reload that changes them restarts its read).
+    prefixes: watch::Sender<Vec<String>>,
+    /// Every prefix read and watched.
+    synced: bool,
+    /// Why it is unreachable, and since when.
+    down: Option<(String, Instant)>,
+    revision: i64,
+    events: u64,
+    resyncs: u64,
 }
 
 impl Daemon {
@@ -84,6 +107,7 @@ impl Daemon {
             overrides,
         } = start;
         let docker_on = super::docker_enabled(&cfg, source.is_some());
+        let etcd_on = source.is_some() && cfg.etcd_enabled();
         let mut health = Supervisor::new(NetChecker, health_tx);
         health.presume_healthy(rec.pinned_backends());
         let mut d = Self {
@@ -96,15 +120,25 @@ impl Daemon {
             reported: HashSet::new(),
             health,
             rec,
-            hold: Hold::new(adopted, docker_on, Instant::now()),
+            hold: Hold::new(adopted, docker_on || etcd_on, Instant::now()),
             docker_on,
             unattachable: HashSet::new(),
             docker_events: 0,
             discovery_lag: None,
+            etcd_known: etcd::Known::new(),
+            etcd: None,
+            awaiting: (docker_on, etcd_on),
         };
         d.health.sync(&d.desired);
         if d.hold.holding() {
-            info!("keeping the pinned services as they are until Docker's first listing");
+            info!(
+                "keeping the pinned services as they are until the first listing of {}",
+                match (docker_on, etcd_on) {
+                    (true, true) => "Docker and etcd",
+                    (false, true) => "etcd",
+                    _ => "Docker",
+                }
+            );
         }
         d.apply("config");
         d
@@ -120,6 +154,31 @@ impl Daemon {
 
     pub(super) fn has_file(&self) -> bool {
         self.source.is_some()
+    }
+
+    /// The etcd prefixes the configured services take backends from (sorted, each once).
+    pub(super) fn etcd_prefixes(&self) -> Vec<String> {
+        let mut p: Vec<String> = self.cfg.etcd_selectors().into_values().collect();
+        p.sort();
+        p.dedup();
+        p
+    }
+
+    /// The etcd source runs: `prefixes` tells it what to watch.
+    pub(super) fn watch_etcd(
+        &mut self,
+        prefixes: watch::Sender<Vec<String>>,
+        endpoints: Vec<String>,
+    ) {
+        self.etcd = Some(EtcdSource {
+            endpoints,
+            prefixes,
+            synced: false,
+            down: None,
+            revision: 0,
+            events: 0,
+            resyncs: 0,
+        });
     }
 
     /// Logs the line that says berth serves (tests and operators wait for it).
@@ -157,12 +216,27 @@ impl Daemon {
                 let (cfg, needs_restart) = desired::reloaded(&self.cfg, new_cfg);
                 if needs_restart {
                     warn!(
-                        "config reload: [dataplane] and [docker] changes take effect on restart \
-                         only"
+                        "config reload: [dataplane], [docker] and [etcd] changes take effect on \
+                         restart only"
                     );
                 }
                 self.cfg = cfg;
                 self.configured = new_services;
+                let prefixes = self.etcd_prefixes();
+                match &self.etcd {
+                    Some(e) => {
+                        e.prefixes.send_if_modified(|p| {
+                            let changed = *p != prefixes;
+                            *p = prefixes;
+                            changed
+                        });
+                    }
+                    None if !prefixes.is_empty() => warn!(
+                        "config reload: services now take backends from etcd, which berth \
+                         follows only from a restart"
+                    ),
+                    None => {}
+                }
                 self.refresh();
                 self.apply("config reload");
                 info!("config reloaded: {} services", self.desired.len());
@@ -181,7 +255,8 @@ impl Daemon {
         .entered();
         let why = desired::record(&mut self.containers, &event);
         if matches!(event, Event::Snapshot(_)) {
-            self.hold.release();
+            self.awaiting.0 = false;
+            self.release_when_listed();
         }
         self.refresh();
         self.apply(&why);
@@ -193,6 +268,61 @@ impl Daemon {
                 .map(|d| d.as_nanos() as i64)
                 .unwrap_or(t);
             self.discovery_lag = Some(desired::lag_seconds(t, now));
+        }
+    }
+
+    /// What etcd said: a prefix's listing, a key written or deleted, every prefix synced, or
+    /// that it cannot be reached (said once per outage; what it last gave keeps serving).
+    pub(super) fn on_etcd(&mut self, update: Update) {
+        let _etcd = info_span!("etcd").entered();
+        let keys: usize = self.etcd_known.values().map(|k| k.len()).sum();
+        let Some(src) = &mut self.etcd else { return };
+        match &update {
+            Update::Down(e) => {
+                if src.synced || src.down.is_none() {
+                    warn!(
+                        "etcd unreachable at {} ({e}): serving the {keys} keys it last gave, \
+                         retrying with backoff",
+                        src.endpoints.join(", ")
+                    );
+                }
+                src.synced = false;
+                src.down = Some((e.clone(), Instant::now()));
+                return;
+            }
+            Update::Synced => {
+                src.synced = true;
+                src.resyncs += 1;
+                match src.down.take() {
+                    Some((_, since)) => info!(
+                        "etcd reachable again after {:.1} s: resynced, {keys} keys",
+                        since.elapsed().as_secs_f64()
+                    ),
+                    None => info!("etcd: synced, {keys} keys"),
+                }
+                if self.awaiting.1 {
+                    self.awaiting.1 = false;
+                    self.release_when_listed();
+                    self.apply("etcd: first listing");
+                }
+                return;
+            }
+            Update::Snapshot { revision, .. } => src.revision = src.revision.max(*revision),
+            Update::Put { revision, .. } | Update::Delete { revision, .. } => {
+                src.revision = src.revision.max(*revision);
+                src.events += 1;
+            }
+        }
+        if let Some(why) = etcd::record(&mut self.etcd_known, &update) {
+            self.refresh();
+            self.apply(&why);
+        }
+    }
+
+    /// Releases an adopted dataplane's hold once every source it waits for has listed.
+    fn release_when_listed(&mut self) {
+        if self.awaiting == (false, false) {
+            self.hold.release();
         }
     }
 
@@ -221,8 +351,9 @@ impl Daemon {
         let tick = self.hold.tick(now);
         if tick.warn_hold {
             warn!(
-                "Docker has not answered for 10 s: the pinned services keep serving as they were \
-                 until it does"
+                "{} has not answered for 10 s: the pinned services keep serving as they were \
+                 until it does",
+                if self.awaiting.0 { "Docker" } else { "etcd" }
             );
         }
         if tick.retry {
@@ -290,19 +421,38 @@ impl Daemon {
     }
 
     fn status(&self) -> Status {
-        snapshot::build_status(&self.rec, &self.health, &self.desired, &self.containers)
+        let mut s =
+            snapshot::build_status(&self.rec, &self.health, &self.desired, &self.containers);
+        s.etcd = self.etcd.as_ref().map(|e| crate::api::status::EtcdStatus {
+            endpoints: e.endpoints.clone(),
+            connected: e.synced,
+            error: e.down.as_ref().map(|(why, _)| why.clone()),
+            down_for_secs: e.down.as_ref().map(|(_, t)| t.elapsed().as_secs_f64()),
+            keys: self.etcd_known.values().map(|k| k.len()).sum(),
+            revision: e.revision,
+            events: e.events,
+            resyncs: e.resyncs,
+        });
+        s
     }
 
     /// Recomputes the desired services from the config and the containers, and points the
     /// health checks at their backends.
     fn refresh(&mut self) {
-        let (services, problems) = desired::services(
+        let (mut services, mut problems) = desired::services(
             &self.cfg,
             &self.configured,
             &self.containers,
             self.has_file(),
             &discovery::host_ports(),
         );
+        if self.etcd.is_some() {
+            problems.extend(etcd::add_backends(
+                &mut services,
+                &self.cfg.etcd_selectors(),
+                &self.etcd_known,
+            ));
+        }
         for p in problems {
             if self.reported.insert(p.clone()) {
                 warn!("{p}");

@@ -8,6 +8,7 @@
 //! function with unit tests.
 
 mod docker;
+pub mod etcd;
 mod labels;
 mod select;
 
@@ -68,6 +69,11 @@ impl ContainerInfo {
                 && !self.image.contains(':')
                 && self.image == format!("{image}:latest"))
     }
+}
+
+/// Whether a `kill` event's signal ends the container (TERM, INT, KILL; by number or name).
+pub(crate) fn is_stop_signal(signal: Option<&String>) -> bool {
+    docker::is_stop_signal(signal)
 }
 
 /// What discovery tells the daemon.
