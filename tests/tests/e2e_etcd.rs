@@ -21,7 +21,10 @@ use std::{
 };
 
 use berth_tests::{
+    docker::{Lab, Layout, docker},
     etcd::{Etcd, value},
+    fabric::{self, Fabric, Publisher},
+    servers::http_get,
     topo::{Berth, Netns, Servers, Session, remove_leftovers, responder, tcp_request, veth},
 };
 
@@ -497,4 +500,89 @@ fn balancers_agree_per_flow_and_a_session_survives_a_failover() {
     assert!(pickups >= 1, "n2 never saw the session");
     drop((n1, n2, n3));
     let _ = &f.servers;
+}
+
+/// The Docker lab of the publish test: its own network, image and label.
+const PUB_LAB: Layout = Layout {
+    network: "berth-pub-net",
+    bridge: "bte-pdock0",
+    subnet: "172.31.248.0/24",
+    uplink: "bte-pdh0",
+    client_ns: "pdcl",
+    service: SocketAddrV4::new(Ipv4Addr::new(10, 43, 0, 1), 8080),
+    client: Ipv4Addr::new(10, 43, 0, 2),
+    image: "berth-test/pub-hello",
+    label: "berth-pubtest=1",
+    healthcheck: false,
+};
+
+/// Who answers `n` HTTP requests to the service from the fabric's client (hostname -> count).
+fn http_spread(f: &Fabric, n: usize) -> BTreeMap<String, usize> {
+    f.client.run(move || {
+        let mut m = BTreeMap::new();
+        for i in 0..n {
+            let (status, body) =
+                http_get(fabric::SERVICE).unwrap_or_else(|e| panic!("request {i}: {e}"));
+            assert_eq!(status, 200, "{body}");
+            *m.entry(body.trim_start_matches("Hello from ").to_owned())
+                .or_insert(0) += 1;
+        }
+        m
+    })
+}
+
+#[test]
+fn berth_publish_feeds_two_balancers_and_its_lease_takes_the_containers_out() {
+    remove_leftovers();
+    let lab = Lab::new(&PUB_LAB);
+    let f = Fabric::new(2);
+    let n1 = f.berth(1);
+    let n2 = f.berth(2);
+    let mut publisher = Publisher::start("pub", &f.publish_config(PUB_LAB.image, 2));
+    let c1 = lab.run("bpub-1", &["-p", "8000"]);
+    let c2 = lab.run("bpub-2", &["-p", "8000"]);
+    let long = Duration::from_secs(10);
+    for n in [&n1, &n2] {
+        fabric::wait_pool(n, 2, long);
+    }
+    let hosts: std::collections::BTreeSet<String> = [c1.hostname(), c2.hostname()].into();
+    for k in 1..=2 {
+        f.activate(k);
+        let spread = http_spread(&f, 30);
+        println!("through balancer {k}: {spread:?}");
+        assert_eq!(
+            spread.keys().cloned().collect::<std::collections::BTreeSet<_>>(),
+            hosts,
+            "balancer {k} does not serve both containers"
+        );
+    }
+    // `docker stop`: withdrawn at its kill event, out of both pools.
+    docker(&["stop", "-t", "2", &c2.name]);
+    for n in [&n1, &n2] {
+        fabric::wait_pool(n, 1, long);
+    }
+    // The publisher dies without a word: its lease (2 s) expires and the entries go.
+    publisher.signal(libc::SIGKILL);
+    let t = Instant::now();
+    for n in [&n1, &n2] {
+        fabric::wait_pool(n, 0, long);
+    }
+    println!("publisher killed: out of both pools after {:?} (lease ttl 2 s)", t.elapsed());
+    // Back, then stopped cleanly: the lease is revoked, the entries go at once.
+    publisher.respawn();
+    for n in [&n1, &n2] {
+        fabric::wait_pool(n, 1, long);
+    }
+    publisher.signal(libc::SIGTERM);
+    let t = Instant::now();
+    for n in [&n1, &n2] {
+        fabric::wait_pool(n, 0, long);
+    }
+    let revoked = t.elapsed();
+    println!("publisher stopped: out of both pools after {revoked:?}");
+    assert!(
+        revoked < Duration::from_secs(1),
+        "the lease was not revoked at exit ({revoked:?})"
+    );
+    assert!(publisher.log_text().contains("lease revoked"), "{}", publisher.log_text());
 }
