@@ -23,7 +23,8 @@ impl Etcd {
     /// Starts a member in `ns` on `addr` (an address of that namespace) and waits until it
     /// answers.
     pub fn start(ns: &Netns, addr: std::net::Ipv4Addr) -> Self {
-        let data = std::env::temp_dir().join(format!("berth-etcd-{}-{}", ns.name, std::process::id()));
+        let data =
+            std::env::temp_dir().join(format!("berth-etcd-{}-{}", ns.name, std::process::id()));
         let _ = std::fs::remove_dir_all(&data);
         std::fs::create_dir_all(&data).expect("etcd data dir");
         let log = data.with_extension("log");
@@ -55,7 +56,12 @@ impl Etcd {
         let child = ns_command(&self.ns, "etcd")
             .args(["--name", "bte", "--data-dir"])
             .arg(self.data.join("member-data"))
-            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
             .args([
                 "--listen-peer-urls",
                 "http://127.0.0.1:2380",

@@ -61,7 +61,14 @@ impl Fabric {
         sh(&["ip", "addr", "add", &format!("{HOST}/24"), "dev", UPLINK]);
         sh(&["ip", "link", "set", UPLINK, "up"]);
         sh(&[
-            "ip", "route", "add", "10.74.0.0/24", "via", "10.72.0.254", "dev", UPLINK,
+            "ip",
+            "route",
+            "add",
+            "10.74.0.0/24",
+            "via",
+            "10.72.0.254",
+            "dev",
+            UPLINK,
         ]);
         let client = Netns::new("pcl");
         port(&client, "p-cl");
@@ -73,8 +80,22 @@ impl Fabric {
         for k in 1..=nodes {
             let n = Netns::new(&format!("pn{k}"));
             port(&n, &format!("p-n{k}"));
-            n.exec(&["ip", "addr", "add", &format!("10.72.0.1{k}/24"), "dev", "eth0"]);
-            n.exec(&["ip", "addr", "add", &format!("10.74.0.1{k}/24"), "dev", "eth0"]);
+            n.exec(&[
+                "ip",
+                "addr",
+                "add",
+                &format!("10.72.0.1{k}/24"),
+                "dev",
+                "eth0",
+            ]);
+            n.exec(&[
+                "ip",
+                "addr",
+                "add",
+                &format!("10.74.0.1{k}/24"),
+                "dev",
+                "eth0",
+            ]);
             n.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
             ns.push(n);
         }
@@ -219,8 +240,7 @@ impl Publisher {
         if let Some(mut c) = self.child.take() {
             signal(c.id() as i32, sig);
             let t = Instant::now();
-            while c.try_wait().ok().flatten().is_none() && t.elapsed() < Duration::from_secs(10)
-            {
+            while c.try_wait().ok().flatten().is_none() && t.elapsed() < Duration::from_secs(10) {
                 std::thread::sleep(Duration::from_millis(10));
             }
             let _ = c.kill();

@@ -10,8 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use aya::programs::{TestRun as _, TestRunOptions};
 use berth_tests::{
     fixture::{
-        Fixture, TC_ACT_REDIRECT, b8000, backend, client, ifindex, in_fixture_netns, options,
-        svc,
+        Fixture, TC_ACT_REDIRECT, b8000, backend, client, ifindex, in_fixture_netns, options, svc,
     },
     wire::{self, Ipv4Packet, TCP_SYN},
 };

@@ -81,6 +81,22 @@ fn bad_config_names_the_field_and_exits_64_without_loading_anything() {
         ),
         ("unknown.toml", "[dataplane]\nturbo = true\n", "turbo"),
         (
+            "etcd-endpoint.toml",
+            "[etcd]\nendpoints = [\"10.0.0.1:2379\"]\n[[service]]\nname = \"w\"\nlisten = \"0.0.0.0:80\"\netcd = { prefix = \"/w/\" }\n",
+            "etcd.endpoints[0]",
+        ),
+        (
+            // Valid as text; the file it names is read before the kernel is touched.
+            "etcd-ca.toml",
+            "[etcd]\nendpoints = [\"https://10.0.0.1:2379\"]\nca_file = \"/nonexistent/ca.pem\"\n[[service]]\nname = \"w\"\nlisten = \"0.0.0.0:80\"\netcd = { prefix = \"/w/\" }\n",
+            "etcd.ca_file",
+        ),
+        (
+            "etcd-prefix.toml",
+            "[[service]]\nname = \"w\"\nlisten = \"0.0.0.0:80\"\netcd = { prefix = \"/w\" }\n",
+            "service[0].etcd.prefix",
+        ),
+        (
             "dup.toml",
             "[[service]]\nname = \"a\"\nlisten = \"0.0.0.0:80\"\n[[service]]\nname = \"b\"\nlisten = \"0.0.0.0:80\"\n",
             "service[1].listen",
@@ -111,6 +127,37 @@ fn bad_config_names_the_field_and_exits_64_without_loading_anything() {
         before,
         "a refused config must not load programs"
     );
+    // `berth publish` refuses the same way, before writing anything.
+    for (file, text, field) in [
+        (
+            "publish-none.toml",
+            "[etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\n",
+            "publish.service",
+        ),
+        (
+            "publish-ca.toml",
+            "[etcd]\nendpoints = [\"https://127.0.0.1:2379\"]\nca_file = \"/nonexistent/ca.pem\"\n\
+             [[publish.service]]\nprefix = \"/w/\"\nimage = \"x\"\nport = 80\n",
+            "etcd.ca_file",
+        ),
+        (
+            "publish-port.toml",
+            "[[publish.service]]\nprefix = \"/w/\"\nimage = \"x\"\nport = 0\n",
+            "publish.service[0].port",
+        ),
+    ] {
+        let out = Command::new(berth())
+            .args(["publish", "--config"])
+            .arg(write(file, text))
+            .output()
+            .expect("run berth publish");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{file}: {stderr}");
+        assert!(
+            stderr.contains(field),
+            "{file}: must name {field:?}: {stderr}"
+        );
+    }
 }
 
 #[test]

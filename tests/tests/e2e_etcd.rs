@@ -68,8 +68,22 @@ fn fleet(nodes: usize, backends: usize) -> Fleet {
     for k in 1..=nodes {
         let n = Netns::new(&format!("n{k}"));
         port(&n, &format!("p-n{k}"));
-        n.exec(&["ip", "addr", "add", &format!("10.70.0.1{k}/24"), "dev", "eth0"]);
-        n.exec(&["ip", "addr", "add", &format!("10.71.0.1{k}/24"), "dev", "eth0"]);
+        n.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("10.70.0.1{k}/24"),
+            "dev",
+            "eth0",
+        ]);
+        n.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("10.71.0.1{k}/24"),
+            "dev",
+            "eth0",
+        ]);
         n.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
         ns.push(n);
     }
@@ -78,7 +92,14 @@ fn fleet(nodes: usize, backends: usize) -> Fleet {
     for j in 1..=backends {
         let b = Netns::new(&format!("eb{j}"));
         port(&b, &format!("p-b{j}"));
-        b.exec(&["ip", "addr", "add", &format!("10.71.0.2{j}/24"), "dev", "eth0"]);
+        b.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("10.71.0.2{j}/24"),
+            "dev",
+            "eth0",
+        ]);
         b.exec(&["ip", "route", "add", "default", "via", "10.71.0.1"]);
         servers.push(Servers::start(
             &b,
@@ -131,7 +152,10 @@ impl Fleet {
     /// gateway move to it.
     fn activate(&self, k: usize) {
         for (i, n) in self.nodes.iter().enumerate() {
-            let _ = n.command("ip").args(["addr", "del", "10.71.0.1/24", "dev", "eth0"]).output();
+            let _ = n
+                .command("ip")
+                .args(["addr", "del", "10.71.0.1/24", "dev", "eth0"])
+                .output();
             if i + 1 == k {
                 n.exec(&["ip", "addr", "add", "10.71.0.1/24", "dev", "eth0"]);
             }
@@ -150,7 +174,8 @@ impl Fleet {
     }
 
     fn put(&self, j: usize) {
-        self.etcd.put(&format!("{PREFIX}b{j}"), &value(&backend_addr(j), 1));
+        self.etcd
+            .put(&format!("{PREFIX}b{j}"), &value(&backend_addr(j), 1));
     }
 }
 
@@ -205,7 +230,13 @@ fn request_from(port: u16, to: SocketAddrV4, line: &str) -> Result<String, Strin
     let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
     // SAFETY: valid pointers to initialised values of the sizes given.
     let rc = unsafe {
-        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, (&raw const one).cast(), 4);
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&raw const one).cast(),
+            4,
+        );
         libc::setsockopt(
             fd,
             libc::SOL_SOCKET,
@@ -222,7 +253,10 @@ fn request_from(port: u16, to: SocketAddrV4, line: &str) -> Result<String, Strin
     // SAFETY: `fd` is an open socket owned by nobody else.
     let s = unsafe { std::net::TcpStream::from_raw_fd(fd) };
     if rc != 0 {
-        return Err(format!("connect from {port}: {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "connect from {port}: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     s.set_read_timeout(Some(Duration::from_secs(2)))
         .map_err(|e| e.to_string())?;
@@ -307,7 +341,10 @@ fn a_put_is_served_at_once_and_an_expired_lease_leaves_the_pool() {
     let granted = Instant::now();
     wait_pool(&berth, 4);
     berth.wait_for(&format!("etcd: {PREFIX}b4 deleted"), 1);
-    println!("lease of 2 s: its key left berth's pool {:?} after the grant", granted.elapsed());
+    println!(
+        "lease of 2 s: its key left berth's pool {:?} after the grant",
+        granted.elapsed()
+    );
     wait_pool(&berth, 3);
     let answers = f.client.run(|| {
         (0..100)
@@ -319,7 +356,9 @@ fn a_put_is_served_at_once_and_an_expired_lease_leaves_the_pool() {
         "b4 still answers after its lease expired"
     );
     assert!(
-        berth.log_text().contains("backend 10.71.0.24:8000 removed (etcd:"),
+        berth
+            .log_text()
+            .contains("backend 10.71.0.24:8000 removed (etcd:"),
         "{}",
         berth.log_text()
     );
@@ -375,7 +414,11 @@ fn etcd_killed_and_restarted_under_load_costs_no_request() {
         log.matches("etcd unreachable").count()
     );
     assert!(failed.is_empty(), "{failed:?}");
-    assert_eq!(log.matches("etcd unreachable").count(), 1, "said once:\n{log}");
+    assert_eq!(
+        log.matches("etcd unreachable").count(),
+        1,
+        "said once:\n{log}"
+    );
 }
 
 #[test]
@@ -389,7 +432,8 @@ fn balancers_agree_per_flow_and_a_session_survives_a_failover() {
     f.put(3);
     wait_pool(&n1, 2);
     let n2 = f.berth(2);
-    f.etcd.put(&format!("{PREFIX}extra"), &value("10.71.0.99:8000", 1));
+    f.etcd
+        .put(&format!("{PREFIX}extra"), &value("10.71.0.99:8000", 1));
     f.put(2);
     f.put(1);
     wait_pool(&n2, 5);
@@ -418,7 +462,10 @@ fn balancers_agree_per_flow_and_a_session_survives_a_failover() {
     assert_eq!(before[0], before[1], "n1 and n2 disagree");
     assert_eq!(before[0], before[2], "n1 and n3 disagree");
     assert_eq!(
-        before[0].values().collect::<std::collections::BTreeSet<_>>().len(),
+        before[0]
+            .values()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len(),
         4,
         "every backend takes flows"
     );
@@ -464,13 +511,18 @@ fn balancers_agree_per_flow_and_a_session_survives_a_failover() {
             let mut i = 0;
             while !stop.load(Ordering::Relaxed) {
                 i += 1;
-                answers.push(s.request(&format!("line {i}")).unwrap_or_else(|e| format!("ERR {e}")));
+                answers.push(
+                    s.request(&format!("line {i}"))
+                        .unwrap_or_else(|e| format!("ERR {e}")),
+                );
                 std::thread::sleep(Duration::from_millis(20));
             }
             answers
         })
     };
-    started_rx.recv_timeout(Duration::from_secs(5)).expect("session started");
+    started_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("session started");
     std::thread::sleep(Duration::from_millis(200));
     f.nodes[0].exec(&["ip", "link", "set", "eth0", "down"]);
     f.activate(2);
@@ -551,7 +603,10 @@ fn berth_publish_feeds_two_balancers_and_its_lease_takes_the_containers_out() {
         let spread = http_spread(&f, 30);
         println!("through balancer {k}: {spread:?}");
         assert_eq!(
-            spread.keys().cloned().collect::<std::collections::BTreeSet<_>>(),
+            spread
+                .keys()
+                .cloned()
+                .collect::<std::collections::BTreeSet<_>>(),
             hosts,
             "balancer {k} does not serve both containers"
         );
@@ -567,7 +622,10 @@ fn berth_publish_feeds_two_balancers_and_its_lease_takes_the_containers_out() {
     for n in [&n1, &n2] {
         fabric::wait_pool(n, 0, long);
     }
-    println!("publisher killed: out of both pools after {:?} (lease ttl 2 s)", t.elapsed());
+    println!(
+        "publisher killed: out of both pools after {:?} (lease ttl 2 s)",
+        t.elapsed()
+    );
     // Back, then stopped cleanly: the lease is revoked, the entries go at once.
     publisher.respawn();
     for n in [&n1, &n2] {
@@ -584,5 +642,9 @@ fn berth_publish_feeds_two_balancers_and_its_lease_takes_the_containers_out() {
         revoked < Duration::from_secs(1),
         "the lease was not revoked at exit ({revoked:?})"
     );
-    assert!(publisher.log_text().contains("lease revoked"), "{}", publisher.log_text());
+    assert!(
+        publisher.log_text().contains("lease revoked"),
+        "{}",
+        publisher.log_text()
+    );
 }

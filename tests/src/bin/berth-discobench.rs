@@ -291,7 +291,10 @@ fn through_publish(lab: &Lab, rounds: usize) -> Vec<f64> {
                 {
                     return called.elapsed();
                 }
-                assert!(called.elapsed() < Duration::from_secs(10), "{want} never served");
+                assert!(
+                    called.elapsed() < Duration::from_secs(10),
+                    "{want} never served"
+                );
                 std::thread::sleep(Duration::from_millis(2));
             }
         });
@@ -300,5 +303,19 @@ fn through_publish(lab: &Lab, rounds: usize) -> Vec<f64> {
         fabric::wait_pool(&balancer, 0, Duration::from_secs(10));
         std::thread::sleep(Duration::from_millis(300 + 200 * (i as u64 % 3)));
     }
+    let counter = |name: &str| {
+        balancer
+            .status()
+            .counters
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(0, |(_, v)| *v)
+    };
+    println!(
+        "through berth publish: SYNs dropped on a slot mid-update (drop_no_backend) {}, \
+         refused with an empty pool (reject_no_backend) {}",
+        counter("drop_no_backend"),
+        counter("reject_no_backend")
+    );
     out
 }
