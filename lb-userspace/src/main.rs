@@ -53,6 +53,7 @@ fn main() -> ExitCode {
             detach_on_exit,
             metrics_listen,
             no_metrics,
+            no_readiness_probe,
             log_format: _,
         } => {
             let source = match (config, synapse_config) {
@@ -73,6 +74,7 @@ fn main() -> ExitCode {
                 detach_on_exit,
                 metrics_listen,
                 no_metrics,
+                no_readiness_probe,
             };
             run(source, overrides, admin_socket)
         }

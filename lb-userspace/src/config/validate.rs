@@ -117,6 +117,15 @@ impl Config {
                 ),
             ));
         }
+        if !(100..=600_000).contains(&self.docker.readiness_timeout_ms) {
+            return Err(ConfigError::new(
+                "docker.readiness_timeout_ms",
+                format!(
+                    "{} must be between 100 and 600000 ms",
+                    self.docker.readiness_timeout_ms
+                ),
+            ));
+        }
         for (i, iface) in d.interfaces.iter().enumerate() {
             if iface.is_empty() || iface.len() > 15 || iface.contains(['/', ' ', '\0']) {
                 return Err(ConfigError::new(
@@ -256,6 +265,7 @@ impl Config {
                 protocol: s.protocol,
                 backends,
                 health: s.health.clone(),
+                instances: Default::default(),
             });
         }
         if total_backends >= d.max_backends as usize {

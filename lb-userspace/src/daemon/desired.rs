@@ -178,6 +178,7 @@ mod tests {
             .into_iter()
             .collect(),
             bridges: BTreeMap::new(),
+            started_at: "2026-12-03T09:00:00.000000000Z".into(),
         }
     }
 
@@ -188,6 +189,7 @@ mod tests {
             protocol: Protocol::Tcp,
             backends: vec![("10.0.1.1:5432".parse().unwrap(), 1)],
             health: None,
+            instances: BTreeMap::new(),
         }]
     }
 
