@@ -1,0 +1,168 @@
+//! Docker e2e, joins: containers whose service listens only 1.5 s after they start
+//! (`HELLO_LISTEN_AFTER_MS`), joining the pool and restarting (`docker restart`) under a load
+//! loop. With berth's readiness probe no request is refused; with the probe turned off
+//! (`readiness_probe = false`) the same joins are refused requests, so the test can tell.
+//!
+//! berth runs in the root namespace, where Docker's networks live, but attaches only to
+//! interfaces the test creates (`berth_tests::docker::Lab`): a Docker network's bridge and a veth
+//! whose peer sits in a client namespace and plays the host's uplink. All traffic goes from that
+//! namespace to the containers the test started, of the project's own image.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use berth_tests::{
+    daemon::Berth,
+    docker::{Lab, TEST, docker},
+};
+
+/// How long the late containers' service takes to listen after they start.
+const LISTEN_AFTER_MS: u64 = 1500;
+
+/// What one run of the story saw.
+struct Seen {
+    requests: usize,
+    /// Failed requests: (what failed, which phase).
+    failed: Vec<(String, &'static str)>,
+    /// From `docker run` (or `docker restart` returning) to the first answer of the container.
+    joins: Vec<(&'static str, Duration)>,
+    /// The probe's own measure, from berth's log: how long after it saw a container start a
+    /// connect to it succeeded.
+    probe_after: Vec<f64>,
+}
+
+/// One container serving from the start, then under a load loop: three containers listening
+/// late join one after the other, one of them is restarted, and a container listening at once
+/// joins.
+fn joins_under_load(tag: &str, config: &str) -> Seen {
+    let lab = Lab::for_tests();
+    lab.run("bt-j0", &[]);
+    let berth = Berth::start_root(tag, config, &[TEST.uplink, TEST.bridge]);
+    berth.wait_for(" added (weight ", 1);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = lab.load_loop(stop.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    let late = format!("HELLO_LISTEN_AFTER_MS={LISTEN_AFTER_MS}");
+    let mut phases: Vec<(Instant, &'static str)> = Vec::new();
+    let mut joins = Vec::new();
+    let mut late_hosts = Vec::new();
+    for name in ["bt-j1", "bt-j2", "bt-j3"] {
+        let started = Instant::now();
+        phases.push((started, "late join"));
+        let host = lab.run(name, &["-e", &late]).hostname();
+        joins.push((
+            "late join",
+            lab.served_by(&host, started, Duration::from_secs(15)),
+        ));
+        late_hosts.push(host);
+    }
+    // `docker restart` returns once the container runs again: its service is 1.5 s away.
+    phases.push((Instant::now(), "docker restart"));
+    docker(&["restart", "bt-j1"]);
+    let restarted = Instant::now();
+    joins.push((
+        "restart",
+        lab.served_by(&late_hosts[0], restarted, Duration::from_secs(15)),
+    ));
+    let started = Instant::now();
+    phases.push((started, "join"));
+    let host = lab.run("bt-j4", &[]).hostname();
+    joins.push((
+        "join",
+        lab.served_by(&host, started, Duration::from_secs(15)),
+    ));
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let results = load.join().expect("load loop");
+
+    let phase_of = |at: Instant| {
+        phases
+            .iter()
+            .rev()
+            .find(|(t, _)| *t <= at)
+            .map_or("before", |(_, p)| *p)
+    };
+    let failed: Vec<_> = results
+        .iter()
+        .filter_map(|(at, r)| r.as_ref().err().map(|e| (e.clone(), phase_of(*at))))
+        .collect();
+    let log = berth.log_text();
+    let probe_after = log
+        .split("accepting connections after ")
+        .skip(1)
+        .filter_map(|rest| rest.split(' ').next()?.parse::<f64>().ok())
+        .collect();
+    Seen {
+        requests: results.len(),
+        failed,
+        joins,
+        probe_after,
+    }
+}
+
+fn report(what: &str, seen: &Seen) {
+    println!(
+        "{what}: {} requests, {} failed; joins (from docker run / restart to first answer): {:?}; \
+         probe passed after (s): {:?}",
+        seen.requests,
+        seen.failed.len(),
+        seen.joins,
+        seen.probe_after
+    );
+    let mut by_phase = std::collections::BTreeMap::new();
+    for (_, phase) in &seen.failed {
+        *by_phase.entry(*phase).or_insert(0) += 1;
+    }
+    if !by_phase.is_empty() {
+        println!("{what}: failed requests by phase: {by_phase:?}");
+    }
+}
+
+#[test]
+fn late_listeners_join_and_restart_under_load_without_a_refused_request() {
+    let seen = joins_under_load("docker-joins", &TEST.config());
+    report("readiness probe on", &seen);
+    assert!(
+        seen.requests > 500,
+        "the load loop barely ran: {}",
+        seen.requests
+    );
+    assert!(seen.failed.is_empty(), "failed requests: {:?}", seen.failed);
+    // Each container was probed: the one serving from the start, four late starts (three joins
+    // and a restart) and one listening at once.
+    assert_eq!(seen.probe_after.len(), 6, "{:?}", seen.probe_after);
+    let late = LISTEN_AFTER_MS as f64 / 1000.0;
+    for after in &seen.probe_after[1..5] {
+        assert!(*after >= late - 0.3, "pooled before it listened: {after} s");
+    }
+}
+
+#[test]
+fn without_the_probe_late_listeners_are_refused_requests() {
+    let config = TEST
+        .config()
+        .replace("[docker]\n", "[docker]\nreadiness_probe = false\n");
+    assert!(config.contains("readiness_probe = false"), "{config}");
+    let seen = joins_under_load("docker-joins-off", &config);
+    report("readiness probe off", &seen);
+    // Each late join and the restart pooled a container that refused connections.
+    assert!(
+        seen.failed.iter().all(|(e, _)| e.contains("refused")),
+        "{:?}",
+        seen.failed
+    );
+    for phase in ["late join", "docker restart"] {
+        assert!(
+            seen.failed.iter().any(|(_, p)| *p == phase),
+            "no refused request during {phase}: {:?}",
+            seen.failed
+        );
+    }
+    assert!(seen.probe_after.is_empty(), "probed while turned off");
+}
