@@ -1,5 +1,6 @@
 //! The daemon's state between events, and one method per event: a reload (SIGHUP), a Docker
-//! event, a health change, the 1 s tick, the 30 s conntrack sweep, a status or metrics request.
+//! event, a health change, a readiness probe's answer, the 1 s tick, the 30 s conntrack sweep, a
+//! status or metrics request.
 //! Each handler updates what the daemon knows and, when the desired services change, hands
 //! them to the reconciler, the one writer of the maps.
 

@@ -50,7 +50,7 @@ impl ContainerInfo {
     }
 
     /// Whether the container may take traffic: running and not reported unhealthy by its own
-    /// HEALTHCHECK (one still "starting" is served: it joins as soon as it runs).
+    /// HEALTHCHECK (one still "starting" is served, once berth's readiness probe passes).
     pub fn serving(&self) -> bool {
         self.running && self.health.as_deref() != Some("unhealthy")
     }
