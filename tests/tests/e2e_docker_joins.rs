@@ -1,6 +1,7 @@
 //! Docker e2e, joins: containers whose service listens only 1.5 s after they start
 //! (`HELLO_LISTEN_AFTER_MS`), joining the pool and restarting (`docker restart`) under a load
-//! loop. With berth's readiness probe no request is refused; with the probe turned off
+//! loop, and one listening only after the probe's timeout (said once in berth's log, pooled when
+//! it listens). With berth's readiness probe no request is refused; with the probe turned off
 //! (`readiness_probe = false`) the same joins are refused requests, so the test can tell.
 //!
 //! berth runs in the root namespace, where Docker's networks live, but attaches only to
@@ -23,6 +24,10 @@ use berth_tests::{
 
 /// How long the late containers' service takes to listen after they start.
 const LISTEN_AFTER_MS: u64 = 1500;
+/// The probe's timeout in these tests (`docker.readiness_timeout_ms`), and how long the slow
+/// container's service takes to listen: longer than that.
+const PROBE_TIMEOUT_MS: u64 = 3000;
+const SLOW_LISTEN_AFTER_MS: u64 = 4500;
 
 /// What one run of the story saw.
 struct Seen {
@@ -34,11 +39,13 @@ struct Seen {
     /// The probe's own measure, from berth's log: how long after it saw a container start a
     /// connect to it succeeded.
     probe_after: Vec<f64>,
+    /// berth's log.
+    log: String,
 }
 
 /// One container serving from the start, then under a load loop: three containers listening
-/// late join one after the other, one of them is restarted, and a container listening at once
-/// joins.
+/// late join one after the other, one of them is restarted, a container listening at once joins,
+/// and one listening only after the probe's timeout.
 fn joins_under_load(tag: &str, config: &str) -> Seen {
     let lab = Lab::for_tests();
     lab.run("bt-j0", &[]);
@@ -77,6 +84,14 @@ fn joins_under_load(tag: &str, config: &str) -> Seen {
         "join",
         lab.served_by(&host, started, Duration::from_secs(15)),
     ));
+    let started = Instant::now();
+    phases.push((started, "slow join"));
+    let slow = format!("HELLO_LISTEN_AFTER_MS={SLOW_LISTEN_AFTER_MS}");
+    let host = lab.run("bt-j5", &["-e", &slow]).hostname();
+    joins.push((
+        "slow join",
+        lab.served_by(&host, started, Duration::from_secs(15)),
+    ));
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::Relaxed);
     let results = load.join().expect("load loop");
@@ -103,7 +118,17 @@ fn joins_under_load(tag: &str, config: &str) -> Seen {
         failed,
         joins,
         probe_after,
+        log,
     }
+}
+
+/// `TEST.config()` with these settings added to its `[docker]` table.
+fn config(docker: &str) -> String {
+    let c = TEST
+        .config()
+        .replace("[docker]\n", &format!("[docker]\n{docker}"));
+    assert!(c.contains(docker), "{c}");
+    c
 }
 
 fn report(what: &str, seen: &Seen) {
@@ -126,7 +151,10 @@ fn report(what: &str, seen: &Seen) {
 
 #[test]
 fn late_listeners_join_and_restart_under_load_without_a_refused_request() {
-    let seen = joins_under_load("docker-joins", &TEST.config());
+    let seen = joins_under_load(
+        "docker-joins",
+        &config(&format!("readiness_timeout_ms = {PROBE_TIMEOUT_MS}\n")),
+    );
     report("readiness probe on", &seen);
     assert!(
         seen.requests > 500,
@@ -135,21 +163,37 @@ fn late_listeners_join_and_restart_under_load_without_a_refused_request() {
     );
     assert!(seen.failed.is_empty(), "failed requests: {:?}", seen.failed);
     // Each container was probed: the one serving from the start, four late starts (three joins
-    // and a restart) and one listening at once.
-    assert_eq!(seen.probe_after.len(), 6, "{:?}", seen.probe_after);
+    // and a restart), one listening at once and the slow one.
+    assert_eq!(seen.probe_after.len(), 7, "{:?}", seen.probe_after);
     let late = LISTEN_AFTER_MS as f64 / 1000.0;
     for after in &seen.probe_after[1..5] {
         assert!(*after >= late - 0.3, "pooled before it listened: {after} s");
     }
+    // The slow one: said once, when the timeout passed, and pooled within a second (probes
+    // every second from then on) of listening.
+    let slow = SLOW_LISTEN_AFTER_MS as f64 / 1000.0;
+    let after = seen.probe_after[6];
+    assert!((slow - 0.3..slow + 1.3).contains(&after), "{after} s");
+    let said: Vec<_> = seen
+        .log
+        .lines()
+        .filter(|l| l.contains("nothing accepts connections"))
+        .collect();
+    assert_eq!(said.len(), 1, "{said:?}");
+    assert!(
+        said[0].contains("container bt-j5:") && said[0].contains("kept out of service nodeapp's"),
+        "{said:?}"
+    );
 }
 
 #[test]
 fn without_the_probe_late_listeners_are_refused_requests() {
-    let config = TEST
-        .config()
-        .replace("[docker]\n", "[docker]\nreadiness_probe = false\n");
-    assert!(config.contains("readiness_probe = false"), "{config}");
-    let seen = joins_under_load("docker-joins-off", &config);
+    let seen = joins_under_load(
+        "docker-joins-off",
+        &config(&format!(
+            "readiness_probe = false\nreadiness_timeout_ms = {PROBE_TIMEOUT_MS}\n"
+        )),
+    );
     report("readiness probe off", &seen);
     // Each late join and the restart pooled a container that refused connections.
     assert!(
@@ -157,7 +201,7 @@ fn without_the_probe_late_listeners_are_refused_requests() {
         "{:?}",
         seen.failed
     );
-    for phase in ["late join", "docker restart"] {
+    for phase in ["late join", "docker restart", "slow join"] {
         assert!(
             seen.failed.iter().any(|(_, p)| *p == phase),
             "no refused request during {phase}: {:?}",
@@ -165,4 +209,5 @@ fn without_the_probe_late_listeners_are_refused_requests() {
         );
     }
     assert!(seen.probe_after.is_empty(), "probed while turned off");
+    assert!(!seen.log.contains("nothing accepts connections"));
 }

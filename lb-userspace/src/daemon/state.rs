@@ -256,7 +256,10 @@ impl Daemon {
                 self.apply(&why);
             }
             ProbeOutcome::Slow { last } => warn!(
-                "container {container}: nothing accepts connections on {} {} s after it                  started ({last}); kept out of service {}'s pool, probing every {} s until it                  does (`[docker] readiness_probe = false` or `--no-readiness-probe` pool                  containers as soon as they run)",
+                "container {container}: nothing accepts connections on {} {} s after it \
+                 started ({last}); kept out of service {}'s pool, probing every {} s until it \
+                 does (`[docker] readiness_probe = false` or `--no-readiness-probe` pool \
+                 containers as soon as they run)",
                 report.backend,
                 self.readiness.timeout().unwrap_or_default().as_secs_f64(),
                 report.service,
