@@ -87,7 +87,11 @@ fn joins_under_load(tag: &str, config: &str) -> Seen {
     let started = Instant::now();
     phases.push((started, "slow join"));
     let slow = format!("HELLO_LISTEN_AFTER_MS={SLOW_LISTEN_AFTER_MS}");
-    let host = lab.run("bt-j5", &["-e", &slow]).hostname();
+    // Without the image's HEALTHCHECK, which would call it unhealthy before it listens (and
+    // berth would take it out for that reason instead).
+    let host = lab
+        .run("bt-j5", &["-e", &slow, "--no-healthcheck"])
+        .hostname();
     joins.push((
         "slow join",
         lab.served_by(&host, started, Duration::from_secs(15)),
