@@ -53,6 +53,10 @@ pub enum Command {
         /// Serve no metrics; replaces `metrics.enabled`.
         #[arg(long, conflicts_with = "metrics_listen")]
         no_metrics: bool,
+        /// Pool a new container as soon as it runs, without waiting until it accepts TCP
+        /// connections; sets `docker.readiness_probe = false` (in every mode).
+        #[arg(long)]
+        no_readiness_probe: bool,
         /// Log lines as text, or as one JSON object per line (for log shippers). `RUST_LOG`
         /// filters either (default: info).
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]

@@ -54,6 +54,7 @@ fn main() -> ExitCode {
             detach_on_exit,
             metrics_listen,
             no_metrics,
+            no_readiness_probe,
             log_format: _,
         } => {
             let source = match (config, synapse_config) {
@@ -74,6 +75,7 @@ fn main() -> ExitCode {
                 detach_on_exit,
                 metrics_listen,
                 no_metrics,
+                no_readiness_probe,
             };
             run(source, overrides, admin_socket)
         }

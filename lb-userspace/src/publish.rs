@@ -60,6 +60,7 @@ impl Published {
             health: None,
             networks: BTreeMap::new(),
             bridges: BTreeMap::new(),
+            started_at: String::new(),
         };
         s.image.as_deref().is_none_or(|i| probe.runs_image(i))
             && s.labels.iter().all(|(k, v)| self.labels.get(k) == Some(v))

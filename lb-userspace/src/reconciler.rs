@@ -16,7 +16,7 @@ use lb_common::{Backend, ServiceKey, ServiceValue, ipv4_to_wire, port_to_wire};
 use tracing::{info, info_span};
 
 use crate::{
-    config::{Protocol, Service},
+    config::{Instance, Protocol, Service},
     dataplane::{Dataplane, DataplaneError},
     maglev,
 };
@@ -82,6 +82,9 @@ pub enum ReconcileError {
 struct AppliedBackend {
     id: u32,
     weight: u32,
+    /// The container run the slot was written for (None: a configured backend, or one adopted
+    /// and not yet claimed).
+    instance: Option<Instance>,
 }
 
 impl AppliedService {
@@ -193,7 +196,14 @@ impl Reconciler {
                         std::net::Ipv4Addr::from(u32::from_be(b.addr)),
                         u16::from_be(b.port),
                     );
-                    backends.insert(addr, AppliedBackend { id, weight: 0 });
+                    backends.insert(
+                        addr,
+                        AppliedBackend {
+                            id,
+                            weight: 0,
+                            instance: None,
+                        },
+                    );
                 }
             }
             used_services.insert(value.id);
@@ -346,6 +356,9 @@ impl Reconciler {
             for (addr, b) in &mut a.backends {
                 if let Some((_, w)) = svc.backends.iter().find(|(d, _)| d == addr) {
                     b.weight = *w;
+                    // What the pinned slot was written for is not recorded: the container
+                    // there now has been served by it all along.
+                    b.instance = svc.instances.get(addr).copied();
                 }
             }
             info!(
@@ -481,22 +494,32 @@ impl Reconciler {
         }
         let a = self.services.get_mut(&svc.name).expect("just ensured");
 
-        // Backends that left: out of the set now, their ids retire once the table is rewritten.
-        let gone: Vec<SocketAddrV4> = a
+        // Backends that left, or whose address another container run took (a new backend
+        // there, added below with a slot of its own: zeroed counters, no cached route): out of
+        // the set now, their ids retire once the table is rewritten.
+        let gone: Vec<(SocketAddrV4, bool)> = a
             .backends
-            .keys()
-            .filter(|addr| !svc.backends.iter().any(|(d, _)| d == *addr))
-            .copied()
+            .iter()
+            .filter_map(|(addr, b)| {
+                let wanted = svc.backends.iter().any(|(d, _)| d == addr);
+                let replaced = wanted && svc.instances.get(addr).copied() != b.instance;
+                (!wanted || replaced).then_some((*addr, replaced))
+            })
             .collect();
-        for addr in gone {
+        for (addr, replaced) in gone {
             let b = a.backends.remove(&addr).expect("listed");
             a.retired.push(b.id);
             self.draining
                 .insert((a.protocol.ip_proto(), addr), std::time::Instant::now());
             a.table_synced = false;
+            let what = if replaced {
+                "removed: another container run has its address"
+            } else {
+                "removed"
+            };
             notes.push((
                 Some(addr),
-                format!("service {}: backend {addr} removed ({why})", svc.name),
+                format!("service {}: backend {addr} {what} ({why})", svc.name),
             ));
         }
         // New backends and weight changes. The backend slot is written before any table slot
@@ -536,7 +559,14 @@ impl Reconciler {
                         return Err(map_err(source));
                     }
                     writes += 1;
-                    a.backends.insert(addr, AppliedBackend { id, weight });
+                    a.backends.insert(
+                        addr,
+                        AppliedBackend {
+                            id,
+                            weight,
+                            instance: svc.instances.get(&addr).copied(),
+                        },
+                    );
                     a.table_synced = false;
                     notes.push((
                         Some(addr),

@@ -238,8 +238,9 @@ impl Collector for Snapshot {
             ),
             (
                 "berth_backend_healthy",
-                "1 if the backend passes its health check (or has none), else 0.",
-                |b| u64::from(b.health != "unhealthy"),
+                "1 if the backend passes its health check (or has none), else 0 (also while a \
+                 new container does not accept connections yet).",
+                |b| u64::from(b.health == "healthy" || b.health == "unchecked"),
             ),
             (
                 "berth_backend_in_pool",

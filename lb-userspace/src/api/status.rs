@@ -46,7 +46,8 @@ pub struct BackendStatus {
     pub address: String,
     /// The container behind it, if discovered through Docker.
     pub container: Option<String>,
-    /// "healthy", "unhealthy", or "unchecked" (no health check configured).
+    /// "healthy", "unhealthy", "unchecked" (no health check configured), or "starting" (a
+    /// new container whose port does not accept connections yet: not in the pool).
     pub health: String,
     pub weight: u32,
     /// Whether it is in the Maglev table (takes new flows).

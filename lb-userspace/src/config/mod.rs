@@ -195,6 +195,13 @@ pub struct DockerConfig {
     /// runs without a config file). A container can then take any free port on this host:
     /// enable it only where whoever starts containers may do that.
     pub label_services: Option<bool>,
+    /// Pool a new container (or a restarted one) only once a TCP connect to its address and
+    /// port succeeds: started is not listening yet, and a client sent there meanwhile is
+    /// refused. `false` pools a container as soon as it runs. (UDP services: no probe.)
+    pub readiness_probe: bool,
+    /// How long the probe tries every 100 ms; after that berth says so once and keeps the
+    /// container out of the pool, probing every second until it answers.
+    pub readiness_timeout_ms: u64,
 }
 
 impl Default for DockerConfig {
@@ -203,6 +210,8 @@ impl Default for DockerConfig {
             enabled: None,
             socket: "/var/run/docker.sock".into(),
             label_services: None,
+            readiness_probe: true,
+            readiness_timeout_ms: 10_000,
         }
     }
 }
@@ -323,6 +332,29 @@ pub struct Service {
     pub protocol: Protocol,
     pub backends: Vec<(SocketAddrV4, u32)>,
     pub health: Option<HealthConfig>,
+    /// The container run behind each backend found through Docker (configured backends have
+    /// none).
+    pub instances: std::collections::BTreeMap<SocketAddrV4, Instance>,
+}
+
+/// Which run of which container a backend is: a digest of the container's id and start time.
+/// Another one at the same address (a new container at a reused address, or the same container
+/// restarted) is a new backend: a fresh slot with zeroed counters, a new readiness probe, a new
+/// health check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Instance(pub u64);
+
+impl Instance {
+    /// The instance of the container `id` started at `started_at` (Docker's `State.StartedAt`).
+    pub fn of(id: &str, started_at: &str) -> Self {
+        // FNV-1a: stable across builds and platforms (std's hasher is not promised to be).
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in id.bytes().chain([0]).chain(started_at.bytes()) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        Self(h)
+    }
 }
 
 #[cfg(test)]
@@ -401,6 +433,10 @@ mod tests {
         assert_eq!(
             err("[dataplane]\nconntrack_size = 5\n").field,
             "dataplane.conntrack_size"
+        );
+        assert_eq!(
+            err("[docker]\nreadiness_timeout_ms = 0\n").field,
+            "docker.readiness_timeout_ms"
         );
         assert_eq!(
             err(&format!(

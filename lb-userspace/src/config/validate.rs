@@ -130,6 +130,15 @@ impl Config {
                 ),
             ));
         }
+        if !(100..=600_000).contains(&self.docker.readiness_timeout_ms) {
+            return Err(ConfigError::new(
+                "docker.readiness_timeout_ms",
+                format!(
+                    "{} must be between 100 and 600000 ms",
+                    self.docker.readiness_timeout_ms
+                ),
+            ));
+        }
         self.etcd.validate()?;
         self.publish.validate()?;
         for (i, iface) in d.interfaces.iter().enumerate() {
@@ -274,6 +283,7 @@ impl Config {
                 protocol: s.protocol,
                 backends,
                 health: s.health.clone(),
+                instances: Default::default(),
             });
         }
         if total_backends >= d.max_backends as usize {

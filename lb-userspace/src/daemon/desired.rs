@@ -180,6 +180,7 @@ mod tests {
             .into_iter()
             .collect(),
             bridges: BTreeMap::new(),
+            started_at: "2026-12-03T09:00:00.000000000Z".into(),
         }
     }
 
@@ -190,6 +191,7 @@ mod tests {
             protocol: Protocol::Tcp,
             backends: vec![("10.0.1.1:5432".parse().unwrap(), 1)],
             health: None,
+            instances: BTreeMap::new(),
         }]
     }
 

@@ -104,6 +104,8 @@ pub struct Overrides {
     pub metrics_listen: Option<String>,
     /// `--no-metrics`: turns metrics off.
     pub no_metrics: bool,
+    /// `--no-readiness-probe`: turns the readiness probe off.
+    pub no_readiness_probe: bool,
 }
 
 impl Overrides {
@@ -122,6 +124,9 @@ impl Overrides {
         }
         if self.no_metrics {
             cfg.metrics.enabled = false;
+        }
+        if self.no_readiness_probe {
+            cfg.docker.readiness_probe = false;
         }
     }
 }
@@ -333,7 +338,8 @@ async fn event_loop(
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     let (health_tx, mut health_rx) = tokio::sync::mpsc::channel(256);
-    let mut d = state::Daemon::new(start, health_tx);
+    let (probe_tx, mut probe_rx) = tokio::sync::mpsc::channel(256);
+    let mut d = state::Daemon::new(start, health_tx, probe_tx);
 
     let (docker_tx, mut docker_rx) = tokio::sync::mpsc::channel(1024);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -416,6 +422,7 @@ async fn event_loop(
             Some(reply) = metrics_rx.recv() => d.on_metrics(reply),
             Ok((conn, _)) = admin.accept() => d.on_admin(conn),
             Some(change) = health_rx.recv() => d.on_health(&change),
+            Some(report) = probe_rx.recv() => d.on_probe(&report),
             _ = retry.tick() => d.on_tick(std::time::Instant::now()),
             _ = gc.tick() => d.on_gc(),
         }
@@ -489,6 +496,7 @@ mod tests {
             detach_on_exit: false,
             metrics_listen: None,
             no_metrics: false,
+            no_readiness_probe: false,
         }
     }
 
@@ -535,6 +543,7 @@ mod tests {
         o.cgroup = Some("none".into());
         o.detach_on_exit = true;
         o.metrics_listen = Some("127.0.0.1:19477".into());
+        o.no_readiness_probe = true;
         // Whether `lo` forwards IPv4 depends on the host running the test: the forwarding check
         // may refuse it, but the command line itself must pass.
         match prepare(None, o, "/x.sock".into()) {
@@ -543,6 +552,7 @@ mod tests {
                 assert_eq!(run.cfg.dataplane.cgroup_target(), Cgroup::None);
                 assert!(run.cfg.dataplane.detach_on_exit);
                 assert_eq!(run.cfg.metrics.listen, "127.0.0.1:19477");
+                assert!(!run.cfg.docker.readiness_probe);
                 assert_eq!(run.ifaces, ["lo"]);
                 assert!(run.source.is_none() && run.services.is_empty());
             }

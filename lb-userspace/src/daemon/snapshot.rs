@@ -10,7 +10,7 @@ use crate::{
     config::Service,
     dataplane::{ConntrackReader, DataplaneError},
     discovery::ContainerInfo,
-    health::{NetChecker, Supervisor},
+    health::{NetChecker, Readiness, Supervisor},
     reconciler::Reconciler,
 };
 
@@ -18,6 +18,7 @@ use crate::{
 pub(super) fn build_status(
     rec: &Reconciler,
     health: &Supervisor<NetChecker>,
+    readiness: &Readiness,
     desired: &[Service],
     containers: &BTreeMap<String, ContainerInfo>,
 ) -> status::Status {
@@ -53,6 +54,7 @@ pub(super) fn build_status(
                         address: addr.to_string(),
                         container: container_of(addr),
                         health: match health.state(&s.name, *addr) {
+                            _ if readiness.waiting(&s.name, *addr) => "starting",
                             None => "unchecked",
                             Some(true) => "healthy",
                             Some(false) => "unhealthy",

@@ -1,5 +1,6 @@
 //! The daemon's state between events, and one method per event: a reload (SIGHUP), a Docker
-//! event, a health change, the 1 s tick, the 30 s conntrack sweep, a status or metrics request.
+//! event, a health change, a readiness probe's answer, the 1 s tick, the 30 s conntrack sweep, a
+//! status or metrics request.
 //! Each handler updates what the daemon knows and, when the desired services change, hands
 //! them to the reconciler, the one writer of the maps.
 
@@ -26,7 +27,7 @@ use crate::{
         self, ContainerInfo, Event,
         etcd::{self, Update},
     },
-    health::{HealthChange, NetChecker, Supervisor},
+    health::{HealthChange, NetChecker, ProbeOutcome, ProbeReport, Readiness, Supervisor},
     reconciler::Reconciler,
 };
 
@@ -65,6 +66,8 @@ pub(super) struct Daemon {
     /// Container problems already warned about (each is logged once).
     reported: HashSet<String>,
     health: Supervisor<NetChecker>,
+    /// New container backends wait here until they accept a connection.
+    readiness: Readiness,
     rec: Reconciler,
     hold: Hold,
     docker_on: bool,
@@ -96,8 +99,13 @@ struct EtcdSource {
 
 impl Daemon {
     /// Starts the health checks and writes the configured services (unless an adopted
-    /// dataplane is held for Docker's first listing).
-    pub(super) fn new(start: Start, health_tx: mpsc::Sender<HealthChange>) -> Self {
+    /// dataplane is held for Docker's first listing). Health changes and readiness probes
+    /// report on their channels.
+    pub(super) fn new(
+        start: Start,
+        health_tx: mpsc::Sender<HealthChange>,
+        probe_tx: mpsc::Sender<ProbeReport>,
+    ) -> Self {
         let Start {
             source,
             cfg,
@@ -110,6 +118,12 @@ impl Daemon {
         let etcd_on = source.is_some() && cfg.etcd_enabled();
         let mut health = Supervisor::new(NetChecker, health_tx);
         health.presume_healthy(rec.pinned_backends());
+        let probe_timeout = cfg
+            .docker
+            .readiness_probe
+            .then(|| Duration::from_millis(cfg.docker.readiness_timeout_ms));
+        let mut readiness = Readiness::new(probe_tx, probe_timeout);
+        readiness.presume_ready(rec.pinned_backends());
         let mut d = Self {
             source,
             overrides,
@@ -119,6 +133,7 @@ impl Daemon {
             containers: BTreeMap::new(),
             reported: HashSet::new(),
             health,
+            readiness,
             rec,
             hold: Hold::new(adopted, docker_on || etcd_on, Instant::now()),
             docker_on,
@@ -130,6 +145,7 @@ impl Daemon {
             awaiting: (docker_on, etcd_on),
         };
         d.health.sync(&d.desired);
+        d.readiness.sync(&d.desired);
         if d.hold.holding() {
             info!(
                 "keeping the pinned services as they are until the first listing of {}",
@@ -345,6 +361,43 @@ impl Daemon {
         self.apply(&why);
     }
 
+    /// A readiness probe answered: the backend joins its pool (after its health check's rise,
+    /// if it has one), or it is slow to listen, which is said once.
+    pub(super) fn on_probe(&mut self, report: &ProbeReport) {
+        let _backend = info_span!(
+            "probe",
+            service = %report.service,
+            backend = %report.backend,
+        )
+        .entered();
+        if !self.readiness.current(report) {
+            return; // the backend is gone, or another container run took its address
+        }
+        let container = self
+            .container_at(report.backend)
+            .unwrap_or_else(|| report.backend.to_string());
+        match &report.outcome {
+            ProbeOutcome::Ready { after } => {
+                self.readiness.record(report);
+                let why = format!(
+                    "docker: container {container} accepting connections after {:.2} s",
+                    after.as_secs_f64()
+                );
+                self.apply(&why);
+            }
+            ProbeOutcome::Slow { last } => warn!(
+                "container {container}: nothing accepts connections on {} {} s after it \
+                 started ({last}); kept out of service {}'s pool, probing every {} s until it \
+                 does (`[docker] readiness_probe = false` or `--no-readiness-probe` pool \
+                 containers as soon as they run)",
+                report.backend,
+                self.readiness.timeout().unwrap_or_default().as_secs_f64(),
+                report.service,
+                crate::health::SLOW_PROBE_EVERY.as_secs()
+            ),
+        }
+    }
+
     /// Every second: the hold warning, a retry of a failed write, this host's addresses, and
     /// the purge of drained backends' flows.
     pub(super) fn on_tick(&mut self, now: Instant) {
@@ -417,12 +470,18 @@ impl Daemon {
     /// Stops the health checks and gives back the dataplane and the config as last reloaded.
     pub(super) fn stop(mut self) -> (Dataplane, Config) {
         self.health.stop();
+        self.readiness.stop();
         (self.rec.into_dataplane(), self.cfg)
     }
 
     fn status(&self) -> Status {
-        let mut s =
-            snapshot::build_status(&self.rec, &self.health, &self.desired, &self.containers);
+        let mut s = snapshot::build_status(
+            &self.rec,
+            &self.health,
+            &self.readiness,
+            &self.desired,
+            &self.containers,
+        );
         s.etcd = self.etcd.as_ref().map(|e| crate::api::status::EtcdStatus {
             endpoints: e.endpoints.clone(),
             connected: e.synced,
@@ -434,6 +493,14 @@ impl Daemon {
             resyncs: e.resyncs,
         });
         s
+    }
+
+    /// The name of the serving container at `backend`'s address.
+    fn container_at(&self, backend: std::net::SocketAddrV4) -> Option<String> {
+        self.containers
+            .values()
+            .find(|c| c.serving() && c.networks.values().any(|ip| ip == backend.ip()))
+            .map(|c| c.name.clone())
     }
 
     /// Recomputes the desired services from the config and the containers, and points the
@@ -460,20 +527,21 @@ impl Daemon {
         }
         self.desired = services;
         self.health.sync(&self.desired);
+        self.readiness.sync(&self.desired);
     }
 
-    /// Hands the healthy part of the desired services to the reconciler, unless held; a failed
-    /// write is logged and retried by the tick.
+    /// Hands the ready and healthy part of the desired services to the reconciler, unless
+    /// held; a failed write is logged and retried by the tick.
     fn apply(&mut self, why: &str) {
-        let (rec, health, desired) = (&mut self.rec, &self.health, &self.desired);
-        self.hold
-            .settle(|| match rec.apply(&health.filter(desired), why) {
-                Ok(_) => false,
-                Err(e) => {
-                    error!("applying services failed, retrying in 1 s: {e:#}");
-                    true
-                }
-            });
+        let serving = self.readiness.filter(&self.health.filter(&self.desired));
+        let rec = &mut self.rec;
+        self.hold.settle(|| match rec.apply(&serving, why) {
+            Ok(_) => false,
+            Err(e) => {
+                error!("applying services failed, retrying in 1 s: {e:#}");
+                true
+            }
+        });
     }
 
     /// Replies from containers arrive on their network's bridge: attach there too.
@@ -519,10 +587,21 @@ mod tests {
     };
     use lb_common::{ipv4_to_wire, port_to_wire};
 
-    const ONE_SERVICE: &str = "[[service]]\nname = \"web\"\nlisten = \"10.99.0.1:80\"\n\
+    /// Containers of image "web" on port 8000, without the readiness probe: the test's
+    /// containers are not real, nothing may be sent to their addresses.
+    const ONE_SERVICE: &str = "[docker]\nreadiness_probe = false\n\
+                               [[service]]\nname = \"web\"\nlisten = \"10.99.0.1:80\"\n\
                                docker = { image = \"web\", port = 8000 }\n";
 
     fn daemon(dir: &std::path::Path, text: &str) -> Daemon {
+        daemon_with_probes(dir, text).0
+    }
+
+    /// A daemon, and the channel its readiness probes report on (the event loop's part).
+    fn daemon_with_probes(
+        dir: &std::path::Path,
+        text: &str,
+    ) -> (Daemon, mpsc::Receiver<ProbeReport>) {
         let path = dir.join("berth.toml");
         std::fs::write(&path, text).unwrap();
         let (mut cfg, services) = Config::load(text).expect("valid config");
@@ -541,6 +620,7 @@ mod tests {
         })
         .expect("load the dataplane (needs root and BPF)");
         let (tx, _rx) = mpsc::channel(16);
+        let (probe_tx, probe_rx) = mpsc::channel(16);
         let start = Start {
             source: Some(Source {
                 path,
@@ -552,7 +632,24 @@ mod tests {
             adopted: false,
             overrides,
         };
-        Daemon::new(start, tx)
+        (Daemon::new(start, tx, probe_tx), probe_rx)
+    }
+
+    /// The backend ids in service `listen`'s Maglev row.
+    fn slots(d: &Daemon, addr: [u8; 4], port: u16) -> Vec<u32> {
+        let dp = d.rec.dataplane();
+        let (_, v) = dp
+            .services()
+            .into_iter()
+            .find(|(k, _)| k.addr == ipv4_to_wire(addr) && k.port == port_to_wire(port))
+            .expect("service installed");
+        let mut ids: Vec<u32> = (0..251)
+            .map(|s| dp.maglev_slot(v.id, s).unwrap())
+            .filter(|&id| id != 0)
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids
     }
 
     /// The backends in service `listen`'s Maglev row, as (address, port).
@@ -587,6 +684,7 @@ mod tests {
             health: None,
             networks: BTreeMap::from([("bridge".to_owned(), Ipv4Addr::from(ip))]),
             bridges: BTreeMap::new(),
+            started_at: "2026-12-03T09:00:00.000000000Z".into(),
         }
     }
 
@@ -693,6 +791,136 @@ mod tests {
         assert!(
             d.cfg().dataplane.detach_on_exit,
             "--detach-on-exit forgotten"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_new_container_at_a_reused_address_gets_a_fresh_slot() {
+        let dir = tempdir("reused");
+        let mut d = daemon(&dir, ONE_SERVICE);
+        d.on_docker(Event::Snapshot(vec![container(
+            "a",
+            "web",
+            [172, 17, 0, 5],
+        )]));
+        let first = slots(&d, [10, 99, 0, 1], 80);
+        assert_eq!(first.len(), 1);
+        // The same container listed again (a resync) keeps its slot.
+        d.on_docker(Event::Snapshot(vec![container(
+            "a",
+            "web",
+            [172, 17, 0, 5],
+        )]));
+        assert_eq!(slots(&d, [10, 99, 0, 1], 80), first);
+        // Docker's listing after a reconnect: another container has the address now. It is
+        // a new backend: a slot of its own, whose counters start from zero (the old slot
+        // kept the first container's counts).
+        d.on_docker(Event::Snapshot(vec![container(
+            "b",
+            "web",
+            [172, 17, 0, 5],
+        )]));
+        assert_eq!(
+            pool(&d, [10, 99, 0, 1], 80),
+            [([172, 17, 0, 5].into(), 8000)]
+        );
+        let second = slots(&d, [10, 99, 0, 1], 80);
+        assert_eq!(second.len(), 1);
+        assert_ne!(
+            second, first,
+            "the new container inherited the old one's slot"
+        );
+        let c = d.rec.dataplane().backend_counters(second[0]).unwrap();
+        assert_eq!((c.packets, c.bytes, c.new_flows), (0, 0, 0));
+        // The same container restarted (a new run, same id and address): a new slot too.
+        let mut restarted = container("b", "web", [172, 17, 0, 5]);
+        restarted.started_at = "2026-12-03T09:00:07.000000000Z".into();
+        d.on_docker(Event::Upsert(restarted, None));
+        let third = slots(&d, [10, 99, 0, 1], 80);
+        assert!(third.len() == 1 && third != second, "{third:?} {second:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Service "web" of the containers running image "web" on `port`, probe on.
+    fn probed(port: u16) -> String {
+        format!(
+            "[docker]\nreadiness_timeout_ms = 10000\n[[service]]\nname = \"web\"\n\
+             listen = \"10.99.0.1:80\"\ndocker = {{ image = \"web\", port = {port} }}\n"
+        )
+    }
+
+    async fn next_probe(rx: &mut mpsc::Receiver<ProbeReport>) -> ProbeReport {
+        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("a probe report within 5 s")
+            .expect("probe channel open")
+    }
+
+    #[tokio::test]
+    async fn a_container_is_pooled_once_it_listens_and_again_after_a_restart() {
+        let dir = tempdir("probe");
+        // A "container" on loopback, whose port the test opens and closes: the probe connects
+        // to it for real.
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let (mut d, mut probes) = daemon_with_probes(&dir, &probed(port));
+        let c = container("c1", "web", [127, 0, 0, 1]);
+        d.on_docker(Event::Upsert(c.clone(), None));
+        assert_eq!(pool(&d, [10, 99, 0, 1], 80), [], "pooled before it listens");
+        let st = d.status();
+        let b = &st.services[0].backends[0];
+        assert_eq!((b.health.as_str(), b.in_pool), ("starting", false));
+
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        let report = next_probe(&mut probes).await;
+        assert!(
+            matches!(report.outcome, ProbeOutcome::Ready { .. }),
+            "{report:?}"
+        );
+        d.on_probe(&report);
+        assert_eq!(
+            pool(&d, [10, 99, 0, 1], 80),
+            [([127, 0, 0, 1].into(), port)]
+        );
+        let first = slots(&d, [10, 99, 0, 1], 80);
+
+        // Restarted (same id, same address, a new run) and not listening yet: out of the pool
+        // until it listens again, then in with a slot of its own.
+        drop(listener);
+        let mut again = c.clone();
+        again.started_at = "2026-12-03T09:00:09.000000000Z".into();
+        d.on_docker(Event::Upsert(again, None));
+        assert_eq!(
+            pool(&d, [10, 99, 0, 1], 80),
+            [],
+            "pooled before it listens again"
+        );
+        // The earlier run's report, handled late, changes nothing.
+        d.on_probe(&report);
+        assert_eq!(pool(&d, [10, 99, 0, 1], 80), []);
+        let _listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        let report = next_probe(&mut probes).await;
+        d.on_probe(&report);
+        assert_eq!(
+            pool(&d, [10, 99, 0, 1], 80),
+            [([127, 0, 0, 1].into(), port)]
+        );
+        assert_ne!(slots(&d, [10, 99, 0, 1], 80), first);
+
+        // Stopped while probing: its probe ends with it.
+        let c2 = container("c2", "web", [127, 0, 0, 2]);
+        d.on_docker(Event::Upsert(c2.clone(), None));
+        let mut stopped = c2;
+        stopped.running = false;
+        d.on_docker(Event::Upsert(stopped, None));
+        let _l2 = std::net::TcpListener::bind(("127.0.0.2", port)).unwrap();
+        tokio::time::sleep(crate::health::PROBE_EVERY * 4).await;
+        assert!(
+            probes.try_recv().is_err(),
+            "the probe of a stopped container reported"
         );
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -48,6 +48,7 @@ fn info_from(resp: bollard::models::ContainerInspectResponse) -> Option<Containe
         health,
         networks,
         bridges: BTreeMap::new(),
+        started_at: state.started_at.unwrap_or_default(),
     })
 }
 

@@ -472,6 +472,7 @@ mod tests {
             protocol: Protocol::Tcp,
             backends: vec![("10.0.0.9:8000".parse().unwrap(), 1)],
             health: None,
+            instances: Default::default(),
         }
     }
 

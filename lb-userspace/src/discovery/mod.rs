@@ -14,7 +14,7 @@ mod select;
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
-use crate::config::Protocol;
+use crate::config::{Instance, Protocol};
 
 pub use docker::run;
 pub use labels::*;
@@ -39,11 +39,19 @@ pub struct ContainerInfo {
     pub networks: BTreeMap<String, Ipv4Addr>,
     /// Network name -> the host bridge interface behind it (bridge-driver networks only).
     pub bridges: BTreeMap<String, String>,
+    /// When this run of the container started (Docker's `State.StartedAt`): with the id, what
+    /// tells a restarted container from the run berth saw before.
+    pub started_at: String,
 }
 
 impl ContainerInfo {
+    /// This run of this container, as a backend's identity.
+    pub fn instance(&self) -> Instance {
+        Instance::of(&self.id, &self.started_at)
+    }
+
     /// Whether the container may take traffic: running and not reported unhealthy by its own
-    /// HEALTHCHECK (one still "starting" is served: it joins as soon as it runs).
+    /// HEALTHCHECK (one still "starting" is served, once berth's readiness probe passes).
     pub fn serving(&self) -> bool {
         self.running && self.health.as_deref() != Some("unhealthy")
     }
@@ -140,6 +148,7 @@ mod tests {
             bridges: [("bridge".to_owned(), "docker0".to_owned())]
                 .into_iter()
                 .collect(),
+            started_at: "2026-12-03T09:00:00.000000000Z".into(),
         }
     }
 
@@ -250,6 +259,7 @@ mod tests {
             protocol: Protocol::Tcp,
             backends: vec![],
             health: None,
+            instances: BTreeMap::new(),
         }];
         let selectors: HashMap<_, _> = [(
             "web".to_owned(),
@@ -302,6 +312,19 @@ mod tests {
             ],
             "running and starting containers serve; unhealthy and stopped ones do not"
         );
+        // Each container backend carries the run of its container, the configured ones none.
+        let a = &containers["id-a"];
+        assert_eq!(
+            web.instances.get(&"10.0.0.2:8000".parse().unwrap()),
+            Some(&a.instance())
+        );
+        assert_eq!(web.instances.len(), 3);
+        let mut restarted = a.clone();
+        restarted.started_at = "2026-12-03T09:00:05.000000000Z".into();
+        assert_ne!(restarted.instance(), a.instance(), "a restart is a new run");
+        let mut other = a.clone();
+        other.id = "id-a2".into();
+        assert_ne!(other.instance(), a.instance(), "another container");
         assert!(is_stop_signal(Some(&"15".into())) && is_stop_signal(Some(&"SIGKILL".into())));
         assert!(!is_stop_signal(Some(&"1".into())) && !is_stop_signal(None));
         let lab = svcs
@@ -309,6 +332,10 @@ mod tests {
             .find(|s| s.name == "tcp-9090")
             .expect("label service");
         assert_eq!(lab.backends, vec![("10.0.0.5:80".parse().unwrap(), 1)]);
+        assert_eq!(
+            lab.instances.get(&"10.0.0.5:80".parse().unwrap()),
+            Some(&containers["id-lab"].instance())
+        );
         assert_eq!(problems.len(), 3, "{problems:?}");
         assert!(
             problems

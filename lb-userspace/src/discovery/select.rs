@@ -33,7 +33,11 @@ pub fn services(
                 continue;
             }
             match c.address(sel.network.as_deref()) {
-                Some(ip) => svc.backends.push((SocketAddrV4::new(ip, sel.port), 1)),
+                Some(ip) => {
+                    let addr = SocketAddrV4::new(ip, sel.port);
+                    svc.backends.push((addr, 1));
+                    svc.instances.insert(addr, c.instance());
+                }
                 None => problems.push(format!(
                     "container {}: no IPv4 address on {}",
                     c.name,
@@ -89,6 +93,7 @@ pub fn services(
                     protocol: ls.protocol,
                     backends: Vec::new(),
                     health: ls.health.clone(),
+                    instances: BTreeMap::new(),
                 });
             if entry.health != ls.health {
                 problems.push(format!(
@@ -104,9 +109,9 @@ pub fn services(
                 ));
                 continue;
             }
-            entry
-                .backends
-                .push((SocketAddrV4::new(ip, ls.target_port), ls.weight));
+            let addr = SocketAddrV4::new(ip, ls.target_port);
+            entry.backends.push((addr, ls.weight));
+            entry.instances.insert(addr, c.instance());
         }
         for (_, mut s) in by_name {
             s.backends.sort();

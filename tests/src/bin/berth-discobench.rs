@@ -122,7 +122,7 @@ fn main() {
     run("bb-base");
     let config = format!("[metrics]\nenabled = false\n{}", LAYOUT.config());
     let berth = Berth::start_root("bench-disco", &config, &[LAYOUT.uplink, LAYOUT.bridge]);
-    berth.wait_for("(docker: resync)", 1);
+    berth.wait_for(" added (weight ", 1);
 
     let stop = Arc::new(AtomicBool::new(false));
     let polls = Arc::new(Mutex::new(Vec::new()));
