@@ -30,7 +30,7 @@ pub const PROG_SOCK_GETPEERNAME4: &str = "berth_getpeername4";
 /// Version of the pinned layout (maps, their key and value types, their meaning). Pins live
 /// under `<pin path>/v<PIN_LAYOUT>/`; a berth finding another version there refuses to adopt it.
 /// Bump it with every change to a map's type, key, value or the meaning of a field.
-pub const PIN_LAYOUT: u32 = 2;
+pub const PIN_LAYOUT: u32 = 3;
 
 /// Addresses of this host (network byte order -> 1), kept current by userspace: what "any
 /// address of this host" means for wildcard services at the socket hooks.
@@ -182,8 +182,13 @@ pub struct ServiceValue {
     pub id: u32,
     /// `SVC_F_*` bits.
     pub flags: u32,
+    /// A backend of the pool (its id; 0: none), taken by a new flow whose Maglev slot holds no
+    /// backend: a row being filled one slot at a time (the pool's first backend) never drops a
+    /// client.
+    pub fallback: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<ServiceValue>() == 8);
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
 
 /// A backend slot. `addr == 0` marks an empty slot.
 #[repr(C)]

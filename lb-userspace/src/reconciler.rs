@@ -93,6 +93,8 @@ impl AppliedService {
         ServiceValue {
             id: self.id,
             flags: self.flags,
+            fallback: self.fallback,
+            _pad: 0,
         }
     }
 }
@@ -117,6 +119,8 @@ struct AppliedService {
     pinned: bool,
     /// The `ServiceValue::flags` the kernel holds ([`lb_common::SVC_F_EMPTY`]).
     flags: u32,
+    /// The `ServiceValue::fallback` the kernel holds: a backend of the pool (0: none).
+    fallback: u32,
 }
 
 /// A summary of one service after an apply, for logs and `status`.
@@ -226,6 +230,7 @@ impl Reconciler {
                     table_synced: false,
                     pinned: true,
                     flags: value.flags,
+                    fallback: value.fallback,
                 },
             );
         }
@@ -482,6 +487,7 @@ impl Reconciler {
                     table_synced: false,
                     pinned: false,
                     flags: 0,
+                    fallback: 0,
                 },
             );
             notes.push((
@@ -584,10 +590,29 @@ impl Reconciler {
         // refused, only dropped, and the client's retry finds it filled. The mark goes before a
         // row fills and comes after it empties.
         let empty = !a.backends.values().any(|b| b.weight > 0);
-        if a.installed && !empty && a.flags & lb_common::SVC_F_EMPTY != 0 {
-            a.flags &= !lb_common::SVC_F_EMPTY;
+        // The fallback for slots not written yet: a backend of the new set (already in the
+        // backend table), in place before the row changes; it stays valid until the next
+        // apply, as retired ids are released only once the row no longer names them.
+        let fallback = a
+            .backends
+            .values()
+            .filter(|b| b.weight > 0)
+            .map(|b| b.id)
+            .min()
+            .unwrap_or(0);
+        let flags = if empty {
+            a.flags
+        } else {
+            a.flags & !lb_common::SVC_F_EMPTY
+        };
+        if a.installed && (flags != a.flags || (fallback != a.fallback && fallback != 0)) {
+            a.flags = flags;
+            a.fallback = fallback;
             self.dp.set_service(a.key, a.value()).map_err(map_err)?;
             writes += 1;
+        }
+        if !a.installed {
+            a.fallback = fallback;
         }
         if !a.table_synced {
             let members: Vec<(maglev::Member, u32)> = a
@@ -638,9 +663,11 @@ impl Reconciler {
             }
         }
 
-        if !a.installed || (empty && a.flags & lb_common::SVC_F_EMPTY == 0) {
+        if !a.installed || (empty && (a.flags & lb_common::SVC_F_EMPTY == 0 || a.fallback != 0)) {
             if empty {
+                // No fallback either: the retired ids were released above and may be reused.
                 a.flags |= lb_common::SVC_F_EMPTY;
+                a.fallback = 0;
             }
             if !a.installed {
                 let proto = a.protocol.ip_proto();
