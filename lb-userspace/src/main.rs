@@ -89,6 +89,10 @@ fn run(source: Option<Source>, overrides: daemon::Overrides, admin_socket: PathB
             eprintln!("berth: invalid command line: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
+        Err(daemon::Refused::Environment(e)) => {
+            eprintln!("berth: invalid Docker environment: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
         Err(daemon::Refused::Host(e)) => {
             error!("{e:#}");
             return ExitCode::FAILURE;
@@ -195,6 +199,21 @@ fn check_config(src: &Source) -> ExitCode {
             }
             if !cfg.dataplane.interfaces.is_empty() {
                 println!("  interfaces: {}", cfg.dataplane.interfaces.join(", "));
+            }
+            if daemon::docker_enabled(&cfg, true) {
+                match daemon::engines(&cfg) {
+                    Ok(engines) => {
+                        for e in &engines {
+                            println!(
+                                "  docker engine {}: {}{}",
+                                e.name(),
+                                e.engine.endpoint,
+                                if e.engine.tls.is_some() { " (TLS)" } else { "" }
+                            );
+                        }
+                    }
+                    Err(e) => return config_failure(path, &e),
+                }
             }
             ExitCode::SUCCESS
         }

@@ -243,6 +243,7 @@ mod tests {
         Status {
             services: vec![],
             counters: vec![("pass_no_service".into(), 1)],
+            engines: vec![],
         }
     }
 

@@ -23,11 +23,13 @@ use std::{
 
 use serde::{Deserialize, Deserializer, de};
 
+pub mod engine;
 mod error;
 mod health;
 pub mod synapse;
 mod validate;
 
+pub use engine::{Endpoint, Engine, EngineConfig, Tls};
 use error::field_at;
 pub use error::{ConfigError, clip_values};
 pub use health::{CheckKind, HealthConfig};
@@ -252,26 +254,60 @@ impl Default for MetricsConfig {
     }
 }
 
-/// Docker discovery.
+/// Docker discovery: which Engines to watch, and what their containers may do.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct DockerConfig {
     /// Watch Docker at all (default: when any service has a `docker` selector, or when berth runs
     /// without a config file).
     pub enabled: Option<bool>,
-    pub socket: String,
+    /// The one-engine shorthand: this host's Docker socket. Without it and without
+    /// `[[docker.engine]]`, the docker CLI's environment decides (`DOCKER_HOST`, ...; default
+    /// `/var/run/docker.sock`).
+    pub socket: Option<String>,
     /// Let containers create services through their `berth.*` labels (default: only when berth
     /// runs without a config file). A container can then take any free port on this host:
     /// enable it only where whoever starts containers may do that.
     pub label_services: Option<bool>,
+    /// The engines to watch (`[[docker.engine]]`), each with its own watcher.
+    #[serde(rename = "engine")]
+    pub engines: Vec<EngineConfig>,
+    /// Seconds an engine may be unreachable before its backends are judged: those of services
+    /// with a health check stay while their checks pass, the others leave.
+    pub grace_secs: u64,
 }
 
 impl Default for DockerConfig {
     fn default() -> Self {
         Self {
             enabled: None,
-            socket: "/var/run/docker.sock".into(),
+            socket: None,
             label_services: None,
+            engines: Vec::new(),
+            grace_secs: 10,
+        }
+    }
+}
+
+impl DockerConfig {
+    /// The engines to watch: as configured, else the one of the docker CLI's environment
+    /// (`env` reads a variable).
+    pub fn engines(
+        &self,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Vec<Engine>, ConfigError> {
+        match engine::configured(&self.engines, self.socket.as_deref())? {
+            Some(e) => Ok(e),
+            None => Ok(vec![engine::from_env(env)?]),
+        }
+    }
+
+    /// The names a selector's `engines` may use (`default` for the shorthand forms).
+    pub fn engine_names(&self) -> Vec<String> {
+        if self.engines.is_empty() {
+            vec![engine::DEFAULT_ENGINE.to_owned()]
+        } else {
+            self.engines.iter().map(|e| e.name.clone()).collect()
         }
     }
 }
@@ -289,6 +325,9 @@ pub struct DockerSelector {
     pub port: u16,
     /// Docker network whose address to use (default: the container's first network by name).
     pub network: Option<String>,
+    /// The engines whose containers count (default: every engine).
+    #[serde(default)]
+    pub engines: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -684,6 +723,52 @@ mod tests {
         // Multi-byte characters are cut on a character boundary.
         let wide = "é".repeat(100);
         assert!(clip_values(&format!("`{wide}`")).contains("(200 bytes)"));
+    }
+
+    #[test]
+    fn docker_engines_parse_and_their_errors_name_the_field() {
+        let base = r#"
+[docker]
+grace_secs = 5
+[[docker.engine]]
+name = "a"
+endpoint = "unix:///var/run/docker.sock"
+[[docker.engine]]
+name = "b"
+endpoint = "tcp://10.0.0.2:2375"
+[[service]]
+name = "web"
+listen = "0.0.0.0:8080"
+docker = { image = "web", port = 8000, engines = ["b"] }
+"#;
+        let (cfg, _) = Config::load(base).unwrap();
+        assert_eq!(cfg.docker.grace_secs, 5);
+        let engines = cfg.docker.engines(&|_| None).unwrap();
+        assert_eq!(
+            engines.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        assert_eq!(cfg.selectors()["web"].engines, ["b"]);
+        assert_eq!(
+            err(&base.replace("engines = [\"b\"]", "engines = [\"zz\"]")).field,
+            "service[0].docker.engines[0]"
+        );
+        assert_eq!(
+            err(&base.replace("tcp://10.0.0.2:2375", "tcp://10.0.0.2")).field,
+            "docker.engine[1].endpoint"
+        );
+        assert_eq!(
+            err(&base.replace("name = \"b\"", "name = \"b\"\ntls_verfy = true")).field,
+            "docker.engine[1].tls_verfy (line 9)"
+        );
+        assert_eq!(
+            err(&base.replace("grace_secs = 5", "grace_secs = 0")).field,
+            "docker.grace_secs"
+        );
+        // The shorthand's one engine is "default".
+        let e = err("[[service]]\nname = \"w\"\nlisten = \"0.0.0.0:80\"\n\
+                     docker = { image = \"w\", port = 80, engines = [\"b\"] }\n");
+        assert!(e.message.contains("engines: default"), "{e}");
     }
 
     #[test]

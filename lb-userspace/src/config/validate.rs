@@ -125,6 +125,17 @@ impl Config {
                 format!("{a} cannot be the source of packets to other hosts"),
             ));
         }
+        engine::configured(&self.docker.engines, self.docker.socket.as_deref())?;
+        if !(1..=3600).contains(&self.docker.grace_secs) {
+            return Err(ConfigError::new(
+                "docker.grace_secs",
+                format!(
+                    "{} must be between 1 and 3600 seconds",
+                    self.docker.grace_secs
+                ),
+            ));
+        }
+        let engine_names = self.docker.engine_names();
         for (i, iface) in d.interfaces.iter().enumerate() {
             if iface.is_empty() || iface.len() > 15 || iface.contains(['/', ' ', '\0']) {
                 return Err(ConfigError::new(
@@ -250,6 +261,17 @@ impl Config {
                         at("docker"),
                         "name an image and/or labels, or every container would match",
                     ));
+                }
+                for (j, e) in d.engines.iter().enumerate() {
+                    if !engine_names.contains(e) {
+                        return Err(ConfigError::new(
+                            at(&format!("docker.engines[{j}]")),
+                            format!(
+                                "no engine is named {e:?} (engines: {})",
+                                engine_names.join(", ")
+                            ),
+                        ));
+                    }
                 }
             }
             if let Some(h) = &s.health {
