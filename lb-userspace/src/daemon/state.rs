@@ -209,7 +209,8 @@ impl Daemon {
                 self.engines
                     .disconnected(&engine, error.clone(), *last_contact);
                 info!(
-                    "engine {engine} is unreachable: its backends stay as they are for the                      grace ({} s)",
+                    "engine {engine} is unreachable: its backends stay as they are for the \
+                     grace ({} s)",
                     self.engines.grace().as_secs()
                 );
             }
@@ -299,7 +300,8 @@ impl Daemon {
         }
         if self.hold.holding() && self.engines.settled() {
             warn!(
-                "releasing the pinned services: engine {} did not list its containers within                  the grace",
+                "releasing the pinned services: engine {} did not list its containers within \
+                 the grace",
                 expired.join(", ")
             );
             self.hold.release();
