@@ -4,8 +4,9 @@
 //! Desired services = the configured ones + what running containers add (by selector or by
 //! label) - backends the health checks took out (that last step is
 //! [`Supervisor::filter`](crate::health::Supervisor::filter), applied on the way to the
-//! reconciler). The [`Hold`] keeps an adopted dataplane as it is until Docker's first listing,
-//! and remembers a failed write so the 1 s tick retries it.
+//! reconciler). The [`Hold`] keeps an adopted dataplane as it is until every Docker Engine has
+//! listed its containers (or been lost past its grace), and remembers a failed write so the 1 s
+//! tick retries it.
 
 use std::{
     collections::{BTreeMap, HashSet},
