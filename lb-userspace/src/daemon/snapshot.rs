@@ -187,8 +187,10 @@ mod tests {
             route: Route::NONE,
             backend_ack: 0,
             in_ifindex: 0,
+            fnat_addr: 0,
+            fnat_port: 0,
             flags: 0,
-            _pad: [0; 7],
+            _pad: 0,
         };
         (FlowKey::new(1, 2, 3, 4, 6), e)
     }
