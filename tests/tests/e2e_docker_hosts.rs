@@ -10,10 +10,10 @@
 //! load and brought back, and (with the tutorial's Synapse config plus a second server) host
 //! `b` crashed (dockerd and containers killed) and restarted.
 //!
-//! Reached how: the other hosts route back to the clients through the root namespace, so
-//! replies pass berth either way. This branch has no full-NAT dataplane yet: the services run
-//! `mode = "dnat"` (see `MODE`), and the Synapse test's default (full NAT for other hosts)
-//! is translated as DNAT by the dataplane as it stands.
+//! Reached how: by default, other hosts' containers by full NAT (they see berth's address on
+//! the link as the client and reply to it). The other hosts also route back to the clients
+//! through the root namespace, so `mode = "dnat"` works as well: the first test switches to it
+//! by a reload at the end.
 
 use std::{
     net::SocketAddrV4,
@@ -32,10 +32,6 @@ use berth_tests::{
     netns::Netns,
     servers::http_get,
 };
-
-/// How the other hosts' backends are reached. Full NAT is not on this branch yet: DNAT, which
-/// this topology supports (the hosts route back through berth).
-const MODE: &str = "mode = \"dnat\"\n";
 
 const B: HostSpec = HostSpec {
     name: "b",
@@ -123,7 +119,7 @@ fn containers_on_three_hosts_make_one_pool_and_a_host_cut_off_leaves_it() {
         "[docker]\nlabel_services = false\ngrace_secs = {grace}\n\
          [[docker.engine]]\nname = \"a\"\nendpoint = \"unix:///var/run/docker.sock\"\n\
          {}{}\
-         [[service]]\nname = \"nodeapp\"\nlisten = \"0.0.0.0:8080\"\n{MODE}\
+         [[service]]\nname = \"nodeapp\"\nlisten = \"0.0.0.0:8080\"\n\
          [service.docker]\nimage = \"{}\"\nport = 8000\n",
         b.engine_toml(),
         c.engine_toml(),
@@ -252,6 +248,25 @@ fn containers_on_three_hosts_make_one_pool_and_a_host_cut_off_leaves_it() {
     let st = berth.status();
     let eb = st.engines.iter().find(|e| e.name == "b").unwrap();
     assert!(eb.connected && !eb.lost && eb.containers == 2, "{eb:?}");
+    // The other hosts' flows were full NAT (a source port taken per flow)...
+    let counter = |st: &lb_userspace::status::Status, name: &str| {
+        st.counters
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(0, |(_, v)| *v)
+    };
+    let taken = counter(&st, "event_snat_port_taken");
+    assert!(taken > 0, "no full-NAT flow: {:?}", st.counters);
+    // ... and `mode = "dnat"` reaches them too (they route back through berth here).
+    berth.reload(&config.replace("[service.docker]", "mode = \"dnat\"\n[service.docker]"));
+    let m = lab.spread(90);
+    println!("mode = \"dnat\": {m:?}");
+    assert!(m.contains_key(&b1) && m.contains_key(&a1), "{m:?}");
+    assert_eq!(
+        counter(&berth.status(), "event_snat_port_taken"),
+        taken,
+        "dnat flows took source ports"
+    );
 }
 
 /// The tutorial's Synapse config (image and check timing adjusted, as in
@@ -339,6 +354,21 @@ fn the_synapse_config_with_a_second_server_serves_both_hosts_and_a_crashed_host_
     );
     assert!(outside.is_empty(), "failed outside the window: {failed:?}");
     assert!(left.duration_since(crashed) < Duration::from_secs(2));
+    // Past the grace (10 s: a Synapse config takes berth's defaults) the engine is lost, and
+    // berth says once what that means for the service: its checks decide.
+    let judged = logged(
+        &berth,
+        "engine b unreachable for more than 10 s",
+        Duration::from_secs(15),
+    );
+    println!(
+        "host b judged lost {:?} after the crash",
+        judged.duration_since(crashed)
+    );
+    berth.wait_for(
+        "service nodeapp keeps its 1 backend there while the health checks pass",
+        1,
+    );
 
     // dockerd comes back (its killed containers do not); a new container there joins.
     b.start_dockerd();

@@ -269,17 +269,21 @@ impl Daemon {
                     .find(|d| d.name == s.name)
                     .map(|d| from(name, d))
                     .unwrap_or_default();
+                let backends = |n: usize| match n {
+                    1 => "1 backend".to_owned(),
+                    n => format!("{n} backends"),
+                };
                 said.push(if s.health.is_some() {
                     format!(
-                        "service {} keeps its {} backends there while their health checks pass",
+                        "service {} keeps its {} there while the health checks pass",
                         s.name,
-                        kept.len()
+                        backends(kept.len())
                     )
                 } else {
                     format!(
-                        "service {} has no health check: its {} backends there leave",
+                        "service {} has no health check: its {} there leave",
                         s.name,
-                        had.len() - kept.len()
+                        backends(had.len() - kept.len())
                     )
                 });
             }
