@@ -35,8 +35,8 @@ use lb_common::{
 
 use crate::{
     maps::{
-        BACKEND_ROUTES, BACKENDS, CONNTRACK, CT_NEW, LOCAL_ADDRS, MAGLEV, PORTS, SCRATCH, SERVICES,
-        account, count,
+        BACKEND_ROUTES, BACKENDS, CONNTRACK, CT_NEW, LOCAL_ADDRS, MAGLEV, NAT_SCRATCH, PORTS,
+        SCRATCH, SERVICES, account, count,
     },
     nat::{
         IcmpNat, Side, fib, ingress_ifindex, redirect_cached, rewrite, rewrite_both, rewrite_icmp,
@@ -119,6 +119,13 @@ pub struct Pkt {
     now: u64,
     bytes: u64,
     cfg: DpConfig,
+}
+
+/// A new full-NAT flow's entry (built as the reply half, then turned into the forward half)
+/// and reply key, in the per-CPU `NAT_SCRATCH` slot.
+pub struct NatScratch {
+    half: CtEntry,
+    rkey: FlowKey,
 }
 
 /// The conntrack map a flow's pair does not live in.
@@ -750,10 +757,16 @@ fn new_full_nat_flow_inner(ctx: &TcContext, p: &Pkt, ids: u64) -> (i32, Reason) 
     } else {
         STATE_OPEN
     };
+    let Some(s) = NAT_SCRATCH.get_ptr_mut(0) else {
+        return exit(Reason::AbortMap);
+    };
+    // SAFETY: this CPU's slot of a per-CPU array, valid for the run; nothing else on this CPU
+    // uses it while the program runs (see `NAT_SCRATCH`).
+    let s = unsafe { &mut *s };
     // Routed first: the reply entry that takes the port records where replies must arrive.
     let (act, reason, route, in_ifindex) =
         route_to_backend(ctx, flow, backend_id, backend, now, cfg);
-    let mut half = CtEntry {
+    s.half = CtEntry {
         nat_addr: flow.daddr,
         nat_port: flow.dport,
         dir: DIR_REPLY,
@@ -769,8 +782,9 @@ fn new_full_nat_flow_inner(ctx: &TcContext, p: &Pkt, ids: u64) -> (i32, Reason) 
         flags: CT_F_FULLNAT,
         _pad: 0,
     };
-    let mut rkey = FlowKey::new(backend.addr, backend.snat_addr, backend.port, 0, flow.proto);
-    if !take_port(table, &mut rkey, &half, hash, p) {
+    s.rkey = FlowKey::new(backend.addr, backend.snat_addr, backend.port, 0, flow.proto);
+    let (half, rkey) = (&mut s.half, &mut s.rkey);
+    if !take_port(table, rkey, half, hash, p) {
         return exit(Reason::DropSnatExhausted);
     }
     half.nat_addr = backend.addr;
@@ -779,7 +793,7 @@ fn new_full_nat_flow_inner(ctx: &TcContext, p: &Pkt, ids: u64) -> (i32, Reason) 
     half.route = route;
     half.fnat_addr = backend.snat_addr;
     half.fnat_port = rkey.dport;
-    if table.insert(key, &half, 0).is_err() {
+    if table.insert(key, half, 0).is_err() {
         // The reply entry stays: a reply rebuilds the forward half from it, and a new flow may
         // take its port (it has no forward half).
         count(Reason::EventCtInsertFailed);
@@ -805,8 +819,9 @@ fn new_full_nat_flow_inner(ctx: &TcContext, p: &Pkt, ids: u64) -> (i32, Reason) 
 /// port (the flow's reply key: backend -> berth's address and port) to each of the flow's tries
 /// in turn, until one is free in both conntrack maps and the insert of the reply entry `half`
 /// into `table` succeeds. The insert is `BPF_NOEXIST`, so two CPUs never take one port. Returns
-/// false when every try found the port taken. A BPF subprogram (own stack frame).
-#[inline(never)]
+/// false when every try found the port taken. Inlined: a frame of its own between
+/// `new_full_nat_flow` and `port_free` would not fit the call chain's 512-byte stack.
+#[inline(always)]
 fn take_port(
     table: &'static Table,
     rkey: &mut FlowKey,
