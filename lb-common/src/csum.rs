@@ -31,6 +31,36 @@ pub const fn replace2(check: u16, from: u16, to: u16) -> u16 {
     !fold(sum)
 }
 
+/// The one's-complement difference a 32-bit field's change from `from` to `to` makes to a
+/// checksum, folded to 16 bits: several changes' differences add up (with [`add`]) to one
+/// update of a checksum, e.g. through `bpf_l4_csum_replace(field, 0, diff, size 4)`.
+#[inline(always)]
+pub const fn diff4(from: u32, to: u32) -> u16 {
+    let mut sum = (!from >> 16) & 0xffff;
+    sum += !from & 0xffff;
+    sum += to >> 16;
+    sum += to & 0xffff;
+    fold(sum)
+}
+
+/// [`diff4`] for a 16-bit field.
+#[inline(always)]
+pub const fn diff2(from: u16, to: u16) -> u16 {
+    fold((!from) as u32 + to as u32)
+}
+
+/// One's-complement sum of two differences.
+#[inline(always)]
+pub const fn add(a: u16, b: u16) -> u16 {
+    fold(a as u32 + b as u32)
+}
+
+/// The checksum field after changes whose summed difference is `diff`.
+#[inline(always)]
+pub const fn apply(check: u16, diff: u16) -> u16 {
+    !fold((!check) as u32 + diff as u32)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,6 +108,38 @@ mod tests {
                 "ttl {:#x}",
                 h[4] >> 8
             );
+        }
+    }
+
+    #[test]
+    fn summed_differences_match_recomputation() {
+        // Both addresses and both ports of a pseudo-header + UDP header change at once.
+        let mut w: [u16; 8] = [
+            0x0a0a, 0x0002, 0x0a63, 0x0001, 0x9c40, 0x0050, 0x0011, 0x0010,
+        ];
+        let mut x = 0x9e37_79b9u32;
+        for _ in 0..10_000 {
+            let before = full(&w);
+            let old = w;
+            let mut next = || {
+                x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                x
+            };
+            let (sa, da, sp, dp) = (next(), next(), next() as u16, next() as u16);
+            w[0] = (sa >> 16) as u16;
+            w[1] = sa as u16;
+            w[2] = (da >> 16) as u16;
+            w[3] = da as u16;
+            w[4] = sp;
+            w[5] = dp;
+            let word = |i: usize, a: [u16; 8]| (u32::from(a[i]) << 16) | u32::from(a[i + 1]);
+            let d = add(
+                add(diff4(word(0, old), sa), diff4(word(2, old), da)),
+                add(diff2(old[4], sp), diff2(old[5], dp)),
+            );
+            assert_eq!(apply(before, d), full(&w));
+            // As the kernel's csum_replace4(check, 0, diff) computes it.
+            assert_eq!(replace4(before, 0, u32::from(d)), full(&w));
         }
     }
 

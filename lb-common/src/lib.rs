@@ -126,8 +126,13 @@ pub struct DpConfig {
     /// `SO_NETNS_COOKIE` of the host's network namespace: the socket hooks treat loopback
     /// addresses as "this host" only for sockets in it (a container's 127.0.0.1 is its own).
     pub host_netns_cookie: u64,
+    /// First source port of full-NAT flows (host order).
+    pub snat_port_first: u16,
+    /// Last source port of full-NAT flows (host order, inclusive).
+    pub snat_port_last: u16,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<DpConfig>() == 48);
+const _: () = assert!(core::mem::size_of::<DpConfig>() == 56);
 
 impl DpConfig {
     /// A zeroed config; the dataplane treats `maglev_size == 0` as "not configured" and passes
@@ -142,6 +147,9 @@ impl DpConfig {
             tcp_idle_ns: 0,
             udp_idle_ns: 0,
             host_netns_cookie: 0,
+            snat_port_first: 0,
+            snat_port_last: 0,
+            _pad: 0,
         }
     }
 }
@@ -197,8 +205,26 @@ pub struct Backend {
     pub addr: u32,
     pub port: u16,
     pub _pad: u16,
+    /// Full NAT: the source address new flows to this backend get (with a port of the
+    /// configured range), so that its replies come back to this host wherever the backend
+    /// is. 0: DNAT (the client's address is kept).
+    pub snat_addr: u32,
+    pub _pad2: u32,
 }
-const _: () = assert!(core::mem::size_of::<Backend>() == 8);
+const _: () = assert!(core::mem::size_of::<Backend>() == 16);
+
+impl Backend {
+    /// A backend reached by DNAT.
+    pub const fn dnat(addr: u32, port: u16) -> Self {
+        Self {
+            addr,
+            port,
+            _pad: 0,
+            snat_addr: 0,
+            _pad2: 0,
+        }
+    }
+}
 
 /// Conntrack key: the 5-tuple exactly as it appears in the packet being looked up.
 #[repr(C)]
@@ -233,6 +259,11 @@ impl FlowKey {
 /// `nat_*` is the service address to rewrite the source back to. Both carry the backend id so the
 /// pair can be found and purged together. Every packet looks up both halves: a missing half is
 /// rebuilt from the other, a half whose partner points elsewhere is stale (see `ct`).
+///
+/// A full-NAT flow ([`ct::CT_F_FULLNAT`]) also rewrites the other end: its reply key is backend
+/// -> berth's source address and port, and `fnat_*` is, in the forward entry, the source to
+/// write (that address and port) and, in the reply entry, the destination to write back (the
+/// client). [`ct::reply_key`] and [`ct::forward_key`] find one half's key from the other.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct CtEntry {
@@ -258,11 +289,23 @@ pub struct CtEntry {
     /// Reply entries: the interface the backend's packets must arrive on (0: not known, as when
     /// the FIB has no forwarding route to it; not checked).
     pub in_ifindex: u32,
+    /// Full NAT only: the forward entry's new source, the reply entry's new destination.
+    pub fnat_addr: u32,
+    pub fnat_port: u16,
     /// `ct::CT_F_*` bits.
     pub flags: u8,
-    pub _pad: [u8; 7],
+    pub _pad: u8,
 }
 const _: () = assert!(core::mem::size_of::<CtEntry>() == 56);
+const _: () = assert!(core::mem::size_of::<CtEntry>().is_multiple_of(8));
+
+impl CtEntry {
+    /// Whether the flow is translated both ways (full NAT).
+    #[inline(always)]
+    pub const fn full_nat(&self) -> bool {
+        self.flags & ct::CT_F_FULLNAT != 0
+    }
+}
 
 /// A route as the FIB gave it: egress interface and the MACs to write. `ifindex == 0` means
 /// "none cached: look it up".
@@ -385,6 +428,10 @@ mod layout_tests {
         assert_eq!(
             bytemuck::bytes_of(&<CtEntry as bytemuck::Zeroable>::zeroed()),
             [0u8; 56]
+        );
+        assert_eq!(
+            bytemuck::bytes_of(&Backend::dnat(1, 2)),
+            [1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
         );
     }
 }

@@ -9,6 +9,7 @@
 //!   else dropped (or everything dropped, if so configured);
 //! - a new flow whose reply key a live flow of another service holds: drop (the backend could
 //!   not tell the two apart);
+//! - a new full-NAT flow that finds no free source port in its tries: drop;
 //! - a reply (or an ICMP error from a backend) arriving on an interface its backend does not
 //!   live behind: pass untranslated (the stack's own rules apply to it);
 //! - a helper failing while rewriting (internal error): drop and count as an abort.
@@ -50,6 +51,10 @@ pub enum Reason {
     /// flow to another service holds: drop. (A client using one source port for two services on
     /// the same backend at once; the backend could not tell the two apart either.)
     DropFlowConflict,
+    /// A new full-NAT flow found every source port it tried (`ct::SNAT_TRIES` of
+    /// `dataplane.snat_ports`) held by a live flow to the same backend: drop. The range is too
+    /// small for the flows to that backend (or a flood holds it).
+    DropSnatExhausted,
     /// A packet-rewrite helper failed: drop.
     AbortRewrite,
     /// An array map lookup that cannot fail did fail: drop.
@@ -81,6 +86,8 @@ pub enum Reason {
     EventCtCloseIgnored,
     /// One half of a flow's entry pair was missing (evicted) and was rebuilt from the other.
     EventCtRebuilt,
+    /// A new full-NAT flow found a source port it tried held by a live flow and tried the next.
+    EventSnatPortTaken,
     /// An ICMP error quoting a balanced flow was translated (and forwarded like the flow).
     EventIcmpTranslated,
     /// Socket hook: a host socket's connect/sendmsg to a service was sent to a backend.
@@ -117,6 +124,7 @@ impl Reason {
         Reason::DropL4Malformed,
         Reason::DropNoBackend,
         Reason::DropFlowConflict,
+        Reason::DropSnatExhausted,
         Reason::AbortRewrite,
         Reason::AbortMap,
         Reason::FwdRedirect,
@@ -131,6 +139,7 @@ impl Reason {
         Reason::EventCtClosing,
         Reason::EventCtCloseIgnored,
         Reason::EventCtRebuilt,
+        Reason::EventSnatPortTaken,
         Reason::EventIcmpTranslated,
         Reason::EventSockTranslated,
         Reason::EventSockNoBackend,
@@ -155,6 +164,7 @@ impl Reason {
             Reason::DropL4Malformed => "drop_l4_malformed",
             Reason::DropNoBackend => "drop_no_backend",
             Reason::DropFlowConflict => "drop_flow_conflict",
+            Reason::DropSnatExhausted => "drop_snat_exhausted",
             Reason::AbortRewrite => "abort_rewrite",
             Reason::AbortMap => "abort_map",
             Reason::FwdRedirect => "fwd_redirect",
@@ -169,6 +179,7 @@ impl Reason {
             Reason::EventCtClosing => "event_ct_closing",
             Reason::EventCtCloseIgnored => "event_ct_close_ignored",
             Reason::EventCtRebuilt => "event_ct_rebuilt",
+            Reason::EventSnatPortTaken => "event_snat_port_taken",
             Reason::EventIcmpTranslated => "event_icmp_translated",
             Reason::EventSockTranslated => "event_sock_translated",
             Reason::EventSockNoBackend => "event_sock_no_backend",
@@ -187,6 +198,7 @@ impl Reason {
                 | Reason::DropL4Malformed
                 | Reason::DropNoBackend
                 | Reason::DropFlowConflict
+                | Reason::DropSnatExhausted
                 | Reason::AbortRewrite
                 | Reason::AbortMap
         )

@@ -1,11 +1,14 @@
 //! berth's TC ingress program: Maglev-hashed DNAT of client -> service packets to a backend,
 //! with LRU connection tracking, and the reverse translation of backend -> client replies.
+//! Backends that are not behind this host (their replies would not come back through it) get
+//! full NAT: the source becomes berth's own address and a port allocated per flow.
 //!
 //! One conntrack lookup keyed by the packet's own 5-tuple serves both directions: a forward
-//! entry (client -> service) says which backend to rewrite to, a reply entry (backend -> client)
-//! says which service address to rewrite the source back to. New flows go through the service
-//! table and the service's Maglev row. Every exit is counted by reason (see lb-common's
-//! `reason` module for the action policy).
+//! entry (client -> service) says which backend to rewrite to, a reply entry (backend -> client,
+//! or backend -> berth's address and port) says which service address to rewrite the source back
+//! to (and, for full NAT, which client to send to). New flows go through the service table and
+//! the service's Maglev row. Every exit is counted by reason (see lb-common's `reason` module
+//! for the action policy).
 #![no_std]
 #![no_main]
 
@@ -16,26 +19,29 @@ mod reject;
 mod sock;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
     helpers::generated::bpf_ktime_get_coarse_ns,
     macros::classifier,
     maps::LruHashMap,
     programs::TcContext,
 };
 use lb_common::{
-    CFG_F_DROP_NO_BACKEND, CFG_F_KEEP_TTL, CFG_F_REDIRECT, CtEntry, DpConfig, FlowKey, Reason,
-    Route, ServiceKey, ServiceValue,
-    ct::{self, DIR_FORWARD, DIR_REPLY, STATE_CLOSING, STATE_OPEN},
+    Backend, CFG_F_DROP_NO_BACKEND, CFG_F_KEEP_TTL, CFG_F_REDIRECT, CtEntry, DpConfig, FlowKey,
+    Reason, Route, ServiceKey, ServiceValue,
+    ct::{self, CT_F_FULLNAT, DIR_FORWARD, DIR_REPLY, STATE_CLOSING, STATE_OPEN},
     hash::flow_hash,
-    port_flag,
+    port_flag, port_to_wire,
 };
 
 use crate::{
     maps::{
-        BACKEND_ROUTES, BACKENDS, CONNTRACK, CT_NEW, LOCAL_ADDRS, MAGLEV, PORTS, SCRATCH, SERVICES,
-        account, count,
+        BACKEND_ROUTES, BACKENDS, CONNTRACK, CT_NEW, LOCAL_ADDRS, MAGLEV, NAT_SCRATCH, PORTS,
+        SCRATCH, SERVICES, account, count,
     },
-    nat::{Side, fib, ingress_ifindex, redirect_cached, rewrite, rewrite_icmp, route, send},
+    nat::{
+        IcmpNat, Side, fib, ingress_ifindex, redirect_cached, rewrite, rewrite_both, rewrite_icmp,
+        route, send,
+    },
     parse::{Flow, IcmpQuote, Parsed, parse},
 };
 
@@ -44,7 +50,7 @@ use crate::{
 static BERTH_CONFIG: DpConfig = DpConfig::zeroed();
 
 /// Only the `CFG_F_*` bits of the config: for per-packet checks that need nothing else (the
-/// whole config is a 48-byte volatile copy).
+/// whole config is a 56-byte volatile copy).
 #[inline(always)]
 pub(crate) fn config_flags() -> u32 {
     // SAFETY: as in `config`.
@@ -113,6 +119,13 @@ pub struct Pkt {
     now: u64,
     bytes: u64,
     cfg: DpConfig,
+}
+
+/// A new full-NAT flow's entry (built as the reply half, then turned into the forward half)
+/// and reply key, in the per-CPU `NAT_SCRATCH` slot.
+pub struct NatScratch {
+    half: CtEntry,
+    rkey: FlowKey,
 }
 
 /// The conntrack map a flow's pair does not live in.
@@ -188,13 +201,13 @@ fn process(ctx: &TcContext) -> (i32, Reason) {
             // Idle past its timeout, or a bare SYN reusing a closed flow's tuple: the flow is
             // over, both halves go, and this packet starts anew.
             count(Reason::EventCtExpired);
-            let rkey = reply_key(flow, e);
-            remove_reply_of(table, &rkey, flow);
+            let rkey = ct::reply_key(key, e);
+            remove_reply_of(table, &rkey, key);
             let _ = table.remove(key);
         } else if core::ptr::eq(table, &CT_NEW) && !ct::is_bare_syn(flow.proto, flow.tcp_flags) {
             // The client's first packet after its SYN: the flow is confirmed and its pair moves
             // to the main map, out of reach of SYN floods.
-            if !confirm(flow, key, e) {
+            if !confirm(key, e) {
                 count(Reason::EventCtInsertFailed);
                 return unpack(forward(ctx, p, e, &CT_NEW));
             }
@@ -212,7 +225,12 @@ fn process(ctx: &TcContext) -> (i32, Reason) {
     if !service_port {
         return exit(Reason::PassNoService);
     }
-    let verdict = unpack(new_flow(ctx, p));
+    let v = new_flow(ctx, p);
+    if v & FULL_NAT != 0 {
+        // Outside `new_flow`'s frame (the stack of the call chain is shared).
+        return unpack(new_full_nat_flow(ctx, p, v));
+    }
+    let verdict = unpack(v);
     if verdict.1 == Reason::RejectNoBackend {
         return unpack(reject::refuse(ctx, &p.flow));
     }
@@ -222,14 +240,14 @@ fn process(ctx: &TcContext) -> (i32, Reason) {
 /// Moves a confirmed flow's pair (forward entry `e` at `key`, and its reply half if present)
 /// from CT_NEW to the main map. A BPF subprogram (own stack frame).
 #[inline(never)]
-fn confirm(flow: &Flow, key: &FlowKey, e: &CtEntry) -> bool {
+fn confirm(key: &FlowKey, e: &CtEntry) -> bool {
     let fwd = *e;
-    let rkey = reply_key(flow, &fwd);
+    let rkey = ct::reply_key(key, &fwd);
     let rev = CT_NEW
         .get_ptr(&rkey)
         // SAFETY: valid map value pointer; `CtEntry` is `Copy`.
         .map(|r| unsafe { *r })
-        .filter(|r| names_service(r, flow));
+        .filter(|r| ct::is_reply_of(r, &rkey, key));
     let moved = CONNTRACK.insert(key, &fwd, 0).is_ok()
         && rev.is_none_or(|r| CONNTRACK.insert(&rkey, &r, 0).is_ok());
     if !moved {
@@ -244,22 +262,26 @@ fn confirm(flow: &Flow, key: &FlowKey, e: &CtEntry) -> bool {
 
 /// Inserts into `table` at `key` the missing half of the flow whose other half is `from`, as
 /// seen by this packet: a reply half for a forward entry (translating back to the service this
-/// client -> service packet is for), or a forward half for a reply entry (sending to the backend
-/// this backend -> client packet came from). A BPF subprogram (own stack frame).
+/// client -> service packet is for, and for full NAT to the client it comes from), or a forward
+/// half for a reply entry (sending to the backend this backend -> client packet came from, and
+/// for full NAT from the address and port it was sent to). A BPF subprogram (own stack frame).
 #[inline(never)]
 fn rebuild(table: &Table, key: &FlowKey, from: &CtEntry, flow: &Flow, now: u64) -> bool {
-    let (nat_addr, nat_port, dir) = if from.dir == DIR_FORWARD {
-        (flow.daddr, flow.dport, DIR_REPLY)
+    let (nat_addr, nat_port, fnat_addr, fnat_port, dir) = if from.dir == DIR_FORWARD {
+        (flow.daddr, flow.dport, flow.saddr, flow.sport, DIR_REPLY)
     } else {
-        (flow.saddr, flow.sport, DIR_FORWARD)
+        (flow.saddr, flow.sport, flow.daddr, flow.dport, DIR_FORWARD)
     };
+    let full = from.flags & CT_F_FULLNAT;
     let half = CtEntry {
         nat_addr,
         nat_port,
         dir,
         route: Route::NONE,
         backend_ack: 0,
-        flags: 0,
+        flags: full,
+        fnat_addr: if full != 0 { fnat_addr } else { 0 },
+        fnat_port: if full != 0 { fnat_port } else { 0 },
         last_seen_ns: now,
         ..*from
     };
@@ -280,12 +302,17 @@ fn route_to_backend(
     ctx: &TcContext,
     flow: &Flow,
     backend_id: u32,
-    backend: &lb_common::Backend,
+    backend: &Backend,
     now: u64,
     cfg: &DpConfig,
 ) -> (i32, Reason, Route, u32) {
     let redirect = cfg.flags & CFG_F_REDIRECT != 0;
-    let tuple = (flow.saddr, backend.addr, flow.sport, backend.port);
+    let saddr = if backend.snat_addr != 0 {
+        backend.snat_addr
+    } else {
+        flow.saddr
+    };
+    let tuple = (saddr, backend.addr, flow.sport, backend.port);
     let Some(cached) = BACKEND_ROUTES.get_ptr_mut(backend_id) else {
         let f = fib(ctx, flow, tuple);
         let (act, reason) = send(ctx, &f, false, redirect);
@@ -317,45 +344,12 @@ pub(crate) fn port_flags(port: u16) -> u8 {
     PORTS.get(u32::from(port)).copied().unwrap_or(0)
 }
 
-/// The key of the reply half of the flow whose forward entry `fwd` this client -> service
-/// packet hit: backend -> client.
+/// Removes the reply half at `rkey` if it belongs to the flow keyed `key`.
 #[inline(always)]
-fn reply_key(flow: &Flow, fwd: &CtEntry) -> FlowKey {
-    FlowKey::new(
-        fwd.nat_addr,
-        flow.saddr,
-        fwd.nat_port,
-        flow.sport,
-        flow.proto,
-    )
-}
-
-/// Whether reply entry `r` translates back to the service this client -> service packet is for
-/// (so it is this flow's reply half).
-#[inline(always)]
-fn names_service(r: &CtEntry, flow: &Flow) -> bool {
-    r.dir == DIR_REPLY && r.nat_addr == flow.daddr && r.nat_port == flow.dport
-}
-
-/// The key of the forward half of the flow whose reply entry `r` is keyed `rkey`: client ->
-/// service.
-#[inline(always)]
-fn forward_key_of(rkey: &FlowKey, r: &CtEntry) -> FlowKey {
-    FlowKey::new(rkey.daddr, r.nat_addr, rkey.dport, r.nat_port, rkey.proto)
-}
-
-/// Whether forward entry `f` sends to the backend of reply key `rkey`.
-#[inline(always)]
-fn points_at(f: &CtEntry, rkey: &FlowKey) -> bool {
-    f.dir == DIR_FORWARD && f.nat_addr == rkey.saddr && f.nat_port == rkey.sport
-}
-
-/// Removes the reply half at `rkey` if it belongs to this client -> service packet's flow.
-#[inline(always)]
-fn remove_reply_of(table: &Table, rkey: &FlowKey, flow: &Flow) {
+fn remove_reply_of(table: &Table, rkey: &FlowKey, key: &FlowKey) {
     if let Some(r) = table.get_ptr(rkey) {
         // SAFETY: valid map value pointer; `CtEntry` is `Copy`.
-        if names_service(unsafe { &*r }, flow) {
+        if ct::is_reply_of(unsafe { &*r }, rkey, key) {
             let _ = table.remove(rkey);
         }
     }
@@ -367,8 +361,10 @@ fn remove_reply_of(table: &Table, rkey: &FlowKey, flow: &Flow) {
 /// whose forward half was evicted or moved on) is removed with its forward half. A live flow
 /// keeps its key against everything but a TCP segment (not a bare SYN) in the window its
 /// backend acknowledged: the backend sees one connection per key, and such a segment comes from
-/// its actual peer (whose own entries a flood evicted), not from a blind spoofer. Returns false
-/// if the new flow must not take the key. A BPF subprogram (own stack frame).
+/// its actual peer (whose own entries a flood evicted), not from a blind spoofer. A full-NAT
+/// reply key names berth's address, not a client, so no client proves itself that way: a live
+/// flow keeps it against everyone. Returns false if the new flow must not take the key. A BPF
+/// subprogram (own stack frame).
 #[inline(never)]
 fn claim(table: &Table, rkey: &FlowKey, flow: &Flow, now: u64, cfg: &DpConfig) -> bool {
     let Some(r) = table.get_ptr(rkey) else {
@@ -380,14 +376,16 @@ fn claim(table: &Table, rkey: &FlowKey, flow: &Flow, now: u64, cfg: &DpConfig) -
         // Some flow's forward entry: never overwritten.
         return false;
     }
-    let fkey = forward_key_of(rkey, &r);
+    let fkey = ct::forward_key(rkey, &r);
     // SAFETY: as above.
     let f = table.get_ptr(&fkey).map(|f| unsafe { *f });
-    let partner = f.is_some_and(|f| points_at(&f, rkey));
+    let partner = f.is_some_and(|f| ct::is_forward_of(&f, &fkey, rkey));
+    let names_client = !r.full_nat() && rkey.daddr == flow.saddr && rkey.dport == flow.sport;
     if partner
         && !ct::expired(&r, rkey.proto, flow.tcp_flags, now, cfg)
         && (flow.proto != lb_common::IPPROTO_TCP
             || ct::is_bare_syn(flow.proto, flow.tcp_flags)
+            || !names_client
             || !ct::in_window(&r, flow.seq))
     {
         return false;
@@ -426,11 +424,11 @@ fn forward_inner(
     let (flow, key, now, cfg) = (&p.flow, &p.key, p.now, &p.cfg);
     // The reply half, looked up with every packet: that keeps it as recent as this half in the
     // LRU, and a half evicted anyway is rebuilt here before the backend answers.
-    let rkey = reply_key(flow, e);
+    let rkey = ct::reply_key(key, e);
     let mut rev = table.get_ptr_mut(&rkey);
     // SAFETY: valid map value pointer.
     if let Some(r) = rev
-        && !names_service(unsafe { &*r }, flow)
+        && !ct::is_reply_of(unsafe { &*r }, &rkey, key)
     {
         // Another flow holds the key (this flow's half was evicted and the key taken). If that
         // flow is live it keeps it and this one is over.
@@ -473,8 +471,8 @@ fn close(e: &mut CtEntry, other: Option<*mut CtEntry>, now: u64) {
 }
 
 /// The common end of a tracked flow's packet, either way: refreshes both halves once a
-/// second, counts, rewrites the `side` the entry translates, and sends it along the entry's
-/// cached route.
+/// second, counts, rewrites the `side` the entry translates (and for full NAT the other one
+/// too), and sends it along the entry's cached route.
 #[inline(always)]
 fn translate(
     ctx: &TcContext,
@@ -490,12 +488,27 @@ fn translate(
     }
     account(e.service_id, e.backend_id, p.bytes, false);
     let (addr, port) = (e.nat_addr, e.nat_port);
-    if rewrite(ctx, flow, side, addr, port).is_err() {
-        return exit(Reason::AbortRewrite);
-    }
-    let (tuple, reply) = match side {
-        Side::Dst => ((flow.saddr, addr, flow.sport, port), false),
-        Side::Src => ((addr, flow.daddr, port, flow.dport), true),
+    let reply = side == Side::Src;
+    let tuple = if e.full_nat() {
+        let (f_addr, f_port) = (e.fnat_addr, e.fnat_port);
+        let (dst, src) = if reply {
+            ((f_addr, f_port), (addr, port))
+        } else {
+            ((addr, port), (f_addr, f_port))
+        };
+        if rewrite_both(ctx, flow, dst, src).is_err() {
+            return exit(Reason::AbortRewrite);
+        }
+        (src.0, dst.0, src.1, dst.1)
+    } else {
+        if rewrite(ctx, flow, side, addr, port).is_err() {
+            return exit(Reason::AbortRewrite);
+        }
+        if reply {
+            (addr, flow.daddr, port, flow.dport)
+        } else {
+            (flow.saddr, addr, flow.sport, port)
+        }
     };
     finish(ctx, flow, e, tuple, reply, stale, &p.cfg)
 }
@@ -536,12 +549,12 @@ fn reply_inner(ctx: &TcContext, p: &Pkt, e: &mut CtEntry, table: &'static Table)
     if e.in_ifindex != 0 && e.in_ifindex != ingress_ifindex(ctx) {
         return exit(Reason::PassReplyWrongIface);
     }
-    let fkey = forward_key_of(key, e);
+    let fkey = ct::forward_key(key, e);
     if ct::expired(e, flow.proto, flow.tcp_flags, now, cfg) {
         count(Reason::EventCtExpired);
         if let Some(f) = table.get_ptr(&fkey) {
             // SAFETY: valid map value pointer.
-            if points_at(unsafe { &*f }, key) {
+            if ct::is_forward_of(unsafe { &*f }, &fkey, key) {
                 let _ = table.remove(&fkey);
             }
         }
@@ -551,7 +564,7 @@ fn reply_inner(ctx: &TcContext, p: &Pkt, e: &mut CtEntry, table: &'static Table)
     let mut fwd = table.get_ptr_mut(&fkey);
     if let Some(f) = fwd {
         // SAFETY: valid map value pointer.
-        if !points_at(unsafe { &*f }, key) {
+        if !ct::is_forward_of(unsafe { &*f }, &fkey, key) {
             // The client's flow to this service goes to another backend now: this half is a
             // leftover.
             count(Reason::EventCtExpired);
@@ -600,39 +613,58 @@ fn lookup_service(flow: &Flow) -> Option<ServiceValue> {
     }
 }
 
+/// What `new_flow` returns instead of a verdict when the backend it picked takes full NAT:
+/// this bit, the service id << 32 and the backend id (a [`pack`]ed verdict never has it: TC
+/// actions are small).
+const FULL_NAT: u64 = 1 << 63;
+
+/// What `new_flow_inner` decided.
+enum Pick {
+    Done((i32, Reason)),
+    /// Service id << 32 | backend id, for `new_full_nat_flow`.
+    FullNat(u64),
+}
+
 /// A packet client -> service with no flow: picks the backend, claims the reply key, translates
-/// and records the pair. A BPF subprogram (own stack frame), returning a [`pack`]ed verdict.
+/// and records the pair. A BPF subprogram (own stack frame), returning a [`pack`]ed verdict, or
+/// [`FULL_NAT`] and the ids when the backend takes full NAT (`process` hands it on).
 #[inline(never)]
 fn new_flow(ctx: &TcContext, p: &Pkt) -> u64 {
-    pack(new_flow_inner(ctx, p))
+    match new_flow_inner(ctx, p) {
+        Pick::Done(v) => pack(v),
+        Pick::FullNat(ids) => FULL_NAT | ids,
+    }
 }
 
 #[inline(always)]
-fn new_flow_inner(ctx: &TcContext, p: &Pkt) -> (i32, Reason) {
+fn new_flow_inner(ctx: &TcContext, p: &Pkt) -> Pick {
     let (flow, key, now, bytes, cfg) = (&p.flow, &p.key, p.now, p.bytes, &p.cfg);
     let Some(svc) = lookup_service(flow) else {
-        return exit(Reason::PassNoService);
+        return Pick::Done(exit(Reason::PassNoService));
     };
     if svc.id >= cfg.max_services {
-        return exit(Reason::AbortMap);
+        return Pick::Done(exit(Reason::AbortMap));
     }
     let m = cfg.maglev_size;
     let slot = svc.id * m + flow_hash(key, cfg.hash_seed) % m;
     let Some(&picked) = MAGLEV.get(slot) else {
-        return exit(Reason::AbortMap);
+        return Pick::Done(exit(Reason::AbortMap));
     };
     // A slot not written yet (the row of a pool's first backend fills one slot at a time)
     // sends the flow to the service's fallback backend instead of dropping it.
     let backend_id = if picked == 0 { svc.fallback } else { picked };
     let Some(&backend) = BACKENDS.get(backend_id) else {
-        return exit(Reason::AbortMap);
+        return Pick::Done(exit(Reason::AbortMap));
     };
     if backend.addr == 0 {
         if cfg.flags & CFG_F_DROP_NO_BACKEND == 0 && svc.flags & lb_common::SVC_F_EMPTY != 0 {
             // Answered by `process`, outside this frame (the stack of the call chain is shared).
-            return (TC_ACT_SHOT as i32, Reason::RejectNoBackend);
+            return Pick::Done((TC_ACT_SHOT as i32, Reason::RejectNoBackend));
         }
-        return exit(Reason::DropNoBackend);
+        return Pick::Done(exit(Reason::DropNoBackend));
+    }
+    if backend.snat_addr != 0 {
+        return Pick::FullNat((u64::from(svc.id) << 32) | u64::from(backend_id));
     }
     // The reply key must be free in both maps: a live flow of another service on this backend
     // from the same client address and port keeps it (never overwritten: the backend could not
@@ -645,11 +677,11 @@ fn new_flow_inner(ctx: &TcContext, p: &Pkt) -> (i32, Reason) {
         flow.proto,
     );
     if !claim(&CONNTRACK, &rev_key, flow, now, cfg) || !claim(&CT_NEW, &rev_key, flow, now, cfg) {
-        return exit(Reason::DropFlowConflict);
+        return Pick::Done(exit(Reason::DropFlowConflict));
     }
 
     if rewrite(ctx, flow, Side::Dst, backend.addr, backend.port).is_err() {
-        return exit(Reason::AbortRewrite);
+        return Pick::Done(exit(Reason::AbortRewrite));
     }
     let (act, reason, route, in_ifindex) =
         route_to_backend(ctx, flow, backend_id, &backend, now, cfg);
@@ -670,8 +702,10 @@ fn new_flow_inner(ctx: &TcContext, p: &Pkt) -> (i32, Reason) {
         route,
         backend_ack: 0,
         in_ifindex,
+        fnat_addr: 0,
+        fnat_port: 0,
         flags: 0,
-        _pad: [0; 7],
+        _pad: 0,
     };
     // A bare SYN starts unconfirmed (CT_NEW); anything else picked up mid-stream is established.
     let table = if ct::is_bare_syn(flow.proto, flow.tcp_flags) {
@@ -693,17 +727,172 @@ fn new_flow_inner(ctx: &TcContext, p: &Pkt) -> (i32, Reason) {
         count(Reason::EventCtMidstreamPickup);
     }
     account(svc.id, backend_id, bytes, true);
+    Pick::Done((act, reason))
+}
+
+/// A new flow to a full-NAT backend (`ids`: [`FULL_NAT`] | service id << 32 | backend id, as
+/// `new_flow` picked them): routes it, takes a source port for it (tries from the flow hash,
+/// see `ct::snat_port`) by inserting its reply entry, records the forward entry and rewrites
+/// both ends. A BPF subprogram (own stack frame), returning a [`pack`]ed verdict.
+#[inline(never)]
+fn new_full_nat_flow(ctx: &TcContext, p: &Pkt, ids: u64) -> u64 {
+    pack(new_full_nat_flow_inner(ctx, p, ids))
+}
+
+#[inline(always)]
+fn new_full_nat_flow_inner(ctx: &TcContext, p: &Pkt, ids: u64) -> (i32, Reason) {
+    let (flow, key, now, cfg) = (&p.flow, &p.key, p.now, &p.cfg);
+    let (service_id, backend_id) = (((ids >> 32) as u32) & 0x7fff_ffff, ids as u32);
+    let Some(backend) = BACKENDS.get(backend_id) else {
+        return exit(Reason::AbortMap);
+    };
+    if backend.addr == 0 || backend.snat_addr == 0 {
+        // The slot changed since `new_flow` read it (a reconciler write in between): the
+        // client's retry finds the new state.
+        return exit(Reason::DropNoBackend);
+    }
+    let hash = flow_hash(key, cfg.hash_seed);
+    // A bare SYN starts unconfirmed (CT_NEW); anything else picked up mid-stream is established.
+    let unconfirmed = ct::is_bare_syn(flow.proto, flow.tcp_flags);
+    let table = if unconfirmed { &CT_NEW } else { &CONNTRACK };
+    let state = if ct::closes(flow.proto, flow.tcp_flags) {
+        STATE_CLOSING
+    } else {
+        STATE_OPEN
+    };
+    let Some(s) = NAT_SCRATCH.get_ptr_mut(0) else {
+        return exit(Reason::AbortMap);
+    };
+    // SAFETY: this CPU's slot of a per-CPU array, valid for the run; nothing else on this CPU
+    // uses it while the program runs (see `NAT_SCRATCH`).
+    let s = unsafe { &mut *s };
+    // Routed first: the reply entry that takes the port records where replies must arrive.
+    let (act, reason, route, in_ifindex) =
+        route_to_backend(ctx, flow, backend_id, backend, now, cfg);
+    s.half = CtEntry {
+        nat_addr: flow.daddr,
+        nat_port: flow.dport,
+        dir: DIR_REPLY,
+        state,
+        backend_id,
+        service_id,
+        last_seen_ns: now,
+        route: Route::NONE,
+        backend_ack: 0,
+        in_ifindex,
+        fnat_addr: flow.saddr,
+        fnat_port: flow.sport,
+        flags: CT_F_FULLNAT,
+        _pad: 0,
+    };
+    s.rkey = FlowKey::new(backend.addr, backend.snat_addr, backend.port, 0, flow.proto);
+    let (half, rkey) = (&mut s.half, &mut s.rkey);
+    if !take_port(table, rkey, half, hash, p) {
+        return exit(Reason::DropSnatExhausted);
+    }
+    half.nat_addr = backend.addr;
+    half.nat_port = backend.port;
+    half.dir = DIR_FORWARD;
+    half.route = route;
+    half.fnat_addr = backend.snat_addr;
+    half.fnat_port = rkey.dport;
+    if table.insert(key, half, 0).is_err() {
+        // The reply entry stays: a reply rebuilds the forward half from it, and a new flow may
+        // take its port (it has no forward half).
+        count(Reason::EventCtInsertFailed);
+    }
+    if rewrite_both(
+        ctx,
+        flow,
+        (backend.addr, backend.port),
+        (backend.snat_addr, rkey.dport),
+    )
+    .is_err()
+    {
+        return exit(Reason::AbortRewrite);
+    }
+    if flow.proto == lb_common::IPPROTO_TCP && !unconfirmed {
+        count(Reason::EventCtMidstreamPickup);
+    }
+    account(service_id, backend_id, p.bytes, true);
     (act, reason)
+}
+
+/// Finds a free source port for a new full-NAT flow and takes it: sets `rkey`'s destination
+/// port (the flow's reply key: backend -> berth's address and port) to each of the flow's tries
+/// in turn, until one is free in both conntrack maps and the insert of the reply entry `half`
+/// into `table` succeeds. The insert is `BPF_NOEXIST`, so two CPUs never take one port. Returns
+/// false when every try found the port taken. Inlined: a frame of its own between
+/// `new_full_nat_flow` and `port_free` would not fit the call chain's 512-byte stack.
+#[inline(always)]
+fn take_port(
+    table: &'static Table,
+    rkey: &mut FlowKey,
+    half: &CtEntry,
+    hash: u32,
+    p: &Pkt,
+) -> bool {
+    let (first, last) = (p.cfg.snat_port_first, p.cfg.snat_port_last);
+    if first == 0 || last < first {
+        return false;
+    }
+    for t in 0..ct::SNAT_TRIES {
+        rkey.dport = port_to_wire(ct::snat_port(hash, t, first, last));
+        if port_free(other(table), rkey, p.now, &p.cfg)
+            && port_free(table, rkey, p.now, &p.cfg)
+            && table.insert(rkey, half, u64::from(BPF_NOEXIST)).is_ok()
+        {
+            return true;
+        }
+        count(Reason::EventSnatPortTaken);
+    }
+    false
+}
+
+/// Whether full-NAT reply key `rkey` may be taken by a new flow in `table`: it is free there, or
+/// what holds it is over (its flow idle past its timeout, its forward half gone or moved on,
+/// or, in CT_NEW, unconfirmed for longer than `ct::UNCONFIRMED_PORT_HOLD_NS`); such leftovers
+/// are removed with their forward half. Anything else keeps it, a forward entry above all
+/// (never overwritten). Unlike `claim`, a closing flow keeps its port for its linger, whatever
+/// the new packet: the backend may still be closing that connection. A BPF subprogram (own
+/// stack frame).
+#[inline(never)]
+fn port_free(table: &Table, rkey: &FlowKey, now: u64, cfg: &DpConfig) -> bool {
+    let Some(r) = table.get_ptr(rkey) else {
+        return true;
+    };
+    // SAFETY: a valid map value pointer, read in place (a copy would take stack the call
+    // chain does not have); a concurrent update makes this a judgement on either version.
+    let r = unsafe { &*r };
+    if r.dir != DIR_REPLY {
+        return false;
+    }
+    let fkey = ct::forward_key(rkey, r);
+    // SAFETY: as above.
+    let partner = table
+        .get_ptr(&fkey)
+        .is_some_and(|f| ct::is_forward_of(unsafe { &*f }, &fkey, rkey));
+    let abandoned = core::ptr::eq(table, &CT_NEW)
+        && now.saturating_sub(r.last_seen_ns) > ct::UNCONFIRMED_PORT_HOLD_NS;
+    if partner && !abandoned && !ct::idle_expired(r, rkey.proto, now, cfg) {
+        return false;
+    }
+    if partner {
+        let _ = table.remove(&fkey);
+    }
+    let _ = table.remove(rkey);
+    true
 }
 
 /// An ICMP error quoting a packet of a balanced flow, translated like the flow so that each
 /// end sees only the addresses it knows:
 /// - from the client's side (a router there: "fragmentation needed", "time exceeded") about a
-///   reply berth sent as service -> client: to the backend, quoting backend -> client, so Path
-///   MTU discovery works for the backend;
+///   reply berth sent as service -> client: to the backend, quoting backend -> client (full
+///   NAT: backend -> berth's address and port, and from berth's address, the client side's
+///   router being nobody the backend knows), so Path MTU discovery works for the backend;
 /// - from the backend's side (port unreachable, ...) about a packet berth sent as client ->
-///   backend: to the client, quoting client -> service, the backend's address gone from both
-///   headers.
+///   backend (full NAT: berth's address and port -> backend): to the client, quoting client ->
+///   service, the backend's address gone from both headers.
 ///
 /// The quoted packet's reverse is the tuple of the flow's entry for the direction the error
 /// travels, so one lookup finds it. A BPF subprogram returning a [`pack`]ed verdict.
@@ -751,46 +940,48 @@ fn icmp_error_inner(ctx: &TcContext, p: &mut Pkt) -> (i32, Reason) {
     if ttl_expires(o.ttl, cfg) {
         return exit(Reason::PassTtlExpired);
     }
-    let done = if reply {
+    let full = ent.full_nat();
+    let n = if reply {
         // The quoted destination (the backend) becomes the service; so does the outer source
-        // if the backend itself sent the error (a router's own address is kept).
-        let src = if o.saddr == q.daddr {
+        // if the backend itself sent the error (a router's own address is kept). Full NAT: the
+        // quoted source and the outer destination (berth's address) become the client.
+        let o_src = if o.saddr == q.daddr {
             ent.nat_addr
         } else {
             o.saddr
         };
-        rewrite_icmp(
-            ctx,
-            o,
-            e,
-            Side::Dst,
-            ent.nat_addr,
-            ent.nat_port,
-            Side::Src,
-            src,
-        )
+        let (q_src, o_dst) = if full {
+            ((ent.fnat_addr, ent.fnat_port), ent.fnat_addr)
+        } else {
+            ((q.saddr, q.sport), o.daddr)
+        };
+        IcmpNat {
+            q_src,
+            q_dst: (ent.nat_addr, ent.nat_port),
+            o_src,
+            o_dst,
+        }
     } else {
-        // The quoted source (the service) and the outer destination become the backend.
-        rewrite_icmp(
-            ctx,
-            o,
-            e,
-            Side::Src,
-            ent.nat_addr,
-            ent.nat_port,
-            Side::Dst,
-            ent.nat_addr,
-        )
+        // The quoted source (the service) and the outer destination become the backend. Full
+        // NAT: the quoted destination (the client) becomes berth's address and port, and the
+        // outer source berth's address.
+        let (q_dst, o_src) = if full {
+            ((ent.fnat_addr, ent.fnat_port), ent.fnat_addr)
+        } else {
+            ((q.daddr, q.dport), o.saddr)
+        };
+        IcmpNat {
+            q_src: (ent.nat_addr, ent.nat_port),
+            q_dst,
+            o_src,
+            o_dst: ent.nat_addr,
+        }
     };
-    if done.is_err() {
+    if rewrite_icmp(ctx, o, e, &n).is_err() {
         return exit(Reason::AbortRewrite);
     }
     count(Reason::EventIcmpTranslated);
-    let tuple = if reply {
-        (o.saddr, o.daddr, 0, 0)
-    } else {
-        (o.saddr, ent.nat_addr, 0, 0)
-    };
+    let tuple = (n.o_src, n.o_dst, 0, 0);
     let redirect = cfg.flags & CFG_F_REDIRECT != 0;
     let (act, reason, _) = route(ctx, o, tuple, reply, redirect);
     (act, reason)

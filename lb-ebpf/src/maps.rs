@@ -64,6 +64,12 @@ pub static BACKEND_STATS: PerCpuArray<Counters> =
 #[map]
 pub static SCRATCH: PerCpuArray<crate::Pkt> = PerCpuArray::with_max_entries(1, 0);
 
+/// Per-CPU scratch space of a new full-NAT flow ([`crate::NatScratch`]): its entries are built
+/// here rather than on the stack, which the call chain down to `port_free` has no room for.
+/// Same reasoning as [`SCRATCH`].
+#[map]
+pub static NAT_SCRATCH: PerCpuArray<crate::NatScratch> = PerCpuArray::with_max_entries(1, 0);
+
 #[map]
 pub static REASON_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
 

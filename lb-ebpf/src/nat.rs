@@ -16,7 +16,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     IPPROTO_TCP, Reason, Route,
-    csum::{replace2, replace4},
+    csum::{add, apply, diff2, diff4, replace2, replace4},
 };
 
 use crate::parse::{ETH_HLEN, Flow, IcmpQuote, ptr_at};
@@ -75,48 +75,74 @@ pub fn rewrite(ctx: &TcContext, flow: &Flow, side: Side, addr: u32, port: u16) -
     Ok(())
 }
 
-/// Rewrites an ICMP error quoting a balanced flow: the quoted packet's address and port on
-/// `inner` become `addr:port`, and the outer address on `outer` becomes `outer_addr`. Every
-/// checksum is updated incrementally: the outer and quoted IPv4 headers', the quoted L4 one when
-/// the quote holds it (it covers data not quoted, so it cannot be recomputed), and the ICMP
-/// one over all of it. All fields are written directly: each checksum update compensates its
-/// own change, so a `CHECKSUM_COMPLETE` sum of the whole packet stays right.
+/// Rewrites both ends of a full-NAT flow's packet: destination `dst` and source `src` (address,
+/// port), fixing the IPv4 checksum by hand and the L4 one with two helper calls, whatever the
+/// number of fields changed: one for the addresses (part of the pseudo-header, which a
+/// `CHECKSUM_PARTIAL` field holds) and one for the ports, each with the summed difference of
+/// its fields (`bpf_l4_csum_replace` with `from = 0` adds `to` as a difference).
 #[inline(always)]
-#[expect(
-    clippy::too_many_arguments,
-    reason = "inlined; the two sides of one rewrite"
-)]
-pub fn rewrite_icmp(
+pub fn rewrite_both(
     ctx: &TcContext,
-    o: &Flow,
-    e: &IcmpQuote,
-    inner: Side,
-    addr: u32,
-    port: u16,
-    outer: Side,
-    outer_addr: u32,
+    flow: &Flow,
+    dst: (u32, u16),
+    src: (u32, u16),
 ) -> Result<(), ()> {
+    let l4 = flow.l4();
+    let (csum_off, mangled0) = if flow.proto == IPPROTO_TCP {
+        (l4 + 16, 0)
+    } else {
+        (l4 + 6, u64::from(BPF_F_MARK_MANGLED_0))
+    };
+    let addrs = ptr_at::<[u32; 2]>(ctx, ETH_HLEN + 12).ok_or(())?;
+    let ports = ptr_at::<[u16; 2]>(ctx, l4).ok_or(())?;
+    let ipc = ptr_at::<u16>(ctx, ETH_HLEN + 10).ok_or(())?;
+    let da = add(diff4(flow.saddr, src.0), diff4(flow.daddr, dst.0));
+    // SAFETY: `ptr_at` checked all three fields lie inside the packet; TC programs may write
+    // packet data directly (the checksum helpers below come after the last direct access).
+    unsafe {
+        addrs.write_unaligned([src.0, dst.0]);
+        ports.write_unaligned([src.1, dst.1]);
+        ipc.write_unaligned(apply(ipc.read_unaligned(), da));
+    }
+    ctx.l4_csum_replace(
+        csum_off,
+        0,
+        u64::from(da),
+        u64::from(BPF_F_PSEUDO_HDR) | mangled0 | 4,
+    )
+    .map_err(|_| ())?;
+    let dp = add(diff2(flow.sport, src.1), diff2(flow.dport, dst.1));
+    ctx.l4_csum_replace(csum_off, 0, u64::from(dp), mangled0 | 4)
+        .map_err(|_| ())?;
+    Ok(())
+}
+
+/// What an ICMP error quoting a balanced flow becomes: the quoted packet's source and
+/// destination (address, port), and the outer source and destination addresses. Fields that
+/// stay the same are given their old values.
+pub struct IcmpNat {
+    pub q_src: (u32, u16),
+    pub q_dst: (u32, u16),
+    pub o_src: u32,
+    pub o_dst: u32,
+}
+
+/// Rewrites an ICMP error quoting a balanced flow as `n` says. Every checksum is updated
+/// incrementally: the outer and quoted IPv4 headers', the quoted L4 one when the quote holds it
+/// (it covers data not quoted, so it cannot be recomputed), and the ICMP one over all of it.
+/// All fields are written directly: each checksum update compensates its own change, so a
+/// `CHECKSUM_COMPLETE` sum of the whole packet stays right.
+#[inline(always)]
+pub fn rewrite_icmp(ctx: &TcContext, o: &Flow, e: &IcmpQuote, n: &IcmpNat) -> Result<(), ()> {
     let (icmp_off, inner_off, inner_l4_off) = e.offsets();
-    let (a_off, p_off, old_a, old_p) = match inner {
-        Side::Src => (inner_off + 12, inner_l4_off, e.inner.saddr, e.inner.sport),
-        Side::Dst => (
-            inner_off + 16,
-            inner_l4_off + 2,
-            e.inner.daddr,
-            e.inner.dport,
-        ),
-    };
-    let (oa_off, old_o) = match outer {
-        Side::Src => (ETH_HLEN + 12, o.saddr),
-        Side::Dst => (ETH_HLEN + 16, o.daddr),
-    };
-    let udp = e.inner.proto != IPPROTO_TCP;
+    let q = &e.inner;
+    let udp = q.proto != IPPROTO_TCP;
     let l4c_off = inner_l4_off + if udp { 6 } else { 16 };
-    let a = ptr_at::<u32>(ctx, a_off).ok_or(())?;
-    let p = ptr_at::<u16>(ctx, p_off).ok_or(())?;
+    let qa = ptr_at::<[u32; 2]>(ctx, inner_off + 12).ok_or(())?;
+    let qp = ptr_at::<[u16; 2]>(ctx, inner_l4_off).ok_or(())?;
     let ic = ptr_at::<u16>(ctx, inner_off + 10).ok_or(())?;
     let icmpc = ptr_at::<u16>(ctx, icmp_off + 2).ok_or(())?;
-    let oa = ptr_at::<u32>(ctx, oa_off).ok_or(())?;
+    let oa = ptr_at::<[u32; 2]>(ctx, ETH_HLEN + 12).ok_or(())?;
     let oc = ptr_at::<u16>(ctx, ETH_HLEN + 10).ok_or(())?;
     // The quoted L4 checksum only if it lies inside the ICMP message (not in frame padding).
     let l4c = if l4c_off + 2 <= ETH_HLEN + usize::from(o.tot_len) {
@@ -124,23 +150,26 @@ pub fn rewrite_icmp(
     } else {
         None
     };
+    let da = add(diff4(q.saddr, n.q_src.0), diff4(q.daddr, n.q_dst.0));
+    let dp = add(diff2(q.sport, n.q_src.1), diff2(q.dport, n.q_dst.1));
+    let douter = add(diff4(o.saddr, n.o_src), diff4(o.daddr, n.o_dst));
     // SAFETY: `ptr_at` checked every field lies inside the packet; TC programs may write packet
     // data directly; no helper runs between the checks and the writes.
     unsafe {
         let mut icmp = icmpc.read_unaligned();
-        a.write_unaligned(addr);
-        icmp = replace4(icmp, old_a, addr);
+        qa.write_unaligned([n.q_src.0, n.q_dst.0]);
+        icmp = apply(icmp, da);
         let old_ic = ic.read_unaligned();
-        let new_ic = replace4(old_ic, old_a, addr);
+        let new_ic = apply(old_ic, da);
         ic.write_unaligned(new_ic);
         icmp = replace2(icmp, old_ic, new_ic);
-        p.write_unaligned(port);
-        icmp = replace2(icmp, old_p, port);
+        qp.write_unaligned([n.q_src.1, n.q_dst.1]);
+        icmp = apply(icmp, dp);
         if let Some(c) = l4c {
             let old = c.read_unaligned();
             // A zero UDP checksum means "none" and stays so.
             if !(udp && old == 0) {
-                let mut new = replace2(replace4(old, old_a, addr), old_p, port);
+                let mut new = apply(old, add(da, dp));
                 if udp && new == 0 {
                     new = 0xffff;
                 }
@@ -149,10 +178,8 @@ pub fn rewrite_icmp(
             }
         }
         icmpc.write_unaligned(icmp);
-        if outer_addr != old_o {
-            oa.write_unaligned(outer_addr);
-            oc.write_unaligned(replace4(oc.read_unaligned(), old_o, outer_addr));
-        }
+        oa.write_unaligned([n.o_src, n.o_dst]);
+        oc.write_unaligned(apply(oc.read_unaligned(), douter));
     }
     Ok(())
 }

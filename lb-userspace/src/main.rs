@@ -92,6 +92,10 @@ fn run(source: Option<Source>, overrides: daemon::Overrides, admin_socket: PathB
             eprintln!("berth: invalid command line: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
+        Err(daemon::Refused::Environment(e)) => {
+            eprintln!("berth: invalid Docker environment: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
         Err(daemon::Refused::Host(e)) => {
             error!("{e:#}");
             return ExitCode::FAILURE;
@@ -188,7 +192,9 @@ fn publish(path: &Path, address: Option<std::net::Ipv4Addr>) -> ExitCode {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(lb_userspace::publish::run(
             cfg.publish,
-            cfg.docker.socket,
+            cfg.docker
+                .socket
+                .unwrap_or_else(|| "/var/run/docker.sock".into()),
             connect,
             address,
             stop_rx,
@@ -284,6 +290,21 @@ fn check_config(src: &Source) -> ExitCode {
             }
             if !cfg.dataplane.interfaces.is_empty() {
                 println!("  interfaces: {}", cfg.dataplane.interfaces.join(", "));
+            }
+            if daemon::docker_enabled(&cfg, true) {
+                match daemon::engines(&cfg) {
+                    Ok(engines) => {
+                        for e in &engines {
+                            println!(
+                                "  docker engine {}: {}{}",
+                                e.name(),
+                                e.engine.endpoint,
+                                if e.engine.tls.is_some() { " (TLS)" } else { "" }
+                            );
+                        }
+                    }
+                    Err(e) => return config_failure(path, &e),
+                }
             }
             ExitCode::SUCCESS
         }

@@ -61,6 +61,8 @@ impl Published {
             networks: BTreeMap::new(),
             bridges: BTreeMap::new(),
             started_at: String::new(),
+            engine: String::new(),
+            published: BTreeMap::new(),
         };
         s.image.as_deref().is_none_or(|i| probe.runs_image(i))
             && s.labels.iter().all(|(k, v)| self.labels.get(k) == Some(v))

@@ -16,7 +16,7 @@ use lb_common::{Backend, ServiceKey, ServiceValue, ipv4_to_wire, port_to_wire};
 use tracing::{info, info_span};
 
 use crate::{
-    config::{Instance, Protocol, Service},
+    config::{Instance, Nat, Protocol, Service},
     dataplane::{Dataplane, DataplaneError},
     maglev,
 };
@@ -85,6 +85,8 @@ struct AppliedBackend {
     /// The container run the slot was written for (None: a configured backend, or one adopted
     /// and not yet claimed).
     instance: Option<Instance>,
+    /// The full-NAT source address in the kernel's slot (0: DNAT).
+    snat: u32,
 }
 
 impl AppliedService {
@@ -132,6 +134,8 @@ pub struct ServiceState {
     pub protocol: Protocol,
     /// (address, backend id, weight)
     pub backends: Vec<(SocketAddrV4, u32, u32)>,
+    /// Full-NAT backends and the source address their flows get.
+    pub full_nat: Vec<(SocketAddrV4, std::net::Ipv4Addr)>,
 }
 
 pub struct Reconciler {
@@ -206,6 +210,7 @@ impl Reconciler {
                             id,
                             weight: 0,
                             instance: None,
+                            snat: b.snat_addr,
                         },
                     );
                 }
@@ -275,6 +280,12 @@ impl Reconciler {
                     .backends
                     .iter()
                     .map(|(a, b)| (*a, b.id, b.weight))
+                    .collect(),
+                full_nat: s
+                    .backends
+                    .iter()
+                    .filter(|(_, b)| b.snat != 0)
+                    .map(|(a, b)| (*a, std::net::Ipv4Addr::from(u32::from_be(b.snat))))
                     .collect(),
             })
             .collect()
@@ -359,8 +370,8 @@ impl Reconciler {
             let mut a = self.services.remove(&placeholder).expect("found");
             a.pinned = false;
             for (addr, b) in &mut a.backends {
-                if let Some((_, w)) = svc.backends.iter().find(|(d, _)| d == addr) {
-                    b.weight = *w;
+                if let Some(d) = svc.backends.iter().find(|d| d.addr == *addr) {
+                    b.weight = d.weight;
                     // What the pinned slot was written for is not recorded: the container
                     // there now has been served by it all along.
                     b.instance = svc.instances.get(addr).copied();
@@ -507,7 +518,7 @@ impl Reconciler {
             .backends
             .iter()
             .filter_map(|(addr, b)| {
-                let wanted = svc.backends.iter().any(|(d, _)| d == addr);
+                let wanted = svc.backends.iter().any(|d| d.addr == *addr);
                 let replaced = wanted && svc.instances.get(addr).copied() != b.instance;
                 (!wanted || replaced).then_some((*addr, replaced))
             })
@@ -528,32 +539,65 @@ impl Reconciler {
                 format!("service {}: backend {addr} {what} ({why})", svc.name),
             ));
         }
-        // New backends and weight changes. The backend slot is written before any table slot
-        // points at it.
-        for &(addr, weight) in &svc.backends {
+        // New backends, weight and NAT changes. The backend slot is written before any table
+        // slot points at it.
+        for &crate::config::BackendSpec { addr, weight, nat } in &svc.backends {
+            let snat = match nat {
+                Nat::Dnat => 0,
+                Nat::Full => match snat_source(self.dp.options().snat_address, *addr.ip()) {
+                    Ok(ip) => ipv4_to_wire(ip.octets()),
+                    Err(e) => {
+                        // Left out until a route to it exists (every apply tries again).
+                        notes.push((
+                            Some(addr),
+                            format!(
+                                "service {}: backend {addr} left out: no source address for \
+                                 full NAT toward it ({e}) ({why})",
+                                svc.name
+                            ),
+                        ));
+                        continue;
+                    }
+                },
+            };
+            let backend = Backend {
+                snat_addr: snat,
+                ..Backend::dnat(ipv4_to_wire(addr.ip().octets()), port_to_wire(addr.port()))
+            };
             match a.backends.get_mut(&addr) {
-                Some(b) if b.weight == weight => {}
                 Some(b) => {
-                    notes.push((
-                        Some(addr),
-                        format!(
-                            "service {}: backend {addr} weight {} -> {weight} ({why})",
-                            svc.name, b.weight
-                        ),
-                    ));
-                    b.weight = weight;
-                    a.table_synced = false;
+                    if b.snat != snat {
+                        // For new flows: established ones keep the translation they started
+                        // with.
+                        self.dp.set_backend(b.id, backend).map_err(map_err)?;
+                        writes += 1;
+                        notes.push((
+                            Some(addr),
+                            format!(
+                                "service {}: backend {addr} now {} ({why})",
+                                svc.name,
+                                nat_note(snat)
+                            ),
+                        ));
+                        b.snat = snat;
+                    }
+                    if b.weight != weight {
+                        notes.push((
+                            Some(addr),
+                            format!(
+                                "service {}: backend {addr} weight {} -> {weight} ({why})",
+                                svc.name, b.weight
+                            ),
+                        ));
+                        b.weight = weight;
+                        a.table_synced = false;
+                    }
                 }
                 None => {
                     let id = self.backend_ids.alloc().ok_or(ReconcileError::OutOfIds {
                         what: "backend",
                         limit: "max_backends",
                     })?;
-                    let backend = Backend {
-                        addr: ipv4_to_wire(addr.ip().octets()),
-                        port: port_to_wire(addr.port()),
-                        _pad: 0,
-                    };
                     let flag = lb_common::port_flag(svc.protocol.ip_proto(), true);
                     let written = self
                         .dp
@@ -570,6 +614,7 @@ impl Reconciler {
                         AppliedBackend {
                             id,
                             weight,
+                            snat,
                             instance: svc.instances.get(&addr).copied(),
                         },
                     );
@@ -577,8 +622,9 @@ impl Reconciler {
                     notes.push((
                         Some(addr),
                         format!(
-                            "service {}: backend {addr} added (weight {weight}) ({why})",
-                            svc.name
+                            "service {}: backend {addr} added (weight {weight}, {}) ({why})",
+                            svc.name,
+                            nat_note(snat)
                         ),
                     ));
                 }
@@ -680,6 +726,30 @@ impl Reconciler {
             writes += 1;
         }
         Ok(writes)
+    }
+}
+
+/// The source address full-NAT flows toward `backend` get: the configured one, else the one the
+/// kernel would use toward it.
+fn snat_source(
+    configured: Option<std::net::Ipv4Addr>,
+    backend: std::net::Ipv4Addr,
+) -> std::io::Result<std::net::Ipv4Addr> {
+    match configured {
+        Some(a) => Ok(a),
+        None => crate::dataplane::source_toward(backend),
+    }
+}
+
+/// How a backend slot with full-NAT source `snat` (network order; 0: none) is reached, for logs.
+fn nat_note(snat: u32) -> String {
+    if snat == 0 {
+        "dnat".into()
+    } else {
+        format!(
+            "full nat from {}",
+            std::net::Ipv4Addr::from(u32::from_be(snat))
+        )
     }
 }
 

@@ -18,7 +18,7 @@ use crate::{topo::sh, wire};
 use aya::programs::{TestRun, TestRunOptions};
 use lb_common::{CtEntry, FlowKey, Reason, ipv4_to_wire, port_to_wire};
 use lb_userspace::{
-    config::{Protocol, Service},
+    config::{BackendSpec, Nat, PortRange, Protocol, Service},
     dataplane::{Dataplane, DataplaneOptions},
     reconciler::Reconciler,
 };
@@ -162,12 +162,46 @@ pub fn svc(
         protocol,
         backends: backends
             .iter()
-            .map(|&(a, p, w)| (SocketAddrV4::new(a, p), w))
+            .map(|&(a, p, w)| BackendSpec::dnat(SocketAddrV4::new(a, p), w))
             .collect(),
         health: None,
         instances: Default::default(),
+        mode: None,
     }
 }
+
+/// Runs each named `fn(Nat)` of the calling test file as two tests, `NAME::dnat` and
+/// `NAME::fullnat`: the rules that hold however a backend is reached.
+#[macro_export]
+macro_rules! both_nat {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn dnat() {
+                super::$name(lb_userspace::config::Nat::Dnat)
+            }
+            #[test]
+            fn fullnat() {
+                super::$name(lb_userspace::config::Nat::Full)
+            }
+        }
+    )*};
+}
+
+/// `services` with every backend reached by `nat` (full NAT sources from this host's address
+/// toward the backends, [`HOST`] in the fixture namespace).
+pub fn with_nat(mut services: Vec<Service>, nat: Nat) -> Vec<Service> {
+    for s in &mut services {
+        s.mode = Some(nat);
+        for b in &mut s.backends {
+            b.nat = nat;
+        }
+    }
+    services
+}
+
+/// The full-NAT source ports of [`options`] (the default range).
+pub const SNAT_PORTS: PortRange = PortRange::DEFAULT_SNAT;
 
 /// A loaded dataplane with services applied through the real reconciler.
 pub struct Fixture {
@@ -335,6 +369,14 @@ pub fn standard() -> Fixture {
     )
 }
 
+/// [`standard`] with every backend reached by `nat`.
+pub fn standard_nat(nat: Nat) -> Fixture {
+    let f = standard();
+    let services = with_nat(f.services.clone(), nat);
+    drop(f);
+    Fixture::new(options(), services)
+}
+
 /// One TCP service on the VIP with backend 1 only.
 pub fn one_backend_vip() -> Fixture {
     Fixture::new(
@@ -359,9 +401,23 @@ pub fn assert_dropped(run: &Run, reason: Reason) {
     assert_eq!(run.exits(), [reason.name()], "{run:?}");
 }
 
+/// How a backend sees a translated flow: the backend, and its peer (the client for DNAT;
+/// berth's address and port for full NAT), which its packets of the flow are sent to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Leg {
+    pub backend: SocketAddrV4,
+    pub peer: SocketAddrV4,
+}
+
 /// Checks a forward translation: destination rewritten to one of `backends`, source kept,
 /// MACs set from the FIB, payload intact, checksums right. Returns the backend chosen.
 pub fn assert_dnat(run: &Run, input: &[u8], backends: &[SocketAddrV4]) -> SocketAddrV4 {
+    assert_fwd(run, input, backends, Nat::Dnat).backend
+}
+
+/// [`assert_dnat`] for a flow reached by `nat`: with full NAT the source must be [`HOST`] (the
+/// kernel's source toward the backends) and a port of [`SNAT_PORTS`] instead of the client's.
+pub fn assert_fwd(run: &Run, input: &[u8], backends: &[SocketAddrV4], nat: Nat) -> Leg {
     assert_eq!(run.action, TC_ACT_REDIRECT, "{run:?}");
     assert_eq!(run.exits(), [Reason::FwdRedirect.name()], "{run:?}");
     wire::verify_checksums(&run.out).unwrap_or_else(|e| panic!("rewritten packet: {e}"));
@@ -372,7 +428,17 @@ pub fn assert_dnat(run: &Run, input: &[u8], backends: &[SocketAddrV4]) -> Socket
         "dst {} not a backend {backends:?}",
         o.dst
     );
-    assert_eq!(o.src, i.src, "source must be kept");
+    match nat {
+        Nat::Dnat => assert_eq!(o.src, i.src, "source must be kept"),
+        Nat::Full => {
+            assert_eq!(*o.src.ip(), HOST, "full NAT source address");
+            assert!(
+                (SNAT_PORTS.first..=SNAT_PORTS.last).contains(&o.src.port()),
+                "full NAT source port {} outside {SNAT_PORTS}",
+                o.src.port()
+            );
+        }
+    }
     assert_eq!(o.payload, i.payload);
     assert_eq!(o.tcp_flags, i.tcp_flags);
     // Forwarded by berth: one hop, as the stack's forwarding would count it.
@@ -384,7 +450,10 @@ pub fn assert_dnat(run: &Run, input: &[u8], backends: &[SocketAddrV4]) -> Socket
     );
     assert_eq!(o.src_mac, fx0_mac(), "source MAC of the egress device");
     assert_eq!(run.out.len(), input.len());
-    o.dst
+    Leg {
+        backend: o.dst,
+        peer: o.src,
+    }
 }
 
 pub fn b8000(n: u8) -> SocketAddrV4 {

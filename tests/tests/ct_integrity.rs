@@ -3,15 +3,31 @@
 //! stranded or leaked: a missing half of a flow's entry pair, two services sharing a backend,
 //! a closed flow's leftovers, FIN/RST out of the window, replies arriving where their backend
 //! does not live, TTL expiry, and ICMP errors quoting a balanced flow.
+//!
+//! The rules that do not depend on how the backend is reached run twice (`both_nat!`): over
+//! DNAT and over full NAT, where the backend's packets go to berth's address and port (the
+//! flow's [`Leg::peer`]) rather than to the client.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
+use berth_tests::both_nat;
 use berth_tests::{
     fixture::*,
     wire::{self, Ipv4Packet, L4, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN},
 };
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP, Reason, ct};
-use lb_userspace::config::Protocol;
+use lb_userspace::config::{Nat, Protocol};
+
+both_nat!(
+    udp_flow_whose_reply_entry_was_evicted_is_repaired_by_its_next_request,
+    tcp_flow_whose_reply_entry_was_evicted_is_repaired_by_its_next_packet,
+    tcp_flow_whose_forward_entry_was_evicted_is_repaired_by_the_backends_next_packet,
+    rst_or_fin_outside_the_window_keep_a_draining_flow_on_its_backend,
+    a_reply_arriving_where_its_backend_does_not_live_is_not_translated,
+    a_packet_whose_ttl_would_expire_is_handed_to_the_stack_untranslated,
+    fragmentation_needed_from_the_client_side_reaches_the_backend,
+    icmp_errors_from_a_backend_reach_the_client_with_the_service_address,
+);
 
 /// A TCP segment with explicit sequence and acknowledgment numbers.
 fn tcp(src: SocketAddrV4, dst: SocketAddrV4, flags: u8, seq: u32, ack: u32) -> Ipv4Packet {
@@ -23,6 +39,11 @@ fn tcp(src: SocketAddrV4, dst: SocketAddrV4, flags: u8, seq: u32, ack: u32) -> I
         payload: Vec::new(),
     };
     p
+}
+
+/// A TCP segment of the backend side of flow `leg` (from its backend to its peer).
+fn back(leg: Leg, flags: u8, seq: u32, ack: u32) -> Ipv4Packet {
+    tcp(leg.backend, leg.peer, flags, seq, ack)
 }
 
 /// A packet from backend `be`, with its MAC.
@@ -56,81 +77,93 @@ fn shared_backend() -> Fixture {
 /// A completed handshake client -> service (client ISN 1000, backend ISN 5000); returns the
 /// backend chosen.
 fn handshake(f: &Fixture, c: SocketAddrV4, service: SocketAddrV4) -> SocketAddrV4 {
+    handshake_nat(f, c, service, Nat::Dnat).backend
+}
+
+/// [`handshake`] over `nat`: returns how the backend sees the flow (the same leg throughout).
+fn handshake_nat(f: &Fixture, c: SocketAddrV4, service: SocketAddrV4, nat: Nat) -> Leg {
     let syn = tcp(c, service, TCP_SYN, 1000, 0).build();
-    let be = assert_dnat(&f.run(&syn), &syn, &web_backends());
-    let synack = from_backend(tcp(be, c, TCP_SYN | TCP_ACK, 5000, 1001));
+    let leg = assert_fwd(&f.run(&syn), &syn, &web_backends(), nat);
+    let synack = from_backend(back(leg, TCP_SYN | TCP_ACK, 5000, 1001));
     assert_reply(&f.run(&synack), service, c);
     let ack = tcp(c, service, TCP_ACK, 1001, 5001).build();
-    assert_eq!(assert_dnat(&f.run(&ack), &ack, &[be]), be);
-    be
+    assert_eq!(assert_fwd(&f.run(&ack), &ack, &[leg.backend], nat), leg);
+    leg
 }
 
 // ---- 1. a flow has both halves of its entry pair or neither ----
 
-#[test]
-fn udp_flow_whose_reply_entry_was_evicted_is_repaired_by_its_next_request() {
-    in_fixture_netns(|| {
-        let mut f = standard();
+fn udp_flow_whose_reply_entry_was_evicted_is_repaired_by_its_next_request(nat: Nat) {
+    in_fixture_netns(move || {
+        let mut f = standard_nat(nat);
         let service = sa(HOST, 5353);
         let req = Ipv4Packet::udp(client(50000), service, b"q1").build();
         let dns = [sa(backend(4), 53), sa(backend(5), 53)];
-        let be = assert_dnat(&f.run(&req), &req, &dns);
+        let leg = assert_fwd(&f.run(&req), &req, &dns, nat);
         // A flood evicts the reply entry; the client keeps its forward entry fresh.
-        let rkey = flow_key(be, client(50000), IPPROTO_UDP);
+        let rkey = flow_key(leg.backend, leg.peer, IPPROTO_UDP);
+        assert!(
+            f.ct(&rkey).is_some(),
+            "the reply half is keyed backend -> peer"
+        );
         f.rec.dataplane_mut().conntrack_remove(&rkey).unwrap();
         let run = f.run(&req);
-        assert_eq!(assert_dnat(&run, &req, &dns), be);
+        assert_eq!(
+            assert_fwd(&run, &req, &dns, nat),
+            leg,
+            "same backend, same peer"
+        );
         assert_eq!(run.counted(Reason::EventCtRebuilt), 1, "{run:?}");
-        let answer = from_backend(Ipv4Packet::udp(be, client(50000), b"a1"));
+        let answer = from_backend(Ipv4Packet::udp(leg.backend, leg.peer, b"a1"));
         assert_reply(&f.run(&answer), service, client(50000));
         assert!(f.ct(&rkey).is_some(), "the reply half is back");
     });
 }
 
-#[test]
-fn tcp_flow_whose_reply_entry_was_evicted_is_repaired_by_its_next_packet() {
-    in_fixture_netns(|| {
-        let mut f = standard();
+fn tcp_flow_whose_reply_entry_was_evicted_is_repaired_by_its_next_packet(nat: Nat) {
+    in_fixture_netns(move || {
+        let mut f = standard_nat(nat);
         let c = client(40010);
-        let be = handshake(&f, c, sa(VIP, 80));
+        let leg = handshake_nat(&f, c, sa(VIP, 80), nat);
         f.rec
             .dataplane_mut()
-            .conntrack_remove(&flow_key(be, c, IPPROTO_TCP))
+            .conntrack_remove(&flow_key(leg.backend, leg.peer, IPPROTO_TCP))
             .unwrap();
         let data = tcp(c, sa(VIP, 80), TCP_ACK | TCP_PSH, 1001, 5001)
             .with_payload(b"GET /")
             .build();
-        assert_eq!(assert_dnat(&f.run(&data), &data, &[be]), be);
-        let answer = from_backend(tcp(be, c, TCP_ACK | TCP_PSH, 5001, 1006).with_payload(b"200"));
+        assert_eq!(assert_fwd(&f.run(&data), &data, &[leg.backend], nat), leg);
+        let answer = from_backend(back(leg, TCP_ACK | TCP_PSH, 5001, 1006).with_payload(b"200"));
         assert_reply(&f.run(&answer), sa(VIP, 80), c);
     });
 }
 
-#[test]
-fn tcp_flow_whose_forward_entry_was_evicted_is_repaired_by_the_backends_next_packet() {
-    in_fixture_netns(|| {
-        let mut f = standard();
+fn tcp_flow_whose_forward_entry_was_evicted_is_repaired_by_the_backends_next_packet(nat: Nat) {
+    in_fixture_netns(move || {
+        let mut f = standard_nat(nat);
         let c = client(40011);
-        let be = handshake(&f, c, sa(VIP, 80));
+        let leg = handshake_nat(&f, c, sa(VIP, 80), nat);
+        let be = leg.backend;
         let fkey = flow_key(c, sa(VIP, 80), IPPROTO_TCP);
         f.rec.dataplane_mut().conntrack_remove(&fkey).unwrap();
         // The backend pushes data first: translated, and the forward half is rebuilt from the
         // reply half.
-        let push = from_backend(tcp(be, c, TCP_ACK | TCP_PSH, 5001, 1001).with_payload(b"tick"));
+        let push = from_backend(back(leg, TCP_ACK | TCP_PSH, 5001, 1001).with_payload(b"tick"));
         let run = f.run(&push);
         assert_reply(&run, sa(VIP, 80), c);
         assert_eq!(run.counted(Reason::EventCtRebuilt), 1, "{run:?}");
         let fwd = f.ct(&fkey).expect("forward half rebuilt");
         assert_eq!(fwd.dir, ct::DIR_FORWARD);
         assert_eq!(fwd.nat_addr, lb_common::ipv4_to_wire(be.ip().octets()));
-        // So the flow keeps its backend even after the backend set changed.
+        assert_eq!(fwd.full_nat(), nat == Nat::Full);
+        // So the flow keeps its backend (and its port) even after the backend set changed.
         let mut services = f.services.clone();
         for s in &mut services {
-            s.backends.retain(|(a, _)| *a != be);
+            s.backends.retain(|b| b.addr != be);
         }
         f.apply(services);
         let ack = tcp(c, sa(VIP, 80), TCP_ACK, 1001, 5005).build();
-        assert_eq!(assert_dnat(&f.run(&ack), &ack, &web_backends()), be);
+        assert_eq!(assert_fwd(&f.run(&ack), &ack, &web_backends(), nat), leg);
     });
 }
 
@@ -222,23 +255,23 @@ fn a_closed_flows_reply_entry_does_not_catch_the_next_connection_to_another_serv
 
 // ---- 4. FIN and RST count only inside the window ----
 
-#[test]
-fn rst_or_fin_outside_the_window_keep_a_draining_flow_on_its_backend() {
-    in_fixture_netns(|| {
-        let mut f = standard();
+fn rst_or_fin_outside_the_window_keep_a_draining_flow_on_its_backend(nat: Nat) {
+    in_fixture_netns(move || {
+        let mut f = standard_nat(nat);
         let c = client(40300);
-        let be = handshake(&f, c, sa(VIP, 80));
+        let leg = handshake_nat(&f, c, sa(VIP, 80), nat);
+        let be = leg.backend;
         // Some data, acknowledged by the backend up to 1011.
         let data = tcp(c, sa(VIP, 80), TCP_ACK | TCP_PSH, 1001, 5001)
             .with_payload(b"0123456789")
             .build();
-        assert_dnat(&f.run(&data), &data, &[be]);
-        let ack = from_backend(tcp(be, c, TCP_ACK, 5001, 1011));
+        assert_fwd(&f.run(&data), &data, &[be], nat);
+        let ack = from_backend(back(leg, TCP_ACK, 5001, 1011));
         assert_reply(&f.run(&ack), sa(VIP, 80), c);
         // The backend leaves (draining: established flows stay).
         let mut services = f.services.clone();
         for s in &mut services {
-            s.backends.retain(|(a, _)| *a != be);
+            s.backends.retain(|b| b.addr != be);
         }
         f.apply(services);
         let fkey = flow_key(c, sa(VIP, 80), IPPROTO_TCP);
@@ -247,37 +280,36 @@ fn rst_or_fin_outside_the_window_keep_a_draining_flow_on_its_backend() {
         for (flags, seq) in [(TCP_RST, 7_000_000), (TCP_FIN | TCP_ACK, 3_000_000_000)] {
             let spoof = tcp(c, sa(VIP, 80), flags, seq, 0).build();
             let run = f.run(&spoof);
-            assert_eq!(assert_dnat(&run, &spoof, &[be]), be);
+            assert_eq!(assert_fwd(&run, &spoof, &[be], nat), leg);
             assert_eq!(run.counted(Reason::EventCtCloseIgnored), 1, "{run:?}");
             assert_eq!(f.ct(&fkey).unwrap().state, ct::STATE_OPEN);
         }
         // So a bare SYN on the tuple is a retransmission, not a new connection: same backend.
         let syn = tcp(c, sa(VIP, 80), TCP_SYN, 123_456, 0).build();
-        assert_eq!(assert_dnat(&f.run(&syn), &syn, &[be]), be);
+        assert_eq!(assert_fwd(&f.run(&syn), &syn, &[be], nat), leg);
         // A RST at the backend's acknowledged position closes the flow...
         let rst = tcp(c, sa(VIP, 80), TCP_RST, 1011, 0).build();
         let run = f.run(&rst);
-        assert_dnat(&run, &rst, &[be]);
+        assert_fwd(&run, &rst, &[be], nat);
         assert_eq!(run.counted(Reason::EventCtClosing), 1, "{run:?}");
         assert_eq!(f.ct(&fkey).unwrap().state, ct::STATE_CLOSING);
         // ...and a new connection on the tuple goes to a backend still in the table.
         let rest: Vec<_> = web_backends().into_iter().filter(|b| *b != be).collect();
         let syn = tcp(c, sa(VIP, 80), TCP_SYN, 200_000, 0).build();
-        assert_dnat(&f.run(&syn), &syn, &rest);
+        assert_fwd(&f.run(&syn), &syn, &rest, nat);
     });
 }
 
 // ---- 5. replies only from where their backend lives ----
 
-#[test]
-fn a_reply_arriving_where_its_backend_does_not_live_is_not_translated() {
-    in_fixture_netns(|| {
-        let f = standard();
+fn a_reply_arriving_where_its_backend_does_not_live_is_not_translated(nat: Nat) {
+    in_fixture_netns(move || {
+        let f = standard_nat(nat);
         let c = client(40400);
         let syn = tcp(c, sa(VIP, 80), TCP_SYN, 1000, 0).build();
-        let be = assert_dnat(&f.run(&syn), &syn, &web_backends());
+        let leg = assert_fwd(&f.run(&syn), &syn, &web_backends(), nat);
         // A forged "backend reply" on the second uplink (no backend lives behind fx2).
-        let fake = from_backend(tcp(be, c, TCP_SYN | TCP_ACK | TCP_RST, 1, 1001));
+        let fake = from_backend(back(leg, TCP_SYN | TCP_ACK | TCP_RST, 1, 1001));
         let run = f.run_on(&fake, "fx2");
         assert_untouched(&run, &fake, Reason::PassReplyWrongIface);
         let fkey = flow_key(c, sa(VIP, 80), IPPROTO_TCP);
@@ -287,17 +319,16 @@ fn a_reply_arriving_where_its_backend_does_not_live_is_not_translated() {
             "no state change"
         );
         // The real one, behind fx0, is translated.
-        let synack = from_backend(tcp(be, c, TCP_SYN | TCP_ACK, 5000, 1001));
+        let synack = from_backend(back(leg, TCP_SYN | TCP_ACK, 5000, 1001));
         assert_reply(&f.run(&synack), sa(VIP, 80), c);
     });
 }
 
 // ---- 6. the backend's address never reaches the client ----
 
-#[test]
-fn a_packet_whose_ttl_would_expire_is_handed_to_the_stack_untranslated() {
-    in_fixture_netns(|| {
-        let f = standard();
+fn a_packet_whose_ttl_would_expire_is_handed_to_the_stack_untranslated(nat: Nat) {
+    in_fixture_netns(move || {
+        let f = standard_nat(nat);
         let c = client(40500);
         let mut p = tcp(c, sa(VIP, 80), TCP_SYN, 1000, 0);
         p.ttl = 1;
@@ -306,28 +337,28 @@ fn a_packet_whose_ttl_would_expire_is_handed_to_the_stack_untranslated() {
         assert_untouched(&f.run(&pkt), &pkt, Reason::PassTtlExpired);
         assert!(f.ct(&flow_key(c, sa(VIP, 80), IPPROTO_TCP)).is_none());
         // An established flow's packet likewise.
-        let be = handshake(&f, client(40501), sa(VIP, 80));
+        let leg = handshake_nat(&f, client(40501), sa(VIP, 80), nat);
         let mut p = tcp(client(40501), sa(VIP, 80), TCP_ACK, 1001, 5001);
         p.ttl = 1;
         let pkt = p.build();
         assert_untouched(&f.run(&pkt), &pkt, Reason::PassTtlExpired);
         // And a reply with TTL 1 (its ICMP goes back to the backend, untranslated).
-        let mut r = tcp(be, client(40501), TCP_ACK, 5001, 1001);
+        let mut r = back(leg, TCP_ACK, 5001, 1001);
         r.ttl = 1;
-        r.src_mac = backend_mac(*be.ip());
+        r.src_mac = backend_mac(*leg.backend.ip());
         let pkt = r.build();
         assert_untouched(&f.run(&pkt), &pkt, Reason::PassTtlExpired);
     });
 }
 
-#[test]
-fn fragmentation_needed_from_the_client_side_reaches_the_backend() {
-    in_fixture_netns(|| {
-        let f = standard();
+fn fragmentation_needed_from_the_client_side_reaches_the_backend(nat: Nat) {
+    in_fixture_netns(move || {
+        let f = standard_nat(nat);
         let c = client(40600);
-        let be = handshake(&f, c, sa(VIP, 80));
+        let leg = handshake_nat(&f, c, sa(VIP, 80), nat);
+        let be = leg.backend;
         // The backend's large segment, as it left berth (translated)...
-        let big = from_backend(tcp(be, c, TCP_ACK | TCP_PSH, 5001, 1001).with_payload(&[7; 1400]));
+        let big = from_backend(back(leg, TCP_ACK | TCP_PSH, 5001, 1001).with_payload(&[7; 1400]));
         let run = f.run(&big);
         assert_reply(&run, sa(VIP, 80), c);
         // ...meets a router with MTU 1280 on the client's side, which answers the service.
@@ -349,29 +380,36 @@ fn fragmentation_needed_from_the_client_side_reaches_the_backend() {
             wire::verify_icmp_checksums(&out.out).unwrap_or_else(|e| panic!("{e}"));
             assert!(wire::icmp_inner_l4_consistent(&icmp, &out.out));
             let e = wire::parse_icmp_error(&out.out);
-            assert_eq!((e.src, e.dst), (router, *be.ip()), "to the backend");
-            assert_eq!((e.inner_src, e.inner_dst), (be, c), "quoting what it sent");
+            // Full NAT: from berth's address (the client side's router is nobody the backend
+            // knows).
+            let from = if nat == Nat::Full { HOST } else { router };
+            assert_eq!((e.src, e.dst), (from, *be.ip()), "to the backend");
+            assert_eq!(
+                (e.inner_src, e.inner_dst),
+                (be, leg.peer),
+                "quoting what it sent"
+            );
             assert_eq!((e.icmp_type, e.code, e.rest), (3, 4, 1280));
             assert_eq!(e.ttl, 63);
         }
     });
 }
 
-#[test]
-fn icmp_errors_from_a_backend_reach_the_client_with_the_service_address() {
-    in_fixture_netns(|| {
-        let f = standard();
+fn icmp_errors_from_a_backend_reach_the_client_with_the_service_address(nat: Nat) {
+    in_fixture_netns(move || {
+        let f = standard_nat(nat);
         let c = client(50600);
         let service = sa(HOST, 5353);
         let req = Ipv4Packet::udp(c, service, b"query").build();
         let dns = [sa(backend(4), 53), sa(backend(5), 53)];
         let run = f.run(&req);
-        let be = assert_dnat(&run, &req, &dns);
+        let leg = assert_fwd(&run, &req, &dns, nat);
+        let be = leg.backend;
         // The backend's port is closed: it answers port unreachable quoting the translated
-        // request.
+        // request (to whom it came from).
         let mut icmp = wire::icmp_error(
             *be.ip(),
-            *c.ip(),
+            *leg.peer.ip(),
             wire::ICMP_DEST_UNREACH,
             wire::ICMP_PORT_UNREACH,
             0,
@@ -396,10 +434,10 @@ fn icmp_errors_from_a_backend_reach_the_client_with_the_service_address() {
         let out = f.run_on(&icmp, "fx2");
         assert_untouched(&out, &icmp, Reason::PassReplyWrongIface);
         // An error quoting no flow passes untouched.
-        let other = Ipv4Packet::udp(c, sa(backend(4), 9999), b"x").build();
+        let other = Ipv4Packet::udp(leg.peer, sa(backend(4), 9999), b"x").build();
         let stray = wire::icmp_error(
             *be.ip(),
-            *c.ip(),
+            *leg.peer.ip(),
             wire::ICMP_DEST_UNREACH,
             wire::ICMP_PORT_UNREACH,
             0,

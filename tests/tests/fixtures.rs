@@ -10,7 +10,7 @@ use berth_tests::{
     wire::{self, Ipv4Packet, L4, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN},
 };
 use lb_common::{CtEntry, IPPROTO_TCP, IPPROTO_UDP, Reason, ct};
-use lb_userspace::config::Protocol;
+use lb_userspace::config::{BackendSpec, Nat, Protocol};
 
 #[test]
 fn tcp_syn_to_vip_is_translated_and_tracked() {
@@ -165,7 +165,7 @@ fn flow_keeps_its_backend_after_the_backend_leaves_the_table() {
         // Remove the chosen backend from every service.
         let mut services = f.services.clone();
         for s in &mut services {
-            s.backends.retain(|(a, _)| *a != chosen);
+            s.backends.retain(|b| b.addr != chosen);
         }
         f.apply(services);
         let ack = Ipv4Packet::tcp(client(40004), sa(VIP, 80), TCP_ACK | TCP_PSH)
@@ -201,7 +201,10 @@ fn retransmitted_syn_does_not_pick_a_new_backend() {
             .filter(|b| *b != chosen)
             .collect();
         let mut services = f.services.clone();
-        services[0].backends = vec![(others[0], 1), (b8000(6), 1)];
+        services[0].backends = vec![
+            BackendSpec::dnat(others[0], 1),
+            BackendSpec::dnat(b8000(6), 1),
+        ];
         f.apply(services);
         let run = f.run(&syn);
         assert_eq!(
@@ -525,7 +528,7 @@ fn service_without_backends_refuses_with_a_rst_or_port_unreachable() {
         // A pool that empties later is refused too; one that fills is served.
         let mut f = f;
         let mut filled = services.clone();
-        filled[0].backends = vec![(b8000(1), 1)];
+        filled[0].backends = vec![BackendSpec::dnat(b8000(1), 1)];
         f.apply(filled);
         let fresh = Ipv4Packet::tcp(client(40020), sa(VIP, 80), TCP_SYN).build();
         assert_dnat(&f.run(&fresh), &fresh, &[b8000(1)]);
@@ -536,7 +539,7 @@ fn service_without_backends_refuses_with_a_rst_or_port_unreachable() {
         // or its backend entry not written yet) is dropped, not refused: the client's SYN retry
         // finds the row complete.
         let mut filled = services.clone();
-        filled[0].backends = vec![(b8000(1), 1)];
+        filled[0].backends = vec![BackendSpec::dnat(b8000(1), 1)];
         f.apply(filled);
         let (_, v) = f
             .dp()
@@ -888,14 +891,7 @@ fn new_flows_reuse_the_backend_route_and_a_reused_backend_id_starts_clean() {
         // Writing the slot for another backend drops the cached route.
         f.rec
             .dataplane_mut()
-            .set_backend(
-                id,
-                lb_common::Backend {
-                    addr: 1,
-                    port: 1,
-                    _pad: 0,
-                },
-            )
+            .set_backend(id, lb_common::Backend::dnat(1, 1))
             .unwrap();
         assert_eq!(f.dp().backend_route(id).unwrap().route.ifindex, 0);
     });
@@ -942,24 +938,26 @@ fn another_container_at_a_backends_address_gets_a_fresh_slot_and_counters() {
     });
 }
 
-#[test]
-fn departed_backend_drains_then_its_flows_are_purged_unless_it_returns() {
-    in_fixture_netns(|| {
-        let mut f = standard();
+berth_tests::both_nat!(departed_backend_drains_then_its_flows_are_purged_unless_it_returns);
+
+fn departed_backend_drains_then_its_flows_are_purged_unless_it_returns(nat: Nat) {
+    in_fixture_netns(move || {
+        let mut f = standard_nat(nat);
         let syn = Ipv4Packet::tcp(client(40040), sa(VIP, 80), TCP_SYN).build();
-        let chosen = assert_dnat(&f.run(&syn), &syn, &web_backends());
+        let first = assert_fwd(&f.run(&syn), &syn, &web_backends(), nat);
+        let chosen = first.backend;
         let without = |f: &Fixture| {
             let mut s = f.services.clone();
             for svc in &mut s {
-                svc.backends.retain(|(a, _)| *a != chosen);
+                svc.backends.retain(|b| b.addr != chosen);
             }
             s
         };
         let with_all = f.services.clone();
         f.apply(without(&f));
         let ack = Ipv4Packet::tcp(client(40040), sa(VIP, 80), TCP_ACK).build();
-        // Draining: still pinned.
-        assert_eq!(assert_dnat(&f.run(&ack), &ack, &web_backends()), chosen);
+        // Draining: still pinned (and for full NAT on its port).
+        assert_eq!(assert_fwd(&f.run(&ack), &ack, &web_backends(), nat), first);
         let drain = std::time::Duration::from_secs(30);
         let now = std::time::Instant::now();
         assert!(
@@ -969,17 +967,19 @@ fn departed_backend_drains_then_its_flows_are_purged_unless_it_returns() {
         let purged = f.rec.purge_drained(now + drain, drain).unwrap();
         assert_eq!(purged, vec![(chosen, 2)], "both entries of the flow");
         // Purged: the next packet is picked up again, by a backend still in the table.
+        assert!(f.dp().conntrack_entries().is_empty(), "nothing left of it");
         let run = f.run(&ack);
-        let now_on = assert_dnat(&run, &ack, &web_backends());
+        let now_on = assert_fwd(&run, &ack, &web_backends(), nat).backend;
         assert_ne!(now_on, chosen);
         assert_eq!(run.counted(Reason::EventCtMidstreamPickup), 1);
 
         // A backend that comes back before its drain is over keeps its flows.
         let syn2 = Ipv4Packet::tcp(client(40041), sa(VIP, 80), TCP_SYN).build();
-        let b2 = assert_dnat(&f.run(&syn2), &syn2, &web_backends());
+        let second = assert_fwd(&f.run(&syn2), &syn2, &web_backends(), nat);
+        let b2 = second.backend;
         let mut s = with_all.clone();
         for svc in &mut s {
-            svc.backends.retain(|(a, _)| *a != b2);
+            svc.backends.retain(|b| b.addr != b2);
         }
         f.apply(s);
         f.apply(with_all);
@@ -990,6 +990,9 @@ fn departed_backend_drains_then_its_flows_are_purged_unless_it_returns() {
                 .is_empty()
         );
         let ack2 = Ipv4Packet::tcp(client(40041), sa(VIP, 80), TCP_ACK).build();
-        assert_eq!(assert_dnat(&f.run(&ack2), &ack2, &web_backends()), b2);
+        assert_eq!(
+            assert_fwd(&f.run(&ack2), &ack2, &web_backends(), nat),
+            second
+        );
     });
 }

@@ -11,6 +11,9 @@
 //!   forward entry's translation is its backend's address;
 //! - under a flood of new flows the conntrack map never grows past its size, and established
 //!   flows keep their backends.
+//!
+//! Every test runs over DNAT and over full NAT (`both_nat!`), where the backends' packets go to
+//! this host's address and a port of the source range instead of the client.
 
 use std::{
     collections::BTreeMap,
@@ -19,12 +22,16 @@ use std::{
 };
 
 use aya::programs::{TestRun, TestRunOptions};
+use berth_tests::both_nat;
 use berth_tests::{
     fixture::*,
     wire::{self, Ipv4Packet, L4, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN},
 };
 use lb_common::{Reason, ct};
-use lb_userspace::{config::Protocol, dataplane::DataplaneOptions};
+use lb_userspace::{
+    config::{Nat, Protocol},
+    dataplane::DataplaneOptions,
+};
 
 /// xorshift64*: reproducible from the printed seed.
 struct Rng(u64);
@@ -72,17 +79,32 @@ fn backends() -> Vec<(Ipv4Addr, u16, u32)> {
     ]
 }
 
-fn services() -> Vec<lb_userspace::config::Service> {
-    vec![
-        svc("vip", "10.99.0.1:80", Protocol::Tcp, &backends()),
-        svc("any", "0.0.0.0:8080", Protocol::Tcp, &backends()),
-        svc(
-            "dns",
-            "0.0.0.0:5353",
-            Protocol::Udp,
-            &[(backend(4), 53, 1), (backend(5), 53, 1)],
-        ),
-    ]
+fn services(nat: Nat) -> Vec<lb_userspace::config::Service> {
+    with_nat(
+        vec![
+            svc("vip", "10.99.0.1:80", Protocol::Tcp, &backends()),
+            svc("any", "0.0.0.0:8080", Protocol::Tcp, &backends()),
+            svc(
+                "dns",
+                "0.0.0.0:5353",
+                Protocol::Udp,
+                &[(backend(4), 53, 1), (backend(5), 53, 1)],
+            ),
+        ],
+        nat,
+    )
+}
+
+/// The address the backends' packets of a flow from `client` go to: the client itself for
+/// DNAT, this host and a port of the source range for full NAT (`pick` chooses which).
+fn peer_of(client: SocketAddrV4, nat: Nat, pick: u64) -> SocketAddrV4 {
+    match nat {
+        Nat::Dnat => client,
+        Nat::Full => {
+            let n = u64::from(SNAT_PORTS.len());
+            sa(HOST, SNAT_PORTS.first + (pick % n) as u16)
+        }
+    }
 }
 
 /// The program run once on `pkt` as if it arrived on fx0: Some((action, output)), or None when
@@ -138,8 +160,10 @@ fn exits(totals: &BTreeMap<&'static str, u64>) -> u64 {
 }
 
 /// Every conntrack entry names a live backend and a valid service, and a forward entry
-/// translates to its backend's address (a reply entry comes from it).
-fn assert_maps_consistent(fx: &Fixture, o: &DataplaneOptions) -> usize {
+/// translates to its backend's address (a reply entry comes from it); with full NAT, both
+/// halves are marked so, a forward entry's source is this host and a port of the range, and
+/// a reply entry is keyed to that address and port.
+fn assert_maps_consistent(fx: &Fixture, o: &DataplaneOptions, nat: Nat) -> usize {
     let entries = fx.dp().conntrack_entries();
     for (k, e) in &entries {
         assert!(e.service_id < o.max_services, "{k:?} {e:?}");
@@ -157,12 +181,26 @@ fn assert_maps_consistent(fx: &Fixture, o: &DataplaneOptions) -> usize {
             ct::DIR_REPLY => assert_eq!((k.saddr, k.sport), (b.addr, b.port), "{k:?}"),
             d => panic!("entry with direction {d}: {k:?} {e:?}"),
         }
+        assert_eq!(e.full_nat(), nat == Nat::Full, "{k:?} {e:?}");
+        if nat == Nat::Full {
+            let (addr, port) = if e.dir == ct::DIR_FORWARD {
+                (e.fnat_addr, e.fnat_port)
+            } else {
+                (k.daddr, k.dport)
+            };
+            assert_eq!(addr, lb_common::ipv4_to_wire(HOST.octets()), "{k:?} {e:?}");
+            let port = u16::from_be(port);
+            assert!(
+                (SNAT_PORTS.first..=SNAT_PORTS.last).contains(&port),
+                "{k:?} {e:?}"
+            );
+        }
     }
     entries.len()
 }
 
 /// A valid frame the dataplane has an opinion about.
-fn base_packet(rng: &mut Rng) -> Vec<u8> {
+fn base_packet(rng: &mut Rng, nat: Nat) -> Vec<u8> {
     let client = if rng.chance(70) {
         Ipv4Addr::new(10, 10, 0, 2 + rng.below(200) as u8)
     } else {
@@ -184,10 +222,14 @@ fn base_packet(rng: &mut Rng) -> Vec<u8> {
         2 => Ipv4Packet::udp(sa(client, sport), sa(HOST, 5353), &payload),
         3 => Ipv4Packet::tcp(
             sa(backend(1 + rng.below(3) as u8), 8000),
-            sa(client, sport),
+            peer_of(sa(client, sport), nat, rng.next()),
             flags,
         ),
-        4 => Ipv4Packet::udp(sa(backend(4), 53), sa(client, sport), &payload),
+        4 => Ipv4Packet::udp(
+            sa(backend(4), 53),
+            peer_of(sa(client, sport), nat, rng.next()),
+            &payload,
+        ),
         _ => Ipv4Packet::tcp(
             sa(client, sport),
             sa(Ipv4Addr::from(rng.next() as u32), rng.byte().into()),
@@ -228,8 +270,8 @@ fn icmp_error(rng: &mut Rng) -> Vec<u8> {
 }
 
 /// One hostile frame: valid, mutated, with random header fields, truncated, or random bytes.
-fn hostile(rng: &mut Rng, icmp: &[u8]) -> Vec<u8> {
-    let mut p = base_packet(rng);
+fn hostile(rng: &mut Rng, icmp: &[u8], nat: Nat) -> Vec<u8> {
+    let mut p = base_packet(rng, nat);
     match rng.below(10) {
         0 | 1 => {} // valid
         2 | 3 => {
@@ -292,12 +334,12 @@ struct Stats {
 }
 
 /// Runs `n` hostile packets (plus every truncation of a few valid ones) and checks every run.
-fn hostile_packets(n: u64) {
+fn hostile_packets(n: u64, nat: Nat) {
     let seed = seed();
-    println!("seed {seed} (set BERTH_FUZZ_SEED to replay)");
+    println!("seed {seed} (set BERTH_FUZZ_SEED to replay), {nat}");
     in_fixture_netns(move || {
         let o = options();
-        let fx = Fixture::new(o, services());
+        let fx = Fixture::new(o, services(nat));
         let mut rng = Rng(seed);
         let icmp = icmp_error(&mut rng);
         let mut runner = Runner::new(&fx);
@@ -339,13 +381,18 @@ fn hostile_packets(n: u64) {
             icmp.clone(),
         ];
         // ICMP errors quoting the flow the SYN above starts, from either side: translated.
-        check(&syn, &mut runner, &mut s);
+        let peer = {
+            let (_, out) = runner.run(&syn).expect("run");
+            let o = wire::parse(out);
+            s.runs += 1;
+            o.src
+        };
         let router = Ipv4Addr::new(10, 10, 0, 254);
         let reply = Ipv4Packet::tcp(sa(VIP, 80), sa(CLIENT, 40_000), TCP_SYN | TCP_ACK).build();
         bases.push(wire::icmp_error(router, VIP, 3, 4, 1280, &reply, 8));
         for (b, _, _) in backends() {
-            let sent = Ipv4Packet::tcp(sa(CLIENT, 40_000), sa(b, 8000), TCP_SYN).build();
-            bases.push(wire::icmp_error(b, CLIENT, 3, 3, 0, &sent, 28));
+            let sent = Ipv4Packet::tcp(peer, sa(b, 8000), TCP_SYN).build();
+            bases.push(wire::icmp_error(b, *peer.ip(), 3, 3, 0, &sent, 28));
         }
         for b in &bases {
             for len in 0..=b.len() {
@@ -355,7 +402,7 @@ fn hostile_packets(n: u64) {
         let quoting: Vec<Vec<u8>> = bases[4..].to_vec();
         while s.runs + s.refused < n {
             let icmp = &quoting[rng.below(quoting.len() as u64) as usize];
-            let p = hostile(&mut rng, icmp);
+            let p = hostile(&mut rng, icmp, nat);
             check(&p, &mut runner, &mut s);
         }
         let Stats {
@@ -366,7 +413,7 @@ fn hostile_packets(n: u64) {
         } = s;
         let took = t.elapsed();
         let totals = reason_totals(&fx);
-        let entries = assert_maps_consistent(&fx, &o);
+        let entries = assert_maps_consistent(&fx, &o, nat);
         println!(
             "{} packets in {took:.1?}: {runs} run, {refused} refused by the kernel before the \
              program (too short), {rewritten} rewritten ({checked} from valid input, all with \
@@ -390,29 +437,36 @@ fn hostile_packets(n: u64) {
     });
 }
 
-#[test]
-fn a_million_hostile_packets_never_abort_corrupt_or_confuse_the_maps() {
-    hostile_packets(1_000_000);
+both_nat!(
+    a_million_hostile_packets_never_abort_corrupt_or_confuse_the_maps,
+    a_conntrack_flood_stays_within_the_map_and_established_flows_keep_their_backends,
+    legitimate_flows_of_every_kind_survive_a_flood_of_udp_flows_and_completed_handshakes,
+);
+
+fn a_million_hostile_packets_never_abort_corrupt_or_confuse_the_maps(nat: Nat) {
+    hostile_packets(1_000_000, nat);
 }
 
 #[test]
 #[ignore = "soak: cargo xtask soak"]
 fn soak_ten_million_hostile_packets() {
-    hostile_packets(10_000_000);
+    hostile_packets(10_000_000, Nat::Dnat);
+    hostile_packets(10_000_000, Nat::Full);
 }
 
 /// Floods a service with `flood` SYNs from random sources while `long` established flows send a
 /// packet every `every` flood packets; halfway through, a fourth backend joins (so a flow whose
-/// entry the flood evicted could land elsewhere).
-fn conntrack_flood(flood: u64, long: usize, every: u64) {
+/// entry the flood evicted could land elsewhere). With full NAT an established flow must also
+/// keep its source port (the backend would not know it on another).
+fn conntrack_flood(flood: u64, long: usize, every: u64, nat: Nat) {
     let seed = seed();
-    println!("seed {seed}");
+    println!("seed {seed}, {nat}");
     in_fixture_netns(move || {
         let o = DataplaneOptions {
             conntrack_size: 8192,
             ..options()
         };
-        let mut fx = Fixture::new(o, services());
+        let mut fx = Fixture::new(o, services(nat));
         let mut rng = Rng(seed);
         let mut runner = Runner::new(&fx);
         // The long-lived flows: established, with their backend remembered.
@@ -423,7 +477,8 @@ fn conntrack_flood(flood: u64, long: usize, every: u64) {
             let syn = Ipv4Packet::tcp(*c, sa(VIP, 80), TCP_SYN).build();
             let (action, out) = runner.run(&syn).expect("run");
             assert_eq!(action, TC_ACT_REDIRECT);
-            pinned.push(wire::parse(out).dst);
+            let o = wire::parse(out);
+            pinned.push((o.dst, o.src));
             let ack = Ipv4Packet::tcp(*c, sa(VIP, 80), TCP_ACK).build();
             assert_eq!(runner.run(&ack).expect("run").0, TC_ACT_REDIRECT);
         }
@@ -451,7 +506,8 @@ fn conntrack_flood(flood: u64, long: usize, every: u64) {
                     let (action, out) = runner.run(&ack).expect("run");
                     assert_eq!(action, TC_ACT_REDIRECT);
                     wire::verify_checksums(out).expect("checksums");
-                    if wire::parse(out).dst != pinned[j] {
+                    let o = wire::parse(out);
+                    if (o.dst, o.src) != pinned[j] {
                         moved += 1;
                     }
                 }
@@ -460,10 +516,11 @@ fn conntrack_flood(flood: u64, long: usize, every: u64) {
                 max_entries = max_entries.max(fx.dp().conntrack_entries().len());
             }
             if i + 1 == flood / 2 {
-                let mut more = services();
+                let mut more = services(nat);
                 let mut b = backends();
                 b.push((backend(6), 8000, 1));
-                more[0] = svc("vip", "10.99.0.1:80", Protocol::Tcp, &b);
+                more[0] =
+                    with_nat(vec![svc("vip", "10.99.0.1:80", Protocol::Tcp, &b)], nat).remove(0);
                 drop(runner);
                 fx.apply(more);
                 runner = Runner::new(&fx);
@@ -471,17 +528,19 @@ fn conntrack_flood(flood: u64, long: usize, every: u64) {
         }
         let took = t.elapsed();
         let totals = reason_totals(&fx);
-        let entries = assert_maps_consistent(&fx, &o);
+        let entries = assert_maps_consistent(&fx, &o, nat);
         println!(
             "flood of {flood} new flows in {took:.1?} ({:.0} flows/s) against a conntrack of {} \
              entries (+{} for unconfirmed flows): at most {max_entries} entries seen, {entries} at the end; {long} established \
              flows checked every {every} flood packets: {evicted} times an established flow's \
              entry had been evicted (picked up again mid-stream: {} pickups), {moved} answers \
-             from another backend",
+             from another backend or source; source ports taken {} times, exhausted {}",
             flood as f64 / took.as_secs_f64(),
             o.conntrack_size,
             o.ct_new_size(),
-            totals["event_ct_midstream_pickup"]
+            totals["event_ct_midstream_pickup"],
+            totals["event_snat_port_taken"],
+            totals["drop_snat_exhausted"],
         );
         let cap = (o.conntrack_size + o.ct_new_size()) as usize;
         assert!(
@@ -490,21 +549,29 @@ fn conntrack_flood(flood: u64, long: usize, every: u64) {
         );
         assert_eq!(
             moved, 0,
-            "established flows changed backend under the flood"
+            "established flows changed backend (or source port) under the flood"
         );
         assert_eq!(totals["abort_rewrite"] + totals["abort_map"], 0);
+        // A fraction of each backend's source ports is live at any time: independent tries
+        // almost never all meet a taken port (a fixed stride between tries clustered and
+        // dropped 1141 of these flows).
+        assert!(
+            totals["drop_snat_exhausted"] <= flood / 100_000,
+            "{} new flows found no free source port",
+            totals["drop_snat_exhausted"]
+        );
     });
 }
 
-#[test]
-fn a_conntrack_flood_stays_within_the_map_and_established_flows_keep_their_backends() {
-    conntrack_flood(2_000_000, 64, 1_000);
+fn a_conntrack_flood_stays_within_the_map_and_established_flows_keep_their_backends(nat: Nat) {
+    conntrack_flood(2_000_000, 64, 1_000, nat);
 }
 
 #[test]
 #[ignore = "soak: cargo xtask soak"]
 fn soak_conntrack_flood_of_twenty_million_flows() {
-    conntrack_flood(20_000_000, 256, 50_000);
+    conntrack_flood(20_000_000, 256, 50_000, Nat::Dnat);
+    conntrack_flood(20_000_000, 256, 50_000, Nat::Full);
 }
 
 /// One legitimate flow of the flood test: a TCP session or a UDP request/response exchange.
@@ -513,14 +580,18 @@ struct Legit {
     service: SocketAddrV4,
     tcp: bool,
     backend: SocketAddrV4,
+    /// Whom the backend's packets go to: the client (DNAT), or this host's address and the
+    /// flow's port (full NAT; a flow whose entries were all evicted may get another port).
+    peer: SocketAddrV4,
     /// Next sequence numbers of the client and of the backend (TCP).
     cseq: u32,
     bseq: u32,
 }
 
 /// Every packet the program translated towards a client carries no backend address, in its
-/// own header or, for an ICMP error, in the packet it quotes.
-fn assert_no_backend_towards_client(action: u32, input: &[u8], out: &[u8]) {
+/// own header or, for an ICMP error, in the packet it quotes; with full NAT, every packet
+/// translated towards a backend carries no client address either.
+fn assert_no_backend_towards_client(action: u32, input: &[u8], out: &[u8], nat: Nat) {
     if action == TC_ACT_OK && out == input {
         return; // untouched: not translated by berth
     }
@@ -530,10 +601,25 @@ fn assert_no_backend_towards_client(action: u32, input: &[u8], out: &[u8]) {
     let ip = &out[14..];
     let is_backend = |a: Ipv4Addr| a.octets()[..3] == [10, 20, 0];
     let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
-    if is_backend(dst) {
-        return; // towards a backend
-    }
     let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+    if is_backend(dst) {
+        // Towards a backend.
+        if nat == Nat::Full {
+            assert_eq!(
+                src, HOST,
+                "a client address leaves towards {dst}: {out:02x?}"
+            );
+            if ip[9] == 1 {
+                let e = wire::parse_icmp_error(out);
+                assert_eq!(
+                    *e.inner_dst.ip(),
+                    HOST,
+                    "an ICMP error quotes a client: {e:?}"
+                );
+            }
+        }
+        return;
+    }
     assert!(
         !is_backend(src),
         "a backend address leaves towards {dst}: {out:02x?}"
@@ -548,9 +634,9 @@ fn assert_no_backend_towards_client(action: u32, input: &[u8], out: &[u8]) {
 }
 
 /// Runs `pkt`, checking that nothing translated carries a backend address towards a client.
-fn run(runner: &mut Runner, pkt: &[u8]) -> (u32, Vec<u8>) {
+fn run(runner: &mut Runner, pkt: &[u8], nat: Nat) -> (u32, Vec<u8>) {
     let (a, out) = runner.run(pkt).expect("run");
-    assert_no_backend_towards_client(a, pkt, out);
+    assert_no_backend_towards_client(a, pkt, out, nat);
     (a, out.to_vec())
 }
 
@@ -574,7 +660,7 @@ fn legit_forward(l: &mut Legit) -> Vec<u8> {
 /// The backend's next packet of a legitimate flow.
 fn legit_back(l: &mut Legit) -> Vec<u8> {
     let mut p = if l.tcp {
-        let mut p = Ipv4Packet::tcp(l.backend, l.client, TCP_ACK | TCP_PSH);
+        let mut p = Ipv4Packet::tcp(l.backend, l.peer, TCP_ACK | TCP_PSH);
         p.l4 = L4::Tcp {
             flags: TCP_ACK | TCP_PSH,
             seq: l.bseq,
@@ -584,7 +670,7 @@ fn legit_back(l: &mut Legit) -> Vec<u8> {
         l.bseq += 4;
         p
     } else {
-        Ipv4Packet::udp(l.backend, l.client, b"pong")
+        Ipv4Packet::udp(l.backend, l.peer, b"pong")
     };
     p.src_mac = backend_mac(*l.backend.ip());
     p.build()
@@ -592,17 +678,27 @@ fn legit_back(l: &mut Legit) -> Vec<u8> {
 
 /// One exchange of a legitimate flow (`backend_first`: the backend speaks first; `icmp`: the
 /// backend also answers the client's packet with port unreachable, UDP only). Returns what
-/// went wrong.
-fn exchange(runner: &mut Runner, l: &mut Legit, backend_first: bool, icmp: bool) -> Vec<String> {
+/// went wrong, and counts in `moved` the forward packets that left from another source than
+/// the flow's (full NAT: a new port after its entries were all evicted).
+fn exchange(
+    runner: &mut Runner,
+    l: &mut Legit,
+    backend_first: bool,
+    icmp: bool,
+    (nat, moved): (Nat, &mut u64),
+) -> Vec<String> {
     let mut errs = Vec::new();
-    let check_fwd = |runner: &mut Runner, l: &mut Legit, errs: &mut Vec<String>| {
-        let (a, out) = run(runner, &legit_forward(l));
-        let to = wire::parse(&out).dst;
-        if a != TC_ACT_REDIRECT || to != l.backend {
+    let mut check_fwd = |runner: &mut Runner, l: &mut Legit, errs: &mut Vec<String>| {
+        let (a, out) = run(runner, &legit_forward(l), nat);
+        let o = wire::parse(&out);
+        if a != TC_ACT_REDIRECT || o.dst != l.backend {
             errs.push(format!(
-                "{} -> {}: to {to} (action {a})",
-                l.client, l.service
+                "{} -> {}: to {} (action {a})",
+                l.client, l.service, o.dst
             ));
+        } else if o.src != l.peer {
+            *moved += 1;
+            l.peer = o.src;
         }
         out
     };
@@ -610,7 +706,7 @@ fn exchange(runner: &mut Runner, l: &mut Legit, backend_first: bool, icmp: bool)
     if !backend_first {
         sent = Some(check_fwd(runner, l, &mut errs));
     }
-    let (a, out) = run(runner, &legit_back(l));
+    let (a, out) = run(runner, &legit_back(l), nat);
     let o = wire::parse(&out);
     if a != TC_ACT_REDIRECT || o.src != l.service || o.dst != l.client {
         errs.push(format!(
@@ -627,9 +723,9 @@ fn exchange(runner: &mut Runner, l: &mut Legit, backend_first: bool, icmp: bool)
         && !l.tcp
         && let Some(sent) = sent
     {
-        let mut e = wire::icmp_error(*l.backend.ip(), *l.client.ip(), 3, 3, 0, &sent, 16);
+        let mut e = wire::icmp_error(*l.backend.ip(), *l.peer.ip(), 3, 3, 0, &sent, 16);
         e[6..12].copy_from_slice(&backend_mac(*l.backend.ip()));
-        let (a, out) = run(runner, &e);
+        let (a, out) = run(runner, &e, nat);
         let q = (a == TC_ACT_REDIRECT).then(|| wire::parse_icmp_error(&out));
         if q.as_ref()
             .is_none_or(|q| q.inner_dst != l.service || q.src != *l.service.ip())
@@ -650,15 +746,16 @@ fn exchange(runner: &mut Runner, l: &mut Legit, backend_first: bool, icmp: bool)
 /// Every legitimate exchange must succeed, from the service address the client used, during
 /// the flood and after it (then also with the backend speaking first), and nothing translated
 /// may carry a backend address towards a client, ICMP errors' quotes included.
-fn legit_flows_through_a_flood(rounds: u64, per_round: u64) {
+fn legit_flows_through_a_flood(rounds: u64, per_round: u64, nat: Nat) {
     let seed = seed();
-    println!("seed {seed}");
+    println!("seed {seed}, {nat}");
     in_fixture_netns(move || {
         let o = DataplaneOptions {
             conntrack_size: 1024,
             ..options()
         };
-        let fx = Fixture::new(o, services());
+        let fx = Fixture::new(o, services(nat));
+        let mut moved = 0u64;
         let mut rng = Rng(seed);
         let mut runner = Runner::new(&fx);
         let mut failures = Vec::new();
@@ -674,18 +771,21 @@ fn legit_flows_through_a_flood(rounds: u64, per_round: u64) {
             let (a, out) = run(
                 &mut runner,
                 &Ipv4Packet::tcp(client, service, TCP_SYN).build(),
+                nat,
             );
             assert_eq!(a, TC_ACT_REDIRECT);
-            let backend = wire::parse(&out).dst;
+            let o = wire::parse(&out);
+            let backend = o.dst;
             let mut l = Legit {
                 client,
                 service,
                 tcp: true,
                 backend,
+                peer: o.src,
                 cseq: 1001,
                 bseq: 5001,
             };
-            let mut synack = Ipv4Packet::tcp(backend, client, TCP_SYN | TCP_ACK);
+            let mut synack = Ipv4Packet::tcp(backend, o.src, TCP_SYN | TCP_ACK);
             synack.l4 = L4::Tcp {
                 flags: TCP_SYN | TCP_ACK,
                 seq: 5000,
@@ -693,7 +793,7 @@ fn legit_flows_through_a_flood(rounds: u64, per_round: u64) {
                 payload: vec![],
             };
             synack.src_mac = backend_mac(*backend.ip());
-            assert_eq!(run(&mut runner, &synack.build()).0, TC_ACT_REDIRECT);
+            assert_eq!(run(&mut runner, &synack.build(), nat).0, TC_ACT_REDIRECT);
             l.cseq = 1001;
             legit.push(l);
         }
@@ -703,14 +803,17 @@ fn legit_flows_through_a_flood(rounds: u64, per_round: u64) {
             let (a, out) = run(
                 &mut runner,
                 &Ipv4Packet::udp(client, service, b"hello").build(),
+                nat,
             );
             assert_eq!(a, TC_ACT_REDIRECT);
-            let backend = wire::parse(&out).dst;
+            let o = wire::parse(&out);
+            let backend = o.dst;
             legit.push(Legit {
                 client,
                 service,
                 tcp: false,
                 backend,
+                peer: o.src,
                 cseq: 0,
                 bseq: 0,
             });
@@ -729,7 +832,7 @@ fn legit_flows_through_a_flood(rounds: u64, per_round: u64) {
                 match rng.below(10) {
                     0..=3 => {
                         let p = Ipv4Packet::udp(src, sa(HOST, 5353), b"flood").build();
-                        run(&mut runner, &p);
+                        run(&mut runner, &p, nat);
                         flood_packets += 1;
                     }
                     4..=7 => {
@@ -739,15 +842,22 @@ fn legit_flows_through_a_flood(rounds: u64, per_round: u64) {
                         } else {
                             sa(HOST, 8080)
                         };
-                        let (a, out) =
-                            run(&mut runner, &Ipv4Packet::tcp(src, service, TCP_SYN).build());
+                        let (a, out) = run(
+                            &mut runner,
+                            &Ipv4Packet::tcp(src, service, TCP_SYN).build(),
+                            nat,
+                        );
                         flood_packets += 1;
                         if a == TC_ACT_REDIRECT {
-                            let be = wire::parse(&out).dst;
-                            let mut sa_ = Ipv4Packet::tcp(be, src, TCP_SYN | TCP_ACK);
-                            sa_.src_mac = backend_mac(*be.ip());
-                            run(&mut runner, &sa_.build());
-                            run(&mut runner, &Ipv4Packet::tcp(src, service, TCP_ACK).build());
+                            let o = wire::parse(&out);
+                            let mut sa_ = Ipv4Packet::tcp(o.dst, o.src, TCP_SYN | TCP_ACK);
+                            sa_.src_mac = backend_mac(*o.dst.ip());
+                            run(&mut runner, &sa_.build(), nat);
+                            run(
+                                &mut runner,
+                                &Ipv4Packet::tcp(src, service, TCP_ACK).build(),
+                                nat,
+                            );
                             flood_packets += 2;
                         }
                     }
@@ -763,6 +873,7 @@ fn legit_flows_through_a_flood(rounds: u64, per_round: u64) {
                         run(
                             &mut runner,
                             &Ipv4Packet::tcp(l.client, other, flags).build(),
+                            nat,
                         );
                         flood_packets += 1;
                     }
@@ -781,13 +892,13 @@ fn legit_flows_through_a_flood(rounds: u64, per_round: u64) {
                             ack: 0,
                             payload: vec![],
                         };
-                        run(&mut runner, &p.build());
+                        run(&mut runner, &p.build(), nat);
                         flood_packets += 1;
                     }
                 }
             }
             for l in &mut legit {
-                for e in exchange(&mut runner, l, false, round % 4 == 0) {
+                for e in exchange(&mut runner, l, false, round % 4 == 0, (nat, &mut moved)) {
                     failures.push(format!("round {round}: {e}"));
                 }
             }
@@ -796,18 +907,19 @@ fn legit_flows_through_a_flood(rounds: u64, per_round: u64) {
         // The flood is over: every flow answers, whoever speaks first.
         let mut after = Vec::new();
         for l in &mut legit {
-            after.extend(exchange(&mut runner, l, false, true));
-            after.extend(exchange(&mut runner, l, true, false));
+            after.extend(exchange(&mut runner, l, false, true, (nat, &mut moved)));
+            after.extend(exchange(&mut runner, l, true, false, (nat, &mut moved)));
         }
         drop(runner);
         let totals = reason_totals(&fx);
-        let entries = assert_maps_consistent(&fx, &o);
+        let entries = assert_maps_consistent(&fx, &o, nat);
         println!(
             "{flood_packets} flood packets in {took:.1?} against a conntrack of {} entries (+{} \
              unconfirmed), {} legitimate flows exchanging every {per_round} flood events: \
              {} failures during the flood, {} after it; halves rebuilt {}, mid-stream pickups \
              {}, conflicting flows refused {}, FIN/RST outside the window ignored {}, ICMP errors \
-             translated {}; {entries} entries at the end",
+             translated {}; source ports taken {} times, exhausted {}, flows on a new source \
+             {moved}; {entries} entries at the end",
             o.conntrack_size,
             o.ct_new_size(),
             legit.len(),
@@ -818,8 +930,16 @@ fn legit_flows_through_a_flood(rounds: u64, per_round: u64) {
             totals["drop_flow_conflict"],
             totals["event_ct_close_ignored"],
             totals["event_icmp_translated"],
+            totals["event_snat_port_taken"],
+            totals["drop_snat_exhausted"],
         );
         assert!(after.is_empty(), "after the flood: {after:#?}");
+        if nat == Nat::Dnat {
+            assert_eq!(
+                moved, 0,
+                "a DNAT flow's packets always leave from its client"
+            );
+        }
         assert!(failures.is_empty(), "during the flood: {failures:#?}");
         assert!(
             totals["event_ct_rebuilt"] + totals["event_ct_midstream_pickup"] > 0,
@@ -829,13 +949,13 @@ fn legit_flows_through_a_flood(rounds: u64, per_round: u64) {
     });
 }
 
-#[test]
-fn legitimate_flows_of_every_kind_survive_a_flood_of_udp_flows_and_completed_handshakes() {
-    legit_flows_through_a_flood(40, 600);
+fn legitimate_flows_of_every_kind_survive_a_flood_of_udp_flows_and_completed_handshakes(nat: Nat) {
+    legit_flows_through_a_flood(40, 600, nat);
 }
 
 #[test]
 #[ignore = "soak: cargo xtask soak"]
 fn soak_legitimate_flows_through_a_long_flood() {
-    legit_flows_through_a_flood(400, 6000);
+    legit_flows_through_a_flood(400, 6000, Nat::Dnat);
+    legit_flows_through_a_flood(400, 6000, Nat::Full);
 }

@@ -53,6 +53,10 @@ fn cargo(tc: &str) -> Command {
     let mut c = Command::new("cargo");
     c.arg(format!("+{tc}")).current_dir(root());
     c.env("PATH", setup::path_with_cargo_bin());
+    // C parts of dependencies (ring) built for the musl target use musl's compiler.
+    if std::env::var_os("CC_x86_64_unknown_linux_musl").is_none() {
+        c.env("CC_x86_64_unknown_linux_musl", setup::MUSL_CC);
+    }
     // Set by the outer `cargo xtask` (default toolchain); must not leak into the pinned build.
     for k in [
         "RUSTUP_TOOLCHAIN",

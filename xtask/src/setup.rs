@@ -12,6 +12,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// `openssl`: the multi-engine tests make the TLS engine's certificates with it.
 const PACKAGES: &[&str] = &[
     "iproute2",
     "iptables",
@@ -25,6 +26,7 @@ const PACKAGES: &[&str] = &[
     "libprotobuf-dev",
     // ring (TLS to etcd) compiles C: the static image's build needs a musl C compiler.
     "musl-tools",
+    "openssl",
 ];
 
 /// etcd (server and `etcdctl`) for the tests and benchmarks of etcd discovery.
@@ -110,8 +112,20 @@ unsafe extern "C" {
 /// Target of the static test-image binary.
 pub const MUSL: &str = "x86_64-unknown-linux-musl";
 
-/// The musl standard library for the pinned toolchain (the test image is FROM scratch).
+/// The C compiler for musl builds (Debian's `musl-gcc`): ring, rustls's crypto, has C and
+/// assembly parts, and cc-rs finds no compiler for the musl target without it.
+pub const MUSL_CC: &str = "musl-gcc";
+
+/// The musl standard library for the pinned toolchain (the test image and berth's own image are
+/// FROM scratch), and the musl C compiler their C dependencies are built with.
 pub fn ensure_musl_target(tc: &str) -> Result<()> {
+    if package_installed("musl-tools") {
+        done("musl-tools", None);
+    } else {
+        let t = Instant::now();
+        apt_install(&["musl-tools"])?;
+        done("musl-tools", Some(t));
+    }
     let installed = output(
         "rustup",
         &[&format!("+{tc}"), "target", "list", "--installed"],

@@ -244,6 +244,7 @@ mod tests {
             services: vec![],
             counters: vec![("pass_no_service".into(), 1)],
             etcd: None,
+            engines: vec![],
         }
     }
 

@@ -362,6 +362,43 @@ impl Collector for Snapshot {
                 one(etcd.keys as u64),
             )?;
         }
+        let engine = |name: &str| vec![("engine", name.to_owned())];
+        family(
+            &mut e,
+            "berth_engine_connected",
+            "1 if the Docker Engine's watcher is connected, else 0.",
+            MetricType::Gauge,
+            s.engines
+                .iter()
+                .map(|en| (engine(&en.name), gauge(u64::from(en.connected)))),
+        )?;
+        family(
+            &mut e,
+            "berth_engine_lost",
+            "1 if the Docker Engine has been unreachable past its grace, else 0.",
+            MetricType::Gauge,
+            s.engines
+                .iter()
+                .map(|en| (engine(&en.name), gauge(u64::from(en.lost)))),
+        )?;
+        family(
+            &mut e,
+            "berth_engine_containers",
+            "Running containers the Docker Engine last reported.",
+            MetricType::Gauge,
+            s.engines
+                .iter()
+                .map(|en| (engine(&en.name), gauge(en.containers as u64))),
+        )?;
+        family(
+            &mut e,
+            "berth_engine_last_event_timestamp_seconds",
+            "Docker's timestamp of the last container event of the engine.",
+            MetricType::Gauge,
+            s.engines.iter().filter_map(|en| {
+                Some((engine(&en.name), ConstGauge::new(en.last_event_unix_secs?)))
+            }),
+        )?;
         if let Some(lag) = x.discovery_lag_seconds {
             family(
                 &mut e,
@@ -482,6 +519,7 @@ mod tests {
                 backends: vec![BackendStatus {
                     address: "10.0.0.2:8000".into(),
                     container: Some("a\"b".into()),
+                    engine: None,
                     health: "unhealthy".into(),
                     weight: 1,
                     in_pool: false,
@@ -505,6 +543,18 @@ mod tests {
                 events: 5,
                 resyncs: 1,
             }),
+            engines: vec![crate::api::status::EngineStatus {
+                name: "b".into(),
+                endpoint: "tcp://10.42.2.2:2375".into(),
+                connected: false,
+                this_host: false,
+                address: Some("10.42.2.2".into()),
+                containers: 2,
+                last_event_unix_secs: Some(1796289590.5),
+                unreachable_secs: Some(3.0),
+                lost: false,
+                error: None,
+            }],
         };
         let m = render(
             s,
@@ -530,6 +580,10 @@ mod tests {
             "berth_etcd_events_total 5",
             "berth_etcd_resyncs_total 1",
             "berth_etcd_keys 2",
+            r#"berth_engine_connected{engine="b"} 0"#,
+            r#"berth_engine_lost{engine="b"} 0"#,
+            r#"berth_engine_containers{engine="b"} 2"#,
+            r#"berth_engine_last_event_timestamp_seconds{engine="b"} 1796289590.5"#,
         ] {
             assert!(m.lines().any(|l| l == line), "missing {line:?} in\n{m}");
         }

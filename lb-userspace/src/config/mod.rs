@@ -13,16 +13,24 @@
 //! backends = ["172.17.0.2:8000", { address = "172.17.0.3:8000", weight = 2 }]
 //! ```
 
-use std::{collections::BTreeSet, fmt, net::SocketAddrV4, path::PathBuf, str::FromStr};
+use std::{
+    collections::BTreeSet,
+    fmt,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    str::FromStr,
+};
 
 use serde::{Deserialize, Deserializer, de};
 
+pub mod engine;
 mod error;
 mod etcd;
 mod health;
 pub mod synapse;
 mod validate;
 
+pub use engine::{Endpoint, Engine, EngineConfig, Tls};
 use error::field_at;
 pub use error::{ConfigError, clip_values};
 pub use etcd::{EtcdConfig, EtcdSelector, PublishConfig, PublishService};
@@ -129,6 +137,12 @@ pub struct DataplaneConfig {
     /// Detach everything and remove the pins when the daemon stops (SIGTERM/SIGINT), instead of
     /// leaving the dataplane serving for the next berth.
     pub detach_on_exit: bool,
+    /// Source address of full-NAT flows (`None`: the address the kernel would use as source
+    /// toward each backend).
+    pub snat_address: Option<Ipv4Addr>,
+    /// Source ports of full-NAT flows; outside the host's `ip_local_port_range`, or the host's
+    /// own connections and berth's flows may pick the same port toward a backend.
+    pub snat_ports: PortRange,
 }
 
 impl DataplaneConfig {
@@ -157,7 +171,70 @@ impl Default for DataplaneConfig {
             pin_path: DEFAULT_PIN_PATH.into(),
             cgroup: "auto".into(),
             detach_on_exit: false,
+            snat_address: None,
+            snat_ports: PortRange::DEFAULT_SNAT,
         }
+    }
+}
+
+/// An inclusive range of ports, written `"FIRST-LAST"` (`dataplane.snat_ports`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl PortRange {
+    /// Above Linux's default `ip_local_port_range` (32768-60999).
+    pub const DEFAULT_SNAT: PortRange = PortRange {
+        first: 61000,
+        last: 65535,
+    };
+
+    /// How many ports the range holds.
+    pub fn len(&self) -> u32 {
+        u32::from(self.last) - u32::from(self.first) + 1
+    }
+
+    /// Never true for a parsed range; for clippy's `len_without_is_empty`.
+    pub fn is_empty(&self) -> bool {
+        self.last < self.first
+    }
+
+    /// Whether the two ranges share a port.
+    pub fn overlaps(&self, other: &PortRange) -> bool {
+        self.first <= other.last && other.first <= self.last
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
+    }
+}
+
+impl FromStr for PortRange {
+    type Err = String;
+
+    /// `"FIRST-LAST"` with 1 <= FIRST <= LAST <= 65535 (a single port is `"N-N"`).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("{s:?} is not a port range FIRST-LAST (e.g. \"61000-65535\")");
+        let (a, b) = s.split_once('-').ok_or_else(bad)?;
+        let first: u16 = a.trim().parse().map_err(|_| bad())?;
+        let last: u16 = b.trim().parse().map_err(|_| bad())?;
+        if first == 0 || last < first {
+            return Err(format!(
+                "{s:?}: the first port must be between 1 and the last one"
+            ));
+        }
+        Ok(PortRange { first, last })
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(de::Error::custom)
     }
 }
 
@@ -183,14 +260,17 @@ impl Default for MetricsConfig {
     }
 }
 
-/// Docker discovery.
+/// Docker discovery: which Engines to watch, and what their containers may do.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct DockerConfig {
     /// Watch Docker at all (default: when any service has a `docker` selector, or when berth runs
     /// without a config file).
     pub enabled: Option<bool>,
-    pub socket: String,
+    /// The one-engine shorthand: this host's Docker socket. Without it and without
+    /// `[[docker.engine]]`, the docker CLI's environment decides (`DOCKER_HOST`, ...; default
+    /// `/var/run/docker.sock`).
+    pub socket: Option<String>,
     /// Let containers create services through their `berth.*` labels (default: only when berth
     /// runs without a config file). A container can then take any free port on this host:
     /// enable it only where whoever starts containers may do that.
@@ -202,16 +282,47 @@ pub struct DockerConfig {
     /// How long the probe tries every 100 ms; after that berth says so once and keeps the
     /// container out of the pool, probing every second until it answers.
     pub readiness_timeout_ms: u64,
+    /// The engines to watch (`[[docker.engine]]`), each with its own watcher.
+    #[serde(rename = "engine")]
+    pub engines: Vec<EngineConfig>,
+    /// Seconds an engine may be unreachable before its backends are judged: those of services
+    /// with a health check stay while their checks pass, the others leave.
+    pub grace_secs: u64,
 }
 
 impl Default for DockerConfig {
     fn default() -> Self {
         Self {
             enabled: None,
-            socket: "/var/run/docker.sock".into(),
+            socket: None,
             label_services: None,
             readiness_probe: true,
             readiness_timeout_ms: 10_000,
+            engines: Vec::new(),
+            grace_secs: 10,
+        }
+    }
+}
+
+impl DockerConfig {
+    /// The engines to watch: as configured, else the one of the docker CLI's environment
+    /// (`env` reads a variable).
+    pub fn engines(
+        &self,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Vec<Engine>, ConfigError> {
+        match engine::configured(&self.engines, self.socket.as_deref())? {
+            Some(e) => Ok(e),
+            None => Ok(vec![engine::from_env(env)?]),
+        }
+    }
+
+    /// The names a selector's `engines` may use (`default` for the shorthand forms).
+    pub fn engine_names(&self) -> Vec<String> {
+        if self.engines.is_empty() {
+            vec![engine::DEFAULT_ENGINE.to_owned()]
+        } else {
+            self.engines.iter().map(|e| e.name.clone()).collect()
         }
     }
 }
@@ -229,6 +340,9 @@ pub struct DockerSelector {
     pub port: u16,
     /// Docker network whose address to use (default: the container's first network by name).
     pub network: Option<String>,
+    /// The engines whose containers count (default: every engine).
+    #[serde(default)]
+    pub engines: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -272,6 +386,9 @@ pub struct ServiceConfig {
     pub docker: Option<DockerSelector>,
     /// Backends registered in etcd under a key prefix, in addition to the others.
     pub etcd: Option<EtcdSelector>,
+    /// How all of this service's backends are reached (absent: static backends and containers
+    /// on this host by DNAT, containers on other Docker hosts by full NAT).
+    pub mode: Option<Nat>,
 }
 
 fn default_protocol() -> Protocol {
@@ -324,17 +441,63 @@ impl<'de> Deserialize<'de> for BackendConfig {
 /// Largest weight accepted (keeps the Maglev credit arithmetic far from overflow).
 pub const MAX_WEIGHT: u32 = 10_000;
 
+/// How packets of a flow reach a backend.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Nat {
+    /// Destination NAT only: the backend sees the client's address, so its replies must come
+    /// back through berth (it is on this host, or berth is its gateway).
+    #[serde(rename = "dnat")]
+    Dnat,
+    /// Source and destination NAT: the backend sees berth's address (`dataplane.snat_address`
+    /// and a port of `dataplane.snat_ports`) and replies to it, wherever it is.
+    #[serde(rename = "fullnat")]
+    Full,
+}
+
+impl fmt::Display for Nat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Nat::Dnat => "dnat",
+            Nat::Full => "fullnat",
+        })
+    }
+}
+
+/// One backend of a validated service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BackendSpec {
+    pub addr: SocketAddrV4,
+    /// Maglev weight (0: no new flows).
+    pub weight: u32,
+    pub nat: Nat,
+}
+
+impl BackendSpec {
+    /// A backend reached by DNAT (today's default for static backends and local containers).
+    pub fn dnat(addr: SocketAddrV4, weight: u32) -> Self {
+        Self {
+            addr,
+            weight,
+            nat: Nat::Dnat,
+        }
+    }
+}
+
 /// A validated service, ready for the reconciler.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Service {
     pub name: String,
     pub listen: SocketAddrV4,
     pub protocol: Protocol,
-    pub backends: Vec<(SocketAddrV4, u32)>,
+    /// One entry per address.
+    pub backends: Vec<BackendSpec>,
     pub health: Option<HealthConfig>,
     /// The container run behind each backend found through Docker (configured backends have
     /// none).
     pub instances: std::collections::BTreeMap<SocketAddrV4, Instance>,
+    /// The configured `mode`, which discovery applies to the backends it adds (`None`: each
+    /// source's default).
+    pub mode: Option<Nat>,
 }
 
 /// Which run of which container a backend is: a digest of the container's id and start time.
@@ -354,6 +517,13 @@ impl Instance {
             h = h.wrapping_mul(0x0100_0000_01b3);
         }
         Self(h)
+    }
+}
+
+impl Service {
+    /// How a backend of this service is reached, given the default of where it comes from.
+    pub fn nat_or(&self, default: Nat) -> Nat {
+        self.mode.unwrap_or(default)
     }
 }
 
@@ -402,9 +572,9 @@ mod tests {
         assert_eq!(services.len(), 2);
         assert_eq!(
             services[0].backends[1],
-            ("10.0.0.3:8000".parse().unwrap(), 2)
+            BackendSpec::dnat("10.0.0.3:8000".parse().unwrap(), 2)
         );
-        assert_eq!(services[1].backends[0].1, 1);
+        assert_eq!(services[1].backends[0].weight, 1);
         assert_eq!(services[1].protocol, Protocol::Udp);
     }
 
@@ -533,6 +703,69 @@ mod tests {
     }
 
     #[test]
+    fn nat_settings_parse_and_name_their_field() {
+        let (cfg, services) = Config::load(
+            r#"
+            [dataplane]
+            snat_address = "192.0.2.7"
+            snat_ports = "50000-50009"
+            [[service]]
+            name = "web"
+            listen = "0.0.0.0:8080"
+            mode = "fullnat"
+            backends = ["10.0.0.2:8000", { address = "10.0.0.3:8000", weight = 2 }]
+            [[service]]
+            name = "db"
+            listen = "0.0.0.0:5432"
+            backends = ["10.0.0.4:5432"]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.dataplane.snat_address,
+            Some(Ipv4Addr::new(192, 0, 2, 7))
+        );
+        assert_eq!(cfg.dataplane.snat_ports.len(), 10);
+        assert_eq!(services[0].mode, Some(Nat::Full));
+        assert!(services[0].backends.iter().all(|b| b.nat == Nat::Full));
+        assert_eq!(services[1].mode, None);
+        assert_eq!(services[1].backends[0].nat, Nat::Dnat);
+        // Defaults: no fixed address, ports above Linux's default ip_local_port_range.
+        let d = DataplaneConfig::default();
+        assert_eq!(d.snat_address, None);
+        assert_eq!(d.snat_ports.to_string(), "61000-65535");
+        assert!(!d.snat_ports.overlaps(&PortRange {
+            first: 32768,
+            last: 60999
+        }));
+
+        let base = "[[service]]\nname = \"w\"\nlisten = \"0.0.0.0:80\"\n";
+        let e = err(&format!("{base}mode = \"snat\"\n"));
+        assert_eq!(e.field, "service[0].mode (line 4)");
+        assert!(
+            e.message.contains("dnat") && e.message.contains("fullnat"),
+            "{e}"
+        );
+        for bad in ["61000", "0-10", "200-100", "1-65536", "a-b", ""] {
+            let e = err(&format!("[dataplane]\nsnat_ports = \"{bad}\"\n"));
+            assert_eq!(e.field, "dataplane.snat_ports (line 2)", "{bad}: {e}");
+        }
+        let e = err("[dataplane]\nsnat_ports = 61000\n");
+        assert_eq!(e.field, "dataplane.snat_ports (line 2)");
+        let e = err("[dataplane]\nsnat_address = \"10.0.0\"\n");
+        assert_eq!(e.field, "dataplane.snat_address (line 2)");
+        for bad in ["0.0.0.0", "127.0.0.1", "224.0.0.1", "255.255.255.255"] {
+            let e = err(&format!("[dataplane]\nsnat_address = \"{bad}\"\n"));
+            assert_eq!(e.field, "dataplane.snat_address", "{bad}: {e}");
+        }
+        assert_eq!(
+            "7-7".parse::<PortRange>().map(|r| r.len()),
+            Ok(1),
+            "a single port is a range"
+        );
+    }
+
+    #[test]
     fn metrics_listen_on_loopback_unless_configured() {
         let (cfg, _) = Config::load("").unwrap();
         let addr: std::net::SocketAddr = cfg.metrics.listen.parse().unwrap();
@@ -598,6 +831,52 @@ mod tests {
         // Multi-byte characters are cut on a character boundary.
         let wide = "é".repeat(100);
         assert!(clip_values(&format!("`{wide}`")).contains("(200 bytes)"));
+    }
+
+    #[test]
+    fn docker_engines_parse_and_their_errors_name_the_field() {
+        let base = r#"
+[docker]
+grace_secs = 5
+[[docker.engine]]
+name = "a"
+endpoint = "unix:///var/run/docker.sock"
+[[docker.engine]]
+name = "b"
+endpoint = "tcp://10.0.0.2:2375"
+[[service]]
+name = "web"
+listen = "0.0.0.0:8080"
+docker = { image = "web", port = 8000, engines = ["b"] }
+"#;
+        let (cfg, _) = Config::load(base).unwrap();
+        assert_eq!(cfg.docker.grace_secs, 5);
+        let engines = cfg.docker.engines(&|_| None).unwrap();
+        assert_eq!(
+            engines.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        assert_eq!(cfg.selectors()["web"].engines, ["b"]);
+        assert_eq!(
+            err(&base.replace("engines = [\"b\"]", "engines = [\"zz\"]")).field,
+            "service[0].docker.engines[0]"
+        );
+        assert_eq!(
+            err(&base.replace("tcp://10.0.0.2:2375", "tcp://10.0.0.2")).field,
+            "docker.engine[1].endpoint"
+        );
+        assert_eq!(
+            err(&base.replace("name = \"b\"", "name = \"b\"\ntls_verfy = true")).field,
+            "docker.engine[1].tls_verfy (line 9)"
+        );
+        assert_eq!(
+            err(&base.replace("grace_secs = 5", "grace_secs = 0")).field,
+            "docker.grace_secs"
+        );
+        // The shorthand's one engine is "default".
+        let e = err("[[service]]\nname = \"w\"\nlisten = \"0.0.0.0:80\"\n\
+                     docker = { image = \"w\", port = 80, engines = [\"b\"] }\n");
+        assert!(e.message.contains("engines: default"), "{e}");
     }
 
     #[test]

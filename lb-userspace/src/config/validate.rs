@@ -141,6 +141,25 @@ impl Config {
         }
         self.etcd.validate()?;
         self.publish.validate()?;
+        if let Some(a) = d.snat_address
+            && (a.is_unspecified() || a.is_multicast() || a.is_broadcast() || a.is_loopback())
+        {
+            return Err(ConfigError::new(
+                "dataplane.snat_address",
+                format!("{a} cannot be the source of packets to other hosts"),
+            ));
+        }
+        engine::configured(&self.docker.engines, self.docker.socket.as_deref())?;
+        if !(1..=3600).contains(&self.docker.grace_secs) {
+            return Err(ConfigError::new(
+                "docker.grace_secs",
+                format!(
+                    "{} must be between 1 and 3600 seconds",
+                    self.docker.grace_secs
+                ),
+            ));
+        }
+        let engine_names = self.docker.engine_names();
         for (i, iface) in d.interfaces.iter().enumerate() {
             if iface.is_empty() || iface.len() > 15 || iface.contains(['/', ' ', '\0']) {
                 return Err(ConfigError::new(
@@ -239,7 +258,11 @@ impl Config {
                         format!("duplicate backend {addr}"),
                     ));
                 }
-                backends.push((addr, b.weight));
+                backends.push(BackendSpec {
+                    addr,
+                    weight: b.weight,
+                    nat: s.mode.unwrap_or(Nat::Dnat),
+                });
             }
             if backends.len() as u64 >= u64::from(m) {
                 return Err(ConfigError::new(
@@ -263,6 +286,17 @@ impl Config {
                         "name an image and/or labels, or every container would match",
                     ));
                 }
+                for (j, e) in d.engines.iter().enumerate() {
+                    if !engine_names.contains(e) {
+                        return Err(ConfigError::new(
+                            at(&format!("docker.engines[{j}]")),
+                            format!(
+                                "no engine is named {e:?} (engines: {})",
+                                engine_names.join(", ")
+                            ),
+                        ));
+                    }
+                }
             }
             if let Some(e) = &s.etcd {
                 etcd::validate_prefix(&at("etcd.prefix"), &e.prefix)?;
@@ -284,6 +318,7 @@ impl Config {
                 backends,
                 health: s.health.clone(),
                 instances: Default::default(),
+                mode: s.mode,
             });
         }
         if total_backends >= d.max_backends as usize {

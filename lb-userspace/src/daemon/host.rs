@@ -38,6 +38,19 @@ pub fn default_route_address() -> anyhow::Result<std::net::Ipv4Addr> {
     }
 }
 
+/// The host's `ip_local_port_range` (the source ports its own connections take), when readable.
+pub fn local_port_range() -> Option<crate::config::PortRange> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    parse_port_range(&text)
+}
+
+/// `"32768\t60999\n"` as a range.
+fn parse_port_range(text: &str) -> Option<crate::config::PortRange> {
+    let mut f = text.split_whitespace().map(str::parse::<u16>);
+    let (first, last) = (f.next()?.ok()?, f.next()?.ok()?);
+    (first <= last).then_some(crate::config::PortRange { first, last })
+}
+
 /// Checks that every interface exists and, when berth routes packets itself, that IPv4
 /// forwarding is on for it (the kernel's FIB lookup refuses to route otherwise).
 pub fn preflight(ifaces: &[String], redirect: bool) -> anyhow::Result<()> {
@@ -59,4 +72,19 @@ pub fn preflight(ifaces: &[String], redirect: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_local_port_range_reads_as_the_kernel_writes_it() {
+        let r = parse_port_range("32768\t60999\n").expect("range");
+        assert_eq!((r.first, r.last), (32768, 60999));
+        assert!(!r.overlaps(&crate::config::PortRange::DEFAULT_SNAT));
+        assert!(r.overlaps(&"60000-61000".parse().unwrap()));
+        assert_eq!(parse_port_range("9 8"), None);
+        assert_eq!(parse_port_range("x"), None);
+    }
 }

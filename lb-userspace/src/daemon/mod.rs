@@ -7,6 +7,7 @@
 //! [`host::preflight`], the sockets bound before the dataplane is loaded.
 
 pub mod desired;
+mod engines;
 pub mod host;
 mod snapshot;
 mod state;
@@ -21,6 +22,7 @@ use crate::{
     api::admin,
     config::{Cgroup, Config, ConfigError, Service},
     dataplane::{Dataplane, DataplaneOptions},
+    discovery::EngineClient,
     reconciler::Reconciler,
 };
 
@@ -86,6 +88,8 @@ pub struct Run {
     pub overrides: Overrides,
     /// How to reach etcd, when a service takes backends from it (its files already read).
     pub etcd: Option<crate::discovery::etcd::Connect>,
+    /// The Docker Engines to watch (none without Docker discovery), TLS files read.
+    pub engines: Vec<EngineClient>,
 }
 
 /// What the command line says over the config file: applied to the file as read at start and
@@ -138,8 +142,20 @@ pub enum Refused {
     Config(PathBuf, ConfigError),
     /// A command-line value is invalid (exit 64).
     CommandLine(ConfigError),
+    /// The docker CLI's environment (`DOCKER_HOST`, ...) names no usable engine (exit 64).
+    Environment(ConfigError),
     /// The host is not fit: no default route, a missing interface, forwarding off.
     Host(anyhow::Error),
+}
+
+/// The Docker Engines to watch: as configured (or the docker CLI's environment when none is),
+/// their TLS files read. An error names the field, or the environment variable.
+pub fn engines(cfg: &Config) -> Result<Vec<EngineClient>, ConfigError> {
+    cfg.docker
+        .engines(&|k| std::env::var(k).ok())?
+        .into_iter()
+        .map(EngineClient::new)
+        .collect()
 }
 
 /// Reads and validates the config, applies the command line over it and picks the interfaces:
@@ -179,6 +195,14 @@ pub fn prepare(
             vec![i]
         }
     };
+    let engines = if docker_enabled(&cfg, source.is_some()) {
+        engines(&cfg).map_err(|e| match &source {
+            Some(src) if !e.field.starts_with("DOCKER_") => Refused::Config(src.path.clone(), e),
+            _ => Refused::Environment(e),
+        })?
+    } else {
+        Vec::new()
+    };
     host::preflight(&ifaces, cfg.dataplane.redirect).map_err(Refused::Host)?;
     Ok(Run {
         source,
@@ -188,6 +212,7 @@ pub fn prepare(
         admin_socket,
         overrides,
         etcd,
+        engines,
     })
 }
 
@@ -201,6 +226,7 @@ pub async fn run(args: Run) -> anyhow::Result<()> {
         admin_socket,
         overrides,
         etcd,
+        engines,
     } = args;
     // The sockets first: a port or path in use fails here, before the kernel is touched.
     let admin = admin::bind(&admin_socket)
@@ -215,6 +241,16 @@ pub async fn run(args: Run) -> anyhow::Result<()> {
     } else {
         None
     };
+    let snat = cfg.dataplane.snat_ports;
+    if let Some(local) = host::local_port_range()
+        && local.overlaps(&snat)
+    {
+        warn!(
+            "dataplane.snat_ports {snat} overlaps this host's ip_local_port_range {local}: a \
+             connection of the host's own and a full-NAT flow may pick the same source port \
+             toward a backend (move one of them apart)"
+        );
+    }
     let options = DataplaneOptions::from_config(&cfg.dataplane);
     let pin_root = PathBuf::from(&cfg.dataplane.pin_path);
     let mut dp = Dataplane::load_pinned(options, &pin_root).context("loading the dataplane")?;
@@ -259,6 +295,7 @@ pub async fn run(args: Run) -> anyhow::Result<()> {
             rec,
             adopted,
             overrides,
+            engines,
         },
         admin,
         metrics_listener,
@@ -339,6 +376,7 @@ async fn event_loop(
     let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     let (health_tx, mut health_rx) = tokio::sync::mpsc::channel(256);
     let (probe_tx, mut probe_rx) = tokio::sync::mpsc::channel(256);
+    let engines = start.engines.clone();
     let mut d = state::Daemon::new(start, health_tx, probe_tx);
 
     let (docker_tx, mut docker_rx) = tokio::sync::mpsc::channel(1024);
@@ -389,21 +427,30 @@ async fn event_loop(
         drop(etcd_tx);
     }
     if d.docker_on() {
-        let cfg = d.cfg();
-        let label_services = cfg.docker.label_services.unwrap_or(!d.has_file());
+        let label_services = d.cfg().docker.label_services.unwrap_or(!d.has_file());
         info!(
-            "docker discovery on {} (label services {})",
-            cfg.docker.socket,
+            "docker discovery on {} engine(s): {} (label services {})",
+            engines.len(),
+            engines
+                .iter()
+                .map(|e| format!("{} at {}", e.name(), e.engine.endpoint))
+                .collect::<Vec<_>>()
+                .join(", "),
             if label_services { "on" } else { "off" }
         );
-        // The engine's span: every line of its watcher names the socket it talks to.
-        let engine = info_span!("engine", kind = "docker", socket = %cfg.docker.socket);
-        tokio::spawn(
-            crate::discovery::run(cfg.docker.socket.clone(), docker_tx, stop_rx).instrument(engine),
-        );
-    } else {
-        drop(docker_tx);
+        // One watcher per engine, each in its span: every line it logs names its engine.
+        for client in engines {
+            let span = info_span!(
+                "engine",
+                name = %client.name(),
+                endpoint = %client.engine.endpoint
+            );
+            tokio::spawn(
+                crate::discovery::run(client, docker_tx.clone(), stop_rx.clone()).instrument(span),
+            );
+        }
     }
+    drop(docker_tx);
     d.ready(ifaces);
 
     let mut retry = tokio::time::interval(Duration::from_secs(1));

@@ -5,11 +5,12 @@ use std::collections::{BTreeMap, HashMap};
 
 use tracing::warn;
 
+use super::engines::Engines;
 use crate::{
     api::status,
     config::Service,
     dataplane::{ConntrackReader, DataplaneError},
-    discovery::ContainerInfo,
+    discovery::{ContainerInfo, ContainerKey},
     health::{NetChecker, Readiness, Supervisor},
     reconciler::Reconciler,
 };
@@ -20,7 +21,8 @@ pub(super) fn build_status(
     health: &Supervisor<NetChecker>,
     readiness: &Readiness,
     desired: &[Service],
-    containers: &BTreeMap<String, ContainerInfo>,
+    containers: &BTreeMap<ContainerKey, ContainerInfo>,
+    engines: &Engines,
 ) -> status::Status {
     let dp = rec.dataplane();
     // By address and protocol, not by name: after a restart the adopted services carry
@@ -31,12 +33,9 @@ pub(super) fn build_status(
         .into_iter()
         .map(|s| ((s.listen, s.protocol), s))
         .collect();
-    let container_of = |addr: &std::net::SocketAddrV4| {
-        containers
-            .values()
-            .find(|c| c.networks.values().any(|ip| ip == addr.ip()))
-            .map(|c| c.name.clone())
-    };
+    let views = engines.views();
+    let container_of =
+        |addr: &std::net::SocketAddrV4| crate::discovery::container_at(containers, &views, *addr);
     let services = desired
         .iter()
         .map(|s| {
@@ -44,15 +43,17 @@ pub(super) fn build_status(
             let backends = s
                 .backends
                 .iter()
-                .map(|(addr, weight)| {
+                .map(|crate::config::BackendSpec { addr, weight, .. }| {
                     let id =
                         pool.and_then(|p| p.backends.iter().find(|b| b.0 == *addr).map(|b| b.1));
                     let c = id
                         .and_then(|id| dp.backend_counters(id).ok())
                         .unwrap_or_default();
+                    let container = container_of(addr);
                     status::BackendStatus {
                         address: addr.to_string(),
-                        container: container_of(addr),
+                        container: container.map(|c| c.name.clone()),
+                        engine: container.map(|c| c.engine.clone()),
                         health: match health.state(&s.name, *addr) {
                             _ if readiness.waiting(&s.name, *addr) => "starting",
                             None => "unchecked",
@@ -86,9 +87,31 @@ pub(super) fn build_status(
                 .collect()
         })
         .unwrap_or_default();
+    let now = std::time::Instant::now();
+    let engines = engines
+        .iter()
+        .map(|(name, e)| status::EngineStatus {
+            name: name.clone(),
+            endpoint: e.endpoint.clone(),
+            connected: e.connected,
+            this_host: e.reach.is_some_and(|r| r.local),
+            address: e.reach.and_then(|r| r.address).map(|a| a.to_string()),
+            containers: containers
+                .values()
+                .filter(|c| c.engine == *name && c.running)
+                .count(),
+            last_event_unix_secs: e.last_event_ns.map(|t| t as f64 / 1e9),
+            unreachable_secs: e
+                .unreachable_since
+                .map(|t| now.saturating_duration_since(t).as_secs_f64()),
+            lost: e.lost,
+            error: e.error.clone(),
+        })
+        .collect();
     status::Status {
         services,
         counters,
+        engines,
         etcd: None,
     }
 }
@@ -167,8 +190,10 @@ mod tests {
             route: Route::NONE,
             backend_ack: 0,
             in_ifindex: 0,
+            fnat_addr: 0,
+            fnat_port: 0,
             flags: 0,
-            _pad: [0; 7],
+            _pad: 0,
         };
         (FlowKey::new(1, 2, 3, 4, 6), e)
     }
@@ -177,6 +202,7 @@ mod tests {
         status::BackendStatus {
             address: address.into(),
             container: None,
+            engine: None,
             health: "unchecked".into(),
             weight: 1,
             in_pool: true,
@@ -202,6 +228,7 @@ mod tests {
             }],
             counters: vec![],
             etcd: None,
+            engines: vec![],
         };
         let entries = [
             entry("10.0.0.1:80", ct::DIR_FORWARD, ct::STATE_OPEN),

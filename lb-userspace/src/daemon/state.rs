@@ -15,6 +15,7 @@ use tracing::{debug, error, info, info_span, warn};
 use super::{
     Source,
     desired::{self, Hold},
+    engines::Engines,
     host::preflight,
     read_config,
     snapshot::{self, MetricsInputs},
@@ -24,7 +25,7 @@ use crate::{
     config::{Config, Service},
     dataplane::{Dataplane, host_ipv4_addrs, monotonic_ns},
     discovery::{
-        self, ContainerInfo, Event,
+        self, ContainerInfo, ContainerKey, EngineClient, EngineEvent, Event,
         etcd::{self, Update},
     },
     health::{HealthChange, NetChecker, ProbeOutcome, ProbeReport, Readiness, Supervisor},
@@ -50,6 +51,8 @@ pub(super) struct Start {
     pub(super) adopted: bool,
     /// The command line, written over every reloaded config.
     pub(super) overrides: super::Overrides,
+    /// The Docker Engines to watch (none when Docker discovery is off).
+    pub(super) engines: Vec<EngineClient>,
 }
 
 /// Everything the event loop knows between events.
@@ -59,8 +62,10 @@ pub(super) struct Daemon {
     cfg: Config,
     /// The services of the config file.
     configured: Vec<Service>,
-    /// Running containers by id, as Docker last described them.
-    containers: BTreeMap<String, ContainerInfo>,
+    /// Containers by engine and id, as their engines last described them.
+    containers: BTreeMap<ContainerKey, ContainerInfo>,
+    /// Each engine's state: connected, reached where, lost past its grace.
+    engines: Engines,
     /// Configured + discovered services, before the health filter.
     desired: Vec<Service>,
     /// Container problems already warned about (each is logged once).
@@ -113,9 +118,17 @@ impl Daemon {
             rec,
             adopted,
             overrides,
+            engines,
         } = start;
         let docker_on = super::docker_enabled(&cfg, source.is_some());
         let etcd_on = source.is_some() && cfg.etcd_enabled();
+        let engines = Engines::new(
+            engines
+                .iter()
+                .map(|e| (e.name().to_owned(), e.engine.endpoint.to_string())),
+            Duration::from_secs(cfg.docker.grace_secs),
+            Instant::now(),
+        );
         let mut health = Supervisor::new(NetChecker, health_tx);
         health.presume_healthy(rec.pinned_backends());
         let probe_timeout = cfg
@@ -131,6 +144,7 @@ impl Daemon {
             desired: services.clone(),
             configured: services,
             containers: BTreeMap::new(),
+            engines,
             reported: HashSet::new(),
             health,
             readiness,
@@ -261,16 +275,41 @@ impl Daemon {
         }
     }
 
-    /// A container changed (or Docker's full listing arrived).
-    pub(super) fn on_docker(&mut self, event: Event) {
+    /// An engine's watcher said something: a container changed, a full listing arrived, or
+    /// the engine stopped answering.
+    pub(super) fn on_docker(&mut self, ev: EngineEvent) {
+        let EngineEvent { engine, event } = ev;
         let _container = match &event {
-            Event::Snapshot(all) => info_span!("docker", containers = all.len()),
-            Event::Upsert(c, _) => info_span!("docker", container = %c.name, id = %c.id),
-            Event::Remove(id, _) => info_span!("docker", %id),
+            Event::Snapshot(all, _) => info_span!("docker", %engine, containers = all.len()),
+            Event::Upsert(c, _) => info_span!("docker", %engine, container = %c.name, id = %c.id),
+            Event::Remove(id, _) => info_span!("docker", %engine, %id),
+            Event::Lost { .. } => info_span!("docker", %engine),
         }
         .entered();
-        let why = desired::record(&mut self.containers, &event);
-        if matches!(event, Event::Snapshot(_)) {
+        match &event {
+            Event::Snapshot(_, reach) => {
+                if self.engines.connected(&engine, *reach) {
+                    info!("engine {engine} answers again: its containers are judged afresh");
+                }
+            }
+            Event::Lost {
+                error,
+                last_contact,
+            } => {
+                self.engines
+                    .disconnected(&engine, error.clone(), *last_contact);
+                info!(
+                    "engine {engine} is unreachable: its backends stay as they are for the \
+                     grace ({} s)",
+                    self.engines.grace().as_secs()
+                );
+            }
+            Event::Upsert(_, t) | Event::Remove(_, t) => self.engines.event(&engine, *t),
+        }
+        let Some(why) = desired::record(&mut self.containers, &engine, &event) else {
+            return;
+        };
+        if matches!(event, Event::Snapshot(..)) && self.engines.settled() {
             self.awaiting.0 = false;
             self.release_when_listed();
         }
@@ -342,6 +381,88 @@ impl Daemon {
         }
     }
 
+    /// Engines unreachable past their grace: their containers now back only services whose
+    /// health checks judge them. Says so once per engine and loss, naming what stays and what
+    /// leaves.
+    fn judge_lost_engines(&mut self, now: Instant) {
+        let expired = self.engines.expire(now);
+        if expired.is_empty() {
+            return;
+        }
+        let before = std::mem::take(&mut self.desired);
+        self.refresh();
+        let views = self.engines.views();
+        let from = |engine: &str, s: &Service| -> Vec<std::net::SocketAddrV4> {
+            s.backends
+                .iter()
+                .filter(|b| {
+                    discovery::container_at(&self.containers, &views, b.addr)
+                        .is_some_and(|c| c.engine == engine)
+                })
+                .map(|b| b.addr)
+                .collect()
+        };
+        for name in &expired {
+            let mut said = Vec::new();
+            for s in &before {
+                let had = from(name, s);
+                if had.is_empty() {
+                    continue;
+                }
+                let kept = self
+                    .desired
+                    .iter()
+                    .find(|d| d.name == s.name)
+                    .map(|d| from(name, d))
+                    .unwrap_or_default();
+                let backends = |n: usize| match n {
+                    1 => "1 backend".to_owned(),
+                    n => format!("{n} backends"),
+                };
+                said.push(if s.health.is_some() {
+                    format!(
+                        "service {} keeps its {} there while the health checks pass",
+                        s.name,
+                        backends(kept.len())
+                    )
+                } else {
+                    format!(
+                        "service {} has no health check: its {} there leave",
+                        s.name,
+                        backends(had.len() - kept.len())
+                    )
+                });
+            }
+            let error = self
+                .engines
+                .get(name)
+                .and_then(|e| e.error.clone())
+                .unwrap_or_else(|| "never answered".into());
+            warn!(
+                "engine {name} unreachable for more than {} s ({error}): {}",
+                self.engines.grace().as_secs(),
+                if said.is_empty() {
+                    "it backs no service".to_owned()
+                } else {
+                    said.join("; ")
+                }
+            );
+        }
+        if self.hold.holding() && self.engines.settled() {
+            warn!(
+                "releasing the pinned services: engine {} did not list its containers within \
+                 the grace",
+                expired.join(", ")
+            );
+            self.awaiting.0 = false;
+            self.release_when_listed();
+        }
+        self.apply(&format!(
+            "docker: engine {} unreachable past its grace",
+            expired.join(", ")
+        ));
+    }
+
     /// A backend's health flipped.
     pub(super) fn on_health(&mut self, change: &HealthChange) {
         let _backend = info_span!(
@@ -398,9 +519,10 @@ impl Daemon {
         }
     }
 
-    /// Every second: the hold warning, a retry of a failed write, this host's addresses, and
-    /// the purge of drained backends' flows.
+    /// Every second: engines past their grace, the hold warning, a retry of a failed write,
+    /// this host's addresses, and the purge of drained backends' flows.
     pub(super) fn on_tick(&mut self, now: Instant) {
+        self.judge_lost_engines(now);
         let tick = self.hold.tick(now);
         if tick.warn_hold {
             warn!(
@@ -481,6 +603,7 @@ impl Daemon {
             &self.readiness,
             &self.desired,
             &self.containers,
+            &self.engines,
         );
         s.etcd = self.etcd.as_ref().map(|e| crate::api::status::EtcdStatus {
             endpoints: e.endpoints.clone(),
@@ -497,10 +620,8 @@ impl Daemon {
 
     /// The name of the serving container at `backend`'s address.
     fn container_at(&self, backend: std::net::SocketAddrV4) -> Option<String> {
-        self.containers
-            .values()
-            .find(|c| c.serving() && c.networks.values().any(|ip| ip == backend.ip()))
-            .map(|c| c.name.clone())
+        let views = self.engines.views();
+        discovery::container_at(&self.containers, &views, backend).map(|c| c.name.clone())
     }
 
     /// Recomputes the desired services from the config and the containers, and points the
@@ -510,6 +631,7 @@ impl Daemon {
             &self.cfg,
             &self.configured,
             &self.containers,
+            &self.engines.views(),
             self.has_file(),
             &discovery::host_ports(),
         );
@@ -546,7 +668,8 @@ impl Daemon {
 
     /// Replies from containers arrive on their network's bridge: attach there too.
     fn attach_bridges(&mut self) {
-        for br in discovery::backend_bridges(&self.desired, &self.containers) {
+        let views = self.engines.views();
+        for br in discovery::backend_bridges(&self.desired, &self.containers, &views) {
             if self.rec.dataplane().attached().contains(&br)
                 || !self.unattachable.insert(br.clone())
             {
@@ -584,6 +707,7 @@ mod tests {
     use crate::{
         daemon::Format,
         dataplane::{Dataplane, DataplaneOptions},
+        discovery::Reach,
     };
     use lb_common::{ipv4_to_wire, port_to_wire};
 
@@ -621,6 +745,13 @@ mod tests {
         .expect("load the dataplane (needs root and BPF)");
         let (tx, _rx) = mpsc::channel(16);
         let (probe_tx, probe_rx) = mpsc::channel(16);
+        let engines = cfg
+            .docker
+            .engines(&|_| None)
+            .unwrap()
+            .into_iter()
+            .map(|e| EngineClient::new(e).unwrap())
+            .collect();
         let start = Start {
             source: Some(Source {
                 path,
@@ -631,6 +762,7 @@ mod tests {
             rec: Reconciler::new(dp),
             adopted: false,
             overrides,
+            engines,
         };
         (Daemon::new(start, tx, probe_tx), probe_rx)
     }
@@ -650,6 +782,18 @@ mod tests {
         ids.sort();
         ids.dedup();
         ids
+    }
+
+    /// An event of engine `default` (the one engine of a config without `[[docker.engine]]`).
+    fn ev(event: Event) -> EngineEvent {
+        on("default", event)
+    }
+
+    fn on(engine: &str, event: Event) -> EngineEvent {
+        EngineEvent {
+            engine: engine.into(),
+            event,
+        }
     }
 
     /// The backends in service `listen`'s Maglev row, as (address, port).
@@ -675,6 +819,8 @@ mod tests {
 
     fn container(id: &str, image: &str, ip: [u8; 4]) -> ContainerInfo {
         ContainerInfo {
+            engine: "default".into(),
+            published: BTreeMap::new(),
             paused: false,
             id: id.into(),
             name: format!("n-{id}"),
@@ -693,14 +839,23 @@ mod tests {
         let dir = tempdir("docker");
         let mut d = daemon(&dir, ONE_SERVICE);
         assert_eq!(pool(&d, [10, 99, 0, 1], 80), []);
-        d.on_docker(Event::Upsert(container("c1", "web", [172, 17, 0, 5]), None));
+        d.on_docker(ev(Event::Upsert(
+            container("c1", "web", [172, 17, 0, 5]),
+            None,
+        )));
         assert_eq!(
             pool(&d, [10, 99, 0, 1], 80),
             [([172, 17, 0, 5].into(), 8000)]
         );
         // Another image's container is not a backend; a second one of ours joins.
-        d.on_docker(Event::Upsert(container("c2", "db", [172, 17, 0, 6]), None));
-        d.on_docker(Event::Upsert(container("c3", "web", [172, 17, 0, 7]), None));
+        d.on_docker(ev(Event::Upsert(
+            container("c2", "db", [172, 17, 0, 6]),
+            None,
+        )));
+        d.on_docker(ev(Event::Upsert(
+            container("c3", "web", [172, 17, 0, 7]),
+            None,
+        )));
         assert_eq!(
             pool(&d, [10, 99, 0, 1], 80),
             [
@@ -711,19 +866,21 @@ mod tests {
         // Unhealthy by its own HEALTHCHECK, then gone: out of the table.
         let mut sick = container("c1", "web", [172, 17, 0, 5]);
         sick.health = Some("unhealthy".into());
-        d.on_docker(Event::Upsert(sick, None));
+        d.on_docker(ev(Event::Upsert(sick, None)));
         assert_eq!(
             pool(&d, [10, 99, 0, 1], 80),
             [([172, 17, 0, 7].into(), 8000)]
         );
-        d.on_docker(Event::Remove("c3".into(), None));
+        d.on_docker(ev(Event::Remove("c3".into(), None)));
         assert_eq!(pool(&d, [10, 99, 0, 1], 80), []);
         // A full listing replaces what the daemon knew.
-        d.on_docker(Event::Snapshot(vec![container(
-            "c9",
-            "web",
-            [172, 17, 0, 9],
-        )]));
+        d.on_docker(ev(Event::Snapshot(
+            vec![container("c9", "web", [172, 17, 0, 9])],
+            Reach {
+                address: None,
+                local: true,
+            },
+        )));
         assert_eq!(
             pool(&d, [10, 99, 0, 1], 80),
             [([172, 17, 0, 9].into(), 8000)]
@@ -731,11 +888,99 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    const THREE_ENGINES: &str = "[docker]\ngrace_secs = 5\n\
+        [[docker.engine]]\nname = \"a\"\nendpoint = \"unix:///run/a.sock\"\n\
+        [[docker.engine]]\nname = \"b\"\nendpoint = \"tcp://10.42.2.2:2375\"\n\
+        [[docker.engine]]\nname = \"c\"\nendpoint = \"tcp://10.42.3.2:2375\"\n\
+        [[service]]\nname = \"web\"\nlisten = \"10.99.0.1:80\"\n\
+        docker = { image = \"web\", port = 8000 }\n";
+
+    #[tokio::test]
+    async fn each_engines_containers_are_its_own_and_a_lost_engine_leaves_after_its_grace() {
+        let dir = tempdir("engines");
+        let mut d = daemon(&dir, THREE_ENGINES);
+        let remote = |a: [u8; 4]| Reach {
+            address: Some(a.into()),
+            local: false,
+        };
+        let published = |engine: &str, id: &str, port: u16| {
+            let mut c = container(id, "web", [172, 17, 0, 2]);
+            c.engine = engine.into();
+            c.published.insert(
+                (crate::config::Protocol::Tcp, 8000),
+                (Ipv4Addr::UNSPECIFIED, port),
+            );
+            c
+        };
+        let mut local = container("x", "web", [172, 17, 0, 2]);
+        local.engine = "a".into();
+        d.on_docker(on(
+            "a",
+            Event::Snapshot(
+                vec![local],
+                Reach {
+                    address: None,
+                    local: true,
+                },
+            ),
+        ));
+        // The same container id and address on b and c: other containers, reached through
+        // their hosts' published ports.
+        d.on_docker(on(
+            "b",
+            Event::Snapshot(vec![published("b", "x", 32768)], remote([10, 42, 2, 2])),
+        ));
+        d.on_docker(on(
+            "c",
+            Event::Snapshot(vec![published("c", "x", 32769)], remote([10, 42, 3, 2])),
+        ));
+        let all = [
+            ([10, 42, 2, 2].into(), 32768),
+            ([10, 42, 3, 2].into(), 32769),
+            ([172, 17, 0, 2].into(), 8000),
+        ];
+        assert_eq!(pool(&d, [10, 99, 0, 1], 80), all);
+        // b's listing replaces b's containers only.
+        d.on_docker(on("b", Event::Snapshot(vec![], remote([10, 42, 2, 2]))));
+        assert_eq!(pool(&d, [10, 99, 0, 1], 80), [all[1], all[2]]);
+        d.on_docker(on("b", Event::Upsert(published("b", "y", 32770), Some(1))));
+        let st = d.status();
+        let b = st.engines.iter().find(|e| e.name == "b").unwrap();
+        assert!(b.connected && !b.this_host && b.containers == 1, "{b:?}");
+        // c stops answering; its backends stay for the grace (5 s), then leave (no health
+        // check configured).
+        let now = Instant::now();
+        d.on_docker(on(
+            "c",
+            Event::Lost {
+                error: "ping timed out".into(),
+                last_contact: now,
+            },
+        ));
+        d.on_tick(now + Duration::from_secs(4));
+        assert!(pool(&d, [10, 99, 0, 1], 80).contains(&all[1]));
+        d.on_tick(now + Duration::from_secs(6));
+        assert!(!pool(&d, [10, 99, 0, 1], 80).contains(&all[1]));
+        let st = d.status();
+        let c = st.engines.iter().find(|e| e.name == "c").unwrap();
+        assert!(!c.connected && c.lost, "{c:?}");
+        // Back: its listing brings its containers back.
+        d.on_docker(on(
+            "c",
+            Event::Snapshot(vec![published("c", "x", 32769)], remote([10, 42, 3, 2])),
+        ));
+        assert!(pool(&d, [10, 99, 0, 1], 80).contains(&all[1]));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[tokio::test]
     async fn a_reload_applies_a_valid_file_and_keeps_the_running_config_on_a_bad_one() {
         let dir = tempdir("reload");
         let mut d = daemon(&dir, ONE_SERVICE);
-        d.on_docker(Event::Upsert(container("c1", "web", [172, 17, 0, 5]), None));
+        d.on_docker(ev(Event::Upsert(
+            container("c1", "web", [172, 17, 0, 5]),
+            None,
+        )));
         let path = dir.join("berth.toml");
         std::fs::write(
             &path,
@@ -799,28 +1044,34 @@ mod tests {
     async fn a_new_container_at_a_reused_address_gets_a_fresh_slot() {
         let dir = tempdir("reused");
         let mut d = daemon(&dir, ONE_SERVICE);
-        d.on_docker(Event::Snapshot(vec![container(
-            "a",
-            "web",
-            [172, 17, 0, 5],
-        )]));
+        d.on_docker(ev(Event::Snapshot(
+            vec![container("a", "web", [172, 17, 0, 5])],
+            Reach {
+                address: None,
+                local: true,
+            },
+        )));
         let first = slots(&d, [10, 99, 0, 1], 80);
         assert_eq!(first.len(), 1);
         // The same container listed again (a resync) keeps its slot.
-        d.on_docker(Event::Snapshot(vec![container(
-            "a",
-            "web",
-            [172, 17, 0, 5],
-        )]));
+        d.on_docker(ev(Event::Snapshot(
+            vec![container("a", "web", [172, 17, 0, 5])],
+            Reach {
+                address: None,
+                local: true,
+            },
+        )));
         assert_eq!(slots(&d, [10, 99, 0, 1], 80), first);
         // Docker's listing after a reconnect: another container has the address now. It is
         // a new backend: a slot of its own, whose counters start from zero (the old slot
         // kept the first container's counts).
-        d.on_docker(Event::Snapshot(vec![container(
-            "b",
-            "web",
-            [172, 17, 0, 5],
-        )]));
+        d.on_docker(ev(Event::Snapshot(
+            vec![container("b", "web", [172, 17, 0, 5])],
+            Reach {
+                address: None,
+                local: true,
+            },
+        )));
         assert_eq!(
             pool(&d, [10, 99, 0, 1], 80),
             [([172, 17, 0, 5].into(), 8000)]
@@ -836,7 +1087,7 @@ mod tests {
         // The same container restarted (a new run, same id and address): a new slot too.
         let mut restarted = container("b", "web", [172, 17, 0, 5]);
         restarted.started_at = "2026-12-03T09:00:07.000000000Z".into();
-        d.on_docker(Event::Upsert(restarted, None));
+        d.on_docker(ev(Event::Upsert(restarted, None)));
         let third = slots(&d, [10, 99, 0, 1], 80);
         assert!(third.len() == 1 && third != second, "{third:?} {second:?}");
         let _ = std::fs::remove_dir_all(&dir);
@@ -868,7 +1119,7 @@ mod tests {
         };
         let (mut d, mut probes) = daemon_with_probes(&dir, &probed(port));
         let c = container("c1", "web", [127, 0, 0, 1]);
-        d.on_docker(Event::Upsert(c.clone(), None));
+        d.on_docker(ev(Event::Upsert(c.clone(), None)));
         assert_eq!(pool(&d, [10, 99, 0, 1], 80), [], "pooled before it listens");
         let st = d.status();
         let b = &st.services[0].backends[0];
@@ -892,7 +1143,7 @@ mod tests {
         drop(listener);
         let mut again = c.clone();
         again.started_at = "2026-12-03T09:00:09.000000000Z".into();
-        d.on_docker(Event::Upsert(again, None));
+        d.on_docker(ev(Event::Upsert(again, None)));
         assert_eq!(
             pool(&d, [10, 99, 0, 1], 80),
             [],
@@ -912,10 +1163,10 @@ mod tests {
 
         // Stopped while probing: its probe ends with it.
         let c2 = container("c2", "web", [127, 0, 0, 2]);
-        d.on_docker(Event::Upsert(c2.clone(), None));
+        d.on_docker(ev(Event::Upsert(c2.clone(), None)));
         let mut stopped = c2;
         stopped.running = false;
-        d.on_docker(Event::Upsert(stopped, None));
+        d.on_docker(ev(Event::Upsert(stopped, None)));
         let _l2 = std::net::TcpListener::bind(("127.0.0.2", port)).unwrap();
         tokio::time::sleep(crate::health::PROBE_EVERY * 4).await;
         assert!(

@@ -49,6 +49,23 @@ impl Dataplane {
             .map_err(map_err(MAP_CONNTRACK))
     }
 
+    /// Rewrites the entry at `key` in the map that holds it (unconfirmed flows' or the main
+    /// one), or inserts it into the main map. For tests that stage or age flows.
+    pub fn conntrack_update(&mut self, key: FlowKey, entry: CtEntry) -> Result<()> {
+        if self.ct_new.get(&key, 0).is_ok() {
+            return self
+                .ct_new
+                .insert(&key, &entry, 0)
+                .map_err(map_err(lb_common::MAP_CT_NEW));
+        }
+        self.conntrack_insert(key, entry)
+    }
+
+    /// Whether `key` is in the unconfirmed-flow map (CT_NEW) rather than the main one.
+    pub fn conntrack_unconfirmed(&self, key: &FlowKey) -> bool {
+        self.ct_new.get(key, 0).is_ok()
+    }
+
     pub fn conntrack_remove(&mut self, key: &FlowKey) -> Result<()> {
         absent_is_fine(self.conntrack.remove(key), MAP_CONNTRACK)?;
         absent_is_fine(self.ct_new.remove(key), lb_common::MAP_CT_NEW)

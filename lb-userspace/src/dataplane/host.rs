@@ -54,6 +54,20 @@ pub fn host_ipv4_addrs() -> std::collections::BTreeSet<u32> {
     out
 }
 
+/// The source address the kernel would give a packet of this process's network namespace
+/// toward `to` (its routing decision, policy routing included): what full NAT uses unless
+/// `dataplane.snat_address` says otherwise. A connected UDP socket sends nothing.
+pub fn source_toward(to: std::net::Ipv4Addr) -> std::io::Result<std::net::Ipv4Addr> {
+    let s = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))?;
+    s.connect((to, 9))?;
+    match s.local_addr()? {
+        std::net::SocketAddr::V4(a) if !a.ip().is_unspecified() => Ok(*a.ip()),
+        other => Err(std::io::Error::other(format!(
+            "no IPv4 source toward {to} (got {other})"
+        ))),
+    }
+}
+
 /// The mount point of the cgroup v2 hierarchy (from /proc/self/mountinfo).
 pub fn cgroup2_root() -> Option<PathBuf> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;

@@ -44,7 +44,7 @@ pub use conntrack::{ConntrackReader, conntrack_walks};
 pub use error::DataplaneError;
 use error::*;
 use host::*;
-pub use host::{cgroup2_root, host_ipv4_addrs, monotonic_ns, netns_cookie};
+pub use host::{cgroup2_root, host_ipv4_addrs, monotonic_ns, netns_cookie, source_toward};
 use pins::*;
 pub use pins::{DownReport, bpffs_shared_with_init, down};
 
@@ -66,6 +66,11 @@ pub struct DataplaneOptions {
     pub tcp_closing: Duration,
     pub tcp_idle: Duration,
     pub udp_idle: Duration,
+    /// Source address of full-NAT flows (`None`: the one the kernel would use toward each
+    /// backend; the reconciler asks it).
+    pub snat_address: Option<std::net::Ipv4Addr>,
+    /// Source ports of full-NAT flows.
+    pub snat_ports: crate::config::PortRange,
 }
 
 impl DataplaneOptions {
@@ -83,6 +88,8 @@ impl DataplaneOptions {
             tcp_closing: Duration::from_secs(d.tcp_closing_timeout_secs),
             tcp_idle: Duration::from_secs(d.tcp_idle_timeout_secs),
             udp_idle: Duration::from_secs(d.udp_idle_timeout_secs),
+            snat_address: d.snat_address,
+            snat_ports: d.snat_ports,
         }
     }
 
@@ -112,6 +119,9 @@ impl DataplaneOptions {
             tcp_idle_ns: self.tcp_idle.as_nanos() as u64,
             udp_idle_ns: self.udp_idle.as_nanos() as u64,
             host_netns_cookie: netns_cookie(),
+            snat_port_first: self.snat_ports.first,
+            snat_port_last: self.snat_ports.last,
+            _pad: 0,
         }
     }
 }

@@ -232,12 +232,16 @@ pub fn add_backends(
         for (key, entry) in keys {
             match entry {
                 Err(e) => problems.push(format!("etcd: key {key}: {e}; not served")),
-                Ok(e) if svc.backends.iter().any(|(a, _)| *a == e.addr) => problems.push(format!(
+                Ok(e) if svc.backends.iter().any(|b| b.addr == e.addr) => problems.push(format!(
                     "etcd: key {key}: {} is already a backend of service {} (the first \
                          entry's weight applies)",
                     e.addr, svc.name
                 )),
-                Ok(e) => svc.backends.push((e.addr, e.weight)),
+                Ok(e) => svc.backends.push(crate::config::BackendSpec {
+                    addr: e.addr,
+                    weight: e.weight,
+                    nat: svc.nat_or(crate::config::Nat::Dnat),
+                }),
             }
         }
         svc.backends.sort();
@@ -434,7 +438,7 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Protocol;
+    use crate::config::{BackendSpec, Protocol};
 
     #[test]
     fn values_in_berths_and_nerves_layouts() {
@@ -470,9 +474,10 @@ mod tests {
             name: "web".into(),
             listen: "10.99.0.1:80".parse().unwrap(),
             protocol: Protocol::Tcp,
-            backends: vec![("10.0.0.9:8000".parse().unwrap(), 1)],
+            backends: vec![BackendSpec::dnat("10.0.0.9:8000".parse().unwrap(), 1)],
             health: None,
             instances: Default::default(),
+            mode: None,
         }
     }
 
@@ -515,9 +520,9 @@ mod tests {
         assert_eq!(
             svcs[0].backends,
             vec![
-                ("10.0.0.1:8000".parse().unwrap(), 1),
-                ("10.0.0.2:8000".parse().unwrap(), 1),
-                ("10.0.0.9:8000".parse().unwrap(), 1),
+                BackendSpec::dnat("10.0.0.1:8000".parse().unwrap(), 1),
+                BackendSpec::dnat("10.0.0.2:8000".parse().unwrap(), 1),
+                BackendSpec::dnat("10.0.0.9:8000".parse().unwrap(), 1),
             ]
         );
         assert_eq!(problems.len(), 1, "{problems:?}");

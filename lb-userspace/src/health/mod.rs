@@ -186,7 +186,8 @@ mod tests {
             name: "web".into(),
             listen: "10.99.0.1:80".parse().unwrap(),
             protocol: crate::config::Protocol::Tcp,
-            backends: vec![(addr, 1)],
+            backends: vec![crate::config::BackendSpec::dnat(addr, 1)],
+            mode: None,
             health: Some(http(None, None)),
             instances: [(addr, crate::config::Instance(run))].into(),
         };

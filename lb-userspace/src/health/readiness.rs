@@ -163,7 +163,7 @@ impl Readiness {
             s.protocol == Protocol::Tcp && s.health.as_ref().is_none_or(|h| h.start_healthy)
         };
         for s in services.iter().filter(probed) {
-            for (addr, _) in &s.backends {
+            for addr in s.backends.iter().map(|b| &b.addr) {
                 if let Some(&instance) = s.instances.get(addr) {
                     wanted.insert((s.name.clone(), *addr), (instance, s.listen));
                 }
@@ -228,7 +228,7 @@ impl Readiness {
             .map(|s| {
                 let mut s = s.clone();
                 let name = s.name.clone();
-                s.backends.retain(|(addr, _)| !self.waiting(&name, *addr));
+                s.backends.retain(|b| !self.waiting(&name, b.addr));
                 s
             })
             .collect()
@@ -264,7 +264,11 @@ mod tests {
             name: name.into(),
             listen: "10.99.0.1:80".parse().unwrap(),
             protocol,
-            backends: backends.iter().map(|(a, _)| (*a, 1)).collect(),
+            backends: backends
+                .iter()
+                .map(|(a, _)| crate::config::BackendSpec::dnat(*a, 1))
+                .collect(),
+            mode: None,
             health: None,
             instances: backends
                 .iter()
@@ -362,7 +366,7 @@ mod tests {
         let kept = r.filter(&[web(1), dns.clone()]);
         assert_eq!(
             kept[0].backends,
-            vec![(configured, 1)],
+            vec![crate::config::BackendSpec::dnat(configured, 1)],
             "only the configured backend"
         );
         assert_eq!(kept[1], dns);

@@ -143,11 +143,11 @@ impl<C: Checker> Supervisor<C> {
         let mut start_healthy = std::collections::HashSet::new();
         for s in services {
             if let Some(h) = &s.health {
-                for (addr, _) in &s.backends {
-                    let instance = s.instances.get(addr).copied();
-                    wanted.insert((s.name.clone(), *addr), (h.clone(), instance));
-                    if self.presumed.remove(&(s.listen, s.protocol, *addr)) {
-                        start_healthy.insert((s.name.clone(), *addr));
+                for b in &s.backends {
+                    let instance = s.instances.get(&b.addr).copied();
+                    wanted.insert((s.name.clone(), b.addr), (h.clone(), instance));
+                    if self.presumed.remove(&(s.listen, s.protocol, b.addr)) {
+                        start_healthy.insert((s.name.clone(), b.addr));
                     }
                 }
             }
@@ -217,9 +217,9 @@ impl<C: Checker> Supervisor<C> {
             .map(|s| {
                 let mut s = s.clone();
                 let name = s.name.clone();
-                s.backends.retain(|(addr, _)| {
+                s.backends.retain(|b| {
                     self.healthy
-                        .get(&(name.clone(), *addr))
+                        .get(&(name.clone(), b.addr))
                         .copied()
                         .unwrap_or(true)
                 });

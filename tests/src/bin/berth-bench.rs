@@ -115,8 +115,10 @@ fn entry(dir: u8, nat: SocketAddrV4, now: u64) -> CtEntry {
         route: lb_common::Route::NONE,
         backend_ack: 0,
         in_ifindex: 0,
+        fnat_addr: 0,
+        fnat_port: 0,
         flags: 0,
-        _pad: [0; 7],
+        _pad: 0,
     }
 }
 

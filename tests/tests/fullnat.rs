@@ -1,0 +1,422 @@
+//! Full NAT through BPF_PROG_TEST_RUN (issue 11): backends whose replies would not come back
+//! through this host get flows from its own address and a port of `dataplane.snat_ports`.
+//! Each case from fresh maps, every rewritten packet's checksums recomputed from scratch: a new
+//! flow and its two entries, the established hit, the reply, UDP, IP options, distinct ports per
+//! flow, a taken port never overwritten, an exhausted range, a flow whose port another flow took
+//! while its reply half was evicted, and a backend switched from DNAT to full NAT. (The
+//! conntrack-integrity rules shared with DNAT run over both in `ct_integrity.rs`, the hostile
+//! suite in `hostile.rs`.)
+
+use std::net::SocketAddrV4;
+
+use berth_tests::{
+    fixture::*,
+    wire::{self, Ipv4Packet, L4, TCP_ACK, TCP_PSH, TCP_SYN},
+};
+use lb_common::{
+    CtEntry, IPPROTO_TCP, IPPROTO_UDP, Reason, ct, hash::flow_hash, ipv4_to_wire, port_to_wire,
+};
+use lb_userspace::{
+    config::{Nat, PortRange, Protocol},
+    dataplane::{DataplaneOptions, monotonic_ns},
+};
+
+const FULL: Nat = Nat::Full;
+
+/// One TCP service on the VIP and one UDP service on :5353, backend 1 only, full NAT, with
+/// `ports` as the source range.
+fn one_backend(ports: PortRange) -> Fixture {
+    Fixture::new(
+        DataplaneOptions {
+            snat_ports: ports,
+            ..options()
+        },
+        with_nat(
+            vec![
+                svc("v", "10.99.0.1:80", Protocol::Tcp, &[(backend(1), 8000, 1)]),
+                svc("u", "0.0.0.0:5353", Protocol::Udp, &[(backend(1), 53, 1)]),
+            ],
+            FULL,
+        ),
+    )
+}
+
+/// A packet from the backend side of `leg`, with the backend's MAC.
+fn from_backend(mut p: Ipv4Packet) -> Vec<u8> {
+    p.src_mac = backend_mac(*p.src.ip());
+    p.build()
+}
+
+fn tcp(src: SocketAddrV4, dst: SocketAddrV4, flags: u8, seq: u32, ack: u32) -> Ipv4Packet {
+    let mut p = Ipv4Packet::tcp(src, dst, flags);
+    p.l4 = L4::Tcp {
+        flags,
+        seq,
+        ack,
+        payload: Vec::new(),
+    };
+    p
+}
+
+/// Checks a reply translated back to the client: from `service`, to `to`, checksums right.
+fn assert_reply(run: &Run, service: SocketAddrV4, to: SocketAddrV4) {
+    assert_eq!(run.action, TC_ACT_REDIRECT, "{run:?}");
+    assert_eq!(run.exits(), [Reason::ReplyRedirect.name()], "{run:?}");
+    wire::verify_checksums(&run.out).unwrap_or_else(|e| panic!("rewritten reply: {e}"));
+    let o = wire::parse(&run.out);
+    assert_eq!((o.src, o.dst), (service, to));
+    assert_eq!(o.dst_mac, CLIENT_MAC, "to the client's MAC, from the FIB");
+}
+
+/// The source port flow `client -> service` tries first (see `ct::snat_port`).
+fn first_try(client: SocketAddrV4, service: SocketAddrV4, proto: u8, ports: PortRange) -> u16 {
+    let h = flow_hash(&flow_key(client, service, proto), options().hash_seed);
+    ct::snat_port(h, 0, ports.first, ports.last)
+}
+
+/// Stages a live established pair for flow `client -> service` to backend 1 on source port
+/// `port`, as the program would have written it.
+fn stage_pair(f: &mut Fixture, client: SocketAddrV4, service: SocketAddrV4, port: u16, proto: u8) {
+    let e = |dir, nat: SocketAddrV4, fnat: SocketAddrV4| CtEntry {
+        nat_addr: ipv4_to_wire(nat.ip().octets()),
+        nat_port: port_to_wire(nat.port()),
+        dir,
+        state: ct::STATE_OPEN,
+        backend_id: 1,
+        service_id: 0,
+        last_seen_ns: monotonic_ns(),
+        route: lb_common::Route::NONE,
+        backend_ack: 0,
+        in_ifindex: 0,
+        fnat_addr: ipv4_to_wire(fnat.ip().octets()),
+        fnat_port: port_to_wire(fnat.port()),
+        flags: ct::CT_F_FULLNAT,
+        _pad: 0,
+    };
+    let be = sa(backend(1), if proto == IPPROTO_TCP { 8000 } else { 53 });
+    let snat = sa(HOST, port);
+    let dp = f.rec.dataplane_mut();
+    dp.conntrack_insert(
+        flow_key(client, service, proto),
+        e(ct::DIR_FORWARD, be, snat),
+    )
+    .unwrap();
+    dp.conntrack_insert(flow_key(be, snat, proto), e(ct::DIR_REPLY, service, client))
+        .unwrap();
+}
+
+#[test]
+fn a_new_flow_leaves_from_this_host_and_its_two_halves_name_each_other() {
+    in_fixture_netns(|| {
+        let f = standard_nat(FULL);
+        let c = client(40001);
+        let svc_addr = sa(VIP, 80);
+        let syn = tcp(c, svc_addr, TCP_SYN, 1000, 0).build();
+        let run = f.run(&syn);
+        let leg = assert_fwd(&run, &syn, &web_backends(), FULL);
+        assert_eq!(run.counted(Reason::EventSnatPortTaken), 0, "{run:?}");
+        // The forward half: client -> service, to the backend from HOST:port.
+        let fkey = flow_key(c, svc_addr, IPPROTO_TCP);
+        let fwd = f.ct(&fkey).expect("forward half");
+        assert_eq!(fwd.dir, ct::DIR_FORWARD);
+        assert!(fwd.full_nat());
+        assert_eq!(
+            (fwd.nat_addr, fwd.nat_port, fwd.fnat_addr, fwd.fnat_port),
+            (
+                ipv4_to_wire(leg.backend.ip().octets()),
+                port_to_wire(leg.backend.port()),
+                ipv4_to_wire(HOST.octets()),
+                port_to_wire(leg.peer.port())
+            )
+        );
+        // The reply half: backend -> HOST:port, back to the service and the client.
+        let rkey = flow_key(leg.backend, leg.peer, IPPROTO_TCP);
+        let rev = f.ct(&rkey).expect("reply half keyed backend -> HOST:port");
+        assert_eq!(rev.dir, ct::DIR_REPLY);
+        assert!(rev.full_nat());
+        assert_eq!(
+            (rev.nat_addr, rev.nat_port, rev.fnat_addr, rev.fnat_port),
+            (
+                ipv4_to_wire(VIP.octets()),
+                port_to_wire(80),
+                ipv4_to_wire(CLIENT.octets()),
+                port_to_wire(40001)
+            )
+        );
+        assert_eq!(rev.in_ifindex, ifindex("fx0"), "replies only from fx0");
+        assert_eq!(ct::reply_key(&fkey, &fwd), rkey);
+        assert_eq!(ct::forward_key(&rkey, &rev), fkey);
+        // Unconfirmed (a SYN) until the client's next packet.
+        assert!(f.dp().conntrack_unconfirmed(&fkey) && f.dp().conntrack_unconfirmed(&rkey));
+
+        // The SYN-ACK from the backend goes to the client from the service.
+        let synack = from_backend(tcp(leg.backend, leg.peer, TCP_SYN | TCP_ACK, 5000, 1001));
+        assert_reply(&f.run(&synack), svc_addr, c);
+        // The client's ACK: the same backend and port, and the flow is confirmed.
+        let ack = tcp(c, svc_addr, TCP_ACK, 1001, 5001).build();
+        assert_eq!(assert_fwd(&f.run(&ack), &ack, &[leg.backend], FULL), leg);
+        assert!(!f.dp().conntrack_unconfirmed(&fkey) && !f.dp().conntrack_unconfirmed(&rkey));
+        assert!(f.ct(&fkey).is_some() && f.ct(&rkey).is_some());
+        // Data with IP and TCP options both ways; payload intact, checksums recomputed.
+        let mut data = tcp(c, svc_addr, TCP_ACK | TCP_PSH, 1001, 5001).with_payload(b"GET /x");
+        data.options = vec![0x94, 4, 0, 0];
+        data.tcp_options = vec![1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2];
+        let data = data.build();
+        let run = f.run(&data);
+        assert_eq!(assert_fwd(&run, &data, &[leg.backend], FULL), leg);
+        assert_eq!(wire::parse(&run.out).payload, b"GET /x");
+        let mut answer =
+            tcp(leg.backend, leg.peer, TCP_ACK | TCP_PSH, 5001, 1007).with_payload(b"200 ok");
+        answer.options = vec![0x94, 4, 0, 0];
+        let run = f.run(&from_backend(answer));
+        assert_reply(&run, svc_addr, c);
+        assert_eq!(wire::parse(&run.out).payload, b"200 ok");
+        // Both directions are counted for the service and the backend.
+        assert_eq!(f.dp().service_counters(fwd.service_id).unwrap().packets, 5);
+    });
+}
+
+#[test]
+fn udp_flows_are_translated_both_ways_and_a_zero_checksum_stays_zero() {
+    in_fixture_netns(|| {
+        let f = standard_nat(FULL);
+        let service = sa(HOST, 5353);
+        let dns = [sa(backend(4), 53), sa(backend(5), 53)];
+        let req = Ipv4Packet::udp(client(50001), service, b"query").build();
+        let leg = assert_fwd(&f.run(&req), &req, &dns, FULL);
+        let answer = from_backend(Ipv4Packet::udp(leg.backend, leg.peer, b"answer"));
+        assert_reply(&f.run(&answer), service, client(50001));
+        // "No checksum" survives the rewrite of both ends.
+        let mut p = Ipv4Packet::udp(client(50002), service, b"zero");
+        p.l4 = L4::Udp {
+            payload: b"zero".to_vec(),
+            zero_csum: true,
+        };
+        let run = f.run(&p.build());
+        let leg2 = assert_fwd(&run, &p.build(), &dns, FULL);
+        assert_eq!(wire::parse(&run.out).l4_csum, 0);
+        let mut a = Ipv4Packet::udp(leg2.backend, leg2.peer, b"zero back");
+        a.l4 = L4::Udp {
+            payload: b"zero back".to_vec(),
+            zero_csum: true,
+        };
+        let run = f.run(&from_backend(a));
+        assert_reply(&run, service, client(50002));
+        assert_eq!(wire::parse(&run.out).l4_csum, 0);
+    });
+}
+
+#[test]
+fn flows_to_one_backend_get_distinct_ports_and_a_taken_port_is_never_overwritten() {
+    in_fixture_netns(|| {
+        let ports = SNAT_PORTS;
+        let mut f = one_backend(ports);
+        let vip = sa(VIP, 80);
+        // Another flow holds the port client 41000's flow tries first.
+        let c = client(41000);
+        let taken = first_try(c, vip, IPPROTO_TCP, ports);
+        let holder = client(5555);
+        stage_pair(&mut f, holder, vip, taken, IPPROTO_TCP);
+        let held = flow_key(sa(backend(1), 8000), sa(HOST, taken), IPPROTO_TCP);
+        let before = f.ct(&held).unwrap();
+        let syn = tcp(c, vip, TCP_SYN, 1, 0).build();
+        let run = f.run(&syn);
+        let leg = assert_fwd(&run, &syn, &[b8000(1)], FULL);
+        assert_ne!(leg.peer.port(), taken, "a live flow's port is not taken");
+        assert_eq!(
+            leg.peer.port(),
+            ct::snat_port(
+                flow_hash(&flow_key(c, vip, IPPROTO_TCP), options().hash_seed),
+                1,
+                ports.first,
+                ports.last
+            ),
+            "the second try"
+        );
+        assert_eq!(run.counted(Reason::EventSnatPortTaken), 1, "{run:?}");
+        assert_eq!(f.ct(&held), Some(before), "the holder's entry is untouched");
+        let answer = from_backend(tcp(sa(backend(1), 8000), sa(HOST, taken), TCP_ACK, 9, 9));
+        assert_reply(&f.run(&answer), vip, holder);
+
+        // A leftover (a reply half without its forward half) does not hold a port.
+        let c2 = client(41001);
+        let port2 = first_try(c2, vip, IPPROTO_TCP, ports);
+        stage_pair(&mut f, holder, sa(VIP, 81), port2, IPPROTO_TCP);
+        f.rec
+            .dataplane_mut()
+            .conntrack_remove(&flow_key(holder, sa(VIP, 81), IPPROTO_TCP))
+            .unwrap();
+        let syn = tcp(c2, vip, TCP_SYN, 1, 0).build();
+        let run = f.run(&syn);
+        assert_eq!(
+            assert_fwd(&run, &syn, &[b8000(1)], FULL).peer.port(),
+            port2,
+            "the leftover's port is reused"
+        );
+        assert_eq!(run.counted(Reason::EventSnatPortTaken), 0, "{run:?}");
+
+        // Many flows to the one backend: each its own port, each reply to its own client.
+        let mut seen = std::collections::BTreeMap::new();
+        for i in 0..300u16 {
+            let c = client(42000 + i);
+            let p = Ipv4Packet::udp(c, sa(HOST, 5353), b"q").build();
+            let leg = assert_fwd(&f.run(&p), &p, &[sa(backend(1), 53)], FULL);
+            assert!(
+                seen.insert(leg.peer.port(), c).is_none(),
+                "port {} given twice",
+                leg.peer.port()
+            );
+        }
+        for (port, c) in seen {
+            let a = from_backend(Ipv4Packet::udp(sa(backend(1), 53), sa(HOST, port), b"a"));
+            assert_reply(&f.run(&a), sa(HOST, 5353), c);
+        }
+    });
+}
+
+#[test]
+fn an_exhausted_range_drops_and_counts_until_a_port_is_free_again() {
+    in_fixture_netns(|| {
+        let ports = PortRange {
+            first: 61000,
+            last: 61001,
+        };
+        let mut f = one_backend(ports);
+        let service = sa(HOST, 5353);
+        let be = sa(backend(1), 53);
+        let mut legs = Vec::new();
+        for i in 0..2 {
+            let p = Ipv4Packet::udp(client(43000 + i), service, b"q").build();
+            legs.push(assert_fwd(&f.run(&p), &p, &[be], FULL));
+        }
+        assert_ne!(legs[0].peer, legs[1].peer);
+        // A third flow finds both ports held by live flows.
+        let third = Ipv4Packet::udp(client(43002), service, b"q").build();
+        let run = f.run(&third);
+        assert_dropped(&run, Reason::DropSnatExhausted);
+        assert_eq!(
+            run.counted(Reason::EventSnatPortTaken),
+            u64::from(ct::SNAT_TRIES)
+        );
+        assert!(
+            f.ct(&flow_key(client(43002), service, IPPROTO_UDP))
+                .is_none()
+        );
+        assert_eq!(
+            f.dp().reason_counters().unwrap()[Reason::DropSnatExhausted as usize].1,
+            1,
+            "the counter behind berth status and the metric"
+        );
+        // The first flow goes idle past the UDP timeout: its port is free for the third.
+        for key in [
+            flow_key(client(43000), service, IPPROTO_UDP),
+            flow_key(legs[0].backend, legs[0].peer, IPPROTO_UDP),
+        ] {
+            let mut e = f.ct(&key).unwrap();
+            e.last_seen_ns = 0;
+            f.rec.dataplane_mut().conntrack_update(key, e).unwrap();
+        }
+        let run = f.run(&third);
+        assert_eq!(assert_fwd(&run, &third, &[be], FULL).peer, legs[0].peer);
+        // The second flow still answers.
+        let a = from_backend(Ipv4Packet::udp(be, legs[1].peer, b"a"));
+        assert_reply(&f.run(&a), service, client(43001));
+
+        // TCP: a SYN nobody confirms holds its port only for a while (a flood of spoofed SYNs
+        // cannot hold the range).
+        let one = PortRange {
+            first: 61005,
+            last: 61005,
+        };
+        let mut f = one_backend(one);
+        let vip = sa(VIP, 80);
+        let syn_a = tcp(client(44000), vip, TCP_SYN, 1, 0).build();
+        let leg_a = assert_fwd(&f.run(&syn_a), &syn_a, &[b8000(1)], FULL);
+        let syn_b = tcp(client(44001), vip, TCP_SYN, 1, 0).build();
+        assert_dropped(&f.run(&syn_b), Reason::DropSnatExhausted);
+        let rkey = flow_key(leg_a.backend, leg_a.peer, IPPROTO_TCP);
+        let mut e = f.ct(&rkey).unwrap();
+        e.last_seen_ns = monotonic_ns() - ct::UNCONFIRMED_PORT_HOLD_NS - 1_000_000_000;
+        f.rec.dataplane_mut().conntrack_update(rkey, e).unwrap();
+        let run = f.run(&syn_b);
+        assert_eq!(assert_fwd(&run, &syn_b, &[b8000(1)], FULL).peer, leg_a.peer);
+        assert!(
+            f.ct(&flow_key(client(44000), vip, IPPROTO_TCP)).is_none(),
+            "the abandoned flow went with its port"
+        );
+        // A confirmed flow keeps its port however quiet (up to the idle timeout).
+        let ack_b = tcp(client(44001), vip, TCP_ACK, 2, 1).build();
+        assert_fwd(&f.run(&ack_b), &ack_b, &[b8000(1)], FULL);
+        let mut e = f.ct(&rkey).unwrap();
+        e.last_seen_ns = monotonic_ns() - ct::UNCONFIRMED_PORT_HOLD_NS - 1_000_000_000;
+        f.rec.dataplane_mut().conntrack_update(rkey, e).unwrap();
+        let syn_c = tcp(client(44002), vip, TCP_SYN, 1, 0).build();
+        assert_dropped(&f.run(&syn_c), Reason::DropSnatExhausted);
+    });
+}
+
+#[test]
+fn a_flow_whose_port_another_flow_took_while_its_reply_half_was_evicted_is_over() {
+    in_fixture_netns(|| {
+        let ports = SNAT_PORTS;
+        let mut f = one_backend(ports);
+        let vip = sa(VIP, 80);
+        let c = client(45000);
+        let syn = tcp(c, vip, TCP_SYN, 1000, 0).build();
+        let leg = assert_fwd(&f.run(&syn), &syn, &[b8000(1)], FULL);
+        let ack = tcp(c, vip, TCP_ACK, 1001, 1).build();
+        assert_fwd(&f.run(&ack), &ack, &[b8000(1)], FULL);
+        // A flood evicts the reply half; another flow is given the port meanwhile.
+        let rkey = flow_key(leg.backend, leg.peer, IPPROTO_TCP);
+        f.rec.dataplane_mut().conntrack_remove(&rkey).unwrap();
+        let other = client(6000);
+        stage_pair(&mut f, other, vip, leg.peer.port(), IPPROTO_TCP);
+        let other_rev = f.ct(&rkey).unwrap();
+        // The first flow cannot have it back (the backend would see one connection for two):
+        // its packet is dropped and its forward half removed.
+        let data = tcp(c, vip, TCP_ACK | TCP_PSH, 1001, 1)
+            .with_payload(b"x")
+            .build();
+        assert_dropped(&f.run(&data), Reason::DropFlowConflict);
+        assert!(f.ct(&flow_key(c, vip, IPPROTO_TCP)).is_none());
+        assert_eq!(f.ct(&rkey), Some(other_rev), "the new holder keeps it");
+        // Its next packet starts over, on another port (the backend will refuse the
+        // connection it does not know, and the client learns at once).
+        let run = f.run(&data);
+        let again = assert_fwd(&run, &data, &[b8000(1)], FULL);
+        assert_ne!(again.peer, leg.peer);
+        assert_eq!(run.counted(Reason::EventCtMidstreamPickup), 1, "{run:?}");
+    });
+}
+
+#[test]
+fn a_backend_switched_to_full_nat_keeps_its_established_flows_as_they_were() {
+    in_fixture_netns(|| {
+        let mut f = standard();
+        let c = client(46000);
+        let vip = sa(VIP, 80);
+        let syn = tcp(c, vip, TCP_SYN, 1, 0).build();
+        let dnat = assert_fwd(&f.run(&syn), &syn, &web_backends(), Nat::Dnat);
+        let ack = tcp(c, vip, TCP_ACK, 2, 1).build();
+        assert_fwd(&f.run(&ack), &ack, &[dnat.backend], Nat::Dnat);
+        // The config says full NAT now: the backend slots are rewritten...
+        f.apply(with_nat(f.services.clone(), FULL));
+        let state = f.rec.state();
+        assert!(
+            state.iter().all(|s| s.full_nat.len() == s.backends.len()),
+            "{state:?}"
+        );
+        // ...the established flow keeps its DNAT translation...
+        assert_eq!(
+            assert_fwd(&f.run(&ack), &ack, &[dnat.backend], Nat::Dnat),
+            dnat
+        );
+        // ...and new flows take full NAT.
+        let syn2 = tcp(client(46001), vip, TCP_SYN, 1, 0).build();
+        assert_fwd(&f.run(&syn2), &syn2, &web_backends(), FULL);
+        // And back.
+        f.apply(with_nat(f.services.clone(), Nat::Dnat));
+        let syn3 = tcp(client(46002), vip, TCP_SYN, 1, 0).build();
+        assert_fwd(&f.run(&syn3), &syn3, &web_backends(), Nat::Dnat);
+    });
+}
