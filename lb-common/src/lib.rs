@@ -190,8 +190,13 @@ pub struct ServiceValue {
     pub id: u32,
     /// `SVC_F_*` bits.
     pub flags: u32,
+    /// A backend of the pool (its id; 0: none), taken by a new flow whose Maglev slot holds no
+    /// backend: a row being filled one slot at a time (the pool's first backend) never drops a
+    /// client.
+    pub fallback: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<ServiceValue>() == 8);
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
 
 /// A backend slot. `addr == 0` marks an empty slot.
 #[repr(C)]

@@ -647,9 +647,12 @@ fn new_flow_inner(ctx: &TcContext, p: &Pkt) -> Pick {
     }
     let m = cfg.maglev_size;
     let slot = svc.id * m + flow_hash(key, cfg.hash_seed) % m;
-    let Some(&backend_id) = MAGLEV.get(slot) else {
+    let Some(&picked) = MAGLEV.get(slot) else {
         return Pick::Done(exit(Reason::AbortMap));
     };
+    // A slot not written yet (the row of a pool's first backend fills one slot at a time)
+    // sends the flow to the service's fallback backend instead of dropping it.
+    let backend_id = if picked == 0 { svc.fallback } else { picked };
     let Some(&backend) = BACKENDS.get(backend_id) else {
         return Pick::Done(exit(Reason::AbortMap));
     };

@@ -53,10 +53,26 @@ pub enum Command {
         /// Serve no metrics; replaces `metrics.enabled`.
         #[arg(long, conflicts_with = "metrics_listen")]
         no_metrics: bool,
+        /// Pool a new container as soon as it runs, without waiting until it accepts TCP
+        /// connections; sets `docker.readiness_probe = false` (in every mode).
+        #[arg(long)]
+        no_readiness_probe: bool,
         /// Log lines as text, or as one JSON object per line (for log shippers). `RUST_LOG`
         /// filters either (default: info).
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
+    },
+    /// Keep this Docker host's containers in etcd (`[[publish.service]]` of the config), under a
+    /// lease refreshed while it runs, for balancers watching those prefixes. SIGTERM/SIGINT
+    /// withdraw them.
+    Publish {
+        /// TOML config file with `[etcd]` and `[publish]` (`[docker] socket` too).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// This host's address as the balancers reach it; replaces `publish.address`. Default:
+        /// the address towards the default gateway.
+        #[arg(long)]
+        address: Option<std::net::Ipv4Addr>,
     },
     /// Detach a pinned dataplane left by a stopped berth and remove its pins (established flows
     /// through it are dropped).

@@ -1,7 +1,7 @@
-//! berth's userspace: the config (pure parsing), discovery (Docker), health checks, the
+//! berth's userspace: the config (pure parsing), discovery (Docker, etcd), health checks, the
 //! dataplane handle (loading, pinning and attaching the eBPF programs, typed map access), the
 //! reconciler (the one writer of the maps), the daemon's event loop and its API (admin socket,
-//! status, metrics). ARCHITECTURE.md at the repository root maps them.
+//! status, metrics), and `berth publish`. ARCHITECTURE.md at the repository root maps them.
 
 pub mod api;
 pub mod config;
@@ -11,6 +11,7 @@ pub mod discovery;
 pub mod health;
 pub mod logging;
 pub mod maglev;
+pub mod publish;
 pub mod reconciler;
 
 pub use api::{metrics, status};

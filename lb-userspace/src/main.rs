@@ -43,6 +43,7 @@ fn main() -> ExitCode {
         }),
         Command::Status { json, admin_socket } => show_status(&admin_socket, json),
         Command::Down { pin_path } => down(&pin_path),
+        Command::Publish { config, address } => publish(&config, address),
         Command::Run {
             config,
             synapse_config,
@@ -53,6 +54,7 @@ fn main() -> ExitCode {
             detach_on_exit,
             metrics_listen,
             no_metrics,
+            no_readiness_probe,
             log_format: _,
         } => {
             let source = match (config, synapse_config) {
@@ -73,6 +75,7 @@ fn main() -> ExitCode {
                 detach_on_exit,
                 metrics_listen,
                 no_metrics,
+                no_readiness_probe,
             };
             run(source, overrides, admin_socket)
         }
@@ -87,6 +90,10 @@ fn run(source: Option<Source>, overrides: daemon::Overrides, admin_socket: PathB
         Err(daemon::Refused::Config(path, e)) => return config_failure(&path, &e),
         Err(daemon::Refused::CommandLine(e)) => {
             eprintln!("berth: invalid command line: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        Err(daemon::Refused::Environment(e)) => {
+            eprintln!("berth: invalid Docker environment: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
         Err(daemon::Refused::Host(e)) => {
@@ -138,6 +145,77 @@ fn show_status(admin_socket: &Path, json: bool) -> ExitCode {
     }
 }
 
+/// `berth publish`: a bad config exits 64, before anything is written.
+fn publish(path: &Path, address: Option<std::net::Ipv4Addr>) -> ExitCode {
+    let src = Source {
+        path: path.to_owned(),
+        format: Format::Berth,
+    };
+    let checked = daemon::read_config(&src).and_then(|(cfg, _)| {
+        if cfg.publish.services.is_empty() {
+            return Err(ConfigError {
+                field: "publish.service".into(),
+                message: "nothing to publish: add [[publish.service]] entries".into(),
+            });
+        }
+        let connect = lb_userspace::discovery::etcd::Connect::from_config(&cfg.etcd)?;
+        Ok((cfg, connect))
+    });
+    let (cfg, connect) = match checked {
+        Ok(c) => c,
+        Err(e) => return config_failure(path, &e),
+    };
+    let address = match address.map_or_else(
+        || match &cfg.publish.address {
+            Some(a) => a.parse().map_err(anyhow::Error::from),
+            None => daemon::host::default_route_address(),
+        },
+        Ok,
+    ) {
+        Ok(a) => a,
+        Err(e) => {
+            error!("{e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!("starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(lb_userspace::publish::run(
+            cfg.publish,
+            cfg.docker
+                .socket
+                .unwrap_or_else(|| "/var/run/docker.sock".into()),
+            connect,
+            address,
+            stop_rx,
+        ));
+        let (Ok(mut term), Ok(mut int)) = (
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()),
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()),
+        ) else {
+            error!("installing signal handlers");
+            return ExitCode::FAILURE;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        let _ = stop_tx.send(true);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
+        ExitCode::SUCCESS
+    })
+}
+
 /// `berth down`: detaches a pinned dataplane and removes its pins.
 fn down(pin_path: &Path) -> ExitCode {
     match lb_userspace::dataplane::down(pin_path) {
@@ -170,7 +248,14 @@ fn config_failure(path: &Path, e: &ConfigError) -> ExitCode {
 /// `berth check-config`: validates the file and prints what it would serve.
 fn check_config(src: &Source) -> ExitCode {
     let path = &src.path;
-    match daemon::read_config(src) {
+    let read = daemon::read_config(src).and_then(|(cfg, services)| {
+        if cfg.etcd_enabled() {
+            // The TLS and password files must be readable too.
+            lb_userspace::discovery::etcd::Connect::from_config(&cfg.etcd)?;
+        }
+        Ok((cfg, services))
+    });
+    match read {
         Ok((cfg, services)) => {
             println!("{}: ok, {} services", path.display(), services.len());
             for s in &services {
@@ -193,8 +278,33 @@ fn check_config(src: &Source) -> ExitCode {
                     );
                 }
             }
+            for s in &cfg.services {
+                if let Some(e) = &s.etcd {
+                    println!(
+                        "  {}: backends under etcd prefix {} at {}",
+                        s.name,
+                        e.prefix,
+                        cfg.etcd.endpoints.join(", ")
+                    );
+                }
+            }
             if !cfg.dataplane.interfaces.is_empty() {
                 println!("  interfaces: {}", cfg.dataplane.interfaces.join(", "));
+            }
+            if daemon::docker_enabled(&cfg, true) {
+                match daemon::engines(&cfg) {
+                    Ok(engines) => {
+                        for e in &engines {
+                            println!(
+                                "  docker engine {}: {}{}",
+                                e.name(),
+                                e.engine.endpoint,
+                                if e.engine.tls.is_some() { " (TLS)" } else { "" }
+                            );
+                        }
+                    }
+                    Err(e) => return config_failure(path, &e),
+                }
             }
             ExitCode::SUCCESS
         }

@@ -16,7 +16,7 @@ use lb_common::{Backend, ServiceKey, ServiceValue, ipv4_to_wire, port_to_wire};
 use tracing::{info, info_span};
 
 use crate::{
-    config::{Nat, Protocol, Service},
+    config::{Instance, Nat, Protocol, Service},
     dataplane::{Dataplane, DataplaneError},
     maglev,
 };
@@ -82,6 +82,9 @@ pub enum ReconcileError {
 struct AppliedBackend {
     id: u32,
     weight: u32,
+    /// The container run the slot was written for (None: a configured backend, or one adopted
+    /// and not yet claimed).
+    instance: Option<Instance>,
     /// The full-NAT source address in the kernel's slot (0: DNAT).
     snat: u32,
 }
@@ -92,6 +95,8 @@ impl AppliedService {
         ServiceValue {
             id: self.id,
             flags: self.flags,
+            fallback: self.fallback,
+            _pad: 0,
         }
     }
 }
@@ -116,6 +121,8 @@ struct AppliedService {
     pinned: bool,
     /// The `ServiceValue::flags` the kernel holds ([`lb_common::SVC_F_EMPTY`]).
     flags: u32,
+    /// The `ServiceValue::fallback` the kernel holds: a backend of the pool (0: none).
+    fallback: u32,
 }
 
 /// A summary of one service after an apply, for logs and `status`.
@@ -202,6 +209,7 @@ impl Reconciler {
                         AppliedBackend {
                             id,
                             weight: 0,
+                            instance: None,
                             snat: b.snat_addr,
                         },
                     );
@@ -227,6 +235,7 @@ impl Reconciler {
                     table_synced: false,
                     pinned: true,
                     flags: value.flags,
+                    fallback: value.fallback,
                 },
             );
         }
@@ -363,6 +372,9 @@ impl Reconciler {
             for (addr, b) in &mut a.backends {
                 if let Some(d) = svc.backends.iter().find(|d| d.addr == *addr) {
                     b.weight = d.weight;
+                    // What the pinned slot was written for is not recorded: the container
+                    // there now has been served by it all along.
+                    b.instance = svc.instances.get(addr).copied();
                 }
             }
             info!(
@@ -486,6 +498,7 @@ impl Reconciler {
                     table_synced: false,
                     pinned: false,
                     flags: 0,
+                    fallback: 0,
                 },
             );
             notes.push((
@@ -498,22 +511,32 @@ impl Reconciler {
         }
         let a = self.services.get_mut(&svc.name).expect("just ensured");
 
-        // Backends that left: out of the set now, their ids retire once the table is rewritten.
-        let gone: Vec<SocketAddrV4> = a
+        // Backends that left, or whose address another container run took (a new backend
+        // there, added below with a slot of its own: zeroed counters, no cached route): out of
+        // the set now, their ids retire once the table is rewritten.
+        let gone: Vec<(SocketAddrV4, bool)> = a
             .backends
-            .keys()
-            .filter(|addr| !svc.backends.iter().any(|d| d.addr == **addr))
-            .copied()
+            .iter()
+            .filter_map(|(addr, b)| {
+                let wanted = svc.backends.iter().any(|d| d.addr == *addr);
+                let replaced = wanted && svc.instances.get(addr).copied() != b.instance;
+                (!wanted || replaced).then_some((*addr, replaced))
+            })
             .collect();
-        for addr in gone {
+        for (addr, replaced) in gone {
             let b = a.backends.remove(&addr).expect("listed");
             a.retired.push(b.id);
             self.draining
                 .insert((a.protocol.ip_proto(), addr), std::time::Instant::now());
             a.table_synced = false;
+            let what = if replaced {
+                "removed: another container run has its address"
+            } else {
+                "removed"
+            };
             notes.push((
                 Some(addr),
-                format!("service {}: backend {addr} removed ({why})", svc.name),
+                format!("service {}: backend {addr} {what} ({why})", svc.name),
             ));
         }
         // New backends, weight and NAT changes. The backend slot is written before any table
@@ -586,7 +609,15 @@ impl Reconciler {
                         return Err(map_err(source));
                     }
                     writes += 1;
-                    a.backends.insert(addr, AppliedBackend { id, weight, snat });
+                    a.backends.insert(
+                        addr,
+                        AppliedBackend {
+                            id,
+                            weight,
+                            snat,
+                            instance: svc.instances.get(&addr).copied(),
+                        },
+                    );
                     a.table_synced = false;
                     notes.push((
                         Some(addr),
@@ -612,10 +643,29 @@ impl Reconciler {
         // refused, only dropped, and the client's retry finds it filled. The mark goes before a
         // row fills and comes after it empties.
         let empty = !a.backends.values().any(|b| b.weight > 0);
-        if a.installed && !empty && a.flags & lb_common::SVC_F_EMPTY != 0 {
-            a.flags &= !lb_common::SVC_F_EMPTY;
+        // The fallback for slots not written yet: a backend of the new set (already in the
+        // backend table), in place before the row changes; it stays valid until the next
+        // apply, as retired ids are released only once the row no longer names them.
+        let fallback = a
+            .backends
+            .values()
+            .filter(|b| b.weight > 0)
+            .map(|b| b.id)
+            .min()
+            .unwrap_or(0);
+        let flags = if empty {
+            a.flags
+        } else {
+            a.flags & !lb_common::SVC_F_EMPTY
+        };
+        if a.installed && (flags != a.flags || (fallback != a.fallback && fallback != 0)) {
+            a.flags = flags;
+            a.fallback = fallback;
             self.dp.set_service(a.key, a.value()).map_err(map_err)?;
             writes += 1;
+        }
+        if !a.installed {
+            a.fallback = fallback;
         }
         if !a.table_synced {
             let members: Vec<(maglev::Member, u32)> = a
@@ -666,9 +716,11 @@ impl Reconciler {
             }
         }
 
-        if !a.installed || (empty && a.flags & lb_common::SVC_F_EMPTY == 0) {
+        if !a.installed || (empty && (a.flags & lb_common::SVC_F_EMPTY == 0 || a.fallback != 0)) {
             if empty {
+                // No fallback either: the retired ids were released above and may be reused.
                 a.flags |= lb_common::SVC_F_EMPTY;
+                a.fallback = 0;
             }
             if !a.installed {
                 let proto = a.protocol.ip_proto();

@@ -146,7 +146,18 @@ pub fn hello_bin() -> PathBuf {
 /// Builds image `tag` from the static `hello` binary, FROM scratch (cheap when Docker's cache
 /// has it), with an exec-form HEALTHCHECK (interval 1 s, retries 2) if `healthcheck`.
 pub fn build_hello_image(tag: &str, healthcheck: bool) {
-    let dir = std::env::temp_dir().join(format!("berth-image-{}", std::process::id()));
+    build_hello_image_on(None, tag, healthcheck);
+}
+
+/// [`build_hello_image`] on the engine at `host` (`docker -H`; None: the default one).
+pub fn build_hello_image_on(host: Option<&str>, tag: &str, healthcheck: bool) {
+    // A context of its own per build: engines' images are built side by side.
+    static BUILDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "berth-image-{}-{}",
+        std::process::id(),
+        BUILDS.fetch_add(1, Ordering::Relaxed)
+    ));
     std::fs::create_dir_all(&dir).expect("image dir");
     std::fs::copy(hello_bin(), dir.join("hello")).expect("copy hello");
     let check = if healthcheck {
@@ -163,7 +174,11 @@ pub fn build_hello_image(tag: &str, healthcheck: bool) {
         ),
     )
     .expect("Dockerfile");
-    docker(&["build", "-q", "-t", tag, dir.to_str().expect("utf-8 path")]);
+    let context = dir.to_str().expect("utf-8 path");
+    match host {
+        None => docker(&["build", "-q", "-t", tag, context]),
+        Some(h) => docker(&["-H", h, "build", "-q", "-t", tag, context]),
+    };
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -381,10 +396,23 @@ pub fn client_behind_uplink(ns: &str, uplink: &str, host: Ipv4Addr, client: Ipv4
 /// requests to `service` every 5 ms: no request may fail, and none may be answered by it once
 /// stopped. Prints what it saw.
 pub fn stop_under_load(client: &Netns, service: SocketAddrV4, container: &str, hostname: &str) {
+    stop_under_load_with(client, service, hostname, || {
+        docker(&["stop", container]);
+    });
+}
+
+/// [`stop_under_load`] with the stop done by `stop_it` (`docker stop` on another engine, say).
+/// Returns how many requests were made.
+pub fn stop_under_load_with(
+    client: &Netns,
+    service: SocketAddrV4,
+    hostname: &str,
+    stop_it: impl FnOnce(),
+) -> usize {
     let stop = Arc::new(AtomicBool::new(false));
     let load = load_loop(client, service, stop.clone());
     std::thread::sleep(Duration::from_millis(300));
-    docker(&["stop", container]);
+    stop_it();
     let stopped = Instant::now();
     std::thread::sleep(Duration::from_millis(700));
     stop.store(true, Ordering::Relaxed);
@@ -401,6 +429,7 @@ pub fn stop_under_load(client: &Netns, service: SocketAddrV4, container: &str, h
     );
     assert!(failed.is_empty(), "failed requests: {failed:?}");
     assert_eq!(from_stopped, 0, "the stopped container still got requests");
+    results.len()
 }
 
 /// Requests from `client` to `service` every 5 ms until `stop`: (when, Ok(hostname) or

@@ -165,6 +165,7 @@ pub fn svc(
             .map(|&(a, p, w)| BackendSpec::dnat(SocketAddrV4::new(a, p), w))
             .collect(),
         health: None,
+        instances: Default::default(),
         mode: None,
     }
 }

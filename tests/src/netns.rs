@@ -49,8 +49,11 @@ pub(crate) fn sh_quiet(args: &[&str]) {
         .status();
 }
 
-/// Removes namespaces and root-namespace links left by a crashed run.
+/// Removes namespaces and root-namespace links left by a crashed run (Docker hosts of the
+/// multi-engine tests first: their dockerd stops its containers before the namespace's
+/// processes are killed).
 pub fn remove_leftovers() {
+    crate::engines::remove_leftovers();
     let list = sh("ip netns list".split(' ').collect::<Vec<_>>().as_slice());
     for line in list.lines() {
         let name = line.split_whitespace().next().unwrap_or("");

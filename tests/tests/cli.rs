@@ -96,6 +96,51 @@ fn bad_config_names_the_field_and_exits_64_without_loading_anything() {
         ),
         ("unknown.toml", "[dataplane]\nturbo = true\n", "turbo"),
         (
+            "etcd-endpoint.toml",
+            "[etcd]\nendpoints = [\"10.0.0.1:2379\"]\n[[service]]\nname = \"w\"\nlisten = \"0.0.0.0:80\"\netcd = { prefix = \"/w/\" }\n",
+            "etcd.endpoints[0]",
+        ),
+        (
+            // Valid as text; the file it names is read before the kernel is touched.
+            "etcd-ca.toml",
+            "[etcd]\nendpoints = [\"https://10.0.0.1:2379\"]\nca_file = \"/nonexistent/ca.pem\"\n[[service]]\nname = \"w\"\nlisten = \"0.0.0.0:80\"\netcd = { prefix = \"/w/\" }\n",
+            "etcd.ca_file",
+        ),
+        (
+            "etcd-prefix.toml",
+            "[[service]]\nname = \"w\"\nlisten = \"0.0.0.0:80\"\netcd = { prefix = \"/w\" }\n",
+            "service[0].etcd.prefix",
+        ),
+        (
+            "engine-endpoint.toml",
+            "[[docker.engine]]\nname = \"b\"\nendpoint = \"tcp://10.0.0.2\"\n",
+            "docker.engine[0].endpoint",
+        ),
+        (
+            "engine-field.toml",
+            "[[docker.engine]]\nname = \"b\"\nendpoint = \"tcp://10.0.0.2:2376\"\ntls = true\n",
+            "docker.engine[0].tls (line 4)",
+        ),
+        (
+            "engine-verify.toml",
+            "[[docker.engine]]\nname = \"c\"\nendpoint = \"tcp://10.0.0.3:2376\"\n\
+             tls_cert = \"/etc/c/cert.pem\"\ntls_key = \"/etc/c/key.pem\"\n",
+            "docker.engine[0].tls_ca",
+        ),
+        (
+            // Read when berth prepares (and by check-config), before the kernel is touched.
+            "engine-ca-file.toml",
+            "[docker]\nenabled = true\n[[docker.engine]]\nname = \"c\"\n\
+             endpoint = \"tcp://10.0.0.3:2376\"\ntls_ca = \"/nonexistent/ca.pem\"\n",
+            "docker.engine[0].tls_ca: /nonexistent/ca.pem",
+        ),
+        (
+            "engine-selector.toml",
+            "[[service]]\nname = \"w\"\nlisten = \"0.0.0.0:80\"\n\
+             docker = { image = \"w\", port = 80, engines = [\"nowhere\"] }\n",
+            "service[0].docker.engines[0]",
+        ),
+        (
             "dup.toml",
             "[[service]]\nname = \"a\"\nlisten = \"0.0.0.0:80\"\n[[service]]\nname = \"b\"\nlisten = \"0.0.0.0:80\"\n",
             "service[1].listen",
@@ -126,6 +171,65 @@ fn bad_config_names_the_field_and_exits_64_without_loading_anything() {
         before,
         "a refused config must not load programs"
     );
+    // `berth publish` refuses the same way, before writing anything.
+    for (file, text, field) in [
+        (
+            "publish-none.toml",
+            "[etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\n",
+            "publish.service",
+        ),
+        (
+            "publish-ca.toml",
+            "[etcd]\nendpoints = [\"https://127.0.0.1:2379\"]\nca_file = \"/nonexistent/ca.pem\"\n\
+             [[publish.service]]\nprefix = \"/w/\"\nimage = \"x\"\nport = 80\n",
+            "etcd.ca_file",
+        ),
+        (
+            "publish-port.toml",
+            "[[publish.service]]\nprefix = \"/w/\"\nimage = \"x\"\nport = 0\n",
+            "publish.service[0].port",
+        ),
+    ] {
+        let out = Command::new(berth())
+            .args(["publish", "--config"])
+            .arg(write(file, text))
+            .output()
+            .expect("run berth publish");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{file}: {stderr}");
+        assert!(
+            stderr.contains(field),
+            "{file}: must name {field:?}: {stderr}"
+        );
+    }
+}
+
+/// Without a config file (or engines in it), the docker CLI's environment names the engine;
+/// one berth cannot use is refused like a bad config.
+#[test]
+fn an_unusable_docker_environment_names_the_variable_and_exits_64() {
+    let before = loaded_berth_programs();
+    for (env, field) in [
+        (vec![("DOCKER_HOST", "ssh://me@host")], "DOCKER_HOST"),
+        (
+            vec![
+                ("DOCKER_HOST", "tcp://10.0.0.9"),
+                ("DOCKER_TLS_VERIFY", "1"),
+                ("DOCKER_CERT_PATH", "/nonexistent"),
+            ],
+            "DOCKER_CERT_PATH",
+        ),
+    ] {
+        let out = Command::new(berth())
+            .args(["run", "--iface", "lo", "--cgroup", "none"])
+            .envs(env.iter().copied())
+            .output()
+            .expect("run berth");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{env:?}: {stderr}");
+        assert!(stderr.contains(field), "{env:?}: {stderr}");
+    }
+    assert_eq!(loaded_berth_programs(), before);
 }
 
 #[test]
@@ -166,6 +270,26 @@ fn check_config_prints_what_would_be_served() {
     assert!(out.status.success(), "{out:?}");
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(s.contains("web tcp 0.0.0.0:8080 -> 2 backends"), "{s}");
+    let p = write(
+        "engines.toml",
+        "[[docker.engine]]\nname = \"a\"\nendpoint = \"unix:///var/run/docker.sock\"\n\
+         [[docker.engine]]\nname = \"b\"\nendpoint = \"tcp://10.0.0.2:2375\"\n\
+         [[service]]\nname = \"web\"\nlisten = \"0.0.0.0:8080\"\n\
+         docker = { image = \"web\", port = 8000 }\n",
+    );
+    let out = Command::new(berth())
+        .arg("check-config")
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let s = String::from_utf8_lossy(&out.stdout);
+    for line in [
+        "docker engine a: unix:///var/run/docker.sock",
+        "docker engine b: tcp://10.0.0.2:2375",
+    ] {
+        assert!(s.contains(line), "{s}");
+    }
 }
 
 /// A network namespace deleted on drop, with the processes started in it killed first.

@@ -107,7 +107,7 @@ fn clients_on_the_host_and_in_containers_are_balanced_by_the_socket_programs() {
         v
     };
     let berth = Berth::start_root("docker-sock", &socket_config(), &[TEST.uplink, TEST.bridge]);
-    berth.wait_for("(docker: resync)", 4);
+    berth.wait_for(" added (weight ", 4);
 
     // Nothing listens on the host's port 8080: outside berth's cgroup a connect is refused.
     let mut plain = Command::new(hello_bin());

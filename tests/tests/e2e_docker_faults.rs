@@ -50,7 +50,7 @@ fn faults_under_load_fail_requests_only_inside_their_window() {
         TEST_CLIENT_IMAGE,
     ]);
     let mut berth = Berth::start_root("docker-faults", &TEST.config(), &[TEST.uplink, TEST.bridge]);
-    berth.wait_for("(docker: resync)", 3);
+    berth.wait_for(" added (weight ", 3);
     let stolen = lab
         .client
         .run(|| http_get(SocketAddrV4::new(*TEST.service.ip(), 9090)));

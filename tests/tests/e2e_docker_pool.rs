@@ -22,7 +22,7 @@ fn containers_join_and_leave_the_pool_by_themselves() {
     let h1 = lab.run("bt-c1", &["-p", "8000"]).hostname();
     let h2 = lab.run("bt-c2", &["-p", "8000"]).hostname();
     let berth = Berth::start_root("docker", &TEST.config(), &[TEST.uplink, TEST.bridge]);
-    berth.wait_for("(docker: resync)", 2);
+    berth.wait_for(" added (weight ", 2);
 
     // Both containers answer, through Docker's FORWARD DROP, without the published ports.
     let m = lab.spread(100);

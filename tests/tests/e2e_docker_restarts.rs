@@ -33,7 +33,7 @@ fn dockerd_restart_is_survived_and_resynced() {
         &TEST.config(),
         &[TEST.uplink, TEST.bridge],
     );
-    berth.wait_for("(docker: resync)", 2);
+    berth.wait_for(" added (weight ", 2);
     assert_eq!(lab.spread(40).len(), 2);
 
     let t = Instant::now();
@@ -126,7 +126,7 @@ fn sigkill_under_load_loses_no_connection_and_fails_no_request() {
     let h1 = lab.run("bt-k1", &[]).hostname();
     let h2 = lab.run("bt-k2", &[]).hostname();
     let mut berth = Berth::start_root("docker-kill", &TEST.config(), &[TEST.uplink, TEST.bridge]);
-    berth.wait_for("(docker: resync)", 2);
+    berth.wait_for(" added (weight ", 2);
     assert_eq!(lab.spread(20).len(), 2);
 
     // A connection established before the kill, finished after the restart.

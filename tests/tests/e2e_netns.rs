@@ -575,7 +575,7 @@ fn failing_backend_leaves_after_fall_checks_and_returns_after_rise() {
     // Backends enter after their first passing checks (rise = 2 at 200 ms).
     for n in 1..=3 {
         berth.wait_for(
-            &format!("backend 10.20.0.1{n}:8000 added (weight 1) (health check passing)"),
+            &format!("backend 10.20.0.1{n}:8000 added (weight 1, dnat) (health check passing)"),
             1,
         );
     }
@@ -594,7 +594,7 @@ fn failing_backend_leaves_after_fall_checks_and_returns_after_rise() {
     // b3 comes back and rejoins after `rise` passing checks.
     let back = Servers::start(&t.backends[2], "b3", sa("10.20.0.13:8000"), true);
     berth.wait_for(
-        "backend 10.20.0.13:8000 added (weight 1) (health check passing)",
+        "backend 10.20.0.13:8000 added (weight 1, dnat) (health check passing)",
         2,
     );
     std::thread::sleep(Duration::from_millis(500));
@@ -1171,4 +1171,58 @@ fn an_empty_pool_refuses_connections_at_once() {
         "a dropped datagram gets no answer"
     );
     drop(berth);
+}
+
+/// The first backend of an empty pool takes every new connection from the moment the service
+/// stops refusing: no SYN is dropped while its Maglev row fills (one slot at a time, 65,537
+/// writes), because a slot not yet written falls back to a backend of the pool.
+#[test]
+fn the_first_backend_of_an_empty_pool_takes_every_syn_while_its_row_fills() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+    let t = one_armed();
+    let empty = "[[service]]\nname = \"web\"\nlisten = \"10.10.0.1:8080\"\nbackends = []\n";
+    let berth = Berth::start(&t.lb, empty, &["eth0"]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    // Connects as fast as the answers come: refused at once while the pool is empty, accepted
+    // once the backend is in; a dropped SYN would hold a connect for its timeout.
+    let client = t.client.spawn(move || {
+        let (mut refused, mut accepted, mut other) = (0u32, 0u32, Vec::new());
+        // Until the backend took a few dozen (more would only fill its accept queue).
+        while !flag.load(Ordering::SeqCst) && accepted < 50 {
+            match std::net::TcpStream::connect_timeout(
+                &"10.10.0.1:8080".parse().unwrap(),
+                Duration::from_millis(300),
+            ) {
+                Ok(_) => accepted += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => refused += 1,
+                Err(e) => other.push(e.to_string()),
+            }
+        }
+        (refused, accepted, other)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    berth.reload(&empty.replace("backends = []", "backends = [\"10.20.0.11:8000\"]"));
+    berth.wait_for("maglev table updated", 1);
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::SeqCst);
+    let (refused, accepted, other) = client.join().expect("client");
+    let drops = berth
+        .status()
+        .counters
+        .iter()
+        .find(|(n, _)| n == "drop_no_backend")
+        .map_or(0, |(_, v)| *v);
+    assert!(
+        refused > 0 && accepted > 0,
+        "refused {refused}, accepted {accepted}"
+    );
+    assert_eq!(
+        (drops, other),
+        (0, vec![]),
+        "SYNs dropped while the row filled ({accepted} accepted, {refused} refused before)"
+    );
 }

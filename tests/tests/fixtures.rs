@@ -897,6 +897,47 @@ fn new_flows_reuse_the_backend_route_and_a_reused_backend_id_starts_clean() {
     });
 }
 
+#[test]
+fn another_container_at_a_backends_address_gets_a_fresh_slot_and_counters() {
+    in_fixture_netns(|| {
+        use lb_userspace::config::Instance;
+        let mut f = one_backend_vip();
+        let run = |f: &mut Fixture, n| {
+            let mut s = f.services.clone();
+            s[0].instances.insert(b8000(1), Instance(n));
+            f.apply(s);
+        };
+        run(&mut f, 1);
+        let syn = Ipv4Packet::tcp(client(40050), sa(VIP, 80), TCP_SYN).build();
+        assert_dnat(&f.run(&syn), &syn, &[b8000(1)]);
+        let old = f
+            .ct(&flow_key(client(40050), sa(VIP, 80), IPPROTO_TCP))
+            .unwrap()
+            .backend_id;
+        assert_eq!(f.dp().backend_counters(old).unwrap().new_flows, 1);
+        // The same run applied again: nothing changes.
+        run(&mut f, 1);
+        assert_eq!(f.dp().maglev_slot(0, 0).unwrap(), old);
+
+        // Another container run at the address: a new backend, with a slot of its own whose
+        // counters start from zero and which its new flows count on.
+        run(&mut f, 2);
+        let new = f.dp().maglev_slot(0, 0).unwrap();
+        assert!(new != old && new != 0, "slot {new} (was {old})");
+        let c = f.dp().backend_counters(new).unwrap();
+        assert_eq!((c.packets, c.bytes, c.new_flows), (0, 0, 0));
+        let syn2 = Ipv4Packet::tcp(client(40051), sa(VIP, 80), TCP_SYN).build();
+        assert_dnat(&f.run(&syn2), &syn2, &[b8000(1)]);
+        let c = f.dp().backend_counters(new).unwrap();
+        assert_eq!((c.packets, c.new_flows), (1, 1));
+        // The first run's flow stays pinned to the address, counted on its own slot.
+        let ack = Ipv4Packet::tcp(client(40050), sa(VIP, 80), TCP_ACK).build();
+        assert_dnat(&f.run(&ack), &ack, &[b8000(1)]);
+        assert_eq!(f.dp().backend_counters(old).unwrap().packets, 2);
+        assert_eq!(f.dp().backend_counters(new).unwrap().packets, 1);
+    });
+}
+
 berth_tests::both_nat!(departed_backend_drains_then_its_flows_are_purged_unless_it_returns);
 
 fn departed_backend_drains_then_its_flows_are_purged_unless_it_returns(nat: Nat) {

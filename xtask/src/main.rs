@@ -53,6 +53,10 @@ fn cargo(tc: &str) -> Command {
     let mut c = Command::new("cargo");
     c.arg(format!("+{tc}")).current_dir(root());
     c.env("PATH", setup::path_with_cargo_bin());
+    // C parts of dependencies (ring) built for the musl target use musl's compiler.
+    if std::env::var_os("CC_x86_64_unknown_linux_musl").is_none() {
+        c.env("CC_x86_64_unknown_linux_musl", setup::MUSL_CC);
+    }
     // Set by the outer `cargo xtask` (default toolchain); must not leak into the pinned build.
     for k in [
         "RUSTUP_TOOLCHAIN",
@@ -147,6 +151,7 @@ fn run(args: &[String]) -> Result<()> {
             // The container tests run berth as operators do: from its image.
             let berth_image = image::build(&tc)?.remove(0);
             setup::ensure_compose()?;
+            setup::ensure_etcd()?;
             let mut c = cargo(&tc);
             c.args([
                 "test",
@@ -225,8 +230,10 @@ fn run(args: &[String]) -> Result<()> {
             .args(load_args)
             .env("BERTH_BIN", root().join("target/release/berth"));
             status(c)?;
-            // Discovery reaction: a real dockerd and containers of the test image.
+            // Discovery reaction: a real dockerd and containers of the test image (and etcd for
+            // the `berth publish` path).
             setup::ensure_docker()?;
+            setup::ensure_etcd()?;
             setup::ensure_musl_target(&tc)?;
             build_hello(&tc)?;
             let mut d = cargo(&tc);

@@ -12,9 +12,25 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// `openssl`: the multi-engine tests make the TLS engine's certificates with it.
 const PACKAGES: &[&str] = &[
-    "iproute2", "iptables", "nftables", "bpftool", "tcpdump", "procps",
+    "iproute2",
+    "iptables",
+    "nftables",
+    "bpftool",
+    "tcpdump",
+    "procps",
+    // etcd-client's build script compiles etcd's gRPC API with `protoc`, which needs the
+    // well-known types (google/protobuf/*.proto) of libprotobuf-dev.
+    "protobuf-compiler",
+    "libprotobuf-dev",
+    // ring (TLS to etcd) compiles C: the static image's build needs a musl C compiler.
+    "musl-tools",
+    "openssl",
 ];
+
+/// etcd (server and `etcdctl`) for the tests and benchmarks of etcd discovery.
+const ETCD_PACKAGES: &[&str] = &["etcd-server", "etcd-client"];
 
 fn cargo_bin() -> PathBuf {
     std::env::var_os("CARGO_HOME")
@@ -96,8 +112,20 @@ unsafe extern "C" {
 /// Target of the static test-image binary.
 pub const MUSL: &str = "x86_64-unknown-linux-musl";
 
-/// The musl standard library for the pinned toolchain (the test image is FROM scratch).
+/// The C compiler for musl builds (Debian's `musl-gcc`): ring, rustls's crypto, has C and
+/// assembly parts, and cc-rs finds no compiler for the musl target without it.
+pub const MUSL_CC: &str = "musl-gcc";
+
+/// The musl standard library for the pinned toolchain (the test image and berth's own image are
+/// FROM scratch), and the musl C compiler their C dependencies are built with.
 pub fn ensure_musl_target(tc: &str) -> Result<()> {
+    if package_installed("musl-tools") {
+        done("musl-tools", None);
+    } else {
+        let t = Instant::now();
+        apt_install(&["musl-tools"])?;
+        done("musl-tools", Some(t));
+    }
     let installed = output(
         "rustup",
         &[&format!("+{tc}"), "target", "list", "--installed"],
@@ -269,6 +297,24 @@ fn ensure_packages() -> Result<()> {
     let t = Instant::now();
     apt_install(&missing)?;
     done(&format!("packages {}", missing.join(" ")), Some(t));
+    Ok(())
+}
+
+/// Debian's etcd 3.4 (`etcd` and `etcdctl`) for the etcd tests; each test starts its own member
+/// with its data in a temporary directory, so nothing is started here.
+pub fn ensure_etcd() -> Result<()> {
+    let missing: Vec<&str> = ETCD_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !package_installed(p))
+        .collect();
+    if missing.is_empty() {
+        done("etcd-server etcd-client", None);
+        return Ok(());
+    }
+    let t = Instant::now();
+    apt_install(&missing)?;
+    done(&missing.join(" "), Some(t));
     Ok(())
 }
 

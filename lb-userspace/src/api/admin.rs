@@ -243,6 +243,8 @@ mod tests {
         Status {
             services: vec![],
             counters: vec![("pass_no_service".into(), 1)],
+            etcd: None,
+            engines: vec![],
         }
     }
 

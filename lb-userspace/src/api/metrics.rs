@@ -238,8 +238,9 @@ impl Collector for Snapshot {
             ),
             (
                 "berth_backend_healthy",
-                "1 if the backend passes its health check (or has none), else 0.",
-                |b| u64::from(b.health != "unhealthy"),
+                "1 if the backend passes its health check (or has none), else 0 (also while a \
+                 new container does not accept connections yet).",
+                |b| u64::from(b.health == "healthy" || b.health == "unchecked"),
             ),
             (
                 "berth_backend_in_pool",
@@ -329,6 +330,74 @@ impl Collector for Snapshot {
             "Docker container and network events handled.",
             MetricType::Counter,
             [(Labels::new(), counter(x.docker_events))],
+        )?;
+        if let Some(etcd) = &self.status.etcd {
+            family(
+                &mut e,
+                "berth_etcd_up",
+                "1 while every etcd prefix is read and watched; 0 while etcd is unreachable \
+                 (the last known backends keep serving).",
+                MetricType::Gauge,
+                one(u64::from(etcd.connected)),
+            )?;
+            family(
+                &mut e,
+                "berth_etcd_events",
+                "Puts and deletes received through the etcd watches.",
+                MetricType::Counter,
+                [(Labels::new(), counter(etcd.events))],
+            )?;
+            family(
+                &mut e,
+                "berth_etcd_resyncs",
+                "Full reads of the etcd prefixes (at start, after each reconnect or compaction).",
+                MetricType::Counter,
+                [(Labels::new(), counter(etcd.resyncs))],
+            )?;
+            family(
+                &mut e,
+                "berth_etcd_keys",
+                "Keys known under the watched etcd prefixes.",
+                MetricType::Gauge,
+                one(etcd.keys as u64),
+            )?;
+        }
+        let engine = |name: &str| vec![("engine", name.to_owned())];
+        family(
+            &mut e,
+            "berth_engine_connected",
+            "1 if the Docker Engine's watcher is connected, else 0.",
+            MetricType::Gauge,
+            s.engines
+                .iter()
+                .map(|en| (engine(&en.name), gauge(u64::from(en.connected)))),
+        )?;
+        family(
+            &mut e,
+            "berth_engine_lost",
+            "1 if the Docker Engine has been unreachable past its grace, else 0.",
+            MetricType::Gauge,
+            s.engines
+                .iter()
+                .map(|en| (engine(&en.name), gauge(u64::from(en.lost)))),
+        )?;
+        family(
+            &mut e,
+            "berth_engine_containers",
+            "Running containers the Docker Engine last reported.",
+            MetricType::Gauge,
+            s.engines
+                .iter()
+                .map(|en| (engine(&en.name), gauge(en.containers as u64))),
+        )?;
+        family(
+            &mut e,
+            "berth_engine_last_event_timestamp_seconds",
+            "Docker's timestamp of the last container event of the engine.",
+            MetricType::Gauge,
+            s.engines.iter().filter_map(|en| {
+                Some((engine(&en.name), ConstGauge::new(en.last_event_unix_secs?)))
+            }),
         )?;
         if let Some(lag) = x.discovery_lag_seconds {
             family(
@@ -450,6 +519,7 @@ mod tests {
                 backends: vec![BackendStatus {
                     address: "10.0.0.2:8000".into(),
                     container: Some("a\"b".into()),
+                    engine: None,
                     health: "unhealthy".into(),
                     weight: 1,
                     in_pool: false,
@@ -466,6 +536,28 @@ mod tests {
                 ("drop_snat_exhausted".into(), 2),
                 ("event_snat_port_taken".into(), 9),
             ],
+            etcd: Some(crate::api::status::EtcdStatus {
+                endpoints: vec!["http://127.0.0.1:2379".into()],
+                connected: false,
+                error: Some("connection refused".into()),
+                down_for_secs: Some(3.0),
+                keys: 2,
+                revision: 17,
+                events: 5,
+                resyncs: 1,
+            }),
+            engines: vec![crate::api::status::EngineStatus {
+                name: "b".into(),
+                endpoint: "tcp://10.42.2.2:2375".into(),
+                connected: false,
+                this_host: false,
+                address: Some("10.42.2.2".into()),
+                containers: 2,
+                last_event_unix_secs: Some(1796289590.5),
+                unreachable_secs: Some(3.0),
+                lost: false,
+                error: None,
+            }],
         };
         let m = render(
             s,
@@ -489,6 +581,14 @@ mod tests {
             "berth_conntrack_capacity 1024",
             "berth_conntrack_walks_total 3",
             "berth_discovery_lag_seconds 0.002",
+            "berth_etcd_up 0",
+            "berth_etcd_events_total 5",
+            "berth_etcd_resyncs_total 1",
+            "berth_etcd_keys 2",
+            r#"berth_engine_connected{engine="b"} 0"#,
+            r#"berth_engine_lost{engine="b"} 0"#,
+            r#"berth_engine_containers{engine="b"} 2"#,
+            r#"berth_engine_last_event_timestamp_seconds{engine="b"} 1796289590.5"#,
         ] {
             assert!(m.lines().any(|l| l == line), "missing {line:?} in\n{m}");
         }

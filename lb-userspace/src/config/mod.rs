@@ -23,13 +23,17 @@ use std::{
 
 use serde::{Deserialize, Deserializer, de};
 
+pub mod engine;
 mod error;
+mod etcd;
 mod health;
 pub mod synapse;
 mod validate;
 
+pub use engine::{Endpoint, Engine, EngineConfig, Tls};
 use error::field_at;
 pub use error::{ConfigError, clip_values};
+pub use etcd::{EtcdConfig, EtcdSelector, PublishConfig, PublishService};
 pub use health::{CheckKind, HealthConfig};
 
 /// Where berth pins its dataplane unless told otherwise (`dataplane.pin_path`, `--pin-path`).
@@ -82,6 +86,10 @@ pub struct Config {
     pub dataplane: DataplaneConfig,
     pub docker: DockerConfig,
     pub metrics: MetricsConfig,
+    /// The etcd cluster services with an `etcd` selector (and `berth publish`) talk to.
+    pub etcd: EtcdConfig,
+    /// What `berth publish` announces in etcd (ignored by `berth run`).
+    pub publish: PublishConfig,
     #[serde(rename = "service")]
     pub services: Vec<ServiceConfig>,
 }
@@ -252,26 +260,69 @@ impl Default for MetricsConfig {
     }
 }
 
-/// Docker discovery.
+/// Docker discovery: which Engines to watch, and what their containers may do.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct DockerConfig {
     /// Watch Docker at all (default: when any service has a `docker` selector, or when berth runs
     /// without a config file).
     pub enabled: Option<bool>,
-    pub socket: String,
+    /// The one-engine shorthand: this host's Docker socket. Without it and without
+    /// `[[docker.engine]]`, the docker CLI's environment decides (`DOCKER_HOST`, ...; default
+    /// `/var/run/docker.sock`).
+    pub socket: Option<String>,
     /// Let containers create services through their `berth.*` labels (default: only when berth
     /// runs without a config file). A container can then take any free port on this host:
     /// enable it only where whoever starts containers may do that.
     pub label_services: Option<bool>,
+    /// Pool a new container (or a restarted one) only once a TCP connect to its address and
+    /// port succeeds: started is not listening yet, and a client sent there meanwhile is
+    /// refused. `false` pools a container as soon as it runs. (UDP services: no probe.)
+    pub readiness_probe: bool,
+    /// How long the probe tries every 100 ms; after that berth says so once and keeps the
+    /// container out of the pool, probing every second until it answers.
+    pub readiness_timeout_ms: u64,
+    /// The engines to watch (`[[docker.engine]]`), each with its own watcher.
+    #[serde(rename = "engine")]
+    pub engines: Vec<EngineConfig>,
+    /// Seconds an engine may be unreachable before its backends are judged: those of services
+    /// with a health check stay while their checks pass, the others leave.
+    pub grace_secs: u64,
 }
 
 impl Default for DockerConfig {
     fn default() -> Self {
         Self {
             enabled: None,
-            socket: "/var/run/docker.sock".into(),
+            socket: None,
             label_services: None,
+            readiness_probe: true,
+            readiness_timeout_ms: 10_000,
+            engines: Vec::new(),
+            grace_secs: 10,
+        }
+    }
+}
+
+impl DockerConfig {
+    /// The engines to watch: as configured, else the one of the docker CLI's environment
+    /// (`env` reads a variable).
+    pub fn engines(
+        &self,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Vec<Engine>, ConfigError> {
+        match engine::configured(&self.engines, self.socket.as_deref())? {
+            Some(e) => Ok(e),
+            None => Ok(vec![engine::from_env(env)?]),
+        }
+    }
+
+    /// The names a selector's `engines` may use (`default` for the shorthand forms).
+    pub fn engine_names(&self) -> Vec<String> {
+        if self.engines.is_empty() {
+            vec![engine::DEFAULT_ENGINE.to_owned()]
+        } else {
+            self.engines.iter().map(|e| e.name.clone()).collect()
         }
     }
 }
@@ -289,6 +340,9 @@ pub struct DockerSelector {
     pub port: u16,
     /// Docker network whose address to use (default: the container's first network by name).
     pub network: Option<String>,
+    /// The engines whose containers count (default: every engine).
+    #[serde(default)]
+    pub engines: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -330,6 +384,8 @@ pub struct ServiceConfig {
     pub health: Option<HealthConfig>,
     /// Containers that back this service, in addition to `backends`.
     pub docker: Option<DockerSelector>,
+    /// Backends registered in etcd under a key prefix, in addition to the others.
+    pub etcd: Option<EtcdSelector>,
     /// How all of this service's backends are reached (absent: static backends and containers
     /// on this host by DNAT, containers on other Docker hosts by full NAT).
     pub mode: Option<Nat>,
@@ -436,9 +492,32 @@ pub struct Service {
     /// One entry per address.
     pub backends: Vec<BackendSpec>,
     pub health: Option<HealthConfig>,
+    /// The container run behind each backend found through Docker (configured backends have
+    /// none).
+    pub instances: std::collections::BTreeMap<SocketAddrV4, Instance>,
     /// The configured `mode`, which discovery applies to the backends it adds (`None`: each
     /// source's default).
     pub mode: Option<Nat>,
+}
+
+/// Which run of which container a backend is: a digest of the container's id and start time.
+/// Another one at the same address (a new container at a reused address, or the same container
+/// restarted) is a new backend: a fresh slot with zeroed counters, a new readiness probe, a new
+/// health check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Instance(pub u64);
+
+impl Instance {
+    /// The instance of the container `id` started at `started_at` (Docker's `State.StartedAt`).
+    pub fn of(id: &str, started_at: &str) -> Self {
+        // FNV-1a: stable across builds and platforms (std's hasher is not promised to be).
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in id.bytes().chain([0]).chain(started_at.bytes()) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        Self(h)
+    }
 }
 
 impl Service {
@@ -526,6 +605,10 @@ mod tests {
             "dataplane.conntrack_size"
         );
         assert_eq!(
+            err("[docker]\nreadiness_timeout_ms = 0\n").field,
+            "docker.readiness_timeout_ms"
+        );
+        assert_eq!(
             err(&format!(
                 "{base}[[service]]\nname = \"web\"\nlisten = \"0.0.0.0:9\"\n"
             ))
@@ -553,6 +636,70 @@ mod tests {
             .field,
             "service[0].backends[1]"
         );
+    }
+
+    #[test]
+    fn etcd_settings_are_checked_field_by_field() {
+        let svc = "[[service]]\nname = \"web\"\nlisten = \"10.99.0.1:80\"\n";
+        let (cfg, _) = Config::load(&format!(
+            "[etcd]\nendpoints = [\"https://10.0.0.1:2379\", \"https://10.0.0.2:2379\"]\n\
+             ca_file = \"/etc/berth/ca.pem\"\nusername = \"berth\"\npassword = \"x\"\n\
+             {svc}etcd = {{ prefix = \"/berth/services/web/\" }}\n"
+        ))
+        .unwrap();
+        assert!(cfg.etcd_enabled());
+        assert_eq!(cfg.etcd_selectors()["web"], "/berth/services/web/");
+        assert!(!Config::load("").unwrap().0.etcd_enabled());
+        for (text, field) in [
+            ("[etcd]\nendpoints = []\n", "etcd.endpoints"),
+            (
+                "[etcd]\nendpoints = [\"10.0.0.1:2379\"]\n",
+                "etcd.endpoints[0]",
+            ),
+            (
+                "[etcd]\nendpoints = [\"grpc://10.0.0.1:2379\"]\n",
+                "etcd.endpoints[0]",
+            ),
+            (
+                "[etcd]\nendpoints = [\"http://10.0.0.1\"]\n",
+                "etcd.endpoints[0]",
+            ),
+            (
+                "[etcd]\nendpoints = [\"https://a:1\", \"http://10.0.0.1:2379\"]\n",
+                "etcd.endpoints[1]",
+            ),
+            ("[etcd]\nca_file = \"/ca.pem\"\n", "etcd.endpoints[0]"),
+            (
+                "[etcd]\nendpoints = [\"https://a:1\"]\ncert_file = \"/c.pem\"\n",
+                "etcd.key_file",
+            ),
+            (
+                "[etcd]\nendpoints = [\"https://a:1\"]\nca_file = \"ca.pem\"\n",
+                "etcd.ca_file",
+            ),
+            ("[etcd]\nusername = \"berth\"\n", "etcd.password"),
+            ("[etcd]\npassword = \"x\"\n", "etcd.username"),
+            ("[etcd]\ntimeout_ms = 5\n", "etcd.timeout_ms"),
+            ("[etcd]\nendpiont = 5\n", "etcd.endpiont (line 2)"),
+            ("[publish]\nttl_secs = 1\n", "publish.ttl_secs"),
+            ("[publish]\naddress = \"0.0.0.0\"\n", "publish.address"),
+            (
+                "[[publish.service]]\nprefix = \"/web\"\nimage = \"x\"\nport = 80\n",
+                "publish.service[0].prefix",
+            ),
+            (
+                "[[publish.service]]\nprefix = \"/web/\"\nport = 80\n",
+                "publish.service[0].image",
+            ),
+        ] {
+            assert_eq!(err(text).field, field, "{text}");
+        }
+        for prefix in ["", "/berth/services/web"] {
+            assert_eq!(
+                err(&format!("{svc}etcd = {{ prefix = \"{prefix}\" }}\n")).field,
+                "service[0].etcd.prefix"
+            );
+        }
     }
 
     #[test]
@@ -684,6 +831,52 @@ mod tests {
         // Multi-byte characters are cut on a character boundary.
         let wide = "é".repeat(100);
         assert!(clip_values(&format!("`{wide}`")).contains("(200 bytes)"));
+    }
+
+    #[test]
+    fn docker_engines_parse_and_their_errors_name_the_field() {
+        let base = r#"
+[docker]
+grace_secs = 5
+[[docker.engine]]
+name = "a"
+endpoint = "unix:///var/run/docker.sock"
+[[docker.engine]]
+name = "b"
+endpoint = "tcp://10.0.0.2:2375"
+[[service]]
+name = "web"
+listen = "0.0.0.0:8080"
+docker = { image = "web", port = 8000, engines = ["b"] }
+"#;
+        let (cfg, _) = Config::load(base).unwrap();
+        assert_eq!(cfg.docker.grace_secs, 5);
+        let engines = cfg.docker.engines(&|_| None).unwrap();
+        assert_eq!(
+            engines.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        assert_eq!(cfg.selectors()["web"].engines, ["b"]);
+        assert_eq!(
+            err(&base.replace("engines = [\"b\"]", "engines = [\"zz\"]")).field,
+            "service[0].docker.engines[0]"
+        );
+        assert_eq!(
+            err(&base.replace("tcp://10.0.0.2:2375", "tcp://10.0.0.2")).field,
+            "docker.engine[1].endpoint"
+        );
+        assert_eq!(
+            err(&base.replace("name = \"b\"", "name = \"b\"\ntls_verfy = true")).field,
+            "docker.engine[1].tls_verfy (line 9)"
+        );
+        assert_eq!(
+            err(&base.replace("grace_secs = 5", "grace_secs = 0")).field,
+            "docker.grace_secs"
+        );
+        // The shorthand's one engine is "default".
+        let e = err("[[service]]\nname = \"w\"\nlisten = \"0.0.0.0:80\"\n\
+                     docker = { image = \"w\", port = 80, engines = [\"b\"] }\n");
+        assert!(e.message.contains("engines: default"), "{e}");
     }
 
     #[test]

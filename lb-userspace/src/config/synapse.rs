@@ -2,8 +2,9 @@
 //! Synapse + HAProxy recipe berth replaces) and maps it onto berth services.
 //!
 //! Mapped: `services.<name>.discovery` (method `docker`: `image_name`, `container_port`,
-//! `servers`; method `base`: `default_servers`), `services.<name>.haproxy.port` and
-//! `bind_address`, the health check of `server_options` (`check`, `inter`, `rise`, `fall`) and
+//! `servers`, each a Docker Engine at `host:port`, 4243 by default as in Synapse, the
+//! `localhost` one this host's Docker socket; method `base`: `default_servers`),
+//! `services.<name>.haproxy.port` and `bind_address`, the health check of `server_options` (`check`, `inter`, `rise`, `fall`) and
 //! of the `listen`/`backend` lines (`option httpchk`, `http-check expect string|status`).
 //! Everything else is named in a warning, never silently dropped; the top-level `haproxy`
 //! section (HAProxy's own process settings) is accepted and ignored with one notice.
@@ -13,8 +14,8 @@ use std::collections::BTreeMap;
 use serde_json::Value;
 
 use super::{
-    BackendConfig, CheckKind, Config, ConfigError, DockerSelector, HealthConfig, Protocol,
-    ServiceConfig,
+    BackendConfig, CheckKind, Config, ConfigError, DockerSelector, EngineConfig, HealthConfig,
+    Protocol, ServiceConfig,
 };
 
 /// The result of an import: a berth config and what could not be carried over.
@@ -86,6 +87,7 @@ pub fn import(text: &str) -> Result<Imported, ConfigError> {
 
     let mut config = Config::default();
     config.docker.label_services = Some(false);
+    let mut engines = Engines::default();
     for (name, svc) in services {
         let at = |f: &str| format!("services.{name}.{f}");
         let s = svc
@@ -117,26 +119,50 @@ pub fn import(text: &str) -> Result<Imported, ConfigError> {
                     .and_then(Value::as_u64)
                     .and_then(|p| u16::try_from(p).ok())
                     .ok_or_else(|| err(at("discovery.container_port"), "missing or not a port"))?;
+                let servers: Vec<&Value> = discovery
+                    .get("servers")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                let mut names = Vec::new();
+                for (i, server) in servers.iter().enumerate() {
+                    let field = |f: &str| at(&format!("discovery.servers[{i}].{f}"));
+                    let obj = server.as_object().ok_or_else(|| {
+                        err(at(&format!("discovery.servers[{i}]")), "not an object")
+                    })?;
+                    for key in obj.keys() {
+                        if !["name", "host", "port"].contains(&key.as_str()) {
+                            warnings.push(format!("{}: not supported, ignored", field(key)));
+                        }
+                    }
+                    let host = obj
+                        .get("host")
+                        .and_then(Value::as_str)
+                        .filter(|h| !h.is_empty())
+                        .ok_or_else(|| err(field("host"), "missing"))?;
+                    let port = match obj.get("port") {
+                        None => SYNAPSE_DOCKER_PORT,
+                        Some(p) => p
+                            .as_u64()
+                            .and_then(|p| u16::try_from(p).ok())
+                            .filter(|p| *p > 0)
+                            .ok_or_else(|| err(field("port"), format!("{p} is not a port")))?,
+                    };
+                    let server_name = obj.get("name").and_then(Value::as_str).unwrap_or(host);
+                    names.push(engines.add(server_name, host, port, &field("host"))?);
+                }
+                if servers.is_empty() {
+                    // Synapse insists on servers; berth takes the missing list for this host.
+                    names.push(engines.add("localhost", "localhost", SYNAPSE_DOCKER_PORT, "")?);
+                }
                 docker = Some(DockerSelector {
                     image: Some(image.to_owned()),
                     labels: BTreeMap::new(),
                     port,
                     network: None,
+                    engines: names,
                 });
-                for server in discovery
-                    .get("servers")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                {
-                    let host = server.get("host").and_then(Value::as_str).unwrap_or("");
-                    if !["localhost", "127.0.0.1", "::1"].contains(&host) {
-                        warnings.push(format!(
-                            "{}: docker server {host:?} is not this host; berth watches the local Docker socket only",
-                            at("discovery.servers")
-                        ));
-                    }
-                }
                 for key in discovery.keys() {
                     match key.as_str() {
                         "method" | "image_name" | "container_port" | "servers" => {}
@@ -355,10 +381,81 @@ pub fn import(text: &str) -> Result<Imported, ConfigError> {
             backends,
             health: check.then_some(health),
             docker,
+            etcd: None,
             mode: None,
         });
     }
+    config.docker.engines = engines.list;
     Ok(Imported { config, warnings })
+}
+
+/// The port Synapse's Docker watcher assumes for a server without one.
+const SYNAPSE_DOCKER_PORT: u16 = 4243;
+
+/// The engines of every service's `servers`, each once.
+#[derive(Default)]
+struct Engines {
+    list: Vec<EngineConfig>,
+}
+
+impl Engines {
+    /// The engine of server `name` at `host:port` (named after the server, made unique), added
+    /// unless a server of another service named it already. A `localhost` server is this host:
+    /// its engine is the Docker socket.
+    fn add(
+        &mut self,
+        name: &str,
+        host: &str,
+        port: u16,
+        field: &str,
+    ) -> Result<String, ConfigError> {
+        let endpoint = if ["localhost", "127.0.0.1", "::1"].contains(&host) {
+            format!("unix://{}", super::engine::DEFAULT_SOCKET)
+        } else {
+            if host.contains(['/', ' ', ':']) {
+                return Err(err(
+                    field,
+                    format!("{host:?} is not a host name or IPv4 address"),
+                ));
+            }
+            format!("tcp://{host}:{port}")
+        };
+        if let Some(e) = self.list.iter().find(|e| e.endpoint == endpoint) {
+            return Ok(e.name.clone());
+        }
+        let base: String = name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .take(60)
+            .collect();
+        let base = if base.is_empty() {
+            "server".to_owned()
+        } else {
+            base
+        };
+        let mut unique = base.clone();
+        let mut n = 2;
+        while self.list.iter().any(|e| e.name == unique) {
+            unique = format!("{base}-{n}");
+            n += 1;
+        }
+        self.list.push(EngineConfig {
+            name: unique.clone(),
+            endpoint,
+            address: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_verify: None,
+        });
+        Ok(unique)
+    }
 }
 
 #[cfg(test)]
@@ -416,6 +513,60 @@ mod tests {
         assert_eq!(imp.warnings.len(), 3, "{:?}", imp.warnings);
         assert!(imp.warnings.iter().any(|w| w.contains("top-level haproxy")));
         assert!(imp.warnings.iter().any(|w| w.contains("check_interval")));
+    }
+
+    #[test]
+    fn every_server_is_an_engine_and_localhost_is_this_host() {
+        let imp = import(SEED).unwrap();
+        assert_eq!(imp.config.docker.engines.len(), 1);
+        let local = &imp.config.docker.engines[0];
+        assert_eq!(
+            (local.name.as_str(), local.endpoint.as_str()),
+            ("localhost", "unix:///var/run/docker.sock")
+        );
+        assert!(
+            !imp.warnings.iter().any(|w| w.contains("servers")),
+            "{:?}",
+            imp.warnings
+        );
+        // A second host, and a second service on the same hosts: each engine once.
+        let two = SEED.replace(
+            r#"[{"name": "localhost", "host": "localhost"}]"#,
+            r#"[{"name": "localhost", "host": "localhost"},
+                {"name": "docker b", "host": "10.42.2.2"},
+                {"name": "c", "host": "docker-c.internal", "port": 2375}]"#,
+        );
+        let imp = import(&two).unwrap();
+        let engines: Vec<(&str, &str)> = imp
+            .config
+            .docker
+            .engines
+            .iter()
+            .map(|e| (e.name.as_str(), e.endpoint.as_str()))
+            .collect();
+        assert_eq!(
+            engines,
+            [
+                ("localhost", "unix:///var/run/docker.sock"),
+                ("docker-b", "tcp://10.42.2.2:4243"),
+                ("c", "tcp://docker-c.internal:2375"),
+            ]
+        );
+        assert_eq!(
+            imp.config.services[0].docker.as_ref().unwrap().engines,
+            ["localhost", "docker-b", "c"]
+        );
+        // It validates, and names the engines it resolves.
+        imp.config.validate().unwrap();
+        assert_eq!(imp.config.docker.engines(&|_| None).unwrap().len(), 3);
+        let e = import(&SEED.replace(r#""host": "localhost""#, r#""port": 4243"#)).unwrap_err();
+        assert_eq!(e.field, "services.nodeapp.discovery.servers[0].host");
+        let e = import(&SEED.replace(
+            r#""host": "localhost""#,
+            r#""host": "10.0.0.2", "port": 70000"#,
+        ))
+        .unwrap_err();
+        assert_eq!(e.field, "services.nodeapp.discovery.servers[0].port");
     }
 
     #[test]

@@ -12,6 +12,19 @@ impl Config {
             .collect()
     }
 
+    /// The etcd key prefixes by service name.
+    pub fn etcd_selectors(&self) -> std::collections::HashMap<String, String> {
+        self.services
+            .iter()
+            .filter_map(|s| Some((s.name.clone(), s.etcd.as_ref()?.prefix.clone())))
+            .collect()
+    }
+
+    /// Whether any service takes backends from etcd.
+    pub fn etcd_enabled(&self) -> bool {
+        self.services.iter().any(|s| s.etcd.is_some())
+    }
+
     /// Parses TOML text (no validation beyond the types).
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         toml::from_str(text).map_err(|e| {
@@ -117,6 +130,17 @@ impl Config {
                 ),
             ));
         }
+        if !(100..=600_000).contains(&self.docker.readiness_timeout_ms) {
+            return Err(ConfigError::new(
+                "docker.readiness_timeout_ms",
+                format!(
+                    "{} must be between 100 and 600000 ms",
+                    self.docker.readiness_timeout_ms
+                ),
+            ));
+        }
+        self.etcd.validate()?;
+        self.publish.validate()?;
         if let Some(a) = d.snat_address
             && (a.is_unspecified() || a.is_multicast() || a.is_broadcast() || a.is_loopback())
         {
@@ -125,6 +149,17 @@ impl Config {
                 format!("{a} cannot be the source of packets to other hosts"),
             ));
         }
+        engine::configured(&self.docker.engines, self.docker.socket.as_deref())?;
+        if !(1..=3600).contains(&self.docker.grace_secs) {
+            return Err(ConfigError::new(
+                "docker.grace_secs",
+                format!(
+                    "{} must be between 1 and 3600 seconds",
+                    self.docker.grace_secs
+                ),
+            ));
+        }
+        let engine_names = self.docker.engine_names();
         for (i, iface) in d.interfaces.iter().enumerate() {
             if iface.is_empty() || iface.len() > 15 || iface.contains(['/', ' ', '\0']) {
                 return Err(ConfigError::new(
@@ -251,6 +286,20 @@ impl Config {
                         "name an image and/or labels, or every container would match",
                     ));
                 }
+                for (j, e) in d.engines.iter().enumerate() {
+                    if !engine_names.contains(e) {
+                        return Err(ConfigError::new(
+                            at(&format!("docker.engines[{j}]")),
+                            format!(
+                                "no engine is named {e:?} (engines: {})",
+                                engine_names.join(", ")
+                            ),
+                        ));
+                    }
+                }
+            }
+            if let Some(e) = &s.etcd {
+                etcd::validate_prefix(&at("etcd.prefix"), &e.prefix)?;
             }
             if let Some(h) = &s.health {
                 h.validate(&at("health"))?;
@@ -268,6 +317,7 @@ impl Config {
                 protocol: s.protocol,
                 backends,
                 health: s.health.clone(),
+                instances: Default::default(),
                 mode: s.mode,
             });
         }

@@ -4,8 +4,9 @@
 //! Desired services = the configured ones + what running containers add (by selector or by
 //! label) - backends the health checks took out (that last step is
 //! [`Supervisor::filter`](crate::health::Supervisor::filter), applied on the way to the
-//! reconciler). The [`Hold`] keeps an adopted dataplane as it is until Docker's first listing,
-//! and remembers a failed write so the 1 s tick retries it.
+//! reconciler). The [`Hold`] keeps an adopted dataplane as it is until every Docker Engine has
+//! listed its containers (or been lost past its grace), and remembers a failed write so the 1 s
+//! tick retries it.
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -14,19 +15,20 @@ use std::{
 
 use crate::{
     config::{Config, Protocol, Service},
-    discovery::{self, ContainerInfo, Event},
+    discovery::{self, ContainerInfo, ContainerKey, EngineView, Event},
 };
 
 /// How long an adopted dataplane is held before berth warns that Docker has not answered.
 pub const HOLD_WARNING_AFTER: Duration = Duration::from_secs(10);
 
-/// The configured services plus what the containers add, and the problems found with
-/// containers (bad labels, no address, a port that is taken). `has_file`: label services are on
-/// by default only without a config file.
+/// The configured services plus what the containers of every engine add, and the problems
+/// found with containers (bad labels, no address, a port that is taken or not published).
+/// `has_file`: label services are on by default only without a config file.
 pub fn services(
     cfg: &Config,
     configured: &[Service],
-    containers: &BTreeMap<String, ContainerInfo>,
+    containers: &BTreeMap<ContainerKey, ContainerInfo>,
+    engines: &BTreeMap<String, EngineView>,
     has_file: bool,
     host_ports: &HashSet<(Protocol, u16)>,
 ) -> (Vec<Service>, Vec<String>) {
@@ -35,17 +37,28 @@ pub fn services(
         configured,
         &cfg.selectors(),
         containers,
+        engines,
         label_services,
         host_ports,
     )
 }
 
-/// Updates the known containers with `event` and says what changed, as the reason the
-/// reconciler logs with its writes.
-pub fn record(containers: &mut BTreeMap<String, ContainerInfo>, event: &Event) -> String {
-    match event {
-        Event::Snapshot(all) => {
-            *containers = all.iter().map(|c| (c.id.clone(), c.clone())).collect();
+/// Updates the known containers with engine `engine`'s `event` and says what changed, as the
+/// reason the reconciler logs with its writes (None: the containers did not change). A listing
+/// replaces only that engine's containers.
+pub fn record(
+    containers: &mut BTreeMap<ContainerKey, ContainerInfo>,
+    engine: &str,
+    event: &Event,
+) -> Option<String> {
+    Some(match event {
+        Event::Snapshot(all, _) => {
+            containers.retain(|(e, _), _| e != engine);
+            containers.extend(
+                all.iter()
+                    .filter(|c| c.engine == engine)
+                    .map(|c| (c.key(), c.clone())),
+            );
             "docker: resync".to_owned()
         }
         Event::Upsert(c, _) => {
@@ -62,14 +75,17 @@ pub fn record(containers: &mut BTreeMap<String, ContainerInfo>, event: &Event) -
                     "stopped"
                 }
             );
-            containers.insert(c.id.clone(), c.clone());
+            containers.insert(c.key(), c.clone());
             why
         }
         Event::Remove(id, _) => {
-            let name = containers.remove(id).map_or_else(|| id.clone(), |c| c.name);
+            let name = containers
+                .remove(&(engine.to_owned(), id.clone()))
+                .map_or_else(|| id.clone(), |c| c.name);
             format!("docker: container {name} gone")
         }
-    }
+        Event::Lost { .. } => return None,
+    })
 }
 
 /// Seconds from a Docker event's timestamp (ns since the epoch) to `now_ns`; never negative.
@@ -83,9 +99,11 @@ pub fn lag_seconds(event_ns: i64, now_ns: i64) -> f64 {
 pub fn reloaded(running: &Config, new: Config) -> (Config, bool) {
     let mut dataplane = running.dataplane.clone();
     dataplane.interfaces.clone_from(&new.dataplane.interfaces);
-    let needs_restart = new.dataplane != dataplane || new.docker != running.docker;
+    let needs_restart =
+        new.dataplane != dataplane || new.docker != running.docker || new.etcd != running.etcd;
     let mut cfg = new;
     cfg.docker = running.docker.clone();
+    cfg.etcd = running.etcd.clone();
     (cfg, needs_restart)
 }
 
@@ -158,10 +176,12 @@ mod tests {
     use std::net::{Ipv4Addr, SocketAddrV4};
 
     use super::*;
-    use crate::config::BackendSpec;
+    use crate::{config::BackendSpec, discovery::Reach};
 
     fn container(id: &str, running: bool, health: Option<&str>) -> ContainerInfo {
         ContainerInfo {
+            engine: "default".into(),
+            published: BTreeMap::new(),
             paused: false,
             id: id.into(),
             name: format!("app-{id}"),
@@ -179,6 +199,7 @@ mod tests {
             .into_iter()
             .collect(),
             bridges: BTreeMap::new(),
+            started_at: "2026-12-03T09:00:00.000000000Z".into(),
         }
     }
 
@@ -189,8 +210,16 @@ mod tests {
             protocol: Protocol::Tcp,
             backends: vec![BackendSpec::dnat("10.0.1.1:5432".parse().unwrap(), 1)],
             health: None,
+            instances: BTreeMap::new(),
             mode: None,
         }]
+    }
+
+    fn local() -> Reach {
+        Reach {
+            address: None,
+            local: true,
+        }
     }
 
     #[test]
@@ -198,14 +227,26 @@ mod tests {
         let mut known = BTreeMap::new();
         record(
             &mut known,
-            &Event::Snapshot(vec![
-                container("a", true, Some("healthy")),
-                container("bb", true, Some("unhealthy")),
-                container("ccc", false, None),
-            ]),
+            "default",
+            &Event::Snapshot(
+                vec![
+                    container("a", true, Some("healthy")),
+                    container("bb", true, Some("unhealthy")),
+                    container("ccc", false, None),
+                ],
+                local(),
+            ),
         );
         let no_ports = HashSet::new();
-        let (s, problems) = services(&Config::default(), &configured(), &known, false, &no_ports);
+        let none = BTreeMap::new();
+        let (s, problems) = services(
+            &Config::default(),
+            &configured(),
+            &known,
+            &none,
+            false,
+            &no_ports,
+        );
         assert!(problems.is_empty(), "{problems:?}");
         assert_eq!(s.len(), 2, "{s:?}");
         assert_eq!(s[0], configured()[0]);
@@ -220,16 +261,28 @@ mod tests {
             )]
         );
         // With a config file, labels make no services unless turned on.
-        let (s, _) = services(&Config::default(), &configured(), &known, true, &no_ports);
+        let (s, _) = services(
+            &Config::default(),
+            &configured(),
+            &known,
+            &none,
+            true,
+            &no_ports,
+        );
         assert_eq!(s, configured());
     }
 
     #[test]
     fn a_label_cannot_take_a_port_the_host_listens_on() {
         let mut known = BTreeMap::new();
-        record(&mut known, &Event::Upsert(container("a", true, None), None));
+        record(
+            &mut known,
+            "default",
+            &Event::Upsert(container("a", true, None), None),
+        );
         let taken = HashSet::from([(Protocol::Tcp, 8080)]);
-        let (s, problems) = services(&Config::default(), &[], &known, false, &taken);
+        let none = BTreeMap::new();
+        let (s, problems) = services(&Config::default(), &[], &known, &none, false, &taken);
         assert!(s.is_empty(), "{s:?}");
         assert_eq!(problems.len(), 1, "{problems:?}");
     }
@@ -238,44 +291,91 @@ mod tests {
     fn events_update_the_containers_and_name_the_change() {
         let mut known = BTreeMap::new();
         let up = |c| Event::Upsert(c, Some(1));
+        let mut rec = |e: &Event| record(&mut known, "default", e).unwrap_or_default();
         assert_eq!(
-            record(&mut known, &up(container("a", true, Some("starting")))),
+            rec(&up(container("a", true, Some("starting")))),
             "docker: container app-a serving"
         );
         assert_eq!(
-            record(&mut known, &up(container("a", true, Some("unhealthy")))),
+            rec(&up(container("a", true, Some("unhealthy")))),
             "docker: container app-a unhealthy"
         );
         let mut paused = container("a", false, None);
         paused.paused = true;
+        assert_eq!(rec(&up(paused)), "docker: container app-a paused");
         assert_eq!(
-            record(&mut known, &up(paused)),
-            "docker: container app-a paused"
-        );
-        assert_eq!(
-            record(&mut known, &up(container("a", false, None))),
+            rec(&up(container("a", false, None))),
             "docker: container app-a stopped"
         );
-        assert_eq!(known.len(), 1);
         assert_eq!(
-            record(&mut known, &Event::Remove("a".into(), None)),
+            rec(&Event::Remove("a".into(), None)),
             "docker: container app-a gone"
         );
-        assert!(known.is_empty());
         // One never seen is named by its id.
         assert_eq!(
-            record(&mut known, &Event::Remove("f00".into(), None)),
+            rec(&Event::Remove("f00".into(), None)),
             "docker: container f00 gone"
         );
-        record(&mut known, &up(container("a", true, None)));
+        rec(&up(container("a", true, None)));
+        assert_eq!(
+            rec(&Event::Snapshot(vec![container("b", true, None)], local())),
+            "docker: resync"
+        );
+        assert_eq!(
+            known.keys().collect::<Vec<_>>(),
+            [&("default".to_owned(), "b".to_owned())]
+        );
+    }
+
+    #[test]
+    fn a_listing_replaces_only_its_own_engines_containers() {
+        let mut known = BTreeMap::new();
+        let on = |engine: &str, id: &str| {
+            let mut c = container(id, true, None);
+            c.engine = engine.into();
+            c
+        };
+        let remote = Reach {
+            address: Some(Ipv4Addr::new(10, 42, 2, 2)),
+            local: false,
+        };
+        record(
+            &mut known,
+            "a",
+            &Event::Snapshot(vec![on("a", "x"), on("a", "y")], local()),
+        );
+        // Same ids on another engine: other containers.
+        record(
+            &mut known,
+            "b",
+            &Event::Snapshot(vec![on("b", "x"), on("b", "z")], remote),
+        );
+        assert_eq!(known.len(), 4);
+        record(
+            &mut known,
+            "b",
+            &Event::Snapshot(vec![on("b", "w")], remote),
+        );
+        let keys: Vec<String> = known.keys().map(|(e, i)| format!("{e}/{i}")).collect();
+        assert_eq!(keys, ["a/x", "a/y", "b/w"]);
+        // A removal names its engine: b's x is long gone, a's x stays.
+        record(&mut known, "b", &Event::Remove("x".into(), None));
+        assert_eq!(known.len(), 3);
+        record(&mut known, "a", &Event::Remove("x".into(), None));
+        assert_eq!(known.len(), 2);
+        // Losing an engine changes nothing by itself (the grace decides).
         assert_eq!(
             record(
                 &mut known,
-                &Event::Snapshot(vec![container("b", true, None)])
+                "b",
+                &Event::Lost {
+                    error: "gone".into(),
+                    last_contact: Instant::now()
+                }
             ),
-            "docker: resync"
+            None
         );
-        assert_eq!(known.keys().collect::<Vec<_>>(), ["b"]);
+        assert_eq!(known.len(), 2);
     }
 
     #[test]
@@ -289,7 +389,7 @@ mod tests {
         let running = Config::default();
         let mut new = Config::default();
         new.dataplane.interfaces = vec!["eth1".into()];
-        new.docker.socket = "/elsewhere.sock".into();
+        new.docker.socket = Some("/elsewhere.sock".into());
         let (cfg, restart) = reloaded(&running, new.clone());
         assert!(restart, "a [docker] change needs a restart");
         assert_eq!(cfg.docker, running.docker);

@@ -50,6 +50,27 @@ fn route_interface_in(routes: &str, to: std::net::Ipv4Addr) -> Option<String> {
         .map(|(_, _, iface)| iface.to_owned())
 }
 
+/// The address this host sends from towards its default gateway (what other hosts on that
+/// network reach it on), without sending anything: a UDP socket "connected" to the gateway.
+pub fn default_route_address() -> anyhow::Result<std::net::Ipv4Addr> {
+    let routes = std::fs::read_to_string("/proc/net/route").context("reading /proc/net/route")?;
+    let gw = routes
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() > 7 && f[1] == "00000000" && f[7] == "00000000")
+        .and_then(|f| u32::from_str_radix(f[2], 16).ok())
+        .map(|g| std::net::Ipv4Addr::from(g.to_le_bytes()))
+        .context("no IPv4 default route: give the address (publish.address or --address)")?;
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").context("opening a UDP socket")?;
+    s.connect((gw, 9))
+        .with_context(|| format!("finding the route to the gateway {gw}"))?;
+    match s.local_addr().context("reading the local address")? {
+        std::net::SocketAddr::V4(a) if !a.ip().is_unspecified() => Ok(*a.ip()),
+        other => bail!("no IPv4 address towards the gateway {gw} ({other})"),
+    }
+}
+
 /// The host's `ip_local_port_range` (the source ports its own connections take), when readable.
 pub fn local_port_range() -> Option<crate::config::PortRange> {
     let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;

@@ -7,6 +7,7 @@
 //! [`host::preflight`], the sockets bound before the dataplane is loaded.
 
 pub mod desired;
+mod engines;
 pub mod host;
 mod snapshot;
 mod state;
@@ -21,6 +22,7 @@ use crate::{
     api::admin,
     config::{Cgroup, Config, ConfigError, Service},
     dataplane::{Dataplane, DataplaneOptions},
+    discovery::EngineClient,
     reconciler::Reconciler,
 };
 
@@ -84,6 +86,10 @@ pub struct Run {
     pub admin_socket: PathBuf,
     /// The command line, applied again to every reloaded config.
     pub overrides: Overrides,
+    /// How to reach etcd, when a service takes backends from it (its files already read).
+    pub etcd: Option<crate::discovery::etcd::Connect>,
+    /// The Docker Engines to watch (none without Docker discovery), TLS files read.
+    pub engines: Vec<EngineClient>,
 }
 
 /// What the command line says over the config file: applied to the file as read at start and
@@ -102,6 +108,8 @@ pub struct Overrides {
     pub metrics_listen: Option<String>,
     /// `--no-metrics`: turns metrics off.
     pub no_metrics: bool,
+    /// `--no-readiness-probe`: turns the readiness probe off.
+    pub no_readiness_probe: bool,
 }
 
 impl Overrides {
@@ -121,6 +129,9 @@ impl Overrides {
         if self.no_metrics {
             cfg.metrics.enabled = false;
         }
+        if self.no_readiness_probe {
+            cfg.docker.readiness_probe = false;
+        }
     }
 }
 
@@ -131,8 +142,20 @@ pub enum Refused {
     Config(PathBuf, ConfigError),
     /// A command-line value is invalid (exit 64).
     CommandLine(ConfigError),
+    /// The docker CLI's environment (`DOCKER_HOST`, ...) names no usable engine (exit 64).
+    Environment(ConfigError),
     /// The host is not fit: no default route, a missing interface, forwarding off.
     Host(anyhow::Error),
+}
+
+/// The Docker Engines to watch: as configured (or the docker CLI's environment when none is),
+/// their TLS files read. An error names the field, or the environment variable.
+pub fn engines(cfg: &Config) -> Result<Vec<EngineClient>, ConfigError> {
+    cfg.docker
+        .engines(&|k| std::env::var(k).ok())?
+        .into_iter()
+        .map(EngineClient::new)
+        .collect()
 }
 
 /// Reads and validates the config, applies the command line over it and picks the interfaces:
@@ -149,6 +172,13 @@ pub fn prepare(
     };
     overrides.apply(&mut cfg);
     cfg.validate().map_err(Refused::CommandLine)?;
+    let etcd = match (&source, cfg.etcd_enabled()) {
+        (Some(src), true) => Some(
+            crate::discovery::etcd::Connect::from_config(&cfg.etcd)
+                .map_err(|e| Refused::Config(src.path.clone(), e))?,
+        ),
+        _ => None,
+    };
     let ifaces = if !overrides.ifaces.is_empty() {
         overrides.ifaces.clone()
     } else if !cfg.dataplane.interfaces.is_empty() {
@@ -165,6 +195,14 @@ pub fn prepare(
             vec![i]
         }
     };
+    let engines = if docker_enabled(&cfg, source.is_some()) {
+        engines(&cfg).map_err(|e| match &source {
+            Some(src) if !e.field.starts_with("DOCKER_") => Refused::Config(src.path.clone(), e),
+            _ => Refused::Environment(e),
+        })?
+    } else {
+        Vec::new()
+    };
     host::preflight(&ifaces, cfg.dataplane.redirect).map_err(Refused::Host)?;
     Ok(Run {
         source,
@@ -173,6 +211,8 @@ pub fn prepare(
         ifaces,
         admin_socket,
         overrides,
+        etcd,
+        engines,
     })
 }
 
@@ -185,6 +225,8 @@ pub async fn run(args: Run) -> anyhow::Result<()> {
         ifaces,
         admin_socket,
         overrides,
+        etcd,
+        engines,
     } = args;
     // The sockets first: a port or path in use fails here, before the kernel is touched.
     let admin = admin::bind(&admin_socket)
@@ -261,10 +303,12 @@ pub async fn run(args: Run) -> anyhow::Result<()> {
             rec,
             adopted,
             overrides,
+            engines,
         },
         admin,
         metrics_listener,
         &ifaces,
+        etcd,
     )
     .await?;
     let _ = std::fs::remove_file(&admin_socket);
@@ -333,12 +377,15 @@ async fn event_loop(
     admin: tokio::net::UnixListener,
     metrics_listener: Option<tokio::net::TcpListener>,
     ifaces: &[String],
+    etcd: Option<crate::discovery::etcd::Connect>,
 ) -> anyhow::Result<(Dataplane, Config)> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     let (health_tx, mut health_rx) = tokio::sync::mpsc::channel(256);
-    let mut d = state::Daemon::new(start, health_tx);
+    let (probe_tx, mut probe_rx) = tokio::sync::mpsc::channel(256);
+    let engines = start.engines.clone();
+    let mut d = state::Daemon::new(start, health_tx, probe_tx);
 
     let (docker_tx, mut docker_rx) = tokio::sync::mpsc::channel(1024);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -370,22 +417,48 @@ async fn event_loop(
     } else {
         drop(metrics_tx);
     }
-    if d.docker_on() {
-        let cfg = d.cfg();
-        let label_services = cfg.docker.label_services.unwrap_or(!d.has_file());
+    let (etcd_tx, mut etcd_rx) = tokio::sync::mpsc::channel(1024);
+    if let Some(connect) = etcd {
+        let (prefixes_tx, prefixes_rx) = tokio::sync::watch::channel(d.etcd_prefixes());
         info!(
-            "docker discovery on {} (label services {})",
-            cfg.docker.socket,
-            if label_services { "on" } else { "off" }
+            "etcd discovery from {} ({} prefixes)",
+            connect.endpoints.join(", "),
+            prefixes_rx.borrow().len()
         );
-        // The engine's span: every line of its watcher names the socket it talks to.
-        let engine = info_span!("engine", kind = "docker", socket = %cfg.docker.socket);
+        d.watch_etcd(prefixes_tx, connect.endpoints.clone());
+        let span = info_span!("etcd", endpoints = %connect.endpoints.join(","));
         tokio::spawn(
-            crate::discovery::run(cfg.docker.socket.clone(), docker_tx, stop_rx).instrument(engine),
+            crate::discovery::etcd::run(connect, prefixes_rx, etcd_tx, stop_rx.clone())
+                .instrument(span),
         );
     } else {
-        drop(docker_tx);
+        drop(etcd_tx);
     }
+    if d.docker_on() {
+        let label_services = d.cfg().docker.label_services.unwrap_or(!d.has_file());
+        info!(
+            "docker discovery on {} engine(s): {} (label services {})",
+            engines.len(),
+            engines
+                .iter()
+                .map(|e| format!("{} at {}", e.name(), e.engine.endpoint))
+                .collect::<Vec<_>>()
+                .join(", "),
+            if label_services { "on" } else { "off" }
+        );
+        // One watcher per engine, each in its span: every line it logs names its engine.
+        for client in engines {
+            let span = info_span!(
+                "engine",
+                name = %client.name(),
+                endpoint = %client.engine.endpoint
+            );
+            tokio::spawn(
+                crate::discovery::run(client, docker_tx.clone(), stop_rx.clone()).instrument(span),
+            );
+        }
+    }
+    drop(docker_tx);
     d.ready(ifaces);
 
     let mut retry = tokio::time::interval(Duration::from_secs(1));
@@ -400,9 +473,11 @@ async fn event_loop(
                 d.on_reload();
             }
             Some(event) = docker_rx.recv() => d.on_docker(event),
+            Some(update) = etcd_rx.recv() => d.on_etcd(update),
             Some(reply) = metrics_rx.recv() => d.on_metrics(reply),
             Ok((conn, _)) = admin.accept() => d.on_admin(conn),
             Some(change) = health_rx.recv() => d.on_health(&change),
+            Some(report) = probe_rx.recv() => d.on_probe(&report),
             _ = retry.tick() => d.on_tick(std::time::Instant::now()),
             _ = gc.tick() => d.on_gc(),
         }
@@ -476,6 +551,7 @@ mod tests {
             detach_on_exit: false,
             metrics_listen: None,
             no_metrics: false,
+            no_readiness_probe: false,
         }
     }
 
@@ -522,6 +598,7 @@ mod tests {
         o.cgroup = Some("none".into());
         o.detach_on_exit = true;
         o.metrics_listen = Some("127.0.0.1:19477".into());
+        o.no_readiness_probe = true;
         // Whether `lo` forwards IPv4 depends on the host running the test: the forwarding check
         // may refuse it, but the command line itself must pass.
         match prepare(None, o, "/x.sock".into()) {
@@ -530,6 +607,7 @@ mod tests {
                 assert_eq!(run.cfg.dataplane.cgroup_target(), Cgroup::None);
                 assert!(run.cfg.dataplane.detach_on_exit);
                 assert_eq!(run.cfg.metrics.listen, "127.0.0.1:19477");
+                assert!(!run.cfg.docker.readiness_probe);
                 assert_eq!(run.ifaces, ["lo"]);
                 assert!(run.source.is_none() && run.services.is_empty());
             }

@@ -5,12 +5,13 @@ use std::collections::{BTreeMap, HashMap};
 
 use tracing::warn;
 
+use super::engines::Engines;
 use crate::{
     api::status,
     config::Service,
     dataplane::{ConntrackReader, DataplaneError},
-    discovery::ContainerInfo,
-    health::{NetChecker, Supervisor},
+    discovery::{ContainerInfo, ContainerKey},
+    health::{NetChecker, Readiness, Supervisor},
     reconciler::Reconciler,
 };
 
@@ -18,8 +19,10 @@ use crate::{
 pub(super) fn build_status(
     rec: &Reconciler,
     health: &Supervisor<NetChecker>,
+    readiness: &Readiness,
     desired: &[Service],
-    containers: &BTreeMap<String, ContainerInfo>,
+    containers: &BTreeMap<ContainerKey, ContainerInfo>,
+    engines: &Engines,
 ) -> status::Status {
     let dp = rec.dataplane();
     // By address and protocol, not by name: after a restart the adopted services carry
@@ -30,12 +33,9 @@ pub(super) fn build_status(
         .into_iter()
         .map(|s| ((s.listen, s.protocol), s))
         .collect();
-    let container_of = |addr: &std::net::SocketAddrV4| {
-        containers
-            .values()
-            .find(|c| c.networks.values().any(|ip| ip == addr.ip()))
-            .map(|c| c.name.clone())
-    };
+    let views = engines.views();
+    let container_of =
+        |addr: &std::net::SocketAddrV4| crate::discovery::container_at(containers, &views, *addr);
     let services = desired
         .iter()
         .map(|s| {
@@ -51,10 +51,13 @@ pub(super) fn build_status(
                     let c = id
                         .and_then(|id| dp.backend_counters(id).ok())
                         .unwrap_or_default();
+                    let container = container_of(addr);
                     status::BackendStatus {
                         address: addr.to_string(),
-                        container: container_of(addr),
+                        container: container.map(|c| c.name.clone()),
+                        engine: container.map(|c| c.engine.clone()),
                         health: match health.state(&s.name, *addr) {
+                            _ if readiness.waiting(&s.name, *addr) => "starting",
                             None => "unchecked",
                             Some(true) => "healthy",
                             Some(false) => "unhealthy",
@@ -91,7 +94,33 @@ pub(super) fn build_status(
                 .collect()
         })
         .unwrap_or_default();
-    status::Status { services, counters }
+    let now = std::time::Instant::now();
+    let engines = engines
+        .iter()
+        .map(|(name, e)| status::EngineStatus {
+            name: name.clone(),
+            endpoint: e.endpoint.clone(),
+            connected: e.connected,
+            this_host: e.reach.is_some_and(|r| r.local),
+            address: e.reach.and_then(|r| r.address).map(|a| a.to_string()),
+            containers: containers
+                .values()
+                .filter(|c| c.engine == *name && c.running)
+                .count(),
+            last_event_unix_secs: e.last_event_ns.map(|t| t as f64 / 1e9),
+            unreachable_secs: e
+                .unreachable_since
+                .map(|t| now.saturating_duration_since(t).as_secs_f64()),
+            lost: e.lost,
+            error: e.error.clone(),
+        })
+        .collect();
+    status::Status {
+        services,
+        counters,
+        engines,
+        etcd: None,
+    }
 }
 
 /// What a metrics page is made of, taken on the event loop.
@@ -180,6 +209,7 @@ mod tests {
         status::BackendStatus {
             address: address.into(),
             container: None,
+            engine: None,
             health: "unchecked".into(),
             weight: 1,
             in_pool: true,
@@ -205,6 +235,8 @@ mod tests {
                 ],
             }],
             counters: vec![],
+            etcd: None,
+            engines: vec![],
         };
         let entries = [
             entry("10.0.0.1:80", ct::DIR_FORWARD, ct::STATE_OPEN),

@@ -1,11 +1,15 @@
-//! The Docker source: a full listing of running containers, then the event stream; each
-//! container event is answered with a fresh inspect. When the stream ends discovery reconnects
-//! with backoff and sends a new full snapshot.
+//! One Docker Engine's watcher: a full listing of running containers, then the event stream;
+//! each container event is answered with a fresh inspect. A ping every second tells a silent
+//! engine from a quiet one (a host cut off leaves the event stream hanging, not ended). When
+//! the stream ends or a ping fails, the daemon is told the engine is lost (with the last time
+//! it answered) and the watcher reconnects with backoff, then sends a new full snapshot.
+//!
+//! Each engine has its own watcher task: a slow or dead engine delays no other.
 
 use std::{
     collections::{BTreeMap, HashMap},
     net::Ipv4Addr,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bollard::{
@@ -16,15 +20,67 @@ use futures_util::StreamExt as _;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
-use super::{ContainerInfo, Event};
+use super::{ContainerInfo, EngineClient, EngineEvent, Event};
+use crate::config::Protocol;
 
-fn info_from(resp: bollard::models::ContainerInspectResponse) -> Option<ContainerInfo> {
+/// How often a connected engine is pinged, and how long it has to answer.
+const PING_INTERVAL: Duration = Duration::from_secs(1);
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long connecting (the version negotiation) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The IPv4 host ports Docker published, per container port and protocol: `8000/tcp` ->
+/// (host address, host port); `0.0.0.0` means every address of the host. IPv6 bindings are
+/// left out (berth balances IPv4); of several IPv4 bindings, the one on every address wins.
+fn published(
+    ports: Option<HashMap<String, Option<Vec<bollard::models::PortBinding>>>>,
+) -> BTreeMap<(Protocol, u16), (Ipv4Addr, u16)> {
+    let mut out = BTreeMap::new();
+    for (key, bindings) in ports.unwrap_or_default() {
+        let Some((port, proto)) = key.split_once('/') else {
+            continue;
+        };
+        let proto = match proto {
+            "tcp" => Protocol::Tcp,
+            "udp" => Protocol::Udp,
+            _ => continue,
+        };
+        let Ok(port) = port.parse::<u16>() else {
+            continue;
+        };
+        let mut best: Option<(Ipv4Addr, u16)> = None;
+        for b in bindings.unwrap_or_default() {
+            let ip = match b.host_ip.as_deref() {
+                None | Some("") => Ipv4Addr::UNSPECIFIED,
+                Some(ip) => match ip.parse::<Ipv4Addr>() {
+                    Ok(ip) => ip,
+                    Err(_) => continue,
+                },
+            };
+            let Some(host_port) = b.host_port.and_then(|p| p.parse::<u16>().ok()) else {
+                continue;
+            };
+            if best.is_none_or(|(bip, _)| !bip.is_unspecified() && ip.is_unspecified()) {
+                best = Some((ip, host_port));
+            }
+        }
+        if let Some(b) = best {
+            out.insert((proto, port), b);
+        }
+    }
+    out
+}
+
+fn info_from(
+    engine: &str,
+    resp: bollard::models::ContainerInspectResponse,
+) -> Option<ContainerInfo> {
     let id = resp.id?;
     let state = resp.state.unwrap_or_default();
     let config = resp.config.unwrap_or_default();
-    let networks = resp
-        .network_settings
-        .and_then(|n| n.networks)
+    let settings = resp.network_settings.unwrap_or_default();
+    let networks = settings
+        .networks
         .unwrap_or_default()
         .into_iter()
         .filter_map(|(name, ep)| Some((name, ep.ip_address?.parse::<Ipv4Addr>().ok()?)))
@@ -35,6 +91,7 @@ fn info_from(resp: bollard::models::ContainerInspectResponse) -> Option<Containe
         .map(|s| s.to_string())
         .filter(|s| !s.is_empty() && s != "none");
     Some(ContainerInfo {
+        engine: engine.to_owned(),
         id,
         name: resp
             .name
@@ -48,6 +105,8 @@ fn info_from(resp: bollard::models::ContainerInspectResponse) -> Option<Containe
         health,
         networks,
         bridges: BTreeMap::new(),
+        started_at: state.started_at.unwrap_or_default(),
+        published: published(settings.ports),
     })
 }
 
@@ -79,6 +138,7 @@ async fn bridge_of(docker: &Docker, network: &str) -> Option<String> {
 
 async fn inspect(
     docker: &Docker,
+    engine: &str,
     id: &str,
     bridges: &mut HashMap<String, Option<String>>,
 ) -> Result<Option<ContainerInfo>, bollard::errors::Error> {
@@ -87,7 +147,7 @@ async fn inspect(
         .await
     {
         Ok(r) => {
-            let Some(mut info) = info_from(r) else {
+            let Some(mut info) = info_from(engine, r) else {
                 return Ok(None);
             };
             for net in info.networks.keys() {
@@ -107,13 +167,25 @@ async fn inspect(
     }
 }
 
-/// One connection's worth of discovery: snapshot, then events until the stream ends.
-async fn session(socket: &str, tx: &mpsc::Sender<Event>) -> Result<(), String> {
-    let docker = Docker::connect_with_unix(socket, 30, bollard::API_DEFAULT_VERSION)
-        .map_err(|e| format!("connecting to {socket}: {e}"))?
-        .negotiate_version()
+/// One connection's worth of discovery: snapshot, then events (and pings) until the stream
+/// ends or the engine stops answering. `contact` is kept at the last time the engine answered.
+async fn session(
+    client: &EngineClient,
+    tx: &mpsc::Sender<EngineEvent>,
+    contact: &mut Instant,
+) -> Result<(), String> {
+    let engine = client.name();
+    let endpoint = &client.engine.endpoint;
+    let docker = tokio::time::timeout(CONNECT_TIMEOUT, client.connect()?.negotiate_version())
         .await
-        .map_err(|e| format!("talking to dockerd on {socket}: {e}"))?;
+        .map_err(|_| format!("{endpoint} did not answer within {CONNECT_TIMEOUT:?}"))?
+        .map_err(|e| format!("talking to dockerd on {endpoint}: {e}"))?;
+    *contact = Instant::now();
+    let here: Vec<Ipv4Addr> = crate::dataplane::host_ipv4_addrs()
+        .into_iter()
+        .map(|a| Ipv4Addr::from(a.to_ne_bytes()))
+        .collect();
+    let reach = client.reach(&here).await;
     // Events since just before the listing: nothing between the two is missed.
     let since = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -138,20 +210,54 @@ async fn session(socket: &str, tx: &mpsc::Sender<Event>) -> Result<(), String> {
     let mut bridges = HashMap::new();
     for c in listed {
         if let Some(id) = c.id
-            && let Some(info) = inspect(&docker, &id, &mut bridges)
+            && let Some(info) = inspect(&docker, engine, &id, &mut bridges)
                 .await
                 .map_err(|e| format!("inspecting {id}: {e}"))?
         {
             snapshot.push(info);
         }
     }
-    info!("docker: connected, {} running containers", snapshot.len());
-    tx.send(Event::Snapshot(snapshot))
+    *contact = Instant::now();
+    info!(
+        "docker: connected, {} running containers{}",
+        snapshot.len(),
+        match (reach.local, reach.address) {
+            (true, _) => " (this host)".to_owned(),
+            (false, Some(a)) => format!(" (published ports at {a})"),
+            (false, None) => " (no IPv4 address for its published ports)".to_owned(),
+        }
+    );
+    let send = |event| async {
+        tx.send(EngineEvent {
+            engine: engine.to_owned(),
+            event,
+        })
         .await
-        .map_err(|_| "daemon gone".to_owned())?;
+        .map_err(|_| "daemon gone".to_owned())
+    };
+    send(Event::Snapshot(snapshot, reach)).await?;
 
-    while let Some(ev) = events.next().await {
+    let mut ping = tokio::time::interval(PING_INTERVAL);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let ev = tokio::select! {
+            ev = events.next() => ev,
+            _ = ping.tick() => {
+                match tokio::time::timeout(PING_TIMEOUT, docker.ping()).await {
+                    Ok(Ok(_)) => *contact = Instant::now(),
+                    Ok(Err(e)) => return Err(format!("ping: {e}")),
+                    Err(_) => {
+                        return Err(format!("not answering (no ping answer within {PING_TIMEOUT:?})"));
+                    }
+                }
+                continue;
+            }
+        };
+        let Some(ev) = ev else {
+            return Err("event stream ended".into());
+        };
         let ev = ev.map_err(|e| format!("event stream: {e}"))?;
+        *contact = Instant::now();
         let action = ev.action.unwrap_or_default();
         if action.starts_with("exec_") {
             continue;
@@ -164,7 +270,7 @@ async fn session(socket: &str, tx: &mpsc::Sender<Event>) -> Result<(), String> {
             _ => actor.id,
         };
         let Some(id) = id else { continue };
-        let update = match inspect(&docker, &id, &mut bridges)
+        let update = match inspect(&docker, engine, &id, &mut bridges)
             .await
             .map_err(|e| format!("inspecting {id}: {e}"))?
         {
@@ -177,11 +283,8 @@ async fn session(socket: &str, tx: &mpsc::Sender<Event>) -> Result<(), String> {
             Some(info) => Event::Upsert(info, ev.time_nano),
             None => Event::Remove(id, ev.time_nano),
         };
-        tx.send(update)
-            .await
-            .map_err(|_| "daemon gone".to_owned())?;
+        send(update).await?;
     }
-    Err("event stream ended".into())
 }
 
 /// Whether a `kill` event's signal ends the container (TERM, INT, KILL; by number or name).
@@ -192,14 +295,22 @@ pub(super) fn is_stop_signal(signal: Option<&String>) -> bool {
     )
 }
 
-/// Runs discovery until `stop`, reconnecting with backoff (100 ms doubling to 2 s).
-pub async fn run(socket: String, tx: mpsc::Sender<Event>, mut stop: watch::Receiver<bool>) {
+/// Watches one engine until `stop`, reconnecting with backoff (100 ms doubling to 2 s). Each
+/// time a session ends the daemon is told the engine is lost, with the last time it answered
+/// (the watcher's start, for an engine never reached).
+pub async fn run(
+    client: EngineClient,
+    tx: mpsc::Sender<EngineEvent>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut backoff = Duration::from_millis(100);
     let mut last_error = String::new();
+    let mut contact = Instant::now();
+    let mut told = None;
     loop {
-        let started = tokio::time::Instant::now();
+        let started = Instant::now();
         let result = tokio::select! {
-            r = session(&socket, &tx) => r,
+            r = session(&client, &tx, &mut contact) => r,
             _ = stop.changed() => return,
         };
         let Err(e) = result else { return };
@@ -208,7 +319,21 @@ pub async fn run(socket: String, tx: mpsc::Sender<Event>, mut stop: watch::Recei
         }
         if e != last_error {
             warn!("docker: {e}; reconnecting (and resyncing) with backoff");
-            last_error = e;
+            last_error.clone_from(&e);
+        }
+        // Once per loss (a new contact makes a new one), not per retry.
+        if told != Some(contact) {
+            told = Some(contact);
+            let lost = EngineEvent {
+                engine: client.name().to_owned(),
+                event: Event::Lost {
+                    error: e,
+                    last_contact: contact,
+                },
+            };
+            if tx.send(lost).await.is_err() {
+                return;
+            }
         }
         if started.elapsed() > Duration::from_secs(10) {
             backoff = Duration::from_millis(100);
@@ -218,5 +343,45 @@ pub async fn run(socket: String, tx: mpsc::Sender<Event>, mut stop: watch::Recei
             _ = stop.changed() => return,
         }
         backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bollard::models::PortBinding;
+
+    use super::*;
+
+    #[test]
+    fn published_ports_are_the_ipv4_bindings_preferring_every_address() {
+        let b = |ip: &str, port: &str| PortBinding {
+            host_ip: Some(ip.into()),
+            host_port: Some(port.into()),
+        };
+        let ports = HashMap::from([
+            (
+                "8000/tcp".to_owned(),
+                Some(vec![b("::", "32768"), b("0.0.0.0", "32768")]),
+            ),
+            (
+                "53/udp".to_owned(),
+                Some(vec![b("10.0.0.5", "5353"), b("0.0.0.0", "5354")]),
+            ),
+            ("9000/tcp".to_owned(), Some(vec![b("10.0.0.5", "9001")])),
+            // Exposed, not published.
+            ("7000/tcp".to_owned(), None),
+            ("6000/sctp".to_owned(), Some(vec![b("0.0.0.0", "6000")])),
+            ("5000/tcp".to_owned(), Some(vec![b("::", "5000")])),
+        ]);
+        let p = published(Some(ports));
+        assert_eq!(
+            p,
+            BTreeMap::from([
+                ((Protocol::Tcp, 8000), (Ipv4Addr::UNSPECIFIED, 32768)),
+                ((Protocol::Udp, 53), (Ipv4Addr::UNSPECIFIED, 5354)),
+                ((Protocol::Tcp, 9000), (Ipv4Addr::new(10, 0, 0, 5), 9001)),
+            ])
+        );
+        assert!(published(None).is_empty());
     }
 }

@@ -1,27 +1,33 @@
-//! Docker discovery: a full listing of running containers, then the event stream; each container
-//! event is answered with a fresh inspect, so the order events arrive in does not matter. When
-//! the stream ends (dockerd restarted, socket gone) discovery reconnects with backoff and sends a
-//! new full snapshot, which replaces everything known before (containers that vanished meanwhile
-//! are dropped).
+//! Docker discovery: one watcher per Docker Engine ([`docker::run`], connected through
+//! [`EngineClient`]): a full listing of running containers, then the event stream; each
+//! container event is answered with a fresh inspect, so the order events arrive in does not
+//! matter. When the stream ends or the engine stops answering, discovery says so
+//! ([`Event::Lost`]), reconnects with backoff and sends a new full snapshot, which replaces
+//! everything known before of that engine (containers that vanished meanwhile are dropped).
 //!
 //! What the containers mean for services (selectors, labels) is decided in [`services`], a pure
 //! function with unit tests.
 
 mod docker;
+mod engine;
+pub mod etcd;
 mod labels;
 mod select;
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{collections::BTreeMap, net::Ipv4Addr, time::Instant};
 
-use crate::config::Protocol;
+use crate::config::{Instance, Protocol};
 
 pub use docker::run;
+pub use engine::{EngineClient, Reach};
 pub use labels::*;
-pub use select::{backend_bridges, services};
+pub use select::{EngineView, backend_bridges, container_at, services};
 
 /// What berth needs to know about one container.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContainerInfo {
+    /// The engine it runs on (its name; container ids are unique only per engine).
+    pub engine: String,
     pub id: String,
     /// Without the leading `/`.
     pub name: String,
@@ -38,11 +44,30 @@ pub struct ContainerInfo {
     pub networks: BTreeMap<String, Ipv4Addr>,
     /// Network name -> the host bridge interface behind it (bridge-driver networks only).
     pub bridges: BTreeMap<String, String>,
+    /// When this run of the container started (Docker's `State.StartedAt`): with the id, what
+    /// tells a restarted container from the run berth saw before.
+    pub started_at: String,
+    /// Published ports: (protocol, container port) -> (host address, host port), the host
+    /// address `0.0.0.0` for every address of the engine's host (IPv4 bindings only).
+    pub published: BTreeMap<(Protocol, u16), (Ipv4Addr, u16)>,
 }
 
+/// A container's key in the daemon's bookkeeping: (engine, container id).
+pub type ContainerKey = (String, String);
+
 impl ContainerInfo {
+    /// This run of this container, as a backend's identity.
+    pub fn instance(&self) -> Instance {
+        Instance::of(&self.id, &self.started_at)
+    }
+
+    /// Its key among the containers of every engine.
+    pub fn key(&self) -> ContainerKey {
+        (self.engine.clone(), self.id.clone())
+    }
+
     /// Whether the container may take traffic: running and not reported unhealthy by its own
-    /// HEALTHCHECK (one still "starting" is served: it joins as soon as it runs).
+    /// HEALTHCHECK (one still "starting" is served, once berth's readiness probe passes).
     pub fn serving(&self) -> bool {
         self.running && self.health.as_deref() != Some("unhealthy")
     }
@@ -70,14 +95,35 @@ impl ContainerInfo {
     }
 }
 
-/// What discovery tells the daemon.
+/// Whether a `kill` event's signal ends the container (TERM, INT, KILL; by number or name).
+pub(crate) fn is_stop_signal(signal: Option<&String>) -> bool {
+    docker::is_stop_signal(signal)
+}
+
+/// What an engine's watcher tells the daemon.
 #[derive(Debug, Clone)]
 pub enum Event {
-    /// Everything running now; replaces all earlier knowledge.
-    Snapshot(Vec<ContainerInfo>),
+    /// The engine answered (again): everything running on it now, which replaces all earlier
+    /// knowledge of its containers, and where they are reached.
+    Snapshot(Vec<ContainerInfo>, Reach),
     /// A container changed; with the event's Docker timestamp (ns since the epoch).
     Upsert(ContainerInfo, Option<i64>),
+    /// A container is gone (by id, on this engine).
     Remove(String, Option<i64>),
+    /// The engine stopped answering (its stream ended, a ping failed, it cannot be reached):
+    /// what went wrong and when it last answered. Its containers are kept as they were until
+    /// the grace runs out.
+    Lost {
+        error: String,
+        last_contact: Instant,
+    },
+}
+
+/// An [`Event`] of the engine named `engine`.
+#[derive(Debug, Clone)]
+pub struct EngineEvent {
+    pub engine: String,
+    pub event: Event,
 }
 
 /// The TCP ports some process on this host listens on and the UDP ports bound, from
@@ -115,9 +161,12 @@ mod tests {
 
     use super::{docker::is_stop_signal, *};
     use crate::config::{BackendSpec, DockerSelector, Nat, Service};
+    use crate::discovery::{EngineView, Reach};
 
     fn c(name: &str, image: &str, labels: &[(&str, &str)], ip: [u8; 4]) -> ContainerInfo {
         ContainerInfo {
+            engine: "default".into(),
+            published: BTreeMap::new(),
             paused: false,
             id: format!("id-{name}"),
             name: name.into(),
@@ -134,6 +183,7 @@ mod tests {
             bridges: [("bridge".to_owned(), "docker0".to_owned())]
                 .into_iter()
                 .collect(),
+            started_at: "2026-12-03T09:00:00.000000000Z".into(),
         }
     }
 
@@ -244,6 +294,7 @@ mod tests {
             protocol: Protocol::Tcp,
             backends: vec![],
             health: None,
+            instances: BTreeMap::new(),
             mode: None,
         }];
         let selectors: HashMap<_, _> = [(
@@ -253,6 +304,7 @@ mod tests {
                 labels: BTreeMap::new(),
                 port: 8000,
                 network: None,
+                engines: vec![],
             },
         )]
         .into_iter()
@@ -280,13 +332,14 @@ mod tests {
             starting,
         ]
         .into_iter()
-        .map(|c| (c.id.clone(), c))
+        .map(|c| (c.key(), c))
         .collect();
         let host: std::collections::HashSet<_> = [(Protocol::Tcp, 22)].into_iter().collect();
         let mut containers = containers;
         let ssh = c("ssh", "x", &[("berth.port", "22")], [10, 0, 0, 11]);
-        containers.insert(ssh.id.clone(), ssh);
-        let (svcs, problems) = services(&configured, &selectors, &containers, true, &host);
+        containers.insert(ssh.key(), ssh);
+        let none = BTreeMap::new();
+        let (svcs, problems) = services(&configured, &selectors, &containers, &none, true, &host);
         let web = &svcs[0];
         assert_eq!(
             web.backends,
@@ -297,6 +350,19 @@ mod tests {
             ],
             "running and starting containers serve; unhealthy and stopped ones do not"
         );
+        // Each container backend carries the run of its container, the configured ones none.
+        let a = &containers[&("default".to_owned(), "id-a".to_owned())];
+        assert_eq!(
+            web.instances.get(&"10.0.0.2:8000".parse().unwrap()),
+            Some(&a.instance())
+        );
+        assert_eq!(web.instances.len(), 3);
+        let mut restarted = a.clone();
+        restarted.started_at = "2026-12-03T09:00:05.000000000Z".into();
+        assert_ne!(restarted.instance(), a.instance(), "a restart is a new run");
+        let mut other = a.clone();
+        other.id = "id-a2".into();
+        assert_ne!(other.instance(), a.instance(), "another container");
         assert!(is_stop_signal(Some(&"15".into())) && is_stop_signal(Some(&"SIGKILL".into())));
         assert!(!is_stop_signal(Some(&"1".into())) && !is_stop_signal(None));
         let lab = svcs
@@ -306,6 +372,10 @@ mod tests {
         assert_eq!(
             lab.backends,
             vec![BackendSpec::dnat("10.0.0.5:80".parse().unwrap(), 1)]
+        );
+        assert_eq!(
+            lab.instances.get(&"10.0.0.5:80".parse().unwrap()),
+            Some(&containers[&("default".to_owned(), "id-lab".to_owned())].instance())
         );
         assert_eq!(problems.len(), 3, "{problems:?}");
         assert!(
@@ -325,19 +395,234 @@ mod tests {
         );
         // Without label services, labels are ignored.
         assert_eq!(
-            backend_bridges(&svcs, &containers)
+            backend_bridges(&svcs, &containers, &none)
                 .into_iter()
                 .collect::<Vec<_>>(),
             vec!["docker0".to_owned()]
         );
-        let (svcs, problems) = services(&configured, &selectors, &containers, false, &host);
+        let (svcs, problems) = services(&configured, &selectors, &containers, &none, false, &host);
         assert_eq!(svcs.len(), 1);
         assert!(problems.is_empty());
         // A service's `mode` applies to the containers it selects too.
         let mut full = configured.clone();
         full[0].mode = Some(Nat::Full);
-        let (svcs, _) = services(&full, &selectors, &containers, false, &host);
+        let (svcs, _) = services(&full, &selectors, &containers, &none, false, &host);
         assert_eq!(svcs[0].backends.len(), 3);
         assert!(svcs[0].backends.iter().all(|b| b.nat == Nat::Full));
+    }
+
+    fn web(health: bool, mode: Option<Nat>) -> Service {
+        Service {
+            name: "web".into(),
+            listen: "0.0.0.0:8080".parse().unwrap(),
+            protocol: Protocol::Tcp,
+            backends: vec![],
+            instances: BTreeMap::new(),
+            health: health.then(|| crate::config::HealthConfig {
+                kind: crate::config::CheckKind::Tcp,
+                path: "/".into(),
+                expect_status: None,
+                expect_string: None,
+                interval_ms: 1000,
+                timeout_ms: 500,
+                rise: 1,
+                fall: 2,
+                start_healthy: false,
+            }),
+            mode,
+        }
+    }
+
+    fn on(
+        engine: &str,
+        id: &str,
+        name: &str,
+        ip: [u8; 4],
+        published: Option<(Ipv4Addr, u16)>,
+    ) -> ContainerInfo {
+        let mut x = c(name, "local/nodeapp", &[], ip);
+        x.engine = engine.into();
+        x.id = id.into();
+        if let Some(p) = published {
+            x.published.insert((Protocol::Tcp, 8000), p);
+        }
+        x
+    }
+
+    #[test]
+    fn containers_of_other_hosts_are_reached_at_their_published_ports() {
+        let selectors: HashMap<_, _> = [(
+            "web".to_owned(),
+            DockerSelector {
+                image: Some("local/nodeapp".into()),
+                labels: BTreeMap::new(),
+                port: 8000,
+                network: None,
+                engines: vec![],
+            },
+        )]
+        .into_iter()
+        .collect();
+        let remote = |a: [u8; 4]| EngineView {
+            reach: Reach {
+                address: Some(Ipv4Addr::from(a)),
+                local: false,
+            },
+            lost: false,
+        };
+        let mut engines = BTreeMap::from([
+            (
+                "a".to_owned(),
+                EngineView {
+                    reach: Reach {
+                        address: None,
+                        local: true,
+                    },
+                    lost: false,
+                },
+            ),
+            ("b".to_owned(), remote([10, 42, 2, 2])),
+            ("c".to_owned(), remote([10, 42, 3, 2])),
+            (
+                "nowhere".to_owned(),
+                EngineView {
+                    reach: Reach {
+                        address: None,
+                        local: false,
+                    },
+                    lost: false,
+                },
+            ),
+        ]);
+        let any = Some((Ipv4Addr::UNSPECIFIED, 32768));
+        let containers: BTreeMap<_, _> = [
+            // Container ids are only unique per engine.
+            on("a", "same-id", "a1", [172, 17, 0, 2], any),
+            on("b", "same-id", "b1", [172, 17, 0, 2], any),
+            on(
+                "c",
+                "same-id",
+                "c1",
+                [172, 30, 3, 2],
+                Some((Ipv4Addr::new(10, 42, 3, 9), 40000)),
+            ),
+            // Not published: named and skipped.
+            on("c", "c2", "c2", [172, 30, 3, 3], None),
+            // Published on loopback only: unreachable from here.
+            on(
+                "c",
+                "c3",
+                "c3",
+                [172, 30, 3, 4],
+                Some((Ipv4Addr::LOCALHOST, 40001)),
+            ),
+            on("nowhere", "n1", "n1", [172, 30, 4, 2], any),
+        ]
+        .into_iter()
+        .map(|c| (c.key(), c))
+        .collect();
+        assert_eq!(
+            containers.len(),
+            6,
+            "same id on two engines: two containers"
+        );
+        let host = std::collections::HashSet::new();
+        let (svcs, problems) = services(
+            &[web(false, None)],
+            &selectors,
+            &containers,
+            &engines,
+            false,
+            &host,
+        );
+        let addrs: Vec<(String, Nat)> = svcs[0]
+            .backends
+            .iter()
+            .map(|b| (b.addr.to_string(), b.nat))
+            .collect();
+        assert_eq!(
+            addrs,
+            [
+                ("10.42.2.2:32768".to_owned(), Nat::Full),
+                ("10.42.3.9:40000".to_owned(), Nat::Full),
+                ("172.17.0.2:8000".to_owned(), Nat::Dnat),
+            ]
+        );
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        for (name, why) in [
+            ("c2", "tcp port 8000 is not published"),
+            ("c3", "published on 127.0.0.1 only"),
+            ("n1", "address is unknown"),
+        ] {
+            assert!(
+                problems
+                    .iter()
+                    .any(|p| p.contains(&format!("container {name} on engine")) && p.contains(why)),
+                "{name}: {problems:?}"
+            );
+        }
+        // The status finds each container behind its backend.
+        let at = |a: &str| {
+            container_at(&containers, &engines, a.parse().unwrap()).map(|c| c.name.clone())
+        };
+        assert_eq!(at("10.42.2.2:32768").as_deref(), Some("b1"));
+        assert_eq!(at("172.17.0.2:8000").as_deref(), Some("a1"));
+        assert_eq!(at("10.42.3.9:40000").as_deref(), Some("c1"));
+        assert_eq!(at("10.42.3.2:40000"), None);
+        // Only this host's containers have bridges to attach to.
+        assert_eq!(backend_bridges(&svcs, &containers, &engines).len(), 1);
+        // mode = "dnat": the service's backends on other hosts are reached by DNAT.
+        let (svcs, _) = services(
+            &[web(false, Some(Nat::Dnat))],
+            &selectors,
+            &containers,
+            &engines,
+            false,
+            &host,
+        );
+        assert!(svcs[0].backends.iter().all(|b| b.nat == Nat::Dnat));
+        // A selector limited to engines b and c.
+        let mut only = selectors.clone();
+        only.get_mut("web").unwrap().engines = vec!["b".into()];
+        let (svcs, _) = services(
+            &[web(false, None)],
+            &only,
+            &containers,
+            &engines,
+            false,
+            &host,
+        );
+        assert_eq!(svcs[0].backends.len(), 1);
+        // Engine b lost past its grace: without a health check its backends leave; with one
+        // they stay (the checks judge them).
+        engines.get_mut("b").unwrap().lost = true;
+        let (svcs, _) = services(
+            &[web(false, None)],
+            &selectors,
+            &containers,
+            &engines,
+            false,
+            &host,
+        );
+        assert!(
+            !svcs[0]
+                .backends
+                .iter()
+                .any(|b| b.addr.ip() == &Ipv4Addr::new(10, 42, 2, 2))
+        );
+        let (svcs, _) = services(
+            &[web(true, None)],
+            &selectors,
+            &containers,
+            &engines,
+            false,
+            &host,
+        );
+        assert!(
+            svcs[0]
+                .backends
+                .iter()
+                .any(|b| b.addr.ip() == &Ipv4Addr::new(10, 42, 2, 2))
+        );
     }
 }

@@ -59,11 +59,16 @@ impl Checker for NetChecker {
     }
 }
 
-async fn check_once(addr: SocketAddrV4, cfg: &HealthConfig) -> Result<(), Failure> {
-    let mut s = TcpStream::connect(addr).await.map_err(|e| match e.kind() {
+/// A TCP connect to `addr` (no timeout of its own).
+pub(super) async fn connect(addr: SocketAddrV4) -> Result<TcpStream, Failure> {
+    TcpStream::connect(addr).await.map_err(|e| match e.kind() {
         std::io::ErrorKind::ConnectionRefused => Failure::Refused,
         _ => Failure::Io(e.to_string()),
-    })?;
+    })
+}
+
+async fn check_once(addr: SocketAddrV4, cfg: &HealthConfig) -> Result<(), Failure> {
+    let mut s = connect(addr).await?;
     if cfg.kind == CheckKind::Tcp {
         return Ok(());
     }

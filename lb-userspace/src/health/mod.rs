@@ -4,11 +4,16 @@
 //!
 //! The checker is a trait with one real implementation (`NetChecker`); results feed a
 //! [`HealthState`] per backend, and every state change is sent to the reconciler's loop.
+//!
+//! Before any of that, a new container backend waits for its [`Readiness`] probe: a TCP connect
+//! that succeeds (the container runs before it listens).
 
 mod check;
+mod readiness;
 mod supervisor;
 
 pub use check::{Checker, Failure, NetChecker, evaluate_http};
+pub use readiness::{PROBE_EVERY, ProbeOutcome, ProbeReport, Readiness, SLOW_PROBE_EVERY, probe};
 pub use supervisor::{HealthChange, HealthState, Supervisor, watch};
 
 pub use crate::config::{CheckKind, HealthConfig};
@@ -148,11 +153,13 @@ mod tests {
             "web".into(),
             backend,
             cfg,
+            7,
             tx,
             stop_rx,
         ));
         let up = rx.recv().await.unwrap();
         assert!(up.healthy && up.reason.is_none());
+        assert_eq!(up.check, 7, "the task's id travels with its reports");
         // First tick is immediate, the second one interval later.
         assert_eq!(start.elapsed(), Duration::from_millis(1000));
         let down = rx.recv().await.unwrap();
@@ -168,6 +175,38 @@ mod tests {
             "fall x interval after the last pass"
         );
         assert_eq!(script.1.load(Ordering::SeqCst), 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn another_container_run_is_checked_anew_and_a_late_report_ignored() {
+        let (tx, mut rx) = mpsc::channel(8);
+        let mut sup = Supervisor::new(Script(Mutex::new(vec![]), AtomicUsize::new(0)), tx);
+        let addr: SocketAddrV4 = "10.0.0.1:80".parse().unwrap();
+        let web = |run| crate::config::Service {
+            name: "web".into(),
+            listen: "10.99.0.1:80".parse().unwrap(),
+            protocol: crate::config::Protocol::Tcp,
+            backends: vec![crate::config::BackendSpec::dnat(addr, 1)],
+            mode: None,
+            health: Some(http(None, None)),
+            instances: [(addr, crate::config::Instance(run))].into(),
+        };
+        sup.sync(&[web(1)]);
+        assert_eq!(sup.state("web", addr), Some(false));
+        let up = rx.recv().await.unwrap();
+        assert!(sup.record(&up) && sup.state("web", addr) == Some(true));
+        // The same run again: the check goes on.
+        sup.sync(&[web(1)]);
+        assert_eq!(sup.state("web", addr), Some(true));
+        // Another run at the address (a restart, another container): checked from the start.
+        sup.sync(&[web(2)]);
+        assert_eq!(sup.state("web", addr), Some(false));
+        assert!(!sup.record(&up), "the earlier run's report counted");
+        assert_eq!(sup.state("web", addr), Some(false));
+        let up2 = rx.recv().await.unwrap();
+        assert_ne!(up2.check, up.check);
+        assert!(sup.record(&up2) && sup.state("web", addr) == Some(true));
+        sup.stop();
     }
 
     #[tokio::test]

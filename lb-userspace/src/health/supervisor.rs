@@ -48,6 +48,10 @@ pub struct HealthChange {
     pub healthy: bool,
     /// The failure that made it unhealthy (None when it became healthy).
     pub reason: Option<Failure>,
+    /// Which check task reported it: one replaced meanwhile (by a reload, or for a new
+    /// container run at the address) may have sent it before it stopped, and it no longer
+    /// counts.
+    pub check: u64,
 }
 
 /// Checks one backend every `interval` until the receiver is gone or `stop` fires, reporting
@@ -57,6 +61,7 @@ pub async fn watch<C: Checker>(
     service: String,
     backend: SocketAddrV4,
     cfg: HealthConfig,
+    check: u64,
     tx: mpsc::Sender<HealthChange>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -75,6 +80,7 @@ pub async fn watch<C: Checker>(
                 backend,
                 healthy: state.healthy,
                 reason: result.err(),
+                check,
             };
             if tx.send(change).await.is_err() {
                 return;
@@ -83,15 +89,25 @@ pub async fn watch<C: Checker>(
     }
 }
 
+/// What a check task watches: its settings and the container run behind the backend.
+type Watched = (HealthConfig, Option<crate::config::Instance>);
+
+struct Task {
+    watched: Watched,
+    id: u64,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
 /// Owns one check task per (service, backend) with a health check, and the resulting states.
 /// The desired set handed to the reconciler is the configured one minus unhealthy backends.
 pub struct Supervisor<C: Checker> {
     checker: std::sync::Arc<C>,
     tx: mpsc::Sender<HealthChange>,
-    tasks: std::collections::HashMap<
-        (String, SocketAddrV4),
-        (HealthConfig, tokio::sync::watch::Sender<bool>),
-    >,
+    /// Each check with its settings and the container run it checks (a new run at the same
+    /// address starts a new check).
+    tasks: std::collections::HashMap<(String, SocketAddrV4), Task>,
+    /// The id the next check task gets.
+    next_check: u64,
     healthy: std::collections::HashMap<(String, SocketAddrV4), bool>,
     /// (service address, protocol, backend) whose check starts from healthy whatever the
     /// config says: backends adopted from a running dataplane.
@@ -104,6 +120,7 @@ impl<C: Checker> Supervisor<C> {
             checker: std::sync::Arc::new(checker),
             tx,
             tasks: Default::default(),
+            next_check: 0,
             healthy: Default::default(),
             presumed: Default::default(),
         }
@@ -118,55 +135,68 @@ impl<C: Checker> Supervisor<C> {
         self.presumed.extend(backends);
     }
 
-    /// Starts checks for new backends (or changed check settings) and stops those of backends
-    /// that are gone. Must run inside a tokio runtime.
+    /// Starts checks for new backends (or changed check settings, or another container run at
+    /// a backend's address) and stops those of backends that are gone. Must run inside a tokio
+    /// runtime.
     pub fn sync(&mut self, services: &[crate::config::Service]) {
-        let mut wanted = std::collections::HashMap::new();
+        let mut wanted: std::collections::HashMap<_, Watched> = std::collections::HashMap::new();
         let mut start_healthy = std::collections::HashSet::new();
         for s in services {
             if let Some(h) = &s.health {
                 for b in &s.backends {
-                    wanted.insert((s.name.clone(), b.addr), h.clone());
+                    let instance = s.instances.get(&b.addr).copied();
+                    wanted.insert((s.name.clone(), b.addr), (h.clone(), instance));
                     if self.presumed.remove(&(s.listen, s.protocol, b.addr)) {
                         start_healthy.insert((s.name.clone(), b.addr));
                     }
                 }
             }
         }
-        self.tasks.retain(|key, (cfg, stop)| {
-            let keep = wanted.get(key) == Some(cfg);
+        self.tasks.retain(|key, task| {
+            let keep = wanted.get(key) == Some(&task.watched);
             if !keep {
-                let _ = stop.send(true);
+                let _ = task.stop.send(true);
                 self.healthy.remove(key);
             }
             keep
         });
-        for (key, cfg) in wanted {
+        for (key, watched) in wanted {
             if self.tasks.contains_key(&key) {
                 continue;
             }
             let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-            let mut task_cfg = cfg.clone();
+            let mut task_cfg = watched.0.clone();
             task_cfg.start_healthy |= start_healthy.contains(&key);
             self.healthy.insert(key.clone(), task_cfg.start_healthy);
+            let id = self.next_check;
+            self.next_check += 1;
             tokio::spawn(watch(
                 self.checker.clone(),
                 key.0.clone(),
                 key.1,
                 task_cfg,
+                id,
                 self.tx.clone(),
                 stop_rx,
             ));
-            self.tasks.insert(key, (cfg, stop_tx));
+            self.tasks.insert(
+                key,
+                Task {
+                    watched,
+                    id,
+                    stop: stop_tx,
+                },
+            );
         }
     }
 
     /// Records a change; returns false if it concerns a check that no longer exists.
     pub fn record(&mut self, change: &HealthChange) -> bool {
-        match self
-            .healthy
-            .get_mut(&(change.service.clone(), change.backend))
-        {
+        let key = (change.service.clone(), change.backend);
+        if self.tasks.get(&key).map(|t| t.id) != Some(change.check) {
+            return false;
+        }
+        match self.healthy.get_mut(&key) {
             Some(h) => {
                 *h = change.healthy;
                 true
@@ -200,8 +230,8 @@ impl<C: Checker> Supervisor<C> {
 
     /// Stops every check.
     pub fn stop(&mut self) {
-        for (_, (_, stop)) in self.tasks.drain() {
-            let _ = stop.send(true);
+        for (_, task) in self.tasks.drain() {
+            let _ = task.stop.send(true);
         }
     }
 }

@@ -1,8 +1,9 @@
 //! The test backend: `hello serve [PORT]` answers every HTTP request with
 //! `Hello from <hostname>` (status from the file /sick-status if present, e.g. `500`; a file
 //! /sick-hang makes it accept and never answer), every UDP datagram to the same port with the
-//! same text, and exits on SIGTERM. `hello get ADDR` is the image's HEALTHCHECK: exit 0 if ADDR
-//! answers 200.
+//! same text, and exits on SIGTERM. With `HELLO_LISTEN_AFTER_MS=N` in its environment it binds
+//! its ports only N ms after it started, as a service with a slow start does. `hello get ADDR` is
+//! the image's HEALTHCHECK: exit 0 if ADDR answers 200.
 //!
 //! `hello client tcp|udp|udp-connected ADDR N` is the test client for clients on the host and in
 //! containers: N requests, one per connection (or socket), each printed as
@@ -39,6 +40,14 @@ fn serve(port: u16) {
     unsafe {
         signal(15, on_term);
         signal(2, on_term);
+    }
+    // A service that takes a while to start: the container runs (and Docker says so) before
+    // anything listens.
+    if let Some(ms) = std::env::var("HELLO_LISTEN_AFTER_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(Duration::from_millis(ms));
     }
     let l = TcpListener::bind(("0.0.0.0", port)).expect("bind");
     l.set_nonblocking(true).expect("nonblocking");

@@ -10,6 +10,11 @@
 //! default: it lists the running containers every 15 s; each start and stop is timed to the first
 //! listing that reflects it.
 //!
+//! Then the same starts through `berth publish` and etcd (`berth_tests::fabric`: a balancer in
+//! its own namespace watching etcd, the publisher on this Docker host): the time from the
+//! `docker run` call to the first request the new container answers through the balancer,
+//! beside the same figure for the direct Docker watch above.
+//!
 //! Results: a markdown table on stdout and target/bench/discovery.json. Everything is removed
 //! afterwards (containers carry the label `berth-bench=1`).
 
@@ -27,6 +32,7 @@ use std::{
 use berth_tests::{
     daemon::Berth,
     docker::{Lab, Layout, docker},
+    fabric::{self, Fabric, Publisher},
     servers::http_get,
     stats::median,
 };
@@ -116,7 +122,7 @@ fn main() {
     run("bb-base");
     let config = format!("[metrics]\nenabled = false\n{}", LAYOUT.config());
     let berth = Berth::start_root("bench-disco", &config, &[LAYOUT.uplink, LAYOUT.bridge]);
-    berth.wait_for("(docker: resync)", 1);
+    berth.wait_for(" added (weight ", 1);
 
     let stop = Arc::new(AtomicBool::new(false));
     let polls = Arc::new(Mutex::new(Vec::new()));
@@ -126,8 +132,11 @@ fn main() {
     };
     // (container id, started at, served at, stop called at, out of the pool at), Unix ns.
     let mut events: Vec<(String, i128, i128, i128, i128)> = Vec::new();
+    // `docker run` called -> first request served, direct watch (ms).
+    let mut direct_run: Vec<f64> = Vec::new();
     for i in 0..rounds {
         let name = format!("bb-d{i}");
+        let called = now_ns();
         let id = run(&name);
         let host = id[..12].to_owned();
         let started = parse_rfc3339(&docker(&["inspect", "-f", "{{.State.StartedAt}}", &name]));
@@ -144,6 +153,7 @@ fn main() {
                 std::thread::sleep(Duration::from_millis(2));
             }
         });
+        direct_run.push((served - called) as f64 / 1e6);
         // Let the poller catch up now and then, so its reaction to starts is measured too.
         std::thread::sleep(Duration::from_millis(1500 + 700 * (i as u64 % 4)));
         let stop_at = now_ns();
@@ -174,6 +184,8 @@ fn main() {
     stop.store(true, Ordering::Relaxed);
     poll_thread.join().unwrap();
     let polls = polls.lock().unwrap().clone();
+    drop(berth);
+    let published_run = through_publish(&lab, rounds);
 
     let ms = |a: i128, b: i128| (b - a) as f64 / 1e6;
     let berth_start: Vec<f64> = events.iter().map(|e| ms(e.1, e.2)).collect();
@@ -221,6 +233,14 @@ fn main() {
         cell(&poll_stop)
     );
     println!();
+    println!("| `docker run` called -> first request served | ms |");
+    println!("|---|---:|");
+    println!("| berth watching Docker directly | {} |", cell(&direct_run));
+    println!(
+        "| balancer in another namespace, via `berth publish` + etcd | {} |",
+        cell(&published_run)
+    );
+    println!();
     println!(
         "The poller's figures are when its listing first reflected the change ({seen} of {rounds} \
          starts were listed while running); a real Synapse then rewrites the HAProxy config and \
@@ -232,7 +252,11 @@ fn main() {
         "berth_stop_to_removed_ms": berth_stop,
         "poll_15s_start_to_listed_ms": poll_start,
         "poll_15s_stop_to_unlisted_ms": poll_stop,
+        "direct_run_to_served_ms": direct_run,
+        "publish_etcd_run_to_served_ms": published_run,
         "median": {
+            "direct_run_to_served_ms": median(&direct_run),
+            "publish_etcd_run_to_served_ms": median(&published_run),
             "berth_start_to_served_ms": median(&berth_start),
             "berth_stop_to_removed_ms": median(&berth_stop),
             "poll_15s_start_to_listed_ms": median(&poll_start),
@@ -243,5 +267,55 @@ fn main() {
     let _ = std::fs::create_dir_all(&out);
     let _ = std::fs::write(out.join("discovery.json"), json.to_string());
     println!("written: target/bench/discovery.json");
-    drop(berth);
+}
+
+/// `rounds` containers started on this Docker host, each announced by `berth publish` through
+/// etcd to a balancer in its own namespace: ms from the `docker run` call to the first request
+/// the container answers through the balancer.
+fn through_publish(lab: &Lab, rounds: usize) -> Vec<f64> {
+    let f = Fabric::new(1);
+    let balancer = f.berth(1);
+    f.activate(1);
+    let _publisher = Publisher::start("bench-publish", &f.publish_config(LAYOUT.image, 10));
+    let mut out = Vec::new();
+    for i in 0..rounds {
+        let name = format!("bb-p{i}");
+        let called = Instant::now();
+        let id = lab.run(&name, &["-p", "8000"]).id;
+        let host = id[..12].to_owned();
+        let took = f.client.run(move || {
+            let want = format!("Hello from {host}");
+            loop {
+                if let Ok((200, b)) = http_get(fabric::SERVICE)
+                    && b == want
+                {
+                    return called.elapsed();
+                }
+                assert!(
+                    called.elapsed() < Duration::from_secs(10),
+                    "{want} never served"
+                );
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        out.push(took.as_secs_f64() * 1e3);
+        docker(&["rm", "-f", &name]);
+        fabric::wait_pool(&balancer, 0, Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(300 + 200 * (i as u64 % 3)));
+    }
+    let counter = |name: &str| {
+        balancer
+            .status()
+            .counters
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(0, |(_, v)| *v)
+    };
+    println!(
+        "through berth publish: SYNs dropped on a slot mid-update (drop_no_backend) {}, \
+         refused with an empty pool (reject_no_backend) {}",
+        counter("drop_no_backend"),
+        counter("reject_no_backend")
+    );
+    out
 }

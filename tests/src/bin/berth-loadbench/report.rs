@@ -46,6 +46,34 @@ pub fn med(res: &Results, c: Contender, w: Workload, m: Metric) -> f64 {
     )
 }
 
+/// The balancer's own CPU per 100k requests: in each round, the contender's machine CPU per 100k
+/// requests minus that of `direct` (the same hops, clients and backends with no balancer)
+/// measured in the same round; the median over rounds. What is left is the work the balancer
+/// adds (its softirq and system time, and HAProxy's user time), without the load generator's and
+/// the backends' share that every contender pays alike. NaN without `direct`.
+pub fn balancer_cpu(res: &Results, c: Contender, w: Workload) -> f64 {
+    let (Some(runs), Some(base)) = (res.get(&(c, w)), res.get(&(Contender::Direct, w))) else {
+        return f64::NAN;
+    };
+    let diffs: Vec<f64> = runs
+        .iter()
+        .zip(base)
+        .map(|(r, d)| r.cpu_per_100k - d.cpu_per_100k)
+        .collect();
+    median(&diffs)
+}
+
+/// berth's TC program run time per 100k requests, median over rounds (NaN if unmeasured).
+pub fn program_cpu(res: &Results, w: Workload) -> f64 {
+    let v: Vec<f64> = res
+        .get(&(Contender::Berth, w))
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r.prog_per_100k)
+        .collect();
+    median(&v)
+}
+
 pub fn fmt_num(v: f64, m: Metric) -> String {
     if v.is_nan() {
         return "-".into();
@@ -95,6 +123,17 @@ pub fn targets(res: &Results, present: &[Contender]) -> Vec<Target> {
                 text: format!("{} p99 berth <= 1.1x {}", w.name(), d.name()),
                 value: v,
                 pass: v <= 1.1,
+            });
+        }
+    }
+    // The balancer's own CPU per new connection, against the kernel NAT and the proxy.
+    for (other, max) in [(Nftables, 0.7), (Haproxy, 0.3)] {
+        if has(other) && has(Direct) {
+            let v = balancer_cpu(res, Berth, NewConn) / balancer_cpu(res, other, NewConn);
+            t.push(Target {
+                text: format!("new conn balancer CPU berth <= {max}x {}", other.name()),
+                value: v,
+                pass: v <= max,
             });
         }
     }
@@ -168,8 +207,8 @@ pub fn report(res: &Results, a: &Args, present: &[Contender], started: Instant) 
     );
     md += "Each cell: median (ratio to berth). Errors: wrk socket errors + non-2xx, summed over rounds. \
            be1/be2: share of the requests each backend logged, over all rounds.\n\n";
-    md += "| workload | contender | rate /s | p50 ms | p99 ms | CPU s/100k req | errors | be1/be2 % |\n";
-    md += "|---|---|---|---|---|---|---|---|\n";
+    md += "| workload | contender | rate /s | p50 ms | p99 ms | CPU s/100k req | balancer CPU s/100k req | errors | be1/be2 % |\n";
+    md += "|---|---|---|---|---|---|---|---|---|\n";
     for w in Workload::ALL {
         for &c in present {
             let runs = res.get(&(c, w)).cloned().unwrap_or_default();
@@ -183,8 +222,26 @@ pub fn report(res: &Results, a: &Args, present: &[Contender], started: Instant) 
                 .iter()
                 .fold([0u64; 2], |s, r| [s[0] + r.split[0], s[1] + r.split[1]]);
             let total = (split[0] + split[1]).max(1) as f64;
+            let bal = match c {
+                Contender::Direct | Contender::Direct1 => "-".to_owned(),
+                _ => {
+                    let v = balancer_cpu(res, c, w);
+                    let b = balancer_cpu(res, Contender::Berth, w);
+                    let prog = if c == Contender::Berth {
+                        let p = program_cpu(res, w);
+                        if p.is_nan() {
+                            String::new()
+                        } else {
+                            format!(", program {p:.3}")
+                        }
+                    } else {
+                        String::new()
+                    };
+                    format!("{} ({:.2}x){prog}", fmt_num(v, Metric::Cpu), v / b)
+                }
+            };
             md += &format!(
-                "| {} ({}) | {} | {} | {} | {} | {} | {errors} | {:.0}/{:.0} |\n",
+                "| {} ({}) | {} | {} | {} | {} | {} | {bal} | {errors} | {:.0}/{:.0} |\n",
                 w.name(),
                 w.unit(),
                 c.name(),
@@ -209,7 +266,8 @@ pub fn report(res: &Results, a: &Args, present: &[Contender], started: Instant) 
     }
     md += &format!(
         "\nTotal {:.0} s. CPU = machine-wide system + softirq seconds over the run (+ HAProxy's user time), \
-         per 100k requests.\n",
+         per 100k requests. Balancer CPU = that minus direct's in the same round (what the balancer adds), \
+         median over rounds; berth's `program` = its TC programs' own run time (kernel.bpf_stats_enabled).\n",
         started.elapsed().as_secs_f64()
     );
     print!("{md}");
@@ -227,6 +285,7 @@ pub fn report(res: &Results, a: &Args, present: &[Contender], started: Instant) 
                         "p50_ms": med(res, c, w, Metric::P50),
                         "p99_ms": med(res, c, w, Metric::P99),
                         "cpu_s_per_100k": med(res, c, w, Metric::Cpu),
+                        "balancer_cpu_s_per_100k": balancer_cpu(res, c, w),
                     },
                     "runs": runs.iter().map(Run::json).collect::<Vec<_>>(),
                 }),
@@ -249,6 +308,7 @@ pub fn report(res: &Results, a: &Args, present: &[Contender], started: Instant) 
             "wrk": format!("wrk -t1 -c{} -d{}s --timeout 2s --latency [-H 'Connection: close']", a.connections, a.duration),
             "cpu": "machine-wide (system + softirq) jiffies delta from /proc/stat over the wrk run, nothing subtracted; \
                     plus HAProxy's utime from /proc/PID/stat (its stime is already in the machine's system time)",
+            "balancer_cpu": "per round: contender's cpu_s_per_100k minus direct's of the same round and workload; median over rounds",
             "direct": "one wrk per backend, half the connections each, same CPU, routed through bb-lb (no balancer); rates added, worse p99, mean p50",
             "direct1": "one wrk to backend 1 alone (only with --contenders)",
             "nftables": "dnat to jhash ip saddr . tcp sport mod 2 map (per flow), no masquerade",
@@ -273,6 +333,38 @@ pub fn report(res: &Results, a: &Args, present: &[Contender], started: Instant) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn run(cpu: f64) -> Run {
+        Run {
+            cpu_per_100k: cpu,
+            ..Run::default()
+        }
+    }
+
+    #[test]
+    fn balancer_cpu_is_paired_with_direct_per_round() {
+        let mut res = Results::new();
+        let w = Workload::NewConn;
+        res.insert((Contender::Direct, w), vec![run(8.0), run(10.0), run(9.0)]);
+        // Each round 0.5 above direct, whatever the round's drift.
+        res.insert((Contender::Berth, w), vec![run(8.5), run(10.5), run(9.5)]);
+        res.insert(
+            (Contender::Nftables, w),
+            vec![run(9.0), run(12.0), run(11.0)],
+        );
+        assert!((balancer_cpu(&res, Contender::Berth, w) - 0.5).abs() < 1e-9);
+        assert!((balancer_cpu(&res, Contender::Nftables, w) - 2.0).abs() < 1e-9);
+        assert!(balancer_cpu(&res, Contender::Haproxy, w).is_nan());
+        let t = targets(
+            &res,
+            &[Contender::Direct, Contender::Berth, Contender::Nftables],
+        );
+        let bal = t
+            .iter()
+            .find(|t| t.text.contains("balancer CPU") && t.text.contains("nftables"))
+            .expect("balancer CPU target");
+        assert!((bal.value - 0.25).abs() < 1e-9 && bal.pass);
+    }
 
     #[test]
     fn formats_dates() {

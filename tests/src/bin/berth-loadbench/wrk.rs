@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use crate::{
     Args,
     contenders::{Contender, Running},
-    topology::{NS_CLIENT, access_log_requests},
+    topology::{NS_CLIENT, NS_LB, access_log_requests},
 };
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
@@ -68,6 +68,66 @@ pub fn proc_ticks(pid: i32) -> (u64, u64) {
     (at(14), at(15))
 }
 
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+/// `kernel.bpf_stats_enabled` on while it lives, then back to what it was.
+pub struct BpfStats(Option<String>);
+
+impl BpfStats {
+    pub fn enable() -> Self {
+        let old = std::fs::read_to_string(BPF_STATS).ok();
+        let _ = std::fs::write(BPF_STATS, "1");
+        BpfStats(old)
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        if let Some(old) = &self.0 {
+            let _ = std::fs::write(BPF_STATS, old.trim());
+        }
+    }
+}
+
+/// Ids of the TC programs attached in namespace `ns` (`bpftool net show`).
+pub fn tc_programs(ns: &str) -> Vec<u64> {
+    let out = ns_command(ns, "bpftool")
+        .args(["-j", "net", "show"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+    let mut ids: Vec<u64> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o.get("tc"))
+        .filter_map(Value::as_array)
+        .flatten()
+        .filter_map(|a| a.get("prog_id").and_then(Value::as_u64))
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// Total `run_time_ns` of programs `ids` (0 while `kernel.bpf_stats_enabled` is off).
+pub fn prog_run_time_ns(ids: &[u64]) -> u64 {
+    ids.iter()
+        .map(|id| {
+            let out = std::process::Command::new("bpftool")
+                .args(["-j", "prog", "show", "id", &id.to_string()])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            serde_json::from_str::<Value>(&out)
+                .ok()
+                .and_then(|v| v.get("run_time_ns").and_then(Value::as_u64))
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
 pub fn clock_ticks() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
@@ -90,6 +150,9 @@ pub struct Run {
     pub proc_sys_s: f64,
     /// Requests each backend logged during the run.
     pub split: [u64; 2],
+    /// berth only: seconds its TC programs in bb-lb ran during the run, per 100k requests
+    /// (`kernel.bpf_stats_enabled` run time; a part of the softirq time in `cpu_s`).
+    pub prog_per_100k: Option<f64>,
 }
 
 impl Run {
@@ -104,6 +167,7 @@ impl Run {
             "cpu_s": self.cpu_s, "cpu_s_per_100k": self.cpu_per_100k,
             "balancer_process_user_s": self.proc_user_s, "balancer_process_sys_s": self.proc_sys_s,
             "backend_requests": self.split,
+            "berth_program_s_per_100k": self.prog_per_100k,
         })
     }
 }
@@ -161,6 +225,15 @@ pub fn measure(c: Contender, w: Workload, running: &Running, a: &Args) -> Run {
     let conns = (a.connections / targets.len() as u32).max(1).to_string();
     let logs0 = [access_log_requests(0), access_log_requests(1)];
     let pid = running.user_pid();
+    let progs = if c == Contender::Berth {
+        tc_programs(NS_LB)
+    } else {
+        Vec::new()
+    };
+    // Only for berth's runs (it costs every BPF program two clock reads per run, which berth's
+    // figures then include: against it, never in its favour).
+    let _stats = (!progs.is_empty()).then(BpfStats::enable);
+    let b0 = prog_run_time_ns(&progs);
     let p0 = pid.map(proc_ticks).unwrap_or_default();
     let k0 = kernel_ticks();
     let children: Vec<Child> = targets
@@ -194,6 +267,7 @@ pub fn measure(c: Contender, w: Workload, running: &Running, a: &Args) -> Run {
         .collect();
     let k1 = kernel_ticks();
     let p1 = pid.map(proc_ticks).unwrap_or_default();
+    let b1 = prog_run_time_ns(&progs);
     let parsed: Vec<Run> = outs
         .iter()
         .map(|out| {
@@ -223,6 +297,10 @@ pub fn measure(c: Contender, w: Workload, running: &Running, a: &Args) -> Run {
     let kernel = (k1.0 - k0.0 + k1.1 - k0.1) as f64 / hz;
     r.cpu_s = kernel + r.proc_user_s;
     r.cpu_per_100k = r.cpu_s / r.requests as f64 * 100_000.0;
+    if !progs.is_empty() {
+        let ns = b1.saturating_sub(b0) as f64;
+        r.prog_per_100k = Some(ns / 1e9 / r.requests as f64 * 100_000.0);
+    }
     // Let connections close and nginx flush its buffered access log (flush=1s).
     std::thread::sleep(Duration::from_millis(1200));
     r.split = [

@@ -1,0 +1,563 @@
+//! The etcd source: for each watched key prefix, one read of everything under it, then a v3
+//! watch from the revision just after that read, so no change between the two is missed. A
+//! watch cancelled because its revision was compacted leads to a fresh read; a lost connection
+//! to a reconnect with backoff (100 ms doubling to 2 s) and a fresh read of every prefix, which
+//! replaces what was known. Meanwhile the daemon keeps serving what it last knew.
+//!
+//! Each key under a prefix is one backend; its value is JSON, either berth's
+//! `{"address": "IP:PORT", "weight": N}` (weight optional, default 1) or the
+//! `{"host": "IP", "port": N}` that Nerve writes for Synapse (other fields are ignored). A key
+//! written under a lease vanishes when its writer stops refreshing the lease, which etcd reports
+//! as a deletion: the backend leaves (and drains) as any other.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
+
+use etcd_client::{
+    Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, TlsOptions, WatchOptions,
+};
+use futures_util::StreamExt as _;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info};
+
+use crate::config::{ConfigError, EtcdConfig, MAX_WEIGHT, Service};
+
+/// How to reach the cluster: endpoints and options, with the TLS files and the password read.
+#[derive(Clone)]
+pub struct Connect {
+    pub endpoints: Vec<String>,
+    options: ConnectOptions,
+}
+
+impl std::fmt::Debug for Connect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The options hold the password: never printed.
+        f.debug_struct("Connect")
+            .field("endpoints", &self.endpoints)
+            .finish_non_exhaustive()
+    }
+}
+
+fn read_file(field: &str, path: &str) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path).map_err(|e| ConfigError {
+        field: field.to_owned(),
+        message: format!("cannot read {path}: {e}"),
+    })
+}
+
+impl Connect {
+    /// The client settings of a validated `[etcd]`: reads the certificate, key and password
+    /// files (an unreadable one is named, before the kernel is touched).
+    pub fn from_config(cfg: &EtcdConfig) -> Result<Self, ConfigError> {
+        let t = Duration::from_millis(cfg.timeout_ms);
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(t)
+            .with_timeout(t)
+            .with_keep_alive(t, t)
+            .with_keep_alive_while_idle(true);
+        if let Some(user) = &cfg.username {
+            let password = match (&cfg.password, &cfg.password_file) {
+                (Some(p), _) => p.clone(),
+                (None, Some(f)) => String::from_utf8_lossy(&read_file("etcd.password_file", f)?)
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned(),
+                (None, None) => String::new(),
+            };
+            options = options.with_user(user.clone(), password);
+        }
+        if cfg.tls() {
+            let mut tls = TlsOptions::new();
+            if let Some(ca) = &cfg.ca_file {
+                tls = tls.ca_certificate(Certificate::from_pem(read_file("etcd.ca_file", ca)?));
+            }
+            if let (Some(cert), Some(key)) = (&cfg.cert_file, &cfg.key_file) {
+                tls = tls.identity(Identity::from_pem(
+                    read_file("etcd.cert_file", cert)?,
+                    read_file("etcd.key_file", key)?,
+                ));
+            }
+            if let Some(name) = &cfg.server_name {
+                tls = tls.domain_name(name.clone());
+            }
+            options = options.with_tls(tls);
+        }
+        Ok(Self {
+            endpoints: cfg.endpoints.clone(),
+            options,
+        })
+    }
+
+    /// A client (the connection itself is made by the first request).
+    pub async fn client(&self) -> Result<Client, etcd_client::Error> {
+        Client::connect(&self.endpoints, Some(self.options.clone())).await
+    }
+}
+
+/// One backend as registered in etcd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    pub addr: SocketAddrV4,
+    pub weight: u32,
+}
+
+/// A key's value read as a backend, or why it cannot be one.
+pub type Parsed = Result<Entry, String>;
+
+/// Reads a value: `{"address": "IP:PORT", "weight": N}` or `{"host": "IP", "port": N}`
+/// (Nerve's), other fields ignored.
+pub fn parse_value(v: &[u8]) -> Parsed {
+    #[derive(serde::Deserialize)]
+    struct Value {
+        address: Option<String>,
+        host: Option<String>,
+        port: Option<u16>,
+        weight: Option<u32>,
+    }
+    let v: Value = serde_json::from_slice(v).map_err(|e| {
+        format!(
+            "not a JSON object with \"address\" or \"host\" and \"port\" ({})",
+            crate::config::clip_values(&e.to_string())
+        )
+    })?;
+    let addr = match (&v.address, &v.host, v.port) {
+        (Some(a), _, _) => a.parse::<SocketAddrV4>().map_err(|_| {
+            format!(
+                "address {:?} is not an IPv4 IP:PORT",
+                crate::config::clip_values(a)
+            )
+        })?,
+        (None, Some(h), Some(p)) => SocketAddrV4::new(
+            h.parse::<Ipv4Addr>().map_err(|_| {
+                format!(
+                    "host {:?} is not an IPv4 address",
+                    crate::config::clip_values(h)
+                )
+            })?,
+            p,
+        ),
+        _ => return Err("has neither \"address\" nor \"host\" and \"port\"".into()),
+    };
+    if addr.ip().is_unspecified()
+        || addr.ip().is_multicast()
+        || addr.ip().is_broadcast()
+        || addr.port() == 0
+    {
+        return Err(format!("{addr} is not a usable unicast address and port"));
+    }
+    let weight = v.weight.unwrap_or(1);
+    if weight > MAX_WEIGHT {
+        return Err(format!("weight {weight} is above the maximum {MAX_WEIGHT}"));
+    }
+    Ok(Entry { addr, weight })
+}
+
+/// What the etcd source tells the daemon.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Update {
+    /// Everything under `prefix` at `revision` (after a (re)connect, a compaction, or a change
+    /// of the watched prefixes): replaces what was known of it.
+    Snapshot {
+        prefix: String,
+        entries: BTreeMap<String, Parsed>,
+        revision: i64,
+    },
+    /// A key was written.
+    Put {
+        prefix: String,
+        key: String,
+        entry: Parsed,
+        revision: i64,
+    },
+    /// A key was deleted (or its lease expired).
+    Delete {
+        prefix: String,
+        key: String,
+        revision: i64,
+    },
+    /// Every prefix was read and is being watched.
+    Synced,
+    /// The cluster cannot be reached (the first failure since it last could).
+    Down(String),
+}
+
+/// What the daemon knows from etcd: prefix -> key -> entry.
+pub type Known = BTreeMap<String, BTreeMap<String, Parsed>>;
+
+/// Updates `known` with `update` and says what changed (the reason the reconciler logs), or
+/// None when nothing about the backends changed.
+pub fn record(known: &mut Known, update: &Update) -> Option<String> {
+    match update {
+        Update::Snapshot {
+            prefix, entries, ..
+        } => {
+            let old = known.insert(prefix.clone(), entries.clone());
+            (old.as_ref() != Some(entries)).then(|| format!("etcd: resync of {prefix}"))
+        }
+        Update::Put {
+            prefix, key, entry, ..
+        } => {
+            let keys = known.entry(prefix.clone()).or_default();
+            let old = keys.insert(key.clone(), entry.clone());
+            (old.as_ref() != Some(entry)).then(|| match entry {
+                Ok(e) => format!("etcd: {key} = {} weight {}", e.addr, e.weight),
+                Err(_) => format!("etcd: {key} unusable"),
+            })
+        }
+        Update::Delete { prefix, key, .. } => known
+            .get_mut(prefix)
+            .and_then(|keys| keys.remove(key))
+            .map(|_| format!("etcd: {key} deleted")),
+        Update::Synced | Update::Down(_) => None,
+    }
+}
+
+/// Adds the backends `known` holds under each service's prefix (`prefixes`: service name ->
+/// prefix) to `services`. Returns one message per key whose value is not a backend, or whose
+/// address another source already gave the service.
+pub fn add_backends(
+    services: &mut [Service],
+    prefixes: &HashMap<String, String>,
+    known: &Known,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    for svc in services {
+        let Some(keys) = prefixes.get(&svc.name).and_then(|p| known.get(p)) else {
+            continue;
+        };
+        for (key, entry) in keys {
+            match entry {
+                Err(e) => problems.push(format!("etcd: key {key}: {e}; not served")),
+                Ok(e) if svc.backends.iter().any(|b| b.addr == e.addr) => problems.push(format!(
+                    "etcd: key {key}: {} is already a backend of service {} (the first \
+                         entry's weight applies)",
+                    e.addr, svc.name
+                )),
+                Ok(e) => svc.backends.push(crate::config::BackendSpec {
+                    addr: e.addr,
+                    weight: e.weight,
+                    nat: svc.nat_or(crate::config::Nat::Dnat),
+                }),
+            }
+        }
+        svc.backends.sort();
+    }
+    problems
+}
+
+/// Why a session ended.
+enum End {
+    /// The cluster could not be reached or the connection broke: retry with backoff.
+    Unreachable(String),
+    /// A watch was cancelled (its revision compacted): read everything again, at once.
+    Resync(String),
+    /// The daemon is gone.
+    Closed,
+}
+
+fn unreachable(what: &str) -> impl Fn(etcd_client::Error) -> End + '_ {
+    move |e| End::Unreachable(format!("{what}: {e}"))
+}
+
+fn key_of(kv: &etcd_client::KeyValue) -> String {
+    String::from_utf8_lossy(kv.key()).into_owned()
+}
+
+/// One connection's worth: read and watch every prefix until something ends it. `synced` is
+/// set once every prefix is read and watched.
+async fn session(
+    connect: &Connect,
+    prefixes: &[String],
+    tx: &mpsc::Sender<Update>,
+    synced: &mut bool,
+) -> End {
+    let mut client = match connect.client().await {
+        Ok(c) => c,
+        Err(e) => return End::Unreachable(format!("connecting: {e}")),
+    };
+    let mut streams = Vec::new();
+    for prefix in prefixes {
+        let got = match client
+            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(unreachable(&format!("reading {prefix}")))
+        {
+            Ok(g) => g,
+            Err(e) => return e,
+        };
+        let revision = got.header().map_or(0, |h| h.revision());
+        let entries = got
+            .kvs()
+            .iter()
+            .map(|kv| (key_of(kv), parse_value(kv.value())))
+            .collect();
+        // From the revision after the read: every later change, none twice.
+        let stream = match client
+            .watch(
+                prefix.as_str(),
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(revision + 1),
+                ),
+            )
+            .await
+            .map_err(unreachable(&format!("watching {prefix}")))
+        {
+            Ok(s) => s,
+            Err(e) => return e,
+        };
+        if tx
+            .send(Update::Snapshot {
+                prefix: prefix.clone(),
+                entries,
+                revision,
+            })
+            .await
+            .is_err()
+        {
+            return End::Closed;
+        }
+        let p = prefix.clone();
+        streams.push(stream.map(move |r| (p.clone(), r)));
+    }
+    if tx.send(Update::Synced).await.is_err() {
+        return End::Closed;
+    }
+    *synced = true;
+    let mut all = futures_util::stream::select_all(streams);
+    loop {
+        let Some((prefix, msg)) = all.next().await else {
+            return if prefixes.is_empty() {
+                // Nothing to watch: wait to be told otherwise.
+                std::future::pending().await
+            } else {
+                End::Unreachable("watch stream ended".into())
+            };
+        };
+        let resp = match msg {
+            Ok(r) => r,
+            Err(e) => return End::Unreachable(format!("watching {prefix}: {e}")),
+        };
+        if resp.compact_revision() > 0 {
+            return End::Resync(format!(
+                "the watch of {prefix} fell behind a compaction (revision {})",
+                resp.compact_revision()
+            ));
+        }
+        if resp.canceled() {
+            return End::Resync(format!(
+                "the watch of {prefix} was cancelled: {}",
+                resp.cancel_reason()
+            ));
+        }
+        for ev in resp.events() {
+            let Some(kv) = ev.kv() else { continue };
+            let key = key_of(kv);
+            let revision = kv.mod_revision();
+            let update = match ev.event_type() {
+                EventType::Put => Update::Put {
+                    prefix: prefix.clone(),
+                    key,
+                    entry: parse_value(kv.value()),
+                    revision,
+                },
+                EventType::Delete => Update::Delete {
+                    prefix: prefix.clone(),
+                    key,
+                    revision,
+                },
+            };
+            if tx.send(update).await.is_err() {
+                return End::Closed;
+            }
+        }
+    }
+}
+
+/// Runs the etcd source until `stop`: reads and watches the prefixes `prefixes` holds (a
+/// change, from a reload, restarts the session with a fresh read), and reconnects with backoff
+/// (100 ms doubling to 2 s), sending [`Update::Down`] once per outage.
+pub async fn run(
+    connect: Connect,
+    mut prefixes: watch::Receiver<Vec<String>>,
+    tx: mpsc::Sender<Update>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    let mut down = false;
+    loop {
+        let current = prefixes.borrow_and_update().clone();
+        let started = tokio::time::Instant::now();
+        let mut synced = false;
+        let end = tokio::select! {
+            e = session(&connect, &current, &tx, &mut synced) => e,
+            _ = prefixes.changed() => {
+                info!("etcd: the watched prefixes changed, reading them afresh");
+                continue;
+            }
+            _ = stop.changed() => return,
+        };
+        if synced {
+            // It was reachable: the next failure is a new outage.
+            down = false;
+        }
+        match end {
+            End::Closed => return,
+            End::Resync(why) => {
+                info!("etcd: {why}; reading afresh");
+                down = false;
+                continue;
+            }
+            End::Unreachable(e) => {
+                if !down {
+                    down = true;
+                    if tx.send(Update::Down(e.clone())).await.is_err() {
+                        return;
+                    }
+                } else {
+                    debug!("etcd: still unreachable: {e}");
+                }
+            }
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            backoff = Duration::from_millis(100);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.changed() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{BackendSpec, Protocol};
+
+    #[test]
+    fn values_in_berths_and_nerves_layouts() {
+        assert_eq!(
+            parse_value(br#"{"address":"10.0.0.5:8000","weight":3}"#),
+            Ok(Entry {
+                addr: "10.0.0.5:8000".parse().unwrap(),
+                weight: 3
+            })
+        );
+        assert_eq!(
+            parse_value(br#"{"host":"10.0.0.6","port":80,"name":"i-1234","labels":{}}"#),
+            Ok(Entry {
+                addr: "10.0.0.6:80".parse().unwrap(),
+                weight: 1
+            })
+        );
+        for (bad, needle) in [
+            (&b"not json"[..], "JSON"),
+            (br#"{"address":"db.local:80"}"#, "IPv4"),
+            (br#"{"host":"10.0.0.6"}"#, "neither"),
+            (br#"{"address":"0.0.0.0:80"}"#, "usable"),
+            (br#"{"address":"10.0.0.1:80","weight":10001}"#, "weight"),
+            (br#"{"address":"10.0.0.1:80","weight":-1}"#, "JSON"),
+        ] {
+            let e = parse_value(bad).unwrap_err();
+            assert!(e.contains(needle), "{bad:?}: {e}");
+        }
+    }
+
+    fn web() -> Service {
+        Service {
+            name: "web".into(),
+            listen: "10.99.0.1:80".parse().unwrap(),
+            protocol: Protocol::Tcp,
+            backends: vec![BackendSpec::dnat("10.0.0.9:8000".parse().unwrap(), 1)],
+            health: None,
+            instances: Default::default(),
+            mode: None,
+        }
+    }
+
+    #[test]
+    fn updates_change_what_is_known_and_say_so() {
+        let mut known = Known::new();
+        let p = "/web/".to_owned();
+        let e = |s: &str| parse_value(format!(r#"{{"address":"{s}"}}"#).as_bytes());
+        let snap = Update::Snapshot {
+            prefix: p.clone(),
+            entries: [("/web/a".to_owned(), e("10.0.0.1:8000"))].into(),
+            revision: 5,
+        };
+        assert_eq!(
+            record(&mut known, &snap).as_deref(),
+            Some("etcd: resync of /web/")
+        );
+        // The same listing again changes nothing.
+        assert_eq!(record(&mut known, &snap), None);
+        let put = Update::Put {
+            prefix: p.clone(),
+            key: "/web/b".into(),
+            entry: e("10.0.0.2:8000"),
+            revision: 6,
+        };
+        assert_eq!(
+            record(&mut known, &put).as_deref(),
+            Some("etcd: /web/b = 10.0.0.2:8000 weight 1")
+        );
+        let bad = Update::Put {
+            prefix: p.clone(),
+            key: "/web/c".into(),
+            entry: parse_value(b"{}"),
+            revision: 7,
+        };
+        record(&mut known, &bad);
+        let prefixes: HashMap<_, _> = [("web".to_owned(), p.clone())].into();
+        let mut svcs = vec![web()];
+        let problems = add_backends(&mut svcs, &prefixes, &known);
+        assert_eq!(
+            svcs[0].backends,
+            vec![
+                BackendSpec::dnat("10.0.0.1:8000".parse().unwrap(), 1),
+                BackendSpec::dnat("10.0.0.2:8000".parse().unwrap(), 1),
+                BackendSpec::dnat("10.0.0.9:8000".parse().unwrap(), 1),
+            ]
+        );
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("/web/c"), "{problems:?}");
+        let del = Update::Delete {
+            prefix: p.clone(),
+            key: "/web/a".into(),
+            revision: 8,
+        };
+        assert_eq!(
+            record(&mut known, &del).as_deref(),
+            Some("etcd: /web/a deleted")
+        );
+        assert_eq!(record(&mut known, &del), None, "deleted twice");
+        // A key giving an address the service has already is named, not added twice.
+        let dup = Update::Put {
+            prefix: p,
+            key: "/web/d".into(),
+            entry: e("10.0.0.9:8000"),
+            revision: 9,
+        };
+        record(&mut known, &dup);
+        let mut svcs = vec![web()];
+        let problems = add_backends(&mut svcs, &prefixes, &known);
+        assert_eq!(svcs[0].backends.len(), 2, "{:?}", svcs[0].backends);
+        assert!(
+            problems.iter().any(|p| p.contains("already a backend")),
+            "{problems:?}"
+        );
+        // Another service's prefix is not this one's.
+        let mut other = vec![Service {
+            name: "api".into(),
+            ..web()
+        }];
+        add_backends(&mut other, &prefixes, &known);
+        assert_eq!(other[0].backends.len(), 1);
+    }
+}

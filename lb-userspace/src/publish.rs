@@ -1,0 +1,446 @@
+//! `berth publish`: runs on a Docker host and keeps this host's matching containers in etcd, so
+//! that balancers anywhere serve them without watching this host's engine themselves.
+//!
+//! Each `[[publish.service]]` names containers (image, labels) and a container port; a running
+//! container that publishes that port on the host is written as
+//! `<prefix><address>:<host port>` = `{"address": "<address>:<host port>", "weight": N,
+//! "container": "<name>", "host": "<hostname>"}`, where the address is this host's as the
+//! balancers reach it. Every key is written under one lease, refreshed every third of
+//! `publish.ttl_secs` while the publisher lives: if it (or its host) dies, the keys vanish within
+//! the TTL and the balancers drain those backends. On SIGTERM/SIGINT the lease is revoked, so the
+//! keys go at once.
+//!
+//! Docker is followed as `berth run` follows it (a listing, then the event stream, reconnecting
+//! with backoff); a container is taken out at its `kill` event, before it stops serving. While
+//! Docker cannot be reached, what was published stays; while etcd cannot be reached, the
+//! publisher retries with backoff and writes everything again under a fresh lease.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::Ipv4Addr,
+    time::Duration,
+};
+
+use bollard::{
+    Docker,
+    query_parameters::{EventsOptions, ListContainersOptions},
+};
+use etcd_client::{Client, PutOptions};
+use futures_util::StreamExt as _;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::{
+    config::{PublishConfig, PublishService},
+    discovery::{ContainerInfo, etcd::Connect},
+};
+
+/// A running container as the publisher sees it: identity, labels, and its published ports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    pub id: String,
+    pub name: String,
+    pub image: String,
+    pub labels: BTreeMap<String, String>,
+    /// Reported unhealthy by its own HEALTHCHECK.
+    pub unhealthy: bool,
+    /// (container port, host address or None for all, host port), TCP only.
+    pub ports: Vec<(u16, Option<Ipv4Addr>, u16)>,
+}
+
+impl Published {
+    fn matches(&self, s: &PublishService) -> bool {
+        let probe = ContainerInfo {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            image: self.image.clone(),
+            labels: self.labels.clone(),
+            running: true,
+            paused: false,
+            health: None,
+            networks: BTreeMap::new(),
+            bridges: BTreeMap::new(),
+            started_at: String::new(),
+            engine: String::new(),
+            published: BTreeMap::new(),
+        };
+        s.image.as_deref().is_none_or(|i| probe.runs_image(i))
+            && s.labels.iter().all(|(k, v)| self.labels.get(k) == Some(v))
+    }
+}
+
+/// The running containers with their published TCP ports, from one listing of the engine.
+/// (Kept apart so a richer source of published ports can replace it.)
+pub async fn published_ports(docker: &Docker) -> Result<Vec<Published>, bollard::errors::Error> {
+    let listed = docker
+        .list_containers(Some(ListContainersOptions::default()))
+        .await?;
+    Ok(listed
+        .into_iter()
+        .filter_map(|c| {
+            let running = c.state.as_ref().is_some_and(|s| s.to_string() == "running");
+            if !running {
+                return None;
+            }
+            let ports = c
+                .ports
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|p| p.typ.as_ref().is_none_or(|t| t.to_string() == "tcp"))
+                .filter_map(|p| {
+                    let host_ip = match p.ip.as_deref().map(str::parse::<Ipv4Addr>) {
+                        // IPv6 bindings ("::") are listed besides the IPv4 ones: skipped.
+                        Some(Err(_)) => return None,
+                        Some(Ok(ip)) if !ip.is_unspecified() => Some(ip),
+                        _ => None,
+                    };
+                    Some((p.private_port, host_ip, p.public_port?))
+                })
+                .collect();
+            Some(Published {
+                id: c.id?,
+                name: c
+                    .names
+                    .and_then(|n| n.into_iter().next())
+                    .unwrap_or_default()
+                    .trim_start_matches('/')
+                    .to_owned(),
+                image: c.image.unwrap_or_default(),
+                labels: c.labels.unwrap_or_default().into_iter().collect(),
+                unhealthy: c.status.is_some_and(|s| s.contains("(unhealthy)")),
+                ports,
+            })
+        })
+        .collect())
+}
+
+/// The keys and values this host should have in etcd: for each service, each matching
+/// container serving (not unhealthy, not being stopped) that publishes the service's port.
+pub fn entries(
+    services: &[PublishService],
+    containers: &[Published],
+    stopping: &HashSet<String>,
+    address: Ipv4Addr,
+    hostname: &str,
+) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for s in services {
+        for c in containers {
+            if c.unhealthy || stopping.contains(&c.id) || !c.matches(s) {
+                continue;
+            }
+            let mut seen = HashSet::new();
+            for &(private, host_ip, public) in &c.ports {
+                if private != s.port {
+                    continue;
+                }
+                let addr = std::net::SocketAddrV4::new(host_ip.unwrap_or(address), public);
+                if !seen.insert(addr) {
+                    continue;
+                }
+                let value = serde_json::json!({
+                    "address": addr.to_string(),
+                    "weight": s.weight,
+                    "container": c.name,
+                    "host": hostname,
+                });
+                out.insert(format!("{}{addr}", s.prefix), value.to_string());
+            }
+        }
+    }
+    out
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Follows Docker: after each listing (at connect, after each container event) sends the
+/// entries this host should publish. Keeps the last ones while Docker cannot be reached.
+async fn follow_docker(
+    socket: String,
+    services: Vec<PublishService>,
+    address: Ipv4Addr,
+    tx: watch::Sender<Option<BTreeMap<String, String>>>,
+) {
+    let host = hostname();
+    let mut backoff = Duration::from_millis(100);
+    let mut last_error = String::new();
+    loop {
+        let result: Result<(), String> = async {
+            let docker = Docker::connect_with_unix(&socket, 30, bollard::API_DEFAULT_VERSION)
+                .map_err(|e| format!("connecting to {socket}: {e}"))?
+                .negotiate_version()
+                .await
+                .map_err(|e| format!("talking to dockerd on {socket}: {e}"))?;
+            let since = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs().saturating_sub(1))
+                .unwrap_or(0);
+            let mut events = docker.events(Some(EventsOptions {
+                since: Some(since.to_string()),
+                until: None,
+                filters: Some(HashMap::from([(
+                    "type".to_owned(),
+                    vec!["container".to_owned()],
+                )])),
+            }));
+            // Containers told to stop: out at once, until the listing no longer shows them.
+            let mut stopping = HashSet::new();
+            loop {
+                let listed = published_ports(&docker)
+                    .await
+                    .map_err(|e| format!("listing containers: {e}"))?;
+                stopping.retain(|id| listed.iter().any(|c| &c.id == id));
+                tx.send_replace(Some(entries(&services, &listed, &stopping, address, &host)));
+                backoff = Duration::from_millis(100);
+                // The next container event (exec_* aside) calls for a new listing.
+                loop {
+                    let ev = events
+                        .next()
+                        .await
+                        .ok_or_else(|| "event stream ended".to_owned())?
+                        .map_err(|e| format!("event stream: {e}"))?;
+                    let action = ev.action.unwrap_or_default();
+                    if action.starts_with("exec_") {
+                        continue;
+                    }
+                    let actor = ev.actor.unwrap_or_default();
+                    if action == "kill"
+                        && crate::discovery::is_stop_signal(
+                            actor.attributes.unwrap_or_default().get("signal"),
+                        )
+                        && let Some(id) = actor.id
+                    {
+                        stopping.insert(id);
+                    }
+                    break;
+                }
+            }
+        }
+        .await;
+        let Err(e) = result else { return };
+        if e != last_error {
+            warn!("docker: {e}; what is published stays; reconnecting with backoff");
+            last_error = e;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Why a lease's life ended.
+enum LeaseEnd {
+    Stop,
+    Failed(String),
+}
+
+/// One lease's life: grant it, write what Docker says under it, refresh it, until etcd fails
+/// or a stop is asked for (then it is revoked: the keys go at once).
+async fn lease_life(
+    client: &mut Client,
+    ttl: i64,
+    desired: &mut watch::Receiver<Option<BTreeMap<String, String>>>,
+    stop: &mut watch::Receiver<bool>,
+) -> LeaseEnd {
+    let fail = |what: &str, e: etcd_client::Error| LeaseEnd::Failed(format!("{what}: {e}"));
+    let lease = match client.lease_grant(ttl, None).await {
+        Ok(l) => l.id(),
+        Err(e) => return fail("granting a lease", e),
+    };
+    let (mut keeper, mut acks) = match client.lease_keep_alive(lease).await {
+        Ok(k) => k,
+        Err(e) => return fail("keeping the lease alive", e),
+    };
+    let mut written: BTreeMap<String, String> = BTreeMap::new();
+    let mut refresh = tokio::time::interval(Duration::from_secs(ttl as u64) / 3);
+    let mut first = true;
+    loop {
+        let want = desired.borrow_and_update().clone();
+        if let Some(want) = want {
+            for (k, v) in &want {
+                if written.get(k) != Some(v) {
+                    if let Err(e) = client
+                        .put(
+                            k.as_str(),
+                            v.as_str(),
+                            Some(PutOptions::new().with_lease(lease)),
+                        )
+                        .await
+                    {
+                        return fail(&format!("writing {k}"), e);
+                    }
+                    info!("published {k} = {v}");
+                }
+            }
+            let gone: Vec<String> = written
+                .keys()
+                .filter(|k| !want.contains_key(*k))
+                .cloned()
+                .collect();
+            for k in gone {
+                if let Err(e) = client.delete(k.as_str(), None).await {
+                    return fail(&format!("deleting {k}"), e);
+                }
+                info!("withdrawn {k}");
+            }
+            if first {
+                info!(
+                    "publishing {} entries under lease {lease:x} (ttl {ttl} s)",
+                    want.len()
+                );
+                first = false;
+            }
+            written = want;
+        }
+        tokio::select! {
+            _ = refresh.tick() => {
+                if let Err(e) = keeper.keep_alive().await {
+                    return fail("refreshing the lease", e);
+                }
+                match acks.message().await {
+                    Ok(Some(r)) if r.ttl() > 0 => {}
+                    Ok(_) => return LeaseEnd::Failed(format!("lease {lease:x} expired")),
+                    Err(e) => return fail("refreshing the lease", e),
+                }
+            }
+            r = desired.changed() => {
+                if r.is_err() {
+                    return LeaseEnd::Stop;
+                }
+            }
+            _ = stop.changed() => {
+                match client.lease_revoke(lease).await {
+                    Ok(_) => info!("lease revoked: {} entries withdrawn", written.len()),
+                    Err(e) => warn!("revoking the lease (its entries go within {ttl} s): {e}"),
+                }
+                return LeaseEnd::Stop;
+            }
+        }
+    }
+}
+
+/// Runs the publisher until `stop`.
+pub async fn run(
+    publish: PublishConfig,
+    docker_socket: String,
+    connect: Connect,
+    address: Ipv4Addr,
+    mut stop: watch::Receiver<bool>,
+) {
+    let ttl = publish.ttl_secs as i64;
+    info!(
+        "berth publish: {} services from {docker_socket} as {address}, to etcd at {}",
+        publish.services.len(),
+        connect.endpoints.join(", ")
+    );
+    let (tx, mut desired) = watch::channel(None);
+    tokio::spawn(follow_docker(
+        docker_socket,
+        publish.services.clone(),
+        address,
+        tx,
+    ));
+    let mut backoff = Duration::from_millis(100);
+    let mut down = false;
+    loop {
+        let end = match connect.client().await {
+            Ok(mut client) => {
+                let t = tokio::time::Instant::now();
+                let end = lease_life(&mut client, ttl, &mut desired, &mut stop).await;
+                if t.elapsed() > Duration::from_secs(10) {
+                    backoff = Duration::from_millis(100);
+                }
+                end
+            }
+            Err(e) => LeaseEnd::Failed(format!("connecting: {e}")),
+        };
+        match end {
+            LeaseEnd::Stop => return,
+            LeaseEnd::Failed(e) if !down => {
+                warn!(
+                    "etcd: {e}; retrying with backoff (entries are written again under a new lease)"
+                );
+                down = true;
+            }
+            LeaseEnd::Failed(_) => {}
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.changed() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(prefix: &str, image: &str, port: u16) -> PublishService {
+        PublishService {
+            prefix: prefix.into(),
+            image: Some(image.into()),
+            labels: BTreeMap::new(),
+            port,
+            weight: 2,
+        }
+    }
+
+    fn c(id: &str, image: &str, ports: &[(u16, Option<[u8; 4]>, u16)]) -> Published {
+        Published {
+            id: id.into(),
+            name: format!("n-{id}"),
+            image: image.into(),
+            labels: BTreeMap::new(),
+            unhealthy: false,
+            ports: ports
+                .iter()
+                .map(|&(a, ip, b)| (a, ip.map(Ipv4Addr::from), b))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn published_ports_of_matching_containers_become_entries() {
+        let host = Ipv4Addr::new(192, 0, 2, 10);
+        let mut sick = c("d", "web", &[(8000, None, 32770)]);
+        sick.unhealthy = true;
+        let containers = vec![
+            c("a", "web:1", &[(8000, None, 32768), (9000, None, 32769)]),
+            c("b", "web", &[(8000, Some([198, 51, 100, 7]), 8080)]),
+            c("c", "db", &[(8000, None, 5432)]),
+            sick,
+            c("e", "web", &[]),
+            c("f", "web", &[(8000, None, 32771)]),
+        ];
+        let stopping = HashSet::from(["f".to_owned()]);
+        let e = entries(
+            &[svc("/web/", "web", 8000)],
+            &containers,
+            &stopping,
+            host,
+            "h1",
+        );
+        assert_eq!(
+            e.keys().collect::<Vec<_>>(),
+            ["/web/192.0.2.10:32768", "/web/198.51.100.7:8080"],
+            "the service's port only; a port bound to one address is announced there; \
+             unhealthy, stopping, unpublished and other images' containers left out"
+        );
+        let v: serde_json::Value = serde_json::from_str(&e["/web/192.0.2.10:32768"]).unwrap();
+        assert_eq!(v["address"], "192.0.2.10:32768");
+        assert_eq!(v["weight"], 2);
+        assert_eq!(v["container"], "n-a");
+        // What a balancer reads back.
+        assert_eq!(
+            crate::discovery::etcd::parse_value(e["/web/192.0.2.10:32768"].as_bytes()),
+            Ok(crate::discovery::etcd::Entry {
+                addr: "192.0.2.10:32768".parse().unwrap(),
+                weight: 2
+            })
+        );
+    }
+}
