@@ -153,7 +153,7 @@ fn containers_on_three_hosts_make_one_pool_and_a_host_cut_off_leaves_it() {
     );
     let ifaces = [TEST.uplink, TEST.bridge, b.link.as_str(), c.link.as_str()];
     let berth = Berth::start_root("docker-hosts", &config, &ifaces);
-    berth.wait_for("(docker: resync)", 3);
+    berth.wait_for(" added (weight ", 3);
 
     // One pool of the three hosts' containers.
     let m = lab.spread(90);
