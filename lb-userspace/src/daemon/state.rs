@@ -913,7 +913,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    const THREE_ENGINES: &str = "[docker]\ngrace_secs = 5\n\
+    const THREE_ENGINES: &str = "[docker]\ngrace_secs = 5\nreadiness_probe = false\n\
         [[docker.engine]]\nname = \"a\"\nendpoint = \"unix:///run/a.sock\"\n\
         [[docker.engine]]\nname = \"b\"\nendpoint = \"tcp://10.42.2.2:2375\"\n\
         [[docker.engine]]\nname = \"c\"\nendpoint = \"tcp://10.42.3.2:2375\"\n\
