@@ -575,7 +575,7 @@ fn failing_backend_leaves_after_fall_checks_and_returns_after_rise() {
     // Backends enter after their first passing checks (rise = 2 at 200 ms).
     for n in 1..=3 {
         berth.wait_for(
-            &format!("backend 10.20.0.1{n}:8000 added (weight 1, dnat) (health check passing)"),
+            &format!("backend 10.20.0.1{n}:8000 added (weight 1) (health check passing)"),
             1,
         );
     }
@@ -594,7 +594,7 @@ fn failing_backend_leaves_after_fall_checks_and_returns_after_rise() {
     // b3 comes back and rejoins after `rise` passing checks.
     let back = Servers::start(&t.backends[2], "b3", sa("10.20.0.13:8000"), true);
     berth.wait_for(
-        "backend 10.20.0.13:8000 added (weight 1, dnat) (health check passing)",
+        "backend 10.20.0.13:8000 added (weight 1) (health check passing)",
         2,
     );
     std::thread::sleep(Duration::from_millis(500));
