@@ -4,6 +4,7 @@
 //! status, metrics), and `berth publish`. ARCHITECTURE.md at the repository root maps them.
 
 pub mod api;
+pub mod backoff;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;

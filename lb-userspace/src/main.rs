@@ -101,15 +101,8 @@ fn run(source: Option<Source>, overrides: daemon::Overrides, admin_socket: PathB
             return ExitCode::FAILURE;
         }
     };
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            error!("starting the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(rt) = runtime() else {
+        return ExitCode::FAILURE;
     };
     match rt.block_on(daemon::run(run)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -178,15 +171,8 @@ fn publish(path: &Path, address: Option<std::net::Ipv4Addr>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            error!("starting the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(rt) = runtime() else {
+        return ExitCode::FAILURE;
     };
     rt.block_on(async move {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -310,4 +296,13 @@ fn check_config(src: &Source) -> ExitCode {
         }
         Err(e) => config_failure(path, &e),
     }
+}
+
+/// The single-threaded runtime `run` and `publish` work on (None: said why).
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| error!("starting the runtime: {e}"))
+        .ok()
 }

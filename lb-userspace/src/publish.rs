@@ -166,7 +166,7 @@ async fn follow_docker(
     tx: watch::Sender<Option<BTreeMap<String, String>>>,
 ) {
     let host = hostname();
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = crate::backoff::Backoff::default();
     let mut last_error = String::new();
     loop {
         let result: Result<(), String> = async {
@@ -195,7 +195,7 @@ async fn follow_docker(
                     .map_err(|e| format!("listing containers: {e}"))?;
                 stopping.retain(|id| listed.iter().any(|c| &c.id == id));
                 tx.send_replace(Some(entries(&services, &listed, &stopping, address, &host)));
-                backoff = Duration::from_millis(100);
+                backoff.reset();
                 // The next container event (exec_* aside) calls for a new listing.
                 loop {
                     let ev = events
@@ -226,8 +226,7 @@ async fn follow_docker(
             warn!("docker: {e}; what is published stays; reconnecting with backoff");
             last_error = e;
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(2));
+        backoff.sleep().await;
     }
 }
 
@@ -343,7 +342,7 @@ pub async fn run(
         address,
         tx,
     ));
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = crate::backoff::Backoff::default();
     let mut down = false;
     loop {
         let end = match connect.client().await {
@@ -351,7 +350,7 @@ pub async fn run(
                 let t = tokio::time::Instant::now();
                 let end = lease_life(&mut client, ttl, &mut desired, &mut stop).await;
                 if t.elapsed() > Duration::from_secs(10) {
-                    backoff = Duration::from_millis(100);
+                    backoff.reset();
                 }
                 end
             }
@@ -367,11 +366,9 @@ pub async fn run(
             }
             LeaseEnd::Failed(_) => {}
         }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = stop.changed() => return,
+        if !backoff.sleep_or_stop(&mut stop).await {
+            return;
         }
-        backoff = (backoff * 2).min(Duration::from_secs(2));
     }
 }
 

@@ -5,28 +5,39 @@ use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
 
+/// The text of /proc/net/route (empty if unreadable: no route is found in it).
+pub fn read_routes() -> String {
+    std::fs::read_to_string("/proc/net/route").unwrap_or_default()
+}
+
+/// The IPv4 default route's interface and gateway, in the text of /proc/net/route.
+fn default_route(routes: &str) -> Option<(String, std::net::Ipv4Addr)> {
+    routes
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() > 7 && f[1] == "00000000" && f[7] == "00000000")
+        .and_then(|f| {
+            let gw = u32::from_str_radix(f[2], 16).ok()?;
+            Some((f[0].to_owned(), std::net::Ipv4Addr::from(gw.to_ne_bytes())))
+        })
+}
+
 /// The interface of the IPv4 default route (from /proc/net/route).
 pub fn default_route_iface() -> anyhow::Result<String> {
     let routes = std::fs::read_to_string("/proc/net/route").context("reading /proc/net/route")?;
-    for line in routes.lines().skip(1) {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        if f.len() > 7 && f[1] == "00000000" && f[7] == "00000000" {
-            return Ok(f[0].to_owned());
-        }
+    match default_route(&routes) {
+        Some((iface, _)) => Ok(iface),
+        None => bail!(
+            "no IPv4 default route: name the interface(s) with --iface or dataplane.interfaces"
+        ),
     }
-    bail!("no IPv4 default route: name the interface(s) with --iface or dataplane.interfaces")
 }
 
 /// The interface of the route the kernel's main table gives toward `to` (longest prefix, then
-/// lowest metric; from /proc/net/route). Policy routing is not followed.
-pub fn route_interface(to: std::net::Ipv4Addr) -> Option<String> {
-    let routes = std::fs::read_to_string("/proc/net/route").ok()?;
-    route_interface_in(&routes, to)
-}
-
-/// [`route_interface`] over the text of /proc/net/route (addresses and masks are hex of the
-/// in-memory, network-order words).
-fn route_interface_in(routes: &str, to: std::net::Ipv4Addr) -> Option<String> {
+/// lowest metric), in `routes`, the text of /proc/net/route (addresses and masks are hex of the
+/// in-memory, network-order words). Policy routing is not followed.
+pub fn route_interface_in(routes: &str, to: std::net::Ipv4Addr) -> Option<String> {
     const RTF_UP: u32 = 0x1;
     let to = u32::from_ne_bytes(to.octets());
     let hex = |s: &str| u32::from_str_radix(s, 16).ok();
@@ -51,24 +62,13 @@ fn route_interface_in(routes: &str, to: std::net::Ipv4Addr) -> Option<String> {
 }
 
 /// The address this host sends from towards its default gateway (what other hosts on that
-/// network reach it on), without sending anything: a UDP socket "connected" to the gateway.
+/// network reach it on), without sending anything.
 pub fn default_route_address() -> anyhow::Result<std::net::Ipv4Addr> {
     let routes = std::fs::read_to_string("/proc/net/route").context("reading /proc/net/route")?;
-    let gw = routes
-        .lines()
-        .skip(1)
-        .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .find(|f| f.len() > 7 && f[1] == "00000000" && f[7] == "00000000")
-        .and_then(|f| u32::from_str_radix(f[2], 16).ok())
-        .map(|g| std::net::Ipv4Addr::from(g.to_le_bytes()))
+    let (_, gw) = default_route(&routes)
         .context("no IPv4 default route: give the address (publish.address or --address)")?;
-    let s = std::net::UdpSocket::bind("0.0.0.0:0").context("opening a UDP socket")?;
-    s.connect((gw, 9))
-        .with_context(|| format!("finding the route to the gateway {gw}"))?;
-    match s.local_addr().context("reading the local address")? {
-        std::net::SocketAddr::V4(a) if !a.ip().is_unspecified() => Ok(*a.ip()),
-        other => bail!("no IPv4 address towards the gateway {gw} ({other})"),
-    }
+    crate::dataplane::source_toward(gw)
+        .with_context(|| format!("finding this host's address towards the gateway {gw}"))
 }
 
 /// The host's `ip_local_port_range` (the source ports its own connections take), when readable.
@@ -120,6 +120,11 @@ mod tests {
             eth2\t0000320A\t00000000\t0001\t0\t0\t5\t00FFFFFF\t0\t0\t0\n\
             down0\t0B00320A\t00000000\t0000\t0\t0\t0\tFFFFFFFF\t0\t0\t0\n";
         let at = |a: [u8; 4]| route_interface_in(routes, std::net::Ipv4Addr::from(a));
+        assert_eq!(
+            default_route(routes),
+            Some(("eth0".to_owned(), std::net::Ipv4Addr::new(10, 0, 0, 1)))
+        );
+        assert_eq!(default_route("Iface\n"), None);
         assert_eq!(
             at([10, 50, 0, 11]).as_deref(),
             Some("eth1"),

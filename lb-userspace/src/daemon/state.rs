@@ -685,8 +685,9 @@ impl Daemon {
             .filter(|b| b.nat == Nat::Full)
             .map(|b| *b.addr.ip())
             .collect();
+        let routes = super::host::read_routes();
         for ip in full_nat {
-            match super::host::route_interface(ip) {
+            match super::host::route_interface_in(&routes, ip) {
                 // Loopback: the backend is this host, nothing to translate on the way back.
                 Some(i) if i != "lo" => {
                     wanted.entry(i).or_insert("route to full-NAT backends");

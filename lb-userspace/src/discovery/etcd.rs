@@ -388,7 +388,7 @@ pub async fn run(
     tx: mpsc::Sender<Update>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = crate::backoff::Backoff::default();
     let mut down = false;
     loop {
         let current = prefixes.borrow_and_update().clone();
@@ -424,14 +424,10 @@ pub async fn run(
                 }
             }
         }
-        if started.elapsed() > Duration::from_secs(10) {
-            backoff = Duration::from_millis(100);
+        backoff.ended_after(started.elapsed());
+        if !backoff.sleep_or_stop(&mut stop).await {
+            return;
         }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = stop.changed() => return,
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(2));
     }
 }
 
