@@ -66,7 +66,8 @@ pub enum Command {
     /// lease refreshed while it runs, for balancers watching those prefixes. SIGTERM/SIGINT
     /// withdraw them.
     Publish {
-        /// TOML config file with `[etcd]` and `[publish]` (`[docker] socket` too).
+        /// TOML config file with `[etcd]` and `[publish]`, and the Docker Engines as for `berth
+        /// run` (`[[docker.engine]]`, `[docker] socket`, else `DOCKER_HOST` as the docker CLI).
         #[arg(long, short)]
         config: PathBuf,
         /// This host's address as the balancers reach it; replaces `publish.address`. Default:

@@ -152,24 +152,34 @@ fn publish(path: &Path, address: Option<std::net::Ipv4Addr>) -> ExitCode {
             });
         }
         let connect = lb_userspace::discovery::etcd::Connect::from_config(&cfg.etcd)?;
-        Ok((cfg, connect))
+        // The daemon's engines: `[[docker.engine]]`, `[docker] socket`, else DOCKER_HOST.
+        let engines = daemon::engines(&cfg)?;
+        Ok((cfg, connect, engines))
     });
-    let (cfg, connect) = match checked {
+    let (cfg, connect, engines) = match checked {
         Ok(c) => c,
         Err(e) => return config_failure(path, &e),
     };
-    let address = match address.map_or_else(
+    // Where this host's engines' containers are announced. Needed at once when an engine is a
+    // Unix socket (always this host); a TCP engine turns out to be this host only when its
+    // watcher connects, and is then refused on its own if the address is unknown.
+    let host_address = match address.map_or_else(
         || match &cfg.publish.address {
             Some(a) => a.parse().map_err(anyhow::Error::from),
             None => daemon::host::default_route_address(),
         },
         Ok,
     ) {
-        Ok(a) => a,
-        Err(e) => {
+        Ok(a) => Some(a),
+        Err(e)
+            if engines
+                .iter()
+                .any(|c| matches!(c.engine.endpoint, lb_userspace::config::Endpoint::Unix(_))) =>
+        {
             error!("{e:#}");
             return ExitCode::FAILURE;
         }
+        Err(_) => None,
     };
     let Some(rt) = runtime() else {
         return ExitCode::FAILURE;
@@ -178,11 +188,9 @@ fn publish(path: &Path, address: Option<std::net::Ipv4Addr>) -> ExitCode {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(lb_userspace::publish::run(
             cfg.publish,
-            cfg.docker
-                .socket
-                .unwrap_or_else(|| "/var/run/docker.sock".into()),
+            engines,
             connect,
-            address,
+            host_address,
             stop_rx,
         ));
         let (Ok(mut term), Ok(mut int)) = (

@@ -10,10 +10,15 @@
 //! the TTL and the balancers drain those backends. On SIGTERM/SIGINT the lease is revoked, so the
 //! keys go at once.
 //!
-//! Docker is followed as `berth run` follows it (a listing, then the event stream, reconnecting
-//! with backoff); a container is taken out at its `kill` event, before it stops serving. While
-//! Docker cannot be reached, what was published stays; while etcd cannot be reached, the
-//! publisher retries with backoff and writes everything again under a fresh lease.
+//! The engines are the daemon's: `[[docker.engine]]` entries (Unix socket, TCP, TLS), the
+//! `[docker] socket` shorthand, else the docker CLI's environment (`DOCKER_HOST`, ...). Each is
+//! followed on its own, as `berth run` follows it (a listing, then the event stream,
+//! reconnecting with backoff); a container is taken out at its `kill` event, before it stops
+//! serving. An engine of this host (a Unix socket, or TCP to one of this host's addresses)
+//! announces its containers at the publisher's address; another host's engine at its own
+//! `address` (default: the endpoint's host), so one publisher can stand for several hosts.
+//! While an engine cannot be reached, what it had published stays; while etcd cannot be
+//! reached, the publisher retries with backoff and writes everything again under a fresh lease.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -32,8 +37,12 @@ use tracing::{info, warn};
 
 use crate::{
     config::{PublishConfig, PublishService},
-    discovery::{ContainerInfo, etcd::Connect},
+    discovery::{ContainerInfo, EngineClient, etcd::Connect},
 };
+
+/// What each engine's containers should have in etcd (engine name -> key -> value); an engine
+/// is absent until its first listing.
+type Desired = BTreeMap<String, BTreeMap<String, String>>;
 
 /// A running container as the publisher sees it: identity, labels, and its published ports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,6 +131,7 @@ pub fn entries(
     stopping: &HashSet<String>,
     address: Ipv4Addr,
     hostname: &str,
+    engine: &str,
 ) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     for s in services {
@@ -143,6 +153,7 @@ pub fn entries(
                     "weight": s.weight,
                     "container": c.name,
                     "host": hostname,
+                    "engine": engine,
                 });
                 out.insert(format!("{}{addr}", s.prefix), value.to_string());
             }
@@ -157,24 +168,54 @@ fn hostname() -> String {
         .unwrap_or_default()
 }
 
-/// Follows Docker: after each listing (at connect, after each container event) sends the
-/// entries this host should publish. Keeps the last ones while Docker cannot be reached.
+/// Where an engine's containers are announced: this host's engines at `host_address`, another
+/// host's at its own address. Err: why none is known.
+fn announce_at(
+    reach: crate::discovery::Reach,
+    host_address: Option<Ipv4Addr>,
+) -> Result<Ipv4Addr, String> {
+    match (reach.local, reach.address, host_address) {
+        (true, _, Some(a)) => Ok(a),
+        (true, _, None) => Err(
+            "this host's engine, but this host's address is unknown (no \
+                                default route): give publish.address or --address"
+                .into(),
+        ),
+        (false, Some(a), _) => Ok(a),
+        (false, None, _) => Err(
+            "its endpoint's host has no IPv4 address: give the engine's \
+                                 `address`"
+                .into(),
+        ),
+    }
+}
+
+/// Follows one engine: after each listing (at connect, after each container event) sets the
+/// entries its containers should have. Keeps the last ones while the engine cannot be reached.
 async fn follow_docker(
-    socket: String,
+    client: EngineClient,
     services: Vec<PublishService>,
-    address: Ipv4Addr,
-    tx: watch::Sender<Option<BTreeMap<String, String>>>,
+    host_address: Option<Ipv4Addr>,
+    tx: watch::Sender<Desired>,
 ) {
     let host = hostname();
+    let engine = client.name().to_owned();
+    let endpoint = client.engine.endpoint.to_string();
     let mut backoff = crate::backoff::Backoff::default();
     let mut last_error = String::new();
+    let mut first = true;
     loop {
         let result: Result<(), String> = async {
-            let docker = Docker::connect_with_unix(&socket, 30, bollard::API_DEFAULT_VERSION)
-                .map_err(|e| format!("connecting to {socket}: {e}"))?
+            let docker = client
+                .connect()?
                 .negotiate_version()
                 .await
-                .map_err(|e| format!("talking to dockerd on {socket}: {e}"))?;
+                .map_err(|e| format!("talking to dockerd on {endpoint}: {e}"))?;
+            let here: Vec<Ipv4Addr> = crate::dataplane::host_ipv4_addrs()
+                .into_iter()
+                .map(|a| Ipv4Addr::from(a.to_ne_bytes()))
+                .collect();
+            let address = announce_at(client.reach(&here).await, host_address)?;
             let since = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs().saturating_sub(1))
@@ -187,6 +228,13 @@ async fn follow_docker(
                     vec!["container".to_owned()],
                 )])),
             }));
+            if first || !last_error.is_empty() {
+                info!(
+                    "docker {engine}: following {endpoint}; its containers are announced at \
+                     {address}"
+                );
+                first = false;
+            }
             // Containers told to stop: out at once, until the listing no longer shows them.
             let mut stopping = HashSet::new();
             loop {
@@ -194,8 +242,12 @@ async fn follow_docker(
                     .await
                     .map_err(|e| format!("listing containers: {e}"))?;
                 stopping.retain(|id| listed.iter().any(|c| &c.id == id));
-                tx.send_replace(Some(entries(&services, &listed, &stopping, address, &host)));
+                let want = entries(&services, &listed, &stopping, address, &host, &engine);
+                tx.send_modify(|d| {
+                    d.insert(engine.clone(), want);
+                });
                 backoff.reset();
+                last_error.clear();
                 // The next container event (exec_* aside) calls for a new listing.
                 loop {
                     let ev = events
@@ -223,7 +275,7 @@ async fn follow_docker(
         .await;
         let Err(e) = result else { return };
         if e != last_error {
-            warn!("docker: {e}; what is published stays; reconnecting with backoff");
+            warn!("docker {engine}: {e}; what it published stays; reconnecting with backoff");
             last_error = e;
         }
         backoff.sleep().await;
@@ -241,7 +293,7 @@ enum LeaseEnd {
 async fn lease_life(
     client: &mut Client,
     ttl: i64,
-    desired: &mut watch::Receiver<Option<BTreeMap<String, String>>>,
+    desired: &mut watch::Receiver<Desired>,
     stop: &mut watch::Receiver<bool>,
 ) -> LeaseEnd {
     let fail = |what: &str, e: etcd_client::Error| LeaseEnd::Failed(format!("{what}: {e}"));
@@ -257,7 +309,16 @@ async fn lease_life(
     let mut refresh = tokio::time::interval(Duration::from_secs(ttl as u64) / 3);
     let mut first = true;
     loop {
-        let want = desired.borrow_and_update().clone();
+        // Nothing is touched before the first engine has been listed.
+        let want = {
+            let d = desired.borrow_and_update();
+            (!d.is_empty()).then(|| {
+                d.values()
+                    .flatten()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect::<BTreeMap<_, _>>()
+            })
+        };
         if let Some(want) = want {
             for (k, v) in &want {
                 if written.get(k) != Some(v) {
@@ -321,27 +382,39 @@ async fn lease_life(
     }
 }
 
-/// Runs the publisher until `stop`.
+/// Runs the publisher until `stop`: one follower per engine, one lease for all their entries.
+/// `host_address` is where this host's engines' containers are announced (None: unknown; an
+/// engine of this host is then named in a warning and publishes nothing).
 pub async fn run(
     publish: PublishConfig,
-    docker_socket: String,
+    engines: Vec<EngineClient>,
     connect: Connect,
-    address: Ipv4Addr,
+    host_address: Option<Ipv4Addr>,
     mut stop: watch::Receiver<bool>,
 ) {
     let ttl = publish.ttl_secs as i64;
     info!(
-        "berth publish: {} services from {docker_socket} as {address}, to etcd at {}",
+        "berth publish: {} services from {} engines ({}), to etcd at {}",
         publish.services.len(),
+        engines.len(),
+        engines
+            .iter()
+            .map(|e| format!("{} {}", e.name(), e.engine.endpoint))
+            .collect::<Vec<_>>()
+            .join(", "),
         connect.endpoints.join(", ")
     );
-    let (tx, mut desired) = watch::channel(None);
-    tokio::spawn(follow_docker(
-        docker_socket,
-        publish.services.clone(),
-        address,
-        tx,
-    ));
+    let (tx, mut desired) = watch::channel(Desired::new());
+    for engine in engines {
+        tokio::spawn(follow_docker(
+            engine,
+            publish.services.clone(),
+            host_address,
+            tx.clone(),
+        ));
+    }
+    // The followers hold the senders; this one would keep `changed()` from ever failing.
+    drop(tx);
     let mut backoff = crate::backoff::Backoff::default();
     let mut down = false;
     loop {
@@ -401,6 +474,38 @@ mod tests {
     }
 
     #[test]
+    fn this_hosts_engines_announce_at_its_address_others_at_theirs() {
+        use crate::discovery::Reach;
+        let here = Ipv4Addr::new(192, 0, 2, 10);
+        let me = Some(here);
+        let b = Ipv4Addr::new(10, 42, 2, 2);
+        let local = |address| Reach {
+            address,
+            local: true,
+        };
+        let remote = |address| Reach {
+            address,
+            local: false,
+        };
+        // A Unix socket, or TCP to this host (DOCKER_HOST=tcp://127.0.0.1:2375): this host.
+        assert_eq!(announce_at(local(None), me), Ok(here));
+        assert_eq!(announce_at(local(Some(Ipv4Addr::LOCALHOST)), me), Ok(here));
+        assert!(
+            announce_at(local(None), None)
+                .unwrap_err()
+                .contains("publish.address")
+        );
+        // Another host's engine: its own address, whatever this host's is.
+        assert_eq!(announce_at(remote(Some(b)), me), Ok(b));
+        assert_eq!(announce_at(remote(Some(b)), None), Ok(b));
+        assert!(
+            announce_at(remote(None), me)
+                .unwrap_err()
+                .contains("address")
+        );
+    }
+
+    #[test]
     fn published_ports_of_matching_containers_become_entries() {
         let host = Ipv4Addr::new(192, 0, 2, 10);
         let mut sick = c("d", "web", &[(8000, None, 32770)]);
@@ -420,6 +525,7 @@ mod tests {
             &stopping,
             host,
             "h1",
+            "default",
         );
         assert_eq!(
             e.keys().collect::<Vec<_>>(),
@@ -431,6 +537,7 @@ mod tests {
         assert_eq!(v["address"], "192.0.2.10:32768");
         assert_eq!(v["weight"], 2);
         assert_eq!(v["container"], "n-a");
+        assert_eq!(v["engine"], "default");
         // What a balancer reads back.
         assert_eq!(
             crate::discovery::etcd::parse_value(e["/web/192.0.2.10:32768"].as_bytes()),
