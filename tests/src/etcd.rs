@@ -140,6 +140,39 @@ impl Etcd {
         self.ctl(&["put", &format!("--lease={lease}"), key, value]);
     }
 
+    /// Writes `key` `n` times, with `value(i)` each time, as fast as the member takes them
+    /// (one client, from the member's namespace; `etcdctl` per write would take minutes).
+    pub fn put_many(&self, key: &str, n: usize, value: impl Fn(usize) -> String + Send + 'static) {
+        let endpoint = self.endpoint();
+        let key = key.to_owned();
+        crate::netns::in_netns(&self.ns, move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let mut c = etcd_client::Client::connect([endpoint.as_str()], None)
+                    .await
+                    .expect("etcd client");
+                for i in 0..n {
+                    c.put(key.as_str(), value(i), None)
+                        .await
+                        .unwrap_or_else(|e| panic!("put {i} of {n} to {key}: {e}"));
+                }
+            });
+        });
+    }
+
+    /// The store's current revision.
+    pub fn revision(&self) -> i64 {
+        let out = self.ctl(&["get", "berth-test-revision-probe", "-w", "json"]);
+        let v: serde_json::Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+        v["header"]["revision"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("no revision in {out}"))
+    }
+
     /// The keys under `prefix`.
     pub fn keys(&self, prefix: &str) -> Vec<String> {
         self.ctl(&["get", "--prefix", "--keys-only", prefix])

@@ -37,6 +37,8 @@ pub struct Fabric {
     pub etcd: Etcd,
     pub client: Netns,
     pub nodes: Vec<Netns>,
+    /// Namespaces of other Docker hosts plugged into the switch (`plug`).
+    plugged: std::sync::Mutex<Vec<String>>,
     _etcd_ns: Netns,
     _switch: Netns,
 }
@@ -104,9 +106,34 @@ impl Fabric {
             etcd,
             client,
             nodes: ns,
+            plugged: std::sync::Mutex::new(Vec::new()),
             _etcd_ns: et,
             _switch: sw,
         }
+    }
+
+    /// Plugs another Docker host (an engine host's namespace) into the switch as `addr`
+    /// (10.72.0.x) on its interface `fab0`, with its route to the clients through the floating
+    /// gateway, as this host's. Its published ports are then reached at `addr`.
+    pub fn plug(&self, host: &Netns, port: &str, addr: Ipv4Addr) {
+        veth(host, "fab0", &self._switch, port);
+        self._switch
+            .exec(&["ip", "link", "set", port, "master", "sw0"]);
+        host.exec(&["ip", "addr", "add", &format!("{addr}/24"), "dev", "fab0"]);
+        host.exec(&[
+            "ip",
+            "route",
+            "add",
+            "10.74.0.0/24",
+            "via",
+            "10.72.0.254",
+            "dev",
+            "fab0",
+        ]);
+        self.plugged
+            .lock()
+            .expect("plugged hosts")
+            .push(host.name.clone());
     }
 
     /// A balancer's config: the service, its backends under `PREFIX` in this fabric's etcd.
@@ -138,7 +165,7 @@ etcd = {{ prefix = "{PREFIX}" }}
     }
 
     /// Balancer `k` takes the traffic: the client's route to the service and the floating
-    /// gateway move to it (the Docker host's neighbour entries are flushed in place of the
+    /// gateway move to it (the Docker hosts' neighbour entries are flushed in place of the
     /// gratuitous ARP keepalived would send).
     pub fn activate(&self, k: usize) {
         for (i, n) in self.nodes.iter().enumerate() {
@@ -151,6 +178,9 @@ etcd = {{ prefix = "{PREFIX}" }}
             }
         }
         sh(&["ip", "neigh", "flush", "dev", UPLINK]);
+        for host in self.plugged.lock().expect("plugged hosts").iter() {
+            sh(&["ip", "-n", host, "neigh", "flush", "dev", "fab0"]);
+        }
         self.client.exec(&[
             "ip",
             "route",
@@ -188,15 +218,25 @@ impl Drop for Fabric {
     }
 }
 
-/// `berth publish` running on this host (the root namespace, where Docker is); killed on drop.
+/// `berth publish` running on this host (the root namespace, where Docker is), or in another
+/// Docker host's namespace; killed on drop.
 pub struct Publisher {
     child: Option<Child>,
     pub log: PathBuf,
     config: PathBuf,
+    /// The namespace it runs in (None: the root namespace).
+    ns: Option<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Publisher {
     pub fn start(tag: &str, config: &str) -> Self {
+        Self::start_in(tag, config, None, &[])
+    }
+
+    /// Started in namespace `ns` (None: this one) with `env` added to its environment (e.g.
+    /// `DOCKER_HOST`).
+    pub fn start_in(tag: &str, config: &str, ns: Option<&Netns>, env: &[(&str, &str)]) -> Self {
         let dir = std::env::temp_dir().join(format!("berth-e2e-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let path = dir.join(format!("{tag}.publish.toml"));
@@ -207,6 +247,11 @@ impl Publisher {
             child: None,
             log,
             config: path,
+            ns: ns.map(|n| n.name.clone()),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         p.respawn();
         p
@@ -219,11 +264,15 @@ impl Publisher {
             .append(true)
             .open(&self.log)
             .expect("log");
+        let mut cmd = match &self.ns {
+            Some(ns) => crate::netns::ns_command(ns, berth_bin()),
+            None => Command::new(berth_bin()),
+        };
         self.child = Some(
-            Command::new(berth_bin())
-                .args(["publish", "--config"])
+            cmd.args(["publish", "--config"])
                 .arg(&self.config)
                 .env("RUST_LOG", "info")
+                .envs(self.env.iter().map(|(k, v)| (k, v)))
                 .stdout(Stdio::null())
                 .stderr(log)
                 .spawn()

@@ -21,11 +21,14 @@ use std::{
 };
 
 use berth_tests::{
-    docker::{Lab, Layout, docker},
+    docker::{Lab, Layout, TEST, docker},
+    engines::{EngineHost, HostSpec},
     etcd::{Etcd, value},
     fabric::{self, Fabric, Publisher},
     servers::http_get,
-    topo::{Berth, Netns, Servers, Session, remove_leftovers, responder, tcp_request, veth},
+    topo::{
+        Berth, Netns, Servers, Session, remove_leftovers, responder, signal, tcp_request, veth,
+    },
 };
 
 const PREFIX: &str = "/berth/services/web/";
@@ -647,4 +650,219 @@ fn berth_publish_feeds_two_balancers_and_its_lease_takes_the_containers_out() {
         "{}",
         publisher.log_text()
     );
+}
+
+/// The Docker hosts of the two-host publish test: each a dockerd in its own namespace
+/// (`berth_tests::engines`), plugged into the fabric's switch as 10.72.0.2N.
+const PUB_B: HostSpec = HostSpec {
+    name: "pb",
+    n: 5,
+    tls: false,
+};
+const PUB_C: HostSpec = HostSpec {
+    name: "pc",
+    n: 6,
+    tls: true,
+};
+
+/// The pool's addresses, sorted.
+fn pool_sorted(b: &Berth) -> Vec<String> {
+    let mut p = fabric::pool(b);
+    p.sort();
+    p
+}
+
+#[test]
+fn berth_publish_on_two_docker_hosts_feeds_two_balancers() {
+    remove_leftovers();
+    // Engine hosts first: dropped last, after the publishers and balancers.
+    let started: Vec<_> = [PUB_B, PUB_C]
+        .into_iter()
+        .map(|s| std::thread::spawn(move || EngineHost::start(s, TEST.image)))
+        .collect();
+    let hosts: Vec<EngineHost> = started
+        .into_iter()
+        .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+        .collect();
+    let (hb, hc) = (&hosts[0], &hosts[1]);
+    let f = Fabric::new(2);
+    let (addr_b, addr_c) = (Ipv4Addr::new(10, 72, 0, 21), Ipv4Addr::new(10, 72, 0, 22));
+    f.plug(&hb.ns, "p-hb", addr_b);
+    f.plug(&hc.ns, "p-hc", addr_c);
+    let n1 = f.berth(1);
+    let n2 = f.berth(2);
+    let etcd = format!(
+        "[etcd]\nendpoints = [\"{}\"]\ntimeout_ms = 1000\n",
+        f.etcd.endpoint()
+    );
+    let service = format!(
+        "[[publish.service]]\nprefix = \"{}\"\nimage = \"{}\"\nport = 8000\n",
+        fabric::PREFIX,
+        TEST.image
+    );
+    // Host b: a publisher on the host itself, finding its engine as the docker CLI does
+    // (DOCKER_HOST), announcing the host's address on the fabric.
+    let mut pub_b = Publisher::start_in(
+        "pub-b",
+        &format!("{etcd}[publish]\naddress = \"{addr_b}\"\nttl_secs = 2\n{service}"),
+        Some(&hb.ns),
+        &[("DOCKER_HOST", hb.socket().as_str())],
+    );
+    // Host c: published from elsewhere (this namespace) through its TLS API, a
+    // `[[docker.engine]]` entry whose `address` says where its published ports are reached.
+    let pub_c = Publisher::start(
+        "pub-c",
+        &format!(
+            "{etcd}{}address = \"{addr_c}\"\n[publish]\nttl_secs = 2\n{service}",
+            hc.engine_toml()
+        ),
+    );
+    let b1 = hb.run("bpb-1", TEST.image, &[]).hostname();
+    let c1 = hc.run("bpc-1", TEST.image, &[]).hostname();
+    let c2 = hc.run("bpc-2", TEST.image, &[]).hostname();
+    let long = Duration::from_secs(15);
+    for n in [&n1, &n2] {
+        fabric::wait_pool(n, 3, long);
+    }
+    // Both balancers have the same pool: host b's container at b's address, c's two at c's.
+    let p1 = pool_sorted(&n1);
+    assert_eq!(p1, pool_sorted(&n2), "the balancers disagree");
+    let on = |a: Ipv4Addr| {
+        p1.iter()
+            .filter(|x| x.starts_with(&format!("{a}:")))
+            .count()
+    };
+    assert_eq!((on(addr_b), on(addr_c)), (1, 2), "{p1:?}");
+    let keys = f.etcd.ctl(&["get", "--prefix", fabric::PREFIX]);
+    assert!(
+        keys.contains("\"engine\":\"default\"") && keys.contains("\"engine\":\"pc\""),
+        "each entry names its engine: {keys}"
+    );
+    // Served through either balancer.
+    let all: std::collections::BTreeSet<String> = [b1.clone(), c1.clone(), c2.clone()].into();
+    for k in 1..=2 {
+        f.activate(k);
+        let spread = http_spread(&f, 45);
+        println!("through balancer {k}: {spread:?}");
+        assert_eq!(
+            spread
+                .keys()
+                .cloned()
+                .collect::<std::collections::BTreeSet<_>>(),
+            all,
+            "balancer {k} does not serve the containers of both hosts"
+        );
+    }
+    // `docker stop` on host c: out of both pools.
+    let t = Instant::now();
+    hc.docker(&["stop", "-t", "2", "bpc-2"]);
+    for n in [&n1, &n2] {
+        fabric::wait_pool(n, 2, long);
+    }
+    println!(
+        "docker stop on host c: out of both pools {:?} after the call",
+        t.elapsed()
+    );
+    // Host b's publisher dies without a word: its lease expires and host b's container
+    // leaves both pools; host c's stays and serves.
+    pub_b.signal(libc::SIGKILL);
+    let t = Instant::now();
+    for n in [&n1, &n2] {
+        fabric::wait_pool(n, 1, long);
+        assert!(
+            pool_sorted(n)[0].starts_with(&format!("{addr_c}:")),
+            "{:?}",
+            pool_sorted(n)
+        );
+    }
+    println!(
+        "host b's publisher killed: its container out of both pools after {:?} (lease ttl 2 s)",
+        t.elapsed()
+    );
+    for k in 1..=2 {
+        f.activate(k);
+        let spread = http_spread(&f, 10);
+        assert_eq!(
+            spread.keys().cloned().collect::<Vec<_>>(),
+            std::slice::from_ref(&c1),
+            "balancer {k}"
+        );
+    }
+    // Back: host b's container rejoins both pools.
+    pub_b.respawn();
+    for n in [&n1, &n2] {
+        fabric::wait_pool(n, 2, long);
+    }
+    assert!(
+        pub_b
+            .log_text()
+            .contains("docker default: following unix://"),
+        "{}",
+        pub_b.log_text()
+    );
+    drop((pub_b, pub_c, n1, n2));
+}
+
+#[test]
+fn a_watch_behind_a_compaction_reads_afresh_and_gets_the_pool_right() {
+    let f = fleet(1, 3);
+    f.activate(1);
+    f.put(1);
+    f.put(2);
+    let n1 = f.berth(1);
+    wait_pool(&n1, 2);
+    let addr = |j: usize| backend_addr(j);
+    // berth stops reading its watch (SIGSTOP): etcd's sends to it back up (HTTP/2 windows,
+    // socket buffers, the watch's queue), and etcd puts the watch aside as a slow watcher.
+    signal(n1.pid(), libc::SIGSTOP);
+    let pad = "x".repeat(100_000);
+    let b2 = addr(2);
+    f.etcd.put_many(&format!("{PREFIX}b2"), 300, move |i| {
+        format!(r#"{{"address":"{b2}","weight":1,"pad":"{i}{pad}"}}"#)
+    });
+    // What the pool must become, written while berth is behind; then every revision before
+    // now is compacted away, those of the slow watch included.
+    f.etcd.delete(&format!("{PREFIX}b1"));
+    f.put(3);
+    let rev = f.etcd.revision();
+    f.etcd.ctl(&["compact", &rev.to_string()]);
+    signal(n1.pid(), libc::SIGCONT);
+    let t = Instant::now();
+    while !n1.log_text().contains("fell behind a compaction") {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "berth never said its watch fell behind a compaction:\n{}",
+            n1.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let want = vec![addr(2), addr(3)];
+    let t = Instant::now();
+    loop {
+        let mut p = pool(&n1);
+        p.sort();
+        if p == want {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "pool {p:?} after the fresh read, etcd has {want:?}:\n{}",
+            n1.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = n1.log_text();
+    assert!(
+        !log.contains("etcd unreachable"),
+        "a reconnect, not the compaction, made the fresh read:\n{log}"
+    );
+    // Served by the keys etcd holds now.
+    let seen: std::collections::BTreeSet<String> =
+        picks(&f.client, 41000..41030).into_values().collect();
+    assert_eq!(
+        seen,
+        ["b2".to_owned(), "b3".to_owned()].into(),
+        "served by what etcd holds"
+    );
+    let _ = &f.servers;
 }
