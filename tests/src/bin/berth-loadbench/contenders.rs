@@ -1,5 +1,6 @@
-//! The contenders (berth, nftables, HAProxy and the no-balancer ceilings): starting one, checking
-//! it balances, and undoing it when its turn ends.
+//! The contenders (berth, nftables, HAProxy and the no-balancer ceilings, and berth's full NAT
+//! against HAProxy to remote backends): starting one, checking it balances, and undoing it when
+//! its turn ends.
 
 use std::{
     collections::BTreeMap,
@@ -16,8 +17,8 @@ use berth_tests::{
 };
 
 use crate::topology::{
-    ADMIN_SOCKET, BACKENDS, BE_PORT, CLIENT_IP, LB_IFACES, NS_CLIENT, NS_LB, PIN_PATH, Proc,
-    SVC_PORT, VIP, WORKDIR, berth_down, berth_pins,
+    ADMIN_SOCKET, BACKENDS, BE_PORT, CLIENT_IP, GATEWAYS, LB_IFACES, NS_BE, NS_CLIENT, NS_LB,
+    PIN_PATH, Proc, SVC_PORT, VIP, WORKDIR, berth_down, berth_pins,
 };
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
@@ -27,23 +28,31 @@ pub enum Contender {
     Berth,
     Nftables,
     Haproxy,
+    /// berth with `mode = "fullnat"`, the backends remote (no route back to the client).
+    BerthFullnat,
+    /// HAProxy to the same remote backends.
+    HaproxyRemote,
 }
 
 impl Contender {
-    pub const ALL: [Contender; 5] = [
+    pub const ALL: [Contender; 7] = [
         Contender::Direct1,
         Contender::Direct,
         Contender::Berth,
         Contender::Nftables,
         Contender::Haproxy,
+        Contender::BerthFullnat,
+        Contender::HaproxyRemote,
     ];
 
     /// What runs without `--contenders`.
-    pub const DEFAULT: [Contender; 4] = [
+    pub const DEFAULT: [Contender; 6] = [
         Contender::Direct,
         Contender::Berth,
         Contender::Nftables,
         Contender::Haproxy,
+        Contender::BerthFullnat,
+        Contender::HaproxyRemote,
     ];
 
     pub fn name(self) -> &'static str {
@@ -53,6 +62,28 @@ impl Contender {
             Contender::Berth => "berth",
             Contender::Nftables => "nftables",
             Contender::Haproxy => "haproxy",
+            Contender::BerthFullnat => "berth-fullnat",
+            Contender::HaproxyRemote => "haproxy-remote",
+        }
+    }
+
+    /// Its backends are remote: while it runs they have no route back to the client, so a
+    /// balancer that leaves the client's address as the source (DNAT) gets no reply.
+    pub fn remote(self) -> bool {
+        matches!(self, Contender::BerthFullnat | Contender::HaproxyRemote)
+    }
+
+    /// A berth (its TC programs' run time is measured).
+    pub fn is_berth(self) -> bool {
+        matches!(self, Contender::Berth | Contender::BerthFullnat)
+    }
+
+    /// The berth its ratios are given against: full NAT for the remote-backend contenders.
+    pub fn reference(self) -> Contender {
+        if self.remote() {
+            Contender::BerthFullnat
+        } else {
+            Contender::Berth
         }
     }
 
@@ -72,6 +103,8 @@ pub enum Running {
     Berth(Proc),
     Nftables(NftTable),
     Haproxy(Proc),
+    /// A contender to remote backends: their routes come back when it stops.
+    Remote(Box<Running>, RemoteBackends),
 }
 
 impl Running {
@@ -79,6 +112,16 @@ impl Running {
     pub fn user_pid(&self) -> Option<i32> {
         match self {
             Running::Haproxy(p) => Some(p.pid()),
+            Running::Remote(r, _) => r.user_pid(),
+            _ => None,
+        }
+    }
+
+    /// berth's log, for a failed check.
+    pub fn berth_log(&self) -> Option<String> {
+        match self {
+            Running::Berth(p) => Some(p.log_text()),
+            Running::Remote(r, _) => r.berth_log(),
             _ => None,
         }
     }
@@ -92,6 +135,32 @@ impl Running {
             Running::Haproxy(mut p) => p.stop(),
             Running::Nftables(t) => drop(t),
             Running::Direct => {}
+            Running::Remote(r, routes) => {
+                r.stop();
+                drop(routes);
+            }
+        }
+    }
+}
+
+/// The backends made remote: their default routes (through bb-lb) removed, so only what comes
+/// from bb-lb's own addresses on their links can be answered, as for backends on other hosts
+/// whose way to the client bypasses the balancer. Restored on drop.
+pub struct RemoteBackends;
+
+impl RemoteBackends {
+    fn new() -> Self {
+        for (ns, _) in NS_BE.iter().zip(GATEWAYS) {
+            ns_sh(ns, &["ip", "route", "del", "default"]);
+        }
+        RemoteBackends
+    }
+}
+
+impl Drop for RemoteBackends {
+    fn drop(&mut self) {
+        for (ns, gw) in NS_BE.iter().zip(GATEWAYS) {
+            ns_sh(ns, &["ip", "route", "replace", "default", "via", gw]);
         }
     }
 }
@@ -111,7 +180,15 @@ impl Drop for NftTable {
 pub fn start(c: Contender) -> Running {
     match c {
         Contender::Direct | Contender::Direct1 => Running::Direct,
-        Contender::Berth => Running::Berth(start_berth()),
+        Contender::Berth => Running::Berth(start_berth("dnat")),
+        Contender::BerthFullnat => {
+            let routes = RemoteBackends::new();
+            Running::Remote(Box::new(Running::Berth(start_berth("fullnat"))), routes)
+        }
+        Contender::HaproxyRemote => {
+            let routes = RemoteBackends::new();
+            Running::Remote(Box::new(start(Contender::Haproxy)), routes)
+        }
         Contender::Nftables => {
             let rules = format!(
                 "table ip bb_nat {{\n\
@@ -157,10 +234,24 @@ pub fn start(c: Contender) -> Running {
     }
 }
 
-pub fn start_berth() -> Proc {
+/// Full NAT's source ports in the benchmark: every port but the privileged ones. With the
+/// default 61000-65535 (4536 ports per backend), each closed flow holding its port for the
+/// 10 s linger (`tcp_closing_timeout_secs`), new flows to a backend are bounded by about
+/// 450/s, and the first run of this contender made 1540 conn/s to the two backends, SYNs
+/// beyond that dropped (`drop_snat_exhausted`) and retried by the client after 1 s.
+const SNAT_PORTS: &str = "1024-65535";
+
+/// berth with its service in `mode` ("dnat" or "fullnat": from bb-lb's address on each
+/// backend's link, the default source, and ports from `SNAT_PORTS`).
+pub fn start_berth(mode: &str) -> Proc {
+    let dataplane = if mode == "fullnat" {
+        format!("[dataplane]\nsnat_ports = \"{SNAT_PORTS}\"\n")
+    } else {
+        String::new()
+    };
     let config = format!(
-        "[metrics]\nenabled = false\n\n[[service]]\nname = \"web\"\nlisten = \"0.0.0.0:{SVC_PORT}\"\n\
-         protocol = \"tcp\"\nbackends = [\"{b0}:{BE_PORT}\", \"{b1}:{BE_PORT}\"]\n",
+        "{dataplane}[metrics]\nenabled = false\n\n[[service]]\nname = \"web\"\nlisten = \"0.0.0.0:{SVC_PORT}\"\n\
+         protocol = \"tcp\"\nmode = \"{mode}\"\nbackends = [\"{b0}:{BE_PORT}\", \"{b1}:{BE_PORT}\"]\n",
         b0 = BACKENDS[0],
         b1 = BACKENDS[1],
     );
@@ -210,6 +301,18 @@ pub fn check(c: Contender) -> Result<BTreeMap<String, u32>, String> {
         let addr: SocketAddr = format!("{CLIENT_IP}:9").parse().unwrap();
         let _ = TcpStream::connect_timeout(&addr, Duration::from_secs(1));
     });
+    if c.remote() {
+        // Remote for real: the client cannot reach a backend directly (no way back).
+        let addr: SocketAddr = format!("{}:{BE_PORT}", BACKENDS[0]).parse().unwrap();
+        if in_netns(NS_CLIENT, move || {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok()
+        }) {
+            return Err(format!(
+                "{}: the client reached {addr} directly: the backends are not remote",
+                c.name()
+            ));
+        }
+    }
     let mut seen = BTreeMap::new();
     let endpoints = c.endpoints();
     for i in 0..16 {

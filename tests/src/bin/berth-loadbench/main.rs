@@ -26,7 +26,15 @@
 //!   hash, chosen once per conntrack entry). No masquerade: the backends' default route goes
 //!   through bb-lb, so conntrack sees and un-NATs the replies, exactly as berth needs;
 //! - `haproxy`: Debian's HAProxy, `mode tcp`, `balance roundrobin`, `nbthread 1` (left unpinned:
-//!   with 2 cores a second thread only competes with wrk and nginx).
+//!   with 2 cores a second thread only competes with wrk and nginx);
+//! - remote backends (issue 11): while these two run, the backends' default routes are removed,
+//!   so they can answer only bb-lb's own addresses on their links, as backends on other hosts
+//!   whose way to the client bypasses the balancer (DNAT and nftables cannot serve them; the
+//!   check proves the client cannot reach a backend directly). `berth-fullnat`: berth with
+//!   `mode = "fullnat"` (source: bb-lb's address toward each backend, ports it allocates from
+//!   `snat_ports = "1024-65535"`: the default range bounds new flows to ~450/s per backend);
+//!   `haproxy-remote`: the same HAProxy (a full proxy by nature). Their ratios are to
+//!   `berth-fullnat`.
 //!
 //! Workloads (wrk, `-t1 -cN --latency`): HTTP keep-alive requests/s, and new connections/s (one
 //! request per connection: `-H 'Connection: close'`). Latency p50/p99 are wrk's.
@@ -60,7 +68,7 @@ use std::{
 use berth_tests::{daemon::berth_bin, netns::try_sh};
 
 use crate::{
-    contenders::{Contender, Running, check, start},
+    contenders::{Contender, check, start},
     report::{Results, report},
     topology::{Topology, WORKDIR, start_nginx},
     wrk::{Workload, measure},
@@ -117,14 +125,17 @@ fn args() -> Args {
                             .unwrap_or_else(|| panic!("unknown contender {c}"))
                     })
                     .collect();
-                if !a.contenders.contains(&Contender::Berth) {
-                    a.contenders.insert(0, Contender::Berth);
+                // Every ratio is to a berth: the one of each kind asked for comes along.
+                for c in a.contenders.clone() {
+                    if !a.contenders.contains(&c.reference()) {
+                        a.contenders.insert(0, c.reference());
+                    }
                 }
             }
             "-h" | "--help" => {
                 println!(
                     "berth-loadbench [--duration SECONDS (5)] [--rounds N (5)] [--connections N (32)] \
-                     [--contenders direct,berth,nftables,haproxy (also: direct1)] [--wrk-cpu N (0)] [--nginx-cpu N (1)]"
+                     [--contenders direct,berth,nftables,haproxy,berth-fullnat,haproxy-remote (also: direct1)] [--wrk-cpu N (0)] [--nginx-cpu N (1)]"
                 );
                 std::process::exit(0);
             }
@@ -221,8 +232,8 @@ fn main() {
                         round + 1,
                         c.name()
                     );
-                    if let Running::Berth(p) = &running {
-                        eprintln!("---- berth log ----\n{}", p.log_text());
+                    if let Some(log) = running.berth_log() {
+                        eprintln!("---- berth log ----\n{log}");
                     }
                 }
             }

@@ -63,10 +63,11 @@ pub fn balancer_cpu(res: &Results, c: Contender, w: Workload) -> f64 {
     median(&diffs)
 }
 
-/// berth's TC program run time per 100k requests, median over rounds (NaN if unmeasured).
-pub fn program_cpu(res: &Results, w: Workload) -> f64 {
+/// A berth's (`c`) TC program run time per 100k requests, median over rounds (NaN if
+/// unmeasured).
+pub fn program_cpu(res: &Results, c: Contender, w: Workload) -> f64 {
     let v: Vec<f64> = res
-        .get(&(Contender::Berth, w))
+        .get(&(c, w))
         .into_iter()
         .flatten()
         .filter_map(|r| r.prog_per_100k)
@@ -113,6 +114,30 @@ pub fn targets(res: &Results, present: &[Contender]) -> Vec<Target> {
     ratio_min(NewConn, Metric::Rate, Direct1, 0.9, "new conn/s");
     ratio_min(NewConn, Metric::Rate, Haproxy, 2.0, "new conn/s");
     ratio_min(NewConn, Metric::Rate, Nftables, 1.1, "new conn/s");
+    // Full NAT to remote backends, against the proxy to the same backends (issue 11).
+    if has(BerthFullnat) && has(HaproxyRemote) {
+        for (w, min, label) in [
+            (KeepAlive, 1.5, "keep-alive req/s"),
+            (NewConn, 2.0, "new conn/s"),
+        ] {
+            let v =
+                med(res, BerthFullnat, w, Metric::Rate) / med(res, HaproxyRemote, w, Metric::Rate);
+            t.push(Target {
+                text: format!("{label} berth-fullnat >= {min}x haproxy-remote"),
+                value: v,
+                pass: v >= min,
+            });
+        }
+        if has(Direct) {
+            let v = balancer_cpu(res, BerthFullnat, NewConn)
+                / balancer_cpu(res, HaproxyRemote, NewConn);
+            t.push(Target {
+                text: "new conn balancer CPU berth-fullnat <= 0.3x haproxy-remote".into(),
+                value: v,
+                pass: v <= 0.3,
+            });
+        }
+    }
     for d in [Direct, Direct1] {
         if !has(d) {
             continue;
@@ -141,7 +166,7 @@ pub fn targets(res: &Results, present: &[Contender]) -> Vec<Target> {
         // Lowest among the balancers (direct balances nothing).
         let others: Vec<f64> = present
             .iter()
-            .filter(|c| !matches!(c, Berth | Direct | Direct1))
+            .filter(|c| !matches!(c, Berth | Direct | Direct1) && !c.remote())
             .map(|c| med(res, *c, w, Metric::Cpu))
             .collect();
         if others.is_empty() {
@@ -205,7 +230,8 @@ pub fn report(res: &Results, a: &Args, present: &[Contender], started: Instant) 
         a.rounds,
         a.duration
     );
-    md += "Each cell: median (ratio to berth). Errors: wrk socket errors + non-2xx, summed over rounds. \
+    md += "Each cell: median (ratio to berth; for the remote-backend rows, berth-fullnat and \
+           haproxy-remote, ratio to berth-fullnat). Errors: wrk socket errors + non-2xx, summed over rounds. \
            be1/be2: share of the requests each backend logged, over all rounds.\n\n";
     md += "| workload | contender | rate /s | p50 ms | p99 ms | CPU s/100k req | balancer CPU s/100k req | errors | be1/be2 % |\n";
     md += "|---|---|---|---|---|---|---|---|---|\n";
@@ -214,7 +240,7 @@ pub fn report(res: &Results, a: &Args, present: &[Contender], started: Instant) 
             let runs = res.get(&(c, w)).cloned().unwrap_or_default();
             let cell = |m: Metric| {
                 let v = med(res, c, w, m);
-                let b = med(res, Contender::Berth, w, m);
+                let b = med(res, c.reference(), w, m);
                 format!("{} ({:.2}x)", fmt_num(v, m), v / b)
             };
             let errors: u64 = runs.iter().map(Run::errors).sum();
@@ -226,9 +252,9 @@ pub fn report(res: &Results, a: &Args, present: &[Contender], started: Instant) 
                 Contender::Direct | Contender::Direct1 => "-".to_owned(),
                 _ => {
                     let v = balancer_cpu(res, c, w);
-                    let b = balancer_cpu(res, Contender::Berth, w);
-                    let prog = if c == Contender::Berth {
-                        let p = program_cpu(res, w);
+                    let b = balancer_cpu(res, c.reference(), w);
+                    let prog = if c.is_berth() {
+                        let p = program_cpu(res, c, w);
                         if p.is_nan() {
                             String::new()
                         } else {
@@ -313,6 +339,8 @@ pub fn report(res: &Results, a: &Args, present: &[Contender], started: Instant) 
             "direct1": "one wrk to backend 1 alone (only with --contenders)",
             "nftables": "dnat to jhash ip saddr . tcp sport mod 2 map (per flow), no masquerade",
             "haproxy": "mode tcp, balance roundrobin, nbthread 1, unpinned",
+            "remote": "berth-fullnat (mode = fullnat) and haproxy-remote (the same haproxy) run with the backends' default routes removed: \
+                       they answer only bb-lb's own addresses; berth-fullnat with snat_ports 1024-65535; their ratios are to berth-fullnat",
             "median": "per figure over rounds; contenders interleaved, order rotated each round",
         },
         "contenders": contenders,

@@ -20,6 +20,9 @@ pub const NS_BE: [&str; 2] = ["bb-be1", "bb-be2"];
 pub const VIP: &str = "10.77.0.1";
 pub const CLIENT_IP: &str = "10.77.0.2";
 pub const BACKENDS: [&str; 2] = ["10.77.1.2", "10.77.2.2"];
+/// bb-lb's address on each backend's link: the backends' default gateway (and full NAT's
+/// source toward them).
+pub const GATEWAYS: [&str; 2] = ["10.77.1.1", "10.77.2.1"];
 pub const SVC_PORT: u16 = 8080;
 pub const BE_PORT: u16 = 8000;
 /// Client-side veth of the balancer, then its backend-side ones.

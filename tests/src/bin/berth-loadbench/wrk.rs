@@ -225,7 +225,7 @@ pub fn measure(c: Contender, w: Workload, running: &Running, a: &Args) -> Run {
     let conns = (a.connections / targets.len() as u32).max(1).to_string();
     let logs0 = [access_log_requests(0), access_log_requests(1)];
     let pid = running.user_pid();
-    let progs = if c == Contender::Berth {
+    let progs = if c.is_berth() {
         tc_programs(NS_LB)
     } else {
         Vec::new()
