@@ -176,17 +176,13 @@ fn announce_at(
 ) -> Result<Ipv4Addr, String> {
     match (reach.local, reach.address, host_address) {
         (true, _, Some(a)) => Ok(a),
-        (true, _, None) => Err(
-            "this host's engine, but this host's address is unknown (no \
-                                default route): give publish.address or --address"
-                .into(),
-        ),
+        (true, _, None) => Err("this host's engine, but this host's address is unknown \
+             (no default route): give publish.address or --address"
+            .into()),
         (false, Some(a), _) => Ok(a),
-        (false, None, _) => Err(
-            "its endpoint's host has no IPv4 address: give the engine's \
-                                 `address`"
-                .into(),
-        ),
+        (false, None, _) => {
+            Err("its endpoint's host has no IPv4 address: give the engine's `address`".into())
+        }
     }
 }
 

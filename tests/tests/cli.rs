@@ -171,7 +171,49 @@ fn bad_config_names_the_field_and_exits_64_without_loading_anything() {
         before,
         "a refused config must not load programs"
     );
-    // `berth publish` refuses the same way, before writing anything.
+    // `berth publish` refuses the same way, before writing anything; its Docker Engines are
+    // the daemon's (`[[docker.engine]]`, else DOCKER_HOST), checked alike.
+    let service = "[etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\n\
+                   [[publish.service]]\nprefix = \"/w/\"\nimage = \"x\"\nport = 80\n";
+    let engine_tls = format!(
+        "{service}[[docker.engine]]\nname = \"b\"\nendpoint = \"tcp://10.0.0.12:2376\"\n\
+         tls_ca = \"/nonexistent/ca.pem\"\n"
+    );
+    let engine_ssh =
+        format!("{service}[[docker.engine]]\nname = \"b\"\nendpoint = \"ssh://me@b\"\n");
+    for (file, text, env, field) in [
+        (
+            "publish-engine-tls.toml",
+            engine_tls.as_str(),
+            None,
+            "docker.engine[0].tls_ca",
+        ),
+        (
+            "publish-engine-ssh.toml",
+            engine_ssh.as_str(),
+            None,
+            "docker.engine[0].endpoint",
+        ),
+        (
+            "publish-docker-host.toml",
+            service,
+            Some("ssh://me@host"),
+            "DOCKER_HOST",
+        ),
+    ] {
+        let mut cmd = Command::new(berth());
+        cmd.args(["publish", "--config"]).arg(write(file, text));
+        if let Some(h) = env {
+            cmd.env("DOCKER_HOST", h);
+        }
+        let out = cmd.output().expect("run berth publish");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{file}: {stderr}");
+        assert!(
+            stderr.contains(field),
+            "{file}: must name {field:?}: {stderr}"
+        );
+    }
     for (file, text, field) in [
         (
             "publish-none.toml",
