@@ -3,7 +3,8 @@
 //! the backends in another order and history, pick the same backend for each of 10,000 new
 //! flows, run through the real program (BPF_PROG_TEST_RUN), before and after a backend leaves
 //! all of them. Their backend slot ids differ; what must agree is the backend address a flow is
-//! sent to.
+//! sent to, and the Maglev rows they built, read back slot for slot with each slot's id turned
+//! into its backend's address, must be identical.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -59,6 +60,25 @@ fn picks(f: &mut Fixture, backends: &[std::net::SocketAddrV4]) -> Vec<std::net::
     out
 }
 
+/// The service's Maglev row as the program reads it, each slot's backend id turned into the
+/// backend's address (ids are local to a balancer; the addresses are what must be identical).
+fn row(f: &Fixture) -> Vec<std::net::SocketAddrV4> {
+    let state = &f.rec.state()[0];
+    let by_id: BTreeMap<u32, std::net::SocketAddrV4> =
+        state.backends.iter().map(|(a, id, _)| (*id, *a)).collect();
+    (0..options().maglev_size)
+        .map(|slot| {
+            let id = f
+                .dp()
+                .maglev_slot(state.id, slot)
+                .expect("read the Maglev row");
+            *by_id
+                .get(&id)
+                .unwrap_or_else(|| panic!("slot {slot} holds id {id}, not a backend of the pool"))
+        })
+        .collect()
+}
+
 /// The backend slot ids a dataplane gave its backends (address -> id).
 fn ids(f: &Fixture) -> BTreeMap<std::net::SocketAddrV4, u32> {
     f.rec.state()[0]
@@ -83,6 +103,9 @@ fn three_balancers_pick_the_same_backend_for_every_flow() {
         n2.apply(web(&[4, 3, 2, 1]));
         let mut n3 = Fixture::new(options(), web(&[1, 2, 3, 4]));
         assert_ne!(ids(&n1), ids(&n2), "the slot ids were meant to differ");
+        // The rows themselves, slot for slot (ids read as addresses).
+        assert_eq!(row(&n1), row(&n2), "n1 and n2 built different Maglev rows");
+        assert_eq!(row(&n1), row(&n3), "n1 and n3 built different Maglev rows");
 
         let four: Vec<_> = (1..=4).map(b8000).collect();
         let before: Vec<Vec<_>> = [&mut n1, &mut n2, &mut n3]
@@ -98,6 +121,16 @@ fn three_balancers_pick_the_same_backend_for_every_flow() {
         for f in [&mut n1, &mut n2, &mut n3] {
             f.apply(web(&[1, 3, 4]));
         }
+        assert_eq!(
+            row(&n1),
+            row(&n2),
+            "n1 and n2 rows differ after the removal"
+        );
+        assert_eq!(
+            row(&n1),
+            row(&n3),
+            "n1 and n3 rows differ after the removal"
+        );
         let three: Vec<_> = [1, 3, 4].map(b8000).to_vec();
         let after: Vec<Vec<_>> = [&mut n1, &mut n2, &mut n3]
             .into_iter()
