@@ -19,7 +19,7 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_F_IPV6, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_NO_NEIGH,
         BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT,
         bpf_fib_lookup,
     },
@@ -31,8 +31,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    CFG_F_KEEP_TTL, CFG_F_REDIRECT, CtEntry, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS,
-    DEFAULT_MAX_SERVICES, DpConfig, IPPROTO_TCP, IPPROTO_UDP, Reason, Route, ServiceValue,
+    CFG_F_DROP_NO_BACKEND, CFG_F_KEEP_TTL, CFG_F_REDIRECT, CtEntry, DEFAULT_CONNTRACK_SIZE,
+    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, DpConfig, IPPROTO_TCP, IPPROTO_UDP, Reason, Route,
+    SVC_F_EMPTY, ServiceValue,
     csum::{add, apply, diff2, diff4, replace2},
     ct::{self, DIR_FORWARD, DIR_REPLY, STATE_CLOSING, STATE_OPEN},
     port_flag,
@@ -507,7 +508,115 @@ fn process_inner(ctx: &TcContext) -> (i32, Reason) {
     if !service_port {
         return exit(Reason::PassNoService);
     }
-    unpack(new_flow6(ctx, p))
+    let verdict = unpack(new_flow6(ctx, p));
+    if verdict.1 == Reason::RejectNoBackend {
+        return unpack(tcp_reset6(ctx, p));
+    }
+    verdict
+}
+
+/// Length of the RST frame: Ethernet, the 40-byte IPv6 header, a 20-byte TCP header.
+const RST6_LEN: usize = ETH_HLEN + 40 + 20;
+
+/// One's-complement sum of the 16-bit words of a TCP header, folded.
+#[inline(always)]
+fn sum20(b: &[u8; 20]) -> u16 {
+    let mut s = 0u32;
+    let mut i = 0;
+    while i < 20 {
+        s += u32::from(u16::from_ne_bytes([b[i], b[i + 1]]));
+        i += 2;
+    }
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    s as u16
+}
+
+/// Answers a TCP segment without payload (a SYN above all) for a service with no backend with
+/// a RST, as a host with nothing listening would (IPv4's `reject::refuse`, TCP only: a UDP
+/// datagram, a segment with payload or options, or a packet with extension headers is
+/// dropped). The segment is turned around in place and bounced out of the interface it came
+/// in on. A BPF subprogram returning a packed verdict.
+#[inline(never)]
+fn tcp_reset6(ctx: &TcContext, p: &Pkt6) -> u64 {
+    pack(tcp_reset6_inner(ctx, &p.flow))
+}
+
+#[inline(always)]
+fn tcp_reset6_inner(ctx: &TcContext, flow: &Flow6) -> (i32, Reason) {
+    let drop = exit(Reason::DropNoBackend);
+    if flow.proto != IPPROTO_TCP || flow.tcp_flags & ct::TCP_RST != 0 || flow.l4() != ETH_HLEN + 40
+    {
+        return drop;
+    }
+    let Some(th) = ptr_at::<[u8; 20]>(ctx, ETH_HLEN + 40) else {
+        return drop;
+    };
+    // SAFETY: the 20-byte TCP header is inside the packet (checked by `ptr_at`).
+    let old: [u8; 20] = unsafe { *th };
+    if usize::from(old[12] >> 4) * 4 != 20 || flow.payload_len != 20 {
+        return drop; // options or payload
+    }
+    // RFC 9293 3.10.7.1: answer an ACK with SEQ = its ACK; anything else with SEQ 0 and an ACK
+    // of everything it occupied.
+    let (seq, ack, flags) = if flow.tcp_flags & ct::TCP_ACK != 0 {
+        (flow.ack, 0u32, ct::TCP_RST)
+    } else {
+        let occupied = u32::from(flow.tcp_flags & ct::TCP_SYN != 0)
+            + u32::from(flow.tcp_flags & ct::TCP_FIN != 0);
+        (
+            0u32,
+            flow.seq.wrapping_add(occupied),
+            ct::TCP_RST | ct::TCP_ACK,
+        )
+    };
+    let mut new = [0u8; 20];
+    new[0..2].copy_from_slice(&old[2..4]);
+    new[2..4].copy_from_slice(&old[0..2]);
+    new[4..8].copy_from_slice(&seq.to_be_bytes());
+    new[8..12].copy_from_slice(&ack.to_be_bytes());
+    new[12] = 5 << 4;
+    new[13] = flags;
+    // The checksum field keeps its old value here so that it cancels out of the difference.
+    new[16..18].copy_from_slice(&old[16..18]);
+    let diff = add(!sum20(&old), sum20(&new));
+    let (Some(eth), Some(ip), Some(th)) = (
+        ptr_at::<[u8; 12]>(ctx, 0),
+        ptr_at::<[u8; 40]>(ctx, ETH_HLEN),
+        ptr_at::<[u8; 20]>(ctx, ETH_HLEN + 40),
+    ) else {
+        return drop;
+    };
+    // SAFETY: `ptr_at` checked all three headers lie inside the packet; TC programs may write
+    // packet data directly; no helper runs between the checks and the writes.
+    unsafe {
+        let eth = &mut *eth;
+        let mut macs = [0u8; 12];
+        macs[..6].copy_from_slice(&eth[6..]);
+        macs[6..].copy_from_slice(&eth[..6]);
+        *eth = macs;
+        let ip = &mut *ip;
+        // Swapping the addresses leaves the pseudo-header's sum as it was; the payload length
+        // stays 20.
+        let mut a = [0u8; 16];
+        a.copy_from_slice(&ip[8..24]);
+        ip.copy_within(24..40, 8);
+        ip[24..40].copy_from_slice(&a);
+        ip[7] = 64;
+        *th = new;
+    }
+    if ctx
+        .l4_csum_replace(ETH_HLEN + 40 + 16, 0, u64::from(diff), 0)
+        .is_err()
+    {
+        return exit(Reason::AbortRewrite);
+    }
+    if (ctx.len() as usize) > RST6_LEN && ctx.change_tail(RST6_LEN as u32, 0).is_err() {
+        return exit(Reason::AbortRewrite);
+    }
+    // SAFETY: plain helper call with an interface index: out of the interface it came in on.
+    let act = unsafe { bpf_redirect(ingress_ifindex(ctx), 0) } as i32;
+    (act, Reason::RejectNoBackend)
 }
 
 /// Moves a confirmed flow's pair from CT_NEW6 to CONNTRACK6 (see `confirm`).
@@ -802,7 +911,10 @@ fn new_flow6_inner(ctx: &TcContext, p: &Pkt6) -> (i32, Reason) {
     // gives either version of a field; the flow's retry finds the settled one).
     let backend = unsafe { &*backend };
     if backend.is_empty() {
-        // IPv6 answers no RST yet (IPv4's `reject`): a service without backends drops.
+        if cfg.flags & CFG_F_DROP_NO_BACKEND == 0 && svc.flags & SVC_F_EMPTY != 0 {
+            // Answered by `process`, outside this frame (as IPv4's `reject`).
+            return (TC_ACT_SHOT as i32, Reason::RejectNoBackend);
+        }
         return exit(Reason::DropNoBackend);
     }
     let Some(w) = work() else {
@@ -950,13 +1062,18 @@ fn rewrite6(
         a.write_unaligned(*addr);
         p.write_unaligned(port);
     }
-    ctx.l4_csum_replace(
-        csum_off,
-        0,
-        u64::from(da),
-        u64::from(BPF_F_PSEUDO_HDR) | mangled0 | 4,
-    )
-    .map_err(|_| ())?;
+    // The addresses' difference, as a difference (size 0) flagged IPv6: with no header
+    // checksum to compensate it, a CHECKSUM_COMPLETE skb's sum must not move (which the flag
+    // tells the kernel). Kernels older than the flag refuse it and change nothing: the
+    // difference then goes in as a 4-byte field change, as for IPv4.
+    let pseudo = u64::from(BPF_F_PSEUDO_HDR) | mangled0;
+    if ctx
+        .l4_csum_replace(csum_off, 0, u64::from(da), pseudo | u64::from(BPF_F_IPV6))
+        .is_err()
+    {
+        ctx.l4_csum_replace(csum_off, 0, u64::from(da), pseudo | 4)
+            .map_err(|_| ())?;
+    }
     if old_port != port {
         ctx.l4_csum_replace(csum_off, u64::from(old_port), u64::from(port), mangled0 | 2)
             .map_err(|_| ())?;

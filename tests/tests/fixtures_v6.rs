@@ -451,20 +451,66 @@ fn a_removed_backend_keeps_its_flows_and_gets_no_new_ones() {
 }
 
 #[test]
-fn a_service_without_backends_drops() {
+fn a_service_without_backends_refuses_tcp_with_a_rst() {
     in_fixture6_netns(|| {
-        let f = fixture6(
-            Vec::new(),
-            &[Svc6 {
-                id: 0,
-                listen: sa6(VIP6, 80),
-                proto: IPPROTO_TCP,
-                backends: Vec::new(),
-                first_backend_id: 1,
-            }],
+        let empty = |proto, port| Svc6 {
+            id: if proto == IPPROTO_TCP { 0 } else { 1 },
+            listen: sa6(VIP6, port),
+            proto,
+            backends: Vec::new(),
+            first_backend_id: 1,
+        };
+        let svcs = [empty(IPPROTO_TCP, 80), empty(IPPROTO_UDP, 53)];
+        let f = fixture6(Vec::new(), &svcs);
+        let mut p = Ipv6Packet::tcp(client6(40060), sa6(VIP6, 80), TCP_SYN);
+        p.l4 = wire::L4::Tcp {
+            flags: TCP_SYN,
+            seq: 0x1234_5678,
+            ack: 0,
+            payload: Vec::new(),
+        };
+        let syn = p.build();
+        let run = f.run(&syn);
+        assert_eq!(run.action, TC_ACT_REDIRECT, "{run:?}");
+        assert_eq!(run.exits(), [Reason::RejectNoBackend.name()]);
+        assert_eq!(run.out.len(), 14 + 40 + 20);
+        wire6::verify_checksums6(&run.out).unwrap_or_else(|e| panic!("RST: {e}"));
+        let o = wire6::parse6(&run.out);
+        assert_eq!((o.src, o.dst), (sa6(VIP6, 80), client6(40060)));
+        assert_eq!(o.tcp_flags, wire::TCP_RST | TCP_ACK);
+        assert_eq!(o.hop_limit, 64);
+        assert_eq!(
+            (o.dst_mac, o.src_mac),
+            (wire6::parse6(&syn).src_mac, wire6::parse6(&syn).dst_mac)
         );
-        let p = syn(40060, sa6(VIP6, 80));
-        assert_dropped(&f.run(&p), Reason::DropNoBackend);
+        let tcp = &run.out[54..74];
+        assert_eq!(u32::from_be_bytes(tcp[4..8].try_into().unwrap()), 0, "seq");
+        assert_eq!(
+            u32::from_be_bytes(tcp[8..12].try_into().unwrap()),
+            0x1234_5679,
+            "ack of the SYN"
+        );
+        // A segment with payload, and a UDP datagram: dropped.
+        let data = Ipv6Packet::tcp(client6(40061), sa6(VIP6, 80), TCP_ACK)
+            .with_payload(b"x")
+            .build();
+        assert_dropped(&f.run(&data), Reason::DropNoBackend);
+        let udp = Ipv6Packet::udp(client6(40062), sa6(VIP6, 53), b"q").build();
+        assert_dropped(&f.run(&udp), Reason::DropNoBackend);
+        assert!(f.dp().conntrack6_entries().is_empty());
+        // Configured to drop: the SYN is dropped too.
+        drop(f);
+        let mut quiet = Fixture::new(
+            lb_userspace::dataplane::DataplaneOptions {
+                reject_no_backend: false,
+                ..options()
+            },
+            Vec::new(),
+        );
+        for s in &svcs {
+            install(&mut quiet, s);
+        }
+        assert_dropped(&quiet.run(&syn), Reason::DropNoBackend);
     });
 }
 
