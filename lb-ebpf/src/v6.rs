@@ -21,7 +21,7 @@ use aya_ebpf::{
     bindings::{
         BPF_F_IPV6, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_NO_NEIGH,
         BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT,
-        bpf_fib_lookup,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup,
     },
     helpers::generated::{
         bpf_fib_lookup as fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_redirect_neigh,
@@ -532,21 +532,90 @@ fn sum20(b: &[u8; 20]) -> u16 {
     s as u16
 }
 
-/// Answers a TCP segment without payload (a SYN above all) for a service with no backend with
-/// a RST, as a host with nothing listening would (IPv4's `reject::refuse`, TCP only: a UDP
-/// datagram, a segment with payload or options, or a packet with extension headers is
-/// dropped). The segment is turned around in place and bounced out of the interface it came
-/// in on. A BPF subprogram returning a packed verdict.
+/// Answers a packet for a service with no backend as a host with nothing listening would
+/// (IPv4's `reject::refuse`): a TCP segment without payload (a SYN above all) with a RST, a UDP
+/// datagram with an ICMPv6 port unreachable quoting it; a segment with payload or options, or
+/// a packet with extension headers, is dropped. The answer is bounced out of the interface the
+/// packet came in on. A BPF subprogram returning a packed verdict.
 #[inline(never)]
 fn tcp_reset6(ctx: &TcContext, p: &Pkt6) -> u64 {
-    pack(tcp_reset6_inner(ctx, &p.flow))
+    pack(if p.flow.proto == IPPROTO_TCP {
+        tcp_reset6_inner(ctx, &p.flow)
+    } else {
+        udp_unreachable6(ctx, &p.flow)
+    })
+}
+
+/// Room the ICMPv6 error needs in front of the datagram's own IPv6 header: a new IPv6 header
+/// and the ICMPv6 header.
+const ICMP6_ROOM: usize = 40 + 8;
+/// Length of the ICMPv6 error frame: Ethernet, IPv6, ICMPv6, the quoted IPv6 and UDP headers.
+const ICMP6_LEN: usize = ETH_HLEN + ICMP6_ROOM + 40 + 8;
+
+/// Turns a UDP datagram into the ICMPv6 destination unreachable (port unreachable) a host with
+/// nothing on the port sends: room after the Ethernet header for the new IPv6 and ICMPv6
+/// headers, the datagram's own headers left in place as the quote, the rest cut off. The
+/// ICMPv6 checksum is a complete one over its pseudo-header.
+#[inline(always)]
+fn udp_unreachable6(ctx: &TcContext, flow: &Flow6) -> (i32, Reason) {
+    let drop = exit(Reason::DropNoBackend);
+    if flow.l4() != ETH_HLEN + 40 {
+        return drop;
+    }
+    let Some(eth) = ptr_at::<[u8; 12]>(ctx, 0) else {
+        return drop;
+    };
+    // SAFETY: the MACs are inside the packet (checked by `ptr_at`).
+    let macs = unsafe { *eth };
+    if ctx
+        .adjust_room(ICMP6_ROOM as i32, BPF_ADJ_ROOM_MAC, 0)
+        .is_err()
+    {
+        return drop;
+    }
+    if (ctx.len() as usize) > ICMP6_LEN && ctx.change_tail(ICMP6_LEN as u32, 0).is_err() {
+        return exit(Reason::AbortRewrite);
+    }
+    let (Some(eth), Some(hdrs)) = (
+        ptr_at::<[u8; 12]>(ctx, 0),
+        ptr_at::<[u8; 96]>(ctx, ETH_HLEN),
+    ) else {
+        return exit(Reason::AbortRewrite);
+    };
+    // SAFETY: `ptr_at` checked the MACs and the 96 bytes of headers (new IPv6 + ICMPv6, quoted
+    // IPv6 + UDP) lie inside the packet; no helper runs between the checks and the writes.
+    unsafe {
+        let eth = &mut *eth;
+        eth[..6].copy_from_slice(&macs[6..]);
+        eth[6..].copy_from_slice(&macs[..6]);
+        let h = &mut *hdrs;
+        // Version 6, payload 56 bytes of ICMPv6, hop limit 64; from the service address (the
+        // quote's destination) to the client (its source).
+        h[..8].copy_from_slice(&[0x60, 0, 0, 0, 0, 56, IPPROTO_ICMPV6, 64]);
+        h.copy_within(48 + 24..48 + 40, 8);
+        h.copy_within(48 + 8..48 + 24, 24);
+        // Destination unreachable, port unreachable.
+        h[40..48].copy_from_slice(&[1, 4, 0, 0, 0, 0, 0, 0]);
+        // Pseudo-header (addresses, length 56, next header 58), then the message.
+        let mut sum = u32::from(56u16.to_be()) + u32::from(u16::from(IPPROTO_ICMPV6).to_be());
+        let mut i = 8;
+        while i < 96 {
+            sum += u32::from(u16::from_ne_bytes([h[i], h[i + 1]]));
+            i += 2;
+        }
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum = (sum & 0xffff) + (sum >> 16);
+        h[42..44].copy_from_slice(&(!(sum as u16)).to_ne_bytes());
+    }
+    // SAFETY: plain helper call with an interface index: out of the interface it came in on.
+    let act = unsafe { bpf_redirect(ingress_ifindex(ctx), 0) } as i32;
+    (act, Reason::RejectNoBackend)
 }
 
 #[inline(always)]
 fn tcp_reset6_inner(ctx: &TcContext, flow: &Flow6) -> (i32, Reason) {
     let drop = exit(Reason::DropNoBackend);
-    if flow.proto != IPPROTO_TCP || flow.tcp_flags & ct::TCP_RST != 0 || flow.l4() != ETH_HLEN + 40
-    {
+    if flow.tcp_flags & ct::TCP_RST != 0 || flow.l4() != ETH_HLEN + 40 {
         return drop;
     }
     let Some(th) = ptr_at::<[u8; 20]>(ctx, ETH_HLEN + 40) else {

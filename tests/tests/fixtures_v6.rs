@@ -451,7 +451,7 @@ fn a_removed_backend_keeps_its_flows_and_gets_no_new_ones() {
 }
 
 #[test]
-fn a_service_without_backends_refuses_tcp_with_a_rst() {
+fn a_service_without_backends_refuses_like_a_host() {
     in_fixture6_netns(|| {
         let empty = |proto, port| Svc6 {
             id: if proto == IPPROTO_TCP { 0 } else { 1 },
@@ -490,13 +490,32 @@ fn a_service_without_backends_refuses_tcp_with_a_rst() {
             0x1234_5679,
             "ack of the SYN"
         );
-        // A segment with payload, and a UDP datagram: dropped.
+        // A segment with payload: dropped.
         let data = Ipv6Packet::tcp(client6(40061), sa6(VIP6, 80), TCP_ACK)
             .with_payload(b"x")
             .build();
         assert_dropped(&f.run(&data), Reason::DropNoBackend);
-        let udp = Ipv6Packet::udp(client6(40062), sa6(VIP6, 53), b"q").build();
-        assert_dropped(&f.run(&udp), Reason::DropNoBackend);
+        // A datagram: an ICMPv6 port unreachable from the service, quoting its headers.
+        let udp = Ipv6Packet::udp(client6(40062), sa6(VIP6, 53), &[9u8; 300]).build();
+        let run = f.run(&udp);
+        assert_eq!(run.action, TC_ACT_REDIRECT, "{run:?}");
+        assert_eq!(run.exits(), [Reason::RejectNoBackend.name()]);
+        assert_eq!(run.out.len(), 14 + 40 + 8 + 40 + 8);
+        wire6::verify_checksums6(&run.out).unwrap_or_else(|e| panic!("ICMPv6: {e}"));
+        let o = wire6::parse6(&run.out);
+        assert_eq!((*o.src.ip(), *o.dst.ip()), (VIP6, CLIENT6));
+        assert_eq!(o.proto, wire6::IPPROTO_ICMPV6);
+        assert_eq!(o.hop_limit, 64);
+        assert_eq!(
+            &run.out[54..56],
+            &[1, 4],
+            "destination unreachable, port unreachable"
+        );
+        assert_eq!(
+            wire6::quoted(&run.out),
+            &udp[14..14 + 48],
+            "the datagram's headers"
+        );
         assert!(f.dp().conntrack6_entries().is_empty());
         // Configured to drop: the SYN is dropped too.
         drop(f);
@@ -511,6 +530,7 @@ fn a_service_without_backends_refuses_tcp_with_a_rst() {
             install(&mut quiet, s);
         }
         assert_dropped(&quiet.run(&syn), Reason::DropNoBackend);
+        assert_dropped(&quiet.run(&udp), Reason::DropNoBackend);
     });
 }
 
