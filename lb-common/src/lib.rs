@@ -14,6 +14,7 @@ pub mod csum;
 pub mod ct;
 pub mod hash;
 pub mod reason;
+pub mod v6;
 
 pub use reason::Reason;
 
@@ -30,7 +31,7 @@ pub const PROG_SOCK_GETPEERNAME4: &str = "berth_getpeername4";
 /// Version of the pinned layout (maps, their key and value types, their meaning). Pins live
 /// under `<pin path>/v<PIN_LAYOUT>/`; a berth finding another version there refuses to adopt it.
 /// Bump it with every change to a map's type, key, value or the meaning of a field.
-pub const PIN_LAYOUT: u32 = 3;
+pub const PIN_LAYOUT: u32 = 4;
 
 /// Addresses of this host (network byte order -> 1), kept current by userspace: what "any
 /// address of this host" means for wildcard services at the socket hooks.
@@ -401,7 +402,11 @@ mod pod {
         super::Counters,
         super::BackendRoute,
         super::SockRevKey,
-        super::SockRevValue
+        super::SockRevValue,
+        super::v6::ServiceKey6,
+        super::v6::Backend6,
+        super::v6::FlowKey6,
+        super::v6::CtEntry6
     );
 }
 

@@ -2,8 +2,11 @@
 //! one `Exit*` counter; `Event*` counters record notable things on the way (not exits).
 //!
 //! The action policy (README.md, "Action policy") in one place:
-//! - not ours (other EtherTypes, IPv6, other IP protocols, no service, no flow): pass untouched;
-//! - IPv4 fragments: pass untouched (no ports to balance on; see README);
+//! - not ours (other EtherTypes, other IP protocols, NDP and other ICMPv6, no service, no flow):
+//!   pass untouched;
+//! - IPv4 fragments and IPv6 fragments: pass untouched (no ports to balance on; see README);
+//! - IPv6 the path does not walk (routing header with segments left, extension headers past
+//!   the bound, jumbograms): pass untouched;
 //! - malformed or truncated headers the kernel would reject anyway: drop;
 //! - a service with no backend: a TCP segment without payload is answered with a RST, anything
 //!   else dropped (or everything dropped, if so configured);
@@ -20,11 +23,15 @@
 pub enum Reason {
     /// Not IPv4 or IPv6 (ARP, LLDP, ...): pass.
     PassNotIp = 0,
-    /// IPv6: pass (balancing IPv6 is not implemented yet).
+    /// IPv6 that berth leaves to the stack: a routing header with segments left (this host is
+    /// a waypoint), more extension headers than the walk bound (or the L4 header past its byte
+    /// bound), a zero payload length (jumbogram): pass.
     PassIpv6,
-    /// IPv4 but neither TCP nor UDP: pass.
+    /// IPv4 or IPv6 but neither TCP nor UDP (ICMP and ICMPv6 other than an error quoting a
+    /// balanced flow, NDP above all): pass.
     PassNotTcpUdp,
-    /// IPv4 fragment: pass.
+    /// IPv4 fragment, or IPv6 packet with a fragment header whose offset or more-fragments
+    /// flag is set: pass.
     PassFragment,
     /// TCP/UDP that matches neither a flow nor a service: pass.
     PassNoService,
@@ -41,7 +48,9 @@ pub enum Reason {
     PassReplyWrongIface,
     /// Frame shorter than an Ethernet header: drop.
     DropEthTruncated,
-    /// IPv4 header truncated, bad version/IHL, or total length inconsistent: drop.
+    /// IPv4 header truncated, bad version/IHL, or total length inconsistent; IPv6 header or
+    /// extension header chain truncated, payload length past the frame, hop-by-hop options
+    /// not first: drop.
     DropIpMalformed,
     /// TCP/UDP header truncated or TCP data offset invalid: drop.
     DropL4Malformed,
@@ -71,7 +80,8 @@ pub enum Reason {
     /// came in on (the client fails at once, as with nothing listening).
     RejectNoBackend,
     // ---- events (not exits) ----
-    /// The IPv4 header carried options (handled; counted for visibility).
+    /// The IPv4 header carried options, or the IPv6 header extension headers (walked past;
+    /// counted for visibility).
     EventIpOptions,
     /// Inserting a conntrack entry failed; the packet was still balanced statelessly.
     EventCtInsertFailed,

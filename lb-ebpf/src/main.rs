@@ -17,6 +17,7 @@ mod nat;
 mod parse;
 mod reject;
 mod sock;
+mod v6;
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
@@ -158,6 +159,7 @@ fn process(ctx: &TcContext) -> (i32, Reason) {
     match parse(ctx, &mut p.flow, &mut p.quote) {
         Parsed::Flow => {}
         Parsed::IcmpError => return unpack(icmp_error(ctx, p)),
+        Parsed::Ipv6 => return unpack(v6::process(ctx)),
         Parsed::Exit(r) => return exit(r),
     }
     let flow = &p.flow;

@@ -86,6 +86,8 @@ impl IcmpQuote {
 pub enum Parsed {
     Flow,
     IcmpError,
+    /// An IPv6 frame: the `v6` module's path takes it from here.
+    Ipv6,
     Exit(Reason),
 }
 
@@ -111,7 +113,7 @@ pub fn parse(ctx: &TcContext, out: &mut Flow, quote: &mut IcmpQuote) -> Parsed {
     // SAFETY: `ptr_at` checked the two bytes lie inside the packet.
     let eth_proto = u16::from_be(unsafe { proto_ptr.read_unaligned() });
     if eth_proto == ETH_P_IPV6 {
-        return Parsed::Exit(Reason::PassIpv6);
+        return Parsed::Ipv6;
     }
     if eth_proto != ETH_P_IP {
         return Parsed::Exit(Reason::PassNotIp);

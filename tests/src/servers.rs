@@ -24,6 +24,11 @@ pub struct Servers {
 
 impl Servers {
     pub fn start(ns: &Netns, name: &str, addr: SocketAddrV4, udp: bool) -> Self {
+        Self::start_any(ns, name, addr.into(), udp)
+    }
+
+    /// [`Servers::start`] on an address of either family.
+    pub fn start_any(ns: &Netns, name: &str, addr: SocketAddr, udp: bool) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let path = PathBuf::from("/run/netns").join(&ns.name);
         let mut threads = Vec::new();
@@ -132,7 +137,12 @@ impl Drop for Servers {
 
 /// One TCP connection, one line, one answer line (runs in the calling thread's namespace).
 pub fn tcp_request(addr: SocketAddrV4, line: &str) -> Result<String, String> {
-    let mut s = TcpStream::connect_timeout(&SocketAddr::V4(addr), Duration::from_secs(2))
+    tcp_request_any(addr.into(), line)
+}
+
+/// [`tcp_request`] to an address of either family.
+pub fn tcp_request_any(addr: SocketAddr, line: &str) -> Result<String, String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
         .map_err(|e| format!("connect {addr}: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(2)))
         .map_err(|e| e.to_string())?;
@@ -153,7 +163,12 @@ pub struct Session {
 
 impl Session {
     pub fn connect(addr: SocketAddrV4) -> Result<Self, String> {
-        let s = TcpStream::connect_timeout(&SocketAddr::V4(addr), Duration::from_secs(2))
+        Self::connect_any(addr.into())
+    }
+
+    /// [`Session::connect`] to an address of either family.
+    pub fn connect_any(addr: SocketAddr) -> Result<Self, String> {
+        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
             .map_err(|e| format!("connect {addr}: {e}"))?;
         s.set_read_timeout(Some(Duration::from_secs(2)))
             .map_err(|e| e.to_string())?;
@@ -180,7 +195,17 @@ impl Session {
 /// One datagram over a *connected* UDP socket: the kernel drops any answer whose source is not
 /// `addr`, so an answer proves the reply was translated back to the service address.
 pub fn udp_request(addr: SocketAddrV4, payload: &str) -> Result<String, String> {
-    let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+    udp_request_any(addr.into(), payload)
+}
+
+/// [`udp_request`] to an address of either family.
+pub fn udp_request_any(addr: SocketAddr, payload: &str) -> Result<String, String> {
+    let any = if addr.is_ipv6() {
+        "[::]:0"
+    } else {
+        "0.0.0.0:0"
+    };
+    let s = UdpSocket::bind(any).map_err(|e| e.to_string())?;
     s.connect(addr).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(1)))
         .map_err(|e| e.to_string())?;

@@ -314,11 +314,12 @@ fn protocol_must_match_the_service() {
 }
 
 #[test]
-fn ipv6_and_arp_pass_untouched() {
+fn ipv6_without_a_service_and_arp_pass_untouched() {
     in_fixture_netns(|| {
         let f = standard();
+        // The IPv6 path (fixtures_v6.rs): no IPv6 service listens on :8080.
         let v6 = wire::ipv6_tcp(8080);
-        assert_untouched(&f.run(&v6), &v6, Reason::PassIpv6);
+        assert_untouched(&f.run(&v6), &v6, Reason::PassNoService);
         let arp = wire::arp_request(CLIENT, HOST);
         assert_untouched(&f.run(&arp), &arp, Reason::PassNotIp);
     });

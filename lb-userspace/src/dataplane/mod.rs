@@ -39,6 +39,7 @@ mod error;
 mod host;
 mod maps;
 mod pins;
+mod v6;
 
 pub use conntrack::{ConntrackReader, conntrack_walks};
 pub use error::DataplaneError;
@@ -47,6 +48,7 @@ use host::*;
 pub use host::{cgroup2_root, host_ipv4_addrs, monotonic_ns, netns_cookie, source_toward};
 use pins::*;
 pub use pins::{DownReport, bpffs_shared_with_init, down};
+pub use v6::{Backend6Spec, host_ipv6_addrs};
 
 pub use crate::config::DEFAULT_PIN_PATH;
 
@@ -149,7 +151,7 @@ fn random_u32() -> u32 {
 }
 
 /// Every map of the object; all are pinned (the read-only config global is not a map of ours).
-const MAPS: [&str; 12] = [
+const MAPS: [&str; 17] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     lb_common::MAP_BACKEND_ROUTES,
@@ -162,6 +164,11 @@ const MAPS: [&str; 12] = [
     MAP_REASON_STATS,
     lb_common::MAP_LOCAL_ADDRS,
     lb_common::MAP_SOCK_REVNAT,
+    lb_common::v6::MAP_SERVICES6,
+    lb_common::v6::MAP_BACKENDS6,
+    lb_common::v6::MAP_CONNTRACK6,
+    lb_common::v6::MAP_CT_NEW6,
+    lb_common::v6::MAP_LOCAL_ADDRS6,
 ];
 
 /// The socket programs, in attach order.
@@ -261,12 +268,18 @@ impl Dataplane {
             } => DataplaneError::PinnedMismatch {
                 root: rootname.clone(),
                 setting: match name.as_str() {
-                    MAP_CONNTRACK | lb_common::MAP_CT_NEW => "dataplane.conntrack_size",
+                    MAP_CONNTRACK
+                    | lb_common::MAP_CT_NEW
+                    | lb_common::v6::MAP_CONNTRACK6
+                    | lb_common::v6::MAP_CT_NEW6 => "dataplane.conntrack_size",
                     MAP_MAGLEV => "dataplane.maglev_table_size x dataplane.max_services",
-                    MAP_SERVICES | MAP_SERVICE_STATS => "dataplane.max_services",
-                    MAP_BACKENDS | MAP_BACKEND_STATS | lb_common::MAP_BACKEND_ROUTES => {
-                        "dataplane.max_backends"
+                    MAP_SERVICES | MAP_SERVICE_STATS | lb_common::v6::MAP_SERVICES6 => {
+                        "dataplane.max_services"
                     }
+                    MAP_BACKENDS
+                    | MAP_BACKEND_STATS
+                    | lb_common::MAP_BACKEND_ROUTES
+                    | lb_common::v6::MAP_BACKENDS6 => "dataplane.max_backends",
                     _ => "this berth version",
                 },
                 map: name,
@@ -318,6 +331,10 @@ impl Dataplane {
             .map_max_entries(MAP_MAGLEV, options.max_services * options.maglev_size)
             .map_max_entries(MAP_CONNTRACK, options.conntrack_size)
             .map_max_entries(lb_common::MAP_CT_NEW, options.ct_new_size())
+            .map_max_entries(lb_common::v6::MAP_SERVICES6, options.max_services)
+            .map_max_entries(lb_common::v6::MAP_BACKENDS6, options.max_backends)
+            .map_max_entries(lb_common::v6::MAP_CONNTRACK6, options.conntrack_size)
+            .map_max_entries(lb_common::v6::MAP_CT_NEW6, options.ct_new_size())
             .load(crate::EBPF_OBJECT)
             .map_err(|source| DataplaneError::Load { source })?;
         let prog: &mut SchedClassifier = ebpf

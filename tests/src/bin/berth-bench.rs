@@ -18,7 +18,7 @@
 //! Each path's counters are checked afterwards to prove the runs took the intended path.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
     time::Instant,
 };
 
@@ -32,7 +32,13 @@ use berth_tests::{
     stats::median,
     wire::{Ipv4Packet, TCP_ACK, TCP_SYN},
 };
+use berth_tests::{
+    fixture6::{CLIENT6, VIP6, backend6, flow_key6, in_fixture6_netns, sa6},
+    wire6::Ipv6Packet,
+};
+use lb_common::v6::{CtEntry6, ipv6_to_wire};
 use lb_common::{CtEntry, IPPROTO_TCP, Reason, ct, ipv4_to_wire, port_to_wire};
+use lb_userspace::dataplane::Backend6Spec;
 use lb_userspace::{
     config::{Nat, Protocol},
     dataplane::{DataplaneOptions, monotonic_ns},
@@ -206,7 +212,7 @@ struct Row {
 fn main() {
     let a = args();
     let total = u64::from(a.repeat) * a.rounds as u64;
-    let rows = in_fixture_netns(move || {
+    let mut rows = in_fixture_netns(move || {
         let mut rows = Vec::new();
         // Replies to the VIP side of the alternating set-ups need a route too.
         sh(&[
@@ -380,6 +386,8 @@ fn main() {
         rows
     });
 
+    rows.extend(v6_rows(&a));
+
     // Maglev build time (userspace).
     let members: Vec<maglev::Member> = (0..1000u64)
         .map(|i| maglev::Member {
@@ -489,4 +497,186 @@ fn main() {
     {
         println!("written: target/bench/dataplane.json");
     }
+}
+
+// ---- IPv6 ----
+
+/// An IPv6 conntrack entry translating to `nat`.
+fn entry6(dir: u8, nat: SocketAddrV6, now: u64) -> CtEntry6 {
+    CtEntry6 {
+        nat_addr: ipv6_to_wire(nat.ip().octets()),
+        ct: CtEntry {
+            nat_addr: 0,
+            ..entry(
+                dir,
+                SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, nat.port()),
+                None,
+                now,
+            )
+        },
+    }
+}
+
+/// The IPv6 rows: established hit and reply (alternating tuples, as [`measure_hits`]) and a
+/// new flow (a ring of IPv6 services), in the fixture namespace with its IPv6 side.
+fn v6_rows(a: &Args) -> Vec<Row> {
+    let a = *a;
+    let total = u64::from(a.repeat) * a.rounds as u64;
+    in_fixture6_netns(move || {
+        sh(&[
+            "ip",
+            "-6",
+            "route",
+            "add",
+            "fd00:99::/64",
+            "via",
+            &backend6(1).to_string(),
+            "dev",
+            "fx0",
+        ]);
+        let mut rows = Vec::new();
+        let o = DataplaneOptions {
+            redirect: !a.no_redirect,
+            decrement_ttl: false,
+            ..options()
+        };
+        let client = sa6(CLIENT6, 40000);
+        let vip = sa6(VIP6, 80);
+        let vip2 = sa6("fd00:99::2".parse().expect("address"), 81);
+        let be = sa6(backend6(1), 8000);
+        let be80 = sa6(backend6(2), 80);
+        let services = |f: &mut Fixture| {
+            let dp = f.rec.dataplane_mut();
+            for (id, listen, backend, bid) in [(0, vip, be, 1), (1, vip2, be80, 2)] {
+                dp.install_service6(
+                    id,
+                    listen,
+                    IPPROTO_TCP,
+                    &[Backend6Spec {
+                        id: bid,
+                        addr: backend,
+                        weight: 1,
+                    }],
+                )
+                .expect("install");
+            }
+        };
+        for (dir, src, dst, nat, path, reason) in [
+            (
+                ct::DIR_FORWARD,
+                client,
+                vip,
+                vip2,
+                "IPv6: established-flow hit (client -> backend)",
+                Reason::FwdRedirect,
+            ),
+            (
+                ct::DIR_REPLY,
+                be,
+                client,
+                be80,
+                "IPv6: reply (backend -> client)",
+                Reason::ReplyRedirect,
+            ),
+        ] {
+            let mut f = Fixture::new(o, Vec::new());
+            services(&mut f);
+            let now = monotonic_ns();
+            let (back, restore) = if dir == ct::DIR_FORWARD {
+                ((src, nat), dst)
+            } else {
+                ((nat, dst), src)
+            };
+            let dp = f.rec.dataplane_mut();
+            dp.conntrack6_insert(flow_key6(src, dst, IPPROTO_TCP), entry6(dir, nat, now))
+                .unwrap();
+            dp.conntrack6_insert(
+                flow_key6(back.0, back.1, IPPROTO_TCP),
+                entry6(dir, restore, now),
+            )
+            .unwrap();
+            let pkt = Ipv6Packet::tcp(src, dst, TCP_ACK)
+                .with_payload(&[0u8; 64])
+                .build();
+            let ns = measure(f.dp().program(), &pkt, &a);
+            let hits = reason_count(&f, reason);
+            rows.push(Row {
+                path,
+                ns,
+                target: None,
+                check: format!("{} {hits}/{total}", reason.name()),
+                on_path: hits as f64 / total as f64,
+            });
+        }
+
+        // New flow: a ring of IPv6 services, each balancing to the next one's address and port.
+        let ring = 4096u32;
+        let o = DataplaneOptions {
+            maglev_size: 7,
+            max_services: ring,
+            max_backends: ring + 1,
+            conntrack_size: a.new_flow_ct,
+            decrement_ttl: false,
+            ..options()
+        };
+        let addr = |i: u32| {
+            let i = i % ring;
+            sa6(
+                Ipv6Addr::new(
+                    0xfd00,
+                    0x100,
+                    0,
+                    0,
+                    0,
+                    0,
+                    (i >> 8) as u16,
+                    (i & 0xff) as u16,
+                ),
+                80 + (i % 2) as u16,
+            )
+        };
+        sh(&[
+            "ip",
+            "-6",
+            "route",
+            "replace",
+            "fd00:100::/64",
+            "via",
+            &backend6(1).to_string(),
+            "dev",
+            "fx0",
+        ]);
+        let mut f = Fixture::new(o, Vec::new());
+        let dp = f.rec.dataplane_mut();
+        for i in 0..ring {
+            dp.install_service6(
+                i,
+                addr(i),
+                IPPROTO_TCP,
+                &[Backend6Spec {
+                    id: i + 1,
+                    addr: addr(i + 1),
+                    weight: 1,
+                }],
+            )
+            .expect("install ring service");
+        }
+        let pkt = Ipv6Packet::tcp(client, addr(0), TCP_SYN).build();
+        let ns = measure(f.dp().program(), &pkt, &a);
+        let new_flows: u64 = (0..ring)
+            .map(|i| f.dp().service_counters(i).unwrap().new_flows)
+            .sum();
+        let redirected = reason_count(&f, Reason::FwdRedirect);
+        let failed = reason_count(&f, Reason::EventCtInsertFailed);
+        rows.push(Row {
+            path: "IPv6: new flow (ct miss + service + maglev + 2 inserts)",
+            ns,
+            target: None,
+            check: format!(
+                "new flows {new_flows}/{total}, redirected {redirected}, insert failures {failed}"
+            ),
+            on_path: new_flows as f64 / total as f64,
+        });
+        rows
+    })
 }

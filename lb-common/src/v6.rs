@@ -1,0 +1,315 @@
+//! IPv6 beside IPv4: the types of the IPv6 service, backend and conntrack maps, and the pure
+//! conntrack and hash functions over them.
+//!
+//! Each family has maps of its own (IPv4's keys stay 8 and 16 bytes, so its per-packet cost does
+//! not grow with IPv6's 16-byte addresses). What does not depend on the address is shared: the
+//! Maglev rows, the per-service and per-backend counters, the backend route cache and the port
+//! filter. Service and backend ids are one id space across both families, so a Maglev row of an
+//! IPv6 service holds ids that index [`MAP_BACKENDS6`], and the counters of an id are those of
+//! whichever family holds it.
+//!
+//! Addresses are `[u32; 4]`, each word read natively from the packet's bytes (network byte
+//! order, as for IPv4): see [`ipv6_to_wire`].
+
+use crate::{CtEntry, FlowKey, ct};
+
+/// IPv6 service table: [`ServiceKey6`] -> [`crate::ServiceValue`].
+pub const MAP_SERVICES6: &str = "SERVICES6";
+/// IPv6 backend array: backend id -> [`Backend6`] (ids shared with [`crate::MAP_BACKENDS`]).
+pub const MAP_BACKENDS6: &str = "BACKENDS6";
+/// IPv6 connection tracking: [`FlowKey6`] -> [`CtEntry6`].
+pub const MAP_CONNTRACK6: &str = "CONNTRACK6";
+/// IPv6 flows not yet confirmed (see [`crate::MAP_CT_NEW`]).
+pub const MAP_CT_NEW6: &str = "CT_NEW6";
+/// This host's IPv6 addresses -> 1 (what a wildcard `[::]` service matches).
+pub const MAP_LOCAL_ADDRS6: &str = "LOCAL_ADDRS6";
+
+/// Key of the IPv6 service table. An all-zero `addr` means "any local address of this host".
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, bytemuck::Pod, bytemuck::Zeroable,
+)]
+pub struct ServiceKey6 {
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<ServiceKey6>() == 20);
+
+impl ServiceKey6 {
+    pub const fn new(addr: [u32; 4], port: u16, proto: u8) -> Self {
+        Self {
+            addr,
+            port,
+            proto,
+            _pad: 0,
+        }
+    }
+}
+
+/// An IPv6 backend slot. An all-zero `addr` marks an empty slot. (DNAT only: full NAT over
+/// IPv6 is not implemented.)
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct Backend6 {
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<Backend6>() == 20);
+
+impl Backend6 {
+    pub const fn dnat(addr: [u32; 4], port: u16) -> Self {
+        Self {
+            addr,
+            port,
+            _pad: 0,
+        }
+    }
+
+    pub const fn is_empty(&self) -> bool {
+        is_zero(&self.addr)
+    }
+}
+
+/// IPv6 conntrack key: the 5-tuple exactly as it appears in the packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct FlowKey6 {
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<FlowKey6>() == 40);
+
+impl FlowKey6 {
+    pub const fn new(saddr: [u32; 4], daddr: [u32; 4], sport: u16, dport: u16, proto: u8) -> Self {
+        Self {
+            saddr,
+            daddr,
+            sport,
+            dport,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// IPv6 conntrack value: an IPv4 entry whose `nat_addr` (and the full-NAT fields) are unused,
+/// with the 16-byte address beside it. Every rule of `ct` that reads an entry (expiry, state,
+/// the acknowledgment window) reads `ct` and so applies to both families unchanged.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct CtEntry6 {
+    /// Forward entries: the backend to rewrite the destination to; reply entries: the service
+    /// address to rewrite the source back to.
+    pub nat_addr: [u32; 4],
+    /// Everything else, as for IPv4 (`ct.nat_addr` is 0).
+    pub ct: CtEntry,
+}
+const _: () = assert!(core::mem::size_of::<CtEntry6>() == 16 + core::mem::size_of::<CtEntry>());
+const _: () = assert!(core::mem::size_of::<CtEntry6>().is_multiple_of(8));
+
+/// Converts an IPv6 address's octets to the in-map representation.
+#[inline(always)]
+pub const fn ipv6_to_wire(o: [u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([o[0], o[1], o[2], o[3]]),
+        u32::from_ne_bytes([o[4], o[5], o[6], o[7]]),
+        u32::from_ne_bytes([o[8], o[9], o[10], o[11]]),
+        u32::from_ne_bytes([o[12], o[13], o[14], o[15]]),
+    ]
+}
+
+/// The octets of an in-map IPv6 address.
+#[inline(always)]
+pub const fn ipv6_from_wire(a: [u32; 4]) -> [u8; 16] {
+    let (w0, w1, w2, w3) = (
+        a[0].to_ne_bytes(),
+        a[1].to_ne_bytes(),
+        a[2].to_ne_bytes(),
+        a[3].to_ne_bytes(),
+    );
+    [
+        w0[0], w0[1], w0[2], w0[3], w1[0], w1[1], w1[2], w1[3], w2[0], w2[1], w2[2], w2[3], w3[0],
+        w3[1], w3[2], w3[3],
+    ]
+}
+
+#[inline(always)]
+pub const fn is_zero(a: &[u32; 4]) -> bool {
+    (a[0] | a[1] | a[2] | a[3]) == 0
+}
+
+/// Folds an address to 32 bits for the flow hash: every word rotated by a different amount, so
+/// clients differing in any bits (the interface identifier above all) hash apart.
+#[inline(always)]
+const fn fold(a: &[u32; 4]) -> u32 {
+    a[0] ^ a[1].rotate_left(8) ^ a[2].rotate_left(16) ^ a[3].rotate_left(24)
+}
+
+/// The flow hash of an IPv6 5-tuple: IPv4's [`crate::hash::flow_hash`] over the folded
+/// addresses (the Maglev index of a new flow).
+#[inline(always)]
+pub const fn flow_hash6(key: &FlowKey6, seed: u32) -> u32 {
+    crate::hash::flow_hash(
+        &FlowKey::new(
+            fold(&key.saddr),
+            fold(&key.daddr),
+            key.sport,
+            key.dport,
+            key.proto,
+        ),
+        seed,
+    )
+}
+
+/// The key of the reply half (backend -> client) of the flow whose forward half is `fwd` at
+/// `fkey`.
+#[inline(always)]
+pub const fn reply_key6(fkey: &FlowKey6, fwd: &CtEntry6) -> FlowKey6 {
+    FlowKey6::new(
+        fwd.nat_addr,
+        fkey.saddr,
+        fwd.ct.nat_port,
+        fkey.sport,
+        fkey.proto,
+    )
+}
+
+/// The key of the forward half (client -> service) of the flow whose reply half is `rev` at
+/// `rkey`.
+#[inline(always)]
+pub const fn forward_key6(rkey: &FlowKey6, rev: &CtEntry6) -> FlowKey6 {
+    FlowKey6::new(
+        rkey.daddr,
+        rev.nat_addr,
+        rkey.dport,
+        rev.ct.nat_port,
+        rkey.proto,
+    )
+}
+
+#[inline(always)]
+const fn same_addr(a: &[u32; 4], b: &[u32; 4]) -> u32 {
+    (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3])
+}
+
+#[inline(always)]
+const fn same_key(a: &FlowKey6, b: &FlowKey6) -> bool {
+    let diff = same_addr(&a.saddr, &b.saddr)
+        | same_addr(&a.daddr, &b.daddr)
+        | ((a.sport ^ b.sport) as u32)
+        | ((a.dport ^ b.dport) as u32)
+        | ((a.proto ^ b.proto) as u32);
+    diff == 0
+}
+
+/// Whether `rev`, found at `rkey`, is the reply half of the flow keyed `fkey`.
+#[inline(always)]
+pub const fn is_reply_of6(rev: &CtEntry6, rkey: &FlowKey6, fkey: &FlowKey6) -> bool {
+    rev.ct.dir == ct::DIR_REPLY && same_key(&forward_key6(rkey, rev), fkey)
+}
+
+/// Whether `fwd`, found at `fkey`, is the forward half of the flow whose reply key is `rkey`.
+#[inline(always)]
+pub const fn is_forward_of6(fwd: &CtEntry6, fkey: &FlowKey6, rkey: &FlowKey6) -> bool {
+    fwd.ct.dir == ct::DIR_FORWARD && same_key(&reply_key6(fkey, fwd), rkey)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{IPPROTO_TCP, Route, port_to_wire};
+
+    fn a(last: u8) -> [u32; 4] {
+        let mut o = [0u8; 16];
+        o[0] = 0xfd;
+        o[15] = last;
+        ipv6_to_wire(o)
+    }
+
+    fn entry(nat: [u32; 4], port: u16, dir: u8) -> CtEntry6 {
+        CtEntry6 {
+            nat_addr: nat,
+            ct: CtEntry {
+                nat_addr: 0,
+                nat_port: port_to_wire(port),
+                dir,
+                state: ct::STATE_OPEN,
+                backend_id: 1,
+                service_id: 0,
+                last_seen_ns: 0,
+                route: Route::NONE,
+                backend_ack: 0,
+                in_ifindex: 0,
+                fnat_addr: 0,
+                fnat_port: 0,
+                flags: 0,
+                _pad: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn the_two_halves_find_each_other() {
+        let (client, vip, backend) = (a(1), a(2), a(3));
+        let fkey = FlowKey6::new(
+            client,
+            vip,
+            port_to_wire(40000),
+            port_to_wire(80),
+            IPPROTO_TCP,
+        );
+        let fwd = entry(backend, 8000, ct::DIR_FORWARD);
+        let rkey = reply_key6(&fkey, &fwd);
+        assert_eq!(
+            rkey,
+            FlowKey6::new(
+                backend,
+                client,
+                port_to_wire(8000),
+                port_to_wire(40000),
+                IPPROTO_TCP
+            )
+        );
+        let rev = entry(vip, 80, ct::DIR_REPLY);
+        assert_eq!(forward_key6(&rkey, &rev), fkey);
+        assert!(is_reply_of6(&rev, &rkey, &fkey));
+        assert!(is_forward_of6(&fwd, &fkey, &rkey));
+        // Another client's flow, differing only in the last byte of the address.
+        let other = FlowKey6::new(a(9), vip, fkey.sport, fkey.dport, IPPROTO_TCP);
+        assert!(!is_reply_of6(&rev, &rkey, &other));
+        // A reply entry is never a forward one.
+        assert!(!is_forward_of6(&rev, &fkey, &rkey));
+    }
+
+    #[test]
+    fn every_address_word_changes_the_hash() {
+        let k = FlowKey6::new(a(1), a(2), 1, 2, IPPROTO_TCP);
+        let h = flow_hash6(&k, 7);
+        assert_ne!(h, flow_hash6(&k, 8));
+        for w in 0..4 {
+            let mut s = k;
+            s.saddr[w] ^= 0x0100_0000;
+            assert_ne!(h, flow_hash6(&s, 7), "source word {w}");
+            let mut d = k;
+            d.daddr[w] ^= 1;
+            assert_ne!(h, flow_hash6(&d, 7), "destination word {w}");
+        }
+    }
+
+    #[test]
+    fn wire_round_trip_and_layout() {
+        let o: [u8; 16] = core::array::from_fn(|i| i as u8 * 17);
+        assert_eq!(ipv6_from_wire(ipv6_to_wire(o)), o);
+        let k = FlowKey6::new(ipv6_to_wire(o), a(2), port_to_wire(1), 0, IPPROTO_TCP);
+        assert_eq!(&bytemuck::bytes_of(&k)[..16], &o);
+        assert!(Backend6::default().is_empty());
+        assert!(!Backend6::dnat(a(1), 1).is_empty());
+    }
+}

@@ -1,0 +1,1442 @@
+//! The IPv6 path of the TC program: the same balancing as IPv4's (conntrack pair, CT_NEW for
+//! unconfirmed flows, Maglev, drain, the acknowledgment window), over maps of its own
+//! (lb-common's `v6` module) so that IPv4's keys and per-packet cost stay as they are.
+//!
+//! Differences from IPv4, all from the protocol: there is no header checksum (only the L4 one,
+//! whose pseudo-header holds the addresses, is updated), the hop limit is decremented like the
+//! TTL, extension headers are walked (hop-by-hop, routing, destination options, fragment) within
+//! [`MAX_EXT`] headers and the first [`MAX_L4_OFF`] bytes, ICMPv6 errors (destination
+//! unreachable, Packet Too Big, time exceeded, parameter problem) quoting a balanced flow are
+//! translated like the flow, and every other ICMPv6 message (NDP above all) passes untouched.
+//! Full NAT is IPv4-only: an IPv6 backend is reached by DNAT.
+//!
+//! Policy for what is not walked, as for IPv4 options and fragments: a fragment (a fragment
+//! header with an offset or more-fragments set) passes untouched (`pass_fragment`); a routing
+//! header with segments left (the packet is not at its final destination), more extension
+//! headers than the bound, or a zero payload length (jumbogram, BIG TCP) passes untouched
+//! (`pass_ipv6`); a truncated header chain is dropped (`drop_ip_malformed`).
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{
+        BPF_F_IPV6, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup,
+    },
+    helpers::generated::{
+        bpf_fib_lookup as fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_redirect_neigh,
+    },
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    programs::TcContext,
+};
+use lb_common::{
+    CFG_F_DROP_NO_BACKEND, CFG_F_KEEP_TTL, CFG_F_REDIRECT, CtEntry, DEFAULT_CONNTRACK_SIZE,
+    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, DpConfig, IPPROTO_TCP, IPPROTO_UDP, Reason, Route,
+    SVC_F_EMPTY, ServiceValue,
+    csum::{add, apply, diff2, diff4, replace2},
+    ct::{self, DIR_FORWARD, DIR_REPLY, STATE_CLOSING, STATE_OPEN},
+    port_flag,
+    v6::{
+        Backend6, CtEntry6, FlowKey6, ServiceKey6, flow_hash6, forward_key6, is_forward_of6,
+        is_reply_of6, reply_key6,
+    },
+};
+
+use crate::{
+    config, exit,
+    maps::{BACKEND_ROUTES, MAGLEV, account, count},
+    nat::ingress_ifindex,
+    pack,
+    parse::{ETH_HLEN, ptr_at},
+    port_flags, ttl_expires, unpack,
+};
+
+#[map]
+pub static SERVICES6: HashMap<ServiceKey6, ServiceValue> =
+    HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
+/// Backend id -> IPv6 backend (ids shared with `BACKENDS`; see lb-common's `v6`).
+#[map]
+pub static BACKENDS6: Array<Backend6> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+#[map]
+pub static CONNTRACK6: LruHashMap<FlowKey6, CtEntry6> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
+
+/// IPv6 flows that have only sent a SYN (see lb-common's `MAP_CT_NEW`).
+#[map]
+pub static CT_NEW6: LruHashMap<FlowKey6, CtEntry6> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE / 4, 0);
+
+/// This host's IPv6 addresses -> 1 (loopback excluded): what a `[::]` service matches.
+#[map]
+pub static LOCAL_ADDRS6: HashMap<[u32; 4], u8> = HashMap::with_max_entries(1024, 0);
+
+/// Per-CPU state of one IPv6 packet ([`Pkt6`]); same reasoning as `SCRATCH`.
+#[map]
+static SCRATCH6: PerCpuArray<Pkt6> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU room for what the IPv6 subprograms would otherwise build on the stack (16-byte
+/// addresses make entries, keys and FIB tuples too large for the call chain's 512 bytes).
+#[map]
+static WORK6: PerCpuArray<Work6> = PerCpuArray::with_max_entries(1, 0);
+
+const IPPROTO_HOPOPTS: u8 = 0;
+const IPPROTO_ROUTING: u8 = 43;
+const IPPROTO_FRAGMENT: u8 = 44;
+const IPPROTO_ICMPV6: u8 = 58;
+const IPPROTO_DSTOPTS: u8 = 60;
+const AF_INET6: u8 = 10;
+/// Extension headers walked before the L4 header at most.
+pub const MAX_EXT: usize = 4;
+/// The L4 header must start within this many bytes of the frame (a bound for the verifier, and
+/// far above any real header chain: 14 + 40 + four 48-byte headers).
+pub const MAX_L4_OFF: usize = 255;
+/// Bytes made linear before parsing: an ICMPv6 error at the furthest L4 offset, quoting an
+/// IPv6 header and a TCP base header.
+const MAX_HDRS6: usize = MAX_L4_OFF + 8 + 40 + 20;
+
+/// Everything about a TCP/UDP-over-IPv6 packet the rest of the path needs (addresses and ports
+/// as in the packet).
+pub struct Flow6 {
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub tcp_flags: u8,
+    pub hop_limit: u8,
+    /// TCP sequence and acknowledgment numbers, host byte order (0 for UDP).
+    pub seq: u32,
+    pub ack: u32,
+    /// The first word of the header (version, traffic class, flow label) as in the packet.
+    pub flowinfo: u32,
+    /// Payload length, host byte order.
+    pub payload_len: u16,
+    /// Offset of the L4 header (after any extension headers).
+    pub l4_off: usize,
+}
+
+impl Flow6 {
+    /// The L4 offset, bounded for the verifier (see `Flow::l4`); at most [`MAX_L4_OFF`].
+    #[inline(always)]
+    fn l4(&self) -> usize {
+        self.l4_off & 0xff
+    }
+}
+
+/// Where an ICMPv6 error quotes a TCP or UDP packet, and that packet's tuple.
+pub struct Quote6 {
+    pub icmp_off: usize,
+    pub inner_off: usize,
+    pub inner_l4_off: usize,
+    pub inner: FlowKey6,
+}
+
+impl Quote6 {
+    #[inline(always)]
+    fn offsets(&self) -> (usize, usize, usize) {
+        (
+            self.icmp_off & 0xff,
+            self.inner_off & 0x1ff,
+            self.inner_l4_off & 0x1ff,
+        )
+    }
+}
+
+/// What an ICMPv6 error quoting a balanced flow becomes (see `IcmpNat`).
+pub struct IcmpNat6 {
+    pub q_src: [u32; 4],
+    pub q_src_port: u16,
+    pub q_dst: [u32; 4],
+    pub q_dst_port: u16,
+    pub o_src: [u32; 4],
+    pub o_dst: [u32; 4],
+}
+
+/// A lookup tuple for the FIB: source and destination after translation.
+pub struct Tuple6 {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+}
+
+/// Built in the per-CPU `WORK6` slot: a new flow's entry and reply key, a FIB lookup's tuple
+/// and result. Each is used by one subprogram (and the lookup it calls) at a time.
+pub struct Work6 {
+    half: CtEntry6,
+    rkey: FlowKey6,
+    tuple: Tuple6,
+    fib: Fib6,
+}
+
+/// This CPU's `WORK6` slot.
+#[inline(always)]
+fn work() -> Option<&'static mut Work6> {
+    // SAFETY: this CPU's slot of a per-CPU array, valid for the run; the program runs to
+    // completion on its CPU, and the subprograms using the slot never overlap in what they use.
+    WORK6.get_ptr_mut(0).map(|w| unsafe { &mut *w })
+}
+
+/// An IPv6 packet's state, in the per-CPU `SCRATCH6` slot.
+pub struct Pkt6 {
+    flow: Flow6,
+    quote: Quote6,
+    key: FlowKey6,
+    now: u64,
+    bytes: u64,
+    cfg: DpConfig,
+    nat: IcmpNat6,
+}
+
+type Table6 = LruHashMap<FlowKey6, CtEntry6>;
+
+#[inline(always)]
+fn other6(table: &'static Table6) -> &'static Table6 {
+    if core::ptr::eq(table, &CONNTRACK6) {
+        &CT_NEW6
+    } else {
+        &CONNTRACK6
+    }
+}
+
+#[inline(always)]
+fn is_ext(next: u8) -> bool {
+    next == IPPROTO_HOPOPTS
+        || next == IPPROTO_ROUTING
+        || next == IPPROTO_DSTOPTS
+        || next == IPPROTO_FRAGMENT
+}
+
+/// [`parse6`]'s answer for a flow to balance; [`PARSED_ICMP`] for an ICMPv6 error to match;
+/// anything else is the `Reason` of the exit the packet takes.
+const PARSED_FLOW: u32 = u32::MAX;
+const PARSED_ICMP: u32 = u32::MAX - 1;
+
+/// Reads a 16-byte address at `off`.
+#[inline(always)]
+fn addr_at(ctx: &TcContext, off: usize) -> Option<[u32; 4]> {
+    let a = ptr_at::<[u32; 4]>(ctx, off)?;
+    // SAFETY: `ptr_at` checked the 16 bytes lie inside the packet.
+    Some(unsafe { a.read_unaligned() })
+}
+
+/// Parses an Ethernet/IPv6 frame into `p.flow` (and `p.quote` for an ICMPv6 error). A BPF
+/// subprogram: its frame is gone before the balancing's call chain starts. Fields are written
+/// in place (a `Flow6` built on the stack and copied would take that stack).
+#[inline(never)]
+fn parse6(ctx: &TcContext, p: &mut Pkt6) -> u32 {
+    match parse6_inner(ctx, p) {
+        Ok(v) => v,
+        Err(r) => r as u32,
+    }
+}
+
+#[inline(always)]
+fn parse6_inner(ctx: &TcContext, p: &mut Pkt6) -> Result<u32, Reason> {
+    let len = ctx.len() as usize;
+    let linear = ctx.data_end() - ctx.data();
+    if linear < MAX_HDRS6 && len > linear {
+        let want = if len < MAX_HDRS6 { len } else { MAX_HDRS6 };
+        // A failure leaves the skb as it was; the bounds checks below then decide.
+        let _ = ctx.pull_data(want as u32);
+    }
+    let Some(ip) = ptr_at::<[u8; 8]>(ctx, ETH_HLEN) else {
+        return Err(Reason::DropIpMalformed);
+    };
+    // SAFETY: the header's first 8 bytes are inside the packet (checked by `ptr_at`).
+    let ip = unsafe { *ip };
+    if ip[0] >> 4 != 6 {
+        return Err(Reason::DropIpMalformed);
+    }
+    let payload_len = u16::from_be_bytes([ip[4], ip[5]]);
+    if payload_len == 0 {
+        // A jumbogram (or a BIG TCP aggregate): its length is elsewhere; not ours.
+        return Err(Reason::PassIpv6);
+    }
+    let end = ETH_HLEN + 40 + payload_len as usize;
+    if end > len {
+        return Err(Reason::DropIpMalformed);
+    }
+    let f = &mut p.flow;
+    f.saddr = addr_at(ctx, ETH_HLEN + 8).ok_or(Reason::DropIpMalformed)?;
+    f.daddr = addr_at(ctx, ETH_HLEN + 24).ok_or(Reason::DropIpMalformed)?;
+    f.hop_limit = ip[7];
+    f.flowinfo = u32::from_ne_bytes([ip[0], ip[1], ip[2], ip[3]]);
+    f.payload_len = payload_len;
+    let mut next = ip[6];
+
+    let mut off = ETH_HLEN + 40;
+    let mut walked = 0;
+    while walked < MAX_EXT && is_ext(next) {
+        let Some(h) = ptr_at::<[u8; 8]>(ctx, off & 0xff) else {
+            return Err(Reason::DropIpMalformed);
+        };
+        // SAFETY: the header's first 8 bytes are inside the packet (checked by `ptr_at`).
+        let h = unsafe { *h };
+        let hlen = if next == IPPROTO_FRAGMENT {
+            // Offset or more-fragments set: a real fragment, without ports to balance on
+            // (an atomic fragment, RFC 6946, is a whole packet and walked past).
+            if u16::from_be_bytes([h[2], h[3]]) & 0xfff9 != 0 {
+                return Err(Reason::PassFragment);
+            }
+            8
+        } else {
+            if next == IPPROTO_HOPOPTS && walked != 0 {
+                // Hop-by-hop options only ever come first (RFC 8200 4.1).
+                return Err(Reason::DropIpMalformed);
+            }
+            if next == IPPROTO_ROUTING && h[3] != 0 {
+                // Segments left: this host is a waypoint, not the destination.
+                return Err(Reason::PassIpv6);
+            }
+            (h[1] as usize + 1) * 8
+        };
+        next = h[0];
+        off = (off & 0xff) + hlen;
+        if off > end {
+            return Err(Reason::DropIpMalformed);
+        }
+        if off > MAX_L4_OFF {
+            return Err(Reason::PassIpv6);
+        }
+        walked += 1;
+    }
+    if walked != 0 {
+        count(Reason::EventIpOptions);
+    }
+    if is_ext(next) {
+        // More extension headers than walked: left to the stack.
+        return Err(Reason::PassIpv6);
+    }
+    let l4_off = off & 0xff;
+    let l4_room = end - l4_off;
+    f.l4_off = l4_off;
+    f.proto = next;
+    f.tcp_flags = 0;
+    f.seq = 0;
+    f.ack = 0;
+    if next == IPPROTO_ICMPV6 {
+        f.sport = 0;
+        f.dport = 0;
+        return parse_icmp6_error(ctx, l4_off, l4_room, &mut p.quote);
+    }
+    if next == IPPROTO_TCP {
+        let Some(th) = ptr_at::<[u8; 20]>(ctx, l4_off) else {
+            return Err(Reason::DropL4Malformed);
+        };
+        // SAFETY: 20 bytes at `l4_off` are inside the packet (checked by `ptr_at`).
+        let th = unsafe { &*th };
+        let doff = (th[12] >> 4) as usize * 4;
+        if doff < 20 || doff > l4_room {
+            return Err(Reason::DropL4Malformed);
+        }
+        f.sport = u16::from_ne_bytes([th[0], th[1]]);
+        f.dport = u16::from_ne_bytes([th[2], th[3]]);
+        f.tcp_flags = th[13];
+        f.seq = u32::from_be_bytes([th[4], th[5], th[6], th[7]]);
+        f.ack = u32::from_be_bytes([th[8], th[9], th[10], th[11]]);
+    } else if next == IPPROTO_UDP {
+        let Some(uh) = ptr_at::<[u8; 8]>(ctx, l4_off) else {
+            return Err(Reason::DropL4Malformed);
+        };
+        // SAFETY: 8 bytes at `l4_off` are inside the packet (checked by `ptr_at`).
+        let uh = unsafe { &*uh };
+        let ulen = u16::from_be_bytes([uh[4], uh[5]]) as usize;
+        if ulen < 8 || ulen > l4_room {
+            return Err(Reason::DropL4Malformed);
+        }
+        f.sport = u16::from_ne_bytes([uh[0], uh[1]]);
+        f.dport = u16::from_ne_bytes([uh[2], uh[3]]);
+    } else {
+        return Err(Reason::PassNotTcpUdp);
+    }
+    Ok(PARSED_FLOW)
+}
+
+/// An ICMPv6 error (types 1-4: destination unreachable, Packet Too Big, time exceeded,
+/// parameter problem) quoting the start of a TCP or UDP packet whose header is followed
+/// directly by its L4 header. Everything else of ICMPv6 (echo, NDP, MLD, ...) is not ours, nor
+/// is a quote that is truncated or has extension headers: the stack judges those as it would
+/// without berth.
+#[inline(always)]
+fn parse_icmp6_error(
+    ctx: &TcContext,
+    icmp_off: usize,
+    room: usize,
+    quote: &mut Quote6,
+) -> Result<u32, Reason> {
+    let Some(h) = ptr_at::<[u8; 8]>(ctx, icmp_off) else {
+        return Err(Reason::PassNotTcpUdp);
+    };
+    // SAFETY: the 8-byte ICMPv6 header is inside the packet (checked by `ptr_at`).
+    let t = unsafe { (*h)[0] };
+    if !(1..=4).contains(&t) {
+        return Err(Reason::PassNotTcpUdp);
+    }
+    let inner_off = icmp_off + 8;
+    let Some(hdr) = ptr_at::<[u8; 40]>(ctx, inner_off) else {
+        return Err(Reason::PassNotTcpUdp);
+    };
+    // SAFETY: the quoted 40-byte header is inside the packet (checked by `ptr_at`).
+    let ip = unsafe { &*hdr };
+    let proto = ip[6];
+    if ip[0] >> 4 != 6 || (proto != IPPROTO_TCP && proto != IPPROTO_UDP) || 8 + 40 + 8 > room {
+        return Err(Reason::PassNotTcpUdp);
+    }
+    let inner_l4_off = inner_off + 40;
+    let Some(l4) = ptr_at::<[u16; 2]>(ctx, inner_l4_off) else {
+        return Err(Reason::PassNotTcpUdp);
+    };
+    // SAFETY: the quoted ports are inside the packet.
+    let ports = unsafe { l4.read_unaligned() };
+    let q = &mut quote.inner;
+    // SAFETY: both addresses lie within the 40 bytes `ptr_at` checked (one checked pointer:
+    // the verifier cannot relate bounds checked on pointers LLVM derived separately).
+    unsafe {
+        q.saddr = (hdr as *const u8)
+            .add(8)
+            .cast::<[u32; 4]>()
+            .read_unaligned();
+        q.daddr = (hdr as *const u8)
+            .add(24)
+            .cast::<[u32; 4]>()
+            .read_unaligned();
+    }
+    q.sport = ports[0];
+    q.dport = ports[1];
+    q.proto = proto;
+    q._pad = [0; 3];
+    quote.icmp_off = icmp_off;
+    quote.inner_off = inner_off;
+    quote.inner_l4_off = inner_l4_off;
+    Ok(PARSED_ICMP)
+}
+
+/// The IPv6 path, from the frame's EtherType on. A BPF subprogram returning a packed verdict.
+#[inline(never)]
+pub fn process(ctx: &TcContext) -> u64 {
+    pack(process_inner(ctx))
+}
+
+#[inline(always)]
+fn process_inner(ctx: &TcContext) -> (i32, Reason) {
+    let Some(p) = SCRATCH6.get_ptr_mut(0) else {
+        return exit(Reason::AbortMap);
+    };
+    // SAFETY: this CPU's slot of a per-CPU array, valid for the run; nothing else on this CPU
+    // uses it while the program runs.
+    let p = unsafe { &mut *p };
+    match parse6(ctx, p) {
+        PARSED_FLOW => {}
+        PARSED_ICMP => return unpack(icmp_error6(ctx, p)),
+        r => {
+            let reason = if r < Reason::COUNT {
+                Reason::ALL[r as usize]
+            } else {
+                Reason::AbortMap
+            };
+            return exit(reason);
+        }
+    }
+    let flow = &p.flow;
+    let service_port = port_flags(u16::from_be(flow.dport)) & port_flag(flow.proto, false) != 0;
+    if !service_port && port_flags(u16::from_be(flow.sport)) & port_flag(flow.proto, true) == 0 {
+        return exit(Reason::PassNoService);
+    }
+    p.cfg = config();
+    if p.cfg.maglev_size == 0 {
+        return exit(Reason::PassNoService);
+    }
+    if ttl_expires(p.flow.hop_limit, &p.cfg) {
+        return exit(Reason::PassTtlExpired);
+    }
+    let k = &mut p.key;
+    k.saddr = flow.saddr;
+    k.daddr = flow.daddr;
+    k.sport = flow.sport;
+    k.dport = flow.dport;
+    k.proto = flow.proto;
+    k._pad = [0; 3];
+    // SAFETY: helper without arguments.
+    p.now = unsafe { bpf_ktime_get_coarse_ns() };
+    p.bytes = u64::from(ctx.len());
+    let p = &*p;
+    let (flow, key, cfg, now) = (&p.flow, &p.key, &p.cfg, p.now);
+
+    let (e, table): (*mut CtEntry6, &'static Table6) = if let Some(e) = CONNTRACK6.get_ptr_mut(key)
+    {
+        (e, &CONNTRACK6)
+    } else if let Some(e) = CT_NEW6.get_ptr_mut(key) {
+        (e, &CT_NEW6)
+    } else {
+        (core::ptr::null_mut(), &CONNTRACK6)
+    };
+    if !e.is_null() {
+        // SAFETY: a value pointer returned by the map lookup stays valid for this run (RCU);
+        // racing writers store plain integers (see the IPv4 path).
+        let e = unsafe { &mut *e };
+        if e.ct.dir == DIR_REPLY {
+            return unpack(reply6(ctx, p, e, table));
+        }
+        if ct::expired(&e.ct, flow.proto, flow.tcp_flags, now, cfg) {
+            count(Reason::EventCtExpired);
+            let rkey = reply_key6(key, e);
+            if let Some(r) = table.get_ptr(&rkey) {
+                // SAFETY: valid map value pointer.
+                if is_reply_of6(unsafe { &*r }, &rkey, key) {
+                    let _ = table.remove(&rkey);
+                }
+            }
+            let _ = table.remove(key);
+        } else if core::ptr::eq(table, &CT_NEW6) && !ct::is_bare_syn(flow.proto, flow.tcp_flags) {
+            if !confirm6(key, e) {
+                count(Reason::EventCtInsertFailed);
+                return unpack(forward6(ctx, p, e, &CT_NEW6));
+            }
+            if let Some(m) = CONNTRACK6.get_ptr_mut(key) {
+                // SAFETY: as above.
+                let m = unsafe { &mut *m };
+                return unpack(forward6(ctx, p, m, &CONNTRACK6));
+            }
+        } else {
+            return unpack(forward6(ctx, p, e, table));
+        }
+    }
+    if !service_port {
+        return exit(Reason::PassNoService);
+    }
+    let verdict = unpack(new_flow6(ctx, p));
+    if verdict.1 == Reason::RejectNoBackend {
+        return unpack(tcp_reset6(ctx, p));
+    }
+    verdict
+}
+
+/// Length of the RST frame: Ethernet, the 40-byte IPv6 header, a 20-byte TCP header.
+const RST6_LEN: usize = ETH_HLEN + 40 + 20;
+
+/// One's-complement sum of the 16-bit words of a TCP header, folded.
+#[inline(always)]
+fn sum20(b: &[u8; 20]) -> u16 {
+    let mut s = 0u32;
+    let mut i = 0;
+    while i < 20 {
+        s += u32::from(u16::from_ne_bytes([b[i], b[i + 1]]));
+        i += 2;
+    }
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    s as u16
+}
+
+/// Answers a packet for a service with no backend as a host with nothing listening would
+/// (IPv4's `reject::refuse`): a TCP segment without payload (a SYN above all) with a RST, a UDP
+/// datagram with an ICMPv6 port unreachable quoting it; a segment with payload or options, or
+/// a packet with extension headers, is dropped. The answer is bounced out of the interface the
+/// packet came in on. A BPF subprogram returning a packed verdict.
+#[inline(never)]
+fn tcp_reset6(ctx: &TcContext, p: &Pkt6) -> u64 {
+    pack(if p.flow.proto == IPPROTO_TCP {
+        tcp_reset6_inner(ctx, &p.flow)
+    } else {
+        udp_unreachable6(ctx, &p.flow)
+    })
+}
+
+/// Room the ICMPv6 error needs in front of the datagram's own IPv6 header: a new IPv6 header
+/// and the ICMPv6 header.
+const ICMP6_ROOM: usize = 40 + 8;
+/// Length of the ICMPv6 error frame: Ethernet, IPv6, ICMPv6, the quoted IPv6 and UDP headers.
+const ICMP6_LEN: usize = ETH_HLEN + ICMP6_ROOM + 40 + 8;
+
+/// Turns a UDP datagram into the ICMPv6 destination unreachable (port unreachable) a host with
+/// nothing on the port sends: room after the Ethernet header for the new IPv6 and ICMPv6
+/// headers, the datagram's own headers left in place as the quote, the rest cut off. The
+/// ICMPv6 checksum is a complete one over its pseudo-header.
+#[inline(always)]
+fn udp_unreachable6(ctx: &TcContext, flow: &Flow6) -> (i32, Reason) {
+    let drop = exit(Reason::DropNoBackend);
+    if flow.l4() != ETH_HLEN + 40 {
+        return drop;
+    }
+    let Some(eth) = ptr_at::<[u8; 12]>(ctx, 0) else {
+        return drop;
+    };
+    // SAFETY: the MACs are inside the packet (checked by `ptr_at`).
+    let macs = unsafe { *eth };
+    if ctx
+        .adjust_room(ICMP6_ROOM as i32, BPF_ADJ_ROOM_MAC, 0)
+        .is_err()
+    {
+        return drop;
+    }
+    if (ctx.len() as usize) > ICMP6_LEN && ctx.change_tail(ICMP6_LEN as u32, 0).is_err() {
+        return exit(Reason::AbortRewrite);
+    }
+    let (Some(eth), Some(hdrs)) = (
+        ptr_at::<[u8; 12]>(ctx, 0),
+        ptr_at::<[u8; 96]>(ctx, ETH_HLEN),
+    ) else {
+        return exit(Reason::AbortRewrite);
+    };
+    // SAFETY: `ptr_at` checked the MACs and the 96 bytes of headers (new IPv6 + ICMPv6, quoted
+    // IPv6 + UDP) lie inside the packet; no helper runs between the checks and the writes.
+    unsafe {
+        let eth = &mut *eth;
+        eth[..6].copy_from_slice(&macs[6..]);
+        eth[6..].copy_from_slice(&macs[..6]);
+        let h = &mut *hdrs;
+        // Version 6, payload 56 bytes of ICMPv6, hop limit 64; from the service address (the
+        // quote's destination) to the client (its source).
+        h[..8].copy_from_slice(&[0x60, 0, 0, 0, 0, 56, IPPROTO_ICMPV6, 64]);
+        h.copy_within(48 + 24..48 + 40, 8);
+        h.copy_within(48 + 8..48 + 24, 24);
+        // Destination unreachable, port unreachable.
+        h[40..48].copy_from_slice(&[1, 4, 0, 0, 0, 0, 0, 0]);
+        // Pseudo-header (addresses, length 56, next header 58), then the message.
+        let mut sum = u32::from(56u16.to_be()) + u32::from(u16::from(IPPROTO_ICMPV6).to_be());
+        let mut i = 8;
+        while i < 96 {
+            sum += u32::from(u16::from_ne_bytes([h[i], h[i + 1]]));
+            i += 2;
+        }
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum = (sum & 0xffff) + (sum >> 16);
+        h[42..44].copy_from_slice(&(!(sum as u16)).to_ne_bytes());
+    }
+    // SAFETY: plain helper call with an interface index: out of the interface it came in on.
+    let act = unsafe { bpf_redirect(ingress_ifindex(ctx), 0) } as i32;
+    (act, Reason::RejectNoBackend)
+}
+
+#[inline(always)]
+fn tcp_reset6_inner(ctx: &TcContext, flow: &Flow6) -> (i32, Reason) {
+    let drop = exit(Reason::DropNoBackend);
+    if flow.tcp_flags & ct::TCP_RST != 0 || flow.l4() != ETH_HLEN + 40 {
+        return drop;
+    }
+    let Some(th) = ptr_at::<[u8; 20]>(ctx, ETH_HLEN + 40) else {
+        return drop;
+    };
+    // SAFETY: the 20-byte TCP header is inside the packet (checked by `ptr_at`).
+    let old: [u8; 20] = unsafe { *th };
+    if usize::from(old[12] >> 4) * 4 != 20 || flow.payload_len != 20 {
+        return drop; // options or payload
+    }
+    // RFC 9293 3.10.7.1: answer an ACK with SEQ = its ACK; anything else with SEQ 0 and an ACK
+    // of everything it occupied.
+    let (seq, ack, flags) = if flow.tcp_flags & ct::TCP_ACK != 0 {
+        (flow.ack, 0u32, ct::TCP_RST)
+    } else {
+        let occupied = u32::from(flow.tcp_flags & ct::TCP_SYN != 0)
+            + u32::from(flow.tcp_flags & ct::TCP_FIN != 0);
+        (
+            0u32,
+            flow.seq.wrapping_add(occupied),
+            ct::TCP_RST | ct::TCP_ACK,
+        )
+    };
+    let mut new = [0u8; 20];
+    new[0..2].copy_from_slice(&old[2..4]);
+    new[2..4].copy_from_slice(&old[0..2]);
+    new[4..8].copy_from_slice(&seq.to_be_bytes());
+    new[8..12].copy_from_slice(&ack.to_be_bytes());
+    new[12] = 5 << 4;
+    new[13] = flags;
+    // The checksum field keeps its old value here so that it cancels out of the difference.
+    new[16..18].copy_from_slice(&old[16..18]);
+    let diff = add(!sum20(&old), sum20(&new));
+    let (Some(eth), Some(ip), Some(th)) = (
+        ptr_at::<[u8; 12]>(ctx, 0),
+        ptr_at::<[u8; 40]>(ctx, ETH_HLEN),
+        ptr_at::<[u8; 20]>(ctx, ETH_HLEN + 40),
+    ) else {
+        return drop;
+    };
+    // SAFETY: `ptr_at` checked all three headers lie inside the packet; TC programs may write
+    // packet data directly; no helper runs between the checks and the writes.
+    unsafe {
+        let eth = &mut *eth;
+        let mut macs = [0u8; 12];
+        macs[..6].copy_from_slice(&eth[6..]);
+        macs[6..].copy_from_slice(&eth[..6]);
+        *eth = macs;
+        let ip = &mut *ip;
+        // Swapping the addresses leaves the pseudo-header's sum as it was; the payload length
+        // stays 20.
+        let mut a = [0u8; 16];
+        a.copy_from_slice(&ip[8..24]);
+        ip.copy_within(24..40, 8);
+        ip[24..40].copy_from_slice(&a);
+        ip[7] = 64;
+        *th = new;
+    }
+    if ctx
+        .l4_csum_replace(ETH_HLEN + 40 + 16, 0, u64::from(diff), 0)
+        .is_err()
+    {
+        return exit(Reason::AbortRewrite);
+    }
+    if (ctx.len() as usize) > RST6_LEN && ctx.change_tail(RST6_LEN as u32, 0).is_err() {
+        return exit(Reason::AbortRewrite);
+    }
+    // SAFETY: plain helper call with an interface index: out of the interface it came in on.
+    let act = unsafe { bpf_redirect(ingress_ifindex(ctx), 0) } as i32;
+    (act, Reason::RejectNoBackend)
+}
+
+/// Moves a confirmed flow's pair from CT_NEW6 to CONNTRACK6 (see `confirm`).
+#[inline(never)]
+fn confirm6(key: &FlowKey6, e: &CtEntry6) -> bool {
+    let rkey = reply_key6(key, e);
+    let rev = CT_NEW6
+        .get_ptr(&rkey)
+        .filter(|r| is_reply_of6(unsafe { &**r }, &rkey, key));
+    // SAFETY (above and below): valid map value pointers, read in place.
+    let moved = CONNTRACK6.insert(key, e, 0).is_ok()
+        && rev.is_none_or(|r| CONNTRACK6.insert(&rkey, unsafe { &*r }, 0).is_ok());
+    if !moved {
+        return false;
+    }
+    let _ = CT_NEW6.remove(key);
+    if rev.is_some() {
+        let _ = CT_NEW6.remove(&rkey);
+    }
+    true
+}
+
+/// Inserts the missing half of the flow whose other half is `from` (see `rebuild`).
+#[inline(never)]
+fn rebuild6(table: &Table6, key: &FlowKey6, from: &CtEntry6, flow: &Flow6, now: u64) -> bool {
+    let fwd = from.ct.dir == DIR_FORWARD;
+    let half = CtEntry6 {
+        nat_addr: if fwd { flow.daddr } else { flow.saddr },
+        ct: CtEntry {
+            nat_port: if fwd { flow.dport } else { flow.sport },
+            dir: if fwd { DIR_REPLY } else { DIR_FORWARD },
+            route: Route::NONE,
+            backend_ack: 0,
+            flags: 0,
+            last_seen_ns: now,
+            ..from.ct
+        },
+    };
+    count(Reason::EventCtRebuilt);
+    if table.insert(key, &half, 0).is_err() {
+        count(Reason::EventCtInsertFailed);
+        return false;
+    }
+    true
+}
+
+/// Whether reply key `rkey` of `table` may be taken by this packet's new flow (see `claim`;
+/// DNAT only, so the key always names the client).
+#[inline(never)]
+fn claim6(table: &Table6, rkey: &FlowKey6, flow: &Flow6, now: u64, cfg: &DpConfig) -> bool {
+    let Some(r) = table.get_ptr(rkey) else {
+        return true;
+    };
+    // SAFETY: a valid map value pointer, read in place.
+    let r = unsafe { &*r };
+    if r.ct.dir != DIR_REPLY {
+        return false;
+    }
+    let fkey = forward_key6(rkey, r);
+    // SAFETY: as above.
+    let partner = table
+        .get_ptr(&fkey)
+        .is_some_and(|f| is_forward_of6(unsafe { &*f }, &fkey, rkey));
+    if partner
+        && !ct::expired(&r.ct, rkey.proto, flow.tcp_flags, now, cfg)
+        && (flow.proto != IPPROTO_TCP
+            || ct::is_bare_syn(flow.proto, flow.tcp_flags)
+            || !ct::in_window(&r.ct, flow.seq))
+    {
+        return false;
+    }
+    if partner {
+        let _ = table.remove(&fkey);
+    }
+    let _ = table.remove(rkey);
+    true
+}
+
+#[inline(always)]
+fn touch6(a: &mut CtEntry6, b: Option<*mut CtEntry6>, now: u64) {
+    a.ct.last_seen_ns = now;
+    if let Some(b) = b {
+        // SAFETY: a valid map value pointer.
+        unsafe { (*b).ct.last_seen_ns = now };
+    }
+}
+
+#[inline(always)]
+fn close6(e: &mut CtEntry6, other: Option<*mut CtEntry6>, now: u64) {
+    e.ct.state = STATE_CLOSING;
+    if let Some(o) = other {
+        // SAFETY: a valid map value pointer.
+        unsafe { (*o).ct.state = STATE_CLOSING };
+    }
+    touch6(e, other, now);
+    count(Reason::EventCtClosing);
+}
+
+/// A packet client -> service of a tracked flow (see `forward`).
+#[inline(never)]
+fn forward6(ctx: &TcContext, p: &Pkt6, e: &mut CtEntry6, table: &'static Table6) -> u64 {
+    pack(forward6_inner(ctx, p, e, table))
+}
+
+#[inline(always)]
+fn forward6_inner(
+    ctx: &TcContext,
+    p: &Pkt6,
+    e: &mut CtEntry6,
+    table: &'static Table6,
+) -> (i32, Reason) {
+    let (flow, key, now, cfg) = (&p.flow, &p.key, p.now, &p.cfg);
+    let rkey = reply_key6(key, e);
+    let mut rev = table.get_ptr_mut(&rkey);
+    // SAFETY: valid map value pointer.
+    if let Some(r) = rev
+        && !is_reply_of6(unsafe { &*r }, &rkey, key)
+    {
+        if !claim6(table, &rkey, flow, now, cfg) {
+            let _ = table.remove(key);
+            return exit(Reason::DropFlowConflict);
+        }
+        rev = None;
+    }
+    if rev.is_none() {
+        if !claim6(other6(table), &rkey, flow, now, cfg) {
+            let _ = table.remove(key);
+            return exit(Reason::DropFlowConflict);
+        }
+        rebuild6(table, &rkey, e, flow, now);
+        rev = table.get_ptr_mut(&rkey);
+    }
+    if ct::closes(flow.proto, flow.tcp_flags) && e.ct.state != STATE_CLOSING {
+        // SAFETY: valid map value pointer.
+        if rev.is_none_or(|r| ct::in_window(unsafe { &(*r).ct }, flow.seq)) {
+            close6(e, rev, now);
+        } else {
+            count(Reason::EventCtCloseIgnored);
+        }
+    }
+    translate6(ctx, p, e, rev, false)
+}
+
+/// A packet backend -> client of a tracked flow (see `reply`).
+#[inline(never)]
+fn reply6(ctx: &TcContext, p: &Pkt6, e: &mut CtEntry6, table: &'static Table6) -> u64 {
+    pack(reply6_inner(ctx, p, e, table))
+}
+
+#[inline(always)]
+fn reply6_inner(
+    ctx: &TcContext,
+    p: &Pkt6,
+    e: &mut CtEntry6,
+    table: &'static Table6,
+) -> (i32, Reason) {
+    let (flow, key, now, cfg) = (&p.flow, &p.key, p.now, &p.cfg);
+    if e.ct.in_ifindex != 0 && e.ct.in_ifindex != ingress_ifindex(ctx) {
+        return exit(Reason::PassReplyWrongIface);
+    }
+    let fkey = forward_key6(key, e);
+    if ct::expired(&e.ct, flow.proto, flow.tcp_flags, now, cfg) {
+        count(Reason::EventCtExpired);
+        if let Some(f) = table.get_ptr(&fkey) {
+            // SAFETY: valid map value pointer.
+            if is_forward_of6(unsafe { &*f }, &fkey, key) {
+                let _ = table.remove(&fkey);
+            }
+        }
+        let _ = table.remove(key);
+        return exit(Reason::PassNoService);
+    }
+    let mut fwd = table.get_ptr_mut(&fkey);
+    if let Some(f) = fwd {
+        // SAFETY: valid map value pointer.
+        if !is_forward_of6(unsafe { &*f }, &fkey, key) {
+            count(Reason::EventCtExpired);
+            let _ = table.remove(key);
+            return exit(Reason::PassNoService);
+        }
+    } else {
+        if other6(table).get_ptr(&fkey).is_some() {
+            count(Reason::EventCtExpired);
+            let _ = table.remove(key);
+            return exit(Reason::PassNoService);
+        }
+        rebuild6(table, &fkey, e, flow, now);
+        fwd = table.get_ptr_mut(&fkey);
+    }
+    if flow.proto == IPPROTO_TCP
+        && flow.tcp_flags & ct::TCP_ACK != 0
+        && (e.ct.flags & ct::CT_F_ACK_KNOWN == 0 || ct::seq_after(flow.ack, e.ct.backend_ack))
+    {
+        e.ct.backend_ack = flow.ack;
+        e.ct.flags |= ct::CT_F_ACK_KNOWN;
+    }
+    if ct::closes(flow.proto, flow.tcp_flags) && e.ct.state != STATE_CLOSING {
+        close6(e, fwd, now);
+    }
+    translate6(ctx, p, e, fwd, true)
+}
+
+/// The common end of a tracked flow's packet (see `translate`): refresh, count, rewrite the
+/// destination (forward) or source (`reply`), send along the cached route.
+#[inline(always)]
+fn translate6(
+    ctx: &TcContext,
+    p: &Pkt6,
+    e: &mut CtEntry6,
+    other: Option<*mut CtEntry6>,
+    reply: bool,
+) -> (i32, Reason) {
+    let (flow, now) = (&p.flow, p.now);
+    let stale = now.wrapping_sub(e.ct.last_seen_ns) > ct::TOUCH_INTERVAL_NS;
+    if stale {
+        touch6(e, other, now);
+    }
+    account(e.ct.service_id, e.ct.backend_id, p.bytes, false);
+    if rewrite6(ctx, flow, reply, &e.nat_addr, e.ct.nat_port).is_err() {
+        return exit(Reason::AbortRewrite);
+    }
+    let redirect = p.cfg.flags & CFG_F_REDIRECT != 0;
+    if !redirect {
+        return (TC_ACT_OK as i32, Reason::PassTranslatedToStack);
+    }
+    if e.ct.route.ifindex != 0 && !stale {
+        return redirect6_cached(ctx, &e.ct.route, reply);
+    }
+    let Some(w) = work() else {
+        return exit(Reason::AbortMap);
+    };
+    let t = &mut w.tuple;
+    if reply {
+        t.src = e.nat_addr;
+        t.dst = flow.daddr;
+        t.sport = e.ct.nat_port;
+        t.dport = flow.dport;
+    } else {
+        t.src = flow.saddr;
+        t.dst = e.nat_addr;
+        t.sport = flow.sport;
+        t.dport = e.ct.nat_port;
+    }
+    fib6(ctx, flow, &w.tuple, &mut w.fib);
+    e.ct.route = w.fib.route;
+    let f = &w.fib;
+    send6(ctx, &f, reply, true)
+}
+
+#[inline(always)]
+fn lookup_service6(flow: &Flow6) -> Option<ServiceValue> {
+    if let Some(v) = SERVICES6.get_ptr(&ServiceKey6::new(flow.daddr, flow.dport, flow.proto)) {
+        // SAFETY: valid map value pointer; `ServiceValue` is `Copy`.
+        return Some(unsafe { *v });
+    }
+    let v = SERVICES6.get_ptr(&ServiceKey6::new([0; 4], flow.dport, flow.proto))?;
+    // SAFETY: as above.
+    let v = unsafe { *v };
+    if LOCAL_ADDRS6.get_ptr(&flow.daddr).is_some() {
+        Some(v)
+    } else {
+        None
+    }
+}
+
+/// A packet client -> service with no flow: picks the backend (Maglev over the shared rows),
+/// claims the reply key, translates and records the pair. A BPF subprogram.
+#[inline(never)]
+fn new_flow6(ctx: &TcContext, p: &Pkt6) -> u64 {
+    pack(new_flow6_inner(ctx, p))
+}
+
+#[inline(always)]
+fn new_flow6_inner(ctx: &TcContext, p: &Pkt6) -> (i32, Reason) {
+    let (flow, key, now, cfg) = (&p.flow, &p.key, p.now, &p.cfg);
+    let Some(svc) = lookup_service6(flow) else {
+        return exit(Reason::PassNoService);
+    };
+    if svc.id >= cfg.max_services {
+        return exit(Reason::AbortMap);
+    }
+    let m = cfg.maglev_size;
+    let slot = svc.id * m + flow_hash6(key, cfg.hash_seed) % m;
+    let Some(&picked) = MAGLEV.get(slot) else {
+        return exit(Reason::AbortMap);
+    };
+    let backend_id = if picked == 0 { svc.fallback } else { picked };
+    let Some(backend) = BACKENDS6.get_ptr(backend_id) else {
+        return exit(Reason::AbortMap);
+    };
+    // SAFETY: a valid array value pointer, read in place (a reconciler write racing with it
+    // gives either version of a field; the flow's retry finds the settled one).
+    let backend = unsafe { &*backend };
+    if backend.is_empty() {
+        if cfg.flags & CFG_F_DROP_NO_BACKEND == 0 && svc.flags & SVC_F_EMPTY != 0 {
+            // Answered by `process`, outside this frame (as IPv4's `reject`).
+            return (TC_ACT_SHOT as i32, Reason::RejectNoBackend);
+        }
+        return exit(Reason::DropNoBackend);
+    }
+    let Some(w) = work() else {
+        return exit(Reason::AbortMap);
+    };
+    let rk = &mut w.rkey;
+    rk.saddr = backend.addr;
+    rk.daddr = flow.saddr;
+    rk.sport = backend.port;
+    rk.dport = flow.sport;
+    rk.proto = flow.proto;
+    rk._pad = [0; 3];
+    if !claim6(&CONNTRACK6, &w.rkey, flow, now, cfg) || !claim6(&CT_NEW6, &w.rkey, flow, now, cfg) {
+        return exit(Reason::DropFlowConflict);
+    }
+    let (baddr, bport) = (&backend.addr, backend.port);
+    if rewrite6(ctx, flow, false, baddr, bport).is_err() {
+        return exit(Reason::AbortRewrite);
+    }
+    let (act, reason, in_ifindex) = route_to_backend6(ctx, p, backend_id, baddr, bport, w);
+
+    let h = &mut w.half;
+    h.nat_addr = *baddr;
+    h.ct.nat_addr = 0;
+    h.ct.nat_port = bport;
+    h.ct.dir = DIR_FORWARD;
+    h.ct.state = if ct::closes(flow.proto, flow.tcp_flags) {
+        STATE_CLOSING
+    } else {
+        STATE_OPEN
+    };
+    h.ct.backend_id = backend_id;
+    h.ct.service_id = svc.id;
+    h.ct.last_seen_ns = now;
+    h.ct.backend_ack = 0;
+    h.ct.in_ifindex = in_ifindex;
+    h.ct.fnat_addr = 0;
+    h.ct.fnat_port = 0;
+    h.ct.flags = 0;
+    h.ct._pad = 0;
+    let table = if ct::is_bare_syn(flow.proto, flow.tcp_flags) {
+        &CT_NEW6
+    } else {
+        &CONNTRACK6
+    };
+    let fwd_ok = table.insert(key, &w.half, 0).is_ok();
+    let h = &mut w.half;
+    h.nat_addr = flow.daddr;
+    h.ct.nat_port = flow.dport;
+    h.ct.dir = DIR_REPLY;
+    h.ct.route = Route::NONE;
+    if !fwd_ok || table.insert(&w.rkey, &w.half, 0).is_err() {
+        count(Reason::EventCtInsertFailed);
+    }
+    if flow.proto == IPPROTO_TCP && !ct::is_bare_syn(flow.proto, flow.tcp_flags) {
+        count(Reason::EventCtMidstreamPickup);
+    }
+    account(svc.id, backend_id, p.bytes, true);
+    (act, reason)
+}
+
+/// Routes a new flow's first packet, reusing the backend's cached route while fresh (the cache
+/// is shared with IPv4: backend ids are one space). Sets `w.half.ct.route` to the route the
+/// forward entry keeps; returns the action, reason and the interface the backend lives behind.
+#[inline(always)]
+fn route_to_backend6(
+    ctx: &TcContext,
+    p: &Pkt6,
+    backend_id: u32,
+    baddr: &[u32; 4],
+    bport: u16,
+    w: &mut Work6,
+) -> (i32, Reason, u32) {
+    let (flow, now, cfg) = (&p.flow, p.now, &p.cfg);
+    let redirect = cfg.flags & CFG_F_REDIRECT != 0;
+    let t = &mut w.tuple;
+    t.src = flow.saddr;
+    t.dst = *baddr;
+    t.sport = flow.sport;
+    t.dport = bport;
+    let Some(cached) = BACKEND_ROUTES.get_ptr_mut(backend_id) else {
+        fib6(ctx, flow, &w.tuple, &mut w.fib);
+        w.half.ct.route = w.fib.route;
+        let (act, reason) = send6(ctx, &w.fib, false, redirect);
+        return (act, reason, w.fib.ifindex);
+    };
+    // SAFETY: a value pointer of an array map, valid for the run (see the IPv4 path).
+    let cached = unsafe { &mut *cached };
+    let fresh = now.wrapping_sub(cached.stamp_ns) <= ct::TOUCH_INTERVAL_NS;
+    if cached.route.ifindex != 0 && fresh {
+        w.half.ct.route = cached.route;
+        let (act, reason) = if redirect {
+            redirect6_cached(ctx, &cached.route, false)
+        } else {
+            (TC_ACT_OK as i32, Reason::PassTranslatedToStack)
+        };
+        return (act, reason, cached.route.ifindex);
+    }
+    // Looked up even without redirect: the backend's interface guards its replies.
+    fib6(ctx, flow, &w.tuple, &mut w.fib);
+    cached.route = w.fib.route;
+    cached.stamp_ns = now;
+    let (act, reason) = send6(ctx, &w.fib, false, redirect);
+    w.half.ct.route = if redirect { w.fib.route } else { Route::NONE };
+    (act, reason, w.fib.ifindex)
+}
+
+/// The one's-complement difference of a 16-byte address's change.
+#[inline(always)]
+fn diff16(from: &[u32; 4], to: &[u32; 4]) -> u16 {
+    add(
+        add(diff4(from[0], to[0]), diff4(from[1], to[1])),
+        add(diff4(from[2], to[2]), diff4(from[3], to[3])),
+    )
+}
+
+/// Rewrites the destination (`src == false`) or source address and port, fixing the L4
+/// checksum (pseudo-header included) with the kernel's helper (see nat.rs for why). IPv6 has
+/// no header checksum.
+#[inline(always)]
+fn rewrite6(
+    ctx: &TcContext,
+    flow: &Flow6,
+    src: bool,
+    addr: &[u32; 4],
+    port: u16,
+) -> Result<(), ()> {
+    let l4 = flow.l4();
+    let (addr_off, port_off, old_addr, old_port) = if src {
+        (ETH_HLEN + 8, l4, &flow.saddr, flow.sport)
+    } else {
+        (ETH_HLEN + 24, l4 + 2, &flow.daddr, flow.dport)
+    };
+    let (csum_off, mangled0) = if flow.proto == IPPROTO_TCP {
+        (l4 + 16, 0)
+    } else {
+        (l4 + 6, u64::from(BPF_F_MARK_MANGLED_0))
+    };
+    let da = diff16(old_addr, addr);
+    let a = ptr_at::<[u32; 4]>(ctx, addr_off).ok_or(())?;
+    let p = ptr_at::<u16>(ctx, port_off).ok_or(())?;
+    // SAFETY: `ptr_at` checked both fields lie inside the packet; the checksum helpers below
+    // come after the last direct access.
+    unsafe {
+        a.write_unaligned(*addr);
+        p.write_unaligned(port);
+    }
+    // The addresses' difference, as a difference (size 0) flagged IPv6: with no header
+    // checksum to compensate it, a CHECKSUM_COMPLETE skb's sum must not move (which the flag
+    // tells the kernel). Kernels older than the flag refuse it and change nothing: the
+    // difference then goes in as a 4-byte field change, as for IPv4.
+    let pseudo = u64::from(BPF_F_PSEUDO_HDR) | mangled0;
+    if ctx
+        .l4_csum_replace(csum_off, 0, u64::from(da), pseudo | u64::from(BPF_F_IPV6))
+        .is_err()
+    {
+        ctx.l4_csum_replace(csum_off, 0, u64::from(da), pseudo | 4)
+            .map_err(|_| ())?;
+    }
+    if old_port != port {
+        ctx.l4_csum_replace(csum_off, u64::from(old_port), u64::from(port), mangled0 | 2)
+            .map_err(|_| ())?;
+    }
+    Ok(())
+}
+
+/// An ICMPv6 error quoting a packet of a balanced flow, translated like the flow (see
+/// `icmp_error`; DNAT only): from the client's side (Packet Too Big, time exceeded) about a
+/// reply berth sent as service -> client, to the backend, quoting backend -> client, so Path
+/// MTU discovery works for the backend; from the backend's side (port unreachable, ...) about
+/// a packet sent as client -> backend, to the client, quoting client -> service.
+#[inline(never)]
+fn icmp_error6(ctx: &TcContext, p: &mut Pkt6) -> u64 {
+    pack(icmp_error6_inner(ctx, p))
+}
+
+#[inline(always)]
+fn icmp_error6_inner(ctx: &TcContext, p: &mut Pkt6) -> (i32, Reason) {
+    let q = &p.quote.inner;
+    if port_flags(u16::from_be(q.sport)) & port_flag(q.proto, false) == 0
+        && port_flags(u16::from_be(q.dport)) & port_flag(q.proto, true) == 0
+    {
+        return exit(Reason::PassNotTcpUdp);
+    }
+    p.cfg = config();
+    if p.cfg.maglev_size == 0 {
+        return exit(Reason::PassNotTcpUdp);
+    }
+    // The quoted packet's reverse: the key of the flow's entry for the error's direction.
+    let k = &mut p.key;
+    k.saddr = q.daddr;
+    k.daddr = q.saddr;
+    k.sport = q.dport;
+    k.dport = q.sport;
+    k.proto = q.proto;
+    k._pad = [0; 3];
+    let Some(ent) = CONNTRACK6
+        .get_ptr(&p.key)
+        .or_else(|| CT_NEW6.get_ptr(&p.key))
+    else {
+        return exit(Reason::PassNotTcpUdp);
+    };
+    // SAFETY: valid map value pointer, read in place.
+    let ent = unsafe { &*ent };
+    let o = &p.flow;
+    let reply = ent.ct.dir == DIR_REPLY;
+    if reply && ent.ct.in_ifindex != 0 && ent.ct.in_ifindex != ingress_ifindex(ctx) {
+        return exit(Reason::PassReplyWrongIface);
+    }
+    // Either way the error is addressed to the quoted packet's source (the client, or the
+    // service address berth answered from).
+    if o.daddr != q.saddr {
+        return exit(Reason::PassNotTcpUdp);
+    }
+    if ttl_expires(o.hop_limit, &p.cfg) {
+        return exit(Reason::PassTtlExpired);
+    }
+    let n = &mut p.nat;
+    n.q_src = q.saddr;
+    n.q_src_port = q.sport;
+    n.q_dst = q.daddr;
+    n.q_dst_port = q.dport;
+    n.o_src = o.saddr;
+    n.o_dst = o.daddr;
+    if reply {
+        // The quoted destination (the backend) becomes the service, and so does the outer
+        // source if the backend itself sent the error (a router's own address is kept).
+        if o.saddr == q.daddr {
+            n.o_src = ent.nat_addr;
+        }
+        n.q_dst = ent.nat_addr;
+        n.q_dst_port = ent.ct.nat_port;
+    } else {
+        // The quoted source (the service) and the outer destination become the backend.
+        n.q_src = ent.nat_addr;
+        n.q_src_port = ent.ct.nat_port;
+        n.o_dst = ent.nat_addr;
+    }
+    if !rewrite_icmp6(ctx, p) {
+        return exit(Reason::AbortRewrite);
+    }
+    count(Reason::EventIcmpTranslated);
+    if p.cfg.flags & CFG_F_REDIRECT == 0 {
+        return (TC_ACT_OK as i32, Reason::PassTranslatedToStack);
+    }
+    let Some(w) = work() else {
+        return exit(Reason::AbortMap);
+    };
+    let t = &mut w.tuple;
+    t.src = p.nat.o_src;
+    t.dst = p.nat.o_dst;
+    t.sport = 0;
+    t.dport = 0;
+    fib6(ctx, &p.flow, &w.tuple, &mut w.fib);
+    send6(ctx, &w.fib, reply, true)
+}
+
+/// Rewrites an ICMPv6 error as `n` says. There is no IPv6 header checksum; the quoted L4
+/// checksum is updated incrementally when the quote holds it (it covers data not quoted), and
+/// the ICMPv6 checksum over all of it and over its pseudo-header (the outer addresses). Fields
+/// are written directly, each checksum compensating its own change.
+/// A BPF subprogram (own frame, beside the FIB lookup's).
+#[inline(never)]
+fn rewrite_icmp6(ctx: &TcContext, p: &Pkt6) -> bool {
+    rewrite_icmp6_inner(ctx, &p.flow, &p.quote, &p.nat).is_ok()
+}
+
+#[inline(always)]
+fn rewrite_icmp6_inner(ctx: &TcContext, o: &Flow6, e: &Quote6, n: &IcmpNat6) -> Result<(), ()> {
+    let (icmp_off, inner_off, inner_l4_off) = e.offsets();
+    let q = &e.inner;
+    // Each field is written as soon as its difference is known (fewer live values: the
+    // verifier's stack is what the spills take).
+    let da = add(
+        replace_addr(ctx, inner_off + 8, &q.saddr, &n.q_src)?,
+        replace_addr(ctx, inner_off + 24, &q.daddr, &n.q_dst)?,
+    );
+    let qp = ptr_at::<[u16; 2]>(ctx, inner_l4_off).ok_or(())?;
+    // SAFETY: `ptr_at` checked the two ports lie inside the packet.
+    unsafe { qp.write_unaligned([n.q_src_port, n.q_dst_port]) };
+    let dq = add(
+        da,
+        add(diff2(q.sport, n.q_src_port), diff2(q.dport, n.q_dst_port)),
+    );
+    let douter = add(
+        replace_addr(ctx, ETH_HLEN + 8, &o.saddr, &n.o_src)?,
+        replace_addr(ctx, ETH_HLEN + 24, &o.daddr, &n.o_dst)?,
+    );
+    let udp = q.proto != IPPROTO_TCP;
+    let l4c_off = inner_l4_off + if udp { 6 } else { 16 };
+    let icmpc = ptr_at::<u16>(ctx, icmp_off + 2).ok_or(())?;
+    // SAFETY: `ptr_at` checked the field lies inside the packet.
+    let mut icmp = apply(unsafe { icmpc.read_unaligned() }, add(dq, douter));
+    // The quoted L4 checksum only if it lies inside the ICMPv6 message (not in padding).
+    if l4c_off + 2 <= ETH_HLEN + 40 + usize::from(o.payload_len)
+        && let Some(c) = ptr_at::<u16>(ctx, l4c_off)
+    {
+        // SAFETY: `ptr_at` checked the field lies inside the packet.
+        unsafe {
+            let old = c.read_unaligned();
+            // A zero UDP checksum means "none" and stays so.
+            if !(udp && old == 0) {
+                let mut new = apply(old, dq);
+                if udp && new == 0 {
+                    new = 0xffff;
+                }
+                c.write_unaligned(new);
+                icmp = replace2(icmp, old, new);
+            }
+        }
+    }
+    let icmpc = ptr_at::<u16>(ctx, icmp_off + 2).ok_or(())?;
+    // SAFETY: as above.
+    unsafe { icmpc.write_unaligned(icmp) };
+    Ok(())
+}
+
+/// Writes the address at `off` (`old` there) as `new`; returns the checksum difference.
+#[inline(always)]
+fn replace_addr(ctx: &TcContext, off: usize, old: &[u32; 4], new: &[u32; 4]) -> Result<u16, ()> {
+    let a = ptr_at::<[u32; 4]>(ctx, off).ok_or(())?;
+    // SAFETY: `ptr_at` checked the 16 bytes lie inside the packet; TC programs may write packet
+    // data directly.
+    unsafe { a.write_unaligned(*new) };
+    Ok(diff16_sub(old, new))
+}
+
+/// [`diff16`] as a BPF subprogram: inlined four times in a row, LLVM interleaves the four and
+/// spills what it cannot hold, more than the call chain's stack has.
+#[inline(never)]
+fn diff16_sub(old: &[u32; 4], new: &[u32; 4]) -> u16 {
+    diff16(old, new)
+}
+
+/// What the FIB said about a translated IPv6 packet's next hop (see `nat::Fib`).
+pub struct Fib6 {
+    rc: i64,
+    route: Route,
+    ifindex: u32,
+}
+
+/// Looks up the next hop of a translated packet with tuple `t` into `out`. A BPF subprogram:
+/// the 64-byte parameter block lives in its own frame.
+#[inline(never)]
+fn fib6(ctx: &TcContext, flow: &Flow6, t: &Tuple6, out: &mut Fib6) {
+    // SAFETY: `bpf_fib_lookup` is a plain C struct of integers and unions of integers; all-zero
+    // is a valid (empty) value.
+    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    p.family = AF_INET6;
+    p.l4_protocol = flow.proto;
+    p.sport = t.sport;
+    p.dport = t.dport;
+    p.__bindgen_anon_1.tot_len = flow.payload_len.saturating_add(40);
+    // Traffic class and flow label (the version nibble masked off).
+    p.__bindgen_anon_2.flowinfo = flow.flowinfo & u32::from_be(0x0fff_ffff);
+    p.__bindgen_anon_3.ipv6_src = t.src;
+    p.__bindgen_anon_4.ipv6_dst = t.dst;
+    p.ifindex = ingress_ifindex(ctx);
+    // SAFETY: `p` is a valid, writable `bpf_fib_lookup` of the size we pass.
+    let rc = unsafe {
+        fib_lookup(
+            ctx.as_ptr(),
+            &mut p,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    out.rc = rc;
+    out.route = Route::NONE;
+    out.ifindex = 0;
+    if rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
+        // SAFETY: on success the kernel filled the MAC member of this union.
+        let macs = unsafe { p.__bindgen_anon_6.__bindgen_anon_2 };
+        out.route = Route {
+            ifindex: p.ifindex,
+            dmac: macs.dmac,
+            smac: macs.smac,
+        };
+        out.ifindex = p.ifindex;
+    } else if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
+        out.ifindex = p.ifindex;
+    }
+}
+
+#[inline(always)]
+fn reasons(reply: bool) -> (Reason, Reason) {
+    if reply {
+        (Reason::ReplyRedirect, Reason::ReplyRedirectNeigh)
+    } else {
+        (Reason::FwdRedirect, Reason::FwdRedirectNeigh)
+    }
+}
+
+/// Decrements the hop limit of a packet berth forwards itself (no checksum covers it).
+/// `Ok(false)`: it would expire here, so the packet goes to the stack instead.
+#[inline(always)]
+fn hop6(ctx: &TcContext) -> Result<bool, ()> {
+    if crate::config_flags() & CFG_F_KEEP_TTL != 0 {
+        return Ok(true);
+    }
+    let h = ptr_at::<u8>(ctx, ETH_HLEN + 7).ok_or(())?;
+    // SAFETY: `ptr_at` checked the byte lies inside the packet.
+    unsafe {
+        if *h <= 1 {
+            return Ok(false);
+        }
+        *h -= 1;
+    }
+    Ok(true)
+}
+
+/// Redirects along a known route: hop limit, MACs, egress device.
+#[inline(always)]
+fn redirect6_cached(ctx: &TcContext, route: &Route, reply: bool) -> (i32, Reason) {
+    match hop6(ctx) {
+        Ok(true) => {}
+        Ok(false) => return (TC_ACT_OK as i32, Reason::PassTtlExpired),
+        Err(()) => return (TC_ACT_SHOT as i32, Reason::AbortRewrite),
+    }
+    let Some(eth) = ptr_at::<[u8; 12]>(ctx, 0) else {
+        return (TC_ACT_SHOT as i32, Reason::AbortRewrite);
+    };
+    // SAFETY: the 12 MAC bytes are inside the packet (checked by `ptr_at`).
+    unsafe {
+        let eth = &mut *eth;
+        eth[..6].copy_from_slice(&route.dmac);
+        eth[6..].copy_from_slice(&route.smac);
+    }
+    // SAFETY: plain helper call with an interface index.
+    let act = unsafe { bpf_redirect(route.ifindex, 0) } as i32;
+    (act, reasons(reply).0)
+}
+
+/// Sends a translated packet as the FIB said (see `nat::send`).
+#[inline(always)]
+fn send6(ctx: &TcContext, f: &Fib6, reply: bool, redirect: bool) -> (i32, Reason) {
+    if !redirect {
+        return (TC_ACT_OK as i32, Reason::PassTranslatedToStack);
+    }
+    if f.rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
+        redirect6_cached(ctx, &f.route, reply)
+    } else if f.rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
+        match hop6(ctx) {
+            Ok(true) => {}
+            Ok(false) => return (TC_ACT_OK as i32, Reason::PassTtlExpired),
+            Err(()) => return (TC_ACT_SHOT as i32, Reason::AbortRewrite),
+        }
+        // SAFETY: a null `params` asks the kernel to resolve the next hop itself.
+        let act = unsafe { bpf_redirect_neigh(f.ifindex, core::ptr::null_mut(), 0, 0) } as i32;
+        (act, reasons(reply).1)
+    } else if f.rc == i64::from(BPF_FIB_LKUP_RET_NOT_FWDED) {
+        (TC_ACT_OK as i32, Reason::PassTranslatedToStack)
+    } else {
+        (TC_ACT_OK as i32, Reason::PassFibFailed)
+    }
+}
