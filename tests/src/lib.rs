@@ -3,7 +3,7 @@
 //! benchmarks), servers and clients (`servers`), the berth daemon as the tests run it (`daemon`),
 //! the Docker Engine and its test lab (`docker`), other Docker hosts in namespaces of their own
 //! (`engines`), a real etcd (`etcd`) and balancers fed through it by `berth publish` (`fabric`),
-//! and the benchmarks' statistics (`stats`).
+//! the hostile suites' random source (`fuzz`) and the benchmarks' statistics (`stats`).
 //! `topo` gathers `netns`, `servers` and `daemon` under the path the older tests import.
 
 pub mod daemon;
@@ -13,6 +13,7 @@ pub mod etcd;
 pub mod fabric;
 pub mod fixture;
 pub mod fixture6;
+pub mod fuzz;
 pub mod netns;
 pub mod servers;
 pub mod stats;

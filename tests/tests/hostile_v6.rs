@@ -17,44 +17,11 @@ use std::{
 use berth_tests::{
     fixture::*,
     fixture6::*,
+    fuzz::{Rng, seed},
     wire::{TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN},
     wire6::{self, Ext, IPPROTO_DSTOPTS, IPPROTO_HOPOPTS, Ipv6Packet},
 };
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP, ct, v6::ipv6_to_wire};
-
-/// xorshift64*: reproducible from the printed seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn byte(&mut self) -> u8 {
-        self.next() as u8
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
-
-fn seed() -> u64 {
-    std::env::var("BERTH_FUZZ_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-                | 1
-        })
-}
 
 fn b(n: u8, port: u16) -> SocketAddrV6 {
     sa6(backend6(n), port)
