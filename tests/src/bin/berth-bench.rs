@@ -10,7 +10,7 @@
 //!   service tuple and the backend tuple, each a hit with a full rewrite (full NAT: of both
 //!   ends; the other half of each flow is rebuilt by the first run, so every run looks it up
 //!   as a real flow's packet does);
-//! - new flow: a ring of 4096 services, each balancing to the next one's address and port, with a
+//! - new flow: a ring of 8192 services, each balancing to the next one's address and port, with a
 //!   conntrack map far smaller than the ring, so every run misses (the entry was evicted), looks
 //!   the service up, picks from Maglev, inserts two entries and rewrites (full NAT: takes a
 //!   source port too).
@@ -43,7 +43,7 @@ use lb_userspace::{
 struct Args {
     repeat: u32,
     rounds: usize,
-    /// Conntrack size of the new-flow set-up (must stay well under 2 x 4096 so every run misses).
+    /// Conntrack size of the new-flow set-up (must stay well under 2 x 8192 so every run misses).
     new_flow_ct: u32,
     /// Measure translation without routing (redirect off).
     no_redirect: bool,
@@ -340,7 +340,7 @@ fn main() {
                 if !a.wants(path) {
                     continue;
                 }
-                let ring = 4096u32;
+                let ring = 8192u32;
                 let o = DataplaneOptions {
                     maglev_size: 7,
                     max_services: ring,
