@@ -236,7 +236,10 @@ pub struct FlowKey {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    // Two scalar fields rather than `[u8; 3]`: zeroing an array became a call to a `memset`
+    // subprogram in the eBPF build, once per key built (several per packet).
+    pub _pad: u8,
+    pub _pad2: u16,
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 
@@ -248,7 +251,8 @@ impl FlowKey {
             sport,
             dport,
             proto,
-            _pad: [0; 3],
+            _pad: 0,
+            _pad2: 0,
         }
     }
 }

@@ -21,7 +21,7 @@ mod v6;
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
-    helpers::generated::bpf_ktime_get_coarse_ns,
+    helpers::generated::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
     macros::classifier,
     maps::LruHashMap,
     programs::TcContext,
@@ -50,19 +50,21 @@ use crate::{
 #[unsafe(no_mangle)]
 static BERTH_CONFIG: DpConfig = DpConfig::zeroed();
 
-/// Only the `CFG_F_*` bits of the config: for per-packet checks that need nothing else (the
-/// whole config is a 56-byte volatile copy).
+/// Only the `CFG_F_*` bits of the config.
 #[inline(always)]
 pub(crate) fn config_flags() -> u32 {
-    // SAFETY: as in `config`.
-    unsafe { core::ptr::read_volatile(&BERTH_CONFIG.flags) }
+    config().flags
 }
 
+/// The config, read in place: each use loads only the fields it needs (a copy of the whole
+/// 56-byte block per packet cost as many loads and stores).
 #[inline(always)]
-pub(crate) fn config() -> DpConfig {
-    // SAFETY: a read of a static; volatile so the compiler does not fold the zeroed initial
-    // value that userspace overrides before loading.
-    unsafe { core::ptr::read_volatile(&BERTH_CONFIG) }
+pub(crate) fn config() -> &'static DpConfig {
+    let p: *const DpConfig = &BERTH_CONFIG;
+    // SAFETY: `p` points to a static, valid for the program's life. The pointer goes through a
+    // volatile read so the compiler cannot see which static it points to, and does not fold
+    // the zeroed initial value that userspace overrides before loading.
+    unsafe { &*core::ptr::read_volatile(&p) }
 }
 
 #[classifier]
@@ -119,7 +121,27 @@ pub struct Pkt {
     key: FlowKey,
     now: u64,
     bytes: u64,
-    cfg: DpConfig,
+    /// This CPU's last clock read and the jiffies it was made at (see [`coarse_now`]); kept
+    /// from packet to packet in the per-CPU slot.
+    clock_jiffies: u64,
+    clock_ns: u64,
+}
+
+/// `bpf_ktime_get_coarse_ns`, read at most once per jiffy on this CPU. The coarse clock only
+/// advances with the tick that advances jiffies, so the value cached for the current jiffy is
+/// what a read would return (at worst one tick old, if read on another CPU while the tick was
+/// updating both). `bpf_jiffies64` is a plain load once the verifier inlines it; the clock read
+/// is a helper call (~13 ns on every packet here).
+#[inline(always)]
+fn coarse_now(p: &mut Pkt) -> u64 {
+    // SAFETY: helper without arguments.
+    let j = unsafe { bpf_jiffies64() };
+    if j != p.clock_jiffies || p.clock_ns == 0 {
+        // SAFETY: helper without arguments.
+        p.clock_ns = unsafe { bpf_ktime_get_coarse_ns() };
+        p.clock_jiffies = j;
+    }
+    p.clock_ns
 }
 
 /// A new full-NAT flow's entry (built as the reply half, then turned into the forward half)
@@ -136,6 +158,18 @@ fn other(table: &'static Table) -> &'static Table {
         &CT_NEW
     } else {
         &CONNTRACK
+    }
+}
+
+/// `table.get_ptr_mut(key)` with the map named at the call: the verifier inlines a map lookup
+/// only where one call site always sees the same map, and a helper call through a map pointer
+/// chosen at run time costs more than the lookup's own hashing.
+#[inline(always)]
+fn ct_lookup(table: &'static Table, key: &FlowKey) -> Option<*mut CtEntry> {
+    if core::ptr::eq(table, &CONNTRACK) {
+        CONNTRACK.get_ptr_mut(key)
+    } else {
+        CT_NEW.get_ptr_mut(key)
     }
 }
 
@@ -170,19 +204,18 @@ fn process(ctx: &TcContext) -> (i32, Reason) {
     if !service_port && port_flags(u16::from_be(flow.sport)) & port_flag(flow.proto, true) == 0 {
         return exit(Reason::PassNoService);
     }
-    p.cfg = config();
-    if p.cfg.maglev_size == 0 {
+    let cfg = config();
+    if cfg.maglev_size == 0 {
         return exit(Reason::PassNoService);
     }
-    if ttl_expires(p.flow.ttl, &p.cfg) {
+    if ttl_expires(p.flow.ttl, cfg) {
         return exit(Reason::PassTtlExpired);
     }
     p.key = FlowKey::new(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
-    // SAFETY: helper without arguments.
-    p.now = unsafe { bpf_ktime_get_coarse_ns() };
+    p.now = coarse_now(p);
     p.bytes = u64::from(ctx.len());
     let p = &*p;
-    let (flow, key, cfg, now) = (&p.flow, &p.key, &p.cfg, p.now);
+    let (flow, key, now) = (&p.flow, &p.key, p.now);
 
     let (e, table): (*mut CtEntry, &'static Table) = if let Some(e) = CONNTRACK.get_ptr_mut(&key) {
         (e, &CONNTRACK)
@@ -423,11 +456,11 @@ fn forward_inner(
     e: &mut CtEntry,
     table: &'static Table,
 ) -> (i32, Reason) {
-    let (flow, key, now, cfg) = (&p.flow, &p.key, p.now, &p.cfg);
+    let (flow, key, now, cfg) = (&p.flow, &p.key, p.now, config());
     // The reply half, looked up with every packet: that keeps it as recent as this half in the
     // LRU, and a half evicted anyway is rebuilt here before the backend answers.
     let rkey = ct::reply_key(key, e);
-    let mut rev = table.get_ptr_mut(&rkey);
+    let mut rev = ct_lookup(table, &rkey);
     // SAFETY: valid map value pointer.
     if let Some(r) = rev
         && !ct::is_reply_of(unsafe { &*r }, &rkey, key)
@@ -512,7 +545,7 @@ fn translate(
             (flow.saddr, addr, flow.sport, port)
         }
     };
-    finish(ctx, flow, e, tuple, reply, stale, &p.cfg)
+    finish(ctx, flow, e, tuple, reply, stale, config())
 }
 
 /// Sends a translated packet of a tracked flow, along the entry's cached route until its
@@ -545,7 +578,7 @@ fn reply(ctx: &TcContext, p: &Pkt, e: &mut CtEntry, table: &'static Table) -> u6
 
 #[inline(always)]
 fn reply_inner(ctx: &TcContext, p: &Pkt, e: &mut CtEntry, table: &'static Table) -> (i32, Reason) {
-    let (flow, key, now, cfg) = (&p.flow, &p.key, p.now, &p.cfg);
+    let (flow, key, now, cfg) = (&p.flow, &p.key, p.now, config());
     // Only from where the backend lives: a "reply" forged elsewhere (the uplink) must neither
     // be translated towards the client nor move the flow's state.
     if e.in_ifindex != 0 && e.in_ifindex != ingress_ifindex(ctx) {
@@ -563,7 +596,7 @@ fn reply_inner(ctx: &TcContext, p: &Pkt, e: &mut CtEntry, table: &'static Table)
         let _ = table.remove(key);
         return exit(Reason::PassNoService);
     }
-    let mut fwd = table.get_ptr_mut(&fkey);
+    let mut fwd = ct_lookup(table, &fkey);
     if let Some(f) = fwd {
         // SAFETY: valid map value pointer.
         if !ct::is_forward_of(unsafe { &*f }, &fkey, key) {
@@ -640,7 +673,7 @@ fn new_flow(ctx: &TcContext, p: &Pkt) -> u64 {
 
 #[inline(always)]
 fn new_flow_inner(ctx: &TcContext, p: &Pkt) -> Pick {
-    let (flow, key, now, bytes, cfg) = (&p.flow, &p.key, p.now, p.bytes, &p.cfg);
+    let (flow, key, now, bytes, cfg) = (&p.flow, &p.key, p.now, p.bytes, config());
     let Some(svc) = lookup_service(flow) else {
         return Pick::Done(exit(Reason::PassNoService));
     };
@@ -743,7 +776,7 @@ fn new_full_nat_flow(ctx: &TcContext, p: &Pkt, ids: u64) -> u64 {
 
 #[inline(always)]
 fn new_full_nat_flow_inner(ctx: &TcContext, p: &Pkt, ids: u64) -> (i32, Reason) {
-    let (flow, key, now, cfg) = (&p.flow, &p.key, p.now, &p.cfg);
+    let (flow, key, now, cfg) = (&p.flow, &p.key, p.now, config());
     let (service_id, backend_id) = (((ids >> 32) as u32) & 0x7fff_ffff, ids as u32);
     let Some(backend) = BACKENDS.get(backend_id) else {
         return exit(Reason::AbortMap);
@@ -834,14 +867,15 @@ fn take_port(
     hash: u32,
     p: &Pkt,
 ) -> bool {
-    let (first, last) = (p.cfg.snat_port_first, p.cfg.snat_port_last);
+    let cfg = config();
+    let (first, last) = (cfg.snat_port_first, cfg.snat_port_last);
     if first == 0 || last < first {
         return false;
     }
     for t in 0..ct::SNAT_TRIES {
         rkey.dport = port_to_wire(ct::snat_port(hash, t, first, last));
-        if port_free(other(table), rkey, p.now, &p.cfg)
-            && port_free(table, rkey, p.now, &p.cfg)
+        if port_free(other(table), rkey, p.now, cfg)
+            && port_free(table, rkey, p.now, cfg)
             && table.insert(rkey, half, u64::from(BPF_NOEXIST)).is_ok()
         {
             return true;
@@ -914,8 +948,7 @@ fn icmp_error_inner(ctx: &TcContext, p: &mut Pkt) -> (i32, Reason) {
     {
         return exit(Reason::PassNotTcpUdp);
     }
-    p.cfg = config();
-    let cfg = &p.cfg;
+    let cfg = config();
     if cfg.maglev_size == 0 {
         return exit(Reason::PassNotTcpUdp);
     }

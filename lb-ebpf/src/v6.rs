@@ -446,7 +446,7 @@ fn process_inner(ctx: &TcContext) -> (i32, Reason) {
     if !service_port && port_flags(u16::from_be(flow.sport)) & port_flag(flow.proto, true) == 0 {
         return exit(Reason::PassNoService);
     }
-    p.cfg = config();
+    p.cfg = *config();
     if p.cfg.maglev_size == 0 {
         return exit(Reason::PassNoService);
     }
@@ -1168,7 +1168,7 @@ fn icmp_error6_inner(ctx: &TcContext, p: &mut Pkt6) -> (i32, Reason) {
     {
         return exit(Reason::PassNotTcpUdp);
     }
-    p.cfg = config();
+    p.cfg = *config();
     if p.cfg.maglev_size == 0 {
         return exit(Reason::PassNotTcpUdp);
     }
