@@ -32,7 +32,8 @@
 //!   whose way to the client bypasses the balancer (DNAT and nftables cannot serve them; the
 //!   check proves the client cannot reach a backend directly). `berth-fullnat`: berth with
 //!   `mode = "fullnat"` (source: bb-lb's address toward each backend, ports it allocates from
-//!   `snat_ports = "1024-65535"`: the default range bounds new flows to ~450/s per backend);
+//!   the default `snat_ports`, 61000-65535, closed flows' ports taken over after
+//!   `snat_port_reuse_ms`);
 //!   `haproxy-remote`: the same HAProxy (a full proxy by nature). Their ratios are to
 //!   `berth-fullnat`.
 //!
