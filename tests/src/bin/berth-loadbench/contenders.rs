@@ -234,6 +234,9 @@ pub fn start(c: Contender) -> Running {
     }
 }
 
+/// `--berth-dataplane`: lines for berth's `[dataplane]` section, none by default.
+pub static BERTH_DATAPLANE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 /// berth with its service in `mode` ("dnat" or "fullnat": from bb-lb's address on each
 /// backend's link, the default source, and the default `snat_ports`, 61000-65535). Before a
 /// closed flow's port could be taken over after `snat_port_reuse_ms`, every closed flow held its
@@ -241,8 +244,11 @@ pub fn start(c: Contender) -> Running {
 /// of this contender made 1540 conn/s to the two backends) and this bench needed
 /// `snat_ports = "1024-65535"`.
 pub fn start_berth(mode: &str) -> Proc {
+    let dataplane = BERTH_DATAPLANE
+        .get()
+        .map_or(String::new(), |l| format!("[dataplane]\n{l}\n"));
     let config = format!(
-        "[metrics]\nenabled = false\n\n[[service]]\nname = \"web\"\nlisten = \"0.0.0.0:{SVC_PORT}\"\n\
+        "{dataplane}[metrics]\nenabled = false\n\n[[service]]\nname = \"web\"\nlisten = \"0.0.0.0:{SVC_PORT}\"\n\
          protocol = \"tcp\"\nmode = \"{mode}\"\nbackends = [\"{b0}:{BE_PORT}\", \"{b1}:{BE_PORT}\"]\n",
         b0 = BACKENDS[0],
         b1 = BACKENDS[1],
