@@ -18,6 +18,12 @@ pub const STATE_CLOSING: u8 = 2;
 pub const CT_F_ACK_KNOWN: u8 = 1 << 0;
 /// [`CtEntry::flags`]: a full-NAT flow (`fnat_*` holds the other end's rewrite).
 pub const CT_F_FULLNAT: u8 = 1 << 1;
+/// [`CtEntry::flags`] (both halves): the client's side sent a FIN (in the window).
+pub const CT_F_FIN_CLIENT: u8 = 1 << 2;
+/// [`CtEntry::flags`] (both halves): the backend's side sent a FIN.
+pub const CT_F_FIN_BACKEND: u8 = 1 << 3;
+/// Both closing bits: the connection is over on both ends (FIN each way, or a RST).
+pub const CT_F_CLOSED: u8 = CT_F_FIN_CLIENT | CT_F_FIN_BACKEND;
 
 /// How many source ports a new full-NAT flow tries before it is dropped as
 /// `drop_snat_exhausted`.
@@ -146,6 +152,41 @@ pub const fn closes(proto: u8, tcp_flags: u8) -> bool {
     proto == IPPROTO_TCP && tcp_flags & (TCP_FIN | TCP_RST) != 0
 }
 
+/// The closing bits a FIN or RST adds to a flow's entries, `dir` being the half the packet
+/// was found at ([`DIR_FORWARD`]: from the client's side; [`DIR_REPLY`]: from the backend's).
+/// A RST ends the connection on both ends at once; a FIN only its sender's direction. Anything
+/// else adds none.
+#[inline(always)]
+pub const fn close_bits(proto: u8, tcp_flags: u8, dir: u8) -> u8 {
+    if proto != IPPROTO_TCP {
+        0
+    } else if tcp_flags & TCP_RST != 0 {
+        CT_F_CLOSED
+    } else if tcp_flags & TCP_FIN == 0 {
+        0
+    } else if dir == DIR_FORWARD {
+        CT_F_FIN_CLIENT
+    } else {
+        CT_F_FIN_BACKEND
+    }
+}
+
+/// Whether the full-NAT source port that reply entry `rev` holds may be taken over by a new
+/// flow at `now_ns` before the closing linger ends: its connection has closed on both ends
+/// ([`CT_F_CLOSED`]) and nothing of it was seen for `cfg.snat_reuse_ms` since (each FIN or RST
+/// stamps the flow; the hold leaves time for the final ACK and a retransmitted FIN). The new
+/// flow then replaces both of the old flow's entries, as a host reuses a port in TIME_WAIT.
+/// A flow closed on one side only (a half-close: the other side may still send) keeps its
+/// port for the whole linger, or its idle timeout. The backend's socket on the port is closed
+/// or in TIME_WAIT by then, which accepts a new SYN on the same tuple; berth's own linger of
+/// `tcp_closing_ns` never covered the backend's 60 s TIME_WAIT either.
+#[inline(always)]
+pub const fn port_reusable(rev: &CtEntry, now_ns: u64, cfg: &DpConfig) -> bool {
+    rev.state == STATE_CLOSING
+        && rev.flags & CT_F_CLOSED == CT_F_CLOSED
+        && now_ns.saturating_sub(rev.last_seen_ns) > cfg.snat_reuse_ms as u64 * 1_000_000
+}
+
 /// Whether a client-side segment with sequence number `seq` lies in the window of the backend's
 /// connection whose reply entry is `rev`: it must start within [`CLOSE_WINDOW`] of what the
 /// backend acknowledged. With no acknowledgment seen yet (the backend has not answered), there
@@ -222,7 +263,7 @@ mod tests {
         host_netns_cookie: 0,
         snat_port_first: 61000,
         snat_port_last: 65535,
-        _pad: 0,
+        snat_reuse_ms: 2,
     };
 
     fn entry(state: u8, last: u64) -> CtEntry {
@@ -383,6 +424,51 @@ mod tests {
         assert!(expired(&closing, IPPROTO_TCP, TCP_SYN, 5, &CFG));
         // A SYN-ACK is not a new connection.
         assert!(!expired(&closing, IPPROTO_TCP, TCP_SYN | TCP_ACK, 5, &CFG));
+    }
+
+    #[test]
+    fn fin_marks_its_senders_side_and_rst_both() {
+        let tcp = IPPROTO_TCP;
+        assert_eq!(
+            close_bits(tcp, TCP_FIN | TCP_ACK, DIR_FORWARD),
+            CT_F_FIN_CLIENT
+        );
+        assert_eq!(
+            close_bits(tcp, TCP_FIN | TCP_ACK, DIR_REPLY),
+            CT_F_FIN_BACKEND
+        );
+        assert_eq!(close_bits(tcp, TCP_RST, DIR_FORWARD), CT_F_CLOSED);
+        assert_eq!(close_bits(tcp, TCP_RST | TCP_ACK, DIR_REPLY), CT_F_CLOSED);
+        assert_eq!(close_bits(tcp, TCP_ACK, DIR_REPLY), 0);
+        assert_eq!(close_bits(tcp, TCP_SYN, DIR_FORWARD), 0);
+        // UDP has no FIN: port 0x01 in the flags byte is meaningless there.
+        assert_eq!(close_bits(IPPROTO_UDP, TCP_FIN | TCP_RST, DIR_FORWARD), 0);
+    }
+
+    #[test]
+    fn only_a_flow_closed_both_ways_gives_its_port_up_after_the_hold() {
+        // CFG holds 2 ms = 2_000_000 ns.
+        let mut r = entry(STATE_CLOSING, 1_000);
+        r.dir = DIR_REPLY;
+        r.flags = CT_F_FULLNAT | CT_F_ACK_KNOWN | CT_F_CLOSED;
+        assert!(!port_reusable(&r, 1_000, &CFG));
+        assert!(
+            !port_reusable(&r, 2_001_000, &CFG),
+            "the hold is not over yet"
+        );
+        assert!(port_reusable(&r, 2_001_001, &CFG));
+        // Half-closed either way: the other side may still send, the port stays.
+        for half in [CT_F_FIN_CLIENT, CT_F_FIN_BACKEND] {
+            r.flags = CT_F_FULLNAT | half;
+            assert!(!port_reusable(&r, u64::MAX, &CFG), "{half:#x}");
+        }
+        // Open (the bits of a flow that closed are never on an open one, but the state rules).
+        r.flags = CT_F_FULLNAT | CT_F_CLOSED;
+        r.state = STATE_OPEN;
+        assert!(!port_reusable(&r, u64::MAX, &CFG));
+        // A clock that went back (another CPU's stamp) is not an old flow.
+        r.state = STATE_CLOSING;
+        assert!(!port_reusable(&r, 0, &CFG));
     }
 
     #[test]

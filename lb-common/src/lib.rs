@@ -131,7 +131,9 @@ pub struct DpConfig {
     pub snat_port_first: u16,
     /// Last source port of full-NAT flows (host order, inclusive).
     pub snat_port_last: u16,
-    pub _pad: u32,
+    /// How long (ms) a full-NAT flow that has fully closed keeps its source port before a new
+    /// flow may take it (see [`ct::port_reusable`]).
+    pub snat_reuse_ms: u32,
 }
 const _: () = assert!(core::mem::size_of::<DpConfig>() == 56);
 
@@ -150,7 +152,7 @@ impl DpConfig {
             host_netns_cookie: 0,
             snat_port_first: 0,
             snat_port_last: 0,
-            _pad: 0,
+            snat_reuse_ms: 0,
         }
     }
 }

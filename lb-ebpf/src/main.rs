@@ -482,27 +482,36 @@ fn forward_inner(
         rev = table.get_ptr_mut(&rkey);
     }
 
-    if ct::closes(flow.proto, flow.tcp_flags) && e.state != STATE_CLOSING {
+    if ct::closes(flow.proto, flow.tcp_flags) {
         // SAFETY: valid map value pointer.
         if rev.is_none_or(|r| ct::in_window(unsafe { &*r }, flow.seq)) {
-            close(e, rev, now);
-        } else {
+            let bits = ct::close_bits(flow.proto, flow.tcp_flags, DIR_FORWARD);
+            close(e, rev, bits, now);
+        } else if e.state != STATE_CLOSING {
             count(Reason::EventCtCloseIgnored);
         }
     }
     translate(ctx, p, e, rev, Side::Dst)
 }
 
-/// Marks a flow closing: both halves, stamped.
+/// Marks a flow closing (a FIN or RST of it, adding closing `bits`, see `ct::close_bits`):
+/// both halves, stamped, so a flow closed both ways keeps its full-NAT port for
+/// `ct::port_reusable`'s hold after its last FIN or RST.
 #[inline(always)]
-fn close(e: &mut CtEntry, other: Option<*mut CtEntry>, now: u64) {
+fn close(e: &mut CtEntry, other: Option<*mut CtEntry>, bits: u8, now: u64) {
+    if e.state != STATE_CLOSING {
+        count(Reason::EventCtClosing);
+    }
     e.state = STATE_CLOSING;
+    e.flags |= bits;
     if let Some(o) = other {
         // SAFETY: a valid map value pointer (see `process`).
-        unsafe { (*o).state = STATE_CLOSING };
+        unsafe {
+            (*o).state = STATE_CLOSING;
+            (*o).flags |= bits;
+        }
     }
     touch(e, other, now);
-    count(Reason::EventCtClosing);
 }
 
 /// The common end of a tracked flow's packet, either way: refreshes both halves once a
@@ -625,8 +634,13 @@ fn reply_inner(ctx: &TcContext, p: &Pkt, e: &mut CtEntry, table: &'static Table)
         }
     }
     // The backend's side cannot be forged (see above): its FIN or RST closes the flow.
-    if ct::closes(flow.proto, flow.tcp_flags) && e.state != STATE_CLOSING {
-        close(e, fwd, now);
+    if ct::closes(flow.proto, flow.tcp_flags) {
+        close(
+            e,
+            fwd,
+            ct::close_bits(flow.proto, flow.tcp_flags, DIR_REPLY),
+            now,
+        );
     }
     translate(ctx, p, e, fwd, Side::Src)
 }
@@ -887,11 +901,12 @@ fn take_port(
 
 /// Whether full-NAT reply key `rkey` may be taken by a new flow in `table`: it is free there, or
 /// what holds it is over (its flow idle past its timeout, its forward half gone or moved on,
-/// or, in CT_NEW, unconfirmed for longer than `ct::UNCONFIRMED_PORT_HOLD_NS`); such leftovers
-/// are removed with their forward half. Anything else keeps it, a forward entry above all
-/// (never overwritten). Unlike `claim`, a closing flow keeps its port for its linger, whatever
-/// the new packet: the backend may still be closing that connection. A BPF subprogram (own
-/// stack frame).
+/// in CT_NEW, unconfirmed for longer than `ct::UNCONFIRMED_PORT_HOLD_NS`, or closed both ways
+/// longer ago than `ct::port_reusable`'s hold); such leftovers are removed with their forward
+/// half, so the old flow's packets no longer lead to the port. Anything else keeps it, a
+/// forward entry above all (never overwritten). Unlike `claim`, a flow closed on one side only
+/// keeps its port for its linger, whatever the new packet: the backend may still be sending on
+/// that connection. A BPF subprogram (own stack frame).
 #[inline(never)]
 fn port_free(table: &Table, rkey: &FlowKey, now: u64, cfg: &DpConfig) -> bool {
     let Some(r) = table.get_ptr(rkey) else {
@@ -910,7 +925,11 @@ fn port_free(table: &Table, rkey: &FlowKey, now: u64, cfg: &DpConfig) -> bool {
         .is_some_and(|f| ct::is_forward_of(unsafe { &*f }, &fkey, rkey));
     let abandoned = core::ptr::eq(table, &CT_NEW)
         && now.saturating_sub(r.last_seen_ns) > ct::UNCONFIRMED_PORT_HOLD_NS;
-    if partner && !abandoned && !ct::idle_expired(r, rkey.proto, now, cfg) {
+    if partner
+        && !abandoned
+        && !ct::idle_expired(r, rkey.proto, now, cfg)
+        && !ct::port_reusable(r, now, cfg)
+    {
         return false;
     }
     if partner {

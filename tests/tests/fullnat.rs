@@ -3,7 +3,8 @@
 //! Each case from fresh maps, every rewritten packet's checksums recomputed from scratch: a new
 //! flow and its two entries, the established hit, the reply, UDP, IP options, distinct ports per
 //! flow, a taken port never overwritten, an exhausted range, a flow whose port another flow took
-//! while its reply half was evicted, and a backend switched from DNAT to full NAT. (The
+//! while its reply half was evicted, a backend switched from DNAT to full NAT, and the port of
+//! a flow closed both ways taken over after a short hold (a half-closed flow's is not). (The
 //! conntrack-integrity rules shared with DNAT run over both in `ct_integrity.rs`, the hostile
 //! suite in `hostile.rs`.)
 
@@ -11,7 +12,7 @@ use std::net::SocketAddrV4;
 
 use berth_tests::{
     fixture::*,
-    wire::{self, Ipv4Packet, L4, TCP_ACK, TCP_PSH, TCP_SYN},
+    wire::{self, Ipv4Packet, L4, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN},
 };
 use lb_common::{
     CtEntry, IPPROTO_TCP, IPPROTO_UDP, Reason, ct, hash::flow_hash, ipv4_to_wire, port_to_wire,
@@ -418,5 +419,132 @@ fn a_backend_switched_to_full_nat_keeps_its_established_flows_as_they_were() {
         f.apply(with_nat(f.services.clone(), Nat::Dnat));
         let syn3 = tcp(client(46002), vip, TCP_SYN, 1, 0).build();
         assert_fwd(&f.run(&syn3), &syn3, &web_backends(), Nat::Dnat);
+    });
+}
+
+/// Backdates both halves of the full-NAT flow `client -> service` (reply key `rkey`) by `ago`.
+fn age_flow(f: &mut Fixture, fkey: lb_common::FlowKey, rkey: lb_common::FlowKey, ago: u64) {
+    for key in [fkey, rkey] {
+        let mut e = f.ct(&key).expect("both halves");
+        e.last_seen_ns = monotonic_ns() - ago;
+        f.rec.dataplane_mut().conntrack_update(key, e).unwrap();
+    }
+}
+
+#[test]
+fn a_port_whose_flow_closed_both_ways_is_reused_after_the_hold_and_a_half_closed_one_is_not() {
+    in_fixture_netns(|| {
+        // One source port, so every flow wants the same one.
+        let one = PortRange {
+            first: 61007,
+            last: 61007,
+        };
+        let mut f = one_backend(one);
+        let hold_ns = f.dp().options().snat_reuse.as_nanos() as u64;
+        assert!(
+            hold_ns > 0 && hold_ns < 10_000_000_000,
+            "a short hold: {hold_ns}"
+        );
+        let vip = sa(VIP, 80);
+        let be = b8000(1);
+        // Flow A opens, exchanges, and closes both ways: client FIN, backend FIN, last ACK.
+        let a = client(46000);
+        let syn = tcp(a, vip, TCP_SYN, 1000, 0).build();
+        let leg = assert_fwd(&f.run(&syn), &syn, &[be], FULL);
+        let port = leg.peer;
+        let synack = from_backend(tcp(be, port, TCP_SYN | TCP_ACK, 5000, 1001));
+        assert_reply(&f.run(&synack), vip, a);
+        for (flags, seq, ack) in [(TCP_ACK, 1001, 5001), (TCP_FIN | TCP_ACK, 1001, 5001)] {
+            let p = tcp(a, vip, flags, seq, ack).build();
+            assert_eq!(assert_fwd(&f.run(&p), &p, &[be], FULL).peer, port);
+        }
+        let fin = from_backend(tcp(be, port, TCP_FIN | TCP_ACK, 5001, 1002));
+        assert_reply(&f.run(&fin), vip, a);
+        let last = tcp(a, vip, TCP_ACK, 1002, 5002).build();
+        assert_fwd(&f.run(&last), &last, &[be], FULL);
+        let (fkey_a, rkey) = (
+            flow_key(a, vip, IPPROTO_TCP),
+            flow_key(be, port, IPPROTO_TCP),
+        );
+        let rev = f.ct(&rkey).unwrap();
+        assert_eq!(rev.state, ct::STATE_CLOSING);
+        assert_eq!(rev.flags & ct::CT_F_CLOSED, ct::CT_F_CLOSED, "{rev:?}");
+
+        // Within the hold, a new flow B finds the port still A's.
+        let b = client(46001);
+        let syn_b = tcp(b, vip, TCP_SYN, 7000, 0).build();
+        assert_dropped(&f.run(&syn_b), Reason::DropSnatExhausted);
+        assert!(f.ct(&fkey_a).is_some());
+
+        // Past the hold (still well inside the 10 s linger), B takes the port over: A's two
+        // entries are replaced, not left pointing at it.
+        age_flow(&mut f, fkey_a, rkey, hold_ns + 500_000_000);
+        let run = f.run(&syn_b);
+        assert_eq!(assert_fwd(&run, &syn_b, &[be], FULL).peer, port, "{run:?}");
+        assert!(
+            f.ct(&fkey_a).is_none(),
+            "A's forward half went with its port"
+        );
+        let rev_b = f.ct(&rkey).expect("B's reply half");
+        assert_eq!(
+            (
+                rev_b.fnat_addr,
+                rev_b.fnat_port,
+                rev_b.state,
+                rev_b.flags & ct::CT_F_CLOSED
+            ),
+            (
+                ipv4_to_wire(b.ip().octets()),
+                port_to_wire(b.port()),
+                ct::STATE_OPEN,
+                0
+            )
+        );
+        // The backend's answer on the port goes to B alone.
+        let synack_b = from_backend(tcp(be, port, TCP_SYN | TCP_ACK, 9000, 7001));
+        assert_reply(&f.run(&synack_b), vip, b);
+        // A late packet of A does not reach B's connection: it has no entry leading to the
+        // port, and the only port is B's.
+        let held = f.ct(&rkey);
+        let late = tcp(a, vip, TCP_ACK, 1002, 5002).build();
+        assert_dropped(&f.run(&late), Reason::DropSnatExhausted);
+        assert_eq!(f.ct(&rkey), held, "B keeps the port");
+        assert!(f.ct(&fkey_a).is_none());
+
+        // B confirms, then is reset by the backend: a RST closes both ways at once.
+        let ack_b = tcp(b, vip, TCP_ACK, 7001, 9001).build();
+        assert_fwd(&f.run(&ack_b), &ack_b, &[be], FULL);
+        let rst = from_backend(tcp(be, port, TCP_RST | TCP_ACK, 9001, 7001));
+        assert_reply(&f.run(&rst), vip, b);
+        let fkey_b = flow_key(b, vip, IPPROTO_TCP);
+        age_flow(&mut f, fkey_b, rkey, hold_ns + 500_000_000);
+        // C takes it, then half-closes: only its client sent a FIN.
+        let c = client(46002);
+        let syn_c = tcp(c, vip, TCP_SYN, 100, 0).build();
+        assert_eq!(assert_fwd(&f.run(&syn_c), &syn_c, &[be], FULL).peer, port);
+        assert!(f.ct(&fkey_b).is_none());
+        let synack_c = from_backend(tcp(be, port, TCP_SYN | TCP_ACK, 300, 101));
+        assert_reply(&f.run(&synack_c), vip, c);
+        for (flags, seq) in [(TCP_ACK, 101), (TCP_FIN | TCP_ACK, 101)] {
+            let p = tcp(c, vip, flags, seq, 301).build();
+            assert_fwd(&f.run(&p), &p, &[be], FULL);
+        }
+        let fkey_c = flow_key(c, vip, IPPROTO_TCP);
+        assert_eq!(f.ct(&rkey).unwrap().state, ct::STATE_CLOSING);
+        // Long past the hold, inside the linger: the backend may still be answering C, so a
+        // new flow D does not get the port, and C's answer still reaches C.
+        age_flow(&mut f, fkey_c, rkey, hold_ns + 3_000_000_000);
+        let d = client(46003);
+        let syn_d = tcp(d, vip, TCP_SYN, 1, 0).build();
+        assert_dropped(&f.run(&syn_d), Reason::DropSnatExhausted);
+        let data = from_backend(tcp(be, port, TCP_ACK | TCP_PSH, 301, 102).with_payload(b"late"));
+        assert_reply(&f.run(&data), vip, c);
+        // Once the backend closes its side too, the hold runs from that FIN.
+        let fin_c = from_backend(tcp(be, port, TCP_FIN | TCP_ACK, 305, 102));
+        assert_reply(&f.run(&fin_c), vip, c);
+        assert_dropped(&f.run(&syn_d), Reason::DropSnatExhausted);
+        age_flow(&mut f, fkey_c, rkey, hold_ns + 500_000_000);
+        assert_eq!(assert_fwd(&f.run(&syn_d), &syn_d, &[be], FULL).peer, port);
+        assert!(f.ct(&fkey_c).is_none());
     });
 }

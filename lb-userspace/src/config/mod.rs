@@ -143,6 +143,11 @@ pub struct DataplaneConfig {
     /// Source ports of full-NAT flows; outside the host's `ip_local_port_range`, or the host's
     /// own connections and berth's flows may pick the same port toward a backend.
     pub snat_ports: PortRange,
+    /// How long (ms) a full-NAT flow that has fully closed (FIN both ways, or RST) keeps its
+    /// source port before a new flow to the same backend may take it over, replacing the old
+    /// flow's entries (as a host reuses a TIME_WAIT port). Until then, and for a flow closed on
+    /// one side only for the whole `tcp_closing_timeout_secs`, the port stays the old flow's.
+    pub snat_port_reuse_ms: u64,
 }
 
 impl DataplaneConfig {
@@ -173,6 +178,7 @@ impl Default for DataplaneConfig {
             detach_on_exit: false,
             snat_address: None,
             snat_ports: PortRange::DEFAULT_SNAT,
+            snat_port_reuse_ms: 1000,
         }
     }
 }
@@ -752,6 +758,16 @@ mod tests {
         }
         let e = err("[dataplane]\nsnat_ports = 61000\n");
         assert_eq!(e.field, "dataplane.snat_ports (line 2)");
+        // A closed flow's port is taken over after a second by default; the hold may not
+        // outlast the linger it shortens.
+        assert_eq!(d.snat_port_reuse_ms, 1000);
+        let (cfg, _) = Config::load("[dataplane]\nsnat_port_reuse_ms = 0\n").unwrap();
+        assert_eq!(cfg.dataplane.snat_port_reuse_ms, 0);
+        let e = err("[dataplane]\ntcp_closing_timeout_secs = 2\nsnat_port_reuse_ms = 2001\n");
+        assert_eq!(e.field, "dataplane.snat_port_reuse_ms", "{e}");
+        assert!(e.message.contains("tcp_closing_timeout_secs"), "{e}");
+        let e = err("[dataplane]\nsnat_port_reuse_ms = -1\n");
+        assert!(e.field.starts_with("dataplane.snat_port_reuse_ms"), "{e}");
         let e = err("[dataplane]\nsnat_address = \"10.0.0\"\n");
         assert_eq!(e.field, "dataplane.snat_address (line 2)");
         for bad in ["0.0.0.0", "127.0.0.1", "224.0.0.1", "255.255.255.255"] {

@@ -97,6 +97,17 @@ impl Config {
                 ));
             }
         }
+        if d.snat_port_reuse_ms > d.tcp_closing_timeout_secs.saturating_mul(1000) {
+            return Err(ConfigError::new(
+                "dataplane.snat_port_reuse_ms",
+                format!(
+                    "must be at most tcp_closing_timeout_secs ({} s, {} ms): a closed flow's \
+                     entries are gone after that anyway",
+                    d.tcp_closing_timeout_secs,
+                    d.tcp_closing_timeout_secs.saturating_mul(1000)
+                ),
+            ));
+        }
         if !d.pin_path.starts_with('/') || d.pin_path.trim_end_matches('/').is_empty() {
             return Err(ConfigError::new(
                 "dataplane.pin_path",

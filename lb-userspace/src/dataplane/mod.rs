@@ -73,6 +73,8 @@ pub struct DataplaneOptions {
     pub snat_address: Option<std::net::Ipv4Addr>,
     /// Source ports of full-NAT flows.
     pub snat_ports: crate::config::PortRange,
+    /// How long a fully closed full-NAT flow keeps its source port.
+    pub snat_reuse: Duration,
 }
 
 impl DataplaneOptions {
@@ -92,6 +94,7 @@ impl DataplaneOptions {
             udp_idle: Duration::from_secs(d.udp_idle_timeout_secs),
             snat_address: d.snat_address,
             snat_ports: d.snat_ports,
+            snat_reuse: Duration::from_millis(d.snat_port_reuse_ms),
         }
     }
 
@@ -123,7 +126,7 @@ impl DataplaneOptions {
             host_netns_cookie: netns_cookie(),
             snat_port_first: self.snat_ports.first,
             snat_port_last: self.snat_ports.last,
-            _pad: 0,
+            snat_reuse_ms: self.snat_reuse.as_millis().min(u128::from(u32::MAX)) as u32,
         }
     }
 }

@@ -234,21 +234,19 @@ pub fn start(c: Contender) -> Running {
     }
 }
 
-/// Full NAT's source ports in the benchmark: every port but the privileged ones. With the
-/// default 61000-65535 (4536 ports per backend), each closed flow holding its port for the
-/// 10 s linger (`tcp_closing_timeout_secs`), new flows to a backend are bounded by about
-/// 450/s, and the first run of this contender made 1540 conn/s to the two backends, SYNs
-/// beyond that dropped (`drop_snat_exhausted`) and retried by the client after 1 s.
-const SNAT_PORTS: &str = "1024-65535";
+/// `--berth-dataplane`: lines for berth's `[dataplane]` section, none by default.
+pub static BERTH_DATAPLANE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 /// berth with its service in `mode` ("dnat" or "fullnat": from bb-lb's address on each
-/// backend's link, the default source, and ports from `SNAT_PORTS`).
+/// backend's link, the default source, and the default `snat_ports`, 61000-65535). Before a
+/// closed flow's port could be taken over after `snat_port_reuse_ms`, every closed flow held its
+/// port for the 10 s linger, so new flows to a backend were bounded by about 450/s (the first run
+/// of this contender made 1540 conn/s to the two backends) and this bench needed
+/// `snat_ports = "1024-65535"`.
 pub fn start_berth(mode: &str) -> Proc {
-    let dataplane = if mode == "fullnat" {
-        format!("[dataplane]\nsnat_ports = \"{SNAT_PORTS}\"\n")
-    } else {
-        String::new()
-    };
+    let dataplane = BERTH_DATAPLANE
+        .get()
+        .map_or(String::new(), |l| format!("[dataplane]\n{l}\n"));
     let config = format!(
         "{dataplane}[metrics]\nenabled = false\n\n[[service]]\nname = \"web\"\nlisten = \"0.0.0.0:{SVC_PORT}\"\n\
          protocol = \"tcp\"\nmode = \"{mode}\"\nbackends = [\"{b0}:{BE_PORT}\", \"{b1}:{BE_PORT}\"]\n",

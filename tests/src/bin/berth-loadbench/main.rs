@@ -32,7 +32,8 @@
 //!   whose way to the client bypasses the balancer (DNAT and nftables cannot serve them; the
 //!   check proves the client cannot reach a backend directly). `berth-fullnat`: berth with
 //!   `mode = "fullnat"` (source: bb-lb's address toward each backend, ports it allocates from
-//!   `snat_ports = "1024-65535"`: the default range bounds new flows to ~450/s per backend);
+//!   the default `snat_ports`, 61000-65535, closed flows' ports taken over after
+//!   `snat_port_reuse_ms`);
 //!   `haproxy-remote`: the same HAProxy (a full proxy by nature). Their ratios are to
 //!   `berth-fullnat`.
 //!
@@ -115,6 +116,14 @@ fn args() -> Args {
             "--connections" => a.connections = val().parse().expect("--connections N"),
             "--wrk-cpu" => a.wrk_cpu = val().parse().expect("--wrk-cpu N"),
             "--nginx-cpu" => a.nginx_cpu = val().parse().expect("--nginx-cpu N"),
+            // Lines for berth's `[dataplane]` section (both berth contenders), e.g.
+            // "snat_port_reuse_ms = 200", to measure a setting against the defaults.
+            "--berth-dataplane" => {
+                let lines = val().replace(';', "\n");
+                contenders::BERTH_DATAPLANE
+                    .set(lines)
+                    .expect("--berth-dataplane once");
+            }
             "--contenders" => {
                 a.contenders = val()
                     .split(',')
@@ -135,7 +144,8 @@ fn args() -> Args {
             "-h" | "--help" => {
                 println!(
                     "berth-loadbench [--duration SECONDS (5)] [--rounds N (5)] [--connections N (32)] \
-                     [--contenders direct,berth,nftables,haproxy,berth-fullnat,haproxy-remote (also: direct1)] [--wrk-cpu N (0)] [--nginx-cpu N (1)]"
+                     [--contenders direct,berth,nftables,haproxy,berth-fullnat,haproxy-remote (also: direct1)] [--wrk-cpu N (0)] [--nginx-cpu N (1)] \
+                     [--berth-dataplane 'KEY = VALUE; ...' (berth's [dataplane] lines)]"
                 );
                 std::process::exit(0);
             }

@@ -340,7 +340,7 @@ pub fn report(res: &Results, a: &Args, present: &[Contender], started: Instant) 
             "nftables": "dnat to jhash ip saddr . tcp sport mod 2 map (per flow), no masquerade",
             "haproxy": "mode tcp, balance roundrobin, nbthread 1, unpinned",
             "remote": "berth-fullnat (mode = fullnat) and haproxy-remote (the same haproxy) run with the backends' default routes removed: \
-                       they answer only bb-lb's own addresses; berth-fullnat with snat_ports 1024-65535; their ratios are to berth-fullnat",
+                       they answer only bb-lb's own addresses; berth-fullnat with the default snat_ports (61000-65535); their ratios are to berth-fullnat",
             "median": "per figure over rounds; contenders interleaved, order rotated each round",
         },
         "contenders": contenders,
