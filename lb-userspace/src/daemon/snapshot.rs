@@ -35,7 +35,7 @@ pub(super) fn build_status(
         .collect();
     let views = engines.views();
     let container_of =
-        |addr: &std::net::SocketAddrV4| crate::discovery::container_at(containers, &views, *addr);
+        |addr: &std::net::SocketAddr| crate::discovery::container_at(containers, &views, *addr);
     let services = desired
         .iter()
         .map(|s| {

@@ -48,6 +48,7 @@ use host::*;
 pub use host::{cgroup2_root, host_ipv4_addrs, monotonic_ns, netns_cookie, source_toward};
 use pins::*;
 pub use pins::{DownReport, bpffs_shared_with_init, down};
+pub(crate) use v6::member_id6;
 pub use v6::{Backend6Spec, host_ipv6_addrs};
 
 pub use crate::config::DEFAULT_PIN_PATH;
