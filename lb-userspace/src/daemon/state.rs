@@ -572,8 +572,8 @@ impl Daemon {
         let mut s = self.status();
         let reader = self.rec.dataplane().conntrack_reader();
         tokio::spawn(admin::answer(conn, async move {
-            let entries = snapshot::walk_conntrack(reader).await;
-            snapshot::fill_active_flows(&mut s, &entries);
+            let (entries, entries6) = snapshot::walk_conntrack(reader).await;
+            snapshot::fill_active_flows(&mut s, &entries, &entries6);
             s
         }));
     }

@@ -197,8 +197,9 @@ pub struct Dataplane {
     local_addrs_written: Option<std::collections::BTreeSet<u32>>,
     /// Flows that have only sent a SYN.
     ct_new: HashMap<MapData, FlowKey, CtEntry>,
-    /// Second descriptors of the two conntrack maps, for [`Dataplane::conntrack_reader`].
-    conntrack_fds: [std::os::fd::OwnedFd; 2],
+    /// Second descriptors of the conntrack maps (IPv4's two, then IPv6's), for
+    /// [`Dataplane::conntrack_reader`].
+    conntrack_fds: [std::os::fd::OwnedFd; 4],
     options: DataplaneOptions,
     attached: Vec<String>,
     adopted: bool,
@@ -369,7 +370,12 @@ impl Dataplane {
                 })
                 .ok_or(DataplaneError::MissingMap { name })
         };
-        let conntrack_fds = [dup(MAP_CONNTRACK)?, dup(lb_common::MAP_CT_NEW)?];
+        let conntrack_fds = [
+            dup(MAP_CONNTRACK)?,
+            dup(lb_common::MAP_CT_NEW)?,
+            dup(lb_common::v6::MAP_CONNTRACK6)?,
+            dup(lb_common::v6::MAP_CT_NEW6)?,
+        ];
         Ok(Self {
             conntrack_fds,
             ct_new: take!(ebpf, lb_common::MAP_CT_NEW),
