@@ -97,7 +97,8 @@ fn config(weights: [Option<u32>; 3]) -> String {
         .collect();
     let backends = backends.join(", ");
     format!(
-        "[[service]]\nname = \"web6\"\nlisten = \"{}\"\nbackends = [{backends}]\n\
+        "[dataplane]\ndrain_timeout_secs = 5\n\
+         [[service]]\nname = \"web6\"\nlisten = \"{}\"\nbackends = [{backends}]\n\
          [[service]]\nname = \"dns6\"\nlisten = \"{}\"\nprotocol = \"udp\"\n\
          backends = [{backends}]\n\
          [[service]]\nname = \"any6\"\nlisten = \"[::]:8080\"\nbackends = [{backends}]\n",
@@ -192,6 +193,48 @@ fn thousand_connections_spread_by_weight_and_udp_over_ipv6() {
     assert!(counter(&berth, "fwd_redirect") > 0, "{:?}", st.counters);
     assert_eq!(counter(&berth, "abort_rewrite"), 0, "{:?}", st.counters);
     assert_eq!(counter(&berth, "drop_l4_malformed"), 0, "{:?}", st.counters);
+    // Metrics: the IPv6 service and backends labelled with their bracketed addresses.
+    let page = t
+        .lb
+        .run(|| berth_tests::topo::http_get("127.0.0.1:9477".parse().unwrap()).expect("scrape"));
+    assert_eq!(page.0, 200);
+    let metric = |line: &str| -> f64 {
+        page.1
+            .lines()
+            .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {line} in\n{}", page.1))
+    };
+    let flows = metric(
+        r#"berth_service_new_flows_total{service="web6",listen="[fd00:99::1]:80",protocol="tcp"}"#,
+    );
+    assert!(flows >= 1000.0, "web6 new flows {flows}");
+    let b3 = metric(
+        r#"berth_backend_new_flows_total{service="web6",backend="[fd00:20::13]:8000",container=""}"#,
+    );
+    assert_eq!(b3 as u32, counts["b3"], "b3's new flows");
+    // A restart adopts the pinned IPv6 services: nothing rewritten, still serving.
+    let mut berth = berth;
+    let tables = berth.log_text().matches("maglev table updated").count();
+    let (status, _) = berth.stop();
+    assert!(status.success(), "{status}");
+    berth.respawn();
+    let log = berth.log_text();
+    assert!(
+        log.contains("adopted from the pinned dataplane: tcp [fd00:99::1]:80 with 3 backends"),
+        "{log}"
+    );
+    assert!(
+        log.contains("service web6: taken over from the pinned dataplane"),
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("maglev table updated").count(),
+        tables,
+        "an adopted IPv6 row is not rewritten: {log}"
+    );
+    t.client.run(|| {
+        tcp_request_any(vip(80).into(), "after restart").expect("served after the restart")
+    });
     drop(berth);
     drop(t);
 }
@@ -264,6 +307,25 @@ fn a_removed_backend_keeps_its_sessions_over_ipv6() {
             .contains("service web6: backend [fd00:20::11]:8000 removed"),
         "{}",
         berth.log_text()
+    );
+    // Past the drain timeout (5 s), b1's IPv6 conntrack entries are purged by the daemon.
+    let on_b1 = before.iter().filter(|w| *w == "b1").count();
+    berth.wait_for("backend [fd00:20::11]:8000: drain timeout over, purged", 1);
+    let log = berth.log_text();
+    let purged: usize = log
+        .lines()
+        .find_map(|l| {
+            l.split("backend [fd00:20::11]:8000: drain timeout over, purged ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .expect("purge count");
+    assert!(
+        purged >= 2 * on_b1,
+        "{on_b1} sessions on b1, {purged} entries purged"
     );
     drop(berth);
 }
