@@ -62,6 +62,12 @@ fn one_armed() -> Topo {
     lb.exec(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
     addr(&client, "fd00:10::2/64");
     client.exec(&["ip", "-6", "route", "add", "default", "via", "fd00:10::1"]);
+    // IPv4 beside it (for the dual-stack service): 10.10.0.0/24 and 10.20.0.0/24 alike.
+    lb.exec(&["ip", "addr", "add", "10.10.0.1/24", "dev", "eth0"]);
+    lb.exec(&["ip", "addr", "add", "10.20.0.1/24", "dev", "eth0"]);
+    lb.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    client.exec(&["ip", "addr", "add", "10.10.0.2/24", "dev", "eth0"]);
+    client.exec(&["ip", "route", "add", "default", "via", "10.10.0.1"]);
     let mut servers = Vec::new();
     let mut backends = Vec::new();
     for n in 1..=3u8 {
@@ -69,6 +75,21 @@ fn one_armed() -> Topo {
         port(&b, &format!("p-b{n}"));
         addr(&b, &format!("fd00:20::1{n}/64"));
         b.exec(&["ip", "-6", "route", "add", "default", "via", "fd00:20::1"]);
+        b.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("10.20.0.1{n}/24"),
+            "dev",
+            "eth0",
+        ]);
+        b.exec(&["ip", "route", "add", "default", "via", "10.20.0.1"]);
+        servers.push(Servers::start_any(
+            &b,
+            &format!("b{n}"),
+            format!("10.20.0.1{n}:8000").parse().expect("address"),
+            false,
+        ));
         servers.push(Servers::start_any(
             &b,
             &format!("b{n}"),
@@ -326,6 +347,50 @@ fn a_removed_backend_keeps_its_sessions_over_ipv6() {
     assert!(
         purged >= 2 * on_b1,
         "{on_b1} sessions on b1, {purged} entries purged"
+    );
+    drop(berth);
+}
+
+#[test]
+fn a_dual_stack_service_serves_each_family_with_its_backends() {
+    let t = one_armed();
+    let berth = Berth::start(
+        &t.lb,
+        "[[service]]\nname = \"web\"\nlisten = \"0.0.0.0:8080\"\nlisten6 = \"[::]:8080\"\n\
+         backends = [\"10.20.0.11:8000\", \"10.20.0.12:8000\", \"[fd00:20::12]:8000\", \
+         \"[fd00:20::13]:8000\"]\n",
+        &["eth0"],
+    );
+    let spread = |to: std::net::SocketAddr| -> BTreeMap<String, u32> {
+        t.client.run(move || {
+            let mut counts = BTreeMap::new();
+            for i in 0..100 {
+                let a = tcp_request_any(to, &format!("req {i}"))
+                    .unwrap_or_else(|e| panic!("{to} connection {i}: {e}"));
+                *counts
+                    .entry(responder(&a).expect("responder").to_owned())
+                    .or_default() += 1;
+            }
+            counts
+        })
+    };
+    let v4 = spread("10.10.0.1:8080".parse().unwrap());
+    let v6 = spread(SocketAddrV6::new(a6("fd00:10::1"), 8080, 0, 0).into());
+    println!("dual stack: IPv4 clients {v4:?}, IPv6 clients {v6:?}");
+    assert_eq!(v4.keys().collect::<Vec<_>>(), ["b1", "b2"], "IPv4: {v4:?}");
+    assert_eq!(v6.keys().collect::<Vec<_>>(), ["b2", "b3"], "IPv6: {v6:?}");
+    let st = berth.status();
+    let rows: Vec<(String, String, usize)> = st
+        .services
+        .iter()
+        .map(|s| (s.name.clone(), s.listen.clone(), s.backends.len()))
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            ("web".to_owned(), "0.0.0.0:8080".to_owned(), 2),
+            ("web.ipv6".to_owned(), "[::]:8080".to_owned(), 2)
+        ]
     );
     drop(berth);
 }

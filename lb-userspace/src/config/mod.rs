@@ -677,6 +677,12 @@ mod tests {
             .field,
             "service[0].mode"
         );
+        // A dual-stack service takes two of max_services.
+        assert_eq!(
+            err("[dataplane]\nmax_services = 1\n[[service]]\nname = \"w\"\nlisten = \"0.0.0.0:80\"\nlisten6 = \"[::]:80\"\n")
+                .field,
+            "service"
+        );
         // The same address twice, across families' spellings.
         assert_eq!(
             err(&format!(

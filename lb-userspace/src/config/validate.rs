@@ -169,12 +169,15 @@ impl Config {
             }
         }
 
-        if self.services.len() > d.max_services as usize {
+        // A dual-stack service takes two service entries (one per family).
+        let entries =
+            self.services.len() + self.services.iter().filter(|s| s.listen6.is_some()).count();
+        if entries > d.max_services as usize {
             return Err(ConfigError::new(
                 "service",
                 format!(
-                    "{} services configured but dataplane.max_services is {}",
-                    self.services.len(),
+                    "{entries} services configured (a dual-stack one counts twice) but \
+                     dataplane.max_services is {}",
                     d.max_services
                 ),
             ));
