@@ -6,13 +6,19 @@
 //! What is recorded as applied changes only after the kernel accepted the write, so a failed
 //! update is reported to the caller and the next `apply` of the same desired state picks up
 //! exactly where the failure left off.
+//!
+//! Both families go through the same code: a service's address picks its maps (`SERVICES` and
+//! `BACKENDS`, or `SERVICES6` and `BACKENDS6`); ids, Maglev rows and counters are shared.
 
 use std::{
     collections::{BTreeMap, VecDeque},
-    net::SocketAddrV4,
+    net::{SocketAddr, SocketAddrV4, SocketAddrV6},
 };
 
-use lb_common::{Backend, ServiceKey, ServiceValue, ipv4_to_wire, port_to_wire};
+use lb_common::{
+    Backend, ServiceKey, ServiceValue, ipv4_to_wire, port_to_wire,
+    v6::{Backend6, ServiceKey6, ipv6_to_wire},
+};
 use tracing::{info, info_span};
 
 use crate::{
@@ -104,12 +110,12 @@ impl AppliedService {
 #[derive(Debug)]
 struct AppliedService {
     id: u32,
-    key: ServiceKey,
-    listen: SocketAddrV4,
+    key: SvcKey,
+    listen: SocketAddr,
     protocol: Protocol,
     /// Whether the service key is in the kernel's service table.
     installed: bool,
-    backends: BTreeMap<SocketAddrV4, AppliedBackend>,
+    backends: BTreeMap<SocketAddr, AppliedBackend>,
     /// Backend ids removed from the set but possibly still in the kernel's table.
     retired: Vec<u32>,
     /// The Maglev row as the kernel holds it (backend ids; 0 = no backend).
@@ -130,12 +136,12 @@ struct AppliedService {
 pub struct ServiceState {
     pub name: String,
     pub id: u32,
-    pub listen: SocketAddrV4,
+    pub listen: SocketAddr,
     pub protocol: Protocol,
     /// (address, backend id, weight)
-    pub backends: Vec<(SocketAddrV4, u32, u32)>,
-    /// Full-NAT backends and the source address their flows get.
-    pub full_nat: Vec<(SocketAddrV4, std::net::Ipv4Addr)>,
+    pub backends: Vec<(SocketAddr, u32, u32)>,
+    /// Full-NAT backends (IPv4 only) and the source address their flows get.
+    pub full_nat: Vec<(SocketAddr, std::net::Ipv4Addr)>,
 }
 
 pub struct Reconciler {
@@ -145,19 +151,75 @@ pub struct Reconciler {
     backend_ids: IdPool,
     /// Backends that left, with when they left: their pinned flows drain until the drain
     /// timeout, then their conntrack entries are purged.
-    draining: BTreeMap<(u8, SocketAddrV4), std::time::Instant>,
+    draining: BTreeMap<(u8, SocketAddr), std::time::Instant>,
 }
 
-fn service_key(listen: SocketAddrV4, protocol: Protocol) -> ServiceKey {
-    ServiceKey::new(
-        ipv4_to_wire(listen.ip().octets()),
-        port_to_wire(listen.port()),
-        protocol.ip_proto(),
-    )
+/// A service's key in its family's service map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SvcKey {
+    V4(ServiceKey),
+    V6(ServiceKey6),
 }
 
-fn member_id(addr: SocketAddrV4) -> u64 {
-    (u64::from(u32::from(*addr.ip())) << 16) | u64::from(addr.port())
+fn service_key(listen: SocketAddr, protocol: Protocol) -> SvcKey {
+    let port = port_to_wire(listen.port());
+    match listen {
+        SocketAddr::V4(a) => SvcKey::V4(ServiceKey::new(
+            ipv4_to_wire(a.ip().octets()),
+            port,
+            protocol.ip_proto(),
+        )),
+        SocketAddr::V6(a) => SvcKey::V6(ServiceKey6::new(
+            ipv6_to_wire(a.ip().octets()),
+            port,
+            protocol.ip_proto(),
+        )),
+    }
+}
+
+fn member_id(addr: SocketAddr) -> u64 {
+    match addr {
+        SocketAddr::V4(a) => (u64::from(u32::from(*a.ip())) << 16) | u64::from(a.port()),
+        SocketAddr::V6(a) => crate::dataplane::member_id6(a),
+    }
+}
+
+impl Dataplane {
+    fn set_service_any(&mut self, key: SvcKey, value: ServiceValue) -> Result<(), DataplaneError> {
+        match key {
+            SvcKey::V4(k) => self.set_service(k, value),
+            SvcKey::V6(k) => self.set_service6(k, value),
+        }
+    }
+
+    fn remove_service_any(&mut self, key: &SvcKey) -> Result<(), DataplaneError> {
+        match key {
+            SvcKey::V4(k) => self.remove_service(k),
+            SvcKey::V6(k) => self.remove_service6(k),
+        }
+    }
+
+    /// Writes backend slot `id` for `addr` in its family's table (`snat`: IPv4 full NAT).
+    fn set_backend_any(
+        &mut self,
+        id: u32,
+        addr: SocketAddr,
+        snat: u32,
+    ) -> Result<(), DataplaneError> {
+        let port = port_to_wire(addr.port());
+        match addr {
+            SocketAddr::V4(a) => self.set_backend(
+                id,
+                Backend {
+                    snat_addr: snat,
+                    ..Backend::dnat(ipv4_to_wire(a.ip().octets()), port)
+                },
+            ),
+            SocketAddr::V6(a) => {
+                self.set_backend6(id, Backend6::dnat(ipv6_to_wire(a.ip().octets()), port))
+            }
+        }
+    }
 }
 
 impl Reconciler {
@@ -189,10 +251,10 @@ impl Reconciler {
                 lb_common::IPPROTO_UDP => Protocol::Udp,
                 _ => continue,
             };
-            let listen = SocketAddrV4::new(
+            let listen = SocketAddr::V4(SocketAddrV4::new(
                 std::net::Ipv4Addr::from(u32::from_be(key.addr)),
                 u16::from_be(key.port),
-            );
+            ));
             let table = (0..m)
                 .map(|slot| rec.dp.maglev_slot(value.id, slot))
                 .collect::<Result<Vec<u32>, _>>()?;
@@ -200,10 +262,10 @@ impl Reconciler {
             for &id in table.iter().filter(|id| **id != 0) {
                 if used_backends.insert(id) {
                     let b = rec.dp.backend(id)?;
-                    let addr = SocketAddrV4::new(
+                    let addr = SocketAddr::V4(SocketAddrV4::new(
                         std::net::Ipv4Addr::from(u32::from_be(b.addr)),
                         u16::from_be(b.port),
-                    );
+                    ));
                     backends.insert(
                         addr,
                         AppliedBackend {
@@ -225,7 +287,67 @@ impl Reconciler {
                 format!("(pinned) {protocol} {listen}"),
                 AppliedService {
                     id: value.id,
-                    key,
+                    key: SvcKey::V4(key),
+                    listen,
+                    protocol,
+                    installed: true,
+                    backends,
+                    retired: Vec::new(),
+                    table,
+                    table_synced: false,
+                    pinned: true,
+                    flags: value.flags,
+                    fallback: value.fallback,
+                },
+            );
+        }
+        for (key, value) in rec.dp.services6()? {
+            let protocol = match key.proto {
+                lb_common::IPPROTO_TCP => Protocol::Tcp,
+                lb_common::IPPROTO_UDP => Protocol::Udp,
+                _ => continue,
+            };
+            let listen = SocketAddr::V6(SocketAddrV6::new(
+                lb_common::v6::ipv6_from_wire(key.addr).into(),
+                u16::from_be(key.port),
+                0,
+                0,
+            ));
+            let table = (0..m)
+                .map(|slot| rec.dp.maglev_slot(value.id, slot))
+                .collect::<Result<Vec<u32>, _>>()?;
+            let mut backends = BTreeMap::new();
+            for &id in table.iter().filter(|id| **id != 0) {
+                if used_backends.insert(id) {
+                    let b = rec.dp.backend6(id)?;
+                    let addr = SocketAddr::V6(SocketAddrV6::new(
+                        lb_common::v6::ipv6_from_wire(b.addr).into(),
+                        u16::from_be(b.port),
+                        0,
+                        0,
+                    ));
+                    backends.insert(
+                        addr,
+                        AppliedBackend {
+                            id,
+                            weight: 0,
+                            instance: None,
+                            snat: 0,
+                        },
+                    );
+                }
+            }
+            used_services.insert(value.id);
+            let _service = service_span("(pinned)", protocol, listen).entered();
+            info!(
+                "adopted from the pinned dataplane: {protocol} {listen} with {} backends",
+                backends.len()
+            );
+            rec.services.insert(
+                format!("(pinned) {protocol} {listen}"),
+                AppliedService {
+                    id: value.id,
+                    key: SvcKey::V6(key),
                     listen,
                     protocol,
                     installed: true,
@@ -247,7 +369,7 @@ impl Reconciler {
 
     /// (service address, protocol, backend) of every adopted backend not yet claimed: they
     /// were serving a moment ago, so their health checks may start from healthy.
-    pub fn pinned_backends(&self) -> Vec<(SocketAddrV4, Protocol, SocketAddrV4)> {
+    pub fn pinned_backends(&self) -> Vec<(SocketAddr, Protocol, SocketAddr)> {
         self.services
             .values()
             .filter(|a| a.pinned)
@@ -297,12 +419,12 @@ impl Reconciler {
         &mut self,
         now: std::time::Instant,
         drain: std::time::Duration,
-    ) -> Result<Vec<(SocketAddrV4, usize)>, ReconcileError> {
-        let in_use = |s: &BTreeMap<String, AppliedService>, proto: u8, addr: &SocketAddrV4| {
+    ) -> Result<Vec<(SocketAddr, usize)>, ReconcileError> {
+        let in_use = |s: &BTreeMap<String, AppliedService>, proto: u8, addr: &SocketAddr| {
             s.values()
                 .any(|a| a.protocol.ip_proto() == proto && a.backends.contains_key(addr))
         };
-        let due: Vec<(u8, SocketAddrV4)> = self
+        let due: Vec<(u8, SocketAddr)> = self
             .draining
             .iter()
             .filter(|(_, left)| now.saturating_duration_since(**left) >= drain)
@@ -314,35 +436,58 @@ impl Reconciler {
                 self.draining.remove(&(proto, addr));
                 continue; // it came back: its flows are welcome
             }
-            let wire = (ipv4_to_wire(addr.ip().octets()), port_to_wire(addr.port()));
-            let doomed: Vec<lb_common::FlowKey> = self
-                .dp
-                .conntrack_entries()
-                .into_iter()
-                .filter(|(k, e)| {
-                    k.proto == proto
-                        && ((e.dir == lb_common::ct::DIR_FORWARD
-                            && (e.nat_addr, e.nat_port) == wire)
-                            || (e.dir == lb_common::ct::DIR_REPLY && (k.saddr, k.sport) == wire))
-                })
-                .map(|(k, _)| k)
-                .collect();
-            for k in &doomed {
-                self.dp
-                    .conntrack_remove(k)
-                    .map_err(|source| ReconcileError::Map {
-                        service: format!("(drained backend {addr})"),
-                        source: Box::new(source),
-                    })?;
-            }
+            let map_err = |source| ReconcileError::Map {
+                service: format!("(drained backend {addr})"),
+                source: Box::new(source),
+            };
+            let port = port_to_wire(addr.port());
+            let purged_here = match addr {
+                SocketAddr::V4(a) => {
+                    let wire = (ipv4_to_wire(a.ip().octets()), port);
+                    let doomed: Vec<lb_common::FlowKey> = self
+                        .dp
+                        .conntrack_entries()
+                        .into_iter()
+                        .filter(|(k, e)| {
+                            k.proto == proto
+                                && ((e.dir == lb_common::ct::DIR_FORWARD
+                                    && (e.nat_addr, e.nat_port) == wire)
+                                    || (e.dir == lb_common::ct::DIR_REPLY
+                                        && (k.saddr, k.sport) == wire))
+                        })
+                        .map(|(k, _)| k)
+                        .collect();
+                    for k in &doomed {
+                        self.dp.conntrack_remove(k).map_err(map_err)?;
+                    }
+                    doomed.len()
+                }
+                SocketAddr::V6(a) => {
+                    let wire = (ipv6_to_wire(a.ip().octets()), port);
+                    let doomed: Vec<lb_common::v6::FlowKey6> = self
+                        .dp
+                        .conntrack6_entries()
+                        .into_iter()
+                        .filter(|(k, e)| {
+                            k.proto == proto
+                                && ((e.ct.dir == lb_common::ct::DIR_FORWARD
+                                    && (e.nat_addr, e.ct.nat_port) == wire)
+                                    || (e.ct.dir == lb_common::ct::DIR_REPLY
+                                        && (k.saddr, k.sport) == wire))
+                        })
+                        .map(|(k, _)| k)
+                        .collect();
+                    for k in &doomed {
+                        self.dp.conntrack6_remove(k).map_err(map_err)?;
+                    }
+                    doomed.len()
+                }
+            };
             // Only now: a failed removal above leaves it draining, to be retried.
             self.draining.remove(&(proto, addr));
             let _backend = info_span!("backend", %addr).entered();
-            info!(
-                "backend {addr}: drain timeout over, purged {} conntrack entries",
-                doomed.len()
-            );
-            purged.push((addr, doomed.len()));
+            info!("backend {addr}: drain timeout over, purged {purged_here} conntrack entries");
+            purged.push((addr, purged_here));
         }
         Ok(purged)
     }
@@ -416,7 +561,7 @@ impl Reconciler {
         let mut writes = 0;
         let a = self.services.get_mut(name).expect("caller found it");
         if a.installed {
-            self.dp.remove_service(&a.key).map_err(map_err)?;
+            self.dp.remove_service_any(&a.key).map_err(map_err)?;
             a.installed = false;
             writes += 1;
         }
@@ -466,7 +611,7 @@ impl Reconciler {
         &mut self,
         svc: &Service,
         why: &str,
-        notes: &mut Vec<(Option<SocketAddrV4>, String)>,
+        notes: &mut Vec<(Option<SocketAddr>, String)>,
     ) -> Result<usize, ReconcileError> {
         let map_err = |source| ReconcileError::Map {
             service: svc.name.clone(),
@@ -514,7 +659,7 @@ impl Reconciler {
         // Backends that left, or whose address another container run took (a new backend
         // there, added below with a slot of its own: zeroed counters, no cached route): out of
         // the set now, their ids retire once the table is rewritten.
-        let gone: Vec<(SocketAddrV4, bool)> = a
+        let gone: Vec<(SocketAddr, bool)> = a
             .backends
             .iter()
             .filter_map(|(addr, b)| {
@@ -542,34 +687,43 @@ impl Reconciler {
         // New backends, weight and NAT changes. The backend slot is written before any table
         // slot points at it.
         for &crate::config::BackendSpec { addr, weight, nat } in &svc.backends {
-            let snat = match nat {
-                Nat::Dnat => 0,
-                Nat::Full => match snat_source(self.dp.options().snat_address, *addr.ip()) {
-                    Ok(ip) => ipv4_to_wire(ip.octets()),
-                    Err(e) => {
-                        // Left out until a route to it exists (every apply tries again).
-                        notes.push((
-                            Some(addr),
-                            format!(
-                                "service {}: backend {addr} left out: no source address for \
+            let snat = match (nat, addr) {
+                (Nat::Dnat, _) => 0,
+                (Nat::Full, SocketAddr::V6(_)) => {
+                    // The configuration refuses it; discovery never adds one.
+                    notes.push((
+                        Some(addr),
+                        format!(
+                            "service {}: backend {addr} left out: full NAT is IPv4 only ({why})",
+                            svc.name
+                        ),
+                    ));
+                    continue;
+                }
+                (Nat::Full, SocketAddr::V4(a4)) => {
+                    match snat_source(self.dp.options().snat_address, *a4.ip()) {
+                        Ok(ip) => ipv4_to_wire(ip.octets()),
+                        Err(e) => {
+                            // Left out until a route to it exists (every apply tries again).
+                            notes.push((
+                                Some(addr),
+                                format!(
+                                    "service {}: backend {addr} left out: no source address for \
                                  full NAT toward it ({e}) ({why})",
-                                svc.name
-                            ),
-                        ));
-                        continue;
+                                    svc.name
+                                ),
+                            ));
+                            continue;
+                        }
                     }
-                },
-            };
-            let backend = Backend {
-                snat_addr: snat,
-                ..Backend::dnat(ipv4_to_wire(addr.ip().octets()), port_to_wire(addr.port()))
+                }
             };
             match a.backends.get_mut(&addr) {
                 Some(b) => {
                     if b.snat != snat {
                         // For new flows: established ones keep the translation they started
                         // with.
-                        self.dp.set_backend(b.id, backend).map_err(map_err)?;
+                        self.dp.set_backend_any(b.id, addr, snat).map_err(map_err)?;
                         writes += 1;
                         notes.push((
                             Some(addr),
@@ -603,7 +757,7 @@ impl Reconciler {
                         .dp
                         .add_port_flags(addr.port(), flag)
                         .and_then(|()| self.dp.reset_backend_counters(id))
-                        .and_then(|()| self.dp.set_backend(id, backend));
+                        .and_then(|()| self.dp.set_backend_any(id, addr, snat));
                     if let Err(source) = written {
                         self.backend_ids.release(id);
                         return Err(map_err(source));
@@ -661,7 +815,7 @@ impl Reconciler {
         if a.installed && (flags != a.flags || (fallback != a.fallback && fallback != 0)) {
             a.flags = flags;
             a.fallback = fallback;
-            self.dp.set_service(a.key, a.value()).map_err(map_err)?;
+            self.dp.set_service_any(a.key, a.value()).map_err(map_err)?;
             writes += 1;
         }
         if !a.installed {
@@ -728,7 +882,7 @@ impl Reconciler {
                     .add_port_flags(a.listen.port(), lb_common::port_flag(proto, false))
                     .map_err(map_err)?;
             }
-            self.dp.set_service(a.key, a.value()).map_err(map_err)?;
+            self.dp.set_service_any(a.key, a.value()).map_err(map_err)?;
             a.installed = true;
             writes += 1;
         }
@@ -762,6 +916,6 @@ fn nat_note(snat: u32) -> String {
 
 /// The span a service's change lines are logged in, so each carries the service's name,
 /// address and protocol as fields (`--log-format json`).
-pub(crate) fn service_span(name: &str, protocol: Protocol, listen: SocketAddrV4) -> tracing::Span {
+pub(crate) fn service_span(name: &str, protocol: Protocol, listen: SocketAddr) -> tracing::Span {
     info_span!("service", service = %name, %listen, %protocol)
 }

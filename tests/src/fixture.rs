@@ -162,7 +162,7 @@ pub fn svc(
         protocol,
         backends: backends
             .iter()
-            .map(|&(a, p, w)| BackendSpec::dnat(SocketAddrV4::new(a, p), w))
+            .map(|&(a, p, w)| BackendSpec::dnat(SocketAddrV4::new(a, p).into(), w))
             .collect(),
         health: None,
         instances: Default::default(),

@@ -62,9 +62,9 @@ fn picks(f: &mut Fixture, backends: &[std::net::SocketAddrV4]) -> Vec<std::net::
 
 /// The service's Maglev row as the program reads it, each slot's backend id turned into the
 /// backend's address (ids are local to a balancer; the addresses are what must be identical).
-fn row(f: &Fixture) -> Vec<std::net::SocketAddrV4> {
+fn row(f: &Fixture) -> Vec<std::net::SocketAddr> {
     let state = &f.rec.state()[0];
-    let by_id: BTreeMap<u32, std::net::SocketAddrV4> =
+    let by_id: BTreeMap<u32, std::net::SocketAddr> =
         state.backends.iter().map(|(a, id, _)| (*id, *a)).collect();
     (0..options().maglev_size)
         .map(|slot| {
@@ -80,7 +80,7 @@ fn row(f: &Fixture) -> Vec<std::net::SocketAddrV4> {
 }
 
 /// The backend slot ids a dataplane gave its backends (address -> id).
-fn ids(f: &Fixture) -> BTreeMap<std::net::SocketAddrV4, u32> {
+fn ids(f: &Fixture) -> BTreeMap<std::net::SocketAddr, u32> {
     f.rec.state()[0]
         .backends
         .iter()

@@ -145,6 +145,21 @@ fn bad_config_names_the_field_and_exits_64_without_loading_anything() {
             "[[service]]\nname = \"a\"\nlisten = \"0.0.0.0:80\"\n[[service]]\nname = \"b\"\nlisten = \"0.0.0.0:80\"\n",
             "service[1].listen",
         ),
+        (
+            "family.toml",
+            "[[service]]\nname = \"v6\"\nlisten = \"[::]:8080\"\nbackends = [\"[fd00::2]:80\", \"10.0.0.2:80\"]\n",
+            "service[0].backends[1]",
+        ),
+        (
+            "family4.toml",
+            "[[service]]\nname = \"v4\"\nlisten = \"0.0.0.0:8080\"\nbackends = [\"[fd00::2]:80\"]\n",
+            "service[0].backends[0]",
+        ),
+        (
+            "fullnat6.toml",
+            "[[service]]\nname = \"v6\"\nlisten = \"[::]:8080\"\nmode = \"fullnat\"\nbackends = [\"[fd00::2]:80\"]\n",
+            "service[0].mode",
+        ),
     ];
     let before = loaded_berth_programs();
     for (file, text, field) in cases {
@@ -312,6 +327,27 @@ fn check_config_prints_what_would_be_served() {
     assert!(out.status.success(), "{out:?}");
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(s.contains("web tcp 0.0.0.0:8080 -> 2 backends"), "{s}");
+    let p = write(
+        "good6.toml",
+        "[[service]]\nname = \"web\"\nlisten = \"0.0.0.0:8080\"\nlisten6 = \"[::]:8080\"\n\
+         backends = [\"10.0.0.2:8000\", \"[fd00::2]:8000\", \"[fd00::3]:8000\"]\n\
+         [[service]]\nname = \"dns6\"\nlisten = \"[2001:db8::1]:53\"\nprotocol = \"udp\"\n\
+         backends = [\"[fd00::5]:53\"]\n",
+    );
+    let out = Command::new(berth())
+        .arg("check-config")
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let s = String::from_utf8_lossy(&out.stdout);
+    for line in [
+        "web tcp 0.0.0.0:8080 -> 1 backends",
+        "web.ipv6 tcp [::]:8080 -> 2 backends",
+        "dns6 udp [2001:db8::1]:53 -> 1 backends",
+    ] {
+        assert!(s.contains(line), "{line:?} in {s}");
+    }
     let p = write(
         "engines.toml",
         "[[docker.engine]]\nname = \"a\"\nendpoint = \"unix:///var/run/docker.sock\"\n\

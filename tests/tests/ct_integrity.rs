@@ -159,7 +159,7 @@ fn tcp_flow_whose_forward_entry_was_evicted_is_repaired_by_the_backends_next_pac
         // So the flow keeps its backend (and its port) even after the backend set changed.
         let mut services = f.services.clone();
         for s in &mut services {
-            s.backends.retain(|b| b.addr != be);
+            s.backends.retain(|b| b.addr != be.into());
         }
         f.apply(services);
         let ack = tcp(c, sa(VIP, 80), TCP_ACK, 1001, 5005).build();
@@ -271,7 +271,7 @@ fn rst_or_fin_outside_the_window_keep_a_draining_flow_on_its_backend(nat: Nat) {
         // The backend leaves (draining: established flows stay).
         let mut services = f.services.clone();
         for s in &mut services {
-            s.backends.retain(|b| b.addr != be);
+            s.backends.retain(|b| b.addr != be.into());
         }
         f.apply(services);
         let fkey = flow_key(c, sa(VIP, 80), IPPROTO_TCP);

@@ -4,9 +4,8 @@
 //! real sockets arrive `CHECKSUM_PARTIAL` (which BPF_PROG_TEST_RUN never gives), so this is
 //! where the pseudo-header update of the L4 checksum is proven.
 //!
-//! The daemon does not serve IPv6 services yet (its configuration takes IPv4 addresses), so the
-//! test loads the dataplane itself and installs the service with `install_service6`: the same
-//! maps the daemon's reconciler will write.
+//! The services are the daemon's: `berth run` with a configuration of IPv6 addresses (a VIP
+//! and `[::]`), its reconciler writing the IPv6 maps, a reload removing a backend.
 
 use std::{
     collections::BTreeMap,
@@ -14,10 +13,9 @@ use std::{
     time::Duration,
 };
 
+use berth_tests::daemon::Berth;
 use berth_tests::servers::{tcp_request_any, udp_request_any};
 use berth_tests::topo::{Netns, Servers, Session, remove_leftovers, responder, veth};
-use lb_common::{IPPROTO_TCP, IPPROTO_UDP, Reason};
-use lb_userspace::dataplane::{Backend6Spec, Dataplane, DataplaneOptions};
 
 fn a6(s: &str) -> Ipv6Addr {
     s.parse().expect("IPv6 address")
@@ -32,18 +30,17 @@ fn backend(n: u8) -> SocketAddrV6 {
 }
 
 struct Topo {
-    // Drop order: servers and the dataplane first, then the namespaces.
+    // Drop order: servers first, then the namespaces (berth, held by the test, before them).
     _servers: Vec<Servers>,
-    dp: Dataplane,
     client: Netns,
-    _lb: Netns,
+    lb: Netns,
     _backends: Vec<Netns>,
     _switch: Netns,
 }
 
 /// Client fd00:10::2, host fd00:10::1 + fd00:20::1 on its one interface `eth0`, backends
-/// fd00:20::11-13 (b1-b3) serving TCP and UDP on :8000, their default route the host. The
-/// program is attached to the host's `eth0`.
+/// fd00:20::11-13 (b1-b3) serving TCP and UDP on :8000, their default route the host. berth
+/// runs in the host namespace, attached to its `eth0`.
 fn one_armed() -> Topo {
     remove_leftovers();
     let sw = Netns::new("sw6");
@@ -65,6 +62,12 @@ fn one_armed() -> Topo {
     lb.exec(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
     addr(&client, "fd00:10::2/64");
     client.exec(&["ip", "-6", "route", "add", "default", "via", "fd00:10::1"]);
+    // IPv4 beside it (for the dual-stack service): 10.10.0.0/24 and 10.20.0.0/24 alike.
+    lb.exec(&["ip", "addr", "add", "10.10.0.1/24", "dev", "eth0"]);
+    lb.exec(&["ip", "addr", "add", "10.20.0.1/24", "dev", "eth0"]);
+    lb.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    client.exec(&["ip", "addr", "add", "10.10.0.2/24", "dev", "eth0"]);
+    client.exec(&["ip", "route", "add", "default", "via", "10.10.0.1"]);
     let mut servers = Vec::new();
     let mut backends = Vec::new();
     for n in 1..=3u8 {
@@ -72,6 +75,21 @@ fn one_armed() -> Topo {
         port(&b, &format!("p-b{n}"));
         addr(&b, &format!("fd00:20::1{n}/64"));
         b.exec(&["ip", "-6", "route", "add", "default", "via", "fd00:20::1"]);
+        b.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("10.20.0.1{n}/24"),
+            "dev",
+            "eth0",
+        ]);
+        b.exec(&["ip", "route", "add", "default", "via", "10.20.0.1"]);
+        servers.push(Servers::start_any(
+            &b,
+            &format!("b{n}"),
+            format!("10.20.0.1{n}:8000").parse().expect("address"),
+            false,
+        ));
         servers.push(Servers::start_any(
             &b,
             &format!("b{n}"),
@@ -80,59 +98,51 @@ fn one_armed() -> Topo {
         ));
         backends.push(b);
     }
-    let dp = lb.run(|| {
-        let mut dp = Dataplane::load(DataplaneOptions {
-            maglev_size: 1021,
-            max_services: 8,
-            max_backends: 64,
-            conntrack_size: 65_536,
-            hash_seed: 0x5eed_0006,
-            ..DataplaneOptions::default()
-        })
-        .expect("load dataplane");
-        dp.attach("eth0").expect("attach to eth0");
-        dp.sync_local_addrs6(&lb_userspace::dataplane::host_ipv6_addrs())
-            .expect("local addresses");
-        dp
-    });
     Topo {
         _servers: servers,
-        dp,
         client,
-        _lb: lb,
+        lb,
         _backends: backends,
         _switch: sw,
     }
 }
 
-/// The web service on the VIP :80 (TCP, id 0) and a UDP one on :53 (id 1), backends b1-b3
-/// with `weights` (backend ids 1-3 for both: one backend, one id).
-fn install(dp: &mut Dataplane, weights: [u32; 3]) {
-    let specs: Vec<Backend6Spec> = (1..=3u8)
-        .map(|n| Backend6Spec {
-            id: u32::from(n),
-            addr: backend(n),
-            weight: weights[usize::from(n) - 1],
+/// The web service on the VIP :80 (TCP), a UDP one on :53, and `[::]:8080` (any IPv6
+/// address of the host), backends b1-b3 with `weights` (a weight of `None`: not a backend).
+fn config(weights: [Option<u32>; 3]) -> String {
+    let backends: Vec<String> = (1..=3u8)
+        .filter_map(|n| {
+            let w = weights[usize::from(n) - 1]?;
+            Some(format!("{{ address = \"{}\", weight = {w} }}", backend(n)))
         })
         .collect();
-    dp.install_service6(0, vip(80), IPPROTO_TCP, &specs)
-        .expect("install TCP service");
-    dp.install_service6(1, vip(53), IPPROTO_UDP, &specs)
-        .expect("install UDP service");
+    let backends = backends.join(", ");
+    format!(
+        "[dataplane]\ndrain_timeout_secs = 5\n\
+         [[service]]\nname = \"web6\"\nlisten = \"{}\"\nbackends = [{backends}]\n\
+         [[service]]\nname = \"dns6\"\nlisten = \"{}\"\nprotocol = \"udp\"\n\
+         backends = [{backends}]\n\
+         [[service]]\nname = \"any6\"\nlisten = \"[::]:8080\"\nbackends = [{backends}]\n",
+        vip(80),
+        vip(53)
+    )
 }
 
-fn reason(dp: &Dataplane, r: Reason) -> u64 {
-    dp.reason_counters()
-        .expect("counters")
-        .into_iter()
-        .find(|(x, _)| *x == r)
-        .map_or(0, |(_, n)| n)
+/// A counter of `berth status` (e.g. "fwd redirect"), 0 if absent.
+fn counter(berth: &Berth, prefix: &str) -> u64 {
+    berth
+        .status()
+        .counters
+        .iter()
+        .filter(|(name, _)| name.starts_with(prefix))
+        .map(|(_, n)| n)
+        .sum()
 }
 
 #[test]
 fn thousand_connections_spread_by_weight_and_udp_over_ipv6() {
-    let mut t = one_armed();
-    install(&mut t.dp, [1, 2, 3]);
+    let t = one_armed();
+    let berth = Berth::start(&t.lb, &config([Some(1), Some(2), Some(3)]), &["eth0"]);
     let counts: BTreeMap<String, u32> = t.client.run(|| {
         let mut counts = BTreeMap::new();
         for i in 0..1000 {
@@ -165,17 +175,96 @@ fn thousand_connections_spread_by_weight_and_udp_over_ipv6() {
     });
     let spread: std::collections::BTreeSet<&String> = udp.iter().collect();
     assert!(spread.len() >= 2, "30 UDP clients all on {spread:?}");
-    assert!(reason(&t.dp, Reason::FwdRedirect) + reason(&t.dp, Reason::FwdRedirectNeigh) > 0);
-    assert_eq!(reason(&t.dp, Reason::AbortRewrite), 0);
-    assert_eq!(reason(&t.dp, Reason::DropL4Malformed), 0);
+    // `[::]:8080`: the host's own IPv6 address, recorded by the daemon.
+    let any: Vec<String> = t.client.run(|| {
+        (0..20)
+            .map(|i| {
+                let to = SocketAddrV6::new(a6("fd00:10::1"), 8080, 0, 0);
+                let a = tcp_request_any(to.into(), &format!("any {i}"))
+                    .unwrap_or_else(|e| panic!("[::]:8080 connection {i}: {e}"));
+                responder(&a).expect("responder").to_owned()
+            })
+            .collect()
+    });
+    assert!(any.iter().all(|w| ["b1", "b2", "b3"].contains(&w.as_str())));
+    // `berth status`: the IPv6 rows, addresses in brackets, with their weights.
+    let st = berth.status();
+    let web = st
+        .services
+        .iter()
+        .find(|s| s.name == "web6")
+        .unwrap_or_else(|| panic!("no web6 in {:?}", st.services));
+    assert_eq!(web.listen, "[fd00:99::1]:80");
+    let rows: Vec<(String, u32)> = web
+        .backends
+        .iter()
+        .map(|b| (b.address.clone(), b.weight))
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            ("[fd00:20::11]:8000".to_owned(), 1),
+            ("[fd00:20::12]:8000".to_owned(), 2),
+            ("[fd00:20::13]:8000".to_owned(), 3)
+        ]
+    );
+    let packets: u64 = web.backends.iter().map(|b| b.packets).sum();
+    assert!(packets >= 1000 * 5, "web6 backends' packets {packets}");
+    println!("counters: {:?}", st.counters);
+    assert!(counter(&berth, "fwd_redirect") > 0, "{:?}", st.counters);
+    assert_eq!(counter(&berth, "abort_rewrite"), 0, "{:?}", st.counters);
+    assert_eq!(counter(&berth, "drop_l4_malformed"), 0, "{:?}", st.counters);
+    // Metrics: the IPv6 service and backends labelled with their bracketed addresses.
+    let page = t
+        .lb
+        .run(|| berth_tests::topo::http_get("127.0.0.1:9477".parse().unwrap()).expect("scrape"));
+    assert_eq!(page.0, 200);
+    let metric = |line: &str| -> f64 {
+        page.1
+            .lines()
+            .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {line} in\n{}", page.1))
+    };
+    let flows = metric(
+        r#"berth_service_new_flows_total{service="web6",listen="[fd00:99::1]:80",protocol="tcp"}"#,
+    );
+    assert!(flows >= 1000.0, "web6 new flows {flows}");
+    let b3 = metric(
+        r#"berth_backend_new_flows_total{service="web6",backend="[fd00:20::13]:8000",container=""}"#,
+    );
+    assert_eq!(b3 as u32, counts["b3"], "b3's new flows");
+    // A restart adopts the pinned IPv6 services: nothing rewritten, still serving.
+    let mut berth = berth;
+    let tables = berth.log_text().matches("maglev table updated").count();
+    let (status, _) = berth.stop();
+    assert!(status.success(), "{status}");
+    berth.respawn();
+    let log = berth.log_text();
+    assert!(
+        log.contains("adopted from the pinned dataplane: tcp [fd00:99::1]:80 with 3 backends"),
+        "{log}"
+    );
+    assert!(
+        log.contains("service web6: taken over from the pinned dataplane"),
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("maglev table updated").count(),
+        tables,
+        "an adopted IPv6 row is not rewritten: {log}"
+    );
+    t.client.run(|| {
+        tcp_request_any(vip(80).into(), "after restart").expect("served after the restart")
+    });
+    drop(berth);
     drop(t);
 }
 
 #[test]
 fn a_removed_backend_keeps_its_sessions_over_ipv6() {
-    let mut t = one_armed();
-    install(&mut t.dp, [1, 1, 1]);
-    // 30 long-lived sessions, then b1 leaves (weight 0: its slot stays while it drains).
+    let t = one_armed();
+    let berth = Berth::start(&t.lb, &config([Some(1), Some(1), Some(1)]), &["eth0"]);
+    // 30 long-lived sessions, then b1 leaves the configuration (reload): its flows drain.
     let (tx, rx) = std::sync::mpsc::channel::<&'static str>();
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     let client = t.client.spawn(move || {
@@ -216,7 +305,16 @@ fn a_removed_backend_keeps_its_sessions_over_ipv6() {
         before.iter().any(|w| w == "b1"),
         "some session on b1: {before:?}"
     );
-    install(&mut t.dp, [0, 1, 1]);
+    // The sessions are active flows of their backends in `berth status` (IPv6 conntrack).
+    let st = berth.status();
+    let active: u64 = st
+        .services
+        .iter()
+        .filter(|s| s.name == "web6")
+        .flat_map(|s| s.backends.iter().map(|b| b.active_flows))
+        .sum();
+    assert_eq!(active, 30, "{:?}", st.services);
+    berth.reload(&config([None, Some(1), Some(1)]));
     tx.send("changed").unwrap();
     let fresh = client
         .join()
@@ -224,4 +322,75 @@ fn a_removed_backend_keeps_its_sessions_over_ipv6() {
     println!("sessions before: {before:?}; new connections after b1 left: {fresh:?}");
     assert!(!fresh.contains_key("b1"), "{fresh:?}");
     assert_eq!(fresh.values().sum::<u32>(), 200);
+    assert!(
+        berth
+            .log_text()
+            .contains("service web6: backend [fd00:20::11]:8000 removed"),
+        "{}",
+        berth.log_text()
+    );
+    // Past the drain timeout (5 s), b1's IPv6 conntrack entries are purged by the daemon.
+    let on_b1 = before.iter().filter(|w| *w == "b1").count();
+    berth.wait_for("backend [fd00:20::11]:8000: drain timeout over, purged", 1);
+    let log = berth.log_text();
+    let purged: usize = log
+        .lines()
+        .find_map(|l| {
+            l.split("backend [fd00:20::11]:8000: drain timeout over, purged ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .expect("purge count");
+    assert!(
+        purged >= 2 * on_b1,
+        "{on_b1} sessions on b1, {purged} entries purged"
+    );
+    drop(berth);
+}
+
+#[test]
+fn a_dual_stack_service_serves_each_family_with_its_backends() {
+    let t = one_armed();
+    let berth = Berth::start(
+        &t.lb,
+        "[[service]]\nname = \"web\"\nlisten = \"0.0.0.0:8080\"\nlisten6 = \"[::]:8080\"\n\
+         backends = [\"10.20.0.11:8000\", \"10.20.0.12:8000\", \"[fd00:20::12]:8000\", \
+         \"[fd00:20::13]:8000\"]\n",
+        &["eth0"],
+    );
+    let spread = |to: std::net::SocketAddr| -> BTreeMap<String, u32> {
+        t.client.run(move || {
+            let mut counts = BTreeMap::new();
+            for i in 0..100 {
+                let a = tcp_request_any(to, &format!("req {i}"))
+                    .unwrap_or_else(|e| panic!("{to} connection {i}: {e}"));
+                *counts
+                    .entry(responder(&a).expect("responder").to_owned())
+                    .or_default() += 1;
+            }
+            counts
+        })
+    };
+    let v4 = spread("10.10.0.1:8080".parse().unwrap());
+    let v6 = spread(SocketAddrV6::new(a6("fd00:10::1"), 8080, 0, 0).into());
+    println!("dual stack: IPv4 clients {v4:?}, IPv6 clients {v6:?}");
+    assert_eq!(v4.keys().collect::<Vec<_>>(), ["b1", "b2"], "IPv4: {v4:?}");
+    assert_eq!(v6.keys().collect::<Vec<_>>(), ["b2", "b3"], "IPv6: {v6:?}");
+    let st = berth.status();
+    let rows: Vec<(String, String, usize)> = st
+        .services
+        .iter()
+        .map(|s| (s.name.clone(), s.listen.clone(), s.backends.len()))
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            ("web".to_owned(), "0.0.0.0:8080".to_owned(), 2),
+            ("web.ipv6".to_owned(), "[::]:8080".to_owned(), 2)
+        ]
+    );
+    drop(berth);
 }

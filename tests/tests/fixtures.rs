@@ -165,7 +165,7 @@ fn flow_keeps_its_backend_after_the_backend_leaves_the_table() {
         // Remove the chosen backend from every service.
         let mut services = f.services.clone();
         for s in &mut services {
-            s.backends.retain(|b| b.addr != chosen);
+            s.backends.retain(|b| b.addr != chosen.into());
         }
         f.apply(services);
         let ack = Ipv4Packet::tcp(client(40004), sa(VIP, 80), TCP_ACK | TCP_PSH)
@@ -202,8 +202,8 @@ fn retransmitted_syn_does_not_pick_a_new_backend() {
             .collect();
         let mut services = f.services.clone();
         services[0].backends = vec![
-            BackendSpec::dnat(others[0], 1),
-            BackendSpec::dnat(b8000(6), 1),
+            BackendSpec::dnat(others[0].into(), 1),
+            BackendSpec::dnat(b8000(6).into(), 1),
         ];
         f.apply(services);
         let run = f.run(&syn);
@@ -529,7 +529,7 @@ fn service_without_backends_refuses_with_a_rst_or_port_unreachable() {
         // A pool that empties later is refused too; one that fills is served.
         let mut f = f;
         let mut filled = services.clone();
-        filled[0].backends = vec![BackendSpec::dnat(b8000(1), 1)];
+        filled[0].backends = vec![BackendSpec::dnat(b8000(1).into(), 1)];
         f.apply(filled);
         let fresh = Ipv4Packet::tcp(client(40020), sa(VIP, 80), TCP_SYN).build();
         assert_dnat(&f.run(&fresh), &fresh, &[b8000(1)]);
@@ -540,7 +540,7 @@ fn service_without_backends_refuses_with_a_rst_or_port_unreachable() {
         // or its backend entry not written yet) is dropped, not refused: the client's SYN retry
         // finds the row complete.
         let mut filled = services.clone();
-        filled[0].backends = vec![BackendSpec::dnat(b8000(1), 1)];
+        filled[0].backends = vec![BackendSpec::dnat(b8000(1).into(), 1)];
         f.apply(filled);
         let (_, v) = f
             .dp()
@@ -905,7 +905,7 @@ fn another_container_at_a_backends_address_gets_a_fresh_slot_and_counters() {
         let mut f = one_backend_vip();
         let run = |f: &mut Fixture, n| {
             let mut s = f.services.clone();
-            s[0].instances.insert(b8000(1), Instance(n));
+            s[0].instances.insert(b8000(1).into(), Instance(n));
             f.apply(s);
         };
         run(&mut f, 1);
@@ -950,7 +950,7 @@ fn departed_backend_drains_then_its_flows_are_purged_unless_it_returns(nat: Nat)
         let without = |f: &Fixture| {
             let mut s = f.services.clone();
             for svc in &mut s {
-                svc.backends.retain(|b| b.addr != chosen);
+                svc.backends.retain(|b| b.addr != chosen.into());
             }
             s
         };
@@ -966,7 +966,7 @@ fn departed_backend_drains_then_its_flows_are_purged_unless_it_returns(nat: Nat)
             "not due yet"
         );
         let purged = f.rec.purge_drained(now + drain, drain).unwrap();
-        assert_eq!(purged, vec![(chosen, 2)], "both entries of the flow");
+        assert_eq!(purged, vec![(chosen.into(), 2)], "both entries of the flow");
         // Purged: the next packet is picked up again, by a backend still in the table.
         assert!(f.dp().conntrack_entries().is_empty(), "nothing left of it");
         let run = f.run(&ack);
@@ -980,7 +980,7 @@ fn departed_backend_drains_then_its_flows_are_purged_unless_it_returns(nat: Nat)
         let b2 = second.backend;
         let mut s = with_all.clone();
         for svc in &mut s {
-            svc.backends.retain(|b| b.addr != b2);
+            svc.backends.retain(|b| b.addr != b2.into());
         }
         f.apply(s);
         f.apply(with_all);

@@ -16,7 +16,7 @@
 use std::{
     collections::BTreeSet,
     fmt,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     str::FromStr,
 };
@@ -380,8 +380,14 @@ impl fmt::Display for Protocol {
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
     pub name: String,
-    /// `ADDR:PORT`; `0.0.0.0` means any local address of this host.
+    /// `ADDR:PORT` of either family: `0.0.0.0:80` / `[::]:80` mean any local address of this
+    /// host of that family; `[2001:db8::1]:443` one address.
     pub listen: String,
+    /// A dual-stack service's IPv6 address (`listen` then being its IPv4 one): one service on
+    /// both families, each family's backends serving that family's clients (no NAT64). Its IPv6
+    /// half shows in `status` and metrics as `NAME.ipv6`.
+    #[serde(default)]
+    pub listen6: Option<String>,
     #[serde(default = "default_protocol")]
     pub protocol: Protocol,
     #[serde(default)]
@@ -472,7 +478,8 @@ impl fmt::Display for Nat {
 /// One backend of a validated service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BackendSpec {
-    pub addr: SocketAddrV4,
+    /// Of the service's family (IPv4 or IPv6; no NAT64).
+    pub addr: SocketAddr,
     /// Maglev weight (0: no new flows).
     pub weight: u32,
     pub nat: Nat,
@@ -480,7 +487,7 @@ pub struct BackendSpec {
 
 impl BackendSpec {
     /// A backend reached by DNAT (today's default for static backends and local containers).
-    pub fn dnat(addr: SocketAddrV4, weight: u32) -> Self {
+    pub fn dnat(addr: SocketAddr, weight: u32) -> Self {
         Self {
             addr,
             weight,
@@ -493,14 +500,15 @@ impl BackendSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Service {
     pub name: String,
-    pub listen: SocketAddrV4,
+    /// IPv4 or IPv6; its backends are of the same family.
+    pub listen: SocketAddr,
     pub protocol: Protocol,
     /// One entry per address.
     pub backends: Vec<BackendSpec>,
     pub health: Option<HealthConfig>,
     /// The container run behind each backend found through Docker (configured backends have
     /// none).
-    pub instances: std::collections::BTreeMap<SocketAddrV4, Instance>,
+    pub instances: std::collections::BTreeMap<SocketAddr, Instance>,
     /// The configured `mode`, which discovery applies to the backends it adds (`None`: each
     /// source's default).
     pub mode: Option<Nat>,
@@ -582,6 +590,113 @@ mod tests {
         );
         assert_eq!(services[1].backends[0].weight, 1);
         assert_eq!(services[1].protocol, Protocol::Udp);
+    }
+
+    #[test]
+    fn ipv6_services_and_dual_stack() {
+        let (_, services) = Config::load(
+            r#"
+            [[service]]
+            name = "any6"
+            listen = "[::]:8080"
+            backends = ["[fd00::2]:80", { address = "[fd00::3]:80", weight = 2 }]
+
+            [[service]]
+            name = "one6"
+            listen = "[2001:db8::1]:443"
+            protocol = "udp"
+
+            [[service]]
+            name = "web"
+            listen = "0.0.0.0:80"
+            listen6 = "[::]:80"
+            backends = ["10.0.0.2:80", "[fd00::2]:80", "10.0.0.3:80"]
+            "#,
+        )
+        .unwrap();
+        let got: Vec<(String, String, Vec<String>)> = services
+            .iter()
+            .map(|s| {
+                (
+                    s.name.clone(),
+                    s.listen.to_string(),
+                    s.backends.iter().map(|b| b.addr.to_string()).collect(),
+                )
+            })
+            .collect();
+        let v = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            got,
+            vec![
+                (
+                    "any6".into(),
+                    "[::]:8080".into(),
+                    v(&["[fd00::2]:80", "[fd00::3]:80"])
+                ),
+                ("one6".into(), "[2001:db8::1]:443".into(), v(&[])),
+                (
+                    "web".into(),
+                    "0.0.0.0:80".into(),
+                    v(&["10.0.0.2:80", "10.0.0.3:80"])
+                ),
+                ("web.ipv6".into(), "[::]:80".into(), v(&["[fd00::2]:80"])),
+            ]
+        );
+        assert_eq!(services[0].backends[1].weight, 2);
+    }
+
+    #[test]
+    fn family_mismatch_names_the_backend() {
+        let e = err(
+            "[[service]]\nname = \"w\"\nlisten = \"[::]:80\"\nbackends = [\"[fd00::2]:80\", \"10.0.0.2:80\"]\n",
+        );
+        assert_eq!(e.field, "service[0].backends[1]", "{e}");
+        assert!(
+            e.message.contains("IPv4") && e.message.contains("IPv6"),
+            "{e}"
+        );
+        let e = err(
+            "[[service]]\nname = \"w\"\nlisten = \"0.0.0.0:80\"\nbackends = [\"[fd00::2]:80\"]\n",
+        );
+        assert_eq!(e.field, "service[0].backends[0]", "{e}");
+        // listen6 must be IPv6 and listen IPv4.
+        let base = "[[service]]\nname = \"w\"\n";
+        assert_eq!(
+            err(&format!(
+                "{base}listen = \"0.0.0.0:80\"\nlisten6 = \"0.0.0.0:81\"\n"
+            ))
+            .field,
+            "service[0].listen6"
+        );
+        assert_eq!(
+            err(&format!(
+                "{base}listen = \"[::]:80\"\nlisten6 = \"[::]:81\"\n"
+            ))
+            .field,
+            "service[0].listen"
+        );
+        // Full NAT is IPv4 only.
+        assert_eq!(
+            err(&format!(
+                "{base}listen = \"[::]:80\"\nmode = \"fullnat\"\nbackends = [\"[fd00::2]:80\"]\n"
+            ))
+            .field,
+            "service[0].mode"
+        );
+        // A dual-stack service takes two of max_services.
+        assert_eq!(
+            err("[dataplane]\nmax_services = 1\n[[service]]\nname = \"w\"\nlisten = \"0.0.0.0:80\"\nlisten6 = \"[::]:80\"\n")
+                .field,
+            "service"
+        );
+        // The same address twice, across families' spellings.
+        assert_eq!(
+            err(&format!(
+                "{base}listen = \"[::]:80\"\n[[service]]\nname = \"v\"\nlisten = \"0.0.0.0:80\"\nlisten6 = \"[::]:80\"\n"
+            ))
+            .field,
+            "service[1].listen6"
+        );
     }
 
     #[test]
@@ -826,7 +941,7 @@ mod tests {
         assert_eq!(
             shown,
             format!(
-                "service[0].listen: \"{}…\" (1000 bytes) is not an IPv4 ADDR:PORT",
+                "service[0].listen: \"{}…\" (1000 bytes) is not an ADDR:PORT ([ADDR]:PORT for IPv6)",
                 "x".repeat(80)
             )
         );

@@ -377,6 +377,7 @@ pub fn import(text: &str) -> Result<Imported, ConfigError> {
         config.services.push(ServiceConfig {
             name: name.clone(),
             listen: format!("{listen_addr}:{port}"),
+            listen6: None,
             protocol: Protocol::Tcp,
             backends,
             health: check.then_some(health),

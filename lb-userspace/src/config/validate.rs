@@ -180,12 +180,15 @@ impl Config {
             }
         }
 
-        if self.services.len() > d.max_services as usize {
+        // A dual-stack service takes two service entries (one per family).
+        let entries =
+            self.services.len() + self.services.iter().filter(|s| s.listen6.is_some()).count();
+        if entries > d.max_services as usize {
             return Err(ConfigError::new(
                 "service",
                 format!(
-                    "{} services configured but dataplane.max_services is {}",
-                    self.services.len(),
+                    "{entries} services configured (a dual-stack one counts twice) but \
+                     dataplane.max_services is {}",
                     d.max_services
                 ),
             ));
@@ -214,43 +217,79 @@ impl Config {
                     format!("duplicate service name {:?}", s.name),
                 ));
             }
-            let listen = SocketAddrV4::from_str(&s.listen).map_err(|_| {
-                ConfigError::new(
-                    at("listen"),
-                    format!("{:?} is not an IPv4 ADDR:PORT", s.listen),
-                )
-            })?;
-            if listen.port() == 0 {
-                return Err(ConfigError::new(at("listen"), "port 0 cannot be served"));
+            let listen = listen_addr(&at("listen"), &s.listen)?;
+            // A dual-stack service: `listen` IPv4, `listen6` IPv6.
+            let listen6 = match &s.listen6 {
+                None => None,
+                Some(text) => {
+                    let a = listen_addr(&at("listen6"), text)?;
+                    if !a.is_ipv6() {
+                        return Err(ConfigError::new(
+                            at("listen6"),
+                            format!("{text:?} is not an IPv6 [ADDR]:PORT"),
+                        ));
+                    }
+                    if !listen.is_ipv4() {
+                        return Err(ConfigError::new(
+                            at("listen"),
+                            format!(
+                                "{:?} is IPv6, and listen6 is set: a dual-stack service's listen \
+                                 is its IPv4 address",
+                                s.listen
+                            ),
+                        ));
+                    }
+                    Some(a)
+                }
+            };
+            for (field, l) in [("listen", Some(listen)), ("listen6", listen6)] {
+                let Some(l) = l else { continue };
+                if !listens.insert((l, s.protocol)) {
+                    return Err(ConfigError::new(
+                        at(field),
+                        format!("{} {} is already served by another service", s.protocol, l),
+                    ));
+                }
             }
-            if listen.ip().is_multicast() || listen.ip().is_broadcast() {
+            if listen6.is_some() && !names.insert(format!("{}.ipv6", s.name)) {
                 return Err(ConfigError::new(
-                    at("listen"),
-                    "multicast/broadcast addresses cannot be served",
-                ));
-            }
-            if !listens.insert((listen, s.protocol)) {
-                return Err(ConfigError::new(
-                    at("listen"),
+                    at("name"),
                     format!(
-                        "{} {} is already served by another service",
-                        s.protocol, listen
+                        "{:?}.ipv6 (its IPv6 half) is another service's name",
+                        s.name
                     ),
                 ));
             }
             let mut seen = BTreeSet::new();
             let mut backends = Vec::with_capacity(s.backends.len());
             for (j, b) in s.backends.iter().enumerate() {
-                let addr = SocketAddrV4::from_str(&b.address).map_err(|_| {
+                let addr = SocketAddr::from_str(&b.address).map_err(|_| {
                     ConfigError::new(
                         at(&format!("backends[{j}]")),
-                        format!("{:?} is not an IPv4 ADDR:PORT", b.address),
+                        format!("{:?} is not an ADDR:PORT ([ADDR]:PORT for IPv6)", b.address),
                     )
                 })?;
+                if addr.is_ipv6() != listen.is_ipv6() && listen6.is_none() {
+                    return Err(ConfigError::new(
+                        at(&format!("backends[{j}]")),
+                        format!(
+                            "{addr} is {}, the service listens on {} ({listen}): a backend is of \
+                             its service's family (add listen6 for a dual-stack service)",
+                            family(addr),
+                            family(listen)
+                        ),
+                    ));
+                }
+                if addr.is_ipv6() && s.mode == Some(Nat::Full) {
+                    return Err(ConfigError::new(
+                        at("mode"),
+                        format!("full NAT is IPv4 only; backend {addr} is IPv6"),
+                    ));
+                }
                 if addr.ip().is_unspecified()
                     || addr.port() == 0
                     || addr.ip().is_multicast()
-                    || addr.ip().is_broadcast()
+                    || matches!(addr.ip(), std::net::IpAddr::V4(ip) if ip.is_broadcast())
                 {
                     return Err(ConfigError::new(
                         at(&format!("backends[{j}]")),
@@ -322,15 +361,23 @@ impl Config {
                 }
             }
             total_backends += backends.len();
-            out.push(Service {
-                name: s.name.clone(),
+            let service = |name: String, listen: SocketAddr, backends: Vec<BackendSpec>| Service {
+                name,
                 listen,
                 protocol: s.protocol,
                 backends,
                 health: s.health.clone(),
                 instances: Default::default(),
                 mode: s.mode,
-            });
+            };
+            match listen6 {
+                None => out.push(service(s.name.clone(), listen, backends)),
+                Some(l6) => {
+                    let (b6, b4) = backends.into_iter().partition(|b| b.addr.is_ipv6());
+                    out.push(service(s.name.clone(), listen, b4));
+                    out.push(service(format!("{}.ipv6", s.name), l6, b6));
+                }
+            }
         }
         if total_backends >= d.max_backends as usize {
             return Err(ConfigError::new(
@@ -340,4 +387,32 @@ impl Config {
         }
         Ok(out)
     }
+}
+
+/// A service address of either family (`0.0.0.0:80`, `[::]:80`, `[2001:db8::1]:443`).
+fn listen_addr(field: &str, text: &str) -> Result<SocketAddr, ConfigError> {
+    let a = SocketAddr::from_str(text).map_err(|_| {
+        ConfigError::new(
+            field,
+            format!("{text:?} is not an ADDR:PORT ([ADDR]:PORT for IPv6)"),
+        )
+    })?;
+    if a.port() == 0 {
+        return Err(ConfigError::new(field, "port 0 cannot be served"));
+    }
+    let bad = match a.ip() {
+        std::net::IpAddr::V4(ip) => ip.is_multicast() || ip.is_broadcast(),
+        std::net::IpAddr::V6(ip) => ip.is_multicast() || ip.to_ipv4_mapped().is_some(),
+    };
+    if bad {
+        return Err(ConfigError::new(
+            field,
+            "multicast/broadcast (or IPv4-mapped IPv6) addresses cannot be served",
+        ));
+    }
+    Ok(a)
+}
+
+fn family(a: SocketAddr) -> &'static str {
+    if a.is_ipv4() { "IPv4" } else { "IPv6" }
 }

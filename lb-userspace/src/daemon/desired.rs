@@ -256,7 +256,7 @@ mod tests {
         assert_eq!(
             web.backends,
             vec![BackendSpec::dnat(
-                SocketAddrV4::new(Ipv4Addr::new(172, 17, 0, 2), 8000),
+                SocketAddrV4::new(Ipv4Addr::new(172, 17, 0, 2), 8000).into(),
                 1
             )]
         );

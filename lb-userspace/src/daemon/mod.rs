@@ -363,7 +363,10 @@ fn attach_all(
         dp.attach_cgroup(cg)
             .with_context(|| format!("balancing the sockets of cgroup {}", cg.display()))?;
     }
-    if let Err(e) = dp.sync_local_addrs(&crate::dataplane::host_ipv4_addrs()) {
+    if let Err(e) = dp
+        .sync_local_addrs(&crate::dataplane::host_ipv4_addrs())
+        .and_then(|_| dp.sync_local_addrs6(&crate::dataplane::host_ipv6_addrs()))
+    {
         warn!("recording this host's addresses, retrying in 1 s: {e}");
     }
     Ok(ifaces)

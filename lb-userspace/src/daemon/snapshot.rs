@@ -35,7 +35,7 @@ pub(super) fn build_status(
         .collect();
     let views = engines.views();
     let container_of =
-        |addr: &std::net::SocketAddrV4| crate::discovery::container_at(containers, &views, *addr);
+        |addr: &std::net::SocketAddr| crate::discovery::container_at(containers, &views, *addr);
     let services = desired
         .iter()
         .map(|s| {
@@ -133,48 +133,69 @@ pub(super) struct MetricsInputs {
 impl MetricsInputs {
     /// Walks conntrack (on a blocking thread) and renders the page.
     pub(super) async fn render(mut self) -> String {
-        let entries = walk_conntrack(self.reader).await;
-        fill_active_flows(&mut self.status, &entries);
-        self.extra.conntrack_entries = entries.len() as u64;
+        let (entries, entries6) = walk_conntrack(self.reader).await;
+        fill_active_flows(&mut self.status, &entries, &entries6);
+        self.extra.conntrack_entries = (entries.len() + entries6.len()) as u64;
         self.extra.conntrack_walks = crate::dataplane::conntrack_walks();
         crate::api::metrics::render(self.status, self.extra)
     }
 }
 
-/// Every conntrack entry, read on a blocking thread (empty, with a warning, if that fails).
+/// Every conntrack entry, IPv4's and IPv6's, read on a blocking thread (empty, with a warning,
+/// if that fails).
 pub(super) async fn walk_conntrack(
     reader: Result<ConntrackReader, DataplaneError>,
-) -> Vec<(lb_common::FlowKey, lb_common::CtEntry)> {
+) -> (
+    Vec<(lb_common::FlowKey, lb_common::CtEntry)>,
+    Vec<(lb_common::v6::FlowKey6, lb_common::v6::CtEntry6)>,
+) {
     match reader {
-        Ok(r) => tokio::task::spawn_blocking(move || r.entries())
+        Ok(r) => tokio::task::spawn_blocking(move || (r.entries(), r.entries6()))
             .await
             .unwrap_or_default(),
         Err(e) => {
             warn!("reading conntrack: {e}");
-            Vec::new()
+            Default::default()
         }
     }
 }
 
-/// Sets each backend's active flows: its open forward conntrack entries.
+/// Sets each backend's active flows: its open forward conntrack entries (of its family).
 pub(super) fn fill_active_flows(
     s: &mut status::Status,
     entries: &[(lb_common::FlowKey, lb_common::CtEntry)],
+    entries6: &[(lb_common::v6::FlowKey6, lb_common::v6::CtEntry6)],
 ) {
-    let mut flows: HashMap<(u32, u16), u64> = HashMap::new();
-    for (_, e) in entries {
-        if e.dir == lb_common::ct::DIR_FORWARD && e.state == lb_common::ct::STATE_OPEN {
-            *flows.entry((e.nat_addr, e.nat_port)).or_default() += 1;
-        }
+    let open = |e: &lb_common::CtEntry| {
+        e.dir == lb_common::ct::DIR_FORWARD && e.state == lb_common::ct::STATE_OPEN
+    };
+    let mut flows: HashMap<([u32; 4], u16), u64> = HashMap::new();
+    for (_, e) in entries.iter().filter(|(_, e)| open(e)) {
+        *flows
+            .entry(([e.nat_addr, 0, 0, 0], e.nat_port))
+            .or_default() += 1;
+    }
+    let mut flows6: HashMap<([u32; 4], u16), u64> = HashMap::new();
+    for (_, e) in entries6.iter().filter(|(_, e)| open(&e.ct)) {
+        *flows6.entry((e.nat_addr, e.ct.nat_port)).or_default() += 1;
     }
     for b in s.services.iter_mut().flat_map(|s| s.backends.iter_mut()) {
-        if let Ok(addr) = b.address.parse::<std::net::SocketAddrV4>() {
-            let key = (
-                lb_common::ipv4_to_wire(addr.ip().octets()),
-                lb_common::port_to_wire(addr.port()),
-            );
-            b.active_flows = flows.get(&key).copied().unwrap_or(0);
-        }
+        let (table, key) = match b.address.parse::<std::net::SocketAddr>() {
+            Ok(std::net::SocketAddr::V4(a)) => (
+                &flows,
+                (
+                    [lb_common::ipv4_to_wire(a.ip().octets()), 0, 0, 0],
+                    a.port(),
+                ),
+            ),
+            Ok(std::net::SocketAddr::V6(a)) => (
+                &flows6,
+                (lb_common::v6::ipv6_to_wire(a.ip().octets()), a.port()),
+            ),
+            Err(_) => continue,
+        };
+        let key = (key.0, lb_common::port_to_wire(key.1));
+        b.active_flows = table.get(&key).copied().unwrap_or(0);
     }
 }
 
@@ -248,7 +269,7 @@ mod tests {
             // Same address, other port: another backend.
             entry("10.0.0.3:81", ct::DIR_FORWARD, ct::STATE_OPEN),
         ];
-        fill_active_flows(&mut s, &entries);
+        fill_active_flows(&mut s, &entries, &[]);
         let flows: Vec<u64> = s.services[0]
             .backends
             .iter()

@@ -391,7 +391,7 @@ impl Daemon {
         let before = std::mem::take(&mut self.desired);
         self.refresh();
         let views = self.engines.views();
-        let from = |engine: &str, s: &Service| -> Vec<std::net::SocketAddrV4> {
+        let from = |engine: &str, s: &Service| -> Vec<std::net::SocketAddr> {
             s.backends
                 .iter()
                 .filter(|b| {
@@ -537,6 +537,11 @@ impl Daemon {
             .rec
             .dataplane_mut()
             .sync_local_addrs(&host_ipv4_addrs())
+            .and_then(|_| {
+                self.rec
+                    .dataplane_mut()
+                    .sync_local_addrs6(&crate::dataplane::host_ipv6_addrs())
+            })
         {
             warn!("recording this host's addresses, retrying in 1 s: {e}");
         }
@@ -567,8 +572,8 @@ impl Daemon {
         let mut s = self.status();
         let reader = self.rec.dataplane().conntrack_reader();
         tokio::spawn(admin::answer(conn, async move {
-            let entries = snapshot::walk_conntrack(reader).await;
-            snapshot::fill_active_flows(&mut s, &entries);
+            let (entries, entries6) = snapshot::walk_conntrack(reader).await;
+            snapshot::fill_active_flows(&mut s, &entries, &entries6);
             s
         }));
     }
@@ -618,7 +623,7 @@ impl Daemon {
     }
 
     /// The name of the serving container at `backend`'s address.
-    fn container_at(&self, backend: std::net::SocketAddrV4) -> Option<String> {
+    fn container_at(&self, backend: std::net::SocketAddr) -> Option<String> {
         let views = self.engines.views();
         discovery::container_at(&self.containers, &views, backend).map(|c| c.name.clone())
     }
@@ -683,7 +688,10 @@ impl Daemon {
             .iter()
             .flat_map(|s| s.backends.iter())
             .filter(|b| b.nat == Nat::Full)
-            .map(|b| *b.addr.ip())
+            .filter_map(|b| match b.addr {
+                std::net::SocketAddr::V4(a) => Some(*a.ip()),
+                std::net::SocketAddr::V6(_) => None,
+            })
             .collect();
         let routes = super::host::read_routes();
         for ip in full_nat {

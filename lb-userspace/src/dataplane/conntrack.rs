@@ -9,19 +9,26 @@ impl Dataplane {
     /// An independent handle on the conntrack map, to walk it off the daemon's event loop (a
     /// full walk costs two syscalls per entry).
     pub fn conntrack_reader(&self) -> Result<ConntrackReader> {
-        let mut maps = Vec::new();
-        for fd in &self.conntrack_fds {
+        let data = |fd: &std::os::fd::OwnedFd| -> Result<aya::maps::Map> {
             let fd = fd
                 .try_clone()
                 .map_err(|e| map_err(MAP_CONNTRACK)(MapError::IoError(e)))?;
             let md = MapData::from_fd(fd).map_err(map_err(MAP_CONNTRACK))?;
-            maps.push(
-                HashMap::try_from(aya::maps::Map::LruHashMap(md))
-                    .map_err(map_err(MAP_CONNTRACK))?,
+            Ok(aya::maps::Map::LruHashMap(md))
+        };
+        let mut maps = Vec::new();
+        for fd in &self.conntrack_fds[..2] {
+            maps.push(HashMap::try_from(data(fd)?).map_err(map_err(MAP_CONNTRACK))?);
+        }
+        let mut maps6 = Vec::new();
+        for fd in &self.conntrack_fds[2..] {
+            maps6.push(
+                HashMap::try_from(data(fd)?).map_err(map_err(lb_common::v6::MAP_CONNTRACK6))?,
             );
         }
         Ok(ConntrackReader {
             maps,
+            maps6,
             cfg: self.options.dp_config(),
         })
     }
@@ -90,6 +97,8 @@ pub(super) fn count_walk() {
 pub struct ConntrackReader {
     /// The main map and the unconfirmed-flow map.
     maps: Vec<HashMap<MapData, FlowKey, CtEntry>>,
+    /// IPv6's two.
+    maps6: Vec<HashMap<MapData, lb_common::v6::FlowKey6, lb_common::v6::CtEntry6>>,
     cfg: DpConfig,
 }
 
@@ -97,6 +106,14 @@ impl ConntrackReader {
     pub fn entries(&self) -> Vec<(FlowKey, CtEntry)> {
         count_walk();
         self.maps
+            .iter()
+            .flat_map(|m| m.iter().filter_map(|r| r.ok()))
+            .collect()
+    }
+
+    /// Every IPv6 conntrack entry (part of the same walk's count as [`Self::entries`]).
+    pub fn entries6(&self) -> Vec<(lb_common::v6::FlowKey6, lb_common::v6::CtEntry6)> {
+        self.maps6
             .iter()
             .flat_map(|m| m.iter().filter_map(|r| r.ok()))
             .collect()
@@ -116,6 +133,18 @@ impl ConntrackReader {
                 absent_is_fine(m.remove(k), MAP_CONNTRACK)?;
             }
         }
-        Ok(stale.len())
+        // IPv6: the same rule (an IPv6 entry's `ct` is an IPv4 entry).
+        let stale6: Vec<lb_common::v6::FlowKey6> = self
+            .entries6()
+            .into_iter()
+            .filter(|(k, e)| lb_common::ct::idle_expired(&e.ct, k.proto, now_ns, &self.cfg))
+            .map(|(k, _)| k)
+            .collect();
+        for k in &stale6 {
+            for m in &mut self.maps6 {
+                absent_is_fine(m.remove(k), lb_common::v6::MAP_CONNTRACK6)?;
+            }
+        }
+        Ok(stale.len() + stale6.len())
     }
 }

@@ -48,6 +48,7 @@ use host::*;
 pub use host::{cgroup2_root, host_ipv4_addrs, monotonic_ns, netns_cookie, source_toward};
 use pins::*;
 pub use pins::{DownReport, bpffs_shared_with_init, down};
+pub(crate) use v6::member_id6;
 pub use v6::{Backend6Spec, host_ipv6_addrs};
 
 pub use crate::config::DEFAULT_PIN_PATH;
@@ -199,8 +200,9 @@ pub struct Dataplane {
     local_addrs_written: Option<std::collections::BTreeSet<u32>>,
     /// Flows that have only sent a SYN.
     ct_new: HashMap<MapData, FlowKey, CtEntry>,
-    /// Second descriptors of the two conntrack maps, for [`Dataplane::conntrack_reader`].
-    conntrack_fds: [std::os::fd::OwnedFd; 2],
+    /// Second descriptors of the conntrack maps (IPv4's two, then IPv6's), for
+    /// [`Dataplane::conntrack_reader`].
+    conntrack_fds: [std::os::fd::OwnedFd; 4],
     options: DataplaneOptions,
     attached: Vec<String>,
     adopted: bool,
@@ -371,7 +373,12 @@ impl Dataplane {
                 })
                 .ok_or(DataplaneError::MissingMap { name })
         };
-        let conntrack_fds = [dup(MAP_CONNTRACK)?, dup(lb_common::MAP_CT_NEW)?];
+        let conntrack_fds = [
+            dup(MAP_CONNTRACK)?,
+            dup(lb_common::MAP_CT_NEW)?,
+            dup(lb_common::v6::MAP_CONNTRACK6)?,
+            dup(lb_common::v6::MAP_CT_NEW6)?,
+        ];
         Ok(Self {
             conntrack_fds,
             ct_new: take!(ebpf, lb_common::MAP_CT_NEW),

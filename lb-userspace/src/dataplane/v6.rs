@@ -57,6 +57,14 @@ impl Dataplane {
             .map_err(map_err(MAP_SERVICES6))
     }
 
+    pub(crate) fn remove_service6(&mut self, key: &ServiceKey6) -> Result<()> {
+        absent_is_fine(
+            self.hash6::<ServiceKey6, ServiceValue>(MAP_SERVICES6)?
+                .remove(key),
+            MAP_SERVICES6,
+        )
+    }
+
     /// The IPv6 services as the kernel holds them.
     pub fn services6(&self) -> Result<Vec<(ServiceKey6, ServiceValue)>> {
         Ok(self
@@ -215,7 +223,7 @@ impl Dataplane {
 
 /// The Maglev identity of an IPv6 backend (address and port; see the reconciler's
 /// `member_id` for IPv4).
-fn member_id6(addr: SocketAddrV6) -> u64 {
+pub(crate) fn member_id6(addr: SocketAddrV6) -> u64 {
     let o = addr.ip().octets();
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in o.iter().chain(&addr.port().to_be_bytes()) {

@@ -12,7 +12,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     time::Duration,
 };
 
@@ -232,13 +232,20 @@ pub fn add_backends(
         for (key, entry) in keys {
             match entry {
                 Err(e) => problems.push(format!("etcd: key {key}: {e}; not served")),
-                Ok(e) if svc.backends.iter().any(|b| b.addr == e.addr) => problems.push(format!(
-                    "etcd: key {key}: {} is already a backend of service {} (the first \
+                Ok(e)
+                    if svc
+                        .backends
+                        .iter()
+                        .any(|b| b.addr == SocketAddr::V4(e.addr)) =>
+                {
+                    problems.push(format!(
+                        "etcd: key {key}: {} is already a backend of service {} (the first \
                          entry's weight applies)",
-                    e.addr, svc.name
-                )),
+                        e.addr, svc.name
+                    ))
+                }
                 Ok(e) => svc.backends.push(crate::config::BackendSpec {
-                    addr: e.addr,
+                    addr: SocketAddr::V4(e.addr),
                     weight: e.weight,
                     nat: svc.nat_or(crate::config::Nat::Dnat),
                 }),

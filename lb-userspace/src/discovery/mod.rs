@@ -608,7 +608,7 @@ mod tests {
             !svcs[0]
                 .backends
                 .iter()
-                .any(|b| b.addr.ip() == &Ipv4Addr::new(10, 42, 2, 2))
+                .any(|b| b.addr.ip() == Ipv4Addr::new(10, 42, 2, 2))
         );
         let (svcs, _) = services(
             &[web(true, None)],
@@ -622,7 +622,7 @@ mod tests {
             svcs[0]
                 .backends
                 .iter()
-                .any(|b| b.addr.ip() == &Ipv4Addr::new(10, 42, 2, 2))
+                .any(|b| b.addr.ip() == Ipv4Addr::new(10, 42, 2, 2))
         );
     }
 }

@@ -8,7 +8,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
 };
 
 use super::{ContainerInfo, ContainerKey, Reach, parse_labels};
@@ -115,6 +115,7 @@ pub fn services(
             }
             match backend_of(c, engine, svc.protocol, sel.port, sel.network.as_deref()) {
                 Ok((addr, nat)) => {
+                    let addr = SocketAddr::V4(addr);
                     svc.backends.push(BackendSpec {
                         addr,
                         weight: 1,
@@ -156,7 +157,7 @@ pub fn services(
                     continue;
                 }
             };
-            let listen = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, ls.port);
+            let listen = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, ls.port));
             // A label must not capture traffic for a port the host itself serves (e.g. 22).
             if host_ports.contains(&(ls.protocol, ls.port)) {
                 problems.push(format!(
@@ -200,6 +201,7 @@ pub fn services(
                 ));
                 continue;
             }
+            let addr = SocketAddr::V4(addr);
             entry.backends.push(BackendSpec {
                 addr,
                 weight: ls.weight,
@@ -229,9 +231,11 @@ pub fn backend_bridges(
         .filter(|c| c.serving() && view(engines, c).reach.local)
     {
         for (net, ip) in &c.networks {
-            let backs = services
-                .iter()
-                .any(|s| s.backends.iter().any(|b| b.addr.ip() == ip));
+            let backs = services.iter().any(|s| {
+                s.backends
+                    .iter()
+                    .any(|b| b.addr.ip() == std::net::IpAddr::V4(*ip))
+            });
             if backs && let Some(br) = c.bridges.get(net) {
                 out.insert(br.clone());
             }
@@ -241,12 +245,15 @@ pub fn backend_bridges(
 }
 
 /// The container behind backend `addr`: on this host, the one with that address; on another,
-/// the one whose port is published there.
+/// the one whose port is published there. Containers are found by their IPv4 addresses only.
 pub fn container_at<'a>(
     containers: &'a BTreeMap<ContainerKey, ContainerInfo>,
     engines: &BTreeMap<String, EngineView>,
-    addr: SocketAddrV4,
+    addr: SocketAddr,
 ) -> Option<&'a ContainerInfo> {
+    let SocketAddr::V4(addr) = addr else {
+        return None;
+    };
     containers.values().find(|c| {
         let engine = view(engines, c);
         if engine.reach.local {

@@ -1,7 +1,7 @@
 //! One check of one backend: a TCP connect, or an HTTP GET judged by status and body, within
 //! its timeout. [`Checker`] is the seam tests replace.
 
-use std::{fmt, net::SocketAddrV4};
+use std::{fmt, net::SocketAddr};
 
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -38,7 +38,7 @@ impl fmt::Display for Failure {
 pub trait Checker: Send + Sync + 'static {
     fn check(
         &self,
-        addr: SocketAddrV4,
+        addr: SocketAddr,
         cfg: &HealthConfig,
     ) -> impl std::future::Future<Output = Result<(), Failure>> + Send;
 }
@@ -51,7 +51,7 @@ pub struct NetChecker;
 const MAX_BODY: usize = 64 * 1024;
 
 impl Checker for NetChecker {
-    async fn check(&self, addr: SocketAddrV4, cfg: &HealthConfig) -> Result<(), Failure> {
+    async fn check(&self, addr: SocketAddr, cfg: &HealthConfig) -> Result<(), Failure> {
         match tokio::time::timeout(cfg.timeout(), check_once(addr, cfg)).await {
             Ok(r) => r,
             Err(_) => Err(Failure::Timeout),
@@ -60,14 +60,14 @@ impl Checker for NetChecker {
 }
 
 /// A TCP connect to `addr` (no timeout of its own).
-pub(super) async fn connect(addr: SocketAddrV4) -> Result<TcpStream, Failure> {
+pub(super) async fn connect(addr: SocketAddr) -> Result<TcpStream, Failure> {
     TcpStream::connect(addr).await.map_err(|e| match e.kind() {
         std::io::ErrorKind::ConnectionRefused => Failure::Refused,
         _ => Failure::Io(e.to_string()),
     })
 }
 
-async fn check_once(addr: SocketAddrV4, cfg: &HealthConfig) -> Result<(), Failure> {
+async fn check_once(addr: SocketAddr, cfg: &HealthConfig) -> Result<(), Failure> {
     let mut s = connect(addr).await?;
     if cfg.kind == CheckKind::Tcp {
         return Ok(());

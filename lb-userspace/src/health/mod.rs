@@ -28,7 +28,7 @@ mod tests {
         time::Duration,
     };
 
-    use std::net::SocketAddrV4;
+    use std::net::SocketAddr;
 
     use tokio::{
         io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -124,7 +124,7 @@ mod tests {
     struct Script(Mutex<Vec<Result<(), Failure>>>, AtomicUsize);
 
     impl Checker for Script {
-        async fn check(&self, _: SocketAddrV4, _: &HealthConfig) -> Result<(), Failure> {
+        async fn check(&self, _: SocketAddr, _: &HealthConfig) -> Result<(), Failure> {
             self.1.fetch_add(1, Ordering::SeqCst);
             let mut q = self.0.lock().unwrap();
             if q.is_empty() { Ok(()) } else { q.remove(0) }
@@ -145,7 +145,7 @@ mod tests {
         ));
         let (tx, mut rx) = mpsc::channel(8);
         let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let backend: SocketAddrV4 = "10.0.0.1:80".parse().unwrap();
+        let backend: SocketAddr = "10.0.0.1:80".parse().unwrap();
         let cfg = http(None, None);
         let start = tokio::time::Instant::now();
         tokio::spawn(watch(
@@ -181,7 +181,7 @@ mod tests {
     async fn another_container_run_is_checked_anew_and_a_late_report_ignored() {
         let (tx, mut rx) = mpsc::channel(8);
         let mut sup = Supervisor::new(Script(Mutex::new(vec![]), AtomicUsize::new(0)), tx);
-        let addr: SocketAddrV4 = "10.0.0.1:80".parse().unwrap();
+        let addr: SocketAddr = "10.0.0.1:80".parse().unwrap();
         let web = |run| crate::config::Service {
             name: "web".into(),
             listen: "10.99.0.1:80".parse().unwrap(),
@@ -213,7 +213,7 @@ mod tests {
     async fn real_checks_against_loopback_servers() {
         use tokio::net::TcpListener;
         // An HTTP server answering 200 "Hello from x", one answering 500, one that never answers.
-        async fn serve(resp: &'static [u8]) -> SocketAddrV4 {
+        async fn serve(resp: &'static [u8]) -> SocketAddr {
             let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let std::net::SocketAddr::V4(addr) = l.local_addr().unwrap() else {
                 unreachable!()
@@ -232,7 +232,7 @@ mod tests {
                     }
                 }
             });
-            addr
+            SocketAddr::V4(addr)
         }
         let hello = serve(b"HTTP/1.0 200 OK\r\n\r\nHello from x").await;
         let broken = serve(b"HTTP/1.0 500 Oops\r\n\r\nHello").await;
@@ -250,13 +250,19 @@ mod tests {
         assert_eq!(c.check(hello, &cfg).await, Ok(()));
         assert_eq!(c.check(broken, &cfg).await, Err(Failure::BadStatus(500)));
         assert_eq!(c.check(hung, &cfg).await, Err(Failure::Timeout));
-        assert_eq!(c.check(closed, &cfg).await, Err(Failure::Refused));
+        assert_eq!(
+            c.check(SocketAddr::V4(closed), &cfg).await,
+            Err(Failure::Refused)
+        );
         let tcp = HealthConfig {
             kind: CheckKind::Tcp,
             expect_string: None,
             ..cfg
         };
         assert_eq!(c.check(hung, &tcp).await, Ok(()), "TCP check only connects");
-        assert_eq!(c.check(closed, &tcp).await, Err(Failure::Refused));
+        assert_eq!(
+            c.check(SocketAddr::V4(closed), &tcp).await,
+            Err(Failure::Refused)
+        );
     }
 }

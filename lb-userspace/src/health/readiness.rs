@@ -13,7 +13,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    net::SocketAddrV4,
+    net::SocketAddr,
     time::Duration,
 };
 
@@ -39,7 +39,7 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(250);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProbeReport {
     pub service: String,
-    pub backend: SocketAddrV4,
+    pub backend: SocketAddr,
     /// The container run probed (a report about an earlier run no longer counts).
     pub instance: Instance,
     pub outcome: ProbeOutcome,
@@ -61,7 +61,7 @@ pub enum ProbeOutcome {
 /// aborted by [`Readiness`] when the backend goes away.
 pub async fn probe(
     service: String,
-    backend: SocketAddrV4,
+    backend: SocketAddr,
     instance: Instance,
     timeout: Duration,
     tx: mpsc::Sender<ProbeReport>,
@@ -122,10 +122,10 @@ pub struct Readiness {
     tx: mpsc::Sender<ProbeReport>,
     /// How long a probe tries every 100 ms; None: the probe is off.
     timeout: Option<Duration>,
-    probes: HashMap<(String, SocketAddrV4), Probe>,
+    probes: HashMap<(String, SocketAddr), Probe>,
     /// (service address, protocol, backend) taken as ready without a probe: backends adopted
     /// from a running dataplane, which has been sending them traffic all along.
-    presumed: HashSet<(SocketAddrV4, Protocol, SocketAddrV4)>,
+    presumed: HashSet<(SocketAddr, Protocol, SocketAddr)>,
 }
 
 impl Readiness {
@@ -147,7 +147,7 @@ impl Readiness {
     /// Backends that join without a probe when they first appear (see `presumed`).
     pub fn presume_ready(
         &mut self,
-        backends: impl IntoIterator<Item = (SocketAddrV4, Protocol, SocketAddrV4)>,
+        backends: impl IntoIterator<Item = (SocketAddr, Protocol, SocketAddr)>,
     ) {
         self.presumed.extend(backends);
     }
@@ -215,7 +215,7 @@ impl Readiness {
     }
 
     /// Whether `backend` of `service` waits for its probe.
-    pub fn waiting(&self, service: &str, backend: SocketAddrV4) -> bool {
+    pub fn waiting(&self, service: &str, backend: SocketAddr) -> bool {
         self.probes
             .get(&(service.to_owned(), backend))
             .is_some_and(|p| p.running.is_some())
@@ -247,19 +247,12 @@ mod tests {
     use super::*;
 
     /// A loopback port nothing listens on (yet): bound, then closed.
-    fn closed_port() -> SocketAddrV4 {
+    fn closed_port() -> SocketAddr {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let std::net::SocketAddr::V4(a) = l.local_addr().unwrap() else {
-            unreachable!()
-        };
-        a
+        l.local_addr().unwrap()
     }
 
-    fn service(
-        name: &str,
-        protocol: Protocol,
-        backends: &[(SocketAddrV4, Option<u64>)],
-    ) -> Service {
+    fn service(name: &str, protocol: Protocol, backends: &[(SocketAddr, Option<u64>)]) -> Service {
         Service {
             name: name.into(),
             listen: "10.99.0.1:80".parse().unwrap(),
@@ -325,7 +318,7 @@ mod tests {
         let addr = closed_port();
         let (tx, mut rx) = mpsc::channel(16);
         let mut r = Readiness::new(tx, Some(Duration::from_secs(10)));
-        let configured: SocketAddrV4 = "10.20.0.11:8000".parse().unwrap();
+        let configured: SocketAddr = "10.20.0.11:8000".parse().unwrap();
         let web = |instance| {
             service(
                 "web",

@@ -1,7 +1,7 @@
 //! The checks over time: a task per (service, backend) that counts rise/fall and reports each
 //! flip, and the [`Supervisor`] that owns the tasks and filters unhealthy backends out.
 
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 
 use tokio::sync::mpsc;
 
@@ -44,7 +44,7 @@ impl HealthState {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthChange {
     pub service: String,
-    pub backend: SocketAddrV4,
+    pub backend: SocketAddr,
     pub healthy: bool,
     /// The failure that made it unhealthy (None when it became healthy).
     pub reason: Option<Failure>,
@@ -59,7 +59,7 @@ pub struct HealthChange {
 pub async fn watch<C: Checker>(
     checker: std::sync::Arc<C>,
     service: String,
-    backend: SocketAddrV4,
+    backend: SocketAddr,
     cfg: HealthConfig,
     check: u64,
     tx: mpsc::Sender<HealthChange>,
@@ -105,13 +105,13 @@ pub struct Supervisor<C: Checker> {
     tx: mpsc::Sender<HealthChange>,
     /// Each check with its settings and the container run it checks (a new run at the same
     /// address starts a new check).
-    tasks: std::collections::HashMap<(String, SocketAddrV4), Task>,
+    tasks: std::collections::HashMap<(String, SocketAddr), Task>,
     /// The id the next check task gets.
     next_check: u64,
-    healthy: std::collections::HashMap<(String, SocketAddrV4), bool>,
+    healthy: std::collections::HashMap<(String, SocketAddr), bool>,
     /// (service address, protocol, backend) whose check starts from healthy whatever the
     /// config says: backends adopted from a running dataplane.
-    presumed: std::collections::HashSet<(SocketAddrV4, crate::config::Protocol, SocketAddrV4)>,
+    presumed: std::collections::HashSet<(SocketAddr, crate::config::Protocol, SocketAddr)>,
 }
 
 impl<C: Checker> Supervisor<C> {
@@ -130,7 +130,7 @@ impl<C: Checker> Supervisor<C> {
     /// ago, under an earlier berth): a restart does not take them out until a check fails.
     pub fn presume_healthy(
         &mut self,
-        backends: impl IntoIterator<Item = (SocketAddrV4, crate::config::Protocol, SocketAddrV4)>,
+        backends: impl IntoIterator<Item = (SocketAddr, crate::config::Protocol, SocketAddr)>,
     ) {
         self.presumed.extend(backends);
     }
@@ -206,7 +206,7 @@ impl<C: Checker> Supervisor<C> {
     }
 
     /// A backend's health: None when it has no check.
-    pub fn state(&self, service: &str, backend: SocketAddrV4) -> Option<bool> {
+    pub fn state(&self, service: &str, backend: SocketAddr) -> Option<bool> {
         self.healthy.get(&(service.to_owned(), backend)).copied()
     }
 
