@@ -269,24 +269,39 @@ fn containers_on_three_hosts_make_one_pool_and_a_host_cut_off_leaves_it() {
     let st = berth.status();
     let eb = st.engines.iter().find(|e| e.name == "b").unwrap();
     assert!(eb.connected && !eb.lost && eb.containers == 2, "{eb:?}");
-    // The other hosts' flows were full NAT (a source port taken per flow)...
-    let counter = |st: &lb_userspace::status::Status, name: &str| {
-        st.counters
+    // The other hosts' backends took their flows through full NAT (a source address of
+    // berth's in the kernel, new flows counted on them)...
+    let remote = |st: &lb_userspace::status::Status| -> Vec<(String, String, u64)> {
+        st.services
             .iter()
-            .find(|(n, _)| n == name)
-            .map_or(0, |(_, v)| *v)
+            .flat_map(|s| &s.backends)
+            .filter(|b| b.engine.as_deref().is_some_and(|e| e != "a"))
+            .map(|b| (b.address.clone(), b.nat.clone(), b.new_flows))
+            .collect()
     };
-    let taken = counter(&st, "event_snat_port_taken");
-    assert!(taken > 0, "no full-NAT flow: {:?}", st.counters);
+    let before = remote(&st);
+    assert!(
+        !before.is_empty(),
+        "no backend of another host: {:?}",
+        st.services
+    );
+    assert!(
+        before.iter().all(|(_, nat, _)| nat.starts_with("fullnat")),
+        "another host's backend not in full NAT: {before:?}"
+    );
+    assert!(
+        before.iter().any(|(_, _, n)| *n > 0),
+        "no full-NAT flow: {before:?}"
+    );
     // ... and `mode = "dnat"` reaches them too (they route back through berth here).
     berth.reload(&config.replace("[service.docker]", "mode = \"dnat\"\n[service.docker]"));
     let m = lab.spread(90);
     println!("mode = \"dnat\": {m:?}");
     assert!(m.contains_key(&b1) && m.contains_key(&a1), "{m:?}");
-    assert_eq!(
-        counter(&berth.status(), "event_snat_port_taken"),
-        taken,
-        "dnat flows took source ports"
+    let after = remote(&berth.status());
+    assert!(
+        after.iter().all(|(_, nat, _)| nat == "dnat"),
+        "another host's backend still in full NAT: {after:?}"
     );
 }
 
