@@ -171,7 +171,7 @@ fn base_packet(rng: &mut Rng, nat: Nat) -> Vec<u8> {
     let client = if rng.chance(70) {
         Ipv4Addr::new(10, 10, 0, 2 + rng.below(200) as u8)
     } else {
-        Ipv4Addr::from(rng.next() as u32)
+        Ipv4Addr::from(rng.next_u64() as u32)
     };
     let sport = 1024 + rng.below(60_000) as u16;
     let flags = match rng.below(7) {
@@ -189,17 +189,17 @@ fn base_packet(rng: &mut Rng, nat: Nat) -> Vec<u8> {
         2 => Ipv4Packet::udp(sa(client, sport), sa(HOST, 5353), &payload),
         3 => Ipv4Packet::tcp(
             sa(backend(1 + rng.below(3) as u8), 8000),
-            peer_of(sa(client, sport), nat, rng.next()),
+            peer_of(sa(client, sport), nat, rng.next_u64()),
             flags,
         ),
         4 => Ipv4Packet::udp(
             sa(backend(4), 53),
-            peer_of(sa(client, sport), nat, rng.next()),
+            peer_of(sa(client, sport), nat, rng.next_u64()),
             &payload,
         ),
         _ => Ipv4Packet::tcp(
             sa(client, sport),
-            sa(Ipv4Addr::from(rng.next() as u32), rng.byte().into()),
+            sa(Ipv4Addr::from(rng.next_u64() as u32), rng.byte().into()),
             flags,
         ),
     };
@@ -208,7 +208,7 @@ fn base_packet(rng: &mut Rng, nat: Nat) -> Vec<u8> {
         p.options = (0..1 + rng.below(40)).map(|_| rng.byte()).collect();
     }
     if rng.chance(5) {
-        p.frag = rng.next() as u16;
+        p.frag = rng.next_u64() as u16;
     }
     if let L4::Udp { zero_csum, .. } = &mut p.l4 {
         *zero_csum = rng.chance(10);
@@ -251,10 +251,10 @@ fn hostile(rng: &mut Rng, icmp: &[u8], nat: Nat) -> Vec<u8> {
             // Random values in the fields the parser trusts least.
             match rng.below(6) {
                 0 => p[14] = 0x40 | (rng.byte() & 0x0f), // IHL
-                1 => p[16..18].copy_from_slice(&(rng.next() as u16).to_be_bytes()), // total length
-                2 => p[20..22].copy_from_slice(&(rng.next() as u16).to_be_bytes()), // fragment
-                3 => p[23] = rng.byte(),                 // protocol
-                4 => p[14] = rng.byte(),                 // version + IHL
+                1 => p[16..18].copy_from_slice(&(rng.next_u64() as u16).to_be_bytes()), // total length
+                2 => p[20..22].copy_from_slice(&(rng.next_u64() as u16).to_be_bytes()), // fragment
+                3 => p[23] = rng.byte(),                                                // protocol
+                4 => p[14] = rng.byte(), // version + IHL
                 _ => {
                     let ihl = usize::from(p[14] & 0x0f) * 4;
                     if p.len() > 14 + ihl + 13 {
@@ -457,7 +457,7 @@ fn conntrack_flood(flood: u64, long: usize, every: u64, nat: Nat) {
         let t = Instant::now();
         for i in 0..flood {
             let src = sa(
-                Ipv4Addr::from(0x0b00_0000 | (rng.next() as u32 & 0x00ff_ffff)),
+                Ipv4Addr::from(0x0b00_0000 | (rng.next_u64() as u32 & 0x00ff_ffff)),
                 1024 + rng.below(60_000) as u16,
             );
             let syn = Ipv4Packet::tcp(src, sa(VIP, 80), TCP_SYN).build();
@@ -787,7 +787,7 @@ fn legit_flows_through_a_flood(rounds: u64, per_round: u64, nat: Nat) {
         }
         let flood_src = |rng: &mut Rng| {
             sa(
-                Ipv4Addr::from(0x0b00_0000 | (rng.next() as u32 & 0x00ff_ffff)),
+                Ipv4Addr::from(0x0b00_0000 | (rng.next_u64() as u32 & 0x00ff_ffff)),
                 1024 + rng.below(60_000) as u16,
             )
         };
@@ -855,7 +855,7 @@ fn legit_flows_through_a_flood(rounds: u64, per_round: u64, nat: Nat) {
                         let mut p = Ipv4Packet::tcp(l.client, l.service, flags);
                         p.l4 = L4::Tcp {
                             flags,
-                            seq: rng.next() as u32,
+                            seq: rng.next_u64() as u32,
                             ack: 0,
                             payload: vec![],
                         };
