@@ -187,7 +187,6 @@ pub struct Pkt6 {
     key: FlowKey6,
     now: u64,
     bytes: u64,
-    cfg: DpConfig,
     nat: IcmpNat6,
 }
 
@@ -446,11 +445,10 @@ fn process_inner(ctx: &TcContext) -> (i32, Reason) {
     if !service_port && port_flags(u16::from_be(flow.sport)) & port_flag(flow.proto, true) == 0 {
         return exit(Reason::PassNoService);
     }
-    p.cfg = *config();
-    if p.cfg.maglev_size == 0 {
+    if config().maglev_size == 0 {
         return exit(Reason::PassNoService);
     }
-    if ttl_expires(p.flow.hop_limit, &p.cfg) {
+    if ttl_expires(p.flow.hop_limit, config()) {
         return exit(Reason::PassTtlExpired);
     }
     let k = &mut p.key;
@@ -464,7 +462,7 @@ fn process_inner(ctx: &TcContext) -> (i32, Reason) {
     p.now = unsafe { bpf_ktime_get_coarse_ns() };
     p.bytes = u64::from(ctx.len());
     let p = &*p;
-    let (flow, key, cfg, now) = (&p.flow, &p.key, &p.cfg, p.now);
+    let (flow, key, cfg, now) = (&p.flow, &p.key, config(), p.now);
 
     let (e, table): (*mut CtEntry6, &'static Table6) = if let Some(e) = CONNTRACK6.get_ptr_mut(key)
     {
@@ -797,7 +795,7 @@ fn forward6_inner(
     e: &mut CtEntry6,
     table: &'static Table6,
 ) -> (i32, Reason) {
-    let (flow, key, now, cfg) = (&p.flow, &p.key, p.now, &p.cfg);
+    let (flow, key, now, cfg) = (&p.flow, &p.key, p.now, config());
     let rkey = reply_key6(key, e);
     let mut rev = table.get_ptr_mut(&rkey);
     // SAFETY: valid map value pointer.
@@ -842,7 +840,7 @@ fn reply6_inner(
     e: &mut CtEntry6,
     table: &'static Table6,
 ) -> (i32, Reason) {
-    let (flow, key, now, cfg) = (&p.flow, &p.key, p.now, &p.cfg);
+    let (flow, key, now, cfg) = (&p.flow, &p.key, p.now, config());
     if e.ct.in_ifindex != 0 && e.ct.in_ifindex != ingress_ifindex(ctx) {
         return exit(Reason::PassReplyWrongIface);
     }
@@ -907,7 +905,7 @@ fn translate6(
     if rewrite6(ctx, flow, reply, &e.nat_addr, e.ct.nat_port).is_err() {
         return exit(Reason::AbortRewrite);
     }
-    let redirect = p.cfg.flags & CFG_F_REDIRECT != 0;
+    let redirect = config().flags & CFG_F_REDIRECT != 0;
     if !redirect {
         return (TC_ACT_OK as i32, Reason::PassTranslatedToStack);
     }
@@ -960,7 +958,7 @@ fn new_flow6(ctx: &TcContext, p: &Pkt6) -> u64 {
 
 #[inline(always)]
 fn new_flow6_inner(ctx: &TcContext, p: &Pkt6) -> (i32, Reason) {
-    let (flow, key, now, cfg) = (&p.flow, &p.key, p.now, &p.cfg);
+    let (flow, key, now, cfg) = (&p.flow, &p.key, p.now, config());
     let Some(svc) = lookup_service6(flow) else {
         return exit(Reason::PassNoService);
     };
@@ -1057,7 +1055,7 @@ fn route_to_backend6(
     bport: u16,
     w: &mut Work6,
 ) -> (i32, Reason, u32) {
-    let (flow, now, cfg) = (&p.flow, p.now, &p.cfg);
+    let (flow, now, cfg) = (&p.flow, p.now, config());
     let redirect = cfg.flags & CFG_F_REDIRECT != 0;
     let t = &mut w.tuple;
     t.src = flow.saddr;
@@ -1168,8 +1166,7 @@ fn icmp_error6_inner(ctx: &TcContext, p: &mut Pkt6) -> (i32, Reason) {
     {
         return exit(Reason::PassNotTcpUdp);
     }
-    p.cfg = *config();
-    if p.cfg.maglev_size == 0 {
+    if config().maglev_size == 0 {
         return exit(Reason::PassNotTcpUdp);
     }
     // The quoted packet's reverse: the key of the flow's entry for the error's direction.
@@ -1198,7 +1195,7 @@ fn icmp_error6_inner(ctx: &TcContext, p: &mut Pkt6) -> (i32, Reason) {
     if o.daddr != q.saddr {
         return exit(Reason::PassNotTcpUdp);
     }
-    if ttl_expires(o.hop_limit, &p.cfg) {
+    if ttl_expires(o.hop_limit, config()) {
         return exit(Reason::PassTtlExpired);
     }
     let n = &mut p.nat;
@@ -1226,7 +1223,7 @@ fn icmp_error6_inner(ctx: &TcContext, p: &mut Pkt6) -> (i32, Reason) {
         return exit(Reason::AbortRewrite);
     }
     count(Reason::EventIcmpTranslated);
-    if p.cfg.flags & CFG_F_REDIRECT == 0 {
+    if config().flags & CFG_F_REDIRECT == 0 {
         return (TC_ACT_OK as i32, Reason::PassTranslatedToStack);
     }
     let Some(w) = work() else {

@@ -245,34 +245,62 @@ impl Reconciler {
         let m = rec.dp.options().maglev_size;
         let mut used_services = std::collections::BTreeSet::new();
         let mut used_backends = std::collections::BTreeSet::new();
-        for (key, value) in rec.dp.services() {
-            let protocol = match key.proto {
+        // Both families' pinned services; they differ only in how addresses are read.
+        let v4 = |addr: u32, port: u16| {
+            SocketAddr::V4(SocketAddrV4::new(
+                std::net::Ipv4Addr::from(u32::from_be(addr)),
+                u16::from_be(port),
+            ))
+        };
+        let v6 = |addr, port: u16| {
+            SocketAddr::V6(SocketAddrV6::new(
+                lb_common::v6::ipv6_from_wire(addr).into(),
+                u16::from_be(port),
+                0,
+                0,
+            ))
+        };
+        let pinned: Vec<(SvcKey, SocketAddr, u8, ServiceValue)> = rec
+            .dp
+            .services()
+            .into_iter()
+            .map(|(k, v)| (SvcKey::V4(k), v4(k.addr, k.port), k.proto, v))
+            .chain(
+                rec.dp
+                    .services6()?
+                    .into_iter()
+                    .map(|(k, v)| (SvcKey::V6(k), v6(k.addr, k.port), k.proto, v)),
+            )
+            .collect();
+        for (key, listen, proto, value) in pinned {
+            let protocol = match proto {
                 lb_common::IPPROTO_TCP => Protocol::Tcp,
                 lb_common::IPPROTO_UDP => Protocol::Udp,
                 _ => continue,
             };
-            let listen = SocketAddr::V4(SocketAddrV4::new(
-                std::net::Ipv4Addr::from(u32::from_be(key.addr)),
-                u16::from_be(key.port),
-            ));
             let table = (0..m)
                 .map(|slot| rec.dp.maglev_slot(value.id, slot))
                 .collect::<Result<Vec<u32>, _>>()?;
             let mut backends = BTreeMap::new();
             for &id in table.iter().filter(|id| **id != 0) {
                 if used_backends.insert(id) {
-                    let b = rec.dp.backend(id)?;
-                    let addr = SocketAddr::V4(SocketAddrV4::new(
-                        std::net::Ipv4Addr::from(u32::from_be(b.addr)),
-                        u16::from_be(b.port),
-                    ));
+                    let (addr, snat) = match key {
+                        SvcKey::V4(_) => {
+                            let b = rec.dp.backend(id)?;
+                            (v4(b.addr, b.port), b.snat_addr)
+                        }
+                        SvcKey::V6(_) => {
+                            let b = rec.dp.backend6(id)?;
+                            (v6(b.addr, b.port), 0)
+                        }
+                    };
                     backends.insert(
                         addr,
                         AppliedBackend {
                             id,
                             weight: 0,
                             instance: None,
-                            snat: b.snat_addr,
+                            snat,
                         },
                     );
                 }
@@ -287,67 +315,7 @@ impl Reconciler {
                 format!("(pinned) {protocol} {listen}"),
                 AppliedService {
                     id: value.id,
-                    key: SvcKey::V4(key),
-                    listen,
-                    protocol,
-                    installed: true,
-                    backends,
-                    retired: Vec::new(),
-                    table,
-                    table_synced: false,
-                    pinned: true,
-                    flags: value.flags,
-                    fallback: value.fallback,
-                },
-            );
-        }
-        for (key, value) in rec.dp.services6()? {
-            let protocol = match key.proto {
-                lb_common::IPPROTO_TCP => Protocol::Tcp,
-                lb_common::IPPROTO_UDP => Protocol::Udp,
-                _ => continue,
-            };
-            let listen = SocketAddr::V6(SocketAddrV6::new(
-                lb_common::v6::ipv6_from_wire(key.addr).into(),
-                u16::from_be(key.port),
-                0,
-                0,
-            ));
-            let table = (0..m)
-                .map(|slot| rec.dp.maglev_slot(value.id, slot))
-                .collect::<Result<Vec<u32>, _>>()?;
-            let mut backends = BTreeMap::new();
-            for &id in table.iter().filter(|id| **id != 0) {
-                if used_backends.insert(id) {
-                    let b = rec.dp.backend6(id)?;
-                    let addr = SocketAddr::V6(SocketAddrV6::new(
-                        lb_common::v6::ipv6_from_wire(b.addr).into(),
-                        u16::from_be(b.port),
-                        0,
-                        0,
-                    ));
-                    backends.insert(
-                        addr,
-                        AppliedBackend {
-                            id,
-                            weight: 0,
-                            instance: None,
-                            snat: 0,
-                        },
-                    );
-                }
-            }
-            used_services.insert(value.id);
-            let _service = service_span("(pinned)", protocol, listen).entered();
-            info!(
-                "adopted from the pinned dataplane: {protocol} {listen} with {} backends",
-                backends.len()
-            );
-            rec.services.insert(
-                format!("(pinned) {protocol} {listen}"),
-                AppliedService {
-                    id: value.id,
-                    key: SvcKey::V6(key),
+                    key,
                     listen,
                     protocol,
                     installed: true,
