@@ -23,7 +23,7 @@ use std::{
 use crate::{
     daemon::{Berth, berth_bin},
     etcd::Etcd,
-    netns::{Netns, sh, signal, veth},
+    netns::{Netns, bridge, plug, sh, signal, veth},
 };
 
 /// The Docker host's end of the fabric (root namespace).
@@ -48,12 +48,8 @@ impl Fabric {
     pub fn new(nodes: usize) -> Self {
         let _ = Command::new("ip").args(["link", "del", UPLINK]).output();
         let sw = Netns::new("psw");
-        sw.exec(&["ip", "link", "add", "sw0", "type", "bridge"]);
-        sw.exec(&["ip", "link", "set", "sw0", "up"]);
-        let port = |ns: &Netns, name: &str| {
-            veth(ns, "eth0", &sw, name);
-            sw.exec(&["ip", "link", "set", name, "master", "sw0"]);
-        };
+        bridge(&sw);
+        let port = |ns: &Netns, p: &str| plug(&sw, ns, p);
         sh(&[
             "ip", "link", "add", UPLINK, "type", "veth", "peer", "name", "p-host", "netns",
             &sw.name,

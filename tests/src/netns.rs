@@ -263,6 +263,19 @@ pub(crate) fn enter(path: &PathBuf) {
 
 /// Creates a veth pair directly inside two namespaces (the root namespace never holds a test
 /// interface), both ends up.
+/// Makes `sw` a switch: a bridge `sw0`, up.
+pub fn bridge(sw: &Netns) {
+    sw.exec(&["ip", "link", "add", "sw0", "type", "bridge"]);
+    sw.exec(&["ip", "link", "set", "sw0", "up"]);
+}
+
+/// Plugs `ns`'s `eth0` into switch `sw` (see [`bridge`]) through a veth whose switch end is
+/// `port`.
+pub fn plug(sw: &Netns, ns: &Netns, port: &str) {
+    veth(ns, "eth0", sw, port);
+    sw.exec(&["ip", "link", "set", port, "master", "sw0"]);
+}
+
 pub fn veth(a_ns: &Netns, a: &str, b_ns: &Netns, b: &str) {
     sh(&[
         "ip", "link", "add", a, "netns", &a_ns.name, "type", "veth", "peer", "name", b, "netns",

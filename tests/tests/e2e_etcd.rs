@@ -27,7 +27,8 @@ use berth_tests::{
     fabric::{self, Fabric, Publisher},
     servers::http_get,
     topo::{
-        Berth, Netns, Servers, Session, remove_leftovers, responder, signal, tcp_request, veth,
+        Berth, Netns, Servers, Session, bridge, plug, remove_leftovers, responder, signal,
+        tcp_request,
     },
 };
 
@@ -55,12 +56,8 @@ struct Fleet {
 fn fleet(nodes: usize, backends: usize) -> Fleet {
     remove_leftovers();
     let sw = Netns::new("esw");
-    sw.exec(&["ip", "link", "add", "sw0", "type", "bridge"]);
-    sw.exec(&["ip", "link", "set", "sw0", "up"]);
-    let port = |ns: &Netns, name: &str| {
-        veth(ns, "eth0", &sw, name);
-        sw.exec(&["ip", "link", "set", name, "master", "sw0"]);
-    };
+    bridge(&sw);
+    let port = |ns: &Netns, p: &str| plug(&sw, ns, p);
     let client = Netns::new("ecl");
     port(&client, "p-cl");
     client.exec(&["ip", "addr", "add", "10.70.0.2/24", "dev", "eth0"]);

@@ -14,8 +14,9 @@ use std::{
 };
 
 use berth_tests::daemon::Berth;
+use berth_tests::netns::{bridge, plug};
 use berth_tests::servers::{tcp_request_any, udp_request_any};
-use berth_tests::topo::{Netns, Servers, Session, remove_leftovers, responder, veth};
+use berth_tests::topo::{Netns, Servers, Session, remove_leftovers, responder};
 
 fn a6(s: &str) -> Ipv6Addr {
     s.parse().expect("IPv6 address")
@@ -46,12 +47,8 @@ fn one_armed() -> Topo {
     let sw = Netns::new("sw6");
     let lb = Netns::new("lb6");
     let client = Netns::new("cl6");
-    sw.exec(&["ip", "link", "add", "sw0", "type", "bridge"]);
-    sw.exec(&["ip", "link", "set", "sw0", "up"]);
-    let port = |ns: &Netns, p: &str| {
-        veth(ns, "eth0", &sw, p);
-        sw.exec(&["ip", "link", "set", p, "master", "sw0"]);
-    };
+    bridge(&sw);
+    let port = |ns: &Netns, p: &str| plug(&sw, ns, p);
     port(&lb, "p-lb");
     port(&client, "p-cl");
     let addr = |ns: &Netns, a: &str| {
