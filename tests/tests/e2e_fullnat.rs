@@ -186,6 +186,18 @@ fn peers_of(ns: &Netns) -> Vec<String> {
 fn dnat_cannot_serve_backends_that_answer_around_berth_and_full_nat_does() {
     let t = remote();
     let mut berth = Berth::start(&t.lb, &config("dnat", &[1, 2, 3]), &["eth0"]);
+    // The DNAT probes' flows stay in the conntrack (a UDP one for its idle timeout), and a flow
+    // keeps its translation: a later full-NAT request that happened to reuse one of their source
+    // ports would be DNAT'd and lost, as it should be. So the probes take their ports from a
+    // range the full-NAT requests never use.
+    let ports = |range: &str| {
+        t.client.exec(&[
+            "sysctl",
+            "-qw",
+            &format!("net.ipv4.ip_local_port_range={range}"),
+        ]);
+    };
+    ports("20000 20999");
     // DNAT: the backends answer the client directly, from their own address; it refuses.
     let failed = t.client.run(|| {
         (0..3)
@@ -204,6 +216,7 @@ fn dnat_cannot_serve_backends_that_answer_around_berth_and_full_nat_does() {
         "a UDP answer from the backend's address is not the service's"
     );
 
+    ports("32768 60999");
     // Full NAT, from a reload: berth attaches where the answers now arrive, and serves.
     berth.reload(&config("fullnat", &[1, 2, 3]));
     berth.wait_for("attached to eth1 (route to full-NAT backends)", 1);
