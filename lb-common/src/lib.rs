@@ -27,6 +27,11 @@ pub const PROG_SOCK_CONNECT4: &str = "berth_connect4";
 pub const PROG_SOCK_SENDMSG4: &str = "berth_sendmsg4";
 pub const PROG_SOCK_RECVMSG4: &str = "berth_recvmsg4";
 pub const PROG_SOCK_GETPEERNAME4: &str = "berth_getpeername4";
+/// The same hooks for IPv6 sockets (and IPv4-mapped destinations of dual-stack ones).
+pub const PROG_SOCK_CONNECT6: &str = "berth_connect6";
+pub const PROG_SOCK_SENDMSG6: &str = "berth_sendmsg6";
+pub const PROG_SOCK_RECVMSG6: &str = "berth_recvmsg6";
+pub const PROG_SOCK_GETPEERNAME6: &str = "berth_getpeername6";
 
 /// Version of the pinned layout (maps, their key and value types, their meaning). Pins live
 /// under `<pin path>/v<PIN_LAYOUT>/`; a berth finding another version there refuses to adopt it.

@@ -23,6 +23,10 @@ pub const MAP_CONNTRACK6: &str = "CONNTRACK6";
 pub const MAP_CT_NEW6: &str = "CT_NEW6";
 /// This host's IPv6 addresses -> 1 (what a wildcard `[::]` service matches).
 pub const MAP_LOCAL_ADDRS6: &str = "LOCAL_ADDRS6";
+/// Reverse translation for balanced IPv6 sockets: [`SockRevKey6`] -> [`SockRevValue6`]
+/// (capacity [`crate::DEFAULT_SOCK_REVNAT_SIZE`]). IPv4-mapped destinations of dual-stack
+/// sockets use IPv4's [`crate::MAP_SOCK_REVNAT`].
+pub const MAP_SOCK_REVNAT6: &str = "SOCK_REVNAT6";
 
 /// Key of the IPv6 service table. An all-zero `addr` means "any local address of this host".
 #[repr(C)]
@@ -70,6 +74,56 @@ impl Backend6 {
 
     pub const fn is_empty(&self) -> bool {
         is_zero(&self.addr)
+    }
+}
+
+/// Key of the IPv6 socket reverse-translation map: a socket and the backend it was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct SockRevKey6 {
+    /// `bpf_get_socket_cookie` of the socket.
+    pub cookie: u64,
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub _pad: [u16; 3],
+}
+const _: () = assert!(core::mem::size_of::<SockRevKey6>() == 32);
+
+impl SockRevKey6 {
+    pub const fn new(cookie: u64, addr: [u32; 4], port: u16) -> Self {
+        Self {
+            cookie,
+            addr,
+            port,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// The IPv6 service address a socket asked for, to show it instead of the backend's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct SockRevValue6 {
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<SockRevValue6>() == 20);
+
+/// `::1` in the in-map representation.
+pub const LOOPBACK6: [u32; 4] = ipv6_to_wire([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+
+/// Word 2 of an IPv4-mapped address (`::ffff:a.b.c.d`): bytes 8..12 are `00 00 ff ff`.
+const MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// The IPv4 address (network byte order, as IPv4's maps hold it) of an IPv4-mapped IPv6
+/// address, the form a dual-stack socket gives an IPv4 peer.
+#[inline(always)]
+pub const fn v4_mapped(a: &[u32; 4]) -> Option<u32> {
+    if a[0] == 0 && a[1] == 0 && a[2] == MAPPED_WORD {
+        Some(a[3])
+    } else {
+        None
     }
 }
 
@@ -253,6 +307,35 @@ mod tests {
                 _pad: 0,
             },
         }
+    }
+
+    #[test]
+    fn mapped_and_loopback_addresses_read_as_the_socket_gives_them() {
+        let v6 = |s: &str| ipv6_to_wire(s.parse::<core::net::Ipv6Addr>().unwrap().octets());
+        assert_eq!(
+            v4_mapped(&v6("::ffff:10.1.2.3")),
+            Some(crate::ipv4_to_wire([10, 1, 2, 3]))
+        );
+        assert_eq!(
+            v4_mapped(&v6("::ffff:127.0.0.1")),
+            Some(crate::ipv4_to_wire([127, 0, 0, 1]))
+        );
+        // IPv4-compatible (deprecated), NAT64 and plain addresses are not IPv4-mapped.
+        for s in [
+            "::10.1.2.3",
+            "64:ff9b::10.1.2.3",
+            "::1",
+            "::",
+            "fd00::ffff:a01:203",
+        ] {
+            assert_eq!(v4_mapped(&v6(s)), None, "{s}");
+        }
+        assert_eq!(LOOPBACK6, v6("::1"));
+        assert_eq!(
+            bytemuck::bytes_of(&SockRevKey6::new(1, a(1), 2)).len(),
+            32,
+            "no hidden padding"
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ use lb_common::{
     Backend, BackendRoute, Counters, CtEntry, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAGLEV_SIZE,
     DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, DEFAULT_SOCK_REVNAT_SIZE, FlowKey, Reason,
     ServiceKey, ServiceValue, SockRevKey, SockRevValue,
+    v6::{SockRevKey6, SockRevValue6},
 };
 
 #[map]
@@ -48,6 +49,11 @@ pub static LOCAL_ADDRS: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
 /// A balanced socket and its backend -> the service address it asked for.
 #[map]
 pub static SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> =
+    LruHashMap::with_max_entries(DEFAULT_SOCK_REVNAT_SIZE, 0);
+
+/// A balanced IPv6 socket and its backend -> the service address it asked for.
+#[map]
+pub static SOCK_REVNAT6: LruHashMap<SockRevKey6, SockRevValue6> =
     LruHashMap::with_max_entries(DEFAULT_SOCK_REVNAT_SIZE, 0);
 
 #[map]

@@ -85,7 +85,7 @@ fn one_armed() -> Topo {
             &b,
             &format!("b{n}"),
             format!("10.20.0.1{n}:8000").parse().expect("address"),
-            false,
+            true,
         ));
         servers.push(Servers::start_any(
             &b,
@@ -390,4 +390,225 @@ fn a_dual_stack_service_serves_each_family_with_its_backends() {
         ]
     );
     drop(berth);
+}
+
+/// Host clients: a web service on `0.0.0.0:8080` + `[::]:8080` and a UDP one on
+/// `0.0.0.0:8053` + `[::]:8053`. IPv6 backends b1-b3 weighted 1:2:3, IPv4 backends b1 and b2
+/// only (an IPv4-mapped destination reaching the IPv4 service shows in who answers).
+const HOST_CLIENTS_CONFIG: &str = r#"
+[[service]]
+name = "web"
+listen = "0.0.0.0:8080"
+listen6 = "[::]:8080"
+backends = [
+  "10.20.0.11:8000", "10.20.0.12:8000",
+  { address = "[fd00:20::11]:8000", weight = 1 },
+  { address = "[fd00:20::12]:8000", weight = 2 },
+  { address = "[fd00:20::13]:8000", weight = 3 },
+]
+[[service]]
+name = "dns"
+listen = "0.0.0.0:8053"
+listen6 = "[::]:8053"
+protocol = "udp"
+backends = ["10.20.0.11:8000", "10.20.0.12:8000", "[fd00:20::11]:8000", "[fd00:20::12]:8000", "[fd00:20::13]:8000"]
+"#;
+
+/// `hello client KIND ADDR N` run in the host namespace as a process of berth's test cgroup
+/// (or outside it): (who answered, the peer its socket reported) per request; panics on a
+/// failed request.
+fn host_client(
+    t: &Topo,
+    berth: &Berth,
+    in_cgroup: bool,
+    kind: &str,
+    addr: &str,
+    n: usize,
+) -> Vec<(String, String)> {
+    let mut cmd = t.lb.command(berth_tests::docker::hello_bin());
+    cmd.args(["client", kind, addr, &n.to_string()]);
+    if in_cgroup {
+        berth.cgroup.command(&mut cmd);
+    }
+    let out = cmd.output().expect("hello client");
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    let results: Vec<(String, String)> = out
+        .lines()
+        .map(|l| {
+            assert!(!l.starts_with("ERR"), "{kind} {addr}: {l}\n{out}");
+            let (answer, peer) = l.rsplit_once(" peer=").unwrap_or_else(|| panic!("{l:?}"));
+            let who = responder(answer).unwrap_or_else(|| panic!("{l:?}"));
+            (who.to_owned(), peer.to_owned())
+        })
+        .collect();
+    assert_eq!(results.len(), n, "{kind} {addr}: {out}");
+    results
+}
+
+/// Who answered how often, and every peer address the client saw.
+fn tally(results: &[(String, String)]) -> (BTreeMap<String, usize>, Vec<String>) {
+    let mut who = BTreeMap::new();
+    let mut peers: Vec<String> = Vec::new();
+    for (w, p) in results {
+        *who.entry(w.clone()).or_insert(0) += 1;
+        if !peers.contains(p) {
+            peers.push(p.clone());
+        }
+    }
+    (who, peers)
+}
+
+#[test]
+fn host_clients_over_ipv6_are_balanced_at_their_sockets() {
+    let t = one_armed();
+    let mut berth = Berth::start(&t.lb, HOST_CLIENTS_CONFIG, &["eth0"]);
+    // Nothing on the host listens on 8080: outside berth's cgroup a connect is refused.
+    let mut plain = t.lb.command(berth_tests::docker::hello_bin());
+    let out = plain
+        .args(["client", "tcp", "[::1]:8080", "1"])
+        .output()
+        .expect("hello client");
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(out.starts_with("ERR connect"), "{out}");
+
+    // TCP to `[::1]:8080` (connect6, getpeername6): spread by weight over the IPv6 backends,
+    // and the socket only ever reports the address it asked for.
+    let (who, peers) = tally(&host_client(&t, &berth, true, "tcp", "[::1]:8080", 1000));
+    println!("host tcp [::1]:8080, 1000 connections: {who:?}, peers {peers:?}");
+    assert_eq!(peers, vec!["[::1]:8080".to_owned()]);
+    for (n, w) in [("b1", 1.0), ("b2", 2.0), ("b3", 3.0)] {
+        let share = who.get(n).copied().unwrap_or(0) as f64 / 1000.0;
+        assert!(
+            (share - w / 6.0).abs() < 0.06,
+            "{n}: {share:.3} of the connections, weight share {:.3} ({who:?})",
+            w / 6.0
+        );
+    }
+    // The host's own IPv6 addresses (`LOCAL_ADDRS6`), TCP, UDP (sendmsg6 + recvmsg6: the
+    // answer's source shows as the service) and connected UDP (connect6 + getpeername6).
+    for (kind, addr) in [
+        ("tcp", "[fd00:10::1]:8080"),
+        ("tcp", "[fd00:20::1]:8080"),
+        ("udp", "[::1]:8053"),
+        ("udp", "[fd00:10::1]:8053"),
+        ("udp-connected", "[::1]:8053"),
+        ("udp-connected", "[fd00:20::1]:8053"),
+    ] {
+        let (who, peers) = tally(&host_client(&t, &berth, true, kind, addr, 40));
+        println!("host {kind} {addr}: {who:?}, peers {peers:?}");
+        assert!(who.len() >= 2, "{kind} {addr}: all on {who:?}");
+        assert_eq!(peers, vec![addr.to_owned()], "{kind} {addr}");
+    }
+    // curl, as an operator would run it, inside the cgroup.
+    let mut curled = BTreeMap::<String, usize>::new();
+    for i in 0..20 {
+        let mut cmd = t.lb.command("curl");
+        cmd.args([
+            "-6",
+            "-sS",
+            "--max-time",
+            "3",
+            "--noproxy",
+            "*",
+            "http://[::1]:8080/",
+        ]);
+        berth.cgroup.command(&mut cmd);
+        let out = cmd.output().expect("curl");
+        let body = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        assert!(
+            out.status.success(),
+            "curl {i}: {body} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let who = body
+            .strip_prefix("Hello from ")
+            .unwrap_or_else(|| panic!("curl {i}: {body:?}"));
+        *curled.entry(who.to_owned()).or_default() += 1;
+    }
+    println!("curl -6 http://[::1]:8080/: {curled:?}");
+    assert!(curled.len() >= 2, "{curled:?}");
+    // A dual-stack socket naming an IPv4 destination IPv4-mapped reaches the IPv4 service
+    // (backends b1 and b2 only), and sees the mapped address it asked for as its peer (UDP:
+    // sendmsg4 translates, recvmsg6 shows the mapped service address).
+    for (kind, addr) in [
+        ("tcp", "[::ffff:127.0.0.1]:8080"),
+        ("tcp", "[::ffff:10.10.0.1]:8080"),
+        ("udp", "[::ffff:10.10.0.1]:8053"),
+        ("udp-connected", "[::ffff:127.0.0.1]:8053"),
+    ] {
+        let (who, peers) = tally(&host_client(&t, &berth, true, kind, addr, 40));
+        println!("host {kind} {addr} (IPv4-mapped): {who:?}, peers {peers:?}");
+        assert_eq!(
+            who.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["b1", "b2"],
+            "{kind} {addr}"
+        );
+        assert_eq!(peers, vec![addr.to_owned()], "{kind} {addr}");
+    }
+    let total = 1000 + 6 * 40 + 20 + 4 * 40;
+    let st = berth.status();
+    println!("counters: {:?}", st.counters);
+    assert!(
+        counter(&berth, "event_sock_translated") >= total,
+        "{:?}",
+        st.counters
+    );
+    // A reverse translation per UDP answer, and per getpeername of the TCP and connected
+    // UDP sockets.
+    assert!(
+        counter(&berth, "event_sock_reverse") >= total - 20,
+        "{:?}",
+        st.counters
+    );
+    assert_eq!(counter(&berth, "event_sock_no_backend"), 0);
+    assert_eq!(counter(&berth, "event_sock_revnat_failed"), 0);
+    assert_eq!(counter(&berth, "abort_map"), 0);
+    assert_eq!(
+        counter(&berth, "fwd_redirect"),
+        0,
+        "no client packet went through TC"
+    );
+    let web6 = st
+        .services
+        .iter()
+        .find(|s| s.name == "web.ipv6")
+        .unwrap_or_else(|| panic!("no web.ipv6 in {:?}", st.services));
+    let flows: u64 = web6.backends.iter().map(|b| b.new_flows).sum();
+    assert!(flows >= 1000 + 80 + 20, "web.ipv6 new flows {flows}");
+
+    // A restart takes the pinned socket attachments over; `berth down` then removes them.
+    let (status, _) = berth.stop();
+    assert!(status.success(), "{status}");
+    let (who, _) = tally(&host_client(&t, &berth, true, "tcp", "[::1]:8080", 10));
+    assert!(who.keys().all(|w| ["b1", "b2", "b3"].contains(&w.as_str())));
+    berth.respawn();
+    let (who, peers) = tally(&host_client(&t, &berth, true, "udp", "[::1]:8053", 10));
+    assert_eq!(
+        peers,
+        vec!["[::1]:8053".to_owned()],
+        "after the restart {who:?}"
+    );
+    let (status, _) = berth.stop();
+    assert!(status.success(), "{status}");
+    let (downed, out) = berth.down();
+    println!("{out}");
+    assert!(downed.success(), "{out}");
+    for prog in [
+        lb_common::PROG_SOCK_CONNECT6,
+        lb_common::PROG_SOCK_SENDMSG6,
+        lb_common::PROG_SOCK_RECVMSG6,
+        lb_common::PROG_SOCK_GETPEERNAME6,
+    ] {
+        assert!(out.contains(prog), "{prog} not removed: {out}");
+    }
+    let mut after = t.lb.command(berth_tests::docker::hello_bin());
+    berth.cgroup.command(&mut after);
+    let out = after
+        .args(["client", "tcp", "[::1]:8080", "1"])
+        .output()
+        .expect("hello client");
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(out.starts_with("ERR connect"), "after berth down: {out}");
+    drop(berth);
+    drop(t);
 }

@@ -110,8 +110,9 @@ impl Dataplane {
         Ok(took_over)
     }
 
-    /// Attaches the socket programs (connect4, sendmsg4, recvmsg4, getpeername4) to the cgroup v2
-    /// directory `path`: every socket of its processes and descendants is balanced. Pinned,
+    /// Attaches the socket programs (connect, sendmsg, recvmsg and getpeername, each for IPv4 and
+    /// IPv6) to the cgroup v2 directory `path`: every socket of its processes and descendants is
+    /// balanced. Pinned,
     /// attachments of an earlier berth to the same cgroup are taken over, and those to another
     /// cgroup removed.
     pub fn attach_cgroup(&mut self, path: &Path) -> Result<()> {

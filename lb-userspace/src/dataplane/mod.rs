@@ -155,7 +155,7 @@ fn random_u32() -> u32 {
 }
 
 /// Every map of the object; all are pinned (the read-only config global is not a map of ours).
-const MAPS: [&str; 17] = [
+const MAPS: [&str; 18] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     lb_common::MAP_BACKEND_ROUTES,
@@ -173,14 +173,19 @@ const MAPS: [&str; 17] = [
     lb_common::v6::MAP_CONNTRACK6,
     lb_common::v6::MAP_CT_NEW6,
     lb_common::v6::MAP_LOCAL_ADDRS6,
+    lb_common::v6::MAP_SOCK_REVNAT6,
 ];
 
-/// The socket programs, in attach order.
-const SOCK_PROGS: [&str; 4] = [
+/// The socket programs, in attach order: IPv4's, then IPv6's.
+const SOCK_PROGS: [&str; 8] = [
     lb_common::PROG_SOCK_CONNECT4,
     lb_common::PROG_SOCK_SENDMSG4,
     lb_common::PROG_SOCK_RECVMSG4,
     lb_common::PROG_SOCK_GETPEERNAME4,
+    lb_common::PROG_SOCK_CONNECT6,
+    lb_common::PROG_SOCK_SENDMSG6,
+    lb_common::PROG_SOCK_RECVMSG6,
+    lb_common::PROG_SOCK_GETPEERNAME6,
 ];
 
 /// The loaded programs and maps.

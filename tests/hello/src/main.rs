@@ -127,6 +127,12 @@ fn get(addr: &str) -> i32 {
 /// One request of `hello client`: the answer's first line and the peer the socket reports.
 fn client_once(kind: &str, addr: &str) -> Result<(String, String), String> {
     let timeout = Some(Duration::from_secs(2));
+    // A UDP socket of the destination's family: an IPv6 one (dual-stack) for `[...]:port`.
+    let any = if addr.starts_with('[') {
+        "[::]:0"
+    } else {
+        "0.0.0.0:0"
+    };
     let (answer, peer) = match kind {
         "tcp" => {
             let mut s = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
@@ -144,7 +150,7 @@ fn client_once(kind: &str, addr: &str) -> Result<(String, String), String> {
             (body, peer)
         }
         "udp" => {
-            let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| format!("bind: {e}"))?;
+            let s = UdpSocket::bind(any).map_err(|e| format!("bind: {e}"))?;
             s.set_read_timeout(timeout).map_err(|e| e.to_string())?;
             s.send_to(b"hello?", addr)
                 .map_err(|e| format!("sendto: {e}"))?;
@@ -155,7 +161,7 @@ fn client_once(kind: &str, addr: &str) -> Result<(String, String), String> {
             (String::from_utf8_lossy(&buf[..n]).into_owned(), from)
         }
         "udp-connected" => {
-            let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| format!("bind: {e}"))?;
+            let s = UdpSocket::bind(any).map_err(|e| format!("bind: {e}"))?;
             s.set_read_timeout(timeout).map_err(|e| e.to_string())?;
             s.connect(addr).map_err(|e| format!("connect: {e}"))?;
             s.send(b"hello?").map_err(|e| format!("send: {e}"))?;
