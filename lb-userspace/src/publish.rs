@@ -76,7 +76,7 @@ enum Heard {
 }
 
 /// Each engine's last listing and whether it still answers: what the lease should carry. An
-/// engine unreachable for longer than the grace (the daemon's [`Engines`] policy) has its
+/// engine unreachable for longer than the grace (the daemon's `Engines` policy) has its
 /// entries withdrawn until it lists again. Pure: time is handed in.
 #[derive(Debug)]
 pub struct Ledger {
