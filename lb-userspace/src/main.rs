@@ -191,6 +191,7 @@ fn publish(path: &Path, address: Option<std::net::Ipv4Addr>) -> ExitCode {
             engines,
             connect,
             host_address,
+            std::time::Duration::from_secs(cfg.docker.grace_secs),
             stop_rx,
         ));
         let (Ok(mut term), Ok(mut int)) = (

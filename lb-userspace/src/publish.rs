@@ -17,13 +17,20 @@
 //! serving. An engine of this host (a Unix socket, or TCP to one of this host's addresses)
 //! announces its containers at the publisher's address; another host's engine at its own
 //! `address` (default: the endpoint's host), so one publisher can stand for several hosts.
-//! While an engine cannot be reached, what it had published stays; while etcd cannot be
-//! reached, the publisher retries with backoff and writes everything again under a fresh lease.
+//!
+//! Each engine is pinged every second, as the daemon's watcher does: a host cut off leaves the
+//! event stream hanging, not ended. An engine that stops answering keeps what it published for
+//! `[docker] grace_secs` (a dockerd restart costs nothing); past the grace its entries are
+//! withdrawn (said once), since the publisher's lease no longer says anything about that host:
+//! the balancers would otherwise send flows to a dead host for as long as the publisher lives.
+//! Its next listing puts them back. ([`Ledger`] holds that policy, pure; the grace logic is the
+//! daemon's `Engines`.) While etcd cannot be reached, the publisher retries with backoff and
+//! writes everything again under a fresh lease.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     net::Ipv4Addr,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bollard::{
@@ -32,17 +39,162 @@ use bollard::{
 };
 use etcd_client::{Client, PutOptions};
 use futures_util::StreamExt as _;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::{
     config::{PublishConfig, PublishService},
-    discovery::{ContainerInfo, EngineClient, etcd::Connect},
+    daemon::engines::Engines,
+    discovery::{
+        CONNECT_TIMEOUT, ContainerInfo, EngineClient, PING_INTERVAL, PING_TIMEOUT, Reach,
+        etcd::Connect,
+    },
 };
 
+/// Keys and values in etcd.
+type Entries = BTreeMap<String, String>;
+
 /// What each engine's containers should have in etcd (engine name -> key -> value); an engine
-/// is absent until its first listing.
-type Desired = BTreeMap<String, BTreeMap<String, String>>;
+/// is absent until its first listing, and has no entries while it is lost past its grace.
+type Desired = BTreeMap<String, Entries>;
+
+/// What a follower tells the publisher about its engine.
+#[derive(Debug)]
+enum Heard {
+    /// A full listing: the entries its containers should have now.
+    Listed {
+        engine: String,
+        reach: Reach,
+        entries: Entries,
+    },
+    /// It stopped answering (once per loss); it last did at `last_contact`.
+    Lost {
+        engine: String,
+        error: String,
+        last_contact: Instant,
+    },
+}
+
+/// Each engine's last listing and whether it still answers: what the lease should carry. An
+/// engine unreachable for longer than the grace (the daemon's `Engines` policy) has its
+/// entries withdrawn until it lists again. Pure: time is handed in.
+#[derive(Debug)]
+pub struct Ledger {
+    engines: Engines,
+    listed: Desired,
+}
+
+impl Ledger {
+    /// The engines (name, endpoint) as at start: none has answered yet.
+    pub fn new(
+        engines: impl IntoIterator<Item = (String, String)>,
+        grace: Duration,
+        now: Instant,
+    ) -> Self {
+        Self {
+            engines: Engines::new(engines, grace, now),
+            listed: Desired::new(),
+        }
+    }
+
+    pub fn grace(&self) -> Duration {
+        self.engines.grace()
+    }
+
+    /// A full listing of `engine`. Returns whether it had been lost past its grace (its
+    /// entries come back).
+    pub fn listed(&mut self, engine: &str, reach: Reach, entries: Entries) -> bool {
+        self.listed.insert(engine.to_owned(), entries);
+        self.engines.connected(engine, reach)
+    }
+
+    /// `engine` stopped answering; it last did at `last_contact`. What it published stays
+    /// for the grace.
+    pub fn lost(&mut self, engine: &str, error: String, last_contact: Instant) {
+        self.engines.disconnected(engine, error, last_contact);
+    }
+
+    /// The engines whose grace ran out by `now`, each once per loss, with why it was lost
+    /// and how many entries that withdraws (engines never listed are left out: they had
+    /// nothing published).
+    pub fn expire(&mut self, now: Instant) -> Vec<(String, String, usize)> {
+        self.engines
+            .expire(now)
+            .into_iter()
+            .filter_map(|name| {
+                let n = self.listed.get(&name)?.len();
+                let error = self
+                    .engines
+                    .get(&name)
+                    .and_then(|e| e.error.clone())
+                    .unwrap_or_default();
+                Some((name, error, n))
+            })
+            .collect()
+    }
+
+    /// What etcd should hold, per engine: each listed engine's entries, none for a lost one.
+    pub fn desired(&self) -> Desired {
+        self.listed
+            .iter()
+            .map(|(name, entries)| {
+                let lost = self.engines.get(name).is_some_and(|e| e.lost);
+                let entries = if lost {
+                    Entries::new()
+                } else {
+                    entries.clone()
+                };
+                (name.clone(), entries)
+            })
+            .collect()
+    }
+}
+
+/// Keeps `tx` at what the ledger says etcd should hold: the followers' listings and losses
+/// as they come, and every second the engines whose grace ran out. Ends when every follower
+/// is gone (dropping `tx` then tells the lease).
+async fn judge(mut ledger: Ledger, mut heard: mpsc::Receiver<Heard>, tx: watch::Sender<Desired>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            h = heard.recv() => match h {
+                None => return,
+                Some(Heard::Listed { engine, reach, entries }) => {
+                    let n = entries.len();
+                    if ledger.listed(&engine, reach, entries) {
+                        info!("docker {engine}: answers again: its {n} entries are published again");
+                    }
+                }
+                Some(Heard::Lost { engine, error, last_contact }) => {
+                    ledger.lost(&engine, error, last_contact);
+                    info!(
+                        "docker {engine}: not answering; what it published stays for the grace \
+                         ({} s)",
+                        ledger.grace().as_secs()
+                    );
+                }
+            },
+            _ = tick.tick() => {
+                for (engine, error, n) in ledger.expire(Instant::now()) {
+                    warn!(
+                        "docker {engine}: unreachable for more than {} s ({error}): its {n} \
+                         entries withdrawn until it answers again",
+                        ledger.grace().as_secs()
+                    );
+                }
+            }
+        }
+        let want = ledger.desired();
+        tx.send_if_modified(|d| {
+            let changed = *d != want;
+            if changed {
+                *d = want;
+            }
+            changed
+        });
+    }
+}
 
 /// A running container as the publisher sees it: identity, labels, and its published ports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,13 +338,14 @@ fn announce_at(
     }
 }
 
-/// Follows one engine: after each listing (at connect, after each container event) sets the
-/// entries its containers should have. Keeps the last ones while the engine cannot be reached.
+/// Follows one engine: after each listing (at connect, after each container event) tells the
+/// judge the entries its containers should have; pings it every second meanwhile, and tells
+/// the judge once per loss when it stops answering (with the last time it did).
 async fn follow_docker(
     client: EngineClient,
     services: Vec<PublishService>,
     host_address: Option<Ipv4Addr>,
-    tx: watch::Sender<Desired>,
+    tx: mpsc::Sender<Heard>,
 ) {
     let host = hostname();
     let engine = client.name().to_owned();
@@ -200,18 +353,22 @@ async fn follow_docker(
     let mut backoff = crate::backoff::Backoff::default();
     let mut last_error = String::new();
     let mut first = true;
+    let mut contact = Instant::now();
+    let mut told = None;
     loop {
         let result: Result<(), String> = async {
-            let docker = client
-                .connect()?
-                .negotiate_version()
-                .await
-                .map_err(|e| format!("talking to dockerd on {endpoint}: {e}"))?;
+            let docker =
+                tokio::time::timeout(CONNECT_TIMEOUT, client.connect()?.negotiate_version())
+                    .await
+                    .map_err(|_| format!("{endpoint} did not answer within {CONNECT_TIMEOUT:?}"))?
+                    .map_err(|e| format!("talking to dockerd on {endpoint}: {e}"))?;
+            contact = Instant::now();
             let here: Vec<Ipv4Addr> = crate::dataplane::host_ipv4_addrs()
                 .into_iter()
                 .map(|a| Ipv4Addr::from(a.to_ne_bytes()))
                 .collect();
-            let address = announce_at(client.reach(&here).await, host_address)?;
+            let reach = client.reach(&here).await;
+            let address = announce_at(reach, host_address)?;
             let since = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs().saturating_sub(1))
@@ -231,26 +388,49 @@ async fn follow_docker(
                 );
                 first = false;
             }
+            let mut ping = tokio::time::interval(PING_INTERVAL);
+            ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             // Containers told to stop: out at once, until the listing no longer shows them.
             let mut stopping = HashSet::new();
             loop {
-                let listed = published_ports(&docker)
+                let listed = tokio::time::timeout(CONNECT_TIMEOUT, published_ports(&docker))
                     .await
+                    .map_err(|_| format!("no listing within {CONNECT_TIMEOUT:?}"))?
                     .map_err(|e| format!("listing containers: {e}"))?;
+                contact = Instant::now();
                 stopping.retain(|id| listed.iter().any(|c| &c.id == id));
-                let want = entries(&services, &listed, &stopping, address, &host, &engine);
-                tx.send_modify(|d| {
-                    d.insert(engine.clone(), want);
-                });
+                let entries = entries(&services, &listed, &stopping, address, &host, &engine);
+                tx.send(Heard::Listed {
+                    engine: engine.clone(),
+                    reach,
+                    entries,
+                })
+                .await
+                .map_err(|_| "publisher gone".to_owned())?;
                 backoff.reset();
                 last_error.clear();
-                // The next container event (exec_* aside) calls for a new listing.
+                // The next container event (exec_* aside) calls for a new listing; a ping
+                // unanswered ends the session.
                 loop {
-                    let ev = events
-                        .next()
-                        .await
+                    let ev = tokio::select! {
+                        ev = events.next() => ev,
+                        _ = ping.tick() => {
+                            match tokio::time::timeout(PING_TIMEOUT, docker.ping()).await {
+                                Ok(Ok(_)) => contact = Instant::now(),
+                                Ok(Err(e)) => return Err(format!("ping: {e}")),
+                                Err(_) => {
+                                    return Err(format!(
+                                        "not answering (no ping answer within {PING_TIMEOUT:?})"
+                                    ));
+                                }
+                            }
+                            continue;
+                        }
+                    };
+                    let ev = ev
                         .ok_or_else(|| "event stream ended".to_owned())?
                         .map_err(|e| format!("event stream: {e}"))?;
+                    contact = Instant::now();
                     let action = ev.action.unwrap_or_default();
                     if action.starts_with("exec_") {
                         continue;
@@ -270,9 +450,24 @@ async fn follow_docker(
         }
         .await;
         let Err(e) = result else { return };
+        if tx.is_closed() {
+            return;
+        }
         if e != last_error {
-            warn!("docker {engine}: {e}; what it published stays; reconnecting with backoff");
-            last_error = e;
+            warn!("docker {engine}: {e}; reconnecting with backoff");
+            last_error.clone_from(&e);
+        }
+        // Once per loss (a new contact makes a new one), not per retry.
+        if told != Some(contact) {
+            told = Some(contact);
+            let lost = Heard::Lost {
+                engine: engine.clone(),
+                error: e,
+                last_contact: contact,
+            };
+            if tx.send(lost).await.is_err() {
+                return;
+            }
         }
         backoff.sleep().await;
     }
@@ -380,12 +575,14 @@ async fn lease_life(
 
 /// Runs the publisher until `stop`: one follower per engine, one lease for all their entries.
 /// `host_address` is where this host's engines' containers are announced (None: unknown; an
-/// engine of this host is then named in a warning and publishes nothing).
+/// engine of this host is then named in a warning and publishes nothing). An engine
+/// unreachable for longer than `grace` has its entries withdrawn until it answers again.
 pub async fn run(
     publish: PublishConfig,
     engines: Vec<EngineClient>,
     connect: Connect,
     host_address: Option<Ipv4Addr>,
+    grace: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
     let ttl = publish.ttl_secs as i64;
@@ -401,16 +598,25 @@ pub async fn run(
         connect.endpoints.join(", ")
     );
     let (tx, mut desired) = watch::channel(Desired::new());
+    let (heard_tx, heard) = mpsc::channel(64);
+    let ledger = Ledger::new(
+        engines
+            .iter()
+            .map(|e| (e.name().to_owned(), e.engine.endpoint.to_string())),
+        grace,
+        Instant::now(),
+    );
     for engine in engines {
         tokio::spawn(follow_docker(
             engine,
             publish.services.clone(),
             host_address,
-            tx.clone(),
+            heard_tx.clone(),
         ));
     }
-    // The followers hold the senders; this one would keep `changed()` from ever failing.
-    drop(tx);
+    // The followers hold the senders: the judge ends (and `changed()` fails) when all are gone.
+    drop(heard_tx);
+    tokio::spawn(judge(ledger, heard, tx));
     let mut backoff = crate::backoff::Backoff::default();
     let mut down = false;
     loop {
@@ -499,6 +705,57 @@ mod tests {
                 .unwrap_err()
                 .contains("address")
         );
+    }
+
+    #[test]
+    fn an_engine_lost_past_its_grace_has_its_entries_withdrawn_until_it_lists_again() {
+        let t0 = Instant::now();
+        let s = |n: u64| t0 + Duration::from_secs(n);
+        let remote = |a: [u8; 4]| crate::discovery::Reach {
+            address: Some(Ipv4Addr::from(a)),
+            local: false,
+        };
+        let one = |k: &str| Entries::from([(k.to_owned(), "{}".to_owned())]);
+        let mut l = Ledger::new(
+            [
+                ("b".to_owned(), "tcp://10.42.5.2:2375".to_owned()),
+                ("c".to_owned(), "tcp://10.42.6.2:2376".to_owned()),
+                ("d".to_owned(), "tcp://10.42.7.2:2375".to_owned()),
+            ],
+            Duration::from_secs(5),
+            t0,
+        );
+        assert!(l.desired().is_empty(), "nothing before a listing");
+        assert!(!l.listed("b", remote([10, 42, 5, 2]), one("/w/b:1")));
+        assert!(!l.listed("c", remote([10, 42, 6, 2]), one("/w/c:1")));
+        let both = Desired::from([("b".into(), one("/w/b:1")), ("c".into(), one("/w/c:1"))]);
+        assert_eq!(l.desired(), both);
+        // c last answered at 10 s: what it published stays for the grace...
+        l.lost("c", "not answering".into(), s(10));
+        assert!(l.expire(s(15)).is_empty());
+        assert_eq!(l.desired(), both, "kept within the grace");
+        // ...then it is withdrawn, said once; b keeps its entries. d never answered: lost too,
+        // but it had nothing to withdraw.
+        assert_eq!(l.expire(s(16)), [("c".into(), "not answering".into(), 1)]);
+        assert!(l.expire(s(17)).is_empty());
+        assert_eq!(
+            l.desired(),
+            Desired::from([("b".into(), one("/w/b:1")), ("c".into(), Entries::new())]),
+            "c present but empty, so its entries are deleted"
+        );
+        // Retries that fail do not move the time it was last reached.
+        l.lost("c", "connection refused".into(), s(16));
+        // Back: its listing (whatever it holds now) is published again.
+        assert!(l.listed("c", remote([10, 42, 6, 2]), one("/w/c:2")));
+        assert_eq!(
+            l.desired(),
+            Desired::from([("b".into(), one("/w/b:1")), ("c".into(), one("/w/c:2"))])
+        );
+        // A loss shorter than the grace changes nothing.
+        l.lost("b", "event stream ended".into(), s(30));
+        assert!(!l.listed("b", remote([10, 42, 5, 2]), one("/w/b:1")));
+        assert!(l.expire(s(40)).is_empty());
+        assert_eq!(l.desired()["b"], one("/w/b:1"));
     }
 
     #[test]

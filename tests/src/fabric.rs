@@ -132,6 +132,13 @@ impl Fabric {
             .push(host.name.clone());
     }
 
+    /// A plugged host's switch port (`plug`'s `port`) down, as a pulled cable: the host keeps
+    /// its addresses and routes (its `fab0` only loses its carrier); `up` plugs it back.
+    pub fn set_port(&self, port: &str, up: bool) {
+        self._switch
+            .exec(&["ip", "link", "set", port, if up { "up" } else { "down" }]);
+    }
+
     /// A balancer's config: the service, its backends under `PREFIX` in this fabric's etcd.
     pub fn balancer_config(&self) -> String {
         format!(

@@ -706,11 +706,15 @@ fn berth_publish_on_two_docker_hosts_feeds_two_balancers() {
         &[("DOCKER_HOST", hb.socket().as_str())],
     );
     // Host c: published from elsewhere (this namespace) through its TLS API, a
-    // `[[docker.engine]]` entry whose `address` says where its published ports are reached.
+    // `[[docker.engine]]` entry whose `address` says where its published ports are reached;
+    // an engine unreachable for more than `grace_secs` has its entries withdrawn.
+    let grace = Duration::from_secs(2);
     let pub_c = Publisher::start(
         "pub-c",
         &format!(
-            "{etcd}{}address = \"{addr_c}\"\n[publish]\nttl_secs = 2\n{service}",
+            "{etcd}[docker]\ngrace_secs = {}\n{}address = \"{addr_c}\"\n[publish]\n\
+             ttl_secs = 2\n{service}",
+            grace.as_secs(),
             hc.engine_toml()
         ),
     );
@@ -797,6 +801,80 @@ fn berth_publish_on_two_docker_hosts_feeds_two_balancers() {
         "{}",
         pub_b.log_text()
     );
+    // Host c dies without a word while its publisher (elsewhere) lives on: both its links are
+    // cut, so the publisher's pings go unanswered and the balancers no longer reach its
+    // published ports. Past the grace its container leaves both pools, withdrawn by the
+    // publisher; host b's stays throughout and serves.
+    let b_entry = |p: &[String]| p.iter().any(|a| a.starts_with(&format!("{addr_b}:")));
+    hc.cut();
+    f.set_port("p-hc", false);
+    let t = Instant::now();
+    let limit = grace + Duration::from_secs(4);
+    for n in [&n1, &n2] {
+        loop {
+            let p = pool_sorted(n);
+            assert!(b_entry(&p), "host b's container left a pool: {p:?}");
+            if p.len() == 1 {
+                break;
+            }
+            assert!(
+                t.elapsed() < limit,
+                "host c's container still in a pool {:?} after its engine was cut off: {p:?}\n{}",
+                t.elapsed(),
+                pub_c.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    let withdrawn = t.elapsed();
+    println!(
+        "host c cut off: its container out of both pools after {withdrawn:?} (grace {grace:?})"
+    );
+    // The grace runs from the last answer, at most a ping (1 s) before the cut.
+    assert!(
+        withdrawn + Duration::from_secs(1) >= grace,
+        "withdrawn before the grace ran out ({withdrawn:?})"
+    );
+    for k in 1..=2 {
+        f.activate(k);
+        let spread = http_spread(&f, 10);
+        assert_eq!(
+            spread.keys().cloned().collect::<Vec<_>>(),
+            std::slice::from_ref(&b1),
+            "balancer {k} while host c is cut off"
+        );
+    }
+    // Back: the publisher lists host c's containers again and they rejoin both pools.
+    hc.reconnect();
+    f.set_port("p-hc", true);
+    let t = Instant::now();
+    for n in [&n1, &n2] {
+        fabric::wait_pool(n, 2, long);
+    }
+    println!(
+        "host c back: its container in both pools again after {:?}",
+        t.elapsed()
+    );
+    let all: std::collections::BTreeSet<String> = [b1.clone(), c1.clone()].into();
+    for k in 1..=2 {
+        f.activate(k);
+        let spread = http_spread(&f, 30);
+        assert_eq!(
+            spread
+                .keys()
+                .cloned()
+                .collect::<std::collections::BTreeSet<_>>(),
+            all,
+            "balancer {k} after host c came back"
+        );
+    }
+    let log = pub_c.log_text();
+    assert_eq!(
+        log.matches("unreachable for more than").count(),
+        1,
+        "the loss said once:\n{log}"
+    );
+    assert!(log.contains("docker pc: answers again"), "{log}");
     drop((pub_b, pub_c, n1, n2));
 }
 

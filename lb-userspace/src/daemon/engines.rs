@@ -1,8 +1,9 @@
 //! What the daemon knows of each Docker Engine between events (connected, where its containers
 //! are reached, when it last answered, whether its grace ran out), and the grace policy: an
 //! engine unreachable for longer than `[docker] grace_secs` is *lost*; its containers then back
-//! only services whose health checks judge them (see [`EngineView::lost`]). Pure: time is
-//! handed in.
+//! only services whose health checks judge them (see [`EngineView::lost`]). `berth publish`
+//! judges its engines by the same policy (`publish::Ledger`: a lost engine's entries are
+//! withdrawn). Pure: time is handed in.
 
 use std::{
     collections::BTreeMap,

@@ -7,7 +7,7 @@
 //! [`host::preflight`], the sockets bound before the dataplane is loaded.
 
 pub mod desired;
-mod engines;
+pub(crate) mod engines;
 pub mod host;
 mod snapshot;
 mod state;

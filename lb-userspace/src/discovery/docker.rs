@@ -23,11 +23,12 @@ use tracing::{info, warn};
 use super::{ContainerInfo, EngineClient, EngineEvent, Event};
 use crate::config::Protocol;
 
-/// How often a connected engine is pinged, and how long it has to answer.
-const PING_INTERVAL: Duration = Duration::from_secs(1);
-const PING_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often a connected engine is pinged, and how long it has to answer (`berth publish`
+/// follows its engines by the same clock).
+pub(crate) const PING_INTERVAL: Duration = Duration::from_secs(1);
+pub(crate) const PING_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long connecting (the version negotiation) may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The IPv4 host ports Docker published, per container port and protocol: `8000/tcp` ->
 /// (host address, host port); `0.0.0.0` means every address of the host. IPv6 bindings are

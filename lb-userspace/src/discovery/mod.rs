@@ -19,6 +19,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr, time::Instant};
 use crate::config::{Instance, Protocol};
 
 pub use docker::run;
+pub(crate) use docker::{CONNECT_TIMEOUT, PING_INTERVAL, PING_TIMEOUT};
 pub use engine::{EngineClient, Reach};
 pub use labels::*;
 pub use select::{EngineView, backend_bridges, container_at, services};
