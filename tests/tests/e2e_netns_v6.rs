@@ -6,6 +6,10 @@
 //!
 //! The services are the daemon's: `berth run` with a configuration of IPv6 addresses (a VIP
 //! and `[::]`), its reconciler writing the IPv6 maps, a reload removing a backend.
+//!
+//! Host clients (processes of berth's test cgroup in the host namespace, never the root cgroup)
+//! are balanced by the IPv6 socket programs: `[::1]`, the host's IPv6 addresses, `curl -6`, and
+//! IPv4-mapped destinations of dual-stack sockets.
 
 use std::{
     collections::BTreeMap,
