@@ -170,3 +170,55 @@ fn a_label_service_listens_on_both_families() {
     );
     drop(berth);
 }
+
+#[test]
+fn berths_own_health_check_judges_each_family_at_its_own_address() {
+    remove_leftovers();
+    let lab = Lab::with_ipv6(&TEST_DUAL, Some(&TEST_DUAL_V6));
+    let h1 = lab.run("bt6-h1", &[]).hostname();
+    let h2 = lab.run("bt6-h2", &[]).hostname();
+    let config = format!(
+        "{}{}",
+        dual_config(),
+        "[service.health]\ntype = \"http\"\nexpect_string = \"Hello\"\n\
+         interval_ms = 200\ntimeout_ms = 150\nrise = 1\nfall = 2\n"
+    );
+    let berth = Berth::start_root(
+        "docker-dual-health",
+        &config,
+        &[TEST_DUAL.uplink, TEST_DUAL.bridge],
+    );
+    // Each backend of each half enters after its first passing check, made to its address.
+    berth.wait_for("(health check passing)", 4);
+    let log = berth.log_text();
+    assert!(
+        log.contains("backend [fdbe:7e57:251::") && log.contains("(health check passing)"),
+        "{log}"
+    );
+    let v4 = std::net::SocketAddr::V4(TEST_DUAL.service);
+    let v6 = TEST_DUAL_V6.service();
+    for at in [v4, v6] {
+        assert_eq!(lab.spread_at(at, 40).len(), 2, "{at}");
+    }
+    // A hung container fails its checks over both families and leaves both pools.
+    docker(&["exec", "bt6-h1", "/hello", "sick", "hang"]);
+    berth.wait_for("removed (health check failing: timed out)", 2);
+    let log = berth.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("nodeapp.ipv6: backend [fdbe:7e57:251::")
+                && l.contains("removed (health check failing: timed out)")),
+        "{log}"
+    );
+    for at in [v4, v6] {
+        let m = lab.spread_at(at, 40);
+        assert_eq!(m.keys().collect::<Vec<_>>(), [&h2], "{at}");
+    }
+    // Answering again: back in both.
+    docker(&["exec", "bt6-h1", "/hello", "sick", "no"]);
+    berth.wait_for("(health check passing)", 6);
+    for at in [v4, v6] {
+        assert!(lab.spread_at(at, 60).contains_key(&h1), "{at}");
+    }
+    drop(berth);
+}
