@@ -222,3 +222,27 @@ fn berths_own_health_check_judges_each_family_at_its_own_address() {
     }
     drop(berth);
 }
+
+#[test]
+fn the_bridge_of_an_ipv6_only_service_is_attached_when_its_containers_serve() {
+    remove_leftovers();
+    let lab = Lab::with_ipv6(&TEST_DUAL, Some(&TEST_DUAL_V6));
+    let h1 = lab.run("bt6-b1", &[]).hostname();
+    // An IPv6 service alone: the network's bridge backs no IPv4 backend, and berth is told
+    // only of the uplink. It must find the bridge by the containers' IPv6 addresses.
+    let config = TEST_DUAL
+        .config()
+        .replace("listen = \"0.0.0.0:8080\"", "listen = \"[::]:8080\"");
+    let berth = Berth::start_root("docker-dual-bridge", &config, &[TEST_DUAL.uplink]);
+    berth.wait_for(" added (weight ", 1);
+    berth.wait_for(
+        &format!(
+            "attached to {} (bridge of a Docker network with backends)",
+            TEST_DUAL.bridge
+        ),
+        1,
+    );
+    let m = lab.spread_at(TEST_DUAL_V6.service(), 30);
+    assert_eq!(m.keys().collect::<Vec<_>>(), [&h1]);
+    drop(berth);
+}
