@@ -9,7 +9,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     path::PathBuf,
     process::{Command, Stdio},
     sync::{
@@ -22,7 +22,7 @@ use std::{
 
 use crate::{
     netns::{Netns, alive, remove_leftovers, sh, signal},
-    servers::http_get,
+    servers::http_get_any,
 };
 
 /// `docker ARGS`, trimmed stdout; panics with stderr on failure.
@@ -239,6 +239,49 @@ pub const TEST: Layout = Layout {
     healthcheck: true,
 };
 
+/// The IPv6 side of a dual-stack lab ([`Lab::with_ipv6`]).
+pub struct Layout6 {
+    /// The Docker network's IPv6 subnet (a ULA prefix of the test's own).
+    pub subnet: &'static str,
+    /// The service over IPv6: the host's IPv6 address on the uplink (/64), port 8080.
+    pub service: SocketAddrV6,
+    /// The client's IPv6 address on the uplink (its default route goes through the host).
+    pub client: Ipv6Addr,
+}
+
+impl Layout6 {
+    /// The service at its IPv6 address.
+    pub fn service(&self) -> SocketAddr {
+        SocketAddr::V6(self.service)
+    }
+}
+
+/// The dual-stack Docker e2e test's lab: names and IPv4 addresses of its own beside `TEST`'s.
+pub const TEST_DUAL: Layout = Layout {
+    network: "berth-test-dual",
+    bridge: "bte-dock6",
+    subnet: "172.31.251.0/24",
+    uplink: "bte-dh6",
+    client_ns: "dcl6",
+    service: SocketAddrV4::new(Ipv4Addr::new(10, 41, 6, 1), 8080),
+    client: Ipv4Addr::new(10, 41, 6, 2),
+    image: "berth-test/hello",
+    label: "berth-test=1",
+    healthcheck: true,
+};
+
+/// Its IPv6 side (prefixes clear of any the machine has).
+pub const TEST_DUAL_V6: Layout6 = Layout6 {
+    subnet: "fdbe:7e57:251::/64",
+    service: SocketAddrV6::new(
+        Ipv6Addr::new(0xfdbe, 0x7e57, 0x41, 0, 0, 0, 0, 1),
+        8080,
+        0,
+        0,
+    ),
+    client: Ipv6Addr::new(0xfdbe, 0x7e57, 0x41, 0, 0, 0, 0, 2),
+};
+
 /// The test image under another name, for clients: not taken for a backend of `TEST.config()`.
 pub const TEST_CLIENT_IMAGE: &str = "berth-test/client";
 
@@ -280,27 +323,55 @@ fn remove(layout: &Layout) {
 impl Lab {
     /// Removes what a crashed run left, builds the image, the network and the client namespace.
     pub fn new(layout: &'static Layout) -> Self {
+        Self::with_ipv6(layout, None)
+    }
+
+    /// [`Lab::new`], dual stack with `v6`: the Docker network gets its IPv6 subnet too
+    /// (`docker network create --ipv6`), the uplink and the client their IPv6 addresses.
+    pub fn with_ipv6(layout: &'static Layout, v6: Option<&Layout6>) -> Self {
         remove(layout);
         build_hello_image(layout.image, layout.healthcheck);
-        docker(&[
+        let bridge_opt = format!("com.docker.network.bridge.name={}", layout.bridge);
+        let mut args = vec![
             "network",
             "create",
             "--driver",
             "bridge",
             "--opt",
-            &format!("com.docker.network.bridge.name={}", layout.bridge),
+            &bridge_opt,
             "--subnet",
             layout.subnet,
             "--label",
             layout.label,
-            layout.network,
-        ]);
+        ];
+        if let Some(v6) = v6 {
+            args.extend(["--ipv6", "--subnet", v6.subnet]);
+        }
+        args.push(layout.network);
+        docker(&args);
         let client = client_behind_uplink(
             layout.client_ns,
             layout.uplink,
             *layout.service.ip(),
             layout.client,
         );
+        if let Some(v6) = v6 {
+            let host = format!("{}/64", v6.service.ip());
+            sh(&[
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                &host,
+                "dev",
+                layout.uplink,
+                "nodad",
+            ]);
+            let me = format!("{}/64", v6.client);
+            client.exec(&["ip", "-6", "addr", "add", &me, "dev", "eth0", "nodad"]);
+            let via = v6.service.ip().to_string();
+            client.exec(&["ip", "-6", "route", "add", "default", "via", &via]);
+        }
         Self { client, layout }
     }
 
@@ -328,12 +399,17 @@ impl Lab {
     /// Who answers `n` requests to the service from the client (hostname -> count); panics on
     /// any failure.
     pub fn spread(&self, n: usize) -> BTreeMap<String, usize> {
-        let service = self.layout.service;
+        self.spread_at(self.layout.service, n)
+    }
+
+    /// [`Lab::spread`] to the service at `service` (its IPv6 address, say).
+    pub fn spread_at(&self, service: impl Into<SocketAddr>, n: usize) -> BTreeMap<String, usize> {
+        let service = service.into();
         self.client.run(move || {
             let mut m = BTreeMap::new();
             for i in 0..n {
                 let (status, body) =
-                    http_get(service).unwrap_or_else(|e| panic!("request {i}: {e}"));
+                    http_get_any(service).unwrap_or_else(|e| panic!("request {i}: {e}"));
                 assert_eq!(status, 200, "request {i}: {body}");
                 let who = body
                     .strip_prefix("Hello from ")
@@ -348,11 +424,25 @@ impl Lab {
     /// Requests every 10 ms until the container with hostname `host` answers; returns the time
     /// since `since` (panics after `limit`).
     pub fn served_by(&self, host: &str, since: Instant, limit: Duration) -> Duration {
-        let service = self.layout.service;
+        self.served_by_at(self.layout.service, host, since, limit)
+            .join()
+            .expect("served_by")
+    }
+
+    /// [`Lab::served_by`] at `service`, on a thread of the client's (join it): several
+    /// addresses can be watched at once.
+    pub fn served_by_at(
+        &self,
+        service: impl Into<SocketAddr>,
+        host: &str,
+        since: Instant,
+        limit: Duration,
+    ) -> JoinHandle<Duration> {
+        let service = service.into();
         let want = format!("Hello from {host}");
-        self.client.run(move || {
+        self.client.spawn(move || {
             loop {
-                if let Ok((200, body)) = http_get(service)
+                if let Ok((200, body)) = http_get_any(service)
                     && body == want
                 {
                     return since.elapsed();
@@ -395,7 +485,12 @@ pub fn client_behind_uplink(ns: &str, uplink: &str, host: Ipv4Addr, client: Ipv4
 /// `docker stop` of `container` (whose hostname answers as `hostname`) while `client` sends
 /// requests to `service` every 5 ms: no request may fail, and none may be answered by it once
 /// stopped. Prints what it saw.
-pub fn stop_under_load(client: &Netns, service: SocketAddrV4, container: &str, hostname: &str) {
+pub fn stop_under_load(
+    client: &Netns,
+    service: impl Into<SocketAddr>,
+    container: &str,
+    hostname: &str,
+) {
     stop_under_load_with(client, service, hostname, || {
         docker(&["stop", container]);
     });
@@ -405,44 +500,67 @@ pub fn stop_under_load(client: &Netns, service: SocketAddrV4, container: &str, h
 /// Returns how many requests were made.
 pub fn stop_under_load_with(
     client: &Netns,
-    service: SocketAddrV4,
+    service: impl Into<SocketAddr>,
+    hostname: &str,
+    stop_it: impl FnOnce(),
+) -> usize {
+    stop_under_load_over(client, &[service.into()], hostname, stop_it)
+}
+
+/// [`stop_under_load_with`] with one load loop per service address at once (the IPv4 and IPv6
+/// addresses of a dual-stack service, say): no request to any may fail, none may be answered
+/// by the stopped container. Returns how many requests were made in all.
+pub fn stop_under_load_over(
+    client: &Netns,
+    services: &[SocketAddr],
     hostname: &str,
     stop_it: impl FnOnce(),
 ) -> usize {
     let stop = Arc::new(AtomicBool::new(false));
-    let load = load_loop(client, service, stop.clone());
+    let loads: Vec<_> = services
+        .iter()
+        .map(|&s| (s, load_loop(client, s, stop.clone())))
+        .collect();
     std::thread::sleep(Duration::from_millis(300));
     stop_it();
     let stopped = Instant::now();
     std::thread::sleep(Duration::from_millis(700));
     stop.store(true, Ordering::Relaxed);
-    let results = load.join().expect("load loop");
-    let failed: Vec<_> = results.iter().filter(|(_, r)| r.is_err()).collect();
-    let from_stopped = results
-        .iter()
-        .filter(|(at, r)| *at > stopped && r.as_deref() == Ok(hostname))
-        .count();
-    println!(
-        "docker stop under load: {} requests, {} failed",
-        results.len(),
-        failed.len()
-    );
-    assert!(failed.is_empty(), "failed requests: {failed:?}");
-    assert_eq!(from_stopped, 0, "the stopped container still got requests");
-    results.len()
+    let mut total = 0;
+    for (service, load) in loads {
+        let results = load.join().expect("load loop");
+        let failed: Vec<_> = results.iter().filter(|(_, r)| r.is_err()).collect();
+        let from_stopped = results
+            .iter()
+            .filter(|(at, r)| *at > stopped && r.as_deref() == Ok(hostname))
+            .count();
+        println!(
+            "docker stop under load to {service}: {} requests, {} failed",
+            results.len(),
+            failed.len()
+        );
+        assert!(failed.is_empty(), "{service}: failed requests: {failed:?}");
+        assert_eq!(
+            from_stopped, 0,
+            "{service}: the stopped container still got requests"
+        );
+        total += results.len();
+    }
+    total
 }
 
 /// Requests from `client` to `service` every 5 ms until `stop`: (when, Ok(hostname) or
 /// Err(what failed)).
 pub fn load_loop(
     client: &Netns,
-    service: SocketAddrV4,
+    service: impl Into<SocketAddr>,
     stop: Arc<AtomicBool>,
 ) -> JoinHandle<Vec<(Instant, Result<String, String>)>> {
+    let service = service.into();
     client.spawn(move || {
         let mut out = Vec::new();
         while !stop.load(Ordering::Relaxed) {
-            let r = match http_get(service) {
+            let r = match http_get_any(service) {
                 Ok((200, body)) => Ok(body.trim_start_matches("Hello from ").to_owned()),
                 Ok((s, body)) => Err(format!("status {s}: {body}")),
                 Err(e) => Err(e),

@@ -225,7 +225,12 @@ pub fn responder(answer: &str) -> Option<&str> {
 
 /// An HTTP/1.0 GET of `/` (in the calling thread's namespace): (status, body).
 pub fn http_get(addr: SocketAddrV4) -> Result<(u16, String), String> {
-    let mut s = TcpStream::connect_timeout(&SocketAddr::V4(addr), Duration::from_secs(2))
+    http_get_any(addr.into())
+}
+
+/// [`http_get`] to an address of either family.
+pub fn http_get_any(addr: SocketAddr) -> Result<(u16, String), String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
         .map_err(|e| format!("connect {addr}: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(2)))
         .map_err(|e| e.to_string())?;

@@ -281,6 +281,10 @@ pub struct DockerConfig {
     /// runs without a config file). A container can then take any free port on this host:
     /// enable it only where whoever starts containers may do that.
     pub label_services: Option<bool>,
+    /// A label service also listens on `[::]:<berth.port>` (as `NAME.ipv6`, with the
+    /// containers' IPv6 addresses) when the host has IPv6 and one of its containers has an
+    /// IPv6 address on its network. `false`: label services are IPv4 only.
+    pub label_ipv6: bool,
     /// Pool a new container (or a restarted one) only once a TCP connect to its address and
     /// port succeeds: started is not listening yet, and a client sent there meanwhile is
     /// refused. `false` pools a container as soon as it runs. (UDP services: no probe.)
@@ -302,6 +306,7 @@ impl Default for DockerConfig {
             enabled: None,
             socket: None,
             label_services: None,
+            label_ipv6: true,
             readiness_probe: true,
             readiness_timeout_ms: 10_000,
             engines: Vec::new(),

@@ -4,11 +4,19 @@
 use super::*;
 
 impl Config {
-    /// The Docker selectors by service name.
+    /// The Docker selectors by service name; a dual-stack service's selector serves its IPv6
+    /// half `NAME.ipv6` too (with the containers' IPv6 addresses).
     pub fn selectors(&self) -> std::collections::HashMap<String, DockerSelector> {
         self.services
             .iter()
-            .filter_map(|s| Some((s.name.clone(), s.docker.clone()?)))
+            .filter_map(|s| Some((s, s.docker.clone()?)))
+            .flat_map(|(s, d)| {
+                let twin = s
+                    .listen6
+                    .as_ref()
+                    .map(|_| (format!("{}.ipv6", s.name), d.clone()));
+                std::iter::once((s.name.clone(), d)).chain(twin)
+            })
             .collect()
     }
 

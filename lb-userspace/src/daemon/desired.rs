@@ -30,17 +30,46 @@ pub fn services(
     containers: &BTreeMap<ContainerKey, ContainerInfo>,
     engines: &BTreeMap<String, EngineView>,
     has_file: bool,
-    host_ports: &HashSet<(Protocol, u16)>,
+    host: &Host,
 ) -> (Vec<Service>, Vec<String>) {
-    let label_services = cfg.docker.label_services.unwrap_or(!has_file);
     discovery::services(
         configured,
         &cfg.selectors(),
         containers,
         engines,
-        label_services,
-        host_ports,
+        label_services(cfg, has_file, host.ipv6),
+        &host.ports,
     )
+}
+
+/// What of this host the containers' services depend on.
+#[derive(Debug, Clone, Default)]
+pub struct Host {
+    /// The ports its own processes listen on (labels cannot take them).
+    pub ports: HashSet<(Protocol, u16)>,
+    /// Whether it has IPv6 ([`discovery::host_has_ipv6`]).
+    pub ipv6: bool,
+}
+
+impl Host {
+    /// This host as it is now.
+    pub fn now() -> Self {
+        Self {
+            ports: discovery::host_ports(),
+            ipv6: discovery::host_has_ipv6(),
+        }
+    }
+}
+
+/// Which label services the labels make: none unless `label_services` (default: without a
+/// config file), dual stack when the host has IPv6 unless `label_ipv6 = false`.
+pub fn label_services(cfg: &Config, has_file: bool, host_ipv6: bool) -> discovery::LabelServices {
+    use discovery::LabelServices::*;
+    match cfg.docker.label_services.unwrap_or(!has_file) {
+        false => Off,
+        true if cfg.docker.label_ipv6 && host_ipv6 => DualStack,
+        true => Ipv4,
+    }
 }
 
 /// Updates the known containers with engine `engine`'s `event` and says what changed, as the
@@ -194,7 +223,7 @@ mod tests {
             health: health.map(Into::into),
             networks: [(
                 "bridge".to_owned(),
-                Ipv4Addr::new(172, 17, 0, id.len() as u8 + 1),
+                Ipv4Addr::new(172, 17, 0, id.len() as u8 + 1).into(),
             )]
             .into_iter()
             .collect(),
@@ -237,7 +266,7 @@ mod tests {
                 local(),
             ),
         );
-        let no_ports = HashSet::new();
+        let no_ports = Host::default();
         let none = BTreeMap::new();
         let (s, problems) = services(
             &Config::default(),
@@ -273,6 +302,26 @@ mod tests {
     }
 
     #[test]
+    fn label_services_are_dual_stack_when_the_host_has_ipv6_unless_turned_off() {
+        use discovery::LabelServices::*;
+        let cfg = |text: &str| Config::parse(text).unwrap();
+        let none = cfg("");
+        assert_eq!(label_services(&none, false, true), DualStack);
+        assert_eq!(label_services(&none, false, false), Ipv4);
+        assert_eq!(
+            label_services(&none, true, true),
+            Off,
+            "a file turns them off"
+        );
+        let on = cfg("[docker]\nlabel_services = true\n");
+        assert_eq!(label_services(&on, true, true), DualStack);
+        let v4 = cfg("[docker]\nlabel_services = true\nlabel_ipv6 = false\n");
+        assert_eq!(label_services(&v4, true, true), Ipv4);
+        let e = Config::parse("[docker]\nlabel_ipv6 = \"no\"\n").unwrap_err();
+        assert!(e.to_string().contains("label_ipv6"), "{e}");
+    }
+
+    #[test]
     fn a_label_cannot_take_a_port_the_host_listens_on() {
         let mut known = BTreeMap::new();
         record(
@@ -280,7 +329,10 @@ mod tests {
             "default",
             &Event::Upsert(container("a", true, None), None),
         );
-        let taken = HashSet::from([(Protocol::Tcp, 8080)]);
+        let taken = Host {
+            ports: HashSet::from([(Protocol::Tcp, 8080)]),
+            ipv6: true,
+        };
         let none = BTreeMap::new();
         let (s, problems) = services(&Config::default(), &[], &known, &none, false, &taken);
         assert!(s.is_empty(), "{s:?}");

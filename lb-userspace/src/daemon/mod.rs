@@ -438,7 +438,13 @@ async fn event_loop(
         drop(etcd_tx);
     }
     if d.docker_on() {
-        let label_services = d.cfg().docker.label_services.unwrap_or(!d.has_file());
+        let label_services =
+            match desired::label_services(d.cfg(), d.has_file(), crate::discovery::host_has_ipv6())
+            {
+                crate::discovery::LabelServices::Off => "off",
+                crate::discovery::LabelServices::Ipv4 => "on, IPv4",
+                crate::discovery::LabelServices::DualStack => "on, IPv4 and IPv6",
+            };
         info!(
             "docker discovery on {} engine(s): {} (label services {})",
             engines.len(),
@@ -447,7 +453,7 @@ async fn event_loop(
                 .map(|e| format!("{} at {}", e.name(), e.engine.endpoint))
                 .collect::<Vec<_>>()
                 .join(", "),
-            if label_services { "on" } else { "off" }
+            label_services
         );
         // One watcher per engine, each in its span: every line it logs names its engine.
         for client in engines {

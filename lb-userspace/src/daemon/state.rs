@@ -637,7 +637,7 @@ impl Daemon {
             &self.containers,
             &self.engines.views(),
             self.has_file(),
-            &discovery::host_ports(),
+            &desired::Host::now(),
         );
         if self.etcd.is_some() {
             problems.extend(etcd::add_backends(
@@ -862,7 +862,7 @@ mod tests {
             labels: BTreeMap::new(),
             running: true,
             health: None,
-            networks: BTreeMap::from([("bridge".to_owned(), Ipv4Addr::from(ip))]),
+            networks: BTreeMap::from([("bridge".to_owned(), Ipv4Addr::from(ip).into())]),
             bridges: BTreeMap::new(),
             started_at: "2026-12-03T09:00:00.000000000Z".into(),
         }

@@ -20,7 +20,7 @@ use futures_util::StreamExt as _;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
-use super::{ContainerInfo, EngineClient, EngineEvent, Event};
+use super::{ContainerInfo, EngineClient, EngineEvent, Event, NetAddrs};
 use crate::config::Protocol;
 
 /// How often a connected engine is pinged, and how long it has to answer (`berth publish`
@@ -84,7 +84,13 @@ fn info_from(
         .networks
         .unwrap_or_default()
         .into_iter()
-        .filter_map(|(name, ep)| Some((name, ep.ip_address?.parse::<Ipv4Addr>().ok()?)))
+        .filter_map(|(name, ep)| {
+            let addrs = NetAddrs {
+                v4: ep.ip_address.and_then(|a| a.parse().ok()),
+                v6: ep.global_ipv6_address.and_then(|a| a.parse().ok()),
+            };
+            (addrs != NetAddrs::default()).then_some((name, addrs))
+        })
         .collect();
     let health = state
         .health
@@ -380,5 +386,44 @@ mod tests {
             ])
         );
         assert!(published(None).is_empty());
+    }
+
+    #[test]
+    fn a_container_has_its_ipv4_and_global_ipv6_address_per_network() {
+        use bollard::models::{ContainerInspectResponse, EndpointSettings, NetworkSettings};
+        let ep = |v4: &str, v6: &str| EndpointSettings {
+            ip_address: Some(v4.into()),
+            global_ipv6_address: Some(v6.into()),
+            ..Default::default()
+        };
+        let resp = ContainerInspectResponse {
+            id: Some("abc".into()),
+            network_settings: Some(NetworkSettings {
+                networks: Some(HashMap::from([
+                    ("dual".to_owned(), ep("172.31.0.2", "fdbe::2")),
+                    ("bridge".to_owned(), ep("172.17.0.2", "")),
+                    // Docker's `--network none`: no address at all.
+                    ("none".to_owned(), ep("", "")),
+                ])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let info = info_from("default", resp).unwrap();
+        assert_eq!(
+            info.networks,
+            BTreeMap::from([
+                ("bridge".to_owned(), Ipv4Addr::new(172, 17, 0, 2).into()),
+                (
+                    "dual".to_owned(),
+                    NetAddrs {
+                        v4: Some(Ipv4Addr::new(172, 31, 0, 2)),
+                        v6: Some("fdbe::2".parse().unwrap()),
+                    }
+                ),
+            ])
+        );
+        assert_eq!(info.address(None, true), Some("fdbe::2".parse().unwrap()));
+        assert_eq!(info.address(Some("bridge"), true), None);
     }
 }

@@ -14,7 +14,11 @@ pub mod etcd;
 mod labels;
 mod select;
 
-use std::{collections::BTreeMap, net::Ipv4Addr, time::Instant};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Instant,
+};
 
 use crate::config::{Instance, Protocol};
 
@@ -22,7 +26,7 @@ pub use docker::run;
 pub(crate) use docker::{CONNECT_TIMEOUT, PING_INTERVAL, PING_TIMEOUT};
 pub use engine::{EngineClient, Reach};
 pub use labels::*;
-pub use select::{EngineView, backend_bridges, container_at, services};
+pub use select::{EngineView, LabelServices, backend_bridges, container_at, services};
 
 /// What berth needs to know about one container.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,8 +45,8 @@ pub struct ContainerInfo {
     pub paused: bool,
     /// Docker's own HEALTHCHECK verdict, if the image has one: "starting", "healthy", "unhealthy".
     pub health: Option<String>,
-    /// Network name -> IPv4 address, for the networks the container is attached to.
-    pub networks: BTreeMap<String, Ipv4Addr>,
+    /// Network name -> the container's addresses on it, for the networks it is attached to.
+    pub networks: BTreeMap<String, NetAddrs>,
     /// Network name -> the host bridge interface behind it (bridge-driver networks only).
     pub bridges: BTreeMap<String, String>,
     /// When this run of the container started (Docker's `State.StartedAt`): with the id, what
@@ -51,6 +55,39 @@ pub struct ContainerInfo {
     /// Published ports: (protocol, container port) -> (host address, host port), the host
     /// address `0.0.0.0` for every address of the engine's host (IPv4 bindings only).
     pub published: BTreeMap<(Protocol, u16), (Ipv4Addr, u16)>,
+}
+
+/// A container's addresses on one Docker network: IPv4 (`IPAddress`) and, on a network made
+/// with `--ipv6`, IPv6 (`GlobalIPv6Address`; the link-local one is never a backend).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NetAddrs {
+    pub v4: Option<Ipv4Addr>,
+    pub v6: Option<Ipv6Addr>,
+}
+
+impl NetAddrs {
+    /// The address of the family `v6` says.
+    pub fn of(&self, v6: bool) -> Option<IpAddr> {
+        if v6 {
+            self.v6.map(IpAddr::V6)
+        } else {
+            self.v4.map(IpAddr::V4)
+        }
+    }
+
+    /// Whether `ip` is one of them.
+    pub fn has(&self, ip: IpAddr) -> bool {
+        self.of(ip.is_ipv6()) == Some(ip)
+    }
+}
+
+impl From<Ipv4Addr> for NetAddrs {
+    fn from(v4: Ipv4Addr) -> Self {
+        Self {
+            v4: Some(v4),
+            v6: None,
+        }
+    }
 }
 
 /// A container's key in the daemon's bookkeeping: (engine, container id).
@@ -73,11 +110,12 @@ impl ContainerInfo {
         self.running && self.health.as_deref() != Some("unhealthy")
     }
 
-    /// The address on `network`, or on the first network (by name) when none is named.
-    pub fn address(&self, network: Option<&str>) -> Option<Ipv4Addr> {
+    /// The address of the family `v6` says on `network`, or on the first network (by name)
+    /// with an address of that family when none is named.
+    pub fn address(&self, network: Option<&str>, v6: bool) -> Option<IpAddr> {
         match network {
-            Some(n) => self.networks.get(n).copied(),
-            None => self.networks.values().next().copied(),
+            Some(n) => self.networks.get(n)?.of(v6),
+            None => self.networks.values().find_map(|a| a.of(v6)),
         }
     }
 
@@ -125,6 +163,14 @@ pub enum Event {
 pub struct EngineEvent {
     pub engine: String,
     pub event: Event,
+}
+
+/// Whether this host has IPv6: the kernel's IPv6 is on in the namespace berth runs in
+/// (`net.ipv6.conf.all.disable_ipv6` = 0, the file absent when IPv6 is not built in or is
+/// disabled at boot with `ipv6.disable=1`).
+pub fn host_has_ipv6() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/disable_ipv6")
+        .is_ok_and(|v| v.trim() == "0")
 }
 
 /// The TCP ports some process on this host listens on and the UDP ports bound, from
@@ -178,7 +224,7 @@ mod tests {
                 .collect(),
             running: true,
             health: None,
-            networks: [("bridge".to_owned(), Ipv4Addr::from(ip))]
+            networks: [("bridge".to_owned(), Ipv4Addr::from(ip).into())]
                 .into_iter()
                 .collect(),
             bridges: [("bridge".to_owned(), "docker0".to_owned())]
@@ -340,7 +386,14 @@ mod tests {
         let ssh = c("ssh", "x", &[("berth.port", "22")], [10, 0, 0, 11]);
         containers.insert(ssh.key(), ssh);
         let none = BTreeMap::new();
-        let (svcs, problems) = services(&configured, &selectors, &containers, &none, true, &host);
+        let (svcs, problems) = services(
+            &configured,
+            &selectors,
+            &containers,
+            &none,
+            LabelServices::Ipv4,
+            &host,
+        );
         let web = &svcs[0];
         assert_eq!(
             web.backends,
@@ -401,13 +454,27 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec!["docker0".to_owned()]
         );
-        let (svcs, problems) = services(&configured, &selectors, &containers, &none, false, &host);
+        let (svcs, problems) = services(
+            &configured,
+            &selectors,
+            &containers,
+            &none,
+            LabelServices::Off,
+            &host,
+        );
         assert_eq!(svcs.len(), 1);
         assert!(problems.is_empty());
         // A service's `mode` applies to the containers it selects too.
         let mut full = configured.clone();
         full[0].mode = Some(Nat::Full);
-        let (svcs, _) = services(&full, &selectors, &containers, &none, false, &host);
+        let (svcs, _) = services(
+            &full,
+            &selectors,
+            &containers,
+            &none,
+            LabelServices::Off,
+            &host,
+        );
         assert_eq!(svcs[0].backends.len(), 3);
         assert!(svcs[0].backends.iter().all(|b| b.nat == Nat::Full));
     }
@@ -533,7 +600,7 @@ mod tests {
             &selectors,
             &containers,
             &engines,
-            false,
+            LabelServices::Off,
             &host,
         );
         let addrs: Vec<(String, Nat)> = svcs[0]
@@ -578,7 +645,7 @@ mod tests {
             &selectors,
             &containers,
             &engines,
-            false,
+            LabelServices::Off,
             &host,
         );
         assert!(svcs[0].backends.iter().all(|b| b.nat == Nat::Dnat));
@@ -590,7 +657,7 @@ mod tests {
             &only,
             &containers,
             &engines,
-            false,
+            LabelServices::Off,
             &host,
         );
         assert_eq!(svcs[0].backends.len(), 1);
@@ -602,7 +669,7 @@ mod tests {
             &selectors,
             &containers,
             &engines,
-            false,
+            LabelServices::Off,
             &host,
         );
         assert!(
@@ -616,7 +683,7 @@ mod tests {
             &selectors,
             &containers,
             &engines,
-            false,
+            LabelServices::Off,
             &host,
         );
         assert!(
@@ -625,5 +692,219 @@ mod tests {
                 .iter()
                 .any(|b| b.addr.ip() == Ipv4Addr::new(10, 42, 2, 2))
         );
+    }
+
+    /// A container of image `local/nodeapp` on `nets`: (network, IPv4 last byte, IPv6 or
+    /// none), each network's bridge `br-<network>`.
+    fn dual(
+        name: &str,
+        labels: &[(&str, &str)],
+        nets: &[(&str, u8, Option<&str>)],
+    ) -> ContainerInfo {
+        let mut x = c(name, "local/nodeapp", labels, [0, 0, 0, 0]);
+        x.networks = nets
+            .iter()
+            .map(|&(n, b, v6)| {
+                let addrs = NetAddrs {
+                    v4: Some(Ipv4Addr::new(172, 31, 0, b)),
+                    v6: v6.map(|a| a.parse().unwrap()),
+                };
+                (n.to_owned(), addrs)
+            })
+            .collect();
+        x.bridges = nets
+            .iter()
+            .map(|&(n, ..)| (n.to_owned(), format!("br-{n}")))
+            .collect();
+        x
+    }
+
+    fn keyed(cs: Vec<ContainerInfo>) -> BTreeMap<ContainerKey, ContainerInfo> {
+        cs.into_iter().map(|c| (c.key(), c)).collect()
+    }
+
+    fn addrs(s: &Service) -> Vec<String> {
+        s.backends.iter().map(|b| b.addr.to_string()).collect()
+    }
+
+    #[test]
+    fn a_dual_stack_service_takes_each_family_from_its_own_addresses() {
+        let cfg = crate::config::Config::parse(
+            "[[service]]\nname = \"web\"\nlisten = \"0.0.0.0:8080\"\nlisten6 = \"[::]:8080\"\n\
+             docker = { image = \"local/nodeapp\", port = 8000 }\n\
+             [[service]]\nname = \"six\"\nlisten = \"[fd00:99::1]:80\"\n\
+             docker = { image = \"local/nodeapp\", port = 8000, network = \"v6net\" }\n",
+        )
+        .unwrap();
+        let configured = cfg.validate().unwrap();
+        let selectors = cfg.selectors();
+        let mut keys: Vec<_> = selectors.keys().cloned().collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            ["six", "web", "web.ipv6"],
+            "a dual-stack service's IPv6 half has its selector"
+        );
+        let mut remote = dual("far", &[], &[("v6net", 9, Some("fdbe::9"))]);
+        remote.engine = "r".into();
+        remote
+            .published
+            .insert((Protocol::Tcp, 8000), (Ipv4Addr::UNSPECIFIED, 32768));
+        let containers = keyed(vec![
+            dual("a", &[], &[("v6net", 2, Some("fdbe::2"))]),
+            dual("b", &[], &[("v6net", 3, Some("fdbe::3"))]),
+            // On an IPv4-only network: IPv4 backends only, and a warning for the IPv6 side.
+            dual("old", &[], &[("bridge", 4, None)]),
+            // On both: the first network (by name) with an address of each family.
+            dual(
+                "two",
+                &[],
+                &[("bridge", 5, None), ("v6net", 6, Some("fdbe::6"))],
+            ),
+            remote,
+        ]);
+        let engines = BTreeMap::from([(
+            "r".to_owned(),
+            EngineView {
+                reach: Reach {
+                    address: Some(Ipv4Addr::new(10, 42, 2, 2)),
+                    local: false,
+                },
+                lost: false,
+            },
+        )]);
+        let host = std::collections::HashSet::new();
+        let (svcs, problems) = services(
+            &configured,
+            &selectors,
+            &containers,
+            &engines,
+            LabelServices::Off,
+            &host,
+        );
+        let by = |n: &str| svcs.iter().find(|s| s.name == n).unwrap();
+        assert_eq!(
+            addrs(by("web")),
+            [
+                "10.42.2.2:32768",
+                "172.31.0.2:8000",
+                "172.31.0.3:8000",
+                "172.31.0.4:8000",
+                "172.31.0.5:8000"
+            ]
+        );
+        assert_eq!(by("web.ipv6").listen, "[::]:8080".parse().unwrap());
+        assert_eq!(
+            addrs(by("web.ipv6")),
+            ["[fdbe::2]:8000", "[fdbe::3]:8000", "[fdbe::6]:8000"]
+        );
+        assert!(by("web.ipv6").backends.iter().all(|b| b.nat == Nat::Dnat));
+        // Each IPv6 backend carries its container's run.
+        assert_eq!(
+            by("web.ipv6").instances[&"[fdbe::2]:8000".parse().unwrap()],
+            containers[&("default".to_owned(), "id-a".to_owned())].instance()
+        );
+        // An IPv6-only service with a network named.
+        assert_eq!(
+            addrs(by("six")),
+            ["[fdbe::2]:8000", "[fdbe::3]:8000", "[fdbe::6]:8000"]
+        );
+        // old: no IPv6 address (named once per IPv6 service); far: published ports are IPv4.
+        let about = |who: &str, what: &str| {
+            problems
+                .iter()
+                .filter(|p| p.contains(&format!("container {who}")) && p.contains(what))
+                .count()
+        };
+        assert_eq!(
+            about("old:", "no IPv6 address on any network"),
+            1,
+            "{problems:?}"
+        );
+        assert_eq!(about("old:", "no IPv6 address on v6net"), 1, "{problems:?}");
+        assert_eq!(about("far on engine r", "IPv4 only"), 2, "{problems:?}");
+        assert_eq!(problems.len(), 4, "{problems:?}");
+        // The status finds the containers behind IPv6 backends, and the bridge of an
+        // IPv6 backend's network is attached even when only its IPv6 side serves.
+        let at = |a: &str| {
+            container_at(&containers, &engines, a.parse().unwrap()).map(|c| c.name.clone())
+        };
+        assert_eq!(at("[fdbe::6]:8000").as_deref(), Some("two"));
+        assert_eq!(at("[fdbe::7]:8000"), None);
+        let only6: Vec<Service> = svcs
+            .iter()
+            .filter(|s| s.listen.is_ipv6())
+            .cloned()
+            .collect();
+        assert_eq!(
+            backend_bridges(&only6, &containers, &engines)
+                .into_iter()
+                .collect::<Vec<_>>(),
+            ["br-v6net"]
+        );
+    }
+
+    #[test]
+    fn label_services_get_an_ipv6_half_when_their_containers_have_ipv6() {
+        let l = &[("berth.port", "9090"), ("berth.target-port", "8000")];
+        let old = &[("berth.port", "7070"), ("berth.target-port", "8000")];
+        let containers = keyed(vec![
+            dual("a", l, &[("v6net", 2, Some("fdbe::2"))]),
+            dual("b", l, &[("bridge", 3, None)]),
+            // A service none of whose containers has IPv6: IPv4 only, nothing to warn of.
+            dual("c", old, &[("bridge", 4, None)]),
+        ]);
+        let none = BTreeMap::new();
+        let host = std::collections::HashSet::new();
+        let (svcs, problems) = services(
+            &[],
+            &HashMap::new(),
+            &containers,
+            &none,
+            LabelServices::DualStack,
+            &host,
+        );
+        let names: Vec<_> = svcs
+            .iter()
+            .map(|s| (s.name.as_str(), s.listen.to_string()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("tcp-7070", "0.0.0.0:7070".to_owned()),
+                ("tcp-9090", "0.0.0.0:9090".to_owned()),
+                ("tcp-9090.ipv6", "[::]:9090".to_owned())
+            ]
+        );
+        assert_eq!(addrs(&svcs[1]), ["172.31.0.2:8000", "172.31.0.3:8000"]);
+        assert_eq!(addrs(&svcs[2]), ["[fdbe::2]:8000"]);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].contains("container b: no IPv6 address"),
+            "{problems:?}"
+        );
+        // IPv4 only (no IPv6 on the host, or label_ipv6 = false): no IPv6 halves.
+        let (svcs, problems) = services(
+            &[],
+            &HashMap::new(),
+            &containers,
+            &none,
+            LabelServices::Ipv4,
+            &host,
+        );
+        assert!(svcs.iter().all(|s| s.listen.is_ipv4()), "{svcs:?}");
+        assert_eq!(svcs.len(), 2);
+        assert!(problems.is_empty(), "{problems:?}");
+        // A host port taken keeps both halves away.
+        let taken = [(Protocol::Tcp, 9090)].into_iter().collect();
+        let (svcs, _) = services(
+            &[],
+            &HashMap::new(),
+            &containers,
+            &none,
+            LabelServices::DualStack,
+            &taken,
+        );
+        assert_eq!(svcs.len(), 1);
     }
 }

@@ -49,10 +49,16 @@ fn serve(port: u16) {
     {
         std::thread::sleep(Duration::from_millis(ms));
     }
-    let l = TcpListener::bind(("0.0.0.0", port)).expect("bind");
+    // Both families on one socket where the container has IPv6 (a dual-stack Docker
+    // network): `[::]` takes IPv4 as mapped addresses. IPv4 alone where it has none.
+    let l = TcpListener::bind(("::", port))
+        .or_else(|_| TcpListener::bind(("0.0.0.0", port)))
+        .expect("bind");
     l.set_nonblocking(true).expect("nonblocking");
     let name = hostname();
-    let u = UdpSocket::bind(("0.0.0.0", port)).expect("bind udp");
+    let u = UdpSocket::bind(("::", port))
+        .or_else(|_| UdpSocket::bind(("0.0.0.0", port)))
+        .expect("bind udp");
     let udp_name = name.clone();
     std::thread::spawn(move || {
         let mut buf = [0u8; 1500];
