@@ -272,7 +272,8 @@ impl FlowKey {
 /// A balanced flow has two entries: the forward one keyed by client -> service, whose `nat_*` is
 /// the backend to rewrite the destination to, and the reply one keyed by backend -> client, whose
 /// `nat_*` is the service address to rewrite the source back to. Both carry the backend id so the
-/// pair can be found and purged together. Every packet looks up both halves: a missing half is
+/// pair can be found and purged together. A DNAT flow of its backend's lazy service
+/// ([`MAP_LAZY_REPLY`]) gets its reply entry with its first reply, built from the forward one. Every packet looks up both halves: a missing half is
 /// rebuilt from the other, a half whose partner points elsewhere is stale (see `ct`).
 ///
 /// A full-NAT flow ([`ct::CT_F_FULLNAT`]) also rewrites the other end: its reply key is backend
