@@ -58,6 +58,14 @@ pub const MAP_CONNTRACK: &str = "CONNTRACK";
 /// [`MAP_CONNTRACK`]. A flow moves to the main map with its client's first packet after the SYN,
 /// so a flood of SYNs that never complete churns only this map, never the established flows.
 pub const MAP_CT_NEW: &str = "CT_NEW";
+/// Lazy reply entries (issue 14): a DNAT backend's address, port and protocol (as a
+/// [`ServiceKey`]) -> the one service address and port (also a [`ServiceKey`]) whose flows to
+/// that backend are recorded without their reply entry until the first reply. A reply that
+/// misses conntrack finds its flow's forward entry through it (the client is the reply's
+/// destination). Written by the program (`BPF_NOEXIST`, never changed while it exists),
+/// removed by userspace once the backend has left every service and its flows were purged.
+/// Flows to the backend for any other service keep their reply entry from the first packet.
+pub const MAP_LAZY_REPLY: &str = "LAZY_REPLY";
 /// Route cache per backend id ([`BackendRoute`]): new flows to a backend reuse it.
 pub const MAP_BACKEND_ROUTES: &str = "BACKEND_ROUTES";
 /// Per-CPU counters per service id ([`Counters`]).
@@ -269,7 +277,8 @@ impl FlowKey {
 /// A balanced flow has two entries: the forward one keyed by client -> service, whose `nat_*` is
 /// the backend to rewrite the destination to, and the reply one keyed by backend -> client, whose
 /// `nat_*` is the service address to rewrite the source back to. Both carry the backend id so the
-/// pair can be found and purged together. Every packet looks up both halves: a missing half is
+/// pair can be found and purged together. A DNAT flow of its backend's lazy service
+/// ([`MAP_LAZY_REPLY`]) gets its reply entry with its first reply, built from the forward one. Every packet looks up both halves: a missing half is
 /// rebuilt from the other, a half whose partner points elsewhere is stale (see `ct`).
 ///
 /// A full-NAT flow ([`ct::CT_F_FULLNAT`]) also rewrites the other end: its reply key is backend

@@ -29,15 +29,15 @@ use aya_ebpf::{
 use lb_common::{
     Backend, CFG_F_DROP_NO_BACKEND, CFG_F_KEEP_TTL, CFG_F_REDIRECT, CtEntry, DpConfig, FlowKey,
     Reason, Route, ServiceKey, ServiceValue,
-    ct::{self, CT_F_FULLNAT, DIR_FORWARD, DIR_REPLY, STATE_CLOSING, STATE_OPEN},
+    ct::{self, CT_F_CLOSED, CT_F_FULLNAT, DIR_FORWARD, DIR_REPLY, STATE_CLOSING, STATE_OPEN},
     hash::flow_hash,
     port_flag, port_to_wire,
 };
 
 use crate::{
     maps::{
-        BACKEND_ROUTES, BACKENDS, CONNTRACK, CT_NEW, LOCAL_ADDRS, MAGLEV, NAT_SCRATCH, PORTS,
-        SCRATCH, SERVICES, account, count,
+        BACKEND_ROUTES, BACKENDS, CONNTRACK, CT_NEW, LAZY_REPLY, LOCAL_ADDRS, MAGLEV, NAT_SCRATCH,
+        PORTS, SCRATCH, SERVICES, account, count,
     },
     nat::{
         IcmpNat, Side, fib, ingress_ifindex, redirect_cached, rewrite, rewrite_both, rewrite_icmp,
@@ -256,6 +256,24 @@ fn process(ctx: &TcContext) -> (i32, Reason) {
         } else {
             return unpack(forward(ctx, p, e, table));
         }
+    } else if port_flags(u16::from_be(flow.sport)) & port_flag(flow.proto, true) != 0 {
+        // Maybe the first reply of a flow recorded without its reply entry (see
+        // `lazy_reply`): the entry is written now and the packet handled as a reply.
+        match lazy_reply(ctx, p) {
+            LAZY_NONE => {}
+            LAZY_WRONG_IFACE => return exit(Reason::PassReplyWrongIface),
+            code => {
+                let table = if code == LAZY_IN_CT_NEW {
+                    &CT_NEW
+                } else {
+                    &CONNTRACK
+                };
+                if let Some(e) = ct_lookup(table, key) {
+                    // SAFETY: a value pointer returned by the map lookup (see above).
+                    return unpack(reply(ctx, p, unsafe { &mut *e }, table));
+                }
+            }
+        }
     }
     if !service_port {
         return exit(Reason::PassNoService);
@@ -270,6 +288,144 @@ fn process(ctx: &TcContext) -> (i32, Reason) {
         return unpack(reject::refuse(ctx, &p.flow));
     }
     verdict
+}
+
+/// [`lazy_reply`]: not the reply of a lazily recorded flow.
+const LAZY_NONE: u64 = 0;
+/// [`lazy_reply`]: the reply entry was written into CONNTRACK.
+const LAZY_IN_CONNTRACK: u64 = 1;
+/// [`lazy_reply`]: the reply entry was written into CT_NEW.
+const LAZY_IN_CT_NEW: u64 = 2;
+/// [`lazy_reply`]: the flow's reply, but from an interface its backend is not behind.
+const LAZY_WRONG_IFACE: u64 = 3;
+
+/// A packet that may be a backend's reply and found no conntrack entry: if its backend has a
+/// lazy service (`LAZY_REPLY`) and the forward entry of that service's flow from the packet's
+/// destination exists and sends to this backend, the flow's reply entry is written now, built
+/// from the forward entry (its state, closing bits and last-seen time, so it expires with it),
+/// in the map the forward entry is in. Only a DNAT forward entry keyed exactly so can match:
+/// the backend serves that service address lazily, and no other flow's forward entry has that
+/// key. A BPF subprogram (own stack frame) returning one of the `LAZY_*` codes.
+#[inline(never)]
+fn lazy_reply(ctx: &TcContext, p: &Pkt) -> u64 {
+    let key = &p.key;
+    let (half, code) = match lazy_half(key) {
+        Some((h, in_ct_new)) => (
+            h,
+            if in_ct_new {
+                LAZY_IN_CT_NEW
+            } else {
+                LAZY_IN_CONNTRACK
+            },
+        ),
+        None => return LAZY_NONE,
+    };
+    // Checked before anything is written: a forged reply from elsewhere leaves no trace.
+    if half.in_ifindex != 0 && half.in_ifindex != ingress_ifindex(ctx) {
+        return LAZY_WRONG_IFACE;
+    }
+    let ok = if code == LAZY_IN_CT_NEW {
+        CT_NEW.insert(key, &half, 0).is_ok()
+    } else {
+        CONNTRACK.insert(key, &half, 0).is_ok()
+    };
+    if !ok {
+        count(Reason::EventCtInsertFailed);
+        return LAZY_NONE;
+    }
+    code
+}
+
+/// The reply half of the lazily recorded flow whose reply key is `key` (backend -> client),
+/// built from its forward entry, and whether that is in CT_NEW; None if there is no such flow.
+#[inline(always)]
+fn lazy_half(key: &FlowKey) -> Option<(CtEntry, bool)> {
+    let s = LAZY_REPLY.get_ptr(&ServiceKey::new(key.saddr, key.sport, key.proto))?;
+    // SAFETY: valid map value pointer; `ServiceKey` is `Copy`.
+    let s = unsafe { *s };
+    let fkey = FlowKey::new(key.daddr, s.addr, key.dport, s.port, key.proto);
+    let (f, in_ct_new) = if let Some(f) = CONNTRACK.get_ptr(&fkey) {
+        (f, false)
+    } else {
+        (CT_NEW.get_ptr(&fkey)?, true)
+    };
+    // SAFETY: valid map value pointer; `CtEntry` is `Copy`.
+    let f = unsafe { *f };
+    if !ct::is_forward_of(&f, &fkey, key) {
+        return None;
+    }
+    let half = CtEntry {
+        nat_addr: s.addr,
+        nat_port: s.port,
+        dir: DIR_REPLY,
+        route: Route::NONE,
+        backend_ack: 0,
+        flags: f.flags & CT_F_CLOSED,
+        ..f
+    };
+    Some((half, in_ct_new))
+}
+
+/// [`lazy_half`] for an ICMP error (the map it would go to does not matter there).
+#[inline(always)]
+fn lazy_reply_half(key: &FlowKey) -> Option<CtEntry> {
+    lazy_half(key).map(|(h, _)| h)
+}
+
+/// The service LAZY_REPLY names for DNAT backend `bkey`, claimed for this flow's service
+/// address and port if none is named yet (`BPF_NOEXIST`: a concurrent claim on another CPU
+/// wins, and is what is returned). None: the map is full (the flow keeps its reply entry).
+#[inline(always)]
+fn lazy_owner(bkey: &ServiceKey, flow: &Flow) -> Option<ServiceKey> {
+    if let Some(s) = LAZY_REPLY.get_ptr(bkey) {
+        // SAFETY: valid map value pointer; `ServiceKey` is `Copy`.
+        return Some(unsafe { *s });
+    }
+    let mine = ServiceKey::new(flow.daddr, flow.dport, flow.proto);
+    if LAZY_REPLY
+        .insert(bkey, &mine, u64::from(BPF_NOEXIST))
+        .is_ok()
+    {
+        return Some(mine);
+    }
+    // SAFETY: as above.
+    LAZY_REPLY.get_ptr(bkey).map(|s| unsafe { *s })
+}
+
+/// Whether `owner` (a service the backend serves lazily) is this packet's own service address.
+#[inline(always)]
+fn is_lazy_for(owner: &ServiceKey, flow: &Flow) -> bool {
+    owner.addr == flow.daddr && owner.port == flow.dport
+}
+
+/// Whether a live flow of lazy service `owner` holds reply key `rkey` without a reply entry
+/// (its forward entry, keyed from the reply key's client to the service, sends to the
+/// backend): then no flow of another service may take the key, as if that reply entry were
+/// there (see `claim`; a lazily recorded flow has proved nothing in a window, so it keeps the
+/// key against every segment). A BPF subprogram (own stack frame); the owner comes packed
+/// (`owner.addr << 16 | owner.port`): LLVM turns a reference to a struct of two loaded fields
+/// into two arguments, and a sixth argument does not pass the verifier.
+#[inline(never)]
+fn lazy_flow_holds(rkey: &FlowKey, owner: u64, tcp_flags: u8, now: u64) -> bool {
+    let lkey = FlowKey::new(
+        rkey.daddr,
+        (owner >> 16) as u32,
+        rkey.dport,
+        owner as u16,
+        rkey.proto,
+    );
+    let Some(f) = CONNTRACK.get_ptr(&lkey).or_else(|| CT_NEW.get_ptr(&lkey)) else {
+        return false;
+    };
+    // SAFETY: valid map value pointer, read in place.
+    let f = unsafe { &*f };
+    ct::is_forward_of(f, &lkey, rkey) && !ct::expired(f, rkey.proto, tcp_flags, now, config())
+}
+
+/// `owner` packed for [`lazy_flow_holds`].
+#[inline(always)]
+fn packed(owner: &ServiceKey) -> u64 {
+    (u64::from(owner.addr) << 16) | u64::from(owner.port)
 }
 
 /// Moves a confirmed flow's pair (forward entry `e` at `key`, and its reply half if present)
@@ -474,7 +630,21 @@ fn forward_inner(
         rev = None;
     }
     if rev.is_none() {
-        if !claim(other(table), &rkey, flow, now, cfg) {
+        // Rebuilt (or, for a flow recorded lazily, written) here, unless a live flow holds the
+        // key: with its reply entry (`claim`), or recorded lazily for the service its backend
+        // serves lazily, if that is another.
+        // SAFETY: valid map value pointer; `ServiceKey` is `Copy`.
+        let owner = if e.full_nat() {
+            None
+        } else {
+            LAZY_REPLY
+                .get_ptr(&ServiceKey::new(e.nat_addr, e.nat_port, flow.proto))
+                .map(|s| unsafe { *s })
+        };
+        if owner.is_some_and(|o| {
+            !is_lazy_for(&o, flow) && lazy_flow_holds(&rkey, packed(&o), flow.tcp_flags, now)
+        }) || !claim(other(table), &rkey, flow, now, cfg)
+        {
             let _ = table.remove(key);
             return exit(Reason::DropFlowConflict);
         }
@@ -728,6 +898,17 @@ fn new_flow_inner(ctx: &TcContext, p: &Pkt) -> Pick {
     if !claim(&CONNTRACK, &rev_key, flow, now, cfg) || !claim(&CT_NEW, &rev_key, flow, now, cfg) {
         return Pick::Done(exit(Reason::DropFlowConflict));
     }
+    // One insert per new flow where the backend serves this service address lazily (the reply
+    // entry comes with the first reply, see `lazy_reply`); otherwise the key may also be held
+    // by a lazily recorded flow of the service the backend serves lazily.
+    let owner = lazy_owner(
+        &ServiceKey::new(backend.addr, backend.port, flow.proto),
+        flow,
+    );
+    let lazy = owner.is_some_and(|o| is_lazy_for(&o, flow));
+    if !lazy && owner.is_some_and(|o| lazy_flow_holds(&rev_key, packed(&o), flow.tcp_flags, now)) {
+        return Pick::Done(exit(Reason::DropFlowConflict));
+    }
 
     if rewrite(ctx, flow, Side::Dst, backend.addr, backend.port).is_err() {
         return Pick::Done(exit(Reason::AbortRewrite));
@@ -763,14 +944,18 @@ fn new_flow_inner(ctx: &TcContext, p: &Pkt) -> Pick {
         &CONNTRACK
     };
     let fwd_ok = table.insert(key, &half, 0).is_ok();
-    // The reply half, built in place; its route is learnt from its first packet.
-    half.nat_addr = flow.daddr;
-    half.nat_port = flow.dport;
-    half.dir = DIR_REPLY;
-    half.route = Route::NONE;
-    if !fwd_ok || table.insert(&rev_key, &half, 0).is_err() {
+    if !fwd_ok {
         // The packet is still balanced: the Maglev pick is a pure function of the tuple.
         count(Reason::EventCtInsertFailed);
+    } else if !lazy {
+        // The reply half, built in place; its route is learnt from its first packet.
+        half.nat_addr = flow.daddr;
+        half.nat_port = flow.dport;
+        half.dir = DIR_REPLY;
+        half.route = Route::NONE;
+        if table.insert(&rev_key, &half, 0).is_err() {
+            count(Reason::EventCtInsertFailed);
+        }
     }
     if flow.proto == lb_common::IPPROTO_TCP && !ct::is_bare_syn(flow.proto, flow.tcp_flags) {
         count(Reason::EventCtMidstreamPickup);
@@ -972,11 +1157,16 @@ fn icmp_error_inner(ctx: &TcContext, p: &mut Pkt) -> (i32, Reason) {
         return exit(Reason::PassNotTcpUdp);
     }
     let key = FlowKey::new(q.daddr, q.saddr, q.dport, q.sport, q.proto);
-    let Some(ent) = CONNTRACK.get_ptr(&key).or_else(|| CT_NEW.get_ptr(&key)) else {
+    let ent = if let Some(ent) = CONNTRACK.get_ptr(&key).or_else(|| CT_NEW.get_ptr(&key)) {
+        // SAFETY: valid map value pointer; `CtEntry` is `Copy`.
+        unsafe { *ent }
+    } else if let Some(ent) = lazy_reply_half(&key) {
+        // About a packet of a flow recorded lazily (no reply yet): its reply half as it would
+        // be written, not written (an error creates no state).
+        ent
+    } else {
         return exit(Reason::PassNotTcpUdp);
     };
-    // SAFETY: valid map value pointer; `CtEntry` is `Copy`.
-    let ent = unsafe { *ent };
     let o = &p.flow;
     let reply = ent.dir == DIR_REPLY;
     if reply {

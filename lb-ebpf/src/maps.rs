@@ -37,6 +37,12 @@ pub static CONNTRACK: LruHashMap<FlowKey, CtEntry> =
 pub static CT_NEW: LruHashMap<FlowKey, CtEntry> =
     LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE / 4, 0);
 
+/// A DNAT backend -> the service whose flows to it get their reply entry lazily (see
+/// lb-common's `MAP_LAZY_REPLY`); userspace sizes it to `max_backends`.
+#[map]
+pub static LAZY_REPLY: HashMap<ServiceKey, ServiceKey> =
+    HashMap::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
 /// Host-order port -> `PORT_F_*`. Bits are only ever set while berth runs (a port that stops
 /// being used merely costs the lookups it would have skipped).
 #[map]

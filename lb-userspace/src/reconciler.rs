@@ -428,6 +428,9 @@ impl Reconciler {
                     for k in &doomed {
                         self.dp.conntrack_remove(k).map_err(map_err)?;
                     }
+                    // No flow to it is left: its lazy service (if any) is forgotten, so the
+                    // next service it serves at this address may record its flows lazily.
+                    self.dp.lazy_reply_remove(a, proto).map_err(map_err)?;
                     doomed.len()
                 }
                 SocketAddr::V6(a) => {

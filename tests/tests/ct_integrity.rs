@@ -100,6 +100,9 @@ fn udp_flow_whose_reply_entry_was_evicted_is_repaired_by_its_next_request(nat: N
         let req = Ipv4Packet::udp(client(50000), service, b"q1").build();
         let dns = [sa(backend(4), 53), sa(backend(5), 53)];
         let leg = assert_fwd(&f.run(&req), &req, &dns, nat);
+        // DNAT: the reply entry comes with the first answer (issue 14).
+        let answer = from_backend(Ipv4Packet::udp(leg.backend, leg.peer, b"a0"));
+        assert_reply(&f.run(&answer), service, client(50000));
         // A flood evicts the reply entry; the client keeps its forward entry fresh.
         let rkey = flow_key(leg.backend, leg.peer, IPPROTO_UDP);
         assert!(
@@ -445,5 +448,138 @@ fn icmp_errors_from_a_backend_reach_the_client_with_the_service_address(nat: Nat
             8,
         );
         assert_untouched(&f.run(&stray), &stray, Reason::PassNotTcpUdp);
+    });
+}
+
+// ---- issue 14: a new DNAT flow's reply entry is written by its first reply ----
+
+#[test]
+fn a_syn_flood_leaves_one_entry_per_flow_and_each_answered_flow_gets_its_reply_entry() {
+    in_fixture_netns(|| {
+        let f = standard();
+        let n = 64u16;
+        for i in 0..n {
+            let syn = tcp(client(41000 + i), sa(VIP, 80), TCP_SYN, 1000, 0).build();
+            assert_dnat(&f.run(&syn), &syn, &web_backends());
+        }
+        let entries = f.dp().conntrack_entries();
+        assert_eq!(entries.len(), usize::from(n), "one entry per SYN");
+        assert!(entries.iter().all(|(_, e)| e.dir == ct::DIR_FORWARD));
+        assert!(
+            entries.iter().all(|(k, _)| f.dp().conntrack_unconfirmed(k)),
+            "unconfirmed flows stay in CT_NEW"
+        );
+        // The one the backend answers gets its reply entry, in CT_NEW beside its forward one,
+        // and both move to the main map with the client's ACK.
+        let c = client(41000);
+        let fwd = f.ct(&flow_key(c, sa(VIP, 80), IPPROTO_TCP)).unwrap();
+        let be = SocketAddrV4::new(
+            Ipv4Addr::from(fwd.nat_addr.to_ne_bytes()),
+            u16::from_be(fwd.nat_port),
+        );
+        let synack = from_backend(tcp(be, c, TCP_SYN | TCP_ACK, 5000, 1001));
+        assert_reply(&f.run(&synack), sa(VIP, 80), c);
+        let rkey = flow_key(be, c, IPPROTO_TCP);
+        assert!(f.dp().conntrack_unconfirmed(&rkey));
+        assert_eq!(f.dp().conntrack_entries().len(), usize::from(n) + 1);
+        let ack = tcp(c, sa(VIP, 80), TCP_ACK, 1001, 5001).build();
+        assert_eq!(assert_dnat(&f.run(&ack), &ack, &[be]), be);
+        assert!(!f.dp().conntrack_unconfirmed(&rkey) && f.ct(&rkey).is_some());
+        assert!(
+            !f.dp()
+                .conntrack_unconfirmed(&flow_key(c, sa(VIP, 80), IPPROTO_TCP))
+        );
+    });
+}
+
+#[test]
+fn a_first_reply_after_its_backend_left_the_service_is_still_translated() {
+    in_fixture_netns(|| {
+        let mut f = standard();
+        let c = client(41100);
+        let syn = tcp(c, sa(VIP, 80), TCP_SYN, 1000, 0).build();
+        let be = assert_dnat(&f.run(&syn), &syn, &web_backends());
+        // The backend leaves (draining), another is added: the flow stays on its backend.
+        let mut s = f.services.clone();
+        for svc in &mut s {
+            svc.backends.retain(|b| b.addr != be.into());
+        }
+        f.apply(s);
+        let synack = from_backend(tcp(be, c, TCP_SYN | TCP_ACK, 5000, 1001));
+        assert_reply(&f.run(&synack), sa(VIP, 80), c);
+        let ack = tcp(c, sa(VIP, 80), TCP_ACK, 1001, 5001).build();
+        assert_eq!(assert_dnat(&f.run(&ack), &ack, &[be]), be);
+        // Purged after the drain: the backend's lazy service is forgotten with its flows.
+        let drain = std::time::Duration::from_secs(30);
+        let purged = f
+            .rec
+            .purge_drained(std::time::Instant::now() + drain, drain)
+            .unwrap();
+        assert_eq!(purged, vec![(be.into(), 2)]);
+        assert_eq!(f.dp().lazy_reply_service(be, IPPROTO_TCP), None);
+    });
+}
+
+#[test]
+fn a_reply_whose_forward_entry_is_gone_or_elsewhere_is_not_translated() {
+    in_fixture_netns(|| {
+        let mut f = standard();
+        let c = client(41200);
+        let syn = tcp(c, sa(VIP, 80), TCP_SYN, 1000, 0).build();
+        let be = assert_dnat(&f.run(&syn), &syn, &web_backends());
+        let other = web_backends().into_iter().find(|b| *b != be).unwrap();
+        // From a backend the flow does not use: no translation, nothing written.
+        let wrong = from_backend(tcp(other, c, TCP_SYN | TCP_ACK, 5000, 1001));
+        assert_untouched(&f.run(&wrong), &wrong, Reason::PassNoService);
+        assert!(f.ct(&flow_key(other, c, IPPROTO_TCP)).is_none());
+        // From the flow's backend but where it does not live: not translated, nothing written.
+        let synack = from_backend(tcp(be, c, TCP_SYN | TCP_ACK, 5000, 1001));
+        let run = f.run_on(&synack, "fx2");
+        assert_untouched(&run, &synack, Reason::PassReplyWrongIface);
+        assert!(f.ct(&flow_key(be, c, IPPROTO_TCP)).is_none());
+        // The forward entry evicted: the reply finds no flow and is not translated.
+        f.rec
+            .dataplane_mut()
+            .conntrack_remove(&flow_key(c, sa(VIP, 80), IPPROTO_TCP))
+            .unwrap();
+        assert_untouched(&f.run(&synack), &synack, Reason::PassNoService);
+        assert!(f.dp().conntrack_entries().is_empty(), "nothing written");
+    });
+}
+
+#[test]
+fn a_spoofed_syn_to_a_second_service_cannot_take_a_lazily_recorded_flows_replies() {
+    in_fixture_netns(|| {
+        let f = shared_backend();
+        let victim = client(41300);
+        let syn = tcp(victim, sa(VIP, 80), TCP_SYN, 1000, 0).build();
+        let be = assert_dnat(&f.run(&syn), &syn, &[sa(backend(1), 8000)]);
+        assert_eq!(
+            f.dp().lazy_reply_service(be, IPPROTO_TCP),
+            Some(sa(VIP, 80))
+        );
+        // Before the backend answers, a spoofer sends as the victim to the other service on
+        // the same backend: the victim's flow holds the reply key though it has no reply
+        // entry yet.
+        for flags in [TCP_SYN, TCP_ACK, TCP_ACK | TCP_PSH] {
+            let spoof = tcp(victim, sa(HOST, 8080), flags, 77, 88).build();
+            assert_dropped(&f.run(&spoof), Reason::DropFlowConflict);
+        }
+        assert!(
+            f.ct(&flow_key(victim, sa(HOST, 8080), IPPROTO_TCP))
+                .is_none()
+        );
+        assert!(f.ct(&flow_key(be, victim, IPPROTO_TCP)).is_none());
+        // The backend's answer reaches the victim from the service it asked.
+        let synack = from_backend(tcp(be, victim, TCP_SYN | TCP_ACK, 5000, 1001));
+        assert_reply(&f.run(&synack), sa(VIP, 80), victim);
+        // A flow of the other service from another client keeps its reply entry eagerly.
+        let c2 = client(41301);
+        let syn2 = tcp(c2, sa(HOST, 8080), TCP_SYN, 1000, 0).build();
+        assert_dnat(&f.run(&syn2), &syn2, &[be]);
+        let rev = f
+            .ct(&flow_key(be, c2, IPPROTO_TCP))
+            .expect("eager reply entry");
+        assert_eq!(rev.nat_port, lb_common::port_to_wire(8080));
     });
 }

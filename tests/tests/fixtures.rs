@@ -19,19 +19,14 @@ fn tcp_syn_to_vip_is_translated_and_tracked() {
         let pkt = Ipv4Packet::tcp(client(40000), sa(VIP, 80), TCP_SYN).build();
         let run = f.run(&pkt);
         let be = assert_dnat(&run, &pkt, &web_backends());
-        // Both conntrack entries exist and point the right way.
+        // The forward entry points the right way; the reply entry is written by the first
+        // reply (issue 14: one insert per new flow), the backend serving this service lazily.
         let fwd = f
             .ct(&flow_key(client(40000), sa(VIP, 80), IPPROTO_TCP))
             .expect("forward entry");
         assert_eq!(fwd.dir, ct::DIR_FORWARD);
         assert_eq!(fwd.state, ct::STATE_OPEN);
         assert_eq!(fwd.nat_addr, lb_common::ipv4_to_wire(be.ip().octets()));
-        let rev = f
-            .ct(&flow_key(be, client(40000), IPPROTO_TCP))
-            .expect("reply entry");
-        assert_eq!(rev.dir, ct::DIR_REPLY);
-        assert_eq!(rev.nat_addr, lb_common::ipv4_to_wire(VIP.octets()));
-        assert_eq!(rev.nat_port, lb_common::port_to_wire(80));
         // Counters: one new flow on the service and on the backend.
         let sc = f.dp().service_counters(fwd.service_id).unwrap();
         assert_eq!(
@@ -40,6 +35,31 @@ fn tcp_syn_to_vip_is_translated_and_tracked() {
         );
         let bc = f.dp().backend_counters(fwd.backend_id).unwrap();
         assert_eq!((bc.packets, bc.new_flows), (1, 1));
+        assert_eq!(
+            f.dp().conntrack_entries().len(),
+            1,
+            "one entry per new flow"
+        );
+        assert_eq!(
+            f.dp().lazy_reply_service(be, IPPROTO_TCP),
+            Some(sa(VIP, 80))
+        );
+        let rkey = flow_key(be, client(40000), IPPROTO_TCP);
+        assert!(f.ct(&rkey).is_none(), "no reply entry before the reply");
+        let mut synack = Ipv4Packet::tcp(be, client(40000), TCP_SYN | TCP_ACK);
+        synack.src_mac = backend_mac(*be.ip());
+        let run = f.run(&synack.build());
+        assert_eq!(run.exits(), [Reason::ReplyRedirect.name()], "{run:?}");
+        wire::verify_checksums(&run.out).unwrap();
+        assert_eq!(wire::parse(&run.out).src, sa(VIP, 80));
+        let rev = f.ct(&rkey).expect("reply entry");
+        assert_eq!(rev.dir, ct::DIR_REPLY);
+        assert_eq!(rev.nat_addr, lb_common::ipv4_to_wire(VIP.octets()));
+        assert_eq!(rev.nat_port, lb_common::port_to_wire(80));
+        assert_eq!(
+            (rev.backend_id, rev.service_id, rev.in_ifindex),
+            (fwd.backend_id, fwd.service_id, fwd.in_ifindex)
+        );
     });
 }
 

@@ -73,6 +73,36 @@ impl Dataplane {
         self.ct_new.get(key, 0).is_ok()
     }
 
+    /// The service address whose flows to IPv4 DNAT backend `backend` (`proto`) are recorded
+    /// without their reply entry until the first reply (lb-common's `MAP_LAZY_REPLY`).
+    pub fn lazy_reply_service(
+        &self,
+        backend: std::net::SocketAddrV4,
+        proto: u8,
+    ) -> Option<std::net::SocketAddrV4> {
+        let k = ServiceKey::new(
+            lb_common::ipv4_to_wire(backend.ip().octets()),
+            lb_common::port_to_wire(backend.port()),
+            proto,
+        );
+        let v = self.lazy_reply.get(&k, 0).ok()?;
+        Some(std::net::SocketAddrV4::new(
+            std::net::Ipv4Addr::from(v.addr.to_ne_bytes()),
+            u16::from_be(v.port),
+        ))
+    }
+
+    /// Forgets a backend's lazy service: only once no flow to it is left (a flow recorded
+    /// lazily would lose its replies), i.e. after the drain purge of a backend no service has.
+    pub fn lazy_reply_remove(&mut self, backend: std::net::SocketAddrV4, proto: u8) -> Result<()> {
+        let k = ServiceKey::new(
+            lb_common::ipv4_to_wire(backend.ip().octets()),
+            lb_common::port_to_wire(backend.port()),
+            proto,
+        );
+        absent_is_fine(self.lazy_reply.remove(&k), lb_common::MAP_LAZY_REPLY)
+    }
+
     pub fn conntrack_remove(&mut self, key: &FlowKey) -> Result<()> {
         absent_is_fine(self.conntrack.remove(key), MAP_CONNTRACK)?;
         absent_is_fine(self.ct_new.remove(key), lb_common::MAP_CT_NEW)

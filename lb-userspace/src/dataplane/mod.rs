@@ -162,6 +162,7 @@ const MAPS: [&str; 18] = [
     MAP_MAGLEV,
     MAP_CONNTRACK,
     lb_common::MAP_CT_NEW,
+    lb_common::MAP_LAZY_REPLY,
     lb_common::MAP_PORTS,
     MAP_SERVICE_STATS,
     MAP_BACKEND_STATS,
@@ -205,6 +206,8 @@ pub struct Dataplane {
     local_addrs_written: Option<std::collections::BTreeSet<u32>>,
     /// Flows that have only sent a SYN.
     ct_new: HashMap<MapData, FlowKey, CtEntry>,
+    /// DNAT backend -> the service whose flows to it get their reply entry lazily.
+    lazy_reply: HashMap<MapData, ServiceKey, ServiceKey>,
     /// Second descriptors of the conntrack maps (IPv4's two, then IPv6's), for
     /// [`Dataplane::conntrack_reader`].
     conntrack_fds: [std::os::fd::OwnedFd; 4],
@@ -289,6 +292,7 @@ impl Dataplane {
                     MAP_BACKENDS
                     | MAP_BACKEND_STATS
                     | lb_common::MAP_BACKEND_ROUTES
+                    | lb_common::MAP_LAZY_REPLY
                     | lb_common::v6::MAP_BACKENDS6 => "dataplane.max_backends",
                     _ => "this berth version",
                 },
@@ -338,6 +342,7 @@ impl Dataplane {
             .map_max_entries(MAP_BACKENDS, options.max_backends)
             .map_max_entries(MAP_BACKEND_STATS, options.max_backends)
             .map_max_entries(lb_common::MAP_BACKEND_ROUTES, options.max_backends)
+            .map_max_entries(lb_common::MAP_LAZY_REPLY, options.max_backends)
             .map_max_entries(MAP_MAGLEV, options.max_services * options.maglev_size)
             .map_max_entries(MAP_CONNTRACK, options.conntrack_size)
             .map_max_entries(lb_common::MAP_CT_NEW, options.ct_new_size())
@@ -387,6 +392,7 @@ impl Dataplane {
         Ok(Self {
             conntrack_fds,
             ct_new: take!(ebpf, lb_common::MAP_CT_NEW),
+            lazy_reply: take!(ebpf, lb_common::MAP_LAZY_REPLY),
             services: take!(ebpf, MAP_SERVICES),
             backends: take!(ebpf, MAP_BACKENDS),
             backend_routes: take!(ebpf, lb_common::MAP_BACKEND_ROUTES),
