@@ -531,6 +531,7 @@ fn main() {
 fn entry6(dir: u8, nat: SocketAddrV6, now: u64) -> CtEntry6 {
     CtEntry6 {
         nat_addr: ipv6_to_wire(nat.ip().octets()),
+        fnat_addr: [0; 4],
         ct: CtEntry {
             nat_addr: 0,
             ..entry(
@@ -582,6 +583,7 @@ fn v6_rows(a: &Args) -> Vec<Row> {
                         id: bid,
                         addr: backend,
                         weight: 1,
+                        snat: None,
                     }],
                 )
                 .expect("install");
@@ -690,6 +692,7 @@ fn v6_rows(a: &Args) -> Vec<Row> {
                     id: i + 1,
                     addr: addr(i + 1),
                     weight: 1,
+                    snat: None,
                 }],
             )
             .expect("install ring service");
