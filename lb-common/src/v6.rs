@@ -52,23 +52,37 @@ impl ServiceKey6 {
     }
 }
 
-/// An IPv6 backend slot. An all-zero `addr` marks an empty slot. (DNAT only: full NAT over
-/// IPv6 is not implemented.)
+/// An IPv6 backend slot. An all-zero `addr` marks an empty slot.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct Backend6 {
     pub addr: [u32; 4],
     pub port: u16,
     pub _pad: u16,
+    /// Full NAT: the source address new flows to this backend get (with a port of the
+    /// configured range, as IPv4's [`crate::Backend::snat_addr`]). All zero: DNAT.
+    pub snat_addr: [u32; 4],
 }
-const _: () = assert!(core::mem::size_of::<Backend6>() == 20);
+const _: () = assert!(core::mem::size_of::<Backend6>() == 36);
 
 impl Backend6 {
+    /// A backend reached by DNAT.
     pub const fn dnat(addr: [u32; 4], port: u16) -> Self {
         Self {
             addr,
             port,
             _pad: 0,
+            snat_addr: [0; 4],
+        }
+    }
+
+    /// A backend reached by full NAT from `snat_addr`.
+    pub const fn full_nat(addr: [u32; 4], port: u16, snat_addr: [u32; 4]) -> Self {
+        Self {
+            addr,
+            port,
+            _pad: 0,
+            snat_addr,
         }
     }
 
@@ -153,19 +167,23 @@ impl FlowKey6 {
     }
 }
 
-/// IPv6 conntrack value: an IPv4 entry whose `nat_addr` (and the full-NAT fields) are unused,
-/// with the 16-byte address beside it. Every rule of `ct` that reads an entry (expiry, state,
-/// the acknowledgment window) reads `ct` and so applies to both families unchanged.
+/// IPv6 conntrack value: an IPv4 entry whose `nat_addr` and `fnat_addr` are unused, with the
+/// 16-byte addresses beside it. Every rule of `ct` that reads an entry (expiry, state, the
+/// acknowledgment window, the closing bits, full-NAT port reuse) reads `ct` and so applies to
+/// both families unchanged.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct CtEntry6 {
     /// Forward entries: the backend to rewrite the destination to; reply entries: the service
     /// address to rewrite the source back to.
     pub nat_addr: [u32; 4],
-    /// Everything else, as for IPv4 (`ct.nat_addr` is 0).
+    /// Full NAT only ([`ct::CT_F_FULLNAT`] in `ct.flags`; port in `ct.fnat_port`): the forward
+    /// entry's new source (berth's address), the reply entry's new destination (the client).
+    pub fnat_addr: [u32; 4],
+    /// Everything else, as for IPv4 (`ct.nat_addr` and `ct.fnat_addr` are 0).
     pub ct: CtEntry,
 }
-const _: () = assert!(core::mem::size_of::<CtEntry6>() == 16 + core::mem::size_of::<CtEntry>());
+const _: () = assert!(core::mem::size_of::<CtEntry6>() == 32 + core::mem::size_of::<CtEntry>());
 const _: () = assert!(core::mem::size_of::<CtEntry6>().is_multiple_of(8));
 
 /// Converts an IPv6 address's octets to the in-map representation.
@@ -222,30 +240,51 @@ pub const fn flow_hash6(key: &FlowKey6, seed: u32) -> u32 {
     )
 }
 
-/// The key of the reply half (backend -> client) of the flow whose forward half is `fwd` at
-/// `fkey`.
+/// The key of the reply half of the flow whose forward half is `fwd` at `fkey`: backend ->
+/// client, or for full NAT backend -> berth's source address and port (IPv4's
+/// [`ct::reply_key`]).
 #[inline(always)]
 pub const fn reply_key6(fkey: &FlowKey6, fwd: &CtEntry6) -> FlowKey6 {
-    FlowKey6::new(
-        fwd.nat_addr,
-        fkey.saddr,
-        fwd.ct.nat_port,
-        fkey.sport,
-        fkey.proto,
-    )
+    if fwd.ct.full_nat() {
+        FlowKey6::new(
+            fwd.nat_addr,
+            fwd.fnat_addr,
+            fwd.ct.nat_port,
+            fwd.ct.fnat_port,
+            fkey.proto,
+        )
+    } else {
+        FlowKey6::new(
+            fwd.nat_addr,
+            fkey.saddr,
+            fwd.ct.nat_port,
+            fkey.sport,
+            fkey.proto,
+        )
+    }
 }
 
 /// The key of the forward half (client -> service) of the flow whose reply half is `rev` at
-/// `rkey`.
+/// `rkey` (IPv4's [`ct::forward_key`]).
 #[inline(always)]
 pub const fn forward_key6(rkey: &FlowKey6, rev: &CtEntry6) -> FlowKey6 {
-    FlowKey6::new(
-        rkey.daddr,
-        rev.nat_addr,
-        rkey.dport,
-        rev.ct.nat_port,
-        rkey.proto,
-    )
+    if rev.ct.full_nat() {
+        FlowKey6::new(
+            rev.fnat_addr,
+            rev.nat_addr,
+            rev.ct.fnat_port,
+            rev.ct.nat_port,
+            rkey.proto,
+        )
+    } else {
+        FlowKey6::new(
+            rkey.daddr,
+            rev.nat_addr,
+            rkey.dport,
+            rev.ct.nat_port,
+            rkey.proto,
+        )
+    }
 }
 
 #[inline(always)]
@@ -290,6 +329,7 @@ mod tests {
     fn entry(nat: [u32; 4], port: u16, dir: u8) -> CtEntry6 {
         CtEntry6 {
             nat_addr: nat,
+            fnat_addr: [0; 4],
             ct: CtEntry {
                 nat_addr: 0,
                 nat_port: port_to_wire(port),
@@ -371,6 +411,51 @@ mod tests {
         assert!(!is_forward_of6(&rev, &fkey, &rkey));
     }
 
+    /// Full NAT: the reply key is backend -> berth's address and port, and the entries name
+    /// the other end (the client in the reply half, berth's source in the forward half).
+    #[test]
+    fn full_nat_halves_find_each_other() {
+        let (client, vip, backend, snat) = (a(1), a(2), a(3), a(4));
+        let fkey = FlowKey6::new(
+            client,
+            vip,
+            port_to_wire(40000),
+            port_to_wire(80),
+            IPPROTO_TCP,
+        );
+        let mut fwd = entry(backend, 8000, ct::DIR_FORWARD);
+        fwd.ct.flags = ct::CT_F_FULLNAT;
+        fwd.fnat_addr = snat;
+        fwd.ct.fnat_port = port_to_wire(61005);
+        let rkey = reply_key6(&fkey, &fwd);
+        assert_eq!(
+            rkey,
+            FlowKey6::new(
+                backend,
+                snat,
+                port_to_wire(8000),
+                port_to_wire(61005),
+                IPPROTO_TCP
+            )
+        );
+        let mut rev = entry(vip, 80, ct::DIR_REPLY);
+        rev.ct.flags = ct::CT_F_FULLNAT;
+        rev.fnat_addr = client;
+        rev.ct.fnat_port = port_to_wire(40000);
+        assert_eq!(forward_key6(&rkey, &rev), fkey);
+        assert!(is_reply_of6(&rev, &rkey, &fkey));
+        assert!(is_forward_of6(&fwd, &fkey, &rkey));
+        // The reply key does not hold the client: the entry must name it.
+        let other = FlowKey6::new(a(9), vip, fkey.sport, fkey.dport, IPPROTO_TCP);
+        assert!(!is_reply_of6(&rev, &rkey, &other));
+        let mut moved = rev;
+        moved.ct.fnat_port = port_to_wire(40001);
+        assert!(!is_reply_of6(&moved, &rkey, &fkey));
+        // A DNAT half never pairs with a full-NAT one.
+        let dnat = entry(backend, 8000, ct::DIR_FORWARD);
+        assert_ne!(reply_key6(&fkey, &dnat), rkey);
+    }
+
     #[test]
     fn every_address_word_changes_the_hash() {
         let k = FlowKey6::new(a(1), a(2), 1, 2, IPPROTO_TCP);
@@ -394,5 +479,7 @@ mod tests {
         assert_eq!(&bytemuck::bytes_of(&k)[..16], &o);
         assert!(Backend6::default().is_empty());
         assert!(!Backend6::dnat(a(1), 1).is_empty());
+        assert_eq!(Backend6::dnat(a(1), 1).snat_addr, [0; 4]);
+        assert_eq!(Backend6::full_nat(a(1), 1, a(5)).snat_addr, a(5));
     }
 }

@@ -8,7 +8,10 @@
 //! [`MAX_EXT`] headers and the first [`MAX_L4_OFF`] bytes, ICMPv6 errors (destination
 //! unreachable, Packet Too Big, time exceeded, parameter problem) quoting a balanced flow are
 //! translated like the flow, and every other ICMPv6 message (NDP above all) passes untouched.
-//! Full NAT is IPv4-only: an IPv6 backend is reached by DNAT.
+//! Full NAT works as IPv4's (lb-common's `ct` rules, source ports from the same tries taken
+//! with `BPF_NOEXIST` on the reply half): a backend slot with a source address
+//! (`Backend6::snat_addr`) gets its new flows from that address and a port of the configured
+//! range.
 //!
 //! Policy for what is not walked, as for IPv4 options and fragments: a fragment (a fragment
 //! header with an offset or more-fragments set) passes untouched (`pass_fragment`); a routing
@@ -20,7 +23,7 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{
         BPF_F_IPV6, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT,
+        BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT,
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup,
     },
     helpers::generated::{
@@ -31,15 +34,15 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    CFG_F_DROP_NO_BACKEND, CFG_F_KEEP_TTL, CFG_F_REDIRECT, CtEntry, DEFAULT_CONNTRACK_SIZE,
+    CFG_F_DROP_NO_BACKEND, CFG_F_KEEP_TTL, CFG_F_REDIRECT, DEFAULT_CONNTRACK_SIZE,
     DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, DpConfig, IPPROTO_TCP, IPPROTO_UDP, Reason, Route,
     SVC_F_EMPTY, ServiceValue,
     csum::{add, apply, diff2, diff4, replace2},
-    ct::{self, DIR_FORWARD, DIR_REPLY, STATE_CLOSING, STATE_OPEN},
-    port_flag,
+    ct::{self, CT_F_FULLNAT, DIR_FORWARD, DIR_REPLY, STATE_CLOSING, STATE_OPEN},
+    port_flag, port_to_wire,
     v6::{
         Backend6, CtEntry6, FlowKey6, ServiceKey6, flow_hash6, forward_key6, is_forward_of6,
-        is_reply_of6, reply_key6,
+        is_reply_of6, is_zero, reply_key6,
     },
 };
 
@@ -170,6 +173,8 @@ pub struct Work6 {
     rkey: FlowKey6,
     tuple: Tuple6,
     fib: Fib6,
+    /// A new full-NAT flow between its steps: the forward entry's route.
+    route: Route,
 }
 
 /// This CPU's `WORK6` slot.
@@ -506,7 +511,26 @@ fn process_inner(ctx: &TcContext) -> (i32, Reason) {
     if !service_port {
         return exit(Reason::PassNoService);
     }
-    let verdict = unpack(new_flow6(ctx, p));
+    let v = new_flow6(ctx, p);
+    if v & FULL_NAT6 != 0 {
+        // Outside `new_flow6`'s frame, as IPv4's `new_full_nat_flow`, and in three steps, each
+        // a frame of its own (the call chain's 512 bytes hold no more than one at a time under
+        // this one's): route and build the reply entry, take a port, record and rewrite.
+        let v = new_full_nat_flow6(ctx, p, v);
+        if v & FULL_NAT6 == 0 {
+            return unpack(v);
+        }
+        if !take_port6(p) {
+            return exit(Reason::DropSnatExhausted);
+        }
+        if !finish_full_nat6(ctx, p) {
+            return exit(Reason::AbortRewrite);
+        }
+        // The routing's verdict, kept here (one read back from a map would lose the bounds
+        // the verifier knows it by).
+        return unpack(v & !FULL_NAT6);
+    }
+    let verdict = unpack(v);
     if verdict.1 == Reason::RejectNoBackend {
         return unpack(tcp_reset6(ctx, p));
     }
@@ -706,32 +730,52 @@ fn confirm6(key: &FlowKey6, e: &CtEntry6) -> bool {
     true
 }
 
-/// Inserts the missing half of the flow whose other half is `from` (see `rebuild`).
+/// Inserts the missing half of the flow whose other half is `from` (see `rebuild`): for full
+/// NAT the other end too (the client a client -> service packet comes from; berth's address
+/// and port a backend's packet was sent to).
 #[inline(never)]
 fn rebuild6(table: &Table6, key: &FlowKey6, from: &CtEntry6, flow: &Flow6, now: u64) -> bool {
-    let fwd = from.ct.dir == DIR_FORWARD;
-    let half = CtEntry6 {
-        nat_addr: if fwd { flow.daddr } else { flow.saddr },
-        ct: CtEntry {
-            nat_port: if fwd { flow.dport } else { flow.sport },
-            dir: if fwd { DIR_REPLY } else { DIR_FORWARD },
-            route: Route::NONE,
-            backend_ack: 0,
-            flags: 0,
-            last_seen_ns: now,
-            ..from.ct
-        },
+    // Built in `WORK6` (an entry on the stack would not fit the call chain's 512 bytes); no
+    // caller has anything there at this point.
+    let Some(w) = work() else {
+        return false;
     };
+    let fwd = from.ct.dir == DIR_FORWARD;
+    let full = from.ct.flags & CT_F_FULLNAT;
+    let half = &mut w.half;
+    half.ct = from.ct;
+    half.nat_addr = if fwd { flow.daddr } else { flow.saddr };
+    half.fnat_addr = if full == 0 {
+        [0; 4]
+    } else if fwd {
+        flow.saddr
+    } else {
+        flow.daddr
+    };
+    half.ct.nat_port = if fwd { flow.dport } else { flow.sport };
+    half.ct.dir = if fwd { DIR_REPLY } else { DIR_FORWARD };
+    half.ct.route = Route::NONE;
+    half.ct.backend_ack = 0;
+    half.ct.flags = full;
+    half.ct.fnat_port = if full == 0 {
+        0
+    } else if fwd {
+        flow.sport
+    } else {
+        flow.dport
+    };
+    half.ct.last_seen_ns = now;
     count(Reason::EventCtRebuilt);
-    if table.insert(key, &half, 0).is_err() {
+    if table.insert(key, &w.half, 0).is_err() {
         count(Reason::EventCtInsertFailed);
         return false;
     }
     true
 }
 
-/// Whether reply key `rkey` of `table` may be taken by this packet's new flow (see `claim`;
-/// DNAT only, so the key always names the client).
+/// Whether reply key `rkey` of `table` may be taken by this packet's new flow (see `claim`: a
+/// full-NAT reply key names berth's address, not a client, so a live flow keeps it against
+/// everyone).
 #[inline(never)]
 fn claim6(table: &Table6, rkey: &FlowKey6, flow: &Flow6, now: u64, cfg: &DpConfig) -> bool {
     let Some(r) = table.get_ptr(rkey) else {
@@ -747,10 +791,12 @@ fn claim6(table: &Table6, rkey: &FlowKey6, flow: &Flow6, now: u64, cfg: &DpConfi
     let partner = table
         .get_ptr(&fkey)
         .is_some_and(|f| is_forward_of6(unsafe { &*f }, &fkey, rkey));
+    let names_client = !r.ct.full_nat() && rkey.daddr == flow.saddr && rkey.dport == flow.sport;
     if partner
         && !ct::expired(&r.ct, rkey.proto, flow.tcp_flags, now, cfg)
         && (flow.proto != IPPROTO_TCP
             || ct::is_bare_syn(flow.proto, flow.tcp_flags)
+            || !names_client
             || !ct::in_window(&r.ct, flow.seq))
     {
         return false;
@@ -771,15 +817,22 @@ fn touch6(a: &mut CtEntry6, b: Option<*mut CtEntry6>, now: u64) {
     }
 }
 
+/// Marks a flow closing, adding closing `bits` to both halves (see `close`).
 #[inline(always)]
-fn close6(e: &mut CtEntry6, other: Option<*mut CtEntry6>, now: u64) {
+fn close6(e: &mut CtEntry6, other: Option<*mut CtEntry6>, bits: u8, now: u64) {
+    if e.ct.state != STATE_CLOSING {
+        count(Reason::EventCtClosing);
+    }
     e.ct.state = STATE_CLOSING;
+    e.ct.flags |= bits;
     if let Some(o) = other {
         // SAFETY: a valid map value pointer.
-        unsafe { (*o).ct.state = STATE_CLOSING };
+        unsafe {
+            (*o).ct.state = STATE_CLOSING;
+            (*o).ct.flags |= bits;
+        }
     }
     touch6(e, other, now);
-    count(Reason::EventCtClosing);
 }
 
 /// A packet client -> service of a tracked flow (see `forward`).
@@ -816,11 +869,12 @@ fn forward6_inner(
         rebuild6(table, &rkey, e, flow, now);
         rev = table.get_ptr_mut(&rkey);
     }
-    if ct::closes(flow.proto, flow.tcp_flags) && e.ct.state != STATE_CLOSING {
+    if ct::closes(flow.proto, flow.tcp_flags) {
         // SAFETY: valid map value pointer.
         if rev.is_none_or(|r| ct::in_window(unsafe { &(*r).ct }, flow.seq)) {
-            close6(e, rev, now);
-        } else {
+            let bits = ct::close_bits(flow.proto, flow.tcp_flags, DIR_FORWARD);
+            close6(e, rev, bits, now);
+        } else if e.ct.state != STATE_CLOSING {
             count(Reason::EventCtCloseIgnored);
         }
     }
@@ -880,14 +934,16 @@ fn reply6_inner(
         e.ct.backend_ack = flow.ack;
         e.ct.flags |= ct::CT_F_ACK_KNOWN;
     }
-    if ct::closes(flow.proto, flow.tcp_flags) && e.ct.state != STATE_CLOSING {
-        close6(e, fwd, now);
+    if ct::closes(flow.proto, flow.tcp_flags) {
+        let bits = ct::close_bits(flow.proto, flow.tcp_flags, DIR_REPLY);
+        close6(e, fwd, bits, now);
     }
     translate6(ctx, p, e, fwd, true)
 }
 
 /// The common end of a tracked flow's packet (see `translate`): refresh, count, rewrite the
-/// destination (forward) or source (`reply`), send along the cached route.
+/// destination (forward) or source (`reply`), and for full NAT the other end too, send along
+/// the cached route.
 #[inline(always)]
 fn translate6(
     ctx: &TcContext,
@@ -902,7 +958,25 @@ fn translate6(
         touch6(e, other, now);
     }
     account(e.ct.service_id, e.ct.backend_id, p.bytes, false);
-    if rewrite6(ctx, flow, reply, &e.nat_addr, e.ct.nat_port).is_err() {
+    let full = e.ct.full_nat();
+    let done = if !full {
+        rewrite6(ctx, flow, reply, &e.nat_addr, e.ct.nat_port)
+    } else if reply {
+        rewrite_both6(
+            ctx,
+            flow,
+            (&e.fnat_addr, e.ct.fnat_port),
+            (&e.nat_addr, e.ct.nat_port),
+        )
+    } else {
+        rewrite_both6(
+            ctx,
+            flow,
+            (&e.nat_addr, e.ct.nat_port),
+            (&e.fnat_addr, e.ct.fnat_port),
+        )
+    };
+    if done.is_err() {
         return exit(Reason::AbortRewrite);
     }
     let redirect = config().flags & CFG_F_REDIRECT != 0;
@@ -918,14 +992,20 @@ fn translate6(
     let t = &mut w.tuple;
     if reply {
         t.src = e.nat_addr;
-        t.dst = flow.daddr;
         t.sport = e.ct.nat_port;
-        t.dport = flow.dport;
+        (t.dst, t.dport) = if full {
+            (e.fnat_addr, e.ct.fnat_port)
+        } else {
+            (flow.daddr, flow.dport)
+        };
     } else {
-        t.src = flow.saddr;
         t.dst = e.nat_addr;
-        t.sport = flow.sport;
         t.dport = e.ct.nat_port;
+        (t.src, t.sport) = if full {
+            (e.fnat_addr, e.ct.fnat_port)
+        } else {
+            (flow.saddr, flow.sport)
+        };
     }
     fib6(ctx, flow, &w.tuple, &mut w.fib);
     e.ct.route = w.fib.route;
@@ -949,30 +1029,39 @@ fn lookup_service6(flow: &Flow6) -> Option<ServiceValue> {
     }
 }
 
+/// What `new_flow6` returns instead of a verdict when the backend it picked takes full NAT:
+/// this bit, the service id << 32 and the backend id (see IPv4's `FULL_NAT`).
+const FULL_NAT6: u64 = 1 << 63;
+
 /// A packet client -> service with no flow: picks the backend (Maglev over the shared rows),
-/// claims the reply key, translates and records the pair. A BPF subprogram.
+/// claims the reply key, translates and records the pair. A BPF subprogram, returning a packed
+/// verdict, or [`FULL_NAT6`] and the ids when the backend takes full NAT.
 #[inline(never)]
 fn new_flow6(ctx: &TcContext, p: &Pkt6) -> u64 {
-    pack(new_flow6_inner(ctx, p))
+    match new_flow6_inner(ctx, p) {
+        Ok(v) => pack(v),
+        Err(ids) => FULL_NAT6 | ids,
+    }
 }
 
+/// `Err`: the service id << 32 | backend id of a full-NAT backend, for `new_full_nat_flow6`.
 #[inline(always)]
-fn new_flow6_inner(ctx: &TcContext, p: &Pkt6) -> (i32, Reason) {
-    let (flow, key, now, cfg) = (&p.flow, &p.key, p.now, config());
+fn new_flow6_inner(ctx: &TcContext, p: &Pkt6) -> Result<(i32, Reason), u64> {
+    let (flow, key, cfg) = (&p.flow, &p.key, config());
     let Some(svc) = lookup_service6(flow) else {
-        return exit(Reason::PassNoService);
+        return Ok(exit(Reason::PassNoService));
     };
     if svc.id >= cfg.max_services {
-        return exit(Reason::AbortMap);
+        return Ok(exit(Reason::AbortMap));
     }
     let m = cfg.maglev_size;
     let slot = svc.id * m + flow_hash6(key, cfg.hash_seed) % m;
     let Some(&picked) = MAGLEV.get(slot) else {
-        return exit(Reason::AbortMap);
+        return Ok(exit(Reason::AbortMap));
     };
     let backend_id = if picked == 0 { svc.fallback } else { picked };
     let Some(backend) = BACKENDS6.get_ptr(backend_id) else {
-        return exit(Reason::AbortMap);
+        return Ok(exit(Reason::AbortMap));
     };
     // SAFETY: a valid array value pointer, read in place (a reconciler write racing with it
     // gives either version of a field; the flow's retry finds the settled one).
@@ -980,10 +1069,26 @@ fn new_flow6_inner(ctx: &TcContext, p: &Pkt6) -> (i32, Reason) {
     if backend.is_empty() {
         if cfg.flags & CFG_F_DROP_NO_BACKEND == 0 && svc.flags & SVC_F_EMPTY != 0 {
             // Answered by `process`, outside this frame (as IPv4's `reject`).
-            return (TC_ACT_SHOT as i32, Reason::RejectNoBackend);
+            return Ok((TC_ACT_SHOT as i32, Reason::RejectNoBackend));
         }
-        return exit(Reason::DropNoBackend);
+        return Ok(exit(Reason::DropNoBackend));
     }
+    if !is_zero(&backend.snat_addr) {
+        return Err((u64::from(svc.id) << 32) | u64::from(backend_id));
+    }
+    Ok(new_dnat_flow6(ctx, p, svc.id, backend_id, backend))
+}
+
+/// The rest of a new flow to a DNAT backend.
+#[inline(always)]
+fn new_dnat_flow6(
+    ctx: &TcContext,
+    p: &Pkt6,
+    service_id: u32,
+    backend_id: u32,
+    backend: &Backend6,
+) -> (i32, Reason) {
+    let (flow, key, now, cfg) = (&p.flow, &p.key, p.now, config());
     let Some(w) = work() else {
         return exit(Reason::AbortMap);
     };
@@ -1001,10 +1106,12 @@ fn new_flow6_inner(ctx: &TcContext, p: &Pkt6) -> (i32, Reason) {
     if rewrite6(ctx, flow, false, baddr, bport).is_err() {
         return exit(Reason::AbortRewrite);
     }
-    let (act, reason, in_ifindex) = route_to_backend6(ctx, p, backend_id, baddr, bport, w);
+    let (act, reason, in_ifindex) =
+        route_to_backend6(ctx, p, backend_id, (baddr, bport), &flow.saddr, w);
 
     let h = &mut w.half;
     h.nat_addr = *baddr;
+    h.fnat_addr = [0; 4];
     h.ct.nat_addr = 0;
     h.ct.nat_port = bport;
     h.ct.dir = DIR_FORWARD;
@@ -1014,7 +1121,7 @@ fn new_flow6_inner(ctx: &TcContext, p: &Pkt6) -> (i32, Reason) {
         STATE_OPEN
     };
     h.ct.backend_id = backend_id;
-    h.ct.service_id = svc.id;
+    h.ct.service_id = service_id;
     h.ct.last_seen_ns = now;
     h.ct.backend_ack = 0;
     h.ct.in_ifindex = in_ifindex;
@@ -1039,26 +1146,209 @@ fn new_flow6_inner(ctx: &TcContext, p: &Pkt6) -> (i32, Reason) {
     if flow.proto == IPPROTO_TCP && !ct::is_bare_syn(flow.proto, flow.tcp_flags) {
         count(Reason::EventCtMidstreamPickup);
     }
-    account(svc.id, backend_id, p.bytes, true);
+    account(service_id, backend_id, p.bytes, true);
     (act, reason)
 }
 
-/// Routes a new flow's first packet, reusing the backend's cached route while fresh (the cache
-/// is shared with IPv4: backend ids are one space). Sets `w.half.ct.route` to the route the
-/// forward entry keeps; returns the action, reason and the interface the backend lives behind.
+/// A new flow to a full-NAT backend (`ids`: [`FULL_NAT6`] | service id << 32 | backend id, as
+/// `new_flow6` picked them), first step (IPv4's `new_full_nat_flow`): routes it and builds its
+/// reply entry and key (port still 0) in `WORK6`. Returns the packed verdict of the routing
+/// with [`FULL_NAT6`] to go on with [`take_port6`] and [`finish_full_nat6`], or a packed
+/// verdict without it to stop at. A BPF subprogram.
+#[inline(never)]
+fn new_full_nat_flow6(ctx: &TcContext, p: &Pkt6, ids: u64) -> u64 {
+    match start_full_nat6(ctx, p, ids) {
+        Ok(v) => FULL_NAT6 | pack(v),
+        Err(v) => pack(v),
+    }
+}
+
+/// The table a new flow's pair goes to: a bare SYN starts unconfirmed (CT_NEW6), anything
+/// else picked up mid-stream is established.
+#[inline(always)]
+fn new_table6(flow: &Flow6) -> &'static Table6 {
+    if ct::is_bare_syn(flow.proto, flow.tcp_flags) {
+        &CT_NEW6
+    } else {
+        &CONNTRACK6
+    }
+}
+
+#[inline(always)]
+fn start_full_nat6(ctx: &TcContext, p: &Pkt6, ids: u64) -> Result<(i32, Reason), (i32, Reason)> {
+    let (flow, now) = (&p.flow, p.now);
+    let (service_id, backend_id) = (((ids >> 32) as u32) & 0x7fff_ffff, ids as u32);
+    let Some(backend) = BACKENDS6.get_ptr(backend_id) else {
+        return Err(exit(Reason::AbortMap));
+    };
+    // SAFETY: a valid array value pointer, read in place (see `new_flow6`).
+    let backend = unsafe { &*backend };
+    if backend.is_empty() || is_zero(&backend.snat_addr) {
+        // The slot changed since `new_flow6` read it: the client's retry finds the new state.
+        return Err(exit(Reason::DropNoBackend));
+    }
+    let Some(w) = work() else {
+        return Err(exit(Reason::AbortMap));
+    };
+    // Routed first: the reply entry that takes the port records where replies must arrive.
+    let (act, reason, in_ifindex) = route_to_backend6(
+        ctx,
+        p,
+        backend_id,
+        (&backend.addr, backend.port),
+        &backend.snat_addr,
+        w,
+    );
+    w.route = w.half.ct.route;
+    let h = &mut w.half;
+    h.nat_addr = flow.daddr;
+    h.fnat_addr = flow.saddr;
+    h.ct.nat_addr = 0;
+    h.ct.nat_port = flow.dport;
+    h.ct.dir = DIR_REPLY;
+    h.ct.state = if ct::closes(flow.proto, flow.tcp_flags) {
+        STATE_CLOSING
+    } else {
+        STATE_OPEN
+    };
+    h.ct.backend_id = backend_id;
+    h.ct.service_id = service_id;
+    h.ct.last_seen_ns = now;
+    h.ct.route = Route::NONE;
+    h.ct.backend_ack = 0;
+    h.ct.in_ifindex = in_ifindex;
+    h.ct.fnat_addr = 0;
+    h.ct.fnat_port = flow.sport;
+    h.ct.flags = CT_F_FULLNAT;
+    h.ct._pad = 0;
+    let rk = &mut w.rkey;
+    rk.saddr = backend.addr;
+    rk.daddr = backend.snat_addr;
+    rk.sport = backend.port;
+    rk.dport = 0;
+    rk.proto = flow.proto;
+    rk._pad = [0; 3];
+    Ok((act, reason))
+}
+
+/// The last step of a new full-NAT flow, its port taken: turns `WORK6`'s reply entry into the
+/// forward one (backend and berth's address and port are the reply key's), records it and
+/// rewrites both ends. A BPF subprogram; false if the rewrite failed.
+#[inline(never)]
+fn finish_full_nat6(ctx: &TcContext, p: &Pkt6) -> bool {
+    let flow = &p.flow;
+    let Some(w) = work() else {
+        return false;
+    };
+    let h = &mut w.half;
+    h.nat_addr = w.rkey.saddr;
+    h.fnat_addr = w.rkey.daddr;
+    h.ct.nat_port = w.rkey.sport;
+    h.ct.dir = DIR_FORWARD;
+    h.ct.route = w.route;
+    h.ct.fnat_port = w.rkey.dport;
+    if new_table6(flow).insert(&p.key, &w.half, 0).is_err() {
+        // The reply entry stays: a reply rebuilds the forward half from it, and a new flow may
+        // take its port (it has no forward half).
+        count(Reason::EventCtInsertFailed);
+    }
+    let rk = &w.rkey;
+    if rewrite_both6(ctx, flow, (&rk.saddr, rk.sport), (&rk.daddr, rk.dport)).is_err() {
+        return false;
+    }
+    if flow.proto == IPPROTO_TCP && !ct::is_bare_syn(flow.proto, flow.tcp_flags) {
+        count(Reason::EventCtMidstreamPickup);
+    }
+    account(w.half.ct.service_id, w.half.ct.backend_id, p.bytes, true);
+    true
+}
+
+/// Finds a free source port for a new full-NAT flow and takes it, as IPv4's `take_port`: sets
+/// `WORK6`'s reply key's destination port to each of the flow's tries (`ct::snat_port` of its
+/// hash) in turn, until one is free in both maps and the `BPF_NOEXIST` insert of the reply
+/// entry into the flow's table succeeds. False when every try found the port taken. A BPF
+/// subprogram (own frame, under which `port_free6`'s fits).
+#[inline(never)]
+fn take_port6(p: &Pkt6) -> bool {
+    let (cfg, now) = (config(), p.now);
+    let table = new_table6(&p.flow);
+    let hash = flow_hash6(&p.key, cfg.hash_seed);
+    let (first, last) = (cfg.snat_port_first, cfg.snat_port_last);
+    if first == 0 || last < first {
+        return false;
+    }
+    let Some(w) = work() else {
+        return false;
+    };
+    for t in 0..ct::SNAT_TRIES {
+        w.rkey.dport = port_to_wire(ct::snat_port(hash, t, first, last));
+        if port_free6(other6(table), &w.rkey, now)
+            && port_free6(table, &w.rkey, now)
+            && table
+                .insert(&w.rkey, &w.half, u64::from(BPF_NOEXIST))
+                .is_ok()
+        {
+            return true;
+        }
+        count(Reason::EventSnatPortTaken);
+    }
+    false
+}
+
+/// Whether full-NAT reply key `rkey` may be taken by a new flow in `table` (IPv4's
+/// `port_free`): free, or what holds it is over (idle past its timeout, its forward half gone
+/// or moved on, unconfirmed in CT_NEW6 longer than `ct::UNCONFIRMED_PORT_HOLD_NS`, or closed
+/// both ways longer ago than `ct::port_reusable`'s hold), in which case the leftovers go. A
+/// forward entry is never overwritten. A BPF subprogram (own stack frame).
+#[inline(never)]
+fn port_free6(table: &Table6, rkey: &FlowKey6, now: u64) -> bool {
+    let cfg = config();
+    let Some(r) = table.get_ptr(rkey) else {
+        return true;
+    };
+    // SAFETY: a valid map value pointer, read in place.
+    let r = unsafe { &*r };
+    if r.ct.dir != DIR_REPLY {
+        return false;
+    }
+    let fkey = forward_key6(rkey, r);
+    // SAFETY: as above.
+    let partner = table
+        .get_ptr(&fkey)
+        .is_some_and(|f| is_forward_of6(unsafe { &*f }, &fkey, rkey));
+    let abandoned = core::ptr::eq(table, &CT_NEW6)
+        && now.saturating_sub(r.ct.last_seen_ns) > ct::UNCONFIRMED_PORT_HOLD_NS;
+    if partner
+        && !abandoned
+        && !ct::idle_expired(&r.ct, rkey.proto, now, cfg)
+        && !ct::port_reusable(&r.ct, now, cfg)
+    {
+        return false;
+    }
+    if partner {
+        let _ = table.remove(&fkey);
+    }
+    let _ = table.remove(rkey);
+    true
+}
+
+/// Routes a new flow's first packet (from `src`: the client, or berth's full-NAT address),
+/// reusing the backend's cached route while fresh (the cache is shared with IPv4: backend ids
+/// are one space). Sets `w.half.ct.route` to the route the forward entry keeps; returns the
+/// action, reason and the interface the backend lives behind.
 #[inline(always)]
 fn route_to_backend6(
     ctx: &TcContext,
     p: &Pkt6,
     backend_id: u32,
-    baddr: &[u32; 4],
-    bport: u16,
+    (baddr, bport): (&[u32; 4], u16),
+    src: &[u32; 4],
     w: &mut Work6,
 ) -> (i32, Reason, u32) {
     let (flow, now, cfg) = (&p.flow, p.now, config());
     let redirect = cfg.flags & CFG_F_REDIRECT != 0;
     let t = &mut w.tuple;
-    t.src = flow.saddr;
+    t.src = *src;
     t.dst = *baddr;
     t.sport = flow.sport;
     t.dport = bport;
@@ -1148,8 +1438,49 @@ fn rewrite6(
     Ok(())
 }
 
+/// Rewrites both ends of a full-NAT flow's packet: destination `dst` and source `src`
+/// (address, port). One checksum helper call for the addresses (pseudo-header, as in
+/// [`rewrite6`]) and one for the ports, each with the summed difference of its fields.
+#[inline(always)]
+fn rewrite_both6(
+    ctx: &TcContext,
+    flow: &Flow6,
+    dst: (&[u32; 4], u16),
+    src: (&[u32; 4], u16),
+) -> Result<(), ()> {
+    let l4 = flow.l4();
+    let (csum_off, mangled0) = if flow.proto == IPPROTO_TCP {
+        (l4 + 16, 0)
+    } else {
+        (l4 + 6, u64::from(BPF_F_MARK_MANGLED_0))
+    };
+    let da = add(diff16(&flow.saddr, src.0), diff16(&flow.daddr, dst.0));
+    let dp = add(diff2(flow.sport, src.1), diff2(flow.dport, dst.1));
+    let src_a = ptr_at::<[u32; 4]>(ctx, ETH_HLEN + 8).ok_or(())?;
+    let dst_a = ptr_at::<[u32; 4]>(ctx, ETH_HLEN + 24).ok_or(())?;
+    let ports = ptr_at::<[u16; 2]>(ctx, l4).ok_or(())?;
+    // SAFETY: `ptr_at` checked the fields lie inside the packet; the checksum helpers below
+    // come after the last direct access.
+    unsafe {
+        src_a.write_unaligned(*src.0);
+        dst_a.write_unaligned(*dst.0);
+        ports.write_unaligned([src.1, dst.1]);
+    }
+    let pseudo = u64::from(BPF_F_PSEUDO_HDR) | mangled0;
+    if ctx
+        .l4_csum_replace(csum_off, 0, u64::from(da), pseudo | u64::from(BPF_F_IPV6))
+        .is_err()
+    {
+        ctx.l4_csum_replace(csum_off, 0, u64::from(da), pseudo | 4)
+            .map_err(|_| ())?;
+    }
+    ctx.l4_csum_replace(csum_off, 0, u64::from(dp), mangled0 | 4)
+        .map_err(|_| ())?;
+    Ok(())
+}
+
 /// An ICMPv6 error quoting a packet of a balanced flow, translated like the flow (see
-/// `icmp_error`; DNAT only): from the client's side (Packet Too Big, time exceeded) about a
+/// `icmp_error`, full NAT included): from the client's side (Packet Too Big, time exceeded) about a
 /// reply berth sent as service -> client, to the backend, quoting backend -> client, so Path
 /// MTU discovery works for the backend; from the backend's side (port unreachable, ...) about
 /// a packet sent as client -> backend, to the client, quoting client -> service.
@@ -1205,19 +1536,34 @@ fn icmp_error6_inner(ctx: &TcContext, p: &mut Pkt6) -> (i32, Reason) {
     n.q_dst_port = q.dport;
     n.o_src = o.saddr;
     n.o_dst = o.daddr;
+    let full = ent.ct.full_nat();
     if reply {
         // The quoted destination (the backend) becomes the service, and so does the outer
-        // source if the backend itself sent the error (a router's own address is kept).
+        // source if the backend itself sent the error (a router's own address is kept). Full
+        // NAT: the quoted source and the outer destination (berth's address) become the
+        // client.
         if o.saddr == q.daddr {
             n.o_src = ent.nat_addr;
         }
         n.q_dst = ent.nat_addr;
         n.q_dst_port = ent.ct.nat_port;
+        if full {
+            n.q_src = ent.fnat_addr;
+            n.q_src_port = ent.ct.fnat_port;
+            n.o_dst = ent.fnat_addr;
+        }
     } else {
-        // The quoted source (the service) and the outer destination become the backend.
+        // The quoted source (the service) and the outer destination become the backend. Full
+        // NAT: the quoted destination (the client) becomes berth's address and port, and the
+        // outer source berth's address.
         n.q_src = ent.nat_addr;
         n.q_src_port = ent.ct.nat_port;
         n.o_dst = ent.nat_addr;
+        if full {
+            n.q_dst = ent.fnat_addr;
+            n.q_dst_port = ent.ct.fnat_port;
+            n.o_src = ent.fnat_addr;
+        }
     }
     if !rewrite_icmp6(ctx, p) {
         return exit(Reason::AbortRewrite);

@@ -12,7 +12,7 @@
 
 use std::{
     collections::{BTreeMap, VecDeque},
-    net::{SocketAddr, SocketAddrV4, SocketAddrV6},
+    net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6},
 };
 
 use lb_common::{
@@ -91,8 +91,8 @@ struct AppliedBackend {
     /// The container run the slot was written for (None: a configured backend, or one adopted
     /// and not yet claimed).
     instance: Option<Instance>,
-    /// The full-NAT source address in the kernel's slot (0: DNAT).
-    snat: u32,
+    /// The full-NAT source address in the kernel's slot (`None`: DNAT).
+    snat: Option<IpAddr>,
 }
 
 impl AppliedService {
@@ -140,8 +140,8 @@ pub struct ServiceState {
     pub protocol: Protocol,
     /// (address, backend id, weight)
     pub backends: Vec<(SocketAddr, u32, u32)>,
-    /// Full-NAT backends (IPv4 only) and the source address their flows get.
-    pub full_nat: Vec<(SocketAddr, std::net::Ipv4Addr)>,
+    /// Full-NAT backends and the source address their flows get.
+    pub full_nat: Vec<(SocketAddr, IpAddr)>,
 }
 
 pub struct Reconciler {
@@ -199,24 +199,37 @@ impl Dataplane {
         }
     }
 
-    /// Writes backend slot `id` for `addr` in its family's table (`snat`: IPv4 full NAT).
+    /// Writes backend slot `id` for `addr` in its family's table (`snat`: full NAT from that
+    /// address, of the backend's family).
     fn set_backend_any(
         &mut self,
         id: u32,
         addr: SocketAddr,
-        snat: u32,
+        snat: Option<IpAddr>,
     ) -> Result<(), DataplaneError> {
         let port = port_to_wire(addr.port());
         match addr {
             SocketAddr::V4(a) => self.set_backend(
                 id,
                 Backend {
-                    snat_addr: snat,
+                    snat_addr: match snat {
+                        Some(IpAddr::V4(s)) => ipv4_to_wire(s.octets()),
+                        _ => 0,
+                    },
                     ..Backend::dnat(ipv4_to_wire(a.ip().octets()), port)
                 },
             ),
             SocketAddr::V6(a) => {
-                self.set_backend6(id, Backend6::dnat(ipv6_to_wire(a.ip().octets()), port))
+                let addr = ipv6_to_wire(a.ip().octets());
+                self.set_backend6(
+                    id,
+                    match snat {
+                        Some(IpAddr::V6(s)) => {
+                            Backend6::full_nat(addr, port, ipv6_to_wire(s.octets()))
+                        }
+                        _ => Backend6::dnat(addr, port),
+                    },
+                )
             }
         }
     }
@@ -287,11 +300,17 @@ impl Reconciler {
                     let (addr, snat) = match key {
                         SvcKey::V4(_) => {
                             let b = rec.dp.backend(id)?;
-                            (v4(b.addr, b.port), b.snat_addr)
+                            let snat = (b.snat_addr != 0).then(|| {
+                                IpAddr::V4(std::net::Ipv4Addr::from(u32::from_be(b.snat_addr)))
+                            });
+                            (v4(b.addr, b.port), snat)
                         }
                         SvcKey::V6(_) => {
                             let b = rec.dp.backend6(id)?;
-                            (v6(b.addr, b.port), 0)
+                            let snat = (!lb_common::v6::is_zero(&b.snat_addr)).then(|| {
+                                IpAddr::V6(lb_common::v6::ipv6_from_wire(b.snat_addr).into())
+                            });
+                            (v6(b.addr, b.port), snat)
                         }
                     };
                     backends.insert(
@@ -374,8 +393,7 @@ impl Reconciler {
                 full_nat: s
                     .backends
                     .iter()
-                    .filter(|(_, b)| b.snat != 0)
-                    .map(|(a, b)| (*a, std::net::Ipv4Addr::from(u32::from_be(b.snat))))
+                    .filter_map(|(a, b)| b.snat.map(|s| (*a, s)))
                     .collect(),
             })
             .collect()
@@ -658,22 +676,12 @@ impl Reconciler {
         // New backends, weight and NAT changes. The backend slot is written before any table
         // slot points at it.
         for &crate::config::BackendSpec { addr, weight, nat } in &svc.backends {
-            let snat = match (nat, addr) {
-                (Nat::Dnat, _) => 0,
-                (Nat::Full, SocketAddr::V6(_)) => {
-                    // The configuration refuses it; discovery never adds one.
-                    notes.push((
-                        Some(addr),
-                        format!(
-                            "service {}: backend {addr} left out: full NAT is IPv4 only ({why})",
-                            svc.name
-                        ),
-                    ));
-                    continue;
-                }
-                (Nat::Full, SocketAddr::V4(a4)) => {
-                    match snat_source(self.dp.options().snat_address, *a4.ip()) {
-                        Ok(ip) => ipv4_to_wire(ip.octets()),
+            let snat = match nat {
+                Nat::Dnat => None,
+                Nat::Full => {
+                    let o = self.dp.options();
+                    match snat_source(o.snat_address, o.snat_address6, addr.ip()) {
+                        Ok(ip) => Some(ip),
                         Err(e) => {
                             // Left out until a route to it exists (every apply tries again).
                             notes.push((
@@ -746,7 +754,7 @@ impl Reconciler {
                     a.table_synced = false;
                     notes.push((
                         Some(addr),
-                        if snat == 0 {
+                        if snat.is_none() {
                             format!(
                                 "service {}: backend {addr} added (weight {weight}) ({why})",
                                 svc.name
@@ -861,27 +869,26 @@ impl Reconciler {
     }
 }
 
-/// The source address full-NAT flows toward `backend` get: the configured one, else the one the
-/// kernel would use toward it.
+/// The source address full-NAT flows toward `backend` get: the one configured for its family,
+/// else the one the kernel would use toward it.
 fn snat_source(
     configured: Option<std::net::Ipv4Addr>,
-    backend: std::net::Ipv4Addr,
-) -> std::io::Result<std::net::Ipv4Addr> {
-    match configured {
-        Some(a) => Ok(a),
-        None => crate::dataplane::source_toward(backend),
+    configured6: Option<std::net::Ipv6Addr>,
+    backend: IpAddr,
+) -> std::io::Result<IpAddr> {
+    match (backend, configured, configured6) {
+        (IpAddr::V4(_), Some(a), _) => Ok(IpAddr::V4(a)),
+        (IpAddr::V4(b), None, _) => crate::dataplane::source_toward(b).map(IpAddr::V4),
+        (IpAddr::V6(_), _, Some(a)) => Ok(IpAddr::V6(a)),
+        (IpAddr::V6(b), _, None) => crate::dataplane::source_toward6(b).map(IpAddr::V6),
     }
 }
 
-/// How a backend slot with full-NAT source `snat` (network order; 0: none) is reached, for logs.
-fn nat_note(snat: u32) -> String {
-    if snat == 0 {
-        "dnat".into()
-    } else {
-        format!(
-            "full nat from {}",
-            std::net::Ipv4Addr::from(u32::from_be(snat))
-        )
+/// How a backend slot with full-NAT source `snat` (`None`: DNAT) is reached, for logs.
+fn nat_note(snat: Option<IpAddr>) -> String {
+    match snat {
+        None => "dnat".into(),
+        Some(a) => format!("full nat from {a}"),
     }
 }
 

@@ -113,6 +113,8 @@ pub struct Svc6 {
     pub proto: u8,
     pub backends: Vec<(SocketAddrV6, u32)>,
     pub first_backend_id: u32,
+    /// Full NAT from this address (`None`: DNAT).
+    pub snat: Option<Ipv6Addr>,
 }
 
 impl Svc6 {
@@ -124,6 +126,7 @@ impl Svc6 {
                 id: self.first_backend_id + i as u32,
                 addr,
                 weight,
+                snat: self.snat,
             })
             .collect()
     }

@@ -38,6 +38,7 @@ fn standard6() -> Vec<Svc6> {
             proto: IPPROTO_TCP,
             backends: web.clone(),
             first_backend_id: 1,
+            snat: None,
         },
         Svc6 {
             id: 1,
@@ -45,6 +46,7 @@ fn standard6() -> Vec<Svc6> {
             proto: IPPROTO_TCP,
             backends: web,
             first_backend_id: 1,
+            snat: None,
         },
         Svc6 {
             id: 2,
@@ -52,6 +54,7 @@ fn standard6() -> Vec<Svc6> {
             proto: IPPROTO_UDP,
             backends: vec![(sa6(backend6(4), 53), 1), (sa6(backend6(5), 53), 1)],
             first_backend_id: 4,
+            snat: None,
         },
     ]
 }
@@ -459,6 +462,7 @@ fn a_service_without_backends_refuses_like_a_host() {
             proto,
             backends: Vec::new(),
             first_backend_id: 1,
+            snat: None,
         };
         let svcs = [empty(IPPROTO_TCP, 80), empty(IPPROTO_UDP, 53)];
         let f = fixture6(Vec::new(), &svcs);
@@ -547,6 +551,7 @@ fn ipv4_and_ipv6_services_side_by_side() {
             proto: IPPROTO_TCP,
             backends: web6().into_iter().map(|b| (b, 1)).collect(),
             first_backend_id: 40,
+            snat: None,
         };
         let f = fixture6(v4, &[v6]);
         let p4 = Ipv4Packet::tcp(client(40070), sa(VIP, 80), TCP_SYN).build();

@@ -7,6 +7,9 @@
 //!   checksum (recomputed from scratch over the pseudo-header);
 //! - the IPv6 conntrack map stays consistent: every entry names an installed service and
 //!   backend, and a forward entry's translation is its backend's address.
+//!
+//! It runs over DNAT and over full NAT (`both_nat!`), where the backends' packets and errors go
+//! to this host's address and the source ports the set-up's flows took.
 
 use std::{
     collections::BTreeSet,
@@ -14,6 +17,7 @@ use std::{
     time::Instant,
 };
 
+use berth_tests::both_nat;
 use berth_tests::{
     fixture::*,
     fixture6::*,
@@ -22,12 +26,14 @@ use berth_tests::{
     wire6::{self, Ext, IPPROTO_DSTOPTS, IPPROTO_HOPOPTS, Ipv6Packet},
 };
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP, ct, v6::ipv6_to_wire};
+use lb_userspace::config::Nat;
 
 fn b(n: u8, port: u16) -> SocketAddrV6 {
     sa6(backend6(n), port)
 }
 
-fn services() -> Vec<Svc6> {
+fn services(nat: Nat) -> Vec<Svc6> {
+    let snat = (nat == Nat::Full).then_some(HOST6);
     vec![
         Svc6 {
             id: 0,
@@ -35,6 +41,7 @@ fn services() -> Vec<Svc6> {
             proto: IPPROTO_TCP,
             backends: vec![(b(1, 8000), 1), (b(2, 8000), 1), (b(3, 8000), 1)],
             first_backend_id: 1,
+            snat,
         },
         Svc6 {
             id: 1,
@@ -42,6 +49,7 @@ fn services() -> Vec<Svc6> {
             proto: IPPROTO_UDP,
             backends: vec![(b(4, 53), 1), (b(5, 53), 1)],
             first_backend_id: 4,
+            snat,
         },
     ]
 }
@@ -75,9 +83,25 @@ fn random_ext(rng: &mut Rng) -> Ext {
     }
 }
 
+/// Where the backends' packets of the set-up's flows go: the client (DNAT), or berth's
+/// address and the source ports the flows took (full NAT; empty for DNAT).
+struct Peers(Vec<SocketAddrV6>);
+
+impl Peers {
+    /// The destination of a backend's packet of the flow from client port `port`.
+    fn of(&self, rng: &mut Rng, port: u16) -> SocketAddrV6 {
+        if self.0.is_empty() {
+            client6(port)
+        } else {
+            self.0[rng.below(self.0.len() as u64) as usize]
+        }
+    }
+}
+
 /// A valid frame of one of the flows the suite's set-up knows (or a new one).
-fn valid(rng: &mut Rng) -> Vec<u8> {
+fn valid(rng: &mut Rng, peers: &Peers) -> Vec<u8> {
     let port = 40000 + rng.below(64) as u16;
+    let peer = peers.of(rng, port);
     let flags = [
         TCP_SYN,
         TCP_ACK,
@@ -88,25 +112,21 @@ fn valid(rng: &mut Rng) -> Vec<u8> {
     let mut p = match rng.below(6) {
         0 | 1 => Ipv6Packet::tcp(client6(port), sa6(VIP6, 80), flags),
         2 => Ipv6Packet::udp(client6(port), sa6(HOST6, 5353), b"query"),
-        3 => Ipv6Packet::tcp(
-            b(1 + rng.below(3) as u8, 8000),
-            client6(port),
-            flags | TCP_ACK,
-        ),
-        4 => Ipv6Packet::udp(b(4 + rng.below(2) as u8, 53), client6(port), b"answer"),
+        3 => Ipv6Packet::tcp(b(1 + rng.below(3) as u8, 8000), peer, flags | TCP_ACK),
+        4 => Ipv6Packet::udp(b(4 + rng.below(2) as u8, 53), peer, b"answer"),
         _ => {
             // An ICMPv6 error about a reply or a forwarded packet of a flow.
             let quoted = if rng.chance(50) {
                 Ipv6Packet::tcp(sa6(VIP6, 80), client6(port), TCP_ACK).ip()
             } else {
-                Ipv6Packet::udp(client6(port), b(4, 53), b"query").ip()
+                Ipv6Packet::udp(peer, b(4, 53), b"query").ip()
             };
             let kind = 1 + rng.below(4) as u8;
             let keep = 48 + rng.below(quoted.len() as u64 - 47) as usize;
             let (src, dst) = if rng.chance(50) {
                 (ROUTER6, VIP6)
             } else {
-                (backend6(4), CLIENT6)
+                (backend6(4), *peer.ip())
             };
             return wire6::icmp6_error(src, dst, kind, 0, 1280, &quoted[..keep]);
         }
@@ -125,8 +145,8 @@ fn valid(rng: &mut Rng) -> Vec<u8> {
 }
 
 /// One hostile frame: valid, mutated, truncated, lying about its length, or random bytes.
-fn hostile(rng: &mut Rng) -> Vec<u8> {
-    let mut p = valid(rng);
+fn hostile(rng: &mut Rng, peers: &Peers) -> Vec<u8> {
+    let mut p = valid(rng, peers);
     match rng.below(8) {
         0 | 1 => {}
         2 | 3 => {
@@ -156,8 +176,9 @@ fn hostile(rng: &mut Rng) -> Vec<u8> {
     p
 }
 
-#[test]
-fn hostile_ipv6_frames() {
+both_nat!(hostile_ipv6_frames);
+
+fn hostile_ipv6_frames(nat: Nat) {
     let n: u64 = std::env::var("BERTH_FUZZ_N")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -165,20 +186,29 @@ fn hostile_ipv6_frames() {
     let seed = seed();
     println!("seed {seed} (set BERTH_FUZZ_SEED to replay), {n} frames");
     in_fixture6_netns(move || {
-        let f = fixture6(Vec::new(), &services());
+        let f = fixture6(Vec::new(), &services(nat));
         let mut rng = Rng(seed);
         // Live flows first, so mutations meet conntrack hits and replies as well as misses.
+        let mut peers = Peers(Vec::new());
         for port in 40000..40064u16 {
             let p = Ipv6Packet::tcp(client6(port), sa6(VIP6, 80), TCP_SYN).build();
-            try_run(&f, &p).expect("run");
+            let run = try_run(&f, &p).expect("run");
             let q = Ipv6Packet::udp(client6(port), sa6(HOST6, 5353), b"q").build();
-            try_run(&f, &q).expect("run");
+            let run_q = try_run(&f, &q).expect("run");
+            if nat == Nat::Full {
+                for r in [run, run_q] {
+                    assert_eq!(r.action, TC_ACT_REDIRECT, "{r:?}");
+                    let o = wire6::parse6(&r.out);
+                    assert_eq!(*o.src.ip(), HOST6, "full NAT from this host");
+                    peers.0.push(o.src);
+                }
+            }
         }
         let t = Instant::now();
         let (mut runs, mut refused, mut rewritten, mut checked) = (0u64, 0u64, 0u64, 0u64);
         let mut exits = std::collections::BTreeMap::<&str, u64>::new();
         for _ in 0..n {
-            let p = hostile(&mut rng);
+            let p = hostile(&mut rng, &peers);
             let Some(run) = try_run(&f, &p) else {
                 refused += 1;
                 continue;
@@ -239,6 +269,25 @@ fn hostile_ipv6_frames() {
                 assert!(
                     backends.contains(&k.saddr),
                     "reply key from a non-backend: {k:?}"
+                );
+            }
+            // Full NAT: both halves name berth's address, the reply key holds it; DNAT: none.
+            let host = ipv6_to_wire(HOST6.octets());
+            assert_eq!(e.ct.full_nat(), nat == Nat::Full, "{k:?} {e:?}");
+            if nat == Nat::Full {
+                if e.ct.dir == ct::DIR_FORWARD {
+                    assert_eq!(e.fnat_addr, host, "{e:?}");
+                } else {
+                    assert_eq!(k.daddr, host, "{k:?}");
+                }
+                let snat = u16::from_be(if e.ct.dir == ct::DIR_FORWARD {
+                    e.ct.fnat_port
+                } else {
+                    k.dport
+                });
+                assert!(
+                    snat >= 61000,
+                    "source port {snat} outside the range: {k:?} {e:?}"
                 );
             }
         }

@@ -140,6 +140,9 @@ pub struct DataplaneConfig {
     /// Source address of full-NAT flows (`None`: the address the kernel would use as source
     /// toward each backend).
     pub snat_address: Option<Ipv4Addr>,
+    /// Source address of full-NAT flows to IPv6 backends (`None`: the address the kernel would
+    /// use as source toward each backend).
+    pub snat_address6: Option<std::net::Ipv6Addr>,
     /// Source ports of full-NAT flows; outside the host's `ip_local_port_range`, or the host's
     /// own connections and berth's flows may pick the same port toward a backend.
     pub snat_ports: PortRange,
@@ -177,6 +180,7 @@ impl Default for DataplaneConfig {
             cgroup: "auto".into(),
             detach_on_exit: false,
             snat_address: None,
+            snat_address6: None,
             snat_ports: PortRange::DEFAULT_SNAT,
             snat_port_reuse_ms: 1000,
         }
@@ -680,14 +684,28 @@ mod tests {
             .field,
             "service[0].listen"
         );
-        // Full NAT is IPv4 only.
+        // Full NAT over IPv6 is accepted; its source address is of its family.
+        let (c, services) = Config::load(&format!(
+            "[dataplane]\nsnat_address6 = \"fd00::7\"\n{base}listen = \"[::]:80\"\nmode = \"fullnat\"\nbackends = [\"[fd00::2]:80\"]\n"
+        ))
+        .expect("IPv6 full NAT");
+        assert_eq!(services[0].backends[0].nat, Nat::Full);
+        assert_eq!(c.dataplane.snat_address6, Some("fd00::7".parse().unwrap()));
         assert_eq!(
-            err(&format!(
-                "{base}listen = \"[::]:80\"\nmode = \"fullnat\"\nbackends = [\"[fd00::2]:80\"]\n"
-            ))
-            .field,
-            "service[0].mode"
+            err("[dataplane]\nsnat_address = \"fd00::7\"\n").field,
+            "dataplane.snat_address (line 2)"
         );
+        assert_eq!(
+            err("[dataplane]\nsnat_address6 = \"192.0.2.7\"\n").field,
+            "dataplane.snat_address6 (line 2)"
+        );
+        for bad in ["::", "::1", "ff02::1"] {
+            assert_eq!(
+                err(&format!("[dataplane]\nsnat_address6 = \"{bad}\"\n")).field,
+                "dataplane.snat_address6",
+                "{bad}"
+            );
+        }
         // A dual-stack service takes two of max_services.
         assert_eq!(
             err("[dataplane]\nmax_services = 1\n[[service]]\nname = \"w\"\nlisten = \"0.0.0.0:80\"\nlisten6 = \"[::]:80\"\n")

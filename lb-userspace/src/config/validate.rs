@@ -168,6 +168,14 @@ impl Config {
                 format!("{a} cannot be the source of packets to other hosts"),
             ));
         }
+        if let Some(a) = d.snat_address6
+            && (a.is_unspecified() || a.is_multicast() || a.is_loopback())
+        {
+            return Err(ConfigError::new(
+                "dataplane.snat_address6",
+                format!("{a} cannot be the source of packets to other hosts"),
+            ));
+        }
         engine::configured(&self.docker.engines, self.docker.socket.as_deref())?;
         if !(1..=3600).contains(&self.docker.grace_secs) {
             return Err(ConfigError::new(
@@ -286,12 +294,6 @@ impl Config {
                             family(addr),
                             family(listen)
                         ),
-                    ));
-                }
-                if addr.is_ipv6() && s.mode == Some(Nat::Full) {
-                    return Err(ConfigError::new(
-                        at("mode"),
-                        format!("full NAT is IPv4 only; backend {addr} is IPv6"),
                     ));
                 }
                 if addr.ip().is_unspecified()

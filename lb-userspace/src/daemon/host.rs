@@ -61,6 +61,42 @@ pub fn route_interface_in(routes: &str, to: std::net::Ipv4Addr) -> Option<String
         .map(|(_, _, iface)| iface.to_owned())
 }
 
+/// The text of /proc/net/ipv6_route (empty if unreadable: no route is found in it).
+pub fn read_routes6() -> String {
+    std::fs::read_to_string("/proc/net/ipv6_route").unwrap_or_default()
+}
+
+/// [`route_interface_in`] for IPv6: the interface of the route toward `to` in `routes`, the
+/// text of /proc/net/ipv6_route (destination and prefix length in hex, metric, flags, device;
+/// every table, the local one included, whose routes to this host's own addresses are on
+/// `lo`). Reject routes and routes not up are skipped.
+pub fn route6_interface_in(routes: &str, to: std::net::Ipv6Addr) -> Option<String> {
+    const RTF_UP: u32 = 0x1;
+    const RTF_REJECT: u32 = 0x200;
+    let to = u128::from(to);
+    routes
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() < 10 {
+                return None;
+            }
+            let dest = u128::from_str_radix(f[0], 16).ok()?;
+            let plen = u32::from_str_radix(f[1], 16).ok()?;
+            let metric = u32::from_str_radix(f[5], 16).ok()?;
+            let flags = u32::from_str_radix(f[8], 16).ok()?;
+            let mask = if plen == 0 {
+                0
+            } else {
+                u128::MAX.checked_shl(128 - plen.min(128))?
+            };
+            (flags & RTF_UP != 0 && flags & RTF_REJECT == 0 && to & mask == dest & mask)
+                .then(|| (plen, metric, f[9]))
+        })
+        .max_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)))
+        .map(|(_, _, iface)| iface.to_owned())
+}
+
 /// The address this host sends from towards its default gateway (what other hosts on that
 /// network reach it on), without sending anything.
 pub fn default_route_address() -> anyhow::Result<std::net::Ipv4Addr> {
@@ -110,6 +146,33 @@ pub fn preflight(ifaces: &[String], redirect: bool) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ipv6_route_toward_an_address_is_the_longest_prefix_then_the_lowest_metric() {
+        let routes = "\
+fd000000000000000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001     eth0
+fd000050000000000000000000000000 40 00000000000000000000000000000000 00 fd000000000000000000000000000001 00000400 00000001 00000000 00000003     eth1
+fd000050000000000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000005 00000001 00000000 00000001     eth2
+fd0000dead0000000000000000000000 30 00000000000000000000000000000000 00 00000000000000000000000000000000 00000000 00000001 00000000 00200200       lo
+fd000070000000000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000000 00000001 00000000 00000000     down0
+00000000000000000000000000000000 00 00000000000000000000000000000000 00 fd000000000000000000000000000001 00000400 00000002 00000000 00000003     eth0
+";
+        let at = |a: &str| route6_interface_in(routes, a.parse().unwrap());
+        assert_eq!(
+            at("fd00:50::11").as_deref(),
+            Some("eth2"),
+            "/64, metric 5 over 0x400"
+        );
+        assert_eq!(at("fd00::7").as_deref(), Some("eth0"), "on-link /64");
+        assert_eq!(at("2001:db8::1").as_deref(), Some("eth0"), "default route");
+        assert_eq!(
+            at("fd00:dead::1").as_deref(),
+            Some("eth0"),
+            "a reject route is no way there"
+        );
+        assert_eq!(at("fd00:70::1").as_deref(), Some("eth0"), "a route not up");
+        assert_eq!(route6_interface_in("", "fd00::1".parse().unwrap()), None);
+    }
 
     #[test]
     fn the_route_toward_an_address_is_the_longest_prefix_then_the_lowest_metric() {

@@ -259,6 +259,14 @@ pub async fn run(args: Run) -> anyhow::Result<()> {
              backends answer it, and those answers reach berth only if it is routed here"
         );
     }
+    if let Some(a) = cfg.dataplane.snat_address6
+        && !crate::dataplane::host_ipv6_addrs().contains(&lb_common::v6::ipv6_to_wire(a.octets()))
+    {
+        warn!(
+            "dataplane.snat_address6 {a} is not an address of this host (yet): full-NAT \
+             backends answer it, and those answers reach berth only if it is routed here"
+        );
+    }
     let options = DataplaneOptions::from_config(&cfg.dataplane);
     let pin_root = PathBuf::from(&cfg.dataplane.pin_path);
     let mut dp = Dataplane::load_pinned(options, &pin_root).context("loading the dataplane")?;

@@ -683,19 +683,21 @@ impl Daemon {
                 .into_iter()
                 .map(|br| (br, "bridge of a Docker network with backends"))
                 .collect();
-        let full_nat: std::collections::BTreeSet<std::net::Ipv4Addr> = self
+        let full_nat: std::collections::BTreeSet<std::net::IpAddr> = self
             .desired
             .iter()
             .flat_map(|s| s.backends.iter())
             .filter(|b| b.nat == Nat::Full)
-            .filter_map(|b| match b.addr {
-                std::net::SocketAddr::V4(a) => Some(*a.ip()),
-                std::net::SocketAddr::V6(_) => None,
-            })
+            .map(|b| b.addr.ip())
             .collect();
         let routes = super::host::read_routes();
+        let routes6 = super::host::read_routes6();
         for ip in full_nat {
-            match super::host::route_interface_in(&routes, ip) {
+            let iface = match ip {
+                std::net::IpAddr::V4(ip) => super::host::route_interface_in(&routes, ip),
+                std::net::IpAddr::V6(ip) => super::host::route6_interface_in(&routes6, ip),
+            };
+            match iface {
                 // Loopback: the backend is this host, nothing to translate on the way back.
                 Some(i) if i != "lo" => {
                     wanted.entry(i).or_insert("route to full-NAT backends");

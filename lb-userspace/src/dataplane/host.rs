@@ -68,6 +68,18 @@ pub fn source_toward(to: std::net::Ipv4Addr) -> std::io::Result<std::net::Ipv4Ad
     }
 }
 
+/// [`source_toward`] for an IPv6 backend (`dataplane.snat_address6` unless given).
+pub fn source_toward6(to: std::net::Ipv6Addr) -> std::io::Result<std::net::Ipv6Addr> {
+    let s = std::net::UdpSocket::bind((std::net::Ipv6Addr::UNSPECIFIED, 0))?;
+    s.connect((to, 9))?;
+    match s.local_addr()? {
+        std::net::SocketAddr::V6(a) if !a.ip().is_unspecified() => Ok(*a.ip()),
+        other => Err(std::io::Error::other(format!(
+            "no IPv6 source toward {to} (got {other})"
+        ))),
+    }
+}
+
 /// The mount point of the cgroup v2 hierarchy (from /proc/self/mountinfo).
 pub fn cgroup2_root() -> Option<PathBuf> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;

@@ -45,7 +45,9 @@ pub use conntrack::{ConntrackReader, conntrack_walks};
 pub use error::DataplaneError;
 use error::*;
 use host::*;
-pub use host::{cgroup2_root, host_ipv4_addrs, monotonic_ns, netns_cookie, source_toward};
+pub use host::{
+    cgroup2_root, host_ipv4_addrs, monotonic_ns, netns_cookie, source_toward, source_toward6,
+};
 use pins::*;
 pub use pins::{DownReport, bpffs_shared_with_init, down};
 pub(crate) use v6::member_id6;
@@ -72,6 +74,8 @@ pub struct DataplaneOptions {
     /// Source address of full-NAT flows (`None`: the one the kernel would use toward each
     /// backend; the reconciler asks it).
     pub snat_address: Option<std::net::Ipv4Addr>,
+    /// The same for IPv6 backends.
+    pub snat_address6: Option<std::net::Ipv6Addr>,
     /// Source ports of full-NAT flows.
     pub snat_ports: crate::config::PortRange,
     /// How long a fully closed full-NAT flow keeps its source port.
@@ -94,6 +98,7 @@ impl DataplaneOptions {
             tcp_idle: Duration::from_secs(d.tcp_idle_timeout_secs),
             udp_idle: Duration::from_secs(d.udp_idle_timeout_secs),
             snat_address: d.snat_address,
+            snat_address6: d.snat_address6,
             snat_ports: d.snat_ports,
             snat_reuse: Duration::from_millis(d.snat_port_reuse_ms),
         }

@@ -20,12 +20,14 @@ use lb_common::{
 use super::*;
 use crate::maglev;
 
-/// An IPv6 backend to install: its id (of the id space shared with IPv4), address, weight.
+/// An IPv6 backend to install: its id (of the id space shared with IPv4), address, weight,
+/// and for full NAT the source address its flows get.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backend6Spec {
     pub id: u32,
     pub addr: SocketAddrV6,
     pub weight: u32,
+    pub snat: Option<Ipv6Addr>,
 }
 
 impl Dataplane {
@@ -117,12 +119,16 @@ impl Dataplane {
         backends: &[Backend6Spec],
     ) -> Result<()> {
         for b in backends {
+            let (addr, port) = (
+                ipv6_to_wire(b.addr.ip().octets()),
+                port_to_wire(b.addr.port()),
+            );
             self.set_backend6(
                 b.id,
-                Backend6::dnat(
-                    ipv6_to_wire(b.addr.ip().octets()),
-                    port_to_wire(b.addr.port()),
-                ),
+                match b.snat {
+                    None => Backend6::dnat(addr, port),
+                    Some(s) => Backend6::full_nat(addr, port, ipv6_to_wire(s.octets())),
+                },
             )?;
             self.add_port_flags(b.addr.port(), port_flag(proto, true))?;
         }

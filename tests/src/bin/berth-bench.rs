@@ -531,16 +531,18 @@ fn main() {
 
 // ---- IPv6 ----
 
-/// An IPv6 conntrack entry translating to `nat`.
-fn entry6(dir: u8, nat: SocketAddrV6, now: u64) -> CtEntry6 {
+/// An IPv6 conntrack entry translating to `nat`, and for full NAT the other end to `fnat`.
+fn entry6(dir: u8, nat: SocketAddrV6, fnat: Option<SocketAddrV6>, now: u64) -> CtEntry6 {
     CtEntry6 {
         nat_addr: ipv6_to_wire(nat.ip().octets()),
+        fnat_addr: fnat.map_or([0; 4], |f| ipv6_to_wire(f.ip().octets())),
         ct: CtEntry {
             nat_addr: 0,
+            fnat_addr: 0,
             ..entry(
                 dir,
                 SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, nat.port()),
-                None,
+                fnat.map(|f| SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, f.port())),
                 now,
             )
         },
@@ -586,17 +588,21 @@ fn v6_rows(a: &Args) -> Vec<Row> {
                         id: bid,
                         addr: backend,
                         weight: 1,
+                        snat: None,
                     }],
                 )
                 .expect("install");
             }
         };
-        for (dir, src, dst, nat, path, reason) in [
+        // Full NAT: the other end goes to another port of the client and back.
+        let other_end = sa6(CLIENT6, 61000);
+        for (dir, src, dst, nat, fnat, path, reason) in [
             (
                 ct::DIR_FORWARD,
                 client,
                 vip,
                 vip2,
+                None,
                 "IPv6: established-flow hit (client -> backend)",
                 Reason::FwdRedirect,
             ),
@@ -605,7 +611,26 @@ fn v6_rows(a: &Args) -> Vec<Row> {
                 be,
                 client,
                 be80,
+                None,
                 "IPv6: reply (backend -> client)",
+                Reason::ReplyRedirect,
+            ),
+            (
+                ct::DIR_FORWARD,
+                client,
+                vip,
+                vip2,
+                Some(other_end),
+                "IPv6 full NAT: established-flow hit",
+                Reason::FwdRedirect,
+            ),
+            (
+                ct::DIR_REPLY,
+                be,
+                other_end,
+                be80,
+                Some(client),
+                "IPv6 full NAT: reply",
                 Reason::ReplyRedirect,
             ),
         ] {
@@ -615,17 +640,20 @@ fn v6_rows(a: &Args) -> Vec<Row> {
             let mut f = Fixture::new(o, Vec::new());
             services(&mut f);
             let now = monotonic_ns();
-            let (back, restore) = if dir == ct::DIR_FORWARD {
-                ((src, nat), dst)
+            let (back, restore, restore_f) = if dir == ct::DIR_FORWARD {
+                ((fnat.unwrap_or(src), nat), dst, fnat.map(|_| src))
             } else {
-                ((nat, dst), src)
+                ((nat, fnat.unwrap_or(dst)), src, fnat.map(|_| dst))
             };
             let dp = f.rec.dataplane_mut();
-            dp.conntrack6_insert(flow_key6(src, dst, IPPROTO_TCP), entry6(dir, nat, now))
-                .unwrap();
+            dp.conntrack6_insert(
+                flow_key6(src, dst, IPPROTO_TCP),
+                entry6(dir, nat, fnat, now),
+            )
+            .unwrap();
             dp.conntrack6_insert(
                 flow_key6(back.0, back.1, IPPROTO_TCP),
-                entry6(dir, restore, now),
+                entry6(dir, restore, restore_f, now),
             )
             .unwrap();
             let pkt = Ipv6Packet::tcp(src, dst, TCP_ACK)
@@ -642,78 +670,88 @@ fn v6_rows(a: &Args) -> Vec<Row> {
             });
         }
 
-        // New flow: a ring of IPv6 services, each balancing to the next one's address and port.
-        let path = "IPv6: new flow (ct miss + service + maglev + 2 inserts)";
-        if !a.wants(path) {
-            return rows;
-        }
-        let ring = 8192u32;
-        let o = DataplaneOptions {
-            maglev_size: 7,
-            max_services: ring,
-            max_backends: ring + 1,
-            conntrack_size: a.new_flow_ct,
-            decrement_ttl: false,
-            ..options()
-        };
-        let addr = |i: u32| {
-            let i = i % ring;
-            sa6(
-                Ipv6Addr::new(
-                    0xfd00,
-                    0x100,
-                    0,
-                    0,
-                    0,
-                    0,
-                    (i >> 8) as u16,
-                    (i & 0xff) as u16,
+        // New flow: a ring of IPv6 services, each balancing to the next one's address and port
+        // (DNAT, then full NAT from the host's address).
+        for snat in [None, Some(berth_tests::fixture6::HOST6)] {
+            let path = if snat.is_none() {
+                "IPv6: new flow (ct miss + service + maglev + 2 inserts)"
+            } else {
+                "IPv6 full NAT: new flow (+ source port)"
+            };
+            if !a.wants(path) {
+                continue;
+            }
+            let ring = 8192u32;
+            let o = DataplaneOptions {
+                maglev_size: 7,
+                max_services: ring,
+                max_backends: ring + 1,
+                conntrack_size: a.new_flow_ct,
+                decrement_ttl: false,
+                ..options()
+            };
+            let addr = |i: u32| {
+                let i = i % ring;
+                sa6(
+                    Ipv6Addr::new(
+                        0xfd00,
+                        0x100,
+                        0,
+                        0,
+                        0,
+                        0,
+                        (i >> 8) as u16,
+                        (i & 0xff) as u16,
+                    ),
+                    80 + (i % 2) as u16,
+                )
+            };
+            sh(&[
+                "ip",
+                "-6",
+                "route",
+                "replace",
+                "fd00:100::/64",
+                "via",
+                &backend6(1).to_string(),
+                "dev",
+                "fx0",
+            ]);
+            let mut f = Fixture::new(o, Vec::new());
+            let dp = f.rec.dataplane_mut();
+            for i in 0..ring {
+                dp.install_service6(
+                    i,
+                    addr(i),
+                    IPPROTO_TCP,
+                    &[Backend6Spec {
+                        id: i + 1,
+                        addr: addr(i + 1),
+                        weight: 1,
+                        snat,
+                    }],
+                )
+                .expect("install ring service");
+            }
+            let pkt = Ipv6Packet::tcp(client, addr(0), TCP_SYN).build();
+            let ns = measure(f.dp().program(), &pkt, &a);
+            let new_flows: u64 = (0..ring)
+                .map(|i| f.dp().service_counters(i).unwrap().new_flows)
+                .sum();
+            let redirected = reason_count(&f, Reason::FwdRedirect);
+            let failed = reason_count(&f, Reason::EventCtInsertFailed);
+            let exhausted = reason_count(&f, Reason::DropSnatExhausted);
+            rows.push(Row {
+                path,
+                ns,
+                target: None,
+                check: format!(
+                    "new flows {new_flows}/{total}, redirected {redirected}, insert failures \
+                 {failed}, ports exhausted {exhausted}"
                 ),
-                80 + (i % 2) as u16,
-            )
-        };
-        sh(&[
-            "ip",
-            "-6",
-            "route",
-            "replace",
-            "fd00:100::/64",
-            "via",
-            &backend6(1).to_string(),
-            "dev",
-            "fx0",
-        ]);
-        let mut f = Fixture::new(o, Vec::new());
-        let dp = f.rec.dataplane_mut();
-        for i in 0..ring {
-            dp.install_service6(
-                i,
-                addr(i),
-                IPPROTO_TCP,
-                &[Backend6Spec {
-                    id: i + 1,
-                    addr: addr(i + 1),
-                    weight: 1,
-                }],
-            )
-            .expect("install ring service");
+                on_path: new_flows as f64 / total as f64,
+            });
         }
-        let pkt = Ipv6Packet::tcp(client, addr(0), TCP_SYN).build();
-        let ns = measure(f.dp().program(), &pkt, &a);
-        let new_flows: u64 = (0..ring)
-            .map(|i| f.dp().service_counters(i).unwrap().new_flows)
-            .sum();
-        let redirected = reason_count(&f, Reason::FwdRedirect);
-        let failed = reason_count(&f, Reason::EventCtInsertFailed);
-        rows.push(Row {
-            path,
-            ns,
-            target: None,
-            check: format!(
-                "new flows {new_flows}/{total}, redirected {redirected}, insert failures {failed}"
-            ),
-            on_path: new_flows as f64 / total as f64,
-        });
         rows
     })
 }
