@@ -156,9 +156,9 @@ fn bad_config_names_the_field_and_exits_64_without_loading_anything() {
             "service[0].backends[0]",
         ),
         (
-            "fullnat6.toml",
-            "[[service]]\nname = \"v6\"\nlisten = \"[::]:8080\"\nmode = \"fullnat\"\nbackends = [\"[fd00::2]:80\"]\n",
-            "service[0].mode",
+            "snat6.toml",
+            "[dataplane]\nsnat_address6 = \"192.0.2.7\"\n[[service]]\nname = \"v6\"\nlisten = \"[::]:8080\"\nmode = \"fullnat\"\nbackends = [\"[fd00::2]:80\"]\n",
+            "dataplane.snat_address6",
         ),
     ];
     let before = loaded_berth_programs();
@@ -168,7 +168,11 @@ fn bad_config_names_the_field_and_exits_64_without_loading_anything() {
             vec!["run", "--iface", "lo", "--cgroup", "none", "--config"],
             vec!["check-config"],
         ] {
-            let out = Command::new(berth())
+            // Bounded: a config berth wrongly accepts would otherwise run until killed
+            // (`timeout` exits 124 then, and the assertion below names the file).
+            let out = Command::new("timeout")
+                .arg("20")
+                .arg(berth())
                 .args(&args)
                 .arg(&path)
                 .output()

@@ -1,7 +1,7 @@
 //! Host probes `berth run` makes before it touches the kernel: the default route's interface,
 //! and whether an interface exists and forwards IPv4.
 
-use std::path::PathBuf;
+use std::path::Path;
 
 use anyhow::{Context as _, bail};
 
@@ -121,21 +121,45 @@ fn parse_port_range(text: &str) -> Option<crate::config::PortRange> {
 }
 
 /// Checks that every interface exists and, when berth routes packets itself, that IPv4
-/// forwarding is on for it (the kernel's FIB lookup refuses to route otherwise).
-pub fn preflight(ifaces: &[String], redirect: bool) -> anyhow::Result<()> {
+/// forwarding is on for it, and IPv6 forwarding too when `ipv6` (a service of that family is
+/// configured): the kernel's FIB lookup refuses to route for an interface that does not forward.
+pub fn preflight(ifaces: &[String], redirect: bool, ipv6: bool) -> anyhow::Result<()> {
+    preflight_in(Path::new("/proc/sys/net"), ifaces, redirect, ipv6)
+}
+
+/// [`preflight`] against a `/proc/sys/net`-shaped tree at `net`.
+fn preflight_in(net: &Path, ifaces: &[String], redirect: bool, ipv6: bool) -> anyhow::Result<()> {
     for iface in ifaces {
-        let dir = PathBuf::from("/proc/sys/net/ipv4/conf").join(iface);
+        let dir = net.join("ipv4/conf").join(iface);
         if !dir.exists() {
             bail!("interface {iface:?} does not exist (or has no IPv4 configuration)");
         }
-        if redirect {
-            let fwd = std::fs::read_to_string(dir.join("forwarding"))
-                .with_context(|| format!("reading IPv4 forwarding setting of {iface}"))?;
+        if !redirect {
+            continue;
+        }
+        let fwd = std::fs::read_to_string(dir.join("forwarding"))
+            .with_context(|| format!("reading IPv4 forwarding setting of {iface}"))?;
+        if fwd.trim() != "1" {
+            bail!(
+                "IPv4 forwarding is off on {iface}: berth forwards translated packets to \
+                 backends and needs it (`sysctl -w net.ipv4.conf.all.forwarding=1`; Docker \
+                 hosts have it on), or set dataplane.redirect = false"
+            );
+        }
+        if ipv6 {
+            let fwd = std::fs::read_to_string(net.join("ipv6/conf").join(iface).join("forwarding"))
+                .map_err(|_| {
+                    anyhow::anyhow!(
+                        "IPv6 is off on {iface} (no IPv6 configuration), and an IPv6 service \
+                         is configured"
+                    )
+                })?;
             if fwd.trim() != "1" {
                 bail!(
-                    "IPv4 forwarding is off on {iface}: berth forwards translated packets to \
-                     backends and needs it (`sysctl -w net.ipv4.conf.all.forwarding=1`; Docker \
-                     hosts have it on), or set dataplane.redirect = false"
+                    "IPv6 forwarding is off on {iface}: berth forwards translated packets of the \
+                     IPv6 services to backends and needs it (`sysctl -w \
+                     net.ipv6.conf.all.forwarding=1`; Docker turns it on for IPv6 networks), or \
+                     set dataplane.redirect = false"
                 );
             }
         }
@@ -146,6 +170,42 @@ pub fn preflight(ifaces: &[String], redirect: bool) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv6_forwarding_is_required_only_with_an_ipv6_service_and_redirect() {
+        let net = std::env::temp_dir().join(format!("berth-preflight-{}", std::process::id()));
+        let set = |fam: &str, v: &str| {
+            let d = net.join(fam).join("conf/eth0");
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("forwarding"), v).unwrap();
+        };
+        let eth0 = ["eth0".to_owned()];
+        set("ipv4", "1\n");
+        // No IPv6 configuration at all.
+        assert!(preflight_in(&net, &eth0, true, false).is_ok());
+        let e = preflight_in(&net, &eth0, true, true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("IPv6 is off on eth0"), "{e}");
+        assert!(preflight_in(&net, &eth0, false, true).is_ok());
+        set("ipv6", "0\n");
+        let e = preflight_in(&net, &eth0, true, true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("IPv6 forwarding is off on eth0"), "{e}");
+        assert!(e.contains("net.ipv6.conf.all.forwarding=1"), "{e}");
+        assert!(preflight_in(&net, &eth0, true, false).is_ok());
+        set("ipv6", "1\n");
+        assert!(preflight_in(&net, &eth0, true, true).is_ok());
+        set("ipv4", "0\n");
+        let e = preflight_in(&net, &eth0, true, true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("IPv4 forwarding is off"), "{e}");
+        let e = preflight_in(&net, &["nope".to_owned()], true, true).unwrap_err();
+        assert!(e.to_string().contains("does not exist"), "{e}");
+        std::fs::remove_dir_all(&net).unwrap();
+    }
 
     #[test]
     fn the_ipv6_route_toward_an_address_is_the_longest_prefix_then_the_lowest_metric() {

@@ -203,7 +203,8 @@ pub fn prepare(
     } else {
         Vec::new()
     };
-    host::preflight(&ifaces, cfg.dataplane.redirect).map_err(Refused::Host)?;
+    let ipv6 = services.iter().any(|s| s.listen.is_ipv6());
+    host::preflight(&ifaces, cfg.dataplane.redirect, ipv6).map_err(Refused::Host)?;
     Ok(Run {
         source,
         cfg,

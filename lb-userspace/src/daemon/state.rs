@@ -711,13 +711,18 @@ impl Daemon {
             {
                 continue;
             }
-            let attached = preflight(std::slice::from_ref(&iface), self.cfg.dataplane.redirect)
-                .and_then(|()| {
-                    self.rec
-                        .dataplane_mut()
-                        .attach(&iface)
-                        .map_err(anyhow::Error::from)
-                });
+            let ipv6 = self.desired.iter().any(|s| s.listen.is_ipv6());
+            let attached = preflight(
+                std::slice::from_ref(&iface),
+                self.cfg.dataplane.redirect,
+                ipv6,
+            )
+            .and_then(|()| {
+                self.rec
+                    .dataplane_mut()
+                    .attach(&iface)
+                    .map_err(anyhow::Error::from)
+            });
             match attached {
                 Ok(_) => {
                     self.unattachable.remove(&iface);
