@@ -26,6 +26,15 @@ fn loaded_berth_programs() -> usize {
         .count()
 }
 
+/// `berth` under `timeout 20`, for runs that must be refused: one that berth wrongly accepts
+/// would otherwise serve until killed (`timeout` exits 124 then, which the callers' exit-code
+/// assertions name).
+fn bounded_berth() -> Command {
+    let mut c = Command::new("timeout");
+    c.arg("20").arg(berth());
+    c
+}
+
 #[test]
 fn bad_config_names_the_field_and_exits_64_without_loading_anything() {
     let cases = [
@@ -168,11 +177,7 @@ fn bad_config_names_the_field_and_exits_64_without_loading_anything() {
             vec!["run", "--iface", "lo", "--cgroup", "none", "--config"],
             vec!["check-config"],
         ] {
-            // Bounded: a config berth wrongly accepts would otherwise run until killed
-            // (`timeout` exits 124 then, and the assertion below names the file).
-            let out = Command::new("timeout")
-                .arg("20")
-                .arg(berth())
+            let out = bounded_berth()
                 .args(&args)
                 .arg(&path)
                 .output()
@@ -281,7 +286,7 @@ fn an_unusable_docker_environment_names_the_variable_and_exits_64() {
             "DOCKER_CERT_PATH",
         ),
     ] {
-        let out = Command::new(berth())
+        let out = bounded_berth()
             .args(["run", "--iface", "lo", "--cgroup", "none"])
             .envs(env.iter().copied())
             .output()
@@ -295,7 +300,7 @@ fn an_unusable_docker_environment_names_the_variable_and_exits_64() {
 
 #[test]
 fn missing_config_file_and_interface_are_reported() {
-    let out = Command::new(berth())
+    let out = bounded_berth()
         .args(["run", "--config", "/nonexistent/berth.toml"])
         .output()
         .unwrap();
@@ -305,7 +310,7 @@ fn missing_config_file_and_interface_are_reported() {
         "ok.toml",
         "[[service]]\nname = \"w\"\nlisten = \"0.0.0.0:80\"\n",
     );
-    let out = Command::new(berth())
+    let out = bounded_berth()
         .args(["run", "--iface", "nosuchif0", "--config"])
         .arg(&ok)
         .output()
@@ -433,7 +438,7 @@ fn second_berth_on_the_same_interface_is_refused() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let second = Command::new("ip")
-        .args(["netns", "exec", &name])
+        .args(["netns", "exec", &name, "timeout", "20"])
         .arg(berth())
         .args(["run", "--iface", "lo", "--cgroup", "none", "--admin-socket"])
         .arg(log.with_extension("2.sock"))
