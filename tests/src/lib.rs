@@ -18,5 +18,6 @@ pub mod netns;
 pub mod servers;
 pub mod stats;
 pub mod topo;
+pub mod traffic;
 pub mod wire;
 pub mod wire6;

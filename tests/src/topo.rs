@@ -6,4 +6,4 @@
 //! The pieces live in `netns`, `servers` and `daemon`; this module gathers them under the one
 //! path the older test files import (`berth_tests::topo::...`).
 
-pub use crate::{daemon::*, netns::*, servers::*};
+pub use crate::{daemon::*, netns::*, servers::*, traffic::*};

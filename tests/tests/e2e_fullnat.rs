@@ -19,8 +19,8 @@
 use std::{collections::BTreeMap, net::SocketAddrV4, process::Command};
 
 use berth_tests::topo::{
-    Berth, Netns, Servers, Session, ns_command, remove_leftovers, responder, tcp_request,
-    udp_request, veth,
+    Berth, Netns, Servers, Session, assert_shares, ns_command, peers_of, remove_leftovers,
+    responder, spread, tcp_request, udp_request, veth,
 };
 
 fn sa(s: &str) -> SocketAddrV4 {
@@ -136,52 +136,6 @@ backends = [{}]
     )
 }
 
-/// `n` one-request TCP connections (or UDP datagrams) from the client: answers per backend,
-/// each answer checked to be exactly `Hello from <backend>: <line sent>`.
-fn spread(client: &Netns, udp: bool, n: usize) -> BTreeMap<String, usize> {
-    client.run(move || {
-        let mut counts = BTreeMap::new();
-        for i in 0..n {
-            let line = format!("req-{i}");
-            let to = sa("10.10.0.1:8080");
-            let answer = if udp {
-                udp_request(to, &line)
-            } else {
-                tcp_request(to, &line)
-            }
-            .unwrap_or_else(|e| panic!("request {i} (udp {udp}): {e}"));
-            let who = responder(&answer)
-                .unwrap_or_else(|| panic!("bad answer {answer:?}"))
-                .to_owned();
-            assert_eq!(answer, format!("Hello from {who}: {line}"), "request {i}");
-            *counts.entry(who).or_insert(0) += 1;
-        }
-        counts
-    })
-}
-
-fn assert_shares(what: &str, counts: &BTreeMap<String, usize>, weights: &[(&str, u32)]) {
-    let total: usize = counts.values().sum();
-    let wsum: u32 = weights.iter().map(|(_, w)| w).sum();
-    println!("{what}: {total} answers: {counts:?} (weights {weights:?})");
-    for (name, w) in weights {
-        let got = *counts.get(*name).unwrap_or(&0) as f64 / total as f64;
-        let want = f64::from(*w) / f64::from(wsum);
-        assert!(
-            (got - want).abs() <= 0.07,
-            "{what}: {name} share {got:.3}, expected {want:.3}"
-        );
-    }
-}
-
-/// The peers of the established TCP connections to :8000 in `ns`, as `ss` lists them.
-fn peers_of(ns: &Netns) -> Vec<String> {
-    ns.exec(&["ss", "-tnH", "state", "established", "( sport = :8000 )"])
-        .lines()
-        .filter_map(|l| l.split_whitespace().last().map(str::to_owned))
-        .collect()
-}
-
 #[test]
 fn dnat_cannot_serve_backends_that_answer_around_berth_and_full_nat_does() {
     let t = remote();
@@ -220,13 +174,14 @@ fn dnat_cannot_serve_backends_that_answer_around_berth_and_full_nat_does() {
     // Full NAT, from a reload: berth attaches where the answers now arrive, and serves.
     berth.reload(&config("fullnat", &[1, 2, 3]));
     berth.wait_for("attached to eth1 (route to full-NAT backends)", 1);
-    let counts = spread(&t.client, false, 600);
+    let counts = spread(&t.client, sa("10.10.0.1:8080"), false, 600);
     assert_shares(
         "full NAT tcp 1:2:3",
         &counts,
         &[("b1", 1), ("b2", 2), ("b3", 3)],
+        0.07,
     );
-    let counts = spread(&t.client, true, 300);
+    let counts = spread(&t.client, sa("10.10.0.1:8080"), true, 300);
     assert_eq!(counts.values().sum::<usize>(), 300, "{counts:?}");
     assert_eq!(counts.len(), 3, "every backend answers UDP: {counts:?}");
 
@@ -238,7 +193,7 @@ fn dnat_cannot_serve_backends_that_answer_around_berth_and_full_nat_does() {
         .unwrap()
         .to_owned();
     let n: usize = who[1..].parse().expect("b<n>");
-    let peers = peers_of(&t.backends[n - 1]);
+    let peers = peers_of(&t.backends[n - 1], 8000);
     assert!(!peers.is_empty(), "no established connection on {who}");
     for p in &peers {
         let p = sa(p);
@@ -303,7 +258,7 @@ fn a_removed_full_nat_backend_keeps_its_established_sessions() {
         })
         .collect();
     assert_eq!(after, first, "every session stays on its backend");
-    let counts = spread(&t.client, false, 200);
+    let counts = spread(&t.client, sa("10.10.0.1:8080"), false, 200);
     assert!(!counts.contains_key("b3"), "{counts:?}");
     assert_eq!(counts.values().sum::<usize>(), 200);
 }

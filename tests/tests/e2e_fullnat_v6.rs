@@ -17,15 +17,14 @@
 //! answers come back to it over `eth1`, where berth attaches by itself (the route toward its
 //! full-NAT backends, from /proc/net/ipv6_route).
 
-use std::{
-    collections::BTreeMap,
-    net::{SocketAddr, SocketAddrV6},
-};
+use std::net::{SocketAddr, SocketAddrV6};
 
 use berth_tests::daemon::Berth;
 use berth_tests::netns::{bridge, plug};
 use berth_tests::servers::{tcp_request_any, udp_request_any};
-use berth_tests::topo::{Netns, Servers, remove_leftovers, responder, veth};
+use berth_tests::topo::{
+    Netns, Servers, assert_shares, peers_of, remove_leftovers, responder, spread, veth,
+};
 
 fn sa6(s: &str) -> SocketAddrV6 {
     s.parse().expect("IPv6 socket address")
@@ -140,37 +139,6 @@ backends = [{}]
     )
 }
 
-/// `n` one-request TCP connections (or UDP datagrams) from the client: answers per backend,
-/// each answer checked to be exactly `Hello from <backend>: <line sent>`.
-fn spread(client: &Netns, udp: bool, n: usize) -> BTreeMap<String, usize> {
-    client.run(move || {
-        let mut counts = BTreeMap::new();
-        for i in 0..n {
-            let line = format!("req-{i}");
-            let answer = if udp {
-                udp_request_any(service(), &line)
-            } else {
-                tcp_request_any(service(), &line)
-            }
-            .unwrap_or_else(|e| panic!("request {i} (udp {udp}): {e}"));
-            let who = responder(&answer)
-                .unwrap_or_else(|| panic!("bad answer {answer:?}"))
-                .to_owned();
-            assert_eq!(answer, format!("Hello from {who}: {line}"), "request {i}");
-            *counts.entry(who).or_insert(0) += 1;
-        }
-        counts
-    })
-}
-
-/// The peers of the established TCP connections to :8000 in `ns`, as `ss` lists them.
-fn peers_of(ns: &Netns) -> Vec<String> {
-    ns.exec(&["ss", "-tnH", "state", "established", "( sport = :8000 )"])
-        .lines()
-        .filter_map(|l| l.split_whitespace().last().map(str::to_owned))
-        .collect()
-}
-
 #[test]
 fn dnat_cannot_serve_ipv6_backends_that_answer_around_berth_and_full_nat_does() {
     let t = remote6();
@@ -202,18 +170,14 @@ fn dnat_cannot_serve_ipv6_backends_that_answer_around_berth_and_full_nat_does() 
     ports("32768 60999");
     berth.reload(&config("fullnat"));
     berth.wait_for("attached to eth1 (route to full-NAT backends)", 1);
-    let counts = spread(&t.client, false, 600);
-    println!("full NAT over IPv6, tcp 1:2:3: {counts:?}");
-    let total: usize = counts.values().sum();
-    for (name, w) in [("b1", 1.0), ("b2", 2.0), ("b3", 3.0)] {
-        let got = *counts.get(name).unwrap_or(&0) as f64 / total as f64;
-        assert!(
-            (got - w / 6.0).abs() <= 0.07,
-            "{name} share {got:.3}, expected {:.3} ({counts:?})",
-            w / 6.0
-        );
-    }
-    let counts = spread(&t.client, true, 300);
+    let counts = spread(&t.client, service(), false, 600);
+    assert_shares(
+        "full NAT over IPv6, tcp 1:2:3",
+        &counts,
+        &[("b1", 1), ("b2", 2), ("b3", 3)],
+        0.07,
+    );
+    let counts = spread(&t.client, service(), true, 300);
     assert_eq!(counts.values().sum::<usize>(), 300, "{counts:?}");
     assert_eq!(counts.len(), 3, "every backend answers UDP: {counts:?}");
 
@@ -225,7 +189,7 @@ fn dnat_cannot_serve_ipv6_backends_that_answer_around_berth_and_full_nat_does() 
         .unwrap()
         .to_owned();
     let n: usize = who[1..].parse().expect("b<n>");
-    let peers = peers_of(&t.backends[n - 1]);
+    let peers = peers_of(&t.backends[n - 1], 8000);
     assert!(!peers.is_empty(), "no established connection on {who}");
     for p in &peers {
         let p: SocketAddrV6 = p.parse().expect("peer");

@@ -10,8 +10,8 @@
 use std::{collections::BTreeMap, net::SocketAddrV4, time::Duration};
 
 use berth_tests::topo::{
-    Berth, Netns, Servers, Session, berth_bin, remove_leftovers, responder, tcp_request,
-    udp_request, veth,
+    Berth, Netns, Servers, Session, assert_shares, berth_bin, remove_leftovers, responder, spread,
+    tcp_request, veth,
 };
 
 fn sa(s: &str) -> SocketAddrV4 {
@@ -144,65 +144,6 @@ fn bridged() -> Topo {
     }
 }
 
-/// Sends `n` one-request TCP connections from the client namespace; returns answers per backend
-/// and checks every answer is exactly `Hello from <backend>: <line sent>`.
-fn spread_tcp(client: &Netns, to: SocketAddrV4, n: usize) -> BTreeMap<String, usize> {
-    client.run(move || {
-        let mut counts = BTreeMap::new();
-        for i in 0..n {
-            let line = format!("req-{i}");
-            let answer =
-                tcp_request(to, &line).unwrap_or_else(|e| panic!("request {i} to {to}: {e}"));
-            let who = responder(&answer)
-                .unwrap_or_else(|| panic!("bad answer {answer:?}"))
-                .to_owned();
-            assert_eq!(answer, format!("Hello from {who}: {line}"), "request {i}");
-            *counts.entry(who).or_insert(0) += 1;
-        }
-        counts
-    })
-}
-
-fn spread_udp(client: &Netns, to: SocketAddrV4, n: usize) -> BTreeMap<String, usize> {
-    client.run(move || {
-        let mut counts = BTreeMap::new();
-        for i in 0..n {
-            let payload = format!("dgram-{i}");
-            let answer =
-                udp_request(to, &payload).unwrap_or_else(|e| panic!("datagram {i} to {to}: {e}"));
-            let who = responder(&answer)
-                .unwrap_or_else(|| panic!("bad answer {answer:?}"))
-                .to_owned();
-            assert_eq!(
-                answer,
-                format!("Hello from {who}: {payload}"),
-                "datagram {i}"
-            );
-            *counts.entry(who).or_insert(0) += 1;
-        }
-        counts
-    })
-}
-
-/// Checks each backend's share against its weight within `tol` (absolute).
-fn assert_shares(what: &str, counts: &BTreeMap<String, usize>, weights: &[(&str, u32)], tol: f64) {
-    let total: usize = counts.values().sum();
-    let wsum: u32 = weights.iter().map(|(_, w)| w).sum();
-    println!("{what}: {total} answers: {counts:?} (weights {weights:?}, tolerance {tol})");
-    for (name, w) in weights {
-        let got = *counts.get(*name).unwrap_or(&0) as f64 / total as f64;
-        let want = f64::from(*w) / f64::from(wsum);
-        assert!(
-            (got - want).abs() <= tol,
-            "{what}: {name} share {got:.3}, expected {want:.3} +- {tol}"
-        );
-    }
-    assert!(
-        counts.keys().all(|k| weights.iter().any(|(n, _)| n == k)),
-        "unexpected responder: {counts:?}"
-    );
-}
-
 const ONE_ARMED_CONFIG: &str = r#"
 [dataplane]
 maglev_table_size = 65537
@@ -229,7 +170,7 @@ backends = ["10.20.0.11:8000", "10.20.0.12:8000", "10.20.0.13:8000"]
 fn one_armed_tcp_follows_weights_and_every_answer_is_right() {
     let t = one_armed();
     let _berth = Berth::start(&t.lb, ONE_ARMED_CONFIG, &["eth0"]);
-    let counts = spread_tcp(&t.client, sa("10.10.0.1:8080"), 1000);
+    let counts = spread(&t.client, sa("10.10.0.1:8080"), false, 1000);
     assert_shares(
         "one-armed tcp 1:2:3",
         &counts,
@@ -242,7 +183,7 @@ fn one_armed_tcp_follows_weights_and_every_answer_is_right() {
 fn one_armed_udp_and_vip_services() {
     let t = one_armed();
     let _berth = Berth::start(&t.lb, ONE_ARMED_CONFIG, &["eth0"]);
-    let counts = spread_udp(&t.client, sa("10.10.0.1:8080"), 600);
+    let counts = spread(&t.client, sa("10.10.0.1:8080"), true, 600);
     assert_shares(
         "one-armed udp",
         &counts,
@@ -251,7 +192,7 @@ fn one_armed_udp_and_vip_services() {
     );
     // 300 draws: a share's standard deviation is 2.7 points, the tolerance 3.7 of them (100
     // draws with 0.15 failed once in a few hundred runs).
-    let counts = spread_tcp(&t.client, sa("10.99.0.1:80"), 300);
+    let counts = spread(&t.client, sa("10.99.0.1:80"), false, 300);
     assert_shares(
         "one-armed vip",
         &counts,
@@ -344,7 +285,7 @@ fn removing_a_backend_keeps_established_flows_and_steers_new_ones_away() {
         );
         handle.join().expect("client thread");
     });
-    let counts = spread_tcp(&t.client, sa("10.10.0.1:8080"), 300);
+    let counts = spread(&t.client, sa("10.10.0.1:8080"), false, 300);
     assert!(
         !counts.contains_key("b3"),
         "new connections reached the removed backend: {counts:?}"
@@ -373,14 +314,14 @@ fn bridged_docker_like_host_balances_through_forward_drop() {
         .run(|| tcp_request(sa("172.18.0.11:8000"), "direct"));
     assert!(blocked.is_err(), "FORWARD DROP not in force: {blocked:?}");
     let _berth = Berth::start(&t.lb, BRIDGED_CONFIG, &["eth0", "br0"]);
-    let counts = spread_tcp(&t.client, sa("10.30.0.1:8080"), 1000);
+    let counts = spread(&t.client, sa("10.30.0.1:8080"), false, 1000);
     assert_shares(
         "bridged tcp equal",
         &counts,
         &[("b1", 1), ("b2", 1), ("b3", 1)],
         0.07,
     );
-    let counts = spread_udp(&t.client, sa("10.30.0.1:8080"), 600);
+    let counts = spread(&t.client, sa("10.30.0.1:8080"), true, 600);
     assert_shares(
         "bridged udp",
         &counts,
@@ -400,7 +341,10 @@ fn sigterm_leaves_the_dataplane_serving_and_the_next_berth_takes_it_over() {
     let t = bridged();
     let svc = sa("10.30.0.1:8080");
     let mut berth = Berth::start(&t.lb, BRIDGED_CONFIG, &["eth0", "br0"]);
-    assert_eq!(spread_tcp(&t.client, svc, 30).values().sum::<usize>(), 30);
+    assert_eq!(
+        spread(&t.client, svc, false, 30).values().sum::<usize>(),
+        30
+    );
     // An established connection that must live through both the stop and the take-over.
     let mut session = t
         .client
@@ -423,7 +367,7 @@ fn sigterm_leaves_the_dataplane_serving_and_the_next_berth_takes_it_over() {
             .contains("the dataplane keeps serving on eth0, br0")
     );
     // No daemon: the pinned dataplane still balances new connections and carries the old one.
-    let counts = spread_tcp(&t.client, svc, 60);
+    let counts = spread(&t.client, svc, false, 60);
     assert_eq!(counts.values().sum::<usize>(), 60, "{counts:?}");
     assert_eq!(counts.len(), 3, "{counts:?}");
     assert_eq!(ask("while stopped"), first);
@@ -439,7 +383,10 @@ fn sigterm_leaves_the_dataplane_serving_and_the_next_berth_takes_it_over() {
     );
     assert_eq!(log.matches("maglev table updated").count(), tables, "{log}");
     assert_eq!(ask("after take-over"), first);
-    assert_eq!(spread_tcp(&t.client, svc, 30).values().sum::<usize>(), 30);
+    assert_eq!(
+        spread(&t.client, svc, false, 30).values().sum::<usize>(),
+        30
+    );
 
     // `berth down` is refused while a berth runs on the pins, and detaches everything after.
     let (refused, out) = berth.down();
@@ -524,7 +471,7 @@ fn a_pinned_dataplane_berth_cannot_read_is_refused_with_the_reset_command() {
         "{err}"
     );
     // The refusals changed nothing: the pinned dataplane still serves.
-    let counts = spread_tcp(&t.client, sa("10.10.0.1:8080"), 30);
+    let counts = spread(&t.client, sa("10.10.0.1:8080"), false, 30);
     assert_eq!(counts.values().sum::<usize>(), 30, "{counts:?}");
     let (downed, out) = berth.down();
     assert!(downed.success(), "{out}");
@@ -650,7 +597,7 @@ fn metrics_match_the_traffic_sent() {
     );
     let berth = Berth::start(&t.lb, &config, &["eth0"]);
     let sent = 200;
-    let counts = spread_tcp(&t.client, sa("10.10.0.1:8080"), sent);
+    let counts = spread(&t.client, sa("10.10.0.1:8080"), false, sent);
     // Five connections that stay open: the only active flows (the 200 above are closed).
     let mut sessions: Vec<Session> = t.client.run(|| {
         (0..5)
@@ -780,7 +727,7 @@ fn a_docker_api_that_fails_is_named_retried_and_never_stops_the_configured_servi
         println!("docker API answering {what}: retried, reported as: {first}");
         assert!(first.contains(&sock.display().to_string()), "{first}");
         // ... while the configured services keep being served.
-        let counts = spread_tcp(&t.client, sa("10.10.0.1:8080"), 60);
+        let counts = spread(&t.client, sa("10.10.0.1:8080"), false, 60);
         assert_eq!(counts.values().sum::<usize>(), 60, "{counts:?}");
         assert!(
             !log.contains("panicked") && !log.contains("removed"),
@@ -892,7 +839,10 @@ fn status_shows_the_pinned_totals_after_a_restart() {
     );
     let mut berth = Berth::start(&t.lb, &config, &["eth0"]);
     let svc = sa("10.10.0.1:8080");
-    assert_eq!(spread_tcp(&t.client, svc, 60).values().sum::<usize>(), 60);
+    assert_eq!(
+        spread(&t.client, svc, false, 60).values().sum::<usize>(),
+        60
+    );
     let before = backend_totals(&berth.status(), "web");
     let flows: u64 = before.values().map(|v| v.1).sum();
     assert_eq!(flows, 60, "{before:?}");
@@ -913,7 +863,10 @@ fn status_shows_the_pinned_totals_after_a_restart() {
             .all(|b| b.in_pool),
         "{st:?}"
     );
-    assert_eq!(spread_tcp(&t.client, svc, 30).values().sum::<usize>(), 30);
+    assert_eq!(
+        spread(&t.client, svc, false, 30).values().sum::<usize>(),
+        30
+    );
     let flows: u64 = backend_totals(&berth.status(), "web")
         .values()
         .map(|v| v.1)
@@ -996,7 +949,10 @@ fn under_ip_netns_exec_berth_warns_that_the_pins_die_with_it() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let svc = sa("10.10.0.1:8080");
-    assert_eq!(spread_tcp(&t.client, svc, 30).values().sum::<usize>(), 30);
+    assert_eq!(
+        spread(&t.client, svc, false, 30).values().sum::<usize>(),
+        30
+    );
     assert!(!pins.exists(), "the pins showed up in the host's bpffs");
     // SAFETY: plain signal to our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -1055,7 +1011,7 @@ fn metrics_connections_do_not_each_walk_conntrack() {
     let metrics = sa("127.0.0.1:9477");
     // 2000 conntrack entries (closed flows linger until the sweep).
     assert_eq!(
-        spread_tcp(&t.client, svc, 1000).values().sum::<usize>(),
+        spread(&t.client, svc, false, 1000).values().sum::<usize>(),
         1000
     );
     let (cpu0, _) = cpu_and_peak_rss(berth.pid());
@@ -1100,7 +1056,10 @@ fn metrics_connections_do_not_each_walk_conntrack() {
         .collect();
     assert!(pages.iter().all(|p| *p == page), "a scrape differed");
     // After the interval (default 5 s) a scrape shows what happened meanwhile.
-    assert_eq!(spread_tcp(&t.client, svc, 30).values().sum::<usize>(), 30);
+    assert_eq!(
+        spread(&t.client, svc, false, 30).values().sum::<usize>(),
+        30
+    );
     std::thread::sleep(Duration::from_millis(5200));
     let page = scrape();
     assert_eq!(
