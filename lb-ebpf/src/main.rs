@@ -366,12 +366,6 @@ fn lazy_half(key: &FlowKey) -> Option<(CtEntry, bool)> {
     Some((half, in_ct_new))
 }
 
-/// [`lazy_half`] for an ICMP error (the map it would go to does not matter there).
-#[inline(always)]
-fn lazy_reply_half(key: &FlowKey) -> Option<CtEntry> {
-    lazy_half(key).map(|(h, _)| h)
-}
-
 /// The service LAZY_REPLY names for DNAT backend `bkey`, claimed for this flow's service
 /// address and port if none is named yet (`BPF_NOEXIST`: a concurrent claim on another CPU
 /// wins, and is what is returned). None: the map is full (the flow keeps its reply entry).
@@ -1160,7 +1154,7 @@ fn icmp_error_inner(ctx: &TcContext, p: &mut Pkt) -> (i32, Reason) {
     let ent = if let Some(ent) = CONNTRACK.get_ptr(&key).or_else(|| CT_NEW.get_ptr(&key)) {
         // SAFETY: valid map value pointer; `CtEntry` is `Copy`.
         unsafe { *ent }
-    } else if let Some(ent) = lazy_reply_half(&key) {
+    } else if let Some((ent, _)) = lazy_half(&key) {
         // About a packet of a flow recorded lazily (no reply yet): its reply half as it would
         // be written, not written (an error creates no state).
         ent
