@@ -165,6 +165,14 @@ fn bad_config_names_the_field_and_exits_64_without_loading_anything() {
             "service[0].backends[0]",
         ),
         (
+            // Full NAT's packets, from this host's own address, are martians to the stack:
+            // with redirect = false nothing would reach the backends (5 of 5 TCP and UDP
+            // requests failed when it was accepted).
+            "fullnat-no-redirect.toml",
+            "[dataplane]\nredirect = false\n[[service]]\nname = \"w\"\nlisten = \"0.0.0.0:80\"\nmode = \"fullnat\"\nbackends = [\"10.0.0.2:80\"]\n",
+            "service[0].mode",
+        ),
+        (
             "snat6.toml",
             "[dataplane]\nsnat_address6 = \"192.0.2.7\"\n[[service]]\nname = \"v6\"\nlisten = \"[::]:8080\"\nmode = \"fullnat\"\nbackends = [\"[fd00::2]:80\"]\n",
             "dataplane.snat_address6",

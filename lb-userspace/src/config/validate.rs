@@ -20,11 +20,19 @@ impl Config {
             .collect()
     }
 
-    /// The etcd key prefixes by service name.
+    /// The etcd key prefixes by service name; a dual-stack service's prefix serves its IPv6
+    /// half `NAME.ipv6` too (with the prefix's IPv6 entries, the IPv4 ones going to `NAME`).
     pub fn etcd_selectors(&self) -> std::collections::HashMap<String, String> {
         self.services
             .iter()
-            .filter_map(|s| Some((s.name.clone(), s.etcd.as_ref()?.prefix.clone())))
+            .filter_map(|s| Some((s, s.etcd.as_ref()?.prefix.clone())))
+            .flat_map(|(s, p)| {
+                let twin = s
+                    .listen6
+                    .as_ref()
+                    .map(|_| (format!("{}.ipv6", s.name), p.clone()));
+                std::iter::once((s.name.clone(), p)).chain(twin)
+            })
             .collect()
     }
 
@@ -274,6 +282,17 @@ impl Config {
                         "{:?}.ipv6 (its IPv6 half) is another service's name",
                         s.name
                     ),
+                ));
+            }
+            // Full NAT's packets leave from this host's own address: handed to the stack at TC
+            // ingress they are martians (a local source arriving from outside) and dropped, so
+            // full NAT needs the program to route them itself.
+            if s.mode == Some(Nat::Full) && !d.redirect {
+                return Err(ConfigError::new(
+                    at("mode"),
+                    "\"fullnat\" needs dataplane.redirect = true (with redirect = false the \
+                     stack drops full NAT's packets, whose source is this host's own address); \
+                     set redirect = true or use mode = \"dnat\"",
                 ));
             }
             let mut seen = BTreeSet::new();

@@ -31,15 +31,89 @@ pub fn services(
     engines: &BTreeMap<String, EngineView>,
     has_file: bool,
     host: &Host,
+    previous: &[Service],
 ) -> (Vec<Service>, Vec<String>) {
-    discovery::services(
+    let (mut services, mut problems) = discovery::services(
         configured,
         &cfg.selectors(),
         containers,
         engines,
         label_services(cfg, has_file, host.ipv6),
         &host.ports,
-    )
+    );
+    if !cfg.dataplane.redirect {
+        problems.extend(without_full_nat(&mut services));
+    }
+    problems.extend(fit(
+        &mut services,
+        configured,
+        previous,
+        cfg.dataplane.max_services,
+    ));
+    (services, problems)
+}
+
+/// With `dataplane.redirect = false` full NAT cannot work (the stack drops packets whose
+/// source is this host's own address), and a configured `mode = "fullnat"` is refused at load;
+/// what is left are other hosts' containers, full NAT by default: they are left out, each
+/// named.
+fn without_full_nat(services: &mut [Service]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for s in services {
+        s.backends.retain(|b| {
+            let full = b.nat == crate::config::Nat::Full;
+            if full {
+                problems.push(format!(
+                    "service {}: backend {} (another host's container) needs full NAT, which \
+                     needs dataplane.redirect = true; not served (mode = \"dnat\" on the \
+                     service serves it if berth is that host's gateway)",
+                    s.name, b.addr
+                ));
+            }
+            !full
+        });
+    }
+    problems
+}
+
+/// Keeps the services within `max_services` (the configured ones always fit: the config
+/// is refused otherwise). Label services (and the IPv6 halves `NAME.ipv6` they grow when a
+/// container has IPv6) are added in this order: those already served (in `previous`) first,
+/// then IPv4 ones before IPv6 halves, by name; one that does not fit is left out whole (no
+/// slot, no map entry) and named with the limit, so a new container never displaces a
+/// service that is served.
+fn fit(
+    services: &mut Vec<Service>,
+    configured: &[Service],
+    previous: &[Service],
+    max: u32,
+) -> Vec<String> {
+    let max = max as usize;
+    if services.len() <= max {
+        return Vec::new();
+    }
+    let is_configured = |s: &Service| configured.iter().any(|c| c.name == s.name);
+    let was = |s: &Service| previous.iter().any(|p| p.name == s.name);
+    let (mut keep, mut extra): (Vec<Service>, Vec<Service>) = std::mem::take(services)
+        .into_iter()
+        .partition(|s| is_configured(s));
+    extra.sort_by(|a, b| {
+        (!was(a), a.listen.is_ipv6(), &a.name).cmp(&(!was(b), b.listen.is_ipv6(), &b.name))
+    });
+    let mut problems = Vec::new();
+    for s in extra {
+        if keep.len() < max {
+            keep.push(s);
+        } else {
+            problems.push(format!(
+                "service {} ({} {}, from container labels) is not served: dataplane.max_services \
+                 = {max} services are served already; raise it",
+                s.name, s.protocol, s.listen
+            ));
+        }
+    }
+    *services = keep;
+    problems
 }
 
 /// What of this host the containers' services depend on.
@@ -275,6 +349,7 @@ mod tests {
             &none,
             false,
             &no_ports,
+            &[],
         );
         assert!(problems.is_empty(), "{problems:?}");
         assert_eq!(s.len(), 2, "{s:?}");
@@ -297,6 +372,7 @@ mod tests {
             &none,
             true,
             &no_ports,
+            &[],
         );
         assert_eq!(s, configured());
     }
@@ -334,9 +410,119 @@ mod tests {
             ipv6: true,
         };
         let none = BTreeMap::new();
-        let (s, problems) = services(&Config::default(), &[], &known, &none, false, &taken);
+        let (s, problems) = services(&Config::default(), &[], &known, &none, false, &taken, &[]);
         assert!(s.is_empty(), "{s:?}");
         assert_eq!(problems.len(), 1, "{problems:?}");
+    }
+
+    /// A container labelled for `port`, with an IPv6 address too when `v6`.
+    fn labelled(id: &str, n: u8, port: u16, v6: bool) -> ContainerInfo {
+        let mut c = container(id, true, None);
+        c.labels.insert("berth.port".into(), port.to_string());
+        c.networks.insert(
+            "bridge".into(),
+            discovery::NetAddrs {
+                v4: Some(Ipv4Addr::new(172, 17, 0, n)),
+                v6: v6.then(|| std::net::Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, u16::from(n))),
+            },
+        );
+        c
+    }
+
+    #[test]
+    fn label_services_beyond_max_services_are_left_out_whole_and_named() {
+        let cfg = Config::parse("[dataplane]\nmax_services = 3\n").unwrap();
+        let host = Host {
+            ports: HashSet::new(),
+            ipv6: true,
+        };
+        let none = BTreeMap::new();
+        let names = |s: &[Service]| s.iter().map(|s| s.name.clone()).collect::<Vec<_>>();
+        let mut known = BTreeMap::new();
+        // db (configured) + tcp-9000 and its IPv6 half: 3, the limit.
+        record(
+            &mut known,
+            "default",
+            &Event::Upsert(labelled("a", 2, 9000, true), None),
+        );
+        let (first, problems) = services(&cfg, &configured(), &known, &none, false, &host, &[]);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(names(&first), ["db", "tcp-9000", "tcp-9000.ipv6"]);
+        // A new label service finds no room: it is left out (both halves), the served ones
+        // stay, and the message names it and the limit.
+        record(
+            &mut known,
+            "default",
+            &Event::Upsert(labelled("bb", 3, 8000, true), None),
+        );
+        let (second, problems) = services(&cfg, &configured(), &known, &none, false, &host, &first);
+        assert_eq!(names(&second), ["db", "tcp-9000", "tcp-9000.ipv6"]);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        for (p, name) in problems.iter().zip(["tcp-8000", "tcp-8000.ipv6"]) {
+            assert!(
+                p.starts_with(&format!("service {name} "))
+                    && p.contains("dataplane.max_services = 3"),
+                "{problems:?}"
+            );
+        }
+        // Fresh (nothing served yet): IPv4 halves come before any IPv6 half.
+        let (fresh, problems) = services(&cfg, &configured(), &known, &none, false, &host, &[]);
+        assert_eq!(names(&fresh), ["db", "tcp-8000", "tcp-9000"]);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems.iter().all(|p| p.contains(".ipv6")), "{problems:?}");
+        // Room again (the served service's container left): the other one takes it.
+        record(&mut known, "default", &Event::Remove("a".into(), None));
+        let (third, problems) = services(&cfg, &configured(), &known, &none, false, &host, &second);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(names(&third), ["db", "tcp-8000", "tcp-8000.ipv6"]);
+    }
+
+    #[test]
+    fn without_redirect_other_hosts_containers_are_left_out_and_named() {
+        let cfg = Config::parse("[dataplane]\nredirect = false\n").unwrap();
+        let mut far = labelled("a", 2, 8080, false);
+        far.engine = "b".into();
+        far.published
+            .insert((Protocol::Tcp, 8000), (Ipv4Addr::UNSPECIFIED, 32768));
+        let mut known = BTreeMap::new();
+        record(&mut known, "b", &Event::Upsert(far, None));
+        record(
+            &mut known,
+            "default",
+            &Event::Upsert(labelled("bb", 3, 8080, false), None),
+        );
+        let engines: BTreeMap<_, _> = [(
+            "b".to_owned(),
+            EngineView {
+                reach: Reach {
+                    address: Some(Ipv4Addr::new(10, 0, 0, 12)),
+                    local: false,
+                },
+                lost: false,
+            },
+        )]
+        .into();
+        let (s, problems) = services(&cfg, &[], &known, &engines, false, &Host::default(), &[]);
+        let addrs: Vec<String> = s[0].backends.iter().map(|b| b.addr.to_string()).collect();
+        assert_eq!(addrs, ["172.17.0.3:8000"], "only this host's container");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].contains("10.0.0.12:32768")
+                && problems[0].contains("dataplane.redirect = true"),
+            "{problems:?}"
+        );
+        // With redirect (the default) both serve, the other host's by full NAT.
+        let (s, problems) = services(
+            &Config::default(),
+            &[],
+            &known,
+            &engines,
+            false,
+            &Host::default(),
+            &[],
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(s[0].backends.len(), 2);
     }
 
     #[test]

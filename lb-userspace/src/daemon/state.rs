@@ -638,6 +638,7 @@ impl Daemon {
             &self.engines.views(),
             self.has_file(),
             &desired::Host::now(),
+            &self.desired,
         );
         if self.etcd.is_some() {
             problems.extend(etcd::add_backends(
