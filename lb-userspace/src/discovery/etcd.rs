@@ -12,7 +12,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     time::Duration,
 };
 
@@ -101,7 +101,8 @@ impl Connect {
 /// One backend as registered in etcd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Entry {
-    pub addr: SocketAddrV4,
+    /// IPv4 or IPv6: it backs the services of its family that take its prefix.
+    pub addr: SocketAddr,
     pub weight: u32,
 }
 
@@ -125,28 +126,33 @@ pub fn parse_value(v: &[u8]) -> Parsed {
         )
     })?;
     let addr = match (&v.address, &v.host, v.port) {
-        (Some(a), _, _) => a.parse::<SocketAddrV4>().map_err(|_| {
+        (Some(a), _, _) => a.parse::<SocketAddr>().map_err(|_| {
             format!(
-                "address {:?} is not an IPv4 IP:PORT",
+                "address {:?} is not an IP:PORT ([IPv6]:PORT for IPv6)",
                 crate::config::clip_values(a)
             )
         })?,
-        (None, Some(h), Some(p)) => SocketAddrV4::new(
-            h.parse::<Ipv4Addr>().map_err(|_| {
-                format!(
-                    "host {:?} is not an IPv4 address",
-                    crate::config::clip_values(h)
-                )
-            })?,
+        // Nerve writes the bare address, of either family (brackets tolerated).
+        (None, Some(h), Some(p)) => SocketAddr::new(
+            h.trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<IpAddr>()
+                .map_err(|_| {
+                    format!(
+                        "host {:?} is not an IPv4 or IPv6 address",
+                        crate::config::clip_values(h)
+                    )
+                })?,
             p,
         ),
         _ => return Err("has neither \"address\" nor \"host\" and \"port\"".into()),
     };
-    if addr.ip().is_unspecified()
-        || addr.ip().is_multicast()
-        || addr.ip().is_broadcast()
-        || addr.port() == 0
-    {
+    let unusable = match addr.ip() {
+        IpAddr::V4(ip) => ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast(),
+        // An IPv4-mapped address is IPv4's: it must be written as one (no NAT64).
+        IpAddr::V6(ip) => ip.is_unspecified() || ip.is_multicast() || ip.to_ipv4_mapped().is_some(),
+    };
+    if unusable || addr.port() == 0 {
         return Err(format!("{addr} is not a usable unicast address and port"));
     }
     let weight = v.weight.unwrap_or(1);
@@ -217,35 +223,67 @@ pub fn record(known: &mut Known, update: &Update) -> Option<String> {
 }
 
 /// Adds the backends `known` holds under each service's prefix (`prefixes`: service name ->
-/// prefix) to `services`. Returns one message per key whose value is not a backend, or whose
-/// address another source already gave the service.
+/// prefix) to `services`, each to the services of its family: a dual-stack service's prefix
+/// (taken by `NAME` and `NAME.ipv6`) feeds its IPv4 entries to one and its IPv6 entries to the
+/// other. Returns one message per key whose value is not a backend, whose address another
+/// source already gave the service, or whose family no service of that prefix listens on.
 pub fn add_backends(
     services: &mut [Service],
     prefixes: &HashMap<String, String>,
     known: &Known,
 ) -> Vec<String> {
     let mut problems = Vec::new();
-    for svc in services {
-        let Some(keys) = prefixes.get(&svc.name).and_then(|p| known.get(p)) else {
+    // Which families take each prefix (a key of a family none takes is named, once).
+    let mut families: HashMap<&str, (bool, bool)> = HashMap::new();
+    for svc in services.iter() {
+        if let Some(p) = prefixes.get(&svc.name) {
+            let f = families.entry(p.as_str()).or_default();
+            if svc.listen.is_ipv6() {
+                f.1 = true;
+            } else {
+                f.0 = true;
+            }
+        }
+    }
+    let mut named = std::collections::BTreeSet::new();
+    for svc in services.iter_mut() {
+        let Some(prefix) = prefixes.get(&svc.name) else {
             continue;
         };
+        let Some(keys) = known.get(prefix) else {
+            continue;
+        };
+        let (takes4, takes6) = families.get(prefix.as_str()).copied().unwrap_or_default();
+        let v6 = svc.listen.is_ipv6();
         for (key, entry) in keys {
             match entry {
-                Err(e) => problems.push(format!("etcd: key {key}: {e}; not served")),
-                Ok(e)
-                    if svc
-                        .backends
-                        .iter()
-                        .any(|b| b.addr == SocketAddr::V4(e.addr)) =>
-                {
-                    problems.push(format!(
-                        "etcd: key {key}: {} is already a backend of service {} (the first \
-                         entry's weight applies)",
-                        e.addr, svc.name
-                    ))
+                Err(e) => {
+                    if named.insert(key.clone()) {
+                        problems.push(format!("etcd: key {key}: {e}; not served"))
+                    }
                 }
+                Ok(e) if e.addr.is_ipv6() != v6 => {
+                    // Another service of this prefix (the other half) takes it, or nobody.
+                    let taken = if e.addr.is_ipv6() { takes6 } else { takes4 };
+                    if !taken && named.insert(key.clone()) {
+                        problems.push(format!(
+                            "etcd: key {key}: {} is {}, service {} listens on {} ({}) (add \
+                             listen6 for a dual-stack service); not served",
+                            e.addr,
+                            if e.addr.is_ipv6() { "IPv6" } else { "IPv4" },
+                            svc.name,
+                            if v6 { "IPv6" } else { "IPv4" },
+                            svc.listen
+                        ));
+                    }
+                }
+                Ok(e) if svc.backends.iter().any(|b| b.addr == e.addr) => problems.push(format!(
+                    "etcd: key {key}: {} is already a backend of service {} (the first \
+                         entry's weight applies)",
+                    e.addr, svc.name
+                )),
                 Ok(e) => svc.backends.push(crate::config::BackendSpec {
-                    addr: SocketAddr::V4(e.addr),
+                    addr: e.addr,
                     weight: e.weight,
                     nat: svc.nat_or(crate::config::Nat::Dnat),
                 }),
@@ -452,6 +490,21 @@ mod tests {
                 weight: 3
             })
         );
+        // IPv6, in both layouts (Nerve's bare host, brackets tolerated).
+        for v in [
+            &br#"{"address":"[fd00::5]:8000"}"#[..],
+            br#"{"host":"fd00::5","port":8000}"#,
+            br#"{"host":"[fd00::5]","port":8000}"#,
+        ] {
+            assert_eq!(
+                parse_value(v),
+                Ok(Entry {
+                    addr: "[fd00::5]:8000".parse().unwrap(),
+                    weight: 1
+                }),
+                "{v:?}"
+            );
+        }
         assert_eq!(
             parse_value(br#"{"host":"10.0.0.6","port":80,"name":"i-1234","labels":{}}"#),
             Ok(Entry {
@@ -461,7 +514,12 @@ mod tests {
         );
         for (bad, needle) in [
             (&b"not json"[..], "JSON"),
-            (br#"{"address":"db.local:80"}"#, "IPv4"),
+            (br#"{"address":"db.local:80"}"#, "IP:PORT"),
+            (br#"{"address":"fd00::2:80"}"#, "[IPv6]:PORT"),
+            (br#"{"address":"[::]:80"}"#, "usable"),
+            (br#"{"address":"[::ffff:10.0.0.1]:80"}"#, "usable"),
+            (br#"{"host":"ff02::1","port":80}"#, "usable"),
+            (br#"{"host":"fd00::zz","port":80}"#, "IPv4 or IPv6"),
             (br#"{"host":"10.0.0.6"}"#, "neither"),
             (br#"{"address":"0.0.0.0:80"}"#, "usable"),
             (br#"{"address":"10.0.0.1:80","weight":10001}"#, "weight"),
@@ -562,5 +620,67 @@ mod tests {
         }];
         add_backends(&mut other, &prefixes, &known);
         assert_eq!(other[0].backends.len(), 1);
+    }
+
+    #[test]
+    fn entries_go_to_the_services_of_their_family() {
+        let e = |s: &str| parse_value(format!(r#"{{"address":"{s}"}}"#).as_bytes());
+        let p = "/web/".to_owned();
+        let known: Known = [(
+            p.clone(),
+            [
+                ("/web/a".to_owned(), e("10.0.0.1:8000")),
+                ("/web/b".to_owned(), e("[fd00::1]:8000")),
+                ("/web/c".to_owned(), e("[fd00::2]:8000")),
+            ]
+            .into(),
+        )]
+        .into();
+        let v6 = |name: &str| Service {
+            name: name.into(),
+            listen: "[::]:80".parse().unwrap(),
+            backends: Vec::new(),
+            ..web()
+        };
+        let v4 = || Service {
+            backends: Vec::new(),
+            ..web()
+        };
+        // A dual-stack service's two halves share the prefix: each takes its family's keys,
+        // and nothing is named.
+        let both: HashMap<_, _> = [
+            ("web".to_owned(), p.clone()),
+            ("web.ipv6".to_owned(), p.clone()),
+        ]
+        .into();
+        let mut svcs = vec![v4(), v6("web.ipv6")];
+        let problems = add_backends(&mut svcs, &both, &known);
+        assert!(problems.is_empty(), "{problems:?}");
+        let addrs = |s: &Service| {
+            s.backends
+                .iter()
+                .map(|b| b.addr.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(addrs(&svcs[0]), ["10.0.0.1:8000"]);
+        assert_eq!(addrs(&svcs[1]), ["[fd00::1]:8000", "[fd00::2]:8000"]);
+        // An IPv6-only service names the IPv4 key (once), an IPv4-only one the IPv6 keys.
+        let only: HashMap<_, _> = [("web".to_owned(), p.clone())].into();
+        let mut svcs = vec![v6("web")];
+        let problems = add_backends(&mut svcs, &only, &known);
+        assert_eq!(addrs(&svcs[0]), ["[fd00::1]:8000", "[fd00::2]:8000"]);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].contains("/web/a: 10.0.0.1:8000 is IPv4, service web listens on IPv6"),
+            "{problems:?}"
+        );
+        let mut svcs = vec![v4()];
+        let problems = add_backends(&mut svcs, &only, &known);
+        assert_eq!(addrs(&svcs[0]), ["10.0.0.1:8000"]);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems.iter().all(|p| p.contains("is IPv6")),
+            "{problems:?}"
+        );
     }
 }
