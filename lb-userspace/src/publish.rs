@@ -29,7 +29,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::{Duration, Instant},
 };
 
@@ -205,8 +205,9 @@ pub struct Published {
     pub labels: BTreeMap<String, String>,
     /// Reported unhealthy by its own HEALTHCHECK.
     pub unhealthy: bool,
-    /// (container port, host address or None for all, host port), TCP only.
-    pub ports: Vec<(u16, Option<Ipv4Addr>, u16)>,
+    /// (container port, host address, host port), TCP only; an unspecified address
+    /// (`0.0.0.0`, `::`) stands for every address of the host of that family.
+    pub ports: Vec<(u16, IpAddr, u16)>,
 }
 
 impl Published {
@@ -249,11 +250,11 @@ pub async fn published_ports(docker: &Docker) -> Result<Vec<Published>, bollard:
                 .into_iter()
                 .filter(|p| p.typ.as_ref().is_none_or(|t| t.to_string() == "tcp"))
                 .filter_map(|p| {
-                    let host_ip = match p.ip.as_deref().map(str::parse::<Ipv4Addr>) {
-                        // IPv6 bindings ("::") are listed besides the IPv4 ones: skipped.
+                    // IPv6 bindings ("::") are listed beside the IPv4 ones (0.0.0.0).
+                    let host_ip = match p.ip.as_deref().map(str::parse::<IpAddr>) {
                         Some(Err(_)) => return None,
-                        Some(Ok(ip)) if !ip.is_unspecified() => Some(ip),
-                        _ => None,
+                        Some(Ok(ip)) => ip,
+                        None => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
                     };
                     Some((p.private_port, host_ip, p.public_port?))
                 })
@@ -277,11 +278,15 @@ pub async fn published_ports(docker: &Docker) -> Result<Vec<Published>, bollard:
 
 /// The keys and values this host should have in etcd: for each service, each matching
 /// container serving (not unhealthy, not being stopped) that publishes the service's port.
+/// A port published on every address is announced at `address`, and its IPv6 binding (`::`)
+/// at `address6` when there is one; a port bound to one address is announced at that
+/// address; one bound to loopback only is not announced (balancers cannot reach it).
 pub fn entries(
     services: &[PublishService],
     containers: &[Published],
     stopping: &HashSet<String>,
     address: Ipv4Addr,
+    address6: Option<Ipv6Addr>,
     hostname: &str,
     engine: &str,
 ) -> BTreeMap<String, String> {
@@ -296,7 +301,16 @@ pub fn entries(
                 if private != s.port {
                     continue;
                 }
-                let addr = std::net::SocketAddrV4::new(host_ip.unwrap_or(address), public);
+                let ip = match host_ip {
+                    ip if ip.is_loopback() => continue,
+                    IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(address),
+                    IpAddr::V6(ip) if ip.is_unspecified() => match address6 {
+                        Some(a) => IpAddr::V6(a),
+                        None => continue,
+                    },
+                    ip => ip,
+                };
+                let addr = SocketAddr::new(ip, public);
                 if !seen.insert(addr) {
                     continue;
                 }
@@ -345,6 +359,7 @@ async fn follow_docker(
     client: EngineClient,
     services: Vec<PublishService>,
     host_address: Option<Ipv4Addr>,
+    host_address6: Option<Ipv6Addr>,
     tx: mpsc::Sender<Heard>,
 ) {
     let host = hostname();
@@ -369,6 +384,9 @@ async fn follow_docker(
                 .collect();
             let reach = client.reach(&here).await;
             let address = announce_at(reach, host_address)?;
+            // IPv6 bindings are announced for this host's engines only (another host's
+            // published ports are reached at its IPv4 address).
+            let address6 = host_address6.filter(|_| reach.local);
             let since = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs().saturating_sub(1))
@@ -384,7 +402,8 @@ async fn follow_docker(
             if first || !last_error.is_empty() {
                 info!(
                     "docker {engine}: following {endpoint}; its containers are announced at \
-                     {address}"
+                     {address}{}",
+                    address6.map(|a| format!(" and {a}")).unwrap_or_default()
                 );
                 first = false;
             }
@@ -399,7 +418,9 @@ async fn follow_docker(
                     .map_err(|e| format!("listing containers: {e}"))?;
                 contact = Instant::now();
                 stopping.retain(|id| listed.iter().any(|c| &c.id == id));
-                let entries = entries(&services, &listed, &stopping, address, &host, &engine);
+                let entries = entries(
+                    &services, &listed, &stopping, address, address6, &host, &engine,
+                );
                 tx.send(Heard::Listed {
                     engine: engine.clone(),
                     reach,
@@ -611,6 +632,7 @@ pub async fn run(
             engine,
             publish.services.clone(),
             host_address,
+            publish.address6.as_deref().and_then(|a| a.parse().ok()),
             heard_tx.clone(),
         ));
     }
@@ -670,7 +692,7 @@ mod tests {
             unhealthy: false,
             ports: ports
                 .iter()
-                .map(|&(a, ip, b)| (a, ip.map(Ipv4Addr::from), b))
+                .map(|&(a, ip, b)| (a, IpAddr::from(ip.unwrap_or([0; 4])), b))
                 .collect(),
         }
     }
@@ -777,6 +799,7 @@ mod tests {
             &containers,
             &stopping,
             host,
+            None,
             "h1",
             "default",
         );
@@ -798,6 +821,55 @@ mod tests {
                 addr: "192.0.2.10:32768".parse().unwrap(),
                 weight: 2
             })
+        );
+    }
+
+    #[test]
+    fn ipv6_bindings_are_announced_at_the_hosts_ipv6_address() {
+        let host = Ipv4Addr::new(192, 0, 2, 10);
+        let host6: Ipv6Addr = "2001:db8::10".parse().unwrap();
+        let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
+        let mut a = c("a", "web", &[(8000, None, 32768)]);
+        // Docker lists a port published everywhere twice: 0.0.0.0 and ::.
+        a.ports.push((8000, v6("::"), 32768));
+        let mut b = c("b", "web", &[]);
+        b.ports.push((8000, v6("2001:db8::7"), 8080));
+        let mut l = c("l", "web", &[(8000, Some([127, 0, 0, 1]), 9000)]);
+        l.ports.push((8000, v6("::1"), 9001));
+        let containers = vec![a, b, l];
+        let svcs = [svc("/web/", "web", 8000)];
+        let none = HashSet::new();
+        let e = entries(
+            &svcs,
+            &containers,
+            &none,
+            host,
+            Some(host6),
+            "h1",
+            "default",
+        );
+        assert_eq!(
+            e.keys().collect::<Vec<_>>(),
+            [
+                "/web/192.0.2.10:32768",
+                "/web/[2001:db8::10]:32768",
+                "/web/[2001:db8::7]:8080"
+            ],
+            "both families of a port published everywhere, a port bound to one IPv6 address \
+             there, loopback bindings never"
+        );
+        assert_eq!(
+            crate::discovery::etcd::parse_value(e["/web/[2001:db8::10]:32768"].as_bytes()),
+            Ok(crate::discovery::etcd::Entry {
+                addr: "[2001:db8::10]:32768".parse().unwrap(),
+                weight: 2
+            })
+        );
+        // Without an IPv6 address for the host, its `::` bindings are not announced.
+        let e = entries(&svcs, &containers, &none, host, None, "h1", "default");
+        assert_eq!(
+            e.keys().collect::<Vec<_>>(),
+            ["/web/192.0.2.10:32768", "/web/[2001:db8::7]:8080"]
         );
     }
 }

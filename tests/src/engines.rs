@@ -494,6 +494,19 @@ impl EngineHost {
         ]);
     }
 
+    /// Kills dockerd alone (SIGKILL), as an OOM kill or a crash of the daemon would: the
+    /// host, its link and its containers stay (a dockerd started again without live-restore
+    /// stops them, then restarts those with a restart policy).
+    pub fn kill_dockerd(&self) {
+        let pid = pid_in(&self.dir.join("docker.pid")).expect("dockerd's pid file");
+        signal(pid, libc::SIGKILL);
+        let t = Instant::now();
+        while alive(pid) {
+            assert!(t.elapsed() < Duration::from_secs(10), "dockerd did not die");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Kills dockerd and every container of the host at once (SIGKILL), as a host crash
     /// would; the namespace and link stay.
     pub fn crash(&self) {

@@ -246,3 +246,94 @@ fn the_bridge_of_an_ipv6_only_service_is_attached_when_its_containers_serve() {
     assert_eq!(m.keys().collect::<Vec<_>>(), [&h1]);
     drop(berth);
 }
+
+/// `docker run -d` of the labelled image as `name` on the dual-stack network, for `berth.port`
+/// `port`; its short id (the hostname it answers with).
+fn run_labelled(name: &str, port: u16) -> String {
+    let label = format!("berth.port={port}");
+    docker(&[
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--label",
+        TEST_DUAL.label,
+        "--network",
+        TEST_DUAL.network,
+        "--label",
+        &label,
+        "--label",
+        "berth.target-port=8000",
+        "berth-test/labelled",
+    ])[..12]
+        .to_owned()
+}
+
+#[test]
+fn label_services_beyond_max_services_are_left_out_whole_and_named() {
+    remove_leftovers();
+    let lab = Lab::with_ipv6(&TEST_DUAL, Some(&TEST_DUAL_V6));
+    build_hello_image("berth-test/labelled", false);
+    let l1 = run_labelled("bt6-m1", 9090);
+    // Room for two services: tcp-9090 and its IPv6 half.
+    let config = "[dataplane]\nmax_services = 2\n[docker]\nenabled = true\nlabel_services = true\n";
+    let berth = Berth::start_root(
+        "docker-dual-max",
+        config,
+        &[TEST_DUAL.uplink, TEST_DUAL.bridge],
+    );
+    berth.wait_for(" added (weight ", 2);
+    // A second label service finds no room: both of its halves are named with the limit, and
+    // neither is written (no id taken, no failed write retried every second).
+    let l2 = run_labelled("bt6-m2", 9191);
+    for name in ["tcp-9191", "tcp-9191.ipv6"] {
+        berth.wait_for(&format!("service {name} (tcp "), 1);
+    }
+    let at = |port: u16| {
+        let mut v4 = std::net::SocketAddr::V4(TEST_DUAL.service);
+        let mut v6 = TEST_DUAL_V6.service();
+        v4.set_port(port);
+        v6.set_port(port);
+        [v4, v6]
+    };
+    for a in at(9090) {
+        assert_eq!(
+            lab.spread_at(a, 10).keys().collect::<Vec<_>>(),
+            [&l1],
+            "{a}"
+        );
+    }
+    let names = |b: &Berth| {
+        b.status()
+            .services
+            .iter()
+            .map(|s| s.name.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(names(&berth), ["tcp-9090", "tcp-9090.ipv6"]);
+    let log = berth.log_text();
+    assert!(
+        log.contains(
+            "service tcp-9191.ipv6 (tcp [::]:9191, from container labels) is not served: \
+             dataplane.max_services = 2 services are served already; raise it"
+        ),
+        "{log}"
+    );
+    assert!(!log.contains("no free service id"), "{log}");
+    // The served service's container goes: the waiting one takes its place, both halves.
+    docker(&["rm", "-f", "bt6-m1"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while names(&berth) != ["tcp-9191", "tcp-9191.ipv6"] {
+        assert!(Instant::now() < deadline, "{:?}", names(&berth));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    berth.wait_for(" added (weight ", 4);
+    for a in at(9191) {
+        assert_eq!(
+            lab.spread_at(a, 10).keys().collect::<Vec<_>>(),
+            [&l2],
+            "{a}"
+        );
+    }
+    drop(berth);
+}

@@ -28,7 +28,7 @@ use berth_tests::{
     servers::http_get,
     topo::{
         Berth, Netns, Servers, Session, bridge, plug, remove_leftovers, responder, signal,
-        tcp_request,
+        tcp_request, tcp_request_any,
     },
 };
 
@@ -940,4 +940,248 @@ fn a_watch_behind_a_compaction_reads_afresh_and_gets_the_pool_right() {
         "served by what etcd holds"
     );
     let _ = &f.servers;
+}
+
+/// The IPv6 backends' addresses: `[fd71::2J]:8000` (beside 10.71.0.2J).
+fn backend6(j: usize) -> std::net::SocketAddr {
+    format!("[fd71::2{j}]:8000").parse().unwrap()
+}
+
+/// The backends in `berth`'s pool of service `name` (from `berth status`).
+fn pool_of(berth: &Berth, name: &str) -> Vec<String> {
+    let st = berth.status();
+    let mut p: Vec<String> = st
+        .services
+        .iter()
+        .filter(|s| s.name == name)
+        .flat_map(|s| s.backends.iter().filter(|b| b.in_pool))
+        .map(|b| b.address.clone())
+        .collect();
+    p.sort();
+    p
+}
+
+fn wait_pool_of(berth: &Berth, name: &str, want: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pool_of(berth, name) != want {
+        assert!(
+            Instant::now() < deadline,
+            "service {name}: pool never became {want:?}: {:?}",
+            pool_of(berth, name)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn ipv6_entries_feed_ipv6_services_and_a_mismatched_family_is_named() {
+    let mut f = fleet(1, 2);
+    // IPv6 beside IPv4: client fd70::2 -> node fd70::11 (and the backends' gateway fd71::1),
+    // backends fd71::21-22 serving on :8000 too. The VIP fd99::1 is routed to the node.
+    let add6 = |ns: &Netns, a: &str| {
+        ns.exec(&["ip", "-6", "addr", "add", a, "dev", "eth0", "nodad"]);
+    };
+    let node = &f.nodes[0];
+    add6(node, "fd70::11/64");
+    add6(node, "fd71::1/64");
+    node.exec(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+    add6(&f.client, "fd70::2/64");
+    f.client
+        .exec(&["ip", "-6", "route", "add", "fd99::1/128", "via", "fd70::11"]);
+    for (j, b) in f.backends.iter().enumerate() {
+        let j = j + 1;
+        add6(b, &format!("fd71::2{j}/64"));
+        b.exec(&["ip", "-6", "route", "add", "default", "via", "fd71::1"]);
+        f.servers.push(Servers::start_any(
+            b,
+            &format!("v6b{j}"),
+            backend6(j),
+            false,
+        ));
+    }
+    // A dual-stack service and an IPv4-only one, each with its own prefix.
+    let cfg = format!(
+        r#"
+[dataplane]
+hash_seed = 7
+maglev_table_size = 4099
+[metrics]
+enabled = false
+[etcd]
+endpoints = ["http://10.70.0.100:2379"]
+timeout_ms = 1000
+[[service]]
+name = "web"
+listen = "10.99.0.1:8080"
+listen6 = "[fd99::1]:8080"
+etcd = {{ prefix = "{PREFIX}" }}
+[[service]]
+name = "api"
+listen = "10.99.0.1:9090"
+etcd = {{ prefix = "/berth/services/api/" }}
+"#
+    );
+    f.put(1);
+    f.etcd.put(
+        &format!("{PREFIX}v6b1"),
+        &value(&backend6(1).to_string(), 1),
+    );
+    f.etcd.put(
+        "/berth/services/api/v6",
+        &value(&backend6(2).to_string(), 1),
+    );
+    let berth = Berth::start(&f.nodes[0], &cfg, &["eth0"]);
+    berth.wait_for("etcd: synced", 1);
+    f.activate(1);
+    // Each half takes its family's entries of the one prefix.
+    wait_pool_of(&berth, "web", &["10.71.0.21:8000"]);
+    wait_pool_of(&berth, "web.ipv6", &["[fd71::21]:8000"]);
+    let vip6: std::net::SocketAddr = "[fd99::1]:8080".parse().unwrap();
+    let a = f
+        .client
+        .run(move || tcp_request_any(vip6, "first").expect("IPv6 request"));
+    assert!(a.starts_with("Hello from v6b1:"), "{a}");
+    // An IPv6 key put (Nerve's layout, a bare IPv6 host): served at once over IPv6.
+    let t = Instant::now();
+    f.etcd.put(
+        &format!("{PREFIX}v6b2"),
+        r#"{"host":"fd71::22","port":8000,"name":"v6b2"}"#,
+    );
+    let put_took = t.elapsed();
+    let served = f.client.run(move || {
+        let mut i = 0u32;
+        loop {
+            i += 1;
+            if let Ok(a) = tcp_request_any(vip6, &format!("probe {i}"))
+                && a.starts_with("Hello from v6b2:")
+            {
+                return (t.elapsed(), i);
+            }
+            assert!(t.elapsed() < Duration::from_secs(5), "v6b2 never answered");
+        }
+    });
+    println!(
+        "etcd put of an IPv6 entry -> first IPv6 request answered by it: {:?} ({} requests; \
+         the put itself took {put_took:?})",
+        served.0, served.1
+    );
+    wait_pool_of(&berth, "web.ipv6", &["[fd71::21]:8000", "[fd71::22]:8000"]);
+    wait_pool_of(&berth, "web", &["10.71.0.21:8000"]);
+    // IPv4 clients still reach the IPv4 entry only.
+    let a = f
+        .client
+        .run(|| tcp_request(vip(), "v4").expect("IPv4 request"));
+    assert!(a.starts_with("Hello from b1:"), "{a}");
+    // A deleted IPv6 key leaves the IPv6 pool.
+    f.etcd.delete(&format!("{PREFIX}v6b1"));
+    wait_pool_of(&berth, "web.ipv6", &["[fd71::22]:8000"]);
+    let answers = f.client.run(move || {
+        (0..50)
+            .map(|i| tcp_request_any(vip6, &format!("after {i}")).expect("request"))
+            .collect::<Vec<_>>()
+    });
+    assert!(
+        answers.iter().all(|a| a.starts_with("Hello from v6b2:")),
+        "{answers:?}"
+    );
+    // The IPv4-only service takes no IPv6 entry, and says so once, naming key and service.
+    assert!(
+        pool_of(&berth, "api").is_empty(),
+        "{:?}",
+        pool_of(&berth, "api")
+    );
+    let log = berth.log_text();
+    let named =
+        "etcd: key /berth/services/api/v6: [fd71::22]:8000 is IPv6, service api listens on IPv4";
+    assert_eq!(log.matches(named).count(), 1, "{log}");
+    // Nothing named for the dual-stack prefix, whose halves take both families.
+    assert!(!log.contains(&format!("key {PREFIX}")), "{log}");
+    f.servers.clear();
+}
+
+#[test]
+fn berth_publish_withdraws_a_killed_dockerds_entries_after_the_grace_and_restores_them() {
+    remove_leftovers();
+    let mut hb = EngineHost::start(PUB_B, TEST.image);
+    let f = Fabric::new(1);
+    let addr_b = Ipv4Addr::new(10, 72, 0, 21);
+    f.plug(&hb.ns, "p-hb", addr_b);
+    let n1 = f.berth(1);
+    let grace = Duration::from_secs(2);
+    // The usual deployment: the publisher on the Docker host, its engine from DOCKER_HOST;
+    // the host's IPv6 address given too, so the ports Docker publishes on `::` are announced.
+    let publisher = Publisher::start_in(
+        "pub-k",
+        &format!(
+            "[etcd]\nendpoints = [\"{}\"]\ntimeout_ms = 1000\n[docker]\ngrace_secs = {}\n\
+             [publish]\naddress = \"{addr_b}\"\naddress6 = \"fd72::21\"\nttl_secs = 2\n\
+             [[publish.service]]\nprefix = \"{}\"\nimage = \"{}\"\nport = 8000\n",
+            f.etcd.endpoint(),
+            grace.as_secs(),
+            fabric::PREFIX,
+            TEST.image
+        ),
+        Some(&hb.ns),
+        &[("DOCKER_HOST", hb.socket().as_str())],
+    );
+    // Restarted by its policy when dockerd is back (dockerd stops what ran at its death).
+    let k1 = hb
+        .run("bpk-1", TEST.image, &["--restart", "always"])
+        .hostname();
+    let long = Duration::from_secs(15);
+    fabric::wait_pool(&n1, 1, long);
+    f.activate(1);
+    assert_eq!(
+        http_spread(&f, 5).keys().cloned().collect::<Vec<_>>(),
+        std::slice::from_ref(&k1)
+    );
+    // Both of the container's bindings (dockerd lists 0.0.0.0 and ::), one entry each.
+    let families = |keys: &[String]| {
+        (
+            keys.iter().filter(|k| k.contains("10.72.0.21:")).count(),
+            keys.iter().filter(|k| k.contains("[fd72::21]:")).count(),
+        )
+    };
+    let keys = f.etcd.keys(fabric::PREFIX);
+    assert_eq!(families(&keys), (1, 1), "{keys:?}");
+    // The balancer's service is IPv4: it names the IPv6 entry instead of serving it.
+    n1.wait_for("is IPv6, service web listens on IPv4", 1);
+    // dockerd killed (the host, its link and the publisher live on): the publisher's pings
+    // are refused; past the grace the entry is withdrawn, and the balancer's pool empties.
+    hb.kill_dockerd();
+    let t = Instant::now();
+    fabric::wait_pool(&n1, 0, grace + Duration::from_secs(4));
+    let withdrawn = t.elapsed();
+    println!("dockerd killed: its entry out of the pool after {withdrawn:?} (grace {grace:?})");
+    // The grace runs from the last answer, at most a ping (1 s) before the kill.
+    assert!(
+        withdrawn + Duration::from_secs(1) >= grace,
+        "withdrawn before the grace ran out ({withdrawn:?})"
+    );
+    let log = publisher.log_text();
+    assert_eq!(
+        log.matches("unreachable for more than").count(),
+        1,
+        "the loss said once:\n{log}"
+    );
+    let keys = f.etcd.keys(fabric::PREFIX);
+    assert!(keys.is_empty(), "both entries withdrawn: {keys:?}");
+    // dockerd back: it restarts the container, the publisher lists it and writes it again.
+    hb.start_dockerd();
+    let t = Instant::now();
+    fabric::wait_pool(&n1, 1, long);
+    println!(
+        "dockerd back: the container in the pool again {:?} after dockerd answered",
+        t.elapsed()
+    );
+    assert_eq!(
+        http_spread(&f, 5).keys().cloned().collect::<Vec<_>>(),
+        std::slice::from_ref(&k1),
+        "the restarted container serves again"
+    );
+    let log = publisher.log_text();
+    assert!(log.contains("docker default: answers again"), "{log}");
+    let keys = f.etcd.keys(fabric::PREFIX);
+    assert_eq!(families(&keys), (1, 1), "{keys:?}");
+    drop((publisher, n1));
 }

@@ -183,6 +183,9 @@ pub struct PublishConfig {
     /// The address balancers reach this host on (default: the address of the default route's
     /// interface). A port published on one specific host address is announced on that one.
     pub address: Option<String>,
+    /// This host's IPv6 address as balancers reach it: ports Docker publishes on every IPv6
+    /// address (`::`) are announced there too (default: none, IPv4 only).
+    pub address6: Option<String>,
     /// Lifetime of the lease the entries are written under: they vanish this long after the
     /// publisher (or its host) dies. Refreshed every third of it.
     pub ttl_secs: u64,
@@ -194,6 +197,7 @@ impl Default for PublishConfig {
     fn default() -> Self {
         Self {
             address: None,
+            address6: None,
             ttl_secs: 10,
             services: Vec::new(),
         }
@@ -232,6 +236,19 @@ impl PublishConfig {
             return Err(ConfigError::new(
                 "publish.address",
                 format!("{a:?} must be this host's IPv4 address as balancers reach it"),
+            ));
+        }
+        if let Some(a) = &self.address6
+            && a.parse::<std::net::Ipv6Addr>().map_or(true, |ip| {
+                ip.is_unspecified()
+                    || ip.is_loopback()
+                    || ip.is_multicast()
+                    || ip.to_ipv4_mapped().is_some()
+            })
+        {
+            return Err(ConfigError::new(
+                "publish.address6",
+                format!("{a:?} must be this host's IPv6 address as balancers reach it"),
             ));
         }
         if !(2..=3600).contains(&self.ttl_secs) {

@@ -827,6 +827,12 @@ mod tests {
             ("[etcd]\nendpiont = 5\n", "etcd.endpiont (line 2)"),
             ("[publish]\nttl_secs = 1\n", "publish.ttl_secs"),
             ("[publish]\naddress = \"0.0.0.0\"\n", "publish.address"),
+            ("[publish]\naddress6 = \"::\"\n", "publish.address6"),
+            ("[publish]\naddress6 = \"10.0.0.1\"\n", "publish.address6"),
+            (
+                "[publish]\naddress6 = \"::ffff:10.0.0.1\"\n",
+                "publish.address6",
+            ),
             (
                 "[[publish.service]]\nprefix = \"/web\"\nimage = \"x\"\nport = 80\n",
                 "publish.service[0].prefix",
