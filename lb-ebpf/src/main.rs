@@ -676,6 +676,7 @@ fn forward_inner(
 /// forward half `fwd`, the bits into both (the reply half's are what `ct::port_reusable` and
 /// the reply path test). A flow whose forward half is gone, or whose header cannot be read,
 /// tracks nothing: its port keeps the hold.
+///
 /// `end`: where the segment's sequence space ends (`ct::seq_end`), None if unknown. Shared
 /// with the IPv6 path (the IPv4 part of its entries).
 #[inline(always)]
