@@ -24,6 +24,22 @@ pub const CT_F_FIN_CLIENT: u8 = 1 << 2;
 pub const CT_F_FIN_BACKEND: u8 = 1 << 3;
 /// Both closing bits: the connection is over on both ends (FIN each way, or a RST).
 pub const CT_F_CLOSED: u8 = CT_F_FIN_CLIENT | CT_F_FIN_BACKEND;
+/// [`CtEntry::flags`] (full NAT, both halves): one side's FIN passed and the forward entry's
+/// `backend_ack` holds where it ends (see [`track_close`]).
+pub const CT_F_FIN_SEQ: u8 = 1 << 4;
+/// [`CtEntry::flags`] (full NAT, both halves): the backend's FIN came second, acknowledging the
+/// client's; the forward entry's `backend_ack` holds where it ends, and the client's ACK of it
+/// is the flow's final ACK.
+pub const CT_F_AWAIT_CLIENT_ACK: u8 = 1 << 5;
+/// [`CtEntry::flags`] (full NAT, both halves): the client's FIN came second; the backend's ACK
+/// of it is the final ACK.
+pub const CT_F_AWAIT_BACKEND_ACK: u8 = 1 << 6;
+/// [`CtEntry::flags`] (full NAT, both halves): the final ACK of a flow closed by a FIN each way
+/// passed; its port is free at once ([`port_reusable`]).
+pub const CT_F_LAST_ACK: u8 = 1 << 7;
+/// Every bit of the final-ACK tracking.
+pub const CT_F_FINAL: u8 =
+    CT_F_FIN_SEQ | CT_F_AWAIT_CLIENT_ACK | CT_F_AWAIT_BACKEND_ACK | CT_F_LAST_ACK;
 
 /// How many source ports a new full-NAT flow tries before it is dropped as
 /// `drop_snat_exhausted`.
@@ -173,18 +189,102 @@ pub const fn close_bits(proto: u8, tcp_flags: u8, dir: u8) -> u8 {
 
 /// Whether the full-NAT source port that reply entry `rev` holds may be taken over by a new
 /// flow at `now_ns` before the closing linger ends: its connection has closed on both ends
-/// ([`CT_F_CLOSED`]) and nothing of it was seen for `cfg.snat_reuse_ms` since (each FIN or RST
-/// stamps the flow; the hold leaves time for the final ACK and a retransmitted FIN). The new
-/// flow then replaces both of the old flow's entries, as a host reuses a port in TIME_WAIT.
-/// A flow closed on one side only (a half-close: the other side may still send) keeps its
-/// port for the whole linger, or its idle timeout. The backend's socket on the port is closed
-/// or in TIME_WAIT by then, which accepts a new SYN on the same tuple; berth's own linger of
-/// `tcp_closing_ns` never covered the backend's 60 s TIME_WAIT either.
+/// ([`CT_F_CLOSED`]) and either its final ACK passed ([`CT_F_LAST_ACK`], see [`track_close`]:
+/// free at once) or nothing of it was seen for `cfg.snat_reuse_ms` since (each FIN or RST
+/// stamps the flow; the hold leaves time for a final ACK berth did not see and a retransmitted
+/// FIN). The new flow then replaces both of the old flow's entries, as a host reuses a port in
+/// TIME_WAIT. A flow closed on one side only (a half-close: the other side may still send)
+/// keeps its port for the whole linger, or its idle timeout.
+///
+/// Why no hold once the final ACK passed: the side that sent it is in TIME_WAIT (or closed),
+/// and the other side sends nothing more once the ACK reaches it, so nothing of the old
+/// connection is in flight. The backend's socket on the port is then closed (it closed second:
+/// LAST_ACK ends with that ACK) or in TIME_WAIT (it closed first), which Linux hands a new SYN
+/// to its listener when the SYN's timestamp or sequence number is newer (else it answers with
+/// an ACK, the new client resets it, and its SYN retry gets through), as for any client
+/// reusing a port. The hold never covered the backend's 60 s TIME_WAIT either. What the hold
+/// still covers, and immediate reuse does not: a final ACK lost *after* berth, toward a backend
+/// that closed second; its retransmitted FIN then reaches the new flow (see README "Full NAT").
 #[inline(always)]
 pub const fn port_reusable(rev: &CtEntry, now_ns: u64, cfg: &DpConfig) -> bool {
     rev.state == STATE_CLOSING
         && rev.flags & CT_F_CLOSED == CT_F_CLOSED
-        && now_ns.saturating_sub(rev.last_seen_ns) > cfg.snat_reuse_ms as u64 * 1_000_000
+        && (rev.flags & CT_F_LAST_ACK != 0
+            || now_ns.saturating_sub(rev.last_seen_ns) > cfg.snat_reuse_ms as u64 * 1_000_000)
+}
+
+/// Where a TCP segment's sequence space ends (the sequence number the receiver acknowledges
+/// once it has all of it): `seq` plus its data plus one for a SYN and one for a FIN.
+#[inline(always)]
+pub const fn seq_end(seq: u32, data_len: u32, tcp_flags: u8) -> u32 {
+    seq.wrapping_add(data_len)
+        .wrapping_add((tcp_flags & TCP_SYN != 0) as u32)
+        .wrapping_add((tcp_flags & TCP_FIN != 0) as u32)
+}
+
+/// The final-ACK tracking of a full-NAT TCP flow after a FIN or RST from `dir`'s side
+/// ([`DIR_FORWARD`]: the client's) passes, judged before its closing bits are added: `flags`
+/// are the forward entry's, `fin_end` its `backend_ack`, `ack` the segment's acknowledgment
+/// number (`tcp_flags` has ACK, or it is ignored) and `end` its [`seq_end`]. Returns the
+/// tracking bits ([`CT_F_FINAL`]) both halves get and the forward entry's new `backend_ack`.
+///
+/// - The first FIN (no closing bit yet) is recorded: [`CT_F_FIN_SEQ`] and its end.
+/// - The other side's FIN, acknowledging exactly that end (its sender has all of the first
+///   side's bytes and FIN: it is closing second, in LAST_ACK, and the first side is in
+///   FIN_WAIT_2), awaits its own ACK: [`CT_F_AWAIT_CLIENT_ACK`] or [`CT_F_AWAIT_BACKEND_ACK`]
+///   and its end. One that does not (a simultaneous close, or a FIN berth saw without the
+///   first) tracks nothing more: the flow keeps the hold.
+/// - A FIN of a side that already sent one (a retransmission: its sender has not had the ACK
+///   yet, whatever berth saw pass) takes [`CT_F_LAST_ACK`] back; the ACK that answers it marks
+///   it again.
+/// - A RST, or a FIN with SYN, ends the tracking: the hold applies.
+#[inline(always)]
+pub const fn track_close(
+    flags: u8,
+    fin_end: u32,
+    tcp_flags: u8,
+    dir: u8,
+    ack: u32,
+    end: u32,
+) -> (u8, u32) {
+    if tcp_flags & (TCP_RST | TCP_SYN) != 0 || tcp_flags & TCP_FIN == 0 {
+        return (0, fin_end);
+    }
+    // The side whose ACK this FIN awaits, should it come second.
+    let (mine, await_theirs) = if dir == DIR_FORWARD {
+        (CT_F_FIN_CLIENT, CT_F_AWAIT_BACKEND_ACK)
+    } else {
+        (CT_F_FIN_BACKEND, CT_F_AWAIT_CLIENT_ACK)
+    };
+    let closed = flags & CT_F_CLOSED;
+    let tracking = flags & CT_F_FINAL;
+    if closed == 0 {
+        (CT_F_FIN_SEQ, end)
+    } else if closed & mine != 0 {
+        // This side's FIN again.
+        (tracking & !CT_F_LAST_ACK, fin_end)
+    } else if tracking & CT_F_FIN_SEQ != 0 && tcp_flags & TCP_ACK != 0 && ack == fin_end {
+        (await_theirs, end)
+    } else {
+        (0, fin_end)
+    }
+}
+
+/// Whether a segment from `dir`'s side of a full-NAT flow whose forward entry has `flags` and
+/// `fin_end` (its `backend_ack`) is the flow's final ACK: the side [`track_close`] awaits it
+/// from, a plain ACK (no SYN, FIN or RST) of exactly where the second FIN ends (its sender
+/// sends nothing beyond it, so a larger number is no ACK of this connection). Checked first
+/// on the awaited bit alone, so a flow not closing pays one test.
+#[inline(always)]
+pub const fn is_final_ack(flags: u8, fin_end: u32, tcp_flags: u8, dir: u8, ack: u32) -> bool {
+    let awaited = if dir == DIR_FORWARD {
+        CT_F_AWAIT_CLIENT_ACK
+    } else {
+        CT_F_AWAIT_BACKEND_ACK
+    };
+    flags & awaited != 0
+        && tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST | TCP_ACK) == TCP_ACK
+        && ack == fin_end
 }
 
 /// Whether a client-side segment with sequence number `seq` lies in the window of the backend's
@@ -469,6 +569,163 @@ mod tests {
         // A clock that went back (another CPU's stamp) is not an old flow.
         r.state = STATE_CLOSING;
         assert!(!port_reusable(&r, 0, &CFG));
+    }
+
+    #[test]
+    fn a_flow_whose_final_ack_passed_gives_its_port_up_at_once() {
+        let mut r = entry(STATE_CLOSING, 1_000);
+        r.dir = DIR_REPLY;
+        r.flags = CT_F_FULLNAT | CT_F_CLOSED | CT_F_LAST_ACK;
+        assert!(port_reusable(&r, 1_000, &CFG), "no hold");
+        assert!(port_reusable(&r, 0, &CFG));
+        // Awaiting it is not having it.
+        r.flags = CT_F_FULLNAT | CT_F_CLOSED | CT_F_AWAIT_CLIENT_ACK;
+        assert!(!port_reusable(&r, 1_000, &CFG));
+        assert!(port_reusable(&r, 2_001_001, &CFG), "the hold still ends");
+        // The bit never frees a half-closed or open flow's port.
+        r.flags = CT_F_FULLNAT | CT_F_FIN_CLIENT | CT_F_LAST_ACK;
+        assert!(!port_reusable(&r, u64::MAX, &CFG));
+        r.flags = CT_F_FULLNAT | CT_F_CLOSED | CT_F_LAST_ACK;
+        r.state = STATE_OPEN;
+        assert!(!port_reusable(&r, u64::MAX, &CFG));
+    }
+
+    #[test]
+    fn sequence_space_ends_after_data_syn_and_fin() {
+        assert_eq!(seq_end(100, 0, TCP_FIN | TCP_ACK), 101);
+        assert_eq!(seq_end(100, 10, TCP_FIN | TCP_ACK), 111);
+        assert_eq!(seq_end(100, 10, TCP_ACK), 110);
+        assert_eq!(seq_end(100, 0, TCP_SYN), 101);
+        assert_eq!(seq_end(u32::MAX, 0, TCP_FIN), 0, "wraps");
+    }
+
+    /// The tracking as the program applies it: `track_close` before a FIN's closing bits are
+    /// added, `is_final_ack` for other segments.
+    struct Flow {
+        flags: u8,
+        fin_end: u32,
+    }
+
+    impl Flow {
+        fn seg(&mut self, dir: u8, tcp_flags: u8, seq: u32, ack: u32, data: u32) -> bool {
+            if closes(IPPROTO_TCP, tcp_flags) {
+                let end = seq_end(seq, data, tcp_flags);
+                let (bits, fin_end) =
+                    track_close(self.flags, self.fin_end, tcp_flags, dir, ack, end);
+                self.flags = (self.flags & !CT_F_FINAL) | bits;
+                self.fin_end = fin_end;
+                self.flags |= close_bits(IPPROTO_TCP, tcp_flags, dir);
+                false
+            } else if is_final_ack(self.flags, self.fin_end, tcp_flags, dir, ack) {
+                self.flags |= CT_F_LAST_ACK;
+                true
+            } else {
+                false
+            }
+        }
+    }
+
+    const A: u8 = TCP_ACK;
+    const FA: u8 = TCP_FIN | TCP_ACK;
+
+    #[test]
+    fn the_final_ack_is_the_ack_of_the_second_fin_from_the_other_side() {
+        let (c, b) = (DIR_FORWARD, DIR_REPLY);
+        // The client closes first (with 5 bytes of data on its FIN), the backend second; the
+        // client's ACK of the backend's FIN is the last.
+        let mut f = Flow {
+            flags: 0,
+            fin_end: 0,
+        };
+        f.seg(c, FA, 1000, 5000, 5);
+        assert_eq!((f.flags & CT_F_FINAL, f.fin_end), (CT_F_FIN_SEQ, 1006));
+        f.seg(b, A, 5000, 1006, 0);
+        f.seg(b, TCP_ACK | 0x08, 5000, 1006, 100); // data in the half-close
+        assert_eq!(f.flags & CT_F_FINAL, CT_F_FIN_SEQ);
+        f.seg(b, FA, 5100, 1006, 0);
+        assert_eq!(
+            (f.flags & CT_F_FINAL, f.fin_end),
+            (CT_F_AWAIT_CLIENT_ACK, 5101)
+        );
+        // Not the final ACK: from the backend's side, short of the FIN, past it, with SYN.
+        assert!(!f.seg(b, A, 5101, 1006, 0));
+        assert!(!f.seg(c, A, 1006, 5100, 0));
+        assert!(!f.seg(c, A, 1006, 5102, 0));
+        assert!(!f.seg(c, TCP_SYN | A, 1006, 5101, 0));
+        assert_eq!(f.flags & CT_F_LAST_ACK, 0);
+        assert!(f.seg(c, A, 1006, 5101, 0));
+        assert_eq!(f.flags & CT_F_CLOSED, CT_F_CLOSED);
+        // The backend retransmits its FIN (it did not get the ACK): the port is held again,
+        // until the client's TIME_WAIT answers it.
+        f.seg(b, FA, 5100, 1006, 0);
+        assert_eq!(f.flags & CT_F_LAST_ACK, 0);
+        assert!(f.seg(c, A, 1006, 5101, 0));
+
+        // The backend closes first, the client second; the backend's ACK is the last.
+        let mut f = Flow {
+            flags: 0,
+            fin_end: 0,
+        };
+        f.seg(b, FA, 7000, 300, 0);
+        f.seg(c, FA, 300, 7001, 0);
+        assert_eq!(
+            (f.flags & CT_F_FINAL, f.fin_end),
+            (CT_F_AWAIT_BACKEND_ACK, 301)
+        );
+        assert!(!f.seg(c, A, 301, 7001, 0), "the client owes nothing");
+        assert!(f.seg(b, A, 7001, 301, 0));
+    }
+
+    #[test]
+    fn no_final_ack_is_awaited_after_a_simultaneous_close_or_a_rst() {
+        let (c, b) = (DIR_FORWARD, DIR_REPLY);
+        // FINs crossing: the backend's does not acknowledge the client's.
+        let mut f = Flow {
+            flags: 0,
+            fin_end: 0,
+        };
+        f.seg(c, FA, 1000, 5000, 0);
+        f.seg(b, FA, 5000, 1000, 0);
+        assert_eq!(f.flags & CT_F_FINAL, 0);
+        assert!(!f.seg(c, A, 1001, 5001, 0));
+        assert!(!f.seg(b, A, 5001, 1001, 0));
+        // A FIN without ACK, or acknowledging beyond the first FIN, is no second FIN either.
+        for (flags, ack) in [(TCP_FIN, 1001), (FA, 1002)] {
+            let mut f = Flow {
+                flags: 0,
+                fin_end: 0,
+            };
+            f.seg(c, FA, 1000, 5000, 0);
+            f.seg(b, flags, 5000, ack, 0);
+            assert_eq!(f.flags & CT_F_FINAL, 0, "{flags:#x} {ack}");
+        }
+        // A RST ends the tracking wherever it is.
+        let mut f = Flow {
+            flags: 0,
+            fin_end: 0,
+        };
+        f.seg(c, FA, 1000, 5000, 0);
+        f.seg(b, FA, 5000, 1001, 0);
+        f.seg(b, TCP_RST, 5001, 0, 0);
+        assert_eq!(f.flags & CT_F_FINAL, 0);
+        assert!(!f.seg(c, A, 1001, 5001, 0));
+        let mut f = Flow {
+            flags: 0,
+            fin_end: 0,
+        };
+        f.seg(c, FA, 1000, 5000, 0);
+        f.seg(b, FA, 5000, 1001, 0);
+        assert!(f.seg(c, A, 1001, 5001, 0));
+        f.seg(c, TCP_RST, 1001, 0, 0);
+        assert_eq!(f.flags & CT_F_FINAL, 0, "a RST after it: the hold again");
+        // A flow closed by a RST first: a FIN after it starts no tracking.
+        let mut f = Flow {
+            flags: 0,
+            fin_end: 0,
+        };
+        f.seg(b, TCP_RST | A, 5000, 1000, 0);
+        f.seg(c, FA, 1000, 5000, 0);
+        assert_eq!(f.flags & CT_F_FINAL, 0);
     }
 
     #[test]

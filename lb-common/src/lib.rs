@@ -305,7 +305,10 @@ pub struct CtEntry {
     /// Reply entries of TCP flows: the latest acknowledgment number the backend sent (the
     /// client's next byte it expects), valid when `flags` has [`ct::CT_F_ACK_KNOWN`]. A FIN or
     /// RST from the client side counts only near it (the backend side cannot be forged: see
-    /// `in_ifindex`).
+    /// `in_ifindex`). Forward entries of full-NAT TCP flows: where a closing FIN ends, with
+    /// [`ct::CT_F_FIN_SEQ`], [`ct::CT_F_AWAIT_CLIENT_ACK`] or [`ct::CT_F_AWAIT_BACKEND_ACK`]
+    /// (see [`ct::track_close`]; 0 and unused otherwise, so entries pinned by an older berth
+    /// read as "nothing tracked").
     pub backend_ack: u32,
     /// Reply entries: the interface the backend's packets must arrive on (0: not known, as when
     /// the FIB has no forwarding route to it; not checked).

@@ -29,7 +29,10 @@ use aya_ebpf::{
 use lb_common::{
     Backend, CFG_F_DROP_NO_BACKEND, CFG_F_KEEP_TTL, CFG_F_REDIRECT, CtEntry, DpConfig, FlowKey,
     Reason, Route, ServiceKey, ServiceValue,
-    ct::{self, CT_F_CLOSED, CT_F_FULLNAT, DIR_FORWARD, DIR_REPLY, STATE_CLOSING, STATE_OPEN},
+    ct::{
+        self, CT_F_CLOSED, CT_F_FINAL, CT_F_FULLNAT, CT_F_LAST_ACK, DIR_FORWARD, DIR_REPLY,
+        STATE_CLOSING, STATE_OPEN,
+    },
     hash::flow_hash,
     port_flag, port_to_wire,
 };
@@ -43,7 +46,7 @@ use crate::{
         IcmpNat, Side, fib, ingress_ifindex, redirect_cached, rewrite, rewrite_both, rewrite_icmp,
         route, send,
     },
-    parse::{Flow, IcmpQuote, Parsed, parse},
+    parse::{Flow, IcmpQuote, Parsed, parse, tcp_data_len},
 };
 
 /// Written by userspace at load time (`EbpfLoader::override_global`).
@@ -650,12 +653,73 @@ fn forward_inner(
         // SAFETY: valid map value pointer.
         if rev.is_none_or(|r| ct::in_window(unsafe { &*r }, flow.seq)) {
             let bits = ct::close_bits(flow.proto, flow.tcp_flags, DIR_FORWARD);
+            if e.full_nat() {
+                let end = fin_end(ctx, flow);
+                track_fin(Some(e), rev, DIR_FORWARD, flow.tcp_flags, flow.ack, end);
+            }
             close(e, rev, bits, now);
         } else if e.state != STATE_CLOSING {
             count(Reason::EventCtCloseIgnored);
         }
+    } else if e.flags & ct::CT_F_AWAIT_CLIENT_ACK != 0
+        && ct::is_final_ack(e.flags, e.backend_ack, flow.tcp_flags, DIR_FORWARD, flow.ack)
+        // SAFETY: valid map value pointer.
+        && rev.is_none_or(|r| ct::in_window(unsafe { &*r }, flow.seq))
+    {
+        last_ack(e, rev);
     }
     translate(ctx, p, e, rev, Side::Dst)
+}
+
+/// The final-ACK tracking of a full-NAT flow for a FIN or RST from `dir`'s side, before its
+/// closing bits are added (see `ct::track_close`): the state and the FIN's end go into the
+/// forward half `fwd`, the bits into both (the reply half's are what `ct::port_reusable` and
+/// the reply path test). A flow whose forward half is gone, or whose header cannot be read,
+/// tracks nothing: its port keeps the hold.
+///
+/// `end`: where the segment's sequence space ends (`ct::seq_end`), None if unknown. Shared
+/// with the IPv6 path (the IPv4 part of its entries).
+#[inline(always)]
+pub(crate) fn track_fin(
+    fwd: Option<*mut CtEntry>,
+    rev: Option<*mut CtEntry>,
+    dir: u8,
+    tcp_flags: u8,
+    ack: u32,
+    end: Option<u32>,
+) {
+    let mut bits = 0;
+    if let Some(f) = fwd {
+        // SAFETY: a valid map value pointer (see `process`).
+        let f = unsafe { &mut *f };
+        if let Some(end) = end {
+            let (b, fin_end) = ct::track_close(f.flags, f.backend_ack, tcp_flags, dir, ack, end);
+            bits = b;
+            f.backend_ack = fin_end;
+        }
+        f.flags = (f.flags & !CT_F_FINAL) | bits;
+    }
+    if let Some(r) = rev {
+        // SAFETY: as above.
+        unsafe { (*r).flags = ((*r).flags & !CT_F_FINAL) | bits };
+    }
+}
+
+/// Where this IPv4 segment's sequence space ends (`ct::seq_end`).
+#[inline(always)]
+fn fin_end(ctx: &TcContext, flow: &Flow) -> Option<u32> {
+    tcp_data_len(ctx, flow).map(|len| ct::seq_end(flow.seq, len, flow.tcp_flags))
+}
+
+/// The final ACK of a full-NAT flow closed both ways passed (see `ct::is_final_ack`): both
+/// halves are marked, and its port is free at once (`ct::port_reusable`).
+#[inline(always)]
+pub(crate) fn last_ack(e: &mut CtEntry, other: Option<*mut CtEntry>) {
+    e.flags |= CT_F_LAST_ACK;
+    if let Some(o) = other {
+        // SAFETY: a valid map value pointer (see `process`).
+        unsafe { (*o).flags |= CT_F_LAST_ACK };
+    }
 }
 
 /// Marks a flow closing (a FIN or RST of it, adding closing `bits`, see `ct::close_bits`):
@@ -799,12 +863,28 @@ fn reply_inner(ctx: &TcContext, p: &Pkt, e: &mut CtEntry, table: &'static Table)
     }
     // The backend's side cannot be forged (see above): its FIN or RST closes the flow.
     if ct::closes(flow.proto, flow.tcp_flags) {
+        if e.full_nat() {
+            let end = fin_end(ctx, flow);
+            track_fin(fwd, Some(e), DIR_REPLY, flow.tcp_flags, flow.ack, end);
+        }
         close(
             e,
             fwd,
             ct::close_bits(flow.proto, flow.tcp_flags, DIR_REPLY),
             now,
         );
+    } else if e.flags & ct::CT_F_AWAIT_BACKEND_ACK != 0
+        && let Some(f) = fwd
+        // SAFETY: a valid map value pointer (see `process`).
+        && ct::is_final_ack(
+            unsafe { (*f).flags },
+            unsafe { (*f).backend_ack },
+            flow.tcp_flags,
+            DIR_REPLY,
+            flow.ack,
+        )
+    {
+        last_ack(e, fwd);
     }
     translate(ctx, p, e, fwd, Side::Src)
 }

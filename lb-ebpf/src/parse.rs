@@ -218,6 +218,18 @@ pub fn parse(ctx: &TcContext, out: &mut Flow, quote: &mut IcmpQuote) -> Parsed {
     Parsed::Flow
 }
 
+/// The TCP data length of the parsed IPv4 segment `flow` (total length less both headers),
+/// reading the header length from the packet again: only FINs need it (see `ct::seq_end`), so
+/// the parse of every packet does not carry it. None if the header is not there.
+#[inline(always)]
+pub fn tcp_data_len(ctx: &TcContext, flow: &Flow) -> Option<u32> {
+    let l4 = flow.l4();
+    let doff = ptr_at::<u8>(ctx, l4 + 12)?;
+    // SAFETY: `ptr_at` checked the byte lies inside the packet.
+    let hdrs = (l4 - ETH_HLEN) as u32 + u32::from(unsafe { *doff } >> 4) * 4;
+    u32::from(flow.tot_len).checked_sub(hdrs)
+}
+
 /// An ICMP error quoting the start of a TCP or UDP packet (its IPv4 header and at least the 8
 /// bytes holding the ports, RFC 792); any other ICMP message is not ours. A truncated or
 /// inconsistent quote is not ours either: the stack judges it as it would without berth.

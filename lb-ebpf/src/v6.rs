@@ -47,12 +47,12 @@ use lb_common::{
 };
 
 use crate::{
-    config, exit,
+    config, exit, last_ack,
     maps::{BACKEND_ROUTES, MAGLEV, account, count},
     nat::ingress_ifindex,
     pack,
     parse::{ETH_HLEN, ptr_at},
-    port_flags, ttl_expires, unpack,
+    port_flags, track_fin, ttl_expires, unpack,
 };
 
 #[map]
@@ -835,6 +835,19 @@ fn close6(e: &mut CtEntry6, other: Option<*mut CtEntry6>, bits: u8, now: u64) {
     touch6(e, other, now);
 }
 
+/// Where this IPv6 segment's sequence space ends (`ct::seq_end`): its payload less the
+/// extension and TCP headers, the TCP header length read from the packet again (only FINs
+/// need it).
+#[inline(always)]
+fn fin_end6(ctx: &TcContext, flow: &Flow6) -> Option<u32> {
+    let l4 = flow.l4();
+    let doff = ptr_at::<u8>(ctx, l4 + 12)?;
+    // SAFETY: `ptr_at` checked the byte lies inside the packet.
+    let hdrs = (l4 - ETH_HLEN - 40) as u32 + u32::from(unsafe { *doff } >> 4) * 4;
+    let len = u32::from(flow.payload_len).checked_sub(hdrs)?;
+    Some(ct::seq_end(flow.seq, len, flow.tcp_flags))
+}
+
 /// A packet client -> service of a tracked flow (see `forward`).
 #[inline(never)]
 fn forward6(ctx: &TcContext, p: &Pkt6, e: &mut CtEntry6, table: &'static Table6) -> u64 {
@@ -873,10 +886,36 @@ fn forward6_inner(
         // SAFETY: valid map value pointer.
         if rev.is_none_or(|r| ct::in_window(unsafe { &(*r).ct }, flow.seq)) {
             let bits = ct::close_bits(flow.proto, flow.tcp_flags, DIR_FORWARD);
+            if e.ct.full_nat() {
+                let end = fin_end6(ctx, flow);
+                // SAFETY: a valid map value pointer.
+                let r = rev.map(|r| unsafe { &raw mut (*r).ct });
+                track_fin(
+                    Some(&mut e.ct),
+                    r,
+                    DIR_FORWARD,
+                    flow.tcp_flags,
+                    flow.ack,
+                    end,
+                );
+            }
             close6(e, rev, bits, now);
         } else if e.ct.state != STATE_CLOSING {
             count(Reason::EventCtCloseIgnored);
         }
+    } else if e.ct.flags & ct::CT_F_AWAIT_CLIENT_ACK != 0
+        && ct::is_final_ack(
+            e.ct.flags,
+            e.ct.backend_ack,
+            flow.tcp_flags,
+            DIR_FORWARD,
+            flow.ack,
+        )
+        // SAFETY: valid map value pointer.
+        && rev.is_none_or(|r| ct::in_window(unsafe { &(*r).ct }, flow.seq))
+    {
+        // SAFETY: as above.
+        last_ack(&mut e.ct, rev.map(|r| unsafe { &raw mut (*r).ct }));
     }
     translate6(ctx, p, e, rev, false)
 }
@@ -936,7 +975,26 @@ fn reply6_inner(
     }
     if ct::closes(flow.proto, flow.tcp_flags) {
         let bits = ct::close_bits(flow.proto, flow.tcp_flags, DIR_REPLY);
+        if e.ct.full_nat() {
+            let end = fin_end6(ctx, flow);
+            // SAFETY: a valid map value pointer.
+            let f = fwd.map(|f| unsafe { &raw mut (*f).ct });
+            track_fin(f, Some(&mut e.ct), DIR_REPLY, flow.tcp_flags, flow.ack, end);
+        }
         close6(e, fwd, bits, now);
+    } else if e.ct.flags & ct::CT_F_AWAIT_BACKEND_ACK != 0
+        && let Some(f) = fwd
+        // SAFETY: a valid map value pointer.
+        && ct::is_final_ack(
+            unsafe { (*f).ct.flags },
+            unsafe { (*f).ct.backend_ack },
+            flow.tcp_flags,
+            DIR_REPLY,
+            flow.ack,
+        )
+    {
+        // SAFETY: as above.
+        last_ack(&mut e.ct, Some(unsafe { &raw mut (*f).ct }));
     }
     translate6(ctx, p, e, fwd, true)
 }

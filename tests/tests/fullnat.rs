@@ -460,8 +460,8 @@ fn a_port_whose_flow_closed_both_ways_is_reused_after_the_hold_and_a_half_closed
         }
         let fin = from_backend(tcp(be, port, TCP_FIN | TCP_ACK, 5001, 1002));
         assert_reply(&f.run(&fin), vip, a);
-        let last = tcp(a, vip, TCP_ACK, 1002, 5002).build();
-        assert_fwd(&f.run(&last), &last, &[be], FULL);
+        // The client's final ACK is lost before berth (with it the port would be free at
+        // once: `a_port_is_free_as_soon_as_the_final_ack_of_its_flow_passed`).
         let (fkey_a, rkey) = (
             flow_key(a, vip, IPPROTO_TCP),
             flow_key(be, port, IPPROTO_TCP),
@@ -546,5 +546,250 @@ fn a_port_whose_flow_closed_both_ways_is_reused_after_the_hold_and_a_half_closed
         age_flow(&mut f, fkey_c, rkey, hold_ns + 500_000_000);
         assert_eq!(assert_fwd(&f.run(&syn_d), &syn_d, &[be], FULL).peer, port);
         assert!(f.ct(&fkey_c).is_none());
+    });
+}
+
+/// Flow `c -> vip` to the one backend opened on `f` (SYN with sequence 1000, SYN-ACK 5000,
+/// ACK); returns berth's source for it.
+fn open_flow(f: &Fixture, c: SocketAddrV4) -> SocketAddrV4 {
+    let (vip, be) = (sa(VIP, 80), b8000(1));
+    let syn = tcp(c, vip, TCP_SYN, 1000, 0).build();
+    let port = assert_fwd(&f.run(&syn), &syn, &[be], FULL).peer;
+    let synack = from_backend(tcp(be, port, TCP_SYN | TCP_ACK, 5000, 1001));
+    assert_reply(&f.run(&synack), vip, c);
+    let ack = tcp(c, vip, TCP_ACK, 1001, 5001).build();
+    assert_fwd(&f.run(&ack), &ack, &[be], FULL);
+    port
+}
+
+/// A segment of flow `c -> vip`'s connection through `f`, from the client (`client`) or the
+/// backend, checked to be translated.
+fn pass(f: &Fixture, c: SocketAddrV4, port: SocketAddrV4, client: bool, p: Ipv4Packet) {
+    let (vip, be) = (sa(VIP, 80), b8000(1));
+    if client {
+        let p = p.build();
+        assert_eq!(assert_fwd(&f.run(&p), &p, &[be], FULL).peer, port);
+    } else {
+        assert_reply(&f.run(&from_backend(p)), vip, c);
+    }
+}
+
+/// Whether a new flow from `c` takes `port` (the only one) now: taken (and checked to be its),
+/// or dropped as `drop_snat_exhausted`.
+fn new_flow_takes(f: &Fixture, c: SocketAddrV4, port: SocketAddrV4) -> bool {
+    let syn = tcp(c, sa(VIP, 80), TCP_SYN, 77, 0).build();
+    let run = f.run(&syn);
+    if run.action == TC_ACT_SHOT {
+        assert_eq!(run.exits(), [Reason::DropSnatExhausted.name()], "{run:?}");
+        return false;
+    }
+    assert_eq!(assert_fwd(&run, &syn, &[b8000(1)], FULL).peer, port);
+    true
+}
+
+const ONE_PORT: PortRange = PortRange {
+    first: 61007,
+    last: 61007,
+};
+
+#[test]
+fn a_port_is_free_as_soon_as_the_final_ack_of_its_flow_passed() {
+    in_fixture_netns(|| {
+        let f = one_backend(ONE_PORT);
+        let (vip, be) = (sa(VIP, 80), b8000(1));
+        let hold_ns = f.dp().options().snat_reuse.as_nanos() as u64;
+        assert!(hold_ns >= 100_000_000, "a hold this test can run inside");
+        // The client closes first, the backend second; the client's ACK of the backend's FIN
+        // is the last packet of the connection.
+        let a = client(47000);
+        let port = open_flow(&f, a);
+        pass(
+            &f,
+            a,
+            port,
+            true,
+            tcp(a, vip, TCP_FIN | TCP_ACK, 1001, 5001),
+        );
+        pass(
+            &f,
+            a,
+            port,
+            false,
+            tcp(be, port, TCP_FIN | TCP_ACK, 5001, 1002),
+        );
+        let rkey = flow_key(be, port, IPPROTO_TCP);
+        assert_eq!(f.ct(&rkey).unwrap().flags & ct::CT_F_LAST_ACK, 0);
+        pass(&f, a, port, true, tcp(a, vip, TCP_ACK, 1002, 5002));
+        let rev = f.ct(&rkey).unwrap();
+        assert_eq!(
+            rev.flags & (ct::CT_F_CLOSED | ct::CT_F_LAST_ACK),
+            ct::CT_F_CLOSED | ct::CT_F_LAST_ACK,
+            "{rev:?}"
+        );
+        // A new flow takes the port at once, well inside the hold; A's entries go.
+        let b = client(47001);
+        assert!(new_flow_takes(&f, b, port));
+        assert!(f.ct(&flow_key(a, vip, IPPROTO_TCP)).is_none());
+        let rev_b = f.ct(&rkey).expect("B's reply half");
+        assert_eq!(
+            (
+                rev_b.fnat_port,
+                rev_b.state,
+                rev_b.flags & !ct::CT_F_FULLNAT
+            ),
+            (port_to_wire(b.port()), ct::STATE_OPEN, 0)
+        );
+        let synack_b = from_backend(tcp(be, port, TCP_SYN | TCP_ACK, 9000, 78));
+        assert_reply(&f.run(&synack_b), vip, b);
+
+        // The backend closes first, with data on its FIN, the client second (its FIN carrying
+        // data too, behind IP and TCP options): the backend's ACK of the client's FIN is last.
+        drop(f);
+        let f = one_backend(ONE_PORT);
+        let c = client(47002);
+        let port = open_flow(&f, c);
+        pass(
+            &f,
+            c,
+            port,
+            false,
+            tcp(be, port, TCP_FIN | TCP_ACK | TCP_PSH, 5001, 1001).with_payload(b"bye!"),
+        );
+        let mut fin = tcp(c, vip, TCP_FIN | TCP_ACK | TCP_PSH, 1001, 5006).with_payload(b"ok");
+        fin.options = vec![1, 1, 1, 1]; // IP: four no-op options
+        fin.tcp_options = vec![1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2]; // TCP: timestamps
+        pass(&f, c, port, true, fin);
+        // Short of the client's FIN (its data only), then exactly it.
+        pass(&f, c, port, false, tcp(be, port, TCP_ACK, 5006, 1003));
+        let d = client(47003);
+        assert!(!new_flow_takes(&f, d, port), "the FIN is not acknowledged");
+        pass(&f, c, port, false, tcp(be, port, TCP_ACK, 5006, 1004));
+        assert!(new_flow_takes(&f, d, port));
+        assert!(f.ct(&flow_key(c, vip, IPPROTO_TCP)).is_none());
+    });
+}
+
+#[test]
+fn without_its_final_ack_a_closed_flows_port_is_held() {
+    in_fixture_netns(|| {
+        let (vip, be) = (sa(VIP, 80), b8000(1));
+        // Each case closes a flow both ways (client FIN, then the backend's acknowledging
+        // it) and then sends what must not count as the final ACK.
+        let cases: [(&str, Option<Ipv4Packet>); 6] = [
+            ("no final ACK", None),
+            (
+                "short of the FIN",
+                Some(tcp(client(0), vip, TCP_ACK, 1002, 5001)),
+            ),
+            (
+                "beyond the FIN",
+                Some(tcp(client(0), vip, TCP_ACK, 1002, 5003)),
+            ),
+            (
+                "out of the window",
+                Some(tcp(client(0), vip, TCP_ACK, 1002 + 70_000, 5002)),
+            ),
+            (
+                "from the backend",
+                Some(tcp(be, sa(HOST, 0), TCP_ACK, 5002, 1002)),
+            ),
+            (
+                "with a RST",
+                Some(tcp(client(0), vip, TCP_RST | TCP_ACK, 1002, 5002)),
+            ),
+        ];
+        for (i, (name, after)) in cases.into_iter().enumerate() {
+            let mut f = one_backend(ONE_PORT);
+            let a = client(47100 + i as u16);
+            let port = open_flow(&f, a);
+            pass(
+                &f,
+                a,
+                port,
+                true,
+                tcp(a, vip, TCP_FIN | TCP_ACK, 1001, 5001),
+            );
+            pass(
+                &f,
+                a,
+                port,
+                false,
+                tcp(be, port, TCP_FIN | TCP_ACK, 5001, 1002),
+            );
+            if let Some(mut p) = after {
+                if p.src == be {
+                    p.dst = port;
+                    pass(&f, a, port, false, p);
+                } else {
+                    p.src = a;
+                    pass(&f, a, port, true, p);
+                }
+            }
+            let b = client(47200 + i as u16);
+            assert!(!new_flow_takes(&f, b, port), "{name}: held");
+            let (fkey, rkey) = (
+                flow_key(a, vip, IPPROTO_TCP),
+                flow_key(be, port, IPPROTO_TCP),
+            );
+            assert_eq!(f.ct(&rkey).unwrap().flags & ct::CT_F_LAST_ACK, 0, "{name}");
+            let hold_ns = f.dp().options().snat_reuse.as_nanos() as u64;
+            age_flow(&mut f, fkey, rkey, hold_ns + 500_000_000);
+            assert!(new_flow_takes(&f, b, port), "{name}: free after the hold");
+        }
+
+        // FINs crossing (a simultaneous close: the backend's does not acknowledge the
+        // client's), then both ACKs: no final ACK is awaited, the hold applies.
+        let f = one_backend(ONE_PORT);
+        let a = client(47300);
+        let port = open_flow(&f, a);
+        pass(
+            &f,
+            a,
+            port,
+            true,
+            tcp(a, vip, TCP_FIN | TCP_ACK, 1001, 5001),
+        );
+        pass(
+            &f,
+            a,
+            port,
+            false,
+            tcp(be, port, TCP_FIN | TCP_ACK, 5001, 1001),
+        );
+        pass(&f, a, port, true, tcp(a, vip, TCP_ACK, 1002, 5002));
+        pass(&f, a, port, false, tcp(be, port, TCP_ACK, 5002, 1002));
+        assert!(!new_flow_takes(&f, client(47301), port), "crossing FINs");
+
+        // The final ACK passed, then the backend retransmits its FIN (the ACK was lost
+        // beyond berth): the port is held again, until the client's TIME_WAIT answers it.
+        drop(f);
+        let f = one_backend(ONE_PORT);
+        let a = client(47400);
+        let port = open_flow(&f, a);
+        pass(
+            &f,
+            a,
+            port,
+            true,
+            tcp(a, vip, TCP_FIN | TCP_ACK, 1001, 5001),
+        );
+        pass(
+            &f,
+            a,
+            port,
+            false,
+            tcp(be, port, TCP_FIN | TCP_ACK, 5001, 1002),
+        );
+        pass(&f, a, port, true, tcp(a, vip, TCP_ACK, 1002, 5002));
+        pass(
+            &f,
+            a,
+            port,
+            false,
+            tcp(be, port, TCP_FIN | TCP_ACK, 5001, 1002),
+        );
+        assert!(!new_flow_takes(&f, client(47401), port), "FIN again");
+        pass(&f, a, port, true, tcp(a, vip, TCP_ACK, 1002, 5002));
+        assert!(new_flow_takes(&f, client(47401), port), "answered");
     });
 }

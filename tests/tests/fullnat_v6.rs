@@ -4,7 +4,8 @@
 //! (`fullnat.rs`). Each case from fresh maps, every rewritten packet's checksums recomputed from
 //! scratch: a new flow and its two entries, the reply, the confirmation, UDP, a taken port never
 //! overwritten, an exhausted range, ICMPv6 errors quoting a full-NAT flow either way, a port
-//! given up after a close both ways (and kept by a half-close).
+//! given up after a close both ways (and kept by a half-close): at once when the final ACK
+//! passed, after the hold when it did not.
 
 use std::{net::SocketAddrV6, time::Duration};
 
@@ -446,5 +447,81 @@ fn a_flow_whose_reply_half_was_evicted_gets_it_back() {
         assert!(fwd.ct.full_nat());
         assert_eq!(ipv6_from_wire(fwd.fnat_addr), HOST6.octets());
         assert_eq!(fwd.ct.fnat_port, port_to_wire(snat.port()));
+    });
+}
+
+/// Whether a new flow from `c` takes `port` (the only one) now; else it is dropped as
+/// `drop_snat_exhausted`.
+fn new_flow_takes(f: &Fixture, c: SocketAddrV6, port: SocketAddrV6) -> bool {
+    let syn = tcp6(c, sa6(VIP6, 80), TCP_SYN, 77, 0).build();
+    let run = f.run(&syn);
+    if run.action == TC_ACT_SHOT {
+        assert_eq!(run.exits(), [Reason::DropSnatExhausted.name()], "{run:?}");
+        return false;
+    }
+    let one = PortRange {
+        first: port.port(),
+        last: port.port(),
+    };
+    assert_eq!(assert_fwd(&run, &syn, &[b6(1)], one).1, port);
+    true
+}
+
+#[test]
+fn a_port_is_free_once_the_final_ack_passed_and_held_until_then() {
+    in_fixture6_netns(|| {
+        let one = PortRange {
+            first: 61000,
+            last: 61000,
+        };
+        let svc = sa6(VIP6, 80);
+        // The default hold (1 s): everything below runs well inside it.
+        let reuse = Duration::from_secs(1);
+        for final_ack_passes in [true, false] {
+            let f = one_backend(one, reuse);
+            let c = client6(40300);
+            let syn = tcp6(c, svc, TCP_SYN, 1000, 0).build();
+            let (be, snat) = assert_fwd(&f.run(&syn), &syn, &[b6(1)], one);
+            let fwd = |p: Ipv6Packet| {
+                let p = p.build();
+                assert_fwd(&f.run(&p), &p, &[be], one);
+            };
+            let back = |p: Ipv6Packet| {
+                let p = p.build();
+                assert_reply(&f.run(&p), &p, svc, c);
+            };
+            back(tcp6(be, snat, TCP_SYN | TCP_ACK, 5000, 1001));
+            fwd(tcp6(c, svc, TCP_ACK, 1001, 5001));
+            // The backend closes first, its FIN carrying data; the client's FIN (with data,
+            // behind a hop-by-hop header) acknowledges all of it.
+            back(tcp6(be, snat, TCP_FIN | TCP_ACK | TCP_PSH, 5001, 1001).with_payload(b"bye!"));
+            fwd(tcp6(c, svc, TCP_FIN | TCP_ACK | TCP_PSH, 1001, 5006)
+                .with_payload(b"ok")
+                .with_ext(vec![wire6::Ext::options(wire6::IPPROTO_HOPOPTS, 6)]));
+            // An ACK of the client's data only is not the final ACK.
+            back(tcp6(be, snat, TCP_ACK, 5006, 1003));
+            assert!(!new_flow_takes(&f, client6(40301), snat), "not yet");
+            if final_ack_passes {
+                back(tcp6(be, snat, TCP_ACK, 5006, 1004));
+                assert!(new_flow_takes(&f, client6(40301), snat), "free at once");
+                assert!(ct6(&f, &flow_key6(c, svc, IPPROTO_TCP)).is_none());
+            } else {
+                // Held until the hold runs out.
+                let (fkey, rkey) = (
+                    flow_key6(c, svc, IPPROTO_TCP),
+                    flow_key6(be, snat, IPPROTO_TCP),
+                );
+                let rev = ct6(&f, &rkey).unwrap();
+                assert_eq!(rev.ct.flags & ct::CT_F_CLOSED, ct::CT_F_CLOSED, "{rev:?}");
+                assert_eq!(rev.ct.flags & ct::CT_F_LAST_ACK, 0, "{rev:?}");
+                let mut f = f;
+                for key in [fkey, rkey] {
+                    let mut e = ct6(&f, &key).unwrap();
+                    e.ct.last_seen_ns = monotonic_ns() - reuse.as_nanos() as u64 - 500_000_000;
+                    f.rec.dataplane_mut().conntrack6_insert(key, e).unwrap();
+                }
+                assert!(new_flow_takes(&f, client6(40301), snat), "after the hold");
+            }
+        }
     });
 }

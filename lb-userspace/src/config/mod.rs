@@ -150,6 +150,8 @@ pub struct DataplaneConfig {
     /// source port before a new flow to the same backend may take it over, replacing the old
     /// flow's entries (as a host reuses a TIME_WAIT port). Until then, and for a flow closed on
     /// one side only for the whole `tcp_closing_timeout_secs`, the port stays the old flow's.
+    /// A flow closed by a FIN each way whose final ACK passed berth gives its port up at once
+    /// (`lb_common::ct::port_reusable`); this hold is for the others.
     pub snat_port_reuse_ms: u64,
 }
 
