@@ -152,6 +152,10 @@ fn coarse_now(p: &mut Pkt) -> u64 {
 pub struct NatScratch {
     half: CtEntry,
     rkey: FlowKey,
+    /// The new full-NAT flow's route, kept here (read back with a volatile load) rather than
+    /// in spill slots across the port search. (Not its verdict: a reason read back from a map
+    /// loses the bound the verifier checks `unpack`'s index by.)
+    route: Route,
 }
 
 /// The conntrack map a flow's pair does not live in.
@@ -233,6 +237,8 @@ fn process(ctx: &TcContext) -> (i32, Reason) {
         // backend_ack) are plain integers where either write is acceptable.
         let e = unsafe { &mut *e };
         if e.dir == DIR_REPLY {
+            // Inlined (no BPF subprogram call on the tracked paths: each call and return pays
+            // the CPU's return-thunk mitigation); the rare entries into it call `reply`.
             return unpack(reply(ctx, p, e, table));
         }
         if ct::expired(e, flow.proto, flow.tcp_flags, now, cfg) {
@@ -257,7 +263,8 @@ fn process(ctx: &TcContext) -> (i32, Reason) {
             // Evicted at once by a concurrent insert: handled as a new flow (the same Maglev
             // pick while the backend set is unchanged).
         } else {
-            return unpack(forward(ctx, p, e, table));
+            // Inlined, as `reply_inner` above.
+            return forward_inner(ctx, p, e, table);
         }
     } else if port_flags(u16::from_be(flow.sport)) & port_flag(flow.proto, true) != 0 {
         // Maybe the first reply of a flow recorded without its reply entry (see
@@ -284,7 +291,19 @@ fn process(ctx: &TcContext) -> (i32, Reason) {
     let v = new_flow(ctx, p);
     if v & FULL_NAT != 0 {
         // Outside `new_flow`'s frame (the stack of the call chain is shared).
-        return unpack(new_full_nat_flow(ctx, p, v));
+        let v = new_full_nat_flow(ctx, p, v);
+        if v & FULL_NAT == 0 {
+            return unpack(v);
+        }
+        if !take_full_nat_port(p) {
+            return exit(Reason::DropSnatExhausted);
+        }
+        if !finish_full_nat(ctx, p) {
+            return exit(Reason::AbortRewrite);
+        }
+        // The routing's verdict, kept in a register (read back from a map, the verifier would
+        // know no bound of its reason).
+        return unpack(v & !FULL_NAT);
     }
     let verdict = unpack(v);
     if verdict.1 == Reason::RejectNoBackend {
@@ -558,23 +577,26 @@ fn claim(table: &Table, rkey: &FlowKey, flow: &Flow, now: u64, cfg: &DpConfig) -
     let Some(r) = table.get_ptr(rkey) else {
         return true;
     };
-    // SAFETY: valid map value pointer; `CtEntry` is `Copy`.
-    let r = unsafe { *r };
+    // SAFETY: a valid map value pointer, read in place (copies of the two entries took 112
+    // bytes of the call chain's stack); a concurrent update makes this a judgement on either
+    // version.
+    let r = unsafe { &*r };
     if r.dir != DIR_REPLY {
         // Some flow's forward entry: never overwritten.
         return false;
     }
-    let fkey = ct::forward_key(rkey, &r);
+    let fkey = ct::forward_key(rkey, r);
     // SAFETY: as above.
-    let f = table.get_ptr(&fkey).map(|f| unsafe { *f });
-    let partner = f.is_some_and(|f| ct::is_forward_of(&f, &fkey, rkey));
+    let partner = table
+        .get_ptr(&fkey)
+        .is_some_and(|f| ct::is_forward_of(unsafe { &*f }, &fkey, rkey));
     let names_client = !r.full_nat() && rkey.daddr == flow.saddr && rkey.dport == flow.sport;
     if partner
-        && !ct::expired(&r, rkey.proto, flow.tcp_flags, now, cfg)
+        && !ct::expired(r, rkey.proto, flow.tcp_flags, now, cfg)
         && (flow.proto != lb_common::IPPROTO_TCP
             || ct::is_bare_syn(flow.proto, flow.tcp_flags)
             || !names_client
-            || !ct::in_window(&r, flow.seq))
+            || !ct::in_window(r, flow.seq))
     {
         return false;
     }
@@ -959,17 +981,27 @@ fn new_flow_inner(ctx: &TcContext, p: &Pkt) -> Pick {
     if backend.snat_addr != 0 {
         return Pick::FullNat((u64::from(svc.id) << 32) | u64::from(backend_id));
     }
+    // The reply key and the entry are built in the per-CPU NAT_SCRATCH slot (unused by a DNAT
+    // flow), not on the stack: the call chain through this frame has to leave room for the
+    // tracked paths inlined into the main program.
+    let Some(s) = NAT_SCRATCH.get_ptr_mut(0) else {
+        return Pick::Done(exit(Reason::AbortMap));
+    };
+    // SAFETY: this CPU's slot of a per-CPU array, valid for the run; nothing else on this CPU
+    // uses it while the program runs (see `NAT_SCRATCH`).
+    let s = unsafe { &mut *s };
     // The reply key must be free in both maps: a live flow of another service on this backend
     // from the same client address and port keeps it (never overwritten: the backend could not
     // tell the two flows apart, and a spoofed packet must not take a victim's replies).
-    let rev_key = FlowKey::new(
+    s.rkey = FlowKey::new(
         backend.addr,
         flow.saddr,
         backend.port,
         flow.sport,
         flow.proto,
     );
-    if !claim(&CONNTRACK, &rev_key, flow, now, cfg) || !claim(&CT_NEW, &rev_key, flow, now, cfg) {
+    let rev_key = &s.rkey;
+    if !claim(&CONNTRACK, rev_key, flow, now, cfg) || !claim(&CT_NEW, rev_key, flow, now, cfg) {
         return Pick::Done(exit(Reason::DropFlowConflict));
     }
     // One insert per new flow where the backend serves this service address lazily (the reply
@@ -980,7 +1012,7 @@ fn new_flow_inner(ctx: &TcContext, p: &Pkt) -> Pick {
         flow,
     );
     let lazy = owner.is_some_and(|o| is_lazy_for(&o, flow));
-    if !lazy && owner.is_some_and(|o| lazy_flow_holds(&rev_key, packed(&o), flow.tcp_flags, now)) {
+    if !lazy && owner.is_some_and(|o| lazy_flow_holds(rev_key, packed(&o), flow.tcp_flags, now)) {
         return Pick::Done(exit(Reason::DropFlowConflict));
     }
 
@@ -995,7 +1027,7 @@ fn new_flow_inner(ctx: &TcContext, p: &Pkt) -> Pick {
     } else {
         STATE_OPEN
     };
-    let mut half = CtEntry {
+    s.half = CtEntry {
         nat_addr: backend.addr,
         nat_port: backend.port,
         dir: DIR_FORWARD,
@@ -1017,7 +1049,8 @@ fn new_flow_inner(ctx: &TcContext, p: &Pkt) -> Pick {
     } else {
         &CONNTRACK
     };
-    let fwd_ok = table.insert(key, &half, 0).is_ok();
+    let (half, rev_key) = (&mut s.half, &s.rkey);
+    let fwd_ok = table.insert(key, half, 0).is_ok();
     if !fwd_ok {
         // The packet is still balanced: the Maglev pick is a pure function of the tuple.
         count(Reason::EventCtInsertFailed);
@@ -1027,7 +1060,7 @@ fn new_flow_inner(ctx: &TcContext, p: &Pkt) -> Pick {
         half.nat_port = flow.dport;
         half.dir = DIR_REPLY;
         half.route = Route::NONE;
-        if table.insert(&rev_key, &half, 0).is_err() {
+        if table.insert(rev_key, half, 0).is_err() {
             count(Reason::EventCtInsertFailed);
         }
     }
@@ -1044,32 +1077,40 @@ fn new_flow_inner(ctx: &TcContext, p: &Pkt) -> Pick {
 /// both ends. A BPF subprogram (own stack frame), returning a [`pack`]ed verdict.
 #[inline(never)]
 fn new_full_nat_flow(ctx: &TcContext, p: &Pkt, ids: u64) -> u64 {
-    pack(new_full_nat_flow_inner(ctx, p, ids))
+    match new_full_nat_flow_inner(ctx, p, ids) {
+        Ok(v) => FULL_NAT | pack(v),
+        Err(v) => pack(v),
+    }
 }
 
+/// The first of a new full-NAT flow's three steps (each a subprogram called from `process`,
+/// one after the other: one frame holding all three did not fit the call chain's 512 bytes
+/// under the inlined tracked path): routes the flow and builds its reply entry and key in
+/// `NAT_SCRATCH`. `Ok`: the routing's verdict, for after `take_full_nat_port` and
+/// `finish_full_nat`; `Err`: the flow's verdict now.
 #[inline(always)]
-fn new_full_nat_flow_inner(ctx: &TcContext, p: &Pkt, ids: u64) -> (i32, Reason) {
-    let (flow, key, now, cfg) = (&p.flow, &p.key, p.now, config());
+fn new_full_nat_flow_inner(
+    ctx: &TcContext,
+    p: &Pkt,
+    ids: u64,
+) -> Result<(i32, Reason), (i32, Reason)> {
+    let (flow, now, cfg) = (&p.flow, p.now, config());
     let (service_id, backend_id) = (((ids >> 32) as u32) & 0x7fff_ffff, ids as u32);
     let Some(backend) = BACKENDS.get(backend_id) else {
-        return exit(Reason::AbortMap);
+        return Err(exit(Reason::AbortMap));
     };
     if backend.addr == 0 || backend.snat_addr == 0 {
         // The slot changed since `new_flow` read it (a reconciler write in between): the
         // client's retry finds the new state.
-        return exit(Reason::DropNoBackend);
+        return Err(exit(Reason::DropNoBackend));
     }
-    let hash = flow_hash(key, cfg.hash_seed);
-    // A bare SYN starts unconfirmed (CT_NEW); anything else picked up mid-stream is established.
-    let unconfirmed = ct::is_bare_syn(flow.proto, flow.tcp_flags);
-    let table = if unconfirmed { &CT_NEW } else { &CONNTRACK };
     let state = if ct::closes(flow.proto, flow.tcp_flags) {
         STATE_CLOSING
     } else {
         STATE_OPEN
     };
     let Some(s) = NAT_SCRATCH.get_ptr_mut(0) else {
-        return exit(Reason::AbortMap);
+        return Err(exit(Reason::AbortMap));
     };
     // SAFETY: this CPU's slot of a per-CPU array, valid for the run; nothing else on this CPU
     // uses it while the program runs (see `NAT_SCRATCH`).
@@ -1077,6 +1118,7 @@ fn new_full_nat_flow_inner(ctx: &TcContext, p: &Pkt, ids: u64) -> (i32, Reason) 
     // Routed first: the reply entry that takes the port records where replies must arrive.
     let (act, reason, route, in_ifindex) =
         route_to_backend(ctx, flow, backend_id, backend, now, cfg);
+    s.route = route;
     s.half = CtEntry {
         nat_addr: flow.daddr,
         nat_port: flow.dport,
@@ -1093,16 +1135,53 @@ fn new_full_nat_flow_inner(ctx: &TcContext, p: &Pkt, ids: u64) -> (i32, Reason) 
         flags: CT_F_FULLNAT,
         _pad: 0,
     };
+    // The backend's address, berth's address, the backend's port; the port is taken next.
     s.rkey = FlowKey::new(backend.addr, backend.snat_addr, backend.port, 0, flow.proto);
-    let (half, rkey) = (&mut s.half, &mut s.rkey);
-    if !take_port(table, rkey, half, hash, p) {
-        return exit(Reason::DropSnatExhausted);
+    Ok((act, reason))
+}
+
+/// The map a new flow starts in: a bare SYN starts unconfirmed (CT_NEW); anything else picked
+/// up mid-stream is established.
+#[inline(always)]
+fn new_flow_table(flow: &Flow) -> &'static Table {
+    if ct::is_bare_syn(flow.proto, flow.tcp_flags) {
+        &CT_NEW
+    } else {
+        &CONNTRACK
     }
-    half.nat_addr = backend.addr;
-    half.nat_port = backend.port;
+}
+
+/// The second step of a new full-NAT flow: takes a source port for the reply key in
+/// `NAT_SCRATCH` by inserting the reply entry there (see `take_port`). False: none free.
+#[inline(never)]
+fn take_full_nat_port(p: &Pkt) -> bool {
+    let Some(s) = NAT_SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: as in `new_full_nat_flow`.
+    let s = unsafe { &mut *s };
+    let hash = flow_hash(&p.key, config().hash_seed);
+    take_port(new_flow_table(&p.flow), &mut s.rkey, &s.half, hash, p)
+}
+
+/// The last step of a new full-NAT flow, its port taken: turns `NAT_SCRATCH`'s reply entry into
+/// the forward entry, records it, rewrites both ends and counts. False: the rewrite failed.
+#[inline(never)]
+fn finish_full_nat(ctx: &TcContext, p: &Pkt) -> bool {
+    let Some(s) = NAT_SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: as in `new_full_nat_flow`.
+    let s = unsafe { &mut *s };
+    let (flow, key) = (&p.flow, &p.key);
+    let table = new_flow_table(flow);
+    let (half, rkey) = (&mut s.half, &s.rkey);
+    // The reply key holds the backend (source) and berth's address and port (destination).
+    half.nat_addr = rkey.saddr;
+    half.nat_port = rkey.sport;
     half.dir = DIR_FORWARD;
-    half.route = route;
-    half.fnat_addr = backend.snat_addr;
+    half.route = s.route;
+    half.fnat_addr = rkey.daddr;
     half.fnat_port = rkey.dport;
     if table.insert(key, half, 0).is_err() {
         // The reply entry stays: a reply rebuilds the forward half from it, and a new flow may
@@ -1112,18 +1191,18 @@ fn new_full_nat_flow_inner(ctx: &TcContext, p: &Pkt, ids: u64) -> (i32, Reason) 
     if rewrite_both(
         ctx,
         flow,
-        (backend.addr, backend.port),
-        (backend.snat_addr, rkey.dport),
+        (rkey.saddr, rkey.sport),
+        (rkey.daddr, rkey.dport),
     )
     .is_err()
     {
-        return exit(Reason::AbortRewrite);
+        return false;
     }
-    if flow.proto == lb_common::IPPROTO_TCP && !unconfirmed {
+    if flow.proto == lb_common::IPPROTO_TCP && !ct::is_bare_syn(flow.proto, flow.tcp_flags) {
         count(Reason::EventCtMidstreamPickup);
     }
-    account(service_id, backend_id, p.bytes, true);
-    (act, reason)
+    account(half.service_id, half.backend_id, p.bytes, true);
+    true
 }
 
 /// Finds a free source port for a new full-NAT flow and takes it: sets `rkey`'s destination

@@ -82,6 +82,12 @@ pub static SCRATCH: PerCpuArray<crate::Pkt> = PerCpuArray::with_max_entries(1, 0
 #[map]
 pub static NAT_SCRATCH: PerCpuArray<crate::NatScratch> = PerCpuArray::with_max_entries(1, 0);
 
+/// Per-CPU parameter block of `bpf_fib_lookup` (see `nat::fib_into`): 64 bytes the call
+/// chains' 512-byte stack does not have to hold. Same reasoning as [`SCRATCH`].
+#[map]
+pub static FIB_SCRATCH: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup> =
+    PerCpuArray::with_max_entries(1, 0);
+
 #[map]
 pub static REASON_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
 

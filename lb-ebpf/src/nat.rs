@@ -19,7 +19,10 @@ use lb_common::{
     csum::{add, apply, diff2, diff4, replace2, replace4},
 };
 
-use crate::parse::{ETH_HLEN, Flow, IcmpQuote, ptr_at};
+use crate::{
+    maps::FIB_SCRATCH,
+    parse::{ETH_HLEN, Flow, IcmpQuote, ptr_at},
+};
 
 const AF_INET: u8 = 2;
 
@@ -295,51 +298,45 @@ pub fn fib(ctx: &TcContext, flow: &Flow, tuple: (u32, u32, u16, u16)) -> Fib {
     f
 }
 
-/// [`fib`] as a BPF subprogram: the lookup's 64-byte parameter block lives in its own stack
-/// frame instead of in every inlined copy.
+/// [`fib`] as a BPF subprogram. The lookup's 64-byte parameter block lives in the per-CPU
+/// `FIB_SCRATCH` slot, not on the stack: every call chain that routes a packet ends here, and
+/// the chain of a new full-NAT flow had no room left for an inlined tracked path above it.
 #[inline(never)]
 fn fib_into(ctx: &TcContext, flow: &Flow, tuple: &(u32, u32, u16, u16), out: &mut Fib) {
-    *out = fib_lookup_now(ctx, flow, *tuple);
-}
-
-#[inline(always)]
-fn fib_lookup_now(ctx: &TcContext, flow: &Flow, tuple: (u32, u32, u16, u16)) -> Fib {
-    let (saddr, daddr, sport, dport) = tuple;
-    let mut p = fib_params(ctx, flow, saddr, daddr, sport, dport);
-    // SAFETY: `p` is a valid, writable `bpf_fib_lookup` of the size we pass.
+    // Written field by field into `out` (a `Fib` built here and copied took 32 more bytes of
+    // this frame).
+    out.rc = -1;
+    out.route = Route::NONE;
+    out.ifindex = 0;
+    let (saddr, daddr, sport, dport) = *tuple;
+    let Some(p) = FIB_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's slot of a per-CPU array, valid for the run; nothing else on this CPU
+    // uses it while the program runs (see `FIB_SCRATCH`).
+    let p = unsafe { &mut *p };
+    *p = fib_params(ctx, flow, saddr, daddr, sport, dport);
+    // SAFETY: `p` is a valid, writable `bpf_fib_lookup` of the size we pass (a map value).
     let rc = unsafe {
         fib_lookup(
             ctx.as_ptr(),
-            &mut p,
+            p,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             0,
         )
     };
+    out.rc = rc;
     if rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
         // SAFETY: on success the kernel filled the MAC member of this union.
         let macs = unsafe { p.__bindgen_anon_6.__bindgen_anon_2 };
-        let route = Route {
+        out.route = Route {
             ifindex: p.ifindex,
             dmac: macs.dmac,
             smac: macs.smac,
         };
-        Fib {
-            rc,
-            route,
-            ifindex: p.ifindex,
-        }
+        out.ifindex = p.ifindex;
     } else if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
-        Fib {
-            rc,
-            route: Route::NONE,
-            ifindex: p.ifindex,
-        }
-    } else {
-        Fib {
-            rc,
-            route: Route::NONE,
-            ifindex: 0,
-        }
+        out.ifindex = p.ifindex;
     }
 }
 

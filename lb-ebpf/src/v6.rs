@@ -175,6 +175,11 @@ pub struct Work6 {
     fib: Fib6,
     /// A new full-NAT flow between its steps: the forward entry's route.
     route: Route,
+    /// `claim6`'s forward key (used by that subprogram alone).
+    claim_fkey: FlowKey6,
+    /// A tracked flow's other key: the reply key of a forward packet (`forward6`), or of an
+    /// expired forward entry (`process`).
+    pair_key: FlowKey6,
 }
 
 /// This CPU's `WORK6` slot.
@@ -420,7 +425,7 @@ fn parse_icmp6_error(
 }
 
 /// The IPv6 path, from the frame's EtherType on. A BPF subprogram returning a packed verdict.
-#[inline(never)]
+#[inline(always)]
 pub fn process(ctx: &TcContext) -> u64 {
     pack(process_inner(ctx))
 }
@@ -486,11 +491,15 @@ fn process_inner(ctx: &TcContext) -> (i32, Reason) {
         }
         if ct::expired(&e.ct, flow.proto, flow.tcp_flags, now, cfg) {
             count(Reason::EventCtExpired);
-            let rkey = reply_key6(key, e);
-            if let Some(r) = table.get_ptr(&rkey) {
-                // SAFETY: valid map value pointer.
-                if is_reply_of6(unsafe { &*r }, &rkey, key) {
-                    let _ = table.remove(&rkey);
+            // In `WORK6` (see `forward6`).
+            if let Some(w) = work() {
+                w.pair_key = reply_key6(key, e);
+                let rkey = &w.pair_key;
+                if let Some(r) = table.get_ptr(rkey) {
+                    // SAFETY: valid map value pointer.
+                    if is_reply_of6(unsafe { &*r }, rkey, key) {
+                        let _ = table.remove(rkey);
+                    }
                 }
             }
             let _ = table.remove(key);
@@ -786,11 +795,17 @@ fn claim6(table: &Table6, rkey: &FlowKey6, flow: &Flow6, now: u64, cfg: &DpConfi
     if r.ct.dir != DIR_REPLY {
         return false;
     }
-    let fkey = forward_key6(rkey, r);
+    // The forward key in `WORK6`, not on the stack (the call chains through here have no
+    // room for 40 more bytes).
+    let Some(w) = work() else {
+        return false;
+    };
+    w.claim_fkey = forward_key6(rkey, r);
+    let fkey = &w.claim_fkey;
     // SAFETY: as above.
     let partner = table
-        .get_ptr(&fkey)
-        .is_some_and(|f| is_forward_of6(unsafe { &*f }, &fkey, rkey));
+        .get_ptr(fkey)
+        .is_some_and(|f| is_forward_of6(unsafe { &*f }, fkey, rkey));
     let names_client = !r.ct.full_nat() && rkey.daddr == flow.saddr && rkey.dport == flow.sport;
     if partner
         && !ct::expired(&r.ct, rkey.proto, flow.tcp_flags, now, cfg)
@@ -802,7 +817,7 @@ fn claim6(table: &Table6, rkey: &FlowKey6, flow: &Flow6, now: u64, cfg: &DpConfi
         return false;
     }
     if partner {
-        let _ = table.remove(&fkey);
+        let _ = table.remove(fkey);
     }
     let _ = table.remove(rkey);
     true
@@ -862,25 +877,31 @@ fn forward6_inner(
     table: &'static Table6,
 ) -> (i32, Reason) {
     let (flow, key, now, cfg) = (&p.flow, &p.key, p.now, config());
-    let rkey = reply_key6(key, e);
-    let mut rev = table.get_ptr_mut(&rkey);
+    // The reply key in `WORK6`, not on the stack: the call chains through this frame (down to
+    // `claim6`) share 512 bytes with the IPv4 tracked path inlined into the main program.
+    let Some(w) = work() else {
+        return exit(Reason::AbortMap);
+    };
+    w.pair_key = reply_key6(key, e);
+    let rkey = &w.pair_key;
+    let mut rev = table.get_ptr_mut(rkey);
     // SAFETY: valid map value pointer.
     if let Some(r) = rev
-        && !is_reply_of6(unsafe { &*r }, &rkey, key)
+        && !is_reply_of6(unsafe { &*r }, rkey, key)
     {
-        if !claim6(table, &rkey, flow, now, cfg) {
+        if !claim6(table, rkey, flow, now, cfg) {
             let _ = table.remove(key);
             return exit(Reason::DropFlowConflict);
         }
         rev = None;
     }
     if rev.is_none() {
-        if !claim6(other6(table), &rkey, flow, now, cfg) {
+        if !claim6(other6(table), rkey, flow, now, cfg) {
             let _ = table.remove(key);
             return exit(Reason::DropFlowConflict);
         }
-        rebuild6(table, &rkey, e, flow, now);
-        rev = table.get_ptr_mut(&rkey);
+        rebuild6(table, rkey, e, flow, now);
+        rev = table.get_ptr_mut(rkey);
     }
     if ct::closes(flow.proto, flow.tcp_flags) {
         // SAFETY: valid map value pointer.
@@ -1726,13 +1747,24 @@ pub struct Fib6 {
     ifindex: u32,
 }
 
-/// Looks up the next hop of a translated packet with tuple `t` into `out`. A BPF subprogram:
-/// the 64-byte parameter block lives in its own frame.
+/// Looks up the next hop of a translated packet with tuple `t` into `out`. A BPF subprogram
+/// (the parameter block lives in the per-CPU `FIB_SCRATCH` slot).
 #[inline(never)]
 fn fib6(ctx: &TcContext, flow: &Flow6, t: &Tuple6, out: &mut Fib6) {
+    out.rc = -1;
+    out.route = Route::NONE;
+    out.ifindex = 0;
+    // The parameter block in the per-CPU `FIB_SCRATCH` slot, not on the stack (see
+    // `nat::fib_into`).
+    let Some(p) = crate::maps::FIB_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's slot of a per-CPU array, valid for the run; nothing else on this CPU
+    // uses it while the program runs.
+    let p = unsafe { &mut *p };
     // SAFETY: `bpf_fib_lookup` is a plain C struct of integers and unions of integers; all-zero
     // is a valid (empty) value.
-    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    *p = unsafe { core::mem::zeroed() };
     p.family = AF_INET6;
     p.l4_protocol = flow.proto;
     p.sport = t.sport;
@@ -1747,14 +1779,12 @@ fn fib6(ctx: &TcContext, flow: &Flow6, t: &Tuple6, out: &mut Fib6) {
     let rc = unsafe {
         fib_lookup(
             ctx.as_ptr(),
-            &mut p,
+            p,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             0,
         )
     };
     out.rc = rc;
-    out.route = Route::NONE;
-    out.ifindex = 0;
     if rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
         // SAFETY: on success the kernel filled the MAC member of this union.
         let macs = unsafe { p.__bindgen_anon_6.__bindgen_anon_2 };
