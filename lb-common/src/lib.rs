@@ -25,6 +25,8 @@ pub const PROG_TC_NOOP: &str = "berth_tc_noop";
 /// The XDP fast path for established IPv4 flows (issue 14); everything else it passes to
 /// [`PROG_TC_INGRESS`].
 pub const PROG_XDP: &str = "berth_xdp";
+/// A do-nothing XDP program: the benchmark's floor for XDP test runs (never attached).
+pub const PROG_XDP_NOOP: &str = "berth_xdp_noop";
 /// Interfaces the XDP program may redirect into (a `DEVMAP_HASH`, ifindex -> ifindex): ones
 /// that take XDP frames (see README, "XDP fast path").
 pub const MAP_XDP_DEVS: &str = "XDP_DEVS";

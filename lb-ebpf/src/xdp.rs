@@ -60,6 +60,13 @@ pub fn berth_xdp(ctx: XdpContext) -> u32 {
     act
 }
 
+/// Does nothing: the floor `cargo xtask bench` measures an XDP test run's own cost against.
+/// Never attached.
+#[xdp]
+pub fn berth_xdp_noop(_ctx: XdpContext) -> u32 {
+    XDP_PASS
+}
+
 #[inline(always)]
 fn pass() -> (u32, Reason) {
     (XDP_PASS, Reason::EventXdpPass)

@@ -479,7 +479,15 @@ impl Dataplane {
     /// Loads the XDP fast path (issue 14) if not loaded yet and returns it. Loaded on demand:
     /// a berth without `[dataplane] xdp` never loads it.
     pub fn xdp_program(&mut self) -> Result<&aya::programs::Xdp> {
-        let name = lb_common::PROG_XDP;
+        self.xdp_program_named(lb_common::PROG_XDP)
+    }
+
+    /// Loads the do-nothing XDP program (benchmark floor) and returns it.
+    pub fn xdp_noop_program(&mut self) -> Result<&aya::programs::Xdp> {
+        self.xdp_program_named(lb_common::PROG_XDP_NOOP)
+    }
+
+    fn xdp_program_named(&mut self, name: &'static str) -> Result<&aya::programs::Xdp> {
         let prog: &mut aya::programs::Xdp = self
             .ebpf
             .program_mut(name)

@@ -448,6 +448,16 @@ fn main() {
                     check: "-".into(),
                     on_path: 1.0,
                 });
+                if redirect {
+                    let noop = f.rec.dataplane_mut().xdp_noop_program().expect("XDP noop");
+                    rows.push(Row {
+                        path: "XDP floor: do-nothing XDP program",
+                        ns: measure_xdp(noop, &ssh, &a),
+                        target: None,
+                        check: "-".into(),
+                        on_path: 1.0,
+                    });
+                }
                 let path = "non-service packet (TCP to :22)";
                 if a.wants(path) {
                     rows.push(Row {
