@@ -302,4 +302,14 @@ fn diagnose_where_xdp_frames_go() {
         }
     }
     println!("lb: {}", t.lb.exec(&["ip", "-s", "link", "show", "eth0"]));
+    for p in ["p-cl", "p-b1", "p-b2", "p-b3"] {
+        println!("sw {p}: {}", t.sw.exec(&["ip", "-s", "link", "show", p]));
+    }
+    let snmp = t.client.exec(&["cat", "/proc/net/snmp"]);
+    for l in snmp.lines().filter(|l| l.starts_with("Udp:") || l.starts_with("Ip:")) {
+        println!("client: {l}");
+    }
+    println!("client: {}", t.client.exec(&["ip", "-s", "link", "show", "eth0"]));
+    println!("fdb: {}", t.sw.exec(&["bridge", "fdb", "show", "br", "sw0"]));
+    println!("lb neigh: {}", t.lb.exec(&["ip", "neigh"]));
 }
