@@ -4,9 +4,8 @@
 //! namespace. The established packets of each flow must be sent by XDP (`xdp_tx`), the rest by
 //! TC, and every answer must be right.
 //!
-//! A veth takes `XDP_TX` frames only when its peer's receive side runs NAPI (an XDP program
-//! there, or GRO on): the switch's port facing the host gets GRO on, as a NIC driver would have
-//! its own. Frames a local socket sends through a veth carry `CHECKSUM_PARTIAL` checksums (only
+//! A veth takes `XDP_TX` frames only when its peer's receive side runs NAPI: the switch's port
+//! facing the host gets a pass-through XDP program ([`PeerXdp`]), as a NIC driver has its own. Frames a local socket sends through a veth carry `CHECKSUM_PARTIAL` checksums (only
 //! the pseudo-header sum in the field); see `partial_checksums_are_left_to_tc` for what that
 //! means for XDP.
 
@@ -21,9 +20,8 @@ fn sa(s: &str) -> SocketAddrV4 {
 }
 
 const ETHTOOL_STXCSUM: u32 = 0x17;
-const ETHTOOL_SGRO: u32 = 0x2c;
 
-/// Sets one legacy ethtool flag (`ETHTOOL_STXCSUM`, `ETHTOOL_SGRO`) of `iface` in `ns`, through
+/// Sets one legacy ethtool flag (e.g. `ETHTOOL_STXCSUM`) of `iface` in `ns`, through
 /// the `SIOCETHTOOL` ioctl (no ethtool binary needed).
 fn ethtool_set(ns: &Netns, iface: &str, cmd: u32, on: bool) {
     let iface = iface.to_owned();
@@ -61,9 +59,62 @@ fn ethtool_set(ns: &Netns, iface: &str, cmd: u32, on: bool) {
     });
 }
 
+/// A pass-through XDP program (`berth_xdp_noop`) attached in native mode to `iface` in `ns`,
+/// held by a thread there until dropped: it gives a veth's receive side the NAPI instance that
+/// `XDP_TX` frames sent into its peer need (GRO set with `ETHTOOL_SGRO` did not: every frame was
+/// lost, see README).
+struct PeerXdp {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PeerXdp {
+    fn attach(ns: &Netns, iface: &str) -> Self {
+        let (stop, rx) = std::sync::mpsc::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+        let iface = std::ffi::CString::new(iface).unwrap();
+        let thread = ns.spawn(move || {
+            let mut ebpf = aya::EbpfLoader::new()
+                .load(lb_userspace::EBPF_OBJECT)
+                .expect("load object");
+            let prog: &mut aya::programs::Xdp = ebpf
+                .program_mut(lb_common::PROG_XDP_NOOP)
+                .expect("noop program")
+                .try_into()
+                .expect("an XDP program");
+            prog.load().expect("load noop");
+            let r = prog
+                .attach(iface.as_c_str(), aya::programs::XdpMode::Driver)
+                .map(|_| ())
+                .map_err(|e| e.to_string());
+            ready_tx.send(r).unwrap();
+            let _ = rx.recv();
+            drop(ebpf);
+        });
+        ready_rx
+            .recv()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("attaching the pass-through program: {e}"));
+        Self {
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for PeerXdp {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 struct Topo {
-    // Drop order: servers first, then namespaces.
+    // Drop order: servers and the peer's program first, then namespaces.
     _servers: Vec<Servers>,
+    _peer_xdp: PeerXdp,
     lb: Netns,
     client: Netns,
     backends: Vec<Netns>,
@@ -71,7 +122,8 @@ struct Topo {
 }
 
 /// Client 10.10.0.2, host 10.10.0.1 + 10.20.0.1 on `eth0`, backends 10.20.0.11-13 (b1-b3)
-/// serving TCP and UDP on :8000, all on one switch; GRO on the switch's port to the host.
+/// serving TCP and UDP on :8000, all on one switch; a pass-through XDP program on the switch's
+/// port to the host.
 fn one_armed() -> Topo {
     remove_leftovers();
     let sw = Netns::new("sw");
@@ -84,7 +136,7 @@ fn one_armed() -> Topo {
     for p in ["p-lb", "p-cl"] {
         sw.exec(&["ip", "link", "set", p, "master", "sw0"]);
     }
-    ethtool_set(&sw, "p-lb", ETHTOOL_SGRO, true);
+    let peer_xdp = PeerXdp::attach(&sw, "p-lb");
     lb.exec(&["ip", "addr", "add", "10.10.0.1/24", "dev", "eth0"]);
     lb.exec(&["ip", "addr", "add", "10.20.0.1/24", "dev", "eth0"]);
     lb.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
@@ -109,6 +161,7 @@ fn one_armed() -> Topo {
     }
     Topo {
         _servers: servers,
+        _peer_xdp: peer_xdp,
         lb,
         client,
         backends,
@@ -196,7 +249,6 @@ fn udp_flow(client: &Netns, n: usize) -> String {
 }
 
 #[test]
-#[ignore = "fails: XDP_TX'ed frames do not reach the backends in this veth topology (see README)"]
 fn established_flows_go_by_xdp_and_every_answer_is_right() {
     let t = one_armed();
     t.tx_checksum_offload(false);
@@ -240,7 +292,7 @@ fn established_flows_go_by_xdp_and_every_answer_is_right() {
 }
 
 #[test]
-#[ignore = "fails like the test above, so it shows nothing about partial checksums yet"]
+#[ignore = "fails, as README says: XDP cannot complete CHECKSUM_PARTIAL frames from a veth"]
 fn partial_checksums_are_left_to_tc() {
     // Offload on (the veth default): a local socket's frames carry CHECKSUM_PARTIAL.
     let t = one_armed();
@@ -306,10 +358,61 @@ fn diagnose_where_xdp_frames_go() {
         println!("sw {p}: {}", t.sw.exec(&["ip", "-s", "link", "show", p]));
     }
     let snmp = t.client.exec(&["cat", "/proc/net/snmp"]);
-    for l in snmp.lines().filter(|l| l.starts_with("Udp:") || l.starts_with("Ip:")) {
+    for l in snmp
+        .lines()
+        .filter(|l| l.starts_with("Udp:") || l.starts_with("Ip:"))
+    {
         println!("client: {l}");
     }
-    println!("client: {}", t.client.exec(&["ip", "-s", "link", "show", "eth0"]));
-    println!("fdb: {}", t.sw.exec(&["bridge", "fdb", "show", "br", "sw0"]));
+    println!(
+        "client: {}",
+        t.client.exec(&["ip", "-s", "link", "show", "eth0"])
+    );
+    println!(
+        "fdb: {}",
+        t.sw.exec(&["bridge", "fdb", "show", "br", "sw0"])
+    );
     println!("lb neigh: {}", t.lb.exec(&["ip", "neigh"]));
+    // Now with a pass-through XDP program on the switch's port facing the host (native mode)
+    // instead of relying on GRO there.
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<String>();
+    let holder = t.sw.spawn(move || {
+        let mut ebpf = aya::EbpfLoader::new()
+            .load(lb_userspace::EBPF_OBJECT)
+            .expect("load object");
+        let prog: &mut aya::programs::Xdp = ebpf
+            .program_mut(lb_common::PROG_XDP_NOOP)
+            .expect("noop")
+            .try_into()
+            .expect("xdp");
+        prog.load().expect("load noop");
+        let r = prog
+            .attach(c"p-lb", aya::programs::XdpMode::Driver)
+            .map(|_| "attached".to_owned())
+            .unwrap_or_else(|e| format!("attach failed: {e}"));
+        ready_tx.send(r).unwrap();
+        let _ = rx.recv();
+        drop(ebpf);
+    });
+    println!("noop on p-lb: {}", ready_rx.recv().unwrap());
+    let r = t.client.run(|| {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        s.connect("10.10.0.1:8080").unwrap();
+        let mut buf = [0u8; 256];
+        (0..6)
+            .map(|i| {
+                s.send(format!("v{i}").as_bytes()).unwrap();
+                s.recv(&mut buf)
+                    .map(|k| String::from_utf8_lossy(&buf[..k]).into_owned())
+                    .map_err(|e| e.to_string())
+            })
+            .collect::<Vec<_>>()
+    });
+    println!("answers with the noop on p-lb: {r:?}");
+    println!("xdp_tx now: {}", counter(&berth, "xdp_tx"));
+    let _ = tx.send(());
+    let _ = holder.join();
 }
