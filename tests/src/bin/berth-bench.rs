@@ -292,10 +292,10 @@ fn stamp(f: &mut Fixture, keys: &[lb_common::FlowKey]) {
 const LIVE_PATH: &str = "XDP live frames: established-flow hit, XDP_TX out of a veth";
 
 /// The established hit in live mode (`BPF_F_TEST_XDP_LIVE_FRAMES`): the kernel builds a real
-/// frame per run and sends what the program returns `XDP_TX` for out of `fx0` (a veth; GRO on
-/// its peer `fx1` gives the peer's receive side the NAPI instance a veth needs to take XDP
-/// frames; there the frames, addressed to another MAC, are dropped). The figure includes the
-/// transmission, which the TC rows' test runs never do.
+/// frame per run and sends what the program returns `XDP_TX` for out of `fx0` (a veth, GRO set
+/// on its peer `fx1`). Known gap: GRO on the peer did not make a veth take XDP frames in
+/// `e2e_xdp` (a pass-through XDP program on the peer did), so these frames are most likely
+/// dropped at the veth after the program ran; the figure still includes that attempt.
 fn measure_live(
     f: &mut Fixture,
     pkt: &[u8],
