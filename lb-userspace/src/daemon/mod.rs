@@ -351,9 +351,11 @@ pub(crate) fn attach_xdp(dp: &mut Dataplane, cfg: &Config, ifaces: &[String]) {
         }
         if crate::dataplane::driver_of(iface).as_deref() == Some("veth") {
             warn!(
-                "{iface} is a veth: frames local sockets send through it carry partial checksums \
-                 (CHECKSUM_PARTIAL), which XDP cannot complete; turn transmit checksum offload \
-                 off on the senders behind it (`ethtool -K IFACE tx off`), or keep xdp = false"
+                "{iface} is a veth: the frames XDP sends back out of it are dropped unless its \
+                 peer runs an XDP program of its own, and frames local sockets send through it \
+                 carry partial checksums (CHECKSUM_PARTIAL), which XDP cannot complete: turn \
+                 transmit checksum offload off on the senders behind it (`ethtool -K IFACE tx \
+                 off`), or keep xdp = false"
             );
         }
     }
