@@ -22,6 +22,14 @@ pub use reason::Reason;
 pub const PROG_TC_INGRESS: &str = "berth_tc_ingress";
 /// A classifier that returns TC_ACT_OK and nothing else (benchmark floor; never attached).
 pub const PROG_TC_NOOP: &str = "berth_tc_noop";
+/// The XDP fast path for established IPv4 flows (issue 14); everything else it passes to
+/// [`PROG_TC_INGRESS`].
+pub const PROG_XDP: &str = "berth_xdp";
+/// A do-nothing XDP program: the benchmark's floor for XDP test runs (never attached).
+pub const PROG_XDP_NOOP: &str = "berth_xdp_noop";
+/// Interfaces the XDP program may redirect into (a `DEVMAP_HASH`, ifindex -> ifindex): ones
+/// that take XDP frames (see README, "XDP fast path").
+pub const MAP_XDP_DEVS: &str = "XDP_DEVS";
 /// Socket-level balancing for clients on the host (cgroup sock_addr hooks).
 pub const PROG_SOCK_CONNECT4: &str = "berth_connect4";
 pub const PROG_SOCK_SENDMSG4: &str = "berth_sendmsg4";
@@ -36,7 +44,7 @@ pub const PROG_SOCK_GETPEERNAME6: &str = "berth_getpeername6";
 /// Version of the pinned layout (maps, their key and value types, their meaning). Pins live
 /// under `<pin path>/v<PIN_LAYOUT>/`; a berth finding another version there refuses to adopt it.
 /// Bump it with every change to a map's type, key, value or the meaning of a field.
-pub const PIN_LAYOUT: u32 = 5;
+pub const PIN_LAYOUT: u32 = 6;
 
 /// Addresses of this host (network byte order -> 1), kept current by userspace: what "any
 /// address of this host" means for wildcard services at the socket hooks.

@@ -79,6 +79,12 @@ pub enum Reason {
     /// A TCP segment for a service with no backend, answered with a RST out of the interface it
     /// came in on (the client fails at once, as with nothing listening).
     RejectNoBackend,
+    /// XDP fast path: an established flow's packet translated and sent back out of the
+    /// interface it arrived on (`XDP_TX`, the one-armed case).
+    XdpTx,
+    /// XDP fast path: an established flow's packet translated and redirected into another
+    /// interface userspace marked as taking XDP frames (`XDP_DEVS`).
+    XdpRedirect,
     // ---- events (not exits) ----
     /// The IPv4 header carried options, or the IPv6 header extension headers (walked past;
     /// counted for visibility).
@@ -110,11 +116,15 @@ pub enum Reason {
     /// Socket hook: recording the reverse translation failed (the app may see the backend's
     /// address as its peer).
     EventSockRevnatFailed,
+    /// XDP fast path: a packet left to the TC program (not an established IPv4 flow with a
+    /// cached route the XDP program can send on, or anything it does not handle); the TC
+    /// program counts its exit.
+    EventXdpPass,
 }
 
 impl Reason {
     /// Number of counters.
-    pub const COUNT: u32 = Reason::EventSockRevnatFailed as u32 + 1;
+    pub const COUNT: u32 = Reason::EventXdpPass as u32 + 1;
     /// First index that is an event rather than an exit.
     pub const FIRST_EVENT: u32 = Reason::EventIpOptions as u32;
 
@@ -142,6 +152,8 @@ impl Reason {
         Reason::ReplyRedirect,
         Reason::ReplyRedirectNeigh,
         Reason::RejectNoBackend,
+        Reason::XdpTx,
+        Reason::XdpRedirect,
         Reason::EventIpOptions,
         Reason::EventCtInsertFailed,
         Reason::EventCtExpired,
@@ -155,6 +167,7 @@ impl Reason {
         Reason::EventSockNoBackend,
         Reason::EventSockReverse,
         Reason::EventSockRevnatFailed,
+        Reason::EventXdpPass,
     ];
 
     /// Stable snake_case name used in logs, `berth status` and metrics.
@@ -182,6 +195,8 @@ impl Reason {
             Reason::ReplyRedirect => "reply_redirect",
             Reason::ReplyRedirectNeigh => "reply_redirect_neigh",
             Reason::RejectNoBackend => "reject_no_backend",
+            Reason::XdpTx => "xdp_tx",
+            Reason::XdpRedirect => "xdp_redirect",
             Reason::EventIpOptions => "event_ip_options",
             Reason::EventCtInsertFailed => "event_ct_insert_failed",
             Reason::EventCtExpired => "event_ct_expired",
@@ -195,6 +210,7 @@ impl Reason {
             Reason::EventSockNoBackend => "event_sock_no_backend",
             Reason::EventSockReverse => "event_sock_reverse",
             Reason::EventSockRevnatFailed => "event_sock_revnat_failed",
+            Reason::EventXdpPass => "event_xdp_pass",
         }
     }
 

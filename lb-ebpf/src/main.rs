@@ -18,6 +18,7 @@ mod parse;
 mod reject;
 mod sock;
 mod v6;
+mod xdp;
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},

@@ -26,6 +26,10 @@ use lb_userspace::{
 pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_SHOT: u32 = 2;
 pub const TC_ACT_REDIRECT: u32 = 7;
+pub const XDP_ABORTED: u32 = 0;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
 
 pub const HOST: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 1);
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 2);
@@ -317,6 +321,61 @@ impl Fixture {
             run.exits().len(),
             1,
             "every run counts exactly one exit: {run:?}"
+        );
+        run
+    }
+
+    /// Runs the XDP fast path once on `pkt` as if it arrived on `fx0` (loading it first).
+    /// Every run counts exactly one exit or, when it leaves the packet to TC, `event_xdp_pass`.
+    pub fn run_xdp(&mut self, pkt: &[u8]) -> Run {
+        let i = self.ifindex;
+        self.run_xdp_at(pkt, i)
+    }
+
+    /// [`Fixture::run_xdp`] as if the packet arrived on interface `iface`.
+    pub fn run_xdp_on(&mut self, pkt: &[u8], iface: &str) -> Run {
+        let i = ifindex(iface);
+        assert_ne!(i, 0, "no interface {iface}");
+        self.run_xdp_at(pkt, i)
+    }
+
+    fn run_xdp_at(&mut self, pkt: &[u8], ifindex: u32) -> Run {
+        let before = self.reasons();
+        let mut out = vec![0u8; pkt.len() + 256];
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index.
+        let mut ctx = [0u8; 24];
+        ctx[4..8].copy_from_slice(&(pkt.len() as u32).to_ne_bytes());
+        ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+        let res = self
+            .rec
+            .dataplane_mut()
+            .xdp_program()
+            .expect("load the XDP program")
+            .test_run(TestRunOptions {
+                data_in: Some(pkt),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..TestRunOptions::default()
+            })
+            .expect("BPF_PROG_TEST_RUN (XDP)");
+        out.truncate(res.data_size_out as usize);
+        let after = self.reasons();
+        let reasons = Reason::ALL
+            .iter()
+            .zip(before.iter().zip(&after))
+            .filter(|(_, (b, a))| a != b)
+            .map(|(r, (b, a))| (r.name(), a - b))
+            .collect();
+        let run = Run {
+            action: res.return_value,
+            out,
+            reasons,
+        };
+        let passed = run.counted(Reason::EventXdpPass);
+        assert_eq!(
+            run.exits().len() as u64 + passed,
+            1,
+            "every XDP run counts exactly one exit or one pass to TC: {run:?}"
         );
         run
     }

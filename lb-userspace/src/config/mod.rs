@@ -124,6 +124,11 @@ pub struct DataplaneConfig {
     /// Decrement the TTL of packets berth forwards itself, as a router does (`false`: a
     /// transparent hop).
     pub decrement_ttl: bool,
+    /// Attach the XDP fast path (issue 14) beside the TC program on every interface berth
+    /// attaches to, where the driver has native XDP: established IPv4 flows whose route leaves
+    /// by the interface they came in on are translated and sent back out there (`XDP_TX`)
+    /// before the kernel builds a packet; everything else goes on to TC. Needs `redirect`.
+    pub xdp: bool,
     /// Answer traffic to a service with no backend as a host with nothing listening would (a
     /// TCP RST, an ICMP port unreachable for UDP), so clients fail at once (`false`: drop it;
     /// clients wait for their timeouts).
@@ -177,6 +182,7 @@ impl Default for DataplaneConfig {
             hash_seed: None,
             redirect: true,
             decrement_ttl: true,
+            xdp: false,
             reject_without_backend: true,
             pin_path: DEFAULT_PIN_PATH.into(),
             cgroup: "auto".into(),
@@ -914,6 +920,15 @@ mod tests {
         assert!(e.message.contains("tcp_closing_timeout_secs"), "{e}");
         let e = err("[dataplane]\nsnat_port_reuse_ms = -1\n");
         assert!(e.field.starts_with("dataplane.snat_port_reuse_ms"), "{e}");
+        // The XDP fast path: off by default, on only with redirect.
+        assert!(!d.xdp);
+        let (cfg, _) = Config::load("[dataplane]\nxdp = true\n").unwrap();
+        assert!(cfg.dataplane.xdp);
+        let e = err("[dataplane]\nxdp = true\nredirect = false\n");
+        assert_eq!(e.field, "dataplane.xdp", "{e}");
+        assert!(e.message.contains("redirect"), "{e}");
+        let e = err("[dataplane]\nxdp = \"yes\"\n");
+        assert!(e.field.starts_with("dataplane.xdp"), "{e}");
         let e = err("[dataplane]\nsnat_address = \"10.0.0\"\n");
         assert_eq!(e.field, "dataplane.snat_address (line 2)");
         for bad in ["0.0.0.0", "127.0.0.1", "224.0.0.1", "255.255.255.255"] {

@@ -124,6 +124,13 @@ impl Config {
                 ),
             ));
         }
+        if d.xdp && !d.redirect {
+            return Err(ConfigError::new(
+                "dataplane.xdp",
+                "needs dataplane.redirect = true: the XDP fast path sends packets on the route \
+                 the TC program cached, which it only does when it redirects",
+            ));
+        }
         if !d.pin_path.starts_with('/') || d.pin_path.trim_end_matches('/').is_empty() {
             return Err(ConfigError::new(
                 "dataplane.pin_path",

@@ -325,6 +325,42 @@ pub async fn run(args: Run) -> anyhow::Result<()> {
     leave(dp, cfg.dataplane.detach_on_exit, &ifaces, &pin_root)
 }
 
+/// With `dataplane.xdp`, attaches the XDP fast path beside TC on `ifaces` where the driver has
+/// native XDP (saying where it has not: those stay on TC alone); without it, removes the XDP
+/// attachments an earlier berth pinned.
+pub(crate) fn attach_xdp(dp: &mut Dataplane, cfg: &Config, ifaces: &[String]) {
+    if !cfg.dataplane.xdp {
+        match dp.drop_pinned_xdp() {
+            Ok(gone) => {
+                for iface in gone {
+                    info!("{iface}: detached the XDP fast path of the earlier berth (xdp = false)");
+                }
+            }
+            Err(e) => warn!("removing the earlier berth's XDP attachments: {e}"),
+        }
+        return;
+    }
+    for iface in ifaces {
+        match dp.attach_xdp(iface) {
+            Ok(true) => info!("{iface}: took over the XDP fast path of the earlier berth"),
+            Ok(false) => info!("{iface}: XDP fast path attached (native mode)"),
+            Err(e) => {
+                warn!("{iface}: {e:#}");
+                continue;
+            }
+        }
+        if crate::dataplane::driver_of(iface).as_deref() == Some("veth") {
+            warn!(
+                "{iface} is a veth: the frames XDP sends back out of it are dropped unless its \
+                 peer runs an XDP program of its own, and frames local sockets send through it \
+                 carry partial checksums (CHECKSUM_PARTIAL), which XDP cannot complete: turn \
+                 transmit checksum offload off on the senders behind it (`ethtool -K IFACE tx \
+                 off`), or keep xdp = false"
+            );
+        }
+    }
+}
+
 /// Removes the admin socket's file when the daemon ends, however it ends.
 struct RemoveOnDrop(PathBuf);
 
@@ -360,6 +396,7 @@ fn attach_all(
             ifaces.push(iface);
         }
     }
+    attach_xdp(dp, cfg, &ifaces);
     let cgroup = match cfg.dataplane.cgroup_target() {
         Cgroup::None => None,
         Cgroup::Auto => Some(crate::dataplane::cgroup2_root().context(

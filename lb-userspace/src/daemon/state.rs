@@ -728,6 +728,13 @@ impl Daemon {
                 Ok(_) => {
                     self.unattachable.remove(&iface);
                     info!("attached to {iface} ({why})");
+                    if self.cfg.dataplane.xdp {
+                        super::attach_xdp(
+                            self.rec.dataplane_mut(),
+                            &self.cfg,
+                            std::slice::from_ref(&iface),
+                        );
+                    }
                 }
                 Err(e) => warn!(
                     "cannot attach to {iface} ({why}): {e:#}; replies of the backends behind it \

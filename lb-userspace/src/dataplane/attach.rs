@@ -208,4 +208,99 @@ impl Dataplane {
     pub fn attached(&self) -> &[String] {
         &self.attached
     }
+
+    /// Attaches the XDP fast path to `iface` in native (driver) mode, beside the TC program
+    /// (which must be attached there too: XDP passes it everything it does not handle). Generic
+    /// XDP runs after the skb is built and would only add to TC's cost, so it is never used:
+    /// without native XDP the attach fails (`XdpUnsupported`) and the interface stays TC's.
+    /// Pinned, an attachment pinned by an earlier berth is taken over (its program swapped in one
+    /// step). A device of another driver than veth is also marked as a redirect target
+    /// (`XDP_DEVS`): drivers with native XDP implement `ndo_xdp_xmit` once a program runs there.
+    /// A veth is not (frames redirected into it are dropped unless its peer runs XDP or has GRO
+    /// on, which berth cannot see from here). Returns whether an earlier attachment was taken
+    /// over.
+    pub fn attach_xdp(&mut self, iface: &str) -> Result<bool> {
+        use aya::programs::{Xdp, XdpMode, xdp::XdpLink};
+        let unknown = || DataplaneError::UnknownInterface {
+            iface: iface.to_owned(),
+        };
+        let name = CString::new(iface).map_err(|_| unknown())?;
+        let index = ifindex(iface).ok_or_else(unknown)?;
+        let attach_err = |source| DataplaneError::Attach {
+            iface: iface.to_owned(),
+            source,
+        };
+        let pin = self
+            .pins
+            .as_ref()
+            .map(|p| p.links.join(format!("xdp-{index}-{iface}")));
+        self.xdp_program()?;
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(lb_common::PROG_XDP)
+            .and_then(|p| <&mut Xdp>::try_from(p).ok())
+            .expect("loaded above");
+        let link_err = |path: &Path, source| DataplaneError::Link {
+            path: path.display().to_string(),
+            source,
+        };
+        let took_over = match &pin {
+            Some(path) if path.exists() => {
+                let fd = FdLink::from(
+                    PinnedLink::from_pin(path).map_err(|source| link_err(path, source))?,
+                );
+                let link = XdpLink::try_from(fd).map_err(|source| link_err(path, source))?;
+                prog.attach_to_link(link).map_err(attach_err)?;
+                true
+            }
+            Some(path) => {
+                let id = prog
+                    .attach(name.as_c_str(), XdpMode::Driver)
+                    .map_err(|source| DataplaneError::XdpUnsupported {
+                        iface: iface.to_owned(),
+                        source,
+                    })?;
+                let link = prog.take_link(id).map_err(attach_err)?;
+                let fd = FdLink::try_from(link).map_err(|source| link_err(path, source))?;
+                fd.pin(path).map_err(|e| DataplaneError::Pin {
+                    what: "pinning link",
+                    path: path.display().to_string(),
+                    source: std::io::Error::other(e),
+                })?;
+                false
+            }
+            None => {
+                prog.attach(name.as_c_str(), XdpMode::Driver)
+                    .map_err(|source| DataplaneError::XdpUnsupported {
+                        iface: iface.to_owned(),
+                        source,
+                    })?;
+                false
+            }
+        };
+        if driver_of(iface).is_some_and(|d| d != "veth") {
+            self.set_xdp_target(index)?;
+        }
+        Ok(took_over)
+    }
+
+    /// Removes the XDP attachments an earlier berth pinned (for a berth started without
+    /// `dataplane.xdp`): unpinning a link nobody else holds detaches it. Returns the interfaces.
+    pub fn drop_pinned_xdp(&mut self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        let Some(pins) = &self.pins else {
+            return Ok(out);
+        };
+        let Ok(entries) = std::fs::read_dir(&pins.links) else {
+            return Ok(out);
+        };
+        for e in entries.filter_map(|e| e.ok()) {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(rest) = name.strip_prefix("xdp-") {
+                std::fs::remove_file(e.path()).map_err(pin_err("removing pin", &e.path()))?;
+                out.push(rest.split_once('-').map_or(rest, |(_, n)| n).to_owned());
+            }
+        }
+        Ok(out)
+    }
 }

@@ -32,6 +32,15 @@ pub enum DataplaneError {
         #[source]
         source: ProgramError,
     },
+    #[error(
+        "interface {iface} has no native (driver) XDP; berth does not use generic XDP (it runs \
+         after the kernel built the packet, so it is no fast path): {iface} stays on TC"
+    )]
+    XdpUnsupported {
+        iface: String,
+        #[source]
+        source: ProgramError,
+    },
     #[error("no network interface named {iface:?}")]
     UnknownInterface { iface: String },
     #[error(

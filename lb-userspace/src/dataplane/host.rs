@@ -109,3 +109,51 @@ pub fn monotonic_ns() -> u64 {
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
+
+/// The driver of network interface `iface` in this network namespace (`ETHTOOL_GDRVINFO`), e.g.
+/// "veth"; None if the interface does not answer. (Not sysfs: /sys/class/net shows the
+/// namespace of whoever mounted it.)
+pub fn driver_of(iface: &str) -> Option<String> {
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        rest: [u8; 4 * 32 + 12 + 20],
+    }
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; 16],
+        data: *mut DrvInfo,
+        _pad: [u8; 16],
+    }
+    if iface.len() >= 16 {
+        return None;
+    }
+    let mut info = DrvInfo {
+        cmd: 0x3, // ETHTOOL_GDRVINFO
+        driver: [0; 32],
+        rest: [0; 4 * 32 + 12 + 20],
+    };
+    let mut req = IfReq {
+        name: [0; 16],
+        data: &mut info,
+        _pad: [0; 16],
+    };
+    req.name[..iface.len()].copy_from_slice(iface.as_bytes());
+    // SAFETY: a socket only for the ioctl, closed below; `req` and `info` outlive the call and
+    // are as large as the kernel writes (struct ifreq, struct ethtool_drvinfo).
+    let rc = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return None;
+        }
+        let rc = libc::ioctl(fd, 0x8946, &mut req); // SIOCETHTOOL
+        libc::close(fd);
+        rc
+    };
+    if rc != 0 {
+        return None;
+    }
+    let n = info.driver.iter().position(|b| *b == 0).unwrap_or(32);
+    Some(String::from_utf8_lossy(&info.driver[..n]).into_owned())
+}

@@ -46,7 +46,8 @@ pub use error::DataplaneError;
 use error::*;
 use host::*;
 pub use host::{
-    cgroup2_root, host_ipv4_addrs, monotonic_ns, netns_cookie, source_toward, source_toward6,
+    cgroup2_root, driver_of, host_ipv4_addrs, monotonic_ns, netns_cookie, source_toward,
+    source_toward6,
 };
 use pins::*;
 pub use pins::{DownReport, bpffs_shared_with_init, down};
@@ -160,7 +161,7 @@ fn random_u32() -> u32 {
 }
 
 /// Every map of the object; all are pinned (the read-only config global is not a map of ours).
-const MAPS: [&str; 19] = [
+const MAPS: [&str; 20] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     lb_common::MAP_BACKEND_ROUTES,
@@ -180,6 +181,7 @@ const MAPS: [&str; 19] = [
     lb_common::v6::MAP_CT_NEW6,
     lb_common::v6::MAP_LOCAL_ADDRS6,
     lb_common::v6::MAP_SOCK_REVNAT6,
+    lb_common::MAP_XDP_DEVS,
 ];
 
 /// The socket programs, in attach order: IPv4's, then IPv6's.
@@ -472,5 +474,47 @@ impl Dataplane {
                 .map_err(|source| DataplaneError::Program { name, source })?;
         }
         Ok(prog)
+    }
+
+    /// Loads the XDP fast path (issue 14) if not loaded yet and returns it. Loaded on demand:
+    /// a berth without `[dataplane] xdp` never loads it.
+    pub fn xdp_program(&mut self) -> Result<&aya::programs::Xdp> {
+        self.xdp_program_named(lb_common::PROG_XDP)
+    }
+
+    /// Loads the do-nothing XDP program (benchmark floor) and returns it.
+    pub fn xdp_noop_program(&mut self) -> Result<&aya::programs::Xdp> {
+        self.xdp_program_named(lb_common::PROG_XDP_NOOP)
+    }
+
+    fn xdp_program_named(&mut self, name: &'static str) -> Result<&aya::programs::Xdp> {
+        let prog: &mut aya::programs::Xdp = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DataplaneError::MissingProgram { name })?
+            .try_into()
+            .map_err(|source| DataplaneError::Program { name, source })?;
+        if prog.fd().is_err() {
+            prog.load()
+                .map_err(|source| DataplaneError::Program { name, source })?;
+        }
+        Ok(prog)
+    }
+
+    /// Marks interface `ifindex` as taking XDP frames: the XDP program may redirect into it.
+    pub fn set_xdp_target(&mut self, ifindex: u32) -> Result<()> {
+        let name = lb_common::MAP_XDP_DEVS;
+        let mut m: aya::maps::DevMapHash<&mut MapData> = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DataplaneError::MissingMap { name })?
+            .try_into()
+            .map_err(map_err(name))?;
+        m.insert(ifindex, ifindex, None, 0).map_err(|e| match e {
+            aya::maps::xdp::XdpMapError::MapError(e) => map_err(name)(e),
+            e => map_err(name)(MapError::InvalidName {
+                name: e.to_string(),
+            }),
+        })
     }
 }

@@ -1,0 +1,261 @@
+//! The XDP fast path (issue 14): packets of established IPv4 TCP/UDP flows, translated and sent
+//! before the kernel builds an skb for them. It handles only the common case and passes
+//! everything else (`XDP_PASS`) to the TC program, which then does the whole job exactly as
+//! without XDP:
+//!
+//! - a packet whose own tuple has a forward or reply entry in CONNTRACK (never CT_NEW: the TC
+//!   program confirms flows), open (not closing), refreshed less than a second ago (the TC
+//!   program does the once-a-second refresh of both halves and of the cached route), not
+//!   expired, with its pair's other half present and consistent (`ct::is_reply_of` /
+//!   `ct::is_forward_of`), a reply only from the interface its backend lives behind, and a
+//!   cached route (egress interface and MACs);
+//! - TCP without SYN, FIN or RST (state changes stay with the TC program); UDP;
+//! - an IPv4 header without options, not a fragment, TTL above 1; redirect enabled.
+//!
+//! It rewrites addresses and ports (DNAT or full NAT) with the checksums updated by hand
+//! (RFC 1624; a frame in XDP has no skb and no `CHECKSUM_PARTIAL`: its checksums are complete,
+//! see README "XDP fast path" for what a local sender's veth frames carry), decrements the TTL
+//! like the TC path, writes the MACs, records the backend's acknowledgment on a reply (as the TC
+//! path does), counts on the same per-CPU counters, and sends the frame: `XDP_TX` when the
+//! cached route leaves by the interface it came in on (the one-armed case), a redirect into
+//! `XDP_DEVS` when userspace marked the egress interface as taking XDP frames, otherwise it
+//! passes it (untouched) to TC. Its own state is a few registers and keys on its own 512-byte
+//! stack (a separate entry point); the per-CPU `SCRATCH` slot is the TC program's.
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_PASS, XDP_REDIRECT, XDP_TX},
+    helpers::generated::bpf_ktime_get_coarse_ns,
+    macros::{map, xdp},
+    maps::DevMapHash,
+    programs::XdpContext,
+};
+use lb_common::{
+    CFG_F_KEEP_TTL, CFG_F_REDIRECT, FlowKey, IPPROTO_TCP, IPPROTO_UDP, Reason,
+    csum::{add, apply, diff2, diff4, replace2},
+    ct::{self, DIR_FORWARD, DIR_REPLY, STATE_OPEN},
+    port_flag,
+};
+
+use crate::{
+    config,
+    maps::{CONNTRACK, account, count},
+    parse::{ETH_HLEN, ETH_P_IP},
+    port_flags,
+};
+
+/// Interfaces the XDP program may redirect into: ifindex -> the same ifindex. Userspace writes
+/// the ones that take XDP frames (a veth whose peer runs an XDP program or has GRO on, a NIC
+/// whose driver implements `ndo_xdp_xmit`); any other egress leaves the packet to TC.
+#[map]
+pub static XDP_DEVS: DevMapHash = DevMapHash::with_max_entries(64, 0);
+
+/// The IPv4 header's size when it has no options: the only one the fast path handles, so the
+/// L4 header sits at a constant offset.
+const L4: usize = ETH_HLEN + 20;
+
+#[xdp]
+pub fn berth_xdp(ctx: XdpContext) -> u32 {
+    let (act, reason) = fast(&ctx);
+    count(reason);
+    act
+}
+
+/// Does nothing: the floor `cargo xtask bench` measures an XDP test run's own cost against.
+/// Never attached.
+#[xdp]
+pub fn berth_xdp_noop(_ctx: XdpContext) -> u32 {
+    XDP_PASS
+}
+
+#[inline(always)]
+fn pass() -> (u32, Reason) {
+    (XDP_PASS, Reason::EventXdpPass)
+}
+
+/// A pointer to a `T` at `off` bytes into the frame, or `None` past its end.
+#[inline(always)]
+fn at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    if start + off + core::mem::size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    Some((start + off) as *mut T)
+}
+
+#[inline(always)]
+fn fast(ctx: &XdpContext) -> (u32, Reason) {
+    let cfg = config();
+    if cfg.flags & CFG_F_REDIRECT == 0 || cfg.maglev_size == 0 {
+        return pass();
+    }
+    // Ethernet + IPv4 without options + 8 bytes of L4 (the UDP header, the TCP ports and
+    // sequence number); the rest of a TCP header is checked below.
+    let Some(h) = at::<[u8; L4 + 8]>(ctx, 0) else {
+        return pass();
+    };
+    // SAFETY: `at` checked the bytes lie inside the frame.
+    let h = unsafe { &mut *h };
+    if u16::from_be_bytes([h[12], h[13]]) != ETH_P_IP || h[ETH_HLEN] != 0x45 {
+        return pass();
+    }
+    let ip = &h[ETH_HLEN..L4];
+    let tot_len = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let proto = ip[9];
+    let frame_len = ctx.data_end() - ctx.data();
+    if tot_len < 20 + 8
+        || ETH_HLEN + tot_len > frame_len
+        || u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0
+        || ip[8] <= 1
+    {
+        return pass();
+    }
+    // The L4 checksum field, and for TCP the flags and acknowledgment number.
+    let (csum, tcp_flags, ack) = if proto == IPPROTO_TCP {
+        let Some(t) = at::<[u8; 20]>(ctx, L4) else {
+            return pass();
+        };
+        // SAFETY: `at` checked the bytes lie inside the frame.
+        let t = unsafe { &mut *t };
+        let doff = usize::from(t[12] >> 4) * 4;
+        if doff < 20 || doff > tot_len - 20 {
+            return pass();
+        }
+        // SYN, FIN, RST: state changes, the TC program's.
+        if t[13] & (ct::TCP_SYN | ct::TCP_FIN | ct::TCP_RST) != 0 {
+            return pass();
+        }
+        let ack = u32::from_be_bytes([t[8], t[9], t[10], t[11]]);
+        let Some(c) = at::<[u8; 2]>(ctx, L4 + 16) else {
+            return pass();
+        };
+        (c, t[13], ack)
+    } else if proto == IPPROTO_UDP {
+        let ulen = usize::from(u16::from_be_bytes([h[L4 + 4], h[L4 + 5]]));
+        if ulen < 8 || ulen > tot_len - 20 {
+            return pass();
+        }
+        let Some(c) = at::<[u8; 2]>(ctx, L4 + 6) else {
+            return pass();
+        };
+        (c, 0, 0)
+    } else {
+        return pass();
+    };
+    let l4 = &h[L4..];
+    let saddr = u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]);
+    let daddr = u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]);
+    let sport = u16::from_ne_bytes([l4[0], l4[1]]);
+    let dport = u16::from_ne_bytes([l4[2], l4[3]]);
+    // The TC program's port filter: anything on no service or backend port is not ours.
+    if port_flags(u16::from_be(dport)) & port_flag(proto, false) == 0
+        && port_flags(u16::from_be(sport)) & port_flag(proto, true) == 0
+    {
+        return pass();
+    }
+    let key = FlowKey::new(saddr, daddr, sport, dport, proto);
+    let Some(e) = CONNTRACK.get_ptr_mut(&key) else {
+        return pass();
+    };
+    // SAFETY: a value pointer returned by the map lookup stays valid for this run (RCU); the
+    // one field written (`backend_ack`) races with other CPUs as in the TC program.
+    let e = unsafe { &mut *e };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if e.state != STATE_OPEN
+        || now.wrapping_sub(e.last_seen_ns) > ct::TOUCH_INTERVAL_NS
+        || ct::expired(e, proto, tcp_flags, now, cfg)
+        || e.route.ifindex == 0
+    {
+        return pass();
+    }
+    let ingress = ctx.ingress_ifindex() as u32;
+    let reply = e.dir == DIR_REPLY;
+    if reply {
+        if e.in_ifindex != 0 && e.in_ifindex != ingress {
+            return pass();
+        }
+        let fkey = ct::forward_key(&key, e);
+        let Some(f) = CONNTRACK.get_ptr(&fkey) else {
+            return pass();
+        };
+        // SAFETY: valid map value pointer, read in place.
+        if !ct::is_forward_of(unsafe { &*f }, &fkey, &key) {
+            return pass();
+        }
+    } else if e.dir == DIR_FORWARD {
+        let rkey = ct::reply_key(&key, e);
+        let Some(r) = CONNTRACK.get_ptr(&rkey) else {
+            return pass();
+        };
+        // SAFETY: as above.
+        if !ct::is_reply_of(unsafe { &*r }, &rkey, &key) {
+            return pass();
+        }
+    } else {
+        return pass();
+    }
+    // Where it goes, decided before anything is written: a pass leaves the frame untouched.
+    let out = e.route.ifindex;
+    let tx = out == ingress;
+    if !tx && XDP_DEVS.get_ifindex(out).is_none() {
+        return pass();
+    }
+
+    if reply && proto == IPPROTO_TCP && tcp_flags & ct::TCP_ACK != 0 {
+        if e.flags & ct::CT_F_ACK_KNOWN == 0 || ct::seq_after(ack, e.backend_ack) {
+            e.backend_ack = ack;
+            e.flags |= ct::CT_F_ACK_KNOWN;
+        }
+    }
+
+    // The new tuple, as the TC program's `translate` makes it.
+    let nat = (e.nat_addr, e.nat_port);
+    let (src, dst) = match (e.full_nat(), reply) {
+        (false, false) => ((saddr, sport), nat),
+        (false, true) => (nat, (daddr, dport)),
+        (true, false) => ((e.fnat_addr, e.fnat_port), nat),
+        (true, true) => (nat, (e.fnat_addr, e.fnat_port)),
+    };
+    let da = add(diff4(saddr, src.0), diff4(daddr, dst.0));
+    let dp = add(diff2(sport, src.1), diff2(dport, dst.1));
+    let mut ipc = u16::from_ne_bytes([h[ETH_HLEN + 10], h[ETH_HLEN + 11]]);
+    ipc = apply(ipc, da);
+    if cfg.flags & CFG_F_KEEP_TTL == 0 {
+        // TTL is the first byte of the (TTL, protocol) word, in packet order.
+        let old = u16::from_ne_bytes([h[ETH_HLEN + 8], h[ETH_HLEN + 9]]);
+        h[ETH_HLEN + 8] -= 1;
+        let new = u16::from_ne_bytes([h[ETH_HLEN + 8], h[ETH_HLEN + 9]]);
+        ipc = replace2(ipc, old, new);
+    }
+    h[ETH_HLEN + 10..ETH_HLEN + 12].copy_from_slice(&ipc.to_ne_bytes());
+    h[ETH_HLEN + 12..ETH_HLEN + 16].copy_from_slice(&src.0.to_ne_bytes());
+    h[ETH_HLEN + 16..ETH_HLEN + 20].copy_from_slice(&dst.0.to_ne_bytes());
+    h[L4..L4 + 2].copy_from_slice(&src.1.to_ne_bytes());
+    h[L4 + 2..L4 + 4].copy_from_slice(&dst.1.to_ne_bytes());
+    // SAFETY: `at` checked the field lies inside the frame; nothing else writes it.
+    let old = u16::from_ne_bytes(unsafe { *csum });
+    // A zero UDP checksum means "none" and stays so; a computed zero is sent as all ones.
+    if !(proto == IPPROTO_UDP && old == 0) {
+        let mut new = apply(old, add(da, dp));
+        if proto == IPPROTO_UDP && new == 0 {
+            new = 0xffff;
+        }
+        // SAFETY: as above.
+        unsafe { *csum = new.to_ne_bytes() };
+    }
+    h[..6].copy_from_slice(&e.route.dmac);
+    h[6..12].copy_from_slice(&e.route.smac);
+    account(e.service_id, e.backend_id, frame_len as u64, false);
+    if tx {
+        return (XDP_TX, Reason::XdpTx);
+    }
+    match XDP_DEVS.redirect(out, 0) {
+        Ok(XDP_REDIRECT) => (XDP_REDIRECT, Reason::XdpRedirect),
+        // Removed from the map since the check above: the frame is already rewritten, so it
+        // cannot go back to TC; sent out where it came in is wrong too. Dropped and counted.
+        _ => (
+            aya_ebpf::bindings::xdp_action::XDP_ABORTED,
+            Reason::AbortMap,
+        ),
+    }
+}
