@@ -20,11 +20,11 @@
 //! cached route leaves by the interface it came in on (the one-armed case), a redirect into
 //! `XDP_DEVS` when userspace marked the egress interface as taking XDP frames, otherwise it
 //! passes it (untouched) to TC. Its own state is a few registers and keys on its own 512-byte
-//! stack (a separate entry point); the per-CPU `SCRATCH` slot is the TC program's.
+//! stack (a separate entry point); of the TC program's per-CPU `SCRATCH` slot it uses only the
+//! clock cache.
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_PASS, XDP_REDIRECT, XDP_TX},
-    helpers::generated::bpf_ktime_get_coarse_ns,
     macros::{map, xdp},
     maps::DevMapHash,
     programs::XdpContext,
@@ -38,7 +38,7 @@ use lb_common::{
 
 use crate::{
     config,
-    maps::{CONNTRACK, account, count},
+    maps::{CONNTRACK, SCRATCH, account, count},
     parse::{ETH_HLEN, ETH_P_IP},
     port_flags,
 };
@@ -159,8 +159,14 @@ fn fast(ctx: &XdpContext) -> (u32, Reason) {
     // SAFETY: a value pointer returned by the map lookup stays valid for this run (RCU); the
     // one field written (`backend_ack`) races with other CPUs as in the TC program.
     let e = unsafe { &mut *e };
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // The clock cached per jiffy in this CPU's TC slot (`crate::coarse_now`): XDP and TC run
+    // one after the other in this CPU's softirq, never inside each other, and the cache is
+    // only a cache (the value a read would return this jiffy).
+    let Some(p) = SCRATCH.get_ptr_mut(0) else {
+        return pass();
+    };
+    // SAFETY: this CPU's slot of a per-CPU array, valid for the run (see `SCRATCH`).
+    let now = crate::coarse_now(unsafe { &mut *p });
     if e.state != STATE_OPEN
         || now.wrapping_sub(e.last_seen_ns) > ct::TOUCH_INTERVAL_NS
         || ct::expired(e, proto, tcp_flags, now, cfg)
