@@ -284,3 +284,43 @@ pub fn veth(a_ns: &Netns, a: &str, b_ns: &Netns, b: &str) {
     a_ns.exec(&["ip", "link", "set", a, "up"]);
     b_ns.exec(&["ip", "link", "set", b, "up"]);
 }
+
+/// `ETHTOOL_STXCSUM`: transmit checksum offload (a legacy ethtool flag, see [`ethtool_flag`]).
+pub const ETHTOOL_STXCSUM: u32 = 0x17;
+/// `ETHTOOL_SGRO`: generic receive offload (a legacy ethtool flag, see [`ethtool_flag`]).
+pub const ETHTOOL_SGRO: u32 = 0x2c;
+
+/// Sets a legacy ethtool flag (`ETHTOOL_S*`) of `iface` in this thread's namespace through the
+/// `SIOCETHTOOL` ioctl (no ethtool binary needed); in another namespace: `Netns::run`.
+pub fn ethtool_flag(iface: &str, cmd: u32, on: bool) {
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; 16],
+        data: *mut EthtoolValue,
+        _pad: [u8; 16],
+    }
+    let mut v = EthtoolValue {
+        cmd,
+        data: u32::from(on),
+    };
+    let mut req = IfReq {
+        name: [0; 16],
+        data: &mut v,
+        _pad: [0; 16],
+    };
+    req.name[..iface.len()].copy_from_slice(iface.as_bytes());
+    // SAFETY: a socket only for the ioctl, closed below; `req` and `v` outlive the call.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let rc = libc::ioctl(fd, 0x8946, &mut req);
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        assert_eq!(rc, 0, "SIOCETHTOOL {cmd:#x} on {iface}: {err}");
+    }
+}

@@ -94,6 +94,25 @@ impl Ipv4Packet {
         }
     }
 
+    /// A TCP segment with explicit sequence and acknowledgment numbers and `payload`.
+    pub fn tcp_seq(
+        src: SocketAddrV4,
+        dst: SocketAddrV4,
+        flags: u8,
+        seq: u32,
+        ack: u32,
+        payload: &[u8],
+    ) -> Self {
+        let mut p = Self::tcp(src, dst, flags);
+        p.l4 = L4::Tcp {
+            flags,
+            seq,
+            ack,
+            payload: payload.to_vec(),
+        };
+        p
+    }
+
     pub fn udp(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Self {
         Self {
             l4: L4::Udp {

@@ -13,7 +13,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use berth_tests::both_nat;
 use berth_tests::{
     fixture::*,
-    wire::{self, Ipv4Packet, L4, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN},
+    wire::{self, Ipv4Packet, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN},
 };
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP, Reason, ct};
 use lb_userspace::config::{Nat, Protocol};
@@ -31,14 +31,7 @@ both_nat!(
 
 /// A TCP segment with explicit sequence and acknowledgment numbers.
 fn tcp(src: SocketAddrV4, dst: SocketAddrV4, flags: u8, seq: u32, ack: u32) -> Ipv4Packet {
-    let mut p = Ipv4Packet::tcp(src, dst, flags);
-    p.l4 = L4::Tcp {
-        flags,
-        seq,
-        ack,
-        payload: Vec::new(),
-    };
-    p
+    Ipv4Packet::tcp_seq(src, dst, flags, seq, ack, &[])
 }
 
 /// A TCP segment of the backend side of flow `leg` (from its backend to its peer).

@@ -12,51 +12,18 @@
 use std::{net::SocketAddrV4, time::Duration};
 
 use berth_tests::topo::{
-    Berth, Netns, Servers, Session, assert_shares, remove_leftovers, responder, spread, veth,
+    Berth, ETHTOOL_STXCSUM, Netns, Servers, Session, assert_shares, ethtool_flag, remove_leftovers,
+    responder, spread, veth,
 };
 
 fn sa(s: &str) -> SocketAddrV4 {
     s.parse().expect("socket address")
 }
 
-const ETHTOOL_STXCSUM: u32 = 0x17;
-
-/// Sets one legacy ethtool flag (e.g. `ETHTOOL_STXCSUM`) of `iface` in `ns`, through
-/// the `SIOCETHTOOL` ioctl (no ethtool binary needed).
+/// Sets one legacy ethtool flag of `iface` in `ns` ([`ethtool_flag`]).
 fn ethtool_set(ns: &Netns, iface: &str, cmd: u32, on: bool) {
     let iface = iface.to_owned();
-    ns.run(move || {
-        #[repr(C)]
-        struct EthtoolValue {
-            cmd: u32,
-            data: u32,
-        }
-        #[repr(C)]
-        struct IfReq {
-            name: [u8; 16],
-            data: *mut EthtoolValue,
-            _pad: [u8; 16],
-        }
-        let mut v = EthtoolValue {
-            cmd,
-            data: u32::from(on),
-        };
-        let mut req = IfReq {
-            name: [0; 16],
-            data: &mut v,
-            _pad: [0; 16],
-        };
-        req.name[..iface.len()].copy_from_slice(iface.as_bytes());
-        // SAFETY: a plain socket for the ioctl, closed below; `req` and `v` outlive the call.
-        unsafe {
-            let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
-            assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-            let rc = libc::ioctl(fd, 0x8946, &mut req);
-            let err = std::io::Error::last_os_error();
-            libc::close(fd);
-            assert_eq!(rc, 0, "SIOCETHTOOL {cmd:#x} on {iface}: {err}");
-        }
-    });
+    ns.run(move || ethtool_flag(&iface, cmd, on));
 }
 
 /// A pass-through XDP program (`berth_xdp_noop`) attached in native mode to `iface` in `ns`,

@@ -49,14 +49,7 @@ fn from_backend(mut p: Ipv4Packet) -> Vec<u8> {
 }
 
 fn tcp(src: SocketAddrV4, dst: SocketAddrV4, flags: u8, seq: u32, ack: u32) -> Ipv4Packet {
-    let mut p = Ipv4Packet::tcp(src, dst, flags);
-    p.l4 = L4::Tcp {
-        flags,
-        seq,
-        ack,
-        payload: Vec::new(),
-    };
-    p
+    Ipv4Packet::tcp_seq(src, dst, flags, seq, ack, &[])
 }
 
 /// Checks a reply translated back to the client: from `service`, to `to`, checksums right.

@@ -30,14 +30,7 @@ both_nat!(
 
 /// A TCP segment with explicit sequence and acknowledgment numbers and a payload.
 fn tcp(src: SocketAddrV4, dst: SocketAddrV4, flags: u8, seq: u32, ack: u32) -> Ipv4Packet {
-    let mut p = Ipv4Packet::tcp(src, dst, flags);
-    p.l4 = L4::Tcp {
-        flags,
-        seq,
-        ack,
-        payload: b"GET / HTTP/1.1\r\n\r\n".to_vec(),
-    };
-    p
+    Ipv4Packet::tcp_seq(src, dst, flags, seq, ack, b"GET / HTTP/1.1\r\n\r\n")
 }
 
 /// A packet from a backend, with its MAC.

@@ -33,7 +33,7 @@ use berth_tests::{
         CLIENT, Fixture, HOST, VIP, backend, flow_key, ifindex, in_fixture_netns, options, svc,
         with_nat,
     },
-    netns::sh,
+    netns::{ETHTOOL_SGRO, ethtool_flag, sh},
     stats::median,
     wire::{Ipv4Packet, TCP_ACK, TCP_SYN},
 };
@@ -395,42 +395,6 @@ fn measure_live(
         target: Some(target),
         check: format!("xdp_tx {tx}/{total}"),
         on_path: tx as f64 / total as f64,
-    }
-}
-
-const ETHTOOL_SGRO: u32 = 0x2c;
-
-/// Sets a legacy ethtool flag of `iface` in this thread's namespace (`SIOCETHTOOL`).
-fn ethtool_flag(iface: &str, cmd: u32, on: bool) {
-    #[repr(C)]
-    struct EthtoolValue {
-        cmd: u32,
-        data: u32,
-    }
-    #[repr(C)]
-    struct IfReq {
-        name: [u8; 16],
-        data: *mut EthtoolValue,
-        _pad: [u8; 16],
-    }
-    let mut v = EthtoolValue {
-        cmd,
-        data: u32::from(on),
-    };
-    let mut req = IfReq {
-        name: [0; 16],
-        data: &mut v,
-        _pad: [0; 16],
-    };
-    req.name[..iface.len()].copy_from_slice(iface.as_bytes());
-    // SAFETY: a socket only for the ioctl, closed below; `req` and `v` outlive the call.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
-        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-        let rc = libc::ioctl(fd, 0x8946, &mut req);
-        let err = std::io::Error::last_os_error();
-        libc::close(fd);
-        assert_eq!(rc, 0, "SIOCETHTOOL {cmd:#x} on {iface}: {err}");
     }
 }
 
