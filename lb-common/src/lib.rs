@@ -286,8 +286,11 @@ impl FlowKey {
 /// the backend to rewrite the destination to, and the reply one keyed by backend -> client, whose
 /// `nat_*` is the service address to rewrite the source back to. Both carry the backend id so the
 /// pair can be found and purged together. A DNAT flow of its backend's lazy service
-/// ([`MAP_LAZY_REPLY`]) gets its reply entry with its first reply, built from the forward one. Every packet looks up both halves: a missing half is
-/// rebuilt from the other, a half whose partner points elsewhere is stale (see `ct`).
+/// ([`MAP_LAZY_REPLY`]) gets its reply entry with its first reply, built from the forward one
+/// ([`CtEntry::lazy`]). Every other packet looks up both halves: a missing half is rebuilt from
+/// the other, a half whose partner points elsewhere is stale (see `ct`); a lazy flow's forward
+/// packets look up their reply half only when they close or refresh the flow (its replies
+/// derive it again if it went missing).
 ///
 /// A full-NAT flow ([`ct::CT_F_FULLNAT`]) also rewrites the other end: its reply key is backend
 /// -> berth's source address and port, and `fnat_*` is, in the forward entry, the source to
@@ -326,7 +329,12 @@ pub struct CtEntry {
     pub fnat_port: u16,
     /// `ct::CT_F_*` bits.
     pub flags: u8,
-    pub _pad: u8,
+    /// Forward entries: 1 if the flow is a DNAT flow of its backend's lazy service
+    /// ([`MAP_LAZY_REPLY`]), whose reply entry the program derives from this one whenever it is
+    /// missing (the backend's reply finds it through `LAZY_REPLY`), so the flow's forward packets
+    /// need not look their reply half up except to close or refresh the flow. 0 otherwise, in
+    /// reply entries, and in entries pinned by an older berth (which take the full path).
+    pub lazy: u8,
 }
 const _: () = assert!(core::mem::size_of::<CtEntry>() == 56);
 const _: () = assert!(core::mem::size_of::<CtEntry>().is_multiple_of(8));

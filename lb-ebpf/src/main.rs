@@ -384,6 +384,7 @@ fn lazy_half(key: &FlowKey) -> Option<(CtEntry, bool)> {
         route: Route::NONE,
         backend_ack: 0,
         flags: f.flags & CT_F_CLOSED,
+        lazy: 0,
         ..f
     };
     Some((half, in_ct_new))
@@ -491,6 +492,8 @@ fn rebuild(table: &Table, key: &FlowKey, from: &CtEntry, flow: &Flow, now: u64) 
         fnat_addr: if full != 0 { fnat_addr } else { 0 },
         fnat_port: if full != 0 { fnat_port } else { 0 },
         last_seen_ns: now,
+        // A forward half rebuilt from its reply half takes the full path (conservative).
+        lazy: 0,
         ..*from
     };
     count(Reason::EventCtRebuilt);
@@ -633,10 +636,19 @@ fn forward_inner(
     table: &'static Table,
 ) -> (i32, Reason) {
     let (flow, key, now, cfg) = (&p.flow, &p.key, p.now, config());
-    // The reply half, looked up with every packet: that keeps it as recent as this half in the
-    // LRU, and a half evicted anyway is rebuilt here before the backend answers.
+    // A lazily recorded flow (`CtEntry::lazy`) skips its reply half unless this packet closes
+    // the flow (the window check and the closing bits need it) or refreshes it (both halves are
+    // stamped together once a second, so the reply half never expires under a flow that only
+    // sends): its backend's replies derive a missing reply half (`lazy_reply`), and no other
+    // flow can take its reply key while this entry lives (`claim`, `lazy_flow_holds` and the
+    // full-NAT port search all respect it). One hash lookup per packet instead of two.
+    let skip = e.lazy != 0
+        && now.wrapping_sub(e.last_seen_ns) <= ct::TOUCH_INTERVAL_NS
+        && !ct::closes(flow.proto, flow.tcp_flags);
+    // The reply half, looked up with every other packet: that keeps it as recent as this half
+    // in the LRU, and a half evicted anyway is rebuilt here before the backend answers.
     let rkey = ct::reply_key(key, e);
-    let mut rev = ct_lookup(table, &rkey);
+    let mut rev = if skip { None } else { ct_lookup(table, &rkey) };
     // SAFETY: valid map value pointer.
     if let Some(r) = rev
         && !ct::is_reply_of(unsafe { &*r }, &rkey, key)
@@ -649,7 +661,7 @@ fn forward_inner(
         }
         rev = None;
     }
-    if rev.is_none() {
+    if rev.is_none() && !skip {
         // Rebuilt (or, for a flow recorded lazily, written) here, unless a live flow holds the
         // key: with its reply entry (`claim`), or recorded lazily for the service its backend
         // serves lazily, if that is another.
@@ -1042,7 +1054,7 @@ fn new_flow_inner(ctx: &TcContext, p: &Pkt) -> Pick {
         fnat_addr: 0,
         fnat_port: 0,
         flags: 0,
-        _pad: 0,
+        lazy: u8::from(lazy),
     };
     // A bare SYN starts unconfirmed (CT_NEW); anything else picked up mid-stream is established.
     let table = if ct::is_bare_syn(flow.proto, flow.tcp_flags) {
@@ -1134,7 +1146,7 @@ fn new_full_nat_flow_inner(
         fnat_addr: flow.saddr,
         fnat_port: flow.sport,
         flags: CT_F_FULLNAT,
-        _pad: 0,
+        lazy: 0,
     };
     // The backend's address, berth's address, the backend's port; the port is taken next.
     s.rkey = FlowKey::new(backend.addr, backend.snat_addr, backend.port, 0, flow.proto);
@@ -1229,6 +1241,7 @@ fn take_port(
         rkey.dport = port_to_wire(ct::snat_port(hash, t, first, last));
         if port_free(other(table), rkey, p.now, cfg)
             && port_free(table, rkey, p.now, cfg)
+            && !held_lazily(rkey, p)
             && table.insert(rkey, half, u64::from(BPF_NOEXIST)).is_ok()
         {
             return true;
@@ -1236,6 +1249,19 @@ fn take_port(
         count(Reason::EventSnatPortTaken);
     }
     false
+}
+
+/// Whether full-NAT reply key `rkey` is held by a live DNAT flow of the service its backend
+/// serves lazily, which has no reply entry to find (`lazy_flow_holds`): one from this host's
+/// address and a port of the range (a spoofer's) keeps that port from a full-NAT flow, which
+/// would share its tuple at the backend. A BPF subprogram (the verifier walks it once per try
+/// without carrying its state through the port search).
+#[inline(never)]
+fn held_lazily(rkey: &FlowKey, p: &Pkt) -> bool {
+    LAZY_REPLY
+        .get_ptr(&ServiceKey::new(rkey.saddr, rkey.sport, rkey.proto))
+        // SAFETY: valid map value pointer, read in place.
+        .is_some_and(|o| lazy_flow_holds(rkey, packed(unsafe { &*o }), p.flow.tcp_flags, p.now))
 }
 
 /// Whether full-NAT reply key `rkey` may be taken by a new flow in `table`: it is free there, or

@@ -1207,7 +1207,7 @@ fn new_dnat_flow6(
     h.ct.fnat_addr = 0;
     h.ct.fnat_port = 0;
     h.ct.flags = 0;
-    h.ct._pad = 0;
+    h.ct.lazy = 0;
     let table = if ct::is_bare_syn(flow.proto, flow.tcp_flags) {
         &CT_NEW6
     } else {
@@ -1299,7 +1299,7 @@ fn start_full_nat6(ctx: &TcContext, p: &Pkt6, ids: u64) -> Result<(i32, Reason),
     h.ct.fnat_addr = 0;
     h.ct.fnat_port = flow.sport;
     h.ct.flags = CT_F_FULLNAT;
-    h.ct._pad = 0;
+    h.ct.lazy = 0;
     let rk = &mut w.rkey;
     rk.saddr = backend.addr;
     rk.daddr = backend.snat_addr;

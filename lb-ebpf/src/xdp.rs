@@ -7,8 +7,9 @@
 //!   program confirms flows), open (not closing), refreshed less than a second ago (the TC
 //!   program does the once-a-second refresh of both halves and of the cached route), not
 //!   expired, with its pair's other half present and consistent (`ct::is_reply_of` /
-//!   `ct::is_forward_of`), a reply only from the interface its backend lives behind, and a
-//!   cached route (egress interface and MACs);
+//!   `ct::is_forward_of`; a forward packet of a lazily recorded flow, `CtEntry::lazy`, skips
+//!   its reply half as in the TC program), a reply only from the interface its backend lives
+//!   behind, and a cached route (egress interface and MACs);
 //! - TCP without SYN, FIN or RST (state changes stay with the TC program); UDP;
 //! - an IPv4 header without options, not a fragment, TTL above 1; redirect enabled.
 //!
@@ -189,13 +190,17 @@ fn fast(ctx: &XdpContext) -> (u32, Reason) {
             return pass();
         }
     } else if e.dir == DIR_FORWARD {
-        let rkey = ct::reply_key(&key, e);
-        let Some(r) = CONNTRACK.get_ptr(&rkey) else {
-            return pass();
-        };
-        // SAFETY: as above.
-        if !ct::is_reply_of(unsafe { &*r }, &rkey, &key) {
-            return pass();
+        // A lazily recorded flow does without its reply half here (the packet neither closes
+        // nor refreshes the flow), as in the TC program's forward path.
+        if e.lazy == 0 {
+            let rkey = ct::reply_key(&key, e);
+            let Some(r) = CONNTRACK.get_ptr(&rkey) else {
+                return pass();
+            };
+            // SAFETY: as above.
+            if !ct::is_reply_of(unsafe { &*r }, &rkey, &key) {
+                return pass();
+            }
         }
     } else {
         return pass();

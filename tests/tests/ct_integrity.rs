@@ -19,7 +19,7 @@ use lb_common::{IPPROTO_TCP, IPPROTO_UDP, Reason, ct};
 use lb_userspace::config::{Nat, Protocol};
 
 both_nat!(
-    udp_flow_whose_reply_entry_was_evicted_is_repaired_by_its_next_request,
+    udp_flow_whose_reply_entry_was_evicted_is_repaired_before_its_next_answer,
     tcp_flow_whose_reply_entry_was_evicted_is_repaired_by_its_next_packet,
     tcp_flow_whose_forward_entry_was_evicted_is_repaired_by_the_backends_next_packet,
     rst_or_fin_outside_the_window_keep_a_draining_flow_on_its_backend,
@@ -86,7 +86,7 @@ fn handshake_nat(f: &Fixture, c: SocketAddrV4, service: SocketAddrV4, nat: Nat) 
 
 // ---- 1. a flow has both halves of its entry pair or neither ----
 
-fn udp_flow_whose_reply_entry_was_evicted_is_repaired_by_its_next_request(nat: Nat) {
+fn udp_flow_whose_reply_entry_was_evicted_is_repaired_before_its_next_answer(nat: Nat) {
     in_fixture_netns(move || {
         let mut f = standard_nat(nat);
         let service = sa(HOST, 5353);
@@ -109,10 +109,53 @@ fn udp_flow_whose_reply_entry_was_evicted_is_repaired_by_its_next_request(nat: N
             leg,
             "same backend, same peer"
         );
-        assert_eq!(run.counted(Reason::EventCtRebuilt), 1, "{run:?}");
+        // Full NAT: rebuilt by the request. DNAT, recorded lazily: the request needs no reply
+        // half (one lookup per packet), the answer derives it again.
+        let rebuilt = u64::from(nat == Nat::Full);
+        assert_eq!(run.counted(Reason::EventCtRebuilt), rebuilt, "{run:?}");
+        assert_eq!(f.ct(&rkey).is_some(), nat == Nat::Full, "{run:?}");
         let answer = from_backend(Ipv4Packet::udp(leg.backend, leg.peer, b"a1"));
         assert_reply(&f.run(&answer), service, client(50000));
         assert!(f.ct(&rkey).is_some(), "the reply half is back");
+    });
+}
+
+/// A DNAT flow recorded lazily (`CtEntry::lazy`) does not look its reply half up with each
+/// forward packet, but the once-a-second refresh still stamps both halves: a flow whose client
+/// only sends keeps the reply half alive for the backend's next answer.
+#[test]
+fn a_lazily_recorded_flow_that_only_sends_keeps_its_reply_half_fresh() {
+    in_fixture_netns(|| {
+        let mut f = standard();
+        let service = sa(HOST, 5353);
+        let c = client(50002);
+        let req = Ipv4Packet::udp(c, service, b"q").build();
+        let dns = [sa(backend(4), 53), sa(backend(5), 53)];
+        let leg = assert_fwd(&f.run(&req), &req, &dns, Nat::Dnat);
+        let answer = from_backend(Ipv4Packet::udp(leg.backend, leg.peer, b"a0"));
+        assert_reply(&f.run(&answer), service, c);
+        let (fkey, rkey) = (
+            flow_key(c, service, IPPROTO_UDP),
+            flow_key(leg.backend, leg.peer, IPPROTO_UDP),
+        );
+        assert_eq!(f.ct(&fkey).expect("forward half").lazy, 1);
+        // Both halves last seen 2 s ago (past the refresh interval, within the UDP timeout).
+        let then = lb_userspace::dataplane::monotonic_ns() - 2_000_000_000;
+        for key in [fkey, rkey] {
+            let mut e = f.ct(&key).expect("both halves");
+            e.last_seen_ns = then;
+            f.rec.dataplane_mut().conntrack_update(key, e).unwrap();
+        }
+        assert_fwd(&f.run(&req), &req, &[leg.backend], Nat::Dnat);
+        let (fwd, rev) = (f.ct(&fkey).unwrap(), f.ct(&rkey).unwrap());
+        assert!(fwd.last_seen_ns > then, "the forward half refreshed");
+        assert_eq!(
+            rev.last_seen_ns, fwd.last_seen_ns,
+            "and its reply half with it"
+        );
+        // Within the second, the forward packets leave the reply half alone.
+        assert_fwd(&f.run(&req), &req, &[leg.backend], Nat::Dnat);
+        assert_eq!(f.ct(&rkey), Some(rev));
     });
 }
 

@@ -85,7 +85,7 @@ fn stage_pair(f: &mut Fixture, client: SocketAddrV4, service: SocketAddrV4, port
         fnat_addr: ipv4_to_wire(fnat.ip().octets()),
         fnat_port: port_to_wire(fnat.port()),
         flags: ct::CT_F_FULLNAT,
-        _pad: 0,
+        lazy: 0,
     };
     let be = sa(backend(1), if proto == IPPROTO_TCP { 8000 } else { 53 });
     let snat = sa(HOST, port);
@@ -380,6 +380,64 @@ fn a_flow_whose_port_another_flow_took_while_its_reply_half_was_evicted_is_over(
         let again = assert_fwd(&run, &data, &[b8000(1)], FULL);
         assert_ne!(again.peer, leg.peer);
         assert_eq!(run.counted(Reason::EventCtMidstreamPickup), 1, "{run:?}");
+    });
+}
+
+#[test]
+fn a_port_a_lazily_recorded_dnat_flow_holds_at_the_same_backend_is_not_taken() {
+    in_fixture_netns(|| {
+        let ports = PortRange {
+            first: 61000,
+            last: 61000,
+        };
+        let (dnat_vip, fnat_vip) = (sa(VIP, 80), sa(std::net::Ipv4Addr::new(10, 99, 0, 2), 80));
+        let mut services = vec![svc(
+            "d",
+            &dnat_vip.to_string(),
+            Protocol::Tcp,
+            &[(backend(1), 8000, 1)],
+        )];
+        services.extend(with_nat(
+            vec![svc(
+                "n",
+                &fnat_vip.to_string(),
+                Protocol::Tcp,
+                &[(backend(1), 8000, 1)],
+            )],
+            FULL,
+        ));
+        let mut f = Fixture::new(
+            DataplaneOptions {
+                snat_ports: ports,
+                ..options()
+            },
+            services,
+        );
+        // A SYN to the DNAT service from this host's own address and the range's only port
+        // (no real client has that source: a spoofer). The backend serves that service
+        // lazily, so the flow is recorded without a reply entry: its reply key (backend ->
+        // HOST:61000) is held by its forward entry alone.
+        let spoof = sa(HOST, 61000);
+        let syn = tcp(spoof, dnat_vip, TCP_SYN, 7000, 0).build();
+        let leg = assert_fwd(&f.run(&syn), &syn, &[b8000(1)], Nat::Dnat);
+        assert_eq!(leg.peer, spoof);
+        let rkey = flow_key(b8000(1), spoof, IPPROTO_TCP);
+        assert!(f.ct(&rkey).is_none(), "recorded lazily");
+        // A full-NAT flow to the same backend must not leave from HOST:61000 as well (the
+        // backend would see one connection for two, and the spoofer's packets would land in
+        // it): the range is exhausted while the spoofed flow lives.
+        let c = client(45100);
+        let syn2 = tcp(c, fnat_vip, TCP_SYN, 1000, 0).build();
+        let run = f.run(&syn2);
+        assert_dropped(&run, Reason::DropSnatExhausted);
+        assert!(f.ct(&rkey).is_none() && f.ct(&flow_key(c, fnat_vip, IPPROTO_TCP)).is_none());
+        // Once that flow is gone, the port is free again.
+        f.rec
+            .dataplane_mut()
+            .conntrack_remove(&flow_key(spoof, dnat_vip, IPPROTO_TCP))
+            .unwrap();
+        let leg2 = assert_fwd(&f.run(&syn2), &syn2, &[b8000(1)], FULL);
+        assert_eq!(leg2.peer, spoof, "from HOST:61000 now");
     });
 }
 

@@ -221,7 +221,7 @@ mod tests {
             fnat_addr: 0,
             fnat_port: 0,
             flags: 0,
-            _pad: 0,
+            lazy: 0,
         };
         (FlowKey::new(1, 2, 3, 4, 6), e)
     }

@@ -221,7 +221,7 @@ fn entry(dir: u8, nat: SocketAddrV4, fnat: Option<SocketAddrV4>, now: u64) -> Ct
         fnat_addr,
         fnat_port,
         flags,
-        _pad: 0,
+        lazy: 0,
     }
 }
 
