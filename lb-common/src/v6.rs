@@ -344,7 +344,7 @@ mod tests {
                 fnat_addr: 0,
                 fnat_port: 0,
                 flags: 0,
-                _pad: 0,
+                lazy: 0,
             },
         }
     }

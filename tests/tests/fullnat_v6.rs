@@ -236,7 +236,7 @@ fn stage_pair(f: &mut Fixture, client: SocketAddrV6, port: u16) {
             fnat_addr: 0,
             fnat_port: port_to_wire(fnat.port()),
             flags: ct::CT_F_FULLNAT,
-            _pad: 0,
+            lazy: 0,
         },
     };
     let (svc, snat) = (sa6(VIP6, 80), sa6(HOST6, port));
