@@ -1,26 +1,31 @@
 //! `cargo xtask bench`: dataplane micro-benchmarks through BPF_PROG_TEST_RUN.
 //!
 //! Each path is measured as the kernel-reported average per run over `repeat` runs (default
-//! 1,000,000), and the median of `rounds` such measurements (default 5) is printed, beside a
-//! do-nothing classifier measured the same way (the test-run floor).
+//! 1,000,000), and the median of `rounds` such measurements (default 5) is printed, beside the
+//! do-nothing program of each hook measured the same way (the test-run floors: a classifier, and
+//! with redirect on an XDP program). A row's "minus floor" subtracts its own hook's floor; the
+//! live-frames row has none (each of its runs also builds and sends a frame).
 //!
 //! A TC test run reuses one skb across repeats, so the program sees its own rewrite on the next
 //! run. The set-ups are built so every repeat still takes the path being measured:
-//! - established hit / reply: paired conntrack entries make the packet alternate between the
-//!   service tuple and the backend tuple, each a hit with a full rewrite (full NAT: of both
-//!   ends; the other half of each flow is rebuilt by the first run, so every run looks it up
-//!   as a real flow's packet does);
-//! - new flow: a ring of services (IPv4: 1024, IPv6: 8192), each balancing to the next one's
-//!   address and port. IPv4: test runs of one lap of 400 runs each, each lap from another
-//!   client port, so every run is a flow never seen (101 laps, median of their averages); the
-//!   conntrack maps (1024 entries each) stay full, so every insert evicts, as in a SYN flood.
-//!   IPv6: one client, a conntrack map far smaller than the ring. Each run misses, looks the
-//!   service up, picks from Maglev, inserts its entry (the reply entry comes with the first
+//! - established hit / reply (IPv4 and IPv6): paired conntrack entries make the packet alternate
+//!   between the service tuple and the backend tuple, each a hit with a full rewrite (full NAT:
+//!   of both ends; the other half of each flow is rebuilt by the first run, so every run looks
+//!   it up as a real flow's packet does); the IPv4 ones also through the XDP program;
+//! - new flow (IPv4 and IPv6 alike, see `measure_laps`): a ring of 1024 services, each balancing
+//!   to the next one's address and port, run in test runs of one lap of 400 runs each, each lap
+//!   from another client port, so no DNAT run meets a flow seen before (101 laps, median of
+//!   their averages). Full NAT's runs after a lap's first come from the host's address and a
+//!   source port hashed from the flow before, so a lap can meet an earlier lap's flow by chance
+//!   (a few runs in 10,000 take the tracked path). The conntrack maps (1024 entries each) stay
+//!   full, so every insert evicts, as in a SYN flood. Each run misses, looks the service up,
+//!   picks from Maglev, inserts its entry (IPv4 DNAT: the reply entry comes with the first
 //!   reply; full NAT and IPv6 insert both) and rewrites (full NAT: takes a source port too);
-//! - new flow, conntrack not full (IPv4): the same laps into the same maps emptied before each
-//!   lap, so no insert evicts (what eviction costs is the difference).
+//! - new flow, conntrack not full: the same laps into the same maps emptied before each lap, so
+//!   no insert evicts (what eviction costs is the difference).
 //!
-//! Each path's counters are checked afterwards to prove the runs took the intended path.
+//! Each path's counters are checked afterwards to prove the runs took the intended path: a
+//! figure is printed as INVALID unless 99.9% of the runs did.
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
@@ -38,7 +43,7 @@ use berth_tests::{
     wire::{Ipv4Packet, TCP_ACK, TCP_SYN},
 };
 use berth_tests::{
-    fixture6::{CLIENT6, VIP6, backend6, flow_key6, in_fixture6_netns, sa6},
+    fixture6::{CLIENT6, HOST6, VIP6, backend6, flow_key6, in_fixture6_netns, sa6},
     wire6::Ipv6Packet,
 };
 use lb_common::v6::{CtEntry6, ipv6_to_wire};
@@ -54,9 +59,8 @@ use lb_userspace::{
 struct Args {
     repeat: u32,
     rounds: usize,
-    /// Conntrack size of the new-flow set-ups (IPv4: the main map; CT_NEW is at least 1024, so
-    /// a lap of `NEW_FLOW_LAP` flows fits both emptied maps; IPv6: must stay well under its
-    /// ring of 8192 so every run misses).
+    /// Conntrack size of the new-flow set-ups (the main maps of both families; CT_NEW and
+    /// CT_NEW6 are at least 1024, so a lap of `NEW_FLOW_LAP` flows fits the emptied maps).
     new_flow_ct: u32,
     /// Measure translation without routing (redirect off).
     no_redirect: bool,
@@ -138,29 +142,69 @@ where
     median(&v)
 }
 
+/// Services in a new-flow ring (both families), each balancing to the next one's address.
+const NEW_FLOW_RING: u32 = 1024;
 /// Runs per lap of the new-flow ring: under the conntrack maps' capacity (1024 entries each by
-/// default; a full-NAT flow takes two) less what an LRU map keeps free per CPU, so a lap into
-/// emptied maps evicts nothing.
+/// default; a full-NAT or IPv6 flow takes two) less what an LRU map keeps free per CPU, so a lap
+/// into emptied maps evicts nothing.
 const NEW_FLOW_LAP: u32 = 400;
 /// Laps measured per new-flow row (the median of their averages is the figure).
 const NEW_FLOW_LAPS: u16 = 101;
 
-/// New flows: test runs of [`NEW_FLOW_LAP`] repeats, each from its own client port (`pkt`
-/// builds the first packet of a lap), so every run is a flow the maps never held. With `empty`
-/// the conntrack maps are emptied from userspace before each lap (no insert evicts); without,
-/// they stay full from the unmeasured laps on (every insert evicts, as in a SYN flood). The
-/// unmeasured laps also claim each backend's lazy service (`LAZY_REPLY`) once. Returns the
-/// median of the measured laps' kernel averages and the number of runs made (all laps, as the
-/// counters the caller checks count them).
-fn measure_laps(f: &mut Fixture, pkt: &dyn Fn(u16) -> Vec<u8>, empty: bool) -> (f64, u64) {
+/// The new-flow rows of each family: DNAT then full NAT into full conntrack maps (each insert
+/// evicts, as in a SYN flood), then both into maps emptied before each lap (no eviction).
+const NEW_FLOW_KINDS: [(Nat, bool); 4] = [
+    (Nat::Dnat, true),
+    (Nat::Full, true),
+    (Nat::Dnat, false),
+    (Nat::Full, false),
+];
+
+/// The options of a new-flow ring's dataplane: the same conntrack sizes with and without
+/// eviction (emptied before each lap without), so the difference is the eviction alone.
+fn ring_options(a: &Args, max_backends: u32) -> DataplaneOptions {
+    DataplaneOptions {
+        maglev_size: 7,
+        max_services: NEW_FLOW_RING,
+        max_backends,
+        conntrack_size: a.new_flow_ct,
+        // The ring reuses one packet: see `measure_hits`.
+        decrement_ttl: false,
+        ..options()
+    }
+}
+
+/// Empties the conntrack maps of both families from userspace.
+fn empty_conntrack(f: &mut Fixture) {
+    let dp = f.rec.dataplane_mut();
+    for (k, _) in dp.conntrack_entries() {
+        dp.conntrack_remove(&k).expect("conntrack remove");
+    }
+    for (k, _) in dp.conntrack6_entries() {
+        dp.conntrack6_remove(&k).expect("conntrack6 remove");
+    }
+}
+
+/// New flows through the ring of `f` (services `0..NEW_FLOW_RING`, either family): test runs of
+/// [`NEW_FLOW_LAP`] repeats, each lap from its own client port (`pkt` builds the first packet of
+/// a lap, to the ring's first service), so every run is a flow the maps never held (full NAT:
+/// all but a few, see the header). With `empty` the conntrack maps are emptied from userspace
+/// before each lap (no insert evicts); without, they stay full from the unmeasured laps on
+/// (every insert evicts, as in a SYN flood). The unmeasured laps also claim each IPv4 backend's
+/// lazy service (`LAZY_REPLY`) once. The row's figure is the median of the measured laps'
+/// kernel averages; its check counts the ring's new flows against every run made (all laps, as
+/// the counters count them).
+fn measure_laps(
+    f: &mut Fixture,
+    pkt: &dyn Fn(u16) -> Vec<u8>,
+    empty: bool,
+    (path, target): (&'static str, Option<f64>),
+) -> Row {
     let ctx = ctx_for(ifindex("fx0"));
     let warm_up = 8u16;
     let lap = |f: &mut Fixture, port: u16| {
         if empty {
-            let dp = f.rec.dataplane_mut();
-            for (k, _) in dp.conntrack_entries() {
-                dp.conntrack_remove(&k).expect("conntrack remove");
-            }
+            empty_conntrack(f);
         }
         let p = pkt(port);
         let mut out = vec![0u8; p.len() + 256];
@@ -183,10 +227,24 @@ fn measure_laps(f: &mut Fixture, pkt: &dyn Fn(u16) -> Vec<u8>, empty: bool) -> (
     let v: Vec<f64> = (0..NEW_FLOW_LAPS)
         .map(|i| lap(f, 20000 + warm_up + i))
         .collect();
-    (
-        median(&v),
-        u64::from(NEW_FLOW_LAP) * u64::from(warm_up + NEW_FLOW_LAPS),
-    )
+    let runs = u64::from(NEW_FLOW_LAP) * u64::from(warm_up + NEW_FLOW_LAPS);
+    let new_flows: u64 = (0..NEW_FLOW_RING)
+        .map(|i| f.dp().service_counters(i).unwrap().new_flows)
+        .sum();
+    let redirected = reason_count(f, Reason::FwdRedirect);
+    let failed = reason_count(f, Reason::EventCtInsertFailed);
+    let exhausted = reason_count(f, Reason::DropSnatExhausted);
+    Row {
+        path,
+        prog: Prog::Tc,
+        ns: median(&v),
+        target,
+        check: format!(
+            "new flows {new_flows}/{runs}, redirected {redirected}, insert failures {failed}, \
+             ports exhausted {exhausted}"
+        ),
+        on_path: new_flows as f64 / runs as f64,
+    }
 }
 
 fn reason_count(f: &Fixture, r: Reason) -> u64 {
@@ -285,6 +343,7 @@ fn measure_hits(
     if tc_wanted {
         rows.push(Row {
             path,
+            prog: Prog::Tc,
             ns,
             target: Some(target),
             check: format!("{} {hits}/{total}", reason.name()),
@@ -314,6 +373,7 @@ fn measure_hits(
         let tx = reason_count(&f, Reason::XdpTx);
         rows.push(Row {
             path: xdp_path,
+            prog: Prog::Xdp,
             ns,
             target: Some(target),
             check: format!("xdp_tx {tx}/{total}"),
@@ -379,6 +439,7 @@ fn measure_live(
             Err(e) => {
                 return Row {
                     path: LIVE_PATH,
+                    prog: Prog::XdpLive,
                     ns: f64::NAN,
                     target: Some(target),
                     check: format!("BPF_PROG_TEST_RUN with live frames failed: {e}"),
@@ -391,6 +452,7 @@ fn measure_live(
     let tx = reason_count(f, Reason::XdpTx) - before;
     Row {
         path: LIVE_PATH,
+        prog: Prog::XdpLive,
         ns: median(&v),
         target: Some(target),
         check: format!("xdp_tx {tx}/{total}"),
@@ -398,8 +460,33 @@ fn measure_live(
     }
 }
 
+/// The program a row measures, which names the floor its "minus floor" column subtracts.
+#[derive(Clone, Copy)]
+enum Prog {
+    Tc,
+    Xdp,
+    /// XDP in live-frames mode: each run also builds and transmits a frame, a cost neither
+    /// do-nothing floor includes, so the row has none.
+    XdpLive,
+}
+
+const TC_FLOOR: &str = "floor: do-nothing classifier";
+const XDP_FLOOR: &str = "XDP floor: do-nothing XDP program";
+
+impl Prog {
+    /// The path of the row measuring this program's do-nothing floor.
+    fn floor_path(self) -> Option<&'static str> {
+        match self {
+            Prog::Tc => Some(TC_FLOOR),
+            Prog::Xdp => Some(XDP_FLOOR),
+            Prog::XdpLive => None,
+        }
+    }
+}
+
 struct Row {
     path: &'static str,
+    prog: Prog,
     ns: f64,
     target: Option<f64>,
     check: String,
@@ -462,7 +549,8 @@ fn main() {
                 let noop = f.rec.dataplane_mut().noop_program().expect("noop program");
                 let floor = measure(noop, &ssh, &a);
                 rows.push(Row {
-                    path: "floor: do-nothing classifier",
+                    path: TC_FLOOR,
+                    prog: Prog::Tc,
                     ns: floor,
                     target: None,
                     check: "-".into(),
@@ -471,7 +559,8 @@ fn main() {
                 if redirect {
                     let noop = f.rec.dataplane_mut().xdp_noop_program().expect("XDP noop");
                     rows.push(Row {
-                        path: "XDP floor: do-nothing XDP program",
+                        path: XDP_FLOOR,
+                        prog: Prog::Xdp,
                         ns: measure_xdp(noop, &ssh, &a),
                         target: None,
                         check: "-".into(),
@@ -482,6 +571,7 @@ fn main() {
                 if a.wants(path) {
                     rows.push(Row {
                         path,
+                        prog: Prog::Tc,
                         ns,
                         target: Some(35.0),
                         check: format!("pass_no_service {passed}/{total}"),
@@ -533,14 +623,12 @@ fn main() {
                 "XDP: full NAT: reply",
             ));
 
-            // New flow: a ring of services, DNAT then full NAT, into full conntrack maps (each
-            // insert evicts, as in a SYN flood), then into maps with room (no eviction).
-            for (nat, evict) in [
-                (Nat::Dnat, true),
-                (Nat::Full, true),
-                (Nat::Dnat, false),
-                (Nat::Full, false),
-            ] {
+            // New flow: a ring of services (see `measure_laps`). Laps of NEW_FLOW_LAP runs, each
+            // lap from another client port, make every run a flow never seen before (with one
+            // client port, 1-2% of the runs of a ring of 16384 found their flow of the lap before
+            // still tracked: an LRU entry a lookup found is kept as recently used, so such flows
+            // stayed).
+            for (nat, evict) in NEW_FLOW_KINDS {
                 let path = match (nat, evict) {
                     (Nat::Dnat, true) => "new flow (ct miss + service + maglev + 1 insert)",
                     (Nat::Full, true) => "full NAT: new flow (+ source port)",
@@ -550,30 +638,14 @@ fn main() {
                 if !a.wants(path) {
                     continue;
                 }
-                // Laps of NEW_FLOW_LAP runs through the ring, each lap from another client
-                // port: every run is a flow never seen before (with one client port, 1-2% of
-                // the runs of a ring of 16384 found their flow of the lap before still tracked:
-                // an LRU entry a lookup found is kept as recently used, so such flows stayed).
-                let ring = 1024u32;
-                let o = DataplaneOptions {
-                    maglev_size: 7,
-                    max_services: ring,
-                    max_backends: ring * 2,
-                    // The same map sizes with and without eviction (emptied before each lap
-                    // without), so the difference is the eviction alone.
-                    conntrack_size: a.new_flow_ct,
-                    // The ring reuses one packet: see `measure_hits`.
-                    decrement_ttl: false,
-                    ..options()
-                };
                 let addr = |i: u32| {
-                    let i = i % ring;
+                    let i = i % NEW_FLOW_RING;
                     SocketAddrV4::new(
                         Ipv4Addr::new(10, 100, (i / 256) as u8, (i % 256) as u8),
                         80 + (i % 2) as u16,
                     )
                 };
-                let ring_services: Vec<_> = (0..ring)
+                let ring_services: Vec<_> = (0..NEW_FLOW_RING)
                     .map(|i| {
                         let next = addr(i + 1);
                         svc(
@@ -595,32 +667,17 @@ fn main() {
                     "dev",
                     "fx0",
                 ]);
-                let mut f = Fixture::new(o, ring_services);
+                let mut f = Fixture::new(ring_options(&a, NEW_FLOW_RING * 2), ring_services);
                 let pkt = |port: u16| {
                     Ipv4Packet::tcp(SocketAddrV4::new(CLIENT, port), addr(0), TCP_SYN).build()
                 };
-                let (ns, runs) = measure_laps(&mut f, &pkt, !evict);
-                let new_flows: u64 = (0..ring)
-                    .map(|i| f.dp().service_counters(i).unwrap().new_flows)
-                    .sum();
-                let redirected = reason_count(&f, Reason::FwdRedirect);
-                let failed = reason_count(&f, Reason::EventCtInsertFailed);
-                let exhausted = reason_count(&f, Reason::DropSnatExhausted);
-                rows.push(Row {
-                    path,
-                    ns,
-                    // The targets are for the SYN-flood state (the rows with eviction).
-                    target: match (nat, evict) {
-                        (Nat::Dnat, true) => Some(300.0),
-                        (Nat::Full, true) => Some(350.0),
-                        _ => None,
-                    },
-                    check: format!(
-                        "new flows {new_flows}/{runs}, redirected {redirected}, insert failures \
-                     {failed}, ports exhausted {exhausted}"
-                    ),
-                    on_path: new_flows as f64 / runs as f64,
-                });
+                // The targets are for the SYN-flood state (the rows with eviction).
+                let target = match (nat, evict) {
+                    (Nat::Dnat, true) => Some(300.0),
+                    (Nat::Full, true) => Some(350.0),
+                    _ => None,
+                };
+                rows.push(measure_laps(&mut f, &pkt, !evict, (path, target)));
             }
             rows
         }
@@ -678,10 +735,19 @@ fn main() {
         samples[samples.len() / 2]
     });
 
-    let floor = rows[0].ns;
+    // Each row less the do-nothing floor of its own program (a test run of an XDP program has
+    // no skb to set up, so its floor is lower than the classifier's).
+    let minus_floor = |r: &Row| {
+        r.prog
+            .floor_path()
+            .and_then(|p| rows.iter().find(|f| f.path == p))
+            .map_or_else(|| "-".to_string(), |f| format!("{:.1}", r.ns - f.ns))
+    };
     println!();
     println!(
-        "berth dataplane micro-benchmarks: BPF_PROG_TEST_RUN, TC program, median of {} x {} runs",
+        "berth dataplane micro-benchmarks: BPF_PROG_TEST_RUN, TC program (XDP rows: the XDP \
+         program), median of {} x {} runs; minus floor: less the do-nothing program of the same \
+         hook",
         a.rounds, a.repeat
     );
     println!();
@@ -711,10 +777,10 @@ fn main() {
             },
         );
         println!(
-            "| {} | {:.1} | {:.1} | {} | {} |",
+            "| {} | {:.1} | {} | {} | {} |",
             r.path,
             r.ns,
-            r.ns - floor,
+            minus_floor(r),
             target,
             r.check
         );
@@ -771,8 +837,9 @@ fn entry6(dir: u8, nat: SocketAddrV6, fnat: Option<SocketAddrV6>, now: u64) -> C
     }
 }
 
-/// The IPv6 rows: established hit and reply (alternating tuples, as [`measure_hits`]) and a
-/// new flow (a ring of IPv6 services), in the fixture namespace with its IPv6 side.
+/// The IPv6 rows: established hit and reply (alternating tuples, as [`measure_hits`]) and the
+/// new-flow rows (laps through a ring of IPv6 services, as IPv4's), in the fixture namespace
+/// with its IPv6 side.
 fn v6_rows(a: &Args) -> Vec<Row> {
     let a = a.clone();
     let total = u64::from(a.repeat) * a.rounds as u64;
@@ -885,6 +952,7 @@ fn v6_rows(a: &Args) -> Vec<Row> {
             let hits = reason_count(&f, reason);
             rows.push(Row {
                 path,
+                prog: Prog::Tc,
                 ns,
                 target: None,
                 check: format!("{} {hits}/{total}", reason.name()),
@@ -892,28 +960,21 @@ fn v6_rows(a: &Args) -> Vec<Row> {
             });
         }
 
-        // New flow: a ring of IPv6 services, each balancing to the next one's address and port
-        // (DNAT, then full NAT from the host's address).
-        for snat in [None, Some(berth_tests::fixture6::HOST6)] {
-            let path = if snat.is_none() {
-                "IPv6: new flow (ct miss + service + maglev + 2 inserts)"
-            } else {
-                "IPv6 full NAT: new flow (+ source port)"
+        // New flow: a ring of IPv6 services, each balancing to the next one's address and port,
+        // in laps as IPv4's (see `measure_laps`); full NAT from the host's address.
+        for (nat, evict) in NEW_FLOW_KINDS {
+            let path = match (nat, evict) {
+                (Nat::Dnat, true) => "IPv6: new flow (ct miss + service + maglev + 2 inserts)",
+                (Nat::Full, true) => "IPv6 full NAT: new flow (+ source port)",
+                (Nat::Dnat, false) => "IPv6: new flow, conntrack not full (no eviction)",
+                (Nat::Full, false) => "IPv6 full NAT: new flow, conntrack not full (no eviction)",
             };
             if !a.wants(path) {
                 continue;
             }
-            let ring = 8192u32;
-            let o = DataplaneOptions {
-                maglev_size: 7,
-                max_services: ring,
-                max_backends: ring + 1,
-                conntrack_size: a.new_flow_ct,
-                decrement_ttl: false,
-                ..options()
-            };
+            let snat = (nat == Nat::Full).then_some(HOST6);
             let addr = |i: u32| {
-                let i = i % ring;
+                let i = i % NEW_FLOW_RING;
                 sa6(
                     Ipv6Addr::new(
                         0xfd00,
@@ -939,9 +1000,9 @@ fn v6_rows(a: &Args) -> Vec<Row> {
                 "dev",
                 "fx0",
             ]);
-            let mut f = Fixture::new(o, Vec::new());
+            let mut f = Fixture::new(ring_options(&a, NEW_FLOW_RING + 1), Vec::new());
             let dp = f.rec.dataplane_mut();
-            for i in 0..ring {
+            for i in 0..NEW_FLOW_RING {
                 dp.install_service6(
                     i,
                     addr(i),
@@ -955,24 +1016,8 @@ fn v6_rows(a: &Args) -> Vec<Row> {
                 )
                 .expect("install ring service");
             }
-            let pkt = Ipv6Packet::tcp(client, addr(0), TCP_SYN).build();
-            let ns = measure(f.dp().program(), &pkt, &a);
-            let new_flows: u64 = (0..ring)
-                .map(|i| f.dp().service_counters(i).unwrap().new_flows)
-                .sum();
-            let redirected = reason_count(&f, Reason::FwdRedirect);
-            let failed = reason_count(&f, Reason::EventCtInsertFailed);
-            let exhausted = reason_count(&f, Reason::DropSnatExhausted);
-            rows.push(Row {
-                path,
-                ns,
-                target: None,
-                check: format!(
-                    "new flows {new_flows}/{total}, redirected {redirected}, insert failures \
-                 {failed}, ports exhausted {exhausted}"
-                ),
-                on_path: new_flows as f64 / total as f64,
-            });
+            let pkt = |port: u16| Ipv6Packet::tcp(sa6(CLIENT6, port), addr(0), TCP_SYN).build();
+            rows.push(measure_laps(&mut f, &pkt, !evict, (path, None)));
         }
         rows
     })
