@@ -287,11 +287,22 @@ fn entry(dir: u8, nat: SocketAddrV4, fnat: Option<SocketAddrV4>, now: u64) -> Ct
 /// it to `nat` (the destination for forward entries, the source for reply entries) and a second
 /// entry rewrites it back, so every repeat of the test run is a hit with a full rewrite. With
 /// `fnat`, full-NAT entries rewrite the other end to it and back as well.
+/// Which half of a flow [`measure_hits`] measures.
+#[derive(Clone, Copy)]
+enum Half {
+    /// Client -> service. `lazy`: a DNAT flow of its backend's lazy service (`CtEntry::lazy`:
+    /// a backend serving one service), whose forward packets skip the reply half.
+    Forward {
+        lazy: bool,
+    },
+    Reply,
+}
+
 fn measure_hits(
     a: &Args,
     services: &[lb_userspace::config::Service],
     redirect: bool,
-    dir: u8,
+    half: Half,
     (src, dst, nat, fnat): (
         SocketAddrV4,
         SocketAddrV4,
@@ -316,6 +327,10 @@ fn measure_hits(
         services.to_vec(),
     );
     let now = monotonic_ns();
+    let dir = match half {
+        Half::Forward { .. } => ct::DIR_FORWARD,
+        Half::Reply => ct::DIR_REPLY,
+    };
     // Forward entries rewrite the destination (and for full NAT the source), reply entries the
     // source (and the destination).
     let (back, reason, restore, restore_f) = if dir == ct::DIR_FORWARD {
@@ -325,12 +340,22 @@ fn measure_hits(
         let back = (nat, fnat.unwrap_or(dst));
         (back, Reason::ReplyRedirect, src, fnat.map(|_| dst))
     };
+    let lazy = u8::from(matches!(half, Half::Forward { lazy: true }));
     let dp = f.rec.dataplane_mut();
-    dp.conntrack_insert(flow_key(src, dst, IPPROTO_TCP), entry(dir, nat, fnat, now))
-        .unwrap();
+    dp.conntrack_insert(
+        flow_key(src, dst, IPPROTO_TCP),
+        CtEntry {
+            lazy,
+            ..entry(dir, nat, fnat, now)
+        },
+    )
+    .unwrap();
     dp.conntrack_insert(
         flow_key(back.0, back.1, IPPROTO_TCP),
-        entry(dir, restore, restore_f, now),
+        CtEntry {
+            lazy,
+            ..entry(dir, restore, restore_f, now)
+        },
     )
     .unwrap();
     let pkt = Ipv4Packet::tcp(src, dst, TCP_ACK)
@@ -581,14 +606,25 @@ fn main() {
             }
 
             // Established hit and reply: the packet bounces between two tuples, both hits.
+            // A backend serving one service (its flows recorded lazily), then one serving
+            // several (every packet looks up both halves).
             rows.extend(measure_hits(
                 &a,
                 &services,
                 redirect,
-                ct::DIR_FORWARD,
+                Half::Forward { lazy: true },
                 (client, vip, vip2, None),
                 ("established-flow hit (client -> backend)", 100.0),
                 "XDP: established-flow hit (client -> backend)",
+            ));
+            rows.extend(measure_hits(
+                &a,
+                &services,
+                redirect,
+                Half::Forward { lazy: false },
+                (client, vip, vip2, None),
+                ("established-flow hit, backend of several services", 100.0),
+                "XDP: established-flow hit, backend of several services",
             ));
             // Backend ports 8000 and 80 both pass the port filter.
             let be80 = SocketAddrV4::new(backend(2), 80);
@@ -596,7 +632,7 @@ fn main() {
                 &a,
                 &services,
                 redirect,
-                ct::DIR_REPLY,
+                Half::Reply,
                 (be, client, be80, None),
                 ("reply (backend -> client)", 100.0),
                 "XDP: reply (backend -> client)",
@@ -608,7 +644,7 @@ fn main() {
                 &a,
                 &services,
                 redirect,
-                ct::DIR_FORWARD,
+                Half::Forward { lazy: false },
                 (client, vip, vip2, Some(other_end)),
                 ("full NAT: established-flow hit", 110.0),
                 "XDP: full NAT: established-flow hit",
@@ -617,7 +653,7 @@ fn main() {
                 &a,
                 &services,
                 redirect,
-                ct::DIR_REPLY,
+                Half::Reply,
                 (be, other_end, be80, Some(client)),
                 ("full NAT: reply", 110.0),
                 "XDP: full NAT: reply",
