@@ -405,7 +405,8 @@ fn measure_hits(
             on_path: tx as f64 / total as f64,
         });
     }
-    if redirect && dir == ct::DIR_FORWARD && fnat.is_none() && a.wants(LIVE_PATH) {
+    // Live frames once, for the usual DNAT flow (recorded lazily).
+    if redirect && matches!(half, Half::Forward { lazy: true }) && a.wants(LIVE_PATH) {
         rows.push(measure_live(
             &mut f,
             &pkt,
