@@ -480,12 +480,13 @@ fn peer_rx() -> (u64, u64) {
 /// had not arrived yet when each test run returned.
 ///
 /// What the figure includes: the peer's receive work too (its NAPI poll: its XDP program,
-/// building an skb, the stack's drop). Measured, not assumed (README, "XDP fast path"): every
-/// frame is counted at `fx1` by the time each test run returns (with a 256-frame veth ring and
-/// none dropped, the poll keeps pace with the sender on this CPU: the flush at the end of each
-/// batch of 64 schedules it and it runs when the batch re-enables bottom halves, inside the
-/// timed region), and the same runs with nothing on `fx1` (frames refused at the veth) cost
-/// about 130 ns, some 400 ns less.
+/// building an skb, the stack's drop). Measured, not assumed (README, "XDP live frames,
+/// delivered"): every frame is counted at `fx1` by the time each test run returns, none is
+/// dropped although the veth ring holds 256, and the same runs with nothing on `fx1` (frames
+/// refused at the veth) cost about 130 ns against some 470-500. The kernel's
+/// `xdp_test_run_batch` runs each batch of 64 frames with bottom halves off and flushes its
+/// redirects at the end, which schedules `fx1`'s NAPI on this CPU; the poll runs when the batch
+/// turns bottom halves back on, inside the timed loop.
 fn measure_live(
     f: &mut Fixture,
     pkt: &[u8],
@@ -576,8 +577,8 @@ fn measure_live(
 enum Prog {
     Tc,
     Xdp,
-    /// XDP in live-frames mode: each run also builds and transmits a frame, a cost neither
-    /// do-nothing floor includes, so the row has none.
+    /// XDP in live-frames mode: each run also builds and transmits a frame and the veth peer
+    /// receives it, costs neither do-nothing floor includes, so the row has none.
     XdpLive,
 }
 
