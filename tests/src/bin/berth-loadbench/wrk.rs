@@ -2,6 +2,7 @@
 //! kernel CPU time and the balancer process's own, and each backend's share.
 
 use std::{
+    path::Path,
     process::{Child, Stdio},
     time::Duration,
 };
@@ -12,7 +13,7 @@ use serde_json::{Value, json};
 use crate::{
     Args,
     contenders::{Contender, Running},
-    topology::{NS_CLIENT, NS_LB, access_log_requests},
+    topology::{NS_CLIENT, NS_LB, PIN_PATH, access_log_requests},
 };
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
@@ -89,8 +90,37 @@ impl Drop for BpfStats {
     }
 }
 
-/// Ids of the TC programs attached in namespace `ns` (`bpftool net show`).
-pub fn tc_programs(ns: &str) -> Vec<u64> {
+/// Ids of berth's programs attached in namespace `ns`: those behind the links pinned under
+/// `pins` (TCX and XDP links: this machine's bpftool 7.1 predates TCX, so `bpftool net
+/// show` does not list them), and classic TC filters (`bpftool net show`, berth's fallback where
+/// the kernel has no TCX).
+pub fn tc_programs(ns: &str, pins: &Path) -> Vec<u64> {
+    // `PIN/v<layout>/links/<link>`: every layout's, whichever this berth pins.
+    let layouts = std::fs::read_dir(pins).into_iter().flatten().flatten();
+    let links = layouts.flat_map(|l| std::fs::read_dir(l.path().join("links")).into_iter());
+    let mut ids: Vec<u64> = links
+        .flatten()
+        .flatten()
+        .filter_map(|link| {
+            let out = std::process::Command::new("bpftool")
+                .args(["-j", "link", "show", "pinned"])
+                .arg(link.path())
+                .output()
+                .ok()?;
+            serde_json::from_slice::<Value>(&out.stdout)
+                .ok()?
+                .get("prog_id")?
+                .as_u64()
+        })
+        .collect();
+    ids.extend(classic_tc_programs(ns));
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// Ids of the classic TC (cls_bpf) programs attached in namespace `ns` (`bpftool net show`).
+fn classic_tc_programs(ns: &str) -> Vec<u64> {
     let out = ns_command(ns, "bpftool")
         .args(["-j", "net", "show"])
         .output()
@@ -226,7 +256,7 @@ pub fn measure(c: Contender, w: Workload, running: &Running, a: &Args) -> Run {
     let logs0 = [access_log_requests(0), access_log_requests(1)];
     let pid = running.user_pid();
     let progs = if c.is_berth() {
-        tc_programs(NS_LB)
+        tc_programs(NS_LB, Path::new(PIN_PATH))
     } else {
         Vec::new()
     };
