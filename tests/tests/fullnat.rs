@@ -2,7 +2,8 @@
 //! through this host get flows from its own address and a port of `dataplane.snat_ports`.
 //! Each case from fresh maps, every rewritten packet's checksums recomputed from scratch: a new
 //! flow and its two entries, the established hit, the reply, UDP, IP options, distinct ports per
-//! flow, a taken port never overwritten, an exhausted range, a flow whose port another flow took
+//! flow, a taken port never overwritten (nor one a lazily recorded DNAT flow holds at the same
+//! backend), an exhausted range, a flow whose port another flow took
 //! while its reply half was evicted, a backend switched from DNAT to full NAT, and the port of
 //! a flow closed both ways taken over after a short hold (a half-closed flow's is not). (The
 //! conntrack-integrity rules shared with DNAT run over both in `ct_integrity.rs`, the hostile
