@@ -298,6 +298,19 @@ pub const fn in_window(rev: &CtEntry, seq: u32) -> bool {
     rev.flags & CT_F_ACK_KNOWN == 0 || seq.wrapping_sub(rev.backend_ack) <= CLOSE_WINDOW
 }
 
+/// Whether a forward packet of the flow whose forward entry is `fwd` may go without looking up
+/// its reply half: the flow is recorded lazily ([`CtEntry::lazy`]: its backend's replies derive
+/// a missing reply half), the packet does not close it (a FIN or RST is judged against the reply
+/// half's window and marks both halves), and it is not the flow's once-a-second refresh (which
+/// stamps both halves together, so the reply half of a flow whose client only sends never
+/// expires). The TC and XDP programs' one rule.
+#[inline(always)]
+pub const fn forward_skips_reply(fwd: &CtEntry, proto: u8, tcp_flags: u8, now_ns: u64) -> bool {
+    fwd.lazy != 0
+        && now_ns.wrapping_sub(fwd.last_seen_ns) <= TOUCH_INTERVAL_NS
+        && !closes(proto, tcp_flags)
+}
+
 /// Serial-number order (RFC 1982): whether `a` comes after `b`.
 #[inline(always)]
 pub const fn seq_after(a: u32, b: u32) -> bool {
@@ -405,6 +418,32 @@ mod tests {
             FlowKey::new(backend.0, client.0, backend.1, client.1, IPPROTO_TCP)
         };
         ((fkey, f), (rkey, r))
+    }
+
+    #[test]
+    fn only_a_lazy_flows_plain_fresh_forward_packets_skip_the_reply_half() {
+        let lazy = CtEntry {
+            lazy: 1,
+            ..entry(STATE_OPEN, 1_000)
+        };
+        let now = 1_000 + TOUCH_INTERVAL_NS;
+        assert!(forward_skips_reply(&lazy, IPPROTO_TCP, TCP_ACK, now));
+        assert!(forward_skips_reply(&lazy, IPPROTO_UDP, 0, now));
+        // Not recorded lazily, a closing packet, or the refresh: the reply half is needed.
+        assert!(!forward_skips_reply(
+            &entry(STATE_OPEN, 1_000),
+            IPPROTO_TCP,
+            TCP_ACK,
+            now
+        ));
+        assert!(!forward_skips_reply(
+            &lazy,
+            IPPROTO_TCP,
+            TCP_ACK | TCP_FIN,
+            now
+        ));
+        assert!(!forward_skips_reply(&lazy, IPPROTO_TCP, TCP_RST, now));
+        assert!(!forward_skips_reply(&lazy, IPPROTO_TCP, TCP_ACK, now + 1));
     }
 
     #[test]

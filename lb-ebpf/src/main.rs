@@ -636,15 +636,11 @@ fn forward_inner(
     table: &'static Table,
 ) -> (i32, Reason) {
     let (flow, key, now, cfg) = (&p.flow, &p.key, p.now, config());
-    // A lazily recorded flow (`CtEntry::lazy`) skips its reply half unless this packet closes
-    // the flow (the window check and the closing bits need it) or refreshes it (both halves are
-    // stamped together once a second, so the reply half never expires under a flow that only
-    // sends): its backend's replies derive a missing reply half (`lazy_reply`), and no other
-    // flow can take its reply key while this entry lives (`claim`, `lazy_flow_holds` and the
-    // full-NAT port search all respect it). One hash lookup per packet instead of two.
-    let skip = e.lazy != 0
-        && now.wrapping_sub(e.last_seen_ns) <= ct::TOUCH_INTERVAL_NS
-        && !ct::closes(flow.proto, flow.tcp_flags);
+    // A lazily recorded flow's plain packets skip its reply half (`ct::forward_skips_reply`):
+    // its backend's replies derive a missing one (`lazy_reply`), and no other flow can take its
+    // reply key while this entry lives (`claim`, `lazy_flow_holds` and the full-NAT port search
+    // all respect it). One hash lookup per packet instead of two.
+    let skip = ct::forward_skips_reply(e, flow.proto, flow.tcp_flags, now);
     // The reply half, looked up with every other packet: that keeps it as recent as this half
     // in the LRU, and a half evicted anyway is rebuilt here before the backend answers.
     let rkey = ct::reply_key(key, e);

@@ -190,9 +190,9 @@ fn fast(ctx: &XdpContext) -> (u32, Reason) {
             return pass();
         }
     } else if e.dir == DIR_FORWARD {
-        // A lazily recorded flow does without its reply half here (the packet neither closes
-        // nor refreshes the flow), as in the TC program's forward path.
-        if e.lazy == 0 {
+        // The TC program's rule for a lazily recorded flow (here its packets neither close nor
+        // refresh the flow: those went to TC above).
+        if !ct::forward_skips_reply(e, proto, tcp_flags, now) {
             let rkey = ct::reply_key(&key, e);
             let Some(r) = CONNTRACK.get_ptr(&rkey) else {
                 return pass();

@@ -290,6 +290,27 @@ pub const ETHTOOL_STXCSUM: u32 = 0x17;
 /// `ETHTOOL_SGRO`: generic receive offload (a legacy ethtool flag, see [`ethtool_flag`]).
 pub const ETHTOOL_SGRO: u32 = 0x2c;
 
+/// Attaches the project's pass-through XDP program (`berth_xdp_noop`, `XDP_PASS`), from a copy
+/// of the object of its own, to `iface` of the calling thread's namespace in native mode: what a
+/// veth needs on its receive side to take the `XDP_TX` frames its peer sends (see README "XDP
+/// fast path"). The program stays attached while the returned object lives.
+pub fn attach_noop_xdp(iface: &str) -> Result<aya::Ebpf, String> {
+    let mut ebpf = aya::EbpfLoader::new()
+        .load(lb_userspace::EBPF_OBJECT)
+        .map_err(|e| format!("loading the object: {e}"))?;
+    let prog: &mut aya::programs::Xdp = ebpf
+        .program_mut(lb_common::PROG_XDP_NOOP)
+        .ok_or("no pass-through program in the object")?
+        .try_into()
+        .map_err(|e| format!("not an XDP program: {e}"))?;
+    prog.load()
+        .map_err(|e| format!("loading the program: {e}"))?;
+    let name = std::ffi::CString::new(iface).map_err(|e| e.to_string())?;
+    prog.attach(name.as_c_str(), aya::programs::XdpMode::Driver)
+        .map_err(|e| format!("attaching to {iface}: {e}"))?;
+    Ok(ebpf)
+}
+
 /// Sets a legacy ethtool flag (`ETHTOOL_S*`) of `iface` in this thread's namespace through the
 /// `SIOCETHTOOL` ioctl (no ethtool binary needed); in another namespace: `Netns::run`.
 pub fn ethtool_flag(iface: &str, cmd: u32, on: bool) {

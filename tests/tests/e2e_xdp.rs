@@ -12,8 +12,8 @@
 use std::{net::SocketAddrV4, time::Duration};
 
 use berth_tests::topo::{
-    Berth, ETHTOOL_STXCSUM, Netns, Servers, Session, assert_shares, ethtool_flag, remove_leftovers,
-    responder, spread, veth,
+    Berth, ETHTOOL_STXCSUM, Netns, Servers, Session, assert_shares, attach_noop_xdp, ethtool_flag,
+    remove_leftovers, responder, spread, veth,
 };
 
 fn sa(s: &str) -> SocketAddrV4 {
@@ -39,24 +39,14 @@ impl PeerXdp {
     fn attach(ns: &Netns, iface: &str) -> Self {
         let (stop, rx) = std::sync::mpsc::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
-        let iface = std::ffi::CString::new(iface).unwrap();
-        let thread = ns.spawn(move || {
-            let mut ebpf = aya::EbpfLoader::new()
-                .load(lb_userspace::EBPF_OBJECT)
-                .expect("load object");
-            let prog: &mut aya::programs::Xdp = ebpf
-                .program_mut(lb_common::PROG_XDP_NOOP)
-                .expect("noop program")
-                .try_into()
-                .expect("an XDP program");
-            prog.load().expect("load noop");
-            let r = prog
-                .attach(iface.as_c_str(), aya::programs::XdpMode::Driver)
-                .map(|_| ())
-                .map_err(|e| e.to_string());
-            ready_tx.send(r).unwrap();
-            let _ = rx.recv();
-            drop(ebpf);
+        let iface = iface.to_owned();
+        let thread = ns.spawn(move || match attach_noop_xdp(&iface) {
+            Ok(ebpf) => {
+                ready_tx.send(Ok(())).unwrap();
+                let _ = rx.recv();
+                drop(ebpf);
+            }
+            Err(e) => ready_tx.send(Err(e)).unwrap(),
         });
         ready_rx
             .recv()

@@ -39,7 +39,7 @@ use berth_tests::{
         CLIENT, Fixture, HOST, VIP, backend, flow_key, ifindex, in_fixture_netns, options, svc,
         with_nat,
     },
-    netns::{ETHTOOL_SGRO, ethtool_flag, sh},
+    netns::{ETHTOOL_SGRO, attach_noop_xdp, ethtool_flag, sh},
     stats::median,
     wire::{Ipv4Packet, TCP_ACK, TCP_SYN},
 };
@@ -502,27 +502,19 @@ fn measure_live(
         check,
         on_path: 0.0,
     };
-    // The peer's program: from a second copy of the object, detached when it drops (at the end
-    // of this function, panics included). `fx1` lives in the fixture namespace only.
-    let mut peer_obj = match aya::EbpfLoader::new().load(lb_userspace::EBPF_OBJECT) {
-        Ok(o) => o,
-        Err(e) => return invalid(format!("loading the peer's object failed: {e}")),
+    // The peer's program, detached when it drops (at the end of this function, panics
+    // included). `fx1` lives in the fixture namespace only.
+    let peer = match a.live_peer {
+        LivePeer::Xdp => match attach_noop_xdp(LIVE_PEER) {
+            Ok(o) => Some(o),
+            Err(e) => return invalid(format!("the noop on {LIVE_PEER}: {e}")),
+        },
+        LivePeer::Gro => {
+            ethtool_flag(LIVE_PEER, ETHTOOL_SGRO, true);
+            None
+        }
+        LivePeer::Nothing => None,
     };
-    let peer: &mut aya::programs::Xdp = peer_obj
-        .program_mut(lb_common::PROG_XDP_NOOP)
-        .expect("noop program in the object")
-        .try_into()
-        .expect("an XDP program");
-    peer.load().expect("load the peer's noop");
-    let peer_name = std::ffi::CString::new(LIVE_PEER).unwrap();
-    if a.live_peer == LivePeer::Gro {
-        ethtool_flag(LIVE_PEER, ETHTOOL_SGRO, true);
-    }
-    if a.live_peer == LivePeer::Xdp
-        && let Err(e) = peer.attach(peer_name.as_c_str(), aya::programs::XdpMode::Driver)
-    {
-        return invalid(format!("attaching the noop to {LIVE_PEER} failed: {e}"));
-    }
     let before = reason_count(f, Reason::XdpTx);
     let (rx_before, drop_before) = peer_rx();
     let mut ctx = [0u8; 24];
@@ -552,7 +544,7 @@ fn measure_live(
     // Give a late NAPI poll its chance before the final count.
     std::thread::sleep(std::time::Duration::from_millis(100));
     let (rx_after, drop_after) = peer_rx();
-    drop(peer_obj);
+    drop(peer);
     let total = u64::from(a.repeat) * a.rounds as u64;
     let tx = reason_count(f, Reason::XdpTx) - before;
     let rx = rx_after - rx_before;
@@ -695,24 +687,28 @@ fn main() {
             // Established hit and reply: the packet bounces between two tuples, both hits.
             // A backend serving one service (its flows recorded lazily), then one serving
             // several (every packet looks up both halves).
-            rows.extend(measure_hits(
-                &a,
-                &services,
-                redirect,
-                Half::Forward { lazy: true },
-                (client, vip, vip2, None),
-                ("established-flow hit (client -> backend)", 100.0),
-                "XDP: established-flow hit (client -> backend)",
-            ));
-            rows.extend(measure_hits(
-                &a,
-                &services,
-                redirect,
-                Half::Forward { lazy: false },
-                (client, vip, vip2, None),
-                ("established-flow hit, backend of several services", 100.0),
-                "XDP: established-flow hit, backend of several services",
-            ));
+            for (lazy, path, xdp_path) in [
+                (
+                    true,
+                    "established-flow hit (client -> backend)",
+                    "XDP: established-flow hit (client -> backend)",
+                ),
+                (
+                    false,
+                    "established-flow hit, backend of several services",
+                    "XDP: established-flow hit, backend of several services",
+                ),
+            ] {
+                rows.extend(measure_hits(
+                    &a,
+                    &services,
+                    redirect,
+                    Half::Forward { lazy },
+                    (client, vip, vip2, None),
+                    (path, 100.0),
+                    xdp_path,
+                ));
+            }
             // Backend ports 8000 and 80 both pass the port filter.
             let be80 = SocketAddrV4::new(backend(2), 80);
             rows.extend(measure_hits(

@@ -293,7 +293,7 @@ pub fn report(res: &Results, a: &Args, present: &[Contender], started: Instant) 
     md += &format!(
         "\nTotal {:.0} s. CPU = machine-wide system + softirq seconds over the run (+ HAProxy's user time), \
          per 100k requests. Balancer CPU = that minus direct's in the same round (what the balancer adds), \
-         median over rounds; berth's `program` = its TC programs' own run time (kernel.bpf_stats_enabled).\n",
+         median over rounds; berth's `program` = its attached programs' own run time (kernel.bpf_stats_enabled).\n",
         started.elapsed().as_secs_f64()
     );
     print!("{md}");

@@ -94,7 +94,7 @@ impl Drop for BpfStats {
 /// `pins` (TCX and XDP links: this machine's bpftool 7.1 predates TCX, so `bpftool net
 /// show` does not list them), and classic TC filters (`bpftool net show`, berth's fallback where
 /// the kernel has no TCX).
-pub fn tc_programs(ns: &str, pins: &Path) -> Vec<u64> {
+pub fn berth_programs(ns: &str, pins: &Path) -> Vec<u64> {
     // `PIN/v<layout>/links/<link>`: every layout's, whichever this berth pins.
     let layouts = std::fs::read_dir(pins).into_iter().flatten().flatten();
     let links = layouts.flat_map(|l| std::fs::read_dir(l.path().join("links")).into_iter());
@@ -256,7 +256,7 @@ pub fn measure(c: Contender, w: Workload, running: &Running, a: &Args) -> Run {
     let logs0 = [access_log_requests(0), access_log_requests(1)];
     let pid = running.user_pid();
     let progs = if c.is_berth() {
-        tc_programs(NS_LB, Path::new(PIN_PATH))
+        berth_programs(NS_LB, Path::new(PIN_PATH))
     } else {
         Vec::new()
     };
