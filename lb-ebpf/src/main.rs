@@ -1010,7 +1010,11 @@ fn new_flow_inner(ctx: &TcContext, p: &Pkt) -> Pick {
         flow.proto,
     );
     let rev_key = &s.rkey;
-    if !claim(&CONNTRACK, rev_key, flow, now, cfg) || !claim(&CT_NEW, rev_key, flow, now, cfg) {
+    // Usually neither map holds the key: two inlined lookups, and `claim`'s call only where one
+    // does.
+    if (CONNTRACK.get_ptr(rev_key).is_some() && !claim(&CONNTRACK, rev_key, flow, now, cfg))
+        || (CT_NEW.get_ptr(rev_key).is_some() && !claim(&CT_NEW, rev_key, flow, now, cfg))
+    {
         return Pick::Done(exit(Reason::DropFlowConflict));
     }
     // One insert per new flow where the backend serves this service address lazily (the reply
