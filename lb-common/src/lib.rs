@@ -20,6 +20,12 @@ pub use reason::Reason;
 
 /// Name of the TC ingress program in the object file.
 pub const PROG_TC_INGRESS: &str = "berth_tc_ingress";
+/// The IPv6 half of [`PROG_TC_INGRESS`]: a classifier of its own, reached by a tail call
+/// through [`MAP_TC_V6`] (each program gets the verifier's whole instruction budget).
+pub const PROG_TC_INGRESS6: &str = "berth_tc_ingress6";
+/// The program array holding [`PROG_TC_INGRESS6`] at index 0 (pinned with the maps: a program
+/// array's entries are cleared when no process or pin refers to it).
+pub const MAP_TC_V6: &str = "TC_V6";
 /// A classifier that returns TC_ACT_OK and nothing else (benchmark floor; never attached).
 pub const PROG_TC_NOOP: &str = "berth_tc_noop";
 /// The XDP fast path for established IPv4 flows (issue 14); everything else it passes to

@@ -41,7 +41,7 @@ use lb_common::{
 use crate::{
     maps::{
         BACKEND_ROUTES, BACKENDS, CONNTRACK, CT_NEW, LAZY_REPLY, LOCAL_ADDRS, MAGLEV, NAT_SCRATCH,
-        PORTS, SCRATCH, SERVICES, account, count,
+        PORTS, SCRATCH, SERVICES, TC_V6, account, count,
     },
     nat::{
         IcmpNat, Side, fib, ingress_ifindex, redirect_cached, rewrite, rewrite_both, rewrite_icmp,
@@ -80,6 +80,14 @@ pub fn berth_tc_ingress(ctx: TcContext) -> i32 {
 
 /// Does nothing: the floor `cargo xtask bench` measures BPF_PROG_TEST_RUN's own per-run cost
 /// against. Never attached.
+/// The IPv6 path (see `v6`), tail-called by [`berth_tc_ingress`] for IPv6 frames.
+#[classifier]
+pub fn berth_tc_ingress6(ctx: TcContext) -> i32 {
+    let (action, reason) = unpack(v6::process(&ctx));
+    count(reason);
+    action
+}
+
 #[classifier]
 pub fn berth_tc_noop(_ctx: TcContext) -> i32 {
     TC_ACT_OK as i32
@@ -201,7 +209,13 @@ fn process(ctx: &TcContext) -> (i32, Reason) {
     match parse(ctx, &mut p.flow, &mut p.quote) {
         Parsed::Flow => {}
         Parsed::IcmpError => return unpack(icmp_error(ctx, p)),
-        Parsed::Ipv6 => return unpack(v6::process(ctx)),
+        // IPv6 is a program of its own (the verifier's budget is per program): a tail call
+        // never returns; if it fails (nothing at index 0) the frame is counted here.
+        // SAFETY: the context is this program's own.
+        Parsed::Ipv6 => {
+            let _ = unsafe { TC_V6.tail_call(ctx, 0) };
+            return exit(Reason::AbortMap);
+        }
         Parsed::Exit(r) => return exit(r),
     }
     let flow = &p.flow;

@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
 };
 use lb_common::{
     Backend, BackendRoute, Counters, CtEntry, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAGLEV_SIZE,
@@ -42,6 +42,11 @@ pub static CT_NEW: LruHashMap<FlowKey, CtEntry> =
 #[map]
 pub static LAZY_REPLY: HashMap<ServiceKey, ServiceKey> =
     HashMap::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+/// Index 0: the IPv6 classifier (`berth_tc_ingress6`), which the IPv4 one tail-calls for an
+/// IPv6 frame; userspace writes it at load time.
+#[map]
+pub static TC_V6: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
 /// Host-order port -> `PORT_F_*`. Bits are only ever set while berth runs (a port that stops
 /// being used merely costs the lookups it would have skipped).

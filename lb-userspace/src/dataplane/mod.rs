@@ -18,7 +18,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues, ProgramArray},
     programs::{
         CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier,
         links::{FdLink, LinkError, PinnedLink},
@@ -161,7 +161,7 @@ fn random_u32() -> u32 {
 }
 
 /// Every map of the object; all are pinned (the read-only config global is not a map of ours).
-const MAPS: [&str; 20] = [
+const MAPS: [&str; 21] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     lb_common::MAP_BACKEND_ROUTES,
@@ -182,6 +182,7 @@ const MAPS: [&str; 20] = [
     lb_common::v6::MAP_LOCAL_ADDRS6,
     lb_common::v6::MAP_SOCK_REVNAT6,
     lb_common::MAP_XDP_DEVS,
+    lb_common::MAP_TC_V6,
 ];
 
 /// The socket programs, in attach order: IPv4's, then IPv6's.
@@ -373,6 +374,33 @@ impl Dataplane {
             name: PROG_TC_INGRESS,
             source,
         })?;
+        // The IPv6 classifier, which the IPv4 one tail-calls: loaded and put in its slot before
+        // anything is attached.
+        let v6 = lb_common::PROG_TC_INGRESS6;
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(v6)
+            .ok_or(DataplaneError::MissingProgram { name: v6 })?
+            .try_into()
+            .map_err(|source| DataplaneError::Program { name: v6, source })?;
+        prog.load()
+            .map_err(|source| DataplaneError::Program { name: v6, source })?;
+        let v6_fd = prog
+            .fd()
+            .map_err(|source| DataplaneError::Program { name: v6, source })?
+            .try_clone()
+            .map_err(|e| DataplaneError::Program {
+                name: v6,
+                source: ProgramError::IOError(e),
+            })?;
+        let mut tail: ProgramArray<&mut MapData> = ebpf
+            .map_mut(lb_common::MAP_TC_V6)
+            .ok_or(DataplaneError::MissingMap {
+                name: lb_common::MAP_TC_V6,
+            })?
+            .try_into()
+            .map_err(map_err(lb_common::MAP_TC_V6))?;
+        tail.set(0, &v6_fd, 0)
+            .map_err(map_err(lb_common::MAP_TC_V6))?;
         for name in SOCK_PROGS {
             let prog: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
