@@ -239,6 +239,11 @@ fn thousand_connections_spread_by_weight_and_udp_over_ipv6() {
     let tables = berth.log_text().matches("maglev table updated").count();
     let (status, _) = berth.stop();
     assert!(status.success(), "{status}");
+    // No daemon: the pinned dataplane still serves IPv6 (its classifier is reached through a
+    // pinned program array, whose entry would be cleared with the process's last descriptor).
+    t.client.run(|| {
+        tcp_request_any(vip(80).into(), "while stopped").expect("served while berth is stopped")
+    });
     berth.respawn();
     let log = berth.log_text();
     assert!(
