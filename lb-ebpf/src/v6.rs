@@ -1178,7 +1178,11 @@ fn new_dnat_flow6(
     rk.dport = flow.sport;
     rk.proto = flow.proto;
     rk._pad = [0; 3];
-    if !claim6(&CONNTRACK6, &w.rkey, flow, now, cfg) || !claim6(&CT_NEW6, &w.rkey, flow, now, cfg) {
+    // Usually neither map holds the key: two inlined lookups, and `claim6`'s call only where
+    // one does.
+    if (CONNTRACK6.get_ptr(&w.rkey).is_some() && !claim6(&CONNTRACK6, &w.rkey, flow, now, cfg))
+        || (CT_NEW6.get_ptr(&w.rkey).is_some() && !claim6(&CT_NEW6, &w.rkey, flow, now, cfg))
+    {
         return exit(Reason::DropFlowConflict);
     }
     let (baddr, bport) = (&backend.addr, backend.port);
