@@ -16,7 +16,7 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{Instrument as _, info, info_span, warn};
+use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::{
     api::admin,
@@ -272,6 +272,11 @@ pub async fn run(args: Run) -> anyhow::Result<()> {
     let pin_root = PathBuf::from(&cfg.dataplane.pin_path);
     let mut dp = Dataplane::load_pinned(options, &pin_root).context("loading the dataplane")?;
     let adopted = dp.adopted();
+    for (name, n) in dp.verified_instructions() {
+        if let Some(n) = n {
+            debug!("{name}: the verifier processed {n} instructions (limit 1000000)");
+        }
+    }
     if !dp.pins_outlive_process() {
         warn!(
             "pin path {} is on a BPF filesystem only this process's mount namespace has (as \

@@ -488,6 +488,23 @@ impl Dataplane {
             .expect("program checked at load")
     }
 
+    /// How many instructions the verifier processed for each loaded packet program (the TC
+    /// classifiers and, if loaded, the XDP fast path): each must stay under the kernel's
+    /// 1,000,000 per program. None where the kernel does not report it.
+    pub fn verified_instructions(&self) -> Vec<(&'static str, Option<u32>)> {
+        [
+            PROG_TC_INGRESS,
+            lb_common::PROG_TC_INGRESS6,
+            lb_common::PROG_XDP,
+        ]
+        .into_iter()
+        .filter_map(|name| {
+            let info = self.ebpf.program(name)?.info().ok()?;
+            Some((name, info.verified_instruction_count()))
+        })
+        .collect()
+    }
+
     /// Loads the do-nothing classifier (benchmark floor) and returns it.
     pub fn noop_program(&mut self) -> Result<&SchedClassifier> {
         let name = lb_common::PROG_TC_NOOP;

@@ -671,6 +671,23 @@ fn main() {
                         on_path: 1.0,
                     });
                 }
+                if redirect {
+                    let _ = f.rec.dataplane_mut().xdp_program().expect("XDP program");
+                }
+                // The verifier's budget is 1,000,000 processed instructions per program.
+                let budget: Vec<String> = f
+                    .dp()
+                    .verified_instructions()
+                    .into_iter()
+                    .map(|(name, n)| match n {
+                        Some(n) => format!("{name} {n} ({:.0}%)", f64::from(n) / 1e4),
+                        None => format!("{name} not reported"),
+                    })
+                    .collect();
+                println!(
+                    "verifier: instructions processed of 1000000 per program: {}",
+                    budget.join(", ")
+                );
                 let path = "non-service packet (TCP to :22)";
                 if a.wants(path) {
                     rows.push(Row {
