@@ -51,6 +51,8 @@ fn sum_words(bytes: &[u8; 20]) -> u64 {
 /// packed verdict.
 #[inline(never)]
 pub fn refuse(ctx: &TcContext, flow: &Flow) -> u64 {
+    // The parse made only the headers it reads linear; a refusal reads the TCP options too.
+    crate::parse::pull_all_headers(ctx);
     crate::pack(if flow.proto == IPPROTO_TCP {
         tcp_reset_inner(ctx, flow)
     } else {

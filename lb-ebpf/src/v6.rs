@@ -51,7 +51,7 @@ use crate::{
     maps::{BACKEND_ROUTES, MAGLEV, account, count},
     nat::ingress_ifindex,
     pack,
-    parse::{ETH_HLEN, ptr_at},
+    parse::{ETH_HLEN, ptr_at, pull_headers},
     port_flags, track_fin, ttl_expires, unpack,
 };
 
@@ -246,12 +246,20 @@ fn parse6(ctx: &TcContext, p: &mut Pkt6) -> u32 {
 #[inline(always)]
 fn parse6_inner(ctx: &TcContext, p: &mut Pkt6) -> Result<u32, Reason> {
     let len = ctx.len() as usize;
-    let linear = ctx.data_end() - ctx.data();
-    if linear < MAX_HDRS6 && len > linear {
-        let want = if len < MAX_HDRS6 { len } else { MAX_HDRS6 };
-        // A failure leaves the skb as it was; the bounds checks below then decide.
-        let _ = ctx.pull_data(want as u32);
-    }
+    // Only the headers read made linear (see `parse::pull_headers`): the fixed header and the
+    // TCP or UDP header right after it (the common case), or with extension headers or ICMPv6
+    // the deepest stack any path reads.
+    pull_headers(ctx, ETH_HLEN + 40);
+    let need = match ptr_at::<[u8; 8]>(ctx, ETH_HLEN) {
+        // SAFETY: `ptr_at` checked the 8 bytes lie inside the packet.
+        Some(ip) => match unsafe { (*ip)[6] } {
+            IPPROTO_TCP => ETH_HLEN + 40 + 20,
+            IPPROTO_UDP => ETH_HLEN + 40 + 8,
+            _ => MAX_HDRS6,
+        },
+        None => MAX_HDRS6,
+    };
+    pull_headers(ctx, need);
     let Some(ip) = ptr_at::<[u8; 8]>(ctx, ETH_HLEN) else {
         return Err(Reason::DropIpMalformed);
     };
