@@ -78,8 +78,6 @@ pub fn berth_tc_ingress(ctx: TcContext) -> i32 {
     action
 }
 
-/// Does nothing: the floor `cargo xtask bench` measures BPF_PROG_TEST_RUN's own per-run cost
-/// against. Never attached.
 /// The IPv6 path (see `v6`), tail-called by [`berth_tc_ingress`] for IPv6 frames.
 #[classifier]
 pub fn berth_tc_ingress6(ctx: TcContext) -> i32 {
@@ -88,6 +86,8 @@ pub fn berth_tc_ingress6(ctx: TcContext) -> i32 {
     action
 }
 
+/// Does nothing: the floor `cargo xtask bench` measures BPF_PROG_TEST_RUN's own per-run cost
+/// against. Never attached.
 #[classifier]
 pub fn berth_tc_noop(_ctx: TcContext) -> i32 {
     TC_ACT_OK as i32

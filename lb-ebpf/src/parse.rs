@@ -98,9 +98,8 @@ const ICMP_PARAMETERPROB: u8 = 12;
 /// Makes the first `need` bytes of the packet (or all of it, if shorter) linear where the skb
 /// keeps some of them in fragments. Only what the headers need: pulling payload bytes into the
 /// head of a locally sent segment, whose head has no room after its headers, reallocates and
-/// copies the head (`pskb_expand_head`), which cost ~20% of the program's run time under the
-/// load benchmark's new connections. A failure leaves the skb as it was; the bounds checks
-/// after decide.
+/// copies the head (`pskb_expand_head`: ~20% of berth's samples in a profile of the load
+/// benchmark). A failure leaves the skb as it was; the bounds checks after decide.
 #[inline(always)]
 pub fn pull_headers(ctx: &TcContext, need: usize) {
     let len = ctx.len() as usize;
