@@ -298,6 +298,21 @@ pub const fn in_window(rev: &CtEntry, seq: u32) -> bool {
     rev.flags & CT_F_ACK_KNOWN == 0 || seq.wrapping_sub(rev.backend_ack) <= CLOSE_WINDOW
 }
 
+/// The acknowledgment (and [`CT_F_ACK_KNOWN`] or 0) a half rebuilt as `dir` starts with, from
+/// the packet that rebuilds it. A reply half rebuilt from a client's TCP segment past the
+/// handshake (no SYN) belongs to a connection its backend has answered: it must not read as one
+/// never answered, which [`in_window`] leaves open to any segment (a blind spoofer's included)
+/// taking the key over. The segment's sequence number stands in for the backend's
+/// acknowledgment until the backend's next one replaces it. Anything else starts unknown.
+#[inline(always)]
+pub const fn rebuilt_ack(dir: u8, proto: u8, tcp_flags: u8, seq: u32) -> (u32, u8) {
+    if dir == DIR_REPLY && proto == IPPROTO_TCP && tcp_flags & TCP_SYN == 0 {
+        (seq, CT_F_ACK_KNOWN)
+    } else {
+        (0, 0)
+    }
+}
+
 /// Whether a forward packet of the flow whose forward entry is `fwd` may go without looking up
 /// its reply half: the flow is recorded lazily ([`CtEntry::lazy`]: its backend's replies derive
 /// a missing reply half), the packet does not close it (a FIN or RST is judged against the reply
@@ -378,6 +393,23 @@ mod tests {
         snat_port_last: 65535,
         snat_reuse_ms: 2,
     };
+
+    #[test]
+    fn a_reply_half_rebuilt_past_the_handshake_starts_answered() {
+        let (ack, f) = rebuilt_ack(DIR_REPLY, IPPROTO_TCP, TCP_ACK, 1234);
+        assert_eq!((ack, f), (1234, CT_F_ACK_KNOWN));
+        let r = CtEntry {
+            dir: DIR_REPLY,
+            backend_ack: ack,
+            flags: f,
+            ..entry(STATE_OPEN, 0)
+        };
+        assert!(in_window(&r, 1234 + 10));
+        assert!(!in_window(&r, 999_999));
+        assert_eq!(rebuilt_ack(DIR_REPLY, IPPROTO_TCP, TCP_SYN, 1), (0, 0));
+        assert_eq!(rebuilt_ack(DIR_FORWARD, IPPROTO_TCP, TCP_ACK, 1), (0, 0));
+        assert_eq!(rebuilt_ack(DIR_REPLY, IPPROTO_UDP, 0, 1), (0, 0));
+    }
 
     fn entry(state: u8, last: u64) -> CtEntry {
         CtEntry {

@@ -496,13 +496,14 @@ fn rebuild(table: &Table, key: &FlowKey, from: &CtEntry, flow: &Flow, now: u64) 
         (flow.saddr, flow.sport, flow.daddr, flow.dport, DIR_FORWARD)
     };
     let full = from.flags & CT_F_FULLNAT;
+    let (backend_ack, answered) = ct::rebuilt_ack(dir, flow.proto, flow.tcp_flags, flow.seq);
     let half = CtEntry {
         nat_addr,
         nat_port,
         dir,
         route: Route::NONE,
-        backend_ack: 0,
-        flags: full,
+        backend_ack,
+        flags: full | answered,
         fnat_addr: if full != 0 { fnat_addr } else { 0 },
         fnat_port: if full != 0 { fnat_port } else { 0 },
         last_seen_ns: now,

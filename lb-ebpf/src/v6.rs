@@ -772,8 +772,10 @@ fn rebuild6(table: &Table6, key: &FlowKey6, from: &CtEntry6, flow: &Flow6, now: 
     half.ct.nat_port = if fwd { flow.dport } else { flow.sport };
     half.ct.dir = if fwd { DIR_REPLY } else { DIR_FORWARD };
     half.ct.route = Route::NONE;
-    half.ct.backend_ack = 0;
-    half.ct.flags = full;
+    let (backend_ack, answered) =
+        ct::rebuilt_ack(half.ct.dir, flow.proto, flow.tcp_flags, flow.seq);
+    half.ct.backend_ack = backend_ack;
+    half.ct.flags = full | answered;
     half.ct.fnat_port = if full == 0 {
         0
     } else if fwd {

@@ -269,6 +269,39 @@ fn a_flow_whose_entries_were_evicted_takes_its_key_back_from_a_spoofer() {
     });
 }
 
+#[test]
+fn a_live_flow_whose_reply_half_was_rebuilt_keeps_its_key_against_a_blind_segment() {
+    in_fixture_netns(|| {
+        let mut f = shared_backend();
+        // Another client's flow to :8080 first: the backend's lazy service is :8080, so the
+        // victim's flow to the VIP records both halves.
+        let other = client(40120);
+        let be = handshake(&f, other, sa(HOST, 8080));
+        let victim = client(40121);
+        assert_eq!(handshake(&f, victim, sa(VIP, 80)), be);
+        let answer =
+            from_backend(tcp(be, victim, TCP_ACK | TCP_PSH, 5001, 1001).with_payload(b"x"));
+        assert_reply(&f.run(&answer), sa(VIP, 80), victim);
+        // A flood evicts only the reply half; the victim's next segment rebuilds it.
+        f.rec
+            .dataplane_mut()
+            .conntrack_remove(&flow_key(be, victim, IPPROTO_TCP))
+            .unwrap();
+        let data = tcp(victim, sa(VIP, 80), TCP_ACK | TCP_PSH, 1001, 5002)
+            .with_payload(b"GET /")
+            .build();
+        let run = f.run(&data);
+        assert_eq!(assert_dnat(&run, &data, &[be]), be);
+        assert_eq!(run.counted(Reason::EventCtRebuilt), 1, "{run:?}");
+        // Its backend had answered: a blind segment as the victim to the other service does
+        // not take the key.
+        let spoof = tcp(victim, sa(HOST, 8080), TCP_ACK, 999_999, 88).build();
+        assert_dropped(&f.run(&spoof), Reason::DropFlowConflict);
+        let answer = from_backend(tcp(be, victim, TCP_ACK, 5002, 1006));
+        assert_reply(&f.run(&answer), sa(VIP, 80), victim);
+    });
+}
+
 // ---- 3. a closed flow's reply entry expires by the same rules as its forward entry ----
 
 #[test]
