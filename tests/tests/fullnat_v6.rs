@@ -427,7 +427,7 @@ fn a_flow_whose_reply_half_was_evicted_gets_it_back() {
                 rev.fnat_addr,
                 rev.ct.nat_port,
                 rev.ct.fnat_port,
-                rev.ct.flags
+                rev.ct.flags & !ct::CT_F_ACK_KNOWN
             ),
             (
                 before.nat_addr,
@@ -437,6 +437,10 @@ fn a_flow_whose_reply_half_was_evicted_gets_it_back() {
                 before.ct.flags
             )
         );
+        // Rebuilt from the client's segment past the handshake: answered, with that segment's
+        // sequence number for the backend's acknowledgment (`ct::rebuilt_ack`).
+        assert_ne!(rev.ct.flags & ct::CT_F_ACK_KNOWN, 0);
+        assert_eq!(rev.ct.backend_ack, 1001);
         // And the forward half, from a reply, the same way.
         let fkey = flow_key6(c, svc, IPPROTO_TCP);
         f.rec.dataplane_mut().conntrack6_remove(&fkey).unwrap();
