@@ -229,6 +229,18 @@ pub struct Dataplane {
     pins: Option<Pins>,
 }
 
+/// Loads classifier `name` of the object into the kernel.
+fn load_classifier<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier> {
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(name)
+        .ok_or(DataplaneError::MissingProgram { name })?
+        .try_into()
+        .map_err(|source| DataplaneError::Program { name, source })?;
+    prog.load()
+        .map_err(|source| DataplaneError::Program { name, source })?;
+    Ok(prog)
+}
+
 macro_rules! take {
     ($ebpf:expr, $name:expr) => {{
         let map = $ebpf
@@ -360,30 +372,11 @@ impl Dataplane {
             .map_max_entries(lb_common::v6::MAP_CT_NEW6, options.ct_new_size())
             .load(crate::EBPF_OBJECT)
             .map_err(|source| DataplaneError::Load { source })?;
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(PROG_TC_INGRESS)
-            .ok_or(DataplaneError::MissingProgram {
-                name: PROG_TC_INGRESS,
-            })?
-            .try_into()
-            .map_err(|source| DataplaneError::Program {
-                name: PROG_TC_INGRESS,
-                source,
-            })?;
-        prog.load().map_err(|source| DataplaneError::Program {
-            name: PROG_TC_INGRESS,
-            source,
-        })?;
+        load_classifier(&mut ebpf, PROG_TC_INGRESS)?;
         // The IPv6 classifier, which the IPv4 one tail-calls: loaded and put in its slot before
         // anything is attached.
         let v6 = lb_common::PROG_TC_INGRESS6;
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(v6)
-            .ok_or(DataplaneError::MissingProgram { name: v6 })?
-            .try_into()
-            .map_err(|source| DataplaneError::Program { name: v6, source })?;
-        prog.load()
-            .map_err(|source| DataplaneError::Program { name: v6, source })?;
+        let prog = load_classifier(&mut ebpf, v6)?;
         let v6_fd = prog
             .fd()
             .map_err(|source| DataplaneError::Program { name: v6, source })?
