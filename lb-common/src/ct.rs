@@ -157,6 +157,13 @@ pub const CLOSE_WINDOW: u32 = 65_535;
 /// cache line on every packet.
 pub const TOUCH_INTERVAL_NS: u64 = 1_000_000_000;
 
+/// [`CtEntry::lazy`]: a forward entry recorded lazily (no reply half written with it), whose
+/// backend has not answered yet.
+pub const LAZY_RECORDED: u8 = 1;
+/// [`CtEntry::lazy`]: a forward entry recorded lazily whose backend has answered (its reply half
+/// was derived at least once).
+pub const LAZY_ANSWERED: u8 = 2;
+
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
@@ -326,6 +333,23 @@ pub const fn forward_skips_reply(fwd: &CtEntry, proto: u8, tcp_flags: u8, now_ns
         && !closes(proto, tcp_flags)
 }
 
+/// Whether a live DNAT flow recorded lazily, forward entry `fwd`, keeps its reply key when it
+/// has no reply half (so no window to judge by) against a new flow's packet of `proto` and
+/// `tcp_flags` that would take the key, from the same client address and port (`names_client`:
+/// false where the taker is a full-NAT flow, whose reply key names berth's address). The rule
+/// `claim` applies to a reply half whose backend has not answered: such a flow proved nothing
+/// (a blind spoofer's segment, picked up after a flood evicted the live flow's entries, records
+/// one as easily as a client's SYN), so a TCP segment past the handshake naming its client takes
+/// the key over. Answered ([`LAZY_ANSWERED`]), it keeps the key against every packet: nothing
+/// tells its client from a spoofer without the window the missing half held.
+#[inline(always)]
+pub const fn lazy_flow_keeps(fwd: &CtEntry, proto: u8, tcp_flags: u8, names_client: bool) -> bool {
+    fwd.lazy == LAZY_ANSWERED
+        || !names_client
+        || proto != IPPROTO_TCP
+        || is_bare_syn(proto, tcp_flags)
+}
+
 /// Serial-number order (RFC 1982): whether `a` comes after `b`.
 #[inline(always)]
 pub const fn seq_after(a: u32, b: u32) -> bool {
@@ -450,6 +474,25 @@ mod tests {
             FlowKey::new(backend.0, client.0, backend.1, client.1, IPPROTO_TCP)
         };
         ((fkey, f), (rkey, r))
+    }
+
+    #[test]
+    fn an_unanswered_lazy_flow_yields_its_key_only_to_a_segment_of_its_client() {
+        let unanswered = CtEntry {
+            lazy: LAZY_RECORDED,
+            ..entry(STATE_OPEN, 1_000)
+        };
+        let answered = CtEntry {
+            lazy: LAZY_ANSWERED,
+            ..unanswered
+        };
+        for flags in [TCP_ACK, TCP_ACK | TCP_FIN, TCP_SYN | TCP_ACK, TCP_RST] {
+            assert!(!lazy_flow_keeps(&unanswered, IPPROTO_TCP, flags, true));
+            assert!(lazy_flow_keeps(&answered, IPPROTO_TCP, flags, true));
+            assert!(lazy_flow_keeps(&unanswered, IPPROTO_TCP, flags, false));
+        }
+        assert!(lazy_flow_keeps(&unanswered, IPPROTO_TCP, TCP_SYN, true));
+        assert!(lazy_flow_keeps(&unanswered, IPPROTO_UDP, 0, true));
     }
 
     #[test]

@@ -346,14 +346,15 @@ const LAZY_WRONG_IFACE: u64 = 3;
 #[inline(never)]
 fn lazy_reply(ctx: &TcContext, p: &Pkt) -> u64 {
     let key = &p.key;
-    let (half, code) = match lazy_half(key) {
-        Some((h, in_ct_new)) => (
+    let (half, code, fwd) = match lazy_half(key) {
+        Some((h, in_ct_new, fwd)) => (
             h,
             if in_ct_new {
                 LAZY_IN_CT_NEW
             } else {
                 LAZY_IN_CONNTRACK
             },
+            fwd,
         ),
         None => return LAZY_NONE,
     };
@@ -370,24 +371,33 @@ fn lazy_reply(ctx: &TcContext, p: &Pkt) -> u64 {
         count(Reason::EventCtInsertFailed);
         return LAZY_NONE;
     }
+    // The backend has answered: the flow keeps its key even while this half is missing again
+    // (`ct::lazy_flow_keeps`).
+    // SAFETY: a valid map value pointer (see `lazy_half`); a racing writer stores the same.
+    unsafe {
+        if (*fwd).lazy != 0 {
+            (*fwd).lazy = ct::LAZY_ANSWERED;
+        }
+    }
     code
 }
 
 /// The reply half of the lazily recorded flow whose reply key is `key` (backend -> client),
-/// built from its forward entry, and whether that is in CT_NEW; None if there is no such flow.
+/// built from its forward entry, whether that is in CT_NEW, and the forward entry (a map value
+/// pointer, valid for the run); None if there is no such flow.
 #[inline(always)]
-fn lazy_half(key: &FlowKey) -> Option<(CtEntry, bool)> {
+fn lazy_half(key: &FlowKey) -> Option<(CtEntry, bool, *mut CtEntry)> {
     let s = LAZY_REPLY.get_ptr(&ServiceKey::new(key.saddr, key.sport, key.proto))?;
     // SAFETY: valid map value pointer; `ServiceKey` is `Copy`.
     let s = unsafe { *s };
     let fkey = FlowKey::new(key.daddr, s.addr, key.dport, s.port, key.proto);
-    let (f, in_ct_new) = if let Some(f) = CONNTRACK.get_ptr(&fkey) {
+    let (fwd, in_ct_new) = if let Some(f) = CONNTRACK.get_ptr_mut(&fkey) {
         (f, false)
     } else {
-        (CT_NEW.get_ptr(&fkey)?, true)
+        (CT_NEW.get_ptr_mut(&fkey)?, true)
     };
     // SAFETY: valid map value pointer; `CtEntry` is `Copy`.
-    let f = unsafe { *f };
+    let f = unsafe { *fwd };
     if !ct::is_forward_of(&f, &fkey, key) {
         return None;
     }
@@ -401,7 +411,7 @@ fn lazy_half(key: &FlowKey) -> Option<(CtEntry, bool)> {
         lazy: 0,
         ..f
     };
-    Some((half, in_ct_new))
+    Some((half, in_ct_new, fwd))
 }
 
 /// The service LAZY_REPLY names for DNAT backend `bkey`, claimed for this flow's service
@@ -433,12 +443,19 @@ fn is_lazy_for(owner: &ServiceKey, flow: &Flow) -> bool {
 /// Whether a live flow of lazy service `owner` holds reply key `rkey` without a reply entry
 /// (its forward entry, keyed from the reply key's client to the service, sends to the
 /// backend): then no flow of another service may take the key, as if that reply entry were
-/// there (see `claim`; a lazily recorded flow has proved nothing in a window, so it keeps the
-/// key against every segment). A BPF subprogram (own stack frame); the owner comes packed
-/// (`owner.addr << 16 | owner.port`): LLVM turns a reference to a struct of two loaded fields
-/// into two arguments, and a sixth argument does not pass the verifier.
+/// there (see `claim`), unless the lazy flow has proved nothing (`ct::lazy_flow_keeps`): then
+/// its forward entry is removed and the key is free. `names_client`: the new flow's packet
+/// comes from the reply key's client (a DNAT flow's). A BPF subprogram (own stack frame); the
+/// owner comes packed (`owner.addr << 16 | owner.port`): LLVM turns a reference to a struct of
+/// two loaded fields into two arguments, and a sixth argument does not pass the verifier.
 #[inline(never)]
-fn lazy_flow_holds(rkey: &FlowKey, owner: u64, tcp_flags: u8, now: u64) -> bool {
+fn lazy_flow_holds(
+    rkey: &FlowKey,
+    owner: u64,
+    tcp_flags: u8,
+    now: u64,
+    names_client: bool,
+) -> bool {
     let lkey = FlowKey::new(
         rkey.daddr,
         (owner >> 16) as u32,
@@ -446,12 +463,23 @@ fn lazy_flow_holds(rkey: &FlowKey, owner: u64, tcp_flags: u8, now: u64) -> bool 
         owner as u16,
         rkey.proto,
     );
-    let Some(f) = CONNTRACK.get_ptr(&lkey).or_else(|| CT_NEW.get_ptr(&lkey)) else {
+    let (f, table): (*const CtEntry, &Table) = if let Some(f) = CONNTRACK.get_ptr(&lkey) {
+        (f, &CONNTRACK)
+    } else if let Some(f) = CT_NEW.get_ptr(&lkey) {
+        (f, &CT_NEW)
+    } else {
         return false;
     };
     // SAFETY: valid map value pointer, read in place.
     let f = unsafe { &*f };
-    ct::is_forward_of(f, &lkey, rkey) && !ct::expired(f, rkey.proto, tcp_flags, now, config())
+    if !ct::is_forward_of(f, &lkey, rkey) || ct::expired(f, rkey.proto, tcp_flags, now, config()) {
+        return false;
+    }
+    if ct::lazy_flow_keeps(f, rkey.proto, tcp_flags, names_client) {
+        return true;
+    }
+    let _ = table.remove(&lkey);
+    false
 }
 
 /// `owner` packed for [`lazy_flow_holds`].
@@ -685,7 +713,7 @@ fn forward_inner(
                 .map(|s| unsafe { *s })
         };
         if owner.is_some_and(|o| {
-            !is_lazy_for(&o, flow) && lazy_flow_holds(&rkey, packed(&o), flow.tcp_flags, now)
+            !is_lazy_for(&o, flow) && lazy_flow_holds(&rkey, packed(&o), flow.tcp_flags, now, true)
         }) || !claim(other(table), &rkey, flow, now, cfg)
         {
             let _ = table.remove(key);
@@ -1040,7 +1068,9 @@ fn new_flow_inner(ctx: &TcContext, p: &Pkt) -> Pick {
         flow,
     );
     let lazy = owner.is_some_and(|o| is_lazy_for(&o, flow));
-    if !lazy && owner.is_some_and(|o| lazy_flow_holds(rev_key, packed(&o), flow.tcp_flags, now)) {
+    if !lazy
+        && owner.is_some_and(|o| lazy_flow_holds(rev_key, packed(&o), flow.tcp_flags, now, true))
+    {
         return Pick::Done(exit(Reason::DropFlowConflict));
     }
 
@@ -1069,7 +1099,7 @@ fn new_flow_inner(ctx: &TcContext, p: &Pkt) -> Pick {
         fnat_addr: 0,
         fnat_port: 0,
         flags: 0,
-        lazy: u8::from(lazy),
+        lazy: if lazy { ct::LAZY_RECORDED } else { 0 },
     };
     // A bare SYN starts unconfirmed (CT_NEW); anything else picked up mid-stream is established.
     let table = if ct::is_bare_syn(flow.proto, flow.tcp_flags) {
@@ -1276,7 +1306,9 @@ fn held_lazily(rkey: &FlowKey, p: &Pkt) -> bool {
     LAZY_REPLY
         .get_ptr(&ServiceKey::new(rkey.saddr, rkey.sport, rkey.proto))
         // SAFETY: valid map value pointer, read in place.
-        .is_some_and(|o| lazy_flow_holds(rkey, packed(unsafe { &*o }), p.flow.tcp_flags, p.now))
+        .is_some_and(|o| {
+            lazy_flow_holds(rkey, packed(unsafe { &*o }), p.flow.tcp_flags, p.now, false)
+        })
 }
 
 /// Whether full-NAT reply key `rkey` may be taken by a new flow in `table`: it is free there, or
@@ -1355,7 +1387,7 @@ fn icmp_error_inner(ctx: &TcContext, p: &mut Pkt) -> (i32, Reason) {
     let ent = if let Some(ent) = CONNTRACK.get_ptr(&key).or_else(|| CT_NEW.get_ptr(&key)) {
         // SAFETY: valid map value pointer; `CtEntry` is `Copy`.
         unsafe { *ent }
-    } else if let Some((ent, _)) = lazy_half(&key) {
+    } else if let Some((ent, _, _)) = lazy_half(&key) {
         // About a packet of a flow recorded lazily (no reply yet): its reply half as it would
         // be written, not written (an error creates no state).
         ent

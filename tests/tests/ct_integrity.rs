@@ -138,7 +138,7 @@ fn a_lazily_recorded_flow_that_only_sends_keeps_its_reply_half_fresh() {
             flow_key(c, service, IPPROTO_UDP),
             flow_key(leg.backend, leg.peer, IPPROTO_UDP),
         );
-        assert_eq!(f.ct(&fkey).expect("forward half").lazy, 1);
+        assert_eq!(f.ct(&fkey).expect("forward half").lazy, ct::LAZY_ANSWERED);
         // Both halves last seen 2 s ago (past the refresh interval, within the UDP timeout).
         let then = lb_userspace::dataplane::monotonic_ns() - 2_000_000_000;
         for key in [fkey, rkey] {
@@ -266,6 +266,91 @@ fn a_flow_whose_entries_were_evicted_takes_its_key_back_from_a_spoofer() {
         assert_dropped(&f.run(&spoof), Reason::DropFlowConflict);
         let answer = from_backend(tcp(be, victim, TCP_ACK, 5004, 1006));
         assert_reply(&f.run(&answer), sa(VIP, 80), victim);
+    });
+}
+
+/// The mirror of the test above: the spoofer's flow is the one recorded lazily (no reply half,
+/// so no window to judge the victim's segment against). Unanswered, it proved nothing: the
+/// victim's next segment takes the key back, as from a spoofer holding an unanswered reply half.
+/// Answered by the backend, it keeps the key, as a flow holding an answered reply half does.
+#[test]
+fn a_flow_whose_entries_were_evicted_takes_its_key_back_from_a_lazily_recorded_spoofer() {
+    in_fixture_netns(|| {
+        let mut f = shared_backend();
+        // Another client's flow to :8080 first: :8080 is the backend's lazy service, the
+        // victims' flows to the VIP record both halves.
+        let be = handshake(&f, client(40130), sa(HOST, 8080));
+        for (i, flags) in [TCP_ACK, TCP_SYN, TCP_ACK | TCP_PSH]
+            .into_iter()
+            .enumerate()
+        {
+            let victim = client(40131 + i as u16);
+            assert_eq!(handshake(&f, victim, sa(VIP, 80)), be);
+            let answer =
+                from_backend(tcp(be, victim, TCP_ACK | TCP_PSH, 5001, 1001).with_payload(b"x"));
+            assert_reply(&f.run(&answer), sa(VIP, 80), victim);
+            // A flood evicts both halves; a spoofer sends as the victim to :8080 first.
+            let (fkey, rkey, skey) = (
+                flow_key(victim, sa(VIP, 80), IPPROTO_TCP),
+                flow_key(be, victim, IPPROTO_TCP),
+                flow_key(victim, sa(HOST, 8080), IPPROTO_TCP),
+            );
+            let dp = f.rec.dataplane_mut();
+            dp.conntrack_remove(&fkey).unwrap();
+            dp.conntrack_remove(&rkey).unwrap();
+            let spoof = tcp(victim, sa(HOST, 8080), flags, 77, 88).build();
+            assert_eq!(assert_dnat(&f.run(&spoof), &spoof, &[be]), be);
+            assert_eq!(f.ct(&skey).expect("recorded").lazy, ct::LAZY_RECORDED);
+            assert!(f.ct(&rkey).is_none(), "recorded lazily: no reply half");
+            // The victim's next segment gets through, and the spoofer's entry is gone.
+            let data = tcp(victim, sa(VIP, 80), TCP_ACK | TCP_PSH, 1002, 5002)
+                .with_payload(b"GET /")
+                .build();
+            let run = f.run(&data);
+            assert_eq!(
+                assert_dnat(&run, &data, &[be]),
+                be,
+                "spoofed with {flags:#x}"
+            );
+            assert!(f.ct(&skey).is_none(), "spoofed with {flags:#x}");
+            let answer = from_backend(tcp(be, victim, TCP_ACK, 5002, 1007));
+            assert_reply(&f.run(&answer), sa(VIP, 80), victim);
+        }
+        // The same spoof, but its backend answers it before the victim's next segment: the
+        // answer is translated as :8080 (nothing tells the two apart). The victim's segment in
+        // the window the backend acknowledged takes the key back; once the spoofer's reply
+        // half is gone again, its flow, answered, keeps the key against every segment.
+        for (i, evict) in [false, true].into_iter().enumerate() {
+            let victim = client(40140 + i as u16);
+            handshake(&f, victim, sa(VIP, 80));
+            let (fkey, rkey, skey) = (
+                flow_key(victim, sa(VIP, 80), IPPROTO_TCP),
+                flow_key(be, victim, IPPROTO_TCP),
+                flow_key(victim, sa(HOST, 8080), IPPROTO_TCP),
+            );
+            let dp = f.rec.dataplane_mut();
+            dp.conntrack_remove(&fkey).unwrap();
+            dp.conntrack_remove(&rkey).unwrap();
+            let spoof = tcp(victim, sa(HOST, 8080), TCP_ACK, 77, 88).build();
+            assert_dnat(&f.run(&spoof), &spoof, &[be]);
+            let answer = from_backend(tcp(be, victim, TCP_ACK, 5001, 1001));
+            assert_reply(&f.run(&answer), sa(HOST, 8080), victim);
+            assert_eq!(f.ct(&skey).expect("recorded").lazy, ct::LAZY_ANSWERED);
+            if evict {
+                f.rec.dataplane_mut().conntrack_remove(&rkey).unwrap();
+            }
+            let data = tcp(victim, sa(VIP, 80), TCP_ACK, 1001, 5001).build();
+            let run = f.run(&data);
+            if evict {
+                assert_dropped(&run, Reason::DropFlowConflict);
+                assert!(f.ct(&skey).is_some());
+            } else {
+                assert_eq!(assert_dnat(&run, &data, &[be]), be);
+                assert!(f.ct(&skey).is_none());
+                let answer = from_backend(tcp(be, victim, TCP_ACK, 5001, 1001));
+                assert_reply(&f.run(&answer), sa(VIP, 80), victim);
+            }
+        }
     });
 }
 
@@ -627,13 +712,12 @@ fn a_spoofed_syn_to_a_second_service_cannot_take_a_lazily_recorded_flows_replies
             f.dp().lazy_reply_service(be, IPPROTO_TCP),
             Some(sa(VIP, 80))
         );
-        // Before the backend answers, a spoofer sends as the victim to the other service on
-        // the same backend: the victim's flow holds the reply key though it has no reply
-        // entry yet.
-        for flags in [TCP_SYN, TCP_ACK, TCP_ACK | TCP_PSH] {
-            let spoof = tcp(victim, sa(HOST, 8080), flags, 77, 88).build();
-            assert_dropped(&f.run(&spoof), Reason::DropFlowConflict);
-        }
+        // Before the backend answers, a spoofer sends a SYN as the victim to the other service
+        // on the same backend: the victim's flow holds the reply key though it has no reply
+        // entry yet. (A segment past the handshake would take it, as it would take an
+        // unanswered reply entry: see the lazily recorded spoofer's test above.)
+        let spoof = tcp(victim, sa(HOST, 8080), TCP_SYN, 77, 0).build();
+        assert_dropped(&f.run(&spoof), Reason::DropFlowConflict);
         assert!(
             f.ct(&flow_key(victim, sa(HOST, 8080), IPPROTO_TCP))
                 .is_none()
