@@ -350,6 +350,58 @@ pub const fn lazy_flow_keeps(fwd: &CtEntry, proto: u8, tcp_flags: u8, names_clie
         || is_bare_syn(proto, tcp_flags)
 }
 
+/// Whether a new flow of `proto` starts unconfirmed, in the small map of its own (`CT_NEW`),
+/// where a flood of flows that prove nothing churns without evicting established ones: every
+/// TCP flow, a bare SYN's or one picked up mid-stream. It moves to the main map once its
+/// client acknowledged the backend's SYN-ACK ([`handshake_confirms`]) or its backend sent a
+/// segment of an established connection ([`reply_confirms`]); a blind spoofer, who never sees
+/// the backend's packets, can do neither. UDP has nothing to prove itself by: its flows start
+/// in the main map.
+#[inline(always)]
+pub const fn starts_unconfirmed(proto: u8) -> bool {
+    proto == IPPROTO_TCP
+}
+
+/// Records in an unconfirmed flow's forward entry `fwd` the acknowledgment its client's
+/// handshake ACK must carry, from the backend's SYN-ACK with sequence number `seq` (the
+/// forward entry's `backend_ack` and [`CT_F_ACK_KNOWN`] are otherwise unused until the flow
+/// is confirmed; [`confirmed`] clears them).
+#[inline(always)]
+pub const fn record_syn_ack(fwd: &mut CtEntry, tcp_flags: u8, seq: u32) {
+    if tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN | TCP_ACK {
+        fwd.backend_ack = seq.wrapping_add(1);
+        fwd.flags |= CT_F_ACK_KNOWN;
+    }
+}
+
+/// Whether a client's segment (not a bare SYN) with `tcp_flags` and acknowledgment `ack`
+/// confirms the unconfirmed flow whose forward entry is `fwd`: it acknowledges the backend's
+/// SYN-ACK ([`record_syn_ack`]; up to [`CLOSE_WINDOW`] beyond it, for a SYN-ACK carrying data).
+/// Without a SYN-ACK seen, nothing does (an ACK sent right behind a SYN, before any SYN-ACK, is
+/// a blind spoofer's); such a flow is confirmed by its backend's reply ([`reply_confirms`]).
+#[inline(always)]
+pub const fn handshake_confirms(fwd: &CtEntry, tcp_flags: u8, ack: u32) -> bool {
+    fwd.flags & CT_F_ACK_KNOWN != 0
+        && tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_ACK
+        && ack.wrapping_sub(fwd.backend_ack) <= CLOSE_WINDOW
+}
+
+/// Whether a backend's segment confirms its unconfirmed flow: one of an established connection
+/// (an ACK without SYN or RST). A backend answers a SYN with a SYN-ACK whoever sent it, and a
+/// segment of no connection it has (a blind spoofer's) with a RST.
+#[inline(always)]
+pub const fn reply_confirms(proto: u8, tcp_flags: u8) -> bool {
+    proto == IPPROTO_TCP && tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_ACK
+}
+
+/// Clears a forward entry's handshake bookkeeping ([`record_syn_ack`]) as it moves to the main
+/// map.
+#[inline(always)]
+pub const fn clear_handshake(fwd: &mut CtEntry) {
+    fwd.flags &= !CT_F_ACK_KNOWN;
+    fwd.backend_ack = 0;
+}
+
 /// Serial-number order (RFC 1982): whether `a` comes after `b`.
 #[inline(always)]
 pub const fn seq_after(a: u32, b: u32) -> bool {
@@ -493,6 +545,32 @@ mod tests {
         }
         assert!(lazy_flow_keeps(&unanswered, IPPROTO_TCP, TCP_SYN, true));
         assert!(lazy_flow_keeps(&unanswered, IPPROTO_UDP, 0, true));
+    }
+
+    #[test]
+    fn only_an_ack_of_the_backends_syn_ack_or_an_established_reply_confirms_a_flow() {
+        let mut fwd = entry(STATE_OPEN, 1_000);
+        // No SYN-ACK seen: no client segment confirms.
+        assert!(!handshake_confirms(&fwd, TCP_ACK, 5001));
+        record_syn_ack(&mut fwd, TCP_SYN, 4999);
+        record_syn_ack(&mut fwd, TCP_SYN | TCP_ACK | TCP_RST, 4999);
+        assert!(!handshake_confirms(&fwd, TCP_ACK, 5000));
+        record_syn_ack(&mut fwd, TCP_SYN | TCP_ACK, 5000);
+        assert!(handshake_confirms(&fwd, TCP_ACK, 5001));
+        assert!(handshake_confirms(&fwd, TCP_ACK | TCP_FIN, 5001));
+        assert!(handshake_confirms(&fwd, TCP_ACK, 5001 + CLOSE_WINDOW));
+        assert!(!handshake_confirms(&fwd, TCP_ACK, 5002 + CLOSE_WINDOW));
+        assert!(!handshake_confirms(&fwd, TCP_ACK, 5000));
+        assert!(!handshake_confirms(&fwd, TCP_ACK | TCP_RST, 5001));
+        assert!(!handshake_confirms(&fwd, TCP_SYN | TCP_ACK, 5001));
+        clear_handshake(&mut fwd);
+        assert_eq!((fwd.flags & CT_F_ACK_KNOWN, fwd.backend_ack), (0, 0));
+        assert!(reply_confirms(IPPROTO_TCP, TCP_ACK));
+        assert!(reply_confirms(IPPROTO_TCP, TCP_ACK | TCP_FIN));
+        for flags in [TCP_SYN | TCP_ACK, TCP_RST, TCP_RST | TCP_ACK, 0] {
+            assert!(!reply_confirms(IPPROTO_TCP, flags));
+        }
+        assert!(starts_unconfirmed(IPPROTO_TCP) && !starts_unconfirmed(IPPROTO_UDP));
     }
 
     #[test]

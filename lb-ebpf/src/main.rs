@@ -254,7 +254,11 @@ fn process(ctx: &TcContext) -> (i32, Reason) {
         if e.dir == DIR_REPLY {
             // Inlined (no BPF subprogram call on the tracked paths: each call and return pays
             // the CPU's return-thunk mitigation); the rare entries into it call `reply`.
-            return unpack(reply(ctx, p, e, table));
+            let v = reply(ctx, p, e, table);
+            if v & CONFIRM != 0 {
+                confirm_by_reply(key);
+            }
+            return unpack(v & !CONFIRM);
         }
         if ct::expired(e, flow.proto, flow.tcp_flags, now, cfg) {
             // Idle past its timeout, or a bare SYN reusing a closed flow's tuple: the flow is
@@ -263,9 +267,11 @@ fn process(ctx: &TcContext) -> (i32, Reason) {
             let rkey = ct::reply_key(key, e);
             remove_reply_of(table, &rkey, key);
             let _ = table.remove(key);
-        } else if core::ptr::eq(table, &CT_NEW) && !ct::is_bare_syn(flow.proto, flow.tcp_flags) {
-            // The client's first packet after its SYN: the flow is confirmed and its pair moves
-            // to the main map, out of reach of SYN floods.
+        } else if core::ptr::eq(table, &CT_NEW)
+            && ct::handshake_confirms(e, flow.tcp_flags, flow.ack)
+        {
+            // The client's ACK of its backend's SYN-ACK: the flow is confirmed and its pair
+            // moves to the main map, out of reach of floods of flows that prove nothing.
             if !confirm(key, e) {
                 count(Reason::EventCtInsertFailed);
                 return unpack(forward(ctx, p, e, &CT_NEW));
@@ -295,7 +301,11 @@ fn process(ctx: &TcContext) -> (i32, Reason) {
                 };
                 if let Some(e) = ct_lookup(table, key) {
                     // SAFETY: a value pointer returned by the map lookup (see above).
-                    return unpack(reply(ctx, p, unsafe { &mut *e }, table));
+                    let v = reply(ctx, p, unsafe { &mut *e }, table);
+                    if v & CONFIRM != 0 {
+                        confirm_by_reply(key);
+                    }
+                    return unpack(v & !CONFIRM);
                 }
             }
         }
@@ -492,7 +502,8 @@ fn packed(owner: &ServiceKey) -> u64 {
 /// from CT_NEW to the main map. A BPF subprogram (own stack frame).
 #[inline(never)]
 fn confirm(key: &FlowKey, e: &CtEntry) -> bool {
-    let fwd = *e;
+    let mut fwd = *e;
+    ct::clear_handshake(&mut fwd);
     let rkey = ct::reply_key(key, &fwd);
     let rev = CT_NEW
         .get_ptr(&rkey)
@@ -509,6 +520,27 @@ fn confirm(key: &FlowKey, e: &CtEntry) -> bool {
         let _ = CT_NEW.remove(&rkey);
     }
     true
+}
+
+/// Confirms the unconfirmed flow whose reply half is at `rkey` in CT_NEW, on its backend's
+/// segment of an established connection (`ct::reply_confirms`): its pair moves to the main map
+/// (`confirm`), if its forward half is there and still its own. A BPF subprogram (own stack
+/// frame).
+#[inline(never)]
+fn confirm_by_reply(rkey: &FlowKey) {
+    let Some(r) = CT_NEW.get_ptr(rkey) else {
+        return;
+    };
+    // SAFETY: valid map value pointer, read in place.
+    let fkey = ct::forward_key(rkey, unsafe { &*r });
+    let Some(f) = CT_NEW.get_ptr(&fkey) else {
+        return;
+    };
+    // SAFETY: as above; `CtEntry` is `Copy`.
+    let f = unsafe { *f };
+    if ct::is_forward_of(&f, &fkey, rkey) && !confirm(&fkey, &f) {
+        count(Reason::EventCtInsertFailed);
+    }
 }
 
 /// Inserts into `table` at `key` the missing half of the flow whose other half is `from`, as
@@ -884,16 +916,17 @@ fn finish(
 /// in `table`). A BPF subprogram returning a [`pack`]ed verdict.
 #[inline(never)]
 fn reply(ctx: &TcContext, p: &Pkt, e: &mut CtEntry, table: &'static Table) -> u64 {
-    pack(reply_inner(ctx, p, e, table))
+    reply_inner(ctx, p, e, table)
 }
 
+/// A [`pack`]ed verdict of [`reply`], with [`CONFIRM`] set where the packet confirms its flow.
 #[inline(always)]
-fn reply_inner(ctx: &TcContext, p: &Pkt, e: &mut CtEntry, table: &'static Table) -> (i32, Reason) {
+fn reply_inner(ctx: &TcContext, p: &Pkt, e: &mut CtEntry, table: &'static Table) -> u64 {
     let (flow, key, now, cfg) = (&p.flow, &p.key, p.now, config());
     // Only from where the backend lives: a "reply" forged elsewhere (the uplink) must neither
     // be translated towards the client nor move the flow's state.
     if e.in_ifindex != 0 && e.in_ifindex != ingress_ifindex(ctx) {
-        return exit(Reason::PassReplyWrongIface);
+        return pack(exit(Reason::PassReplyWrongIface));
     }
     let fkey = ct::forward_key(key, e);
     if ct::expired(e, flow.proto, flow.tcp_flags, now, cfg) {
@@ -905,7 +938,7 @@ fn reply_inner(ctx: &TcContext, p: &Pkt, e: &mut CtEntry, table: &'static Table)
             }
         }
         let _ = table.remove(key);
-        return exit(Reason::PassNoService);
+        return pack(exit(Reason::PassNoService));
     }
     let mut fwd = ct_lookup(table, &fkey);
     if let Some(f) = fwd {
@@ -915,7 +948,7 @@ fn reply_inner(ctx: &TcContext, p: &Pkt, e: &mut CtEntry, table: &'static Table)
             // leftover.
             count(Reason::EventCtExpired);
             let _ = table.remove(key);
-            return exit(Reason::PassNoService);
+            return pack(exit(Reason::PassNoService));
         }
     } else {
         // The forward half was evicted: rebuilt from this one, unless the client has started
@@ -923,7 +956,7 @@ fn reply_inner(ctx: &TcContext, p: &Pkt, e: &mut CtEntry, table: &'static Table)
         if other(table).get_ptr(&fkey).is_some() {
             count(Reason::EventCtExpired);
             let _ = table.remove(key);
-            return exit(Reason::PassNoService);
+            return pack(exit(Reason::PassNoService));
         }
         rebuild(table, &fkey, e, flow, now);
         fwd = table.get_ptr_mut(&fkey);
@@ -933,6 +966,11 @@ fn reply_inner(ctx: &TcContext, p: &Pkt, e: &mut CtEntry, table: &'static Table)
         if e.flags & ct::CT_F_ACK_KNOWN == 0 || ct::seq_after(flow.ack, e.backend_ack) {
             e.backend_ack = flow.ack;
             e.flags |= ct::CT_F_ACK_KNOWN;
+        }
+        let unconfirmed = core::ptr::eq(table, &CT_NEW);
+        if unconfirmed && let Some(f) = fwd {
+            // SAFETY: a valid map value pointer (see `process`).
+            ct::record_syn_ack(unsafe { &mut *f }, flow.tcp_flags, flow.seq);
         }
     }
     // The backend's side cannot be forged (see above): its FIN or RST closes the flow.
@@ -960,7 +998,15 @@ fn reply_inner(ctx: &TcContext, p: &Pkt, e: &mut CtEntry, table: &'static Table)
     {
         last_ack(e, fwd);
     }
-    translate(ctx, p, e, fwd, Side::Src)
+    let verdict = pack(translate(ctx, p, e, fwd, Side::Src));
+    if core::ptr::eq(table, &CT_NEW) && ct::reply_confirms(flow.proto, flow.tcp_flags) {
+        // The backend sent a segment of an established connection: the flow (picked up
+        // mid-stream, or whose handshake ACK berth did not see) is to be confirmed, once this
+        // translation has written the route into this half (`confirm_by_reply`, outside this
+        // frame: the stack of the call chain is shared).
+        return verdict | CONFIRM;
+    }
+    verdict
 }
 
 #[inline(always)]
@@ -984,6 +1030,10 @@ fn lookup_service(flow: &Flow) -> Option<ServiceValue> {
 /// this bit, the service id << 32 and the backend id (a [`pack`]ed verdict never has it: TC
 /// actions are small).
 const FULL_NAT: u64 = 1 << 63;
+
+/// Set in a [`pack`]ed verdict of [`reply`]: the packet confirms its flow (see
+/// `confirm_by_reply`).
+pub(crate) const CONFIRM: u64 = 1 << 62;
 
 /// What `new_flow_inner` decided.
 enum Pick {
@@ -1101,8 +1151,8 @@ fn new_flow_inner(ctx: &TcContext, p: &Pkt) -> Pick {
         flags: 0,
         lazy: if lazy { ct::LAZY_RECORDED } else { 0 },
     };
-    // A bare SYN starts unconfirmed (CT_NEW); anything else picked up mid-stream is established.
-    let table = if ct::is_bare_syn(flow.proto, flow.tcp_flags) {
+    // Unconfirmed (`ct::starts_unconfirmed`): a TCP flow in CT_NEW, a UDP flow established.
+    let table = if ct::starts_unconfirmed(flow.proto) {
         &CT_NEW
     } else {
         &CONNTRACK
@@ -1198,11 +1248,11 @@ fn new_full_nat_flow_inner(
     Ok((act, reason))
 }
 
-/// The map a new flow starts in: a bare SYN starts unconfirmed (CT_NEW); anything else picked
-/// up mid-stream is established.
+/// The map a new flow starts in: CT_NEW for one that starts unconfirmed
+/// (`ct::starts_unconfirmed`: TCP), CONNTRACK otherwise.
 #[inline(always)]
 fn new_flow_table(flow: &Flow) -> &'static Table {
-    if ct::is_bare_syn(flow.proto, flow.tcp_flags) {
+    if ct::starts_unconfirmed(flow.proto) {
         &CT_NEW
     } else {
         &CONNTRACK

@@ -47,7 +47,7 @@ use lb_common::{
 };
 
 use crate::{
-    config, exit, last_ack,
+    CONFIRM, config, exit, last_ack,
     maps::{BACKEND_ROUTES, MAGLEV, account, count},
     nat::ingress_ifindex,
     pack,
@@ -495,7 +495,11 @@ fn process_inner(ctx: &TcContext) -> (i32, Reason) {
         // racing writers store plain integers (see the IPv4 path).
         let e = unsafe { &mut *e };
         if e.ct.dir == DIR_REPLY {
-            return unpack(reply6(ctx, p, e, table));
+            let v = reply6(ctx, p, e, table);
+            if v & CONFIRM != 0 {
+                confirm_by_reply6(key);
+            }
+            return unpack(v & !CONFIRM);
         }
         if ct::expired(&e.ct, flow.proto, flow.tcp_flags, now, cfg) {
             count(Reason::EventCtExpired);
@@ -511,7 +515,11 @@ fn process_inner(ctx: &TcContext) -> (i32, Reason) {
                 }
             }
             let _ = table.remove(key);
-        } else if core::ptr::eq(table, &CT_NEW6) && !ct::is_bare_syn(flow.proto, flow.tcp_flags) {
+        } else if core::ptr::eq(table, &CT_NEW6)
+            && ct::handshake_confirms(&e.ct, flow.tcp_flags, flow.ack)
+        {
+            // The client's ACK of its backend's SYN-ACK (see `process`).
+            ct::clear_handshake(&mut e.ct);
             if !confirm6(key, e) {
                 count(Reason::EventCtInsertFailed);
                 return unpack(forward6(ctx, p, e, &CT_NEW6));
@@ -747,6 +755,28 @@ fn confirm6(key: &FlowKey6, e: &CtEntry6) -> bool {
     true
 }
 
+/// Confirms the unconfirmed flow whose reply half is at `rkey` in CT_NEW6 (see
+/// `confirm_by_reply`). A BPF subprogram (own stack frame).
+#[inline(never)]
+fn confirm_by_reply6(rkey: &FlowKey6) {
+    let Some(r) = CT_NEW6.get_ptr(rkey) else {
+        return;
+    };
+    // SAFETY: valid map value pointer, read in place.
+    let fkey = forward_key6(rkey, unsafe { &*r });
+    let Some(f) = CT_NEW6.get_ptr_mut(&fkey) else {
+        return;
+    };
+    // SAFETY: as above; the entry is about to move (its CT_NEW6 copy is removed).
+    let f = unsafe { &mut *f };
+    if is_forward_of6(f, &fkey, rkey) {
+        ct::clear_handshake(&mut f.ct);
+        if !confirm6(&fkey, f) {
+            count(Reason::EventCtInsertFailed);
+        }
+    }
+}
+
 /// Inserts the missing half of the flow whose other half is `from` (see `rebuild`): for full
 /// NAT the other end too (the client a client -> service packet comes from; berth's address
 /// and port a backend's packet was sent to).
@@ -954,19 +984,15 @@ fn forward6_inner(
 /// A packet backend -> client of a tracked flow (see `reply`).
 #[inline(never)]
 fn reply6(ctx: &TcContext, p: &Pkt6, e: &mut CtEntry6, table: &'static Table6) -> u64 {
-    pack(reply6_inner(ctx, p, e, table))
+    reply6_inner(ctx, p, e, table)
 }
 
+/// A [`pack`]ed verdict of [`reply6`], with `CONFIRM` set where the packet confirms its flow.
 #[inline(always)]
-fn reply6_inner(
-    ctx: &TcContext,
-    p: &Pkt6,
-    e: &mut CtEntry6,
-    table: &'static Table6,
-) -> (i32, Reason) {
+fn reply6_inner(ctx: &TcContext, p: &Pkt6, e: &mut CtEntry6, table: &'static Table6) -> u64 {
     let (flow, key, now, cfg) = (&p.flow, &p.key, p.now, config());
     if e.ct.in_ifindex != 0 && e.ct.in_ifindex != ingress_ifindex(ctx) {
-        return exit(Reason::PassReplyWrongIface);
+        return pack(exit(Reason::PassReplyWrongIface));
     }
     let fkey = forward_key6(key, e);
     if ct::expired(&e.ct, flow.proto, flow.tcp_flags, now, cfg) {
@@ -978,7 +1004,7 @@ fn reply6_inner(
             }
         }
         let _ = table.remove(key);
-        return exit(Reason::PassNoService);
+        return pack(exit(Reason::PassNoService));
     }
     let mut fwd = table.get_ptr_mut(&fkey);
     if let Some(f) = fwd {
@@ -986,13 +1012,13 @@ fn reply6_inner(
         if !is_forward_of6(unsafe { &*f }, &fkey, key) {
             count(Reason::EventCtExpired);
             let _ = table.remove(key);
-            return exit(Reason::PassNoService);
+            return pack(exit(Reason::PassNoService));
         }
     } else {
         if other6(table).get_ptr(&fkey).is_some() {
             count(Reason::EventCtExpired);
             let _ = table.remove(key);
-            return exit(Reason::PassNoService);
+            return pack(exit(Reason::PassNoService));
         }
         rebuild6(table, &fkey, e, flow, now);
         fwd = table.get_ptr_mut(&fkey);
@@ -1003,6 +1029,13 @@ fn reply6_inner(
     {
         e.ct.backend_ack = flow.ack;
         e.ct.flags |= ct::CT_F_ACK_KNOWN;
+    }
+    if core::ptr::eq(table, &CT_NEW6)
+        && flow.proto == IPPROTO_TCP
+        && let Some(f) = fwd
+    {
+        // SAFETY: a valid map value pointer (see `process6`).
+        ct::record_syn_ack(unsafe { &mut (*f).ct }, flow.tcp_flags, flow.seq);
     }
     if ct::closes(flow.proto, flow.tcp_flags) {
         let bits = ct::close_bits(flow.proto, flow.tcp_flags, DIR_REPLY);
@@ -1027,7 +1060,12 @@ fn reply6_inner(
         // SAFETY: as above.
         last_ack(&mut e.ct, Some(unsafe { &raw mut (*f).ct }));
     }
-    translate6(ctx, p, e, fwd, true)
+    let verdict = pack(translate6(ctx, p, e, fwd, true));
+    if core::ptr::eq(table, &CT_NEW6) && ct::reply_confirms(flow.proto, flow.tcp_flags) {
+        // Confirmed by its backend (see `reply`), outside this frame: `confirm_by_reply6`.
+        return verdict | CONFIRM;
+    }
+    verdict
 }
 
 /// The common end of a tracked flow's packet (see `translate`): refresh, count, rewrite the
@@ -1222,7 +1260,7 @@ fn new_dnat_flow6(
     h.ct.fnat_port = 0;
     h.ct.flags = 0;
     h.ct.lazy = 0;
-    let table = if ct::is_bare_syn(flow.proto, flow.tcp_flags) {
+    let table = if ct::starts_unconfirmed(flow.proto) {
         &CT_NEW6
     } else {
         &CONNTRACK6
@@ -1256,11 +1294,11 @@ fn new_full_nat_flow6(ctx: &TcContext, p: &Pkt6, ids: u64) -> u64 {
     }
 }
 
-/// The table a new flow's pair goes to: a bare SYN starts unconfirmed (CT_NEW6), anything
-/// else picked up mid-stream is established.
+/// The table a new flow's pair goes to: CT_NEW6 for one that starts unconfirmed
+/// (`ct::starts_unconfirmed`: TCP), CONNTRACK6 otherwise.
 #[inline(always)]
 fn new_table6(flow: &Flow6) -> &'static Table6 {
-    if ct::is_bare_syn(flow.proto, flow.tcp_flags) {
+    if ct::starts_unconfirmed(flow.proto) {
         &CT_NEW6
     } else {
         &CONNTRACK6

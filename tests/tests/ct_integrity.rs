@@ -646,6 +646,54 @@ fn a_syn_flood_leaves_one_entry_per_flow_and_each_answered_flow_gets_its_reply_e
     });
 }
 
+/// What moves a flow to the main map (`ct::starts_unconfirmed`): its client's ACK of the
+/// backend's SYN-ACK, or its backend's segment of an established connection; never a segment
+/// a blind spoofer can send, nor a backend's RST.
+#[test]
+fn only_what_a_blind_spoofer_cannot_send_confirms_a_flow() {
+    in_fixture_netns(|| {
+        let f = standard();
+        let vip = sa(VIP, 80);
+        // An ACK right behind the SYN, and one with a guessed number after the SYN-ACK.
+        let c = client(41400);
+        let syn = tcp(c, vip, TCP_SYN, 1000, 0).build();
+        let be = assert_dnat(&f.run(&syn), &syn, &web_backends());
+        let blind = tcp(c, vip, TCP_ACK, 1001, 77).build();
+        assert_dnat(&f.run(&blind), &blind, &[be]);
+        let fkey = flow_key(c, vip, IPPROTO_TCP);
+        assert!(
+            f.dp().conntrack_unconfirmed(&fkey),
+            "an ACK before any SYN-ACK"
+        );
+        let synack = from_backend(tcp(be, c, TCP_SYN | TCP_ACK, 5000, 1001));
+        assert_reply(&f.run(&synack), vip, c);
+        assert_dnat(&f.run(&blind), &blind, &[be]);
+        assert!(
+            f.dp().conntrack_unconfirmed(&fkey),
+            "a guessed acknowledgment"
+        );
+        let ack = tcp(c, vip, TCP_ACK, 1001, 5001).build();
+        assert_dnat(&f.run(&ack), &ack, &[be]);
+        assert!(!f.dp().conntrack_unconfirmed(&fkey) && f.ct(&fkey).is_some());
+        // Picked up mid-stream: unconfirmed; the backend's RST confirms nothing, its ACK does.
+        for (port, flags, confirms) in [(41401, TCP_RST, false), (41402, TCP_ACK, true)] {
+            let c = client(port);
+            let seg = tcp(c, vip, TCP_ACK | TCP_PSH, 3000, 9000)
+                .with_payload(b"x")
+                .build();
+            let be = assert_dnat(&f.run(&seg), &seg, &web_backends());
+            let (fkey, rkey) = (flow_key(c, vip, IPPROTO_TCP), flow_key(be, c, IPPROTO_TCP));
+            assert!(f.dp().conntrack_unconfirmed(&fkey));
+            let answer = from_backend(tcp(be, c, flags, 9000, 3001));
+            assert_reply(&f.run(&answer), vip, c);
+            assert_eq!(!f.dp().conntrack_unconfirmed(&fkey), confirms, "{flags:#x}");
+            if confirms {
+                assert!(f.ct(&fkey).is_some() && !f.dp().conntrack_unconfirmed(&rkey));
+            }
+        }
+    });
+}
+
 #[test]
 fn a_first_reply_after_its_backend_left_the_service_is_still_translated() {
     in_fixture_netns(|| {

@@ -123,11 +123,23 @@ fn a_flow_stays_on_its_backend_and_is_confirmed() {
         let data = Ipv6Packet::tcp(client6(40001), sa6(VIP6, 80), TCP_ACK | TCP_PSH)
             .with_payload(b"GET / HTTP/1.1\r\n\r\n")
             .build();
+        // An ACK before any SYN-ACK (a blind spoofer's) goes through but confirms nothing.
         assert_eq!(assert_fwd6(&f.run(&data), &data, &web6()), be);
         let fkey = flow_key6(client6(40001), sa6(VIP6, 80), IPPROTO_TCP);
+        assert!(f.dp().conntrack6_unconfirmed(&fkey));
+        // The backend's SYN-ACK (the default sequence number, 1000), then the client's ACK of
+        // it: confirmed.
+        let synack = Ipv6Packet::tcp(be, client6(40001), TCP_SYN | TCP_ACK).build();
+        f.run(&synack);
+        let mut ack = Ipv6Packet::tcp(client6(40001), sa6(VIP6, 80), TCP_ACK);
+        if let wire::L4::Tcp { ack: a, .. } = &mut ack.l4 {
+            *a = 1001;
+        }
+        let ack = ack.build();
+        assert_eq!(assert_fwd6(&f.run(&ack), &ack, &web6()), be);
         assert!(
             !f.dp().conntrack6_unconfirmed(&fkey),
-            "confirmed by the client's ACK"
+            "confirmed by the client's ACK of the SYN-ACK"
         );
         assert!(ct6(&f, &flow_key6(be, client6(40001), IPPROTO_TCP)).is_some());
         // Many clients spread over all three backends.

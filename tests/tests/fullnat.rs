@@ -339,8 +339,11 @@ fn an_exhausted_range_drops_and_counts_until_a_port_is_free_again() {
             f.ct(&flow_key(client(44000), vip, IPPROTO_TCP)).is_none(),
             "the abandoned flow went with its port"
         );
-        // A confirmed flow keeps its port however quiet (up to the idle timeout).
-        let ack_b = tcp(client(44001), vip, TCP_ACK, 2, 1).build();
+        // A confirmed flow (its client acknowledged the backend's SYN-ACK) keeps its port
+        // however quiet (up to the idle timeout).
+        let synack = from_backend(tcp(b8000(1), leg_a.peer, TCP_SYN | TCP_ACK, 7000, 2));
+        assert_reply(&f.run(&synack), vip, client(44001));
+        let ack_b = tcp(client(44001), vip, TCP_ACK, 2, 7001).build();
         assert_fwd(&f.run(&ack_b), &ack_b, &[b8000(1)], FULL);
         let mut e = f.ct(&rkey).unwrap();
         e.last_seen_ns = monotonic_ns() - ct::UNCONFIRMED_PORT_HOLD_NS - 1_000_000_000;
