@@ -1269,7 +1269,14 @@ fn take_full_nat_port(p: &Pkt) -> bool {
     // SAFETY: as in `new_full_nat_flow`.
     let s = unsafe { &mut *s };
     let hash = flow_hash(&p.key, config().hash_seed);
-    take_port(new_flow_table(&p.flow), &mut s.rkey, &s.half, hash, p)
+    // `take_port(new_flow_table(..), ..)` with the map a constant in each call: with the map
+    // chosen at run time by the protocol, the verifier processed 763,428 instructions of the
+    // IPv4 program instead of 571,414.
+    if core::ptr::eq(new_flow_table(&p.flow), &CT_NEW) {
+        take_port(&CT_NEW, &mut s.rkey, &s.half, hash, p)
+    } else {
+        take_port(&CONNTRACK, &mut s.rkey, &s.half, hash, p)
+    }
 }
 
 /// The last step of a new full-NAT flow, its port taken: turns `NAT_SCRATCH`'s reply entry into

@@ -1401,8 +1401,19 @@ fn finish_full_nat6(ctx: &TcContext, p: &Pkt6) -> bool {
 /// subprogram (own frame, under which `port_free6`'s fits).
 #[inline(never)]
 fn take_port6(p: &Pkt6) -> bool {
+    // The map a constant in each call (see `take_full_nat_port`): fewer instructions for the
+    // verifier than the map chosen at run time by the protocol.
+    if core::ptr::eq(new_table6(&p.flow), &CT_NEW6) {
+        take_port6_in(&CT_NEW6, p)
+    } else {
+        take_port6_in(&CONNTRACK6, p)
+    }
+}
+
+/// [`take_port6`]'s search, in `table`.
+#[inline(always)]
+fn take_port6_in(table: &'static Table6, p: &Pkt6) -> bool {
     let (cfg, now) = (config(), p.now);
-    let table = new_table6(&p.flow);
     let hash = flow_hash6(&p.key, cfg.hash_seed);
     let (first, last) = (cfg.snat_port_first, cfg.snat_port_last);
     if first == 0 || last < first {
