@@ -365,7 +365,7 @@ pub const fn starts_unconfirmed(proto: u8) -> bool {
 /// Records in an unconfirmed flow's forward entry `fwd` the acknowledgment its client's
 /// handshake ACK must carry, from the backend's SYN-ACK with sequence number `seq` (the
 /// forward entry's `backend_ack` and [`CT_F_ACK_KNOWN`] are otherwise unused until the flow
-/// is confirmed; [`confirmed`] clears them).
+/// is confirmed; [`clear_handshake`] clears them).
 #[inline(always)]
 pub const fn record_syn_ack(fwd: &mut CtEntry, tcp_flags: u8, seq: u32) {
     if tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN | TCP_ACK {

@@ -254,11 +254,7 @@ fn process(ctx: &TcContext) -> (i32, Reason) {
         if e.dir == DIR_REPLY {
             // Inlined (no BPF subprogram call on the tracked paths: each call and return pays
             // the CPU's return-thunk mitigation); the rare entries into it call `reply`.
-            let v = reply(ctx, p, e, table);
-            if v & CONFIRM != 0 {
-                confirm_by_reply(key);
-            }
-            return unpack(v & !CONFIRM);
+            return after_reply(reply(ctx, p, e, table), key);
         }
         if ct::expired(e, flow.proto, flow.tcp_flags, now, cfg) {
             // Idle past its timeout, or a bare SYN reusing a closed flow's tuple: the flow is
@@ -301,11 +297,7 @@ fn process(ctx: &TcContext) -> (i32, Reason) {
                 };
                 if let Some(e) = ct_lookup(table, key) {
                     // SAFETY: a value pointer returned by the map lookup (see above).
-                    let v = reply(ctx, p, unsafe { &mut *e }, table);
-                    if v & CONFIRM != 0 {
-                        confirm_by_reply(key);
-                    }
-                    return unpack(v & !CONFIRM);
+                    return after_reply(reply(ctx, p, unsafe { &mut *e }, table), key);
                 }
             }
         }
@@ -520,6 +512,16 @@ fn confirm(key: &FlowKey, e: &CtEntry) -> bool {
         let _ = CT_NEW.remove(&rkey);
     }
     true
+}
+
+/// The verdict of [`reply`]'s packed `v` for the packet keyed `key`, its flow confirmed first
+/// where `v` says so ([`CONFIRM`]).
+#[inline(always)]
+fn after_reply(v: u64, key: &FlowKey) -> (i32, Reason) {
+    if v & CONFIRM != 0 {
+        confirm_by_reply(key);
+    }
+    unpack(v & !CONFIRM)
 }
 
 /// Confirms the unconfirmed flow whose reply half is at `rkey` in CT_NEW, on its backend's

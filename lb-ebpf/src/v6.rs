@@ -519,7 +519,6 @@ fn process_inner(ctx: &TcContext) -> (i32, Reason) {
             && ct::handshake_confirms(&e.ct, flow.tcp_flags, flow.ack)
         {
             // The client's ACK of its backend's SYN-ACK (see `process`).
-            ct::clear_handshake(&mut e.ct);
             if !confirm6(key, e) {
                 count(Reason::EventCtInsertFailed);
                 return unpack(forward6(ctx, p, e, &CT_NEW6));
@@ -735,9 +734,12 @@ fn tcp_reset6_inner(ctx: &TcContext, flow: &Flow6) -> (i32, Reason) {
     (act, Reason::RejectNoBackend)
 }
 
-/// Moves a confirmed flow's pair from CT_NEW6 to CONNTRACK6 (see `confirm`).
+/// Moves a confirmed flow's pair from CT_NEW6 to CONNTRACK6 (see `confirm`), the forward
+/// entry's handshake bookkeeping cleared first, in place (its CT_NEW6 copy is about to go; a
+/// copy would not fit the stack).
 #[inline(never)]
-fn confirm6(key: &FlowKey6, e: &CtEntry6) -> bool {
+fn confirm6(key: &FlowKey6, e: &mut CtEntry6) -> bool {
+    ct::clear_handshake(&mut e.ct);
     let rkey = reply_key6(key, e);
     let rev = CT_NEW6
         .get_ptr(&rkey)
@@ -769,11 +771,8 @@ fn confirm_by_reply6(rkey: &FlowKey6) {
     };
     // SAFETY: as above; the entry is about to move (its CT_NEW6 copy is removed).
     let f = unsafe { &mut *f };
-    if is_forward_of6(f, &fkey, rkey) {
-        ct::clear_handshake(&mut f.ct);
-        if !confirm6(&fkey, f) {
-            count(Reason::EventCtInsertFailed);
-        }
+    if is_forward_of6(f, &fkey, rkey) && !confirm6(&fkey, f) {
+        count(Reason::EventCtInsertFailed);
     }
 }
 

@@ -273,6 +273,27 @@ fn a_flow_whose_entries_were_evicted_takes_its_key_back_from_a_spoofer() {
 /// so no window to judge the victim's segment against). Unanswered, it proved nothing: the
 /// victim's next segment takes the key back, as from a spoofer holding an unanswered reply half.
 /// Answered by the backend, it keeps the key, as a flow holding an answered reply half does.
+/// For the test below: evicts both halves of `victim`'s flow to the VIP on backend `be` (as a
+/// flood would), then sends a spoofed segment with `flags` as the victim to :8080, which must
+/// reach `be`. Returns the victim's reply key and the spoofed flow's forward key.
+fn evict_and_spoof(
+    f: &mut Fixture,
+    victim: SocketAddrV4,
+    be: SocketAddrV4,
+    flags: u8,
+) -> (lb_common::FlowKey, lb_common::FlowKey) {
+    let (fkey, rkey) = (
+        flow_key(victim, sa(VIP, 80), IPPROTO_TCP),
+        flow_key(be, victim, IPPROTO_TCP),
+    );
+    let dp = f.rec.dataplane_mut();
+    dp.conntrack_remove(&fkey).unwrap();
+    dp.conntrack_remove(&rkey).unwrap();
+    let spoof = tcp(victim, sa(HOST, 8080), flags, 77, 88).build();
+    assert_eq!(assert_dnat(&f.run(&spoof), &spoof, &[be]), be);
+    (rkey, flow_key(victim, sa(HOST, 8080), IPPROTO_TCP))
+}
+
 #[test]
 fn a_flow_whose_entries_were_evicted_takes_its_key_back_from_a_lazily_recorded_spoofer() {
     in_fixture_netns(|| {
@@ -290,16 +311,7 @@ fn a_flow_whose_entries_were_evicted_takes_its_key_back_from_a_lazily_recorded_s
                 from_backend(tcp(be, victim, TCP_ACK | TCP_PSH, 5001, 1001).with_payload(b"x"));
             assert_reply(&f.run(&answer), sa(VIP, 80), victim);
             // A flood evicts both halves; a spoofer sends as the victim to :8080 first.
-            let (fkey, rkey, skey) = (
-                flow_key(victim, sa(VIP, 80), IPPROTO_TCP),
-                flow_key(be, victim, IPPROTO_TCP),
-                flow_key(victim, sa(HOST, 8080), IPPROTO_TCP),
-            );
-            let dp = f.rec.dataplane_mut();
-            dp.conntrack_remove(&fkey).unwrap();
-            dp.conntrack_remove(&rkey).unwrap();
-            let spoof = tcp(victim, sa(HOST, 8080), flags, 77, 88).build();
-            assert_eq!(assert_dnat(&f.run(&spoof), &spoof, &[be]), be);
+            let (rkey, skey) = evict_and_spoof(&mut f, victim, be, flags);
             assert_eq!(f.ct(&skey).expect("recorded").lazy, ct::LAZY_RECORDED);
             assert!(f.ct(&rkey).is_none(), "recorded lazily: no reply half");
             // The victim's next segment gets through, and the spoofer's entry is gone.
@@ -323,16 +335,7 @@ fn a_flow_whose_entries_were_evicted_takes_its_key_back_from_a_lazily_recorded_s
         for (i, evict) in [false, true].into_iter().enumerate() {
             let victim = client(40140 + i as u16);
             handshake(&f, victim, sa(VIP, 80));
-            let (fkey, rkey, skey) = (
-                flow_key(victim, sa(VIP, 80), IPPROTO_TCP),
-                flow_key(be, victim, IPPROTO_TCP),
-                flow_key(victim, sa(HOST, 8080), IPPROTO_TCP),
-            );
-            let dp = f.rec.dataplane_mut();
-            dp.conntrack_remove(&fkey).unwrap();
-            dp.conntrack_remove(&rkey).unwrap();
-            let spoof = tcp(victim, sa(HOST, 8080), TCP_ACK, 77, 88).build();
-            assert_dnat(&f.run(&spoof), &spoof, &[be]);
+            let (rkey, skey) = evict_and_spoof(&mut f, victim, be, TCP_ACK);
             let answer = from_backend(tcp(be, victim, TCP_ACK, 5001, 1001));
             assert_reply(&f.run(&answer), sa(HOST, 8080), victim);
             assert_eq!(f.ct(&skey).expect("recorded").lazy, ct::LAZY_ANSWERED);

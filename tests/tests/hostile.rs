@@ -867,13 +867,17 @@ fn legit_flows_through_a_flood(rounds: u64, per_round: u64, nat: Nat) {
                         );
                         flood_packets += 1;
                         if a == TC_ACT_REDIRECT {
+                            // The SYN-ACK's sequence number is 1000: the client's ACK (1001)
+                            // completes the handshake, so the flow is confirmed into the main
+                            // map like a real client's.
                             let o = wire::parse(&out);
                             let mut sa_ = Ipv4Packet::tcp(o.dst, o.src, TCP_SYN | TCP_ACK);
                             sa_.src_mac = backend_mac(*o.dst.ip());
                             run(&mut runner, &sa_.build(), nat);
                             run(
                                 &mut runner,
-                                &Ipv4Packet::tcp(src, service, TCP_ACK).build(),
+                                &Ipv4Packet::tcp_seq(src, service, TCP_ACK, 1001, 1001, &[])
+                                    .build(),
                                 nat,
                             );
                             flood_packets += 2;
