@@ -431,6 +431,67 @@ fn truncated_or_malformed_l4_headers_are_dropped() {
     });
 }
 
+/// A packet to a port no service or backend uses leaves by the program's first check, before
+/// the parse, but only once that check has judged it as the parse would: malformed headers are
+/// dropped and counted, fragments and IP options take their own paths, whatever the port.
+#[test]
+fn malformed_headers_to_a_port_of_no_service_are_judged_as_any_other() {
+    in_fixture_netns(|| {
+        let f = standard();
+        let tcp = Ipv4Packet::tcp(client(40013), sa(HOST, 22), TCP_ACK).with_payload(b"ssh");
+        let good = tcp.clone().build();
+        assert_untouched(&f.run(&good), &good, Reason::PassNoService);
+        let ip_cases: [(&str, fn(&mut Vec<u8>)); 4] = [
+            ("version 6 in an IPv4 frame", |v| v[14] = 0x65),
+            ("total length beyond the frame", |v| {
+                v[16..18].copy_from_slice(&200u16.to_be_bytes())
+            }),
+            ("total length shorter than the header", |v| {
+                v[16..18].copy_from_slice(&10u16.to_be_bytes())
+            }),
+            ("IHL < 5", |v| v[14] = 0x44),
+        ];
+        for (what, mangle) in ip_cases {
+            let mut v = good.clone();
+            mangle(&mut v);
+            let run = f.run(&v);
+            assert_eq!(run.exits(), [Reason::DropIpMalformed.name()], "{what}: {run:?}");
+        }
+        let l4_cases: [(&str, fn(&mut Vec<u8>)); 3] = [
+            ("TCP data offset < 5", |v| v[14 + 20 + 12] = 0x40),
+            ("TCP data offset past the IP payload", |v| v[14 + 20 + 12] = 0xf0),
+            ("total length leaving no room for the TCP header", |v| {
+                v[16..18].copy_from_slice(&30u16.to_be_bytes())
+            }),
+        ];
+        for (what, mangle) in l4_cases {
+            let mut v = good.clone();
+            mangle(&mut v);
+            let run = f.run(&v);
+            assert_eq!(run.exits(), [Reason::DropL4Malformed.name()], "{what}: {run:?}");
+        }
+        let udp = Ipv4Packet::udp(client(5006), sa(HOST, 5354), b"abc").build();
+        assert_untouched(&f.run(&udp), &udp, Reason::PassNoService);
+        let mut v = udp.clone();
+        v[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&100u16.to_be_bytes());
+        assert_dropped(&f.run(&v), Reason::DropL4Malformed);
+        let mut v = udp.clone();
+        v[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&7u16.to_be_bytes());
+        assert_dropped(&f.run(&v), Reason::DropL4Malformed);
+        let mut frag = tcp.clone();
+        frag.frag = 0x2000;
+        let pkt = frag.build();
+        assert_untouched(&f.run(&pkt), &pkt, Reason::PassFragment);
+        let mut opts = tcp;
+        opts.options = vec![1, 1, 1, 1];
+        let pkt = opts.build();
+        let run = f.run(&pkt);
+        assert_untouched(&run, &pkt, Reason::PassNoService);
+        assert_eq!(run.counted(Reason::EventIpOptions), 1, "{run:?}");
+        assert!(f.dp().conntrack_entries().is_empty());
+    });
+}
+
 #[test]
 fn ip_options_are_handled_and_counted() {
     in_fixture_netns(|| {
