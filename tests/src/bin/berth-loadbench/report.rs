@@ -90,6 +90,9 @@ pub struct Target {
     pub text: String,
     pub value: f64,
     pub pass: bool,
+    /// Said beside the result: for a rate target against a peer, when even `direct` (the same
+    /// traffic with no balancer, every contender's ceiling) is under the ratio asked for.
+    pub note: Option<String>,
 }
 
 pub fn targets(res: &Results, present: &[Contender]) -> Vec<Target> {
@@ -104,6 +107,7 @@ pub fn targets(res: &Results, present: &[Contender]) -> Vec<Target> {
                 text: format!("{label} berth >= {min}x {}", other.name()),
                 value: v,
                 pass: v >= min,
+                note: ceiling_note(res, present, w, m, other, min),
             });
         }
     };
@@ -126,6 +130,7 @@ pub fn targets(res: &Results, present: &[Contender]) -> Vec<Target> {
                 text: format!("{label} berth-fullnat >= {min}x haproxy-remote"),
                 value: v,
                 pass: v >= min,
+                note: None,
             });
         }
         if has(Direct) {
@@ -135,6 +140,7 @@ pub fn targets(res: &Results, present: &[Contender]) -> Vec<Target> {
                 text: "new conn balancer CPU berth-fullnat <= 0.3x haproxy-remote".into(),
                 value: v,
                 pass: v <= 0.3,
+                note: None,
             });
         }
     }
@@ -148,6 +154,7 @@ pub fn targets(res: &Results, present: &[Contender]) -> Vec<Target> {
                 text: format!("{} p99 berth <= 1.1x {}", w.name(), d.name()),
                 value: v,
                 pass: v <= 1.1,
+                note: None,
             });
         }
     }
@@ -159,6 +166,7 @@ pub fn targets(res: &Results, present: &[Contender]) -> Vec<Target> {
                 text: format!("new conn balancer CPU berth <= {max}x {}", other.name()),
                 value: v,
                 pass: v <= max,
+                note: None,
             });
         }
     }
@@ -178,9 +186,35 @@ pub fn targets(res: &Results, present: &[Contender]) -> Vec<Target> {
             text: format!("{} CPU/100k berth lowest of the balancers", w.name()),
             value: v,
             pass: v < 1.0,
+            note: None,
         });
     }
     t
+}
+
+/// The note of a rate target "berth >= `min`x `other`" when `direct`, the same traffic through
+/// the same hops with no balancer, made less than `min`x `other`'s rate: then no balancer could
+/// meet the target on this machine (berth's rate is at most the ceiling, give or take noise).
+fn ceiling_note(
+    res: &Results,
+    present: &[Contender],
+    w: Workload,
+    m: Metric,
+    other: Contender,
+    min: f64,
+) -> Option<String> {
+    if matches!(other, Contender::Direct | Contender::Direct1)
+        || !present.contains(&Contender::Direct)
+    {
+        return None;
+    }
+    let ceiling = med(res, Contender::Direct, w, m) / med(res, other, w, m);
+    (ceiling < min).then(|| {
+        format!(
+            "out of reach here: direct, with no balancer, made {ceiling:.2}x {}",
+            other.name()
+        )
+    })
 }
 
 pub fn first_line_value(path: &str, key: &str) -> String {
@@ -283,12 +317,12 @@ pub fn report(res: &Results, a: &Args, present: &[Contender], started: Instant) 
     let ts = targets(res, present);
     md += "\n| target | measured | result |\n|---|---|---|\n";
     for t in &ts {
-        md += &format!(
-            "| {} | {:.2}x | {} |\n",
-            t.text,
-            t.value,
-            if t.pass { "pass" } else { "miss" }
-        );
+        let result = if t.pass { "pass" } else { "miss" };
+        let note = t
+            .note
+            .as_ref()
+            .map_or_else(String::new, |n| format!(" ({n})"));
+        md += &format!("| {} | {:.2}x | {result}{note} |\n", t.text, t.value);
     }
     md += &format!(
         "\nTotal {:.0} s. CPU = machine-wide system + softirq seconds over the run (+ HAProxy's user time), \
@@ -344,7 +378,7 @@ pub fn report(res: &Results, a: &Args, present: &[Contender], started: Instant) 
             "median": "per figure over rounds; contenders interleaved, order rotated each round",
         },
         "contenders": contenders,
-        "targets": ts.iter().map(|t| json!({"target": t.text, "value": t.value, "pass": t.pass})).collect::<Vec<_>>(),
+        "targets": ts.iter().map(|t| json!({"target": t.text, "value": t.value, "pass": t.pass, "note": t.note})).collect::<Vec<_>>(),
     });
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -392,6 +426,50 @@ mod tests {
             .find(|t| t.text.contains("balancer CPU") && t.text.contains("nftables"))
             .expect("balancer CPU target");
         assert!((bal.value - 0.25).abs() < 1e-9 && bal.pass);
+    }
+
+    fn rate(r: f64) -> Run {
+        Run {
+            rps: r,
+            ..Run::default()
+        }
+    }
+
+    #[test]
+    fn a_rate_target_above_directs_own_ratio_says_it_is_out_of_reach() {
+        let mut res = Results::new();
+        let w = Workload::NewConn;
+        res.insert((Contender::Direct, w), vec![rate(27000.0)]);
+        res.insert((Contender::Berth, w), vec![rate(26500.0)]);
+        res.insert((Contender::Haproxy, w), vec![rate(15000.0)]);
+        res.insert((Contender::Nftables, w), vec![rate(23000.0)]);
+        let present = [
+            Contender::Direct,
+            Contender::Berth,
+            Contender::Nftables,
+            Contender::Haproxy,
+        ];
+        let t = targets(&res, &present);
+        let find = |text: &str| {
+            t.iter()
+                .find(|t| t.text == text)
+                .unwrap_or_else(|| panic!("no target {text}"))
+        };
+        // 1.77x HAProxy, direct itself 1.8x: missed, and said to be out of reach.
+        let h = find("new conn/s berth >= 2x haproxy");
+        assert!(!h.pass);
+        assert!(
+            h.note
+                .as_deref()
+                .is_some_and(|n| n.contains("1.80x haproxy")),
+            "{:?}",
+            h.note
+        );
+        // 1.15x nftables with direct at 1.17x: met, and within reach (no note).
+        let n = find("new conn/s berth >= 1.1x nftables");
+        assert!(n.pass && n.note.is_none(), "{:?}", n.note);
+        // Against direct itself there is no ceiling to speak of.
+        assert!(find("new conn/s berth >= 0.9x direct").note.is_none());
     }
 
     #[test]
