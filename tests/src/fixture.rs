@@ -49,6 +49,13 @@ pub fn backend_mac(addr: Ipv4Addr) -> [u8; 6] {
     m
 }
 
+/// A packet from a backend (its source), with that backend's MAC, as the fixture's backends
+/// send theirs.
+pub fn from_backend(mut p: wire::Ipv4Packet) -> Vec<u8> {
+    p.src_mac = backend_mac(*p.src.ip());
+    p.build()
+}
+
 /// Runs `f` on a thread inside a fresh, configured network namespace and propagates its panic.
 pub fn in_fixture_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     std::thread::spawn(move || {

@@ -39,12 +39,6 @@ fn back(leg: Leg, flags: u8, seq: u32, ack: u32) -> Ipv4Packet {
     tcp(leg.backend, leg.peer, flags, seq, ack)
 }
 
-/// A packet from backend `be`, with its MAC.
-fn from_backend(mut p: Ipv4Packet) -> Vec<u8> {
-    p.src_mac = backend_mac(*p.src.ip());
-    p.build()
-}
-
 /// Checks a reply translation: source rewritten to `service`, sent to `to`, checksums right.
 fn assert_reply(run: &Run, service: SocketAddrV4, to: SocketAddrV4) {
     assert_eq!(run.action, TC_ACT_REDIRECT, "{run:?}");

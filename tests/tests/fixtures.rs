@@ -431,8 +431,8 @@ fn truncated_or_malformed_l4_headers_are_dropped() {
     });
 }
 
-/// A named change to a frame.
-type Mangle = (&'static str, fn(&mut Vec<u8>));
+/// A named change to a frame, and the exit the program must take for it.
+type Mangle = (&'static str, fn(&mut Vec<u8>), Reason);
 
 /// A packet to a port no service or backend uses is judged as one to a service: malformed
 /// headers are dropped and counted, fragments and IP options take their own paths, whatever the
@@ -445,44 +445,44 @@ fn malformed_headers_to_a_port_of_no_service_are_judged_as_any_other() {
         let tcp = Ipv4Packet::tcp(client(40013), sa(HOST, 22), TCP_ACK).with_payload(b"ssh");
         let good = tcp.clone().build();
         assert_untouched(&f.run(&good), &good, Reason::PassNoService);
-        let ip_cases: [Mangle; 4] = [
-            ("version 6 in an IPv4 frame", |v| v[14] = 0x65),
-            ("total length beyond the frame", |v| {
-                v[16..18].copy_from_slice(&200u16.to_be_bytes())
-            }),
-            ("total length shorter than the header", |v| {
-                v[16..18].copy_from_slice(&10u16.to_be_bytes())
-            }),
-            ("IHL < 5", |v| v[14] = 0x44),
+        let cases: [Mangle; 7] = [
+            (
+                "version 6 in an IPv4 frame",
+                |v| v[14] = 0x65,
+                Reason::DropIpMalformed,
+            ),
+            (
+                "total length beyond the frame",
+                |v| v[16..18].copy_from_slice(&200u16.to_be_bytes()),
+                Reason::DropIpMalformed,
+            ),
+            (
+                "total length shorter than the header",
+                |v| v[16..18].copy_from_slice(&10u16.to_be_bytes()),
+                Reason::DropIpMalformed,
+            ),
+            ("IHL < 5", |v| v[14] = 0x44, Reason::DropIpMalformed),
+            (
+                "TCP data offset < 5",
+                |v| v[14 + 20 + 12] = 0x40,
+                Reason::DropL4Malformed,
+            ),
+            (
+                "TCP data offset past the IP payload",
+                |v| v[14 + 20 + 12] = 0xf0,
+                Reason::DropL4Malformed,
+            ),
+            (
+                "total length leaving no room for the TCP header",
+                |v| v[16..18].copy_from_slice(&30u16.to_be_bytes()),
+                Reason::DropL4Malformed,
+            ),
         ];
-        for (what, mangle) in ip_cases {
+        for (what, mangle, reason) in cases {
             let mut v = good.clone();
             mangle(&mut v);
             let run = f.run(&v);
-            assert_eq!(
-                run.exits(),
-                [Reason::DropIpMalformed.name()],
-                "{what}: {run:?}"
-            );
-        }
-        let l4_cases: [Mangle; 3] = [
-            ("TCP data offset < 5", |v| v[14 + 20 + 12] = 0x40),
-            ("TCP data offset past the IP payload", |v| {
-                v[14 + 20 + 12] = 0xf0
-            }),
-            ("total length leaving no room for the TCP header", |v| {
-                v[16..18].copy_from_slice(&30u16.to_be_bytes())
-            }),
-        ];
-        for (what, mangle) in l4_cases {
-            let mut v = good.clone();
-            mangle(&mut v);
-            let run = f.run(&v);
-            assert_eq!(
-                run.exits(),
-                [Reason::DropL4Malformed.name()],
-                "{what}: {run:?}"
-            );
+            assert_eq!(run.exits(), [reason.name()], "{what}: {run:?}");
         }
         let udp = Ipv4Packet::udp(client(5006), sa(HOST, 5354), b"abc").build();
         assert_untouched(&f.run(&udp), &udp, Reason::PassNoService);

@@ -43,12 +43,6 @@ fn one_backend(ports: PortRange) -> Fixture {
     )
 }
 
-/// A packet from the backend side of `leg`, with the backend's MAC.
-fn from_backend(mut p: Ipv4Packet) -> Vec<u8> {
-    p.src_mac = backend_mac(*p.src.ip());
-    p.build()
-}
-
 fn tcp(src: SocketAddrV4, dst: SocketAddrV4, flags: u8, seq: u32, ack: u32) -> Ipv4Packet {
     Ipv4Packet::tcp_seq(src, dst, flags, seq, ack, &[])
 }

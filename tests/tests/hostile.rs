@@ -450,9 +450,11 @@ fn conntrack_flood(flood: u64, long: usize, every: u64, nat: Nat) {
             assert_eq!(action, TC_ACT_REDIRECT);
             let o = wire::parse(out);
             pinned.push((o.dst, o.src));
-            let mut synack = Ipv4Packet::tcp_seq(o.dst, o.src, TCP_SYN | TCP_ACK, 5000, 1001, &[]);
-            synack.src_mac = backend_mac(*o.dst.ip());
-            assert_eq!(runner.run(&synack.build()).expect("run").0, TC_ACT_REDIRECT);
+            let synack = Ipv4Packet::tcp_seq(o.dst, o.src, TCP_SYN | TCP_ACK, 5000, 1001, &[]);
+            assert_eq!(
+                runner.run(&from_backend(synack)).expect("run").0,
+                TC_ACT_REDIRECT
+            );
             let ack = Ipv4Packet::tcp_seq(*c, sa(VIP, 80), TCP_ACK, 1001, 5001, &[]).build();
             assert_eq!(runner.run(&ack).expect("run").0, TC_ACT_REDIRECT);
         }
@@ -487,10 +489,9 @@ fn conntrack_flood(flood: u64, long: usize, every: u64, nat: Nat) {
                     let (action, out) = runner.run(&syn).expect("run");
                     if action == TC_ACT_REDIRECT {
                         let o = wire::parse(out);
-                        let mut synack =
+                        let synack =
                             Ipv4Packet::tcp_seq(o.dst, o.src, TCP_SYN | TCP_ACK, 7000, 1001, &[]);
-                        synack.src_mac = backend_mac(*o.dst.ip());
-                        runner.run(&synack.build()).expect("run");
+                        runner.run(&from_backend(synack)).expect("run");
                     }
                     runner
                         .run(&blind_ack(1001, rng.next_u64() as u32))
@@ -503,9 +504,8 @@ fn conntrack_flood(flood: u64, long: usize, every: u64, nat: Nat) {
                         .expect("run");
                     if action == TC_ACT_REDIRECT {
                         let o = wire::parse(out);
-                        let mut rst = Ipv4Packet::tcp_seq(o.dst, o.src, TCP_RST, 2000, 0, &[]);
-                        rst.src_mac = backend_mac(*o.dst.ip());
-                        runner.run(&rst.build()).expect("run");
+                        let rst = Ipv4Packet::tcp_seq(o.dst, o.src, TCP_RST, 2000, 0, &[]);
+                        runner.run(&from_backend(rst)).expect("run");
                     }
                 }
             }
@@ -871,9 +871,8 @@ fn legit_flows_through_a_flood(rounds: u64, per_round: u64, nat: Nat) {
                             // completes the handshake, so the flow is confirmed into the main
                             // map like a real client's.
                             let o = wire::parse(&out);
-                            let mut sa_ = Ipv4Packet::tcp(o.dst, o.src, TCP_SYN | TCP_ACK);
-                            sa_.src_mac = backend_mac(*o.dst.ip());
-                            run(&mut runner, &sa_.build(), nat);
+                            let synack = Ipv4Packet::tcp(o.dst, o.src, TCP_SYN | TCP_ACK);
+                            run(&mut runner, &from_backend(synack), nat);
                             run(
                                 &mut runner,
                                 &Ipv4Packet::tcp_seq(src, service, TCP_ACK, 1001, 1001, &[])

@@ -33,12 +33,6 @@ fn tcp(src: SocketAddrV4, dst: SocketAddrV4, flags: u8, seq: u32, ack: u32) -> I
     Ipv4Packet::tcp_seq(src, dst, flags, seq, ack, b"GET / HTTP/1.1\r\n\r\n")
 }
 
-/// A packet from a backend, with its MAC.
-fn from_backend(mut p: Ipv4Packet) -> Vec<u8> {
-    p.src_mac = backend_mac(*p.src.ip());
-    p.build()
-}
-
 /// A completed handshake client -> VIP:80 through the TC program (client ISN 1000, backend
 /// ISN 5000). Returns how the backend sees the flow.
 fn handshake(f: &Fixture, c: SocketAddrV4, nat: Nat) -> Leg {
