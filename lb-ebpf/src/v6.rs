@@ -425,7 +425,8 @@ fn parse_icmp6_error(
     q.sport = ports[0];
     q.dport = ports[1];
     q.proto = proto;
-    q._pad = [0; 3];
+    q._pad = 0;
+    q._pad2 = 0;
     quote.icmp_off = icmp_off;
     quote.inner_off = inner_off;
     quote.inner_l4_off = inner_l4_off;
@@ -475,7 +476,8 @@ fn process_inner(ctx: &TcContext) -> (i32, Reason) {
     k.sport = flow.sport;
     k.dport = flow.dport;
     k.proto = flow.proto;
-    k._pad = [0; 3];
+    k._pad = 0;
+    k._pad2 = 0;
     // SAFETY: helper without arguments.
     p.now = unsafe { bpf_ktime_get_coarse_ns() };
     p.bytes = u64::from(ctx.len());
@@ -1224,7 +1226,8 @@ fn new_dnat_flow6(
     rk.sport = backend.port;
     rk.dport = flow.sport;
     rk.proto = flow.proto;
-    rk._pad = [0; 3];
+    rk._pad = 0;
+    rk._pad2 = 0;
     // Usually neither map holds the key: two inlined lookups, and `claim6`'s call only where
     // one does.
     if (CONNTRACK6.get_ptr(&w.rkey).is_some() && !claim6(&CONNTRACK6, &w.rkey, flow, now, cfg))
@@ -1357,7 +1360,8 @@ fn start_full_nat6(ctx: &TcContext, p: &Pkt6, ids: u64) -> Result<(i32, Reason),
     rk.sport = backend.port;
     rk.dport = 0;
     rk.proto = flow.proto;
-    rk._pad = [0; 3];
+    rk._pad = 0;
+    rk._pad2 = 0;
     Ok((act, reason))
 }
 
@@ -1648,7 +1652,8 @@ fn icmp_error6_inner(ctx: &TcContext, p: &mut Pkt6) -> (i32, Reason) {
     k.sport = q.dport;
     k.dport = q.sport;
     k.proto = q.proto;
-    k._pad = [0; 3];
+    k._pad = 0;
+    k._pad2 = 0;
     let Some(ent) = CONNTRACK6
         .get_ptr(&p.key)
         .or_else(|| CT_NEW6.get_ptr(&p.key))
