@@ -778,6 +778,62 @@ fn confirm_by_reply6(rkey: &FlowKey6) {
     }
 }
 
+/// `*dst = *src` for an IPv6 address, word by word. A plain assignment between two map values
+/// (which LLVM cannot prove apart) became a call to the eBPF build's byte-wise `memmove`
+/// subprogram, and a `[0; 4]` store a call to `memset`: 16 loop rounds each, several per new
+/// flow.
+#[inline(always)]
+fn set_addr(dst: &mut [u32; 4], src: &[u32; 4]) {
+    // Volatile stores: plain ones were merged back into the `memmove` call.
+    for (d, s) in dst.iter_mut().zip(src) {
+        // SAFETY: `d` is a valid, aligned, exclusive reference.
+        unsafe { core::ptr::write_volatile(d, *s) };
+    }
+}
+
+/// `*dst = *src` for a route, word by word (see [`set_addr`]; a `Route` is four aligned words).
+#[inline(always)]
+fn set_route(dst: &mut Route, src: &Route) {
+    // SAFETY: `Route` is `repr(C)`, 16 bytes, 4-aligned: valid as `[u32; 4]` both ways.
+    let (d, s) = unsafe {
+        (
+            &mut *(dst as *mut Route).cast::<[u32; 4]>(),
+            &*(src as *const Route).cast::<[u32; 4]>(),
+        )
+    };
+    set_addr(d, s);
+}
+
+/// `*dst = Route::NONE` without the `memset` call (see [`set_addr`]).
+#[inline(always)]
+fn clear_route(dst: &mut Route) {
+    // SAFETY: as in `set_route`.
+    zero_addr(unsafe { &mut *(dst as *mut Route).cast::<[u32; 4]>() });
+}
+
+/// Writes a 16-byte address into the packet at `a` (checked by `ptr_at`), word by word: an
+/// array store there became a call to the byte-wise `memmove` subprogram.
+///
+/// # Safety
+/// `a` must point to 16 writable bytes of packet data.
+#[inline(always)]
+unsafe fn write_addr(a: *mut [u32; 4], v: &[u32; 4]) {
+    let w = a.cast::<u32>();
+    for (i, x) in v.iter().enumerate() {
+        // SAFETY: the caller's 16 bytes; unaligned word stores are what the packet allows.
+        unsafe { w.add(i).write_unaligned(*x) };
+    }
+}
+
+/// `*dst = [0; 4]` without the `memset` call (see [`set_addr`]).
+#[inline(always)]
+fn zero_addr(dst: &mut [u32; 4]) {
+    for d in dst.iter_mut() {
+        // SAFETY: as in `set_addr`.
+        unsafe { core::ptr::write_volatile(d, 0) };
+    }
+}
+
 /// Inserts the missing half of the flow whose other half is `from` (see `rebuild`): for full
 /// NAT the other end too (the client a client -> service packet comes from; berth's address
 /// and port a backend's packet was sent to).
@@ -1221,8 +1277,8 @@ fn new_dnat_flow6(
         return exit(Reason::AbortMap);
     };
     let rk = &mut w.rkey;
-    rk.saddr = backend.addr;
-    rk.daddr = flow.saddr;
+    set_addr(&mut rk.saddr, &backend.addr);
+    set_addr(&mut rk.daddr, &flow.saddr);
     rk.sport = backend.port;
     rk.dport = flow.sport;
     rk.proto = flow.proto;
@@ -1243,8 +1299,8 @@ fn new_dnat_flow6(
         route_to_backend6(ctx, p, backend_id, (baddr, bport), &flow.saddr, w);
 
     let h = &mut w.half;
-    h.nat_addr = *baddr;
-    h.fnat_addr = [0; 4];
+    set_addr(&mut h.nat_addr, baddr);
+    zero_addr(&mut h.fnat_addr);
     h.ct.nat_addr = 0;
     h.ct.nat_port = bport;
     h.ct.dir = DIR_FORWARD;
@@ -1269,10 +1325,10 @@ fn new_dnat_flow6(
     };
     let fwd_ok = table.insert(key, &w.half, 0).is_ok();
     let h = &mut w.half;
-    h.nat_addr = flow.daddr;
+    set_addr(&mut h.nat_addr, &flow.daddr);
     h.ct.nat_port = flow.dport;
     h.ct.dir = DIR_REPLY;
-    h.ct.route = Route::NONE;
+    clear_route(&mut h.ct.route);
     if !fwd_ok || table.insert(&w.rkey, &w.half, 0).is_err() {
         count(Reason::EventCtInsertFailed);
     }
@@ -1332,10 +1388,10 @@ fn start_full_nat6(ctx: &TcContext, p: &Pkt6, ids: u64) -> Result<(i32, Reason),
         &backend.snat_addr,
         w,
     );
-    w.route = w.half.ct.route;
+    set_route(&mut w.route, &w.half.ct.route);
     let h = &mut w.half;
-    h.nat_addr = flow.daddr;
-    h.fnat_addr = flow.saddr;
+    set_addr(&mut h.nat_addr, &flow.daddr);
+    set_addr(&mut h.fnat_addr, &flow.saddr);
     h.ct.nat_addr = 0;
     h.ct.nat_port = flow.dport;
     h.ct.dir = DIR_REPLY;
@@ -1347,7 +1403,7 @@ fn start_full_nat6(ctx: &TcContext, p: &Pkt6, ids: u64) -> Result<(i32, Reason),
     h.ct.backend_id = backend_id;
     h.ct.service_id = service_id;
     h.ct.last_seen_ns = now;
-    h.ct.route = Route::NONE;
+    clear_route(&mut h.ct.route);
     h.ct.backend_ack = 0;
     h.ct.in_ifindex = in_ifindex;
     h.ct.fnat_addr = 0;
@@ -1355,8 +1411,8 @@ fn start_full_nat6(ctx: &TcContext, p: &Pkt6, ids: u64) -> Result<(i32, Reason),
     h.ct.flags = CT_F_FULLNAT;
     h.ct.lazy = 0;
     let rk = &mut w.rkey;
-    rk.saddr = backend.addr;
-    rk.daddr = backend.snat_addr;
+    set_addr(&mut rk.saddr, &backend.addr);
+    set_addr(&mut rk.daddr, &backend.snat_addr);
     rk.sport = backend.port;
     rk.dport = 0;
     rk.proto = flow.proto;
@@ -1375,11 +1431,11 @@ fn finish_full_nat6(ctx: &TcContext, p: &Pkt6) -> bool {
         return false;
     };
     let h = &mut w.half;
-    h.nat_addr = w.rkey.saddr;
-    h.fnat_addr = w.rkey.daddr;
+    set_addr(&mut h.nat_addr, &w.rkey.saddr);
+    set_addr(&mut h.fnat_addr, &w.rkey.daddr);
     h.ct.nat_port = w.rkey.sport;
     h.ct.dir = DIR_FORWARD;
-    h.ct.route = w.route;
+    set_route(&mut h.ct.route, &w.route);
     h.ct.fnat_port = w.rkey.dport;
     if new_table6(flow).insert(&p.key, &w.half, 0).is_err() {
         // The reply entry stays: a reply rebuilds the forward half from it, and a new flow may
@@ -1493,13 +1549,13 @@ fn route_to_backend6(
     let (flow, now, cfg) = (&p.flow, p.now, config());
     let redirect = cfg.flags & CFG_F_REDIRECT != 0;
     let t = &mut w.tuple;
-    t.src = *src;
-    t.dst = *baddr;
+    set_addr(&mut t.src, src);
+    set_addr(&mut t.dst, baddr);
     t.sport = flow.sport;
     t.dport = bport;
     let Some(cached) = BACKEND_ROUTES.get_ptr_mut(backend_id) else {
         fib6(ctx, flow, &w.tuple, &mut w.fib);
-        w.half.ct.route = w.fib.route;
+        set_route(&mut w.half.ct.route, &w.fib.route);
         let (act, reason) = send6(ctx, &w.fib, false, redirect);
         return (act, reason, w.fib.ifindex);
     };
@@ -1507,7 +1563,7 @@ fn route_to_backend6(
     let cached = unsafe { &mut *cached };
     let fresh = now.wrapping_sub(cached.stamp_ns) <= ct::TOUCH_INTERVAL_NS;
     if cached.route.ifindex != 0 && fresh {
-        w.half.ct.route = cached.route;
+        set_route(&mut w.half.ct.route, &cached.route);
         let (act, reason) = if redirect {
             redirect6_cached(ctx, &cached.route, false)
         } else {
@@ -1517,10 +1573,14 @@ fn route_to_backend6(
     }
     // Looked up even without redirect: the backend's interface guards its replies.
     fib6(ctx, flow, &w.tuple, &mut w.fib);
-    cached.route = w.fib.route;
+    set_route(&mut cached.route, &w.fib.route);
     cached.stamp_ns = now;
     let (act, reason) = send6(ctx, &w.fib, false, redirect);
-    w.half.ct.route = if redirect { w.fib.route } else { Route::NONE };
+    if redirect {
+        set_route(&mut w.half.ct.route, &w.fib.route);
+    } else {
+        clear_route(&mut w.half.ct.route);
+    }
     (act, reason, w.fib.ifindex)
 }
 
@@ -1561,7 +1621,7 @@ fn rewrite6(
     // SAFETY: `ptr_at` checked both fields lie inside the packet; the checksum helpers below
     // come after the last direct access.
     unsafe {
-        a.write_unaligned(*addr);
+        write_addr(a, addr);
         p.write_unaligned(port);
     }
     // The addresses' difference, as a difference (size 0) flagged IPv6: with no header
@@ -1607,8 +1667,8 @@ fn rewrite_both6(
     // SAFETY: `ptr_at` checked the fields lie inside the packet; the checksum helpers below
     // come after the last direct access.
     unsafe {
-        src_a.write_unaligned(*src.0);
-        dst_a.write_unaligned(*dst.0);
+        write_addr(src_a, src.0);
+        write_addr(dst_a, dst.0);
         ports.write_unaligned([src.1, dst.1]);
     }
     let pseudo = u64::from(BPF_F_PSEUDO_HDR) | mangled0;
@@ -1796,7 +1856,7 @@ fn replace_addr(ctx: &TcContext, off: usize, old: &[u32; 4], new: &[u32; 4]) -> 
     let a = ptr_at::<[u32; 4]>(ctx, off).ok_or(())?;
     // SAFETY: `ptr_at` checked the 16 bytes lie inside the packet; TC programs may write packet
     // data directly.
-    unsafe { a.write_unaligned(*new) };
+    unsafe { write_addr(a, new) };
     Ok(diff16_sub(old, new))
 }
 
