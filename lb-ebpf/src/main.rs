@@ -44,8 +44,8 @@ use crate::{
         PORTS, SCRATCH, SERVICES, TC_V6, account, count,
     },
     nat::{
-        IcmpNat, Side, fib, ingress_ifindex, redirect_cached, rewrite, rewrite_both, rewrite_icmp,
-        route, send,
+        IcmpNat, Side, clear_route, fib, ingress_ifindex, redirect_cached, rewrite, rewrite_both,
+        rewrite_icmp, route, send,
     },
     parse::{Flow, IcmpQuote, Parsed, parse, tcp_data_len},
 };
@@ -1171,7 +1171,7 @@ fn new_flow_inner(ctx: &TcContext, p: &Pkt) -> Pick {
         half.nat_addr = flow.daddr;
         half.nat_port = flow.dport;
         half.dir = DIR_REPLY;
-        half.route = Route::NONE;
+        clear_route(&mut half.route);
         if table.insert(rev_key, half, 0).is_err() {
             count(Reason::EventCtInsertFailed);
         }
@@ -1239,7 +1239,7 @@ fn new_full_nat_flow_inner(
         backend_id,
         service_id,
         last_seen_ns: now,
-        route: Route::NONE,
+        route,
         backend_ack: 0,
         in_ifindex,
         fnat_addr: flow.saddr,
@@ -1247,6 +1247,8 @@ fn new_full_nat_flow_inner(
         flags: CT_F_FULLNAT,
         lazy: 0,
     };
+    // Not `route: Route::NONE` above: a zeroing store of it became a `memset` call.
+    clear_route(&mut s.half.route);
     // The backend's address, berth's address, the backend's port; the port is taken next.
     s.rkey = FlowKey::new(backend.addr, backend.snat_addr, backend.port, 0, flow.proto);
     Ok((act, reason))

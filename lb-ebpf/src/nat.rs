@@ -383,3 +383,45 @@ pub fn route(
     let (act, reason) = send(ctx, &f, reply, true);
     (act, reason, f.route)
 }
+
+/// `*dst = *src` for 16 bytes of four words (an IPv6 address), word by word. A plain assignment
+/// between two map values (which LLVM cannot prove apart) became a call to the eBPF build's
+/// byte-wise `memmove` subprogram, and a zeroing store (`[0; 4]`, `Route::NONE`) a call to
+/// `memset`: 16 loop rounds each, several per new flow.
+#[inline(always)]
+pub(crate) fn set_addr(dst: &mut [u32; 4], src: &[u32; 4]) {
+    // Volatile stores: plain ones were merged back into the `memmove` call.
+    for (d, s) in dst.iter_mut().zip(src) {
+        // SAFETY: `d` is a valid, aligned, exclusive reference.
+        unsafe { core::ptr::write_volatile(d, *s) };
+    }
+}
+
+/// `*dst = *src` for a route, word by word (see [`set_addr`]; a `Route` is four aligned words).
+#[inline(always)]
+pub(crate) fn set_route(dst: &mut Route, src: &Route) {
+    // SAFETY: `Route` is `repr(C)`, 16 bytes, 4-aligned: valid as `[u32; 4]` both ways.
+    let (d, s) = unsafe {
+        (
+            &mut *(dst as *mut Route).cast::<[u32; 4]>(),
+            &*(src as *const Route).cast::<[u32; 4]>(),
+        )
+    };
+    set_addr(d, s);
+}
+
+/// `*dst = Route::NONE` without the `memset` call (see [`set_addr`]).
+#[inline(always)]
+pub(crate) fn clear_route(dst: &mut Route) {
+    // SAFETY: as in `set_route`.
+    zero_addr(unsafe { &mut *(dst as *mut Route).cast::<[u32; 4]>() });
+}
+
+/// `*dst = [0; 4]` without the `memset` call (see [`set_addr`]).
+#[inline(always)]
+pub(crate) fn zero_addr(dst: &mut [u32; 4]) {
+    for d in dst.iter_mut() {
+        // SAFETY: as in `set_addr`.
+        unsafe { core::ptr::write_volatile(d, 0) };
+    }
+}

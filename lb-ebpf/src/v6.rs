@@ -49,7 +49,7 @@ use lb_common::{
 use crate::{
     CONFIRM, config, exit, last_ack,
     maps::{BACKEND_ROUTES, MAGLEV, account, count},
-    nat::ingress_ifindex,
+    nat::{clear_route, ingress_ifindex, set_addr, set_route, zero_addr},
     pack,
     parse::{ETH_HLEN, ptr_at, pull_headers},
     port_flags, track_fin, ttl_expires, unpack,
@@ -778,39 +778,6 @@ fn confirm_by_reply6(rkey: &FlowKey6) {
     }
 }
 
-/// `*dst = *src` for an IPv6 address, word by word. A plain assignment between two map values
-/// (which LLVM cannot prove apart) became a call to the eBPF build's byte-wise `memmove`
-/// subprogram, and a `[0; 4]` store a call to `memset`: 16 loop rounds each, several per new
-/// flow.
-#[inline(always)]
-fn set_addr(dst: &mut [u32; 4], src: &[u32; 4]) {
-    // Volatile stores: plain ones were merged back into the `memmove` call.
-    for (d, s) in dst.iter_mut().zip(src) {
-        // SAFETY: `d` is a valid, aligned, exclusive reference.
-        unsafe { core::ptr::write_volatile(d, *s) };
-    }
-}
-
-/// `*dst = *src` for a route, word by word (see [`set_addr`]; a `Route` is four aligned words).
-#[inline(always)]
-fn set_route(dst: &mut Route, src: &Route) {
-    // SAFETY: `Route` is `repr(C)`, 16 bytes, 4-aligned: valid as `[u32; 4]` both ways.
-    let (d, s) = unsafe {
-        (
-            &mut *(dst as *mut Route).cast::<[u32; 4]>(),
-            &*(src as *const Route).cast::<[u32; 4]>(),
-        )
-    };
-    set_addr(d, s);
-}
-
-/// `*dst = Route::NONE` without the `memset` call (see [`set_addr`]).
-#[inline(always)]
-fn clear_route(dst: &mut Route) {
-    // SAFETY: as in `set_route`.
-    zero_addr(unsafe { &mut *(dst as *mut Route).cast::<[u32; 4]>() });
-}
-
 /// Writes a 16-byte address into the packet at `a` (checked by `ptr_at`), word by word: an
 /// array store there became a call to the byte-wise `memmove` subprogram.
 ///
@@ -825,14 +792,6 @@ unsafe fn write_addr(a: *mut [u32; 4], v: &[u32; 4]) {
     }
 }
 
-/// `*dst = [0; 4]` without the `memset` call (see [`set_addr`]).
-#[inline(always)]
-fn zero_addr(dst: &mut [u32; 4]) {
-    for d in dst.iter_mut() {
-        // SAFETY: as in `set_addr`.
-        unsafe { core::ptr::write_volatile(d, 0) };
-    }
-}
 
 /// Inserts the missing half of the flow whose other half is `from` (see `rebuild`): for full
 /// NAT the other end too (the client a client -> service packet comes from; berth's address
