@@ -19,6 +19,7 @@ mod reject;
 mod sock;
 mod v6;
 mod xdp;
+mod xdp6;
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},

@@ -792,7 +792,6 @@ unsafe fn write_addr(a: *mut [u32; 4], v: &[u32; 4]) {
     }
 }
 
-
 /// Inserts the missing half of the flow whose other half is `from` (see `rebuild`): for full
 /// NAT the other end too (the client a client -> service packet comes from; berth's address
 /// and port a backend's packet was sent to).

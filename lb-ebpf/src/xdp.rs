@@ -1,5 +1,5 @@
-//! The XDP fast path (issue 14): packets of established IPv4 TCP/UDP flows, translated and sent
-//! before the kernel builds an skb for them. It handles only the common case and passes
+//! The XDP fast path (issue 14): packets of established IPv4 TCP/UDP flows (IPv6's: `xdp6`),
+//! translated and sent before the kernel builds an skb for them. It handles only the common case and passes
 //! everything else (`XDP_PASS`) to the TC program, which then does the whole job exactly as
 //! without XDP:
 //!
@@ -40,7 +40,7 @@ use lb_common::{
 use crate::{
     config,
     maps::{CONNTRACK, SCRATCH, account, count},
-    parse::{ETH_HLEN, ETH_P_IP},
+    parse::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6},
     port_flags,
 };
 
@@ -69,13 +69,13 @@ pub fn berth_xdp_noop(_ctx: XdpContext) -> u32 {
 }
 
 #[inline(always)]
-fn pass() -> (u32, Reason) {
+pub(crate) fn pass() -> (u32, Reason) {
     (XDP_PASS, Reason::EventXdpPass)
 }
 
 /// A pointer to a `T` at `off` bytes into the frame, or `None` past its end.
 #[inline(always)]
-fn at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
+pub(crate) fn at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
     let start = ctx.data();
     if start + off + core::mem::size_of::<T>() > ctx.data_end() {
         return None;
@@ -91,12 +91,20 @@ fn fast(ctx: &XdpContext) -> (u32, Reason) {
     }
     // Ethernet + IPv4 without options + 8 bytes of L4 (the UDP header, the TCP ports and
     // sequence number); the rest of a TCP header is checked below.
+    let Some(eth) = at::<[u8; ETH_HLEN]>(ctx, 0) else {
+        return pass();
+    };
+    // SAFETY: `at` checked the bytes lie inside the frame.
+    let ethertype = unsafe { u16::from_be_bytes([(*eth)[12], (*eth)[13]]) };
+    if ethertype == ETH_P_IPV6 {
+        return crate::xdp6::fast6(ctx);
+    }
     let Some(h) = at::<[u8; L4 + 8]>(ctx, 0) else {
         return pass();
     };
     // SAFETY: `at` checked the bytes lie inside the frame.
     let h = unsafe { &mut *h };
-    if u16::from_be_bytes([h[12], h[13]]) != ETH_P_IP || h[ETH_HLEN] != 0x45 {
+    if ethertype != ETH_P_IP || h[ETH_HLEN] != 0x45 {
         return pass();
     }
     let ip = &h[ETH_HLEN..L4];
