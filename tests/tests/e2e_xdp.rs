@@ -9,7 +9,10 @@
 //! the pseudo-header sum in the field); see `partial_checksums_are_left_to_tc` for what that
 //! means for XDP.
 
-use std::{net::SocketAddrV4, time::Duration};
+use std::{
+    net::{SocketAddr, SocketAddrV4},
+    time::Duration,
+};
 
 use berth_tests::topo::{
     Berth, ETHTOOL_STXCSUM, Netns, Servers, Session, assert_shares, attach_noop_xdp, ethtool_flag,
@@ -78,9 +81,9 @@ struct Topo {
     sw: Netns,
 }
 
-/// Client 10.10.0.2, host 10.10.0.1 + 10.20.0.1 on `eth0`, backends 10.20.0.11-13 (b1-b3)
-/// serving TCP and UDP on :8000, all on one switch; a pass-through XDP program on the switch's
-/// port to the host.
+/// Client 10.10.0.2 and fd00:10::2, host 10.10.0.1 + 10.20.0.1 and fd00:10::1 + fd00:20::1 on
+/// `eth0`, backends 10.20.0.11-13 and fd00:20::11-13 (b1-b3) serving TCP and UDP on :8000 of
+/// both, all on one switch; a pass-through XDP program on the switch's port to the host.
 fn one_armed() -> Topo {
     remove_leftovers();
     let sw = Netns::new("sw");
@@ -99,6 +102,14 @@ fn one_armed() -> Topo {
     lb.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
     client.exec(&["ip", "addr", "add", "10.10.0.2/24", "dev", "eth0"]);
     client.exec(&["ip", "route", "add", "default", "via", "10.10.0.1"]);
+    let addr6 = |ns: &Netns, a: &str| {
+        ns.exec(&["ip", "-6", "addr", "add", a, "dev", "eth0", "nodad"]);
+    };
+    addr6(&lb, "fd00:10::1/64");
+    addr6(&lb, "fd00:20::1/64");
+    lb.exec(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+    addr6(&client, "fd00:10::2/64");
+    client.exec(&["ip", "-6", "route", "add", "default", "via", "fd00:10::1"]);
     let mut servers = Vec::new();
     let mut backends = Vec::new();
     for n in 1..=3 {
@@ -112,6 +123,14 @@ fn one_armed() -> Topo {
             &b,
             &format!("b{n}"),
             sa(&format!("{addr}:8000")),
+            true,
+        ));
+        addr6(&b, &format!("fd00:20::1{n}/64"));
+        b.exec(&["ip", "-6", "route", "add", "default", "via", "fd00:20::1"]);
+        servers.push(Servers::start_any(
+            &b,
+            &format!("b{n}"),
+            format!("[fd00:20::1{n}]:8000").parse().expect("address"),
             true,
         ));
         backends.push(b);
@@ -150,6 +169,15 @@ name = "udp"
 listen = "0.0.0.0:8080"
 protocol = "udp"
 backends = ["10.20.0.11:8000", "10.20.0.12:8000", "10.20.0.13:8000"]
+[[service]]
+name = "web6"
+listen = "[::]:8080"
+backends = ["[fd00:20::11]:8000", "[fd00:20::12]:8000", "[fd00:20::13]:8000"]
+[[service]]
+name = "udp6"
+listen = "[::]:8080"
+protocol = "udp"
+backends = ["[fd00:20::11]:8000", "[fd00:20::12]:8000", "[fd00:20::13]:8000"]
 "#;
 
 fn counter(berth: &Berth, name: &str) -> u64 {
@@ -161,13 +189,19 @@ fn counter(berth: &Berth, name: &str) -> u64 {
         .map_or(0, |(_, v)| *v)
 }
 
-/// `n` requests on each of `conns` TCP connections to :8080, each answer checked; returns the
+/// The host's IPv4 service address (:8080).
+const SVC4: &str = "10.10.0.1:8080";
+/// The host's IPv6 service address (`[::]:8080` on its client-side address).
+const SVC6: &str = "[fd00:10::1]:8080";
+
+/// `n` requests on each of `conns` TCP connections to `to`, each answer checked; returns the
 /// backends that answered, per connection.
-fn tcp_sessions(client: &Netns, conns: usize, n: usize) -> Vec<String> {
+fn tcp_sessions(client: &Netns, to: &str, conns: usize, n: usize) -> Vec<String> {
+    let to: SocketAddr = to.parse().expect("service address");
     client.run(move || {
         (0..conns)
             .map(|c| {
-                let mut s = Session::connect(sa("10.10.0.1:8080")).expect("connect");
+                let mut s = Session::connect_any(to).expect("connect");
                 let mut who = None;
                 for i in 0..n {
                     let line = format!("c{c}-{i}");
@@ -183,12 +217,14 @@ fn tcp_sessions(client: &Netns, conns: usize, n: usize) -> Vec<String> {
     })
 }
 
-/// `n` datagrams from one UDP socket (one flow) to :8080, each answer checked; the backend.
-fn udp_flow(client: &Netns, n: usize) -> String {
+/// `n` datagrams from one UDP socket (one flow) to `to`, each answer checked; the backend.
+fn udp_flow(client: &Netns, to: &str, n: usize) -> String {
+    let to: SocketAddr = to.parse().expect("service address");
     client.run(move || {
-        let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+        let any = if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
+        let s = std::net::UdpSocket::bind(any).expect("bind");
         s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        s.connect("10.10.0.1:8080").unwrap();
+        s.connect(to).unwrap();
         let mut who = None;
         let mut buf = [0u8; 256];
         for i in 0..n {
@@ -225,7 +261,7 @@ fn established_flows_go_by_xdp_and_every_answer_is_right() {
         counter(&berth, "reply_redirect"),
     );
     // 30 connections of 20 requests each: 20 requests and 20 answers per flow, sent by XDP.
-    let who = tcp_sessions(&t.client, 30, 20);
+    let who = tcp_sessions(&t.client, SVC4, 30, 20);
     assert!(who.iter().any(|w| w != &who[0]), "spread: {who:?}");
     let (tx, fwd, rep) = (
         counter(&berth, "xdp_tx") - tx0,
@@ -240,10 +276,44 @@ fn established_flows_go_by_xdp_and_every_answer_is_right() {
     );
     // A UDP flow: its first datagram and answer are TC's, the rest XDP's.
     let tx0 = counter(&berth, "xdp_tx");
-    udp_flow(&t.client, 100);
+    udp_flow(&t.client, SVC4, 100);
     let tx = counter(&berth, "xdp_tx") - tx0;
     assert!(tx >= 2 * 98, "udp by XDP: {tx}");
     // Nothing dropped for a bad checksum at the receivers: every answer above came back.
+    drop(berth);
+    let _ = &t.sw;
+}
+
+/// The same over IPv6: established flows' packets sent by XDP (`xdp6.rs`), every answer right.
+#[test]
+fn established_ipv6_flows_go_by_xdp_and_every_answer_is_right() {
+    let t = one_armed();
+    t.tx_checksum_offload(false);
+    let berth = Berth::start(&t.lb, CONFIG, &["eth0"]);
+    berth.wait_for("XDP fast path attached (native mode)", 1);
+    let (tx0, fwd0, rep0) = (
+        counter(&berth, "xdp_tx"),
+        counter(&berth, "fwd_redirect"),
+        counter(&berth, "reply_redirect"),
+    );
+    let who = tcp_sessions(&t.client, SVC6, 30, 20);
+    assert!(who.iter().any(|w| w != &who[0]), "spread: {who:?}");
+    let (tx, fwd, rep) = (
+        counter(&berth, "xdp_tx") - tx0,
+        counter(&berth, "fwd_redirect") - fwd0,
+        counter(&berth, "reply_redirect") - rep0,
+    );
+    println!("IPv6, 30 x 20 requests: xdp_tx {tx}, TC fwd_redirect {fwd}, reply_redirect {rep}");
+    assert!(tx >= 2 * 30 * 20, "requests and answers by XDP: {tx}");
+    assert!(
+        fwd + rep < tx / 4,
+        "TC did only the handshakes and closes: {fwd} + {rep} vs {tx}"
+    );
+    let tx0 = counter(&berth, "xdp_tx");
+    udp_flow(&t.client, SVC6, 100);
+    let tx = counter(&berth, "xdp_tx") - tx0;
+    println!("IPv6 UDP, 100 datagrams: xdp_tx {tx}");
+    assert!(tx >= 2 * 98, "udp by XDP: {tx}");
     drop(berth);
     let _ = &t.sw;
 }
@@ -255,9 +325,9 @@ fn partial_checksums_are_left_to_tc() {
     let t = one_armed();
     let berth = Berth::start(&t.lb, CONFIG, &["eth0"]);
     berth.wait_for("XDP fast path attached (native mode)", 1);
-    let who = tcp_sessions(&t.client, 10, 10);
+    let who = tcp_sessions(&t.client, SVC4, 10, 10);
     assert_eq!(who.len(), 10);
-    assert!(!udp_flow(&t.client, 20).is_empty());
+    assert!(!udp_flow(&t.client, SVC4, 20).is_empty());
     println!(
         "with tx checksum offload: xdp_tx {}, event_xdp_pass {}",
         counter(&berth, "xdp_tx"),
