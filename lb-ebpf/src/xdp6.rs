@@ -18,7 +18,7 @@ use lb_common::{
     csum::{add, apply, diff2, diff4},
     ct::{self, DIR_FORWARD, DIR_REPLY, STATE_OPEN},
     port_flag,
-    v6::{FlowKey6, forward_key6, is_forward_of6, is_reply_of6, reply_key6},
+    v6::{FlowKey6, is_forward_of6, is_reply_of6},
 };
 
 use crate::{
@@ -50,11 +50,23 @@ fn diff16(from: &[u32; 4], to: &[u32; 4]) -> u16 {
     )
 }
 
+/// A 16-byte address read word by word into registers: copied as an array from a map value,
+/// it became a call to the byte-wise `memmove` subprogram (16 rounds, three per packet).
+#[inline(always)]
+fn load(a: &[u32; 4]) -> [u32; 4] {
+    // SAFETY: reads of a valid reference's words.
+    let w = |i: usize| unsafe { core::ptr::read_volatile(&a[i]) };
+    [w(0), w(1), w(2), w(3)]
+}
+
 /// Writes a 16-byte address into the header bytes at `off`.
 #[inline(always)]
-fn put(h: &mut [u8], off: usize, a: &[u32; 4]) {
-    for (i, w) in a.iter().enumerate() {
-        h[off + 4 * i..off + 4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+fn put(h: &mut [u8], off: usize, a: [u32; 4]) {
+    for (i, w) in a.into_iter().enumerate() {
+        let b = w.to_ne_bytes();
+        for (j, x) in b.into_iter().enumerate() {
+            h[off + 4 * i + j] = x;
+        }
     }
 }
 
@@ -139,7 +151,18 @@ pub fn fast6(ctx: &XdpContext) -> (u32, Reason) {
         if e.ct.in_ifindex != 0 && e.ct.in_ifindex != ingress {
             return pass();
         }
-        let fkey = forward_key6(&key, e);
+        // `forward_key6`, its addresses loaded word by word (see `load`).
+        let fkey = if e.ct.full_nat() {
+            FlowKey6::new(
+                load(&e.fnat_addr),
+                load(&e.nat_addr),
+                e.ct.fnat_port,
+                e.ct.nat_port,
+                proto,
+            )
+        } else {
+            FlowKey6::new(daddr, load(&e.nat_addr), dport, e.ct.nat_port, proto)
+        };
         let Some(f) = CONNTRACK6.get_ptr(&fkey) else {
             return pass();
         };
@@ -148,7 +171,18 @@ pub fn fast6(ctx: &XdpContext) -> (u32, Reason) {
             return pass();
         }
     } else if e.ct.dir == DIR_FORWARD {
-        let rkey = reply_key6(&key, e);
+        // `reply_key6`, as above.
+        let rkey = if e.ct.full_nat() {
+            FlowKey6::new(
+                load(&e.nat_addr),
+                load(&e.fnat_addr),
+                e.ct.nat_port,
+                e.ct.fnat_port,
+                proto,
+            )
+        } else {
+            FlowKey6::new(load(&e.nat_addr), saddr, e.ct.nat_port, sport, proto)
+        };
         let Some(r) = CONNTRACK6.get_ptr(&rkey) else {
             return pass();
         };
@@ -173,15 +207,15 @@ pub fn fast6(ctx: &XdpContext) -> (u32, Reason) {
     }
 
     // The new tuple, as the TC program's `translate6` makes it.
-    let nat = (&e.nat_addr, e.ct.nat_port);
-    let fnat = (&e.fnat_addr, e.ct.fnat_port);
+    let nat = (load(&e.nat_addr), e.ct.nat_port);
+    let fnat = (load(&e.fnat_addr), e.ct.fnat_port);
     let (src, dst) = match (e.ct.full_nat(), reply) {
-        (false, false) => ((&saddr, sport), nat),
-        (false, true) => (nat, (&daddr, dport)),
+        (false, false) => ((saddr, sport), nat),
+        (false, true) => (nat, (daddr, dport)),
         (true, false) => (fnat, nat),
         (true, true) => (nat, fnat),
     };
-    let da = add(diff16(&saddr, src.0), diff16(&daddr, dst.0));
+    let da = add(diff16(&saddr, &src.0), diff16(&daddr, &dst.0));
     let dp = add(diff2(sport, src.1), diff2(dport, dst.1));
     if cfg.flags & CFG_F_KEEP_TTL == 0 {
         h[ETH_HLEN + 7] -= 1;

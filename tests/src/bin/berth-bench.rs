@@ -12,7 +12,7 @@
 //! - established hit / reply (IPv4 and IPv6): paired conntrack entries make the packet alternate
 //!   between the service tuple and the backend tuple, each a hit with a full rewrite (full NAT:
 //!   of both ends; the other half of each flow is rebuilt by the first run, so every run looks
-//!   it up as a real flow's packet does); the IPv4 ones also through the XDP program;
+//!   it up as a real flow's packet does); each also through the XDP program;
 //! - new flow (IPv4 and IPv6 alike, see `measure_laps`): a ring of 1024 services, each balancing
 //!   to the next one's address and port, run in test runs of one lap of 400 runs each, each lap
 //!   from another client port, so no DNAT run meets a flow seen before (101 laps, median of
@@ -955,6 +955,16 @@ fn main() {
 
 // ---- IPv6 ----
 
+/// Stamps the IPv6 entries at `keys` with the current time (see [`stamp`]).
+fn stamp6(f: &mut Fixture, keys: &[lb_common::v6::FlowKey6]) {
+    let now = monotonic_ns();
+    for key in keys {
+        let mut e = f.dp().conntrack6_get(key).expect("entry of the set-up");
+        e.ct.last_seen_ns = now;
+        f.rec.dataplane_mut().conntrack6_insert(*key, e).unwrap();
+    }
+}
+
 /// An IPv6 conntrack entry translating to `nat`, and for full NAT the other end to `fnat`.
 fn entry6(dir: u8, nat: SocketAddrV6, fnat: Option<SocketAddrV6>, now: u64) -> CtEntry6 {
     CtEntry6 {
@@ -1021,7 +1031,7 @@ fn v6_rows(a: &Args) -> Vec<Row> {
         };
         // Full NAT: the other end goes to another port of the client and back.
         let other_end = sa6(CLIENT6, 61000);
-        for (dir, src, dst, nat, fnat, path, reason) in [
+        for (dir, src, dst, nat, fnat, path, xdp_path, reason) in [
             (
                 ct::DIR_FORWARD,
                 client,
@@ -1029,6 +1039,7 @@ fn v6_rows(a: &Args) -> Vec<Row> {
                 vip2,
                 None,
                 "IPv6: established-flow hit (client -> backend)",
+                "XDP: IPv6: established-flow hit (client -> backend)",
                 Reason::FwdRedirect,
             ),
             (
@@ -1038,6 +1049,7 @@ fn v6_rows(a: &Args) -> Vec<Row> {
                 be80,
                 None,
                 "IPv6: reply (backend -> client)",
+                "XDP: IPv6: reply (backend -> client)",
                 Reason::ReplyRedirect,
             ),
             (
@@ -1047,6 +1059,7 @@ fn v6_rows(a: &Args) -> Vec<Row> {
                 vip2,
                 Some(other_end),
                 "IPv6 full NAT: established-flow hit",
+                "XDP: IPv6 full NAT: established-flow hit",
                 Reason::FwdRedirect,
             ),
             (
@@ -1056,10 +1069,12 @@ fn v6_rows(a: &Args) -> Vec<Row> {
                 be80,
                 Some(client),
                 "IPv6 full NAT: reply",
+                "XDP: IPv6 full NAT: reply",
                 Reason::ReplyRedirect,
             ),
         ] {
-            if !a.wants(path) {
+            let xdp_wanted = !a.no_redirect && a.wants(xdp_path);
+            if !a.wants(path) && !xdp_wanted {
                 continue;
             }
             let mut f = Fixture::new(o, Vec::new());
@@ -1094,6 +1109,34 @@ fn v6_rows(a: &Args) -> Vec<Row> {
                 check: format!("{} {hits}/{total}", reason.name()),
                 on_path: hits as f64 / total as f64,
             });
+            if xdp_wanted {
+                // As the IPv4 XDP rows (see `measure_hits`): on the entries and routes the TC
+                // runs left, stamped before each round.
+                let keys = [
+                    flow_key6(src, dst, IPPROTO_TCP),
+                    flow_key6(back.0, back.1, IPPROTO_TCP),
+                ];
+                let one = Args {
+                    rounds: 1,
+                    ..a.clone()
+                };
+                let v: Vec<f64> = (0..a.rounds)
+                    .map(|_| {
+                        stamp6(&mut f, &keys);
+                        let xdp = f.rec.dataplane_mut().xdp_program().expect("XDP program");
+                        measure_xdp(xdp, &pkt, &one)
+                    })
+                    .collect();
+                let tx = reason_count(&f, Reason::XdpTx);
+                rows.push(Row {
+                    path: xdp_path,
+                    prog: Prog::Xdp,
+                    ns: median(&v),
+                    target: None,
+                    check: format!("xdp_tx {tx}/{total}"),
+                    on_path: tx as f64 / total as f64,
+                });
+            }
         }
 
         // New flow: a ring of IPv6 services, each balancing to the next one's address and port,
