@@ -49,6 +49,15 @@ pub const fn diff2(from: u16, to: u16) -> u16 {
     fold((!from) as u32 + to as u32)
 }
 
+/// [`diff4`] for a 16-byte field (an IPv6 address, as four words).
+#[inline(always)]
+pub const fn diff16(from: &[u32; 4], to: &[u32; 4]) -> u16 {
+    add(
+        add(diff4(from[0], to[0]), diff4(from[1], to[1])),
+        add(diff4(from[2], to[2]), diff4(from[3], to[3])),
+    )
+}
+
 /// One's-complement sum of two differences.
 #[inline(always)]
 pub const fn add(a: u16, b: u16) -> u16 {
@@ -140,6 +149,35 @@ mod tests {
             assert_eq!(apply(before, d), full(&w));
             // As the kernel's csum_replace4(check, 0, diff) computes it.
             assert_eq!(replace4(before, 0, u32::from(d)), full(&w));
+        }
+    }
+
+    #[test]
+    fn an_address_difference_matches_recomputation() {
+        // An IPv6 pseudo-header's two addresses (16 words) and a checksum over them.
+        let mut w = [0u16; 16];
+        let mut x = 0x2545_f491u32;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x
+        };
+        for v in &mut w {
+            *v = next() as u16;
+        }
+        for _ in 0..10_000 {
+            let before = full(&w);
+            let words = |a: &[u16; 16], at: usize| -> [u32; 4] {
+                core::array::from_fn(|i| {
+                    (u32::from(a[at + 2 * i]) << 16) | u32::from(a[at + 2 * i + 1])
+                })
+            };
+            let old = words(&w, 0);
+            for v in &mut w[..8] {
+                *v = next() as u16;
+            }
+            assert_eq!(apply(before, diff16(&old, &words(&w, 0))), full(&w));
         }
     }
 

@@ -37,7 +37,7 @@ use lb_common::{
     CFG_F_DROP_NO_BACKEND, CFG_F_KEEP_TTL, CFG_F_REDIRECT, DEFAULT_CONNTRACK_SIZE,
     DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, DpConfig, IPPROTO_TCP, IPPROTO_UDP, Reason, Route,
     SVC_F_EMPTY, ServiceValue,
-    csum::{add, apply, diff2, diff4, replace2},
+    csum::{add, apply, diff2, diff16, replace2},
     ct::{self, CT_F_FULLNAT, DIR_FORWARD, DIR_REPLY, STATE_CLOSING, STATE_OPEN},
     port_flag, port_to_wire,
     v6::{
@@ -1540,15 +1540,6 @@ fn route_to_backend6(
         clear_route(&mut w.half.ct.route);
     }
     (act, reason, w.fib.ifindex)
-}
-
-/// The one's-complement difference of a 16-byte address's change.
-#[inline(always)]
-fn diff16(from: &[u32; 4], to: &[u32; 4]) -> u16 {
-    add(
-        add(diff4(from[0], to[0]), diff4(from[1], to[1])),
-        add(diff4(from[2], to[2]), diff4(from[3], to[3])),
-    )
 }
 
 /// Rewrites the destination (`src == false`) or source address and port, fixing the L4

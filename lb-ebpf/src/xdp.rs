@@ -31,7 +31,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    CFG_F_KEEP_TTL, CFG_F_REDIRECT, FlowKey, IPPROTO_TCP, IPPROTO_UDP, Reason,
+    CFG_F_KEEP_TTL, CFG_F_REDIRECT, CtEntry, DpConfig, FlowKey, IPPROTO_TCP, IPPROTO_UDP, Reason,
     csum::{add, apply, diff2, diff4, replace2},
     ct::{self, DIR_FORWARD, DIR_REPLY, STATE_OPEN},
     port_flag,
@@ -118,36 +118,7 @@ fn fast(ctx: &XdpContext) -> (u32, Reason) {
     {
         return pass();
     }
-    // The L4 checksum field, and for TCP the flags and acknowledgment number.
-    let (csum, tcp_flags, ack) = if proto == IPPROTO_TCP {
-        let Some(t) = at::<[u8; 20]>(ctx, L4) else {
-            return pass();
-        };
-        // SAFETY: `at` checked the bytes lie inside the frame.
-        let t = unsafe { &mut *t };
-        let doff = usize::from(t[12] >> 4) * 4;
-        if doff < 20 || doff > tot_len - 20 {
-            return pass();
-        }
-        // SYN, FIN, RST: state changes, the TC program's.
-        if t[13] & (ct::TCP_SYN | ct::TCP_FIN | ct::TCP_RST) != 0 {
-            return pass();
-        }
-        let ack = u32::from_be_bytes([t[8], t[9], t[10], t[11]]);
-        let Some(c) = at::<[u8; 2]>(ctx, L4 + 16) else {
-            return pass();
-        };
-        (c, t[13], ack)
-    } else if proto == IPPROTO_UDP {
-        let ulen = usize::from(u16::from_be_bytes([h[L4 + 4], h[L4 + 5]]));
-        if ulen < 8 || ulen > tot_len - 20 {
-            return pass();
-        }
-        let Some(c) = at::<[u8; 2]>(ctx, L4 + 6) else {
-            return pass();
-        };
-        (c, 0, 0)
-    } else {
+    let Some((csum, tcp_flags, ack)) = l4_fields(ctx, L4, tot_len - 20, proto) else {
         return pass();
     };
     let l4 = &h[L4..];
@@ -176,11 +147,7 @@ fn fast(ctx: &XdpContext) -> (u32, Reason) {
     };
     // SAFETY: this CPU's slot of a per-CPU array, valid for the run (see `SCRATCH`).
     let now = crate::coarse_now(unsafe { &mut *p });
-    if e.state != STATE_OPEN
-        || now.wrapping_sub(e.last_seen_ns) > ct::TOUCH_INTERVAL_NS
-        || ct::expired(e, proto, tcp_flags, now, cfg)
-        || e.route.ifindex == 0
-    {
+    if !usable(e, proto, tcp_flags, now, cfg) {
         return pass();
     }
     let ingress = ctx.ingress_ifindex() as u32;
@@ -214,18 +181,10 @@ fn fast(ctx: &XdpContext) -> (u32, Reason) {
         return pass();
     }
     // Where it goes, decided before anything is written: a pass leaves the frame untouched.
-    let out = e.route.ifindex;
-    let tx = out == ingress;
-    if !tx && XDP_DEVS.get_ifindex(out).is_none() {
+    let Some(tx) = egress(e.route.ifindex, ingress) else {
         return pass();
-    }
-
-    if reply && proto == IPPROTO_TCP && tcp_flags & ct::TCP_ACK != 0 {
-        if e.flags & ct::CT_F_ACK_KNOWN == 0 || ct::seq_after(ack, e.backend_ack) {
-            e.backend_ack = ack;
-            e.flags |= ct::CT_F_ACK_KNOWN;
-        }
-    }
+    };
+    record_ack(e, reply, proto, tcp_flags, ack);
 
     // The new tuple, as the TC program's `translate` makes it.
     let nat = (e.nat_addr, e.nat_port);
@@ -251,26 +210,112 @@ fn fast(ctx: &XdpContext) -> (u32, Reason) {
     h[ETH_HLEN + 16..ETH_HLEN + 20].copy_from_slice(&dst.0.to_ne_bytes());
     h[L4..L4 + 2].copy_from_slice(&src.1.to_ne_bytes());
     h[L4 + 2..L4 + 4].copy_from_slice(&dst.1.to_ne_bytes());
-    // SAFETY: `at` checked the field lies inside the frame; nothing else writes it.
+    update_l4(csum, proto, add(da, dp));
+    send(h, e, frame_len, tx)
+}
+
+/// The L4 header checks of both families, on the L4 header at `l4` of an IP payload of `len`
+/// bytes: TCP with a data offset inside it and none of SYN, FIN, RST (state changes, the TC
+/// program's), or UDP with a length inside it. The checksum field, the TCP flags and the
+/// acknowledgment number; `None` for anything else (left to TC).
+#[inline(always)]
+pub(crate) fn l4_fields(
+    ctx: &XdpContext,
+    l4: usize,
+    len: usize,
+    proto: u8,
+) -> Option<(*mut [u8; 2], u8, u32)> {
+    if proto == IPPROTO_TCP {
+        let t = at::<[u8; 20]>(ctx, l4)?;
+        // SAFETY: `at` checked the bytes lie inside the frame.
+        let t = unsafe { &*t };
+        let doff = usize::from(t[12] >> 4) * 4;
+        if doff < 20 || doff > len || t[13] & (ct::TCP_SYN | ct::TCP_FIN | ct::TCP_RST) != 0 {
+            return None;
+        }
+        let ack = u32::from_be_bytes([t[8], t[9], t[10], t[11]]);
+        Some((at::<[u8; 2]>(ctx, l4 + 16)?, t[13], ack))
+    } else if proto == IPPROTO_UDP {
+        let u = at::<[u8; 8]>(ctx, l4)?;
+        // SAFETY: as above.
+        let ulen = usize::from(unsafe { u16::from_be_bytes([(*u)[4], (*u)[5]]) });
+        if ulen < 8 || ulen > len {
+            return None;
+        }
+        Some((at::<[u8; 2]>(ctx, l4 + 6)?, 0, 0))
+    } else {
+        None
+    }
+}
+
+/// The L4 checksum field (from [`l4_fields`]) updated by the summed difference `diff` of the
+/// fields it covers: a zero UDP checksum means "none" and stays so; a computed zero is sent as
+/// all ones.
+#[inline(always)]
+pub(crate) fn update_l4(csum: *mut [u8; 2], proto: u8, diff: u16) {
+    // SAFETY: `l4_fields` checked the field lies inside the frame; nothing else writes it.
     let old = u16::from_ne_bytes(unsafe { *csum });
-    // A zero UDP checksum means "none" and stays so; a computed zero is sent as all ones.
     if !(proto == IPPROTO_UDP && old == 0) {
-        let mut new = apply(old, add(da, dp));
+        let mut new = apply(old, diff);
         if proto == IPPROTO_UDP && new == 0 {
             new = 0xffff;
         }
         // SAFETY: as above.
         unsafe { *csum = new.to_ne_bytes() };
     }
+}
+
+/// Whether entry `e` may be sent by XDP at all: open (not closing), refreshed less than a
+/// second ago (TC does the refresh), not expired, with a cached route.
+#[inline(always)]
+pub(crate) fn usable(e: &CtEntry, proto: u8, tcp_flags: u8, now: u64, cfg: &DpConfig) -> bool {
+    e.state == STATE_OPEN
+        && now.wrapping_sub(e.last_seen_ns) <= ct::TOUCH_INTERVAL_NS
+        && !ct::expired(e, proto, tcp_flags, now, cfg)
+        && e.route.ifindex != 0
+}
+
+/// Where a frame for egress interface `out` that came in on `ingress` may go: `Some(true)` out
+/// where it came in (`XDP_TX`), `Some(false)` redirected into an interface marked in
+/// `XDP_DEVS`, `None` nowhere (left to TC).
+#[inline(always)]
+pub(crate) fn egress(out: u32, ingress: u32) -> Option<bool> {
+    if out == ingress {
+        Some(true)
+    } else if XDP_DEVS.get_ifindex(out).is_some() {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+/// A reply's acknowledgment recorded as the TC path records it (a client FIN or RST is judged
+/// against it).
+#[inline(always)]
+pub(crate) fn record_ack(e: &mut CtEntry, reply: bool, proto: u8, tcp_flags: u8, ack: u32) {
+    if reply
+        && proto == IPPROTO_TCP
+        && tcp_flags & ct::TCP_ACK != 0
+        && (e.flags & ct::CT_F_ACK_KNOWN == 0 || ct::seq_after(ack, e.backend_ack))
+    {
+        e.backend_ack = ack;
+        e.flags |= ct::CT_F_ACK_KNOWN;
+    }
+}
+
+/// The last step of both families: the cached MACs into the frame's header bytes `h`, the
+/// packet counted on its service and backend, and the frame sent (`tx`: see [`egress`]).
+#[inline(always)]
+pub(crate) fn send(h: &mut [u8], e: &CtEntry, frame_len: usize, tx: bool) -> (u32, Reason) {
     h[..6].copy_from_slice(&e.route.dmac);
     h[6..12].copy_from_slice(&e.route.smac);
     account(e.service_id, e.backend_id, frame_len as u64, false);
     if tx {
         return (XDP_TX, Reason::XdpTx);
     }
-    match XDP_DEVS.redirect(out, 0) {
+    match XDP_DEVS.redirect(e.route.ifindex, 0) {
         Ok(XDP_REDIRECT) => (XDP_REDIRECT, Reason::XdpRedirect),
-        // Removed from the map since the check above: the frame is already rewritten, so it
+        // Removed from the map since `egress` looked: the frame is already rewritten, so it
         // cannot go back to TC; sent out where it came in is wrong too. Dropped and counted.
         _ => (
             aya_ebpf::bindings::xdp_action::XDP_ABORTED,

@@ -9,24 +9,21 @@
 //!   the TC program's helper does on a frame with complete checksums); a zero UDP checksum
 //!   stays zero, as TC leaves it (`BPF_F_MARK_MANGLED_0`).
 
-use aya_ebpf::{
-    bindings::xdp_action::{XDP_REDIRECT, XDP_TX},
-    programs::XdpContext,
-};
+use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    CFG_F_KEEP_TTL, IPPROTO_TCP, IPPROTO_UDP, Reason,
-    csum::{add, apply, diff2, diff4},
-    ct::{self, DIR_FORWARD, DIR_REPLY, STATE_OPEN},
+    CFG_F_KEEP_TTL, Reason,
+    csum::{add, diff2, diff16},
+    ct::{DIR_FORWARD, DIR_REPLY},
     port_flag,
     v6::{FlowKey6, is_forward_of6, is_reply_of6},
 };
 
 use crate::{
-    maps::{SCRATCH, account},
+    maps::SCRATCH,
     parse::ETH_HLEN,
     port_flags,
     v6::CONNTRACK6,
-    xdp::{XDP_DEVS, at, pass},
+    xdp::{at, egress, l4_fields, pass, record_ack, send, update_l4, usable},
 };
 
 /// The fixed IPv6 header; the fast path handles no extension header, so the L4 header sits at
@@ -39,15 +36,6 @@ fn addr(h: &[u8], off: usize) -> [u32; 4] {
     let w =
         |i: usize| u32::from_ne_bytes([h[off + i], h[off + i + 1], h[off + i + 2], h[off + i + 3]]);
     [w(0), w(4), w(8), w(12)]
-}
-
-/// The one's-complement difference of a 16-byte address's change.
-#[inline(always)]
-fn diff16(from: &[u32; 4], to: &[u32; 4]) -> u16 {
-    add(
-        add(diff4(from[0], to[0]), diff4(from[1], to[1])),
-        add(diff4(from[2], to[2]), diff4(from[3], to[3])),
-    )
 }
 
 /// A 16-byte address read word by word into registers: copied as an array from a map value,
@@ -89,34 +77,7 @@ pub fn fast6(ctx: &XdpContext) -> (u32, Reason) {
     if ip[0] >> 4 != 6 || payload_len < 8 || L4 + payload_len > frame_len || ip[7] <= 1 {
         return pass();
     }
-    let (csum, tcp_flags, ack) = if proto == IPPROTO_TCP {
-        let Some(t) = at::<[u8; 20]>(ctx, L4) else {
-            return pass();
-        };
-        // SAFETY: `at` checked the bytes lie inside the frame.
-        let t = unsafe { &mut *t };
-        let doff = usize::from(t[12] >> 4) * 4;
-        if doff < 20 || doff > payload_len {
-            return pass();
-        }
-        if t[13] & (ct::TCP_SYN | ct::TCP_FIN | ct::TCP_RST) != 0 {
-            return pass();
-        }
-        let ack = u32::from_be_bytes([t[8], t[9], t[10], t[11]]);
-        let Some(c) = at::<[u8; 2]>(ctx, L4 + 16) else {
-            return pass();
-        };
-        (c, t[13], ack)
-    } else if proto == IPPROTO_UDP {
-        let ulen = usize::from(u16::from_be_bytes([h[L4 + 4], h[L4 + 5]]));
-        if ulen < 8 || ulen > payload_len {
-            return pass();
-        }
-        let Some(c) = at::<[u8; 2]>(ctx, L4 + 6) else {
-            return pass();
-        };
-        (c, 0, 0)
-    } else {
+    let Some((csum, tcp_flags, ack)) = l4_fields(ctx, L4, payload_len, proto) else {
         return pass();
     };
     let sport = u16::from_ne_bytes([h[L4], h[L4 + 1]]);
@@ -138,11 +99,7 @@ pub fn fast6(ctx: &XdpContext) -> (u32, Reason) {
     };
     // SAFETY: this CPU's slot of a per-CPU array (see the IPv4 fast path).
     let now = crate::coarse_now(unsafe { &mut *p });
-    if e.ct.state != STATE_OPEN
-        || now.wrapping_sub(e.ct.last_seen_ns) > ct::TOUCH_INTERVAL_NS
-        || ct::expired(&e.ct, proto, tcp_flags, now, cfg)
-        || e.ct.route.ifindex == 0
-    {
+    if !usable(&e.ct, proto, tcp_flags, now, cfg) {
         return pass();
     }
     let ingress = ctx.ingress_ifindex() as u32;
@@ -193,18 +150,10 @@ pub fn fast6(ctx: &XdpContext) -> (u32, Reason) {
     } else {
         return pass();
     }
-    let out = e.ct.route.ifindex;
-    let tx = out == ingress;
-    if !tx && XDP_DEVS.get_ifindex(out).is_none() {
+    let Some(tx) = egress(e.ct.route.ifindex, ingress) else {
         return pass();
-    }
-
-    if reply && proto == IPPROTO_TCP && tcp_flags & ct::TCP_ACK != 0 {
-        if e.ct.flags & ct::CT_F_ACK_KNOWN == 0 || ct::seq_after(ack, e.ct.backend_ack) {
-            e.ct.backend_ack = ack;
-            e.ct.flags |= ct::CT_F_ACK_KNOWN;
-        }
-    }
+    };
+    record_ack(&mut e.ct, reply, proto, tcp_flags, ack);
 
     // The new tuple, as the TC program's `translate6` makes it.
     let nat = (load(&e.nat_addr), e.ct.nat_port);
@@ -224,28 +173,6 @@ pub fn fast6(ctx: &XdpContext) -> (u32, Reason) {
     put(h, ETH_HLEN + 24, dst.0);
     h[L4..L4 + 2].copy_from_slice(&src.1.to_ne_bytes());
     h[L4 + 2..L4 + 4].copy_from_slice(&dst.1.to_ne_bytes());
-    // SAFETY: `at` checked the field lies inside the frame; nothing else writes it.
-    let old = u16::from_ne_bytes(unsafe { *csum });
-    if !(proto == IPPROTO_UDP && old == 0) {
-        let mut new = apply(old, add(da, dp));
-        if proto == IPPROTO_UDP && new == 0 {
-            new = 0xffff;
-        }
-        // SAFETY: as above.
-        unsafe { *csum = new.to_ne_bytes() };
-    }
-    h[..6].copy_from_slice(&e.ct.route.dmac);
-    h[6..12].copy_from_slice(&e.ct.route.smac);
-    account(e.ct.service_id, e.ct.backend_id, frame_len as u64, false);
-    if tx {
-        return (XDP_TX, Reason::XdpTx);
-    }
-    match XDP_DEVS.redirect(out, 0) {
-        Ok(XDP_REDIRECT) => (XDP_REDIRECT, Reason::XdpRedirect),
-        // As in the IPv4 fast path: already rewritten, so dropped and counted.
-        _ => (
-            aya_ebpf::bindings::xdp_action::XDP_ABORTED,
-            Reason::AbortMap,
-        ),
-    }
+    update_l4(csum, proto, add(da, dp));
+    send(h, &e.ct, frame_len, tx)
 }

@@ -498,12 +498,34 @@ impl Daemon {
             .unwrap_or_else(|| report.backend.to_string());
         match &report.outcome {
             ProbeOutcome::Ready { after } => {
+                // In the pool already when no backend of its service was ready (see
+                // `Readiness::filter`): said here, as nothing joins; the others still starting
+                // leave the pool until their probe passes.
+                let pooled = self
+                    .readiness
+                    .filter(&self.health.filter(&self.desired))
+                    .iter()
+                    .any(|s| {
+                        s.name == report.service
+                            && s.backends.iter().any(|b| b.addr == report.backend)
+                    });
                 self.readiness.record(report);
                 let why = format!(
                     "docker: container {container} accepting connections after {:.2} s",
                     after.as_secs_f64()
                 );
-                self.apply(&why);
+                if pooled {
+                    info!(
+                        "{why}, in service {}'s pool already (none of its backends was ready)",
+                        report.service
+                    );
+                    self.apply(&format!(
+                        "docker: container {container} of service {} ready; backends still                          starting wait for their probe",
+                        report.service
+                    ));
+                } else {
+                    self.apply(&why);
+                }
             }
             ProbeOutcome::Slow { last } => warn!(
                 "container {container}: nothing accepts connections on {} {} s after it \

@@ -221,14 +221,25 @@ impl Readiness {
             .is_some_and(|p| p.running.is_some())
     }
 
-    /// `services` without the backends that wait for their probe.
+    /// `services` without the backends that wait for their probe, unless every backend of a
+    /// service waits: then it keeps them all. With none ready, a client is refused either way
+    /// (by berth for want of a backend, or by a container not listening yet), but the ones that
+    /// do listen answer; leaving them out would refuse everyone until the first probe passes.
+    /// That is the case after Docker restarts a service's containers (dockerd killed without
+    /// live-restore): each is a new run, probed anew, and berth's resync used to take every
+    /// backend out for the probe's first round trip, refusing the requests of that moment
+    /// although the containers were serving.
     pub fn filter(&self, services: &[Service]) -> Vec<Service> {
         services
             .iter()
             .map(|s| {
                 let mut s = s.clone();
                 let name = s.name.clone();
+                let all = s.backends.clone();
                 s.backends.retain(|b| !self.waiting(&name, b.addr));
+                if s.backends.is_empty() {
+                    s.backends = all;
+                }
                 s
             })
             .collect()
@@ -363,6 +374,21 @@ mod tests {
             "only the configured backend"
         );
         assert_eq!(kept[1], dns);
+
+        // Alone in its service, a waiting backend is kept (no backend is ready to take its
+        // place); beside a ready one it is not.
+        let alone = service("web", Protocol::Tcp, &[(addr, Some(1))]);
+        assert_eq!(r.filter(std::slice::from_ref(&alone)), vec![alone.clone()]);
+        let other = closed_port();
+        let pair = service("web", Protocol::Tcp, &[(addr, Some(1)), (other, Some(1))]);
+        r.sync(std::slice::from_ref(&pair));
+        assert!(r.waiting("web", addr) && r.waiting("web", other));
+        assert_eq!(
+            r.filter(std::slice::from_ref(&pair))[0].backends.len(),
+            2,
+            "every backend waits: all kept"
+        );
+        r.sync(&[web(1), dns.clone()]);
 
         // The container goes before it listens: its probe is aborted, so a port that opens
         // afterwards sees no connection and nothing is reported.
