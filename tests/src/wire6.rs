@@ -108,6 +108,27 @@ impl Ipv6Packet {
         }
     }
 
+    /// A TCP segment with explicit sequence and acknowledgment numbers and a payload (as
+    /// IPv4's `Ipv4Packet::tcp_seq`).
+    pub fn tcp_seq(
+        src: SocketAddrV6,
+        dst: SocketAddrV6,
+        flags: u8,
+        seq: u32,
+        ack: u32,
+        payload: &[u8],
+    ) -> Self {
+        Self {
+            l4: L4::Tcp {
+                flags,
+                seq,
+                ack,
+                payload: payload.to_vec(),
+            },
+            ..Self::tcp(src, dst, flags)
+        }
+    }
+
     pub fn udp(src: SocketAddrV6, dst: SocketAddrV6, payload: &[u8]) -> Self {
         Self {
             l4: L4::Udp {

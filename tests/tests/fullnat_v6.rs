@@ -12,7 +12,7 @@ use std::{net::SocketAddrV6, time::Duration};
 use berth_tests::{
     fixture::*,
     fixture6::*,
-    wire::{L4, TCP_ACK, TCP_FIN, TCP_PSH, TCP_SYN},
+    wire::{TCP_ACK, TCP_FIN, TCP_PSH, TCP_SYN},
     wire6::{self, Ipv6Packet},
 };
 use lb_common::{
@@ -85,14 +85,7 @@ fn one_backend(ports: PortRange, reuse: Duration) -> Fixture {
 }
 
 fn tcp6(src: SocketAddrV6, dst: SocketAddrV6, flags: u8, seq: u32, ack: u32) -> Ipv6Packet {
-    let mut p = Ipv6Packet::tcp(src, dst, flags);
-    p.l4 = L4::Tcp {
-        flags,
-        seq,
-        ack,
-        payload: Vec::new(),
-    };
-    p
+    Ipv6Packet::tcp_seq(src, dst, flags, seq, ack, &[])
 }
 
 /// Checks a full-NAT forward translation: to one of `backends`, from HOST6 and a port of

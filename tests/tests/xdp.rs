@@ -60,32 +60,11 @@ fn handshake(f: &Fixture, c: SocketAddrV4, nat: Nat) -> Leg {
     leg
 }
 
-/// Runs `pkt` through XDP (which must send it with `XDP_TX`, counted `xdp_tx`, checksums
-/// right), then through TC (which must redirect it counted `reason`): the frames must match.
-/// Returns the frame.
+/// [`berth_tests::fixture::xdp_equals_tc`] with IPv4's checksum check and parser.
 fn xdp_equals_tc(f: &mut Fixture, pkt: &[u8], reason: Reason) -> Vec<u8> {
-    let x = f.run_xdp(pkt);
-    assert_eq!(x.action, XDP_TX, "{x:?}");
-    assert_eq!(x.exits(), [Reason::XdpTx.name()], "{x:?}");
-    wire::verify_checksums(&x.out).unwrap_or_else(|e| panic!("XDP's frame: {e}"));
-    let t = f.run(pkt);
-    assert_eq!(t.action, TC_ACT_REDIRECT, "{t:?}");
-    assert_eq!(t.exits(), [reason.name()], "{t:?}");
-    assert_eq!(
-        wire::parse(&x.out),
-        wire::parse(&t.out),
-        "XDP and TC must write the same frame"
-    );
-    assert_eq!(x.out, t.out, "XDP and TC must write the same bytes");
-    x.out
-}
-
-/// The XDP program left `pkt` to TC: passed, untouched, counted as a pass.
-fn assert_left_to_tc(run: &Run, pkt: &[u8]) {
-    assert_eq!(run.action, XDP_PASS, "{run:?}");
-    assert_eq!(run.out, pkt, "a packet left to TC must be untouched");
-    assert_eq!(run.counted(Reason::EventXdpPass), 1, "{run:?}");
-    assert!(run.exits().is_empty(), "{run:?}");
+    berth_tests::fixture::xdp_equals_tc(f, pkt, reason, wire::verify_checksums, |p| {
+        format!("{:?}", wire::parse(p))
+    })
 }
 
 fn tcp_forward_and_reply_of_an_established_flow_are_sent_by_xdp_as_tc_would(nat: Nat) {
@@ -407,41 +386,7 @@ fn mangled_headers_never_crash_or_corrupt() {
             tcp(c, sa(VIP, 80), TCP_ACK, 1001, 5001).build(),
             from_backend(tcp(leg.backend, leg.peer, TCP_ACK, 5001, 1019)),
         ];
-        let mut x = 0x2545_f491_u32;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x
-        };
-        let (mut sent, mut passed) = (0, 0);
-        for i in 0..3000 {
-            let mut p = base[i % 2].clone();
-            for _ in 0..1 + next() % 3 {
-                let at = (next() as usize) % 54;
-                p[at] = next() as u8;
-            }
-            if next() % 8 == 0 {
-                // Not below an Ethernet header: the kernel refuses such a test run (EINVAL).
-                p.truncate(14 + (next() as usize) % (p.len() - 14));
-            }
-            let run = f.run_xdp(&p);
-            match run.action {
-                XDP_PASS => {
-                    assert_eq!(run.out, p, "passed frames are untouched");
-                    passed += 1;
-                }
-                XDP_TX => {
-                    assert_eq!(run.out.len(), p.len());
-                    if wire::verify_checksums(&p).is_ok() {
-                        wire::verify_checksums(&run.out)
-                            .unwrap_or_else(|e| panic!("{e}: in {p:02x?} out {:02x?}", run.out));
-                    }
-                    sent += 1;
-                }
-                other => panic!("action {other}: {run:?}"),
-            }
-        }
+        let (sent, passed) = mangle_through_xdp(&mut f, &base, 54, wire::verify_checksums);
         println!("3000 mangled frames: {sent} sent, {passed} left to TC");
         assert!(sent > 0 && passed > 0);
         assert_eq!(f.ct(&fkey).unwrap(), fwd);

@@ -14,7 +14,7 @@ use berth_tests::both_nat;
 use berth_tests::{
     fixture::*,
     fixture6::*,
-    wire::{L4, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN},
+    wire::{TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN},
     wire6::{self, Ext, IPPROTO_DSTOPTS, Ipv6Packet},
 };
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP, Reason, ct, port_to_wire};
@@ -65,14 +65,7 @@ fn standard6(nat: Nat) -> Fixture {
 
 /// A TCP segment with explicit sequence and acknowledgment numbers and a payload.
 fn tcp6(src: SocketAddrV6, dst: SocketAddrV6, flags: u8, seq: u32, ack: u32) -> Ipv6Packet {
-    let mut p = Ipv6Packet::tcp(src, dst, flags);
-    p.l4 = L4::Tcp {
-        flags,
-        seq,
-        ack,
-        payload: b"GET / HTTP/1.1\r\n\r\n".to_vec(),
-    };
-    p
+    Ipv6Packet::tcp_seq(src, dst, flags, seq, ack, b"GET / HTTP/1.1\r\n\r\n")
 }
 
 /// How the backend sees a flow: its own address and the peer's (the client, or for full NAT
@@ -105,22 +98,9 @@ fn fwd6(f: &Fixture, pkt: &[u8], backends: &[SocketAddrV6], nat: Nat) -> Leg6 {
 /// 5000).
 fn handshake6(f: &Fixture, c: SocketAddrV6, nat: Nat) -> Leg6 {
     let service = sa6(VIP6, 80);
-    let mut syn = tcp6(c, service, TCP_SYN, 1000, 0);
-    syn.l4 = L4::Tcp {
-        flags: TCP_SYN,
-        seq: 1000,
-        ack: 0,
-        payload: Vec::new(),
-    };
-    let syn = syn.build();
+    let syn = Ipv6Packet::tcp_seq(c, service, TCP_SYN, 1000, 0, &[]).build();
     let leg = fwd6(f, &syn, &web6(), nat);
-    let mut synack = tcp6(leg.backend, leg.peer, TCP_SYN | TCP_ACK, 5000, 1001);
-    synack.l4 = L4::Tcp {
-        flags: TCP_SYN | TCP_ACK,
-        seq: 5000,
-        ack: 1001,
-        payload: Vec::new(),
-    };
+    let synack = Ipv6Packet::tcp_seq(leg.backend, leg.peer, TCP_SYN | TCP_ACK, 5000, 1001, &[]);
     let run = f.run(&synack.build());
     assert_eq!(run.exits(), [Reason::ReplyRedirect.name()], "{run:?}");
     let ack = tcp6(c, service, TCP_ACK, 1001, 5001).build();
@@ -130,31 +110,11 @@ fn handshake6(f: &Fixture, c: SocketAddrV6, nat: Nat) -> Leg6 {
     leg
 }
 
-/// Runs `pkt` through XDP (which must send it with `XDP_TX`, counted `xdp_tx`, its checksum
-/// right), then through TC (which must redirect it counted `reason`): the frames must match.
+/// [`berth_tests::fixture::xdp_equals_tc`] with IPv6's checksum check and parser.
 fn xdp_equals_tc(f: &mut Fixture, pkt: &[u8], reason: Reason) -> Vec<u8> {
-    let x = f.run_xdp(pkt);
-    assert_eq!(x.action, XDP_TX, "{x:?}");
-    assert_eq!(x.exits(), [Reason::XdpTx.name()], "{x:?}");
-    wire6::verify_checksums6(&x.out).unwrap_or_else(|e| panic!("XDP's frame: {e}"));
-    let t = f.run(pkt);
-    assert_eq!(t.action, TC_ACT_REDIRECT, "{t:?}");
-    assert_eq!(t.exits(), [reason.name()], "{t:?}");
-    assert_eq!(
-        wire6::parse6(&x.out),
-        wire6::parse6(&t.out),
-        "XDP and TC must write the same frame"
-    );
-    assert_eq!(x.out, t.out, "XDP and TC must write the same bytes");
-    x.out
-}
-
-/// The XDP program left `pkt` to TC: passed, untouched, counted as a pass.
-fn assert_left_to_tc(run: &Run, pkt: &[u8]) {
-    assert_eq!(run.action, XDP_PASS, "{run:?}");
-    assert_eq!(run.out, pkt, "a packet left to TC must be untouched");
-    assert_eq!(run.counted(Reason::EventXdpPass), 1, "{run:?}");
-    assert!(run.exits().is_empty(), "{run:?}");
+    berth_tests::fixture::xdp_equals_tc(f, pkt, reason, wire6::verify_checksums6, |p| {
+        format!("{:?}", wire6::parse6(p))
+    })
 }
 
 fn tcp_forward_and_reply_of_an_established_flow_are_sent_by_xdp_as_tc_would(nat: Nat) {
@@ -409,41 +369,7 @@ fn mangled_ipv6_headers_never_crash_or_corrupt() {
             tcp6(c, sa6(VIP6, 80), TCP_ACK, 1001, 5001).build(),
             tcp6(leg.backend, leg.peer, TCP_ACK, 5001, 1019).build(),
         ];
-        let mut x = 0x2545_f491_u32;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x
-        };
-        let (mut sent, mut passed) = (0, 0);
-        for i in 0..3000 {
-            let mut p = base[i % 2].clone();
-            for _ in 0..1 + next() % 3 {
-                let at = (next() as usize) % 74;
-                p[at] = next() as u8;
-            }
-            if next() % 8 == 0 {
-                // Not below an Ethernet header: the kernel refuses such a test run (EINVAL).
-                p.truncate(14 + (next() as usize) % (p.len() - 14));
-            }
-            let run = f.run_xdp(&p);
-            match run.action {
-                XDP_PASS => {
-                    assert_eq!(run.out, p, "passed frames are untouched");
-                    passed += 1;
-                }
-                XDP_TX => {
-                    assert_eq!(run.out.len(), p.len());
-                    if wire6::verify_checksums6(&p).is_ok() {
-                        wire6::verify_checksums6(&run.out)
-                            .unwrap_or_else(|e| panic!("{e}: in {p:02x?} out {:02x?}", run.out));
-                    }
-                    sent += 1;
-                }
-                other => panic!("action {other}: {run:?}"),
-            }
-        }
+        let (sent, passed) = mangle_through_xdp(&mut f, &base, 74, wire6::verify_checksums6);
         println!("3000 mangled IPv6 frames: {sent} sent, {passed} left to TC");
         assert!(sent > 0 && passed > 0);
         assert_eq!(ct6(&f, &fkey).unwrap(), fwd);
