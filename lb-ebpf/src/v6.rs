@@ -1656,8 +1656,8 @@ fn icmp_error6_inner(ctx: &TcContext, p: &mut Pkt6) -> (i32, Reason) {
     }
     // The quoted packet's reverse: the key of the flow's entry for the error's direction.
     let k = &mut p.key;
-    k.saddr = q.daddr;
-    k.daddr = q.saddr;
+    set_addr(&mut k.saddr, &q.daddr);
+    set_addr(&mut k.daddr, &q.saddr);
     k.sport = q.dport;
     k.dport = q.sport;
     k.proto = q.proto;
@@ -1685,12 +1685,12 @@ fn icmp_error6_inner(ctx: &TcContext, p: &mut Pkt6) -> (i32, Reason) {
         return exit(Reason::PassTtlExpired);
     }
     let n = &mut p.nat;
-    n.q_src = q.saddr;
+    set_addr(&mut n.q_src, &q.saddr);
     n.q_src_port = q.sport;
-    n.q_dst = q.daddr;
+    set_addr(&mut n.q_dst, &q.daddr);
     n.q_dst_port = q.dport;
-    n.o_src = o.saddr;
-    n.o_dst = o.daddr;
+    set_addr(&mut n.o_src, &o.saddr);
+    set_addr(&mut n.o_dst, &o.daddr);
     let full = ent.ct.full_nat();
     if reply {
         // The quoted destination (the backend) becomes the service, and so does the outer
@@ -1698,26 +1698,26 @@ fn icmp_error6_inner(ctx: &TcContext, p: &mut Pkt6) -> (i32, Reason) {
         // NAT: the quoted source and the outer destination (berth's address) become the
         // client.
         if o.saddr == q.daddr {
-            n.o_src = ent.nat_addr;
+            set_addr(&mut n.o_src, &ent.nat_addr);
         }
-        n.q_dst = ent.nat_addr;
+        set_addr(&mut n.q_dst, &ent.nat_addr);
         n.q_dst_port = ent.ct.nat_port;
         if full {
-            n.q_src = ent.fnat_addr;
+            set_addr(&mut n.q_src, &ent.fnat_addr);
             n.q_src_port = ent.ct.fnat_port;
-            n.o_dst = ent.fnat_addr;
+            set_addr(&mut n.o_dst, &ent.fnat_addr);
         }
     } else {
         // The quoted source (the service) and the outer destination become the backend. Full
         // NAT: the quoted destination (the client) becomes berth's address and port, and the
         // outer source berth's address.
-        n.q_src = ent.nat_addr;
+        set_addr(&mut n.q_src, &ent.nat_addr);
         n.q_src_port = ent.ct.nat_port;
-        n.o_dst = ent.nat_addr;
+        set_addr(&mut n.o_dst, &ent.nat_addr);
         if full {
-            n.q_dst = ent.fnat_addr;
+            set_addr(&mut n.q_dst, &ent.fnat_addr);
             n.q_dst_port = ent.ct.fnat_port;
-            n.o_src = ent.fnat_addr;
+            set_addr(&mut n.o_src, &ent.fnat_addr);
         }
     }
     if !rewrite_icmp6(ctx, p) {
@@ -1731,8 +1731,8 @@ fn icmp_error6_inner(ctx: &TcContext, p: &mut Pkt6) -> (i32, Reason) {
         return exit(Reason::AbortMap);
     };
     let t = &mut w.tuple;
-    t.src = p.nat.o_src;
-    t.dst = p.nat.o_dst;
+    set_addr(&mut t.src, &p.nat.o_src);
+    set_addr(&mut t.dst, &p.nat.o_dst);
     t.sport = 0;
     t.dport = 0;
     fib6(ctx, &p.flow, &w.tuple, &mut w.fib);

@@ -503,7 +503,10 @@ impl Daemon {
                 // leave the pool until their probe passes.
                 let pooled = self
                     .readiness
-                    .filter(&self.health.filter(&self.desired))
+                    .filter(
+                        &self.health.filter(&self.desired),
+                        self.cfg.dataplane.reject_without_backend,
+                    )
                     .iter()
                     .any(|s| {
                         s.name == report.service
@@ -683,7 +686,10 @@ impl Daemon {
     /// held; a failed write is logged and retried by the tick. Then attaches where the
     /// backends' replies arrive.
     fn apply(&mut self, why: &str) {
-        let serving = self.readiness.filter(&self.health.filter(&self.desired));
+        let serving = self.readiness.filter(
+            &self.health.filter(&self.desired),
+            self.cfg.dataplane.reject_without_backend,
+        );
         let rec = &mut self.rec;
         self.hold.settle(|| match rec.apply(&serving, why) {
             Ok(_) => false,
@@ -1165,11 +1171,40 @@ mod tests {
     }
 
     /// Service "web" of the containers running image "web" on `port`, probe on.
+    /// A service of containers of image `web` on `port`, probed; berth drops SYNs of a service
+    /// without backends (`reject_without_backend = false`), so a lone container waits for its
+    /// probe out of the pool (see `Readiness::filter`).
     fn probed(port: u16) -> String {
         format!(
-            "[docker]\nreadiness_timeout_ms = 10000\n[[service]]\nname = \"web\"\n\
+            "[dataplane]\nreject_without_backend = false\n\
+             [docker]\nreadiness_timeout_ms = 10000\n[[service]]\nname = \"web\"\n\
              listen = \"10.99.0.1:80\"\ndocker = {{ image = \"web\", port = {port} }}\n"
         )
+    }
+
+    #[tokio::test]
+    async fn a_lone_starting_container_is_pooled_where_berth_refuses_without_backends() {
+        let dir = tempdir("probe-alone");
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let text = probed(port).replace("reject_without_backend = false", "");
+        let (mut d, _probes) = daemon_with_probes(&dir, &text);
+        d.on_docker(ev(Event::Upsert(
+            container("c1", "web", [127, 0, 0, 1]),
+            None,
+        )));
+        // Nothing listens yet, but no backend of the service is ready either: a client is
+        // refused by it or by berth alike, so it is in the pool while its probe runs.
+        assert_eq!(
+            pool(&d, [10, 99, 0, 1], 80),
+            [([127, 0, 0, 1].into(), port)]
+        );
+        let st = d.status();
+        let b = &st.services[0].backends[0];
+        assert_eq!((b.health.as_str(), b.in_pool), ("starting", true));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     async fn next_probe(rx: &mut mpsc::Receiver<ProbeReport>) -> ProbeReport {

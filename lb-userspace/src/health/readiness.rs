@@ -222,14 +222,17 @@ impl Readiness {
     }
 
     /// `services` without the backends that wait for their probe, unless every backend of a
-    /// service waits: then it keeps them all. With none ready, a client is refused either way
-    /// (by berth for want of a backend, or by a container not listening yet), but the ones that
-    /// do listen answer; leaving them out would refuse everyone until the first probe passes.
-    /// That is the case after Docker restarts a service's containers (dockerd killed without
-    /// live-restore): each is a new run, probed anew, and berth's resync used to take every
-    /// backend out for the probe's first round trip, refusing the requests of that moment
-    /// although the containers were serving.
-    pub fn filter(&self, services: &[Service]) -> Vec<Service> {
+    /// service waits and `keep_all_waiting` (berth refuses clients of a service without
+    /// backends, `dataplane.reject_without_backend`): then it keeps them all. With none ready, a
+    /// client is refused either way (by berth for want of a backend, or by a container not
+    /// listening yet), but the ones that do listen answer; leaving them out would refuse
+    /// everyone until the first probe passes. That is the case after Docker restarts a
+    /// service's containers (dockerd killed without live-restore): each is a new run, probed
+    /// anew, and berth's resync used to take every backend out for the probe's first round
+    /// trip, refusing the requests of that moment although the containers were serving. Where
+    /// berth drops a client's SYN instead (so that it retries a second later), a container not
+    /// listening yet would refuse it at once: there they wait out of the pool as before.
+    pub fn filter(&self, services: &[Service], keep_all_waiting: bool) -> Vec<Service> {
         services
             .iter()
             .map(|s| {
@@ -237,7 +240,7 @@ impl Readiness {
                 let name = s.name.clone();
                 let all = s.backends.clone();
                 s.backends.retain(|b| !self.waiting(&name, b.addr));
-                if s.backends.is_empty() {
+                if s.backends.is_empty() && keep_all_waiting {
                     s.backends = all;
                 }
                 s
@@ -367,7 +370,7 @@ mod tests {
         );
         r.sync(&[web(1), dns.clone()]);
         assert!(r.waiting("web", addr));
-        let kept = r.filter(&[web(1), dns.clone()]);
+        let kept = r.filter(&[web(1), dns.clone()], true);
         assert_eq!(
             kept[0].backends,
             vec![crate::config::BackendSpec::dnat(configured, 1)],
@@ -378,13 +381,23 @@ mod tests {
         // Alone in its service, a waiting backend is kept (no backend is ready to take its
         // place); beside a ready one it is not.
         let alone = service("web", Protocol::Tcp, &[(addr, Some(1))]);
-        assert_eq!(r.filter(std::slice::from_ref(&alone)), vec![alone.clone()]);
+        assert_eq!(
+            r.filter(std::slice::from_ref(&alone), true),
+            vec![alone.clone()]
+        );
+        assert_eq!(
+            r.filter(std::slice::from_ref(&alone), false)[0].backends,
+            vec![],
+            "where berth drops SYNs for want of a backend, it waits out of the pool"
+        );
         let other = closed_port();
         let pair = service("web", Protocol::Tcp, &[(addr, Some(1)), (other, Some(1))]);
         r.sync(std::slice::from_ref(&pair));
         assert!(r.waiting("web", addr) && r.waiting("web", other));
         assert_eq!(
-            r.filter(std::slice::from_ref(&pair))[0].backends.len(),
+            r.filter(std::slice::from_ref(&pair), true)[0]
+                .backends
+                .len(),
             2,
             "every backend waits: all kept"
         );
@@ -409,7 +422,7 @@ mod tests {
         assert!(r.current(&report));
         assert!(r.record(&report), "{report:?}");
         assert!(!r.waiting("web", addr));
-        assert_eq!(r.filter(&[web(1)])[0].backends.len(), 2);
+        assert_eq!(r.filter(&[web(1)], true)[0].backends.len(), 2);
         assert!(!r.record(&report), "recorded once");
 
         // Another run of the container at the same address is probed anew, and a report of
@@ -431,7 +444,10 @@ mod tests {
         let mut off = Readiness::new(tx.clone(), None);
         off.sync(std::slice::from_ref(&web));
         assert!(!off.waiting("web", addr));
-        assert_eq!(off.filter(std::slice::from_ref(&web)), vec![web.clone()]);
+        assert_eq!(
+            off.filter(std::slice::from_ref(&web), false),
+            vec![web.clone()]
+        );
 
         let mut on = Readiness::new(tx, Some(Duration::from_secs(10)));
         on.presume_ready([(web.listen, Protocol::Tcp, addr)]);
