@@ -254,22 +254,23 @@ pub const fn flow_hash6(key: &FlowKey6, seed: u32) -> u32 {
 /// [`ct::reply_key`]).
 #[inline(always)]
 pub const fn reply_key6(fkey: &FlowKey6, fwd: &CtEntry6) -> FlowKey6 {
-    if fwd.ct.full_nat() {
-        FlowKey6::new(
-            fwd.nat_addr,
-            fwd.fnat_addr,
-            fwd.ct.nat_port,
-            fwd.ct.fnat_port,
-            fkey.proto,
-        )
+    reply_key6_of(fkey, fwd.nat_addr, fwd.fnat_addr, &fwd.ct)
+}
+
+/// [`reply_key6`] from the forward half's addresses given by value (`nat_addr`, `fnat_addr`)
+/// and the rest of it (`ct`): a caller that loads them into registers first keeps the eBPF
+/// build from copying them out of the map value with a byte-wise `memmove` call.
+#[inline(always)]
+pub const fn reply_key6_of(
+    fkey: &FlowKey6,
+    nat_addr: [u32; 4],
+    fnat_addr: [u32; 4],
+    ct: &CtEntry,
+) -> FlowKey6 {
+    if ct.full_nat() {
+        FlowKey6::new(nat_addr, fnat_addr, ct.nat_port, ct.fnat_port, fkey.proto)
     } else {
-        FlowKey6::new(
-            fwd.nat_addr,
-            fkey.saddr,
-            fwd.ct.nat_port,
-            fkey.sport,
-            fkey.proto,
-        )
+        FlowKey6::new(nat_addr, fkey.saddr, ct.nat_port, fkey.sport, fkey.proto)
     }
 }
 
@@ -277,22 +278,21 @@ pub const fn reply_key6(fkey: &FlowKey6, fwd: &CtEntry6) -> FlowKey6 {
 /// `rkey` (IPv4's [`ct::forward_key`]).
 #[inline(always)]
 pub const fn forward_key6(rkey: &FlowKey6, rev: &CtEntry6) -> FlowKey6 {
-    if rev.ct.full_nat() {
-        FlowKey6::new(
-            rev.fnat_addr,
-            rev.nat_addr,
-            rev.ct.fnat_port,
-            rev.ct.nat_port,
-            rkey.proto,
-        )
+    forward_key6_of(rkey, rev.nat_addr, rev.fnat_addr, &rev.ct)
+}
+
+/// [`forward_key6`] from the reply half's addresses given by value (see [`reply_key6_of`]).
+#[inline(always)]
+pub const fn forward_key6_of(
+    rkey: &FlowKey6,
+    nat_addr: [u32; 4],
+    fnat_addr: [u32; 4],
+    ct: &CtEntry,
+) -> FlowKey6 {
+    if ct.full_nat() {
+        FlowKey6::new(fnat_addr, nat_addr, ct.fnat_port, ct.nat_port, rkey.proto)
     } else {
-        FlowKey6::new(
-            rkey.daddr,
-            rev.nat_addr,
-            rkey.dport,
-            rev.ct.nat_port,
-            rkey.proto,
-        )
+        FlowKey6::new(rkey.daddr, nat_addr, rkey.dport, ct.nat_port, rkey.proto)
     }
 }
 

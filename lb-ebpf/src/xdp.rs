@@ -1,7 +1,7 @@
 //! The XDP fast path (issue 14): packets of established IPv4 TCP/UDP flows (IPv6's: `xdp6`),
-//! translated and sent before the kernel builds an skb for them. It handles only the common case and passes
-//! everything else (`XDP_PASS`) to the TC program, which then does the whole job exactly as
-//! without XDP:
+//! translated and sent before the kernel builds an skb for them. It handles only the common
+//! case and passes everything else (`XDP_PASS`) to the TC program, which then does the whole
+//! job exactly as without XDP:
 //!
 //! - a packet whose own tuple has a forward or reply entry in CONNTRACK (never CT_NEW: the TC
 //!   program confirms flows), open (not closing), refreshed less than a second ago (the TC
@@ -91,19 +91,16 @@ fn fast(ctx: &XdpContext) -> (u32, Reason) {
     }
     // Ethernet + IPv4 without options + 8 bytes of L4 (the UDP header, the TCP ports and
     // sequence number); the rest of a TCP header is checked below.
-    let Some(eth) = at::<[u8; ETH_HLEN]>(ctx, 0) else {
-        return pass();
-    };
-    // SAFETY: `at` checked the bytes lie inside the frame.
-    let ethertype = unsafe { u16::from_be_bytes([(*eth)[12], (*eth)[13]]) };
-    if ethertype == ETH_P_IPV6 {
-        return crate::xdp6::fast6(ctx);
-    }
+    // (No IPv6 frame the fast path takes is shorter: it reads 62 bytes of its own.)
     let Some(h) = at::<[u8; L4 + 8]>(ctx, 0) else {
         return pass();
     };
     // SAFETY: `at` checked the bytes lie inside the frame.
     let h = unsafe { &mut *h };
+    let ethertype = u16::from_be_bytes([h[12], h[13]]);
+    if ethertype == ETH_P_IPV6 {
+        return crate::xdp6::fast6(ctx);
+    }
     if ethertype != ETH_P_IP || h[ETH_HLEN] != 0x45 {
         return pass();
     }
@@ -126,10 +123,7 @@ fn fast(ctx: &XdpContext) -> (u32, Reason) {
     let daddr = u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]);
     let sport = u16::from_ne_bytes([l4[0], l4[1]]);
     let dport = u16::from_ne_bytes([l4[2], l4[3]]);
-    // The TC program's port filter: anything on no service or backend port is not ours.
-    if port_flags(u16::from_be(dport)) & port_flag(proto, false) == 0
-        && port_flags(u16::from_be(sport)) & port_flag(proto, true) == 0
-    {
+    if !ours(proto, sport, dport) {
         return pass();
     }
     let key = FlowKey::new(saddr, daddr, sport, dport, proto);
@@ -139,14 +133,9 @@ fn fast(ctx: &XdpContext) -> (u32, Reason) {
     // SAFETY: a value pointer returned by the map lookup stays valid for this run (RCU); the
     // one field written (`backend_ack`) races with other CPUs as in the TC program.
     let e = unsafe { &mut *e };
-    // The clock cached per jiffy in this CPU's TC slot (`crate::coarse_now`): XDP and TC run
-    // one after the other in this CPU's softirq, never inside each other, and the cache is
-    // only a cache (the value a read would return this jiffy).
-    let Some(p) = SCRATCH.get_ptr_mut(0) else {
+    let Some(now) = now() else {
         return pass();
     };
-    // SAFETY: this CPU's slot of a per-CPU array, valid for the run (see `SCRATCH`).
-    let now = crate::coarse_now(unsafe { &mut *p });
     if !usable(e, proto, tcp_flags, now, cfg) {
         return pass();
     }
@@ -263,6 +252,23 @@ pub(crate) fn update_l4(csum: *mut [u8; 2], proto: u8, diff: u16) {
         // SAFETY: as above.
         unsafe { *csum = new.to_ne_bytes() };
     }
+}
+
+/// The TC program's port filter: a packet on no service or backend port is not ours.
+#[inline(always)]
+pub(crate) fn ours(proto: u8, sport: u16, dport: u16) -> bool {
+    port_flags(u16::from_be(dport)) & port_flag(proto, false) != 0
+        || port_flags(u16::from_be(sport)) & port_flag(proto, true) != 0
+}
+
+/// The clock cached per jiffy in this CPU's TC slot (`crate::coarse_now`): XDP and TC run one
+/// after the other in this CPU's softirq, never inside each other, and the cache is only a
+/// cache (the value a read would return this jiffy).
+#[inline(always)]
+pub(crate) fn now() -> Option<u64> {
+    let p = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot of a per-CPU array, valid for the run (see `SCRATCH`).
+    Some(crate::coarse_now(unsafe { &mut *p }))
 }
 
 /// Whether entry `e` may be sent by XDP at all: open (not closing), refreshed less than a

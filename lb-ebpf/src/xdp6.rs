@@ -14,16 +14,13 @@ use lb_common::{
     CFG_F_KEEP_TTL, Reason,
     csum::{add, diff2, diff16},
     ct::{DIR_FORWARD, DIR_REPLY},
-    port_flag,
-    v6::{FlowKey6, is_forward_of6, is_reply_of6},
+    v6::{FlowKey6, forward_key6_of, is_forward_of6, is_reply_of6, reply_key6_of},
 };
 
 use crate::{
-    maps::SCRATCH,
     parse::ETH_HLEN,
-    port_flags,
     v6::CONNTRACK6,
-    xdp::{at, egress, l4_fields, pass, record_ack, send, update_l4, usable},
+    xdp::{at, egress, l4_fields, now, ours, pass, record_ack, send, update_l4, usable},
 };
 
 /// The fixed IPv6 header; the fast path handles no extension header, so the L4 header sits at
@@ -82,9 +79,7 @@ pub fn fast6(ctx: &XdpContext) -> (u32, Reason) {
     };
     let sport = u16::from_ne_bytes([h[L4], h[L4 + 1]]);
     let dport = u16::from_ne_bytes([h[L4 + 2], h[L4 + 3]]);
-    if port_flags(u16::from_be(dport)) & port_flag(proto, false) == 0
-        && port_flags(u16::from_be(sport)) & port_flag(proto, true) == 0
-    {
+    if !ours(proto, sport, dport) {
         return pass();
     }
     let (saddr, daddr) = (addr(h, ETH_HLEN + 8), addr(h, ETH_HLEN + 24));
@@ -94,11 +89,9 @@ pub fn fast6(ctx: &XdpContext) -> (u32, Reason) {
     };
     // SAFETY: as in the IPv4 fast path: valid for the run; `backend_ack` races as in TC.
     let e = unsafe { &mut *e };
-    let Some(p) = SCRATCH.get_ptr_mut(0) else {
+    let Some(now) = now() else {
         return pass();
     };
-    // SAFETY: this CPU's slot of a per-CPU array (see the IPv4 fast path).
-    let now = crate::coarse_now(unsafe { &mut *p });
     if !usable(&e.ct, proto, tcp_flags, now, cfg) {
         return pass();
     }
@@ -108,18 +101,8 @@ pub fn fast6(ctx: &XdpContext) -> (u32, Reason) {
         if e.ct.in_ifindex != 0 && e.ct.in_ifindex != ingress {
             return pass();
         }
-        // `forward_key6`, its addresses loaded word by word (see `load`).
-        let fkey = if e.ct.full_nat() {
-            FlowKey6::new(
-                load(&e.fnat_addr),
-                load(&e.nat_addr),
-                e.ct.fnat_port,
-                e.ct.nat_port,
-                proto,
-            )
-        } else {
-            FlowKey6::new(daddr, load(&e.nat_addr), dport, e.ct.nat_port, proto)
-        };
+        // The addresses loaded word by word (see `load`).
+        let fkey = forward_key6_of(&key, load(&e.nat_addr), load(&e.fnat_addr), &e.ct);
         let Some(f) = CONNTRACK6.get_ptr(&fkey) else {
             return pass();
         };
@@ -128,18 +111,7 @@ pub fn fast6(ctx: &XdpContext) -> (u32, Reason) {
             return pass();
         }
     } else if e.ct.dir == DIR_FORWARD {
-        // `reply_key6`, as above.
-        let rkey = if e.ct.full_nat() {
-            FlowKey6::new(
-                load(&e.nat_addr),
-                load(&e.fnat_addr),
-                e.ct.nat_port,
-                e.ct.fnat_port,
-                proto,
-            )
-        } else {
-            FlowKey6::new(load(&e.nat_addr), saddr, e.ct.nat_port, sport, proto)
-        };
+        let rkey = reply_key6_of(&key, load(&e.nat_addr), load(&e.fnat_addr), &e.ct);
         let Some(r) = CONNTRACK6.get_ptr(&rkey) else {
             return pass();
         };
