@@ -344,10 +344,13 @@ pub const fn forward_skips_reply(fwd: &CtEntry, proto: u8, tcp_flags: u8, now_ns
 /// tells its client from a spoofer without the window the missing half held.
 #[inline(always)]
 pub const fn lazy_flow_keeps(fwd: &CtEntry, proto: u8, tcp_flags: u8, names_client: bool) -> bool {
-    fwd.lazy == LAZY_ANSWERED
-        || !names_client
-        || proto != IPPROTO_TCP
-        || is_bare_syn(proto, tcp_flags)
+    lazy_keeps(fwd.lazy, proto, tcp_flags, names_client)
+}
+
+/// [`lazy_flow_keeps`] for a forward entry whose `lazy` field is `lazy`.
+#[inline(always)]
+pub const fn lazy_keeps(lazy: u8, proto: u8, tcp_flags: u8, names_client: bool) -> bool {
+    lazy == LAZY_ANSWERED || !names_client || proto != IPPROTO_TCP || is_bare_syn(proto, tcp_flags)
 }
 
 /// Whether a new flow of `proto` starts unconfirmed, in the small map of its own (`CT_NEW`),
@@ -468,6 +471,8 @@ mod tests {
         snat_port_first: 61000,
         snat_port_last: 65535,
         snat_reuse_ms: 2,
+        syn_sets: 1,
+        _pad: 0,
     };
 
     #[test]

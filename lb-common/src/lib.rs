@@ -14,6 +14,7 @@ pub mod csum;
 pub mod ct;
 pub mod hash;
 pub mod reason;
+pub mod syn;
 pub mod v6;
 
 pub use reason::Reason;
@@ -50,7 +51,7 @@ pub const PROG_SOCK_GETPEERNAME6: &str = "berth_getpeername6";
 /// Version of the pinned layout (maps, their key and value types, their meaning). Pins live
 /// under `<pin path>/v<PIN_LAYOUT>/`; a berth finding another version there refuses to adopt it.
 /// Bump it with every change to a map's type, key, value or the meaning of a field.
-pub const PIN_LAYOUT: u32 = 6;
+pub const PIN_LAYOUT: u32 = 7;
 
 /// Addresses of this host (network byte order -> 1), kept current by userspace: what "any
 /// address of this host" means for wildcard services at the socket hooks.
@@ -161,8 +162,11 @@ pub struct DpConfig {
     /// How long (ms) a full-NAT flow that has fully closed keeps its source port before a new
     /// flow may take it (see [`ct::port_reusable`]).
     pub snat_reuse_ms: u32,
+    /// Sets of the pending-handshake table (`syn::MAP_CT_SYN`, a power of two).
+    pub syn_sets: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<DpConfig>() == 56);
+const _: () = assert!(core::mem::size_of::<DpConfig>() == 64);
 
 impl DpConfig {
     /// A zeroed config; the dataplane treats `maglev_size == 0` as "not configured" and passes
@@ -180,6 +184,8 @@ impl DpConfig {
             snat_port_first: 0,
             snat_port_last: 0,
             snat_reuse_ms: 0,
+            syn_sets: 0,
+            _pad: 0,
         }
     }
 }
@@ -451,7 +457,9 @@ mod pod {
         super::v6::ServiceKey6,
         super::v6::Backend6,
         super::v6::FlowKey6,
-        super::v6::CtEntry6
+        super::v6::CtEntry6,
+        super::syn::SynSlot,
+        super::syn::SynSet
     );
 }
 

@@ -17,6 +17,7 @@ mod nat;
 mod parse;
 mod reject;
 mod sock;
+mod syn;
 mod v6;
 mod xdp;
 mod xdp6;
@@ -240,13 +241,25 @@ fn process(ctx: &TcContext) -> (i32, Reason) {
     let p = &*p;
     let (flow, key, now) = (&p.flow, &p.key, p.now);
 
-    let (e, table): (*mut CtEntry, &'static Table) = if let Some(e) = CONNTRACK.get_ptr_mut(&key) {
-        (e, &CONNTRACK)
-    } else if let Some(e) = CT_NEW.get_ptr_mut(&key) {
-        (e, &CT_NEW)
-    } else {
-        (core::ptr::null_mut(), &CONNTRACK)
-    };
+    let (mut e, mut table): (*mut CtEntry, &'static Table) =
+        if let Some(e) = CONNTRACK.get_ptr_mut(&key) {
+            (e, &CONNTRACK)
+        } else if let Some(e) = CT_NEW.get_ptr_mut(&key) {
+            (e, &CT_NEW)
+        } else {
+            (core::ptr::null_mut(), &CONNTRACK)
+        };
+    // A flow pending in the handshake table moves to CT_NEW with this packet; either way the
+    // flow hash comes back for `new_flow`.
+    let mut hashed = 0;
+    if e.is_null() && service_port {
+        hashed = pending(p);
+        if hashed & SYN_PROMOTED != 0
+            && let Some(m) = CT_NEW.get_ptr_mut(key)
+        {
+            (e, table) = (m, &CT_NEW);
+        }
+    }
     if !e.is_null() {
         // SAFETY: a value pointer returned by the map lookup stays valid for this run (RCU).
         // Other CPUs may update the same entry; the fields we race on (state, last_seen_ns,
@@ -308,7 +321,7 @@ fn process(ctx: &TcContext) -> (i32, Reason) {
     if !service_port {
         return exit(Reason::PassNoService);
     }
-    let v = new_flow(ctx, p);
+    let v = new_flow(ctx, p, hashed);
     if v & FULL_NAT != 0 {
         // Outside `new_flow`'s frame (the stack of the call chain is shared).
         let v = new_full_nat_flow(ctx, p, v);
@@ -332,6 +345,37 @@ fn process(ctx: &TcContext) -> (i32, Reason) {
     verdict
 }
 
+/// [`pending`]: the low half of its result is the packet's flow hash.
+const SYN_HASHED: u64 = 1 << 32;
+/// [`pending`]: the packet's flow was pending in the handshake table and is in CT_NEW now.
+const SYN_PROMOTED: u64 = 1 << 33;
+
+/// A client -> service packet of no tracked flow: if its flow is pending in the handshake table
+/// (`syn`: a flow recorded there by its first packet) and not over, the flow moves to CT_NEW
+/// and the packet is handled as one of an unconfirmed flow. Returns the flow hash
+/// ([`SYN_HASHED`]) and whether the flow moved ([`SYN_PROMOTED`]). A BPF subprogram (own stack
+/// frame).
+#[inline(never)]
+fn pending(p: &Pkt) -> u64 {
+    let cfg = config();
+    let hash = flow_hash(&p.key, cfg.hash_seed);
+    let v = SYN_HASHED | u64::from(hash);
+    let Some((idx, s)) = syn::find(&p.key, hash) else {
+        return v;
+    };
+    let fwd = s.forward_entry(syn::route_of(s.backend_id, p.now));
+    if ct::expired(&fwd, p.flow.proto, p.flow.tcp_flags, p.now, cfg) {
+        // Over: the packet starts a new flow, which `new_flow` records in this slot.
+        count(Reason::EventCtExpired);
+        return v;
+    }
+    if syn::promote(&p.key, idx, &fwd) {
+        v | SYN_PROMOTED
+    } else {
+        v
+    }
+}
+
 /// [`lazy_reply`]: not the reply of a lazily recorded flow.
 const LAZY_NONE: u64 = 0;
 /// [`lazy_reply`]: the reply entry was written into CONNTRACK.
@@ -351,21 +395,32 @@ const LAZY_WRONG_IFACE: u64 = 3;
 #[inline(never)]
 fn lazy_reply(ctx: &TcContext, p: &Pkt) -> u64 {
     let key = &p.key;
-    let (half, code, fwd) = match lazy_half(key) {
-        Some((h, in_ct_new, fwd)) => (
-            h,
-            if in_ct_new {
-                LAZY_IN_CT_NEW
-            } else {
-                LAZY_IN_CONNTRACK
-            },
-            fwd,
-        ),
-        None => return LAZY_NONE,
+    let Some((half, at, fwd)) = lazy_half(key) else {
+        return LAZY_NONE;
+    };
+    let code = if at == IN_CONNTRACK {
+        LAZY_IN_CONNTRACK
+    } else {
+        LAZY_IN_CT_NEW
     };
     // Checked before anything is written: a forged reply from elsewhere leaves no trace.
     if half.in_ifindex != 0 && half.in_ifindex != ingress_ifindex(ctx) {
         return LAZY_WRONG_IFACE;
+    }
+    if at as u32 == IN_SYN {
+        // The backend answers a handshake pending in the handshake table: its forward entry
+        // moves to CT_NEW first (answered: see below), and the reply half joins it there.
+        let fwd = CtEntry {
+            nat_addr: key.saddr,
+            nat_port: key.sport,
+            dir: DIR_FORWARD,
+            route: syn::route_of(half.backend_id, p.now),
+            lazy: ct::LAZY_ANSWERED,
+            ..half
+        };
+        if !syn::promote(&ct::forward_key(key, &half), (at >> 32) as u32, &fwd) {
+            return LAZY_NONE;
+        }
     }
     let ok = if code == LAZY_IN_CT_NEW {
         CT_NEW.insert(key, &half, 0).is_ok()
@@ -378,31 +433,47 @@ fn lazy_reply(ctx: &TcContext, p: &Pkt) -> u64 {
     }
     // The backend has answered: the flow keeps its key even while this half is missing again
     // (`ct::lazy_flow_keeps`).
-    // SAFETY: a valid map value pointer (see `lazy_half`); a racing writer stores the same.
+    // SAFETY: a valid map value pointer (see `lazy_half`), or null for a flow that was
+    // pending (answered above); a racing writer stores the same.
     unsafe {
-        if (*fwd).lazy != 0 {
+        if !fwd.is_null() && (*fwd).lazy != 0 {
             (*fwd).lazy = ct::LAZY_ANSWERED;
         }
     }
     code
 }
 
+/// [`lazy_half`]: the forward entry is in CONNTRACK.
+const IN_CONNTRACK: u64 = 0;
+/// [`lazy_half`]: the forward entry is in CT_NEW.
+const IN_CT_NEW: u64 = 1;
+/// [`lazy_half`]: the flow is pending in the handshake table, at the slot in the high half.
+const IN_SYN: u32 = 2;
+
 /// The reply half of the lazily recorded flow whose reply key is `key` (backend -> client),
-/// built from its forward entry, whether that is in CT_NEW, and the forward entry (a map value
-/// pointer, valid for the run); None if there is no such flow.
+/// built from its forward entry, where that is (`IN_*`: CONNTRACK, CT_NEW, or pending in the
+/// handshake table with the slot's index << 32), and the forward entry (a map value pointer,
+/// valid for the run; null for a pending flow); None if there is no such flow.
 #[inline(always)]
-fn lazy_half(key: &FlowKey) -> Option<(CtEntry, bool, *mut CtEntry)> {
+fn lazy_half(key: &FlowKey) -> Option<(CtEntry, u64, *mut CtEntry)> {
     let s = LAZY_REPLY.get_ptr(&ServiceKey::new(key.saddr, key.sport, key.proto))?;
     // SAFETY: valid map value pointer; `ServiceKey` is `Copy`.
     let s = unsafe { *s };
     let fkey = FlowKey::new(key.daddr, s.addr, key.dport, s.port, key.proto);
-    let (fwd, in_ct_new) = if let Some(f) = CONNTRACK.get_ptr_mut(&fkey) {
-        (f, false)
+    let (f, at, fwd) = if let Some(f) = CONNTRACK.get_ptr_mut(&fkey) {
+        // SAFETY: valid map value pointer; `CtEntry` is `Copy`.
+        (unsafe { *f }, IN_CONNTRACK, f)
+    } else if let Some(f) = CT_NEW.get_ptr_mut(&fkey) {
+        // SAFETY: as above.
+        (unsafe { *f }, IN_CT_NEW, f)
     } else {
-        (CT_NEW.get_ptr_mut(&fkey)?, true)
+        let (idx, slot) = syn::find(&fkey, flow_hash(&fkey, config().hash_seed))?;
+        (
+            slot.forward_entry(Route::NONE),
+            u64::from(IN_SYN) | (u64::from(idx) << 32),
+            core::ptr::null_mut(),
+        )
     };
-    // SAFETY: valid map value pointer; `CtEntry` is `Copy`.
-    let f = unsafe { *fwd };
     if !ct::is_forward_of(&f, &fkey, key) {
         return None;
     }
@@ -416,7 +487,7 @@ fn lazy_half(key: &FlowKey) -> Option<(CtEntry, bool, *mut CtEntry)> {
         lazy: 0,
         ..f
     };
-    Some((half, in_ct_new, fwd))
+    Some((half, at, fwd))
 }
 
 /// The service LAZY_REPLY names for DNAT backend `bkey`, claimed for this flow's service
@@ -450,10 +521,12 @@ fn is_lazy_for(owner: &ServiceKey, flow: &Flow) -> bool {
 /// backend): then no flow of another service may take the key, as if that reply entry were
 /// there (see `claim`), unless the lazy flow has proved nothing (`ct::lazy_flow_keeps`): then
 /// its forward entry is removed and the key is free. `names_client`: the new flow's packet
-/// comes from the reply key's client (a DNAT flow's). A BPF subprogram (own stack frame); the
-/// owner comes packed (`owner.addr << 16 | owner.port`): LLVM turns a reference to a struct of
-/// two loaded fields into two arguments, and a sixth argument does not pass the verifier.
-#[inline(never)]
+/// comes from the reply key's client (a DNAT flow's). The owner comes packed (`owner.addr << 16
+/// | owner.port`): LLVM turns a reference to a struct of two loaded fields into two arguments,
+/// and a sixth argument does not pass the verifier. Two BPF subprograms called one after the
+/// other (the conntrack maps, then the handshake table): one frame holding both did not fit
+/// the call chain's 512 bytes under `new_flow`.
+#[inline(always)]
 fn lazy_flow_holds(
     rkey: &FlowKey,
     owner: u64,
@@ -461,30 +534,82 @@ fn lazy_flow_holds(
     now: u64,
     names_client: bool,
 ) -> bool {
-    let lkey = FlowKey::new(
-        rkey.daddr,
-        (owner >> 16) as u32,
-        rkey.dport,
-        owner as u16,
-        rkey.proto,
-    );
+    match lazy_entry_holds(rkey, owner, tcp_flags, now, names_client) {
+        LAZY_ABSENT => lazy_pending_holds(rkey, owner, tcp_flags, now, names_client),
+        v => v == LAZY_HOLDS,
+    }
+}
+
+/// [`lazy_entry_holds`]: the lazy flow holds the key.
+const LAZY_HOLDS: u64 = 1;
+/// [`lazy_entry_holds`]: no forward entry of the lazy flow in either conntrack map.
+const LAZY_ABSENT: u64 = 2;
+
+/// [`lazy_flow_holds`] in the conntrack maps: [`LAZY_HOLDS`], 0 (the key is free), or
+/// [`LAZY_ABSENT`]. A BPF subprogram (own stack frame).
+#[inline(never)]
+fn lazy_entry_holds(
+    rkey: &FlowKey,
+    owner: u64,
+    tcp_flags: u8,
+    now: u64,
+    names_client: bool,
+) -> u64 {
+    let lkey = lazy_key(rkey, owner);
     let (f, table): (*const CtEntry, &Table) = if let Some(f) = CONNTRACK.get_ptr(&lkey) {
         (f, &CONNTRACK)
     } else if let Some(f) = CT_NEW.get_ptr(&lkey) {
         (f, &CT_NEW)
     } else {
-        return false;
+        return LAZY_ABSENT;
     };
     // SAFETY: valid map value pointer, read in place.
     let f = unsafe { &*f };
     if !ct::is_forward_of(f, &lkey, rkey) || ct::expired(f, rkey.proto, tcp_flags, now, config()) {
-        return false;
+        return 0;
     }
     if ct::lazy_flow_keeps(f, rkey.proto, tcp_flags, names_client) {
-        return true;
+        return LAZY_HOLDS;
     }
     let _ = table.remove(&lkey);
+    0
+}
+
+/// [`lazy_flow_holds`] in the handshake table: the same rules, judged on the slot (an entry
+/// built from it would not fit the frame, see lb-common's `SynSlot::is_forward_of`). A BPF
+/// subprogram (own stack frame).
+#[inline(never)]
+fn lazy_pending_holds(
+    rkey: &FlowKey,
+    owner: u64,
+    tcp_flags: u8,
+    now: u64,
+    names_client: bool,
+) -> bool {
+    let lkey = lazy_key(rkey, owner);
+    let Some((slot, s)) = syn::find(&lkey, flow_hash(&lkey, config().hash_seed)) else {
+        return false;
+    };
+    if !s.is_forward_of(&lkey, rkey) || s.idle_expired(now, config()) {
+        return false;
+    }
+    if ct::lazy_keeps(ct::LAZY_RECORDED, rkey.proto, tcp_flags, names_client) {
+        return true;
+    }
+    syn::clear(slot, &lkey);
     false
+}
+
+/// The forward key of lazy service `owner`'s (packed) flow whose reply key is `rkey`.
+#[inline(always)]
+fn lazy_key(rkey: &FlowKey, owner: u64) -> FlowKey {
+    FlowKey::new(
+        rkey.daddr,
+        (owner >> 16) as u32,
+        rkey.dport,
+        owner as u16,
+        rkey.proto,
+    )
 }
 
 /// `owner` packed for [`lazy_flow_holds`].
@@ -958,7 +1083,9 @@ fn reply_inner(ctx: &TcContext, p: &Pkt, e: &mut CtEntry, table: &'static Table)
     } else {
         // The forward half was evicted: rebuilt from this one, unless the client has started
         // a newer flow on the tuple meanwhile (then this half is a leftover).
-        if other(table).get_ptr(&fkey).is_some() {
+        if other(table).get_ptr(&fkey).is_some()
+            || syn::holds(&fkey, flow_hash(&fkey, cfg.hash_seed))
+        {
             count(Reason::EventCtExpired);
             let _ = table.remove(key);
             return pack(exit(Reason::PassNoService));
@@ -1051,16 +1178,22 @@ enum Pick {
 /// and records the pair. A BPF subprogram (own stack frame), returning a [`pack`]ed verdict, or
 /// [`FULL_NAT`] and the ids when the backend takes full NAT (`process` hands it on).
 #[inline(never)]
-fn new_flow(ctx: &TcContext, p: &Pkt) -> u64 {
-    match new_flow_inner(ctx, p) {
+fn new_flow(ctx: &TcContext, p: &Pkt, hashed: u64) -> u64 {
+    match new_flow_inner(ctx, p, hashed) {
         Pick::Done(v) => pack(v),
         Pick::FullNat(ids) => FULL_NAT | ids,
     }
 }
 
 #[inline(always)]
-fn new_flow_inner(ctx: &TcContext, p: &Pkt) -> Pick {
+fn new_flow_inner(ctx: &TcContext, p: &Pkt, hashed: u64) -> Pick {
     let (flow, key, now, bytes, cfg) = (&p.flow, &p.key, p.now, p.bytes, config());
+    // `pending`'s, where it ran.
+    let hash = if hashed & SYN_HASHED != 0 {
+        hashed as u32
+    } else {
+        flow_hash(key, cfg.hash_seed)
+    };
     let Some(svc) = lookup_service(flow) else {
         return Pick::Done(exit(Reason::PassNoService));
     };
@@ -1068,7 +1201,7 @@ fn new_flow_inner(ctx: &TcContext, p: &Pkt) -> Pick {
         return Pick::Done(exit(Reason::AbortMap));
     }
     let m = cfg.maglev_size;
-    let slot = svc.id * m + flow_hash(key, cfg.hash_seed) % m;
+    let slot = svc.id * m + hash % m;
     let Some(&picked) = MAGLEV.get(slot) else {
         return Pick::Done(exit(Reason::AbortMap));
     };
@@ -1163,7 +1296,11 @@ fn new_flow_inner(ctx: &TcContext, p: &Pkt) -> Pick {
         &CONNTRACK
     };
     let (half, rev_key) = (&mut s.half, &s.rkey);
-    let fwd_ok = table.insert(key, half, 0).is_ok();
+    // A handshake of a lazily recorded flow waits in the handshake table (a few stores, where
+    // an insert into CT_NEW evicting under a flood cost ~150 ns); anything else goes to CT_NEW.
+    let fwd_ok = (lb_common::syn::goes_to_syn_table(flow.proto, lazy, half)
+        && syn::record(key, hash, half))
+        || table.insert(key, half, 0).is_ok();
     if !fwd_ok {
         // The packet is still balanced: the Maglev pick is a pure function of the tuple.
         count(Reason::EventCtInsertFailed);

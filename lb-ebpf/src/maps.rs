@@ -37,6 +37,16 @@ pub static CONNTRACK: LruHashMap<FlowKey, CtEntry> =
 pub static CT_NEW: LruHashMap<FlowKey, CtEntry> =
     LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE / 4, 0);
 
+/// The pending-handshake table (see lb-common's `syn`); userspace sizes it.
+#[map]
+pub static CT_SYN: Array<lb_common::syn::SynSet> =
+    Array::with_max_entries(DEFAULT_CONNTRACK_SIZE / 16, 0);
+
+/// Per-CPU copy of the pending-handshake slot being read (`syn::find`): a reader judges its own
+/// copy, and the call chains' 512-byte stack has no room for one. Same reasoning as [`SCRATCH`].
+#[map]
+pub static SYN_SCRATCH: PerCpuArray<lb_common::syn::SynSlot> = PerCpuArray::with_max_entries(1, 0);
+
 /// A DNAT backend -> the service whose flows to it get their reply entry lazily (see
 /// lb-common's `MAP_LAZY_REPLY`); userspace sizes it to `max_backends`.
 #[map]

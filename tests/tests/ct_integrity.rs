@@ -15,8 +15,13 @@ use berth_tests::{
     fixture::*,
     wire::{self, Ipv4Packet, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN},
 };
-use lb_common::{IPPROTO_TCP, IPPROTO_UDP, Reason, ct};
+use lb_common::{
+    IPPROTO_TCP, IPPROTO_UDP, Reason, ct,
+    hash::flow_hash,
+    syn::{SynSlot, ports_of, set_of},
+};
 use lb_userspace::config::{Nat, Protocol};
+use lb_userspace::dataplane::monotonic_ns;
 
 both_nat!(
     udp_flow_whose_reply_entry_was_evicted_is_repaired_before_its_next_answer,
@@ -602,6 +607,163 @@ fn icmp_errors_from_a_backend_reach_the_client_with_the_service_address(nat: Nat
     });
 }
 
+// ---- issue 14: handshakes pending in the handshake table (lb-common's `syn`) ----
+
+/// A new DNAT flow of its backend's lazy service waits in the handshake table (no CT_NEW
+/// insert) until its backend answers or its client sends again; either moves it to CT_NEW on
+/// the same backend, and the handshake goes on as before.
+#[test]
+fn a_handshake_waits_in_the_handshake_table_until_its_backend_answers_or_its_client_sends() {
+    in_fixture_netns(|| {
+        let f = standard();
+        let vip = sa(VIP, 80);
+        // Answered by its backend.
+        let c = client(41700);
+        let fkey = flow_key(c, vip, IPPROTO_TCP);
+        let syn = tcp(c, vip, TCP_SYN, 1000, 0).build();
+        let be = assert_dnat(&f.run(&syn), &syn, &web_backends());
+        assert!(f.dp().conntrack_pending(&fkey), "pending after its SYN");
+        assert!(f.dp().conntrack_unconfirmed(&fkey));
+        assert_eq!(f.dp().conntrack_entries().len(), 1);
+        let synack = from_backend(tcp(be, c, TCP_SYN | TCP_ACK, 5000, 1001));
+        assert_reply(&f.run(&synack), vip, c);
+        let rkey = flow_key(be, c, IPPROTO_TCP);
+        assert!(
+            !f.dp().conntrack_pending(&fkey) && f.dp().conntrack_unconfirmed(&fkey),
+            "moved to CT_NEW by the SYN-ACK"
+        );
+        assert!(f.dp().conntrack_unconfirmed(&rkey), "beside its reply half");
+        assert_eq!(f.dp().conntrack_entries().len(), 2, "the slot was cleared");
+        let ack = tcp(c, vip, TCP_ACK, 1001, 5001).build();
+        assert_eq!(assert_dnat(&f.run(&ack), &ack, &[be]), be);
+        assert!(!f.dp().conntrack_unconfirmed(&fkey) && f.ct(&fkey).is_some());
+        // Its client sends again first (a retransmitted SYN): the same backend, in CT_NEW.
+        let c = client(41701);
+        let fkey = flow_key(c, vip, IPPROTO_TCP);
+        let syn = tcp(c, vip, TCP_SYN, 1000, 0).build();
+        let be = assert_dnat(&f.run(&syn), &syn, &web_backends());
+        assert!(f.dp().conntrack_pending(&fkey));
+        assert_eq!(assert_dnat(&f.run(&syn), &syn, &[be]), be);
+        assert!(!f.dp().conntrack_pending(&fkey) && f.dp().conntrack_unconfirmed(&fkey));
+        let synack = from_backend(tcp(be, c, TCP_SYN | TCP_ACK, 5000, 1001));
+        assert_reply(&f.run(&synack), vip, c);
+    });
+}
+
+/// The program acts only on a whole slot: a pending handshake written with its check word
+/// sends its client's next packet to the backend it names, even one the flow hash would not
+/// pick; the same slot torn (its backend's address from one write, its check word from another,
+/// as two CPUs writing one slot at once can leave it) reads as absent, and the packet is
+/// balanced as a new flow, never sent where the torn slot points.
+#[test]
+fn a_torn_pending_handshake_is_never_followed() {
+    in_fixture_netns(|| {
+        let mut f = standard();
+        let vip = sa(VIP, 80);
+        let c = client(41710);
+        let fkey = flow_key(c, vip, IPPROTO_TCP);
+        let seg = tcp(c, vip, TCP_ACK, 1001, 5001).build();
+        // Where the flow hash sends this flow, and a flow of another backend (for its ids).
+        let picked = assert_dnat(&f.run(&seg), &seg, &web_backends());
+        f.rec.dataplane_mut().conntrack_remove(&fkey).unwrap();
+        let (other_key, other) = (41711..42000)
+            .map(|p| {
+                let k = flow_key(client(p), vip, IPPROTO_TCP);
+                let syn = tcp(client(p), vip, TCP_SYN, 1000, 0).build();
+                (k, assert_dnat(&f.run(&syn), &syn, &web_backends()))
+            })
+            .find(|(_, be)| *be != picked)
+            .expect("a flow of another backend");
+        let e = f.ct(&other_key).unwrap();
+        let mut slot = SynSlot {
+            saddr: fkey.saddr,
+            daddr: fkey.daddr,
+            ports: ports_of(&fkey),
+            proto: u32::from(IPPROTO_TCP),
+            nat_addr: e.nat_addr,
+            nat_port: u32::from(e.nat_port),
+            backend_id: e.backend_id,
+            service_id: e.service_id,
+            in_ifindex: e.in_ifindex,
+            check: 0,
+            last_seen_ns: monotonic_ns(),
+        };
+        slot.check = slot.check_of();
+        f.rec.dataplane_mut().pending_write(slot).unwrap();
+        assert!(f.dp().conntrack_pending(&fkey));
+        assert_eq!(
+            assert_dnat(&f.run(&seg), &seg, &[other]),
+            other,
+            "a whole slot is followed"
+        );
+        f.rec.dataplane_mut().conntrack_remove(&fkey).unwrap();
+        assert!(f.ct(&fkey).is_none());
+        let other_write = SynSlot {
+            nat_addr: wire_addr(backend(9)),
+            ..slot
+        };
+        let torn = SynSlot {
+            check: other_write.check_of(),
+            ..slot
+        };
+        f.rec.dataplane_mut().pending_write(torn).unwrap();
+        assert!(!f.dp().conntrack_pending(&fkey));
+        let run = f.run(&seg);
+        assert_eq!(assert_dnat(&run, &seg, &web_backends()), picked, "{run:?}");
+        assert_eq!(run.counted(Reason::EventCtMidstreamPickup), 1, "a new flow");
+    });
+}
+
+/// The handshake table's sets hold four pending handshakes each, the way an LRU map keeps its
+/// newest entries: a fifth landing in the set takes the oldest's slot, the four newer ones are
+/// still answered, and the first one's retry is recorded again on the same backend.
+#[test]
+fn four_handshakes_pending_in_one_set_survive_a_fifth() {
+    in_fixture_netns(|| {
+        let f = standard();
+        let vip = sa(VIP, 80);
+        let cfg = f.dp().options().dp_config();
+        let key = |p: u16| flow_key(client(p), vip, IPPROTO_TCP);
+        let set = |p: u16| set_of(flow_hash(&key(p), cfg.hash_seed), cfg.syn_sets);
+        let ports: Vec<u16> = (42001..60000)
+            .filter(|&p| set(p) == set(42000))
+            .take(4)
+            .collect();
+        let ports: Vec<u16> = [42000].into_iter().chain(ports).collect();
+        assert_eq!(ports.len(), 5);
+        let bes: Vec<SocketAddrV4> = ports
+            .iter()
+            .map(|&p| {
+                let syn = tcp(client(p), vip, TCP_SYN, 1000, 0).build();
+                assert_dnat(&f.run(&syn), &syn, &web_backends())
+            })
+            .collect();
+        let pending: Vec<bool> = ports
+            .iter()
+            .map(|&p| f.dp().conntrack_pending(&key(p)))
+            .collect();
+        assert_eq!(
+            pending,
+            [false, true, true, true, true],
+            "the oldest made room"
+        );
+        for (&p, &be) in ports.iter().zip(&bes).skip(1) {
+            let synack = from_backend(tcp(be, client(p), TCP_SYN | TCP_ACK, 5000, 1001));
+            assert_reply(&f.run(&synack), vip, client(p));
+        }
+        let synack = from_backend(tcp(bes[0], client(42000), TCP_SYN | TCP_ACK, 5000, 1001));
+        assert_untouched(&f.run(&synack), &synack, Reason::PassNoService);
+        let syn = tcp(client(42000), vip, TCP_SYN, 1000, 0).build();
+        assert_eq!(assert_dnat(&f.run(&syn), &syn, &web_backends()), bes[0]);
+        assert!(f.dp().conntrack_pending(&key(42000)));
+    });
+}
+
+/// An address in network byte order, as the maps hold it.
+fn wire_addr(a: Ipv4Addr) -> u32 {
+    lb_common::ipv4_to_wire(a.octets())
+}
+
 // ---- issue 14: a new DNAT flow's reply entry is written by its first reply ----
 
 #[test]
@@ -618,7 +780,7 @@ fn a_syn_flood_leaves_one_entry_per_flow_and_each_answered_flow_gets_its_reply_e
         assert!(entries.iter().all(|(_, e)| e.dir == ct::DIR_FORWARD));
         assert!(
             entries.iter().all(|(k, _)| f.dp().conntrack_unconfirmed(k)),
-            "unconfirmed flows stay in CT_NEW"
+            "unconfirmed flows stay out of the main map (pending, see lb-common's `syn`)"
         );
         // The one the backend answers gets its reply entry, in CT_NEW beside its forward one,
         // and both move to the main map with the client's ACK.

@@ -2,6 +2,11 @@
 //! ([`ConntrackReader`]), and the sweep of expired entries.
 
 use super::*;
+use lb_common::{
+    Route,
+    hash::flow_hash,
+    syn::{SynSet, SynSlot, set_of},
+};
 
 impl Dataplane {
     // ---- conntrack ----
@@ -21,26 +26,56 @@ impl Dataplane {
             maps.push(HashMap::try_from(data(fd)?).map_err(map_err(MAP_CONNTRACK))?);
         }
         let mut maps6 = Vec::new();
-        for fd in &self.conntrack_fds[2..] {
+        for fd in &self.conntrack_fds[2..4] {
             maps6.push(
                 HashMap::try_from(data(fd)?).map_err(map_err(lb_common::v6::MAP_CONNTRACK6))?,
             );
         }
+        let syn_fd = self.conntrack_fds[4]
+            .try_clone()
+            .map_err(|e| map_err(lb_common::syn::MAP_CT_SYN)(MapError::IoError(e)))?;
+        let syn = Array::try_from(aya::maps::Map::Array(
+            MapData::from_fd(syn_fd).map_err(map_err(lb_common::syn::MAP_CT_SYN))?,
+        ))
+        .map_err(map_err(lb_common::syn::MAP_CT_SYN))?;
         Ok(ConntrackReader {
             maps,
             maps6,
+            syn,
             cfg: self.options.dp_config(),
         })
     }
 
-    /// Every conntrack entry: established flows, then unconfirmed ones.
+    /// Every conntrack entry: established flows, then unconfirmed ones (pending handshakes
+    /// last, as the forward entries they become in CT_NEW).
     pub fn conntrack_entries(&self) -> Vec<(FlowKey, CtEntry)> {
         count_walk();
         self.conntrack
             .iter()
             .chain(self.ct_new.iter())
             .filter_map(|r| r.ok())
+            .chain(
+                pending(&self.ct_syn)
+                    .map(|s| (s.key(), self.pending_entry(&s)))
+                    .collect::<Vec<_>>(),
+            )
             .collect()
+    }
+
+    /// A pending handshake's forward entry as the program moves it to CT_NEW: with its
+    /// backend's cached route while that is fresh (see the program's `syn::route_of`).
+    fn pending_entry(&self, s: &SynSlot) -> CtEntry {
+        let route = self
+            .backend_routes
+            .get(&s.backend_id, 0)
+            .ok()
+            .filter(|r| {
+                self.options.redirect
+                    && r.route.ifindex != 0
+                    && monotonic_ns().wrapping_sub(r.stamp_ns) <= lb_common::ct::TOUCH_INTERVAL_NS
+            })
+            .map_or(Route::NONE, |r| r.route);
+        s.forward_entry(route)
     }
 
     pub fn conntrack_get(&self, key: &FlowKey) -> Option<CtEntry> {
@@ -48,6 +83,49 @@ impl Dataplane {
             .get(key, 0)
             .ok()
             .or_else(|| self.ct_new.get(key, 0).ok())
+            .or_else(|| {
+                self.pending_slot(key)
+                    .map(|(_, set, w)| self.pending_entry(&set.ways[w]))
+            })
+    }
+
+    /// `key`'s pending handshake (lb-common's `syn`): its set's index, the set, and the way
+    /// holding it, whole.
+    fn pending_slot(&self, key: &FlowKey) -> Option<(u32, SynSet, usize)> {
+        let cfg = self.options.dp_config();
+        let i = set_of(flow_hash(key, cfg.hash_seed), cfg.syn_sets);
+        let set = self.ct_syn.get(&i, 0).ok()?;
+        let w = set.ways.iter().position(|s| s.holds(key) && s.is_valid())?;
+        Some((i, set, w))
+    }
+
+    /// Writes `slot` into its key's set of the handshake table (the way holding its key, else
+    /// the first), whatever its check word: for tests that forge or tear a pending handshake.
+    pub fn pending_write(&mut self, slot: SynSlot) -> Result<()> {
+        let cfg = self.options.dp_config();
+        let key = slot.key();
+        let i = set_of(flow_hash(&key, cfg.hash_seed), cfg.syn_sets);
+        let mut set = self
+            .ct_syn
+            .get(&i, 0)
+            .map_err(map_err(lb_common::syn::MAP_CT_SYN))?;
+        let w = set.ways.iter().position(|s| s.holds(&key)).unwrap_or(0);
+        set.ways[w] = slot;
+        self.ct_syn
+            .set(i, &set, 0)
+            .map_err(map_err(lb_common::syn::MAP_CT_SYN))
+    }
+
+    /// Clears `key`'s pending handshake, if any (the set is written back whole: a handshake
+    /// the program records in another way of it meanwhile is lost, and its client retries).
+    fn pending_remove(&mut self, key: &FlowKey) -> Result<()> {
+        if let Some((i, mut set, w)) = self.pending_slot(key) {
+            set.ways[w].check = 0;
+            self.ct_syn
+                .set(i, &set, 0)
+                .map_err(map_err(lb_common::syn::MAP_CT_SYN))?;
+        }
+        Ok(())
     }
 
     pub fn conntrack_insert(&mut self, key: FlowKey, entry: CtEntry) -> Result<()> {
@@ -59,6 +137,13 @@ impl Dataplane {
     /// Rewrites the entry at `key` in the map that holds it (unconfirmed flows' or the main
     /// one), or inserts it into the main map. For tests that stage or age flows.
     pub fn conntrack_update(&mut self, key: FlowKey, entry: CtEntry) -> Result<()> {
+        if self.pending_slot(&key).is_some() {
+            // A pending handshake's entry as written goes where the program moves it.
+            self.ct_new
+                .insert(&key, &entry, 0)
+                .map_err(map_err(lb_common::MAP_CT_NEW))?;
+            return self.pending_remove(&key);
+        }
         if self.ct_new.get(&key, 0).is_ok() {
             return self
                 .ct_new
@@ -68,9 +153,15 @@ impl Dataplane {
         self.conntrack_insert(key, entry)
     }
 
-    /// Whether `key` is in the unconfirmed-flow map (CT_NEW) rather than the main one.
+    /// Whether `key` is an unconfirmed flow (in CT_NEW, or a handshake pending) rather than
+    /// one of the main map.
     pub fn conntrack_unconfirmed(&self, key: &FlowKey) -> bool {
-        self.ct_new.get(key, 0).is_ok()
+        self.ct_new.get(key, 0).is_ok() || self.pending_slot(key).is_some()
+    }
+
+    /// Whether `key` is a handshake pending in the handshake table (lb-common's `syn`).
+    pub fn conntrack_pending(&self, key: &FlowKey) -> bool {
+        self.pending_slot(key).is_some()
     }
 
     /// The service address whose flows to IPv4 DNAT backend `backend` (`proto`) are recorded
@@ -105,8 +196,17 @@ impl Dataplane {
 
     pub fn conntrack_remove(&mut self, key: &FlowKey) -> Result<()> {
         absent_is_fine(self.conntrack.remove(key), MAP_CONNTRACK)?;
-        absent_is_fine(self.ct_new.remove(key), lb_common::MAP_CT_NEW)
+        absent_is_fine(self.ct_new.remove(key), lb_common::MAP_CT_NEW)?;
+        self.pending_remove(key)
     }
+}
+
+/// The whole pending handshakes of the handshake table.
+fn pending(syn: &Array<MapData, SynSet>) -> impl Iterator<Item = SynSlot> + '_ {
+    syn.iter()
+        .filter_map(|r| r.ok())
+        .flat_map(|set| set.ways)
+        .filter(SynSlot::is_valid)
 }
 
 /// Full walks of the conntrack maps since the process started (each costs two syscalls per
@@ -129,6 +229,8 @@ pub struct ConntrackReader {
     maps: Vec<HashMap<MapData, FlowKey, CtEntry>>,
     /// IPv6's two.
     maps6: Vec<HashMap<MapData, lb_common::v6::FlowKey6, lb_common::v6::CtEntry6>>,
+    /// The handshake table.
+    syn: Array<MapData, SynSet>,
     cfg: DpConfig,
 }
 
@@ -138,6 +240,7 @@ impl ConntrackReader {
         self.maps
             .iter()
             .flat_map(|m| m.iter().filter_map(|r| r.ok()))
+            .chain(pending(&self.syn).map(|s| (s.key(), s.forward_entry(Route::NONE))))
             .collect()
     }
 
@@ -161,6 +264,25 @@ impl ConntrackReader {
         for k in &stale {
             for m in &mut self.maps {
                 absent_is_fine(m.remove(k), MAP_CONNTRACK)?;
+            }
+        }
+        // Pending handshakes idle past their timeout (listed, and counted, in `stale`): their
+        // slots cleared (a new flow would take them anyway; cleared, they are not listed).
+        for i in 0..self.syn.len() {
+            let Ok(mut set) = self.syn.get(&i, 0) else {
+                continue;
+            };
+            let mut here = false;
+            for s in &mut set.ways {
+                if s.is_valid() && s.idle_expired(now_ns, &self.cfg) {
+                    s.check = 0;
+                    here = true;
+                }
+            }
+            if here {
+                self.syn
+                    .set(i, &set, 0)
+                    .map_err(map_err(lb_common::syn::MAP_CT_SYN))?;
             }
         }
         // IPv6: the same rule (an IPv6 entry's `ct` is an IPv4 entry).

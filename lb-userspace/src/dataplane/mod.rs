@@ -110,6 +110,12 @@ impl DataplaneOptions {
         (self.conntrack_size / 4).max(1024)
     }
 
+    /// Sets of the pending-handshake table (`lb_common::syn`): `SYN_WAYS` slots each, at
+    /// least as many slots as [`Self::ct_new_size`].
+    pub fn syn_sets(&self) -> u32 {
+        lb_common::syn::syn_sets(self.ct_new_size())
+    }
+
     /// The global the program reads.
     pub fn dp_config(&self) -> DpConfig {
         DpConfig {
@@ -134,6 +140,8 @@ impl DataplaneOptions {
             snat_port_first: self.snat_ports.first,
             snat_port_last: self.snat_ports.last,
             snat_reuse_ms: self.snat_reuse.as_millis().min(u128::from(u32::MAX)) as u32,
+            syn_sets: self.syn_sets(),
+            _pad: 0,
         }
     }
 }
@@ -161,13 +169,14 @@ fn random_u32() -> u32 {
 }
 
 /// Every map of the object; all are pinned (the read-only config global is not a map of ours).
-const MAPS: [&str; 21] = [
+const MAPS: [&str; 22] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     lb_common::MAP_BACKEND_ROUTES,
     MAP_MAGLEV,
     MAP_CONNTRACK,
     lb_common::MAP_CT_NEW,
+    lb_common::syn::MAP_CT_SYN,
     lb_common::MAP_LAZY_REPLY,
     lb_common::MAP_PORTS,
     MAP_SERVICE_STATS,
@@ -214,11 +223,13 @@ pub struct Dataplane {
     local_addrs_written: Option<std::collections::BTreeSet<u32>>,
     /// Flows that have only sent a SYN.
     ct_new: HashMap<MapData, FlowKey, CtEntry>,
+    /// Handshakes pending (lb-common's `syn`).
+    ct_syn: Array<MapData, lb_common::syn::SynSet>,
     /// DNAT backend -> the service whose flows to it get their reply entry lazily.
     lazy_reply: HashMap<MapData, ServiceKey, ServiceKey>,
-    /// Second descriptors of the conntrack maps (IPv4's two, then IPv6's), for
-    /// [`Dataplane::conntrack_reader`].
-    conntrack_fds: [std::os::fd::OwnedFd; 4],
+    /// Second descriptors of the conntrack maps (IPv4's two, then IPv6's, then the handshake
+    /// table), for [`Dataplane::conntrack_reader`].
+    conntrack_fds: [std::os::fd::OwnedFd; 5],
     options: DataplaneOptions,
     attached: Vec<String>,
     adopted: bool,
@@ -303,6 +314,7 @@ impl Dataplane {
                 setting: match name.as_str() {
                     MAP_CONNTRACK
                     | lb_common::MAP_CT_NEW
+                    | lb_common::syn::MAP_CT_SYN
                     | lb_common::v6::MAP_CONNTRACK6
                     | lb_common::v6::MAP_CT_NEW6 => "dataplane.conntrack_size",
                     MAP_MAGLEV => "dataplane.maglev_table_size x dataplane.max_services",
@@ -366,6 +378,7 @@ impl Dataplane {
             .map_max_entries(MAP_MAGLEV, options.max_services * options.maglev_size)
             .map_max_entries(MAP_CONNTRACK, options.conntrack_size)
             .map_max_entries(lb_common::MAP_CT_NEW, options.ct_new_size())
+            .map_max_entries(lb_common::syn::MAP_CT_SYN, options.syn_sets())
             .map_max_entries(lb_common::v6::MAP_SERVICES6, options.max_services)
             .map_max_entries(lb_common::v6::MAP_BACKENDS6, options.max_backends)
             .map_max_entries(lb_common::v6::MAP_CONNTRACK6, options.conntrack_size)
@@ -406,7 +419,9 @@ impl Dataplane {
         let dup = |name: &'static str| {
             ebpf.map(name)
                 .and_then(|m| match m {
-                    aya::maps::Map::LruHashMap(md) => md.fd().as_fd().try_clone_to_owned().ok(),
+                    aya::maps::Map::LruHashMap(md) | aya::maps::Map::Array(md) => {
+                        md.fd().as_fd().try_clone_to_owned().ok()
+                    }
                     _ => None,
                 })
                 .ok_or(DataplaneError::MissingMap { name })
@@ -416,10 +431,12 @@ impl Dataplane {
             dup(lb_common::MAP_CT_NEW)?,
             dup(lb_common::v6::MAP_CONNTRACK6)?,
             dup(lb_common::v6::MAP_CT_NEW6)?,
+            dup(lb_common::syn::MAP_CT_SYN)?,
         ];
         Ok(Self {
             conntrack_fds,
             ct_new: take!(ebpf, lb_common::MAP_CT_NEW),
+            ct_syn: take!(ebpf, lb_common::syn::MAP_CT_SYN),
             lazy_reply: take!(ebpf, lb_common::MAP_LAZY_REPLY),
             services: take!(ebpf, MAP_SERVICES),
             backends: take!(ebpf, MAP_BACKENDS),

@@ -1,0 +1,192 @@
+//! The pending-handshake table's reads and writes (see lb-common's `syn` for the design): a new
+//! IPv4 DNAT TCP flow of its backend's lazy service is recorded here by a few stores instead of
+//! an insert into CT_NEW, and moves to CT_NEW (`promote`) with its backend's first reply or its
+//! client's next packet.
+//!
+//! A slot is named by its set and way, `set << 2 | way` (`SYN_WAYS` is 4).
+
+use core::ptr::{read_volatile, write_volatile};
+
+use lb_common::{
+    CFG_F_REDIRECT, CtEntry, FlowKey, Reason, Route,
+    ct::TOUCH_INTERVAL_NS,
+    syn::{SYN_WAYS, SynSet, SynSlot, ports_of, set_of},
+};
+
+use crate::{
+    config,
+    maps::{BACKEND_ROUTES, CT_NEW, CT_SYN, SYN_SCRATCH, count},
+};
+
+const _: () = assert!(SYN_WAYS == 4);
+
+/// Whether slot `s` is keyed `key` (`ports`: the key's ports as the slot packs them), judged in
+/// place (whole or not).
+#[inline(always)]
+fn keyed(s: &SynSlot, key: &FlowKey, ports: u32) -> bool {
+    s.saddr == key.saddr
+        && s.daddr == key.daddr
+        && s.ports == ports
+        && s.proto == u32::from(key.proto)
+}
+
+/// `key`'s set (`hash`: its flow hash) and its index: one map lookup.
+#[inline(always)]
+fn set(hash: u32) -> Option<(u32, *mut SynSet)> {
+    let i = set_of(hash, config().syn_sets);
+    Some((i, CT_SYN.get_ptr_mut(i)?))
+}
+
+/// Finds `key`'s pending handshake (`hash`: its flow hash) and copies it, whole (see
+/// `SynSlot::is_valid`), into this CPU's `SYN_SCRATCH` slot, returned with the slot's name.
+/// A torn or cleared slot reads as absent.
+#[inline(always)]
+pub fn find(key: &FlowKey, hash: u32) -> Option<(u32, &'static SynSlot)> {
+    let (i, set) = set(hash)?;
+    // Looked up before the ways are (no helper call inside the loop: the key's words stay in
+    // registers instead of spill slots the call chain's stack has no room for).
+    let c = SYN_SCRATCH.get_ptr_mut(0)?;
+    let ports = ports_of(key);
+    for w in 0..SYN_WAYS as usize {
+        // SAFETY: an array map's value pointer, valid for the run; another CPU may be writing
+        // the slot, so it is only compared in place and judged on a copy.
+        let s = unsafe { &(*set).ways[w] };
+        if keyed(s, key, ports) {
+            // SAFETY: this CPU's slot of a per-CPU array, valid for the run, used by nothing
+            // else while the program runs; both are 48-byte, 8-aligned `SynSlot`s, copied as
+            // six words (volatile: a plain copy became a byte-wise `memmove` call).
+            let c = unsafe {
+                let (src, dst) = (s as *const SynSlot as *const u64, c as *mut u64);
+                for n in 0..6 {
+                    write_volatile(dst.add(n), read_volatile(src.add(n)));
+                }
+                &*(c as *const SynSlot)
+            };
+            if c.holds(key) && c.is_valid() {
+                return Some(((i << 2) | w as u32, c));
+            }
+        }
+    }
+    None
+}
+
+/// Whether any slot of `key`'s set is keyed `key` and not cleared (whole or not, so maybe
+/// being written): a handshake pending there.
+#[inline(always)]
+pub fn holds(key: &FlowKey, hash: u32) -> bool {
+    let Some((_, set)) = set(hash) else {
+        return false;
+    };
+    let ports = ports_of(key);
+    for w in 0..SYN_WAYS as usize {
+        // SAFETY: as in `find`; compared in place only.
+        let s = unsafe { &(*set).ways[w] };
+        if s.check != 0 && keyed(s, key, ports) {
+            return true;
+        }
+    }
+    false
+}
+
+/// Records the new flow keyed `key` (flow hash `hash`), forward entry `e`, in its set: in the
+/// way that holds its key, else the least recently written one. The check word is written
+/// last. False only if the map has no such set (then the flow goes to CT_NEW).
+#[inline(always)]
+pub fn record(key: &FlowKey, hash: u32, e: &CtEntry) -> bool {
+    let Some((_, set)) = set(hash) else {
+        return false;
+    };
+    let ports = ports_of(key);
+    let mut pick = 0;
+    let mut oldest = u64::MAX;
+    for w in 0..SYN_WAYS as usize {
+        // SAFETY: as in `find`; a racing write makes this a choice on either version.
+        let s = unsafe { &(*set).ways[w] };
+        if keyed(s, key, ports) {
+            pick = w;
+            break;
+        }
+        let written = if s.check == 0 { 0 } else { s.last_seen_ns };
+        if written < oldest {
+            oldest = written;
+            pick = w;
+        }
+    }
+    let mut v = SynSlot {
+        saddr: key.saddr,
+        daddr: key.daddr,
+        ports,
+        proto: u32::from(key.proto),
+        nat_addr: e.nat_addr,
+        nat_port: u32::from(e.nat_port),
+        backend_id: e.backend_id,
+        service_id: e.service_id,
+        in_ifindex: e.in_ifindex,
+        check: 0,
+        last_seen_ns: e.last_seen_ns,
+    };
+    v.check = v.check_of();
+    // SAFETY: a valid array value pointer, `pick` < SYN_WAYS. Word by word (volatile: LLVM
+    // would merge plain stores into a byte-wise `memcpy` call), the check word cleared first
+    // and written last; a concurrent writer or reader of the slot is what it is for.
+    unsafe {
+        let s = &mut (*set).ways[pick & (SYN_WAYS as usize - 1)];
+        write_volatile(&mut s.check, 0);
+        write_volatile(&mut s.saddr, v.saddr);
+        write_volatile(&mut s.daddr, v.daddr);
+        write_volatile(&mut s.ports, v.ports);
+        write_volatile(&mut s.proto, v.proto);
+        write_volatile(&mut s.nat_addr, v.nat_addr);
+        write_volatile(&mut s.nat_port, v.nat_port);
+        write_volatile(&mut s.backend_id, v.backend_id);
+        write_volatile(&mut s.service_id, v.service_id);
+        write_volatile(&mut s.in_ifindex, v.in_ifindex);
+        write_volatile(&mut s.last_seen_ns, v.last_seen_ns);
+        write_volatile(&mut s.check, v.check);
+    }
+    true
+}
+
+/// Clears slot `slot` (as `find` names it) if it is still keyed `key` (another flow may have
+/// taken it meanwhile).
+#[inline(always)]
+pub fn clear(slot: u32, key: &FlowKey) {
+    if let Some(set) = CT_SYN.get_ptr_mut(slot >> 2) {
+        // SAFETY: a valid array value pointer, the way < SYN_WAYS.
+        unsafe {
+            let s = &mut (*set).ways[(slot & (SYN_WAYS - 1)) as usize];
+            if keyed(s, key, ports_of(key)) {
+                write_volatile(&mut s.check, 0);
+            }
+        }
+    }
+}
+
+/// The route a promoted forward entry starts with: its backend's cached route while fresh (what
+/// the flow's first packet was sent along), else none (its next packet looks it up).
+#[inline(always)]
+pub fn route_of(backend_id: u32, now: u64) -> Route {
+    if config().flags & CFG_F_REDIRECT != 0
+        && let Some(c) = BACKEND_ROUTES.get_ptr(backend_id)
+    {
+        // SAFETY: a valid array value pointer; `Route` is `Copy` (a torn MAC is corrected at
+        // the next refresh, as for the cache itself).
+        let c = unsafe { &*c };
+        if c.route.ifindex != 0 && now.wrapping_sub(c.stamp_ns) <= TOUCH_INTERVAL_NS {
+            return c.route;
+        }
+    }
+    Route::NONE
+}
+
+/// Moves `key`'s pending handshake, forward entry `fwd`, from slot `slot` to CT_NEW. The slot
+/// is cleared only once the entry is there; if the insert fails the flow stays pending.
+#[inline(always)]
+pub fn promote(key: &FlowKey, slot: u32, fwd: &CtEntry) -> bool {
+    if CT_NEW.insert(key, fwd, 0).is_err() {
+        count(Reason::EventCtInsertFailed);
+        return false;
+    }
+    clear(slot, key);
+    true
+}
