@@ -249,10 +249,10 @@ fn process(ctx: &TcContext) -> (i32, Reason) {
         } else {
             (core::ptr::null_mut(), &CONNTRACK)
         };
-    // A flow pending in the handshake table moves to CT_NEW with this packet; either way the
-    // flow hash comes back for `new_flow`.
+    // A flow pending in the handshake table (TCP only) moves to CT_NEW with this packet;
+    // either way the flow hash comes back for `new_flow`.
     let mut hashed = 0;
-    if e.is_null() && service_port {
+    if e.is_null() && service_port && flow.proto == lb_common::IPPROTO_TCP {
         hashed = pending(p);
         if hashed & SYN_PROMOTED != 0
             && let Some(m) = CT_NEW.get_ptr_mut(key)
@@ -1412,6 +1412,8 @@ fn take_full_nat_port(p: &Pkt) -> bool {
     };
     // SAFETY: as in `new_full_nat_flow`.
     let s = unsafe { &mut *s };
+    // (Not `pending`'s hash passed in: the verifier then processed over 1,000,000
+    // instructions of this program.)
     let hash = flow_hash(&p.key, config().hash_seed);
     // `take_port(new_flow_table(..), ..)` with the map a constant in each call: with the map
     // chosen at run time by the protocol, the verifier processed 763,428 instructions of the
