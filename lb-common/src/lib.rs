@@ -69,9 +69,10 @@ pub const MAP_BACKENDS: &str = "BACKENDS";
 pub const MAP_MAGLEV: &str = "MAGLEV";
 /// Connection tracking LRU hash: [`FlowKey`] -> [`CtEntry`].
 pub const MAP_CONNTRACK: &str = "CONNTRACK";
-/// Conntrack for flows not yet confirmed (a TCP flow that has only sent a SYN): same types as
-/// [`MAP_CONNTRACK`]. A flow moves to the main map with its client's first packet after the SYN,
-/// so a flood of SYNs that never complete churns only this map, never the established flows.
+/// Conntrack for flows not yet confirmed (TCP flows until their handshake completes, see
+/// [`ct::starts_unconfirmed`]): same types as [`MAP_CONNTRACK`], so a flood of SYNs that never
+/// complete churns only this map (and the handshake table, [`syn::MAP_CT_SYN`], where most new
+/// flows wait for their backend's first reply), never the established flows.
 pub const MAP_CT_NEW: &str = "CT_NEW";
 /// Lazy reply entries (issue 14): a DNAT backend's address, port and protocol (as a
 /// [`ServiceKey`]) -> the one service address and port (also a [`ServiceKey`]) whose flows to

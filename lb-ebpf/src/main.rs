@@ -7,8 +7,9 @@
 //! entry (client -> service) says which backend to rewrite to, a reply entry (backend -> client,
 //! or backend -> berth's address and port) says which service address to rewrite the source back
 //! to (and, for full NAT, which client to send to). New flows go through the service table and
-//! the service's Maglev row. Every exit is counted by reason (see lb-common's `reason` module
-//! for the action policy).
+//! the service's Maglev row; the usual new TCP flow waits for its backend's first reply in the
+//! handshake table (`syn`) rather than in an LRU map. Every exit is counted by reason (see
+//! lb-common's `reason` module for the action policy).
 #![no_std]
 #![no_main]
 

@@ -18,10 +18,12 @@
 //!   from another client port, so no DNAT run meets a flow seen before (101 laps, median of
 //!   their averages). Full NAT's runs after a lap's first come from the host's address and a
 //!   source port hashed from the flow before, so a lap can meet an earlier lap's flow by chance
-//!   (a few runs in 10,000 take the tracked path). The conntrack maps (1024 entries each) stay
-//!   full, so every insert evicts, as in a SYN flood. Each run misses, looks the service up,
-//!   picks from Maglev, inserts its entry (IPv4 DNAT: the reply entry comes with the first
-//!   reply; full NAT and IPv6 insert both) and rewrites (full NAT: takes a source port too);
+//!   (a few runs in 10,000 take the tracked path). The conntrack maps (1024 entries each) and
+//!   the handshake table (1024 slots) stay full, so every insert evicts and every slot written
+//!   overwrites an older handshake, as in a SYN flood. Each run misses, looks the service up,
+//!   picks from Maglev, records its flow (IPv4 DNAT: a slot of the handshake table, see
+//!   lb-common's `syn`, the entries come with the first reply; full NAT and IPv6 insert both
+//!   entries) and rewrites (full NAT: takes a source port too);
 //! - new flow, conntrack not full: the same laps into the same maps emptied before each lap, so
 //!   no insert evicts (what eviction costs is the difference).
 //!
@@ -772,7 +774,7 @@ fn main() {
             // stayed).
             for (nat, evict) in NEW_FLOW_KINDS {
                 let path = match (nat, evict) {
-                    (Nat::Dnat, true) => "new flow (ct miss + service + maglev + 1 insert)",
+                    (Nat::Dnat, true) => "new flow (ct miss + service + maglev + handshake slot)",
                     (Nat::Full, true) => "full NAT: new flow (+ source port)",
                     (Nat::Dnat, false) => "new flow, conntrack not full (no eviction)",
                     (Nat::Full, false) => "full NAT: new flow, conntrack not full (no eviction)",
