@@ -346,6 +346,14 @@ fn process(ctx: &TcContext) -> (i32, Reason) {
     verdict
 }
 
+/// Whether a handshake keyed `key` is pending in the handshake table (`syn::holds`). A BPF
+/// subprogram: inlined into `reply`, the check's code on a rare branch cost the reply path's
+/// common one registers.
+#[inline(never)]
+fn pending_at(key: &FlowKey) -> bool {
+    syn::holds(key, flow_hash(key, config().hash_seed))
+}
+
 /// [`pending`]: the low half of its result is the packet's flow hash.
 const SYN_HASHED: u64 = 1 << 32;
 /// [`pending`]: the packet's flow was pending in the handshake table and is in CT_NEW now.
@@ -1084,9 +1092,7 @@ fn reply_inner(ctx: &TcContext, p: &Pkt, e: &mut CtEntry, table: &'static Table)
     } else {
         // The forward half was evicted: rebuilt from this one, unless the client has started
         // a newer flow on the tuple meanwhile (then this half is a leftover).
-        if other(table).get_ptr(&fkey).is_some()
-            || syn::holds(&fkey, flow_hash(&fkey, cfg.hash_seed))
-        {
+        if other(table).get_ptr(&fkey).is_some() || pending_at(&fkey) {
             count(Reason::EventCtExpired);
             let _ = table.remove(key);
             return pack(exit(Reason::PassNoService));
