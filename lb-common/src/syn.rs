@@ -82,6 +82,26 @@ pub const fn ports_of(key: &FlowKey) -> u32 {
 }
 
 impl SynSlot {
+    /// The slot recording new flow `key`, forward entry `fwd`, its check word computed.
+    #[inline(always)]
+    pub const fn of(key: &FlowKey, fwd: &CtEntry) -> Self {
+        let mut s = SynSlot {
+            saddr: key.saddr,
+            daddr: key.daddr,
+            ports: ports_of(key),
+            proto: key.proto as u32,
+            nat_addr: fwd.nat_addr,
+            nat_port: fwd.nat_port as u32,
+            backend_id: fwd.backend_id,
+            service_id: fwd.service_id,
+            in_ifindex: fwd.in_ifindex,
+            check: 0,
+            last_seen_ns: fwd.last_seen_ns,
+        };
+        s.check = s.check_of();
+        s
+    }
+
     /// The check word of the slot's contents: each word folded in by an xor and a multiply by
     /// an odd constant (a bijection of the running value, so changing any one word changes the
     /// result), never 0.
@@ -190,20 +210,21 @@ mod tests {
             port_to_wire(80),
             IPPROTO_TCP,
         );
-        let mut s = SynSlot {
-            saddr: key.saddr,
-            daddr: key.daddr,
-            ports: ports_of(&key),
-            proto: u32::from(key.proto),
+        let fwd = CtEntry {
             nat_addr: ipv4_to_wire([10, 2, 0, 5]),
-            nat_port: u32::from(port_to_wire(8000)),
+            nat_port: port_to_wire(8000),
             backend_id: 3,
             service_id: 1,
             in_ifindex: 7,
-            check: 0,
             last_seen_ns: 123_456_789_000,
+            ..SynSlot::default().forward_entry(Route::NONE)
         };
-        s.check = s.check_of();
+        let s = SynSlot::of(&key, &fwd);
+        assert_eq!(
+            s.forward_entry(Route::NONE),
+            fwd,
+            "the entry it was written from"
+        );
         s
     }
 

@@ -112,20 +112,7 @@ pub fn record(key: &FlowKey, hash: u32, e: &CtEntry) -> bool {
             pick = w;
         }
     }
-    let mut v = SynSlot {
-        saddr: key.saddr,
-        daddr: key.daddr,
-        ports,
-        proto: u32::from(key.proto),
-        nat_addr: e.nat_addr,
-        nat_port: u32::from(e.nat_port),
-        backend_id: e.backend_id,
-        service_id: e.service_id,
-        in_ifindex: e.in_ifindex,
-        check: 0,
-        last_seen_ns: e.last_seen_ns,
-    };
-    v.check = v.check_of();
+    let v = SynSlot::of(key, e);
     // SAFETY: a valid array value pointer, `pick` < SYN_WAYS. Word by word (volatile: LLVM
     // would merge plain stores into a byte-wise `memcpy` call), the check word cleared first
     // and written last; a concurrent writer or reader of the slot is what it is for.

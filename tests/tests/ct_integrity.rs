@@ -16,9 +16,9 @@ use berth_tests::{
     wire::{self, Ipv4Packet, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN},
 };
 use lb_common::{
-    IPPROTO_TCP, IPPROTO_UDP, Reason, ct,
+    CtEntry, IPPROTO_TCP, IPPROTO_UDP, Reason, ct,
     hash::flow_hash,
-    syn::{SynSlot, ports_of, set_of},
+    syn::{SynSlot, set_of},
 };
 use lb_userspace::config::{Nat, Protocol};
 use lb_userspace::dataplane::monotonic_ns;
@@ -675,20 +675,13 @@ fn a_torn_pending_handshake_is_never_followed() {
             .find(|(_, be)| *be != picked)
             .expect("a flow of another backend");
         let e = f.ct(&other_key).unwrap();
-        let mut slot = SynSlot {
-            saddr: fkey.saddr,
-            daddr: fkey.daddr,
-            ports: ports_of(&fkey),
-            proto: u32::from(IPPROTO_TCP),
-            nat_addr: e.nat_addr,
-            nat_port: u32::from(e.nat_port),
-            backend_id: e.backend_id,
-            service_id: e.service_id,
-            in_ifindex: e.in_ifindex,
-            check: 0,
-            last_seen_ns: monotonic_ns(),
-        };
-        slot.check = slot.check_of();
+        let slot = SynSlot::of(
+            &fkey,
+            &CtEntry {
+                last_seen_ns: monotonic_ns(),
+                ..e
+            },
+        );
         f.rec.dataplane_mut().pending_write(slot).unwrap();
         assert!(f.dp().conntrack_pending(&fkey));
         assert_eq!(
