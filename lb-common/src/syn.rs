@@ -194,7 +194,8 @@ impl SynSlot {
 /// `lazy`) is recorded in the pending-handshake table: an open TCP DNAT flow recorded lazily.
 #[inline(always)]
 pub const fn goes_to_syn_table(proto: u8, lazy: bool, fwd: &CtEntry) -> bool {
-    proto == IPPROTO_TCP && lazy && fwd.state == ct::STATE_OPEN && fwd.flags & ct::CT_F_FULLNAT == 0
+    // (A lazily recorded flow is a DNAT flow: no full-NAT test needed.)
+    proto == IPPROTO_TCP && lazy && fwd.state == ct::STATE_OPEN
 }
 
 #[cfg(test)]

@@ -372,12 +372,13 @@ fn pending(p: &Pkt) -> u64 {
     let Some((idx, s)) = syn::find(&p.key, hash) else {
         return v;
     };
-    let fwd = s.forward_entry(syn::route_of(s.backend_id, p.now));
-    if ct::expired(&fwd, p.flow.proto, p.flow.tcp_flags, p.now, cfg) {
+    // (`ct::expired` of the entry it becomes: an open entry's rule, see lb-common.)
+    if s.idle_expired(p.now, cfg) {
         // Over: the packet starts a new flow, which `new_flow` records in this slot.
         count(Reason::EventCtExpired);
         return v;
     }
+    let fwd = s.forward_entry(syn::route_of(s.backend_id, p.now));
     if syn::promote(&p.key, idx, &fwd) {
         v | SYN_PROMOTED
     } else {
@@ -416,7 +417,7 @@ fn lazy_reply(ctx: &TcContext, p: &Pkt) -> u64 {
     if half.in_ifindex != 0 && half.in_ifindex != ingress_ifindex(ctx) {
         return LAZY_WRONG_IFACE;
     }
-    if at as u32 == IN_SYN {
+    if at & 0xffff_ffff == IN_SYN {
         // The backend answers a handshake pending in the handshake table: its forward entry
         // moves to CT_NEW first (answered: see below), and the reply half joins it there.
         let fwd = CtEntry {
@@ -457,7 +458,7 @@ const IN_CONNTRACK: u64 = 0;
 /// [`lazy_half`]: the forward entry is in CT_NEW.
 const IN_CT_NEW: u64 = 1;
 /// [`lazy_half`]: the flow is pending in the handshake table, at the slot in the high half.
-const IN_SYN: u32 = 2;
+const IN_SYN: u64 = 2;
 
 /// The reply half of the lazily recorded flow whose reply key is `key` (backend -> client),
 /// built from its forward entry, where that is (`IN_*`: CONNTRACK, CT_NEW, or pending in the
@@ -479,7 +480,7 @@ fn lazy_half(key: &FlowKey) -> Option<(CtEntry, u64, *mut CtEntry)> {
         let (idx, slot) = syn::find(&fkey, flow_hash(&fkey, config().hash_seed))?;
         (
             slot.forward_entry(Route::NONE),
-            u64::from(IN_SYN) | (u64::from(idx) << 32),
+            IN_SYN | (u64::from(idx) << 32),
             core::ptr::null_mut(),
         )
     };

@@ -54,28 +54,32 @@ impl Dataplane {
             .iter()
             .chain(self.ct_new.iter())
             .filter_map(|r| r.ok())
-            .chain(
-                pending(&self.ct_syn)
-                    .map(|s| (s.key(), self.pending_entry(&s)))
-                    .collect::<Vec<_>>(),
-            )
+            .chain({
+                // One route read per backend, not per pending handshake.
+                let (now, mut routes) = (monotonic_ns(), std::collections::HashMap::new());
+                pending(&self.ct_syn).map(move |s| {
+                    let route = *routes
+                        .entry(s.backend_id)
+                        .or_insert_with(|| self.pending_route(s.backend_id, now));
+                    (s.key(), s.forward_entry(route))
+                })
+            })
             .collect()
     }
 
-    /// A pending handshake's forward entry as the program moves it to CT_NEW: with its
-    /// backend's cached route while that is fresh (see the program's `syn::route_of`).
-    fn pending_entry(&self, s: &SynSlot) -> CtEntry {
-        let route = self
-            .backend_routes
-            .get(&s.backend_id, 0)
+    /// The route a pending handshake's forward entry gets when the program moves it to CT_NEW:
+    /// its backend's cached route while that is fresh at `now` (see the program's
+    /// `syn::route_of`).
+    fn pending_route(&self, backend_id: u32, now: u64) -> Route {
+        self.backend_routes
+            .get(&backend_id, 0)
             .ok()
             .filter(|r| {
                 self.options.redirect
                     && r.route.ifindex != 0
-                    && monotonic_ns().wrapping_sub(r.stamp_ns) <= lb_common::ct::TOUCH_INTERVAL_NS
+                    && now.wrapping_sub(r.stamp_ns) <= lb_common::ct::TOUCH_INTERVAL_NS
             })
-            .map_or(Route::NONE, |r| r.route);
-        s.forward_entry(route)
+            .map_or(Route::NONE, |r| r.route)
     }
 
     pub fn conntrack_get(&self, key: &FlowKey) -> Option<CtEntry> {
@@ -84,16 +88,26 @@ impl Dataplane {
             .ok()
             .or_else(|| self.ct_new.get(key, 0).ok())
             .or_else(|| {
-                self.pending_slot(key)
-                    .map(|(_, set, w)| self.pending_entry(&set.ways[w]))
+                self.pending_slot(key).map(|(_, set, w)| {
+                    let s = &set.ways[w];
+                    s.forward_entry(self.pending_route(s.backend_id, monotonic_ns()))
+                })
             })
+    }
+
+    /// The set of the handshake table `key` lands in (as the program picks it; from the options,
+    /// not `dp_config`, which asks the kernel for the netns cookie).
+    fn syn_set_of(&self, key: &FlowKey) -> u32 {
+        set_of(
+            flow_hash(key, self.options.hash_seed),
+            self.options.syn_sets(),
+        )
     }
 
     /// `key`'s pending handshake (lb-common's `syn`): its set's index, the set, and the way
     /// holding it, whole.
     fn pending_slot(&self, key: &FlowKey) -> Option<(u32, SynSet, usize)> {
-        let cfg = self.options.dp_config();
-        let i = set_of(flow_hash(key, cfg.hash_seed), cfg.syn_sets);
+        let i = self.syn_set_of(key);
         let set = self.ct_syn.get(&i, 0).ok()?;
         let w = set.ways.iter().position(|s| s.holds(key) && s.is_valid())?;
         Some((i, set, w))
@@ -102,9 +116,8 @@ impl Dataplane {
     /// Writes `slot` into its key's set of the handshake table (the way holding its key, else
     /// the first), whatever its check word: for tests that forge or tear a pending handshake.
     pub fn pending_write(&mut self, slot: SynSlot) -> Result<()> {
-        let cfg = self.options.dp_config();
         let key = slot.key();
-        let i = set_of(flow_hash(&key, cfg.hash_seed), cfg.syn_sets);
+        let i = self.syn_set_of(&key);
         let mut set = self
             .ct_syn
             .get(&i, 0)
@@ -237,11 +250,16 @@ pub struct ConntrackReader {
 impl ConntrackReader {
     pub fn entries(&self) -> Vec<(FlowKey, CtEntry)> {
         count_walk();
+        self.map_entries()
+            .chain(pending(&self.syn).map(|s| (s.key(), s.forward_entry(Route::NONE))))
+            .collect()
+    }
+
+    /// The entries of the two conntrack maps (not the handshake table).
+    fn map_entries(&self) -> impl Iterator<Item = (FlowKey, CtEntry)> + '_ {
         self.maps
             .iter()
             .flat_map(|m| m.iter().filter_map(|r| r.ok()))
-            .chain(pending(&self.syn).map(|s| (s.key(), s.forward_entry(Route::NONE))))
-            .collect()
     }
 
     /// Every IPv6 conntrack entry (part of the same walk's count as [`Self::entries`]).
@@ -255,9 +273,9 @@ impl ConntrackReader {
     /// Removes entries idle past their timeout (the rule the program applies), returning how
     /// many were removed. `now_ns` is CLOCK_MONOTONIC, the clock of `bpf_ktime_get_coarse_ns`.
     pub fn gc(&mut self, now_ns: u64) -> Result<usize> {
+        count_walk();
         let stale: Vec<FlowKey> = self
-            .entries()
-            .into_iter()
+            .map_entries()
             .filter(|(k, e)| lb_common::ct::idle_expired(e, k.proto, now_ns, &self.cfg))
             .map(|(k, _)| k)
             .collect();
@@ -266,20 +284,21 @@ impl ConntrackReader {
                 absent_is_fine(m.remove(k), MAP_CONNTRACK)?;
             }
         }
-        // Pending handshakes idle past their timeout (listed, and counted, in `stale`): their
-        // slots cleared (a new flow would take them anyway; cleared, they are not listed).
+        // Pending handshakes idle past their timeout: their slots cleared, one read (and at most
+        // one write) per set (a new flow would take them anyway; cleared, they are not listed).
+        let mut cleared = 0;
         for i in 0..self.syn.len() {
             let Ok(mut set) = self.syn.get(&i, 0) else {
                 continue;
             };
-            let mut here = false;
+            let before = cleared;
             for s in &mut set.ways {
                 if s.is_valid() && s.idle_expired(now_ns, &self.cfg) {
                     s.check = 0;
-                    here = true;
+                    cleared += 1;
                 }
             }
-            if here {
+            if cleared > before {
                 self.syn
                     .set(i, &set, 0)
                     .map_err(map_err(lb_common::syn::MAP_CT_SYN))?;
@@ -297,6 +316,6 @@ impl ConntrackReader {
                 absent_is_fine(m.remove(k), lb_common::v6::MAP_CONNTRACK6)?;
             }
         }
-        Ok(stale.len() + stale6.len())
+        Ok(stale.len() + cleared + stale6.len())
     }
 }
