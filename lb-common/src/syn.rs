@@ -48,8 +48,14 @@ pub struct SynSlot {
     /// [`SynSlot::check_of`] the rest, written last; 0: cleared.
     pub check: u32,
     pub last_seen_ns: u64,
+    /// A full-NAT flow's source address and port towards its backend (0 for DNAT).
+    pub fnat_addr: u32,
+    pub fnat_port: u32,
+    /// The entry's flags: `ct::CT_F_FULLNAT` or 0.
+    pub flags: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<SynSlot>() == 48);
+const _: () = assert!(core::mem::size_of::<SynSlot>() == 64);
 
 /// One set of the table: one map value, so a reader or writer looks its set up once.
 #[repr(C)]
@@ -97,6 +103,10 @@ impl SynSlot {
             in_ifindex: fwd.in_ifindex,
             check: 0,
             last_seen_ns: fwd.last_seen_ns,
+            fnat_addr: fwd.fnat_addr,
+            fnat_port: fwd.fnat_port as u32,
+            flags: (fwd.flags & ct::CT_F_FULLNAT) as u32,
+            _pad: 0,
         };
         s.check = s.check_of();
         s
@@ -119,6 +129,9 @@ impl SynSlot {
         h = (h ^ self.in_ifindex).wrapping_mul(0x9e37_79b1);
         h = (h ^ self.last_seen_ns as u32).wrapping_mul(0x9e37_79b1);
         h = (h ^ (self.last_seen_ns >> 32) as u32).wrapping_mul(0x9e37_79b1);
+        h = (h ^ self.fnat_addr).wrapping_mul(0x9e37_79b1);
+        h = (h ^ self.fnat_port).wrapping_mul(0x9e37_79b1);
+        h = (h ^ self.flags).wrapping_mul(0x9e37_79b1);
         h | 1
     }
 
@@ -154,11 +167,37 @@ impl SynSlot {
     /// program's `lazy_flow_holds` has no stack for the entry; a unit test holds the two equal.)
     #[inline(always)]
     pub const fn is_forward_of(&self, fkey: &FlowKey, rkey: &FlowKey) -> bool {
+        // A full-NAT flow's replies come back to its source address and port, a DNAT flow's
+        // to its client.
+        let (to_addr, to_port) = if self.full_nat() {
+            (self.fnat_addr, self.fnat_port as u16)
+        } else {
+            (fkey.saddr, fkey.sport)
+        };
         rkey.saddr == self.nat_addr
+            && rkey.sport == self.nat_port as u16
+            && rkey.daddr == to_addr
+            && rkey.dport == to_port
+            && rkey.proto == fkey.proto
+    }
+
+    /// [`SynSlot::is_forward_of`] for a DNAT flow recorded lazily (what a lazy service's reply
+    /// key can name): false for a full-NAT slot. (Fewer branches for the program's claims,
+    /// which the verifier walks once per port tried.)
+    #[inline(always)]
+    pub const fn is_lazy_forward_of(&self, fkey: &FlowKey, rkey: &FlowKey) -> bool {
+        self.flags == 0
+            && rkey.saddr == self.nat_addr
             && rkey.sport == self.nat_port as u16
             && rkey.daddr == fkey.saddr
             && rkey.dport == fkey.sport
             && rkey.proto == fkey.proto
+    }
+
+    /// Whether the slot holds a full-NAT flow.
+    #[inline(always)]
+    pub const fn full_nat(&self) -> bool {
+        self.flags & ct::CT_F_FULLNAT as u32 != 0
     }
 
     /// [`ct::expired`] of the slot's forward entry (open, so idle past the TCP timeout only).
@@ -167,8 +206,9 @@ impl SynSlot {
         now_ns.saturating_sub(self.last_seen_ns) > cfg.tcp_idle_ns
     }
 
-    /// The flow's forward entry as `CT_NEW` holds it, with route `route`: open, of its
-    /// backend's lazy service, nothing learnt from its backend yet.
+    /// The flow's forward entry as `CT_NEW` holds it, with route `route`: open, nothing learnt
+    /// from its backend yet; a DNAT flow recorded lazily (of its backend's lazy service), a
+    /// full-NAT flow with its source address and port.
     #[inline(always)]
     pub const fn forward_entry(&self, route: Route) -> CtEntry {
         CtEntry {
@@ -182,20 +222,24 @@ impl SynSlot {
             route,
             backend_ack: 0,
             in_ifindex: self.in_ifindex,
-            fnat_addr: 0,
-            fnat_port: 0,
-            flags: 0,
-            lazy: ct::LAZY_RECORDED,
+            fnat_addr: self.fnat_addr,
+            fnat_port: self.fnat_port as u16,
+            flags: self.flags as u8,
+            lazy: if self.full_nat() {
+                0
+            } else {
+                ct::LAZY_RECORDED
+            },
         }
     }
 }
 
 /// Whether a new flow of `proto` with forward entry `fwd` (of its backend's lazy service,
-/// `lazy`) is recorded in the pending-handshake table: an open TCP DNAT flow recorded lazily.
+/// `lazy`) is recorded in the pending-handshake table: an open TCP flow, DNAT recorded lazily
+/// or full NAT (whose reply entry, which takes its source port, is inserted as before).
 #[inline(always)]
 pub const fn goes_to_syn_table(proto: u8, lazy: bool, fwd: &CtEntry) -> bool {
-    // (A lazily recorded flow is a DNAT flow: no full-NAT test needed.)
-    proto == IPPROTO_TCP && lazy && fwd.state == ct::STATE_OPEN
+    proto == IPPROTO_TCP && (lazy || fwd.full_nat()) && fwd.state == ct::STATE_OPEN
 }
 
 #[cfg(test)]
@@ -227,6 +271,26 @@ mod tests {
             "the entry it was written from"
         );
         s
+    }
+
+    /// A full-NAT flow's slot: from berth's address and a port of its range.
+    fn full_nat_slot() -> SynSlot {
+        let s = slot();
+        let fwd = CtEntry {
+            fnat_addr: ipv4_to_wire([10, 2, 0, 1]),
+            fnat_port: port_to_wire(30123),
+            flags: ct::CT_F_FULLNAT,
+            lazy: 0,
+            ..s.forward_entry(Route::NONE)
+        };
+        let f = SynSlot::of(&s.key(), &fwd);
+        assert_eq!(
+            f.forward_entry(Route::NONE),
+            fwd,
+            "the entry it was written from"
+        );
+        assert!(f.full_nat() && f.is_valid() && f.check != s.check);
+        f
     }
 
     #[test]
@@ -261,17 +325,20 @@ mod tests {
         b.backend_id = 4;
         b.service_id = 2;
         b.last_seen_ns += 1_000;
+        b.fnat_addr = ipv4_to_wire([10, 2, 0, 1]);
+        b.fnat_port = u32::from(port_to_wire(30123));
+        b.flags = u32::from(ct::CT_F_FULLNAT);
         b.check = b.check_of();
-        let wa = bytemuck::cast::<SynSlot, [u32; 12]>(a);
-        let wb = bytemuck::cast::<SynSlot, [u32; 12]>(b);
+        let wa = bytemuck::cast::<SynSlot, [u32; 16]>(a);
+        let wb = bytemuck::cast::<SynSlot, [u32; 16]>(b);
         // Every mixture of the two slots' words (as a reader copying one while the other is
         // written over it may see them) other than the two slots themselves.
-        for mask in 0u32..(1 << 12) {
-            let mut w = [0u32; 12];
+        for mask in 0u32..(1 << 16) {
+            let mut w = [0u32; 16];
             for (i, x) in w.iter_mut().enumerate() {
                 *x = if mask & (1 << i) != 0 { wb[i] } else { wa[i] };
             }
-            let torn = bytemuck::cast::<[u32; 12], SynSlot>(w);
+            let torn = bytemuck::cast::<[u32; 16], SynSlot>(w);
             if torn != a && torn != b {
                 assert!(!torn.is_valid(), "torn slot {mask:#x} read as valid");
             }
@@ -280,7 +347,21 @@ mod tests {
 
     #[test]
     fn judged_on_the_slot_as_on_its_entry() {
-        let s = slot();
+        judged_as_its_entry(slot());
+        judged_as_its_entry(full_nat_slot());
+        // A full-NAT flow's replies come back to berth's address and port, not its client's.
+        let (d, f) = (slot(), full_nat_slot());
+        let (fkey, dnat_rkey) = (
+            d.key(),
+            ct::reply_key(&d.key(), &d.forward_entry(Route::NONE)),
+        );
+        assert!(d.is_forward_of(&fkey, &dnat_rkey) && !f.is_forward_of(&fkey, &dnat_rkey));
+        assert!(d.is_lazy_forward_of(&fkey, &dnat_rkey));
+        let full_rkey = ct::reply_key(&fkey, &f.forward_entry(Route::NONE));
+        assert!(f.is_forward_of(&fkey, &full_rkey) && !f.is_lazy_forward_of(&fkey, &full_rkey));
+    }
+
+    fn judged_as_its_entry(s: SynSlot) {
         let fkey = s.key();
         let e = s.forward_entry(Route::NONE);
         let cfg = crate::DpConfig {

@@ -48,7 +48,7 @@ use crate::{
     },
     nat::{
         IcmpNat, Side, clear_route, fib, ingress_ifindex, redirect_cached, rewrite, rewrite_both,
-        rewrite_icmp, route, send,
+        rewrite_icmp, route, send, set_route,
     },
     parse::{Flow, IcmpQuote, Parsed, parse, tcp_data_len},
 };
@@ -168,6 +168,8 @@ pub struct NatScratch {
     /// in spill slots across the port search. (Not its verdict: a reason read back from a map
     /// loses the bound the verifier checks `unpack`'s index by.)
     route: Route,
+    /// The new flow's flow hash (its set in the handshake table), from the port search.
+    hash: u32,
 }
 
 /// The conntrack map a flow's pair does not live in.
@@ -346,12 +348,48 @@ fn process(ctx: &TcContext) -> (i32, Reason) {
     verdict
 }
 
-/// Whether a handshake keyed `key` is pending in the handshake table (`syn::holds`). A BPF
-/// subprogram: inlined into `reply`, the check's code on a rare branch cost the reply path's
-/// common one registers.
+/// [`pending_at`]: no handshake keyed so is pending.
+const PENDING_NONE: u64 = 0;
+/// [`pending_at`]: another flow's handshake is pending at the key (a newer flow of the client).
+const PENDING_OTHER: u64 = 1;
+/// [`pending_at`]: the reply entry's own full-NAT flow was pending, and is in CT_NEW now.
+const PENDING_MOVED: u64 = 2;
+
+/// The handshake table at forward key `fkey`, for the reply entry at `rkey` whose forward half
+/// is in neither conntrack map: a full-NAT flow's forward entry waits there until its backend
+/// answers (`finish_full_nat`), and moves to CT_NEW now if that reply entry is in CT_NEW
+/// (`in_ct_new`) and the slot's flow is the entry's own ([`PENDING_MOVED`]); any other
+/// handshake pending there (or being written) is a newer flow on the tuple
+/// ([`PENDING_OTHER`]). A BPF subprogram: inlined into `reply`, the check's code on a rare
+/// branch cost the reply path's common one registers.
 #[inline(never)]
-fn pending_at(key: &FlowKey) -> bool {
-    syn::holds(key, flow_hash(key, config().hash_seed))
+fn pending_at(fkey: &FlowKey, rkey: &FlowKey, now: u64, in_ct_new: bool) -> u64 {
+    let hash = flow_hash(fkey, config().hash_seed);
+    let Some((idx, s)) = syn::find(fkey, hash) else {
+        return if syn::holds(fkey, hash) {
+            PENDING_OTHER
+        } else {
+            PENDING_NONE
+        };
+    };
+    if !in_ct_new || !s.full_nat() || !s.is_forward_of(fkey, rkey) {
+        return PENDING_OTHER;
+    }
+    // The entry built in the per-CPU `NAT_SCRATCH` slot (free on the reply path): on this
+    // frame it took the call chain under `reply` past 512 bytes.
+    let Some(n) = NAT_SCRATCH.get_ptr_mut(0) else {
+        return PENDING_OTHER;
+    };
+    // SAFETY: this CPU's slot of a per-CPU array, valid for the run; nothing else on this CPU
+    // uses it while the program runs (see `NAT_SCRATCH`).
+    let n = unsafe { &mut *n };
+    n.half = s.forward_entry(Route::NONE);
+    set_route(&mut n.half.route, &syn::route_of(n.half.backend_id, now));
+    if syn::promote(fkey, idx, &n.half) {
+        PENDING_MOVED
+    } else {
+        PENDING_OTHER
+    }
 }
 
 /// [`pending`]: the low half of its result is the packet's flow hash.
@@ -379,6 +417,20 @@ fn pending(p: &Pkt) -> u64 {
         return v;
     }
     let fwd = s.forward_entry(syn::route_of(s.backend_id, p.now));
+    if fwd.full_nat() {
+        // A full-NAT handshake lives with its reply entry, which holds its port: gone (a new
+        // flow took the port after the hold, or a flood evicted it), the handshake is over.
+        let rkey = ct::reply_key(&p.key, &fwd);
+        // SAFETY: a valid map value pointer, read in place.
+        if !CT_NEW
+            .get_ptr(&rkey)
+            .is_some_and(|r| ct::is_reply_of(unsafe { &*r }, &rkey, &p.key))
+        {
+            syn::clear(idx, &p.key);
+            count(Reason::EventCtExpired);
+            return v;
+        }
+    }
     if syn::promote(&p.key, idx, &fwd) {
         v | SYN_PROMOTED
     } else {
@@ -597,10 +649,12 @@ fn lazy_pending_holds(
     names_client: bool,
 ) -> bool {
     let lkey = lazy_key(rkey, owner);
-    let Some((slot, s)) = syn::find(&lkey, flow_hash(&lkey, config().hash_seed)) else {
+    // In place: a slot being written may count as the lazy flow's (the key stays held a
+    // moment longer), never the other way round.
+    let Some((slot, s)) = syn::locate(&lkey, flow_hash(&lkey, config().hash_seed)) else {
         return false;
     };
-    if !s.is_forward_of(&lkey, rkey) || s.idle_expired(now, config()) {
+    if !s.is_lazy_forward_of(&lkey, rkey) || s.idle_expired(now, config()) {
         return false;
     }
     if ct::lazy_keeps(ct::LAZY_RECORDED, rkey.proto, tcp_flags, names_client) {
@@ -806,9 +860,14 @@ fn claim(table: &Table, rkey: &FlowKey, flow: &Flow, now: u64, cfg: &DpConfig) -
     }
     let fkey = ct::forward_key(rkey, r);
     // SAFETY: as above.
-    let partner = table
+    let mut partner = table
         .get_ptr(&fkey)
         .is_some_and(|f| ct::is_forward_of(unsafe { &*f }, &fkey, rkey));
+    // A full-NAT flow's forward half may wait in the handshake table: its unconfirmed reply
+    // entry keeps the key for the port hold (see `port_free`).
+    partner |= r.full_nat()
+        && core::ptr::eq(table, &CT_NEW)
+        && now.saturating_sub(r.last_seen_ns) <= ct::UNCONFIRMED_PORT_HOLD_NS;
     let names_client = !r.full_nat() && rkey.daddr == flow.saddr && rkey.dport == flow.sport;
     if partner
         && !ct::expired(r, rkey.proto, flow.tcp_flags, now, cfg)
@@ -1091,14 +1150,22 @@ fn reply_inner(ctx: &TcContext, p: &Pkt, e: &mut CtEntry, table: &'static Table)
             return pack(exit(Reason::PassNoService));
         }
     } else {
-        // The forward half was evicted: rebuilt from this one, unless the client has started
-        // a newer flow on the tuple meanwhile (then this half is a leftover).
-        if other(table).get_ptr(&fkey).is_some() || pending_at(&fkey) {
+        // The forward half was evicted, or (full NAT) waits in the handshake table: moved from
+        // there, else rebuilt from this one, unless the client has started a newer flow on the
+        // tuple meanwhile (then this half is a leftover).
+        let at = if other(table).get_ptr(&fkey).is_some() {
+            PENDING_OTHER
+        } else {
+            pending_at(&fkey, key, now, core::ptr::eq(table, &CT_NEW))
+        };
+        if at == PENDING_OTHER {
             count(Reason::EventCtExpired);
             let _ = table.remove(key);
             return pack(exit(Reason::PassNoService));
         }
-        rebuild(table, &fkey, e, flow, now);
+        if at == PENDING_NONE {
+            rebuild(table, &fkey, e, flow, now);
+        }
         fwd = table.get_ptr_mut(&fkey);
     }
 
@@ -1423,6 +1490,7 @@ fn take_full_nat_port(p: &Pkt) -> bool {
     // (Not `pending`'s hash passed in: the verifier then processed over 1,000,000
     // instructions of this program.)
     let hash = flow_hash(&p.key, config().hash_seed);
+    s.hash = hash;
     // `take_port(new_flow_table(..), ..)` with the map a constant in each call: with the map
     // chosen at run time by the protocol, the verifier processed 763,428 instructions of the
     // IPv4 program instead of 571,414.
@@ -1452,7 +1520,15 @@ fn finish_full_nat(ctx: &TcContext, p: &Pkt) -> bool {
     half.route = s.route;
     half.fnat_addr = rkey.daddr;
     half.fnat_port = rkey.dport;
-    if table.insert(key, half, 0).is_err() {
+    // An open TCP flow's forward entry waits in the handshake table (a few stores, no insert)
+    // until its backend answers (`reply` moves it to CT_NEW beside its reply entry) or its
+    // client sends again (`pending`). The reply entry, which took the port, is in CT_NEW.
+    // SAFETY: a volatile read of this CPU's scratch slot (see above): a plain one was folded
+    // into a spill slot.
+    let hash = unsafe { core::ptr::read_volatile(&s.hash) };
+    let recorded =
+        lb_common::syn::goes_to_syn_table(flow.proto, false, half) && syn::record(key, hash, half);
+    if !recorded && table.insert(key, half, 0).is_err() {
         // The reply entry stays: a reply rebuilds the forward half from it, and a new flow may
         // take its port (it has no forward half).
         count(Reason::EventCtInsertFailed);
@@ -1543,9 +1619,15 @@ fn port_free(table: &Table, rkey: &FlowKey, now: u64, cfg: &DpConfig) -> bool {
     }
     let fkey = ct::forward_key(rkey, r);
     // SAFETY: as above.
-    let partner = table
+    let mut partner = table
         .get_ptr(&fkey)
         .is_some_and(|f| ct::is_forward_of(unsafe { &*f }, &fkey, rkey));
+    // A full-NAT flow's forward half may wait in the handshake table (`finish_full_nat`),
+    // where this lookup does not see it: its unconfirmed reply entry keeps the port for the
+    // hold below all the same. Its slot is not looked for here (the verifier walks this
+    // function once per port tried): a pending forward half whose reply entry is gone is over,
+    // never moved on (`pending` checks) nor listed (userspace checks).
+    partner |= r.full_nat() && core::ptr::eq(table, &CT_NEW);
     let abandoned = core::ptr::eq(table, &CT_NEW)
         && now.saturating_sub(r.last_seen_ns) > ct::UNCONFIRMED_PORT_HOLD_NS;
     if partner

@@ -1,6 +1,6 @@
 //! The pending-handshake table's reads and writes (see lb-common's `syn` for the design): a new
-//! IPv4 DNAT TCP flow of its backend's lazy service is recorded here by a few stores instead of
-//! an insert into CT_NEW, and moves to CT_NEW (`promote`) with its backend's first reply or its
+//! IPv4 TCP flow, DNAT of its backend's lazy service or full NAT, records its forward entry here
+//! by a few stores instead of an insert into CT_NEW, and moves to CT_NEW (`promote`) with its backend's first reply or its
 //! client's next packet.
 //!
 //! A slot is named by its set and way, `set << 2 | way` (`SYN_WAYS` is 4).
@@ -53,11 +53,11 @@ pub fn find(key: &FlowKey, hash: u32) -> Option<(u32, &'static SynSlot)> {
         let s = unsafe { &(*set).ways[w] };
         if keyed(s, key, ports) {
             // SAFETY: this CPU's slot of a per-CPU array, valid for the run, used by nothing
-            // else while the program runs; both are 48-byte, 8-aligned `SynSlot`s, copied as
-            // six words (volatile: a plain copy became a byte-wise `memmove` call).
+            // else while the program runs; both are 64-byte, 8-aligned `SynSlot`s, copied as
+            // eight words (volatile: a plain copy became a byte-wise `memmove` call).
             let c = unsafe {
                 let (src, dst) = (s as *const SynSlot as *const u64, c as *mut u64);
-                for n in 0..6 {
+                for n in 0..8 {
                     write_volatile(dst.add(n), read_volatile(src.add(n)));
                 }
                 &*(c as *const SynSlot)
@@ -86,6 +86,24 @@ pub fn holds(key: &FlowKey, hash: u32) -> bool {
         }
     }
     false
+}
+
+/// The slot of `key`'s set keyed `key` and not cleared, in place (whole or not: maybe being
+/// written), with its name: for a judgement that may err only towards a handshake being there
+/// (the claims of `lazy_pending_holds`), without `find`'s copy (whose registers the frame under
+/// `new_flow` has no room for).
+#[inline(always)]
+pub fn locate(key: &FlowKey, hash: u32) -> Option<(u32, &'static SynSlot)> {
+    let (i, set) = set(hash)?;
+    let ports = ports_of(key);
+    for w in 0..SYN_WAYS as usize {
+        // SAFETY: as in `find`; read in place only.
+        let s = unsafe { &(*set).ways[w] };
+        if s.check != 0 && keyed(s, key, ports) {
+            return Some(((i << 2) | w as u32, s));
+        }
+    }
+    None
 }
 
 /// Records the new flow keyed `key` (flow hash `hash`), forward entry `e`, in its set: in the
@@ -129,6 +147,9 @@ pub fn record(key: &FlowKey, hash: u32, e: &CtEntry) -> bool {
         write_volatile(&mut s.service_id, v.service_id);
         write_volatile(&mut s.in_ifindex, v.in_ifindex);
         write_volatile(&mut s.last_seen_ns, v.last_seen_ns);
+        write_volatile(&mut s.fnat_addr, v.fnat_addr);
+        write_volatile(&mut s.fnat_port, v.fnat_port);
+        write_volatile(&mut s.flags, v.flags);
         write_volatile(&mut s.check, v.check);
     }
     true

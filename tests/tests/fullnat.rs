@@ -842,3 +842,70 @@ fn without_its_final_ack_a_closed_flows_port_is_held() {
         assert!(new_flow_takes(&f, client(47401), port), "answered");
     });
 }
+
+/// A new TCP flow's forward entry waits in the handshake table (no insert: issue 14), its reply
+/// entry, which took the port, in CT_NEW; the backend's SYN-ACK moves the forward entry beside
+/// it and the client's ACK confirms both. A pending handshake whose port went to another flow
+/// after the hold is over: never sent on with that port.
+#[test]
+fn a_handshake_waits_in_the_handshake_table_with_its_port_held_by_its_reply_entry() {
+    in_fixture_netns(|| {
+        let one = PortRange {
+            first: 61007,
+            last: 61007,
+        };
+        let f = one_backend(one);
+        let vip = sa(VIP, 80);
+        let (a, b) = (client(45000), client(45001));
+        let syn_a = tcp(a, vip, TCP_SYN, 1, 0).build();
+        let leg = assert_fwd(&f.run(&syn_a), &syn_a, &[b8000(1)], FULL);
+        let fkey = flow_key(a, vip, IPPROTO_TCP);
+        let rkey = flow_key(leg.backend, leg.peer, IPPROTO_TCP);
+        assert!(
+            f.dp().conntrack_pending(&fkey),
+            "the forward entry waits in the table"
+        );
+        assert!(!f.dp().conntrack_pending(&rkey) && f.dp().conntrack_unconfirmed(&rkey));
+        let fwd = f.ct(&fkey).expect("listed as the entry it becomes");
+        assert!(fwd.full_nat());
+        assert_eq!(
+            (fwd.fnat_addr, fwd.fnat_port),
+            (ipv4_to_wire(HOST.octets()), port_to_wire(leg.peer.port()))
+        );
+        // The port is held: a second client finds none.
+        let syn_b = tcp(b, vip, TCP_SYN, 1, 0).build();
+        assert_dropped(&f.run(&syn_b), Reason::DropSnatExhausted);
+        // The SYN-ACK moves the forward entry to CT_NEW; the ACK confirms the pair.
+        let synack = from_backend(tcp(leg.backend, leg.peer, TCP_SYN | TCP_ACK, 7000, 2));
+        assert_reply(&f.run(&synack), vip, a);
+        assert!(!f.dp().conntrack_pending(&fkey) && f.dp().conntrack_unconfirmed(&fkey));
+        let ack = tcp(a, vip, TCP_ACK, 2, 7001).build();
+        assert_fwd(&f.run(&ack), &ack, &[b8000(1)], FULL);
+        assert!(!f.dp().conntrack_unconfirmed(&fkey) && !f.dp().conntrack_unconfirmed(&rkey));
+        assert!(f.ct(&fkey).is_some() && f.ct(&rkey).is_some());
+
+        // Another handshake, never answered: its port goes after the hold to a new flow, and
+        // then its client's next packet finds it over (and no port left) rather than sent
+        // from the port the other flow holds.
+        let mut f = one_backend(one);
+        let leg = assert_fwd(&f.run(&syn_a), &syn_a, &[b8000(1)], FULL);
+        let rkey = flow_key(leg.backend, leg.peer, IPPROTO_TCP);
+        let mut e = f.ct(&rkey).unwrap();
+        e.last_seen_ns = monotonic_ns() - ct::UNCONFIRMED_PORT_HOLD_NS - 1_000_000_000;
+        f.rec.dataplane_mut().conntrack_update(rkey, e).unwrap();
+        let run = f.run(&syn_b);
+        assert_eq!(assert_fwd(&run, &syn_b, &[b8000(1)], FULL).peer, leg.peer);
+        assert!(
+            f.ct(&fkey).is_none(),
+            "the abandoned flow went with its port"
+        );
+        let again = tcp(a, vip, TCP_ACK, 2, 7001).build();
+        let run = f.run(&again);
+        assert_dropped(&run, Reason::DropSnatExhausted);
+        assert_eq!(
+            f.ct(&rkey).map(|r| ct::forward_key(&rkey, &r)),
+            Some(flow_key(b, vip, IPPROTO_TCP)),
+            "the port stays the second flow's"
+        );
+    });
+}

@@ -57,12 +57,14 @@ impl Dataplane {
             .chain({
                 // One route read per backend, not per pending handshake.
                 let (now, mut routes) = (monotonic_ns(), std::collections::HashMap::new());
-                pending(&self.ct_syn).map(move |s| {
-                    let route = *routes
-                        .entry(s.backend_id)
-                        .or_insert_with(|| self.pending_route(s.backend_id, now));
-                    (s.key(), s.forward_entry(route))
-                })
+                pending(&self.ct_syn)
+                    .filter(|s| self.pending_live(s))
+                    .map(move |s| {
+                        let route = *routes
+                            .entry(s.backend_id)
+                            .or_insert_with(|| self.pending_route(s.backend_id, now));
+                        (s.key(), s.forward_entry(route))
+                    })
             })
             .collect()
     }
@@ -88,11 +90,18 @@ impl Dataplane {
             .ok()
             .or_else(|| self.ct_new.get(key, 0).ok())
             .or_else(|| {
-                self.pending_slot(key).map(|(_, set, w)| {
-                    let s = &set.ways[w];
-                    s.forward_entry(self.pending_route(s.backend_id, monotonic_ns()))
-                })
+                self.pending_slot(key)
+                    .map(|(_, set, w)| set.ways[w])
+                    .filter(|s| self.pending_live(s))
+                    .map(|s| s.forward_entry(self.pending_route(s.backend_id, monotonic_ns())))
             })
+    }
+
+    /// Whether pending handshake `s` is a flow: a full-NAT one only with its reply entry, which
+    /// holds its port, in CT_NEW (the program's `pending` rule: a new flow may have taken the
+    /// port once the hold passed, leaving the slot).
+    fn pending_live(&self, s: &SynSlot) -> bool {
+        pending_live(s, |k| self.ct_new.get(k, 0).ok())
     }
 
     /// The set of the handshake table `key` lands in (as the program picks it; from the options,
@@ -169,12 +178,13 @@ impl Dataplane {
     /// Whether `key` is an unconfirmed flow (in CT_NEW, or a handshake pending) rather than
     /// one of the main map.
     pub fn conntrack_unconfirmed(&self, key: &FlowKey) -> bool {
-        self.ct_new.get(key, 0).is_ok() || self.pending_slot(key).is_some()
+        self.ct_new.get(key, 0).is_ok() || self.conntrack_pending(key)
     }
 
     /// Whether `key` is a handshake pending in the handshake table (lb-common's `syn`).
     pub fn conntrack_pending(&self, key: &FlowKey) -> bool {
-        self.pending_slot(key).is_some()
+        self.pending_slot(key)
+            .is_some_and(|(_, set, w)| self.pending_live(&set.ways[w]))
     }
 
     /// The service address whose flows to IPv4 DNAT backend `backend` (`proto`) are recorded
@@ -214,6 +224,16 @@ impl Dataplane {
     }
 }
 
+/// [`DataPlane::pending_live`] with CT_NEW read through `ct_new`.
+fn pending_live(s: &SynSlot, ct_new: impl Fn(&FlowKey) -> Option<CtEntry>) -> bool {
+    if !s.full_nat() {
+        return true;
+    }
+    let (key, fwd) = (s.key(), s.forward_entry(Route::NONE));
+    let rkey = lb_common::ct::reply_key(&key, &fwd);
+    ct_new(&rkey).is_some_and(|r| lb_common::ct::is_reply_of(&r, &rkey, &key))
+}
+
 /// The whole pending handshakes of the handshake table.
 fn pending(syn: &Array<MapData, SynSet>) -> impl Iterator<Item = SynSlot> + '_ {
     syn.iter()
@@ -251,7 +271,11 @@ impl ConntrackReader {
     pub fn entries(&self) -> Vec<(FlowKey, CtEntry)> {
         count_walk();
         self.map_entries()
-            .chain(pending(&self.syn).map(|s| (s.key(), s.forward_entry(Route::NONE))))
+            .chain(
+                pending(&self.syn)
+                    .filter(|s| pending_live(s, |k| self.maps[1].get(k, 0).ok()))
+                    .map(|s| (s.key(), s.forward_entry(Route::NONE))),
+            )
             .collect()
     }
 
@@ -293,7 +317,10 @@ impl ConntrackReader {
             };
             let before = cleared;
             for s in &mut set.ways {
-                if s.is_valid() && s.idle_expired(now_ns, &self.cfg) {
+                if s.is_valid()
+                    && (s.idle_expired(now_ns, &self.cfg)
+                        || !pending_live(s, |k| self.maps[1].get(k, 0).ok()))
+                {
                     s.check = 0;
                     cleared += 1;
                 }
