@@ -168,7 +168,8 @@ pub struct NatScratch {
     /// in spill slots across the port search. (Not its verdict: a reason read back from a map
     /// loses the bound the verifier checks `unpack`'s index by.)
     route: Route,
-    /// The new flow's flow hash (its set in the handshake table), from the port search.
+    /// The new flow's flow hash (its source ports' tries, its set in the handshake table),
+    /// written by `new_flow`.
     hash: u32,
 }
 
@@ -1294,6 +1295,13 @@ fn new_flow_inner(ctx: &TcContext, p: &Pkt, hashed: u64) -> Pick {
         return Pick::Done(exit(Reason::DropNoBackend));
     }
     if backend.snat_addr != 0 {
+        // The flow hash goes to the port search through the per-CPU scratch slot (read back
+        // there as a value the verifier knows nothing of: passed as an argument, it put the
+        // verifier over 1,000,000 instructions).
+        if let Some(n) = NAT_SCRATCH.get_ptr_mut(0) {
+            // SAFETY: this CPU's slot of a per-CPU array (see `NAT_SCRATCH`).
+            unsafe { core::ptr::write_volatile(&mut (*n).hash, hash) };
+        }
         return Pick::FullNat((u64::from(svc.id) << 32) | u64::from(backend_id));
     }
     // The reply key and the entry are built in the per-CPU NAT_SCRATCH slot (unused by a DNAT
@@ -1487,10 +1495,10 @@ fn take_full_nat_port(p: &Pkt) -> bool {
     };
     // SAFETY: as in `new_full_nat_flow`.
     let s = unsafe { &mut *s };
-    // (Not `pending`'s hash passed in: the verifier then processed over 1,000,000
-    // instructions of this program.)
-    let hash = flow_hash(&p.key, config().hash_seed);
-    s.hash = hash;
+    // `new_flow`'s flow hash (its Maglev pick's), left here for the port search and the
+    // handshake table's set (`finish_full_nat`).
+    // SAFETY: a volatile read of this CPU's scratch slot.
+    let hash = unsafe { core::ptr::read_volatile(&s.hash) };
     // `take_port(new_flow_table(..), ..)` with the map a constant in each call: with the map
     // chosen at run time by the protocol, the verifier processed 763,428 instructions of the
     // IPv4 program instead of 571,414.
