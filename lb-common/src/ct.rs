@@ -333,6 +333,15 @@ pub const fn forward_skips_reply(fwd: &CtEntry, proto: u8, tcp_flags: u8, now_ns
         && !closes(proto, tcp_flags)
 }
 
+/// Whether reply entry `r` (in CT_NEW if `in_ct_new`) holds its key and port as a full-NAT flow
+/// whose forward entry may be pending in the handshake table, out of sight of the map: while
+/// unconfirmed and younger than [`UNCONFIRMED_PORT_HOLD_NS`], as if its forward half were
+/// there (the program's `port_free` and `claim` do not look in the table).
+#[inline(always)]
+pub const fn pending_full_nat_holds(r: &CtEntry, in_ct_new: bool, now: u64) -> bool {
+    r.full_nat() && in_ct_new && now.saturating_sub(r.last_seen_ns) <= UNCONFIRMED_PORT_HOLD_NS
+}
+
 /// Whether a live DNAT flow recorded lazily, forward entry `fwd`, keeps its reply key when it
 /// has no reply half (so no window to judge by) against a new flow's packet of `proto` and
 /// `tcp_flags` that would take the key, from the same client address and port (`names_client`:
@@ -474,6 +483,30 @@ mod tests {
         syn_sets: 1,
         _pad: 0,
     };
+
+    #[test]
+    fn an_unconfirmed_full_nat_reply_entry_holds_its_port_for_the_hold_only() {
+        let r = CtEntry {
+            flags: CT_F_FULLNAT,
+            last_seen_ns: 1_000,
+            ..bytemuck::Zeroable::zeroed()
+        };
+        let hold = UNCONFIRMED_PORT_HOLD_NS;
+        assert!(pending_full_nat_holds(&r, true, 1_000 + hold));
+        assert!(
+            !pending_full_nat_holds(&r, true, 1_001 + hold),
+            "past the hold"
+        );
+        assert!(
+            !pending_full_nat_holds(&r, false, 1_000),
+            "confirmed: judged by its pair"
+        );
+        let dnat = CtEntry { flags: 0, ..r };
+        assert!(
+            !pending_full_nat_holds(&dnat, true, 1_000),
+            "a DNAT entry has no pending half"
+        );
+    }
 
     #[test]
     fn a_reply_half_rebuilt_past_the_handshake_starts_answered() {

@@ -169,15 +169,13 @@ impl SynSlot {
     pub const fn is_forward_of(&self, fkey: &FlowKey, rkey: &FlowKey) -> bool {
         // A full-NAT flow's replies come back to its source address and port, a DNAT flow's
         // to its client.
-        let (to_addr, to_port) = if self.full_nat() {
-            (self.fnat_addr, self.fnat_port as u16)
-        } else {
-            (fkey.saddr, fkey.sport)
-        };
+        if !self.full_nat() {
+            return self.is_lazy_forward_of(fkey, rkey);
+        }
         rkey.saddr == self.nat_addr
             && rkey.sport == self.nat_port as u16
-            && rkey.daddr == to_addr
-            && rkey.dport == to_port
+            && rkey.daddr == self.fnat_addr
+            && rkey.dport == self.fnat_port as u16
             && rkey.proto == fkey.proto
     }
 

@@ -366,12 +366,12 @@ const PENDING_MOVED: u64 = 2;
 #[inline(never)]
 fn pending_at(fkey: &FlowKey, rkey: &FlowKey, now: u64, in_ct_new: bool) -> u64 {
     let hash = flow_hash(fkey, config().hash_seed);
+    // One pass over the set when nothing is pending there (the usual case of this branch).
+    if !syn::holds(fkey, hash) {
+        return PENDING_NONE;
+    }
     let Some((idx, s)) = syn::find(fkey, hash) else {
-        return if syn::holds(fkey, hash) {
-            PENDING_OTHER
-        } else {
-            PENDING_NONE
-        };
+        return PENDING_OTHER;
     };
     if !in_ct_new || !s.full_nat() || !s.is_forward_of(fkey, rkey) {
         return PENDING_OTHER;
@@ -864,11 +864,8 @@ fn claim(table: &Table, rkey: &FlowKey, flow: &Flow, now: u64, cfg: &DpConfig) -
     let mut partner = table
         .get_ptr(&fkey)
         .is_some_and(|f| ct::is_forward_of(unsafe { &*f }, &fkey, rkey));
-    // A full-NAT flow's forward half may wait in the handshake table: its unconfirmed reply
-    // entry keeps the key for the port hold (see `port_free`).
-    partner |= r.full_nat()
-        && core::ptr::eq(table, &CT_NEW)
-        && now.saturating_sub(r.last_seen_ns) <= ct::UNCONFIRMED_PORT_HOLD_NS;
+    // A full-NAT flow's forward half may wait in the handshake table (see `port_free`).
+    partner |= ct::pending_full_nat_holds(r, core::ptr::eq(table, &CT_NEW), now);
     let names_client = !r.full_nat() && rkey.daddr == flow.saddr && rkey.dport == flow.sport;
     if partner
         && !ct::expired(r, rkey.proto, flow.tcp_flags, now, cfg)
@@ -1634,7 +1631,9 @@ fn port_free(table: &Table, rkey: &FlowKey, now: u64, cfg: &DpConfig) -> bool {
     // where this lookup does not see it: its unconfirmed reply entry keeps the port for the
     // hold below all the same. Its slot is not looked for here (the verifier walks this
     // function once per port tried): a pending forward half whose reply entry is gone is over,
-    // never moved on (`pending` checks) nor listed (userspace checks).
+    // never moved on (`pending` checks) nor listed (userspace checks). (The hold's age is
+    // judged below, `abandoned`: the rule of `ct::pending_full_nat_holds` in two steps, one
+    // comparison fewer in a function the verifier walks once per port tried.)
     partner |= r.full_nat() && core::ptr::eq(table, &CT_NEW);
     let abandoned = core::ptr::eq(table, &CT_NEW)
         && now.saturating_sub(r.last_seen_ns) > ct::UNCONFIRMED_PORT_HOLD_NS;

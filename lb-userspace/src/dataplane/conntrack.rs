@@ -273,10 +273,15 @@ impl ConntrackReader {
         self.map_entries()
             .chain(
                 pending(&self.syn)
-                    .filter(|s| pending_live(s, |k| self.maps[1].get(k, 0).ok()))
+                    .filter(|s| self.pending_live(s))
                     .map(|s| (s.key(), s.forward_entry(Route::NONE))),
             )
             .collect()
+    }
+
+    /// [`pending_live`] with CT_NEW read through this reader's descriptor.
+    fn pending_live(&self, s: &SynSlot) -> bool {
+        pending_live(s, |k| self.maps[1].get(k, 0).ok())
     }
 
     /// The entries of the two conntrack maps (not the handshake table).
@@ -317,10 +322,7 @@ impl ConntrackReader {
             };
             let before = cleared;
             for s in &mut set.ways {
-                if s.is_valid()
-                    && (s.idle_expired(now_ns, &self.cfg)
-                        || !pending_live(s, |k| self.maps[1].get(k, 0).ok()))
-                {
+                if s.is_valid() && (s.idle_expired(now_ns, &self.cfg) || !self.pending_live(s)) {
                     s.check = 0;
                     cleared += 1;
                 }
