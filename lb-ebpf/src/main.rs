@@ -582,8 +582,9 @@ fn is_lazy_for(owner: &ServiceKey, flow: &Flow) -> bool {
 /// Whether a live flow of lazy service `owner` holds reply key `rkey` without a reply entry
 /// (its forward entry, keyed from the reply key's client to the service, sends to the
 /// backend): then no flow of another service may take the key, as if that reply entry were
-/// there (see `claim`), unless the lazy flow has proved nothing (`ct::lazy_flow_keeps`): then
-/// its forward entry is removed and the key is free. `names_client`: the new flow's packet
+/// there (see `claim`), unless the lazy flow is over for this packet (`ct::expired`) or has
+/// proved nothing (`ct::lazy_flow_keeps`): then its forward entry is removed and the key is
+/// free (a pending one's judged expired is left: its slot's next packet finds it over too). `names_client`: the new flow's packet
 /// comes from the reply key's client (a DNAT flow's). The owner comes packed (`owner.addr << 16
 /// | owner.port`): LLVM turns a reference to a struct of two loaded fields into two arguments,
 /// and a sixth argument does not pass the verifier. Two BPF subprograms called one after the
@@ -628,12 +629,18 @@ fn lazy_entry_holds(
     };
     // SAFETY: valid map value pointer, read in place.
     let f = unsafe { &*f };
-    if !ct::is_forward_of(f, &lkey, rkey) || ct::expired(f, rkey.proto, tcp_flags, now, config()) {
+    if !ct::is_forward_of(f, &lkey, rkey) {
         return 0;
     }
-    if ct::lazy_flow_keeps(f, rkey.proto, tcp_flags, names_client) {
+    if !ct::expired(f, rkey.proto, tcp_flags, now, config())
+        && ct::lazy_flow_keeps(f, rkey.proto, tcp_flags, names_client)
+    {
         return LAZY_HOLDS;
     }
+    // The key goes to the new flow, and the lazy flow goes with it, expired or not: its
+    // forward packets skip the reply half (`ct::forward_skips_reply`) on the promise that no
+    // other flow holds its key while this entry lives. (Expired for a bare SYN only, a closing
+    // flow's entry would still take its client's next segment.)
     let _ = table.remove(&lkey);
     0
 }

@@ -412,6 +412,48 @@ fn a_closed_flows_reply_entry_does_not_catch_the_next_connection_to_another_serv
     });
 }
 
+/// The lazily recorded counterpart of the test above, as the long flood soak met it: a closing
+/// flow of the backend's lazy service, recorded without a reply half (here from a blind RST
+/// after a flood evicted everything), gives its reply key to a SYN to the other service, and
+/// must go with it. Its forward packets skip the reply half (`ct::forward_skips_reply`), so
+/// left behind it would forward its client's next segment and let the other service's reply
+/// entry translate the backend's answer.
+#[test]
+fn a_closing_lazily_recorded_flow_that_gives_its_key_to_a_new_connection_is_gone() {
+    in_fixture_netns(|| {
+        let f = shared_backend();
+        // Another client's flow to :8080 first: :8080 is the backend's lazy service.
+        let be = handshake(&f, client(40210), sa(HOST, 8080));
+        let c = client(40211);
+        let lazy_key = flow_key(c, sa(HOST, 8080), IPPROTO_TCP);
+        let rst = tcp(c, sa(HOST, 8080), TCP_RST, 123_456, 0).build();
+        assert_eq!(assert_dnat(&f.run(&rst), &rst, &[be]), be);
+        let recorded = f.ct(&lazy_key).expect("picked up mid-stream");
+        assert_eq!(
+            (recorded.lazy, recorded.state),
+            (ct::LAZY_RECORDED, ct::STATE_CLOSING)
+        );
+        // A new connection from the same port to the VIP takes the reply key...
+        let syn = tcp(c, sa(VIP, 80), TCP_SYN, 1000, 0).build();
+        assert_eq!(assert_dnat(&f.run(&syn), &syn, &[be]), be);
+        assert_eq!(
+            f.ct(&flow_key(be, c, IPPROTO_TCP)).map(|r| r.nat_port),
+            Some(lb_common::port_to_wire(80))
+        );
+        // ...and the closing flow is gone with it.
+        assert!(f.ct(&lazy_key).is_none(), "{:?}", f.ct(&lazy_key));
+        // A segment to :8080 from that tuple now starts a flow which proves itself against
+        // the unanswered VIP flow (the rule of the tests above), and the backend's answer to
+        // it comes from :8080.
+        let data = tcp(c, sa(HOST, 8080), TCP_ACK | TCP_PSH, 2000, 3000)
+            .with_payload(b"GET /")
+            .build();
+        assert_eq!(assert_dnat(&f.run(&data), &data, &[be]), be);
+        let answer = from_backend(tcp(be, c, TCP_ACK, 3000, 2005));
+        assert_reply(&f.run(&answer), sa(HOST, 8080), c);
+    });
+}
+
 // ---- 4. FIN and RST count only inside the window ----
 
 fn rst_or_fin_outside_the_window_keep_a_draining_flow_on_its_backend(nat: Nat) {
