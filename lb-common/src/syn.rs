@@ -201,7 +201,13 @@ impl SynSlot {
     /// [`ct::expired`] of the slot's forward entry (open, so idle past the TCP timeout only).
     #[inline(always)]
     pub const fn idle_expired(&self, now_ns: u64, cfg: &crate::DpConfig) -> bool {
-        now_ns.saturating_sub(self.last_seen_ns) > cfg.tcp_idle_ns
+        self.idle_past(now_ns, cfg.tcp_idle_ns)
+    }
+
+    /// [`Self::idle_expired`] with the TCP idle timeout `tcp_idle_ns` given alone.
+    #[inline(always)]
+    pub const fn idle_past(&self, now_ns: u64, tcp_idle_ns: u64) -> bool {
+        now_ns.saturating_sub(self.last_seen_ns) > tcp_idle_ns
     }
 
     /// The flow's forward entry as `CT_NEW` holds it, with route `route`: open, nothing learnt

@@ -21,7 +21,7 @@ use lb_common::{
     syn::{SynSlot, set_of},
 };
 use lb_userspace::config::{Nat, Protocol};
-use lb_userspace::dataplane::monotonic_ns;
+use lb_userspace::dataplane::{DataplaneOptions, monotonic_ns};
 
 both_nat!(
     udp_flow_whose_reply_entry_was_evicted_is_repaired_before_its_next_answer,
@@ -746,6 +746,82 @@ fn a_torn_pending_handshake_is_never_followed() {
         let run = f.run(&seg);
         assert_eq!(assert_dnat(&run, &seg, &web_backends()), picked, "{run:?}");
         assert_eq!(run.counted(Reason::EventCtMidstreamPickup), 1, "a new flow");
+    });
+}
+
+/// The daemon's sweep beside a stream of handshakes: each lands on a slot of its own key that
+/// is over (idle past the TCP timeout), which the sweep, reading the table meanwhile, finds.
+/// The sweep used to clear such a slot by writing its set back whole, undoing a handshake the
+/// program recorded there between the read and the write (its backend's answer then found no
+/// flow: a reply stranded). It no longer writes the table: no handshake is lost.
+#[test]
+fn the_sweep_never_loses_a_handshake_the_program_records_while_it_runs() {
+    in_fixture_netns(|| {
+        let o = DataplaneOptions {
+            tcp_idle: std::time::Duration::from_secs(1),
+            ..options()
+        };
+        let vip = sa(VIP, 80);
+        let be = sa(backend(1), 8000);
+        let mut f = Fixture::new(
+            o,
+            vec![svc(
+                "vip",
+                "10.99.0.1:80",
+                Protocol::Tcp,
+                &[(backend(1), 8000, 1)],
+            )],
+        );
+        let first = tcp(client(20000), vip, TCP_SYN, 1000, 0).build();
+        assert_dnat(&f.run(&first), &first, &[be]);
+        let template = f
+            .ct(&flow_key(client(20000), vip, IPPROTO_TCP))
+            .expect("pending");
+        assert!(
+            f.dp()
+                .conntrack_pending(&flow_key(client(20000), vip, IPPROTO_TCP))
+        );
+        let mut reader = f.dp().conntrack_reader().unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sweeper = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut sweeps = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    reader.gc(monotonic_ns()).unwrap();
+                    sweeps += 1;
+                }
+                sweeps
+            })
+        };
+        let n = 4_000u16;
+        let mut lost = Vec::new();
+        for i in 1..=n {
+            let c = client(20000 + i);
+            let key = flow_key(c, vip, IPPROTO_TCP);
+            let over = SynSlot::of(
+                &key,
+                &CtEntry {
+                    last_seen_ns: monotonic_ns() - 10_000_000_000,
+                    ..template
+                },
+            );
+            f.rec.dataplane_mut().pending_write(over).unwrap();
+            let syn = tcp(c, vip, TCP_SYN, 1000, 0).build();
+            assert_dnat(&f.run(&syn), &syn, &[be]);
+            if !f.dp().conntrack_pending(&key) {
+                lost.push(c.port());
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let sweeps = sweeper.join().unwrap();
+        assert!(sweeps >= 100, "the sweep ran {sweeps} times");
+        assert!(
+            lost.is_empty(),
+            "{} of {n} handshakes lost to {sweeps} sweeps: {:?}",
+            lost.len(),
+            &lost[..lost.len().min(10)]
+        );
     });
 }
 

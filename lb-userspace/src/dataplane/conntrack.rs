@@ -58,7 +58,7 @@ impl Dataplane {
                 // One route read per backend, not per pending handshake.
                 let (now, mut routes) = (monotonic_ns(), std::collections::HashMap::new());
                 pending(&self.ct_syn)
-                    .filter(|s| self.pending_live(s))
+                    .filter(move |s| self.pending_live(s, now))
                     .map(move |s| {
                         let route = *routes
                             .entry(s.backend_id)
@@ -90,18 +90,18 @@ impl Dataplane {
             .ok()
             .or_else(|| self.ct_new.get(key, 0).ok())
             .or_else(|| {
+                let now = monotonic_ns();
                 self.pending_slot(key)
                     .map(|(_, set, w)| set.ways[w])
-                    .filter(|s| self.pending_live(s))
-                    .map(|s| s.forward_entry(self.pending_route(s.backend_id, monotonic_ns())))
+                    .filter(|s| self.pending_live(s, now))
+                    .map(|s| s.forward_entry(self.pending_route(s.backend_id, now)))
             })
     }
 
-    /// Whether pending handshake `s` is a flow: a full-NAT one only with its reply entry, which
-    /// holds its port, in CT_NEW (the program's `pending` rule: a new flow may have taken the
-    /// port once the hold passed, leaving the slot).
-    fn pending_live(&self, s: &SynSlot) -> bool {
-        pending_live(s, |k| self.ct_new.get(k, 0).ok())
+    /// Whether pending handshake `s` is a flow at `now` (see [`pending_live`]).
+    fn pending_live(&self, s: &SynSlot, now: u64) -> bool {
+        let idle = self.options.tcp_idle.as_nanos() as u64;
+        pending_live(s, now, idle, |k| self.ct_new.get(k, 0).ok())
     }
 
     /// The set of the handshake table `key` lands in (as the program picks it; from the options,
@@ -184,7 +184,7 @@ impl Dataplane {
     /// Whether `key` is a handshake pending in the handshake table (lb-common's `syn`).
     pub fn conntrack_pending(&self, key: &FlowKey) -> bool {
         self.pending_slot(key)
-            .is_some_and(|(_, set, w)| self.pending_live(&set.ways[w]))
+            .is_some_and(|(_, set, w)| self.pending_live(&set.ways[w], monotonic_ns()))
     }
 
     /// The service address whose flows to IPv4 DNAT backend `backend` (`proto`) are recorded
@@ -224,8 +224,21 @@ impl Dataplane {
     }
 }
 
-/// [`DataPlane::pending_live`] with CT_NEW read through `ct_new`.
-fn pending_live(s: &SynSlot, ct_new: impl Fn(&FlowKey) -> Option<CtEntry>) -> bool {
+/// Whether pending handshake `s` is a flow at `now` (CT_NEW read through `ct_new`), by the
+/// program's rules (its `pending`): not idle past the TCP timeout `tcp_idle_ns`, and a full-NAT
+/// one only with its reply entry, which holds its port, in CT_NEW (a new flow may have taken
+/// the port once the hold passed, leaving the slot). A slot that is over stays in the table
+/// until the program records a new handshake over it (the oldest way of a set goes first): the
+/// daemon never writes the table (see [`ConntrackReader::gc`]).
+fn pending_live(
+    s: &SynSlot,
+    now: u64,
+    tcp_idle_ns: u64,
+    ct_new: impl Fn(&FlowKey) -> Option<CtEntry>,
+) -> bool {
+    if s.idle_past(now, tcp_idle_ns) {
+        return false;
+    }
     if !s.full_nat() {
         return true;
     }
@@ -271,17 +284,20 @@ impl ConntrackReader {
     pub fn entries(&self) -> Vec<(FlowKey, CtEntry)> {
         count_walk();
         self.map_entries()
-            .chain(
+            .chain({
+                let now = monotonic_ns();
                 pending(&self.syn)
-                    .filter(|s| self.pending_live(s))
-                    .map(|s| (s.key(), s.forward_entry(Route::NONE))),
-            )
+                    .filter(move |s| self.pending_live(s, now))
+                    .map(|s| (s.key(), s.forward_entry(Route::NONE)))
+            })
             .collect()
     }
 
     /// [`pending_live`] with CT_NEW read through this reader's descriptor.
-    fn pending_live(&self, s: &SynSlot) -> bool {
-        pending_live(s, |k| self.maps[1].get(k, 0).ok())
+    fn pending_live(&self, s: &SynSlot, now: u64) -> bool {
+        pending_live(s, now, self.cfg.tcp_idle_ns, |k| {
+            self.maps[1].get(k, 0).ok()
+        })
     }
 
     /// The entries of the two conntrack maps (not the handshake table).
@@ -299,8 +315,9 @@ impl ConntrackReader {
             .collect()
     }
 
-    /// Removes entries idle past their timeout (the rule the program applies), returning how
-    /// many were removed. `now_ns` is CLOCK_MONOTONIC, the clock of `bpf_ktime_get_coarse_ns`.
+    /// Removes the conntrack maps' entries idle past their timeout (the rule the program
+    /// applies), returning how many were removed; the handshake table is the program's alone
+    /// (below). `now_ns` is CLOCK_MONOTONIC, the clock of `bpf_ktime_get_coarse_ns`.
     pub fn gc(&mut self, now_ns: u64) -> Result<usize> {
         count_walk();
         let stale: Vec<FlowKey> = self
@@ -313,26 +330,11 @@ impl ConntrackReader {
                 absent_is_fine(m.remove(k), MAP_CONNTRACK)?;
             }
         }
-        // Pending handshakes idle past their timeout: their slots cleared, one read (and at most
-        // one write) per set (a new flow would take them anyway; cleared, they are not listed).
-        let mut cleared = 0;
-        for i in 0..self.syn.len() {
-            let Ok(mut set) = self.syn.get(&i, 0) else {
-                continue;
-            };
-            let before = cleared;
-            for s in &mut set.ways {
-                if s.is_valid() && (s.idle_expired(now_ns, &self.cfg) || !self.pending_live(s)) {
-                    s.check = 0;
-                    cleared += 1;
-                }
-            }
-            if cleared > before {
-                self.syn
-                    .set(i, &set, 0)
-                    .map_err(map_err(lb_common::syn::MAP_CT_SYN))?;
-            }
-        }
+        // The handshake table is not written: a set written back whole (to clear a slot that is
+        // over) would undo a handshake the program recorded in it between the read and the
+        // write, and the backend's answer would find no flow. A slot that is over is not listed
+        // (`pending_live`), and the program records a new handshake over the oldest way of its
+        // set first, which a slot idle past the timeout is.
         // IPv6: the same rule (an IPv6 entry's `ct` is an IPv4 entry).
         let stale6: Vec<lb_common::v6::FlowKey6> = self
             .entries6()
@@ -345,6 +347,6 @@ impl ConntrackReader {
                 absent_is_fine(m.remove(k), lb_common::v6::MAP_CONNTRACK6)?;
             }
         }
-        Ok(stale.len() + cleared + stale6.len())
+        Ok(stale.len() + stale6.len())
     }
 }
