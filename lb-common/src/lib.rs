@@ -51,7 +51,7 @@ pub const PROG_SOCK_GETPEERNAME6: &str = "berth_getpeername6";
 /// Version of the pinned layout (maps, their key and value types, their meaning). Pins live
 /// under `<pin path>/v<PIN_LAYOUT>/`; a berth finding another version there refuses to adopt it.
 /// Bump it with every change to a map's type, key, value or the meaning of a field.
-pub const PIN_LAYOUT: u32 = 8;
+pub const PIN_LAYOUT: u32 = 9;
 
 /// Addresses of this host (network byte order -> 1), kept current by userspace: what "any
 /// address of this host" means for wildcard services at the socket hooks.

@@ -37,10 +37,13 @@ pub static CONNTRACK: LruHashMap<FlowKey, CtEntry> =
 pub static CT_NEW: LruHashMap<FlowKey, CtEntry> =
     LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE / 4, 0);
 
-/// The pending-handshake table (see lb-common's `syn`); userspace sizes it.
+/// The pending-handshake table (see lb-common's `syn`); userspace sizes it, and maps it into
+/// its memory to clear one slot without writing the rest of its set (`BPF_F_MMAPABLE`).
 #[map]
-pub static CT_SYN: Array<lb_common::syn::SynSet> =
-    Array::with_max_entries(DEFAULT_CONNTRACK_SIZE / 16, 0);
+pub static CT_SYN: Array<lb_common::syn::SynSet> = Array::with_max_entries(
+    DEFAULT_CONNTRACK_SIZE / 16,
+    aya_ebpf::bindings::BPF_F_MMAPABLE,
+);
 
 /// Per-CPU copy of the pending-handshake slot being read (`syn::find`): a reader judges its own
 /// copy, and the call chains' 512-byte stack has no room for one. Same reasoning as [`SCRATCH`].

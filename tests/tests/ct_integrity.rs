@@ -10,6 +10,8 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
+use aya::programs::TestRun;
+
 use berth_tests::both_nat;
 use berth_tests::{
     fixture::*,
@@ -717,14 +719,7 @@ fn a_torn_pending_handshake_is_never_followed() {
             .find(|(_, be)| *be != picked)
             .expect("a flow of another backend");
         let e = f.ct(&other_key).unwrap();
-        let slot = SynSlot::of(
-            &fkey,
-            &CtEntry {
-                last_seen_ns: monotonic_ns(),
-                ..e
-            },
-        );
-        f.rec.dataplane_mut().pending_write(slot).unwrap();
+        let slot = write_pending(&mut f, &fkey, e, monotonic_ns());
         assert!(f.dp().conntrack_pending(&fkey));
         assert_eq!(
             assert_dnat(&f.run(&seg), &seg, &[other]),
@@ -749,6 +744,84 @@ fn a_torn_pending_handshake_is_never_followed() {
     });
 }
 
+/// The drain purge clears a doomed backend's pending handshakes one by one. It used to write
+/// the handshake's set back whole, undoing a handshake the program recorded in another way of
+/// it between the read and the write; it clears the one way in place now (a compare-and-swap
+/// of its check word in the mapped table). Here one flow's handshake is cleared in a loop while
+/// 20,000 others land in its set, each right behind the doomed one's next write.
+#[test]
+fn clearing_a_pending_handshake_never_loses_another_recorded_in_its_set_meanwhile() {
+    in_fixture_netns(|| {
+        let o = options();
+        let (vip, be) = (sa(VIP, 80), sa(backend(1), 8000));
+        let mut f = vip_on_one_backend(o);
+        let set = |k: &lb_common::FlowKey| set_of(flow_hash(k, o.hash_seed), o.syn_sets());
+        let doomed_client = client(20000);
+        let doomed = flow_key(doomed_client, vip, IPPROTO_TCP);
+        let syn = tcp(doomed_client, vip, TCP_SYN, 1000, 0).build();
+        assert_dnat(&f.run(&syn), &syn, &[be]);
+        let template = f.ct(&doomed).expect("pending");
+        let n = 20_000;
+        let others: Vec<SocketAddrV4> = (0..=255u8)
+            .flat_map(|a| (1024..24000u16).map(move |p| sa(Ipv4Addr::new(10, 10, 1, a), p)))
+            .filter(|c| set(&flow_key(*c, vip, IPPROTO_TCP)) == set(&doomed))
+            .take(n)
+            .collect();
+        assert_eq!(others.len(), n);
+        let reader = f.dp().conntrack_reader().unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let purger = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let (mut tries, mut cleared) = (0u64, 0u64);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    cleared += u64::from(reader.pending_remove(&doomed));
+                    tries += 1;
+                }
+                (tries, cleared)
+            })
+        };
+        let mut lost = Vec::new();
+        let mut ctx = [0u8; 44];
+        ctx[40..44].copy_from_slice(&ifindex("fx0").to_ne_bytes());
+        let mut out = vec![0u8; 256];
+        for c in &others {
+            // Built first: the SYN follows the doomed handshake's write at once, into the
+            // window where the clear reads the set.
+            let syn = tcp(*c, vip, TCP_SYN, 1000, 0).build();
+            write_pending(&mut f, &doomed, template, monotonic_ns());
+            let run = f
+                .dp()
+                .program()
+                .test_run(aya::programs::TestRunOptions {
+                    data_in: Some(&syn),
+                    data_out: Some(&mut out),
+                    ctx_in: Some(&ctx),
+                    ..Default::default()
+                })
+                .unwrap();
+            assert_eq!(run.return_value, TC_ACT_REDIRECT);
+            // A write of the set that read it before the SYN lands within microseconds.
+            std::thread::sleep(std::time::Duration::from_micros(50));
+            if !f.dp().conntrack_pending(&flow_key(*c, vip, IPPROTO_TCP)) {
+                lost.push(*c);
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (tries, cleared) = purger.join().unwrap();
+        assert!(
+            cleared >= 100,
+            "the doomed handshake was cleared {cleared} times"
+        );
+        assert!(
+            lost.is_empty(),
+            "{} of {n} handshakes lost to {tries} clears ({cleared} clearing one): {:?}",
+            lost.len(),
+            &lost[..lost.len().min(10)]
+        );
+    });
+}
+
 /// The daemon's sweep beside a stream of handshakes: each lands on a slot of its own key that
 /// is over (idle past the TCP timeout), which the sweep, reading the table meanwhile, finds.
 /// The sweep used to clear such a slot by writing its set back whole, undoing a handshake the
@@ -763,15 +836,7 @@ fn the_sweep_never_loses_a_handshake_the_program_records_while_it_runs() {
         };
         let vip = sa(VIP, 80);
         let be = sa(backend(1), 8000);
-        let mut f = Fixture::new(
-            o,
-            vec![svc(
-                "vip",
-                "10.99.0.1:80",
-                Protocol::Tcp,
-                &[(backend(1), 8000, 1)],
-            )],
-        );
+        let mut f = vip_on_one_backend(o);
         let first = tcp(client(20000), vip, TCP_SYN, 1000, 0).build();
         assert_dnat(&f.run(&first), &first, &[be]);
         let template = f
@@ -799,14 +864,8 @@ fn the_sweep_never_loses_a_handshake_the_program_records_while_it_runs() {
         for i in 1..=n {
             let c = client(20000 + i);
             let key = flow_key(c, vip, IPPROTO_TCP);
-            let over = SynSlot::of(
-                &key,
-                &CtEntry {
-                    last_seen_ns: monotonic_ns() - 10_000_000_000,
-                    ..template
-                },
-            );
-            f.rec.dataplane_mut().pending_write(over).unwrap();
+            // Over: idle past the TCP timeout.
+            write_pending(&mut f, &key, template, monotonic_ns() - 10_000_000_000);
             let syn = tcp(c, vip, TCP_SYN, 1000, 0).build();
             assert_dnat(&f.run(&syn), &syn, &[be]);
             if !f.dp().conntrack_pending(&key) {
@@ -871,6 +930,26 @@ fn four_handshakes_pending_in_one_set_survive_a_fifth() {
 }
 
 /// An address in network byte order, as the maps hold it.
+/// The VIP on :80 with one backend (its lazy service: new flows' handshakes wait in the
+/// handshake table), over options `o`.
+fn vip_on_one_backend(o: DataplaneOptions) -> Fixture {
+    let be = [(backend(1), 8000, 1)];
+    Fixture::new(o, vec![svc("vip", "10.99.0.1:80", Protocol::Tcp, &be)])
+}
+
+/// Writes a handshake of `key` into the handshake table, pending as `e` (a flow's entry) last
+/// seen at `last_seen_ns`, and returns its slot.
+fn write_pending(
+    f: &mut Fixture,
+    key: &lb_common::FlowKey,
+    e: CtEntry,
+    last_seen_ns: u64,
+) -> SynSlot {
+    let slot = SynSlot::of(key, &CtEntry { last_seen_ns, ..e });
+    f.rec.dataplane_mut().pending_write(slot).unwrap();
+    slot
+}
+
 fn wire_addr(a: Ipv4Addr) -> u32 {
     lb_common::ipv4_to_wire(a.octets())
 }

@@ -38,10 +38,13 @@ impl Dataplane {
             MapData::from_fd(syn_fd).map_err(map_err(lb_common::syn::MAP_CT_SYN))?,
         ))
         .map_err(map_err(lb_common::syn::MAP_CT_SYN))?;
+        let view = SynView::of(self.conntrack_fds[4].as_fd(), self.ct_syn.len())?;
         Ok(ConntrackReader {
             maps,
             maps6,
             syn,
+            view,
+            hash_seed: self.options.hash_seed,
             cfg: self.options.dp_config(),
         })
     }
@@ -138,15 +141,10 @@ impl Dataplane {
             .map_err(map_err(lb_common::syn::MAP_CT_SYN))
     }
 
-    /// Clears `key`'s pending handshake, if any (the set is written back whole: a handshake
-    /// the program records in another way of it meanwhile is lost, and its client retries).
+    /// Clears `key`'s pending handshake, if any, in place (see [`SynView::clear`]): nothing
+    /// else in its set is touched.
     fn pending_remove(&mut self, key: &FlowKey) -> Result<()> {
-        if let Some((i, mut set, w)) = self.pending_slot(key) {
-            set.ways[w].check = 0;
-            self.ct_syn
-                .set(i, &set, 0)
-                .map_err(map_err(lb_common::syn::MAP_CT_SYN))?;
-        }
+        self.syn_view.clear(self.syn_set_of(key), key);
         Ok(())
     }
 
@@ -224,12 +222,104 @@ impl Dataplane {
     }
 }
 
+/// The handshake table mapped into this process (the map is `BPF_F_MMAPABLE`), for writes
+/// that must not touch the rest of a set: a set written back whole through the map (a syscall
+/// copies all four ways) undoes a handshake the program records in another way of it between
+/// the read and the write.
+pub(super) struct SynView {
+    base: std::ptr::NonNull<SynSet>,
+    sets: u32,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory, valid until `drop` unmaps it; every access goes
+// through volatile reads or an atomic on a 4-aligned word.
+unsafe impl Send for SynView {}
+
+impl SynView {
+    /// Maps the table of `sets` sets behind descriptor `fd`.
+    pub(super) fn of(fd: std::os::fd::BorrowedFd<'_>, sets: u32) -> Result<Self> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+            .unwrap_or(4096)
+            .max(1);
+        let len = (sets as usize * std::mem::size_of::<SynSet>()).div_ceil(page) * page;
+        // SAFETY: a fresh shared mapping of the map's memory; nothing else is mapped there.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(map_err(lb_common::syn::MAP_CT_SYN)(MapError::IoError(
+                std::io::Error::last_os_error(),
+            )));
+        }
+        Ok(Self {
+            base: std::ptr::NonNull::new(p.cast()).expect("mmap returned null"),
+            sets,
+            len,
+        })
+    }
+
+    /// Clears the way of set `set` that holds `key`'s pending handshake, if one does, by a
+    /// compare-and-swap of that way's check word from the value read with it to 0: if the
+    /// program rewrote the way meanwhile (another handshake, whose check differs), it stays.
+    /// Returns whether a way was cleared.
+    pub(super) fn clear(&self, set: u32, key: &FlowKey) -> bool {
+        if set >= self.sets {
+            return false;
+        }
+        let mut cleared = false;
+        for w in 0..lb_common::syn::SYN_WAYS as usize {
+            // SAFETY: `set` < `sets`, inside the mapping; a volatile copy (the program may be
+            // writing the way: a torn copy fails `is_valid`).
+            let (slot, check) = unsafe {
+                let s = std::ptr::addr_of_mut!((*self.base.as_ptr().add(set as usize)).ways[w]);
+                (
+                    std::ptr::read_volatile(s),
+                    std::ptr::addr_of_mut!((*s).check),
+                )
+            };
+            if !(slot.holds(key) && slot.is_valid()) {
+                continue;
+            }
+            // SAFETY: `check` is a 4-aligned u32 of the shared mapping, which the program
+            // writes with plain stores.
+            let atomic = unsafe { std::sync::atomic::AtomicU32::from_ptr(check) };
+            cleared |= atomic
+                .compare_exchange(
+                    slot.check,
+                    0,
+                    std::sync::atomic::Ordering::SeqCst,
+                    std::sync::atomic::Ordering::SeqCst,
+                )
+                .is_ok();
+        }
+        cleared
+    }
+}
+
+impl Drop for SynView {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `of`, unmapped once.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+    }
+}
+
 /// Whether pending handshake `s` is a flow at `now` (CT_NEW read through `ct_new`), by the
 /// program's rules (its `pending`): not idle past the TCP timeout `tcp_idle_ns`, and a full-NAT
 /// one only with its reply entry, which holds its port, in CT_NEW (a new flow may have taken
 /// the port once the hold passed, leaving the slot). A slot that is over stays in the table
 /// until the program records a new handshake over it (the oldest way of a set goes first): the
-/// daemon never writes the table (see [`ConntrackReader::gc`]).
+/// daemon's sweep does not write the table (see [`ConntrackReader::gc`]), and the drain purge
+/// clears one way in place ([`SynView::clear`]).
 fn pending_live(
     s: &SynSlot,
     now: u64,
@@ -277,6 +367,9 @@ pub struct ConntrackReader {
     maps6: Vec<HashMap<MapData, lb_common::v6::FlowKey6, lb_common::v6::CtEntry6>>,
     /// The handshake table.
     syn: Array<MapData, SynSet>,
+    /// The same, mapped (writes in place).
+    view: SynView,
+    hash_seed: u32,
     cfg: DpConfig,
 }
 
@@ -291,6 +384,13 @@ impl ConntrackReader {
                     .map(|s| (s.key(), s.forward_entry(Route::NONE)))
             })
             .collect()
+    }
+
+    /// Clears `key`'s pending handshake, if any, without touching the rest of its set (see
+    /// [`SynView::clear`]; the drain purge's way, through the dataplane's own descriptor).
+    pub fn pending_remove(&self, key: &FlowKey) -> bool {
+        let set = set_of(flow_hash(key, self.hash_seed), self.syn.len());
+        self.view.clear(set, key)
     }
 
     /// [`pending_live`] with CT_NEW read through this reader's descriptor.

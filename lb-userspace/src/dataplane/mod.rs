@@ -225,6 +225,8 @@ pub struct Dataplane {
     ct_new: HashMap<MapData, FlowKey, CtEntry>,
     /// Handshakes pending (lb-common's `syn`).
     ct_syn: Array<MapData, lb_common::syn::SynSet>,
+    /// The same table mapped into this process, to clear one way in place.
+    syn_view: conntrack::SynView,
     /// DNAT backend -> the service whose flows to it get their reply entry lazily.
     lazy_reply: HashMap<MapData, ServiceKey, ServiceKey>,
     /// Second descriptors of the conntrack maps (IPv4's two, then IPv6's, then the handshake
@@ -433,10 +435,14 @@ impl Dataplane {
             dup(lb_common::v6::MAP_CT_NEW6)?,
             dup(lb_common::syn::MAP_CT_SYN)?,
         ];
+        let ct_syn: Array<MapData, lb_common::syn::SynSet> =
+            take!(ebpf, lb_common::syn::MAP_CT_SYN);
+        let syn_view = conntrack::SynView::of(conntrack_fds[4].as_fd(), ct_syn.len())?;
         Ok(Self {
             conntrack_fds,
             ct_new: take!(ebpf, lb_common::MAP_CT_NEW),
-            ct_syn: take!(ebpf, lb_common::syn::MAP_CT_SYN),
+            ct_syn,
+            syn_view,
             lazy_reply: take!(ebpf, lb_common::MAP_LAZY_REPLY),
             services: take!(ebpf, MAP_SERVICES),
             backends: take!(ebpf, MAP_BACKENDS),
