@@ -135,7 +135,16 @@ impl Svc6 {
 /// A fresh dataplane with IPv4 services through the reconciler (possibly none) and IPv6
 /// services installed beside them, the namespace's IPv6 addresses recorded.
 pub fn fixture6(v4: Vec<lb_userspace::config::Service>, v6: &[Svc6]) -> Fixture {
-    let mut f = Fixture::new(options(), v4);
+    fixture6_with(options(), v4, v6)
+}
+
+/// [`fixture6`] with dataplane options `o`.
+pub fn fixture6_with(
+    o: lb_userspace::dataplane::DataplaneOptions,
+    v4: Vec<lb_userspace::config::Service>,
+    v6: &[Svc6],
+) -> Fixture {
+    let mut f = Fixture::new(o, v4);
     let dp = f.rec.dataplane_mut();
     dp.sync_local_addrs6(&host_ipv6_addrs())
         .expect("local IPv6 addresses");
