@@ -584,12 +584,13 @@ fn is_lazy_for(owner: &ServiceKey, flow: &Flow) -> bool {
 /// backend): then no flow of another service may take the key, as if that reply entry were
 /// there (see `claim`), unless the lazy flow is over for this packet (`ct::expired`) or has
 /// proved nothing (`ct::lazy_flow_keeps`): then its forward entry is removed and the key is
-/// free (a pending one's judged expired is left: its slot's next packet finds it over too). `names_client`: the new flow's packet
-/// comes from the reply key's client (a DNAT flow's). The owner comes packed (`owner.addr << 16
-/// | owner.port`): LLVM turns a reference to a struct of two loaded fields into two arguments,
-/// and a sixth argument does not pass the verifier. Two BPF subprograms called one after the
-/// other (the conntrack maps, then the handshake table): one frame holding both did not fit
-/// the call chain's 512 bytes under `new_flow`.
+/// free (a pending one judged expired is left: its slot's next packet finds it over too).
+/// `names_client`: the new flow's packet comes from the reply key's client (a DNAT flow's).
+/// The owner comes packed (`owner.addr << 16 | owner.port`): LLVM turns a reference to a
+/// struct of two loaded fields into two arguments, and a sixth argument does not pass the
+/// verifier. Two BPF subprograms called one after the other (the conntrack maps, then the
+/// handshake table): one frame holding both did not fit the call chain's 512 bytes under
+/// `new_flow`.
 #[inline(always)]
 fn lazy_flow_holds(
     rkey: &FlowKey,
