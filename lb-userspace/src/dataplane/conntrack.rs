@@ -60,7 +60,8 @@ impl Dataplane {
             .chain({
                 // One route read per backend, not per pending handshake.
                 let (now, mut routes) = (monotonic_ns(), std::collections::HashMap::new());
-                pending(&self.ct_syn)
+                self.syn_view
+                    .pending()
                     .filter(move |s| self.pending_live(s, now))
                     .map(move |s| {
                         let route = *routes
@@ -120,7 +121,7 @@ impl Dataplane {
     /// holding it, whole.
     fn pending_slot(&self, key: &FlowKey) -> Option<(u32, SynSet, usize)> {
         let i = self.syn_set_of(key);
-        let set = self.ct_syn.get(&i, 0).ok()?;
+        let set = self.syn_view.set(i)?;
         let w = set.ways.iter().position(|s| s.holds(key) && s.is_valid())?;
         Some((i, set, w))
     }
@@ -268,6 +269,23 @@ impl SynView {
         })
     }
 
+    /// Set `set`, copied whole from the mapping (volatile: the program may be writing it; a
+    /// torn slot fails `SynSlot::is_valid`, as one copied by a map lookup would). None past the
+    /// table.
+    pub(super) fn set(&self, set: u32) -> Option<SynSet> {
+        // SAFETY: `set` < `sets`, inside the mapping.
+        (set < self.sets)
+            .then(|| unsafe { std::ptr::read_volatile(self.base.as_ptr().add(set as usize)) })
+    }
+
+    /// Every whole pending handshake of the table, read in place (no syscall per set).
+    pub(super) fn pending(&self) -> impl Iterator<Item = SynSlot> + '_ {
+        (0..self.sets)
+            .filter_map(|i| self.set(i))
+            .flat_map(|set| set.ways)
+            .filter(SynSlot::is_valid)
+    }
+
     /// Clears the way of set `set` that holds `key`'s pending handshake, if one does, by a
     /// compare-and-swap of that way's check word from the value read with it to 0: if the
     /// program rewrote the way meanwhile (another handshake, whose check differs), it stays.
@@ -337,14 +355,6 @@ fn pending_live(
     ct_new(&rkey).is_some_and(|r| lb_common::ct::is_reply_of(&r, &rkey, &key))
 }
 
-/// The whole pending handshakes of the handshake table.
-fn pending(syn: &Array<MapData, SynSet>) -> impl Iterator<Item = SynSlot> + '_ {
-    syn.iter()
-        .filter_map(|r| r.ok())
-        .flat_map(|set| set.ways)
-        .filter(SynSlot::is_valid)
-}
-
 /// Full walks of the conntrack maps since the process started (each costs two syscalls per
 /// entry): what the metrics cache and the sweep's interval keep rare.
 pub(super) static CONNTRACK_WALKS: std::sync::atomic::AtomicU64 =
@@ -379,7 +389,8 @@ impl ConntrackReader {
         self.map_entries()
             .chain({
                 let now = monotonic_ns();
-                pending(&self.syn)
+                self.view
+                    .pending()
                     .filter(move |s| self.pending_live(s, now))
                     .map(|s| (s.key(), s.forward_entry(Route::NONE)))
             })
