@@ -769,18 +769,7 @@ fn clearing_a_pending_handshake_never_loses_another_recorded_in_its_set_meanwhil
             .collect();
         assert_eq!(others.len(), n);
         let reader = f.dp().conntrack_reader().unwrap();
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let purger = {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let (mut tries, mut cleared) = (0u64, 0u64);
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    cleared += u64::from(reader.pending_remove(&doomed));
-                    tries += 1;
-                }
-                (tries, cleared)
-            })
-        };
+        let purger = Beside::run(move || reader.pending_remove(&doomed));
         let mut lost = Vec::new();
         let mut ctx = [0u8; 44];
         ctx[40..44].copy_from_slice(&ifindex("fx0").to_ne_bytes());
@@ -807,8 +796,7 @@ fn clearing_a_pending_handshake_never_loses_another_recorded_in_its_set_meanwhil
                 lost.push(*c);
             }
         }
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let (tries, cleared) = purger.join().unwrap();
+        let (tries, cleared) = purger.stop();
         assert!(
             cleared >= 100,
             "the doomed handshake was cleared {cleared} times"
@@ -847,18 +835,7 @@ fn the_sweep_never_loses_a_handshake_the_program_records_while_it_runs() {
                 .conntrack_pending(&flow_key(client(20000), vip, IPPROTO_TCP))
         );
         let mut reader = f.dp().conntrack_reader().unwrap();
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let sweeper = {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let mut sweeps = 0u64;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    reader.gc(monotonic_ns()).unwrap();
-                    sweeps += 1;
-                }
-                sweeps
-            })
-        };
+        let sweeper = Beside::run(move || reader.gc(monotonic_ns()).unwrap() > 0);
         let n = 4_000u16;
         let mut lost = Vec::new();
         for i in 1..=n {
@@ -872,8 +849,7 @@ fn the_sweep_never_loses_a_handshake_the_program_records_while_it_runs() {
                 lost.push(c.port());
             }
         }
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let sweeps = sweeper.join().unwrap();
+        let (sweeps, _) = sweeper.stop();
         assert!(sweeps >= 100, "the sweep ran {sweeps} times");
         assert!(
             lost.is_empty(),
@@ -930,6 +906,35 @@ fn four_handshakes_pending_in_one_set_survive_a_fifth() {
 }
 
 /// An address in network byte order, as the maps hold it.
+/// A step run in a loop on another thread, beside the test's own work, until stopped.
+struct Beside {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(u64, u64)>,
+}
+
+impl Beside {
+    /// Starts looping `step` (true: it did something).
+    fn run(mut step: impl FnMut() -> bool + Send + 'static) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut runs, mut hits) = (0u64, 0u64);
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                hits += u64::from(step());
+                runs += 1;
+            }
+            (runs, hits)
+        });
+        Self { stop, thread }
+    }
+
+    /// Stops the loop: how many times the step ran, and how many of those did something.
+    fn stop(self) -> (u64, u64) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
 /// The VIP on :80 with one backend (its lazy service: new flows' handshakes wait in the
 /// handshake table), over options `o`.
 fn vip_on_one_backend(o: DataplaneOptions) -> Fixture {

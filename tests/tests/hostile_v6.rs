@@ -358,6 +358,22 @@ struct Legit6 {
     bseq: u32,
 }
 
+/// One side's next packet of a legitimate flow, `from` -> `to`: a TCP segment carrying `payload`
+/// (sequence number `seq`, advanced past it; acknowledging `ack`), or a UDP datagram.
+fn data(
+    tcp: bool,
+    (from, to): (SocketAddrV6, SocketAddrV6),
+    (seq, ack): (&mut u32, u32),
+    payload: &[u8],
+) -> Ipv6Packet {
+    if !tcp {
+        return Ipv6Packet::udp(from, to, payload);
+    }
+    let p = Ipv6Packet::tcp_seq(from, to, TCP_ACK | TCP_PSH, *seq, ack, payload);
+    *seq = seq.wrapping_add(payload.len() as u32);
+    p
+}
+
 /// One exchange of a legitimate flow: the client's segment (or datagram) must reach its
 /// backend (under full NAT its peer address may move: counted in `moved`), and the backend's
 /// answer must reach the client from the service it used. `backend_first`: the backend speaks
@@ -365,20 +381,7 @@ struct Legit6 {
 fn exchange6(r: &mut Runner6, l: &mut Legit6, backend_first: bool, moved: &mut u64) -> Vec<String> {
     let mut errs = Vec::new();
     let mut fwd = |r: &mut Runner6, l: &mut Legit6, errs: &mut Vec<String>| {
-        let p = if l.tcp {
-            let p = Ipv6Packet::tcp_seq(
-                l.client,
-                l.service,
-                TCP_ACK | TCP_PSH,
-                l.cseq,
-                l.bseq,
-                b"ping",
-            );
-            l.cseq = l.cseq.wrapping_add(4);
-            p
-        } else {
-            Ipv6Packet::udp(l.client, l.service, b"ping")
-        };
+        let p = data(l.tcp, (l.client, l.service), (&mut l.cseq, l.bseq), b"ping");
         let (a, out) = r.run(&p.build());
         let o = wire6::parse6(&out);
         if a != TC_ACT_REDIRECT || o.dst != l.backend {
@@ -399,20 +402,7 @@ fn exchange6(r: &mut Runner6, l: &mut Legit6, backend_first: bool, moved: &mut u
     if !backend_first {
         fwd(r, l, &mut errs);
     }
-    let back = if l.tcp {
-        let p = Ipv6Packet::tcp_seq(
-            l.backend,
-            l.peer,
-            TCP_ACK | TCP_PSH,
-            l.bseq,
-            l.cseq,
-            b"pong",
-        );
-        l.bseq = l.bseq.wrapping_add(4);
-        p
-    } else {
-        Ipv6Packet::udp(l.backend, l.peer, b"pong")
-    };
+    let back = data(l.tcp, (l.backend, l.peer), (&mut l.bseq, l.cseq), b"pong");
     let (a, out) = r.run(&back.build());
     let o = wire6::parse6(&out);
     if a != TC_ACT_REDIRECT || o.src != l.service || o.dst != l.client {

@@ -31,18 +31,10 @@ impl Dataplane {
                 HashMap::try_from(data(fd)?).map_err(map_err(lb_common::v6::MAP_CONNTRACK6))?,
             );
         }
-        let syn_fd = self.conntrack_fds[4]
-            .try_clone()
-            .map_err(|e| map_err(lb_common::syn::MAP_CT_SYN)(MapError::IoError(e)))?;
-        let syn = Array::try_from(aya::maps::Map::Array(
-            MapData::from_fd(syn_fd).map_err(map_err(lb_common::syn::MAP_CT_SYN))?,
-        ))
-        .map_err(map_err(lb_common::syn::MAP_CT_SYN))?;
-        let view = SynView::of(self.conntrack_fds[4].as_fd(), self.ct_syn.len())?;
+        let view = SynView::of(self.conntrack_fds[4].as_fd(), self.syn_view.sets)?;
         Ok(ConntrackReader {
             maps,
             maps6,
-            syn,
             view,
             hash_seed: self.options.hash_seed,
             cfg: self.options.dp_config(),
@@ -108,13 +100,9 @@ impl Dataplane {
         pending_live(s, now, idle, |k| self.ct_new.get(k, 0).ok())
     }
 
-    /// The set of the handshake table `key` lands in (as the program picks it; from the options,
-    /// not `dp_config`, which asks the kernel for the netns cookie).
+    /// The set of the handshake table `key` lands in (see [`SynView::set_of`]).
     fn syn_set_of(&self, key: &FlowKey) -> u32 {
-        set_of(
-            flow_hash(key, self.options.hash_seed),
-            self.options.syn_sets(),
-        )
+        self.syn_view.set_of(key, self.options.hash_seed)
     }
 
     /// `key`'s pending handshake (lb-common's `syn`): its set's index, the set, and the way
@@ -131,15 +119,11 @@ impl Dataplane {
     pub fn pending_write(&mut self, slot: SynSlot) -> Result<()> {
         let key = slot.key();
         let i = self.syn_set_of(&key);
-        let mut set = self
-            .ct_syn
-            .get(&i, 0)
-            .map_err(map_err(lb_common::syn::MAP_CT_SYN))?;
-        let w = set.ways.iter().position(|s| s.holds(&key)).unwrap_or(0);
-        set.ways[w] = slot;
-        self.ct_syn
-            .set(i, &set, 0)
-            .map_err(map_err(lb_common::syn::MAP_CT_SYN))
+        if let Some(set) = self.syn_view.set(i) {
+            let w = set.ways.iter().position(|s| s.holds(&key)).unwrap_or(0);
+            self.syn_view.write(i, w, slot);
+        }
+        Ok(())
     }
 
     /// Clears `key`'s pending handshake, if any, in place (see [`SynView::clear`]): nothing
@@ -229,6 +213,8 @@ impl Dataplane {
 /// the read and the write.
 pub(super) struct SynView {
     base: std::ptr::NonNull<SynSet>,
+    /// The table's sets (the map's size, which userspace set from the same options as the
+    /// program's `syn_sets`).
     sets: u32,
     len: usize,
 }
@@ -267,6 +253,25 @@ impl SynView {
             sets,
             len,
         })
+    }
+
+    /// The set `key` lands in, as the program picks it (flow hash with `hash_seed`).
+    pub(super) fn set_of(&self, key: &FlowKey, hash_seed: u32) -> u32 {
+        set_of(flow_hash(key, hash_seed), self.sets)
+    }
+
+    /// Writes `slot` whole into way `way` of set `set` (for tests that forge or tear a pending
+    /// handshake; nothing else in the set is written).
+    pub(super) fn write(&self, set: u32, way: usize, slot: SynSlot) {
+        if set < self.sets && way < lb_common::syn::SYN_WAYS as usize {
+            // SAFETY: inside the mapping (checked above).
+            unsafe {
+                std::ptr::write_volatile(
+                    std::ptr::addr_of_mut!((*self.base.as_ptr().add(set as usize)).ways[way]),
+                    slot,
+                );
+            }
+        }
     }
 
     /// Set `set`, copied whole from the mapping (volatile: the program may be writing it; a
@@ -375,9 +380,7 @@ pub struct ConntrackReader {
     maps: Vec<HashMap<MapData, FlowKey, CtEntry>>,
     /// IPv6's two.
     maps6: Vec<HashMap<MapData, lb_common::v6::FlowKey6, lb_common::v6::CtEntry6>>,
-    /// The handshake table.
-    syn: Array<MapData, SynSet>,
-    /// The same, mapped (writes in place).
+    /// The handshake table, mapped (read in place; one way cleared in place).
     view: SynView,
     hash_seed: u32,
     cfg: DpConfig,
@@ -400,8 +403,7 @@ impl ConntrackReader {
     /// Clears `key`'s pending handshake, if any, without touching the rest of its set (see
     /// [`SynView::clear`]; the drain purge's way, through the dataplane's own descriptor).
     pub fn pending_remove(&self, key: &FlowKey) -> bool {
-        let set = set_of(flow_hash(key, self.hash_seed), self.syn.len());
-        self.view.clear(set, key)
+        self.view.clear(self.view.set_of(key, self.hash_seed), key)
     }
 
     /// [`pending_live`] with CT_NEW read through this reader's descriptor.

@@ -223,9 +223,8 @@ pub struct Dataplane {
     local_addrs_written: Option<std::collections::BTreeSet<u32>>,
     /// Flows that have only sent a SYN.
     ct_new: HashMap<MapData, FlowKey, CtEntry>,
-    /// Handshakes pending (lb-common's `syn`).
-    ct_syn: Array<MapData, lb_common::syn::SynSet>,
-    /// The same table mapped into this process, to clear one way in place.
+    /// Handshakes pending (lb-common's `syn`), the map mapped into this process: read in
+    /// place, one way cleared in place.
     syn_view: conntrack::SynView,
     /// DNAT backend -> the service whose flows to it get their reply entry lazily.
     lazy_reply: HashMap<MapData, ServiceKey, ServiceKey>,
@@ -437,11 +436,12 @@ impl Dataplane {
         ];
         let ct_syn: Array<MapData, lb_common::syn::SynSet> =
             take!(ebpf, lb_common::syn::MAP_CT_SYN);
+        // Only its size is needed: the table is read and written through the mapping.
         let syn_view = conntrack::SynView::of(conntrack_fds[4].as_fd(), ct_syn.len())?;
+        drop(ct_syn);
         Ok(Self {
             conntrack_fds,
             ct_new: take!(ebpf, lb_common::MAP_CT_NEW),
-            ct_syn,
             syn_view,
             lazy_reply: take!(ebpf, lb_common::MAP_LAZY_REPLY),
             services: take!(ebpf, MAP_SERVICES),
