@@ -4,7 +4,7 @@
 use crate::FlowKey;
 
 #[inline(always)]
-const fn mix(h: u32, k: u32) -> u32 {
+pub(crate) const fn mix(h: u32, k: u32) -> u32 {
     let k = k
         .wrapping_mul(0xcc9e_2d51)
         .rotate_left(15)

@@ -10,6 +10,7 @@
 //! they sit in the packet. Userspace converts with [`ipv4_to_wire`] and [`port_to_wire`].
 #![no_std]
 
+pub mod claim;
 pub mod csum;
 pub mod ct;
 pub mod hash;
@@ -51,7 +52,7 @@ pub const PROG_SOCK_GETPEERNAME6: &str = "berth_getpeername6";
 /// Version of the pinned layout (maps, their key and value types, their meaning). Pins live
 /// under `<pin path>/v<PIN_LAYOUT>/`; a berth finding another version there refuses to adopt it.
 /// Bump it with every change to a map's type, key, value or the meaning of a field.
-pub const PIN_LAYOUT: u32 = 9;
+pub const PIN_LAYOUT: u32 = 10;
 
 /// Addresses of this host (network byte order -> 1), kept current by userspace: what "any
 /// address of this host" means for wildcard services at the socket hooks.
@@ -165,7 +166,8 @@ pub struct DpConfig {
     pub snat_reuse_ms: u32,
     /// Sets of the pending-handshake table (`syn::MAP_CT_SYN`, a power of two).
     pub syn_sets: u32,
-    pub _pad: u32,
+    /// Words of the full-NAT port claims (`claim::MAP_SNAT_CLAIMS`, a power of two).
+    pub snat_claims: u32,
 }
 const _: () = assert!(core::mem::size_of::<DpConfig>() == 64);
 
@@ -186,7 +188,7 @@ impl DpConfig {
             snat_port_last: 0,
             snat_reuse_ms: 0,
             syn_sets: 0,
-            _pad: 0,
+            snat_claims: 0,
         }
     }
 }

@@ -236,6 +236,30 @@ impl SynSlot {
             },
         }
     }
+
+    /// A full-NAT flow's reply entry as its first reply writes it into `CT_NEW`, from the
+    /// pending forward entry (the one its first packet used to insert, which took its port):
+    /// backend -> berth's address and port, translated back to the service address for the
+    /// client; its route is learnt from its first packet.
+    #[inline(always)]
+    pub const fn reply_entry(&self) -> CtEntry {
+        CtEntry {
+            nat_addr: self.daddr,
+            nat_port: (self.ports >> 16) as u16,
+            dir: ct::DIR_REPLY,
+            state: ct::STATE_OPEN,
+            backend_id: self.backend_id,
+            service_id: self.service_id,
+            last_seen_ns: self.last_seen_ns,
+            route: Route::NONE,
+            backend_ack: 0,
+            in_ifindex: self.in_ifindex,
+            fnat_addr: self.saddr,
+            fnat_port: self.ports as u16,
+            flags: self.flags as u8,
+            lazy: 0,
+        }
+    }
 }
 
 /// Whether a new flow of `proto` with forward entry `fwd` (of its backend's lazy service,
@@ -404,6 +428,28 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_full_nat_slots_reply_entry_is_the_reply_half_of_its_forward_entry() {
+        let s = full_nat_slot();
+        let (fkey, fwd) = (s.key(), s.forward_entry(Route::NONE));
+        let rkey = ct::reply_key(&fkey, &fwd);
+        let r = s.reply_entry();
+        assert!(ct::is_reply_of(&r, &rkey, &fkey) && ct::is_forward_of(&fwd, &fkey, &rkey));
+        assert_eq!(ct::forward_key(&rkey, &r), fkey);
+        // What the flow's first packet inserted when the reply entry took the port.
+        let first = CtEntry {
+            nat_addr: fkey.daddr,
+            nat_port: fkey.dport,
+            dir: ct::DIR_REPLY,
+            fnat_addr: fkey.saddr,
+            fnat_port: fkey.sport,
+            lazy: 0,
+            ..fwd
+        };
+        assert_eq!(r, first);
+        assert!(r.full_nat() && r.state == ct::STATE_OPEN && r.route == Route::NONE);
     }
 
     #[test]

@@ -12,7 +12,13 @@
 //! lb-common's `reason` module for the action policy).
 #![no_std]
 #![no_main]
+// `atomic_cxchg`: the target's `atomic-cas` is off (no compare-and-swap before BPF's v3 CPU in
+// general), but the kernel verifies a 64-bit `BPF_CMPXCHG` on a map value for any program,
+// and LLVM emits it for the default CPU.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
+mod claim;
 mod maps;
 mod nat;
 mod parse;
@@ -25,7 +31,7 @@ mod xdp6;
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
-    helpers::generated::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
+    helpers::generated::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_loop},
     macros::classifier,
     maps::LruHashMap,
     programs::TcContext,
@@ -171,6 +177,9 @@ pub struct NatScratch {
     /// The new flow's flow hash (its source ports' tries, its set in the handshake table),
     /// written by `new_flow`.
     hash: u32,
+    /// The port claim the port search took (`claim::take`), settled or given back by
+    /// `finish_full_nat`; 0: none.
+    claim: u64,
 }
 
 /// The conntrack map a flow's pair does not live in.
@@ -305,8 +314,13 @@ fn process(ctx: &TcContext) -> (i32, Reason) {
         }
     } else if port_flags(u16::from_be(flow.sport)) & port_flag(flow.proto, true) != 0 {
         // Maybe the first reply of a flow recorded without its reply entry (see
-        // `lazy_reply`): the entry is written now and the packet handled as a reply.
-        match lazy_reply(ctx, p) {
+        // `lazy_reply`), or of a pending full-NAT handshake (see `claimed_reply`): the entry is
+        // written now and the packet handled as a reply (one call site of `reply` for both).
+        let code = match lazy_reply(ctx, p) {
+            LAZY_NONE if claim::in_range(key.dport) && claimed_reply(p) => LAZY_IN_CT_NEW,
+            code => code,
+        };
+        match code {
             LAZY_NONE => {}
             LAZY_WRONG_IFACE => return exit(Reason::PassReplyWrongIface),
             code => {
@@ -387,6 +401,8 @@ fn pending_at(fkey: &FlowKey, rkey: &FlowKey, now: u64, in_ct_new: bool) -> u64 
     n.half = s.forward_entry(Route::NONE);
     set_route(&mut n.half.route, &syn::route_of(n.half.backend_id, now));
     if syn::promote(fkey, idx, &n.half) {
+        // The pair is in CT_NEW: its reply entry holds the port from now on.
+        claim::release(rkey, idx);
         PENDING_MOVED
     } else {
         PENDING_OTHER
@@ -418,25 +434,58 @@ fn pending(p: &Pkt) -> u64 {
         return v;
     }
     let fwd = s.forward_entry(syn::route_of(s.backend_id, p.now));
-    if fwd.full_nat() {
-        // A full-NAT handshake lives with its reply entry, which holds its port: gone (a new
-        // flow took the port after the hold, or a flood evicted it), the handshake is over.
-        let rkey = ct::reply_key(&p.key, &fwd);
-        // SAFETY: a valid map value pointer, read in place.
-        if !CT_NEW
-            .get_ptr(&rkey)
-            .is_some_and(|r| ct::is_reply_of(unsafe { &*r }, &rkey, &p.key))
-        {
+    if !fwd.full_nat() {
+        return if syn::promote(&p.key, idx, &fwd) {
+            v | SYN_PROMOTED
+        } else {
+            v
+        };
+    }
+    // A full-NAT handshake's port is held by its claim, which names this slot, until its
+    // backend answers, then by its reply entry in CT_NEW: with neither (a new flow took the
+    // port after the hold, or a flood evicted the entry), the handshake is over. Moved on, the
+    // pair goes to CT_NEW, its reply entry written now if its backend has not answered yet.
+    let rkey = ct::reply_key(&p.key, &fwd);
+    // SAFETY: a valid map value pointer, read in place.
+    if !CT_NEW
+        .get_ptr(&rkey)
+        .is_some_and(|r| ct::is_reply_of(unsafe { &*r }, &rkey, &p.key))
+    {
+        if claim::slot_holding(&rkey, p.now) != Some(idx) {
             syn::clear(idx, &p.key);
             count(Reason::EventCtExpired);
             return v;
         }
+        let _ = CT_NEW.insert(&rkey, &s.reply_entry(), u64::from(BPF_NOEXIST));
     }
     if syn::promote(&p.key, idx, &fwd) {
+        claim::release(&rkey, idx);
         v | SYN_PROMOTED
     } else {
         v
     }
+}
+
+/// A packet to berth's address and a port of the full-NAT range that found no conntrack entry:
+/// if the port's claim (lb-common's `claim`) names a pending full-NAT handshake whose reply key
+/// is the packet's, this is its backend's first reply, and the flow's reply entry is written
+/// into CT_NEW now, from the pending forward entry (the reply path then moves that one beside
+/// it: `pending_at`). True if the reply entry is there to be looked up. A BPF subprogram.
+#[inline(never)]
+fn claimed_reply(p: &Pkt) -> bool {
+    let key = &p.key;
+    let Some(slot) = claim::slot_holding(key, p.now) else {
+        return false;
+    };
+    let Some(s) = syn::copy(slot) else {
+        return false;
+    };
+    if !s.full_nat() || !s.is_forward_of(&s.key(), key) || s.idle_expired(p.now, config()) {
+        return false;
+    }
+    // Not inserted if there (a concurrent reply on another CPU wrote it first).
+    let _ = CT_NEW.insert(key, &s.reply_entry(), u64::from(BPF_NOEXIST));
+    true
 }
 
 /// [`lazy_reply`]: not the reply of a lazily recorded flow.
@@ -891,6 +940,18 @@ fn claim(table: &Table, rkey: &FlowKey, flow: &Flow, now: u64, cfg: &DpConfig) -
     true
 }
 
+/// Whether a pending full-NAT handshake holds reply key `rkey` by its port claim (see
+/// lb-common's `claim`; its reply entry is written only with its backend's first reply): a DNAT
+/// flow whose reply key it is (a spoofer's, from berth's own address and a port of the range)
+/// must not take the key, nor a flow whose reply half was evicted rebuild it. Judged on the
+/// claimed slot in place (a slot being written may count as holding). A BPF subprogram.
+#[inline(never)]
+fn claimed(rkey: &FlowKey, now: u64) -> bool {
+    claim::slot_holding(rkey, now)
+        .and_then(syn::named)
+        .is_some_and(|s| s.check != 0 && s.full_nat() && s.is_forward_of(&s.key(), rkey))
+}
+
 /// Stamps both halves of a flow with `now` (they expire together).
 #[inline(always)]
 fn touch(a: &mut CtEntry, b: Option<*mut CtEntry>, now: u64) {
@@ -952,6 +1013,7 @@ fn forward_inner(
         if owner.is_some_and(|o| {
             !is_lazy_for(&o, flow) && lazy_flow_holds(&rkey, packed(&o), flow.tcp_flags, now, true)
         }) || !claim(other(table), &rkey, flow, now, cfg)
+            || (claim::in_range(rkey.dport) && claimed(&rkey, now))
         {
             let _ = table.remove(key);
             return exit(Reason::DropFlowConflict);
@@ -1333,6 +1395,7 @@ fn new_flow_inner(ctx: &TcContext, p: &Pkt, hashed: u64) -> Pick {
     // does.
     if (CONNTRACK.get_ptr(rev_key).is_some() && !claim(&CONNTRACK, rev_key, flow, now, cfg))
         || (CT_NEW.get_ptr(rev_key).is_some() && !claim(&CT_NEW, rev_key, flow, now, cfg))
+        || (claim::in_range(rev_key.dport) && claimed(rev_key, now))
     {
         return Pick::Done(exit(Reason::DropFlowConflict));
     }
@@ -1387,7 +1450,7 @@ fn new_flow_inner(ctx: &TcContext, p: &Pkt, hashed: u64) -> Pick {
     // A handshake of a lazily recorded flow waits in the handshake table (a few stores, where
     // an insert into CT_NEW evicting under a flood cost ~150 ns); anything else goes to CT_NEW.
     let fwd_ok = (lb_common::syn::goes_to_syn_table(flow.proto, lazy, half)
-        && syn::record(key, hash, half))
+        && syn::record(key, hash, half).is_some())
         || table.insert(key, half, 0).is_ok();
     if !fwd_ok {
         // The packet is still balanced: the Maglev pick is a pure function of the tuple.
@@ -1492,7 +1555,7 @@ fn new_flow_table(flow: &Flow) -> &'static Table {
 }
 
 /// The second step of a new full-NAT flow: takes a source port for the reply key in
-/// `NAT_SCRATCH` by inserting the reply entry there (see `take_port`). False: none free.
+/// `NAT_SCRATCH` (see `take_port`). False: none free.
 #[inline(never)]
 fn take_full_nat_port(p: &Pkt) -> bool {
     let Some(s) = NAT_SCRATCH.get_ptr_mut(0) else {
@@ -1500,17 +1563,12 @@ fn take_full_nat_port(p: &Pkt) -> bool {
     };
     // SAFETY: as in `new_full_nat_flow`.
     let s = unsafe { &mut *s };
-    // `new_flow`'s flow hash (its Maglev pick's), left here for the port search and the
-    // handshake table's set (`finish_full_nat`).
-    // SAFETY: a volatile read of this CPU's scratch slot.
-    let hash = unsafe { core::ptr::read_volatile(&s.hash) };
-    // `take_port(new_flow_table(..), ..)` with the map a constant in each call: with the map
-    // chosen at run time by the protocol, the verifier processed 763,428 instructions of the
-    // IPv4 program instead of 571,414.
+    // The port search's callback for the map the flow starts in, chosen here (the callback
+    // reads `new_flow`'s flow hash, left in the slot, itself).
     if core::ptr::eq(new_flow_table(&p.flow), &CT_NEW) {
-        take_port(&CT_NEW, &mut s.rkey, &s.half, hash, p)
+        take_port(&CT_NEW, s, p)
     } else {
-        take_port(&CONNTRACK, &mut s.rkey, &s.half, hash, p)
+        take_port(&CONNTRACK, s, p)
     }
 }
 
@@ -1533,18 +1591,36 @@ fn finish_full_nat(ctx: &TcContext, p: &Pkt) -> bool {
     half.route = s.route;
     half.fnat_addr = rkey.daddr;
     half.fnat_port = rkey.dport;
-    // An open TCP flow's forward entry waits in the handshake table (a few stores, no insert)
-    // until its backend answers (`reply` moves it to CT_NEW beside its reply entry) or its
-    // client sends again (`pending`). The reply entry, which took the port, is in CT_NEW.
-    // SAFETY: a volatile read of this CPU's scratch slot (see above): a plain one was folded
+    // An open TCP flow's forward entry waits in the handshake table (a few stores, no insert),
+    // named by its port's claim, until its backend answers (its reply entry is written then,
+    // and the pair moves to CT_NEW: `claimed_reply`) or its client sends again (`pending`).
+    // Any other flow's reply entry, which took the port, is in its map.
+    // SAFETY: volatile reads of this CPU's scratch slot (see above): a plain one was folded
     // into a spill slot.
-    let hash = unsafe { core::ptr::read_volatile(&s.hash) };
-    let recorded =
-        lb_common::syn::goes_to_syn_table(flow.proto, false, half) && syn::record(key, hash, half);
-    if !recorded && table.insert(key, half, 0).is_err() {
-        // The reply entry stays: a reply rebuilds the forward half from it, and a new flow may
-        // take its port (it has no forward half).
-        count(Reason::EventCtInsertFailed);
+    let (hash, mine) = unsafe {
+        (
+            core::ptr::read_volatile(&s.hash),
+            core::ptr::read_volatile(&s.claim),
+        )
+    };
+    let slot = if mine != 0 {
+        syn::record(key, hash, half)
+    } else {
+        None
+    };
+    if let Some(slot) = slot {
+        claim::settle(rkey, mine, slot);
+    } else {
+        if mine != 0 {
+            // Not recorded (the table has no such set; not seen): the flow goes to CT_NEW
+            // without its reply half, which its client's next packet rebuilds.
+            claim::give_back(rkey, mine);
+        }
+        if table.insert(key, half, 0).is_err() {
+            // The reply entry stays: a reply rebuilds the forward half from it, and a new
+            // flow may take its port (it has no forward half).
+            count(Reason::EventCtInsertFailed);
+        }
     }
     if rewrite_both(
         ctx,
@@ -1563,37 +1639,98 @@ fn finish_full_nat(ctx: &TcContext, p: &Pkt) -> bool {
     true
 }
 
-/// Finds a free source port for a new full-NAT flow and takes it: sets `rkey`'s destination
-/// port (the flow's reply key: backend -> berth's address and port) to each of the flow's tries
-/// in turn, until one is free in both conntrack maps and the insert of the reply entry `half`
-/// into `table` succeeds. The insert is `BPF_NOEXIST`, so two CPUs never take one port. Returns
-/// false when every try found the port taken. Inlined: a frame of its own between
-/// `new_full_nat_flow` and `port_free` would not fit the call chain's 512-byte stack.
+/// Finds a free source port for a new full-NAT flow and takes it: sets the reply key's
+/// destination port (backend -> berth's address and port) to each of the flow's tries in turn,
+/// until one whose claim word (lb-common's `claim`) it takes is also free in both conntrack
+/// maps. The claim is a compare-and-swap, so two CPUs never take one port, and the maps are
+/// looked at only once it is taken (a flow releases its claim only once its reply entry is
+/// there). A flow recorded in the handshake table (open TCP) keeps the claim, which
+/// `finish_full_nat` settles, and has no reply entry until its backend answers; any other
+/// inserts its reply entry now (`BPF_NOEXIST`) and gives the claim back. Returns false when
+/// every try found the port taken.
+///
+/// The tries run under `bpf_loop`: its callback is verified once, where a loop's body was
+/// walked once per try (the port search was most of the IPv4 program's verifier count).
 #[inline(always)]
-fn take_port(
-    table: &'static Table,
-    rkey: &mut FlowKey,
-    half: &CtEntry,
-    hash: u32,
-    p: &Pkt,
-) -> bool {
+fn take_port(table: &'static Table, s: &mut NatScratch, p: &Pkt) -> bool {
     let cfg = config();
-    let (first, last) = (cfg.snat_port_first, cfg.snat_port_last);
-    if first == 0 || last < first {
+    if cfg.snat_port_first == 0 || cfg.snat_port_last < cfg.snat_port_first {
         return false;
     }
-    for t in 0..ct::SNAT_TRIES {
-        rkey.dport = port_to_wire(ct::snat_port(hash, t, first, last));
-        if port_free(other(table), rkey, p.now, cfg)
-            && port_free(table, rkey, p.now, cfg)
-            && !held_lazily(rkey, p)
-            && table.insert(rkey, half, u64::from(BPF_NOEXIST)).is_ok()
-        {
-            return true;
-        }
-        count(Reason::EventSnatPortTaken);
+    s.claim = 0;
+    let callback = if core::ptr::eq(table, &CT_NEW) {
+        port_try::<true> as *mut core::ffi::c_void
+    } else {
+        port_try::<false> as *mut core::ffi::c_void
+    };
+    // SAFETY: a helper taking a static callback and no context (the callback reads this
+    // CPU's scratch slots).
+    unsafe { bpf_loop(ct::SNAT_TRIES, callback, core::ptr::null_mut(), 0) };
+    // SAFETY: a volatile read of this CPU's scratch slot, written by the callback.
+    let mine = unsafe { core::ptr::read_volatile(&s.claim) };
+    if !lb_common::syn::goes_to_syn_table(p.flow.proto, false, &s.half) {
+        s.claim = 0;
     }
-    false
+    mine != 0
+}
+
+/// [`take_port`]'s `bpf_loop` callback, try `i` (for a flow starting in CT_NEW if `NEW`, else
+/// CONNTRACK): the try's port into `NAT_SCRATCH`'s reply key, then [`try_port`]; the claim
+/// word taken (non-zero) into `NAT_SCRATCH`'s `claim`, and 1 (stop), or 0 (next try).
+extern "C" fn port_try<const NEW: bool>(i: u64, _ctx: *mut core::ffi::c_void) -> i64 {
+    let (Some(s), Some(p)) = (NAT_SCRATCH.get_ptr_mut(0), SCRATCH.get_ptr(0)) else {
+        return 1;
+    };
+    // SAFETY: this CPU's slots of per-CPU arrays, valid for the run: the packet's (`process`)
+    // and the new full-NAT flow's (`new_full_nat_flow`); nothing else on this CPU uses them
+    // meanwhile.
+    let (s, p) = unsafe { (&mut *s, &*p) };
+    let cfg = config();
+    // `new_flow`'s flow hash (its Maglev pick's), left there for the port search and the
+    // handshake table's set (`finish_full_nat`).
+    // SAFETY: a volatile read of this CPU's scratch slot.
+    let hash = unsafe { core::ptr::read_volatile(&s.hash) };
+    s.rkey.dport = port_to_wire(ct::snat_port(
+        hash,
+        i as u32,
+        cfg.snat_port_first,
+        cfg.snat_port_last,
+    ));
+    let pending = lb_common::syn::goes_to_syn_table(p.flow.proto, false, &s.half);
+    let mine = try_port::<NEW>(&s.rkey, &s.half, pending, p);
+    if mine != 0 {
+        s.claim = mine;
+        return 1;
+    }
+    count(Reason::EventSnatPortTaken);
+    0
+}
+
+/// One try of `take_port` at reply key `rkey` (for a flow starting in CT_NEW if `NEW`, else
+/// CONNTRACK): takes the port's claim, then checks the port is free in both conntrack maps and
+/// not held by a lazily recorded flow; if not, gives the claim back. A flow recorded in the
+/// handshake table (`pending`) keeps the claim; any other inserts its reply entry `half` now
+/// (`BPF_NOEXIST`) and gives the claim back. Returns the claim word taken (non-zero), or 0. One
+/// per map (a map passed at run time is a lookup the verifier does not inline).
+#[inline(never)]
+fn try_port<const NEW: bool>(rkey: &FlowKey, half: &CtEntry, pending: bool, p: &Pkt) -> u64 {
+    let Some(mine) = claim::take(rkey, p.now) else {
+        return 0;
+    };
+    let (table, cfg): (&Table, _) = if NEW {
+        (&CT_NEW, config())
+    } else {
+        (&CONNTRACK, config())
+    };
+    let free = port_free(other(table), rkey, p.now, cfg)
+        && port_free(table, rkey, p.now, cfg)
+        && !held_lazily(rkey, p);
+    if free && pending {
+        return mine;
+    }
+    let inserted = free && table.insert(rkey, half, u64::from(BPF_NOEXIST)).is_ok();
+    claim::give_back(rkey, mine);
+    if inserted { mine } else { 0 }
 }
 
 /// Whether full-NAT reply key `rkey` is held by a live DNAT flow of the service its backend

@@ -141,3 +141,9 @@ pub fn account(service_id: u32, backend_id: u32, bytes: u64, new_flow: bool) {
         }
     }
 }
+
+/// The full-NAT source-port claims (see lb-common's `claim`): one word per reply key's index,
+/// taken by a compare-and-swap; userspace sizes it and maps it to list pending handshakes.
+#[map]
+pub static SNAT_CLAIMS: Array<u64> =
+    Array::with_max_entries(DEFAULT_CONNTRACK_SIZE, aya_ebpf::bindings::BPF_F_MMAPABLE);

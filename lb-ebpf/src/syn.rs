@@ -108,12 +108,11 @@ pub fn locate(key: &FlowKey, hash: u32) -> Option<(u32, &'static SynSlot)> {
 
 /// Records the new flow keyed `key` (flow hash `hash`), forward entry `e`, in its set: in the
 /// way that holds its key, else the least recently written one. The check word is written
-/// last. False only if the map has no such set (then the flow goes to CT_NEW).
+/// last. Returns the slot's name; None only if the map has no such set (then the flow goes to
+/// CT_NEW).
 #[inline(always)]
-pub fn record(key: &FlowKey, hash: u32, e: &CtEntry) -> bool {
-    let Some((_, set)) = set(hash) else {
-        return false;
-    };
+pub fn record(key: &FlowKey, hash: u32, e: &CtEntry) -> Option<u32> {
+    let (i, set) = set(hash)?;
     let ports = ports_of(key);
     let mut pick = 0;
     let mut oldest = u64::MAX;
@@ -152,7 +151,32 @@ pub fn record(key: &FlowKey, hash: u32, e: &CtEntry) -> bool {
         write_volatile(&mut s.flags, v.flags);
         write_volatile(&mut s.check, v.check);
     }
-    true
+    Some((i << 2) | (pick & (SYN_WAYS as usize - 1)) as u32)
+}
+
+/// Slot `slot` (as `find` names it), in place (whole or not: maybe being written).
+#[inline(always)]
+pub fn named(slot: u32) -> Option<&'static SynSlot> {
+    let set = CT_SYN.get_ptr(slot >> 2)?;
+    // SAFETY: a valid array value pointer, the way < SYN_WAYS; read in place only.
+    Some(unsafe { &(*set).ways[(slot & (SYN_WAYS - 1)) as usize] })
+}
+
+/// Slot `slot` copied, whole (see `find`), into this CPU's `SYN_SCRATCH` slot; None if torn or
+/// cleared.
+#[inline(always)]
+pub fn copy(slot: u32) -> Option<&'static SynSlot> {
+    let s = named(slot)?;
+    let c = SYN_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: as in `find`.
+    let c = unsafe {
+        let (src, dst) = (s as *const SynSlot as *const u64, c as *mut u64);
+        for n in 0..8 {
+            write_volatile(dst.add(n), read_volatile(src.add(n)));
+        }
+        &*(c as *const SynSlot)
+    };
+    c.is_valid().then_some(c)
 }
 
 /// Clears slot `slot` (as `find` names it) if it is still keyed `key` (another flow may have

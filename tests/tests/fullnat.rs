@@ -11,6 +11,8 @@
 
 use std::net::SocketAddrV4;
 
+use aya::programs::{TestRun, TestRunOptions};
+
 use berth_tests::{
     fixture::*,
     wire::{self, Ipv4Packet, L4, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN},
@@ -28,11 +30,16 @@ const FULL: Nat = Nat::Full;
 /// One TCP service on the VIP and one UDP service on :5353, backend 1 only, full NAT, with
 /// `ports` as the source range.
 fn one_backend(ports: PortRange) -> Fixture {
+    one_backend_with(DataplaneOptions {
+        snat_ports: ports,
+        ..options()
+    })
+}
+
+/// [`one_backend`] with `o` as the options.
+fn one_backend_with(o: DataplaneOptions) -> Fixture {
     Fixture::new(
-        DataplaneOptions {
-            snat_ports: ports,
-            ..options()
-        },
+        o,
         with_nat(
             vec![
                 svc("v", "10.99.0.1:80", Protocol::Tcp, &[(backend(1), 8000, 1)]),
@@ -848,7 +855,7 @@ fn without_its_final_ack_a_closed_flows_port_is_held() {
 /// it and the client's ACK confirms both. A pending handshake whose port went to another flow
 /// after the hold is over: never sent on with that port.
 #[test]
-fn a_handshake_waits_in_the_handshake_table_with_its_port_held_by_its_reply_entry() {
+fn a_handshake_waits_in_the_handshake_table_with_its_port_held_by_its_claim() {
     in_fixture_netns(|| {
         let one = PortRange {
             first: 61007,
@@ -865,7 +872,12 @@ fn a_handshake_waits_in_the_handshake_table_with_its_port_held_by_its_reply_entr
             f.dp().conntrack_pending(&fkey),
             "the forward entry waits in the table"
         );
-        assert!(!f.dp().conntrack_pending(&rkey) && f.dp().conntrack_unconfirmed(&rkey));
+        // Nothing inserted: the port is held by its claim (lb-common's `claim`), and the reply
+        // half, written with the backend's first reply, is listed from the pending flow.
+        assert_eq!(f.dp().ct_new_len(), 0, "no entry in CT_NEW");
+        assert!(f.dp().conntrack_pending(&rkey) && f.dp().conntrack_unconfirmed(&rkey));
+        let rev = f.ct(&rkey).expect("the reply half, listed");
+        assert_eq!(ct::forward_key(&rkey, &rev), fkey);
         let fwd = f.ct(&fkey).expect("listed as the entry it becomes");
         assert!(fwd.full_nat());
         assert_eq!(
@@ -879,6 +891,11 @@ fn a_handshake_waits_in_the_handshake_table_with_its_port_held_by_its_reply_entr
         let synack = from_backend(tcp(leg.backend, leg.peer, TCP_SYN | TCP_ACK, 7000, 2));
         assert_reply(&f.run(&synack), vip, a);
         assert!(!f.dp().conntrack_pending(&fkey) && f.dp().conntrack_unconfirmed(&fkey));
+        // The pair is in CT_NEW (the reply entry written from the pending one, the claim
+        // given up: the reply entry holds the port from here on).
+        assert!(!f.dp().conntrack_pending(&rkey) && f.dp().conntrack_unconfirmed(&rkey));
+        assert_eq!(f.dp().ct_new_len(), 2);
+        assert_dropped(&f.run(&syn_b), Reason::DropSnatExhausted);
         let ack = tcp(a, vip, TCP_ACK, 2, 7001).build();
         assert_fwd(&f.run(&ack), &ack, &[b8000(1)], FULL);
         assert!(!f.dp().conntrack_unconfirmed(&fkey) && !f.dp().conntrack_unconfirmed(&rkey));
@@ -906,6 +923,175 @@ fn a_handshake_waits_in_the_handshake_table_with_its_port_held_by_its_reply_entr
             f.ct(&rkey).map(|r| ct::forward_key(&rkey, &r)),
             Some(flow_key(b, vip, IPPROTO_TCP)),
             "the port stays the second flow's"
+        );
+    });
+}
+
+/// The options of the burst tests below: the default range, and a handshake table whose sets
+/// (16,384) hold every handshake of a burst (a claim whose handshake a newer one overwrote
+/// frees its port, as an unconfirmed reply entry the LRU evicted did).
+fn roomy(first: u16, last: u16) -> DataplaneOptions {
+    DataplaneOptions {
+        snat_ports: PortRange { first, last },
+        conntrack_size: 1 << 18,
+        ..options()
+    }
+}
+
+/// A full-NAT SYN holds its source port by a claim (lb-common's `claim`), not by an insert:
+/// a burst of unanswered SYNs (a flood's) leaves CT_NEW as it was, so it evicts no unconfirmed
+/// flow there, while every SYN is sent from a port no other pending one has, and a handshake
+/// among them still completes, its reply entry written with its backend's SYN-ACK.
+#[test]
+fn unanswered_full_nat_syns_insert_nothing_and_hold_distinct_ports() {
+    in_fixture_netns(|| {
+        let f = one_backend_with(roomy(61000, 65535));
+        let vip = sa(VIP, 80);
+        // An unconfirmed flow already in CT_NEW: the legitimate one the burst must
+        // not push out. (Its SYN-ACK moved it there; no ACK yet.)
+        let legit = client(39000);
+        let syn = tcp(legit, vip, TCP_SYN, 1, 0).build();
+        let leg = assert_fwd(&f.run(&syn), &syn, &[b8000(1)], FULL);
+        let synack = from_backend(tcp(leg.backend, leg.peer, TCP_SYN | TCP_ACK, 7000, 2));
+        assert_reply(&f.run(&synack), vip, legit);
+        assert_eq!(f.dp().ct_new_len(), 2, "the legitimate flow's pair");
+        let mut ports = std::collections::BTreeSet::from([leg.peer.port()]);
+        for i in 0..1500u16 {
+            let p = tcp(client(40000 + i), vip, TCP_SYN, 1, 0).build();
+            let run = f.run(&p);
+            let l = assert_fwd(&run, &p, &[b8000(1)], FULL);
+            assert!(
+                ports.insert(l.peer.port()),
+                "port {} taken twice",
+                l.peer.port()
+            );
+        }
+        assert_eq!(
+            f.dp().ct_new_len(),
+            2,
+            "a pending full-NAT SYN inserts nothing (the legitimate pair is all there is)"
+        );
+        assert!(
+            f.dp()
+                .conntrack_unconfirmed(&flow_key(legit, vip, IPPROTO_TCP))
+        );
+        // The last one's handshake completes.
+        let c = client(40000 + 1499);
+        let rkey = f
+            .dp()
+            .conntrack_entries()
+            .into_iter()
+            .find(|(k, e)| {
+                e.dir == ct::DIR_REPLY && ct::forward_key(k, e) == flow_key(c, vip, IPPROTO_TCP)
+            })
+            .map(|(k, _)| k)
+            .expect("its reply half listed from its claim");
+        let be = SocketAddrV4::new(
+            std::net::Ipv4Addr::from(rkey.saddr.to_ne_bytes()),
+            u16::from_be(rkey.sport),
+        );
+        let peer = SocketAddrV4::new(
+            std::net::Ipv4Addr::from(rkey.daddr.to_ne_bytes()),
+            u16::from_be(rkey.dport),
+        );
+        let synack = from_backend(tcp(be, peer, TCP_SYN | TCP_ACK, 9000, 2));
+        assert_reply(&f.run(&synack), vip, c);
+        assert_eq!(
+            f.dp().ct_new_len(),
+            4,
+            "its pair joined CT_NEW with the SYN-ACK"
+        );
+    });
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin_to(cpu: usize) {
+    // SAFETY: a cpu_set_t built on the stack, passed with its size, for this thread (0).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "pin to CPU {cpu}"
+        );
+    }
+}
+
+/// Two CPUs taking source ports at once never take one port twice: a port is taken by a
+/// compare-and-swap of its claim word (lb-common's `claim`). In each of many rounds, two
+/// threads, one per CPU, started together, send SYNs of distinct clients to one full-NAT
+/// backend with a range of 64 ports (unanswered: each keeps its port), more than the range
+/// holds, so the two meet on the same free ports; every port sent from in a round is another.
+/// Between rounds the handshake table is emptied, which frees every port (a claim goes with
+/// its handshake).
+#[test]
+fn two_cpus_taking_ports_at_once_never_share_one() {
+    in_fixture_netns(|| {
+        let f = one_backend_with(roomy(61000, 61063));
+        let vip = sa(VIP, 80);
+        let prog = f.dp().program();
+        let mut ctx = [0u8; 44];
+        ctx[40..44].copy_from_slice(&ifindex("fx0").to_ne_bytes());
+        let (ctx, dp) = (&ctx, f.dp());
+        const ROUNDS: u16 = 200;
+        const PER: u16 = 50;
+        let sync = &std::sync::Barrier::new(3);
+        let taken: Vec<Vec<Vec<u16>>> = std::thread::scope(|s| {
+            let threads: Vec<_> = (0..2u16)
+                .map(|cpu| {
+                    s.spawn(move || {
+                        pin_to(usize::from(cpu));
+                        let mut out = vec![0u8; 256];
+                        let mut rounds = Vec::new();
+                        for round in 0..ROUNDS {
+                            let syns: Vec<Vec<u8>> = (0..PER)
+                                .map(|i| {
+                                    let c = client(2000 + round * 2 * PER + cpu * PER + i);
+                                    tcp(c, vip, TCP_SYN, 1, 0).build()
+                                })
+                                .collect();
+                            let mut ports = Vec::new();
+                            sync.wait();
+                            for syn in &syns {
+                                let r = prog
+                                    .test_run(TestRunOptions {
+                                        data_in: Some(syn),
+                                        data_out: Some(&mut out),
+                                        ctx_in: Some(ctx),
+                                        ..Default::default()
+                                    })
+                                    .expect("BPF_PROG_TEST_RUN");
+                                if r.return_value == TC_ACT_REDIRECT {
+                                    let o = wire::parse(&out[..r.data_size_out as usize]);
+                                    ports.push(o.src.port());
+                                }
+                            }
+                            rounds.push(ports);
+                            sync.wait();
+                        }
+                        rounds
+                    })
+                })
+                .collect();
+            for _ in 0..ROUNDS {
+                dp.pending_clear_all();
+                sync.wait();
+                sync.wait();
+            }
+            threads.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        let (mut twice, mut both) = (0, 0);
+        for (a, b) in taken[0].iter().zip(&taken[1]) {
+            let all: Vec<u16> = [&a[..], &b[..]].concat();
+            let distinct: std::collections::BTreeSet<u16> = all.iter().copied().collect();
+            twice += all.len() - distinct.len();
+            both += usize::from(!a.is_empty() && !b.is_empty());
+        }
+        assert_eq!(twice, 0, "ports sent from twice in a round");
+        assert!(
+            both > usize::from(ROUNDS) / 2,
+            "both CPUs took ports in {both} of {ROUNDS} rounds"
         );
     });
 }

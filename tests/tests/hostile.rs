@@ -556,7 +556,11 @@ fn conntrack_flood(flood: u64, long: usize, every: u64, nat: Nat) {
             totals["event_snat_port_taken"],
             totals["drop_snat_exhausted"],
         );
-        let cap = (o.conntrack_size + o.ct_new_size()) as usize;
+        // The maps' capacity, and the handshake table's (fixed) slots: a pending full-NAT
+        // handshake is listed with its reply half too, which its port's claim stands for
+        // (lb-common's `claim`) until its backend answers, no map entry.
+        let slots = o.syn_sets() * lb_common::syn::SYN_WAYS;
+        let cap = (o.conntrack_size + o.ct_new_size() + 2 * slots) as usize;
         assert!(
             max_entries <= cap && entries <= cap,
             "{max_entries} {entries} > {cap}"

@@ -32,10 +32,12 @@ impl Dataplane {
             );
         }
         let view = SynView::of(self.conntrack_fds[4].as_fd(), self.syn_view.sets)?;
+        let claims = ClaimView::of(self.conntrack_fds[5].as_fd(), self.claim_view.words)?;
         Ok(ConntrackReader {
             maps,
             maps6,
             view,
+            claims,
             hash_seed: self.options.hash_seed,
             cfg: self.options.dp_config(),
         })
@@ -54,12 +56,13 @@ impl Dataplane {
                 let (now, mut routes) = (monotonic_ns(), std::collections::HashMap::new());
                 self.syn_view
                     .pending()
-                    .filter(move |s| self.pending_live(s, now))
-                    .map(move |s| {
+                    .filter(move |(n, s)| self.pending_live(*n, s, now))
+                    .flat_map(move |(n, s)| {
                         let route = *routes
                             .entry(s.backend_id)
                             .or_insert_with(|| self.pending_route(s.backend_id, now));
-                        (s.key(), s.forward_entry(route))
+                        let reply = self.claimed_reply(n, &s, now);
+                        std::iter::once((s.key(), s.forward_entry(route))).chain(reply)
                     })
             })
             .collect()
@@ -88,16 +91,41 @@ impl Dataplane {
             .or_else(|| {
                 let now = monotonic_ns();
                 self.pending_slot(key)
+                    .filter(|(i, set, w)| self.pending_live(slot_name(*i, *w), &set.ways[*w], now))
                     .map(|(_, set, w)| set.ways[w])
-                    .filter(|s| self.pending_live(s, now))
                     .map(|s| s.forward_entry(self.pending_route(s.backend_id, now)))
             })
+            .or_else(|| self.pending_reply(key, monotonic_ns()))
     }
 
-    /// Whether pending handshake `s` is a flow at `now` (see [`pending_live`]).
-    fn pending_live(&self, s: &SynSlot, now: u64) -> bool {
+    /// The reply half of a pending full-NAT handshake whose port its claim holds (lb-common's
+    /// `claim`): the program writes it with the backend's first reply, and until then it is
+    /// listed as that will be, so both halves of the flow show. `key` is its reply key.
+    fn pending_reply(&self, key: &FlowKey, now: u64) -> Option<CtEntry> {
+        let name = lb_common::claim::holder(self.claim_view.word(key), now)?;
+        let s = self.syn_view.set(name >> 2)?.ways[(name & 3) as usize];
+        self.claimed_reply(name, &s, now)
+            .filter(|(k, _)| k == key)
+            .map(|(_, e)| e)
+    }
+
+    /// Pending handshake `s` (in slot `name`)'s reply half, keyed, if it is a full-NAT one
+    /// whose port its live claim holds (see [`Self::pending_reply`]).
+    fn claimed_reply(&self, name: u32, s: &SynSlot, now: u64) -> Option<(FlowKey, CtEntry)> {
+        claimed_reply((name, s), now, |k| self.claim_view.word(k))
+    }
+
+    /// Whether pending handshake `s`, in slot `name`, is a flow at `now` (see
+    /// [`pending_live`]).
+    fn pending_live(&self, name: u32, s: &SynSlot, now: u64) -> bool {
         let idle = self.options.tcp_idle.as_nanos() as u64;
-        pending_live(s, now, idle, |k| self.ct_new.get(k, 0).ok())
+        pending_live(
+            (name, s),
+            now,
+            idle,
+            |k| self.ct_new.get(k, 0).ok(),
+            |k| self.claim_view.word(k),
+        )
     }
 
     /// The set of the handshake table `key` lands in (see [`SynView::set_of`]).
@@ -126,6 +154,13 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Clears every pending handshake of the table (each way's check word stored 0), leaving
+    /// the conntrack maps as they are: for benchmarks whose flows would otherwise meet
+    /// handshakes of their earlier runs.
+    pub fn pending_clear_all(&self) {
+        self.syn_view.clear_all();
+    }
+
     /// Clears `key`'s pending handshake, if any, in place (see [`SynView::clear`]): nothing
     /// else in its set is touched.
     fn pending_remove(&mut self, key: &FlowKey) -> Result<()> {
@@ -142,6 +177,12 @@ impl Dataplane {
     /// Rewrites the entry at `key` in the map that holds it (unconfirmed flows' or the main
     /// one), or inserts it into the main map. For tests that stage or age flows.
     pub fn conntrack_update(&mut self, key: FlowKey, entry: CtEntry) -> Result<()> {
+        if self.pending_reply(&key, monotonic_ns()).is_some() {
+            // The reply half of a pending full-NAT handshake is its port's claim: its time is
+            // the claim's (what ages the hold).
+            self.claim_view.restamp(&key, entry.last_seen_ns);
+            return Ok(());
+        }
         if self.pending_slot(&key).is_some() {
             // A pending handshake's entry as written goes where the program moves it.
             self.ct_new
@@ -158,16 +199,25 @@ impl Dataplane {
         self.conntrack_insert(key, entry)
     }
 
+    /// How many entries CT_NEW itself holds (pending handshakes, and the reply halves their
+    /// claims stand for, not counted): what the program inserted there.
+    pub fn ct_new_len(&self) -> usize {
+        self.ct_new.keys().filter(|k| k.is_ok()).count()
+    }
+
     /// Whether `key` is an unconfirmed flow (in CT_NEW, or a handshake pending) rather than
     /// one of the main map.
     pub fn conntrack_unconfirmed(&self, key: &FlowKey) -> bool {
         self.ct_new.get(key, 0).is_ok() || self.conntrack_pending(key)
     }
 
-    /// Whether `key` is a handshake pending in the handshake table (lb-common's `syn`).
+    /// Whether `key` is a handshake pending in the handshake table (lb-common's `syn`), or the
+    /// reply key of a full-NAT one whose claim holds its port (no reply entry yet).
     pub fn conntrack_pending(&self, key: &FlowKey) -> bool {
+        let now = monotonic_ns();
         self.pending_slot(key)
-            .is_some_and(|(_, set, w)| self.pending_live(&set.ways[w], monotonic_ns()))
+            .is_some_and(|(i, set, w)| self.pending_live(slot_name(i, w), &set.ways[w], now))
+            || self.pending_reply(key, now).is_some()
     }
 
     /// The service address whose flows to IPv4 DNAT backend `backend` (`proto`) are recorded
@@ -226,30 +276,10 @@ unsafe impl Send for SynView {}
 impl SynView {
     /// Maps the table of `sets` sets behind descriptor `fd`.
     pub(super) fn of(fd: std::os::fd::BorrowedFd<'_>, sets: u32) -> Result<Self> {
-        use std::os::fd::AsRawFd;
-        // SAFETY: sysconf has no preconditions.
-        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
-            .unwrap_or(4096)
-            .max(1);
-        let len = (sets as usize * std::mem::size_of::<SynSet>()).div_ceil(page) * page;
-        // SAFETY: a fresh shared mapping of the map's memory; nothing else is mapped there.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(map_err(lb_common::syn::MAP_CT_SYN)(MapError::IoError(
-                std::io::Error::last_os_error(),
-            )));
-        }
+        let bytes = sets as usize * std::mem::size_of::<SynSet>();
+        let (p, len) = map_shared(fd, bytes, true, lb_common::syn::MAP_CT_SYN)?;
         Ok(Self {
-            base: std::ptr::NonNull::new(p.cast()).expect("mmap returned null"),
+            base: p.cast(),
             sets,
             len,
         })
@@ -283,12 +313,34 @@ impl SynView {
             .then(|| unsafe { std::ptr::read_volatile(self.base.as_ptr().add(set as usize)) })
     }
 
-    /// Every whole pending handshake of the table, read in place (no syscall per set).
-    pub(super) fn pending(&self) -> impl Iterator<Item = SynSlot> + '_ {
+    /// Every whole pending handshake of the table with its slot's name, read in place (no
+    /// syscall per set).
+    pub(super) fn pending(&self) -> impl Iterator<Item = (u32, SynSlot)> + '_ {
         (0..self.sets)
-            .filter_map(|i| self.set(i))
-            .flat_map(|set| set.ways)
-            .filter(SynSlot::is_valid)
+            .filter_map(|i| self.set(i).map(|set| (i, set)))
+            .flat_map(|(i, set)| {
+                set.ways
+                    .into_iter()
+                    .enumerate()
+                    .map(move |(w, s)| (slot_name(i, w), s))
+            })
+            .filter(|(_, s)| s.is_valid())
+    }
+
+    /// Clears every way of the table (its check word stored 0).
+    pub(super) fn clear_all(&self) {
+        for set in 0..self.sets as usize {
+            for w in 0..lb_common::syn::SYN_WAYS as usize {
+                // SAFETY: inside the mapping; a 4-aligned u32 the program writes with plain
+                // stores.
+                unsafe {
+                    let check =
+                        std::ptr::addr_of_mut!((*self.base.as_ptr().add(set)).ways[w].check);
+                    std::sync::atomic::AtomicU32::from_ptr(check)
+                        .store(0, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+        }
     }
 
     /// Clears the way of set `set` that holds `key`'s pending handshake, if one does, by a
@@ -336,18 +388,132 @@ impl Drop for SynView {
     }
 }
 
-/// Whether pending handshake `s` is a flow at `now` (CT_NEW read through `ct_new`), by the
-/// program's rules (its `pending`): not idle past the TCP timeout `tcp_idle_ns`, and a full-NAT
-/// one only with its reply entry, which holds its port, in CT_NEW (a new flow may have taken
-/// the port once the hold passed, leaving the slot). A slot that is over stays in the table
+/// A handshake-table slot's name as the program's claims hold it: its set, then its way.
+fn slot_name(set: u32, way: usize) -> u32 {
+    (set << 2) | way as u32
+}
+
+/// Maps `bytes` of the `BPF_F_MMAPABLE` array behind `fd` (`name`, for the error), shared,
+/// writable if `write`: the base and the mapping's length (whole pages).
+fn map_shared(
+    fd: std::os::fd::BorrowedFd<'_>,
+    bytes: usize,
+    write: bool,
+    name: &'static str,
+) -> Result<(std::ptr::NonNull<u8>, usize)> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: sysconf has no preconditions.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+        .unwrap_or(4096)
+        .max(1);
+    let len = bytes.div_ceil(page) * page;
+    let prot = if write {
+        libc::PROT_READ | libc::PROT_WRITE
+    } else {
+        libc::PROT_READ
+    };
+    // SAFETY: a fresh shared mapping of the map's memory; nothing else is mapped there.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            prot,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(map_err(name)(MapError::IoError(
+            std::io::Error::last_os_error(),
+        )));
+    }
+    Ok((
+        std::ptr::NonNull::new(p.cast()).expect("mmap returned null"),
+        len,
+    ))
+}
+
+/// The full-NAT port claims (lb-common's `claim`) mapped into this process: which pending
+/// full-NAT handshake holds its port by its claim rather than its reply entry. Written only by
+/// [`ClaimView::restamp`], for tests that age a claim.
+pub(super) struct ClaimView {
+    base: std::ptr::NonNull<u64>,
+    /// The array's words (its size, which userspace set from the same options as the
+    /// program's `snat_claims`).
+    pub(super) words: u32,
+    len: usize,
+}
+
+// SAFETY: as for `SynView`; volatile reads and compare-and-swaps of 8-aligned words.
+unsafe impl Send for ClaimView {}
+
+impl ClaimView {
+    /// Maps the `words` claim words behind descriptor `fd`.
+    pub(super) fn of(fd: std::os::fd::BorrowedFd<'_>, words: u32) -> Result<Self> {
+        let bytes = words as usize * 8;
+        let (p, len) = map_shared(fd, bytes, true, lb_common::claim::MAP_SNAT_CLAIMS)?;
+        Ok(Self {
+            base: p.cast(),
+            words,
+            len,
+        })
+    }
+
+    /// The claim word of full-NAT reply key `rkey`.
+    pub(super) fn word(&self, rkey: &FlowKey) -> u64 {
+        let i = lb_common::claim::claim_index(rkey, self.words);
+        if i >= self.words {
+            return 0;
+        }
+        // SAFETY: `i` < `words`, inside the mapping.
+        unsafe { std::ptr::read_volatile(self.base.as_ptr().add(i as usize)) }
+    }
+
+    /// Gives `rkey`'s claim word the time `at_ns`, naming what it named, by a compare-and-swap
+    /// (a word the program rewrote meanwhile stays). For tests that age a pending handshake.
+    pub(super) fn restamp(&self, rkey: &FlowKey, at_ns: u64) {
+        let i = lb_common::claim::claim_index(rkey, self.words);
+        if i >= self.words {
+            return;
+        }
+        // SAFETY: inside the mapping (checked above), an 8-aligned u64 the program reaches
+        // only by atomics and reads.
+        let atomic =
+            unsafe { std::sync::atomic::AtomicU64::from_ptr(self.base.as_ptr().add(i as usize)) };
+        let cur = atomic.load(std::sync::atomic::Ordering::SeqCst);
+        let new = lb_common::claim::word(at_ns, lb_common::claim::slot_of(cur));
+        let _ = atomic.compare_exchange(
+            cur,
+            new,
+            std::sync::atomic::Ordering::SeqCst,
+            std::sync::atomic::Ordering::SeqCst,
+        );
+    }
+}
+
+impl Drop for ClaimView {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `of`, unmapped once.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+    }
+}
+
+/// Whether pending handshake `s`, in slot `name`, is a flow at `now` (CT_NEW read through
+/// `ct_new`, the claim word of a reply key through `claim`), by the program's rules (its
+/// `pending`): not idle past the TCP timeout `tcp_idle_ns`, and a full-NAT one only while its
+/// port is held for it, by its live claim naming its slot (before its backend answers) or by
+/// its reply entry in CT_NEW (a new flow may have taken the port once the hold passed, leaving
+/// the slot). A slot that is over stays in the table
 /// until the program records a new handshake over it (the oldest way of a set goes first): the
 /// daemon's sweep does not write the table (see [`ConntrackReader::gc`]), and the drain purge
 /// clears one way in place ([`SynView::clear`]).
 fn pending_live(
-    s: &SynSlot,
+    (name, s): (u32, &SynSlot),
     now: u64,
     tcp_idle_ns: u64,
     ct_new: impl Fn(&FlowKey) -> Option<CtEntry>,
+    claim: impl Fn(&FlowKey) -> u64,
 ) -> bool {
     if s.idle_past(now, tcp_idle_ns) {
         return false;
@@ -357,7 +523,24 @@ fn pending_live(
     }
     let (key, fwd) = (s.key(), s.forward_entry(Route::NONE));
     let rkey = lb_common::ct::reply_key(&key, &fwd);
-    ct_new(&rkey).is_some_and(|r| lb_common::ct::is_reply_of(&r, &rkey, &key))
+    lb_common::claim::holder(claim(&rkey), now) == Some(name)
+        || ct_new(&rkey).is_some_and(|r| lb_common::ct::is_reply_of(&r, &rkey, &key))
+}
+
+/// Pending handshake `s` (in slot `name`)'s reply half, keyed, if it is a full-NAT flow whose
+/// port its live claim (read through `claim`) holds, naming its slot, at `now`: written by the
+/// program with the backend's first reply, listed as that will be until then.
+fn claimed_reply(
+    (name, s): (u32, &SynSlot),
+    now: u64,
+    claim: impl Fn(&FlowKey) -> u64,
+) -> Option<(FlowKey, CtEntry)> {
+    if !s.full_nat() || !s.is_valid() {
+        return None;
+    }
+    let (key, fwd) = (s.key(), s.forward_entry(Route::NONE));
+    let rkey = lb_common::ct::reply_key(&key, &fwd);
+    (lb_common::claim::holder(claim(&rkey), now) == Some(name)).then(|| (rkey, s.reply_entry()))
 }
 
 /// Full walks of the conntrack maps since the process started (each costs two syscalls per
@@ -382,6 +565,8 @@ pub struct ConntrackReader {
     maps6: Vec<HashMap<MapData, lb_common::v6::FlowKey6, lb_common::v6::CtEntry6>>,
     /// The handshake table, mapped (read in place; one way cleared in place).
     view: SynView,
+    /// The full-NAT port claims, mapped (read only here).
+    claims: ClaimView,
     hash_seed: u32,
     cfg: DpConfig,
 }
@@ -394,8 +579,11 @@ impl ConntrackReader {
                 let now = monotonic_ns();
                 self.view
                     .pending()
-                    .filter(move |s| self.pending_live(s, now))
-                    .map(|s| (s.key(), s.forward_entry(Route::NONE)))
+                    .filter(move |(n, s)| self.pending_live(*n, s, now))
+                    .flat_map(move |(n, s)| {
+                        let reply = claimed_reply((n, &s), now, |k| self.claims.word(k));
+                        std::iter::once((s.key(), s.forward_entry(Route::NONE))).chain(reply)
+                    })
             })
             .collect()
     }
@@ -407,10 +595,14 @@ impl ConntrackReader {
     }
 
     /// [`pending_live`] with CT_NEW read through this reader's descriptor.
-    fn pending_live(&self, s: &SynSlot, now: u64) -> bool {
-        pending_live(s, now, self.cfg.tcp_idle_ns, |k| {
-            self.maps[1].get(k, 0).ok()
-        })
+    fn pending_live(&self, name: u32, s: &SynSlot, now: u64) -> bool {
+        pending_live(
+            (name, s),
+            now,
+            self.cfg.tcp_idle_ns,
+            |k| self.maps[1].get(k, 0).ok(),
+            |k| self.claims.word(k),
+        )
     }
 
     /// The entries of the two conntrack maps (not the handshake table).

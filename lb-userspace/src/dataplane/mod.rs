@@ -116,6 +116,11 @@ impl DataplaneOptions {
         lb_common::syn::syn_sets(self.ct_new_size())
     }
 
+    /// Words of the full-NAT port claims (`lb_common::claim`).
+    pub fn snat_claims(&self) -> u32 {
+        lb_common::claim::snat_claims(self.ct_new_size())
+    }
+
     /// The global the program reads.
     pub fn dp_config(&self) -> DpConfig {
         DpConfig {
@@ -141,7 +146,7 @@ impl DataplaneOptions {
             snat_port_last: self.snat_ports.last,
             snat_reuse_ms: self.snat_reuse.as_millis().min(u128::from(u32::MAX)) as u32,
             syn_sets: self.syn_sets(),
-            _pad: 0,
+            snat_claims: self.snat_claims(),
         }
     }
 }
@@ -169,7 +174,7 @@ fn random_u32() -> u32 {
 }
 
 /// Every map of the object; all are pinned (the read-only config global is not a map of ours).
-const MAPS: [&str; 22] = [
+const MAPS: [&str; 23] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     lb_common::MAP_BACKEND_ROUTES,
@@ -177,6 +182,7 @@ const MAPS: [&str; 22] = [
     MAP_CONNTRACK,
     lb_common::MAP_CT_NEW,
     lb_common::syn::MAP_CT_SYN,
+    lb_common::claim::MAP_SNAT_CLAIMS,
     lb_common::MAP_LAZY_REPLY,
     lb_common::MAP_PORTS,
     MAP_SERVICE_STATS,
@@ -226,11 +232,13 @@ pub struct Dataplane {
     /// Handshakes pending (lb-common's `syn`), the map mapped into this process: read in
     /// place, one way cleared in place.
     syn_view: conntrack::SynView,
+    /// The full-NAT port claims (lb-common's `claim`), mapped (read; written by tests only).
+    claim_view: conntrack::ClaimView,
     /// DNAT backend -> the service whose flows to it get their reply entry lazily.
     lazy_reply: HashMap<MapData, ServiceKey, ServiceKey>,
     /// Second descriptors of the conntrack maps (IPv4's two, then IPv6's, then the handshake
-    /// table), for [`Dataplane::conntrack_reader`].
-    conntrack_fds: [std::os::fd::OwnedFd; 5],
+    /// table and the port claims), for [`Dataplane::conntrack_reader`].
+    conntrack_fds: [std::os::fd::OwnedFd; 6],
     options: DataplaneOptions,
     attached: Vec<String>,
     adopted: bool,
@@ -316,6 +324,7 @@ impl Dataplane {
                     MAP_CONNTRACK
                     | lb_common::MAP_CT_NEW
                     | lb_common::syn::MAP_CT_SYN
+                    | lb_common::claim::MAP_SNAT_CLAIMS
                     | lb_common::v6::MAP_CONNTRACK6
                     | lb_common::v6::MAP_CT_NEW6 => "dataplane.conntrack_size",
                     MAP_MAGLEV => "dataplane.maglev_table_size x dataplane.max_services",
@@ -380,6 +389,7 @@ impl Dataplane {
             .map_max_entries(MAP_CONNTRACK, options.conntrack_size)
             .map_max_entries(lb_common::MAP_CT_NEW, options.ct_new_size())
             .map_max_entries(lb_common::syn::MAP_CT_SYN, options.syn_sets())
+            .map_max_entries(lb_common::claim::MAP_SNAT_CLAIMS, options.snat_claims())
             .map_max_entries(lb_common::v6::MAP_SERVICES6, options.max_services)
             .map_max_entries(lb_common::v6::MAP_BACKENDS6, options.max_backends)
             .map_max_entries(lb_common::v6::MAP_CONNTRACK6, options.conntrack_size)
@@ -433,16 +443,22 @@ impl Dataplane {
             dup(lb_common::v6::MAP_CONNTRACK6)?,
             dup(lb_common::v6::MAP_CT_NEW6)?,
             dup(lb_common::syn::MAP_CT_SYN)?,
+            dup(lb_common::claim::MAP_SNAT_CLAIMS)?,
         ];
         let ct_syn: Array<MapData, lb_common::syn::SynSet> =
             take!(ebpf, lb_common::syn::MAP_CT_SYN);
         // Only its size is needed: the table is read and written through the mapping.
         let syn_view = conntrack::SynView::of(conntrack_fds[4].as_fd(), ct_syn.len())?;
         drop(ct_syn);
+        let claims: Array<MapData, u64> = take!(ebpf, lb_common::claim::MAP_SNAT_CLAIMS);
+        // Read through the mapping only (the daemon lists the handshakes whose claims name them).
+        let claim_view = conntrack::ClaimView::of(conntrack_fds[5].as_fd(), claims.len())?;
+        drop(claims);
         Ok(Self {
             conntrack_fds,
             ct_new: take!(ebpf, lb_common::MAP_CT_NEW),
             syn_view,
+            claim_view,
             lazy_reply: take!(ebpf, lb_common::MAP_LAZY_REPLY),
             services: take!(ebpf, MAP_SERVICES),
             backends: take!(ebpf, MAP_BACKENDS),

@@ -221,7 +221,7 @@ fn empty_conntrack(f: &mut Fixture) {
 fn measure_laps(
     f: &mut Fixture,
     pkt: &dyn Fn(u16) -> Vec<u8>,
-    empty: bool,
+    (empty, no_pending): (bool, bool),
     (path, target): (&'static str, Option<f64>),
 ) -> Row {
     let ctx = ctx_for(ifindex("fx0"));
@@ -229,6 +229,8 @@ fn measure_laps(
     let lap = |f: &mut Fixture, port: u16| {
         if empty {
             empty_conntrack(f);
+        } else if no_pending {
+            f.rec.dataplane_mut().pending_clear_all();
         }
         let p = pkt(port);
         let mut out = vec![0u8; p.len() + 256];
@@ -821,7 +823,20 @@ fn main() {
                     (Nat::Full, true) => Some(350.0),
                     _ => None,
                 };
-                rows.push(measure_laps(&mut f, &pkt, !evict, (path, target)));
+                // Full NAT with full maps: the handshake table emptied before each lap. The
+                // ring feeds berth's own full-NAT output back to it as new flows, and a source
+                // port whose claim went with its overwritten handshake (lb-common's `claim`)
+                // may go to a flow of a later lap, whose next hop then meets the earlier lap's
+                // handshake still pending there (the runs left the path: ~3%). The maps stay
+                // full; the emptied table's claims are judged abandoned as an overwritten
+                // one's are.
+                let no_pending = nat == Nat::Full && evict;
+                rows.push(measure_laps(
+                    &mut f,
+                    &pkt,
+                    (!evict, no_pending),
+                    (path, target),
+                ));
             }
             rows
         }
@@ -1194,7 +1209,7 @@ fn v6_rows(a: &Args) -> Vec<Row> {
                 .expect("install ring service");
             }
             let pkt = |port: u16| Ipv6Packet::tcp(sa6(CLIENT6, port), addr(0), TCP_SYN).build();
-            rows.push(measure_laps(&mut f, &pkt, !evict, (path, None)));
+            rows.push(measure_laps(&mut f, &pkt, (!evict, false), (path, None)));
         }
         rows
     })

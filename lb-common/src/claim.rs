@@ -1,0 +1,172 @@
+//! Full-NAT source-port claims (issue 14): how a new IPv4 full-NAT TCP flow holds its source
+//! port while its handshake is pending, without an insert into an LRU map.
+//!
+//! A full-NAT flow's reply key is backend address and port -> berth's address and the flow's
+//! source port; two flows must never share one. The reply entry's insert-if-absent into
+//! `CT_NEW` used to be the reservation, and that insert was most of what full NAT added to a
+//! new flow's cost. Now the port is reserved in [`MAP_SNAT_CLAIMS`], an array of 64-bit claim
+//! words indexed by the reply key ([`claim_index`]), taken by one compare-and-swap; the reply
+//! entry is written with the backend's first reply (or the client's next packet), from the
+//! flow's pending forward entry in the handshake table (`syn`), which the claim names.
+//!
+//! A claim word holds when it was taken ([`CLAIM_TICK_SHIFT`]-ns ticks, high half) and the
+//! handshake-table slot of its flow plus one (low half; 0 while the slot is being written). It
+//! holds its port for [`crate::ct::UNCONFIRMED_PORT_HOLD_NS`] (the hold an unconfirmed reply
+//! entry had), or until the flow's pair is in `CT_NEW` (the claim is released then; the reply
+//! entry holds the port from there on). A claim word is for one reply key, but a slot of the
+//! array may be the index of several (of different backends): a port held there is merely
+//! tried by no other flow until it is free (the flow tries its next port).
+//!
+//! Nothing but a compare-and-swap takes a word, so two CPUs never take one; a flow that took
+//! a word checks the conntrack maps only then (a flow whose pair reached `CT_NEW` releases its
+//! word only after its reply entry is there), so a port is never held by two flows at once.
+
+use crate::{FlowKey, ct::UNCONFIRMED_PORT_HOLD_NS};
+
+/// The claim words: an array of `u64`, `snat_claims(..)` long (a power of two).
+pub const MAP_SNAT_CLAIMS: &str = "SNAT_CLAIMS";
+
+/// A claim's clock: `now_ns >> CLAIM_TICK_SHIFT` (~1 ms ticks; the 32-bit tick wraps in ~52
+/// days, and a claim is judged by a wrapping difference).
+pub const CLAIM_TICK_SHIFT: u32 = 20;
+
+/// How many ticks a claim holds its port.
+pub const CLAIM_HOLD_TICKS: u32 = (UNCONFIRMED_PORT_HOLD_NS >> CLAIM_TICK_SHIFT) as u32;
+
+/// Number of claim words for an unconfirmed-flow capacity of `ct_new_size` entries: a power of
+/// two, at least 65,536 (so the ports of one reply key never share a word) and at least four
+/// per pending handshake (so reply keys of different backends seldom do).
+pub const fn snat_claims(ct_new_size: u32) -> u32 {
+    let want = ct_new_size.saturating_mul(4);
+    if want <= 65_536 {
+        65_536
+    } else if want > 1 << 30 {
+        1 << 30
+    } else {
+        want.next_power_of_two()
+    }
+}
+
+/// The claim word of full-NAT reply key `rkey` (backend -> berth's address and port) in an
+/// array of `claims` words (a power of two of at least 65,536): the key without its port
+/// hashed, plus the port, so the ports of one backend take consecutive words.
+#[inline(always)]
+pub const fn claim_index(rkey: &FlowKey, claims: u32) -> u32 {
+    let mut h = (rkey.proto as u32).wrapping_mul(0x9e37_79b9) ^ 0x2545_f491;
+    h = crate::hash::mix(h, rkey.saddr);
+    h = crate::hash::mix(h, rkey.daddr);
+    h = crate::hash::mix(h, rkey.sport as u32);
+    let port = u16::from_be(rkey.dport) as u32;
+    (crate::hash::finalize(h).wrapping_add(port)) & claims.wrapping_sub(1)
+}
+
+/// The tick of `now_ns`.
+#[inline(always)]
+pub const fn tick(now_ns: u64) -> u32 {
+    (now_ns >> CLAIM_TICK_SHIFT) as u32
+}
+
+/// A claim word taken at `now_ns` for the flow recorded in handshake-table slot `slot`
+/// (`None`: not recorded yet).
+#[inline(always)]
+pub const fn word(now_ns: u64, slot: Option<u32>) -> u64 {
+    let low = match slot {
+        Some(s) => s.wrapping_add(1),
+        None => 0,
+    };
+    ((tick(now_ns) as u64) << 32) | low as u64
+}
+
+/// Whether claim word `w` holds its port at `now_ns`.
+#[inline(always)]
+pub const fn live(w: u64, now_ns: u64) -> bool {
+    w != 0 && tick(now_ns).wrapping_sub((w >> 32) as u32) <= CLAIM_HOLD_TICKS
+}
+
+/// The handshake-table slot claim word `w` names, if its flow is recorded.
+#[inline(always)]
+pub const fn slot_of(w: u64) -> Option<u32> {
+    match w as u32 {
+        0 => None,
+        s => Some(s - 1),
+    }
+}
+
+/// The handshake-table slot of the flow whose claim word `w` holds its port at `now_ns`.
+#[inline(always)]
+pub const fn holder(w: u64, now_ns: u64) -> Option<u32> {
+    if live(w, now_ns) { slot_of(w) } else { None }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+
+    use super::*;
+    use crate::{IPPROTO_TCP, ipv4_to_wire, port_to_wire};
+
+    fn rkey(backend: [u8; 4], port: u16) -> FlowKey {
+        FlowKey::new(
+            ipv4_to_wire(backend),
+            ipv4_to_wire([10, 0, 0, 1]),
+            port_to_wire(8000),
+            port_to_wire(port),
+            IPPROTO_TCP,
+        )
+    }
+
+    #[test]
+    fn a_claim_holds_for_the_unconfirmed_hold_and_names_its_slot() {
+        let t0 = 1_000_000_000_000u64;
+        let w = word(t0, Some(77));
+        assert_eq!(holder(w, t0), Some(77));
+        assert!(live(
+            w,
+            t0 + UNCONFIRMED_PORT_HOLD_NS - (2 << CLAIM_TICK_SHIFT)
+        ));
+        assert!(!live(
+            w,
+            t0 + UNCONFIRMED_PORT_HOLD_NS + (2 << CLAIM_TICK_SHIFT)
+        ));
+        assert_eq!(holder(w, t0 + 2 * UNCONFIRMED_PORT_HOLD_NS), None);
+        // Slot 0 is named too; a word being written names none but holds.
+        assert_eq!(holder(word(t0, Some(0)), t0), Some(0));
+        let reserved = word(t0, None);
+        assert!(live(reserved, t0) && holder(reserved, t0).is_none());
+        assert!(!live(0, t0), "a word never taken holds nothing");
+        // Across the tick counter's wrap.
+        let wrap = (u32::MAX as u64) << CLAIM_TICK_SHIFT;
+        assert!(live(word(wrap, Some(1)), wrap + (3 << CLAIM_TICK_SHIFT)));
+    }
+
+    #[test]
+    fn one_backends_ports_never_share_a_word() {
+        for claims in [65_536u32, 1 << 18] {
+            let mut seen = std::collections::BTreeSet::new();
+            for port in 0..=u16::MAX {
+                assert!(seen.insert(claim_index(&rkey([10, 2, 0, 5], port), claims)));
+            }
+        }
+        assert_eq!(snat_claims(1024), 65_536);
+        assert_eq!(snat_claims(65_536), 262_144);
+        assert_eq!(snat_claims(u32::MAX), 1 << 30);
+    }
+
+    #[test]
+    fn backends_spread_over_the_words() {
+        // Two backends' default port ranges (61000-65535) seldom meet in the default array.
+        let claims = snat_claims(65_536);
+        let mut met = 0;
+        for b in 1..=64u8 {
+            let a: std::collections::BTreeSet<u32> = (61_000..=65_535)
+                .map(|p| claim_index(&rkey([10, 2, 0, b], p), claims))
+                .collect();
+            let c: std::collections::BTreeSet<u32> = (61_000..=65_535)
+                .map(|p| claim_index(&rkey([10, 2, 1, b], p), claims))
+                .collect();
+            met += a.intersection(&c).count();
+        }
+        // Uniform placement would share ~4536 * 4536 / 262144 = 78 words per pair.
+        assert!(met < 64 * 300, "{met} shared words over 64 pairs");
+    }
+}

@@ -1,0 +1,125 @@
+//! The full-NAT source-port claims' reads and writes (see lb-common's `claim` for the design):
+//! a new IPv4 full-NAT TCP flow holds its port by one compare-and-swap of a claim word instead
+//! of inserting its reply entry into CT_NEW.
+
+use core::{
+    intrinsics::{AtomicOrdering, atomic_cxchg},
+    ptr::{read_volatile, write_volatile},
+};
+
+use lb_common::{
+    FlowKey,
+    claim::{claim_index, holder, live, slot_of, word},
+};
+
+use crate::{config, maps::SNAT_CLAIMS, syn};
+
+/// Whether `port` (network order) is one full NAT takes its source ports from: only a reply
+/// key with such a destination port can be claimed.
+#[inline(always)]
+pub fn in_range(port: u16) -> bool {
+    let (cfg, p) = (config(), u16::from_be(port));
+    cfg.snat_port_first != 0 && p >= cfg.snat_port_first && p <= cfg.snat_port_last
+}
+
+/// The claim word of reply key `rkey`.
+#[inline(always)]
+fn at(rkey: &FlowKey) -> Option<*mut u64> {
+    SNAT_CLAIMS.get_ptr_mut(claim_index(rkey, config().snat_claims))
+}
+
+/// Replaces `old` by `new` at `w` if `w` still holds `old`.
+#[inline(always)]
+fn swap(w: *mut u64, old: u64, new: u64) -> bool {
+    // SAFETY: an array map's value pointer, valid and 8-aligned for the run; other CPUs (and
+    // userspace, through its mapping) reach the word only by atomic operations or reads.
+    // (The value compared rather than the intrinsic's flag, and `SeqCst` both ways: the other
+    // forms made bitcode bpf-linker's LLVM refused to read, "Invalid br record".)
+    unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(w, old, new).0
+            == old
+    }
+}
+
+/// Takes `rkey`'s claim word at `now` for a flow not recorded yet, unless a live claim holds it
+/// (maybe another reply key's sharing the word) for a flow still pending. Returns the word
+/// taken.
+#[inline(always)]
+pub fn take(rkey: &FlowKey, now: u64) -> Option<u64> {
+    let i = claim_index(rkey, config().snat_claims);
+    let w = SNAT_CLAIMS.get_ptr_mut(i)?;
+    // SAFETY: see `swap`; a racing write makes the swap below fail.
+    let cur = unsafe { read_volatile(w) };
+    let mine = word(now, None);
+    if (live(cur, now) && !abandoned(cur, i)) || !swap(w, cur, mine) {
+        return None;
+    }
+    Some(mine)
+}
+
+/// Whether live claim word `cur`, at index `i`, names a handshake-table slot that holds no
+/// full-NAT flow claiming that word any more (a newer handshake took the slot, or it was
+/// cleared): the claim went with its handshake, as an unconfirmed reply entry went with the
+/// LRU's eviction, so the claims held at once are bounded by the table's size rather than by
+/// the new-flow rate. Judged in place (a slot being written reads as abandoned: it is another
+/// flow's then; a flow settles its claim only once its slot is written). A BPF subprogram (its
+/// branches are not carried through the port search).
+#[inline(never)]
+fn abandoned(cur: u64, i: u32) -> bool {
+    let Some(slot) = slot_of(cur) else {
+        // Being recorded.
+        return false;
+    };
+    let Some(s) = syn::named(slot) else {
+        return true;
+    };
+    let rkey = FlowKey::new(
+        s.nat_addr,
+        s.fnat_addr,
+        s.nat_port as u16,
+        s.fnat_port as u16,
+        s.proto as u8,
+    );
+    s.check == 0 || !s.full_nat() || claim_index(&rkey, config().snat_claims) != i
+}
+
+/// Gives back the claim word `mine` that `take` returned for `rkey` (the port was held
+/// elsewhere after all).
+#[inline(always)]
+pub fn give_back(rkey: &FlowKey, mine: u64) {
+    if let Some(w) = at(rkey) {
+        swap(w, mine, 0);
+    }
+}
+
+/// Names handshake-table slot `slot` in the claim word `mine` that `take` returned for `rkey`.
+/// A plain store: a word naming no slot yet holds its port and is never judged abandoned, so no
+/// other CPU takes it meanwhile.
+#[inline(always)]
+pub fn settle(rkey: &FlowKey, mine: u64, slot: u32) {
+    if let Some(w) = at(rkey) {
+        // SAFETY: see `swap`.
+        unsafe { write_volatile(w, (mine & !0xffff_ffff) | u64::from(slot.wrapping_add(1))) };
+    }
+}
+
+/// The handshake-table slot of the flow whose live claim holds `rkey`'s word, if recorded.
+#[inline(always)]
+pub fn slot_holding(rkey: &FlowKey, now: u64) -> Option<u32> {
+    let w = at(rkey)?;
+    // SAFETY: see `swap`.
+    holder(unsafe { read_volatile(w) }, now)
+}
+
+/// Releases `rkey`'s claim word if it names handshake-table slot `slot` (the flow's pair is in
+/// CT_NEW: its reply entry holds the port from now on).
+#[inline(always)]
+pub fn release(rkey: &FlowKey, slot: u32) {
+    if let Some(w) = at(rkey) {
+        // SAFETY: see `swap`.
+        let cur = unsafe { read_volatile(w) };
+        if cur as u32 == slot.wrapping_add(1) {
+            swap(w, cur, 0);
+        }
+    }
+}
