@@ -27,7 +27,8 @@ use aya_ebpf::{
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup,
     },
     helpers::generated::{
-        bpf_fib_lookup as fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_redirect_neigh,
+        bpf_fib_lookup as fib_lookup, bpf_ktime_get_coarse_ns, bpf_loop, bpf_redirect,
+        bpf_redirect_neigh,
     },
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
@@ -180,6 +181,10 @@ pub struct Work6 {
     /// A tracked flow's other key: the reply key of a forward packet (`forward6`), or of an
     /// expired forward entry (`process`).
     pair_key: FlowKey6,
+    /// A new full-NAT flow's hash, for its port search's tries (`port_try6`).
+    hash: u32,
+    /// Whether the port search took a port (set by `port_try6`).
+    taken: u32,
 }
 
 /// This CPU's `WORK6` slot.
@@ -1427,31 +1432,61 @@ fn take_port6(p: &Pkt6) -> bool {
     }
 }
 
-/// [`take_port6`]'s search, in `table`.
+/// [`take_port6`]'s search, in `table`: the tries under `bpf_loop` (as IPv4's, see
+/// `take_port`: the callback is verified once, not once per try).
 #[inline(always)]
 fn take_port6_in(table: &'static Table6, p: &Pkt6) -> bool {
-    let (cfg, now) = (config(), p.now);
-    let hash = flow_hash6(&p.key, cfg.hash_seed);
-    let (first, last) = (cfg.snat_port_first, cfg.snat_port_last);
-    if first == 0 || last < first {
+    let cfg = config();
+    if cfg.snat_port_first == 0 || cfg.snat_port_last < cfg.snat_port_first {
         return false;
     }
     let Some(w) = work() else {
         return false;
     };
-    for t in 0..ct::SNAT_TRIES {
-        w.rkey.dport = port_to_wire(ct::snat_port(hash, t, first, last));
-        if port_free6(other6(table), &w.rkey, now)
-            && port_free6(table, &w.rkey, now)
-            && table
-                .insert(&w.rkey, &w.half, u64::from(BPF_NOEXIST))
-                .is_ok()
-        {
-            return true;
-        }
-        count(Reason::EventSnatPortTaken);
+    w.hash = flow_hash6(&p.key, cfg.hash_seed);
+    w.taken = 0;
+    let callback = if core::ptr::eq(table, &CT_NEW6) {
+        port_try6::<true> as *mut core::ffi::c_void
+    } else {
+        port_try6::<false> as *mut core::ffi::c_void
+    };
+    // SAFETY: a helper taking a static callback and no context (the callback reads this
+    // CPU's scratch slots).
+    unsafe { bpf_loop(ct::SNAT_TRIES, callback, core::ptr::null_mut(), 0) };
+    // SAFETY: a volatile read of this CPU's slot, written by the callback.
+    unsafe { core::ptr::read_volatile(&w.taken) != 0 }
+}
+
+/// [`take_port6`]'s `bpf_loop` callback, try `i`, in CT_NEW6 if `NEW`, else CONNTRACK6: the
+/// try's port into `WORK6`'s reply key; if it is free in both maps and the `BPF_NOEXIST`
+/// insert of the reply entry succeeds, marks the search done and returns 1 (stop), else 0.
+extern "C" fn port_try6<const NEW: bool>(i: u64, _ctx: *mut core::ffi::c_void) -> i64 {
+    let (Some(w), Some(p)) = (work(), SCRATCH6.get_ptr(0)) else {
+        return 1;
+    };
+    // SAFETY: this CPU's slot of a per-CPU array, valid for the run (see `work`).
+    let now = unsafe { (*p).now };
+    let cfg = config();
+    let table: &Table6 = if NEW { &CT_NEW6 } else { &CONNTRACK6 };
+    // SAFETY: a volatile read of this CPU's slot (written before the loop).
+    let hash = unsafe { core::ptr::read_volatile(&w.hash) };
+    w.rkey.dport = port_to_wire(ct::snat_port(
+        hash,
+        i as u32,
+        cfg.snat_port_first,
+        cfg.snat_port_last,
+    ));
+    if port_free6(other6(table), &w.rkey, now)
+        && port_free6(table, &w.rkey, now)
+        && table
+            .insert(&w.rkey, &w.half, u64::from(BPF_NOEXIST))
+            .is_ok()
+    {
+        w.taken = 1;
+        return 1;
     }
-    false
+    count(Reason::EventSnatPortTaken);
+    0
 }
 
 /// Whether full-NAT reply key `rkey` may be taken by a new flow in `table` (IPv4's

@@ -582,10 +582,128 @@ enum Prog {
     /// XDP in live-frames mode: each run also builds and transmits a frame and the veth peer
     /// receives it, costs neither do-nothing floor includes, so the row has none.
     XdpLive,
+    /// The TC program in test runs of one packet each (each run a packet of its own), beside
+    /// the do-nothing classifier run the same way: the kernel's per-run time then includes its
+    /// clock reads, which that floor has too.
+    TcSingle,
 }
 
 const TC_FLOOR: &str = "floor: do-nothing classifier";
 const XDP_FLOOR: &str = "XDP floor: do-nothing XDP program";
+const SINGLE_FLOOR: &str = "floor: do-nothing classifier, runs of one";
+const FIRST_REPLY: &str =
+    "full NAT: a handshake's first reply (reply entry written, forward entry moved; runs of one)";
+const FIRST_SYN: &str = "full NAT: a handshake's SYN (new flow; runs of one)";
+
+/// Handshakes per round of [`measure_first_replies`].
+const FIRST_REPLY_ROUND: u16 = 4000;
+
+/// A full-NAT handshake's first reply: the backend's SYN-ACK finds no entry, writes the reply
+/// entry from the pending flow its port's claim names (lb-common's `claim`), and the reply path
+/// moves the forward entry beside it: the two inserts of the handshake (one of them the SYN's
+/// before the claims). Each run needs a handshake of its own, so each round sets up
+/// [`FIRST_REPLY_ROUND`] SYNs (unmeasured) and measures their SYN-ACKs in test runs of one,
+/// then the do-nothing classifier on the same packets the same way. The rows' figures are the
+/// medians over the rounds of each round's average.
+fn measure_first_replies(a: &Args) -> Vec<Row> {
+    let mut f = Fixture::new(
+        DataplaneOptions {
+            conntrack_size: 1 << 18,
+            // Room for every round's handshakes on one backend.
+            snat_ports: lb_userspace::config::PortRange {
+                first: 2000,
+                last: 65000,
+            },
+            decrement_ttl: false,
+            ..options()
+        },
+        with_nat(
+            vec![svc(
+                "f",
+                "10.99.0.1:80",
+                Protocol::Tcp,
+                &[(backend(1), 8000, 1)],
+            )],
+            Nat::Full,
+        ),
+    );
+    let vip = SocketAddrV4::new(VIP, 80);
+    let ctx = ctx_for(ifindex("fx0"));
+    let run_one = |prog: &SchedClassifier, pkt: &[u8], out: &mut Vec<u8>| {
+        prog.test_run(TestRunOptions {
+            data_in: Some(pkt),
+            data_out: Some(out),
+            ctx_in: Some(&ctx),
+            ..TestRunOptions::default()
+        })
+        .expect("BPF_PROG_TEST_RUN")
+    };
+    let (mut syns, mut replies, mut floors) = (Vec::new(), Vec::new(), Vec::new());
+    // A row of runs of one: the median of the rounds' averages, checked by how many of the
+    // runs took the path (`n` of them counted `reason`).
+    let timed = |path, samples: &[f64], reason: &str, n: u64| Row {
+        path,
+        prog: Prog::TcSingle,
+        ns: median(samples),
+        target: None,
+        check: format!(
+            "{reason} {n}/{}",
+            u64::from(FIRST_REPLY_ROUND) * samples.len() as u64
+        ),
+        on_path: n as f64 / (u64::from(FIRST_REPLY_ROUND) * samples.len() as u64) as f64,
+    };
+    let (mut redirected, mut forwarded) = (0u64, 0u64);
+    let mut out = vec![0u8; 256];
+    let rounds = a.rounds.min(6) as u16;
+    for round in 0..rounds {
+        let mut total = 0u128;
+        let before = reason_count(&f, Reason::FwdRedirect);
+        let synacks: Vec<Vec<u8>> = (0..FIRST_REPLY_ROUND)
+            .map(|i| {
+                let c = SocketAddrV4::new(CLIENT, 10000 + round * FIRST_REPLY_ROUND + i);
+                let syn = Ipv4Packet::tcp(c, vip, TCP_SYN).build();
+                let r = run_one(f.dp().program(), &syn, &mut out);
+                total += r.duration.as_nanos();
+                let o = berth_tests::wire::parse(&out[..r.data_size_out as usize]);
+                berth_tests::fixture::from_backend(Ipv4Packet::tcp_seq(
+                    o.dst,
+                    o.src,
+                    TCP_SYN | TCP_ACK,
+                    7000,
+                    1,
+                    &[],
+                ))
+            })
+            .collect();
+        forwarded += reason_count(&f, Reason::FwdRedirect) - before;
+        syns.push(total as f64 / f64::from(FIRST_REPLY_ROUND));
+        let before = reason_count(&f, Reason::ReplyRedirect);
+        let mut total = 0u128;
+        for s in &synacks {
+            total += run_one(f.dp().program(), s, &mut out).duration.as_nanos();
+        }
+        redirected += reason_count(&f, Reason::ReplyRedirect) - before;
+        replies.push(total as f64 / f64::from(FIRST_REPLY_ROUND));
+        let noop = f.rec.dataplane_mut().noop_program().expect("noop program");
+        let mut total = 0u128;
+        for s in &synacks {
+            total += run_one(noop, s, &mut out).duration.as_nanos();
+        }
+        floors.push(total as f64 / f64::from(FIRST_REPLY_ROUND));
+    }
+    vec![
+        Row {
+            path: SINGLE_FLOOR,
+            prog: Prog::TcSingle,
+            ns: median(&floors),
+            target: None,
+            check: "-".into(),
+            on_path: 1.0,
+        },
+        timed(FIRST_SYN, &syns, "fwd_redirect", forwarded),
+        timed(FIRST_REPLY, &replies, "reply_redirect", redirected),
+    ]
+}
 
 impl Prog {
     /// The path of the row measuring this program's do-nothing floor.
@@ -594,6 +712,7 @@ impl Prog {
             Prog::Tc => Some(TC_FLOOR),
             Prog::Xdp => Some(XDP_FLOOR),
             Prog::XdpLive => None,
+            Prog::TcSingle => Some(SINGLE_FLOOR),
         }
     }
 }
@@ -837,6 +956,9 @@ fn main() {
                     (!evict, no_pending),
                     (path, target),
                 ));
+            }
+            if a.wants(FIRST_REPLY) || a.wants(FIRST_SYN) {
+                rows.extend(measure_first_replies(&a));
             }
             rows
         }
