@@ -237,6 +237,19 @@ impl SynSlot {
         }
     }
 
+    /// A full-NAT flow's reply key (backend -> berth's address and port): `ct::reply_key` of
+    /// its key and forward entry, from the slot's fields.
+    #[inline(always)]
+    pub const fn full_nat_reply_key(&self) -> FlowKey {
+        FlowKey::new(
+            self.nat_addr,
+            self.fnat_addr,
+            self.nat_port as u16,
+            self.fnat_port as u16,
+            self.proto as u8,
+        )
+    }
+
     /// A full-NAT flow's reply entry as its first reply writes it into `CT_NEW`, from the
     /// pending forward entry (the one its first packet used to insert, which took its port):
     /// backend -> berth's address and port, translated back to the service address for the
@@ -438,6 +451,7 @@ mod tests {
         let r = s.reply_entry();
         assert!(ct::is_reply_of(&r, &rkey, &fkey) && ct::is_forward_of(&fwd, &fkey, &rkey));
         assert_eq!(ct::forward_key(&rkey, &r), fkey);
+        assert_eq!(s.full_nat_reply_key(), rkey);
         // What the flow's first packet inserted when the reply entry took the port.
         let first = CtEntry {
             nat_addr: fkey.daddr,

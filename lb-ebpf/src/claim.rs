@@ -12,6 +12,8 @@ use lb_common::{
     claim::{claim_index, holder, live, slot_of, word},
 };
 
+use aya_ebpf::helpers::generated::bpf_loop;
+
 use crate::{config, maps::SNAT_CLAIMS, syn};
 
 /// Whether `port` (network order) is one full NAT takes its source ports from: only a reply
@@ -73,14 +75,7 @@ fn abandoned(cur: u64, i: u32) -> bool {
     let Some(s) = syn::named(slot) else {
         return true;
     };
-    let rkey = FlowKey::new(
-        s.nat_addr,
-        s.fnat_addr,
-        s.nat_port as u16,
-        s.fnat_port as u16,
-        s.proto as u8,
-    );
-    s.check == 0 || !s.full_nat() || claim_index(&rkey, config().snat_claims) != i
+    s.check == 0 || !s.full_nat() || claim_index(&s.full_nat_reply_key(), config().snat_claims) != i
 }
 
 /// Gives back the claim word `mine` that `take` returned for `rkey` (the port was held
@@ -109,6 +104,22 @@ pub fn slot_holding(rkey: &FlowKey, now: u64) -> Option<u32> {
     let w = at(rkey)?;
     // SAFETY: see `swap`.
     holder(unsafe { read_volatile(w) }, now)
+}
+
+/// Runs the port search's tries (`ct::SNAT_TRIES`) through `bpf_loop` with `callback` (a
+/// static `extern "C" fn(u64, *mut c_void) -> i64` of the family's, which reads its state from
+/// the per-CPU scratch slots): verified once, where a loop's body is walked once per try.
+#[inline(always)]
+pub fn port_search(callback: *mut core::ffi::c_void) {
+    // SAFETY: a helper taking a static callback and no context.
+    unsafe {
+        bpf_loop(
+            lb_common::ct::SNAT_TRIES,
+            callback,
+            core::ptr::null_mut(),
+            0,
+        )
+    };
 }
 
 /// Releases `rkey`'s claim word if it names handshake-table slot `slot` (the flow's pair is in

@@ -31,7 +31,7 @@ mod xdp6;
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
-    helpers::generated::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_loop},
+    helpers::generated::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
     macros::classifier,
     maps::LruHashMap,
     programs::TcContext,
@@ -1663,9 +1663,7 @@ fn take_port(table: &'static Table, s: &mut NatScratch, p: &Pkt) -> bool {
     } else {
         port_try::<false> as *mut core::ffi::c_void
     };
-    // SAFETY: a helper taking a static callback and no context (the callback reads this
-    // CPU's scratch slots).
-    unsafe { bpf_loop(ct::SNAT_TRIES, callback, core::ptr::null_mut(), 0) };
+    claim::port_search(callback);
     // SAFETY: a volatile read of this CPU's scratch slot, written by the callback.
     let mine = unsafe { core::ptr::read_volatile(&s.claim) };
     if !lb_common::syn::goes_to_syn_table(p.flow.proto, false, &s.half) {

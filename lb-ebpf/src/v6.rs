@@ -27,8 +27,7 @@ use aya_ebpf::{
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup,
     },
     helpers::generated::{
-        bpf_fib_lookup as fib_lookup, bpf_ktime_get_coarse_ns, bpf_loop, bpf_redirect,
-        bpf_redirect_neigh,
+        bpf_fib_lookup as fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_redirect_neigh,
     },
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
@@ -1450,9 +1449,7 @@ fn take_port6_in(table: &'static Table6, p: &Pkt6) -> bool {
     } else {
         port_try6::<false> as *mut core::ffi::c_void
     };
-    // SAFETY: a helper taking a static callback and no context (the callback reads this
-    // CPU's scratch slots).
-    unsafe { bpf_loop(ct::SNAT_TRIES, callback, core::ptr::null_mut(), 0) };
+    crate::claim::port_search(callback);
     // SAFETY: a volatile read of this CPU's slot, written by the callback.
     unsafe { core::ptr::read_volatile(&w.taken) != 0 }
 }

@@ -521,9 +521,8 @@ fn pending_live(
     if !s.full_nat() {
         return true;
     }
-    let (key, fwd) = (s.key(), s.forward_entry(Route::NONE));
-    let rkey = lb_common::ct::reply_key(&key, &fwd);
-    lb_common::claim::holder(claim(&rkey), now) == Some(name)
+    let (key, rkey) = (s.key(), s.full_nat_reply_key());
+    claimed_reply((name, s), now, claim).is_some()
         || ct_new(&rkey).is_some_and(|r| lb_common::ct::is_reply_of(&r, &rkey, &key))
 }
 
@@ -538,8 +537,7 @@ fn claimed_reply(
     if !s.full_nat() || !s.is_valid() {
         return None;
     }
-    let (key, fwd) = (s.key(), s.forward_entry(Route::NONE));
-    let rkey = lb_common::ct::reply_key(&key, &fwd);
+    let rkey = s.full_nat_reply_key();
     (lb_common::claim::holder(claim(&rkey), now) == Some(name)).then(|| (rkey, s.reply_entry()))
 }
 
