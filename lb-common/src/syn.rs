@@ -28,6 +28,12 @@ pub const MAP_CT_SYN: &str = "CT_SYN";
 /// Ways per set.
 pub const SYN_WAYS: u32 = 4;
 
+/// The check word of a slot being written: even, so never a slot's own ([`SynSlot::check_of`]
+/// is odd) nor a cleared one's (0). A writer takes a way by a compare-and-swap of its check
+/// word to this, so two CPUs never write one way at once; readers treat an even check word as
+/// "no flow here".
+pub const SYN_BUSY: u32 = 2;
+
 /// One pending handshake: the flow's key and what its forward entry needs that the program
 /// cannot derive (its backend, service and the interface its backend's replies must arrive
 /// on), stamped with the time it was written.

@@ -949,7 +949,7 @@ fn claim(table: &Table, rkey: &FlowKey, flow: &Flow, now: u64, cfg: &DpConfig) -
 fn claimed(rkey: &FlowKey, now: u64) -> bool {
     claim::slot_holding(rkey, now)
         .and_then(syn::named)
-        .is_some_and(|s| s.check != 0 && s.full_nat() && s.is_forward_of(&s.key(), rkey))
+        .is_some_and(|s| s.check & 1 != 0 && s.full_nat() && s.is_forward_of(&s.key(), rkey))
 }
 
 /// Stamps both halves of a flow with `now` (they expire together).

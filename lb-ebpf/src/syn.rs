@@ -5,12 +5,15 @@
 //!
 //! A slot is named by its set and way, `set << 2 | way` (`SYN_WAYS` is 4).
 
-use core::ptr::{read_volatile, write_volatile};
+use core::{
+    intrinsics::{AtomicOrdering, atomic_cxchg},
+    ptr::{read_volatile, write_volatile},
+};
 
 use lb_common::{
     CFG_F_REDIRECT, CtEntry, FlowKey, Reason, Route,
     ct::TOUCH_INTERVAL_NS,
-    syn::{SYN_WAYS, SynSet, SynSlot, ports_of, set_of},
+    syn::{SYN_BUSY, SYN_WAYS, SynSet, SynSlot, ports_of, set_of},
 };
 
 use crate::{
@@ -81,7 +84,7 @@ pub fn holds(key: &FlowKey, hash: u32) -> bool {
     for w in 0..SYN_WAYS as usize {
         // SAFETY: as in `find`; compared in place only.
         let s = unsafe { &(*set).ways[w] };
-        if s.check != 0 && keyed(s, key, ports) {
+        if s.check & 1 != 0 && keyed(s, key, ports) {
             return true;
         }
     }
@@ -107,51 +110,95 @@ pub fn locate(key: &FlowKey, hash: u32) -> Option<(u32, &'static SynSlot)> {
 }
 
 /// Records the new flow keyed `key` (flow hash `hash`), forward entry `e`, in its set: in the
-/// way that holds its key, else the least recently written one. The check word is written
-/// last. Returns the slot's name; None only if the map has no such set (then the flow goes to
-/// CT_NEW).
+/// way that holds its key, else the least recently written one, reserved first by a
+/// compare-and-swap of its check word ([`SYN_BUSY`] while written; the real one written
+/// last). Returns the slot's name; None if the map has no such set, or if other CPUs held the
+/// ways it picked twice (then the flow goes to CT_NEW).
 #[inline(always)]
 pub fn record(key: &FlowKey, hash: u32, e: &CtEntry) -> Option<u32> {
     let (i, set) = set(hash)?;
     let ports = ports_of(key);
-    let mut pick = 0;
-    let mut oldest = u64::MAX;
-    for w in 0..SYN_WAYS as usize {
-        // SAFETY: as in `find`; a racing write makes this a choice on either version.
-        let s = unsafe { &(*set).ways[w] };
-        if keyed(s, key, ports) {
-            pick = w;
-            break;
-        }
-        let written = if s.check == 0 { 0 } else { s.last_seen_ns };
-        if written < oldest {
-            oldest = written;
-            pick = w;
-        }
-    }
     let v = SynSlot::of(key, e);
-    // SAFETY: a valid array value pointer, `pick` < SYN_WAYS. Word by word (volatile: LLVM
-    // would merge plain stores into a byte-wise `memcpy` call), the check word cleared first
-    // and written last; a concurrent writer or reader of the slot is what it is for.
-    unsafe {
-        let s = &mut (*set).ways[pick & (SYN_WAYS as usize - 1)];
-        write_volatile(&mut s.check, 0);
-        write_volatile(&mut s.saddr, v.saddr);
-        write_volatile(&mut s.daddr, v.daddr);
-        write_volatile(&mut s.ports, v.ports);
-        write_volatile(&mut s.proto, v.proto);
-        write_volatile(&mut s.nat_addr, v.nat_addr);
-        write_volatile(&mut s.nat_port, v.nat_port);
-        write_volatile(&mut s.backend_id, v.backend_id);
-        write_volatile(&mut s.service_id, v.service_id);
-        write_volatile(&mut s.in_ifindex, v.in_ifindex);
-        write_volatile(&mut s.last_seen_ns, v.last_seen_ns);
-        write_volatile(&mut s.fnat_addr, v.fnat_addr);
-        write_volatile(&mut s.fnat_port, v.fnat_port);
-        write_volatile(&mut s.flags, v.flags);
-        write_volatile(&mut s.check, v.check);
+    // Two tries: a way another CPU reserved first (it picked the same one) is passed over.
+    for _ in 0..2 {
+        let mut pick = SYN_WAYS as usize;
+        let mut oldest = u64::MAX;
+        let mut seen = 0;
+        for w in 0..SYN_WAYS as usize {
+            // SAFETY: as in `find`; a racing write makes this a choice on either version.
+            let s = unsafe { &(*set).ways[w] };
+            // SAFETY: as above.
+            let c = unsafe { read_volatile(&s.check) };
+            if c == SYN_BUSY {
+                continue;
+            }
+            if keyed(s, key, ports) {
+                (pick, seen) = (w, c);
+                break;
+            }
+            let written = if c == 0 { 0 } else { s.last_seen_ns };
+            if written < oldest {
+                (oldest, pick, seen) = (written, w, c);
+            }
+        }
+        if pick >= SYN_WAYS as usize {
+            return None;
+        }
+        // SAFETY: a valid array value pointer, `pick` < SYN_WAYS.
+        let s = unsafe { &mut (*set).ways[pick & (SYN_WAYS as usize - 1)] };
+        // The way is this CPU's to write only if its check word is still what was read: two
+        // CPUs recording into one set at once never write one way (the second would erase the
+        // first's handshake while the first's claim names it, and its port go to a third flow).
+        if !reserve(s, seen) {
+            continue;
+        }
+        // SAFETY: reserved above. Word by word (volatile: LLVM would merge plain stores into a
+        // byte-wise `memcpy` call), the check word written last; a concurrent reader of the
+        // slot is what it is for.
+        unsafe {
+            write_volatile(&mut s.saddr, v.saddr);
+            write_volatile(&mut s.daddr, v.daddr);
+            write_volatile(&mut s.ports, v.ports);
+            write_volatile(&mut s.proto, v.proto);
+            write_volatile(&mut s.nat_addr, v.nat_addr);
+            write_volatile(&mut s.nat_port, v.nat_port);
+            write_volatile(&mut s.backend_id, v.backend_id);
+            write_volatile(&mut s.service_id, v.service_id);
+            write_volatile(&mut s.in_ifindex, v.in_ifindex);
+            write_volatile(&mut s.last_seen_ns, v.last_seen_ns);
+            write_volatile(&mut s.fnat_addr, v.fnat_addr);
+            write_volatile(&mut s.fnat_port, v.fnat_port);
+            write_volatile(&mut s.flags, v.flags);
+            write_volatile(&mut s.check, v.check);
+        }
+        return Some((i << 2) | (pick & (SYN_WAYS as usize - 1)) as u32);
     }
-    Some((i << 2) | (pick & (SYN_WAYS as usize - 1)) as u32)
+    None
+}
+
+/// Marks slot `s` being written ([`SYN_BUSY`]) if its check word still holds `seen`: a
+/// compare-and-swap of the 64-bit word holding `in_ifindex` and `check` (the program's CPU
+/// has no 32-bit one), never from `SYN_BUSY`.
+#[inline(always)]
+fn reserve(s: &mut SynSlot, seen: u32) -> bool {
+    const _: () = assert!(core::mem::offset_of!(SynSlot, in_ifindex) == 32);
+    const _: () = assert!(core::mem::offset_of!(SynSlot, check) == 36);
+    if seen == SYN_BUSY {
+        return false;
+    }
+    let w = &mut s.in_ifindex as *mut u32 as *mut u64;
+    // SAFETY: bytes 32..40 of a 64-byte, 8-aligned array map value, valid for the run; other
+    // CPUs write them by plain stores or this compare-and-swap. (The value compared rather
+    // than the intrinsic's flag, `SeqCst` both ways: see `claim::swap`.)
+    unsafe {
+        let cur = read_volatile(w);
+        if (cur >> 32) as u32 != seen {
+            return false;
+        }
+        let busy = (cur & 0xffff_ffff) | (u64::from(SYN_BUSY) << 32);
+        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(w, cur, busy).0
+            == cur
+    }
 }
 
 /// Slot `slot` (as `find` names it), in place (whole or not: maybe being written).
