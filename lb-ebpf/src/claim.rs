@@ -75,7 +75,9 @@ fn abandoned(cur: u64, i: u32) -> bool {
     let Some(s) = syn::named(slot) else {
         return true;
     };
-    s.check & 1 == 0 || !s.full_nat() || claim_index(&s.full_nat_reply_key(), config().snat_claims) != i
+    s.check & 1 == 0
+        || !s.full_nat()
+        || claim_index(&s.full_nat_reply_key(), config().snat_claims) != i
 }
 
 /// Gives back the claim word `mine` that `take` returned for `rkey` (the port was held

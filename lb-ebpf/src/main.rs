@@ -1612,8 +1612,22 @@ fn finish_full_nat(ctx: &TcContext, p: &Pkt) -> bool {
         claim::settle(rkey, mine, slot);
     } else {
         if mine != 0 {
-            // Not recorded (the table has no such set; not seen): the flow goes to CT_NEW
-            // without its reply half, which its client's next packet rebuilds.
+            // Not recorded (other CPUs were writing the ways it picked, twice; or the table
+            // has no such set): the flow goes to CT_NEW, its port held by its reply entry,
+            // inserted while the claim still holds the port (a word naming no slot yet), then
+            // the claim is given back.
+            let rev = CtEntry {
+                nat_addr: flow.daddr,
+                nat_port: flow.dport,
+                dir: DIR_REPLY,
+                fnat_addr: flow.saddr,
+                fnat_port: flow.sport,
+                route: Route::NONE,
+                ..*half
+            };
+            if CT_NEW.insert(rkey, &rev, u64::from(BPF_NOEXIST)).is_err() {
+                count(Reason::EventCtInsertFailed);
+            }
             claim::give_back(rkey, mine);
         }
         if table.insert(key, half, 0).is_err() {

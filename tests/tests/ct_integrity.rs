@@ -937,6 +937,72 @@ impl Beside {
 
 /// The VIP on :80 with one backend (its lazy service: new flows' handshakes wait in the
 /// handshake table), over options `o`.
+/// A way of the handshake table another CPU is writing (its check word `SYN_BUSY`, taken by a
+/// compare-and-swap before the write) is passed over by a new flow's record, even as the least
+/// recently written way: two CPUs recording into one set at once used to write the same way,
+/// the later erasing the earlier's handshake while the earlier's full-NAT port claim named it.
+/// Here four handshakes fill a set, the first's way is marked being written with the oldest
+/// time, and a fifth flow of the set takes the way of the oldest *written* handshake instead.
+#[test]
+fn a_handshake_way_being_written_is_never_picked_by_another_flow() {
+    in_fixture_netns(|| {
+        let o = options();
+        let vip = sa(VIP, 80);
+        let mut f = vip_on_one_backend(o);
+        let set = |k: &lb_common::FlowKey| set_of(flow_hash(k, o.hash_seed), o.syn_sets());
+        let target = set(&flow_key(client(30000), vip, IPPROTO_TCP));
+        let same: Vec<_> = (30000..u16::MAX)
+            .map(|p| flow_key(client(p), vip, IPPROTO_TCP))
+            .filter(|k| set(k) == target)
+            .take(5)
+            .collect();
+        assert_eq!(same.len(), 5, "five flows of one set");
+        for k in &same[..4] {
+            let syn = tcp(
+                SocketAddrV4::new(Ipv4Addr::from(k.saddr.to_ne_bytes()), u16::from_be(k.sport)),
+                vip,
+                TCP_SYN,
+                1000,
+                0,
+            )
+            .build();
+            f.run(&syn);
+            assert!(f.dp().conntrack_pending(k), "recorded");
+        }
+        let e = f.ct(&same[0]).expect("the first handshake's entry");
+        let busy = SynSlot {
+            check: lb_common::syn::SYN_BUSY,
+            ..SynSlot::of(
+                &same[0],
+                &CtEntry {
+                    last_seen_ns: 1,
+                    ..e
+                },
+            )
+        };
+        f.rec.dataplane_mut().pending_write(busy).unwrap();
+        let k = same[4];
+        let syn = tcp(
+            SocketAddrV4::new(Ipv4Addr::from(k.saddr.to_ne_bytes()), u16::from_be(k.sport)),
+            vip,
+            TCP_SYN,
+            1000,
+            0,
+        )
+        .build();
+        f.run(&syn);
+        assert!(f.dp().conntrack_pending(&k), "the fifth flow recorded");
+        let evicted = same[1..4]
+            .iter()
+            .filter(|k| !f.dp().conntrack_pending(k))
+            .count();
+        assert_eq!(
+            evicted, 1,
+            "the fifth took a written handshake's way, not the one being written"
+        );
+    });
+}
+
 fn vip_on_one_backend(o: DataplaneOptions) -> Fixture {
     let be = [(backend(1), 8000, 1)];
     Fixture::new(o, vec![svc("vip", "10.99.0.1:80", Protocol::Tcp, &be)])

@@ -1095,3 +1095,61 @@ fn two_cpus_taking_ports_at_once_never_share_one() {
         );
     });
 }
+
+/// A full-NAT SYN whose handshake-table set has every way being written by other CPUs
+/// (`SYN_BUSY`: each way is reserved by a compare-and-swap before it is written) cannot record
+/// its handshake, and goes to CT_NEW instead: with its reply entry, inserted while its port's
+/// claim still held the port, so the port stays held once the claim is given back. (Before,
+/// that fallback inserted the forward entry alone and gave the claim back: nothing held the
+/// port its SYN was sent from.)
+#[test]
+fn a_full_nat_syn_whose_set_is_being_written_holds_its_port_by_its_reply_entry() {
+    in_fixture_netns(|| {
+        let o = DataplaneOptions {
+            snat_ports: PortRange {
+                first: 61000,
+                last: 61063,
+            },
+            ..options()
+        };
+        let mut f = one_backend_with(o);
+        let vip = sa(VIP, 80);
+        let set = |k: &lb_common::FlowKey| {
+            lb_common::syn::set_of(flow_hash(k, o.hash_seed), o.syn_sets())
+        };
+        let target = set(&flow_key(client(30000), vip, IPPROTO_TCP));
+        let same: Vec<SocketAddrV4> = (30000..u16::MAX)
+            .map(client)
+            .filter(|c| set(&flow_key(*c, vip, IPPROTO_TCP)) == target)
+            .take(5)
+            .collect();
+        assert_eq!(same.len(), 5, "five flows of one set");
+        for c in &same[..4] {
+            let syn = tcp(*c, vip, TCP_SYN, 1, 0).build();
+            assert_eq!(f.run(&syn).action, TC_ACT_REDIRECT);
+            let k = flow_key(*c, vip, IPPROTO_TCP);
+            assert!(f.dp().conntrack_pending(&k), "recorded");
+            let e = f.ct(&k).expect("pending entry");
+            let busy = lb_common::syn::SynSlot {
+                check: lb_common::syn::SYN_BUSY,
+                ..lb_common::syn::SynSlot::of(&k, &e)
+            };
+            f.rec.dataplane_mut().pending_write(busy).unwrap();
+        }
+        let c = same[4];
+        let syn = tcp(c, vip, TCP_SYN, 1, 0).build();
+        let run = f.run(&syn);
+        assert_eq!(run.action, TC_ACT_REDIRECT, "{run:?}");
+        let port = wire::parse(&run.out).src.port();
+        let k = flow_key(c, vip, IPPROTO_TCP);
+        assert!(!f.dp().conntrack_pending(&k), "no way to record it in");
+        assert!(
+            f.dp().conntrack_unconfirmed(&k),
+            "its forward entry in CT_NEW"
+        );
+        let rkey = flow_key(sa(backend(1), 8000), sa(HOST, port), IPPROTO_TCP);
+        let rev = f.ct(&rkey).expect("its reply entry holds its port");
+        assert_eq!(rev.dir, ct::DIR_REPLY);
+        assert!(f.dp().conntrack_unconfirmed(&rkey));
+    });
+}
