@@ -176,27 +176,31 @@ pub fn record(key: &FlowKey, hash: u32, e: &CtEntry) -> Option<u32> {
     None
 }
 
-/// Marks slot `s` being written ([`SYN_BUSY`]) if its check word still holds `seen`: a
-/// compare-and-swap of the 64-bit word holding `in_ifindex` and `check` (the program's CPU
-/// has no 32-bit one), never from `SYN_BUSY`.
+/// Marks slot `s` being written ([`SYN_BUSY`]) if its check word still holds `seen` (never
+/// from `SYN_BUSY`).
 #[inline(always)]
 fn reserve(s: &mut SynSlot, seen: u32) -> bool {
+    seen != SYN_BUSY && swap_check(s, |c| c == seen, SYN_BUSY)
+}
+
+/// Replaces slot `s`'s check word by `new` if `ok` accepts its current value: a
+/// compare-and-swap of the 64-bit word holding `in_ifindex` and `check` (the program's CPU has
+/// no 32-bit one).
+#[inline(always)]
+fn swap_check(s: &mut SynSlot, ok: impl Fn(u32) -> bool, new: u32) -> bool {
     const _: () = assert!(core::mem::offset_of!(SynSlot, in_ifindex) == 32);
     const _: () = assert!(core::mem::offset_of!(SynSlot, check) == 36);
-    if seen == SYN_BUSY {
-        return false;
-    }
     let w = &mut s.in_ifindex as *mut u32 as *mut u64;
     // SAFETY: bytes 32..40 of a 64-byte, 8-aligned array map value, valid for the run; other
-    // CPUs write them by plain stores or this compare-and-swap. (The value compared rather
-    // than the intrinsic's flag, `SeqCst` both ways: see `claim::swap`.)
+    // CPUs write them by plain stores (a reserved way's fields) or this compare-and-swap. (The
+    // value compared rather than the intrinsic's flag, `SeqCst` both ways: see `claim::swap`.)
     unsafe {
         let cur = read_volatile(w);
-        if (cur >> 32) as u32 != seen {
+        if !ok((cur >> 32) as u32) {
             return false;
         }
-        let busy = (cur & 0xffff_ffff) | (u64::from(SYN_BUSY) << 32);
-        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(w, cur, busy).0
+        let next = (cur & 0xffff_ffff) | (u64::from(new) << 32);
+        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(w, cur, next).0
             == cur
     }
 }
@@ -227,16 +231,15 @@ pub fn copy(slot: u32) -> Option<&'static SynSlot> {
 }
 
 /// Clears slot `slot` (as `find` names it) if it is still keyed `key` (another flow may have
-/// taken it meanwhile).
+/// taken it meanwhile) and written: by a compare-and-swap of its check word, so a way another
+/// CPU has reserved for writing ([`SYN_BUSY`]) never reads as free while it is written.
 #[inline(always)]
 pub fn clear(slot: u32, key: &FlowKey) {
     if let Some(set) = CT_SYN.get_ptr_mut(slot >> 2) {
         // SAFETY: a valid array value pointer, the way < SYN_WAYS.
-        unsafe {
-            let s = &mut (*set).ways[(slot & (SYN_WAYS - 1)) as usize];
-            if keyed(s, key, ports_of(key)) {
-                write_volatile(&mut s.check, 0);
-            }
+        let s = unsafe { &mut (*set).ways[(slot & (SYN_WAYS - 1)) as usize] };
+        if keyed(s, key, ports_of(key)) {
+            swap_check(s, |c| c & 1 != 0, 0);
         }
     }
 }

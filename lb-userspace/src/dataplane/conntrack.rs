@@ -366,7 +366,8 @@ impl SynView {
                 continue;
             }
             // SAFETY: `check` is a 4-aligned u32 of the shared mapping, which the program
-            // writes with plain stores.
+            // writes with plain stores and compare-and-swaps of the 8-byte word holding it
+            // (from a valid check word only this swap's expected value matches).
             let atomic = unsafe { std::sync::atomic::AtomicU32::from_ptr(check) };
             cleared |= atomic
                 .compare_exchange(
