@@ -77,10 +77,17 @@ pub const fn word(now_ns: u64, slot: Option<u32>) -> u64 {
     ((tick(now_ns) as u64) << 32) | low as u64
 }
 
+/// How far ahead of a CPU's clock a claim word's tick may be and still hold: another CPU took
+/// it, and the coarse clock two CPUs read in the same instant can differ by a tick (each
+/// caches it per jiffy; the tick updates it on one CPU). Without this slack a word taken a
+/// tick "in the future" read as expired to the other CPU, which took the same port.
+pub const CLAIM_SKEW_TICKS: u32 = 64;
+
 /// Whether claim word `w` holds its port at `now_ns`.
 #[inline(always)]
 pub const fn live(w: u64, now_ns: u64) -> bool {
-    w != 0 && tick(now_ns).wrapping_sub((w >> 32) as u32) <= CLAIM_HOLD_TICKS
+    let age = tick(now_ns).wrapping_sub((w >> 32) as u32);
+    w != 0 && (age <= CLAIM_HOLD_TICKS || age >= 0u32.wrapping_sub(CLAIM_SKEW_TICKS))
 }
 
 /// The handshake-table slot claim word `w` names, if its flow is recorded.
@@ -113,6 +120,17 @@ mod tests {
             port_to_wire(port),
             IPPROTO_TCP,
         )
+    }
+
+    #[test]
+    fn a_claim_taken_a_tick_ahead_of_this_clock_holds() {
+        // Taken on a CPU whose coarse clock had moved on a tick; judged on one that had not.
+        let t0 = 1_000_000_000_000u64;
+        let ahead = word(t0 + (1 << CLAIM_TICK_SHIFT), Some(3));
+        assert!(live(ahead, t0));
+        assert_eq!(holder(ahead, t0), Some(3));
+        // A bounded slack: a word far "ahead" is a stale one whose tick wrapped, not held.
+        assert!(!live(word(t0 + (1000 << CLAIM_TICK_SHIFT), Some(3)), t0));
     }
 
     #[test]
