@@ -32,7 +32,7 @@ fn at(rkey: &FlowKey) -> Option<*mut u64> {
 
 /// Replaces `old` by `new` at `w` if `w` still holds `old`.
 #[inline(always)]
-fn swap(w: *mut u64, old: u64, new: u64) -> bool {
+pub(crate) fn swap(w: *mut u64, old: u64, new: u64) -> bool {
     // SAFETY: an array map's value pointer, valid and 8-aligned for the run; other CPUs (and
     // userspace, through its mapping) reach the word only by atomic operations or reads.
     // (The value compared rather than the intrinsic's flag, and `SeqCst` both ways: the other

@@ -5,10 +5,7 @@
 //!
 //! A slot is named by its set and way, `set << 2 | way` (`SYN_WAYS` is 4).
 
-use core::{
-    intrinsics::{AtomicOrdering, atomic_cxchg},
-    ptr::{read_volatile, write_volatile},
-};
+use core::ptr::{read_volatile, write_volatile};
 
 use lb_common::{
     CFG_F_REDIRECT, CtEntry, FlowKey, Reason, Route,
@@ -192,17 +189,10 @@ fn swap_check(s: &mut SynSlot, ok: impl Fn(u32) -> bool, new: u32) -> bool {
     const _: () = assert!(core::mem::offset_of!(SynSlot, check) == 36);
     let w = &mut s.in_ifindex as *mut u32 as *mut u64;
     // SAFETY: bytes 32..40 of a 64-byte, 8-aligned array map value, valid for the run; other
-    // CPUs write them by plain stores (a reserved way's fields) or this compare-and-swap. (The
-    // value compared rather than the intrinsic's flag, `SeqCst` both ways: see `claim::swap`.)
-    unsafe {
-        let cur = read_volatile(w);
-        if !ok((cur >> 32) as u32) {
-            return false;
-        }
-        let next = (cur & 0xffff_ffff) | (u64::from(new) << 32);
-        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(w, cur, next).0
-            == cur
-    }
+    // CPUs write them by plain stores (a reserved way's fields) or this compare-and-swap.
+    let cur = unsafe { read_volatile(w) };
+    ok((cur >> 32) as u32)
+        && crate::claim::swap(w, cur, (cur & 0xffff_ffff) | (u64::from(new) << 32))
 }
 
 /// Slot `slot` (as `find` names it), in place (whole or not: maybe being written).

@@ -957,16 +957,13 @@ fn a_handshake_way_being_written_is_never_picked_by_another_flow() {
             .take(5)
             .collect();
         assert_eq!(same.len(), 5, "five flows of one set");
+        // The SYN of flow `k` (client -> vip).
+        let syn = |k: &lb_common::FlowKey| {
+            let c = SocketAddrV4::new(Ipv4Addr::from(k.saddr.to_ne_bytes()), u16::from_be(k.sport));
+            tcp(c, vip, TCP_SYN, 1000, 0).build()
+        };
         for k in &same[..4] {
-            let syn = tcp(
-                SocketAddrV4::new(Ipv4Addr::from(k.saddr.to_ne_bytes()), u16::from_be(k.sport)),
-                vip,
-                TCP_SYN,
-                1000,
-                0,
-            )
-            .build();
-            f.run(&syn);
+            f.run(&syn(k));
             assert!(f.dp().conntrack_pending(k), "recorded");
         }
         let e = f.ct(&same[0]).expect("the first handshake's entry");
@@ -982,15 +979,7 @@ fn a_handshake_way_being_written_is_never_picked_by_another_flow() {
         };
         f.rec.dataplane_mut().pending_write(busy).unwrap();
         let k = same[4];
-        let syn = tcp(
-            SocketAddrV4::new(Ipv4Addr::from(k.saddr.to_ne_bytes()), u16::from_be(k.sport)),
-            vip,
-            TCP_SYN,
-            1000,
-            0,
-        )
-        .build();
-        f.run(&syn);
+        f.run(&syn(&k));
         assert!(f.dp().conntrack_pending(&k), "the fifth flow recorded");
         let evicted = same[1..4]
             .iter()
