@@ -333,6 +333,30 @@ pub const fn forward_skips_reply(fwd: &CtEntry, proto: u8, tcp_flags: u8, now_ns
         && !closes(proto, tcp_flags)
 }
 
+/// Whether a reply packet of the flow whose reply entry is `rev` (in the main map) may be
+/// translated without looking up its forward half: a DNAT flow picked in the current table
+/// epoch `epoch` (`crate::epoch::stable`; see [`crate::epoch`] for why its reply entry is then
+/// the one its client's tuple leads to), open, the packet neither a SYN (a handshake on the
+/// tuple meets the forward side's state), a FIN nor a RST (which mark both halves), and not the
+/// flow's once-a-second refresh (which stamps both halves, and rebuilds an evicted forward
+/// half from this one). The refresh test is `translate`'s own, so a packet that skips is never
+/// one that refreshes.
+#[inline(always)]
+pub const fn reply_skips_forward(
+    rev: &CtEntry,
+    epoch: u64,
+    proto: u8,
+    tcp_flags: u8,
+    now_ns: u64,
+) -> bool {
+    rev.epoch != 0
+        && rev.epoch == epoch
+        && !rev.full_nat()
+        && rev.state == STATE_OPEN
+        && (proto != IPPROTO_TCP || tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0)
+        && now_ns.wrapping_sub(rev.last_seen_ns) <= TOUCH_INTERVAL_NS
+}
+
 /// Whether reply entry `r` (in CT_NEW if `in_ct_new`) holds its key and port as a full-NAT flow
 /// whose forward entry may be pending in the handshake table, out of sight of the map: while
 /// unconfirmed and younger than [`UNCONFIRMED_PORT_HOLD_NS`], as if its forward half were
@@ -482,6 +506,8 @@ mod tests {
         snat_reuse_ms: 2,
         syn_sets: 1,
         snat_claims: 65_536,
+        instance: 0,
+        _pad: 0,
     };
 
     #[test]
@@ -525,6 +551,42 @@ mod tests {
         assert_eq!(rebuilt_ack(DIR_REPLY, IPPROTO_UDP, 0, 1), (0, 0));
     }
 
+    #[test]
+    fn a_reply_skips_its_forward_half_only_in_its_epoch_open_and_fresh() {
+        let r = CtEntry {
+            dir: DIR_REPLY,
+            epoch: 6,
+            ..entry(STATE_OPEN, 1_000)
+        };
+        let now = 1_000 + TOUCH_INTERVAL_NS;
+        assert!(reply_skips_forward(&r, 6, IPPROTO_TCP, TCP_ACK, now));
+        assert!(reply_skips_forward(&r, 6, IPPROTO_UDP, 0, now));
+        assert!(
+            !reply_skips_forward(&r, 8, IPPROTO_TCP, TCP_ACK, now),
+            "the tables changed since its pick"
+        );
+        assert!(!reply_skips_forward(&r, 0, IPPROTO_TCP, TCP_ACK, now), "being changed");
+        let unknown = CtEntry { epoch: 0, ..r };
+        assert!(!reply_skips_forward(&unknown, 0, IPPROTO_TCP, TCP_ACK, now));
+        for flags in [TCP_SYN | TCP_ACK, TCP_FIN | TCP_ACK, TCP_RST] {
+            assert!(!reply_skips_forward(&r, 6, IPPROTO_TCP, flags, now), "{flags:#x}");
+        }
+        assert!(
+            !reply_skips_forward(&r, 6, IPPROTO_TCP, TCP_ACK, now + 1),
+            "due for its refresh"
+        );
+        let closing = CtEntry {
+            state: STATE_CLOSING,
+            ..r
+        };
+        assert!(!reply_skips_forward(&closing, 6, IPPROTO_TCP, TCP_ACK, now));
+        let fnat = CtEntry {
+            flags: CT_F_FULLNAT,
+            ..r
+        };
+        assert!(!reply_skips_forward(&fnat, 6, IPPROTO_TCP, TCP_ACK, now));
+    }
+
     fn entry(state: u8, last: u64) -> CtEntry {
         CtEntry {
             nat_addr: 1,
@@ -541,6 +603,7 @@ mod tests {
             fnat_port: 0,
             flags: 0,
             lazy: 0,
+            epoch: 0,
         }
     }
 

@@ -13,6 +13,7 @@
 pub mod claim;
 pub mod csum;
 pub mod ct;
+pub mod epoch;
 pub mod hash;
 pub mod reason;
 pub mod syn;
@@ -52,7 +53,7 @@ pub const PROG_SOCK_GETPEERNAME6: &str = "berth_getpeername6";
 /// Version of the pinned layout (maps, their key and value types, their meaning). Pins live
 /// under `<pin path>/v<PIN_LAYOUT>/`; a berth finding another version there refuses to adopt it.
 /// Bump it with every change to a map's type, key, value or the meaning of a field.
-pub const PIN_LAYOUT: u32 = 10;
+pub const PIN_LAYOUT: u32 = 11;
 
 /// Addresses of this host (network byte order -> 1), kept current by userspace: what "any
 /// address of this host" means for wildcard services at the socket hooks.
@@ -168,8 +169,12 @@ pub struct DpConfig {
     pub syn_sets: u32,
     /// Words of the full-NAT port claims (`claim::MAP_SNAT_CLAIMS`, a power of two).
     pub snat_claims: u32,
+    /// Random and nonzero for each load of the program: the table epoch counts only for the
+    /// program whose instance userspace writes beside it (see [`epoch::Epoch`]).
+    pub instance: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<DpConfig>() == 64);
+const _: () = assert!(core::mem::size_of::<DpConfig>() == 72);
 
 impl DpConfig {
     /// A zeroed config; the dataplane treats `maglev_size == 0` as "not configured" and passes
@@ -189,6 +194,8 @@ impl DpConfig {
             snat_reuse_ms: 0,
             syn_sets: 0,
             snat_claims: 0,
+            instance: 0,
+            _pad: 0,
         }
     }
 }
@@ -350,8 +357,13 @@ pub struct CtEntry {
     /// need not look their reply half up except to close or refresh the flow. 0 otherwise, in
     /// reply entries, and in entries pinned by an older berth (which take the full path).
     pub lazy: u8,
+    /// The table epoch the flow's backend was picked in (see [`epoch`]), both halves; 0:
+    /// unknown (picked while the tables changed, a full-NAT flow, or written by userspace).
+    /// A reply entry carrying the current epoch skips the forward lookup
+    /// ([`ct::reply_skips_forward`]).
+    pub epoch: u64,
 }
-const _: () = assert!(core::mem::size_of::<CtEntry>() == 56);
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 64);
 const _: () = assert!(core::mem::size_of::<CtEntry>().is_multiple_of(8));
 
 impl CtEntry {
@@ -462,7 +474,8 @@ mod pod {
         super::v6::FlowKey6,
         super::v6::CtEntry6,
         super::syn::SynSlot,
-        super::syn::SynSet
+        super::syn::SynSet,
+        super::epoch::Epoch
     );
 }
 
@@ -488,7 +501,7 @@ mod layout_tests {
         assert_eq!(bytemuck::bytes_of(&k), want);
         assert_eq!(
             bytemuck::bytes_of(&<CtEntry as bytemuck::Zeroable>::zeroed()),
-            [0u8; 56]
+            [0u8; 64]
         );
         assert_eq!(
             bytemuck::bytes_of(&Backend::dnat(1, 2)),

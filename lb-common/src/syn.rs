@@ -59,7 +59,8 @@ pub struct SynSlot {
     pub fnat_port: u32,
     /// The entry's flags: `ct::CT_F_FULLNAT` or 0.
     pub flags: u32,
-    pub _pad: u32,
+    /// The table epoch of the flow's pick, its low half (`epoch::slot_stamp`; 0: unknown).
+    pub epoch: u32,
 }
 const _: () = assert!(core::mem::size_of::<SynSlot>() == 64);
 
@@ -112,7 +113,7 @@ impl SynSlot {
             fnat_addr: fwd.fnat_addr,
             fnat_port: fwd.fnat_port as u32,
             flags: (fwd.flags & ct::CT_F_FULLNAT) as u32,
-            _pad: 0,
+            epoch: crate::epoch::slot_stamp(fwd.epoch),
         };
         s.check = s.check_of();
         s
@@ -138,6 +139,7 @@ impl SynSlot {
         h = (h ^ self.fnat_addr).wrapping_mul(0x9e37_79b1);
         h = (h ^ self.fnat_port).wrapping_mul(0x9e37_79b1);
         h = (h ^ self.flags).wrapping_mul(0x9e37_79b1);
+        h = (h ^ self.epoch).wrapping_mul(0x9e37_79b1);
         h | 1
     }
 
@@ -218,9 +220,10 @@ impl SynSlot {
 
     /// The flow's forward entry as `CT_NEW` holds it, with route `route`: open, nothing learnt
     /// from its backend yet; a DNAT flow recorded lazily (of its backend's lazy service), a
-    /// full-NAT flow with its source address and port.
+    /// full-NAT flow with its source address and port; stamped with the table epoch `epoch`
+    /// (the current one, `epoch::stable`) if the handshake was picked in it.
     #[inline(always)]
-    pub const fn forward_entry(&self, route: Route) -> CtEntry {
+    pub const fn forward_entry(&self, route: Route, epoch: u64) -> CtEntry {
         CtEntry {
             nat_addr: self.nat_addr,
             nat_port: self.nat_port as u16,
@@ -240,6 +243,7 @@ impl SynSlot {
             } else {
                 ct::LAZY_RECORDED
             },
+            epoch: crate::epoch::from_slot(self.epoch, epoch),
         }
     }
 
@@ -277,6 +281,7 @@ impl SynSlot {
             fnat_port: self.ports as u16,
             flags: self.flags as u8,
             lazy: 0,
+            epoch: 0,
         }
     }
 }
@@ -309,11 +314,11 @@ mod tests {
             service_id: 1,
             in_ifindex: 7,
             last_seen_ns: 123_456_789_000,
-            ..SynSlot::default().forward_entry(Route::NONE)
+            ..SynSlot::default().forward_entry(Route::NONE, 0)
         };
         let s = SynSlot::of(&key, &fwd);
         assert_eq!(
-            s.forward_entry(Route::NONE),
+            s.forward_entry(Route::NONE, 0),
             fwd,
             "the entry it was written from"
         );
@@ -328,11 +333,11 @@ mod tests {
             fnat_port: port_to_wire(30123),
             flags: ct::CT_F_FULLNAT,
             lazy: 0,
-            ..s.forward_entry(Route::NONE)
+            ..s.forward_entry(Route::NONE, 0)
         };
         let f = SynSlot::of(&s.key(), &fwd);
         assert_eq!(
-            f.forward_entry(Route::NONE),
+            f.forward_entry(Route::NONE, 0),
             fwd,
             "the entry it was written from"
         );
@@ -348,7 +353,7 @@ mod tests {
         assert!(s.holds(&key));
         assert_eq!(key.sport, port_to_wire(40000));
         assert_eq!(key.dport, port_to_wire(80));
-        let e = s.forward_entry(Route::NONE);
+        let e = s.forward_entry(Route::NONE, 0);
         assert_eq!((e.nat_addr, e.nat_port), (s.nat_addr, port_to_wire(8000)));
         assert_eq!((e.backend_id, e.service_id, e.in_ifindex), (3, 1, 7));
         assert_eq!(e.lazy, ct::LAZY_RECORDED);
@@ -400,17 +405,17 @@ mod tests {
         let (d, f) = (slot(), full_nat_slot());
         let (fkey, dnat_rkey) = (
             d.key(),
-            ct::reply_key(&d.key(), &d.forward_entry(Route::NONE)),
+            ct::reply_key(&d.key(), &d.forward_entry(Route::NONE, 0)),
         );
         assert!(d.is_forward_of(&fkey, &dnat_rkey) && !f.is_forward_of(&fkey, &dnat_rkey));
         assert!(d.is_lazy_forward_of(&fkey, &dnat_rkey));
-        let full_rkey = ct::reply_key(&fkey, &f.forward_entry(Route::NONE));
+        let full_rkey = ct::reply_key(&fkey, &f.forward_entry(Route::NONE, 0));
         assert!(f.is_forward_of(&fkey, &full_rkey) && !f.is_lazy_forward_of(&fkey, &full_rkey));
     }
 
     fn judged_as_its_entry(s: SynSlot) {
         let fkey = s.key();
-        let e = s.forward_entry(Route::NONE);
+        let e = s.forward_entry(Route::NONE, 0);
         let cfg = crate::DpConfig {
             tcp_idle_ns: 1_000,
             tcp_closing_ns: 10,
@@ -452,7 +457,7 @@ mod tests {
     #[test]
     fn a_full_nat_slots_reply_entry_is_the_reply_half_of_its_forward_entry() {
         let s = full_nat_slot();
-        let (fkey, fwd) = (s.key(), s.forward_entry(Route::NONE));
+        let (fkey, fwd) = (s.key(), s.forward_entry(Route::NONE, 0));
         let rkey = ct::reply_key(&fkey, &fwd);
         let r = s.reply_entry();
         assert!(ct::is_reply_of(&r, &rkey, &fkey) && ct::is_forward_of(&fwd, &fkey, &rkey));

@@ -354,6 +354,7 @@ mod tests {
                 fnat_port: 0,
                 flags: 0,
                 lazy: 0,
+                epoch: 0,
             },
         }
     }

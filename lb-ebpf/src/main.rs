@@ -43,14 +43,15 @@ use lb_common::{
         self, CT_F_CLOSED, CT_F_FINAL, CT_F_FULLNAT, CT_F_LAST_ACK, DIR_FORWARD, DIR_REPLY,
         STATE_CLOSING, STATE_OPEN,
     },
+    epoch,
     hash::flow_hash,
     port_flag, port_to_wire,
 };
 
 use crate::{
     maps::{
-        BACKEND_ROUTES, BACKENDS, CONNTRACK, CT_NEW, LAZY_REPLY, LOCAL_ADDRS, MAGLEV, NAT_SCRATCH,
-        PORTS, SCRATCH, SERVICES, TC_V6, account, count,
+        BACKEND_ROUTES, BACKENDS, CONNTRACK, CT_NEW, EPOCH, LAZY_REPLY, LOCAL_ADDRS, MAGLEV,
+        NAT_SCRATCH, PORTS, SCRATCH, SERVICES, TC_V6, account, count,
     },
     nat::{
         IcmpNat, Side, clear_route, fib, ingress_ifindex, redirect_cached, rewrite, rewrite_both,
@@ -189,6 +190,21 @@ fn other(table: &'static Table) -> &'static Table {
         &CT_NEW
     } else {
         &CONNTRACK
+    }
+}
+
+/// The table epoch this program may stamp a pick with or trust a stamp of (lb-common's
+/// `epoch::stable`: even, settled for this program's instance), 0 if none. A volatile read:
+/// a new flow reads it before and after its pick, and the two reads must stay two, in order.
+#[inline(always)]
+pub(crate) fn current_epoch() -> u64 {
+    match EPOCH.get_ptr(0) {
+        // SAFETY: a valid map value pointer; `Epoch` is `Copy`.
+        Some(e) => epoch::stable(
+            &unsafe { core::ptr::read_volatile(e) },
+            config().instance,
+        ),
+        None => 0,
     }
 }
 
@@ -398,7 +414,10 @@ fn pending_at(fkey: &FlowKey, rkey: &FlowKey, now: u64, in_ct_new: bool) -> u64 
     // SAFETY: this CPU's slot of a per-CPU array, valid for the run; nothing else on this CPU
     // uses it while the program runs (see `NAT_SCRATCH`).
     let n = unsafe { &mut *n };
-    n.half = s.forward_entry(Route::NONE);
+    n.half = s.forward_entry(Route::NONE, 0);
+    // (Stamped apart: with the epoch read before the entry is built, this frame took the
+    // call chain under `reply` past 512 bytes.)
+    n.half.epoch = epoch::from_slot(s.epoch, current_epoch());
     set_route(&mut n.half.route, &syn::route_of(n.half.backend_id, now));
     if syn::promote(fkey, idx, &n.half) {
         // The pair is in CT_NEW: its reply entry holds the port from now on.
@@ -433,7 +452,7 @@ fn pending(p: &Pkt) -> u64 {
         count(Reason::EventCtExpired);
         return v;
     }
-    let fwd = s.forward_entry(syn::route_of(s.backend_id, p.now));
+    let fwd = s.forward_entry(syn::route_of(s.backend_id, p.now), current_epoch());
     if !fwd.full_nat() {
         return if syn::promote(&p.key, idx, &fwd) {
             v | SYN_PROMOTED
@@ -581,7 +600,7 @@ fn lazy_half(key: &FlowKey) -> Option<(CtEntry, u64, *mut CtEntry)> {
     } else {
         let (idx, slot) = syn::find(&fkey, flow_hash(&fkey, config().hash_seed))?;
         (
-            slot.forward_entry(Route::NONE),
+            slot.forward_entry(Route::NONE, current_epoch()),
             IN_SYN | (u64::from(idx) << 32),
             core::ptr::null_mut(),
         )
@@ -1207,8 +1226,13 @@ fn reply_inner(ctx: &TcContext, p: &Pkt, e: &mut CtEntry, table: &'static Table)
         let _ = table.remove(key);
         return pack(exit(Reason::PassNoService));
     }
-    let mut fwd = ct_lookup(table, &fkey);
-    if let Some(f) = fwd {
+    // A DNAT flow picked in the current table epoch: its reply entry is the one its client's
+    // tuple leads to (lb-common's `epoch`), and nothing below needs the forward half.
+    let skip = core::ptr::eq(table, &CONNTRACK)
+        && ct::reply_skips_forward(e, current_epoch(), flow.proto, flow.tcp_flags, now);
+    let mut fwd = if skip { None } else { ct_lookup(table, &fkey) };
+    if skip {
+    } else if let Some(f) = fwd {
         // SAFETY: valid map value pointer.
         if !ct::is_forward_of(unsafe { &*f }, &fkey, key) {
             // The client's flow to this service goes to another backend now: this half is a
@@ -1331,6 +1355,8 @@ fn new_flow(ctx: &TcContext, p: &Pkt, hashed: u64) -> u64 {
 #[inline(always)]
 fn new_flow_inner(ctx: &TcContext, p: &Pkt, hashed: u64) -> Pick {
     let (flow, key, now, bytes, cfg) = (&p.flow, &p.key, p.now, p.bytes, config());
+    // The table epoch, read before the pick and again after it (lb-common's `epoch`).
+    let before = current_epoch();
     // `pending`'s, where it ran.
     let hash = if hashed & SYN_HASHED != 0 {
         hashed as u32
@@ -1361,6 +1387,9 @@ fn new_flow_inner(ctx: &TcContext, p: &Pkt, hashed: u64) -> Pick {
         }
         return Pick::Done(exit(Reason::DropNoBackend));
     }
+    // The pick is made: the epoch's second read comes after every table read above.
+    core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
+    let stamp = epoch::stamp(before, current_epoch());
     if backend.snat_addr != 0 {
         // The flow hash goes to the port search through the per-CPU scratch slot (read back
         // there as a value the verifier knows nothing of: passed as an argument, it put the
@@ -1439,6 +1468,7 @@ fn new_flow_inner(ctx: &TcContext, p: &Pkt, hashed: u64) -> Pick {
         fnat_port: 0,
         flags: 0,
         lazy: if lazy { ct::LAZY_RECORDED } else { 0 },
+        epoch: stamp,
     };
     // Unconfirmed (`ct::starts_unconfirmed`): a TCP flow in CT_NEW, a UDP flow established.
     let table = if ct::starts_unconfirmed(flow.proto) {
@@ -1535,6 +1565,7 @@ fn new_full_nat_flow_inner(
         fnat_port: flow.sport,
         flags: CT_F_FULLNAT,
         lazy: 0,
+        epoch: 0,
     };
     // Not `route: Route::NONE` above: a zeroing store of it became a `memset` call.
     clear_route(&mut s.half.route);

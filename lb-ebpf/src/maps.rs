@@ -142,6 +142,10 @@ pub fn account(service_id: u32, backend_id: u32, bytes: u64, new_flow: bool) {
     }
 }
 
+/// The table epoch (see lb-common's `epoch`): index 0, written by userspace.
+#[map]
+pub static EPOCH: Array<lb_common::epoch::Epoch> = Array::with_max_entries(1, 0);
+
 /// The full-NAT source-port claims (see lb-common's `claim`): one word per reply key's index,
 /// taken by a compare-and-swap; userspace sizes it and maps it to list pending handshakes.
 #[map]

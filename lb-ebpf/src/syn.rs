@@ -166,6 +166,7 @@ pub fn record(key: &FlowKey, hash: u32, e: &CtEntry) -> Option<u32> {
             write_volatile(&mut s.fnat_addr, v.fnat_addr);
             write_volatile(&mut s.fnat_port, v.fnat_port);
             write_volatile(&mut s.flags, v.flags);
+            write_volatile(&mut s.epoch, v.epoch);
             write_volatile(&mut s.check, v.check);
         }
         return Some((i << 2) | (pick & (SYN_WAYS as usize - 1)) as u32);

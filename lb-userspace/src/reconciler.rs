@@ -485,6 +485,20 @@ impl Reconciler {
     /// ends each change's log line. Returns the number of map writes done. On error the kernel
     /// holds a consistent prefix of the change; call again to finish it.
     pub fn apply(&mut self, desired: &[Service], why: &str) -> Result<usize, ReconcileError> {
+        let applied = self.apply_changes(desired, why);
+        // All of it written or a consistent prefix: either way the tables stand still from here
+        // to the next change, and new flows are stamped with the settled epoch (lb-common's
+        // `epoch`; nothing happens if nothing was written).
+        let settled = self.dp.settle().map_err(|source| ReconcileError::Map {
+            service: "(table epoch)".to_string(),
+            source: Box::new(source),
+        });
+        let writes = applied?;
+        settled?;
+        Ok(writes)
+    }
+
+    fn apply_changes(&mut self, desired: &[Service], why: &str) -> Result<usize, ReconcileError> {
         let mut writes = 0;
 
         // Pinned services are claimed by the desired service with their address and protocol.

@@ -178,6 +178,10 @@ fn tcp_flow_whose_reply_entry_was_evicted_is_repaired_by_its_next_packet(nat: Na
     });
 }
 
+/// A flow whose forward half was evicted is repaired from its reply half by the backend's next
+/// packet that looks the forward half up: at once for full NAT; for DNAT (whose replies skip
+/// the forward lookup while the tables stand still, lb-common's `epoch`) with the flow's
+/// once-a-second refresh, or at once after any change of the tables (the next test).
 fn tcp_flow_whose_forward_entry_was_evicted_is_repaired_by_the_backends_next_packet(nat: Nat) {
     in_fixture_netns(move || {
         let mut f = standard_nat(nat);
@@ -185,10 +189,22 @@ fn tcp_flow_whose_forward_entry_was_evicted_is_repaired_by_the_backends_next_pac
         let leg = handshake_nat(&f, c, sa(VIP, 80), nat);
         let be = leg.backend;
         let fkey = flow_key(c, sa(VIP, 80), IPPROTO_TCP);
+        let rkey = flow_key(be, leg.peer, IPPROTO_TCP);
         f.rec.dataplane_mut().conntrack_remove(&fkey).unwrap();
-        // The backend pushes data first: translated, and the forward half is rebuilt from the
-        // reply half.
         let push = from_backend(back(leg, TCP_ACK | TCP_PSH, 5001, 1001).with_payload(b"tick"));
+        if nat == Nat::Dnat {
+            // Translated without the forward lookup: nothing rebuilt yet...
+            let run = f.run(&push);
+            assert_reply(&run, sa(VIP, 80), c);
+            assert_eq!(run.counted(Reason::EventCtRebuilt), 0, "{run:?}");
+            assert!(f.ct(&fkey).is_none());
+            // ...until the flow's refresh is due.
+            let mut r = f.ct(&rkey).expect("reply half");
+            r.last_seen_ns = monotonic_ns() - 2_000_000_000;
+            f.rec.dataplane_mut().conntrack_update(rkey, r).unwrap();
+        }
+        // The backend pushes data: translated, and the forward half is rebuilt from the reply
+        // half.
         let run = f.run(&push);
         assert_reply(&run, sa(VIP, 80), c);
         assert_eq!(run.counted(Reason::EventCtRebuilt), 1, "{run:?}");
@@ -204,6 +220,95 @@ fn tcp_flow_whose_forward_entry_was_evicted_is_repaired_by_the_backends_next_pac
         f.apply(services);
         let ack = tcp(c, sa(VIP, 80), TCP_ACK, 1001, 5005).build();
         assert_eq!(assert_fwd(&f.run(&ack), &ack, &web_backends(), nat), leg);
+    });
+}
+
+/// The tables' change ends every reply's skipping of the forward lookup (lb-common's `epoch`):
+/// a DNAT flow whose forward half was evicted before its backend left the service is rebuilt
+/// by the backend's next packet, so the client's next one still reaches that backend.
+#[test]
+fn after_a_backend_change_the_backends_next_packet_rebuilds_an_evicted_forward_half() {
+    in_fixture_netns(|| {
+        let mut f = standard();
+        let c = client(40012);
+        let be = handshake(&f, c, sa(VIP, 80));
+        let fkey = flow_key(c, sa(VIP, 80), IPPROTO_TCP);
+        let epoch = f.dp().epoch().unwrap();
+        assert_ne!(epoch, 0, "the fixture's tables are settled");
+        assert_eq!(f.ct(&fkey).map(|e| e.epoch), Some(epoch), "stamped");
+        f.rec.dataplane_mut().conntrack_remove(&fkey).unwrap();
+        let mut services = f.services.clone();
+        for s in &mut services {
+            s.backends.retain(|b| b.addr != be.into());
+        }
+        f.apply(services);
+        assert!(f.dp().epoch().unwrap() > epoch, "a change moves the epoch");
+        let push = from_backend(tcp(be, c, TCP_ACK | TCP_PSH, 5001, 1001).with_payload(b"tick"));
+        let run = f.run(&push);
+        assert_reply(&run, sa(VIP, 80), c);
+        assert_eq!(run.counted(Reason::EventCtRebuilt), 1, "{run:?}");
+        let ack = tcp(c, sa(VIP, 80), TCP_ACK, 1001, 5005).build();
+        assert_eq!(assert_dnat(&f.run(&ack), &ack, &web_backends()), be);
+    });
+}
+
+/// The leftover the forward lookup is for: a flow's forward half evicted, the backend set
+/// changed, and the client's next connection on the tuple picked another backend. The old
+/// backend's reply entry carries the epoch of before the change, so its next packet looks the
+/// forward half up, finds the new flow's handshake, and is not translated (the entry goes).
+/// Were the change not to move the epoch, the reply would skip the lookup and reach the client
+/// as the service.
+#[test]
+fn a_reply_entry_from_before_a_backend_change_is_a_leftover_once_its_client_moved_on() {
+    in_fixture_netns(|| {
+        let mut f = standard();
+        let c = client(40013);
+        let be = handshake(&f, c, sa(VIP, 80));
+        let (fkey, rkey) = (
+            flow_key(c, sa(VIP, 80), IPPROTO_TCP),
+            flow_key(be, c, IPPROTO_TCP),
+        );
+        assert!(f.ct(&rkey).is_some(), "the reply half");
+        let mut services = f.services.clone();
+        for s in &mut services {
+            s.backends.retain(|b| b.addr != be.into());
+        }
+        f.apply(services);
+        // Evicted; the client connects again from the same port: another backend.
+        f.rec.dataplane_mut().conntrack_remove(&fkey).unwrap();
+        let syn = tcp(c, sa(VIP, 80), TCP_SYN, 90_000, 0).build();
+        let other = assert_dnat(&f.run(&syn), &syn, &web_backends());
+        assert_ne!(other, be);
+        // The old backend's segment: not translated, its entry gone.
+        let stale = from_backend(tcp(be, c, TCP_ACK | TCP_PSH, 5001, 1001).with_payload(b"old"));
+        assert_untouched(&f.run(&stale), &stale, Reason::PassNoService);
+        assert!(f.ct(&rkey).is_none(), "{:?}", f.ct(&rkey));
+    });
+}
+
+/// A flow picked while the tables change is never stamped (its replies always look the forward
+/// half up); once the change settles, new flows are.
+#[test]
+fn a_flow_picked_while_the_tables_change_is_not_stamped() {
+    in_fixture_netns(|| {
+        let mut f = standard();
+        let settled = f.dp().epoch().unwrap();
+        // A write of the tables (here: a backend slot rewritten as it is) starts a change.
+        let slot = f.dp().backend(1).unwrap();
+        f.rec.dataplane_mut().set_backend(1, slot).unwrap();
+        assert_eq!(f.dp().epoch().unwrap(), 0, "a change is under way");
+        let c = client(40014);
+        handshake(&f, c, sa(VIP, 80));
+        let fkey = flow_key(c, sa(VIP, 80), IPPROTO_TCP);
+        assert_eq!(f.ct(&fkey).map(|e| e.epoch), Some(0));
+        f.rec.dataplane_mut().settle().unwrap();
+        let now = f.dp().epoch().unwrap();
+        assert!(now > settled, "{now} after {settled}");
+        let c = client(40015);
+        let be = handshake(&f, c, sa(VIP, 80));
+        let fkey = flow_key(c, sa(VIP, 80), IPPROTO_TCP);
+        assert_eq!(f.ct(&fkey).map(|e| e.epoch), Some(now));
+        assert_eq!(f.ct(&flow_key(be, c, IPPROTO_TCP)).map(|e| e.epoch), Some(now));
     });
 }
 

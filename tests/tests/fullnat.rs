@@ -88,6 +88,7 @@ fn stage_pair(f: &mut Fixture, client: SocketAddrV4, service: SocketAddrV4, port
         fnat_port: port_to_wire(fnat.port()),
         flags: ct::CT_F_FULLNAT,
         lazy: 0,
+        epoch: 0,
     };
     let be = sa(backend(1), if proto == IPPROTO_TCP { 8000 } else { 53 });
     let snat = sa(HOST, port);

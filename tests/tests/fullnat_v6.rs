@@ -230,6 +230,7 @@ fn stage_pair(f: &mut Fixture, client: SocketAddrV6, port: u16) {
             fnat_port: port_to_wire(fnat.port()),
             flags: ct::CT_F_FULLNAT,
             lazy: 0,
+            epoch: 0,
         },
     };
     let (svc, snat) = (sa6(VIP6, 80), sa6(HOST6, port));

@@ -222,6 +222,7 @@ mod tests {
             fnat_port: 0,
             flags: 0,
             lazy: 0,
+            epoch: 0,
         };
         (FlowKey::new(1, 2, 3, 4, 6), e)
     }

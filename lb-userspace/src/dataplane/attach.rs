@@ -186,22 +186,38 @@ impl Dataplane {
     /// Makes the local-address set (network byte order, loopback excluded) exactly `addrs`;
     /// returns the number of writes.
     pub fn sync_local_addrs(&mut self, addrs: &std::collections::BTreeSet<u32>) -> Result<usize> {
-        let name = lb_common::MAP_LOCAL_ADDRS;
         if self.local_addrs_written.as_ref() == Some(addrs) {
             return Ok(0); // the usual case, every second: no map access at all
         }
         let have: std::collections::BTreeSet<u32> =
             self.local_addrs.keys().filter_map(|k| k.ok()).collect();
+        if &have != addrs {
+            // What a wildcard service's pick reads: a change of the tables (lb-common's
+            // `epoch`), settled below whether or not every write succeeds.
+            self.changing()?;
+        }
+        let written = self.write_local_addrs(&have, addrs);
+        self.settle()?;
+        let writes = written?;
+        self.local_addrs_written = Some(addrs.clone());
+        Ok(writes)
+    }
+
+    fn write_local_addrs(
+        &mut self,
+        have: &std::collections::BTreeSet<u32>,
+        addrs: &std::collections::BTreeSet<u32>,
+    ) -> Result<usize> {
+        let name = lb_common::MAP_LOCAL_ADDRS;
         let mut writes = 0;
         for a in have.difference(addrs) {
             absent_is_fine(self.local_addrs.remove(a), name)?;
             writes += 1;
         }
-        for a in addrs.difference(&have) {
+        for a in addrs.difference(have) {
             self.local_addrs.insert(a, &1, 0).map_err(map_err(name))?;
             writes += 1;
         }
-        self.local_addrs_written = Some(addrs.clone());
         Ok(writes)
     }
 

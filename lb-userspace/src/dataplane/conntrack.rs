@@ -54,6 +54,8 @@ impl Dataplane {
             .chain({
                 // One route read per backend, not per pending handshake.
                 let (now, mut routes) = (monotonic_ns(), std::collections::HashMap::new());
+                // Stamped as the program would stamp it moving to CT_NEW now.
+                let epoch = self.epoch().unwrap_or(0);
                 self.syn_view
                     .pending()
                     .filter(move |(n, s)| self.pending_live(*n, s, now))
@@ -62,7 +64,7 @@ impl Dataplane {
                             .entry(s.backend_id)
                             .or_insert_with(|| self.pending_route(s.backend_id, now));
                         let reply = self.claimed_reply(n, &s, now);
-                        std::iter::once((s.key(), s.forward_entry(route))).chain(reply)
+                        std::iter::once((s.key(), s.forward_entry(route, epoch))).chain(reply)
                     })
             })
             .collect()
@@ -93,7 +95,10 @@ impl Dataplane {
                 self.pending_slot(key)
                     .filter(|(i, set, w)| self.pending_live(slot_name(*i, *w), &set.ways[*w], now))
                     .map(|(_, set, w)| set.ways[w])
-                    .map(|s| s.forward_entry(self.pending_route(s.backend_id, now)))
+                    .map(|s| {
+                        let route = self.pending_route(s.backend_id, now);
+                        s.forward_entry(route, self.epoch().unwrap_or(0))
+                    })
             })
             .or_else(|| self.pending_reply(key, monotonic_ns()))
     }
@@ -581,7 +586,9 @@ impl ConntrackReader {
                     .filter(move |(n, s)| self.pending_live(*n, s, now))
                     .flat_map(move |(n, s)| {
                         let reply = claimed_reply((n, &s), now, |k| self.claims.word(k));
-                        std::iter::once((s.key(), s.forward_entry(Route::NONE))).chain(reply)
+                        // (The epoch stamp is not known here: shown as none.)
+                        let fwd = s.forward_entry(Route::NONE, 0);
+                        std::iter::once((s.key(), fwd)).chain(reply)
                     })
             })
             .collect()

@@ -7,12 +7,14 @@ impl Dataplane {
     // ---- services and backends ----
 
     pub(crate) fn set_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<()> {
+        self.changing()?;
         self.services
             .insert(&key, &value, 0)
             .map_err(map_err(MAP_SERVICES))
     }
 
     pub(crate) fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
+        self.changing()?;
         absent_is_fine(self.services.remove(key), MAP_SERVICES)
     }
 
@@ -25,12 +27,69 @@ impl Dataplane {
     /// Public only for the fixture that proves the cached route is dropped; the reconciler is
     /// the one writer of the maps (the other writers are `pub(crate)`).
     pub fn set_backend(&mut self, id: u32, backend: Backend) -> Result<()> {
+        self.changing()?;
         self.backend_routes
             .set(id, &lb_common::BackendRoute::default(), 0)
             .map_err(map_err(lb_common::MAP_BACKEND_ROUTES))?;
         self.backends
             .set(id, &backend, 0)
             .map_err(map_err(MAP_BACKENDS))
+    }
+
+    // ---- the table epoch (lb-common's `epoch`) ----
+
+    /// Marks the tables a pick reads (services, backends, Maglev rows, this host's addresses)
+    /// as changing before their first write: the epoch goes odd and new, so no flow picked from
+    /// now until [`Dataplane::settle`] is stamped (its replies keep the forward lookup). Every
+    /// writer of those tables calls it first.
+    pub(super) fn changing(&mut self) -> Result<()> {
+        if self.changing {
+            return Ok(());
+        }
+        let current = self.epoch_word()?.epoch;
+        self.write_epoch(lb_common::epoch::begin(current))?;
+        self.changing = true;
+        Ok(())
+    }
+
+    /// Ends a change of those tables (nothing if none is under way): the epoch becomes even and
+    /// new, written for this load's program, whose new flows are stamped with it from now on.
+    /// The reconciler calls it after each apply, whether or not every write succeeded: what
+    /// counts is that the tables stand still until the next change.
+    pub fn settle(&mut self) -> Result<()> {
+        if !self.changing {
+            return Ok(());
+        }
+        let current = self.epoch_word()?.epoch;
+        self.write_epoch(lb_common::epoch::settle(current))?;
+        self.changing = false;
+        Ok(())
+    }
+
+    /// The epoch this load's program stamps new flows with now (0: none, a change is under
+    /// way).
+    pub fn epoch(&self) -> Result<u64> {
+        Ok(lb_common::epoch::stable(
+            &self.epoch_word()?,
+            self.instance,
+        ))
+    }
+
+    fn epoch_word(&self) -> Result<lb_common::epoch::Epoch> {
+        self.epoch
+            .get(&0, 0)
+            .map_err(map_err(lb_common::epoch::MAP_EPOCH))
+    }
+
+    fn write_epoch(&mut self, epoch: u64) -> Result<()> {
+        let word = lb_common::epoch::Epoch {
+            epoch,
+            instance: self.instance,
+            _pad: 0,
+        };
+        self.epoch
+            .set(0, &word, 0)
+            .map_err(map_err(lb_common::epoch::MAP_EPOCH))
     }
 
     /// A backend slot as the kernel holds it.
@@ -53,6 +112,7 @@ impl Dataplane {
         backend_id: u32,
     ) -> Result<()> {
         let index = service_id * self.options.maglev_size + slot;
+        self.changing()?;
         self.maglev
             .set(index, &backend_id, 0)
             .map_err(map_err(MAP_MAGLEV))

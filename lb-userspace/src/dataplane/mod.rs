@@ -147,6 +147,9 @@ impl DataplaneOptions {
             snat_reuse_ms: self.snat_reuse.as_millis().min(u128::from(u32::MAX)) as u32,
             syn_sets: self.syn_sets(),
             snat_claims: self.snat_claims(),
+            // Each load's own (see `Dataplane::instance`).
+            instance: random_u32() | 1,
+            _pad: 0,
         }
     }
 }
@@ -174,7 +177,7 @@ fn random_u32() -> u32 {
 }
 
 /// Every map of the object; all are pinned (the read-only config global is not a map of ours).
-const MAPS: [&str; 23] = [
+const MAPS: [&str; 24] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     lb_common::MAP_BACKEND_ROUTES,
@@ -198,6 +201,7 @@ const MAPS: [&str; 23] = [
     lb_common::v6::MAP_SOCK_REVNAT6,
     lb_common::MAP_XDP_DEVS,
     lb_common::MAP_TC_V6,
+    lb_common::epoch::MAP_EPOCH,
 ];
 
 /// The socket programs, in attach order: IPv4's, then IPv6's.
@@ -236,6 +240,11 @@ pub struct Dataplane {
     claim_view: conntrack::ClaimView,
     /// DNAT backend -> the service whose flows to it get their reply entry lazily.
     lazy_reply: HashMap<MapData, ServiceKey, ServiceKey>,
+    /// The table epoch (lb-common's `epoch`), this load's instance token written beside it,
+    /// and whether a change of the tables a pick reads is under way (the epoch odd).
+    epoch: Array<MapData, lb_common::epoch::Epoch>,
+    instance: u32,
+    changing: bool,
     /// Second descriptors of the conntrack maps (IPv4's two, then IPv6's, then the handshake
     /// table and the port claims), for [`Dataplane::conntrack_reader`].
     conntrack_fds: [std::os::fd::OwnedFd; 6],
@@ -454,7 +463,10 @@ impl Dataplane {
         // Read through the mapping only (the daemon lists the handshakes whose claims name them).
         let claim_view = conntrack::ClaimView::of(conntrack_fds[5].as_fd(), claims.len())?;
         drop(claims);
-        Ok(Self {
+        let mut dp = Self {
+            epoch: take!(ebpf, lb_common::epoch::MAP_EPOCH),
+            instance: cfg.instance,
+            changing: false,
             conntrack_fds,
             ct_new: take!(ebpf, lb_common::MAP_CT_NEW),
             syn_view,
@@ -477,7 +489,11 @@ impl Dataplane {
             pins_outlive: false,
             ebpf,
             pins: None,
-        })
+        };
+        // Nothing this program picks is stamped until its owner settles the tables it wrote
+        // (and an earlier berth's program, still running on adopted maps, stops stamping).
+        dp.changing()?;
+        Ok(dp)
     }
 
     /// Interfaces attached through link pins of an earlier berth whose interface still exists (pins of vanished interfaces are removed).

@@ -283,7 +283,13 @@ fn reason_count(f: &Fixture, r: Reason) -> u64 {
 }
 
 /// A conntrack entry translating to `nat`, and for full NAT the other end to `fnat`.
-fn entry(dir: u8, nat: SocketAddrV4, fnat: Option<SocketAddrV4>, now: u64) -> CtEntry {
+fn entry(
+    dir: u8,
+    nat: SocketAddrV4,
+    fnat: Option<SocketAddrV4>,
+    now: u64,
+    epoch: u64,
+) -> CtEntry {
     let (fnat_addr, fnat_port, flags) = fnat.map_or((0, 0, 0), |f| {
         (
             ipv4_to_wire(f.ip().octets()),
@@ -306,6 +312,7 @@ fn entry(dir: u8, nat: SocketAddrV4, fnat: Option<SocketAddrV4>, now: u64) -> Ct
         fnat_port,
         flags,
         lazy: 0,
+        epoch,
     }
 }
 
@@ -367,12 +374,20 @@ fn measure_hits(
         (back, Reason::ReplyRedirect, src, fnat.map(|_| dst))
     };
     let lazy = u8::from(matches!(half, Half::Forward { lazy: true }));
+    // A DNAT flow is stamped with the table epoch it was picked in, as the program stamps it
+    // (lb-common's `epoch`): its replies skip the forward lookup. Full NAT is never stamped.
+    let epoch = if fnat.is_none() {
+        f.dp().epoch().expect("epoch")
+    } else {
+        0
+    };
+    assert!(fnat.is_some() || epoch != 0, "the fixture's tables are settled");
     let dp = f.rec.dataplane_mut();
     dp.conntrack_insert(
         flow_key(src, dst, IPPROTO_TCP),
         CtEntry {
             lazy,
-            ..entry(dir, nat, fnat, now)
+            ..entry(dir, nat, fnat, now, epoch)
         },
     )
     .unwrap();
@@ -380,7 +395,7 @@ fn measure_hits(
         flow_key(back.0, back.1, IPPROTO_TCP),
         CtEntry {
             lazy,
-            ..entry(dir, restore, restore_f, now)
+            ..entry(dir, restore, restore_f, now, epoch)
         },
     )
     .unwrap();
@@ -391,14 +406,36 @@ fn measure_hits(
     let mut rows = Vec::new();
     let ns = measure(f.dp().program(), &pkt, a);
     let hits = reason_count(&f, reason);
+    // A DNAT reply's path: the same packet once more without the flow's forward half, which
+    // the reply path would rebuild had it looked it up; put back for the XDP runs.
+    let skips = (matches!(half, Half::Reply) && fnat.is_none()).then(|| {
+        let fkey = flow_key(dst, nat, IPPROTO_TCP);
+        let fwd = f.dp().conntrack_get(&fkey).expect("the forward half");
+        f.rec.dataplane_mut().conntrack_remove(&fkey).unwrap();
+        let run = f.run(&pkt);
+        let skipped = run.counted(Reason::ReplyRedirect) == 1
+            && run.counted(Reason::EventCtRebuilt) == 0
+            && f.dp().conntrack_get(&fkey).is_none();
+        f.rec.dataplane_mut().conntrack_insert(fkey, fwd).unwrap();
+        skipped
+    });
     if tc_wanted {
+        let skip_note = match skips {
+            Some(true) => ", forward lookup skipped",
+            Some(false) => ", forward lookup NOT skipped",
+            None => "",
+        };
         rows.push(Row {
             path,
             prog: Prog::Tc,
             ns,
             target: Some(target),
-            check: format!("{} {hits}/{total}", reason.name()),
-            on_path: hits as f64 / total as f64,
+            check: format!("{} {hits}/{total}{skip_note}", reason.name()),
+            on_path: if skips == Some(false) {
+                0.0
+            } else {
+                hits as f64 / total as f64
+            },
         });
     }
     if xdp_wanted {
@@ -1123,6 +1160,7 @@ fn entry6(dir: u8, nat: SocketAddrV6, fnat: Option<SocketAddrV6>, now: u64) -> C
                 SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, nat.port()),
                 fnat.map(|f| SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, f.port())),
                 now,
+                0,
             )
         },
     }
