@@ -565,11 +565,17 @@ mod tests {
             !reply_skips_forward(&r, 8, IPPROTO_TCP, TCP_ACK, now),
             "the tables changed since its pick"
         );
-        assert!(!reply_skips_forward(&r, 0, IPPROTO_TCP, TCP_ACK, now), "being changed");
+        assert!(
+            !reply_skips_forward(&r, 0, IPPROTO_TCP, TCP_ACK, now),
+            "being changed"
+        );
         let unknown = CtEntry { epoch: 0, ..r };
         assert!(!reply_skips_forward(&unknown, 0, IPPROTO_TCP, TCP_ACK, now));
         for flags in [TCP_SYN | TCP_ACK, TCP_FIN | TCP_ACK, TCP_RST] {
-            assert!(!reply_skips_forward(&r, 6, IPPROTO_TCP, flags, now), "{flags:#x}");
+            assert!(
+                !reply_skips_forward(&r, 6, IPPROTO_TCP, flags, now),
+                "{flags:#x}"
+            );
         }
         assert!(
             !reply_skips_forward(&r, 6, IPPROTO_TCP, TCP_ACK, now + 1),

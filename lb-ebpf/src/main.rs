@@ -200,10 +200,7 @@ fn other(table: &'static Table) -> &'static Table {
 pub(crate) fn current_epoch() -> u64 {
     match EPOCH.get_ptr(0) {
         // SAFETY: a valid map value pointer; `Epoch` is `Copy`.
-        Some(e) => epoch::stable(
-            &unsafe { core::ptr::read_volatile(e) },
-            config().instance,
-        ),
+        Some(e) => epoch::stable(&unsafe { core::ptr::read_volatile(e) }, config().instance),
         None => 0,
     }
 }

@@ -308,7 +308,10 @@ fn a_flow_picked_while_the_tables_change_is_not_stamped() {
         let be = handshake(&f, c, sa(VIP, 80));
         let fkey = flow_key(c, sa(VIP, 80), IPPROTO_TCP);
         assert_eq!(f.ct(&fkey).map(|e| e.epoch), Some(now));
-        assert_eq!(f.ct(&flow_key(be, c, IPPROTO_TCP)).map(|e| e.epoch), Some(now));
+        assert_eq!(
+            f.ct(&flow_key(be, c, IPPROTO_TCP)).map(|e| e.epoch),
+            Some(now)
+        );
     });
 }
 

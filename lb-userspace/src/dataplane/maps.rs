@@ -69,10 +69,7 @@ impl Dataplane {
     /// The epoch this load's program stamps new flows with now (0: none, a change is under
     /// way).
     pub fn epoch(&self) -> Result<u64> {
-        Ok(lb_common::epoch::stable(
-            &self.epoch_word()?,
-            self.instance,
-        ))
+        Ok(lb_common::epoch::stable(&self.epoch_word()?, self.instance))
     }
 
     fn epoch_word(&self) -> Result<lb_common::epoch::Epoch> {

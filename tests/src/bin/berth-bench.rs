@@ -283,13 +283,7 @@ fn reason_count(f: &Fixture, r: Reason) -> u64 {
 }
 
 /// A conntrack entry translating to `nat`, and for full NAT the other end to `fnat`.
-fn entry(
-    dir: u8,
-    nat: SocketAddrV4,
-    fnat: Option<SocketAddrV4>,
-    now: u64,
-    epoch: u64,
-) -> CtEntry {
+fn entry(dir: u8, nat: SocketAddrV4, fnat: Option<SocketAddrV4>, now: u64, epoch: u64) -> CtEntry {
     let (fnat_addr, fnat_port, flags) = fnat.map_or((0, 0, 0), |f| {
         (
             ipv4_to_wire(f.ip().octets()),
@@ -381,7 +375,10 @@ fn measure_hits(
     } else {
         0
     };
-    assert!(fnat.is_some() || epoch != 0, "the fixture's tables are settled");
+    assert!(
+        fnat.is_some() || epoch != 0,
+        "the fixture's tables are settled"
+    );
     let dp = f.rec.dataplane_mut();
     dp.conntrack_insert(
         flow_key(src, dst, IPPROTO_TCP),
