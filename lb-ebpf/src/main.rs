@@ -1384,9 +1384,6 @@ fn new_flow_inner(ctx: &TcContext, p: &Pkt, hashed: u64) -> Pick {
         }
         return Pick::Done(exit(Reason::DropNoBackend));
     }
-    // The pick is made: the epoch's second read comes after every table read above.
-    core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
-    let stamp = epoch::stamp(before, current_epoch());
     if backend.snat_addr != 0 {
         // The flow hash goes to the port search through the per-CPU scratch slot (read back
         // there as a value the verifier knows nothing of: passed as an argument, it put the
@@ -1397,6 +1394,10 @@ fn new_flow_inner(ctx: &TcContext, p: &Pkt, hashed: u64) -> Pick {
         }
         return Pick::FullNat((u64::from(svc.id) << 32) | u64::from(backend_id));
     }
+    // The pick is made: the epoch's second read comes after every table read above (a
+    // full-NAT flow, above, is never stamped).
+    core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
+    let stamp = epoch::stamp(before, current_epoch());
     // The reply key and the entry are built in the per-CPU NAT_SCRATCH slot (unused by a DNAT
     // flow), not on the stack: the call chain through this frame has to leave room for the
     // tracked paths inlined into the main program.

@@ -85,6 +85,15 @@ fn handshake_nat(f: &Fixture, c: SocketAddrV4, service: SocketAddrV4, nat: Nat) 
     leg
 }
 
+/// Applies the fixture's services without backend `be` (it leaves every service).
+fn drop_backend(f: &mut Fixture, be: SocketAddrV4) {
+    let mut services = f.services.clone();
+    for s in &mut services {
+        s.backends.retain(|b| b.addr != be.into());
+    }
+    f.apply(services);
+}
+
 // ---- 1. a flow has both halves of its entry pair or neither ----
 
 fn udp_flow_whose_reply_entry_was_evicted_is_repaired_before_its_next_answer(nat: Nat) {
@@ -213,11 +222,7 @@ fn tcp_flow_whose_forward_entry_was_evicted_is_repaired_by_the_backends_next_pac
         assert_eq!(fwd.nat_addr, lb_common::ipv4_to_wire(be.ip().octets()));
         assert_eq!(fwd.full_nat(), nat == Nat::Full);
         // So the flow keeps its backend (and its port) even after the backend set changed.
-        let mut services = f.services.clone();
-        for s in &mut services {
-            s.backends.retain(|b| b.addr != be.into());
-        }
-        f.apply(services);
+        drop_backend(&mut f, be);
         let ack = tcp(c, sa(VIP, 80), TCP_ACK, 1001, 5005).build();
         assert_eq!(assert_fwd(&f.run(&ack), &ack, &web_backends(), nat), leg);
     });
@@ -237,11 +242,7 @@ fn after_a_backend_change_the_backends_next_packet_rebuilds_an_evicted_forward_h
         assert_ne!(epoch, 0, "the fixture's tables are settled");
         assert_eq!(f.ct(&fkey).map(|e| e.epoch), Some(epoch), "stamped");
         f.rec.dataplane_mut().conntrack_remove(&fkey).unwrap();
-        let mut services = f.services.clone();
-        for s in &mut services {
-            s.backends.retain(|b| b.addr != be.into());
-        }
-        f.apply(services);
+        drop_backend(&mut f, be);
         assert!(f.dp().epoch().unwrap() > epoch, "a change moves the epoch");
         let push = from_backend(tcp(be, c, TCP_ACK | TCP_PSH, 5001, 1001).with_payload(b"tick"));
         let run = f.run(&push);
@@ -269,11 +270,7 @@ fn a_reply_entry_from_before_a_backend_change_is_a_leftover_once_its_client_move
             flow_key(be, c, IPPROTO_TCP),
         );
         assert!(f.ct(&rkey).is_some(), "the reply half");
-        let mut services = f.services.clone();
-        for s in &mut services {
-            s.backends.retain(|b| b.addr != be.into());
-        }
-        f.apply(services);
+        drop_backend(&mut f, be);
         // Evicted; the client connects again from the same port: another backend.
         f.rec.dataplane_mut().conntrack_remove(&fkey).unwrap();
         let syn = tcp(c, sa(VIP, 80), TCP_SYN, 90_000, 0).build();
@@ -580,11 +577,7 @@ fn rst_or_fin_outside_the_window_keep_a_draining_flow_on_its_backend(nat: Nat) {
         let ack = from_backend(back(leg, TCP_ACK, 5001, 1011));
         assert_reply(&f.run(&ack), sa(VIP, 80), c);
         // The backend leaves (draining: established flows stay).
-        let mut services = f.services.clone();
-        for s in &mut services {
-            s.backends.retain(|b| b.addr != be.into());
-        }
-        f.apply(services);
+        drop_backend(&mut f, be);
         let fkey = flow_key(c, sa(VIP, 80), IPPROTO_TCP);
         // Blind RST and FIN with sequence numbers outside the window: forwarded (the backend's
         // stack judges them too) but they do not close the flow.
@@ -1219,11 +1212,7 @@ fn a_first_reply_after_its_backend_left_the_service_is_still_translated() {
         let syn = tcp(c, sa(VIP, 80), TCP_SYN, 1000, 0).build();
         let be = assert_dnat(&f.run(&syn), &syn, &web_backends());
         // The backend leaves (draining), another is added: the flow stays on its backend.
-        let mut s = f.services.clone();
-        for svc in &mut s {
-            svc.backends.retain(|b| b.addr != be.into());
-        }
-        f.apply(s);
+        drop_backend(&mut f, be);
         let synack = from_backend(tcp(be, c, TCP_SYN | TCP_ACK, 5000, 1001));
         assert_reply(&f.run(&synack), sa(VIP, 80), c);
         let ack = tcp(c, sa(VIP, 80), TCP_ACK, 1001, 5001).build();
