@@ -27,7 +27,10 @@
 //! loads, in that order); userspace's writes are separate system calls, the odd epoch before
 //! the first table write and the even one after the last. On x86 (loads are not reordered with
 //! loads, stores become visible in order) a pick that read any table write of a change reads
-//! the odd epoch (or a later one) the second time, and is stamped 0.
+//! the odd epoch (or a later one) the second time, and is stamped 0. Where loads may be
+//! reordered, userspace also leaves a millisecond between the odd write and the first table
+//! write and between the last table write and the even write: a pick (microseconds) cannot
+//! straddle either gap.
 
 /// The epoch: an array of one [`Epoch`].
 pub const MAP_EPOCH: &str = "EPOCH";

@@ -8,8 +8,9 @@
 //!   program does the once-a-second refresh of both halves and of the cached route), not
 //!   expired, with its pair's other half present and consistent (`ct::is_reply_of` /
 //!   `ct::is_forward_of`; a forward packet of a lazily recorded flow, `CtEntry::lazy`, skips
-//!   its reply half as in the TC program), a reply only from the interface its backend lives
-//!   behind, and a cached route (egress interface and MACs);
+//!   its reply half, and a DNAT reply of the current table epoch its forward half, as in the
+//!   TC program), a reply only from the interface its backend lives behind, and a cached route
+//!   (egress interface and MACs);
 //! - TCP without SYN, FIN or RST (state changes stay with the TC program); UDP;
 //! - an IPv4 header without options, not a fragment, TTL above 1; redirect enabled.
 //!
@@ -145,13 +146,17 @@ fn fast(ctx: &XdpContext) -> (u32, Reason) {
         if e.in_ifindex != 0 && e.in_ifindex != ingress {
             return pass();
         }
-        let fkey = ct::forward_key(&key, e);
-        let Some(f) = CONNTRACK.get_ptr(&fkey) else {
-            return pass();
-        };
-        // SAFETY: valid map value pointer, read in place.
-        if !ct::is_forward_of(unsafe { &*f }, &fkey, &key) {
-            return pass();
+        // The TC program's rule for a DNAT flow picked in the current table epoch (lb-common's
+        // `epoch`): its reply entry is its client's tuple's own.
+        if !ct::reply_skips_forward(e, crate::current_epoch(), proto, tcp_flags, now) {
+            let fkey = ct::forward_key(&key, e);
+            let Some(f) = CONNTRACK.get_ptr(&fkey) else {
+                return pass();
+            };
+            // SAFETY: valid map value pointer, read in place.
+            if !ct::is_forward_of(unsafe { &*f }, &fkey, &key) {
+                return pass();
+            }
         }
     } else if e.dir == DIR_FORWARD {
         // The TC program's rule for a lazily recorded flow (here its packets neither close nor

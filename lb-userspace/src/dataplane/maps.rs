@@ -3,6 +3,14 @@
 
 use super::*;
 
+/// The pause between the epoch's odd write and the first table write of a change, and between
+/// the last table write and the even write (lb-common's `epoch`). A program's pick reads the
+/// epoch, the tables, the epoch again within microseconds; on x86 that order alone makes a pick
+/// that saw any write of a change see the epoch move. Where loads may be reordered (arm64), this
+/// gap does: a pick whose reads straddle a change's first or last table write would have to
+/// take longer than the gap.
+const EPOCH_GAP: std::time::Duration = std::time::Duration::from_millis(1);
+
 impl Dataplane {
     // ---- services and backends ----
 
@@ -49,6 +57,9 @@ impl Dataplane {
         let current = self.epoch_word()?.epoch;
         self.write_epoch(lb_common::epoch::begin(current))?;
         self.changing = true;
+        // A pick that read the epoch before this write has ended long before the first table
+        // write (see `EPOCH_GAP`).
+        std::thread::sleep(EPOCH_GAP);
         Ok(())
     }
 
@@ -61,6 +72,8 @@ impl Dataplane {
             return Ok(());
         }
         let current = self.epoch_word()?.epoch;
+        // A pick that reads the new epoch reads the tables long after their last write.
+        std::thread::sleep(EPOCH_GAP);
         self.write_epoch(lb_common::epoch::settle(current))?;
         self.changing = false;
         Ok(())
