@@ -335,26 +335,27 @@ pub const fn forward_skips_reply(fwd: &CtEntry, proto: u8, tcp_flags: u8, now_ns
 
 /// Whether a reply packet of the flow whose reply entry is `rev` (in the main map) may be
 /// translated without looking up its forward half: a DNAT flow picked in the current table
-/// epoch `epoch` (`crate::epoch::stable`; see [`crate::epoch`] for why its reply entry is then
-/// the one its client's tuple leads to), open, the packet neither a SYN (a handshake on the
+/// epoch (`epoch()`, `crate::epoch::stable`; see [`crate::epoch`] for why its reply entry is
+/// then the one its client's tuple leads to), open, the packet neither a SYN (a handshake on the
 /// tuple meets the forward side's state), a FIN nor a RST (which mark both halves), and not the
 /// flow's once-a-second refresh (which stamps both halves, and rebuilds an evicted forward
 /// half from this one). The refresh test is `translate`'s own, so a packet that skips is never
-/// one that refreshes.
+/// one that refreshes. The epoch (a map read) is read last, only for an entry that could skip:
+/// a full-NAT reply never pays for it.
 #[inline(always)]
-pub const fn reply_skips_forward(
+pub fn reply_skips_forward(
     rev: &CtEntry,
-    epoch: u64,
     proto: u8,
     tcp_flags: u8,
     now_ns: u64,
+    epoch: impl FnOnce() -> u64,
 ) -> bool {
     rev.epoch != 0
-        && rev.epoch == epoch
         && !rev.full_nat()
         && rev.state == STATE_OPEN
         && (proto != IPPROTO_TCP || tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0)
         && now_ns.wrapping_sub(rev.last_seen_ns) <= TOUCH_INTERVAL_NS
+        && rev.epoch == epoch()
 }
 
 /// Whether reply entry `r` (in CT_NEW if `in_ct_new`) holds its key and port as a full-NAT flow
@@ -559,38 +560,58 @@ mod tests {
             ..entry(STATE_OPEN, 1_000)
         };
         let now = 1_000 + TOUCH_INTERVAL_NS;
-        assert!(reply_skips_forward(&r, 6, IPPROTO_TCP, TCP_ACK, now));
-        assert!(reply_skips_forward(&r, 6, IPPROTO_UDP, 0, now));
+        assert!(reply_skips_forward(&r, IPPROTO_TCP, TCP_ACK, now, || 6));
+        assert!(reply_skips_forward(&r, IPPROTO_UDP, 0, now, || 6));
         assert!(
-            !reply_skips_forward(&r, 8, IPPROTO_TCP, TCP_ACK, now),
+            !reply_skips_forward(&r, IPPROTO_TCP, TCP_ACK, now, || 8),
             "the tables changed since its pick"
         );
         assert!(
-            !reply_skips_forward(&r, 0, IPPROTO_TCP, TCP_ACK, now),
+            !reply_skips_forward(&r, IPPROTO_TCP, TCP_ACK, now, || 0),
             "being changed"
         );
         let unknown = CtEntry { epoch: 0, ..r };
-        assert!(!reply_skips_forward(&unknown, 0, IPPROTO_TCP, TCP_ACK, now));
+        assert!(!reply_skips_forward(
+            &unknown,
+            IPPROTO_TCP,
+            TCP_ACK,
+            now,
+            || 0
+        ));
         for flags in [TCP_SYN | TCP_ACK, TCP_FIN | TCP_ACK, TCP_RST] {
             assert!(
-                !reply_skips_forward(&r, 6, IPPROTO_TCP, flags, now),
+                !reply_skips_forward(&r, IPPROTO_TCP, flags, now, || 6),
                 "{flags:#x}"
             );
         }
         assert!(
-            !reply_skips_forward(&r, 6, IPPROTO_TCP, TCP_ACK, now + 1),
+            !reply_skips_forward(&r, IPPROTO_TCP, TCP_ACK, now + 1, || 6),
             "due for its refresh"
         );
         let closing = CtEntry {
             state: STATE_CLOSING,
             ..r
         };
-        assert!(!reply_skips_forward(&closing, 6, IPPROTO_TCP, TCP_ACK, now));
+        assert!(!reply_skips_forward(
+            &closing,
+            IPPROTO_TCP,
+            TCP_ACK,
+            now,
+            || 6
+        ));
         let fnat = CtEntry {
             flags: CT_F_FULLNAT,
             ..r
         };
-        assert!(!reply_skips_forward(&fnat, 6, IPPROTO_TCP, TCP_ACK, now));
+        assert!(!reply_skips_forward(&fnat, IPPROTO_TCP, TCP_ACK, now, || 6));
+        // The epoch is read only for an entry that could skip.
+        assert!(!reply_skips_forward(
+            &fnat,
+            IPPROTO_TCP,
+            TCP_ACK,
+            now,
+            || { panic!("a full-NAT reply reads no epoch") }
+        ));
     }
 
     fn entry(state: u8, last: u64) -> CtEntry {

@@ -71,21 +71,20 @@ pub const fn stamp(before: u64, after: u64) -> u64 {
 /// used before (an odd one left by a change that did not settle moves on too).
 #[inline(always)]
 pub const fn begin(current: u64) -> u64 {
-    if current & 1 == 0 {
-        current + 1
-    } else {
-        current + 2
-    }
+    next(current, 1)
 }
 
 /// The epoch userspace writes once a change is written: even and never used before.
 #[inline(always)]
 pub const fn settle(current: u64) -> u64 {
-    if current & 1 == 1 {
-        current + 1
-    } else {
-        current + 2
-    }
+    next(current, 0)
+}
+
+/// The least value past `current` whose low bit is `parity`.
+#[inline(always)]
+const fn next(current: u64, parity: u64) -> u64 {
+    let n = current + 1;
+    n + ((n ^ parity) & 1)
 }
 
 /// The stamp a pending handshake keeps (`SynSlot::epoch`, 32 bits): the epoch's low half.

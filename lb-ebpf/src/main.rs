@@ -1226,36 +1226,38 @@ fn reply_inner(ctx: &TcContext, p: &Pkt, e: &mut CtEntry, table: &'static Table)
     // A DNAT flow picked in the current table epoch: its reply entry is the one its client's
     // tuple leads to (lb-common's `epoch`), and nothing below needs the forward half.
     let skip = core::ptr::eq(table, &CONNTRACK)
-        && ct::reply_skips_forward(e, current_epoch(), flow.proto, flow.tcp_flags, now);
-    let mut fwd = if skip { None } else { ct_lookup(table, &fkey) };
-    if skip {
-    } else if let Some(f) = fwd {
-        // SAFETY: valid map value pointer.
-        if !ct::is_forward_of(unsafe { &*f }, &fkey, key) {
-            // The client's flow to this service goes to another backend now: this half is a
-            // leftover.
-            count(Reason::EventCtExpired);
-            let _ = table.remove(key);
-            return pack(exit(Reason::PassNoService));
-        }
-    } else {
-        // The forward half was evicted, or (full NAT) waits in the handshake table: moved from
-        // there, else rebuilt from this one, unless the client has started a newer flow on the
-        // tuple meanwhile (then this half is a leftover).
-        let at = if other(table).get_ptr(&fkey).is_some() {
-            PENDING_OTHER
+        && ct::reply_skips_forward(e, flow.proto, flow.tcp_flags, now, current_epoch);
+    let mut fwd = None;
+    if !skip {
+        fwd = ct_lookup(table, &fkey);
+        if let Some(f) = fwd {
+            // SAFETY: valid map value pointer.
+            if !ct::is_forward_of(unsafe { &*f }, &fkey, key) {
+                // The client's flow to this service goes to another backend now: this half is
+                // a leftover.
+                count(Reason::EventCtExpired);
+                let _ = table.remove(key);
+                return pack(exit(Reason::PassNoService));
+            }
         } else {
-            pending_at(&fkey, key, now, core::ptr::eq(table, &CT_NEW))
-        };
-        if at == PENDING_OTHER {
-            count(Reason::EventCtExpired);
-            let _ = table.remove(key);
-            return pack(exit(Reason::PassNoService));
+            // The forward half was evicted, or (full NAT) waits in the handshake table: moved
+            // from there, else rebuilt from this one, unless the client has started a newer
+            // flow on the tuple meanwhile (then this half is a leftover).
+            let at = if other(table).get_ptr(&fkey).is_some() {
+                PENDING_OTHER
+            } else {
+                pending_at(&fkey, key, now, core::ptr::eq(table, &CT_NEW))
+            };
+            if at == PENDING_OTHER {
+                count(Reason::EventCtExpired);
+                let _ = table.remove(key);
+                return pack(exit(Reason::PassNoService));
+            }
+            if at == PENDING_NONE {
+                rebuild(table, &fkey, e, flow, now);
+            }
+            fwd = table.get_ptr_mut(&fkey);
         }
-        if at == PENDING_NONE {
-            rebuild(table, &fkey, e, flow, now);
-        }
-        fwd = table.get_ptr_mut(&fkey);
     }
 
     if flow.proto == lb_common::IPPROTO_TCP && flow.tcp_flags & ct::TCP_ACK != 0 {

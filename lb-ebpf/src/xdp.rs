@@ -148,7 +148,7 @@ fn fast(ctx: &XdpContext) -> (u32, Reason) {
         }
         // The TC program's rule for a DNAT flow picked in the current table epoch (lb-common's
         // `epoch`): its reply entry is its client's tuple's own.
-        if !ct::reply_skips_forward(e, crate::current_epoch(), proto, tcp_flags, now) {
+        if !ct::reply_skips_forward(e, proto, tcp_flags, now, crate::current_epoch) {
             let fkey = ct::forward_key(&key, e);
             let Some(f) = CONNTRACK.get_ptr(&fkey) else {
                 return pass();

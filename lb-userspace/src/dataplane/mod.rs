@@ -147,8 +147,8 @@ impl DataplaneOptions {
             snat_reuse_ms: self.snat_reuse.as_millis().min(u128::from(u32::MAX)) as u32,
             syn_sets: self.syn_sets(),
             snat_claims: self.snat_claims(),
-            // Each load's own (see `Dataplane::instance`).
-            instance: random_u32() | 1,
+            // Each load's own, drawn by `Dataplane::load_with` (lb-common's `epoch`).
+            instance: 0,
             _pad: 0,
         }
     }
@@ -378,7 +378,10 @@ impl Dataplane {
     }
 
     fn load_with(options: DataplaneOptions, pin_dir: Option<&Path>) -> Result<Self> {
-        let cfg = options.dp_config();
+        let cfg = DpConfig {
+            instance: random_u32() | 1,
+            ..options.dp_config()
+        };
         let mut loader = EbpfLoader::new();
         let pin_paths: Vec<(&str, PathBuf)> = pin_dir
             .map(|d| MAPS.iter().map(|m| (*m, d.join(m))).collect())
