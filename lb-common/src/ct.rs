@@ -100,7 +100,7 @@ pub const fn forward_key(rkey: &FlowKey, rev: &CtEntry) -> FlowKey {
 
 /// Key equality as one test (no branch per field: cheaper for the verifier and the CPU).
 #[inline(always)]
-const fn same_key(a: &FlowKey, b: &FlowKey) -> bool {
+pub const fn same_key(a: &FlowKey, b: &FlowKey) -> bool {
     let diff = (a.saddr ^ b.saddr)
         | (a.daddr ^ b.daddr)
         | ((a.sport ^ b.sport) as u32)
@@ -334,14 +334,15 @@ pub const fn forward_skips_reply(fwd: &CtEntry, proto: u8, tcp_flags: u8, now_ns
 }
 
 /// Whether a reply packet of the flow whose reply entry is `rev` (in the main map) may be
-/// translated without looking up its forward half: a DNAT flow picked in the current table
-/// epoch (`epoch()`, `crate::epoch::stable`; see [`crate::epoch`] for why its reply entry is
-/// then the one its client's tuple leads to), open, the packet neither a SYN (a handshake on the
+/// translated without looking up its forward half: a flow picked in the current table epoch
+/// (`epoch()`, `crate::epoch::stable`; a full-NAT flow is stamped only at its first port; see
+/// [`crate::epoch`] for why its reply entry is then the one its client's tuple leads to), open,
+/// the packet neither a SYN (a handshake on the
 /// tuple meets the forward side's state), a FIN nor a RST (which mark both halves), and not the
 /// flow's once-a-second refresh (which stamps both halves, and rebuilds an evicted forward
 /// half from this one). The refresh test is `translate`'s own, so a packet that skips is never
 /// one that refreshes. The epoch (a map read) is read last, only for an entry that could skip:
-/// a full-NAT reply never pays for it.
+/// an unstamped reply (a full-NAT flow at a later port, say) never pays for it.
 #[inline(always)]
 pub fn reply_skips_forward(
     rev: &CtEntry,
@@ -351,7 +352,6 @@ pub fn reply_skips_forward(
     epoch: impl FnOnce() -> u64,
 ) -> bool {
     rev.epoch != 0
-        && !rev.full_nat()
         && rev.state == STATE_OPEN
         && (proto != IPPROTO_TCP || tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0)
         && now_ns.wrapping_sub(rev.last_seen_ns) <= TOUCH_INTERVAL_NS
@@ -599,18 +599,21 @@ mod tests {
             now,
             || 6
         ));
+        // Full NAT: stamped only at its first port, then the same rule.
         let fnat = CtEntry {
             flags: CT_F_FULLNAT,
             ..r
         };
-        assert!(!reply_skips_forward(&fnat, IPPROTO_TCP, TCP_ACK, now, || 6));
+        assert!(reply_skips_forward(&fnat, IPPROTO_TCP, TCP_ACK, now, || 6));
+        assert!(!reply_skips_forward(&fnat, IPPROTO_TCP, TCP_ACK, now, || 8));
         // The epoch is read only for an entry that could skip.
+        let later_port = CtEntry { epoch: 0, ..fnat };
         assert!(!reply_skips_forward(
-            &fnat,
+            &later_port,
             IPPROTO_TCP,
             TCP_ACK,
             now,
-            || { panic!("a full-NAT reply reads no epoch") }
+            || { panic!("an unstamped reply reads no epoch") }
         ));
     }
 

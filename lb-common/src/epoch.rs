@@ -1,4 +1,4 @@
-//! The table epoch (issue 14): how a reply packet of a confirmed DNAT flow knows, without
+//! The table epoch (issue 14): how a reply packet of a confirmed flow knows, without
 //! looking its forward half up, that its reply entry is the one the client's tuple leads to.
 //!
 //! The reply path used to look the forward half up with every packet (~23 ns of a ~110-ns
@@ -20,8 +20,17 @@
 //! (`ct::reply_skips_forward`). Any change of the tables since the flow started makes its
 //! replies check the slow way again, for good.
 //!
-//! Full NAT gains nothing here: its reply key holds the source port, which differs from one
-//! flow on a tuple to the next.
+//! Full NAT: a flow's reply key is (backend, berth's address and the flow's source port), and
+//! the port depends on which ports other flows hold when it is picked, except at the flow's
+//! first try (`ct::snat_port(hash, 0, ..)`), a pure function of the tuple like the backend. So
+//! a full-NAT flow is stamped only if it took its first port, and while the tables stand still
+//! every later flow on its tuple picks the same backend and tries that same reply key first.
+//! There the port search meets the stamped entry, its forward half gone (the later flow is a new
+//! flow on the tuple): it removes it before taking the port (the program's `port_free`), or, when
+//! the port's claim word is busy (a handshake of another key sharing the word) and the search
+//! moves on, clears the entry's stamp in place (`unstamp_first_port`). Either way, no stamped
+//! full-NAT reply entry outlives its tuple's next flow. A flow that took a later port (the first
+//! was held) is never stamped, and its replies look the forward half up as before.
 //!
 //! Ordering: the program reads the epoch, then the tables, then the epoch again (volatile
 //! loads, in that order); userspace's writes are separate system calls, the odd epoch before

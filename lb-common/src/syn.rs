@@ -263,9 +263,10 @@ impl SynSlot {
     /// A full-NAT flow's reply entry as its first reply writes it into `CT_NEW`, from the
     /// pending forward entry (the one its first packet used to insert, which took its port):
     /// backend -> berth's address and port, translated back to the service address for the
-    /// client; its route is learnt from its first packet.
+    /// client; its route is learnt from its first packet. Stamped with the table epoch `epoch`
+    /// (the current one, `epoch::stable`) if the handshake was picked in it (at its first port).
     #[inline(always)]
-    pub const fn reply_entry(&self) -> CtEntry {
+    pub const fn reply_entry(&self, epoch: u64) -> CtEntry {
         CtEntry {
             nat_addr: self.daddr,
             nat_port: (self.ports >> 16) as u16,
@@ -281,7 +282,7 @@ impl SynSlot {
             fnat_port: self.ports as u16,
             flags: self.flags as u8,
             lazy: 0,
-            epoch: 0,
+            epoch: crate::epoch::from_slot(self.epoch, epoch),
         }
     }
 }
@@ -459,7 +460,7 @@ mod tests {
         let s = full_nat_slot();
         let (fkey, fwd) = (s.key(), s.forward_entry(Route::NONE, 0));
         let rkey = ct::reply_key(&fkey, &fwd);
-        let r = s.reply_entry();
+        let r = s.reply_entry(0);
         assert!(ct::is_reply_of(&r, &rkey, &fkey) && ct::is_forward_of(&fwd, &fkey, &rkey));
         assert_eq!(ct::forward_key(&rkey, &r), fkey);
         assert_eq!(s.full_nat_reply_key(), rkey);
@@ -475,6 +476,16 @@ mod tests {
         };
         assert_eq!(r, first);
         assert!(r.full_nat() && r.state == ct::STATE_OPEN && r.route == Route::NONE);
+        // A handshake stamped at its pick (its first port) gives both halves the stamp while
+        // the epoch stands, neither once it moved.
+        let stamped = SynSlot {
+            epoch: crate::epoch::slot_stamp(6),
+            ..s
+        };
+        assert_eq!(stamped.reply_entry(6).epoch, 6);
+        assert_eq!(stamped.forward_entry(Route::NONE, 6).epoch, 6);
+        assert_eq!(stamped.reply_entry(8).epoch, 0);
+        assert_eq!(s.reply_entry(6).epoch, 0, "not stamped");
     }
 
     #[test]

@@ -181,6 +181,9 @@ pub struct NatScratch {
     /// The port claim the port search took (`claim::take`), settled or given back by
     /// `finish_full_nat`; 0: none.
     claim: u64,
+    /// The table epoch `new_flow` read before its pick (the first of the two reads a stamp
+    /// needs; the second follows the backend's read in `new_full_nat_flow`).
+    before: u64,
 }
 
 /// The conntrack map a flow's pair does not live in.
@@ -425,6 +428,63 @@ fn pending_at(fkey: &FlowKey, rkey: &FlowKey, now: u64, in_ct_new: bool) -> u64 
     }
 }
 
+/// Whether the flow client -> service key `fkey` picks in the current table epoch (lb-common's
+/// `epoch`) has a reply entry in the main map stamped with that epoch, other than the entry at
+/// `key` (stamped `stamp`) whose forward half the reply path is about to rebuild. The pick's
+/// reply key: the backend and the client's tuple; for full NAT the backend and berth's address
+/// with the first source port the flow tries. Such an entry is the tuple's newest flow's: no
+/// flow on the tuple started after it (a new flow on the tuple in the epoch has the same reply
+/// key, and takes it over, or, full NAT, removes the entry or clears its stamp when it passes
+/// the port by, see `unstamp_first_port`), and a flow not stamped with the current epoch
+/// started before it (or it would be stamped, or would have taken its port over). The entry at
+/// `key` is then an older flow's leftover, both forward halves evicted: rebuilt, it would send
+/// the client's packets to its backend again while the newer flow's replies, which skip the
+/// forward lookup, still reached the client. (Not CT_NEW: its entries never skip, and one of
+/// them may be stamped without being the newest, see `port_free`'s hold.) A BPF subprogram, on
+/// the rebuild path only.
+#[inline(never)]
+fn newer_flow_holds(fkey: &FlowKey, key: &FlowKey, stamp: u64) -> bool {
+    let cur = current_epoch();
+    if cur == 0 || stamp == cur {
+        // Nothing trusts a stamp, or this entry is the newest flow's (its pick's key is its own).
+        return false;
+    }
+    let cfg = config();
+    let Some(svc) = lookup_service(fkey.daddr, fkey.dport, fkey.proto) else {
+        return false;
+    };
+    let m = cfg.maglev_size;
+    if svc.id >= cfg.max_services || m == 0 {
+        return false;
+    }
+    let hash = flow_hash(fkey, cfg.hash_seed);
+    let Some(&picked) = MAGLEV.get(svc.id * m + hash % m) else {
+        return false;
+    };
+    let Some(b) = BACKENDS.get(if picked == 0 { svc.fallback } else { picked }) else {
+        return false;
+    };
+    if b.addr == 0 {
+        return false;
+    }
+    let rkey = if b.snat_addr == 0 {
+        FlowKey::new(b.addr, fkey.saddr, b.port, fkey.sport, fkey.proto)
+    } else if cfg.snat_port_first != 0 && cfg.snat_port_last >= cfg.snat_port_first {
+        let port = ct::snat_port(hash, 0, cfg.snat_port_first, cfg.snat_port_last);
+        FlowKey::new(b.addr, b.snat_addr, b.port, port_to_wire(port), fkey.proto)
+    } else {
+        return false;
+    };
+    if ct::same_key(&rkey, key) {
+        return false;
+    }
+    CONNTRACK.get_ptr(&rkey).is_some_and(|r| {
+        // SAFETY: a valid map value pointer, read in place.
+        let r = unsafe { &*r };
+        r.epoch == cur && ct::is_reply_of(r, &rkey, fkey)
+    })
+}
+
 /// [`pending`]: the low half of its result is the packet's flow hash.
 const SYN_HASHED: u64 = 1 << 32;
 /// [`pending`]: the packet's flow was pending in the handshake table and is in CT_NEW now.
@@ -472,7 +532,7 @@ fn pending(p: &Pkt) -> u64 {
             count(Reason::EventCtExpired);
             return v;
         }
-        let _ = CT_NEW.insert(&rkey, &s.reply_entry(), u64::from(BPF_NOEXIST));
+        let _ = CT_NEW.insert(&rkey, &s.reply_entry(fwd.epoch), u64::from(BPF_NOEXIST));
     }
     if syn::promote(&p.key, idx, &fwd) {
         claim::release(&rkey, idx);
@@ -500,7 +560,7 @@ fn claimed_reply(p: &Pkt) -> bool {
         return false;
     }
     // Not inserted if there (a concurrent reply on another CPU wrote it first).
-    let _ = CT_NEW.insert(key, &s.reply_entry(), u64::from(BPF_NOEXIST));
+    let _ = CT_NEW.insert(key, &s.reply_entry(current_epoch()), u64::from(BPF_NOEXIST));
     true
 }
 
@@ -1223,8 +1283,9 @@ fn reply_inner(ctx: &TcContext, p: &Pkt, e: &mut CtEntry, table: &'static Table)
         let _ = table.remove(key);
         return pack(exit(Reason::PassNoService));
     }
-    // A DNAT flow picked in the current table epoch: its reply entry is the one its client's
-    // tuple leads to (lb-common's `epoch`), and nothing below needs the forward half.
+    // A flow picked in the current table epoch (full NAT: at its first port): its reply entry
+    // is the one its client's tuple leads to (lb-common's `epoch`), and nothing below needs
+    // the forward half.
     let skip = core::ptr::eq(table, &CONNTRACK)
         && ct::reply_skips_forward(e, flow.proto, flow.tcp_flags, now, current_epoch);
     let mut fwd = None;
@@ -1248,7 +1309,9 @@ fn reply_inner(ctx: &TcContext, p: &Pkt, e: &mut CtEntry, table: &'static Table)
             } else {
                 pending_at(&fkey, key, now, core::ptr::eq(table, &CT_NEW))
             };
-            if at == PENDING_OTHER {
+            // Or a newer flow on the tuple holds its reply entry, its forward half evicted too:
+            // this entry, not stamped with the current epoch, would take the tuple from it.
+            if at == PENDING_OTHER || newer_flow_holds(&fkey, key, e.epoch) {
                 count(Reason::EventCtExpired);
                 let _ = table.remove(key);
                 return pack(exit(Reason::PassNoService));
@@ -1307,17 +1370,18 @@ fn reply_inner(ctx: &TcContext, p: &Pkt, e: &mut CtEntry, table: &'static Table)
     verdict
 }
 
+/// The service a packet to `daddr`, `dport` (network order) of `proto` is for.
 #[inline(always)]
-fn lookup_service(flow: &Flow) -> Option<ServiceValue> {
-    if let Some(v) = SERVICES.get_ptr(&ServiceKey::new(flow.daddr, flow.dport, flow.proto)) {
+fn lookup_service(daddr: u32, dport: u16, proto: u8) -> Option<ServiceValue> {
+    if let Some(v) = SERVICES.get_ptr(&ServiceKey::new(daddr, dport, proto)) {
         // SAFETY: valid map value pointer; `ServiceValue` is `Copy`.
         return Some(unsafe { *v });
     }
-    let v = SERVICES.get_ptr(&ServiceKey::new(0, flow.dport, flow.proto))?;
+    let v = SERVICES.get_ptr(&ServiceKey::new(0, dport, proto))?;
     // SAFETY: as above.
     let v = unsafe { *v };
     // "Any address of this host": the addresses userspace keeps in LOCAL_ADDRS.
-    if LOCAL_ADDRS.get_ptr(&flow.daddr).is_some() {
+    if LOCAL_ADDRS.get_ptr(&daddr).is_some() {
         Some(v)
     } else {
         None
@@ -1362,7 +1426,7 @@ fn new_flow_inner(ctx: &TcContext, p: &Pkt, hashed: u64) -> Pick {
     } else {
         flow_hash(key, cfg.hash_seed)
     };
-    let Some(svc) = lookup_service(flow) else {
+    let Some(svc) = lookup_service(flow.daddr, flow.dport, flow.proto) else {
         return Pick::Done(exit(Reason::PassNoService));
     };
     if svc.id >= cfg.max_services {
@@ -1390,14 +1454,18 @@ fn new_flow_inner(ctx: &TcContext, p: &Pkt, hashed: u64) -> Pick {
         // The flow hash goes to the port search through the per-CPU scratch slot (read back
         // there as a value the verifier knows nothing of: passed as an argument, it put the
         // verifier over 1,000,000 instructions).
+        // So does the epoch read before the pick (the second read follows the backend's
+        // addresses' read in `new_full_nat_flow`).
         if let Some(n) = NAT_SCRATCH.get_ptr_mut(0) {
             // SAFETY: this CPU's slot of a per-CPU array (see `NAT_SCRATCH`).
-            unsafe { core::ptr::write_volatile(&mut (*n).hash, hash) };
+            unsafe {
+                core::ptr::write_volatile(&mut (*n).hash, hash);
+                core::ptr::write_volatile(&mut (*n).before, before);
+            }
         }
         return Pick::FullNat((u64::from(svc.id) << 32) | u64::from(backend_id));
     }
-    // The pick is made: the epoch's second read comes after every table read above (a
-    // full-NAT flow, above, is never stamped).
+    // The pick is made: the epoch's second read comes after every table read above.
     core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
     let stamp = epoch::stamp(before, current_epoch());
     // The reply key and the entry are built in the per-CPU NAT_SCRATCH slot (unused by a DNAT
@@ -1546,6 +1614,15 @@ fn new_full_nat_flow_inner(
     // SAFETY: this CPU's slot of a per-CPU array, valid for the run; nothing else on this CPU
     // uses it while the program runs (see `NAT_SCRATCH`).
     let s = unsafe { &mut *s };
+    // The pick is made (service, Maglev row, and the backend's addresses the reply key is
+    // made of): the epoch's second read. The stamp stays only if the flow takes its first
+    // port (`port_try`).
+    core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
+    // SAFETY: a volatile read of this CPU's scratch slot, written by `new_flow`.
+    let stamp = epoch::stamp(
+        unsafe { core::ptr::read_volatile(&s.before) },
+        current_epoch(),
+    );
     // Routed first: the reply entry that takes the port records where replies must arrive.
     let (act, reason, route, in_ifindex) =
         route_to_backend(ctx, flow, backend_id, backend, now, cfg);
@@ -1565,7 +1642,7 @@ fn new_full_nat_flow_inner(
         fnat_port: flow.sport,
         flags: CT_F_FULLNAT,
         lazy: 0,
-        epoch: 0,
+        epoch: stamp,
     };
     // Not `route: Route::NONE` above: a zeroing store of it became a `memset` call.
     clear_route(&mut s.half.route);
@@ -1740,6 +1817,10 @@ extern "C" fn port_try<const NEW: bool>(i: u64, _ctx: *mut core::ffi::c_void) ->
         cfg.snat_port_last,
     ));
     let pending = lb_common::syn::goes_to_syn_table(p.flow.proto, false, &s.half);
+    if i != 0 {
+        // A flow is stamped with the table epoch only at its first port (lb-common's `epoch`).
+        s.half.epoch = 0;
+    }
     let mine = try_port::<NEW>(&s.rkey, &s.half, pending, p);
     if mine != 0 {
         s.claim = mine;
@@ -1758,6 +1839,9 @@ extern "C" fn port_try<const NEW: bool>(i: u64, _ctx: *mut core::ffi::c_void) ->
 #[inline(never)]
 fn try_port<const NEW: bool>(rkey: &FlowKey, half: &CtEntry, pending: bool, p: &Pkt) -> u64 {
     let Some(mine) = claim::take(rkey, p.now) else {
+        if half.epoch != 0 {
+            unstamp_first_port(rkey, &p.key);
+        }
         return 0;
     };
     let (table, cfg): (&Table, _) = if NEW {
@@ -1774,6 +1858,33 @@ fn try_port<const NEW: bool>(rkey: &FlowKey, half: &CtEntry, pending: bool, p: &
     let inserted = free && table.insert(rkey, half, u64::from(BPF_NOEXIST)).is_ok();
     claim::give_back(rkey, mine);
     if inserted { mine } else { 0 }
+}
+
+/// The first try of a new full-NAT flow stamped with the table epoch (`half.epoch` of
+/// `try_port`) found its port's claim word busy (a handshake of another reply key sharing the
+/// word) and moves on to a later port. A reply entry at that key whose forward key is this
+/// packet's tuple (its forward half gone: this is a new flow on the tuple) was perhaps stamped
+/// at its own first port in this epoch: its replies must not skip the forward lookup any more,
+/// for the tuple's flow is this one now (lb-common's `epoch`). Any other way the try ends, such
+/// an entry is gone (`port_free` removes it before the port is taken). Cleared in place, in
+/// both maps (a racing rewrite of the entry loses at worst another flow's stamp: its replies
+/// then look the forward half up). A BPF subprogram.
+#[inline(never)]
+fn unstamp_first_port(rkey: &FlowKey, key: &FlowKey) {
+    if let Some(r) = CONNTRACK.get_ptr_mut(rkey) {
+        // SAFETY: a valid map value pointer (see `process`).
+        let r = unsafe { &mut *r };
+        if ct::is_reply_of(r, rkey, key) {
+            r.epoch = 0;
+        }
+    }
+    if let Some(r) = CT_NEW.get_ptr_mut(rkey) {
+        // SAFETY: as above.
+        let r = unsafe { &mut *r };
+        if ct::is_reply_of(r, rkey, key) {
+            r.epoch = 0;
+        }
+    }
 }
 
 /// Whether full-NAT reply key `rkey` is held by a live DNAT flow of the service its backend

@@ -146,7 +146,7 @@ fn fast(ctx: &XdpContext) -> (u32, Reason) {
         if e.in_ifindex != 0 && e.in_ifindex != ingress {
             return pass();
         }
-        // The TC program's rule for a DNAT flow picked in the current table epoch (lb-common's
+        // The TC program's rule for a flow picked in the current table epoch (lb-common's
         // `epoch`): its reply entry is its client's tuple's own.
         if !ct::reply_skips_forward(e, proto, tcp_flags, now, crate::current_epoch) {
             let fkey = ct::forward_key(&key, e);

@@ -188,9 +188,10 @@ fn tcp_flow_whose_reply_entry_was_evicted_is_repaired_by_its_next_packet(nat: Na
 }
 
 /// A flow whose forward half was evicted is repaired from its reply half by the backend's next
-/// packet that looks the forward half up: at once for full NAT; for DNAT (whose replies skip
-/// the forward lookup while the tables stand still, lb-common's `epoch`) with the flow's
-/// once-a-second refresh, or at once after any change of the tables (the next test).
+/// packet that looks the forward half up: its replies skip the forward lookup while the tables
+/// stand still (lb-common's `epoch`; full NAT: a flow at its first port, as this one), so with
+/// the flow's once-a-second refresh, or at once after any change of the tables (the next
+/// test). (A full-NAT flow at a later port looks it up with every reply: `fullnat.rs`.)
 fn tcp_flow_whose_forward_entry_was_evicted_is_repaired_by_the_backends_next_packet(nat: Nat) {
     in_fixture_netns(move || {
         let mut f = standard_nat(nat);
@@ -201,17 +202,15 @@ fn tcp_flow_whose_forward_entry_was_evicted_is_repaired_by_the_backends_next_pac
         let rkey = flow_key(be, leg.peer, IPPROTO_TCP);
         f.rec.dataplane_mut().conntrack_remove(&fkey).unwrap();
         let push = from_backend(back(leg, TCP_ACK | TCP_PSH, 5001, 1001).with_payload(b"tick"));
-        if nat == Nat::Dnat {
-            // Translated without the forward lookup: nothing rebuilt yet...
-            let run = f.run(&push);
-            assert_reply(&run, sa(VIP, 80), c);
-            assert_eq!(run.counted(Reason::EventCtRebuilt), 0, "{run:?}");
-            assert!(f.ct(&fkey).is_none());
-            // ...until the flow's refresh is due.
-            let mut r = f.ct(&rkey).expect("reply half");
-            r.last_seen_ns = monotonic_ns() - 2_000_000_000;
-            f.rec.dataplane_mut().conntrack_update(rkey, r).unwrap();
-        }
+        // Translated without the forward lookup: nothing rebuilt yet...
+        let run = f.run(&push);
+        assert_reply(&run, sa(VIP, 80), c);
+        assert_eq!(run.counted(Reason::EventCtRebuilt), 0, "{run:?}");
+        assert!(f.ct(&fkey).is_none());
+        // ...until the flow's refresh is due.
+        let mut r = f.ct(&rkey).expect("reply half");
+        r.last_seen_ns = monotonic_ns() - 2_000_000_000;
+        f.rec.dataplane_mut().conntrack_update(rkey, r).unwrap();
         // The backend pushes data: translated, and the forward half is rebuilt from the reply
         // half.
         let run = f.run(&push);
@@ -280,6 +279,52 @@ fn a_reply_entry_from_before_a_backend_change_is_a_leftover_once_its_client_move
         let stale = from_backend(tcp(be, c, TCP_ACK | TCP_PSH, 5001, 1001).with_payload(b"old"));
         assert_untouched(&f.run(&stale), &stale, Reason::PassNoService);
         assert!(f.ct(&rkey).is_none(), "{:?}", f.ct(&rkey));
+    });
+}
+
+/// A leftover that finds no forward half to be checked against: a flow's forward half evicted,
+/// the backend set changed, the client's next connection on the tuple picked another backend
+/// (stamped with the new epoch), and its forward half evicted too. The old backend's segment
+/// used to rebuild the tuple's forward half from its old entry, taking the client's tuple back
+/// to the old backend while the new flow's replies, which skip the forward lookup, still
+/// reached the client. The reply path now finds the newer flow's stamped entry where the
+/// tuple's pick leads (`newer_flow_holds`): the old segment is not translated, its entry goes,
+/// and the new backend's replies keep reaching the client.
+#[test]
+fn an_older_flows_reply_entry_never_takes_its_tuple_back_from_a_newer_flow() {
+    in_fixture_netns(|| {
+        let mut f = standard();
+        let c = client(40016);
+        let service = sa(VIP, 80);
+        let be = handshake(&f, c, service);
+        let fkey = flow_key(c, service, IPPROTO_TCP);
+        let old_rkey = flow_key(be, c, IPPROTO_TCP);
+        drop_backend(&mut f, be);
+        f.rec.dataplane_mut().conntrack_remove(&fkey).unwrap();
+        // The client's next connection on the tuple: another backend, stamped.
+        let syn = tcp(c, service, TCP_SYN, 90_000, 0).build();
+        let other = assert_dnat(&f.run(&syn), &syn, &web_backends());
+        assert_ne!(other, be);
+        let synack = from_backend(tcp(other, c, TCP_SYN | TCP_ACK, 7000, 90_001));
+        assert_reply(&f.run(&synack), service, c);
+        let ack = tcp(c, service, TCP_ACK, 90_001, 7001).build();
+        assert_eq!(assert_dnat(&f.run(&ack), &ack, &web_backends()), other);
+        let new_rkey = flow_key(other, c, IPPROTO_TCP);
+        let epoch = f.dp().epoch().unwrap();
+        assert_eq!(f.ct(&new_rkey).map(|e| e.epoch), Some(epoch));
+        // Its forward half is evicted too.
+        f.rec.dataplane_mut().conntrack_remove(&fkey).unwrap();
+        // The old backend's segment: not translated, nothing rebuilt, its entry gone.
+        let stale = from_backend(tcp(be, c, TCP_ACK | TCP_PSH, 5001, 1001).with_payload(b"old"));
+        let run = f.run(&stale);
+        assert_untouched(&run, &stale, Reason::PassNoService);
+        assert_eq!(run.counted(Reason::EventCtRebuilt), 0, "{run:?}");
+        assert!(f.ct(&old_rkey).is_none(), "{:?}", f.ct(&old_rkey));
+        assert!(f.ct(&fkey).is_none(), "the tuple not taken back");
+        // The new backend's segment still reaches the client.
+        let push =
+            from_backend(tcp(other, c, TCP_ACK | TCP_PSH, 7001, 90_001).with_payload(b"new"));
+        assert_reply(&f.run(&push), service, c);
     });
 }
 

@@ -1154,3 +1154,183 @@ fn a_full_nat_syn_whose_set_is_being_written_holds_its_port_by_its_reply_entry()
         assert!(f.dp().conntrack_unconfirmed(&rkey));
     });
 }
+
+/// A completed full-NAT handshake `c -> vip` (client ISN 1000, backend ISN 5000) to backend 1:
+/// SYN (pending, its port held by its claim), the backend's SYN-ACK (the pair in CT_NEW), the
+/// client's ACK (confirmed: the pair in the main map). Returns how the backend sees the flow.
+fn full_handshake(f: &Fixture, c: SocketAddrV4, vip: SocketAddrV4) -> Leg {
+    let syn = tcp(c, vip, TCP_SYN, 1000, 0).build();
+    let leg = assert_fwd(&f.run(&syn), &syn, &[b8000(1)], FULL);
+    let synack = from_backend(tcp(leg.backend, leg.peer, TCP_SYN | TCP_ACK, 5000, 1001));
+    assert_reply(&f.run(&synack), vip, c);
+    let ack = tcp(c, vip, TCP_ACK, 1001, 5001).build();
+    assert_eq!(assert_fwd(&f.run(&ack), &ack, &[b8000(1)], FULL), leg);
+    let (fkey, rkey) = (
+        flow_key(c, vip, IPPROTO_TCP),
+        flow_key(leg.backend, leg.peer, IPPROTO_TCP),
+    );
+    assert!(!f.dp().conntrack_unconfirmed(&fkey) && !f.dp().conntrack_unconfirmed(&rkey));
+    leg
+}
+
+/// Issue 14: a full-NAT flow that took its first port (`ct::snat_port(hash, 0, ..)`, a pure
+/// function of its tuple, as its backend is while the tables stand still) is stamped with the
+/// table epoch, both halves, through the handshake table and CT_NEW; its replies then skip the
+/// forward lookup (a backend's segment with the forward half gone is translated and rebuilds
+/// nothing within the second). A flow whose first port was held is never stamped: its replies
+/// look the forward half up, and rebuild it.
+#[test]
+fn a_full_nat_flow_is_stamped_only_at_its_first_port() {
+    in_fixture_netns(|| {
+        let ports = SNAT_PORTS;
+        let mut f = one_backend(ports);
+        let vip = sa(VIP, 80);
+        let epoch = f.dp().epoch().unwrap();
+        assert_ne!(epoch, 0, "the fixture's tables are settled");
+
+        let c = client(45100);
+        let leg = full_handshake(&f, c, vip);
+        assert_eq!(leg.peer.port(), first_try(c, vip, IPPROTO_TCP, ports));
+        let (fkey, rkey) = (
+            flow_key(c, vip, IPPROTO_TCP),
+            flow_key(leg.backend, leg.peer, IPPROTO_TCP),
+        );
+        assert_eq!(f.ct(&fkey).map(|e| e.epoch), Some(epoch), "forward half");
+        assert_eq!(f.ct(&rkey).map(|e| e.epoch), Some(epoch), "reply half");
+        f.rec.dataplane_mut().conntrack_remove(&fkey).unwrap();
+        let push = from_backend(
+            tcp(leg.backend, leg.peer, TCP_ACK | TCP_PSH, 5001, 1001).with_payload(b"tick"),
+        );
+        let run = f.run(&push);
+        assert_reply(&run, vip, c);
+        assert_eq!(run.counted(Reason::EventCtRebuilt), 0, "{run:?}");
+        assert!(f.ct(&fkey).is_none(), "the forward lookup was skipped");
+
+        // Another client's first port is held by a third flow: it takes a later one, unstamped.
+        let c2 = client(45101);
+        let first = first_try(c2, vip, IPPROTO_TCP, ports);
+        stage_pair(&mut f, client(45102), vip, first, IPPROTO_TCP);
+        let leg2 = full_handshake(&f, c2, vip);
+        assert_ne!(leg2.peer.port(), first);
+        let (fkey2, rkey2) = (
+            flow_key(c2, vip, IPPROTO_TCP),
+            flow_key(leg2.backend, leg2.peer, IPPROTO_TCP),
+        );
+        assert_eq!(f.ct(&fkey2).map(|e| e.epoch), Some(0), "forward half");
+        assert_eq!(f.ct(&rkey2).map(|e| e.epoch), Some(0), "reply half");
+        f.rec.dataplane_mut().conntrack_remove(&fkey2).unwrap();
+        let push = from_backend(
+            tcp(leg2.backend, leg2.peer, TCP_ACK | TCP_PSH, 5001, 1001).with_payload(b"tick"),
+        );
+        let run = f.run(&push);
+        assert_reply(&run, vip, c2);
+        assert_eq!(run.counted(Reason::EventCtRebuilt), 1, "{run:?}");
+        assert!(f.ct(&fkey2).is_some(), "rebuilt by the forward lookup");
+    });
+}
+
+/// The leftover a stamped full-NAT reply entry must never become (lb-common's `epoch`): its
+/// flow's forward half evicted, the client's next flow on the tuple could not take the first
+/// port, whose claim word a handshake of another key held, and went to a later one. The port
+/// search cleared the old reply entry's stamp on its way, so the old backend connection's next
+/// segment looks the forward half up, finds the new handshake, and is not translated into the
+/// client's new connection (the entry goes). Without the clearing it skipped the lookup and
+/// reached the client. With the first port's claim free, the new flow takes the first port
+/// back over the old entry instead (the previous test's rule, `port_free`).
+#[test]
+fn a_stamped_reply_entry_is_unstamped_when_its_clients_next_flow_passes_its_port_by() {
+    in_fixture_netns(|| {
+        let ports = SNAT_PORTS;
+        let mut f = one_backend(ports);
+        let vip = sa(VIP, 80);
+        let epoch = f.dp().epoch().unwrap();
+        let c = client(45110);
+        let leg = full_handshake(&f, c, vip);
+        let (fkey, rkey) = (
+            flow_key(c, vip, IPPROTO_TCP),
+            flow_key(leg.backend, leg.peer, IPPROTO_TCP),
+        );
+        assert_eq!(f.ct(&rkey).map(|e| e.epoch), Some(epoch), "stamped");
+        // Evicted; the first port's claim word busy; the client connects again from its port.
+        f.rec.dataplane_mut().conntrack_remove(&fkey).unwrap();
+        f.rec.dataplane_mut().claim_hold(&rkey);
+        let syn = tcp(c, vip, TCP_SYN, 90_000, 0).build();
+        let again = assert_fwd(&f.run(&syn), &syn, &[b8000(1)], FULL);
+        assert_ne!(again.peer, leg.peer, "a later port");
+        let old = f
+            .ct(&rkey)
+            .expect("the old reply entry, until its next segment");
+        assert_eq!(old.epoch, 0, "unstamped");
+        // The old connection's segment: not translated, its entry gone.
+        let stale = from_backend(
+            tcp(leg.backend, leg.peer, TCP_ACK | TCP_PSH, 5001, 1001).with_payload(b"old"),
+        );
+        assert_untouched(&f.run(&stale), &stale, Reason::PassNoService);
+        assert!(f.ct(&rkey).is_none(), "{:?}", f.ct(&rkey));
+
+        // The claim free: the client's next flow on the tuple takes its first port back over
+        // the stamped entry whose forward half was evicted.
+        let mut f = one_backend(ports);
+        let leg = full_handshake(&f, c, vip);
+        f.rec.dataplane_mut().conntrack_remove(&fkey).unwrap();
+        let run = f.run(&syn);
+        assert_eq!(assert_fwd(&run, &syn, &[b8000(1)], FULL), leg);
+        assert!(
+            f.dp().conntrack_pending(&rkey),
+            "the port is the new handshake's: the old reply entry went"
+        );
+    });
+}
+
+/// The full-NAT case of `ct_integrity`'s `an_older_flows_reply_entry_never_takes_its_tuple_back_from_a_newer_flow`:
+/// a flow at a later port (its first held by another flow: unstamped), its forward half
+/// evicted; the client's next flow on the tuple takes the first port, free again (stamped),
+/// and its forward half is evicted too. The older flow's backend segment finds the newer flow's
+/// stamped reply entry where the tuple's pick and first port lead (`newer_flow_holds`): it is
+/// not translated and does not take the tuple back (before, it rebuilt the forward half to its
+/// port while the newer flow's replies, skipping the forward lookup, still reached the client).
+#[test]
+fn an_older_flow_at_a_later_port_never_takes_its_tuple_back_from_a_newer_flow() {
+    in_fixture_netns(|| {
+        let ports = SNAT_PORTS;
+        let mut f = one_backend(ports);
+        let vip = sa(VIP, 80);
+        let epoch = f.dp().epoch().unwrap();
+        let c = client(45120);
+        let fkey = flow_key(c, vip, IPPROTO_TCP);
+        let first = first_try(c, vip, IPPROTO_TCP, ports);
+        let holder = client(45121);
+        stage_pair(&mut f, holder, vip, first, IPPROTO_TCP);
+        let old = full_handshake(&f, c, vip);
+        assert_ne!(old.peer.port(), first);
+        let old_rkey = flow_key(old.backend, old.peer, IPPROTO_TCP);
+        assert_eq!(f.ct(&old_rkey).map(|e| e.epoch), Some(0), "a later port");
+        // The holder's flow ends; the older flow's forward half is evicted.
+        let dp = f.rec.dataplane_mut();
+        dp.conntrack_remove(&flow_key(holder, vip, IPPROTO_TCP))
+            .unwrap();
+        dp.conntrack_remove(&flow_key(b8000(1), sa(HOST, first), IPPROTO_TCP))
+            .unwrap();
+        dp.conntrack_remove(&fkey).unwrap();
+        // The client's next connection on the tuple: the first port, stamped.
+        let new = full_handshake(&f, c, vip);
+        assert_eq!(new.peer.port(), first);
+        let new_rkey = flow_key(new.backend, new.peer, IPPROTO_TCP);
+        assert_eq!(f.ct(&new_rkey).map(|e| e.epoch), Some(epoch));
+        f.rec.dataplane_mut().conntrack_remove(&fkey).unwrap();
+        // The older flow's backend segment: not translated, nothing rebuilt, its entry gone.
+        let stale = from_backend(
+            tcp(old.backend, old.peer, TCP_ACK | TCP_PSH, 5001, 1001).with_payload(b"old"),
+        );
+        let run = f.run(&stale);
+        assert_untouched(&run, &stale, Reason::PassNoService);
+        assert_eq!(run.counted(Reason::EventCtRebuilt), 0, "{run:?}");
+        assert!(f.ct(&old_rkey).is_none(), "{:?}", f.ct(&old_rkey));
+        assert!(f.ct(&fkey).is_none(), "the tuple not taken back");
+        // The newer flow's replies still reach the client.
+        let push = from_backend(
+            tcp(new.backend, new.peer, TCP_ACK | TCP_PSH, 5001, 1001).with_payload(b"new"),
+        );
+        assert_reply(&f.run(&push), vip, c);
+    });
+}

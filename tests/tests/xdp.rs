@@ -206,24 +206,22 @@ fn a_flow_missing_half_its_pair_is_left_to_tc(nat: Nat) {
             let run = f.run(&data);
             assert_eq!(run.counted(Reason::EventCtRebuilt), 1, "{run:?}");
         }
-        // The forward half evicted: a DNAT reply of the current table epoch needs none (XDP
-        // sends it, as TC would: lb-common's `epoch`); one of an earlier epoch, and a full-NAT
-        // reply, is TC's.
+        // The forward half evicted: a reply of the current table epoch needs none (XDP sends
+        // it, as TC would: lb-common's `epoch`; full NAT: a flow at its first port, as this
+        // one); one of an earlier epoch is TC's.
         f.rec.dataplane_mut().conntrack_insert(rkey, rev).unwrap();
         let fwd = f.ct(&fkey).expect("forward entry");
         f.rec.dataplane_mut().conntrack_remove(&fkey).unwrap();
-        if nat == Nat::Dnat {
-            assert_ne!(rev.epoch, 0, "stamped");
-            assert_eq!(f.run_xdp(&answer).action, XDP_TX);
-            let earlier = lb_common::CtEntry {
-                epoch: rev.epoch - 2,
-                ..f.ct(&rkey).expect("reply entry")
-            };
-            f.rec
-                .dataplane_mut()
-                .conntrack_insert(rkey, earlier)
-                .unwrap();
-        }
+        assert_ne!(rev.epoch, 0, "stamped");
+        assert_eq!(f.run_xdp(&answer).action, XDP_TX);
+        let earlier = lb_common::CtEntry {
+            epoch: rev.epoch - 2,
+            ..f.ct(&rkey).expect("reply entry")
+        };
+        f.rec
+            .dataplane_mut()
+            .conntrack_insert(rkey, earlier)
+            .unwrap();
         assert_left_to_tc(&f.run_xdp(&answer), &answer);
         // A half whose partner names another flow: not a pair.
         let mut other = fwd;

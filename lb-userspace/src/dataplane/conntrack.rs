@@ -117,7 +117,9 @@ impl Dataplane {
     /// Pending handshake `s` (in slot `name`)'s reply half, keyed, if it is a full-NAT one
     /// whose port its live claim holds (see [`Self::pending_reply`]).
     fn claimed_reply(&self, name: u32, s: &SynSlot, now: u64) -> Option<(FlowKey, CtEntry)> {
-        claimed_reply((name, s), now, |k| self.claim_view.word(k))
+        claimed_reply((name, s), now, self.epoch().unwrap_or(0), |k| {
+            self.claim_view.word(k)
+        })
     }
 
     /// Whether pending handshake `s`, in slot `name`, is a flow at `now` (see
@@ -157,6 +159,13 @@ impl Dataplane {
             self.syn_view.write(i, w, slot);
         }
         Ok(())
+    }
+
+    /// Holds full-NAT reply key `rkey`'s port claim word as a handshake being recorded holds
+    /// it (live, naming no slot yet), so the program's port search passes that port by: for
+    /// tests of a busy claim word (one another reply key's handshake shares).
+    pub fn claim_hold(&mut self, rkey: &FlowKey) {
+        self.claim_view.hold(rkey, monotonic_ns());
     }
 
     /// Clears every pending handshake of the table (each way's check word stored 0), leaving
@@ -442,7 +451,7 @@ fn map_shared(
 
 /// The full-NAT port claims (lb-common's `claim`) mapped into this process: which pending
 /// full-NAT handshake holds its port by its claim rather than its reply entry. Written only by
-/// [`ClaimView::restamp`], for tests that age a claim.
+/// [`ClaimView::restamp`] and [`ClaimView::hold`], for tests that age or hold a claim.
 pub(super) struct ClaimView {
     base: std::ptr::NonNull<u64>,
     /// The array's words (its size, which userspace set from the same options as the
@@ -474,6 +483,22 @@ impl ClaimView {
         }
         // SAFETY: `i` < `words`, inside the mapping.
         unsafe { std::ptr::read_volatile(self.base.as_ptr().add(i as usize)) }
+    }
+
+    /// Stores into `rkey`'s claim word a claim taken at `at_ns` for a handshake being recorded
+    /// (naming no slot yet). For tests that hold a port's claim.
+    pub(super) fn hold(&self, rkey: &FlowKey, at_ns: u64) {
+        let i = lb_common::claim::claim_index(rkey, self.words);
+        if i >= self.words {
+            return;
+        }
+        // SAFETY: as in `restamp`.
+        let atomic =
+            unsafe { std::sync::atomic::AtomicU64::from_ptr(self.base.as_ptr().add(i as usize)) };
+        atomic.store(
+            lb_common::claim::word(at_ns, None),
+            std::sync::atomic::Ordering::SeqCst,
+        );
     }
 
     /// Gives `rkey`'s claim word the time `at_ns`, naming what it named, by a compare-and-swap
@@ -528,23 +553,26 @@ fn pending_live(
         return true;
     }
     let (key, rkey) = (s.key(), s.full_nat_reply_key());
-    claimed_reply((name, s), now, claim).is_some()
+    claimed_reply((name, s), now, 0, claim).is_some()
         || ct_new(&rkey).is_some_and(|r| lb_common::ct::is_reply_of(&r, &rkey, &key))
 }
 
 /// Pending handshake `s` (in slot `name`)'s reply half, keyed, if it is a full-NAT flow whose
 /// port its live claim (read through `claim`) holds, naming its slot, at `now`: written by the
-/// program with the backend's first reply, listed as that will be until then.
+/// program with the backend's first reply, listed as that will be until then (stamped as the
+/// program would stamp it at the table epoch `epoch`; 0: shown as none).
 fn claimed_reply(
     (name, s): (u32, &SynSlot),
     now: u64,
+    epoch: u64,
     claim: impl Fn(&FlowKey) -> u64,
 ) -> Option<(FlowKey, CtEntry)> {
     if !s.full_nat() || !s.is_valid() {
         return None;
     }
     let rkey = s.full_nat_reply_key();
-    (lb_common::claim::holder(claim(&rkey), now) == Some(name)).then(|| (rkey, s.reply_entry()))
+    (lb_common::claim::holder(claim(&rkey), now) == Some(name))
+        .then(|| (rkey, s.reply_entry(epoch)))
 }
 
 /// Full walks of the conntrack maps since the process started (each costs two syscalls per
@@ -585,7 +613,7 @@ impl ConntrackReader {
                     .pending()
                     .filter(move |(n, s)| self.pending_live(*n, s, now))
                     .flat_map(move |(n, s)| {
-                        let reply = claimed_reply((n, &s), now, |k| self.claims.word(k));
+                        let reply = claimed_reply((n, &s), now, 0, |k| self.claims.word(k));
                         // (The epoch stamp is not known here: shown as none.)
                         let fwd = s.forward_entry(Route::NONE, 0);
                         std::iter::once((s.key(), fwd)).chain(reply)

@@ -368,17 +368,11 @@ fn measure_hits(
         (back, Reason::ReplyRedirect, src, fnat.map(|_| dst))
     };
     let lazy = u8::from(matches!(half, Half::Forward { lazy: true }));
-    // A DNAT flow is stamped with the table epoch it was picked in, as the program stamps it
-    // (lb-common's `epoch`): its replies skip the forward lookup. Full NAT is never stamped.
-    let epoch = if fnat.is_none() {
-        f.dp().epoch().expect("epoch")
-    } else {
-        0
-    };
-    assert!(
-        fnat.is_some() || epoch != 0,
-        "the fixture's tables are settled"
-    );
+    // A flow is stamped with the table epoch it was picked in, as the program stamps it
+    // (lb-common's `epoch`; a full-NAT flow only if it took its first source port, the usual
+    // case, which these entries stand for): its replies skip the forward lookup.
+    let epoch = f.dp().epoch().expect("epoch");
+    assert!(epoch != 0, "the fixture's tables are settled");
     let dp = f.rec.dataplane_mut();
     dp.conntrack_insert(
         flow_key(src, dst, IPPROTO_TCP),
@@ -403,17 +397,22 @@ fn measure_hits(
     let mut rows = Vec::new();
     let ns = measure(f.dp().program(), &pkt, a);
     let hits = reason_count(&f, reason);
-    // A DNAT reply's path: the same packet once more without the flow's forward half, which
-    // the reply path would rebuild had it looked it up; put back for the XDP runs.
-    let skips = (matches!(half, Half::Reply) && fnat.is_none()).then(|| {
-        let fkey = flow_key(dst, nat, IPPROTO_TCP);
-        let fwd = f.dp().conntrack_get(&fkey).expect("the forward half");
-        f.rec.dataplane_mut().conntrack_remove(&fkey).unwrap();
+    // A reply's path: the same packet once more without the flow's forward half, which the
+    // reply path would rebuild had it looked it up; put back for the XDP runs.
+    let skips = matches!(half, Half::Reply).then(|| {
+        let rkey = flow_key(src, dst, IPPROTO_TCP);
+        let fkey = ct::forward_key(&rkey, &f.dp().conntrack_get(&rkey).expect("the reply half"));
+        let fwd = f.dp().conntrack_get(&fkey);
+        if fwd.is_some() {
+            f.rec.dataplane_mut().conntrack_remove(&fkey).unwrap();
+        }
         let run = f.run(&pkt);
         let skipped = run.counted(Reason::ReplyRedirect) == 1
             && run.counted(Reason::EventCtRebuilt) == 0
             && f.dp().conntrack_get(&fkey).is_none();
-        f.rec.dataplane_mut().conntrack_insert(fkey, fwd).unwrap();
+        if let Some(fwd) = fwd {
+            f.rec.dataplane_mut().conntrack_insert(fkey, fwd).unwrap();
+        }
         skipped
     });
     if tc_wanted {
