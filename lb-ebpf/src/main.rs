@@ -1311,7 +1311,8 @@ fn reply_inner(ctx: &TcContext, p: &Pkt, e: &mut CtEntry, table: &'static Table)
             };
             // Or a newer flow on the tuple holds its reply entry, its forward half evicted too:
             // this entry, not stamped with the current epoch, would take the tuple from it.
-            if at == PENDING_OTHER || newer_flow_holds(&fkey, key, e.epoch) {
+            if at == PENDING_OTHER || (at == PENDING_NONE && newer_flow_holds(&fkey, key, e.epoch))
+            {
                 count(Reason::EventCtExpired);
                 let _ = table.remove(key);
                 return pack(exit(Reason::PassNoService));

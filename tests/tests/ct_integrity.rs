@@ -357,6 +357,56 @@ fn a_flow_picked_while_the_tables_change_is_not_stamped() {
     });
 }
 
+/// The epoch is trusted only by the program of the load whose daemon wrote it (its instance
+/// token beside it, lb-common's `epoch`): once another load's daemon writes it (as the berth
+/// replacing this one does, for its own program), this program stamps no new flow and trusts
+/// no stamp (a reply whose forward half was evicted rebuilds it at once); written for this
+/// load again, it does both.
+#[test]
+fn a_program_stamps_and_trusts_only_the_epoch_written_for_its_own_load() {
+    in_fixture_netns(|| {
+        let mut f = standard();
+        let service = sa(VIP, 80);
+        let c = client(40018);
+        let be = handshake(&f, c, service);
+        let (fkey, rkey) = (
+            flow_key(c, service, IPPROTO_TCP),
+            flow_key(be, c, IPPROTO_TCP),
+        );
+        let epoch = f.dp().epoch().unwrap();
+        assert_eq!(f.ct(&rkey).map(|e| e.epoch), Some(epoch), "stamped");
+        let own = f.dp().instance();
+        f.rec.dataplane_mut().write_epoch_as(own ^ 2).unwrap();
+        assert_eq!(f.dp().epoch().unwrap(), 0, "not this load's epoch");
+        // The stamp is not trusted: the reply looks its forward half up and rebuilds it.
+        f.rec.dataplane_mut().conntrack_remove(&fkey).unwrap();
+        let push = from_backend(tcp(be, c, TCP_ACK | TCP_PSH, 5001, 1001).with_payload(b"tick"));
+        let run = f.run(&push);
+        assert_reply(&run, service, c);
+        assert_eq!(run.counted(Reason::EventCtRebuilt), 1, "{run:?}");
+        // Nor is a new flow stamped.
+        let c2 = client(40019);
+        handshake(&f, c2, service);
+        assert_eq!(
+            f.ct(&flow_key(c2, service, IPPROTO_TCP)).map(|e| e.epoch),
+            Some(0)
+        );
+        // Written for this load again: both.
+        f.rec.dataplane_mut().write_epoch_as(own).unwrap();
+        assert_eq!(f.dp().epoch().unwrap(), epoch);
+        f.rec.dataplane_mut().conntrack_remove(&fkey).unwrap();
+        let run = f.run(&push);
+        assert_reply(&run, service, c);
+        assert_eq!(run.counted(Reason::EventCtRebuilt), 0, "{run:?}");
+        let c3 = client(40020);
+        handshake(&f, c3, service);
+        assert_eq!(
+            f.ct(&flow_key(c3, service, IPPROTO_TCP)).map(|e| e.epoch),
+            Some(epoch)
+        );
+    });
+}
+
 // ---- 2. a new flow never overwrites another flow's live entry ----
 
 #[test]

@@ -85,6 +85,24 @@ impl Dataplane {
         Ok(lb_common::epoch::stable(&self.epoch_word()?, self.instance))
     }
 
+    /// This load's instance token (`DpConfig::instance`), written beside the epoch.
+    pub fn instance(&self) -> u32 {
+        self.instance
+    }
+
+    /// Writes the current epoch value for the program of load `instance`, as the daemon of
+    /// another load writes it (the berth replacing this one, with its own program's token):
+    /// for tests that this load's program then neither stamps with it nor trusts its stamps.
+    pub fn write_epoch_as(&mut self, instance: u32) -> Result<()> {
+        let word = lb_common::epoch::Epoch {
+            instance,
+            ..self.epoch_word()?
+        };
+        self.epoch
+            .set(0, &word, 0)
+            .map_err(map_err(lb_common::epoch::MAP_EPOCH))
+    }
+
     fn epoch_word(&self) -> Result<lb_common::epoch::Epoch> {
         self.epoch
             .get(&0, 0)
