@@ -450,7 +450,7 @@ fn newer_flow_holds(fkey: &FlowKey, key: &FlowKey, stamp: u64) -> bool {
         return false;
     }
     let cfg = config();
-    let Some(svc) = lookup_service(fkey.daddr, fkey.dport, fkey.proto) else {
+    let Some(svc) = lookup_service(&fkey.daddr, fkey.dport, fkey.proto) else {
         return false;
     };
     let m = cfg.maglev_size;
@@ -1371,10 +1371,12 @@ fn reply_inner(ctx: &TcContext, p: &Pkt, e: &mut CtEntry, table: &'static Table)
     verdict
 }
 
-/// The service a packet to `daddr`, `dport` (network order) of `proto` is for.
+/// The service a packet to `daddr`, `dport` (network order) of `proto` is for. The address by
+/// reference: the "any address" check looks it up where it is (a copy on the stack cost the
+/// new-flow path spills).
 #[inline(always)]
-fn lookup_service(daddr: u32, dport: u16, proto: u8) -> Option<ServiceValue> {
-    if let Some(v) = SERVICES.get_ptr(&ServiceKey::new(daddr, dport, proto)) {
+fn lookup_service(daddr: &u32, dport: u16, proto: u8) -> Option<ServiceValue> {
+    if let Some(v) = SERVICES.get_ptr(&ServiceKey::new(*daddr, dport, proto)) {
         // SAFETY: valid map value pointer; `ServiceValue` is `Copy`.
         return Some(unsafe { *v });
     }
@@ -1382,7 +1384,7 @@ fn lookup_service(daddr: u32, dport: u16, proto: u8) -> Option<ServiceValue> {
     // SAFETY: as above.
     let v = unsafe { *v };
     // "Any address of this host": the addresses userspace keeps in LOCAL_ADDRS.
-    if LOCAL_ADDRS.get_ptr(&daddr).is_some() {
+    if LOCAL_ADDRS.get_ptr(daddr).is_some() {
         Some(v)
     } else {
         None
@@ -1427,7 +1429,7 @@ fn new_flow_inner(ctx: &TcContext, p: &Pkt, hashed: u64) -> Pick {
     } else {
         flow_hash(key, cfg.hash_seed)
     };
-    let Some(svc) = lookup_service(flow.daddr, flow.dport, flow.proto) else {
+    let Some(svc) = lookup_service(&flow.daddr, flow.dport, flow.proto) else {
         return Pick::Done(exit(Reason::PassNoService));
     };
     if svc.id >= cfg.max_services {
