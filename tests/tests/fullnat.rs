@@ -1188,44 +1188,38 @@ fn a_full_nat_flow_is_stamped_only_at_its_first_port() {
         let epoch = f.dp().epoch().unwrap();
         assert_ne!(epoch, 0, "the fixture's tables are settled");
 
+        // Flow `c`'s halves carry `stamp`; with its forward half evicted, its backend's
+        // segment is translated, rebuilding the forward half `rebuilt` times.
+        let check = |f: &mut Fixture, c: SocketAddrV4, leg: Leg, stamp: u64, rebuilt: u64| {
+            let (fkey, rkey) = (
+                flow_key(c, vip, IPPROTO_TCP),
+                flow_key(leg.backend, leg.peer, IPPROTO_TCP),
+            );
+            assert_eq!(f.ct(&fkey).map(|e| e.epoch), Some(stamp), "forward half");
+            assert_eq!(f.ct(&rkey).map(|e| e.epoch), Some(stamp), "reply half");
+            f.rec.dataplane_mut().conntrack_remove(&fkey).unwrap();
+            let push = from_backend(
+                tcp(leg.backend, leg.peer, TCP_ACK | TCP_PSH, 5001, 1001).with_payload(b"tick"),
+            );
+            let run = f.run(&push);
+            assert_reply(&run, vip, c);
+            assert_eq!(run.counted(Reason::EventCtRebuilt), rebuilt, "{run:?}");
+            assert_eq!(f.ct(&fkey).is_some(), rebuilt == 1, "looked up iff rebuilt");
+        };
+
         let c = client(45100);
         let leg = full_handshake(&f, c, vip);
         assert_eq!(leg.peer.port(), first_try(c, vip, IPPROTO_TCP, ports));
-        let (fkey, rkey) = (
-            flow_key(c, vip, IPPROTO_TCP),
-            flow_key(leg.backend, leg.peer, IPPROTO_TCP),
-        );
-        assert_eq!(f.ct(&fkey).map(|e| e.epoch), Some(epoch), "forward half");
-        assert_eq!(f.ct(&rkey).map(|e| e.epoch), Some(epoch), "reply half");
-        f.rec.dataplane_mut().conntrack_remove(&fkey).unwrap();
-        let push = from_backend(
-            tcp(leg.backend, leg.peer, TCP_ACK | TCP_PSH, 5001, 1001).with_payload(b"tick"),
-        );
-        let run = f.run(&push);
-        assert_reply(&run, vip, c);
-        assert_eq!(run.counted(Reason::EventCtRebuilt), 0, "{run:?}");
-        assert!(f.ct(&fkey).is_none(), "the forward lookup was skipped");
+        check(&mut f, c, leg, epoch, 0);
 
-        // Another client's first port is held by a third flow: it takes a later one, unstamped.
+        // Another client's first port is held by a third flow: it takes a later one, unstamped,
+        // and its replies look the forward half up.
         let c2 = client(45101);
         let first = first_try(c2, vip, IPPROTO_TCP, ports);
         stage_pair(&mut f, client(45102), vip, first, IPPROTO_TCP);
         let leg2 = full_handshake(&f, c2, vip);
         assert_ne!(leg2.peer.port(), first);
-        let (fkey2, rkey2) = (
-            flow_key(c2, vip, IPPROTO_TCP),
-            flow_key(leg2.backend, leg2.peer, IPPROTO_TCP),
-        );
-        assert_eq!(f.ct(&fkey2).map(|e| e.epoch), Some(0), "forward half");
-        assert_eq!(f.ct(&rkey2).map(|e| e.epoch), Some(0), "reply half");
-        f.rec.dataplane_mut().conntrack_remove(&fkey2).unwrap();
-        let push = from_backend(
-            tcp(leg2.backend, leg2.peer, TCP_ACK | TCP_PSH, 5001, 1001).with_payload(b"tick"),
-        );
-        let run = f.run(&push);
-        assert_reply(&run, vip, c2);
-        assert_eq!(run.counted(Reason::EventCtRebuilt), 1, "{run:?}");
-        assert!(f.ct(&fkey2).is_some(), "rebuilt by the forward lookup");
+        check(&mut f, c2, leg2, 0, 1);
     });
 }
 

@@ -485,33 +485,34 @@ impl ClaimView {
         unsafe { std::ptr::read_volatile(self.base.as_ptr().add(i as usize)) }
     }
 
+    /// `rkey`'s claim word, for the tests' writes.
+    fn atomic(&self, rkey: &FlowKey) -> Option<&std::sync::atomic::AtomicU64> {
+        let i = lb_common::claim::claim_index(rkey, self.words);
+        if i >= self.words {
+            return None;
+        }
+        // SAFETY: inside the mapping (checked above), an 8-aligned u64 the program reaches
+        // only by atomics and reads, valid as long as `self`.
+        Some(unsafe { std::sync::atomic::AtomicU64::from_ptr(self.base.as_ptr().add(i as usize)) })
+    }
+
     /// Stores into `rkey`'s claim word a claim taken at `at_ns` for a handshake being recorded
     /// (naming no slot yet). For tests that hold a port's claim.
     pub(super) fn hold(&self, rkey: &FlowKey, at_ns: u64) {
-        let i = lb_common::claim::claim_index(rkey, self.words);
-        if i >= self.words {
-            return;
+        if let Some(atomic) = self.atomic(rkey) {
+            atomic.store(
+                lb_common::claim::word(at_ns, None),
+                std::sync::atomic::Ordering::SeqCst,
+            );
         }
-        // SAFETY: as in `restamp`.
-        let atomic =
-            unsafe { std::sync::atomic::AtomicU64::from_ptr(self.base.as_ptr().add(i as usize)) };
-        atomic.store(
-            lb_common::claim::word(at_ns, None),
-            std::sync::atomic::Ordering::SeqCst,
-        );
     }
 
     /// Gives `rkey`'s claim word the time `at_ns`, naming what it named, by a compare-and-swap
     /// (a word the program rewrote meanwhile stays). For tests that age a pending handshake.
     pub(super) fn restamp(&self, rkey: &FlowKey, at_ns: u64) {
-        let i = lb_common::claim::claim_index(rkey, self.words);
-        if i >= self.words {
+        let Some(atomic) = self.atomic(rkey) else {
             return;
-        }
-        // SAFETY: inside the mapping (checked above), an 8-aligned u64 the program reaches
-        // only by atomics and reads.
-        let atomic =
-            unsafe { std::sync::atomic::AtomicU64::from_ptr(self.base.as_ptr().add(i as usize)) };
+        };
         let cur = atomic.load(std::sync::atomic::Ordering::SeqCst);
         let new = lb_common::claim::word(at_ns, lb_common::claim::slot_of(cur));
         let _ = atomic.compare_exchange(
