@@ -145,6 +145,24 @@ pub const fn snat_port(hash: u32, try_: u32, first: u16, last: u16) -> u16 {
     (first as u32 + off) as u16
 }
 
+/// Whether `cfg` gives full NAT a source port range (a first port, and a last not below it).
+#[inline(always)]
+pub const fn has_snat_range(cfg: &DpConfig) -> bool {
+    cfg.snat_port_first != 0 && cfg.snat_port_last >= cfg.snat_port_first
+}
+
+/// [`snat_port`] in `cfg`'s range, in network order: the reply key's destination port of a
+/// full-NAT flow's `try_`th try (its first, `try_` 0, a pure function of the flow).
+#[inline(always)]
+pub const fn snat_try(cfg: &DpConfig, hash: u32, try_: u32) -> u16 {
+    crate::port_to_wire(snat_port(
+        hash,
+        try_,
+        cfg.snat_port_first,
+        cfg.snat_port_last,
+    ))
+}
+
 /// How far past the backend's last acknowledgment a client's FIN or RST may start and still
 /// close the flow: the largest window a TCP receiver can offer without window scaling. A blind
 /// attacker hits it with one packet in 65,536; a legitimate FIN or RST starts at the client's
@@ -337,11 +355,10 @@ pub const fn forward_skips_reply(fwd: &CtEntry, proto: u8, tcp_flags: u8, now_ns
 /// translated without looking up its forward half: a flow picked in the current table epoch
 /// (`epoch()`, `crate::epoch::stable`; a full-NAT flow is stamped only at its first port; see
 /// [`crate::epoch`] for why its reply entry is then the one its client's tuple leads to), open,
-/// the packet neither a SYN (a handshake on the
-/// tuple meets the forward side's state), a FIN nor a RST (which mark both halves), and not the
-/// flow's once-a-second refresh (which stamps both halves, and rebuilds an evicted forward
-/// half from this one). The refresh test is `translate`'s own, so a packet that skips is never
-/// one that refreshes. The epoch (a map read) is read last, only for an entry that could skip:
+/// the packet neither a SYN (a handshake on the tuple meets the forward side's state), a FIN
+/// nor a RST (which mark both halves), and not the flow's once-a-second refresh (which stamps
+/// both halves, and rebuilds an evicted forward half from this one). The refresh test is
+/// `translate`'s own, so a packet that skips is never one that refreshes. The epoch (a map read) is read last, only for an entry that could skip:
 /// an unstamped reply (a full-NAT flow at a later port, say) never pays for it.
 #[inline(always)]
 pub fn reply_skips_forward(
@@ -560,52 +577,34 @@ mod tests {
             ..entry(STATE_OPEN, 1_000)
         };
         let now = 1_000 + TOUCH_INTERVAL_NS;
-        assert!(reply_skips_forward(&r, IPPROTO_TCP, TCP_ACK, now, || 6));
+        // A TCP ACK of `rev` at `now`, the current epoch being `cur`.
+        let ack = |rev: &CtEntry, now: u64, cur: u64| {
+            reply_skips_forward(rev, IPPROTO_TCP, TCP_ACK, now, || cur)
+        };
+        assert!(ack(&r, now, 6));
         assert!(reply_skips_forward(&r, IPPROTO_UDP, 0, now, || 6));
-        assert!(
-            !reply_skips_forward(&r, IPPROTO_TCP, TCP_ACK, now, || 8),
-            "the tables changed since its pick"
-        );
-        assert!(
-            !reply_skips_forward(&r, IPPROTO_TCP, TCP_ACK, now, || 0),
-            "being changed"
-        );
-        let unknown = CtEntry { epoch: 0, ..r };
-        assert!(!reply_skips_forward(
-            &unknown,
-            IPPROTO_TCP,
-            TCP_ACK,
-            now,
-            || 0
-        ));
+        assert!(!ack(&r, now, 8), "the tables changed since its pick");
+        assert!(!ack(&r, now, 0), "being changed");
+        assert!(!ack(&CtEntry { epoch: 0, ..r }, now, 0), "not stamped");
         for flags in [TCP_SYN | TCP_ACK, TCP_FIN | TCP_ACK, TCP_RST] {
             assert!(
                 !reply_skips_forward(&r, IPPROTO_TCP, flags, now, || 6),
                 "{flags:#x}"
             );
         }
-        assert!(
-            !reply_skips_forward(&r, IPPROTO_TCP, TCP_ACK, now + 1, || 6),
-            "due for its refresh"
-        );
+        assert!(!ack(&r, now + 1, 6), "due for its refresh");
         let closing = CtEntry {
             state: STATE_CLOSING,
             ..r
         };
-        assert!(!reply_skips_forward(
-            &closing,
-            IPPROTO_TCP,
-            TCP_ACK,
-            now,
-            || 6
-        ));
+        assert!(!ack(&closing, now, 6));
         // Full NAT: stamped only at its first port, then the same rule.
         let fnat = CtEntry {
             flags: CT_F_FULLNAT,
             ..r
         };
-        assert!(reply_skips_forward(&fnat, IPPROTO_TCP, TCP_ACK, now, || 6));
-        assert!(!reply_skips_forward(&fnat, IPPROTO_TCP, TCP_ACK, now, || 8));
+        assert!(ack(&fnat, now, 6));
+        assert!(!ack(&fnat, now, 8));
         // The epoch is read only for an entry that could skip.
         let later_port = CtEntry { epoch: 0, ..fnat };
         assert!(!reply_skips_forward(

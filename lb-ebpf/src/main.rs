@@ -450,18 +450,11 @@ fn newer_flow_holds(fkey: &FlowKey, key: &FlowKey, stamp: u64) -> bool {
         return false;
     }
     let cfg = config();
-    let Some(svc) = lookup_service(&fkey.daddr, fkey.dport, fkey.proto) else {
-        return false;
-    };
-    let m = cfg.maglev_size;
-    if svc.id >= cfg.max_services || m == 0 {
-        return false;
-    }
     let hash = flow_hash(fkey, cfg.hash_seed);
-    let Some(&picked) = MAGLEV.get(svc.id * m + hash % m) else {
-        return false;
-    };
-    let Some(b) = BACKENDS.get(if picked == 0 { svc.fallback } else { picked }) else {
+    let Some(b) = lookup_service(&fkey.daddr, fkey.dport, fkey.proto)
+        .and_then(|svc| maglev_pick(&svc, hash, cfg))
+        .and_then(|id| BACKENDS.get(id))
+    else {
         return false;
     };
     if b.addr == 0 {
@@ -469,9 +462,14 @@ fn newer_flow_holds(fkey: &FlowKey, key: &FlowKey, stamp: u64) -> bool {
     }
     let rkey = if b.snat_addr == 0 {
         FlowKey::new(b.addr, fkey.saddr, b.port, fkey.sport, fkey.proto)
-    } else if cfg.snat_port_first != 0 && cfg.snat_port_last >= cfg.snat_port_first {
-        let port = ct::snat_port(hash, 0, cfg.snat_port_first, cfg.snat_port_last);
-        FlowKey::new(b.addr, b.snat_addr, b.port, port_to_wire(port), fkey.proto)
+    } else if ct::has_snat_range(cfg) {
+        FlowKey::new(
+            b.addr,
+            b.snat_addr,
+            b.port,
+            ct::snat_try(cfg, hash, 0),
+            fkey.proto,
+        )
     } else {
         return false;
     };
@@ -1391,6 +1389,21 @@ fn lookup_service(daddr: &u32, dport: u16, proto: u8) -> Option<ServiceValue> {
     }
 }
 
+/// The backend id the Maglev row of service `svc` gives a flow with flow hash `hash`; None for
+/// a service id or slot outside the maps. A slot not written yet (the row of a pool's first
+/// backend fills one slot at a time) sends the flow to the service's fallback backend instead
+/// of dropping it. `new_flow`'s pick, and `newer_flow_holds`'s replay of it. (`process` has left
+/// already when the Maglev table size is 0.)
+#[inline(always)]
+fn maglev_pick(svc: &ServiceValue, hash: u32, cfg: &DpConfig) -> Option<u32> {
+    if svc.id >= cfg.max_services {
+        return None;
+    }
+    let m = cfg.maglev_size;
+    let &picked = MAGLEV.get(svc.id * m + hash % m)?;
+    Some(if picked == 0 { svc.fallback } else { picked })
+}
+
 /// What `new_flow` returns instead of a verdict when the backend it picked takes full NAT:
 /// this bit, the service id << 32 and the backend id (a [`pack`]ed verdict never has it: TC
 /// actions are small).
@@ -1432,17 +1445,9 @@ fn new_flow_inner(ctx: &TcContext, p: &Pkt, hashed: u64) -> Pick {
     let Some(svc) = lookup_service(&flow.daddr, flow.dport, flow.proto) else {
         return Pick::Done(exit(Reason::PassNoService));
     };
-    if svc.id >= cfg.max_services {
-        return Pick::Done(exit(Reason::AbortMap));
-    }
-    let m = cfg.maglev_size;
-    let slot = svc.id * m + hash % m;
-    let Some(&picked) = MAGLEV.get(slot) else {
+    let Some(backend_id) = maglev_pick(&svc, hash, cfg) else {
         return Pick::Done(exit(Reason::AbortMap));
     };
-    // A slot not written yet (the row of a pool's first backend fills one slot at a time)
-    // sends the flow to the service's fallback backend instead of dropping it.
-    let backend_id = if picked == 0 { svc.fallback } else { picked };
     let Some(&backend) = BACKENDS.get(backend_id) else {
         return Pick::Done(exit(Reason::AbortMap));
     };
@@ -1778,8 +1783,7 @@ fn finish_full_nat(ctx: &TcContext, p: &Pkt) -> bool {
 /// walked once per try (the port search was most of the IPv4 program's verifier count).
 #[inline(always)]
 fn take_port(table: &'static Table, s: &mut NatScratch, p: &Pkt) -> bool {
-    let cfg = config();
-    if cfg.snat_port_first == 0 || cfg.snat_port_last < cfg.snat_port_first {
+    if !ct::has_snat_range(config()) {
         return false;
     }
     s.claim = 0;
@@ -1813,12 +1817,7 @@ extern "C" fn port_try<const NEW: bool>(i: u64, _ctx: *mut core::ffi::c_void) ->
     // handshake table's set (`finish_full_nat`).
     // SAFETY: a volatile read of this CPU's scratch slot.
     let hash = unsafe { core::ptr::read_volatile(&s.hash) };
-    s.rkey.dport = port_to_wire(ct::snat_port(
-        hash,
-        i as u32,
-        cfg.snat_port_first,
-        cfg.snat_port_last,
-    ));
+    s.rkey.dport = ct::snat_try(cfg, hash, i as u32);
     let pending = lb_common::syn::goes_to_syn_table(p.flow.proto, false, &s.half);
     if i != 0 {
         // A flow is stamped with the table epoch only at its first port (lb-common's `epoch`).

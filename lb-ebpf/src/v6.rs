@@ -39,7 +39,7 @@ use lb_common::{
     SVC_F_EMPTY, ServiceValue,
     csum::{add, apply, diff2, diff16, replace2},
     ct::{self, CT_F_FULLNAT, DIR_FORWARD, DIR_REPLY, STATE_CLOSING, STATE_OPEN},
-    port_flag, port_to_wire,
+    port_flag,
     v6::{
         Backend6, CtEntry6, FlowKey6, ServiceKey6, flow_hash6, forward_key6, is_forward_of6,
         is_reply_of6, is_zero, reply_key6,
@@ -1436,7 +1436,7 @@ fn take_port6(p: &Pkt6) -> bool {
 #[inline(always)]
 fn take_port6_in(table: &'static Table6, p: &Pkt6) -> bool {
     let cfg = config();
-    if cfg.snat_port_first == 0 || cfg.snat_port_last < cfg.snat_port_first {
+    if !ct::has_snat_range(cfg) {
         return false;
     }
     let Some(w) = work() else {
@@ -1467,12 +1467,7 @@ extern "C" fn port_try6<const NEW: bool>(i: u64, _ctx: *mut core::ffi::c_void) -
     let table: &Table6 = if NEW { &CT_NEW6 } else { &CONNTRACK6 };
     // SAFETY: a volatile read of this CPU's slot (written before the loop).
     let hash = unsafe { core::ptr::read_volatile(&w.hash) };
-    w.rkey.dport = port_to_wire(ct::snat_port(
-        hash,
-        i as u32,
-        cfg.snat_port_first,
-        cfg.snat_port_last,
-    ));
+    w.rkey.dport = ct::snat_try(cfg, hash, i as u32);
     if port_free6(other6(table), &w.rkey, now)
         && port_free6(table, &w.rkey, now)
         && table

@@ -8,8 +8,8 @@
 //!   program does the once-a-second refresh of both halves and of the cached route), not
 //!   expired, with its pair's other half present and consistent (`ct::is_reply_of` /
 //!   `ct::is_forward_of`; a forward packet of a lazily recorded flow, `CtEntry::lazy`, skips
-//!   its reply half, and a DNAT reply of the current table epoch its forward half, as in the
-//!   TC program), a reply only from the interface its backend lives behind, and a cached route
+//!   its reply half, and a reply of the current table epoch its forward half, as in the TC
+//!   program), a reply only from the interface its backend lives behind, and a cached route
 //!   (egress interface and MACs);
 //! - TCP without SYN, FIN or RST (state changes stay with the TC program); UDP;
 //! - an IPv4 header without options, not a fragment, TTL above 1; redirect enabled.

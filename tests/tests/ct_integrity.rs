@@ -376,34 +376,26 @@ fn a_program_stamps_and_trusts_only_the_epoch_written_for_its_own_load() {
         let epoch = f.dp().epoch().unwrap();
         assert_eq!(f.ct(&rkey).map(|e| e.epoch), Some(epoch), "stamped");
         let own = f.dp().instance();
-        f.rec.dataplane_mut().write_epoch_as(own ^ 2).unwrap();
-        assert_eq!(f.dp().epoch().unwrap(), 0, "not this load's epoch");
-        // The stamp is not trusted: the reply looks its forward half up and rebuilds it.
-        f.rec.dataplane_mut().conntrack_remove(&fkey).unwrap();
         let push = from_backend(tcp(be, c, TCP_ACK | TCP_PSH, 5001, 1001).with_payload(b"tick"));
-        let run = f.run(&push);
-        assert_reply(&run, service, c);
-        assert_eq!(run.counted(Reason::EventCtRebuilt), 1, "{run:?}");
-        // Nor is a new flow stamped.
-        let c2 = client(40019);
-        handshake(&f, c2, service);
-        assert_eq!(
-            f.ct(&flow_key(c2, service, IPPROTO_TCP)).map(|e| e.epoch),
-            Some(0)
-        );
-        // Written for this load again: both.
-        f.rec.dataplane_mut().write_epoch_as(own).unwrap();
-        assert_eq!(f.dp().epoch().unwrap(), epoch);
-        f.rec.dataplane_mut().conntrack_remove(&fkey).unwrap();
-        let run = f.run(&push);
-        assert_reply(&run, service, c);
-        assert_eq!(run.counted(Reason::EventCtRebuilt), 0, "{run:?}");
-        let c3 = client(40020);
-        handshake(&f, c3, service);
-        assert_eq!(
-            f.ct(&flow_key(c3, service, IPPROTO_TCP)).map(|e| e.epoch),
-            Some(epoch)
-        );
+        // Written for another load's program, then for this one again.
+        for (i, (instance, trusted)) in [(own ^ 2, 0), (own, epoch)].into_iter().enumerate() {
+            f.rec.dataplane_mut().write_epoch_as(instance).unwrap();
+            assert_eq!(f.dp().epoch().unwrap(), trusted, "this load's epoch");
+            // A reply whose forward half was evicted looks it up, and rebuilds it, unless its
+            // stamp is trusted.
+            f.rec.dataplane_mut().conntrack_remove(&fkey).unwrap();
+            let run = f.run(&push);
+            assert_reply(&run, service, c);
+            let rebuilt = u64::from(trusted == 0);
+            assert_eq!(run.counted(Reason::EventCtRebuilt), rebuilt, "{run:?}");
+            // A new flow is stamped only with a trusted epoch.
+            let next = client(40019 + i as u16);
+            handshake(&f, next, service);
+            assert_eq!(
+                f.ct(&flow_key(next, service, IPPROTO_TCP)).map(|e| e.epoch),
+                Some(trusted)
+            );
+        }
     });
 }
 

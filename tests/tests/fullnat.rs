@@ -1173,6 +1173,20 @@ fn full_handshake(f: &Fixture, c: SocketAddrV4, vip: SocketAddrV4) -> Leg {
     leg
 }
 
+/// A backend segment of flow `leg` whose reply entry is a leftover: not translated, nothing
+/// rebuilt, the entry gone.
+fn assert_leftover_goes(f: &Fixture, leg: Leg) {
+    let rkey = flow_key(leg.backend, leg.peer, IPPROTO_TCP);
+    assert!(f.ct(&rkey).is_some(), "the reply entry, until this segment");
+    let stale = from_backend(
+        tcp(leg.backend, leg.peer, TCP_ACK | TCP_PSH, 5001, 1001).with_payload(b"old"),
+    );
+    let run = f.run(&stale);
+    assert_untouched(&run, &stale, Reason::PassNoService);
+    assert_eq!(run.counted(Reason::EventCtRebuilt), 0, "{run:?}");
+    assert!(f.ct(&rkey).is_none(), "{:?}", f.ct(&rkey));
+}
+
 /// Issue 14: a full-NAT flow that took its first port (`ct::snat_port(hash, 0, ..)`, a pure
 /// function of its tuple, as its backend is while the tables stand still) is stamped with the
 /// table epoch, both halves, through the handshake table and CT_NEW; its replies then skip the
@@ -1256,11 +1270,7 @@ fn a_stamped_reply_entry_is_unstamped_when_its_clients_next_flow_passes_its_port
             .expect("the old reply entry, until its next segment");
         assert_eq!(old.epoch, 0, "unstamped");
         // The old connection's segment: not translated, its entry gone.
-        let stale = from_backend(
-            tcp(leg.backend, leg.peer, TCP_ACK | TCP_PSH, 5001, 1001).with_payload(b"old"),
-        );
-        assert_untouched(&f.run(&stale), &stale, Reason::PassNoService);
-        assert!(f.ct(&rkey).is_none(), "{:?}", f.ct(&rkey));
+        assert_leftover_goes(&f, leg);
 
         // The claim free: the client's next flow on the tuple takes its first port back over
         // the stamped entry whose forward half was evicted.
@@ -1313,13 +1323,7 @@ fn an_older_flow_at_a_later_port_never_takes_its_tuple_back_from_a_newer_flow() 
         assert_eq!(f.ct(&new_rkey).map(|e| e.epoch), Some(epoch));
         f.rec.dataplane_mut().conntrack_remove(&fkey).unwrap();
         // The older flow's backend segment: not translated, nothing rebuilt, its entry gone.
-        let stale = from_backend(
-            tcp(old.backend, old.peer, TCP_ACK | TCP_PSH, 5001, 1001).with_payload(b"old"),
-        );
-        let run = f.run(&stale);
-        assert_untouched(&run, &stale, Reason::PassNoService);
-        assert_eq!(run.counted(Reason::EventCtRebuilt), 0, "{run:?}");
-        assert!(f.ct(&old_rkey).is_none(), "{:?}", f.ct(&old_rkey));
+        assert_leftover_goes(&f, old);
         assert!(f.ct(&fkey).is_none(), "the tuple not taken back");
         // The newer flow's replies still reach the client.
         let push = from_backend(

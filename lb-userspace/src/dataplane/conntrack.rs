@@ -63,7 +63,7 @@ impl Dataplane {
                         let route = *routes
                             .entry(s.backend_id)
                             .or_insert_with(|| self.pending_route(s.backend_id, now));
-                        let reply = self.claimed_reply(n, &s, now);
+                        let reply = self.claimed_reply(n, &s, now, epoch);
                         std::iter::once((s.key(), s.forward_entry(route, epoch))).chain(reply)
                     })
             })
@@ -109,17 +109,22 @@ impl Dataplane {
     fn pending_reply(&self, key: &FlowKey, now: u64) -> Option<CtEntry> {
         let name = lb_common::claim::holder(self.claim_view.word(key), now)?;
         let s = self.syn_view.set(name >> 2)?.ways[(name & 3) as usize];
-        self.claimed_reply(name, &s, now)
+        self.claimed_reply(name, &s, now, self.epoch().unwrap_or(0))
             .filter(|(k, _)| k == key)
             .map(|(_, e)| e)
     }
 
     /// Pending handshake `s` (in slot `name`)'s reply half, keyed, if it is a full-NAT one
-    /// whose port its live claim holds (see [`Self::pending_reply`]).
-    fn claimed_reply(&self, name: u32, s: &SynSlot, now: u64) -> Option<(FlowKey, CtEntry)> {
-        claimed_reply((name, s), now, self.epoch().unwrap_or(0), |k| {
-            self.claim_view.word(k)
-        })
+    /// whose port its live claim holds (see [`Self::pending_reply`]), stamped as the program
+    /// would at the table epoch `epoch` (read once by the caller, not per handshake).
+    fn claimed_reply(
+        &self,
+        name: u32,
+        s: &SynSlot,
+        now: u64,
+        epoch: u64,
+    ) -> Option<(FlowKey, CtEntry)> {
+        claimed_reply((name, s), now, epoch, |k| self.claim_view.word(k))
     }
 
     /// Whether pending handshake `s`, in slot `name`, is a flow at `now` (see

@@ -98,9 +98,7 @@ impl Dataplane {
             instance,
             ..self.epoch_word()?
         };
-        self.epoch
-            .set(0, &word, 0)
-            .map_err(map_err(lb_common::epoch::MAP_EPOCH))
+        self.set_epoch_word(word)
     }
 
     fn epoch_word(&self) -> Result<lb_common::epoch::Epoch> {
@@ -110,11 +108,14 @@ impl Dataplane {
     }
 
     fn write_epoch(&mut self, epoch: u64) -> Result<()> {
-        let word = lb_common::epoch::Epoch {
+        self.set_epoch_word(lb_common::epoch::Epoch {
             epoch,
             instance: self.instance,
             _pad: 0,
-        };
+        })
+    }
+
+    fn set_epoch_word(&mut self, word: lb_common::epoch::Epoch) -> Result<()> {
         self.epoch
             .set(0, &word, 0)
             .map_err(map_err(lb_common::epoch::MAP_EPOCH))
