@@ -53,7 +53,7 @@ pub const PROG_SOCK_GETPEERNAME6: &str = "berth_getpeername6";
 /// Version of the pinned layout (maps, their key and value types, their meaning). Pins live
 /// under `<pin path>/v<PIN_LAYOUT>/`; a berth finding another version there refuses to adopt it.
 /// Bump it with every change to a map's type, key, value or the meaning of a field.
-pub const PIN_LAYOUT: u32 = 11;
+pub const PIN_LAYOUT: u32 = 12;
 
 /// Addresses of this host (network byte order -> 1), kept current by userspace: what "any
 /// address of this host" means for wildcard services at the socket hooks.
@@ -77,13 +77,60 @@ pub const MAP_CONNTRACK: &str = "CONNTRACK";
 /// flows wait for their backend's first reply), never the established flows.
 pub const MAP_CT_NEW: &str = "CT_NEW";
 /// Lazy reply entries (issue 14): a DNAT backend's address, port and protocol (as a
-/// [`ServiceKey`]) -> the one service address and port (also a [`ServiceKey`]) whose flows to
-/// that backend are recorded without their reply entry until the first reply. A reply that
-/// misses conntrack finds its flow's forward entry through it (the client is the reply's
-/// destination). Written by the program (`BPF_NOEXIST`, never changed while it exists),
-/// removed by userspace once the backend has left every service and its flows were purged.
-/// Flows to the backend for any other service keep their reply entry from the first packet.
+/// [`ServiceKey`]) -> the service addresses and ports ([`LazyOwners`], up to [`LAZY_OWNERS`])
+/// whose flows to that backend are recorded without their reply entry until the first reply.
+/// A reply that misses conntrack finds its flow's forward entry through it (the client is the
+/// reply's destination; one forward key per service named). Written by the program (the entry
+/// with `BPF_NOEXIST`, each further service into a free slot by a compare-and-swap; a slot is
+/// never changed once taken), removed by userspace once the backend has left every service and
+/// its flows were purged. Flows to the backend for any further service keep their reply entry
+/// from the first packet.
 pub const MAP_LAZY_REPLY: &str = "LAZY_REPLY";
+/// Slots of [`LazyOwners`]: the most services one backend's flows are recorded lazily for
+/// (each slot more is a forward entry more to look for on a reply that misses, and a flow more
+/// to check on a new flow, all walked by the verifier).
+pub const LAZY_OWNERS: usize = 2;
+
+/// Value of [`MAP_LAZY_REPLY`]: the services (each [`LazyOwners::pack`]ed; 0: a free slot,
+/// slots taken in order) whose flows to the backend are recorded lazily. Two flows of two of
+/// them from one client address and port would share a reply key; a new flow of one is
+/// refused while a live flow of another holds the key (the program's `lazy_others_hold`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct LazyOwners {
+    pub owners: [u64; LAZY_OWNERS],
+}
+const _: () = assert!(core::mem::size_of::<LazyOwners>() == 8 * LAZY_OWNERS);
+
+impl LazyOwners {
+    /// A service's address and port (wire order) in one word: never 0 for a service (its port
+    /// is not 0), so 0 marks a free slot.
+    #[inline(always)]
+    pub const fn pack(addr: u32, port: u16) -> u64 {
+        ((addr as u64) << 16) | port as u64
+    }
+
+    /// The address and port (wire order) of a [`Self::pack`]ed service.
+    #[inline(always)]
+    pub const fn unpack(owner: u64) -> (u32, u16) {
+        ((owner >> 16) as u32, owner as u16)
+    }
+
+    /// An entry naming `owner` alone.
+    pub const fn first(owner: u64) -> Self {
+        let mut owners = [0; LAZY_OWNERS];
+        owners[0] = owner;
+        Self { owners }
+    }
+
+    /// The services named, in slot order.
+    pub fn iter(&self) -> impl Iterator<Item = (u32, u16)> + '_ {
+        self.owners
+            .iter()
+            .filter(|&&o| o != 0)
+            .map(|&o| Self::unpack(o))
+    }
+}
 /// Route cache per backend id ([`BackendRoute`]): new flows to a backend reuse it.
 pub const MAP_BACKEND_ROUTES: &str = "BACKEND_ROUTES";
 /// Per-CPU counters per service id ([`Counters`]).
@@ -172,7 +219,9 @@ pub struct DpConfig {
     /// Random and nonzero for each load of the program: the table epoch counts only for the
     /// program whose instance userspace writes beside it (see [`epoch::Epoch`]).
     pub instance: u32,
-    pub _pad: u32,
+    /// How many slots of a backend's [`LazyOwners`] the program may take (at most
+    /// [`LAZY_OWNERS`]; 1: one lazy service per backend, as before several were).
+    pub lazy_owners: u32,
 }
 const _: () = assert!(core::mem::size_of::<DpConfig>() == 72);
 
@@ -195,7 +244,7 @@ impl DpConfig {
             syn_sets: 0,
             snat_claims: 0,
             instance: 0,
-            _pad: 0,
+            lazy_owners: 0,
         }
     }
 }
@@ -461,6 +510,7 @@ mod pod {
     pod!(
         super::DpConfig,
         super::ServiceKey,
+        super::LazyOwners,
         super::ServiceValue,
         super::Backend,
         super::FlowKey,
@@ -506,6 +556,31 @@ mod layout_tests {
         assert_eq!(
             bytemuck::bytes_of(&Backend::dnat(1, 2)),
             [1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        );
+    }
+
+    #[test]
+    fn a_lazy_service_packs_into_a_nonzero_word_and_back() {
+        // Any address, even 0 (a service on every local address names the packet's), and the
+        // extreme ports: a packed service is never 0, the free slot's mark.
+        for (addr, port) in [
+            (0, port_to_wire(1)),
+            (ipv4_to_wire([10, 99, 0, 1]), port_to_wire(80)),
+            (u32::MAX, u16::MAX),
+        ] {
+            let o = LazyOwners::pack(addr, port);
+            assert_ne!(o, 0);
+            assert_eq!(LazyOwners::unpack(o), (addr, port));
+        }
+        let a = LazyOwners::pack(ipv4_to_wire([10, 99, 0, 1]), port_to_wire(80));
+        let b = LazyOwners::pack(ipv4_to_wire([10, 99, 0, 2]), port_to_wire(8080));
+        assert_ne!(a, b);
+        let mut v = LazyOwners::first(a);
+        assert_eq!(v.iter().collect::<Vec<_>>(), [LazyOwners::unpack(a)]);
+        v.owners[1] = b;
+        assert_eq!(
+            v.iter().collect::<Vec<_>>(),
+            [LazyOwners::unpack(a), LazyOwners::unpack(b)]
         );
     }
 }

@@ -38,14 +38,14 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, CFG_F_DROP_NO_BACKEND, CFG_F_KEEP_TTL, CFG_F_REDIRECT, CtEntry, DpConfig, FlowKey,
-    Reason, Route, ServiceKey, ServiceValue,
+    LazyOwners, Reason, Route, ServiceKey, ServiceValue,
     ct::{
         self, CT_F_CLOSED, CT_F_FINAL, CT_F_FULLNAT, CT_F_LAST_ACK, DIR_FORWARD, DIR_REPLY,
         STATE_CLOSING, STATE_OPEN,
     },
     epoch,
     hash::flow_hash,
-    port_flag, port_to_wire,
+    port_flag,
 };
 
 use crate::{
@@ -239,7 +239,19 @@ fn process(ctx: &TcContext) -> (i32, Reason) {
     let p = unsafe { &mut *p };
     match parse(ctx, &mut p.flow, &mut p.quote) {
         Parsed::Flow => {}
-        Parsed::IcmpError => return unpack(icmp_error(ctx, p)),
+        Parsed::IcmpError => {
+            // The lazy service the quoted flow may be of, found here: under `icmp_error` the
+            // call chain has no room for `lazy_owner_of`'s frame. The quote's key goes into
+            // the scratch slot (this path uses no other).
+            let q = &p.quote.inner;
+            p.key = FlowKey::new(q.daddr, q.saddr, q.dport, q.sport, q.proto);
+            let owner = if port_flags(u16::from_be(q.dport)) & port_flag(q.proto, true) != 0 {
+                lazy_owner_of(&p.key)
+            } else {
+                0
+            };
+            return unpack(icmp_error(ctx, p, owner));
+        }
         // IPv6 is a program of its own (the verifier's budget is per program): a tail call
         // never returns; if it fails (nothing at index 0) the frame is counted here.
         // SAFETY: the context is this program's own.
@@ -332,7 +344,11 @@ fn process(ctx: &TcContext) -> (i32, Reason) {
         // Maybe the first reply of a flow recorded without its reply entry (see
         // `lazy_reply`), or of a pending full-NAT handshake (see `claimed_reply`): the entry is
         // written now and the packet handled as a reply (one call site of `reply` for both).
-        let code = match lazy_reply(ctx, p) {
+        let code = match lazy_owner_of(key) {
+            0 => LAZY_NONE,
+            owner => lazy_reply(ctx, p, owner),
+        };
+        let code = match code {
             LAZY_NONE if claim::in_range(key.dport) && claimed_reply(p) => LAZY_IN_CT_NEW,
             code => code,
         };
@@ -579,9 +595,9 @@ const LAZY_WRONG_IFACE: u64 = 3;
 /// the backend serves that service address lazily, and no other flow's forward entry has that
 /// key. A BPF subprogram (own stack frame) returning one of the `LAZY_*` codes.
 #[inline(never)]
-fn lazy_reply(ctx: &TcContext, p: &Pkt) -> u64 {
+fn lazy_reply(ctx: &TcContext, p: &Pkt, owner: u64) -> u64 {
     let key = &p.key;
-    let Some((half, at, fwd)) = lazy_half(key) else {
+    let Some((half, at, fwd)) = lazy_half(key, owner) else {
         return LAZY_NONE;
     };
     let code = if at == IN_CONNTRACK {
@@ -636,16 +652,56 @@ const IN_CT_NEW: u64 = 1;
 /// [`lazy_half`]: the flow is pending in the handshake table, at the slot in the high half.
 const IN_SYN: u64 = 2;
 
-/// The reply half of the lazily recorded flow whose reply key is `key` (backend -> client),
-/// built from its forward entry, where that is (`IN_*`: CONNTRACK, CT_NEW, or pending in the
-/// handshake table with the slot's index << 32), and the forward entry (a map value pointer,
-/// valid for the run; null for a pending flow); None if there is no such flow.
+/// Which of its backend's lazy services (`LAZY_REPLY`) reply key `key` may belong to, packed;
+/// 0: none. A backend of one lazy service names it; of two, the first if a forward entry of
+/// its service from the key's client sends to the key's backend, else the second (whose flow
+/// `lazy_half` then looks for). A new flow of one is refused while a live flow of the other
+/// holds its reply key (`lazy_others_hold`), so at most one is the key's flow. A BPF subprogram
+/// (what follows is walked once, whichever it was).
+#[inline(never)]
+fn lazy_owner_of(key: &FlowKey) -> u64 {
+    const _: () = assert!(
+        lb_common::LAZY_OWNERS == 2,
+        "one slot to test, the other the rest"
+    );
+    let Some(s) = LAZY_REPLY.get_ptr(&ServiceKey::new(key.saddr, key.sport, key.proto)) else {
+        return 0;
+    };
+    // SAFETY: a valid map value pointer; a slot is a word other CPUs only fill from 0.
+    let (first, second) = unsafe {
+        (
+            core::ptr::read_volatile(&(*s).owners[0]),
+            core::ptr::read_volatile(&(*s).owners[1]),
+        )
+    };
+    if second == 0 {
+        return first;
+    }
+    let (addr, port) = LazyOwners::unpack(first);
+    let fkey = FlowKey::new(key.daddr, addr, key.dport, port, key.proto);
+    // SAFETY: valid map value pointers, read in place.
+    if CONNTRACK
+        .get_ptr(&fkey)
+        .or_else(|| CT_NEW.get_ptr(&fkey))
+        .is_some_and(|f| ct::is_forward_of(unsafe { &*f }, &fkey, key))
+        || syn::find(&fkey, flow_hash(&fkey, config().hash_seed))
+            .is_some_and(|(_, slot)| slot.is_lazy_forward_of(&fkey, key))
+    {
+        first
+    } else {
+        second
+    }
+}
+
+/// The reply half of the lazily recorded flow of lazy service `owner` (packed, see
+/// [`lazy_owner_of`]) whose reply key is `key` (backend -> client), built from its forward
+/// entry, where that is (`IN_*`: CONNTRACK, CT_NEW, or pending in the handshake table with the
+/// slot's index << 32), and the forward entry (a map value pointer, valid for the run; null
+/// for a pending flow); None if there is no such flow.
 #[inline(always)]
-fn lazy_half(key: &FlowKey) -> Option<(CtEntry, u64, *mut CtEntry)> {
-    let s = LAZY_REPLY.get_ptr(&ServiceKey::new(key.saddr, key.sport, key.proto))?;
-    // SAFETY: valid map value pointer; `ServiceKey` is `Copy`.
-    let s = unsafe { *s };
-    let fkey = FlowKey::new(key.daddr, s.addr, key.dport, s.port, key.proto);
+fn lazy_half(key: &FlowKey, owner: u64) -> Option<(CtEntry, u64, *mut CtEntry)> {
+    let (addr, port) = LazyOwners::unpack(owner);
+    let fkey = FlowKey::new(key.daddr, addr, key.dport, port, key.proto);
     let (f, at, fwd) = if let Some(f) = CONNTRACK.get_ptr_mut(&fkey) {
         // SAFETY: valid map value pointer; `CtEntry` is `Copy`.
         (unsafe { *f }, IN_CONNTRACK, f)
@@ -664,8 +720,8 @@ fn lazy_half(key: &FlowKey) -> Option<(CtEntry, u64, *mut CtEntry)> {
         return None;
     }
     let half = CtEntry {
-        nat_addr: s.addr,
-        nat_port: s.port,
+        nat_addr: addr,
+        nat_port: port,
         dir: DIR_REPLY,
         route: Route::NONE,
         backend_ack: 0,
@@ -676,30 +732,98 @@ fn lazy_half(key: &FlowKey) -> Option<(CtEntry, u64, *mut CtEntry)> {
     Some((half, at, fwd))
 }
 
-/// The service LAZY_REPLY names for DNAT backend `bkey`, claimed for this flow's service
-/// address and port if none is named yet (`BPF_NOEXIST`: a concurrent claim on another CPU
-/// wins, and is what is returned). None: the map is full (the flow keeps its reply entry).
+/// DNAT backend `bkey`'s LAZY_REPLY entry, and whether this flow's service (`mine`, packed) is
+/// one of its lazy services: claimed into the first free slot if it is not yet and one of the
+/// config's `lazy_owners` slots is free (a compare-and-swap from 0: a concurrent claim of that
+/// slot on another CPU wins, and the search goes on past it). A backend without an entry gets
+/// an empty one first (`BPF_NOEXIST`: a concurrent insert wins). None: the map is full (the
+/// flow then keeps its reply entry).
 #[inline(always)]
-fn lazy_owner(bkey: &ServiceKey, flow: &Flow) -> Option<ServiceKey> {
-    if let Some(s) = LAZY_REPLY.get_ptr(bkey) {
-        // SAFETY: valid map value pointer; `ServiceKey` is `Copy`.
-        return Some(unsafe { *s });
+fn lazy_owners(bkey: &ServiceKey, mine: u64, cfg: &DpConfig) -> (Option<*mut LazyOwners>, bool) {
+    let v = match LAZY_REPLY.get_ptr_mut(bkey) {
+        Some(v) => v,
+        None => {
+            // From a global, not the stack: this frame is on the program's deepest call chain.
+            let _ = LAZY_REPLY.insert(bkey, &NO_OWNERS, u64::from(BPF_NOEXIST));
+            match LAZY_REPLY.get_ptr_mut(bkey) {
+                Some(v) => v,
+                None => return (None, false),
+            }
+        }
+    };
+    for i in 0..lb_common::LAZY_OWNERS {
+        if i as u32 >= cfg.lazy_owners {
+            break;
+        }
+        // SAFETY: a valid map value pointer, 8-aligned; its slots are read and filled
+        // atomically (the one write is `claim::swap`'s).
+        let w = unsafe { &raw mut (*v).owners[i] };
+        // SAFETY: as above.
+        let o = unsafe { core::ptr::read_volatile(w) };
+        if o == mine
+            || (o == 0
+                // SAFETY: as above.
+                && (claim::swap(w, 0, mine) || unsafe { core::ptr::read_volatile(w) } == mine))
+        {
+            return (Some(v), true);
+        }
     }
-    let mine = ServiceKey::new(flow.daddr, flow.dport, flow.proto);
-    if LAZY_REPLY
-        .insert(bkey, &mine, u64::from(BPF_NOEXIST))
-        .is_ok()
-    {
-        return Some(mine);
-    }
-    // SAFETY: as above.
-    LAZY_REPLY.get_ptr(bkey).map(|s| unsafe { *s })
+    (Some(v), false)
 }
 
-/// Whether `owner` (a service the backend serves lazily) is this packet's own service address.
+/// A LAZY_REPLY entry with every slot free.
+static NO_OWNERS: LazyOwners = LazyOwners {
+    owners: [0; lb_common::LAZY_OWNERS],
+};
+
+/// Whether `owners` names a lazy service other than `mine` (inlined: no call where the
+/// backend's one lazy service is this flow's own).
 #[inline(always)]
-fn is_lazy_for(owner: &ServiceKey, flow: &Flow) -> bool {
-    owner.addr == flow.daddr && owner.port == flow.dport
+fn names_others(owners: *const LazyOwners, mine: u64) -> bool {
+    // SAFETY: a valid map value pointer (see `lazy_owners`).
+    let (a, b) = unsafe {
+        (
+            core::ptr::read_volatile(&(*owners).owners[0]),
+            core::ptr::read_volatile(&(*owners).owners[1]),
+        )
+    };
+    (a != 0 && a != mine) || (b != 0 && b != mine)
+}
+
+/// Whether a live flow of one of the lazy services in `owners` (a backend's LAZY_REPLY value)
+/// other than the new flow's holds reply key `rkey` without a reply entry (`lazy_flow_holds`,
+/// in slot order) at `now`. `packet`: [`packet_word`], the new flow's service (none for a
+/// full-NAT flow) and packet. Not a BPF subprogram: a frame between `new_flow` and
+/// `lazy_entry_holds` does not fit the call chain's 512 bytes. (The packet's fields come in
+/// one word: passed by reference they came out as more arguments than the verifier takes.)
+#[inline(always)]
+fn lazy_others_hold(rkey: &FlowKey, owners: *const LazyOwners, packet: u64, now: u64) -> bool {
+    let (mine, tcp_flags, names_client) = (
+        packet & 0xffff_ffff_ffff,
+        (packet >> 48) as u8,
+        packet & NAMES_CLIENT != 0,
+    );
+    for i in 0..lb_common::LAZY_OWNERS {
+        // SAFETY: a valid map value pointer (see `lazy_owners`).
+        let o = unsafe { core::ptr::read_volatile(&(*owners).owners[i]) };
+        if o == 0 {
+            return false;
+        }
+        if o != mine && lazy_flow_holds(rkey, o, tcp_flags, now, names_client) {
+            return true;
+        }
+    }
+    false
+}
+
+/// [`packet_word`]: the packet comes from the reply key's client (a DNAT flow's).
+const NAMES_CLIENT: u64 = 1 << 63;
+
+/// [`lazy_others_hold`]'s word for a packet with `tcp_flags` of a new flow of service `mine`
+/// (packed, 48 bits; 0: none), with [`NAMES_CLIENT`] if `names_client`.
+#[inline(always)]
+fn packet_word(mine: u64, tcp_flags: u8, names_client: bool) -> u64 {
+    mine | (u64::from(tcp_flags) << 48) | if names_client { NAMES_CLIENT } else { 0 }
 }
 
 /// Whether a live flow of lazy service `owner` holds reply key `rkey` without a reply entry
@@ -799,19 +923,8 @@ fn lazy_pending_holds(
 /// The forward key of lazy service `owner`'s (packed) flow whose reply key is `rkey`.
 #[inline(always)]
 fn lazy_key(rkey: &FlowKey, owner: u64) -> FlowKey {
-    FlowKey::new(
-        rkey.daddr,
-        (owner >> 16) as u32,
-        rkey.dport,
-        owner as u16,
-        rkey.proto,
-    )
-}
-
-/// `owner` packed for [`lazy_flow_holds`].
-#[inline(always)]
-fn packed(owner: &ServiceKey) -> u64 {
-    (u64::from(owner.addr) << 16) | u64::from(owner.port)
+    let (addr, port) = LazyOwners::unpack(owner);
+    FlowKey::new(rkey.daddr, addr, rkey.dport, port, rkey.proto)
 }
 
 /// Moves a confirmed flow's pair (forward entry `e` at `key`, and its reply half if present)
@@ -1074,19 +1187,11 @@ fn forward_inner(
     }
     if rev.is_none() && !skip {
         // Rebuilt (or, for a flow recorded lazily, written) here, unless a live flow holds the
-        // key: with its reply entry (`claim`), or recorded lazily for the service its backend
-        // serves lazily, if that is another.
-        // SAFETY: valid map value pointer; `ServiceKey` is `Copy`.
-        let owner = if e.full_nat() {
-            None
-        } else {
-            LAZY_REPLY
-                .get_ptr(&ServiceKey::new(e.nat_addr, e.nat_port, flow.proto))
-                .map(|s| unsafe { *s })
-        };
-        if owner.is_some_and(|o| {
-            !is_lazy_for(&o, flow) && lazy_flow_holds(&rkey, packed(&o), flow.tcp_flags, now, true)
-        }) || !claim(other(table), &rkey, flow, now, cfg)
+        // key: with its reply entry (`claim`), or recorded lazily for another service its
+        // backend serves lazily.
+        let mine = LazyOwners::pack(flow.daddr, flow.dport);
+        if (!e.full_nat() && held_lazily(&rkey, packet_word(mine, flow.tcp_flags, true), now))
+            || !claim(other(table), &rkey, flow, now, cfg)
             || (claim::in_range(rkey.dport) && claimed(&rkey, now))
         {
             let _ = table.remove(key);
@@ -1505,16 +1610,18 @@ fn new_flow_inner(ctx: &TcContext, p: &Pkt, hashed: u64) -> Pick {
         return Pick::Done(exit(Reason::DropFlowConflict));
     }
     // One insert per new flow where the backend serves this service address lazily (the reply
-    // entry comes with the first reply, see `lazy_reply`); otherwise the key may also be held
-    // by a lazily recorded flow of the service the backend serves lazily.
-    let owner = lazy_owner(
+    // entry comes with the first reply, see `lazy_reply`); the key may also be held by a lazily
+    // recorded flow of another service the backend serves lazily.
+    let mine = LazyOwners::pack(flow.daddr, flow.dport);
+    let (owners, lazy) = lazy_owners(
         &ServiceKey::new(backend.addr, backend.port, flow.proto),
-        flow,
+        mine,
+        cfg,
     );
-    let lazy = owner.is_some_and(|o| is_lazy_for(&o, flow));
-    if !lazy
-        && owner.is_some_and(|o| lazy_flow_holds(rev_key, packed(&o), flow.tcp_flags, now, true))
-    {
+    if owners.is_some_and(|o| {
+        names_others(o, mine)
+            && lazy_others_hold(rev_key, o, packet_word(mine, flow.tcp_flags, true), now)
+    }) {
         return Pick::Done(exit(Reason::DropFlowConflict));
     }
 
@@ -1853,7 +1960,7 @@ fn try_port<const NEW: bool>(rkey: &FlowKey, half: &CtEntry, pending: bool, p: &
     };
     let free = port_free(other(table), rkey, p.now, cfg)
         && port_free(table, rkey, p.now, cfg)
-        && !held_lazily(rkey, p);
+        && !held_lazily(rkey, packet_word(0, p.flow.tcp_flags, false), p.now);
     if free && pending {
         return mine;
     }
@@ -1889,19 +1996,16 @@ fn unstamp_first_port(rkey: &FlowKey, key: &FlowKey) {
     }
 }
 
-/// Whether full-NAT reply key `rkey` is held by a live DNAT flow of the service its backend
-/// serves lazily, which has no reply entry to find (`lazy_flow_holds`): one from this host's
-/// address and a port of the range (a spoofer's) keeps that port from a full-NAT flow, which
-/// would share its tuple at the backend. A BPF subprogram (the verifier walks it once per try
-/// without carrying its state through the port search).
+/// Whether reply key `rkey` is held by a live DNAT flow of a service its backend serves lazily
+/// (`lazy_others_hold`, whose arguments these are), which has no reply entry to find. For the
+/// port search (no service of the new flow's): one from this host's address and a port of the
+/// range (a spoofer's) keeps that port from a full-NAT flow, which would share its tuple at the
+/// backend. A BPF subprogram.
 #[inline(never)]
-fn held_lazily(rkey: &FlowKey, p: &Pkt) -> bool {
+fn held_lazily(rkey: &FlowKey, packet: u64, now: u64) -> bool {
     LAZY_REPLY
         .get_ptr(&ServiceKey::new(rkey.saddr, rkey.sport, rkey.proto))
-        // SAFETY: valid map value pointer, read in place.
-        .is_some_and(|o| {
-            lazy_flow_holds(rkey, packed(unsafe { &*o }), p.flow.tcp_flags, p.now, false)
-        })
+        .is_some_and(|o| lazy_others_hold(rkey, o, packet, now))
 }
 
 /// Whether full-NAT reply key `rkey` may be taken by a new flow in `table`: it is free there, or
@@ -1965,12 +2069,13 @@ fn port_free(table: &Table, rkey: &FlowKey, now: u64, cfg: &DpConfig) -> bool {
 /// The quoted packet's reverse is the tuple of the flow's entry for the direction the error
 /// travels, so one lookup finds it. A BPF subprogram returning a [`pack`]ed verdict.
 #[inline(never)]
-fn icmp_error(ctx: &TcContext, p: &mut Pkt) -> u64 {
-    pack(icmp_error_inner(ctx, p))
+fn icmp_error(ctx: &TcContext, p: &mut Pkt, owner: u64) -> u64 {
+    pack(icmp_error_inner(ctx, p, owner))
 }
 
+/// `owner`: the lazy service the quoted flow may be of (`lazy_owner_of` of its reply key).
 #[inline(always)]
-fn icmp_error_inner(ctx: &TcContext, p: &mut Pkt) -> (i32, Reason) {
+fn icmp_error_inner(ctx: &TcContext, p: &mut Pkt, owner: u64) -> (i32, Reason) {
     let e = &p.quote;
     let q = &e.inner;
     // The quoted packet left as service -> client (source is a service port) or as client ->
@@ -1988,7 +2093,10 @@ fn icmp_error_inner(ctx: &TcContext, p: &mut Pkt) -> (i32, Reason) {
     let ent = if let Some(ent) = CONNTRACK.get_ptr(&key).or_else(|| CT_NEW.get_ptr(&key)) {
         // SAFETY: valid map value pointer; `CtEntry` is `Copy`.
         unsafe { *ent }
-    } else if let Some((ent, _, _)) = lazy_half(&key) {
+    } else if let Some((ent, _, _)) = match owner {
+        0 => None,
+        owner => lazy_half(&key, owner),
+    } {
         // About a packet of a flow recorded lazily (no reply yet): its reply half as it would
         // be written, not written (an error creates no state).
         ent

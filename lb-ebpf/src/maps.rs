@@ -7,8 +7,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, BackendRoute, Counters, CtEntry, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAGLEV_SIZE,
-    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, DEFAULT_SOCK_REVNAT_SIZE, FlowKey, Reason,
-    ServiceKey, ServiceValue, SockRevKey, SockRevValue,
+    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, DEFAULT_SOCK_REVNAT_SIZE, FlowKey, LazyOwners,
+    Reason, ServiceKey, ServiceValue, SockRevKey, SockRevValue,
     v6::{SockRevKey6, SockRevValue6},
 };
 
@@ -50,10 +50,10 @@ pub static CT_SYN: Array<lb_common::syn::SynSet> = Array::with_max_entries(
 #[map]
 pub static SYN_SCRATCH: PerCpuArray<lb_common::syn::SynSlot> = PerCpuArray::with_max_entries(1, 0);
 
-/// A DNAT backend -> the service whose flows to it get their reply entry lazily (see
+/// A DNAT backend -> the services whose flows to it get their reply entry lazily (see
 /// lb-common's `MAP_LAZY_REPLY`); userspace sizes it to `max_backends`.
 #[map]
-pub static LAZY_REPLY: HashMap<ServiceKey, ServiceKey> =
+pub static LAZY_REPLY: HashMap<ServiceKey, LazyOwners> =
     HashMap::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
 /// Index 0: the IPv6 classifier (`berth_tc_ingress6`), which the IPv4 one tail-calls for an

@@ -56,11 +56,26 @@ fn assert_reply(run: &Run, service: SocketAddrV4, to: SocketAddrV4) {
     assert_eq!(o.dst, to);
 }
 
-/// Two services on one backend: the VIP on :80 and any host address on :8080.
+/// Two services on one backend: the VIP on :80 and any host address on :8080. Flows to the
+/// backend are recorded lazily for one of them only (the first whose flow reaches it); the
+/// other's keep their reply entry from their first packet, as a further service's beyond
+/// `LAZY_OWNERS` do.
 fn shared_backend() -> Fixture {
+    shared_backend_with(1)
+}
+
+/// [`shared_backend`] with the flows of both services recorded lazily.
+fn shared_backend_lazily() -> Fixture {
+    shared_backend_with(lb_common::LAZY_OWNERS as u32)
+}
+
+fn shared_backend_with(lazy_services: u32) -> Fixture {
     let be = [(backend(1), 8000, 1)];
     Fixture::new(
-        options(),
+        DataplaneOptions {
+            lazy_services,
+            ..options()
+        },
         vec![
             svc("vip", "10.99.0.1:80", Protocol::Tcp, &be),
             svc("any", "0.0.0.0:8080", Protocol::Tcp, &be),
@@ -579,6 +594,117 @@ fn a_live_flow_whose_reply_half_was_rebuilt_keeps_its_key_against_a_blind_segmen
         let spoof = tcp(victim, sa(HOST, 8080), TCP_ACK, 999_999, 88).build();
         assert_dropped(&f.run(&spoof), Reason::DropFlowConflict);
         let answer = from_backend(tcp(be, victim, TCP_ACK, 5002, 1006));
+        assert_reply(&f.run(&answer), sa(VIP, 80), victim);
+    });
+}
+
+/// A backend serving two services records the flows of both lazily (`LAZY_OWNERS`): each
+/// flow one insert, its reply entry written by its first reply, translated from the service
+/// its client asked (the reply finds its flow's forward entry under either service).
+#[test]
+fn flows_of_two_services_on_one_backend_are_both_recorded_lazily() {
+    in_fixture_netns(|| {
+        let f = shared_backend_lazily();
+        let be = sa(backend(1), 8000);
+        for (c, service) in [
+            (client(40150), sa(HOST, 8080)),
+            (client(40151), sa(VIP, 80)),
+        ] {
+            let syn = tcp(c, service, TCP_SYN, 1000, 0).build();
+            assert_eq!(assert_dnat(&f.run(&syn), &syn, &[be]), be);
+            let fwd = f.ct(&flow_key(c, service, IPPROTO_TCP)).expect("forward");
+            assert_eq!(fwd.lazy, ct::LAZY_RECORDED, "to {service}");
+            assert!(
+                f.ct(&flow_key(be, c, IPPROTO_TCP)).is_none(),
+                "to {service}"
+            );
+            let synack = from_backend(tcp(be, c, TCP_SYN | TCP_ACK, 5000, 1001));
+            assert_reply(&f.run(&synack), service, c);
+            let rev = f
+                .ct(&flow_key(be, c, IPPROTO_TCP))
+                .expect("written by the reply");
+            assert_eq!(
+                (rev.nat_addr, rev.nat_port),
+                (
+                    lb_common::ipv4_to_wire(service.ip().octets()),
+                    lb_common::port_to_wire(service.port())
+                )
+            );
+        }
+        assert_eq!(
+            f.dp().lazy_reply_services(be, IPPROTO_TCP),
+            vec![sa(HOST, 8080), sa(VIP, 80)]
+        );
+    });
+}
+
+/// Two lazily recorded services on one backend hold their flows' reply keys against each
+/// other (`lazy_others_hold`), as a reply entry would: a packet as the victim to the other
+/// service is refused while the victim's flow lives, unanswered (no reply entry yet) or
+/// answered with its reply entry evicted, whichever service holds the backend's first slot.
+#[test]
+fn a_spoofed_packet_to_another_lazy_service_cannot_take_a_lazily_recorded_flows_replies() {
+    in_fixture_netns(|| {
+        let mut f = shared_backend_lazily();
+        // :8080 takes the backend's first slot, the VIP the second.
+        let be = handshake(&f, client(40160), sa(HOST, 8080));
+        assert_eq!(handshake(&f, client(40161), sa(VIP, 80)), be);
+        for (i, (service, other)) in [(sa(VIP, 80), sa(HOST, 8080)), (sa(HOST, 8080), sa(VIP, 80))]
+            .into_iter()
+            .enumerate()
+        {
+            let victim = client(40162 + i as u16);
+            let rkey = flow_key(be, victim, IPPROTO_TCP);
+            let syn = tcp(victim, service, TCP_SYN, 1000, 0).build();
+            assert_eq!(assert_dnat(&f.run(&syn), &syn, &[be]), be);
+            let spoof = tcp(victim, other, TCP_SYN, 77, 0).build();
+            assert_dropped(&f.run(&spoof), Reason::DropFlowConflict);
+            assert!(f.ct(&rkey).is_none(), "victim to {service}");
+            let synack = from_backend(tcp(be, victim, TCP_SYN | TCP_ACK, 5000, 1001));
+            assert_reply(&f.run(&synack), service, victim);
+            let ack = tcp(victim, service, TCP_ACK, 1001, 5001).build();
+            assert_eq!(assert_dnat(&f.run(&ack), &ack, &[be]), be);
+            // Answered; a flood evicts its reply entry: the flow still holds the key.
+            f.rec.dataplane_mut().conntrack_remove(&rkey).unwrap();
+            for flags in [TCP_ACK, TCP_SYN, TCP_ACK | TCP_PSH] {
+                let spoof = tcp(victim, other, flags, 77, 88).build();
+                assert_dropped(&f.run(&spoof), Reason::DropFlowConflict);
+            }
+            assert!(f.ct(&flow_key(victim, other, IPPROTO_TCP)).is_none());
+            let answer =
+                from_backend(tcp(be, victim, TCP_ACK | TCP_PSH, 5001, 1001).with_payload(b"x"));
+            assert_reply(&f.run(&answer), service, victim);
+        }
+    });
+}
+
+/// The lazily recorded spoofer of the tests above, when the victim's flow is recorded lazily
+/// too: with both the victim's entries evicted, a segment as the victim to the other lazy
+/// service gets in, unanswered; the victim's next segment takes the key back and the
+/// spoofer's entry goes (it proved nothing), and the backend's answer comes from the service
+/// the victim asked.
+#[test]
+fn an_evicted_lazy_flow_takes_its_key_back_from_a_spoofer_of_another_lazy_service() {
+    in_fixture_netns(|| {
+        let mut f = shared_backend_lazily();
+        let be = handshake(&f, client(40170), sa(HOST, 8080));
+        let victim = client(40171);
+        assert_eq!(handshake(&f, victim, sa(VIP, 80)), be);
+        let (rkey, skey) = evict_and_spoof(&mut f, victim, be, TCP_ACK);
+        assert_eq!(f.ct(&skey).expect("recorded").lazy, ct::LAZY_RECORDED);
+        assert!(f.ct(&rkey).is_none(), "recorded lazily: no reply half");
+        let data = tcp(victim, sa(VIP, 80), TCP_ACK | TCP_PSH, 1001, 5001)
+            .with_payload(b"GET /")
+            .build();
+        assert_eq!(assert_dnat(&f.run(&data), &data, &[be]), be);
+        assert!(f.ct(&skey).is_none(), "the spoofer's entry is gone");
+        assert_eq!(
+            f.ct(&flow_key(victim, sa(VIP, 80), IPPROTO_TCP))
+                .expect("the victim's flow")
+                .lazy,
+            ct::LAZY_RECORDED
+        );
+        let answer = from_backend(tcp(be, victim, TCP_ACK, 5001, 1006));
         assert_reply(&f.run(&answer), sa(VIP, 80), victim);
     });
 }
@@ -1311,7 +1437,7 @@ fn a_first_reply_after_its_backend_left_the_service_is_still_translated() {
             .purge_drained(std::time::Instant::now() + drain, drain)
             .unwrap();
         assert_eq!(purged, vec![(be.into(), 2)]);
-        assert_eq!(f.dp().lazy_reply_service(be, IPPROTO_TCP), None);
+        assert!(f.dp().lazy_reply_services(be, IPPROTO_TCP).is_empty());
     });
 }
 
@@ -1350,8 +1476,8 @@ fn a_spoofed_syn_to_a_second_service_cannot_take_a_lazily_recorded_flows_replies
         let syn = tcp(victim, sa(VIP, 80), TCP_SYN, 1000, 0).build();
         let be = assert_dnat(&f.run(&syn), &syn, &[sa(backend(1), 8000)]);
         assert_eq!(
-            f.dp().lazy_reply_service(be, IPPROTO_TCP),
-            Some(sa(VIP, 80))
+            f.dp().lazy_reply_services(be, IPPROTO_TCP),
+            vec![sa(VIP, 80)]
         );
         // Before the backend answers, a spoofer sends a SYN as the victim to the other service
         // on the same backend: the victim's flow holds the reply key though it has no reply

@@ -41,8 +41,8 @@ fn tcp_syn_to_vip_is_translated_and_tracked() {
             "one entry per new flow"
         );
         assert_eq!(
-            f.dp().lazy_reply_service(be, IPPROTO_TCP),
-            Some(sa(VIP, 80))
+            f.dp().lazy_reply_services(be, IPPROTO_TCP),
+            vec![sa(VIP, 80)]
         );
         let rkey = flow_key(be, client(40000), IPPROTO_TCP);
         assert!(f.ct(&rkey).is_none(), "no reply entry before the reply");

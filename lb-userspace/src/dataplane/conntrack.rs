@@ -239,26 +239,33 @@ impl Dataplane {
             || self.pending_reply(key, now).is_some()
     }
 
-    /// The service address whose flows to IPv4 DNAT backend `backend` (`proto`) are recorded
-    /// without their reply entry until the first reply (lb-common's `MAP_LAZY_REPLY`).
-    pub fn lazy_reply_service(
+    /// The service addresses whose flows to IPv4 DNAT backend `backend` (`proto`) are recorded
+    /// without their reply entry until the first reply (lb-common's `MAP_LAZY_REPLY`), in the
+    /// order the program took them; empty if none.
+    pub fn lazy_reply_services(
         &self,
         backend: std::net::SocketAddrV4,
         proto: u8,
-    ) -> Option<std::net::SocketAddrV4> {
+    ) -> Vec<std::net::SocketAddrV4> {
         let k = ServiceKey::new(
             lb_common::ipv4_to_wire(backend.ip().octets()),
             lb_common::port_to_wire(backend.port()),
             proto,
         );
-        let v = self.lazy_reply.get(&k, 0).ok()?;
-        Some(std::net::SocketAddrV4::new(
-            std::net::Ipv4Addr::from(v.addr.to_ne_bytes()),
-            u16::from_be(v.port),
-        ))
+        let Ok(v) = self.lazy_reply.get(&k, 0) else {
+            return Vec::new();
+        };
+        v.iter()
+            .map(|(addr, port)| {
+                std::net::SocketAddrV4::new(
+                    std::net::Ipv4Addr::from(addr.to_ne_bytes()),
+                    u16::from_be(port),
+                )
+            })
+            .collect()
     }
 
-    /// Forgets a backend's lazy service: only once no flow to it is left (a flow recorded
+    /// Forgets a backend's lazy services: only once no flow to it is left (a flow recorded
     /// lazily would lose its replies), i.e. after the drain purge of a backend no service has.
     pub fn lazy_reply_remove(&mut self, backend: std::net::SocketAddrV4, proto: u8) -> Result<()> {
         let k = ServiceKey::new(

@@ -81,6 +81,10 @@ pub struct DataplaneOptions {
     pub snat_ports: crate::config::PortRange,
     /// How long a fully closed full-NAT flow keeps its source port.
     pub snat_reuse: Duration,
+    /// How many services one backend's flows are recorded lazily for (lb-common's
+    /// `LAZY_OWNERS`; fewer only where a test wants flows of a further service recorded with
+    /// their reply entry).
+    pub lazy_services: u32,
 }
 
 impl DataplaneOptions {
@@ -102,6 +106,7 @@ impl DataplaneOptions {
             snat_address6: d.snat_address6,
             snat_ports: d.snat_ports,
             snat_reuse: Duration::from_millis(d.snat_port_reuse_ms),
+            lazy_services: lb_common::LAZY_OWNERS as u32,
         }
     }
 
@@ -149,7 +154,7 @@ impl DataplaneOptions {
             snat_claims: self.snat_claims(),
             // Each load's own, drawn by `Dataplane::load_with` (lb-common's `epoch`).
             instance: 0,
-            _pad: 0,
+            lazy_owners: self.lazy_services.clamp(1, lb_common::LAZY_OWNERS as u32),
         }
     }
 }
@@ -239,7 +244,7 @@ pub struct Dataplane {
     /// The full-NAT port claims (lb-common's `claim`), mapped (read; written by tests only).
     claim_view: conntrack::ClaimView,
     /// DNAT backend -> the service whose flows to it get their reply entry lazily.
-    lazy_reply: HashMap<MapData, ServiceKey, ServiceKey>,
+    lazy_reply: HashMap<MapData, ServiceKey, lb_common::LazyOwners>,
     /// The table epoch (lb-common's `epoch`), this load's instance token written beside it,
     /// and whether a change of the tables a pick reads is under way (the epoch odd).
     epoch: Array<MapData, lb_common::epoch::Epoch>,
