@@ -314,11 +314,54 @@ fn entry(dir: u8, nat: SocketAddrV4, fnat: Option<SocketAddrV4>, now: u64, epoch
 /// it to `nat` (the destination for forward entries, the source for reply entries) and a second
 /// entry rewrites it back, so every repeat of the test run is a hit with a full rewrite. With
 /// `fnat`, full-NAT entries rewrite the other end to it and back as well.
+/// Sends a SYN to each service from client ports until one reaches `be` (which serves them
+/// all), in the services' order, and says which were recorded lazily: the first
+/// `LAZY_OWNERS` services to reach a backend are, a further one is not (panics otherwise:
+/// the established rows' two kinds of flow would not be the program's).
+fn lazy_services_checked(services: &[lb_userspace::config::Service], be: SocketAddrV4) -> String {
+    let f = Fixture::new(options(), services.to_vec());
+    let mut seen = Vec::new();
+    for (i, s) in services.iter().enumerate() {
+        let dst = match s.listen {
+            std::net::SocketAddr::V4(l) if !l.ip().is_unspecified() => l,
+            l => SocketAddrV4::new(HOST, l.port()),
+        };
+        let landed = (0..200u16).find_map(|n| {
+            let c = SocketAddrV4::new(CLIENT, 30000 + 1000 * i as u16 + n);
+            f.run(&Ipv4Packet::tcp(c, dst, TCP_SYN).build());
+            let e = f.ct(&flow_key(c, dst, IPPROTO_TCP))?;
+            (e.nat_addr == ipv4_to_wire(be.ip().octets()) && e.nat_port == port_to_wire(be.port()))
+                .then_some(e.lazy != 0)
+        });
+        let lazy = landed.expect("a SYN reaching the shared backend");
+        assert_eq!(
+            lazy,
+            i < lb_common::LAZY_OWNERS,
+            "service {} of {be}: recorded lazily {lazy}",
+            i + 1
+        );
+        seen.push(format!(
+            "{} {}",
+            s.name,
+            if lazy {
+                "lazily"
+            } else {
+                "with its reply half"
+            }
+        ));
+    }
+    format!(
+        "flows to {be}, one service after another: {}",
+        seen.join(", ")
+    )
+}
+
 /// Which half of a flow [`measure_hits`] measures.
 #[derive(Clone, Copy)]
 enum Half {
-    /// Client -> service. `lazy`: a DNAT flow of its backend's lazy service (`CtEntry::lazy`:
-    /// a backend serving one service), whose forward packets skip the reply half.
+    /// Client -> service. `lazy`: a DNAT flow of one of its backend's lazy services
+    /// (`CtEntry::lazy`: one of the first `LAZY_OWNERS` services to reach the backend), whose
+    /// forward packets skip the reply half.
     Forward {
         lazy: bool,
     },
@@ -864,8 +907,13 @@ fn main() {
             }
 
             // Established hit and reply: the packet bounces between two tuples, both hits.
-            // A backend serving one service (its flows recorded lazily), then one serving
-            // several (every packet looks up both halves).
+            // A flow recorded lazily (its service one of its backend's first
+            // `LAZY_OWNERS`), then one of a backend's further service (every packet looks up
+            // both halves). Which flows the program records lazily is checked first, on real
+            // SYNs to backend(1):8000, which serves all three services here.
+            if a.wants("established-flow hit") {
+                println!("{}", lazy_services_checked(&services, be));
+            }
             for (lazy, path, xdp_path) in [
                 (
                     true,
@@ -874,8 +922,8 @@ fn main() {
                 ),
                 (
                     false,
-                    "established-flow hit, backend of several services",
-                    "XDP: established-flow hit, backend of several services",
+                    "established-flow hit, a backend's third service",
+                    "XDP: established-flow hit, a backend's third service",
                 ),
             ] {
                 rows.extend(measure_hits(
