@@ -525,7 +525,7 @@ mod tests {
         syn_sets: 1,
         snat_claims: 65_536,
         instance: 0,
-        _pad: 0,
+        lazy_owners: 0,
     };
 
     #[test]

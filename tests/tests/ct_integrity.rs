@@ -611,12 +611,31 @@ fn flows_of_two_services_on_one_backend_are_both_recorded_lazily() {
             (client(40151), sa(VIP, 80)),
         ] {
             let syn = tcp(c, service, TCP_SYN, 1000, 0).build();
-            assert_eq!(assert_dnat(&f.run(&syn), &syn, &[be]), be);
+            let run = f.run(&syn);
+            assert_eq!(assert_dnat(&run, &syn, &[be]), be);
             let fwd = f.ct(&flow_key(c, service, IPPROTO_TCP)).expect("forward");
             assert_eq!(fwd.lazy, ct::LAZY_RECORDED, "to {service}");
             assert!(
                 f.ct(&flow_key(be, c, IPPROTO_TCP)).is_none(),
                 "to {service}"
+            );
+            // An ICMP error from the backend about the SYN finds the flow the same way.
+            let mut icmp = wire::icmp_error(
+                *be.ip(),
+                *c.ip(),
+                wire::ICMP_DEST_UNREACH,
+                wire::ICMP_PORT_UNREACH,
+                0,
+                &run.out,
+                64,
+            );
+            icmp[6..12].copy_from_slice(&backend_mac(*be.ip()));
+            let out = f.run(&icmp);
+            assert_eq!(out.counted(Reason::EventIcmpTranslated), 1, "{out:?}");
+            let e = wire::parse_icmp_error(&out.out);
+            assert_eq!(
+                (e.src, e.inner_src, e.inner_dst),
+                (*service.ip(), c, service)
             );
             let synack = from_backend(tcp(be, c, TCP_SYN | TCP_ACK, 5000, 1001));
             assert_reply(&f.run(&synack), service, c);
