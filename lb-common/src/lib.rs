@@ -578,9 +578,6 @@ mod layout_tests {
         let mut v = LazyOwners::first(a);
         assert!(v.iter().eq([LazyOwners::unpack(a)]));
         v.owners[1] = b;
-        assert!(
-            v.iter()
-                .eq([LazyOwners::unpack(a), LazyOwners::unpack(b)])
-        );
+        assert!(v.iter().eq([LazyOwners::unpack(a), LazyOwners::unpack(b)]));
     }
 }
