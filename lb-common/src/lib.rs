@@ -116,13 +116,6 @@ impl LazyOwners {
         ((owner >> 16) as u32, owner as u16)
     }
 
-    /// An entry naming `owner` alone.
-    pub const fn first(owner: u64) -> Self {
-        let mut owners = [0; LAZY_OWNERS];
-        owners[0] = owner;
-        Self { owners }
-    }
-
     /// The services named, in slot order.
     pub fn iter(&self) -> impl Iterator<Item = (u32, u16)> + '_ {
         self.owners
@@ -575,7 +568,7 @@ mod layout_tests {
         let a = LazyOwners::pack(ipv4_to_wire([10, 99, 0, 1]), port_to_wire(80));
         let b = LazyOwners::pack(ipv4_to_wire([10, 99, 0, 2]), port_to_wire(8080));
         assert_ne!(a, b);
-        let mut v = LazyOwners::first(a);
+        let mut v = LazyOwners { owners: [a, 0] };
         assert!(v.iter().eq([LazyOwners::unpack(a)]));
         v.owners[1] = b;
         assert!(v.iter().eq([LazyOwners::unpack(a), LazyOwners::unpack(b)]));

@@ -241,8 +241,9 @@ fn process(ctx: &TcContext) -> (i32, Reason) {
         Parsed::Flow => {}
         Parsed::IcmpError => {
             // The lazy service the quoted flow may be of, found here: under `icmp_error` the
-            // call chain has no room for `lazy_owner_of`'s frame. The quote's key goes into
-            // the scratch slot (this path uses no other).
+            // call chain has no room for `lazy_owner_of`'s frame. The quote's reverse (the key
+            // of the flow's entry for the direction the error travels) goes into the scratch
+            // slot's key, where `icmp_error` reads it.
             let q = &p.quote.inner;
             p.key = FlowKey::new(q.daddr, q.saddr, q.dport, q.sport, q.proto);
             let owner = if port_flags(u16::from_be(q.dport)) & port_flag(q.proto, true) != 0 {
@@ -653,11 +654,11 @@ const IN_CT_NEW: u64 = 1;
 const IN_SYN: u64 = 2;
 
 /// Which of its backend's lazy services (`LAZY_REPLY`) reply key `key` may belong to, packed;
-/// 0: none. A backend of one lazy service names it; of two, the first if a forward entry of
-/// its service from the key's client sends to the key's backend, else the second (whose flow
-/// `lazy_half` then looks for). A new flow of one is refused while a live flow of the other
-/// holds its reply key (`lazy_others_hold`), so at most one is the key's flow. A BPF subprogram
-/// (what follows is walked once, whichever it was).
+/// 0: none. A backend of one lazy service names it; of two, the first if `lazy_half` finds its
+/// flow, else the second (whose flow the caller's `lazy_half` then looks for). A new flow of
+/// one is refused while a live flow of the other holds its reply key (`lazy_others_hold`), so
+/// at most one is the key's flow. A BPF subprogram (what follows is walked once, whichever it
+/// was).
 #[inline(never)]
 fn lazy_owner_of(key: &FlowKey) -> u64 {
     const _: () = assert!(
@@ -677,16 +678,7 @@ fn lazy_owner_of(key: &FlowKey) -> u64 {
     if second == 0 {
         return first;
     }
-    let (addr, port) = LazyOwners::unpack(first);
-    let fkey = FlowKey::new(key.daddr, addr, key.dport, port, key.proto);
-    // SAFETY: valid map value pointers, read in place.
-    if CONNTRACK
-        .get_ptr(&fkey)
-        .or_else(|| CT_NEW.get_ptr(&fkey))
-        .is_some_and(|f| ct::is_forward_of(unsafe { &*f }, &fkey, key))
-        || syn::find(&fkey, flow_hash(&fkey, config().hash_seed))
-            .is_some_and(|(_, slot)| slot.is_lazy_forward_of(&fkey, key))
-    {
+    if lazy_half(key, first).is_some() {
         first
     } else {
         second
@@ -700,8 +692,7 @@ fn lazy_owner_of(key: &FlowKey) -> u64 {
 /// for a pending flow); None if there is no such flow.
 #[inline(always)]
 fn lazy_half(key: &FlowKey, owner: u64) -> Option<(CtEntry, u64, *mut CtEntry)> {
-    let (addr, port) = LazyOwners::unpack(owner);
-    let fkey = FlowKey::new(key.daddr, addr, key.dport, port, key.proto);
+    let fkey = lazy_key(key, owner);
     let (f, at, fwd) = if let Some(f) = CONNTRACK.get_ptr_mut(&fkey) {
         // SAFETY: valid map value pointer; `CtEntry` is `Copy`.
         (unsafe { *f }, IN_CONNTRACK, f)
@@ -720,8 +711,8 @@ fn lazy_half(key: &FlowKey, owner: u64) -> Option<(CtEntry, u64, *mut CtEntry)> 
         return None;
     }
     let half = CtEntry {
-        nat_addr: addr,
-        nat_port: port,
+        nat_addr: fkey.daddr,
+        nat_port: fkey.dport,
         dir: DIR_REPLY,
         route: Route::NONE,
         backend_ack: 0,
@@ -776,8 +767,10 @@ static NO_OWNERS: LazyOwners = LazyOwners {
     owners: [0; lb_common::LAZY_OWNERS],
 };
 
-/// Whether `owners` names a lazy service other than `mine` (inlined: no call where the
-/// backend's one lazy service is this flow's own).
+/// Whether `owners` names a lazy service other than `mine`: `new_flow`'s test before
+/// [`lazy_others_hold`], whose loop makes the same exits but whose paths the verifier then
+/// walks with both slots unknown (the test first took 40,000 verifier instructions off the
+/// IPv4 program).
 #[inline(always)]
 fn names_others(owners: *const LazyOwners, mine: u64) -> bool {
     // SAFETY: a valid map value pointer (see `lazy_owners`).
@@ -791,39 +784,30 @@ fn names_others(owners: *const LazyOwners, mine: u64) -> bool {
 }
 
 /// Whether a live flow of one of the lazy services in `owners` (a backend's LAZY_REPLY value)
-/// other than the new flow's holds reply key `rkey` without a reply entry (`lazy_flow_holds`,
-/// in slot order) at `now`. `packet`: [`packet_word`], the new flow's service (none for a
-/// full-NAT flow) and packet. Not a BPF subprogram: a frame between `new_flow` and
-/// `lazy_entry_holds` does not fit the call chain's 512 bytes. (The packet's fields come in
-/// one word: passed by reference they came out as more arguments than the verifier takes.)
+/// other than `mine` holds reply key `rkey` without a reply entry (`lazy_flow_holds`, in slot
+/// order), for a packet with `tcp_flags` at `now`. `mine`: the new DNAT flow's service
+/// (packed), its packet from the reply key's client; 0 for a full-NAT flow's port search, whose
+/// packet is not. Inlined: as a BPF subprogram its frame did not fit the call chain between
+/// `new_flow` and `lazy_entry_holds`.
 #[inline(always)]
-fn lazy_others_hold(rkey: &FlowKey, owners: *const LazyOwners, packet: u64, now: u64) -> bool {
-    let (mine, tcp_flags, names_client) = (
-        packet & 0xffff_ffff_ffff,
-        (packet >> 48) as u8,
-        packet & NAMES_CLIENT != 0,
-    );
+fn lazy_others_hold(
+    rkey: &FlowKey,
+    owners: *const LazyOwners,
+    mine: u64,
+    tcp_flags: u8,
+    now: u64,
+) -> bool {
     for i in 0..lb_common::LAZY_OWNERS {
         // SAFETY: a valid map value pointer (see `lazy_owners`).
         let o = unsafe { core::ptr::read_volatile(&(*owners).owners[i]) };
         if o == 0 {
             return false;
         }
-        if o != mine && lazy_flow_holds(rkey, o, tcp_flags, now, names_client) {
+        if o != mine && lazy_flow_holds(rkey, o, tcp_flags, now, mine != 0) {
             return true;
         }
     }
     false
-}
-
-/// [`packet_word`]: the packet comes from the reply key's client (a DNAT flow's).
-const NAMES_CLIENT: u64 = 1 << 63;
-
-/// [`lazy_others_hold`]'s word for a packet with `tcp_flags` of a new flow of service `mine`
-/// (packed, 48 bits; 0: none), with [`NAMES_CLIENT`] if `names_client`.
-#[inline(always)]
-fn packet_word(mine: u64, tcp_flags: u8, names_client: bool) -> u64 {
-    mine | (u64::from(tcp_flags) << 48) | if names_client { NAMES_CLIENT } else { 0 }
 }
 
 /// Whether a live flow of lazy service `owner` holds reply key `rkey` without a reply entry
@@ -1190,7 +1174,7 @@ fn forward_inner(
         // key: with its reply entry (`claim`), or recorded lazily for another service its
         // backend serves lazily.
         let mine = LazyOwners::pack(flow.daddr, flow.dport);
-        if (!e.full_nat() && held_lazily(&rkey, packet_word(mine, flow.tcp_flags, true), now))
+        if (!e.full_nat() && held_lazily(&rkey, mine, flow.tcp_flags, now))
             || !claim(other(table), &rkey, flow, now, cfg)
             || (claim::in_range(rkey.dport) && claimed(&rkey, now))
         {
@@ -1619,8 +1603,7 @@ fn new_flow_inner(ctx: &TcContext, p: &Pkt, hashed: u64) -> Pick {
         cfg,
     );
     if owners.is_some_and(|o| {
-        names_others(o, mine)
-            && lazy_others_hold(rev_key, o, packet_word(mine, flow.tcp_flags, true), now)
+        names_others(o, mine) && lazy_others_hold(rev_key, o, mine, flow.tcp_flags, now)
     }) {
         return Pick::Done(exit(Reason::DropFlowConflict));
     }
@@ -1960,7 +1943,7 @@ fn try_port<const NEW: bool>(rkey: &FlowKey, half: &CtEntry, pending: bool, p: &
     };
     let free = port_free(other(table), rkey, p.now, cfg)
         && port_free(table, rkey, p.now, cfg)
-        && !held_lazily(rkey, packet_word(0, p.flow.tcp_flags, false), p.now);
+        && !held_lazily(rkey, 0, p.flow.tcp_flags, p.now);
     if free && pending {
         return mine;
     }
@@ -1998,14 +1981,14 @@ fn unstamp_first_port(rkey: &FlowKey, key: &FlowKey) {
 
 /// Whether reply key `rkey` is held by a live DNAT flow of a service its backend serves lazily
 /// (`lazy_others_hold`, whose arguments these are), which has no reply entry to find. For the
-/// port search (no service of the new flow's): one from this host's address and a port of the
-/// range (a spoofer's) keeps that port from a full-NAT flow, which would share its tuple at the
-/// backend. A BPF subprogram.
+/// port search (`mine` 0): one from this host's address and a port of the range (a spoofer's)
+/// keeps that port from a full-NAT flow, which would share its tuple at the backend. A BPF
+/// subprogram.
 #[inline(never)]
-fn held_lazily(rkey: &FlowKey, packet: u64, now: u64) -> bool {
+fn held_lazily(rkey: &FlowKey, mine: u64, tcp_flags: u8, now: u64) -> bool {
     LAZY_REPLY
         .get_ptr(&ServiceKey::new(rkey.saddr, rkey.sport, rkey.proto))
-        .is_some_and(|o| lazy_others_hold(rkey, o, packet, now))
+        .is_some_and(|o| lazy_others_hold(rkey, o, mine, tcp_flags, now))
 }
 
 /// Whether full-NAT reply key `rkey` may be taken by a new flow in `table`: it is free there, or
@@ -2089,7 +2072,8 @@ fn icmp_error_inner(ctx: &TcContext, p: &mut Pkt, owner: u64) -> (i32, Reason) {
     if cfg.maglev_size == 0 {
         return exit(Reason::PassNotTcpUdp);
     }
-    let key = FlowKey::new(q.daddr, q.saddr, q.dport, q.sport, q.proto);
+    // The quote's reverse, which `process` left in the scratch slot.
+    let key = p.key;
     let ent = if let Some(ent) = CONNTRACK.get_ptr(&key).or_else(|| CT_NEW.get_ptr(&key)) {
         // SAFETY: valid map value pointer; `CtEntry` is `Copy`.
         unsafe { *ent }

@@ -416,6 +416,28 @@ fn a_program_stamps_and_trusts_only_the_epoch_written_for_its_own_load() {
 
 // ---- 2. a new flow never overwrites another flow's live entry ----
 
+/// Segments spoofed as `victim` (ACK, SYN, data) to `other`, a second service on the victim's
+/// backend `be`, are refused (`drop_flow_conflict`) and leave no entry; the backend's next
+/// answer still reaches the victim from `service`, the one it asked.
+fn assert_spoofs_refused(
+    f: &Fixture,
+    victim: SocketAddrV4,
+    other: SocketAddrV4,
+    be: SocketAddrV4,
+    service: SocketAddrV4,
+) {
+    for flags in [TCP_ACK, TCP_SYN, TCP_ACK | TCP_PSH] {
+        let spoof = tcp(victim, other, flags, 77, 88).build();
+        assert_dropped(&f.run(&spoof), Reason::DropFlowConflict);
+    }
+    assert!(
+        f.ct(&flow_key(victim, other, IPPROTO_TCP)).is_none(),
+        "the refused flow leaves no entry"
+    );
+    let answer = from_backend(tcp(be, victim, TCP_ACK | TCP_PSH, 5001, 1001).with_payload(b"x"));
+    assert_reply(&f.run(&answer), service, victim);
+}
+
 #[test]
 fn a_spoofed_packet_to_a_second_service_cannot_take_a_live_flows_reply_entry() {
     in_fixture_netns(|| {
@@ -424,19 +446,7 @@ fn a_spoofed_packet_to_a_second_service_cannot_take_a_live_flows_reply_entry() {
         let be = handshake(&f, victim, sa(VIP, 80));
         // The attacker sends as the victim to the other service on the same backend: the reply
         // key (backend -> victim) is taken by a live flow, so the new flow is refused.
-        for flags in [TCP_ACK, TCP_SYN, TCP_ACK | TCP_PSH] {
-            let spoof = tcp(victim, sa(HOST, 8080), flags, 77, 88).build();
-            assert_dropped(&f.run(&spoof), Reason::DropFlowConflict);
-        }
-        assert!(
-            f.ct(&flow_key(victim, sa(HOST, 8080), IPPROTO_TCP))
-                .is_none(),
-            "the refused flow leaves no entry"
-        );
-        // The victim's session is untouched.
-        let answer =
-            from_backend(tcp(be, victim, TCP_ACK | TCP_PSH, 5001, 1001).with_payload(b"x"));
-        assert_reply(&f.run(&answer), sa(VIP, 80), victim);
+        assert_spoofs_refused(&f, victim, sa(HOST, 8080), be, sa(VIP, 80));
         let more = tcp(victim, sa(VIP, 80), TCP_ACK, 1001, 5002).build();
         assert_eq!(assert_dnat(&f.run(&more), &more, &[be]), be);
     });
@@ -620,17 +630,7 @@ fn flows_of_two_services_on_one_backend_are_both_recorded_lazily() {
                 "to {service}"
             );
             // An ICMP error from the backend about the SYN finds the flow the same way.
-            let mut icmp = wire::icmp_error(
-                *be.ip(),
-                *c.ip(),
-                wire::ICMP_DEST_UNREACH,
-                wire::ICMP_PORT_UNREACH,
-                0,
-                &run.out,
-                64,
-            );
-            icmp[6..12].copy_from_slice(&backend_mac(*be.ip()));
-            let out = f.run(&icmp);
+            let out = f.run(&port_unreachable(be, *c.ip(), &run.out));
             assert_eq!(out.counted(Reason::EventIcmpTranslated), 1, "{out:?}");
             let e = wire::parse_icmp_error(&out.out);
             assert_eq!(
@@ -685,14 +685,7 @@ fn a_spoofed_packet_to_another_lazy_service_cannot_take_a_lazily_recorded_flows_
             assert_eq!(assert_dnat(&f.run(&ack), &ack, &[be]), be);
             // Answered; a flood evicts its reply entry: the flow still holds the key.
             f.rec.dataplane_mut().conntrack_remove(&rkey).unwrap();
-            for flags in [TCP_ACK, TCP_SYN, TCP_ACK | TCP_PSH] {
-                let spoof = tcp(victim, other, flags, 77, 88).build();
-                assert_dropped(&f.run(&spoof), Reason::DropFlowConflict);
-            }
-            assert!(f.ct(&flow_key(victim, other, IPPROTO_TCP)).is_none());
-            let answer =
-                from_backend(tcp(be, victim, TCP_ACK | TCP_PSH, 5001, 1001).with_payload(b"x"));
-            assert_reply(&f.run(&answer), service, victim);
+            assert_spoofs_refused(&f, victim, other, be, service);
         }
     });
 }
@@ -931,6 +924,22 @@ fn fragmentation_needed_from_the_client_side_reaches_the_backend(nat: Nat) {
     });
 }
 
+/// Backend `be`'s port unreachable to `to`, quoting (64 bytes of) the frame it received, as it
+/// arrives from the backend's side.
+fn port_unreachable(be: SocketAddrV4, to: Ipv4Addr, quoted: &[u8]) -> Vec<u8> {
+    let mut icmp = wire::icmp_error(
+        *be.ip(),
+        to,
+        wire::ICMP_DEST_UNREACH,
+        wire::ICMP_PORT_UNREACH,
+        0,
+        quoted,
+        64,
+    );
+    icmp[6..12].copy_from_slice(&backend_mac(*be.ip()));
+    icmp
+}
+
 fn icmp_errors_from_a_backend_reach_the_client_with_the_service_address(nat: Nat) {
     in_fixture_netns(move || {
         let f = standard_nat(nat);
@@ -943,16 +952,7 @@ fn icmp_errors_from_a_backend_reach_the_client_with_the_service_address(nat: Nat
         let be = leg.backend;
         // The backend's port is closed: it answers port unreachable quoting the translated
         // request (to whom it came from).
-        let mut icmp = wire::icmp_error(
-            *be.ip(),
-            *leg.peer.ip(),
-            wire::ICMP_DEST_UNREACH,
-            wire::ICMP_PORT_UNREACH,
-            0,
-            &run.out,
-            64,
-        );
-        icmp[6..12].copy_from_slice(&backend_mac(*be.ip()));
+        let icmp = port_unreachable(be, *leg.peer.ip(), &run.out);
         let out = f.run(&icmp);
         assert_eq!(out.action, TC_ACT_REDIRECT, "{out:?}");
         assert_eq!(out.exits(), [Reason::ReplyRedirect.name()], "{out:?}");
