@@ -410,8 +410,18 @@ const PENDING_MOVED: u64 = 2;
 /// handshake pending there (or being written) is a newer flow on the tuple
 /// ([`PENDING_OTHER`]). A BPF subprogram: inlined into `reply`, the check's code on a rare
 /// branch cost the reply path's common one registers.
+#[unsafe(no_mangle)]
 #[inline(never)]
-fn pending_at(fkey: &FlowKey, rkey: &FlowKey, now: u64, in_ct_new: bool) -> u64 {
+extern "C" fn pending_at(
+    fkey: *const FlowKey,
+    rkey: *const FlowKey,
+    now: u64,
+    in_ct_new: bool,
+) -> u64 {
+    // SAFETY: callers pass references (a global function: see `claim_in_conntrack`).
+    let (Some(fkey), Some(rkey)) = (unsafe { (fkey.as_ref(), rkey.as_ref()) }) else {
+        return PENDING_NONE;
+    };
     let hash = flow_hash(fkey, config().hash_seed);
     // One pass over the set when nothing is pending there (the usual case of this branch).
     if !syn::holds(fkey, hash) {
@@ -459,8 +469,13 @@ fn pending_at(fkey: &FlowKey, rkey: &FlowKey, now: u64, in_ct_new: bool) -> u64 
 /// forward lookup, still reached the client. (Not CT_NEW: its entries never skip, and one of
 /// them may be stamped without being the newest, see `port_free`'s hold.) A BPF subprogram, on
 /// the rebuild path only.
+#[unsafe(no_mangle)]
 #[inline(never)]
-fn newer_flow_holds(fkey: &FlowKey, key: &FlowKey, stamp: u64) -> bool {
+extern "C" fn newer_flow_holds(fkey: *const FlowKey, key: *const FlowKey, stamp: u64) -> bool {
+    // SAFETY: callers pass references (a global function: see `claim_in_conntrack`).
+    let (Some(fkey), Some(key)) = (unsafe { (fkey.as_ref(), key.as_ref()) }) else {
+        return true;
+    };
     let cur = current_epoch();
     if cur == 0 || stamp == cur {
         // Nothing trusts a stamp, or this entry is the newest flow's (its pick's key is its own).
@@ -659,8 +674,13 @@ const IN_SYN: u64 = 2;
 /// one is refused while a live flow of the other holds its reply key (`lazy_others_hold`), so
 /// at most one is the key's flow. A BPF subprogram (what follows is walked once, whichever it
 /// was).
+#[unsafe(no_mangle)]
 #[inline(never)]
-fn lazy_owner_of(key: &FlowKey) -> u64 {
+extern "C" fn lazy_owner_of(key: *const FlowKey) -> u64 {
+    // SAFETY: callers pass a reference (a global function: see `claim_in_conntrack`).
+    let Some(key) = (unsafe { key.as_ref() }) else {
+        return 0;
+    };
     const _: () = assert!(
         lb_common::LAZY_OWNERS == 2,
         "one slot to test, the other the rest"
@@ -842,15 +862,24 @@ const LAZY_HOLDS: u64 = 1;
 const LAZY_ABSENT: u64 = 2;
 
 /// [`lazy_flow_holds`] in the conntrack maps: [`LAZY_HOLDS`], 0 (the key is free), or
-/// [`LAZY_ABSENT`]. A BPF subprogram (own stack frame).
+/// [`LAZY_ABSENT`]. A global BPF function (`no_mangle`: global linkage in the program's BTF):
+/// the verifier checks it once, on its own, where a static subprogram is walked again at each
+/// of its call sites (six, inlined into `new_flow` and `held_lazily`'s callers). Its key comes
+/// as a raw pointer the verifier may call with null, so it is tested.
+#[unsafe(no_mangle)]
 #[inline(never)]
-fn lazy_entry_holds(
-    rkey: &FlowKey,
+extern "C" fn lazy_entry_holds(
+    rkey: *const FlowKey,
     owner: u64,
     tcp_flags: u8,
     now: u64,
     names_client: bool,
 ) -> u64 {
+    // SAFETY: callers pass a reference; a global function's pointer argument is only known
+    // to be null or valid for its size.
+    let Some(rkey) = (unsafe { rkey.as_ref() }) else {
+        return LAZY_HOLDS;
+    };
     let lkey = lazy_key(rkey, owner);
     let (f, table): (*const CtEntry, &Table) = if let Some(f) = CONNTRACK.get_ptr(&lkey) {
         (f, &CONNTRACK)
@@ -878,16 +907,21 @@ fn lazy_entry_holds(
 }
 
 /// [`lazy_flow_holds`] in the handshake table: the same rules, judged on the slot (an entry
-/// built from it would not fit the frame, see lb-common's `SynSlot::is_forward_of`). A BPF
-/// subprogram (own stack frame).
+/// built from it would not fit the frame, see lb-common's `SynSlot::is_forward_of`).
+/// A global BPF function, checked once by the verifier (see [`lazy_entry_holds`]).
+#[unsafe(no_mangle)]
 #[inline(never)]
-fn lazy_pending_holds(
-    rkey: &FlowKey,
+extern "C" fn lazy_pending_holds(
+    rkey: *const FlowKey,
     owner: u64,
     tcp_flags: u8,
     now: u64,
     names_client: bool,
 ) -> bool {
+    // SAFETY: as in `lazy_entry_holds`.
+    let Some(rkey) = (unsafe { rkey.as_ref() }) else {
+        return true;
+    };
     let lkey = lazy_key(rkey, owner);
     // In place: a slot being written may count as the lazy flow's (the key stays held a
     // moment longer), never the other way round.
@@ -913,8 +947,13 @@ fn lazy_key(rkey: &FlowKey, owner: u64) -> FlowKey {
 
 /// Moves a confirmed flow's pair (forward entry `e` at `key`, and its reply half if present)
 /// from CT_NEW to the main map. A BPF subprogram (own stack frame).
+#[unsafe(no_mangle)]
 #[inline(never)]
-fn confirm(key: &FlowKey, e: &CtEntry) -> bool {
+extern "C" fn confirm(key: *const FlowKey, e: *const CtEntry) -> bool {
+    // SAFETY: callers pass references (a global function: see `claim_in_conntrack`).
+    let (Some(key), Some(e)) = (unsafe { (key.as_ref(), e.as_ref()) }) else {
+        return false;
+    };
     let mut fwd = *e;
     ct::clear_handshake(&mut fwd);
     let rkey = ct::reply_key(key, &fwd);
@@ -970,9 +1009,52 @@ fn confirm_by_reply(rkey: &FlowKey) {
 /// seen by this packet: a reply half for a forward entry (translating back to the service this
 /// client -> service packet is for, and for full NAT to the client it comes from), or a forward
 /// half for a reply entry (sending to the backend this backend -> client packet came from, and
-/// for full NAT from the address and port it was sent to). A BPF subprogram (own stack frame).
-#[inline(never)]
+/// for full NAT from the address and port it was sent to). A global BPF function per map,
+/// checked once each (see [`claim`]).
+#[inline(always)]
 fn rebuild(table: &Table, key: &FlowKey, from: &CtEntry, flow: &Flow, now: u64) -> bool {
+    if core::ptr::eq(table, &CONNTRACK) {
+        rebuild_in_conntrack(key, from, flow, now)
+    } else {
+        rebuild_in_ct_new(key, from, flow, now)
+    }
+}
+
+/// [`rebuild`] in CONNTRACK (pointers tested: see [`claim_in_conntrack`]).
+#[unsafe(no_mangle)]
+#[inline(never)]
+extern "C" fn rebuild_in_conntrack(
+    key: *const FlowKey,
+    from: *const CtEntry,
+    flow: *const Flow,
+    now: u64,
+) -> bool {
+    // SAFETY: callers pass references.
+    match unsafe { (key.as_ref(), from.as_ref(), flow.as_ref()) } {
+        (Some(key), Some(from), Some(flow)) => rebuild_in(&CONNTRACK, key, from, flow, now),
+        _ => false,
+    }
+}
+
+/// [`rebuild`] in CT_NEW (see [`claim_in_conntrack`]).
+#[unsafe(no_mangle)]
+#[inline(never)]
+extern "C" fn rebuild_in_ct_new(
+    key: *const FlowKey,
+    from: *const CtEntry,
+    flow: *const Flow,
+    now: u64,
+) -> bool {
+    // SAFETY: callers pass references.
+    match unsafe { (key.as_ref(), from.as_ref(), flow.as_ref()) } {
+        (Some(key), Some(from), Some(flow)) => rebuild_in(&CT_NEW, key, from, flow, now),
+        _ => false,
+    }
+}
+
+/// [`rebuild`]'s work, inlined into its two global functions.
+#[inline(always)]
+fn rebuild_in(table: &Table, key: &FlowKey, from: &CtEntry, flow: &Flow, now: u64) -> bool {
     let (nat_addr, nat_port, fnat_addr, fnat_port, dir) = if from.dir == DIR_FORWARD {
         (flow.daddr, flow.dport, flow.saddr, flow.sport, DIR_REPLY)
     } else {
@@ -1072,10 +1154,45 @@ fn remove_reply_of(table: &Table, rkey: &FlowKey, key: &FlowKey) {
 /// backend acknowledged: the backend sees one connection per key, and such a segment comes from
 /// its actual peer (whose own entries a flood evicted), not from a blind spoofer. A full-NAT
 /// reply key names berth's address, not a client, so no client proves itself that way: a live
-/// flow keeps it against everyone. Returns false if the new flow must not take the key. A BPF
-/// subprogram (own stack frame).
+/// flow keeps it against everyone. Returns false if the new flow must not take the key. A
+/// global BPF function per map (`claim_in_conntrack`, `claim_in_ct_new`): the verifier checks
+/// each once, where a static subprogram was walked again at each of its call sites (six, with
+/// `forward_inner` both inlined and a subprogram).
+#[inline(always)]
+fn claim(table: &Table, rkey: &FlowKey, flow: &Flow, now: u64) -> bool {
+    if core::ptr::eq(table, &CONNTRACK) {
+        claim_in_conntrack(rkey, flow, now)
+    } else {
+        claim_in_ct_new(rkey, flow, now)
+    }
+}
+
+/// [`claim`] in CONNTRACK. Its pointers are null or valid for their size (what the verifier
+/// knows of a global function's pointer arguments), so they are tested.
+#[unsafe(no_mangle)]
 #[inline(never)]
-fn claim(table: &Table, rkey: &FlowKey, flow: &Flow, now: u64, cfg: &DpConfig) -> bool {
+extern "C" fn claim_in_conntrack(rkey: *const FlowKey, flow: *const Flow, now: u64) -> bool {
+    // SAFETY: callers pass references.
+    match unsafe { (rkey.as_ref(), flow.as_ref()) } {
+        (Some(rkey), Some(flow)) => claim_in(&CONNTRACK, rkey, flow, now, config()),
+        _ => false,
+    }
+}
+
+/// [`claim`] in CT_NEW (see [`claim_in_conntrack`]).
+#[unsafe(no_mangle)]
+#[inline(never)]
+extern "C" fn claim_in_ct_new(rkey: *const FlowKey, flow: *const Flow, now: u64) -> bool {
+    // SAFETY: callers pass references.
+    match unsafe { (rkey.as_ref(), flow.as_ref()) } {
+        (Some(rkey), Some(flow)) => claim_in(&CT_NEW, rkey, flow, now, config()),
+        _ => false,
+    }
+}
+
+/// [`claim`]'s rules, inlined into its two global functions.
+#[inline(always)]
+fn claim_in(table: &Table, rkey: &FlowKey, flow: &Flow, now: u64, cfg: &DpConfig) -> bool {
     let Some(r) = table.get_ptr(rkey) else {
         return true;
     };
@@ -1116,8 +1233,13 @@ fn claim(table: &Table, rkey: &FlowKey, flow: &Flow, now: u64, cfg: &DpConfig) -
 /// flow whose reply key it is (a spoofer's, from berth's own address and a port of the range)
 /// must not take the key, nor a flow whose reply half was evicted rebuild it. Judged on the
 /// claimed slot in place (a slot being written may count as holding). A BPF subprogram.
+#[unsafe(no_mangle)]
 #[inline(never)]
-fn claimed(rkey: &FlowKey, now: u64) -> bool {
+extern "C" fn claimed(rkey: *const FlowKey, now: u64) -> bool {
+    // SAFETY: callers pass a reference (a global function: see `claim_in_conntrack`).
+    let Some(rkey) = (unsafe { rkey.as_ref() }) else {
+        return true;
+    };
     claim::slot_holding(rkey, now)
         .and_then(syn::named)
         .is_some_and(|s| s.check & 1 != 0 && s.full_nat() && s.is_forward_of(&s.key(), rkey))
@@ -1147,7 +1269,7 @@ fn forward_inner(
     e: &mut CtEntry,
     table: &'static Table,
 ) -> (i32, Reason) {
-    let (flow, key, now, cfg) = (&p.flow, &p.key, p.now, config());
+    let (flow, key, now) = (&p.flow, &p.key, p.now);
     // A lazily recorded flow's plain packets skip its reply half (`ct::forward_skips_reply`):
     // its backend's replies derive a missing one (`lazy_reply`), and no other flow can take its
     // reply key while this entry lives (`claim`, `lazy_flow_holds` and the full-NAT port search
@@ -1163,7 +1285,7 @@ fn forward_inner(
     {
         // Another flow holds the key (this flow's half was evicted and the key taken). If that
         // flow is live it keeps it and this one is over.
-        if !claim(table, &rkey, flow, now, cfg) {
+        if !claim(table, &rkey, flow, now) {
             let _ = table.remove(key);
             return exit(Reason::DropFlowConflict);
         }
@@ -1175,7 +1297,7 @@ fn forward_inner(
         // backend serves lazily.
         let mine = LazyOwners::pack(flow.daddr, flow.dport);
         if (!e.full_nat() && held_lazily(&rkey, mine, flow.tcp_flags, now))
-            || !claim(other(table), &rkey, flow, now, cfg)
+            || !claim(other(table), &rkey, flow, now)
             || (claim::in_range(rkey.dport) && claimed(&rkey, now))
         {
             let _ = table.remove(key);
@@ -1587,8 +1709,8 @@ fn new_flow_inner(ctx: &TcContext, p: &Pkt, hashed: u64) -> Pick {
     let rev_key = &s.rkey;
     // Usually neither map holds the key: two inlined lookups, and `claim`'s call only where one
     // does.
-    if (CONNTRACK.get_ptr(rev_key).is_some() && !claim(&CONNTRACK, rev_key, flow, now, cfg))
-        || (CT_NEW.get_ptr(rev_key).is_some() && !claim(&CT_NEW, rev_key, flow, now, cfg))
+    if (CONNTRACK.get_ptr(rev_key).is_some() && !claim(&CONNTRACK, rev_key, flow, now))
+        || (CT_NEW.get_ptr(rev_key).is_some() && !claim(&CT_NEW, rev_key, flow, now))
         || (claim::in_range(rev_key.dport) && claimed(rev_key, now))
     {
         return Pick::Done(exit(Reason::DropFlowConflict));
@@ -1932,18 +2054,17 @@ extern "C" fn port_try<const NEW: bool>(i: u64, _ctx: *mut core::ffi::c_void) ->
 fn try_port<const NEW: bool>(rkey: &FlowKey, half: &CtEntry, pending: bool, p: &Pkt) -> u64 {
     let Some(mine) = claim::take(rkey, p.now) else {
         if half.epoch != 0 {
-            unstamp_first_port(rkey, &p.key);
+            let _ = unstamp_first_port(rkey, &p.key);
         }
         return 0;
     };
-    let (table, cfg): (&Table, _) = if NEW {
-        (&CT_NEW, config())
+    let table: &Table = if NEW { &CT_NEW } else { &CONNTRACK };
+    // The other map first, then the flow's own (each a global function: see `port_free`).
+    let free = if NEW {
+        port_free_in_conntrack(rkey, p.now) && port_free_in_ct_new(rkey, p.now)
     } else {
-        (&CONNTRACK, config())
-    };
-    let free = port_free(other(table), rkey, p.now, cfg)
-        && port_free(table, rkey, p.now, cfg)
-        && !held_lazily(rkey, 0, p.flow.tcp_flags, p.now);
+        port_free_in_ct_new(rkey, p.now) && port_free_in_conntrack(rkey, p.now)
+    } && !held_lazily(rkey, 0, p.flow.tcp_flags, p.now);
     if free && pending {
         return mine;
     }
@@ -1961,8 +2082,13 @@ fn try_port<const NEW: bool>(rkey: &FlowKey, half: &CtEntry, pending: bool, p: &
 /// an entry is gone (`port_free` removes it before the port is taken). Cleared in place, in
 /// both maps (a racing rewrite of the entry loses at worst another flow's stamp: its replies
 /// then look the forward half up). A BPF subprogram.
+#[unsafe(no_mangle)]
 #[inline(never)]
-fn unstamp_first_port(rkey: &FlowKey, key: &FlowKey) {
+extern "C" fn unstamp_first_port(rkey: *const FlowKey, key: *const FlowKey) -> bool {
+    // SAFETY: callers pass references (a global function: see `claim_in_conntrack`).
+    let (Some(rkey), Some(key)) = (unsafe { (rkey.as_ref(), key.as_ref()) }) else {
+        return false;
+    };
     if let Some(r) = CONNTRACK.get_ptr_mut(rkey) {
         // SAFETY: a valid map value pointer (see `process`).
         let r = unsafe { &mut *r };
@@ -1977,18 +2103,47 @@ fn unstamp_first_port(rkey: &FlowKey, key: &FlowKey) {
             r.epoch = 0;
         }
     }
+    true
 }
 
 /// Whether reply key `rkey` is held by a live DNAT flow of a service its backend serves lazily
 /// (`lazy_others_hold`, whose arguments these are), which has no reply entry to find. For the
 /// port search (`mine` 0): one from this host's address and a port of the range (a spoofer's)
-/// keeps that port from a full-NAT flow, which would share its tuple at the backend. A BPF
-/// subprogram.
+/// keeps that port from a full-NAT flow, which would share its tuple at the backend. A global
+/// BPF function, checked once (see [`lazy_entry_holds`]): three call sites.
+#[unsafe(no_mangle)]
 #[inline(never)]
-fn held_lazily(rkey: &FlowKey, mine: u64, tcp_flags: u8, now: u64) -> bool {
+extern "C" fn held_lazily(rkey: *const FlowKey, mine: u64, tcp_flags: u8, now: u64) -> bool {
+    // SAFETY: as in `lazy_entry_holds`.
+    let Some(rkey) = (unsafe { rkey.as_ref() }) else {
+        return true;
+    };
     LAZY_REPLY
         .get_ptr(&ServiceKey::new(rkey.saddr, rkey.sport, rkey.proto))
         .is_some_and(|o| lazy_others_hold(rkey, o, mine, tcp_flags, now))
+}
+
+/// [`port_free`] in CONNTRACK. A global BPF function, checked once (see [`lazy_entry_holds`]):
+/// each kind of try calls it, and a static subprogram is walked again at each call site.
+#[unsafe(no_mangle)]
+#[inline(never)]
+extern "C" fn port_free_in_conntrack(rkey: *const FlowKey, now: u64) -> bool {
+    // SAFETY: as in `lazy_entry_holds`.
+    match unsafe { rkey.as_ref() } {
+        Some(rkey) => port_free(&CONNTRACK, rkey, now, config()),
+        None => false,
+    }
+}
+
+/// [`port_free`] in CT_NEW (see [`port_free_in_conntrack`]).
+#[unsafe(no_mangle)]
+#[inline(never)]
+extern "C" fn port_free_in_ct_new(rkey: *const FlowKey, now: u64) -> bool {
+    // SAFETY: as in `lazy_entry_holds`.
+    match unsafe { rkey.as_ref() } {
+        Some(rkey) => port_free(&CT_NEW, rkey, now, config()),
+        None => false,
+    }
 }
 
 /// Whether full-NAT reply key `rkey` may be taken by a new flow in `table`: it is free there, or
@@ -1998,8 +2153,8 @@ fn held_lazily(rkey: &FlowKey, mine: u64, tcp_flags: u8, now: u64) -> bool {
 /// half, so the old flow's packets no longer lead to the port. Anything else keeps it, a
 /// forward entry above all (never overwritten). Unlike `claim`, a flow closed on one side only
 /// keeps its port for its linger, whatever the new packet: the backend may still be sending on
-/// that connection. A BPF subprogram (own stack frame).
-#[inline(never)]
+/// that connection. Inlined into its two global functions, one per map.
+#[inline(always)]
 fn port_free(table: &Table, rkey: &FlowKey, now: u64, cfg: &DpConfig) -> bool {
     let Some(r) = table.get_ptr(rkey) else {
         return true;
