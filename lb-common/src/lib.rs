@@ -16,6 +16,7 @@ pub mod ct;
 pub mod epoch;
 pub mod hash;
 pub mod reason;
+pub mod summed;
 pub mod syn;
 pub mod v6;
 

@@ -15,7 +15,7 @@
 // `atomic_cxchg`: the target's `atomic-cas` is off (no compare-and-swap before BPF's v3 CPU in
 // general), but the kernel verifies a 64-bit `BPF_CMPXCHG` on a map value for any program,
 // and LLVM emits it for the default CPU.
-#![feature(core_intrinsics)]
+#![feature(core_intrinsics, asm_experimental_arch)]
 #![allow(internal_features)]
 
 mod claim;
@@ -277,6 +277,8 @@ fn process(ctx: &TcContext) -> (i32, Reason) {
     if ttl_expires(p.flow.ttl, cfg) {
         return exit(Reason::PassTtlExpired);
     }
+    p.flow.summed = nat::ip_summed(ctx);
+    let flow = &p.flow;
     p.key = FlowKey::new(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
     p.now = coarse_now(p);
     p.bytes = u64::from(ctx.len());

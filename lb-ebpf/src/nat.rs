@@ -1,9 +1,11 @@
 //! Address/port rewriting with checksum fix-ups, and routing of the rewritten packet.
 //!
-//! Checksums are fixed with the kernel's `bpf_l3_csum_replace`/`bpf_l4_csum_replace` rather than
-//! by hand: packets from a local sender or a veth arrive with `CHECKSUM_PARTIAL`, where the L4
-//! field holds only the pseudo-header sum and must be updated differently (the helpers know the
-//! skb's `ip_summed`; a program does not). `BPF_F_MARK_MANGLED_0` keeps a zero UDP checksum zero.
+//! The TCP/UDP checksum is updated by hand when the program knows the skb's `ip_summed`
+//! ([`ip_summed`], see lb-common's `summed`): a complete checksum takes every field's change, a
+//! `CHECKSUM_PARTIAL` field (a local sender's or a veth's packet) only the addresses' (it holds
+//! the pseudo-header's sum). A `CHECKSUM_COMPLETE` skb, or a kernel where the program could not
+//! be given `ip_summed`, takes the kernel's `bpf_l4_csum_replace` (which also adjusts the
+//! skb's own sum). A zero UDP checksum stays zero either way (`BPF_F_MARK_MANGLED_0`'s rule).
 
 use aya_ebpf::{
     EbpfContext,
@@ -17,6 +19,7 @@ use aya_ebpf::{
 use lb_common::{
     IPPROTO_TCP, Reason, Route,
     csum::{add, apply, diff2, diff4, replace2, replace4},
+    summed,
 };
 
 use crate::{
@@ -62,6 +65,16 @@ pub fn rewrite(ctx: &TcContext, flow: &Flow, side: Side, addr: u32, port: u16) -
         ipc.write_unaligned(replace4(ipc.read_unaligned(), old_addr, addr));
     }
 
+    if flow.summed != summed::COMPLETE {
+        return l4_update(
+            ctx,
+            csum_off,
+            flow.summed,
+            diff4(old_addr, addr),
+            diff2(old_port, port),
+            mangled0 != 0,
+        );
+    }
     if old_addr != addr {
         ctx.l4_csum_replace(
             csum_off,
@@ -74,6 +87,67 @@ pub fn rewrite(ctx: &TcContext, flow: &Flow, side: Side, addr: u32, port: u16) -
     if old_port != port {
         ctx.l4_csum_replace(csum_off, u64::from(old_port), u64::from(port), mangled0 | 2)
             .map_err(|_| ())?;
+    }
+    Ok(())
+}
+
+/// The skb's `ip_summed` (lb-common's `summed`): the kernel's `struct sk_buff` by the kfunc
+/// `bpf_cast_to_kern_ctx`, then the byte holding the bitfield, shifted. The three instructions
+/// are raw words whose placeholders userspace patches at load time (the kfunc's BTF id, the
+/// byte, the bit); on a kernel without them they yield `COMPLETE` (the helpers' path).
+#[inline(always)]
+pub fn ip_summed(ctx: &TcContext) -> u8 {
+    let r0: u64;
+    // SAFETY: the call takes the context in r1 and returns a pointer the verifier types as the
+    // kernel's `struct sk_buff`, of which one byte is read; r1-r5 are clobbered as by any call.
+    unsafe {
+        core::arch::asm!(
+            ".8byte {call}",
+            ".8byte {load}",
+            ".8byte {shift}",
+            call = const summed::CALL,
+            load = const summed::LOAD,
+            shift = const summed::SHIFT,
+            inout("r1") ctx.as_ptr() => _,
+            lateout("r0") r0,
+            lateout("r2") _,
+            lateout("r3") _,
+            lateout("r4") _,
+            lateout("r5") _,
+            options(nostack, readonly),
+        );
+    }
+    (r0 & 3) as u8
+}
+
+/// The L4 checksum field at `off` after changes whose summed difference is `addrs` (fields of
+/// the pseudo-header) and `ports` (fields the checksum covers in the segment itself), by hand:
+/// a `CHECKSUM_PARTIAL` field holds the pseudo-header's sum, not inverted, and takes only
+/// `addrs`; a complete one takes both. Zero UDP checksums stay zero, and an update that makes
+/// one zero writes 0xffff (`mangled0`: the helpers' `BPF_F_MARK_MANGLED_0`).
+#[inline(always)]
+fn l4_update(
+    ctx: &TcContext,
+    off: usize,
+    summed: u8,
+    addrs: u16,
+    ports: u16,
+    mangled0: bool,
+) -> Result<(), ()> {
+    let c = ptr_at::<u16>(ctx, off).ok_or(())?;
+    // SAFETY: `ptr_at` checked the field lies inside the packet; TC programs may write packet
+    // data directly (no helper call since the pointers were checked).
+    unsafe {
+        let v = c.read_unaligned();
+        if mangled0 && v == 0 {
+            return Ok(());
+        }
+        let v = if summed == summed::PARTIAL {
+            add(v, addrs)
+        } else {
+            apply(v, add(addrs, ports))
+        };
+        c.write_unaligned(if mangled0 && v == 0 { 0xffff } else { v });
     }
     Ok(())
 }
@@ -107,6 +181,10 @@ pub fn rewrite_both(
         ports.write_unaligned([src.1, dst.1]);
         ipc.write_unaligned(apply(ipc.read_unaligned(), da));
     }
+    let dp = add(diff2(flow.sport, src.1), diff2(flow.dport, dst.1));
+    if flow.summed != summed::COMPLETE {
+        return l4_update(ctx, csum_off, flow.summed, da, dp, mangled0 != 0);
+    }
     ctx.l4_csum_replace(
         csum_off,
         0,
@@ -114,7 +192,6 @@ pub fn rewrite_both(
         u64::from(BPF_F_PSEUDO_HDR) | mangled0 | 4,
     )
     .map_err(|_| ())?;
-    let dp = add(diff2(flow.sport, src.1), diff2(flow.dport, dst.1));
     ctx.l4_csum_replace(csum_off, 0, u64::from(dp), mangled0 | 4)
         .map_err(|_| ())?;
     Ok(())

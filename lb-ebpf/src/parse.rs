@@ -40,6 +40,9 @@ pub struct Flow {
     pub ack: u32,
     /// IPv4 total length, host byte order.
     pub tot_len: u16,
+    /// The skb's `ip_summed` (see `nat::ip_summed`), read by `process` once the packet may be
+    /// translated (0 until then).
+    pub summed: u8,
     /// Offset of the L4 header from the start of the frame (read it with [`Flow::l4`]).
     pub l4_off: usize,
 }
@@ -192,6 +195,7 @@ pub fn parse(ctx: &TcContext, out: &mut Flow, quote: &mut IcmpQuote) -> Parsed {
             seq: 0,
             ack: 0,
             tot_len,
+            summed: 0,
             l4_off,
         };
         return parse_icmp_error(ctx, out, quote, l4_room);
@@ -244,6 +248,7 @@ pub fn parse(ctx: &TcContext, out: &mut Flow, quote: &mut IcmpQuote) -> Parsed {
         seq,
         ack,
         tot_len,
+        summed: 0,
         l4_off,
     };
     Parsed::Flow

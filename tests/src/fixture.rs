@@ -415,13 +415,18 @@ pub fn client(port: u16) -> SocketAddrV4 {
 /// A web service on the VIP and on any local address, three equal backends on :8000, plus a UDP
 /// service on :5353.
 pub fn standard() -> Fixture {
+    standard_with(options())
+}
+
+/// [`standard`]'s services with `options`.
+pub fn standard_with(options: DataplaneOptions) -> Fixture {
     let be = [
         (backend(1), 8000, 1),
         (backend(2), 8000, 1),
         (backend(3), 8000, 1),
     ];
     Fixture::new(
-        options(),
+        options,
         vec![
             svc("vip", "10.99.0.1:80", Protocol::Tcp, &be),
             svc("any", "0.0.0.0:8080", Protocol::Tcp, &be),

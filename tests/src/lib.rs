@@ -6,6 +6,7 @@
 //! the hostile suites' random source (`fuzz`) and the benchmarks' statistics (`stats`).
 //! `topo` gathers `netns`, `servers` and `daemon` under the path the older tests import.
 
+pub mod capture;
 pub mod daemon;
 pub mod docker;
 pub mod engines;

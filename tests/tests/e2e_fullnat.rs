@@ -18,9 +18,12 @@
 
 use std::{collections::BTreeMap, net::SocketAddrV4, process::Command};
 
-use berth_tests::topo::{
-    Berth, Netns, Servers, Session, assert_shares, ns_command, peers_of, remove_leftovers,
-    responder, spread, tcp_request, udp_request, veth,
+use berth_tests::{
+    capture::{Capture, Frame, assert_checksums},
+    topo::{
+        Berth, ETHTOOL_STXCSUM, Netns, Servers, Session, assert_shares, ethtool_flag, ns_command,
+        peers_of, remove_leftovers, responder, spread, tcp_request, udp_request, veth,
+    },
 };
 
 fn sa(s: &str) -> SocketAddrV4 {
@@ -318,4 +321,45 @@ fn host_clients_reach_full_nat_backends_from_their_own_address() {
         0,
         "no client packet went through TC"
     );
+}
+
+/// Full NAT rewrites both ends of every packet: its checksums must be right for the skb's
+/// state too, both ways, TCP and UDP, with transmit checksum offload on (`CHECKSUM_PARTIAL`:
+/// the field takes the addresses' change only) and off (complete: addresses and ports). See
+/// e2e_netns's `rewritten_packets_carry_checksums_right_for_partial_and_complete_skbs`.
+#[test]
+fn full_nat_rewrites_carry_checksums_right_for_partial_and_complete_skbs() {
+    let t = remote();
+    let berth = Berth::start(&t.lb, &config("fullnat", &[1, 2, 3]), &["eth0"]);
+    berth.wait_for("checksums of rewritten packets: by hand from ip_summed", 1);
+    for offload in [true, false] {
+        for ns in t.backends.iter().chain([&t.client]) {
+            ns.run(move || ethtool_flag("eth0", ETHTOOL_STXCSUM, offload));
+        }
+        let caps: Vec<Capture> = t
+            .backends
+            .iter()
+            .map(|b| Capture::start(b, "eth0"))
+            .collect();
+        let at_client = Capture::start(&t.client, "eth0");
+        let tcp = spread(&t.client, sa("10.10.0.1:8080"), false, 60);
+        let udp = spread(&t.client, sa("10.10.0.1:8080"), true, 60);
+        assert_eq!(
+            tcp.values().sum::<usize>() + udp.values().sum::<usize>(),
+            120
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let forward: Vec<Frame> = caps
+            .into_iter()
+            .flat_map(Capture::stop)
+            .filter(|f| f.ports().is_some_and(|p| p.1 == 8000))
+            .collect();
+        let replies: Vec<Frame> = at_client
+            .stop()
+            .into_iter()
+            .filter(|f| f.ports().is_some_and(|p| p.0 == 8080))
+            .collect();
+        assert_checksums("full NAT forward", &forward, offload, 60 * 3, 60);
+        assert_checksums("full NAT reply", &replies, offload, 60 * 3, 60);
+    }
 }

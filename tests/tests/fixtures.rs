@@ -1099,3 +1099,63 @@ fn departed_backend_drains_then_its_flows_are_purged_unless_it_returns(nat: Nat)
         );
     });
 }
+
+/// The TC program updates TCP/UDP checksums by hand from the skb's `ip_summed` where the
+/// kernel's BTF allows (this machine's does), and through the kernel's helpers where not: both
+/// must write the same packet, byte for byte, for DNAT and full NAT, TCP and UDP (a zero UDP
+/// checksum included), both ways. (A test run's skb is `CHECKSUM_NONE`; the partial and
+/// complete states of real traffic are e2e_netns' and e2e_fullnat's checksum tests.)
+#[test]
+fn checksums_by_hand_and_through_the_helpers_write_the_same_packets() {
+    use lb_userspace::dataplane::{ChecksumMode, DataplaneOptions};
+    in_fixture_netns(|| {
+        let mut zero = Ipv4Packet::udp(client(5002), sa(HOST, 5353), b"query");
+        zero.l4 = L4::Udp {
+            payload: b"query".to_vec(),
+            zero_csum: true,
+        };
+        let runs = |by_hand: bool, nat: Nat| {
+            let o = DataplaneOptions {
+                checksums_by_hand: by_hand,
+                ..options()
+            };
+            // (The standard services, then that fixture gone before this one loads.)
+            let services = with_nat(standard_with(o).services.clone(), nat);
+            let f = Fixture::new(o, services);
+            assert_eq!(
+                matches!(f.dp().checksum_mode(), ChecksumMode::ByHand(_)),
+                by_hand,
+                "{}",
+                f.dp().checksum_mode()
+            );
+            let mut out = Vec::new();
+            for pkt in [
+                Ipv4Packet::tcp(client(40100), sa(VIP, 80), TCP_SYN).build(),
+                Ipv4Packet::tcp(client(40100), sa(VIP, 80), TCP_ACK)
+                    .with_payload(b"GET")
+                    .build(),
+                Ipv4Packet::udp(client(5001), sa(HOST, 5353), b"query").build(),
+                zero.build(),
+            ] {
+                let run = f.run(&pkt);
+                assert_eq!(run.action, TC_ACT_REDIRECT, "{run:?}");
+                wire::verify_checksums(&run.out).unwrap_or_else(|e| panic!("{e}"));
+                let o = wire::parse(&run.out);
+                // The backend's answer, back through the program.
+                let mut answer = Ipv4Packet::tcp(o.dst, o.src, TCP_ACK).with_payload(b"200");
+                if o.proto == IPPROTO_UDP {
+                    answer = Ipv4Packet::udp(o.dst, o.src, b"answer");
+                }
+                answer.src_mac = backend_mac(*o.dst.ip());
+                let back = f.run(&answer.build());
+                assert_eq!(back.action, TC_ACT_REDIRECT, "{back:?}");
+                wire::verify_checksums(&back.out).unwrap_or_else(|e| panic!("{e}"));
+                out.push((run.out, back.out));
+            }
+            out
+        };
+        for nat in [Nat::Dnat, Nat::Full] {
+            assert_eq!(runs(true, nat), runs(false, nat), "{nat}");
+        }
+    });
+}

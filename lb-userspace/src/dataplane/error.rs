@@ -10,6 +10,8 @@ pub enum DataplaneError {
         #[source]
         source: aya::EbpfError,
     },
+    #[error("the eBPF object cannot be prepared for this kernel: {reason}")]
+    Object { reason: String },
     #[error("the eBPF object has no map named {name}")]
     MissingMap { name: &'static str },
     #[error("the eBPF object has no program named {name}")]

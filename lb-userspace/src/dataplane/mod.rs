@@ -39,7 +39,10 @@ mod error;
 mod host;
 mod maps;
 mod pins;
+mod summed;
 mod v6;
+
+pub use summed::{ChecksumMode, SkbLayout};
 
 pub use conntrack::{ConntrackReader, conntrack_walks};
 pub use error::DataplaneError;
@@ -85,6 +88,10 @@ pub struct DataplaneOptions {
     /// `LAZY_OWNERS`; fewer only where a test wants flows of a further service recorded with
     /// their reply entry).
     pub lazy_services: u32,
+    /// Update rewritten packets' TCP/UDP checksums by hand where the kernel's BTF lets the
+    /// program read the skb's `ip_summed` (see [`ChecksumMode`]); false: always through the
+    /// kernel's helpers (for tests of that path).
+    pub checksums_by_hand: bool,
 }
 
 impl DataplaneOptions {
@@ -107,6 +114,7 @@ impl DataplaneOptions {
             snat_ports: d.snat_ports,
             snat_reuse: Duration::from_millis(d.snat_port_reuse_ms),
             lazy_services: lb_common::LAZY_OWNERS as u32,
+            checksums_by_hand: true,
         }
     }
 
@@ -250,6 +258,8 @@ pub struct Dataplane {
     epoch: Array<MapData, lb_common::epoch::Epoch>,
     instance: u32,
     changing: bool,
+    /// How the loaded TC program updates rewritten packets' checksums.
+    checksum_mode: ChecksumMode,
     /// Second descriptors of the conntrack maps (IPv4's two, then IPv6's, then the handshake
     /// table and the port claims), for [`Dataplane::conntrack_reader`].
     conntrack_fds: [std::os::fd::OwnedFd; 6],
@@ -394,6 +404,34 @@ impl Dataplane {
         for (name, path) in &pin_paths {
             loader.map_pin_path(name, path.as_path());
         }
+        let checksum_mode = if !options.checksums_by_hand {
+            ChecksumMode::Helpers("by-hand checksums turned off")
+        } else {
+            match summed::kernel_layout() {
+                Ok(l) => ChecksumMode::ByHand(l),
+                Err(why) => ChecksumMode::Helpers(why),
+            }
+        };
+        // The object with the program's `ip_summed` read patched in, in 8-byte-aligned memory
+        // (the ELF parser reads it in place).
+        let mut object = vec![0u64; crate::EBPF_OBJECT.len().div_ceil(8)];
+        // SAFETY: the u64s' memory viewed as bytes, no longer than it; any byte is a valid u8.
+        let bytes = unsafe {
+            std::slice::from_raw_parts_mut(
+                object.as_mut_ptr().cast::<u8>(),
+                crate::EBPF_OBJECT.len(),
+            )
+        };
+        bytes.copy_from_slice(crate::EBPF_OBJECT);
+        let places = summed::patch(bytes, checksum_mode)
+            .map_err(|reason| DataplaneError::Object { reason })?;
+        if places == 0 {
+            return Err(DataplaneError::Object {
+                reason: "the TC program has no ip_summed read to patch".to_owned(),
+            });
+        }
+        tracing::info!("TCP/UDP checksums of rewritten packets: {checksum_mode}");
+        let bytes: &[u8] = bytes;
         let mut ebpf = loader
             .override_global(lb_common::GLOBAL_CONFIG, &cfg, true)
             .map_max_entries(MAP_SERVICES, options.max_services)
@@ -411,7 +449,7 @@ impl Dataplane {
             .map_max_entries(lb_common::v6::MAP_BACKENDS6, options.max_backends)
             .map_max_entries(lb_common::v6::MAP_CONNTRACK6, options.conntrack_size)
             .map_max_entries(lb_common::v6::MAP_CT_NEW6, options.ct_new_size())
-            .load(crate::EBPF_OBJECT)
+            .load(bytes)
             .map_err(|source| DataplaneError::Load { source })?;
         load_classifier(&mut ebpf, PROG_TC_INGRESS)?;
         // The IPv6 classifier, which the IPv4 one tail-calls: loaded and put in its slot before
@@ -475,6 +513,7 @@ impl Dataplane {
             epoch: take!(ebpf, lb_common::epoch::MAP_EPOCH),
             instance: cfg.instance,
             changing: false,
+            checksum_mode,
             conntrack_fds,
             ct_new: take!(ebpf, lb_common::MAP_CT_NEW),
             syn_view,
@@ -502,6 +541,11 @@ impl Dataplane {
         // (and an earlier berth's program, still running on adopted maps, stops stamping).
         dp.changing()?;
         Ok(dp)
+    }
+
+    /// How the loaded TC program updates rewritten packets' TCP/UDP checksums.
+    pub fn checksum_mode(&self) -> ChecksumMode {
+        self.checksum_mode
     }
 
     /// Interfaces attached through link pins of an earlier berth whose interface still exists (pins of vanished interfaces are removed).
