@@ -153,10 +153,10 @@ fn l4_update(
 }
 
 /// Rewrites both ends of a full-NAT flow's packet: destination `dst` and source `src` (address,
-/// port), fixing the IPv4 checksum by hand and the L4 one with two helper calls, whatever the
-/// number of fields changed: one for the addresses (part of the pseudo-header, which a
-/// `CHECKSUM_PARTIAL` field holds) and one for the ports, each with the summed difference of
-/// its fields (`bpf_l4_csum_replace` with `from = 0` adds `to` as a difference).
+/// port), fixing the IPv4 checksum by hand and the L4 one by the summed differences of the
+/// addresses (part of the pseudo-header, which a `CHECKSUM_PARTIAL` field holds) and of the
+/// ports: by hand ([`l4_update`]), or for a `CHECKSUM_COMPLETE` skb with two helper calls, one
+/// per kind (`bpf_l4_csum_replace` with `from = 0` adds `to` as a difference).
 #[inline(always)]
 pub fn rewrite_both(
     ctx: &TcContext,
