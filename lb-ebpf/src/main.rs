@@ -186,6 +186,50 @@ pub struct NatScratch {
     before: u64,
 }
 
+/// A function the verifier would walk again at every call site, made one global BPF function
+/// per conntrack map (`$ct` with CONNTRACK, `$new` with CT_NEW), each checked once, on its own
+/// (global linkage in the program's BTF: `no_mangle`), around `$inner(table, ..)` inlined into
+/// each; `$name(table, ..)` calls the one for `table` (a map cannot be an argument). The
+/// reference arguments (`$p`) pass as raw pointers, tested for null (all the verifier knows of a
+/// global function's pointer: null or valid for its size), `$none` the answer then (callers
+/// pass references, so never); the rest (`$s`) as they are.
+macro_rules! per_map {
+    ($name:ident, $ct:ident, $new:ident, $inner:ident, ($($p:ident: $pt:ty),*), ($($s:ident: $st:ty),*), $none:expr) => {
+        #[inline(always)]
+        fn $name(table: &Table, $($p: &$pt,)* $($s: $st),*) -> bool {
+            if core::ptr::eq(table, &CONNTRACK) {
+                $ct($($p,)* $($s),*)
+            } else {
+                $new($($p,)* $($s),*)
+            }
+        }
+
+        #[unsafe(no_mangle)]
+        #[inline(never)]
+        extern "C" fn $ct($($p: *const $pt,)* $($s: $st),*) -> bool {
+            $(
+                // SAFETY: callers pass references (see the macro).
+                let Some($p) = (unsafe { $p.as_ref() }) else {
+                    return $none;
+                };
+            )*
+            $inner(&CONNTRACK, $($p,)* $($s),*)
+        }
+
+        #[unsafe(no_mangle)]
+        #[inline(never)]
+        extern "C" fn $new($($p: *const $pt,)* $($s: $st),*) -> bool {
+            $(
+                // SAFETY: as above.
+                let Some($p) = (unsafe { $p.as_ref() }) else {
+                    return $none;
+                };
+            )*
+            $inner(&CT_NEW, $($p,)* $($s),*)
+        }
+    };
+}
+
 /// The conntrack map a flow's pair does not live in.
 #[inline(always)]
 fn other(table: &'static Table) -> &'static Table {
@@ -420,7 +464,7 @@ extern "C" fn pending_at(
     now: u64,
     in_ct_new: bool,
 ) -> u64 {
-    // SAFETY: callers pass references (a global function: see `claim_in_conntrack`).
+    // SAFETY: callers pass references (a global function: see `per_map`).
     let (Some(fkey), Some(rkey)) = (unsafe { (fkey.as_ref(), rkey.as_ref()) }) else {
         return PENDING_NONE;
     };
@@ -474,7 +518,7 @@ extern "C" fn pending_at(
 #[unsafe(no_mangle)]
 #[inline(never)]
 extern "C" fn newer_flow_holds(fkey: *const FlowKey, key: *const FlowKey, stamp: u64) -> bool {
-    // SAFETY: callers pass references (a global function: see `claim_in_conntrack`).
+    // SAFETY: callers pass references (a global function: see `per_map`).
     let (Some(fkey), Some(key)) = (unsafe { (fkey.as_ref(), key.as_ref()) }) else {
         return true;
     };
@@ -679,7 +723,7 @@ const IN_SYN: u64 = 2;
 #[unsafe(no_mangle)]
 #[inline(never)]
 extern "C" fn lazy_owner_of(key: *const FlowKey) -> u64 {
-    // SAFETY: callers pass a reference (a global function: see `claim_in_conntrack`).
+    // SAFETY: callers pass a reference (a global function: see `per_map`).
     let Some(key) = (unsafe { key.as_ref() }) else {
         return 0;
     };
@@ -952,7 +996,7 @@ fn lazy_key(rkey: &FlowKey, owner: u64) -> FlowKey {
 #[unsafe(no_mangle)]
 #[inline(never)]
 extern "C" fn confirm(key: *const FlowKey, e: *const CtEntry) -> bool {
-    // SAFETY: callers pass references (a global function: see `claim_in_conntrack`).
+    // SAFETY: callers pass references (a global function: see `per_map`).
     let (Some(key), Some(e)) = (unsafe { (key.as_ref(), e.as_ref()) }) else {
         return false;
     };
@@ -1007,52 +1051,21 @@ fn confirm_by_reply(rkey: &FlowKey) {
     }
 }
 
-/// Inserts into `table` at `key` the missing half of the flow whose other half is `from`, as
-/// seen by this packet: a reply half for a forward entry (translating back to the service this
-/// client -> service packet is for, and for full NAT to the client it comes from), or a forward
-/// half for a reply entry (sending to the backend this backend -> client packet came from, and
-/// for full NAT from the address and port it was sent to). A global BPF function per map,
-/// checked once each (see [`claim`]).
-#[inline(always)]
-fn rebuild(table: &Table, key: &FlowKey, from: &CtEntry, flow: &Flow, now: u64) -> bool {
-    if core::ptr::eq(table, &CONNTRACK) {
-        rebuild_in_conntrack(key, from, flow, now)
-    } else {
-        rebuild_in_ct_new(key, from, flow, now)
-    }
-}
-
-/// [`rebuild`] in CONNTRACK (pointers tested: see [`claim_in_conntrack`]).
-#[unsafe(no_mangle)]
-#[inline(never)]
-extern "C" fn rebuild_in_conntrack(
-    key: *const FlowKey,
-    from: *const CtEntry,
-    flow: *const Flow,
-    now: u64,
-) -> bool {
-    // SAFETY: callers pass references.
-    match unsafe { (key.as_ref(), from.as_ref(), flow.as_ref()) } {
-        (Some(key), Some(from), Some(flow)) => rebuild_in(&CONNTRACK, key, from, flow, now),
-        _ => false,
-    }
-}
-
-/// [`rebuild`] in CT_NEW (see [`claim_in_conntrack`]).
-#[unsafe(no_mangle)]
-#[inline(never)]
-extern "C" fn rebuild_in_ct_new(
-    key: *const FlowKey,
-    from: *const CtEntry,
-    flow: *const Flow,
-    now: u64,
-) -> bool {
-    // SAFETY: callers pass references.
-    match unsafe { (key.as_ref(), from.as_ref(), flow.as_ref()) } {
-        (Some(key), Some(from), Some(flow)) => rebuild_in(&CT_NEW, key, from, flow, now),
-        _ => false,
-    }
-}
+// Inserts into `table` at `key` the missing half of the flow whose other half is `from`, as
+// seen by this packet: a reply half for a forward entry (translating back to the service this
+// client -> service packet is for, and for full NAT to the client it comes from), or a forward
+// half for a reply entry (sending to the backend this backend -> client packet came from, and
+// for full NAT from the address and port it was sent to). A global BPF function per map
+// (see `per_map`).
+per_map!(
+    rebuild,
+    rebuild_in_conntrack,
+    rebuild_in_ct_new,
+    rebuild_in,
+    (key: FlowKey, from: CtEntry, flow: Flow),
+    (now: u64),
+    false
+);
 
 /// [`rebuild`]'s work, inlined into its two global functions.
 #[inline(always)]
@@ -1148,53 +1161,32 @@ fn remove_reply_of(table: &Table, rkey: &FlowKey, key: &FlowKey) {
     }
 }
 
-/// Makes reply key `rkey` of `table` free for this packet's new flow, unless a live flow holds
-/// it. An entry there is live if it has not expired by the conntrack rules and its forward half
-/// exists and still sends to this backend; anything else (a closed flow's leftover, an orphan
-/// whose forward half was evicted or moved on) is removed with its forward half. A live flow
-/// keeps its key against everything but a TCP segment (not a bare SYN) in the window its
-/// backend acknowledged: the backend sees one connection per key, and such a segment comes from
-/// its actual peer (whose own entries a flood evicted), not from a blind spoofer. A full-NAT
-/// reply key names berth's address, not a client, so no client proves itself that way: a live
-/// flow keeps it against everyone. Returns false if the new flow must not take the key. A
-/// global BPF function per map (`claim_in_conntrack`, `claim_in_ct_new`): the verifier checks
-/// each once, where a static subprogram was walked again at each of its call sites (six, with
-/// `forward_inner` both inlined and a subprogram).
-#[inline(always)]
-fn claim(table: &Table, rkey: &FlowKey, flow: &Flow, now: u64) -> bool {
-    if core::ptr::eq(table, &CONNTRACK) {
-        claim_in_conntrack(rkey, flow, now)
-    } else {
-        claim_in_ct_new(rkey, flow, now)
-    }
-}
-
-/// [`claim`] in CONNTRACK. Its pointers are null or valid for their size (what the verifier
-/// knows of a global function's pointer arguments), so they are tested.
-#[unsafe(no_mangle)]
-#[inline(never)]
-extern "C" fn claim_in_conntrack(rkey: *const FlowKey, flow: *const Flow, now: u64) -> bool {
-    // SAFETY: callers pass references.
-    match unsafe { (rkey.as_ref(), flow.as_ref()) } {
-        (Some(rkey), Some(flow)) => claim_in(&CONNTRACK, rkey, flow, now, config()),
-        _ => false,
-    }
-}
-
-/// [`claim`] in CT_NEW (see [`claim_in_conntrack`]).
-#[unsafe(no_mangle)]
-#[inline(never)]
-extern "C" fn claim_in_ct_new(rkey: *const FlowKey, flow: *const Flow, now: u64) -> bool {
-    // SAFETY: callers pass references.
-    match unsafe { (rkey.as_ref(), flow.as_ref()) } {
-        (Some(rkey), Some(flow)) => claim_in(&CT_NEW, rkey, flow, now, config()),
-        _ => false,
-    }
-}
+// Makes reply key `rkey` of `table` free for this packet's new flow, unless a live flow holds
+// it. An entry there is live if it has not expired by the conntrack rules and its forward half
+// exists and still sends to this backend; anything else (a closed flow's leftover, an orphan
+// whose forward half was evicted or moved on) is removed with its forward half. A live flow
+// keeps its key against everything but a TCP segment (not a bare SYN) in the window its
+// backend acknowledged: the backend sees one connection per key, and such a segment comes from
+// its actual peer (whose own entries a flood evicted), not from a blind spoofer. A full-NAT
+// reply key names berth's address, not a client, so no client proves itself that way: a live
+// flow keeps it against everyone. Returns false if the new flow must not take the key. A
+// global BPF function per map (`claim_in_conntrack`, `claim_in_ct_new`, see `per_map`): the
+// verifier checks each once, where a static subprogram was walked again at each of its call
+// sites (six, with `forward_inner` both inlined and a subprogram).
+per_map!(
+    claim,
+    claim_in_conntrack,
+    claim_in_ct_new,
+    claim_in,
+    (rkey: FlowKey, flow: Flow),
+    (now: u64),
+    false
+);
 
 /// [`claim`]'s rules, inlined into its two global functions.
 #[inline(always)]
-fn claim_in(table: &Table, rkey: &FlowKey, flow: &Flow, now: u64, cfg: &DpConfig) -> bool {
+fn claim_in(table: &Table, rkey: &FlowKey, flow: &Flow, now: u64) -> bool {
+    let cfg = config();
     let Some(r) = table.get_ptr(rkey) else {
         return true;
     };
@@ -1238,7 +1230,7 @@ fn claim_in(table: &Table, rkey: &FlowKey, flow: &Flow, now: u64, cfg: &DpConfig
 #[unsafe(no_mangle)]
 #[inline(never)]
 extern "C" fn claimed(rkey: *const FlowKey, now: u64) -> bool {
-    // SAFETY: callers pass a reference (a global function: see `claim_in_conntrack`).
+    // SAFETY: callers pass a reference (a global function: see `per_map`).
     let Some(rkey) = (unsafe { rkey.as_ref() }) else {
         return true;
     };
@@ -2061,12 +2053,9 @@ fn try_port<const NEW: bool>(rkey: &FlowKey, half: &CtEntry, pending: bool, p: &
         return 0;
     };
     let table: &Table = if NEW { &CT_NEW } else { &CONNTRACK };
-    // The other map first, then the flow's own (each a global function: see `port_free`).
-    let free = if NEW {
-        port_free_in_conntrack(rkey, p.now) && port_free_in_ct_new(rkey, p.now)
-    } else {
-        port_free_in_ct_new(rkey, p.now) && port_free_in_conntrack(rkey, p.now)
-    } && !held_lazily(rkey, 0, p.flow.tcp_flags, p.now);
+    let free = port_free(other(table), rkey, p.now)
+        && port_free(table, rkey, p.now)
+        && !held_lazily(rkey, 0, p.flow.tcp_flags, p.now);
     if free && pending {
         return mine;
     }
@@ -2087,7 +2076,7 @@ fn try_port<const NEW: bool>(rkey: &FlowKey, half: &CtEntry, pending: bool, p: &
 #[unsafe(no_mangle)]
 #[inline(never)]
 extern "C" fn unstamp_first_port(rkey: *const FlowKey, key: *const FlowKey) -> bool {
-    // SAFETY: callers pass references (a global function: see `claim_in_conntrack`).
+    // SAFETY: callers pass references (a global function: see `per_map`).
     let (Some(rkey), Some(key)) = (unsafe { (rkey.as_ref(), key.as_ref()) }) else {
         return false;
     };
@@ -2125,28 +2114,16 @@ extern "C" fn held_lazily(rkey: *const FlowKey, mine: u64, tcp_flags: u8, now: u
         .is_some_and(|o| lazy_others_hold(rkey, o, mine, tcp_flags, now))
 }
 
-/// [`port_free`] in CONNTRACK. A global BPF function, checked once (see [`lazy_entry_holds`]):
-/// each kind of try calls it, and a static subprogram is walked again at each call site.
-#[unsafe(no_mangle)]
-#[inline(never)]
-extern "C" fn port_free_in_conntrack(rkey: *const FlowKey, now: u64) -> bool {
-    // SAFETY: as in `lazy_entry_holds`.
-    match unsafe { rkey.as_ref() } {
-        Some(rkey) => port_free(&CONNTRACK, rkey, now, config()),
-        None => false,
-    }
-}
-
-/// [`port_free`] in CT_NEW (see [`port_free_in_conntrack`]).
-#[unsafe(no_mangle)]
-#[inline(never)]
-extern "C" fn port_free_in_ct_new(rkey: *const FlowKey, now: u64) -> bool {
-    // SAFETY: as in `lazy_entry_holds`.
-    match unsafe { rkey.as_ref() } {
-        Some(rkey) => port_free(&CT_NEW, rkey, now, config()),
-        None => false,
-    }
-}
+// `port_free_in`, one global function per map.
+per_map!(
+    port_free,
+    port_free_in_conntrack,
+    port_free_in_ct_new,
+    port_free_in,
+    (rkey: FlowKey),
+    (now: u64),
+    false
+);
 
 /// Whether full-NAT reply key `rkey` may be taken by a new flow in `table`: it is free there, or
 /// what holds it is over (its flow idle past its timeout, its forward half gone or moved on,
@@ -2155,9 +2132,11 @@ extern "C" fn port_free_in_ct_new(rkey: *const FlowKey, now: u64) -> bool {
 /// half, so the old flow's packets no longer lead to the port. Anything else keeps it, a
 /// forward entry above all (never overwritten). Unlike `claim`, a flow closed on one side only
 /// keeps its port for its linger, whatever the new packet: the backend may still be sending on
-/// that connection. Inlined into its two global functions, one per map.
+/// that connection. Inlined into `port_free_in_conntrack` and `port_free_in_ct_new` (see
+/// `per_map`), which `port_free(table, ..)` chooses between.
 #[inline(always)]
-fn port_free(table: &Table, rkey: &FlowKey, now: u64, cfg: &DpConfig) -> bool {
+fn port_free_in(table: &Table, rkey: &FlowKey, now: u64) -> bool {
+    let cfg = config();
     let Some(r) = table.get_ptr(rkey) else {
         return true;
     };

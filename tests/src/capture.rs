@@ -14,7 +14,11 @@ use std::{
     time::Duration,
 };
 
-use crate::{netns::Netns, wire};
+use crate::{
+    netns::{ETHTOOL_STXCSUM, Netns, ethtool_flag},
+    traffic::spread,
+    wire,
+};
 
 const TP_STATUS_CSUMNOTREADY: u32 = 1 << 3;
 
@@ -117,6 +121,44 @@ pub fn assert_checksums(what: &str, frames: &[Frame], offload: bool, tcp: usize,
         frames.len(),
         &bad[..bad.len().min(4)]
     );
+}
+
+/// Sends 60 TCP requests and 60 UDP datagrams from `client` to `service` (port 8080, whose
+/// backends in `backends` listen on 8000) twice: with the transmit checksum offload of every
+/// `eth0` on (the frames' skbs `CHECKSUM_PARTIAL`) and off (complete checksums); captures what
+/// the backends and the client receive, and checks every rewritten frame ([`assert_checksums`],
+/// `what` in messages).
+pub fn check_rewritten_checksums(
+    what: &str,
+    client: &Netns,
+    backends: &[Netns],
+    service: std::net::SocketAddrV4,
+) {
+    assert_eq!(service.port(), 8080, "the backends listen on 8000");
+    for offload in [true, false] {
+        for ns in backends.iter().chain([client]) {
+            ns.run(move || ethtool_flag("eth0", ETHTOOL_STXCSUM, offload));
+        }
+        let caps: Vec<Capture> = backends.iter().map(|b| Capture::start(b, "eth0")).collect();
+        let at_client = Capture::start(client, "eth0");
+        let tcp = spread(client, service, false, 60);
+        let udp = spread(client, service, true, 60);
+        assert_eq!(tcp.values().chain(udp.values()).sum::<usize>(), 120);
+        // The last answers' frames reach the captures.
+        std::thread::sleep(Duration::from_millis(200));
+        let forward: Vec<Frame> = caps
+            .into_iter()
+            .flat_map(Capture::stop)
+            .filter(|f| f.ports().is_some_and(|p| p.1 == 8000))
+            .collect();
+        let replies: Vec<Frame> = at_client
+            .stop()
+            .into_iter()
+            .filter(|f| f.ports().is_some_and(|p| p.0 == 8080))
+            .collect();
+        assert_checksums(&format!("{what} forward"), &forward, offload, 60 * 3, 60);
+        assert_checksums(&format!("{what} reply"), &replies, offload, 60 * 3, 60);
+    }
 }
 
 fn src(ip: &[u8]) -> Ipv4Addr {
