@@ -454,7 +454,7 @@ const PENDING_MOVED: u64 = 2;
 /// answers (`finish_full_nat`), and moves to CT_NEW now if that reply entry is in CT_NEW
 /// (`in_ct_new`) and the slot's flow is the entry's own ([`PENDING_MOVED`]); any other
 /// handshake pending there (or being written) is a newer flow on the tuple
-/// ([`PENDING_OTHER`]). A BPF subprogram: inlined into `reply`, the check's code on a rare
+/// ([`PENDING_OTHER`]). A global BPF function (see `per_map`): inlined into `reply`, the check's code on a rare
 /// branch cost the reply path's common one registers.
 #[unsafe(no_mangle)]
 #[inline(never)]
@@ -513,7 +513,7 @@ extern "C" fn pending_at(
 /// `key` is then an older flow's leftover, both forward halves evicted: rebuilt, it would send
 /// the client's packets to its backend again while the newer flow's replies, which skip the
 /// forward lookup, still reached the client. (Not CT_NEW: its entries never skip, and one of
-/// them may be stamped without being the newest, see `port_free`'s hold.) A BPF subprogram, on
+/// them may be stamped without being the newest, see `port_free`'s hold.) A global BPF function, on
 /// the rebuild path only.
 #[unsafe(no_mangle)]
 #[inline(never)]
@@ -718,7 +718,7 @@ const IN_SYN: u64 = 2;
 /// 0: none. A backend of one lazy service names it; of two, the first if `lazy_half` finds its
 /// flow, else the second (whose flow the caller's `lazy_half` then looks for). A new flow of
 /// one is refused while a live flow of the other holds its reply key (`lazy_others_hold`), so
-/// at most one is the key's flow. A BPF subprogram (what follows is walked once, whichever it
+/// at most one is the key's flow. A global BPF function (what follows is walked once, whichever it
 /// was).
 #[unsafe(no_mangle)]
 #[inline(never)]
@@ -992,7 +992,7 @@ fn lazy_key(rkey: &FlowKey, owner: u64) -> FlowKey {
 }
 
 /// Moves a confirmed flow's pair (forward entry `e` at `key`, and its reply half if present)
-/// from CT_NEW to the main map. A BPF subprogram (own stack frame).
+/// from CT_NEW to the main map. A global BPF function (see `per_map`).
 #[unsafe(no_mangle)]
 #[inline(never)]
 extern "C" fn confirm(key: *const FlowKey, e: *const CtEntry) -> bool {
@@ -1226,7 +1226,7 @@ fn claim_in(table: &Table, rkey: &FlowKey, flow: &Flow, now: u64) -> bool {
 /// lb-common's `claim`; its reply entry is written only with its backend's first reply): a DNAT
 /// flow whose reply key it is (a spoofer's, from berth's own address and a port of the range)
 /// must not take the key, nor a flow whose reply half was evicted rebuild it. Judged on the
-/// claimed slot in place (a slot being written may count as holding). A BPF subprogram.
+/// claimed slot in place (a slot being written may count as holding). A global BPF function (see `per_map`).
 #[unsafe(no_mangle)]
 #[inline(never)]
 extern "C" fn claimed(rkey: *const FlowKey, now: u64) -> bool {
@@ -2072,7 +2072,8 @@ fn try_port<const NEW: bool>(rkey: &FlowKey, half: &CtEntry, pending: bool, p: &
 /// for the tuple's flow is this one now (lb-common's `epoch`). Any other way the try ends, such
 /// an entry is gone (`port_free` removes it before the port is taken). Cleared in place, in
 /// both maps (a racing rewrite of the entry loses at worst another flow's stamp: its replies
-/// then look the forward half up). A BPF subprogram.
+/// then look the forward half up). A global BPF function (see `per_map`); it returns true only
+/// because a global function must return a scalar.
 #[unsafe(no_mangle)]
 #[inline(never)]
 extern "C" fn unstamp_first_port(rkey: *const FlowKey, key: *const FlowKey) -> bool {

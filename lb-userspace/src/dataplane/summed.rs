@@ -42,10 +42,15 @@ impl fmt::Display for ChecksumMode {
     }
 }
 
-/// The running kernel's layout, from `/sys/kernel/btf/vmlinux`.
+/// The running kernel's layout, from `/sys/kernel/btf/vmlinux`: read and parsed once per
+/// process (the kernel does not change under it; a test process loads hundreds of dataplanes).
 pub fn kernel_layout() -> Result<SkbLayout, &'static str> {
-    let btf = std::fs::read("/sys/kernel/btf/vmlinux").map_err(|_| "no kernel BTF")?;
-    layout(&btf)
+    static LAYOUT: std::sync::OnceLock<Result<SkbLayout, &'static str>> =
+        std::sync::OnceLock::new();
+    *LAYOUT.get_or_init(|| {
+        let btf = std::fs::read("/sys/kernel/btf/vmlinux").map_err(|_| "no kernel BTF")?;
+        layout(&btf)
+    })
 }
 
 /// Writes `mode`'s instructions over the placeholders in `object` (an eBPF ELF object), at
