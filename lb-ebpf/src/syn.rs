@@ -115,7 +115,6 @@ pub fn locate(key: &FlowKey, hash: u32) -> Option<(u32, &'static SynSlot)> {
 pub fn record(key: &FlowKey, hash: u32, e: &CtEntry) -> Option<u32> {
     let (i, set) = set(hash)?;
     let ports = ports_of(key);
-    let v = SynSlot::of(key, e);
     // Two tries: a way another CPU reserved first (it picked the same one) is passed over.
     for _ in 0..2 {
         let mut pick = SYN_WAYS as usize;
@@ -149,6 +148,10 @@ pub fn record(key: &FlowKey, hash: u32, e: &CtEntry) -> Option<u32> {
         if !reserve(s, seen) {
             continue;
         }
+        // Built once the way is reserved: built before the search, its fields stayed live
+        // through it, spilled, and `new_flow`'s frame was 272 bytes, not 248 (the call chain
+        // through it must leave the main program's inlined paths their room: 192 + 256 + 64).
+        let v = SynSlot::of(key, e);
         // SAFETY: reserved above. Word by word (volatile: LLVM would merge plain stores into a
         // byte-wise `memcpy` call), the check word written last; a concurrent reader of the
         // slot is what it is for.
