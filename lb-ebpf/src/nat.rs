@@ -126,7 +126,7 @@ pub fn ip_summed(ctx: &TcContext) -> u8 {
 /// `addrs`; a complete one takes both. Zero UDP checksums stay zero, and an update that makes
 /// one zero writes 0xffff (`mangled0`: the helpers' `BPF_F_MARK_MANGLED_0`).
 #[inline(always)]
-fn l4_update(
+pub(crate) fn l4_update(
     ctx: &TcContext,
     off: usize,
     summed: u8,

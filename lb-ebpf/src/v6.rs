@@ -39,7 +39,7 @@ use lb_common::{
     SVC_F_EMPTY, ServiceValue,
     csum::{add, apply, diff2, diff16, replace2},
     ct::{self, CT_F_FULLNAT, DIR_FORWARD, DIR_REPLY, STATE_CLOSING, STATE_OPEN},
-    port_flag,
+    port_flag, summed,
     v6::{
         Backend6, CtEntry6, FlowKey6, ServiceKey6, flow_hash6, forward_key6, is_forward_of6,
         is_reply_of6, is_zero, reply_key6,
@@ -49,7 +49,7 @@ use lb_common::{
 use crate::{
     CONFIRM, config, exit, last_ack,
     maps::{BACKEND_ROUTES, MAGLEV, account, count},
-    nat::{clear_route, ingress_ifindex, set_addr, set_route, zero_addr},
+    nat::{clear_route, ingress_ifindex, l4_update, set_addr, set_route, zero_addr},
     pack,
     parse::{ETH_HLEN, ptr_at, pull_headers},
     port_flags, track_fin, ttl_expires, unpack,
@@ -117,6 +117,9 @@ pub struct Flow6 {
     pub flowinfo: u32,
     /// Payload length, host byte order.
     pub payload_len: u16,
+    /// The skb's `ip_summed` (see `nat::ip_summed`), read by `process` once the packet may be
+    /// translated (whatever the parse left until then).
+    pub summed: u8,
     /// Offset of the L4 header (after any extension headers).
     pub l4_off: usize,
 }
@@ -474,6 +477,9 @@ fn process_inner(ctx: &TcContext) -> (i32, Reason) {
     if ttl_expires(p.flow.hop_limit, config()) {
         return exit(Reason::PassTtlExpired);
     }
+    // Past the port filter: a non-service packet does not pay for it.
+    p.flow.summed = crate::nat::ip_summed(ctx);
+    let flow = &p.flow;
     let k = &mut p.key;
     k.saddr = flow.saddr;
     k.daddr = flow.daddr;
@@ -1570,8 +1576,8 @@ fn route_to_backend6(
 }
 
 /// Rewrites the destination (`src == false`) or source address and port, fixing the L4
-/// checksum (pseudo-header included) with the kernel's helper (see nat.rs for why). IPv6 has
-/// no header checksum.
+/// checksum (pseudo-header included) by hand, or for a `CHECKSUM_COMPLETE` skb with the
+/// kernel's helper (see nat.rs for why). IPv6 has no header checksum.
 #[inline(always)]
 fn rewrite6(
     ctx: &TcContext,
@@ -1600,6 +1606,18 @@ fn rewrite6(
         write_addr(a, addr);
         p.write_unaligned(port);
     }
+    if flow.summed != summed::COMPLETE {
+        // By hand, as for IPv4 (see `nat::l4_update`): a partial field takes the addresses'
+        // difference only, a complete one the ports' too.
+        return l4_update(
+            ctx,
+            csum_off,
+            flow.summed,
+            da,
+            diff2(old_port, port),
+            mangled0 != 0,
+        );
+    }
     // The addresses' difference, as a difference (size 0) flagged IPv6: with no header
     // checksum to compensate it, a CHECKSUM_COMPLETE skb's sum must not move (which the flag
     // tells the kernel). Kernels older than the flag refuse it and change nothing: the
@@ -1620,8 +1638,9 @@ fn rewrite6(
 }
 
 /// Rewrites both ends of a full-NAT flow's packet: destination `dst` and source `src`
-/// (address, port). One checksum helper call for the addresses (pseudo-header, as in
-/// [`rewrite6`]) and one for the ports, each with the summed difference of its fields.
+/// (address, port): the L4 checksum by hand by the summed differences (as in [`rewrite6`]), or
+/// for a `CHECKSUM_COMPLETE` skb one helper call for the addresses (pseudo-header) and one for
+/// the ports, each with the summed difference of its fields.
 #[inline(always)]
 fn rewrite_both6(
     ctx: &TcContext,
@@ -1646,6 +1665,10 @@ fn rewrite_both6(
         write_addr(src_a, src.0);
         write_addr(dst_a, dst.0);
         ports.write_unaligned([src.1, dst.1]);
+    }
+    if flow.summed != summed::COMPLETE {
+        // By hand (see `rewrite6`).
+        return l4_update(ctx, csum_off, flow.summed, da, dp, mangled0 != 0);
     }
     let pseudo = u64::from(BPF_F_PSEUDO_HDR) | mangled0;
     if ctx

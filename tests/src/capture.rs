@@ -5,7 +5,7 @@
 //! a test of berth's rewrites checks them here ([`Frame::verify`]).
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -17,7 +17,7 @@ use std::{
 use crate::{
     netns::{ETHTOOL_STXCSUM, Netns, ethtool_flag},
     traffic::spread,
-    wire,
+    wire, wire6,
 };
 
 const TP_STATUS_CSUMNOTREADY: u32 = 1 << 3;
@@ -32,8 +32,12 @@ pub struct Frame {
 impl Frame {
     /// The frame's IPv4 header checksum, and its TCP/UDP checksum as its skb's state says: a
     /// `CHECKSUM_PARTIAL` field must hold the pseudo-header's sum (source, destination,
-    /// protocol, length; not inverted), any other the complete checksum.
+    /// protocol, length; not inverted), any other the complete checksum. IPv6 alike (no
+    /// header checksum; the L4 header right after the fixed header).
     pub fn verify(&self) -> Result<(), String> {
+        if self.is_ipv6() {
+            return self.verify6();
+        }
         if !self.partial {
             return wire::verify_checksums(&self.bytes);
         }
@@ -71,20 +75,65 @@ impl Frame {
 }
 
 impl Frame {
-    /// An IPv4 TCP or UDP frame's (source, destination) ports.
+    fn is_ipv6(&self) -> bool {
+        self.bytes.len() >= 54 && self.bytes[12..14] == [0x86, 0xdd]
+    }
+
+    /// [`Frame::verify`] for an IPv6 frame.
+    fn verify6(&self) -> Result<(), String> {
+        if !self.partial {
+            return wire6::verify_checksums6(&self.bytes);
+        }
+        let ip = &self.bytes[14..];
+        let proto = ip[6];
+        let off = match proto {
+            6 => 16,
+            17 => 6,
+            _ => return Err(format!("a partial checksum in next header {proto}")),
+        };
+        let at = 40 + off;
+        let got = u16::from_be_bytes([
+            *ip.get(at).ok_or("frame too short")?,
+            *ip.get(at + 1).ok_or("frame too short")?,
+        ]);
+        // Source and destination, the upper-layer length (the payload: no extension headers
+        // here) and the next header.
+        let mut sum: u32 = ip[8..40]
+            .chunks(2)
+            .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+            .sum();
+        sum += u32::from(u16::from_be_bytes([ip[4], ip[5]])) + u32::from(proto);
+        while sum >> 16 != 0 {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        if got != sum as u16 {
+            return Err(format!(
+                "partial IPv6 L4 (proto {proto}) field {got:#06x}, pseudo-header sum {sum:#06x}"
+            ));
+        }
+        Ok(())
+    }
+
+    /// A TCP or UDP frame's (source, destination) ports (IPv4, or IPv6 without extension
+    /// headers).
     pub fn ports(&self) -> Option<(u16, u16)> {
         let b = &self.bytes;
+        let port = |at: usize| Some(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]));
+        if self.is_ipv6() {
+            return matches!(b[20], 6 | 17).then_some((port(54)?, port(56)?));
+        }
         if b.len() < 38 || b[12..14] != [0x08, 0x00] || !matches!(b[23], 6 | 17) {
             return None;
         }
         let l4 = 14 + usize::from(b[14] & 0xf) * 4;
-        let port = |at: usize| Some(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]));
         Some((port(l4)?, port(l4 + 2)?))
     }
 
-    /// The IPv4 protocol (0 for anything else).
+    /// The IPv4 protocol or IPv6 next header (0 for anything else).
     pub fn proto(&self) -> u8 {
-        if self.bytes.len() > 23 && self.bytes[12..14] == [0x08, 0x00] {
+        if self.is_ipv6() {
+            self.bytes[20]
+        } else if self.bytes.len() > 23 && self.bytes[12..14] == [0x08, 0x00] {
             self.bytes[23]
         } else {
             0
@@ -132,8 +181,9 @@ pub fn check_rewritten_checksums(
     what: &str,
     client: &Netns,
     backends: &[Netns],
-    service: std::net::SocketAddrV4,
+    service: impl Into<SocketAddr>,
 ) {
+    let service: SocketAddr = service.into();
     assert_eq!(service.port(), 8080, "the backends listen on 8000");
     for offload in [true, false] {
         for ns in backends.iter().chain([client]) {

@@ -19,6 +19,7 @@
 
 use std::net::{SocketAddr, SocketAddrV6};
 
+use berth_tests::capture::check_rewritten_checksums;
 use berth_tests::daemon::Berth;
 use berth_tests::netns::{bridge, plug};
 use berth_tests::servers::{tcp_request_any, udp_request_any};
@@ -219,4 +220,16 @@ fn dnat_cannot_serve_ipv6_backends_that_answer_around_berth_and_full_nat_does() 
     drop(session);
     let (st, _) = berth.stop();
     assert!(st.success());
+}
+
+/// Full NAT's IPv6 rewrites (both ends, one update by the summed differences) carry checksums
+/// right for the skb's state: transmit checksum offload on (`CHECKSUM_PARTIAL`: the field takes
+/// the addresses' change only) and off (complete: addresses and ports). See e2e_netns_v6's
+/// `rewritten_packets_carry_checksums_right_for_partial_and_complete_skbs_over_ipv6`.
+#[test]
+fn full_nat_rewrites_carry_checksums_right_for_partial_and_complete_skbs_over_ipv6() {
+    let t = remote6();
+    let berth = Berth::start(&t.lb, &config("fullnat"), &["eth0"]);
+    berth.wait_for("checksums of rewritten packets: by hand from ip_summed", 1);
+    check_rewritten_checksums("IPv6 full NAT", &t.client, &t.backends, service());
 }

@@ -267,6 +267,14 @@ mod tests {
     }
 
     #[test]
+    fn the_built_object_reads_ip_summed_in_both_tc_programs() {
+        // IPv4's `process` and IPv6's (a program of its own): a read optimized away or moved
+        // into a path the compiler duplicated would change the count.
+        let mut obj = crate::EBPF_OBJECT.to_vec();
+        assert_eq!(patch(&mut obj, ChecksumMode::Helpers("test")), Ok(2));
+    }
+
+    #[test]
     fn btf_without_the_kfunc_or_the_field_is_named_not_guessed() {
         assert_eq!(layout(b"not btf"), Err("kernel BTF unreadable"));
         // A header and no types at all.
