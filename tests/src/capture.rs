@@ -62,16 +62,21 @@ impl Frame {
             sum += u32::from(u16::from_be_bytes([w[2], w[3]]));
         }
         sum += u32::from(proto) + (tot - ihl) as u32;
-        while sum >> 16 != 0 {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        if got != sum as u16 {
-            return Err(format!(
-                "partial L4 (proto {proto}) field {got:#06x}, pseudo-header sum {sum:#06x}"
-            ));
-        }
-        Ok(())
+        partial_field("", proto, got, sum)
     }
+}
+
+/// A partial L4 field `got` against the pseudo-header's sum `sum` (not folded yet).
+fn partial_field(family: &str, proto: u8, got: u16, mut sum: u32) -> Result<(), String> {
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    if got != sum as u16 {
+        return Err(format!(
+            "partial {family}L4 (proto {proto}) field {got:#06x}, pseudo-header sum {sum:#06x}"
+        ));
+    }
+    Ok(())
 }
 
 impl Frame {
@@ -103,15 +108,7 @@ impl Frame {
             .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
             .sum();
         sum += u32::from(u16::from_be_bytes([ip[4], ip[5]])) + u32::from(proto);
-        while sum >> 16 != 0 {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        if got != sum as u16 {
-            return Err(format!(
-                "partial IPv6 L4 (proto {proto}) field {got:#06x}, pseudo-header sum {sum:#06x}"
-            ));
-        }
-        Ok(())
+        partial_field("IPv6 ", proto, got, sum)
     }
 
     /// A TCP or UDP frame's (source, destination) ports (IPv4, or IPv6 without extension
