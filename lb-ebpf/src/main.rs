@@ -1856,8 +1856,8 @@ fn new_full_nat_flow(ctx: &TcContext, p: &Pkt, ids: u64) -> u64 {
 
 /// The first of a new full-NAT flow's three steps (the first and the last subprograms called
 /// from `process`, one after the other: one frame holding all three did not fit the call
-/// chain's 512 bytes under the inlined tracked paths): routes the flow and builds its reply entry and key in
-/// `NAT_SCRATCH`. `Ok`: the routing's verdict, for after `take_full_nat_port` and
+/// chain's 512 bytes under the inlined tracked paths): routes the flow and builds its reply
+/// entry and key in `NAT_SCRATCH`. `Ok`: the routing's verdict, for after `take_full_nat_port` and
 /// `finish_full_nat`; `Err`: the flow's verdict now.
 #[inline(always)]
 fn new_full_nat_flow_inner(
