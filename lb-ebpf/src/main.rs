@@ -156,14 +156,20 @@ pub struct Pkt {
 /// is a helper call (~13 ns on every packet here).
 #[inline(always)]
 fn coarse_now(p: &mut Pkt) -> u64 {
+    coarse_clock(&mut p.clock_jiffies, &mut p.clock_ns)
+}
+
+/// [`coarse_now`] with the per-CPU cache in `jiffies` and `ns` (the IPv6 path has its own).
+#[inline(always)]
+pub(crate) fn coarse_clock(jiffies: &mut u64, ns: &mut u64) -> u64 {
     // SAFETY: helper without arguments.
     let j = unsafe { bpf_jiffies64() };
-    if j != p.clock_jiffies || p.clock_ns == 0 {
+    if j != *jiffies || *ns == 0 {
         // SAFETY: helper without arguments.
-        p.clock_ns = unsafe { bpf_ktime_get_coarse_ns() };
-        p.clock_jiffies = j;
+        *ns = unsafe { bpf_ktime_get_coarse_ns() };
+        *jiffies = j;
     }
-    p.clock_ns
+    *ns
 }
 
 /// A new full-NAT flow's entry (built as the reply half, then turned into the forward half)
