@@ -209,29 +209,20 @@ macro_rules! per_map {
                 $new($($p,)* $($s),*)
             }
         }
-
+        per_map!(@global $ct, CONNTRACK, $inner, ($($p: $pt),*), ($($s: $st),*), $none);
+        per_map!(@global $new, CT_NEW, $inner, ($($p: $pt),*), ($($s: $st),*), $none);
+    };
+    (@global $fn:ident, $map:ident, $inner:ident, ($($p:ident: $pt:ty),*), ($($s:ident: $st:ty),*), $none:expr) => {
         #[unsafe(no_mangle)]
         #[inline(never)]
-        extern "C" fn $ct($($p: *const $pt,)* $($s: $st),*) -> bool {
+        extern "C" fn $fn($($p: *const $pt,)* $($s: $st),*) -> bool {
             $(
                 // SAFETY: callers pass references (see the macro).
                 let Some($p) = (unsafe { $p.as_ref() }) else {
                     return $none;
                 };
             )*
-            $inner(&CONNTRACK, $($p,)* $($s),*)
-        }
-
-        #[unsafe(no_mangle)]
-        #[inline(never)]
-        extern "C" fn $new($($p: *const $pt,)* $($s: $st),*) -> bool {
-            $(
-                // SAFETY: as above.
-                let Some($p) = (unsafe { $p.as_ref() }) else {
-                    return $none;
-                };
-            )*
-            $inner(&CT_NEW, $($p,)* $($s),*)
+            $inner(&$map, $($p,)* $($s),*)
         }
     };
 }
@@ -422,10 +413,11 @@ fn process(ctx: &TcContext) -> (i32, Reason) {
     // Both tracked paths inlined: a BPF subprogram call and return cost ~11 ns here (the
     // forward path measured as a call: 89 -> 101 ns). Their checks first, then `translate`,
     // with the side a constant in each of its two copies (one copy taking the side at run time
-    // cost the forward path ~6 ns). With `reply` translating inside and deciding the flow's
-    // confirmation after, what stayed live across its translation grew this frame from 168 to
-    // 216 bytes, and the call chains under it (`pending`, `new_flow`) past the verifier's 512
-    // (each frame counts rounded up to 32); decided before, the frame is 184.
+    // cost the forward path ~6 ns; the side taken from which path ran rather than carried in
+    // the `Step` made this frame 200 bytes). With `reply` translating inside and deciding the
+    // flow's confirmation after, what stayed live across its translation grew this frame from
+    // 168 to 216 bytes, and the call chains under it (`pending`, `new_flow`) past the
+    // verifier's 512 (each frame counts rounded up to 32); decided before, the frame is 184.
     let step = if !rev.0.is_null() {
         // SAFETY: a value pointer returned by a map lookup (see above).
         reply(ctx, p, unsafe { &mut *rev.0 }, rev.1)
@@ -498,8 +490,8 @@ const PENDING_MOVED: u64 = 2;
 /// answers (`finish_full_nat`), and moves to CT_NEW now if that reply entry is in CT_NEW
 /// (`in_ct_new`) and the slot's flow is the entry's own ([`PENDING_MOVED`]); any other
 /// handshake pending there (or being written) is a newer flow on the tuple
-/// ([`PENDING_OTHER`]). A global BPF function (see `per_map`): inlined into `reply`, the check's code on a rare
-/// branch cost the reply path's common one registers.
+/// ([`PENDING_OTHER`]). A global BPF function (see `per_map`): inlined into `reply`, the
+/// check's code on a rare branch cost the reply path's common one registers.
 #[unsafe(no_mangle)]
 #[inline(never)]
 extern "C" fn pending_at(
@@ -1287,7 +1279,8 @@ fn claim_in(table: &Table, rkey: &FlowKey, flow: &Flow, now: u64) -> bool {
 /// lb-common's `claim`; its reply entry is written only with its backend's first reply): a DNAT
 /// flow whose reply key it is (a spoofer's, from berth's own address and a port of the range)
 /// must not take the key, nor a flow whose reply half was evicted rebuild it. Judged on the
-/// claimed slot in place (a slot being written may count as holding). A global BPF function (see `per_map`).
+/// claimed slot in place (a slot being written may count as holding). A global BPF function
+/// (see `per_map`).
 #[unsafe(no_mangle)]
 #[inline(never)]
 extern "C" fn claimed(rkey: *const FlowKey, now: u64) -> bool {
@@ -1321,6 +1314,7 @@ fn forward(ctx: &TcContext, p: &Pkt, e: &mut CtEntry, table: &'static Table) -> 
         Step::Translate { e, other, .. } => {
             pack(translate(ctx, p, unsafe { &mut *e }, other, Side::Dst))
         }
+        // (Never: `forward_inner` always has an entry.)
         Step::Untracked => pack(exit(Reason::AbortMap)),
     }
 }
@@ -2118,17 +2112,11 @@ fn try_port<const NEW: bool>(rkey: &FlowKey, half: &CtEntry, pending: bool, p: &
         }
         return 0;
     };
-    let table: &Table = if NEW { &CT_NEW } else { &CONNTRACK };
+    let table: &'static Table = if NEW { &CT_NEW } else { &CONNTRACK };
     // Usually no map holds the key: an inlined lookup each, and a call of the global function
     // that judges a holder (and looks it up again) only where there is one. (Three calls on
     // every try were ~30 ns of a new full-NAT flow: a BPF call and return is ~11 ns here.)
-    let held_in = |t: &Table| {
-        if core::ptr::eq(t, &CONNTRACK) {
-            CONNTRACK.get_ptr(rkey).is_some()
-        } else {
-            CT_NEW.get_ptr(rkey).is_some()
-        }
-    };
+    let held_in = |t: &'static Table| ct_lookup(t, rkey).is_some();
     let lazy_here = || {
         LAZY_REPLY
             .get_ptr(&ServiceKey::new(rkey.saddr, rkey.sport, rkey.proto))
