@@ -586,3 +586,57 @@ fn ipv4_and_ipv6_services_side_by_side() {
         assert_untouched(&f.run(&legacy), &legacy, Reason::PassNoService);
     });
 }
+
+/// The IPv6 program's two ways of updating a rewritten packet's L4 checksum write the same
+/// bytes: by hand from the skb's `ip_summed`, and through the kernel's helpers (the path of a
+/// `CHECKSUM_COMPLETE` skb and of a kernel without the kfunc). DNAT and full NAT, a TCP SYN, a
+/// data segment and a UDP datagram, each forward and its answer back.
+#[test]
+fn checksums_by_hand_and_through_the_helpers_write_the_same_ipv6_packets() {
+    use lb_userspace::dataplane::{ChecksumMode, DataplaneOptions};
+    in_fixture6_netns(|| {
+        let runs = |by_hand: bool, snat: Option<Ipv6Addr>| {
+            let o = DataplaneOptions {
+                checksums_by_hand: by_hand,
+                ..options()
+            };
+            let services: Vec<Svc6> = standard6()
+                .into_iter()
+                .map(|s| Svc6 { snat, ..s })
+                .collect();
+            let f = fixture6_with(o, Vec::new(), &services);
+            assert_eq!(
+                matches!(f.dp().checksum_mode(), ChecksumMode::ByHand(_)),
+                by_hand,
+                "{}",
+                f.dp().checksum_mode()
+            );
+            let mut out = Vec::new();
+            for pkt in [
+                syn(40100, sa6(VIP6, 80)),
+                Ipv6Packet::tcp(client6(40100), sa6(VIP6, 80), TCP_ACK)
+                    .with_payload(b"GET")
+                    .build(),
+                Ipv6Packet::udp(client6(5001), sa6(HOST6, 5353), b"query").build(),
+            ] {
+                let run = f.run(&pkt);
+                assert_eq!(run.action, TC_ACT_REDIRECT, "{run:?}");
+                wire6::verify_checksums6(&run.out).unwrap_or_else(|e| panic!("{e}"));
+                let o = wire6::parse6(&run.out);
+                let mut answer = Ipv6Packet::tcp(o.dst, o.src, TCP_ACK).with_payload(b"200");
+                if o.proto == IPPROTO_UDP {
+                    answer = Ipv6Packet::udp(o.dst, o.src, b"answer");
+                }
+                answer.src_mac = backend6_mac(*o.dst.ip());
+                let back = f.run(&answer.build());
+                assert_eq!(back.action, TC_ACT_REDIRECT, "{back:?}");
+                wire6::verify_checksums6(&back.out).unwrap_or_else(|e| panic!("{e}"));
+                out.push((run.out, back.out));
+            }
+            out
+        };
+        for snat in [None, Some(HOST6)] {
+            assert_eq!(runs(true, snat), runs(false, snat), "snat {snat:?}");
+        }
+    });
+}
