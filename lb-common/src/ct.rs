@@ -318,23 +318,59 @@ pub const fn is_final_ack(flags: u8, fin_end: u32, tcp_flags: u8, dir: u8, ack: 
 /// is no established connection to protect. A FIN or RST closes the flow only in the window,
 /// and only a segment in the window may take a live flow's reply key over (after a flood
 /// evicted the flow's own entries, its client proves itself this way; a blind spoofer cannot).
+/// A half whose window was lost ([`WINDOW_LOST`]) has none: no segment is in it until the
+/// backend's next acknowledgment ([`record_backend_ack`]).
 #[inline(always)]
 pub const fn in_window(rev: &CtEntry, seq: u32) -> bool {
-    rev.flags & CT_F_ACK_KNOWN == 0 || seq.wrapping_sub(rev.backend_ack) <= CLOSE_WINDOW
+    rev.lazy != WINDOW_LOST
+        && (rev.flags & CT_F_ACK_KNOWN == 0 || seq.wrapping_sub(rev.backend_ack) <= CLOSE_WINDOW)
 }
 
-/// The acknowledgment (and [`CT_F_ACK_KNOWN`] or 0) a half rebuilt as `dir` starts with, from
-/// the packet that rebuilds it. A reply half rebuilt from a client's TCP segment past the
-/// handshake (no SYN) belongs to a connection its backend has answered: it must not read as one
+/// A reply entry's [`CtEntry::lazy`] byte (0 otherwise there): the half was rebuilt from a
+/// client's segment of a confirmed flow (see [`rebuilt_window`]), and its window went with the
+/// evicted half it replaces.
+pub const WINDOW_LOST: u8 = 3;
+
+/// How a half rebuilt as `dir` (in CT_NEW if `unconfirmed`) starts, from the packet that
+/// rebuilds it: its `backend_ack`, its [`CT_F_ACK_KNOWN`] bit and its [`CtEntry::lazy`] byte. A
+/// reply half rebuilt from a client's TCP segment past the handshake (no SYN) must not read as
 /// never answered, which [`in_window`] leaves open to any segment (a blind spoofer's included)
-/// taking the key over. The segment's sequence number stands in for the backend's
-/// acknowledgment until the backend's next one replaces it. Anything else starts unknown.
+/// closing the flow or taking its key over:
+/// - a confirmed flow's backend has answered, and the window went with the evicted half:
+///   [`WINDOW_LOST`], nothing judged in it until the backend's next acknowledgment. (The
+///   segment's own sequence number once stood in for the window: a blind spoofer's segment then
+///   set a window its own next segment fell in, and a RST there closed a live flow.)
+/// - an unconfirmed flow (whose client may close it before its backend ever answers) has no
+///   established connection to protect: the segment's sequence number stands in for the
+///   backend's acknowledgment until the backend's next one replaces it.
+///
+/// Anything else starts unknown.
 #[inline(always)]
-pub const fn rebuilt_ack(dir: u8, proto: u8, tcp_flags: u8, seq: u32) -> (u32, u8) {
-    if dir == DIR_REPLY && proto == IPPROTO_TCP && tcp_flags & TCP_SYN == 0 {
-        (seq, CT_F_ACK_KNOWN)
+pub const fn rebuilt_window(
+    dir: u8,
+    proto: u8,
+    tcp_flags: u8,
+    seq: u32,
+    unconfirmed: bool,
+) -> (u32, u8, u8) {
+    if dir != DIR_REPLY || proto != IPPROTO_TCP || tcp_flags & TCP_SYN != 0 {
+        (0, 0, 0)
+    } else if unconfirmed {
+        (seq, CT_F_ACK_KNOWN, 0)
     } else {
-        (0, 0)
+        (0, 0, WINDOW_LOST)
+    }
+}
+
+/// Records in reply entry `rev` an acknowledgment number `ack` its backend sent (a TCP segment
+/// with ACK): the window [`in_window`] judges client segments by. It only moves forward, except
+/// from no acknowledgment known (which a lost window, [`WINDOW_LOST`], also is, and ends).
+#[inline(always)]
+pub fn record_backend_ack(rev: &mut CtEntry, ack: u32) {
+    if rev.flags & CT_F_ACK_KNOWN == 0 || seq_after(ack, rev.backend_ack) {
+        rev.backend_ack = ack;
+        rev.flags |= CT_F_ACK_KNOWN;
+        rev.lazy = 0;
     }
 }
 
@@ -553,20 +589,60 @@ mod tests {
     }
 
     #[test]
-    fn a_reply_half_rebuilt_past_the_handshake_starts_answered() {
-        let (ack, f) = rebuilt_ack(DIR_REPLY, IPPROTO_TCP, TCP_ACK, 1234);
-        assert_eq!((ack, f), (1234, CT_F_ACK_KNOWN));
+    fn a_reply_half_rebuilt_past_the_handshake_has_lost_its_window_until_its_backend_acks() {
+        let (backend_ack, flags, lazy) =
+            rebuilt_window(DIR_REPLY, IPPROTO_TCP, TCP_ACK, 1234, false);
+        assert_eq!((backend_ack, flags, lazy), (0, 0, WINDOW_LOST));
         let r = CtEntry {
             dir: DIR_REPLY,
+            backend_ack,
+            flags,
+            lazy,
+            ..entry(STATE_OPEN, 0)
+        };
+        // Answered, so not open to every segment as one never answered is; and no window,
+        // not even at the rebuilding segment's own number.
+        for seq in [0, 1234, 1235, 999_999, u32::MAX] {
+            assert!(!in_window(&r, seq), "{seq}");
+        }
+        // The backend's next acknowledgment gives it one.
+        let mut r = r;
+        record_backend_ack(&mut r, 5000);
+        assert_eq!(
+            (r.backend_ack, r.flags & CT_F_ACK_KNOWN, r.lazy),
+            (5000, CT_F_ACK_KNOWN, 0)
+        );
+        assert!(in_window(&r, 5000 + 10));
+        assert!(!in_window(&r, 999_999));
+        // And it only moves forward from there.
+        record_backend_ack(&mut r, 4000);
+        assert_eq!(r.backend_ack, 5000);
+        record_backend_ack(&mut r, 6000);
+        assert_eq!(r.backend_ack, 6000);
+        // Unconfirmed: the segment's number stands in.
+        let (ack, f, l) = rebuilt_window(DIR_REPLY, IPPROTO_TCP, TCP_ACK, 1234, true);
+        assert_eq!((ack, f, l), (1234, CT_F_ACK_KNOWN, 0));
+        let r = CtEntry {
             backend_ack: ack,
             flags: f,
-            ..entry(STATE_OPEN, 0)
+            ..r
         };
         assert!(in_window(&r, 1234 + 10));
         assert!(!in_window(&r, 999_999));
-        assert_eq!(rebuilt_ack(DIR_REPLY, IPPROTO_TCP, TCP_SYN, 1), (0, 0));
-        assert_eq!(rebuilt_ack(DIR_FORWARD, IPPROTO_TCP, TCP_ACK, 1), (0, 0));
-        assert_eq!(rebuilt_ack(DIR_REPLY, IPPROTO_UDP, 0, 1), (0, 0));
+        for unconfirmed in [false, true] {
+            assert_eq!(
+                rebuilt_window(DIR_REPLY, IPPROTO_TCP, TCP_SYN, 1, unconfirmed),
+                (0, 0, 0)
+            );
+            assert_eq!(
+                rebuilt_window(DIR_FORWARD, IPPROTO_TCP, TCP_ACK, 1, unconfirmed),
+                (0, 0, 0)
+            );
+            assert_eq!(
+                rebuilt_window(DIR_REPLY, IPPROTO_UDP, 0, 1, unconfirmed),
+                (0, 0, 0)
+            );
+        }
     }
 
     #[test]

@@ -397,8 +397,10 @@ pub struct CtEntry {
     /// Forward entries: 1 if the flow is a DNAT flow of its backend's lazy service
     /// ([`MAP_LAZY_REPLY`]), whose reply entry the program derives from this one whenever it is
     /// missing (the backend's reply finds it through `LAZY_REPLY`), so the flow's forward packets
-    /// need not look their reply half up except to close or refresh the flow. 0 otherwise, in
-    /// reply entries, and in entries pinned by an older berth (which take the full path).
+    /// need not look their reply half up except to close or refresh the flow (`ct::LAZY_*`). 0
+    /// otherwise, and in entries pinned by an older berth (which take the full path). Reply
+    /// entries: [`ct::WINDOW_LOST`] while the half, rebuilt from a client's segment, waits
+    /// for its backend's next acknowledgment (see `ct::rebuilt_window`); 0 otherwise.
     pub lazy: u8,
     /// The table epoch the flow's backend was picked in (see [`epoch`]), both halves; 0:
     /// unknown (picked while the tables changed, a full-NAT flow, or written by userspace).

@@ -1129,7 +1129,9 @@ fn rebuild_in(table: &Table, key: &FlowKey, from: &CtEntry, flow: &Flow, now: u6
         (flow.saddr, flow.sport, flow.daddr, flow.dport, DIR_FORWARD)
     };
     let full = from.flags & CT_F_FULLNAT;
-    let (backend_ack, answered) = ct::rebuilt_ack(dir, flow.proto, flow.tcp_flags, flow.seq);
+    let unconfirmed = core::ptr::eq(table, &CT_NEW);
+    let (backend_ack, answered, lazy) =
+        ct::rebuilt_window(dir, flow.proto, flow.tcp_flags, flow.seq, unconfirmed);
     let half = CtEntry {
         nat_addr,
         nat_port,
@@ -1140,8 +1142,9 @@ fn rebuild_in(table: &Table, key: &FlowKey, from: &CtEntry, flow: &Flow, now: u6
         fnat_addr: if full != 0 { fnat_addr } else { 0 },
         fnat_port: if full != 0 { fnat_port } else { 0 },
         last_seen_ns: now,
-        // A forward half rebuilt from its reply half takes the full path (conservative).
-        lazy: 0,
+        // A forward half rebuilt from its reply half takes the full path (conservative); a
+        // confirmed flow's reply half has lost its window.
+        lazy,
         ..*from
     };
     count(Reason::EventCtRebuilt);
@@ -1585,10 +1588,7 @@ fn reply(ctx: &TcContext, p: &Pkt, e: &mut CtEntry, table: &'static Table) -> St
     }
 
     if flow.proto == lb_common::IPPROTO_TCP && flow.tcp_flags & ct::TCP_ACK != 0 {
-        if e.flags & ct::CT_F_ACK_KNOWN == 0 || ct::seq_after(flow.ack, e.backend_ack) {
-            e.backend_ack = flow.ack;
-            e.flags |= ct::CT_F_ACK_KNOWN;
-        }
+        ct::record_backend_ack(e, flow.ack);
         let unconfirmed = core::ptr::eq(table, &CT_NEW);
         if unconfirmed && let Some(f) = fwd {
             // SAFETY: a valid map value pointer (see `process`).

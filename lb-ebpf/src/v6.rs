@@ -830,10 +830,18 @@ fn rebuild6(table: &Table6, key: &FlowKey6, from: &CtEntry6, flow: &Flow6, now: 
     half.ct.nat_port = if fwd { flow.dport } else { flow.sport };
     half.ct.dir = if fwd { DIR_REPLY } else { DIR_FORWARD };
     half.ct.route = Route::NONE;
-    let (backend_ack, answered) =
-        ct::rebuilt_ack(half.ct.dir, flow.proto, flow.tcp_flags, flow.seq);
+    let unconfirmed = core::ptr::eq(table, &CT_NEW6);
+    let (backend_ack, answered, lazy) = ct::rebuilt_window(
+        half.ct.dir,
+        flow.proto,
+        flow.tcp_flags,
+        flow.seq,
+        unconfirmed,
+    );
     half.ct.backend_ack = backend_ack;
     half.ct.flags = full | answered;
+    // A confirmed flow's reply half has lost its window (`ct::rebuilt_window`).
+    half.ct.lazy = lazy;
     half.ct.fnat_port = if full == 0 {
         0
     } else if fwd {
@@ -1051,12 +1059,8 @@ fn reply6_inner(ctx: &TcContext, p: &Pkt6, e: &mut CtEntry6, table: &'static Tab
         rebuild6(table, &fkey, e, flow, now);
         fwd = table.get_ptr_mut(&fkey);
     }
-    if flow.proto == IPPROTO_TCP
-        && flow.tcp_flags & ct::TCP_ACK != 0
-        && (e.ct.flags & ct::CT_F_ACK_KNOWN == 0 || ct::seq_after(flow.ack, e.ct.backend_ack))
-    {
-        e.ct.backend_ack = flow.ack;
-        e.ct.flags |= ct::CT_F_ACK_KNOWN;
+    if flow.proto == IPPROTO_TCP && flow.tcp_flags & ct::TCP_ACK != 0 {
+        ct::record_backend_ack(&mut e.ct, flow.ack);
     }
     if core::ptr::eq(table, &CT_NEW6)
         && flow.proto == IPPROTO_TCP

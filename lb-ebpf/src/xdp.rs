@@ -304,13 +304,8 @@ pub(crate) fn egress(out: u32, ingress: u32) -> Option<bool> {
 /// against it).
 #[inline(always)]
 pub(crate) fn record_ack(e: &mut CtEntry, reply: bool, proto: u8, tcp_flags: u8, ack: u32) {
-    if reply
-        && proto == IPPROTO_TCP
-        && tcp_flags & ct::TCP_ACK != 0
-        && (e.flags & ct::CT_F_ACK_KNOWN == 0 || ct::seq_after(ack, e.backend_ack))
-    {
-        e.backend_ack = ack;
-        e.flags |= ct::CT_F_ACK_KNOWN;
+    if reply && proto == IPPROTO_TCP && tcp_flags & ct::TCP_ACK != 0 {
+        ct::record_backend_ack(e, ack);
     }
 }
 

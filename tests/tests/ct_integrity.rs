@@ -30,6 +30,7 @@ both_nat!(
     tcp_flow_whose_reply_entry_was_evicted_is_repaired_by_its_next_packet,
     tcp_flow_whose_forward_entry_was_evicted_is_repaired_by_the_backends_next_packet,
     rst_or_fin_outside_the_window_keep_a_draining_flow_on_its_backend,
+    a_blind_rst_or_fin_after_an_evicted_reply_half_does_not_close_the_flow,
     a_reply_arriving_where_its_backend_does_not_live_is_not_translated,
     a_packet_whose_ttl_would_expire_is_handed_to_the_stack_untranslated,
     fragmentation_needed_from_the_client_side_reaches_the_backend,
@@ -826,6 +827,71 @@ fn rst_or_fin_outside_the_window_keep_a_draining_flow_on_its_backend(nat: Nat) {
         let rest: Vec<_> = web_backends().into_iter().filter(|b| *b != be).collect();
         let syn = tcp(c, sa(VIP, 80), TCP_SYN, 200_000, 0).build();
         assert_fwd(&f.run(&syn), &syn, &rest, nat);
+    });
+}
+
+/// A confirmed flow's window is in its reply half. A flood that evicts only that half leaves the
+/// forward entry, and the client's next segment rebuilds it: with no window until the backend's
+/// next acknowledgment (`ct::rebuilt_window`). Judged by a window taken from the segment itself,
+/// a blind RST or FIN as the client would close the flow, and so would one after a blind
+/// segment of its own that rebuilt the half. Both are forwarded (the backend's stack judges
+/// them) and ignored; the backend's next packet gives the half its window back, and a RST in it
+/// closes the flow.
+fn a_blind_rst_or_fin_after_an_evicted_reply_half_does_not_close_the_flow(nat: Nat) {
+    in_fixture_netns(move || {
+        let mut f = standard_nat(nat);
+        let c = client(40310);
+        let leg = handshake_nat(&f, c, sa(VIP, 80), nat);
+        let be = leg.backend;
+        let data = tcp(c, sa(VIP, 80), TCP_ACK | TCP_PSH, 1001, 5001)
+            .with_payload(b"0123456789")
+            .build();
+        assert_fwd(&f.run(&data), &data, &[be], nat);
+        let ack = from_backend(back(leg, TCP_ACK, 5001, 1011));
+        assert_reply(&f.run(&ack), sa(VIP, 80), c);
+        let fkey = flow_key(c, sa(VIP, 80), IPPROTO_TCP);
+        let rkey = flow_key(be, leg.peer, IPPROTO_TCP);
+        for (flags, seq) in [(TCP_RST, 7_000_000), (TCP_FIN | TCP_ACK, 3_000_000_000)] {
+            for rebuilt_by_the_spoofer in [false, true] {
+                // The flood's eviction of the reply half (the forward entry stays).
+                f.rec.dataplane_mut().conntrack_remove(&rkey).unwrap();
+                // (A DNAT flow recorded lazily, as this one, leaves its reply half alone but to
+                // close or refresh: there the RST rebuilds it either way.)
+                let mut rebuilt = 0;
+                if rebuilt_by_the_spoofer {
+                    let blind = tcp(c, sa(VIP, 80), TCP_ACK, seq, 0).build();
+                    let run = f.run(&blind);
+                    assert_eq!(assert_fwd(&run, &blind, &[be], nat), leg);
+                    rebuilt += run.counted(Reason::EventCtRebuilt);
+                }
+                let spoof = tcp(c, sa(VIP, 80), flags, seq, 0).build();
+                let run = f.run(&spoof);
+                assert_eq!(assert_fwd(&run, &spoof, &[be], nat), leg);
+                rebuilt += run.counted(Reason::EventCtRebuilt);
+                assert_eq!(rebuilt, 1, "{run:?}");
+                assert_eq!(run.counted(Reason::EventCtCloseIgnored), 1, "{run:?}");
+                assert_eq!(run.counted(Reason::EventCtClosing), 0, "{run:?}");
+                assert_eq!(f.ct(&fkey).unwrap().state, ct::STATE_OPEN);
+                let rev = f.ct(&rkey).unwrap();
+                assert_eq!(rev.state, ct::STATE_OPEN);
+                assert_eq!(rev.flags & ct::CT_F_CLOSED, 0);
+                assert_eq!(rev.lazy, ct::WINDOW_LOST);
+            }
+        }
+        // The connection goes on both ways, and the backend's acknowledgment is the window again.
+        let more = tcp(c, sa(VIP, 80), TCP_ACK | TCP_PSH, 1011, 5001)
+            .with_payload(b"abc")
+            .build();
+        assert_eq!(assert_fwd(&f.run(&more), &more, &[be], nat), leg);
+        let ack = from_backend(back(leg, TCP_ACK, 5001, 1014));
+        assert_reply(&f.run(&ack), sa(VIP, 80), c);
+        let rev = f.ct(&rkey).unwrap();
+        assert_eq!((rev.lazy, rev.backend_ack), (0, 1014));
+        let rst = tcp(c, sa(VIP, 80), TCP_RST, 1014, 0).build();
+        let run = f.run(&rst);
+        assert_fwd(&run, &rst, &[be], nat);
+        assert_eq!(run.counted(Reason::EventCtClosing), 1, "{run:?}");
+        assert_eq!(f.ct(&fkey).unwrap().state, ct::STATE_CLOSING);
     });
 }
 

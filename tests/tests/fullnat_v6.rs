@@ -12,7 +12,7 @@ use std::{net::SocketAddrV6, time::Duration};
 use berth_tests::{
     fixture::*,
     fixture6::*,
-    wire::{TCP_ACK, TCP_FIN, TCP_PSH, TCP_SYN},
+    wire::{TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN},
     wire6::{self, Ipv6Packet},
 };
 use lb_common::{
@@ -400,6 +400,50 @@ fn port_unreachable_from_a_backend_reaches_the_client_as_the_service() {
     });
 }
 
+/// The IPv6 side of `ct_integrity`'s `a_blind_rst_or_fin_after_an_evicted_reply_half_does_not_close_the_flow`:
+/// a reply half rebuilt from a client's segment after a flood evicted it has no window until
+/// its backend's next acknowledgment, so a blind RST (after a blind segment of its own that
+/// rebuilt the half, at the same sequence number) closes nothing; once the backend has
+/// acknowledged, a RST in the window does.
+#[test]
+fn a_blind_rst_after_an_evicted_reply_half_does_not_close_the_flow() {
+    in_fixture6_netns(|| {
+        let mut f = standard();
+        let (c, svc) = (client6(40410), sa6(VIP6, 80));
+        let syn = tcp6(c, svc, TCP_SYN, 1000, 0).build();
+        let (be, snat) = assert_fwd(&f.run(&syn), &syn, &web6(), PORTS);
+        let syn_ack = tcp6(be, snat, TCP_SYN | TCP_ACK, 5000, 1001).build();
+        assert_reply(&f.run(&syn_ack), &syn_ack, svc, c);
+        let ack = tcp6(c, svc, TCP_ACK, 1001, 5001).build();
+        assert_eq!(assert_fwd(&f.run(&ack), &ack, &[be], PORTS), (be, snat));
+        let (fkey, rkey) = (
+            flow_key6(c, svc, IPPROTO_TCP),
+            flow_key6(be, snat, IPPROTO_TCP),
+        );
+        f.rec.dataplane_mut().conntrack6_remove(&rkey).unwrap();
+        let blind = tcp6(c, svc, TCP_ACK, 7_000_000, 0).build();
+        let run = f.run(&blind);
+        assert_eq!(assert_fwd(&run, &blind, &[be], PORTS), (be, snat));
+        assert_eq!(run.counted(Reason::EventCtRebuilt), 1, "{run:?}");
+        assert_eq!(ct6(&f, &rkey).unwrap().ct.lazy, ct::WINDOW_LOST);
+        let rst = tcp6(c, svc, TCP_RST, 7_000_000, 0).build();
+        let run = f.run(&rst);
+        assert_eq!(assert_fwd(&run, &rst, &[be], PORTS), (be, snat));
+        assert_eq!(run.counted(Reason::EventCtCloseIgnored), 1, "{run:?}");
+        assert_eq!(run.counted(Reason::EventCtClosing), 0, "{run:?}");
+        assert_eq!(ct6(&f, &fkey).unwrap().ct.state, ct::STATE_OPEN);
+        let back = tcp6(be, snat, TCP_ACK, 5001, 1001).build();
+        assert_reply(&f.run(&back), &back, svc, c);
+        let rev = ct6(&f, &rkey).unwrap();
+        assert_eq!((rev.ct.lazy, rev.ct.backend_ack), (0, 1001));
+        let rst = tcp6(c, svc, TCP_RST, 1001, 0).build();
+        let run = f.run(&rst);
+        assert_eq!(assert_fwd(&run, &rst, &[be], PORTS), (be, snat));
+        assert_eq!(run.counted(Reason::EventCtClosing), 1, "{run:?}");
+        assert_eq!(ct6(&f, &fkey).unwrap().ct.state, ct::STATE_CLOSING);
+    });
+}
+
 #[test]
 fn a_flow_whose_reply_half_was_evicted_gets_it_back() {
     in_fixture6_netns(|| {
@@ -431,10 +475,12 @@ fn a_flow_whose_reply_half_was_evicted_gets_it_back() {
                 before.ct.flags
             )
         );
-        // Rebuilt from the client's segment past the handshake: answered, with that segment's
-        // sequence number for the backend's acknowledgment (`ct::rebuilt_ack`).
+        // Rebuilt from the client's segment past the handshake of a flow still unconfirmed:
+        // with that segment's sequence number for the backend's acknowledgment
+        // (`ct::rebuilt_window`; a confirmed flow's half would have lost its window: the test
+        // above).
         assert_ne!(rev.ct.flags & ct::CT_F_ACK_KNOWN, 0);
-        assert_eq!(rev.ct.backend_ack, 1001);
+        assert_eq!((rev.ct.backend_ack, rev.ct.lazy), (1001, 0));
         // And the forward half, from a reply, the same way.
         let fkey = flow_key6(c, svc, IPPROTO_TCP);
         f.rec.dataplane_mut().conntrack6_remove(&fkey).unwrap();
