@@ -331,20 +331,23 @@ pub const fn in_window(rev: &CtEntry, seq: u32) -> bool {
 /// evicted half it replaces.
 pub const WINDOW_LOST: u8 = 3;
 
-/// How a half rebuilt as `dir` (in CT_NEW if `unconfirmed`) starts, from the packet that
-/// rebuilds it: its `backend_ack`, its [`CT_F_ACK_KNOWN`] bit and its [`CtEntry::lazy`] byte. A
-/// reply half rebuilt from a client's TCP segment past the handshake (no SYN) must not read as
-/// never answered, which [`in_window`] leaves open to any segment (a blind spoofer's included)
-/// closing the flow or taking its key over:
+/// How a half rebuilt as `dir` (in CT_NEW if `unconfirmed`) starts, from the client's TCP
+/// segment that rebuilds it: its `backend_ack`, its [`CT_F_ACK_KNOWN`] bit and its
+/// [`CtEntry::lazy`] byte. A reply half must not read as never answered where its backend has
+/// answered, for [`in_window`] leaves such a half open to any segment (a blind spoofer's
+/// included) closing the flow or taking its key over:
 /// - a confirmed flow's backend has answered, and the window went with the evicted half:
-///   [`WINDOW_LOST`], nothing judged in it until the backend's next acknowledgment. (The
-///   segment's own sequence number once stood in for the window: a blind spoofer's segment then
-///   set a window its own next segment fell in, and a RST there closed a live flow.)
+///   [`WINDOW_LOST`], nothing judged in it until the backend's next acknowledgment, whatever
+///   the segment (a bare SYN on a confirmed flow is a retransmission or a spoofer's). The
+///   segment's own sequence number once stood in for the window: a blind spoofer's segment
+///   then set a window its own next segment fell in, and a RST there closed a live flow; a
+///   bare SYN left the half as never answered, and any RST after it closed the flow.
 /// - an unconfirmed flow (whose client may close it before its backend ever answers) has no
-///   established connection to protect: the segment's sequence number stands in for the
-///   backend's acknowledgment until the backend's next one replaces it.
+///   established connection to protect: a segment past the handshake (no SYN) stands in its
+///   sequence number for the backend's acknowledgment until the backend's next one replaces
+///   it; a SYN's half starts unknown.
 ///
-/// Anything else starts unknown.
+/// Anything else (a forward half, UDP) starts unknown.
 #[inline(always)]
 pub const fn rebuilt_window(
     dir: u8,
@@ -353,12 +356,14 @@ pub const fn rebuilt_window(
     seq: u32,
     unconfirmed: bool,
 ) -> (u32, u8, u8) {
-    if dir != DIR_REPLY || proto != IPPROTO_TCP || tcp_flags & TCP_SYN != 0 {
+    if dir != DIR_REPLY || proto != IPPROTO_TCP {
         (0, 0, 0)
-    } else if unconfirmed {
-        (seq, CT_F_ACK_KNOWN, 0)
-    } else {
+    } else if !unconfirmed {
         (0, 0, WINDOW_LOST)
+    } else if tcp_flags & TCP_SYN != 0 {
+        (0, 0, 0)
+    } else {
+        (seq, CT_F_ACK_KNOWN, 0)
     }
 }
 
@@ -629,11 +634,17 @@ mod tests {
         };
         assert!(in_window(&r, 1234 + 10));
         assert!(!in_window(&r, 999_999));
+        // A confirmed flow's half has lost its window whatever rebuilt it, a SYN too; an
+        // unconfirmed flow's, rebuilt by a SYN, is never answered.
+        assert_eq!(
+            rebuilt_window(DIR_REPLY, IPPROTO_TCP, TCP_SYN, 1, false),
+            (0, 0, WINDOW_LOST)
+        );
+        assert_eq!(
+            rebuilt_window(DIR_REPLY, IPPROTO_TCP, TCP_SYN, 1, true),
+            (0, 0, 0)
+        );
         for unconfirmed in [false, true] {
-            assert_eq!(
-                rebuilt_window(DIR_REPLY, IPPROTO_TCP, TCP_SYN, 1, unconfirmed),
-                (0, 0, 0)
-            );
             assert_eq!(
                 rebuilt_window(DIR_FORWARD, IPPROTO_TCP, TCP_ACK, 1, unconfirmed),
                 (0, 0, 0)

@@ -834,7 +834,8 @@ fn rst_or_fin_outside_the_window_keep_a_draining_flow_on_its_backend(nat: Nat) {
 /// forward entry, and the client's next segment rebuilds it: with no window until the backend's
 /// next acknowledgment (`ct::rebuilt_window`). Judged by a window taken from the segment itself,
 /// a blind RST or FIN as the client would close the flow, and so would one after a blind
-/// segment of its own that rebuilt the half. Both are forwarded (the backend's stack judges
+/// segment of its own that rebuilt the half (or a bare SYN, which rebuilt it as never
+/// answered). Both are forwarded (the backend's stack judges
 /// them) and ignored; the backend's next packet gives the half its window back, and a RST in it
 /// closes the flow.
 fn a_blind_rst_or_fin_after_an_evicted_reply_half_does_not_close_the_flow(nat: Nat) {
@@ -852,14 +853,16 @@ fn a_blind_rst_or_fin_after_an_evicted_reply_half_does_not_close_the_flow(nat: N
         let fkey = flow_key(c, sa(VIP, 80), IPPROTO_TCP);
         let rkey = flow_key(be, leg.peer, IPPROTO_TCP);
         for (flags, seq) in [(TCP_RST, 7_000_000), (TCP_FIN | TCP_ACK, 3_000_000_000)] {
-            for rebuilt_by_the_spoofer in [false, true] {
+            // Rebuilt by the RST or FIN itself, or first by a blind segment of the spoofer's
+            // at the same number, or by a bare SYN as the client.
+            for first in [None, Some(TCP_ACK), Some(TCP_SYN)] {
                 // The flood's eviction of the reply half (the forward entry stays).
                 f.rec.dataplane_mut().conntrack_remove(&rkey).unwrap();
                 // (A DNAT flow recorded lazily, as this one, leaves its reply half alone but to
                 // close or refresh: there the RST rebuilds it either way.)
                 let mut rebuilt = 0;
-                if rebuilt_by_the_spoofer {
-                    let blind = tcp(c, sa(VIP, 80), TCP_ACK, seq, 0).build();
+                if let Some(first) = first {
+                    let blind = tcp(c, sa(VIP, 80), first, seq, 0).build();
                     let run = f.run(&blind);
                     assert_eq!(assert_fwd(&run, &blind, &[be], nat), leg);
                     rebuilt += run.counted(Reason::EventCtRebuilt);

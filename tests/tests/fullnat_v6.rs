@@ -402,8 +402,8 @@ fn port_unreachable_from_a_backend_reaches_the_client_as_the_service() {
 
 /// The IPv6 side of `ct_integrity`'s `a_blind_rst_or_fin_after_an_evicted_reply_half_does_not_close_the_flow`:
 /// a reply half rebuilt from a client's segment after a flood evicted it has no window until
-/// its backend's next acknowledgment, so a blind RST (after a blind segment of its own that
-/// rebuilt the half, at the same sequence number) closes nothing; once the backend has
+/// its backend's next acknowledgment, so a blind RST (after a blind segment of its own, or a
+/// bare SYN, that rebuilt the half) closes nothing; once the backend has
 /// acknowledged, a RST in the window does.
 #[test]
 fn a_blind_rst_after_an_evicted_reply_half_does_not_close_the_flow() {
@@ -420,18 +420,21 @@ fn a_blind_rst_after_an_evicted_reply_half_does_not_close_the_flow() {
             flow_key6(c, svc, IPPROTO_TCP),
             flow_key6(be, snat, IPPROTO_TCP),
         );
-        f.rec.dataplane_mut().conntrack6_remove(&rkey).unwrap();
-        let blind = tcp6(c, svc, TCP_ACK, 7_000_000, 0).build();
-        let run = f.run(&blind);
-        assert_eq!(assert_fwd(&run, &blind, &[be], PORTS), (be, snat));
-        assert_eq!(run.counted(Reason::EventCtRebuilt), 1, "{run:?}");
-        assert_eq!(ct6(&f, &rkey).unwrap().ct.lazy, ct::WINDOW_LOST);
-        let rst = tcp6(c, svc, TCP_RST, 7_000_000, 0).build();
-        let run = f.run(&rst);
-        assert_eq!(assert_fwd(&run, &rst, &[be], PORTS), (be, snat));
-        assert_eq!(run.counted(Reason::EventCtCloseIgnored), 1, "{run:?}");
-        assert_eq!(run.counted(Reason::EventCtClosing), 0, "{run:?}");
-        assert_eq!(ct6(&f, &fkey).unwrap().ct.state, ct::STATE_OPEN);
+        // Rebuilt by a blind segment, or by a bare SYN as the client.
+        for first in [TCP_ACK, TCP_SYN] {
+            f.rec.dataplane_mut().conntrack6_remove(&rkey).unwrap();
+            let blind = tcp6(c, svc, first, 7_000_000, 0).build();
+            let run = f.run(&blind);
+            assert_eq!(assert_fwd(&run, &blind, &[be], PORTS), (be, snat));
+            assert_eq!(run.counted(Reason::EventCtRebuilt), 1, "{run:?}");
+            assert_eq!(ct6(&f, &rkey).unwrap().ct.lazy, ct::WINDOW_LOST, "{first}");
+            let rst = tcp6(c, svc, TCP_RST, 7_000_000, 0).build();
+            let run = f.run(&rst);
+            assert_eq!(assert_fwd(&run, &rst, &[be], PORTS), (be, snat));
+            assert_eq!(run.counted(Reason::EventCtCloseIgnored), 1, "{run:?}");
+            assert_eq!(run.counted(Reason::EventCtClosing), 0, "{run:?}");
+            assert_eq!(ct6(&f, &fkey).unwrap().ct.state, ct::STATE_OPEN);
+        }
         let back = tcp6(be, snat, TCP_ACK, 5001, 1001).build();
         assert_reply(&f.run(&back), &back, svc, c);
         let rev = ct6(&f, &rkey).unwrap();
