@@ -903,22 +903,48 @@ fn legit_flows_through_a_flood(rounds: u64, per_round: u64, nat: Nat) {
                         flood_packets += 1;
                     }
                     _ => {
-                        // A blind RST or FIN on a legitimate session.
+                        // A blind RST or FIN on a legitimate session, half the time after a
+                        // blind segment or a bare SYN at the same sequence number (which
+                        // rebuild the flow's reply half if the flood evicted it), the number
+                        // far outside the session's window. A confirmed session stays open.
                         let l = &legit[rng.below(12) as usize];
+                        let fkey = flow_key(l.client, l.service, lb_common::IPPROTO_TCP);
+                        let confirmed = fx
+                            .dp()
+                            .conntrack_main_get(&fkey)
+                            .is_some_and(|e| e.state == ct::STATE_OPEN);
+                        let seq = l
+                            .cseq
+                            .wrapping_add(0x8000_0000)
+                            .wrapping_add(rng.below(1 << 30) as u32);
+                        let blind = |flags| {
+                            let mut p = Ipv4Packet::tcp(l.client, l.service, flags);
+                            p.l4 = L4::Tcp {
+                                flags,
+                                seq,
+                                ack: 0,
+                                payload: vec![],
+                            };
+                            p.build()
+                        };
+                        if rng.chance(50) {
+                            let first = if rng.chance(50) { TCP_ACK } else { TCP_SYN };
+                            run(&mut runner, &blind(first), nat);
+                            flood_packets += 1;
+                        }
                         let flags = if rng.chance(50) {
                             TCP_RST
                         } else {
                             TCP_FIN | TCP_ACK
                         };
-                        let mut p = Ipv4Packet::tcp(l.client, l.service, flags);
-                        p.l4 = L4::Tcp {
-                            flags,
-                            seq: rng.next_u64() as u32,
-                            ack: 0,
-                            payload: vec![],
-                        };
-                        run(&mut runner, &p.build(), nat);
+                        run(&mut runner, &blind(flags), nat);
                         flood_packets += 1;
+                        if confirmed && fx.ct(&fkey).is_none_or(|e| e.state != ct::STATE_OPEN) {
+                            failures.push(format!(
+                                "round {round}: a blind segment closed {} -> {}",
+                                l.client, l.service
+                            ));
+                        }
                     }
                 }
             }

@@ -85,6 +85,12 @@ impl Dataplane {
             .map_or(Route::NONE, |r| r.route)
     }
 
+    /// The entry at `key` in the main map only (a confirmed flow's, or a UDP flow's), where
+    /// [`Self::conntrack_get`] looks everywhere a flow's entry may be.
+    pub fn conntrack_main_get(&self, key: &FlowKey) -> Option<CtEntry> {
+        self.conntrack.get(key, 0).ok()
+    }
+
     pub fn conntrack_get(&self, key: &FlowKey) -> Option<CtEntry> {
         self.conntrack
             .get(key, 0)
