@@ -789,19 +789,25 @@ fn a_closing_lazily_recorded_flow_that_gives_its_key_to_a_new_connection_is_gone
 
 // ---- 4. FIN and RST count only inside the window ----
 
+/// A confirmed TCP flow from `c` to the VIP's port 80 that sent 10 bytes, which the backend
+/// acknowledged (up to 1011: the window FINs and RSTs are judged by).
+fn answered_flow(f: &Fixture, c: SocketAddrV4, nat: Nat) -> Leg {
+    let leg = handshake_nat(f, c, sa(VIP, 80), nat);
+    let data = tcp(c, sa(VIP, 80), TCP_ACK | TCP_PSH, 1001, 5001)
+        .with_payload(b"0123456789")
+        .build();
+    assert_fwd(&f.run(&data), &data, &[leg.backend], nat);
+    let ack = from_backend(back(leg, TCP_ACK, 5001, 1011));
+    assert_reply(&f.run(&ack), sa(VIP, 80), c);
+    leg
+}
+
 fn rst_or_fin_outside_the_window_keep_a_draining_flow_on_its_backend(nat: Nat) {
     in_fixture_netns(move || {
         let mut f = standard_nat(nat);
         let c = client(40300);
-        let leg = handshake_nat(&f, c, sa(VIP, 80), nat);
+        let leg = answered_flow(&f, c, nat);
         let be = leg.backend;
-        // Some data, acknowledged by the backend up to 1011.
-        let data = tcp(c, sa(VIP, 80), TCP_ACK | TCP_PSH, 1001, 5001)
-            .with_payload(b"0123456789")
-            .build();
-        assert_fwd(&f.run(&data), &data, &[be], nat);
-        let ack = from_backend(back(leg, TCP_ACK, 5001, 1011));
-        assert_reply(&f.run(&ack), sa(VIP, 80), c);
         // The backend leaves (draining: established flows stay).
         drop_backend(&mut f, be);
         let fkey = flow_key(c, sa(VIP, 80), IPPROTO_TCP);
@@ -835,21 +841,14 @@ fn rst_or_fin_outside_the_window_keep_a_draining_flow_on_its_backend(nat: Nat) {
 /// next acknowledgment (`ct::rebuilt_window`). Judged by a window taken from the segment itself,
 /// a blind RST or FIN as the client would close the flow, and so would one after a blind
 /// segment of its own that rebuilt the half (or a bare SYN, which rebuilt it as never
-/// answered). Both are forwarded (the backend's stack judges
-/// them) and ignored; the backend's next packet gives the half its window back, and a RST in it
-/// closes the flow.
+/// answered). Both are forwarded (the backend's stack judges them) and ignored; the backend's
+/// next packet gives the half its window back, and a RST in it closes the flow.
 fn a_blind_rst_or_fin_after_an_evicted_reply_half_does_not_close_the_flow(nat: Nat) {
     in_fixture_netns(move || {
         let mut f = standard_nat(nat);
         let c = client(40310);
-        let leg = handshake_nat(&f, c, sa(VIP, 80), nat);
+        let leg = answered_flow(&f, c, nat);
         let be = leg.backend;
-        let data = tcp(c, sa(VIP, 80), TCP_ACK | TCP_PSH, 1001, 5001)
-            .with_payload(b"0123456789")
-            .build();
-        assert_fwd(&f.run(&data), &data, &[be], nat);
-        let ack = from_backend(back(leg, TCP_ACK, 5001, 1011));
-        assert_reply(&f.run(&ack), sa(VIP, 80), c);
         let fkey = flow_key(c, sa(VIP, 80), IPPROTO_TCP);
         let rkey = flow_key(be, leg.peer, IPPROTO_TCP);
         for (flags, seq) in [(TCP_RST, 7_000_000), (TCP_FIN | TCP_ACK, 3_000_000_000)] {

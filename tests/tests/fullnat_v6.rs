@@ -403,8 +403,8 @@ fn port_unreachable_from_a_backend_reaches_the_client_as_the_service() {
 /// The IPv6 side of `ct_integrity`'s `a_blind_rst_or_fin_after_an_evicted_reply_half_does_not_close_the_flow`:
 /// a reply half rebuilt from a client's segment after a flood evicted it has no window until
 /// its backend's next acknowledgment, so a blind RST (after a blind segment of its own, or a
-/// bare SYN, that rebuilt the half) closes nothing; once the backend has
-/// acknowledged, a RST in the window does.
+/// bare SYN, that rebuilt the half) closes nothing; once the backend has acknowledged, a RST in
+/// the window does.
 #[test]
 fn a_blind_rst_after_an_evicted_reply_half_does_not_close_the_flow() {
     in_fixture6_netns(|| {
