@@ -780,6 +780,8 @@ fn legit_flows_through_a_flood(rounds: u64, per_round: u64, nat: Nat) {
         let mut moved = 0u64;
         let mut rng = Rng(seed);
         let mut runner = Runner::new(&fx);
+        // Removes single entries as the LRU does, beside the runner.
+        let mut evictor = fx.dp().conntrack_reader().expect("conntrack handle");
         let mut failures = Vec::new();
         // The legitimate flows.
         let mut legit = Vec::new();
@@ -903,12 +905,20 @@ fn legit_flows_through_a_flood(rounds: u64, per_round: u64, nat: Nat) {
                         flood_packets += 1;
                     }
                     _ => {
-                        // A blind RST or FIN on a legitimate session, half the time after a
-                        // blind segment or a bare SYN at the same sequence number (which
-                        // rebuild the flow's reply half if the flood evicted it), the number
-                        // far outside the session's window. A confirmed session stays open.
+                        // A blind RST or FIN on a legitimate session, half the time after its
+                        // reply half was evicted, and half the time after a blind segment or a
+                        // bare SYN at the same sequence number (which rebuild the reply half if
+                        // it was evicted), the number far outside the session's window. A
+                        // confirmed session stays open.
                         let l = &legit[rng.below(12) as usize];
                         let fkey = flow_key(l.client, l.service, lb_common::IPPROTO_TCP);
+                        if rng.chance(50) {
+                            // Its reply half evicted alone first, as the LRU may (this flood,
+                            // whose packets keep a session's two halves equally recent, never
+                            // does it by itself).
+                            let rkey = flow_key(l.backend, l.peer, lb_common::IPPROTO_TCP);
+                            evictor.remove(&rkey).expect("evict a reply half");
+                        }
                         let confirmed = fx
                             .dp()
                             .conntrack_main_get(&fkey)

@@ -673,6 +673,16 @@ impl ConntrackReader {
             .collect()
     }
 
+    /// Removes the entry at `key` from both conntrack maps, as the LRU evicts one entry: the
+    /// other half of its flow stays (a test's way to make the program meet a half evicted
+    /// alone while it runs packets through the dataplane's own handle).
+    pub fn remove(&mut self, key: &FlowKey) -> Result<()> {
+        for m in &mut self.maps {
+            absent_is_fine(m.remove(key), MAP_CONNTRACK)?;
+        }
+        Ok(())
+    }
+
     /// Removes the conntrack maps' entries idle past their timeout (the rule the program
     /// applies), returning how many were removed; the handshake table is the program's alone
     /// (below). `now_ns` is CLOCK_MONOTONIC, the clock of `bpf_ktime_get_coarse_ns`.
