@@ -449,6 +449,8 @@ fn legit_flows_through_a_flood6(rounds: u64, per_round: u64, nat: Nat) {
         });
         let fx = fixture6_with(o, Vec::new(), &svcs);
         let mut r = Runner6::new(&fx);
+        // Removes single entries as the LRU does, beside the runner.
+        let mut evictor = fx.dp().conntrack_reader().expect("conntrack handle");
         let mut rng = Rng(seed);
         let (vip, host) = (sa6(VIP6, 80), sa6(HOST6, 8080));
         let mut legit = Vec::new();
@@ -550,18 +552,52 @@ fn legit_flows_through_a_flood6(rounds: u64, per_round: u64, nat: Nat) {
                         flood_packets += 1;
                     }
                     _ => {
-                        // A blind RST or FIN on a legitimate session.
+                        // A blind RST or FIN on a legitimate session, as in the IPv4 flood:
+                        // half the time after its reply half was evicted alone, half after a
+                        // blind segment or a bare SYN at the same number, far outside the
+                        // session's window. A confirmed session stays open.
                         let l = &legit[rng.below(12) as usize];
+                        let fkey = flow_key6(l.client, l.service, IPPROTO_TCP);
+                        if rng.chance(50) {
+                            let rkey = flow_key6(l.backend, l.peer, IPPROTO_TCP);
+                            evictor.remove6(&rkey).expect("evict a reply half");
+                        }
+                        let confirmed = fx
+                            .dp()
+                            .conntrack6_main_get(&fkey)
+                            .is_some_and(|e| e.ct.state == ct::STATE_OPEN);
+                        let seq = l
+                            .cseq
+                            .wrapping_add(0x8000_0000)
+                            .wrapping_add(rng.below(1 << 30) as u32);
+                        if rng.chance(50) {
+                            let first = if rng.chance(50) { TCP_ACK } else { TCP_SYN };
+                            r.run(
+                                &Ipv6Packet::tcp_seq(l.client, l.service, first, seq, 0, &[])
+                                    .build(),
+                            );
+                            flood_packets += 1;
+                        }
                         let flags = if rng.chance(50) {
                             TCP_RST
                         } else {
                             TCP_FIN | TCP_ACK
                         };
-                        let seq = rng.next_u64() as u32;
                         r.run(
                             &Ipv6Packet::tcp_seq(l.client, l.service, flags, seq, 0, &[]).build(),
                         );
                         flood_packets += 1;
+                        if confirmed
+                            && fx
+                                .dp()
+                                .conntrack6_get(&fkey)
+                                .is_none_or(|e| e.ct.state != ct::STATE_OPEN)
+                        {
+                            failures.push(format!(
+                                "round {round}: a blind segment closed {} -> {}",
+                                l.client, l.service
+                            ));
+                        }
                     }
                 }
             }

@@ -683,6 +683,14 @@ impl ConntrackReader {
         Ok(())
     }
 
+    /// [`Self::remove`] for an IPv6 key.
+    pub fn remove6(&mut self, key: &lb_common::v6::FlowKey6) -> Result<()> {
+        for m in &mut self.maps6 {
+            absent_is_fine(m.remove(key), lb_common::v6::MAP_CONNTRACK6)?;
+        }
+        Ok(())
+    }
+
     /// Removes the conntrack maps' entries idle past their timeout (the rule the program
     /// applies), returning how many were removed; the handshake table is the program's alone
     /// (below). `now_ns` is CLOCK_MONOTONIC, the clock of `bpf_ktime_get_coarse_ns`.

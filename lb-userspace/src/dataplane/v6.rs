@@ -189,6 +189,14 @@ impl Dataplane {
     }
 
     /// Removes an IPv6 conntrack entry from either map (absent is fine).
+    /// The IPv6 entry at `key` in the main map only (a confirmed flow's, or a UDP flow's).
+    pub fn conntrack6_main_get(&self, key: &FlowKey6) -> Option<CtEntry6> {
+        self.hash6_ro::<FlowKey6, CtEntry6>(MAP_CONNTRACK6)
+            .ok()?
+            .get(key, 0)
+            .ok()
+    }
+
     pub fn conntrack6_remove(&mut self, key: &FlowKey6) -> Result<()> {
         for name in [MAP_CONNTRACK6, MAP_CT_NEW6] {
             absent_is_fine(self.hash6::<FlowKey6, CtEntry6>(name)?.remove(key), name)?;
