@@ -92,9 +92,7 @@ impl Dataplane {
     }
 
     pub fn conntrack_get(&self, key: &FlowKey) -> Option<CtEntry> {
-        self.conntrack
-            .get(key, 0)
-            .ok()
+        self.conntrack_main_get(key)
             .or_else(|| self.ct_new.get(key, 0).ok())
             .or_else(|| {
                 let now = monotonic_ns();
@@ -673,9 +671,9 @@ impl ConntrackReader {
             .collect()
     }
 
-    /// Removes the entry at `key` from both conntrack maps, as the LRU evicts one entry: the
-    /// other half of its flow stays (a test's way to make the program meet a half evicted
-    /// alone while it runs packets through the dataplane's own handle).
+    /// Removes the entry at `key` from both conntrack maps (absent is fine), leaving the other
+    /// half of its flow: the sweep's removal, and a test's way to evict one half alone as the
+    /// LRU may while packets run through the dataplane's own handle.
     pub fn remove(&mut self, key: &FlowKey) -> Result<()> {
         for m in &mut self.maps {
             absent_is_fine(m.remove(key), MAP_CONNTRACK)?;
@@ -702,9 +700,7 @@ impl ConntrackReader {
             .map(|(k, _)| k)
             .collect();
         for k in &stale {
-            for m in &mut self.maps {
-                absent_is_fine(m.remove(k), MAP_CONNTRACK)?;
-            }
+            self.remove(k)?;
         }
         // The handshake table is not written: a set written back whole (to clear a slot that is
         // over) would undo a handshake the program recorded in it between the read and the
@@ -719,9 +715,7 @@ impl ConntrackReader {
             .map(|(k, _)| k)
             .collect();
         for k in &stale6 {
-            for m in &mut self.maps6 {
-                absent_is_fine(m.remove(k), lb_common::v6::MAP_CONNTRACK6)?;
-            }
+            self.remove6(k)?;
         }
         Ok(stale.len() + stale6.len())
     }

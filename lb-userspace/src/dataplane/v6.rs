@@ -167,12 +167,22 @@ impl Dataplane {
 
     /// An IPv6 flow's entry, from either conntrack map.
     pub fn conntrack6_get(&self, key: &FlowKey6) -> Option<CtEntry6> {
-        [MAP_CONNTRACK6, MAP_CT_NEW6].into_iter().find_map(|name| {
-            self.hash6_ro::<FlowKey6, CtEntry6>(name)
-                .ok()?
-                .get(key, 0)
-                .ok()
-        })
+        [MAP_CONNTRACK6, MAP_CT_NEW6]
+            .into_iter()
+            .find_map(|name| self.conntrack6_in(name, key))
+    }
+
+    /// The IPv6 entry at `key` in the main map only (a confirmed flow's, or a UDP flow's).
+    pub fn conntrack6_main_get(&self, key: &FlowKey6) -> Option<CtEntry6> {
+        self.conntrack6_in(MAP_CONNTRACK6, key)
+    }
+
+    /// The IPv6 entry at `key` in conntrack map `name`.
+    fn conntrack6_in(&self, name: &'static str, key: &FlowKey6) -> Option<CtEntry6> {
+        self.hash6_ro::<FlowKey6, CtEntry6>(name)
+            .ok()?
+            .get(key, 0)
+            .ok()
     }
 
     /// Whether the IPv6 flow's entry is in the unconfirmed map.
@@ -189,14 +199,6 @@ impl Dataplane {
     }
 
     /// Removes an IPv6 conntrack entry from either map (absent is fine).
-    /// The IPv6 entry at `key` in the main map only (a confirmed flow's, or a UDP flow's).
-    pub fn conntrack6_main_get(&self, key: &FlowKey6) -> Option<CtEntry6> {
-        self.hash6_ro::<FlowKey6, CtEntry6>(MAP_CONNTRACK6)
-            .ok()?
-            .get(key, 0)
-            .ok()
-    }
-
     pub fn conntrack6_remove(&mut self, key: &FlowKey6) -> Result<()> {
         for name in [MAP_CONNTRACK6, MAP_CT_NEW6] {
             absent_is_fine(self.hash6::<FlowKey6, CtEntry6>(name)?.remove(key), name)?;
