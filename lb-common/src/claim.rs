@@ -83,20 +83,53 @@ pub const fn word(now_ns: u64, slot: Option<u32>) -> u64 {
 /// tick "in the future" read as expired to the other CPU, which took the same port.
 pub const CLAIM_SKEW_TICKS: u32 = 64;
 
-/// Whether claim word `w` holds its port at `now_ns`.
+/// Whether claim word `w` holds its port at `now_ns`. A [`time_wait`] mark holds nothing.
 #[inline(always)]
 pub const fn live(w: u64, now_ns: u64) -> bool {
     let age = tick(now_ns).wrapping_sub((w >> 32) as u32);
-    w != 0 && (age <= CLAIM_HOLD_TICKS || age >= 0u32.wrapping_sub(CLAIM_SKEW_TICKS))
+    w != 0
+        && w as u32 != TIME_WAIT_MARK
+        && (age <= CLAIM_HOLD_TICKS || age >= 0u32.wrapping_sub(CLAIM_SKEW_TICKS))
 }
 
 /// The handshake-table slot claim word `w` names, if its flow is recorded.
 #[inline(always)]
 pub const fn slot_of(w: u64) -> Option<u32> {
     match w as u32 {
-        0 => None,
+        0 | TIME_WAIT_MARK => None,
         s => Some(s - 1),
     }
+}
+
+/// The low half of a claim word that marks its port's last connection as one its backend
+/// closed first (see [`time_wait`]); it names no handshake-table slot.
+pub const TIME_WAIT_MARK: u32 = u32::MAX;
+
+/// How long a [`time_wait`] mark keeps a port from the port search's first pass: Linux keeps
+/// a connection it closed first in TIME_WAIT for a fixed 60 s (`TCP_TIMEWAIT_LEN`), from the
+/// other side's FIN on.
+pub const TIME_WAIT_TICKS: u32 = (60_000_000_000u64 >> CLAIM_TICK_SHIFT) as u32;
+
+/// A claim word marking, at `now_ns`, that the backend closed its connection on the word's
+/// port first and holds it in TIME_WAIT: the client's FIN has just passed. To the backend a
+/// reused port is the same 4-tuple, and a new SYN meeting the TIME_WAIT socket is taken only if
+/// it is newer than the old connection (its timestamp, which clients offset at random per
+/// address pair, or its sequence number); else the backend answers with the old connection's
+/// ACK, and the new client's connection waits for its 1 s SYN retry. So the port search leaves
+/// such ports for its second pass, taken only when every port it tried was held or marked.
+/// The mark holds no port: a live claim's word is never overwritten by it, and a new flow
+/// takes a marked word as a free one.
+#[inline(always)]
+pub const fn time_wait(now_ns: u64) -> u64 {
+    ((tick(now_ns) as u64) << 32) | TIME_WAIT_MARK as u64
+}
+
+/// Whether claim word `w` is a [`time_wait`] mark still standing at `now_ns`.
+#[inline(always)]
+pub const fn in_time_wait(w: u64, now_ns: u64) -> bool {
+    let age = tick(now_ns).wrapping_sub((w >> 32) as u32);
+    w as u32 == TIME_WAIT_MARK
+        && (age <= TIME_WAIT_TICKS || age >= 0u32.wrapping_sub(CLAIM_SKEW_TICKS))
 }
 
 /// The handshake-table slot of the flow whose claim word `w` holds its port at `now_ns`.
@@ -155,6 +188,26 @@ mod tests {
         // Across the tick counter's wrap.
         let wrap = (u32::MAX as u64) << CLAIM_TICK_SHIFT;
         assert!(live(word(wrap, Some(1)), wrap + (3 << CLAIM_TICK_SHIFT)));
+    }
+
+    #[test]
+    fn a_time_wait_mark_stands_for_sixty_seconds_and_holds_nothing() {
+        let t0 = 1_000_000_000_000u64;
+        let w = time_wait(t0);
+        assert!(in_time_wait(w, t0));
+        assert!(in_time_wait(w, t0 + 59_000_000_000));
+        assert!(!in_time_wait(w, t0 + 61_000_000_000));
+        // A tick ahead of this CPU's clock (another CPU marked it): standing.
+        assert!(in_time_wait(time_wait(t0 + (1 << CLAIM_TICK_SHIFT)), t0));
+        // Not a claim: it holds no port, names no slot, has no holder.
+        assert!(!live(w, t0));
+        assert_eq!(slot_of(w), None);
+        assert_eq!(holder(w, t0), None);
+        // Claims are no marks, whatever their slot.
+        for c in [word(t0, None), word(t0, Some(0)), word(t0, Some(12_345)), 0] {
+            assert!(!in_time_wait(c, t0), "{c:#x}");
+        }
+        assert!(live(word(t0, Some(u32::MAX - 2)), t0));
     }
 
     #[test]

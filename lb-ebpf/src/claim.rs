@@ -9,7 +9,7 @@ use core::{
 
 use lb_common::{
     FlowKey,
-    claim::{claim_index, holder, live, slot_of, word},
+    claim::{claim_index, holder, in_time_wait, live, slot_of, time_wait, word},
 };
 
 use aya_ebpf::helpers::generated::bpf_loop;
@@ -43,20 +43,53 @@ pub(crate) fn swap(w: *mut u64, old: u64, new: u64) -> bool {
     }
 }
 
+/// Why [`take`] did not take a claim word.
+pub enum Busy {
+    /// A live claim holds it (maybe another reply key's sharing the word), or another CPU
+    /// wrote it first.
+    Held,
+    /// A standing TIME_WAIT mark (lb-common's `claim::time_wait`), left for the second pass.
+    TimeWait,
+}
+
 /// Takes `rkey`'s claim word at `now` for a flow not recorded yet, unless a live claim holds it
-/// (maybe another reply key's sharing the word) for a flow still pending. Returns the word
-/// taken.
+/// (maybe another reply key's sharing the word) for a flow still pending, or (`first_pass`) a
+/// TIME_WAIT mark stands on it. Returns the word taken.
 #[inline(always)]
-pub fn take(rkey: &FlowKey, now: u64) -> Option<u64> {
+pub fn take(rkey: &FlowKey, now: u64, first_pass: bool) -> Result<u64, Busy> {
     let i = claim_index(rkey, config().snat_claims);
-    let w = SNAT_CLAIMS.get_ptr_mut(i)?;
+    let Some(w) = SNAT_CLAIMS.get_ptr_mut(i) else {
+        return Err(Busy::Held);
+    };
     // SAFETY: see `swap`; a racing write makes the swap below fail.
     let cur = unsafe { read_volatile(w) };
+    if first_pass && in_time_wait(cur, now) {
+        return Err(Busy::TimeWait);
+    }
     let mine = word(now, None);
     if (live(cur, now) && !abandoned(cur, i)) || !swap(w, cur, mine) {
-        return None;
+        return Err(Busy::Held);
     }
-    Some(mine)
+    Ok(mine)
+}
+
+/// Marks `rkey`'s claim word at `now`: the backend closed the connection on that port first,
+/// and the client's FIN has just passed (lb-common's `claim::time_wait`). A live claim (a
+/// handshake of this reply key or of another sharing the word) is never overwritten. A BPF
+/// subprogram: called on the forward path's close only, outside the main frame.
+#[inline(never)]
+pub fn mark_time_wait(rkey: &FlowKey, now: u64) {
+    if !in_range(rkey.dport) {
+        return;
+    }
+    let Some(w) = at(rkey) else {
+        return;
+    };
+    // SAFETY: see `swap`.
+    let cur = unsafe { read_volatile(w) };
+    if !live(cur, now) {
+        swap(w, cur, time_wait(now));
+    }
 }
 
 /// Whether live claim word `cur`, at index `i`, names a handshake-table slot that holds no

@@ -190,6 +190,11 @@ pub struct NatScratch {
     /// The table epoch `new_flow` read before its pick (the first of the two reads a stamp
     /// needs; the second follows the backend's read in `new_full_nat_flow`).
     before: u64,
+    /// The port search's pass: 0 the first (ports under a TIME_WAIT mark are passed by), 1
+    /// the second (they are taken like free ones).
+    second_pass: u32,
+    /// Set by the first pass when it passed a port by for its TIME_WAIT mark.
+    time_wait_seen: u32,
 }
 
 /// A function the verifier would walk again at every call site, made one global BPF function
@@ -1367,6 +1372,11 @@ fn forward_inner(ctx: &TcContext, p: &Pkt, e: &mut CtEntry, table: &'static Tabl
         if rev.is_none_or(|r| ct::in_window(unsafe { &*r }, flow.seq)) {
             let bits = ct::close_bits(flow.proto, flow.tcp_flags, DIR_FORWARD);
             if e.full_nat() {
+                if bits == ct::CT_F_FIN_CLIENT && e.flags & ct::CT_F_FIN_BACKEND != 0 {
+                    // The client's FIN after the backend's: the backend closed first and holds
+                    // the connection in TIME_WAIT from now on.
+                    claim::mark_time_wait(&rkey, now);
+                }
                 let end = fin_end(ctx, flow);
                 track_fin(Some(e), rev, DIR_FORWARD, flow.tcp_flags, flow.ack, end);
             }
@@ -2052,14 +2062,25 @@ fn take_port(table: &'static Table, s: &mut NatScratch, p: &Pkt) -> bool {
         return false;
     }
     s.claim = 0;
+    s.second_pass = 0;
+    s.time_wait_seen = 0;
     let callback = if core::ptr::eq(table, &CT_NEW) {
         port_try::<true> as *mut core::ffi::c_void
     } else {
         port_try::<false> as *mut core::ffi::c_void
     };
     claim::port_search(callback);
-    // SAFETY: a volatile read of this CPU's scratch slot, written by the callback.
-    let mine = unsafe { core::ptr::read_volatile(&s.claim) };
+    // SAFETY: volatile reads of this CPU's scratch slot, written by the callback.
+    let mut mine = unsafe { core::ptr::read_volatile(&s.claim) };
+    // Every port tried held, some only by a TIME_WAIT mark: the marked ones are better than
+    // none (the backend takes a newer SYN at once, and answers an older one after its retry).
+    // SAFETY: as above.
+    if mine == 0 && unsafe { core::ptr::read_volatile(&s.time_wait_seen) } != 0 {
+        s.second_pass = 1;
+        claim::port_search(callback);
+        // SAFETY: as above.
+        mine = unsafe { core::ptr::read_volatile(&s.claim) };
+    }
     if !lb_common::syn::goes_to_syn_table(p.flow.proto, false, &s.half) {
         s.claim = 0;
     }
@@ -2088,14 +2109,23 @@ extern "C" fn port_try<const NEW: bool>(i: u64, _ctx: *mut core::ffi::c_void) ->
         // A flow is stamped with the table epoch only at its first port (lb-common's `epoch`).
         s.half.epoch = 0;
     }
-    let mine = try_port::<NEW>(&s.rkey, &s.half, pending, p);
-    if mine != 0 {
+    // SAFETY: a volatile read of this CPU's scratch slot (`take_port` writes it between the
+    // passes).
+    let first_pass = unsafe { core::ptr::read_volatile(&s.second_pass) } == 0;
+    let mine = try_port::<NEW>(&s.rkey, &s.half, pending, p, first_pass);
+    if mine == PASSED_FOR_TIME_WAIT {
+        s.time_wait_seen = 1;
+    } else if mine != 0 {
         s.claim = mine;
         return 1;
     }
     count(Reason::EventSnatPortTaken);
     0
 }
+
+/// [`try_port`]: the port was passed by for its TIME_WAIT mark (never a claim word: `take`'s
+/// words name no slot, their low half is 0).
+const PASSED_FOR_TIME_WAIT: u64 = 1;
 
 /// One try of `take_port` at reply key `rkey` (for a flow starting in CT_NEW if `NEW`, else
 /// CONNTRACK): takes the port's claim, then checks the port is free in both conntrack maps and
@@ -2105,12 +2135,24 @@ extern "C" fn port_try<const NEW: bool>(i: u64, _ctx: *mut core::ffi::c_void) ->
 /// per map (a map passed at run time is a lookup the verifier does not inline); inlined into
 /// the search's callback (`port_try`: one BPF call fewer per try).
 #[inline(always)]
-fn try_port<const NEW: bool>(rkey: &FlowKey, half: &CtEntry, pending: bool, p: &Pkt) -> u64 {
-    let Some(mine) = claim::take(rkey, p.now) else {
-        if half.epoch != 0 {
-            let _ = unstamp_first_port(rkey, &p.key);
+fn try_port<const NEW: bool>(
+    rkey: &FlowKey,
+    half: &CtEntry,
+    pending: bool,
+    p: &Pkt,
+    first_pass: bool,
+) -> u64 {
+    let mine = match claim::take(rkey, p.now, first_pass) {
+        Ok(mine) => mine,
+        Err(busy) => {
+            if half.epoch != 0 {
+                let _ = unstamp_first_port(rkey, &p.key);
+            }
+            return match busy {
+                claim::Busy::Held => 0,
+                claim::Busy::TimeWait => PASSED_FOR_TIME_WAIT,
+            };
         }
-        return 0;
     };
     let table: &'static Table = if NEW { &CT_NEW } else { &CONNTRACK };
     // Usually no map holds the key: an inlined lookup each, and a call of the global function

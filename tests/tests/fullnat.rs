@@ -18,7 +18,8 @@ use berth_tests::{
     wire::{self, Ipv4Packet, L4, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN},
 };
 use lb_common::{
-    CtEntry, IPPROTO_TCP, IPPROTO_UDP, Reason, ct, hash::flow_hash, ipv4_to_wire, port_to_wire,
+    CtEntry, IPPROTO_TCP, IPPROTO_UDP, Reason, claim, ct, hash::flow_hash, ipv4_to_wire,
+    port_to_wire,
 };
 use lb_userspace::{
     config::{Nat, PortRange, Protocol},
@@ -724,6 +725,127 @@ fn a_port_is_free_as_soon_as_the_final_ack_of_its_flow_passed() {
         assert!(new_flow_takes(&f, d, port));
         assert!(f.ct(&flow_key(c, vip, IPPROTO_TCP)).is_none());
     });
+}
+
+/// A client whose flow to the VIP tries `port` first in `ports`, from port `from` up.
+fn client_trying_first(port: u16, ports: PortRange, from: u16) -> SocketAddrV4 {
+    (from..u16::MAX)
+        .map(client)
+        .find(|&c| first_try(c, sa(VIP, 80), IPPROTO_TCP, ports) == port)
+        .expect("a client trying the port first")
+}
+
+/// Closes flow `c -> vip` (source `port`), the backend's FIN first, then the client's (which
+/// acknowledges it), then the backend's final ACK: the backend holds the connection in
+/// TIME_WAIT.
+fn close_backend_first(f: &Fixture, c: SocketAddrV4, port: SocketAddrV4) {
+    let (vip, be) = (sa(VIP, 80), b8000(1));
+    pass(
+        f,
+        c,
+        port,
+        false,
+        tcp(be, port, TCP_FIN | TCP_ACK, 5001, 1001),
+    );
+    pass(f, c, port, true, tcp(c, vip, TCP_FIN | TCP_ACK, 1001, 5002));
+    pass(f, c, port, false, tcp(be, port, TCP_ACK, 5002, 1002));
+}
+
+#[test]
+fn a_port_whose_backend_closed_first_is_taken_only_when_no_other_is_free() {
+    in_fixture_netns(|| {
+        let ports = PortRange {
+            first: 61010,
+            last: 61011,
+        };
+        let vip = sa(VIP, 80);
+        let hash = |c: SocketAddrV4| flow_hash(&flow_key(c, vip, IPPROTO_TCP), options().hash_seed);
+        // The backend closes first: once the client's FIN passed, its port is marked for the
+        // backend's TIME_WAIT (a new SYN there would meet the old connection's socket).
+        let mut f = one_backend(ports);
+        let a = client_trying_first(61010, ports, 48000);
+        let port = open_flow(&f, a);
+        assert_eq!(port.port(), 61010);
+        close_backend_first(&f, a, port);
+        let rkey = flow_key(b8000(1), port, IPPROTO_TCP);
+        let rev = f.ct(&rkey).expect("the closed flow's reply half");
+        assert_ne!(
+            rev.flags & ct::CT_F_LAST_ACK,
+            0,
+            "its final ACK passed: {rev:?}"
+        );
+        let w = f.dp().claim_word(&rkey);
+        assert!(claim::in_time_wait(w, monotonic_ns()), "{w:#x}");
+        // A new flow trying that port first takes its next try, the other port.
+        let b = client_trying_first(61010, ports, 49000);
+        let syn = tcp(b, vip, TCP_SYN, 77, 0).build();
+        let run = f.run(&syn);
+        let leg = assert_fwd(&run, &syn, &[b8000(1)], FULL);
+        assert_ne!(
+            leg.peer.port(),
+            61010,
+            "the marked port is passed by: {run:?}"
+        );
+        assert_eq!(
+            leg.peer.port(),
+            ct::snat_port(hash(b), 1, ports.first, ports.last)
+        );
+        assert_eq!(run.counted(Reason::EventSnatPortTaken), 1, "{run:?}");
+        // Sixty seconds on, the mark is gone: the next flow trying the port first takes it.
+        f.rec
+            .dataplane_mut()
+            .claim_store(&rkey, claim::time_wait(monotonic_ns() - 61_000_000_000));
+        let c = client_trying_first(61010, ports, 50000);
+        assert!(new_flow_takes_port(&f, c, 61010));
+
+        // Every port tried held, one only by the mark: that one is taken (the second pass).
+        let mut f = one_backend(ports);
+        let a = client_trying_first(61010, ports, 48000);
+        let port = open_flow(&f, a);
+        close_backend_first(&f, a, port);
+        stage_pair(&mut f, client(5555), vip, 61011, IPPROTO_TCP);
+        let b = client_trying_first(61010, ports, 49000);
+        assert!(new_flow_takes_port(&f, b, 61010));
+        assert!(
+            f.ct(&flow_key(a, vip, IPPROTO_TCP)).is_none(),
+            "the old flow's entries go"
+        );
+
+        // The client closes first: the backend's socket is gone with the final ACK, nothing
+        // is marked, and the port is taken at once.
+        let f = one_backend(ports);
+        let a = client_trying_first(61010, ports, 48000);
+        let port = open_flow(&f, a);
+        let be = b8000(1);
+        pass(
+            &f,
+            a,
+            port,
+            true,
+            tcp(a, vip, TCP_FIN | TCP_ACK, 1001, 5001),
+        );
+        pass(
+            &f,
+            a,
+            port,
+            false,
+            tcp(be, port, TCP_FIN | TCP_ACK, 5001, 1002),
+        );
+        pass(&f, a, port, true, tcp(a, vip, TCP_ACK, 1002, 5002));
+        assert!(!claim::in_time_wait(
+            f.dp().claim_word(&rkey),
+            monotonic_ns()
+        ));
+        let b = client_trying_first(61010, ports, 49000);
+        assert!(new_flow_takes_port(&f, b, 61010));
+    });
+}
+
+/// Whether a new flow from `c` leaves from `port` (checked to be translated either way).
+fn new_flow_takes_port(f: &Fixture, c: SocketAddrV4, port: u16) -> bool {
+    let syn = tcp(c, sa(VIP, 80), TCP_SYN, 77, 0).build();
+    let run = f.run(&syn);
+    assert_fwd(&run, &syn, &[b8000(1)], FULL).peer.port() == port
 }
 
 #[test]

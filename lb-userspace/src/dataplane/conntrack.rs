@@ -177,6 +177,19 @@ impl Dataplane {
         self.claim_view.hold(rkey, monotonic_ns());
     }
 
+    /// Full-NAT reply key `rkey`'s port claim word as it stands (lb-common's `claim`).
+    pub fn claim_word(&self, rkey: &FlowKey) -> u64 {
+        self.claim_view.word(rkey)
+    }
+
+    /// Stores `w` into full-NAT reply key `rkey`'s port claim word: for tests that age a
+    /// TIME_WAIT mark (`claim::time_wait`).
+    pub fn claim_store(&mut self, rkey: &FlowKey, w: u64) {
+        if let Some(atomic) = self.claim_view.atomic(rkey) {
+            atomic.store(w, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
     /// Clears every pending handshake of the table (each way's check word stored 0), leaving
     /// the conntrack maps as they are: for benchmarks whose flows would otherwise meet
     /// handshakes of their earlier runs.
