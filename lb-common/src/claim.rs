@@ -60,6 +60,25 @@ pub const fn claim_index(rkey: &FlowKey, claims: u32) -> u32 {
     (crate::hash::finalize(h).wrapping_add(port)) & claims.wrapping_sub(1)
 }
 
+/// The claim word that holds the [`time_wait`] mark of IPv6 full-NAT reply key `rkey` (backend
+/// -> berth's address and port) in an array of `claims` words, laid out as [`claim_index`]'s.
+/// IPv6 full NAT holds its ports by its reply entries, so its words carry marks only; they
+/// share the array with IPv4's claims (a mark never overwrites a live claim, and a claim taken
+/// over a mark loses it: either way a port only loses its preference).
+#[inline(always)]
+pub const fn claim_index6(rkey: &crate::v6::FlowKey6, claims: u32) -> u32 {
+    let mut h = (rkey.proto as u32).wrapping_mul(0x9e37_79b9) ^ 0x7f4a_7c15;
+    let mut i = 0;
+    while i < 4 {
+        h = crate::hash::mix(h, rkey.saddr[i]);
+        h = crate::hash::mix(h, rkey.daddr[i]);
+        i += 1;
+    }
+    h = crate::hash::mix(h, rkey.sport as u32);
+    let port = u16::from_be(rkey.dport) as u32;
+    (crate::hash::finalize(h).wrapping_add(port)) & claims.wrapping_sub(1)
+}
+
 /// The tick of `now_ns`.
 #[inline(always)]
 pub const fn tick(now_ns: u64) -> u32 {
@@ -221,6 +240,33 @@ mod tests {
         assert_eq!(snat_claims(1024), 65_536);
         assert_eq!(snat_claims(65_536), 262_144);
         assert_eq!(snat_claims(u32::MAX), 1 << 30);
+    }
+
+    #[test]
+    fn one_ipv6_backends_ports_never_share_a_word() {
+        let rkey6 = |last: u32, port: u16| crate::v6::FlowKey6 {
+            saddr: [0xfd00_0050u32.to_be(), 0, 0, last.to_be()],
+            daddr: [0xfd00_0060u32.to_be(), 0, 0, 1u32.to_be()],
+            sport: port_to_wire(8000),
+            dport: port_to_wire(port),
+            proto: IPPROTO_TCP,
+            _pad: 0,
+            _pad2: 0,
+        };
+        let claims = snat_claims(65_536);
+        let mut seen = std::collections::BTreeSet::new();
+        for port in 0..=u16::MAX {
+            assert!(seen.insert(claim_index6(&rkey6(0x11, port), claims)));
+        }
+        // Another backend's default range shares few words (uniform placement: ~78).
+        let a: std::collections::BTreeSet<u32> = (61_000..=65_535)
+            .map(|p| claim_index6(&rkey6(0x11, p), claims))
+            .collect();
+        let b: std::collections::BTreeSet<u32> = (61_000..=65_535)
+            .map(|p| claim_index6(&rkey6(0x12, p), claims))
+            .collect();
+        let met = a.intersection(&b).count();
+        assert!(met < 400, "{met} shared words");
     }
 
     #[test]

@@ -113,6 +113,35 @@ fn abandoned(cur: u64, i: u32) -> bool {
         || claim_index(&s.full_nat_reply_key(), config().snat_claims) != i
 }
 
+/// Marks IPv6 full-NAT reply key `rkey`'s word at `now` (as [`mark_time_wait`]: the backend
+/// closed first, the client's FIN has just passed; lb-common's `claim::claim_index6`). A BPF
+/// subprogram, as [`mark_time_wait`].
+#[inline(never)]
+pub fn mark_time_wait6(rkey: &lb_common::v6::FlowKey6, now: u64) {
+    if !in_range(rkey.dport) {
+        return;
+    }
+    let i = lb_common::claim::claim_index6(rkey, config().snat_claims);
+    let Some(w) = SNAT_CLAIMS.get_ptr_mut(i) else {
+        return;
+    };
+    // SAFETY: see `swap`.
+    let cur = unsafe { read_volatile(w) };
+    if !live(cur, now) {
+        swap(w, cur, time_wait(now));
+    }
+}
+
+/// Whether a TIME_WAIT mark stands on IPv6 full-NAT reply key `rkey`'s word at `now`.
+#[inline(always)]
+pub fn in_time_wait6(rkey: &lb_common::v6::FlowKey6, now: u64) -> bool {
+    let i = lb_common::claim::claim_index6(rkey, config().snat_claims);
+    SNAT_CLAIMS
+        .get_ptr(i)
+        // SAFETY: see `swap`.
+        .is_some_and(|w| in_time_wait(unsafe { read_volatile(w) }, now))
+}
+
 /// Gives back the claim word `mine` that `take` returned for `rkey` (the port was held
 /// elsewhere after all).
 #[inline(always)]

@@ -185,6 +185,10 @@ pub struct Work6 {
     hash: u32,
     /// Whether the port search took a port (set by `port_try6`).
     taken: u32,
+    /// The port search's pass and whether its first passed a port by for its TIME_WAIT mark
+    /// (as IPv4's `NatScratch`).
+    second_pass: u32,
+    time_wait_seen: u32,
 }
 
 /// This CPU's `WORK6` slot.
@@ -984,6 +988,10 @@ fn forward6_inner(
         if rev.is_none_or(|r| ct::in_window(unsafe { &(*r).ct }, flow.seq)) {
             let bits = ct::close_bits(flow.proto, flow.tcp_flags, DIR_FORWARD);
             if e.ct.full_nat() {
+                if bits == ct::CT_F_FIN_CLIENT && e.ct.flags & ct::CT_F_FIN_BACKEND != 0 {
+                    // The backend closed first (see IPv4's `forward_inner`).
+                    crate::claim::mark_time_wait6(rkey, now);
+                }
                 let end = fin_end6(ctx, flow);
                 // SAFETY: a valid map value pointer.
                 let r = rev.map(|r| unsafe { &raw mut (*r).ct });
@@ -1457,14 +1465,25 @@ fn take_port6_in(table: &'static Table6, p: &Pkt6) -> bool {
     };
     w.hash = flow_hash6(&p.key, cfg.hash_seed);
     w.taken = 0;
+    w.second_pass = 0;
+    w.time_wait_seen = 0;
     let callback = if core::ptr::eq(table, &CT_NEW6) {
         port_try6::<true> as *mut core::ffi::c_void
     } else {
         port_try6::<false> as *mut core::ffi::c_void
     };
     crate::claim::port_search(callback);
-    // SAFETY: a volatile read of this CPU's slot, written by the callback.
-    unsafe { core::ptr::read_volatile(&w.taken) != 0 }
+    // SAFETY: volatile reads of this CPU's slot, written by the callback.
+    unsafe {
+        // Every port tried held, some only by a TIME_WAIT mark: those are taken (as IPv4's).
+        if core::ptr::read_volatile(&w.taken) == 0
+            && core::ptr::read_volatile(&w.time_wait_seen) != 0
+        {
+            w.second_pass = 1;
+            crate::claim::port_search(callback);
+        }
+        core::ptr::read_volatile(&w.taken) != 0
+    }
 }
 
 /// [`take_port6`]'s `bpf_loop` callback, try `i`, in CT_NEW6 if `NEW`, else CONNTRACK6: the
@@ -1481,6 +1500,14 @@ extern "C" fn port_try6<const NEW: bool>(i: u64, _ctx: *mut core::ffi::c_void) -
     // SAFETY: a volatile read of this CPU's slot (written before the loop).
     let hash = unsafe { core::ptr::read_volatile(&w.hash) };
     w.rkey.dport = ct::snat_try(cfg, hash, i as u32);
+    // SAFETY: a volatile read of this CPU's slot (`take_port6_in` writes it between passes).
+    if unsafe { core::ptr::read_volatile(&w.second_pass) } == 0
+        && crate::claim::in_time_wait6(&w.rkey, now)
+    {
+        w.time_wait_seen = 1;
+        count(Reason::EventSnatPortTaken);
+        return 0;
+    }
     if port_free6(other6(table), &w.rkey, now)
         && port_free6(table, &w.rkey, now)
         && table

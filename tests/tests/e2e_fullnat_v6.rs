@@ -233,3 +233,33 @@ fn full_nat_rewrites_carry_checksums_right_for_partial_and_complete_skbs_over_ip
     berth.wait_for("checksums of rewritten packets: by hand from ip_summed", 1);
     check_rewritten_checksums("IPv6 full NAT", &t.client, &t.backends, service());
 }
+
+#[test]
+fn ipv6_connections_to_a_backend_that_closes_first_never_meet_its_time_wait() {
+    let t = remote6();
+    // As over IPv4 (`e2e_fullnat.rs`): without timestamps (the sysctl is IPv4's by name and
+    // both families' in effect), "newer" is the sequence number's coin toss.
+    t.client
+        .exec(&["sysctl", "-qw", "net.ipv4.tcp_timestamps=0"]);
+    let config = r#"
+[dataplane]
+maglev_table_size = 65537
+snat_ports = "61000-61011"
+[[service]]
+name = "web"
+listen = "[::]:8080"
+mode = "fullnat"
+backends = ["[fd00:50::11]:8000"]
+"#;
+    let mut berth = Berth::start(&t.lb, config, &["eth0"]);
+    berth.wait_for("attached to eth1 (route to full-NAT backends)", 1);
+    berth_tests::topo::requests_never_meet_time_wait(
+        &t.client,
+        &t.backends[0],
+        service(),
+        12,
+        "[fd00:60::1]:",
+    );
+    let (st, _) = berth.stop();
+    assert!(st.success());
+}

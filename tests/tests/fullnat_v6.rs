@@ -572,3 +572,62 @@ fn a_port_is_free_once_the_final_ack_passed_and_held_until_then() {
         }
     });
 }
+
+#[test]
+fn a_port_whose_backend_closed_first_is_taken_only_when_no_other_is_free() {
+    in_fixture6_netns(|| {
+        let two = PortRange {
+            first: 61010,
+            last: 61011,
+        };
+        let svc = sa6(VIP6, 80);
+        let tries_first = |port: u16, from: u16| {
+            (from..u16::MAX)
+                .map(client6)
+                .find(|&c| {
+                    let h = flow_hash6(&flow_key6(c, svc, IPPROTO_TCP), options().hash_seed);
+                    ct::snat_port(h, 0, two.first, two.last) == port
+                })
+                .expect("a client trying the port first")
+        };
+        let leaves_from = |f: &Fixture, c: SocketAddrV6| {
+            let syn = tcp6(c, svc, TCP_SYN, 77, 0).build();
+            assert_fwd(&f.run(&syn), &syn, &[b6(1)], two).1.port()
+        };
+        // A connection on 61010 that its backend closes first: the client's FIN after the
+        // backend's, then the backend's final ACK (it is in TIME_WAIT from the FIN on).
+        let closed_by_backend = |f: &Fixture| {
+            let c = tries_first(61010, 42000);
+            let syn = tcp6(c, svc, TCP_SYN, 1000, 0).build();
+            let (be, snat) = assert_fwd(&f.run(&syn), &syn, &[b6(1)], two);
+            assert_eq!(snat.port(), 61010);
+            let fwd = |p: Ipv6Packet| {
+                let p = p.build();
+                assert_fwd(&f.run(&p), &p, &[be], two);
+            };
+            let back = |p: Ipv6Packet| {
+                let p = p.build();
+                assert_reply(&f.run(&p), &p, svc, c);
+            };
+            back(tcp6(be, snat, TCP_SYN | TCP_ACK, 5000, 1001));
+            fwd(tcp6(c, svc, TCP_ACK, 1001, 5001));
+            back(tcp6(be, snat, TCP_FIN | TCP_ACK, 5001, 1001));
+            fwd(tcp6(c, svc, TCP_FIN | TCP_ACK, 1001, 5002));
+            back(tcp6(be, snat, TCP_ACK, 5002, 1002));
+            let rev = ct6(f, &flow_key6(be, snat, IPPROTO_TCP)).unwrap();
+            assert_ne!(rev.ct.flags & ct::CT_F_LAST_ACK, 0, "{rev:?}");
+            c
+        };
+        // Another port free: a new flow trying 61010 first leaves from 61011.
+        let f = one_backend(two, Duration::from_secs(1));
+        closed_by_backend(&f);
+        assert_eq!(leaves_from(&f, tries_first(61010, 43000)), 61011);
+        // 61011 held by a live flow: 61010 is taken after all (the second pass), and the old
+        // connection's entries go.
+        let mut f = one_backend(two, Duration::from_secs(1));
+        let old = closed_by_backend(&f);
+        stage_pair(&mut f, client6(5555), 61011);
+        assert_eq!(leaves_from(&f, tries_first(61010, 43000)), 61010);
+        assert!(ct6(&f, &flow_key6(old, svc, IPPROTO_TCP)).is_none());
+    });
+}
