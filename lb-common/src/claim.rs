@@ -67,16 +67,29 @@ pub const fn claim_index(rkey: &FlowKey, claims: u32) -> u32 {
 /// over a mark loses it: either way a port only loses its preference).
 #[inline(always)]
 pub const fn claim_index6(rkey: &crate::v6::FlowKey6, claims: u32) -> u32 {
-    let mut h = (rkey.proto as u32).wrapping_mul(0x9e37_79b9) ^ 0x7f4a_7c15;
-    let mut i = 0;
-    while i < 4 {
-        h = crate::hash::mix(h, rkey.saddr[i]);
-        h = crate::hash::mix(h, rkey.daddr[i]);
-        i += 1;
+    claim_index6_at(claim_base6(rkey), rkey.dport, claims)
+}
+
+/// [`claim_index6`]'s hash of everything in `rkey` but its port: the same for every port a
+/// flow's search tries, so computed once per search.
+#[inline(always)]
+pub const fn claim_base6(rkey: &crate::v6::FlowKey6) -> u32 {
+    // Each address folded into a word first: three rounds instead of nine (the words only
+    // spread marks, and a shared word costs a port its preference, nothing more).
+    const fn fold(a: [u32; 4]) -> u32 {
+        a[0] ^ a[1].rotate_left(8) ^ a[2].rotate_left(16) ^ a[3].rotate_left(24)
     }
+    let mut h = (rkey.proto as u32).wrapping_mul(0x9e37_79b9) ^ 0x7f4a_7c15;
+    h = crate::hash::mix(h, fold(rkey.saddr));
+    h = crate::hash::mix(h, fold(rkey.daddr));
     h = crate::hash::mix(h, rkey.sport as u32);
-    let port = u16::from_be(rkey.dport) as u32;
-    (crate::hash::finalize(h).wrapping_add(port)) & claims.wrapping_sub(1)
+    crate::hash::finalize(h)
+}
+
+/// [`claim_index6`] from its [`claim_base6`] `base` and the port (network order).
+#[inline(always)]
+pub const fn claim_index6_at(base: u32, port: u16, claims: u32) -> u32 {
+    base.wrapping_add(u16::from_be(port) as u32) & claims.wrapping_sub(1)
 }
 
 /// The tick of `now_ns`.
@@ -134,14 +147,25 @@ pub const TIME_WAIT_TICKS: u32 = (60_000_000_000u64 >> CLAIM_TICK_SHIFT) as u32;
 /// reused port is the same 4-tuple, and a new SYN meeting the TIME_WAIT socket is taken only if
 /// it is newer than the old connection (its timestamp, which clients offset at random per
 /// address pair, or its sequence number); else the backend answers with the old connection's
-/// ACK, and the new client's connection waits for its 1 s SYN retry. So the port search leaves
-/// such ports for its second pass, taken only when every port it tried was held or marked.
-/// The mark holds no port: a live claim's word is never overwritten by it, and a new flow
-/// takes a marked word as a free one.
+/// ACK, which the new client resets before sending its SYN again (a Linux client ~10 ms later,
+/// other stacks after their SYN timeout), and the TIME_WAIT's protection against the old
+/// connection's late segments is gone. So the port search passes marked ports by (up to
+/// [`TIME_WAIT_PASSES`] of them) while it finds others, and takes one when it finds none. The
+/// mark holds no port: a live claim's word is never overwritten by it, and a new flow takes a
+/// marked word as a free one.
 #[inline(always)]
 pub const fn time_wait(now_ns: u64) -> u64 {
     ((tick(now_ns) as u64) << 32) | TIME_WAIT_MARK as u64
 }
+
+/// How many marked ports one flow's port search passes by at most; past them it takes a marked
+/// port as a free one. Where most ports are marked (past ~`range / 60` new connections per
+/// second to one backend), reuse is unavoidable, and each port passed by is a try more (a BPF
+/// call, ~11 ns on the slower machine measured); four bound that to ~45 ns. A flow takes a
+/// marked port only when its first four tries (not counting held ports) all meet marks, or
+/// every try is held or marked: with a quarter of the ports marked, 0.4% of flows; with half,
+/// 6%.
+pub const TIME_WAIT_PASSES: u32 = 4;
 
 /// Whether claim word `w` is a [`time_wait`] mark still standing at `now_ns`.
 #[inline(always)]

@@ -53,17 +53,17 @@ pub enum Busy {
 }
 
 /// Takes `rkey`'s claim word at `now` for a flow not recorded yet, unless a live claim holds it
-/// (maybe another reply key's sharing the word) for a flow still pending, or (`first_pass`) a
-/// TIME_WAIT mark stands on it. Returns the word taken.
+/// (maybe another reply key's sharing the word) for a flow still pending, or (`pass_marked`)
+/// a TIME_WAIT mark stands on it. Returns the word taken.
 #[inline(always)]
-pub fn take(rkey: &FlowKey, now: u64, first_pass: bool) -> Result<u64, Busy> {
+pub fn take(rkey: &FlowKey, now: u64, pass_marked: bool) -> Result<u64, Busy> {
     let i = claim_index(rkey, config().snat_claims);
     let Some(w) = SNAT_CLAIMS.get_ptr_mut(i) else {
         return Err(Busy::Held);
     };
     // SAFETY: see `swap`; a racing write makes the swap below fail.
     let cur = unsafe { read_volatile(w) };
-    if first_pass && in_time_wait(cur, now) {
+    if pass_marked && in_time_wait(cur, now) {
         return Err(Busy::TimeWait);
     }
     let mine = word(now, None);
@@ -132,10 +132,11 @@ pub fn mark_time_wait6(rkey: &lb_common::v6::FlowKey6, now: u64) {
     }
 }
 
-/// Whether a TIME_WAIT mark stands on IPv6 full-NAT reply key `rkey`'s word at `now`.
+/// Whether a TIME_WAIT mark stands at `now` on the word of the IPv6 full-NAT reply key whose
+/// `claim_base6` is `base` and whose port (network order) is `port`.
 #[inline(always)]
-pub fn in_time_wait6(rkey: &lb_common::v6::FlowKey6, now: u64) -> bool {
-    let i = lb_common::claim::claim_index6(rkey, config().snat_claims);
+pub fn in_time_wait6(base: u32, port: u16, now: u64) -> bool {
+    let i = lb_common::claim::claim_index6_at(base, port, config().snat_claims);
     SNAT_CLAIMS
         .get_ptr(i)
         // SAFETY: see `swap`.

@@ -190,10 +190,10 @@ pub struct NatScratch {
     /// The table epoch `new_flow` read before its pick (the first of the two reads a stamp
     /// needs; the second follows the backend's read in `new_full_nat_flow`).
     before: u64,
-    /// The port search's pass: 0 the first (ports under a TIME_WAIT mark are passed by), 1
-    /// the second (they are taken like free ones).
+    /// The port search's pass: 0 the first (ports under a TIME_WAIT mark are passed by, up to
+    /// `claim::TIME_WAIT_PASSES` of them), 1 the second (they are taken like free ones).
     second_pass: u32,
-    /// Set by the first pass when it passed a port by for its TIME_WAIT mark.
+    /// How many ports the first pass passed by for their TIME_WAIT marks.
     time_wait_seen: u32,
 }
 
@@ -2111,10 +2111,16 @@ extern "C" fn port_try<const NEW: bool>(i: u64, _ctx: *mut core::ffi::c_void) ->
     }
     // SAFETY: a volatile read of this CPU's scratch slot (`take_port` writes it between the
     // passes).
-    let first_pass = unsafe { core::ptr::read_volatile(&s.second_pass) } == 0;
-    let mine = try_port::<NEW>(&s.rkey, &s.half, pending, p, first_pass);
+    let (second, passed) = unsafe {
+        (
+            core::ptr::read_volatile(&s.second_pass),
+            core::ptr::read_volatile(&s.time_wait_seen),
+        )
+    };
+    let pass_marked = second == 0 && passed < lb_common::claim::TIME_WAIT_PASSES;
+    let mine = try_port::<NEW>(&s.rkey, &s.half, pending, p, pass_marked);
     if mine == PASSED_FOR_TIME_WAIT {
-        s.time_wait_seen = 1;
+        s.time_wait_seen = passed + 1;
     } else if mine != 0 {
         s.claim = mine;
         return 1;
@@ -2140,9 +2146,9 @@ fn try_port<const NEW: bool>(
     half: &CtEntry,
     pending: bool,
     p: &Pkt,
-    first_pass: bool,
+    pass_marked: bool,
 ) -> u64 {
-    let mine = match claim::take(rkey, p.now, first_pass) {
+    let mine = match claim::take(rkey, p.now, pass_marked) {
         Ok(mine) => mine,
         Err(busy) => {
             if half.epoch != 0 {

@@ -183,10 +183,12 @@ pub struct Work6 {
     pair_key: FlowKey6,
     /// A new full-NAT flow's hash, for its port search's tries (`port_try6`).
     hash: u32,
+    /// Its reply key's `claim::claim_base6`, for the TIME_WAIT marks of its tries.
+    claim_base: u32,
     /// Whether the port search took a port (set by `port_try6`).
     taken: u32,
-    /// The port search's pass and whether its first passed a port by for its TIME_WAIT mark
-    /// (as IPv4's `NatScratch`).
+    /// The port search's pass and how many ports its first passed by for their TIME_WAIT
+    /// marks (as IPv4's `NatScratch`).
     second_pass: u32,
     time_wait_seen: u32,
 }
@@ -1464,6 +1466,7 @@ fn take_port6_in(table: &'static Table6, p: &Pkt6) -> bool {
         return false;
     };
     w.hash = flow_hash6(&p.key, cfg.hash_seed);
+    w.claim_base = lb_common::claim::claim_base6(&w.rkey);
     w.taken = 0;
     w.second_pass = 0;
     w.time_wait_seen = 0;
@@ -1502,9 +1505,17 @@ extern "C" fn port_try6<const NEW: bool>(i: u64, _ctx: *mut core::ffi::c_void) -
     w.rkey.dport = ct::snat_try(cfg, hash, i as u32);
     // SAFETY: a volatile read of this CPU's slot (`take_port6_in` writes it between passes).
     if unsafe { core::ptr::read_volatile(&w.second_pass) } == 0
-        && crate::claim::in_time_wait6(&w.rkey, now)
+        // SAFETY: as above.
+        && unsafe { core::ptr::read_volatile(&w.time_wait_seen) }
+            < lb_common::claim::TIME_WAIT_PASSES
+        // SAFETY: as above.
+        && crate::claim::in_time_wait6(
+            unsafe { core::ptr::read_volatile(&w.claim_base) },
+            w.rkey.dport,
+            now,
+        )
     {
-        w.time_wait_seen = 1;
+        w.time_wait_seen += 1;
         count(Reason::EventSnatPortTaken);
         return 0;
     }

@@ -244,7 +244,7 @@ fn ipv6_connections_to_a_backend_that_closes_first_never_meet_its_time_wait() {
     let config = r#"
 [dataplane]
 maglev_table_size = 65537
-snat_ports = "61000-61011"
+snat_ports = "61000-61003"
 [[service]]
 name = "web"
 listen = "[::]:8080"
@@ -257,7 +257,7 @@ backends = ["[fd00:50::11]:8000"]
         &t.client,
         &t.backends[0],
         service(),
-        12,
+        4,
         "[fd00:60::1]:",
     );
     let (st, _) = berth.stop();

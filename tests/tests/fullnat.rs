@@ -841,6 +841,45 @@ fn a_port_whose_backend_closed_first_is_taken_only_when_no_other_is_free() {
     });
 }
 
+#[test]
+fn a_flow_passes_at_most_four_marked_ports_by() {
+    in_fixture_netns(|| {
+        let ports = PortRange {
+            first: 61020,
+            last: 61025,
+        };
+        let vip = sa(VIP, 80);
+        let c = client(48100);
+        let h = flow_hash(&flow_key(c, vip, IPPROTO_TCP), options().hash_seed);
+        // A six-port range is walked port by port from the flow's first try.
+        let try_ = |i| ct::snat_port(h, i, ports.first, ports.last);
+        let mark = |f: &mut Fixture, i| {
+            let rkey = flow_key(b8000(1), sa(HOST, try_(i)), IPPROTO_TCP);
+            f.rec
+                .dataplane_mut()
+                .claim_store(&rkey, claim::time_wait(monotonic_ns()));
+        };
+        let leaves_from = |f: &Fixture| {
+            let syn = tcp(c, vip, TCP_SYN, 77, 0).build();
+            let run = f.run(&syn);
+            let port = assert_fwd(&run, &syn, &[b8000(1)], FULL).peer.port();
+            (port, run.counted(Reason::EventSnatPortTaken))
+        };
+        // Its first four tries marked: it passes them by and takes the fifth, free.
+        let mut f = one_backend(ports);
+        for i in 0..4 {
+            mark(&mut f, i);
+        }
+        assert_eq!(leaves_from(&f), (try_(4), 4));
+        // Every port marked: past four, it takes the fifth, marked.
+        let mut f = one_backend(ports);
+        for i in 0..6 {
+            mark(&mut f, i);
+        }
+        assert_eq!(leaves_from(&f), (try_(4), 4));
+    });
+}
+
 /// Whether a new flow from `c` leaves from `port` (checked to be translated either way).
 fn new_flow_takes_port(f: &Fixture, c: SocketAddrV4, port: u16) -> bool {
     let syn = tcp(c, sa(VIP, 80), TCP_SYN, 77, 0).build();
