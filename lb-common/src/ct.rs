@@ -229,9 +229,9 @@ pub const fn close_bits(proto: u8, tcp_flags: u8, dir: u8) -> u8 {
 /// an ACK, the new client resets it, and its SYN retry gets through), as for any client
 /// reusing a port. The hold never covered the backend's 60 s TIME_WAIT either; the port search
 /// passes such a port by while another is free instead (`crate::claim::time_wait`). What the
-/// hold
-/// still covers, and immediate reuse does not: a final ACK lost *after* berth, toward a backend
-/// that closed second; its retransmitted FIN then reaches the new flow (see README "Full NAT").
+/// hold still covers, and immediate reuse does not: a final ACK lost *after* berth, toward a
+/// backend that closed second; its retransmitted FIN then reaches the new flow (see README
+/// "Full NAT").
 #[inline(always)]
 pub const fn port_reusable(rev: &CtEntry, now_ns: u64, cfg: &DpConfig) -> bool {
     rev.state == STATE_CLOSING

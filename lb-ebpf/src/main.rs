@@ -2072,8 +2072,8 @@ fn take_port(table: &'static Table, s: &mut NatScratch, p: &Pkt) -> bool {
     claim::port_search(callback);
     // SAFETY: volatile reads of this CPU's scratch slot, written by the callback.
     let mut mine = unsafe { core::ptr::read_volatile(&s.claim) };
-    // Every port tried held, some only by a TIME_WAIT mark: the marked ones are better than
-    // none (the backend takes a newer SYN at once, and answers an older one after its retry).
+    // Every port tried held, some only by a TIME_WAIT mark: a marked one is better than none
+    // (the backend takes a newer SYN at once; an older one costs the client a SYN retry).
     // SAFETY: as above.
     if mine == 0 && unsafe { core::ptr::read_volatile(&s.time_wait_seen) } != 0 {
         s.second_pass = 1;
