@@ -167,6 +167,21 @@ pub const fn time_wait(now_ns: u64) -> u64 {
 /// 6%.
 pub const TIME_WAIT_PASSES: u32 = 4;
 
+/// Whether a full-NAT flow's client segment that adds closing bits `bits` (`ct::close_bits`)
+/// to a forward entry with flags `flags` leaves the backend in TIME_WAIT: a client's FIN (no
+/// RST) after the backend's. The mark's one rule, both families'.
+#[inline(always)]
+pub const fn leaves_time_wait(flags: u8, bits: u8) -> bool {
+    bits == crate::ct::CT_F_FIN_CLIENT && flags & crate::ct::CT_F_FIN_BACKEND != 0
+}
+
+/// Whether the port search still passes a marked port by: in its first pass (`second_pass`
+/// false), having passed `passed` by so far (at most [`TIME_WAIT_PASSES`]). Both families'.
+#[inline(always)]
+pub const fn passes_marked(second_pass: bool, passed: u32) -> bool {
+    !second_pass && passed < TIME_WAIT_PASSES
+}
+
 /// Whether claim word `w` is a [`time_wait`] mark still standing at `now_ns`.
 #[inline(always)]
 pub const fn in_time_wait(w: u64, now_ns: u64) -> bool {
@@ -251,6 +266,19 @@ mod tests {
             assert!(!in_time_wait(c, t0), "{c:#x}");
         }
         assert!(live(word(t0, Some(u32::MAX - 2)), t0));
+    }
+
+    #[test]
+    fn only_a_clients_fin_after_the_backends_leaves_it_in_time_wait() {
+        use crate::ct::{CT_F_CLOSED, CT_F_FIN_BACKEND, CT_F_FIN_CLIENT};
+        assert!(leaves_time_wait(CT_F_FIN_BACKEND, CT_F_FIN_CLIENT));
+        // The client first, a RST, or no FIN from the backend yet: no TIME_WAIT there.
+        assert!(!leaves_time_wait(0, CT_F_FIN_CLIENT));
+        assert!(!leaves_time_wait(CT_F_FIN_BACKEND, CT_F_CLOSED));
+        assert!(!leaves_time_wait(CT_F_FIN_CLIENT, CT_F_FIN_BACKEND));
+        // Four marked ports passed by in the first pass, then none; none in the second.
+        assert!(passes_marked(false, 0) && passes_marked(false, TIME_WAIT_PASSES - 1));
+        assert!(!passes_marked(false, TIME_WAIT_PASSES) && !passes_marked(true, 0));
     }
 
     #[test]

@@ -79,10 +79,15 @@ pub fn take(rkey: &FlowKey, now: u64, pass_marked: bool) -> Result<u64, Busy> {
 /// subprogram: called on the forward path's close only, outside the main frame.
 #[inline(never)]
 pub fn mark_time_wait(rkey: &FlowKey, now: u64) {
-    if !in_range(rkey.dport) {
-        return;
+    if in_range(rkey.dport) {
+        mark_word(claim_index(rkey, config().snat_claims), now);
     }
-    let Some(w) = at(rkey) else {
+}
+
+/// Writes a TIME_WAIT mark at `now` into claim word `i` unless a live claim holds it.
+#[inline(always)]
+fn mark_word(i: u32, now: u64) {
+    let Some(w) = SNAT_CLAIMS.get_ptr_mut(i) else {
         return;
     };
     // SAFETY: see `swap`.
@@ -118,17 +123,11 @@ fn abandoned(cur: u64, i: u32) -> bool {
 /// subprogram, as [`mark_time_wait`].
 #[inline(never)]
 pub fn mark_time_wait6(rkey: &lb_common::v6::FlowKey6, now: u64) {
-    if !in_range(rkey.dport) {
-        return;
-    }
-    let i = lb_common::claim::claim_index6(rkey, config().snat_claims);
-    let Some(w) = SNAT_CLAIMS.get_ptr_mut(i) else {
-        return;
-    };
-    // SAFETY: see `swap`.
-    let cur = unsafe { read_volatile(w) };
-    if !live(cur, now) {
-        swap(w, cur, time_wait(now));
+    if in_range(rkey.dport) {
+        mark_word(
+            lb_common::claim::claim_index6(rkey, config().snat_claims),
+            now,
+        );
     }
 }
 

@@ -1372,7 +1372,7 @@ fn forward_inner(ctx: &TcContext, p: &Pkt, e: &mut CtEntry, table: &'static Tabl
         if rev.is_none_or(|r| ct::in_window(unsafe { &*r }, flow.seq)) {
             let bits = ct::close_bits(flow.proto, flow.tcp_flags, DIR_FORWARD);
             if e.full_nat() {
-                if bits == ct::CT_F_FIN_CLIENT && e.flags & ct::CT_F_FIN_BACKEND != 0 {
+                if lb_common::claim::leaves_time_wait(e.flags, bits) {
                     // The client's FIN after the backend's: the backend closed first and holds
                     // the connection in TIME_WAIT from now on.
                     claim::mark_time_wait(&rkey, now);
@@ -2117,7 +2117,7 @@ extern "C" fn port_try<const NEW: bool>(i: u64, _ctx: *mut core::ffi::c_void) ->
             core::ptr::read_volatile(&s.time_wait_seen),
         )
     };
-    let pass_marked = second == 0 && passed < lb_common::claim::TIME_WAIT_PASSES;
+    let pass_marked = lb_common::claim::passes_marked(second != 0, passed);
     let mine = try_port::<NEW>(&s.rkey, &s.half, pending, p, pass_marked);
     if mine == PASSED_FOR_TIME_WAIT {
         s.time_wait_seen = passed + 1;

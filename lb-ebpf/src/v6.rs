@@ -990,7 +990,7 @@ fn forward6_inner(
         if rev.is_none_or(|r| ct::in_window(unsafe { &(*r).ct }, flow.seq)) {
             let bits = ct::close_bits(flow.proto, flow.tcp_flags, DIR_FORWARD);
             if e.ct.full_nat() {
-                if bits == ct::CT_F_FIN_CLIENT && e.ct.flags & ct::CT_F_FIN_BACKEND != 0 {
+                if lb_common::claim::leaves_time_wait(e.ct.flags, bits) {
                     // The backend closed first (see IPv4's `forward_inner`).
                     crate::claim::mark_time_wait6(rkey, now);
                 }
@@ -1504,10 +1504,11 @@ extern "C" fn port_try6<const NEW: bool>(i: u64, _ctx: *mut core::ffi::c_void) -
     let hash = unsafe { core::ptr::read_volatile(&w.hash) };
     w.rkey.dport = ct::snat_try(cfg, hash, i as u32);
     // SAFETY: a volatile read of this CPU's slot (`take_port6_in` writes it between passes).
-    if unsafe { core::ptr::read_volatile(&w.second_pass) } == 0
+    if lb_common::claim::passes_marked(
+        unsafe { core::ptr::read_volatile(&w.second_pass) } != 0,
         // SAFETY: as above.
-        && unsafe { core::ptr::read_volatile(&w.time_wait_seen) }
-            < lb_common::claim::TIME_WAIT_PASSES
+        unsafe { core::ptr::read_volatile(&w.time_wait_seen) },
+    )
         // SAFETY: as above.
         && crate::claim::in_time_wait6(
             unsafe { core::ptr::read_volatile(&w.claim_base) },

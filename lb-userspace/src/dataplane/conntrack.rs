@@ -185,9 +185,7 @@ impl Dataplane {
     /// Stores `w` into full-NAT reply key `rkey`'s port claim word: for tests that age a
     /// TIME_WAIT mark (`claim::time_wait`).
     pub fn claim_store(&mut self, rkey: &FlowKey, w: u64) {
-        if let Some(atomic) = self.claim_view.atomic(rkey) {
-            atomic.store(w, std::sync::atomic::Ordering::SeqCst);
-        }
+        self.claim_view.store(rkey, w);
     }
 
     /// Clears every pending handshake of the table (each way's check word stored 0), leaving
@@ -528,11 +526,13 @@ impl ClaimView {
     /// Stores into `rkey`'s claim word a claim taken at `at_ns` for a handshake being recorded
     /// (naming no slot yet). For tests that hold a port's claim.
     pub(super) fn hold(&self, rkey: &FlowKey, at_ns: u64) {
+        self.store(rkey, lb_common::claim::word(at_ns, None));
+    }
+
+    /// Stores `w` into `rkey`'s claim word. For tests.
+    pub(super) fn store(&self, rkey: &FlowKey, w: u64) {
         if let Some(atomic) = self.atomic(rkey) {
-            atomic.store(
-                lb_common::claim::word(at_ns, None),
-                std::sync::atomic::Ordering::SeqCst,
-            );
+            atomic.store(w, std::sync::atomic::Ordering::SeqCst);
         }
     }
 
