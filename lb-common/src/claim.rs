@@ -26,6 +26,30 @@ use crate::{FlowKey, ct::UNCONFIRMED_PORT_HOLD_NS};
 /// The claim words: an array of `u64`, `snat_claims(..)` long (a power of two).
 pub const MAP_SNAT_CLAIMS: &str = "SNAT_CLAIMS";
 
+/// The reply index: an array of [`FlowKey`], as long as [`MAP_SNAT_CLAIMS`] and indexed as it
+/// ([`claim_index`]): the forward key of the confirmed full-NAT flow whose reply key has that
+/// index, written when the flow is confirmed (its forward entry is then `ct::LAZY_INDEXED`),
+/// zero where none. Read by a reply that finds no reply half (derived from the forward entry the
+/// index names, if that flow's reply key is the packet's) and by the port search (a port whose
+/// reply half is gone is still held while the indexed forward half lives). Written only by a
+/// CPU holding the slot's claim word, so two never write one slot; a slot naming a live flow is
+/// never overwritten (a flow that finds its slot so taken is not indexed and takes the full
+/// path).
+pub const MAP_FNAT_INDEX: &str = "FNAT_INDEX";
+
+/// Which reply-index slots name a flow: an array of `u64` bit words, bit `i % 64` of word
+/// `i / 64` for slot `i` ([`named_words`] long). The port search reads a slot only where its bit
+/// is set: the index is 16 bytes a slot, and a slot read on every try was a cache miss more per
+/// new flow (+50 ns measured); the bits of the default size take 32 KiB. Set and cleared with
+/// the slot, by a CPU holding the slot's claim word (atomically: a word's 64 bits are 64 claim
+/// words').
+pub const MAP_FNAT_NAMED: &str = "FNAT_NAMED";
+
+/// Words of [`MAP_FNAT_NAMED`] for `claims` claim words (a power of two of at least 65,536).
+pub const fn named_words(claims: u32) -> u32 {
+    claims / 64
+}
+
 /// A claim's clock: `now_ns >> CLAIM_TICK_SHIFT` (~1 ms ticks; the 32-bit tick wraps in ~52
 /// days, and a claim is judged by a wrapping difference).
 pub const CLAIM_TICK_SHIFT: u32 = 20;

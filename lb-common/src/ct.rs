@@ -181,6 +181,13 @@ pub const LAZY_RECORDED: u8 = 1;
 /// [`CtEntry::lazy`]: a forward entry recorded lazily whose backend has answered (its reply half
 /// was derived at least once).
 pub const LAZY_ANSWERED: u8 = 2;
+/// [`CtEntry::lazy`]: a confirmed IPv4 full-NAT TCP flow's forward entry whose forward key is in
+/// the reply index (lb-common's `claim::MAP_FNAT_INDEX`) at its reply key's claim word: a reply
+/// that finds no reply half derives it from this entry through the index, and the port search
+/// keeps the port while this entry lives, so its forward packets need not look the reply half
+/// up except to close or refresh the flow, as a lazily recorded flow's. (Not `WINDOW_LOST`'s
+/// value, which only reply entries carry.)
+pub const LAZY_INDEXED: u8 = 4;
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
@@ -382,9 +389,10 @@ pub fn record_backend_ack(rev: &mut CtEntry, ack: u32) {
 }
 
 /// Whether a forward packet of the flow whose forward entry is `fwd` may go without looking up
-/// its reply half: the flow is recorded lazily ([`CtEntry::lazy`]: its backend's replies derive
-/// a missing reply half), the packet does not close it (a FIN or RST is judged against the reply
-/// half's window and marks both halves), and it is not the flow's once-a-second refresh (which
+/// its reply half: the flow is recorded lazily or indexed ([`CtEntry::lazy`]: its backend's
+/// replies derive a missing reply half), the packet does not close it (a FIN or RST is judged
+/// against the reply half's window and marks both halves), the flow is not closing (a full-NAT
+/// flow's final ACK is judged and marked so too), and it is not the flow's once-a-second refresh (which
 /// stamps both halves together, so the reply half of a flow whose client only sends never
 /// expires). The TC and XDP programs' one rule.
 #[inline(always)]
@@ -392,6 +400,7 @@ pub const fn forward_skips_reply(fwd: &CtEntry, proto: u8, tcp_flags: u8, now_ns
     fwd.lazy != 0
         && now_ns.wrapping_sub(fwd.last_seen_ns) <= TOUCH_INTERVAL_NS
         && !closes(proto, tcp_flags)
+        && fwd.flags & CT_F_FINAL == 0
 }
 
 /// Whether a reply packet of the flow whose reply entry is `rev` (in the main map) may be

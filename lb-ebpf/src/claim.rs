@@ -3,7 +3,7 @@
 //! of inserting its reply entry into CT_NEW.
 
 use core::{
-    intrinsics::{AtomicOrdering, atomic_cxchg},
+    intrinsics::{AtomicOrdering, atomic_and, atomic_cxchg, atomic_or},
     ptr::{read_volatile, write_volatile},
 };
 
@@ -14,7 +14,11 @@ use lb_common::{
 
 use aya_ebpf::helpers::generated::bpf_loop;
 
-use crate::{config, maps::SNAT_CLAIMS, syn};
+use crate::{
+    config,
+    maps::{FNAT_INDEX, FNAT_NAMED, SNAT_CLAIMS},
+    syn,
+};
 
 /// Whether `port` (network order) is one full NAT takes its source ports from: only a reply
 /// key with such a destination port can be claimed.
@@ -195,6 +199,67 @@ pub fn release(rkey: &FlowKey, slot: u32) {
         let cur = unsafe { read_volatile(w) };
         if cur as u32 == slot.wrapping_add(1) {
             swap(w, cur, 0);
+        }
+    }
+}
+
+/// Takes `rkey`'s claim word at `now` to write the reply-index slot of the same index (lb-common's
+/// `claim::MAP_FNAT_INDEX`), unless a live claim holds it (a handshake of a reply key sharing
+/// the word, or another CPU's write of the slot). Returns the word's value before and the word
+/// taken, for [`unlock`].
+#[inline(always)]
+pub fn lock(rkey: &FlowKey, now: u64) -> Option<(u64, u64)> {
+    let w = at(rkey)?;
+    // SAFETY: see `swap`; a racing write makes the swap fail.
+    let cur = unsafe { read_volatile(w) };
+    let mine = word(now, None);
+    if live(cur, now) || !swap(w, cur, mine) {
+        return None;
+    }
+    Some((cur, mine))
+}
+
+/// Gives back the claim word [`lock`] took for `rkey`, as it was before (a TIME_WAIT mark
+/// stands again).
+#[inline(always)]
+pub fn unlock(rkey: &FlowKey, (before, mine): (u64, u64)) {
+    if let Some(w) = at(rkey) {
+        swap(w, mine, before);
+    }
+}
+
+/// The reply-index slot of `rkey` and its index.
+#[inline(always)]
+pub fn index_slot(rkey: &FlowKey) -> Option<(*mut FlowKey, u32)> {
+    let i = claim_index(rkey, config().snat_claims);
+    FNAT_INDEX.get_ptr_mut(i).map(|s| (s, i))
+}
+
+/// Whether `rkey`'s reply-index slot names a flow (lb-common's `claim::MAP_FNAT_NAMED`): read
+/// under the slot's claim word, which its writers hold.
+#[inline(always)]
+pub fn index_named(rkey: &FlowKey) -> bool {
+    let i = claim_index(rkey, config().snat_claims);
+    FNAT_NAMED
+        .get_ptr(i / 64)
+        // SAFETY: an array map's value pointer; other CPUs change its other bits atomically.
+        .is_some_and(|w| unsafe { read_volatile(w) } & (1 << (i % 64)) != 0)
+}
+
+/// Marks reply-index slot `i` as naming a flow (`named`) or none. The caller holds its claim
+/// word.
+#[inline(always)]
+pub fn set_named(i: u32, named: bool) {
+    let Some(w) = FNAT_NAMED.get_ptr_mut(i / 64) else {
+        return;
+    };
+    let bit = 1u64 << (i % 64);
+    // SAFETY: an array map's value pointer, 8-aligned; its bits are only changed atomically.
+    unsafe {
+        if named {
+            atomic_or::<u64, u64, { AtomicOrdering::SeqCst }>(w, bit);
+        } else {
+            atomic_and::<u64, u64, { AtomicOrdering::SeqCst }>(w, !bit);
         }
     }
 }

@@ -378,6 +378,11 @@ fn process(ctx: &TcContext) -> (i32, Reason) {
                 count(Reason::EventCtInsertFailed);
                 return unpack(forward(ctx, p, f, &CT_NEW));
             }
+            // A full-NAT flow goes into the reply index (its forward packets then skip the
+            // reply half).
+            if f.full_nat() {
+                let _ = index_flow(key);
+            }
             if let Some(m) = CONNTRACK.get_ptr_mut(key) {
                 // SAFETY: as above.
                 let m = unsafe { &mut *m };
@@ -398,6 +403,7 @@ fn process(ctx: &TcContext) -> (i32, Reason) {
         };
         let code = match code {
             LAZY_NONE if claim::in_range(key.dport) && claimed_reply(p) => LAZY_IN_CT_NEW,
+            LAZY_NONE if claim::in_range(key.dport) => indexed_reply(ctx, p),
             code => code,
         };
         match code {
@@ -679,6 +685,156 @@ fn claimed_reply(p: &Pkt) -> bool {
     // Not inserted if there (a concurrent reply on another CPU wrote it first).
     let _ = CT_NEW.insert(key, &s.reply_entry(current_epoch()), u64::from(BPF_NOEXIST));
     true
+}
+
+/// The forward entry in CONNTRACK of the confirmed full-NAT flow whose forward key `fkey` the
+/// reply index names at slot `i`, if that flow relies on the index (its entry is
+/// `ct::LAZY_INDEXED`) and its reply key's slot is `i`; and whether that reply key is `rkey`.
+#[inline(always)]
+fn indexed_flow(fkey: &FlowKey, i: u32, rkey: &FlowKey) -> Option<(*mut CtEntry, bool)> {
+    let f = CONNTRACK.get_ptr_mut(fkey)?;
+    // SAFETY: a valid map value pointer, read in place.
+    let fe = unsafe { &*f };
+    if fe.dir != DIR_FORWARD || fe.lazy != ct::LAZY_INDEXED || !fe.full_nat() {
+        return None;
+    }
+    let r = ct::reply_key(fkey, fe);
+    (lb_common::claim::claim_index(&r, config().snat_claims) == i)
+        .then_some((f, ct::same_key(&r, rkey)))
+}
+
+/// Whether the flow at `f` (found by [`indexed_flow`]) is over: idle past its timeout, or
+/// closed both ways for longer than its port's hold (`port_free_in`'s rule for a reply half).
+/// If so its halves are removed, so that its packets no longer lead to the port.
+#[inline(always)]
+fn indexed_flow_over(fkey: &FlowKey, f: *mut CtEntry, now: u64) -> bool {
+    let cfg = config();
+    // SAFETY: a valid map value pointer, read in place.
+    let fe = unsafe { &*f };
+    if !ct::idle_expired(fe, fkey.proto, now, cfg) && !ct::port_reusable(fe, now, cfg) {
+        return false;
+    }
+    remove_reply_of(&CONNTRACK, &ct::reply_key(fkey, fe), fkey);
+    let _ = CONNTRACK.remove(fkey);
+    true
+}
+
+/// Writes the forward key `key` of a full-NAT TCP flow just confirmed (its forward entry in
+/// CONNTRACK) into the reply index (lb-common's `claim::MAP_FNAT_INDEX`) under the slot's claim
+/// word, unless the word is busy or the slot names another live flow that relies on it; the
+/// forward entry becomes `ct::LAZY_INDEXED` then (its forward packets skip the reply half). A
+/// global BPF function, called once `confirm` has moved the pair (on its frame, the chain under
+/// it passed 512 bytes).
+#[unsafe(no_mangle)]
+#[inline(never)]
+extern "C" fn index_flow(key: *const FlowKey) -> bool {
+    // SAFETY: callers pass a reference (a global function: see `per_map`).
+    let Some(key) = (unsafe { key.as_ref() }) else {
+        return false;
+    };
+    let (Some(f), Some(p)) = (CONNTRACK.get_ptr_mut(key), SCRATCH.get_ptr(0)) else {
+        return false;
+    };
+    // SAFETY: a valid map value pointer; this CPU's scratch slot, written by `process`.
+    let (fe, now) = unsafe { (&mut *f, (*p).now) };
+    if fe.dir != DIR_FORWARD || !fe.full_nat() || key.proto != lb_common::IPPROTO_TCP {
+        return false;
+    }
+    let rkey = ct::reply_key(key, fe);
+    if !claim::in_range(rkey.dport) {
+        return false;
+    }
+    let Some((s, i)) = claim::index_slot(&rkey) else {
+        return false;
+    };
+    let Some(held) = claim::lock(&rkey, now) else {
+        return false;
+    };
+    // SAFETY: the slot's value pointer (a key to look up in place); only a CPU holding the
+    // claim word writes it.
+    let cur = unsafe { &*s };
+    let free = ct::same_key(cur, key)
+        || indexed_flow(cur, i, &rkey).is_none_or(|(g, _)| indexed_flow_over(cur, g, now));
+    if free {
+        // SAFETY: as above.
+        unsafe { core::ptr::write_volatile(s, *key) };
+        claim::set_named(i, true);
+        fe.lazy = ct::LAZY_INDEXED;
+    }
+    claim::unlock(&rkey, held);
+    free
+}
+
+/// Whether full-NAT reply key `rkey`, whose claim word the port search holds and whose
+/// reply-index slot names a flow, is held by that flow: a live confirmed flow with that reply
+/// key whose reply half may be gone (evicted) while its forward half lives and skips it. A slot
+/// naming no such flow is cleared (and an indexed flow that is over, removed). A global BPF
+/// function (the port search's callback calls it only where a slot names a flow).
+#[unsafe(no_mangle)]
+#[inline(never)]
+extern "C" fn index_holds(rkey: *const FlowKey, now: u64) -> bool {
+    // SAFETY: callers pass a reference (a global function: see `per_map`).
+    let Some(rkey) = (unsafe { rkey.as_ref() }) else {
+        return true;
+    };
+    let Some((s, i)) = claim::index_slot(rkey) else {
+        return false;
+    };
+    // SAFETY: the slot's value pointer (a key to look up in place); the caller holds its claim
+    // word.
+    let cur = unsafe { &*s };
+    if let Some((f, mine)) = indexed_flow(cur, i, rkey)
+        && !indexed_flow_over(cur, f, now)
+    {
+        // Another reply key's live flow keeps the slot, not this key.
+        return mine;
+    }
+    // SAFETY: as above.
+    unsafe { core::ptr::write_volatile(s, FlowKey::new(0, 0, 0, 0, 0)) };
+    claim::set_named(i, false);
+    false
+}
+
+/// A packet to berth's address and a port of the full-NAT range that found no conntrack entry
+/// nor a pending handshake: if the reply index names a confirmed flow whose reply key is the
+/// packet's (its reply half evicted while its forward half, which skips it, lives), the reply
+/// half is written into CONNTRACK now from the forward entry (closing bits and last-seen time
+/// with it; the window from this reply's acknowledgment on). One of the `LAZY_*` codes of
+/// [`lazy_reply`]. A BPF subprogram.
+#[inline(never)]
+fn indexed_reply(ctx: &TcContext, p: &Pkt) -> u64 {
+    let key = &p.key;
+    let Some((s, i)) = claim::index_slot(key) else {
+        return LAZY_NONE;
+    };
+    // SAFETY: the slot's value pointer; a torn read (a concurrent write) names no flow whose
+    // reply key is this packet's.
+    let fkey = unsafe { core::ptr::read_volatile(s) };
+    let Some((f, true)) = indexed_flow(&fkey, i, key) else {
+        return LAZY_NONE;
+    };
+    // SAFETY: a valid map value pointer; `CtEntry` is `Copy`.
+    let f = unsafe { *f };
+    // Checked before anything is written: a forged reply from elsewhere leaves no trace.
+    if f.in_ifindex != 0 && f.in_ifindex != ingress_ifindex(ctx) {
+        return LAZY_WRONG_IFACE;
+    }
+    let half = CtEntry {
+        nat_addr: fkey.daddr,
+        nat_port: fkey.dport,
+        dir: DIR_REPLY,
+        route: Route::NONE,
+        backend_ack: 0,
+        fnat_addr: fkey.saddr,
+        fnat_port: fkey.sport,
+        flags: f.flags & !ct::CT_F_ACK_KNOWN,
+        lazy: 0,
+        ..f
+    };
+    count(Reason::EventCtRebuilt);
+    // Not inserted if there (a concurrent reply on another CPU wrote it first).
+    let _ = CONNTRACK.insert(key, &half, u64::from(BPF_NOEXIST));
+    LAZY_IN_CONNTRACK
 }
 
 /// [`lazy_reply`]: not the reply of a lazily recorded flow.
@@ -1104,8 +1260,13 @@ fn confirm_by_reply(rkey: &FlowKey) {
     // `confirm` copies the entry and checks the copy is this flow's forward half: no copy
     // here (with one in this frame the chain through it took 536 of the verifier's 512 bytes).
     // SAFETY: as above.
-    if ct::is_forward_of(unsafe { &*f }, &fkey, rkey) && !confirm(&fkey, f, rkey) {
-        count(Reason::EventCtInsertFailed);
+    if ct::is_forward_of(unsafe { &*f }, &fkey, rkey) {
+        if !confirm(&fkey, f, rkey) {
+            count(Reason::EventCtInsertFailed);
+        } else if rkey.proto == lb_common::IPPROTO_TCP {
+            // As `process` does for a flow its client confirms.
+            let _ = index_flow(&fkey);
+        }
     }
 }
 
@@ -2172,7 +2333,8 @@ fn try_port<const NEW: bool>(
     };
     let free = (!held_in(other(table)) || port_free(other(table), rkey, p.now))
         && (!held_in(table) || port_free(table, rkey, p.now))
-        && !(lazy_here() && held_lazily(rkey, 0, p.flow.tcp_flags, p.now));
+        && !(lazy_here() && held_lazily(rkey, 0, p.flow.tcp_flags, p.now))
+        && !(claim::index_named(rkey) && index_holds(rkey, p.now));
     if free && pending {
         return mine;
     }

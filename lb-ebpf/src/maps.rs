@@ -151,3 +151,15 @@ pub static EPOCH: Array<lb_common::epoch::Epoch> = Array::with_max_entries(1, 0)
 #[map]
 pub static SNAT_CLAIMS: Array<u64> =
     Array::with_max_entries(DEFAULT_CONNTRACK_SIZE, aya_ebpf::bindings::BPF_F_MMAPABLE);
+
+/// The full-NAT reply index (see lb-common's `claim::MAP_FNAT_INDEX`): the forward key of the
+/// confirmed flow whose reply key has each claim word's index; userspace sizes it as
+/// `SNAT_CLAIMS`.
+#[map]
+pub static FNAT_INDEX: Array<lb_common::FlowKey> =
+    Array::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
+
+/// Which reply-index slots name a flow (see lb-common's `claim::MAP_FNAT_NAMED`); userspace
+/// sizes it.
+#[map]
+pub static FNAT_NAMED: Array<u64> = Array::with_max_entries(DEFAULT_CONNTRACK_SIZE / 64, 0);

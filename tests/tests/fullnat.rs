@@ -1493,3 +1493,107 @@ fn an_older_flow_at_a_later_port_never_takes_its_tuple_back_from_a_newer_flow() 
         assert_reply(&f.run(&push), vip, c);
     });
 }
+
+/// A confirmed TCP flow to backend 1 through the program (SYN, the backend's SYN-ACK, the
+/// client's ACK) from `c` to `vip`; its leg.
+fn confirmed(f: &Fixture, c: SocketAddrV4, vip: SocketAddrV4) -> Leg {
+    let syn = tcp(c, vip, TCP_SYN, 1000, 0).build();
+    let leg = assert_fwd(&f.run(&syn), &syn, &[b8000(1)], FULL);
+    let synack = from_backend(tcp(leg.backend, leg.peer, TCP_SYN | TCP_ACK, 7000, 1001));
+    assert_reply(&f.run(&synack), vip, c);
+    let ack = tcp(c, vip, TCP_ACK, 1001, 7001).build();
+    assert_fwd(&f.run(&ack), &ack, &[b8000(1)], FULL);
+    leg
+}
+
+#[test]
+fn a_confirmed_flow_is_indexed_and_a_reply_derives_its_evicted_reply_half() {
+    in_fixture_netns(|| {
+        let mut f = one_backend(SNAT_PORTS);
+        let (vip, c) = (sa(VIP, 80), client(46000));
+        let leg = confirmed(&f, c, vip);
+        let (fkey, rkey) = (
+            flow_key(c, vip, IPPROTO_TCP),
+            flow_key(leg.backend, leg.peer, IPPROTO_TCP),
+        );
+        let fwd = f.ct(&fkey).expect("confirmed forward half");
+        assert_eq!(fwd.lazy, ct::LAZY_INDEXED, "{fwd:?}");
+        // A flood evicts the reply half. The client's segments go on without it (not rebuilt:
+        // they skip it), the backend's next segment derives it from the index.
+        f.rec.dataplane_mut().conntrack_remove(&rkey).unwrap();
+        let data = tcp(c, vip, TCP_ACK | TCP_PSH, 1001, 7001)
+            .with_payload(b"GET")
+            .build();
+        let run = f.run(&data);
+        assert_fwd(&run, &data, &[b8000(1)], FULL);
+        assert_eq!(run.counted(Reason::EventCtRebuilt), 0, "{run:?}");
+        assert!(
+            f.ct(&rkey).is_none(),
+            "the forward packet skipped the reply half"
+        );
+        let answer = from_backend(
+            tcp(leg.backend, leg.peer, TCP_ACK | TCP_PSH, 7001, 1004).with_payload(b"200"),
+        );
+        let run = f.run(&answer);
+        assert_reply(&run, vip, c);
+        assert_eq!(run.counted(Reason::EventCtRebuilt), 1, "{run:?}");
+        let rev = f.ct(&rkey).expect("derived reply half");
+        assert!(ct::is_reply_of(&rev, &rkey, &fkey), "{rev:?}");
+        assert_eq!(
+            rev.backend_ack, 1004,
+            "its window from the reply's acknowledgment"
+        );
+        // Once a second the client's segment looks the reply half up (and rebuilds it if gone).
+        f.rec.dataplane_mut().conntrack_remove(&rkey).unwrap();
+        let mut e = f.ct(&fkey).unwrap();
+        e.last_seen_ns = monotonic_ns() - 2 * ct::TOUCH_INTERVAL_NS;
+        f.rec.dataplane_mut().conntrack_update(fkey, e).unwrap();
+        let run = f.run(&data);
+        assert_fwd(&run, &data, &[b8000(1)], FULL);
+        assert_eq!(run.counted(Reason::EventCtRebuilt), 1, "{run:?}");
+        assert!(f.ct(&rkey).is_some());
+    });
+}
+
+#[test]
+fn the_port_of_an_indexed_flow_whose_reply_half_was_evicted_is_not_taken() {
+    in_fixture_netns(|| {
+        let one = PortRange {
+            first: 61010,
+            last: 61010,
+        };
+        let mut f = one_backend(one);
+        let vip = sa(VIP, 80);
+        let (a, b) = (client(46100), client(46101));
+        let leg = confirmed(&f, a, vip);
+        let (fkey, rkey) = (
+            flow_key(a, vip, IPPROTO_TCP),
+            flow_key(leg.backend, leg.peer, IPPROTO_TCP),
+        );
+        assert_eq!(f.ct(&fkey).unwrap().lazy, ct::LAZY_INDEXED);
+        // Its reply half evicted, the flow's forward half still holds the port: a new flow
+        // given it would share the tuple at the backend, and the first flow's segments, which
+        // no longer look at the reply key, would land in the other's connection.
+        f.rec.dataplane_mut().conntrack_remove(&rkey).unwrap();
+        let syn_b = tcp(b, vip, TCP_SYN, 5000, 0).build();
+        assert_dropped(&f.run(&syn_b), Reason::DropSnatExhausted);
+        let data = tcp(a, vip, TCP_ACK | TCP_PSH, 1001, 7001)
+            .with_payload(b"x")
+            .build();
+        assert_fwd(&f.run(&data), &data, &[b8000(1)], FULL);
+        let answer = from_backend(tcp(leg.backend, leg.peer, TCP_ACK, 7001, 1002));
+        assert_reply(&f.run(&answer), vip, a);
+        // Over (idle past its timeout), the flow leaves the port to the next one, and goes
+        // with it.
+        f.rec.dataplane_mut().conntrack_remove(&rkey).unwrap();
+        let mut e = f.ct(&fkey).unwrap();
+        e.last_seen_ns = monotonic_ns() - options().tcp_idle.as_nanos() as u64 - 1_000_000_000;
+        f.rec.dataplane_mut().conntrack_update(fkey, e).unwrap();
+        let run = f.run(&syn_b);
+        assert_eq!(assert_fwd(&run, &syn_b, &[b8000(1)], FULL).peer, leg.peer);
+        assert!(
+            f.ct(&fkey).is_none(),
+            "the flow that was over went with its port"
+        );
+    });
+}

@@ -192,18 +192,22 @@ fn a_flow_missing_half_its_pair_is_left_to_tc(nat: Nat) {
         let answer = from_backend(tcp(leg.backend, leg.peer, TCP_ACK, 5001, 1001));
         let rev = f.ct(&rkey).expect("reply entry");
         f.rec.dataplane_mut().conntrack_remove(&rkey).unwrap();
+        // The reply half evicted, of a DNAT flow recorded lazily or a full-NAT flow indexed:
+        // its forward packets need none (XDP sends them as before); the answer is TC's, which
+        // derives it again.
+        assert_eq!(f.run_xdp(&data).action, XDP_TX);
+        assert_left_to_tc(&f.run_xdp(&answer), &answer);
+        let run = f.run(&answer);
+        assert_eq!(run.exits(), [Reason::ReplyRedirect.name()], "{run:?}");
         if nat == Nat::Dnat {
-            // The reply half of a DNAT flow recorded lazily evicted: its forward packets need
-            // none (XDP sends them as before); the answer is TC's, which derives it again.
-            assert_eq!(f.run_xdp(&data).action, XDP_TX);
-            assert_left_to_tc(&f.run_xdp(&answer), &answer);
-            let run = f.run(&answer);
-            assert_eq!(run.exits(), [Reason::ReplyRedirect.name()], "{run:?}");
             assert_eq!(f.ct(&rkey), Some(rev), "derived as it was");
         } else {
-            // The reply half evicted: the forward packet is TC's (which rebuilds it).
-            assert_left_to_tc(&f.run_xdp(&data), &data);
-            let run = f.run(&data);
+            // (Its window from the answer's acknowledgment on.)
+            let derived = f.ct(&rkey).expect("derived");
+            assert!(
+                lb_common::ct::is_reply_of(&derived, &rkey, &fkey),
+                "{derived:?}"
+            );
             assert_eq!(run.counted(Reason::EventCtRebuilt), 1, "{run:?}");
         }
         // The forward half evicted: a reply of the current table epoch needs none (XDP sends
@@ -228,12 +232,8 @@ fn a_flow_missing_half_its_pair_is_left_to_tc(nat: Nat) {
         other.nat_port = lb_common::port_to_wire(leg.backend.port() + 1);
         f.rec.dataplane_mut().conntrack_insert(fkey, other).unwrap();
         assert_left_to_tc(&f.run_xdp(&answer), &answer);
-        if nat == Nat::Dnat {
-            // A lazily recorded flow's forward entry alone decides where its packets go.
-            assert_eq!(f.run_xdp(&data).action, XDP_TX);
-        } else {
-            assert_left_to_tc(&f.run_xdp(&data), &data);
-        }
+        // A lazily recorded or indexed flow's forward entry alone decides where its packets go.
+        assert_eq!(f.run_xdp(&data).action, XDP_TX);
         // Put back, both go by XDP again.
         f.rec.dataplane_mut().conntrack_insert(fkey, fwd).unwrap();
         assert_eq!(f.run_xdp(&data).action, XDP_TX);

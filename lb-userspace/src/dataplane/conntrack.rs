@@ -188,6 +188,30 @@ impl Dataplane {
         self.claim_view.store(rkey, w);
     }
 
+    /// The forward key full-NAT reply key `rkey`'s reply-index slot names (lb-common's
+    /// `claim::MAP_FNAT_INDEX`; all zero: none).
+    pub fn fnat_index(&self, rkey: &FlowKey) -> Result<FlowKey> {
+        let i = lb_common::claim::claim_index(rkey, self.options.snat_claims());
+        self.fnat_index
+            .get(&i, 0)
+            .map_err(map_err(lb_common::claim::MAP_FNAT_INDEX))
+    }
+
+    /// Stores forward key `fkey` into full-NAT reply key `rkey`'s reply-index slot and marks
+    /// it named, as the program does when it confirms a flow: for benchmarks that stage an
+    /// indexed flow's entries (not atomic: nothing else may write the index meanwhile).
+    pub fn fnat_index_store(&mut self, rkey: &FlowKey, fkey: FlowKey) -> Result<()> {
+        let i = lb_common::claim::claim_index(rkey, self.options.snat_claims());
+        self.fnat_index
+            .set(i, &fkey, 0)
+            .map_err(map_err(lb_common::claim::MAP_FNAT_INDEX))?;
+        let named = lb_common::claim::MAP_FNAT_NAMED;
+        let w = self.fnat_named.get(&(i / 64), 0).map_err(map_err(named))?;
+        self.fnat_named
+            .set(i / 64, &(w | 1 << (i % 64)), 0)
+            .map_err(map_err(named))
+    }
+
     /// Clears every pending handshake of the table (each way's check word stored 0), leaving
     /// the conntrack maps as they are: for benchmarks whose flows would otherwise meet
     /// handshakes of their earlier runs.

@@ -190,7 +190,7 @@ fn random_u32() -> u32 {
 }
 
 /// Every map of the object; all are pinned (the read-only config global is not a map of ours).
-const MAPS: [&str; 24] = [
+const MAPS: [&str; 26] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     lb_common::MAP_BACKEND_ROUTES,
@@ -199,6 +199,8 @@ const MAPS: [&str; 24] = [
     lb_common::MAP_CT_NEW,
     lb_common::syn::MAP_CT_SYN,
     lb_common::claim::MAP_SNAT_CLAIMS,
+    lb_common::claim::MAP_FNAT_INDEX,
+    lb_common::claim::MAP_FNAT_NAMED,
     lb_common::MAP_LAZY_REPLY,
     lb_common::MAP_PORTS,
     MAP_SERVICE_STATS,
@@ -251,6 +253,11 @@ pub struct Dataplane {
     syn_view: conntrack::SynView,
     /// The full-NAT port claims (lb-common's `claim`), mapped (read; written by tests only).
     claim_view: conntrack::ClaimView,
+    /// The full-NAT reply index (lb-common's `claim::MAP_FNAT_INDEX`): written by the program,
+    /// and by tests only here.
+    fnat_index: Array<MapData, FlowKey>,
+    /// Which of its slots name a flow (`claim::MAP_FNAT_NAMED`).
+    fnat_named: Array<MapData, u64>,
     /// DNAT backend -> the service whose flows to it get their reply entry lazily.
     lazy_reply: HashMap<MapData, ServiceKey, lb_common::LazyOwners>,
     /// The table epoch (lb-common's `epoch`), this load's instance token written beside it,
@@ -349,6 +356,8 @@ impl Dataplane {
                     | lb_common::MAP_CT_NEW
                     | lb_common::syn::MAP_CT_SYN
                     | lb_common::claim::MAP_SNAT_CLAIMS
+                    | lb_common::claim::MAP_FNAT_INDEX
+                    | lb_common::claim::MAP_FNAT_NAMED
                     | lb_common::v6::MAP_CONNTRACK6
                     | lb_common::v6::MAP_CT_NEW6 => "dataplane.conntrack_size",
                     MAP_MAGLEV => "dataplane.maglev_table_size x dataplane.max_services",
@@ -445,6 +454,11 @@ impl Dataplane {
             .map_max_entries(lb_common::MAP_CT_NEW, options.ct_new_size())
             .map_max_entries(lb_common::syn::MAP_CT_SYN, options.syn_sets())
             .map_max_entries(lb_common::claim::MAP_SNAT_CLAIMS, options.snat_claims())
+            .map_max_entries(lb_common::claim::MAP_FNAT_INDEX, options.snat_claims())
+            .map_max_entries(
+                lb_common::claim::MAP_FNAT_NAMED,
+                lb_common::claim::named_words(options.snat_claims()),
+            )
             .map_max_entries(lb_common::v6::MAP_SERVICES6, options.max_services)
             .map_max_entries(lb_common::v6::MAP_BACKENDS6, options.max_backends)
             .map_max_entries(lb_common::v6::MAP_CONNTRACK6, options.conntrack_size)
@@ -519,6 +533,8 @@ impl Dataplane {
             syn_view,
             claim_view,
             lazy_reply: take!(ebpf, lb_common::MAP_LAZY_REPLY),
+            fnat_index: take!(ebpf, lb_common::claim::MAP_FNAT_INDEX),
+            fnat_named: take!(ebpf, lb_common::claim::MAP_FNAT_NAMED),
             services: take!(ebpf, MAP_SERVICES),
             backends: take!(ebpf, MAP_BACKENDS),
             backend_routes: take!(ebpf, lb_common::MAP_BACKEND_ROUTES),

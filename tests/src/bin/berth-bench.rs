@@ -38,8 +38,8 @@ use std::{
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use berth_tests::{
     fixture::{
-        CLIENT, Fixture, HOST, VIP, backend, flow_key, ifindex, in_fixture_netns, options, svc,
-        with_nat,
+        CLIENT, Fixture, HOST, VIP, backend, flow_key, from_backend, ifindex, in_fixture_netns,
+        options, svc, with_nat,
     },
     netns::{ETHTOOL_SGRO, attach_noop_xdp, ethtool_flag, sh},
     stats::median,
@@ -356,6 +356,46 @@ fn lazy_services_checked(services: &[lb_userspace::config::Service], be: SocketA
     )
 }
 
+/// Confirms a full-NAT TCP flow through the program (SYN, the backend's SYN-ACK, the client's
+/// ACK) and checks it is indexed, as the full-NAT established row's flow is staged (panics
+/// otherwise: the row would not measure the program's flow).
+fn indexed_flow_checked() -> String {
+    let vip = SocketAddrV4::new(VIP, 80);
+    let f = Fixture::new(
+        options(),
+        with_nat(
+            vec![svc(
+                "n",
+                &vip.to_string(),
+                Protocol::Tcp,
+                &[(backend(1), 8000, 1)],
+            )],
+            Nat::Full,
+        ),
+    );
+    let c = SocketAddrV4::new(CLIENT, 47000);
+    let tcp = |src, dst, flags, seq, ack| Ipv4Packet::tcp_seq(src, dst, flags, seq, ack, &[]);
+    f.run(&tcp(c, vip, TCP_SYN, 1000, 0).build());
+    let fkey = flow_key(c, vip, IPPROTO_TCP);
+    let fwd = f.ct(&fkey).expect("the SYN's forward half");
+    let rkey = ct::reply_key(&fkey, &fwd);
+    let be = SocketAddrV4::new(backend(1), 8000);
+    let peer = SocketAddrV4::new(
+        std::net::Ipv4Addr::from(rkey.daddr.to_ne_bytes()),
+        u16::from_be(rkey.dport),
+    );
+    f.run(&from_backend(tcp(be, peer, TCP_SYN | TCP_ACK, 7000, 1001)));
+    f.run(&tcp(c, vip, TCP_ACK, 1001, 7001).build());
+    let fwd = f.ct(&fkey).expect("the confirmed forward half");
+    assert_eq!(
+        fwd.lazy,
+        ct::LAZY_INDEXED,
+        "a confirmed full-NAT flow: {fwd:?}"
+    );
+    assert_eq!(f.dp().fnat_index(&rkey).expect("reply index"), fkey);
+    format!("full NAT: a flow confirmed through the program is indexed (reply index at {peer})")
+}
+
 /// Which half of a flow [`measure_hits`] measures.
 #[derive(Clone, Copy)]
 enum Half {
@@ -410,7 +450,14 @@ fn measure_hits(
         let back = (nat, fnat.unwrap_or(dst));
         (back, Reason::ReplyRedirect, src, fnat.map(|_| dst))
     };
-    let lazy = u8::from(matches!(half, Half::Forward { lazy: true }));
+    // A lazy DNAT flow is recorded lazily; a full-NAT one is indexed (its forward key in the
+    // reply index, as the program writes it when it confirms the flow: checked on a real
+    // handshake by `indexed_flow_checked`).
+    let lazy = match half {
+        Half::Forward { lazy: true } if fnat.is_some() => ct::LAZY_INDEXED,
+        Half::Forward { lazy: true } => ct::LAZY_RECORDED,
+        _ => 0,
+    };
     // A flow is stamped with the table epoch it was picked in, as the program stamps it
     // (lb-common's `epoch`; a full-NAT flow only if it took its first source port, the usual
     // case, which these entries stand for): its replies skip the forward lookup.
@@ -433,6 +480,20 @@ fn measure_hits(
         },
     )
     .unwrap();
+    if lazy == ct::LAZY_INDEXED {
+        for (k, e) in [
+            (
+                flow_key(src, dst, IPPROTO_TCP),
+                entry(dir, nat, fnat, now, epoch),
+            ),
+            (
+                flow_key(back.0, back.1, IPPROTO_TCP),
+                entry(dir, restore, restore_f, now, epoch),
+            ),
+        ] {
+            dp.fnat_index_store(&ct::reply_key(&k, &e), k).unwrap();
+        }
+    }
     let pkt = Ipv4Packet::tcp(src, dst, TCP_ACK)
         .with_payload(&[0u8; 64])
         .build();
@@ -442,6 +503,27 @@ fn measure_hits(
     let hits = reason_count(&f, reason);
     // A reply's path: the same packet once more without the flow's forward half, which the
     // reply path would rebuild had it looked it up; put back for the XDP runs.
+    // A lazy or indexed flow's forward packet: the same packet once more without the flow's
+    // reply half, which it would rebuild had it looked it up; put back after.
+    let fwd_skips = (lazy != 0).then(|| {
+        let fkey = flow_key(src, dst, IPPROTO_TCP);
+        let rkey = ct::reply_key(
+            &fkey,
+            &f.dp().conntrack_get(&fkey).expect("the forward half"),
+        );
+        let rev = f.dp().conntrack_get(&rkey);
+        if rev.is_some() {
+            f.rec.dataplane_mut().conntrack_remove(&rkey).unwrap();
+        }
+        let run = f.run(&pkt);
+        let skipped = run.counted(Reason::FwdRedirect) == 1
+            && run.counted(Reason::EventCtRebuilt) == 0
+            && f.dp().conntrack_get(&rkey).is_none();
+        if let Some(rev) = rev {
+            f.rec.dataplane_mut().conntrack_insert(rkey, rev).unwrap();
+        }
+        skipped
+    });
     let skips = matches!(half, Half::Reply).then(|| {
         let rkey = flow_key(src, dst, IPPROTO_TCP);
         let fkey = ct::forward_key(&rkey, &f.dp().conntrack_get(&rkey).expect("the reply half"));
@@ -459,10 +541,12 @@ fn measure_hits(
         skipped
     });
     if tc_wanted {
-        let skip_note = match skips {
-            Some(true) => ", forward lookup skipped",
-            Some(false) => ", forward lookup NOT skipped",
-            None => "",
+        let skip_note = match (skips, fwd_skips) {
+            (Some(true), _) => ", forward lookup skipped",
+            (Some(false), _) => ", forward lookup NOT skipped",
+            (_, Some(true)) => ", reply lookup skipped",
+            (_, Some(false)) => ", reply lookup NOT skipped",
+            (None, None) => "",
         };
         rows.push(Row {
             path,
@@ -470,7 +554,7 @@ fn measure_hits(
             ns,
             target: Some(target),
             check: format!("{} {hits}/{total}{skip_note}", reason.name()),
-            on_path: if skips == Some(false) {
+            on_path: if skips == Some(false) || fwd_skips == Some(false) {
                 0.0
             } else {
                 hits as f64 / total as f64
@@ -497,7 +581,7 @@ fn measure_hits(
         });
     }
     // Live frames once, for the usual DNAT flow (recorded lazily).
-    if redirect && matches!(half, Half::Forward { lazy: true }) && a.wants(LIVE_PATH) {
+    if redirect && lazy == ct::LAZY_RECORDED && a.wants(LIVE_PATH) {
         rows.push(measure_live(
             &mut f,
             &pkt,
@@ -950,11 +1034,14 @@ fn main() {
             // Full NAT: the other end goes to another port of the client (it has a neighbour
             // entry, so the redirect is the plain one) and back. Targets: issue 14's.
             let other_end = SocketAddrV4::new(CLIENT, 61000);
+            if a.wants("full NAT: established-flow hit") {
+                println!("{}", indexed_flow_checked());
+            }
             rows.extend(measure_hits(
                 &a,
                 &services,
                 redirect,
-                Half::Forward { lazy: false },
+                Half::Forward { lazy: true },
                 (client, vip, vip2, Some(other_end)),
                 ("full NAT: established-flow hit", 110.0),
                 "XDP: full NAT: established-flow hit",
