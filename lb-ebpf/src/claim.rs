@@ -56,12 +56,11 @@ pub enum Busy {
     TimeWait,
 }
 
-/// Takes `rkey`'s claim word at `now` for a flow not recorded yet, unless a live claim holds it
-/// (maybe another reply key's sharing the word) for a flow still pending, or (`pass_marked`)
-/// a TIME_WAIT mark stands on it. Returns the word taken.
+/// Takes claim word `i` (a reply key's [`index`]) at `now` for a flow not recorded yet, unless
+/// a live claim holds it (maybe another reply key's sharing the word) for a flow still pending,
+/// or (`pass_marked`) a TIME_WAIT mark stands on it. Returns the word taken.
 #[inline(always)]
-pub fn take(rkey: &FlowKey, now: u64, pass_marked: bool) -> Result<u64, Busy> {
-    let i = claim_index(rkey, config().snat_claims);
+pub fn take(i: u32, now: u64, pass_marked: bool) -> Result<u64, Busy> {
     let Some(w) = SNAT_CLAIMS.get_ptr_mut(i) else {
         return Err(Busy::Held);
     };
@@ -235,11 +234,16 @@ pub fn index_slot(rkey: &FlowKey) -> Option<(*mut FlowKey, u32)> {
     FNAT_INDEX.get_ptr_mut(i).map(|s| (s, i))
 }
 
-/// Whether `rkey`'s reply-index slot names a flow (lb-common's `claim::MAP_FNAT_NAMED`): read
+/// The claim word's (and reply-index slot's) index of `rkey`.
+#[inline(always)]
+pub fn index(rkey: &FlowKey) -> u32 {
+    claim_index(rkey, config().snat_claims)
+}
+
+/// Whether reply-index slot `i` names a flow (lb-common's `claim::MAP_FNAT_NAMED`): read
 /// under the slot's claim word, which its writers hold.
 #[inline(always)]
-pub fn index_named(rkey: &FlowKey) -> bool {
-    let i = claim_index(rkey, config().snat_claims);
+pub fn index_named(i: u32) -> bool {
     FNAT_NAMED
         .get_ptr(i / 64)
         // SAFETY: an array map's value pointer; other CPUs change its other bits atomically.

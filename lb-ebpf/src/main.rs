@@ -2309,7 +2309,8 @@ fn try_port<const NEW: bool>(
     p: &Pkt,
     pass_marked: bool,
 ) -> u64 {
-    let mine = match claim::take(rkey, p.now, pass_marked) {
+    let i = claim::index(rkey);
+    let mine = match claim::take(i, p.now, pass_marked) {
         Ok(mine) => mine,
         Err(busy) => {
             if half.epoch != 0 {
@@ -2334,7 +2335,7 @@ fn try_port<const NEW: bool>(
     let free = (!held_in(other(table)) || port_free(other(table), rkey, p.now))
         && (!held_in(table) || port_free(table, rkey, p.now))
         && !(lazy_here() && held_lazily(rkey, 0, p.flow.tcp_flags, p.now))
-        && !(claim::index_named(rkey) && index_holds(rkey, p.now));
+        && !(claim::index_named(i) && index_holds(rkey, p.now));
     if free && pending {
         return mine;
     }

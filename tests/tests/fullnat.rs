@@ -1597,3 +1597,64 @@ fn the_port_of_an_indexed_flow_whose_reply_half_was_evicted_is_not_taken() {
         );
     });
 }
+
+#[test]
+fn a_flow_whose_index_slot_a_live_flow_holds_is_not_indexed_and_keeps_its_reply_half() {
+    in_fixture_netns(|| {
+        let mut f = one_backend(SNAT_PORTS);
+        let vip = sa(VIP, 80);
+        let c = client(46200);
+        let syn = tcp(c, vip, TCP_SYN, 1000, 0).build();
+        let leg = assert_fwd(&f.run(&syn), &syn, &[b8000(1)], FULL);
+        let (fkey, rkey) = (
+            flow_key(c, vip, IPPROTO_TCP),
+            flow_key(leg.backend, leg.peer, IPPROTO_TCP),
+        );
+        // Another backend's reply key with the same slot (the slots of a backend's ports are
+        // consecutive, so one of its ports lands on any slot), held by a live indexed flow.
+        let claims = claim::snat_claims(options().ct_new_size());
+        let slot = claim::claim_index(&rkey, claims);
+        let be2 = b8000(2);
+        let port = (0..=u16::MAX)
+            .find(|&p| claim::claim_index(&flow_key(be2, sa(HOST, p), IPPROTO_TCP), claims) == slot)
+            .expect("a port of backend 2 on the slot");
+        let other = flow_key(client(46201), vip, IPPROTO_TCP);
+        let live = CtEntry {
+            nat_addr: ipv4_to_wire(be2.ip().octets()),
+            nat_port: port_to_wire(be2.port()),
+            dir: ct::DIR_FORWARD,
+            state: ct::STATE_OPEN,
+            backend_id: 2,
+            service_id: 0,
+            last_seen_ns: monotonic_ns(),
+            route: lb_common::Route::NONE,
+            backend_ack: 0,
+            in_ifindex: 0,
+            fnat_addr: ipv4_to_wire(HOST.octets()),
+            fnat_port: port_to_wire(port),
+            flags: ct::CT_F_FULLNAT,
+            lazy: ct::LAZY_INDEXED,
+            epoch: 0,
+        };
+        let other_rkey = ct::reply_key(&other, &live);
+        let dp = f.rec.dataplane_mut();
+        dp.conntrack_insert(other, live).unwrap();
+        dp.fnat_index_store(&other_rkey, other).unwrap();
+        // The first flow's handshake completes: it is confirmed, not indexed (the slot stays
+        // the other flow's), so its segments look its reply half up as before.
+        let synack = from_backend(tcp(leg.backend, leg.peer, TCP_SYN | TCP_ACK, 7000, 1001));
+        assert_reply(&f.run(&synack), vip, c);
+        let ack = tcp(c, vip, TCP_ACK, 1001, 7001).build();
+        assert_fwd(&f.run(&ack), &ack, &[b8000(1)], FULL);
+        assert_eq!(f.ct(&fkey).unwrap().lazy, 0, "{:?}", f.ct(&fkey));
+        assert_eq!(f.dp().fnat_index(&rkey).unwrap(), other);
+        f.rec.dataplane_mut().conntrack_remove(&rkey).unwrap();
+        let data = tcp(c, vip, TCP_ACK | TCP_PSH, 1001, 7001)
+            .with_payload(b"x")
+            .build();
+        let run = f.run(&data);
+        assert_fwd(&run, &data, &[b8000(1)], FULL);
+        assert_eq!(run.counted(Reason::EventCtRebuilt), 1, "{run:?}");
+        assert!(f.ct(&rkey).is_some(), "rebuilt by the client's segment");
+    });
+}
