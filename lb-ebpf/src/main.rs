@@ -705,15 +705,23 @@ fn indexed_flow(fkey: &FlowKey, i: u32, rkey: &FlowKey) -> Option<(*mut CtEntry,
 
 /// Whether the flow at `f` (found by [`indexed_flow`]) is over: idle past its timeout, or
 /// closed both ways for longer than its port's hold (`port_free_in`'s rule for a reply half).
-/// If so its halves are removed, so that its packets no longer lead to the port.
 #[inline(always)]
-fn indexed_flow_over(fkey: &FlowKey, f: *mut CtEntry, now: u64) -> bool {
+fn indexed_flow_ended(fkey: &FlowKey, f: *mut CtEntry, now: u64) -> bool {
     let cfg = config();
     // SAFETY: a valid map value pointer, read in place.
     let fe = unsafe { &*f };
-    if !ct::idle_expired(fe, fkey.proto, now, cfg) && !ct::port_reusable(fe, now, cfg) {
+    ct::idle_expired(fe, fkey.proto, now, cfg) || ct::port_reusable(fe, now, cfg)
+}
+
+/// [`indexed_flow_ended`], and if so its halves are removed, so that its packets no longer
+/// lead to the port.
+#[inline(always)]
+fn indexed_flow_over(fkey: &FlowKey, f: *mut CtEntry, now: u64) -> bool {
+    if !indexed_flow_ended(fkey, f, now) {
         return false;
     }
+    // SAFETY: a valid map value pointer, read in place.
+    let fe = unsafe { &*f };
     remove_reply_of(&CONNTRACK, &ct::reply_key(fkey, fe), fkey);
     let _ = CONNTRACK.remove(fkey);
     true
@@ -1445,21 +1453,38 @@ fn claim_in(table: &Table, rkey: &FlowKey, flow: &Flow, now: u64) -> bool {
 }
 
 /// Whether a pending full-NAT handshake holds reply key `rkey` by its port claim (see
-/// lb-common's `claim`; its reply entry is written only with its backend's first reply): a DNAT
-/// flow whose reply key it is (a spoofer's, from berth's own address and a port of the range)
-/// must not take the key, nor a flow whose reply half was evicted rebuild it. Judged on the
-/// claimed slot in place (a slot being written may count as holding). A global BPF function
-/// (see `per_map`).
+/// lb-common's `claim`; its reply entry is written only with its backend's first reply), or a
+/// live indexed full-NAT flow other than `key`'s through the reply index (its reply half maybe
+/// evicted): a DNAT flow whose reply key it is (a spoofer's, from berth's own address and a
+/// port of the range) must not take the key, nor a flow whose reply half was evicted rebuild
+/// it. Judged on the claimed slot and the index in place (a slot being written may count as
+/// holding). A global BPF function (see `per_map`).
 #[unsafe(no_mangle)]
 #[inline(never)]
-extern "C" fn claimed(rkey: *const FlowKey, now: u64) -> bool {
-    // SAFETY: callers pass a reference (a global function: see `per_map`).
-    let Some(rkey) = (unsafe { rkey.as_ref() }) else {
+extern "C" fn claimed(rkey: *const FlowKey, key: *const FlowKey, now: u64) -> bool {
+    // SAFETY: callers pass references (a global function: see `per_map`).
+    let (Some(rkey), Some(key)) = (unsafe { (rkey.as_ref(), key.as_ref()) }) else {
         return true;
     };
-    claim::slot_holding(rkey, now)
+    if claim::slot_holding(rkey, now)
         .and_then(syn::named)
         .is_some_and(|s| s.check & 1 != 0 && s.full_nat() && s.is_forward_of(&s.key(), rkey))
+    {
+        return true;
+    }
+    let i = claim::index(rkey);
+    if !claim::index_named(i) {
+        return false;
+    }
+    let Some((s, _)) = claim::index_slot(rkey) else {
+        return false;
+    };
+    // SAFETY: the slot's value pointer (a key to look up in place); a racing clear (by a port
+    // search, of a slot naming a flow that is over) names no live flow either way.
+    let cur = unsafe { &*s };
+    !ct::same_key(cur, key)
+        && indexed_flow(cur, i, rkey)
+            .is_some_and(|(f, mine)| mine && !indexed_flow_ended(cur, f, now))
 }
 
 /// Stamps both halves of a flow with `now` (they expire together).
@@ -1519,7 +1544,7 @@ fn forward_inner(ctx: &TcContext, p: &Pkt, e: &mut CtEntry, table: &'static Tabl
         let mine = LazyOwners::pack(flow.daddr, flow.dport);
         if (!e.full_nat() && held_lazily(&rkey, mine, flow.tcp_flags, now))
             || !claim(other(table), &rkey, flow, now)
-            || (claim::in_range(rkey.dport) && claimed(&rkey, now))
+            || (claim::in_range(rkey.dport) && claimed(&rkey, key, now))
         {
             let _ = table.remove(key);
             return Step::Verdict(exit(Reason::DropFlowConflict));
@@ -1934,7 +1959,7 @@ fn new_flow_inner(ctx: &TcContext, p: &Pkt, hashed: u64) -> Pick {
     // does.
     if (CONNTRACK.get_ptr(rev_key).is_some() && !claim(&CONNTRACK, rev_key, flow, now))
         || (CT_NEW.get_ptr(rev_key).is_some() && !claim(&CT_NEW, rev_key, flow, now))
-        || (claim::in_range(rev_key.dport) && claimed(rev_key, now))
+        || (claim::in_range(rev_key.dport) && claimed(rev_key, &p.key, now))
     {
         return Pick::Done(exit(Reason::DropFlowConflict));
     }

@@ -1658,3 +1658,57 @@ fn a_flow_whose_index_slot_a_live_flow_holds_is_not_indexed_and_keeps_its_reply_
         assert!(f.ct(&rkey).is_some(), "rebuilt by the client's segment");
     });
 }
+
+#[test]
+fn a_spoofer_cannot_take_the_reply_key_of_an_indexed_flow_whose_reply_half_was_evicted() {
+    in_fixture_netns(|| {
+        let ports = PortRange {
+            first: 61000,
+            last: 61000,
+        };
+        let (dnat_vip, fnat_vip) = (sa(VIP, 80), sa(std::net::Ipv4Addr::new(10, 99, 0, 2), 80));
+        let mut services = vec![svc(
+            "d",
+            &dnat_vip.to_string(),
+            Protocol::Tcp,
+            &[(backend(1), 8000, 1)],
+        )];
+        services.extend(with_nat(
+            vec![svc(
+                "n",
+                &fnat_vip.to_string(),
+                Protocol::Tcp,
+                &[(backend(1), 8000, 1)],
+            )],
+            FULL,
+        ));
+        let mut f = Fixture::new(
+            DataplaneOptions {
+                snat_ports: ports,
+                ..options()
+            },
+            services,
+        );
+        let c = client(46300);
+        let leg = confirmed(&f, c, fnat_vip);
+        assert_eq!(leg.peer, sa(HOST, 61000));
+        let (fkey, rkey) = (
+            flow_key(c, fnat_vip, IPPROTO_TCP),
+            flow_key(leg.backend, leg.peer, IPPROTO_TCP),
+        );
+        assert_eq!(f.ct(&fkey).unwrap().lazy, ct::LAZY_INDEXED);
+        // A flood evicts the reply half; a spoofer from this host's address and the flow's
+        // port to the DNAT service on the same backend would share its tuple there, and take
+        // its replies (the DNAT service is recorded lazily: the backend's next segment would
+        // derive the spoofer's reply half).
+        f.rec.dataplane_mut().conntrack_remove(&rkey).unwrap();
+        let spoof = tcp(sa(HOST, 61000), dnat_vip, TCP_SYN, 7000, 0).build();
+        assert_dropped(&f.run(&spoof), Reason::DropFlowConflict);
+        assert!(
+            f.ct(&flow_key(sa(HOST, 61000), dnat_vip, IPPROTO_TCP))
+                .is_none()
+        );
+        let answer = from_backend(tcp(leg.backend, leg.peer, TCP_ACK, 7001, 1001));
+        assert_reply(&f.run(&answer), fnat_vip, c);
+    });
+}
