@@ -388,6 +388,28 @@ pub fn record_backend_ack(rev: &mut CtEntry, ack: u32) {
     }
 }
 
+/// The reply half of the flow whose forward entry `fwd` is at `fkey`, derived where its
+/// backend's reply finds none (a lazily recorded DNAT flow's, an indexed full-NAT flow's whose
+/// half was evicted): translating back to the service (and for full NAT to the client), with
+/// the forward entry's closing bits and last-seen time (so it expires with it), no route yet,
+/// and no window (the reply's acknowledgment records it). The TC program's one rule.
+#[inline(always)]
+pub const fn derived_reply(fkey: &FlowKey, fwd: &CtEntry) -> CtEntry {
+    let full = fwd.full_nat();
+    CtEntry {
+        nat_addr: fkey.daddr,
+        nat_port: fkey.dport,
+        dir: DIR_REPLY,
+        route: crate::Route::NONE,
+        backend_ack: 0,
+        fnat_addr: if full { fkey.saddr } else { 0 },
+        fnat_port: if full { fkey.sport } else { 0 },
+        flags: fwd.flags & !CT_F_ACK_KNOWN,
+        lazy: 0,
+        ..*fwd
+    }
+}
+
 /// Whether a forward packet of the flow whose forward entry is `fwd` may go without looking up
 /// its reply half: the flow is recorded lazily or indexed ([`CtEntry::lazy`]: its backend's
 /// replies derive a missing reply half), the packet does not close it (a FIN or RST is judged
@@ -557,6 +579,51 @@ pub const fn idle_expired(entry: &CtEntry, proto: u8, now_ns: u64, cfg: &DpConfi
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_derived_reply_half_names_its_forward_half_and_carries_its_closing_state() {
+        let fkey = FlowKey::new(0x0a00_0001, 0x0a63_0001, 40000u16.to_be(), 80u16.to_be(), 6);
+        let base = CtEntry {
+            nat_addr: 0x0a14_000b,
+            nat_port: 8000u16.to_be(),
+            dir: DIR_FORWARD,
+            state: STATE_CLOSING,
+            backend_id: 3,
+            service_id: 1,
+            last_seen_ns: 77,
+            route: crate::Route::NONE,
+            backend_ack: 1234,
+            in_ifindex: 5,
+            fnat_addr: 0,
+            fnat_port: 0,
+            flags: CT_F_ACK_KNOWN | CT_F_FIN_CLIENT,
+            lazy: LAZY_ANSWERED,
+            epoch: 6,
+        };
+        for fwd in [
+            base,
+            CtEntry {
+                fnat_addr: 0x0a0a_0001,
+                fnat_port: 61000u16.to_be(),
+                flags: CT_F_ACK_KNOWN | CT_F_FULLNAT | CT_F_FIN_CLIENT | CT_F_AWAIT_BACKEND_ACK,
+                lazy: LAZY_INDEXED,
+                ..base
+            },
+        ] {
+            let rkey = reply_key(&fkey, &fwd);
+            let rev = derived_reply(&fkey, &fwd);
+            assert!(is_reply_of(&rev, &rkey, &fkey), "{rev:?}");
+            assert!(is_forward_of(&fwd, &fkey, &rkey));
+            assert_eq!(
+                (rev.flags, rev.backend_ack, rev.lazy),
+                (fwd.flags & !CT_F_ACK_KNOWN, 0, 0)
+            );
+            assert_eq!(
+                (rev.state, rev.last_seen_ns, rev.epoch, rev.in_ifindex),
+                (fwd.state, 77, 6, 5)
+            );
+        }
+    }
+
     extern crate std;
 
     use super::*;

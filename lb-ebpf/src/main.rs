@@ -40,8 +40,8 @@ use lb_common::{
     Backend, CFG_F_DROP_NO_BACKEND, CFG_F_KEEP_TTL, CFG_F_REDIRECT, CtEntry, DpConfig, FlowKey,
     LazyOwners, Reason, Route, ServiceKey, ServiceValue,
     ct::{
-        self, CT_F_CLOSED, CT_F_FINAL, CT_F_FULLNAT, CT_F_LAST_ACK, DIR_FORWARD, DIR_REPLY,
-        STATE_CLOSING, STATE_OPEN,
+        self, CT_F_FINAL, CT_F_FULLNAT, CT_F_LAST_ACK, DIR_FORWARD, DIR_REPLY, STATE_CLOSING,
+        STATE_OPEN,
     },
     epoch,
     hash::flow_hash,
@@ -827,18 +827,7 @@ fn indexed_reply(ctx: &TcContext, p: &Pkt) -> u64 {
     if f.in_ifindex != 0 && f.in_ifindex != ingress_ifindex(ctx) {
         return LAZY_WRONG_IFACE;
     }
-    let half = CtEntry {
-        nat_addr: fkey.daddr,
-        nat_port: fkey.dport,
-        dir: DIR_REPLY,
-        route: Route::NONE,
-        backend_ack: 0,
-        fnat_addr: fkey.saddr,
-        fnat_port: fkey.sport,
-        flags: f.flags & !ct::CT_F_ACK_KNOWN,
-        lazy: 0,
-        ..f
-    };
+    let half = ct::derived_reply(&fkey, &f);
     count(Reason::EventCtRebuilt);
     // Not inserted if there (a concurrent reply on another CPU wrote it first).
     let _ = CONNTRACK.insert(key, &half, u64::from(BPF_NOEXIST));
@@ -981,17 +970,7 @@ fn lazy_half(key: &FlowKey, owner: u64) -> Option<(CtEntry, u64, *mut CtEntry)> 
     if !ct::is_forward_of(&f, &fkey, key) {
         return None;
     }
-    let half = CtEntry {
-        nat_addr: fkey.daddr,
-        nat_port: fkey.dport,
-        dir: DIR_REPLY,
-        route: Route::NONE,
-        backend_ack: 0,
-        flags: f.flags & CT_F_CLOSED,
-        lazy: 0,
-        ..f
-    };
-    Some((half, at, fwd))
+    Some((ct::derived_reply(&fkey, &f), at, fwd))
 }
 
 /// DNAT backend `bkey`'s LAZY_REPLY entry, and whether this flow's service (`mine`, packed) is

@@ -51,6 +51,38 @@ fn one_backend_with(o: DataplaneOptions) -> Fixture {
     )
 }
 
+/// A DNAT service on the VIP and a full-NAT one on 10.99.0.2, both TCP :80 to backend 1, full
+/// NAT from the one port 61000: the fixture and the two service addresses.
+fn dnat_and_full_nat_on_one_port() -> (Fixture, SocketAddrV4, SocketAddrV4) {
+    let (dnat_vip, fnat_vip) = (sa(VIP, 80), sa(std::net::Ipv4Addr::new(10, 99, 0, 2), 80));
+    let mut services = vec![svc(
+        "d",
+        &dnat_vip.to_string(),
+        Protocol::Tcp,
+        &[(backend(1), 8000, 1)],
+    )];
+    services.extend(with_nat(
+        vec![svc(
+            "n",
+            &fnat_vip.to_string(),
+            Protocol::Tcp,
+            &[(backend(1), 8000, 1)],
+        )],
+        FULL,
+    ));
+    let f = Fixture::new(
+        DataplaneOptions {
+            snat_ports: PortRange {
+                first: 61000,
+                last: 61000,
+            },
+            ..options()
+        },
+        services,
+    );
+    (f, dnat_vip, fnat_vip)
+}
+
 fn tcp(src: SocketAddrV4, dst: SocketAddrV4, flags: u8, seq: u32, ack: u32) -> Ipv4Packet {
     Ipv4Packet::tcp_seq(src, dst, flags, seq, ack, &[])
 }
@@ -393,33 +425,7 @@ fn a_flow_whose_port_another_flow_took_while_its_reply_half_was_evicted_is_over(
 #[test]
 fn a_port_a_lazily_recorded_dnat_flow_holds_at_the_same_backend_is_not_taken() {
     in_fixture_netns(|| {
-        let ports = PortRange {
-            first: 61000,
-            last: 61000,
-        };
-        let (dnat_vip, fnat_vip) = (sa(VIP, 80), sa(std::net::Ipv4Addr::new(10, 99, 0, 2), 80));
-        let mut services = vec![svc(
-            "d",
-            &dnat_vip.to_string(),
-            Protocol::Tcp,
-            &[(backend(1), 8000, 1)],
-        )];
-        services.extend(with_nat(
-            vec![svc(
-                "n",
-                &fnat_vip.to_string(),
-                Protocol::Tcp,
-                &[(backend(1), 8000, 1)],
-            )],
-            FULL,
-        ));
-        let mut f = Fixture::new(
-            DataplaneOptions {
-                snat_ports: ports,
-                ..options()
-            },
-            services,
-        );
+        let (mut f, dnat_vip, fnat_vip) = dnat_and_full_nat_on_one_port();
         // A SYN to the DNAT service from this host's own address and the range's only port
         // (no real client has that source: a spoofer). The backend serves that service
         // lazily, so the flow is recorded without a reply entry: its reply key (backend ->
@@ -1662,33 +1668,7 @@ fn a_flow_whose_index_slot_a_live_flow_holds_is_not_indexed_and_keeps_its_reply_
 #[test]
 fn a_spoofer_cannot_take_the_reply_key_of_an_indexed_flow_whose_reply_half_was_evicted() {
     in_fixture_netns(|| {
-        let ports = PortRange {
-            first: 61000,
-            last: 61000,
-        };
-        let (dnat_vip, fnat_vip) = (sa(VIP, 80), sa(std::net::Ipv4Addr::new(10, 99, 0, 2), 80));
-        let mut services = vec![svc(
-            "d",
-            &dnat_vip.to_string(),
-            Protocol::Tcp,
-            &[(backend(1), 8000, 1)],
-        )];
-        services.extend(with_nat(
-            vec![svc(
-                "n",
-                &fnat_vip.to_string(),
-                Protocol::Tcp,
-                &[(backend(1), 8000, 1)],
-            )],
-            FULL,
-        ));
-        let mut f = Fixture::new(
-            DataplaneOptions {
-                snat_ports: ports,
-                ..options()
-            },
-            services,
-        );
+        let (mut f, dnat_vip, fnat_vip) = dnat_and_full_nat_on_one_port();
         let c = client(46300);
         let leg = confirmed(&f, c, fnat_vip);
         assert_eq!(leg.peer, sa(HOST, 61000));
