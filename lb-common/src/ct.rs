@@ -247,6 +247,15 @@ pub const fn port_reusable(rev: &CtEntry, now_ns: u64, cfg: &DpConfig) -> bool {
             || now_ns.saturating_sub(rev.last_seen_ns) > cfg.snat_reuse_ms as u64 * 1_000_000)
 }
 
+/// Whether a flow whose entry (either half) is `e` no longer holds its reply key and port: idle
+/// past its timeout ([`idle_expired`]), or closed both ways past its port's hold
+/// ([`port_reusable`]). The port search's rule for what holds a port, by its reply half or
+/// (the reply index) its forward half.
+#[inline(always)]
+pub const fn port_lapsed(e: &CtEntry, proto: u8, now_ns: u64, cfg: &DpConfig) -> bool {
+    idle_expired(e, proto, now_ns, cfg) || port_reusable(e, now_ns, cfg)
+}
+
 /// Where a TCP segment's sequence space ends (the sequence number the receiver acknowledges
 /// once it has all of it): `seq` plus its data plus one for a SYN and one for a FIN.
 #[inline(always)]
@@ -414,9 +423,9 @@ pub const fn derived_reply(fkey: &FlowKey, fwd: &CtEntry) -> CtEntry {
 /// its reply half: the flow is recorded lazily or indexed ([`CtEntry::lazy`]: its backend's
 /// replies derive a missing reply half), the packet does not close it (a FIN or RST is judged
 /// against the reply half's window and marks both halves), the flow is not closing (a full-NAT
-/// flow's final ACK is judged and marked so too), and it is not the flow's once-a-second refresh (which
-/// stamps both halves together, so the reply half of a flow whose client only sends never
-/// expires). The TC and XDP programs' one rule.
+/// flow's final ACK is judged and marked so too), and it is not the flow's once-a-second
+/// refresh (which stamps both halves together, so the reply half of a flow whose client only
+/// sends never expires). The TC and XDP programs' one rule.
 #[inline(always)]
 pub const fn forward_skips_reply(fwd: &CtEntry, proto: u8, tcp_flags: u8, now_ns: u64) -> bool {
     fwd.lazy != 0
@@ -579,6 +588,10 @@ pub const fn idle_expired(entry: &CtEntry, proto: u8, now_ns: u64, cfg: &DpConfi
 
 #[cfg(test)]
 mod tests {
+    extern crate std;
+
+    use super::*;
+
     #[test]
     fn a_derived_reply_half_names_its_forward_half_and_carries_its_closing_state() {
         let fkey = FlowKey::new(0x0a00_0001, 0x0a63_0001, 40000u16.to_be(), 80u16.to_be(), 6);
@@ -623,10 +636,6 @@ mod tests {
             );
         }
     }
-
-    extern crate std;
-
-    use super::*;
     use crate::IPPROTO_UDP;
 
     const CFG: DpConfig = DpConfig {

@@ -28,10 +28,16 @@ pub fn in_range(port: u16) -> bool {
     cfg.snat_port_first != 0 && p >= cfg.snat_port_first && p <= cfg.snat_port_last
 }
 
+/// The claim word's (and reply-index slot's) index of `rkey`.
+#[inline(always)]
+pub fn index(rkey: &FlowKey) -> u32 {
+    claim_index(rkey, config().snat_claims)
+}
+
 /// The claim word of reply key `rkey`.
 #[inline(always)]
 fn at(rkey: &FlowKey) -> Option<*mut u64> {
-    SNAT_CLAIMS.get_ptr_mut(claim_index(rkey, config().snat_claims))
+    SNAT_CLAIMS.get_ptr_mut(index(rkey))
 }
 
 /// Replaces `old` by `new` at `w` if `w` still holds `old`.
@@ -83,7 +89,7 @@ pub fn take(i: u32, now: u64, pass_marked: bool) -> Result<u64, Busy> {
 #[inline(never)]
 pub fn mark_time_wait(rkey: &FlowKey, now: u64) {
     if in_range(rkey.dport) {
-        mark_word(claim_index(rkey, config().snat_claims), now);
+        mark_word(index(rkey), now);
     }
 }
 
@@ -116,9 +122,7 @@ fn abandoned(cur: u64, i: u32) -> bool {
     let Some(s) = syn::named(slot) else {
         return true;
     };
-    s.check & 1 == 0
-        || !s.full_nat()
-        || claim_index(&s.full_nat_reply_key(), config().snat_claims) != i
+    s.check & 1 == 0 || !s.full_nat() || index(&s.full_nat_reply_key()) != i
 }
 
 /// Marks IPv6 full-NAT reply key `rkey`'s word at `now` (as [`mark_time_wait`]: the backend
@@ -202,13 +206,13 @@ pub fn release(rkey: &FlowKey, slot: u32) {
     }
 }
 
-/// Takes `rkey`'s claim word at `now` to write the reply-index slot of the same index (lb-common's
+/// Takes claim word `i` at `now` to write the reply-index slot of the same index (lb-common's
 /// `claim::MAP_FNAT_INDEX`), unless a live claim holds it (a handshake of a reply key sharing
 /// the word, or another CPU's write of the slot). Returns the word's value before and the word
 /// taken, for [`unlock`].
 #[inline(always)]
-pub fn lock(rkey: &FlowKey, now: u64) -> Option<(u64, u64)> {
-    let w = at(rkey)?;
+pub fn lock(i: u32, now: u64) -> Option<(u64, u64)> {
+    let w = SNAT_CLAIMS.get_ptr_mut(i)?;
     // SAFETY: see `swap`; a racing write makes the swap fail.
     let cur = unsafe { read_volatile(w) };
     let mine = word(now, None);
@@ -218,30 +222,24 @@ pub fn lock(rkey: &FlowKey, now: u64) -> Option<(u64, u64)> {
     Some((cur, mine))
 }
 
-/// Gives back the claim word [`lock`] took for `rkey`, as it was before (a TIME_WAIT mark
-/// stands again).
+/// Gives back claim word `i`, which [`lock`] took, as it was before (a TIME_WAIT mark stands
+/// again).
 #[inline(always)]
-pub fn unlock(rkey: &FlowKey, (before, mine): (u64, u64)) {
-    if let Some(w) = at(rkey) {
+pub fn unlock(i: u32, (before, mine): (u64, u64)) {
+    if let Some(w) = SNAT_CLAIMS.get_ptr_mut(i) {
         swap(w, mine, before);
     }
 }
 
-/// The reply-index slot of `rkey` and its index.
+/// Reply-index slot `i` (a reply key's [`index`]).
 #[inline(always)]
-pub fn index_slot(rkey: &FlowKey) -> Option<(*mut FlowKey, u32)> {
-    let i = claim_index(rkey, config().snat_claims);
-    FNAT_INDEX.get_ptr_mut(i).map(|s| (s, i))
+pub fn index_slot(i: u32) -> Option<*mut FlowKey> {
+    FNAT_INDEX.get_ptr_mut(i)
 }
 
-/// The claim word's (and reply-index slot's) index of `rkey`.
-#[inline(always)]
-pub fn index(rkey: &FlowKey) -> u32 {
-    claim_index(rkey, config().snat_claims)
-}
-
-/// Whether reply-index slot `i` names a flow (lb-common's `claim::MAP_FNAT_NAMED`): read
-/// under the slot's claim word, which its writers hold.
+/// Whether reply-index slot `i` names a flow (lb-common's `claim::MAP_FNAT_NAMED`). Exact
+/// under the slot's claim word, which its writers hold; without it, a hint its reader checks
+/// against the flow the slot names.
 #[inline(always)]
 pub fn index_named(i: u32) -> bool {
     FNAT_NAMED

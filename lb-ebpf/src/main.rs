@@ -699,18 +699,15 @@ fn indexed_flow(fkey: &FlowKey, i: u32, rkey: &FlowKey) -> Option<(*mut CtEntry,
         return None;
     }
     let r = ct::reply_key(fkey, fe);
-    (lb_common::claim::claim_index(&r, config().snat_claims) == i)
-        .then_some((f, ct::same_key(&r, rkey)))
+    (claim::index(&r) == i).then_some((f, ct::same_key(&r, rkey)))
 }
 
-/// Whether the flow at `f` (found by [`indexed_flow`]) is over: idle past its timeout, or
-/// closed both ways for longer than its port's hold (`port_free_in`'s rule for a reply half).
+/// Whether the flow at `f` (found by [`indexed_flow`]) is over (`ct::port_lapsed`, the rule
+/// `port_free_in` judges a reply half by).
 #[inline(always)]
 fn indexed_flow_ended(fkey: &FlowKey, f: *mut CtEntry, now: u64) -> bool {
-    let cfg = config();
     // SAFETY: a valid map value pointer, read in place.
-    let fe = unsafe { &*f };
-    ct::idle_expired(fe, fkey.proto, now, cfg) || ct::port_reusable(fe, now, cfg)
+    ct::port_lapsed(unsafe { &*f }, fkey.proto, now, config())
 }
 
 /// [`indexed_flow_ended`], and if so its halves are removed, so that its packets no longer
@@ -752,10 +749,8 @@ extern "C" fn index_flow(key: *const FlowKey) -> bool {
     if !claim::in_range(rkey.dport) {
         return false;
     }
-    let Some((s, i)) = claim::index_slot(&rkey) else {
-        return false;
-    };
-    let Some(held) = claim::lock(&rkey, now) else {
+    let i = claim::index(&rkey);
+    let (Some(s), Some(held)) = (claim::index_slot(i), claim::lock(i, now)) else {
         return false;
     };
     // SAFETY: the slot's value pointer (a key to look up in place); only a CPU holding the
@@ -769,23 +764,23 @@ extern "C" fn index_flow(key: *const FlowKey) -> bool {
         claim::set_named(i, true);
         fe.lazy = ct::LAZY_INDEXED;
     }
-    claim::unlock(&rkey, held);
+    claim::unlock(i, held);
     free
 }
 
-/// Whether full-NAT reply key `rkey`, whose claim word the port search holds and whose
+/// Whether full-NAT reply key `rkey`, whose claim word `i` the port search holds and whose
 /// reply-index slot names a flow, is held by that flow: a live confirmed flow with that reply
 /// key whose reply half may be gone (evicted) while its forward half lives and skips it. A slot
 /// naming no such flow is cleared (and an indexed flow that is over, removed). A global BPF
 /// function (the port search's callback calls it only where a slot names a flow).
 #[unsafe(no_mangle)]
 #[inline(never)]
-extern "C" fn index_holds(rkey: *const FlowKey, now: u64) -> bool {
+extern "C" fn index_holds(rkey: *const FlowKey, i: u32, now: u64) -> bool {
     // SAFETY: callers pass a reference (a global function: see `per_map`).
     let Some(rkey) = (unsafe { rkey.as_ref() }) else {
         return true;
     };
-    let Some((s, i)) = claim::index_slot(rkey) else {
+    let Some(s) = claim::index_slot(i) else {
         return false;
     };
     // SAFETY: the slot's value pointer (a key to look up in place); the caller holds its claim
@@ -812,7 +807,8 @@ extern "C" fn index_holds(rkey: *const FlowKey, now: u64) -> bool {
 #[inline(never)]
 fn indexed_reply(ctx: &TcContext, p: &Pkt) -> u64 {
     let key = &p.key;
-    let Some((s, i)) = claim::index_slot(key) else {
+    let i = claim::index(key);
+    let Some(s) = claim::index_slot(i) else {
         return LAZY_NONE;
     };
     // SAFETY: the slot's value pointer; a torn read (a concurrent write) names no flow whose
@@ -1452,10 +1448,7 @@ extern "C" fn claimed(rkey: *const FlowKey, key: *const FlowKey, now: u64) -> bo
         return true;
     }
     let i = claim::index(rkey);
-    if !claim::index_named(i) {
-        return false;
-    }
-    let Some((s, _)) = claim::index_slot(rkey) else {
+    let Some(s) = claim::index_slot(i).filter(|_| claim::index_named(i)) else {
         return false;
     };
     // SAFETY: the slot's value pointer (a key to look up in place); a racing clear (by a port
@@ -2339,7 +2332,7 @@ fn try_port<const NEW: bool>(
     let free = (!held_in(other(table)) || port_free(other(table), rkey, p.now))
         && (!held_in(table) || port_free(table, rkey, p.now))
         && !(lazy_here() && held_lazily(rkey, 0, p.flow.tcp_flags, p.now))
-        && !(claim::index_named(i) && index_holds(rkey, p.now));
+        && !(claim::index_named(i) && index_holds(rkey, i, p.now));
     if free && pending {
         return mine;
     }
@@ -2446,11 +2439,7 @@ fn port_free_in(table: &Table, rkey: &FlowKey, now: u64) -> bool {
     partner |= r.full_nat() && core::ptr::eq(table, &CT_NEW);
     let abandoned = core::ptr::eq(table, &CT_NEW)
         && now.saturating_sub(r.last_seen_ns) > ct::UNCONFIRMED_PORT_HOLD_NS;
-    if partner
-        && !abandoned
-        && !ct::idle_expired(r, rkey.proto, now, cfg)
-        && !ct::port_reusable(r, now, cfg)
-    {
+    if partner && !abandoned && !ct::port_lapsed(r, rkey.proto, now, cfg) {
         return false;
     }
     if partner {

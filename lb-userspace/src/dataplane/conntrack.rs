@@ -191,7 +191,7 @@ impl Dataplane {
     /// The forward key full-NAT reply key `rkey`'s reply-index slot names (lb-common's
     /// `claim::MAP_FNAT_INDEX`; all zero: none).
     pub fn fnat_index(&self, rkey: &FlowKey) -> Result<FlowKey> {
-        let i = lb_common::claim::claim_index(rkey, self.options.snat_claims());
+        let i = lb_common::claim::claim_index(rkey, self.claim_view.words);
         self.fnat_index
             .get(&i, 0)
             .map_err(map_err(lb_common::claim::MAP_FNAT_INDEX))
@@ -201,7 +201,7 @@ impl Dataplane {
     /// it named, as the program does when it confirms a flow: for benchmarks that stage an
     /// indexed flow's entries (not atomic: nothing else may write the index meanwhile).
     pub fn fnat_index_store(&mut self, rkey: &FlowKey, fkey: FlowKey) -> Result<()> {
-        let i = lb_common::claim::claim_index(rkey, self.options.snat_claims());
+        let i = lb_common::claim::claim_index(rkey, self.claim_view.words);
         self.fnat_index
             .set(i, &fkey, 0)
             .map_err(map_err(lb_common::claim::MAP_FNAT_INDEX))?;

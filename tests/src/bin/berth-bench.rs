@@ -464,33 +464,18 @@ fn measure_hits(
     let epoch = f.dp().epoch().expect("epoch");
     assert!(epoch != 0, "the fixture's tables are settled");
     let dp = f.rec.dataplane_mut();
-    dp.conntrack_insert(
-        flow_key(src, dst, IPPROTO_TCP),
-        CtEntry {
-            lazy,
-            ..entry(dir, nat, fnat, now, epoch)
-        },
-    )
-    .unwrap();
-    dp.conntrack_insert(
-        flow_key(back.0, back.1, IPPROTO_TCP),
-        CtEntry {
-            lazy,
-            ..entry(dir, restore, restore_f, now, epoch)
-        },
-    )
-    .unwrap();
-    if lazy == ct::LAZY_INDEXED {
-        for (k, e) in [
-            (
-                flow_key(src, dst, IPPROTO_TCP),
-                entry(dir, nat, fnat, now, epoch),
-            ),
-            (
-                flow_key(back.0, back.1, IPPROTO_TCP),
-                entry(dir, restore, restore_f, now, epoch),
-            ),
-        ] {
+    for (k, e) in [
+        (
+            flow_key(src, dst, IPPROTO_TCP),
+            entry(dir, nat, fnat, now, epoch),
+        ),
+        (
+            flow_key(back.0, back.1, IPPROTO_TCP),
+            entry(dir, restore, restore_f, now, epoch),
+        ),
+    ] {
+        dp.conntrack_insert(k, CtEntry { lazy, ..e }).unwrap();
+        if lazy == ct::LAZY_INDEXED {
             dp.fnat_index_store(&ct::reply_key(&k, &e), k).unwrap();
         }
     }
@@ -501,52 +486,35 @@ fn measure_hits(
     let mut rows = Vec::new();
     let ns = measure(f.dp().program(), &pkt, a);
     let hits = reason_count(&f, reason);
-    // A reply's path: the same packet once more without the flow's forward half, which the
-    // reply path would rebuild had it looked it up; put back for the XDP runs.
-    // A lazy or indexed flow's forward packet: the same packet once more without the flow's
-    // reply half, which it would rebuild had it looked it up; put back after.
-    let fwd_skips = (lazy != 0).then(|| {
-        let fkey = flow_key(src, dst, IPPROTO_TCP);
-        let rkey = ct::reply_key(
-            &fkey,
-            &f.dp().conntrack_get(&fkey).expect("the forward half"),
-        );
-        let rev = f.dp().conntrack_get(&rkey);
-        if rev.is_some() {
-            f.rec.dataplane_mut().conntrack_remove(&rkey).unwrap();
+    // The same packet once more without the flow's other half, which its path would rebuild
+    // had it looked it up (a reply's forward half; a lazy or indexed flow's reply half); put
+    // back for the XDP runs.
+    let measured = flow_key(src, dst, IPPROTO_TCP);
+    let e = f.dp().conntrack_get(&measured).expect("the measured half");
+    let other = match half {
+        Half::Reply => Some((ct::forward_key(&measured, &e), "forward")),
+        Half::Forward { .. } if lazy != 0 => Some((ct::reply_key(&measured, &e), "reply")),
+        Half::Forward { .. } => None,
+    };
+    let skips = other.map(|(key, which)| {
+        let kept = f.dp().conntrack_get(&key);
+        if kept.is_some() {
+            f.rec.dataplane_mut().conntrack_remove(&key).unwrap();
         }
         let run = f.run(&pkt);
-        let skipped = run.counted(Reason::FwdRedirect) == 1
+        let skipped = run.counted(reason) == 1
             && run.counted(Reason::EventCtRebuilt) == 0
-            && f.dp().conntrack_get(&rkey).is_none();
-        if let Some(rev) = rev {
-            f.rec.dataplane_mut().conntrack_insert(rkey, rev).unwrap();
+            && f.dp().conntrack_get(&key).is_none();
+        if let Some(kept) = kept {
+            f.rec.dataplane_mut().conntrack_insert(key, kept).unwrap();
         }
-        skipped
-    });
-    let skips = matches!(half, Half::Reply).then(|| {
-        let rkey = flow_key(src, dst, IPPROTO_TCP);
-        let fkey = ct::forward_key(&rkey, &f.dp().conntrack_get(&rkey).expect("the reply half"));
-        let fwd = f.dp().conntrack_get(&fkey);
-        if fwd.is_some() {
-            f.rec.dataplane_mut().conntrack_remove(&fkey).unwrap();
-        }
-        let run = f.run(&pkt);
-        let skipped = run.counted(Reason::ReplyRedirect) == 1
-            && run.counted(Reason::EventCtRebuilt) == 0
-            && f.dp().conntrack_get(&fkey).is_none();
-        if let Some(fwd) = fwd {
-            f.rec.dataplane_mut().conntrack_insert(fkey, fwd).unwrap();
-        }
-        skipped
+        (skipped, which)
     });
     if tc_wanted {
-        let skip_note = match (skips, fwd_skips) {
-            (Some(true), _) => ", forward lookup skipped",
-            (Some(false), _) => ", forward lookup NOT skipped",
-            (_, Some(true)) => ", reply lookup skipped",
-            (_, Some(false)) => ", reply lookup NOT skipped",
-            (None, None) => "",
+        let skip_note = match skips {
+            Some((true, which)) => format!(", {which} lookup skipped"),
+            Some((false, which)) => format!(", {which} lookup NOT skipped"),
+            None => String::new(),
         };
         rows.push(Row {
             path,
@@ -554,7 +522,7 @@ fn measure_hits(
             ns,
             target: Some(target),
             check: format!("{} {hits}/{total}{skip_note}", reason.name()),
-            on_path: if skips == Some(false) || fwd_skips == Some(false) {
+            on_path: if skips.is_some_and(|(skipped, _)| !skipped) {
                 0.0
             } else {
                 hits as f64 / total as f64
