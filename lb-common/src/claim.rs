@@ -27,11 +27,13 @@ use crate::{FlowKey, ct::UNCONFIRMED_PORT_HOLD_NS};
 pub const MAP_SNAT_CLAIMS: &str = "SNAT_CLAIMS";
 
 /// The reply index: an array of [`FlowKey`], as long as [`MAP_SNAT_CLAIMS`] and indexed as it
-/// ([`claim_index`]): the forward key of the confirmed full-NAT flow whose reply key has that
-/// index, written when the flow is confirmed (its forward entry is then `ct::LAZY_INDEXED`),
-/// zero where none. Read by a reply that finds no reply half (derived from the forward entry the
-/// index names, if that flow's reply key is the packet's) and by the port search (a port whose
-/// reply half is gone is still held while the indexed forward half lives). Written only by a
+/// ([`claim_index`]): the forward key of the confirmed IPv4 TCP flow whose reply key has that
+/// index (a full-NAT flow, or a DNAT flow to a service its backend does not serve lazily; named
+/// for full NAT, where it began), written when the flow is confirmed (its forward entry is then
+/// `ct::LAZY_INDEXED`), zero where none. Read by a reply that finds no reply half (derived from
+/// the forward entry the index names, if that flow's reply key is the packet's), by the port
+/// search (a port whose reply half is gone is still held while the indexed forward half lives)
+/// and by a new flow's or a rebuilt reply half's claim of a reply key. Written only by a
 /// CPU holding the slot's claim word, so two never write one slot; a slot naming a live flow is
 /// never overwritten (a flow that finds its slot so taken is not indexed and takes the full
 /// path).
@@ -73,7 +75,9 @@ pub const fn snat_claims(ct_new_size: u32) -> u32 {
 
 /// The claim word of full-NAT reply key `rkey` (backend -> berth's address and port) in an
 /// array of `claims` words (a power of two of at least 65,536): the key without its port
-/// hashed, plus the port, so the ports of one backend take consecutive words.
+/// hashed, plus the port, so the ports of one backend take consecutive words. (A DNAT reply key,
+/// backend -> client address and port, has its reply-index slot here too: a client's
+/// consecutive ports take consecutive slots.)
 #[inline(always)]
 pub const fn claim_index(rkey: &FlowKey, claims: u32) -> u32 {
     let mut h = (rkey.proto as u32).wrapping_mul(0x9e37_79b9) ^ 0x2545_f491;

@@ -181,12 +181,13 @@ pub const LAZY_RECORDED: u8 = 1;
 /// [`CtEntry::lazy`]: a forward entry recorded lazily whose backend has answered (its reply half
 /// was derived at least once).
 pub const LAZY_ANSWERED: u8 = 2;
-/// [`CtEntry::lazy`]: a confirmed IPv4 full-NAT TCP flow's forward entry whose forward key is in
-/// the reply index (lb-common's `claim::MAP_FNAT_INDEX`) at its reply key's claim word: a reply
-/// that finds no reply half derives it from this entry through the index, and the port search
-/// keeps the port while this entry lives, so its forward packets need not look the reply half
-/// up except to close or refresh the flow, as a lazily recorded flow's. (Not `WINDOW_LOST`'s
-/// value, which only reply entries carry.)
+/// [`CtEntry::lazy`]: a confirmed IPv4 TCP flow's forward entry (full NAT, or DNAT to a service
+/// its backend does not serve lazily) whose forward key is in the reply index (lb-common's
+/// `claim::MAP_FNAT_INDEX`) at its reply key's claim word: a reply that finds no reply half
+/// derives it from this entry through the index, and neither the port search nor a new flow's
+/// claim takes the reply key while this entry lives, so its forward packets need not look the
+/// reply half up except to close or refresh the flow, as a lazily recorded flow's. (Not
+/// `WINDOW_LOST`'s value, which only reply entries carry.)
 pub const LAZY_INDEXED: u8 = 4;
 
 pub const TCP_FIN: u8 = 0x01;
@@ -398,8 +399,8 @@ pub fn record_backend_ack(rev: &mut CtEntry, ack: u32) {
 }
 
 /// The reply half of the flow whose forward entry `fwd` is at `fkey`, derived where its
-/// backend's reply finds none (a lazily recorded DNAT flow's, an indexed full-NAT flow's whose
-/// half was evicted): translating back to the service (and for full NAT to the client), with
+/// backend's reply finds none (a lazily recorded DNAT flow's, an indexed flow's whose half was
+/// evicted): translating back to the service (and for full NAT to the client), with
 /// the forward entry's closing bits and last-seen time (so it expires with it), no route yet,
 /// and no window (the reply's acknowledgment records it). The TC program's one rule.
 #[inline(always)]

@@ -28,6 +28,14 @@ pub fn in_range(port: u16) -> bool {
     cfg.snat_port_first != 0 && p >= cfg.snat_port_first && p <= cfg.snat_port_last
 }
 
+/// Whether reply key `rkey` may be held by something other than a conntrack entry at it: a
+/// pending full-NAT handshake's claim (a port of the range), or a confirmed flow through the
+/// reply index (its slot's bit set; the slot itself is read only then, see `index_named`).
+#[inline(always)]
+pub fn may_hold(rkey: &FlowKey) -> bool {
+    in_range(rkey.dport) || index_named(index(rkey))
+}
+
 /// The claim word's (and reply-index slot's) index of `rkey`.
 #[inline(always)]
 pub fn index(rkey: &FlowKey) -> u32 {

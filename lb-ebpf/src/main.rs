@@ -378,9 +378,9 @@ fn process(ctx: &TcContext) -> (i32, Reason) {
                 count(Reason::EventCtInsertFailed);
                 return unpack(forward(ctx, p, f, &CT_NEW));
             }
-            // A full-NAT flow goes into the reply index (its forward packets then skip the
-            // reply half).
-            if f.full_nat() {
+            // A flow that keeps a reply half (full NAT, or DNAT to a backend's service beyond
+            // its lazy ones) goes into the reply index: its forward packets then skip it.
+            if f.lazy == 0 {
                 let _ = index_flow(key);
             }
             if let Some(m) = CONNTRACK.get_ptr_mut(key) {
@@ -403,7 +403,7 @@ fn process(ctx: &TcContext) -> (i32, Reason) {
         };
         let code = match code {
             LAZY_NONE if claim::in_range(key.dport) && claimed_reply(p) => LAZY_IN_CT_NEW,
-            LAZY_NONE if claim::in_range(key.dport) => indexed_reply(ctx, p),
+            LAZY_NONE => indexed_reply(ctx, p),
             code => code,
         };
         match code {
@@ -687,15 +687,15 @@ fn claimed_reply(p: &Pkt) -> bool {
     true
 }
 
-/// The forward entry in CONNTRACK of the confirmed full-NAT flow whose forward key `fkey` the
-/// reply index names at slot `i`, if that flow relies on the index (its entry is
+/// The forward entry in CONNTRACK of the confirmed flow whose forward key `fkey` the reply
+/// index names at slot `i`, if that flow relies on the index (its entry is
 /// `ct::LAZY_INDEXED`) and its reply key's slot is `i`; and whether that reply key is `rkey`.
 #[inline(always)]
 fn indexed_flow(fkey: &FlowKey, i: u32, rkey: &FlowKey) -> Option<(*mut CtEntry, bool)> {
     let f = CONNTRACK.get_ptr_mut(fkey)?;
     // SAFETY: a valid map value pointer, read in place.
     let fe = unsafe { &*f };
-    if fe.dir != DIR_FORWARD || fe.lazy != ct::LAZY_INDEXED || !fe.full_nat() {
+    if fe.dir != DIR_FORWARD || fe.lazy != ct::LAZY_INDEXED {
         return None;
     }
     let r = ct::reply_key(fkey, fe);
@@ -724,8 +724,9 @@ fn indexed_flow_over(fkey: &FlowKey, f: *mut CtEntry, now: u64) -> bool {
     true
 }
 
-/// Writes the forward key `key` of a full-NAT TCP flow just confirmed (its forward entry in
-/// CONNTRACK) into the reply index (lb-common's `claim::MAP_FNAT_INDEX`) under the slot's claim
+/// Writes the forward key `key` of a TCP flow just confirmed (its forward entry in CONNTRACK)
+/// that keeps a reply half (full NAT, or DNAT to a service its backend does not serve lazily)
+/// into the reply index (lb-common's `claim::MAP_FNAT_INDEX`) under the slot's claim
 /// word, unless the word is busy or the slot names another live flow that relies on it; the
 /// forward entry becomes `ct::LAZY_INDEXED` then (its forward packets skip the reply half). A
 /// global BPF function, called once `confirm` has moved the pair (on its frame, the chain under
@@ -742,13 +743,14 @@ extern "C" fn index_flow(key: *const FlowKey) -> bool {
     };
     // SAFETY: a valid map value pointer; this CPU's scratch slot, written by `process`.
     let (fe, now) = unsafe { (&mut *f, (*p).now) };
-    if fe.dir != DIR_FORWARD || !fe.full_nat() || key.proto != lb_common::IPPROTO_TCP {
+    // A lazily recorded flow has its own way back (`lazy_reply`).
+    if fe.dir != DIR_FORWARD
+        || !matches!(fe.lazy, 0 | ct::LAZY_INDEXED)
+        || key.proto != lb_common::IPPROTO_TCP
+    {
         return false;
     }
     let rkey = ct::reply_key(key, fe);
-    if !claim::in_range(rkey.dport) {
-        return false;
-    }
     let i = claim::index(&rkey);
     let (Some(s), Some(held)) = (claim::index_slot(i), claim::lock(i, now)) else {
         return false;
@@ -759,10 +761,12 @@ extern "C" fn index_flow(key: *const FlowKey) -> bool {
     let free = ct::same_key(cur, key)
         || indexed_flow(cur, i, &rkey).is_none_or(|(g, _)| indexed_flow_over(cur, g, now));
     if free {
+        // In this order (the entry, the slot, its bit): a reader that clears a bit it found
+        // stale without the claim word checks the slot again after (see `claimed`).
+        fe.lazy = ct::LAZY_INDEXED;
         // SAFETY: as above.
         unsafe { core::ptr::write_volatile(s, *key) };
         claim::set_named(i, true);
-        fe.lazy = ct::LAZY_INDEXED;
     }
     claim::unlock(i, held);
     free
@@ -798,9 +802,9 @@ extern "C" fn index_holds(rkey: *const FlowKey, i: u32, now: u64) -> bool {
     false
 }
 
-/// A packet to berth's address and a port of the full-NAT range that found no conntrack entry
-/// nor a pending handshake: if the reply index names a confirmed flow whose reply key is the
-/// packet's (its reply half evicted while its forward half, which skips it, lives), the reply
+/// A packet from a backend port that found no conntrack entry, no lazily recorded flow and no
+/// pending full-NAT handshake: if the reply index names a confirmed flow whose reply key is the
+/// packet's (its slot's bit read first: most such packets are no flow's) (its reply half evicted while its forward half, which skips it, lives), the reply
 /// half is written into CONNTRACK now from the forward entry (closing bits and last-seen time
 /// with it; the window from this reply's acknowledgment on). One of the `LAZY_*` codes of
 /// [`lazy_reply`]. A BPF subprogram.
@@ -808,7 +812,7 @@ extern "C" fn index_holds(rkey: *const FlowKey, i: u32, now: u64) -> bool {
 fn indexed_reply(ctx: &TcContext, p: &Pkt) -> u64 {
     let key = &p.key;
     let i = claim::index(key);
-    let Some(s) = claim::index_slot(i) else {
+    let Some(s) = claim::index_slot(i).filter(|_| claim::index_named(i)) else {
         return LAZY_NONE;
     };
     // SAFETY: the slot's value pointer; a torn read (a concurrent write) names no flow whose
@@ -1428,35 +1432,90 @@ fn claim_in(table: &Table, rkey: &FlowKey, flow: &Flow, now: u64) -> bool {
 }
 
 /// Whether a pending full-NAT handshake holds reply key `rkey` by its port claim (see
-/// lb-common's `claim`; its reply entry is written only with its backend's first reply), or a
-/// live indexed full-NAT flow other than `key`'s through the reply index (its reply half maybe
-/// evicted): a DNAT flow whose reply key it is (a spoofer's, from berth's own address and a
-/// port of the range) must not take the key, nor a flow whose reply half was evicted rebuild
-/// it. Judged on the claimed slot and the index in place (a slot being written may count as
+/// lb-common's `claim`; its reply entry is written only with its backend's first reply; `rkey`
+/// in the range), or a live indexed flow other than `key`'s through the reply index (its reply
+/// half maybe evicted): a new flow whose reply key it is (a DNAT flow of another service on the
+/// backend from the same client address and port, or a spoofer's from berth's own address and
+/// a port of the range) must not take the key, nor a flow whose reply half was evicted rebuild
+/// it. Called where `claim::may_hold`. Judged on the claimed slot and the index in place (a slot being written may count as
 /// holding). A global BPF function (see `per_map`).
 #[unsafe(no_mangle)]
 #[inline(never)]
-extern "C" fn claimed(rkey: *const FlowKey, key: *const FlowKey, now: u64) -> bool {
+extern "C" fn claimed(rkey: *const FlowKey, key: *const FlowKey, now: u64) -> u64 {
     // SAFETY: callers pass references (a global function: see `per_map`).
     let (Some(rkey), Some(key)) = (unsafe { (rkey.as_ref(), key.as_ref()) }) else {
-        return true;
+        return CLAIMED_HELD;
     };
-    if claim::slot_holding(rkey, now)
-        .and_then(syn::named)
-        .is_some_and(|s| s.check & 1 != 0 && s.full_nat() && s.is_forward_of(&s.key(), rkey))
+    if claim::in_range(rkey.dport)
+        && claim::slot_holding(rkey, now)
+            .and_then(syn::named)
+            .is_some_and(|s| s.check & 1 != 0 && s.full_nat() && s.is_forward_of(&s.key(), rkey))
     {
-        return true;
+        return CLAIMED_HELD;
     }
     let i = claim::index(rkey);
     let Some(s) = claim::index_slot(i).filter(|_| claim::index_named(i)) else {
-        return false;
+        return CLAIMED_FREE;
     };
     // SAFETY: the slot's value pointer (a key to look up in place); a racing clear (by a port
     // search, of a slot naming a flow that is over) names no live flow either way.
     let cur = unsafe { &*s };
-    !ct::same_key(cur, key)
-        && indexed_flow(cur, i, rkey)
-            .is_some_and(|(f, mine)| mine && !indexed_flow_ended(cur, f, now))
+    if ct::same_key(cur, key) {
+        return CLAIMED_FREE;
+    }
+    match indexed_flow(cur, i, rkey) {
+        Some((f, mine)) => u64::from(mine && !indexed_flow_ended(cur, f, now)),
+        None => CLAIMED_STALE,
+    }
+}
+
+/// Whether [`claimed`] says a new flow's reply key `rkey` is held; a stale reply-index slot it
+/// met is forgotten on the way.
+#[inline(always)]
+fn held_or_forgotten(rkey: &FlowKey, key: &FlowKey, now: u64) -> bool {
+    match claimed(rkey, key, now) {
+        CLAIMED_HELD => true,
+        CLAIMED_STALE => {
+            let _ = forget_stale_slot(claim::index(rkey));
+            false
+        }
+        _ => false,
+    }
+}
+
+/// [`claimed`]: nothing holds the key.
+const CLAIMED_FREE: u64 = 0;
+/// [`claimed`]: a pending handshake or a live indexed flow holds the key.
+const CLAIMED_HELD: u64 = 1;
+/// [`claimed`]: nothing holds the key, and its reply-index slot's bit is set for a slot that
+/// names no live flow (see [`forget_stale_slot`]).
+const CLAIMED_STALE: u64 = 2;
+
+/// Clears the bit of reply-index slot `i`, which [`claimed`] found naming no live flow (a DNAT
+/// flow's that ended: nothing else clears those, where the port search clears a full-NAT
+/// flow's), so that new flows whose reply keys share the slot stop reading it. Without the
+/// claim word: a flow indexed there meanwhile (its entry marked, then the slot written, then
+/// the bit set) is found by the second look, and its bit set again (a look at the entry's mark
+/// alone: a bit set for a slot naming no live flow costs a read, nothing more). A global BPF
+/// function: inlined into `claimed`, its frame grew from 56 to 112 bytes, past the 512 of the
+/// chain under `new_flow`.
+#[unsafe(no_mangle)]
+#[inline(never)]
+extern "C" fn forget_stale_slot(i: u32) -> bool {
+    let Some(s) = claim::index_slot(i) else {
+        return false;
+    };
+    claim::set_named(i, false);
+    // SAFETY: the slot's value pointer, its key looked up where it is (a torn read, a write
+    // under way, names no entry, and that flow's bit is set after it anyway).
+    let named = CONNTRACK
+        .get_ptr(unsafe { &*s })
+        // SAFETY: a valid map value pointer, read in place.
+        .is_some_and(|f| unsafe { (*f).lazy == ct::LAZY_INDEXED });
+    if named {
+        claim::set_named(i, true);
+    }
+    !named
 }
 
 /// Stamps both halves of a flow with `now` (they expire together).
@@ -1488,10 +1547,11 @@ fn forward(ctx: &TcContext, p: &Pkt, e: &mut CtEntry, table: &'static Table) -> 
 #[inline(always)]
 fn forward_inner(ctx: &TcContext, p: &Pkt, e: &mut CtEntry, table: &'static Table) -> Step {
     let (flow, key, now) = (&p.flow, &p.key, p.now);
-    // A lazily recorded flow's plain packets skip its reply half (`ct::forward_skips_reply`):
-    // its backend's replies derive a missing one (`lazy_reply`), and no other flow can take its
-    // reply key while this entry lives (`claim`, `lazy_flow_holds` and the full-NAT port search
-    // all respect it). One hash lookup per packet instead of two.
+    // A lazily recorded or indexed flow's plain packets skip its reply half
+    // (`ct::forward_skips_reply`): its backend's replies derive a missing one (`lazy_reply`,
+    // `indexed_reply`), and no other flow can take its reply key while this entry lives
+    // (`claim`, `lazy_flow_holds`, `claimed` and the full-NAT port search all respect it). One
+    // hash lookup per packet instead of two.
     let skip = ct::forward_skips_reply(e, flow.proto, flow.tcp_flags, now);
     // The reply half, looked up with every other packet: that keeps it as recent as this half
     // in the LRU, and a half evicted anyway is rebuilt here before the backend answers.
@@ -1516,7 +1576,7 @@ fn forward_inner(ctx: &TcContext, p: &Pkt, e: &mut CtEntry, table: &'static Tabl
         let mine = LazyOwners::pack(flow.daddr, flow.dport);
         if (!e.full_nat() && held_lazily(&rkey, mine, flow.tcp_flags, now))
             || !claim(other(table), &rkey, flow, now)
-            || (claim::in_range(rkey.dport) && claimed(&rkey, key, now))
+            || (claim::may_hold(&rkey) && claimed(&rkey, key, now) == CLAIMED_HELD)
         {
             let _ = table.remove(key);
             return Step::Verdict(exit(Reason::DropFlowConflict));
@@ -1931,7 +1991,7 @@ fn new_flow_inner(ctx: &TcContext, p: &Pkt, hashed: u64) -> Pick {
     // does.
     if (CONNTRACK.get_ptr(rev_key).is_some() && !claim(&CONNTRACK, rev_key, flow, now))
         || (CT_NEW.get_ptr(rev_key).is_some() && !claim(&CT_NEW, rev_key, flow, now))
-        || (claim::in_range(rev_key.dport) && claimed(rev_key, &p.key, now))
+        || (claim::may_hold(rev_key) && held_or_forgotten(rev_key, &p.key, now))
     {
         return Pick::Done(exit(Reason::DropFlowConflict));
     }

@@ -589,11 +589,14 @@ fn a_live_flow_whose_reply_half_was_rebuilt_keeps_its_key_against_a_blind_segmen
         let answer =
             from_backend(tcp(be, victim, TCP_ACK | TCP_PSH, 5001, 1001).with_payload(b"x"));
         assert_reply(&f.run(&answer), sa(VIP, 80), victim);
-        // A flood evicts only the reply half; the victim's next segment rebuilds it.
+        // A flood evicts only the reply half; the victim's next segment, its flow's
+        // once-a-second refresh, rebuilds it (between refreshes the segments of the flow,
+        // which is indexed, skip it: the next test).
         f.rec
             .dataplane_mut()
             .conntrack_remove(&flow_key(be, victim, IPPROTO_TCP))
             .unwrap();
+        due_for_refresh(&mut f, flow_key(victim, sa(VIP, 80), IPPROTO_TCP));
         let data = tcp(victim, sa(VIP, 80), TCP_ACK | TCP_PSH, 1001, 5002)
             .with_payload(b"GET /")
             .build();
@@ -606,6 +609,141 @@ fn a_live_flow_whose_reply_half_was_rebuilt_keeps_its_key_against_a_blind_segmen
         assert_dropped(&f.run(&spoof), Reason::DropFlowConflict);
         let answer = from_backend(tcp(be, victim, TCP_ACK, 5002, 1006));
         assert_reply(&f.run(&answer), sa(VIP, 80), victim);
+    });
+}
+
+/// Makes the flow whose forward half is at `fkey` due for its once-a-second refresh (its
+/// next segment looks its reply half up, and rebuilds it if missing).
+fn due_for_refresh(f: &mut Fixture, fkey: lb_common::FlowKey) {
+    let mut e = f.ct(&fkey).expect("forward half");
+    e.last_seen_ns = monotonic_ns() - 2 * ct::TOUCH_INTERVAL_NS;
+    f.rec.dataplane_mut().conntrack_update(fkey, e).unwrap();
+}
+
+/// A flow to a backend's service that is not one of its lazy ones keeps a reply half, and
+/// once confirmed goes into the reply index (as a full-NAT flow does, `fullnat.rs`): its
+/// segments skip the reply half, its backend's next segment derives one that was evicted, and
+/// while its forward half lives no flow of another service takes its reply key.
+#[test]
+fn a_confirmed_flow_of_a_further_service_is_indexed_and_holds_its_key_without_its_reply_half() {
+    in_fixture_netns(|| {
+        let mut f = shared_backend();
+        // :8080 takes the backend's one lazy slot: the VIP's flows keep their reply halves.
+        let be = handshake(&f, client(40125), sa(HOST, 8080));
+        let victim = client(40126);
+        assert_eq!(handshake(&f, victim, sa(VIP, 80)), be);
+        let (fkey, rkey) = (
+            flow_key(victim, sa(VIP, 80), IPPROTO_TCP),
+            flow_key(be, victim, IPPROTO_TCP),
+        );
+        let fwd = f.ct(&fkey).expect("confirmed forward half");
+        assert_eq!(fwd.lazy, ct::LAZY_INDEXED, "{fwd:?}");
+        assert_eq!(f.dp().fnat_index(&rkey).unwrap(), fkey);
+        // A flood evicts the reply half: the victim's segments go on without it.
+        f.rec.dataplane_mut().conntrack_remove(&rkey).unwrap();
+        let data = tcp(victim, sa(VIP, 80), TCP_ACK | TCP_PSH, 1001, 5001)
+            .with_payload(b"GET /")
+            .build();
+        let run = f.run(&data);
+        assert_eq!(assert_dnat(&run, &data, &[be]), be);
+        assert_eq!(run.counted(Reason::EventCtRebuilt), 0, "{run:?}");
+        assert!(f.ct(&rkey).is_none(), "the segment skipped the reply half");
+        // Segments as the victim to the other service would share its tuple at the backend:
+        // refused, and the backend's next answer derives the reply half from the index and
+        // comes from the service the victim asked.
+        for flags in [TCP_ACK, TCP_SYN, TCP_ACK | TCP_PSH] {
+            let spoof = tcp(victim, sa(HOST, 8080), flags, 77, 88).build();
+            assert_dropped(&f.run(&spoof), Reason::DropFlowConflict);
+        }
+        assert!(
+            f.ct(&flow_key(victim, sa(HOST, 8080), IPPROTO_TCP))
+                .is_none()
+        );
+        let answer =
+            from_backend(tcp(be, victim, TCP_ACK | TCP_PSH, 5001, 1006).with_payload(b"200"));
+        let run = f.run(&answer);
+        assert_reply(&run, sa(VIP, 80), victim);
+        assert_eq!(run.counted(Reason::EventCtRebuilt), 1, "{run:?}");
+        let rev = f.ct(&rkey).expect("derived reply half");
+        assert!(ct::is_reply_of(&rev, &rkey, &fkey), "{rev:?}");
+        assert_eq!(
+            rev.backend_ack, 1006,
+            "its window from the answer's acknowledgment"
+        );
+        // Over (its forward half gone), the flow no longer holds the key.
+        let dp = f.rec.dataplane_mut();
+        dp.conntrack_remove(&fkey).unwrap();
+        dp.conntrack_remove(&rkey).unwrap();
+        let syn = tcp(victim, sa(HOST, 8080), TCP_SYN, 9000, 0).build();
+        assert_eq!(assert_dnat(&f.run(&syn), &syn, &[be]), be);
+    });
+}
+
+/// A flow whose reply half was evicted, not indexed (its slot is another live flow's), and
+/// due for its refresh, does not rebuild its reply half over an indexed flow that holds the
+/// key without one: it is over, and the indexed flow's answers still reach its client.
+#[test]
+fn a_flow_cannot_rebuild_its_reply_half_over_an_indexed_flow_holding_the_key() {
+    in_fixture_netns(|| {
+        let mut f = shared_backend();
+        let be = handshake(&f, client(40127), sa(HOST, 8080));
+        let victim = client(40128);
+        assert_eq!(handshake(&f, victim, sa(VIP, 80)), be);
+        let (fkey, rkey) = (
+            flow_key(victim, sa(VIP, 80), IPPROTO_TCP),
+            flow_key(be, victim, IPPROTO_TCP),
+        );
+        assert_eq!(f.ct(&fkey).unwrap().lazy, ct::LAZY_INDEXED);
+        f.rec.dataplane_mut().conntrack_remove(&rkey).unwrap();
+        // A forward half of the same client tuple to :8080 on the same backend, neither lazy
+        // nor indexed (an older flow's leftover, say, whose slot was another flow's), with the
+        // same reply key and no reply half either.
+        let other = flow_key(victim, sa(HOST, 8080), IPPROTO_TCP);
+        let mut e = f.ct(&fkey).unwrap();
+        e.lazy = 0;
+        e.last_seen_ns = monotonic_ns() - 2 * ct::TOUCH_INTERVAL_NS;
+        f.rec.dataplane_mut().conntrack_insert(other, e).unwrap();
+        let seg = tcp(victim, sa(HOST, 8080), TCP_ACK, 77, 88).build();
+        assert_dropped(&f.run(&seg), Reason::DropFlowConflict);
+        assert!(
+            f.ct(&other).is_none() && f.ct(&rkey).is_none(),
+            "nothing rebuilt"
+        );
+        let answer = from_backend(tcp(be, victim, TCP_ACK, 5001, 1001));
+        assert_reply(&f.run(&answer), sa(VIP, 80), victim);
+    });
+}
+
+/// A reply-index slot whose flow is gone (a DNAT flow's, ended and swept: nothing clears those
+/// as the port search clears a full-NAT flow's) is forgotten by the first new flow whose reply
+/// key shares it: its bit cleared, so later flows do not read the slot; the new flow is not
+/// held up by it. A slot naming a live indexed flow keeps its bit.
+#[test]
+fn a_new_flow_forgets_a_reply_index_slot_whose_flow_is_gone() {
+    in_fixture_netns(|| {
+        let mut f = shared_backend();
+        let be = handshake(&f, client(40129), sa(HOST, 8080));
+        let c = client(40130);
+        let rkey = flow_key(be, c, IPPROTO_TCP);
+        // The slot of the new flow's reply key names a flow that is gone.
+        let gone = flow_key(client(40131), sa(VIP, 80), IPPROTO_TCP);
+        f.rec.dataplane_mut().fnat_index_store(&rkey, gone).unwrap();
+        assert!(f.dp().fnat_named(&rkey).unwrap());
+        let syn = tcp(c, sa(HOST, 8080), TCP_SYN, 1000, 0).build();
+        assert_eq!(assert_dnat(&f.run(&syn), &syn, &[be]), be);
+        assert!(
+            !f.dp().fnat_named(&rkey).unwrap(),
+            "the stale slot's bit is cleared"
+        );
+        // A live indexed flow's bit stays: a flow of its client to the other service is
+        // refused.
+        let victim = client(40132);
+        assert_eq!(handshake(&f, victim, sa(VIP, 80)), be);
+        let vkey = flow_key(be, victim, IPPROTO_TCP);
+        f.rec.dataplane_mut().conntrack_remove(&vkey).unwrap();
+        let spoof = tcp(victim, sa(HOST, 8080), TCP_SYN, 77, 0).build();
+        assert_dropped(&f.run(&spoof), Reason::DropFlowConflict);
+        assert!(f.dp().fnat_named(&vkey).unwrap());
     });
 }
 

@@ -18,8 +18,8 @@ use berth_tests::{
     wire::{self, Ipv4Packet, L4, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN},
 };
 use lb_common::{
-    CtEntry, IPPROTO_TCP, IPPROTO_UDP, Reason, claim, ct, hash::flow_hash, ipv4_to_wire,
-    port_to_wire,
+    CtEntry, IPPROTO_TCP, IPPROTO_UDP, LAZY_OWNERS, Reason, claim, ct, hash::flow_hash,
+    ipv4_to_wire, port_to_wire,
 };
 use lb_userspace::{
     config::{Nat, PortRange, Protocol},
@@ -54,33 +54,39 @@ fn one_backend_with(o: DataplaneOptions) -> Fixture {
 /// A DNAT service on the VIP and a full-NAT one on 10.99.0.2, both TCP :80 to backend 1, full
 /// NAT from the one port 61000: the fixture and the two service addresses.
 fn dnat_and_full_nat_on_one_port() -> (Fixture, SocketAddrV4, SocketAddrV4) {
-    let (dnat_vip, fnat_vip) = (sa(VIP, 80), sa(std::net::Ipv4Addr::new(10, 99, 0, 2), 80));
-    let mut services = vec![svc(
-        "d",
-        &dnat_vip.to_string(),
-        Protocol::Tcp,
-        &[(backend(1), 8000, 1)],
-    )];
-    services.extend(with_nat(
-        vec![svc(
-            "n",
-            &fnat_vip.to_string(),
+    let (f, dnat_vip, fnat_vip, _) = two_dnat_and_full_nat_on_one_port(LAZY_OWNERS as u32);
+    (f, dnat_vip, fnat_vip)
+}
+
+/// [`dnat_and_full_nat_on_one_port`] with a second DNAT service on 10.99.0.3:80 (the fourth
+/// address returned), backend 1 serving `lazy_services` of the two lazily.
+fn two_dnat_and_full_nat_on_one_port(
+    lazy_services: u32,
+) -> (Fixture, SocketAddrV4, SocketAddrV4, SocketAddrV4) {
+    let vip = |last| sa(std::net::Ipv4Addr::new(10, 99, 0, last), 80);
+    let (dnat_vip, fnat_vip, dnat_vip2) = (sa(VIP, 80), vip(2), vip(3));
+    let dnat = |name, at: SocketAddrV4| {
+        svc(
+            name,
+            &at.to_string(),
             Protocol::Tcp,
             &[(backend(1), 8000, 1)],
-        )],
-        FULL,
-    ));
+        )
+    };
+    let mut services = vec![dnat("d", dnat_vip), dnat("e", dnat_vip2)];
+    services.extend(with_nat(vec![dnat("n", fnat_vip)], FULL));
     let f = Fixture::new(
         DataplaneOptions {
             snat_ports: PortRange {
                 first: 61000,
                 last: 61000,
             },
+            lazy_services,
             ..options()
         },
         services,
     );
-    (f, dnat_vip, fnat_vip)
+    (f, dnat_vip, fnat_vip, dnat_vip2)
 }
 
 fn tcp(src: SocketAddrV4, dst: SocketAddrV4, flags: u8, seq: u32, ack: u32) -> Ipv4Packet {
@@ -95,6 +101,19 @@ fn assert_reply(run: &Run, service: SocketAddrV4, to: SocketAddrV4) {
     let o = wire::parse(&run.out);
     assert_eq!((o.src, o.dst), (service, to));
     assert_eq!(o.dst_mac, CLIENT_MAC, "to the client's MAC, from the FIB");
+}
+
+/// Checks a reply translated back to a client on this host (`to`, an address of its own): from
+/// `service`, handed to the stack, checksums right.
+fn assert_reply_to_host(run: &Run, service: SocketAddrV4, to: SocketAddrV4) {
+    assert_eq!(
+        run.exits(),
+        [Reason::PassTranslatedToStack.name()],
+        "{run:?}"
+    );
+    wire::verify_checksums(&run.out).unwrap_or_else(|e| panic!("rewritten reply: {e}"));
+    let o = wire::parse(&run.out);
+    assert_eq!((o.src, o.dst), (service, to));
 }
 
 /// The source port flow `client -> service` tries first (see `ct::snat_port`).
@@ -451,6 +470,49 @@ fn a_port_a_lazily_recorded_dnat_flow_holds_at_the_same_backend_is_not_taken() {
             .unwrap();
         let leg2 = assert_fwd(&f.run(&syn2), &syn2, &[b8000(1)], FULL);
         assert_eq!(leg2.peer, spoof, "from HOST:61000 now");
+    });
+}
+
+/// The same for a DNAT flow that keeps a reply half (its service is not one of the backend's
+/// lazy ones) and is indexed once confirmed: with its reply half evicted, its forward half
+/// holds the port through the reply index, and the backend's next segment derives the half.
+#[test]
+fn a_port_an_indexed_dnat_flow_holds_without_its_reply_half_is_not_taken() {
+    in_fixture_netns(|| {
+        let (mut f, dnat_vip, fnat_vip, dnat_vip2) = two_dnat_and_full_nat_on_one_port(1);
+        // The first DNAT service takes the backend's one lazy slot.
+        let c = client(45110);
+        let syn = tcp(c, dnat_vip, TCP_SYN, 1000, 0).build();
+        assert_fwd(&f.run(&syn), &syn, &[b8000(1)], Nat::Dnat);
+        // A handshake to the second from this host's address and the range's only port.
+        let spoof = sa(HOST, 61000);
+        let syn = tcp(spoof, dnat_vip2, TCP_SYN, 7000, 0).build();
+        assert_fwd(&f.run(&syn), &syn, &[b8000(1)], Nat::Dnat);
+        let synack = from_backend(tcp(b8000(1), spoof, TCP_SYN | TCP_ACK, 3000, 7001));
+        assert_reply_to_host(&f.run(&synack), dnat_vip2, spoof);
+        let ack = tcp(spoof, dnat_vip2, TCP_ACK, 7001, 3001).build();
+        assert_fwd(&f.run(&ack), &ack, &[b8000(1)], Nat::Dnat);
+        let (fkey, rkey) = (
+            flow_key(spoof, dnat_vip2, IPPROTO_TCP),
+            flow_key(b8000(1), spoof, IPPROTO_TCP),
+        );
+        assert_eq!(f.ct(&fkey).unwrap().lazy, ct::LAZY_INDEXED);
+        f.rec.dataplane_mut().conntrack_remove(&rkey).unwrap();
+        let c2 = client(45111);
+        let syn2 = tcp(c2, fnat_vip, TCP_SYN, 1000, 0).build();
+        assert_dropped(&f.run(&syn2), Reason::DropSnatExhausted);
+        let answer = from_backend(tcp(b8000(1), spoof, TCP_ACK, 3001, 7001));
+        let run = f.run(&answer);
+        assert_reply_to_host(&run, dnat_vip2, spoof);
+        assert_eq!(run.counted(Reason::EventCtRebuilt), 1, "{run:?}");
+        // Once that flow is gone, the port is free again.
+        let dp = f.rec.dataplane_mut();
+        dp.conntrack_remove(&fkey).unwrap();
+        dp.conntrack_remove(&rkey).unwrap();
+        assert_eq!(
+            assert_fwd(&f.run(&syn2), &syn2, &[b8000(1)], FULL).peer,
+            spoof
+        );
     });
 }
 
@@ -1568,7 +1630,12 @@ fn the_port_of_an_indexed_flow_whose_reply_half_was_evicted_is_not_taken() {
             first: 61010,
             last: 61010,
         };
-        let mut f = one_backend(one);
+        // An idle timeout shorter than the machine's uptime (the flow is aged by its stamp).
+        let mut f = one_backend_with(DataplaneOptions {
+            snat_ports: one,
+            tcp_idle: std::time::Duration::from_secs(30),
+            ..options()
+        });
         let vip = sa(VIP, 80);
         let (a, b) = (client(46100), client(46101));
         let leg = confirmed(&f, a, vip);
@@ -1593,7 +1660,7 @@ fn the_port_of_an_indexed_flow_whose_reply_half_was_evicted_is_not_taken() {
         // with it.
         f.rec.dataplane_mut().conntrack_remove(&rkey).unwrap();
         let mut e = f.ct(&fkey).unwrap();
-        e.last_seen_ns = monotonic_ns() - options().tcp_idle.as_nanos() as u64 - 1_000_000_000;
+        e.last_seen_ns = monotonic_ns() - 31_000_000_000;
         f.rec.dataplane_mut().conntrack_update(fkey, e).unwrap();
         let run = f.run(&syn_b);
         assert_eq!(assert_fwd(&run, &syn_b, &[b8000(1)], FULL).peer, leg.peer);

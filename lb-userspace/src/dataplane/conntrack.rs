@@ -188,7 +188,7 @@ impl Dataplane {
         self.claim_view.store(rkey, w);
     }
 
-    /// The forward key full-NAT reply key `rkey`'s reply-index slot names (lb-common's
+    /// The forward key reply key `rkey`'s reply-index slot names (lb-common's
     /// `claim::MAP_FNAT_INDEX`; all zero: none).
     pub fn fnat_index(&self, rkey: &FlowKey) -> Result<FlowKey> {
         let i = lb_common::claim::claim_index(rkey, self.claim_view.words);
@@ -197,8 +197,19 @@ impl Dataplane {
             .map_err(map_err(lb_common::claim::MAP_FNAT_INDEX))
     }
 
-    /// Stores forward key `fkey` into full-NAT reply key `rkey`'s reply-index slot and marks
-    /// it named, as the program does when it confirms a flow: for benchmarks that stage an
+    /// Whether reply key `rkey`'s reply-index slot is marked as naming a flow (its bit in
+    /// lb-common's `claim::MAP_FNAT_NAMED`).
+    pub fn fnat_named(&self, rkey: &FlowKey) -> Result<bool> {
+        let i = lb_common::claim::claim_index(rkey, self.claim_view.words);
+        let w = self
+            .fnat_named
+            .get(&(i / 64), 0)
+            .map_err(map_err(lb_common::claim::MAP_FNAT_NAMED))?;
+        Ok(w & 1 << (i % 64) != 0)
+    }
+
+    /// Stores forward key `fkey` into reply key `rkey`'s reply-index slot and marks it named,
+    /// as the program does when it confirms a flow: for tests and benchmarks that stage an
     /// indexed flow's entries (not atomic: nothing else may write the index meanwhile).
     pub fn fnat_index_store(&mut self, rkey: &FlowKey, fkey: FlowKey) -> Result<()> {
         let i = lb_common::claim::claim_index(rkey, self.claim_view.words);

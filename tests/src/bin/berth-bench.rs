@@ -316,8 +316,9 @@ fn entry(dir: u8, nat: SocketAddrV4, fnat: Option<SocketAddrV4>, now: u64, epoch
 /// `fnat`, full-NAT entries rewrite the other end to it and back as well.
 /// Sends a SYN to each service from client ports until one reaches `be` (which serves them
 /// all), in the services' order, and says which were recorded lazily: the first
-/// `LAZY_OWNERS` services to reach a backend are, a further one is not (panics otherwise:
-/// the established rows' two kinds of flow would not be the program's).
+/// `LAZY_OWNERS` services to reach a backend are, a further one is not, and is indexed once
+/// its handshake completes (panics otherwise: the established rows' kinds of flow would not be
+/// the program's).
 fn lazy_services_checked(services: &[lb_userspace::config::Service], be: SocketAddrV4) -> String {
     let f = Fixture::new(options(), services.to_vec());
     let mut seen = Vec::new();
@@ -326,27 +327,37 @@ fn lazy_services_checked(services: &[lb_userspace::config::Service], be: SocketA
             std::net::SocketAddr::V4(l) if !l.ip().is_unspecified() => l,
             l => SocketAddrV4::new(HOST, l.port()),
         };
+        let tcp = |src, dst, flags, seq, ack| Ipv4Packet::tcp_seq(src, dst, flags, seq, ack, &[]);
         let landed = (0..200u16).find_map(|n| {
             let c = SocketAddrV4::new(CLIENT, 30000 + 1000 * i as u16 + n);
-            f.run(&Ipv4Packet::tcp(c, dst, TCP_SYN).build());
+            f.run(&tcp(c, dst, TCP_SYN, 1000, 0).build());
             let e = f.ct(&flow_key(c, dst, IPPROTO_TCP))?;
             (e.nat_addr == ipv4_to_wire(be.ip().octets()) && e.nat_port == port_to_wire(be.port()))
-                .then_some(e.lazy != 0)
+                .then_some((c, e.lazy != 0))
         });
-        let lazy = landed.expect("a SYN reaching the shared backend");
+        let (c, lazy) = landed.expect("a SYN reaching the shared backend");
         assert_eq!(
             lazy,
             i < lb_common::LAZY_OWNERS,
             "service {} of {be}: recorded lazily {lazy}",
             i + 1
         );
+        if !lazy {
+            f.run(&from_backend(tcp(be, c, TCP_SYN | TCP_ACK, 7000, 1001)));
+            f.run(&tcp(c, dst, TCP_ACK, 1001, 7001).build());
+            let fkey = flow_key(c, dst, IPPROTO_TCP);
+            let fwd = f.ct(&fkey).expect("the confirmed forward half");
+            assert_eq!(fwd.lazy, ct::LAZY_INDEXED, "service {}: {fwd:?}", i + 1);
+            let rkey = ct::reply_key(&fkey, &fwd);
+            assert_eq!(f.dp().fnat_index(&rkey).expect("reply index"), fkey);
+        }
         seen.push(format!(
             "{} {}",
             s.name,
             if lazy {
                 "lazily"
             } else {
-                "with its reply half"
+                "with its reply half, indexed once confirmed"
             }
         ));
     }
@@ -399,13 +410,21 @@ fn indexed_flow_checked() -> String {
 /// Which half of a flow [`measure_hits`] measures.
 #[derive(Clone, Copy)]
 enum Half {
-    /// Client -> service. `lazy`: a DNAT flow of one of its backend's lazy services
-    /// (`CtEntry::lazy`: one of the first `LAZY_OWNERS` services to reach the backend), whose
-    /// forward packets skip the reply half.
-    Forward {
-        lazy: bool,
-    },
+    /// Client -> service, of a flow whose forward packets skip the reply half.
+    Forward(Skips),
     Reply,
+}
+
+/// Why a flow's forward packets skip its reply half (`CtEntry::lazy`).
+#[derive(Clone, Copy)]
+enum Skips {
+    /// A DNAT flow of one of its backend's lazy services (one of the first `LAZY_OWNERS`
+    /// services to reach the backend), recorded lazily.
+    Lazy,
+    /// A confirmed flow in the reply index: a full-NAT flow, or a DNAT flow of a backend's
+    /// further service (checked on real handshakes by `indexed_flow_checked` and
+    /// `lazy_services_checked`).
+    Indexed,
 }
 
 fn measure_hits(
@@ -438,7 +457,7 @@ fn measure_hits(
     );
     let now = monotonic_ns();
     let dir = match half {
-        Half::Forward { .. } => ct::DIR_FORWARD,
+        Half::Forward(_) => ct::DIR_FORWARD,
         Half::Reply => ct::DIR_REPLY,
     };
     // Forward entries rewrite the destination (and for full NAT the source), reply entries the
@@ -450,13 +469,12 @@ fn measure_hits(
         let back = (nat, fnat.unwrap_or(dst));
         (back, Reason::ReplyRedirect, src, fnat.map(|_| dst))
     };
-    // A lazy DNAT flow is recorded lazily; a full-NAT one is indexed (its forward key in the
-    // reply index, as the program writes it when it confirms the flow: checked on a real
-    // handshake by `indexed_flow_checked`).
+    // An indexed flow's forward key is in the reply index, as the program writes it when it
+    // confirms the flow.
     let lazy = match half {
-        Half::Forward { lazy: true } if fnat.is_some() => ct::LAZY_INDEXED,
-        Half::Forward { lazy: true } => ct::LAZY_RECORDED,
-        _ => 0,
+        Half::Forward(Skips::Indexed) => ct::LAZY_INDEXED,
+        Half::Forward(Skips::Lazy) => ct::LAZY_RECORDED,
+        Half::Reply => 0,
     };
     // A flow is stamped with the table epoch it was picked in, as the program stamps it
     // (lb-common's `epoch`; a full-NAT flow only if it took its first source port, the usual
@@ -493,8 +511,7 @@ fn measure_hits(
     let e = f.dp().conntrack_get(&measured).expect("the measured half");
     let other = match half {
         Half::Reply => Some((ct::forward_key(&measured, &e), "forward")),
-        Half::Forward { .. } if lazy != 0 => Some((ct::reply_key(&measured, &e), "reply")),
-        Half::Forward { .. } => None,
+        Half::Forward(_) => Some((ct::reply_key(&measured, &e), "reply")),
     };
     let skips = other.map(|(key, which)| {
         let kept = f.dp().conntrack_get(&key);
@@ -960,20 +977,21 @@ fn main() {
 
             // Established hit and reply: the packet bounces between two tuples, both hits.
             // A flow recorded lazily (its service one of its backend's first
-            // `LAZY_OWNERS`), then one of a backend's further service (every packet looks up
-            // both halves). Which flows the program records lazily is checked first, on real
-            // SYNs to backend(1):8000, which serves all three services here.
+            // `LAZY_OWNERS`), then one of a backend's further service (its reply half recorded
+            // with its first packet, and the flow in the reply index once confirmed). Which
+            // flows the program records lazily and indexes is checked first, on real SYNs and
+            // handshakes to backend(1):8000, which serves all three services here.
             if a.wants("established-flow hit") {
                 println!("{}", lazy_services_checked(&services, be));
             }
-            for (lazy, path, xdp_path) in [
+            for (skips, path, xdp_path) in [
                 (
-                    true,
+                    Skips::Lazy,
                     "established-flow hit (client -> backend)",
                     "XDP: established-flow hit (client -> backend)",
                 ),
                 (
-                    false,
+                    Skips::Indexed,
                     "established-flow hit, a backend's third service",
                     "XDP: established-flow hit, a backend's third service",
                 ),
@@ -982,7 +1000,7 @@ fn main() {
                     &a,
                     &services,
                     redirect,
-                    Half::Forward { lazy },
+                    Half::Forward(skips),
                     (client, vip, vip2, None),
                     (path, 100.0),
                     xdp_path,
@@ -1009,7 +1027,7 @@ fn main() {
                 &a,
                 &services,
                 redirect,
-                Half::Forward { lazy: true },
+                Half::Forward(Skips::Indexed),
                 (client, vip, vip2, Some(other_end)),
                 ("full NAT: established-flow hit", 110.0),
                 "XDP: full NAT: established-flow hit",
