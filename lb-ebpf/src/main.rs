@@ -402,8 +402,7 @@ fn process(ctx: &TcContext) -> (i32, Reason) {
             owner => lazy_reply(ctx, p, owner),
         };
         let code = match code {
-            LAZY_NONE if claim::in_range(key.dport) && claimed_reply(p) => LAZY_IN_CT_NEW,
-            LAZY_NONE => indexed_reply(ctx, p),
+            LAZY_NONE => unrecorded_reply(ctx, p),
             code => code,
         };
         match code {
@@ -669,8 +668,8 @@ fn pending(p: &Pkt) -> u64 {
 /// if the port's claim (lb-common's `claim`) names a pending full-NAT handshake whose reply key
 /// is the packet's, this is its backend's first reply, and the flow's reply entry is written
 /// into CT_NEW now, from the pending forward entry (the reply path then moves that one beside
-/// it: `pending_at`). True if the reply entry is there to be looked up. A BPF subprogram.
-#[inline(never)]
+/// it: `pending_at`). True if the reply entry is there to be looked up.
+#[inline(always)]
 fn claimed_reply(p: &Pkt) -> bool {
     let key = &p.key;
     let Some(slot) = claim::slot_holding(key, p.now) else {
@@ -762,7 +761,7 @@ extern "C" fn index_flow(key: *const FlowKey) -> bool {
         || indexed_flow(cur, i, &rkey).is_none_or(|(g, _)| indexed_flow_over(cur, g, now));
     if free {
         // In this order (the entry, the slot, its bit): a reader that clears a bit it found
-        // stale without the claim word checks the slot again after (see `claimed`).
+        // stale without the claim word looks at the slot again after (`forget_stale_slot`).
         fe.lazy = ct::LAZY_INDEXED;
         // SAFETY: as above.
         unsafe { core::ptr::write_volatile(s, *key) };
@@ -804,11 +803,12 @@ extern "C" fn index_holds(rkey: *const FlowKey, i: u32, now: u64) -> bool {
 
 /// A packet from a backend port that found no conntrack entry, no lazily recorded flow and no
 /// pending full-NAT handshake: if the reply index names a confirmed flow whose reply key is the
-/// packet's (its slot's bit read first: most such packets are no flow's) (its reply half evicted while its forward half, which skips it, lives), the reply
-/// half is written into CONNTRACK now from the forward entry (closing bits and last-seen time
-/// with it; the window from this reply's acknowledgment on). One of the `LAZY_*` codes of
-/// [`lazy_reply`]. A BPF subprogram.
-#[inline(never)]
+/// packet's (its reply half evicted while its forward half, which skips it, lives; the slot's
+/// bit is read first, the slot only where it is set), the reply half is written into CONNTRACK
+/// now from the forward entry (closing bits and last-seen time with it; the window from this
+/// reply's acknowledgment on). One of the `LAZY_*` codes of
+/// [`lazy_reply`].
+#[inline(always)]
 fn indexed_reply(ctx: &TcContext, p: &Pkt) -> u64 {
     let key = &p.key;
     let i = claim::index(key);
@@ -832,6 +832,20 @@ fn indexed_reply(ctx: &TcContext, p: &Pkt) -> u64 {
     // Not inserted if there (a concurrent reply on another CPU wrote it first).
     let _ = CONNTRACK.insert(key, &half, u64::from(BPF_NOEXIST));
     LAZY_IN_CONNTRACK
+}
+
+/// A packet from a backend port that found no conntrack entry and no lazily recorded flow: the
+/// first reply of a pending full-NAT handshake ([`claimed_reply`], a port of the range), or a
+/// reply of an indexed flow whose reply half was evicted ([`indexed_reply`]). One of the
+/// `LAZY_*` codes of [`lazy_reply`]. A BPF subprogram holding both: inlined into `process`, the
+/// second's call site alone cost the established forward path ~10 ns (measured: the main
+/// frame's code laid out around it).
+#[inline(never)]
+fn unrecorded_reply(ctx: &TcContext, p: &Pkt) -> u64 {
+    if claim::in_range(p.key.dport) && claimed_reply(p) {
+        return LAZY_IN_CT_NEW;
+    }
+    indexed_reply(ctx, p)
 }
 
 /// [`lazy_reply`]: not the reply of a lazily recorded flow.
@@ -1437,8 +1451,9 @@ fn claim_in(table: &Table, rkey: &FlowKey, flow: &Flow, now: u64) -> bool {
 /// half maybe evicted): a new flow whose reply key it is (a DNAT flow of another service on the
 /// backend from the same client address and port, or a spoofer's from berth's own address and
 /// a port of the range) must not take the key, nor a flow whose reply half was evicted rebuild
-/// it. Called where `claim::may_hold`. Judged on the claimed slot and the index in place (a slot being written may count as
-/// holding). A global BPF function (see `per_map`).
+/// it. Called where `claim::may_hold`; one of the `CLAIMED_*` codes. Judged on the claimed
+/// slot and the index in place (a slot being written may count as holding). A global BPF
+/// function (see `per_map`).
 #[unsafe(no_mangle)]
 #[inline(never)]
 extern "C" fn claimed(rkey: *const FlowKey, key: *const FlowKey, now: u64) -> u64 {
@@ -1487,8 +1502,9 @@ fn held_or_forgotten(rkey: &FlowKey, key: &FlowKey, now: u64) -> bool {
 const CLAIMED_FREE: u64 = 0;
 /// [`claimed`]: a pending handshake or a live indexed flow holds the key.
 const CLAIMED_HELD: u64 = 1;
-/// [`claimed`]: nothing holds the key, and its reply-index slot's bit is set for a slot that
-/// names no live flow (see [`forget_stale_slot`]).
+/// [`claimed`]: nothing holds the key, and its reply-index slot's bit is set though the slot
+/// names no indexed flow (its forward entry gone, or no longer indexed; see
+/// [`forget_stale_slot`]).
 const CLAIMED_STALE: u64 = 2;
 
 /// Clears the bit of reply-index slot `i`, which [`claimed`] found naming no live flow (a DNAT
@@ -1496,9 +1512,10 @@ const CLAIMED_STALE: u64 = 2;
 /// flow's), so that new flows whose reply keys share the slot stop reading it. Without the
 /// claim word: a flow indexed there meanwhile (its entry marked, then the slot written, then
 /// the bit set) is found by the second look, and its bit set again (a look at the entry's mark
-/// alone: a bit set for a slot naming no live flow costs a read, nothing more). A global BPF
-/// function: inlined into `claimed`, its frame grew from 56 to 112 bytes, past the 512 of the
-/// chain under `new_flow`.
+/// alone: a bit set for a slot naming no live flow costs a read, nothing more). Returns whether
+/// the bit stays cleared. A global BPF function (inlined into `claimed`, that frame grew from
+/// 56 to 112 bytes, past the 512 of the chain under `new_flow`), with a result (one without
+/// was refused by the verifier: "Caller passes invalid args").
 #[unsafe(no_mangle)]
 #[inline(never)]
 extern "C" fn forget_stale_slot(i: u32) -> bool {
@@ -1576,7 +1593,7 @@ fn forward_inner(ctx: &TcContext, p: &Pkt, e: &mut CtEntry, table: &'static Tabl
         let mine = LazyOwners::pack(flow.daddr, flow.dport);
         if (!e.full_nat() && held_lazily(&rkey, mine, flow.tcp_flags, now))
             || !claim(other(table), &rkey, flow, now)
-            || (claim::may_hold(&rkey) && claimed(&rkey, key, now) == CLAIMED_HELD)
+            || claimed(&rkey, key, now) == CLAIMED_HELD
         {
             let _ = table.remove(key);
             return Step::Verdict(exit(Reason::DropFlowConflict));
