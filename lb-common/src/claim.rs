@@ -43,13 +43,21 @@ pub const MAP_FNAT_INDEX: &str = "FNAT_INDEX";
 /// `i / 64` for slot `i` ([`named_words`] long). The port search reads a slot only where its bit
 /// is set: the index is 16 bytes a slot, and a slot read on every try was a cache miss more per
 /// new flow (+50 ns measured); the bits of the default size take 32 KiB. Set and cleared with
-/// the slot, by a CPU holding the slot's claim word (atomically: a word's 64 bits are 64 claim
-/// words').
+/// the slot, by a CPU holding the slot's claim word, and cleared without it where a new flow
+/// finds the slot naming no indexed flow (the TC program's `forget_stale_slot`, which looks
+/// again after); always atomically (a word's 64 bits are 64 slots').
 pub const MAP_FNAT_NAMED: &str = "FNAT_NAMED";
 
 /// Words of [`MAP_FNAT_NAMED`] for `claims` claim words (a power of two of at least 65,536).
 pub const fn named_words(claims: u32) -> u32 {
     claims / 64
+}
+
+/// Where reply-index slot `i`'s bit is in [`MAP_FNAT_NAMED`]: its word's index and the bit's
+/// mask in it.
+#[inline(always)]
+pub const fn named_bit(i: u32) -> (u32, u64) {
+    (i / 64, 1 << (i % 64))
 }
 
 /// A claim's clock: `now_ns >> CLAIM_TICK_SHIFT` (~1 ms ticks; the 32-bit tick wraps in ~52

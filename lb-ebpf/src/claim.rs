@@ -9,7 +9,7 @@ use core::{
 
 use lb_common::{
     FlowKey,
-    claim::{claim_index, holder, in_time_wait, live, slot_of, time_wait, word},
+    claim::{claim_index, holder, in_time_wait, live, named_bit, slot_of, time_wait, word},
 };
 
 use aya_ebpf::helpers::generated::bpf_loop;
@@ -250,20 +250,21 @@ pub fn index_slot(i: u32) -> Option<*mut FlowKey> {
 /// against the flow the slot names.
 #[inline(always)]
 pub fn index_named(i: u32) -> bool {
+    let (word, bit) = named_bit(i);
     FNAT_NAMED
-        .get_ptr(i / 64)
+        .get_ptr(word)
         // SAFETY: an array map's value pointer; other CPUs change its other bits atomically.
-        .is_some_and(|w| unsafe { read_volatile(w) } & (1 << (i % 64)) != 0)
+        .is_some_and(|w| unsafe { read_volatile(w) } & bit != 0)
 }
 
-/// Marks reply-index slot `i` as naming a flow (`named`) or none. The caller holds its claim
-/// word.
+/// Marks reply-index slot `i` as naming a flow (`named`) or none (the caller holds its claim
+/// word, or clears a bit it found stale and looks again: `forget_stale_slot`).
 #[inline(always)]
 pub fn set_named(i: u32, named: bool) {
-    let Some(w) = FNAT_NAMED.get_ptr_mut(i / 64) else {
+    let (word, bit) = named_bit(i);
+    let Some(w) = FNAT_NAMED.get_ptr_mut(word) else {
         return;
     };
-    let bit = 1u64 << (i % 64);
     // SAFETY: an array map's value pointer, 8-aligned; its bits are only changed atomically.
     unsafe {
         if named {

@@ -806,8 +806,7 @@ extern "C" fn index_holds(rkey: *const FlowKey, i: u32, now: u64) -> bool {
 /// packet's (its reply half evicted while its forward half, which skips it, lives; the slot's
 /// bit is read first, the slot only where it is set), the reply half is written into CONNTRACK
 /// now from the forward entry (closing bits and last-seen time with it; the window from this
-/// reply's acknowledgment on). One of the `LAZY_*` codes of
-/// [`lazy_reply`].
+/// reply's acknowledgment on). One of the `LAZY_*` codes of [`lazy_reply`].
 #[inline(always)]
 fn indexed_reply(ctx: &TcContext, p: &Pkt) -> u64 {
     let key = &p.key;
@@ -1451,7 +1450,8 @@ fn claim_in(table: &Table, rkey: &FlowKey, flow: &Flow, now: u64) -> bool {
 /// half maybe evicted): a new flow whose reply key it is (a DNAT flow of another service on the
 /// backend from the same client address and port, or a spoofer's from berth's own address and
 /// a port of the range) must not take the key, nor a flow whose reply half was evicted rebuild
-/// it. Called where `claim::may_hold`; one of the `CLAIMED_*` codes. Judged on the claimed
+/// it. Called by a new flow where `claim::may_hold`, by the rebuild of a reply half on its
+/// rare branch; one of the `CLAIMED_*` codes. Judged on the claimed
 /// slot and the index in place (a slot being written may count as holding). A global BPF
 /// function (see `per_map`).
 #[unsafe(no_mangle)]
@@ -1480,7 +1480,8 @@ extern "C" fn claimed(rkey: *const FlowKey, key: *const FlowKey, now: u64) -> u6
     }
     match indexed_flow(cur, i, rkey) {
         Some((f, mine)) => u64::from(mine && !indexed_flow_ended(cur, f, now)),
-        None => CLAIMED_STALE,
+        // With the slot's index, for `forget_stale_slot` (not hashed again).
+        None => CLAIMED_STALE | u64::from(i) << 32,
     }
 }
 
@@ -1488,14 +1489,11 @@ extern "C" fn claimed(rkey: *const FlowKey, key: *const FlowKey, now: u64) -> u6
 /// met is forgotten on the way.
 #[inline(always)]
 fn held_or_forgotten(rkey: &FlowKey, key: &FlowKey, now: u64) -> bool {
-    match claimed(rkey, key, now) {
-        CLAIMED_HELD => true,
-        CLAIMED_STALE => {
-            let _ = forget_stale_slot(claim::index(rkey));
-            false
-        }
-        _ => false,
+    let v = claimed(rkey, key, now);
+    if v & 0xffff_ffff == CLAIMED_STALE {
+        let _ = forget_stale_slot((v >> 32) as u32);
     }
+    v == CLAIMED_HELD
 }
 
 /// [`claimed`]: nothing holds the key.
@@ -1504,7 +1502,7 @@ const CLAIMED_FREE: u64 = 0;
 const CLAIMED_HELD: u64 = 1;
 /// [`claimed`]: nothing holds the key, and its reply-index slot's bit is set though the slot
 /// names no indexed flow (its forward entry gone, or no longer indexed; see
-/// [`forget_stale_slot`]).
+/// [`forget_stale_slot`]); the slot's index in the high half.
 const CLAIMED_STALE: u64 = 2;
 
 /// Clears the bit of reply-index slot `i`, which [`claimed`] found naming no live flow (a DNAT

@@ -580,12 +580,8 @@ fn a_flow_whose_entries_were_evicted_takes_its_key_back_from_a_lazily_recorded_s
 fn a_live_flow_whose_reply_half_was_rebuilt_keeps_its_key_against_a_blind_segment() {
     in_fixture_netns(|| {
         let mut f = shared_backend();
-        // Another client's flow to :8080 first: the backend's lazy service is :8080, so the
-        // victim's flow to the VIP records both halves.
-        let other = client(40120);
-        let be = handshake(&f, other, sa(HOST, 8080));
         let victim = client(40121);
-        assert_eq!(handshake(&f, victim, sa(VIP, 80)), be);
+        let (be, _, _) = further_service_flow(&f, client(40120), victim);
         let answer =
             from_backend(tcp(be, victim, TCP_ACK | TCP_PSH, 5001, 1001).with_payload(b"x"));
         assert_reply(&f.run(&answer), sa(VIP, 80), victim);
@@ -612,6 +608,24 @@ fn a_live_flow_whose_reply_half_was_rebuilt_keeps_its_key_against_a_blind_segmen
     });
 }
 
+/// On [`shared_backend`]: another client's flow (`first`) to :8080 takes the backend's one
+/// lazy slot, then `victim` completes a handshake to the VIP, a further service there (its flow
+/// records both halves, and goes into the reply index once confirmed). The backend, and the
+/// victim flow's forward and reply keys.
+fn further_service_flow(
+    f: &Fixture,
+    first: SocketAddrV4,
+    victim: SocketAddrV4,
+) -> (SocketAddrV4, lb_common::FlowKey, lb_common::FlowKey) {
+    let be = handshake(f, first, sa(HOST, 8080));
+    assert_eq!(handshake(f, victim, sa(VIP, 80)), be);
+    (
+        be,
+        flow_key(victim, sa(VIP, 80), IPPROTO_TCP),
+        flow_key(be, victim, IPPROTO_TCP),
+    )
+}
+
 /// Makes the flow whose forward half is at `fkey` due for its once-a-second refresh (its
 /// next segment looks its reply half up, and rebuilds it if missing).
 fn due_for_refresh(f: &mut Fixture, fkey: lb_common::FlowKey) {
@@ -628,14 +642,8 @@ fn due_for_refresh(f: &mut Fixture, fkey: lb_common::FlowKey) {
 fn a_confirmed_flow_of_a_further_service_is_indexed_and_holds_its_key_without_its_reply_half() {
     in_fixture_netns(|| {
         let mut f = shared_backend();
-        // :8080 takes the backend's one lazy slot: the VIP's flows keep their reply halves.
-        let be = handshake(&f, client(40125), sa(HOST, 8080));
         let victim = client(40126);
-        assert_eq!(handshake(&f, victim, sa(VIP, 80)), be);
-        let (fkey, rkey) = (
-            flow_key(victim, sa(VIP, 80), IPPROTO_TCP),
-            flow_key(be, victim, IPPROTO_TCP),
-        );
+        let (be, fkey, rkey) = further_service_flow(&f, client(40125), victim);
         let fwd = f.ct(&fkey).expect("confirmed forward half");
         assert_eq!(fwd.lazy, ct::LAZY_INDEXED, "{fwd:?}");
         assert_eq!(f.dp().fnat_index(&rkey).unwrap(), fkey);
@@ -686,23 +694,20 @@ fn a_confirmed_flow_of_a_further_service_is_indexed_and_holds_its_key_without_it
 fn a_flow_cannot_rebuild_its_reply_half_over_an_indexed_flow_holding_the_key() {
     in_fixture_netns(|| {
         let mut f = shared_backend();
-        let be = handshake(&f, client(40127), sa(HOST, 8080));
         let victim = client(40128);
-        assert_eq!(handshake(&f, victim, sa(VIP, 80)), be);
-        let (fkey, rkey) = (
-            flow_key(victim, sa(VIP, 80), IPPROTO_TCP),
-            flow_key(be, victim, IPPROTO_TCP),
-        );
+        let (be, fkey, rkey) = further_service_flow(&f, client(40127), victim);
         assert_eq!(f.ct(&fkey).unwrap().lazy, ct::LAZY_INDEXED);
         f.rec.dataplane_mut().conntrack_remove(&rkey).unwrap();
         // A forward half of the same client tuple to :8080 on the same backend, neither lazy
         // nor indexed (an older flow's leftover, say, whose slot was another flow's), with the
         // same reply key and no reply half either.
         let other = flow_key(victim, sa(HOST, 8080), IPPROTO_TCP);
-        let mut e = f.ct(&fkey).unwrap();
-        e.lazy = 0;
-        e.last_seen_ns = monotonic_ns() - 2 * ct::TOUCH_INTERVAL_NS;
+        let e = CtEntry {
+            lazy: 0,
+            ..f.ct(&fkey).unwrap()
+        };
         f.rec.dataplane_mut().conntrack_insert(other, e).unwrap();
+        due_for_refresh(&mut f, other);
         let seg = tcp(victim, sa(HOST, 8080), TCP_ACK, 77, 88).build();
         assert_dropped(&f.run(&seg), Reason::DropFlowConflict);
         assert!(

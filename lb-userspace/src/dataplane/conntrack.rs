@@ -201,11 +201,12 @@ impl Dataplane {
     /// lb-common's `claim::MAP_FNAT_NAMED`).
     pub fn fnat_named(&self, rkey: &FlowKey) -> Result<bool> {
         let i = lb_common::claim::claim_index(rkey, self.claim_view.words);
+        let (word, bit) = lb_common::claim::named_bit(i);
         let w = self
             .fnat_named
-            .get(&(i / 64), 0)
+            .get(&word, 0)
             .map_err(map_err(lb_common::claim::MAP_FNAT_NAMED))?;
-        Ok(w & 1 << (i % 64) != 0)
+        Ok(w & bit != 0)
     }
 
     /// Stores forward key `fkey` into reply key `rkey`'s reply-index slot and marks it named,
@@ -217,9 +218,10 @@ impl Dataplane {
             .set(i, &fkey, 0)
             .map_err(map_err(lb_common::claim::MAP_FNAT_INDEX))?;
         let named = lb_common::claim::MAP_FNAT_NAMED;
-        let w = self.fnat_named.get(&(i / 64), 0).map_err(map_err(named))?;
+        let (word, bit) = lb_common::claim::named_bit(i);
+        let w = self.fnat_named.get(&word, 0).map_err(map_err(named))?;
         self.fnat_named
-            .set(i / 64, &(w | 1 << (i % 64)), 0)
+            .set(word, &(w | bit), 0)
             .map_err(map_err(named))
     }
 

@@ -345,11 +345,7 @@ fn lazy_services_checked(services: &[lb_userspace::config::Service], be: SocketA
         if !lazy {
             f.run(&from_backend(tcp(be, c, TCP_SYN | TCP_ACK, 7000, 1001)));
             f.run(&tcp(c, dst, TCP_ACK, 1001, 7001).build());
-            let fkey = flow_key(c, dst, IPPROTO_TCP);
-            let fwd = f.ct(&fkey).expect("the confirmed forward half");
-            assert_eq!(fwd.lazy, ct::LAZY_INDEXED, "service {}: {fwd:?}", i + 1);
-            let rkey = ct::reply_key(&fkey, &fwd);
-            assert_eq!(f.dp().fnat_index(&rkey).expect("reply index"), fkey);
+            assert_indexed(&f, flow_key(c, dst, IPPROTO_TCP));
         }
         seen.push(format!(
             "{} {}",
@@ -365,6 +361,16 @@ fn lazy_services_checked(services: &[lb_userspace::config::Service], be: SocketA
         "flows to {be}, one service after another: {}",
         seen.join(", ")
     )
+}
+
+/// Checks that the flow whose forward half is at `fkey` is indexed as the program indexes a
+/// confirmed flow: its entry `ct::LAZY_INDEXED`, its reply key's slot naming it (panics
+/// otherwise).
+fn assert_indexed(f: &Fixture, fkey: lb_common::FlowKey) {
+    let fwd = f.ct(&fkey).expect("the confirmed forward half");
+    assert_eq!(fwd.lazy, ct::LAZY_INDEXED, "a confirmed flow: {fwd:?}");
+    let rkey = ct::reply_key(&fkey, &fwd);
+    assert_eq!(f.dp().fnat_index(&rkey).expect("reply index"), fkey);
 }
 
 /// Confirms a full-NAT TCP flow through the program (SYN, the backend's SYN-ACK, the client's
@@ -397,13 +403,7 @@ fn indexed_flow_checked() -> String {
     );
     f.run(&from_backend(tcp(be, peer, TCP_SYN | TCP_ACK, 7000, 1001)));
     f.run(&tcp(c, vip, TCP_ACK, 1001, 7001).build());
-    let fwd = f.ct(&fkey).expect("the confirmed forward half");
-    assert_eq!(
-        fwd.lazy,
-        ct::LAZY_INDEXED,
-        "a confirmed full-NAT flow: {fwd:?}"
-    );
-    assert_eq!(f.dp().fnat_index(&rkey).expect("reply index"), fkey);
+    assert_indexed(&f, fkey);
     format!("full NAT: a flow confirmed through the program is indexed (reply index at {peer})")
 }
 
@@ -509,29 +509,26 @@ fn measure_hits(
     // back for the XDP runs.
     let measured = flow_key(src, dst, IPPROTO_TCP);
     let e = f.dp().conntrack_get(&measured).expect("the measured half");
-    let other = match half {
-        Half::Reply => Some((ct::forward_key(&measured, &e), "forward")),
-        Half::Forward(_) => Some((ct::reply_key(&measured, &e), "reply")),
+    let (other, which) = match half {
+        Half::Reply => (ct::forward_key(&measured, &e), "forward"),
+        Half::Forward(_) => (ct::reply_key(&measured, &e), "reply"),
     };
-    let skips = other.map(|(key, which)| {
-        let kept = f.dp().conntrack_get(&key);
-        if kept.is_some() {
-            f.rec.dataplane_mut().conntrack_remove(&key).unwrap();
-        }
-        let run = f.run(&pkt);
-        let skipped = run.counted(reason) == 1
-            && run.counted(Reason::EventCtRebuilt) == 0
-            && f.dp().conntrack_get(&key).is_none();
-        if let Some(kept) = kept {
-            f.rec.dataplane_mut().conntrack_insert(key, kept).unwrap();
-        }
-        (skipped, which)
-    });
+    let kept = f.dp().conntrack_get(&other);
+    if kept.is_some() {
+        f.rec.dataplane_mut().conntrack_remove(&other).unwrap();
+    }
+    let run = f.run(&pkt);
+    let skipped = run.counted(reason) == 1
+        && run.counted(Reason::EventCtRebuilt) == 0
+        && f.dp().conntrack_get(&other).is_none();
+    if let Some(kept) = kept {
+        f.rec.dataplane_mut().conntrack_insert(other, kept).unwrap();
+    }
     if tc_wanted {
-        let skip_note = match skips {
-            Some((true, which)) => format!(", {which} lookup skipped"),
-            Some((false, which)) => format!(", {which} lookup NOT skipped"),
-            None => String::new(),
+        let skip_note = if skipped {
+            format!(", {which} lookup skipped")
+        } else {
+            format!(", {which} lookup NOT skipped")
         };
         rows.push(Row {
             path,
@@ -539,7 +536,7 @@ fn measure_hits(
             ns,
             target: Some(target),
             check: format!("{} {hits}/{total}{skip_note}", reason.name()),
-            on_path: if skips.is_some_and(|(skipped, _)| !skipped) {
+            on_path: if !skipped {
                 0.0
             } else {
                 hits as f64 / total as f64
