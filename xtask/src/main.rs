@@ -8,6 +8,7 @@
 
 mod bench;
 mod image;
+mod lanes;
 mod setup;
 
 use std::{
@@ -93,6 +94,30 @@ fn status(mut c: Command) -> Result<()> {
     Ok(())
 }
 
+/// `cargo xtask test ARGS`: one `cargo test ARGS`, the binaries one after another.
+fn test_with_args(tc: &str, args: &[String]) -> Result<()> {
+    // The integration tests spawn the daemon binary, and build the test image from the static
+    // `hello` server.
+    let mut c = cargo(tc);
+    c.args(["build", "-p", "lb-userspace"]);
+    status(c)?;
+    build_hello(tc)?;
+    // The container tests run berth as operators do: from its image.
+    let berth_image = image::build(tc)?.remove(0);
+    let mut c = cargo(tc);
+    c.arg("test")
+        .args(lanes::WORKSPACE)
+        .args(args)
+        .args(["--", "--test-threads=1"])
+        .env("BERTH_BIN", root().join("target/debug/berth"))
+        .env(
+            "BERTH_HELLO_BIN",
+            root().join(format!("target/{}/release/hello", setup::MUSL)),
+        )
+        .env("BERTH_IMAGE", berth_image);
+    status(c)
+}
+
 fn run(args: &[String]) -> Result<()> {
     let Some(cmd) = args.first() else {
         bail!("{}", usage());
@@ -142,34 +167,13 @@ fn run(args: &[String]) -> Result<()> {
             let tc = setup::ensure_all()?;
             setup::ensure_docker()?;
             setup::ensure_musl_target(&tc)?;
-            // The integration tests spawn the daemon binary, and build the test image from the
-            // static `hello` server.
-            let mut c = cargo(&tc);
-            c.args(["build", "-p", "lb-userspace"]);
-            status(c)?;
-            build_hello(&tc)?;
-            // The container tests run berth as operators do: from its image.
-            let berth_image = image::build(&tc)?.remove(0);
             setup::ensure_compose()?;
             setup::ensure_etcd()?;
-            let mut c = cargo(&tc);
-            c.args([
-                "test",
-                "--workspace",
-                "--exclude",
-                "lb-ebpf",
-                "--exclude",
-                "berth-hello",
-            ])
-            .args(rest)
-            .args(["--", "--test-threads=1"])
-            .env("BERTH_BIN", root().join("target/debug/berth"))
-            .env(
-                "BERTH_HELLO_BIN",
-                root().join(format!("target/{}/release/hello", setup::MUSL)),
-            )
-            .env("BERTH_IMAGE", berth_image);
-            let result = status(c);
+            let result = if rest.is_empty() {
+                lanes::run_all(&tc)
+            } else {
+                test_with_args(&tc, rest)
+            };
             eprintln!(
                 "xtask: test finished in {:.0} s",
                 started.elapsed().as_secs_f64()
