@@ -9,7 +9,9 @@
 //!   they touch is visible to another process, so they cannot collide with anything;
 //! - the **shared** lane: everything else (the daemon, Docker, etcd, named namespaces, cgroups,
 //!   bpffs pins), one binary after another, exactly as before. Berth's image is built beside
-//!   its first binaries and only the binaries that run it ([`NEEDS_IMAGE`]) wait for it.
+//!   its first binaries and only the binaries that run it ([`NEEDS_IMAGE`]) wait for it. Done
+//!   with its own, the shared lane takes isolated binaries from the back of their queue (the
+//!   isolated lane takes the biggest first), so the two lanes end close together.
 //!
 //! Each binary runs with `--test-threads=1`, in its package's directory, as `cargo test` runs
 //! it. A failing binary does not stop the others; the summary names every failure and the
@@ -17,6 +19,7 @@
 //! goes through one plain `cargo test ARGS`.
 
 use std::{
+    collections::VecDeque,
     io::{BufRead as _, BufReader, Write as _},
     path::PathBuf,
     process::{Command, Stdio},
@@ -220,21 +223,38 @@ fn run_bin(bin: &TestBin, lane: &'static str, env: &[(&str, String)]) -> Result<
     })
 }
 
-fn run_lane(bins: &[TestBin], lane: &'static str, env: &[(&str, String)]) -> Vec<Outcome> {
-    bins.iter()
-        .map(|b| {
-            run_bin(b, lane, env).unwrap_or_else(|e| {
-                eprintln!("xtask: {}: {e:#}", b.name);
-                Outcome {
-                    name: b.name.clone(),
-                    lane,
-                    ok: false,
-                    secs: 0.0,
-                    counts: None,
-                }
-            })
+/// An outcome that is a failure without a run.
+fn failed(name: &str, lane: &'static str) -> Outcome {
+    Outcome {
+        name: name.to_owned(),
+        lane,
+        ok: false,
+        secs: 0.0,
+        counts: None,
+    }
+}
+
+fn run_or_fail(bin: &TestBin, lane: &'static str, env: &[(&str, String)]) -> Outcome {
+    run_bin(bin, lane, env).unwrap_or_else(|e| {
+        eprintln!("xtask: {}: {e:#}", bin.name);
+        failed(&bin.name, lane)
+    })
+}
+
+/// How many cases a test binary has (its `--list`), 0 if it cannot say.
+fn cases(bin: &TestBin) -> usize {
+    Command::new(&bin.exe)
+        .args(["--list", "--format", "terse"])
+        .current_dir(&bin.dir)
+        .stderr(Stdio::null())
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter(|l| l.ends_with(": test"))
+                .count()
         })
-        .collect()
+        .unwrap_or(0)
 }
 
 /// The whole suite: builds, then the two lanes at once, then the doc tests.
@@ -272,30 +292,49 @@ pub fn run_all(tc: &str) -> Result<()> {
                 .to_string(),
         ),
     ];
-    // The test backend's image is small and the Docker suites need it; berth's own image is a
-    // release build from scratch on a fresh clone, so it builds beside the first binaries.
-    build_hello(tc)?;
+    // The isolated suites, those with the most cases first (a case is mostly one load of the
+    // programs): the isolated lane takes from the front, and the shared lane, once its own
+    // binaries are done, from the back.
+    let mut isolated: Vec<(usize, TestBin)> =
+        isolated.into_iter().map(|b| (cases(&b), b)).collect();
+    isolated.sort_by_key(|(n, b)| (std::cmp::Reverse(*n), b.name.clone()));
+    let queue = Mutex::new(
+        isolated
+            .into_iter()
+            .map(|(_, b)| b)
+            .collect::<VecDeque<_>>(),
+    );
+    let take = |front: bool| {
+        let mut q = queue.lock().expect("queue");
+        if front { q.pop_front() } else { q.pop_back() }
+    };
     let (isolated_results, shared_results) = std::thread::scope(|s| {
-        let isolated_lane = s.spawn(|| run_lane(&isolated, "isolated", &env));
+        let isolated_lane = s.spawn(|| {
+            std::iter::from_fn(|| take(true))
+                .map(|b| run_or_fail(&b, "isolated", &env))
+                .collect::<Vec<_>>()
+        });
+        let mut results = Vec::new();
+        // The test backend's image is small and the Docker suites need it; berth's own image
+        // is a release build (from scratch on a fresh clone), built beside the first binaries.
+        if let Err(e) = build_hello(tc) {
+            eprintln!("xtask: the test backend: {e:#}");
+            results.push(failed("hello (build)", "shared"));
+        }
         let image = s.spawn(|| image::build(tc).map(|mut tags| tags.remove(0)));
-        let mut results = run_lane(&shared, "shared", &env);
+        results.extend(shared.iter().map(|b| run_or_fail(b, "shared", &env)));
         match image.join().expect("image thread") {
             Ok(tag) => {
                 let mut env = env.clone();
                 env.push(("BERTH_IMAGE", tag));
-                results.extend(run_lane(&with_image, "shared", &env));
+                results.extend(with_image.iter().map(|b| run_or_fail(b, "shared", &env)));
             }
             Err(e) => {
                 eprintln!("xtask: berth's image: {e:#}");
-                results.extend(with_image.iter().map(|b| Outcome {
-                    name: b.name.clone(),
-                    lane: "shared",
-                    ok: false,
-                    secs: 0.0,
-                    counts: None,
-                }));
+                results.extend(with_image.iter().map(|b| failed(&b.name, "shared")));
             }
         }
+        results.extend(std::iter::from_fn(|| take(false)).map(|b| run_or_fail(&b, "shared", &env)));
         (isolated_lane.join().expect("isolated lane"), results)
     });
     let mut c = cargo(tc);
