@@ -27,6 +27,8 @@ const PACKAGES: &[&str] = &[
     // ring (TLS to etcd) compiles C: the static image's build needs a musl C compiler.
     "musl-tools",
     "openssl",
+    // The CLI tests trace a refused `berth run` to prove it made no bpf(2) call.
+    "strace",
 ];
 
 /// etcd (server and `etcdctl`) for the tests and benchmarks of etcd discovery.
