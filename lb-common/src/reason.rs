@@ -128,6 +128,21 @@ impl Reason {
     /// First index that is an event rather than an exit.
     pub const FIRST_EVENT: u32 = Reason::EventIpOptions as u32;
 
+    /// The reason at index `i`, `None` past the last. A conversion, not a read of [`Self::ALL`]:
+    /// in the eBPF programs a table read needs an index whose bound the verifier sees, and an
+    /// index that comes back from a global BPF function has none.
+    #[inline(always)]
+    pub const fn from_index(i: u32) -> Option<Reason> {
+        if i < Self::COUNT {
+            // SAFETY: `Reason` is `repr(u32)` and only its first variant names its discriminant
+            // (0), so they are 0..COUNT in declaration order (the tests check
+            // `ALL[i] as u32 == i`, and this against `ALL`).
+            Some(unsafe { core::mem::transmute::<u32, Reason>(i) })
+        } else {
+            None
+        }
+    }
+
     /// All reasons in index order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::PassNotIp,
@@ -248,6 +263,15 @@ mod tests {
             assert_eq!(r.is_drop(), by_name, "{name}");
             assert!(!r.is_drop() || r.is_exit(), "{name}");
         }
+    }
+
+    #[test]
+    fn from_index_is_all_in_order_and_none_past_it() {
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(Reason::from_index(i as u32), Some(*r));
+        }
+        assert_eq!(Reason::from_index(Reason::COUNT), None);
+        assert_eq!(Reason::from_index(u32::MAX), None);
     }
 
     #[test]

@@ -6,10 +6,11 @@
 //! IPv4 header; anything else is dropped as before.
 
 use aya_ebpf::{
-    bindings::{BPF_F_PSEUDO_HDR, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
+    bindings::{__sk_buff, BPF_F_PSEUDO_HDR, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
     helpers::generated::bpf_redirect,
     programs::TcContext,
 };
+use core::ptr::NonNull;
 use lb_common::{
     IPPROTO_TCP, Reason,
     csum::replace2,
@@ -47,10 +48,16 @@ fn sum_words(bytes: &[u8; 20]) -> u64 {
 }
 
 /// Answers `flow` (to a service with no backend): a TCP segment with a RST, a UDP datagram
-/// with an ICMP port unreachable, or drops it. A BPF subprogram (own stack frame), returning a
-/// packed verdict.
+/// with an ICMP port unreachable, or drops it. A global BPF function (see `crate::args`),
+/// returning a packed verdict.
+#[unsafe(no_mangle)]
 #[inline(never)]
-pub fn refuse(ctx: &TcContext, flow: &Flow) -> u64 {
+pub extern "C" fn refuse(skb: *mut __sk_buff, flow: *const Flow) -> u64 {
+    // SAFETY: null or the caller's reference (a global BPF function: see `crate::args`).
+    let (Some(skb), Some(flow)) = (NonNull::new(skb), unsafe { flow.as_ref() }) else {
+        return crate::pack(crate::exit(lb_common::Reason::AbortMap));
+    };
+    let ctx = &TcContext::new(skb);
     // The parse made only the headers it reads linear; a refusal reads the TCP options too.
     crate::parse::pull_all_headers(ctx);
     crate::pack(if flow.proto == IPPROTO_TCP {
