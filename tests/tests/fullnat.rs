@@ -1185,16 +1185,26 @@ fn unanswered_full_nat_syns_insert_nothing_and_hold_distinct_ports() {
         let synack = from_backend(tcp(leg.backend, leg.peer, TCP_SYN | TCP_ACK, 7000, 2));
         assert_reply(&f.run(&synack), vip, legit);
         assert_eq!(f.dp().ct_new_len(), 2, "the legitimate flow's pair");
-        let mut ports = std::collections::BTreeSet::from([leg.peer.port()]);
+        // Distinct while held: a claim holds its port for `UNCONFIRMED_PORT_HOLD_NS` (5 s),
+        // and on a busy machine this debug-built loop can take longer than that, so a port
+        // may come round again only once its first claim is that old (less 50 ms for the
+        // coarse clock's jiffy and the claim's tick).
+        let hold = std::time::Duration::from_nanos(ct::UNCONFIRMED_PORT_HOLD_NS);
+        let mut ports =
+            std::collections::HashMap::from([(leg.peer.port(), std::time::Instant::now())]);
         for i in 0..1500u16 {
             let p = tcp(client(40000 + i), vip, TCP_SYN, 1, 0).build();
+            let sent = std::time::Instant::now();
             let run = f.run(&p);
             let l = assert_fwd(&run, &p, &[b8000(1)], FULL);
-            assert!(
-                ports.insert(l.peer.port()),
-                "port {} taken twice",
-                l.peer.port()
-            );
+            if let Some(first) = ports.insert(l.peer.port(), sent) {
+                let age = sent - first;
+                assert!(
+                    age + std::time::Duration::from_millis(50) >= hold,
+                    "port {} taken twice, {age:?} apart",
+                    l.peer.port()
+                );
+            }
         }
         assert_eq!(
             f.dp().ct_new_len(),
