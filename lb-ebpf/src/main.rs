@@ -231,10 +231,10 @@ macro_rules! per_map {
     };
 }
 
-/// A global BPF function's view of its context and packet arguments (see [`per_map!`] for
+/// A global BPF function's view of its context and packet-state arguments (see [`per_map!`] for
 /// global functions): the verifier knows a `__sk_buff` pointer argument as the program's
-/// context, and a `Pkt` pointer as null or valid for its size. Callers pass [`raw`] and their
-/// own reference, so never `None`.
+/// context, and a pointer to the packet's state (`Pkt`, IPv6's `Pkt6`, a `Flow`) as null or
+/// valid for its size. Callers pass [`raw`] and their own reference, so never `None`.
 ///
 /// The subprograms `process` calls on the rarer paths (`pending`, `new_full_nat_flow`,
 /// `finish_full_nat`, `lazy_reply`, `unrecorded_reply`, `icmp_error`, `reject::refuse`) are
@@ -244,7 +244,7 @@ macro_rules! per_map {
 /// is why [`unpack`] converts its reason rather than indexing a table by it. The established
 /// paths (`forward_inner`, `reply`, `translate`) stay inlined, and `new_flow` static (see it).
 #[inline(always)]
-fn args<'a>(skb: *mut __sk_buff, p: *const Pkt) -> Option<(TcContext, &'a Pkt)> {
+pub(crate) fn args<'a, T>(skb: *mut __sk_buff, p: *const T) -> Option<(TcContext, &'a T)> {
     // SAFETY: null or the caller's reference (see above).
     Some((TcContext::new(NonNull::new(skb)?), unsafe { p.as_ref() }?))
 }

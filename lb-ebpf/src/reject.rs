@@ -10,7 +10,6 @@ use aya_ebpf::{
     helpers::generated::bpf_redirect,
     programs::TcContext,
 };
-use core::ptr::NonNull;
 use lb_common::{
     IPPROTO_TCP, Reason,
     csum::replace2,
@@ -53,11 +52,10 @@ fn sum_words(bytes: &[u8; 20]) -> u64 {
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn refuse(skb: *mut __sk_buff, flow: *const Flow) -> u64 {
-    // SAFETY: null or the caller's reference (a global BPF function: see `crate::args`).
-    let (Some(skb), Some(flow)) = (NonNull::new(skb), unsafe { flow.as_ref() }) else {
+    let Some((ctx, flow)) = crate::args(skb, flow) else {
         return crate::pack(crate::exit(lb_common::Reason::AbortMap));
     };
-    let ctx = &TcContext::new(skb);
+    let ctx = &ctx;
     // The parse made only the headers it reads linear; a refusal reads the TCP options too.
     crate::parse::pull_all_headers(ctx);
     crate::pack(if flow.proto == IPPROTO_TCP {

@@ -31,7 +31,6 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::TcContext,
 };
-use core::ptr::NonNull;
 use lb_common::{
     CFG_F_DROP_NO_BACKEND, CFG_F_KEEP_TTL, CFG_F_REDIRECT, DEFAULT_CONNTRACK_SIZE,
     DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, DpConfig, IPPROTO_TCP, IPPROTO_UDP, Reason, Route,
@@ -46,7 +45,7 @@ use lb_common::{
 };
 
 use crate::{
-    CONFIRM, config, exit, last_ack,
+    CONFIRM, args, config, exit, last_ack,
     maps::{BACKEND_ROUTES, MAGLEV, account, count},
     nat::{clear_route, ingress_ifindex, l4_update, set_addr, set_route, zero_addr},
     pack,
@@ -467,12 +466,7 @@ fn process_inner(ctx: &TcContext) -> (i32, Reason) {
         PARSED_FLOW => {}
         PARSED_ICMP => return unpack(icmp_error6(raw(ctx), p)),
         r => {
-            let reason = if r < Reason::COUNT {
-                Reason::ALL[r as usize]
-            } else {
-                Reason::AbortMap
-            };
-            return exit(reason);
+            return exit(Reason::from_index(r).unwrap_or(Reason::AbortMap));
         }
     }
     let flow = &p.flow;
@@ -608,7 +602,7 @@ fn sum20(b: &[u8; 20]) -> u16 {
 #[unsafe(no_mangle)]
 #[inline(never)]
 extern "C" fn tcp_reset6(skb: *mut __sk_buff, p: *const Pkt6) -> u64 {
-    let Some((ctx, p)) = args6(skb, p) else {
+    let Some((ctx, p)) = args(skb, p) else {
         return pack(exit(Reason::AbortMap));
     };
     let ctx = &ctx;
@@ -1215,7 +1209,7 @@ const FULL_NAT6: u64 = 1 << 63;
 #[unsafe(no_mangle)]
 #[inline(never)]
 extern "C" fn new_flow6(skb: *mut __sk_buff, p: *const Pkt6) -> u64 {
-    let Some((ctx, p)) = args6(skb, p) else {
+    let Some((ctx, p)) = args(skb, p) else {
         return pack(exit(Reason::AbortMap));
     };
     let ctx = &ctx;
@@ -1344,7 +1338,7 @@ fn new_dnat_flow6(
 #[unsafe(no_mangle)]
 #[inline(never)]
 extern "C" fn new_full_nat_flow6(skb: *mut __sk_buff, p: *const Pkt6, ids: u64) -> u64 {
-    let Some((ctx, p)) = args6(skb, p) else {
+    let Some((ctx, p)) = args(skb, p) else {
         return pack(exit(Reason::AbortMap));
     };
     let ctx = &ctx;
@@ -1429,7 +1423,7 @@ fn start_full_nat6(ctx: &TcContext, p: &Pkt6, ids: u64) -> Result<(i32, Reason),
 #[unsafe(no_mangle)]
 #[inline(never)]
 extern "C" fn finish_full_nat6(skb: *mut __sk_buff, p: *const Pkt6) -> bool {
-    let Some((ctx, p)) = args6(skb, p) else {
+    let Some((ctx, p)) = args(skb, p) else {
         return false;
     };
     let ctx = &ctx;
@@ -1468,7 +1462,7 @@ extern "C" fn finish_full_nat6(skb: *mut __sk_buff, p: *const Pkt6) -> bool {
 #[unsafe(no_mangle)]
 #[inline(never)]
 extern "C" fn take_port6(p: *const Pkt6) -> bool {
-    // SAFETY: null or the caller's reference (see `args6`).
+    // SAFETY: null or the caller's reference (see `crate::args`).
     let Some(p) = (unsafe { p.as_ref() }) else {
         return false;
     };
@@ -1765,18 +1759,11 @@ fn rewrite_both6(
 #[unsafe(no_mangle)]
 #[inline(never)]
 extern "C" fn icmp_error6(skb: *mut __sk_buff, p: *mut Pkt6) -> u64 {
-    let Some((ctx, _)) = args6(skb, p) else {
+    let Some((ctx, _)) = args(skb, p) else {
         return pack(exit(Reason::AbortMap));
     };
-    // SAFETY: not null (`args6`), the caller's own reference.
+    // SAFETY: not null (`args`), the caller's own reference.
     pack(icmp_error6_inner(&ctx, unsafe { &mut *p }))
-}
-
-/// [`crate::args`] for the IPv6 packet state.
-#[inline(always)]
-fn args6<'a>(skb: *mut __sk_buff, p: *const Pkt6) -> Option<(TcContext, &'a Pkt6)> {
-    // SAFETY: null or the caller's reference (see `crate::args`).
-    Some((TcContext::new(NonNull::new(skb)?), unsafe { p.as_ref() }?))
 }
 
 #[inline(always)]

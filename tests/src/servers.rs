@@ -140,11 +140,15 @@ pub fn tcp_request(addr: SocketAddrV4, line: &str) -> Result<String, String> {
     tcp_request_any(addr.into(), line)
 }
 
+/// How long the test clients here ([`http_get`], [`tcp_request`], [`Session`]) wait to connect,
+/// and then for each read.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// [`tcp_request`] to an address of either family.
 pub fn tcp_request_any(addr: SocketAddr, line: &str) -> Result<String, String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+    let mut s = TcpStream::connect_timeout(&addr, CLIENT_TIMEOUT)
         .map_err(|e| format!("connect {addr}: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))
+    s.set_read_timeout(Some(CLIENT_TIMEOUT))
         .map_err(|e| e.to_string())?;
     s.write_all(format!("{line}\n").as_bytes())
         .map_err(|e| format!("write: {e}"))?;
@@ -168,9 +172,9 @@ impl Session {
 
     /// [`Session::connect`] to an address of either family.
     pub fn connect_any(addr: SocketAddr) -> Result<Self, String> {
-        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        let s = TcpStream::connect_timeout(&addr, CLIENT_TIMEOUT)
             .map_err(|e| format!("connect {addr}: {e}"))?;
-        s.set_read_timeout(Some(Duration::from_secs(2)))
+        s.set_read_timeout(Some(CLIENT_TIMEOUT))
             .map_err(|e| e.to_string())?;
         let w = s.try_clone().map_err(|e| e.to_string())?;
         Ok(Self {
@@ -230,9 +234,9 @@ pub fn http_get(addr: SocketAddrV4) -> Result<(u16, String), String> {
 
 /// [`http_get`] to an address of either family.
 pub fn http_get_any(addr: SocketAddr) -> Result<(u16, String), String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+    let mut s = TcpStream::connect_timeout(&addr, CLIENT_TIMEOUT)
         .map_err(|e| format!("connect {addr}: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))
+    s.set_read_timeout(Some(CLIENT_TIMEOUT))
         .map_err(|e| e.to_string())?;
     s.write_all(b"GET / HTTP/1.0\r\n\r\n")
         .map_err(|e| format!("write: {e}"))?;

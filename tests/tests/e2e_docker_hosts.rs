@@ -30,7 +30,7 @@ use berth_tests::{
     docker::{Lab, TEST, stop_under_load_with},
     engines::{EngineHost, HostSpec},
     netns::Netns,
-    servers::http_get,
+    servers::{CLIENT_TIMEOUT, http_get},
 };
 
 const B: HostSpec = HostSpec {
@@ -234,9 +234,9 @@ fn containers_on_three_hosts_make_one_pool_and_a_host_cut_off_leaves_it() {
         "engine b unreachable for more than 2 s",
         Duration::from_secs(15),
     );
-    // A request to host b under way when it left ends within its timeouts (2 s to connect,
-    // 2 s to read); 1.5 s more of requests after it.
-    std::thread::sleep(Duration::from_millis(4000 + 1500));
+    // A request to host b under way when it left ends within its timeouts (to connect, then to
+    // read); 1.5 s more of requests after it.
+    std::thread::sleep(2 * CLIENT_TIMEOUT + Duration::from_millis(1500));
     stop.store(true, Ordering::Relaxed);
     let results = load.join().expect("load loop");
     let window = left.duration_since(cut);

@@ -109,11 +109,7 @@ fn test_with_args(tc: &str, args: &[String]) -> Result<()> {
         .args(lanes::WORKSPACE)
         .args(args)
         .args(["--", "--test-threads=1"])
-        .env("BERTH_BIN", root().join("target/debug/berth"))
-        .env(
-            "BERTH_HELLO_BIN",
-            root().join(format!("target/{}/release/hello", setup::MUSL)),
-        )
+        .envs(lanes::test_env())
         .env("BERTH_IMAGE", berth_image);
     status(c)
 }
