@@ -85,6 +85,41 @@ fn build_hello(tc: &str) -> Result<()> {
     status(c)
 }
 
+/// Free bytes on the disk that holds the workspace (and `target/`), from `df`.
+fn free_disk() -> Option<u64> {
+    let out = Command::new("df").arg("-Pk").arg(root()).output().ok()?;
+    df_available(&String::from_utf8(out.stdout).ok()?)
+}
+
+/// The available bytes in `df -Pk`'s output for one path (its second line, fourth column).
+fn df_available(text: &str) -> Option<u64> {
+    let kib: u64 = text
+        .lines()
+        .nth(1)?
+        .split_whitespace()
+        .nth(3)?
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+/// Below this, a failed build is most likely the disk: the test build's `target/` is ~3 GB, and
+/// a linker that runs out of space dies of SIGBUS (signal 7) instead of saying so.
+const LOW_DISK: u64 = 2_000_000_000;
+
+/// Names a full disk as the likely cause of `e` when the disk is nearly full now.
+fn with_disk(e: anyhow::Error) -> anyhow::Error {
+    match free_disk() {
+        Some(free) if free < LOW_DISK => e.context(format!(
+            "the disk holding {} has only {} MB free: a link that runs out of space dies of \
+             SIGBUS (signal 7); free some space and run again",
+            root().display(),
+            free / 1_000_000
+        )),
+        _ => e,
+    }
+}
+
 fn status(mut c: Command) -> Result<()> {
     let shown = format!("{c:?}");
     let st = c.status().with_context(|| format!("starting {shown}"))?;
@@ -165,11 +200,19 @@ fn run(args: &[String]) -> Result<()> {
             setup::ensure_musl_target(&tc)?;
             setup::ensure_compose()?;
             setup::ensure_etcd()?;
+            if let Some(free) = free_disk() {
+                eprintln!(
+                    "xtask: {:.1} GB free on the disk holding {}",
+                    free as f64 / 1e9,
+                    root().display()
+                );
+            }
             let result = if rest.is_empty() {
                 lanes::run_all(&tc)
             } else {
                 test_with_args(&tc, rest)
-            };
+            }
+            .map_err(with_disk);
             eprintln!(
                 "xtask: test finished in {:.0} s",
                 started.elapsed().as_secs_f64()
@@ -279,5 +322,27 @@ fn run(args: &[String]) -> Result<()> {
             Ok(())
         }
         other => bail!("unknown command {other:?}\n{}", usage()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_available_column_of_df() {
+        let text = "Filesystem     1024-blocks      Used Available Capacity Mounted on\n\
+                    /dev/vda         263174212  29360128  66060288      31% /\n";
+        assert_eq!(df_available(text), Some(66_060_288 * 1024));
+        assert_eq!(
+            df_available("Filesystem 1024-blocks Used Available\n"),
+            None
+        );
+        assert_eq!(df_available("header\n/dev/vda 1 2 lots 5% /\n"), None);
+    }
+
+    #[test]
+    fn free_disk_reads_this_machine() {
+        assert!(free_disk().is_some_and(|b| b > 0));
     }
 }
