@@ -699,19 +699,24 @@ extern "C" fn pending(p: *const Pkt) -> u64 {
 /// it: `pending_at`). True if the reply entry is there to be looked up.
 #[inline(always)]
 fn claimed_reply(p: &Pkt) -> bool {
-    let key = &p.key;
-    let Some(slot) = claim::slot_holding(key, p.now) else {
+    let Some(rev) = pending_full_nat_reply(&p.key, p.now) else {
         return false;
     };
-    let Some(s) = syn::copy(slot) else {
-        return false;
-    };
-    if !s.full_nat() || !s.is_forward_of(&s.key(), key) || s.idle_expired(p.now, config()) {
-        return false;
-    }
     // Not inserted if there (a concurrent reply on another CPU wrote it first).
-    let _ = CT_NEW.insert(key, &s.reply_entry(current_epoch()), u64::from(BPF_NOEXIST));
+    let _ = CT_NEW.insert(&p.key, &rev, u64::from(BPF_NOEXIST));
     true
+}
+
+/// The reply entry of the pending full-NAT handshake whose port's claim holds reply key `key`
+/// (lb-common's `claim`), as the handshake's first reply writes it (`claimed_reply`); not
+/// written here.
+#[inline(always)]
+fn pending_full_nat_reply(key: &FlowKey, now: u64) -> Option<CtEntry> {
+    let s = syn::copy(claim::slot_holding(key, now)?)?;
+    if !s.full_nat() || !s.is_forward_of(&s.key(), key) || s.idle_expired(now, config()) {
+        return None;
+    }
+    Some(s.reply_entry(current_epoch()))
 }
 
 /// The forward entry in CONNTRACK of the confirmed flow whose forward key `fkey` the reply
@@ -838,27 +843,34 @@ extern "C" fn index_holds(rkey: *const FlowKey, i: u32, now: u64) -> bool {
 #[inline(always)]
 fn indexed_reply(ctx: &TcContext, p: &Pkt) -> u64 {
     let key = &p.key;
-    let i = claim::index(key);
-    let Some(s) = claim::index_slot(i).filter(|_| claim::index_named(i)) else {
+    let Some(half) = indexed_half(key) else {
         return LAZY_NONE;
     };
-    // SAFETY: the slot's value pointer; a torn read (a concurrent write) names no flow whose
-    // reply key is this packet's.
-    let fkey = unsafe { core::ptr::read_volatile(s) };
-    let Some((f, true)) = indexed_flow(&fkey, i, key) else {
-        return LAZY_NONE;
-    };
-    // SAFETY: a valid map value pointer; `CtEntry` is `Copy`.
-    let f = unsafe { *f };
     // Checked before anything is written: a forged reply from elsewhere leaves no trace.
-    if f.in_ifindex != 0 && f.in_ifindex != ingress_ifindex(ctx) {
+    if half.in_ifindex != 0 && half.in_ifindex != ingress_ifindex(ctx) {
         return LAZY_WRONG_IFACE;
     }
-    let half = ct::derived_reply(&fkey, &f);
     count(Reason::EventCtRebuilt);
     // Not inserted if there (a concurrent reply on another CPU wrote it first).
     let _ = CONNTRACK.insert(key, &half, u64::from(BPF_NOEXIST));
     LAZY_IN_CONNTRACK
+}
+
+/// The reply half of the confirmed flow that the reply index names for reply key `key` (the
+/// slot's bit read first, the slot only where it is set), derived from its forward entry as
+/// `indexed_reply` writes it; not written here.
+#[inline(always)]
+fn indexed_half(key: &FlowKey) -> Option<CtEntry> {
+    let i = claim::index(key);
+    let s = claim::index_slot(i).filter(|_| claim::index_named(i))?;
+    // SAFETY: the slot's value pointer; a torn read (a concurrent write) names no flow whose
+    // reply key is this one.
+    let fkey = unsafe { core::ptr::read_volatile(s) };
+    let Some((f, true)) = indexed_flow(&fkey, i, key) else {
+        return None;
+    };
+    // SAFETY: a valid map value pointer; `CtEntry` is `Copy`.
+    Some(ct::derived_reply(&fkey, unsafe { &*f }))
 }
 
 /// A packet from a backend port that found no conntrack entry and no lazily recorded flow: the
@@ -2600,6 +2612,8 @@ extern "C" fn icmp_error(skb: *mut __sk_buff, p: *mut Pkt, owner: u64) -> u64 {
 /// `owner`: the lazy service the quoted flow may be of (`lazy_owner_of` of its reply key).
 #[inline(always)]
 fn icmp_error_inner(ctx: &TcContext, p: &mut Pkt, owner: u64) -> (i32, Reason) {
+    // For a pending full-NAT handshake's claim (the ICMP path has not read the clock).
+    let now = coarse_now(p);
     let e = &p.quote;
     let q = &e.inner;
     // The quoted packet left as service -> client (source is a service port) or as client ->
@@ -2624,6 +2638,14 @@ fn icmp_error_inner(ctx: &TcContext, p: &mut Pkt, owner: u64) -> (i32, Reason) {
     } {
         // About a packet of a flow recorded lazily (no reply yet): its reply half as it would
         // be written, not written (an error creates no state).
+        ent
+    } else if let Some(ent) = pending_full_nat_reply(&key, now) {
+        // About a full-NAT handshake's SYN, the flow pending (its backend refused it): the
+        // same, from the handshake table.
+        ent
+    } else if let Some(ent) = indexed_half(&key) {
+        // About a packet of an indexed flow whose reply half was evicted: the same, from its
+        // forward entry.
         ent
     } else {
         return exit(Reason::PassNotTcpUdp);

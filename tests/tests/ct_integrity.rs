@@ -35,6 +35,7 @@ both_nat!(
     a_packet_whose_ttl_would_expire_is_handed_to_the_stack_untranslated,
     fragmentation_needed_from_the_client_side_reaches_the_backend,
     icmp_errors_from_a_backend_reach_the_client_with_the_service_address,
+    an_icmp_error_about_a_pending_handshake_reaches_the_client_and_writes_nothing,
 );
 
 /// A TCP segment with explicit sequence and acknowledgment numbers.
@@ -1192,6 +1193,107 @@ fn icmp_errors_from_a_backend_reach_the_client_with_the_service_address(nat: Nat
             8,
         );
         assert_untouched(&f.run(&stray), &stray, Reason::PassNotTcpUdp);
+    });
+}
+
+/// A backend that refuses a handshake's SYN with an ICMP error (a port unreachable from a REJECT
+/// rule, a router's host unreachable) while the flow waits in the handshake table (no reply
+/// entry yet; full NAT: only its port's claim names it): the error reaches the client as from
+/// the service, quoting what the client sent, so its connect fails at once instead of retrying
+/// SYNs; and the error writes no state (the flow stays pending, no reply entry appears).
+fn an_icmp_error_about_a_pending_handshake_reaches_the_client_and_writes_nothing(nat: Nat) {
+    in_fixture_netns(move || {
+        let f = standard_nat(nat);
+        let (c, vip) = (client(50700), sa(VIP, 80));
+        let fkey = flow_key(c, vip, IPPROTO_TCP);
+        let syn = tcp(c, vip, TCP_SYN, 1000, 0).build();
+        let run = f.run(&syn);
+        let leg = assert_fwd(&run, &syn, &web_backends(), nat);
+        assert!(f.dp().conntrack_pending(&fkey), "pending after its SYN");
+        let entries = f.dp().conntrack_entries();
+        let icmp = port_unreachable(leg.backend, *leg.peer.ip(), &run.out);
+        let out = f.run(&icmp);
+        assert_eq!(out.action, TC_ACT_REDIRECT, "{out:?}");
+        assert_eq!(out.exits(), [Reason::ReplyRedirect.name()], "{out:?}");
+        assert_eq!(out.counted(Reason::EventIcmpTranslated), 1, "{out:?}");
+        wire::verify_icmp_checksums(&out.out).unwrap_or_else(|e| panic!("{e}"));
+        assert!(wire::icmp_inner_l4_consistent(&icmp, &out.out));
+        let e = wire::parse_icmp_error(&out.out);
+        assert_eq!((e.src, e.dst), (VIP, *c.ip()), "from the service address");
+        assert_eq!(
+            (e.inner_src, e.inner_dst),
+            (c, vip),
+            "quoting the client's SYN"
+        );
+        assert!(f.dp().conntrack_pending(&fkey), "still pending");
+        assert_eq!(
+            f.dp().conntrack_entries(),
+            entries,
+            "no entry written or moved"
+        );
+        // The same error arriving where the backend does not live is not translated.
+        assert_untouched(&f.run_on(&icmp, "fx2"), &icmp, Reason::PassReplyWrongIface);
+        // Nor one quoting a port no handshake holds.
+        let sent = wire::parse(&run.out).src;
+        let other = SocketAddrV4::new(*sent.ip(), sent.port().wrapping_add(1));
+        let quoted = tcp(other, leg.backend, TCP_SYN, 1000, 0).build();
+        let stray = port_unreachable(leg.backend, *leg.peer.ip(), &quoted);
+        assert_untouched(&f.run(&stray), &stray, Reason::PassNotTcpUdp);
+    });
+}
+
+/// An ICMP error from the backend's side about an indexed flow (a further service's DNAT flow,
+/// a full-NAT flow) whose reply half a flood evicted: the forward packets skip that half, so
+/// nothing brings it back before the error, which reaches the client as from the service all
+/// the same (derived from the index, as the backend's next segment derives the half), writing
+/// nothing; from where the backend does not live, it passes untranslated.
+#[test]
+fn an_icmp_error_about_an_indexed_flow_without_its_reply_half_reaches_the_client() {
+    let check = |f: &mut Fixture, c: SocketAddrV4, service: SocketAddrV4, leg: Leg, nat: Nat| {
+        let fkey = flow_key(c, service, IPPROTO_TCP);
+        let rkey = flow_key(leg.backend, leg.peer, IPPROTO_TCP);
+        assert_eq!(f.ct(&fkey).expect("confirmed").lazy, ct::LAZY_INDEXED);
+        f.rec.dataplane_mut().conntrack_remove(&rkey).unwrap();
+        // A segment the client sent on, as it left berth, and its backend's host refusing it.
+        let data = tcp(c, service, TCP_ACK | TCP_PSH, 1001, 5001)
+            .with_payload(b"GET /")
+            .build();
+        let run = f.run(&data);
+        assert_eq!(assert_fwd(&run, &data, &[leg.backend], nat), leg);
+        assert!(f.ct(&rkey).is_none(), "the segment skipped the reply half");
+        let entries = f.dp().conntrack_entries();
+        let icmp = port_unreachable(leg.backend, *leg.peer.ip(), &run.out);
+        let out = f.run(&icmp);
+        assert_eq!(out.action, TC_ACT_REDIRECT, "{out:?}");
+        assert_eq!(out.exits(), [Reason::ReplyRedirect.name()], "{out:?}");
+        assert_eq!(out.counted(Reason::EventIcmpTranslated), 1, "{out:?}");
+        wire::verify_icmp_checksums(&out.out).unwrap_or_else(|e| panic!("{e}"));
+        assert!(wire::icmp_inner_l4_consistent(&icmp, &out.out));
+        let e = wire::parse_icmp_error(&out.out);
+        assert_eq!((e.src, e.dst), (*service.ip(), *c.ip()), "from the service");
+        assert_eq!(
+            (e.inner_src, e.inner_dst),
+            (c, service),
+            "quoting the client"
+        );
+        assert_eq!(f.dp().conntrack_entries(), entries, "nothing written");
+        assert_untouched(&f.run_on(&icmp, "fx2"), &icmp, Reason::PassReplyWrongIface);
+    };
+    in_fixture_netns(move || {
+        // DNAT to a backend's service beyond its lazy one.
+        let mut f = shared_backend();
+        let c = client(40140);
+        let (be, _, _) = further_service_flow(&f, client(40139), c);
+        let leg = Leg {
+            backend: be,
+            peer: c,
+        };
+        check(&mut f, c, sa(VIP, 80), leg, Nat::Dnat);
+        // Full NAT.
+        let mut f = standard_nat(Nat::Full);
+        let c = client(40141);
+        let leg = handshake_nat(&f, c, sa(VIP, 80), Nat::Full);
+        check(&mut f, c, sa(VIP, 80), leg, Nat::Full);
     });
 }
 
