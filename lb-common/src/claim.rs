@@ -211,6 +211,28 @@ pub const fn leaves_time_wait(flags: u8, bits: u8) -> bool {
     bits == crate::ct::CT_F_FIN_CLIENT && flags & crate::ct::CT_F_FIN_BACKEND != 0
 }
 
+/// Whether a full-NAT flow's backend segment that adds closing bits `bits` (`ct::close_bits`)
+/// to a forward entry with flags `flags` and `backend_ack` `fin_end` leaves the backend in
+/// TIME_WAIT though the client's FIN came first: a FIN (no RST) that does not acknowledge the
+/// end of the client's (recorded: [`crate::ct::CT_F_FIN_SEQ`]). Its sender had not received the
+/// client's FIN when it sent its own, so it closed actively too (the FINs crossed, a
+/// simultaneous close) and goes through CLOSING to TIME_WAIT; a FIN that acknowledges exactly
+/// the client's is a passive close (LAST_ACK, no TIME_WAIT). The mark's second rule (the first
+/// is [`leaves_time_wait`]), both families'.
+#[inline(always)]
+pub const fn crossed_into_time_wait(
+    flags: u8,
+    fin_end: u32,
+    bits: u8,
+    tcp_flags: u8,
+    ack: u32,
+) -> bool {
+    bits == crate::ct::CT_F_FIN_BACKEND
+        && flags & crate::ct::CT_F_CLOSED == crate::ct::CT_F_FIN_CLIENT
+        && flags & crate::ct::CT_F_FIN_SEQ != 0
+        && (tcp_flags & crate::ct::TCP_ACK == 0 || ack != fin_end)
+}
+
 /// Whether the port search still passes a marked port by: in its first pass (`second_pass`
 /// false), having passed `passed` by so far (at most [`TIME_WAIT_PASSES`]). Both families'.
 #[inline(always)]
@@ -315,6 +337,72 @@ mod tests {
         // Four marked ports passed by in the first pass, then none; none in the second.
         assert!(passes_marked(false, 0) && passes_marked(false, TIME_WAIT_PASSES - 1));
         assert!(!passes_marked(false, TIME_WAIT_PASSES) && !passes_marked(true, 0));
+    }
+
+    #[test]
+    fn a_backends_fin_crossing_the_clients_leaves_it_in_time_wait() {
+        use crate::ct::{
+            CT_F_CLOSED, CT_F_FIN_BACKEND, CT_F_FIN_CLIENT, DIR_FORWARD, TCP_ACK, TCP_FIN, TCP_RST,
+            track_close,
+        };
+        // The client's FIN ends at 1002 (seq 1001), recorded as the first.
+        let (tracking, fin_end) = track_close(0, 0, TCP_FIN | TCP_ACK, DIR_FORWARD, 5001, 1002);
+        let flags = tracking | CT_F_FIN_CLIENT;
+        assert_eq!(fin_end, 1002);
+        // The backend's FIN acknowledging up to the client's data, not its FIN: crossed.
+        assert!(crossed_into_time_wait(
+            flags,
+            fin_end,
+            CT_F_FIN_BACKEND,
+            TCP_FIN | TCP_ACK,
+            1001
+        ));
+        assert!(crossed_into_time_wait(
+            flags,
+            fin_end,
+            CT_F_FIN_BACKEND,
+            TCP_FIN,
+            0
+        ));
+        // Acknowledging exactly the client's FIN: a passive close (LAST_ACK).
+        assert!(!crossed_into_time_wait(
+            flags,
+            fin_end,
+            CT_F_FIN_BACKEND,
+            TCP_FIN | TCP_ACK,
+            1002
+        ));
+        // A RST, no client FIN before, the backend's FIN again, or the client's FIN's end
+        // unknown: nothing to tell.
+        let rst = TCP_RST | TCP_ACK;
+        assert!(!crossed_into_time_wait(
+            flags,
+            fin_end,
+            CT_F_CLOSED,
+            rst,
+            1001
+        ));
+        assert!(!crossed_into_time_wait(
+            0,
+            0,
+            CT_F_FIN_BACKEND,
+            TCP_FIN | TCP_ACK,
+            1001
+        ));
+        assert!(!crossed_into_time_wait(
+            flags | CT_F_FIN_BACKEND,
+            fin_end,
+            CT_F_FIN_BACKEND,
+            TCP_FIN | TCP_ACK,
+            1001
+        ));
+        assert!(!crossed_into_time_wait(
+            CT_F_FIN_CLIENT,
+            0,
+            CT_F_FIN_BACKEND,
+            TCP_FIN | TCP_ACK,
+            1001
+        ));
     }
 
     #[test]

@@ -1891,6 +1891,20 @@ fn reply(ctx: &TcContext, p: &Pkt, e: &mut CtEntry, table: &'static Table) -> St
     // The backend's side cannot be forged (see above): its FIN or RST closes the flow.
     if ct::closes(flow.proto, flow.tcp_flags) {
         if e.full_nat() {
+            let bits = ct::close_bits(flow.proto, flow.tcp_flags, DIR_REPLY);
+            // SAFETY: a valid map value pointer (see `process`).
+            if fwd.is_some_and(|f| unsafe {
+                lb_common::claim::crossed_into_time_wait(
+                    (*f).flags,
+                    (*f).backend_ack,
+                    bits,
+                    flow.tcp_flags,
+                    flow.ack,
+                )
+            }) {
+                // The FINs crossed: the backend holds the connection in TIME_WAIT too.
+                claim::mark_time_wait(key, now);
+            }
             let end = fin_end(ctx, flow);
             track_fin(fwd, Some(e), DIR_REPLY, flow.tcp_flags, flow.ack, end);
         }

@@ -1082,6 +1082,19 @@ fn reply6_inner(ctx: &TcContext, p: &Pkt6, e: &mut CtEntry6, table: &'static Tab
     if ct::closes(flow.proto, flow.tcp_flags) {
         let bits = ct::close_bits(flow.proto, flow.tcp_flags, DIR_REPLY);
         if e.ct.full_nat() {
+            // SAFETY: a valid map value pointer.
+            if fwd.is_some_and(|f| unsafe {
+                lb_common::claim::crossed_into_time_wait(
+                    (*f).ct.flags,
+                    (*f).ct.backend_ack,
+                    bits,
+                    flow.tcp_flags,
+                    flow.ack,
+                )
+            }) {
+                // The FINs crossed (see IPv4's `reply`).
+                crate::claim::mark_time_wait6(key, now);
+            }
             let end = fin_end6(ctx, flow);
             // SAFETY: a valid map value pointer.
             let f = fwd.map(|f| unsafe { &raw mut (*f).ct });

@@ -795,6 +795,67 @@ fn a_port_is_free_as_soon_as_the_final_ack_of_its_flow_passed() {
     });
 }
 
+/// FINs that cross (a simultaneous close: the backend sends its FIN before the client's has
+/// reached it, so its FIN does not acknowledge the client's) leave the backend in TIME_WAIT
+/// too (through CLOSING): the port is marked as when the backend closes first, and a new flow
+/// trying it first passes it by. A backend FIN that acknowledges the client's is a passive
+/// close, and marks nothing (the last part of the test before).
+#[test]
+fn a_port_whose_fins_crossed_is_marked_for_the_backends_time_wait() {
+    in_fixture_netns(|| {
+        let ports = PortRange {
+            first: 61010,
+            last: 61011,
+        };
+        let (vip, be) = (sa(VIP, 80), b8000(1));
+        let mut f = one_backend(ports);
+        let a = client_trying_first(61010, ports, 48000);
+        let port = open_flow(&f, a);
+        let rkey = flow_key(be, port, IPPROTO_TCP);
+        // The client's FIN (ends at 1002), and the backend's sent before it had it (it
+        // acknowledges 1001); then each side's ACK of the other's FIN.
+        pass(
+            &f,
+            a,
+            port,
+            true,
+            tcp(a, vip, TCP_FIN | TCP_ACK, 1001, 5001),
+        );
+        pass(
+            &f,
+            a,
+            port,
+            false,
+            tcp(be, port, TCP_FIN | TCP_ACK, 5001, 1001),
+        );
+        let w = f.dp().claim_word(&rkey);
+        assert!(claim::in_time_wait(w, monotonic_ns()), "{w:#x}");
+        pass(&f, a, port, true, tcp(a, vip, TCP_ACK, 1002, 5002));
+        pass(&f, a, port, false, tcp(be, port, TCP_ACK, 5002, 1002));
+        let w = f.dp().claim_word(&rkey);
+        assert!(claim::in_time_wait(w, monotonic_ns()), "{w:#x}");
+        // Past the closed flow's hold (`snat_port_reuse_ms`: berth saw no final ACK it could
+        // tell), the port is free by its entries; a new flow trying it first still passes it by
+        // for the mark, and takes its next try, the other port.
+        age_flow(&mut f, flow_key(a, vip, IPPROTO_TCP), rkey, 2_000_000_000);
+        let b = client_trying_first(61010, ports, 49000);
+        let syn = tcp(b, vip, TCP_SYN, 77, 0).build();
+        let run = f.run(&syn);
+        let leg = assert_fwd(&run, &syn, &[be], FULL);
+        assert_eq!(
+            leg.peer.port(),
+            61011,
+            "the marked port is passed by: {run:?}"
+        );
+        // Unmarked (sixty seconds on), the port goes to the next flow that tries it first.
+        f.rec
+            .dataplane_mut()
+            .claim_store(&rkey, claim::time_wait(monotonic_ns() - 61_000_000_000));
+        let c = client_trying_first(61010, ports, 50000);
+        assert!(new_flow_takes_port(&f, c, 61010));
+    });
+}
+
 /// A client whose flow to the VIP tries `port` first in `ports`, from port `from` up.
 fn client_trying_first(port: u16, ports: PortRange, from: u16) -> SocketAddrV4 {
     (from..u16::MAX)

@@ -631,3 +631,64 @@ fn a_port_whose_backend_closed_first_is_taken_only_when_no_other_is_free() {
         assert!(ct6(&f, &flow_key6(old, svc, IPPROTO_TCP)).is_none());
     });
 }
+
+/// FINs that cross (the backend's sent before the client's reached it: it does not acknowledge
+/// the client's FIN) leave the backend in TIME_WAIT too: past the closed flow's hold, its port
+/// is passed by for the mark as when the backend closes first (IPv4: `fullnat.rs`).
+#[test]
+fn a_port_whose_fins_crossed_is_passed_by_after_the_hold() {
+    in_fixture6_netns(|| {
+        let two = PortRange {
+            first: 61010,
+            last: 61011,
+        };
+        let svc = sa6(VIP6, 80);
+        let reuse = Duration::from_secs(1);
+        let tries_first = |port: u16, from: u16| {
+            (from..u16::MAX)
+                .map(client6)
+                .find(|&c| {
+                    let h = flow_hash6(&flow_key6(c, svc, IPPROTO_TCP), options().hash_seed);
+                    ct::snat_port(h, 0, two.first, two.last) == port
+                })
+                .expect("a client trying the port first")
+        };
+        let mut f = one_backend(two, reuse);
+        let c = tries_first(61010, 42000);
+        let syn = tcp6(c, svc, TCP_SYN, 1000, 0).build();
+        let (be, snat) = assert_fwd(&f.run(&syn), &syn, &[b6(1)], two);
+        assert_eq!(snat.port(), 61010);
+        let fwd = |f: &Fixture, p: Ipv6Packet| {
+            let p = p.build();
+            assert_fwd(&f.run(&p), &p, &[be], two);
+        };
+        let back = |f: &Fixture, p: Ipv6Packet| {
+            let p = p.build();
+            assert_reply(&f.run(&p), &p, svc, c);
+        };
+        back(&f, tcp6(be, snat, TCP_SYN | TCP_ACK, 5000, 1001));
+        fwd(&f, tcp6(c, svc, TCP_ACK, 1001, 5001));
+        // The client's FIN (ends at 1002), the backend's acknowledging 1001 only, then each
+        // side's ACK of the other's.
+        fwd(&f, tcp6(c, svc, TCP_FIN | TCP_ACK, 1001, 5001));
+        back(&f, tcp6(be, snat, TCP_FIN | TCP_ACK, 5001, 1001));
+        fwd(&f, tcp6(c, svc, TCP_ACK, 1002, 5002));
+        back(&f, tcp6(be, snat, TCP_ACK, 5002, 1002));
+        // Past the hold (no final ACK berth could tell), free by its entries.
+        for key in [
+            flow_key6(c, svc, IPPROTO_TCP),
+            flow_key6(be, snat, IPPROTO_TCP),
+        ] {
+            let mut e = ct6(&f, &key).unwrap();
+            e.ct.last_seen_ns = monotonic_ns() - reuse.as_nanos() as u64 - 500_000_000;
+            f.rec.dataplane_mut().conntrack6_insert(key, e).unwrap();
+        }
+        let syn = tcp6(tries_first(61010, 43000), svc, TCP_SYN, 77, 0).build();
+        let run = f.run(&syn);
+        assert_eq!(
+            assert_fwd(&run, &syn, &[b6(1)], two).1.port(),
+            61011,
+            "the marked port is passed by: {run:?}"
+        );
+    });
+}
