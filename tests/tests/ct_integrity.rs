@@ -1152,6 +1152,30 @@ fn port_unreachable(be: SocketAddrV4, to: Ipv4Addr, quoted: &[u8]) -> Vec<u8> {
     icmp
 }
 
+/// Checks that ICMP error `icmp` from a backend's side went to the client: redirected as a
+/// reply, counted, checksums right (outer and quoted), from `from` to `to`, quoting `quoting`.
+fn assert_icmp_to_client(
+    f: &Fixture,
+    icmp: &[u8],
+    from: Ipv4Addr,
+    to: Ipv4Addr,
+    quoting: (SocketAddrV4, SocketAddrV4),
+) {
+    let out = f.run(icmp);
+    assert_eq!(out.action, TC_ACT_REDIRECT, "{out:?}");
+    assert_eq!(out.exits(), [Reason::ReplyRedirect.name()], "{out:?}");
+    assert_eq!(out.counted(Reason::EventIcmpTranslated), 1, "{out:?}");
+    wire::verify_icmp_checksums(&out.out).unwrap_or_else(|e| panic!("{e}"));
+    assert!(wire::icmp_inner_l4_consistent(icmp, &out.out));
+    let e = wire::parse_icmp_error(&out.out);
+    assert_eq!((e.src, e.dst), (from, to), "from the service address");
+    assert_eq!(
+        (e.inner_src, e.inner_dst),
+        quoting,
+        "quoting what the client sent"
+    );
+}
+
 fn icmp_errors_from_a_backend_reach_the_client_with_the_service_address(nat: Nat) {
     in_fixture_netns(move || {
         let f = standard_nat(nat);
@@ -1165,19 +1189,7 @@ fn icmp_errors_from_a_backend_reach_the_client_with_the_service_address(nat: Nat
         // The backend's port is closed: it answers port unreachable quoting the translated
         // request (to whom it came from).
         let icmp = port_unreachable(be, *leg.peer.ip(), &run.out);
-        let out = f.run(&icmp);
-        assert_eq!(out.action, TC_ACT_REDIRECT, "{out:?}");
-        assert_eq!(out.exits(), [Reason::ReplyRedirect.name()], "{out:?}");
-        assert_eq!(out.counted(Reason::EventIcmpTranslated), 1, "{out:?}");
-        wire::verify_icmp_checksums(&out.out).unwrap_or_else(|e| panic!("{e}"));
-        assert!(wire::icmp_inner_l4_consistent(&icmp, &out.out));
-        let e = wire::parse_icmp_error(&out.out);
-        assert_eq!((e.src, e.dst), (HOST, *c.ip()), "from the service address");
-        assert_eq!(
-            (e.inner_src, e.inner_dst),
-            (c, service),
-            "quoting what the client sent"
-        );
+        assert_icmp_to_client(&f, &icmp, HOST, *c.ip(), (c, service));
         // The same error arriving where the backend does not live is not translated.
         let out = f.run_on(&icmp, "fx2");
         assert_untouched(&out, &icmp, Reason::PassReplyWrongIface);
@@ -1212,19 +1224,7 @@ fn an_icmp_error_about_a_pending_handshake_reaches_the_client_and_writes_nothing
         assert!(f.dp().conntrack_pending(&fkey), "pending after its SYN");
         let entries = f.dp().conntrack_entries();
         let icmp = port_unreachable(leg.backend, *leg.peer.ip(), &run.out);
-        let out = f.run(&icmp);
-        assert_eq!(out.action, TC_ACT_REDIRECT, "{out:?}");
-        assert_eq!(out.exits(), [Reason::ReplyRedirect.name()], "{out:?}");
-        assert_eq!(out.counted(Reason::EventIcmpTranslated), 1, "{out:?}");
-        wire::verify_icmp_checksums(&out.out).unwrap_or_else(|e| panic!("{e}"));
-        assert!(wire::icmp_inner_l4_consistent(&icmp, &out.out));
-        let e = wire::parse_icmp_error(&out.out);
-        assert_eq!((e.src, e.dst), (VIP, *c.ip()), "from the service address");
-        assert_eq!(
-            (e.inner_src, e.inner_dst),
-            (c, vip),
-            "quoting the client's SYN"
-        );
+        assert_icmp_to_client(&f, &icmp, VIP, *c.ip(), (c, vip));
         assert!(f.dp().conntrack_pending(&fkey), "still pending");
         assert_eq!(
             f.dp().conntrack_entries(),
@@ -1263,19 +1263,7 @@ fn an_icmp_error_about_an_indexed_flow_without_its_reply_half_reaches_the_client
         assert!(f.ct(&rkey).is_none(), "the segment skipped the reply half");
         let entries = f.dp().conntrack_entries();
         let icmp = port_unreachable(leg.backend, *leg.peer.ip(), &run.out);
-        let out = f.run(&icmp);
-        assert_eq!(out.action, TC_ACT_REDIRECT, "{out:?}");
-        assert_eq!(out.exits(), [Reason::ReplyRedirect.name()], "{out:?}");
-        assert_eq!(out.counted(Reason::EventIcmpTranslated), 1, "{out:?}");
-        wire::verify_icmp_checksums(&out.out).unwrap_or_else(|e| panic!("{e}"));
-        assert!(wire::icmp_inner_l4_consistent(&icmp, &out.out));
-        let e = wire::parse_icmp_error(&out.out);
-        assert_eq!((e.src, e.dst), (*service.ip(), *c.ip()), "from the service");
-        assert_eq!(
-            (e.inner_src, e.inner_dst),
-            (c, service),
-            "quoting the client"
-        );
+        assert_icmp_to_client(f, &icmp, *service.ip(), *c.ip(), (c, service));
         assert_eq!(f.dp().conntrack_entries(), entries, "nothing written");
         assert_untouched(&f.run_on(&icmp, "fx2"), &icmp, Reason::PassReplyWrongIface);
     };

@@ -514,6 +514,15 @@ fn new_flow_takes(f: &Fixture, c: SocketAddrV6, port: SocketAddrV6) -> bool {
     true
 }
 
+/// Backdates the entries at `keys` (a closed flow's two halves) past the port hold `reuse`.
+fn past_the_hold(f: &mut Fixture, keys: [lb_common::v6::FlowKey6; 2], reuse: Duration) {
+    for key in keys {
+        let mut e = ct6(f, &key).unwrap();
+        e.ct.last_seen_ns = monotonic_ns() - reuse.as_nanos() as u64 - 500_000_000;
+        f.rec.dataplane_mut().conntrack6_insert(key, e).unwrap();
+    }
+}
+
 #[test]
 fn a_port_is_free_once_the_final_ack_passed_and_held_until_then() {
     in_fixture6_netns(|| {
@@ -562,15 +571,23 @@ fn a_port_is_free_once_the_final_ack_passed_and_held_until_then() {
                 assert_eq!(rev.ct.flags & ct::CT_F_CLOSED, ct::CT_F_CLOSED, "{rev:?}");
                 assert_eq!(rev.ct.flags & ct::CT_F_LAST_ACK, 0, "{rev:?}");
                 let mut f = f;
-                for key in [fkey, rkey] {
-                    let mut e = ct6(&f, &key).unwrap();
-                    e.ct.last_seen_ns = monotonic_ns() - reuse.as_nanos() as u64 - 500_000_000;
-                    f.rec.dataplane_mut().conntrack6_insert(key, e).unwrap();
-                }
+                past_the_hold(&mut f, [fkey, rkey], reuse);
                 assert!(new_flow_takes(&f, client6(40301), snat), "after the hold");
             }
         }
     });
+}
+
+/// A client whose flow to the VIP's port 80 tries `port` first in `ports`, from port `from` up.
+fn client6_trying_first(port: u16, ports: PortRange, from: u16) -> SocketAddrV6 {
+    let svc = sa6(VIP6, 80);
+    (from..u16::MAX)
+        .map(client6)
+        .find(|&c| {
+            let h = flow_hash6(&flow_key6(c, svc, IPPROTO_TCP), options().hash_seed);
+            ct::snat_port(h, 0, ports.first, ports.last) == port
+        })
+        .expect("a client trying the port first")
 }
 
 #[test]
@@ -581,15 +598,7 @@ fn a_port_whose_backend_closed_first_is_taken_only_when_no_other_is_free() {
             last: 61011,
         };
         let svc = sa6(VIP6, 80);
-        let tries_first = |port: u16, from: u16| {
-            (from..u16::MAX)
-                .map(client6)
-                .find(|&c| {
-                    let h = flow_hash6(&flow_key6(c, svc, IPPROTO_TCP), options().hash_seed);
-                    ct::snat_port(h, 0, two.first, two.last) == port
-                })
-                .expect("a client trying the port first")
-        };
+        let tries_first = |port: u16, from: u16| client6_trying_first(port, two, from);
         let leaves_from = |f: &Fixture, c: SocketAddrV6| {
             let syn = tcp6(c, svc, TCP_SYN, 77, 0).build();
             assert_fwd(&f.run(&syn), &syn, &[b6(1)], two).1.port()
@@ -644,15 +653,7 @@ fn a_port_whose_fins_crossed_is_passed_by_after_the_hold() {
         };
         let svc = sa6(VIP6, 80);
         let reuse = Duration::from_secs(1);
-        let tries_first = |port: u16, from: u16| {
-            (from..u16::MAX)
-                .map(client6)
-                .find(|&c| {
-                    let h = flow_hash6(&flow_key6(c, svc, IPPROTO_TCP), options().hash_seed);
-                    ct::snat_port(h, 0, two.first, two.last) == port
-                })
-                .expect("a client trying the port first")
-        };
+        let tries_first = |port: u16, from: u16| client6_trying_first(port, two, from);
         let mut f = one_backend(two, reuse);
         let c = tries_first(61010, 42000);
         let syn = tcp6(c, svc, TCP_SYN, 1000, 0).build();
@@ -675,14 +676,11 @@ fn a_port_whose_fins_crossed_is_passed_by_after_the_hold() {
         fwd(&f, tcp6(c, svc, TCP_ACK, 1002, 5002));
         back(&f, tcp6(be, snat, TCP_ACK, 5002, 1002));
         // Past the hold (no final ACK berth could tell), free by its entries.
-        for key in [
+        let keys = [
             flow_key6(c, svc, IPPROTO_TCP),
             flow_key6(be, snat, IPPROTO_TCP),
-        ] {
-            let mut e = ct6(&f, &key).unwrap();
-            e.ct.last_seen_ns = monotonic_ns() - reuse.as_nanos() as u64 - 500_000_000;
-            f.rec.dataplane_mut().conntrack6_insert(key, e).unwrap();
-        }
+        ];
+        past_the_hold(&mut f, keys, reuse);
         let syn = tcp6(tries_first(61010, 43000), svc, TCP_SYN, 77, 0).build();
         let run = f.run(&syn);
         assert_eq!(
