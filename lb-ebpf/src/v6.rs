@@ -45,7 +45,7 @@ use lb_common::{
 };
 
 use crate::{
-    CONFIRM, args, config, exit, last_ack,
+    CONFIRM, args, config, enters_time_wait, exit, last_ack,
     maps::{BACKEND_ROUTES, MAGLEV, account, count},
     nat::{clear_route, ingress_ifindex, l4_update, set_addr, set_route, zero_addr},
     pack,
@@ -990,21 +990,15 @@ fn forward6_inner(
         if rev.is_none_or(|r| ct::in_window(unsafe { &(*r).ct }, flow.seq)) {
             let bits = ct::close_bits(flow.proto, flow.tcp_flags, DIR_FORWARD);
             if e.ct.full_nat() {
-                if lb_common::claim::leaves_time_wait(e.ct.flags, bits) {
+                let fwd = Some(&raw mut e.ct);
+                if enters_time_wait(fwd, DIR_FORWARD, flow.tcp_flags, flow.ack) {
                     // The backend closed first (see IPv4's `forward_inner`).
                     crate::claim::mark_time_wait6(rkey, now);
                 }
                 let end = fin_end6(ctx, flow);
                 // SAFETY: a valid map value pointer.
                 let r = rev.map(|r| unsafe { &raw mut (*r).ct });
-                track_fin(
-                    Some(&mut e.ct),
-                    r,
-                    DIR_FORWARD,
-                    flow.tcp_flags,
-                    flow.ack,
-                    end,
-                );
+                track_fin(fwd, r, DIR_FORWARD, flow.tcp_flags, flow.ack, end);
             }
             close6(e, rev, bits, now);
         } else if e.ct.state != STATE_CLOSING {
@@ -1083,21 +1077,12 @@ fn reply6_inner(ctx: &TcContext, p: &Pkt6, e: &mut CtEntry6, table: &'static Tab
         let bits = ct::close_bits(flow.proto, flow.tcp_flags, DIR_REPLY);
         if e.ct.full_nat() {
             // SAFETY: a valid map value pointer.
-            if fwd.is_some_and(|f| unsafe {
-                lb_common::claim::crossed_into_time_wait(
-                    (*f).ct.flags,
-                    (*f).ct.backend_ack,
-                    bits,
-                    flow.tcp_flags,
-                    flow.ack,
-                )
-            }) {
+            let f = fwd.map(|f| unsafe { &raw mut (*f).ct });
+            if enters_time_wait(f, DIR_REPLY, flow.tcp_flags, flow.ack) {
                 // The FINs crossed (see IPv4's `reply`).
                 crate::claim::mark_time_wait6(key, now);
             }
             let end = fin_end6(ctx, flow);
-            // SAFETY: a valid map value pointer.
-            let f = fwd.map(|f| unsafe { &raw mut (*f).ct });
             track_fin(f, Some(&mut e.ct), DIR_REPLY, flow.tcp_flags, flow.ack, end);
         }
         close6(e, fwd, bits, now);

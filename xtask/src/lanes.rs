@@ -1,9 +1,10 @@
 //! `cargo xtask test` (no arguments): every test binary, in two lanes that run at once.
 //!
 //! Most of the suite's time is the kernel verifying the TC programs (0.8 s of one core per load
-//! here, 2.2 s before session 27 made the rare paths' subprograms global) in the fixture suites, and waiting (containers starting, health-check windows, daemon
-//! restarts) in the end-to-end suites. Run one after the other, as `cargo test` does, one core
-//! sits idle for most of it. So the binaries are split:
+//! here, 2.2 s before session 27 made the rare paths' subprograms global) in the fixture suites,
+//! and waiting (containers starting, health-check windows, daemon restarts) in the end-to-end
+//! suites. Run one after the other, as `cargo test` does, one core sits idle for most of it. So
+//! the binaries are split:
 //! - the **isolated** lane: suites whose every case runs in an anonymous network namespace of
 //!   its own on BPF objects of its own (BPF_PROG_TEST_RUN fixtures; see [`ISOLATED`]). Nothing
 //!   they touch is visible to another process, so they cannot collide with anything;
