@@ -458,10 +458,7 @@ impl Lab {
 
     /// Requests from the client every 5 ms until `stop`: (when, Ok(hostname) or Err(what
     /// failed)).
-    pub fn load_loop(
-        &self,
-        stop: Arc<AtomicBool>,
-    ) -> JoinHandle<Vec<(Instant, Result<String, String>)>> {
+    pub fn load_loop(&self, stop: Arc<AtomicBool>) -> JoinHandle<Vec<Request>> {
         load_loop(&self.client, self.layout.service, stop)
     }
 }
@@ -529,10 +526,10 @@ pub fn stop_under_load_over(
     let mut total = 0;
     for (service, load) in loads {
         let results = load.join().expect("load loop");
-        let failed: Vec<_> = results.iter().filter(|(_, r)| r.is_err()).collect();
+        let failed: Vec<_> = results.iter().filter(|r| r.result.is_err()).collect();
         let from_stopped = results
             .iter()
-            .filter(|(at, r)| *at > stopped && r.as_deref() == Ok(hostname))
+            .filter(|r| r.sent > stopped && r.result.as_deref() == Ok(hostname))
             .count();
         println!(
             "docker stop under load to {service}: {} requests, {} failed",
@@ -549,23 +546,46 @@ pub fn stop_under_load_over(
     total
 }
 
-/// Requests from `client` to `service` every 5 ms until `stop`: (when, Ok(hostname) or
-/// Err(what failed)).
+/// One request of a [`load_loop`].
+#[derive(Debug)]
+pub struct Request {
+    /// When the request began (its connect).
+    pub sent: Instant,
+    /// When it ended: answered, refused or timed out.
+    pub done: Instant,
+    /// Ok(the answering hostname) or Err(what failed).
+    pub result: Result<String, String>,
+}
+
+impl Request {
+    /// Whether the request was under way at some time in `from..=to`. A request that began
+    /// before a fault ended may fail after it, by its timeout.
+    pub fn overlaps(&self, from: Instant, to: Instant) -> bool {
+        self.sent <= to && self.done >= from
+    }
+}
+
+/// Requests from `client` to `service` every 5 ms until `stop`.
 pub fn load_loop(
     client: &Netns,
     service: impl Into<SocketAddr>,
     stop: Arc<AtomicBool>,
-) -> JoinHandle<Vec<(Instant, Result<String, String>)>> {
+) -> JoinHandle<Vec<Request>> {
     let service = service.into();
     client.spawn(move || {
         let mut out = Vec::new();
         while !stop.load(Ordering::Relaxed) {
-            let r = match http_get_any(service) {
+            let sent = Instant::now();
+            let result = match http_get_any(service) {
                 Ok((200, body)) => Ok(body.trim_start_matches("Hello from ").to_owned()),
                 Ok((s, body)) => Err(format!("status {s}: {body}")),
                 Err(e) => Err(e),
             };
-            out.push((Instant::now(), r));
+            out.push(Request {
+                sent,
+                done: Instant::now(),
+                result,
+            });
             std::thread::sleep(Duration::from_millis(5));
         }
         out

@@ -434,7 +434,7 @@ fn berth_in_a_container_serves_the_release_story_and_its_pins_outlive_it() {
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::Relaxed);
     let results = load.join().unwrap();
-    let failed: Vec<_> = results.iter().filter(|(_, r)| r.is_err()).collect();
+    let failed: Vec<_> = results.iter().filter(|r| r.result.is_err()).collect();
     println!(
         "berth container replaced under load (new one ready in {ready2:?}): {} requests, {} failed",
         results.len(),

@@ -20,7 +20,7 @@ use std::{
 
 use berth_tests::{
     daemon::Berth,
-    docker::{Lab, TEST, TEST_CLIENT_IMAGE, docker},
+    docker::{Lab, Request, TEST, TEST_CLIENT_IMAGE, docker},
     netns::sh,
     servers::http_get,
 };
@@ -64,11 +64,15 @@ fn faults_under_load_fail_requests_only_inside_their_window() {
     assert_eq!(names, vec!["nodeapp".to_owned()]);
 
     let stop = Arc::new(AtomicBool::new(false));
+    let loaded = Instant::now();
     let load = lab.load_loop(stop.clone());
     let pause = || std::thread::sleep(Duration::from_millis(500));
     let mut windows: Vec<(&str, Instant, Instant)> = Vec::new();
     pause();
 
+    // A request may fail if it was under way inside a fault's window: one that began before
+    // the fault ended may fail after it, by its timeout (2 s).
+    //
     // A backend killed (SIGKILL, no grace): requests in flight to it may fail until berth has
     // taken it out at Docker's kill event.
     let t = Instant::now();
@@ -125,7 +129,12 @@ fn faults_under_load_fail_requests_only_inside_their_window() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    windows.push(("backend hung", t, Instant::now() + Duration::from_secs(2)));
+    // Requests it swallowed began before it was taken out, so their window is its own.
+    windows.push((
+        "backend hung",
+        t,
+        Instant::now() + Duration::from_millis(200),
+    ));
     println!(
         "hung backend out of the pool {:?} after it hung",
         t.elapsed()
@@ -135,20 +144,30 @@ fn faults_under_load_fail_requests_only_inside_their_window() {
     stop.store(true, Ordering::Relaxed);
     let results = load.join().unwrap();
 
-    let inside = |at: &Instant| windows.iter().find(|(_, a, b)| at >= a && at <= b);
+    let inside = |r: &Request| windows.iter().find(|(_, a, b)| r.overlaps(*a, *b));
     let mut per_window: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
     let mut outside = Vec::new();
-    for (at, r) in &results {
-        match inside(at) {
+    for r in &results {
+        match inside(r) {
             Some((name, _, _)) => {
                 let e = per_window.entry(name).or_default();
                 e.0 += 1;
-                e.1 += usize::from(r.is_err());
+                e.1 += usize::from(r.result.is_err());
             }
-            None if r.is_err() => outside.push((at, r)),
+            None if r.result.is_err() => outside.push(r),
             None => {}
         }
     }
+    // Times from the load's start, in ms, to read a failure against the windows.
+    let from = |at: Instant| (at - loaded).as_millis();
+    let windows_ms: Vec<_> = windows
+        .iter()
+        .map(|(name, a, b)| (name, from(*a), from(*b)))
+        .collect();
+    let outside: Vec<_> = outside
+        .iter()
+        .map(|r| (from(r.sent), from(r.done), &r.result))
+        .collect();
     println!(
         "faults under load: {} requests, {} failed outside the fault windows; per window \
          (requests, failed): {per_window:?}",
@@ -157,7 +176,8 @@ fn faults_under_load_fail_requests_only_inside_their_window() {
     );
     assert!(
         outside.is_empty(),
-        "failed outside the fault windows: {outside:?}"
+        "failed outside the fault windows (sent ms, done ms, what): {outside:?}; windows (ms): \
+         {windows_ms:?}"
     );
     // Afterwards only the healthy backend answers, and berth is still the same process.
     let m = lab.spread(20);

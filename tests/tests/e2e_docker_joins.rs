@@ -109,7 +109,12 @@ fn joins_under_load(tag: &str, config: &str) -> Seen {
     };
     let failed: Vec<_> = results
         .iter()
-        .filter_map(|(at, r)| r.as_ref().err().map(|e| (e.clone(), phase_of(*at))))
+        .filter_map(|r| {
+            r.result
+                .as_ref()
+                .err()
+                .map(|e| (e.clone(), phase_of(r.sent)))
+        })
         .collect();
     let log = berth.log_text();
     let probe_after = log
