@@ -401,12 +401,14 @@ fn process(ctx: &TcContext) -> (i32, Reason) {
                 count(Reason::EventCtInsertFailed);
                 return unpack(forward(ctx, p, f, &CT_NEW));
             }
-            // A flow that keeps a reply half (full NAT, or DNAT to a backend's service beyond
-            // its lazy ones) goes into the reply index: its forward packets then skip it.
-            if f.lazy == 0 {
-                let _ = index_flow(key);
-            }
             if let Some(m) = CONNTRACK.get_ptr_mut(key) {
+                // A flow that keeps a reply half (full NAT, or DNAT to a backend's service
+                // beyond its lazy ones) goes into the reply index: its forward packets then
+                // skip it.
+                // SAFETY: as above.
+                if unsafe { (*m).lazy } == 0 {
+                    let _ = index_flow(key, m);
+                }
                 // SAFETY: as above.
                 let m = unsafe { &mut *m };
                 return unpack(forward(ctx, p, m, &CONNTRACK));
@@ -760,21 +762,23 @@ fn indexed_flow_over(fkey: &FlowKey, f: *mut CtEntry, now: u64) -> bool {
 /// that keeps a reply half (full NAT, or DNAT to a service its backend does not serve lazily)
 /// into the reply index (lb-common's `claim::MAP_FNAT_INDEX`) under the slot's claim
 /// word, unless the word is busy or the slot names another live flow that relies on it; the
-/// forward entry becomes `ct::LAZY_INDEXED` then (its forward packets skip the reply half). A
-/// global BPF function, called once `confirm` has moved the pair (on its frame, the chain under
-/// it passed 512 bytes).
+/// forward entry `f` (the caller's CONNTRACK value at `key`) becomes `ct::LAZY_INDEXED` then
+/// (its forward packets skip the reply half). A global BPF function, called once `confirm` has
+/// moved the pair (on its frame, the chain under it passed 512 bytes); the caller's pointer
+/// spares it a lookup of its own.
 #[unsafe(no_mangle)]
 #[inline(never)]
-extern "C" fn index_flow(key: *const FlowKey) -> bool {
-    // SAFETY: callers pass a reference (a global function: see `per_map`).
-    let Some(key) = (unsafe { key.as_ref() }) else {
+extern "C" fn index_flow(key: *const FlowKey, f: *mut CtEntry) -> bool {
+    // SAFETY: callers pass a reference and a map value pointer (a global function: see
+    // `per_map`), valid for the run.
+    let (Some(key), Some(fe)) = (unsafe { (key.as_ref(), f.as_mut()) }) else {
         return false;
     };
-    let (Some(f), Some(p)) = (CONNTRACK.get_ptr_mut(key), SCRATCH.get_ptr(0)) else {
+    let Some(p) = SCRATCH.get_ptr(0) else {
         return false;
     };
-    // SAFETY: a valid map value pointer; this CPU's scratch slot, written by `process`.
-    let (fe, now) = unsafe { (&mut *f, (*p).now) };
+    // SAFETY: this CPU's scratch slot, written by `process`.
+    let now = unsafe { (*p).now };
     // A lazily recorded flow has its own way back (`lazy_reply`).
     if fe.dir != DIR_FORWARD
         || !matches!(fe.lazy, 0 | ct::LAZY_INDEXED)
@@ -1313,9 +1317,11 @@ fn confirm_by_reply(rkey: &FlowKey) {
     if ct::is_forward_of(unsafe { &*f }, &fkey, rkey) {
         if !confirm(&fkey, f, rkey) {
             count(Reason::EventCtInsertFailed);
-        } else if rkey.proto == lb_common::IPPROTO_TCP {
+        } else if rkey.proto == lb_common::IPPROTO_TCP
+            && let Some(m) = CONNTRACK.get_ptr_mut(&fkey)
+        {
             // As `process` does for a flow its client confirms.
-            let _ = index_flow(&fkey);
+            let _ = index_flow(&fkey, m);
         }
     }
 }
