@@ -153,6 +153,47 @@ pub const fn port_flag(proto: u8, backend: bool) -> u8 {
     }
 }
 
+/// Some TCP service listens on this port at an address of its own (of either family).
+pub const PORT_F_TCP_OWN_ADDR: u8 = 1 << 4;
+/// Some UDP service listens on this port at an address of its own.
+pub const PORT_F_UDP_OWN_ADDR: u8 = 1 << 5;
+/// Some TCP service listens on this port at any address of the host (`0.0.0.0` or `::`).
+pub const PORT_F_TCP_ANY_ADDR: u8 = 1 << 6;
+/// Some UDP service listens on this port at any address of the host.
+pub const PORT_F_UDP_ANY_ADDR: u8 = 1 << 7;
+
+/// The `PORT_F_*` bits a service of `proto` sets on its port: the service bit, and which of
+/// its service lookups a packet to the port needs ([`service_lookups`]): at its own address, or
+/// at any address of the host (`any`).
+pub const fn service_port_flags(proto: u8, any: bool) -> u8 {
+    let addr = match (proto == IPPROTO_TCP, any) {
+        (true, false) => PORT_F_TCP_OWN_ADDR,
+        (false, false) => PORT_F_UDP_OWN_ADDR,
+        (true, true) => PORT_F_TCP_ANY_ADDR,
+        (false, true) => PORT_F_UDP_ANY_ADDR,
+    };
+    port_flag(proto, false) | addr
+}
+
+/// Which service lookups a packet of `proto` to a port whose filter entry is `flags` needs:
+/// (the service at the packet's destination address, the service at any address of the host).
+/// A port's bits are only ever added, so a lookup skipped finds nothing. A service port with
+/// neither address bit was written by a berth that did not set them (a dataplane adopted from
+/// it, before the reconciler writes its services again): both.
+#[inline(always)]
+pub const fn service_lookups(flags: u8, proto: u8) -> (bool, bool) {
+    let (own, any) = if proto == IPPROTO_TCP {
+        (PORT_F_TCP_OWN_ADDR, PORT_F_TCP_ANY_ADDR)
+    } else {
+        (PORT_F_UDP_OWN_ADDR, PORT_F_UDP_ANY_ADDR)
+    };
+    if flags & (own | any) == 0 {
+        (true, true)
+    } else {
+        (flags & own != 0, flags & any != 0)
+    }
+}
+
 /// Per-CPU packet counters per [`Reason`].
 pub const MAP_REASON_STATS: &str = "REASON_STATS";
 /// Name of the read-only global holding the [`DpConfig`].
@@ -553,6 +594,49 @@ mod layout_tests {
             bytemuck::bytes_of(&Backend::dnat(1, 2)),
             [1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
         );
+    }
+
+    #[test]
+    fn a_port_asks_only_the_service_lookups_its_services_need() {
+        for proto in [IPPROTO_TCP, IPPROTO_UDP] {
+            let other = if proto == IPPROTO_TCP {
+                IPPROTO_UDP
+            } else {
+                IPPROTO_TCP
+            };
+            let own = service_port_flags(proto, false);
+            let any = service_port_flags(proto, true);
+            assert_ne!(own & port_flag(proto, false), 0);
+            assert_ne!(any & port_flag(proto, false), 0);
+            assert_eq!(service_lookups(own, proto), (true, false));
+            assert_eq!(service_lookups(any, proto), (false, true));
+            assert_eq!(service_lookups(own | any, proto), (true, true));
+            // The other protocol's services say nothing about this one's.
+            assert_eq!(
+                service_lookups(own | service_port_flags(other, true), proto),
+                (true, false)
+            );
+            // An entry written before the address bits: both lookups.
+            assert_eq!(
+                service_lookups(port_flag(proto, false), proto),
+                (true, true)
+            );
+            // Backend bits are not service bits.
+            let backend = port_flag(proto, true) | port_flag(other, true);
+            assert_eq!(service_lookups(backend | any, proto), (false, true));
+        }
+        // Eight distinct bits.
+        let all = [
+            PORT_F_TCP_SERVICE,
+            PORT_F_UDP_SERVICE,
+            PORT_F_TCP_BACKEND,
+            PORT_F_UDP_BACKEND,
+            PORT_F_TCP_OWN_ADDR,
+            PORT_F_UDP_OWN_ADDR,
+            PORT_F_TCP_ANY_ADDR,
+            PORT_F_UDP_ANY_ADDR,
+        ];
+        assert_eq!(all.iter().fold(0u8, |a, b| a | b), 0xff);
     }
 
     #[test]

@@ -1963,12 +1963,18 @@ fn reply(ctx: &TcContext, p: &Pkt, e: &mut CtEntry, table: &'static Table) -> St
 
 /// The service a packet to `daddr`, `dport` (network order) of `proto` is for. The address by
 /// reference: the "any address" check looks it up where it is (a copy on the stack cost the
-/// new-flow path spills).
+/// new-flow path spills). Only the lookups the port's services need (lb-common's
+/// `service_lookups`): a service on any address alone on its port costs no lookup of the
+/// packet's own address first.
 #[inline(always)]
 fn lookup_service(daddr: &u32, dport: u16, proto: u8) -> Option<ServiceValue> {
-    if let Some(v) = SERVICES.get_ptr(&ServiceKey::new(*daddr, dport, proto)) {
+    let (own, any) = lb_common::service_lookups(port_flags(u16::from_be(dport)), proto);
+    if own && let Some(v) = SERVICES.get_ptr(&ServiceKey::new(*daddr, dport, proto)) {
         // SAFETY: valid map value pointer; `ServiceValue` is `Copy`.
         return Some(unsafe { *v });
+    }
+    if !any {
+        return None;
     }
     let v = SERVICES.get_ptr(&ServiceKey::new(0, dport, proto))?;
     // SAFETY: as above.

@@ -165,17 +165,28 @@ fn forward4(
     proto: u8,
     connect: bool,
 ) -> Option<(u32, u16)> {
-    if port_flags(u16::from_be(dport)) & port_flag(proto, false) == 0 {
+    let flags = port_flags(u16::from_be(dport));
+    if flags & port_flag(proto, false) == 0 {
         return None;
     }
     let cfg = config();
     if cfg.maglev_size == 0 {
         return None;
     }
-    let svc = match SERVICES.get_ptr(&ServiceKey::new(daddr, dport, proto)) {
+    // Only the lookups the port's services need (lb-common's `service_lookups`).
+    let (own, any) = lb_common::service_lookups(flags, proto);
+    let at_own = if own {
+        SERVICES.get_ptr(&ServiceKey::new(daddr, dport, proto))
+    } else {
+        None
+    };
+    let svc = match at_own {
         // SAFETY: valid map value pointer; the value is `Copy`.
         Some(v) => unsafe { *v },
         None => {
+            if !any {
+                return None;
+            }
             let v = SERVICES.get_ptr(&ServiceKey::new(0, dport, proto))?;
             if !is_local(ctx, daddr, cfg.host_netns_cookie) {
                 return None;
@@ -281,17 +292,28 @@ fn forward6(ctx: &SockAddrContext, connect: bool) {
         }
         return;
     }
-    if port_flags(u16::from_be(dport)) & port_flag(proto, false) == 0 {
+    let flags = port_flags(u16::from_be(dport));
+    if flags & port_flag(proto, false) == 0 {
         return;
     }
     let cfg = config();
     if cfg.maglev_size == 0 {
         return;
     }
-    let svc = match SERVICES6.get_ptr(&ServiceKey6::new(daddr, dport, proto)) {
+    // Only the lookups the port's services need (lb-common's `service_lookups`).
+    let (own, any) = lb_common::service_lookups(flags, proto);
+    let at_own = if own {
+        SERVICES6.get_ptr(&ServiceKey6::new(daddr, dport, proto))
+    } else {
+        None
+    };
+    let svc = match at_own {
         // SAFETY: valid map value pointer; the value is `Copy`.
         Some(v) => unsafe { *v },
         None => {
+            if !any {
+                return;
+            }
             let Some(v) = SERVICES6.get_ptr(&ServiceKey6::new([0; 4], dport, proto)) else {
                 return;
             };

@@ -1182,9 +1182,15 @@ fn translate6(
 
 #[inline(always)]
 fn lookup_service6(flow: &Flow6) -> Option<ServiceValue> {
-    if let Some(v) = SERVICES6.get_ptr(&ServiceKey6::new(flow.daddr, flow.dport, flow.proto)) {
+    // Only the lookups the port's services need (see IPv4's `lookup_service`).
+    let (own, any) = lb_common::service_lookups(port_flags(u16::from_be(flow.dport)), flow.proto);
+    if own && let Some(v) = SERVICES6.get_ptr(&ServiceKey6::new(flow.daddr, flow.dport, flow.proto))
+    {
         // SAFETY: valid map value pointer; `ServiceValue` is `Copy`.
         return Some(unsafe { *v });
+    }
+    if !any {
+        return None;
     }
     let v = SERVICES6.get_ptr(&ServiceKey6::new([0; 4], flow.dport, flow.proto))?;
     // SAFETY: as above.

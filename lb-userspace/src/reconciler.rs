@@ -871,8 +871,9 @@ impl Reconciler {
             }
             if !a.installed {
                 let proto = a.protocol.ip_proto();
+                let any = a.listen.ip().is_unspecified();
                 self.dp
-                    .add_port_flags(a.listen.port(), lb_common::port_flag(proto, false))
+                    .add_port_flags(a.listen.port(), lb_common::service_port_flags(proto, any))
                     .map_err(map_err)?;
             }
             self.dp.set_service_any(a.key, a.value()).map_err(map_err)?;

@@ -3,7 +3,7 @@
 //! output packet (addresses, ports, MACs, payload, and both checksums recomputed from scratch),
 //! the exit counter, and the conntrack state.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 use berth_tests::{
     fixture::*,
@@ -69,6 +69,88 @@ fn tcp_syn_to_local_address_hits_any_address_service() {
         let f = standard();
         let pkt = Ipv4Packet::tcp(client(40001), sa(HOST, 8080), TCP_SYN).build();
         assert_dnat(&f.run(&pkt), &pkt, &web_backends());
+    });
+}
+
+#[test]
+fn a_port_asks_only_the_service_lookups_its_services_need() {
+    use lb_common::{PORT_F_TCP_SERVICE, service_port_flags};
+    in_fixture_netns(|| {
+        let own = sa(backend(4), 9000);
+        let any = sa(backend(5), 9000);
+        let mut f = Fixture::new(
+            options(),
+            vec![
+                // One port with a service at its own address and one at any address, and a
+                // port with each alone.
+                svc(
+                    "own",
+                    "10.99.0.1:8080",
+                    Protocol::Tcp,
+                    &[(backend(4), 9000, 1)],
+                ),
+                svc(
+                    "any",
+                    "0.0.0.0:8080",
+                    Protocol::Tcp,
+                    &[(backend(5), 9000, 1)],
+                ),
+                svc(
+                    "own-only",
+                    "10.99.0.1:80",
+                    Protocol::Tcp,
+                    &[(backend(4), 9000, 1)],
+                ),
+                svc(
+                    "any-only",
+                    "0.0.0.0:8081",
+                    Protocol::Tcp,
+                    &[(backend(5), 9000, 1)],
+                ),
+            ],
+        );
+        let (own_bits, any_bits) = (
+            service_port_flags(IPPROTO_TCP, false),
+            service_port_flags(IPPROTO_TCP, true),
+        );
+        let bits: Vec<_> = [8080, 80, 8081]
+            .iter()
+            .map(|&p| f.dp().port_flags(p).unwrap())
+            .collect();
+        assert_eq!(bits, vec![own_bits | any_bits, own_bits, any_bits]);
+        let check = |f: &Fixture, first_port: u16| {
+            let mut port = first_port;
+            let mut syn = |dst: SocketAddrV4| {
+                port += 1;
+                Ipv4Packet::tcp(client(port), dst, TCP_SYN).build()
+            };
+            // The service at the packet's own address first, any address on this host else.
+            for (dst, to) in [
+                (sa(VIP, 8080), own),
+                (sa(HOST, 8080), any),
+                (sa(VIP, 80), own),
+                (sa(HOST, 8081), any),
+            ] {
+                let pkt = syn(dst);
+                assert_dnat(&f.run(&pkt), &pkt, &[to]);
+            }
+            // A port without a service at any address: not for a host address; one without a
+            // service at its own address: not for an address of no service.
+            for dst in [sa(HOST, 80), sa(VIP, 8081)] {
+                let pkt = syn(dst);
+                assert_untouched(&f.run(&pkt), &pkt, Reason::PassNoService);
+            }
+        };
+        check(&f, 41000);
+        // Entries as a berth before the address bits wrote them (an adopted dataplane, until
+        // the reconciler writes its services again): both lookups, the same answers.
+        for p in [8080, 80, 8081] {
+            f.rec
+                .dataplane_mut()
+                .set_port_flags(p, PORT_F_TCP_SERVICE)
+                .unwrap();
+        }
+        check(&f, 42000);
     });
 }
 

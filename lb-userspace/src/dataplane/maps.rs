@@ -164,6 +164,22 @@ impl Dataplane {
         Ok(())
     }
 
+    /// A (host-order) port's filter entry: its `PORT_F_*` bits.
+    pub fn port_flags(&self, port: u16) -> Result<u8> {
+        let name = lb_common::MAP_PORTS;
+        self.ports.get(&u32::from(port), 0).map_err(map_err(name))
+    }
+
+    /// Overwrites a (host-order) port's filter entry. Public only for the fixture that writes
+    /// an entry as a berth before the address bits did (`lb_common::service_lookups`); the
+    /// reconciler only adds bits ([`Self::add_port_flags`]).
+    pub fn set_port_flags(&mut self, port: u16, flags: u8) -> Result<()> {
+        let name = lb_common::MAP_PORTS;
+        self.ports
+            .set(u32::from(port), &flags, 0)
+            .map_err(map_err(name))
+    }
+
     // ---- counters ----
 
     fn sum<T: Copy + Default + aya::Pod>(

@@ -149,7 +149,8 @@ impl Dataplane {
             };
             self.set_maglev_slot(id, slot as u32, bid)?;
         }
-        self.add_port_flags(listen.port(), port_flag(proto, false))?;
+        let any = listen.ip().is_unspecified();
+        self.add_port_flags(listen.port(), lb_common::service_port_flags(proto, any))?;
         let live = backends.iter().filter(|b| b.weight > 0);
         let value = ServiceValue {
             id,

@@ -1044,29 +1044,50 @@ fn main() {
             // client port, 1-2% of the runs of a ring of 16384 found their flow of the lap before
             // still tracked: an LRU entry a lookup found is kept as recently used, so such flows
             // stayed).
-            for (nat, evict) in NEW_FLOW_KINDS {
-                let path = match (nat, evict) {
-                    (Nat::Dnat, true) => "new flow (ct miss + service + maglev + handshake slot)",
-                    (Nat::Full, true) => "full NAT: new flow (+ source port)",
-                    (Nat::Dnat, false) => "new flow, conntrack not full (no eviction)",
-                    (Nat::Full, false) => "full NAT: new flow, conntrack not full (no eviction)",
+            // The kinds, and DNAT to services listening at any address of the host (the Docker
+            // story's `0.0.0.0:8080`): a ring of ports on one address this host is told it has.
+            let kinds = NEW_FLOW_KINDS
+                .iter()
+                .map(|&(nat, evict)| (nat, evict, false))
+                .chain([(Nat::Dnat, true, true)]);
+            for (nat, evict, any) in kinds {
+                let path = match (nat, evict, any) {
+                    (_, _, true) => "new flow to services at any address of the host",
+                    (Nat::Dnat, true, _) => {
+                        "new flow (ct miss + service + maglev + handshake slot)"
+                    }
+                    (Nat::Full, true, _) => "full NAT: new flow (+ source port)",
+                    (Nat::Dnat, false, _) => "new flow, conntrack not full (no eviction)",
+                    (Nat::Full, false, _) => "full NAT: new flow, conntrack not full (no eviction)",
                 };
                 if !a.wants(path) {
                     continue;
                 }
+                let local = Ipv4Addr::new(10, 100, 0, 1);
                 let addr = |i: u32| {
                     let i = i % NEW_FLOW_RING;
-                    SocketAddrV4::new(
-                        Ipv4Addr::new(10, 100, (i / 256) as u8, (i % 256) as u8),
-                        80 + (i % 2) as u16,
-                    )
+                    if any {
+                        // Above the laps' client ports (20000 on), which a backend's port
+                        // would make look like its replies.
+                        SocketAddrV4::new(local, 40000 + i as u16)
+                    } else {
+                        SocketAddrV4::new(
+                            Ipv4Addr::new(10, 100, (i / 256) as u8, (i % 256) as u8),
+                            80 + (i % 2) as u16,
+                        )
+                    }
                 };
                 let ring_services: Vec<_> = (0..NEW_FLOW_RING)
                     .map(|i| {
                         let next = addr(i + 1);
+                        let listen = if any {
+                            format!("0.0.0.0:{}", addr(i).port())
+                        } else {
+                            addr(i).to_string()
+                        };
                         svc(
                             &format!("r{i}"),
-                            &addr(i).to_string(),
+                            &listen,
                             Protocol::Tcp,
                             &[(*next.ip(), next.port(), 1)],
                         )
@@ -1084,13 +1105,21 @@ fn main() {
                     "fx0",
                 ]);
                 let mut f = Fixture::new(ring_options(&a, NEW_FLOW_RING * 2), ring_services);
+                if any {
+                    let mut addrs = lb_userspace::dataplane::host_ipv4_addrs();
+                    addrs.insert(ipv4_to_wire(local.octets()));
+                    f.rec
+                        .dataplane_mut()
+                        .sync_local_addrs(&addrs)
+                        .expect("this host's addresses");
+                }
                 let pkt = |port: u16| {
                     Ipv4Packet::tcp(SocketAddrV4::new(CLIENT, port), addr(0), TCP_SYN).build()
                 };
                 // The targets are for the SYN-flood state (the rows with eviction).
-                let target = match (nat, evict) {
-                    (Nat::Dnat, true) => Some(300.0),
-                    (Nat::Full, true) => Some(350.0),
+                let target = match (nat, evict, any) {
+                    (Nat::Dnat, true, false) => Some(300.0),
+                    (Nat::Full, true, false) => Some(350.0),
                     _ => None,
                 };
                 // Full NAT with full maps: the handshake table emptied before each lap. The
