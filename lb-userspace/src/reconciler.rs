@@ -291,6 +291,12 @@ impl Reconciler {
                 lb_common::IPPROTO_UDP => Protocol::Udp,
                 _ => continue,
             };
+            // A dataplane an older berth wrote has the service bit alone on the port (both
+            // lookups, see `lb_common::service_lookups`): the address bit now.
+            rec.dp.add_port_flags(
+                listen.port(),
+                lb_common::service_port_flags(proto, listen.ip().is_unspecified()),
+            )?;
             let table = (0..m)
                 .map(|slot| rec.dp.maglev_slot(value.id, slot))
                 .collect::<Result<Vec<u32>, _>>()?;

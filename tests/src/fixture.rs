@@ -267,6 +267,15 @@ impl Fixture {
         self.rec.dataplane()
     }
 
+    /// This dataplane adopted by a new reconciler, then given the same services: what a
+    /// restarted berth does with its pinned one (`Reconciler::adopt`, then its config).
+    pub fn readopt(self) -> Self {
+        let mut rec = Reconciler::adopt(self.rec.into_dataplane()).expect("adopt the dataplane");
+        rec.apply(&self.services, "fixture")
+            .expect("apply services");
+        Self { rec, ..self }
+    }
+
     pub fn apply(&mut self, services: Vec<Service>) {
         self.rec
             .apply(&services, "fixture")

@@ -151,6 +151,14 @@ fn a_port_asks_only_the_service_lookups_its_services_need() {
                 .unwrap();
         }
         check(&f, 42000);
+        // Adopted by a restarted berth, the ports get their address bits.
+        let f = f.readopt();
+        let again: Vec<_> = [8080, 80, 8081]
+            .iter()
+            .map(|&p| f.dp().port_flags(p).unwrap())
+            .collect();
+        assert_eq!(again, bits);
+        check(&f, 43000);
     });
 }
 
