@@ -78,37 +78,16 @@ fn a_port_asks_only_the_service_lookups_its_services_need() {
     in_fixture_netns(|| {
         let own = sa(backend(4), 9000);
         let any = sa(backend(5), 9000);
-        let mut f = Fixture::new(
-            options(),
-            vec![
-                // One port with a service at its own address and one at any address, and a
-                // port with each alone.
-                svc(
-                    "own",
-                    "10.99.0.1:8080",
-                    Protocol::Tcp,
-                    &[(backend(4), 9000, 1)],
-                ),
-                svc(
-                    "any",
-                    "0.0.0.0:8080",
-                    Protocol::Tcp,
-                    &[(backend(5), 9000, 1)],
-                ),
-                svc(
-                    "own-only",
-                    "10.99.0.1:80",
-                    Protocol::Tcp,
-                    &[(backend(4), 9000, 1)],
-                ),
-                svc(
-                    "any-only",
-                    "0.0.0.0:8081",
-                    Protocol::Tcp,
-                    &[(backend(5), 9000, 1)],
-                ),
-            ],
-        );
+        // One port with a service at its own address and one at any address, and a port with
+        // each alone.
+        let services = [
+            ("own", "10.99.0.1:8080", own),
+            ("any", "0.0.0.0:8080", any),
+            ("own-only", "10.99.0.1:80", own),
+            ("any-only", "0.0.0.0:8081", any),
+        ]
+        .map(|(name, listen, to)| svc(name, listen, Protocol::Tcp, &[(*to.ip(), to.port(), 1)]));
+        let mut f = Fixture::new(options(), services.to_vec());
         let (own_bits, any_bits) = (
             service_port_flags(IPPROTO_TCP, false),
             service_port_flags(IPPROTO_TCP, true),
