@@ -587,6 +587,73 @@ fn ipv4_and_ipv6_services_side_by_side() {
     });
 }
 
+/// The port filter's address bits (lb-common's `service_lookups`) in the IPv6 program, and
+/// across the families: an IPv6 port with a service of each kind or each alone, and a port
+/// whose IPv4 service is at its own address and IPv6 one at any address. Then the same answers
+/// from entries written as a berth before the bits did.
+#[test]
+fn a_port_asks_only_the_service_lookups_its_services_need() {
+    use lb_common::PORT_F_TCP_SERVICE;
+    in_fixture6_netns(|| {
+        let one = |id: u32, listen: SocketAddrV6, to: SocketAddrV6| Svc6 {
+            id,
+            listen,
+            proto: IPPROTO_TCP,
+            backends: vec![(to, 1)],
+            first_backend_id: 40 + id,
+            snat: None,
+        };
+        let any = Ipv6Addr::UNSPECIFIED;
+        let v4 = vec![svc(
+            "own4",
+            "10.99.0.1:9090",
+            Protocol::Tcp,
+            &[(backend(1), 8000, 1)],
+        )];
+        let v6 = [
+            one(3, sa6(VIP6, 8080), b6(1)),
+            one(4, sa6(any, 8080), b6(2)),
+            one(5, sa6(VIP6, 80), b6(1)),
+            one(6, sa6(any, 8081), b6(2)),
+            one(7, sa6(any, 9090), b6(3)),
+        ];
+        let mut f = fixture6(v4, &v6);
+        let check = |f: &Fixture, first: u16| {
+            for (i, (dst, to)) in [
+                (sa6(VIP6, 8080), b6(1)),
+                (sa6(HOST6, 8080), b6(2)),
+                (sa6(VIP6, 80), b6(1)),
+                (sa6(HOST6, 8081), b6(2)),
+                (sa6(HOST6, 9090), b6(3)),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let pkt = syn(first + i as u16, dst);
+                assert_fwd6(&f.run(&pkt), &pkt, &[to]);
+            }
+            for (i, dst) in [sa6(HOST6, 80), sa6(VIP6, 8081)].into_iter().enumerate() {
+                let pkt = syn(first + 10 + i as u16, dst);
+                assert_untouched(&f.run(&pkt), &pkt, Reason::PassNoService);
+            }
+            // IPv4 on the mixed port: its own-address service, and nothing at a host address
+            // (the any-address service there is IPv6's).
+            let p4 = Ipv4Packet::tcp(client(first), sa(VIP, 9090), TCP_SYN).build();
+            assert_dnat(&f.run(&p4), &p4, &[b8000(1)]);
+            let p4 = Ipv4Packet::tcp(client(first + 1), sa(HOST, 9090), TCP_SYN).build();
+            assert_untouched(&f.run(&p4), &p4, Reason::PassNoService);
+        };
+        check(&f, 41000);
+        for p in [8080, 80, 8081, 9090] {
+            f.rec
+                .dataplane_mut()
+                .set_port_flags(p, PORT_F_TCP_SERVICE)
+                .unwrap();
+        }
+        check(&f, 42000);
+    });
+}
+
 /// The IPv6 program's two ways of updating a rewritten packet's L4 checksum write the same
 /// bytes: by hand from the skb's `ip_summed`, and through the kernel's helpers (the path of a
 /// `CHECKSUM_COMPLETE` skb and of a kernel without the kfunc). DNAT and full NAT, a TCP SYN, a
