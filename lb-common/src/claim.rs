@@ -206,7 +206,7 @@ pub const TIME_WAIT_PASSES: u32 = 4;
 /// Whether a full-NAT flow's client segment that adds closing bits `bits` (`ct::close_bits`)
 /// to a forward entry with flags `flags` leaves the backend in TIME_WAIT: a client's FIN (no
 /// RST) after the backend's. The mark's first rule (the second is [`crossed_into_time_wait`]),
-/// both families'; the programs' `track_fin` applies them.
+/// both families'; the programs' `enters_time_wait` applies them.
 #[inline(always)]
 pub const fn leaves_time_wait(flags: u8, bits: u8) -> bool {
     bits == crate::ct::CT_F_FIN_CLIENT && flags & crate::ct::CT_F_FIN_BACKEND != 0
@@ -219,7 +219,7 @@ pub const fn leaves_time_wait(flags: u8, bits: u8) -> bool {
 /// client's FIN when it sent its own, so it closed actively too (the FINs crossed, a
 /// simultaneous close) and goes through CLOSING to TIME_WAIT; a FIN that acknowledges exactly
 /// the client's is a passive close (LAST_ACK, no TIME_WAIT). The mark's second rule (the first
-/// is [`leaves_time_wait`]), both families'; the programs' `track_fin` applies them.
+/// is [`leaves_time_wait`]), both families'; the programs' `enters_time_wait` applies them.
 #[inline(always)]
 pub const fn crossed_into_time_wait(
     flags: u8,

@@ -1968,24 +1968,44 @@ fn reply(ctx: &TcContext, p: &Pkt, e: &mut CtEntry, table: &'static Table) -> St
 /// packet's own address first.
 #[inline(always)]
 fn lookup_service(daddr: &u32, dport: u16, proto: u8) -> Option<ServiceValue> {
-    let (own, any) = lb_common::service_lookups(port_flags(u16::from_be(dport)), proto);
-    if own && let Some(v) = SERVICES.get_ptr(&ServiceKey::new(*daddr, dport, proto)) {
-        // SAFETY: valid map value pointer; `ServiceValue` is `Copy`.
-        return Some(unsafe { *v });
-    }
-    if !any {
-        return None;
-    }
-    let v = SERVICES.get_ptr(&ServiceKey::new(0, dport, proto))?;
-    // SAFETY: as above.
-    let v = unsafe { *v };
-    // "Any address of this host": the addresses userspace keeps in LOCAL_ADDRS.
-    if LOCAL_ADDRS.get_ptr(daddr).is_some() {
-        Some(v)
-    } else {
-        None
-    }
+    find_service!(
+        port_flags(u16::from_be(dport)),
+        proto,
+        SERVICES.get_ptr(&ServiceKey::new(*daddr, dport, proto)),
+        SERVICES.get_ptr(&ServiceKey::new(0, dport, proto)),
+        // "Any address of this host": the addresses userspace keeps in LOCAL_ADDRS.
+        LOCAL_ADDRS.get_ptr(daddr).is_some()
+    )
 }
+
+/// The service for a packet or a socket's address, on a port whose filter entry is `$flags`:
+/// the one listening at the destination address (`$own`, a map lookup), else the one at any
+/// address (`$any`) if the destination is this host's (`$local`), each looked up only where a
+/// service on the port needs it (lb-common's `service_lookups`). The one rule of both
+/// families' TC programs and the socket hooks, each with its own maps' lookups. A macro, not a
+/// function taking closures: with closures the IPv4 new-flow frame grew and the call chain
+/// under it passed the verifier's 512 bytes (528).
+macro_rules! find_service {
+    ($flags:expr, $proto:expr, $own:expr, $any:expr, $local:expr) => {
+        'found: {
+            let (at_own, at_any) = lb_common::service_lookups($flags, $proto);
+            if at_own && let Some(v) = $own {
+                // SAFETY: a valid map value pointer; `ServiceValue` is `Copy`.
+                break 'found Some(unsafe { *v });
+            }
+            if !at_any {
+                break 'found None;
+            }
+            let Some(v) = $any else {
+                break 'found None;
+            };
+            // SAFETY: as above.
+            let v = unsafe { *v };
+            if $local { Some(v) } else { None }
+        }
+    };
+}
+pub(crate) use find_service;
 
 /// The backend id the Maglev row of service `svc` gives a flow with flow hash `hash`; None for
 /// a service id or slot outside the maps. A slot not written yet (the row of a pool's first

@@ -33,7 +33,7 @@ use lb_common::{
 };
 
 use crate::{
-    config,
+    config, find_service,
     maps::{BACKENDS, LOCAL_ADDRS, MAGLEV, SERVICES, SOCK_REVNAT, SOCK_REVNAT6, account, count},
     port_flags,
     v6::{BACKENDS6, LOCAL_ADDRS6, SERVICES6},
@@ -173,28 +173,13 @@ fn forward4(
     if cfg.maglev_size == 0 {
         return None;
     }
-    // Only the lookups the port's services need (lb-common's `service_lookups`).
-    let (own, any) = lb_common::service_lookups(flags, proto);
-    let at_own = if own {
-        SERVICES.get_ptr(&ServiceKey::new(daddr, dport, proto))
-    } else {
-        None
-    };
-    let svc = match at_own {
-        // SAFETY: valid map value pointer; the value is `Copy`.
-        Some(v) => unsafe { *v },
-        None => {
-            if !any {
-                return None;
-            }
-            let v = SERVICES.get_ptr(&ServiceKey::new(0, dport, proto))?;
-            if !is_local(ctx, daddr, cfg.host_netns_cookie) {
-                return None;
-            }
-            // SAFETY: as above.
-            unsafe { *v }
-        }
-    };
+    let svc = find_service!(
+        flags,
+        proto,
+        SERVICES.get_ptr(&ServiceKey::new(daddr, dport, proto)),
+        SERVICES.get_ptr(&ServiceKey::new(0, dport, proto)),
+        is_local(ctx, daddr, cfg.host_netns_cookie)
+    )?;
     let (backend_id, cookie) = pick(ctx, cfg, &svc)?;
     let Some(&backend) = BACKENDS.get(backend_id) else {
         count(Reason::AbortMap);
@@ -300,29 +285,14 @@ fn forward6(ctx: &SockAddrContext, connect: bool) {
     if cfg.maglev_size == 0 {
         return;
     }
-    // Only the lookups the port's services need (lb-common's `service_lookups`).
-    let (own, any) = lb_common::service_lookups(flags, proto);
-    let at_own = if own {
-        SERVICES6.get_ptr(&ServiceKey6::new(daddr, dport, proto))
-    } else {
-        None
-    };
-    let svc = match at_own {
-        // SAFETY: valid map value pointer; the value is `Copy`.
-        Some(v) => unsafe { *v },
-        None => {
-            if !any {
-                return;
-            }
-            let Some(v) = SERVICES6.get_ptr(&ServiceKey6::new([0; 4], dport, proto)) else {
-                return;
-            };
-            if !is_local6(ctx, &daddr, cfg.host_netns_cookie) {
-                return;
-            }
-            // SAFETY: as above.
-            unsafe { *v }
-        }
+    let Some(svc) = find_service!(
+        flags,
+        proto,
+        SERVICES6.get_ptr(&ServiceKey6::new(daddr, dport, proto)),
+        SERVICES6.get_ptr(&ServiceKey6::new([0; 4], dport, proto)),
+        is_local6(ctx, &daddr, cfg.host_netns_cookie)
+    ) else {
+        return;
     };
     let Some((backend_id, cookie)) = pick(ctx, cfg, &svc) else {
         return;

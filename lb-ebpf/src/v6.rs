@@ -1182,24 +1182,14 @@ fn translate6(
 
 #[inline(always)]
 fn lookup_service6(flow: &Flow6) -> Option<ServiceValue> {
-    // Only the lookups the port's services need (see IPv4's `lookup_service`).
-    let (own, any) = lb_common::service_lookups(port_flags(u16::from_be(flow.dport)), flow.proto);
-    if own && let Some(v) = SERVICES6.get_ptr(&ServiceKey6::new(flow.daddr, flow.dport, flow.proto))
-    {
-        // SAFETY: valid map value pointer; `ServiceValue` is `Copy`.
-        return Some(unsafe { *v });
-    }
-    if !any {
-        return None;
-    }
-    let v = SERVICES6.get_ptr(&ServiceKey6::new([0; 4], flow.dport, flow.proto))?;
-    // SAFETY: as above.
-    let v = unsafe { *v };
-    if LOCAL_ADDRS6.get_ptr(&flow.daddr).is_some() {
-        Some(v)
-    } else {
-        None
-    }
+    // See IPv4's `lookup_service`.
+    crate::find_service!(
+        port_flags(u16::from_be(flow.dport)),
+        flow.proto,
+        SERVICES6.get_ptr(&ServiceKey6::new(flow.daddr, flow.dport, flow.proto)),
+        SERVICES6.get_ptr(&ServiceKey6::new([0; 4], flow.dport, flow.proto)),
+        LOCAL_ADDRS6.get_ptr(&flow.daddr).is_some()
+    )
 }
 
 /// What `new_flow6` returns instead of a verdict when the backend it picked takes full NAT:

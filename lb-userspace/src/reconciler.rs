@@ -293,10 +293,7 @@ impl Reconciler {
             };
             // A dataplane an older berth wrote has the service bit alone on the port (both
             // lookups, see `lb_common::service_lookups`): the address bit now.
-            rec.dp.add_port_flags(
-                listen.port(),
-                lb_common::service_port_flags(proto, listen.ip().is_unspecified()),
-            )?;
+            rec.dp.add_service_port(listen, proto)?;
             let table = (0..m)
                 .map(|slot| rec.dp.maglev_slot(value.id, slot))
                 .collect::<Result<Vec<u32>, _>>()?;
@@ -877,10 +874,7 @@ impl Reconciler {
             }
             if !a.installed {
                 let proto = a.protocol.ip_proto();
-                let any = a.listen.ip().is_unspecified();
-                self.dp
-                    .add_port_flags(a.listen.port(), lb_common::service_port_flags(proto, any))
-                    .map_err(map_err)?;
+                self.dp.add_service_port(a.listen, proto).map_err(map_err)?;
             }
             self.dp.set_service_any(a.key, a.value()).map_err(map_err)?;
             a.installed = true;

@@ -164,6 +164,17 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Adds to its port's filter entry the bits of a service of `proto` listening at `listen`
+    /// (lb-common's `service_port_flags`: the service bit and which lookup finds it).
+    pub(crate) fn add_service_port(
+        &mut self,
+        listen: std::net::SocketAddr,
+        proto: u8,
+    ) -> Result<()> {
+        let any = listen.ip().is_unspecified();
+        self.add_port_flags(listen.port(), lb_common::service_port_flags(proto, any))
+    }
+
     /// A (host-order) port's filter entry: its `PORT_F_*` bits.
     pub fn port_flags(&self, port: u16) -> Result<u8> {
         let name = lb_common::MAP_PORTS;

@@ -149,8 +149,7 @@ impl Dataplane {
             };
             self.set_maglev_slot(id, slot as u32, bid)?;
         }
-        let any = listen.ip().is_unspecified();
-        self.add_port_flags(listen.port(), lb_common::service_port_flags(proto, any))?;
+        self.add_service_port(listen.into(), proto)?;
         let live = backends.iter().filter(|b| b.weight > 0);
         let value = ServiceValue {
             id,
