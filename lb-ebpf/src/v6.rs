@@ -226,6 +226,18 @@ fn other6(table: &'static Table6) -> &'static Table6 {
     }
 }
 
+/// `table.get_ptr_mut(key)` with the map named at the call, for the established paths (see
+/// IPv4's `ct_lookup`: the verifier inlines a lookup only at a call site that always sees one
+/// map; through `table`, chosen at run time, it is a helper call).
+#[inline(always)]
+fn ct_lookup6(table: &'static Table6, key: &FlowKey6) -> Option<*mut CtEntry6> {
+    if core::ptr::eq(table, &CONNTRACK6) {
+        CONNTRACK6.get_ptr_mut(key)
+    } else {
+        CT_NEW6.get_ptr_mut(key)
+    }
+}
+
 #[inline(always)]
 fn is_ext(next: u8) -> bool {
     next == IPPROTO_HOPOPTS
@@ -966,7 +978,7 @@ fn forward6_inner(
     };
     w.pair_key = reply_key6(key, e);
     let rkey = &w.pair_key;
-    let mut rev = table.get_ptr_mut(rkey);
+    let mut rev = ct_lookup6(table, rkey);
     // SAFETY: valid map value pointer.
     if let Some(r) = rev
         && !is_reply_of6(unsafe { &*r }, rkey, key)
@@ -1046,7 +1058,7 @@ fn reply6_inner(ctx: &TcContext, p: &Pkt6, e: &mut CtEntry6, table: &'static Tab
         let _ = table.remove(key);
         return pack(exit(Reason::PassNoService));
     }
-    let mut fwd = table.get_ptr_mut(&fkey);
+    let mut fwd = ct_lookup6(table, &fkey);
     if let Some(f) = fwd {
         // SAFETY: valid map value pointer.
         if !is_forward_of6(unsafe { &*f }, &fkey, key) {
