@@ -1058,22 +1058,30 @@ fn reply6_inner(ctx: &TcContext, p: &Pkt6, e: &mut CtEntry6, table: &'static Tab
         let _ = table.remove(key);
         return pack(exit(Reason::PassNoService));
     }
-    let mut fwd = ct_lookup6(table, &fkey);
-    if let Some(f) = fwd {
-        // SAFETY: valid map value pointer.
-        if !is_forward_of6(unsafe { &*f }, &fkey, key) {
-            count(Reason::EventCtExpired);
-            let _ = table.remove(key);
-            return pack(exit(Reason::PassNoService));
+    // A DNAT flow picked in the current table epoch: its reply entry is the one its client's
+    // tuple leads to (lb-common's `epoch`), and nothing below needs the forward half (IPv4's
+    // `reply`).
+    let skip = core::ptr::eq(table, &CONNTRACK6)
+        && ct::reply_skips_forward(&e.ct, flow.proto, flow.tcp_flags, now, crate::current_epoch);
+    let mut fwd = None;
+    if !skip {
+        fwd = ct_lookup6(table, &fkey);
+        if let Some(f) = fwd {
+            // SAFETY: valid map value pointer.
+            if !is_forward_of6(unsafe { &*f }, &fkey, key) {
+                count(Reason::EventCtExpired);
+                let _ = table.remove(key);
+                return pack(exit(Reason::PassNoService));
+            }
+        } else {
+            if other6(table).get_ptr(&fkey).is_some() {
+                count(Reason::EventCtExpired);
+                let _ = table.remove(key);
+                return pack(exit(Reason::PassNoService));
+            }
+            rebuild6(table, &fkey, e, flow, now);
+            fwd = table.get_ptr_mut(&fkey);
         }
-    } else {
-        if other6(table).get_ptr(&fkey).is_some() {
-            count(Reason::EventCtExpired);
-            let _ = table.remove(key);
-            return pack(exit(Reason::PassNoService));
-        }
-        rebuild6(table, &fkey, e, flow, now);
-        fwd = table.get_ptr_mut(&fkey);
     }
     if flow.proto == IPPROTO_TCP && flow.tcp_flags & ct::TCP_ACK != 0 {
         ct::record_backend_ack(&mut e.ct, flow.ack);
@@ -1229,6 +1237,8 @@ extern "C" fn new_flow6(skb: *mut __sk_buff, p: *const Pkt6) -> u64 {
 #[inline(always)]
 fn new_flow6_inner(ctx: &TcContext, p: &Pkt6) -> Result<(i32, Reason), u64> {
     let (flow, key, cfg) = (&p.flow, &p.key, config());
+    // The table epoch, read before the pick and again after it (lb-common's `epoch`).
+    let before = crate::current_epoch();
     let Some(svc) = lookup_service6(flow) else {
         return Ok(exit(Reason::PassNoService));
     };
@@ -1257,7 +1267,10 @@ fn new_flow6_inner(ctx: &TcContext, p: &Pkt6) -> Result<(i32, Reason), u64> {
     if !is_zero(&backend.snat_addr) {
         return Err((u64::from(svc.id) << 32) | u64::from(backend_id));
     }
-    Ok(new_dnat_flow6(ctx, p, svc.id, backend_id, backend))
+    // The pick is made: the epoch's second read comes after every table read above.
+    core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
+    let stamp = lb_common::epoch::stamp(before, crate::current_epoch());
+    Ok(new_dnat_flow6(ctx, p, (svc.id, backend_id, stamp), backend))
 }
 
 /// The rest of a new flow to a DNAT backend.
@@ -1265,8 +1278,7 @@ fn new_flow6_inner(ctx: &TcContext, p: &Pkt6) -> Result<(i32, Reason), u64> {
 fn new_dnat_flow6(
     ctx: &TcContext,
     p: &Pkt6,
-    service_id: u32,
-    backend_id: u32,
+    (service_id, backend_id, stamp): (u32, u32, u64),
     backend: &Backend6,
 ) -> (i32, Reason) {
     let (flow, key, now, cfg) = (&p.flow, &p.key, p.now, config());
@@ -1315,6 +1327,9 @@ fn new_dnat_flow6(
     h.ct.fnat_port = 0;
     h.ct.flags = 0;
     h.ct.lazy = 0;
+    // Both halves carry the pick's epoch: a reply of the current epoch skips the forward half
+    // (`reply6`).
+    h.ct.epoch = stamp;
     let table = if ct::starts_unconfirmed(flow.proto) {
         &CT_NEW6
     } else {
@@ -1412,6 +1427,9 @@ fn start_full_nat6(ctx: &TcContext, p: &Pkt6, ids: u64) -> Result<(i32, Reason),
     h.ct.fnat_port = flow.sport;
     h.ct.flags = CT_F_FULLNAT;
     h.ct.lazy = 0;
+    // Never stamped: IPv6 full NAT has no first-port rule (IPv4's `unstamp_first_port`), so
+    // its replies always look the forward half up.
+    h.ct.epoch = 0;
     let rk = &mut w.rkey;
     set_addr(&mut rk.saddr, &backend.addr);
     set_addr(&mut rk.daddr, &backend.snat_addr);

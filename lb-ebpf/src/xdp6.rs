@@ -101,14 +101,18 @@ pub fn fast6(ctx: &XdpContext) -> (u32, Reason) {
         if e.ct.in_ifindex != 0 && e.ct.in_ifindex != ingress {
             return pass();
         }
-        // The addresses loaded word by word (see `load`).
-        let fkey = forward_key6_of(&key, load(&e.nat_addr), load(&e.fnat_addr), &e.ct);
-        let Some(f) = CONNTRACK6.get_ptr(&fkey) else {
-            return pass();
-        };
-        // SAFETY: valid map value pointer, read in place.
-        if !is_forward_of6(unsafe { &*f }, &fkey, &key) {
-            return pass();
+        // The TC program's rule for a DNAT flow picked in the current table epoch (lb-common's
+        // `epoch`): its reply entry is its client's tuple's own.
+        if !lb_common::ct::reply_skips_forward(&e.ct, proto, tcp_flags, now, crate::current_epoch) {
+            // The addresses loaded word by word (see `load`).
+            let fkey = forward_key6_of(&key, load(&e.nat_addr), load(&e.fnat_addr), &e.ct);
+            let Some(f) = CONNTRACK6.get_ptr(&fkey) else {
+                return pass();
+            };
+            // SAFETY: valid map value pointer, read in place.
+            if !is_forward_of6(unsafe { &*f }, &fkey, &key) {
+                return pass();
+            }
         }
     } else if e.ct.dir == DIR_FORWARD {
         let rkey = reply_key6_of(&key, load(&e.nat_addr), load(&e.fnat_addr), &e.ct);

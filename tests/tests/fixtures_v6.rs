@@ -14,7 +14,7 @@ use berth_tests::{
 };
 use lb_common::{
     IPPROTO_TCP, IPPROTO_UDP, Reason, ct, port_to_wire,
-    v6::{ipv6_from_wire, ipv6_to_wire},
+    v6::{FlowKey6, ipv6_from_wire, ipv6_to_wire},
 };
 use lb_userspace::config::Protocol;
 
@@ -426,6 +426,129 @@ fn hop_limit_one_is_left_to_the_stack_untranslated() {
         let p = p.build();
         assert_untouched(&f.run(&p), &p, Reason::PassTtlExpired);
         assert!(f.dp().conntrack6_entries().is_empty());
+    });
+}
+
+/// A confirmed IPv6 DNAT flow from client port `port` to the VIP: SYN, the backend's SYN-ACK,
+/// the client's ACK of it. Returns its backend, its forward and reply keys.
+fn handshake6(f: &Fixture, port: u16) -> (SocketAddrV6, FlowKey6, FlowKey6) {
+    let c = client6(port);
+    let s = syn(port, sa6(VIP6, 80));
+    let be = assert_fwd6(&f.run(&s), &s, &web6());
+    let synack = Ipv6Packet::tcp(be, c, TCP_SYN | TCP_ACK).build();
+    assert_redirected6(&f.run(&synack), &synack, Reason::ReplyRedirect, CLIENT_MAC);
+    let mut ack = Ipv6Packet::tcp(c, sa6(VIP6, 80), TCP_ACK);
+    if let wire::L4::Tcp { ack: a, .. } = &mut ack.l4 {
+        *a = 1001;
+    }
+    let ack = ack.build();
+    assert_eq!(assert_fwd6(&f.run(&ack), &ack, &web6()), be);
+    let (fkey, rkey) = (
+        flow_key6(c, sa6(VIP6, 80), IPPROTO_TCP),
+        flow_key6(be, c, IPPROTO_TCP),
+    );
+    assert!(f.dp().conntrack6_main_get(&fkey).is_some(), "confirmed");
+    assert!(f.dp().conntrack6_main_get(&rkey).is_some(), "confirmed");
+    (be, fkey, rkey)
+}
+
+/// The backend's data segment of a flow from `port` (sequence 1001).
+fn push6(be: SocketAddrV6, port: u16) -> Vec<u8> {
+    let mut p = Ipv6Packet::tcp(be, client6(port), TCP_ACK | TCP_PSH).with_payload(b"tick");
+    if let wire::L4::Tcp { seq, ack, .. } = &mut p.l4 {
+        (*seq, *ack) = (1001, 1001);
+    }
+    p.build()
+}
+
+/// A DNAT flow picked while the tables stand still carries their epoch in both halves
+/// (lb-common's `epoch`), and its replies skip the forward half: one whose forward half was
+/// evicted is translated without rebuilding it, until the flow's once-a-second refresh, which
+/// looks it up and rebuilds it. Full NAT is never stamped in IPv6.
+#[test]
+fn an_ipv6_reply_of_the_current_epoch_skips_the_forward_half_until_its_refresh() {
+    in_fixture6_netns(|| {
+        let mut f = standard();
+        let epoch = f.dp().epoch().unwrap();
+        assert_ne!(epoch, 0, "the fixture's tables are settled");
+        let (be, fkey, rkey) = handshake6(&f, 40021);
+        for k in [&fkey, &rkey] {
+            assert_eq!(ct6(&f, k).map(|e| e.ct.epoch), Some(epoch), "stamped");
+        }
+        f.rec.dataplane_mut().conntrack6_remove(&fkey).unwrap();
+        let push = push6(be, 40021);
+        let run = f.run(&push);
+        let o = assert_redirected6(&run, &push, Reason::ReplyRedirect, CLIENT_MAC);
+        assert_eq!(o.src, sa6(VIP6, 80));
+        assert_eq!(run.counted(Reason::EventCtRebuilt), 0, "{run:?}");
+        assert!(ct6(&f, &fkey).is_none(), "the forward half not looked up");
+        // The refresh is due: the forward half is rebuilt, stamped as the reply half is.
+        let mut r = ct6(&f, &rkey).expect("reply half");
+        r.ct.last_seen_ns = lb_userspace::dataplane::monotonic_ns() - 2_000_000_000;
+        f.rec.dataplane_mut().conntrack6_insert(rkey, r).unwrap();
+        let run = f.run(&push);
+        assert_redirected6(&run, &push, Reason::ReplyRedirect, CLIENT_MAC);
+        assert_eq!(run.counted(Reason::EventCtRebuilt), 1, "{run:?}");
+        let fwd = ct6(&f, &fkey).expect("forward half rebuilt");
+        assert_eq!(fwd.ct.dir, ct::DIR_FORWARD);
+        assert_eq!(fwd.nat_addr, ipv6_to_wire(be.ip().octets()));
+    });
+}
+
+/// The tables' change ends the skipping: a DNAT flow whose forward half was evicted before
+/// its backend left the service is rebuilt by the backend's next packet, so the client's next
+/// one still reaches that backend.
+#[test]
+fn after_a_backend_change_an_ipv6_reply_rebuilds_an_evicted_forward_half() {
+    in_fixture6_netns(|| {
+        let mut f = standard();
+        let epoch = f.dp().epoch().unwrap();
+        let (be, fkey, _) = handshake6(&f, 40022);
+        f.rec.dataplane_mut().conntrack6_remove(&fkey).unwrap();
+        let s0 = Svc6 {
+            backends: web6()
+                .into_iter()
+                .map(|b| (b, u32::from(b != be)))
+                .collect(),
+            ..standard6().remove(0)
+        };
+        install(&mut f, &s0);
+        assert!(f.dp().epoch().unwrap() > epoch, "a change moves the epoch");
+        let push = push6(be, 40022);
+        let run = f.run(&push);
+        assert_redirected6(&run, &push, Reason::ReplyRedirect, CLIENT_MAC);
+        assert_eq!(run.counted(Reason::EventCtRebuilt), 1, "{run:?}");
+        let ack = Ipv6Packet::tcp(client6(40022), sa6(VIP6, 80), TCP_ACK).build();
+        assert_eq!(assert_fwd6(&f.run(&ack), &ack, &web6()), be, "pinned");
+    });
+}
+
+/// The leftover the forward lookup is for: a flow's forward half evicted, the backend set
+/// changed, and the client's next connection on the tuple picked another backend. The old
+/// backend's reply entry carries the epoch of before the change, so its next packet looks the
+/// forward half up, finds the new flow, and is not translated (the entry goes). Were the
+/// change not to move the epoch, it would reach the client as the service.
+#[test]
+fn an_ipv6_reply_entry_from_before_a_backend_change_is_a_leftover_once_its_client_moved_on() {
+    in_fixture6_netns(|| {
+        let mut f = standard();
+        let (be, fkey, rkey) = handshake6(&f, 40023);
+        let s0 = Svc6 {
+            backends: web6()
+                .into_iter()
+                .map(|b| (b, u32::from(b != be)))
+                .collect(),
+            ..standard6().remove(0)
+        };
+        install(&mut f, &s0);
+        // Evicted; the client connects again from the same port: another backend.
+        f.rec.dataplane_mut().conntrack6_remove(&fkey).unwrap();
+        let s = syn(40023, sa6(VIP6, 80));
+        let other = assert_fwd6(&f.run(&s), &s, &web6());
+        assert_ne!(other, be);
+        let stale = push6(be, 40023);
+        assert_untouched(&f.run(&stale), &stale, Reason::PassNoService);
+        assert!(ct6(&f, &rkey).is_none(), "{:?}", ct6(&f, &rkey));
     });
 }
 

@@ -213,9 +213,23 @@ fn a_flow_missing_half_its_pair_is_left_to_tc(nat: Nat) {
         let run = f.run(&data);
         assert_eq!(run.counted(Reason::EventCtRebuilt), 1, "{run:?}");
         assert_eq!(f.run_xdp(&data).action, XDP_TX, "rebuilt by TC");
-        // The forward half evicted: the reply is TC's.
+        // The forward half evicted: a DNAT reply of the current table epoch needs none (XDP
+        // sends it, as TC would: lb-common's `epoch`); one of an earlier epoch, and any
+        // full-NAT one (IPv6 full NAT is never stamped), is TC's.
         f.rec.dataplane_mut().conntrack6_insert(rkey, rev).unwrap();
         f.rec.dataplane_mut().conntrack6_remove(&fkey).unwrap();
+        if nat == Nat::Dnat {
+            assert_ne!(rev.ct.epoch, 0, "stamped");
+            assert_eq!(f.run_xdp(&answer).action, XDP_TX);
+            let mut earlier = rev;
+            earlier.ct.epoch = rev.ct.epoch - 2;
+            f.rec
+                .dataplane_mut()
+                .conntrack6_insert(rkey, earlier)
+                .unwrap();
+        } else {
+            assert_eq!(rev.ct.epoch, 0, "never stamped");
+        }
         assert_left_to_tc(&f.run_xdp(&answer), &answer);
         // A half whose partner names another flow: not a pair, either way.
         let mut other = fwd;

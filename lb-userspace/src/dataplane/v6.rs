@@ -54,12 +54,14 @@ impl Dataplane {
     }
 
     pub(crate) fn set_service6(&mut self, key: ServiceKey6, value: ServiceValue) -> Result<()> {
+        self.changing()?;
         self.hash6::<ServiceKey6, ServiceValue>(MAP_SERVICES6)?
             .insert(&key, &value, 0)
             .map_err(map_err(MAP_SERVICES6))
     }
 
     pub(crate) fn remove_service6(&mut self, key: &ServiceKey6) -> Result<()> {
+        self.changing()?;
         absent_is_fine(
             self.hash6::<ServiceKey6, ServiceValue>(MAP_SERVICES6)?
                 .remove(key),
@@ -78,6 +80,7 @@ impl Dataplane {
 
     /// Writes an IPv6 backend slot, dropping any route cached for the id's previous occupant.
     pub(crate) fn set_backend6(&mut self, id: u32, backend: Backend6) -> Result<()> {
+        self.changing()?;
         self.backend_routes
             .set(id, &BackendRoute::default(), 0)
             .map_err(map_err(lb_common::MAP_BACKEND_ROUTES))?;
@@ -162,7 +165,9 @@ impl Dataplane {
             port_to_wire(listen.port()),
             proto,
         );
-        self.set_service6(key, value)
+        self.set_service6(key, value)?;
+        // A whole change, as the reconciler's `apply` is: new flows are stamped from here on.
+        self.settle()
     }
 
     /// An IPv6 flow's entry, from either conntrack map.
@@ -221,15 +226,35 @@ impl Dataplane {
         addrs: &std::collections::BTreeSet<[u32; 4]>,
     ) -> Result<usize> {
         let name = MAP_LOCAL_ADDRS6;
+        let have: std::collections::BTreeSet<[u32; 4]> = self
+            .hash6::<[u32; 4], u8>(name)?
+            .keys()
+            .filter_map(|k| k.ok())
+            .collect();
+        if &have == addrs {
+            return Ok(0);
+        }
+        // What a wildcard service's pick reads: a change of the tables (lb-common's `epoch`),
+        // settled below whether or not every write succeeds (as IPv4's `sync_local_addrs`).
+        self.changing()?;
+        let written = self.write_local_addrs6(&have, addrs);
+        self.settle()?;
+        written
+    }
+
+    fn write_local_addrs6(
+        &mut self,
+        have: &std::collections::BTreeSet<[u32; 4]>,
+        addrs: &std::collections::BTreeSet<[u32; 4]>,
+    ) -> Result<usize> {
+        let name = MAP_LOCAL_ADDRS6;
         let mut map = self.hash6::<[u32; 4], u8>(name)?;
-        let have: std::collections::BTreeSet<[u32; 4]> =
-            map.keys().filter_map(|k| k.ok()).collect();
         let mut writes = 0;
         for a in have.difference(addrs) {
             absent_is_fine(map.remove(a), name)?;
             writes += 1;
         }
-        for a in addrs.difference(&have) {
+        for a in addrs.difference(have) {
             map.insert(a, &1, 0).map_err(map_err(name))?;
             writes += 1;
         }
