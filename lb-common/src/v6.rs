@@ -301,8 +301,9 @@ const fn same_addr(a: &[u32; 4], b: &[u32; 4]) -> u32 {
     (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3])
 }
 
+/// Key equality as one test (IPv4's `ct::same_key`).
 #[inline(always)]
-const fn same_key(a: &FlowKey6, b: &FlowKey6) -> bool {
+pub const fn same_key(a: &FlowKey6, b: &FlowKey6) -> bool {
     let diff = same_addr(&a.saddr, &b.saddr)
         | same_addr(&a.daddr, &b.daddr)
         | ((a.sport ^ b.sport) as u32)

@@ -40,7 +40,7 @@ use lb_common::{
     port_flag, summed,
     v6::{
         Backend6, CtEntry6, FlowKey6, ServiceKey6, flow_hash6, forward_key6, is_forward_of6,
-        is_reply_of6, is_zero, reply_key6,
+        is_reply_of6, is_zero, reply_key6, same_key,
     },
 };
 
@@ -1074,7 +1074,10 @@ fn reply6_inner(ctx: &TcContext, p: &Pkt6, e: &mut CtEntry6, table: &'static Tab
                 return pack(exit(Reason::PassNoService));
             }
         } else {
-            if other6(table).get_ptr(&fkey).is_some() {
+            // Or a newer flow on the tuple holds its reply entry, its forward half evicted
+            // too: this entry, not stamped with the current epoch, would take the tuple from it
+            // (IPv4's `reply`).
+            if other6(table).get_ptr(&fkey).is_some() || newer_flow_holds6(&fkey, key, e.ct.epoch) {
                 count(Reason::EventCtExpired);
                 let _ = table.remove(key);
                 return pack(exit(Reason::PassNoService));
@@ -1210,6 +1213,62 @@ fn lookup_service6(flow: &Flow6) -> Option<ServiceValue> {
         SERVICES6.get_ptr(&ServiceKey6::new([0; 4], flow.dport, flow.proto)),
         LOCAL_ADDRS6.get_ptr(&flow.daddr).is_some()
     )
+}
+
+/// IPv4's `newer_flow_holds` for IPv6: whether the flow client -> service `fkey` picks in the
+/// current table epoch has a reply entry in CONNTRACK6 stamped with that epoch, other than the
+/// entry at `key` (stamped `stamp`) whose forward half the reply path is about to rebuild. Such
+/// an entry is the tuple's newest flow's, whose replies skip the forward lookup: rebuilt from
+/// the older entry, the tuple's forward half would send the client's packets to the older
+/// flow's backend while the newer flow's replies still reached the client. DNAT only (IPv6 full
+/// NAT is never stamped). A global BPF function, on the rebuild path only.
+#[unsafe(no_mangle)]
+#[inline(never)]
+extern "C" fn newer_flow_holds6(fkey: *const FlowKey6, key: *const FlowKey6, stamp: u64) -> bool {
+    // SAFETY: callers pass references (a global function: see `crate::args`).
+    let (Some(fkey), Some(key)) = (unsafe { (fkey.as_ref(), key.as_ref()) }) else {
+        return true;
+    };
+    let cur = crate::current_epoch();
+    if cur == 0 || stamp == cur {
+        // Nothing trusts a stamp, or this entry is the newest flow's.
+        return false;
+    }
+    let cfg = config();
+    let Some(svc) = crate::find_service!(
+        port_flags(u16::from_be(fkey.dport)),
+        fkey.proto,
+        SERVICES6.get_ptr(&ServiceKey6::new(fkey.daddr, fkey.dport, fkey.proto)),
+        SERVICES6.get_ptr(&ServiceKey6::new([0; 4], fkey.dport, fkey.proto)),
+        LOCAL_ADDRS6.get_ptr(&fkey.daddr).is_some()
+    ) else {
+        return false;
+    };
+    let m = cfg.maglev_size;
+    if svc.id >= cfg.max_services || m == 0 {
+        return false;
+    }
+    let Some(&picked) = MAGLEV.get(svc.id * m + flow_hash6(fkey, cfg.hash_seed) % m) else {
+        return false;
+    };
+    let backend_id = if picked == 0 { svc.fallback } else { picked };
+    let Some(b) = BACKENDS6.get_ptr(backend_id) else {
+        return false;
+    };
+    // SAFETY: a valid array value pointer, read in place.
+    let b = unsafe { &*b };
+    if b.is_empty() || !is_zero(&b.snat_addr) {
+        return false;
+    }
+    let rkey = FlowKey6::new(b.addr, fkey.saddr, b.port, fkey.sport, fkey.proto);
+    if same_key(&rkey, key) {
+        return false;
+    }
+    CONNTRACK6.get_ptr(&rkey).is_some_and(|r| {
+        // SAFETY: a valid map value pointer, read in place.
+        let r = unsafe { &*r };
+        r.ct.epoch == cur && is_reply_of6(r, &rkey, fkey)
+    })
 }
 
 /// What `new_flow6` returns instead of a verdict when the backend it picked takes full NAT:

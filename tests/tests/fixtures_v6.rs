@@ -552,6 +552,48 @@ fn an_ipv6_reply_entry_from_before_a_backend_change_is_a_leftover_once_its_clien
     });
 }
 
+/// A leftover that finds no forward half to be checked against (IPv4's
+/// `an_older_flows_reply_entry_never_takes_its_tuple_back_from_a_newer_flow`): a flow's forward
+/// half evicted, the backend set changed, the client's next connection on the tuple picked
+/// another backend (stamped with the new epoch), and its forward half evicted too. Rebuilt from
+/// the old entry, the tuple's forward half would send the client to the old backend while the
+/// new flow's replies, which skip the forward lookup, still reached the client: the old
+/// segment is not translated, nothing is rebuilt, and the new backend's replies go on.
+#[test]
+fn an_older_ipv6_flows_reply_entry_never_takes_its_tuple_back_from_a_newer_flow() {
+    in_fixture6_netns(|| {
+        let mut f = standard();
+        let (be, fkey, old_rkey) = handshake6(&f, 40024);
+        let s0 = Svc6 {
+            backends: web6()
+                .into_iter()
+                .map(|b| (b, u32::from(b != be)))
+                .collect(),
+            ..standard6().remove(0)
+        };
+        install(&mut f, &s0);
+        f.rec.dataplane_mut().conntrack6_remove(&fkey).unwrap();
+        // The client's next connection on the tuple: another backend, confirmed, stamped.
+        let (other, _, new_rkey) = handshake6(&f, 40024);
+        assert_ne!(other, be);
+        let epoch = f.dp().epoch().unwrap();
+        assert_eq!(ct6(&f, &new_rkey).map(|e| e.ct.epoch), Some(epoch));
+        // Its forward half is evicted too.
+        f.rec.dataplane_mut().conntrack6_remove(&fkey).unwrap();
+        let stale = push6(be, 40024);
+        let run = f.run(&stale);
+        assert_untouched(&run, &stale, Reason::PassNoService);
+        assert_eq!(run.counted(Reason::EventCtRebuilt), 0, "{run:?}");
+        assert!(ct6(&f, &old_rkey).is_none(), "{:?}", ct6(&f, &old_rkey));
+        assert!(ct6(&f, &fkey).is_none(), "the tuple not taken back");
+        // The new backend's segment still reaches the client.
+        let push = push6(other, 40024);
+        let run = f.run(&push);
+        let o = assert_redirected6(&run, &push, Reason::ReplyRedirect, CLIENT_MAC);
+        assert_eq!(o.src, sa6(VIP6, 80));
+    });
+}
+
 #[test]
 fn a_removed_backend_keeps_its_flows_and_gets_no_new_ones() {
     in_fixture6_netns(|| {
