@@ -112,8 +112,9 @@ impl Dataplane {
 
     /// Installs an IPv6 service: its backends' slots first, then its Maglev row (the shared
     /// `MAGLEV` map, row `id`), the port filter, and the service entry last (the kernel never
-    /// points at a slot not yet written). Ids are of the spaces shared with IPv4; the caller
-    /// keeps them apart from the reconciler's (the reconciler does not know IPv6 services yet).
+    /// points at a slot not yet written), then settles the change (the table epoch, as the
+    /// reconciler's `apply` does). Ids are of the spaces shared with IPv4; the caller keeps them
+    /// apart from the reconciler's (tests and the benchmark install IPv6 services this way).
     pub fn install_service6(
         &mut self,
         id: u32,
