@@ -452,6 +452,19 @@ fn handshake6(f: &Fixture, port: u16) -> (SocketAddrV6, FlowKey6, FlowKey6) {
     (be, fkey, rkey)
 }
 
+/// Reinstalls the VIP service (id 0) with backend `gone` at weight 0: its slot stays
+/// (draining), only the Maglev row changes, and the table epoch moves.
+fn drain6(f: &mut Fixture, gone: SocketAddrV6) {
+    let s0 = Svc6 {
+        backends: web6()
+            .into_iter()
+            .map(|b| (b, u32::from(b != gone)))
+            .collect(),
+        ..standard6().remove(0)
+    };
+    install(f, &s0);
+}
+
 /// The backend's data segment of a flow from `port` (sequence 1001).
 fn push6(be: SocketAddrV6, port: u16) -> Vec<u8> {
     let mut p = Ipv6Packet::tcp(be, client6(port), TCP_ACK | TCP_PSH).with_payload(b"tick");
@@ -505,14 +518,7 @@ fn after_a_backend_change_an_ipv6_reply_rebuilds_an_evicted_forward_half() {
         let epoch = f.dp().epoch().unwrap();
         let (be, fkey, _) = handshake6(&f, 40022);
         f.rec.dataplane_mut().conntrack6_remove(&fkey).unwrap();
-        let s0 = Svc6 {
-            backends: web6()
-                .into_iter()
-                .map(|b| (b, u32::from(b != be)))
-                .collect(),
-            ..standard6().remove(0)
-        };
-        install(&mut f, &s0);
+        drain6(&mut f, be);
         assert!(f.dp().epoch().unwrap() > epoch, "a change moves the epoch");
         let push = push6(be, 40022);
         let run = f.run(&push);
@@ -533,14 +539,7 @@ fn an_ipv6_reply_entry_from_before_a_backend_change_is_a_leftover_once_its_clien
     in_fixture6_netns(|| {
         let mut f = standard();
         let (be, fkey, rkey) = handshake6(&f, 40023);
-        let s0 = Svc6 {
-            backends: web6()
-                .into_iter()
-                .map(|b| (b, u32::from(b != be)))
-                .collect(),
-            ..standard6().remove(0)
-        };
-        install(&mut f, &s0);
+        drain6(&mut f, be);
         // Evicted; the client connects again from the same port: another backend.
         f.rec.dataplane_mut().conntrack6_remove(&fkey).unwrap();
         let s = syn(40023, sa6(VIP6, 80));
@@ -564,14 +563,7 @@ fn an_older_ipv6_flows_reply_entry_never_takes_its_tuple_back_from_a_newer_flow(
     in_fixture6_netns(|| {
         let mut f = standard();
         let (be, fkey, old_rkey) = handshake6(&f, 40024);
-        let s0 = Svc6 {
-            backends: web6()
-                .into_iter()
-                .map(|b| (b, u32::from(b != be)))
-                .collect(),
-            ..standard6().remove(0)
-        };
-        install(&mut f, &s0);
+        drain6(&mut f, be);
         f.rec.dataplane_mut().conntrack6_remove(&fkey).unwrap();
         // The client's next connection on the tuple: another backend, confirmed, stamped.
         let (other, _, new_rkey) = handshake6(&f, 40024);
@@ -607,14 +599,7 @@ fn a_removed_backend_keeps_its_flows_and_gets_no_new_ones() {
         let (_, gone) = flows[0];
         // The service with it at weight 0: its slot stays (draining), only the row changes.
         let left: Vec<SocketAddrV6> = web6().into_iter().filter(|b| *b != gone).collect();
-        let s0 = Svc6 {
-            backends: web6()
-                .into_iter()
-                .map(|b| (b, u32::from(b != gone)))
-                .collect(),
-            ..standard6().remove(0)
-        };
-        install(&mut f, &s0);
+        drain6(&mut f, gone);
         for (port, be) in &flows {
             let p = Ipv6Packet::tcp(client6(*port), sa6(VIP6, 80), TCP_ACK).build();
             assert_eq!(
