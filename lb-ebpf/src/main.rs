@@ -2013,7 +2013,7 @@ pub(crate) use find_service;
 /// of dropping it. `new_flow`'s pick, and `newer_flow_holds`'s replay of it. (`process` has left
 /// already when the Maglev table size is 0.)
 #[inline(always)]
-fn maglev_pick(svc: &ServiceValue, hash: u32, cfg: &DpConfig) -> Option<u32> {
+pub(crate) fn maglev_pick(svc: &ServiceValue, hash: u32, cfg: &DpConfig) -> Option<u32> {
     if svc.id >= cfg.max_services {
         return None;
     }

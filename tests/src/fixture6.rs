@@ -6,15 +6,19 @@
 use std::net::{Ipv6Addr, SocketAddrV6};
 
 use lb_common::{
-    port_to_wire,
+    IPPROTO_TCP, Reason, port_to_wire,
     v6::{CtEntry6, FlowKey6, ipv6_to_wire},
 };
-use lb_userspace::dataplane::{Backend6Spec, host_ipv6_addrs};
+use lb_userspace::{
+    config::Nat,
+    dataplane::{Backend6Spec, host_ipv6_addrs},
+};
 
 use crate::{
     fixture::{BACKEND_MAC_BASE, CLIENT_MAC, Fixture, Run, fx0_mac, in_fixture_netns, options},
     topo::sh,
-    wire6,
+    wire::{TCP_ACK, TCP_SYN},
+    wire6::{self, Ipv6Packet},
 };
 
 pub const HOST6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, 1);
@@ -253,4 +257,47 @@ pub fn try_run(f: &Fixture, pkt: &[u8]) -> Option<Run> {
     };
     assert_eq!(run.exits().len(), 1, "exactly one exit: {run:?}");
     Some(run)
+}
+
+/// How the backend sees a flow: its own address and the peer's (the client, or for full NAT
+/// this host's address and port).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Leg6 {
+    pub backend: SocketAddrV6,
+    pub peer: SocketAddrV6,
+}
+
+/// A forward packet through TC: translated to one of `backends`, from the client (DNAT) or
+/// from HOST6 (full NAT).
+pub fn fwd6(f: &Fixture, pkt: &[u8], backends: &[SocketAddrV6], nat: Nat) -> Leg6 {
+    let run = f.run(pkt);
+    let o = wire6::parse6(&run.out);
+    assert!(backends.contains(&o.dst), "{} not in {backends:?}", o.dst);
+    let o = assert_redirected6(&run, pkt, Reason::FwdRedirect, backend6_mac(*o.dst.ip()));
+    if nat == Nat::Full {
+        assert_eq!(*o.src.ip(), HOST6, "full NAT: from this host");
+    } else {
+        assert_eq!(o.src, wire6::parse6(pkt).src, "DNAT: source kept");
+    }
+    Leg6 {
+        backend: o.dst,
+        peer: o.src,
+    }
+}
+
+/// A completed handshake client -> VIP:80 (a service with `backends`) through the TC program
+/// (client ISN 1000, backend ISN 5000).
+pub fn handshake6(f: &Fixture, c: SocketAddrV6, backends: &[SocketAddrV6], nat: Nat) -> Leg6 {
+    let service = sa6(VIP6, 80);
+    let syn = Ipv6Packet::tcp_seq(c, service, TCP_SYN, 1000, 0, &[]).build();
+    let leg = fwd6(f, &syn, backends, nat);
+    let synack = Ipv6Packet::tcp_seq(leg.backend, leg.peer, TCP_SYN | TCP_ACK, 5000, 1001, &[]);
+    let run = f.run(&synack.build());
+    assert_eq!(run.exits(), [Reason::ReplyRedirect.name()], "{run:?}");
+    let ack =
+        Ipv6Packet::tcp_seq(c, service, TCP_ACK, 1001, 5001, b"GET / HTTP/1.1\r\n\r\n").build();
+    assert_eq!(fwd6(f, &ack, &[leg.backend], nat), leg);
+    let key = flow_key6(c, service, IPPROTO_TCP);
+    assert!(!f.dp().conntrack6_unconfirmed(&key), "confirmed");
+    leg
 }

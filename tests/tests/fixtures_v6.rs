@@ -16,7 +16,7 @@ use lb_common::{
     IPPROTO_TCP, IPPROTO_UDP, Reason, ct, port_to_wire,
     v6::{FlowKey6, ipv6_from_wire, ipv6_to_wire},
 };
-use lb_userspace::config::Protocol;
+use lb_userspace::config::{Nat, Protocol};
 
 fn b6(n: u8) -> SocketAddrV6 {
     sa6(backend6(n), 8000)
@@ -429,20 +429,11 @@ fn hop_limit_one_is_left_to_the_stack_untranslated() {
     });
 }
 
-/// A confirmed IPv6 DNAT flow from client port `port` to the VIP: SYN, the backend's SYN-ACK,
-/// the client's ACK of it. Returns its backend, its forward and reply keys.
-fn handshake6(f: &Fixture, port: u16) -> (SocketAddrV6, FlowKey6, FlowKey6) {
+/// A confirmed IPv6 DNAT flow from client port `port` to the VIP (fixture6's `handshake6`),
+/// both halves in the main map. Returns its backend, its forward and reply keys.
+fn confirmed6(f: &Fixture, port: u16) -> (SocketAddrV6, FlowKey6, FlowKey6) {
     let c = client6(port);
-    let s = syn(port, sa6(VIP6, 80));
-    let be = assert_fwd6(&f.run(&s), &s, &web6());
-    let synack = Ipv6Packet::tcp(be, c, TCP_SYN | TCP_ACK).build();
-    assert_redirected6(&f.run(&synack), &synack, Reason::ReplyRedirect, CLIENT_MAC);
-    let mut ack = Ipv6Packet::tcp(c, sa6(VIP6, 80), TCP_ACK);
-    if let wire::L4::Tcp { ack: a, .. } = &mut ack.l4 {
-        *a = 1001;
-    }
-    let ack = ack.build();
-    assert_eq!(assert_fwd6(&f.run(&ack), &ack, &web6()), be);
+    let be = handshake6(f, c, &web6(), Nat::Dnat).backend;
     let (fkey, rkey) = (
         flow_key6(c, sa6(VIP6, 80), IPPROTO_TCP),
         flow_key6(be, c, IPPROTO_TCP),
@@ -465,13 +456,9 @@ fn drain6(f: &mut Fixture, gone: SocketAddrV6) {
     install(f, &s0);
 }
 
-/// The backend's data segment of a flow from `port` (sequence 1001).
+/// The backend's next data segment of a flow from `port` after `handshake6`.
 fn push6(be: SocketAddrV6, port: u16) -> Vec<u8> {
-    let mut p = Ipv6Packet::tcp(be, client6(port), TCP_ACK | TCP_PSH).with_payload(b"tick");
-    if let wire::L4::Tcp { seq, ack, .. } = &mut p.l4 {
-        (*seq, *ack) = (1001, 1001);
-    }
-    p.build()
+    Ipv6Packet::tcp_seq(be, client6(port), TCP_ACK | TCP_PSH, 5001, 1001, b"tick").build()
 }
 
 /// A DNAT flow picked while the tables stand still carries their epoch in both halves
@@ -484,7 +471,7 @@ fn an_ipv6_reply_of_the_current_epoch_skips_the_forward_half_until_its_refresh()
         let mut f = standard();
         let epoch = f.dp().epoch().unwrap();
         assert_ne!(epoch, 0, "the fixture's tables are settled");
-        let (be, fkey, rkey) = handshake6(&f, 40021);
+        let (be, fkey, rkey) = confirmed6(&f, 40021);
         for k in [&fkey, &rkey] {
             assert_eq!(ct6(&f, k).map(|e| e.ct.epoch), Some(epoch), "stamped");
         }
@@ -516,7 +503,7 @@ fn after_a_backend_change_an_ipv6_reply_rebuilds_an_evicted_forward_half() {
     in_fixture6_netns(|| {
         let mut f = standard();
         let epoch = f.dp().epoch().unwrap();
-        let (be, fkey, _) = handshake6(&f, 40022);
+        let (be, fkey, _) = confirmed6(&f, 40022);
         f.rec.dataplane_mut().conntrack6_remove(&fkey).unwrap();
         drain6(&mut f, be);
         assert!(f.dp().epoch().unwrap() > epoch, "a change moves the epoch");
@@ -538,7 +525,7 @@ fn after_a_backend_change_an_ipv6_reply_rebuilds_an_evicted_forward_half() {
 fn an_ipv6_reply_entry_from_before_a_backend_change_is_a_leftover_once_its_client_moved_on() {
     in_fixture6_netns(|| {
         let mut f = standard();
-        let (be, fkey, rkey) = handshake6(&f, 40023);
+        let (be, fkey, rkey) = confirmed6(&f, 40023);
         drain6(&mut f, be);
         // Evicted; the client connects again from the same port: another backend.
         f.rec.dataplane_mut().conntrack6_remove(&fkey).unwrap();
@@ -562,11 +549,11 @@ fn an_ipv6_reply_entry_from_before_a_backend_change_is_a_leftover_once_its_clien
 fn an_older_ipv6_flows_reply_entry_never_takes_its_tuple_back_from_a_newer_flow() {
     in_fixture6_netns(|| {
         let mut f = standard();
-        let (be, fkey, old_rkey) = handshake6(&f, 40024);
+        let (be, fkey, old_rkey) = confirmed6(&f, 40024);
         drain6(&mut f, be);
         f.rec.dataplane_mut().conntrack6_remove(&fkey).unwrap();
         // The client's next connection on the tuple: another backend, confirmed, stamped.
-        let (other, _, new_rkey) = handshake6(&f, 40024);
+        let (other, _, new_rkey) = confirmed6(&f, 40024);
         assert_ne!(other, be);
         let epoch = f.dp().epoch().unwrap();
         assert_eq!(ct6(&f, &new_rkey).map(|e| e.ct.epoch), Some(epoch));

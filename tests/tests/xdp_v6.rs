@@ -68,48 +68,6 @@ fn tcp6(src: SocketAddrV6, dst: SocketAddrV6, flags: u8, seq: u32, ack: u32) -> 
     Ipv6Packet::tcp_seq(src, dst, flags, seq, ack, b"GET / HTTP/1.1\r\n\r\n")
 }
 
-/// How the backend sees a flow: its own address and the peer's (the client, or for full NAT
-/// this host's address and port).
-#[derive(Clone, Copy, Debug, PartialEq)]
-struct Leg6 {
-    backend: SocketAddrV6,
-    peer: SocketAddrV6,
-}
-
-/// A forward packet through TC: translated to one of `backends`, from the client (DNAT) or
-/// from HOST6 (full NAT).
-fn fwd6(f: &Fixture, pkt: &[u8], backends: &[SocketAddrV6], nat: Nat) -> Leg6 {
-    let run = f.run(pkt);
-    let o = wire6::parse6(&run.out);
-    assert!(backends.contains(&o.dst), "{} not in {backends:?}", o.dst);
-    let o = assert_redirected6(&run, pkt, Reason::FwdRedirect, backend6_mac(*o.dst.ip()));
-    if nat == Nat::Full {
-        assert_eq!(*o.src.ip(), HOST6, "full NAT: from this host");
-    } else {
-        assert_eq!(o.src, wire6::parse6(pkt).src, "DNAT: source kept");
-    }
-    Leg6 {
-        backend: o.dst,
-        peer: o.src,
-    }
-}
-
-/// A completed handshake client -> VIP:80 through the TC program (client ISN 1000, backend ISN
-/// 5000).
-fn handshake6(f: &Fixture, c: SocketAddrV6, nat: Nat) -> Leg6 {
-    let service = sa6(VIP6, 80);
-    let syn = Ipv6Packet::tcp_seq(c, service, TCP_SYN, 1000, 0, &[]).build();
-    let leg = fwd6(f, &syn, &web6(), nat);
-    let synack = Ipv6Packet::tcp_seq(leg.backend, leg.peer, TCP_SYN | TCP_ACK, 5000, 1001, &[]);
-    let run = f.run(&synack.build());
-    assert_eq!(run.exits(), [Reason::ReplyRedirect.name()], "{run:?}");
-    let ack = tcp6(c, service, TCP_ACK, 1001, 5001).build();
-    assert_eq!(fwd6(f, &ack, &[leg.backend], nat), leg);
-    let key = flow_key6(c, service, IPPROTO_TCP);
-    assert!(!f.dp().conntrack6_unconfirmed(&key), "confirmed");
-    leg
-}
-
 /// [`berth_tests::fixture::xdp_equals_tc`] with IPv6's checksum check and parser.
 fn xdp_equals_tc(f: &mut Fixture, pkt: &[u8], reason: Reason) -> Vec<u8> {
     berth_tests::fixture::xdp_equals_tc(f, pkt, reason, wire6::verify_checksums6, |p| {
@@ -121,7 +79,7 @@ fn tcp_forward_and_reply_of_an_established_flow_are_sent_by_xdp_as_tc_would(nat:
     in_fixture6_netns(move || {
         let mut f = standard6(nat);
         let c = client6(41000);
-        let leg = handshake6(&f, c, nat);
+        let leg = handshake6(&f, c, &web6(), nat);
         let fkey = flow_key6(c, sa6(VIP6, 80), IPPROTO_TCP);
         let sid = ct6(&f, &fkey).expect("forward entry").ct.service_id;
         let before = f.dp().service_counters(sid).unwrap();
@@ -179,7 +137,7 @@ fn closing_and_state_changing_segments_are_left_to_tc(nat: Nat) {
     in_fixture6_netns(move || {
         let mut f = standard6(nat);
         let c = client6(41001);
-        let leg = handshake6(&f, c, nat);
+        let leg = handshake6(&f, c, &web6(), nat);
         for flags in [TCP_SYN, TCP_FIN | TCP_ACK, TCP_RST, TCP_RST | TCP_ACK] {
             let p = tcp6(c, sa6(VIP6, 80), flags, 1001, 5001).build();
             assert_left_to_tc(&f.run_xdp(&p), &p);
@@ -201,7 +159,7 @@ fn a_flow_missing_half_its_pair_is_left_to_tc(nat: Nat) {
     in_fixture6_netns(move || {
         let mut f = standard6(nat);
         let c = client6(41002);
-        let leg = handshake6(&f, c, nat);
+        let leg = handshake6(&f, c, &web6(), nat);
         let fkey = flow_key6(c, sa6(VIP6, 80), IPPROTO_TCP);
         let rkey = flow_key6(leg.backend, leg.peer, IPPROTO_TCP);
         let data = tcp6(c, sa6(VIP6, 80), TCP_ACK, 1001, 5001).build();
@@ -251,7 +209,7 @@ fn a_reply_from_where_its_backend_does_not_live_is_left_to_tc(nat: Nat) {
     in_fixture6_netns(move || {
         let mut f = standard6(nat);
         let c = client6(41003);
-        let leg = handshake6(&f, c, nat);
+        let leg = handshake6(&f, c, &web6(), nat);
         let answer = tcp6(leg.backend, leg.peer, TCP_ACK, 5001, 1001).build();
         let rkey = flow_key6(leg.backend, leg.peer, IPPROTO_TCP);
         let before = ct6(&f, &rkey).unwrap();
@@ -266,7 +224,7 @@ fn an_entry_due_for_its_refresh_or_without_a_route_is_left_to_tc(nat: Nat) {
     in_fixture6_netns(move || {
         let mut f = standard6(nat);
         let c = client6(41004);
-        let leg = handshake6(&f, c, nat);
+        let leg = handshake6(&f, c, &web6(), nat);
         let fkey = flow_key6(c, sa6(VIP6, 80), IPPROTO_TCP);
         let rkey = flow_key6(leg.backend, leg.peer, IPPROTO_TCP);
         let data = tcp6(c, sa6(VIP6, 80), TCP_ACK, 1001, 5001).build();
@@ -300,7 +258,7 @@ fn another_egress_is_redirected_only_when_marked(nat: Nat) {
     in_fixture6_netns(move || {
         let mut f = standard6(nat);
         let c = client6(41005);
-        let leg = handshake6(&f, c, nat);
+        let leg = handshake6(&f, c, &web6(), nat);
         // The client's packet arriving on fx2 (its route to the backend leaves by fx0).
         let data = tcp6(c, sa6(VIP6, 80), TCP_ACK, 1001, 5001).build();
         assert_left_to_tc(&f.run_xdp_on(&data, "fx2"), &data);
@@ -375,7 +333,7 @@ fn mangled_ipv6_headers_never_crash_or_corrupt() {
     in_fixture6_netns(|| {
         let mut f = standard6(Nat::Dnat);
         let c = client6(43000);
-        let leg = handshake6(&f, c, Nat::Dnat);
+        let leg = handshake6(&f, c, &web6(), Nat::Dnat);
         let fkey = flow_key6(c, sa6(VIP6, 80), IPPROTO_TCP);
         let rkey = flow_key6(leg.backend, leg.peer, IPPROTO_TCP);
         let (fwd, rev) = (ct6(&f, &fkey).unwrap(), ct6(&f, &rkey).unwrap());

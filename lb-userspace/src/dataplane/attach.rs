@@ -196,28 +196,15 @@ impl Dataplane {
             // `epoch`), settled below whether or not every write succeeds.
             self.changing()?;
         }
-        let written = self.write_local_addrs(&have, addrs);
+        let written = write_addr_set(
+            &mut self.local_addrs,
+            lb_common::MAP_LOCAL_ADDRS,
+            &have,
+            addrs,
+        );
         self.settle()?;
         let writes = written?;
         self.local_addrs_written = Some(addrs.clone());
-        Ok(writes)
-    }
-
-    fn write_local_addrs(
-        &mut self,
-        have: &std::collections::BTreeSet<u32>,
-        addrs: &std::collections::BTreeSet<u32>,
-    ) -> Result<usize> {
-        let name = lb_common::MAP_LOCAL_ADDRS;
-        let mut writes = 0;
-        for a in have.difference(addrs) {
-            absent_is_fine(self.local_addrs.remove(a), name)?;
-            writes += 1;
-        }
-        for a in addrs.difference(have) {
-            self.local_addrs.insert(a, &1, 0).map_err(map_err(name))?;
-            writes += 1;
-        }
         Ok(writes)
     }
 
@@ -319,4 +306,28 @@ impl Dataplane {
         }
         Ok(out)
     }
+}
+
+/// Makes the address set `map` (`name`), which holds `have`, hold exactly `want` (either
+/// family's local addresses); returns the number of writes.
+pub(super) fn write_addr_set<T, K>(
+    map: &mut HashMap<T, K, u8>,
+    name: &'static str,
+    have: &std::collections::BTreeSet<K>,
+    want: &std::collections::BTreeSet<K>,
+) -> Result<usize>
+where
+    T: std::borrow::BorrowMut<MapData>,
+    K: aya::Pod + Ord,
+{
+    let mut writes = 0;
+    for a in have.difference(want) {
+        absent_is_fine(map.remove(a), name)?;
+        writes += 1;
+    }
+    for a in want.difference(have) {
+        map.insert(a, &1, 0).map_err(map_err(name))?;
+        writes += 1;
+    }
+    Ok(writes)
 }

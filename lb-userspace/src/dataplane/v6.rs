@@ -238,28 +238,11 @@ impl Dataplane {
         // What a wildcard service's pick reads: a change of the tables (lb-common's `epoch`),
         // settled below whether or not every write succeeds (as IPv4's `sync_local_addrs`).
         self.changing()?;
-        let written = self.write_local_addrs6(&have, addrs);
+        let written = self
+            .hash6::<[u32; 4], u8>(name)
+            .and_then(|mut map| super::attach::write_addr_set(&mut map, name, &have, addrs));
         self.settle()?;
         written
-    }
-
-    fn write_local_addrs6(
-        &mut self,
-        have: &std::collections::BTreeSet<[u32; 4]>,
-        addrs: &std::collections::BTreeSet<[u32; 4]>,
-    ) -> Result<usize> {
-        let name = MAP_LOCAL_ADDRS6;
-        let mut map = self.hash6::<[u32; 4], u8>(name)?;
-        let mut writes = 0;
-        for a in have.difference(addrs) {
-            absent_is_fine(map.remove(a), name)?;
-            writes += 1;
-        }
-        for a in addrs.difference(have) {
-            map.insert(a, &1, 0).map_err(map_err(name))?;
-            writes += 1;
-        }
-        Ok(writes)
     }
 }
 
